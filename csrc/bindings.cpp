@@ -1,0 +1,39 @@
+// Every kvcore op schema, in one place. Implementations register per backend next to their
+// kernels (TORCH_LIBRARY_IMPL(kvcore, CPU/CUDA) in csrc/<area>/). Outputs are passed in and
+// marked mutated (Tensor(a!)) so callers can preallocate them and capture the ops in CUDA graphs.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// kvcore._C is imported for its side effect (registering the ops); it has no Python members.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(kvcore, m) {
+  // Write T new tokens k/v [T, Hkv, D] into the paged caches [pages, page_size, Hkv, D] at
+  // slot_mapping [T] int64 (slot = page * page_size + offset; -1 skips the token).
+  m.def("append_paged_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+
+  // One query token per sequence against the paged cache.
+  //   q [B, Hq, D]; k_cache/v_cache [pages, page_size, Hkv, D]; block_table [B, max_pages] int32;
+  //   seq_lens [B] int32; out [B, Hq, D] (q's dtype); lse [B, Hq] fp32, natural log (optional).
+  //   window_left < 0: no sliding window, else keys in [seq_len - 1 - window_left, seq_len).
+  //   logit_soft_cap > 0: logits = cap * tanh(scale * q.k / cap).
+  //   workspace: uint8 scratch for split-KV partials (CUDA; zero-filled once, self-resetting);
+  //   num_splits: 0 picks the split count from the shapes, n > 0 forces n (deterministic output).
+  m.def(
+      "gqa_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+      "float scale, int window_left, float logit_soft_cap, Tensor(a!) out, Tensor(b!)? lse, "
+      "Tensor(c!)? workspace, int num_splits) -> ()");
+
+  // Merge two partial attention results over disjoint key sets:
+  //   out = (exp(lse_a) * out_a + exp(lse_b) * out_b) / (exp(lse_a) + exp(lse_b)), lse = logaddexp.
+  //   out_* [N, H, D], lse_* [N, H] fp32 (-inf marks an empty part). out and lse may be out_a
+  //   and lse_a (in-place accumulate): each element is read before it is written.
+  m.def(
+      "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b, "
+      "Tensor(a!) out, Tensor(b!) lse) -> ()");
+}

@@ -1,0 +1,101 @@
+"""Build of kvcore._C, the compiled half of kvcore.
+
+One source list for both builds (this file and CMakeLists.txt): every ``csrc/**/*.cpp`` always,
+and every ``csrc/**/*.cu`` when a CUDA toolchain matches the installed torch. Without one the
+build is CPU-only and says so loudly; ``KVCORE_REQUIRE_CUDA=1`` turns that into an error, which is
+what CI uses so that CUDA code that does not compile never lands.
+
+Environment:
+  TORCH_CUDA_ARCH_LIST   GPU targets (default "9.0a": Hopper, the performance target).
+  KVCORE_REQUIRE_CUDA=1  fail instead of falling back to a CPU-only build.
+  KVCORE_FORCE_CPU=1     build CPU kernels only even when CUDA is available.
+  MAX_JOBS               parallel compile jobs (ninja).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+import sysconfig
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
+
+
+def _cuda_toolchain() -> tuple[bool, str]:
+    """Return (usable, reason) for building the CUDA sources."""
+    if os.environ.get("KVCORE_FORCE_CPU", "0") == "1":
+        return False, "KVCORE_FORCE_CPU=1"
+    import torch
+
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, nvcc
+
+
+def _cuda_library_includes() -> list[str]:
+    # torch's CUDA wheels ship the CUDA library headers (cuBLAS, cuSPARSE, ...) under
+    # site-packages/nvidia/cu13/include; torch's own headers include them.
+    out = []
+    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        out += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "include")))
+    return out
+
+
+def _extension():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    cxx_flags = ["-O3", "-std=c++17"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    cpu_sources = _sources("*.cpp")
+    cuda_ok, why = _cuda_toolchain()
+    if not cuda_ok:
+        if os.environ.get("KVCORE_REQUIRE_CUDA", "0") == "1":
+            sys.exit(f"kvcore: KVCORE_REQUIRE_CUDA=1 but the CUDA build is not possible: {why}")
+        print(f"\n*** kvcore: building the CPU kernels only ({why}); CUDA ops will be unavailable ***\n", file=sys.stderr)
+        return CppExtension("kvcore._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    print(f"kvcore: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
+    nvcc_flags = [
+        "-O3",
+        "-std=c++17",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        "-DKVCORE_WITH_CUDA",
+    ]
+    if os.environ.get("KVCORE_PTXAS_VERBOSE", "0") == "1":
+        nvcc_flags.append("-Xptxas=-v")
+    return CUDAExtension(
+        "kvcore._C",
+        cpu_sources + _sources("*.cu"),
+        include_dirs=include_dirs + _cuda_library_includes(),
+        extra_compile_args={"cxx": cxx_flags + ["-DKVCORE_WITH_CUDA"], "nvcc": nvcc_flags},
+    )
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    packages=["kvcore", "kvcore.bench"],
+    package_dir={"": "python"},
+    ext_modules=[_extension()],
+    cmdclass=_cmdclass(),
+)
