@@ -57,7 +57,9 @@ def _cuda_library_includes() -> list[str]:
 def _extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: BuildExtension adds the standard the installed torch needs (its headers may
+    # require C++20, as torch 2.14.1 does, where an explicit -std=c++17 breaks the build).
+    cxx_flags = ["-O3"]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     cpu_sources = _sources("*.cpp")
     cuda_ok, why = _cuda_toolchain()
@@ -71,7 +73,6 @@ def _extension():
     print(f"kvcore: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
     nvcc_flags = [
         "-O3",
-        "-std=c++17",
         "--use_fast_math",
         "--expt-relaxed-constexpr",
         "-lineinfo",

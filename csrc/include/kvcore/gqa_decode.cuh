@@ -1,0 +1,354 @@
+// Paged GQA decode on tensor cores (flash-decoding, with the split merge fused into the last CTA).
+//
+// One CTA per (KV split, KV head, sequence) computes all query heads of the KV group at once, so
+// each cached K/V byte is read from memory once. The group's queries (1..16 heads) are padded to
+// the 16 rows of an mma.sync m16n8k16 tile: decode does only ~2 * group FLOPs per cached byte, so
+// the padding is free on tensor cores, while doing the same products on CUDA cores costs more
+// instructions per byte than a Hopper SM can issue at full memory bandwidth.
+//
+// Memory pipeline: K/V tiles of TILE tokens stream through a STAGES-deep shared-memory ring
+// filled by 16-byte cp.async (zero-filled past the end); the page of every row a thread copies is
+// fetched one tile ahead, so the dependent block_table read never stalls the copy issue. Rows are
+// stored with their 16-byte chunks XOR-swizzled by (row % 8), so the ldmatrix reads of 8 rows hit
+// 8 different bank groups.
+//
+// Compute: each of the 4 warps takes 16 tokens of a tile: S = Q K^T (16 heads x 16 tokens, fp32),
+// an online-softmax update per head row, then O += P V with P re-packed from the S accumulators
+// as the next mma's A operand. The four warps' (m, l, O) states are merged through shared memory.
+//
+// When the KV range is split (num_splits > 1), each CTA writes a normalised partial output and
+// its log2-sum-exp into the workspace, bumps a per-(sequence, KV head) counter, and the CTA that
+// arrives last merges all partials and resets the counter, so no second launch is needed and the
+// workspace is ready for the next call.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "kvcore/device_utils.cuh"
+
+namespace kvcore {
+
+struct GqaDecodeParams {
+  const void* q;  // [B, Hq, D], last dim contiguous
+  int64_t q_stride_b, q_stride_h;
+  const void* k_cache;  // [pages, page_size, Hkv, D], inner three dims dense
+  const void* v_cache;
+  int64_t k_page_stride, v_page_stride;  // elements between pages
+  const int* block_table;                // [B, max_pages]
+  const int* seq_lens;                   // [B]
+  void* out;                             // [B, Hq, D] contiguous
+  float* lse;                            // [B, Hq] or nullptr (natural log)
+  // split-KV scratch (only used when num_splits > 1)
+  float* partial_out;  // [B, Hkv, num_splits, group, D]
+  float* partial_lse;  // [B, Hkv, num_splits, group], log2 domain
+  unsigned* counters;  // [B, Hkv], zero between launches
+  int num_kv_heads, group, page_size, page_shift, num_pages, max_pages;  // page_shift < 0: not a power of 2
+  int num_splits, split_tokens;  // split_tokens: KV positions per split, a multiple of the tile
+  int window_left;               // < 0: none
+  float scale;                   // softmax scale
+  float soft_cap;                // > 0: logits = cap * tanh(scale q.k / cap)
+};
+
+template <int D_>
+struct GqaDecodeConfig {
+  static constexpr int D = D_;
+  static constexpr int WARPS = 4;
+  static constexpr int THREADS = WARPS * 32;
+  static constexpr int ROWS = 16;                 // query rows of an mma tile (group padded up)
+  static constexpr int WARP_TOKENS = 16;          // tokens per warp per tile
+  static constexpr int TILE = WARPS * WARP_TOKENS;
+  static constexpr int TD = D / 8;                // 16-byte chunks per row
+  static constexpr int STAGES = D <= 64 ? 4 : (D <= 128 ? 3 : 2);
+  static constexpr int LOADS = TILE * TD / THREADS;  // 16-byte copies per thread per tensor per tile
+  static constexpr size_t SMEM_Q = size_t(ROWS) * D * 2;
+  static constexpr size_t SMEM_TILES = size_t(STAGES) * TILE * D * 2 * 2;
+  static constexpr size_t SMEM_MERGE = size_t(WARPS) * ROWS * (D + 2) * sizeof(float);
+  static constexpr size_t SMEM_BYTES = SMEM_Q + (SMEM_TILES > SMEM_MERGE ? SMEM_TILES : SMEM_MERGE);
+
+  static_assert(D % 32 == 0 && D >= 64 && D <= 256, "head_dim must be 64, 128 or 256");
+  static_assert((TILE * TD) % THREADS == 0, "tile copies must divide evenly");
+};
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile.
+template <int TD>
+__device__ __forceinline__ int swz(int row, int chunk) {
+  return (row * TD + (chunk ^ (row & 7))) * 8;
+}
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecodeParams p) {
+  constexpr int D = Cfg::D, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
+  constexpr int ROWS = Cfg::ROWS, WARPS = Cfg::WARPS;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* const sQ = reinterpret_cast<T*>(smem_raw);
+  T* const sK = reinterpret_cast<T*>(smem_raw + Cfg::SMEM_Q);
+  T* const sV = sK + STAGES * TILE * D;
+  float* const sMerge = reinterpret_cast<float*>(smem_raw + Cfg::SMEM_Q);  // reuses the ring at the end
+
+  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int group = p.group;
+
+  // ---- this CTA's KV range -------------------------------------------------------------------
+  // Everything read from memory is clamped, so bad index contents give wrong numbers but never
+  // an out-of-bounds access (the Python wrapper validates them when validation is on).
+  const int capacity = p.max_pages * p.page_size;
+  const int seq_len = min(max(p.seq_lens[b], 0), capacity);
+  const int lo = p.window_left >= 0 ? max(0, seq_len - 1 - p.window_left) : 0;
+  const int start = lo + split * p.split_tokens;
+  const int end = min(seq_len, start + p.split_tokens);
+  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
+
+  const int* bt = p.block_table + int64_t(b) * p.max_pages;
+  const T* const kbase = static_cast<const T*>(p.k_cache) + int64_t(kvh) * D;
+  const T* const vbase = static_cast<const T*>(p.v_cache) + int64_t(kvh) * D;
+  const int64_t row_stride = int64_t(p.num_kv_heads) * D;
+  const int copy_chunk = tid % TD;  // every copy of this thread is the same chunk of its rows
+  auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
+  auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
+
+  // Page of each row this thread copies for tile t (read a tile ahead of the copies).
+  auto fetch_pages = [&](int t, int (&pg)[LOADS]) {
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int pos = min(start + t * TILE + (tid + i * Cfg::THREADS) / TD, end - 1);
+      pg[i] = t < num_tiles ? __ldg(bt + page_of(pos)) : 0;
+    }
+  };
+  auto issue_copies = [&](int t, const int (&pg)[LOADS]) {
+    const int stage = t % STAGES;
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int row = (tid + i * Cfg::THREADS) / TD;
+      const int pos = start + t * TILE + row;
+      const bool valid = pos < end;
+      const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
+      const int64_t off = int64_t(in_page(min(pos, end - 1))) * row_stride + copy_chunk * 8;
+      const int s_off = stage * TILE * D + swz<TD>(row, copy_chunk);
+      cp_async_16(sK + s_off, kbase + page * p.k_page_stride + off, valid);
+      cp_async_16(sV + s_off, vbase + page * p.v_page_stride + off, valid);
+    }
+  };
+
+  // ---- start the copies, then stage the group's queries (rows >= group are zero) --------------
+  int pages[LOADS];
+  fetch_pages(0, pages);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) issue_copies(s, pages);
+    cp_async_commit();
+    fetch_pages(s + 1, pages);
+  }
+  for (int i = tid; i < ROWS * TD; i += Cfg::THREADS) {
+    const int row = i / TD, chunk = i % TD;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (row < group)
+      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b +
+                                          int64_t(kvh * group + row) * p.q_stride_h + chunk * 8);
+    *reinterpret_cast<uint4*>(sQ + swz<TD>(row, chunk)) = v;
+  }
+
+  // Lane roles in the mma fragments: rows r0 = lane/4 and r0 + 8; token/column pair (lane%4)*2.
+  const int r0 = lane >> 2, cpair = (lane & 3) * 2;
+  const float s_scale = p.soft_cap > 0.f ? p.scale : p.scale * kLog2e;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
+  for (int t = 0; t < num_tiles; ++t) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile t landed for every thread; stage (t-1) % STAGES is free again
+    if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+    cp_async_commit();
+    fetch_pages(t + STAGES, pages);
+
+    const T* kt = sK + (t % STAGES) * TILE * D;
+    const T* vt = sV + (t % STAGES) * TILE * D;
+    const int wrow = warp * Cfg::WARP_TOKENS;  // this warp's first row in the tile
+
+    // S = Q K^T over the warp's 16 tokens: two n-tiles of 8 tokens, D/16 k-steps.
+    float s[2][4] = {};
+#pragma unroll
+    for (int kc = 0; kc < D / 16; kc += 2) {
+      uint32_t a0[4], a1[4];
+      ldmatrix_x4(a0, sQ + swz<TD>((lane & 7) + ((lane >> 3) & 1) * 8, kc * 2 + (lane >> 4)));
+      ldmatrix_x4(a1, sQ + swz<TD>((lane & 7) + ((lane >> 3) & 1) * 8, kc * 2 + 2 + (lane >> 4)));
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, kt + swz<TD>(wrow + nt * 8 + (lane & 7), kc * 2 + (lane >> 3)));
+        mma_16816(s[nt], a0, bk[0], bk[1], T{});
+        mma_16816(s[nt], a1, bk[2], bk[3], T{});
+      }
+    }
+
+    // Scale (or soft-cap) into the log2 domain, mask rows past the end, online-softmax update.
+    const int tok0 = start + t * TILE + wrow + cpair;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float x = s[nt][i] * s_scale;
+        if (p.soft_cap > 0.f) x = p.soft_cap * tanhf(x / p.soft_cap) * kLog2e;
+        s[nt][i] = (tok0 + nt * 8 + (i & 1) < end) ? x : -INFINITY;
+      }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(mx, m[r]);
+      const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
+      alpha[r] = exp2f(m[r] - base);
+      m[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          s[nt][2 * r + j] = exp2f(s[nt][2 * r + j] - base);
+          sum += s[nt][2 * r + j];
+        }
+      l[r] = l[r] * alpha[r] + sum;  // per-lane partial; summed over the quad at the end
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+
+    // O += P V: P (16 heads x 16 tokens) is the S accumulator re-packed as an A fragment.
+    uint32_t pa[4];
+    pa[0] = pack2(s[0][0], s[0][1], T{});
+    pa[1] = pack2(s[0][2], s[0][3], T{});
+    pa[2] = pack2(s[1][0], s[1][1], T{});
+    pa[3] = pack2(s[1][2], s[1][3], T{});
+#pragma unroll
+    for (int nd = 0; nd < D / 16; ++nd) {
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, vt + swz<TD>(wrow + (lane & 7) + ((lane >> 3) & 1) * 8, nd * 2 + (lane >> 4)));
+      mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
+      mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the tile ring is reused below
+
+  // ---- merge the four warps' states through shared memory --------------------------------------
+  // sMerge: o [WARPS][ROWS][D], then m and l [WARPS][ROWS].
+  float* const sm_m = sMerge + WARPS * ROWS * D;
+  float* const sm_l = sm_m + WARPS * ROWS;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    *reinterpret_cast<float2*>(sMerge + (warp * ROWS + r0) * D + n * 8 + cpair) = make_float2(o[n][0], o[n][1]);
+    *reinterpret_cast<float2*>(sMerge + (warp * ROWS + r0 + 8) * D + n * 8 + cpair) = make_float2(o[n][2], o[n][3]);
+  }
+  if ((lane & 3) == 0) {
+    sm_m[warp * ROWS + r0] = m[0];
+    sm_m[warp * ROWS + r0 + 8] = m[1];
+    sm_l[warp * ROWS + r0] = l[0];
+    sm_l[warp * ROWS + r0 + 8] = l[1];
+  }
+  __syncthreads();
+
+  const int64_t pair = int64_t(b) * p.num_kv_heads + kvh;
+  for (int item = tid; item < group * TD; item += Cfg::THREADS) {
+    const int h = item / TD, c = (item % TD) * 8;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sm_m[w * ROWS + h]);
+    const float base = mx == -INFINITY ? 0.f : mx;
+    float lsum = 0.f, acc[8] = {};
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float f = exp2f(sm_m[w * ROWS + h] - base);
+      lsum += sm_l[w * ROWS + h] * f;
+      const float4* src = reinterpret_cast<const float4*>(sMerge + (w * ROWS + h) * D + c);
+      const float4 x = src[0], y = src[1];
+      acc[0] += x.x * f, acc[1] += x.y * f, acc[2] += x.z * f, acc[3] += x.w * f;
+      acc[4] += y.x * f, acc[5] += y.y * f, acc[6] += y.z * f, acc[7] += y.w * f;
+    }
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] *= inv;
+    const float lse2 = lsum > 0.f ? base + log2f(lsum) : -INFINITY;
+    if (p.num_splits == 1) {
+      const int64_t qh = pair * group + h;
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + qh * D + c) = pack8<T>(acc);
+      if (p.lse != nullptr && c == 0) p.lse[qh] = lse2 * kLn2;
+    } else {
+      const int64_t slot = (pair * p.num_splits + split) * group + h;
+      float4* dst = reinterpret_cast<float4*>(p.partial_out + slot * D + c);
+      dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      if (c == 0) p.partial_lse[slot] = lse2;
+    }
+  }
+  if (p.num_splits == 1) return;
+
+  // ---- split merge: publish the partial, count arrivals, the last CTA combines ----------------
+  __threadfence();
+  __syncthreads();
+  __shared__ bool is_last;
+  if (tid == 0) is_last = atomicAdd(p.counters + pair, 1u) == unsigned(p.num_splits - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // Weights of each split's partial per head, through shared memory: [group][num_splits + 1]
+  // (weights, then their sum).
+  float* const wgt = sMerge;
+  const int ns = p.num_splits;
+  const float* plse = p.partial_lse + pair * ns * group;
+  for (int h = warp; h < group; h += WARPS) {
+    float mx = -INFINITY;
+    for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, __ldcg(plse + s * group + h));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float base = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f;
+    for (int s = lane; s < ns; s += 32) {
+      const float e = exp2f(__ldcg(plse + s * group + h) - base);
+      wgt[h * (ns + 1) + s] = e;
+      sum += e;
+    }
+    sum = group_sum<32>(sum);
+    if (lane == 0) {
+      wgt[h * (ns + 1) + ns] = sum;
+      if (p.lse != nullptr) p.lse[pair * group + h] = sum > 0.f ? (base + log2f(sum)) * kLn2 : -INFINITY;
+    }
+  }
+  __syncthreads();
+  // Each thread combines 4 output elements of one head across all splits.
+  const float* pout = p.partial_out + pair * ns * group * D;
+  for (int item = tid; item < group * (D / 4); item += Cfg::THREADS) {
+    const int h = item / (D / 4), c = (item % (D / 4)) * 4;
+    const float* wh = wgt + h * (ns + 1);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s = 0; s < ns; ++s) {
+      const float ws = wh[s];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s) * group + h) * D + c));
+      acc.x = fmaf(ws, v.x, acc.x);
+      acc.y = fmaf(ws, v.y, acc.y);
+      acc.z = fmaf(ws, v.z, acc.z);
+      acc.w = fmaf(ws, v.w, acc.w);
+    }
+    const float inv = wh[ns] > 0.f ? 1.f / wh[ns] : 0.f;
+    T* dst = static_cast<T*>(p.out) + (pair * group + h) * D + c;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
+  }
+  if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
+}
+
+}  // namespace kvcore
