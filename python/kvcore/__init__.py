@@ -1,0 +1,41 @@
+"""kvcore: kernels for long-context LLM inference with a small KV cache.
+
+Ops (``kvcore.ops``, also importable from ``kvcore``): ``append_paged_kv``, ``gqa_decode``,
+``merge_attention_states``. The paged cache with cross-layer sharing: ``kvcore.PagedKVCache``.
+The definition of every op: ``kvcore.reference``. Benchmarks: ``python -m kvcore.bench``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops, reference
+from .cache import PagedKVCache
+from .ops import (
+    append_paged_kv,
+    decode_workspace,
+    gqa_decode,
+    merge_attention_states,
+    set_validation,
+    validation_enabled,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PagedKVCache",
+    "append_paged_kv",
+    "cuda_kernels_built",
+    "decode_workspace",
+    "gqa_decode",
+    "merge_attention_states",
+    "ops",
+    "reference",
+    "set_validation",
+    "validation_enabled",
+]
+
+
+def cuda_kernels_built() -> bool:
+    """True when this build of kvcore contains the CUDA kernels (False for a CPU-only build)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::gqa_decode", "CUDA")

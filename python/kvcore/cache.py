@@ -1,0 +1,360 @@
+"""Paged KV cache with cross-layer KV sharing (CLA / MLKV).
+
+``PagedKVCache`` owns the KV memory of a model: one K and one V tensor
+``[num_pages, page_size, num_kv_heads, head_dim]`` per *store*, a page allocator, and one block
+table per sequence. Several layers may map to one store (cross-layer attention, Brandon et al.
+2024; multi-layer KV heads, Zuhri et al. 2024): the first layer mapped to a store (its
+*producer*) writes the KV, the later ones only read it.
+
+All stores share one allocator and one block table per sequence, so a page id indexes every
+store: reserving a token reserves it in all stores at once.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["OutOfPagesError", "PagedKVCache"]
+
+
+class OutOfPagesError(RuntimeError):
+    """``PagedKVCache.reserve`` needs more pages than are free (nothing was changed)."""
+
+
+@dataclass
+class _Sequence:
+    length: int = 0
+    pages: list[int] = field(default_factory=list)
+
+
+def _as_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    try:
+        ivalue = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
+    if ivalue < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {ivalue}")
+    return ivalue
+
+
+def _ops():
+    # Imported lazily: kvcore/__init__ imports this module, and kvcore.ops needs the extension.
+    from kvcore import ops
+
+    return ops
+
+
+class PagedKVCache:
+    """Paged K/V storage for ``num_layers`` layers mapped onto one or more shared stores.
+
+    Args:
+        num_layers: layers of the model.
+        num_kv_heads, head_dim: KV heads and head size of every layer.
+        num_pages: pages per store (every store has the same pages; a page id indexes all).
+        page_size: tokens per page.
+        dtype, device: of the K/V storage.
+        cla_share: CLA factor ``f``: layers ``[0, f)`` use store 0, ``[f, 2f)`` store 1, ...
+        layer_to_store: explicit layer -> store map (MLKV), length ``num_layers``, store ids
+            ``0 .. S-1`` all used. Exclusive with ``cla_share != 1``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        num_pages: int,
+        page_size: int = 16,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        cla_share: int = 1,
+        layer_to_store: Sequence[int] | None = None,
+    ) -> None:
+        self.num_layers = _as_int(num_layers, "num_layers", 1)
+        self.num_kv_heads = _as_int(num_kv_heads, "num_kv_heads", 1)
+        self.head_dim = _as_int(head_dim, "head_dim", 1)
+        self.num_pages = _as_int(num_pages, "num_pages", 1)
+        self.page_size = _as_int(page_size, "page_size", 1)
+        cla_share = _as_int(cla_share, "cla_share", 1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must name a torch device, got {device!r}") from exc
+        self.dtype = dtype
+
+        if layer_to_store is not None:
+            if cla_share != 1:
+                raise ValueError(
+                    f"give either cla_share (got {cla_share}) or layer_to_store, not both"
+                )
+            mapping = self._check_layer_to_store(layer_to_store)
+        else:
+            mapping = [layer // cla_share for layer in range(self.num_layers)]
+        self.cla_share = cla_share
+        self._layer_to_store: tuple[int, ...] = tuple(mapping)
+        self.num_stores = max(mapping) + 1
+        # Producer of each store: the first layer mapped to it.
+        self._producers: tuple[int, ...] = tuple(mapping.index(s) for s in range(self.num_stores))
+
+        shape = (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        # torch.empty on purpose: a slot is only read after it was written (never rely on zeros).
+        self._k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_stores)]
+        self._v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_stores)]
+
+        # Free pages as a stack; reversed so that a fresh cache hands out 0, 1, 2, ...
+        self._free: list[int] = list(range(self.num_pages - 1, -1, -1))
+        self._seqs: dict[int, _Sequence] = {}
+        self._next_id = 0
+
+    def _check_layer_to_store(self, layer_to_store: Sequence[int]) -> list[int]:
+        try:
+            mapping = [operator.index(s) for s in layer_to_store]
+        except TypeError:
+            raise ValueError(
+                f"layer_to_store must be a sequence of ints, got {layer_to_store!r}"
+            ) from None
+        if len(mapping) != self.num_layers:
+            raise ValueError(
+                f"layer_to_store must have one entry per layer (num_layers={self.num_layers}), "
+                f"got {len(mapping)}"
+            )
+        num_stores = max(mapping) + 1
+        if min(mapping) < 0 or set(mapping) != set(range(num_stores)):
+            raise ValueError(
+                f"layer_to_store must use every store id 0..S-1 (and only those), got {mapping}"
+            )
+        return mapping
+
+    # ---------------------------------------------------------------- layer -> store mapping
+
+    def _check_layer(self, layer: int) -> int:
+        try:
+            index = None if isinstance(layer, bool) else operator.index(layer)
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        return index
+
+    @property
+    def layer_to_store(self) -> tuple[int, ...]:
+        """Store id of every layer."""
+        return self._layer_to_store
+
+    def store_of(self, layer: int) -> int:
+        """The store that ``layer`` reads (and, if it is the producer, writes)."""
+        return self._layer_to_store[self._check_layer(layer)]
+
+    def producer_of(self, layer: int) -> int:
+        """The layer that writes the KV which ``layer`` reads."""
+        return self._producers[self.store_of(layer)]
+
+    def is_producer(self, layer: int) -> bool:
+        """True if ``layer`` is the first layer of its store (it writes the KV)."""
+        return self.producer_of(layer) == layer
+
+    def kv(self, layer: int) -> tuple[Tensor, Tensor]:
+        """``(k_cache, v_cache)`` of ``layer``'s store; sharing layers get the same tensors."""
+        store = self.store_of(layer)
+        return self._k[store], self._v[store]
+
+    # ---------------------------------------------------------------- sequences and pages
+
+    def _get(self, seq_id: int) -> _Sequence:
+        try:
+            return self._seqs[seq_id]
+        except (KeyError, TypeError):
+            raise KeyError(
+                f"unknown sequence id {seq_id!r} (never added or already freed); "
+                f"live ids: {sorted(self._seqs)}"
+            ) from None
+
+    @property
+    def seq_ids(self) -> list[int]:
+        """Ids of the live sequences, in creation order."""
+        return list(self._seqs)
+
+    def add_sequence(self) -> int:
+        """Start a new, empty sequence and return its id (ids are never reused)."""
+        seq_id = self._next_id
+        self._next_id += 1
+        self._seqs[seq_id] = _Sequence()
+        return seq_id
+
+    def free(self, seq_id: int) -> None:
+        """Drop a sequence and return its pages to the free list."""
+        seq = self._get(seq_id)
+        del self._seqs[seq_id]
+        # Pushed in reverse so the sequence's first page is handed out first again.
+        self._free.extend(reversed(seq.pages))
+
+    def seq_len(self, seq_id: int) -> int:
+        """Tokens reserved so far for ``seq_id``."""
+        return self._get(seq_id).length
+
+    def pages_of(self, seq_id: int) -> list[int]:
+        """Page ids held by ``seq_id``, in token order (a copy)."""
+        return list(self._get(seq_id).pages)
+
+    def reserve(self, seq_ids: Sequence[int], num_tokens: Sequence[int]) -> Tensor:
+        """Make room for ``num_tokens[i]`` new tokens at the end of sequence ``seq_ids[i]``.
+
+        Allocates pages as needed and advances each sequence's length. Returns the
+        ``slot_mapping`` int64 ``[sum(num_tokens)]`` on the cache device for the new tokens:
+        those of ``seq_ids[0]`` first, in position order, then ``seq_ids[1]``'s, and so on.
+
+        Raises ``OutOfPagesError`` (a RuntimeError) when there are not enough free pages, and
+        ValueError/KeyError for bad arguments; in every error case nothing is changed.
+        """
+        seq_ids = list(seq_ids)
+        num_tokens = list(num_tokens)
+        if len(seq_ids) != len(num_tokens):
+            raise ValueError(
+                f"num_tokens must have one entry per sequence in seq_ids ({len(seq_ids)}), "
+                f"got {len(num_tokens)}"
+            )
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seq_ids must not repeat a sequence, got {seq_ids}")
+        counts = [_as_int(n, f"num_tokens[{i}]", 0) for i, n in enumerate(num_tokens)]
+        seqs = [self._get(s) for s in seq_ids]
+
+        new_pages = [
+            math.ceil((seq.length + n) / self.page_size) - len(seq.pages) for seq, n in zip(seqs, counts)
+        ]
+        needed = sum(max(0, p) for p in new_pages)
+        if needed > len(self._free):
+            raise OutOfPagesError(
+                f"reserve needs {needed} new pages for {sum(counts)} tokens but only "
+                f"{len(self._free)} of {self.num_pages} pages are free"
+            )
+
+        slot_parts = []
+        for seq, n, extra in zip(seqs, counts, new_pages):
+            for _ in range(extra):
+                seq.pages.append(self._free.pop())
+            positions = torch.arange(seq.length, seq.length + n, dtype=torch.int64)
+            pages = torch.tensor(seq.pages, dtype=torch.int64)
+            if n:
+                slot_parts.append(pages[positions // self.page_size] * self.page_size + positions % self.page_size)
+            seq.length += n
+        if slot_parts:
+            slots = torch.cat(slot_parts)
+        else:
+            slots = torch.empty(0, dtype=torch.int64)
+        return slots.to(self.device)
+
+    def block_table(self, seq_ids: Sequence[int]) -> Tensor:
+        """int32 ``[B, max_pages]`` page ids of the listed sequences on the cache device.
+
+        ``max_pages`` is the most pages any listed sequence holds (at least 1); unused entries
+        are 0 (a valid page index, never read because of ``seq_lens``).
+        """
+        seqs = [self._get(s) for s in seq_ids]
+        max_pages = max([1] + [len(seq.pages) for seq in seqs])
+        table = torch.zeros(len(seqs), max_pages, dtype=torch.int32)
+        for row, seq in enumerate(seqs):
+            table[row, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
+        return table.to(self.device)
+
+    def seq_lens(self, seq_ids: Sequence[int]) -> Tensor:
+        """int32 ``[B]`` lengths of the listed sequences on the cache device."""
+        lens = [self._get(s).length for s in seq_ids]
+        return torch.tensor(lens, dtype=torch.int32).to(self.device)
+
+    # ---------------------------------------------------------------- ops
+
+    def append(self, layer: int, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+        """Write ``k``, ``v`` ``[T, Hkv, D]`` at ``slot_mapping`` into ``layer``'s store.
+
+        Only a store's producer layer may write; the other layers reuse its KV.
+        """
+        layer = self._check_layer(layer)
+        producer = self.producer_of(layer)
+        if producer != layer:
+            raise ValueError(
+                f"layer {layer} shares store {self.store_of(layer)} with layer {producer}, whose "
+                f"KV it reuses; append only for the producer layer {producer}"
+            )
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != (self.num_kv_heads, self.head_dim):
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"{name} must be [num_tokens, {self.num_kv_heads}, {self.head_dim}], got {shape}"
+                )
+        if not isinstance(slot_mapping, Tensor) or slot_mapping.dim() != 1 or slot_mapping.shape[0] != k.shape[0]:
+            shape = tuple(slot_mapping.shape) if isinstance(slot_mapping, Tensor) else type(slot_mapping).__name__
+            raise ValueError(f"slot_mapping must be [{k.shape[0]}] (one slot per token of k), got {shape}")
+        k_cache, v_cache = self.kv(layer)
+        _ops().append_paged_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def decode(self, layer: int, q: Tensor, seq_ids: Sequence[int], **kwargs: Any) -> Any:
+        """``kvcore.ops.gqa_decode`` of ``q`` ``[B, Hq, D]`` against ``layer``'s store for the
+        sequences ``seq_ids`` (row ``i`` of ``q`` belongs to ``seq_ids[i]``).
+
+        ``kwargs`` go to ``gqa_decode`` (``scale``, ``window_left``, ``logit_soft_cap``,
+        ``out``, ``lse``, ``return_lse``, ...); returns what it returns.
+        """
+        k_cache, v_cache = self.kv(layer)
+        seq_ids = list(seq_ids)
+        if not isinstance(q, Tensor) or q.dim() != 3 or q.shape[0] != len(seq_ids):
+            shape = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
+            raise ValueError(
+                f"q must be [{len(seq_ids)}, num_q_heads, {self.head_dim}] (one row per seq_id), got {shape}"
+            )
+        return _ops().gqa_decode(
+            q, k_cache, v_cache, self.block_table(seq_ids), self.seq_lens(seq_ids), **kwargs
+        )
+
+    # ---------------------------------------------------------------- accounting
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - len(self._free)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def memory_report(self) -> dict[str, Any]:
+        """Sizes of the cache, and what cross-layer sharing saves.
+
+        ``bytes_per_token``: K+V bytes one token of a sequence takes over all stores;
+        ``bytes_per_token_one_store_per_layer``: the same without sharing (one store per layer);
+        ``saving``: the second divided by the first (e.g. 2.0 for CLA with factor 2).
+        """
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_store = 2 * self.num_kv_heads * self.head_dim * elem
+        shared = self.num_stores * per_store
+        unshared = self.num_layers * per_store
+        return {
+            "num_layers": self.num_layers,
+            "num_stores": self.num_stores,
+            "page_size": self.page_size,
+            "num_pages": self.num_pages,
+            "bytes_per_token": shared,
+            "bytes_per_token_one_store_per_layer": unshared,
+            "saving": unshared / shared,
+            "allocated_bytes": sum(t.numel() * t.element_size() for t in self._k + self._v),
+            "used_pages": self.used_pages,
+            "free_pages": self.free_pages,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"PagedKVCache(layers={self.num_layers}, stores={self.num_stores}, "
+            f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, pages={self.used_pages}/"
+            f"{self.num_pages} used x {self.page_size} tokens, dtype={self.dtype}, "
+            f"device={self.device}, sequences={len(self._seqs)})"
+        )

@@ -1,0 +1,273 @@
+"""Typed Python wrappers over the compiled ``torch.ops.kvcore`` ops.
+
+Each wrapper checks what cannot be checked cheaply in C++ (index *contents*: page numbers in
+range, ``seq_lens`` within the block table's capacity, slots in range) when validation is on,
+allocates outputs the caller did not pass, and calls the op. The ops themselves mutate outputs
+passed in (``Tensor(a!)`` in the schema), so a caller that preallocates everything can capture a
+decode step in a CUDA graph: with validation off (``set_validation(False)``, or automatically
+during graph capture and under ``torch.compile``) the wrappers do no host synchronisation and,
+given ``out`` (and ``lse``/``workspace``), no allocation.
+
+Every op also has a ``register_fake`` implementation here, so it traces under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union, overload
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.kvcore.*)
+
+__all__ = [
+    "append_paged_kv",
+    "gqa_decode",
+    "merge_attention_states",
+    "set_validation",
+    "validation_enabled",
+    "decode_workspace",
+    "DECODE_WORKSPACE_BYTES",
+]
+
+_ops = torch.ops.kvcore
+_validation = True
+
+#: Size of the per-device split-KV scratch buffer that ``gqa_decode`` uses when the caller passes
+#: none. Partials take ``4 * (head_dim + 1)`` bytes per (query head, split); the split heuristic
+#: keeps a few thousand CTAs at most, well under this.
+DECODE_WORKSPACE_BYTES = 64 << 20
+_workspaces: dict[torch.device, torch.Tensor] = {}
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the index-content checks on or off for every kvcore op.
+
+    On (the default), each call checks on the host that page numbers, ``seq_lens`` and slots are
+    in range and raises ``ValueError`` naming the argument; on a GPU that costs a device->host
+    sync. Off, nothing is checked and nothing syncs; the kernels still clamp every index, so bad
+    contents give wrong numbers but never an out-of-bounds access. The checks are skipped
+    automatically while a CUDA graph is being captured and under ``torch.compile``.
+    """
+    global _validation
+    _validation = bool(enabled)
+
+
+def validation_enabled() -> bool:
+    """Whether index-content checks run on the next call (see :func:`set_validation`)."""
+    if not _validation or torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def decode_workspace(device: Union[torch.device, str]) -> torch.Tensor:
+    """The shared split-KV scratch buffer for ``device`` (allocated zero-filled on first use).
+
+    Decode kernels keep per-(sequence, KV head) arrival counters in it and reset them before they
+    finish, so one buffer serves any number of calls, but only one stream at a time: give
+    concurrent streams their own buffer (``torch.zeros(DECODE_WORKSPACE_BYTES, dtype=torch.uint8,
+    device=...)``).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ws = _workspaces.get(device)
+    if ws is None:
+        ws = torch.zeros(DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        _workspaces[device] = ws
+    return ws
+
+
+def _check_block_table_contents(block_table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int, page_size: int) -> None:
+    capacity = block_table.shape[1] * page_size
+    lens = seq_lens.to(device="cpu", dtype=torch.int64)
+    if lens.numel() and int(lens.min()) < 0:
+        raise ValueError(f"seq_lens must be >= 0, got {lens.tolist()}")
+    if lens.numel() and int(lens.max()) > capacity:
+        b = int(lens.argmax())
+        raise ValueError(
+            f"seq_lens[{b}] = {int(lens[b])} exceeds the block table's capacity "
+            f"({block_table.shape[1]} pages x page_size {page_size} = {capacity} tokens)"
+        )
+    # Only the pages a sequence uses must be valid; the padding past them is never read.
+    pages_used = (lens + page_size - 1) // page_size
+    used = torch.arange(block_table.shape[1]).unsqueeze(0) < pages_used.unsqueeze(1)
+    bt = block_table.to("cpu")
+    bad = used & ((bt < 0) | (bt >= num_pages))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"block_table[{b}, {j}] = {int(bt[b, j])} is not a page of the cache (num_pages = {num_pages}); "
+            f"sequence {b} uses its first {int(pages_used[b])} entries"
+        )
+
+
+def append_paged_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write new keys and values into a paged KV cache, in place.
+
+    Args:
+        k, v: ``[T, num_kv_heads, head_dim]``, the caches' dtype.
+        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``; modified in place.
+        slot_mapping: ``[T]`` int64; token ``t`` goes to page ``slot // page_size``, row
+            ``slot % page_size``. ``-1`` skips the token (padding).
+    """
+    if validation_enabled() and slot_mapping.dim() == 1 and k_cache.dim() == 4:
+        num_slots = k_cache.shape[0] * k_cache.shape[1]
+        sm = slot_mapping.to("cpu")
+        bad = (sm < -1) | (sm >= num_slots)
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"slot_mapping[{t}] = {int(sm[t])} is outside the cache's {num_slots} slots "
+                f"({k_cache.shape[0]} pages x page_size {k_cache.shape[1]}); use -1 to skip a token"
+            )
+    _ops.append_paged_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+@overload
+def gqa_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+    *, scale: Optional[float] = ..., window_left: int = ..., logit_soft_cap: float = ..., out: Optional[torch.Tensor] = ...,
+    lse: None = ..., return_lse: bool = ..., workspace: Optional[torch.Tensor] = ..., num_splits: int = ...,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
+@overload
+def gqa_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+    *, scale: Optional[float] = ..., window_left: int = ..., logit_soft_cap: float = ..., out: Optional[torch.Tensor] = ...,
+    lse: torch.Tensor, return_lse: bool = ..., workspace: Optional[torch.Tensor] = ..., num_splits: int = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def gqa_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    window_left: int = -1,
+    logit_soft_cap: float = 0.0,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    workspace: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+):
+    """Decode attention: one query token per sequence against a paged KV cache (GQA/MQA/MHA).
+
+    Query head ``h`` reads KV head ``h // (num_q_heads // num_kv_heads)``. All query heads of a
+    KV group are computed together so each cached byte is read once; long sequences are split
+    across the GPU (flash-decoding) and the partial results merged in the same launch.
+
+    Args:
+        q: ``[B, num_q_heads, head_dim]``, bfloat16/float16 (float32 too on CPU); the last dim
+            must be contiguous.
+        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, q's dtype.
+        block_table: ``[B, max_pages]`` int32, the pages of each sequence in order.
+        seq_lens: ``[B]`` int32, tokens in each sequence (0 allowed: out 0, lse -inf).
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        window_left: ``>= 0`` attends only to the last ``window_left + 1`` tokens (sliding
+            window); ``-1`` attends to all.
+        logit_soft_cap: ``> 0`` applies ``cap * tanh(logit / cap)`` to the scaled logits.
+        out: optional preallocated ``[B, num_q_heads, head_dim]`` output (q's dtype).
+        lse: optional preallocated ``[B, num_q_heads]`` float32 log-sum-exp (natural log) of the
+            logits; returned as well when given or when ``return_lse``.
+        workspace: CUDA split-KV scratch (uint8, zero-filled once); default: a shared
+            per-device buffer (:func:`decode_workspace`).
+        num_splits: ``0`` chooses the KV split from the shapes; ``n > 0`` forces ``n`` splits,
+            which makes results bitwise reproducible for a given ``n`` (``1`` disables splitting).
+
+    Returns:
+        ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    if window_left < -1:
+        raise ValueError(f"window_left must be -1 (no window) or >= 0, got {window_left}")
+    if not math.isfinite(logit_soft_cap) or logit_soft_cap < 0:
+        raise ValueError(f"logit_soft_cap must be 0 (off) or a positive finite float, got {logit_soft_cap}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be 0 (automatic) or positive, got {num_splits}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    want_lse = return_lse or lse is not None
+    if return_lse and lse is None:
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    if workspace is None and q.is_cuda:
+        workspace = decode_workspace(q.device)
+    if (
+        validation_enabled()
+        and k_cache.dim() == 4
+        and block_table.dim() == 2
+        and seq_lens.dim() == 1
+        and block_table.dtype == torch.int32
+        and seq_lens.dtype == torch.int32
+        and block_table.shape[0] == seq_lens.shape[0]  # else the op's shape check names the culprit
+        and k_cache.shape[1] > 0
+    ):
+        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+    _ops.gqa_decode(
+        q, k_cache, v_cache, block_table, seq_lens, float(scale), int(window_left), float(logit_soft_cap),
+        out, lse, workspace, int(num_splits),
+    )
+    return (out, lse) if want_lse else out
+
+
+def merge_attention_states(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    *,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two attention results computed over disjoint key sets into one.
+
+    ``out = (e^lse_a * out_a + e^lse_b * out_b) / (e^lse_a + e^lse_b)`` and
+    ``lse = log(e^lse_a + e^lse_b)``, computed stably; a part with ``lse = -inf`` (no keys)
+    contributes nothing. Splits, sinks + local window + retrieved blocks, and cascades build on it.
+
+    Args:
+        out_a, out_b: ``[N, H, D]`` (bfloat16/float16, float32 on CPU).
+        lse_a, lse_b: ``[N, H]`` float32 natural-log log-sum-exp of each part's logits.
+        out, lse: optional outputs; ``out=out_a, lse=lse_a`` accumulates in place.
+
+    Returns:
+        ``(out, lse)``.
+    """
+    if out is None:
+        out = torch.empty_like(out_a, memory_format=torch.contiguous_format)
+    if lse is None:
+        lse = torch.empty_like(lse_a, memory_format=torch.contiguous_format)
+    _ops.merge_attention_states(out_a, lse_a, out_b, lse_b, out, lse)
+    return out, lse
+
+
+# ---- fake (meta) implementations: shapes only, for torch.compile and opcheck -----------------
+# The ops return nothing and write into tensors the caller passed, so the fakes have nothing to
+# compute; the schema's (a!) annotations tell the compiler what is mutated.
+
+
+@torch.library.register_fake("kvcore::append_paged_kv")
+def _append_paged_kv_fake(k, v, k_cache, v_cache, slot_mapping) -> None:
+    return None
+
+
+@torch.library.register_fake("kvcore::gqa_decode")
+def _gqa_decode_fake(q, k_cache, v_cache, block_table, seq_lens, scale, window_left, logit_soft_cap, out, lse,
+                     workspace, num_splits) -> None:
+    torch._check(out.shape == q.shape, lambda: "out must have q's shape")
+    return None
+
+
+@torch.library.register_fake("kvcore::merge_attention_states")
+def _merge_attention_states_fake(out_a, lse_a, out_b, lse_b, out, lse) -> None:
+    return None

@@ -1,0 +1,305 @@
+"""Pure-torch references: the definition of every kvcore op.
+
+Every function here states the exact math it computes, does that math in float64 on the
+inputs' device, and is written for readability rather than speed. Kernels are tested against
+these functions; when a kernel and this file disagree, this file is right (or the spec changes
+here first).
+
+Paged cache convention (shared by every op, see DESIGN.md):
+
+* ``k_cache``, ``v_cache``: ``[num_pages, page_size, num_kv_heads, head_dim]``.
+* ``block_table``: ``[batch, max_pages]`` int32; ``seq_lens``: ``[batch]`` int32.
+* Token position ``p`` of sequence ``b`` lives at page ``block_table[b, p // page_size]``,
+  offset ``p % page_size``; its flat slot is ``page * page_size + offset``.
+* Query head ``hq`` reads KV head ``hq // (Hq // Hkv)`` (consecutive grouping, as Hugging Face
+  ``repeat_kv``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "append_paged_kv",
+    "dense_attention",
+    "gather_paged",
+    "gqa_decode",
+    "merge_attention_states",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (ValueError naming the argument).
+# --------------------------------------------------------------------------------------------
+
+
+def _check_dim(t: Tensor, rank: int, name: str, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != rank:
+        raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_cache_pair(k_cache: Tensor, v_cache: Tensor) -> None:
+    layout = "[num_pages, page_size, num_kv_heads, head_dim]"
+    _check_dim(k_cache, 4, "k_cache", layout)
+    _check_dim(v_cache, 4, "v_cache", layout)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+        )
+
+
+def _check_group(num_q_heads: int, num_kv_heads: int) -> int:
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"q's number of heads ({num_q_heads}) must be a multiple of the caches' "
+            f"num_kv_heads ({num_kv_heads})"
+        )
+    return num_q_heads // num_kv_heads
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks.
+# --------------------------------------------------------------------------------------------
+
+
+def gather_paged(cache: Tensor, block_table_row: Tensor, positions: Tensor) -> Tensor:
+    """Read the cache rows of one sequence at the given token positions.
+
+    ``cache`` ``[num_pages, page_size, H, D]``, ``block_table_row`` ``[max_pages]`` (int),
+    ``positions`` ``[L]`` (int). Returns ``[L, H, D]`` (``cache``'s dtype) where row ``i`` is
+    ``cache[block_table_row[positions[i] // page_size], positions[i] % page_size]``.
+    """
+    page_size = cache.shape[1]
+    positions = positions.to(device=cache.device, dtype=torch.long)
+    pages = block_table_row.to(device=cache.device, dtype=torch.long)[positions // page_size]
+    return cache[pages, positions % page_size]
+
+
+def dense_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float | None = None,
+    logit_soft_cap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Attention of one query token over a dense set of keys, with GQA head mapping.
+
+    ``q`` ``[Hq, D]``, ``k`` / ``v`` ``[L, Hkv, D]`` with ``Hq % Hkv == 0``; query head ``h``
+    uses KV head ``h // (Hq // Hkv)``. With ``scale`` defaulting to ``1 / sqrt(D)``:
+
+        logits[h, l] = scale * sum_d q[h, d] * k[l, h // G, d]
+        if logit_soft_cap > 0: logits = cap * tanh(logits / cap)
+        out[h]       = sum_l softmax(logits[h])[l] * v[l, h // G]
+        lse[h]       = log(sum_l exp(logits[h, l]))          (natural log)
+
+    With ``L == 0``: ``out = 0`` and ``lse = -inf``. Returns ``(out [Hq, D], lse [Hq])`` in
+    **float64** (callers cast; tests compare at full precision).
+    """
+    _check_dim(q, 2, "q", "[num_q_heads, head_dim]")
+    _check_dim(k, 3, "k", "[num_keys, num_kv_heads, head_dim]")
+    _check_dim(v, 3, "v", "[num_keys, num_kv_heads, head_dim]")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    num_q_heads, head_dim = q.shape
+    if k.shape[2] != head_dim:
+        raise ValueError(f"k's head_dim ({k.shape[2]}) must equal q's head_dim ({head_dim})")
+    group = _check_group(num_q_heads, k.shape[1])
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+
+    num_keys = k.shape[0]
+    if num_keys == 0:
+        out = torch.zeros(num_q_heads, head_dim, dtype=torch.float64, device=q.device)
+        lse = torch.full((num_q_heads,), -math.inf, dtype=torch.float64, device=q.device)
+        return out, lse
+
+    q64 = q.to(torch.float64)
+    # [L, Hkv, D] -> [Hq, L, D]: KV head j serves query heads j*G .. j*G+G-1.
+    k_per_head = k.to(device=q.device, dtype=torch.float64).repeat_interleave(group, dim=1).transpose(0, 1)
+    v_per_head = v.to(device=q.device, dtype=torch.float64).repeat_interleave(group, dim=1).transpose(0, 1)
+
+    logits = scale * (k_per_head @ q64[:, :, None])[:, :, 0]  # [Hq, L]: q[h] . k[l, h // G]
+    if logit_soft_cap > 0:
+        logits = logit_soft_cap * torch.tanh(logits / logit_soft_cap)
+    lse = torch.logsumexp(logits, dim=-1)  # [Hq]
+    probs = torch.exp(logits - lse[:, None])  # softmax over l, [Hq, L]
+    out = (probs[:, None, :] @ v_per_head)[:, 0, :]  # [Hq, D]
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Ops.
+# --------------------------------------------------------------------------------------------
+
+
+def append_paged_kv(
+    k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Write new tokens into the paged caches (functional: the inputs are not modified).
+
+    ``k``, ``v`` ``[T, Hkv, D]``; caches ``[num_pages, page_size, Hkv, D]``; ``slot_mapping``
+    ``[T]`` int64. Returns copies ``(k_cache', v_cache')`` (the caches' dtype) with, for every
+    ``t`` with ``slot = slot_mapping[t] >= 0``:
+
+        k_cache'[slot // page_size, slot % page_size] = k[t]    (cast to the cache dtype)
+        v_cache'[slot // page_size, slot % page_size] = v[t]
+
+    ``slot == -1`` skips token ``t``. Every other slot must lie in
+    ``[0, num_pages * page_size)`` and appear at most once (otherwise the result is undefined
+    for the kernels; this reference raises ValueError for out-of-range slots).
+    """
+    _check_cache_pair(k_cache, v_cache)
+    num_pages, page_size, num_kv_heads, head_dim = k_cache.shape
+    _check_dim(k, 3, "k", "[num_tokens, num_kv_heads, head_dim]")
+    _check_dim(v, 3, "v", "[num_tokens, num_kv_heads, head_dim]")
+    _check_dim(slot_mapping, 1, "slot_mapping", "[num_tokens]")
+    if tuple(k.shape[1:]) != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"k must be [num_tokens, {num_kv_heads}, {head_dim}] to match k_cache, got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if slot_mapping.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"slot_mapping must have one entry per token ({k.shape[0]}), got {slot_mapping.shape[0]}"
+        )
+    if slot_mapping.dtype != torch.int64:
+        raise ValueError(f"slot_mapping must have dtype torch.int64, got {slot_mapping.dtype}")
+
+    slots = slot_mapping.to(k_cache.device)
+    num_slots = num_pages * page_size
+    bad = (slots < -1) | (slots >= num_slots)
+    if bool(bad.any()):
+        raise ValueError(
+            f"slot_mapping entries must be -1 or in [0, {num_slots}), got {slots[bad].tolist()}"
+        )
+    keep = slots >= 0
+
+    new_k = k_cache.clone()
+    new_v = v_cache.clone()
+    # A contiguous clone viewed as [num_pages * page_size, Hkv, D]: slot s is row s.
+    flat_k = new_k.view(num_slots, num_kv_heads, head_dim)
+    flat_v = new_v.view(num_slots, num_kv_heads, head_dim)
+    flat_k[slots[keep]] = k.to(device=k_cache.device, dtype=k_cache.dtype)[keep]
+    flat_v[slots[keep]] = v.to(device=v_cache.device, dtype=v_cache.dtype)[keep]
+    return new_k, new_v
+
+
+def gqa_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float | None = None,
+    window_left: int = -1,
+    logit_soft_cap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """One query token per sequence attending to its paged KV cache (GQA).
+
+    ``q`` ``[B, Hq, D]``; caches ``[num_pages, page_size, Hkv, D]`` with ``Hq % Hkv == 0``;
+    ``block_table`` ``[B, max_pages]`` int; ``seq_lens`` ``[B]`` int. For sequence ``b`` with
+    ``L = seq_lens[b]`` the keys are the positions
+
+        p in [0, L)                                   if window_left < 0
+        p in [max(0, L - 1 - window_left), L)          otherwise
+
+    read through the block table (page ``block_table[b, p // page_size]``, offset
+    ``p % page_size``). Then, with ``scale`` defaulting to ``1 / sqrt(D)`` and query head ``h``
+    using KV head ``h // (Hq // Hkv)``:
+
+        logits = scale * q[b, h] . k_p
+        if logit_soft_cap > 0: logits = cap * tanh(logits / cap)
+        out[b, h] = softmax_p(logits) @ v_p
+        lse[b, h] = logsumexp_p(logits)               (natural log)
+
+    A sequence with no keys (``L == 0``) gives ``out = 0`` and ``lse = -inf``.
+    Returns ``(out [B, Hq, D] float32, lse [B, Hq] float32)``.
+    """
+    _check_dim(q, 3, "q", "[batch, num_q_heads, head_dim]")
+    _check_cache_pair(k_cache, v_cache)
+    _check_dim(block_table, 2, "block_table", "[batch, max_pages]")
+    _check_dim(seq_lens, 1, "seq_lens", "[batch]")
+    batch, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"k_cache's head_dim ({cache_head_dim}) must equal q's head_dim ({head_dim})")
+    _check_group(num_q_heads, num_kv_heads)
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have {batch} rows (q's batch), got {block_table.shape[0]}")
+    if seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens must have {batch} entries (q's batch), got {seq_lens.shape[0]}")
+
+    capacity = block_table.shape[1] * page_size
+    lens = [int(x) for x in seq_lens.tolist()]
+    for b, length in enumerate(lens):
+        if length < 0 or length > capacity:
+            raise ValueError(
+                f"seq_lens[{b}] = {length} must be in [0, max_pages * page_size = {capacity}]"
+            )
+
+    out = torch.empty(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_q_heads, dtype=torch.float32, device=q.device)
+    for b, length in enumerate(lens):
+        start = 0 if window_left < 0 else max(0, length - 1 - window_left)
+        positions = torch.arange(start, length, device=k_cache.device)
+        used_pages = block_table[b, : (length + page_size - 1) // page_size]
+        if used_pages.numel() and (bool((used_pages < 0).any()) or bool((used_pages >= num_pages).any())):
+            raise ValueError(
+                f"block_table[{b}] must hold page ids in [0, {num_pages}) for its {length} tokens, "
+                f"got {used_pages.tolist()}"
+            )
+        keys = gather_paged(k_cache, block_table[b], positions)
+        values = gather_paged(v_cache, block_table[b], positions)
+        o, s = dense_attention(q[b], keys, values, scale=scale, logit_soft_cap=logit_soft_cap)
+        out[b] = o.to(torch.float32)
+        lse[b] = s.to(torch.float32)
+    return out, lse
+
+
+def merge_attention_states(
+    out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Merge two partial attention results computed over disjoint key sets.
+
+    ``out_*`` ``[N, H, D]``, ``lse_*`` ``[N, H]`` (natural log; ``-inf`` marks an empty part).
+    With ``m = max(lse_a, lse_b)``, ``w_a = exp(lse_a - m)``, ``w_b = exp(lse_b - m)``:
+
+        out = (w_a * out_a + w_b * out_b) / (w_a + w_b)
+        lse = m + log(w_a + w_b)                      (= logaddexp(lse_a, lse_b))
+
+    which equals attention over the union of the two key sets. If one side is ``-inf`` the
+    other passes through unchanged (the empty side's ``out`` is never read, so it may hold
+    anything, even NaN). If both are ``-inf``: ``out = 0``, ``lse = -inf``.
+    Returns ``(out [N, H, D] float32, lse [N, H] float32)``.
+    """
+    _check_dim(out_a, 3, "out_a", "[N, num_heads, head_dim]")
+    _check_dim(out_b, 3, "out_b", "[N, num_heads, head_dim]")
+    _check_dim(lse_a, 2, "lse_a", "[N, num_heads]")
+    _check_dim(lse_b, 2, "lse_b", "[N, num_heads]")
+    if out_b.shape != out_a.shape:
+        raise ValueError(f"out_b must have the shape of out_a {tuple(out_a.shape)}, got {tuple(out_b.shape)}")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.shape != out_a.shape[:2]:
+            raise ValueError(f"{name} must be {tuple(out_a.shape[:2])} to match out_a, got {tuple(t.shape)}")
+
+    la = lse_a.to(torch.float64)
+    lb = lse_b.to(torch.float64)
+    m = torch.maximum(la, lb)
+    # Both empty: m = -inf; shift by 0 instead so the weights come out as exp(-inf) = 0.
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    w_a = torch.exp(la - m)[..., None]  # [N, H, 1]
+    w_b = torch.exp(lb - m)[..., None]
+    total = w_a + w_b
+
+    # An empty side (weight 0) contributes nothing, even if its out holds NaN/inf.
+    part_a = torch.where(w_a > 0, w_a * out_a.to(torch.float64), 0.0)
+    part_b = torch.where(w_b > 0, w_b * out_b.to(torch.float64), 0.0)
+    out = torch.where(total > 0, (part_a + part_b) / total, 0.0)
+    lse = m + torch.log(total[..., 0])  # log(0) = -inf when both are empty
+    return out.to(torch.float32), lse.to(torch.float32)
