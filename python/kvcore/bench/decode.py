@@ -1,0 +1,195 @@
+"""The ``decode`` group: paged GQA decode (one query token per sequence), kvcore vs peers.
+
+Bytes that must be read per call: the K and V pages touched (B * S * Hkv * D * 2 * itemsize) plus
+q and out; FLOPs: 4 * B * Hq * S * D (QK^T and PV). Every implementation's output is checked
+against an fp32 evaluation of the plain-torch form on the same paged inputs before it is timed;
+a wrong result is reported as an error row, never as a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import peers
+from .harness import RunContext, make_row
+
+GROUP = "decode"
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+# Max abs error against the fp32 reference that an output may have and still be timed.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-3}
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    seq_len: int
+    page_size: int = 16
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def name(self) -> str:
+        s = (
+            f"B{self.batch} Hq{self.num_q_heads} Hkv{self.num_kv_heads} D{self.head_dim} "
+            f"S{self.seq_len} page{self.page_size}"
+        )
+        if self.dtype != torch.bfloat16:
+            s += " " + _DTYPE_NAMES.get(self.dtype, str(self.dtype).replace("torch.", ""))
+        return s
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes that must be moved: K+V pages touched, q read, out written."""
+        kv = self.batch * self.seq_len * self.num_kv_heads * self.head_dim * 2 * self.itemsize
+        q_and_out = 2 * self.batch * self.num_q_heads * self.head_dim * self.itemsize
+        return kv + q_and_out
+
+    @property
+    def flops(self) -> int:
+        return 4 * self.batch * self.num_q_heads * self.seq_len * self.head_dim
+
+
+def cases(device: torch.device, quick: bool) -> list:
+    """The decode grid: the full GPU grid, or a few small cases (quick mode, and always on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not quick:
+        grid = [(32, 1, 32768), (32, 1, 131072), (32, 16, 8192), (32, 64, 4096), (32, 128, 2048), (64, 32, 8192)]
+        return [DecodeCase(b, hq, 8, 128, s) for hq, b, s in grid]
+    if device.type == "cuda":
+        return [DecodeCase(2, 32, 8, 128, 4096), DecodeCase(16, 32, 8, 128, 1024)]
+    return [
+        DecodeCase(2, 8, 2, 64, 512, dtype=torch.float32),
+        DecodeCase(1, 32, 8, 128, 2048, dtype=torch.float32),
+        DecodeCase(2, 8, 2, 64, 512, dtype=torch.bfloat16),
+    ]
+
+
+def impls(device: torch.device) -> list:
+    """Implementations run by default on this device, in report column order."""
+    return list(peers.GPU_IMPLS if torch.device(device).type == "cuda" else peers.CPU_IMPLS)
+
+
+def known_impls() -> list:
+    return list(peers.BUILDERS)
+
+
+def make_inputs(case: DecodeCase, device: torch.device, seed: int = 0) -> peers.DecodeInputs:
+    """Random (never zero) q and paged K/V; pages assigned to sequences in a random order."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    cpu_gen = torch.Generator().manual_seed(seed + 1)
+    b, hq, hkv, d, s, p = (
+        case.batch,
+        case.num_q_heads,
+        case.num_kv_heads,
+        case.head_dim,
+        case.seq_len,
+        case.page_size,
+    )
+    pages_per_seq = math.ceil(s / p)
+    num_pages = b * pages_per_seq
+    kw = {"dtype": case.dtype, "device": device, "generator": gen}
+    k_cache = torch.randn(num_pages, p, hkv, d, **kw)
+    v_cache = torch.randn(num_pages, p, hkv, d, **kw)
+    q = torch.randn(b, hq, d, **kw)
+    perm = torch.randperm(num_pages, generator=cpu_gen)
+    block_table = perm.view(b, pages_per_seq).to(torch.int32).to(device)
+    seq_lens = torch.full((b,), s, dtype=torch.int32, device=device)
+    return peers.DecodeInputs(q, k_cache, v_cache, block_table, seq_lens, scale=d**-0.5)
+
+
+def _max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if out.shape != ref.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} != expected {tuple(ref.shape)}")
+    bad = int((~torch.isfinite(out)).sum().item())
+    if bad:
+        raise ValueError(f"{bad} of {out.numel()} output elements are NaN/inf (unwritten?)")
+    return (out.float() - ref).abs().max().item()
+
+
+def _time_variant(var: peers.Prepared, ref: torch.Tensor, tol: float, ctx: RunContext) -> tuple:
+    """(ms, None) for a correct variant, or (None, error message)."""
+    with var.context():
+        if var.out is not None:
+            var.out.fill_(float("nan"))  # unwritten elements must fail the check
+        try:
+            out = var.fn()
+            ctx.synchronize()
+        except Exception as exc:  # noqa: BLE001
+            return None, f"call failed: {peers._first_line(exc)}"
+        try:
+            err = _max_abs_error(out, ref)
+        except Exception as exc:  # noqa: BLE001
+            return None, f"wrong result: {exc}"
+        del out
+        if not err < tol:  # also catches NaN
+            return None, f"wrong result: max abs error {err:.3g} vs fp32 reference (tolerance {tol:g})"
+        var.before_timing()
+        try:
+            return ctx.timer(var.fn), None
+        except Exception as exc:  # noqa: BLE001
+            return None, f"failed while timing: {peers._first_line(exc)}"
+        finally:
+            var.after_timing()
+
+
+def run(case: DecodeCase, impl_names: Sequence[str], ctx: RunContext) -> list:
+    """Time each implementation on one case; one row per implementation (skips and errors too)."""
+    rows = []
+    inputs = make_inputs(case, ctx.device, seed=ctx.seed)
+    try:
+        ref = peers.reference_output(inputs)
+        tol = TOLERANCE.get(case.dtype, 2e-2)
+        for name in impl_names:
+            ctx.progress.set_label(f"{GROUP} {case.name} {name}")
+            rows.append(_run_impl(name, case, inputs, ref, tol, ctx))
+            ctx.progress.update(1)
+    finally:
+        del inputs
+        ctx.free_memory()
+    return rows
+
+
+def _run_impl(name: str, case: DecodeCase, inputs, ref: torch.Tensor, tol: float, ctx: RunContext) -> dict:
+    try:
+        variants = peers.build(name, inputs)
+    except peers.Skip as exc:
+        ctx.log(f"  skip {name} on {case.name}: {exc}")
+        return make_row(GROUP, name, case.name, ctx, notes=f"skipped: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a peer that breaks in setup is skipped, not fatal
+        reason = peers._first_line(exc)
+        ctx.log(f"  skip {name} on {case.name}: setup failed: {reason}")
+        return make_row(GROUP, name, case.name, ctx, notes=f"skipped: setup failed: {reason}")
+
+    best: Optional[tuple] = None
+    errors = []
+    try:
+        for var in variants:
+            ms, err = _time_variant(var, ref, tol, ctx)
+            if err is not None:
+                errors.append(f"{var.notes}: {err}" if var.notes and len(variants) > 1 else err)
+            elif best is None or ms < best[0]:
+                best = (ms, var.notes)
+    finally:
+        del variants
+    if best is None:
+        message = "; ".join(errors)
+        ctx.log(f"  ERROR {name} on {case.name}: {message}")
+        return make_row(GROUP, name, case.name, ctx, error=message)
+    notes = best[1]
+    if len(errors) and best is not None:
+        notes = "; ".join(filter(None, [notes, "other variants failed: " + "; ".join(errors)]))
+    return make_row(GROUP, name, case.name, ctx, ms=best[0], nbytes=case.nbytes, flops=case.flops, notes=notes)

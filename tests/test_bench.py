@@ -1,0 +1,442 @@
+"""Tests of the benchmark harness (python -m kvcore.bench) on CPU.
+
+The end-to-end runs need the compiled kvcore ops and skip without them; everything else (report
+rendering, timing helpers, the decode group with a stand-in kvcore module) loads the bench
+package on its own, so it runs even when ``import kvcore`` fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "python" / "kvcore" / "bench"
+
+
+def _kvcore_import_error():
+    try:
+        import kvcore  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"import kvcore failed ({type(exc).__name__}: {exc}); build the package first"
+    if not hasattr(kvcore, "gqa_decode"):
+        return "kvcore has no gqa_decode"
+    return None
+
+
+KVCORE_MISSING = _kvcore_import_error()
+needs_kvcore = pytest.mark.skipif(KVCORE_MISSING is not None, reason=str(KVCORE_MISSING))
+
+
+def _load_bench():
+    """The bench package: kvcore.bench when kvcore imports, else the same files loaded alone."""
+    if KVCORE_MISSING is None:
+        return importlib.import_module("kvcore.bench")
+    name = "_kvcore_bench_isolated"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, BENCH_DIR / "__init__.py", submodule_search_locations=[str(BENCH_DIR)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    pkg = _load_bench()
+    return types.SimpleNamespace(
+        pkg=pkg,
+        harness=importlib.import_module(pkg.__name__ + ".harness"),
+        report=importlib.import_module(pkg.__name__ + ".report"),
+        peers=importlib.import_module(pkg.__name__ + ".peers"),
+        decode=importlib.import_module(pkg.__name__ + ".decode"),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# A synthetic result, as a GPU run would write it
+# ------------------------------------------------------------------------------------------
+
+
+def _row(impl, case, ms, pct, **extra):
+    row = {
+        "group": "decode",
+        "impl": impl,
+        "case": case,
+        "ms": ms,
+        "gbps": None if ms is None else 3021.0 * pct / 100,
+        "pct_copy": pct,
+        "tflops": None if ms is None else 11.3,
+        "pct_gemm": None if ms is None else 1.5,
+    }
+    row.update(extra)
+    return row
+
+
+CASE_A = "B16 Hq32 Hkv8 D128 S8192 page16"
+CASE_B = "B1 Hq32 Hkv8 D128 S131072 page16"
+
+
+@pytest.fixture()
+def synthetic():
+    return {
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "torch": "2.11.0+cu130",
+        "date": "2026-11-30",
+        "copy_gbps": 3021.0,
+        "gemm_tflops": 755.5,
+        "kvcore_version": "0.1.0",
+        "device_name": "NVIDIA H100 80GB HBM3",
+        "rows": [
+            _row("kvcore", CASE_A, 0.190, 93.5),
+            _row("sdpa-cudnn", CASE_A, 0.188, 94.5),
+            _row("flashinfer", CASE_A, None, None, notes="skipped: import flashinfer failed"),
+            _row("torch", CASE_A, 0.274, 65.0),
+            _row("kvcore", CASE_B, None, None, error="wrong result: max abs error 0.5"),
+            _row("sdpa-cudnn", CASE_B, 0.195, 92.0, notes="K/V expanded to Hq"),
+            _row("flashinfer", CASE_B, None, None, notes="skipped: import flashinfer failed"),
+            _row("torch", CASE_B, 12.5, 53.0),
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------
+
+
+def test_markdown_table(bench, synthetic):
+    md = bench.report.markdown(synthetic)
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| case |"))
+    assert header == "| case | kvcore | sdpa-cudnn | flashinfer | torch |"
+    row_a = next(line for line in lines if line.startswith(f"| {CASE_A} |"))
+    assert "0.190 (93.5%)" in row_a and "0.188 (94.5%)" in row_a and "0.274 (65.0%)" in row_a
+    row_b = next(line for line in lines if line.startswith(f"| {CASE_B} |"))
+    assert "ERROR" in row_b and "12.5 (53.0%)" in row_b
+    # Skip reasons, notes and errors become numbered footnotes; the same text is numbered once.
+    assert "flashinfer: skipped: import flashinfer failed" in md
+    assert md.count("flashinfer: skipped: import flashinfer failed") == 1
+    assert "kvcore: error: wrong result" in md
+    assert "3,021 GB/s" in md and "756 TFLOP/s" in md
+    assert "NVIDIA H100 80GB HBM3" in md
+
+
+def test_format_cell(bench):
+    fmt = bench.report.format_cell
+    assert fmt(None) == ""
+    assert fmt({"ms": None}) == "-"
+    assert fmt({"ms": 1.0, "pct_copy": None}) == "1.00"
+    assert fmt({"ms": 0.0123, "pct_copy": 7.3}) == "0.012 (7.3%)"
+    assert fmt({"ms": 12.34, "pct_copy": 99.0}) == "12.3 (99.0%)"
+    assert fmt({"ms": 2.0, "pct_copy": 50.0, "error": "x"}) == "ERROR"
+
+
+def test_json_roundtrip_and_validation(bench, synthetic, tmp_path):
+    path = bench.report.write_json(synthetic, str(tmp_path / "r.json"))
+    again = bench.report.load_json(path)
+    assert again == synthetic
+    bad = dict(synthetic)
+    del bad["copy_gbps"]
+    with pytest.raises(ValueError, match="copy_gbps"):
+        bench.report.validate(bad)
+    bad_row = dict(synthetic, rows=[{"group": "decode", "impl": "kvcore"}])
+    with pytest.raises(ValueError, match="missing keys"):
+        bench.report.write_json(bad_row, str(tmp_path / "bad.json"))
+
+
+def test_write_all_without_plot(bench, synthetic, tmp_path):
+    paths = bench.report.write_all(synthetic, str(tmp_path / "out"), "h100-2026-11-30", plot=False)
+    assert set(paths) == {"json", "md"}
+    assert Path(paths["json"]).name == "h100-2026-11-30.json"
+    assert Path(paths["md"]).read_text().startswith("### decode")
+
+
+def test_plot_skipped_without_matplotlib(bench, synthetic, tmp_path, monkeypatch, capsys):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` fail
+    assert bench.report.plot_png(synthetic, str(tmp_path / "x.png")) is None
+    assert "matplotlib" in capsys.readouterr().out
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_png(bench, synthetic, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = bench.report.plot_png(synthetic, str(tmp_path / "x.png"))
+    assert path and Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------
+# harness
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "full, short",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA H100 PCIe", "h100"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA GeForce RTX 4090", "rtx4090"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA RTX A6000", "rtxa6000"),
+        ("NVIDIA GH200 480GB", "gh200"),
+    ],
+)
+def test_gpu_short_name(bench, full, short):
+    assert bench.harness.gpu_short_name(full) == short
+
+
+def test_progress_bar(bench):
+    stream = io.StringIO()
+    bar = bench.harness.ProgressBar(4, stream=stream, force=True)
+    bar.update(1, label="decode B1 kvcore")
+    out = io.StringIO()
+    bar.write("a message", file=out)
+    bar.update(3)
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" in text and "4/4" in text and "decode B1 kvcore" in text
+    assert out.getvalue() == "a message\n"
+    quiet = io.StringIO()
+    off = bench.harness.ProgressBar(2, stream=quiet, force=False)
+    off.update(2)
+    off.close()
+    assert quiet.getvalue() == ""
+
+
+def test_cpu_timer_and_rates(bench):
+    timer = bench.harness.Timer(torch.device("cpu"), warmup_ms=1, rep_ms=5, min_reps=3)
+    ms = timer(lambda: sum(range(1000)))
+    assert 0 < ms < 1000
+    r = bench.harness.rates(2.0, 4e9, 8e12, 4000.0, 800.0)
+    assert math.isclose(r["gbps"], 2000.0)
+    assert math.isclose(r["pct_copy"], 50.0)
+    assert math.isclose(r["tflops"], 4000.0)
+    assert math.isclose(r["pct_gemm"], 500.0)
+    assert bench.harness.rates(1.0, 1e9, 1e9, None, None)["pct_gemm"] is None
+    assert bench.harness.round_sig(0.123456, 3) == 0.123
+    assert bench.harness.round_sig(None) is None
+
+
+def test_yardsticks_on_cpu(bench):
+    timer = bench.harness.Timer(torch.device("cpu"), warmup_ms=1, rep_ms=5, min_reps=2)
+    assert bench.harness.copy_bandwidth_gbps(torch.device("cpu"), timer, nbytes=4 * 2**20) > 0
+    assert bench.harness.gemm_tflops(torch.device("cpu"), timer, n=64) > 0
+
+
+# ------------------------------------------------------------------------------------------
+# decode group, with stand-in kvcore modules (no compiled ops needed)
+# ------------------------------------------------------------------------------------------
+
+
+def test_decode_case_accounting(bench):
+    case = bench.decode.DecodeCase(16, 32, 8, 128, 8192)
+    assert case.name == "B16 Hq32 Hkv8 D128 S8192 page16"
+    assert case.nbytes == 16 * 8192 * 8 * 128 * 2 * 2 + 2 * 16 * 32 * 128 * 2
+    assert case.flops == 4 * 16 * 32 * 8192 * 128
+    assert bench.decode.DecodeCase(2, 8, 2, 64, 512, dtype=torch.float32).name.endswith(" fp32")
+    quick = bench.decode.cases(torch.device("cpu"), quick=True)
+    assert quick and all(c.seq_len <= 4096 for c in quick)
+
+
+def test_grid_on_gpu_matches_design(bench):
+    names = [c.name for c in bench.decode.cases(torch.device("cuda"), quick=False)]
+    assert "B16 Hq32 Hkv8 D128 S8192 page16" in names
+    assert "B1 Hq32 Hkv8 D128 S131072 page16" in names
+    assert "B32 Hq64 Hkv8 D128 S8192 page16" in names
+    assert len(names) == 6
+
+
+def test_inputs_are_paged_and_random(bench):
+    case = bench.decode.DecodeCase(3, 8, 2, 64, 100, page_size=16, dtype=torch.float32)
+    inp = bench.decode.make_inputs(case, torch.device("cpu"), seed=1)
+    pages = sorted(inp.block_table.flatten().tolist())
+    assert pages == list(range(inp.k_cache.shape[0]))  # a permutation of every page
+    assert inp.block_table.flatten().tolist() != pages  # shuffled
+    assert bool((inp.k_cache != 0).all()) and inp.k_cache.std() > 0.5
+    k, v = inp.contiguous_kv()
+    assert k.shape == (3, 2, 100, 64)
+    # Token 37 of sequence 1 lives at page block_table[1, 2], row 5.
+    page = int(inp.block_table[1, 37 // 16])
+    assert torch.equal(k[1, :, 37], inp.k_cache[page, 37 % 16])
+    assert torch.equal(v[1, :, 37], inp.v_cache[page, 37 % 16])
+
+
+def test_grouped_attention_matches_per_head_loop(bench):
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 16, dtype=torch.float64)
+    k = torch.randn(2, 2, 40, 16, dtype=torch.float64)
+    v = torch.randn(2, 2, 40, 16, dtype=torch.float64)
+    out = bench.peers.grouped_attention(q, k, v, 0.25)
+    for b in range(2):
+        for h in range(8):
+            kh = h // 4
+            p = torch.softmax((k[b, kh] @ q[b, h]) * 0.25, dim=0)
+            torch.testing.assert_close(out[b, h], p @ v[b, kh])
+
+
+def _fake_kvcore(mode: str):
+    """A stand-in kvcore module whose gqa_decode is right, wrong, partial or failing."""
+    state = {"validation": True, "calls_with_validation": 0}
+    mod = types.ModuleType("kvcore")
+
+    def gqa_decode(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, out=None, workspace=None, **kw):
+        if state["validation"]:
+            state["calls_with_validation"] += 1
+        if mode == "raise":
+            raise RuntimeError("no kernel for this shape")
+        b, hq, d = q.shape
+        s = int(seq_lens[0])
+        page = k_cache.shape[1]
+        idx = block_table[:, : (s + page - 1) // page].long()
+        k = k_cache[idx].reshape(b, -1, k_cache.shape[2], d)[:, :s].permute(0, 2, 1, 3)
+        v = v_cache[idx].reshape(b, -1, v_cache.shape[2], d)[:, :s].permute(0, 2, 1, 3)
+        res = _grouped(q, k, v, scale)
+        if mode == "wrong":
+            res = res + 0.25
+        if mode == "partial":
+            out[:, :-1] = res[:, :-1]  # the last head is never written
+        else:
+            out.copy_(res)
+        return out
+
+    def set_validation(enabled):
+        state["validation"] = bool(enabled)
+
+    mod.gqa_decode = gqa_decode
+    mod.set_validation = set_validation
+    mod.validation_enabled = lambda: state["validation"]
+    mod.state = state
+    return mod
+
+
+def _grouped(q, k, v, scale):
+    b, hq, d = q.shape
+    hkv = k.shape[1]
+    s = torch.einsum("bhgd,bhsd->bhgs", q.float().reshape(b, hkv, hq // hkv, d), k.float()) * scale
+    return torch.einsum("bhgs,bhsd->bhgd", torch.softmax(s, -1), v.float()).reshape(b, hq, d).to(q.dtype)
+
+
+def _ctx(bench):
+    h = bench.harness
+    timer = h.Timer(torch.device("cpu"), warmup_ms=1, rep_ms=5, min_reps=2)
+    return h.RunContext(torch.device("cpu"), timer, copy_gbps=10.0, gemm_tflops=0.1, quick=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_run_times_a_correct_kernel(bench, monkeypatch, dtype):
+    fake = _fake_kvcore("right")
+    monkeypatch.setitem(sys.modules, "kvcore", fake)
+    case = bench.decode.DecodeCase(2, 8, 2, 64, 200, dtype=dtype)
+    rows = bench.decode.run(case, ["kvcore", "torch", "sdpa-math"], _ctx(bench))
+    assert [r["impl"] for r in rows] == ["kvcore", "torch", "sdpa-math"]
+    for r in rows:
+        assert r["case"] == case.name and r["group"] == "decode"
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0 and r["tflops"] > 0
+        assert math.isclose(r["gbps"], case.nbytes / (r["ms"] * 1e-3) / 1e9, rel_tol=2e-3)  # ms and gbps keep 4 significant digits
+    # The check ran with validation on; timing turned it off and then restored it.
+    assert fake.state["calls_with_validation"] == 1
+    assert fake.state["validation"] is True
+
+
+@pytest.mark.parametrize("mode, message", [("wrong", "max abs error"), ("partial", "NaN"), ("raise", "call failed")])
+def test_decode_run_refuses_a_wrong_kernel(bench, monkeypatch, mode, message):
+    monkeypatch.setitem(sys.modules, "kvcore", _fake_kvcore(mode))
+    case = bench.decode.DecodeCase(2, 8, 2, 64, 64, dtype=torch.float32)
+    (row,) = bench.decode.run(case, ["kvcore"], _ctx(bench))
+    assert row["ms"] is None and row["pct_copy"] is None
+    assert message in row["error"]
+
+
+def test_decode_run_records_a_skip(bench, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvcore", types.ModuleType("kvcore"))  # no gqa_decode
+    case = bench.decode.DecodeCase(1, 4, 1, 64, 32, dtype=torch.float32)
+    rows = bench.decode.run(case, ["kvcore", "flashinfer", "torch"], _ctx(bench))
+    assert rows[0]["ms"] is None and rows[0]["notes"].startswith("skipped:")
+    assert rows[1]["ms"] is None and rows[1]["notes"].startswith("skipped:")
+    assert rows[2]["ms"] > 0
+
+
+def test_sdpa_falls_back_to_expanded_kv(bench, monkeypatch):
+    """A backend that refuses enable_gqa is retried with K/V expanded to Hq, and says so."""
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def no_gqa(q, k, v, *args, enable_gqa=False, **kw):
+        if enable_gqa:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        assert k.shape[1] == q.shape[1]
+        return real_sdpa(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(bench.peers.F, "scaled_dot_product_attention", no_gqa)
+    case = bench.decode.DecodeCase(2, 8, 2, 64, 48, dtype=torch.float32)
+    (row,) = bench.decode.run(case, ["sdpa-math"], _ctx(bench))
+    assert row["ms"] > 0 and "error" not in row
+    assert "expanded" in row["notes"] and "No available kernel" in row["notes"]
+    assert math.isclose(row["gbps"], case.nbytes / (row["ms"] * 1e-3) / 1e9, rel_tol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# End to end, with the compiled ops
+# ------------------------------------------------------------------------------------------
+
+
+@needs_kvcore
+def test_quick_cpu_bench_end_to_end(tmp_path, capsys):
+    from kvcore.bench.__main__ import main
+
+    result = main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-plot"])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("cpu-") and files[0].endswith(".json")
+    data = json.loads((tmp_path / files[0]).read_text())
+    assert data == json.loads(json.dumps(result))
+    for key in ("gpu", "torch", "date", "copy_gbps", "gemm_tflops", "rows"):
+        assert key in data
+    assert data["gpu"] == "cpu" and data["copy_gbps"] > 0
+    for row in data["rows"]:
+        assert set(row) >= {"group", "impl", "case", "ms", "gbps", "pct_copy", "tflops", "pct_gemm"}
+    cases = {r["case"] for r in data["rows"]}
+    for impl in ("kvcore", "torch"):
+        timed = [r for r in data["rows"] if r["impl"] == impl]
+        assert {r["case"] for r in timed} == cases
+        for r in timed:
+            assert "error" not in r, r
+            assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0, r
+    out = capsys.readouterr().out
+    assert "| case | kvcore |" in out
+    assert (tmp_path / files[1]).read_text().startswith("### decode")
+
+
+@needs_kvcore
+def test_cli_help_and_bad_impl(capsys):
+    from kvcore.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "--quick" in capsys.readouterr().out
+    # The real command line, once: an unknown implementation is refused before any measuring.
+    env = dict(os.environ, KVCORE_BENCH_PROGRESS="0")
+    bad = subprocess.run(
+        [sys.executable, "-m", "kvcore.bench", "--device", "cpu", "--impl", "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "unknown --impl" in bad.stderr
