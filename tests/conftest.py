@@ -1,0 +1,176 @@
+"""Shared fixtures and input builders for the kernel tests.
+
+Device / dtype parametrisation
+    A test that takes a ``device`` argument runs once per device ("cpu", and "cuda" marked
+    ``pytest.mark.cuda`` and skipped without a GPU). A test that also takes ``dtype`` runs over
+    the dtypes that device supports (``DTYPES``), so CUDA never gets float32.
+
+Input builders (plain functions, import them with ``from conftest import ...``)
+    ``ragged_lens``, ``make_paged_kv`` (a shuffled paged cache with junk in the unused block-table
+    entries), ``randn`` and ``poison``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import kvcore
+
+HAS_CUDA = torch.cuda.is_available()
+NO_CUDA_REASON = "no CUDA device (torch.cuda.is_available() is False); CUDA kernel tests skipped"
+
+DEVICES = ("cpu", "cuda")
+DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.bfloat16, torch.float16),
+}
+_DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# Per-dtype tolerances for an output stored in that dtype (values O(1)), against an fp32/fp64
+# reference. lse is always fp32 with fp32 accumulation.
+OUT_TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.bfloat16: dict(atol=2e-2, rtol=1e-2),
+    torch.float16: dict(atol=5e-3, rtol=2e-3),
+}
+LSE_TOL = dict(atol=1e-3, rtol=1e-4)
+
+
+def _device_marks(device: str) -> list:
+    if device == "cuda":
+        return [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
+    return []
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    names = metafunc.fixturenames
+    if "device" not in names:
+        return
+    # A test that parametrizes device (and dtype) itself, e.g. a CUDA-only one, keeps its own.
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        argnames = mark.args[0]
+        if isinstance(argnames, str):
+            argnames = [n.strip() for n in argnames.split(",")]
+        if "device" in argnames:
+            return
+    if "dtype" in names:
+        params = [
+            pytest.param(dev, dt, marks=_device_marks(dev), id=f"{dev}-{_DTYPE_IDS[dt]}")
+            for dev in DEVICES
+            for dt in DTYPES[dev]
+        ]
+        metafunc.parametrize(("device", "dtype"), params)
+    else:
+        metafunc.parametrize("device", [pytest.param(dev, marks=_device_marks(dev), id=dev) for dev in DEVICES])
+
+
+@pytest.fixture
+def no_validation():
+    """Turn kvcore's index-content validation off for one test, restoring it afterwards."""
+    previous = kvcore.ops._validation
+    kvcore.set_validation(False)
+    try:
+        yield
+    finally:
+        kvcore.set_validation(previous)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A seeded CPU generator: every test draws its inputs from it, then moves them."""
+    g = torch.Generator()
+    g.manual_seed(20260)
+    return g
+
+
+# ---- input builders -------------------------------------------------------------------------
+
+
+def randn(*shape, gen: torch.Generator, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
+    """Standard-normal values (never zeros), drawn on the CPU for reproducibility, then moved."""
+    t = torch.randn(*shape, generator=gen, dtype=torch.float32) * scale
+    return t.to(device=device, dtype=dtype)
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN in place (so any element a kernel fails to write shows) and return it."""
+    return t.fill_(math.nan)
+
+
+def ragged_lens(batch: int, max_len: int, page_size: int, gen: torch.Generator) -> list[int]:
+    """Ragged sequence lengths: 0 and 1 when there is room, one length that is not a multiple
+    of ``page_size`` (when page_size > 1), ``max_len`` itself, and random lengths for the rest."""
+    lens = [int(x) for x in torch.randint(min(2, max_len), max_len + 1, (batch,), generator=gen)]
+    special = [max_len, 0, 1]
+    if page_size > 1 and max_len > page_size + 1:
+        n = int(torch.randint(page_size + 1, max_len + 1, (1,), generator=gen))
+        special.append(n - 1 if n % page_size == 0 else n)  # spans pages, ends mid-page
+    for i, s in enumerate(special[:batch]):
+        lens[i] = s
+    perm = torch.randperm(batch, generator=gen).tolist()
+    return [lens[i] for i in perm]
+
+
+@dataclass
+class PagedKV:
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_table: torch.Tensor  # int32 [B, max_pages]
+    seq_lens: torch.Tensor  # int32 [B]
+    num_pages: int
+    page_size: int
+
+
+def make_paged_kv(
+    lens: list[int],
+    page_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    gen: torch.Generator,
+    dtype=torch.float32,
+    device="cpu",
+    spare_pages: int = 3,
+    extra_table_cols: int = 1,
+    strided_cache: bool = False,
+) -> PagedKV:
+    """A paged K/V cache holding ``len(lens)`` sequences of the given lengths.
+
+    Pages are handed out in a random permutation (never in order) with a few spare pages that no
+    sequence uses; block-table entries past a sequence's pages hold junk (-1 and out-of-range
+    ids), which the ops must never read. With ``strided_cache`` the caches are the two halves
+    of one ``[num_pages, 2, page_size, Hkv, D]`` allocation, i.e. strided in dim 0.
+    """
+    pages_per_seq = [(n + page_size - 1) // page_size for n in lens]
+    used = sum(pages_per_seq)
+    num_pages = used + spare_pages
+    max_pages = max(pages_per_seq + [0]) + extra_table_cols
+    perm = torch.randperm(num_pages, generator=gen).tolist()
+    table = torch.empty(len(lens), max_pages, dtype=torch.int32)
+    nxt = 0
+    for b, n in enumerate(pages_per_seq):
+        table[b, :n] = torch.tensor(perm[nxt : nxt + n], dtype=torch.int32)
+        nxt += n
+        junk = torch.randint(num_pages, num_pages + 1000, (max_pages - n,), generator=gen, dtype=torch.int32)
+        junk[::2] = -1
+        table[b, n:] = junk
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    if strided_cache:
+        kv = randn(num_pages, 2, page_size, num_kv_heads, head_dim, gen=gen, dtype=dtype, device=device)
+        k_cache, v_cache = kv[:, 0], kv[:, 1]
+        assert not k_cache.is_contiguous()
+    else:
+        k_cache = randn(*shape, gen=gen, dtype=dtype, device=device)
+        v_cache = randn(*shape, gen=gen, dtype=dtype, device=device)
+    return PagedKV(
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_table=table.to(device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        num_pages=num_pages,
+        page_size=page_size,
+    )

@@ -1,0 +1,668 @@
+"""Kernel tests for the core ops, on CPU and (when present) CUDA, against kvcore.reference.
+
+Every op output is poisoned with NaN before the call, so an element the kernel fails to write
+fails the comparison. Inputs are random normals (never zeros) with shuffled pages, ragged
+lengths (including 0 and 1) and junk in the unused block-table entries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Optional, Union
+
+import pytest
+import torch
+
+import kvcore
+from conftest import HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn
+from kvcore import reference
+
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
+
+
+# ============================================================================================
+# gqa_decode vs reference
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class DecodeCase:
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    lens: Union[int, tuple[int, ...]]  # max length (ragged lengths drawn up to it) or exact lengths
+    window_left: int = -1
+    soft_cap: float = 0.0
+    with_lse: bool = True
+    q_layout: str = "contiguous"  # "contiguous" | "slice" (of [B, Hq, 2D]) | "transposed" ([Hq, B, D].T)
+    strided_cache: bool = False  # k/v caches are the halves of one [pages, 2, ...] allocation
+    scale: Optional[float] = None
+
+    def id(self) -> str:
+        g = self.num_q_heads // self.num_kv_heads
+        parts = [f"B{self.batch}", f"Hkv{self.num_kv_heads}g{g}", f"D{self.head_dim}", f"ps{self.page_size}"]
+        parts.append(f"L{self.lens}" if isinstance(self.lens, int) else "L" + "_".join(map(str, self.lens)))
+        if self.window_left >= 0:
+            parts.append(f"win{self.window_left}")
+        if self.soft_cap:
+            parts.append(f"cap{self.soft_cap:g}")
+        if not self.with_lse:
+            parts.append("nolse")
+        if self.q_layout != "contiguous":
+            parts.append(f"q{self.q_layout}")
+        if self.strided_cache:
+            parts.append("kvstrided")
+        if self.scale is not None:
+            parts.append(f"scale{self.scale:g}")
+        return "-".join(parts)
+
+
+# A covering set rather than the cartesian product: each head dim, group size (1, 2, 3, 4, 8,
+# 16 with Hkv 1..4), page size (1, 5, 7, 16, 64, 256), window (-1, 0, 7, 100), soft cap (0, 30),
+# lse on/off, q layout and cache layout appears several times, in different combinations.
+DECODE_CASES = [
+    DecodeCase(4, 8, 8, 64, 16, 100),
+    DecodeCase(4, 8, 4, 128, 16, 200, with_lse=False, q_layout="slice"),
+    DecodeCase(3, 6, 2, 64, 5, 60),
+    DecodeCase(5, 16, 4, 128, 1, 40, window_left=7, q_layout="slice"),
+    DecodeCase(3, 16, 2, 256, 64, 300, soft_cap=30.0, strided_cache=True, scale=1.0),
+    DecodeCase(3, 16, 1, 64, 256, 600, window_left=100, q_layout="transposed"),
+    DecodeCase(4, 32, 2, 128, 16, 150, window_left=0),
+    DecodeCase(4, 12, 4, 64, 64, 200, window_left=100, soft_cap=30.0, with_lse=False, q_layout="slice",
+               strided_cache=True, scale=0.5),
+    DecodeCase(2, 3, 3, 256, 5, 23),
+    DecodeCase(4, 24, 3, 128, 256, 513, q_layout="slice"),
+    DecodeCase(3, 4, 1, 64, 1, 17, window_left=100, soft_cap=30.0, strided_cache=True, scale=1.0),
+    DecodeCase(5, 8, 2, 256, 16, 333, window_left=7, q_layout="transposed"),
+    DecodeCase(2, 48, 3, 64, 16, 64),
+    DecodeCase(6, 4, 4, 128, 5, 77, window_left=0, soft_cap=30.0, strided_cache=True, scale=2.0),
+    DecodeCase(1, 2, 1, 128, 64, (1,)),
+    DecodeCase(3, 64, 4, 64, 16, 120, q_layout="slice"),
+    DecodeCase(4, 6, 2, 128, 7, 90, window_left=7, strided_cache=True),
+    DecodeCase(2, 16, 16, 64, 16, (0, 0)),
+    DecodeCase(3, 8, 1, 128, 16, (16, 32, 17), window_left=15, soft_cap=30.0, scale=1.0),
+]
+
+
+def _make_q(case: DecodeCase, gen, dtype, device) -> torch.Tensor:
+    b, h, d = case.batch, case.num_q_heads, case.head_dim
+    if case.q_layout == "slice":
+        q = randn(b, h, 2 * d, gen=gen, dtype=dtype, device=device)[:, :, d:]
+    elif case.q_layout == "transposed":
+        q = randn(h, b, d, gen=gen, dtype=dtype, device=device).transpose(0, 1)
+    else:
+        q = randn(b, h, d, gen=gen, dtype=dtype, device=device)
+    assert q.shape == (b, h, d) and q.stride(2) == 1
+    assert (case.q_layout == "contiguous") == q.is_contiguous() or b == 1
+    return q
+
+
+def _case_lens(case: DecodeCase, gen) -> list[int]:
+    if isinstance(case.lens, tuple):
+        assert len(case.lens) == case.batch
+        return list(case.lens)
+    return ragged_lens(case.batch, case.lens, case.page_size, gen)
+
+
+def _check_decode(out, lse, ref_out, ref_lse, dtype):
+    assert not torch.isnan(out).any(), "gqa_decode left unwritten (NaN) elements in out"
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    if lse is not None:
+        assert not torch.isnan(lse).any(), "gqa_decode left unwritten (NaN) elements in lse"
+        torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=DecodeCase.id)
+def test_gqa_decode_matches_reference(device, dtype, case, gen):
+    lens = _case_lens(case, gen)
+    kv = make_paged_kv(lens, case.page_size, case.num_kv_heads, case.head_dim, gen=gen, dtype=dtype, device=device,
+                       strided_cache=case.strided_cache)
+    q = _make_q(case, gen, dtype, device)
+    k_before, v_before, q_before = kv.k_cache.clone(), kv.v_cache.clone(), q.clone()
+    out = poison(torch.empty(case.batch, case.num_q_heads, case.head_dim, dtype=dtype, device=device))
+    lse = poison(torch.empty(case.batch, case.num_q_heads, dtype=torch.float32, device=device)) if case.with_lse else None
+
+    result = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, scale=case.scale,
+                               window_left=case.window_left, logit_soft_cap=case.soft_cap, out=out, lse=lse)
+    if case.with_lse:
+        assert isinstance(result, tuple) and result[0] is out and result[1] is lse
+    else:
+        assert result is out
+
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, scale=case.scale,
+                                            window_left=case.window_left, logit_soft_cap=case.soft_cap)
+    _check_decode(out, lse, ref_out, ref_lse, dtype)
+    # Empty sequences: exactly 0 and -inf.
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert bool((out[b] == 0).all())
+            if lse is not None:
+                assert bool(torch.isneginf(lse[b]).all())
+    # Inputs untouched.
+    assert torch.equal(kv.k_cache, k_before) and torch.equal(kv.v_cache, v_before) and torch.equal(q, q_before)
+
+
+def test_gqa_decode_allocates_outputs(device, dtype, gen):
+    """Without out/lse the wrapper allocates them (q's dtype, fp32 lse) and return_lse returns both."""
+    lens = [0, 1, 45, 9]
+    kv = make_paged_kv(lens, 8, 2, 64, gen=gen, dtype=dtype, device=device)
+    q = randn(4, 8, 64, gen=gen, dtype=dtype, device=device)
+    out = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    assert isinstance(out, torch.Tensor) and out.dtype == dtype and out.shape == q.shape
+    out2, lse = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (4, 8)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    _check_decode(out, None, ref_out, ref_lse, dtype)
+    _check_decode(out2, lse, ref_out, ref_lse, dtype)
+
+
+def test_gqa_decode_workspace_and_splits_ignored_on_cpu(gen):
+    """On CPU, workspace (None or any tensor) and num_splits do not change the result."""
+    lens = [3, 70, 0]
+    kv = make_paged_kv(lens, 16, 2, 64, gen=gen)
+    q = randn(3, 4, 64, gen=gen)
+    base, base_lse = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, return_lse=True)
+    for ws, n in [(None, 0), (torch.zeros(16, dtype=torch.uint8), 3), (torch.empty(0), 7)]:
+        out, lse = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, return_lse=True,
+                                     workspace=ws, num_splits=n)
+        assert torch.equal(out, base) and torch.equal(lse, base_lse)
+
+
+# ---- CUDA split-KV ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_forced_splits_cuda(device, dtype, num_splits, gen):
+    lens = ragged_lens(5, 2000, 16, gen)
+    kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=dtype, device=device)
+    q = randn(5, 16, 128, gen=gen, dtype=dtype, device=device)
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(5, 16, dtype=torch.float32, device=device))
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse, num_splits=num_splits)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    _check_decode(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_auto_split_long_sequence_cuda(device, dtype, gen):
+    """B1 with 20000 tokens: the automatic split must kick in and still match the reference."""
+    lens = [20000]
+    kv = make_paged_kv(lens, 16, 8, 128, gen=gen, dtype=dtype, device=device)
+    q = randn(1, 32, 128, gen=gen, dtype=dtype, device=device)
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(1, 32, dtype=torch.float32, device=device))
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    _check_decode(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_forced_splits_deterministic_cuda(device, num_splits, gen):
+    lens = ragged_lens(4, 5000, 16, gen)
+    kv = make_paged_kv(lens, 16, 4, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    q = randn(4, 16, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    results = []
+    for _ in range(2):
+        out = poison(torch.empty_like(q))
+        lse = poison(torch.empty(4, 16, dtype=torch.float32, device=device))
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
+                          num_splits=num_splits)
+        results.append((out, lse))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+# ============================================================================================
+# append_paged_kv vs reference
+# ============================================================================================
+
+
+APPEND_CASES = [
+    # (tokens, num_kv_heads, head_dim, page_size, num_pages, strided_cache, strided_k)
+    (10, 2, 64, 16, 4, False, False),
+    (37, 4, 128, 5, 11, True, False),
+    (64, 1, 256, 1, 100, False, True),
+    (300, 8, 64, 256, 3, True, True),
+    (1, 3, 128, 64, 2, False, False),
+    (0, 2, 64, 16, 2, False, False),
+]
+
+
+def _append_id(c) -> str:
+    t, h, d, ps, pages, sc, sk = c
+    return f"T{t}-Hkv{h}-D{d}-ps{ps}-P{pages}" + ("-kvstrided" if sc else "") + ("-kstrided" if sk else "")
+
+
+def _random_slots(tokens: int, num_slots: int, gen, skip_every: int = 4) -> torch.Tensor:
+    """Distinct random slots (so the result is defined), every ``skip_every``-th set to -1."""
+    slots = torch.randperm(num_slots, generator=gen)[:tokens].to(torch.int64)
+    slots[::skip_every] = -1
+    return slots
+
+
+@pytest.mark.parametrize("case", APPEND_CASES, ids=_append_id)
+def test_append_paged_kv_matches_reference(device, dtype, case, gen):
+    tokens, hkv, d, ps, pages, strided_cache, strided_k = case
+    if strided_cache:
+        # Three slabs per page: K, V and one that no one may touch.
+        store = randn(pages, 3, ps, hkv, d, gen=gen, dtype=dtype, device=device)
+        k_cache, v_cache = store[:, 0], store[:, 2]
+    else:
+        store = None
+        k_cache = randn(pages, ps, hkv, d, gen=gen, dtype=dtype, device=device)
+        v_cache = randn(pages, ps, hkv, d, gen=gen, dtype=dtype, device=device)
+    if strided_k:
+        k = randn(tokens, 2 * hkv, d, gen=gen, dtype=dtype, device=device)[:, hkv:]
+        v = randn(tokens, hkv + 1, d, gen=gen, dtype=dtype, device=device)[:, :hkv]
+        assert tokens <= 1 or not k.is_contiguous()
+    else:
+        k = randn(tokens, hkv, d, gen=gen, dtype=dtype, device=device)
+        v = randn(tokens, hkv, d, gen=gen, dtype=dtype, device=device)
+    slots = _random_slots(tokens, pages * ps, gen).to(device)
+    untouched = store[:, 1].clone() if store is not None else None
+
+    ref_k, ref_v = reference.append_paged_kv(k, v, k_cache.contiguous(), v_cache.contiguous(), slots)
+    kvcore.append_paged_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, ref_k)  # whole caches: written slots and untouched ones
+    assert torch.equal(v_cache, ref_v)
+    if untouched is not None:
+        assert torch.equal(store[:, 1], untouched)
+
+
+def test_append_paged_kv_skip_only(device, dtype, gen):
+    """All slots -1: nothing is written."""
+    k_cache = randn(3, 4, 2, 64, gen=gen, dtype=dtype, device=device)
+    v_cache = randn(3, 4, 2, 64, gen=gen, dtype=dtype, device=device)
+    before = (k_cache.clone(), v_cache.clone())
+    k = randn(5, 2, 64, gen=gen, dtype=dtype, device=device)
+    kvcore.append_paged_kv(k, k.neg(), k_cache, v_cache, torch.full((5,), -1, dtype=torch.int64, device=device))
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+# ============================================================================================
+# merge_attention_states vs reference
+# ============================================================================================
+
+
+MERGE_CASES = [(7, 4, 64), (3, 8, 128), (5, 2, 256), (1, 32, 128)]
+
+
+def _merge_inputs(n, h, d, gen, dtype, device):
+    out_a = randn(n, h, d, gen=gen, dtype=dtype, device=device)
+    out_b = randn(n, h, d, gen=gen, dtype=dtype, device=device)
+    lse_a = randn(n, h, gen=gen, scale=3.0)
+    lse_b = randn(n, h, gen=gen, scale=3.0)
+    # Empty parts (-inf), whose out may hold anything (NaN here); both empty; far-apart lse.
+    lse_a[0, 0] = -math.inf
+    lse_b[0, h - 1] = -math.inf
+    lse_a[n - 1, h // 2] = lse_b[n - 1, h // 2] = -math.inf
+    if h > 2:
+        lse_a[n // 2, 1], lse_b[n // 2, 1] = 80.0, -80.0
+        lse_a[n // 2, 2], lse_b[n // 2, 2] = 40.0, 40.0 + 1e-3
+    lse_a, lse_b = lse_a.to(device), lse_b.to(device)
+    out_a[torch.isneginf(lse_a)] = math.nan
+    out_b[torch.isneginf(lse_b)] = math.nan
+    return out_a, lse_a, out_b, lse_b
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["outofplace", "inplace"])
+@pytest.mark.parametrize("shape", MERGE_CASES, ids=lambda s: "N{}-H{}-D{}".format(*s))
+def test_merge_attention_states_matches_reference(device, dtype, shape, inplace, gen):
+    out_a, lse_a, out_b, lse_b = _merge_inputs(*shape, gen, dtype, device)
+    ref_out, ref_lse = reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    b_before = (out_b.clone(), lse_b.clone())
+    if inplace:
+        out, lse = kvcore.merge_attention_states(out_a, lse_a, out_b, lse_b, out=out_a, lse=lse_a)
+        assert out is out_a and lse is lse_a
+    else:
+        a_before = (out_a.clone(), lse_a.clone())
+        out = poison(torch.empty_like(out_a))
+        lse = poison(torch.empty_like(lse_a))
+        res = kvcore.merge_attention_states(out_a, lse_a, out_b, lse_b, out=out, lse=lse)
+        assert res[0] is out and res[1] is lse
+        assert torch.equal(out_a.nan_to_num(), a_before[0].nan_to_num()) and torch.equal(lse_a, a_before[1])
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    both_empty = torch.isneginf(ref_lse)
+    assert bool(both_empty.any()) and bool((out[both_empty] == 0).all())
+    assert torch.equal(out_b.nan_to_num(), b_before[0].nan_to_num()) and torch.equal(lse_b, b_before[1])
+
+
+def test_merge_attention_states_allocates_outputs(device, dtype, gen):
+    out_a, lse_a, out_b, lse_b = _merge_inputs(4, 4, 64, gen, dtype, device)
+    out, lse = kvcore.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    ref_out, ref_lse = reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
+# ============================================================================================
+# opcheck: schema, autograd registration, fake tensor, AOT dispatch
+# ============================================================================================
+
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _opcheck_dtype(device):
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def test_opcheck_gqa_decode(device, gen):
+    dtype = _opcheck_dtype(device)
+    kv = make_paged_kv([5, 0, 19], 8, 2, 64, gen=gen, dtype=dtype, device=device)
+    q = randn(3, 4, 64, gen=gen, dtype=dtype, device=device)
+    out = torch.empty_like(q)
+    lse = torch.empty(3, 4, dtype=torch.float32, device=device)
+    workspace = None
+    if device == "cuda":
+        workspace = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    for window_left, cap, num_splits, with_lse in [(-1, 0.0, 0, True), (7, 30.0, 2, False)]:
+        args = (q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, 0.125, window_left, cap, out,
+                lse if with_lse else None, workspace, num_splits)
+        torch.library.opcheck(torch.ops.kvcore.gqa_decode.default, args, test_utils=OPCHECK_UTILS)
+
+
+def test_opcheck_append_paged_kv(device, gen):
+    dtype = _opcheck_dtype(device)
+    k_cache = randn(3, 4, 2, 64, gen=gen, dtype=dtype, device=device)
+    v_cache = randn(3, 4, 2, 64, gen=gen, dtype=dtype, device=device)
+    k = randn(5, 2, 64, gen=gen, dtype=dtype, device=device)
+    v = randn(5, 2, 64, gen=gen, dtype=dtype, device=device)
+    slots = torch.tensor([3, -1, 11, 0, 7], dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.kvcore.append_paged_kv.default, (k, v, k_cache, v_cache, slots),
+                          test_utils=OPCHECK_UTILS)
+
+
+def test_opcheck_merge_attention_states(device, gen):
+    dtype = _opcheck_dtype(device)
+    out_a = randn(3, 4, 64, gen=gen, dtype=dtype, device=device)
+    out_b = randn(3, 4, 64, gen=gen, dtype=dtype, device=device)
+    lse_a = randn(3, 4, gen=gen, device=device)
+    lse_b = randn(3, 4, gen=gen, device=device)
+    lse_b[1, 2] = -math.inf
+    out, lse = torch.empty_like(out_a), torch.empty_like(lse_a)
+    torch.library.opcheck(torch.ops.kvcore.merge_attention_states.default, (out_a, lse_a, out_b, lse_b, out, lse),
+                          test_utils=OPCHECK_UTILS)
+
+
+# ============================================================================================
+# Bad input: the right error, naming the argument, and nothing written
+# ============================================================================================
+
+Mutator = Callable[[SimpleNamespace, str], None]
+
+
+@dataclass(frozen=True)
+class BadCase:
+    name: str
+    mutate: Mutator
+    error: type
+    match: str
+    cuda_only: bool = False
+
+    def param(self):
+        marks = cuda_only if self.cuda_only else []
+        return pytest.param(self, id=self.name, marks=marks)
+
+
+def _other_device(device: str) -> str:
+    return "cpu" if device == "cuda" else "cuda"
+
+
+def _set(attr: str, fn) -> Mutator:
+    def mutate(a: SimpleNamespace, device: str) -> None:
+        setattr(a, attr, fn(getattr(a, attr), a, device))
+
+    return mutate
+
+
+def _set_kw(key: str, value) -> Mutator:
+    def mutate(a: SimpleNamespace, device: str) -> None:
+        a.kw[key] = value
+
+    return mutate
+
+
+def _set_item(attr: str, index, value_fn) -> Mutator:
+    def mutate(a: SimpleNamespace, device: str) -> None:
+        t = getattr(a, attr).clone()
+        t[index] = value_fn(a)
+        setattr(a, attr, t)
+
+    return mutate
+
+
+def _decode_args(device: str, gen) -> SimpleNamespace:
+    # bf16 works on both devices. Sequence 2 uses 3 pages of 8 (20 tokens); capacity 4 x 8 = 32.
+    lens = [0, 1, 20]
+    kv = make_paged_kv(lens, 8, 2, 64, gen=gen, dtype=torch.bfloat16, device=device)
+    return SimpleNamespace(
+        q=randn(3, 4, 64, gen=gen, dtype=torch.bfloat16, device=device),
+        k_cache=kv.k_cache,
+        v_cache=kv.v_cache,
+        block_table=kv.block_table,
+        seq_lens=kv.seq_lens,
+        out=poison(torch.empty(3, 4, 64, dtype=torch.bfloat16, device=device)),
+        lse=poison(torch.empty(3, 4, dtype=torch.float32, device=device)),
+        num_pages=kv.num_pages,
+        kw={},
+    )
+
+
+BAD_DECODE = [
+    # dtypes
+    BadCase("q_fp16_cache_bf16", _set("q", lambda t, a, d: t.half()), RuntimeError, r"k_cache must have dtype"),
+    BadCase("q_fp64", _set("q", lambda t, a, d: t.double()), RuntimeError, r"\bq must be"),
+    BadCase("out_dtype", _set("out", lambda t, a, d: poison(t.float())), RuntimeError, r"\bout must have dtype"),
+    BadCase("lse_dtype", _set("lse", lambda t, a, d: poison(t.bfloat16())), RuntimeError, r"\blse must have dtype"),
+    BadCase("seq_lens_int64", _set("seq_lens", lambda t, a, d: t.long()), RuntimeError, r"seq_lens must have dtype"),
+    BadCase("block_table_int64", _set("block_table", lambda t, a, d: t.long()), RuntimeError,
+            r"block_table must have dtype"),
+    # ranks and shapes
+    BadCase("q_rank", _set("q", lambda t, a, d: t[0]), ValueError, r"\bq must be 3-D"),
+    BadCase("k_cache_rank", _set("k_cache", lambda t, a, d: t[0]), RuntimeError, r"k_cache must be 4-D"),
+    BadCase("block_table_rank", _set("block_table", lambda t, a, d: t[0]), RuntimeError, r"block_table must be 2-D"),
+    BadCase("heads_not_dividing", lambda a, d: (setattr(a, "q", a.q[:, :3]), setattr(a, "out", a.out[:, :3].contiguous())),
+            RuntimeError, r"num_q_heads \(3\) must be a multiple of num_kv_heads \(2\)"),
+    BadCase("v_cache_shape", _set("v_cache", lambda t, a, d: t[:-1]), RuntimeError, r"v_cache must have the shape"),
+    BadCase("head_dim_mismatch", lambda a, d: (setattr(a, "q", a.q[..., :32]), setattr(a, "out", a.out[..., :32].contiguous())),
+            RuntimeError, r"head_dim"),
+    BadCase("out_shape", _set("out", lambda t, a, d: t[:, :, :32].contiguous()), RuntimeError, r"\bout must have the shape"),
+    BadCase("out_not_contiguous", _set("out", lambda t, a, d: poison(torch.empty(3, 4, 128, dtype=t.dtype, device=d))[..., :64]),
+            RuntimeError, r"\bout must be contiguous"),
+    BadCase("lse_shape", _set("lse", lambda t, a, d: t[:, :3].contiguous()), RuntimeError, r"\blse must have shape"),
+    BadCase("block_table_rows", _set("block_table", lambda t, a, d: t[:2].contiguous()), RuntimeError, r"block_table"),
+    BadCase("seq_lens_shape", _set("seq_lens", lambda t, a, d: t[:2].contiguous()), RuntimeError, r"seq_lens"),
+    BadCase("q_last_dim_strided", _set("q", lambda t, a, d: torch.repeat_interleave(t, 2, dim=2)[..., ::2]),
+            RuntimeError, r"\bq must be contiguous in its last dim"),
+    # index contents (validation on)
+    BadCase("page_out_of_range", _set_item("block_table", (2, 2), lambda a: a.num_pages), ValueError, r"block_table"),
+    BadCase("page_negative", _set_item("block_table", (2, 0), lambda a: -3), ValueError, r"block_table"),
+    BadCase("seq_len_past_capacity", _set_item("seq_lens", 1, lambda a: 33), ValueError, r"seq_lens"),
+    BadCase("seq_len_negative", _set_item("seq_lens", 0, lambda a: -1), ValueError, r"seq_lens"),
+    # scalars
+    BadCase("window_left_below_minus_one", _set_kw("window_left", -2), ValueError, r"window_left"),
+    BadCase("scale_zero", _set_kw("scale", 0.0), ValueError, r"scale"),
+    BadCase("scale_negative", _set_kw("scale", -0.5), ValueError, r"scale"),
+    BadCase("scale_nan", _set_kw("scale", math.nan), ValueError, r"scale"),
+    BadCase("soft_cap_negative", _set_kw("logit_soft_cap", -1.0), ValueError, r"logit_soft_cap"),
+    BadCase("num_splits_negative", _set_kw("num_splits", -1), ValueError, r"num_splits"),
+    # devices
+    BadCase("k_cache_other_device", _set("k_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"k_cache must be on the same device", cuda_only=True),
+    BadCase("block_table_other_device", _set("block_table", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"block_table must be on the same device", cuda_only=True),
+    BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"\bout must be on the same device", cuda_only=True),
+]
+
+
+@pytest.mark.parametrize("bad", [c.param() for c in BAD_DECODE])
+def test_gqa_decode_bad_input(device, bad, gen):
+    a = _decode_args(device, gen)
+    bad.mutate(a, device)
+    caches_before = (a.k_cache.clone(), a.v_cache.clone())
+    with pytest.raises(bad.error, match=bad.match):
+        kvcore.gqa_decode(a.q, a.k_cache, a.v_cache, a.block_table, a.seq_lens, out=a.out, lse=a.lse, **a.kw)
+    assert bool(torch.isnan(a.out).all()), "out was written by a call that failed"
+    assert bool(torch.isnan(a.lse).all()), "lse was written by a call that failed"
+    assert torch.equal(a.k_cache, caches_before[0]) and torch.equal(a.v_cache, caches_before[1])
+
+
+# The op itself (not only the Python wrapper) rejects bad scalars: C++ callers and direct
+# torch.ops users bypass ops.py.
+@pytest.mark.parametrize(
+    "scale, window_left, cap, num_splits, match",
+    [
+        (0.0, -1, 0.0, 0, "scale"),
+        (math.nan, -1, 0.0, 0, "scale"),
+        (0.125, -2, 0.0, 0, "window_left"),
+        (0.125, -1, -1.0, 0, "logit_soft_cap"),
+        (0.125, -1, math.inf, 0, "logit_soft_cap"),
+        (0.125, -1, 0.0, -1, "num_splits"),
+    ],
+    ids=["scale0", "scalenan", "window-2", "capneg", "capinf", "splitsneg"],
+)
+def test_gqa_decode_op_rejects_bad_scalars(device, scale, window_left, cap, num_splits, match, gen):
+    a = _decode_args(device, gen)
+    ws = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device) if device == "cuda" else None
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.kvcore.gqa_decode(a.q, a.k_cache, a.v_cache, a.block_table, a.seq_lens, scale, window_left, cap,
+                                    a.out, a.lse, ws, num_splits)
+    assert bool(torch.isnan(a.out).all()) and bool(torch.isnan(a.lse).all())
+
+
+def _append_args(device: str, gen) -> SimpleNamespace:
+    return SimpleNamespace(
+        k=randn(4, 2, 64, gen=gen, dtype=torch.bfloat16, device=device),
+        v=randn(4, 2, 64, gen=gen, dtype=torch.bfloat16, device=device),
+        k_cache=randn(3, 4, 2, 64, gen=gen, dtype=torch.bfloat16, device=device),
+        v_cache=randn(3, 4, 2, 64, gen=gen, dtype=torch.bfloat16, device=device),
+        slot_mapping=torch.tensor([5, -1, 0, 11], dtype=torch.int64, device=device),
+    )
+
+
+BAD_APPEND = [
+    BadCase("slot_past_end", _set_item("slot_mapping", 2, lambda a: 12), ValueError, r"slot_mapping"),
+    BadCase("slot_below_minus_one", _set_item("slot_mapping", 0, lambda a: -2), ValueError, r"slot_mapping"),
+    BadCase("slot_mapping_int32", _set("slot_mapping", lambda t, a, d: t.int()), RuntimeError,
+            r"slot_mapping must have dtype"),
+    BadCase("slot_mapping_length", _set("slot_mapping", lambda t, a, d: t[:3].contiguous()), RuntimeError,
+            r"slot_mapping must have shape"),
+    BadCase("slot_mapping_rank", _set("slot_mapping", lambda t, a, d: t.view(2, 2)), RuntimeError,
+            r"slot_mapping must be 1-D"),
+    BadCase("k_dtype", _set("k", lambda t, a, d: t.half()), RuntimeError, r"\bk must have dtype"),
+    BadCase("v_dtype", _set("v", lambda t, a, d: t.float()), RuntimeError, r"\bv must have dtype"),
+    BadCase("cache_fp64", lambda a, d: (setattr(a, "k_cache", a.k_cache.double()), setattr(a, "v_cache", a.v_cache.double())),
+            RuntimeError, r"k_cache must be"),
+    BadCase("k_rank", _set("k", lambda t, a, d: t[0]), RuntimeError, r"\bk must be 3-D"),
+    BadCase("k_cache_rank", _set("k_cache", lambda t, a, d: t[0]), RuntimeError, r"k_cache must be 4-D"),
+    BadCase("k_heads_mismatch", lambda a, d: (setattr(a, "k", a.k[:, :1]), setattr(a, "v", a.v[:, :1])), RuntimeError,
+            r"\bk must be \[tokens"),
+    BadCase("v_shape", _set("v", lambda t, a, d: t[:, :, :32]), RuntimeError, r"\bv must have the shape of k"),
+    BadCase("v_cache_shape", _set("v_cache", lambda t, a, d: t[:2]), RuntimeError, r"v_cache must have the shape"),
+    BadCase("k_inner_strided", _set("k", lambda t, a, d: torch.repeat_interleave(t, 2, dim=2)[..., ::2]), RuntimeError,
+            r"\bk must be densely packed"),
+    BadCase("slot_mapping_other_device", _set("slot_mapping", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"slot_mapping must be on the same device", cuda_only=True),
+    BadCase("k_cache_other_device", _set("k_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"k_cache must be on the same device", cuda_only=True),
+]
+
+
+@pytest.mark.parametrize("bad", [c.param() for c in BAD_APPEND])
+def test_append_paged_kv_bad_input(device, bad, gen):
+    a = _append_args(device, gen)
+    bad.mutate(a, device)
+    before = (a.k_cache.clone(), a.v_cache.clone())
+    with pytest.raises(bad.error, match=bad.match):
+        kvcore.append_paged_kv(a.k, a.v, a.k_cache, a.v_cache, a.slot_mapping)
+    assert torch.equal(a.k_cache, before[0]) and torch.equal(a.v_cache, before[1]), "cache written by a failed call"
+
+
+def _merge_args(device: str, gen) -> SimpleNamespace:
+    out_a, lse_a, out_b, lse_b = (
+        randn(3, 4, 64, gen=gen, dtype=torch.bfloat16, device=device),
+        randn(3, 4, gen=gen, device=device),
+        randn(3, 4, 64, gen=gen, dtype=torch.bfloat16, device=device),
+        randn(3, 4, gen=gen, device=device),
+    )
+    return SimpleNamespace(
+        out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b,
+        out=poison(torch.empty_like(out_a)), lse=poison(torch.empty_like(lse_a)),
+    )
+
+
+BAD_MERGE = [
+    BadCase("out_a_rank", lambda a, d: (setattr(a, "out_a", a.out_a[0]),), RuntimeError, r"out_a must be 3-D"),
+    BadCase("out_a_fp64", _set("out_a", lambda t, a, d: t.double()), RuntimeError, r"out_a must be"),
+    BadCase("out_b_shape", _set("out_b", lambda t, a, d: t[:2]), RuntimeError, r"out_b must have the shape"),
+    BadCase("out_b_dtype", _set("out_b", lambda t, a, d: t.half()), RuntimeError, r"out_b must have dtype"),
+    BadCase("out_dtype", _set("out", lambda t, a, d: poison(t.float())), RuntimeError, r"\bout must have dtype"),
+    BadCase("lse_a_dtype", _set("lse_a", lambda t, a, d: t.bfloat16()), RuntimeError, r"lse_a must have dtype"),
+    BadCase("lse_b_shape", _set("lse_b", lambda t, a, d: t[:, :3].contiguous()), RuntimeError, r"lse_b must have shape"),
+    BadCase("lse_shape", _set("lse", lambda t, a, d: t[:2]), RuntimeError, r"\blse must have shape"),
+    BadCase("out_b_not_contiguous", _set("out_b", lambda t, a, d: t.transpose(0, 1).contiguous().transpose(0, 1)),
+            RuntimeError, r"out_b must be contiguous"),
+    BadCase("lse_b_other_device", _set("lse_b", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"lse_b must be on the same device", cuda_only=True),
+]
+
+
+@pytest.mark.parametrize("bad", [c.param() for c in BAD_MERGE])
+def test_merge_attention_states_bad_input(device, bad, gen):
+    a = _merge_args(device, gen)
+    bad.mutate(a, device)
+    with pytest.raises(bad.error, match=bad.match):
+        kvcore.merge_attention_states(a.out_a, a.lse_a, a.out_b, a.lse_b, out=a.out, lse=a.lse)
+    assert bool(torch.isnan(a.out).all()) and bool(torch.isnan(a.lse).all()), "outputs written by a failed call"
+
+
+# ============================================================================================
+# Validation off: bad index contents give wrong numbers, never a crash or an error
+# ============================================================================================
+
+
+def test_validation_is_on_by_default():
+    assert kvcore.validation_enabled()
+
+
+def test_gqa_decode_bad_indices_without_validation(device, no_validation, gen):
+    assert not kvcore.validation_enabled()
+    a = _decode_args(device, gen)
+    cap = a.block_table.shape[1] * 8
+    a.block_table[2, 0] = 10**6  # page far out of range
+    a.block_table[2, 1] = -7  # negative page
+    a.block_table[1, 0] = a.num_pages  # just past the end
+    seq_lens = torch.tensor([-5, 3 * cap, 10**6], dtype=torch.int32, device=device)  # negative and past capacity
+    kvcore.gqa_decode(a.q, a.k_cache, a.v_cache, a.block_table, seq_lens, out=a.out, lse=a.lse)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    # Indices are clamped into range, so every read hits real (finite) cache data.
+    assert bool(torch.isfinite(a.out).all())
+    assert bool(torch.isfinite(a.lse[1:]).all())
+    # A negative length clamps to 0: an empty sequence.
+    assert bool((a.out[0] == 0).all()) and bool(torch.isneginf(a.lse[0]).all())
+
+
+def test_append_paged_kv_bad_slots_without_validation(device, dtype, no_validation, gen):
+    """Out-of-range slots are skipped (never written); the valid ones land as usual."""
+    k_cache = randn(3, 4, 2, 64, gen=gen, dtype=dtype, device=device)
+    v_cache = randn(3, 4, 2, 64, gen=gen, dtype=dtype, device=device)
+    k = randn(6, 2, 64, gen=gen, dtype=dtype, device=device)
+    v = randn(6, 2, 64, gen=gen, dtype=dtype, device=device)
+    slots = torch.tensor([5, 12, -2, 10**12, -(10**9), 0], dtype=torch.int64, device=device)
+    valid = torch.where((slots >= 0) & (slots < 12), slots, torch.full_like(slots, -1))
+    ref_k, ref_v = reference.append_paged_kv(k, v, k_cache, v_cache, valid)
+    kvcore.append_paged_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
