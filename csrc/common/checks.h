@@ -7,26 +7,27 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <string>
 
+// The helpers have internal linkage (static): the g++-compiled CPU units and the nvcc-compiled
+// CUDA units each keep their own copy instead of sharing one ODR-merged definition.
 namespace kvcore {
 
-inline std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
-
-inline void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* layout) {
-  TORCH_CHECK(t.dim() == rank, name, " must be ", rank, "-D ", layout, ", got shape ", shape_str(t));
+static inline void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* layout) {
+  TORCH_CHECK(t.dim() == rank, name, " must be ", rank, "-D ", layout, ", got shape ", t.sizes());
 }
 
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+static inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
               "), got ", t.device());
 }
 
-inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+static inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
 }
 
-inline void check_float_dtype(const at::Tensor& t, const char* name) {
+static inline void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   if (t.is_cuda()) {
     TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, name, " must be bfloat16 or float16 on CUDA, got ", dt);
@@ -36,18 +37,18 @@ inline void check_float_dtype(const at::Tensor& t, const char* name) {
   }
 }
 
-inline void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", c10::str(t.strides()), " for shape ",
-              shape_str(t));
+static inline void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides(), " for shape ",
+              t.sizes());
 }
 
 // The innermost `inner` dims of t must be densely packed (t may still be strided in the outer
 // dims, e.g. a page-strided view of a combined K/V allocation).
-inline void check_inner_dense(const at::Tensor& t, int64_t inner, const char* name) {
+static inline void check_inner_dense(const at::Tensor& t, int64_t inner, const char* name) {
   int64_t expected = 1;
   for (int64_t d = t.dim() - 1; d >= t.dim() - inner; --d) {
     TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, name, " must be densely packed in its last ", inner,
-                " dims, got strides ", c10::str(t.strides()), " for shape ", shape_str(t));
+                " dims, got strides ", t.strides(), " for shape ", t.sizes());
     expected *= t.size(d);
   }
 }
@@ -57,7 +58,7 @@ struct PagedDecodeShape {
   int64_t batch, num_q_heads, num_kv_heads, head_dim, group, num_pages, page_size, max_pages;
 };
 
-inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+static inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                            const at::Tensor& block_table, const at::Tensor& seq_lens,
                                            const at::Tensor& out, const c10::optional<at::Tensor>& lse) {
   check_rank(q, 3, "q", "[batch, num_q_heads, head_dim]");
@@ -84,8 +85,8 @@ inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor
   s.page_size = k_cache.size(1);
   s.num_kv_heads = k_cache.size(2);
   s.max_pages = block_table.size(1);
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ", shape_str(k_cache),
-              ", got ", shape_str(v_cache));
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ", k_cache.sizes(),
+              ", got ", v_cache.sizes());
   TORCH_CHECK(k_cache.size(3) == s.head_dim, "k_cache head_dim (", k_cache.size(3), ") must equal q head_dim (",
               s.head_dim, ")");
   TORCH_CHECK(s.num_kv_heads > 0 && s.num_q_heads % s.num_kv_heads == 0, "num_q_heads (", s.num_q_heads,
@@ -93,9 +94,9 @@ inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor
   s.group = s.num_q_heads / s.num_kv_heads;
   TORCH_CHECK(s.page_size > 0, "k_cache page_size must be positive, got ", s.page_size);
   TORCH_CHECK(block_table.size(0) == s.batch, "block_table must have batch (", s.batch, ") rows, got shape ",
-              shape_str(block_table));
-  TORCH_CHECK(seq_lens.size(0) == s.batch, "seq_lens must have shape [", s.batch, "], got ", shape_str(seq_lens));
-  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", shape_str(q), ", got ", shape_str(out));
+              block_table.sizes());
+  TORCH_CHECK(seq_lens.size(0) == s.batch, "seq_lens must have shape [", s.batch, "], got ", seq_lens.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
   check_contiguous(out, "out");
   check_contiguous(block_table, "block_table");
   check_contiguous(seq_lens, "seq_lens");
@@ -106,17 +107,26 @@ inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor
     check_same_device(*lse, q, "lse", "q");
     check_dtype(*lse, at::kFloat, "lse");
     TORCH_CHECK(lse->dim() == 2 && lse->size(0) == s.batch && lse->size(1) == s.num_q_heads, "lse must have shape [",
-                s.batch, ", ", s.num_q_heads, "], got ", shape_str(*lse));
+                s.batch, ", ", s.num_q_heads, "], got ", lse->sizes());
     check_contiguous(*lse, "lse");
   }
   return s;
+}
+
+// Scalar arguments of gqa_decode, checked by the op itself (C++ callers bypass ops.py).
+static inline void check_decode_scalars(double scale, int64_t window_left, double logit_soft_cap, int64_t num_splits) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
+  TORCH_CHECK(window_left >= -1, "window_left must be -1 (no window) or >= 0, got ", window_left);
+  TORCH_CHECK(std::isfinite(logit_soft_cap) && logit_soft_cap >= 0.0,
+              "logit_soft_cap must be 0 (off) or a positive finite float, got ", logit_soft_cap);
+  TORCH_CHECK(num_splits >= 0, "num_splits must be 0 (automatic) or positive, got ", num_splits);
 }
 
 struct AppendShape {
   int64_t tokens, num_kv_heads, head_dim, num_slots;
 };
 
-inline AppendShape check_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+static inline AppendShape check_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   check_rank(k, 3, "k", "[tokens, num_kv_heads, head_dim]");
   check_rank(v, 3, "v", "[tokens, num_kv_heads, head_dim]");
@@ -130,13 +140,13 @@ inline AppendShape check_append(const at::Tensor& k, const at::Tensor& v, const 
   check_dtype(k, k_cache.scalar_type(), "k");
   check_dtype(v, k_cache.scalar_type(), "v");
   check_dtype(slot_mapping, at::kLong, "slot_mapping");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ", shape_str(k_cache),
-              ", got ", shape_str(v_cache));
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", shape_str(k), ", got ", shape_str(v));
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ", k_cache.sizes(),
+              ", got ", v_cache.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK(k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3), "k must be [tokens, ", k_cache.size(2),
-              ", ", k_cache.size(3), "] to match k_cache, got ", shape_str(k));
+              ", ", k_cache.size(3), "] to match k_cache, got ", k.sizes());
   TORCH_CHECK(slot_mapping.size(0) == k.size(0), "slot_mapping must have shape [", k.size(0), "] (one slot per token), got ",
-              shape_str(slot_mapping));
+              slot_mapping.sizes());
   check_inner_dense(k, 2, "k");
   check_inner_dense(v, 2, "v");
   check_inner_dense(k_cache, 3, "k_cache");
@@ -149,18 +159,18 @@ struct MergeShape {
   int64_t rows, heads, head_dim;
 };
 
-inline MergeShape check_merge(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
+static inline MergeShape check_merge(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
                               const at::Tensor& lse_b, const at::Tensor& out, const at::Tensor& lse) {
   check_rank(out_a, 3, "out_a", "[N, H, D]");
   check_float_dtype(out_a, "out_a");
   for (auto [t, n] : {std::pair{&out_b, "out_b"}, {&out, "out"}}) {
-    TORCH_CHECK(t->sizes() == out_a.sizes(), n, " must have the shape of out_a ", shape_str(out_a), ", got ",
-                shape_str(*t));
+    TORCH_CHECK(t->sizes() == out_a.sizes(), n, " must have the shape of out_a ", out_a.sizes(), ", got ",
+                t->sizes());
     check_dtype(*t, out_a.scalar_type(), n);
   }
   for (auto [t, n] : {std::pair{&lse_a, "lse_a"}, {&lse_b, "lse_b"}, {&lse, "lse"}}) {
     TORCH_CHECK(t->dim() == 2 && t->size(0) == out_a.size(0) && t->size(1) == out_a.size(1), n, " must have shape [",
-                out_a.size(0), ", ", out_a.size(1), "], got ", shape_str(*t));
+                out_a.size(0), ", ", out_a.size(1), "], got ", t->sizes());
     check_dtype(*t, at::kFloat, n);
   }
   for (auto [t, n] : {std::pair{&lse_a, "lse_a"}, {&out_b, "out_b"}, {&lse_b, "lse_b"}, {&out, "out"}, {&lse, "lse"}})

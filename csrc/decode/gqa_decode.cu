@@ -17,6 +17,8 @@ namespace kvcore {
 namespace {
 
 constexpr int kMaxSplits = 256;
+// Leading workspace bytes that hold the per-(sequence, KV head) arrival counters.
+constexpr int64_t kCounterBytes = int64_t(1) << 20;
 // A split shorter than this spends more on its prologue and on the merge than it saves.
 constexpr int kMinSplitTokens = 256;
 
@@ -68,20 +70,19 @@ void launch(GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_spl
   int splits = requested_splits > 0 ? int(std::min<int64_t>(requested_splits, kMaxSplits))
                                     : choose_splits(pairs, kv_len, slots);
 
-  // Workspace layout: counters [pairs] | partial_lse [pairs, splits, group] | partial_out [..., D].
-  auto bytes_for = [&](int n) {
-    const int64_t counters = (pairs * 4 + 255) / 256 * 256;
-    const int64_t lse = (pairs * n * s.group * 4 + 255) / 256 * 256;
-    return counters + lse + pairs * n * s.group * s.head_dim * 4;
-  };
+  // Workspace layout: arrival counters [pairs] in a fixed leading region (kCounterBytes), then
+  // partial_lse [pairs, splits, group] and partial_out [pairs, splits, group, D]. The counters
+  // must stay zero between calls whatever shapes the calls have, so no call's partials may ever
+  // overlap another call's counters: hence a fixed region rather than one sized by this call.
+  auto lse_bytes = [&](int n) { return (pairs * n * s.group * 4 + 255) / 256 * 256; };
+  auto bytes_for = [&](int n) { return kCounterBytes + lse_bytes(n) + pairs * n * s.group * s.head_dim * 4; };
   if (splits > 1) {
     const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
-    if (requested_splits > 0) {
-      TORCH_CHECK(bytes_for(splits) <= have, "gqa_decode: num_splits=", splits, " needs a workspace of ",
-                  bytes_for(splits), " bytes, got ", have);
-    } else {
-      while (splits > 1 && bytes_for(splits) > have) splits = std::max(1, splits / 2);
-    }
+    TORCH_CHECK(requested_splits <= 1 || (pairs * 4 <= kCounterBytes && bytes_for(splits) <= have),
+                "gqa_decode: num_splits=", splits, " needs a workspace of ", bytes_for(splits), " bytes and batch x "
+                "num_kv_heads <= ", kCounterBytes / 4, "; got ", have, " bytes and ", pairs);
+    if (pairs * 4 > kCounterBytes) splits = 1;
+    while (splits > 1 && bytes_for(splits) > have) splits = std::max(1, splits / 2);
   }
   // Each split covers a whole number of tiles; recompute the count that covers kv_len.
   int64_t split_tokens = (kv_len + splits - 1) / splits;
@@ -92,11 +93,12 @@ void launch(GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_spl
   if (splits > 1) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
     p.counters = reinterpret_cast<unsigned*>(base);
-    p.partial_lse = reinterpret_cast<float*>(base + (pairs * 4 + 255) / 256 * 256);
-    p.partial_out = reinterpret_cast<float*>(base + (pairs * 4 + 255) / 256 * 256 +
-                                             (pairs * splits * s.group * 4 + 255) / 256 * 256);
+    p.partial_lse = reinterpret_cast<float*>(base + kCounterBytes);
+    p.partial_out = reinterpret_cast<float*>(base + kCounterBytes + lse_bytes(splits));
   }
-  const dim3 grid(splits, s.num_kv_heads, s.batch);
+  // KV heads vary fastest over the grid: the CTAs of one (sequence, split) read interleaved rows
+  // of the same pages at about the same time, which keeps DRAM row-buffer locality.
+  const dim3 grid(s.num_kv_heads, splits, s.batch);
   kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -111,10 +113,7 @@ void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::T
               "gqa_decode (CUDA): head_dim must be 64, 128 or 256, got ", s.head_dim);
   TORCH_CHECK(s.group >= 1 && s.group <= 16, "gqa_decode (CUDA): num_q_heads / num_kv_heads must be 1..16, got ",
               s.group);
-  TORCH_CHECK(scale > 0, "scale must be positive, got ", scale);
-  TORCH_CHECK(logit_soft_cap >= 0, "logit_soft_cap must be >= 0, got ", logit_soft_cap);
-  TORCH_CHECK(window_left >= -1, "window_left must be >= -1, got ", window_left);
-  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0, got ", num_splits);
+  check_decode_scalars(scale, window_left, logit_soft_cap, num_splits);
   TORCH_CHECK(s.max_pages * s.page_size < (int64_t(1) << 31), "block_table capacity (max_pages x page_size) must be < 2^31");
   TORCH_CHECK(s.num_pages < (int64_t(1) << 31), "k_cache has too many pages (", s.num_pages, ")");
   TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0, "q strides must be multiples of 8 elements, got ",
