@@ -1,6 +1,6 @@
 // Paged GQA decode on tensor cores (flash-decoding, with the split merge fused into the last CTA).
 //
-// One CTA per (KV split, KV head, sequence) computes all query heads of the KV group at once, so
+// One CTA per (KV head, KV split, sequence) computes all query heads of the KV group at once, so
 // each cached K/V byte is read from memory once. The group's queries (1..16 heads) are padded to
 // the 16 rows of an mma.sync m16n8k16 tile: decode does only ~2 * group FLOPs per cached byte, so
 // the padding is free on tensor cores, while doing the same products on CUDA cores costs more
@@ -86,20 +86,18 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   T* const sV = sK + STAGES * TILE * D;
   float* const sMerge = reinterpret_cast<float*>(smem_raw + Cfg::SMEM_Q);  // reuses the ring at the end
 
-  const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = p.group;
 
   // ---- this CTA's KV range -------------------------------------------------------------------
   // Everything read from memory is clamped, so bad index contents give wrong numbers but never
   // an out-of-bounds access (the Python wrapper validates them when validation is on).
+  // Without a sliding window a split's first position does not depend on seq_len, so its first
+  // pages are fetched before seq_len arrives: the two loads overlap instead of chaining.
   const int capacity = p.max_pages * p.page_size;
-  const int seq_len = min(max(p.seq_lens[b], 0), capacity);
-  const int lo = p.window_left >= 0 ? max(0, seq_len - 1 - p.window_left) : 0;
-  const int start = lo + split * p.split_tokens;
-  const int end = min(seq_len, start + p.split_tokens);
-  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
-
+  const int seq_len_raw = __ldg(p.seq_lens + b);
+  int start = split * p.split_tokens, end = 0;  // end: set once seq_len is known
   const int* bt = p.block_table + int64_t(b) * p.max_pages;
   const T* const kbase = static_cast<const T*>(p.k_cache) + int64_t(kvh) * D;
   const T* const vbase = static_cast<const T*>(p.v_cache) + int64_t(kvh) * D;
@@ -108,12 +106,14 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
   auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
 
-  // Page of each row this thread copies for tile t (read a tile ahead of the copies).
+  // Page of each row this thread copies for tile t (read a tile ahead of the copies). Positions
+  // are clamped to the block table, not to seq_len, so this can run before seq_len is known;
+  // rows past seq_len are zero-filled by the copy whatever page they name.
   auto fetch_pages = [&](int t, int (&pg)[LOADS]) {
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
-      const int pos = min(start + t * TILE + (tid + i * Cfg::THREADS) / TD, end - 1);
-      pg[i] = t < num_tiles ? __ldg(bt + page_of(pos)) : 0;
+      const int pos = min(start + t * TILE + (tid + i * Cfg::THREADS) / TD, capacity - 1);
+      pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
     }
   };
   auto issue_copies = [&](int t, const int (&pg)[LOADS]) {
@@ -133,7 +133,14 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
 
   // ---- start the copies, then stage the group's queries (rows >= group are zero) --------------
   int pages[LOADS];
-  fetch_pages(0, pages);
+  if (p.window_left < 0) fetch_pages(0, pages);
+  const int seq_len = min(max(seq_len_raw, 0), capacity);
+  if (p.window_left >= 0) {
+    start += max(0, seq_len - 1 - p.window_left);
+    fetch_pages(0, pages);
+  }
+  end = min(seq_len, start + p.split_tokens);
+  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < num_tiles) issue_copies(s, pages);
