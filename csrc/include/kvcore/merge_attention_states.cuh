@@ -43,7 +43,10 @@ __global__ void merge_attention_states_kernel(const MergeStatesParams p) {
     unpack8(*reinterpret_cast<const uint4*>(static_cast<const T*>(p.out_a) + o), a, T{});
     unpack8(*reinterpret_cast<const uint4*>(static_cast<const T*>(p.out_b) + o), b, T{});
 #pragma unroll
-    for (int i = 0; i < 8; ++i) r[i] = (a[i] * wa + b[i] * wb) * inv;
+    for (int i = 0; i < 8; ++i) {
+      // A part without keys (weight 0) contributes nothing, even if its out is NaN (unwritten).
+      r[i] = ((wa > 0.f ? a[i] * wa : 0.f) + (wb > 0.f ? b[i] * wb : 0.f)) * inv;
+    }
     *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + o) = pack8<T>(r);
   }
   if (threadIdx.x == 0) p.lse[row] = sum > 0.f ? base + logf(sum) : -INFINITY;
