@@ -54,6 +54,27 @@ def _cuda_library_includes() -> list[str]:
     return out
 
 
+def _libstdcxx_link_args() -> list[str]:
+    """Link the C++ runtime that torch itself loaded, by path (Linux).
+
+    Some toolchains (seen on the GPU host: a g++ wrapper) link libstdc++ statically into shared
+    objects. The extension then carries a second copy of libstdc++ beside the one torch loads,
+    and the two copies' stream/locale state collide: formatting a number into an error message
+    (any TORCH_CHECK with a shape or a value in it) crashed the process. Naming the shared
+    library explicitly makes the linker resolve the runtime from it, so only one copy exists.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    import torch  # noqa: F401  (maps the libstdc++ that torch links against)
+
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "/libstdc++.so" in line})
+    except OSError:
+        return []
+    return libs[:1]
+
+
 def _extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -67,7 +88,8 @@ def _extension():
         if os.environ.get("KVCORE_REQUIRE_CUDA", "0") == "1":
             sys.exit(f"kvcore: KVCORE_REQUIRE_CUDA=1 but the CUDA build is not possible: {why}")
         print(f"\n*** kvcore: building the CPU kernels only ({why}); CUDA ops will be unavailable ***\n", file=sys.stderr)
-        return CppExtension("kvcore._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension("kvcore._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+                            extra_link_args=_libstdcxx_link_args())
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     print(f"kvcore: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
@@ -85,6 +107,7 @@ def _extension():
         cpu_sources + _sources("*.cu"),
         include_dirs=include_dirs + _cuda_library_includes(),
         extra_compile_args={"cxx": cxx_flags + ["-DKVCORE_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=_libstdcxx_link_args(),
     )
 
 
