@@ -71,8 +71,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def no_validation():
     """Turn kvcore's index-content validation off for one test, restoring it afterwards."""
-    previous = kvcore.ops._validation
-    kvcore.set_validation(False)
+    previous = kvcore.set_validation(False)
     try:
         yield
     finally:

@@ -317,7 +317,8 @@ def _fake_kvcore(mode: str):
         return out
 
     def set_validation(enabled):
-        state["validation"] = bool(enabled)
+        previous, state["validation"] = state["validation"], bool(enabled)
+        return previous
 
     mod.gqa_decode = gqa_decode
     mod.set_validation = set_validation

@@ -40,17 +40,19 @@ DECODE_WORKSPACE_BYTES = 64 << 20
 _workspaces: dict[torch.device, torch.Tensor] = {}
 
 
-def set_validation(enabled: bool) -> None:
-    """Turn the index-content checks on or off for every kvcore op.
+def set_validation(enabled: bool) -> bool:
+    """Turn the index-content checks on or off for every kvcore op; returns the previous setting.
 
     On (the default), each call checks on the host that page numbers, ``seq_lens`` and slots are
     in range and raises ``ValueError`` naming the argument; on a GPU that costs a device->host
     sync. Off, nothing is checked and nothing syncs; the kernels still clamp every index, so bad
     contents give wrong numbers but never an out-of-bounds access. The checks are skipped
-    automatically while a CUDA graph is being captured and under ``torch.compile``.
+    automatically while a CUDA graph is being captured and under ``torch.compile``
+    (:func:`validation_enabled` tells whether they run now; the returned value is the switch).
     """
     global _validation
-    _validation = bool(enabled)
+    previous, _validation = _validation, bool(enabled)
+    return previous
 
 
 def validation_enabled() -> bool:

@@ -198,14 +198,12 @@ def build_kvcore(inputs: DecodeInputs) -> list:
         return out
 
     set_validation = getattr(kvcore, "set_validation", None)
-    enabled = getattr(kvcore, "validation_enabled", None)
     saved = []
 
     def before() -> None:
         # Timed as a serving engine runs it: no host-syncing look at the index contents.
         if set_validation is not None:
-            saved.append(enabled() if enabled is not None else True)
-            set_validation(False)
+            saved.append(set_validation(False))
 
     def after() -> None:
         if set_validation is not None and saved:
