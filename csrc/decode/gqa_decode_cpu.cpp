@@ -1,10 +1,14 @@
 // CPU kernel of kvcore::gqa_decode: one query token per sequence against a paged KV cache.
 //
-// One task per (sequence, KV head). A task holds the whole query group (g = Hq / Hkv heads) in
-// fp32 and walks the sequence's keys in chunks of kChunk tokens: each K row is converted to fp32
-// once and dotted with all g queries, the chunk's logits update an online softmax per head, and
-// each V row is converted once and accumulated into all g outputs. So every cached byte is read
-// once per task, and the per-task state (g x D accumulators, g x kChunk logits) stays in L1/L2.
+// One task per (sequence, part of its key range). A task walks its keys in chunks of kChunk
+// tokens and reads each token's whole [Hkv, D] row, which is contiguous in the cache, so memory
+// is read in address order: a task per (sequence, KV head) instead reads one head's D elements
+// every Hkv * D, a new 4 KiB page per row at Hkv * D * size >= 4 KiB, and paid a TLB miss and
+// a memory latency per row (measured 8-11 ms against 1.9 ms for plain torch on B1 Hq32 Hkv8
+// D128 S2048 fp32, 2 cores). Each row is converted to fp32 once and used by every query head
+// of its KV head; an online softmax per query head runs over the chunk's logits. Parts of one
+// sequence (split so that short batches still use every thread) write a normalised partial
+// output and its log-sum-exp, merged at the end in a fixed order (deterministic).
 //
 // Safety without validation: seq_len is clamped to [0, max_pages * page_size] and each page
 // index to [0, num_pages), so bad index contents give wrong numbers, never an out-of-bounds read.
@@ -24,7 +28,8 @@
 namespace kvcore {
 namespace {
 
-constexpr int64_t kChunk = 32;  // keys per online-softmax step
+constexpr int64_t kChunk = 32;           // keys per online-softmax step
+constexpr int64_t kMinPartTokens = 256;  // a sequence is cut into parts no shorter than this
 
 struct DecodeParams {
   int64_t batch, num_kv_heads, group, head_dim, num_pages, page_size, max_pages;
@@ -50,95 +55,130 @@ template <typename scalar_t>
 void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
                       const int32_t* block_table, const int32_t* seq_lens, scalar_t* out, float* lse) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t G = p.group, D = p.head_dim;
-  const int64_t H = p.num_kv_heads;
+  const int64_t G = p.group, D = p.head_dim, H = p.num_kv_heads, Hq = H * G;
   const int64_t row = H * D;  // elements per token slot in a page (dense)
   const int64_t capacity = p.num_pages > 0 ? p.max_pages * p.page_size : 0;
   const bool capped = p.soft_cap > 0.0f;
   const float inv_cap = capped ? 1.0f / p.soft_cap : 0.0f;
 
-  at::parallel_for(0, p.batch * H, 1, [&](int64_t begin, int64_t end) {
+  // Key range [lo, hi) of each sequence, and the number of parts each is cut into.
+  std::vector<int64_t> lo(p.batch), hi(p.batch);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    hi[b] = std::clamp<int64_t>(seq_lens[b], 0, capacity);
+    lo[b] = p.window_left >= 0 ? std::max<int64_t>(0, hi[b] - 1 - p.window_left) : 0;
+    longest = std::max(longest, hi[b] - lo[b]);
+  }
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::clamp<int64_t>((2 * threads + p.batch - 1) / p.batch, 1,
+                                            std::max<int64_t>(1, longest / kMinPartTokens));
+  std::vector<float> part_out(p.batch * parts * Hq * D), part_lse(p.batch * parts * Hq);
+
+  at::parallel_for(0, p.batch * parts, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch, reused across the tasks of this range.
-    std::vector<float> qf(G * D), acc(G * D), krow(D), vrow(D), logits(G * kChunk), m(G), l(G);
+    std::vector<float> qf(Hq * D), acc(Hq * D), krow(row), vrow(row), logits(Hq * kChunk), m(Hq), l(Hq);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / H, kvh = task % H;
-      const int64_t L = std::clamp<int64_t>(seq_lens[b], 0, capacity);
-      const int64_t start = p.window_left >= 0 ? std::max<int64_t>(0, L - 1 - p.window_left) : 0;
+      const int64_t b = task / parts, part = task % parts;
+      const int64_t span = (hi[b] - lo[b] + parts - 1) / parts;
+      const int64_t start = lo[b] + part * span, stop = std::min(hi[b], start + span);
       const int32_t* pages = block_table + b * p.max_pages;
 
-      for (int64_t g = 0; g < G; ++g) {
-        const scalar_t* qh = q + b * p.q_stride_b + (kvh * G + g) * p.q_stride_h;
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qh[d]);
-        m[g] = kNegInf;
-        l[g] = 0.0f;
+      for (int64_t h = 0; h < Hq; ++h) {
+        const scalar_t* qh = q + b * p.q_stride_b + h * p.q_stride_h;
+        for (int64_t d = 0; d < D; ++d) qf[h * D + d] = static_cast<float>(qh[d]);
+        m[h] = kNegInf;
+        l[h] = 0.0f;
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
 
-      for (int64_t c0 = start; c0 < L; c0 += kChunk) {
-        const int64_t n = std::min<int64_t>(kChunk, L - c0);
-        // Slot offsets (elements, within a page's K or V) of this chunk's tokens.
+      for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
+        const int64_t n = std::min<int64_t>(kChunk, stop - c0);
+        // Slot offsets (elements) of this chunk's token rows.
         int64_t k_off[kChunk], v_off[kChunk];
         for (int64_t i = 0; i < n; ++i) {
           const int64_t pos = c0 + i;
           const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
-          const int64_t in_page = (pos % p.page_size) * row + kvh * D;
-          k_off[i] = page * p.k_page_stride + in_page;
-          v_off[i] = page * p.v_page_stride + in_page;
+          k_off[i] = page * p.k_page_stride + (pos % p.page_size) * row;
+          v_off[i] = page * p.v_page_stride + (pos % p.page_size) * row;
         }
-        // Logits of the chunk for all G heads; each K row read once.
+        // Logits of every query head for the chunk; each K row is read and converted once.
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* kr = k_cache + k_off[i];
-          for (int64_t d = 0; d < D; ++d) krow[d] = static_cast<float>(kr[d]);
-          for (int64_t g = 0; g < G; ++g) {
-            const float* qg = qf.data() + g * D;
-            const float dot = dot_product(qg, krow.data(), D);
-            float s = dot * p.scale;
+          for (int64_t e = 0; e < row; ++e) krow[e] = static_cast<float>(kr[e]);
+          for (int64_t h = 0; h < Hq; ++h) {
+            float s = dot_product(qf.data() + h * D, krow.data() + (h / G) * D, D) * p.scale;
             if (capped) s = p.soft_cap * std::tanh(s * inv_cap);
-            logits[g * kChunk + i] = s;
+            logits[h * kChunk + i] = s;
           }
         }
         // Online softmax update per head; logits become probabilities (relative to the new max).
-        for (int64_t g = 0; g < G; ++g) {
-          float* lg = logits.data() + g * kChunk;
+        for (int64_t h = 0; h < Hq; ++h) {
+          float* lg = logits.data() + h * kChunk;
           float cmax = kNegInf;
           for (int64_t i = 0; i < n; ++i) cmax = std::max(cmax, lg[i]);
-          const float m_new = std::max(m[g], cmax);
+          const float m_new = std::max(m[h], cmax);
           // m_new = -inf only if every logit so far is -inf (non-finite inputs): keep the state.
-          const float corr = (m[g] == m_new || m_new == kNegInf) ? 1.0f : std::exp(m[g] - m_new);
+          const float corr = (m[h] == m_new || m_new == kNegInf) ? 1.0f : std::exp(m[h] - m_new);
           float sum = 0.0f;
           for (int64_t i = 0; i < n; ++i) {
             const float e = m_new == kNegInf ? 0.0f : std::exp(lg[i] - m_new);
             lg[i] = e;
             sum += e;
           }
-          l[g] = l[g] * corr + sum;
-          m[g] = m_new;
+          l[h] = l[h] * corr + sum;
+          m[h] = m_new;
           if (corr != 1.0f) {
-            float* ag = acc.data() + g * D;
-            for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+            float* ah = acc.data() + h * D;
+            for (int64_t d = 0; d < D; ++d) ah[d] *= corr;
           }
         }
-        // Accumulate P V for all G heads; each V row read once.
+        // Accumulate P V for every head; each V row is read and converted once.
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* vr = v_cache + v_off[i];
-          for (int64_t d = 0; d < D; ++d) vrow[d] = static_cast<float>(vr[d]);
-          for (int64_t g = 0; g < G; ++g) {
-            const float w = logits[g * kChunk + i];
-            float* ag = acc.data() + g * D;
-            for (int64_t d = 0; d < D; ++d) ag[d] += w * vrow[d];
+          for (int64_t e = 0; e < row; ++e) vrow[e] = static_cast<float>(vr[e]);
+          for (int64_t h = 0; h < Hq; ++h) {
+            const float w = logits[h * kChunk + i];
+            const float* vh = vrow.data() + (h / G) * D;
+            float* ah = acc.data() + h * D;
+            for (int64_t d = 0; d < D; ++d) ah[d] += w * vh[d];
           }
         }
       }
 
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kvh * G + g;
-        scalar_t* o = out + (b * H * G + h) * D;  // out is contiguous [B, Hq, D]
-        const bool empty = !(l[g] > 0.0f);
-        const float inv_l = empty ? 0.0f : 1.0f / l[g];
-        const float* ag = acc.data() + g * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(ag[d] * inv_l);
-        if (lse != nullptr) lse[b * H * G + h] = empty ? kNegInf : m[g] + std::log(l[g]);
+      // This part's normalised output and log-sum-exp (-inf and zeros when it saw no key).
+      float* po = part_out.data() + task * Hq * D;
+      float* pl = part_lse.data() + task * Hq;
+      for (int64_t h = 0; h < Hq; ++h) {
+        const bool empty = !(l[h] > 0.0f);
+        const float inv_l = empty ? 0.0f : 1.0f / l[h];
+        for (int64_t d = 0; d < D; ++d) po[h * D + d] = acc[h * D + d] * inv_l;
+        pl[h] = empty ? kNegInf : m[h] + std::log(l[h]);
       }
+    }
+  });
+
+  // Merge the parts of each (sequence, query head) in part order.
+  at::parallel_for(0, p.batch * Hq, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hq, h = bh % Hq;
+      float mx = kNegInf;
+      for (int64_t j = 0; j < parts; ++j) mx = std::max(mx, part_lse[(b * parts + j) * Hq + h]);
+      float wsum = 0.0f;
+      scalar_t* o = out + bh * D;  // out is contiguous [B, Hq, D]
+      std::vector<float> acc(D, 0.0f);
+      if (mx != kNegInf) {
+        for (int64_t j = 0; j < parts; ++j) {
+          const float lj = part_lse[(b * parts + j) * Hq + h];
+          if (lj == kNegInf) continue;  // an empty part contributes nothing
+          const float w = std::exp(lj - mx);
+          wsum += w;
+          const float* pj = part_out.data() + ((b * parts + j) * Hq + h) * D;
+          for (int64_t d = 0; d < D; ++d) acc[d] += w * pj[d];
+        }
+      }
+      const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
+      if (lse != nullptr) lse[bh] = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
     }
   });
 }
