@@ -10,24 +10,22 @@
 #include <cmath>
 #include <string>
 
-// The helpers have internal linkage (static): the g++-compiled CPU units and the nvcc-compiled
-// CUDA units each keep their own copy instead of sharing one ODR-merged definition.
 namespace kvcore {
 
-static inline void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* layout) {
+inline void check_rank(const at::Tensor& t, int64_t rank, const char* name, const char* layout) {
   TORCH_CHECK(t.dim() == rank, name, " must be ", rank, "-D ", layout, ", got shape ", t.sizes());
 }
 
-static inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
               "), got ", t.device());
 }
 
-static inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
 }
 
-static inline void check_float_dtype(const at::Tensor& t, const char* name) {
+inline void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
   if (t.is_cuda()) {
     TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, name, " must be bfloat16 or float16 on CUDA, got ", dt);
@@ -37,14 +35,14 @@ static inline void check_float_dtype(const at::Tensor& t, const char* name) {
   }
 }
 
-static inline void check_contiguous(const at::Tensor& t, const char* name) {
+inline void check_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides(), " for shape ",
               t.sizes());
 }
 
 // The innermost `inner` dims of t must be densely packed (t may still be strided in the outer
 // dims, e.g. a page-strided view of a combined K/V allocation).
-static inline void check_inner_dense(const at::Tensor& t, int64_t inner, const char* name) {
+inline void check_inner_dense(const at::Tensor& t, int64_t inner, const char* name) {
   int64_t expected = 1;
   for (int64_t d = t.dim() - 1; d >= t.dim() - inner; --d) {
     TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, name, " must be densely packed in its last ", inner,
@@ -58,7 +56,7 @@ struct PagedDecodeShape {
   int64_t batch, num_q_heads, num_kv_heads, head_dim, group, num_pages, page_size, max_pages;
 };
 
-static inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                            const at::Tensor& block_table, const at::Tensor& seq_lens,
                                            const at::Tensor& out, const c10::optional<at::Tensor>& lse) {
   check_rank(q, 3, "q", "[batch, num_q_heads, head_dim]");
@@ -114,7 +112,7 @@ static inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at:
 }
 
 // Scalar arguments of gqa_decode, checked by the op itself (C++ callers bypass ops.py).
-static inline void check_decode_scalars(double scale, int64_t window_left, double logit_soft_cap, int64_t num_splits) {
+inline void check_decode_scalars(double scale, int64_t window_left, double logit_soft_cap, int64_t num_splits) {
   TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
   TORCH_CHECK(window_left >= -1, "window_left must be -1 (no window) or >= 0, got ", window_left);
   TORCH_CHECK(std::isfinite(logit_soft_cap) && logit_soft_cap >= 0.0,
@@ -126,7 +124,7 @@ struct AppendShape {
   int64_t tokens, num_kv_heads, head_dim, num_slots;
 };
 
-static inline AppendShape check_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+inline AppendShape check_append(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   check_rank(k, 3, "k", "[tokens, num_kv_heads, head_dim]");
   check_rank(v, 3, "v", "[tokens, num_kv_heads, head_dim]");
@@ -159,7 +157,7 @@ struct MergeShape {
   int64_t rows, heads, head_dim;
 };
 
-static inline MergeShape check_merge(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
+inline MergeShape check_merge(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
                               const at::Tensor& lse_b, const at::Tensor& out, const at::Tensor& lse) {
   check_rank(out_a, 3, "out_a", "[N, H, D]");
   check_float_dtype(out_a, "out_a");

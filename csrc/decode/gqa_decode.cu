@@ -1,4 +1,4 @@
-// CUDA launcher of gqa_decode: input checks, split choice, dtype/head-dim/group dispatch.
+// CUDA launcher of gqa_decode: input checks, split choice, workspace layout, dtype/head-dim dispatch.
 // The kernel itself is framework-free: csrc/include/kvcore/gqa_decode.cuh.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
