@@ -1,0 +1,209 @@
+// Standalone timing and per-CTA trace of the gqa_decode kernel, without torch, for kernel work.
+//   nvcc -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+//        -Icsrc/include bench/experiments/decode_trace.cu -o /tmp/decode_trace
+//   /tmp/decode_trace B S SPLITS [Hq Hkv PAGE DYNAMIC]
+// Prints the median time (CUDA events, L2 flushed by a 256 MB read before each call), the rate
+// over the K/V bytes, and from one traced call the distribution of each CTA's phases
+// (%globaltimer): entry skew, first-tile latency, main loop, epilogue (incl. the split merge).
+#define KVCORE_DECODE_TRACE
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kvcore/gqa_decode.cuh"
+
+#define CHECK(x)                                                                      \
+  do {                                                                                \
+    cudaError_t e_ = (x);                                                             \
+    if (e_ != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                   \
+    }                                                                                 \
+  } while (0)
+
+using bf16 = __nv_bfloat16;
+
+__global__ void fill_random(bf16* x, size_t n, unsigned seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    unsigned h = unsigned(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    x[i] = __float2bfloat16((h & 0xffff) / 32768.f - 1.f);
+  }
+}
+
+__global__ void read_all(const int4* buf, size_t n, int* sink) {
+  int acc = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const int4 v = buf[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678) *sink = acc;  // keeps the loads alive
+}
+
+__global__ void empty_kernel() {}
+
+static double pct(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, size_t(q * (v.size() - 1) + 0.5))];
+}
+
+int main(int argc, char** argv) {
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: %s B S SPLITS [Hq Hkv PAGE DYNAMIC]\n", argv[0]);
+    return 2;
+  }
+  const int B = std::atoi(argv[1]), S = std::atoi(argv[2]), splits = std::atoi(argv[3]);
+  const int Hq = argc > 4 ? std::atoi(argv[4]) : 32, Hkv = argc > 5 ? std::atoi(argv[5]) : 8;
+  constexpr int D = 128;
+  const int PAGE = argc > 6 ? std::atoi(argv[6]) : 16;
+  const bool dynamic = argc > 7 && std::atoi(argv[7]) != 0;
+  using Cfg = kvcore::GqaDecodeConfig<D>;
+  const int pages_per_seq = (S + PAGE - 1) / PAGE, num_pages = B * pages_per_seq;
+  const size_t cache_elems = size_t(num_pages) * PAGE * Hkv * D;
+
+  bf16 *k, *v, *q, *out;
+  CHECK(cudaMalloc(&k, cache_elems * 2));
+  CHECK(cudaMalloc(&v, cache_elems * 2));
+  CHECK(cudaMalloc(&q, size_t(B) * Hq * D * 2));
+  CHECK(cudaMalloc(&out, size_t(B) * Hq * D * 2));
+  fill_random<<<1024, 256>>>(k, cache_elems, 1u);
+  fill_random<<<1024, 256>>>(v, cache_elems, 2u);
+  fill_random<<<64, 256>>>(q, size_t(B) * Hq * D, 3u);
+  std::vector<int> table(num_pages), lens(B, S);
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), std::mt19937(7));
+  int *d_table, *d_lens;
+  CHECK(cudaMalloc(&d_table, table.size() * 4));
+  CHECK(cudaMalloc(&d_lens, lens.size() * 4));
+  CHECK(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+  CHECK(cudaMemcpy(d_lens, lens.data(), lens.size() * 4, cudaMemcpyHostToDevice));
+
+  const int group = Hq / Hkv;
+  const size_t pairs = size_t(B) * Hkv;
+  unsigned* counters;
+  float *plse, *pout;
+  CHECK(cudaMalloc(&counters, pairs * 8));
+  CHECK(cudaMemset(counters, 0, pairs * 8));
+  CHECK(cudaMalloc(&plse, pairs * splits * group * 4));
+  CHECK(cudaMalloc(&pout, pairs * splits * group * D * 4));
+
+  kvcore::GqaDecodeParams p{};
+  p.q = q;
+  p.q_stride_b = int64_t(Hq) * D;
+  p.q_stride_h = D;
+  p.k_cache = k;
+  p.v_cache = v;
+  p.k_page_stride = p.v_page_stride = int64_t(PAGE) * Hkv * D;
+  p.block_table = d_table;
+  p.seq_lens = d_lens;
+  p.out = out;
+  p.partial_out = pout;
+  p.partial_lse = plse;
+  p.counters = counters;
+  p.cursors = dynamic && splits > 1 ? counters + pairs : nullptr;
+  p.num_kv_heads = Hkv;
+  p.group = group;
+  p.page_size = PAGE;
+  p.page_shift = __builtin_ctz(PAGE);
+  p.num_pages = num_pages;
+  p.max_pages = pages_per_seq;
+  p.num_splits = splits;
+  const int total_chunks = (S + Cfg::CHUNK - 1) / Cfg::CHUNK;
+  p.chunks_per_split = (total_chunks + splits - 1) / splits;
+  p.window_left = -1;
+  p.scale = 0.08838834764831845f;
+  p.soft_cap = 0.f;
+
+  auto kernel = kvcore::gqa_decode_kernel<bf16, Cfg>;
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
+  const dim3 grid(Hkv, B, splits);
+  const size_t ctas = size_t(grid.x) * grid.y * grid.z;
+
+  const size_t flush_n = (256u << 20) / 16;
+  int4* flush;
+  int* sink;
+  CHECK(cudaMalloc(&flush, flush_n * 16));
+  CHECK(cudaMemset(flush, 1, flush_n * 16));
+  CHECK(cudaMalloc(&sink, 4));
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  auto time_it = [&](auto launch_fn, int reps) {
+    std::vector<double> ts;
+    for (int i = 0; i < reps + 3; ++i) {
+      read_all<<<1056, 512>>>(flush, flush_n, sink);
+      CHECK(cudaEventRecord(e0));
+      launch_fn();
+      CHECK(cudaEventRecord(e1));
+      CHECK(cudaEventSynchronize(e1));
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      if (i >= 3) ts.push_back(ms * 1e3);
+    }
+    return pct(ts, 0.5);
+  };
+  const double empty_us = time_it([&] { empty_kernel<<<1, 32>>>(); }, 50);
+  // Ceiling: a plain streaming read of the same K and V bytes (contiguous, no compute).
+  const double read_us = time_it([&] {
+    read_all<<<1056, 512>>>(reinterpret_cast<const int4*>(k), cache_elems * 2 / 16, sink);
+    read_all<<<1056, 512>>>(reinterpret_cast<const int4*>(v), cache_elems * 2 / 16, sink);
+  }, 20);
+  const double us = time_it([&] { kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(p); }, 50);
+  CHECK(cudaGetLastError());
+  const double bytes = 2.0 * B * S * Hkv * D * 2;
+  std::printf("B%d S%d Hq%d Hkv%d page %d splits %d%s: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; plain read of K and V %.0f GB/s)\n",
+              B, S, Hq, Hkv, PAGE, splits, dynamic ? " dynamic" : "", ctas, us, bytes / us * 1e-3, empty_us, bytes / read_us * 1e-3);
+
+  unsigned long long* trace;
+  const int tiles = std::min(4096, (S + Cfg::TILE - 1) / Cfg::TILE), stride = 4 + tiles;
+  CHECK(cudaMalloc(&trace, ctas * stride * 8));
+  p.trace = trace;
+  p.trace_tiles = tiles;
+  read_all<<<1056, 512>>>(flush, flush_n, sink);
+  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(p);
+  CHECK(cudaDeviceSynchronize());
+  std::vector<unsigned long long> tr(ctas * stride);
+  CHECK(cudaMemcpy(tr.data(), trace, tr.size() * 8, cudaMemcpyDeviceToHost));
+  unsigned long long t0 = ~0ull, tend = 0;
+  for (size_t c = 0; c < ctas; ++c) t0 = std::min(t0, tr[c * stride]), tend = std::max(tend, tr[c * stride + 3]);
+  std::vector<double> entry, first, loop, epi, exit_;
+  for (size_t c = 0; c < ctas; ++c) {
+    entry.push_back((tr[c * stride] - t0) * 1e-3);
+    first.push_back((tr[c * stride + 1] - tr[c * stride]) * 1e-3);
+    loop.push_back((tr[c * stride + 2] - tr[c * stride + 1]) * 1e-3);
+    epi.push_back((tr[c * stride + 3] - tr[c * stride + 2]) * 1e-3);
+    exit_.push_back((tr[c * stride + 3] - t0) * 1e-3);
+  }
+  std::printf("traced span %.1f us (first entry to last exit)\n", (tend - t0) * 1e-3);
+  auto row = [&](const char* name, const std::vector<double>& x) {
+    std::printf("  %-22s min %7.2f  p10 %7.2f  p50 %7.2f  p90 %7.2f  max %7.2f us\n", name, pct(x, 0), pct(x, 0.1),
+                pct(x, 0.5), pct(x, 0.9), pct(x, 1));
+  };
+  row("entry (since first)", entry);
+  row("first tile latency", first);
+  row("main loop", loop);
+  row("epilogue+merge", epi);
+  row("exit (since first)", exit_);
+  // Bytes landed over time: a tile counts as landed when the CTA passed its wait. Print the
+  // aggregate rate per 10 us window (K+V tile bytes of TILE tokens).
+  const double tile_bytes = 2.0 * Cfg::TILE * D * 2;
+  const double span = (tend - t0) * 1e-3;
+  const int nwin = int(span / 10) + 1;
+  std::vector<double> win(nwin, 0.0);
+  for (size_t c = 0; c < ctas; ++c)
+    for (int t = 0; t < tiles; ++t) {
+      const unsigned long long x = tr[c * stride + 4 + t];
+      if (x >= t0 && x <= tend) win[std::min(nwin - 1, int((x - t0) * 1e-3 / 10))] += tile_bytes;
+    }
+  std::printf("  landed GB/s per 10 us:");
+  for (int w = 0; w < nwin; ++w) std::printf(" %.0f", win[w] / 10e-6 / 1e9);
+  std::printf("\n");
+  return 0;
+}
