@@ -1,7 +1,7 @@
 // Standalone timing and per-CTA trace of the gqa_decode kernel, without torch, for kernel work.
 //   nvcc -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //        -Icsrc/include bench/experiments/decode_trace.cu -o /tmp/decode_trace
-//   /tmp/decode_trace B S SPLITS [Hq Hkv PAGE DYNAMIC]
+//   /tmp/decode_trace B S SPLITS [Hq Hkv PAGE STAGES]
 // Prints the median time (CUDA events, L2 flushed by a 256 MB read before each call), the rate
 // over the K/V bytes, and from one traced call the distribution of each CTA's phases
 // (%globaltimer): entry skew, first-tile latency, main loop, epilogue (incl. the split merge).
@@ -54,17 +54,17 @@ static double pct(std::vector<double> v, double q) {
   return v[std::min(v.size() - 1, size_t(q * (v.size() - 1) + 0.5))];
 }
 
-int main(int argc, char** argv) {
+template <int STAGES>
+int run(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s B S SPLITS [Hq Hkv PAGE DYNAMIC]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s B S SPLITS [Hq Hkv PAGE STAGES]\n", argv[0]);
     return 2;
   }
   const int B = std::atoi(argv[1]), S = std::atoi(argv[2]), splits = std::atoi(argv[3]);
   const int Hq = argc > 4 ? std::atoi(argv[4]) : 32, Hkv = argc > 5 ? std::atoi(argv[5]) : 8;
   constexpr int D = 128;
   const int PAGE = argc > 6 ? std::atoi(argv[6]) : 16;
-  const bool dynamic = argc > 7 && std::atoi(argv[7]) != 0;
-  using Cfg = kvcore::GqaDecodeConfig<D>;
+  using Cfg = kvcore::GqaDecodeConfig<D, STAGES>;
   const int pages_per_seq = (S + PAGE - 1) / PAGE, num_pages = B * pages_per_seq;
   const size_t cache_elems = size_t(num_pages) * PAGE * Hkv * D;
 
@@ -89,8 +89,8 @@ int main(int argc, char** argv) {
   const size_t pairs = size_t(B) * Hkv;
   unsigned* counters;
   float *plse, *pout;
-  CHECK(cudaMalloc(&counters, pairs * 8));
-  CHECK(cudaMemset(counters, 0, pairs * 8));
+  CHECK(cudaMalloc(&counters, pairs * 4));
+  CHECK(cudaMemset(counters, 0, pairs * 4));
   CHECK(cudaMalloc(&plse, pairs * splits * group * 4));
   CHECK(cudaMalloc(&pout, pairs * splits * group * D * 4));
 
@@ -107,7 +107,6 @@ int main(int argc, char** argv) {
   p.partial_out = pout;
   p.partial_lse = plse;
   p.counters = counters;
-  p.cursors = dynamic && splits > 1 ? counters + pairs : nullptr;
   p.num_kv_heads = Hkv;
   p.group = group;
   p.page_size = PAGE;
@@ -115,15 +114,15 @@ int main(int argc, char** argv) {
   p.num_pages = num_pages;
   p.max_pages = pages_per_seq;
   p.num_splits = splits;
-  const int total_chunks = (S + Cfg::CHUNK - 1) / Cfg::CHUNK;
-  p.chunks_per_split = (total_chunks + splits - 1) / splits;
+  const int split_tokens = (S + splits - 1) / splits;
+  p.split_tokens = (split_tokens + Cfg::TILE - 1) / Cfg::TILE * Cfg::TILE;
   p.window_left = -1;
   p.scale = 0.08838834764831845f;
   p.soft_cap = 0.f;
 
   auto kernel = kvcore::gqa_decode_kernel<bf16, Cfg>;
   CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
-  const dim3 grid(Hkv, B, splits);
+  const dim3 grid(Hkv, splits, B);
   const size_t ctas = size_t(grid.x) * grid.y * grid.z;
 
   const size_t flush_n = (256u << 20) / 16;
@@ -158,8 +157,8 @@ int main(int argc, char** argv) {
   const double us = time_it([&] { kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(p); }, 50);
   CHECK(cudaGetLastError());
   const double bytes = 2.0 * B * S * Hkv * D * 2;
-  std::printf("B%d S%d Hq%d Hkv%d page %d splits %d%s: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; plain read of K and V %.0f GB/s)\n",
-              B, S, Hq, Hkv, PAGE, splits, dynamic ? " dynamic" : "", ctas, us, bytes / us * 1e-3, empty_us, bytes / read_us * 1e-3);
+  std::printf("B%d S%d Hq%d Hkv%d page %d splits %d, %d stages: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; plain read of K and V %.0f GB/s)\n",
+              B, S, Hq, Hkv, PAGE, splits, STAGES, ctas, us, bytes / us * 1e-3, empty_us, bytes / read_us * 1e-3);
 
   unsigned long long* trace;
   const int tiles = std::min(4096, (S + Cfg::TILE - 1) / Cfg::TILE), stride = 4 + tiles;
@@ -206,4 +205,15 @@ int main(int argc, char** argv) {
   for (int w = 0; w < nwin; ++w) std::printf(" %.0f", win[w] / 10e-6 / 1e9);
   std::printf("\n");
   return 0;
+}
+
+int main(int argc, char** argv) {
+  const int stages = argc > 7 ? std::atoi(argv[7]) : 3;
+  switch (stages) {
+    case 2: return run<2>(argc, argv);
+    case 3: return run<3>(argc, argv);
+    case 4: return run<4>(argc, argv);
+    case 6: return run<6>(argc, argv);
+    default: std::fprintf(stderr, "stages must be 2, 3, 4 or 6\n"); return 2;
+  }
 }

@@ -17,10 +17,8 @@ namespace kvcore {
 namespace {
 
 constexpr int kMaxSplits = 256;
-// Leading workspace bytes that hold the per-(sequence, KV head) arrival counters (first half)
-// and dynamic chunk cursors (second half).
+// Leading workspace bytes that hold the per-(sequence, KV head) arrival counters.
 constexpr int64_t kCounterBytes = int64_t(1) << 20;
-constexpr int64_t kMaxSplitPairs = kCounterBytes / 8;
 // A split shorter than this spends more on its prologue and on the merge than it saves.
 constexpr int kMinSplitTokens = 256;
 
@@ -72,40 +70,35 @@ void launch(GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_spl
   int splits = requested_splits > 0 ? int(std::min<int64_t>(requested_splits, kMaxSplits))
                                     : choose_splits(pairs, kv_len, slots);
 
-  // Workspace layout: arrival counters [pairs] and chunk cursors [pairs] in a fixed leading
-  // region (kCounterBytes), then partial_lse [pairs, splits, group] and partial_out [pairs,
-  // splits, group, D]. Counters and cursors must stay zero between calls whatever shapes the
-  // calls have, so no call's partials may ever overlap another call's counters: hence a fixed
-  // region rather than one sized by this call.
+  // Workspace layout: arrival counters [pairs] in a fixed leading region (kCounterBytes), then
+  // partial_lse [pairs, splits, group] and partial_out [pairs, splits, group, D]. The counters
+  // must stay zero between calls whatever shapes the calls have, so no call's partials may ever
+  // overlap another call's counters: hence a fixed region rather than one sized by this call.
   auto lse_bytes = [&](int n) { return (pairs * n * s.group * 4 + 255) / 256 * 256; };
   auto bytes_for = [&](int n) { return kCounterBytes + lse_bytes(n) + pairs * n * s.group * s.head_dim * 4; };
   if (splits > 1) {
     const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
-    TORCH_CHECK(requested_splits <= 1 || (pairs <= kMaxSplitPairs && bytes_for(splits) <= have),
+    TORCH_CHECK(requested_splits <= 1 || (pairs * 4 <= kCounterBytes && bytes_for(splits) <= have),
                 "gqa_decode: num_splits=", splits, " needs a workspace of ", bytes_for(splits), " bytes and batch x "
-                "num_kv_heads <= ", kMaxSplitPairs, "; got ", have, " bytes and ", pairs);
-    if (pairs > kMaxSplitPairs) splits = 1;
+                "num_kv_heads <= ", kCounterBytes / 4, "; got ", have, " bytes and ", pairs);
+    if (pairs * 4 > kCounterBytes) splits = 1;
     while (splits > 1 && bytes_for(splits) > have) splits = std::max(1, splits / 2);
   }
-  // The KV range is cut into chunks of Cfg::CHUNK tokens. A requested split count is static
-  // (split s takes a fixed run of chunks, so the output is bitwise reproducible); a chosen one
-  // is dynamic (splits take chunks from a per-pair cursor, so fast CTAs take more).
-  const int64_t total_chunks = std::max<int64_t>(1, (kv_len + Cfg::CHUNK - 1) / Cfg::CHUNK);
-  if (requested_splits <= 0) splits = int(std::min<int64_t>(splits, total_chunks));
-  const int64_t chunks_per_split = (total_chunks + splits - 1) / splits;
+  // Each split covers a whole number of tiles; recompute the count that covers kv_len.
+  int64_t split_tokens = (kv_len + splits - 1) / splits;
+  split_tokens = std::max<int64_t>(Cfg::TILE, (split_tokens + Cfg::TILE - 1) / Cfg::TILE * Cfg::TILE);
+  if (requested_splits <= 0) splits = int(std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens));
   p.num_splits = splits;
-  p.chunks_per_split = int(chunks_per_split);
-  p.cursors = nullptr;
+  p.split_tokens = int(split_tokens);
   if (splits > 1) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
     p.counters = reinterpret_cast<unsigned*>(base);
-    if (requested_splits <= 0) p.cursors = reinterpret_cast<unsigned*>(base + kCounterBytes / 2);
     p.partial_lse = reinterpret_cast<float*>(base + kCounterBytes);
     p.partial_out = reinterpret_cast<float*>(base + kCounterBytes + lse_bytes(splits));
   }
-  // Splits vary slowest over the grid: CTAs past the first wave are extra splits of every pair.
-  TORCH_CHECK(s.batch <= 65535, "gqa_decode (CUDA): batch must be <= 65535, got ", s.batch);
-  const dim3 grid(s.num_kv_heads, s.batch, splits);
+  // KV heads vary fastest over the grid: the CTAs of one (sequence, split) read interleaved rows
+  // of the same pages at about the same time, which keeps DRAM row-buffer locality.
+  const dim3 grid(s.num_kv_heads, splits, s.batch);
   kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

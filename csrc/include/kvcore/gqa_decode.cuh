@@ -43,18 +43,16 @@ struct GqaDecodeParams {
   float* partial_out;  // [B, Hkv, num_splits, group, D]
   float* partial_lse;  // [B, Hkv, num_splits, group], log2 domain
   unsigned* counters;  // [B, Hkv], zero between launches
-  // Dynamic chunk cursors [B, Hkv], zero between launches, or nullptr for the static split
-  // (split s takes chunks [s * chunks_per_split, (s + 1) * chunks_per_split): reproducible).
-  unsigned* cursors;
   int num_kv_heads, group, page_size, page_shift, num_pages, max_pages;  // page_shift < 0: not a power of 2
-  int num_splits, chunks_per_split;
+  int num_splits, split_tokens;  // split_tokens: KV positions per split, a multiple of the tile
   int window_left;               // < 0: none
   float scale;                   // softmax scale
   float soft_cap;                // > 0: logits = cap * tanh(scale q.k / cap)
-  // Timestamps per CTA for bench/experiments/decode_trace.cu; compiled in only with
-  // KVCORE_DECODE_TRACE (the library never sets it).
-  unsigned long long* trace;  // [grid CTAs][4 + trace_tiles]: entry, first tile landed, loop
-  int trace_tiles;            // done, exit, then the time each tile landed (first trace_tiles)
+  // Per-CTA timestamps for bench/experiments/decode_trace.cu, compiled in only with
+  // KVCORE_DECODE_TRACE (the library never sets them): entry, first tile landed, loop done,
+  // exit, then the time each of the first trace_tiles tiles landed.
+  unsigned long long* trace;  // [grid CTAs][4 + trace_tiles]
+  int trace_tiles;
 };
 
 #ifdef KVCORE_DECODE_TRACE
@@ -73,7 +71,9 @@ struct GqaDecodeParams {
   } while (0)
 #endif
 
-template <int D_>
+// STAGES_ = 0 picks the ring depth from the head dim (the library's choice); experiments may
+// force another.
+template <int D_, int STAGES_ = 0>
 struct GqaDecodeConfig {
   static constexpr int D = D_;
   static constexpr int WARPS = 4;
@@ -82,11 +82,7 @@ struct GqaDecodeConfig {
   static constexpr int WARP_TOKENS = 16;          // tokens per warp per tile
   static constexpr int TILE = WARPS * WARP_TOKENS;
   static constexpr int TD = D / 8;                // 16-byte chunks per row
-  static constexpr int STAGES = D <= 64 ? 4 : (D <= 128 ? 3 : 2);
-  // Work unit handed out to the split CTAs of a (sequence, KV head): STAGES - 1 tiles, so the
-  // tiles a CTA issues before its first wait all lie in its first, statically known chunk.
-  static constexpr int CHUNK_TILES = STAGES - 1;
-  static constexpr int CHUNK = CHUNK_TILES * TILE;
+  static constexpr int STAGES = STAGES_ > 0 ? STAGES_ : (D <= 64 ? 4 : (D <= 128 ? 3 : 2));
   static constexpr int LOADS = TILE * TD / THREADS;  // 16-byte copies per thread per tensor per tile
   static constexpr size_t SMEM_Q = size_t(ROWS) * D * 2;
   static constexpr size_t SMEM_TILES = size_t(STAGES) * TILE * D * 2 * 2;
@@ -113,44 +109,19 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   T* const sV = sK + STAGES * TILE * D;
   float* const sMerge = reinterpret_cast<float*>(smem_raw + Cfg::SMEM_Q);  // reuses the ring at the end
 
-  // Splits are the slowest grid dimension, so CTAs beyond the first wave are extra splits of
-  // every pair: with dynamic chunks they help whichever pairs still have work.
-  const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z;
+  const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   KVCORE_TRACE(p, 0);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = p.group;
-  const int64_t pair = int64_t(b) * p.num_kv_heads + kvh;
 
-  // ---- this CTA's work: a stream of chunks of the pair's KV range ------------------------------
-  // The range [lo, hi) of positions is split into chunks of CHUNK tokens. Static mode: split s
-  // streams chunks s*cps .. s*cps + cps - 1. Dynamic mode (cursors != nullptr): split s starts with
-  // chunk s and then takes chunks num_splits, num_splits + 1, ... from a per-pair atomic cursor,
-  // so CTAs that stream faster take more chunks and all splits of a pair end together (one wave
-  // of CTAs streams at rates up to +-10% apart; statically that spread was the kernel's tail).
-  // Chunk ids of the stream's slots live in a small shared ring, written by thread 0 LOOK slots
-  // ahead of use so the atomic's latency is hidden behind the tiles of earlier slots.
+  // ---- this CTA's KV range -------------------------------------------------------------------
   // Everything read from memory is clamped, so bad index contents give wrong numbers but never
   // an out-of-bounds access (the Python wrapper validates them when validation is on).
-  constexpr int CT = Cfg::CHUNK_TILES, CHUNK = Cfg::CHUNK, LOOK = 4, QN = 8;
-  static_assert(LOOK < QN && (LOOK - 1) * CT >= STAGES + 1, "chunk ids must be published before use");
-  __shared__ int chunk_q[QN];
-  const bool dynamic = p.cursors != nullptr;
-  auto next_chunk = [&](int k) -> int {  // chunk id of stream slot k >= 1 (thread 0 only)
-    if (dynamic) return p.num_splits + int(atomicAdd(p.cursors + pair, 1u));
-    return k < p.chunks_per_split ? split * p.chunks_per_split + k : INT_MAX;
-  };
-  int pending = 0;  // thread 0: chunk id of slot k + LOOK, grabbed at the start of slot k
-  int grabbed[LOOK - 1];
-  if (tid == 0) {
-#pragma unroll
-    for (int k = 1; k < LOOK; ++k) grabbed[k - 1] = next_chunk(k);
-  }
-
+  // Without a sliding window a split's first position does not depend on seq_len, so its first
+  // pages are fetched before seq_len arrives: the two loads overlap instead of chaining.
   const int capacity = p.max_pages * p.page_size;
-  const int seq_len = min(max(__ldg(p.seq_lens + b), 0), capacity);
-  const int lo = p.window_left >= 0 ? max(0, seq_len - 1 - p.window_left) : 0, hi = seq_len;
-  const int nchunks = (hi - lo + CHUNK - 1) / CHUNK;
-  const int first_chunk = dynamic ? split : split * p.chunks_per_split;
+  const int seq_len_raw = __ldg(p.seq_lens + b);
+  int start = split * p.split_tokens, end = 0;  // end: set once seq_len is known
   const int* bt = p.block_table + int64_t(b) * p.max_pages;
   const T* const kbase = static_cast<const T*>(p.k_cache) + int64_t(kvh) * D;
   const T* const vbase = static_cast<const T*>(p.v_cache) + int64_t(kvh) * D;
@@ -158,48 +129,47 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   const int copy_chunk = tid % TD;  // every copy of this thread is the same chunk of its rows
   auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
   auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
-  // First position of stream tile t, or INT_MAX once the stream has ended. Slot 0's chunk is
-  // known without the ring (the prologue uses it before the ring is published).
-  auto tile_pos = [&](int t) -> int {
-    const int c = t < CT ? first_chunk : chunk_q[(t / CT) % QN];
-    return c < nchunks ? lo + c * CHUNK + (t % CT) * TILE : INT_MAX;
-  };
 
   // Page of each row this thread copies for tile t (read a tile ahead of the copies). Positions
-  // are clamped to the block table; rows past seq_len are zero-filled by the copy.
+  // are clamped to the block table, not to seq_len, so this can run before seq_len is known;
+  // rows past seq_len are zero-filled by the copy whatever page they name.
   auto fetch_pages = [&](int t, int (&pg)[LOADS]) {
-    const int base = min(tile_pos(t), capacity);
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
-      const int pos = min(base + (tid + i * Cfg::THREADS) / TD, capacity - 1);
+      const int pos = min(start + t * TILE + (tid + i * Cfg::THREADS) / TD, capacity - 1);
       pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
     }
   };
   auto issue_copies = [&](int t, const int (&pg)[LOADS]) {
-    const int base = tile_pos(t);
-    if (base == INT_MAX) return;
     const int stage = t % STAGES;
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       const int row = (tid + i * Cfg::THREADS) / TD;
-      const int pos = base + row;
-      const bool valid = pos < hi;
+      const int pos = start + t * TILE + row;
+      const bool valid = pos < end;
       const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
-      const int64_t off = int64_t(in_page(min(pos, hi - 1))) * row_stride + copy_chunk * 8;
+      const int64_t off = int64_t(in_page(min(pos, end - 1))) * row_stride + copy_chunk * 8;
       const int s_off = stage * TILE * D + swz<TD>(row, copy_chunk);
       cp_async_16(sK + s_off, kbase + page * p.k_page_stride + off, valid);
       cp_async_16(sV + s_off, vbase + page * p.v_page_stride + off, valid);
     }
   };
 
-  // ---- start the copies of the first chunk, then stage the group's queries (rows >= group are 0)
+  // ---- start the copies, then stage the group's queries (rows >= group are zero) --------------
   int pages[LOADS];
-  fetch_pages(0, pages);
+  if (p.window_left < 0) fetch_pages(0, pages);
+  const int seq_len = min(max(seq_len_raw, 0), capacity);
+  if (p.window_left >= 0) {
+    start += max(0, seq_len - 1 - p.window_left);
+    fetch_pages(0, pages);
+  }
+  end = min(seq_len, start + p.split_tokens);
+  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
 #pragma unroll
-  for (int t = 0; t < STAGES - 1; ++t) {
-    issue_copies(t, pages);
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) issue_copies(s, pages);
     cp_async_commit();
-    if (t + 1 < STAGES - 1) fetch_pages(t + 1, pages);
+    fetch_pages(s + 1, pages);
   }
   for (int i = tid; i < ROWS * TD; i += Cfg::THREADS) {
     const int row = i / TD, chunk = i % TD;
@@ -209,13 +179,6 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
                                           int64_t(kvh * group + row) * p.q_stride_h + chunk * 8);
     *reinterpret_cast<uint4*>(sQ + swz<TD>(row, chunk)) = v;
   }
-  if (tid == 0) {
-    chunk_q[0] = first_chunk;
-#pragma unroll
-    for (int k = 1; k < LOOK; ++k) chunk_q[k] = grabbed[k - 1];
-  }
-  __syncthreads();  // the chunk ring (slots 0 .. LOOK-1) is published
-  fetch_pages(STAGES - 1, pages);
 
   // Lane roles in the mma fragments: rows r0 = lane/4 and r0 + 8; token/column pair (lane%4)*2.
   const int r0 = lane >> 2, cpair = (lane & 3) * 2;
@@ -225,20 +188,12 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
-  for (int t = 0;; ++t) {
+  for (int t = 0; t < num_tiles; ++t) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // tile t landed for every thread; stage (t-1) % STAGES is free again
-    const int tile0 = tile_pos(t);
-    if (tile0 == INT_MAX) break;  // uniform: every thread reads the same published ring entry
     if (t == 0) KVCORE_TRACE(p, 1);
     if (t < p.trace_tiles) KVCORE_TRACE(p, 4 + t);
-    if (tid == 0 && t % CT == 0) {
-      // Start of slot k: publish slot k-1+LOOK (grabbed a slot ago), grab slot k+LOOK.
-      const int k = t / CT;
-      if (k > 0) chunk_q[(k - 1 + LOOK) % QN] = pending;
-      pending = next_chunk(k + LOOK);
-    }
-    issue_copies(t + STAGES - 1, pages);
+    if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
     cp_async_commit();
     fetch_pages(t + STAGES, pages);
 
@@ -263,14 +218,14 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     }
 
     // Scale (or soft-cap) into the log2 domain, mask rows past the end, online-softmax update.
-    const int tok0 = tile0 + wrow + cpair;
+    const int tok0 = start + t * TILE + wrow + cpair;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         float x = s[nt][i] * s_scale;
         if (p.soft_cap > 0.f) x = p.soft_cap * tanhf(x / p.soft_cap) * kLog2e;
-        s[nt][i] = (tok0 + nt * 8 + (i & 1) < hi) ? x : -INFINITY;
+        s[nt][i] = (tok0 + nt * 8 + (i & 1) < end) ? x : -INFINITY;
       }
     float alpha[2];
 #pragma unroll
@@ -340,6 +295,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   }
   __syncthreads();
 
+  const int64_t pair = int64_t(b) * p.num_kv_heads + kvh;
   for (int item = tid; item < group * TD; item += Cfg::THREADS) {
     const int h = item / TD, c = (item % TD) * 8;
     float mx = -INFINITY;
@@ -389,27 +345,10 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   }
   __threadfence();
 
-  // The partial outputs of the pair come into shared memory by cp.async, as many splits per
-  // batch as fit (usually all), so the merge waits for one round trip per batch rather than one
-  // per few splits; the weights are computed from the partial lse meanwhile.
-  // Layout after the Q tile: weights [group][num_splits + 1] (weights, then their sum), then the
-  // batch buffer [splits of the batch][group][D].
-  const int ns = p.num_splits;
+  // Weights of each split's partial per head, through shared memory: [group][num_splits + 1]
+  // (weights, then their sum).
   float* const wgt = sMerge;
-  const int wgt_floats = (group * (ns + 1) + 3) & ~3;
-  float* const buf = sMerge + wgt_floats;
-  constexpr int kMergeFloats = int((Cfg::SMEM_BYTES - Cfg::SMEM_Q) / sizeof(float));
-  const int per_split = group * D;
-  const int batch = max(1, (kMergeFloats - wgt_floats) / per_split);
-  const float* pout = p.partial_out + pair * ns * per_split;
-  auto load_batch = [&](int s0) {
-    const int n4 = min(batch, ns - s0) * per_split / 4;
-    const float* src = pout + int64_t(s0) * per_split;
-    for (int i = tid; i < n4; i += Cfg::THREADS) cp_async_16(buf + i * 4, src + i * 4, true);
-    cp_async_commit();
-  };
-  load_batch(0);
-
+  const int ns = p.num_splits;
   const float* plse = p.partial_lse + pair * ns * group;
   for (int h = warp; h < group; h += WARPS) {
     float mx = -INFINITY;
@@ -429,47 +368,26 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       if (p.lse != nullptr) p.lse[pair * group + h] = sum > 0.f ? (base + log2f(sum)) * kLn2 : -INFINITY;
     }
   }
-  // Each thread combines 4 output elements (a float4) of one head across the splits.
-  constexpr int kItems = (Cfg::ROWS * D / 4 + Cfg::THREADS - 1) / Cfg::THREADS;
-  float4 acc[kItems];
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) acc[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s0 = 0; s0 < ns; s0 += batch) {
-    cp_async_wait<0>();
-    __syncthreads();  // the batch and (first time) the weights are in shared memory
-    const int nb = min(batch, ns - s0);
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int item = tid + i * Cfg::THREADS;
-      if (item >= group * (D / 4)) break;
-      const int h = item / (D / 4), c = (item % (D / 4)) * 4;
-      const float* wh = wgt + h * (ns + 1) + s0;
-      for (int s = 0; s < nb; ++s) {
-        const float ws = wh[s];
-        const float4 v = *reinterpret_cast<const float4*>(buf + (s * group + h) * D + c);
-        acc[i].x = fmaf(ws, v.x, acc[i].x);
-        acc[i].y = fmaf(ws, v.y, acc[i].y);
-        acc[i].z = fmaf(ws, v.z, acc[i].z);
-        acc[i].w = fmaf(ws, v.w, acc[i].w);
-      }
-    }
-    if (s0 + batch < ns) {
-      __syncthreads();  // everyone is done with the buffer
-      load_batch(s0 + batch);
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int item = tid + i * Cfg::THREADS;
-    if (item >= group * (D / 4)) break;
+  __syncthreads();
+  // Each thread combines 4 output elements of one head across all splits.
+  const float* pout = p.partial_out + pair * ns * group * D;
+  for (int item = tid; item < group * (D / 4); item += Cfg::THREADS) {
     const int h = item / (D / 4), c = (item % (D / 4)) * 4;
-    const float sum = wgt[h * (ns + 1) + ns];
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float* wh = wgt + h * (ns + 1);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s = 0; s < ns; ++s) {
+      const float ws = wh[s];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s) * group + h) * D + c));
+      acc.x = fmaf(ws, v.x, acc.x);
+      acc.y = fmaf(ws, v.y, acc.y);
+      acc.z = fmaf(ws, v.z, acc.z);
+      acc.w = fmaf(ws, v.w, acc.w);
+    }
+    const float inv = wh[ns] > 0.f ? 1.f / wh[ns] : 0.f;
     T* dst = static_cast<T*>(p.out) + (pair * group + h) * D + c;
-    *reinterpret_cast<uint2*>(dst) =
-        make_uint2(pack2(acc[i].x * inv, acc[i].y * inv, T{}), pack2(acc[i].z * inv, acc[i].w * inv, T{}));
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
   }
-  if (tid == 0 && dynamic) p.cursors[pair] = 0u;
   if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
   KVCORE_TRACE(p, 3);
 }
