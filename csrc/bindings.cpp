@@ -36,4 +36,22 @@ TORCH_LIBRARY(kvcore, m) {
   m.def(
       "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b, "
       "Tensor(a!) out, Tensor(b!) lse) -> ()");
+
+  // Block-sparse decode: like gqa_decode (same q, caches, block_table, seq_lens, out, lse,
+  // workspace, num_splits), but each (sequence b, KV head h) attends only to the tokens of the
+  // pages it selects, and all query heads of the KV group share that selection.
+  //   sel_pages [B, Hkv, max_sel] int32: LOGICAL page numbers j (tokens j*page_size ..
+  //   j*page_size + page_size - 1 of the sequence, read through block_table[b, j]);
+  //   sel_counts [B, Hkv] int32 in [0, max_sel]: only sel_pages[b, h, :sel_counts[b, h]] are
+  //   read, entries past the count may hold anything. The keys of (b, h) are the positions p
+  //   with p // page_size in the listed pages and p < seq_lens[b] (a partial last page is cut at
+  //   seq_len); listed order does not matter. A page must be listed at most once and lie in
+  //   [0, ceil(seq_len / page_size)) (checked by the Python wrapper when validation is on; the
+  //   kernels clamp every index and skip positions >= seq_len). An empty selection gives out 0,
+  //   lse -inf. logit_soft_cap > 0: logits = cap * tanh(scale * q.k / cap). Sinks and a local
+  //   window are pages in the list (kvcore.block_sparse.build_selection).
+  m.def(
+      "block_sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor sel_pages, Tensor sel_counts, float scale, float logit_soft_cap, Tensor(a!) out, "
+      "Tensor(b!)? lse, Tensor(c!)? workspace, int num_splits) -> ()");
 }

@@ -441,3 +441,156 @@ def test_cli_help_and_bad_impl(capsys):
         timeout=120,
     )
     assert bad.returncode != 0 and "unknown --impl" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# block group (block-sparse decode)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def block_bench():
+    pkg = _load_bench()
+    return importlib.import_module(pkg.__name__ + ".block_sparse")
+
+
+def test_block_case_accounting(block_bench):
+    case = block_bench.BlockSparseCase(16, 32, 8, 128, 32768, page_size=16)
+    assert case.name == "B16 Hq32 Hkv8 D128 S32768 page16 sel37x128"
+    assert case.selected_tokens == 37 * 128
+    assert case.nbytes == 16 * 8 * 37 * 128 * 128 * 2 * 2 + 2 * 16 * 32 * 128 * 2
+    assert case.flops == 4 * 16 * 32 * 37 * 128 * 128
+    with pytest.raises(ValueError):
+        block_bench.BlockSparseCase(1, 8, 2, 64, 1000)  # not a whole number of blocks
+    with pytest.raises(ValueError):
+        block_bench.BlockSparseCase(1, 8, 2, 64, 1024, blocks=9)  # only 8 blocks exist
+    quick = block_bench.cases(torch.device("cpu"), quick=True)
+    assert quick and all(c.seq_len <= 4096 for c in quick)
+    assert block_bench.GROUP == "block"
+
+
+def test_block_grid_on_gpu_matches_issue(block_bench):
+    names = [c.name for c in block_bench.cases(torch.device("cuda"), quick=False)]
+    assert names == [
+        "B16 Hq32 Hkv8 D128 S32768 page128 sel37x128",
+        "B16 Hq32 Hkv8 D128 S32768 page16 sel37x128",
+        "B1 Hq32 Hkv8 D128 S131072 page128 sel37x128",
+        "B1 Hq32 Hkv8 D128 S131072 page16 sel37x128",
+    ]
+    # The issue's byte counts: 310 MB at B16 S32768 and 19 MB at B1 S131072 (selected K/V).
+    cases = block_bench.cases(torch.device("cuda"), quick=False)
+    assert int(cases[0].nbytes / 1e6) == 310 and int(cases[2].nbytes / 1e6) == 19
+
+
+@pytest.mark.parametrize("page_size", [128, 16])
+def test_block_inputs_select_distinct_blocks(block_bench, page_size):
+    case = block_bench.BlockSparseCase(2, 8, 2, 64, 1024, page_size=page_size, blocks=3, dtype=torch.float32)
+    inp = block_bench.make_inputs(case, torch.device("cpu"), seed=3)
+    per_block = 128 // page_size
+    assert inp.sel_pages.shape == (2, 2, 3 * per_block) and bool((inp.sel_counts == 3 * per_block).all())
+    for b in range(2):
+        for h in range(2):
+            blocks = inp.blocks[b, h].tolist()
+            assert len(set(blocks)) == 3 and blocks == sorted(blocks)
+            expected = [x * per_block + i for x in blocks for i in range(per_block)]
+            assert inp.sel_pages[b, h].tolist() == expected
+    # gather_selected reads the selected tokens of each head from the paged cache.
+    k_sel, v_sel = inp.gather_selected()
+    k_all, v_all = inp.contiguous_kv()
+    for b in range(2):
+        for h in range(2):
+            pos = torch.cat([torch.arange(x * 128, (x + 1) * 128) for x in inp.blocks[b, h].tolist()])
+            assert torch.equal(k_sel[b, h], k_all[b, h, pos]) and torch.equal(v_sel[b, h], v_all[b, h, pos])
+
+
+@pytest.mark.parametrize("page_size", [128, 16])
+def test_block_bsr_layout_for_flashinfer(block_bench, page_size):
+    """The BSR form handed to FlashInfer, evaluated here in plain torch, is the same attention."""
+    case = block_bench.BlockSparseCase(2, 8, 2, 64, 1024, page_size=page_size, blocks=3, dtype=torch.float32)
+    inp = block_bench.make_inputs(case, torch.device("cpu"), seed=4)
+    lay = block_bench.bsr_layout(inp)
+    assert lay.R == 1 and lay.C == page_size and lay.num_kv_heads == 1 and lay.M == 4 and lay.q.shape == (4, 4, 64)
+    out = torch.empty(lay.M, lay.num_qo_heads, 64)
+    for row in range(lay.M):
+        blocks = lay.indices[lay.indptr[row] : lay.indptr[row + 1]].long()
+        keys = (blocks.view(-1, 1) * lay.C + torch.arange(lay.C)).flatten()
+        assert int(keys.max()) < lay.N
+        k, v = lay.k[keys, 0], lay.v[keys, 0]
+        p = torch.softmax(lay.q[row] @ k.T * inp.scale, dim=-1)
+        out[row] = p @ v
+    torch.testing.assert_close(out.view(2, 8, 64), block_bench.reference_output(inp), atol=1e-5, rtol=1e-5)
+
+
+def _fake_block_kvcore(mode: str):
+    """A stand-in kvcore whose block_sparse_decode is right, wrong or missing."""
+    state = {"validation": True}
+    mod = types.ModuleType("kvcore")
+    mod.gqa_decode = lambda *a, **k: None  # peers.import_kvcore looks for it
+
+    def block_sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel_pages, sel_counts, *, scale, out,
+                            workspace=None):
+        b, hkv, n = sel_pages.shape
+        phys = block_table.long().gather(1, sel_pages.reshape(b, -1).long()).view(b, hkv, n)
+        heads = torch.arange(hkv).view(1, hkv, 1)
+        k = k_cache.permute(0, 2, 1, 3)[phys, heads].reshape(b, hkv, -1, q.shape[2])
+        v = v_cache.permute(0, 2, 1, 3)[phys, heads].reshape(b, hkv, -1, q.shape[2])
+        res = _grouped(q, k, v, scale)
+        out.copy_(res + 0.25 if mode == "wrong" else res)
+        return out
+
+    def set_validation(enabled):
+        previous, state["validation"] = state["validation"], bool(enabled)
+        return previous
+
+    if mode != "missing":
+        mod.block_sparse_decode = block_sparse_decode
+    mod.set_validation = set_validation
+    mod.decode_workspace = lambda device: None
+    mod.state = state
+    return mod
+
+
+@pytest.mark.parametrize("mode", ["right", "wrong", "missing"])
+def test_block_run_checks_before_timing(bench, block_bench, monkeypatch, mode):
+    fake = _fake_block_kvcore(mode)
+    monkeypatch.setitem(sys.modules, "kvcore", fake)
+    case = block_bench.BlockSparseCase(2, 8, 2, 64, 1024, page_size=16, blocks=3, dtype=torch.float32)
+    rows = block_bench.run(case, ["kvcore", "torch", "gather+sdpa", "flashinfer"], _ctx(bench))
+    assert [r["impl"] for r in rows] == ["kvcore", "torch", "gather+sdpa", "flashinfer"]
+    assert all(r["group"] == "block" and r["case"] == case.name for r in rows)
+    for r in rows[1:3]:
+        assert "error" not in r and r["ms"] > 0
+        assert math.isclose(r["gbps"], case.nbytes / (r["ms"] * 1e-3) / 1e9, rel_tol=2e-3)
+    assert rows[3]["ms"] is None and rows[3]["notes"].startswith("skipped:")  # no CUDA here
+    kv = rows[0]
+    if mode == "right":
+        assert "error" not in kv and kv["ms"] > 0
+        assert fake.state["validation"] is True  # turned off for timing, then restored
+    elif mode == "wrong":
+        assert kv["ms"] is None and "max abs error" in kv["error"]
+    else:
+        assert kv["ms"] is None and "no block_sparse_decode" in kv["notes"]
+
+
+@needs_kvcore
+def test_block_group_cpu_end_to_end(tmp_path):
+    from kvcore.bench.__main__ import main
+
+    result = main(["--group", "block", "--device", "cpu", "--out", str(tmp_path), "--no-plot"])
+    (json_path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    data = json.loads(json_path.read_text())
+    assert data == json.loads(json.dumps(result))
+    for key in ("gpu", "torch", "date", "copy_gbps", "gemm_tflops", "rows"):
+        assert key in data
+    cases = {c.name for c in importlib.import_module("kvcore.bench.block_sparse").cases(torch.device("cpu"), True)}
+    assert {r["case"] for r in data["rows"]} == cases
+    assert {r["group"] for r in data["rows"]} == {"block"}
+    for impl in ("kvcore", "gather+sdpa", "torch"):
+        timed = [r for r in data["rows"] if r["impl"] == impl]
+        assert {r["case"] for r in timed} == cases
+        for r in timed:
+            assert "error" not in r, r
+            assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0, r
+    for r in data["rows"]:
+        if r["impl"] == "flex_attention":  # eager on CPU: timed, or skipped with the reason
+            assert "error" not in r and (r["ms"] or r["notes"].startswith("skipped:")), r

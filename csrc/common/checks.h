@@ -179,4 +179,38 @@ inline MergeShape check_merge(const at::Tensor& out_a, const at::Tensor& lse_a, 
   return {out_a.size(0), out_a.size(1), out_a.size(2)};
 }
 
+// Shapes of a block_sparse_decode call: the paged-decode shapes plus the selection's width.
+struct BlockSparseDecodeShape {
+  PagedDecodeShape paged;
+  int64_t max_sel;
+};
+
+// The paged-decode checks, then the selection: sel_pages [batch, num_kv_heads, max_sel] int32
+// (logical page numbers) and sel_counts [batch, num_kv_heads] int32, contiguous, on q's device.
+// max_sel may be 0 (every selection empty). Their *contents* are checked by the Python wrapper.
+inline BlockSparseDecodeShape check_block_sparse_decode(const at::Tensor& q, const at::Tensor& k_cache,
+                                                        const at::Tensor& v_cache, const at::Tensor& block_table,
+                                                        const at::Tensor& seq_lens, const at::Tensor& sel_pages,
+                                                        const at::Tensor& sel_counts, const at::Tensor& out,
+                                                        const c10::optional<at::Tensor>& lse) {
+  BlockSparseDecodeShape s{};
+  s.paged = check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, lse);
+  check_rank(sel_pages, 3, "sel_pages", "[batch, num_kv_heads, max_sel]");
+  check_rank(sel_counts, 2, "sel_counts", "[batch, num_kv_heads]");
+  check_same_device(sel_pages, q, "sel_pages", "q");
+  check_same_device(sel_counts, q, "sel_counts", "q");
+  check_dtype(sel_pages, at::kInt, "sel_pages");
+  check_dtype(sel_counts, at::kInt, "sel_counts");
+  TORCH_CHECK(sel_pages.size(0) == s.paged.batch && sel_pages.size(1) == s.paged.num_kv_heads,
+              "sel_pages must have shape [batch, num_kv_heads, max_sel] = [", s.paged.batch, ", ",
+              s.paged.num_kv_heads, ", max_sel], got ", sel_pages.sizes());
+  TORCH_CHECK(sel_counts.size(0) == s.paged.batch && sel_counts.size(1) == s.paged.num_kv_heads,
+              "sel_counts must have shape [batch, num_kv_heads] = [", s.paged.batch, ", ", s.paged.num_kv_heads,
+              "], got ", sel_counts.sizes());
+  check_contiguous(sel_pages, "sel_pages");
+  check_contiguous(sel_counts, "sel_counts");
+  s.max_sel = sel_pages.size(2);
+  return s;
+}
+
 }  // namespace kvcore

@@ -1,7 +1,7 @@
 """kvcore: kernels for long-context LLM inference with a small KV cache.
 
 Ops (``kvcore.ops``, also importable from ``kvcore``): ``append_paged_kv``, ``gqa_decode``,
-``merge_attention_states``. The paged cache with cross-layer sharing: ``kvcore.PagedKVCache``.
+``merge_attention_states``, ``block_sparse_decode`` (selections: ``kvcore.block_sparse``). The paged cache with cross-layer sharing: ``kvcore.PagedKVCache``.
 The definition of every op: ``kvcore.reference``. Benchmarks: ``python -m kvcore.bench``.
 """
 
@@ -39,3 +39,10 @@ __all__ = [
 def cuda_kernels_built() -> bool:
     """True when this build of kvcore contains the CUDA kernels (False for a CPU-only build)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::gqa_decode", "CUDA")
+
+
+# ---- block-sparse decode (selection helpers in kvcore.block_sparse) ----
+from . import block_sparse  # noqa: E402
+from .ops import block_sparse_decode  # noqa: E402
+
+__all__ += ["block_sparse", "block_sparse_decode"]

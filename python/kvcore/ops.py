@@ -28,6 +28,7 @@ __all__ = [
     "validation_enabled",
     "decode_workspace",
     "DECODE_WORKSPACE_BYTES",
+    "block_sparse_decode",
 ]
 
 _ops = torch.ops.kvcore
@@ -272,4 +273,163 @@ def _gqa_decode_fake(q, k_cache, v_cache, block_table, seq_lens, scale, window_l
 
 @torch.library.register_fake("kvcore::merge_attention_states")
 def _merge_attention_states_fake(out_a, lse_a, out_b, lse_b, out, lse) -> None:
+    return None
+
+
+# ---- block_sparse_decode ---------------------------------------------------------------------
+
+
+def _check_selection_contents(sel_pages: torch.Tensor, sel_counts: torch.Tensor, seq_lens: torch.Tensor,
+                              page_size: int) -> None:
+    """Host check of a block-sparse selection: counts in range, pages in range, no duplicates."""
+    max_sel = sel_pages.shape[2]
+    counts = sel_counts.to(device="cpu", dtype=torch.int64)
+    bad = (counts < 0) | (counts > max_sel)
+    if bool(bad.any()):
+        b, h = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"sel_counts[{b}, {h}] = {int(counts[b, h])} must be in [0, max_sel = {max_sel}]")
+    pages = sel_pages.to(device="cpu", dtype=torch.int64)
+    live = torch.arange(max_sel).view(1, 1, -1) < counts.unsqueeze(-1)  # entries that are read
+    lens = seq_lens.to(device="cpu", dtype=torch.int64)
+    used = ((lens + page_size - 1) // page_size).view(-1, 1, 1)
+    bad = live & ((pages < 0) | (pages >= used))
+    if bool(bad.any()):
+        b, h, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"sel_pages[{b}, {h}, {j}] = {int(pages[b, h, j])} is not a page of sequence {b}: with "
+            f"seq_lens[{b}] = {int(lens[b])} and page_size {page_size} the pages are [0, {int(used[b, 0, 0])})"
+        )
+    # Duplicates: give the ignored entries distinct negative values (the live ones are >= 0 now),
+    # sort each list, and look for equal neighbours.
+    filler = -1 - torch.arange(max_sel).view(1, 1, -1).expand_as(pages)
+    ordered = torch.where(live, pages, filler).sort(dim=-1).values
+    dup = ordered[..., 1:] == ordered[..., :-1]
+    if bool(dup.any()):
+        b, h, j = (int(x) for x in dup.nonzero()[0])
+        raise ValueError(
+            f"sel_pages[{b}, {h}] lists page {int(ordered[b, h, j])} more than once (its tokens would count twice)"
+        )
+
+
+@overload
+def block_sparse_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+    sel_pages: torch.Tensor, sel_counts: torch.Tensor, *, scale: Optional[float] = ..., logit_soft_cap: float = ...,
+    out: Optional[torch.Tensor] = ..., lse: None = ..., return_lse: bool = ..., workspace: Optional[torch.Tensor] = ...,
+    num_splits: int = ...,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
+@overload
+def block_sparse_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+    sel_pages: torch.Tensor, sel_counts: torch.Tensor, *, scale: Optional[float] = ..., logit_soft_cap: float = ...,
+    out: Optional[torch.Tensor] = ..., lse: torch.Tensor, return_lse: bool = ..., workspace: Optional[torch.Tensor] = ...,
+    num_splits: int = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def block_sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sel_pages: torch.Tensor,
+    sel_counts: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    logit_soft_cap: float = 0.0,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    workspace: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+):
+    """Decode attention over selected pages: each (sequence, KV head) attends only to its list.
+
+    The engine under retrieval attention (InfLLM, Quest) and StreamingLLM-style sinks + local
+    window: sinks, retrieved blocks and the local window are all pages in one list, which
+    :func:`kvcore.block_sparse.build_selection` builds. All query heads of a KV group share the
+    group's selection, so each selected byte is read once per group. Equals attention over
+    exactly the selected tokens (:func:`kvcore.reference.block_sparse_decode`); with ``lse`` the
+    result merges with other attention through :func:`merge_attention_states`.
+
+    Args:
+        q: ``[B, num_q_heads, head_dim]``, bfloat16/float16 (float32 too on CPU); the last dim
+            must be contiguous.
+        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, q's dtype.
+        block_table: ``[B, max_pages]`` int32, the pages of each sequence in order.
+        seq_lens: ``[B]`` int32, tokens in each sequence.
+        sel_pages: ``[B, num_kv_heads, max_sel]`` int32, *logical* page numbers (indices into the
+            sequence's block-table row: page ``j`` holds positions ``j * page_size`` to
+            ``(j + 1) * page_size - 1``). Order does not matter; entries past the count are
+            ignored and may hold anything.
+        sel_counts: ``[B, num_kv_heads]`` int32 in ``[0, max_sel]``, the length of each list.
+            ``0`` (an empty selection) gives out 0 and lse -inf.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        logit_soft_cap: ``> 0`` applies ``cap * tanh(logit / cap)`` to the scaled logits.
+        out: optional preallocated ``[B, num_q_heads, head_dim]`` output (q's dtype).
+        lse: optional preallocated ``[B, num_q_heads]`` float32 log-sum-exp (natural log) of the
+            logits; returned as well when given or when ``return_lse``.
+        workspace: CUDA split-KV scratch (uint8, zero-filled once); default: the shared
+            per-device buffer (:func:`decode_workspace`). Ignored on CPU.
+        num_splits: ``0`` chooses how to split each selection from the shapes; ``n > 0`` forces
+            ``n`` splits (bitwise reproducible for a given ``n``). Any value gives the same
+            attention up to rounding.
+
+    Returns:
+        ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
+
+    Raises:
+        ValueError: bad scalars; with validation on (:func:`set_validation`) also ``seq_lens``
+            or block-table pages out of range (as :func:`gqa_decode`), a count outside
+            ``[0, max_sel]``, a listed page outside ``[0, ceil(seq_len / page_size))``, or a
+            page listed twice in one list.
+        RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    if not math.isfinite(logit_soft_cap) or logit_soft_cap < 0:
+        raise ValueError(f"logit_soft_cap must be 0 (off) or a positive finite float, got {logit_soft_cap}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be 0 (automatic) or positive, got {num_splits}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    want_lse = return_lse or lse is not None
+    if return_lse and lse is None:
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    if workspace is None and q.is_cuda:
+        workspace = decode_workspace(q.device)
+    if (
+        validation_enabled()
+        and k_cache.dim() == 4
+        and block_table.dim() == 2
+        and seq_lens.dim() == 1
+        and block_table.dtype == torch.int32
+        and seq_lens.dtype == torch.int32
+        and block_table.shape[0] == seq_lens.shape[0]  # else the op's shape check names the culprit
+        and k_cache.shape[1] > 0
+    ):
+        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+        if (
+            sel_pages.dim() == 3
+            and sel_counts.dim() == 2
+            and sel_pages.dtype == torch.int32
+            and sel_counts.dtype == torch.int32
+            and sel_pages.shape[:2] == sel_counts.shape
+            and sel_counts.shape[0] == seq_lens.shape[0]
+        ):
+            _check_selection_contents(sel_pages, sel_counts, seq_lens, k_cache.shape[1])
+    _ops.block_sparse_decode(
+        q, k_cache, v_cache, block_table, seq_lens, sel_pages, sel_counts, float(scale), float(logit_soft_cap),
+        out, lse, workspace, int(num_splits),
+    )
+    return (out, lse) if want_lse else out
+
+
+@torch.library.register_fake("kvcore::block_sparse_decode")
+def _block_sparse_decode_fake(q, k_cache, v_cache, block_table, seq_lens, sel_pages, sel_counts, scale,
+                              logit_soft_cap, out, lse, workspace, num_splits) -> None:
+    torch._check(out.shape == q.shape, lambda: "out must have q's shape")
     return None

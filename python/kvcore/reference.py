@@ -24,6 +24,8 @@ from torch import Tensor
 
 __all__ = [
     "append_paged_kv",
+    "block_sparse_decode",
+    "block_sparse_positions",
     "dense_attention",
     "gather_paged",
     "gqa_decode",
@@ -303,3 +305,125 @@ def merge_attention_states(
     out = torch.where(total > 0, (part_a + part_b) / total, 0.0)
     lse = m + torch.log(total[..., 0])  # log(0) = -inf when both are empty
     return out.to(torch.float32), lse.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Block-sparse decode.
+# --------------------------------------------------------------------------------------------
+
+
+def block_sparse_positions(pages, seq_len: int, page_size: int) -> Tensor:
+    """The key positions that a list of selected logical pages covers in a sequence.
+
+    ``pages``: the selected logical page numbers (a 1-D int tensor or a list; order does not
+    matter). Returns, as a sorted 1-D int64 CPU tensor, every position ``p`` with
+    ``p // page_size`` in ``pages`` and ``p < seq_len``. Each page must lie in
+    ``[0, ceil(seq_len / page_size))`` and appear once, else ValueError.
+    """
+    pages = [int(x) for x in (pages.tolist() if isinstance(pages, Tensor) else pages)]
+    used = (seq_len + page_size - 1) // page_size
+    bad = [x for x in pages if x < 0 or x >= used]
+    if bad:
+        raise ValueError(
+            f"selected pages must be in [0, ceil(seq_len / page_size)) = [0, {used}) for seq_len {seq_len} "
+            f"and page_size {page_size}, got {bad}"
+        )
+    if len(set(pages)) != len(pages):
+        dups = sorted({x for x in pages if pages.count(x) > 1})
+        raise ValueError(f"selected pages must be listed at most once, got {dups} more than once")
+    chunks = [torch.arange(x * page_size, min((x + 1) * page_size, seq_len)) for x in sorted(pages)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.int64)
+
+
+def block_sparse_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    sel_pages: Tensor,
+    sel_counts: Tensor,
+    scale: float | None = None,
+    logit_soft_cap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """One query token per sequence attending to the selected pages of its paged KV cache.
+
+    ``q`` ``[B, Hq, D]``; caches, ``block_table`` and ``seq_lens`` as in :func:`gqa_decode`;
+    ``sel_pages`` ``[B, Hkv, max_sel]`` int (logical page numbers within the sequence, i.e.
+    indices into its block-table row); ``sel_counts`` ``[B, Hkv]`` int in ``[0, max_sel]``.
+    With ``L = seq_lens[b]`` and the selection ``S = sel_pages[b, j, :sel_counts[b, j]]`` of
+    KV head ``j`` (entries past the count are ignored), the keys of every query head ``h`` with
+    ``h // (Hq // Hkv) == j`` are the positions
+
+        p with p // page_size in S and p < L            (see block_sparse_positions)
+
+    read through the block table as in :func:`gqa_decode`; the order of ``S`` does not matter.
+    Then, with ``scale`` defaulting to ``1 / sqrt(D)``:
+
+        logits = scale * q[b, h] . k_p   (KV head j)
+        if logit_soft_cap > 0: logits = cap * tanh(logits / cap)
+        out[b, h] = softmax_p(logits) @ v_p
+        lse[b, h] = logsumexp_p(logits)               (natural log)
+
+    An empty selection gives ``out = 0`` and ``lse = -inf``. Every listed page must lie in
+    ``[0, ceil(L / page_size))`` and appear once per list (a duplicate would count its tokens
+    twice), and ``sel_counts`` must lie in ``[0, max_sel]``; otherwise ValueError.
+    Returns ``(out [B, Hq, D] float32, lse [B, Hq] float32)``.
+    """
+    _check_dim(q, 3, "q", "[batch, num_q_heads, head_dim]")
+    _check_cache_pair(k_cache, v_cache)
+    _check_dim(block_table, 2, "block_table", "[batch, max_pages]")
+    _check_dim(seq_lens, 1, "seq_lens", "[batch]")
+    _check_dim(sel_pages, 3, "sel_pages", "[batch, num_kv_heads, max_sel]")
+    _check_dim(sel_counts, 2, "sel_counts", "[batch, num_kv_heads]")
+    batch, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim:
+        raise ValueError(f"k_cache's head_dim ({cache_head_dim}) must equal q's head_dim ({head_dim})")
+    group = _check_group(num_q_heads, num_kv_heads)
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have {batch} rows (q's batch), got {block_table.shape[0]}")
+    if seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens must have {batch} entries (q's batch), got {seq_lens.shape[0]}")
+    if tuple(sel_pages.shape[:2]) != (batch, num_kv_heads):
+        raise ValueError(
+            f"sel_pages must be [{batch}, {num_kv_heads}, max_sel] (batch, num_kv_heads), got {tuple(sel_pages.shape)}"
+        )
+    if tuple(sel_counts.shape) != (batch, num_kv_heads):
+        raise ValueError(f"sel_counts must be [{batch}, {num_kv_heads}], got {tuple(sel_counts.shape)}")
+    max_sel = sel_pages.shape[2]
+
+    capacity = block_table.shape[1] * page_size
+    lens = [int(x) for x in seq_lens.tolist()]
+    for b, length in enumerate(lens):
+        if length < 0 or length > capacity:
+            raise ValueError(
+                f"seq_lens[{b}] = {length} must be in [0, max_pages * page_size = {capacity}]"
+            )
+    counts = sel_counts.to("cpu", torch.int64)
+    chosen = sel_pages.to("cpu", torch.int64)
+
+    out = torch.empty(batch, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_q_heads, dtype=torch.float32, device=q.device)
+    for b, length in enumerate(lens):
+        used_pages = block_table[b, : (length + page_size - 1) // page_size]
+        if used_pages.numel() and (bool((used_pages < 0).any()) or bool((used_pages >= num_pages).any())):
+            raise ValueError(
+                f"block_table[{b}] must hold page ids in [0, {num_pages}) for its {length} tokens, "
+                f"got {used_pages.tolist()}"
+            )
+        for j in range(num_kv_heads):
+            count = int(counts[b, j])
+            if count < 0 or count > max_sel:
+                raise ValueError(f"sel_counts[{b}, {j}] = {count} must be in [0, max_sel = {max_sel}]")
+            try:
+                positions = block_sparse_positions(chosen[b, j, :count], length, page_size)
+            except ValueError as exc:
+                raise ValueError(f"sel_pages[{b}, {j}]: {exc}") from None
+            keys = gather_paged(k_cache, block_table[b], positions)[:, j : j + 1]  # [L_sel, 1, D]
+            values = gather_paged(v_cache, block_table[b], positions)[:, j : j + 1]
+            heads = slice(j * group, (j + 1) * group)
+            o, s = dense_attention(q[b, heads], keys, values, scale=scale, logit_soft_cap=logit_soft_cap)
+            out[b, heads] = o.to(torch.float32)
+            lse[b, heads] = s.to(torch.float32)
+    return out, lse

@@ -20,6 +20,7 @@ import importlib
 
 GROUPS = {
     "decode": ".decode",
+    "block": ".block_sparse",
 }
 
 
