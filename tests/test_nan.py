@@ -38,6 +38,7 @@ import kvcore
 from conftest import HAS_CUDA, LSE_TOL, OUT_TOL, make_paged_kv, poison, randn
 from kvcore import reference
 
+_DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # CUDA split counts exercised: 1 (no split), a forced split, and the automatic choice.
 SPLITS = {"cpu": (0,), "cuda": (1, 3, 0)}
 
@@ -48,7 +49,7 @@ def _splits_params():
         marks = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")] if dev == "cuda" else []
         for dt in (torch.bfloat16, torch.float16) + ((torch.float32,) if dev == "cpu" else ()):
             for n in SPLITS[dev]:
-                params.append(pytest.param(dev, dt, n, marks=marks, id=f"{dev}-{str(dt)[6:]}-splits{n}"))
+                params.append(pytest.param(dev, dt, n, marks=marks, id=f"{dev}-{_DTYPE_IDS[dt]}-splits{n}"))
     return params
 
 
