@@ -253,3 +253,24 @@ def test_empty_sequences_mixed_with_long(device, lens, splits, gen):
         assert not torch.isnan(out).any()
         torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
         torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
+# ============================================================================================
+# scalar arguments past int32
+# ============================================================================================
+
+
+@pytest.mark.parametrize("window_left", [2**31 - 1, 2**32 + 5, 2**62], ids=["2^31-1", "2^32+5", "2^62"])
+def test_window_left_past_int32_means_no_window(device, window_left, gen):
+    """A window wider than any sequence attends to everything: a kernel that narrows the int64
+    argument to 32 bits (2^32 + 5 -> 5) would attend to 6 tokens instead."""
+    dtype = torch.bfloat16
+    lens = [300, 0, 77]
+    kv = make_paged_kv(lens, 16, 2, 64, gen=gen, dtype=dtype, device=device)
+    q = randn(3, 4, 64, gen=gen, dtype=dtype, device=device)
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(3, 4, dtype=torch.float32, device=device))
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse, window_left=window_left)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)  # no window
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
