@@ -1,20 +1,39 @@
-"""docs/bad_input.md lists exactly the bad-input cases the op tests check, op by op."""
+"""docs/bad_input.md lists exactly the bad-input cases the op tests check, op by op, and its
+matrix (op x kind of bad input) has a test in every cell."""
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import re
 
 from test_ops import BAD_APPEND, BAD_DECODE, BAD_MERGE
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "bad_input.md"
+CASES = {"gqa_decode": BAD_DECODE, "append_paged_kv": BAD_APPEND, "merge_attention_states": BAD_MERGE}
+# The kinds of bad input every op is checked against (issue 8); "other" holds the rest.
+KINDS = ["dtype", "device", "rank", "shape mismatch", "non-contiguous", "out-of-range page index",
+         "seq_len over capacity", "NaN in q (or other inputs)", "other"]
+
+
+def _section(text: str, heading: str) -> str:
+    """The text under a '## ' heading that starts with ``heading``, up to the next '## '."""
+    parts = re.split(r"^## ", text, flags=re.M)
+    found = [p for p in parts if p.startswith(heading)]
+    assert len(found) == 1, f"docs/bad_input.md needs exactly one '## {heading}...' section"
+    return found[0]
+
+
+def _table_rows(section: str) -> list[list[str]]:
+    rows = [line.strip() for line in section.splitlines() if line.strip().startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
 
 
 def test_bad_input_doc_matches_the_tests():
-    rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \| `(\w+)` \|", DOC.read_text(), flags=re.M)
+    rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \| `(\w+)` \|", _section(DOC.read_text(), "Cases"), flags=re.M)
     documented = {(op, case): error for op, case, error in rows}
     tested = {}
-    for op, cases in (("gqa_decode", BAD_DECODE), ("append_paged_kv", BAD_APPEND), ("merge_attention_states", BAD_MERGE)):
+    for op, cases in CASES.items():
         for c in cases:
             tested[(op, c.name)] = c.error.__name__
     assert documented == tested, (
@@ -22,3 +41,30 @@ def test_bad_input_doc_matches_the_tests():
         f"only tested {sorted(set(tested) - set(documented))}, "
         f"error differs {sorted(k for k in set(documented) & set(tested) if documented[k] != tested[k])}"
     )
+
+
+def _test_exists(ref: str) -> bool:
+    module, _, func = ref.partition("::")
+    return callable(getattr(importlib.import_module(module.removesuffix(".py")), func, None))
+
+
+def test_bad_input_matrix_has_a_test_in_every_cell():
+    header, _sep, *body = _table_rows(_section(DOC.read_text(), "The matrix"))
+    assert header == ["op"] + KINDS, f"matrix columns must be {['op'] + KINDS}, got {header}"
+    assert sorted(row[0] for row in body) == sorted(CASES), "the matrix needs one row per op"
+    for op, *cells in body:
+        names = {c.name for c in CASES[op]}
+        placed: dict[str, str] = {}
+        for kind, cell in zip(KINDS, cells):
+            refs = re.findall(r"`([^`]+)`", cell)
+            if not refs:
+                assert cell.startswith("n/a: ") and len(cell) > 10, f"{op} x {kind}: empty cell without an 'n/a: why'"
+                continue
+            for ref in refs:
+                if "::" in ref:
+                    assert _test_exists(ref), f"{op} x {kind}: {ref} is not a test function"
+                else:
+                    assert ref in names, f"{op} x {kind}: {ref} is not a bad-input case of {op} in tests/test_ops.py"
+                    assert ref not in placed, f"{op}: {ref} sits in two cells ({placed.get(ref)} and {kind})"
+                    placed[ref] = kind
+        assert set(placed) == names, f"{op}: cases in no matrix cell: {sorted(names - set(placed))}"

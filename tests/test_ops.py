@@ -504,6 +504,31 @@ BAD_DECODE = [
             r"block_table must be on the same device", cuda_only=True),
     BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"\bout must be on the same device", cuda_only=True),
+    # more cells of the bad-input matrix (docs/bad_input.md)
+    BadCase("q_fp32_on_cuda", lambda a, d: [setattr(a, n, getattr(a, n).float()) for n in ("q", "k_cache", "v_cache", "out")],
+            RuntimeError, r"\bq must be bfloat16 or float16 on CUDA", cuda_only=True),
+    BadCase("seq_lens_other_device", _set("seq_lens", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"seq_lens must be on the same device", cuda_only=True),
+    BadCase("lse_other_device", _set("lse", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"\blse must be on the same device", cuda_only=True),
+    BadCase("seq_lens_rank", _set("seq_lens", lambda t, a, d: t.view(3, 1)), RuntimeError, r"seq_lens must be 1-D"),
+    BadCase("out_rank", _set("out", lambda t, a, d: t[0]), RuntimeError, r"\bout must be 3-D"),
+    BadCase("v_cache_rank", _set("v_cache", lambda t, a, d: t[0]), RuntimeError, r"v_cache must be 4-D"),
+    BadCase("block_table_not_contiguous", _set("block_table", lambda t, a, d: torch.stack([t, t], dim=2)[..., 0]),
+            RuntimeError, r"block_table must be contiguous"),
+    BadCase("seq_lens_not_contiguous", _set("seq_lens", lambda t, a, d: torch.stack([t, t], dim=1)[:, 0]), RuntimeError,
+            r"seq_lens must be contiguous"),
+    BadCase("k_cache_inner_strided", _set("k_cache", lambda t, a, d: torch.repeat_interleave(t, 2, dim=3)[..., ::2]),
+            RuntimeError, r"k_cache must be densely packed"),
+    BadCase("lse_not_contiguous", _set("lse", lambda t, a, d: poison(torch.empty(4, 3, device=d)).t()), RuntimeError,
+            r"\blse must be contiguous"),
+    BadCase("head_dim_32_cuda", lambda a, d: [setattr(a, n, getattr(a, n)[..., :32].contiguous())
+                                              for n in ("q", "k_cache", "v_cache", "out")],
+            RuntimeError, r"head_dim", cuda_only=True),
+    BadCase("group_17_cuda", lambda a, d: (setattr(a, "q", torch.cat([a.q] * 9, dim=1)[:, :34].contiguous()),
+                                           setattr(a, "out", poison(torch.empty(3, 34, 64, dtype=a.out.dtype, device=d))),
+                                           setattr(a, "lse", poison(torch.empty(3, 34, device=d)))),
+            RuntimeError, r"num_q_heads", cuda_only=True),
 ]
 
 
@@ -577,6 +602,20 @@ BAD_APPEND = [
             r"slot_mapping must be on the same device", cuda_only=True),
     BadCase("k_cache_other_device", _set("k_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"k_cache must be on the same device", cuda_only=True),
+    # more cells of the bad-input matrix (docs/bad_input.md)
+    BadCase("v_cache_dtype", _set("v_cache", lambda t, a, d: t.half()), RuntimeError, r"v_cache must have dtype"),
+    BadCase("cache_fp32_cuda", lambda a, d: [setattr(a, n, getattr(a, n).float()) for n in ("k", "v", "k_cache", "v_cache")],
+            RuntimeError, r"k_cache must be bfloat16 or float16 on CUDA", cuda_only=True),
+    BadCase("v_other_device", _set("v", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"\bv must be on the same device", cuda_only=True),
+    BadCase("v_rank", _set("v", lambda t, a, d: t[0]), RuntimeError, r"\bv must be 3-D"),
+    BadCase("slot_mapping_not_contiguous", _set("slot_mapping", lambda t, a, d: torch.stack([t, t], dim=1)[:, 0]),
+            RuntimeError, r"slot_mapping must be contiguous"),
+    BadCase("k_cache_inner_strided", _set("k_cache", lambda t, a, d: torch.repeat_interleave(t, 2, dim=3)[..., ::2]),
+            RuntimeError, r"k_cache must be densely packed"),
+    BadCase("row_bytes_not_16_cuda", lambda a, d: [setattr(a, n, getattr(a, n)[..., :1, :4].contiguous())
+                                                   for n in ("k", "v", "k_cache", "v_cache")],
+            RuntimeError, r"num_kv_heads \* head_dim", cuda_only=True),
 ]
 
 
@@ -616,6 +655,20 @@ BAD_MERGE = [
             RuntimeError, r"out_b must be contiguous"),
     BadCase("lse_b_other_device", _set("lse_b", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"lse_b must be on the same device", cuda_only=True),
+    # more cells of the bad-input matrix (docs/bad_input.md)
+    BadCase("lse_b_fp64", _set("lse_b", lambda t, a, d: t.double()), RuntimeError, r"lse_b must have dtype"),
+    BadCase("out_a_fp32_cuda", lambda a, d: [setattr(a, n, getattr(a, n).float()) for n in ("out_a", "out_b", "out")],
+            RuntimeError, r"out_a must be bfloat16 or float16 on CUDA", cuda_only=True),
+    BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"\bout must be on the same device", cuda_only=True),
+    BadCase("lse_a_rank", _set("lse_a", lambda t, a, d: t[0]), RuntimeError, r"lse_a must have shape"),
+    BadCase("lse_a_not_contiguous", _set("lse_a", lambda t, a, d: t.t().contiguous().t()), RuntimeError,
+            r"lse_a must be contiguous"),
+    BadCase("out_not_contiguous", _set("out", lambda t, a, d: poison(torch.empty(3, 4, 128, dtype=t.dtype, device=d))[..., :64]),
+            RuntimeError, r"\bout must be contiguous"),
+    BadCase("head_dim_not_multiple_of_8_cuda", lambda a, d: [setattr(a, n, getattr(a, n)[..., :12].contiguous())
+                                                             for n in ("out_a", "out_b", "out")],
+            RuntimeError, r"head_dim must be a multiple of 8", cuda_only=True),
 ]
 
 

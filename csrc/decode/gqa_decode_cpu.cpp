@@ -121,7 +121,9 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
           const float corr = (m[h] == m_new || m_new == kNegInf) ? 1.0f : std::exp(m[h] - m_new);
           float sum = 0.0f;
           for (int64_t i = 0; i < n; ++i) {
-            const float e = m_new == kNegInf ? 0.0f : std::exp(lg[i] - m_new);
+            // std::max skips NaN, so m_new = -inf means every logit so far is -inf or NaN: a -inf
+            // weighs 0, a NaN must stay NaN (NaN in q or K poisons this head, never vanishes).
+            const float e = m_new == kNegInf ? (std::isnan(lg[i]) ? lg[i] : 0.0f) : std::exp(lg[i] - m_new);
             lg[i] = e;
             sum += e;
           }
@@ -145,11 +147,12 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
         }
       }
 
-      // This part's normalised output and log-sum-exp (-inf and zeros when it saw no key).
+      // This part's normalised output and log-sum-exp (-inf and zeros when it saw no key). A NaN
+      // l (a NaN logit) is not empty: it gives NaN out and NaN lse, which the merge passes on.
       float* po = part_out.data() + task * Hq * D;
       float* pl = part_lse.data() + task * Hq;
       for (int64_t h = 0; h < Hq; ++h) {
-        const bool empty = !(l[h] > 0.0f);
+        const bool empty = l[h] == 0.0f;
         const float inv_l = empty ? 0.0f : 1.0f / l[h];
         for (int64_t d = 0; d < D; ++d) po[h * D + d] = acc[h * D + d] * inv_l;
         pl[h] = empty ? kNegInf : m[h] + std::log(l[h]);
@@ -162,9 +165,19 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq;
       float mx = kNegInf;
-      for (int64_t j = 0; j < parts; ++j) mx = std::max(mx, part_lse[(b * parts + j) * Hq + h]);
-      float wsum = 0.0f;
+      bool nan_part = false;
+      for (int64_t j = 0; j < parts; ++j) {
+        const float lj = part_lse[(b * parts + j) * Hq + h];
+        nan_part |= std::isnan(lj);
+        mx = std::max(mx, lj);
+      }
       scalar_t* o = out + bh * D;  // out is contiguous [B, Hq, D]
+      if (nan_part) {  // a NaN logit in any part: the whole row is NaN (std::max would drop it)
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+        if (lse != nullptr) lse[bh] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
+      float wsum = 0.0f;
       std::vector<float> acc(D, 0.0f);
       if (mx != kNegInf) {
         for (int64_t j = 0; j < parts; ++j) {

@@ -3,7 +3,8 @@
 //
 //   m = max(lse_a, lse_b); w_a = exp(lse_a - m); w_b = exp(lse_b - m)
 //   out = (w_a * out_a + w_b * out_b) / (w_a + w_b); lse = m + log(w_a + w_b)
-// Both parts empty (lse = -inf) gives out = 0, lse = -inf. out/lse may alias out_a/lse_a (or the
+// Both parts empty (lse = -inf) gives out = 0, lse = -inf; a NaN lse on either side gives a NaN
+// row (out and lse). out/lse may alias out_a/lse_a (or the
 // b inputs): every element is read before the element at the same place is written.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,6 +29,11 @@ void merge_rows(const scalar_t* out_a, const float* lse_a, const scalar_t* out_b
       const float la = lse_a[r], lb = lse_b[r];
       const float m = std::max(la, lb);
       const int64_t base = r * head_dim;
+      if (std::isnan(la) || std::isnan(lb)) {  // NaN in, NaN out (std::max and the weights would hide it)
+        for (int64_t d = 0; d < head_dim; ++d) out[base + d] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+        lse[r] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       if (m == kNegInf) {  // no keys on either side
         for (int64_t d = 0; d < head_dim; ++d) out[base + d] = static_cast<scalar_t>(0.0f);
         lse[r] = kNegInf;

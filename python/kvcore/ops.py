@@ -183,6 +183,16 @@ def gqa_decode(
         num_splits: ``0`` chooses the KV split from the shapes; ``n > 0`` forces ``n`` splits,
             which makes results bitwise reproducible for a given ``n`` (``1`` disables splitting).
 
+    Determinism: on CUDA, a fixed ``num_splits = n > 0`` gives bitwise identical ``out``/``lse``
+    on every call, whatever the workspace held before (earlier calls of any shape); ``0`` does
+    too for the same shapes on the same GPU (the split count depends on nothing else). On CPU
+    ``num_splits`` is ignored and results are bitwise identical at a fixed
+    ``torch.get_num_threads()``. Tested in ``tests/test_determinism.py``.
+
+    NaN: a NaN in ``q[b, h]`` (or in an attended K row) makes that row's ``out`` and ``lse``
+    NaN and touches no other row; NaN in cache entries a sequence does not attend to is never
+    read (``tests/test_nan.py``).
+
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
     """

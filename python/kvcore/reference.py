@@ -277,7 +277,9 @@ def merge_attention_states(
 
     which equals attention over the union of the two key sets. If one side is ``-inf`` the
     other passes through unchanged (the empty side's ``out`` is never read, so it may hold
-    anything, even NaN). If both are ``-inf``: ``out = 0``, ``lse = -inf``.
+    anything, even NaN). If both are ``-inf``: ``out = 0``, ``lse = -inf``. If either ``lse``
+    is NaN, the row's ``out`` and ``lse`` are NaN (NaN in, NaN out: a part computed from NaN is
+    never merged away as if it were empty).
     Returns ``(out [N, H, D] float32, lse [N, H] float32)``.
     """
     _check_dim(out_a, 3, "out_a", "[N, num_heads, head_dim]")
@@ -304,6 +306,8 @@ def merge_attention_states(
     part_b = torch.where(w_b > 0, w_b * out_b.to(torch.float64), 0.0)
     out = torch.where(total > 0, (part_a + part_b) / total, 0.0)
     lse = m + torch.log(total[..., 0])  # log(0) = -inf when both are empty
+    nan_row = torch.isnan(la) | torch.isnan(lb)  # [N, H]; lse is already NaN there
+    out = torch.where(nan_row[..., None], math.nan, out)
     return out.to(torch.float32), lse.to(torch.float32)
 
 

@@ -32,6 +32,9 @@ __global__ void merge_attention_states_kernel(const MergeStatesParams p) {
   }
   __syncthreads();  // all lse reads happen before any lse write (in-place use)
   if (!active) return;
+  // fmaxf drops a NaN and the weights would turn it into 0 or -inf; a NaN lse on either side
+  // makes the whole row NaN instead (NaN in, NaN out), so a poisoned part is never merged away.
+  const bool nan_in = isnan(la) || isnan(lb);
   const float mx = fmaxf(la, lb);
   const float base = mx == -INFINITY ? 0.f : mx;
   const float wa = exp2f((la - base) * kLog2e), wb = exp2f((lb - base) * kLog2e);
@@ -45,11 +48,11 @@ __global__ void merge_attention_states_kernel(const MergeStatesParams p) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       // A part without keys (weight 0) contributes nothing, even if its out is NaN (unwritten).
-      r[i] = ((wa > 0.f ? a[i] * wa : 0.f) + (wb > 0.f ? b[i] * wb : 0.f)) * inv;
+      r[i] = nan_in ? NAN : ((wa > 0.f ? a[i] * wa : 0.f) + (wb > 0.f ? b[i] * wb : 0.f)) * inv;
     }
     *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + o) = pack8<T>(r);
   }
-  if (threadIdx.x == 0) p.lse[row] = sum > 0.f ? base + logf(sum) : -INFINITY;
+  if (threadIdx.x == 0) p.lse[row] = nan_in ? NAN : (sum > 0.f ? base + logf(sum) : -INFINITY);
 }
 
 }  // namespace kvcore

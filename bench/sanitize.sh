@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over kvcore's CUDA op tests.
+#
+#   bash bench/sanitize.sh OUTDIR [TOOL ...]        (TOOL: memcheck racecheck initcheck synccheck)
+#
+# Run on the GPU host after kvcore is built there (bench/gpu_check.sh builds it). Writes per tool
+# OUTDIR/<tool>.sanitizer.log (the sanitizer's reports) and OUTDIR/<tool>.pytest.log (the tests'
+# output), and OUTDIR/summary.tsv: tool, tests selected, passed, failed, sanitizer errors (all),
+# errors in kvcore kernels, errors elsewhere, exit code, seconds, verdict. Exits non-zero when any
+# tool reports an error in a kvcore kernel, a selected test fails or none is selected, or the
+# sanitizer is missing. compute-sanitizer is taken from $COMPUTE_SANITIZER, $CUDA_HOME/bin, PATH,
+# /usr/local/cuda/bin, or the nvidia-cuda-sanitizer-api wheel (site-packages/nvidia/cu*/bin).
+#
+# Which tests each tool runs (budget: the whole script under ~5 minutes on an H100):
+# * memcheck: every CUDA test of the op files (decode in every config of the op grid, forced and
+#   automatic splits, workspace reuse, append, merge, the NaN and determinism tests, the bad-input
+#   and validation-off runs with out-of-range pages, seq_lens and slots): the cheapest tool.
+#   (The -k selections below name test ids: a rename that selects nothing fails the run.)
+# * racecheck: instruments every shared-memory access (the decode kernel's cp.async ring, ldmatrix
+#   reads, the cross-warp and last-CTA merges): tens of times slower. bf16 only, a subset that
+#   covers each head dim (64/128/256), groups 1/3/8/16, a non-power-of-two page size, forced
+#   splits 1/3/7 (the last-CTA merge) and a NaN row; append and merge (no shared memory) are cheap
+#   and run whole. fp16 differs only in the mma/convert instructions, not in shared-memory traffic.
+# * initcheck: every read of global memory checked against writes; bf16 only (the same addresses
+#   as fp16): the whole decode grid, forced and automatic splits, workspace reuse across shapes
+#   (the arrival counters and partials must be written before they are read), merge, append and
+#   the NaN tests.
+# * synccheck: barrier and warp-sync misuse; cheap, both dtypes, decode grid, splits, workspace,
+#   merge, NaN.
+# Not run under any tool: tests/test_scale.py (GiB-sized caches, minutes under instrumentation),
+# tests/test_compile.py (Inductor/Triton kernels, not ours) and tests/test_cuda_graph.py (its
+# capture needs torch's caching allocator, which memcheck/initcheck runs switch off, see below).
+#
+# Keeping the reports about our kernels honest:
+# * memcheck, racecheck and synccheck instrument only kernels whose mangled name contains
+#   "kvcore" (--kernel-name kns=kvcore): every kvcore kernel lives in namespace kvcore.
+# * initcheck instruments every kernel, because a write by an uninstrumented kernel (torch's
+#   randn/copy/fill that make our inputs) may not be recorded, which would flag every read of
+#   our inputs. Its reports are then attributed by the kernel (or host API) named in each report:
+#   only reports in a kvcore kernel count against us; the rest (torch kernels reading memory torch
+#   never initialised, e.g. allocation padding, and host API copies) are counted in the summary as
+#   "elsewhere" and do not fail the run.
+# * memcheck and initcheck run with PYTORCH_NO_CUDA_MEMORY_CACHING=1: every tensor is its own
+#   cudaMalloc, so a read just past a tensor's end is out of bounds for memcheck instead of landing
+#   in the caching allocator's slack, and no tensor shares an allocation with uninitialised padding.
+# * --check-exit-code no: a failing test is read from pytest's own summary, not counted as a
+#   sanitizer error. --error-exitcode 86 still marks any sanitizer error in the exit code.
+set -uo pipefail
+out=${1:?usage: bench/sanitize.sh OUTDIR [memcheck|racecheck|initcheck|synccheck ...]}
+shift
+tools=("$@")
+[ ${#tools[@]} -eq 0 ] && tools=(memcheck racecheck initcheck synccheck)
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+find_sanitizer() {
+  local c
+  for c in "${COMPUTE_SANITIZER:-}" "${CUDA_HOME:+$CUDA_HOME/bin/compute-sanitizer}" "$(command -v compute-sanitizer 2>/dev/null)" \
+           /usr/local/cuda/bin/compute-sanitizer; do
+    [ -n "$c" ] && [ -x "$c" ] && { echo "$c"; return 0; }
+  done
+  python3 - <<'EOF'
+import glob, os, site, sys
+for base in site.getsitepackages() + [site.getusersitepackages()]:
+    for c in sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "bin", "compute-sanitizer"))):
+        if os.access(c, os.X_OK):
+            print(c)
+            sys.exit(0)
+sys.exit(1)
+EOF
+}
+cs=$(find_sanitizer) || { echo "compute-sanitizer not found (set COMPUTE_SANITIZER or CUDA_HOME)" >&2; exit 2; }
+"$cs" --version | tail -1 | tee "$out/sanitizer-version.txt"
+
+OP_FILES="tests/test_ops.py tests/test_decode_workspace.py tests/test_nan.py"
+declare -A FILES KSEL FILTER NOCACHE
+FILES[memcheck]="$OP_FILES tests/test_determinism.py tests/test_cache.py"
+KSEL[memcheck]=""
+FILTER[memcheck]="--kernel-name kns=kvcore"
+NOCACHE[memcheck]=1
+FILES[racecheck]="tests/test_ops.py tests/test_nan.py"
+KSEL[racecheck]="bf16 and ((gqa_decode_matches_reference and (Hkv8g1-D64-ps16 or Hkv2g8-D256 or Hkv2g16-D128 or Hkv2g3-D64-ps5)) or forced_splits_cuda or merge_attention_states_matches_reference or append_paged_kv_matches_reference or nan_in_q)"
+FILTER[racecheck]="--kernel-name kns=kvcore"
+NOCACHE[racecheck]=0
+FILES[initcheck]="$OP_FILES"
+KSEL[initcheck]="(bf16 and (matches_reference or forced_splits_cuda or auto_split or nan)) or workspace_reused"
+FILTER[initcheck]=""
+NOCACHE[initcheck]=1
+FILES[synccheck]="$OP_FILES"
+KSEL[synccheck]="matches_reference or forced_splits or auto_split or workspace_reused or nan"
+FILTER[synccheck]="--kernel-name kns=kvcore"
+NOCACHE[synccheck]=0
+
+# Reads one tool's logs and prints its summary row; exit status 1 when the tool's verdict is FAIL.
+summarise() {
+  python3 - "$@" <<'EOF'
+import re, sys
+tool, san_log, py_log, rc, secs = sys.argv[1:6]
+san = open(san_log, errors="replace").read().splitlines() if san_log else []
+py = open(py_log, errors="replace").read()
+total = sum(int(m) for m in re.findall(r"ERROR SUMMARY: (\d+) error", "\n".join(san)))
+# A report starts at an unindented "========= " line; its first "at ..." line names the kernel.
+not_reports = ("COMPUTE-SANITIZER", "ERROR SUMMARY", "LEAK SUMMARY", "RACECHECK SUMMARY", "Target application")
+ours = elsewhere_printed = 0
+i = 0
+while i < len(san):
+    line = san[i]
+    m = re.match(r"^=+ (\S.*)$", line)
+    if not m or m.group(1).startswith(not_reports):
+        i += 1
+        continue
+    block = [m.group(1)]
+    i += 1
+    while i < len(san) and re.match(r"^=+ \s", san[i]):
+        block.append(san[i].strip("= "))
+        i += 1
+    where = next((b for b in block[1:] if b.startswith("at ")), "")
+    if "kvcore" in block[0] or "kvcore" in where:
+        ours += 1
+    else:
+        elsewhere_printed += 1
+printed = ours + elsewhere_printed
+elsewhere = max(total - ours, 0)
+truncated = total > printed  # reports past --print-limit cannot be attributed
+def count(word):
+    m = re.search(r"(\d+) " + word, py.splitlines()[-1] if py.strip() else "")
+    return int(m.group(1)) if m else 0
+tail = py.strip().splitlines()[-1] if py.strip() else ""
+passed, failed, errors = count("passed"), count("failed"), count("error")
+selected = passed + failed + errors + count("skipped")
+ok = ours == 0 and not truncated and failed == 0 and errors == 0 and passed > 0
+if tool != "initcheck":  # these run on kvcore kernels only: every report is ours
+    ok = ok and total == 0
+verdict = "PASS" if ok else "FAIL"
+note = " (print limit reached: attribution incomplete)" if truncated else ""
+print("\t".join(map(str, [tool, selected, passed, failed + errors, total, ours if tool == "initcheck" else total,
+                          elsewhere if tool == "initcheck" else 0, rc, secs, verdict + note])))
+sys.exit(0 if ok else 1)
+EOF
+}
+
+printf "tool\ttests\tpassed\tfailed\tsanitizer_errors\tin_kvcore_kernels\telsewhere\texit_code\tseconds\tverdict\n" > "$out/summary.tsv"
+status=0
+for tool in "${tools[@]}"; do
+  [ -n "${FILES[$tool]:-}" ] || { echo "unknown tool $tool" >&2; status=2; continue; }
+  start=$(date +%s)
+  kargs=()
+  [ -n "${KSEL[$tool]}" ] && kargs=(-k "${KSEL[$tool]}")
+  # shellcheck disable=SC2086
+  env $([ "${NOCACHE[$tool]}" = 1 ] && echo PYTORCH_NO_CUDA_MEMORY_CACHING=1) \
+    "$cs" --tool "$tool" --target-processes all --error-exitcode 86 --check-exit-code no --print-limit 10000 \
+    ${FILTER[$tool]} --log-file "$out/$tool.sanitizer.log" \
+    python3 -m pytest ${FILES[$tool]} -m cuda ${kargs[@]+"${kargs[@]}"} -q -p no:cacheprovider -rfE > "$out/$tool.pytest.log" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  row=$(summarise "$tool" "$out/$tool.sanitizer.log" "$out/$tool.pytest.log" "$rc" "$secs") || status=1
+  echo "$row" >> "$out/summary.tsv"
+  echo "$row"
+done
+column -t -s $'\t' "$out/summary.tsv" 2>/dev/null || cat "$out/summary.tsv"
+exit $status
