@@ -1,170 +1,29 @@
-// CUDA launcher of gqa_decode: input checks, split choice, workspace layout, dtype/head-dim dispatch.
-// The kernel itself is framework-free: csrc/include/kvcore/gqa_decode.cuh.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+// CUDA launcher of gqa_decode: input checks and the window; the split choice, workspace layout
+// and dispatch are shared with block_sparse_decode (paged_decode_launch.h). The kernel itself is
+// framework-free: csrc/include/kvcore/gqa_decode.cuh.
 #include <torch/library.h>
 
-#include <algorithm>
-#include <mutex>
-#include <map>
-#include <utility>
-
-#include "common/checks.h"
-#include "common/cuda_dispatch.h"
-#include "kvcore/gqa_decode.cuh"
+#include "decode/paged_decode_launch.h"
 
 namespace kvcore {
 namespace {
-
-constexpr int kMaxSplits = 256;
-// Leading workspace bytes that hold the per-(sequence, KV head) arrival counters.
-constexpr int64_t kCounterBytes = int64_t(1) << 20;
-// A split shorter than this spends more on its prologue and on the merge than it saves.
-constexpr int kMinSplitTokens = 256;
-
-// Resident CTAs per SM of one kernel instantiation on the current device (cached per kernel and
-// device; also raises the kernel's dynamic shared-memory limit there).
-int ctas_per_sm(const void* kernel, int threads, size_t smem) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> cache;
-  const int dev = at::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find({kernel, dev});
-  if (it != cache.end()) return it->second;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
-  TORCH_CHECK(n > 0, "gqa_decode: the kernel does not fit on this GPU (", smem, " bytes of shared memory per CTA)");
-  return cache[{kernel, dev}] = n;
-}
-
-// Split count from shapes alone (no look at seq_lens, so no host sync and the choice is fixed
-// for a captured graph): fill the GPU's CTA slots in as few, as full waves as possible.
-int choose_splits(int64_t pairs, int64_t kv_len, int slots) {
-  const int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv_len / kMinSplitTokens));
-  int best = 1;
-  double best_fill = 0.0;
-  for (int64_t s = 1; s <= most; ++s) {
-    const int64_t ctas = pairs * s;
-    const int64_t waves = (ctas + slots - 1) / slots;
-    const double fill = double(ctas) / double(waves * slots);
-    if (fill > best_fill + 0.02) {  // more splits only for a real gain in SM fill
-      best = int(s);
-      best_fill = fill;
-    }
-    if (ctas >= 4 * int64_t(slots)) break;  // plenty of waves: the tail no longer matters
-  }
-  return best;
-}
-
-template <typename T, typename Cfg>
-void launch(GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_splits,
-            const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
-  auto kernel = gqa_decode_kernel<T, Cfg>;
-  const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS, Cfg::SMEM_BYTES);
-  const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-
-  const int64_t capacity = s.max_pages * s.page_size;
-  const int64_t kv_len = p.window_left >= 0 ? std::min<int64_t>(capacity, int64_t(p.window_left) + 1) : capacity;
-  const int64_t pairs = s.batch * s.num_kv_heads;
-  int splits = requested_splits > 0 ? int(std::min<int64_t>(requested_splits, kMaxSplits))
-                                    : choose_splits(pairs, kv_len, slots);
-
-  // Workspace layout: arrival counters [pairs] in a fixed leading region (kCounterBytes), then
-  // partial_lse [pairs, splits, group] and partial_out [pairs, splits, group, D]. The counters
-  // must stay zero between calls whatever shapes the calls have, so no call's partials may ever
-  // overlap another call's counters: hence a fixed region rather than one sized by this call.
-  auto lse_bytes = [&](int n) { return (pairs * n * s.group * 4 + 255) / 256 * 256; };
-  auto bytes_for = [&](int n) { return kCounterBytes + lse_bytes(n) + pairs * n * s.group * s.head_dim * 4; };
-  if (splits > 1) {
-    const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
-    TORCH_CHECK(requested_splits <= 1 || (pairs * 4 <= kCounterBytes && bytes_for(splits) <= have),
-                "gqa_decode: num_splits=", splits, " needs a workspace of ", bytes_for(splits), " bytes and batch x "
-                "num_kv_heads <= ", kCounterBytes / 4, "; got ", have, " bytes and ", pairs);
-    if (pairs * 4 > kCounterBytes) splits = 1;
-    while (splits > 1 && bytes_for(splits) > have) splits = std::max(1, splits / 2);
-  }
-  // Each split covers a whole number of tiles; recompute the count that covers kv_len.
-  int64_t split_tokens = (kv_len + splits - 1) / splits;
-  split_tokens = std::max<int64_t>(Cfg::TILE, (split_tokens + Cfg::TILE - 1) / Cfg::TILE * Cfg::TILE);
-  if (requested_splits <= 0) splits = int(std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens));
-  p.num_splits = splits;
-  p.split_tokens = int(split_tokens);
-  if (splits > 1) {
-    uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
-    p.counters = reinterpret_cast<unsigned*>(base);
-    p.partial_lse = reinterpret_cast<float*>(base + kCounterBytes);
-    p.partial_out = reinterpret_cast<float*>(base + kCounterBytes + lse_bytes(splits));
-  }
-  // KV heads vary fastest over the grid: the CTAs of one (sequence, split) read interleaved rows
-  // of the same pages at about the same time, which keeps DRAM row-buffer locality.
-  const dim3 grid(s.num_kv_heads, splits, s.batch);
-  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t window_left,
                      double logit_soft_cap, at::Tensor& out, const c10::optional<at::Tensor>& lse,
                      const c10::optional<at::Tensor>& workspace, int64_t num_splits) {
   const PagedDecodeShape s = check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, lse);
-  TORCH_CHECK(q.is_cuda(), "gqa_decode (CUDA): q must be a CUDA tensor");
-  TORCH_CHECK(s.head_dim == 64 || s.head_dim == 128 || s.head_dim == 256,
-              "gqa_decode (CUDA): head_dim must be 64, 128 or 256, got ", s.head_dim);
-  TORCH_CHECK(s.group >= 1 && s.group <= 16, "gqa_decode (CUDA): num_q_heads / num_kv_heads must be 1..16, got ",
-              s.group);
   check_decode_scalars(scale, window_left, logit_soft_cap, num_splits);
-  TORCH_CHECK(s.max_pages * s.page_size < (int64_t(1) << 31), "block_table capacity (max_pages x page_size) must be < 2^31");
-  TORCH_CHECK(s.num_pages < (int64_t(1) << 31), "k_cache has too many pages (", s.num_pages, ")");
-  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0, "q strides must be multiples of 8 elements, got ",
-              c10::str(q.strides()));
-  TORCH_CHECK(k_cache.stride(0) % 8 == 0 && v_cache.stride(0) % 8 == 0,
-              "k_cache/v_cache page strides must be multiples of 8 elements");
-  check_aligned16(q, "q");
-  check_aligned16(k_cache, "k_cache");
-  check_aligned16(v_cache, "v_cache");
-  check_aligned16(out, "out");
-  if (workspace.has_value()) {
-    check_same_device(*workspace, q, "workspace", "q");
-    check_contiguous(*workspace, "workspace");
-    check_aligned16(*workspace, "workspace");
-  }
+  GqaDecodeParams p = paged_decode::common_params("gqa_decode", s, q, k_cache, v_cache, block_table, seq_lens, scale,
+                                                  logit_soft_cap, out, lse, workspace);
   if (s.batch == 0 || s.num_q_heads == 0) return;
   TORCH_CHECK(s.num_pages > 0, "k_cache must have at least one page");
-
-  const c10::cuda::CUDAGuard guard(q.device());
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-
-  GqaDecodeParams p{};
-  p.q = q.data_ptr();
-  p.q_stride_b = q.stride(0);
-  p.q_stride_h = q.stride(1);
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.k_page_stride = k_cache.stride(0);
-  p.v_page_stride = v_cache.stride(0);
-  p.block_table = block_table.data_ptr<int>();
-  p.seq_lens = seq_lens.data_ptr<int>();
-  p.out = out.data_ptr();
-  p.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  p.num_kv_heads = int(s.num_kv_heads);
-  p.group = int(s.group);
-  p.page_size = int(s.page_size);
-  p.num_pages = int(s.num_pages);
-  p.max_pages = int(s.max_pages);
-  p.window_left = int(window_left);
-  p.soft_cap = float(logit_soft_cap);
-  p.scale = float(scale);
-  p.page_shift = (s.page_size & (s.page_size - 1)) == 0 ? __builtin_ctzll(uint64_t(s.page_size)) : -1;
-
-  dispatch_half_types(q.scalar_type(), "gqa_decode", [&](auto tag) {
-    using T = decltype(tag);
-    switch (s.head_dim) {
-      case 64: return launch<T, GqaDecodeConfig<64>>(p, s, num_splits, workspace, stream);
-      case 128: return launch<T, GqaDecodeConfig<128>>(p, s, num_splits, workspace, stream);
-      default: return launch<T, GqaDecodeConfig<256>>(p, s, num_splits, workspace, stream);
-    }
-  });
+  // A window at least as long as the block table's capacity is no window; clamping keeps the
+  // kernel's int32 from wrapping a huge window_left into a small one.
+  const int64_t capacity = s.max_pages * s.page_size;
+  p.window_left = window_left >= capacity ? -1 : int(window_left);
+  const int64_t kv_len = p.window_left >= 0 ? std::min<int64_t>(capacity, int64_t(p.window_left) + 1) : capacity;
+  paged_decode::dispatch<false>("gqa_decode", q, p, s, kv_len, num_splits, workspace);
 }
 
 }  // namespace

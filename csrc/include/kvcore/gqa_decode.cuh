@@ -48,6 +48,11 @@ struct GqaDecodeParams {
   int window_left;               // < 0: none
   float scale;                   // softmax scale
   float soft_cap;                // > 0: logits = cap * tanh(scale q.k / cap)
+  // Block-sparse mode (the SPARSE kernels only): each (sequence, KV head) attends to the tokens
+  // of a list of its logical pages. Positions are then virtual: v -> list entry v / page_size.
+  const int* sel_pages;   // [B, Hkv, max_sel] logical page numbers
+  const int* sel_counts;  // [B, Hkv]
+  int max_sel;
   // Per-CTA timestamps for bench/experiments/decode_trace.cu, compiled in only with
   // KVCORE_DECODE_TRACE (the library never sets them): entry, first tile landed, loop done,
   // exit, then the time each of the first trace_tiles tiles landed.
@@ -88,6 +93,10 @@ struct GqaDecodeConfig {
   static constexpr size_t SMEM_TILES = size_t(STAGES) * TILE * D * 2 * 2;
   static constexpr size_t SMEM_MERGE = size_t(WARPS) * ROWS * (D + 2) * sizeof(float);
   static constexpr size_t SMEM_BYTES = SMEM_Q + (SMEM_TILES > SMEM_MERGE ? SMEM_TILES : SMEM_MERGE);
+  // Block-sparse kernels also keep a validity byte per tile row (a selected page may lie past
+  // seq_len or be the partial last page, anywhere in the list).
+  static constexpr size_t SMEM_VALID = size_t(STAGES) * TILE;
+  static constexpr size_t smem_bytes(bool sparse) { return SMEM_BYTES + (sparse ? SMEM_VALID : 0); }
 
   static_assert(D % 32 == 0 && D >= 64 && D <= 256, "head_dim must be 64, 128 or 256");
   static_assert((TILE * TD) % THREADS == 0, "tile copies must divide evenly");
@@ -99,7 +108,9 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return (row * TD + (chunk ^ (row & 7))) * 8;
 }
 
-template <typename T, typename Cfg>
+// SPARSE = false: gqa_decode (a contiguous range of the sequence). SPARSE = true:
+// block_sparse_decode (the tokens of the pages listed for the pair, in list order).
+template <typename T, typename Cfg, bool SPARSE = false>
 __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecodeParams p) {
   constexpr int D = Cfg::D, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
   constexpr int ROWS = Cfg::ROWS, WARPS = Cfg::WARPS;
@@ -108,6 +119,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   T* const sK = reinterpret_cast<T*>(smem_raw + Cfg::SMEM_Q);
   T* const sV = sK + STAGES * TILE * D;
   float* const sMerge = reinterpret_cast<float*>(smem_raw + Cfg::SMEM_Q);  // reuses the ring at the end
+  unsigned char* const sValid = smem_raw + Cfg::SMEM_BYTES;                 // SPARSE: [STAGES][TILE]
 
   const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   KVCORE_TRACE(p, 0);
@@ -123,6 +135,9 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   const int seq_len_raw = __ldg(p.seq_lens + b);
   int start = split * p.split_tokens, end = 0;  // end: set once seq_len is known
   const int* bt = p.block_table + int64_t(b) * p.max_pages;
+  // SPARSE: the pair's page list, and its length in virtual positions (clamped to the list).
+  const int* sel = SPARSE ? p.sel_pages + (int64_t(b) * p.num_kv_heads + kvh) * p.max_sel : nullptr;
+  const int sel_count = SPARSE ? min(max(__ldg(p.sel_counts + int64_t(b) * p.num_kv_heads + kvh), 0), p.max_sel) : 0;
   const T* const kbase = static_cast<const T*>(p.k_cache) + int64_t(kvh) * D;
   const T* const vbase = static_cast<const T*>(p.v_cache) + int64_t(kvh) * D;
   const int64_t row_stride = int64_t(p.num_kv_heads) * D;
@@ -132,23 +147,42 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
 
   // Page of each row this thread copies for tile t (read a tile ahead of the copies). Positions
   // are clamped to the block table, not to seq_len, so this can run before seq_len is known;
-  // rows past seq_len are zero-filled by the copy whatever page they name.
+  // rows past seq_len are zero-filled by the copy whatever page they name. SPARSE: the list
+  // entry of each row is read first (clamped to the list, so also before its count is known)
+  // and kept in lpg for the validity test at copy time.
+  int lpg[SPARSE ? LOADS : 1];
   auto fetch_pages = [&](int t, int (&pg)[LOADS]) {
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
-      const int pos = min(start + t * TILE + (tid + i * Cfg::THREADS) / TD, capacity - 1);
-      pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
+      if constexpr (SPARSE) {
+        const int j = min(page_of(start + t * TILE + (tid + i * Cfg::THREADS) / TD), p.max_sel - 1);
+        lpg[i] = p.max_sel > 0 ? __ldg(sel + j) : -1;
+        pg[i] = capacity > 0 ? __ldg(bt + min(max(lpg[i], 0), p.max_pages - 1)) : 0;
+      } else {
+        const int pos = min(start + t * TILE + (tid + i * Cfg::THREADS) / TD, capacity - 1);
+        pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
+      }
     }
   };
+  int seq_len = 0;
   auto issue_copies = [&](int t, const int (&pg)[LOADS]) {
     const int stage = t % STAGES;
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       const int row = (tid + i * Cfg::THREADS) / TD;
       const int pos = start + t * TILE + row;
-      const bool valid = pos < end;
+      bool valid = pos < end;
+      int in_pg = in_page(min(pos, end - 1));
+      if constexpr (SPARSE) {
+        // A listed page outside the sequence attends nothing; the partial last page only its
+        // first seq_len % page_size rows.
+        const int lp = lpg[i];
+        valid = valid && lp >= 0 && int64_t(lp) * p.page_size + in_pg < seq_len;
+        if (copy_chunk == 0) sValid[stage * TILE + row] = valid;
+        in_pg = max(in_pg, 0);
+      }
       const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
-      const int64_t off = int64_t(in_page(min(pos, end - 1))) * row_stride + copy_chunk * 8;
+      const int64_t off = int64_t(in_pg) * row_stride + copy_chunk * 8;
       const int s_off = stage * TILE * D + swz<TD>(row, copy_chunk);
       cp_async_16(sK + s_off, kbase + page * p.k_page_stride + off, valid);
       cp_async_16(sV + s_off, vbase + page * p.v_page_stride + off, valid);
@@ -157,13 +191,13 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
 
   // ---- start the copies, then stage the group's queries (rows >= group are zero) --------------
   int pages[LOADS];
-  if (p.window_left < 0) fetch_pages(0, pages);
-  const int seq_len = min(max(seq_len_raw, 0), capacity);
-  if (p.window_left >= 0) {
+  if (SPARSE || p.window_left < 0) fetch_pages(0, pages);
+  seq_len = min(max(seq_len_raw, 0), capacity);
+  if (!SPARSE && p.window_left >= 0) {
     start += max(0, seq_len - 1 - p.window_left);
     fetch_pages(0, pages);
   }
-  end = min(seq_len, start + p.split_tokens);
+  end = min(SPARSE ? sel_count * p.page_size : seq_len, start + p.split_tokens);
   const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -225,7 +259,12 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       for (int i = 0; i < 4; ++i) {
         float x = s[nt][i] * s_scale;
         if (p.soft_cap > 0.f) x = p.soft_cap * tanhf(x / p.soft_cap) * kLog2e;
-        s[nt][i] = (tok0 + nt * 8 + (i & 1) < end) ? x : -INFINITY;
+        bool ok;
+        if constexpr (SPARSE)
+          ok = sValid[(t % STAGES) * TILE + wrow + cpair + nt * 8 + (i & 1)] != 0 && tok0 + nt * 8 + (i & 1) < end;
+        else
+          ok = tok0 + nt * 8 + (i & 1) < end;
+        s[nt][i] = ok ? x : -INFINITY;
       }
     float alpha[2];
 #pragma unroll
@@ -312,10 +351,12 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       acc[0] += x.x * f, acc[1] += x.y * f, acc[2] += x.z * f, acc[3] += x.w * f;
       acc[4] += y.x * f, acc[5] += y.y * f, acc[6] += y.z * f, acc[7] += y.w * f;
     }
-    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    // lsum == 0: nothing attended (out 0, lse -inf). A NaN lsum (NaN in q or an attended key)
+    // stays NaN in both, so a later merge cannot mistake the row for an empty part.
+    const float inv = lsum == 0.f ? 0.f : 1.f / lsum;
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] *= inv;
-    const float lse2 = lsum > 0.f ? base + log2f(lsum) : -INFINITY;
+    const float lse2 = lsum == 0.f ? -INFINITY : base + log2f(lsum);
     if (p.num_splits == 1) {
       const int64_t qh = pair * group + h;
       *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + qh * D + c) = pack8<T>(acc);
@@ -365,7 +406,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     sum = group_sum<32>(sum);
     if (lane == 0) {
       wgt[h * (ns + 1) + ns] = sum;
-      if (p.lse != nullptr) p.lse[pair * group + h] = sum > 0.f ? (base + log2f(sum)) * kLn2 : -INFINITY;
+      if (p.lse != nullptr) p.lse[pair * group + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
     }
   }
   __syncthreads();
@@ -384,7 +425,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       acc.z = fmaf(ws, v.z, acc.z);
       acc.w = fmaf(ws, v.w, acc.w);
     }
-    const float inv = wh[ns] > 0.f ? 1.f / wh[ns] : 0.f;
+    const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
     T* dst = static_cast<T*>(p.out) + (pair * group + h) * D + c;
     *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
   }

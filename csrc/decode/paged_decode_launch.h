@@ -1,0 +1,181 @@
+// Host side shared by the paged decode launchers (gqa_decode, block_sparse_decode): input checks
+// common to both, the split choice, the workspace layout and the launch of gqa_decode_kernel.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <climits>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "common/checks.h"
+#include "common/cuda_dispatch.h"
+#include "kvcore/gqa_decode.cuh"
+
+namespace kvcore {
+namespace paged_decode {
+
+constexpr int kMaxSplits = 256;
+// Leading workspace bytes that hold the per-(sequence, KV head) arrival counters.
+constexpr int64_t kCounterBytes = int64_t(1) << 20;
+// A split shorter than this spends more on its prologue and on the merge than it saves.
+constexpr int kMinSplitTokens = 256;
+// Positions are int32 in the kernel and run up to a few tiles past the capacity while pages are
+// prefetched: keep that headroom below 2^31.
+constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
+
+// Resident CTAs per SM of one kernel instantiation on the current device (cached per kernel and
+// device; also raises the kernel's dynamic shared-memory limit there).
+inline int ctas_per_sm(const void* kernel, int threads, size_t smem, const char* op) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const int dev = at::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({kernel, dev});
+  if (it != cache.end()) return it->second;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  TORCH_CHECK(n > 0, op, ": the kernel does not fit on this GPU (", smem, " bytes of shared memory per CTA)");
+  return cache[{kernel, dev}] = n;
+}
+
+// Split count from shapes alone (no look at seq_lens, so no host sync and the choice is fixed
+// for a captured graph): fill the GPU's CTA slots in as few, as full waves as possible.
+inline int choose_splits(int64_t pairs, int64_t kv_len, int slots) {
+  const int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv_len / kMinSplitTokens));
+  int best = 1;
+  double best_fill = 0.0;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t ctas = pairs * s;
+    const int64_t waves = (ctas + slots - 1) / slots;
+    const double fill = double(ctas) / double(waves * slots);
+    if (fill > best_fill + 0.02) {  // more splits only for a real gain in SM fill
+      best = int(s);
+      best_fill = fill;
+    }
+    if (ctas >= 4 * int64_t(slots)) break;  // plenty of waves: the tail no longer matters
+  }
+  return best;
+}
+
+// Checks of the CUDA kernel's limits (beyond check_paged_decode's shape checks) and the fields
+// of GqaDecodeParams that both ops fill the same way.
+inline GqaDecodeParams common_params(const char* op, const PagedDecodeShape& s, const at::Tensor& q,
+                                     const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                                     double logit_soft_cap, at::Tensor& out, const c10::optional<at::Tensor>& lse,
+                                     const c10::optional<at::Tensor>& workspace) {
+  TORCH_CHECK(q.is_cuda(), op, " (CUDA): q must be a CUDA tensor");
+  TORCH_CHECK(s.head_dim == 64 || s.head_dim == 128 || s.head_dim == 256, op,
+              " (CUDA): head_dim must be 64, 128 or 256, got ", s.head_dim);
+  TORCH_CHECK(s.group >= 1 && s.group <= 16, op, " (CUDA): num_q_heads / num_kv_heads must be 1..16, got ", s.group);
+  TORCH_CHECK(s.batch <= 65535, op, " (CUDA): batch must be <= 65535 (the grid's z dimension), got ", s.batch);
+  TORCH_CHECK(s.max_pages * s.page_size < kMaxPositions, op, ": block_table capacity (max_pages x page_size = ",
+              s.max_pages * s.page_size, ") must be < 2^31 - 2^16");
+  TORCH_CHECK(s.num_pages < (int64_t(1) << 31), op, ": k_cache has too many pages (", s.num_pages, ")");
+  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0, op, ": q strides must be multiples of 8 elements, got ",
+              c10::str(q.strides()));
+  TORCH_CHECK(k_cache.stride(0) % 8 == 0 && v_cache.stride(0) % 8 == 0,
+              op, ": k_cache/v_cache page strides must be multiples of 8 elements");
+  check_aligned16(q, "q");
+  check_aligned16(k_cache, "k_cache");
+  check_aligned16(v_cache, "v_cache");
+  check_aligned16(out, "out");
+  if (workspace.has_value()) {
+    check_same_device(*workspace, q, "workspace", "q");
+    check_contiguous(*workspace, "workspace");
+    check_aligned16(*workspace, "workspace");
+  }
+  GqaDecodeParams p{};
+  p.q = q.data_ptr();
+  p.q_stride_b = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.k_page_stride = k_cache.stride(0);
+  p.v_page_stride = v_cache.stride(0);
+  p.block_table = block_table.data_ptr<int>();
+  p.seq_lens = seq_lens.data_ptr<int>();
+  p.out = out.data_ptr();
+  p.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  p.num_kv_heads = int(s.num_kv_heads);
+  p.group = int(s.group);
+  p.page_size = int(s.page_size);
+  p.num_pages = int(s.num_pages);
+  p.max_pages = int(s.max_pages);
+  p.window_left = -1;
+  p.soft_cap = float(logit_soft_cap);
+  p.scale = float(scale);
+  p.page_shift = (s.page_size & (s.page_size - 1)) == 0 ? __builtin_ctzll(uint64_t(s.page_size)) : -1;
+  return p;
+}
+
+// Picks the split, lays out the workspace and launches. kv_len: the most key positions one
+// (sequence, KV head) can have, from shapes only.
+template <typename T, typename Cfg, bool SPARSE>
+void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
+            int64_t requested_splits, const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
+  auto kernel = gqa_decode_kernel<T, Cfg, SPARSE>;
+  const size_t smem = Cfg::smem_bytes(SPARSE);
+  const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS, smem, op);
+  const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  const int64_t pairs = s.batch * s.num_kv_heads;
+  int splits = requested_splits > 0 ? int(std::min<int64_t>(requested_splits, kMaxSplits))
+                                    : choose_splits(pairs, kv_len, slots);
+
+  // Workspace layout: arrival counters [pairs] in a fixed leading region (kCounterBytes), then
+  // partial_lse [pairs, splits, group] and partial_out [pairs, splits, group, D]. The counters
+  // must stay zero between calls whatever shapes the calls have, so no call's partials may ever
+  // overlap another call's counters: hence a fixed region rather than one sized by this call.
+  auto lse_bytes = [&](int n) { return (pairs * n * s.group * 4 + 255) / 256 * 256; };
+  auto bytes_for = [&](int n) { return kCounterBytes + lse_bytes(n) + pairs * n * s.group * s.head_dim * 4; };
+  if (splits > 1) {
+    const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
+    TORCH_CHECK(requested_splits <= 1 || (pairs * 4 <= kCounterBytes && bytes_for(splits) <= have), op,
+                ": num_splits=", splits, " needs a workspace of ", bytes_for(splits), " bytes and batch x "
+                "num_kv_heads <= ", kCounterBytes / 4, "; got ", have, " bytes and ", pairs);
+    if (pairs * 4 > kCounterBytes) splits = 1;
+    while (splits > 1 && bytes_for(splits) > have) splits = std::max(1, splits / 2);
+  }
+  // Each split covers a whole number of tiles; recompute the count that covers kv_len.
+  int64_t split_tokens = (kv_len + splits - 1) / splits;
+  split_tokens = std::max<int64_t>(Cfg::TILE, (split_tokens + Cfg::TILE - 1) / Cfg::TILE * Cfg::TILE);
+  if (requested_splits <= 0) splits = int(std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens));
+  p.num_splits = splits;
+  p.split_tokens = int(split_tokens);
+  if (splits > 1) {
+    uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
+    p.counters = reinterpret_cast<unsigned*>(base);
+    p.partial_lse = reinterpret_cast<float*>(base + kCounterBytes);
+    p.partial_out = reinterpret_cast<float*>(base + kCounterBytes + lse_bytes(splits));
+  }
+  // KV heads vary fastest over the grid: the CTAs of one (sequence, split) read interleaved rows
+  // of the same pages at about the same time, which keeps DRAM row-buffer locality.
+  const dim3 grid(s.num_kv_heads, splits, s.batch);
+  kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dtype x head-dim dispatch onto launch<T, Cfg, SPARSE>.
+template <bool SPARSE>
+void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
+              int64_t requested_splits, const c10::optional<at::Tensor>& workspace) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_half_types(q.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    switch (s.head_dim) {
+      case 64: return launch<T, GqaDecodeConfig<64>, SPARSE>(op, p, s, kv_len, requested_splits, workspace, stream);
+      case 128: return launch<T, GqaDecodeConfig<128>, SPARSE>(op, p, s, kv_len, requested_splits, workspace, stream);
+      default: return launch<T, GqaDecodeConfig<256>, SPARSE>(op, p, s, kv_len, requested_splits, workspace, stream);
+    }
+  });
+}
+
+}  // namespace paged_decode
+}  // namespace kvcore
