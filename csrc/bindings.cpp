@@ -36,4 +36,14 @@ TORCH_LIBRARY(kvcore, m) {
   m.def(
       "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b, "
       "Tensor(a!) out, Tensor(b!) lse) -> ()");
+
+  // Block Transformer token decoder, prefill of many blocks at once (Ho et al. 2024).
+  //   q [N, L, Hq, D]: the L token queries of N blocks; k, v [N, P + L, Hkv, D]: each block's P
+  //   prefix slots, then its L tokens. Token i of a block attends to the P prefix slots and to
+  //   tokens 0..i of its own block (nothing outside the block). block_lens [N] int32 (optional):
+  //   valid tokens per block, 0..L; rows i >= block_lens[n] get out 0 and lse -inf.
+  //   out [N, L, Hq, D] (q's dtype); lse [N, L, Hq] fp32, natural log (optional).
+  m.def(
+      "token_decoder_attention(Tensor q, Tensor k, Tensor v, Tensor? block_lens, float scale, "
+      "Tensor(a!) out, Tensor(b!)? lse) -> ()");
 }

@@ -39,3 +39,9 @@ __all__ = [
 def cuda_kernels_built() -> bool:
     """True when this build of kvcore contains the CUDA kernels (False for a CPU-only build)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::gqa_decode", "CUDA")
+
+
+# Block Transformer (token decoder attention; the model layer is kvcore.block).
+from .ops import token_decoder_attention  # noqa: E402
+
+__all__ += ["token_decoder_attention"]
