@@ -16,10 +16,10 @@
 //   input: the whole block when it fits (all heads of a block in one CTA), else a few heads.
 //   Each CTA walks a contiguous range of items (consecutive blocks), so its reads stream through
 //   memory in address order.
-// * The next item is prefetched with 16-byte cp.async copies into a raw stage in shared memory
-//   (up to 8 independent copies per thread, 32 KB per CTA in flight, no registers held) while
-//   the current one is computed; the stage is then converted to fp32 once, so the inner loops
-//   do no conversions. Each per-head row in shared memory is padded by 4 floats so
+// * The next two items are prefetched with 16-byte cp.async copies into a ring of two raw
+//   stages in shared memory (up to 8 independent copies per thread per stage, no registers
+//   held), so loads are in flight while the current item is converted and computed; a stage is
+//   converted to fp32 once, so the inner loops do no conversions. Each per-head row in shared memory is padded by 4 floats so
 //   that float4 reads of different rows fall on different banks.
 // * Scores: a thread owns one query row against JT = 4 keys and walks D in float4 steps
 //   (5 shared loads per 16 FMAs, no shuffles); masked (future) key tiles are skipped.
@@ -93,14 +93,14 @@ struct TokenDecoderConfig {
 };
 
 // Shared-memory bytes for one item: fp32 q, k, v rows (padded), scores, 1/sum per row (padded to
-// 16 bytes), then the prefetch stage of raw 16-byte vectors.
+// 16 bytes), then the two prefetch stages of raw 16-byte vectors.
 inline int64_t token_decoder_smem_bytes(int rows, int keys, int keys_pad, int hc, int hcq, int dp, int cpr,
                                         int stage_vecs) {
   const int64_t floats =
       ((int64_t(rows) * hcq + 2 * int64_t(keys) * hc) * dp + int64_t(hcq) * rows * keys_pad + int64_t(hcq) * rows + 3) /
       4 * 4;
   const int64_t vecs = (int64_t(rows) * hcq + 2 * int64_t(keys) * hc) * cpr;
-  return 4 * floats + 16 * (vecs < stage_vecs ? vecs : stage_vecs);
+  return 4 * floats + 2 * 16 * (vecs < stage_vecs ? vecs : stage_vecs);
 }
 
 template <typename T, int D>
@@ -176,47 +176,57 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
   float* Sf = smem + v_base + KJ * HC * Cfg::DP;
   float* inv_sum = Sf + HCQ * R * KJP;
 
-  // The prefetch stage: the next item's raw 16-byte vectors, in load order (vector v at byte
-  // 16 v), filled by cp.async while the current item is computed from the fp32 copies.
+  // Two prefetch stages (a ring): raw 16-byte vectors of the next two items in load order
+  // (vector v of a stage at byte 16 v), filled by cp.async while the current item is converted
+  // and computed, so loads stay in flight through every phase of the loop.
   const int stage_off = (v_base + KJ * HC * Cfg::DP + HCQ * R * KJP + HCQ * R + 3) / 4 * 4;  // 16-byte aligned
-  uint4* stage = reinterpret_cast<uint4*>(smem + stage_off);
+  const int slot_vecs = min((R * HCQ + 2 * KJ * HC) * Cfg::CPR, Cfg::STAGE_VECS);
+  uint4* stages = reinterpret_cast<uint4*>(smem + stage_off);
 
   const int first = blockIdx.x * p.items_per_cta;
   const int last = min(p.num_items, first + p.items_per_cta);
   if (first >= last) return;
 
-  int next_len = 0;
-  auto prefetch = [&](int item) {
-    const TokenDecoderItem<T, D> it(p, item);
-    const int staged = min(it.total_vecs(), Cfg::STAGE_VECS);
-    int off;
-    for (int vec = tid; vec < staged; vec += Cfg::THREADS) cp_async_16(stage + vec, it.source(vec, off, k_base, v_base), true);
+  int len0 = R, len1 = R;  // block_lens of the items in stage 0 and stage 1
+  // Issues the copies of `item` into stage `slot`; always commits a group (empty past the
+  // range), so that "all but the newest group done" always means "the current item is in".
+  auto prefetch = [&](int item, int slot) {
+    if (item < last) {
+      const TokenDecoderItem<T, D> it(p, item);
+      uint4* stage = stages + slot * slot_vecs;
+      int off;
+      for (int vec = tid; vec < slot_vecs; vec += Cfg::THREADS)
+        cp_async_16(stage + vec, it.source(vec, off, k_base, v_base), true);
+      const int len = p.block_lens ? __ldg(p.block_lens + it.block) : R;
+      if (slot) len1 = len; else len0 = len;
+    }
     cp_async_commit();
-    next_len = p.block_lens ? __ldg(p.block_lens + it.block) : R;
   };
 
-  prefetch(first);
+  prefetch(first, 0);
+  prefetch(first + 1, 1);
   for (int item = first; item < last; ++item) {
+    const int slot = (item - first) & 1;
     const TokenDecoderItem<T, D> it(p, item);
     const int total = it.total_vecs();
-    const int staged = min(total, Cfg::STAGE_VECS);
-    const int blen = min(max(next_len, 0), R);
-    cp_async_wait<0>();
-    __syncthreads();  // this item's stage is complete, and the previous compute is done with smem
+    const int blen = min(max(slot ? len1 : len0, 0), R);
+    cp_async_wait<1>();  // this item's group is complete (the next item's may still be in flight)
+    __syncthreads();     // ... for every thread's copies; and the previous compute is done with smem
     {
+      const uint4* stage = stages + slot * slot_vecs;
       int off;
-      for (int vec = tid; vec < staged; vec += Cfg::THREADS) {
+      for (int vec = tid; vec < slot_vecs; vec += Cfg::THREADS) {
         it.source(vec, off, k_base, v_base);
         store_converted<T>(smem + off, stage[vec]);
       }
-      // Items larger than the stage (long blocks): the rest is loaded here, in step.
+      // Items larger than a stage (long blocks): the rest is loaded here, in step.
       for (int vec = Cfg::STAGE_VECS + tid; vec < total; vec += Cfg::THREADS) {
         const uint4 raw = __ldg(it.source(vec, off, k_base, v_base));
         store_converted<T>(smem + off, raw);
       }
     }
-    __syncthreads();  // fp32 copies ready; the stage is free again
-    if (item + 1 < last) prefetch(item + 1);  // in flight during this item's compute
+    __syncthreads();  // fp32 copies ready; this stage is free again
+    prefetch(item + 2, slot);  // in flight during this item's compute and the next one's
 
     // ---- scores S[h, i, j] = scale * log2(e) * q[i, h] . k[j, h / G], j <= P + i ----------
     const int jtiles = int(p.jtiles.d);
