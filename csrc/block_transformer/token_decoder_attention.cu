@@ -45,8 +45,9 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   const int keys = int(s.prefix + s.block_length);
   const int keys_pad = keys | 1;  // odd row stride: the softmax threads read one column of rows
   const int hcq = hc * int(s.group);
+  const int valid_tiles = token_decoder_valid_tiles(int(s.block_length), int(s.prefix), Cfg::JT);
   const int64_t smem_bytes = token_decoder_smem_bytes(int(s.block_length), keys, keys_pad, hc, hcq, Cfg::DP, Cfg::CPR,
-                                                      Cfg::STAGE_VECS);
+                                                      Cfg::STAGE_VECS, valid_tiles);
   TORCH_CHECK(smem_bytes <= max_smem, "token_decoder_attention (CUDA): one KV head of a block (block_length ",
               s.block_length, ", prefix ", s.prefix, ", group ", s.group, ", head_dim ", D, ") needs ", smem_bytes,
               " bytes of shared memory, more than this GPU's ", max_smem, "; use shorter blocks");
@@ -74,7 +75,7 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   p.chunk_kv = make_fast_div(uint32_t(hc));
   p.rows_div = make_fast_div(uint32_t(s.block_length));
   p.group = make_fast_div(uint32_t(s.group));
-  p.jtiles = make_fast_div(uint32_t((keys + Cfg::JT - 1) / Cfg::JT));
+  p.valid_tiles = make_fast_div(uint32_t(valid_tiles));
   kernel<<<unsigned(grid), Cfg::THREADS, size_t(smem_bytes), stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -19,10 +19,13 @@
 // * The next two items are prefetched with 16-byte cp.async copies into a ring of two raw
 //   stages in shared memory (up to 8 independent copies per thread per stage, no registers
 //   held), so loads are in flight while the current item is converted and computed; a stage is
-//   converted to fp32 once, so the inner loops do no conversions. Each per-head row in shared memory is padded by 4 floats so
-//   that float4 reads of different rows fall on different banks.
+//   converted to fp32 once, so the inner loops do no conversions. A thread always copies the
+//   same 16-byte column c of the head rows (THREADS is a multiple of D / 8), so the index work
+//   per vector is one multiply-high division. Each head row in shared memory is padded by 4
+//   floats so that float4 reads of different rows fall on different banks.
 // * Scores: a thread owns one query row against JT = 4 keys and walks D in float4 steps
-//   (5 shared loads per 16 FMAs, no shuffles); masked (future) key tiles are skipped.
+//   (5 shared loads per 16 FMAs, no shuffles); only the key tiles the causal mask leaves are
+//   enumerated (a per-CTA table), so no lane idles on a masked tile.
 //   Softmax: a thread per row, exp2 on pre-scaled logits. PV: a thread owns one row and 8 output
 //   dims (two float4 halves, so a quarter warp reads contiguous shared memory).
 //
@@ -70,80 +73,77 @@ struct TokenDecoderParams {
   int keys;      // P + L
   int keys_pad;  // row stride of the score matrix in shared memory (odd)
   int num_q_heads, num_kv_heads;
-  int chunk_kv_heads;  // HC (divides num_kv_heads)
-  int chunk_q_heads;   // HC * group
-  float scale_log2;    // scale * log2(e): logits are kept in base 2
-  FastDiv chunks;      // item -> (block, chunk)
-  FastDiv chunk_q;     // q unit (row * HCq + head) -> row
-  FastDiv chunk_kv;    // k/v unit (key * HC + head) -> key
-  FastDiv rows_div;    // score row (head * L + row) -> head
-  FastDiv group;       // query head -> KV head
-  FastDiv jtiles;      // score unit -> (score row, key tile)
+  int chunk_kv_heads;   // HC (divides num_kv_heads)
+  int chunk_q_heads;    // HC * group
+  float scale_log2;     // scale * log2(e): logits are kept in base 2
+  FastDiv chunks;       // item -> (block, chunk)
+  FastDiv chunk_q;      // q unit (row * HCq + head) -> row
+  FastDiv chunk_kv;     // k/v unit (key * HC + head) -> key
+  FastDiv rows_div;     // score row (head * L + row) -> head
+  FastDiv group;        // query head -> KV head
+  FastDiv valid_tiles;  // score unit -> (head, entry of the valid-tile table)
 };
 
 template <int D>
 struct TokenDecoderConfig {
   static constexpr int THREADS = 256;
-  static constexpr int VPT = 8;             // 16-byte vectors per thread in a full prefetch stage
-  static constexpr int CPR = D / 8;         // 16-byte chunks per head row
-  static constexpr int DP = D + 4;          // padded fp32 row in shared memory
-  static constexpr int JT = 4;              // keys per thread in the score loop
+  static constexpr int VPT = 8;      // 16-byte vectors per thread in a full prefetch stage
+  static constexpr int CPR = D / 8;  // 16-byte chunks per head row
+  static constexpr int DP = D + 4;   // padded fp32 row in shared memory
+  static constexpr int JT = 4;       // keys per thread in the score loop
   static constexpr int STAGE_VECS = THREADS * VPT;
   static constexpr int STAGE_BYTES = STAGE_VECS * 16;
 };
 
-// Shared-memory bytes for one item: fp32 q, k, v rows (padded), scores, 1/sum per row (padded to
-// 16 bytes), then the two prefetch stages of raw 16-byte vectors.
+// Score tiles (JT keys each) of one head that the causal mask leaves: row i needs keys
+// 0..P + i, i.e. ceil((P + i + 1) / JT) tiles.
+inline int token_decoder_valid_tiles(int rows, int prefix, int jt) {
+  int n = 0;
+  for (int i = 0; i < rows; ++i) n += (prefix + i + jt) / jt;
+  return n;
+}
+
+// Shared-memory bytes of a CTA: fp32 q, k, v rows (padded), scores, 1/sum per row (padded to
+// 16 bytes), the two prefetch stages of raw 16-byte vectors, and the valid score-tile table.
 inline int64_t token_decoder_smem_bytes(int rows, int keys, int keys_pad, int hc, int hcq, int dp, int cpr,
-                                        int stage_vecs) {
+                                        int stage_vecs, int valid_tiles) {
   const int64_t floats =
       ((int64_t(rows) * hcq + 2 * int64_t(keys) * hc) * dp + int64_t(hcq) * rows * keys_pad + int64_t(hcq) * rows + 3) /
       4 * 4;
   const int64_t vecs = (int64_t(rows) * hcq + 2 * int64_t(keys) * hc) * cpr;
-  return 4 * floats + 2 * 16 * (vecs < stage_vecs ? vecs : stage_vecs);
+  return 4 * floats + 2 * 16 * (vecs < stage_vecs ? vecs : stage_vecs) + 4 * int64_t(valid_tiles);
 }
 
-template <typename T, int D>
-struct TokenDecoderItem {
-  using Cfg = TokenDecoderConfig<D>;
-  const TokenDecoderParams& p;
-  int block, hq0, hk0;  // block index, first query head and first KV head of the chunk
-  int q_vecs, kv_vecs;
-
-  __device__ TokenDecoderItem(const TokenDecoderParams& params, int item) : p(params) {
-    block = fast_div(item, p.chunks);
-    const int chunk = item - block * int(p.chunks.d);
-    hk0 = chunk * p.chunk_kv_heads;
-    hq0 = chunk * p.chunk_q_heads;
-    q_vecs = p.rows * p.chunk_q_heads * Cfg::CPR;
-    kv_vecs = p.keys * p.chunk_kv_heads * Cfg::CPR;
+// Calls f(vec, src, smem_offset) for each of this thread's 16-byte vectors of an item: q rows,
+// then k, then v (vec numbers them in that order). A thread always takes column c = tid % (D/8)
+// of a head row, so only the (row, head) split of its unit index needs a division.
+template <typename T, int D, int THREADS, typename F>
+__device__ __forceinline__ void for_each_item_vector(const TokenDecoderParams& p, int block, int chunk, int k_base,
+                                                     int v_base, F&& f) {
+  constexpr int CPR = D / 8, DP = D + 4, STEP = THREADS / CPR;
+  static_assert(THREADS % CPR == 0, "each thread keeps one column");
+  const int c = threadIdx.x & (CPR - 1);
+  const int first_unit = threadIdx.x / CPR;
+  const int HCQ = p.chunk_q_heads, HC = p.chunk_kv_heads;
+  const T* q = static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + chunk * HCQ * D + c * 8;
+  for (int unit = first_unit; unit < p.rows * HCQ; unit += STEP) {  // unit = row * HCQ + head
+    const int row = fast_div(unit, p.chunk_q);
+    const int head = unit - row * HCQ;
+    f(unit * CPR + c, q + (row * p.num_q_heads + head) * D, unit * DP + c * 8);
   }
-
-  __device__ int total_vecs() const { return q_vecs + 2 * kv_vecs; }
-
-  // Global source and shared-memory destination (float offset) of 16-byte vector `vec`.
-  __device__ const uint4* source(int vec, int& smem_offset, int k_base, int v_base) const {
-    const int c = vec & (Cfg::CPR - 1);
-    if (vec < q_vecs) {
-      const int unit = vec / Cfg::CPR;  // row * HCq + head (CPR is a power of two)
-      const int row = fast_div(unit, p.chunk_q);
-      const int head = unit - row * p.chunk_q_heads;
-      smem_offset = unit * Cfg::DP + c * 8;
-      const T* src = static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n +
-                     (int64_t(row) * p.num_q_heads + hq0 + head) * D + c * 8;
-      return reinterpret_cast<const uint4*>(src);
+  const int q_vecs = p.rows * HCQ * CPR, kv_vecs = p.keys * HC * CPR;
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {  // k, then v
+    const T* base = static_cast<const T*>(t ? p.v : p.k) + int64_t(block) * (t ? p.v_stride_n : p.k_stride_n) +
+                    chunk * HC * D + c * 8;
+    const int vec0 = q_vecs + t * kv_vecs, smem0 = t ? v_base : k_base;
+    for (int unit = first_unit; unit < p.keys * HC; unit += STEP) {  // unit = key * HC + head
+      const int key = fast_div(unit, p.chunk_kv);
+      const int head = unit - key * HC;
+      f(vec0 + unit * CPR + c, base + (key * p.num_kv_heads + head) * D, smem0 + unit * DP + c * 8);
     }
-    int w = vec - q_vecs;
-    const bool is_v = w >= kv_vecs;
-    if (is_v) w -= kv_vecs;
-    const int unit = w / Cfg::CPR;  // key * HC + head
-    const int key = fast_div(unit, p.chunk_kv);
-    const int head = unit - key * p.chunk_kv_heads;
-    smem_offset = (is_v ? v_base : k_base) + unit * Cfg::DP + c * 8;
-    const T* base = static_cast<const T*>(is_v ? p.v : p.k) + int64_t(block) * (is_v ? p.v_stride_n : p.k_stride_n);
-    return reinterpret_cast<const uint4*>(base + (int64_t(key) * p.num_kv_heads + hk0 + head) * D + c * 8);
   }
-};
+}
 
 template <typename T>
 __device__ __forceinline__ void store_converted(float* smem, const uint4& raw) {
@@ -182,6 +182,14 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
   const int stage_off = (v_base + KJ * HC * Cfg::DP + HCQ * R * KJP + HCQ * R + 3) / 4 * 4;  // 16-byte aligned
   const int slot_vecs = min((R * HCQ + 2 * KJ * HC) * Cfg::CPR, Cfg::STAGE_VECS);
   uint4* stages = reinterpret_cast<uint4*>(smem + stage_off);
+  // The score tiles the causal mask leaves in one head: (row << 16) | tile, rows in order.
+  int* tiles = reinterpret_cast<int*>(stages + 2 * slot_vecs);
+  const int n_tiles = int(p.valid_tiles.d);
+  for (int i = tid; i < R; i += Cfg::THREADS) {
+    int at = 0;
+    for (int i2 = 0; i2 < i; ++i2) at += (P + i2 + Cfg::JT) / Cfg::JT;
+    for (int t = 0; t < (P + i + Cfg::JT) / Cfg::JT; ++t) tiles[at + t] = (i << 16) | t;
+  }  // read only after the item loop's first barrier
 
   const int first = blockIdx.x * p.items_per_cta;
   const int last = min(p.num_items, first + p.items_per_cta);
@@ -192,12 +200,13 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
   // range), so that "all but the newest group done" always means "the current item is in".
   auto prefetch = [&](int item, int slot) {
     if (item < last) {
-      const TokenDecoderItem<T, D> it(p, item);
+      const int block = fast_div(item, p.chunks);
       uint4* stage = stages + slot * slot_vecs;
-      int off;
-      for (int vec = tid; vec < slot_vecs; vec += Cfg::THREADS)
-        cp_async_16(stage + vec, it.source(vec, off, k_base, v_base), true);
-      const int len = p.block_lens ? __ldg(p.block_lens + it.block) : R;
+      for_each_item_vector<T, D, Cfg::THREADS>(p, block, item - block * int(p.chunks.d), k_base, v_base,
+                                               [&](int vec, const T* src, int) {
+                                                 if (vec < slot_vecs) cp_async_16(stage + vec, src, true);
+                                               });
+      const int len = p.block_lens ? __ldg(p.block_lens + block) : R;
       if (slot) len1 = len; else len0 = len;
     }
     cp_async_commit();
@@ -207,36 +216,33 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
   prefetch(first + 1, 1);
   for (int item = first; item < last; ++item) {
     const int slot = (item - first) & 1;
-    const TokenDecoderItem<T, D> it(p, item);
-    const int total = it.total_vecs();
+    const int block = fast_div(item, p.chunks);
+    const int chunk = item - block * int(p.chunks.d);
+    const int hq0 = chunk * HCQ;
     const int blen = min(max(slot ? len1 : len0, 0), R);
     cp_async_wait<1>();  // this item's group is complete (the next item's may still be in flight)
     __syncthreads();     // ... for every thread's copies; and the previous compute is done with smem
     {
+      // Each stage vector is converted by the thread that copied it; vectors past a stage (long
+      // blocks only) are loaded here, in step.
       const uint4* stage = stages + slot * slot_vecs;
-      int off;
-      for (int vec = tid; vec < slot_vecs; vec += Cfg::THREADS) {
-        it.source(vec, off, k_base, v_base);
-        store_converted<T>(smem + off, stage[vec]);
-      }
-      // Items larger than a stage (long blocks): the rest is loaded here, in step.
-      for (int vec = Cfg::STAGE_VECS + tid; vec < total; vec += Cfg::THREADS) {
-        const uint4 raw = __ldg(it.source(vec, off, k_base, v_base));
-        store_converted<T>(smem + off, raw);
-      }
+      for_each_item_vector<T, D, Cfg::THREADS>(
+          p, block, chunk, k_base, v_base, [&](int vec, const T* src, int off) {
+            const uint4 raw = vec < slot_vecs ? stage[vec] : __ldg(reinterpret_cast<const uint4*>(src));
+            store_converted<T>(smem + off, raw);
+          });
     }
-    __syncthreads();  // fp32 copies ready; this stage is free again
+    __syncthreads();           // fp32 copies ready; this stage is free again
     prefetch(item + 2, slot);  // in flight during this item's compute and the next one's
 
     // ---- scores S[h, i, j] = scale * log2(e) * q[i, h] . k[j, h / G], j <= P + i ----------
-    const int jtiles = int(p.jtiles.d);
-    const int score_units = HCQ * R * jtiles;
-    for (int u = tid; u < score_units; u += Cfg::THREADS) {
-      const int r = fast_div(u, p.jtiles);  // score row = head * R + i
-      const int j0 = (u - r * jtiles) * Cfg::JT;
-      const int h = fast_div(r, p.rows_div);
-      const int i = r - h * R;
-      if (i >= blen || j0 > P + i) continue;  // padding row, or a tile of future keys
+    for (int u = tid; u < HCQ * n_tiles; u += Cfg::THREADS) {
+      const int h = fast_div(u, p.valid_tiles);
+      const int entry = tiles[u - h * n_tiles];
+      const int i = entry >> 16;
+      const int j0 = (entry & 0xffff) * Cfg::JT;
+      if (i >= blen) continue;  // padding row of a partial block
+      const int r = h * R + i;  // score row
       const int kh = fast_div(h, p.group);
       const float* qrow = Qf + (i * HCQ + h) * Cfg::DP;
       // 32-bit row offsets (not 64-bit pointers) keep the register count down; keys past the
@@ -264,7 +270,7 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
     for (int r = tid; r < HCQ * R; r += Cfg::THREADS) {
       const int h = fast_div(r, p.rows_div);
       const int i = r - h * R;
-      float* lse_dst = p.lse ? p.lse + (int64_t(it.block) * R + i) * p.num_q_heads + it.hq0 + h : nullptr;
+      float* lse_dst = p.lse ? p.lse + (int64_t(block) * R + i) * p.num_q_heads + hq0 + h : nullptr;
       if (i >= blen) {
         if (lse_dst) *lse_dst = -INFINITY;
         continue;
@@ -320,7 +326,7 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] *= inv;
       }
-      T* dst = static_cast<T*>(p.out) + ((int64_t(it.block) * R + i) * p.num_q_heads + it.hq0 + h) * D + c * 4;
+      T* dst = static_cast<T*>(p.out) + ((int64_t(block) * R + i) * p.num_q_heads + hq0 + h) * D + c * 4;
       const uint2 lo = make_uint2(pack2(acc[0], acc[1], T{}), pack2(acc[2], acc[3], T{}));
       const uint2 hi = make_uint2(pack2(acc[4], acc[5], T{}), pack2(acc[6], acc[7], T{}));
       __stcs(reinterpret_cast<uint2*>(dst), lo);
