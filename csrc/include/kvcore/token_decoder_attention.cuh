@@ -26,8 +26,9 @@
 // * Scores: a thread owns one query row against JT = 4 keys and walks D in float4 steps
 //   (5 shared loads per 16 FMAs, no shuffles); only the key tiles the causal mask leaves are
 //   enumerated (a per-CTA table), so no lane idles on a masked tile.
-//   Softmax: a thread per row, exp2 on pre-scaled logits. PV: a thread owns one row and 8 output
-//   dims (two float4 halves, so a quarter warp reads contiguous shared memory).
+//   Softmax: a thread per row, exp2 on pre-scaled logits. PV: a thread owns two adjacent rows
+//   (sharing every V load) and 8 output dims (two float4 halves, so a quarter warp reads
+//   contiguous shared memory).
 //
 // Safety: block_lens[n] is clamped to [0, L]; every address is computed from the shapes, so
 // bad lengths change the numbers, never the memory touched.
@@ -292,45 +293,68 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
     __syncthreads();
 
     // ---- out[i, h, :] = sum_j p[h, i, j] v[j, h / G, :] ------------------------------------
-    // A thread owns dims [4c, 4c + 4) and [D/2 + 4c, D/2 + 4c + 4) of one row: consecutive
-    // lanes read consecutive float4s of a V row.
+    // A thread owns rows 2m and 2m + 1 of one head (they share every V load; row 2m + 1 has one
+    // key more) and dims [4c, 4c + 4) and [D/2 + 4c, D/2 + 4c + 4): consecutive lanes read
+    // consecutive float4s of a V row.
     constexpr int HALF = D / 2;
-    for (int u = tid; u < HCQ * R * Cfg::CPR; u += Cfg::THREADS) {
-      const int r = u / Cfg::CPR;
+    const int pairs = (R + 1) / 2;
+    for (int u = tid; u < HCQ * pairs * Cfg::CPR; u += Cfg::THREADS) {
+      const int hm = u / Cfg::CPR;  // head * pairs + m
       const int c = u & (Cfg::CPR - 1);
-      const int h = fast_div(r, p.rows_div);
-      const int i = r - h * R;
-      float acc[8];
+      const int h = hm / pairs;
+      const int i0 = 2 * (hm - h * pairs), i1 = i0 + 1;
+      const bool valid0 = i0 < blen, valid1 = i1 < blen;  // blen <= R, so valid1 implies i1 < R
+      float acc0[8], acc1[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-      if (i < blen) {
+      for (int e = 0; e < 8; ++e) acc0[e] = acc1[e] = 0.f;
+      if (valid0) {
         const int kh = fast_div(h, p.group);
         const float* vcol = Vf + kh * Cfg::DP + c * 4;
-        const float* prow = Sf + r * KJP;
+        const float* p0 = Sf + (h * R + i0) * KJP;
+        const float* p1 = valid1 ? p0 + KJP : p0;  // an invalid row 1 just repeats row 0 (unused)
         const int vstride = HC * Cfg::DP;
-        const int n_keys = P + i + 1;
-        for (int j = 0; j < n_keys; ++j) {
-          const float w = prow[j];
+        const int n0 = P + i0 + 1;
+#pragma unroll 2
+        for (int j = 0; j < n0; ++j) {
+          const float w0 = p0[j], w1 = p1[j];
           const float4 a = *reinterpret_cast<const float4*>(vcol + j * vstride);
           const float4 b = *reinterpret_cast<const float4*>(vcol + j * vstride + HALF);
-          acc[0] = fmaf(w, a.x, acc[0]);
-          acc[1] = fmaf(w, a.y, acc[1]);
-          acc[2] = fmaf(w, a.z, acc[2]);
-          acc[3] = fmaf(w, a.w, acc[3]);
-          acc[4] = fmaf(w, b.x, acc[4]);
-          acc[5] = fmaf(w, b.y, acc[5]);
-          acc[6] = fmaf(w, b.z, acc[6]);
-          acc[7] = fmaf(w, b.w, acc[7]);
-        }
-        const float inv = inv_sum[r];
+          const float va[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] *= inv;
+          for (int e = 0; e < 8; ++e) {
+            acc0[e] = fmaf(w0, va[e], acc0[e]);
+            acc1[e] = fmaf(w1, va[e], acc1[e]);
+          }
+        }
+        const float inv0 = inv_sum[h * R + i0];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc0[e] *= inv0;
+        if (valid1) {  // row 1's last key, j = P + i1
+          const float w1 = p1[n0];
+          const float4 a = *reinterpret_cast<const float4*>(vcol + n0 * vstride);
+          const float4 b = *reinterpret_cast<const float4*>(vcol + n0 * vstride + HALF);
+          const float va[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+          const float inv1 = inv_sum[h * R + i1];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc1[e] = fmaf(w1, va[e], acc1[e]) * inv1;
+        }
       }
-      T* dst = static_cast<T*>(p.out) + ((int64_t(block) * R + i) * p.num_q_heads + hq0 + h) * D + c * 4;
-      const uint2 lo = make_uint2(pack2(acc[0], acc[1], T{}), pack2(acc[2], acc[3], T{}));
-      const uint2 hi = make_uint2(pack2(acc[4], acc[5], T{}), pack2(acc[6], acc[7], T{}));
-      __stcs(reinterpret_cast<uint2*>(dst), lo);
-      __stcs(reinterpret_cast<uint2*>(dst + HALF), hi);
+      if (!valid1) {  // (accumulated from row 0's weights above)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc1[e] = 0.f;
+      }
+      // Rows past blen are written as zeros; a row past the block (odd L) is not written.
+      const int64_t row0 = (int64_t(block) * R + i0) * p.num_q_heads + hq0 + h;
+      T* dst = static_cast<T*>(p.out) + row0 * D + c * 4;
+      __stcs(reinterpret_cast<uint2*>(dst), make_uint2(pack2(acc0[0], acc0[1], T{}), pack2(acc0[2], acc0[3], T{})));
+      __stcs(reinterpret_cast<uint2*>(dst + HALF),
+             make_uint2(pack2(acc0[4], acc0[5], T{}), pack2(acc0[6], acc0[7], T{})));
+      if (i1 < R) {
+        dst += int64_t(p.num_q_heads) * D;  // row i1 of the same head
+        __stcs(reinterpret_cast<uint2*>(dst), make_uint2(pack2(acc1[0], acc1[1], T{}), pack2(acc1[2], acc1[3], T{})));
+        __stcs(reinterpret_cast<uint2*>(dst + HALF),
+               make_uint2(pack2(acc1[4], acc1[5], T{}), pack2(acc1[6], acc1[7], T{})));
+      }
     }
   }
 }
