@@ -229,7 +229,11 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
       const uint4* stage = stages + slot * slot_vecs;
       for_each_item_vector<T, D, Cfg::THREADS>(
           p, block, chunk, k_base, v_base, [&](int vec, const T* src, int off) {
-            const uint4 raw = vec < slot_vecs ? stage[vec] : __ldg(reinterpret_cast<const uint4*>(src));
+            uint4 raw;
+            if (vec < slot_vecs)
+              raw = stage[vec];
+            else
+              raw = __ldg(reinterpret_cast<const uint4*>(src));
             store_converted<T>(smem + off, raw);
           });
     }
