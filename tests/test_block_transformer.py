@@ -412,16 +412,15 @@ def test_model_bad_arguments():
         model.decode_step(torch.zeros(3, dtype=torch.long))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-def test_model_on_cuda_bf16_tracks_fp64_oracle():
-    """bf16 on CUDA (token_decoder_attention and gqa_decode CUDA kernels): prefill and decode logits
-    stay within bf16 error of the fp64 oracle along the generated trajectory."""
-    w = BlockTransformerWeights.random(SMALL, seed=21, dtype=torch.bfloat16, device="cuda")
+def test_model_bf16_tracks_fp64_oracle(device):
+    """bf16 end to end (on CUDA: the token_decoder_attention and gqa_decode CUDA kernels): prefill
+    and decode logits stay within bf16 error of the fp64 oracle along the generated trajectory
+    (measured on CPU: <= 0.045 over three seeds; a wrong kernel is off by O(1))."""
+    w = BlockTransformerWeights.random(SMALL, seed=21, dtype=torch.bfloat16, device=device)
     model = KvcoreBlockTransformer(w, max_batch=2)
     oracle = TorchBlockTransformer(w.to(device="cpu"), compute_dtype=torch.float64)
     seq = _prompt(2, 7, seed=22)
-    logits = model.prefill(seq.cuda())
+    logits = model.prefill(seq.to(device))
     torch.testing.assert_close(logits.double().cpu(), oracle.forward(seq), atol=0.15, rtol=0.05)
     for _ in range(2 * SMALL.block_length + 1):
         nxt = logits[:, -1].argmax(-1) if logits.dim() == 3 else logits.argmax(-1)
