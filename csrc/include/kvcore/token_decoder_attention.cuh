@@ -23,8 +23,9 @@
 //   same 16-byte column c of the head rows (THREADS is a multiple of D / 8), so the index work
 //   per vector is one multiply-high division. Each head row in shared memory is padded by 4
 //   floats so that float4 reads of different rows fall on different banks.
-// * Scores: a thread owns one query row against JT = 4 keys and walks D in float4 steps
-//   (5 shared loads per 16 FMAs, no shuffles); only the key tiles the causal mask leaves are
+// * Scores: a thread owns one query row against JT = 2 keys and walks D in float4 steps
+//   (3 shared loads per 8 FMAs, no shuffles; JT = 4 would load less per FMA but leaves most
+//   lanes idle at these sizes, e.g. 96 units for 256 threads); only the key tiles the causal mask leaves are
 //   enumerated (a per-CTA table), so no lane idles on a masked tile.
 //   Softmax: a thread per row, exp2 on pre-scaled logits. PV: a thread owns two adjacent rows
 //   (sharing every V load) and 8 output dims (two float4 halves, so a quarter warp reads
@@ -91,7 +92,7 @@ struct TokenDecoderConfig {
   static constexpr int VPT = 8;      // 16-byte vectors per thread in a full prefetch stage
   static constexpr int CPR = D / 8;  // 16-byte chunks per head row
   static constexpr int DP = D + 4;   // padded fp32 row in shared memory
-  static constexpr int JT = 4;       // keys per thread in the score loop
+  static constexpr int JT = 2;       // keys per thread in the score loop (2: more, shorter units)
   static constexpr int STAGE_VECS = THREADS * VPT;
   static constexpr int STAGE_BYTES = STAGE_VECS * 16;
 };
