@@ -21,12 +21,12 @@
 //   held), so loads are in flight while the current item is converted and computed; a stage is
 //   converted to fp32 once, so the inner loops do no conversions. A thread always copies the
 //   same 16-byte column c of the head rows (THREADS is a multiple of D / 8), so the index work
-//   per vector is one multiply-high division. Each head row in shared memory is padded by 4
-//   floats so that float4 reads of different rows fall on different banks.
+//   per vector is one multiply-high division. Rows in shared memory are head-major and padded
+//   by 4 floats, so float4 reads of different rows of one head fall on different banks.
 // * Scores: a thread owns one query row against JT = 2 keys and walks D in float4 steps
-//   (3 shared loads per 8 FMAs, no shuffles; JT = 4 would load less per FMA but leaves most
-//   lanes idle at these sizes, e.g. 96 units for 256 threads); only the key tiles the causal mask leaves are
-//   enumerated (a per-CTA table), so no lane idles on a masked tile.
+//   (3 shared loads per 8 FMAs, no shuffles; JT = 4 loads less per FMA but left most lanes idle
+//   at these sizes, e.g. 96 units for 256 threads); only the key tiles the causal mask leaves
+//   are enumerated (a per-CTA table), so no lane idles on a masked tile.
 //   Softmax: a thread per row, exp2 on pre-scaled logits. PV: a thread owns two adjacent rows
 //   (sharing every V load) and 8 output dims (two float4 halves, so a quarter warp reads
 //   contiguous shared memory).
@@ -117,8 +117,11 @@ inline int64_t token_decoder_smem_bytes(int rows, int keys, int keys_pad, int hc
 }
 
 // Calls f(vec, src, smem_offset) for each of this thread's 16-byte vectors of an item: q rows,
-// then k, then v (vec numbers them in that order). A thread always takes column c = tid % (D/8)
-// of a head row, so only the (row, head) split of its unit index needs a division.
+// then k, then v (vec numbers them in that order, the global order). A thread always takes
+// column c = tid % (D/8) of a head row, so only the (row, head) split of its unit index needs a
+// division. In shared memory the rows are head-major ([head][row][D + 4]): consecutive keys of
+// one head are then D + 4 floats apart, an odd number of 16-byte bank groups, so the score
+// loop's lanes, which read different keys at the same d, hit different banks.
 template <typename T, int D, int THREADS, typename F>
 __device__ __forceinline__ void for_each_item_vector(const TokenDecoderParams& p, int block, int chunk, int k_base,
                                                      int v_base, F&& f) {
@@ -131,7 +134,7 @@ __device__ __forceinline__ void for_each_item_vector(const TokenDecoderParams& p
   for (int unit = first_unit; unit < p.rows * HCQ; unit += STEP) {  // unit = row * HCQ + head
     const int row = fast_div(unit, p.chunk_q);
     const int head = unit - row * HCQ;
-    f(unit * CPR + c, q + (row * p.num_q_heads + head) * D, unit * DP + c * 8);
+    f(unit * CPR + c, q + (row * p.num_q_heads + head) * D, (head * p.rows + row) * DP + c * 8);
   }
   const int q_vecs = p.rows * HCQ * CPR, kv_vecs = p.keys * HC * CPR;
 #pragma unroll
@@ -142,7 +145,7 @@ __device__ __forceinline__ void for_each_item_vector(const TokenDecoderParams& p
     for (int unit = first_unit; unit < p.keys * HC; unit += STEP) {  // unit = key * HC + head
       const int key = fast_div(unit, p.chunk_kv);
       const int head = unit - key * HC;
-      f(vec0 + unit * CPR + c, base + (key * p.num_kv_heads + head) * D, smem0 + unit * DP + c * 8);
+      f(vec0 + unit * CPR + c, base + (key * p.num_kv_heads + head) * D, smem0 + (head * p.keys + key) * DP + c * 8);
     }
   }
 }
@@ -250,12 +253,12 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
       if (i >= blen) continue;  // padding row of a partial block
       const int r = h * R + i;  // score row
       const int kh = fast_div(h, p.group);
-      const float* qrow = Qf + (i * HCQ + h) * Cfg::DP;
+      const float* qrow = Qf + (h * R + i) * Cfg::DP;
       // 32-bit row offsets (not 64-bit pointers) keep the register count down; keys past the
       // block are clamped to a real row and their sums dropped below.
       int krow[Cfg::JT];
 #pragma unroll
-      for (int t = 0; t < Cfg::JT; ++t) krow[t] = (min(j0 + t, KJ - 1) * HC + kh) * Cfg::DP;
+      for (int t = 0; t < Cfg::JT; ++t) krow[t] = (kh * KJ + min(j0 + t, KJ - 1)) * Cfg::DP;
       float acc[Cfg::JT];
 #pragma unroll
       for (int t = 0; t < Cfg::JT; ++t) acc[t] = 0.f;
@@ -314,10 +317,10 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
       for (int e = 0; e < 8; ++e) acc0[e] = acc1[e] = 0.f;
       if (valid0) {
         const int kh = fast_div(h, p.group);
-        const float* vcol = Vf + kh * Cfg::DP + c * 4;
+        const float* vcol = Vf + kh * KJ * Cfg::DP + c * 4;
         const float* p0 = Sf + (h * R + i0) * KJP;
         const float* p1 = valid1 ? p0 + KJP : p0;  // an invalid row 1 just repeats row 0 (unused)
-        const int vstride = HC * Cfg::DP;
+        constexpr int vstride = Cfg::DP;
         const int n0 = P + i0 + 1;
 #pragma unroll 2
         for (int j = 0; j < n0; ++j) {
