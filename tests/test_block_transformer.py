@@ -427,3 +427,52 @@ def test_model_bf16_tracks_fp64_oracle(device):
         logits = model.decode_step(nxt)
         seq = torch.cat([seq, nxt.cpu()[:, None]], dim=1)
         torch.testing.assert_close(logits.double().cpu(), oracle.forward(seq)[:, -1], atol=0.15, rtol=0.05)
+
+
+# ============================================================================================
+# torch.compile and CUDA graphs
+# ============================================================================================
+
+
+def _td_step(q, k, v, block_lens, out, lse):
+    kvcore.token_decoder_attention(q, k, v, block_lens, out=out, lse=lse)
+    return out.float() * 2.0  # something after the op, so the compiled graph reads its result
+
+
+def test_token_decoder_attention_compiles_fullgraph(device, gen):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = _td_inputs(TDCase(5, 4, 2, 8, 2, 64), gen, dtype, device)
+    lens = torch.tensor([4, 1, 0, 3, 4], dtype=torch.int32, device=device)
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(q.shape[:3], dtype=torch.float32, device=device))
+    torch._dynamo.reset()
+    result = torch.compile(_td_step, fullgraph=True)(q, k, v, lens, out, lse)
+    ref_out, ref_lse = reference.token_decoder_attention(q, k, v, lens)
+    torch.testing.assert_close(result / 2.0, ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_token_decoder_attention_graph_replay(gen):
+    """Captured once in a CUDA graph (validation off automatically during capture), replayed with
+    new q/k/v contents and new block_lens."""
+    case = TDCase(300, 16, 2, 16, 16, 128)
+    q, k, v = _td_inputs(case, gen, torch.bfloat16, "cuda")
+    lens = torch.full((case.blocks,), case.block_length, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device="cuda")
+    kvcore.token_decoder_attention(q, k, v, lens, out=out, lse=lse)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kvcore.token_decoder_attention(q, k, v, lens, out=out, lse=lse)
+    for _ in range(2):
+        q2, k2, v2 = _td_inputs(case, gen, torch.bfloat16, "cuda")
+        q.copy_(q2), k.copy_(k2), v.copy_(v2)
+        lens.copy_(torch.randint(0, case.block_length + 1, (case.blocks,), generator=gen, dtype=torch.int32))
+        out.fill_(math.nan), lse.fill_(math.nan)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = reference.token_decoder_attention(q, k, v, lens)
+        _check_td(out, lse, ref_out, ref_lse, torch.bfloat16, lens)
