@@ -54,4 +54,13 @@ TORCH_LIBRARY(kvcore, m) {
       "block_sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
       "Tensor sel_pages, Tensor sel_counts, float scale, float logit_soft_cap, Tensor(a!) out, "
       "Tensor(b!)? lse, Tensor(c!)? workspace, int num_splits) -> ()");
+  // Block Transformer token decoder, prefill of many blocks at once (Ho et al. 2024).
+  //   q [N, L, Hq, D]: the L token queries of N blocks; k, v [N, P + L, Hkv, D]: each block's P
+  //   prefix slots, then its L tokens. Token i of a block attends to the P prefix slots and to
+  //   tokens 0..i of its own block (nothing outside the block). block_lens [N] int32 (optional):
+  //   valid tokens per block, 0..L; rows i >= block_lens[n] get out 0 and lse -inf.
+  //   out [N, L, Hq, D] (q's dtype); lse [N, L, Hq] fp32, natural log (optional).
+  m.def(
+      "token_decoder_attention(Tensor q, Tensor k, Tensor v, Tensor? block_lens, float scale, "
+      "Tensor(a!) out, Tensor(b!)? lse) -> ()");
 }

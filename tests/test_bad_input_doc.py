@@ -1,5 +1,6 @@
-"""docs/bad_input.md lists exactly the bad-input cases the op tests check, op by op, and its
-matrix (op x kind of bad input) has a test in every cell."""
+"""docs/bad_input.md lists exactly the bad-input cases the op tests check, op by op (tests/test_ops.py,
+and tests/test_block_transformer.py for token_decoder_attention), and its matrix (op x kind of bad
+input) has a test in every cell."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import importlib
 import pathlib
 import re
 
+from test_block_transformer import BAD_TOKEN_DECODER
 from test_ops import BAD_APPEND, BAD_DECODE, BAD_MERGE
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "bad_input.md"
-CASES = {"gqa_decode": BAD_DECODE, "append_paged_kv": BAD_APPEND, "merge_attention_states": BAD_MERGE}
+CASES = {
+    "gqa_decode": BAD_DECODE,
+    "append_paged_kv": BAD_APPEND,
+    "merge_attention_states": BAD_MERGE,
+    "token_decoder_attention": BAD_TOKEN_DECODER,
+}
 # The kinds of bad input every op is checked against (issue 8); "other" holds the rest.
 KINDS = ["dtype", "device", "rank", "shape mismatch", "non-contiguous", "out-of-range page index",
          "seq_len over capacity", "NaN in q (or other inputs)", "other"]

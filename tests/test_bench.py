@@ -444,7 +444,8 @@ def test_cli_help_and_bad_impl(capsys):
 
 
 # ------------------------------------------------------------------------------------------
-# block group (block-sparse decode)
+# Group "block": block-sparse decode (block_sparse.py); the Block Transformer's token-decoder
+# prefill attention (block_transformer.py) follows
 # ------------------------------------------------------------------------------------------
 
 
@@ -583,10 +584,12 @@ def test_block_group_cpu_end_to_end(tmp_path):
     for key in ("gpu", "torch", "date", "copy_gbps", "gemm_tflops", "rows"):
         assert key in data
     cases = {c.name for c in importlib.import_module("kvcore.bench.block_sparse").cases(torch.device("cpu"), True)}
-    assert {r["case"] for r in data["rows"]} == cases
+    token_cases = {c.name for c in importlib.import_module("kvcore.bench.block_transformer").cases(torch.device("cpu"), True)}
+    # The group runs both modules; their rows share the group name.
+    assert {r["case"] for r in data["rows"]} == cases | token_cases
     assert {r["group"] for r in data["rows"]} == {"block"}
     for impl in ("kvcore", "gather+sdpa", "torch"):
-        timed = [r for r in data["rows"] if r["impl"] == impl]
+        timed = [r for r in data["rows"] if r["impl"] == impl and r["case"] in cases]
         assert {r["case"] for r in timed} == cases
         for r in timed:
             assert "error" not in r, r
@@ -594,3 +597,106 @@ def test_block_group_cpu_end_to_end(tmp_path):
     for r in data["rows"]:
         if r["impl"] == "flex_attention":  # eager on CPU: timed, or skipped with the reason
             assert "error" not in r and (r["ms"] or r["notes"].startswith("skipped:")), r
+
+
+# ------------------------------------------------------------------------------------------
+# Group "block", Block Transformer part: token-decoder prefill attention
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bt_bench():
+    pkg = _load_bench()
+    return importlib.import_module(pkg.__name__ + ".block_transformer")
+
+
+def test_block_transformer_cases_count_bytes_and_flops(bt_bench):
+    case = bt_bench.TokenDecoderCase(32, 12, 12, 64, 8192, 4, 2)
+    n = 32 * 8192 // 4
+    assert case.blocks == n
+    assert case.nbytes == (2 * n * 4 * 12 + 2 * n * 6 * 12) * 64 * 2
+    assert case.flops == 4 * n * 12 * 64 * (3 + 4 + 5 + 6)  # P + i + 1 keys for row i
+    names = [c.name for c in bt_bench.cases(torch.device("cuda"), quick=False)]
+    assert names == ["token-decoder B32 H12 D64 S8192 L4 P2", "token-decoder B8 H16 D128 S16384 L16 P2"]
+    assert all(c.blocks <= 512 for c in bt_bench.cases(torch.device("cpu"), quick=True))
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        bt_bench.TokenDecoderCase(1, 4, 4, 64, 30, 4, 2)
+
+
+def test_block_transformer_peers_agree_with_masked_attention(bt_bench):
+    """The plain-torch and SDPA forms equal per-row dense attention over the allowed keys."""
+    case = bt_bench.TokenDecoderCase(1, 4, 2, 64, 16, 4, 3, dtype=torch.float32)
+    inp = bt_bench.make_inputs(case, torch.device("cpu"), seed=2)
+    ref = bt_bench.reference_output(inp)
+    g = case.num_q_heads // case.num_kv_heads
+    for n in range(case.blocks):
+        for i in range(case.block_length):
+            keys = case.prefix + i + 1
+            for h in range(case.num_q_heads):
+                p = torch.softmax((inp.k[n, :keys, h // g] @ inp.q[n, i, h]) * inp.scale, dim=0)
+                torch.testing.assert_close(ref[n, i, h], p @ inp.v[n, :keys, h // g], atol=1e-5, rtol=1e-5)
+    sdpa = bt_bench.build_sdpa_tiny(inp)[0].fn()
+    torch.testing.assert_close(sdpa.float(), ref, atol=1e-5, rtol=1e-5)
+
+
+def _fake_kvcore_td(mode: str):
+    """A stand-in kvcore whose token_decoder_attention is right or wrong."""
+    state = {"validation": True}
+    mod = types.ModuleType("kvcore")
+
+    def token_decoder_attention(q, k, v, block_lens=None, *, scale=None, out=None, **kw):
+        import importlib as _il
+
+        bt = _il.import_module(_load_bench().__name__ + ".block_transformer")
+        mask = bt.token_decoder_mask(q.shape[1], k.shape[1] - q.shape[1], q.device)
+        res = bt.tiny_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale)
+        out.copy_(res + (0.5 if mode == "wrong" else 0.0))
+        return out
+
+    def set_validation(enabled):
+        previous, state["validation"] = state["validation"], bool(enabled)
+        return previous
+
+    mod.token_decoder_attention = token_decoder_attention
+    mod.set_validation = set_validation
+    mod.cuda_kernels_built = lambda: False
+    mod.state = state
+    return mod
+
+
+@pytest.mark.parametrize("mode", ["right", "wrong"])
+def test_block_transformer_run_checks_before_timing(bt_bench, bench, monkeypatch, mode):
+    fake = _fake_kvcore_td(mode)
+    monkeypatch.setitem(sys.modules, "kvcore", fake)
+    case = bt_bench.TokenDecoderCase(1, 4, 4, 64, 32, 4, 2, dtype=torch.float32)
+    rows = bt_bench.run(case, ["kvcore", "torch", "flex_attention"], _ctx(bench))
+    assert [r["impl"] for r in rows] == ["kvcore", "torch", "flex_attention"]
+    assert all(r["group"] == "block" and r["case"] == case.name for r in rows)
+    if mode == "right":
+        assert rows[0]["ms"] > 0 and "error" not in rows[0]
+        assert math.isclose(rows[0]["gbps"], case.nbytes / (rows[0]["ms"] * 1e-3) / 1e9, rel_tol=2e-3)
+    else:
+        assert rows[0]["ms"] is None and "max abs error" in rows[0]["error"]
+    assert rows[1]["ms"] > 0
+    assert rows[2]["ms"] is None and rows[2]["notes"].startswith("skipped:")  # flex: CUDA only
+    assert fake.state["validation"] is True  # restored after timing
+
+
+@needs_kvcore
+def test_block_group_cpu_json(tmp_path):
+    """`python -m kvcore.bench --group block` on CPU: the committed JSON shape, every impl timed."""
+    from kvcore.bench.__main__ import main
+
+    result = main(["--group", "block", "--device", "cpu", "--out", str(tmp_path), "--no-plot"])
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    data = json.loads(path.read_text())
+    assert data == json.loads(json.dumps(result))
+    for key in ("gpu", "torch", "date", "copy_gbps", "gemm_tflops", "rows"):
+        assert key in data
+    bt_rows = [r for r in data["rows"] if r["case"].startswith("token-decoder")]
+    assert bt_rows and all(r["group"] == "block" for r in bt_rows)
+    assert {r["impl"] for r in bt_rows} == {"kvcore", "sdpa-tiny", "torch"}
+    for r in bt_rows:
+        assert set(r) >= {"group", "impl", "case", "ms", "gbps", "pct_copy", "tflops", "pct_gemm"}
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0 and r["tflops"] > 0, r

@@ -214,3 +214,75 @@ inline BlockSparseDecodeShape check_block_sparse_decode(const at::Tensor& q, con
 }
 
 }  // namespace kvcore
+
+// ---- token_decoder_attention (Block Transformer token decoder, prefill) ----------------------
+namespace kvcore {
+
+// Shapes of a token_decoder_attention call, validated once and shared by both backends.
+struct TokenDecoderShape {
+  int64_t blocks;        // N
+  int64_t block_length;  // L: query rows (tokens) per block
+  int64_t prefix;        // P: prefix slots before the tokens in k/v (k.size(1) - L)
+  int64_t num_q_heads, num_kv_heads, head_dim, group;
+};
+
+inline TokenDecoderShape check_token_decoder(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const c10::optional<at::Tensor>& block_lens, const at::Tensor& out,
+                                             const c10::optional<at::Tensor>& lse) {
+  check_rank(q, 4, "q", "[blocks, block_length, num_q_heads, head_dim]");
+  check_rank(k, 4, "k", "[blocks, prefix + block_length, num_kv_heads, head_dim]");
+  check_rank(v, 4, "v", "[blocks, prefix + block_length, num_kv_heads, head_dim]");
+  check_rank(out, 4, "out", "[blocks, block_length, num_q_heads, head_dim]");
+  for (auto [t, n] : {std::pair{&k, "k"}, {&v, "v"}, {&out, "out"}}) check_same_device(*t, q, n, "q");
+  check_float_dtype(q, "q");
+  check_dtype(k, q.scalar_type(), "k");
+  check_dtype(v, q.scalar_type(), "v");
+  check_dtype(out, q.scalar_type(), "out");
+
+  TokenDecoderShape s{};
+  s.blocks = q.size(0);
+  s.block_length = q.size(1);
+  s.num_q_heads = q.size(2);
+  s.head_dim = q.size(3);
+  s.num_kv_heads = k.size(2);
+  TORCH_CHECK(k.size(0) == s.blocks, "k must have blocks = ", s.blocks, " (q's first dim) in dim 0, got shape ",
+              k.sizes());
+  TORCH_CHECK(k.size(1) >= s.block_length, "k must have prefix + block_length >= block_length = ", s.block_length,
+              " rows per block (q's dim 1), got shape ", k.sizes());
+  s.prefix = k.size(1) - s.block_length;
+  TORCH_CHECK(k.size(3) == s.head_dim, "k head_dim (", k.size(3), ") must equal q head_dim (", s.head_dim, ")");
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(s.num_kv_heads > 0 && s.num_q_heads % s.num_kv_heads == 0, "num_q_heads (", s.num_q_heads,
+              ") must be a multiple of num_kv_heads (", s.num_kv_heads, ")");
+  s.group = s.num_q_heads / s.num_kv_heads;
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
+  check_contiguous(out, "out");
+  // Each block's rows must be one dense slab ([L, Hq, D] of q, [P + L, Hkv, D] of k and v);
+  // the blocks themselves may be strided (e.g. k[:, :P] of a larger [N, P + L, ...] tensor).
+  check_inner_dense(q, 3, "q");
+  check_inner_dense(k, 3, "k");
+  check_inner_dense(v, 3, "v");
+  if (block_lens.has_value()) {
+    check_rank(*block_lens, 1, "block_lens", "[blocks]");
+    check_same_device(*block_lens, q, "block_lens", "q");
+    check_dtype(*block_lens, at::kInt, "block_lens");
+    TORCH_CHECK(block_lens->size(0) == s.blocks, "block_lens must have shape [", s.blocks, "] (one length per block), got ",
+                block_lens->sizes());
+    check_contiguous(*block_lens, "block_lens");
+  }
+  if (lse.has_value()) {
+    check_same_device(*lse, q, "lse", "q");
+    check_dtype(*lse, at::kFloat, "lse");
+    TORCH_CHECK(lse->dim() == 3 && lse->size(0) == s.blocks && lse->size(1) == s.block_length &&
+                    lse->size(2) == s.num_q_heads,
+                "lse must have shape [", s.blocks, ", ", s.block_length, ", ", s.num_q_heads, "], got ", lse->sizes());
+    check_contiguous(*lse, "lse");
+  }
+  return s;
+}
+
+inline void check_token_decoder_scale(double scale) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
+}
+
+}  // namespace kvcore

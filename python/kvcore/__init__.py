@@ -46,3 +46,7 @@ from . import block_sparse  # noqa: E402
 from .ops import block_sparse_decode  # noqa: E402
 
 __all__ += ["block_sparse", "block_sparse_decode"]
+# Block Transformer (token decoder attention; the model layer is kvcore.block).
+from .ops import token_decoder_attention  # noqa: E402
+
+__all__ += ["token_decoder_attention"]

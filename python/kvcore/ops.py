@@ -443,3 +443,92 @@ def _block_sparse_decode_fake(q, k_cache, v_cache, block_table, seq_lens, sel_pa
                               logit_soft_cap, out, lse, workspace, num_splits) -> None:
     torch._check(out.shape == q.shape, lambda: "out must have q's shape")
     return None
+
+
+# ---- Block Transformer: token decoder attention ------------------------------------------------
+
+__all__ += ["token_decoder_attention"]
+
+
+@overload
+def token_decoder_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_lens: Optional[torch.Tensor] = ...,
+    *, scale: Optional[float] = ..., out: Optional[torch.Tensor] = ..., lse: None = ..., return_lse: bool = ...,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
+@overload
+def token_decoder_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_lens: Optional[torch.Tensor] = ...,
+    *, scale: Optional[float] = ..., out: Optional[torch.Tensor] = ..., lse: torch.Tensor, return_lse: bool = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def token_decoder_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_lens: Optional[torch.Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """Block Transformer token-decoder attention for many blocks at once (prefill).
+
+    Each block is attended to on its own: token ``i`` of block ``n`` sees the block's ``P`` prefix
+    slots (the block decoder's context for this block, expanded into ``P`` vectors) and the
+    block's tokens ``0..i``, nothing else. Query head ``h`` uses KV head ``h // (Hq // Hkv)``.
+    The definition is :func:`kvcore.reference.token_decoder_attention`.
+
+    Args:
+        q: ``[N, L, Hq, D]``, the queries of the ``L`` tokens of ``N`` blocks; bfloat16/float16
+            (float32 too on CPU). Each block's ``[L, Hq, D]`` must be densely packed (blocks may
+            be strided).
+        k, v: ``[N, P + L, Hkv, D]``, q's dtype: each block's ``P`` prefix slots, then its ``L``
+            tokens (``P = k.shape[1] - L >= 0``); per block densely packed.
+        block_lens: optional ``[N]`` int32, valid tokens per block in ``[0, L]`` (a sequence's
+            last block may be partial); rows past it get ``out = 0`` and ``lse = -inf``.
+        scale: softmax scale, default ``D ** -0.5``.
+        out: optional preallocated contiguous ``[N, L, Hq, D]`` output (q's dtype).
+        lse: optional preallocated contiguous ``[N, L, Hq]`` float32 log-sum-exp (natural log).
+        return_lse: also return ``lse`` (allocated when not given).
+
+    Returns:
+        ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
+
+    Raises:
+        ValueError: ``q`` not 4-D, a bad ``scale``, or (validation on) a ``block_lens`` entry
+            outside ``[0, L]``.
+        RuntimeError: from the op, naming the argument: wrong dtype, rank, shape, device or
+            layout. On CUDA: head_dim not 64/128/256, or a block too large for shared memory.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"q must be 4-D [blocks, block_length, num_q_heads, head_dim], got {shape}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    want_lse = return_lse or lse is not None
+    if return_lse and lse is None:
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if (
+        validation_enabled()
+        and block_lens is not None
+        and block_lens.dim() == 1
+        and block_lens.dtype == torch.int32
+        and block_lens.numel() > 0
+    ):
+        lens = block_lens.to("cpu")
+        bad = (lens < 0) | (lens > q.shape[1])
+        if bool(bad.any()):
+            n = int(bad.nonzero()[0, 0])
+            raise ValueError(f"block_lens[{n}] = {int(lens[n])} must be in [0, block_length = {q.shape[1]}]")
+    _ops.token_decoder_attention(q, k, v, block_lens, float(scale), out, lse)
+    return (out, lse) if want_lse else out
+
+
+@torch.library.register_fake("kvcore::token_decoder_attention")
+def _token_decoder_attention_fake(q, k, v, block_lens, scale, out, lse) -> None:
+    torch._check(out.shape == q.shape, lambda: "out must have q's shape")
+    return None

@@ -431,3 +431,86 @@ def block_sparse_decode(
             out[b, heads] = o.to(torch.float32)
             lse[b, heads] = s.to(torch.float32)
     return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Block Transformer (Ho et al. 2024): the token decoder's attention.
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["token_decoder_attention", "token_decoder_mask"]
+
+
+def token_decoder_mask(block_length: int, prefix: int, device: torch.device | str = "cpu") -> Tensor:
+    """Boolean ``[L, P + L]`` mask of the token decoder: ``mask[i, j]`` is True when token ``i``
+    of a block may attend to key ``j`` of the same block (keys are the ``P`` prefix slots, then
+    the ``L`` tokens): ``j < P + i + 1``."""
+    rows = torch.arange(block_length, device=device)[:, None]
+    cols = torch.arange(prefix + block_length, device=device)[None, :]
+    return cols <= rows + prefix
+
+
+def token_decoder_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_lens: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention inside each block of the Block Transformer's token decoder, as masked dense attention.
+
+    ``q`` ``[N, L, Hq, D]`` holds the queries of the ``L`` tokens of ``N`` blocks; ``k``, ``v``
+    ``[N, P + L, Hkv, D]`` hold each block's ``P`` prefix slots (the expanded context from the
+    block decoder) followed by its ``L`` tokens; ``Hq % Hkv == 0`` and query head ``h`` uses KV
+    head ``h // (Hq // Hkv)``. With ``scale`` defaulting to ``1 / sqrt(D)``, for block ``n``,
+    token ``i < block_lens[n]`` (all ``L`` when ``block_lens`` is None) and query head ``h``:
+
+        logits[j]      = scale * q[n, i, h] . k[n, j, h // G]      for j in [0, P + i]
+        out[n, i, h]   = softmax_j(logits) @ v[n, j, h // G]
+        lse[n, i, h]   = logsumexp_j(logits)                       (natural log)
+
+    i.e. dense attention of the block's ``L`` queries over its ``P + L`` keys under
+    :func:`token_decoder_mask`. Rows ``i >= block_lens[n]`` (padding of a partial last block)
+    give ``out = 0`` and ``lse = -inf``. ``block_lens`` entries must lie in ``[0, L]``
+    (ValueError otherwise). Returns ``(out [N, L, Hq, D] float32, lse [N, L, Hq] float32)``.
+    """
+    _check_dim(q, 4, "q", "[blocks, block_length, num_q_heads, head_dim]")
+    _check_dim(k, 4, "k", "[blocks, prefix + block_length, num_kv_heads, head_dim]")
+    _check_dim(v, 4, "v", "[blocks, prefix + block_length, num_kv_heads, head_dim]")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    blocks, block_length, num_q_heads, head_dim = q.shape
+    if k.shape[0] != blocks or k.shape[1] < block_length or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k must be [{blocks}, prefix + {block_length}, num_kv_heads, {head_dim}] to match q, got {tuple(k.shape)}"
+        )
+    prefix = k.shape[1] - block_length
+    group = _check_group(num_q_heads, k.shape[2])
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if block_lens is None:
+        lens = torch.full((blocks,), block_length, dtype=torch.long, device=q.device)
+    else:
+        _check_dim(block_lens, 1, "block_lens", "[blocks]")
+        if block_lens.shape[0] != blocks:
+            raise ValueError(f"block_lens must have {blocks} entries (one per block), got {block_lens.shape[0]}")
+        lens = block_lens.to(device=q.device, dtype=torch.long)
+        bad = (lens < 0) | (lens > block_length)
+        if bool(bad.any()):
+            n = int(bad.nonzero()[0, 0])
+            raise ValueError(f"block_lens[{n}] = {int(lens[n])} must be in [0, block_length = {block_length}]")
+
+    q64 = q.to(torch.float64)
+    # [N, P + L, Hkv, D] -> [N, Hq, P + L, D]: KV head j serves query heads j*G .. j*G+G-1.
+    k64 = k.to(device=q.device, dtype=torch.float64).repeat_interleave(group, dim=2).transpose(1, 2)
+    v64 = v.to(device=q.device, dtype=torch.float64).repeat_interleave(group, dim=2).transpose(1, 2)
+    logits = scale * (q64.transpose(1, 2) @ k64.transpose(-1, -2))  # [N, Hq, L, P + L]
+    allowed = token_decoder_mask(block_length, prefix, q.device)  # [L, P + L]
+    valid_row = torch.arange(block_length, device=q.device)[None, :] < lens[:, None]  # [N, L]
+    logits = logits.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(logits, dim=-1)  # [N, Hq, L]; every row has at least one key
+    out = torch.exp(logits - lse[..., None]) @ v64  # [N, Hq, L, D]
+    out = out.transpose(1, 2)  # [N, L, Hq, D]
+    lse = lse.transpose(1, 2)  # [N, L, Hq]
+    out = torch.where(valid_row[:, :, None, None], out, 0.0)
+    lse = torch.where(valid_row[:, :, None], lse, -math.inf)
+    return out.to(torch.float32), lse.to(torch.float32)

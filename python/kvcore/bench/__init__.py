@@ -11,7 +11,8 @@ A group module provides:
   (``ctx`` is a ``harness.RunContext``; rows are made with ``harness.make_row``) and one
   ``ctx.progress.update()`` per implementation.
 
-Adding a group is one new module and one line in ``GROUPS``.
+Adding a group is one new module and one line in ``GROUPS``; a group may also list several
+modules (a tuple), which run one after the other and write rows under the same group name.
 """
 
 from __future__ import annotations
@@ -20,17 +21,24 @@ import importlib
 
 GROUPS = {
     "decode": ".decode",
-    "block": ".block_sparse",
+    "block": (".block_sparse", ".block_transformer"),
 }
 
 
-def load_group(name: str):
-    """Import and return the module of a registered benchmark group."""
+def group_modules(name: str) -> list:
+    """Import and return every module of a registered benchmark group, in run order (a group is
+    one module, or a tuple of modules whose rows share the group's name, e.g. ``block``)."""
     try:
         target = GROUPS[name]
     except KeyError:
         raise KeyError(f"unknown benchmark group {name!r}; known: {', '.join(GROUPS)}") from None
-    return importlib.import_module(target, __name__)
+    targets = (target,) if isinstance(target, str) else tuple(target)
+    return [importlib.import_module(t, __name__) for t in targets]
 
 
-__all__ = ["GROUPS", "load_group"]
+def load_group(name: str):
+    """Import and return the (first) module of a registered benchmark group; see :func:`group_modules`."""
+    return group_modules(name)[0]
+
+
+__all__ = ["GROUPS", "group_modules", "load_group"]

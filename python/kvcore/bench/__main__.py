@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import GROUPS, load_group, report
+from . import GROUPS, group_modules, report
 from .harness import ProgressBar, RunContext, Timer, copy_bandwidth_gbps, device_description, gemm_tflops
 
 
@@ -111,9 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         wanted = [n.strip() for item in args.impl for n in item.split(",") if n.strip()]
 
     group_names = args.group or list(GROUPS)
-    modules = {name: load_group(name) for name in group_names}
+    modules = [m for name in group_names for m in group_modules(name)]
     if wanted:
-        known = {n for m in modules.values() for n in m.known_impls()}
+        known = {n for m in modules for n in m.known_impls()}
         unknown = [n for n in wanted if n not in known]
         if unknown:
             sys.exit(f"kvcore.bench: unknown --impl {unknown}; known: {sorted(known)}")
@@ -137,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"  copy {copy:,.1f} GB/s (read + written), GEMM {gemm:,.2f} TFLOP/s", flush=True)
 
         plan = []
-        for name, module in modules.items():
+        for module in modules:
             impl_names = _select_impls(module, device, wanted)
             if not impl_names:
                 continue

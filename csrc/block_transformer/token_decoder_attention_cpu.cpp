@@ -1,0 +1,139 @@
+// CPU kernel of kvcore::token_decoder_attention: the Block Transformer token decoder's attention
+// for many blocks at once. Token i of block n attends to the block's P prefix slots and to its
+// tokens 0..i; blocks never see each other.
+//
+// One task per run of consecutive blocks. A block's K and V are each one dense [P + L, Hkv, D]
+// slab, converted to fp32 once and then used by every query head and row of the block, so
+// memory is read in address order and every element is converted once. The per-row work is
+// tiny (at most P + L keys), so a two-pass softmax over a scratch row of logits is enough.
+//
+// Safety without validation: block_lens[n] is clamped to [0, L], so a bad length gives rows of
+// zeros or a full block, never a read outside the block.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace kvcore {
+namespace {
+
+struct TokenDecoderCpuParams {
+  int64_t blocks, rows, prefix, num_q_heads, num_kv_heads, head_dim, group;
+  int64_t q_stride_n, k_stride_n, v_stride_n;  // elements between blocks (inner dims dense)
+  float scale;
+};
+
+// Dot product with eight independent partial sums so that the loop vectorises without
+// -ffast-math (a single running sum may not be reordered by the compiler).
+inline float dot8(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
+  float tail = 0.f;
+  for (; d < n; ++d) tail += a[d] * b[d];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+template <typename scalar_t>
+void token_decoder_blocks(const TokenDecoderCpuParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                          const int32_t* block_lens, scalar_t* out, float* lse) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t L = p.rows, P = p.prefix, KJ = P + L, Hq = p.num_q_heads, Hkv = p.num_kv_heads, D = p.head_dim;
+  const int64_t G = p.group;
+  const int64_t slab = KJ * Hkv * D;  // elements of one block's K (or V)
+  // Blocks per task: enough work per task to amortise the scheduling (~64K multiply-adds).
+  const int64_t per_block = std::max<int64_t>(1, L * KJ * Hq * D);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_block);
+
+  at::parallel_for(0, p.blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> kf(slab), vf(slab), qf(D), logits(KJ), acc(D);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t blen = block_lens ? std::clamp<int64_t>(block_lens[n], 0, L) : L;
+      scalar_t* out_n = out + n * L * Hq * D;  // out is contiguous
+      float* lse_n = lse ? lse + n * L * Hq : nullptr;
+      // Rows past the block's length: out 0, lse -inf.
+      for (int64_t i = blen; i < L; ++i) {
+        std::fill(out_n + i * Hq * D, out_n + (i + 1) * Hq * D, static_cast<scalar_t>(0.f));
+        if (lse_n) std::fill(lse_n + i * Hq, lse_n + (i + 1) * Hq, kNegInf);
+      }
+      if (blen == 0) continue;
+      // Only the first P + blen rows of K/V can be attended to.
+      const int64_t used = (P + blen) * Hkv * D;
+      const scalar_t* k_n = k + n * p.k_stride_n;
+      const scalar_t* v_n = v + n * p.v_stride_n;
+      for (int64_t e = 0; e < used; ++e) kf[e] = static_cast<float>(k_n[e]);
+      for (int64_t e = 0; e < used; ++e) vf[e] = static_cast<float>(v_n[e]);
+
+      for (int64_t i = 0; i < blen; ++i) {
+        const int64_t keys = P + i + 1;  // prefix slots, then tokens 0..i
+        for (int64_t h = 0; h < Hq; ++h) {
+          const scalar_t* q_row = q + n * p.q_stride_n + (i * Hq + h) * D;
+          for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q_row[d]);
+          const int64_t hk = h / G;
+          float mx = kNegInf;
+          for (int64_t j = 0; j < keys; ++j) {
+            logits[j] = dot8(qf.data(), kf.data() + (j * Hkv + hk) * D, D) * p.scale;
+            mx = std::max(mx, logits[j]);
+          }
+          // mx = -inf only when every logit is -inf (infinite inputs): the row's weights are 0.
+          float sum = 0.f;
+          for (int64_t j = 0; j < keys; ++j) {
+            logits[j] = mx == kNegInf ? 0.f : std::exp(logits[j] - mx);
+            sum += logits[j];
+          }
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t j = 0; j < keys; ++j) {
+            const float w = logits[j];
+            const float* vr = vf.data() + (j * Hkv + hk) * D;
+            for (int64_t d = 0; d < D; ++d) acc[d] += w * vr[d];
+          }
+          const float inv = sum > 0.f ? 1.f / sum : 0.f;
+          scalar_t* o = out_n + (i * Hq + h) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
+          if (lse_n) lse_n[i * Hq + h] = sum > 0.f ? mx + std::log(sum) : kNegInf;
+        }
+      }
+    }
+  });
+}
+
+void token_decoder_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const c10::optional<at::Tensor>& block_lens, double scale, at::Tensor& out,
+                                 const c10::optional<at::Tensor>& lse) {
+  const TokenDecoderShape s = check_token_decoder(q, k, v, block_lens, out, lse);
+  check_token_decoder_scale(scale);
+  if (s.blocks == 0 || s.block_length == 0 || s.num_q_heads == 0 || s.head_dim == 0) return;
+
+  TokenDecoderCpuParams p{};
+  p.blocks = s.blocks;
+  p.rows = s.block_length;
+  p.prefix = s.prefix;
+  p.num_q_heads = s.num_q_heads;
+  p.num_kv_heads = s.num_kv_heads;
+  p.head_dim = s.head_dim;
+  p.group = s.group;
+  p.q_stride_n = q.stride(0);
+  p.k_stride_n = k.stride(0);
+  p.v_stride_n = v.stride(0);
+  p.scale = static_cast<float>(scale);
+
+  const int32_t* lens = block_lens.has_value() ? block_lens->const_data_ptr<int32_t>() : nullptr;
+  float* lse_ptr = lse.has_value() ? lse->mutable_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "token_decoder_attention_cpu", [&] {
+    token_decoder_blocks<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                   v.const_data_ptr<scalar_t>(), lens, out.mutable_data_ptr<scalar_t>(), lse_ptr);
+  });
+}
+
+}  // namespace
+}  // namespace kvcore
+
+TORCH_LIBRARY_IMPL(kvcore, CPU, m) { m.impl("token_decoder_attention", &kvcore::token_decoder_attention_cpu); }
