@@ -74,21 +74,24 @@ cs=$(find_sanitizer) || { echo "compute-sanitizer not found (set COMPUTE_SANITIZ
 "$cs" --version | tail -1 | tee "$out/sanitizer-version.txt"
 
 OP_FILES="tests/test_ops.py tests/test_decode_workspace.py tests/test_nan.py"
+# block_sparse_decode (the SPARSE form of the decode kernel) and token_decoder_attention.
+BLOCK_FILES="tests/test_block_sparse.py tests/test_block_transformer.py"
+BLOCK_KSEL="block_sparse_decode_matches_reference or group_sizes or partial_last_page or junk_past_counts or empty_selections or forced_splits_are_deterministic or token_decoder_attention_matches_reference or bad_lens_without_validation"
 declare -A FILES KSEL FILTER NOCACHE
-FILES[memcheck]="$OP_FILES tests/test_determinism.py tests/test_cache.py"
+FILES[memcheck]="$OP_FILES tests/test_determinism.py tests/test_cache.py $BLOCK_FILES"
 KSEL[memcheck]=""
 FILTER[memcheck]="--kernel-name kns=kvcore"
 NOCACHE[memcheck]=1
-FILES[racecheck]="tests/test_ops.py tests/test_nan.py"
-KSEL[racecheck]="bf16 and ((gqa_decode_matches_reference and (Hkv8g1-D64-ps16 or Hkv2g8-D256 or Hkv2g16-D128 or Hkv2g3-D64-ps5)) or forced_splits_cuda or merge_attention_states_matches_reference or append_paged_kv_matches_reference or nan_in_q)"
+FILES[racecheck]="tests/test_ops.py tests/test_nan.py $BLOCK_FILES"
+KSEL[racecheck]="(bf16 and ((gqa_decode_matches_reference and (Hkv8g1-D64-ps16 or Hkv2g8-D256 or Hkv2g16-D128 or Hkv2g3-D64-ps5)) or forced_splits_cuda or merge_attention_states_matches_reference or append_paged_kv_matches_reference or nan_in_q)) or (cuda and (group_sizes or partial_last_page or token_decoder_attention_matches_reference))"
 FILTER[racecheck]="--kernel-name kns=kvcore"
 NOCACHE[racecheck]=0
-FILES[initcheck]="$OP_FILES"
-KSEL[initcheck]="(bf16 and (matches_reference or forced_splits_cuda or auto_split or nan)) or workspace_reused"
+FILES[initcheck]="$OP_FILES $BLOCK_FILES"
+KSEL[initcheck]="(bf16 and (matches_reference or forced_splits_cuda or auto_split or nan)) or workspace_reused or (cuda and ($BLOCK_KSEL))"
 FILTER[initcheck]=""
 NOCACHE[initcheck]=1
-FILES[synccheck]="$OP_FILES"
-KSEL[synccheck]="matches_reference or forced_splits or auto_split or workspace_reused or nan"
+FILES[synccheck]="$OP_FILES $BLOCK_FILES"
+KSEL[synccheck]="matches_reference or forced_splits or auto_split or workspace_reused or nan or $BLOCK_KSEL"
 FILTER[synccheck]="--kernel-name kns=kvcore"
 NOCACHE[synccheck]=0
 

@@ -409,10 +409,17 @@ class BadCase:
     error: type
     match: str
     cuda_only: bool = False
+    # A limit of the CUDA kernels (dtype, head dim, group size...) that the CPU kernels do not
+    # have: the case runs with device="cuda" only.
+    kernel_limit: bool = False
 
     def param(self):
         marks = cuda_only if self.cuda_only else []
         return pytest.param(self, id=self.name, marks=marks)
+
+    def skip_unless_applies(self, device: str) -> None:
+        if self.kernel_limit and device != "cuda":
+            pytest.skip("a limit of the CUDA kernels; the CPU kernels accept this input")
 
 
 def _other_device(device: str) -> str:
@@ -506,7 +513,7 @@ BAD_DECODE = [
             r"\bout must be on the same device", cuda_only=True),
     # more cells of the bad-input matrix (docs/bad_input.md)
     BadCase("q_fp32_on_cuda", lambda a, d: [setattr(a, n, getattr(a, n).float()) for n in ("q", "k_cache", "v_cache", "out")],
-            RuntimeError, r"\bq must be bfloat16 or float16 on CUDA", cuda_only=True),
+            RuntimeError, r"\bq must be bfloat16 or float16 on CUDA", cuda_only=True, kernel_limit=True),
     BadCase("seq_lens_other_device", _set("seq_lens", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"seq_lens must be on the same device", cuda_only=True),
     BadCase("lse_other_device", _set("lse", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
@@ -524,16 +531,17 @@ BAD_DECODE = [
             r"\blse must be contiguous"),
     BadCase("head_dim_32_cuda", lambda a, d: [setattr(a, n, getattr(a, n)[..., :32].contiguous())
                                               for n in ("q", "k_cache", "v_cache", "out")],
-            RuntimeError, r"head_dim", cuda_only=True),
+            RuntimeError, r"head_dim", cuda_only=True, kernel_limit=True),
     BadCase("group_17_cuda", lambda a, d: (setattr(a, "q", torch.cat([a.q] * 9, dim=1)[:, :34].contiguous()),
                                            setattr(a, "out", poison(torch.empty(3, 34, 64, dtype=a.out.dtype, device=d))),
                                            setattr(a, "lse", poison(torch.empty(3, 34, device=d)))),
-            RuntimeError, r"num_q_heads", cuda_only=True),
+            RuntimeError, r"num_q_heads", cuda_only=True, kernel_limit=True),
 ]
 
 
 @pytest.mark.parametrize("bad", [c.param() for c in BAD_DECODE])
 def test_gqa_decode_bad_input(device, bad, gen):
+    bad.skip_unless_applies(device)
     a = _decode_args(device, gen)
     bad.mutate(a, device)
     caches_before = (a.k_cache.clone(), a.v_cache.clone())
@@ -605,7 +613,7 @@ BAD_APPEND = [
     # more cells of the bad-input matrix (docs/bad_input.md)
     BadCase("v_cache_dtype", _set("v_cache", lambda t, a, d: t.half()), RuntimeError, r"v_cache must have dtype"),
     BadCase("cache_fp32_cuda", lambda a, d: [setattr(a, n, getattr(a, n).float()) for n in ("k", "v", "k_cache", "v_cache")],
-            RuntimeError, r"k_cache must be bfloat16 or float16 on CUDA", cuda_only=True),
+            RuntimeError, r"k_cache must be bfloat16 or float16 on CUDA", cuda_only=True, kernel_limit=True),
     BadCase("v_other_device", _set("v", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"\bv must be on the same device", cuda_only=True),
     BadCase("v_rank", _set("v", lambda t, a, d: t[0]), RuntimeError, r"\bv must be 3-D"),
@@ -615,12 +623,13 @@ BAD_APPEND = [
             RuntimeError, r"k_cache must be densely packed"),
     BadCase("row_bytes_not_16_cuda", lambda a, d: [setattr(a, n, getattr(a, n)[..., :1, :4].contiguous())
                                                    for n in ("k", "v", "k_cache", "v_cache")],
-            RuntimeError, r"num_kv_heads \* head_dim", cuda_only=True),
+            RuntimeError, r"num_kv_heads \* head_dim", cuda_only=True, kernel_limit=True),
 ]
 
 
 @pytest.mark.parametrize("bad", [c.param() for c in BAD_APPEND])
 def test_append_paged_kv_bad_input(device, bad, gen):
+    bad.skip_unless_applies(device)
     a = _append_args(device, gen)
     bad.mutate(a, device)
     before = (a.k_cache.clone(), a.v_cache.clone())
@@ -658,7 +667,7 @@ BAD_MERGE = [
     # more cells of the bad-input matrix (docs/bad_input.md)
     BadCase("lse_b_fp64", _set("lse_b", lambda t, a, d: t.double()), RuntimeError, r"lse_b must have dtype"),
     BadCase("out_a_fp32_cuda", lambda a, d: [setattr(a, n, getattr(a, n).float()) for n in ("out_a", "out_b", "out")],
-            RuntimeError, r"out_a must be bfloat16 or float16 on CUDA", cuda_only=True),
+            RuntimeError, r"out_a must be bfloat16 or float16 on CUDA", cuda_only=True, kernel_limit=True),
     BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"\bout must be on the same device", cuda_only=True),
     BadCase("lse_a_rank", _set("lse_a", lambda t, a, d: t[0]), RuntimeError, r"lse_a must have shape"),
@@ -668,12 +677,13 @@ BAD_MERGE = [
             RuntimeError, r"\bout must be contiguous"),
     BadCase("head_dim_not_multiple_of_8_cuda", lambda a, d: [setattr(a, n, getattr(a, n)[..., :12].contiguous())
                                                              for n in ("out_a", "out_b", "out")],
-            RuntimeError, r"head_dim must be a multiple of 8", cuda_only=True),
+            RuntimeError, r"head_dim must be a multiple of 8", cuda_only=True, kernel_limit=True),
 ]
 
 
 @pytest.mark.parametrize("bad", [c.param() for c in BAD_MERGE])
 def test_merge_attention_states_bad_input(device, bad, gen):
+    bad.skip_unless_applies(device)
     a = _merge_args(device, gen)
     bad.mutate(a, device)
     with pytest.raises(bad.error, match=bad.match):

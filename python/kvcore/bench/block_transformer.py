@@ -41,7 +41,11 @@ GROUP = "block"
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 # Max abs error against the fp32 reference that an output may have and still be timed.
-TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-3}
+# Max abs error allowed against the fp32 reference before a peer is timed. bf16 is looser than in
+# the decode group: outputs here reach |4| (a block's few keys give peaky softmax rows), where one
+# bf16 rounding is up to 1.6e-2, and the plain-torch peer rounds its probabilities to bf16 too
+# (measured 0.023 on the H100 for both issue shapes).
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 
 GPU_IMPLS = ["kvcore", "flex_attention", "sdpa-tiny", "torch"]
 CPU_IMPLS = ["kvcore", "sdpa-tiny", "torch"]
