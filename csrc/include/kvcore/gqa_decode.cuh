@@ -151,26 +151,16 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   // entry of each row is read first (clamped to the list, so also before its count is known)
   // and kept in lpg for the validity test at copy time.
   int lpg[SPARSE ? LOADS : 1];
-  // A thread's rows are THREADS / TD apart, so with pages of 16+ tokens consecutive rows often
-  // share a page: their lookups are made once (page 128: one lookup per tile instead of 8).
   auto fetch_pages = [&](int t, int (&pg)[LOADS]) {
-    int prev = -1;
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       if constexpr (SPARSE) {
         const int j = min(page_of(start + t * TILE + (tid + i * Cfg::THREADS) / TD), p.max_sel - 1);
-        if (i > 0 && j == prev) {
-          lpg[i] = lpg[i - 1];
-          pg[i] = pg[i - 1];
-        } else {
-          lpg[i] = p.max_sel > 0 ? __ldg(sel + j) : -1;
-          pg[i] = capacity > 0 ? __ldg(bt + min(max(lpg[i], 0), p.max_pages - 1)) : 0;
-        }
-        prev = j;
+        lpg[i] = p.max_sel > 0 ? __ldg(sel + j) : -1;
+        pg[i] = capacity > 0 ? __ldg(bt + min(max(lpg[i], 0), p.max_pages - 1)) : 0;
       } else {
-        const int j = page_of(min(start + t * TILE + (tid + i * Cfg::THREADS) / TD, capacity - 1));
-        pg[i] = i > 0 && j == prev ? pg[i - 1] : (capacity > 0 ? __ldg(bt + j) : 0);
-        prev = j;
+        const int pos = min(start + t * TILE + (tid + i * Cfg::THREADS) / TD, capacity - 1);
+        pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
       }
     }
   };
