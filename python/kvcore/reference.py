@@ -508,7 +508,13 @@ def token_decoder_attention(
     valid_row = torch.arange(block_length, device=q.device)[None, :] < lens[:, None]  # [N, L]
     logits = logits.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(logits, dim=-1)  # [N, Hq, L]; every row has at least one key
-    out = torch.exp(logits - lse[..., None]) @ v64  # [N, Hq, L, D]
+    # Row i reads only keys 0 .. P + i: a product with the full V would let a NaN in a key the
+    # row never attends to leak in through 0 * NaN.
+    out = torch.stack(
+        [torch.exp(logits[:, :, i, : prefix + i + 1] - lse[:, :, i, None])[:, :, None, :]
+         @ v64[:, :, : prefix + i + 1] for i in range(block_length)],
+        dim=2,
+    ).squeeze(3)  # [N, Hq, L, D]
     out = out.transpose(1, 2)  # [N, L, Hq, D]
     lse = lse.transpose(1, 2)  # [N, L, Hq]
     out = torch.where(valid_row[:, :, None, None], out, 0.0)
