@@ -496,3 +496,25 @@ def test_layer_refreshes_absorbed_weights_and_checks_arguments(gen):
     with pytest.raises(ValueError, match="layer must be"):
         cache.latent(1)
     assert cache.memory_report()["bytes_per_token"] == 80 * 4
+
+
+# ============================================================================================
+# Benchmark group
+# ============================================================================================
+
+
+def test_mla_bench_group_cpu(tmp_path):
+    """`python -m kvcore.bench --group mla` on CPU: every default impl checked and timed on every case."""
+    import json
+
+    from kvcore.bench.__main__ import main
+
+    result = main(["--group", "mla", "--device", "cpu", "--out", str(tmp_path), "--no-plot"])
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert {r["impl"] for r in rows} == {"kvcore", "torch"}
+    assert any(r["case"].startswith("decode") for r in rows) and any(r["case"].startswith("project") for r in rows)
+    for r in rows:
+        assert r["group"] == "mla" and "error" not in r, r
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["tflops"] > 0, r

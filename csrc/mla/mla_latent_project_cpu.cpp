@@ -37,18 +37,19 @@ void project_tasks(const MlaProjectShape& s, const scalar_t* hidden, int64_t hid
   const int64_t col_blocks = (width + kColBlock - 1) / kColBlock;
   at::parallel_for(0, tok_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
     float acc[kTokBlock][kColBlock];
-    float hval[kTokBlock];
+    float wf[kColBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t0 = (task / col_blocks) * kTokBlock, c0 = (task % col_blocks) * kColBlock;
       const int64_t nt = std::min(kTokBlock, s.tokens - t0), nc = std::min(kColBlock, width - c0);
       for (int64_t i = 0; i < kTokBlock; ++i)
         for (int64_t c = 0; c < kColBlock; ++c) acc[i][c] = 0.0f;
       for (int64_t k = 0; k < s.d_model; ++k) {
+        // Convert the weight slice once, then one contiguous (vectorisable) update per token.
         const scalar_t* wr = w + k * width + c0;
-        for (int64_t i = 0; i < nt; ++i) hval[i] = static_cast<float>(hidden[(t0 + i) * hidden_stride + k]);
-        for (int64_t c = 0; c < nc; ++c) {
-          const float wv = static_cast<float>(wr[c]);
-          for (int64_t i = 0; i < nt; ++i) acc[i][c] += hval[i] * wv;
+        for (int64_t c = 0; c < nc; ++c) wf[c] = static_cast<float>(wr[c]);
+        for (int64_t i = 0; i < nt; ++i) {
+          const float hv = static_cast<float>(hidden[(t0 + i) * hidden_stride + k]);
+          for (int64_t c = 0; c < nc; ++c) acc[i][c] += hv * wf[c];
         }
       }
       for (int64_t i = 0; i < nt; ++i)
