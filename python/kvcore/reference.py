@@ -520,3 +520,159 @@ def token_decoder_attention(
     out = torch.where(valid_row[:, :, None, None], out, 0.0)
     lse = torch.where(valid_row[:, :, None], lse, -math.inf)
     return out.to(torch.float32), lse.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# MLA (DeepSeek-V2/V3 multi-head latent attention).
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["mla_decode", "mla_latent_project", "rope", "rope_cos_sin"]
+
+
+def rope_cos_sin(max_position: int, rope_dim: int, theta: float = 10000.0) -> Tensor:
+    """The RoPE table that ``mla_latent_project`` takes: ``[max_position, rope_dim]`` float32.
+
+    Row ``p`` holds ``cos(p * f_i)`` in columns ``0 .. rope_dim/2 - 1`` and ``sin(p * f_i)`` in
+    columns ``rope_dim/2 .. rope_dim - 1``, with ``f_i = theta ** (-2 i / rope_dim)``
+    (computed in float64, stored as float32). Any table of this layout may be used instead
+    (e.g. with YaRN-scaled frequencies).
+    """
+    if rope_dim <= 0 or rope_dim % 2:
+        raise ValueError(f"rope_dim must be even and positive, got {rope_dim}")
+    if max_position <= 0:
+        raise ValueError(f"max_position must be positive, got {max_position}")
+    inv_freq = theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=1).to(torch.float32)
+
+
+def rope(x: Tensor, positions: Tensor, cos_sin: Tensor, interleaved: bool) -> Tensor:
+    """Rotary position embedding of ``x`` ``[..., T, P]`` at ``positions`` ``[T]``, in float64.
+
+    With ``c_i = cos_sin[pos, i]`` and ``s_i = cos_sin[pos, P/2 + i]`` for ``i < P/2``, each pair
+    ``(a, b)`` of ``x`` becomes ``(a c_i - b s_i, b c_i + a s_i)``, where the pairs are
+    ``(x[2i], x[2i+1])`` when ``interleaved`` (DeepSeek's layout) and ``(x[i], x[i + P/2])``
+    otherwise (GPT-NeoX's half split). Positions must lie in ``[0, max_position)``.
+    Returns a float64 tensor of ``x``'s shape.
+    """
+    rope_dim = x.shape[-1]
+    half = rope_dim // 2
+    if cos_sin.shape[-1] != rope_dim:
+        raise ValueError(f"cos_sin must have rope_dim = {rope_dim} columns, got shape {tuple(cos_sin.shape)}")
+    pos = positions.to(device=cos_sin.device, dtype=torch.long)
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= cos_sin.shape[0]):
+        raise ValueError(f"positions must lie in [0, {cos_sin.shape[0]}) (cos_sin's rows), got {pos.tolist()}")
+    table = cos_sin.to(torch.float64)[pos].to(x.device)  # [T, P]
+    c, s = table[:, :half], table[:, half:]
+    x64 = x.to(torch.float64)
+    if interleaved:
+        a, b = x64[..., 0::2], x64[..., 1::2]
+        out = torch.empty_like(x64)
+        out[..., 0::2] = a * c - b * s
+        out[..., 1::2] = b * c + a * s
+        return out
+    a, b = x64[..., :half], x64[..., half:]
+    return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+
+
+def mla_latent_project(
+    hidden: Tensor,
+    w_dkv: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    cos_sin: Tensor,
+    positions: Tensor,
+    latent_cache: Tensor,
+    slot_mapping: Tensor,
+    interleaved_rope: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MLA's KV down-projection into the paged latent cache (functional: inputs unchanged).
+
+    ``hidden`` ``[T, d_model]``, ``w_dkv`` ``[d_model, R + P]``, ``norm_weight`` ``[R]``,
+    ``cos_sin`` ``[max_position, P]`` (see :func:`rope_cos_sin`), ``positions`` ``[T]`` int,
+    ``latent_cache`` ``[num_pages, page_size, R + P]``, ``slot_mapping`` ``[T]`` int64. In float64:
+
+        kv    = hidden @ w_dkv                                           [T, R + P]
+        c_kv  = kv[:, :R] / sqrt(mean(kv[:, :R] ** 2, -1) + eps) * norm_weight
+        k_pe  = rope(kv[:, R:], positions, cos_sin, interleaved_rope)
+        cache'[slot // page_size, slot % page_size] = cat(c_kv, k_pe)   for slot = slot_mapping[t] >= 0
+
+    (cast to the cache dtype; ``-1`` skips a token; other slots must be in range and distinct).
+    Returns ``(cache' (a copy, cache dtype), c_kv [T, R] float32, k_pe [T, P] float32)``.
+    """
+    _check_dim(hidden, 2, "hidden", "[tokens, d_model]")
+    _check_dim(w_dkv, 2, "w_dkv", "[d_model, kv_lora_rank + rope_dim]")
+    _check_dim(norm_weight, 1, "norm_weight", "[kv_lora_rank]")
+    _check_dim(latent_cache, 3, "latent_cache", "[num_pages, page_size, kv_lora_rank + rope_dim]")
+    rank, rope_dim = norm_weight.shape[0], cos_sin.shape[1]
+    if tuple(w_dkv.shape) != (hidden.shape[1], rank + rope_dim):
+        raise ValueError(f"w_dkv must be [{hidden.shape[1]}, {rank + rope_dim}], got {tuple(w_dkv.shape)}")
+    if latent_cache.shape[2] != rank + rope_dim:
+        raise ValueError(f"latent_cache's last dim must be {rank + rope_dim}, got {latent_cache.shape[2]}")
+    if slot_mapping.shape != (hidden.shape[0],) or positions.shape != (hidden.shape[0],):
+        raise ValueError("slot_mapping and positions must have one entry per token")
+
+    kv = hidden.to(torch.float64) @ w_dkv.to(device=hidden.device, dtype=torch.float64)
+    c = kv[:, :rank]
+    c_kv = c * torch.rsqrt(c.pow(2).mean(dim=-1, keepdim=True) + eps) * norm_weight.to(torch.float64)
+    k_pe = rope(kv[:, rank:], positions, cos_sin, interleaved_rope)
+
+    num_pages, page_size, width = latent_cache.shape
+    slots = slot_mapping.to(device=latent_cache.device, dtype=torch.long)
+    num_slots = num_pages * page_size
+    bad = (slots < -1) | (slots >= num_slots)
+    if bool(bad.any()):
+        raise ValueError(f"slot_mapping entries must be -1 or in [0, {num_slots}), got {slots[bad].tolist()}")
+    keep = slots >= 0
+    new_cache = latent_cache.clone()
+    flat = new_cache.view(num_slots, width)
+    flat[slots[keep]] = torch.cat([c_kv, k_pe], dim=1)[keep].to(device=latent_cache.device, dtype=latent_cache.dtype)
+    return new_cache, c_kv.to(torch.float32), k_pe.to(torch.float32)
+
+
+def mla_decode(
+    q: Tensor, latent_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float, v_dim: int
+) -> tuple[Tensor, Tensor]:
+    """Absorbed MLA decode: one query token per sequence over its paged latent cache.
+
+    ``q`` ``[B, H, Dk]``, ``latent_cache`` ``[num_pages, page_size, Dk]``, ``block_table`` and
+    ``seq_lens`` as in :func:`gqa_decode`. Every head attends to the same keys, the latent rows
+    ``c_p`` of positions ``p in [0, seq_lens[b])``; the values are their first ``v_dim`` columns:
+
+        logits[h, p] = scale * q[b, h] . c_p
+        out[b, h]    = sum_p softmax_p(logits[h])[p] * c_p[:v_dim]
+        lse[b, h]    = logsumexp_p(logits[h])             (natural log)
+
+    An empty sequence gives ``out = 0``, ``lse = -inf``. Returns ``(out [B, H, v_dim] float32,
+    lse [B, H] float32)``; the arithmetic is float64.
+    """
+    _check_dim(q, 3, "q", "[batch, num_heads, Dk]")
+    _check_dim(latent_cache, 3, "latent_cache", "[num_pages, page_size, Dk]")
+    _check_dim(block_table, 2, "block_table", "[batch, max_pages]")
+    _check_dim(seq_lens, 1, "seq_lens", "[batch]")
+    batch, num_heads, dk = q.shape
+    num_pages, page_size, width = latent_cache.shape
+    if width != dk:
+        raise ValueError(f"latent_cache's last dim ({width}) must equal q's ({dk})")
+    if not 0 < v_dim <= dk:
+        raise ValueError(f"v_dim must be in [1, {dk}], got {v_dim}")
+    out = torch.empty(batch, num_heads, v_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
+    capacity = block_table.shape[1] * page_size
+    for b, length in enumerate(int(x) for x in seq_lens.tolist()):
+        if length < 0 or length > capacity:
+            raise ValueError(f"seq_lens[{b}] = {length} must be in [0, max_pages * page_size = {capacity}]")
+        used = block_table[b, : (length + page_size - 1) // page_size]
+        if used.numel() and (bool((used < 0).any()) or bool((used >= num_pages).any())):
+            raise ValueError(f"block_table[{b}] must hold page ids in [0, {num_pages}), got {used.tolist()}")
+        if length == 0:
+            out[b] = 0.0
+            lse[b] = -math.inf
+            continue
+        pos = torch.arange(length, device=latent_cache.device)
+        rows = latent_cache[block_table[b].long()[pos // page_size], pos % page_size].to(q.device, torch.float64)
+        logits = scale * (q[b].to(torch.float64) @ rows.T)  # [H, L]
+        s = torch.logsumexp(logits, dim=-1)
+        out[b] = (torch.exp(logits - s[:, None]) @ rows[:, :v_dim]).to(torch.float32)
+        lse[b] = s.to(torch.float32)
+    return out, lse
