@@ -50,3 +50,7 @@ __all__ += ["block_sparse", "block_sparse_decode"]
 from .ops import token_decoder_attention  # noqa: E402
 
 __all__ += ["token_decoder_attention"]
+# Eviction (issue 6): scores without the score matrix, in-place compaction; policies in kvcore.policies.
+from .ops import attention_scores, compact_kv  # noqa: E402
+
+__all__ += ["attention_scores", "compact_kv"]
