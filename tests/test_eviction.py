@@ -196,14 +196,21 @@ def test_tova_matches_torch(gen):
 
 
 def test_corm_matches_torch(gen):
-    kv, q, keys = _make_window(gen, LENS, 6, 8, 2, 64, 16)
+    # Peaked attention (q scaled by 4, 2 recent queries, group 1) so that CORM drops most keys;
+    # with plain random inputs nearly every key gets a vote and the test would say little.
+    kv = make_paged_kv(list(LENS), 16, 2, 64, gen=gen)
+    q = randn(len(LENS), 2, 2, 64, gen=gen, scale=4.0)
+    keys = torch_forms.dense_keys(kv.k_cache, kv.block_table, kv.seq_lens)
     sel = policies.corm(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    assert int(sel[1][0]) < LENS[0] // 2
     oracle, votes = torch_forms.corm_torch(q, keys, kv.seq_lens)
     _assert_same_kept(sel, oracle, LENS)
     for b, n in enumerate(LENS):  # every key CORM votes for is kept (padding only adds)
         kept = sel[0][b, :, : int(sel[1][b])]
         for h in range(2):
             assert set(votes[b][h].nonzero().flatten().tolist()) <= set(kept[h].tolist())
+    capped = policies.corm(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, budget=8)
+    _assert_same_kept(capped, torch_forms.corm_torch(q, keys, kv.seq_lens, budget=8)[0], LENS)
 
 
 def test_knorm_matches_torch(gen):
