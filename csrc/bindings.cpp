@@ -89,4 +89,25 @@ TORCH_LIBRARY(kvcore, m) {
   m.def(
       "mla_decode(Tensor q, Tensor latent_cache, Tensor block_table, Tensor seq_lens, float scale, "
       "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!)? workspace, int num_splits) -> ()");
+  // Eviction scores (issue 6). The window's w queries q [B, w, Hq, D] are the last w positions
+  // of each sequence: query i sits at position seq_lens[b] - w + i and sees keys 0..that
+  // position. Per key p < seq_lens[b]:
+  //   out[b, h, p] = reduce over (i, g) of softmax_p(scale * q[b, i, h*G+g] . k_p)
+  //   reduction "sum" | "mean" (sum / (w * G)) | "max"; keys p >= seq_lens[b] get 0.
+  //   lse [B, w, Hq] fp32 (optional): each row's log-sum-exp over the keys it sees, given by the
+  //   caller (one pass instead of two). pooling "none" | "avg" | "max" with pool_kernel 5 or 7:
+  //   1-D pooling, stride 1, padding pool_kernel // 2, of the scores of the prefix keys
+  //   p < seq_lens[b] - w (window keys are not pooled); avg counts the zero padding.
+  //   k_cache [pages, page_size, Hkv, D]; block_table [B, max_pages] int32; seq_lens [B] int32;
+  //   out [B, Hkv, S] fp32 with S >= max seq_len.
+  m.def(
+      "attention_scores(Tensor q, Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor? lse, float scale, "
+      "str reduction, str pooling, int pool_kernel, Tensor(a!) out) -> ()");
+  // In-place compaction of a paged cache after eviction. For each sequence b and KV head h, the
+  // tokens kept[b, h, :kept_lens[b]] (int64 positions, strictly increasing, < seq_lens[b]) move
+  // to positions 0..kept_lens[b]-1 of that head, in order; then seq_lens[b] = kept_lens[b].
+  // Every head of a sequence keeps the same count (decode reads one seq_len per sequence).
+  m.def(
+      "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, Tensor(c!) seq_lens, Tensor kept, "
+      "Tensor kept_lens) -> ()");
 }

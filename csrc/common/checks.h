@@ -410,9 +410,147 @@ inline MlaDecodeShape check_mla_decode(const at::Tensor& q, const at::Tensor& la
     check_dtype(*lse, at::kFloat, "lse");
     TORCH_CHECK(lse->dim() == 2 && lse->size(0) == s.batch && lse->size(1) == s.num_heads, "lse must have shape [",
                 s.batch, ", ", s.num_heads, "], got ", lse->sizes());
+// ---- eviction: attention_scores and compact_kv ----------------------------------------------
+
+// Shapes of an attention_scores call.
+struct AttentionScoresShape {
+  int64_t batch, window, num_q_heads, num_kv_heads, head_dim, group, num_pages, page_size, max_pages, max_len;
+};
+
+// q [B, w, Hq, D] (last dim contiguous), k_cache [pages, page_size, Hkv, D] (inner 3 dims dense),
+// block_table [B, max_pages] int32, seq_lens [B] int32, optional lse [B, w, Hq] fp32 (contiguous),
+// out [B, Hkv, S] fp32 contiguous; everything on q's device. Reductions and pooling are checked by
+// check_attention_scores_scalars.
+inline AttentionScoresShape check_attention_scores(const at::Tensor& q, const at::Tensor& k_cache,
+                                                   const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                                   const c10::optional<at::Tensor>& lse, const at::Tensor& out) {
+  check_rank(q, 4, "q", "[batch, window, num_q_heads, head_dim]");
+  check_rank(k_cache, 4, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]");
+  check_rank(block_table, 2, "block_table", "[batch, max_pages]");
+  check_rank(seq_lens, 1, "seq_lens", "[batch]");
+  check_rank(out, 3, "out", "[batch, num_kv_heads, max_len]");
+  for (auto [t, n] : {std::pair{&k_cache, "k_cache"}, {&block_table, "block_table"}, {&seq_lens, "seq_lens"},
+                      {&out, "out"}})
+    check_same_device(*t, q, n, "q");
+  check_float_dtype(q, "q");
+  check_dtype(k_cache, q.scalar_type(), "k_cache");
+  check_dtype(block_table, at::kInt, "block_table");
+  check_dtype(seq_lens, at::kInt, "seq_lens");
+  check_dtype(out, at::kFloat, "out");
+
+  AttentionScoresShape s{};
+  s.batch = q.size(0);
+  s.window = q.size(1);
+  s.num_q_heads = q.size(2);
+  s.head_dim = q.size(3);
+  s.num_pages = k_cache.size(0);
+  s.page_size = k_cache.size(1);
+  s.num_kv_heads = k_cache.size(2);
+  s.max_pages = block_table.size(1);
+  s.max_len = out.size(2);
+  TORCH_CHECK(s.window >= 1, "q must hold at least one window query (dim 1), got shape ", q.sizes());
+  TORCH_CHECK(k_cache.size(3) == s.head_dim, "k_cache head_dim (", k_cache.size(3), ") must equal q head_dim (",
+              s.head_dim, ")");
+  TORCH_CHECK(s.num_kv_heads > 0 && s.num_q_heads % s.num_kv_heads == 0, "num_q_heads (", s.num_q_heads,
+              ") must be a multiple of num_kv_heads (", s.num_kv_heads, ")");
+  s.group = s.num_q_heads / s.num_kv_heads;
+  TORCH_CHECK(s.page_size > 0, "k_cache page_size must be positive, got ", s.page_size);
+  TORCH_CHECK(block_table.size(0) == s.batch, "block_table must have batch (", s.batch, ") rows, got shape ",
+              block_table.sizes());
+  TORCH_CHECK(seq_lens.size(0) == s.batch, "seq_lens must have shape [", s.batch, "], got ", seq_lens.sizes());
+  TORCH_CHECK(out.size(0) == s.batch && out.size(1) == s.num_kv_heads, "out must have shape [", s.batch, ", ",
+              s.num_kv_heads, ", max_len], got ", out.sizes());
+  check_contiguous(out, "out");
+  check_contiguous(block_table, "block_table");
+  check_contiguous(seq_lens, "seq_lens");
+  TORCH_CHECK(q.stride(3) == 1, "q must be contiguous in its last dim, got strides ", c10::str(q.strides()));
+  check_inner_dense(k_cache, 3, "k_cache");
+  if (lse.has_value()) {
+    check_same_device(*lse, q, "lse", "q");
+    check_dtype(*lse, at::kFloat, "lse");
+    TORCH_CHECK(lse->dim() == 3 && lse->size(0) == s.batch && lse->size(1) == s.window &&
+                    lse->size(2) == s.num_q_heads,
+                "lse must have shape [", s.batch, ", ", s.window, ", ", s.num_q_heads, "], got ", lse->sizes());
     check_contiguous(*lse, "lse");
   }
   return s;
 }
+
+enum class ScoreReduction { kSum, kMean, kMax };
+enum class ScorePooling { kNone, kAvg, kMax };
+
+struct AttentionScoresOptions {
+  ScoreReduction reduction;
+  ScorePooling pooling;
+  int64_t pool_kernel;
+};
+
+inline AttentionScoresOptions check_attention_scores_scalars(double scale, const std::string& reduction,
+                                                             const std::string& pooling, int64_t pool_kernel) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
+  AttentionScoresOptions o{};
+  if (reduction == "sum") o.reduction = ScoreReduction::kSum;
+  else if (reduction == "mean") o.reduction = ScoreReduction::kMean;
+  else if (reduction == "max") o.reduction = ScoreReduction::kMax;
+  else TORCH_CHECK(false, "reduction must be 'sum', 'mean' or 'max', got '", reduction, "'");
+  if (pooling == "none") o.pooling = ScorePooling::kNone;
+  else if (pooling == "avg") o.pooling = ScorePooling::kAvg;
+  else if (pooling == "max") o.pooling = ScorePooling::kMax;
+  else TORCH_CHECK(false, "pooling must be 'none', 'avg' or 'max', got '", pooling, "'");
+  if (o.pooling != ScorePooling::kNone)
+    TORCH_CHECK(pool_kernel == 5 || pool_kernel == 7, "pool_kernel must be 5 or 7 when pooling is on, got ",
+                pool_kernel);
+  o.pool_kernel = o.pooling == ScorePooling::kNone ? 1 : pool_kernel;
+  return o;
+}
+
+// Shapes of a compact_kv call: the caches, block table and seq_lens as for decode, plus
+// kept [B, Hkv, K] int64 (contiguous) and kept_lens [B] int32 (contiguous).
+struct CompactShape {
+  int64_t batch, num_kv_heads, head_dim, num_pages, page_size, max_pages, max_kept;
+};
+
+inline CompactShape check_compact_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                     const at::Tensor& kept, const at::Tensor& kept_lens) {
+  check_rank(k_cache, 4, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]");
+  check_rank(v_cache, 4, "v_cache", "[num_pages, page_size, num_kv_heads, head_dim]");
+  check_rank(block_table, 2, "block_table", "[batch, max_pages]");
+  check_rank(seq_lens, 1, "seq_lens", "[batch]");
+  check_rank(kept, 3, "kept", "[batch, num_kv_heads, max_kept]");
+  check_rank(kept_lens, 1, "kept_lens", "[batch]");
+  for (auto [t, n] : {std::pair{&v_cache, "v_cache"}, {&block_table, "block_table"}, {&seq_lens, "seq_lens"},
+                      {&kept, "kept"}, {&kept_lens, "kept_lens"}})
+    check_same_device(*t, k_cache, n, "k_cache");
+  check_float_dtype(k_cache, "k_cache");
+  check_dtype(v_cache, k_cache.scalar_type(), "v_cache");
+  check_dtype(block_table, at::kInt, "block_table");
+  check_dtype(seq_lens, at::kInt, "seq_lens");
+  check_dtype(kept, at::kLong, "kept");
+  check_dtype(kept_lens, at::kInt, "kept_lens");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ", k_cache.sizes(),
+              ", got ", v_cache.sizes());
+  CompactShape s{};
+  s.num_pages = k_cache.size(0);
+  s.page_size = k_cache.size(1);
+  s.num_kv_heads = k_cache.size(2);
+  s.head_dim = k_cache.size(3);
+  s.batch = block_table.size(0);
+  s.max_pages = block_table.size(1);
+  s.max_kept = kept.size(2);
+  TORCH_CHECK(s.page_size > 0, "k_cache page_size must be positive, got ", s.page_size);
+  TORCH_CHECK(seq_lens.size(0) == s.batch, "seq_lens must have shape [", s.batch, "] (block_table rows), got ",
+              seq_lens.sizes());
+  TORCH_CHECK(kept.size(0) == s.batch && kept.size(1) == s.num_kv_heads, "kept must have shape [", s.batch, ", ",
+              s.num_kv_heads, ", max_kept], got ", kept.sizes());
+  TORCH_CHECK(kept_lens.size(0) == s.batch, "kept_lens must have shape [", s.batch, "], got ", kept_lens.sizes());
+  for (auto [t, n] : {std::pair{&block_table, "block_table"}, {&seq_lens, "seq_lens"}, {&kept, "kept"},
+                      {&kept_lens, "kept_lens"}})
+    check_contiguous(*t, n);
+  check_inner_dense(k_cache, 3, "k_cache");
+  check_inner_dense(v_cache, 3, "v_cache");
+  return s;
+}
+
 
 }  // namespace kvcore

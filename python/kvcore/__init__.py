@@ -57,3 +57,8 @@ __all__ += ["mla_decode", "mla_latent_project"]
 from . import mla  # noqa: E402
 
 __all__ += ["mla"]
+
+# Eviction (issue 6): scores without the score matrix, in-place compaction; policies in kvcore.policies.
+from .ops import attention_scores, compact_kv  # noqa: E402
+
+__all__ += ["attention_scores", "compact_kv"]

@@ -731,3 +731,198 @@ def _mla_latent_project_fake(hidden, w_dkv, norm_weight, eps, cos_sin, positions
 def _mla_decode_fake(q, latent_cache, block_table, seq_lens, scale, out, lse, workspace, num_splits) -> None:
     torch._check(out.shape[:2] == q.shape[:2], lambda: "out must be [batch, num_heads, v_dim]")
     return None
+
+
+# ---- eviction: attention_scores and compact_kv -------------------------------------------------
+
+__all__ += ["attention_scores", "compact_kv"]
+
+_SCORE_REDUCTIONS = ("sum", "mean", "max")
+_SCORE_POOLINGS = ("none", "avg", "max")
+
+
+def attention_scores(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    lse: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    reduction: str = "sum",
+    pooling: str = "none",
+    pool_kernel: int = 5,
+    max_len: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-key eviction scores from the attention of a window of queries, without the score matrix.
+
+    The ``w`` queries are the last ``w`` positions of each sequence: query ``i`` sits at
+    position ``seq_lens[b] - w + i`` and sees the keys up to that position (causal inside the
+    window). Each query's softmax probabilities over the keys it sees are reduced over the
+    window and over the query heads of each KV group into one score per (sequence, KV head,
+    key); optionally 1-D pooled over the keys before the window (SnapKV). The definition is
+    :func:`kvcore.reference.attention_scores`. The CPU kernel holds at most a
+    ``[G * w, 32]`` block of logits per thread.
+
+    Args:
+        q: ``[B, w, Hq, D]``, bfloat16/float16 (float32 too on CPU), last dim contiguous.
+        k_cache: ``[num_pages, page_size, Hkv, D]``, q's dtype (values are not read).
+        block_table: ``[B, max_pages]`` int32; seq_lens: ``[B]`` int32 (keys per sequence,
+            the window included; a sequence shorter than ``w`` has queries that see nothing).
+        lse: optional ``[B, w, Hq]`` float32 natural-log log-sum-exp of each query's logits over
+            the keys it sees (e.g. from the prefill attention); saves the first of two passes.
+        scale: softmax scale, default ``D ** -0.5`` (must match ``lse`` when given).
+        reduction: ``"sum"``, ``"mean"`` (sum / (w * G)) or ``"max"`` over (query, group head).
+        pooling: ``"none"``, ``"avg"`` or ``"max"``; pool_kernel: 5 or 7 (stride 1, padding
+            ``pool_kernel // 2``, over the keys ``p < seq_lens[b] - w`` only; avg counts padding).
+        max_len: key dimension ``S`` of the result, default ``out.shape[2]`` or the block table's
+            capacity ``max_pages * page_size`` (no host sync); must be >= every seq_len.
+        out: optional preallocated contiguous ``[B, Hkv, S]`` float32.
+
+    Returns:
+        ``out`` ``[B, Hkv, S]`` float32; keys ``p >= seq_lens[b]`` score 0.
+
+    Raises:
+        ValueError: q not 4-D, bad scale / reduction / pooling / pool_kernel; with validation on,
+            seq_lens or block-table pages out of range, or a seq_len above ``S``.
+        RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"q must be 4-D [batch, window, num_q_heads, head_dim], got {shape}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    if reduction not in _SCORE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_SCORE_REDUCTIONS}, got {reduction!r}")
+    if pooling not in _SCORE_POOLINGS:
+        raise ValueError(f"pooling must be one of {_SCORE_POOLINGS}, got {pooling!r}")
+    if pooling != "none" and pool_kernel not in (5, 7):
+        raise ValueError(f"pool_kernel must be 5 or 7 when pooling is on, got {pool_kernel}")
+    if out is None:
+        if max_len is None:
+            if block_table.dim() != 2 or k_cache.dim() != 4:
+                raise ValueError("block_table must be 2-D and k_cache 4-D to size the output (or pass max_len)")
+            max_len = block_table.shape[1] * k_cache.shape[1]
+        if max_len < 0:
+            raise ValueError(f"max_len must be >= 0, got {max_len}")
+        num_kv_heads = k_cache.shape[2] if k_cache.dim() == 4 else 0
+        out = torch.empty(q.shape[0], num_kv_heads, int(max_len), dtype=torch.float32, device=q.device)
+    if (
+        validation_enabled()
+        and k_cache.dim() == 4
+        and block_table.dim() == 2
+        and seq_lens.dim() == 1
+        and block_table.dtype == torch.int32
+        and seq_lens.dtype == torch.int32
+        and block_table.shape[0] == seq_lens.shape[0]
+        and k_cache.shape[1] > 0
+        and out.dim() == 3
+    ):
+        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+        lens = seq_lens.to("cpu")
+        if lens.numel() and int(lens.max()) > out.shape[2]:
+            b = int(lens.argmax())
+            raise ValueError(f"seq_lens[{b}] = {int(lens[b])} exceeds the scores' key dimension (out.shape[2] / "
+                             f"max_len = {out.shape[2]})")
+    _ops.attention_scores(q, k_cache, block_table, seq_lens, lse, float(scale), reduction, pooling, int(pool_kernel),
+                          out)
+    return out
+
+
+@torch.library.register_fake("kvcore::attention_scores")
+def _attention_scores_fake(q, k_cache, block_table, seq_lens, lse, scale, reduction, pooling, pool_kernel,
+                           out) -> None:
+    torch._check(out.dim() == 3 and out.shape[0] == q.shape[0], lambda: "out must be [batch, num_kv_heads, max_len]")
+    return None
+
+
+def _check_kept_contents(kept: torch.Tensor, kept_lens: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """Host check of compact_kv's selection: counts in range, positions strictly increasing and in range."""
+    lens = seq_lens.to(device="cpu", dtype=torch.int64)
+    counts = kept_lens.to(device="cpu", dtype=torch.int64)
+    limit = torch.clamp(lens, max=kept.shape[2])
+    bad = (counts < 0) | (counts > limit)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"kept_lens[{b}] = {int(counts[b])} must be in [0, min(seq_lens[{b}] = {int(lens[b])}, "
+            f"max_kept = {kept.shape[2]})]"
+        )
+    pos = kept.to("cpu")
+    live = torch.arange(kept.shape[2]).view(1, 1, -1) < counts.view(-1, 1, 1)
+    bad = live & ((pos < 0) | (pos >= lens.view(-1, 1, 1)))
+    if bool(bad.any()):
+        b, h, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"kept[{b}, {h}, {j}] = {int(pos[b, h, j])} is not a position of sequence {b} "
+                         f"(seq_lens[{b}] = {int(lens[b])})")
+    unsorted = live[..., 1:] & (pos[..., 1:] <= pos[..., :-1])
+    if bool(unsorted.any()):
+        b, h, j = (int(x) for x in unsorted.nonzero()[0])
+        raise ValueError(f"kept[{b}, {h}] must be strictly increasing: kept[{b}, {h}, {j + 1}] = "
+                         f"{int(pos[b, h, j + 1])} follows {int(pos[b, h, j])}")
+
+
+def compact_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kept: torch.Tensor,
+    kept_lens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Compact a paged KV cache in place after eviction; returns ``seq_lens``, updated in place.
+
+    For each sequence ``b`` and KV head ``h`` the tokens at positions ``kept[b, h, :n]`` (with
+    ``n = kept_lens[b]``) move, in order, to positions ``0 .. n - 1`` of that head, through the
+    sequence's block table; then ``seq_lens[b] = n``. Pages past ``ceil(n / page_size)`` are no
+    longer read and can be given back (:meth:`kvcore.PagedKVCache.truncate`). Definition:
+    :func:`kvcore.reference.compact_kv`.
+
+    Per-head budgets: kvcore's decode reads one ``seq_len`` per sequence, so every KV head of a
+    sequence keeps the same number of tokens ``kept_lens[b]`` (the shape enforces it). A policy
+    whose per-head budgets differ (AdaKV) pads each head up to the sequence's largest count
+    with that head's next-best tokens, or refuses: see :mod:`kvcore.policies`.
+
+    Args:
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; modified in place.
+        block_table: ``[B, max_pages]`` int32; seq_lens: ``[B]`` int32, modified in place.
+        kept: ``[B, Hkv, K]`` int64 positions, each row strictly increasing in ``[0, seq_lens[b])``
+            over its first ``kept_lens[b]`` entries (the rest is ignored).
+        kept_lens: ``[B]`` int32 in ``[0, min(seq_lens[b], K)]``; default ``K`` for every sequence.
+
+    Raises:
+        ValueError: with validation on, block-table pages or seq_lens out of range, a count
+            outside its range, or a kept position out of range or out of order.
+        RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
+    """
+    if kept_lens is None:
+        if kept.dim() != 3:
+            raise ValueError(f"kept must be 3-D [batch, num_kv_heads, max_kept], got shape {tuple(kept.shape)}")
+        kept_lens = torch.full((kept.shape[0],), kept.shape[2], dtype=torch.int32, device=kept.device)
+    if (
+        validation_enabled()
+        and k_cache.dim() == 4
+        and block_table.dim() == 2
+        and seq_lens.dim() == 1
+        and block_table.dtype == torch.int32
+        and seq_lens.dtype == torch.int32
+        and block_table.shape[0] == seq_lens.shape[0]
+        and k_cache.shape[1] > 0
+        and kept.dim() == 3
+        and kept.dtype == torch.int64
+        and kept.shape[0] == seq_lens.shape[0]
+        and kept_lens.dim() == 1
+        and kept_lens.shape[0] == seq_lens.shape[0]
+    ):
+        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+        _check_kept_contents(kept, kept_lens, seq_lens)
+    _ops.compact_kv(k_cache, v_cache, block_table, seq_lens, kept, kept_lens)
+    return seq_lens
+
+
+@torch.library.register_fake("kvcore::compact_kv")
+def _compact_kv_fake(k_cache, v_cache, block_table, seq_lens, kept, kept_lens) -> None:
+    return None

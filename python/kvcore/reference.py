@@ -676,3 +676,130 @@ def mla_decode(
         out[b] = (torch.exp(logits - s[:, None]) @ rows[:, :v_dim]).to(torch.float32)
         lse[b] = s.to(torch.float32)
     return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Eviction: attention scores over a window of queries, and cache compaction.
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["attention_scores", "compact_kv"]
+
+SCORE_REDUCTIONS = ("sum", "mean", "max")
+SCORE_POOLINGS = ("none", "avg", "max")
+
+
+def attention_scores(
+    q: Tensor,
+    k_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    lse: Tensor | None = None,
+    scale: float | None = None,
+    reduction: str = "sum",
+    pooling: str = "none",
+    pool_kernel: int = 5,
+    max_len: int | None = None,
+) -> Tensor:
+    """Per-key eviction scores from a window of the last ``w`` queries of each sequence.
+
+    ``q`` ``[B, w, Hq, D]``: query ``i`` of sequence ``b`` sits at position
+    ``t_i = seq_lens[b] - w + i`` and sees the keys ``p <= t_i`` (causal inside the window; a
+    query with ``t_i < 0`` sees nothing). With ``G = Hq // Hkv`` and ``scale`` defaulting to
+    ``1 / sqrt(D)``, for query head ``hq = h * G + g``:
+
+        logit[i, hq, p] = scale * q[b, i, hq] . k_p[h]                  (p <= t_i)
+        lse[i, hq]      = logsumexp_{p <= t_i} logit[i, hq, p]          (or the caller's lse [B, w, Hq])
+        prob[i, hq, p]  = exp(logit[i, hq, p] - lse[i, hq])   (0 for p > t_i)
+        score[h, p]     = sum | mean | max over (i, g) of prob[i, h * G + g, p]
+
+    ``mean`` divides the sum by ``w * G``. Then, with ``pooling`` ``"avg"`` / ``"max"``, the
+    scores of the prefix keys ``p < seq_lens[b] - w`` (the keys before the window) are replaced
+    by ``avg_pool1d`` / ``max_pool1d`` over that prefix alone with ``kernel_size = pool_kernel``
+    (5 or 7), ``stride = 1`` and ``padding = pool_kernel // 2`` (avg counts the zero padding, as
+    ``torch.nn.functional.avg_pool1d`` does by default: SnapKV's rule); the window keys' scores are
+    not pooled. Keys ``p >= seq_lens[b]`` (up to ``max_len``, default the longest sequence) score 0.
+
+    Returns ``[B, Hkv, max_len]`` **float64**.
+    """
+    _check_dim(q, 4, "q", "[batch, window, num_q_heads, head_dim]")
+    _check_dim(k_cache, 4, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]")
+    _check_dim(block_table, 2, "block_table", "[batch, max_pages]")
+    _check_dim(seq_lens, 1, "seq_lens", "[batch]")
+    if reduction not in SCORE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {SCORE_REDUCTIONS}, got {reduction!r}")
+    if pooling not in SCORE_POOLINGS:
+        raise ValueError(f"pooling must be one of {SCORE_POOLINGS}, got {pooling!r}")
+    if pooling != "none" and pool_kernel not in (5, 7):
+        raise ValueError(f"pool_kernel must be 5 or 7 when pooling is on, got {pool_kernel}")
+    batch, window, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, _ = k_cache.shape
+    group = _check_group(num_q_heads, num_kv_heads)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    lens = [int(x) for x in seq_lens.tolist()]
+    if max_len is None:
+        max_len = max(lens + [0])
+    out = torch.zeros(batch, num_kv_heads, max_len, dtype=torch.float64, device=q.device)
+    for b, length in enumerate(lens):
+        if length > max_len:
+            raise ValueError(f"seq_lens[{b}] = {length} exceeds max_len = {max_len}")
+        if length == 0:
+            continue
+        keys = gather_paged(k_cache, block_table[b], torch.arange(length)).to(torch.float64)  # [L, Hkv, D]
+        keys = keys.repeat_interleave(group, dim=1)  # [L, Hq, D]
+        logits = scale * torch.einsum("ihd,lhd->ihl", q[b].to(torch.float64), keys)  # [w, Hq, L]
+        t = length - window + torch.arange(window, device=q.device)  # query positions
+        visible = torch.arange(length, device=q.device)[None, :] <= t[:, None]  # [w, L]
+        logits = logits.masked_fill(~visible[:, None, :], -math.inf)
+        row_lse = torch.logsumexp(logits, dim=-1) if lse is None else lse[b].to(torch.float64)  # [w, Hq]
+        prob = torch.exp(logits - row_lse[..., None])
+        prob = torch.where(visible[:, None, :], prob, torch.zeros((), dtype=torch.float64, device=q.device))
+        prob = prob.view(window, num_kv_heads, group, length)
+        if reduction == "max":
+            s = prob.amax(dim=(0, 2))
+        else:
+            s = prob.sum(dim=(0, 2))
+            if reduction == "mean":
+                s = s / (window * group)
+        prefix = length - window
+        if pooling != "none" and prefix > 0:
+            pool = torch.nn.functional.avg_pool1d if pooling == "avg" else torch.nn.functional.max_pool1d
+            s[:, :prefix] = pool(s[None, :, :prefix], kernel_size=pool_kernel, stride=1, padding=pool_kernel // 2)[0]
+        out[b, :, :length] = s
+    return out
+
+
+def compact_kv(
+    k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, kept: Tensor, kept_lens: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compaction after eviction (functional: the inputs are not modified).
+
+    For each sequence ``b`` and KV head ``h``, with ``n = kept_lens[b]`` and the positions
+    ``kept[b, h, :n]`` (strictly increasing, in ``[0, seq_lens[b])``):
+
+        k'[b, position i, head h] = k[b, position kept[b, h, i], head h]     for i < n (same for v)
+
+    where "position" is read through the block table. Every other cache element is unchanged,
+    and ``seq_lens'[b] = n``. Returns ``(k_cache', v_cache', seq_lens')``.
+    """
+    _check_cache_pair(k_cache, v_cache)
+    _check_dim(kept, 3, "kept", "[batch, num_kv_heads, max_kept]")
+    new_k, new_v = k_cache.clone(), v_cache.clone()
+    page_size = k_cache.shape[1]
+    lens = [int(x) for x in seq_lens.tolist()]
+    for b, length in enumerate(lens):
+        n = int(kept_lens[b])
+        if n < 0 or n > min(length, kept.shape[2]):
+            raise ValueError(f"kept_lens[{b}] = {n} must be in [0, min(seq_len {length}, max_kept {kept.shape[2]})]")
+        for h in range(k_cache.shape[2]):
+            src = kept[b, h, :n].to(torch.long).cpu()
+            if n and (bool((src[1:] <= src[:-1]).any()) or int(src[0]) < 0 or int(src[-1]) >= length):
+                raise ValueError(f"kept[{b}, {h}] must be strictly increasing positions in [0, {length})")
+            dst = torch.arange(n)
+            pages = block_table[b].to(torch.long).cpu()
+            sp, so = pages[src // page_size], src % page_size
+            dp, do = pages[dst // page_size], dst % page_size
+            new_k[dp, do, h] = k_cache[sp, so, h]
+            new_v[dp, do, h] = v_cache[sp, so, h]
+    new_lens = kept_lens.to(device=seq_lens.device, dtype=seq_lens.dtype).clone()
+    return new_k, new_v, new_lens
