@@ -410,6 +410,11 @@ inline MlaDecodeShape check_mla_decode(const at::Tensor& q, const at::Tensor& la
     check_dtype(*lse, at::kFloat, "lse");
     TORCH_CHECK(lse->dim() == 2 && lse->size(0) == s.batch && lse->size(1) == s.num_heads, "lse must have shape [",
                 s.batch, ", ", s.num_heads, "], got ", lse->sizes());
+    check_contiguous(*lse, "lse");
+  }
+  return s;
+}
+
 // ---- eviction: attention_scores and compact_kv ----------------------------------------------
 
 // Shapes of an attention_scores call.
