@@ -555,6 +555,18 @@ def _check_slots(slot_mapping: torch.Tensor, num_pages: int, page_size: int) -> 
         )
 
 
+def _check_devices(op: str, first_name: str, first: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    """Same-device check in Python, for ops whose CUDA kernel is not built yet: with a CUDA tensor
+    among the arguments the dispatcher would pick the missing CUDA kernel and never reach the C++
+    check that names the argument."""
+    for name, t in others.items():
+        if t is not None and t.device != first.device:
+            raise RuntimeError(f"{name} must be on the same device as {first_name} ({first.device}), got {t.device}")
+    if first.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"kvcore::{op}", "CUDA"):
+        raise NotImplementedError(f"kvcore.{op} has no CUDA kernel in this release yet (CPU only); pass CPU tensors")
+
+
+
 def mla_latent_project(
     hidden: torch.Tensor,
     w_dkv: torch.Tensor,
@@ -611,6 +623,9 @@ def mla_latent_project(
             c_kv_out = torch.empty(hidden.shape[0], norm_weight.shape[0], dtype=hidden.dtype, device=hidden.device)
         if k_pe_out is None:
             k_pe_out = torch.empty(hidden.shape[0], cos_sin.shape[1], dtype=hidden.dtype, device=hidden.device)
+    _check_devices("mla_latent_project", "hidden", hidden, w_dkv=w_dkv, norm_weight=norm_weight, cos_sin=cos_sin,
+                   positions=positions, latent_cache=latent_cache, slot_mapping=slot_mapping, c_kv_out=c_kv_out,
+                   k_pe_out=k_pe_out)
     if validation_enabled():
         if slot_mapping.dim() == 1 and latent_cache.dim() == 3 and slot_mapping.dtype == torch.int64:
             _check_slots(slot_mapping, latent_cache.shape[0], latent_cache.shape[1])
@@ -705,6 +720,8 @@ def mla_decode(
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     if workspace is None and q.is_cuda:
         workspace = decode_workspace(q.device)
+    _check_devices("mla_decode", "q", q, latent_cache=latent_cache, block_table=block_table, seq_lens=seq_lens,
+                   out=out, lse=lse, workspace=workspace)
     if (
         validation_enabled()
         and latent_cache.dim() == 3
