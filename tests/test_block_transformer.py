@@ -69,6 +69,17 @@ TD_CASES = [
     TDCase(3, 32, 4, 8, 2, 128, lens="ragged"),
     TDCase(700, 4, 2, 4, 4, 64, lens="ragged"),
     TDCase(4, 16, 2, 4, 4, 256, lens="ragged", scale=1.0),
+    # Paths of the tensor-core CUDA kernel (each also runs on CPU): odd head counts with G 5, so an
+    # m-tile of 16 rows ends inside a token's heads; P 0 with a single (head, m-tile) unit (output
+    # columns split across warps); L 40 > 16 (three m-tiles and three key tiles of 16); G 4 with
+    # L G = 48; the L4 benchmark shape with enough blocks that every CTA's ring of stages wraps
+    # several times; a block too large for three stages (the two-stage ring, also wrapping).
+    TDCase(5, 5, 3, 15, 3, 64, lens="ragged"),
+    TDCase(4, 16, 0, 2, 1, 256, lens="ragged"),
+    TDCase(3, 40, 7, 2, 2, 64, lens="ragged", layout="strided"),
+    TDCase(2, 12, 2, 8, 2, 128, lens="ragged"),
+    TDCase(1600, 4, 2, 12, 12, 64, lens="ragged"),
+    TDCase(300, 48, 16, 2, 1, 256, lens="ragged", with_lse=False),
 ]
 
 

@@ -1,38 +1,62 @@
-// Block Transformer token-decoder attention (prefill of many blocks): token i of block n attends
-// to the block's P prefix slots and its tokens 0..i. Framework-free; launcher in
+// Block Transformer token-decoder attention (prefill of many blocks) on tensor cores: token i of
+// block n attends to the block's P prefix slots and its tokens 0..i. Framework-free; launcher in
 // csrc/block_transformer/token_decoder_attention.cu.
 //
-// Why this shape of kernel. Per block the work is tiny and the bytes are not: with L tokens,
-// P prefix slots, Hq query heads, Hkv KV heads and head dim D (2-byte elements),
-//   bytes = q + k + v + out = (2 * L * Hq + 2 * (P + L) * Hkv) * D * 2
-//   FLOPs = 4 * Hq * D * sum_{i<L} (P + i + 1) = 4 * Hq * D * L * (P + (L + 1) / 2)
-// e.g. L 4 P 2 H 12 D 64: 30 KB and 0.9 FMA per byte; L 16 P 2 H 16 D 128: 272 KB and 2.5 FMA
-// per byte. At ~3 TB/s an H100 SM receives ~13 bytes per cycle, i.e. 12-33 FMAs (one warp
-// instruction) per cycle against an issue rate of 4 warp instructions per cycle: CUDA cores in
-// fp32 suffice if the loops carry little besides FMAs, so the design is all about bytes in flight
-// and instruction economy:
+// ---- Why tensor cores, counted ------------------------------------------------------------------
+// Per block, with L tokens, P prefix slots, Hq = G * Hkv heads, head dim D, 2-byte elements:
+//   bytes = q + k + v + out = (2 L Hq + 2 (P + L) Hkv) D 2
+//   FLOPs = 4 Hq D sum_{i<L} (P + i + 1)                (unmasked products only)
+// An H100 SM receives ~13 bytes per cycle at 3 TB/s (132 SMs, 1.75 GHz) and issues at most
+// 4 warp instructions per cycle.
+//  * B8 H16 D128 L16 P2, per (block, head): 17.4 KB -> ~1340 SM cycles of DRAM time; 74 K FLOPs
+//    = 1150 warp-wide FMA instructions on CUDA cores, plus their shared-memory operand loads
+//    (the previous fp32 kernel: ~2.3 of the 4 issue slots per cycle, measured 39.6% of copy).
+//    On tensor cores the 16 queries of a head are exactly the 16 rows of an m16n8k16 tile; keys
+//    padded to 32 (two key tiles of 16): S = Q K^T 2 x 2 n-tiles x 8 k-steps = 32 mma, O = P V
+//    2 x 16 = 32 mma, ~48 ldmatrix, ~120 softmax/mask instructions, ~60 copy-issue and ~40 store
+//    instructions: ~330 warp instructions per ~1340 cycles, < 0.25 issue slots per cycle.
+//  * B32 H12 D64 L4 P2, per (block, head): 3.1 KB -> ~235 cycles; 4.6 K FLOPs = 72 warp FMAs on
+//    CUDA cores + ~70 shared loads. On tensor cores one (block, KV head) fills only L G = 4 of the
+//    16 rows (rows of other heads or blocks need other K, so they cannot share a tile), i.e. 25%
+//    utilisation, but that costs nothing that matters: S 1 n-tile x 4 k-steps = 4 mma, P V 1 x 8
+//    = 8 mma, ~16 ldmatrix, ~70 softmax/mask/epilogue, ~30 copy-issue: ~130 warp instructions per
+//    ~235 cycles, ~0.55 issue slots per cycle. So one tensor-core path serves every L (a CUDA-
+//    core path for small L would not save issue slots and would double the code); the limit at
+//    L4 is bytes in flight and per-item overheads, handled by the ring below.
 //
-// * A work item is (block, chunk of HC KV heads with their query heads), sized to <= 32 KB of
-//   input: the whole block when it fits (all heads of a block in one CTA), else a few heads.
-//   Each CTA walks a contiguous range of items (consecutive blocks), so its reads stream through
-//   memory in address order.
-// * The next two items are prefetched with 16-byte cp.async copies into a ring of two raw
-//   stages in shared memory (up to 8 independent copies per thread per stage, no registers
-//   held), so loads are in flight while the current item is converted and computed; a stage is
-//   converted to fp32 once, so the inner loops do no conversions. A thread always copies the
-//   same 16-byte column c of the head rows (THREADS is a multiple of D / 8), so the index work
-//   per vector is one multiply-high division. Rows in shared memory are head-major and padded
-//   by 4 floats, so float4 reads of different rows of one head fall on different banks.
-// * Scores: a thread owns one query row against JT = 2 keys and walks D in float4 steps
-//   (3 shared loads per 8 FMAs, no shuffles; JT = 4 loads less per FMA but left most lanes idle
-//   at these sizes, e.g. 96 units for 256 threads); only the key tiles the causal mask leaves
-//   are enumerated (a per-CTA table), so no lane idles on a masked tile.
-//   Softmax: a thread per row, exp2 on pre-scaled logits. PV: a thread owns two adjacent rows
-//   (sharing every V load) and 8 output dims (two float4 halves, so a quarter warp reads
-//   contiguous shared memory).
+// ---- Memory pipeline ----------------------------------------------------------------------------
+// A work item is (block, chunk of HC KV heads with their G HC query heads): the largest chunk
+// whose q + k + v bytes fit 32 KB (the whole block at L4/H12: 24 KB; 2 of 16 heads at L16/D128:
+// 26 KB). Its inputs are three runs of contiguous rows (q: L runs of HC G D elements, k and v:
+// P + L runs of HC D), copied by 16-byte cp.async into one stage of a ring of 3 stages (2 when an
+// item is too large for 3), one commit group per item. A CTA (4 warps) walks a contiguous range
+// of items (consecutive blocks: reads stream in address order) with STAGES - 1 items in flight
+// while it computes one: 2 x 24-26 KB per CTA, 2-3 CTAs per SM, i.e. 100-150 KB in flight per
+// SM, ~5x what Little's law asks at ~1 us latency. One __syncthreads per item.
 //
-// Safety: block_lens[n] is clamped to [0, L]; every address is computed from the shapes, so
-// bad lengths change the numbers, never the memory touched.
+// Shared memory keeps the global row order (q row (i, h) at i HC G + h, k/v row (j, h) at
+// j HC + h), so a copy's destination is its source offset, with the 16-byte chunks of a row
+// XOR-swizzled by the index of the row in the sequence that one ldmatrix reads (q: the tile row
+// i G + g; k/v: the key j), so the 8 rows of each ldmatrix phase hit 8 different bank groups.
+// ldmatrix takes one row address per lane, so rows outside the block (tile rows past L G, keys
+// past P + L in the last key tile) point at a zero row instead of being stored padded.
+//
+// ---- Compute ------------------------------------------------------------------------------------
+// A warp unit is (KV head of the chunk, m-tile of 16 of its L G query rows r = i G + g, part of
+// D): rows of one KV head share its keys, so GQA groups fill tiles. When an item has fewer
+// (head, m-tile) pairs than warps (L16/D128: 2), the output columns are split in DSPLIT = 2
+// parts, each warp recomputing the (cheap) scores. Per key tile of 16 (only those the causal mask
+// of the tile's last valid row reaches): S = Q K^T (n-tiles past the last needed key skipped),
+// scale into base 2, mask j > P + i and rows past block_lens, online softmax (flash style), then
+// O += P V with P re-packed from the S accumulators as the A operand.
+//
+// Semantics: rows i >= block_lens[n] (clamped to [0, L]) give out 0 and lse -inf. NaN in q or in
+// an attended key gives NaN out and lse -inf (as the previous kernel: the sum is not > 0). One
+// difference: a NaN/Inf in a V row that a query may not attend but that lies in the same key
+// tile of 16 reaches that query's output through 0 * NaN in the P V product.
+//
+// Safety: every address is computed from the shapes; block_lens only changes which rows are
+// masked, so bad lengths change numbers, never the memory touched.
 #pragma once
 
 #include <math.h>
@@ -42,8 +66,8 @@
 
 namespace kvcore {
 
-// n / d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund-Montgomery): the loops decode
-// flat indices into (row, head) pairs and a hardware integer division costs ~20 instructions.
+// n / d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund-Montgomery): the copy loop
+// decodes a flat vector index into (row, column) per 16-byte vector.
 struct FastDiv {
   uint32_t d, m, s;
 };
@@ -70,301 +94,266 @@ struct TokenDecoderParams {
   int64_t q_stride_n, k_stride_n, v_stride_n;  // elements between consecutive blocks
   int num_items;                                // blocks * chunks
   int items_per_cta;
+  int stages;    // ring depth: 2 or 3
   int rows;      // L
   int prefix;    // P
   int keys;      // P + L
-  int keys_pad;  // row stride of the score matrix in shared memory (odd)
-  int num_q_heads, num_kv_heads;
-  int chunk_kv_heads;   // HC (divides num_kv_heads)
-  int chunk_q_heads;    // HC * group
-  float scale_log2;     // scale * log2(e): logits are kept in base 2
-  FastDiv chunks;       // item -> (block, chunk)
-  FastDiv chunk_q;      // q unit (row * HCq + head) -> row
-  FastDiv chunk_kv;     // k/v unit (key * HC + head) -> key
-  FastDiv rows_div;     // score row (head * L + row) -> head
-  FastDiv group;        // query head -> KV head
-  FastDiv valid_tiles;  // score unit -> (head, entry of the valid-tile table)
+  int num_q_heads, num_kv_heads, group;
+  int chunk_kv_heads;  // HC (divides num_kv_heads)
+  int chunk_q_heads;   // HC * G
+  int m_tiles;         // ceil(L G / 16): m-tiles per KV head
+  int stage_elems;     // elements of one stage: (L HC G + 2 (P + L) HC) D
+  float scale_log2;    // scale * log2(e): logits are kept in base 2
+  FastDiv chunks;      // item -> (block, chunk)
+  FastDiv q_vecs_row;  // q vector -> token row i (HC G D / 8 vectors per row)
+  FastDiv kv_vecs_row; // k/v vector -> key j (HC D / 8 vectors per key)
+  FastDiv group_div;   // query head (or tile row) -> (KV head, g)
 };
 
 template <int D>
 struct TokenDecoderConfig {
-  static constexpr int THREADS = 256;
-  static constexpr int VPT = 8;      // 16-byte vectors per thread in a full prefetch stage
-  static constexpr int CPR = D / 8;  // 16-byte chunks per head row
-  static constexpr int DP = D + 4;   // padded fp32 row in shared memory
-  static constexpr int JT = 2;       // keys per thread in the score loop (2: more, shorter units)
-  static constexpr int STAGE_VECS = THREADS * VPT;
-  static constexpr int STAGE_BYTES = STAGE_VECS * 16;
+  static constexpr int WARPS = 4;
+  static constexpr int THREADS = WARPS * 32;
+  static constexpr int TD = D / 8;  // 16-byte chunks per row
+  static constexpr int ITEM_BYTES = 32 * 1024;  // target input bytes of a work item
+  static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
 };
 
-// Score tiles (JT keys each) of one head that the causal mask leaves: row i needs keys
-// 0..P + i, i.e. ceil((P + i + 1) / JT) tiles.
-inline int token_decoder_valid_tiles(int rows, int prefix, int jt) {
-  int n = 0;
-  for (int i = 0; i < rows; ++i) n += (prefix + i + jt) / jt;
-  return n;
+// Shared-memory bytes of a CTA: the ring, the zero row, and the block length of each stage.
+inline int64_t token_decoder_smem_bytes(int64_t stage_elems, int stages, int head_dim) {
+  return 2 * (stage_elems * stages + head_dim) + 16;
 }
 
-// Shared-memory bytes of a CTA: fp32 q, k, v rows (padded), scores, 1/sum per row (padded to
-// 16 bytes), the two prefetch stages of raw 16-byte vectors, and the valid score-tile table.
-inline int64_t token_decoder_smem_bytes(int rows, int keys, int keys_pad, int hc, int hcq, int dp, int cpr,
-                                        int stage_vecs, int valid_tiles) {
-  const int64_t floats =
-      ((int64_t(rows) * hcq + 2 * int64_t(keys) * hc) * dp + int64_t(hcq) * rows * keys_pad + int64_t(hcq) * rows + 3) /
-      4 * 4;
-  const int64_t vecs = (int64_t(rows) * hcq + 2 * int64_t(keys) * hc) * cpr;
-  return 4 * floats + 2 * 16 * (vecs < stage_vecs ? vecs : stage_vecs) + 4 * int64_t(valid_tiles);
+// Swizzled element offset of 16-byte chunk `chunk` of shared-memory row `row`, XOR key `key`.
+__device__ __forceinline__ int td_swz(int row, int chunk, int key, int D) {
+  return row * D + ((chunk ^ (key & 7)) << 3);
 }
 
-// Calls f(vec, src, smem_offset) for each of this thread's 16-byte vectors of an item: q rows,
-// then k, then v (vec numbers them in that order, the global order). A thread always takes
-// column c = tid % (D/8) of a head row, so only the (row, head) split of its unit index needs a
-// division. In shared memory the rows are head-major ([head][row][D + 4]): consecutive keys of
-// one head are then D + 4 floats apart, an odd number of 16-byte bank groups, so the score
-// loop's lanes, which read different keys at the same d, hit different banks.
-template <typename T, int D, int THREADS, typename F>
-__device__ __forceinline__ void for_each_item_vector(const TokenDecoderParams& p, int block, int chunk, int k_base,
-                                                     int v_base, F&& f) {
-  constexpr int CPR = D / 8, DP = D + 4, STEP = THREADS / CPR;
-  static_assert(THREADS % CPR == 0, "each thread keeps one column");
-  const int c = threadIdx.x & (CPR - 1);
-  const int first_unit = threadIdx.x / CPR;
-  const int HCQ = p.chunk_q_heads, HC = p.chunk_kv_heads;
-  const T* q = static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + chunk * HCQ * D + c * 8;
-  for (int unit = first_unit; unit < p.rows * HCQ; unit += STEP) {  // unit = row * HCQ + head
-    const int row = fast_div(unit, p.chunk_q);
-    const int head = unit - row * HCQ;
-    f(unit * CPR + c, q + (row * p.num_q_heads + head) * D, (head * p.rows + row) * DP + c * 8);
-  }
-  const int q_vecs = p.rows * HCQ * CPR, kv_vecs = p.keys * HC * CPR;
-#pragma unroll
-  for (int t = 0; t < 2; ++t) {  // k, then v
-    const T* base = static_cast<const T*>(t ? p.v : p.k) + int64_t(block) * (t ? p.v_stride_n : p.k_stride_n) +
-                    chunk * HC * D + c * 8;
-    const int vec0 = q_vecs + t * kv_vecs, smem0 = t ? v_base : k_base;
-    for (int unit = first_unit; unit < p.keys * HC; unit += STEP) {  // unit = key * HC + head
-      const int key = fast_div(unit, p.chunk_kv);
-      const int head = unit - key * HC;
-      f(vec0 + unit * CPR + c, base + (key * p.num_kv_heads + head) * D, smem0 + (head * p.keys + key) * DP + c * 8);
-    }
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_converted(float* smem, const uint4& raw) {
-  float f[8];
-  unpack8(raw, f, T{});
-  *reinterpret_cast<float4*>(smem) = make_float4(f[0], f[1], f[2], f[3]);
-  *reinterpret_cast<float4*>(smem + 4) = make_float4(f[4], f[5], f[6], f[7]);
-}
-
-__device__ __forceinline__ void fma4(float& acc, const float4& a, const float4& b) {
-  acc = fmaf(a.x, b.x, acc);
-  acc = fmaf(a.y, b.y, acc);
-  acc = fmaf(a.z, b.z, acc);
-  acc = fmaf(a.w, b.w, acc);
-}
-
-template <typename T, int D>
-__global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
+template <typename T, int D, int DSPLIT>
+__global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
     token_decoder_attention_kernel(const __grid_constant__ TokenDecoderParams p) {
   using Cfg = TokenDecoderConfig<D>;
-  extern __shared__ __align__(16) float smem[];
-  const int tid = threadIdx.x;
-  const int R = p.rows, P = p.prefix, KJ = p.keys, KJP = p.keys_pad;
-  const int HC = p.chunk_kv_heads, HCQ = p.chunk_q_heads;
-  const int k_base = R * HCQ * Cfg::DP;
-  const int v_base = k_base + KJ * HC * Cfg::DP;
-  float* Qf = smem;
-  float* Kf = smem + k_base;
-  float* Vf = smem + v_base;
-  float* Sf = smem + v_base + KJ * HC * Cfg::DP;
-  float* inv_sum = Sf + HCQ * R * KJP;
+  constexpr int TD = Cfg::TD, DW = D / DSPLIT;  // DW: output columns of a warp unit
+  static_assert(DW % 16 == 0, "a warp's output columns are whole k16 tiles of V");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* const ring = reinterpret_cast<T*>(smem_raw);
+  T* const zero_row = ring + int64_t(p.stages) * p.stage_elems;
+  int* const stage_len = reinterpret_cast<int*>(zero_row + D);  // block length of each stage's item
 
-  // Two prefetch stages (a ring): raw 16-byte vectors of the next two items in load order
-  // (vector v of a stage at byte 16 v), filled by cp.async while the current item is converted
-  // and computed, so loads stay in flight through every phase of the loop.
-  const int stage_off = (v_base + KJ * HC * Cfg::DP + HCQ * R * KJP + HCQ * R + 3) / 4 * 4;  // 16-byte aligned
-  const int slot_vecs = min((R * HCQ + 2 * KJ * HC) * Cfg::CPR, Cfg::STAGE_VECS);
-  uint4* stages = reinterpret_cast<uint4*>(smem + stage_off);
-  // The score tiles the causal mask leaves in one head: (row << 16) | tile, rows in order.
-  int* tiles = reinterpret_cast<int*>(stages + 2 * slot_vecs);
-  const int n_tiles = int(p.valid_tiles.d);
-  for (int i = tid; i < R; i += Cfg::THREADS) {
-    int at = 0;
-    for (int i2 = 0; i2 < i; ++i2) at += (P + i2 + Cfg::JT) / Cfg::JT;
-    for (int t = 0; t < (P + i + Cfg::JT) / Cfg::JT; ++t) tiles[at + t] = (i << 16) | t;
-  }  // read only after the item loop's first barrier
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int L = p.rows, P = p.prefix, KJ = p.keys, G = p.group;
+  const int HC = p.chunk_kv_heads, HCG = p.chunk_q_heads, LG = L * G;
+  const int q_vecs = L * HCG * TD, kv_vecs = KJ * HC * TD;
+  const int k_off = L * HCG * D, v_off = k_off + KJ * HC * D;  // k and v regions within a stage
+
+  for (int i = tid; i < D / 8; i += Cfg::THREADS)
+    reinterpret_cast<uint4*>(zero_row)[i] = make_uint4(0u, 0u, 0u, 0u);
 
   const int first = blockIdx.x * p.items_per_cta;
   const int last = min(p.num_items, first + p.items_per_cta);
   if (first >= last) return;
 
-  int len0 = R, len1 = R;  // block_lens of the items in stage 0 and stage 1
-  // Issues the copies of `item` into stage `slot`; always commits a group (empty past the
-  // range), so that "all but the newest group done" always means "the current item is in".
-  auto prefetch = [&](int item, int slot) {
+  // Issues the copies of `item` into `stage`; always commits a group (empty past the range), so
+  // that "all but the newest STAGES - 2 groups done" always means "the current item is in".
+  auto prefetch = [&](int item, int stage) {
     if (item < last) {
       const int block = fast_div(item, p.chunks);
-      uint4* stage = stages + slot * slot_vecs;
-      for_each_item_vector<T, D, Cfg::THREADS>(p, block, item - block * int(p.chunks.d), k_base, v_base,
-                                               [&](int vec, const T* src, int) {
-                                                 if (vec < slot_vecs) cp_async_16(stage + vec, src, true);
-                                               });
-      const int len = p.block_lens ? __ldg(p.block_lens + block) : R;
-      if (slot) len1 = len; else len0 = len;
+      const int chunk = item - block * int(p.chunks.d);
+      T* const dst = ring + int64_t(stage) * p.stage_elems;
+      const T* const q = static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + int64_t(chunk) * HCG * D;
+      for (int vi = tid; vi < q_vecs; vi += Cfg::THREADS) {
+        const int i = fast_div(vi, p.q_vecs_row);
+        const int rem = vi - i * int(p.q_vecs_row.d);  // = h TD + c within the row's run
+        const int h = rem / TD, c = rem & (TD - 1);
+        const int key = i * G + (h - fast_div(h, p.group_div) * G);  // tile row i G + g
+        cp_async_16(dst + td_swz(i * HCG + h, c, key, D), q + int64_t(i) * p.num_q_heads * D + rem * 8, true);
+      }
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const T* const src = static_cast<const T*>(t ? p.v : p.k) + int64_t(block) * (t ? p.v_stride_n : p.k_stride_n) +
+                             int64_t(chunk) * HC * D;
+        T* const kv = dst + (t ? v_off : k_off);
+        for (int vi = tid; vi < kv_vecs; vi += Cfg::THREADS) {
+          const int j = fast_div(vi, p.kv_vecs_row);
+          const int rem = vi - j * int(p.kv_vecs_row.d);
+          cp_async_16(kv + td_swz(j * HC + rem / TD, rem & (TD - 1), j, D),
+                      src + int64_t(j) * p.num_kv_heads * D + rem * 8, true);
+        }
+      }
+      if (tid == 0) stage_len[stage] = p.block_lens ? __ldg(p.block_lens + block) : L;
     }
     cp_async_commit();
   };
 
-  prefetch(first, 0);
-  prefetch(first + 1, 1);
+  const int S = p.stages;
+  for (int s = 0; s < S - 1; ++s) prefetch(first + s, s);
+
+  // Lane roles in the mma fragments: tile rows r0 = lane / 4 and r0 + 8; key/column pair
+  // (lane % 4) * 2.
+  const int r0 = lane >> 2, cpair = (lane & 3) * 2;
+  const int units = HC * p.m_tiles * DSPLIT;
+
+  int stage = 0;  // stage of `item`
   for (int item = first; item < last; ++item) {
-    const int slot = (item - first) & 1;
+    if (S == 3)
+      cp_async_wait<1>();
+    else
+      cp_async_wait<0>();
+    __syncthreads();  // this item landed for every thread; the previous item's stage is free
+    {
+      const int next_stage = stage == 0 ? S - 1 : stage - 1;  // (item + S - 1) % S
+      prefetch(item + S - 1, next_stage);
+    }
     const int block = fast_div(item, p.chunks);
     const int chunk = item - block * int(p.chunks.d);
-    const int hq0 = chunk * HCQ;
-    const int blen = min(max(slot ? len1 : len0, 0), R);
-    cp_async_wait<1>();  // this item's group is complete (the next item's may still be in flight)
-    __syncthreads();     // ... for every thread's copies; and the previous compute is done with smem
-    {
-      // Each stage vector is converted by the thread that copied it; vectors past a stage (long
-      // blocks only) are loaded here, in step.
-      const uint4* stage = stages + slot * slot_vecs;
-      for_each_item_vector<T, D, Cfg::THREADS>(
-          p, block, chunk, k_base, v_base, [&](int vec, const T* src, int off) {
-            uint4 raw;
-            if (vec < slot_vecs)
-              raw = stage[vec];
-            else
-              raw = __ldg(reinterpret_cast<const uint4*>(src));
-            store_converted<T>(smem + off, raw);
-          });
-    }
-    __syncthreads();           // fp32 copies ready; this stage is free again
-    prefetch(item + 2, slot);  // in flight during this item's compute and the next one's
+    const int blen = min(max(stage_len[stage], 0), L);
+    const T* const sq = ring + int64_t(stage) * p.stage_elems;
+    const T* const sk = sq + k_off;
+    const T* const sv = sq + v_off;
 
-    // ---- scores S[h, i, j] = scale * log2(e) * q[i, h] . k[j, h / G], j <= P + i ----------
-    for (int u = tid; u < HCQ * n_tiles; u += Cfg::THREADS) {
-      const int h = fast_div(u, p.valid_tiles);
-      const int entry = tiles[u - h * n_tiles];
-      const int i = entry >> 16;
-      const int j0 = (entry & 0xffff) * Cfg::JT;
-      if (i >= blen) continue;  // padding row of a partial block
-      const int r = h * R + i;  // score row
-      const int kh = fast_div(h, p.group);
-      const float* qrow = Qf + (h * R + i) * Cfg::DP;
-      // 32-bit row offsets (not 64-bit pointers) keep the register count down; keys past the
-      // block are clamped to a real row and their sums dropped below.
-      int krow[Cfg::JT];
-#pragma unroll
-      for (int t = 0; t < Cfg::JT; ++t) krow[t] = (kh * KJ + min(j0 + t, KJ - 1)) * Cfg::DP;
-      float acc[Cfg::JT];
-#pragma unroll
-      for (int t = 0; t < Cfg::JT; ++t) acc[t] = 0.f;
-#pragma unroll 2
-      for (int d = 0; d < D; d += 4) {
-        const float4 qv = *reinterpret_cast<const float4*>(qrow + d);
-#pragma unroll
-        for (int t = 0; t < Cfg::JT; ++t) fma4(acc[t], qv, *reinterpret_cast<const float4*>(Kf + krow[t] + d));
-      }
-      float* srow = Sf + r * KJP;
-#pragma unroll
-      for (int t = 0; t < Cfg::JT; ++t)
-        if (j0 + t <= P + i) srow[j0 + t] = acc[t] * p.scale_log2;
-    }
-    __syncthreads();
+    for (int u = warp; u < units; u += Cfg::WARPS) {
+      const int dpart = DSPLIT == 1 ? 0 : u % DSPLIT;
+      const int hm = DSPLIT == 1 ? u : u / DSPLIT;
+      const int hh = hm / p.m_tiles;  // KV head within the chunk
+      const int mt = hm - hh * p.m_tiles;
+      const int row0 = mt * 16;  // first tile row (r = i G + g) of the unit
 
-    // ---- softmax per row (base 2), lse in natural log -----------------------------------
-    for (int r = tid; r < HCQ * R; r += Cfg::THREADS) {
-      const int h = fast_div(r, p.rows_div);
-      const int i = r - h * R;
-      float* lse_dst = p.lse ? p.lse + (int64_t(block) * R + i) * p.num_q_heads + hq0 + h : nullptr;
-      if (i >= blen) {
-        if (lse_dst) *lse_dst = -INFINITY;
-        continue;
-      }
-      float* srow = Sf + r * KJP;
-      const int n_keys = P + i + 1;
-      float mx = -INFINITY;
-      for (int j = 0; j < n_keys; ++j) mx = fmaxf(mx, srow[j]);
-      const float base = mx == -INFINITY ? 0.f : mx;  // all -inf (infinite inputs): weights 0
-      float sum = 0.f;
-      for (int j = 0; j < n_keys; ++j) {
-        const float e = exp2f(srow[j] - base);
-        srow[j] = e;
-        sum += e;
-      }
-      inv_sum[r] = sum > 0.f ? 1.f / sum : 0.f;
-      if (lse_dst) *lse_dst = sum > 0.f ? (base + log2f(sum)) * kLn2 : -INFINITY;
-    }
-    __syncthreads();
+      // Keys the unit needs: up to P + i of its last row that is inside the block and valid.
+      const int i_first = fast_div(row0, p.group_div);
+      const int i_last = min(fast_div(min(row0 + 15, LG - 1), p.group_div), blen - 1);
+      const int n_keys = i_last >= i_first ? P + i_last + 1 : 0;  // 0: every row is padding
 
-    // ---- out[i, h, :] = sum_j p[h, i, j] v[j, h / G, :] ------------------------------------
-    // A thread owns rows 2m and 2m + 1 of one head (they share every V load; row 2m + 1 has one
-    // key more) and dims [4c, 4c + 4) and [D/2 + 4c, D/2 + 4c + 4): consecutive lanes read
-    // consecutive float4s of a V row.
-    constexpr int HALF = D / 2;
-    const int pairs = (R + 1) / 2;
-    for (int u = tid; u < HCQ * pairs * Cfg::CPR; u += Cfg::THREADS) {
-      const int hm = u / Cfg::CPR;  // head * pairs + m
-      const int c = u & (Cfg::CPR - 1);
-      const int h = hm / pairs;
-      const int i0 = 2 * (hm - h * pairs), i1 = i0 + 1;
-      const bool valid0 = i0 < blen, valid1 = i1 < blen;  // blen <= R, so valid1 implies i1 < R
-      float acc0[8], acc1[8];
+      // This lane's A-operand row for ldmatrix (q), as a shared-memory row and swizzle key.
+      // Padding rows read the zero row, swizzled by their tile row like real rows, so that the
+      // 8 rows of an ldmatrix phase still fall on 8 bank groups.
+      const int a_key = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      const T* a_row = zero_row;
+      if (a_key < LG) {
+        const int i = fast_div(a_key, p.group_div);
+        a_row = sq + (i * HCG + hh * G + (a_key - i * G)) * D;
+      }
+      // Causal limit of this lane's two accumulator rows: key j is allowed iff j <= lim.
+      int lim[2];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc0[e] = acc1[e] = 0.f;
-      if (valid0) {
-        const int kh = fast_div(h, p.group);
-        const float* vcol = Vf + kh * KJ * Cfg::DP + c * 4;
-        const float* p0 = Sf + (h * R + i0) * KJP;
-        const float* p1 = valid1 ? p0 + KJP : p0;  // an invalid row 1 just repeats row 0 (unused)
-        constexpr int vstride = Cfg::DP;
-        const int n0 = P + i0 + 1;
-#pragma unroll 2
-        for (int j = 0; j < n0; ++j) {
-          const float w0 = p0[j], w1 = p1[j];
-          const float4 a = *reinterpret_cast<const float4*>(vcol + j * vstride);
-          const float4 b = *reinterpret_cast<const float4*>(vcol + j * vstride + HALF);
-          const float va[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+      for (int half = 0; half < 2; ++half) {
+        const int rr = row0 + r0 + 8 * half;
+        const int i = fast_div(rr, p.group_div);
+        lim[half] = (rr < LG && i < blen) ? P + i : -1;
+      }
+
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      float o[DW / 8][4];
 #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            acc0[e] = fmaf(w0, va[e], acc0[e]);
-            acc1[e] = fmaf(w1, va[e], acc1[e]);
+      for (int n = 0; n < DW / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
+      for (int j0 = 0; j0 < n_keys; j0 += 16) {
+        // ---- S = Q K^T over keys j0 .. j0 + 15 (the second n-tile only when needed) ----
+        float s[2][4] = {};
+        const bool second = j0 + 8 < n_keys;
+        // Keys past the block are clamped to a real row: their logits are masked below.
+        int jb[2];
+        const T* b_row[2];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          jb[nt] = min(j0 + nt * 8 + (lane & 7), KJ - 1);
+          b_row[nt] = sk + (jb[nt] * HC + hh) * D;
+        }
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc += 2) {
+          uint32_t a0[4], a1[4];
+          ldmatrix_x4(a0, a_row + (((kc * 2 + (lane >> 4)) ^ (a_key & 7)) << 3));
+          ldmatrix_x4(a1, a_row + (((kc * 2 + 2 + (lane >> 4)) ^ (a_key & 7)) << 3));
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            if (nt == 0 || second) {
+              uint32_t bk[4];
+              ldmatrix_x4(bk, b_row[nt] + (((kc * 2 + (lane >> 3)) ^ (jb[nt] & 7)) << 3));
+              mma_16816(s[nt], a0, bk[0], bk[1], T{});
+              mma_16816(s[nt], a1, bk[2], bk[3], T{});
+            }
           }
         }
-        const float inv0 = inv_sum[h * R + i0];
+        // ---- scale into base 2, mask, online softmax update ----
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc0[e] *= inv0;
-        if (valid1) {  // row 1's last key, j = P + i1
-          const float w1 = p1[n0];
-          const float4 a = *reinterpret_cast<const float4*>(vcol + n0 * vstride);
-          const float4 b = *reinterpret_cast<const float4*>(vcol + n0 * vstride + HALF);
-          const float va[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-          const float inv1 = inv_sum[h * R + i1];
+        for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-          for (int e = 0; e < 8; ++e) acc1[e] = fmaf(w1, va[e], acc1[e]) * inv1;
+          for (int e = 0; e < 4; ++e) {
+            const int j = j0 + nt * 8 + cpair + (e & 1);
+            s[nt][e] = j <= lim[e >> 1] ? s[nt][e] * p.scale_log2 : -INFINITY;
+          }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          mx = fmaxf(mx, m[r]);
+          const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
+          alpha[r] = exp2f(m[r] - base);
+          m[r] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              s[nt][2 * r + e] = exp2f(s[nt][2 * r + e] - base);
+              sum += s[nt][2 * r + e];
+            }
+          l[r] = l[r] * alpha[r] + sum;  // per-lane partial; summed over the quad at the end
+        }
+#pragma unroll
+        for (int n = 0; n < DW / 8; ++n) {
+          o[n][0] *= alpha[0];
+          o[n][1] *= alpha[0];
+          o[n][2] *= alpha[1];
+          o[n][3] *= alpha[1];
+        }
+        // ---- O += P V: P re-packed from S as the A operand; keys past the block read the zero
+        // row (swizzled by the key, as real rows, for conflict-free phases) ----
+        uint32_t pa[4];
+        pa[0] = pack2(s[0][0], s[0][1], T{});
+        pa[1] = pack2(s[0][2], s[0][3], T{});
+        pa[2] = pack2(s[1][0], s[1][1], T{});
+        pa[3] = pack2(s[1][2], s[1][3], T{});
+        const int jv = j0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const T* const v_row = jv < KJ ? sv + (jv * HC + hh) * D : zero_row;
+#pragma unroll
+        for (int nd = 0; nd < DW / 16; ++nd) {
+          uint32_t bv[4];
+          const int chunk_v = (dpart * DW) / 8 + nd * 2 + (lane >> 4);
+          ldmatrix_x4_trans(bv, v_row + ((chunk_v ^ (jv & 7)) << 3));
+          mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
+          mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
         }
       }
-      if (!valid1) {  // (accumulated from row 0's weights above)
+
+      // ---- epilogue: normalise, write out (zeros for rows past block_lens) and lse ----
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc1[e] = 0.f;
-      }
-      // Rows past blen are written as zeros; a row past the block (odd L) is not written.
-      const int64_t row0 = (int64_t(block) * R + i0) * p.num_q_heads + hq0 + h;
-      T* dst = static_cast<T*>(p.out) + row0 * D + c * 4;
-      __stcs(reinterpret_cast<uint2*>(dst), make_uint2(pack2(acc0[0], acc0[1], T{}), pack2(acc0[2], acc0[3], T{})));
-      __stcs(reinterpret_cast<uint2*>(dst + HALF),
-             make_uint2(pack2(acc0[4], acc0[5], T{}), pack2(acc0[6], acc0[7], T{})));
-      if (i1 < R) {
-        dst += int64_t(p.num_q_heads) * D;  // row i1 of the same head
-        __stcs(reinterpret_cast<uint2*>(dst), make_uint2(pack2(acc1[0], acc1[1], T{}), pack2(acc1[2], acc1[3], T{})));
-        __stcs(reinterpret_cast<uint2*>(dst + HALF),
-               make_uint2(pack2(acc1[4], acc1[5], T{}), pack2(acc1[6], acc1[7], T{})));
+      for (int half = 0; half < 2; ++half) {
+        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
+        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
+        const int rr = row0 + r0 + 8 * half;
+        if (rr >= LG) continue;  // padding row of the tile
+        const int i = fast_div(rr, p.group_div);
+        const int hq = (chunk * HC + hh) * G + (rr - i * G);
+        const bool valid = i < blen;
+        // sum not > 0 (infinite or NaN inputs): weights 0, as the previous kernel; NaN stays NaN.
+        const float inv = valid && l[half] > 0.f ? 1.f / l[half] : 0.f;
+        const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + hq;
+        T* const dst = static_cast<T*>(p.out) + orow * D + dpart * DW + cpair;
+#pragma unroll
+        for (int n = 0; n < DW / 8; ++n) {
+          const float x = valid ? o[n][2 * half] * inv : 0.f;
+          const float y = valid ? o[n][2 * half + 1] * inv : 0.f;
+          *reinterpret_cast<uint32_t*>(dst + n * 8) = pack2(x, y, T{});
+        }
+        if (p.lse != nullptr && dpart == 0 && (lane & 3) == 0)
+          p.lse[orow] = valid && l[half] > 0.f ? (m[half] + log2f(l[half])) * kLn2 : -INFINITY;
       }
     }
+    stage = stage + 1 == S ? 0 : stage + 1;
   }
+  cp_async_wait<0>();  // no copies outstanding at exit (the tail groups are empty)
 }
 
 }  // namespace kvcore

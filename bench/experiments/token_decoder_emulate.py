@@ -1,0 +1,330 @@
+"""Line-by-line numpy emulation of csrc/include/kvcore/token_decoder_attention.cuh (the tensor-core
+kernel) and of its launcher's sizing, to check the index math without a GPU.
+
+It reproduces, per CTA and work item: the cp.async copies (flat vector -> (row, chunk), the XOR
+swizzle, the shared-memory offsets; every destination written once, inside its stage), and per
+warp unit the ldmatrix row addresses of every lane (including the zero row), the fragment
+layouts of ldmatrix / ldmatrix.trans / mma.m16n8k16 (operands rounded to the input dtype, fp32
+accumulation), the masking and online softmax, and the epilogue's out / lse addresses. The
+result is compared with kvcore.reference.token_decoder_attention, and every out / lse element
+must be written exactly once.
+
+    PYTHONPATH=python python bench/experiments/token_decoder_emulate.py
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+
+try:
+    from kvcore import reference
+except ImportError:  # no built extension: the reference is plain torch, load it on its own
+    import importlib.util
+    import pathlib
+
+    _spec = importlib.util.spec_from_file_location(
+        "kvcore_reference", pathlib.Path(__file__).resolve().parents[2] / "python" / "kvcore" / "reference.py")
+    reference = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(reference)
+
+WARPS = 4
+CONFLICTS: dict[int, int] = {}  # ldmatrix phases by bank-conflict ways (1 = conflict-free)
+ITEM_BYTES = 32 * 1024
+
+
+def fast_div(n: int, d: int) -> int:
+    # The kernel's multiply-high division, bit-exact.
+    s = 0
+    while (1 << s) < d:
+        s += 1
+    m = ((1 << 32) * ((1 << s) - d)) // d + 1
+    m &= 0xFFFFFFFF
+    return (((n * m) >> 32) + n) >> s
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).bfloat16().float().numpy()
+
+
+def plan(n_blocks, L, P, Hq, Hkv, D, sms=4, per_sm=2):
+    G = Hq // Hkv
+    keys = P + L
+    head_elems = (L * G + 2 * keys) * D
+    hc = 1
+    for c in range(1, Hkv + 1):
+        if Hkv % c == 0 and c * head_elems * 2 <= ITEM_BYTES:
+            hc = c
+    m_tiles = (L * G + 15) // 16
+    dsplit = 2 if hc * m_tiles < WARPS else 1
+    smem3 = 2 * (hc * head_elems * 3 + D) + 16
+    stages = 3 if smem3 <= 100 * 1024 else 2
+    chunks = Hkv // hc
+    items = n_blocks * chunks
+    slots = sms * per_sm
+    per_cta = (items + slots - 1) // slots
+    grid = (items + per_cta - 1) // per_cta
+    return dict(G=G, keys=keys, hc=hc, m_tiles=m_tiles, dsplit=dsplit, stages=stages, chunks=chunks, items=items,
+                per_cta=per_cta, grid=grid, stage_elems=hc * head_elems)
+
+
+def ldmatrix(smem: np.ndarray, addrs: list[int], trans: bool) -> np.ndarray:
+    """x4: lane l gives the address of row l % 8 of matrix l // 8. Returns regs[lane][m] as the
+    two 16-bit elements (lo, hi) of each 32-bit register: [32, 4, 2]."""
+    for m in range(4):  # shared-memory wavefronts of this 8-row phase: distinct rows on one bank group
+        groups: dict[int, set] = {}
+        for r in range(8):
+            groups.setdefault((addrs[m * 8 + r] * 2 // 16) % 8, set()).add(addrs[m * 8 + r])
+        ways = max(len(x) for x in groups.values())
+        CONFLICTS[ways] = CONFLICTS.get(ways, 0) + 1
+    mats = np.stack([np.stack([smem[addrs[m * 8 + r] : addrs[m * 8 + r] + 8] for r in range(8)]) for m in range(4)])
+    out = np.zeros((32, 4, 2), dtype=np.float32)
+    for t in range(32):
+        for m in range(4):
+            mat = mats[m].T if trans else mats[m]
+            out[t, m] = mat[t // 4, 2 * (t % 4) : 2 * (t % 4) + 2]
+    return out
+
+
+def mma(d: np.ndarray, a: np.ndarray, b0: np.ndarray, b1: np.ndarray) -> None:
+    """d [32, 4] += A (16x16) B (16x8) with the m16n8k16 fragment layouts; a [32, 4, 2], b* [32, 2]."""
+    A = np.zeros((16, 16), np.float32)
+    B = np.zeros((16, 8), np.float32)
+    for t in range(32):
+        g, c = t // 4, 2 * (t % 4)
+        A[g, c : c + 2] = a[t, 0]
+        A[g + 8, c : c + 2] = a[t, 1]
+        A[g, c + 8 : c + 10] = a[t, 2]
+        A[g + 8, c + 8 : c + 10] = a[t, 3]
+        B[c : c + 2, g] = b0[t]
+        B[c + 8 : c + 10, g] = b1[t]
+    C = A.astype(np.float64) @ B.astype(np.float64)
+    for t in range(32):
+        g, c = t // 4, 2 * (t % 4)
+        d[t, 0] += C[g, c]
+        d[t, 1] += C[g, c + 1]
+        d[t, 2] += C[g + 8, c]
+        d[t, 3] += C[g + 8, c + 1]
+
+
+def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
+    N, L, Hq, D = q.shape
+    P = k.shape[1] - L
+    Hkv = k.shape[2]
+    pl = plan(N, L, P, Hq, Hkv, D, sms, per_sm)
+    G, KJ, HC, MT, DSPLIT, S = pl["G"], pl["keys"], pl["hc"], pl["m_tiles"], pl["dsplit"], pl["stages"]
+    HCG, LG, TD, DW = HC * G, L * G, D // 8, D // pl["dsplit"]
+    qf, kf, vf = (x.reshape(-1).float().numpy() for x in (q, k, v))
+    qs, ks, vs = L * Hq * D, KJ * Hkv * D, KJ * Hkv * D
+    out = np.full(N * L * Hq * D, np.nan, np.float32)
+    lse = np.full(N * L * Hq, np.nan, np.float32)
+    written = np.zeros(out.shape, np.int32)
+    lwritten = np.zeros(lse.shape, np.int32)
+    stage_elems = pl["stage_elems"]
+    smem = np.full(S * stage_elems + D, np.nan, np.float32)
+    zero_row = S * stage_elems
+    smem[zero_row:] = 0.0
+    q_vecs, kv_vecs = L * HCG * TD, KJ * HC * TD
+    k_off, v_off = L * HCG * D, L * HCG * D + KJ * HC * D
+    scale_log2 = np.float32(scale * 1.4426950408889634)
+    stage_len = [0] * S
+
+    for cta in range(pl["grid"]):
+        first = cta * pl["per_cta"]
+        last = min(pl["items"], first + pl["per_cta"])
+
+        def prefetch(item, stage):
+            if item >= last:
+                return
+            block = fast_div(item, pl["chunks"])
+            chunk = item - block * pl["chunks"]
+            dst = stage * stage_elems
+            seen = np.zeros(stage_elems, np.int32)
+            smem[dst : dst + stage_elems] = np.nan  # a stage holds only this item's copies
+            qbase = block * qs + chunk * HCG * D
+            for vi in range(q_vecs):
+                i = fast_div(vi, HCG * TD)
+                rem = vi - i * HCG * TD
+                h, c = rem // TD, rem & (TD - 1)
+                key = i * G + (h - fast_div(h, G) * G)
+                off = (i * HCG + h) * D + ((c ^ (key & 7)) << 3)
+                assert 0 <= off and off + 8 <= k_off
+                src = qbase + i * Hq * D + rem * 8
+                assert block * qs <= src and src + 8 <= (block + 1) * qs
+                smem[dst + off : dst + off + 8] = qf[src : src + 8]
+                seen[off : off + 8] += 1
+            for t, (arr, region, stride) in enumerate(((kf, k_off, ks), (vf, v_off, vs))):
+                base = block * stride + chunk * HC * D
+                for vi in range(kv_vecs):
+                    j = fast_div(vi, HC * TD)
+                    rem = vi - j * HC * TD
+                    off = region + (j * HC + rem // TD) * D + (((rem & (TD - 1)) ^ (j & 7)) << 3)
+                    assert region <= off and off + 8 <= region + KJ * HC * D
+                    src = base + j * Hkv * D + rem * 8
+                    assert block * stride <= src and src + 8 <= (block + 1) * stride
+                    smem[dst + off : dst + off + 8] = arr[src : src + 8]
+                    seen[off : off + 8] += 1
+            assert (seen == 1).all(), "a stage element copied twice or never"
+            stage_len[stage] = int(block_lens[block]) if block_lens is not None else L
+
+        for s in range(S - 1):
+            prefetch(first + s, s)
+        stage = 0
+        for item in range(first, last):
+            prefetch(item + S - 1, S - 1 if stage == 0 else stage - 1)
+            block = fast_div(item, pl["chunks"])
+            chunk = item - block * pl["chunks"]
+            blen = min(max(stage_len[stage], 0), L)
+            sq = stage * stage_elems
+            sk, sv = sq + k_off, sq + v_off
+            for u in range(HC * MT * DSPLIT):
+                dpart = u % DSPLIT
+                hm = u // DSPLIT
+                hh, mt = hm // MT, hm % MT
+                row0 = mt * 16
+                i_first = fast_div(row0, G)
+                i_last = min(fast_div(min(row0 + 15, LG - 1), G), blen - 1)
+                n_keys = P + i_last + 1 if i_last >= i_first else 0
+                a_row, a_key, lim = [], [], np.zeros((32, 2), np.int64)
+                for lane in range(32):
+                    rr = row0 + (lane & 7) + ((lane >> 3) & 1) * 8
+                    if rr < LG:
+                        i = fast_div(rr, G)
+                        a_row.append(sq + (i * HCG + hh * G + (rr - i * G)) * D)
+                        a_key.append(rr)
+                    else:
+                        a_row.append(zero_row)
+                        a_key.append(rr)
+                    for half in range(2):
+                        r = row0 + (lane >> 2) + 8 * half
+                        i = fast_div(r, G)
+                        lim[lane, half] = P + i if (r < LG and i < blen) else -1
+                m = np.full((32, 2), -np.inf, np.float32)
+                l = np.zeros((32, 2), np.float32)
+                o = np.zeros((DW // 8, 32, 4), np.float32)
+                for j0 in range(0, n_keys, 16):
+                    s_ = np.zeros((2, 32, 4), np.float32)
+                    second = j0 + 8 < n_keys
+                    jb = [[min(j0 + nt * 8 + (lane & 7), KJ - 1) for lane in range(32)] for nt in range(2)]
+                    for kc in range(0, D // 16, 2):
+                        a0 = ldmatrix(smem, [a_row[t] + (((kc * 2 + (t >> 4)) ^ (a_key[t] & 7)) << 3) for t in range(32)], False)
+                        a1 = ldmatrix(smem, [a_row[t] + (((kc * 2 + 2 + (t >> 4)) ^ (a_key[t] & 7)) << 3) for t in range(32)], False)
+                        for nt in range(2):
+                            if nt == 1 and not second:
+                                break
+                            addrs = [sk + (jb[nt][t] * HC + hh) * D + (((kc * 2 + (t >> 3)) ^ (jb[nt][t] & 7)) << 3)
+                                     for t in range(32)]
+                            bk = ldmatrix(smem, addrs, False)
+                            d = s_[nt]
+                            mma(d, a0, bk[:, 0], bk[:, 1])
+                            mma(d, a1, bk[:, 2], bk[:, 3])
+                    with np.errstate(invalid="ignore"):
+                        for t in range(32):
+                            for nt in range(2):
+                                for e in range(4):
+                                    j = j0 + nt * 8 + (t & 3) * 2 + (e & 1)
+                                    s_[nt, t, e] = s_[nt, t, e] * scale_log2 if j <= lim[t, e >> 1] else -np.inf
+                        alpha = np.zeros((32, 2), np.float32)
+                        for r in range(2):
+                            mx = np.maximum(np.maximum(s_[0, :, 2 * r], s_[0, :, 2 * r + 1]),
+                                            np.maximum(s_[1, :, 2 * r], s_[1, :, 2 * r + 1]))
+                            mx = mx.reshape(8, 4).max(axis=1).repeat(4)
+                            mx = np.maximum(mx, m[:, r])
+                            base = np.where(mx == -np.inf, 0.0, mx).astype(np.float32)
+                            alpha[:, r] = np.exp2(m[:, r] - base)
+                            m[:, r] = mx
+                            tot = np.zeros(32, np.float32)
+                            for nt in range(2):
+                                for e in range(2):
+                                    s_[nt, :, 2 * r + e] = np.exp2(s_[nt, :, 2 * r + e] - base)
+                                    tot += s_[nt, :, 2 * r + e]
+                            l[:, r] = l[:, r] * alpha[:, r] + tot
+                    o[:, :, 0:2] *= alpha[None, :, 0:1]
+                    o[:, :, 2:4] *= alpha[None, :, 1:2]
+                    pa = np.zeros((32, 4, 2), np.float32)
+                    pa[:, 0] = bf16_round(s_[0, :, 0:2])
+                    pa[:, 1] = bf16_round(s_[0, :, 2:4])
+                    pa[:, 2] = bf16_round(s_[1, :, 0:2])
+                    pa[:, 3] = bf16_round(s_[1, :, 2:4])
+                    for nd in range(DW // 16):
+                        addrs = []
+                        for t in range(32):
+                            jv = j0 + (t & 7) + ((t >> 3) & 1) * 8
+                            v_row = sv + (jv * HC + hh) * D if jv < KJ else zero_row
+                            v_key = jv
+                            chunk_v = (dpart * DW) // 8 + nd * 2 + (t >> 4)
+                            addrs.append(v_row + ((chunk_v ^ (v_key & 7)) << 3))
+                        bv = ldmatrix(smem, addrs, True)
+                        mma(o[2 * nd], pa, bv[:, 0], bv[:, 1])
+                        mma(o[2 * nd + 1], pa, bv[:, 2], bv[:, 3])
+                lq = l.reshape(8, 4, 2).sum(axis=1).repeat(4, axis=0)
+                for t in range(32):
+                    for half in range(2):
+                        rr = row0 + (t >> 2) + 8 * half
+                        if rr >= LG:
+                            continue
+                        i = fast_div(rr, G)
+                        hq = (chunk * HC + hh) * G + (rr - i * G)
+                        valid = i < blen
+                        inv = 1.0 / lq[t, half] if valid and lq[t, half] > 0 else 0.0
+                        orow = (block * L + i) * Hq + hq
+                        for n in range(DW // 8):
+                            at = orow * D + dpart * DW + (t & 3) * 2 + n * 8
+                            for e in range(2):
+                                out[at + e] = o[n, t, 2 * half + e] * inv if valid else 0.0
+                                written[at + e] += 1
+                        if dpart == 0 and (t & 3) == 0:
+                            lse[orow] = (m[t, half] + math.log2(lq[t, half])) * math.log(2) if valid and lq[t, half] > 0 else -np.inf
+                            lwritten[orow] += 1
+            stage = 0 if stage + 1 == S else stage + 1
+    assert (written == 1).all(), f"out elements written {written.min()}..{written.max()} times"
+    assert (lwritten == 1).all(), f"lse elements written {lwritten.min()}..{lwritten.max()} times"
+    return torch.from_numpy(out.reshape(N, L, Hq, D)), torch.from_numpy(lse.reshape(N, L, Hq)), pl
+
+
+CASES = [  # N, L, P, Hq, Hkv, D, ragged
+    (9, 4, 2, 12, 12, 64, False),   # the L4 benchmark shape, small N
+    (3, 16, 2, 16, 16, 128, True),  # the L16 benchmark shape: DSPLIT 2
+    (5, 5, 3, 15, 3, 64, True),     # odd heads, G 5: m-tiles split a token's heads
+    (4, 16, 0, 2, 1, 256, True),    # P 0, D 256, one unit -> DSPLIT 2
+    (3, 40, 7, 2, 2, 64, True),     # three key tiles, L not a multiple of 16
+    (2, 12, 2, 8, 2, 128, True),    # G 4, L G 48: three m-tiles
+    (2, 1, 3, 4, 2, 64, True),      # L 1
+    (2, 48, 16, 2, 1, 256, False),  # a large item: two stages
+]
+
+
+def main() -> int:
+    gen = torch.Generator().manual_seed(0)
+    bad = 0
+    for n, L, P, hq, hkv, d, ragged in CASES:
+        q = torch.randn(n, L, hq, d, generator=gen).bfloat16()
+        k = torch.randn(n, P + L, hkv, d, generator=gen).bfloat16()
+        v = torch.randn(n, P + L, hkv, d, generator=gen).bfloat16()
+        lens = None
+        if ragged:
+            lens = torch.randint(0, L + 1, (n,), generator=gen, dtype=torch.int32)
+            lens[0] = L
+            if n > 1:
+                lens[1] = max(L - 1, 0)
+        scale = 1.0 / math.sqrt(d)
+        out, lse, pl = emulate(q, k, v, lens, scale)
+        ref_out, ref_lse = reference.token_decoder_attention(q, k, v, lens, scale=scale)
+        err = (out.bfloat16().float() - ref_out).abs().max().item()
+        lerr = (lse - ref_lse).nan_to_num(posinf=0, neginf=0).abs().max().item()
+        same_inf = bool((torch.isneginf(lse) == torch.isneginf(ref_lse)).all())
+        ok = err < 2e-2 and lerr < 1e-3 and same_inf
+        bad += not ok
+        print(f"  ldmatrix phases by conflict ways: {dict(sorted(CONFLICTS.items()))}")
+        CONFLICTS.clear()
+        print(f"N{n} L{L} P{P} Hq{hq} Hkv{hkv} D{d} ragged={ragged}: hc={pl['hc']} m_tiles={pl['m_tiles']} "
+              f"dsplit={pl['dsplit']} stages={pl['stages']} grid={pl['grid']}x{pl['per_cta']} "
+              f"max|out err|={err:.2e} max|lse err|={lerr:.2e} {'ok' if ok else 'MISMATCH'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
