@@ -69,7 +69,8 @@ TD_CASES = [
     TDCase(3, 32, 4, 8, 2, 128, lens="ragged"),
     TDCase(700, 4, 2, 4, 4, 64, lens="ragged"),
     TDCase(4, 16, 2, 4, 4, 256, lens="ragged", scale=1.0),
-    # Paths of the tensor-core CUDA kernel (each also runs on CPU): odd head counts with G 5, so an
+    # Paths of the tensor-core CUDA kernel (each also runs on CPU; their index math is emulated in
+    # bench/experiments/token_decoder_emulate.py): odd head counts with G 5, so an
     # m-tile of 16 rows ends inside a token's heads; P 0 with a single (head, m-tile) unit (output
     # columns split across warps); L 40 > 16 (three m-tiles and three key tiles of 16); G 4 with
     # L G = 48; the L4 benchmark shape with enough blocks that every CTA's ring of stages wraps
@@ -80,6 +81,10 @@ TD_CASES = [
     TDCase(2, 12, 2, 8, 2, 128, lens="ragged"),
     TDCase(1600, 4, 2, 12, 12, 64, lens="ragged"),
     TDCase(300, 48, 16, 2, 1, 256, lens="ragged", with_lse=False),
+    # Head packing (L G <= 8: several KV heads share an m-tile): 16 virtual keys per head (P + L
+    # = 9); L G = 6 in slots of 8 rows with an odd number of heads in the chunk.
+    TDCase(4, 2, 7, 12, 3, 64, lens="ragged"),
+    TDCase(3, 3, 2, 6, 3, 64, lens="ragged", layout="strided"),
 ]
 
 

@@ -58,8 +58,24 @@ def plan(n_blocks, L, P, Hq, Hkv, D, sms=4, per_sm=2):
     for c in range(1, Hkv + 1):
         if Hkv % c == 0 and c * head_elems * 2 <= ITEM_BYTES:
             hc = c
-    m_tiles = (L * G + 15) // 16
-    dsplit = 2 if hc * m_tiles < WARPS else 1
+    lg = L * G
+    hp, nkp = 1, 8
+    while nkp < keys:
+        nkp *= 2
+    if lg <= 8:
+        lgp = 1
+        while lgp < lg:
+            lgp *= 2
+        hp = 16 // lgp
+        while hp > 1 and hp * nkp > 32:
+            hp //= 2
+        while hp > 1 and hp // 2 >= hc:
+            hp //= 2
+    m_tiles = 1 if hp > 1 else (lg + 15) // 16
+    head_groups = (hc + hp - 1) // hp
+    dsplit = 2 if head_groups * m_tiles <= WARPS // 2 else 1
+    row_shift = (16 // hp).bit_length() - 1 if hp > 1 else 30
+    key_shift = nkp.bit_length() - 1 if hp > 1 else 30
     smem3 = 2 * (hc * head_elems * 3 + D) + 16
     stages = 3 if smem3 <= 100 * 1024 else 2
     chunks = Hkv // hc
@@ -67,7 +83,8 @@ def plan(n_blocks, L, P, Hq, Hkv, D, sms=4, per_sm=2):
     slots = sms * per_sm
     per_cta = (items + slots - 1) // slots
     grid = (items + per_cta - 1) // per_cta
-    return dict(G=G, keys=keys, hc=hc, m_tiles=m_tiles, dsplit=dsplit, stages=stages, chunks=chunks, items=items,
+    return dict(G=G, keys=keys, hc=hc, hp=hp, row_shift=row_shift, key_shift=key_shift, head_groups=head_groups,
+                m_tiles=m_tiles, dsplit=dsplit, stages=stages, chunks=chunks, items=items,
                 per_cta=per_cta, grid=grid, stage_elems=hc * head_elems)
 
 
@@ -127,7 +144,8 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
     smem = np.full(S * stage_elems + D, np.nan, np.float32)
     zero_row = S * stage_elems
     smem[zero_row:] = 0.0
-    q_vecs, kv_vecs = L * HCG * TD, KJ * HC * TD
+    HP, row_shift, key_shift = pl["hp"], pl["row_shift"], pl["key_shift"]
+    row_mask, key_mask = (1 << row_shift) - 1, (1 << key_shift) - 1
     k_off, v_off = L * HCG * D, L * HCG * D + KJ * HC * D
     scale_log2 = np.float32(scale * 1.4426950408889634)
     stage_len = [0] * S
@@ -145,28 +163,29 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
             seen = np.zeros(stage_elems, np.int32)
             smem[dst : dst + stage_elems] = np.nan  # a stage holds only this item's copies
             qbase = block * qs + chunk * HCG * D
-            for vi in range(q_vecs):
-                i = fast_div(vi, HCG * TD)
-                rem = vi - i * HCG * TD
-                h, c = rem // TD, rem & (TD - 1)
-                key = i * G + (h - fast_div(h, G) * G)
-                off = (i * HCG + h) * D + ((c ^ (key & 7)) << 3)
-                assert 0 <= off and off + 8 <= k_off
-                src = qbase + i * Hq * D + rem * 8
-                assert block * qs <= src and src + 8 <= (block + 1) * qs
-                smem[dst + off : dst + off + 8] = qf[src : src + 8]
-                seen[off : off + 8] += 1
-            for t, (arr, region, stride) in enumerate(((kf, k_off, ks), (vf, v_off, vs))):
-                base = block * stride + chunk * HC * D
-                for vi in range(kv_vecs):
-                    j = fast_div(vi, HC * TD)
-                    rem = vi - j * HC * TD
-                    off = region + (j * HC + rem // TD) * D + (((rem & (TD - 1)) ^ (j & 7)) << 3)
-                    assert region <= off and off + 8 <= region + KJ * HC * D
-                    src = base + j * Hkv * D + rem * 8
-                    assert block * stride <= src and src + 8 <= (block + 1) * stride
-                    smem[dst + off : dst + off + 8] = arr[src : src + 8]
+            for tid in range(WARPS * 32):
+                col = tid & (TD - 1)
+                for r in range(tid // TD, L * HCG, WARPS * 32 // TD):
+                    i = fast_div(r, HCG)
+                    h = r - i * HCG
+                    hh = fast_div(h, G)
+                    key = ((hh & (HP - 1)) << row_shift) + i * G + (h - hh * G)
+                    off = r * D + ((col ^ (key & 7)) << 3)
+                    assert 0 <= off and off + 8 <= k_off
+                    src = qbase + col * 8 + (i * Hq + h) * D
+                    assert block * qs <= src and src + 8 <= (block + 1) * qs
+                    smem[dst + off : dst + off + 8] = qf[src : src + 8]
                     seen[off : off + 8] += 1
+                for arr, region, stride in ((kf, k_off, ks), (vf, v_off, vs)):
+                    base = block * stride + chunk * HC * D + col * 8
+                    for r in range(tid // TD, KJ * HC, WARPS * 32 // TD):
+                        j = fast_div(r, HC)
+                        off = region + r * D + ((col ^ (j & 7)) << 3)
+                        assert region <= off and off + 8 <= region + KJ * HC * D
+                        src = base + (j * Hkv + (r - j * HC)) * D
+                        assert block * stride <= src and src + 8 <= (block + 1) * stride
+                        smem[dst + off : dst + off + 8] = arr[src : src + 8]
+                        seen[off : off + 8] += 1
             assert (seen == 1).all(), "a stage element copied twice or never"
             stage_len[stage] = int(block_lens[block]) if block_lens is not None else L
 
@@ -180,42 +199,49 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
             blen = min(max(stage_len[stage], 0), L)
             sq = stage * stage_elems
             sk, sv = sq + k_off, sq + v_off
-            for u in range(HC * MT * DSPLIT):
+            for u in range(pl["head_groups"] * MT * DSPLIT):
                 dpart = u % DSPLIT
                 hm = u // DSPLIT
-                hh, mt = hm // MT, hm % MT
+                hg, mt = hm // MT, hm % MT
+                hb = hg * HP
                 row0 = mt * 16
+                heads = min(HP, HC - hb)
                 i_first = fast_div(row0, G)
                 i_last = min(fast_div(min(row0 + 15, LG - 1), G), blen - 1)
-                n_keys = P + i_last + 1 if i_last >= i_first else 0
-                a_row, a_key, lim = [], [], np.zeros((32, 2), np.int64)
+                n_x = ((heads - 1) << key_shift) + P + i_last + 1 if i_last >= i_first else 0
+                a_row, a_key = [], []
+                x_lo, x_hi = np.zeros((32, 2), np.int64), np.zeros((32, 2), np.int64)
                 for lane in range(32):
                     rr = row0 + (lane & 7) + ((lane >> 3) & 1) * 8
-                    if rr < LG:
-                        i = fast_div(rr, G)
-                        a_row.append(sq + (i * HCG + hh * G + (rr - i * G)) * D)
-                        a_key.append(rr)
+                    rl, hh = rr & row_mask, hb + (rr >> row_shift)
+                    a_key.append(rr)
+                    if rl < LG and hh < HC:
+                        i = fast_div(rl, G)
+                        a_row.append(sq + (i * HCG + hh * G + (rl - i * G)) * D)
                     else:
                         a_row.append(zero_row)
-                        a_key.append(rr)
                     for half in range(2):
                         r = row0 + (lane >> 2) + 8 * half
-                        i = fast_div(r, G)
-                        lim[lane, half] = P + i if (r < LG and i < blen) else -1
+                        rl, sub = r & row_mask, r >> row_shift
+                        i = fast_div(rl, G)
+                        x_lo[lane, half] = sub << key_shift
+                        ok = rl < LG and hb + sub < HC and i < blen
+                        x_hi[lane, half] = x_lo[lane, half] + P + i if ok else x_lo[lane, half] - 1
                 m = np.full((32, 2), -np.inf, np.float32)
                 l = np.zeros((32, 2), np.float32)
                 o = np.zeros((DW // 8, 32, 4), np.float32)
-                for j0 in range(0, n_keys, 16):
+                for j0 in range(0, n_x, 16):
                     s_ = np.zeros((2, 32, 4), np.float32)
-                    second = j0 + 8 < n_keys
-                    jb = [[min(j0 + nt * 8 + (lane & 7), KJ - 1) for lane in range(32)] for nt in range(2)]
+                    second = j0 + 8 < n_x
+                    jb = [[min((j0 + nt * 8 + (t & 7)) & key_mask, KJ - 1) for t in range(32)] for nt in range(2)]
+                    hk = [[min(hb + ((j0 + nt * 8 + (t & 7)) >> key_shift), HC - 1) for t in range(32)] for nt in range(2)]
                     for kc in range(0, D // 16, 2):
                         a0 = ldmatrix(smem, [a_row[t] + (((kc * 2 + (t >> 4)) ^ (a_key[t] & 7)) << 3) for t in range(32)], False)
                         a1 = ldmatrix(smem, [a_row[t] + (((kc * 2 + 2 + (t >> 4)) ^ (a_key[t] & 7)) << 3) for t in range(32)], False)
                         for nt in range(2):
                             if nt == 1 and not second:
                                 break
-                            addrs = [sk + (jb[nt][t] * HC + hh) * D + (((kc * 2 + (t >> 3)) ^ (jb[nt][t] & 7)) << 3)
+                            addrs = [sk + (jb[nt][t] * HC + hk[nt][t]) * D + (((kc * 2 + (t >> 3)) ^ (jb[nt][t] & 7)) << 3)
                                      for t in range(32)]
                             bk = ldmatrix(smem, addrs, False)
                             d = s_[nt]
@@ -225,8 +251,9 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
                         for t in range(32):
                             for nt in range(2):
                                 for e in range(4):
-                                    j = j0 + nt * 8 + (t & 3) * 2 + (e & 1)
-                                    s_[nt, t, e] = s_[nt, t, e] * scale_log2 if j <= lim[t, e >> 1] else -np.inf
+                                    x = j0 + nt * 8 + (t & 3) * 2 + (e & 1)
+                                    ok = x_lo[t, e >> 1] <= x <= x_hi[t, e >> 1]
+                                    s_[nt, t, e] = s_[nt, t, e] * scale_log2 if ok else -np.inf
                         alpha = np.zeros((32, 2), np.float32)
                         for r in range(2):
                             mx = np.maximum(np.maximum(s_[0, :, 2 * r], s_[0, :, 2 * r + 1]),
@@ -242,8 +269,9 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
                                     s_[nt, :, 2 * r + e] = np.exp2(s_[nt, :, 2 * r + e] - base)
                                     tot += s_[nt, :, 2 * r + e]
                             l[:, r] = l[:, r] * alpha[:, r] + tot
-                    o[:, :, 0:2] *= alpha[None, :, 0:1]
-                    o[:, :, 2:4] *= alpha[None, :, 1:2]
+                    if j0 > 0:
+                        o[:, :, 0:2] *= alpha[None, :, 0:1]
+                        o[:, :, 2:4] *= alpha[None, :, 1:2]
                     pa = np.zeros((32, 4, 2), np.float32)
                     pa[:, 0] = bf16_round(s_[0, :, 0:2])
                     pa[:, 1] = bf16_round(s_[0, :, 2:4])
@@ -252,11 +280,11 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
                     for nd in range(DW // 16):
                         addrs = []
                         for t in range(32):
-                            jv = j0 + (t & 7) + ((t >> 3) & 1) * 8
-                            v_row = sv + (jv * HC + hh) * D if jv < KJ else zero_row
-                            v_key = jv
+                            xv = j0 + (t & 7) + ((t >> 3) & 1) * 8
+                            jv, hv = xv & key_mask, hb + (xv >> key_shift)
+                            v_row = sv + (jv * HC + hv) * D if (jv < KJ and hv < HC) else zero_row
                             chunk_v = (dpart * DW) // 8 + nd * 2 + (t >> 4)
-                            addrs.append(v_row + ((chunk_v ^ (v_key & 7)) << 3))
+                            addrs.append(v_row + ((chunk_v ^ (jv & 7)) << 3))
                         bv = ldmatrix(smem, addrs, True)
                         mma(o[2 * nd], pa, bv[:, 0], bv[:, 1])
                         mma(o[2 * nd + 1], pa, bv[:, 2], bv[:, 3])
@@ -264,10 +292,11 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
                 for t in range(32):
                     for half in range(2):
                         rr = row0 + (t >> 2) + 8 * half
-                        if rr >= LG:
+                        rl, hh = rr & row_mask, hb + (rr >> row_shift)
+                        if rl >= LG or hh >= HC:
                             continue
-                        i = fast_div(rr, G)
-                        hq = (chunk * HC + hh) * G + (rr - i * G)
+                        i = fast_div(rl, G)
+                        hq = (chunk * HC + hh) * G + (rl - i * G)
                         valid = i < blen
                         inv = 1.0 / lq[t, half] if valid and lq[t, half] > 0 else 0.0
                         orow = (block * L + i) * Hq + hq
@@ -294,6 +323,9 @@ CASES = [  # N, L, P, Hq, Hkv, D, ragged
     (2, 12, 2, 8, 2, 128, True),    # G 4, L G 48: three m-tiles
     (2, 1, 3, 4, 2, 64, True),      # L 1
     (2, 48, 16, 2, 1, 256, False),  # a large item: two stages
+    (4, 2, 7, 12, 3, 64, True),     # packing with 16 virtual keys per head (HP 2), L G 8
+    (3, 2, 1, 6, 6, 128, True),     # HP 4 (32 virtual keys at most): 6 heads, the second tile half empty
+    (3, 3, 2, 6, 3, 64, True),      # L G 6 -> slots of 8 rows, HP 2 with an odd head count
 ]
 
 
@@ -321,7 +353,7 @@ def main() -> int:
         print(f"  ldmatrix phases by conflict ways: {dict(sorted(CONFLICTS.items()))}")
         CONFLICTS.clear()
         print(f"N{n} L{L} P{P} Hq{hq} Hkv{hkv} D{d} ragged={ragged}: hc={pl['hc']} m_tiles={pl['m_tiles']} "
-              f"dsplit={pl['dsplit']} stages={pl['stages']} grid={pl['grid']}x{pl['per_cta']} "
+              f"hp={pl['hp']} dsplit={pl['dsplit']} stages={pl['stages']} grid={pl['grid']}x{pl['per_cta']} "
               f"max|out err|={err:.2e} max|lse err|={lerr:.2e} {'ok' if ok else 'MISMATCH'}")
     return 1 if bad else 0
 

@@ -42,9 +42,30 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   for (int c = 1; c <= s.num_kv_heads; ++c)
     if (s.num_kv_heads % c == 0 && c * head_elems * 2 <= Cfg::ITEM_BYTES) hc = c;
   const int64_t stage_elems = hc * head_elems;
-  const int m_tiles = int((s.block_length * s.group + 15) / 16);
-  // Fewer (head, m-tile) units than warps: split each unit's output columns in two.
-  const bool split_d = int64_t(hc) * m_tiles < Cfg::WARPS;
+  // Head packing: when a KV head has at most 8 query rows (L G <= 8), HP heads share the 16
+  // rows of an m-tile, each with its own 8 or 16 virtual keys (P + L rounded up to a power of
+  // two), as long as a tile's keys stay within 32 (two key tiles of 16); never more heads than
+  // the chunk fills.
+  const int64_t lg = s.block_length * s.group;
+  int hp = 1, nkp = 8;
+  while (nkp < keys) nkp *= 2;
+  if (lg <= 8) {
+    int lgp = 1;
+    while (lgp < lg) lgp *= 2;
+    hp = 16 / lgp;
+    while (hp > 1 && hp * nkp > 32) hp /= 2;
+    while (hp > 1 && hp / 2 >= hc) hp /= 2;
+  }
+  auto log2i = [](int x) {
+    int r = 0;
+    while ((1 << r) < x) ++r;
+    return r;
+  };
+  const int m_tiles = hp > 1 ? 1 : int((lg + 15) / 16);
+  const int head_groups = (hc + hp - 1) / hp;
+  // At most half as many (head group, m-tile) units as warps: split each unit's output columns
+  // in two (the scores are then computed twice, which is cheap next to idle warps).
+  const bool split_d = head_groups * m_tiles <= Cfg::WARPS / 2;
   auto kernel = split_d ? token_decoder_attention_kernel<T, D, 2> : token_decoder_attention_kernel<T, D, 1>;
   const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
 
@@ -75,11 +96,15 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   p.group = int(s.group);
   p.chunk_kv_heads = hc;
   p.chunk_q_heads = hc * int(s.group);
+  p.heads_per_tile = hp;
+  p.row_shift = hp > 1 ? log2i(16 / hp) : 30;
+  p.key_shift = hp > 1 ? log2i(nkp) : 30;
+  p.head_groups = head_groups;
   p.m_tiles = m_tiles;
   p.stage_elems = int(stage_elems);
   p.chunks = make_fast_div(uint32_t(chunks));
-  p.q_vecs_row = make_fast_div(uint32_t(hc * s.group * Cfg::TD));
-  p.kv_vecs_row = make_fast_div(uint32_t(hc * Cfg::TD));
+  p.chunk_q = make_fast_div(uint32_t(hc * s.group));
+  p.chunk_kv = make_fast_div(uint32_t(hc));
   p.group_div = make_fast_div(uint32_t(s.group));
   kernel<<<unsigned(grid), Cfg::THREADS, size_t(smem_bytes), stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

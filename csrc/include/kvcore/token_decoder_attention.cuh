@@ -101,13 +101,21 @@ struct TokenDecoderParams {
   int num_q_heads, num_kv_heads, group;
   int chunk_kv_heads;  // HC (divides num_kv_heads)
   int chunk_q_heads;   // HC * G
-  int m_tiles;         // ceil(L G / 16): m-tiles per KV head
+  // Head packing (L G <= 8): HP KV heads share an m-tile, head s of the tile owning tile rows
+  // [s LGP, (s + 1) LGP) and virtual keys [s NKP, (s + 1) NKP) (LGP = 16 / HP, NKP: P + L
+  // rounded up to a power of two >= 8). HP = 1: one head per unit, m_tiles tiles of 16 rows,
+  // and both shifts are 30, so that "head of the tile" is always 0.
+  int heads_per_tile;  // HP, a power of two
+  int row_shift;       // log2(LGP)
+  int key_shift;       // log2(NKP)
+  int head_groups;     // ceil(HC / HP)
+  int m_tiles;         // ceil(L G / 16) (HP = 1) or 1
   int stage_elems;     // elements of one stage: (L HC G + 2 (P + L) HC) D
   float scale_log2;    // scale * log2(e): logits are kept in base 2
   FastDiv chunks;      // item -> (block, chunk)
-  FastDiv q_vecs_row;  // q vector -> token row i (HC G D / 8 vectors per row)
-  FastDiv kv_vecs_row; // k/v vector -> key j (HC D / 8 vectors per key)
-  FastDiv group_div;   // query head (or tile row) -> (KV head, g)
+  FastDiv chunk_q;     // q row of an item (i HC G + h) -> i
+  FastDiv chunk_kv;    // k/v row of an item (j HC + h) -> j
+  FastDiv group_div;   // query head (or tile row i G + g) -> (KV head, g) (or (i, g))
 };
 
 template <int D>
@@ -143,7 +151,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int L = p.rows, P = p.prefix, KJ = p.keys, G = p.group;
   const int HC = p.chunk_kv_heads, HCG = p.chunk_q_heads, LG = L * G;
-  const int q_vecs = L * HCG * TD, kv_vecs = KJ * HC * TD;
+  const int HP = p.heads_per_tile, row_shift = p.row_shift, key_shift = p.key_shift;
+  const int row_mask = (1 << row_shift) - 1, key_mask = (1 << key_shift) - 1;
   const int k_off = L * HCG * D, v_off = k_off + KJ * HC * D;  // k and v regions within a stage
 
   for (int i = tid; i < D / 8; i += Cfg::THREADS)
@@ -154,30 +163,34 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
   if (first >= last) return;
 
   // Issues the copies of `item` into `stage`; always commits a group (empty past the range), so
-  // that "all but the newest STAGES - 2 groups done" always means "the current item is in".
+  // that "all but the newest STAGES - 2 groups done" always means "the current item is in". A
+  // thread always copies the same 16-byte column c of rows tid / TD, + THREADS / TD, ...; the
+  // swizzle key of a q row is its tile row (head of the tile, i G + g), of a k/v row its key j.
+  constexpr int ROW_STEP = Cfg::THREADS / TD;
+  static_assert(Cfg::THREADS % TD == 0, "each thread keeps one column");
+  const int col = tid & (TD - 1);
   auto prefetch = [&](int item, int stage) {
     if (item < last) {
       const int block = fast_div(item, p.chunks);
       const int chunk = item - block * int(p.chunks.d);
       T* const dst = ring + int64_t(stage) * p.stage_elems;
-      const T* const q = static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + int64_t(chunk) * HCG * D;
-      for (int vi = tid; vi < q_vecs; vi += Cfg::THREADS) {
-        const int i = fast_div(vi, p.q_vecs_row);
-        const int rem = vi - i * int(p.q_vecs_row.d);  // = h TD + c within the row's run
-        const int h = rem / TD, c = rem & (TD - 1);
-        const int key = i * G + (h - fast_div(h, p.group_div) * G);  // tile row i G + g
-        cp_async_16(dst + td_swz(i * HCG + h, c, key, D), q + int64_t(i) * p.num_q_heads * D + rem * 8, true);
+      const T* const q =
+          static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + int64_t(chunk) * HCG * D + col * 8;
+      for (int r = tid / TD; r < L * HCG; r += ROW_STEP) {  // r = i HCG + h
+        const int i = fast_div(r, p.chunk_q);
+        const int h = r - i * HCG;
+        const int hh = fast_div(h, p.group_div);
+        const int key = ((hh & (HP - 1)) << row_shift) + i * G + (h - hh * G);
+        cp_async_16(dst + td_swz(r, col, key, D), q + (int64_t(i) * p.num_q_heads + h) * D, true);
       }
 #pragma unroll
       for (int t = 0; t < 2; ++t) {
         const T* const src = static_cast<const T*>(t ? p.v : p.k) + int64_t(block) * (t ? p.v_stride_n : p.k_stride_n) +
-                             int64_t(chunk) * HC * D;
+                             int64_t(chunk) * HC * D + col * 8;
         T* const kv = dst + (t ? v_off : k_off);
-        for (int vi = tid; vi < kv_vecs; vi += Cfg::THREADS) {
-          const int j = fast_div(vi, p.kv_vecs_row);
-          const int rem = vi - j * int(p.kv_vecs_row.d);
-          cp_async_16(kv + td_swz(j * HC + rem / TD, rem & (TD - 1), j, D),
-                      src + int64_t(j) * p.num_kv_heads * D + rem * 8, true);
+        for (int r = tid / TD; r < KJ * HC; r += ROW_STEP) {  // r = j HC + h
+          const int j = fast_div(r, p.chunk_kv);
+          cp_async_16(kv + td_swz(r, col, j, D), src + (int64_t(j) * p.num_kv_heads + (r - j * HC)) * D, true);
         }
       }
       if (tid == 0) stage_len[stage] = p.block_lens ? __ldg(p.block_lens + block) : L;
@@ -191,7 +204,7 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
   // Lane roles in the mma fragments: tile rows r0 = lane / 4 and r0 + 8; key/column pair
   // (lane % 4) * 2.
   const int r0 = lane >> 2, cpair = (lane & 3) * 2;
-  const int units = HC * p.m_tiles * DSPLIT;
+  const int units = p.head_groups * p.m_tiles * DSPLIT;
 
   int stage = 0;  // stage of `item`
   for (int item = first; item < last; ++item) {
@@ -214,31 +227,39 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
     for (int u = warp; u < units; u += Cfg::WARPS) {
       const int dpart = DSPLIT == 1 ? 0 : u % DSPLIT;
       const int hm = DSPLIT == 1 ? u : u / DSPLIT;
-      const int hh = hm / p.m_tiles;  // KV head within the chunk
-      const int mt = hm - hh * p.m_tiles;
-      const int row0 = mt * 16;  // first tile row (r = i G + g) of the unit
+      const int hg = hm / p.m_tiles;  // head group of the chunk
+      const int mt = hm - hg * p.m_tiles;
+      const int hb = hg * HP;    // its first KV head within the chunk
+      const int row0 = mt * 16;  // first tile row of the unit
+      const int heads = min(HP, HC - hb);
 
-      // Keys the unit needs: up to P + i of its last row that is inside the block and valid.
+      // Virtual keys x = s NKP + j (head s of the tile, key j) the unit needs: up to key P + i
+      // of the last valid row of its last head.
       const int i_first = fast_div(row0, p.group_div);
       const int i_last = min(fast_div(min(row0 + 15, LG - 1), p.group_div), blen - 1);
-      const int n_keys = i_last >= i_first ? P + i_last + 1 : 0;  // 0: every row is padding
+      const int n_x = i_last >= i_first ? ((heads - 1) << key_shift) + P + i_last + 1 : 0;  // 0: all padding
 
-      // This lane's A-operand row for ldmatrix (q), as a shared-memory row and swizzle key.
-      // Padding rows read the zero row, swizzled by their tile row like real rows, so that the
-      // 8 rows of an ldmatrix phase still fall on 8 bank groups.
+      // This lane's A-operand row for ldmatrix (q). Padding rows read the zero row, swizzled by
+      // their tile row like real rows, so the 8 rows of an ldmatrix phase fall on 8 bank groups.
       const int a_key = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
       const T* a_row = zero_row;
-      if (a_key < LG) {
-        const int i = fast_div(a_key, p.group_div);
-        a_row = sq + (i * HCG + hh * G + (a_key - i * G)) * D;
+      {
+        const int rl = a_key & row_mask, hh = hb + (a_key >> row_shift);
+        if (rl < LG && hh < HC) {
+          const int i = fast_div(rl, p.group_div);
+          a_row = sq + (i * HCG + hh * G + (rl - i * G)) * D;
+        }
       }
-      // Causal limit of this lane's two accumulator rows: key j is allowed iff j <= lim.
-      int lim[2];
+      // Virtual keys x this lane's two accumulator rows may attend: x_lo <= x <= x_hi (the
+      // row's own head's keys 0 .. P + i; empty for padding rows and rows past block_lens).
+      int x_lo[2], x_hi[2];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int rr = row0 + r0 + 8 * half;
-        const int i = fast_div(rr, p.group_div);
-        lim[half] = (rr < LG && i < blen) ? P + i : -1;
+        const int rl = rr & row_mask, sub = rr >> row_shift;
+        const int i = fast_div(rl, p.group_div);
+        x_lo[half] = sub << key_shift;
+        x_hi[half] = (rl < LG && hb + sub < HC && i < blen) ? x_lo[half] + P + i : x_lo[half] - 1;
       }
 
       float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -246,17 +267,19 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
 #pragma unroll
       for (int n = 0; n < DW / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
-      for (int j0 = 0; j0 < n_keys; j0 += 16) {
-        // ---- S = Q K^T over keys j0 .. j0 + 15 (the second n-tile only when needed) ----
+      for (int j0 = 0; j0 < n_x; j0 += 16) {
+        // ---- S = Q K^T over virtual keys j0 .. j0 + 15 (the second n-tile only when needed) ----
         float s[2][4] = {};
-        const bool second = j0 + 8 < n_keys;
-        // Keys past the block are clamped to a real row: their logits are masked below.
+        const bool second = j0 + 8 < n_x;
+        // An n-tile of 8 virtual keys lies within one head (NKP is a multiple of 8). Keys past
+        // the block (or heads past the chunk) are clamped to a real row: masked below.
         int jb[2];
         const T* b_row[2];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          jb[nt] = min(j0 + nt * 8 + (lane & 7), KJ - 1);
-          b_row[nt] = sk + (jb[nt] * HC + hh) * D;
+          const int x = j0 + nt * 8 + (lane & 7);
+          jb[nt] = min(x & key_mask, KJ - 1);
+          b_row[nt] = sk + (jb[nt] * HC + min(hb + (x >> key_shift), HC - 1)) * D;
         }
 #pragma unroll
         for (int kc = 0; kc < D / 16; kc += 2) {
@@ -278,8 +301,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int j = j0 + nt * 8 + cpair + (e & 1);
-            s[nt][e] = j <= lim[e >> 1] ? s[nt][e] * p.scale_log2 : -INFINITY;
+            const int x = j0 + nt * 8 + cpair + (e & 1);
+            s[nt][e] = (x >= x_lo[e >> 1] && x <= x_hi[e >> 1]) ? s[nt][e] * p.scale_log2 : -INFINITY;
           }
         float alpha[2];
 #pragma unroll
@@ -301,22 +324,25 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
             }
           l[r] = l[r] * alpha[r] + sum;  // per-lane partial; summed over the quad at the end
         }
+        if (j0 > 0) {  // the first tile starts from o = 0: nothing to rescale
 #pragma unroll
-        for (int n = 0; n < DW / 8; ++n) {
-          o[n][0] *= alpha[0];
-          o[n][1] *= alpha[0];
-          o[n][2] *= alpha[1];
-          o[n][3] *= alpha[1];
+          for (int n = 0; n < DW / 8; ++n) {
+            o[n][0] *= alpha[0];
+            o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1];
+            o[n][3] *= alpha[1];
+          }
         }
-        // ---- O += P V: P re-packed from S as the A operand; keys past the block read the zero
-        // row (swizzled by the key, as real rows, for conflict-free phases) ----
+        // ---- O += P V: P re-packed from S as the A operand. Keys past the block and heads past
+        // the chunk read the zero row (swizzled by the key, as real rows) ----
         uint32_t pa[4];
         pa[0] = pack2(s[0][0], s[0][1], T{});
         pa[1] = pack2(s[0][2], s[0][3], T{});
         pa[2] = pack2(s[1][0], s[1][1], T{});
         pa[3] = pack2(s[1][2], s[1][3], T{});
-        const int jv = j0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        const T* const v_row = jv < KJ ? sv + (jv * HC + hh) * D : zero_row;
+        const int xv = j0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int jv = xv & key_mask, hv = hb + (xv >> key_shift);
+        const T* const v_row = (jv < KJ && hv < HC) ? sv + (jv * HC + hv) * D : zero_row;
 #pragma unroll
         for (int nd = 0; nd < DW / 16; ++nd) {
           uint32_t bv[4];
@@ -333,9 +359,10 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
         l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
         l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
         const int rr = row0 + r0 + 8 * half;
-        if (rr >= LG) continue;  // padding row of the tile
-        const int i = fast_div(rr, p.group_div);
-        const int hq = (chunk * HC + hh) * G + (rr - i * G);
+        const int rl = rr & row_mask, hh = hb + (rr >> row_shift);
+        if (rl >= LG || hh >= HC) continue;  // padding row of the tile
+        const int i = fast_div(rl, p.group_div);
+        const int hq = (chunk * HC + hh) * G + (rl - i * G);
         const bool valid = i < blen;
         // sum not > 0 (infinite or NaN inputs): weights 0, as the previous kernel; NaN stays NaN.
         const float inv = valid && l[half] > 0.f ? 1.f / l[half] : 0.f;
