@@ -2,58 +2,66 @@
 // block n attends to the block's P prefix slots and its tokens 0..i. Framework-free; launcher in
 // csrc/block_transformer/token_decoder_attention.cu.
 //
-// ---- Why tensor cores, counted ------------------------------------------------------------------
-// Per block, with L tokens, P prefix slots, Hq = G * Hkv heads, head dim D, 2-byte elements:
+// ---- Why tensor cores, counted (warp instructions; an H100 SM issues at most 4 per cycle) ------
+// Per block, with L tokens, P prefix slots, Hq = G Hkv heads, head dim D, 2-byte elements:
 //   bytes = q + k + v + out = (2 L Hq + 2 (P + L) Hkv) D 2
 //   FLOPs = 4 Hq D sum_{i<L} (P + i + 1)                (unmasked products only)
-// An H100 SM receives ~13 bytes per cycle at 3 TB/s (132 SMs, 1.75 GHz) and issues at most
-// 4 warp instructions per cycle.
-//  * B8 H16 D128 L16 P2, per (block, head): 17.4 KB -> ~1340 SM cycles of DRAM time; 74 K FLOPs
-//    = 1150 warp-wide FMA instructions on CUDA cores, plus their shared-memory operand loads
-//    (the previous fp32 kernel: ~2.3 of the 4 issue slots per cycle, measured 39.6% of copy).
-//    On tensor cores the 16 queries of a head are exactly the 16 rows of an m16n8k16 tile; keys
-//    padded to 32 (two key tiles of 16): S = Q K^T 2 x 2 n-tiles x 8 k-steps = 32 mma, O = P V
-//    2 x 16 = 32 mma, ~48 ldmatrix, ~120 softmax/mask instructions, ~60 copy-issue and ~40 store
-//    instructions: ~330 warp instructions per ~1340 cycles, < 0.25 issue slots per cycle.
-//  * B32 H12 D64 L4 P2, per (block, head): 3.1 KB -> ~235 cycles; 4.6 K FLOPs = 72 warp FMAs on
-//    CUDA cores + ~70 shared loads. On tensor cores one (block, KV head) fills only L G = 4 of the
-//    16 rows (rows of other heads or blocks need other K, so they cannot share a tile), i.e. 25%
-//    utilisation, but that costs nothing that matters: S 1 n-tile x 4 k-steps = 4 mma, P V 1 x 8
-//    = 8 mma, ~16 ldmatrix, ~70 softmax/mask/epilogue, ~30 copy-issue: ~130 warp instructions per
-//    ~235 cycles, ~0.55 issue slots per cycle. So one tensor-core path serves every L (a CUDA-
-//    core path for small L would not save issue slots and would double the code); the limit at
-//    L4 is bytes in flight and per-item overheads, handled by the ring below.
+// At 3 TB/s an SM receives ~13 bytes per cycle (132 SMs, 1.75 GHz).
+//  * L16 P2 D128 G1 (B8 H16 S16384): per (block, head) 17.4 KB = ~1330 SM cycles of DRAM time
+//    and 74 K FLOPs = 1150 warp FMAs on CUDA cores plus their shared-memory operand loads (the
+//    previous fp32 kernel issued ~2.3 of 4 slots per cycle and measured 39.6% of copy). Here the
+//    16 queries of a head are the 16 rows of an m16n8k16 tile; 18 keys = key tiles of 16 + 2. Per
+//    item (2 heads, 4 warp units of 64 output columns each): per unit ~50 setup, tile 1 ~160
+//    (8 + 8 ldmatrix, 16 mma for S; ~90 mask/softmax; 8 mma + 4 ldmatrix for P V), tile 2 ~170
+//    (one n-tile of S only, rescale), epilogue ~110: ~490; x 4 = ~1960, plus ~600 for the copies
+//    (13 16-byte vectors per thread): ~2.6 K per ~2650 cycles, ~1 issue slot per cycle.
+//  * L4 P2 D64 G1 (B32 H12 S8192): per (block, head) 2.6 KB = ~200 cycles, 4.6 K FLOPs. One head
+//    fills only L G = 4 rows of a tile, so HP = 4 heads share a tile (rows 4 s .. 4 s + 3 are head
+//    s) over a virtual key axis of 4 x 8 keys (head s: keys 8 s .. 8 s + 5, the rest masked, and
+//    P V's k16 steps pair two heads' 8-key slots, each lane pointing ldmatrix at its own head's V
+//    row): per tile of 4 heads ~490 instructions as above (2 key tiles of 16, 8 n-tiles of 64
+//    columns), i.e. 3 units = ~1.5 K per block of 12 heads, plus ~560 for copies: ~2.1 K per
+//    ~2350 cycles (30 KB), ~0.9 slots per cycle. Without packing it was ~4.6 K (12 units of ~330
+//    at 25% row use), no better than the old kernel's ~4 K which measured 61.8%; a CUDA-core path
+//    would need ~72 FMAs + ~70 shared loads per head before any softmax or copy work, so it was
+//    not kept. Packing applies when L G <= 8 and HP x (P + L rounded up to a power of 2 >= 8)
+//    <= 32; otherwise one head per unit, ceil(L G / 16) m-tiles.
 //
 // ---- Memory pipeline ----------------------------------------------------------------------------
 // A work item is (block, chunk of HC KV heads with their G HC query heads): the largest chunk
 // whose q + k + v bytes fit 32 KB (the whole block at L4/H12: 24 KB; 2 of 16 heads at L16/D128:
 // 26 KB). Its inputs are three runs of contiguous rows (q: L runs of HC G D elements, k and v:
 // P + L runs of HC D), copied by 16-byte cp.async into one stage of a ring of 3 stages (2 when an
-// item is too large for 3), one commit group per item. A CTA (4 warps) walks a contiguous range
-// of items (consecutive blocks: reads stream in address order) with STAGES - 1 items in flight
-// while it computes one: 2 x 24-26 KB per CTA, 2-3 CTAs per SM, i.e. 100-150 KB in flight per
-// SM, ~5x what Little's law asks at ~1 us latency. One __syncthreads per item.
+// item is too large for 3 within ~100 KB), one commit group per item; a thread always copies the
+// same 16-byte column, so a warp's copies cover 512 contiguous bytes. A CTA (4 warps) walks a
+// contiguous range of items (consecutive blocks: reads stream in address order) with STAGES - 1
+// items in flight while it computes one: 2 x 24-26 KB per CTA, 2 (L16) or 3 (L4) CTAs per SM,
+// i.e. 100-150 KB in flight per SM, ~5x what Little's law asks at ~1 us latency. One
+// __syncthreads per item; the block length of each stage's item travels through shared memory.
 //
 // Shared memory keeps the global row order (q row (i, h) at i HC G + h, k/v row (j, h) at
 // j HC + h), so a copy's destination is its source offset, with the 16-byte chunks of a row
-// XOR-swizzled by the index of the row in the sequence that one ldmatrix reads (q: the tile row
-// i G + g; k/v: the key j), so the 8 rows of each ldmatrix phase hit 8 different bank groups.
+// XOR-swizzled by the position of the row in the sequence that one ldmatrix reads (q: its tile
+// row; k/v: the key j), so the 8 rows of each ldmatrix phase hit 8 different bank groups
+// (checked for every phase by the emulation in bench/experiments/token_decoder_emulate.py).
 // ldmatrix takes one row address per lane, so rows outside the block (tile rows past L G, keys
-// past P + L in the last key tile) point at a zero row instead of being stored padded.
+// past P + L, heads past the chunk) point at a zero row instead of being stored padded.
 //
 // ---- Compute ------------------------------------------------------------------------------------
-// A warp unit is (KV head of the chunk, m-tile of 16 of its L G query rows r = i G + g, part of
-// D): rows of one KV head share its keys, so GQA groups fill tiles. When an item has fewer
-// (head, m-tile) pairs than warps (L16/D128: 2), the output columns are split in DSPLIT = 2
-// parts, each warp recomputing the (cheap) scores. Per key tile of 16 (only those the causal mask
-// of the tile's last valid row reaches): S = Q K^T (n-tiles past the last needed key skipped),
-// scale into base 2, mask j > P + i and rows past block_lens, online softmax (flash style), then
-// O += P V with P re-packed from the S accumulators as the A operand.
+// A warp unit is (group of HP KV heads of the chunk, m-tile of 16 query rows, part of D): rows
+// of one KV head (r = i G + g) share its keys, so GQA groups fill tiles. When an item has at most
+// 2 (head group, m-tile) pairs for 4 warps (L16/D128: 2), the output columns are split in
+// DSPLIT = 2 parts, each warp recomputing the (cheap) scores. Per key tile of 16 virtual keys
+// (only those the causal mask of the unit's last valid row reaches): S = Q K^T (an n-tile past
+// the last needed key skipped), scale into base 2, mask (x outside the row's own head's keys
+// 0 .. P + i, rows past L G or block_lens), online softmax (flash style), then O += P V with P
+// re-packed from the S accumulators as the A operand.
 //
 // Semantics: rows i >= block_lens[n] (clamped to [0, L]) give out 0 and lse -inf. NaN in q or in
 // an attended key gives NaN out and lse -inf (as the previous kernel: the sum is not > 0). One
-// difference: a NaN/Inf in a V row that a query may not attend but that lies in the same key
-// tile of 16 reaches that query's output through 0 * NaN in the P V product.
+// difference: a NaN/Inf in a V row of the block that a query does not attend (a later token, or
+// with head packing another KV head's key) but that lies in the same 16-key tile reaches that
+// query's output through 0 * NaN in the P V product.
 //
 // Safety: every address is computed from the shapes; block_lens only changes which rows are
 // masked, so bad lengths change numbers, never the memory touched.
