@@ -150,6 +150,50 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
     scale_log2 = np.float32(scale * 1.4426950408889634)
     stage_len = [0] * S
 
+    def exact_unit(smem, sq, sk, sv, block, chunk, hb, row0, dpart, blen, out, lse, written, lwritten):
+        QPL, OPL = D // 32, DW // 32
+        for t in range(16):
+            rr = row0 + t
+            rl, hh = rr & row_mask, hb + (rr >> row_shift)
+            if rl >= LG or hh >= HC:
+                continue
+            i = fast_div(rl, G)
+            g = rl - i * G
+            orow = (block * L + i) * Hq + (chunk * HC + hh) * G + g
+            cols = [dpart * DW + lane * OPL + e for lane in range(32) for e in range(OPL)]
+            if i >= blen:
+                for c in cols:
+                    out[orow * D + c] = 0.0
+                    written[orow * D + c] += 1
+                if dpart == 0:
+                    lse[orow] = -np.inf
+                    lwritten[orow] += 1
+                continue
+
+            def row_elems(base, key):  # the D logical elements of a swizzled shared row
+                return np.concatenate([smem[base + ((c ^ (key & 7)) << 3) : base + ((c ^ (key & 7)) << 3) + 8]
+                                       for c in range(TD)])
+
+            qv = row_elems(sq + (i * HCG + hh * G + g) * D, rr)
+            m, l_, acc = -np.inf, np.float32(0.0), np.zeros(D, np.float32)
+            with np.errstate(invalid="ignore"):
+                for j in range(P + i + 1):
+                    kv_ = row_elems(sk + (j * HC + hh) * D, j)
+                    x = np.float32(np.dot(qv.astype(np.float64), kv_.astype(np.float64))) * scale_log2
+                    mx = np.fmax(m, x)
+                    base = 0.0 if mx == -np.inf else mx
+                    alpha, w = np.exp2(np.float32(m - base)), np.exp2(np.float32(x - base))
+                    m = mx
+                    l_ = l_ * alpha + w
+                    acc = w * row_elems(sv + (j * HC + hh) * D, j) + acc * alpha
+            inv = 0.0 if l_ == 0 else 1.0 / l_
+            for c in cols:
+                out[orow * D + c] = acc[c] * inv
+                written[orow * D + c] += 1
+            if dpart == 0:
+                lse[orow] = -np.inf if l_ == 0 else (m + np.log2(l_)) * math.log(2)
+                lwritten[orow] += 1
+
     for cta in range(pl["grid"]):
         first = cta * pl["per_cta"]
         last = min(pl["items"], first + pl["per_cta"])
@@ -209,6 +253,17 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
                 i_first = fast_div(row0, G)
                 i_last = min(fast_div(min(row0 + 15, LG - 1), G), blen - 1)
                 n_x = ((heads - 1) << key_shift) + P + i_last + 1 if i_last >= i_first else 0
+                # Inf/NaN in the V rows of the unit's heads and columns: the exact path.
+                CW = DW // 8
+                bad = False
+                for sub in range(heads):
+                    for j in range(KJ):
+                        for c in range(CW):
+                            at = sv + (j * HC + hb + sub) * D + (((dpart * CW + c) ^ (j & 7)) << 3)
+                            bad |= not np.isfinite(smem[at : at + 8]).all()
+                if bad:
+                    exact_unit(smem, sq, sk, sv, block, chunk, hb, row0, dpart, blen, out, lse, written, lwritten)
+                    continue
                 a_row, a_key = [], []
                 x_lo, x_hi = np.zeros((32, 2), np.int64), np.zeros((32, 2), np.int64)
                 for lane in range(32):
@@ -298,7 +353,7 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
                         i = fast_div(rl, G)
                         hq = (chunk * HC + hh) * G + (rl - i * G)
                         valid = i < blen
-                        inv = 1.0 / lq[t, half] if valid and lq[t, half] > 0 else 0.0
+                        inv = 1.0 / lq[t, half] if valid and lq[t, half] != 0 else 0.0
                         orow = (block * L + i) * Hq + hq
                         for n in range(DW // 8):
                             at = orow * D + dpart * DW + (t & 3) * 2 + n * 8
@@ -306,7 +361,7 @@ def emulate(q, k, v, block_lens, scale, sms=4, per_sm=2):
                                 out[at + e] = o[n, t, 2 * half + e] * inv if valid else 0.0
                                 written[at + e] += 1
                         if dpart == 0 and (t & 3) == 0:
-                            lse[orow] = (m[t, half] + math.log2(lq[t, half])) * math.log(2) if valid and lq[t, half] > 0 else -np.inf
+                            lse[orow] = (m[t, half] + np.log2(lq[t, half])) * math.log(2) if valid and lq[t, half] != 0 else -np.inf
                             lwritten[orow] += 1
             stage = 0 if stage + 1 == S else stage + 1
     assert (written == 1).all(), f"out elements written {written.min()}..{written.max()} times"
@@ -327,6 +382,93 @@ CASES = [  # N, L, P, Hq, Hkv, D, ragged
     (3, 2, 1, 6, 6, 128, True),     # HP 4 (32 virtual keys at most): 6 heads, the second tile half empty
     (3, 3, 2, 6, 3, 64, True),      # L G 6 -> slots of 8 rows, HP 2 with an odd head count
 ]
+
+
+def nan_checks() -> int:
+    """The NaN guarantees of tests/test_nan.py (main) on the emulated kernel: NaN exactly where
+    expected, everything else equal to the reference on the NaN-free inputs."""
+    N, L, P, HQ, HKV, D, LENS = 4, 8, 3, 8, 2, 64, [8, 5, 0, 1]
+    gen = torch.Generator().manual_seed(1)
+    bad = 0
+
+    def inputs():
+        q = torch.randn(N, L, HQ, D, generator=gen).bfloat16()
+        k = torch.randn(N, P + L, HKV, D, generator=gen).bfloat16()
+        v = torch.randn(N, P + L, HKV, D, generator=gen).bfloat16()
+        return q, k, v, torch.tensor(LENS, dtype=torch.int32)
+
+    def poison_q(q, k, v, no, nl):
+        q[0, 3, 5, 17] = math.nan
+        q[3, 0, 2, :] = math.nan
+        q[1, 6, 0, 0] = math.nan
+        q[2] = math.nan
+        nl[0, 3, 5] = nl[3, 0, 2] = True
+        no[nl] = True
+
+    def poison_k(q, k, v, no, nl):
+        k[0, P + 2, 1, 40] = math.nan
+        k[1, 1, 0, 3] = math.nan
+        k[3, P + 1, 0, :] = math.nan
+        nl[0, 2:, 4:8] = True
+        nl[1, :5, 0:4] = True
+        no[nl] = True
+
+    def poison_v(q, k, v, no, nl):
+        v[0, P + 4, 0, 9] = math.nan
+        v[1, 0, 1, 63] = math.nan
+        no[0, 4:, 0:4, 9] = True
+        no[1, :5, 4:8, 63] = True
+
+    def poison_outside(q, k, v, no, nl):
+        for n, blen in enumerate(LENS):
+            k[n, P + blen :] = math.nan
+            v[n, P + blen :] = math.nan
+            q[n, blen:] = math.nan
+        k[0, P + L - 1, 0, 5] = math.nan
+        v[0, P + L - 1, 1, :] = math.nan
+        nl[0, L - 1, 0:4] = True
+        no[nl] = True
+        no[0, L - 1, 4:8, :] = True
+
+    for name, fn in [("q", poison_q), ("k", poison_k), ("v", poison_v), ("outside", poison_outside)]:
+        q, k, v, lens = inputs()
+        ref_out, ref_lse = reference.token_decoder_attention(q, k, v, lens)
+        nan_out = torch.zeros(N, L, HQ, D, dtype=torch.bool)
+        nan_lse = torch.zeros(N, L, HQ, dtype=torch.bool)
+        fn(q, k, v, nan_out, nan_lse)
+        out, lse, _ = emulate(q, k, v, lens, 1.0 / math.sqrt(D))
+        ok = torch.equal(torch.isnan(out), nan_out) and torch.equal(torch.isnan(lse), nan_lse)
+        ok = ok and (out[~nan_out].bfloat16().float() - ref_out[~nan_out]).abs().max().item() < 2e-2
+        ok = ok and (lse[~nan_lse] - ref_lse[~nan_lse]).nan_to_num(posinf=0, neginf=0).abs().max().item() < 1e-3
+        pad = torch.arange(L)[None, :] >= torch.tensor(LENS)[:, None]
+        ok = ok and bool((out[pad] == 0).all()) and bool(torch.isneginf(lse[pad]).all())
+        bad += not ok
+        print(f"NaN in {name}: {'ok' if ok else 'MISMATCH'}")
+        CONFLICTS.clear()
+    # Packed heads (L 4, G 1: four KV heads per m-tile): NaN V of one head's token, and NaN K/V
+    # past block_lens, reach only the rows that attend them.
+    q = torch.randn(3, 4, 4, 64, generator=gen).bfloat16()
+    k = torch.randn(3, 6, 4, 64, generator=gen).bfloat16()
+    v = torch.randn(3, 6, 4, 64, generator=gen).bfloat16()
+    lens = torch.tensor([4, 2, 3], dtype=torch.int32)
+    ref_out, ref_lse = reference.token_decoder_attention(q, k, v, lens)
+    v[0, 2 + 3, 1, 9] = math.nan  # block 0, token 3, KV head 1: element 9 of row 3, head 1
+    k[1, 2 + 2 :, 2] = math.nan  # block 1: tokens past block_lens (2), head 2
+    v[1, 2 + 2 :] = math.nan
+    k[2, 1, 3, 0] = math.nan  # block 2, prefix slot 1, head 3: rows 0..2 of head 3
+    nan_out = torch.zeros(3, 4, 4, 64, dtype=torch.bool)
+    nan_lse = torch.zeros(3, 4, 4, dtype=torch.bool)
+    nan_out[0, 3, 1, 9] = True
+    nan_lse[2, :3, 3] = True
+    nan_out[nan_lse] = True
+    out, lse, pl = emulate(q, k, v, lens, 0.125)
+    ok = pl["hp"] == 4 and torch.equal(torch.isnan(out), nan_out) and torch.equal(torch.isnan(lse), nan_lse)
+    ok = ok and (out[~nan_out].bfloat16().float() - ref_out[~nan_out]).abs().max().item() < 2e-2
+    ok = ok and (lse[~nan_lse] - ref_lse[~nan_lse]).nan_to_num(posinf=0, neginf=0).abs().max().item() < 1e-3
+    bad += not ok
+    print(f"NaN with packed heads: {'ok' if ok else 'MISMATCH'}")
+    CONFLICTS.clear()
+    return bad
 
 
 def main() -> int:
@@ -355,6 +497,7 @@ def main() -> int:
         print(f"N{n} L{L} P{P} Hq{hq} Hkv{hkv} D{d} ragged={ragged}: hc={pl['hc']} m_tiles={pl['m_tiles']} "
               f"hp={pl['hp']} dsplit={pl['dsplit']} stages={pl['stages']} grid={pl['grid']}x{pl['per_cta']} "
               f"max|out err|={err:.2e} max|lse err|={lerr:.2e} {'ok' if ok else 'MISMATCH'}")
+    bad += nan_checks()
     return 1 if bad else 0
 
 

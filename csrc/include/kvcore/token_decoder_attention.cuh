@@ -14,14 +14,15 @@
 //    item (2 heads, 4 warp units of 64 output columns each): per unit ~50 setup, tile 1 ~160
 //    (8 + 8 ldmatrix, 16 mma for S; ~90 mask/softmax; 8 mma + 4 ldmatrix for P V), tile 2 ~170
 //    (one n-tile of S only, rescale), epilogue ~110: ~490; x 4 = ~1960, plus ~600 for the copies
-//    (13 16-byte vectors per thread): ~2.6 K per ~2650 cycles, ~1 issue slot per cycle.
+//    (13 16-byte vectors per thread) and ~380 for the V scan: ~3 K per ~2650 cycles, ~1.1 issue
+//    slots per cycle.
 //  * L4 P2 D64 G1 (B32 H12 S8192): per (block, head) 2.6 KB = ~200 cycles, 4.6 K FLOPs. One head
 //    fills only L G = 4 rows of a tile, so HP = 4 heads share a tile (rows 4 s .. 4 s + 3 are head
 //    s) over a virtual key axis of 4 x 8 keys (head s: keys 8 s .. 8 s + 5, the rest masked, and
 //    P V's k16 steps pair two heads' 8-key slots, each lane pointing ldmatrix at its own head's V
 //    row): per tile of 4 heads ~490 instructions as above (2 key tiles of 16, 8 n-tiles of 64
-//    columns), i.e. 3 units = ~1.5 K per block of 12 heads, plus ~560 for copies: ~2.1 K per
-//    ~2350 cycles (30 KB), ~0.9 slots per cycle. Without packing it was ~4.6 K (12 units of ~330
+//    columns), i.e. 3 units = ~1.5 K per block of 12 heads, plus ~560 for copies and ~380 for
+//    the V scan (below): ~2.5 K per ~2350 cycles (30 KB), ~1.1 slots per cycle. Without packing it was ~4.6 K (12 units of ~330
 //    at 25% row use), no better than the old kernel's ~4 K which measured 61.8%; a CUDA-core path
 //    would need ~72 FMAs + ~70 shared loads per head before any softmax or copy work, so it was
 //    not kept. Packing applies when L G <= 8 and HP x (P + L rounded up to a power of 2 >= 8)
@@ -57,11 +58,14 @@
 // 0 .. P + i, rows past L G or block_lens), online softmax (flash style), then O += P V with P
 // re-packed from the S accumulators as the A operand.
 //
-// Semantics: rows i >= block_lens[n] (clamped to [0, L]) give out 0 and lse -inf. NaN in q or in
-// an attended key gives NaN out and lse -inf (as the previous kernel: the sum is not > 0). One
-// difference: a NaN/Inf in a V row of the block that a query does not attend (a later token, or
-// with head packing another KV head's key) but that lies in the same 16-key tile reaches that
-// query's output through 0 * NaN in the P V product.
+// Semantics (those of tests/test_nan.py): rows i >= block_lens[n] (clamped to [0, L]) give out 0
+// and lse -inf. NaN in q[n, i, h] or in an attended K row makes the row's out and lse NaN (a NaN
+// logit leaves fmaxf's max alone and turns l NaN; only l = 0 means "nothing attended"); masked
+// logits are replaced, never added. NaN in an attended V element poisons that element only; a
+// V row a query does not attend (a later token, one past block_lens, with packing another head)
+// must not reach it, but the mma would multiply it by a zero weight (0 * NaN = NaN), so each
+// unit first scans the V rows and columns it will read (~4-6 16-byte vectors per lane, ~15% of
+// the instructions) and, if any is Inf/NaN, computes its rows by an exact per-row path instead.
 //
 // Safety: every address is computed from the shapes; block_lens only changes which rows are
 // masked, so bad lengths change numbers, never the memory touched.
@@ -143,6 +147,79 @@ inline int64_t token_decoder_smem_bytes(int64_t stage_elems, int stages, int hea
 // Swizzled element offset of 16-byte chunk `chunk` of shared-memory row `row`, XOR key `key`.
 __device__ __forceinline__ int td_swz(int row, int chunk, int key, int D) {
   return row * D + ((chunk ^ (key & 7)) << 3);
+}
+
+// Bit 15 of a 16-bit half of the result is set where that half of `w` is Inf or NaN (exponent
+// all ones): adding the smallest such magnitude minus one carries into bit 15 exactly then, and
+// never across halves (0x7fff + 0x0400 < 0x10000).
+__device__ __forceinline__ uint32_t nonfinite_bits(uint32_t w, __nv_bfloat16) {
+  return ((w & 0x7fff7fffu) + 0x00800080u) & 0x80008000u;
+}
+__device__ __forceinline__ uint32_t nonfinite_bits(uint32_t w, __half) {
+  return ((w & 0x7fff7fffu) + 0x04000400u) & 0x80008000u;
+}
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ void store_elem(__nv_bfloat16* dst, float x) { *dst = __float2bfloat16(x); }
+__device__ __forceinline__ void store_elem(__half* dst, float x) { *dst = __float2half(x); }
+
+// The exact path of a warp unit, taken when the V rows its P V product would read hold an Inf or
+// NaN: the mma would multiply them by the zero weights of rows that must not see them (a later
+// token, a token past block_lens, another head of a packed tile), and 0 * NaN = NaN. Here each
+// row reads only its own keys 0 .. P + i: a warp per row, lanes over D for the scores (a warp
+// sum) and over the unit's DW output columns, fp32 online softmax. Rare (non-finite inputs
+// only), so it favours plainness over speed; same outputs and NaN semantics as the fast path.
+template <typename T, int D, int DW>
+__device__ __noinline__ void token_decoder_unit_exact(const TokenDecoderParams& p, const T* sq, const T* sk,
+                                                      const T* sv, int block, int chunk, int hb, int row0, int dpart,
+                                                      int blen) {
+  constexpr int QPL = D / 32, OPL = DW / 32;  // score dims and output columns per lane (<= 8)
+  static_assert(QPL >= 1 && OPL >= 1 && 8 % QPL == 0 && 8 % OPL == 0, "a lane's dims lie in one 16-byte chunk");
+  const int lane = threadIdx.x & 31;
+  const int L = p.rows, P = p.prefix, G = p.group, HC = p.chunk_kv_heads, HCG = p.chunk_q_heads, LG = L * G;
+  const int row_mask = (1 << p.row_shift) - 1;
+  const int d0 = lane * QPL, od0 = dpart * DW + lane * OPL;
+  for (int t = 0; t < 16; ++t) {
+    const int rr = row0 + t;  // tile row: its swizzle key
+    const int rl = rr & row_mask, hh = hb + (rr >> p.row_shift);
+    if (rl >= LG || hh >= HC) continue;  // padding row of the tile
+    const int i = fast_div(rl, p.group_div);
+    const int g = rl - i * G;
+    const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + (chunk * HC + hh) * G + g;
+    T* const dst = static_cast<T*>(p.out) + orow * D + od0;
+    if (i >= blen) {
+#pragma unroll
+      for (int e = 0; e < OPL; ++e) store_elem(dst + e, 0.f);
+      if (p.lse != nullptr && dpart == 0 && lane == 0) p.lse[orow] = -INFINITY;
+      continue;
+    }
+    const T* const qp = sq + (i * HCG + hh * G + g) * D + ((((d0 >> 3) ^ (rr & 7)) << 3) | (d0 & 7));
+    float qv[QPL];
+#pragma unroll
+    for (int e = 0; e < QPL; ++e) qv[e] = to_float(qp[e]);
+    float m = -INFINITY, l = 0.f, acc[OPL];
+#pragma unroll
+    for (int e = 0; e < OPL; ++e) acc[e] = 0.f;
+    for (int j = 0; j <= P + i; ++j) {
+      const T* const kp = sk + (j * HC + hh) * D + ((((d0 >> 3) ^ (j & 7)) << 3) | (d0 & 7));
+      float part = 0.f;
+#pragma unroll
+      for (int e = 0; e < QPL; ++e) part = fmaf(qv[e], to_float(kp[e]), part);
+      const float x = group_sum<32>(part) * p.scale_log2;
+      const float mx = fmaxf(m, x);                   // a NaN logit leaves the max alone ...
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(m - base), w = exp2f(x - base);  // ... and makes w, l, acc NaN
+      m = mx;
+      l = l * alpha + w;
+      const T* const vp = sv + (j * HC + hh) * D + ((((od0 >> 3) ^ (j & 7)) << 3) | (od0 & 7));
+#pragma unroll
+      for (int e = 0; e < OPL; ++e) acc[e] = fmaf(w, to_float(vp[e]), acc[e] * alpha);
+    }
+    const float inv = l == 0.f ? 0.f : 1.f / l;
+#pragma unroll
+    for (int e = 0; e < OPL; ++e) store_elem(dst + e, acc[e] * inv);
+    if (p.lse != nullptr && dpart == 0 && lane == 0) p.lse[orow] = l == 0.f ? -INFINITY : (m + log2f(l)) * kLn2;
+  }
 }
 
 template <typename T, int D, int DSPLIT>
@@ -246,6 +323,28 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
       const int i_first = fast_div(row0, p.group_div);
       const int i_last = min(fast_div(min(row0 + 15, LG - 1), p.group_div), blen - 1);
       const int n_x = i_last >= i_first ? ((heads - 1) << key_shift) + P + i_last + 1 : 0;  // 0: all padding
+
+      // Inf/NaN in the V rows (of this unit's heads and columns) that its P V would read: take
+      // the exact path (see token_decoder_unit_exact). Bit tricks over 16-byte vectors, a warp vote.
+      {
+        constexpr int CW = DW / 8;  // 16-byte chunks of the unit's columns in a row
+        constexpr int CW_SHIFT = CW == 4 ? 2 : CW == 8 ? 3 : CW == 16 ? 4 : 5;
+        const int hp_shift = __ffs(HP) - 1;
+        uint32_t bad = 0;
+        for (int t = lane; t < (KJ << (CW_SHIFT + hp_shift)); t += 32) {
+          const int c = t & (CW - 1), sub = (t >> CW_SHIFT) & (HP - 1), j = t >> (CW_SHIFT + hp_shift);
+          if (sub < heads) {
+            const uint4 w = *reinterpret_cast<const uint4*>(sv + (j * HC + hb + sub) * D +
+                                                            (((dpart * CW + c) ^ (j & 7)) << 3));
+            bad |= nonfinite_bits(w.x, T{}) | nonfinite_bits(w.y, T{}) | nonfinite_bits(w.z, T{}) |
+                   nonfinite_bits(w.w, T{});
+          }
+        }
+        if (__any_sync(0xffffffffu, bad != 0u)) {
+          token_decoder_unit_exact<T, D, DW>(p, sq, sk, sv, block, chunk, hb, row0, dpart, blen);
+          continue;
+        }
+      }
 
       // This lane's A-operand row for ldmatrix (q). Padding rows read the zero row, swizzled by
       // their tile row like real rows, so the 8 rows of an ldmatrix phase fall on 8 bank groups.
@@ -372,8 +471,9 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
         const int i = fast_div(rl, p.group_div);
         const int hq = (chunk * HC + hh) * G + (rl - i * G);
         const bool valid = i < blen;
-        // sum not > 0 (infinite or NaN inputs): weights 0, as the previous kernel; NaN stays NaN.
-        const float inv = valid && l[half] > 0.f ? 1.f / l[half] : 0.f;
+        // l = 0: nothing attended (Inf logits only); a NaN l (NaN in q or an attended key) stays
+        // NaN in out and lse.
+        const float inv = valid && l[half] != 0.f ? 1.f / l[half] : 0.f;
         const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + hq;
         T* const dst = static_cast<T*>(p.out) + orow * D + dpart * DW + cpair;
 #pragma unroll
@@ -383,7 +483,7 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
           *reinterpret_cast<uint32_t*>(dst + n * 8) = pack2(x, y, T{});
         }
         if (p.lse != nullptr && dpart == 0 && (lane & 3) == 0)
-          p.lse[orow] = valid && l[half] > 0.f ? (m[half] + log2f(l[half])) * kLn2 : -INFINITY;
+          p.lse[orow] = valid && l[half] != 0.f ? (m[half] + log2f(l[half])) * kLn2 : -INFINITY;
       }
     }
     stage = stage + 1 == S ? 0 : stage + 1;
