@@ -22,10 +22,10 @@
 //    P V's k16 steps pair two heads' 8-key slots, each lane pointing ldmatrix at its own head's V
 //    row): per tile of 4 heads ~490 instructions as above (2 key tiles of 16, 8 n-tiles of 64
 //    columns), i.e. 3 units = ~1.5 K per block of 12 heads, plus ~560 for copies and ~380 for
-//    the V scan (below): ~2.5 K per ~2350 cycles (30 KB), ~1.1 slots per cycle. Without packing it was ~4.6 K (12 units of ~330
-//    at 25% row use), no better than the old kernel's ~4 K which measured 61.8%; a CUDA-core path
-//    would need ~72 FMAs + ~70 shared loads per head before any softmax or copy work, so it was
-//    not kept. Packing applies when L G <= 8 and HP x (P + L rounded up to a power of 2 >= 8)
+//    the V scan (below): ~2.5 K per ~2350 cycles (30 KB), ~1.1 slots per cycle. Without
+//    packing it was ~5 K (12 units of ~330 at 25% row use), no better than the old kernel's ~4 K
+//    which measured 61.8%; a CUDA-core path would need ~72 FMAs + ~70 shared loads per head
+//    before any softmax or copy work, so it was not kept. Packing applies when L G <= 8 and HP x (P + L rounded up to a power of 2 >= 8)
 //    <= 32; otherwise one head per unit, ceil(L G / 16) m-tiles.
 //
 // ---- Memory pipeline ----------------------------------------------------------------------------
