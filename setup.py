@@ -48,10 +48,16 @@ def _cuda_toolchain() -> tuple[bool, str]:
 def _cuda_library_includes() -> list[str]:
     # torch's CUDA wheels ship the CUDA library headers (cuBLAS, cuSPARSE, ...) under
     # site-packages/nvidia/cu13/include; torch's own headers include them.
+    # Look beside torch itself too: in a venv with --system-site-packages (or any layout where
+    # torch is not in this interpreter's own site-packages) the headers sit next to torch.
+    import torch
+
+    bases = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+             os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))}
     out = []
-    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+    for base in sorted(bases):
         out += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "include")))
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _libstdcxx_link_args() -> list[str]:

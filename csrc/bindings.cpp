@@ -63,4 +63,51 @@ TORCH_LIBRARY(kvcore, m) {
   m.def(
       "token_decoder_attention(Tensor q, Tensor k, Tensor v, Tensor? block_lens, float scale, "
       "Tensor(a!) out, Tensor(b!)? lse) -> ()");
+
+  // ---- MLA (DeepSeek-V2/V3 multi-head latent attention) ----
+  // Latent projection of T new tokens into the paged latent cache [pages, page_size, R + P]
+  // (R = kv_lora_rank, 512 for DeepSeek; P = qk_rope_head_dim, 64):
+  //   kv = hidden [T, d_model] @ w_dkv [d_model, R + P]      (fp32 accumulation)
+  //   c_kv = RMSNorm(kv[:, :R]) * norm_weight [R]            (eps added to the mean square)
+  //   k_pe = RoPE(kv[:, R:], positions [T] int64)            (cos_sin [max_pos, P] fp32: columns
+  //          0..P/2-1 cos(pos * f_i), columns P/2..P-1 sin(pos * f_i); interleaved_rope rotates
+  //          pairs (2i, 2i+1) (DeepSeek), else pairs (i, i + P/2) (NeoX half split))
+  //   latent_cache[slot // page_size, slot % page_size] = [c_kv, k_pe] at slot_mapping [T] int64
+  //   (-1 skips the token); c_kv_out [T, R] and k_pe_out [T, P] (optional) receive every token.
+  //   hidden, w_dkv, norm_weight, latent_cache and the outputs share one dtype.
+  m.def(
+      "mla_latent_project(Tensor hidden, Tensor w_dkv, Tensor norm_weight, float eps, Tensor cos_sin, "
+      "Tensor positions, Tensor(a!) latent_cache, Tensor slot_mapping, bool interleaved_rope, "
+      "Tensor(b!)? c_kv_out, Tensor(c!)? k_pe_out) -> ()");
+
+  // Absorbed MLA decode: one query token per sequence against the paged latent cache.
+  //   q [B, H, Dk] (Dk = R + P: q_nope absorbed through W_UK into R, then the roped q_pe);
+  //   latent_cache [pages, page_size, Dk]; block_table [B, max_pages] int32; seq_lens [B] int32.
+  //   Keys are the latents, values their first Dv = out.size(2) columns (c_KV, Dv = R):
+  //   out [B, H, Dv] (q's dtype) = softmax(scale * q . latent) @ latent[:, :Dv];
+  //   lse [B, H] fp32, natural log (optional). workspace / num_splits as in gqa_decode.
+  m.def(
+      "mla_decode(Tensor q, Tensor latent_cache, Tensor block_table, Tensor seq_lens, float scale, "
+      "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!)? workspace, int num_splits) -> ()");
+  // Eviction scores (issue 6). The window's w queries q [B, w, Hq, D] are the last w positions
+  // of each sequence: query i sits at position seq_lens[b] - w + i and sees keys 0..that
+  // position. Per key p < seq_lens[b]:
+  //   out[b, h, p] = reduce over (i, g) of softmax_p(scale * q[b, i, h*G+g] . k_p)
+  //   reduction "sum" | "mean" (sum / (w * G)) | "max"; keys p >= seq_lens[b] get 0.
+  //   lse [B, w, Hq] fp32 (optional): each row's log-sum-exp over the keys it sees, given by the
+  //   caller (one pass instead of two). pooling "none" | "avg" | "max" with pool_kernel 5 or 7:
+  //   1-D pooling, stride 1, padding pool_kernel // 2, of the scores of the prefix keys
+  //   p < seq_lens[b] - w (window keys are not pooled); avg counts the zero padding.
+  //   k_cache [pages, page_size, Hkv, D]; block_table [B, max_pages] int32; seq_lens [B] int32;
+  //   out [B, Hkv, S] fp32 with S >= max seq_len.
+  m.def(
+      "attention_scores(Tensor q, Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor? lse, float scale, "
+      "str reduction, str pooling, int pool_kernel, Tensor(a!) out) -> ()");
+  // In-place compaction of a paged cache after eviction. For each sequence b and KV head h, the
+  // tokens kept[b, h, :kept_lens[b]] (int64 positions, strictly increasing, < seq_lens[b]) move
+  // to positions 0..kept_lens[b]-1 of that head, in order; then seq_lens[b] = kept_lens[b].
+  // Every head of a sequence keeps the same count (decode reads one seq_len per sequence).
+  m.def(
+      "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, Tensor(c!) seq_lens, Tensor kept, "
+      "Tensor kept_lens) -> ()");
 }

@@ -1,6 +1,6 @@
 """docs/bad_input.md lists exactly the bad-input cases the op tests check, op by op (tests/test_ops.py,
-and tests/test_block_transformer.py for token_decoder_attention), and its matrix (op x kind of bad
-input) has a test in every cell."""
+tests/test_block_transformer.py for token_decoder_attention, tests/test_block_sparse.py for
+block_sparse_decode), and its matrix (op x kind of bad input) has a test in every cell."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib
 import pathlib
 import re
 
+from test_block_sparse import BAD_SPARSE
 from test_block_transformer import BAD_TOKEN_DECODER
 from test_ops import BAD_APPEND, BAD_DECODE, BAD_MERGE
 
@@ -17,6 +18,7 @@ CASES = {
     "append_paged_kv": BAD_APPEND,
     "merge_attention_states": BAD_MERGE,
     "token_decoder_attention": BAD_TOKEN_DECODER,
+    "block_sparse_decode": BAD_SPARSE,
 }
 # The kinds of bad input every op is checked against (issue 8); "other" holds the rest.
 KINDS = ["dtype", "device", "rank", "shape mismatch", "non-contiguous", "out-of-range page index",

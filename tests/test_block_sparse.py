@@ -724,6 +724,48 @@ BAD_SPARSE = [
             r"sel_counts must be on the same device", cuda_only=True),
     BadCase("k_cache_other_device", _set("k_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"k_cache must be on the same device", cuda_only=True),
+    # more cells of the bad-input matrix (docs/bad_input.md): the shared decode checks, once more
+    # through this op, and the CUDA kernel's limits
+    BadCase("q_fp64", _set("q", lambda t, a, d: t.double()), RuntimeError, r"\bq must be"),
+    BadCase("out_dtype", _set("out", lambda t, a, d: poison(t.float())), RuntimeError, r"\bout must have dtype"),
+    BadCase("block_table_int64", _set("block_table", lambda t, a, d: t.long()), RuntimeError,
+            r"block_table must have dtype"),
+    BadCase("seq_lens_int64", _set("seq_lens", lambda t, a, d: t.long()), RuntimeError, r"seq_lens must have dtype"),
+    BadCase("k_cache_rank", _set("k_cache", lambda t, a, d: t[0]), RuntimeError, r"k_cache must be 4-D"),
+    BadCase("seq_lens_rank", _set("seq_lens", lambda t, a, d: t.view(3, 1)), RuntimeError, r"seq_lens must be 1-D"),
+    BadCase("out_rank", _set("out", lambda t, a, d: t[0]), RuntimeError, r"\bout must be 3-D"),
+    BadCase("v_cache_shape", _set("v_cache", lambda t, a, d: t[:-1]), RuntimeError, r"v_cache must have the shape"),
+    BadCase("head_dim_mismatch", lambda a, d: (setattr(a, "q", a.q[..., :32]), setattr(a, "out", a.out[..., :32].contiguous())),
+            RuntimeError, r"head_dim"),
+    BadCase("lse_shape", _set("lse", lambda t, a, d: t[:, :3].contiguous()), RuntimeError, r"\blse must have shape"),
+    BadCase("block_table_rows", _set("block_table", lambda t, a, d: t[:2].contiguous()), RuntimeError, r"block_table"),
+    BadCase("out_not_contiguous", _set("out", lambda t, a, d: poison(torch.empty(3, 4, 128, dtype=t.dtype, device=d))[..., :64]),
+            RuntimeError, r"\bout must be contiguous"),
+    BadCase("q_last_dim_strided", _set("q", lambda t, a, d: torch.repeat_interleave(t, 2, dim=2)[..., ::2]),
+            RuntimeError, r"\bq must be contiguous in its last dim"),
+    BadCase("k_cache_inner_strided", _set("k_cache", lambda t, a, d: torch.repeat_interleave(t, 2, dim=3)[..., ::2]),
+            RuntimeError, r"k_cache must be densely packed"),
+    BadCase("sel_counts_not_contiguous", _set("sel_counts", lambda t, a, d: torch.stack([t, t], dim=2)[..., 0]),
+            RuntimeError, r"sel_counts must be contiguous"),
+    BadCase("page_negative", _set_item("block_table", (2, 0), lambda a: -3), ValueError, r"block_table"),
+    BadCase("seq_len_negative", _set_item("seq_lens", 0, lambda a: -1), ValueError, r"seq_lens"),
+    BadCase("scale_nan", _set_kw("scale", math.nan), ValueError, r"scale"),
+    BadCase("soft_cap_inf", _set_kw("logit_soft_cap", math.inf), ValueError, r"logit_soft_cap"),
+    BadCase("block_table_other_device", _set("block_table", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"block_table must be on the same device", cuda_only=True),
+    BadCase("seq_lens_other_device", _set("seq_lens", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"seq_lens must be on the same device", cuda_only=True),
+    BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"\bout must be on the same device", cuda_only=True),
+    BadCase("q_fp32_on_cuda", lambda a, d: [setattr(a, n, getattr(a, n).float()) for n in ("q", "k_cache", "v_cache", "out")],
+            RuntimeError, r"\bq must be bfloat16 or float16 on CUDA", cuda_only=True, kernel_limit=True),
+    BadCase("head_dim_32_cuda", lambda a, d: [setattr(a, n, getattr(a, n)[..., :32].contiguous())
+                                              for n in ("q", "k_cache", "v_cache", "out")],
+            RuntimeError, r"head_dim must be 64, 128 or 256", cuda_only=True, kernel_limit=True),
+    BadCase("group_17_cuda", lambda a, d: (setattr(a, "q", torch.cat([a.q] * 9, dim=1)[:, :34].contiguous()),
+                                           setattr(a, "out", poison(torch.empty(3, 34, 64, dtype=a.out.dtype, device=d))),
+                                           setattr(a, "lse", poison(torch.empty(3, 34, device=d)))),
+            RuntimeError, r"num_q_heads / num_kv_heads must be 1..16", cuda_only=True, kernel_limit=True),
 ]
 
 
@@ -739,6 +781,7 @@ def test_bad_input_base_case_is_valid(device, gen):
 
 @pytest.mark.parametrize("bad", [c.param() for c in BAD_SPARSE])
 def test_block_sparse_decode_bad_input(device, bad, gen):
+    bad.skip_unless_applies(device)
     a = _sparse_args(device, gen)
     bad.mutate(a, device)
     caches_before = (a.k_cache.clone(), a.v_cache.clone())

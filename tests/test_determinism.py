@@ -1,4 +1,4 @@
-"""Run-to-run bitwise reproducibility of gqa_decode.
+"""Run-to-run bitwise reproducibility of gqa_decode and block_sparse_decode (at the end).
 
 CUDA: with ``num_splits = n > 0`` the output and lse are bitwise identical across repeated calls,
 whatever the workspace held before (a fresh zeroed buffer, one used by earlier calls of other
@@ -14,6 +14,8 @@ reference).
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -115,5 +117,111 @@ def test_cpu_decode_bitwise_reproducible(dtype, threads, gen):
         other = make_paged_kv([2000, 5], 8, 4, 128, gen=gen, dtype=dtype)
         _decode(randn(2, 16, 128, gen=gen, dtype=dtype), other)
         _assert_bitwise(base, _decode(q, kv, num_splits=7), "after another call, num_splits ignored")
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ---- block_sparse_decode ---------------------------------------------------------------------
+# The SPARSE form of the same kernel: a (sequence, KV head) list is split at fixed positions of
+# the list (num_splits fixed: ceil(max_sel * page_size / n), rounded to whole tiles) and merged in
+# split order, so the same guarantees hold.
+
+
+def _sparse_inputs(lens, page, hkv, hq, d, gen, dtype, device):
+    from test_block_sparse import random_selection  # a helper, not a test
+
+    kv = make_paged_kv(lens, page, hkv, d, gen=gen, dtype=dtype, device=device)
+    sel_pages, sel_counts = random_selection(lens, page, hkv, gen, device=device)
+    q = randn(len(lens), hq, d, gen=gen, dtype=dtype, device=device)
+    return q, kv, sel_pages, sel_counts
+
+
+def _sparse(q, kv, sel_pages, sel_counts, *, num_splits=0, workspace=None):
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
+    kvcore.block_sparse_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, sel_pages, sel_counts,
+                               out=out, lse=lse, num_splits=num_splits, workspace=workspace)
+    return out, lse
+
+
+def _other_sparse_calls(device, gen, workspace):
+    """block_sparse_decode and gqa_decode calls of other shapes and split counts through ``workspace``."""
+    for batch, hq, hkv, d, length, splits in [(5, 32, 8, 64, 3000, 0), (2, 16, 1, 256, 6000, 40),
+                                              (9, 8, 2, 128, 900, 3)]:
+        q, kv, sel_pages, sel_counts = _sparse_inputs([length] * batch, 16, hkv, hq, d, gen, torch.bfloat16, device)
+        _sparse(q, kv, sel_pages, sel_counts, num_splits=splits, workspace=workspace)
+    _other_calls(device, gen, workspace)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 16, 0], ids=lambda n: f"splits{n}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_cuda_block_sparse_bitwise_reproducible(device, dtype, num_splits, gen):
+    lens = ragged_lens(6, 4000, 16, gen)
+    q, kv, sel_pages, sel_counts = _sparse_inputs(lens, 16, 4, 16, 128, gen, dtype, device)
+    fresh = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    base = _sparse(q, kv, sel_pages, sel_counts, num_splits=num_splits, workspace=fresh)
+    ref_out, ref_lse = reference.block_sparse_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                                     sel_pages, sel_counts)
+    torch.testing.assert_close(base[0].float(), ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(base[1], ref_lse, **LSE_TOL)
+
+    for i in range(3):
+        _assert_bitwise(base, _sparse(q, kv, sel_pages, sel_counts, num_splits=num_splits, workspace=fresh),
+                        f"repeat {i}")
+    used = torch.zeros_like(fresh)
+    _other_sparse_calls(device, gen, used)
+    _assert_bitwise(base, _sparse(q, kv, sel_pages, sel_counts, num_splits=num_splits, workspace=used),
+                    "workspace used by other shapes")
+    _other_sparse_calls(device, gen, fresh)
+    _assert_bitwise(base, _sparse(q, kv, sel_pages, sel_counts, num_splits=num_splits, workspace=fresh),
+                    "after other calls, same workspace")
+    _assert_bitwise(base, _sparse(q, kv, sel_pages, sel_counts, num_splits=num_splits, workspace=None),
+                    "shared default workspace")
+    small = torch.zeros(8 << 20, dtype=torch.uint8, device=device)
+    _assert_bitwise(base, _sparse(q, kv, sel_pages, sel_counts, num_splits=num_splits, workspace=small),
+                    "8 MiB workspace")
+    # Junk past the counts and the order of the lists' tails do not enter the result either.
+    junk = sel_pages.clone()
+    live = torch.arange(junk.shape[2], device=device)[None, None, :] < sel_counts[..., None]
+    junk[~live] = -7
+    _assert_bitwise(base, _sparse(q, kv, junk, sel_counts, num_splits=num_splits, workspace=fresh),
+                    "other junk past the counts")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_cuda_block_sparse_fixed_splits_independent_of_batch_neighbours(device, gen):
+    """With n fixed, a sequence's result does not depend on the other sequences of the call: each
+    list is split at positions that depend on n and max_sel only."""
+    lens = [3000, 17, 0, 2500]
+    q, kv, sel_pages, sel_counts = _sparse_inputs(lens, 16, 2, 8, 128, gen, torch.bfloat16, device)
+    for n in (1, 4):
+        full = _sparse(q, kv, sel_pages, sel_counts, num_splits=n)
+        for b in range(len(lens)):
+            one = _sparse(q[b : b + 1], SimpleNamespace(k_cache=kv.k_cache, v_cache=kv.v_cache,
+                                                        block_table=kv.block_table[b : b + 1].contiguous(),
+                                                        seq_lens=kv.seq_lens[b : b + 1].contiguous()),
+                          sel_pages[b : b + 1].contiguous(), sel_counts[b : b + 1].contiguous(), num_splits=n)
+            assert torch.equal(one[0][0], full[0][b]) and torch.equal(one[1][0], full[1][b]), f"n={n} b={b}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cpu_block_sparse_fixed_splits_bitwise_across_calls_and_threads(dtype, gen):
+    """CPU: with num_splits = n > 0 the parts are fixed by n (not by the thread count) and merged
+    in order, so results are bitwise identical across calls and across thread counts."""
+    previous = torch.get_num_threads()
+    lens = [700, 0, 1, 300]
+    q, kv, sel_pages, sel_counts = _sparse_inputs(lens, 16, 2, 8, 64, gen, dtype, "cpu")
+    ref_out, ref_lse = reference.block_sparse_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                                     sel_pages, sel_counts)
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(1)
+            base = _sparse(q, kv, sel_pages, sel_counts, num_splits=n)
+            torch.testing.assert_close(base[0].float(), ref_out, **OUT_TOL[dtype])
+            torch.testing.assert_close(base[1], ref_lse, **LSE_TOL)
+            for threads in (1, 2, 1):
+                torch.set_num_threads(threads)
+                _assert_bitwise(base, _sparse(q, kv, sel_pages, sel_counts, num_splits=n), f"n={n} threads={threads}")
     finally:
         torch.set_num_threads(previous)

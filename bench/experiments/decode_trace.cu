@@ -190,6 +190,19 @@ int run(int argc, char** argv) {
   row("main loop", loop);
   row("epilogue+merge", epi);
   row("exit (since first)", exit_);
+  // Loop time per KV head (grid x): a systematic difference between heads (their rows sit at
+  // fixed offsets inside every page) would point at DRAM channel mapping rather than per-CTA luck.
+  std::printf("  loop us per KV head (mean/min/max over its CTAs):");
+  for (unsigned h = 0; h < grid.x; ++h) {
+    double sum = 0, mn = 1e30, mx = 0;
+    size_t n = 0;
+    for (size_t c = h; c < ctas; c += grid.x) {
+      const double x = loop[c];
+      sum += x, mn = std::min(mn, x), mx = std::max(mx, x), ++n;
+    }
+    std::printf(" h%u %.1f/%.1f/%.1f", h, sum / n, mn, mx);
+  }
+  std::printf("\n");
   // Bytes landed over time: a tile counts as landed when the CTA passed its wait. Print the
   // aggregate rate per 10 us window (K+V tile bytes of TILE tokens).
   const double tile_bytes = 2.0 * Cfg::TILE * D * 2;

@@ -19,6 +19,10 @@
 // [0, max_sel], a listed page outside [0, ceil(seq_len / page_size)) contributes nothing, and each
 // physical page from the block table is clamped to [0, num_pages). Bad index contents therefore
 // give wrong numbers, never an out-of-bounds access. Duplicated pages are counted twice.
+//
+// NaN (as gqa_decode_cpu): a NaN in q or in a selected K row makes that (sequence, query head)'s
+// out and lse NaN in every part it reaches and in the merge; a NaN V element only its element.
+// Cache rows that a pair does not select (or that lie past seq_len) are never read.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -155,7 +159,9 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
           const float corr = (m[g] == m_new || m_new == kNegInf) ? 1.0f : std::exp(m[g] - m_new);
           float sum = 0.0f;
           for (int64_t i = 0; i < n; ++i) {
-            const float e = m_new == kNegInf ? 0.0f : std::exp(lg[i] - m_new);
+            // std::max skips NaN, so m_new = -inf means every logit so far is -inf or NaN: a -inf
+            // weighs 0, a NaN must stay NaN (NaN in q or K poisons this head, never vanishes).
+            const float e = m_new == kNegInf ? (std::isnan(lg[i]) ? lg[i] : 0.0f) : std::exp(lg[i] - m_new);
             lg[i] = e;
             sum += e;
           }
@@ -178,11 +184,12 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
         }
       }
 
-      // This part's normalised output and log-sum-exp (zeros and -inf when it saw no key).
+      // This part's normalised output and log-sum-exp (zeros and -inf when it saw no key). A NaN
+      // l (a NaN logit) is not empty: it gives NaN out and NaN lse, which the merge passes on.
       float* po = part_out.data() + task * G * D;
       float* pl = part_lse.data() + task * G;
       for (int64_t g = 0; g < G; ++g) {
-        const bool empty = !(l[g] > 0.0f);
+        const bool empty = l[g] == 0.0f;
         const float inv_l = empty ? 0.0f : 1.0f / l[g];
         for (int64_t d = 0; d < D; ++d) po[g * D + d] = acc[g * D + d] * inv_l;
         pl[g] = empty ? kNegInf : m[g] + std::log(l[g]);
@@ -197,7 +204,18 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
       const int64_t b = bq / Hq, hq = bq % Hq, h = hq / G, g = hq % G;
       const int64_t first = (b * H + h) * parts;  // task index of part 0
       float mx = kNegInf;
-      for (int64_t j = 0; j < parts; ++j) mx = std::max(mx, part_lse[(first + j) * G + g]);
+      bool nan_part = false;
+      for (int64_t j = 0; j < parts; ++j) {
+        const float lj = part_lse[(first + j) * G + g];
+        nan_part |= std::isnan(lj);
+        mx = std::max(mx, lj);
+      }
+      scalar_t* o = out + bq * D;  // out is contiguous [B, Hq, D]
+      if (nan_part) {  // a NaN logit in any part: the whole row is NaN (std::max would drop it)
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+        if (lse != nullptr) lse[bq] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       std::fill(merged.begin(), merged.end(), 0.0f);
       float wsum = 0.0f;
       if (mx != kNegInf) {
@@ -211,7 +229,6 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
         }
       }
       const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
-      scalar_t* o = out + bq * D;  // out is contiguous [B, Hq, D]
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(merged[d] * inv);
       if (lse != nullptr) lse[bq] = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
     }

@@ -9,6 +9,10 @@
 //
 // Safety without validation: block_lens[n] is clamped to [0, L], so a bad length gives rows of
 // zeros or a full block, never a read outside the block.
+//
+// NaN: a NaN in q[n, i, h] or in a K row that row attends to makes its out and lse NaN; a NaN V
+// element of an attended key only that element of out. K/V rows past P + i (later tokens of the
+// block) are never read for row i, and rows past block_lens[n] never read q.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -83,10 +87,11 @@ void token_decoder_blocks(const TokenDecoderCpuParams& p, const scalar_t* q, con
             logits[j] = dot8(qf.data(), kf.data() + (j * Hkv + hk) * D, D) * p.scale;
             mx = std::max(mx, logits[j]);
           }
-          // mx = -inf only when every logit is -inf (infinite inputs): the row's weights are 0.
+          // std::max skips NaN, so mx = -inf means every logit is -inf or NaN: a -inf weighs 0,
+          // a NaN stays NaN (NaN in q or an attended K row poisons this row, never vanishes).
           float sum = 0.f;
           for (int64_t j = 0; j < keys; ++j) {
-            logits[j] = mx == kNegInf ? 0.f : std::exp(logits[j] - mx);
+            logits[j] = mx == kNegInf ? (std::isnan(logits[j]) ? logits[j] : 0.f) : std::exp(logits[j] - mx);
             sum += logits[j];
           }
           std::fill(acc.begin(), acc.end(), 0.f);
@@ -95,10 +100,11 @@ void token_decoder_blocks(const TokenDecoderCpuParams& p, const scalar_t* q, con
             const float* vr = vf.data() + (j * Hkv + hk) * D;
             for (int64_t d = 0; d < D; ++d) acc[d] += w * vr[d];
           }
-          const float inv = sum > 0.f ? 1.f / sum : 0.f;
+          // sum == 0: no finite logit (out 0, lse -inf). A NaN sum gives NaN out and NaN lse.
+          const float inv = sum == 0.f ? 0.f : 1.f / sum;
           scalar_t* o = out_n + (i * Hq + h) * D;
           for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
-          if (lse_n) lse_n[i * Hq + h] = sum > 0.f ? mx + std::log(sum) : kNegInf;
+          if (lse_n) lse_n[i * Hq + h] = sum == 0.f ? kNegInf : mx + std::log(sum);
         }
       }
     }

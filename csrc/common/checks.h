@@ -285,4 +285,277 @@ inline void check_token_decoder_scale(double scale) {
   TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
 }
 
+// ---- MLA ---------------------------------------------------------------------------------
+
+// Shapes of an mla_latent_project call. R = kv_lora_rank (norm_weight's length), P = rope dim
+// (cos_sin's width), latent width R + P (w_dkv's columns and latent_cache's last dim).
+struct MlaProjectShape {
+  int64_t tokens, d_model, rank, rope_dim, max_pos, num_pages, page_size;
+};
+
+inline MlaProjectShape check_mla_latent_project(const at::Tensor& hidden, const at::Tensor& w_dkv,
+                                                const at::Tensor& norm_weight, double eps,
+                                                const at::Tensor& cos_sin, const at::Tensor& positions,
+                                                const at::Tensor& latent_cache, const at::Tensor& slot_mapping,
+                                                const c10::optional<at::Tensor>& c_kv_out,
+                                                const c10::optional<at::Tensor>& k_pe_out) {
+  check_rank(hidden, 2, "hidden", "[tokens, d_model]");
+  check_rank(w_dkv, 2, "w_dkv", "[d_model, kv_lora_rank + rope_dim]");
+  check_rank(norm_weight, 1, "norm_weight", "[kv_lora_rank]");
+  check_rank(cos_sin, 2, "cos_sin", "[max_position, rope_dim]");
+  check_rank(positions, 1, "positions", "[tokens]");
+  check_rank(latent_cache, 3, "latent_cache", "[num_pages, page_size, kv_lora_rank + rope_dim]");
+  check_rank(slot_mapping, 1, "slot_mapping", "[tokens]");
+  for (auto [t, n] : {std::pair{&w_dkv, "w_dkv"}, {&norm_weight, "norm_weight"}, {&cos_sin, "cos_sin"},
+                      {&positions, "positions"}, {&latent_cache, "latent_cache"}, {&slot_mapping, "slot_mapping"}})
+    check_same_device(*t, hidden, n, "hidden");
+  check_float_dtype(hidden, "hidden");
+  check_dtype(w_dkv, hidden.scalar_type(), "w_dkv");
+  check_dtype(norm_weight, hidden.scalar_type(), "norm_weight");
+  check_dtype(latent_cache, hidden.scalar_type(), "latent_cache");
+  check_dtype(cos_sin, at::kFloat, "cos_sin");
+  check_dtype(positions, at::kLong, "positions");
+  check_dtype(slot_mapping, at::kLong, "slot_mapping");
+  TORCH_CHECK(std::isfinite(eps) && eps > 0.0, "eps must be a positive finite float, got ", eps);
+
+  MlaProjectShape s{};
+  s.tokens = hidden.size(0);
+  s.d_model = hidden.size(1);
+  s.rank = norm_weight.size(0);
+  s.rope_dim = cos_sin.size(1);
+  s.max_pos = cos_sin.size(0);
+  s.num_pages = latent_cache.size(0);
+  s.page_size = latent_cache.size(1);
+  const int64_t width = s.rank + s.rope_dim;
+  TORCH_CHECK(s.rope_dim > 0 && s.rope_dim % 2 == 0, "cos_sin must have an even, positive rope_dim columns, got shape ",
+              cos_sin.sizes());
+  TORCH_CHECK(s.max_pos > 0, "cos_sin must have at least one position row, got shape ", cos_sin.sizes());
+  TORCH_CHECK(s.rank > 0, "norm_weight must have kv_lora_rank > 0 entries, got shape ", norm_weight.sizes());
+  TORCH_CHECK(w_dkv.size(0) == s.d_model && w_dkv.size(1) == width, "w_dkv must have shape [", s.d_model, ", ", width,
+              "] (d_model, kv_lora_rank + rope_dim from norm_weight and cos_sin), got ", w_dkv.sizes());
+  TORCH_CHECK(latent_cache.size(2) == width, "latent_cache must have last dim kv_lora_rank + rope_dim = ", width,
+              ", got shape ", latent_cache.sizes());
+  TORCH_CHECK(positions.size(0) == s.tokens, "positions must have shape [", s.tokens, "] (one per token), got ",
+              positions.sizes());
+  TORCH_CHECK(slot_mapping.size(0) == s.tokens, "slot_mapping must have shape [", s.tokens,
+              "] (one slot per token), got ", slot_mapping.sizes());
+  TORCH_CHECK(hidden.size(1) == 0 || hidden.stride(1) == 1, "hidden must be contiguous in its last dim, got strides ",
+              hidden.strides());
+  check_contiguous(w_dkv, "w_dkv");
+  check_contiguous(norm_weight, "norm_weight");
+  check_contiguous(cos_sin, "cos_sin");
+  check_contiguous(positions, "positions");
+  check_contiguous(slot_mapping, "slot_mapping");
+  check_inner_dense(latent_cache, 2, "latent_cache");
+  for (auto [o, n, cols] : {std::tuple{&c_kv_out, "c_kv_out", s.rank}, {&k_pe_out, "k_pe_out", s.rope_dim}}) {
+    if (!o->has_value()) continue;
+    const at::Tensor& t = o->value();
+    check_same_device(t, hidden, n, "hidden");
+    check_dtype(t, hidden.scalar_type(), n);
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == s.tokens && t.size(1) == cols, n, " must have shape [", s.tokens, ", ",
+                cols, "], got ", t.sizes());
+    check_contiguous(t, n);
+  }
+  return s;
+}
+
+// Shapes of an mla_decode call: Dk = latent width (q's and latent_cache's last dim), Dv = out's.
+struct MlaDecodeShape {
+  int64_t batch, num_heads, dk, dv, num_pages, page_size, max_pages;
+};
+
+inline MlaDecodeShape check_mla_decode(const at::Tensor& q, const at::Tensor& latent_cache,
+                                       const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                                       const at::Tensor& out, const c10::optional<at::Tensor>& lse,
+                                       int64_t num_splits) {
+  check_rank(q, 3, "q", "[batch, num_heads, kv_lora_rank + rope_dim]");
+  check_rank(latent_cache, 3, "latent_cache", "[num_pages, page_size, kv_lora_rank + rope_dim]");
+  check_rank(block_table, 2, "block_table", "[batch, max_pages]");
+  check_rank(seq_lens, 1, "seq_lens", "[batch]");
+  check_rank(out, 3, "out", "[batch, num_heads, kv_lora_rank]");
+  for (auto [t, n] : {std::pair{&latent_cache, "latent_cache"}, {&block_table, "block_table"}, {&seq_lens, "seq_lens"},
+                      {&out, "out"}})
+    check_same_device(*t, q, n, "q");
+  check_float_dtype(q, "q");
+  check_dtype(latent_cache, q.scalar_type(), "latent_cache");
+  check_dtype(out, q.scalar_type(), "out");
+  check_dtype(block_table, at::kInt, "block_table");
+  check_dtype(seq_lens, at::kInt, "seq_lens");
+  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
+  TORCH_CHECK(num_splits >= 0, "num_splits must be 0 (automatic) or positive, got ", num_splits);
+
+  MlaDecodeShape s{};
+  s.batch = q.size(0);
+  s.num_heads = q.size(1);
+  s.dk = q.size(2);
+  s.dv = out.size(2);
+  s.num_pages = latent_cache.size(0);
+  s.page_size = latent_cache.size(1);
+  s.max_pages = block_table.size(1);
+  TORCH_CHECK(latent_cache.size(2) == s.dk, "latent_cache last dim (", latent_cache.size(2),
+              ") must equal q's last dim (", s.dk, ")");
+  TORCH_CHECK(s.page_size > 0, "latent_cache page_size must be positive, got ", s.page_size);
+  TORCH_CHECK(out.size(0) == s.batch && out.size(1) == s.num_heads && s.dv > 0 && s.dv <= s.dk, "out must have shape [",
+              s.batch, ", ", s.num_heads, ", Dv] with 0 < Dv <= ", s.dk, " (q's last dim), got ", out.sizes());
+  TORCH_CHECK(block_table.size(0) == s.batch, "block_table must have batch (", s.batch, ") rows, got shape ",
+              block_table.sizes());
+  TORCH_CHECK(seq_lens.size(0) == s.batch, "seq_lens must have shape [", s.batch, "], got ", seq_lens.sizes());
+  check_contiguous(out, "out");
+  check_contiguous(block_table, "block_table");
+  check_contiguous(seq_lens, "seq_lens");
+  TORCH_CHECK(q.stride(2) == 1, "q must be contiguous in its last dim, got strides ", c10::str(q.strides()));
+  check_inner_dense(latent_cache, 2, "latent_cache");
+  if (lse.has_value()) {
+    check_same_device(*lse, q, "lse", "q");
+    check_dtype(*lse, at::kFloat, "lse");
+    TORCH_CHECK(lse->dim() == 2 && lse->size(0) == s.batch && lse->size(1) == s.num_heads, "lse must have shape [",
+                s.batch, ", ", s.num_heads, "], got ", lse->sizes());
+    check_contiguous(*lse, "lse");
+  }
+  return s;
+}
+
+// ---- eviction: attention_scores and compact_kv ----------------------------------------------
+
+// Shapes of an attention_scores call.
+struct AttentionScoresShape {
+  int64_t batch, window, num_q_heads, num_kv_heads, head_dim, group, num_pages, page_size, max_pages, max_len;
+};
+
+// q [B, w, Hq, D] (last dim contiguous), k_cache [pages, page_size, Hkv, D] (inner 3 dims dense),
+// block_table [B, max_pages] int32, seq_lens [B] int32, optional lse [B, w, Hq] fp32 (contiguous),
+// out [B, Hkv, S] fp32 contiguous; everything on q's device. Reductions and pooling are checked by
+// check_attention_scores_scalars.
+inline AttentionScoresShape check_attention_scores(const at::Tensor& q, const at::Tensor& k_cache,
+                                                   const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                                   const c10::optional<at::Tensor>& lse, const at::Tensor& out) {
+  check_rank(q, 4, "q", "[batch, window, num_q_heads, head_dim]");
+  check_rank(k_cache, 4, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]");
+  check_rank(block_table, 2, "block_table", "[batch, max_pages]");
+  check_rank(seq_lens, 1, "seq_lens", "[batch]");
+  check_rank(out, 3, "out", "[batch, num_kv_heads, max_len]");
+  for (auto [t, n] : {std::pair{&k_cache, "k_cache"}, {&block_table, "block_table"}, {&seq_lens, "seq_lens"},
+                      {&out, "out"}})
+    check_same_device(*t, q, n, "q");
+  check_float_dtype(q, "q");
+  check_dtype(k_cache, q.scalar_type(), "k_cache");
+  check_dtype(block_table, at::kInt, "block_table");
+  check_dtype(seq_lens, at::kInt, "seq_lens");
+  check_dtype(out, at::kFloat, "out");
+
+  AttentionScoresShape s{};
+  s.batch = q.size(0);
+  s.window = q.size(1);
+  s.num_q_heads = q.size(2);
+  s.head_dim = q.size(3);
+  s.num_pages = k_cache.size(0);
+  s.page_size = k_cache.size(1);
+  s.num_kv_heads = k_cache.size(2);
+  s.max_pages = block_table.size(1);
+  s.max_len = out.size(2);
+  TORCH_CHECK(s.window >= 1, "q must hold at least one window query (dim 1), got shape ", q.sizes());
+  TORCH_CHECK(k_cache.size(3) == s.head_dim, "k_cache head_dim (", k_cache.size(3), ") must equal q head_dim (",
+              s.head_dim, ")");
+  TORCH_CHECK(s.num_kv_heads > 0 && s.num_q_heads % s.num_kv_heads == 0, "num_q_heads (", s.num_q_heads,
+              ") must be a multiple of num_kv_heads (", s.num_kv_heads, ")");
+  s.group = s.num_q_heads / s.num_kv_heads;
+  TORCH_CHECK(s.page_size > 0, "k_cache page_size must be positive, got ", s.page_size);
+  TORCH_CHECK(block_table.size(0) == s.batch, "block_table must have batch (", s.batch, ") rows, got shape ",
+              block_table.sizes());
+  TORCH_CHECK(seq_lens.size(0) == s.batch, "seq_lens must have shape [", s.batch, "], got ", seq_lens.sizes());
+  TORCH_CHECK(out.size(0) == s.batch && out.size(1) == s.num_kv_heads, "out must have shape [", s.batch, ", ",
+              s.num_kv_heads, ", max_len], got ", out.sizes());
+  check_contiguous(out, "out");
+  check_contiguous(block_table, "block_table");
+  check_contiguous(seq_lens, "seq_lens");
+  TORCH_CHECK(q.stride(3) == 1, "q must be contiguous in its last dim, got strides ", c10::str(q.strides()));
+  check_inner_dense(k_cache, 3, "k_cache");
+  if (lse.has_value()) {
+    check_same_device(*lse, q, "lse", "q");
+    check_dtype(*lse, at::kFloat, "lse");
+    TORCH_CHECK(lse->dim() == 3 && lse->size(0) == s.batch && lse->size(1) == s.window &&
+                    lse->size(2) == s.num_q_heads,
+                "lse must have shape [", s.batch, ", ", s.window, ", ", s.num_q_heads, "], got ", lse->sizes());
+    check_contiguous(*lse, "lse");
+  }
+  return s;
+}
+
+enum class ScoreReduction { kSum, kMean, kMax };
+enum class ScorePooling { kNone, kAvg, kMax };
+
+struct AttentionScoresOptions {
+  ScoreReduction reduction;
+  ScorePooling pooling;
+  int64_t pool_kernel;
+};
+
+inline AttentionScoresOptions check_attention_scores_scalars(double scale, const std::string& reduction,
+                                                             const std::string& pooling, int64_t pool_kernel) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
+  AttentionScoresOptions o{};
+  if (reduction == "sum") o.reduction = ScoreReduction::kSum;
+  else if (reduction == "mean") o.reduction = ScoreReduction::kMean;
+  else if (reduction == "max") o.reduction = ScoreReduction::kMax;
+  else TORCH_CHECK(false, "reduction must be 'sum', 'mean' or 'max', got '", reduction, "'");
+  if (pooling == "none") o.pooling = ScorePooling::kNone;
+  else if (pooling == "avg") o.pooling = ScorePooling::kAvg;
+  else if (pooling == "max") o.pooling = ScorePooling::kMax;
+  else TORCH_CHECK(false, "pooling must be 'none', 'avg' or 'max', got '", pooling, "'");
+  if (o.pooling != ScorePooling::kNone)
+    TORCH_CHECK(pool_kernel == 5 || pool_kernel == 7, "pool_kernel must be 5 or 7 when pooling is on, got ",
+                pool_kernel);
+  o.pool_kernel = o.pooling == ScorePooling::kNone ? 1 : pool_kernel;
+  return o;
+}
+
+// Shapes of a compact_kv call: the caches, block table and seq_lens as for decode, plus
+// kept [B, Hkv, K] int64 (contiguous) and kept_lens [B] int32 (contiguous).
+struct CompactShape {
+  int64_t batch, num_kv_heads, head_dim, num_pages, page_size, max_pages, max_kept;
+};
+
+inline CompactShape check_compact_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& block_table, const at::Tensor& seq_lens,
+                                     const at::Tensor& kept, const at::Tensor& kept_lens) {
+  check_rank(k_cache, 4, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]");
+  check_rank(v_cache, 4, "v_cache", "[num_pages, page_size, num_kv_heads, head_dim]");
+  check_rank(block_table, 2, "block_table", "[batch, max_pages]");
+  check_rank(seq_lens, 1, "seq_lens", "[batch]");
+  check_rank(kept, 3, "kept", "[batch, num_kv_heads, max_kept]");
+  check_rank(kept_lens, 1, "kept_lens", "[batch]");
+  for (auto [t, n] : {std::pair{&v_cache, "v_cache"}, {&block_table, "block_table"}, {&seq_lens, "seq_lens"},
+                      {&kept, "kept"}, {&kept_lens, "kept_lens"}})
+    check_same_device(*t, k_cache, n, "k_cache");
+  check_float_dtype(k_cache, "k_cache");
+  check_dtype(v_cache, k_cache.scalar_type(), "v_cache");
+  check_dtype(block_table, at::kInt, "block_table");
+  check_dtype(seq_lens, at::kInt, "seq_lens");
+  check_dtype(kept, at::kLong, "kept");
+  check_dtype(kept_lens, at::kInt, "kept_lens");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ", k_cache.sizes(),
+              ", got ", v_cache.sizes());
+  CompactShape s{};
+  s.num_pages = k_cache.size(0);
+  s.page_size = k_cache.size(1);
+  s.num_kv_heads = k_cache.size(2);
+  s.head_dim = k_cache.size(3);
+  s.batch = block_table.size(0);
+  s.max_pages = block_table.size(1);
+  s.max_kept = kept.size(2);
+  TORCH_CHECK(s.page_size > 0, "k_cache page_size must be positive, got ", s.page_size);
+  TORCH_CHECK(seq_lens.size(0) == s.batch, "seq_lens must have shape [", s.batch, "] (block_table rows), got ",
+              seq_lens.sizes());
+  TORCH_CHECK(kept.size(0) == s.batch && kept.size(1) == s.num_kv_heads, "kept must have shape [", s.batch, ", ",
+              s.num_kv_heads, ", max_kept], got ", kept.sizes());
+  TORCH_CHECK(kept_lens.size(0) == s.batch, "kept_lens must have shape [", s.batch, "], got ", kept_lens.sizes());
+  for (auto [t, n] : {std::pair{&block_table, "block_table"}, {&seq_lens, "seq_lens"}, {&kept, "kept"},
+                      {&kept_lens, "kept_lens"}})
+    check_contiguous(*t, n);
+  check_inner_dense(k_cache, 3, "k_cache");
+  check_inner_dense(v_cache, 3, "v_cache");
+  return s;
+}
+
+
 }  // namespace kvcore

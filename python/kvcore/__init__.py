@@ -50,3 +50,15 @@ __all__ += ["block_sparse", "block_sparse_decode"]
 from .ops import token_decoder_attention  # noqa: E402
 
 __all__ += ["token_decoder_attention"]
+# MLA (DeepSeek-V2/V3): latent projection and absorbed decode ops; the layer is kvcore.mla.
+from .ops import mla_decode, mla_latent_project  # noqa: E402
+
+__all__ += ["mla_decode", "mla_latent_project"]
+from . import mla  # noqa: E402
+
+__all__ += ["mla"]
+
+# Eviction (issue 6): scores without the score matrix, in-place compaction; policies in kvcore.policies.
+from .ops import attention_scores, compact_kv  # noqa: E402
+
+__all__ += ["attention_scores", "compact_kv"]

@@ -358,3 +358,27 @@ class PagedKVCache:
             f"{self.num_pages} used x {self.page_size} tokens, dtype={self.dtype}, "
             f"device={self.device}, sequences={len(self._seqs)})"
         )
+
+    # ---------------------------------------------------------------- eviction
+
+    def truncate(self, seq_id: int, new_len: int) -> int:
+        """Shorten ``seq_id`` to ``new_len`` tokens and give back the pages it no longer needs.
+
+        Used after :func:`kvcore.compact_kv` has moved the kept tokens of every store to the
+        front of the sequence: the sequence keeps its first ``ceil(new_len / page_size)`` pages
+        (in order), the rest go back to the free list. The cache holds one length per sequence
+        for all layers, so with per-layer budgets (PyramidKV) pass the largest kept count over
+        the layers and decode each layer with its own ``seq_lens`` tensor.
+
+        Returns the number of pages freed. Raises ``ValueError`` for an unknown sequence or
+        ``new_len`` outside ``[0, seq_len(seq_id)]``.
+        """
+        seq = self._get(seq_id)
+        if isinstance(new_len, bool) or not isinstance(new_len, int) or not 0 <= new_len <= seq.length:
+            raise ValueError(f"new_len must be an int in [0, {seq.length}] (the sequence's length), got {new_len!r}")
+        keep = math.ceil(new_len / self.page_size)
+        dropped = seq.pages[keep:]
+        del seq.pages[keep:]
+        seq.length = new_len
+        self._free.extend(reversed(dropped))
+        return len(dropped)

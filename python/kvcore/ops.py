@@ -532,3 +532,397 @@ def token_decoder_attention(
 def _token_decoder_attention_fake(q, k, v, block_lens, scale, out, lse) -> None:
     torch._check(out.shape == q.shape, lambda: "out must have q's shape")
     return None
+
+
+# ---- MLA: latent projection and absorbed decode ------------------------------------------------
+
+__all__ += ["mla_decode", "mla_latent_project"]
+
+#: DeepSeek-V2/V3's latent layout: 512 normalised c_KV columns, then 64 roped k_pe columns.
+MLA_KV_LORA_RANK = 512
+MLA_ROPE_DIM = 64
+
+
+def _check_slots(slot_mapping: torch.Tensor, num_pages: int, page_size: int) -> None:
+    num_slots = num_pages * page_size
+    sm = slot_mapping.to("cpu")
+    bad = (sm < -1) | (sm >= num_slots)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"slot_mapping[{t}] = {int(sm[t])} is outside the cache's {num_slots} slots "
+            f"({num_pages} pages x page_size {page_size}); use -1 to skip a token"
+        )
+
+
+def mla_latent_project(
+    hidden: torch.Tensor,
+    w_dkv: torch.Tensor,
+    norm_weight: torch.Tensor,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    latent_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    interleaved_rope: bool = True,
+    c_kv_out: Optional[torch.Tensor] = None,
+    k_pe_out: Optional[torch.Tensor] = None,
+    return_outputs: bool = False,
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """MLA's KV down-projection, fused: project, RMSNorm, RoPE, write into the latent cache.
+
+    For each token ``t``: ``kv = hidden[t] @ w_dkv`` (fp32 accumulation); the first ``R``
+    columns are RMS-normalised and scaled by ``norm_weight`` (c_KV), the last ``P`` are rotated
+    at ``positions[t]`` (k_pe); the ``R + P`` row is stored at ``latent_cache`` slot
+    ``slot_mapping[t]``. The definition is :func:`kvcore.reference.mla_latent_project`.
+
+    Args:
+        hidden: ``[T, d_model]`` bfloat16/float16 (float32 too on CPU); last dim contiguous.
+        w_dkv: ``[d_model, R + P]`` contiguous, hidden's dtype (DeepSeek's ``wkv_a`` /
+            ``kv_a_proj_with_mqa`` weight, transposed). DeepSeek: ``R = 512``, ``P = 64``.
+        norm_weight: ``[R]`` hidden's dtype (``kv_a_layernorm`` weight).
+        cos_sin: ``[max_position, P]`` float32: ``cos`` of the ``P/2`` angles, then their
+            ``sin`` (:func:`kvcore.reference.rope_cos_sin` builds one).
+        positions: ``[T]`` int64 token positions, in ``[0, max_position)``.
+        latent_cache: ``[num_pages, page_size, R + P]`` hidden's dtype, modified in place
+            (may be strided in dim 0).
+        slot_mapping: ``[T]`` int64, ``page * page_size + offset``; ``-1`` skips a token.
+        eps: RMSNorm epsilon (added to the mean square).
+        interleaved_rope: rotate pairs ``(2i, 2i+1)`` (DeepSeek) if True, else
+            ``(i, i + P/2)`` (GPT-NeoX).
+        c_kv_out, k_pe_out: optional ``[T, R]`` / ``[T, P]`` outputs (hidden's dtype) receiving
+            every token's c_KV / k_pe, skipped slots included (a prefill's keys).
+        return_outputs: allocate and return ``(c_kv, k_pe)`` when not given.
+
+    Returns:
+        ``(c_kv, k_pe)`` when either output is given or ``return_outputs``, else ``None``.
+
+    Raises:
+        ValueError: bad ``eps``; with validation on, a slot outside ``[-1, num_slots)`` or a
+            position outside ``[0, max_position)``.
+        RuntimeError: from the op, naming the argument: wrong dtype, rank, shape, device, layout.
+    """
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite float, got {eps}")
+    want = return_outputs or c_kv_out is not None or k_pe_out is not None
+    if want and hidden.dim() == 2 and norm_weight.dim() == 1 and cos_sin.dim() == 2:
+        if c_kv_out is None:
+            c_kv_out = torch.empty(hidden.shape[0], norm_weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+        if k_pe_out is None:
+            k_pe_out = torch.empty(hidden.shape[0], cos_sin.shape[1], dtype=hidden.dtype, device=hidden.device)
+    if validation_enabled():
+        if slot_mapping.dim() == 1 and latent_cache.dim() == 3 and slot_mapping.dtype == torch.int64:
+            _check_slots(slot_mapping, latent_cache.shape[0], latent_cache.shape[1])
+        if positions.dim() == 1 and cos_sin.dim() == 2 and positions.dtype == torch.int64 and positions.numel():
+            pos = positions.to("cpu")
+            bad = (pos < 0) | (pos >= cos_sin.shape[0])
+            if bool(bad.any()):
+                t = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"positions[{t}] = {int(pos[t])} is outside the rope table's rows [0, {cos_sin.shape[0]}) (cos_sin)"
+                )
+    _ops.mla_latent_project(
+        hidden, w_dkv, norm_weight, float(eps), cos_sin, positions, latent_cache, slot_mapping, bool(interleaved_rope),
+        c_kv_out, k_pe_out,
+    )
+    return (c_kv_out, k_pe_out) if want else None
+
+
+@overload
+def mla_decode(
+    q: torch.Tensor, latent_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
+    v_dim: Optional[int] = ..., out: Optional[torch.Tensor] = ..., lse: None = ..., return_lse: bool = ...,
+    workspace: Optional[torch.Tensor] = ..., num_splits: int = ...,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
+@overload
+def mla_decode(
+    q: torch.Tensor, latent_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
+    v_dim: Optional[int] = ..., out: Optional[torch.Tensor] = ..., lse: torch.Tensor, return_lse: bool = ...,
+    workspace: Optional[torch.Tensor] = ..., num_splits: int = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def mla_decode(
+    q: torch.Tensor,
+    latent_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    v_dim: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    workspace: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+):
+    """Absorbed MLA decode: one query token per sequence over the paged latent cache.
+
+    Every head attends to the sequence's latent rows (keys, ``Dk = R + P`` wide) and takes their
+    first ``v_dim`` columns (c_KV) as values: multi-query attention with one shared head, where
+    ``q``'s first ``R`` columns are ``q_nope`` already multiplied by ``W_UK`` and the last ``P``
+    the roped ``q_pe`` (:class:`kvcore.mla.MLAAttention` builds them). The definition is
+    :func:`kvcore.reference.mla_decode`.
+
+    Args:
+        q: ``[B, H, Dk]`` bfloat16/float16 (float32 too on CPU), last dim contiguous.
+        latent_cache: ``[num_pages, page_size, Dk]``, q's dtype (may be strided in dim 0).
+        block_table: ``[B, max_pages]`` int32; seq_lens: ``[B]`` int32 (0 gives out 0, lse -inf).
+        scale: softmax scale (required: MLA's is ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``,
+            which the shapes do not tell).
+        v_dim: value width; default ``out.shape[2]`` when ``out`` is given, else ``Dk - 64``
+            (DeepSeek's 512 of 576).
+        out: optional preallocated contiguous ``[B, H, v_dim]`` output (q's dtype).
+        lse: optional preallocated ``[B, H]`` float32 log-sum-exp (natural log); returned when
+            given or when ``return_lse``.
+        workspace: CUDA split-KV scratch (uint8, zero-filled once); default: the shared
+            per-device buffer (:func:`decode_workspace`). Ignored on CPU.
+        num_splits: ``0`` picks the KV split from the shapes, ``n > 0`` forces ``n``. Ignored on
+            CPU (results are deterministic at a fixed thread count).
+
+    Returns:
+        ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
+
+    Raises:
+        ValueError: bad scalars; with validation on, ``seq_lens`` over the block table's capacity
+            or a used block-table entry that is not a page of the cache.
+        RuntimeError: from the op, naming the argument: wrong dtype, rank, shape, device, layout.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"q must be 3-D [batch, num_heads, kv_lora_rank + rope_dim], got {shape}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be 0 (automatic) or positive, got {num_splits}")
+    if v_dim is None:
+        v_dim = out.shape[2] if out is not None and out.dim() == 3 else q.shape[2] - MLA_ROPE_DIM
+    if not 0 < v_dim <= q.shape[2]:
+        raise ValueError(f"v_dim must be in [1, {q.shape[2]}] (q's last dim), got {v_dim}")
+    if out is None:
+        out = torch.empty(q.shape[0], q.shape[1], v_dim, dtype=q.dtype, device=q.device)
+    want_lse = return_lse or lse is not None
+    if return_lse and lse is None:
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    if workspace is None and q.is_cuda:
+        workspace = decode_workspace(q.device)
+    if (
+        validation_enabled()
+        and latent_cache.dim() == 3
+        and block_table.dim() == 2
+        and seq_lens.dim() == 1
+        and block_table.dtype == torch.int32
+        and seq_lens.dtype == torch.int32
+        and block_table.shape[0] == seq_lens.shape[0]
+        and latent_cache.shape[1] > 0
+    ):
+        _check_block_table_contents(block_table, seq_lens, latent_cache.shape[0], latent_cache.shape[1])
+    _ops.mla_decode(q, latent_cache, block_table, seq_lens, float(scale), out, lse, workspace, int(num_splits))
+    return (out, lse) if want_lse else out
+
+
+@torch.library.register_fake("kvcore::mla_latent_project")
+def _mla_latent_project_fake(hidden, w_dkv, norm_weight, eps, cos_sin, positions, latent_cache, slot_mapping,
+                             interleaved_rope, c_kv_out, k_pe_out) -> None:
+    torch._check(latent_cache.shape[-1] == w_dkv.shape[-1], lambda: "latent_cache must be as wide as w_dkv")
+    return None
+
+
+@torch.library.register_fake("kvcore::mla_decode")
+def _mla_decode_fake(q, latent_cache, block_table, seq_lens, scale, out, lse, workspace, num_splits) -> None:
+    torch._check(out.shape[:2] == q.shape[:2], lambda: "out must be [batch, num_heads, v_dim]")
+    return None
+
+
+# ---- eviction: attention_scores and compact_kv -------------------------------------------------
+
+__all__ += ["attention_scores", "compact_kv"]
+
+_SCORE_REDUCTIONS = ("sum", "mean", "max")
+_SCORE_POOLINGS = ("none", "avg", "max")
+
+
+def attention_scores(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    lse: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    reduction: str = "sum",
+    pooling: str = "none",
+    pool_kernel: int = 5,
+    max_len: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-key eviction scores from the attention of a window of queries, without the score matrix.
+
+    The ``w`` queries are the last ``w`` positions of each sequence: query ``i`` sits at
+    position ``seq_lens[b] - w + i`` and sees the keys up to that position (causal inside the
+    window). Each query's softmax probabilities over the keys it sees are reduced over the
+    window and over the query heads of each KV group into one score per (sequence, KV head,
+    key); optionally 1-D pooled over the keys before the window (SnapKV). The definition is
+    :func:`kvcore.reference.attention_scores`. The CPU kernel holds at most a
+    ``[G * w, 32]`` block of logits per thread.
+
+    Args:
+        q: ``[B, w, Hq, D]``, bfloat16/float16 (float32 too on CPU), last dim contiguous.
+        k_cache: ``[num_pages, page_size, Hkv, D]``, q's dtype (values are not read).
+        block_table: ``[B, max_pages]`` int32; seq_lens: ``[B]`` int32 (keys per sequence,
+            the window included; a sequence shorter than ``w`` has queries that see nothing).
+        lse: optional ``[B, w, Hq]`` float32 natural-log log-sum-exp of each query's logits over
+            the keys it sees (e.g. from the prefill attention); saves the first of two passes.
+        scale: softmax scale, default ``D ** -0.5`` (must match ``lse`` when given).
+        reduction: ``"sum"``, ``"mean"`` (sum / (w * G)) or ``"max"`` over (query, group head).
+        pooling: ``"none"``, ``"avg"`` or ``"max"``; pool_kernel: 5 or 7 (stride 1, padding
+            ``pool_kernel // 2``, over the keys ``p < seq_lens[b] - w`` only; avg counts padding).
+        max_len: key dimension ``S`` of the result, default ``out.shape[2]`` or the block table's
+            capacity ``max_pages * page_size`` (no host sync); must be >= every seq_len.
+        out: optional preallocated contiguous ``[B, Hkv, S]`` float32.
+
+    Returns:
+        ``out`` ``[B, Hkv, S]`` float32; keys ``p >= seq_lens[b]`` score 0.
+
+    Raises:
+        ValueError: q not 4-D, bad scale / reduction / pooling / pool_kernel; with validation on,
+            seq_lens or block-table pages out of range, or a seq_len above ``S``.
+        RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"q must be 4-D [batch, window, num_q_heads, head_dim], got {shape}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    if reduction not in _SCORE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_SCORE_REDUCTIONS}, got {reduction!r}")
+    if pooling not in _SCORE_POOLINGS:
+        raise ValueError(f"pooling must be one of {_SCORE_POOLINGS}, got {pooling!r}")
+    if pooling != "none" and pool_kernel not in (5, 7):
+        raise ValueError(f"pool_kernel must be 5 or 7 when pooling is on, got {pool_kernel}")
+    if out is None:
+        if max_len is None:
+            if block_table.dim() != 2 or k_cache.dim() != 4:
+                raise ValueError("block_table must be 2-D and k_cache 4-D to size the output (or pass max_len)")
+            max_len = block_table.shape[1] * k_cache.shape[1]
+        if max_len < 0:
+            raise ValueError(f"max_len must be >= 0, got {max_len}")
+        num_kv_heads = k_cache.shape[2] if k_cache.dim() == 4 else 0
+        out = torch.empty(q.shape[0], num_kv_heads, int(max_len), dtype=torch.float32, device=q.device)
+    if (
+        validation_enabled()
+        and k_cache.dim() == 4
+        and block_table.dim() == 2
+        and seq_lens.dim() == 1
+        and block_table.dtype == torch.int32
+        and seq_lens.dtype == torch.int32
+        and block_table.shape[0] == seq_lens.shape[0]
+        and k_cache.shape[1] > 0
+        and out.dim() == 3
+    ):
+        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+        lens = seq_lens.to("cpu")
+        if lens.numel() and int(lens.max()) > out.shape[2]:
+            b = int(lens.argmax())
+            raise ValueError(f"seq_lens[{b}] = {int(lens[b])} exceeds the scores' key dimension (out.shape[2] / "
+                             f"max_len = {out.shape[2]})")
+    _ops.attention_scores(q, k_cache, block_table, seq_lens, lse, float(scale), reduction, pooling, int(pool_kernel),
+                          out)
+    return out
+
+
+@torch.library.register_fake("kvcore::attention_scores")
+def _attention_scores_fake(q, k_cache, block_table, seq_lens, lse, scale, reduction, pooling, pool_kernel,
+                           out) -> None:
+    torch._check(out.dim() == 3 and out.shape[0] == q.shape[0], lambda: "out must be [batch, num_kv_heads, max_len]")
+    return None
+
+
+def _check_kept_contents(kept: torch.Tensor, kept_lens: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """Host check of compact_kv's selection: counts in range, positions strictly increasing and in range."""
+    lens = seq_lens.to(device="cpu", dtype=torch.int64)
+    counts = kept_lens.to(device="cpu", dtype=torch.int64)
+    limit = torch.clamp(lens, max=kept.shape[2])
+    bad = (counts < 0) | (counts > limit)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"kept_lens[{b}] = {int(counts[b])} must be in [0, min(seq_lens[{b}] = {int(lens[b])}, "
+            f"max_kept = {kept.shape[2]})]"
+        )
+    pos = kept.to("cpu")
+    live = torch.arange(kept.shape[2]).view(1, 1, -1) < counts.view(-1, 1, 1)
+    bad = live & ((pos < 0) | (pos >= lens.view(-1, 1, 1)))
+    if bool(bad.any()):
+        b, h, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"kept[{b}, {h}, {j}] = {int(pos[b, h, j])} is not a position of sequence {b} "
+                         f"(seq_lens[{b}] = {int(lens[b])})")
+    unsorted = live[..., 1:] & (pos[..., 1:] <= pos[..., :-1])
+    if bool(unsorted.any()):
+        b, h, j = (int(x) for x in unsorted.nonzero()[0])
+        raise ValueError(f"kept[{b}, {h}] must be strictly increasing: kept[{b}, {h}, {j + 1}] = "
+                         f"{int(pos[b, h, j + 1])} follows {int(pos[b, h, j])}")
+
+
+def compact_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kept: torch.Tensor,
+    kept_lens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Compact a paged KV cache in place after eviction; returns ``seq_lens``, updated in place.
+
+    For each sequence ``b`` and KV head ``h`` the tokens at positions ``kept[b, h, :n]`` (with
+    ``n = kept_lens[b]``) move, in order, to positions ``0 .. n - 1`` of that head, through the
+    sequence's block table; then ``seq_lens[b] = n``. Pages past ``ceil(n / page_size)`` are no
+    longer read and can be given back (:meth:`kvcore.PagedKVCache.truncate`). Definition:
+    :func:`kvcore.reference.compact_kv`.
+
+    Per-head budgets: kvcore's decode reads one ``seq_len`` per sequence, so every KV head of a
+    sequence keeps the same number of tokens ``kept_lens[b]`` (the shape enforces it). A policy
+    whose per-head budgets differ (AdaKV) pads each head up to the sequence's largest count
+    with that head's next-best tokens, or refuses: see :mod:`kvcore.policies`.
+
+    Args:
+        k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; modified in place.
+        block_table: ``[B, max_pages]`` int32; seq_lens: ``[B]`` int32, modified in place.
+        kept: ``[B, Hkv, K]`` int64 positions, each row strictly increasing in ``[0, seq_lens[b])``
+            over its first ``kept_lens[b]`` entries (the rest is ignored).
+        kept_lens: ``[B]`` int32 in ``[0, min(seq_lens[b], K)]``; default ``K`` for every sequence.
+
+    Raises:
+        ValueError: with validation on, block-table pages or seq_lens out of range, a count
+            outside its range, or a kept position out of range or out of order.
+        RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
+    """
+    if kept_lens is None:
+        if kept.dim() != 3:
+            raise ValueError(f"kept must be 3-D [batch, num_kv_heads, max_kept], got shape {tuple(kept.shape)}")
+        kept_lens = torch.full((kept.shape[0],), kept.shape[2], dtype=torch.int32, device=kept.device)
+    if (
+        validation_enabled()
+        and k_cache.dim() == 4
+        and block_table.dim() == 2
+        and seq_lens.dim() == 1
+        and block_table.dtype == torch.int32
+        and seq_lens.dtype == torch.int32
+        and block_table.shape[0] == seq_lens.shape[0]
+        and k_cache.shape[1] > 0
+        and kept.dim() == 3
+        and kept.dtype == torch.int64
+        and kept.shape[0] == seq_lens.shape[0]
+        and kept_lens.dim() == 1
+        and kept_lens.shape[0] == seq_lens.shape[0]
+    ):
+        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+        _check_kept_contents(kept, kept_lens, seq_lens)
+    _ops.compact_kv(k_cache, v_cache, block_table, seq_lens, kept, kept_lens)
+    return seq_lens
+
+
+@torch.library.register_fake("kvcore::compact_kv")
+def _compact_kv_fake(k_cache, v_cache, block_table, seq_lens, kept, kept_lens) -> None:
+    return None

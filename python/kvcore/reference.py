@@ -508,9 +508,298 @@ def token_decoder_attention(
     valid_row = torch.arange(block_length, device=q.device)[None, :] < lens[:, None]  # [N, L]
     logits = logits.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(logits, dim=-1)  # [N, Hq, L]; every row has at least one key
-    out = torch.exp(logits - lse[..., None]) @ v64  # [N, Hq, L, D]
+    # Row i reads only keys 0 .. P + i: a product with the full V would let a NaN in a key the
+    # row never attends to leak in through 0 * NaN.
+    out = torch.stack(
+        [torch.exp(logits[:, :, i, : prefix + i + 1] - lse[:, :, i, None])[:, :, None, :]
+         @ v64[:, :, : prefix + i + 1] for i in range(block_length)],
+        dim=2,
+    ).squeeze(3)  # [N, Hq, L, D]
     out = out.transpose(1, 2)  # [N, L, Hq, D]
     lse = lse.transpose(1, 2)  # [N, L, Hq]
     out = torch.where(valid_row[:, :, None, None], out, 0.0)
     lse = torch.where(valid_row[:, :, None], lse, -math.inf)
     return out.to(torch.float32), lse.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# MLA (DeepSeek-V2/V3 multi-head latent attention).
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["mla_decode", "mla_latent_project", "rope", "rope_cos_sin"]
+
+
+def rope_cos_sin(max_position: int, rope_dim: int, theta: float = 10000.0) -> Tensor:
+    """The RoPE table that ``mla_latent_project`` takes: ``[max_position, rope_dim]`` float32.
+
+    Row ``p`` holds ``cos(p * f_i)`` in columns ``0 .. rope_dim/2 - 1`` and ``sin(p * f_i)`` in
+    columns ``rope_dim/2 .. rope_dim - 1``, with ``f_i = theta ** (-2 i / rope_dim)``
+    (computed in float64, stored as float32). Any table of this layout may be used instead
+    (e.g. with YaRN-scaled frequencies).
+    """
+    if rope_dim <= 0 or rope_dim % 2:
+        raise ValueError(f"rope_dim must be even and positive, got {rope_dim}")
+    if max_position <= 0:
+        raise ValueError(f"max_position must be positive, got {max_position}")
+    inv_freq = theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=1).to(torch.float32)
+
+
+def rope(x: Tensor, positions: Tensor, cos_sin: Tensor, interleaved: bool) -> Tensor:
+    """Rotary position embedding of ``x`` ``[..., T, P]`` at ``positions`` ``[T]``, in float64.
+
+    With ``c_i = cos_sin[pos, i]`` and ``s_i = cos_sin[pos, P/2 + i]`` for ``i < P/2``, each pair
+    ``(a, b)`` of ``x`` becomes ``(a c_i - b s_i, b c_i + a s_i)``, where the pairs are
+    ``(x[2i], x[2i+1])`` when ``interleaved`` (DeepSeek's layout) and ``(x[i], x[i + P/2])``
+    otherwise (GPT-NeoX's half split). Positions must lie in ``[0, max_position)``.
+    Returns a float64 tensor of ``x``'s shape.
+    """
+    rope_dim = x.shape[-1]
+    half = rope_dim // 2
+    if cos_sin.shape[-1] != rope_dim:
+        raise ValueError(f"cos_sin must have rope_dim = {rope_dim} columns, got shape {tuple(cos_sin.shape)}")
+    pos = positions.to(device=cos_sin.device, dtype=torch.long)
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= cos_sin.shape[0]):
+        raise ValueError(f"positions must lie in [0, {cos_sin.shape[0]}) (cos_sin's rows), got {pos.tolist()}")
+    table = cos_sin.to(torch.float64)[pos].to(x.device)  # [T, P]
+    c, s = table[:, :half], table[:, half:]
+    x64 = x.to(torch.float64)
+    if interleaved:
+        a, b = x64[..., 0::2], x64[..., 1::2]
+        out = torch.empty_like(x64)
+        out[..., 0::2] = a * c - b * s
+        out[..., 1::2] = b * c + a * s
+        return out
+    a, b = x64[..., :half], x64[..., half:]
+    return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+
+
+def mla_latent_project(
+    hidden: Tensor,
+    w_dkv: Tensor,
+    norm_weight: Tensor,
+    eps: float,
+    cos_sin: Tensor,
+    positions: Tensor,
+    latent_cache: Tensor,
+    slot_mapping: Tensor,
+    interleaved_rope: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """MLA's KV down-projection into the paged latent cache (functional: inputs unchanged).
+
+    ``hidden`` ``[T, d_model]``, ``w_dkv`` ``[d_model, R + P]``, ``norm_weight`` ``[R]``,
+    ``cos_sin`` ``[max_position, P]`` (see :func:`rope_cos_sin`), ``positions`` ``[T]`` int,
+    ``latent_cache`` ``[num_pages, page_size, R + P]``, ``slot_mapping`` ``[T]`` int64. In float64:
+
+        kv    = hidden @ w_dkv                                           [T, R + P]
+        c_kv  = kv[:, :R] / sqrt(mean(kv[:, :R] ** 2, -1) + eps) * norm_weight
+        k_pe  = rope(kv[:, R:], positions, cos_sin, interleaved_rope)
+        cache'[slot // page_size, slot % page_size] = cat(c_kv, k_pe)   for slot = slot_mapping[t] >= 0
+
+    (cast to the cache dtype; ``-1`` skips a token; other slots must be in range and distinct).
+    Returns ``(cache' (a copy, cache dtype), c_kv [T, R] float32, k_pe [T, P] float32)``.
+    """
+    _check_dim(hidden, 2, "hidden", "[tokens, d_model]")
+    _check_dim(w_dkv, 2, "w_dkv", "[d_model, kv_lora_rank + rope_dim]")
+    _check_dim(norm_weight, 1, "norm_weight", "[kv_lora_rank]")
+    _check_dim(latent_cache, 3, "latent_cache", "[num_pages, page_size, kv_lora_rank + rope_dim]")
+    rank, rope_dim = norm_weight.shape[0], cos_sin.shape[1]
+    if tuple(w_dkv.shape) != (hidden.shape[1], rank + rope_dim):
+        raise ValueError(f"w_dkv must be [{hidden.shape[1]}, {rank + rope_dim}], got {tuple(w_dkv.shape)}")
+    if latent_cache.shape[2] != rank + rope_dim:
+        raise ValueError(f"latent_cache's last dim must be {rank + rope_dim}, got {latent_cache.shape[2]}")
+    if slot_mapping.shape != (hidden.shape[0],) or positions.shape != (hidden.shape[0],):
+        raise ValueError("slot_mapping and positions must have one entry per token")
+
+    kv = hidden.to(torch.float64) @ w_dkv.to(device=hidden.device, dtype=torch.float64)
+    c = kv[:, :rank]
+    c_kv = c * torch.rsqrt(c.pow(2).mean(dim=-1, keepdim=True) + eps) * norm_weight.to(torch.float64)
+    k_pe = rope(kv[:, rank:], positions, cos_sin, interleaved_rope)
+
+    num_pages, page_size, width = latent_cache.shape
+    slots = slot_mapping.to(device=latent_cache.device, dtype=torch.long)
+    num_slots = num_pages * page_size
+    bad = (slots < -1) | (slots >= num_slots)
+    if bool(bad.any()):
+        raise ValueError(f"slot_mapping entries must be -1 or in [0, {num_slots}), got {slots[bad].tolist()}")
+    keep = slots >= 0
+    new_cache = latent_cache.clone()
+    flat = new_cache.view(num_slots, width)
+    flat[slots[keep]] = torch.cat([c_kv, k_pe], dim=1)[keep].to(device=latent_cache.device, dtype=latent_cache.dtype)
+    return new_cache, c_kv.to(torch.float32), k_pe.to(torch.float32)
+
+
+def mla_decode(
+    q: Tensor, latent_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float, v_dim: int
+) -> tuple[Tensor, Tensor]:
+    """Absorbed MLA decode: one query token per sequence over its paged latent cache.
+
+    ``q`` ``[B, H, Dk]``, ``latent_cache`` ``[num_pages, page_size, Dk]``, ``block_table`` and
+    ``seq_lens`` as in :func:`gqa_decode`. Every head attends to the same keys, the latent rows
+    ``c_p`` of positions ``p in [0, seq_lens[b])``; the values are their first ``v_dim`` columns:
+
+        logits[h, p] = scale * q[b, h] . c_p
+        out[b, h]    = sum_p softmax_p(logits[h])[p] * c_p[:v_dim]
+        lse[b, h]    = logsumexp_p(logits[h])             (natural log)
+
+    An empty sequence gives ``out = 0``, ``lse = -inf``. Returns ``(out [B, H, v_dim] float32,
+    lse [B, H] float32)``; the arithmetic is float64.
+    """
+    _check_dim(q, 3, "q", "[batch, num_heads, Dk]")
+    _check_dim(latent_cache, 3, "latent_cache", "[num_pages, page_size, Dk]")
+    _check_dim(block_table, 2, "block_table", "[batch, max_pages]")
+    _check_dim(seq_lens, 1, "seq_lens", "[batch]")
+    batch, num_heads, dk = q.shape
+    num_pages, page_size, width = latent_cache.shape
+    if width != dk:
+        raise ValueError(f"latent_cache's last dim ({width}) must equal q's ({dk})")
+    if not 0 < v_dim <= dk:
+        raise ValueError(f"v_dim must be in [1, {dk}], got {v_dim}")
+    out = torch.empty(batch, num_heads, v_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
+    capacity = block_table.shape[1] * page_size
+    for b, length in enumerate(int(x) for x in seq_lens.tolist()):
+        if length < 0 or length > capacity:
+            raise ValueError(f"seq_lens[{b}] = {length} must be in [0, max_pages * page_size = {capacity}]")
+        used = block_table[b, : (length + page_size - 1) // page_size]
+        if used.numel() and (bool((used < 0).any()) or bool((used >= num_pages).any())):
+            raise ValueError(f"block_table[{b}] must hold page ids in [0, {num_pages}), got {used.tolist()}")
+        if length == 0:
+            out[b] = 0.0
+            lse[b] = -math.inf
+            continue
+        pos = torch.arange(length, device=latent_cache.device)
+        rows = latent_cache[block_table[b].long()[pos // page_size], pos % page_size].to(q.device, torch.float64)
+        logits = scale * (q[b].to(torch.float64) @ rows.T)  # [H, L]
+        s = torch.logsumexp(logits, dim=-1)
+        out[b] = (torch.exp(logits - s[:, None]) @ rows[:, :v_dim]).to(torch.float32)
+        lse[b] = s.to(torch.float32)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Eviction: attention scores over a window of queries, and cache compaction.
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["attention_scores", "compact_kv"]
+
+SCORE_REDUCTIONS = ("sum", "mean", "max")
+SCORE_POOLINGS = ("none", "avg", "max")
+
+
+def attention_scores(
+    q: Tensor,
+    k_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    lse: Tensor | None = None,
+    scale: float | None = None,
+    reduction: str = "sum",
+    pooling: str = "none",
+    pool_kernel: int = 5,
+    max_len: int | None = None,
+) -> Tensor:
+    """Per-key eviction scores from a window of the last ``w`` queries of each sequence.
+
+    ``q`` ``[B, w, Hq, D]``: query ``i`` of sequence ``b`` sits at position
+    ``t_i = seq_lens[b] - w + i`` and sees the keys ``p <= t_i`` (causal inside the window; a
+    query with ``t_i < 0`` sees nothing). With ``G = Hq // Hkv`` and ``scale`` defaulting to
+    ``1 / sqrt(D)``, for query head ``hq = h * G + g``:
+
+        logit[i, hq, p] = scale * q[b, i, hq] . k_p[h]                  (p <= t_i)
+        lse[i, hq]      = logsumexp_{p <= t_i} logit[i, hq, p]          (or the caller's lse [B, w, Hq])
+        prob[i, hq, p]  = exp(logit[i, hq, p] - lse[i, hq])   (0 for p > t_i)
+        score[h, p]     = sum | mean | max over (i, g) of prob[i, h * G + g, p]
+
+    ``mean`` divides the sum by ``w * G``. Then, with ``pooling`` ``"avg"`` / ``"max"``, the
+    scores of the prefix keys ``p < seq_lens[b] - w`` (the keys before the window) are replaced
+    by ``avg_pool1d`` / ``max_pool1d`` over that prefix alone with ``kernel_size = pool_kernel``
+    (5 or 7), ``stride = 1`` and ``padding = pool_kernel // 2`` (avg counts the zero padding, as
+    ``torch.nn.functional.avg_pool1d`` does by default: SnapKV's rule); the window keys' scores are
+    not pooled. Keys ``p >= seq_lens[b]`` (up to ``max_len``, default the longest sequence) score 0.
+
+    Returns ``[B, Hkv, max_len]`` **float64**.
+    """
+    _check_dim(q, 4, "q", "[batch, window, num_q_heads, head_dim]")
+    _check_dim(k_cache, 4, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]")
+    _check_dim(block_table, 2, "block_table", "[batch, max_pages]")
+    _check_dim(seq_lens, 1, "seq_lens", "[batch]")
+    if reduction not in SCORE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {SCORE_REDUCTIONS}, got {reduction!r}")
+    if pooling not in SCORE_POOLINGS:
+        raise ValueError(f"pooling must be one of {SCORE_POOLINGS}, got {pooling!r}")
+    if pooling != "none" and pool_kernel not in (5, 7):
+        raise ValueError(f"pool_kernel must be 5 or 7 when pooling is on, got {pool_kernel}")
+    batch, window, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, _ = k_cache.shape
+    group = _check_group(num_q_heads, num_kv_heads)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    lens = [int(x) for x in seq_lens.tolist()]
+    if max_len is None:
+        max_len = max(lens + [0])
+    out = torch.zeros(batch, num_kv_heads, max_len, dtype=torch.float64, device=q.device)
+    for b, length in enumerate(lens):
+        if length > max_len:
+            raise ValueError(f"seq_lens[{b}] = {length} exceeds max_len = {max_len}")
+        if length == 0:
+            continue
+        keys = gather_paged(k_cache, block_table[b], torch.arange(length)).to(torch.float64)  # [L, Hkv, D]
+        keys = keys.repeat_interleave(group, dim=1)  # [L, Hq, D]
+        logits = scale * torch.einsum("ihd,lhd->ihl", q[b].to(torch.float64), keys)  # [w, Hq, L]
+        t = length - window + torch.arange(window, device=q.device)  # query positions
+        visible = torch.arange(length, device=q.device)[None, :] <= t[:, None]  # [w, L]
+        logits = logits.masked_fill(~visible[:, None, :], -math.inf)
+        row_lse = torch.logsumexp(logits, dim=-1) if lse is None else lse[b].to(torch.float64)  # [w, Hq]
+        prob = torch.exp(logits - row_lse[..., None])
+        prob = torch.where(visible[:, None, :], prob, torch.zeros((), dtype=torch.float64, device=q.device))
+        prob = prob.view(window, num_kv_heads, group, length)
+        if reduction == "max":
+            s = prob.amax(dim=(0, 2))
+        else:
+            s = prob.sum(dim=(0, 2))
+            if reduction == "mean":
+                s = s / (window * group)
+        prefix = length - window
+        if pooling != "none" and prefix > 0:
+            pool = torch.nn.functional.avg_pool1d if pooling == "avg" else torch.nn.functional.max_pool1d
+            s[:, :prefix] = pool(s[None, :, :prefix], kernel_size=pool_kernel, stride=1, padding=pool_kernel // 2)[0]
+        out[b, :, :length] = s
+    return out
+
+
+def compact_kv(
+    k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, kept: Tensor, kept_lens: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compaction after eviction (functional: the inputs are not modified).
+
+    For each sequence ``b`` and KV head ``h``, with ``n = kept_lens[b]`` and the positions
+    ``kept[b, h, :n]`` (strictly increasing, in ``[0, seq_lens[b])``):
+
+        k'[b, position i, head h] = k[b, position kept[b, h, i], head h]     for i < n (same for v)
+
+    where "position" is read through the block table. Every other cache element is unchanged,
+    and ``seq_lens'[b] = n``. Returns ``(k_cache', v_cache', seq_lens')``.
+    """
+    _check_cache_pair(k_cache, v_cache)
+    _check_dim(kept, 3, "kept", "[batch, num_kv_heads, max_kept]")
+    new_k, new_v = k_cache.clone(), v_cache.clone()
+    page_size = k_cache.shape[1]
+    lens = [int(x) for x in seq_lens.tolist()]
+    for b, length in enumerate(lens):
+        n = int(kept_lens[b])
+        if n < 0 or n > min(length, kept.shape[2]):
+            raise ValueError(f"kept_lens[{b}] = {n} must be in [0, min(seq_len {length}, max_kept {kept.shape[2]})]")
+        for h in range(k_cache.shape[2]):
+            src = kept[b, h, :n].to(torch.long).cpu()
+            if n and (bool((src[1:] <= src[:-1]).any()) or int(src[0]) < 0 or int(src[-1]) >= length):
+                raise ValueError(f"kept[{b}, {h}] must be strictly increasing positions in [0, {length})")
+            dst = torch.arange(n)
+            pages = block_table[b].to(torch.long).cpu()
+            sp, so = pages[src // page_size], src % page_size
+            dp, do = pages[dst // page_size], dst % page_size
+            new_k[dp, do, h] = k_cache[sp, so, h]
+            new_v[dp, do, h] = v_cache[sp, so, h]
+    new_lens = kept_lens.to(device=seq_lens.device, dtype=seq_lens.dtype).clone()
+    return new_k, new_v, new_lens

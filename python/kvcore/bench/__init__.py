@@ -23,6 +23,7 @@ GROUPS = {
     "decode": ".decode",
     "block": (".block_sparse", ".block_transformer"),
 }
+GROUPS["mla"] = ".mla"  # MLA absorbed decode and fused latent projection (kvcore.bench.mla)
 
 
 def group_modules(name: str) -> list:

@@ -1,0 +1,259 @@
+// CPU kernel of kvcore::attention_scores: per-key eviction scores from a window of queries.
+//
+// Work is cut into tasks (sequence b, KV head h, part of the key range). Each task holds the
+// G * w query rows of its KV group in fp32 and walks its keys in chunks of kChunk, so at most a
+// [G * w, kChunk] block of logits exists at a time (never the [w, S] matrix).
+//
+//   pass 1 (only when the caller gives no lse): per task, an online max / sum of exp of every
+//     row over the task's keys; the parts of one (b, h) are merged in part order into each
+//     row's log-sum-exp (deterministic at a fixed thread count).
+//   pass 2: per task, logits again, p = exp(logit - lse_row) where the key is visible to the
+//     row (causal inside the window), reduced over the rows into out[b, h, key].
+//   pooling: per (b, h), in place over the prefix keys, keeping the few original values the
+//     sliding window still needs in a small ring (no copy of the row).
+//
+// Safety without validation: seq_len is clamped to [0, min(max_pages * page_size, S)] and page
+// ids to [0, num_pages), so bad index contents give wrong numbers, never an out-of-bounds access.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace kvcore {
+namespace {
+
+constexpr int64_t kChunk = 32;           // keys per logits block
+constexpr int64_t kMinPartTokens = 512;  // a (b, h) key range is cut into parts no shorter than this
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float dot8(const float* a, const float* b, int64_t n) {
+  // Eight independent partial sums so the loop vectorises without -ffast-math.
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
+  float tail = 0.f;
+  for (; d < n; ++d) tail += a[d] * b[d];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+struct ScoreParams {
+  int64_t batch, window, num_kv_heads, group, head_dim, num_pages, page_size, max_pages, max_len;
+  int64_t q_stride_b, q_stride_w, q_stride_h;
+  int64_t k_page_stride;
+  float scale;
+  AttentionScoresOptions opt;
+};
+
+template <typename scalar_t>
+void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scalar_t* k_cache,
+                            const int32_t* block_table, const int32_t* seq_lens, const float* lse_in, float* out) {
+  const int64_t B = p.batch, H = p.num_kv_heads, G = p.group, W = p.window, D = p.head_dim;
+  const int64_t R = G * W;  // query rows per (b, h); row r = g * W + i
+  const int64_t Hq = H * G;
+  const int64_t row_elems = H * D;
+  const int64_t capacity = p.num_pages > 0 ? p.max_pages * p.page_size : 0;
+
+  std::vector<int64_t> len(B);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    len[b] = std::clamp<int64_t>(seq_lens[b], 0, std::min(capacity, p.max_len));
+    longest = std::max(longest, len[b]);
+  }
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::clamp<int64_t>((2 * threads + B * H - 1) / (B * H), 1,
+                                            std::max<int64_t>(1, longest / kMinPartTokens));
+  const int64_t tasks = B * H * parts;
+
+  auto part_range = [&](int64_t b, int64_t part, int64_t& start, int64_t& stop) {
+    const int64_t span = (len[b] + parts - 1) / parts;
+    start = std::min(len[b], part * span);
+    stop = std::min(len[b], start + span);
+  };
+
+  // Loads the R query rows of (b, h) as fp32 and, per row, the last key position it sees
+  // (-1: the row lies before the sequence start and sees nothing).
+  auto load_queries = [&](int64_t b, int64_t h, float* qf, int64_t* last) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < W; ++i) {
+        const int64_t r = g * W + i;
+        const scalar_t* src = q + b * p.q_stride_b + i * p.q_stride_w + (h * G + g) * p.q_stride_h;
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]);
+        last[r] = std::max<int64_t>(-1, len[b] - W + i);
+      }
+  };
+
+  // Logits [R, n] of the keys c0 .. c0 + n - 1 of (b, h); a key a row does not see gets -inf.
+  auto chunk_logits = [&](int64_t b, int64_t h, int64_t c0, int64_t n, const float* qf, const int64_t* last,
+                          float* krow, float* logits) {
+    const int32_t* pages = block_table + b * p.max_pages;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = c0 + j;
+      const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
+      const scalar_t* kr = k_cache + page * p.k_page_stride + (pos % p.page_size) * row_elems + h * D;
+      for (int64_t d = 0; d < D; ++d) krow[d] = static_cast<float>(kr[d]);
+      for (int64_t r = 0; r < R; ++r)
+        logits[r * kChunk + j] = pos <= last[r] ? dot8(qf + r * D, krow, D) * p.scale : kNegInf;
+    }
+  };
+
+  // ---- pass 1: row log-sum-exp (skipped when the caller passes it) ----
+  std::vector<float> row_lse(B * H * R);
+  if (lse_in == nullptr) {
+    std::vector<float> part_m(tasks * R), part_l(tasks * R);
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(R * D), krow(D), logits(R * kChunk);
+      std::vector<int64_t> last(R);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / parts, part = t % parts, b = bh / H, h = bh % H;
+        int64_t start, stop;
+        part_range(b, part, start, stop);
+        float* m = part_m.data() + t * R;
+        float* l = part_l.data() + t * R;
+        std::fill(m, m + R, kNegInf);
+        std::fill(l, l + R, 0.0f);
+        if (start >= stop) continue;
+        load_queries(b, h, qf.data(), last.data());
+        for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
+          const int64_t n = std::min(kChunk, stop - c0);
+          chunk_logits(b, h, c0, n, qf.data(), last.data(), krow.data(), logits.data());
+          for (int64_t r = 0; r < R; ++r) {
+            const float* lg = logits.data() + r * kChunk;
+            float cmax = kNegInf;
+            for (int64_t j = 0; j < n; ++j) cmax = std::max(cmax, lg[j]);
+            if (cmax == kNegInf) continue;  // the row sees none of these keys
+            const float m_new = std::max(m[r], cmax);
+            float sum = 0.0f;
+            for (int64_t j = 0; j < n; ++j) sum += std::exp(lg[j] - m_new);
+            l[r] = l[r] * std::exp(m[r] - m_new) + sum;
+            m[r] = m_new;
+          }
+        }
+      }
+    });
+    at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh)
+        for (int64_t r = 0; r < R; ++r) {
+          float mx = kNegInf;
+          for (int64_t j = 0; j < parts; ++j) mx = std::max(mx, part_m[(bh * parts + j) * R + r]);
+          float sum = 0.0f;
+          if (mx != kNegInf)
+            for (int64_t j = 0; j < parts; ++j) {
+              const float mj = part_m[(bh * parts + j) * R + r];
+              if (mj != kNegInf) sum += part_l[(bh * parts + j) * R + r] * std::exp(mj - mx);
+            }
+          row_lse[bh * R + r] = sum > 0.0f ? mx + std::log(sum) : kNegInf;
+        }
+    });
+  } else {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = 0; i < W; ++i)
+            row_lse[(b * H + h) * R + g * W + i] = lse_in[(b * W + i) * Hq + h * G + g];
+  }
+
+  // ---- pass 2: probabilities reduced over the rows ----
+  const bool use_max = p.opt.reduction == ScoreReduction::kMax;
+  const float norm = p.opt.reduction == ScoreReduction::kMean ? 1.0f / static_cast<float>(R) : 1.0f;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(R * D), krow(D), logits(R * kChunk);
+    std::vector<int64_t> last(R);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / parts, part = t % parts, b = bh / H, h = bh % H;
+      int64_t start, stop;
+      part_range(b, part, start, stop);
+      float* o = out + bh * p.max_len;
+      if (part == parts - 1)  // keys past the sequence score 0
+        std::fill(o + len[b], o + p.max_len, 0.0f);
+      if (start >= stop) continue;
+      load_queries(b, h, qf.data(), last.data());
+      const float* lse_row = row_lse.data() + bh * R;
+      for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, stop - c0);
+        chunk_logits(b, h, c0, n, qf.data(), last.data(), krow.data(), logits.data());
+        float acc[kChunk];
+        std::fill(acc, acc + n, 0.0f);
+        for (int64_t r = 0; r < R; ++r) {
+          const float* lg = logits.data() + r * kChunk;
+          const float ls = lse_row[r];
+          for (int64_t j = 0; j < n; ++j) {
+            // exp(-inf - x) = 0 for an unseen key; a NaN logit or lse stays NaN.
+            const float pr = lg[j] == kNegInf ? 0.0f : std::exp(lg[j] - ls);
+            // max: once NaN, acc stays NaN (NaN > x is false); a NaN pr replaces acc.
+            acc[j] = use_max ? ((pr > acc[j] || std::isnan(pr)) ? pr : acc[j]) : acc[j] + pr;
+          }
+        }
+        for (int64_t j = 0; j < n; ++j) o[c0 + j] = acc[j] * norm;
+      }
+    }
+  });
+
+  // ---- pooling of the prefix keys [0, len - W) ----
+  if (p.opt.pooling == ScorePooling::kNone) return;
+  const int64_t rad = p.opt.pool_kernel / 2;
+  const bool avg = p.opt.pooling == ScorePooling::kAvg;
+  const float inv_k = 1.0f / static_cast<float>(p.opt.pool_kernel);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t n = len[bh / H] - W;
+      float* o = out + bh * p.max_len;
+      float ring[8];  // original values of positions x - rad .. x - 1, at index pos % rad
+      for (int64_t x = 0; x < n; ++x) {
+        float acc = avg ? 0.0f : kNegInf;
+        for (int64_t y = std::max<int64_t>(0, x - rad); y <= std::min(n - 1, x + rad); ++y) {
+          const float v = y < x ? ring[y % rad] : o[y];
+          acc = avg ? acc + v : ((v > acc || std::isnan(v)) ? v : acc);
+        }
+        ring[x % rad] = o[x];
+        o[x] = avg ? acc * inv_k : acc;
+      }
+    }
+  });
+}
+
+void attention_scores_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
+                          const at::Tensor& seq_lens, const c10::optional<at::Tensor>& lse, double scale,
+                          c10::string_view reduction, c10::string_view pooling, int64_t pool_kernel, at::Tensor& out) {
+  const AttentionScoresShape s = check_attention_scores(q, k_cache, block_table, seq_lens, lse, out);
+  const AttentionScoresOptions opt =
+      check_attention_scores_scalars(scale, std::string(reduction), std::string(pooling), pool_kernel);
+  if (s.batch == 0 || s.num_kv_heads == 0 || s.max_len == 0) return;
+  // An empty cache (no pages) gives every sequence length 0 below: all scores 0, no key read.
+
+  ScoreParams p{};
+  p.batch = s.batch;
+  p.window = s.window;
+  p.num_kv_heads = s.num_kv_heads;
+  p.group = s.group;
+  p.head_dim = s.head_dim;
+  p.num_pages = s.num_pages;
+  p.page_size = s.page_size;
+  p.max_pages = s.max_pages;
+  p.max_len = s.max_len;
+  p.q_stride_b = q.stride(0);
+  p.q_stride_w = q.stride(1);
+  p.q_stride_h = q.stride(2);
+  p.k_page_stride = k_cache.stride(0);
+  p.scale = static_cast<float>(scale);
+  p.opt = opt;
+  const float* lse_ptr = lse.has_value() ? lse->const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_scores_cpu", [&] {
+    attention_scores_tasks<scalar_t>(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
+                                     block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
+                                     lse_ptr, out.mutable_data_ptr<float>());
+  });
+}
+
+}  // namespace
+}  // namespace kvcore
+
+TORCH_LIBRARY_IMPL(kvcore, CPU, m) { m.impl("attention_scores", &kvcore::attention_scores_cpu); }

@@ -1,0 +1,183 @@
+// CPU kernel of kvcore::mla_decode: absorbed MLA decode over a paged latent cache.
+//
+// MLA decode is multi-query attention with one shared KV head whose key is the whole latent
+// row (Dk = 576) and whose value is the row's first Dv (512) columns, so it follows
+// gqa_decode_cpu with group = H: one task per (sequence, part of its key range); a task reads
+// each latent row once, converts it to fp32 once and uses it for the logits of every head and
+// then, as the value, for every head's accumulator. An online softmax runs per head over chunks
+// of kChunk keys. Parts of one sequence (split so that small batches still use every thread)
+// write a normalised partial output and its log-sum-exp, merged at the end in part order, so
+// results are deterministic at a fixed thread count.
+//
+// Safety without validation: seq_len is clamped to [0, max_pages * page_size] and each page
+// index to [0, num_pages); bad index contents give wrong numbers, never an out-of-bounds read.
+// `workspace` and `num_splits` only matter to the CUDA split-KV path and are ignored here.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace kvcore {
+namespace {
+
+constexpr int64_t kChunk = 32;           // keys per online-softmax step
+constexpr int64_t kMinPartTokens = 256;  // a sequence is cut into parts no shorter than this
+
+// Eight independent partial sums so the loop vectorises without -ffast-math.
+inline float dot8(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
+  float tail = 0.f;
+  for (; d < n; ++d) tail += a[d] * b[d];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+template <typename scalar_t>
+void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stride_b, int64_t q_stride_h,
+                      const scalar_t* cache, int64_t page_stride, const int32_t* block_table, const int32_t* seq_lens,
+                      float scale, scalar_t* out, float* lse) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  const int64_t H = s.num_heads, Dk = s.dk, Dv = s.dv;
+  const int64_t capacity = s.num_pages > 0 ? s.max_pages * s.page_size : 0;
+
+  std::vector<int64_t> len(s.batch);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    len[b] = std::clamp<int64_t>(seq_lens[b], 0, capacity);
+    longest = std::max(longest, len[b]);
+  }
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::clamp<int64_t>((2 * threads + s.batch - 1) / s.batch, 1,
+                                            std::max<int64_t>(1, longest / kMinPartTokens));
+  std::vector<float> part_out(s.batch * parts * H * Dv), part_lse(s.batch * parts * H);
+
+  at::parallel_for(0, s.batch * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(H * Dk), acc(H * Dv), rows(kChunk * Dk), logits(H * kChunk), m(H), l(H);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / parts, part = task % parts;
+      const int64_t span = (len[b] + parts - 1) / parts;
+      const int64_t start = part * span, stop = std::min(len[b], start + span);
+      const int32_t* pages = block_table + b * s.max_pages;
+
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* qh = q + b * q_stride_b + h * q_stride_h;
+        for (int64_t d = 0; d < Dk; ++d) qf[h * Dk + d] = static_cast<float>(qh[d]);
+        m[h] = kNegInf;
+        l[h] = 0.0f;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+
+      for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
+        const int64_t n = std::min<int64_t>(kChunk, stop - c0);
+        // The chunk's latent rows in fp32 (each read once; they serve as keys and as values).
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t pos = c0 + i;
+          const int64_t page = std::clamp<int64_t>(pages[pos / s.page_size], 0, s.num_pages - 1);
+          const scalar_t* src = cache + page * page_stride + (pos % s.page_size) * Dk;
+          float* dst = rows.data() + i * Dk;
+          for (int64_t d = 0; d < Dk; ++d) dst[d] = static_cast<float>(src[d]);
+        }
+        for (int64_t h = 0; h < H; ++h) {
+          float* lg = logits.data() + h * kChunk;
+          for (int64_t i = 0; i < n; ++i) lg[i] = dot8(qf.data() + h * Dk, rows.data() + i * Dk, Dk) * scale;
+          float cmax = kNegInf;
+          for (int64_t i = 0; i < n; ++i) cmax = std::max(cmax, lg[i]);
+          const float m_new = std::max(m[h], cmax);
+          const float corr = (m[h] == m_new || m_new == kNegInf) ? 1.0f : std::exp(m[h] - m_new);
+          float sum = 0.0f;
+          for (int64_t i = 0; i < n; ++i) {
+            // m_new = -inf: every logit so far is -inf or NaN; a NaN must stay NaN (poison the head).
+            const float e = m_new == kNegInf ? (std::isnan(lg[i]) ? lg[i] : 0.0f) : std::exp(lg[i] - m_new);
+            lg[i] = e;
+            sum += e;
+          }
+          l[h] = l[h] * corr + sum;
+          m[h] = m_new;
+          float* ah = acc.data() + h * Dv;
+          if (corr != 1.0f)
+            for (int64_t d = 0; d < Dv; ++d) ah[d] *= corr;
+          for (int64_t i = 0; i < n; ++i) {
+            const float w = lg[i];
+            const float* v = rows.data() + i * Dk;  // the value is the row's first Dv columns
+            for (int64_t d = 0; d < Dv; ++d) ah[d] += w * v[d];
+          }
+        }
+      }
+
+      float* po = part_out.data() + task * H * Dv;
+      float* pl = part_lse.data() + task * H;
+      for (int64_t h = 0; h < H; ++h) {
+        const bool empty = l[h] == 0.0f;
+        const float inv_l = empty ? 0.0f : 1.0f / l[h];
+        for (int64_t d = 0; d < Dv; ++d) po[h * Dv + d] = acc[h * Dv + d] * inv_l;
+        pl[h] = empty ? kNegInf : m[h] + std::log(l[h]);
+      }
+    }
+  });
+
+  // Merge the parts of each (sequence, head) in part order.
+  at::parallel_for(0, s.batch * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(Dv);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      float mx = kNegInf;
+      bool nan_part = false;
+      for (int64_t j = 0; j < parts; ++j) {
+        const float lj = part_lse[(b * parts + j) * H + h];
+        nan_part |= std::isnan(lj);
+        mx = std::max(mx, lj);
+      }
+      scalar_t* o = out + bh * Dv;  // out is contiguous [B, H, Dv]
+      if (nan_part) {
+        for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(kNaN);
+        if (lse != nullptr) lse[bh] = kNaN;
+        continue;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float wsum = 0.0f;
+      if (mx != kNegInf) {
+        for (int64_t j = 0; j < parts; ++j) {
+          const float lj = part_lse[(b * parts + j) * H + h];
+          if (lj == kNegInf) continue;
+          const float w = std::exp(lj - mx);
+          wsum += w;
+          const float* pj = part_out.data() + ((b * parts + j) * H + h) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) acc[d] += w * pj[d];
+        }
+      }
+      const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
+      if (lse != nullptr) lse[bh] = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
+    }
+  });
+}
+
+void mla_decode_cpu(const at::Tensor& q, const at::Tensor& latent_cache, const at::Tensor& block_table,
+                    const at::Tensor& seq_lens, double scale, at::Tensor& out, const c10::optional<at::Tensor>& lse,
+                    const c10::optional<at::Tensor>& workspace, int64_t num_splits) {
+  (void)workspace;
+  const MlaDecodeShape s = check_mla_decode(q, latent_cache, block_table, seq_lens, scale, out, lse, num_splits);
+  if (s.batch == 0 || s.num_heads == 0) return;
+  float* lse_ptr = lse.has_value() ? lse->mutable_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_decode_cpu", [&] {
+    mla_decode_tasks<scalar_t>(s, q.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1),
+                               latent_cache.const_data_ptr<scalar_t>(), latent_cache.stride(0),
+                               block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
+                               static_cast<float>(scale), out.mutable_data_ptr<scalar_t>(), lse_ptr);
+  });
+}
+
+}  // namespace
+}  // namespace kvcore
+
+TORCH_LIBRARY_IMPL(kvcore, CPU, m) { m.impl("mla_decode", &kvcore::mla_decode_cpu); }

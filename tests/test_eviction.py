@@ -1,0 +1,339 @@
+"""Eviction (issue 6): attention_scores and compact_kv against kvcore.reference, the policies against
+their plain-torch forms (same kept set on the same seeded inputs), opcheck, bad input, page freeing.
+
+Outputs are poisoned (NaN) before each op call; inputs are random normals with shuffled pages,
+ragged lengths and junk past each sequence's pages in the block table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvcore
+from conftest import make_paged_kv, poison, randn
+from kvcore import policies, reference
+from kvcore.policies import torch_forms
+
+HAS_CUDA_SCORES = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "kvcore::attention_scores", "CUDA")
+cuda_scores = pytest.mark.skipif(not HAS_CUDA_SCORES, reason="no CUDA kernel registered for kvcore::attention_scores")
+HAS_CUDA_COMPACT = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "kvcore::compact_kv", "CUDA")
+cuda_compact = pytest.mark.skipif(not HAS_CUDA_COMPACT, reason="no CUDA kernel registered for kvcore::compact_kv")
+
+SCORE_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}
+
+
+def _device_params(with_dtype: bool):
+    cpu = [("cpu", dt) for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    cuda = [pytest.param("cuda", dt, marks=cuda_scores) for dt in (torch.bfloat16, torch.float16)]
+    return cpu + cuda
+
+
+# (batch, w, Hq, Hkv, D, page_size, lens, reduction, pooling, kernel, with_lse)
+SCORE_CASES = [
+    (3, 4, 8, 2, 64, 16, (40, 4, 2), "sum", "none", 5, False),
+    (2, 8, 4, 4, 64, 5, (57, 30), "mean", "avg", 5, False),
+    (2, 6, 16, 2, 128, 7, (90, 0), "max", "max", 7, False),
+    (3, 5, 6, 3, 64, 16, (77, 12, 33), "sum", "avg", 7, True),
+    (1, 32, 8, 1, 64, 64, (600,), "sum", "avg", 5, False),
+    (2, 3, 4, 2, 64, 1, (25, 9), "mean", "max", 5, True),
+]
+
+
+@pytest.mark.parametrize("case", SCORE_CASES, ids=lambda c: f"B{c[0]}w{c[1]}Hq{c[2]}Hkv{c[3]}ps{c[5]}-{c[7]}-{c[8]}{c[9]}"
+                         + ("-lse" if c[10] else ""))
+@pytest.mark.parametrize("device,dtype", _device_params(True), ids=lambda x: str(x).replace("torch.", ""))
+def test_attention_scores_matches_reference(device, dtype, case, gen):
+    batch, w, hq, hkv, d, ps, lens, reduction, pooling, kernel, with_lse = case
+    kv = make_paged_kv(list(lens), ps, hkv, d, gen=gen, dtype=dtype, device=device)
+    q = randn(batch, w, hq, d, gen=gen, dtype=dtype, device=device)
+    max_len = max(lens) + 3
+    lse = None
+    if with_lse:
+        # The caller's lse: each window query's log-sum-exp over the keys it sees.
+        lse = torch.empty(batch, w, hq, dtype=torch.float32, device=device)
+        for b, n in enumerate(lens):
+            keys = reference.gather_paged(kv.k_cache, kv.block_table[b], torch.arange(n)).double()
+            keys = keys.repeat_interleave(hq // hkv, dim=1)
+            lg = torch.einsum("ihd,lhd->ihl", q[b].double(), keys) / math.sqrt(d)
+            t = n - w + torch.arange(w, device=device)
+            lg = lg.masked_fill(torch.arange(n, device=device).view(1, 1, -1) > t.view(-1, 1, 1), -math.inf)
+            lse[b] = torch.logsumexp(lg, dim=-1).float()
+    out = poison(torch.empty(batch, hkv, max_len, dtype=torch.float32, device=device))
+    k_before = kv.k_cache.clone()
+    res = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
+                                  pooling=pooling, pool_kernel=kernel, out=out)
+    assert res is out
+    ref = reference.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
+                                     pooling=pooling, pool_kernel=kernel, max_len=max_len)
+    assert not torch.isnan(out).any(), "attention_scores left unwritten (NaN) elements"
+    scale = w * hq // hkv if reduction == "sum" else 1.0
+    torch.testing.assert_close(out.double(), ref, atol=SCORE_TOL[dtype] * scale, rtol=1e-3)
+    for b, n in enumerate(lens):
+        assert bool((out[b, :, n:] == 0).all())
+    assert torch.equal(kv.k_cache, k_before)
+
+
+def test_attention_scores_sum_is_window_count(gen):
+    """Without pooling, sum-reduced probabilities of one KV head add up to w * G per sequence."""
+    kv = make_paged_kv([50, 9], 8, 2, 64, gen=gen)
+    q = randn(2, 6, 8, 64, gen=gen)
+    out = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens)
+    torch.testing.assert_close(out.sum(dim=-1), torch.full((2, 2), 6.0 * 4), atol=1e-4, rtol=1e-5)
+
+
+# (lens, Hkv, page_size, max_kept, kept_lens or None)
+COMPACT_CASES = [
+    ((40, 17, 5), 2, 8, 6, None),
+    ((100, 3), 4, 16, 20, (20, 3)),
+    ((33,), 1, 1, 33, None),
+    ((64, 0, 12), 2, 64, 10, (10, 0, 4)),
+]
+
+
+@pytest.mark.parametrize("case", COMPACT_CASES, ids=lambda c: f"L{'_'.join(map(str, c[0]))}Hkv{c[1]}ps{c[2]}K{c[3]}")
+@pytest.mark.parametrize("device,dtype", _device_params(True), ids=lambda x: str(x).replace("torch.", ""))
+def test_compact_kv_matches_reference(device, dtype, case, gen):
+    if device == "cuda" and not HAS_CUDA_COMPACT:
+        pytest.skip("no CUDA kernel registered for kvcore::compact_kv")
+    lens, hkv, ps, max_kept, kept_lens = case
+    kv = make_paged_kv(list(lens), ps, hkv, 64, gen=gen, dtype=dtype, device=device, strided_cache=(ps == 8))
+    counts = [min(n, max_kept) for n in lens] if kept_lens is None else list(kept_lens)
+    kept = torch.zeros(len(lens), hkv, max_kept, dtype=torch.int64)
+    for b, n in enumerate(lens):
+        for h in range(hkv):
+            kept[b, h, : counts[b]] = torch.randperm(n, generator=gen)[: counts[b]].sort().values
+            kept[b, h, counts[b]:] = 10**6  # ignored entries: junk
+    kept = kept.to(device)
+    kl = torch.tensor(counts, dtype=torch.int32, device=device)
+    ref_k, ref_v, ref_lens = reference.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, kept, kl)
+    seq_lens = kv.seq_lens.clone()
+    default_lens = all(c == max_kept for c in counts)  # the wrapper's default kept_lens is max_kept
+    res = kvcore.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, seq_lens, kept, None if default_lens else kl)
+    assert res is seq_lens
+    assert torch.equal(seq_lens.cpu(), ref_lens.cpu())
+    assert torch.equal(kv.k_cache, ref_k) and torch.equal(kv.v_cache, ref_v)
+
+
+def _make_window(gen, lens, w, hq, hkv, d, ps, device="cpu"):
+    kv = make_paged_kv(list(lens), ps, hkv, d, gen=gen, device=device)
+    q = randn(len(lens), w, hq, d, gen=gen, device=device)
+    return kv, q, torch_forms.dense_keys(kv.k_cache, kv.block_table, kv.seq_lens)
+
+
+def _assert_same_kept(selection, oracle: list[torch.Tensor], lens):
+    kept, kept_lens = selection
+    for b, n in enumerate(lens):
+        m = int(kept_lens[b])
+        assert m == oracle[b].shape[1], f"sequence {b}: kept {m} tokens, the torch form keeps {oracle[b].shape[1]}"
+        assert torch.equal(kept[b, :, :m].cpu(), oracle[b].cpu()), f"sequence {b}: different kept sets"
+
+
+LENS = (90, 40, 17)
+
+
+def test_streaming_llm_matches_torch():
+    sel = policies.streaming_llm(torch.tensor(LENS, dtype=torch.int32), 2, 24, num_sinks=4)
+    _assert_same_kept(sel, torch_forms.streaming_llm_torch(torch.tensor(LENS), 2, 24, 4), LENS)
+    assert sel[0][0, 0, :4].tolist() == [0, 1, 2, 3] and int(sel[0][0, 0, 23]) == 89
+
+
+def test_h2o_matches_torch(gen):
+    kv, q, keys = _make_window(gen, LENS, 90, 8, 2, 64, 16)  # w = longest prompt: every query
+    scores = policies.h2o_scores(q, kv.k_cache, kv.block_table, kv.seq_lens)
+    sel = policies.h2o(scores, kv.seq_lens, 30)
+    _assert_same_kept(sel, torch_forms.h2o_torch(q, keys, kv.seq_lens, 30), LENS)
+
+
+@pytest.mark.parametrize("pooling,kernel", [("avg", 5), ("avg", 7)])
+def test_snapkv_matches_torch(gen, pooling, kernel):
+    kv, q, keys = _make_window(gen, LENS, 8, 8, 2, 64, 16)
+    sel = policies.snapkv(q, kv.k_cache, kv.block_table, kv.seq_lens, 32, pooling=pooling, kernel_size=kernel)
+    _assert_same_kept(sel, torch_forms.snapkv_torch(q, keys, kv.seq_lens, 32, kernel, pooling), LENS)
+
+
+def test_pyramidkv_budget_schedule():
+    # c = 56, lo = 2, hi = 110 (< 1000 - 8), step = 108 // 3 = 36: layers keep 110, 74, 38, 2 (+ window).
+    assert [policies.pyramidkv_budget(layer, 4, 1000, 64, 8) for layer in range(4)] == [118, 82, 46, 10]
+    assert policies.pyramidkv_budget(0, 4, 50, 64, 8) == 50  # shorter than the budget: keep all
+    assert policies.pyramidkv_budget(3, 4, 100, 64, 8) == 64  # shorter than 2c: uniform SnapKV
+    # hi capped by the prompt: seq 115 -> hi = 107, lo = 112 - 107 = 5, step = 102 // 3 = 34.
+    assert policies.pyramidkv_budget(1, 4, 115, 64, 8) == 107 - 34 + 8
+    with pytest.raises(ValueError, match="layer"):
+        policies.pyramidkv_budget(4, 4, 1000, 64, 8)
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_pyramidkv_matches_torch(gen, layer):
+    lens = (200, 70, 100)
+    kv, q, keys = _make_window(gen, lens, 8, 4, 2, 64, 16)
+    sel = policies.pyramidkv(q, kv.k_cache, kv.block_table, kv.seq_lens, 40, layer=layer, num_layers=4)
+    _assert_same_kept(sel, torch_forms.pyramidkv_torch(q, keys, kv.seq_lens, 40, layer, 4), lens)
+
+
+def test_adakv_matches_torch_and_pad_rule(gen):
+    kv, q, keys = _make_window(gen, LENS, 8, 8, 4, 64, 16)
+    sel = policies.adakv(q, kv.k_cache, kv.block_table, kv.seq_lens, 24)
+    _assert_same_kept(sel, torch_forms.adakv_torch(q, keys, kv.seq_lens, 24), LENS)
+    scores = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, pooling="avg")
+    alloc = policies.eviction.adakv_allocation(scores, kv.seq_lens, 24, 8)
+    assert int(alloc[0].sum()) == 4 * 16  # the layer's budget before the window, shared by the heads
+    assert bool((alloc[0] >= 3).all())  # floor(0.2 * 16)
+    if bool((alloc[0] != alloc[0, 0]).any()):
+        with pytest.raises(ValueError, match="pad=True"):
+            policies.adakv(q, kv.k_cache, kv.block_table, kv.seq_lens, 24, pad=False)
+
+
+def test_tova_matches_torch(gen):
+    kv, q, keys = _make_window(gen, LENS, 1, 8, 2, 64, 16)
+    sel = policies.tova(q, kv.k_cache, kv.block_table, kv.seq_lens, 20)
+    _assert_same_kept(sel, torch_forms.tova_torch(q, keys, kv.seq_lens, 20), LENS)
+    assert torch.equal(sel[0][0, 0], sel[0][0, 1])  # one set for the whole layer
+
+
+def test_corm_matches_torch(gen):
+    # Peaked attention (q scaled by 4, 2 recent queries, group 1) so that CORM drops most keys;
+    # with plain random inputs nearly every key gets a vote and the test would say little.
+    kv = make_paged_kv(list(LENS), 16, 2, 64, gen=gen)
+    q = randn(len(LENS), 2, 2, 64, gen=gen, scale=4.0)
+    keys = torch_forms.dense_keys(kv.k_cache, kv.block_table, kv.seq_lens)
+    sel = policies.corm(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    assert int(sel[1][0]) < LENS[0] // 2
+    oracle, votes = torch_forms.corm_torch(q, keys, kv.seq_lens)
+    _assert_same_kept(sel, oracle, LENS)
+    for b, n in enumerate(LENS):  # every key CORM votes for is kept (padding only adds)
+        kept = sel[0][b, :, : int(sel[1][b])]
+        for h in range(2):
+            assert set(votes[b][h].nonzero().flatten().tolist()) <= set(kept[h].tolist())
+    capped = policies.corm(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, budget=8)
+    _assert_same_kept(capped, torch_forms.corm_torch(q, keys, kv.seq_lens, budget=8)[0], LENS)
+
+
+def test_knorm_matches_torch(gen):
+    kv, _, keys = _make_window(gen, LENS, 1, 2, 2, 64, 16)
+    sel = policies.knorm(kv.k_cache, kv.block_table, kv.seq_lens, 12)
+    _assert_same_kept(sel, torch_forms.knorm_torch(keys, kv.seq_lens, 12), LENS)
+
+
+def test_snapkv_end_to_end_with_page_freeing(gen):
+    """Prefill into a PagedKVCache, SnapKV-select, compact, truncate: decode equals attention over
+    the kept tokens, and the freed pages are back on the free list."""
+    cache = kvcore.PagedKVCache(1, 2, 64, num_pages=20, page_size=8, dtype=torch.float32)
+    sid = cache.add_sequence()
+    n, w, budget = 100, 8, 30
+    slots = cache.reserve([sid], [n])
+    k = randn(n, 2, 64, gen=gen)
+    v = randn(n, 2, 64, gen=gen)
+    cache.append(0, k, v, slots)
+    k_cache, v_cache = cache.kv(0)
+    table, lens = cache.block_table([sid]), cache.seq_lens([sid])
+    q_win = randn(1, w, 4, 64, gen=gen)
+    kept, kept_lens = policies.snapkv(q_win, k_cache, table, lens, budget)
+    policies.apply((kept, kept_lens), k_cache, v_cache, table, lens)
+    assert int(lens[0]) == budget
+    freed = cache.truncate(sid, budget)
+    assert freed == math.ceil(n / 8) - math.ceil(budget / 8) and cache.used_pages == math.ceil(budget / 8)
+    q = randn(1, 4, 64, gen=gen)
+    out = cache.decode(0, q, [sid])
+    for h in range(2):
+        sel = kept[0, h]
+        ref, _ = reference.dense_attention(q[0, 2 * h: 2 * h + 2], k[sel, h: h + 1], v[sel, h: h + 1])
+        torch.testing.assert_close(out[0, 2 * h: 2 * h + 2].double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="new_len"):
+        cache.truncate(sid, budget + 1)
+
+
+# ---- opcheck -----------------------------------------------------------------------------------
+
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def test_opcheck_attention_scores(gen):
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen)
+    q = randn(2, 4, 4, 64, gen=gen)
+    out = torch.empty(2, 2, 24)
+    lse = randn(2, 4, 4, gen=gen) + 5.0
+    for args in [(None, "sum", "none", 5), (lse, "max", "avg", 7)]:
+        torch.library.opcheck(torch.ops.kvcore.attention_scores.default,
+                              (q, kv.k_cache, kv.block_table, kv.seq_lens, args[0], 0.125, *args[1:], out),
+                              test_utils=OPCHECK_UTILS)
+
+
+def test_opcheck_compact_kv(gen):
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen)
+    kept = torch.tensor([[[0, 3, 5, 19], [1, 2, 3, 4]], [[0, 1, 2, 6], [2, 4, 5, 6]]], dtype=torch.int64)
+    kl = torch.tensor([4, 3], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.kvcore.compact_kv.default,
+                          (kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens.clone(), kept, kl),
+                          test_utils=OPCHECK_UTILS)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def _score_inputs(gen):
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen)
+    return kv, randn(2, 4, 4, 64, gen=gen)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(q=a["q"][0]), ValueError, "q must be 4-D"),
+    (lambda a: a.update(q=a["q"].double()), RuntimeError, "q must be"),
+    (lambda a: a.update(k_cache=a["k_cache"][..., :32]), RuntimeError, "k_cache head_dim"),
+    (lambda a: a.update(block_table=a["block_table"].long()), RuntimeError, "block_table must have dtype"),
+    (lambda a: a.update(seq_lens=a["seq_lens"][:1]), RuntimeError, "seq_lens must have shape"),
+    (lambda a: a.update(reduction="median"), ValueError, "reduction"),
+    (lambda a: a.update(pooling="avg", pool_kernel=3), ValueError, "pool_kernel"),
+    (lambda a: a.update(lse=torch.zeros(2, 3, 4)), RuntimeError, "lse must have shape"),
+    (lambda a: a.update(out=torch.empty(2, 2, 10)), ValueError, "seq_lens\\[0\\] = 20 exceeds"),
+    (lambda a: a.update(out=torch.empty(2, 3, 30)), RuntimeError, "out must have shape"),
+    (lambda a: a["seq_lens"].fill_(1000), ValueError, "seq_lens"),
+    (lambda a: a.update(scale=-1.0), ValueError, "scale"),
+], ids=["q-rank", "q-dtype", "head-dim", "table-dtype", "lens-shape", "reduction", "kernel", "lse-shape",
+        "out-short", "out-heads", "lens-range", "scale"])
+def test_attention_scores_bad_input(gen, change, error, match):
+    kv, q = _score_inputs(gen)
+    args = dict(q=q, k_cache=kv.k_cache, block_table=kv.block_table, seq_lens=kv.seq_lens.clone(), lse=None,
+                scale=None, reduction="sum", pooling="none", pool_kernel=5, out=None)
+    change(args)
+    with pytest.raises(error, match=match):
+        kvcore.attention_scores(args.pop("q"), args.pop("k_cache"), args.pop("block_table"), args.pop("seq_lens"),
+                                **args)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(kept=a["kept"].int()), RuntimeError, "kept must have dtype"),
+    (lambda a: a.update(kept=a["kept"][:, :1]), RuntimeError, "kept must have shape"),
+    (lambda a: a.update(kept_lens=torch.tensor([3, 9], dtype=torch.int32)), ValueError, "kept_lens\\[1\\] = 9"),
+    (lambda a: a["kept"].__setitem__((0, 1, 1), 0), ValueError, "strictly increasing"),
+    (lambda a: a["kept"].__setitem__((0, 0, 2), 25), ValueError, "kept\\[0, 0, 2\\] = 25"),
+    (lambda a: a.update(v_cache=a["v_cache"][:1]), RuntimeError, "v_cache must have the shape"),
+], ids=["kept-dtype", "kept-shape", "count", "unsorted", "out-of-range", "v-shape"])
+def test_compact_kv_bad_input(gen, change, error, match):
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen)
+    args = dict(k_cache=kv.k_cache, v_cache=kv.v_cache, block_table=kv.block_table, seq_lens=kv.seq_lens,
+                kept=torch.tensor([[[0, 3, 5], [1, 2, 3]], [[0, 1, 2], [2, 4, 5]]]),
+                kept_lens=torch.tensor([3, 3], dtype=torch.int32))
+    change(args)
+    k_before, lens_before = args["k_cache"].clone(), args["seq_lens"].clone()
+    with pytest.raises(error, match=match):
+        kvcore.compact_kv(**args)
+    assert torch.equal(args["k_cache"], k_before) and torch.equal(args["seq_lens"], lens_before)
+
+
+def test_ops_clamp_bad_contents_without_validation(gen, no_validation):
+    """With validation off, out-of-range pages, lengths and kept positions never crash (clamped)."""
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen)
+    table = kv.block_table.clone()
+    table[0, 0] = 10**6
+    lens = torch.tensor([10**5, -3], dtype=torch.int32)
+    q = randn(2, 4, 4, 64, gen=gen)
+    out = kvcore.attention_scores(q, kv.k_cache, table, lens, pooling="avg", max_len=24)
+    assert out.shape == (2, 2, 24)
+    kept = torch.tensor([[[5, 10**9, -7], [3, 2, 1]], [[0, 0, 0], [1, 1, 1]]])
+    kvcore.compact_kv(kv.k_cache, kv.v_cache, table, lens, kept, torch.tensor([3, 50], dtype=torch.int32))
+    assert lens.tolist() == [3, 0]

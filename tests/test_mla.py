@@ -1,0 +1,520 @@
+"""MLA: kvcore.mla_latent_project and kvcore.mla_decode against kvcore.reference, and the
+kvcore.mla layer (absorbed decode, non-absorbed prefill) against a naive non-absorbed MLA with
+explicit per-head K/V, in fp32.
+
+CUDA cases run only when the CUDA kernels of both ops are built (they skip until they land).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+import pytest
+import torch
+
+import kvcore
+from conftest import HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn
+from kvcore import reference
+from kvcore.mla import MLAAttention, MLAConfig, MLALatentCache
+from test_ops import OPCHECK_UTILS, BadCase, _other_device, _set, _set_item, _set_kw
+
+MLA_CUDA_BUILT = all(
+    torch._C._dispatch_has_kernel_for_dispatch_key(f"kvcore::{op}", "CUDA") for op in ("mla_decode", "mla_latent_project")
+)
+_CUDA_MARKS = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON),
+    pytest.mark.skipif(not MLA_CUDA_BUILT, reason="the MLA CUDA kernels are not built yet"),
+]
+_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DEVICE_DTYPES = [pytest.param("cpu", dt, id=f"cpu-{_IDS[dt]}") for dt in (torch.float32, torch.bfloat16, torch.float16)]
+DEVICE_DTYPES += [pytest.param("cuda", dt, marks=_CUDA_MARKS, id=f"cuda-{_IDS[dt]}") for dt in (torch.bfloat16, torch.float16)]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=_CUDA_MARKS, id="cuda")]
+
+
+# ============================================================================================
+# RoPE reference
+# ============================================================================================
+
+
+def test_rope_layouts_are_the_same_rotation_on_permuted_columns(gen):
+    """NeoX rotation of x == interleaved rotation of x with its halves interleaved (then undone),
+    position 0 is the identity, and every rotated pair keeps its norm."""
+    p = 16
+    cos_sin = reference.rope_cos_sin(50, p)
+    x = randn(7, p, gen=gen)
+    pos = torch.tensor([0, 1, 5, 17, 33, 49, 2])
+    perm = torch.stack([torch.arange(p // 2), torch.arange(p // 2) + p // 2], dim=1).flatten()  # 0, 8, 1, 9, ...
+    inter = reference.rope(x[:, perm], pos, cos_sin, interleaved=True)
+    neox = reference.rope(x, pos, cos_sin, interleaved=False)
+    torch.testing.assert_close(inter[:, perm.argsort()], neox)
+    torch.testing.assert_close(neox[0], x[0].double())
+    pairs_in = x[:, : p // 2] ** 2 + x[:, p // 2 :] ** 2
+    pairs_out = neox[:, : p // 2] ** 2 + neox[:, p // 2 :] ** 2
+    torch.testing.assert_close(pairs_out, pairs_in.double())
+
+
+# ============================================================================================
+# mla_latent_project vs reference
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class ProjCase:
+    tokens: int
+    d_model: int
+    rank: int
+    rope: int
+    page_size: int
+    interleaved: bool = True
+    outputs: bool = True
+    strided_cache: bool = False
+
+    def id(self) -> str:
+        s = f"T{self.tokens}-d{self.d_model}-R{self.rank}-P{self.rope}-ps{self.page_size}"
+        s += "-inter" if self.interleaved else "-neox"
+        s += "" if self.outputs else "-noout"
+        return s + ("-strided" if self.strided_cache else "")
+
+
+PROJ_CASES = [
+    ProjCase(5, 64, 512, 64, 64),
+    ProjCase(9, 96, 512, 64, 16, interleaved=False, strided_cache=True),
+    ProjCase(1, 128, 512, 64, 64, outputs=False),
+    ProjCase(13, 40, 32, 16, 4, interleaved=False, outputs=False),
+    ProjCase(6, 33, 24, 8, 1, strided_cache=True),
+]
+
+
+def _proj_inputs(case: ProjCase, gen, dtype, device, max_pos: int = 300):
+    width = case.rank + case.rope
+    num_pages = (2 * case.tokens) // case.page_size + 3
+    if case.strided_cache:
+        cache = poison(torch.empty(num_pages, 2, case.page_size, width, dtype=dtype, device=device))[:, 1]
+    else:
+        cache = poison(torch.empty(num_pages, case.page_size, width, dtype=dtype, device=device))
+    num_slots = num_pages * case.page_size
+    slots = torch.randperm(num_slots, generator=gen)[: case.tokens]
+    if case.tokens > 2:
+        slots[1] = -1  # a padding token
+    return SimpleNamespace(
+        hidden=randn(case.tokens, case.d_model, gen=gen, dtype=dtype, device=device),
+        w_dkv=randn(case.d_model, width, gen=gen, dtype=dtype, device=device, scale=case.d_model**-0.5),
+        norm_weight=(1.0 + 0.2 * randn(case.rank, gen=gen)).to(device=device, dtype=dtype),
+        cos_sin=reference.rope_cos_sin(max_pos, case.rope).to(device),
+        positions=torch.randint(0, max_pos, (case.tokens,), generator=gen).to(device),
+        cache=cache,
+        slots=slots.to(device),
+    )
+
+
+@pytest.mark.parametrize("case", PROJ_CASES, ids=ProjCase.id)
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+def test_mla_latent_project_matches_reference(device, dtype, case, gen):
+    a = _proj_inputs(case, gen, dtype, device)
+    before = a.cache.clone()
+    outs = kvcore.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, a.cos_sin, a.positions, a.cache, a.slots,
+                                     eps=1e-6, interleaved_rope=case.interleaved, return_outputs=case.outputs)
+    ref_cache, ref_c, ref_pe = reference.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, 1e-6, a.cos_sin,
+                                                            a.positions, before, a.slots, case.interleaved)
+    tol = OUT_TOL[dtype]
+    written = a.slots[a.slots >= 0].cpu()
+    flat, ref_flat = a.cache.reshape(-1, a.cache.shape[-1]), ref_cache.reshape(-1, a.cache.shape[-1])
+    torch.testing.assert_close(flat[written.to(device)].float(), ref_flat[written.to(device)].float(), **tol)
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+    untouched[written] = False
+    assert bool(torch.isnan(flat[untouched.to(device)]).all()), "slots outside slot_mapping were written"
+    if case.outputs:
+        c_kv, k_pe = outs
+        assert c_kv.shape == (case.tokens, case.rank) and k_pe.shape == (case.tokens, case.rope)
+        torch.testing.assert_close(c_kv.float(), ref_c, **tol)
+        torch.testing.assert_close(k_pe.float(), ref_pe, **tol)
+    else:
+        assert outs is None
+
+
+def test_mla_latent_project_preallocated_outputs(gen):
+    a = _proj_inputs(ProjCase(4, 32, 16, 8, 4), gen, torch.float32, "cpu")
+    c_kv, k_pe = poison(torch.empty(4, 16)), poison(torch.empty(4, 8))
+    got = kvcore.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, a.cos_sin, a.positions, a.cache, a.slots,
+                                    c_kv_out=c_kv, k_pe_out=k_pe)
+    assert got[0] is c_kv and got[1] is k_pe and not torch.isnan(c_kv).any() and not torch.isnan(k_pe).any()
+
+
+# ============================================================================================
+# mla_decode vs reference
+# ============================================================================================
+
+
+@dataclass(frozen=True)
+class MlaDecodeCase:
+    batch: int
+    heads: int
+    dk: int
+    dv: int
+    page_size: int
+    lens: object  # max length (ragged) or a tuple of exact lengths
+    with_lse: bool = True
+    q_slice: bool = False  # q is a slice of a wider tensor (strided in dims 0/1)
+
+    def id(self) -> str:
+        lens = self.lens if isinstance(self.lens, int) else "_".join(map(str, self.lens))
+        s = f"B{self.batch}-H{self.heads}-Dk{self.dk}-Dv{self.dv}-ps{self.page_size}-L{lens}"
+        return s + ("" if self.with_lse else "-nolse") + ("-qslice" if self.q_slice else "")
+
+
+MLA_DECODE_CASES = [
+    MlaDecodeCase(3, 16, 576, 512, 64, 300),
+    MlaDecodeCase(4, 1, 576, 512, 16, 100, q_slice=True),
+    MlaDecodeCase(2, 128, 576, 512, 64, 130, with_lse=False),
+    MlaDecodeCase(5, 4, 48, 32, 1, 40),
+    MlaDecodeCase(3, 8, 80, 64, 7, 600, q_slice=True),
+    MlaDecodeCase(2, 2, 576, 512, 64, (0, 0)),
+]
+
+
+def _latent_cache(lens, page_size, dk, gen, dtype, device):
+    kv = make_paged_kv(lens, page_size, 1, dk, gen=gen, dtype=dtype, device=device)
+    return kv.k_cache[:, :, 0], kv.block_table, kv.seq_lens
+
+
+@pytest.mark.parametrize("case", MLA_DECODE_CASES, ids=MlaDecodeCase.id)
+@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+def test_mla_decode_matches_reference(device, dtype, case, gen):
+    lens = list(case.lens) if isinstance(case.lens, tuple) else ragged_lens(case.batch, case.lens, case.page_size, gen)
+    cache, table, seq_lens = _latent_cache(lens, case.page_size, case.dk, gen, dtype, device)
+    if case.q_slice:
+        q = randn(case.batch, case.heads, case.dk + 16, gen=gen, dtype=dtype, device=device)[:, :, 16:]
+    else:
+        q = randn(case.batch, case.heads, case.dk, gen=gen, dtype=dtype, device=device)
+    scale = 192**-0.5
+    out = poison(torch.empty(case.batch, case.heads, case.dv, dtype=dtype, device=device))
+    lse = poison(torch.empty(case.batch, case.heads, device=device)) if case.with_lse else None
+    cache_before = cache.clone()
+    res = kvcore.mla_decode(q, cache, table, seq_lens, scale=scale, out=out, lse=lse)
+    ref_out, ref_lse = reference.mla_decode(q, cache, table, seq_lens, scale, case.dv)
+    if case.with_lse:
+        assert res[0] is out and res[1] is lse
+        torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    else:
+        assert res is out
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert bool((out[b] == 0).all()) and (lse is None or bool(torch.isneginf(lse[b]).all()))
+    assert torch.equal(cache, cache_before)
+
+
+def test_mla_decode_default_v_dim_and_allocation(gen):
+    cache, table, seq_lens = _latent_cache([5, 70], 16, 576, gen, torch.float32, "cpu")
+    q = randn(2, 3, 576, gen=gen)
+    out, lse = kvcore.mla_decode(q, cache, table, seq_lens, scale=0.1, return_lse=True)
+    assert out.shape == (2, 3, 512) and lse.shape == (2, 3) and lse.dtype == torch.float32
+    ref_out, _ = reference.mla_decode(q, cache, table, seq_lens, 0.1, 512)
+    torch.testing.assert_close(out, ref_out, **OUT_TOL[torch.float32])
+
+
+# ============================================================================================
+# opcheck
+# ============================================================================================
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_mla_ops(device, gen):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    a = _proj_inputs(ProjCase(5, 32, 32, 16, 4), gen, dtype, device)
+    c_kv = torch.empty(5, 32, dtype=dtype, device=device)
+    k_pe = torch.empty(5, 16, dtype=dtype, device=device)
+    for outs in [(None, None), (c_kv, k_pe), (c_kv, None)]:
+        args = (a.hidden, a.w_dkv, a.norm_weight, 1e-6, a.cos_sin, a.positions, a.cache, a.slots, True, *outs)
+        torch.library.opcheck(torch.ops.kvcore.mla_latent_project.default, args, test_utils=OPCHECK_UTILS)
+    cache, table, seq_lens = _latent_cache([3, 0, 40], 16, 80, gen, dtype, device)
+    q = randn(3, 4, 80, gen=gen, dtype=dtype, device=device)
+    out = torch.empty(3, 4, 64, dtype=dtype, device=device)
+    lse = torch.empty(3, 4, device=device)
+    ws = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device) if device == "cuda" else None
+    for with_lse in (True, False):
+        args = (q, cache, table, seq_lens, 0.125, out, lse if with_lse else None, ws, 0)
+        torch.library.opcheck(torch.ops.kvcore.mla_decode.default, args, test_utils=OPCHECK_UTILS)
+
+
+# ============================================================================================
+# Bad input: the right error, naming the argument, and nothing written
+# ============================================================================================
+
+
+def _proj_args(device, gen) -> SimpleNamespace:
+    a = _proj_inputs(ProjCase(4, 32, 32, 16, 4), gen, torch.bfloat16, device, max_pos=64)
+    a.kw = {}
+    return a
+
+
+BAD_PROJECT = [
+    BadCase("hidden_fp64", _set("hidden", lambda t, a, d: t.double()), RuntimeError, r"\bhidden must be"),
+    BadCase("w_dkv_dtype", _set("w_dkv", lambda t, a, d: t.half()), RuntimeError, r"w_dkv must have dtype"),
+    BadCase("cos_sin_bf16", _set("cos_sin", lambda t, a, d: t.bfloat16()), RuntimeError, r"cos_sin must have dtype"),
+    BadCase("positions_int32", _set("positions", lambda t, a, d: t.int()), RuntimeError, r"positions must have dtype"),
+    BadCase("slots_int32", _set("slots", lambda t, a, d: t.int()), RuntimeError, r"slot_mapping must have dtype"),
+    BadCase("hidden_rank", _set("hidden", lambda t, a, d: t[None]), RuntimeError, r"hidden must be 2-D"),
+    BadCase("w_dkv_width", _set("w_dkv", lambda t, a, d: t[:, :-2].contiguous()), RuntimeError, r"w_dkv must have shape"),
+    BadCase("cache_width", _set("cache", lambda t, a, d: t[..., :-2].contiguous()), RuntimeError,
+            r"latent_cache must have last dim"),
+    BadCase("odd_rope", _set("cos_sin", lambda t, a, d: t[:, :15].contiguous()), RuntimeError, r"cos_sin must have an even"),
+    BadCase("slots_short", _set("slots", lambda t, a, d: t[:2]), RuntimeError, r"slot_mapping must have shape"),
+    BadCase("w_dkv_noncontig", _set("w_dkv", lambda t, a, d: t.t().contiguous().t()), RuntimeError,
+            r"w_dkv must be contiguous"),
+    BadCase("cache_other_device", _set("cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"latent_cache must be on the same device", cuda_only=True),
+    BadCase("slot_out_of_range", _set_item("slots", 0, lambda a: 10**6), ValueError, r"slot_mapping\[0\]"),
+    BadCase("slot_below_minus_one", _set_item("slots", 2, lambda a: -2), ValueError, r"slot_mapping\[2\]"),
+    BadCase("position_out_of_range", _set_item("positions", 3, lambda a: 64), ValueError, r"positions\[3\]"),
+    BadCase("bad_eps", _set_kw("eps", 0.0), ValueError, r"eps must be"),
+]
+
+
+@pytest.mark.parametrize("bad", [b.param() for b in BAD_PROJECT])
+@pytest.mark.parametrize("device", DEVICES)
+def test_mla_latent_project_bad_input(device, bad, gen):
+    a = _proj_args(device, gen)
+    bad.mutate(a, device)
+    with pytest.raises(bad.error, match=bad.match):
+        kvcore.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, a.cos_sin, a.positions, a.cache, a.slots, **a.kw)
+    assert bool(torch.isnan(a.cache).all()), "latent_cache written by a failed call"
+
+
+def _decode_args(device, gen) -> SimpleNamespace:
+    cache, table, seq_lens = _latent_cache([5, 17, 0], 8, 80, gen, torch.bfloat16, device)
+    return SimpleNamespace(
+        q=randn(3, 4, 80, gen=gen, dtype=torch.bfloat16, device=device),
+        cache=cache,
+        table=table,
+        seq_lens=seq_lens,
+        out=poison(torch.empty(3, 4, 64, dtype=torch.bfloat16, device=device)),
+        lse=poison(torch.empty(3, 4, device=device)),
+        kw={"scale": 0.125},
+    )
+
+
+BAD_MLA_DECODE = [
+    BadCase("q_fp64", _set("q", lambda t, a, d: t.double()), RuntimeError, r"\bq must be"),
+    BadCase("cache_dtype", _set("cache", lambda t, a, d: t.half()), RuntimeError, r"latent_cache must have dtype"),
+    BadCase("out_dtype", _set("out", lambda t, a, d: poison(t.float())), RuntimeError, r"\bout must have dtype"),
+    BadCase("lse_dtype", _set("lse", lambda t, a, d: poison(t.bfloat16())), RuntimeError, r"\blse must have dtype"),
+    BadCase("table_int64", _set("table", lambda t, a, d: t.long()), RuntimeError, r"block_table must have dtype"),
+    BadCase("q_rank", _set("q", lambda t, a, d: t[0]), ValueError, r"\bq must be 3-D"),
+    BadCase("cache_rank", _set("cache", lambda t, a, d: t[:, :, None]), RuntimeError, r"latent_cache must be 3-D"),
+    BadCase("cache_width", _set("cache", lambda t, a, d: t[..., :-2].contiguous()), RuntimeError,
+            r"latent_cache last dim"),
+    BadCase("out_too_wide", _set("out", lambda t, a, d: poison(torch.empty(3, 4, 96, dtype=t.dtype, device=d))),
+            ValueError, r"v_dim must be in"),
+    BadCase("out_heads", _set("out", lambda t, a, d: poison(torch.empty(3, 2, 64, dtype=t.dtype, device=d))),
+            RuntimeError, r"\bout must have shape"),
+    BadCase("out_noncontig", _set("out", lambda t, a, d: poison(torch.empty(3, 64, 4, dtype=t.dtype, device=d)).transpose(1, 2)),
+            RuntimeError, r"\bout must be contiguous"),
+    BadCase("lse_shape", _set("lse", lambda t, a, d: poison(torch.empty(3, 3, device=d))), RuntimeError,
+            r"\blse must have shape"),
+    BadCase("seq_lens_batch", _set("seq_lens", lambda t, a, d: t[:2]), RuntimeError, r"seq_lens must have shape"),
+    BadCase("q_other_device", _set("q", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"must be on the same device", cuda_only=True),
+    BadCase("page_out_of_range", _set_item("table", (1, 0), lambda a: a.cache.shape[0]), ValueError, r"block_table\[1, 0\]"),
+    BadCase("seq_len_over_capacity", _set_item("seq_lens", 0, lambda a: a.table.shape[1] * 8 + 1), ValueError,
+            r"seq_lens\[0\]"),
+    BadCase("scale_zero", _set_kw("scale", 0.0), ValueError, r"scale must be"),
+    BadCase("num_splits_negative", _set_kw("num_splits", -1), ValueError, r"num_splits must be"),
+]
+
+
+@pytest.mark.parametrize("bad", [b.param() for b in BAD_MLA_DECODE])
+@pytest.mark.parametrize("device", DEVICES)
+def test_mla_decode_bad_input(device, bad, gen):
+    a = _decode_args(device, gen)
+    bad.mutate(a, device)
+    with pytest.raises(bad.error, match=bad.match):
+        kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, out=a.out, lse=a.lse, **a.kw)
+    assert bool(torch.isnan(a.out).all()) and bool(torch.isnan(a.lse).all()), "outputs written by a failed call"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mla_op_rejects_bad_scalars_without_the_wrapper(device, gen):
+    a = _decode_args(device, gen)
+    with pytest.raises(RuntimeError, match=r"scale must be"):
+        torch.ops.kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, -1.0, a.out, a.lse, None, 0)
+    p = _proj_args(device, gen)
+    with pytest.raises(RuntimeError, match=r"eps must be"):
+        torch.ops.kvcore.mla_latent_project(p.hidden, p.w_dkv, p.norm_weight, float("nan"), p.cos_sin, p.positions,
+                                            p.cache, p.slots, True, None, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mla_bad_indices_without_validation(device, no_validation, gen):
+    """With validation off, bad indices give wrong numbers but no out-of-bounds access: slots out of
+    range are skipped, positions clamped, pages clamped, seq_lens clamped to the table's capacity."""
+    p = _proj_args(device, gen)
+    p.slots[0], p.slots[2] = 10**9, -5
+    p.positions[1] = 10**9
+    kvcore.mla_latent_project(p.hidden, p.w_dkv, p.norm_weight, p.cos_sin, p.positions, p.cache, p.slots)
+    flat = p.cache.reshape(-1, p.cache.shape[-1])
+    written = flat[~torch.isnan(flat).all(dim=1)]
+    assert written.shape[0] == int(((p.slots >= 0) & (p.slots < flat.shape[0])).sum())
+    assert not torch.isnan(written).any()
+
+    a = _decode_args(device, gen)
+    a.table[1, 0] = 10**6
+    a.table[1, 1] = -3
+    a.seq_lens[2] = 10**6
+    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, out=a.out, lse=a.lse, scale=0.125)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert not torch.isnan(a.out).any() and not torch.isnan(a.lse).any()
+
+
+# ============================================================================================
+# The layer against naive (non-absorbed) MLA
+# ============================================================================================
+
+
+def _randomise(layer: MLAAttention, gen) -> None:
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if "layernorm" in name:
+                param.copy_(1.0 + 0.2 * randn(*param.shape, gen=gen))
+            else:
+                param.copy_(randn(*param.shape, gen=gen, scale=param.shape[-1] ** -0.5))
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def naive_mla(layer: MLAAttention, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Plain MLA in float64 over one sequence's whole history ``hidden`` ``[L, d]`` (causal):
+    explicit per-head keys ``[W_UK c_kv, k_pe]`` and values ``W_UV c_kv``, nothing absorbed."""
+    c = layer.config
+    w = {n: p.detach().double() for n, p in layer.named_parameters()}
+    h = hidden.double()
+    n = h.shape[0]
+    if c.q_lora_rank is not None:
+        q = _rms(h @ w["q_a_proj.weight"].T, w["q_a_layernorm.weight"], c.rms_norm_eps) @ w["q_b_proj.weight"].T
+    else:
+        q = h @ w["q_proj.weight"].T
+    q = q.view(n, c.num_heads, c.qk_head_dim)
+    q_pe = reference.rope(q[..., c.qk_nope_head_dim :].transpose(0, 1), positions, layer.cos_sin, c.interleaved_rope)
+    q = torch.cat([q[..., : c.qk_nope_head_dim], q_pe.transpose(0, 1)], dim=-1)
+    kv = h @ w["kv_a_proj_with_mqa.weight"].T
+    c_kv = _rms(kv[:, : c.kv_lora_rank], w["kv_a_layernorm.weight"], c.rms_norm_eps)
+    k_pe = reference.rope(kv[:, c.kv_lora_rank :], positions, layer.cos_sin, c.interleaved_rope)
+    kvb = (c_kv @ w["kv_b_proj.weight"].T).view(n, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
+    k = torch.cat([kvb[..., : c.qk_nope_head_dim], k_pe[:, None].expand(n, c.num_heads, -1)], dim=-1)
+    v = kvb[..., c.qk_nope_head_dim :]
+    scores = torch.einsum("qhd,khd->hqk", q, k) * c.scale
+    scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -math.inf)
+    o = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(n, -1)
+    return o @ w["o_proj.weight"].T
+
+
+TINY = dict(hidden_size=64, num_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=24,
+            max_position=256)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(MLAConfig(**TINY, q_lora_rank=32, interleaved_rope=True), id="qlora-interleaved"),
+        pytest.param(MLAConfig(**TINY, q_lora_rank=None, interleaved_rope=False), id="noqlora-neox"),
+        pytest.param(MLAConfig.deepseek_v2(hidden_size=64, num_heads=2, q_lora_rank=48, max_position=256),
+                     id="deepseek-dims-H2"),
+    ],
+)
+def test_layer_prefill_and_decode_match_naive_mla(config, gen):
+    torch.manual_seed(0)
+    layer = MLAAttention(config, dtype=torch.float32)
+    _randomise(layer, gen)
+    cache = MLALatentCache(1, num_pages=16, page_size=8, kv_lora_rank=config.kv_lora_rank,
+                           rope_dim=config.qk_rope_head_dim, dtype=torch.float32)
+    latent = cache.latent(0)
+    seqs = [cache.add_sequence(), cache.add_sequence()]
+    history = {s: [] for s in seqs}
+    tol = dict(atol=1e-4, rtol=1e-3)
+
+    def run_step(num_tokens: list[int]) -> None:
+        step = cache.step(seqs, num_tokens)
+        hidden = randn(sum(num_tokens), config.hidden_size, gen=gen)
+        out = layer(hidden, latent, step)
+        assert out.shape == hidden.shape
+        t0 = 0
+        for s, n in zip(seqs, num_tokens):
+            history[s].append(hidden[t0 : t0 + n])
+            full = torch.cat(history[s])
+            if n:
+                expect = naive_mla(layer, full, torch.arange(full.shape[0]))[-n:]
+                torch.testing.assert_close(out[t0 : t0 + n].double(), expect, **tol)
+            t0 += n
+
+    run_step([5, 11])  # prefill, one sequence crossing a page
+    run_step([0, 6])  # a second prefill chunk for one sequence (attends to its cached prefix)
+    for _ in range(3):
+        run_step([1, 1])  # absorbed decode
+    assert cache.seq_len(seqs[0]) == 8 and cache.seq_len(seqs[1]) == 20
+
+
+def test_layer_decode_equals_prefill_path_on_one_token(gen):
+    """A one-token step through the non-absorbed prefill path and through the absorbed decode
+    path give the same output (the absorption is exact up to rounding)."""
+    config = MLAConfig(**TINY, q_lora_rank=32)
+    layer = MLAAttention(config)
+    _randomise(layer, gen)
+    outs = []
+    hist = randn(7, config.hidden_size, gen=gen)
+    new = randn(1, config.hidden_size, gen=gen)
+    for path in ("prefill", "decode"):
+        cache = MLALatentCache(1, num_pages=4, page_size=4, kv_lora_rank=64, rope_dim=16, dtype=torch.float32)
+        s = cache.add_sequence()
+        layer.prefill(hist, cache.latent(0), cache.step([s], [7]))
+        outs.append(getattr(layer, path)(new, cache.latent(0), cache.step([s], [1])))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_layer_refreshes_absorbed_weights_and_checks_arguments(gen):
+    config = MLAConfig(**TINY, q_lora_rank=None)
+    layer = MLAAttention(config)
+    _randomise(layer, gen)
+    w_uk = layer._absorbed()[1].clone()
+    with torch.no_grad():
+        layer.kv_b_proj.weight.mul_(2.0)
+    torch.testing.assert_close(layer._absorbed()[1], 2.0 * w_uk)
+    cache = MLALatentCache(1, num_pages=4, page_size=4, kv_lora_rank=64, rope_dim=16, dtype=torch.float32)
+    s = cache.add_sequence()
+    with pytest.raises(ValueError, match="hidden must be"):
+        layer(randn(2, 10, gen=gen), cache.latent(0), cache.step([s], [2]))
+    with pytest.raises(ValueError, match="decode needs one new token"):
+        layer.decode(randn(3, 64, gen=gen), cache.latent(0), cache.step([s], [3]))
+    with pytest.raises(ValueError, match="qk_rope_head_dim must be even"):
+        MLAConfig(**{**TINY, "qk_rope_head_dim": 15})
+    with pytest.raises(ValueError, match="layer must be"):
+        cache.latent(1)
+    assert cache.memory_report()["bytes_per_token"] == 80 * 4
+
+
+# ============================================================================================
+# Benchmark group
+# ============================================================================================
+
+
+def test_mla_bench_group_cpu(tmp_path):
+    """`python -m kvcore.bench --group mla` on CPU: every default impl checked and timed on every case."""
+    import json
+
+    from kvcore.bench.__main__ import main
+
+    result = main(["--group", "mla", "--device", "cpu", "--out", str(tmp_path), "--no-plot"])
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert {r["impl"] for r in rows} == {"kvcore", "torch"}
+    assert any(r["case"].startswith("decode") for r in rows) and any(r["case"].startswith("project") for r in rows)
+    for r in rows:
+        assert r["group"] == "mla" and "error" not in r, r
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["tflops"] > 0, r
