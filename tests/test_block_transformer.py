@@ -69,6 +69,22 @@ TD_CASES = [
     TDCase(3, 32, 4, 8, 2, 128, lens="ragged"),
     TDCase(700, 4, 2, 4, 4, 64, lens="ragged"),
     TDCase(4, 16, 2, 4, 4, 256, lens="ragged", scale=1.0),
+    # Paths of the tensor-core CUDA kernel (each also runs on CPU; their index math is emulated in
+    # bench/experiments/token_decoder_emulate.py): odd head counts with G 5, so an
+    # m-tile of 16 rows ends inside a token's heads; P 0 with a single (head, m-tile) unit (output
+    # columns split across warps); L 40 > 16 (three m-tiles and three key tiles of 16); G 4 with
+    # L G = 48; the L4 benchmark shape with enough blocks that every CTA's ring of stages wraps
+    # several times; a block too large for three stages (the two-stage ring, also wrapping).
+    TDCase(5, 5, 3, 15, 3, 64, lens="ragged"),
+    TDCase(4, 16, 0, 2, 1, 256, lens="ragged"),
+    TDCase(3, 40, 7, 2, 2, 64, lens="ragged", layout="strided"),
+    TDCase(2, 12, 2, 8, 2, 128, lens="ragged"),
+    TDCase(1600, 4, 2, 12, 12, 64, lens="ragged"),
+    TDCase(300, 48, 16, 2, 1, 256, lens="ragged", with_lse=False),
+    # Head packing (L G <= 8: several KV heads share an m-tile): 16 virtual keys per head (P + L
+    # = 9); L G = 6 in slots of 8 rows with an odd number of heads in the chunk.
+    TDCase(4, 2, 7, 12, 3, 64, lens="ragged"),
+    TDCase(3, 3, 2, 6, 3, 64, lens="ragged", layout="strided"),
 ]
 
 
@@ -306,6 +322,35 @@ def test_token_decoder_bad_lens_without_validation(device, no_validation, gen):
     clamped = torch.tensor([4, 0, 3], dtype=torch.int32, device=device)
     ref_out, ref_lse = reference.token_decoder_attention(a.q, a.k, a.v, clamped)
     _check_td(a.out, a.lse, ref_out, ref_lse, torch.bfloat16, clamped)
+
+
+def test_token_decoder_nan_with_packed_heads(device, dtype, gen):
+    """L4 G1 (the CUDA kernel packs 4 KV heads into one 16-row tile, pairing two heads' keys in a
+    P V step): NaN in one head's V element reaches only the rows of that head that attend it;
+    NaN K/V past block_lens reach nothing; NaN in a prefix K row poisons that head's valid rows
+    (out and lse). tests/test_nan.py covers the unpacked kernel path (L8 G4)."""
+    q = randn(3, 4, 4, 64, gen=gen, dtype=dtype, device=device)
+    k = randn(3, 6, 4, 64, gen=gen, dtype=dtype, device=device)
+    v = randn(3, 6, 4, 64, gen=gen, dtype=dtype, device=device)
+    lens = torch.tensor([4, 2, 3], dtype=torch.int32, device=device)
+    ref_out, ref_lse = reference.token_decoder_attention(q, k, v, lens)  # NaN-free inputs
+    v[0, 2 + 3, 1, 9] = math.nan  # block 0, token 3, KV head 1: element 9 of row 3 of head 1
+    k[1, 2 + 2 :, 2] = math.nan  # block 1: tokens past block_lens (2)
+    v[1, 2 + 2 :] = math.nan
+    k[2, 1, 3, 0] = math.nan  # block 2, prefix slot 1, KV head 3: rows 0..2 of head 3
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(q.shape[:3], dtype=torch.float32, device=device))
+    kvcore.token_decoder_attention(q, k, v, lens, out=out, lse=lse)
+    nan_lse = torch.zeros(3, 4, 4, dtype=torch.bool, device=device)
+    nan_lse[2, :3, 3] = True
+    nan_out = nan_lse[..., None].expand(-1, -1, -1, 64).clone()
+    nan_out[0, 3, 1, 9] = True
+    assert torch.equal(torch.isnan(out), nan_out)
+    assert torch.equal(torch.isnan(lse), nan_lse)
+    torch.testing.assert_close(out.float()[~nan_out], ref_out[~nan_out], **OUT_TOL[dtype])
+    torch.testing.assert_close(lse[~nan_lse], ref_lse[~nan_lse], **LSE_TOL)
+    pad = torch.arange(4, device=device)[None, :] >= lens.long()[:, None]
+    assert bool((out[pad] == 0).all()) and bool(torch.isneginf(lse[pad]).all())
 
 
 # ============================================================================================
