@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_attention.h"
 
 namespace kvcore {
 namespace {
@@ -48,18 +49,6 @@ struct BlockSparseParams {
   float scale, soft_cap;
   int64_t num_splits;
 };
-
-// q.k with 8 independent partial sums, so the loop vectorises without -ffast-math (one running
-// sum may not be reordered by the compiler).
-inline float dot8(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
-  float tail = 0.f;
-  for (; d < n; ++d) tail += a[d] * b[d];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
 
 template <typename scalar_t>
 void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, const scalar_t* k_cache,
@@ -144,34 +133,14 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
           const scalar_t* kr = k_cache + k_off[i];
           for (int64_t d = 0; d < D; ++d) krow[d] = static_cast<float>(kr[d]);
           for (int64_t g = 0; g < G; ++g) {
-            float s = dot8(qf.data() + g * D, krow.data(), D) * p.scale;
+            float s = cpu::dot_product(qf.data() + g * D, krow.data(), D) * p.scale;
             if (capped) s = p.soft_cap * std::tanh(s * inv_cap);
             logits[g * kChunk + i] = s;
           }
         }
         // Online softmax per head; logits become weights relative to the new running max.
-        for (int64_t g = 0; g < G; ++g) {
-          float* lg = logits.data() + g * kChunk;
-          float cmax = kNegInf;
-          for (int64_t i = 0; i < n; ++i) cmax = std::max(cmax, lg[i]);
-          const float m_new = std::max(m[g], cmax);
-          // m_new = -inf only if every logit so far is -inf (non-finite inputs): keep the state.
-          const float corr = (m[g] == m_new || m_new == kNegInf) ? 1.0f : std::exp(m[g] - m_new);
-          float sum = 0.0f;
-          for (int64_t i = 0; i < n; ++i) {
-            // std::max skips NaN, so m_new = -inf means every logit so far is -inf or NaN: a -inf
-            // weighs 0, a NaN must stay NaN (NaN in q or K poisons this head, never vanishes).
-            const float e = m_new == kNegInf ? (std::isnan(lg[i]) ? lg[i] : 0.0f) : std::exp(lg[i] - m_new);
-            lg[i] = e;
-            sum += e;
-          }
-          l[g] = l[g] * corr + sum;
-          m[g] = m_new;
-          if (corr != 1.0f) {
-            float* ag = acc.data() + g * D;
-            for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
-          }
-        }
+        for (int64_t g = 0; g < G; ++g)
+          cpu::online_softmax_step(logits.data() + g * kChunk, n, m[g], l[g], acc.data() + g * D, D);
         // P V for every head; each V row is converted once.
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* vr = v_cache + v_off[i];
@@ -188,49 +157,20 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
       // l (a NaN logit) is not empty: it gives NaN out and NaN lse, which the merge passes on.
       float* po = part_out.data() + task * G * D;
       float* pl = part_lse.data() + task * G;
-      for (int64_t g = 0; g < G; ++g) {
-        const bool empty = l[g] == 0.0f;
-        const float inv_l = empty ? 0.0f : 1.0f / l[g];
-        for (int64_t d = 0; d < D; ++d) po[g * D + d] = acc[g * D + d] * inv_l;
-        pl[g] = empty ? kNegInf : m[g] + std::log(l[g]);
-      }
+      for (int64_t g = 0; g < G; ++g) cpu::finish_part(acc.data() + g * D, m[g], l[g], D, po + g * D, pl + g);
     }
   });
 
   // Merge the parts of each (sequence, query head) in part order.
   at::parallel_for(0, p.batch * Hq, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> merged(D);
+    std::vector<float> scratch(D);
     for (int64_t bq = begin; bq < end; ++bq) {
       const int64_t b = bq / Hq, hq = bq % Hq, h = hq / G, g = hq % G;
       const int64_t first = (b * H + h) * parts;  // task index of part 0
-      float mx = kNegInf;
-      bool nan_part = false;
-      for (int64_t j = 0; j < parts; ++j) {
-        const float lj = part_lse[(first + j) * G + g];
-        nan_part |= std::isnan(lj);
-        mx = std::max(mx, lj);
-      }
-      scalar_t* o = out + bq * D;  // out is contiguous [B, Hq, D]
-      if (nan_part) {  // a NaN logit in any part: the whole row is NaN (std::max would drop it)
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
-        if (lse != nullptr) lse[bq] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      std::fill(merged.begin(), merged.end(), 0.0f);
-      float wsum = 0.0f;
-      if (mx != kNegInf) {
-        for (int64_t j = 0; j < parts; ++j) {
-          const float lj = part_lse[(first + j) * G + g];
-          if (lj == kNegInf) continue;  // an empty part contributes nothing
-          const float w = std::exp(lj - mx);
-          wsum += w;
-          const float* pj = part_out.data() + ((first + j) * G + g) * D;
-          for (int64_t d = 0; d < D; ++d) merged[d] += w * pj[d];
-        }
-      }
-      const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(merged[d] * inv);
-      if (lse != nullptr) lse[bq] = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
+      cpu::merge_parts(
+          parts, [&](int64_t j) { return part_lse[(first + j) * G + g]; },
+          [&](int64_t j) { return part_out.data() + ((first + j) * G + g) * D; }, D, out + bq * D,
+          lse != nullptr ? lse + bq : nullptr, scratch.data());
     }
   });
 }

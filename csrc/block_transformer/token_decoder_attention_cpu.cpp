@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_attention.h"
 
 namespace kvcore {
 namespace {
@@ -33,18 +34,6 @@ struct TokenDecoderCpuParams {
   int64_t q_stride_n, k_stride_n, v_stride_n;  // elements between blocks (inner dims dense)
   float scale;
 };
-
-// Dot product with eight independent partial sums so that the loop vectorises without
-// -ffast-math (a single running sum may not be reordered by the compiler).
-inline float dot8(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
-  float tail = 0.f;
-  for (; d < n; ++d) tail += a[d] * b[d];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
 
 template <typename scalar_t>
 void token_decoder_blocks(const TokenDecoderCpuParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
@@ -84,7 +73,7 @@ void token_decoder_blocks(const TokenDecoderCpuParams& p, const scalar_t* q, con
           const int64_t hk = h / G;
           float mx = kNegInf;
           for (int64_t j = 0; j < keys; ++j) {
-            logits[j] = dot8(qf.data(), kf.data() + (j * Hkv + hk) * D, D) * p.scale;
+            logits[j] = cpu::dot_product(qf.data(), kf.data() + (j * Hkv + hk) * D, D) * p.scale;
             mx = std::max(mx, logits[j]);
           }
           // std::max skips NaN, so mx = -inf means every logit is -inf or NaN: a -inf weighs 0,

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_attention.h"
 
 namespace kvcore {
 namespace {
@@ -38,18 +39,6 @@ struct DecodeParams {
   float scale, soft_cap;
   int64_t window_left;
 };
-
-// q.k with 8 independent partial sums: without -ffast-math the compiler may not reorder one
-// running sum, so a single accumulator would leave the loop scalar; eight lanes vectorise.
-inline float dot_product(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
-  float tail = 0.f;
-  for (; d < n; ++d) tail += a[d] * b[d];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
 
 template <typename scalar_t>
 void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
@@ -106,34 +95,14 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
           const scalar_t* kr = k_cache + k_off[i];
           for (int64_t e = 0; e < row; ++e) krow[e] = static_cast<float>(kr[e]);
           for (int64_t h = 0; h < Hq; ++h) {
-            float s = dot_product(qf.data() + h * D, krow.data() + (h / G) * D, D) * p.scale;
+            float s = cpu::dot_product(qf.data() + h * D, krow.data() + (h / G) * D, D) * p.scale;
             if (capped) s = p.soft_cap * std::tanh(s * inv_cap);
             logits[h * kChunk + i] = s;
           }
         }
         // Online softmax update per head; logits become probabilities (relative to the new max).
-        for (int64_t h = 0; h < Hq; ++h) {
-          float* lg = logits.data() + h * kChunk;
-          float cmax = kNegInf;
-          for (int64_t i = 0; i < n; ++i) cmax = std::max(cmax, lg[i]);
-          const float m_new = std::max(m[h], cmax);
-          // m_new = -inf only if every logit so far is -inf (non-finite inputs): keep the state.
-          const float corr = (m[h] == m_new || m_new == kNegInf) ? 1.0f : std::exp(m[h] - m_new);
-          float sum = 0.0f;
-          for (int64_t i = 0; i < n; ++i) {
-            // std::max skips NaN, so m_new = -inf means every logit so far is -inf or NaN: a -inf
-            // weighs 0, a NaN must stay NaN (NaN in q or K poisons this head, never vanishes).
-            const float e = m_new == kNegInf ? (std::isnan(lg[i]) ? lg[i] : 0.0f) : std::exp(lg[i] - m_new);
-            lg[i] = e;
-            sum += e;
-          }
-          l[h] = l[h] * corr + sum;
-          m[h] = m_new;
-          if (corr != 1.0f) {
-            float* ah = acc.data() + h * D;
-            for (int64_t d = 0; d < D; ++d) ah[d] *= corr;
-          }
-        }
+        for (int64_t h = 0; h < Hq; ++h)
+          cpu::online_softmax_step(logits.data() + h * kChunk, n, m[h], l[h], acc.data() + h * D, D);
         // Accumulate P V for every head; each V row is read and converted once.
         for (int64_t i = 0; i < n; ++i) {
           const scalar_t* vr = v_cache + v_off[i];
@@ -151,47 +120,19 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
       // l (a NaN logit) is not empty: it gives NaN out and NaN lse, which the merge passes on.
       float* po = part_out.data() + task * Hq * D;
       float* pl = part_lse.data() + task * Hq;
-      for (int64_t h = 0; h < Hq; ++h) {
-        const bool empty = l[h] == 0.0f;
-        const float inv_l = empty ? 0.0f : 1.0f / l[h];
-        for (int64_t d = 0; d < D; ++d) po[h * D + d] = acc[h * D + d] * inv_l;
-        pl[h] = empty ? kNegInf : m[h] + std::log(l[h]);
-      }
+      for (int64_t h = 0; h < Hq; ++h) cpu::finish_part(acc.data() + h * D, m[h], l[h], D, po + h * D, pl + h);
     }
   });
 
   // Merge the parts of each (sequence, query head) in part order.
   at::parallel_for(0, p.batch * Hq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hq, h = bh % Hq;
-      float mx = kNegInf;
-      bool nan_part = false;
-      for (int64_t j = 0; j < parts; ++j) {
-        const float lj = part_lse[(b * parts + j) * Hq + h];
-        nan_part |= std::isnan(lj);
-        mx = std::max(mx, lj);
-      }
-      scalar_t* o = out + bh * D;  // out is contiguous [B, Hq, D]
-      if (nan_part) {  // a NaN logit in any part: the whole row is NaN (std::max would drop it)
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN());
-        if (lse != nullptr) lse[bh] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      float wsum = 0.0f;
-      std::vector<float> acc(D, 0.0f);
-      if (mx != kNegInf) {
-        for (int64_t j = 0; j < parts; ++j) {
-          const float lj = part_lse[(b * parts + j) * Hq + h];
-          if (lj == kNegInf) continue;  // an empty part contributes nothing
-          const float w = std::exp(lj - mx);
-          wsum += w;
-          const float* pj = part_out.data() + ((b * parts + j) * Hq + h) * D;
-          for (int64_t d = 0; d < D; ++d) acc[d] += w * pj[d];
-        }
-      }
-      const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
-      if (lse != nullptr) lse[bh] = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
+      cpu::merge_parts(
+          parts, [&](int64_t j) { return part_lse[(b * parts + j) * Hq + h]; },
+          [&](int64_t j) { return part_out.data() + ((b * parts + j) * Hq + h) * D; }, D, out + bh * D,
+          lse != nullptr ? lse + bh : nullptr, scratch.data());
     }
   });
 }

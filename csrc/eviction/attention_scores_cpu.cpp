@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_attention.h"
 
 namespace kvcore {
 namespace {
@@ -33,17 +34,6 @@ namespace {
 constexpr int64_t kChunk = 32;           // keys per logits block
 constexpr int64_t kMinPartTokens = 512;  // a (b, h) key range is cut into parts no shorter than this
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline float dot8(const float* a, const float* b, int64_t n) {
-  // Eight independent partial sums so the loop vectorises without -ffast-math.
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
-  float tail = 0.f;
-  for (; d < n; ++d) tail += a[d] * b[d];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
 
 struct ScoreParams {
   int64_t batch, window, num_kv_heads, group, head_dim, num_pages, page_size, max_pages, max_len;
@@ -101,7 +91,7 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
       const scalar_t* kr = k_cache + page * p.k_page_stride + (pos % p.page_size) * row_elems + h * D;
       for (int64_t d = 0; d < D; ++d) krow[d] = static_cast<float>(kr[d]);
       for (int64_t r = 0; r < R; ++r)
-        logits[r * kChunk + j] = pos <= last[r] ? dot8(qf + r * D, krow, D) * p.scale : kNegInf;
+        logits[r * kChunk + j] = pos <= last[r] ? cpu::dot_product(qf + r * D, krow, D) * p.scale : kNegInf;
     }
   };
 

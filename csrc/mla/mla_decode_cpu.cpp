@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_attention.h"
 
 namespace kvcore {
 namespace {
@@ -30,23 +31,11 @@ namespace {
 constexpr int64_t kChunk = 32;           // keys per online-softmax step
 constexpr int64_t kMinPartTokens = 256;  // a sequence is cut into parts no shorter than this
 
-// Eight independent partial sums so the loop vectorises without -ffast-math.
-inline float dot8(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
-  float tail = 0.f;
-  for (; d < n; ++d) tail += a[d] * b[d];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
-}
-
 template <typename scalar_t>
 void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stride_b, int64_t q_stride_h,
                       const scalar_t* cache, int64_t page_stride, const int32_t* block_table, const int32_t* seq_lens,
                       float scale, scalar_t* out, float* lse) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   const int64_t H = s.num_heads, Dk = s.dk, Dv = s.dv;
   const int64_t capacity = s.num_pages > 0 ? s.max_pages * s.page_size : 0;
 
@@ -89,23 +78,9 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
         }
         for (int64_t h = 0; h < H; ++h) {
           float* lg = logits.data() + h * kChunk;
-          for (int64_t i = 0; i < n; ++i) lg[i] = dot8(qf.data() + h * Dk, rows.data() + i * Dk, Dk) * scale;
-          float cmax = kNegInf;
-          for (int64_t i = 0; i < n; ++i) cmax = std::max(cmax, lg[i]);
-          const float m_new = std::max(m[h], cmax);
-          const float corr = (m[h] == m_new || m_new == kNegInf) ? 1.0f : std::exp(m[h] - m_new);
-          float sum = 0.0f;
-          for (int64_t i = 0; i < n; ++i) {
-            // m_new = -inf: every logit so far is -inf or NaN; a NaN must stay NaN (poison the head).
-            const float e = m_new == kNegInf ? (std::isnan(lg[i]) ? lg[i] : 0.0f) : std::exp(lg[i] - m_new);
-            lg[i] = e;
-            sum += e;
-          }
-          l[h] = l[h] * corr + sum;
-          m[h] = m_new;
+          for (int64_t i = 0; i < n; ++i) lg[i] = cpu::dot_product(qf.data() + h * Dk, rows.data() + i * Dk, Dk) * scale;
           float* ah = acc.data() + h * Dv;
-          if (corr != 1.0f)
-            for (int64_t d = 0; d < Dv; ++d) ah[d] *= corr;
+          cpu::online_softmax_step(lg, n, m[h], l[h], ah, Dv);
           for (int64_t i = 0; i < n; ++i) {
             const float w = lg[i];
             const float* v = rows.data() + i * Dk;  // the value is the row's first Dv columns
@@ -116,48 +91,19 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
 
       float* po = part_out.data() + task * H * Dv;
       float* pl = part_lse.data() + task * H;
-      for (int64_t h = 0; h < H; ++h) {
-        const bool empty = l[h] == 0.0f;
-        const float inv_l = empty ? 0.0f : 1.0f / l[h];
-        for (int64_t d = 0; d < Dv; ++d) po[h * Dv + d] = acc[h * Dv + d] * inv_l;
-        pl[h] = empty ? kNegInf : m[h] + std::log(l[h]);
-      }
+      for (int64_t h = 0; h < H; ++h) cpu::finish_part(acc.data() + h * Dv, m[h], l[h], Dv, po + h * Dv, pl + h);
     }
   });
 
   // Merge the parts of each (sequence, head) in part order.
   at::parallel_for(0, s.batch * H, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(Dv);
+    std::vector<float> scratch(Dv);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      float mx = kNegInf;
-      bool nan_part = false;
-      for (int64_t j = 0; j < parts; ++j) {
-        const float lj = part_lse[(b * parts + j) * H + h];
-        nan_part |= std::isnan(lj);
-        mx = std::max(mx, lj);
-      }
-      scalar_t* o = out + bh * Dv;  // out is contiguous [B, H, Dv]
-      if (nan_part) {
-        for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(kNaN);
-        if (lse != nullptr) lse[bh] = kNaN;
-        continue;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      float wsum = 0.0f;
-      if (mx != kNegInf) {
-        for (int64_t j = 0; j < parts; ++j) {
-          const float lj = part_lse[(b * parts + j) * H + h];
-          if (lj == kNegInf) continue;
-          const float w = std::exp(lj - mx);
-          wsum += w;
-          const float* pj = part_out.data() + ((b * parts + j) * H + h) * Dv;
-          for (int64_t d = 0; d < Dv; ++d) acc[d] += w * pj[d];
-        }
-      }
-      const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
-      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
-      if (lse != nullptr) lse[bh] = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
+      cpu::merge_parts(
+          parts, [&](int64_t j) { return part_lse[(b * parts + j) * H + h]; },
+          [&](int64_t j) { return part_out.data() + ((b * parts + j) * H + h) * Dv; }, Dv, out + bh * Dv,
+          lse != nullptr ? lse + bh : nullptr, scratch.data());
     }
   });
 }

@@ -1,0 +1,98 @@
+// Pieces the CPU attention kernels share (gqa_decode, block_sparse_decode, mla_decode,
+// token_decoder_attention, attention_scores): a vectorisable dot product, the online-softmax
+// step with kvcore's NaN rule, a part's normalised output, and the ordered merge of parts.
+//
+// NaN rule (tests/test_nan.py): a NaN logit (NaN in q or an attended key) makes that head's out
+// and lse NaN; it never vanishes into an "empty" result, and nothing unattended is ever read.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace kvcore {
+namespace cpu {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// a.b with 8 independent partial sums: without -ffast-math the compiler may not reorder one
+// running sum, so a single accumulator would leave the loop scalar; eight lanes vectorise.
+inline float dot_product(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
+  float tail = 0.f;
+  for (; d < n; ++d) tail += a[d] * b[d];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+// One online-softmax step of one head over n logits: lg becomes the weights relative to the new
+// running max m, l the running sum, and the head's accumulator acc [D] is rescaled to match.
+inline void online_softmax_step(float* lg, int64_t n, float& m, float& l, float* acc, int64_t D) {
+  float cmax = kNegInf;
+  for (int64_t i = 0; i < n; ++i) cmax = std::max(cmax, lg[i]);
+  const float m_new = std::max(m, cmax);
+  // m_new = -inf only if every logit so far is -inf (non-finite inputs): keep the state.
+  const float corr = (m == m_new || m_new == kNegInf) ? 1.0f : std::exp(m - m_new);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    // std::max skips NaN, so m_new = -inf means every logit so far is -inf or NaN: a -inf weighs
+    // 0, a NaN must stay NaN.
+    const float e = m_new == kNegInf ? (std::isnan(lg[i]) ? lg[i] : 0.0f) : std::exp(lg[i] - m_new);
+    lg[i] = e;
+    sum += e;
+  }
+  l = l * corr + sum;
+  m = m_new;
+  if (corr != 1.0f)
+    for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
+}
+
+// A part's normalised output [D] and lse (natural log): zeros and -inf when it saw no key; a NaN
+// l (a NaN logit) is not empty and gives NaN out and NaN lse, which merge_parts passes on.
+inline void finish_part(const float* acc, float m, float l, int64_t D, float* out, float* lse) {
+  const bool empty = l == 0.0f;
+  const float inv_l = empty ? 0.0f : 1.0f / l;
+  for (int64_t d = 0; d < D; ++d) out[d] = acc[d] * inv_l;
+  *lse = empty ? kNegInf : m + std::log(l);
+}
+
+// Merges `parts` normalised parts of one row in part order (so the result does not depend on
+// the thread count): part_lse(j) and part_out(j) (a pointer to D floats) give part j. Writes the
+// row to o [D] and, when lse is not null, its log-sum-exp. scratch: D floats.
+template <typename T, typename LseOf, typename OutOf>
+void merge_parts(int64_t parts, LseOf part_lse, OutOf part_out, int64_t D, T* o, float* lse, float* scratch) {
+  float mx = kNegInf;
+  bool nan_part = false;
+  for (int64_t j = 0; j < parts; ++j) {
+    const float lj = part_lse(j);
+    nan_part |= std::isnan(lj);
+    mx = std::max(mx, lj);
+  }
+  if (nan_part) {  // a NaN logit in any part: the whole row is NaN (std::max would drop it)
+    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(kNaN);
+    if (lse != nullptr) *lse = kNaN;
+    return;
+  }
+  std::fill(scratch, scratch + D, 0.0f);
+  float wsum = 0.0f;
+  if (mx != kNegInf) {
+    for (int64_t j = 0; j < parts; ++j) {
+      const float lj = part_lse(j);
+      if (lj == kNegInf) continue;  // an empty part contributes nothing
+      const float w = std::exp(lj - mx);
+      wsum += w;
+      const float* pj = part_out(j);
+      for (int64_t d = 0; d < D; ++d) scratch[d] += w * pj[d];
+    }
+  }
+  const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+  for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(scratch[d] * inv);
+  if (lse != nullptr) *lse = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
+}
+
+}  // namespace cpu
+}  // namespace kvcore
