@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from . import peers
-from .decode import TOLERANCE, _time_variant
-from .harness import RunContext, make_row
+from . import runner
+from .decode import TOLERANCE
+from .harness import RunContext
 
 GROUP = "block"
 
@@ -436,38 +437,7 @@ def run(case: BlockSparseCase, impl_names: Sequence[str], ctx: RunContext) -> li
 
 def _run_impl(name: str, case: BlockSparseCase, inputs: BlockSparseInputs, ref: torch.Tensor, tol: float,
               ctx: RunContext) -> dict:
-    builder = BUILDERS.get(name)
-    try:
-        if builder is None:
-            raise peers.Skip(f"unknown implementation {name!r}")
-        variants = builder(inputs)
-    except peers.Skip as exc:
-        ctx.log(f"  skip {name} on {case.name}: {exc}")
-        return make_row(GROUP, name, case.name, ctx, notes=f"skipped: {exc}")
-    except Exception as exc:  # noqa: BLE001 - a peer that breaks in setup is skipped, not fatal
-        reason = peers._first_line(exc)
-        ctx.log(f"  skip {name} on {case.name}: setup failed: {reason}")
-        return make_row(GROUP, name, case.name, ctx, notes=f"skipped: setup failed: {reason}")
-
-    best: Optional[tuple] = None
-    errors = []
-    try:
-        for var in variants:
-            ms, err = _time_variant(var, ref, tol, ctx)
-            if err is not None:
-                errors.append(f"{var.notes}: {err}" if var.notes and len(variants) > 1 else err)
-            elif best is None or ms < best[0]:
-                best = (ms, var.notes)
-    finally:
-        del variants
-    if best is None:
-        message = "; ".join(errors)
-        ctx.log(f"  ERROR {name} on {case.name}: {message}")
-        return make_row(GROUP, name, case.name, ctx, error=message)
-    notes = best[1]
-    if errors:
-        notes = "; ".join(filter(None, [notes, "other variants failed: " + "; ".join(errors)]))
-    return make_row(GROUP, name, case.name, ctx, ms=best[0], nbytes=case.nbytes, flops=case.flops, notes=notes)
+    return runner.time_implementation(GROUP, name, case, runner.builder_for(BUILDERS, name, inputs), ref, tol, ctx)
 
 
 __all__ = ["GROUP", "BlockSparseCase", "BlockSparseInputs", "cases", "impls", "known_impls", "make_inputs", "run"]

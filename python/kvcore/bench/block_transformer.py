@@ -27,13 +27,13 @@ Every output is checked against an fp32 evaluation of the plain-torch form befor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .decode import _time_variant
-from .harness import RunContext, make_row
+from . import runner
+from .harness import RunContext
 from .peers import Prepared, Skip, _first_line
 
 GROUP = "block"
@@ -298,33 +298,8 @@ def run(case: TokenDecoderCase, impl_names: Sequence[str], ctx: RunContext) -> l
 
 
 def _run_impl(name: str, case: TokenDecoderCase, inputs, ref: torch.Tensor, tol: float, ctx: RunContext) -> dict:
-    builder = BUILDERS.get(name)
-    try:
-        if builder is None:
-            raise Skip(f"unknown implementation {name!r}")
-        variants = builder(inputs)
-    except Skip as exc:
-        ctx.log(f"  skip {name} on {case.name}: {exc}")
-        return make_row(GROUP, name, case.name, ctx, notes=f"skipped: {exc}")
-    except Exception as exc:  # noqa: BLE001 - a peer that breaks in setup is skipped, not fatal
-        reason = _first_line(exc)
-        ctx.log(f"  skip {name} on {case.name}: setup failed: {reason}")
-        return make_row(GROUP, name, case.name, ctx, notes=f"skipped: setup failed: {reason}")
-    best: Optional[tuple] = None
-    errors = []
-    ref = _reference_in_layout(name, ref, case)
-    for var in variants:
-        ms, err = _time_variant(var, ref, tol, ctx)
-        if err is not None:
-            errors.append(err)
-        elif best is None or ms < best[0]:
-            best = (ms, var.notes)
-    del variants
-    if best is None:
-        message = "; ".join(errors)
-        ctx.log(f"  ERROR {name} on {case.name}: {message}")
-        return make_row(GROUP, name, case.name, ctx, error=message)
-    return make_row(GROUP, name, case.name, ctx, ms=best[0], nbytes=case.nbytes, flops=case.flops, notes=best[1])
+    return runner.time_implementation(GROUP, name, case, runner.builder_for(BUILDERS, name, inputs),
+                                      _reference_in_layout(name, ref, case), tol, ctx)
 
 
 __all__ = [

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from . import peers
-from .harness import RunContext, make_row
+from . import peers, runner
+from .harness import RunContext
 
 GROUP = "decode"
 
@@ -111,41 +111,6 @@ def make_inputs(case: DecodeCase, device: torch.device, seed: int = 0) -> peers.
     return peers.DecodeInputs(q, k_cache, v_cache, block_table, seq_lens, scale=d**-0.5)
 
 
-def _max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if out.shape != ref.shape:
-        raise ValueError(f"output shape {tuple(out.shape)} != expected {tuple(ref.shape)}")
-    bad = int((~torch.isfinite(out)).sum().item())
-    if bad:
-        raise ValueError(f"{bad} of {out.numel()} output elements are NaN/inf (unwritten?)")
-    return (out.float() - ref).abs().max().item()
-
-
-def _time_variant(var: peers.Prepared, ref: torch.Tensor, tol: float, ctx: RunContext) -> tuple:
-    """(ms, None) for a correct variant, or (None, error message)."""
-    with var.context():
-        if var.out is not None:
-            var.out.fill_(float("nan"))  # unwritten elements must fail the check
-        try:
-            out = var.fn()
-            ctx.synchronize()
-        except Exception as exc:  # noqa: BLE001
-            return None, f"call failed: {peers._first_line(exc)}"
-        try:
-            err = _max_abs_error(out, ref)
-        except Exception as exc:  # noqa: BLE001
-            return None, f"wrong result: {exc}"
-        del out
-        if not err < tol:  # also catches NaN
-            return None, f"wrong result: max abs error {err:.3g} vs fp32 reference (tolerance {tol:g})"
-        var.before_timing()
-        try:
-            return ctx.timer(var.fn), None
-        except Exception as exc:  # noqa: BLE001
-            return None, f"failed while timing: {peers._first_line(exc)}"
-        finally:
-            var.after_timing()
-
-
 def run(case: DecodeCase, impl_names: Sequence[str], ctx: RunContext) -> list:
     """Time each implementation on one case; one row per implementation (skips and errors too)."""
     rows = []
@@ -164,32 +129,4 @@ def run(case: DecodeCase, impl_names: Sequence[str], ctx: RunContext) -> list:
 
 
 def _run_impl(name: str, case: DecodeCase, inputs, ref: torch.Tensor, tol: float, ctx: RunContext) -> dict:
-    try:
-        variants = peers.build(name, inputs)
-    except peers.Skip as exc:
-        ctx.log(f"  skip {name} on {case.name}: {exc}")
-        return make_row(GROUP, name, case.name, ctx, notes=f"skipped: {exc}")
-    except Exception as exc:  # noqa: BLE001 - a peer that breaks in setup is skipped, not fatal
-        reason = peers._first_line(exc)
-        ctx.log(f"  skip {name} on {case.name}: setup failed: {reason}")
-        return make_row(GROUP, name, case.name, ctx, notes=f"skipped: setup failed: {reason}")
-
-    best: Optional[tuple] = None
-    errors = []
-    try:
-        for var in variants:
-            ms, err = _time_variant(var, ref, tol, ctx)
-            if err is not None:
-                errors.append(f"{var.notes}: {err}" if var.notes and len(variants) > 1 else err)
-            elif best is None or ms < best[0]:
-                best = (ms, var.notes)
-    finally:
-        del variants
-    if best is None:
-        message = "; ".join(errors)
-        ctx.log(f"  ERROR {name} on {case.name}: {message}")
-        return make_row(GROUP, name, case.name, ctx, error=message)
-    notes = best[1]
-    if len(errors) and best is not None:
-        notes = "; ".join(filter(None, [notes, "other variants failed: " + "; ".join(errors)]))
-    return make_row(GROUP, name, case.name, ctx, ms=best[0], nbytes=case.nbytes, flops=case.flops, notes=notes)
+    return runner.time_implementation(GROUP, name, case, lambda: peers.build(name, inputs), ref, tol, ctx)

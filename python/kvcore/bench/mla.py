@@ -32,8 +32,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .decode import _time_variant
-from .harness import RunContext, make_row
+from . import runner
+from .harness import RunContext
 from .peers import Prepared, Skip, _first_line
 
 GROUP = "mla"
@@ -352,31 +352,12 @@ def run(case: Case, impl_names: Sequence[str], ctx: RunContext) -> list:
 
 
 def _run_impl(name: str, builders: dict, case: Case, inputs, ref: torch.Tensor, tol: float, ctx: RunContext) -> dict:
-    try:
+    def build():
         if name not in builders:
             raise Skip(f"{name} has no implementation of this op")
-        variants = builders[name](inputs)
-    except Skip as exc:
-        ctx.log(f"  skip {name} on {case.name}: {exc}")
-        return make_row(GROUP, name, case.name, ctx, notes=f"skipped: {exc}")
-    except Exception as exc:  # noqa: BLE001 - a peer that breaks in setup is skipped, not fatal
-        reason = _first_line(exc)
-        ctx.log(f"  skip {name} on {case.name}: setup failed: {reason}")
-        return make_row(GROUP, name, case.name, ctx, notes=f"skipped: setup failed: {reason}")
-    best: Optional[tuple] = None
-    errors = []
-    for var in variants:
-        ms, err = _time_variant(var, ref, tol, ctx)
-        if err is not None:
-            errors.append(err)
-        elif best is None or ms < best[0]:
-            best = (ms, var.notes)
-    del variants
-    if best is None:
-        message = "; ".join(errors)
-        ctx.log(f"  ERROR {name} on {case.name}: {message}")
-        return make_row(GROUP, name, case.name, ctx, error=message)
-    return make_row(GROUP, name, case.name, ctx, ms=best[0], nbytes=case.nbytes, flops=case.flops, notes=best[1])
+        return builders[name](inputs)
+
+    return runner.time_implementation(GROUP, name, case, build, ref, tol, ctx)
 
 
 __all__ = ["GROUP", "MlaDecodeCase", "MlaProjectCase", "cases", "impls", "known_impls", "run", "torch_mla_decode",

@@ -1,0 +1,103 @@
+"""Checking and timing one implementation of one case: shared by every benchmark group.
+
+A group module builds its inputs and fp32 reference, then calls :func:`time_implementation` per
+implementation name with a ``build`` callable that returns the implementation's ready-to-time
+variants (``peers.Prepared``) or raises ``peers.Skip``. Each variant is run once with its output
+NaN-poisoned and checked against the reference before it is timed; the fastest correct variant
+makes the row. A peer that fails in setup is skipped with the reason, a wrong result is an error
+row: neither stops the run.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .harness import RunContext, make_row
+from .peers import Prepared, Skip, _first_line
+
+
+def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |out - ref|; raises ValueError for a shape mismatch or any NaN/inf in ``out``."""
+    if out.shape != ref.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} != expected {tuple(ref.shape)}")
+    bad = int((~torch.isfinite(out)).sum().item())
+    if bad:
+        raise ValueError(f"{bad} of {out.numel()} output elements are NaN/inf (unwritten?)")
+    return (out.float() - ref).abs().max().item()
+
+
+def time_variant(var: Prepared, ref: torch.Tensor, tol: float, ctx: RunContext) -> tuple:
+    """(ms, None) for a correct variant, or (None, error message)."""
+    with var.context():
+        if var.out is not None:
+            var.out.fill_(float("nan"))  # unwritten elements must fail the check
+        try:
+            out = var.fn()
+            ctx.synchronize()
+        except Exception as exc:  # noqa: BLE001
+            return None, f"call failed: {_first_line(exc)}"
+        try:
+            err = max_abs_error(out, ref)
+        except Exception as exc:  # noqa: BLE001
+            return None, f"wrong result: {exc}"
+        del out
+        if not err < tol:  # also catches NaN
+            return None, f"wrong result: max abs error {err:.3g} vs fp32 reference (tolerance {tol:g})"
+        var.before_timing()
+        try:
+            return ctx.timer(var.fn), None
+        except Exception as exc:  # noqa: BLE001
+            return None, f"failed while timing: {_first_line(exc)}"
+        finally:
+            var.after_timing()
+
+
+def time_implementation(group: str, name: str, case, build: Callable[[], Sequence[Prepared]], ref: torch.Tensor,
+                        tol: float, ctx: RunContext) -> dict:
+    """One result row for implementation ``name`` on ``case`` (which has ``name``, ``nbytes`` and
+    ``flops``): timed, skipped (with the reason) or an error (with what went wrong)."""
+    try:
+        variants = build()
+    except Skip as exc:
+        ctx.log(f"  skip {name} on {case.name}: {exc}")
+        return make_row(group, name, case.name, ctx, notes=f"skipped: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a peer that breaks in setup is skipped, not fatal
+        reason = _first_line(exc)
+        ctx.log(f"  skip {name} on {case.name}: setup failed: {reason}")
+        return make_row(group, name, case.name, ctx, notes=f"skipped: setup failed: {reason}")
+
+    best: Optional[tuple] = None
+    errors = []
+    try:
+        for var in variants:
+            ms, err = time_variant(var, ref, tol, ctx)
+            if err is not None:
+                errors.append(f"{var.notes}: {err}" if var.notes and len(variants) > 1 else err)
+            elif best is None or ms < best[0]:
+                best = (ms, var.notes)
+    finally:
+        del variants
+    if best is None:
+        message = "; ".join(errors)
+        ctx.log(f"  ERROR {name} on {case.name}: {message}")
+        return make_row(group, name, case.name, ctx, error=message)
+    notes = best[1]
+    if errors:
+        notes = "; ".join(filter(None, [notes, "other variants failed: " + "; ".join(errors)]))
+    return make_row(group, name, case.name, ctx, ms=best[0], nbytes=case.nbytes, flops=case.flops, notes=notes)
+
+
+def builder_for(builders: dict, name: str, inputs) -> Callable[[], Sequence[Prepared]]:
+    """A ``build`` callable for :func:`time_implementation` from a name -> builder table."""
+
+    def build() -> Sequence[Prepared]:
+        if name not in builders:
+            raise Skip(f"unknown implementation {name!r}")
+        return builders[name](inputs)
+
+    return build
+
+
+__all__ = ["builder_for", "max_abs_error", "time_implementation", "time_variant"]
