@@ -215,3 +215,18 @@ def test_padding_refused():
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="padding"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_generate_command(capsys):
+    from kvcore import generate
+
+    result = generate.run("llama", layers=2, context=40, new_tokens=4, policy="snapkv", budget=16, hidden=64,
+                          heads=4, kv_heads=2, vocab=VOCAB, page_size=8, chunk=16, progress=False)
+    # Chunked prefill: the policy ran once, after the last chunk, over all 40 prompt tokens.
+    assert result["seen_tokens"] == 43 and result["cached_tokens"] == 16 + 3
+    assert result["cache_bytes"] < result["cache_bytes_full"]
+    assert len(result["tokens"]) == 1 and len(result["tokens"][0]) == 4
+    assert generate.main(["--layers", "1", "--context", "24", "--new-tokens", "3", "--hidden", "64", "--heads", "4",
+                          "--kv-heads", "1", "--vocab", str(VOCAB), "--chunk", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "cache bytes without policy" in printed and "tokens/s" in printed and "tokens[0]: [" in printed

@@ -16,10 +16,12 @@ What runs where:
   with several new tokens (prefill, chunked prefill) run torch SDPA over the cached tokens
   (gathered from the pages) plus the new ones, causal, with the model's sliding window if any.
 * Policies (``streaming_llm``, ``snapkv``, ``h2o``, ``tova``, ``knorm``; :mod:`kvcore.policies`)
-  run once, right after the prefill of an empty cache: each layer's store is compacted in place
-  with ``kvcore.compact_kv`` to ``budget`` tokens and the freed pages go back to the pool. RoPE
-  positions keep counting the tokens seen (``get_seq_length`` is the logical length), as in
-  kvpress / SnapKV, while the pages hold only the kept tokens.
+  run once, at the end of the prefill (the first multi-token step, or the last chunk of a chunked
+  prefill, see ``KVCoreCache.hold_eviction``; H2O scores with that step's queries only): each
+  layer's store is compacted in place with ``kvcore.compact_kv`` to ``budget`` tokens and the
+  freed pages go back to the pool. RoPE positions keep counting the tokens seen
+  (``get_seq_length`` is the logical length), as in kvpress / SnapKV, while the pages hold only
+  the kept tokens.
 * CLA / MLKV (``layer_to_store``): layers mapped to one store share its K/V; the store's first
   layer (its producer) writes it and the later ones read it, ignoring their own K/V projections.
   This changes the model's function: use it for models trained with shared KV layers.
@@ -171,7 +173,7 @@ class KVCoreCache(Cache):
         max_cache_len: tokens per sequence the pages must hold (prompt + new tokens; before
             eviction the whole prompt is cached, so count it fully).
         page_size: tokens per page (power of two).
-        policy: ``None`` or one of :data:`POLICIES`; applied once after the prefill of an empty cache.
+        policy: ``None`` or one of :data:`POLICIES`; applied once at the end of the prefill.
         budget: tokens kept per sequence and layer by the policy (required with a policy).
         policy_kwargs: extra keyword arguments: ``num_sinks`` (streaming_llm, default 4),
             ``window`` (snapkv observation window, default 32, capped at budget and prompt),
@@ -224,6 +226,10 @@ class KVCoreCache(Cache):
         self.paged: Optional[PagedKVCache] = None
         self.seq_ids: list[int] = []
         self._seen = 0  # logical tokens per sequence (RoPE positions), eviction does not lower it
+        self._evicted = False
+        #: Set while feeding a long prompt in chunks: the policy then runs at the end of the first
+        #: multi-token step after it is cleared (the last chunk), over everything cached so far.
+        self.hold_eviction = False
         self._reset_step()
         super().__init__(layers=[_KVCoreLayer(self, i) for i in range(self.num_layers)])
 
@@ -243,6 +249,7 @@ class KVCoreCache(Cache):
                 self.paged.free(seq_id)
             self.seq_ids = [self.paged.add_sequence() for _ in range(len(self.seq_ids))]
         self._seen = 0
+        self._evicted = False
         self._reset_step()
 
     def _allocate(self, key_states: Tensor) -> None:
@@ -266,6 +273,10 @@ class KVCoreCache(Cache):
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self._seen
+
+    def forward_kwargs(self, model: Any) -> dict[str, Any]:
+        """``{name: self}`` for ``model(...)``: transformers 5 calls the argument ``cache``, older ``past_key_values``."""
+        return {_cache_kwarg(model): self}
 
     def cached_tokens(self) -> int:
         """Tokens held in the pages per sequence (after eviction: at most the budget + new tokens)."""
@@ -298,7 +309,10 @@ class KVCoreCache(Cache):
             self._slots = paged.reserve(self.seq_ids, [new] * batch)
             self._block_table = paged.block_table(self.seq_ids)
             self._seq_lens = paged.seq_lens(self.seq_ids)
-            self._evict_now = self.policy is not None and self._past == 0 and new > self.budget
+            self._evict_now = (
+                self.policy is not None and not self._evicted and not self.hold_eviction and new > 1
+                and self._past + new > self.budget
+            )
             self._seen += new
         store = paged.store_of(layer_idx)
         if paged.is_producer(layer_idx):
@@ -375,6 +389,7 @@ class KVCoreCache(Cache):
             paged.truncate(seq_id, kept_len)
         self._policy_q.clear()
         self._evict_now = False
+        self._evicted = True
 
 
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, past: int, scaling: float, window: Optional[int]) -> Tensor:
@@ -446,6 +461,10 @@ def _kvcore_mask(*args: Any, attention_mask: Optional[Tensor] = None, q_length: 
     return None
 
 
+def _cache_kwarg(model: Any) -> str:
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def _register() -> None:
     ALL_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, kvcore_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _kvcore_mask)
@@ -502,7 +521,7 @@ def enable(
     original = getattr(model, "_kvcore_original_generate", None) or model.generate
     model._kvcore_original_generate = original
     # transformers 5.x renamed the forward's past_key_values to cache; use what this version takes.
-    cache_kwarg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    cache_kwarg = _cache_kwarg(model)
 
     @functools.wraps(original)
     def generate(*args: Any, **kwargs: Any) -> Any:
