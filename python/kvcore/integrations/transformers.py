@@ -32,8 +32,9 @@ attention needs ``kvcore.mla``'s latent cache, which is not wired into this adap
 batches (left padding would need per-sequence positions), beam search / assisted decoding
 (cache reordering and cropping).
 
-Needs transformers >= 4.53 (``AttentionInterface`` and ``masking_utils.AttentionMaskInterface``
-registration); tested with 5.24.
+Uses ``AttentionInterface`` / ``AttentionMaskInterface`` registration, ``set_attn_implementation``
+and the per-layer ``Cache`` API (``CacheLayerMixin``), which transformers has since 4.56; run and
+tested only with 5.24 so far.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ try:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "kvcore.integrations.transformers needs transformers >= 4.53 "
+        "kvcore.integrations.transformers needs transformers >= 4.56 "
         "(pip install 'kvcore[transformers]')"
     ) from exc
 
@@ -141,8 +142,8 @@ class _KVCoreLayer(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         return self._parent._update_layer(key_states, value_states, self._layer_idx)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._parent.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
+        return self._parent.get_mask_sizes(query_length)
 
     def get_seq_length(self) -> int:
         return self._parent.get_seq_length()
@@ -268,8 +269,13 @@ class KVCoreCache(Cache):
         """Tokens seen per sequence (the next token's position), not the number kept after eviction."""
         return self._seen
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self._seen + query_length, 0
+    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for transformers' mask code (logical positions).
+
+        transformers 5 passes the query length, 4.5x the step's ``cache_position`` tensor."""
+        if isinstance(query_length, Tensor):
+            query_length = query_length.shape[0]
+        return self._seen + int(query_length), 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self._seen
