@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch numpy ninja pybind11 setuptools wheel pytest hypothesis
+# Optional extra, installed so that tests/test_transformers_integration.py runs in CI.
+python3 -m pip install -q 'transformers>=4.56'
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ "${CI:-}" = true ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then

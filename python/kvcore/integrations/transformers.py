@@ -1,0 +1,566 @@
+"""Run Hugging Face transformers decoder models on kvcore's paged cache and decode kernel.
+
+One call turns it on for a loaded model::
+
+    import kvcore.integrations.transformers as kvt
+    kvt.enable(model)                                   # exact: no eviction
+    kvt.enable(model, policy="snapkv", budget=1024)     # compress the prompt's cache after prefill
+    out = model.generate(input_ids, max_new_tokens=64)
+
+What runs where:
+
+* :class:`KVCoreCache` (a ``transformers.Cache``) keeps every layer's K/V in one
+  :class:`kvcore.PagedKVCache`; ``update`` writes the new tokens with ``kvcore.append_paged_kv``.
+* The attention function registered as ``"kvcore"`` in transformers' ``AttentionInterface``
+  decodes (one new token per sequence) with ``kvcore.gqa_decode`` straight from the pages. Steps
+  with several new tokens (prefill, chunked prefill) run torch SDPA over the cached tokens
+  (gathered from the pages) plus the new ones, causal, with the model's sliding window if any.
+* Policies (``streaming_llm``, ``snapkv``, ``h2o``, ``tova``, ``knorm``; :mod:`kvcore.policies`)
+  run once, at the end of the prefill (the first multi-token step, or the last chunk of a chunked
+  prefill, see ``KVCoreCache.hold_eviction``; H2O scores with that step's queries only): each
+  layer's store is compacted in place with ``kvcore.compact_kv`` to ``budget`` tokens and the
+  freed pages go back to the pool. RoPE positions keep counting the tokens seen
+  (``get_seq_length`` is the logical length), as in kvpress / SnapKV, while the pages hold only
+  the kept tokens.
+* CLA / MLKV (``layer_to_store``): layers mapped to one store share its K/V; the store's first
+  layer (its producer) writes it and the later ones read it, ignoring their own K/V projections.
+  This changes the model's function: use it for models trained with shared KV layers.
+
+Supported: Llama, Mistral and Qwen2 (GQA/MQA/MHA, RoPE, optional sliding window), batches without
+padding. Refused with a message: other architectures (DeepSeek-V2/V3 in particular: their MLA
+attention needs ``kvcore.mla``'s latent cache, which is not wired into this adapter yet), padded
+batches (left padding would need per-sequence positions), beam search / assisted decoding
+(cache reordering and cropping).
+
+Uses ``AttentionInterface`` / ``AttentionMaskInterface`` registration, ``set_attn_implementation``
+and the per-layer ``Cache`` API (``CacheLayerMixin``), which transformers has since 4.56; run and
+tested only with 5.24 so far.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import transformers
+    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "kvcore.integrations.transformers needs transformers >= 4.56 "
+        "(pip install 'kvcore[transformers]')"
+    ) from exc
+
+from .. import ops
+from ..cache import PagedKVCache
+from ..policies import eviction
+
+__all__ = ["ATTN_IMPLEMENTATION", "POLICIES", "SUPPORTED_MODEL_TYPES", "KVCoreCache", "check_supported", "disable",
+           "enable", "kvcore_attention"]
+
+#: The name under which the attention (and mask) function is registered in transformers.
+ATTN_IMPLEMENTATION = "kvcore"
+#: ``config.model_type`` values this adapter runs (GQA attention through ``AttentionInterface``).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: Eviction policies that :func:`enable` accepts (applied once, after prefill).
+POLICIES = ("streaming_llm", "snapkv", "h2o", "tova", "knorm")
+
+_MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+
+# The attention function has no handle on the cache (transformers passes it only to the
+# attention module), so ``KVCoreCache.update`` leaves a note here for the attention call that
+# follows it in the same layer; the note names the returned key tensor, so an attention call
+# that did not come from our cache (use_cache=False) is recognised and runs plain SDPA.
+_note = threading.local()
+
+
+def check_supported(config: Any) -> None:
+    """Raise ``ValueError`` naming the reason if ``config``'s architecture cannot run on kvcore here.
+
+    Args:
+        config: a ``transformers.PretrainedConfig`` (``model.config``).
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type in _MLA_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} uses multi-head latent attention (MLA); kvcore has MLA ops "
+            "(kvcore.mla: latent cache and absorbed decode) but they are not wired into the "
+            f"transformers adapter yet. Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported by kvcore's transformers adapter; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (GQA decoder models)"
+        )
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        odd = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if odd:
+            raise ValueError(f"config.layer_types has layer kinds kvcore does not run: {odd}")
+
+
+def _head_dim(config: Any) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
+
+
+def _sliding_window(config: Any) -> Optional[int]:
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    # Qwen2 carries a sliding_window value but uses it only with use_sliding_window.
+    if getattr(config, "model_type", None) == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return None
+    return int(window)
+
+
+class _KVCoreLayer(CacheLayerMixin):
+    """One model layer's view of the shared :class:`KVCoreCache` (transformers' per-layer cache API)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, parent: "KVCoreCache", layer_idx: int) -> None:
+        super().__init__()
+        self._parent = parent
+        self._layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self._parent._allocate(key_states)
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return self._parent._update_layer(key_states, value_states, self._layer_idx)
+
+    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
+        return self._parent.get_mask_sizes(query_length)
+
+    def get_seq_length(self) -> int:
+        return self._parent.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._parent._reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("KVCoreCache does not reorder sequences (beam search is not supported)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("KVCoreCache cannot be cropped (assisted decoding is not supported)")
+
+
+class KVCoreCache(Cache):
+    """A ``transformers.Cache`` whose K/V live in a :class:`kvcore.PagedKVCache`.
+
+    The pages are allocated on the first ``update`` (dtype and device of the model's keys), with
+    room for ``max_cache_len`` tokens of each of the batch's sequences (one kvcore sequence per
+    batch row). :func:`enable` builds one per ``generate`` call; build one yourself to pass as
+    ``past_key_values`` to ``model(...)`` / ``generate``.
+
+    Args:
+        config: the model's config (a supported architecture, see :func:`check_supported`).
+        max_cache_len: tokens per sequence the pages must hold (prompt + new tokens; before
+            eviction the whole prompt is cached, so count it fully).
+        page_size: tokens per page (power of two).
+        policy: ``None`` or one of :data:`POLICIES`; applied once at the end of the prefill.
+        budget: tokens kept per sequence and layer by the policy (required with a policy).
+        policy_kwargs: extra keyword arguments: ``num_sinks`` (streaming_llm, default 4),
+            ``window`` (snapkv observation window, default 32, capped at budget and prompt),
+            ``kernel_size`` / ``pooling`` (snapkv), ``recent`` (h2o).
+        layer_to_store: CLA / MLKV map, one store id per layer (see :class:`kvcore.PagedKVCache`);
+            ``None``: one store per layer.
+
+    Raises:
+        ValueError: unsupported config, unknown policy, missing/bad budget, a policy on a model
+            with a sliding window.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        max_cache_len: int,
+        page_size: int = 16,
+        policy: Optional[str] = None,
+        budget: Optional[int] = None,
+        policy_kwargs: Optional[dict[str, Any]] = None,
+        layer_to_store: Optional[Sequence[int]] = None,
+    ) -> None:
+        check_supported(config)
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
+        if policy is not None and policy not in POLICIES:
+            raise ValueError(f"policy must be None or one of {POLICIES}, got {policy!r}")
+        if policy is not None:
+            if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise ValueError(f"budget must be an int >= 1 with policy {policy!r}, got {budget!r}")
+            if _sliding_window(config) is not None:
+                raise ValueError(
+                    f"policy {policy!r} on a model with a sliding window ({_sliding_window(config)}) is not "
+                    "supported: the window is defined on original positions, the compacted cache has lost them"
+                )
+        elif budget is not None:
+            raise ValueError(f"budget ({budget}) needs a policy; got policy=None")
+        self.config = config
+        self.num_layers = int(config.num_hidden_layers)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        self.head_dim = _head_dim(config)
+        self.max_cache_len = max_cache_len
+        self.page_size = page_size
+        self.policy = policy
+        self.budget = budget
+        self.policy_kwargs = dict(policy_kwargs or {})
+        self.sliding_window = _sliding_window(config)
+        self._layer_to_store = None if layer_to_store is None else list(layer_to_store)
+        self.paged: Optional[PagedKVCache] = None
+        self.seq_ids: list[int] = []
+        self._seen = 0  # logical tokens per sequence (RoPE positions), eviction does not lower it
+        self._evicted = False
+        #: Set while feeding a long prompt in chunks: the policy then runs at the end of the first
+        #: multi-token step after it is cleared (the last chunk), over everything cached so far.
+        self.hold_eviction = False
+        self._reset_step()
+        super().__init__(layers=[_KVCoreLayer(self, i) for i in range(self.num_layers)])
+
+    # ------------------------------------------------------------------ state
+
+    def _reset_step(self) -> None:
+        self._block_table: Optional[Tensor] = None
+        self._seq_lens: Optional[Tensor] = None
+        self._past = 0  # physical tokens per sequence before this step
+        self._step_kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self._policy_q: dict[int, Tensor] = {}
+        self._evict_now = False
+
+    def _reset(self) -> None:
+        if self.paged is not None:
+            for seq_id in self.seq_ids:
+                self.paged.free(seq_id)
+            self.seq_ids = [self.paged.add_sequence() for _ in range(len(self.seq_ids))]
+        self._seen = 0
+        self._evicted = False
+        self._reset_step()
+
+    def _allocate(self, key_states: Tensor) -> None:
+        if self.paged is not None:
+            return
+        batch = key_states.shape[0]
+        pages_per_seq = -(-self.max_cache_len // self.page_size)
+        self.paged = PagedKVCache(
+            self.num_layers, self.num_kv_heads, self.head_dim, num_pages=batch * pages_per_seq,
+            page_size=self.page_size, dtype=key_states.dtype, device=key_states.device,
+            layer_to_store=self._layer_to_store,
+        )
+        self.seq_ids = [self.paged.add_sequence() for _ in range(batch)]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen per sequence (the next token's position), not the number kept after eviction."""
+        return self._seen
+
+    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for transformers' mask code (logical positions).
+
+        transformers 5 passes the query length, 4.5x the step's ``cache_position`` tensor."""
+        if isinstance(query_length, Tensor):
+            query_length = query_length.shape[0]
+        return self._seen + int(query_length), 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._seen
+
+    def forward_kwargs(self, model: Any) -> dict[str, Any]:
+        """``{name: self}`` for ``model(...)``: transformers 5 calls the argument ``cache``, older ``past_key_values``."""
+        return {_cache_kwarg(model): self}
+
+    def cached_tokens(self) -> int:
+        """Tokens held in the pages per sequence (after eviction: at most the budget + new tokens)."""
+        return 0 if self.paged is None or not self.seq_ids else self.paged.seq_len(self.seq_ids[0])
+
+    def cache_bytes(self) -> int:
+        """Bytes of K/V the live sequences hold now (whole pages, all stores)."""
+        if self.paged is None:
+            return 0
+        report = self.paged.memory_report()
+        pages = sum(len(self.paged.pages_of(s)) for s in self.seq_ids)
+        return pages * self.page_size * report["bytes_per_token"]
+
+    # ------------------------------------------------------------------ update (called per layer)
+
+    def _update_layer(self, key_states: Tensor, value_states: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
+        if self.paged is None:
+            self._allocate(key_states)
+        paged = self.paged
+        batch, heads, new, dim = key_states.shape
+        if batch != len(self.seq_ids) or heads != self.num_kv_heads or dim != self.head_dim:
+            raise ValueError(
+                f"key_states must be [{len(self.seq_ids)}, {self.num_kv_heads}, T, {self.head_dim}] for this "
+                f"cache, got {tuple(key_states.shape)}"
+            )
+        if layer_idx == 0:
+            # Layer 0 opens every forward step: reserve the new tokens once for all layers/stores.
+            self._reset_step()
+            self._past = paged.seq_len(self.seq_ids[0])
+            self._slots = paged.reserve(self.seq_ids, [new] * batch)
+            self._block_table = paged.block_table(self.seq_ids)
+            self._seq_lens = paged.seq_lens(self.seq_ids)
+            self._evict_now = (
+                self.policy is not None and not self._evicted and not self.hold_eviction and new > 1
+                and self._past + new > self.budget
+            )
+            self._seen += new
+        store = paged.store_of(layer_idx)
+        if paged.is_producer(layer_idx):
+            # [B, Hkv, T, D] -> [B * T, Hkv, D]: token-major, the order reserve() gave the slots.
+            k = key_states.transpose(1, 2).reshape(batch * new, heads, dim)
+            v = value_states.transpose(1, 2).reshape(batch * new, heads, dim)
+            paged.append(layer_idx, k, v, self._slots)
+            self._step_kv[store] = (key_states, value_states)
+        key_states, value_states = self._step_kv[store]
+        _note.entry = (self, layer_idx, key_states)
+        return key_states, value_states
+
+    # ------------------------------------------------------------------ attention
+
+    def _gather_past(self, layer_idx: int, past: int) -> tuple[Tensor, Tensor]:
+        """Dense ``[B, Hkv, past, D]`` K and V of the first ``past`` cached tokens of every sequence."""
+        k_cache, v_cache = self.paged.kv(layer_idx)
+        pos = torch.arange(past, device=k_cache.device)
+        pages = self._block_table.to(torch.int64)[:, pos // self.page_size]
+        slots = pages * self.page_size + pos % self.page_size  # [B, past]
+        k = k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots]
+        v = v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots]
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def _attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scaling: float,
+                window: Optional[int]) -> Tensor:
+        batch, hq, new, dim = query.shape
+        if new == 1:
+            k_cache, v_cache = self.paged.kv(layer_idx)
+            out = ops.gqa_decode(
+                query[:, :, 0, :], k_cache, v_cache, self._block_table, self._seq_lens, scale=scaling,
+                window_left=-1 if window is None else window - 1,
+            )
+            return out.unsqueeze(1)  # [B, 1, Hq, D]
+        if self._past:
+            past_k, past_v = self._gather_past(layer_idx, self._past)
+            key = torch.cat([past_k, key], dim=2)
+            value = torch.cat([past_v, value], dim=2)
+        out = _sdpa(query, key, value, self._past, scaling, window)
+        if self._evict_now and self.paged.is_producer(layer_idx):
+            self._policy_q[self.paged.store_of(layer_idx)] = query
+        if self._evict_now and layer_idx == self.num_layers - 1:
+            self._evict(scaling)
+        return out
+
+    def _evict(self, scaling: float) -> None:
+        """Compact every store to the budget (the last layer of the prefill has attended) and free pages."""
+        paged, budget, kw = self.paged, self.budget, self.policy_kwargs
+        kept_len = None
+        for store in range(paged.num_stores):
+            layer = paged._producers[store]
+            k_cache, v_cache = paged.kv(layer)
+            seq_lens = self._seq_lens.clone()
+            query = self._policy_q.get(store)  # [B, Hq, T, D]
+            if self.policy == "streaming_llm":
+                sel = eviction.streaming_llm(seq_lens, self.num_kv_heads, budget, num_sinks=kw.get("num_sinks", 4))
+            elif self.policy == "snapkv":
+                window = min(kw.get("window", 32), budget, query.shape[2])
+                q_window = query[:, :, -window:, :].transpose(1, 2).contiguous()
+                sel = eviction.snapkv(q_window, k_cache, self._block_table, seq_lens, budget, scale=scaling,
+                                      kernel_size=kw.get("kernel_size", 5), pooling=kw.get("pooling", "avg"))
+            elif self.policy == "h2o":
+                scores = eviction.h2o_scores(query.transpose(1, 2).contiguous(), k_cache, self._block_table,
+                                             seq_lens, scale=scaling)
+                sel = eviction.h2o(scores, seq_lens, budget, recent=kw.get("recent"))
+            elif self.policy == "tova":
+                q_last = query[:, :, -1:, :].transpose(1, 2).contiguous()
+                sel = eviction.tova(q_last, k_cache, self._block_table, seq_lens, budget, scale=scaling)
+            else:  # knorm
+                sel = eviction.knorm(k_cache, self._block_table, seq_lens, budget)
+            eviction.apply(sel, k_cache, v_cache, self._block_table, seq_lens)
+            kept_len = int(seq_lens.max())
+        for seq_id in self.seq_ids:
+            paged.truncate(seq_id, kept_len)
+        self._policy_q.clear()
+        self._evict_now = False
+        self._evicted = True
+
+
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, past: int, scaling: float, window: Optional[int]) -> Tensor:
+    """Causal SDPA of ``query [B, Hq, T, D]`` at positions ``past ..`` over ``key/value [B, Hkv, past + T, D]``;
+    returns ``[B, T, Hq, D]`` (transformers' attention-output layout)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    new, total = query.shape[2], key.shape[2]
+    if past == 0 and window is None:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    else:
+        q_pos = torch.arange(past, past + new, device=query.device).view(-1, 1)
+        k_pos = torch.arange(total, device=query.device).view(1, -1)
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def kvcore_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The attention function registered as ``"kvcore"`` (transformers' attention-interface signature).
+
+    Args:
+        module: the attention module (its ``layer_idx`` is used).
+        query: ``[B, Hq, T, D]``; key, value: ``[B, Hkv, T, D]`` as returned by the cache's update.
+        attention_mask: ignored (kvcore's mask function refuses padding and returns None; the
+            causal / sliding-window structure is built here).
+        scaling: softmax scale (default ``D ** -0.5``); dropout: must be 0 (inference only).
+        kwargs: ``sliding_window`` (Mistral / Qwen2 pass it) is honoured; the rest is ignored.
+
+    Returns:
+        ``(out [B, T, Hq, D], None)``: no attention weights are materialised.
+    """
+    if dropout:
+        raise ValueError(f"dropout must be 0 with kvcore attention (inference only), got {dropout}")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window")
+    entry = getattr(_note, "entry", None)
+    _note.entry = None
+    layer_idx = getattr(module, "layer_idx", None)
+    if entry is not None and entry[2] is key and entry[1] == layer_idx:
+        return entry[0]._attend(layer_idx, query, key, value, float(scaling), window), None
+    # No kvcore cache behind this call (use_cache=False): plain causal SDPA over the given tokens.
+    past = key.shape[2] - query.shape[2]
+    return _sdpa(query, key, value, past, float(scaling), window), None
+
+
+def _kvcore_mask(*args: Any, attention_mask: Optional[Tensor] = None, q_length: int = 1, **kwargs: Any) -> None:
+    """Mask function registered as ``"kvcore"``: refuses padded batches, else no mask (built in attention)."""
+    # Padding shows at prefill; checking only multi-token steps keeps decode free of host syncs.
+    if attention_mask is not None and q_length > 1 and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise ValueError(
+            "attention_mask has padding (zeros); kvcore's transformers adapter runs batches without padding "
+            "only (give sequences of one length, or one sequence per generate call)"
+        )
+    return None
+
+
+def _cache_kwarg(model: Any) -> str:
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def _register() -> None:
+    ALL_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, kvcore_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, _kvcore_mask)
+
+
+def _max_new_tokens(model: Any, input_len: int, kwargs: dict[str, Any]) -> int:
+    gen_config = kwargs.get("generation_config") or model.generation_config
+    max_new = kwargs.get("max_new_tokens", getattr(gen_config, "max_new_tokens", None))
+    if max_new is None:
+        max_length = kwargs.get("max_length", getattr(gen_config, "max_length", None)) or input_len + 20
+        max_new = max(max_length - input_len, 1)
+    return int(max_new)
+
+
+def enable(
+    model: Any,
+    policy: Optional[str] = None,
+    budget: Optional[int] = None,
+    *,
+    page_size: int = 16,
+    layer_to_store: Optional[Sequence[int]] = None,
+    **policy_kwargs: Any,
+) -> Any:
+    """Run ``model`` (a transformers causal LM) on kvcore: paged cache, kvcore decode, optional eviction.
+
+    Registers the ``"kvcore"`` attention and mask functions, switches the model to them, and wraps
+    ``model.generate`` so that each call without ``past_key_values`` gets a fresh
+    :class:`KVCoreCache` sized for the prompt plus ``max_new_tokens`` (the last one is kept as
+    ``model.kvcore_cache`` for inspection).
+
+    Args:
+        model: a loaded ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` (or base model).
+        policy: ``None`` (exact) or one of :data:`POLICIES`, applied after prefill.
+        budget: tokens per sequence and layer kept by the policy.
+        page_size: tokens per page of the paged cache.
+        layer_to_store: CLA / MLKV layer -> store map (see :class:`KVCoreCache`).
+        policy_kwargs: passed to the policy (see :class:`KVCoreCache`).
+
+    Returns:
+        ``model`` (modified in place).
+
+    Raises:
+        ValueError: unsupported architecture (DeepSeek/MLA included, with the reason), bad policy/budget.
+    """
+    check_supported(model.config)
+    # Validate the options now rather than at the first generate.
+    KVCoreCache(model.config, max_cache_len=1, page_size=page_size, policy=policy, budget=budget,
+                policy_kwargs=policy_kwargs, layer_to_store=layer_to_store)
+    _register()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+    original = getattr(model, "_kvcore_original_generate", None) or model.generate
+    model._kvcore_original_generate = original
+    # transformers 5.x renamed the forward's past_key_values to cache; use what this version takes.
+    cache_kwarg = _cache_kwarg(model)
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        given = kwargs.get(cache_kwarg, kwargs.get("past_key_values"))
+        if given is None and kwargs.get("use_cache", True):
+            inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+            if inputs is None:
+                raise ValueError("kvcore's generate needs input_ids (first argument or input_ids=...)")
+            input_len = inputs.shape[-1]
+            cache = KVCoreCache(
+                model.config, max_cache_len=input_len + _max_new_tokens(model, input_len, kwargs),
+                page_size=page_size, policy=policy, budget=budget, policy_kwargs=policy_kwargs,
+                layer_to_store=layer_to_store,
+            )
+            kwargs[cache_kwarg] = cache
+            model.kvcore_cache = cache
+        return original(*args, **kwargs)
+
+    model.generate = generate
+    return model
+
+
+def disable(model: Any, attn_implementation: str = "sdpa") -> Any:
+    """Undo :func:`enable`: restore ``generate`` and switch to ``attn_implementation``. Returns ``model``."""
+    original = getattr(model, "_kvcore_original_generate", None)
+    if original is not None:
+        model.generate = original
+        del model._kvcore_original_generate
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn_implementation)
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = attn_implementation
+    return model
+
+
+_ = transformers  # the top-level import above is the version gate

@@ -1,0 +1,232 @@
+"""kvcore.integrations.transformers on tiny random-weight Llama / Mistral / Qwen2 models built here.
+
+Checks: greedy tokens identical to transformers' eager path and logits within tolerance (no
+policy); chunked prefill over cached tokens; each policy leaves the budgeted number of tokens per
+layer (StreamingLLM: exactly the sinks + recent K/V); CLA shares storage; unsupported
+architectures and padded batches are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+kvt = pytest.importorskip("kvcore.integrations.transformers")
+
+VOCAB = 96
+PROMPT = 24
+NEW = 6
+
+
+def _config(arch: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "llama":
+        return transformers.LlamaConfig(**common)
+    if arch == "mistral":
+        # A window shorter than the prompt, so both prefill and decode must apply it.
+        return transformers.MistralConfig(**common, sliding_window=10)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    raise AssertionError(arch)
+
+
+def _model(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32, layers: int = 2):
+    torch.manual_seed(1234)
+    config = _config(arch)
+    config.num_hidden_layers = layers
+    model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+                 "qwen2": transformers.Qwen2ForCausalLM}[arch]
+    return model_cls(config).to(device=device, dtype=dtype).eval()
+
+
+def _prompt(batch: int = 2, device: str = "cpu") -> torch.Tensor:
+    gen = torch.Generator().manual_seed(99)
+    return torch.randint(0, VOCAB, (batch, PROMPT), generator=gen).to(device)
+
+
+def _greedy(model, ids, new=NEW):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_greedy_matches_eager(arch):
+    model = _model(arch)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    ids = _prompt()
+    want = _greedy(eager, ids)
+    kvt.enable(model)
+    got = _greedy(model, ids)
+    assert isinstance(model.kvcore_cache, kvt.KVCoreCache)
+    assert model.kvcore_cache.cached_tokens() == PROMPT + NEW - 1  # the last token is never fed back
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"logits of step {step}")
+
+
+def test_teacher_forced_logits(device):
+    """kvcore's decode logits equal a no-cache eager forward over the same tokens (CUDA: bf16)."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = _model("llama", device, dtype)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    ids = _prompt(device=device)
+    kvt.enable(model)
+    got = _greedy(model, ids)
+    with torch.no_grad():
+        full = eager(got.sequences, use_cache=False).logits
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
+    for step, logits in enumerate(got.logits):
+        torch.testing.assert_close(logits.float(), full[:, PROMPT - 1 + step].float(), **tol)
+
+
+def test_chunked_prefill_matches_one_pass():
+    """Two forward calls on one KVCoreCache (the second runs SDPA over gathered cached tokens)."""
+    model = _model("mistral")  # the sliding window must also hold across the chunk boundary
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    ids = _prompt()
+    kvt.enable(model)
+    cache = kvt.KVCoreCache(model.config, max_cache_len=PROMPT, page_size=4)
+    with torch.no_grad():
+        first = model(ids[:, :14], cache=cache, use_cache=True).logits
+        second = model(ids[:, 14:], cache=cache, use_cache=True).logits
+        want = eager(ids, use_cache=False).logits
+    torch.testing.assert_close(torch.cat([first, second], dim=1), want, atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == PROMPT and cache.cached_tokens() == PROMPT
+
+
+@pytest.mark.parametrize("policy", kvt.POLICIES)
+def test_policy_keeps_budget(policy):
+    budget, page = 10, 4
+    model = _model("llama", layers=3)
+    kvt.enable(model, policy=policy, budget=budget, page_size=page, window=4)
+    ids = _prompt()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    cache = model.kvcore_cache
+    assert out.shape == (2, PROMPT + 1)
+    assert cache.get_seq_length() == PROMPT  # positions keep counting the evicted tokens
+    paged = cache.paged
+    for seq_id in cache.seq_ids:
+        assert paged.seq_len(seq_id) == budget
+        assert len(paged.pages_of(seq_id)) == -(-budget // page)  # the rest went back to the pool
+    assert paged.used_pages == 2 * -(-budget // page)
+    # Decoding after eviction reads the compacted pages: it continues and the cache grows by one.
+    more = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert more.shape == (2, PROMPT + 4)
+    assert model.kvcore_cache.cached_tokens() == budget + 3
+
+
+def test_streaming_llm_keeps_sinks_and_recent():
+    budget, sinks = 12, 4
+    model = _model("qwen2")
+    ids = _prompt()
+    kvt.enable(model)
+    full = kvt.KVCoreCache(model.config, max_cache_len=PROMPT)
+    kept = kvt.KVCoreCache(model.config, max_cache_len=PROMPT, policy="streaming_llm", budget=budget,
+                           policy_kwargs={"num_sinks": sinks})
+    with torch.no_grad():
+        model(ids, cache=full, use_cache=True)
+        model(ids, cache=kept, use_cache=True)
+    positions = list(range(sinks)) + list(range(PROMPT - (budget - sinks), PROMPT))
+    for layer in range(model.config.num_hidden_layers):
+        for name, index in (("k", 0), ("v", 1)):
+            want = _dense(full, layer, index, PROMPT)[:, positions]
+            got = _dense(kept, layer, index, budget)
+            assert torch.equal(got, want), f"layer {layer} {name}"
+
+
+def _dense(cache, layer, index, length):
+    store = cache.paged.kv(layer)[index]
+    rows = []
+    for seq_id in cache.seq_ids:
+        pages = cache.paged.pages_of(seq_id)
+        rows.append(torch.cat([store[p] for p in pages])[:length])
+    return torch.stack(rows)  # [B, length, Hkv, D]
+
+
+def test_cla_shares_storage():
+    model = _model("llama", layers=4)
+    ids = _prompt()
+    kvt.enable(model, layer_to_store=[0, 0, 1, 1])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    shared = model.kvcore_cache
+    paged = shared.paged
+    assert paged.num_stores == 2
+    assert paged.kv(1)[0] is paged.kv(0)[0] and paged.kv(3)[1] is paged.kv(2)[1]
+    assert paged.kv(2)[0] is not paged.kv(0)[0]
+    kvt.enable(model)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert model.kvcore_cache.cache_bytes() == 2 * shared.cache_bytes()
+    assert out.shape == (2, PROMPT + 3)
+
+
+def test_cla_layer_reads_producer_kv():
+    """A sharing layer attends over its producer's K/V: with layer 1's K/V projections scrambled,
+    the output is unchanged (they are never used)."""
+    model = _model("llama", layers=2)
+    ids = _prompt()
+    kvt.enable(model, layer_to_store=[0, 0])
+    a = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                       output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        attn = model.model.layers[1].self_attn
+        attn.k_proj.weight.normal_()
+        attn.v_proj.weight.normal_()
+    b = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                       output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y)
+
+
+def test_unsupported_architectures_refused():
+    deepseek = types.SimpleNamespace(config=transformers.DeepseekV3Config())
+    with pytest.raises(ValueError, match="MLA.*not wired"):
+        kvt.enable(deepseek)
+    gpt2 = types.SimpleNamespace(config=transformers.GPT2Config())
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        kvt.enable(gpt2)
+
+
+def test_bad_options_refused():
+    model = _model("llama")
+    with pytest.raises(ValueError, match="policy must be None or one of"):
+        kvt.enable(model, policy="nope", budget=4)
+    with pytest.raises(ValueError, match="budget must be an int >= 1"):
+        kvt.enable(model, policy="snapkv")
+    with pytest.raises(ValueError, match="budget .* needs a policy"):
+        kvt.enable(model, budget=8)
+    with pytest.raises(ValueError, match="sliding window"):
+        kvt.enable(_model("mistral"), policy="snapkv", budget=8)
+
+
+def test_padding_refused():
+    model = _model("llama")
+    kvt.enable(model)
+    ids = _prompt()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="padding"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_generate_command(capsys):
+    from kvcore import generate
+
+    result = generate.run("llama", layers=2, context=40, new_tokens=4, policy="snapkv", budget=16, hidden=64,
+                          heads=4, kv_heads=2, vocab=VOCAB, page_size=8, chunk=16, progress=False)
+    # Chunked prefill: the policy ran once, after the last chunk, over all 40 prompt tokens.
+    assert result["seen_tokens"] == 43 and result["cached_tokens"] == 16 + 3
+    assert result["cache_bytes"] < result["cache_bytes_full"]
+    assert len(result["tokens"]) == 1 and len(result["tokens"][0]) == 4
+    assert generate.main(["--layers", "1", "--context", "24", "--new-tokens", "3", "--hidden", "64", "--heads", "4",
+                          "--kv-heads", "1", "--vocab", str(VOCAB), "--chunk", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "cache bytes without policy" in printed and "tokens/s" in printed and "tokens[0]: [" in printed
