@@ -1,6 +1,7 @@
 """docs/bad_input.md lists exactly the bad-input cases the op tests check, op by op (tests/test_ops.py,
 tests/test_block_transformer.py for token_decoder_attention, tests/test_block_sparse.py for
-block_sparse_decode), and its matrix (op x kind of bad input) has a test in every cell."""
+block_sparse_decode, tests/test_mla.py for the MLA ops, tests/test_eviction.py for attention_scores
+and compact_kv), and its matrix (op x kind of bad input) has a test in every cell."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import re
 
 from test_block_sparse import BAD_SPARSE
 from test_block_transformer import BAD_TOKEN_DECODER
+from test_eviction import BAD_COMPACT, BAD_SCORES
+from test_mla import BAD_MLA_DECODE, BAD_PROJECT
 from test_ops import BAD_APPEND, BAD_DECODE, BAD_MERGE
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "bad_input.md"
@@ -19,6 +22,10 @@ CASES = {
     "merge_attention_states": BAD_MERGE,
     "token_decoder_attention": BAD_TOKEN_DECODER,
     "block_sparse_decode": BAD_SPARSE,
+    "mla_latent_project": BAD_PROJECT,
+    "mla_decode": BAD_MLA_DECODE,
+    "attention_scores": BAD_SCORES,
+    "compact_kv": BAD_COMPACT,
 }
 # The kinds of bad input every op is checked against (issue 8); "other" holds the rest.
 KINDS = ["dtype", "device", "rank", "shape mismatch", "non-contiguous", "out-of-range page index",

@@ -225,3 +225,41 @@ def test_cpu_block_sparse_fixed_splits_bitwise_across_calls_and_threads(dtype, g
                 _assert_bitwise(base, _sparse(q, kv, sel_pages, sel_counts, num_splits=n), f"n={n} threads={threads}")
     finally:
         torch.set_num_threads(previous)
+
+
+# ---- mla_decode ------------------------------------------------------------------------------
+# CPU: num_splits = n > 0 fixes the key-range parts (one part per ceil(len / n) keys, capped at
+# one per 32-key chunk of the longest sequence), merged in part order, so the thread count no
+# longer enters the arithmetic. (The CUDA form of this test waits for the MLA CUDA kernel.)
+
+
+def _mla(q, cache, table, seq_lens, num_splits):
+    out = poison(torch.empty(q.shape[0], q.shape[1], 64, dtype=q.dtype))
+    lse = poison(torch.empty(q.shape[:2], dtype=torch.float32))
+    kvcore.mla_decode(q, cache, table, seq_lens, scale=0.1, out=out, lse=lse, num_splits=num_splits)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_cpu_mla_decode_fixed_splits_bitwise_across_calls_and_threads(dtype, gen):
+    previous = torch.get_num_threads()
+    lens = [700, 0, 1, 300]
+    kv = make_paged_kv(lens, 16, 1, 80, gen=gen, dtype=dtype)
+    cache = kv.k_cache[:, :, 0]
+    q = randn(4, 8, 80, gen=gen, dtype=dtype)
+    ref_out, ref_lse = reference.mla_decode(q, cache, kv.block_table, kv.seq_lens, 0.1, 64)
+    try:
+        for n in (1, 3, 7):
+            torch.set_num_threads(1)
+            base = _mla(q, cache, kv.block_table, kv.seq_lens, n)
+            torch.testing.assert_close(base[0].float(), ref_out, **OUT_TOL[dtype])
+            torch.testing.assert_close(base[1], ref_lse, **LSE_TOL)
+            for threads in (2, 1, 2):
+                torch.set_num_threads(threads)
+                # another call of other shapes in between leaves nothing behind
+                other = make_paged_kv([900, 33], 8, 1, 80, gen=gen, dtype=dtype)
+                _mla(randn(2, 16, 80, gen=gen, dtype=dtype), other.k_cache[:, :, 0], other.block_table,
+                     other.seq_lens, n)
+                _assert_bitwise(base, _mla(q, cache, kv.block_table, kv.seq_lens, n), f"n={n} threads={threads}")
+    finally:
+        torch.set_num_threads(previous)

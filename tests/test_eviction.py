@@ -8,6 +8,7 @@ ragged lengths and junk past each sequence's pages in the block table.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import kvcore
 from conftest import make_paged_kv, poison, randn
 from kvcore import policies, reference
 from kvcore.policies import torch_forms
+from test_ops import BadCase, _other_device, _set, _set_item, _set_kw
 
 HAS_CUDA_SCORES = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "kvcore::attention_scores", "CUDA")
@@ -275,54 +277,167 @@ def test_opcheck_compact_kv(gen):
 # ---- bad input -----------------------------------------------------------------------------------
 
 
-def _score_inputs(gen):
-    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen)
-    return kv, randn(2, 4, 4, 64, gen=gen)
+# Each case is a row of docs/bad_input.md (tests/test_bad_input_doc.py checks the two agree): the
+# call raises the error, its message names the argument, and nothing is written (scores stay
+# NaN-poisoned; caches and seq_lens unchanged). Device cases need a second device and a CUDA
+# kernel to dispatch to: they run on the GPU host once the op's CUDA kernel is registered.
+_CUDA_BAD = {
+    "attention_scores": [pytest.mark.cuda, cuda_scores],
+    "compact_kv": [pytest.mark.cuda, cuda_compact],
+}
 
 
-@pytest.mark.parametrize("change,error,match", [
-    (lambda a: a.update(q=a["q"][0]), ValueError, "q must be 4-D"),
-    (lambda a: a.update(q=a["q"].double()), RuntimeError, "q must be"),
-    (lambda a: a.update(k_cache=a["k_cache"][..., :32]), RuntimeError, "k_cache head_dim"),
-    (lambda a: a.update(block_table=a["block_table"].long()), RuntimeError, "block_table must have dtype"),
-    (lambda a: a.update(seq_lens=a["seq_lens"][:1]), RuntimeError, "seq_lens must have shape"),
-    (lambda a: a.update(reduction="median"), ValueError, "reduction"),
-    (lambda a: a.update(pooling="avg", pool_kernel=3), ValueError, "pool_kernel"),
-    (lambda a: a.update(lse=torch.zeros(2, 3, 4)), RuntimeError, "lse must have shape"),
-    (lambda a: a.update(out=torch.empty(2, 2, 10)), ValueError, "seq_lens\\[0\\] = 20 exceeds"),
-    (lambda a: a.update(out=torch.empty(2, 3, 30)), RuntimeError, "out must have shape"),
-    (lambda a: a["seq_lens"].fill_(1000), ValueError, "seq_lens"),
-    (lambda a: a.update(scale=-1.0), ValueError, "scale"),
-], ids=["q-rank", "q-dtype", "head-dim", "table-dtype", "lens-shape", "reduction", "kernel", "lse-shape",
-        "out-short", "out-heads", "lens-range", "scale"])
-def test_attention_scores_bad_input(gen, change, error, match):
-    kv, q = _score_inputs(gen)
-    args = dict(q=q, k_cache=kv.k_cache, block_table=kv.block_table, seq_lens=kv.seq_lens.clone(), lse=None,
-                scale=None, reduction="sum", pooling="none", pool_kernel=5, out=None)
-    change(args)
-    with pytest.raises(error, match=match):
-        kvcore.attention_scores(args.pop("q"), args.pop("k_cache"), args.pop("block_table"), args.pop("seq_lens"),
-                                **args)
+def _bad_params(op: str, cases: list) -> list:
+    return [pytest.param(b, id=b.name, marks=_CUDA_BAD[op] if b.cuda_only else []) for b in cases]
 
 
-@pytest.mark.parametrize("change,error,match", [
-    (lambda a: a.update(kept=a["kept"].int()), RuntimeError, "kept must have dtype"),
-    (lambda a: a.update(kept=a["kept"][:, :1]), RuntimeError, "kept must have shape"),
-    (lambda a: a.update(kept_lens=torch.tensor([3, 9], dtype=torch.int32)), ValueError, "kept_lens\\[1\\] = 9"),
-    (lambda a: a["kept"].__setitem__((0, 1, 1), 0), ValueError, "strictly increasing"),
-    (lambda a: a["kept"].__setitem__((0, 0, 2), 25), ValueError, "kept\\[0, 0, 2\\] = 25"),
-    (lambda a: a.update(v_cache=a["v_cache"][:1]), RuntimeError, "v_cache must have the shape"),
-], ids=["kept-dtype", "kept-shape", "count", "unsorted", "out-of-range", "v-shape"])
-def test_compact_kv_bad_input(gen, change, error, match):
-    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen)
-    args = dict(k_cache=kv.k_cache, v_cache=kv.v_cache, block_table=kv.block_table, seq_lens=kv.seq_lens,
-                kept=torch.tensor([[[0, 3, 5], [1, 2, 3]], [[0, 1, 2], [2, 4, 5]]]),
-                kept_lens=torch.tensor([3, 3], dtype=torch.int32))
-    change(args)
-    k_before, lens_before = args["k_cache"].clone(), args["seq_lens"].clone()
-    with pytest.raises(error, match=match):
-        kvcore.compact_kv(**args)
-    assert torch.equal(args["k_cache"], k_before) and torch.equal(args["seq_lens"], lens_before)
+def _bad_devices(op: str) -> list:
+    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=_CUDA_BAD[op])]
+
+
+def _score_args(device: str, gen) -> SimpleNamespace:
+    # Sequence 0 uses 3 pages of 8 (20 tokens), sequence 1 one page; table capacity 4 x 8 = 32.
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen, device=device)
+    return SimpleNamespace(q=randn(2, 4, 4, 64, gen=gen, device=device), k_cache=kv.k_cache,
+                           block_table=kv.block_table, seq_lens=kv.seq_lens.clone(),
+                           out=poison(torch.empty(2, 2, 24, device=device)), kw={})
+
+
+def _poisoned(shape, dtype=torch.float32):
+    return lambda t, a, d: poison(torch.empty(*shape, dtype=dtype, device=d))
+
+
+BAD_SCORES = [
+    BadCase("q_fp64", _set("q", lambda t, a, d: t.double()), RuntimeError, r"\bq must be"),
+    BadCase("k_cache_dtype", _set("k_cache", lambda t, a, d: t.half()), RuntimeError, r"k_cache must have dtype"),
+    BadCase("block_table_int64", _set("block_table", lambda t, a, d: t.long()), RuntimeError,
+            r"block_table must have dtype"),
+    BadCase("seq_lens_int64", _set("seq_lens", lambda t, a, d: t.long()), RuntimeError, r"seq_lens must have dtype"),
+    BadCase("out_dtype", _set("out", _poisoned((2, 2, 24), torch.float64)), RuntimeError, r"\bout must have dtype"),
+    BadCase("lse_dtype", _set_kw("lse", "bf16"), RuntimeError, r"\blse must have dtype"),
+    BadCase("q_rank", _set("q", lambda t, a, d: t[0]), ValueError, r"\bq must be 4-D"),
+    BadCase("k_cache_rank", _set("k_cache", lambda t, a, d: t[0]), RuntimeError, r"k_cache must be 4-D"),
+    BadCase("block_table_rank", _set("block_table", lambda t, a, d: t[0]), RuntimeError, r"block_table must be 2-D"),
+    BadCase("seq_lens_rank", _set("seq_lens", lambda t, a, d: t[:, None]), RuntimeError, r"seq_lens must be 1-D"),
+    BadCase("out_rank", _set("out", _poisoned((2, 48))), RuntimeError, r"\bout must be 3-D"),
+    BadCase("head_dim_mismatch", _set("k_cache", lambda t, a, d: t[..., :32]), RuntimeError, r"k_cache head_dim"),
+    BadCase("heads_not_dividing", _set("q", lambda t, a, d: t[:, :, :3]), RuntimeError,
+            r"num_q_heads \(3\) must be a multiple of num_kv_heads \(2\)"),
+    BadCase("window_zero", _set("q", lambda t, a, d: t[:, :0]), RuntimeError, r"\bq must hold at least one window"),
+    BadCase("block_table_rows", _set("block_table", lambda t, a, d: t[:1]), RuntimeError,
+            r"block_table must have batch"),
+    BadCase("seq_lens_shape", _set("seq_lens", lambda t, a, d: t[:1]), RuntimeError, r"seq_lens must have shape"),
+    BadCase("out_heads", _set("out", _poisoned((2, 3, 24))), RuntimeError, r"\bout must have shape"),
+    BadCase("lse_shape", _set_kw("lse", "shape"), RuntimeError, r"\blse must have shape"),
+    BadCase("out_not_contiguous", _set("out", lambda t, a, d: poison(torch.empty(2, 24, 2, device=d)).transpose(1, 2)),
+            RuntimeError, r"\bout must be contiguous"),
+    BadCase("q_last_dim_strided", _set("q", lambda t, a, d: t.transpose(2, 3).contiguous().transpose(2, 3)),
+            RuntimeError, r"\bq must be contiguous in its last dim"),
+    BadCase("k_cache_inner_strided", _set("k_cache", lambda t, a, d: t.transpose(2, 3).contiguous().transpose(2, 3)),
+            RuntimeError, r"k_cache must be densely packed"),
+    BadCase("block_table_not_contiguous", _set("block_table", lambda t, a, d: t.t().contiguous().t()), RuntimeError,
+            r"block_table must be contiguous"),
+    BadCase("lse_not_contiguous", _set_kw("lse", "strided"), RuntimeError, r"\blse must be contiguous"),
+    BadCase("page_out_of_range", _set_item("block_table", (0, 1), lambda a: a.k_cache.shape[0]), ValueError,
+            r"block_table\[0, 1\]"),
+    BadCase("page_negative", _set_item("block_table", (1, 0), lambda a: -1), ValueError, r"block_table\[1, 0\]"),
+    BadCase("seq_len_past_capacity", _set_item("seq_lens", 1, lambda a: 1000), ValueError, r"seq_lens\[1\] = 1000"),
+    BadCase("seq_len_negative", _set_item("seq_lens", 0, lambda a: -2), ValueError, r"seq_lens must be >= 0"),
+    BadCase("seq_len_past_max_len", _set("out", _poisoned((2, 2, 10))), ValueError, r"seq_lens\[0\] = 20 exceeds"),
+    BadCase("reduction_unknown", _set_kw("reduction", "median"), ValueError, r"reduction must be"),
+    BadCase("pooling_unknown", _set_kw("pooling", "min"), ValueError, r"pooling must be"),
+    BadCase("pool_kernel_3", lambda a, d: a.kw.update(pooling="avg", pool_kernel=3), ValueError,
+            r"pool_kernel must be 5 or 7"),
+    BadCase("scale_negative", _set_kw("scale", -1.0), ValueError, r"scale must be"),
+    BadCase("scale_nan", _set_kw("scale", math.nan), ValueError, r"scale must be"),
+    BadCase("k_cache_other_device", _set("k_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"k_cache must be on the same device", cuda_only=True),
+    BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"\bout must be on the same device", cuda_only=True),
+]
+
+
+def _score_lse(a: SimpleNamespace, how: str, device: str) -> torch.Tensor:
+    """A caller lse that is wrong in one way: ``bf16``, ``shape`` or ``strided``."""
+    b, w, hq = a.q.shape[:3]
+    if how == "bf16":
+        return torch.zeros(b, w, hq, dtype=torch.bfloat16, device=device)
+    if how == "shape":
+        return torch.zeros(b, w - 1, hq, device=device)
+    return torch.zeros(b, hq, w, device=device).transpose(1, 2)
+
+
+@pytest.mark.parametrize("bad", _bad_params("attention_scores", BAD_SCORES))
+@pytest.mark.parametrize("device", _bad_devices("attention_scores"))
+def test_attention_scores_bad_input(device, bad, gen):
+    a = _score_args(device, gen)
+    bad.mutate(a, device)
+    if isinstance(a.kw.get("lse"), str):
+        a.kw["lse"] = _score_lse(a, a.kw["lse"], device)
+    k_before = a.k_cache.clone()
+    with pytest.raises(bad.error, match=bad.match):
+        kvcore.attention_scores(a.q, a.k_cache, a.block_table, a.seq_lens, out=a.out, **a.kw)
+    assert bool(torch.isnan(a.out).all()), "scores written by a failed call"
+    assert torch.equal(a.k_cache, k_before)
+
+
+def _compact_args(device: str, gen) -> SimpleNamespace:
+    # Table capacity 4 pages x 8 = 32 tokens; sequence 0 holds 20, sequence 1 holds 7.
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen, device=device)
+    return SimpleNamespace(k_cache=kv.k_cache, v_cache=kv.v_cache, block_table=kv.block_table,
+                           seq_lens=kv.seq_lens.clone(),
+                           kept=torch.tensor([[[0, 3, 5], [1, 2, 3]], [[0, 1, 2], [2, 4, 5]]], device=device),
+                           kept_lens=torch.tensor([3, 3], dtype=torch.int32, device=device))
+
+
+BAD_COMPACT = [
+    BadCase("k_cache_fp64", _set("k_cache", lambda t, a, d: t.double()), RuntimeError, r"k_cache must be"),
+    BadCase("v_cache_dtype", _set("v_cache", lambda t, a, d: t.half()), RuntimeError, r"v_cache must have dtype"),
+    BadCase("block_table_int64", _set("block_table", lambda t, a, d: t.long()), RuntimeError,
+            r"block_table must have dtype"),
+    BadCase("seq_lens_int64", _set("seq_lens", lambda t, a, d: t.long()), RuntimeError, r"seq_lens must have dtype"),
+    BadCase("kept_int32", _set("kept", lambda t, a, d: t.int()), RuntimeError, r"kept must have dtype"),
+    BadCase("kept_lens_int64", _set("kept_lens", lambda t, a, d: t.long()), RuntimeError,
+            r"kept_lens must have dtype"),
+    BadCase("k_cache_rank", _set("k_cache", lambda t, a, d: t[0]), RuntimeError, r"k_cache must be 4-D"),
+    BadCase("kept_rank", _set("kept", lambda t, a, d: t[0]), RuntimeError, r"kept must be 3-D"),
+    BadCase("kept_lens_rank", _set("kept_lens", lambda t, a, d: t[:, None]), RuntimeError, r"kept_lens must be 1-D"),
+    BadCase("v_cache_shape", _set("v_cache", lambda t, a, d: t[:1]), RuntimeError, r"v_cache must have the shape"),
+    BadCase("kept_heads", _set("kept", lambda t, a, d: t[:, :1]), RuntimeError, r"kept must have shape"),
+    BadCase("kept_lens_shape", _set("kept_lens", lambda t, a, d: t[:1]), RuntimeError, r"kept_lens must have shape"),
+    BadCase("seq_lens_shape", _set("seq_lens", lambda t, a, d: t[:1]), RuntimeError, r"seq_lens must have shape"),
+    BadCase("kept_not_contiguous", _set("kept", lambda t, a, d: t.transpose(1, 2).contiguous().transpose(1, 2)),
+            RuntimeError, r"kept must be contiguous"),
+    BadCase("seq_lens_not_contiguous", _set("seq_lens", lambda t, a, d: torch.stack([t, t], 1)[:, 0]), RuntimeError,
+            r"seq_lens must be contiguous"),
+    BadCase("k_cache_inner_strided", _set("k_cache", lambda t, a, d: t.transpose(2, 3).contiguous().transpose(2, 3)),
+            RuntimeError, r"k_cache must be densely packed"),
+    BadCase("page_out_of_range", _set_item("block_table", (0, 2), lambda a: a.k_cache.shape[0]), ValueError,
+            r"block_table\[0, 2\]"),
+    BadCase("page_negative", _set_item("block_table", (1, 0), lambda a: -4), ValueError, r"block_table\[1, 0\]"),
+    BadCase("seq_len_past_capacity", _set_item("seq_lens", 0, lambda a: 33), ValueError, r"seq_lens\[0\] = 33"),
+    BadCase("kept_len_past_seq_len", _set_item("kept_lens", 1, lambda a: 9), ValueError, r"kept_lens\[1\] = 9"),
+    BadCase("kept_len_negative", _set_item("kept_lens", 0, lambda a: -1), ValueError, r"kept_lens\[0\] = -1"),
+    BadCase("kept_unsorted", _set_item("kept", (0, 1, 1), lambda a: 0), ValueError, r"kept\[0, 1\] must be strictly"),
+    BadCase("kept_past_seq_len", _set_item("kept", (0, 0, 2), lambda a: 25), ValueError, r"kept\[0, 0, 2\] = 25"),
+    BadCase("kept_negative", _set_item("kept", (1, 1, 0), lambda a: -3), ValueError, r"kept\[1, 1, 0\] = -3"),
+    BadCase("kept_other_device", _set("kept", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"kept must be on the same device", cuda_only=True),
+    BadCase("v_cache_other_device", _set("v_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"v_cache must be on the same device", cuda_only=True),
+]
+
+
+@pytest.mark.parametrize("bad", _bad_params("compact_kv", BAD_COMPACT))
+@pytest.mark.parametrize("device", _bad_devices("compact_kv"))
+def test_compact_kv_bad_input(device, bad, gen):
+    a = _compact_args(device, gen)
+    bad.mutate(a, device)
+    k_before, v_before, lens_before = a.k_cache.clone(), a.v_cache.clone(), a.seq_lens.clone()
+    with pytest.raises(bad.error, match=bad.match):
+        kvcore.compact_kv(a.k_cache, a.v_cache, a.block_table, a.seq_lens, a.kept, a.kept_lens)
+    assert torch.equal(a.k_cache, k_before) and torch.equal(a.v_cache, v_before)
+    assert torch.equal(a.seq_lens, lens_before)
 
 
 def test_ops_clamp_bad_contents_without_validation(gen, no_validation):

@@ -272,6 +272,18 @@ BAD_PROJECT = [
     BadCase("slot_below_minus_one", _set_item("slots", 2, lambda a: -2), ValueError, r"slot_mapping\[2\]"),
     BadCase("position_out_of_range", _set_item("positions", 3, lambda a: 64), ValueError, r"positions\[3\]"),
     BadCase("bad_eps", _set_kw("eps", 0.0), ValueError, r"eps must be"),
+    BadCase("norm_weight_dtype", _set("norm_weight", lambda t, a, d: t.float()), RuntimeError,
+            r"norm_weight must have dtype"),
+    BadCase("cache_rank", _set("cache", lambda t, a, d: t[0]), RuntimeError, r"latent_cache must be 3-D"),
+    BadCase("positions_rank", _set("positions", lambda t, a, d: t[:, None]), RuntimeError, r"positions must be 1-D"),
+    BadCase("positions_short", _set("positions", lambda t, a, d: t[:3]), RuntimeError, r"positions must have shape"),
+    BadCase("c_kv_out_shape", _set_kw("c_kv_out", "short"), RuntimeError, r"c_kv_out must have shape"),
+    BadCase("hidden_last_dim_strided", _set("hidden", lambda t, a, d: t.t().contiguous().t()), RuntimeError,
+            r"hidden must be contiguous in its last dim"),
+    BadCase("cache_inner_strided", _set("cache", lambda t, a, d: t.transpose(1, 2).contiguous().transpose(1, 2)),
+            RuntimeError, r"latent_cache must be densely packed"),
+    BadCase("slots_other_device", _set("slots", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"slot_mapping must be on the same device", cuda_only=True),
 ]
 
 
@@ -280,6 +292,9 @@ BAD_PROJECT = [
 def test_mla_latent_project_bad_input(device, bad, gen):
     a = _proj_args(device, gen)
     bad.mutate(a, device)
+    if a.kw.get("c_kv_out") == "short":  # a preallocated c_kv output one token short
+        a.kw["c_kv_out"] = torch.empty(a.hidden.shape[0] - 1, a.norm_weight.shape[0], dtype=a.hidden.dtype,
+                                       device=device)
     with pytest.raises(bad.error, match=bad.match):
         kvcore.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, a.cos_sin, a.positions, a.cache, a.slots, **a.kw)
     assert bool(torch.isnan(a.cache).all()), "latent_cache written by a failed call"
@@ -324,6 +339,25 @@ BAD_MLA_DECODE = [
             r"seq_lens\[0\]"),
     BadCase("scale_zero", _set_kw("scale", 0.0), ValueError, r"scale must be"),
     BadCase("num_splits_negative", _set_kw("num_splits", -1), ValueError, r"num_splits must be"),
+    BadCase("seq_lens_int64", _set("seq_lens", lambda t, a, d: t.long()), RuntimeError, r"seq_lens must have dtype"),
+    BadCase("table_rank", _set("table", lambda t, a, d: t[0]), RuntimeError, r"block_table must be 2-D"),
+    BadCase("seq_lens_rank", _set("seq_lens", lambda t, a, d: t[:, None]), RuntimeError, r"seq_lens must be 1-D"),
+    BadCase("table_rows", _set("table", lambda t, a, d: t[:2]), RuntimeError, r"block_table must have batch"),
+    BadCase("q_last_dim_strided", _set("q", lambda t, a, d: t.transpose(1, 2).contiguous().transpose(1, 2)),
+            RuntimeError, r"\bq must be contiguous in its last dim"),
+    BadCase("cache_inner_strided", _set("cache", lambda t, a, d: t.transpose(1, 2).contiguous().transpose(1, 2)),
+            RuntimeError, r"latent_cache must be densely packed"),
+    BadCase("table_noncontig", _set("table", lambda t, a, d: t.t().contiguous().t()), RuntimeError,
+            r"block_table must be contiguous"),
+    BadCase("lse_noncontig", _set("lse", lambda t, a, d: poison(torch.empty(4, 3, device=d)).t()), RuntimeError,
+            r"\blse must be contiguous"),
+    BadCase("page_negative", _set_item("table", (1, 2), lambda a: -1), ValueError, r"block_table\[1, 2\]"),
+    BadCase("seq_len_negative", _set_item("seq_lens", 1, lambda a: -1), ValueError, r"seq_lens must be >= 0"),
+    BadCase("scale_nan", _set_kw("scale", math.nan), ValueError, r"scale must be"),
+    BadCase("table_other_device", _set("table", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"block_table must be on the same device", cuda_only=True),
+    BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"\bout must be on the same device", cuda_only=True),
 ]
 
 

@@ -36,6 +36,10 @@ token_decoder_attention
       ``j <= i``) the group's rows ``i >= j``; NaN in an attended V element that element of those
       rows. Later tokens, tokens past ``block_lens`` and other blocks never leak. Stated in full
       above its tests below.
+
+mla_decode, mla_latent_project, attention_scores, compact_kv
+    * Stated in full above their tests at the end of this file (CPU; their CUDA cases run once
+      each op's CUDA kernel is registered).
 """
 
 from __future__ import annotations
@@ -505,3 +509,300 @@ def test_token_decoder_nan_outside_attended_keys_does_not_leak(device, dtype, ge
     nan_out = nan_lse[..., None].expand(-1, -1, -1, TD_D).clone()
     nan_out[0, TD_L - 1, 4:8, :] = True  # the NaN value row: every element of group 1, lse finite
     _td_check(out, lse, ref_out, ref_lse, nan_out, nan_lse, dtype)
+
+
+# ============================================================================================
+# MLA: mla_decode and mla_latent_project
+# ============================================================================================
+# mla_decode is multi-query attention whose single key is the whole latent row c_p (c_KV and
+# k_pe columns) and whose value is its first Dv columns, so:
+#   * NaN anywhere in q[b, h] (seq_lens[b] > 0): out[b, h, :] and lse[b, h] are NaN; every other
+#     (sequence, head) matches the reference. An empty sequence never reads q (out 0, lse -inf).
+#   * NaN anywhere in an attended latent row of sequence b (a c_KV or a k_pe column): it is every
+#     head's key, so every head of sequence b is NaN (out and lse); other sequences unaffected.
+#   * NaN in latent rows a sequence does not attend to (page tails past seq_len, spare pages,
+#     pages named by the block table's padding entries) never reaches any output.
+# The CPU kernel gives these for the automatic part count and a forced one (num_splits), the
+# CUDA kernel (once built) for every split count.
+# mla_latent_project: NaN in hidden[t] makes token t's projected row NaN (every column of its
+# c_KV and k_pe, through the projection) and nothing else: that token's slot (none for slot -1)
+# and its rows of the optional outputs; other tokens' slots and untouched slots are unchanged.
+
+
+def _kernel_marks(op: str) -> list:
+    """CUDA cases of an op that may not have a CUDA kernel yet (as tests/test_mla.py gates them)."""
+    built = torch._C._dispatch_has_kernel_for_dispatch_key(f"kvcore::{op}", "CUDA")
+    return [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device"),
+            pytest.mark.skipif(not built, reason=f"the CUDA kernel of kvcore::{op} is not built yet")]
+
+
+def _mla_params():
+    params = []
+    for dev, splits in (("cpu", (0, 3)), ("cuda", (1, 3, 0))):
+        marks = _kernel_marks("mla_decode") if dev == "cuda" else []
+        for dt in (torch.bfloat16, torch.float16) + ((torch.float32,) if dev == "cpu" else ()):
+            for n in splits:
+                params.append(pytest.param(dev, dt, n, marks=marks, id=f"{dev}-{_DTYPE_IDS[dt]}-splits{n}"))
+    return params
+
+
+MLA_LENS = [300, 0, 450, 9]
+MLA_H, MLA_DK, MLA_DV, MLA_PAGE = 8, 80, 64, 16
+
+
+def _mla_cache(lens, gen, dtype, device, **kw):
+    kv = make_paged_kv(lens, MLA_PAGE, 1, MLA_DK, gen=gen, dtype=dtype, device=device, **kw)
+    return kv, kv.k_cache[:, :, 0]
+
+
+def _mla_decode(q, cache, kv, num_splits):
+    out = poison(torch.empty(q.shape[0], q.shape[1], MLA_DV, dtype=q.dtype, device=q.device))
+    lse = poison(torch.empty(q.shape[:2], dtype=torch.float32, device=q.device))
+    kvcore.mla_decode(q, cache, kv.block_table, kv.seq_lens, scale=0.1, out=out, lse=lse, num_splits=num_splits)
+    return out, lse
+
+
+@pytest.mark.parametrize("device, dtype, num_splits", _mla_params())
+def test_mla_decode_nan_in_q_poisons_that_head_only(device, dtype, num_splits, gen):
+    kv, cache = _mla_cache(MLA_LENS, gen, dtype, device)
+    q = randn(len(MLA_LENS), MLA_H, MLA_DK, gen=gen, dtype=dtype, device=device)
+    q[0, 5, 70] = math.nan  # a k_pe column of one head
+    q[2, 0, :] = math.nan  # a whole head of another sequence
+    q[1, 3, 0] = math.nan  # an empty sequence: q is never used
+    out, lse = _mla_decode(q, cache, kv, num_splits)
+    ref_out, ref_lse = reference.mla_decode(q, cache, kv.block_table, kv.seq_lens, 0.1, MLA_DV)
+    nan_rows = torch.zeros(len(MLA_LENS), MLA_H, dtype=torch.bool)
+    nan_rows[0, 5] = nan_rows[2, 0] = True
+    _check_rows(out, lse, ref_out, ref_lse, nan_rows, dtype)
+    assert bool((out[1] == 0).all()) and bool(torch.isneginf(lse[1]).all())
+
+
+@pytest.mark.parametrize("device, dtype, num_splits", _mla_params())
+def test_mla_decode_nan_in_attended_latent_poisons_that_sequence(device, dtype, num_splits, gen):
+    kv, cache = _mla_cache(MLA_LENS, gen, dtype, device)
+    q = randn(len(MLA_LENS), MLA_H, MLA_DK, gen=gen, dtype=dtype, device=device)
+    page, off = _slot_tensor(kv, 2, 431)  # sequence 2, a late position (a late part)
+    cache[page, off, 10] = math.nan  # a c_KV column (also a value column)
+    page, off = _slot_tensor(kv, 3, 0)  # sequence 3, its first position
+    cache[page, off, MLA_DK - 1] = math.nan  # a k_pe column (key only)
+    out, lse = _mla_decode(q, cache, kv, num_splits)
+    ref_out, ref_lse = reference.mla_decode(q, cache, kv.block_table, kv.seq_lens, 0.1, MLA_DV)
+    nan_rows = torch.zeros(len(MLA_LENS), MLA_H, dtype=torch.bool)
+    nan_rows[2] = nan_rows[3] = True
+    _check_rows(out, lse, ref_out, ref_lse, nan_rows, dtype)
+
+
+@pytest.mark.parametrize("device, dtype, num_splits", _mla_params())
+def test_mla_decode_nan_outside_attended_positions_does_not_leak(device, dtype, num_splits, gen):
+    lens = MLA_LENS + [MLA_PAGE]
+    kv, cache = _mla_cache(lens, gen, dtype, device, spare_pages=3, extra_table_cols=2)
+    attended = torch.zeros(kv.num_pages, MLA_PAGE, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        for pos in range(n):
+            attended[_slot_tensor(kv, b, pos)] = True
+    cache[(~attended).to(device)] = math.nan  # page tails and spare pages
+    spare = int(torch.nonzero(~attended.any(1))[0])
+    for b, n in enumerate(lens):  # the padding entries name an all-NaN page
+        kv.block_table[b, (n + MLA_PAGE - 1) // MLA_PAGE:] = spare
+    q = randn(len(lens), MLA_H, MLA_DK, gen=gen, dtype=dtype, device=device)
+    out, lse = _mla_decode(q, cache, kv, num_splits)
+    ref_out, ref_lse = reference.mla_decode(q, cache, kv.block_table, kv.seq_lens, 0.1, MLA_DV)
+    _check_rows(out, lse, ref_out, ref_lse, torch.zeros(len(lens), MLA_H, dtype=torch.bool), dtype)
+
+
+def _proj_params():
+    cpu = [pytest.param("cpu", dt, id=f"cpu-{_DTYPE_IDS[dt]}") for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    return cpu + [pytest.param("cuda", dt, marks=_kernel_marks("mla_latent_project"), id=f"cuda-{_DTYPE_IDS[dt]}")
+                  for dt in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("device, dtype", _proj_params())
+def test_mla_latent_project_nan_in_hidden_poisons_that_token_only(device, dtype, gen):
+    tokens, d_model, rank, rope, page = 6, 48, 32, 16, 4
+    cache = randn(5, page, rank + rope, gen=gen, dtype=dtype, device=device)  # random, not NaN: NaN must be written
+    before = cache.clone()
+    hidden = randn(tokens, d_model, gen=gen, dtype=dtype, device=device)
+    hidden[2, 7] = math.nan  # a written token
+    hidden[1, 0] = math.nan  # a padding token (slot -1): its cache slot does not exist
+    w = randn(d_model, rank + rope, gen=gen, dtype=dtype, device=device, scale=d_model**-0.5)
+    norm_weight = (1.0 + 0.2 * randn(rank, gen=gen)).to(device=device, dtype=dtype)
+    cos_sin = reference.rope_cos_sin(64, rope).to(device)
+    positions = torch.randint(0, 64, (tokens,), generator=gen).to(device)
+    slots = torch.tensor([13, -1, 2, 19, 7, 0], dtype=torch.int64, device=device)
+    c_kv, k_pe = kvcore.mla_latent_project(hidden, w, norm_weight, cos_sin, positions, cache, slots,
+                                           return_outputs=True)
+    ref_cache, ref_c, ref_pe = reference.mla_latent_project(hidden, w, norm_weight, 1e-6, cos_sin, positions, before,
+                                                            slots, True)
+    flat, ref_flat = cache.reshape(-1, rank + rope), ref_cache.reshape(-1, rank + rope)
+    nan_slots = torch.zeros(flat.shape[0], dtype=torch.bool, device=device)
+    nan_slots[2] = True
+    assert bool(torch.isnan(flat[nan_slots]).all()), "token 2's latent row must be all NaN"
+    assert not bool(torch.isnan(flat[~nan_slots]).any()), "NaN leaked into another slot"
+    torch.testing.assert_close(flat[~nan_slots].float(), ref_flat[~nan_slots].float(), **OUT_TOL[dtype])
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=device)
+    untouched[slots[slots >= 0]] = False
+    assert torch.equal(flat[untouched], before.reshape(-1, rank + rope)[untouched]), "an unnamed slot changed"
+    nan_tokens = torch.tensor([False, True, True, False, False, False], device=device)
+    for got, ref in ((c_kv, ref_c), (k_pe, ref_pe)):
+        assert bool(torch.isnan(got[nan_tokens]).all()) and not bool(torch.isnan(got[~nan_tokens]).any())
+        torch.testing.assert_close(got[~nan_tokens].float(), ref[~nan_tokens], **OUT_TOL[dtype])
+
+
+# ============================================================================================
+# Eviction: attention_scores and compact_kv
+# ============================================================================================
+# attention_scores, for a sequence b of length n, window w, KV head h = hq // G, and query i at
+# position t_i = n - w + i (it sees the keys p <= t_i):
+#   * NaN in q[b, i, hq] with t_i >= 0: that row's logits, lse and probabilities are NaN, so the
+#     scores out[b, h, p] of every key it sees (p <= t_i) are NaN, for every reduction and
+#     pooling (pooling reads only prefix keys p < n - w, all of which that row sees). Keys
+#     p > t_i keep their finite scores; other KV heads and sequences are unaffected. With
+#     t_i < 0 (a query before the sequence start) or n = 0, q is never read.
+#   * NaN in an attended key k[b, p, h] (p < n), without a caller lse: every row of group h that
+#     sees p gets a NaN lse; the last window row sees every key, so out[b, h, :n] is all NaN
+#     (scores past n stay 0). With the caller's (finite) lse nothing is renormalised: only key
+#     p's score is NaN, and with pooling the pooled prefix scores whose window covers p.
+#   * NaN in keys a sequence does not attend to (page tails past n, spare pages, padding entries
+#     of the block table) or in q rows that see no key never reaches any score.
+# compact_kv moves elements as bits: a NaN at a kept position arrives at its new position, NaN at
+# dropped or untouched positions stays where it was, and no NaN appears anywhere else.
+
+SCORE_LENS = [40, 0, 25, 3]
+S_W, S_HQ, S_HKV, S_D, S_PAGE = 4, 4, 2, 64, 8
+
+
+def _score_params():
+    cpu = [pytest.param("cpu", dt, id=f"cpu-{_DTYPE_IDS[dt]}") for dt in (torch.float32, torch.bfloat16)]
+    return cpu + [pytest.param("cuda", dt, marks=_kernel_marks("attention_scores"), id=f"cuda-{_DTYPE_IDS[dt]}")
+                  for dt in (torch.bfloat16, torch.float16)]
+
+
+def _window_lse(q, kv, lens):
+    """The caller's lse [B, w, Hq] (fp32) of each window query over the keys it sees, in fp64."""
+    b_, w, hq, d = q.shape
+    lse = torch.full((b_, w, hq), -math.inf, dtype=torch.float32, device=q.device)
+    for b, n in enumerate(lens):
+        if n == 0:
+            continue
+        keys = reference.gather_paged(kv.k_cache, kv.block_table[b], torch.arange(n)).double()
+        keys = keys.repeat_interleave(hq // kv.k_cache.shape[2], dim=1)
+        lg = torch.einsum("ihd,lhd->ihl", q[b].double(), keys) / math.sqrt(d)
+        t = n - w + torch.arange(w, device=q.device)
+        lg = lg.masked_fill(torch.arange(n, device=q.device).view(1, 1, -1) > t.view(-1, 1, 1), -math.inf)
+        lse[b] = torch.logsumexp(lg, dim=-1).float()
+    return lse
+
+
+def _scores(q, kv, lse, reduction, pooling, max_len):
+    out = poison(torch.empty(q.shape[0], kv.k_cache.shape[2], max_len, device=q.device))
+    kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
+                            pooling=pooling, pool_kernel=5, out=out)
+    ref = reference.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
+                                     pooling=pooling, pool_kernel=5, max_len=max_len)
+    return out, ref
+
+
+def _check_scores(out, ref, nan_mask, dtype):
+    nan_mask = nan_mask.to(out.device)
+    assert torch.equal(torch.isnan(ref), nan_mask), "the reference disagrees with the stated NaN rule"
+    assert bool(torch.isnan(out[nan_mask]).all()), "a score that saw NaN input is not NaN"
+    assert not bool(torch.isnan(out[~nan_mask]).any()), "NaN leaked into a score that never saw one"
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}[dtype] * 2 * S_W * S_HQ
+    torch.testing.assert_close(out[~nan_mask].double(), ref[~nan_mask], atol=tol, rtol=1e-3)
+
+
+SCORE_MODES = [("sum", "none", False), ("max", "max", False), ("mean", "avg", True)]
+
+
+@pytest.mark.parametrize("reduction, pooling, with_lse", SCORE_MODES, ids=lambda x: str(x))
+@pytest.mark.parametrize("device, dtype", _score_params())
+def test_attention_scores_nan_in_q_poisons_the_keys_that_row_sees(device, dtype, reduction, pooling, with_lse, gen):
+    kv = make_paged_kv(SCORE_LENS, S_PAGE, S_HKV, S_D, gen=gen, dtype=dtype, device=device)
+    q = randn(len(SCORE_LENS), S_W, S_HQ, S_D, gen=gen, dtype=dtype, device=device)
+    lse = _window_lse(q, kv, SCORE_LENS) if with_lse else None
+    q[0, 1, 3, 5] = math.nan  # sequence 0, query 1 (t = 37), query head 3 -> KV head 1
+    q[3, 0, 0, :] = math.nan  # sequence 3 (n = 3 < w): query 0 sits at t = -1 and sees nothing
+    q[1, 2, 1, 0] = math.nan  # an empty sequence: never read
+    out, ref = _scores(q, kv, lse, reduction, pooling, 44)
+    nan_mask = torch.zeros_like(ref, dtype=torch.bool)
+    nan_mask[0, 1, :38] = True
+    _check_scores(out, ref, nan_mask, dtype)
+    assert bool((out[0, 1, 40:] == 0).all()) and bool((out[1] == 0).all())
+
+
+@pytest.mark.parametrize("reduction, pooling, with_lse", SCORE_MODES, ids=lambda x: str(x))
+@pytest.mark.parametrize("device, dtype", _score_params())
+def test_attention_scores_nan_in_attended_key(device, dtype, reduction, pooling, with_lse, gen):
+    kv = make_paged_kv(SCORE_LENS, S_PAGE, S_HKV, S_D, gen=gen, dtype=dtype, device=device)
+    q = randn(len(SCORE_LENS), S_W, S_HQ, S_D, gen=gen, dtype=dtype, device=device)
+    lse = _window_lse(q, kv, SCORE_LENS) if with_lse else None  # from the clean keys
+    page, off = _slot_tensor(kv, 0, 10)  # sequence 0, a prefix key (10 < 40 - 4)
+    kv.k_cache[page, off, 0, 3] = math.nan  # KV head 0
+    page, off = _slot_tensor(kv, 2, 23)  # sequence 2, a window key (seen by queries 2 and 3 only)
+    kv.k_cache[page, off, 1, 60] = math.nan  # KV head 1
+    out, ref = _scores(q, kv, lse, reduction, pooling, 44)
+    nan_mask = torch.zeros_like(ref, dtype=torch.bool)
+    if with_lse:  # no renormalisation: that key only, spread by pooling over the prefix
+        nan_mask[0, 0, 10] = nan_mask[2, 1, 23] = True
+        if pooling != "none":
+            nan_mask[0, 0, 8:13] = True
+    else:
+        nan_mask[0, 0, :40] = nan_mask[2, 1, :25] = True
+    _check_scores(out, ref, nan_mask, dtype)
+
+
+@pytest.mark.parametrize("reduction, pooling, with_lse", SCORE_MODES, ids=lambda x: str(x))
+@pytest.mark.parametrize("device, dtype", _score_params())
+def test_attention_scores_nan_outside_attended_keys_does_not_leak(device, dtype, reduction, pooling, with_lse, gen):
+    lens = SCORE_LENS + [S_PAGE]
+    kv = make_paged_kv(lens, S_PAGE, S_HKV, S_D, gen=gen, dtype=dtype, device=device, extra_table_cols=2)
+    q = randn(len(lens), S_W, S_HQ, S_D, gen=gen, dtype=dtype, device=device)
+    lse = _window_lse(q, kv, lens) if with_lse else None
+    attended = torch.zeros(kv.num_pages, S_PAGE, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        for pos in range(n):
+            attended[_slot_tensor(kv, b, pos)] = True
+    kv.k_cache[(~attended).to(device)] = math.nan
+    spare = int(torch.nonzero(~attended.any(1))[0])
+    for b, n in enumerate(lens):
+        kv.block_table[b, (n + S_PAGE - 1) // S_PAGE:] = spare
+    q[3, 0] = math.nan  # sees no key (t = -1)
+    q[1] = math.nan  # empty sequence
+    out, ref = _scores(q, kv, lse, reduction, pooling, 48)
+    _check_scores(out, ref, torch.zeros_like(ref, dtype=torch.bool), dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def _compact_params():
+    cpu = [pytest.param("cpu", dt, id=f"cpu-{_DTYPE_IDS[dt]}") for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    return cpu + [pytest.param("cuda", dt, marks=_kernel_marks("compact_kv"), id=f"cuda-{_DTYPE_IDS[dt]}")
+                  for dt in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("device, dtype", _compact_params())
+def test_compact_kv_moves_nan_as_data(device, dtype, gen):
+    lens = [30, 12]
+    kv = make_paged_kv(lens, 8, 2, 16, gen=gen, dtype=dtype, device=device)
+    kept = torch.tensor([[[0, 4, 9, 17, 29], [1, 2, 3, 20, 21]], [[0, 5, 6, 11, 11], [3, 4, 7, 8, 10]]],
+                        dtype=torch.int64, device=device)
+    kept_lens = torch.tensor([5, 4], dtype=torch.int32, device=device)
+    marks = [(0, 9, 0, 2), (0, 17, 1, 7), (0, 20, 1, 0), (1, 7, 1, 15), (0, 13, 0, 0), (1, 9, 0, 4)]
+    for b, pos, h, d in marks:  # kept (seq 0 head 0 pos 9, head 1 pos 20; seq 1 head 1 pos 7) and dropped
+        page, off = _slot_tensor(kv, b, pos)
+        kv.k_cache[page, off, h, d] = math.nan
+        kv.v_cache[page, off, h, 15 - d] = math.nan
+    ref_k, ref_v, ref_lens = reference.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, kept,
+                                                  kept_lens)
+    nan_before = int(torch.isnan(kv.k_cache).sum())
+    kvcore.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, kept, kept_lens)
+    assert torch.equal(_bits(kv.k_cache), _bits(ref_k)) and torch.equal(_bits(kv.v_cache), _bits(ref_v))
+    assert torch.equal(kv.seq_lens.cpu(), ref_lens.cpu())
+    # The kept NaN rows arrived at their new positions (9 -> 2, 20 -> 3, 7 -> 2)...
+    for b, pos, h, d in [(0, 2, 0, 2), (0, 3, 1, 0), (1, 2, 1, 15)]:
+        page, off = _slot_tensor(kv, b, pos)
+        assert bool(torch.isnan(kv.k_cache[page, off, h, d])) and bool(torch.isnan(kv.v_cache[page, off, h, 15 - d]))
+    # ...and no NaN was invented: at most the moved copies are added to the ones left in place.
+    assert int(torch.isnan(kv.k_cache).sum()) <= nan_before + 3

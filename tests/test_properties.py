@@ -204,3 +204,169 @@ def test_token_decoder_attention_property(args):
         assert bool((out[pad] == 0).all())
         if with_lse:
             assert bool(torch.isneginf(lse[pad]).all())
+
+
+# ---- MLA and eviction ops ----------------------------------------------------------------------
+# Fewer examples than above: each draws several ops' worth of shapes, and the budget for the four
+# together is a few seconds on 2 cores.
+SMALL_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
+
+
+@st.composite
+def mla_decode_inputs(draw):
+    batch = draw(st.integers(1, 4))
+    heads = draw(st.integers(1, 16))
+    dk = draw(st.sampled_from([16, 48, 80, 576]))
+    dv = draw(st.integers(1, dk))
+    page = draw(st.sampled_from([1, 4, 16, 64]))
+    lens = draw(st.lists(st.integers(0, 200), min_size=batch, max_size=batch))
+    num_splits = draw(st.sampled_from([0, 1, 3, 8]))
+    q_slice = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return batch, heads, dk, dv, page, lens, num_splits, q_slice, seed, draw(DTYPES)
+
+
+@SMALL_SETTINGS
+@given(mla_decode_inputs())
+def test_mla_decode_property(args):
+    batch, heads, dk, dv, page, lens, num_splits, q_slice, seed, dtype = args
+    gen = torch.Generator().manual_seed(seed)
+    kv = make_paged_kv(lens, page, 1, dk, gen=gen, dtype=dtype)
+    cache = kv.k_cache[:, :, 0]
+    q = randn(batch, heads, 2 * dk, gen=gen, dtype=dtype)[..., dk:] if q_slice else randn(batch, heads, dk, gen=gen,
+                                                                                          dtype=dtype)
+    scale = dk**-0.5
+    out = poison(torch.empty(batch, heads, dv, dtype=dtype))
+    lse = poison(torch.empty(batch, heads))
+    kvcore.mla_decode(q, cache, kv.block_table, kv.seq_lens, scale=scale, out=out, lse=lse, num_splits=num_splits)
+    ref_out, ref_lse = reference.mla_decode(q, cache, kv.block_table, kv.seq_lens, scale, dv)
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
+@st.composite
+def mla_project_inputs(draw):
+    tokens = draw(st.integers(1, 12))
+    d_model = draw(st.integers(1, 96))
+    rank = draw(st.sampled_from([8, 32, 512]))
+    rope = draw(st.sampled_from([2, 16, 64]))
+    page = draw(st.sampled_from([1, 4, 16]))
+    interleaved = draw(st.booleans())
+    outputs = draw(st.booleans())
+    pad_frac = draw(st.floats(0.0, 0.5))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return tokens, d_model, rank, rope, page, interleaved, outputs, pad_frac, seed, draw(DTYPES)
+
+
+@SMALL_SETTINGS
+@given(mla_project_inputs())
+def test_mla_latent_project_property(args):
+    tokens, d_model, rank, rope, page, interleaved, outputs, pad_frac, seed, dtype = args
+    gen = torch.Generator().manual_seed(seed)
+    width = rank + rope
+    num_pages = tokens // page + 2
+    cache = poison(torch.empty(num_pages, page, width, dtype=dtype))
+    before = cache.clone()
+    slots = torch.randperm(num_pages * page, generator=gen)[:tokens]
+    slots[torch.rand(tokens, generator=gen) < pad_frac] = -1
+    hidden = randn(tokens, d_model, gen=gen, dtype=dtype)
+    w = randn(d_model, width, gen=gen, dtype=dtype, scale=d_model**-0.5)
+    norm_weight = (1.0 + 0.2 * randn(rank, gen=gen)).to(dtype)
+    cos_sin = reference.rope_cos_sin(100, rope)
+    positions = torch.randint(0, 100, (tokens,), generator=gen)
+    res = kvcore.mla_latent_project(hidden, w, norm_weight, cos_sin, positions, cache, slots,
+                                    interleaved_rope=interleaved, return_outputs=outputs)
+    ref_cache, ref_c, ref_pe = reference.mla_latent_project(hidden, w, norm_weight, 1e-6, cos_sin, positions, before,
+                                                            slots, interleaved)
+    flat, ref_flat = cache.view(-1, width), ref_cache.view(-1, width)
+    written = slots[slots >= 0]
+    torch.testing.assert_close(flat[written].float(), ref_flat[written].float(), **OUT_TOL[dtype])
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool)
+    untouched[written] = False
+    assert bool(torch.isnan(flat[untouched]).all()), "a slot outside slot_mapping was written"
+    if outputs:
+        torch.testing.assert_close(res[0].float(), ref_c, **OUT_TOL[dtype])
+        torch.testing.assert_close(res[1].float(), ref_pe, **OUT_TOL[dtype])
+
+
+@st.composite
+def score_inputs(draw):
+    batch = draw(st.integers(1, 3))
+    window = draw(st.integers(1, 10))
+    hkv = draw(st.integers(1, 3))
+    group = draw(st.integers(1, 4))
+    head_dim = draw(st.sampled_from([8, 40, 64]))
+    page = draw(st.integers(1, 32))
+    lens = draw(st.lists(st.integers(0, 200), min_size=batch, max_size=batch))
+    reduction = draw(st.sampled_from(["sum", "mean", "max"]))
+    pooling = draw(st.sampled_from(["none", "avg", "max"]))
+    kernel = draw(st.sampled_from([5, 7]))
+    with_lse = draw(st.booleans())
+    scale = draw(st.one_of(st.none(), st.floats(0.05, 1.0)))
+    extra_len = draw(st.integers(0, 5))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (batch, window, hkv, group, head_dim, page, lens, reduction, pooling, kernel, with_lse, scale, extra_len,
+            seed, draw(DTYPES))
+
+
+@SMALL_SETTINGS
+@given(score_inputs())
+def test_attention_scores_property(args):
+    (batch, window, hkv, group, head_dim, page, lens, reduction, pooling, kernel, with_lse, scale, extra_len, seed,
+     dtype) = args
+    gen = torch.Generator().manual_seed(seed)
+    kv = make_paged_kv(lens, page, hkv, head_dim, gen=gen, dtype=dtype)
+    q = randn(batch, window, hkv * group, head_dim, gen=gen, dtype=dtype)
+    lse = None
+    if with_lse:  # the caller's lse: exact, from the reference's own definition (sum of probs = 1)
+        lse = torch.empty(batch, window, hkv * group)
+        s = scale if scale is not None else head_dim**-0.5
+        for b, n in enumerate(lens):
+            keys = reference.gather_paged(kv.k_cache, kv.block_table[b], torch.arange(n)).double()
+            lg = s * torch.einsum("ihd,lhd->ihl", q[b].double(), keys.repeat_interleave(group, dim=1))
+            t = n - window + torch.arange(window)
+            lg = lg.masked_fill(torch.arange(n).view(1, 1, -1) > t.view(-1, 1, 1), -math.inf)
+            lse[b] = torch.logsumexp(lg, dim=-1).float() if n else -math.inf
+    max_len = max(lens) + extra_len
+    out = poison(torch.empty(batch, hkv, max_len))
+    kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, scale=scale, reduction=reduction,
+                            pooling=pooling, pool_kernel=kernel, out=out)
+    ref = reference.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, scale=scale,
+                                     reduction=reduction, pooling=pooling, pool_kernel=kernel, max_len=max_len)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}[dtype]
+    tol *= window * group if reduction == "sum" else 1.0
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=1e-3)
+
+
+@st.composite
+def compact_inputs(draw):
+    batch = draw(st.integers(1, 4))
+    hkv = draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([8, 64]))
+    page = draw(st.integers(1, 16))
+    lens = draw(st.lists(st.integers(0, 120), min_size=batch, max_size=batch))
+    max_kept = draw(st.integers(1, 60))
+    budgets = draw(st.lists(st.floats(0.0, 1.0), min_size=batch, max_size=batch))
+    strided = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return batch, hkv, head_dim, page, lens, max_kept, budgets, strided, seed, draw(DTYPES)
+
+
+@SMALL_SETTINGS
+@given(compact_inputs())
+def test_compact_kv_property(args):
+    batch, hkv, head_dim, page, lens, max_kept, budgets, strided, seed, dtype = args
+    gen = torch.Generator().manual_seed(seed)
+    kv = make_paged_kv(lens, page, hkv, head_dim, gen=gen, dtype=dtype, strided_cache=strided)
+    counts = [int(min(n, max_kept) * f) for n, f in zip(lens, budgets)]
+    kept = torch.randint(-5, 10**6, (batch, hkv, max_kept), generator=gen)  # junk past each count
+    for b, n in enumerate(lens):
+        for h in range(hkv):
+            kept[b, h, : counts[b]] = torch.randperm(n, generator=gen)[: counts[b]].sort().values
+    kept_lens = torch.tensor(counts, dtype=torch.int32)
+    ref_k, ref_v, ref_lens = reference.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, kept,
+                                                  kept_lens)
+    seq_lens = kv.seq_lens.clone()
+    kvcore.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, seq_lens, kept, kept_lens)
+    assert torch.equal(seq_lens, ref_lens)
+    assert torch.equal(kv.k_cache, ref_k) and torch.equal(kv.v_cache, ref_v)

@@ -6,7 +6,8 @@
 //
 //   pass 1 (only when the caller gives no lse): per task, an online max / sum of exp of every
 //     row over the task's keys; the parts of one (b, h) are merged in part order into each
-//     row's log-sum-exp (deterministic at a fixed thread count).
+//     row's log-sum-exp (deterministic at a fixed thread count). Both steps are
+//     cpu_attention.h's, so a NaN logit gives the row a NaN lse (tests/test_nan.py).
 //   pass 2: per task, logits again, p = exp(logit - lse_row) where the key is visible to the
 //     row (causal inside the window), reduced over the rows into out[b, h, key].
 //   pooling: per (b, h), in place over the prefix keys, keeping the few original values the
@@ -96,52 +97,41 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
   };
 
   // ---- pass 1: row log-sum-exp (skipped when the caller passes it) ----
+  // The shared online-softmax step and ordered part merge carry kvcore's NaN rule: a NaN logit
+  // (NaN in q or in a key the row sees) makes the row's lse NaN in every part split, rather than
+  // being skipped as "no key seen" (std::max drops NaN) or turned into -inf by the merge.
   std::vector<float> row_lse(B * H * R);
   if (lse_in == nullptr) {
-    std::vector<float> part_m(tasks * R), part_l(tasks * R);
+    std::vector<float> part_lse(tasks * R);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(R * D), krow(D), logits(R * kChunk);
+      std::vector<float> qf(R * D), krow(D), logits(R * kChunk), m(R), l(R);
       std::vector<int64_t> last(R);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / parts, part = t % parts, b = bh / H, h = bh % H;
         int64_t start, stop;
         part_range(b, part, start, stop);
-        float* m = part_m.data() + t * R;
-        float* l = part_l.data() + t * R;
-        std::fill(m, m + R, kNegInf);
-        std::fill(l, l + R, 0.0f);
-        if (start >= stop) continue;
-        load_queries(b, h, qf.data(), last.data());
-        for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
-          const int64_t n = std::min(kChunk, stop - c0);
-          chunk_logits(b, h, c0, n, qf.data(), last.data(), krow.data(), logits.data());
-          for (int64_t r = 0; r < R; ++r) {
-            const float* lg = logits.data() + r * kChunk;
-            float cmax = kNegInf;
-            for (int64_t j = 0; j < n; ++j) cmax = std::max(cmax, lg[j]);
-            if (cmax == kNegInf) continue;  // the row sees none of these keys
-            const float m_new = std::max(m[r], cmax);
-            float sum = 0.0f;
-            for (int64_t j = 0; j < n; ++j) sum += std::exp(lg[j] - m_new);
-            l[r] = l[r] * std::exp(m[r] - m_new) + sum;
-            m[r] = m_new;
+        std::fill(m.begin(), m.end(), kNegInf);
+        std::fill(l.begin(), l.end(), 0.0f);
+        if (start < stop) {
+          load_queries(b, h, qf.data(), last.data());
+          for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
+            const int64_t n = std::min(kChunk, stop - c0);
+            chunk_logits(b, h, c0, n, qf.data(), last.data(), krow.data(), logits.data());
+            // No accumulator (D = 0): only the running max and sum are needed here.
+            for (int64_t r = 0; r < R; ++r)
+              cpu::online_softmax_step(logits.data() + r * kChunk, n, m[r], l[r], nullptr, 0);
           }
         }
+        for (int64_t r = 0; r < R; ++r) cpu::finish_part(nullptr, m[r], l[r], 0, nullptr, part_lse.data() + t * R + r);
       }
     });
     at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh)
-        for (int64_t r = 0; r < R; ++r) {
-          float mx = kNegInf;
-          for (int64_t j = 0; j < parts; ++j) mx = std::max(mx, part_m[(bh * parts + j) * R + r]);
-          float sum = 0.0f;
-          if (mx != kNegInf)
-            for (int64_t j = 0; j < parts; ++j) {
-              const float mj = part_m[(bh * parts + j) * R + r];
-              if (mj != kNegInf) sum += part_l[(bh * parts + j) * R + r] * std::exp(mj - mx);
-            }
-          row_lse[bh * R + r] = sum > 0.0f ? mx + std::log(sum) : kNegInf;
-        }
+        for (int64_t r = 0; r < R; ++r)
+          cpu::merge_parts<float>(
+              parts, [&](int64_t j) { return part_lse[(bh * parts + j) * R + r]; },
+              [](int64_t) { return static_cast<const float*>(nullptr); }, 0, nullptr, row_lse.data() + bh * R + r,
+              nullptr);
     });
   } else {
     for (int64_t b = 0; b < B; ++b)

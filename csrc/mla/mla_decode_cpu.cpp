@@ -9,9 +9,14 @@
 // write a normalised partial output and its log-sum-exp, merged at the end in part order, so
 // results are deterministic at a fixed thread count.
 //
+// num_splits > 0 forces the part count (capped at one part per kChunk keys of the longest
+// sequence), so the parts, their chunk boundaries and the merge order no longer depend on the
+// thread count: results are then bitwise identical across calls and thread counts
+// (tests/test_determinism.py). num_splits = 0 picks the count from the thread count as before.
+//
 // Safety without validation: seq_len is clamped to [0, max_pages * page_size] and each page
 // index to [0, num_pages); bad index contents give wrong numbers, never an out-of-bounds read.
-// `workspace` and `num_splits` only matter to the CUDA split-KV path and are ignored here.
+// `workspace` only matters to the CUDA split-KV path and is ignored here.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,7 +39,7 @@ constexpr int64_t kMinPartTokens = 256;  // a sequence is cut into parts no shor
 template <typename scalar_t>
 void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stride_b, int64_t q_stride_h,
                       const scalar_t* cache, int64_t page_stride, const int32_t* block_table, const int32_t* seq_lens,
-                      float scale, scalar_t* out, float* lse) {
+                      float scale, int64_t num_splits, scalar_t* out, float* lse) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t H = s.num_heads, Dk = s.dk, Dv = s.dv;
   const int64_t capacity = s.num_pages > 0 ? s.max_pages * s.page_size : 0;
@@ -45,9 +50,14 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
     len[b] = std::clamp<int64_t>(seq_lens[b], 0, capacity);
     longest = std::max(longest, len[b]);
   }
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = std::clamp<int64_t>((2 * threads + s.batch - 1) / s.batch, 1,
-                                            std::max<int64_t>(1, longest / kMinPartTokens));
+  int64_t parts;
+  if (num_splits > 0) {
+    parts = std::clamp<int64_t>(num_splits, 1, std::max<int64_t>(1, (longest + kChunk - 1) / kChunk));
+  } else {
+    const int64_t threads = at::get_num_threads();
+    parts = std::clamp<int64_t>((2 * threads + s.batch - 1) / s.batch, 1,
+                                std::max<int64_t>(1, longest / kMinPartTokens));
+  }
   std::vector<float> part_out(s.batch * parts * H * Dv), part_lse(s.batch * parts * H);
 
   at::parallel_for(0, s.batch * parts, 1, [&](int64_t begin, int64_t end) {
@@ -119,7 +129,7 @@ void mla_decode_cpu(const at::Tensor& q, const at::Tensor& latent_cache, const a
     mla_decode_tasks<scalar_t>(s, q.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1),
                                latent_cache.const_data_ptr<scalar_t>(), latent_cache.stride(0),
                                block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
-                               static_cast<float>(scale), out.mutable_data_ptr<scalar_t>(), lse_ptr);
+                               static_cast<float>(scale), num_splits, out.mutable_data_ptr<scalar_t>(), lse_ptr);
   });
 }
 

@@ -691,8 +691,9 @@ def mla_decode(
             given or when ``return_lse``.
         workspace: CUDA split-KV scratch (uint8, zero-filled once); default: the shared
             per-device buffer (:func:`decode_workspace`). Ignored on CPU.
-        num_splits: ``0`` picks the KV split from the shapes, ``n > 0`` forces ``n``. Ignored on
-            CPU (results are deterministic at a fixed thread count).
+        num_splits: ``0`` picks the KV split from the shapes, ``n > 0`` forces ``n``. On CPU,
+            ``n > 0`` fixes the key-range parts too (bitwise identical across calls and thread
+            counts); ``0`` cuts by the thread count (deterministic at a fixed thread count).
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
