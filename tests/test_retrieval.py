@@ -278,3 +278,35 @@ def test_bad_inputs_name_the_argument(gen):
         stats.update(randn(3, HKV, D, gen=gen), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="num_pages"):
         R.QuestPageStats(0, 4, HKV, D)
+
+
+def test_loaded_memory_attend_and_reload(device, gen):
+    """load_memory + attend: full attention over sinks + all units + window; after evicting
+    units the step reloads them (misses counted) and gives the same result."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    bs, n_init, n_local, units = GEOM["block_size"], GEOM["n_init"], GEOM["n_local"], 6
+    r = n_local + 3
+    n = n_init + units * bs + r
+    q, k, v = _inputs(n, gen, dtype, device)
+    cache = R.InfLLMCache(B, HQ, HKV, D, n, dtype=dtype, device=device, topk=units, max_cached_block=units, **GEOM)
+    unit_k = k[:, n_init : n - r].reshape(B, units, bs, HKV, D)
+    unit_v = v[:, n_init : n - r].reshape(B, units, bs, HKV, D)
+    reprs = R.representative_keys(unit_k, randn(B, units, bs, HKV, gen=gen, device=device), 2)
+    cache.load_memory(k[:, :n_init], v[:, :n_init], unit_k, unit_v, reprs, k[:, n - r :], v[:, n - r :])
+    assert (cache.length, cache.num_units, cache.num_recent) == (n, units, r)
+    want = _full(q[:, -1], k, v, n, cache.scale)
+    out, lse = cache.attend(q[:, -1])
+    torch.testing.assert_close(out.double(), want, **_tol(dtype))
+    assert cache.misses == B * units and lse.shape == (B, HQ)
+    cache.evict(0, [1, 4])
+    assert set(cache.resident_units(0)) == {0, 2, 3, 5}
+    out2, _ = cache.attend(q[:, -1])
+    assert cache.misses == B * units + 2 and cache.hits == B * units - 2
+    torch.testing.assert_close(out2.double(), want, **_tol(dtype))
+    with pytest.raises(ValueError, match="empty cache"):
+        cache.load_memory(k[:, :n_init], v[:, :n_init], unit_k, unit_v, reprs, k[:, n - r :], v[:, n - r :])
+    fresh = R.InfLLMCache(B, HQ, HKV, D, n, dtype=dtype, device=device, topk=1, max_cached_block=2, **GEOM)
+    with pytest.raises(ValueError, match="recent_k"):
+        fresh.load_memory(k[:, :n_init], v[:, :n_init], unit_k, unit_v, reprs, k[:, :3], v[:, :3])
+    with pytest.raises(ValueError, match="cache is empty"):
+        fresh.attend(q[:, 0])

@@ -427,6 +427,8 @@ class InfLLMCache:
         self._slot_unit = [[-1] * max_cached_block for _ in range(batch)]  # slot -> unit (-1 free)
         self._unit_slot: list[dict] = [dict() for _ in range(batch)]  # unit -> slot
         self._lru: list[OrderedDict] = [OrderedDict() for _ in range(batch)]  # unit, oldest first
+        # Free slots, lowest on top (so units fetched in order into an empty cache get slot == unit).
+        self._free = [list(range(max_cached_block - 1, -1, -1)) for _ in range(batch)]
         self._slot_score = torch.zeros(batch, max_cached_block, dtype=torch.float64)
         self.hits = 0
         self.misses = 0
@@ -606,13 +608,12 @@ class InfLLMCache:
         return [where[u] for u in units]
 
     def _victim(self, b: int, needed: set) -> int:
-        slots_of = self._slot_unit[b]
-        for slot, unit in enumerate(slots_of):
-            if unit < 0:
-                return slot
-        order = [u for u in self._lru[b] if u not in needed]  # oldest first
+        if self._free[b]:
+            return self._free[b].pop()
         if self.cache_strategy == "lru":
-            return self._unit_slot[b][order[0]]
+            oldest = next(u for u in self._lru[b] if u not in needed)  # the LRU dict is oldest first
+            return self._unit_slot[b][oldest]
+        order = [u for u in self._lru[b] if u not in needed]
         rank = {u: i for i, u in enumerate(order)}
         best = min(order, key=lambda u: (float(self._slot_score[b, self._unit_slot[b][u]]), rank[u]))
         return self._unit_slot[b][best]
@@ -707,6 +708,34 @@ class InfLLMCache:
             raise ValueError(f"the context exceeds max_tokens = {self.max_tokens}")
         q = q.to(self.dtype)
         self._write(k.unsqueeze(1), v.unsqueeze(1))
+        out, lse = self.attend(q)
+        r = self.num_recent
+        if accumulate and r:
+            kr, _ = self._recent_kv()
+            b, hkv, g, d = self.batch, self.num_kv_heads, self.group, self.head_dim
+            logits = torch.einsum("bhgd,brhd->bhgr", q.float().view(b, hkv, g, d), kr.float()) * self.scale
+            pos_q = torch.tensor([self.length - 1], device=self.device)
+            self._accumulate(logits.unsqueeze(3), lse.view(b, hkv, g, 1), pos_q)
+        self._form_units()
+        return out
+
+    def attend(self, q: Tensor) -> tuple[Tensor, Tensor]:
+        """The retrieve-and-attend step for query ``q [B, Hq, D]`` over the cache as it is
+        (nothing appended, no scores accumulated): score the units, take the top ``topk``, load
+        the missing ones (side stream on CUDA, overlapping the local attention), then
+        ``gqa_decode`` over the recent tokens merged with ``block_sparse_decode`` over the
+        selected units + sinks. The selected ids go to the host once (residency bookkeeping).
+
+        Returns:
+            ``(out [B, Hq, D]`` in the cache's dtype, ``lse [B, Hq]`` float32).
+
+        Raises:
+            ValueError: ``q`` of the wrong shape / device, or an empty cache.
+        """
+        self._check_step("q", q, self.num_q_heads, 3)
+        if self.length == 0:
+            raise ValueError("the cache is empty: append a token before attending")
+        q = q.to(self.dtype)
         sel = self.select_units(q)
         mem = self._memory_selection(sel)  # queues unit loads; the local part overlaps them
         parts = []
@@ -721,14 +750,63 @@ class InfLLMCache:
         out, lse = parts[0]
         for o2, l2 in parts[1:]:
             out, lse = merge_attention_states(out, lse, o2, l2)
-        if accumulate and r:
-            kr, _ = self._recent_kv()
-            b, hkv, g, d = self.batch, self.num_kv_heads, self.group, self.head_dim
-            logits = torch.einsum("bhgd,brhd->bhgr", q.float().view(b, hkv, g, d), kr.float()) * self.scale
-            pos_q = torch.tensor([self.length - 1], device=self.device)
-            self._accumulate(logits.unsqueeze(3), lse.view(b, hkv, g, 1), pos_q)
-        self._form_units()
-        return out
+        return out, lse
+
+    def evict(self, b: int, units: list[int]) -> None:
+        """Drop sequence ``b``'s ``units`` from the device cache (their CPU copies stay); units
+        not resident are ignored. Used to measure steps at a given hit rate.
+
+        Raises:
+            ValueError: ``b`` out of range.
+        """
+        if not 0 <= b < self.batch:
+            raise ValueError(f"b must be in [0, batch = {self.batch}), got {b}")
+        for u in units:
+            slot = self._unit_slot[b].pop(int(u), None)
+            if slot is not None:
+                self._slot_unit[b][slot] = -1
+                self._free[b].append(slot)
+                self._lru[b].pop(int(u), None)
+                self._slot_score[b, slot] = 0.0
+
+    def load_memory(self, sink_k: Tensor, sink_v: Tensor, unit_k: Tensor, unit_v: Tensor, repr_keys: Tensor,
+                    recent_k: Tensor, recent_v: Tensor) -> None:
+        """Fill an empty cache with memory formed elsewhere (a snapshot, or a benchmark's
+        synthetic 1M-token memory) instead of prefilling it token by token.
+
+        Args:
+            sink_k, sink_v: ``[B, n_init, Hkv, D]``.
+            unit_k, unit_v: ``[B, U, block_size, Hkv, D]`` the units' K/V (any device).
+            repr_keys: ``[B, U, Hkv, D]`` their representative keys.
+            recent_k, recent_v: ``[B, R, Hkv, D]`` with ``n_local <= R < n_local + block_size``.
+
+        Raises:
+            ValueError: a non-empty cache, or shapes that do not fit it.
+        """
+        if self.length:
+            raise ValueError("load_memory needs an empty cache")
+        bs, hkv, d, b = self.block_size, self.num_kv_heads, self.head_dim, self.batch
+        checks = (("sink_k", sink_k, (b, self.n_init, hkv, d)), ("sink_v", sink_v, (b, self.n_init, hkv, d)),
+                  ("unit_k", unit_k, (b, -1, bs, hkv, d)), ("unit_v", unit_v, (b, -1, bs, hkv, d)),
+                  ("repr_keys", repr_keys, (b, -1, hkv, d)), ("recent_k", recent_k, (b, -1, hkv, d)),
+                  ("recent_v", recent_v, (b, -1, hkv, d)))
+        for name, t, want in checks:
+            if not isinstance(t, Tensor) or t.dim() != len(want) or any(w not in (-1, s) for w, s in zip(want, t.shape)):
+                raise ValueError(f"{name} must be {want} (-1: any), got {_shape(t)}")
+        n_units, r = unit_k.shape[1], recent_k.shape[1]
+        if unit_v.shape[1] != n_units or repr_keys.shape[1] != n_units or recent_v.shape[1] != r:
+            raise ValueError("unit_k, unit_v and repr_keys must list the same units; recent_k and recent_v the same tokens")
+        if not self.n_local <= r < self.n_local + bs:
+            raise ValueError(f"recent_k must hold R in [n_local, n_local + block_size) tokens, got {r}")
+        if self.n_init + n_units * bs + r > self.max_tokens:
+            raise ValueError(f"the memory exceeds max_tokens = {self.max_tokens}")
+        self._write(sink_k, sink_v)
+        self.store_k[:, :n_units].copy_(unit_k)
+        self.store_v[:, :n_units].copy_(unit_v)
+        self.repr_keys[:, :n_units].copy_(repr_keys)
+        self.num_units = n_units
+        self.length = self.n_init + n_units * bs
+        self._write(recent_k, recent_v)
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Append ``T`` tokens per sequence and attend with their queries, in chunks of
