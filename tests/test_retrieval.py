@@ -310,3 +310,40 @@ def test_loaded_memory_attend_and_reload(device, gen):
         fresh.load_memory(k[:, :n_init], v[:, :n_init], unit_k, unit_v, reprs, k[:, :3], v[:, :3])
     with pytest.raises(ValueError, match="cache is empty"):
         fresh.attend(q[:, 0])
+
+
+def test_quest_selection_drives_block_sparse_decode(device, gen):
+    """Quest end to end: bounds kept on append, top pages + sinks + local, block_sparse_decode
+    equals attention over exactly the tokens of the selected pages."""
+    import kvcore
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    ps, n_pages, lens = 4, 20, [37, 22]
+    k_cache = randn(n_pages, ps, HKV, D, gen=gen, dtype=dtype, device=device)
+    v_cache = randn(n_pages, ps, HKV, D, gen=gen, dtype=dtype, device=device)
+    block_table = torch.randperm(n_pages, generator=gen)[:20].view(2, 10).to(torch.int32).to(device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    stats = R.QuestPageStats(n_pages, ps, HKV, D, device=device)
+    for b, n in enumerate(lens):
+        pos = torch.arange(n, device=device)
+        slots = block_table[b].long()[pos // ps] * ps + pos % ps
+        stats.update(k_cache.view(-1, HKV, D)[slots], slots)
+    q = randn(2, HQ, D, gen=gen, dtype=dtype, device=device)
+    sel_pages, sel_counts = R.quest_selection(q, stats, block_table, seq_lens, 3, n_sink_pages=1, n_local_pages=1)
+    scores = ref.quest_page_scores(q, k_cache, block_table, seq_lens)
+    out = kvcore.block_sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel_pages, sel_counts)
+    for b, n in enumerate(lens):
+        last = -(-n // ps) - 1
+        for h in range(HKV):
+            got = set(sel_pages[b, h, : int(sel_counts[b, h])].tolist())
+            above, kth = ref.topk_set(scores[b, h], 3)[0]
+            top = set(range(last + 1)) & {j for j in range(10) if float(scores[b, h, j]) >= kth}
+            assert above | {0, last} <= got <= top | {0, last}
+            pos = torch.tensor([p for j in sorted(got) for p in range(j * ps, min((j + 1) * ps, n))])
+            keys = ref.gather_paged(k_cache, block_table[b], pos)[:, h : h + 1]
+            vals = ref.gather_paged(v_cache, block_table[b], pos)[:, h : h + 1]
+            heads = slice(h * (HQ // HKV), (h + 1) * (HQ // HKV))
+            want, _ = ref.dense_attention(q[b, heads], keys, vals)
+            torch.testing.assert_close(out[b, heads].double(), want, **_tol(dtype))
+    with pytest.raises(ValueError, match="topk"):
+        R.quest_selection(q, stats, block_table, seq_lens, 0)

@@ -14,7 +14,8 @@ CUDA today:
 * :func:`representative_keys`, :func:`unit_scores`, :func:`topk_units`: the scoring pieces
   (definitions in :mod:`kvcore.reference`: ``infllm_representative_keys``,
   ``infllm_unit_scores``, ``topk_units``);
-* :class:`QuestPageStats` / :func:`quest_page_scores`: Quest's upper-bound page selector;
+* :class:`QuestPageStats` / :func:`quest_page_scores` / :func:`quest_selection`: Quest's
+  upper-bound page selector, feeding ``block_sparse_decode``;
 * :class:`InfLLMCache`: sinks + local window + offloaded memory units, with chunked prefill and a
   decode step that is ``gqa_decode`` over the local window merged (through the log-sum-exp) with
   ``block_sparse_decode`` over the selected units and the sinks.
@@ -51,6 +52,7 @@ __all__ = [
     "InfLLMCache",
     "QuestPageStats",
     "quest_page_scores",
+    "quest_selection",
     "representative_keys",
     "topk_units",
     "unit_scores",
@@ -278,6 +280,41 @@ def quest_page_scores(q: Tensor, kmin: Tensor, kmax: Tensor, block_table: Tensor
     live = torch.arange(phys.shape[1], device=kmin.device).view(1, -1) < used.view(-1, 1)
     bound = torch.where(live.unsqueeze(-1), bound, torch.full_like(bound, -math.inf))
     return bound.permute(0, 2, 1).contiguous()
+
+
+def quest_selection(q: Tensor, stats: QuestPageStats, block_table: Tensor, seq_lens: Tensor, topk: int, *,
+                    n_sink_pages: int = 0, n_local_pages: int = 0,
+                    max_sel: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Quest's selection for :func:`kvcore.block_sparse_decode`: per (sequence, KV head) the
+    ``topk`` logical pages with the highest :func:`quest_page_scores` bound, plus sink and local
+    pages, as ``(sel_pages, sel_counts)`` (:func:`kvcore.block_sparse.build_selection`).
+
+    Args:
+        q: ``[B, Hq, D]``; stats: the cache's :class:`QuestPageStats`.
+        block_table: ``[B, max_pages]`` int32; seq_lens: ``[B]`` int32.
+        topk: pages chosen by score (``>= 1``; fewer when a sequence has fewer pages).
+        n_sink_pages, n_local_pages, max_sel: as in ``build_selection``.
+
+    Returns:
+        ``sel_pages [B, Hkv, max_sel]`` int32 and ``sel_counts [B, Hkv]`` int32.
+
+    Raises:
+        ValueError: ``topk < 1`` or the errors of the functions it calls.
+    """
+    from .block_sparse import build_selection  # noqa: WPS433 (block_sparse imports ops, as we do)
+
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be a positive int, got {topk!r}")
+    scores = quest_page_scores(q, stats.kmin, stats.kmax, block_table, seq_lens, stats.page_size)
+    k = min(topk, scores.shape[2])
+    if k == 0:
+        chosen = None
+    else:
+        values, idx = topk_units(scores, k)
+        chosen = torch.where(torch.isinf(values), torch.full_like(idx, -1), idx)  # pages past the end
+    return build_selection(seq_lens, stats.page_size, num_kv_heads=stats.kmin.shape[1], chosen_pages=chosen,
+                           n_sink_pages=n_sink_pages, n_local_pages=n_local_pages,
+                           max_pages=block_table.shape[1], max_sel=max_sel)
 
 
 # --------------------------------------------------------------------------------------------
