@@ -700,3 +700,43 @@ def test_block_group_cpu_json(tmp_path):
         assert set(r) >= {"group", "impl", "case", "ms", "gbps", "pct_copy", "tflops", "pct_gemm"}
         assert "error" not in r, r
         assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0 and r["tflops"] > 0, r
+
+
+# ------------------------------------------------------------------------------------------
+# Group "retrieval": the InfLLM retrieve-and-attend step (kvcore.bench.retrieval)
+# ------------------------------------------------------------------------------------------
+
+
+def test_retrieval_cases_count_bytes_and_flops():
+    mod = importlib.import_module("kvcore.bench.retrieval")
+    (full, *_) = mod.cases(torch.device("cuda"), False)
+    # The issue's shape: B1 Hq32/Hkv8/D128, 8192 units of 128 (1M tokens), topk 16, n_local 4096.
+    assert (full.batch, full.num_q_heads, full.num_kv_heads, full.head_dim) == (1, 32, 8, 128)
+    assert (full.units, full.block, full.topk, full.n_local, full.hit) == (8192, 128, 16, 4096, 1.0)
+    assert {c.hit for c in mod.cases(torch.device("cuda"), False)} == {1.0, 0.9, 0.5}
+    attended = 128 + 16 * 128 + 4096
+    assert full.nbytes == 8192 * 8 * 128 * 2 + attended * 8 * 128 * 2 * 2 + 2 * 32 * 128 * 2
+    assert full.flops == 2 * 8 * 8192 * 128 + 4 * 32 * attended * 128
+
+
+@needs_kvcore
+def test_retrieval_group_cpu_json(tmp_path):
+    """`python -m kvcore.bench --group retrieval` on CPU: the committed JSON shape; both timed on
+    every case (kvcore also with units reloaded; torch always with every unit resident)."""
+    from kvcore.bench.__main__ import main
+
+    result = main(["--group", "retrieval", "--device", "cpu", "--out", str(tmp_path), "--no-plot"])
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    data = json.loads(path.read_text())
+    assert data == json.loads(json.dumps(result))
+    for key in ("gpu", "torch", "date", "copy_gbps", "gemm_tflops", "rows"):
+        assert key in data
+    cases = {c.name: c for c in importlib.import_module("kvcore.bench.retrieval").cases(torch.device("cpu"), True)}
+    assert {r["case"] for r in data["rows"]} == set(cases)
+    assert {r["group"] for r in data["rows"]} == {"retrieval"}
+    for r in data["rows"]:
+        assert set(r) >= {"group", "impl", "case", "ms", "gbps", "pct_copy", "tflops", "pct_gemm"}
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0, r
+    assert {r["impl"] for r in data["rows"]} == {"kvcore", "torch"}
+    assert any("reloaded" in (r["notes"] or "") for r in data["rows"] if r["impl"] == "kvcore")

@@ -62,3 +62,9 @@ __all__ += ["mla"]
 from .ops import attention_scores, compact_kv  # noqa: E402
 
 __all__ += ["attention_scores", "compact_kv"]
+
+# Retrieval (issue 5): InfLLM memory units and Quest page bounds on the existing ops (kvcore.retrieval).
+from . import retrieval  # noqa: E402
+from .retrieval import InfLLMCache  # noqa: E402
+
+__all__ += ["InfLLMCache", "retrieval"]

@@ -803,3 +803,88 @@ def compact_kv(
             new_v[dp, do, h] = v_cache[sp, so, h]
     new_lens = kept_lens.to(device=seq_lens.device, dtype=seq_lens.dtype).clone()
     return new_k, new_v, new_lens
+
+
+# --------------------------------------------------------------------------------------------
+# InfLLM / Quest retrieval scoring (kvcore.retrieval; issue 5)
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["infllm_representative_keys", "infllm_unit_scores", "quest_page_scores", "topk_set"]
+
+
+def infllm_representative_keys(unit_keys: Tensor, token_scores: Tensor, repr_topk: int) -> Tensor:
+    """Representative keys of InfLLM memory units, per KV head (float64).
+
+    ``unit_keys [B, U, bs, Hkv, D]``, ``token_scores [B, U, bs, Hkv]``: for each ``(b, u, h)``
+    the mean of the keys of the ``repr_topk`` tokens ``t`` with the largest
+    ``token_scores[b, u, t, h]`` (ties broken towards the smaller ``t``). Returns ``[B, U, Hkv, D]``.
+    """
+    _check_dim(unit_keys, 5, "unit_keys", "[B, U, block_size, Hkv, D]")
+    b_, u_, bs, hkv, d = unit_keys.shape
+    out = torch.empty(b_, u_, hkv, d, dtype=torch.float64, device=unit_keys.device)
+    for b in range(b_):
+        for u in range(u_):
+            for h in range(hkv):
+                s = token_scores[b, u, :, h].double().tolist()
+                order = sorted(range(bs), key=lambda t: (-s[t], t))[:repr_topk]
+                out[b, u, h] = unit_keys[b, u, order, h].double().mean(dim=0)
+    return out
+
+
+def infllm_unit_scores(q: Tensor, repr_keys: Tensor, per_kv_head: bool = False) -> Tensor:
+    """InfLLM unit scores (float64).
+
+    ``q [B, Hq, D]`` (or ``[B, T, Hq, D]``, averaged over ``T``), ``repr_keys [B, U, Hkv, D]``::
+
+        s[b, h, u] = sum over query heads hq with hq // (Hq / Hkv) == h of  q[b, hq] . repr_keys[b, u, h]
+
+    Returns ``s [B, Hkv, U]`` with ``per_kv_head``, else ``sum_h s [B, U]``.
+    """
+    qd = q.double().mean(dim=1) if q.dim() == 4 else q.double()
+    b_, hq, d = qd.shape
+    hkv = repr_keys.shape[2]
+    g = _check_group(hq, hkv)
+    s = torch.zeros(b_, hkv, repr_keys.shape[1], dtype=torch.float64, device=q.device)
+    for hh in range(hq):
+        s[:, hh // g] += torch.einsum("bd,bud->bu", qd[:, hh], repr_keys[:, :, hh // g].double())
+    return s if per_kv_head else s.sum(dim=1)
+
+
+def quest_page_scores(q: Tensor, k_cache: Tensor, block_table: Tensor, seq_lens: Tensor) -> Tensor:
+    """Quest's upper-bound page scores from the cache itself (float64), ``[B, Hkv, max_pages]``.
+
+    For logical page ``j`` of sequence ``b`` holding positions ``P = [j * ps, min((j + 1) * ps,
+    seq_len))``, ``m_d = min_{p in P} k[p, h, d]`` and ``M_d = max_{p in P} k[p, h, d]``::
+
+        score[b, h, j] = sum_{hq in group h} sum_d max(q[b, hq, d] * m_d, q[b, hq, d] * M_d)
+
+    and ``-inf`` for pages past the sequence.
+    """
+    b_, hq, d = q.shape
+    ps, hkv = k_cache.shape[1], k_cache.shape[2]
+    g = _check_group(hq, hkv)
+    n_pages = block_table.shape[1]
+    out = torch.full((b_, hkv, n_pages), -math.inf, dtype=torch.float64, device=q.device)
+    for b in range(b_):
+        length = int(seq_lens[b])
+        for j in range(-(-length // ps)):
+            pos = torch.arange(j * ps, min((j + 1) * ps, length), device=q.device)
+            keys = gather_paged(k_cache, block_table[b], pos).double()  # [n, Hkv, D]
+            lo, hi = keys.min(dim=0).values, keys.max(dim=0).values
+            out[b, :, j] = 0.0
+            for hh in range(hq):
+                qq = q[b, hh].double()
+                out[b, hh // g, j] += torch.maximum(qq * lo[hh // g], qq * hi[hh // g]).sum()
+    return out
+
+
+def topk_set(scores: Tensor, k: int) -> list:
+    """For each row of ``scores [..., U]`` (flattened to rows): the set of indices whose score is
+    strictly above the ``k``-th largest, and the ``k``-th largest value itself. A correct top-k
+    returns all of the former plus any indices holding the latter (ties)."""
+    rows = scores.reshape(-1, scores.shape[-1]).double()
+    result = []
+    for row in rows:
+        kth = float(row.sort(descending=True).values[k - 1])
+        result.append(({i for i, x in enumerate(row.tolist()) if x > kth}, kth))
+    return result

@@ -43,3 +43,4 @@ def load_group(name: str):
 
 
 __all__ = ["GROUPS", "group_modules", "load_group"]
+GROUPS["retrieval"] = ".retrieval"  # InfLLM retrieve-and-attend decode step vs the torch pipeline (kvcore.bench.retrieval)

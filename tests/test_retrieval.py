@@ -1,0 +1,349 @@
+"""InfLLM retrieval (kvcore.retrieval): scoring pieces against reference.py, the cache against full
+attention, offload / reload, the cache policies, Quest's bounds, and bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import OUT_TOL, randn
+
+from kvcore import reference as ref
+from kvcore import retrieval as R
+
+# Small geometry: sinks that end mid-page (n_init 5 < block 8), units of 8 tokens, a 16-token
+# window, execution blocks of 12 (not a multiple of the block).
+GEOM = dict(block_size=8, n_init=5, n_local=16, exc_block_size=12, repr_topk=3)
+B, HQ, HKV, D = 2, 4, 2, 16
+
+
+def _tol(dtype):
+    return OUT_TOL[dtype] if dtype != torch.float32 else dict(atol=2e-4, rtol=2e-4)
+
+
+def _inputs(n, gen, dtype, device):
+    q = randn(B, n, HQ, D, gen=gen, dtype=dtype, device=device)
+    k = randn(B, n, HKV, D, gen=gen, dtype=dtype, device=device)
+    v = randn(B, n, HKV, D, gen=gen, dtype=dtype, device=device)
+    return q, k, v
+
+
+def _full(q, k, v, upto, scale):
+    """fp64 attention of query ``q [B, Hq, D]`` over tokens ``0 .. upto - 1`` of ``k, v``."""
+    return torch.stack([ref.dense_attention(q[b], k[b, :upto], v[b, :upto], scale)[0] for b in range(q.shape[0])])
+
+
+@pytest.mark.parametrize("per_kv_head,strategy,repr_score", [
+    (False, "lru", "logit"), (True, "decay", "prob"),
+])
+def test_all_units_selected_equals_full_attention(device, dtype, gen, per_kv_head, strategy, repr_score):
+    """topk >= units, all resident: prefill (chunked) and decode equal full causal attention
+    over every token at its own (post-RoPE) position."""
+    n_pre, n_dec = 61, 7
+    q, k, v = _inputs(n_pre + n_dec, gen, dtype, device)
+    cache = R.InfLLMCache(B, HQ, HKV, D, n_pre + n_dec, dtype=dtype, device=device, topk=16, max_cached_block=32,
+                          per_kv_head=per_kv_head, cache_strategy=strategy, repr_score=repr_score, **GEOM)
+    out = cache.prefill(q[:, :n_pre], k[:, :n_pre], v[:, :n_pre])
+    assert cache.num_units >= 4  # retrieval is really exercised
+    for t in (0, 4, 5, 17, 40, n_pre - 1):
+        torch.testing.assert_close(out[:, t].double(), _full(q[:, t], k, v, t + 1, cache.scale), **_tol(dtype))
+    for i in range(n_dec):
+        t = n_pre + i
+        o = cache.decode(q[:, t], k[:, t], v[:, t])
+        assert o.dtype == dtype and o.shape == (B, HQ, D)
+        torch.testing.assert_close(o.double(), _full(q[:, t], k, v, t + 1, cache.scale), **_tol(dtype))
+    assert cache.length == n_pre + n_dec
+    assert cache.n_local <= cache.num_recent < cache.n_local + cache.block_size
+
+
+def test_decode_only_from_empty_equals_full_attention(device, gen):
+    """Decode from the first token (sinks filling, window filling, units forming one by one)."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    n = 45
+    q, k, v = _inputs(n, gen, dtype, device)
+    cache = R.InfLLMCache(B, HQ, HKV, D, n, dtype=dtype, device=device, topk=8, max_cached_block=8, **GEOM)
+    for t in range(n):
+        o = cache.decode(q[:, t], k[:, t], v[:, t])
+        torch.testing.assert_close(o.double(), _full(q[:, t], k, v, t + 1, cache.scale), **_tol(dtype))
+    assert cache.num_units == 3
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_topk_subset_attends_to_exactly_the_selected_units(device, gen, per_kv_head):
+    """topk < units: the step equals attention over sinks + recent + the reference's top units."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    n = 90
+    q, k, v = _inputs(n + 1, gen, dtype, device)
+    cache = R.InfLLMCache(B, HQ, HKV, D, n + 1, dtype=dtype, device=device, topk=2,
+                          max_cached_block=4, per_kv_head=per_kv_head, **GEOM)
+    cache.prefill(q[:, :n], k[:, :n], v[:, :n])
+    units = cache.num_units
+    assert units > 2
+    s = ref.infllm_unit_scores(q[:, n], cache.repr_keys[:, :units], per_kv_head=True)  # [B, Hkv, U]
+    if not per_kv_head:
+        s = s.sum(dim=1, keepdim=True).expand(-1, HKV, -1)
+    o = cache.decode(q[:, n], k[:, n], v[:, n])
+    bs, n_init = cache.block_size, cache.n_init
+    recent = range(n_init + units * bs, n + 1)
+    for b in range(B):
+        for h in range(HKV):
+            top = s[b, h].topk(2).indices.tolist()
+            pos = list(range(n_init)) + [n_init + u * bs + i for u in sorted(top) for i in range(bs)] + list(recent)
+            pos = torch.tensor(pos)
+            heads = slice(h * (HQ // HKV), (h + 1) * (HQ // HKV))
+            want, _ = ref.dense_attention(q[b, n, heads], k[b, pos, h : h + 1], v[b, pos, h : h + 1], cache.scale)
+            torch.testing.assert_close(o[b, heads].double(), want, **_tol(dtype))
+
+
+def test_offload_and_reload_round_trip_exactly(device, gen):
+    dtype = torch.bfloat16
+    n = 69
+    q, k, v = _inputs(n, gen, dtype, device)
+    cache = R.InfLLMCache(B, HQ, HKV, D, n, dtype=dtype, device=device, topk=1, max_cached_block=2, **GEOM)
+    cache.prefill(q, k, v)
+    units = cache.num_units
+    assert units >= 4
+    bs, n_init = cache.block_size, cache.n_init
+    for b in range(B):
+        for u in [0, 1, 2, 3, 0, 2]:  # 0 and 2 are evicted and reloaded on the way
+            (slot,) = cache.fetch(b, [u])
+            cache.wait_loads()
+            kk, vv = cache.slot_kv(b, slot)
+            span = slice(n_init + u * bs, n_init + (u + 1) * bs)
+            assert torch.equal(kk, k[b, span]) and torch.equal(vv, v[b, span])
+            assert torch.equal(cache.store_k[b, u], k[b, span].cpu())
+
+
+def _cache_with_units(device, gen, n_units, **kw):
+    n = GEOM["n_init"] + GEOM["n_local"] + GEOM["block_size"] * n_units
+    q, k, v = _inputs(n, gen, torch.float32 if device == "cpu" else torch.bfloat16, device)
+    # One execution block for the whole prefill: no unit exists before it, so none is fetched.
+    cache = R.InfLLMCache(B, HQ, HKV, D, n, dtype=q.dtype, device=device, **{**GEOM, "exc_block_size": n, **kw})
+    cache.prefill(q, k, v)
+    assert cache.num_units == n_units
+    return cache
+
+
+def test_lru_evicts_the_least_recently_used(device, gen):
+    cache = _cache_with_units(device, gen, 5, topk=1, max_cached_block=3)
+    assert cache.resident_units(0) == {} and cache.misses == 0  # one execution block: nothing fetched yet
+    for u in (0, 1, 2, 0):
+        cache.fetch(0, [u])
+    cache.fetch(0, [3])  # 1 is the least recently used
+    assert set(cache.resident_units(0)) == {0, 2, 3}
+    cache.fetch(0, [4, 2])  # 0 is now oldest; 2 is needed by this step
+    assert set(cache.resident_units(0)) == {2, 3, 4}
+    assert cache.resident_units(1) == {}  # sequences have their own caches
+    assert (cache.hits, cache.misses) == (2, 5)
+    # A unit reused keeps its slot.
+    slot = cache.resident_units(0)[3]
+    assert cache.fetch(0, [3]) == [slot]
+
+
+def test_decayed_score_keeps_frequently_used_units(device, gen):
+    lru = _cache_with_units(device, gen, 4, topk=1, max_cached_block=3)
+    dec = _cache_with_units(device, gen, 4, topk=1, max_cached_block=3, cache_strategy="decay", score_decay=0.9)
+    for c in (lru, dec):
+        for u in (0, 0, 0, 0, 0, 1, 2, 3):
+            c.fetch(0, [u])
+    # Scores before unit 3 arrives: 0 -> 3.317, 1 -> 0.9, 2 -> 1.0; decayed once more: 1 is lowest.
+    assert set(lru.resident_units(0)) == {1, 2, 3}
+    assert set(dec.resident_units(0)) == {0, 2, 3}
+
+
+def test_representative_keys_accumulate_the_paper_score(device, gen):
+    """repr_score "logit": a token's score is the mean of q . k (summed over its group's heads)
+    over the queries that saw it before its unit formed, its own query included."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    n_init, bs, n_local = GEOM["n_init"], GEOM["block_size"], GEOM["n_local"]
+    n = n_init + bs + n_local  # unit 0 forms after the last of these decode steps
+    q, k, v = _inputs(n, gen, dtype, device)
+    cache = R.InfLLMCache(B, HQ, HKV, D, n, dtype=dtype, device=device, topk=1, max_cached_block=2, **GEOM)
+    for t in range(n):
+        cache.decode(q[:, t], k[:, t], v[:, t])
+    assert cache.num_units == 1
+    g = HQ // HKV
+    scores = torch.zeros(B, 1, bs, HKV, dtype=torch.float64)
+    for i in range(bs):
+        m = n_init + i
+        qs = q[:, m:n].double().view(B, n - m, HKV, g, D).sum(dim=3)  # [B, P, Hkv, D]
+        scores[:, 0, i] = torch.einsum("bphd,bhd->bph", qs.cpu(), k[:, m].double().cpu()).mean(dim=1)
+    want = ref.infllm_representative_keys(k[:, None, n_init : n_init + bs].cpu(), scores, cache.repr_topk)
+    torch.testing.assert_close(cache.repr_keys[:, 0].double().cpu(), want[:, 0], **_tol(dtype))
+
+
+def test_representative_keys_and_unit_scores_match_reference(device, gen):
+    keys = randn(2, 5, 8, 3, 16, gen=gen, device=device)
+    scores = randn(2, 5, 8, 3, gen=gen, device=device)
+    got = R.representative_keys(keys, scores, 4)
+    torch.testing.assert_close(got.double(), ref.infllm_representative_keys(keys, scores, 4), atol=1e-6, rtol=1e-6)
+    rk = randn(2, 37, 3, 16, gen=gen, device=device)
+    for q in (randn(2, 6, 16, gen=gen, device=device), randn(2, 5, 6, 16, gen=gen, device=device)):
+        for per in (False, True):
+            got = R.unit_scores(q, rk, per_kv_head=per)
+            want = ref.infllm_unit_scores(q, rk, per_kv_head=per)
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,k", [((3, 2, 1000), 16), ((2, 65536), 64), ((1, 7), 7)])
+def test_topk_units_returns_the_top_set(device, gen, shape, k):
+    scores = randn(*shape, gen=gen, device=device)
+    scores.view(-1, shape[-1])[:, :40] = 0.5  # ties across the cut in some rows
+    values, idx = R.topk_units(scores, k)
+    assert idx.shape == (*shape[:-1], k) and idx.dtype == torch.int64
+    assert bool((values[..., 1:] <= values[..., :-1]).all())  # best first
+    assert torch.equal(scores.gather(-1, idx), values)
+    flat_scores = scores.reshape(-1, shape[-1]).double().cpu()
+    for r, (row_idx, (above, kth)) in enumerate(zip(idx.reshape(-1, k).tolist(), ref.topk_set(scores, k))):
+        assert above <= set(row_idx) and len(set(row_idx)) == k  # every strictly better unit
+        assert all(float(flat_scores[r, i]) == kth for i in set(row_idx) - above)  # the rest tie the k-th
+
+
+def test_quest_bounds_follow_appends(device, gen):
+    num_pages, ps = 7, 4
+    k_cache = randn(num_pages, ps, HKV, D, gen=gen, device=device)
+    block_table = torch.tensor([[3, 0, 5, 1], [6, 2, 4, 1]], dtype=torch.int32, device=device)
+    seq_lens = torch.tensor([13, 9], dtype=torch.int32, device=device)
+    stats = R.QuestPageStats(num_pages, ps, HKV, D, device=device)
+    # Append in two rounds (as decode would), slot = page * ps + offset.
+    for lo, hi in ((0, 6), (6, 13)):
+        for b in range(2):
+            pos = torch.arange(lo, min(hi, int(seq_lens[b])), device=device)
+            if not pos.numel():
+                continue
+            slots = block_table[b].long()[pos // ps] * ps + pos % ps
+            stats.update(k_cache.view(-1, HKV, D)[slots], slots)
+    q = randn(2, HQ, D, gen=gen, device=device)
+    got = R.quest_page_scores(q, stats.kmin, stats.kmax, block_table, seq_lens, ps)
+    want = ref.quest_page_scores(q, k_cache, block_table, seq_lens)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got.double()[fin], want[fin], atol=1e-4, rtol=1e-5)
+    # The bound holds for every key of a page.
+    for b in range(2):
+        for j in range(-(-int(seq_lens[b]) // ps)):
+            pos = torch.arange(j * ps, min((j + 1) * ps, int(seq_lens[b])))
+            keys = ref.gather_paged(k_cache, block_table[b], pos).double()
+            dots = torch.einsum("hd,lhd->lh", q[b].double(), keys.repeat_interleave(HQ // HKV, dim=1))
+            per_kv = dots.view(-1, HKV, HQ // HKV).sum(-1)
+            assert bool((per_kv.max(dim=0).values <= got[b, :, j].double() + 1e-4).all())
+    stats.reset(torch.tensor([3]))
+    assert bool(torch.isinf(stats.kmin[3]).all()) and bool((stats.kmax[3] < 0).all())
+
+
+def test_bad_inputs_name_the_argument(gen):
+    keys = randn(1, 2, 8, 2, 4, gen=gen)
+    with pytest.raises(ValueError, match="repr_topk"):
+        R.representative_keys(keys, randn(1, 2, 8, 2, gen=gen), 9)
+    with pytest.raises(ValueError, match="token_scores"):
+        R.representative_keys(keys, randn(1, 2, 8, gen=gen), 2)
+    with pytest.raises(ValueError, match="multiple"):
+        R.unit_scores(randn(1, 3, 4, gen=gen), randn(1, 5, 2, 4, gen=gen))
+    with pytest.raises(ValueError, match="repr_keys"):
+        R.unit_scores(randn(1, 4, 4, gen=gen), randn(5, 2, 4, gen=gen))
+    with pytest.raises(ValueError, match="k must"):
+        R.topk_units(randn(2, 5, gen=gen), 6)
+    with pytest.raises(ValueError, match="scores"):
+        R.topk_units(torch.arange(5), 2)
+    for bad, name in ((dict(n_local=0), "n_local"), (dict(repr_topk=9), "repr_topk"), (dict(n_init=-1), "n_init"),
+                      (dict(cache_strategy="fifo"), "cache_strategy"), (dict(repr_score="x"), "repr_score"),
+                      (dict(topk=4, max_cached_block=3), "max_cached_block"),
+                      (dict(per_kv_head=True, topk=2, max_cached_block=3), "max_cached_block"),
+                      (dict(score_decay=1.5), "score_decay")):
+        with pytest.raises(ValueError, match=name):
+            R.InfLLMCache(B, HQ, HKV, D, 64, dtype=torch.float32, **{**GEOM, **bad})
+    with pytest.raises(ValueError, match="num_q_heads"):
+        R.InfLLMCache(B, 3, HKV, D, 64, dtype=torch.float32, **GEOM)
+    cache = R.InfLLMCache(B, HQ, HKV, D, 40, dtype=torch.float32, topk=1, max_cached_block=2, **GEOM)
+    with pytest.raises(ValueError, match="q must"):
+        cache.decode(randn(B, HQ + 1, D, gen=gen), randn(B, HKV, D, gen=gen), randn(B, HKV, D, gen=gen))
+    with pytest.raises(ValueError, match="v must"):
+        cache.decode(randn(B, HQ, D, gen=gen), randn(B, HKV, D, gen=gen), randn(B, HKV, D + 1, gen=gen))
+    with pytest.raises(ValueError, match="max_tokens"):
+        cache.prefill(*_inputs(41, gen, torch.float32, "cpu"))
+    assert cache.length == 0  # a refused call changes nothing
+    cache.prefill(*_inputs(40, gen, torch.float32, "cpu"))
+    with pytest.raises(ValueError, match="unit 7"):
+        cache.fetch(0, [7])
+    with pytest.raises(ValueError, match="max_cached_block"):
+        cache.fetch(0, [0, 1, 2])
+    with pytest.raises(ValueError, match="b must"):
+        cache.fetch(2, [0])
+    with pytest.raises(ValueError, match="max_tokens"):
+        cache.decode(*(t[:, 0] for t in _inputs(1, gen, torch.float32, "cpu")))
+    stats = R.QuestPageStats(4, 4, HKV, D)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        stats.update(randn(3, HKV, D, gen=gen), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="num_pages"):
+        R.QuestPageStats(0, 4, HKV, D)
+
+
+def test_loaded_memory_attend_and_reload(device, gen):
+    """load_memory + attend: full attention over sinks + all units + window; after evicting
+    units the step reloads them (misses counted) and gives the same result."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    bs, n_init, n_local, units = GEOM["block_size"], GEOM["n_init"], GEOM["n_local"], 6
+    r = n_local + 3
+    n = n_init + units * bs + r
+    q, k, v = _inputs(n, gen, dtype, device)
+    cache = R.InfLLMCache(B, HQ, HKV, D, n, dtype=dtype, device=device, topk=units, max_cached_block=units, **GEOM)
+    unit_k = k[:, n_init : n - r].reshape(B, units, bs, HKV, D)
+    unit_v = v[:, n_init : n - r].reshape(B, units, bs, HKV, D)
+    reprs = R.representative_keys(unit_k, randn(B, units, bs, HKV, gen=gen, device=device), 2)
+    cache.load_memory(k[:, :n_init], v[:, :n_init], unit_k, unit_v, reprs, k[:, n - r :], v[:, n - r :])
+    assert (cache.length, cache.num_units, cache.num_recent) == (n, units, r)
+    want = _full(q[:, -1], k, v, n, cache.scale)
+    out, lse = cache.attend(q[:, -1])
+    torch.testing.assert_close(out.double(), want, **_tol(dtype))
+    assert cache.misses == B * units and lse.shape == (B, HQ)
+    cache.evict(0, [1, 4])
+    assert set(cache.resident_units(0)) == {0, 2, 3, 5}
+    out2, _ = cache.attend(q[:, -1])
+    assert cache.misses == B * units + 2 and cache.hits == B * units - 2
+    torch.testing.assert_close(out2.double(), want, **_tol(dtype))
+    with pytest.raises(ValueError, match="empty cache"):
+        cache.load_memory(k[:, :n_init], v[:, :n_init], unit_k, unit_v, reprs, k[:, n - r :], v[:, n - r :])
+    fresh = R.InfLLMCache(B, HQ, HKV, D, n, dtype=dtype, device=device, topk=1, max_cached_block=2, **GEOM)
+    with pytest.raises(ValueError, match="recent_k"):
+        fresh.load_memory(k[:, :n_init], v[:, :n_init], unit_k, unit_v, reprs, k[:, :3], v[:, :3])
+    with pytest.raises(ValueError, match="cache is empty"):
+        fresh.attend(q[:, 0])
+
+
+def test_quest_selection_drives_block_sparse_decode(device, gen):
+    """Quest end to end: bounds kept on append, top pages + sinks + local, block_sparse_decode
+    equals attention over exactly the tokens of the selected pages."""
+    import kvcore
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    ps, n_pages, lens = 4, 20, [37, 22]
+    k_cache = randn(n_pages, ps, HKV, D, gen=gen, dtype=dtype, device=device)
+    v_cache = randn(n_pages, ps, HKV, D, gen=gen, dtype=dtype, device=device)
+    block_table = torch.randperm(n_pages, generator=gen)[:20].view(2, 10).to(torch.int32).to(device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    stats = R.QuestPageStats(n_pages, ps, HKV, D, device=device)
+    for b, n in enumerate(lens):
+        pos = torch.arange(n, device=device)
+        slots = block_table[b].long()[pos // ps] * ps + pos % ps
+        stats.update(k_cache.view(-1, HKV, D)[slots], slots)
+    q = randn(2, HQ, D, gen=gen, dtype=dtype, device=device)
+    sel_pages, sel_counts = R.quest_selection(q, stats, block_table, seq_lens, 3, n_sink_pages=1, n_local_pages=1)
+    scores = ref.quest_page_scores(q, k_cache, block_table, seq_lens)
+    out = kvcore.block_sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel_pages, sel_counts)
+    for b, n in enumerate(lens):
+        last = -(-n // ps) - 1
+        for h in range(HKV):
+            got = set(sel_pages[b, h, : int(sel_counts[b, h])].tolist())
+            above, kth = ref.topk_set(scores[b, h], 3)[0]
+            top = set(range(last + 1)) & {j for j in range(10) if float(scores[b, h, j]) >= kth}
+            assert above | {0, last} <= got <= top | {0, last}
+            pos = torch.tensor([p for j in sorted(got) for p in range(j * ps, min((j + 1) * ps, n))])
+            keys = ref.gather_paged(k_cache, block_table[b], pos)[:, h : h + 1]
+            vals = ref.gather_paged(v_cache, block_table[b], pos)[:, h : h + 1]
+            heads = slice(h * (HQ // HKV), (h + 1) * (HQ // HKV))
+            want, _ = ref.dense_attention(q[b, heads], keys, vals)
+            torch.testing.assert_close(out[b, heads].double(), want, **_tol(dtype))
+    with pytest.raises(ValueError, match="topk"):
+        R.quest_selection(q, stats, block_table, seq_lens, 0)
