@@ -282,24 +282,15 @@ BUILDERS = {
 
 def run(case: TokenDecoderCase, impl_names: Sequence[str], ctx: RunContext) -> list:
     """Time each implementation on one case; one row per implementation (skips and errors too)."""
-    rows = []
     inputs = make_inputs(case, ctx.device, seed=ctx.seed)
     try:
         ref = reference_output(inputs)
-        tol = TOLERANCE.get(case.dtype, 2e-2)
-        for name in impl_names:
-            ctx.progress.set_label(f"{GROUP} {case.name} {name}")
-            rows.append(_run_impl(name, case, inputs, ref, tol, ctx))
-            ctx.progress.update(1)
+        return runner.time_all(GROUP, case, impl_names, ctx, lambda name: runner.builder_for(BUILDERS, name, inputs),
+                               ref, TOLERANCE.get(case.dtype, 2e-2),
+                               ref_for=lambda name: _reference_in_layout(name, ref, case))
     finally:
         del inputs
         ctx.free_memory()
-    return rows
-
-
-def _run_impl(name: str, case: TokenDecoderCase, inputs, ref: torch.Tensor, tol: float, ctx: RunContext) -> dict:
-    return runner.time_implementation(GROUP, name, case, runner.builder_for(BUILDERS, name, inputs),
-                                      _reference_in_layout(name, ref, case), tol, ctx)
 
 
 __all__ = [

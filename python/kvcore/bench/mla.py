@@ -329,7 +329,6 @@ PROJECT_BUILDERS = {"kvcore": build_project_kvcore, "torch": build_project_torch
 
 def run(case: Case, impl_names: Sequence[str], ctx: RunContext) -> list:
     """Time each implementation on one case; one row per implementation (skips and errors too)."""
-    rows = []
     if isinstance(case, MlaDecodeCase):
         inputs = make_decode_inputs(case, ctx.device, seed=ctx.seed)
         ref = torch_mla_decode(inputs.q.float(), inputs.gathered().float(), inputs.scale)
@@ -340,24 +339,20 @@ def run(case: Case, impl_names: Sequence[str], ctx: RunContext) -> list:
         ref = torch_latent_project(inputs, scratch, compute=torch.float32)
         builders = PROJECT_BUILDERS
     try:
-        tol = TOLERANCE.get(case.dtype, 2e-2)
-        for name in impl_names:
-            ctx.progress.set_label(f"{GROUP} {case.name} {name}")
-            rows.append(_run_impl(name, builders, case, inputs, ref, tol, ctx))
-            ctx.progress.update(1)
+        return runner.time_all(GROUP, case, impl_names, ctx, lambda name: _builder(name, builders, inputs), ref,
+                               TOLERANCE.get(case.dtype, 2e-2))
     finally:
         del inputs
         ctx.free_memory()
-    return rows
 
 
-def _run_impl(name: str, builders: dict, case: Case, inputs, ref: torch.Tensor, tol: float, ctx: RunContext) -> dict:
+def _builder(name: str, builders: dict, inputs):
     def build():
         if name not in builders:
             raise Skip(f"{name} has no implementation of this op")
         return builders[name](inputs)
 
-    return runner.time_implementation(GROUP, name, case, build, ref, tol, ctx)
+    return build
 
 
 __all__ = ["GROUP", "MlaDecodeCase", "MlaProjectCase", "cases", "impls", "known_impls", "run", "torch_mla_decode",

@@ -256,20 +256,14 @@ BUILDERS: dict[str, Callable[[RetrievalInputs], list]] = {
 
 def run(case: RetrievalCase, impl_names: Sequence[str], ctx: RunContext) -> list:
     """Time each implementation on one case; one row per implementation (skips and errors too)."""
-    rows = []
     inputs = make_inputs(case, ctx.device, seed=ctx.seed)
     try:
         ref = reference_output(inputs)
-        tol = TOLERANCE.get(case.dtype, 2e-2)
-        for name in impl_names:
-            ctx.progress.set_label(f"{GROUP} {case.name} {name}")
-            build = runner.builder_for(BUILDERS, name, inputs)
-            rows.append(runner.time_implementation(GROUP, name, case, build, ref, tol, ctx))
-            ctx.progress.update(1)
+        return runner.time_all(GROUP, case, impl_names, ctx, lambda name: runner.builder_for(BUILDERS, name, inputs),
+                               ref, TOLERANCE.get(case.dtype, 2e-2))
     finally:
         del inputs
         ctx.free_memory()
-    return rows
 
 
 __all__ = ["GROUP", "RetrievalCase", "RetrievalInputs", "cases", "impls", "known_impls", "make_inputs", "run"]

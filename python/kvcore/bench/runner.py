@@ -89,6 +89,22 @@ def time_implementation(group: str, name: str, case, build: Callable[[], Sequenc
     return make_row(group, name, case.name, ctx, ms=best[0], nbytes=case.nbytes, flops=case.flops, notes=notes)
 
 
+def time_all(group: str, case, impl_names: Sequence[str], ctx: RunContext,
+             build_for: Callable[[str], Callable[[], Sequence[Prepared]]], ref: torch.Tensor, tol: float,
+             ref_for: Optional[Callable[[str], torch.Tensor]] = None) -> list:
+    """One row per implementation of ``impl_names`` on ``case`` (timed, skipped or an error), with
+    the progress bar kept current. ``build_for(name)`` gives the ``build`` callable of
+    :func:`time_implementation`; ``ref_for(name)``, when given, the reference in that
+    implementation's output layout (default: ``ref`` for all)."""
+    rows = []
+    for name in impl_names:
+        ctx.progress.set_label(f"{group} {case.name} {name}")
+        want = ref_for(name) if ref_for is not None else ref
+        rows.append(time_implementation(group, name, case, build_for(name), want, tol, ctx))
+        ctx.progress.update(1)
+    return rows
+
+
 def builder_for(builders: dict, name: str, inputs) -> Callable[[], Sequence[Prepared]]:
     """A ``build`` callable for :func:`time_implementation` from a name -> builder table."""
 
@@ -100,4 +116,4 @@ def builder_for(builders: dict, name: str, inputs) -> Callable[[], Sequence[Prep
     return build
 
 
-__all__ = ["builder_for", "max_abs_error", "time_implementation", "time_variant"]
+__all__ = ["builder_for", "max_abs_error", "time_all", "time_implementation", "time_variant"]
