@@ -107,6 +107,38 @@ def _check_block_table_contents(block_table: torch.Tensor, seq_lens: torch.Tenso
         )
 
 
+def _prepare_paged_decode(q, k_cache, block_table, seq_lens, logit_soft_cap, num_splits, out, lse, return_lse,
+                          workspace):
+    """What gqa_decode and block_sparse_decode share before the op: scalar checks, the outputs
+    and workspace they allocate when not given, and (validation on) the block-table contents.
+    Returns (out, lse, want_lse, workspace, checked); checked says the block table was validated,
+    so op-specific index checks may follow."""
+    if not math.isfinite(logit_soft_cap) or logit_soft_cap < 0:
+        raise ValueError(f"logit_soft_cap must be 0 (off) or a positive finite float, got {logit_soft_cap}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be 0 (automatic) or positive, got {num_splits}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    want_lse = return_lse or lse is not None
+    if return_lse and lse is None:
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    if workspace is None and q.is_cuda:
+        workspace = decode_workspace(q.device)
+    checked = (
+        validation_enabled()
+        and k_cache.dim() == 4
+        and block_table.dim() == 2
+        and seq_lens.dim() == 1
+        and block_table.dtype == torch.int32
+        and seq_lens.dtype == torch.int32
+        and block_table.shape[0] == seq_lens.shape[0]  # else the op's shape check names the culprit
+        and k_cache.shape[1] > 0
+    )
+    if checked:
+        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+    return out, lse, want_lse, workspace, checked
+
+
 def append_paged_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -204,28 +236,8 @@ def gqa_decode(
         raise ValueError(f"scale must be a positive finite float, got {scale}")
     if window_left < -1:
         raise ValueError(f"window_left must be -1 (no window) or >= 0, got {window_left}")
-    if not math.isfinite(logit_soft_cap) or logit_soft_cap < 0:
-        raise ValueError(f"logit_soft_cap must be 0 (off) or a positive finite float, got {logit_soft_cap}")
-    if num_splits < 0:
-        raise ValueError(f"num_splits must be 0 (automatic) or positive, got {num_splits}")
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    want_lse = return_lse or lse is not None
-    if return_lse and lse is None:
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    if workspace is None and q.is_cuda:
-        workspace = decode_workspace(q.device)
-    if (
-        validation_enabled()
-        and k_cache.dim() == 4
-        and block_table.dim() == 2
-        and seq_lens.dim() == 1
-        and block_table.dtype == torch.int32
-        and seq_lens.dtype == torch.int32
-        and block_table.shape[0] == seq_lens.shape[0]  # else the op's shape check names the culprit
-        and k_cache.shape[1] > 0
-    ):
-        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+    out, lse, want_lse, workspace, checked = _prepare_paged_decode(
+        q, k_cache, block_table, seq_lens, logit_soft_cap, num_splits, out, lse, return_lse, workspace)
     _ops.gqa_decode(
         q, k_cache, v_cache, block_table, seq_lens, float(scale), int(window_left), float(logit_soft_cap),
         out, lse, workspace, int(num_splits),
@@ -400,37 +412,18 @@ def block_sparse_decode(
         scale = 1.0 / math.sqrt(q.shape[-1])
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite float, got {scale}")
-    if not math.isfinite(logit_soft_cap) or logit_soft_cap < 0:
-        raise ValueError(f"logit_soft_cap must be 0 (off) or a positive finite float, got {logit_soft_cap}")
-    if num_splits < 0:
-        raise ValueError(f"num_splits must be 0 (automatic) or positive, got {num_splits}")
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    want_lse = return_lse or lse is not None
-    if return_lse and lse is None:
-        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    if workspace is None and q.is_cuda:
-        workspace = decode_workspace(q.device)
+    out, lse, want_lse, workspace, checked = _prepare_paged_decode(
+        q, k_cache, block_table, seq_lens, logit_soft_cap, num_splits, out, lse, return_lse, workspace)
     if (
-        validation_enabled()
-        and k_cache.dim() == 4
-        and block_table.dim() == 2
-        and seq_lens.dim() == 1
-        and block_table.dtype == torch.int32
-        and seq_lens.dtype == torch.int32
-        and block_table.shape[0] == seq_lens.shape[0]  # else the op's shape check names the culprit
-        and k_cache.shape[1] > 0
+        checked
+        and sel_pages.dim() == 3
+        and sel_counts.dim() == 2
+        and sel_pages.dtype == torch.int32
+        and sel_counts.dtype == torch.int32
+        and sel_pages.shape[:2] == sel_counts.shape
+        and sel_counts.shape[0] == seq_lens.shape[0]
     ):
-        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
-        if (
-            sel_pages.dim() == 3
-            and sel_counts.dim() == 2
-            and sel_pages.dtype == torch.int32
-            and sel_counts.dtype == torch.int32
-            and sel_pages.shape[:2] == sel_counts.shape
-            and sel_counts.shape[0] == seq_lens.shape[0]
-        ):
-            _check_selection_contents(sel_pages, sel_counts, seq_lens, k_cache.shape[1])
+        _check_selection_contents(sel_pages, sel_counts, seq_lens, k_cache.shape[1])
     _ops.block_sparse_decode(
         q, k_cache, v_cache, block_table, seq_lens, sel_pages, sel_counts, float(scale), float(logit_soft_cap),
         out, lse, workspace, int(num_splits),
