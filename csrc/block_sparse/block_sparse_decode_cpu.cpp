@@ -58,8 +58,6 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
   const int64_t G = p.group, D = p.head_dim, H = p.num_kv_heads, Hq = H * G, PS = p.page_size;
   const int64_t row = H * D;  // elements per token slot in a page (dense)
   const int64_t capacity = p.num_pages > 0 ? p.max_pages * PS : 0;
-  const bool capped = p.soft_cap > 0.0f;
-  const float inv_cap = capped ? 1.0f / p.soft_cap : 0.0f;
 
   // Clamped lengths, the pages each sequence uses, and the virtual key range of each (b, h).
   std::vector<int64_t> len(p.batch), used_pages(p.batch), slots(p.batch * H);
@@ -86,6 +84,7 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
   at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch, reused across the tasks of this range.
     std::vector<float> qf(G * D), acc(G * D), krow(D), vrow(D), logits(G * kChunk), m(G), l(G);
+    const cpu::ChunkScratch scratch{krow.data(), vrow.data(), logits.data(), kChunk};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / parts, part = task % parts;
       const int64_t b = pair / H, h = pair % H;
@@ -128,29 +127,8 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
         }
         if (n == 0) continue;  // only possible when slot reached stop
 
-        // Logits of every query head of the group; each K row is converted once.
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* kr = k_cache + k_off[i];
-          for (int64_t d = 0; d < D; ++d) krow[d] = static_cast<float>(kr[d]);
-          for (int64_t g = 0; g < G; ++g) {
-            float s = cpu::dot_product(qf.data() + g * D, krow.data(), D) * p.scale;
-            if (capped) s = p.soft_cap * std::tanh(s * inv_cap);
-            logits[g * kChunk + i] = s;
-          }
-        }
-        // Online softmax per head; logits become weights relative to the new running max.
-        for (int64_t g = 0; g < G; ++g)
-          cpu::online_softmax_step(logits.data() + g * kChunk, n, m[g], l[g], acc.data() + g * D, D);
-        // P V for every head; each V row is converted once.
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* vr = v_cache + v_off[i];
-          for (int64_t d = 0; d < D; ++d) vrow[d] = static_cast<float>(vr[d]);
-          for (int64_t g = 0; g < G; ++g) {
-            const float w = logits[g * kChunk + i];
-            float* ag = acc.data() + g * D;
-            for (int64_t d = 0; d < D; ++d) ag[d] += w * vrow[d];
-          }
-        }
+        cpu::attend_chunk(n, k_cache, k_off, v_cache, v_off, D, G, G, D, qf.data(), p.scale, p.soft_cap, scratch,
+                          m.data(), l.data(), acc.data());
       }
 
       // This part's normalised output and log-sum-exp (zeros and -inf when it saw no key). A NaN

@@ -51,6 +51,48 @@ inline void online_softmax_step(float* lg, int64_t n, float& m, float& l, float*
     for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
 }
 
+// Workspace and state of one task's query heads: heads x D queries (fp32), the running (m, l,
+// acc) per head, and the conversion rows and logits of one chunk of keys.
+struct ChunkScratch {
+  float* krow;    // row_len floats
+  float* vrow;    // row_len floats
+  float* logits;  // heads x kChunk
+  int64_t chunk;  // logits stride per head (the most keys of one chunk)
+};
+
+// One chunk of n keys for `heads` query heads: logits (scale, optional soft cap), the online
+// softmax step, then P V. Key i's row starts at k_base + k_off[i] (v likewise); each row is
+// converted to fp32 once (row_len elements) and query head h reads its KV head's D values at
+// (h / group) * D within it. gqa_decode passes whole token rows (all KV heads); block_sparse_decode
+// one head's row (row_len = D, group = heads).
+template <typename T>
+void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_base, const int64_t* v_off,
+                  int64_t row_len, int64_t heads, int64_t group, int64_t D, const float* qf, float scale,
+                  float soft_cap, const ChunkScratch& w, float* m, float* l, float* acc) {
+  const bool capped = soft_cap > 0.0f;
+  const float inv_cap = capped ? 1.0f / soft_cap : 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* kr = k_base + k_off[i];
+    for (int64_t e = 0; e < row_len; ++e) w.krow[e] = static_cast<float>(kr[e]);
+    for (int64_t h = 0; h < heads; ++h) {
+      float s = dot_product(qf + h * D, w.krow + (h / group) * D, D) * scale;
+      if (capped) s = soft_cap * std::tanh(s * inv_cap);
+      w.logits[h * w.chunk + i] = s;
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) online_softmax_step(w.logits + h * w.chunk, n, m[h], l[h], acc + h * D, D);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* vr = v_base + v_off[i];
+    for (int64_t e = 0; e < row_len; ++e) w.vrow[e] = static_cast<float>(vr[e]);
+    for (int64_t h = 0; h < heads; ++h) {
+      const float wt = w.logits[h * w.chunk + i];
+      const float* vh = w.vrow + (h / group) * D;
+      float* ah = acc + h * D;
+      for (int64_t d = 0; d < D; ++d) ah[d] += wt * vh[d];
+    }
+  }
+}
+
 // A part's normalised output [D] and lse (natural log): zeros and -inf when it saw no key; a NaN
 // l (a NaN logit) is not empty and gives NaN out and NaN lse, which merge_parts passes on.
 inline void finish_part(const float* acc, float m, float l, int64_t D, float* out, float* lse) {

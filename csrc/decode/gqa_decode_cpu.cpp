@@ -47,8 +47,6 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
   const int64_t G = p.group, D = p.head_dim, H = p.num_kv_heads, Hq = H * G;
   const int64_t row = H * D;  // elements per token slot in a page (dense)
   const int64_t capacity = p.num_pages > 0 ? p.max_pages * p.page_size : 0;
-  const bool capped = p.soft_cap > 0.0f;
-  const float inv_cap = capped ? 1.0f / p.soft_cap : 0.0f;
 
   // Key range [lo, hi) of each sequence, and the number of parts each is cut into.
   std::vector<int64_t> lo(p.batch), hi(p.batch);
@@ -66,6 +64,7 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
   at::parallel_for(0, p.batch * parts, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch, reused across the tasks of this range.
     std::vector<float> qf(Hq * D), acc(Hq * D), krow(row), vrow(row), logits(Hq * kChunk), m(Hq), l(Hq);
+    const cpu::ChunkScratch scratch{krow.data(), vrow.data(), logits.data(), kChunk};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / parts, part = task % parts;
       const int64_t span = (hi[b] - lo[b] + parts - 1) / parts;
@@ -90,30 +89,8 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
           k_off[i] = page * p.k_page_stride + (pos % p.page_size) * row;
           v_off[i] = page * p.v_page_stride + (pos % p.page_size) * row;
         }
-        // Logits of every query head for the chunk; each K row is read and converted once.
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* kr = k_cache + k_off[i];
-          for (int64_t e = 0; e < row; ++e) krow[e] = static_cast<float>(kr[e]);
-          for (int64_t h = 0; h < Hq; ++h) {
-            float s = cpu::dot_product(qf.data() + h * D, krow.data() + (h / G) * D, D) * p.scale;
-            if (capped) s = p.soft_cap * std::tanh(s * inv_cap);
-            logits[h * kChunk + i] = s;
-          }
-        }
-        // Online softmax update per head; logits become probabilities (relative to the new max).
-        for (int64_t h = 0; h < Hq; ++h)
-          cpu::online_softmax_step(logits.data() + h * kChunk, n, m[h], l[h], acc.data() + h * D, D);
-        // Accumulate P V for every head; each V row is read and converted once.
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t* vr = v_cache + v_off[i];
-          for (int64_t e = 0; e < row; ++e) vrow[e] = static_cast<float>(vr[e]);
-          for (int64_t h = 0; h < Hq; ++h) {
-            const float w = logits[h * kChunk + i];
-            const float* vh = vrow.data() + (h / G) * D;
-            float* ah = acc.data() + h * D;
-            for (int64_t d = 0; d < D; ++d) ah[d] += w * vh[d];
-          }
-        }
+        cpu::attend_chunk(n, k_cache, k_off, v_cache, v_off, row, Hq, G, D, qf.data(), p.scale, p.soft_cap,
+                          scratch, m.data(), l.data(), acc.data());
       }
 
       // This part's normalised output and log-sum-exp (-inf and zeros when it saw no key). A NaN
