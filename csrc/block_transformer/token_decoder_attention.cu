@@ -1,5 +1,6 @@
-// CUDA launcher of token_decoder_attention: checks, work-item sizing, grid, dtype/head-dim
-// dispatch. The kernel is framework-free: csrc/include/kvcore/token_decoder_attention.cuh.
+// CUDA launcher of token_decoder_attention: checks, work-item sizing (heads per item, ring depth,
+// column split), grid, dtype/head-dim dispatch. The kernel is framework-free:
+// csrc/include/kvcore/token_decoder_attention.cuh.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -33,21 +34,45 @@ int allow_max_smem(const void* kernel) {
 template <typename T, int D>
 void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stream) {
   using Cfg = TokenDecoderConfig<D>;
-  auto kernel = token_decoder_attention_kernel<T, D>;
-  const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
-
-  // Chunk of KV heads per work item: the largest divisor of Hkv whose inputs fit the prefetch
-  // stage (so one item's loads are all in flight at once); at least one KV head.
-  const int64_t head_bytes = (s.block_length * s.group + 2 * (s.prefix + s.block_length)) * D * 2;
+  // Chunk of KV heads per work item: the largest divisor of Hkv whose q + k + v bytes fit the
+  // item target, so STAGES - 1 whole items are in flight per CTA; at least one KV head.
+  const int64_t keys = s.prefix + s.block_length;
+  const int64_t head_elems = (s.block_length * s.group + 2 * keys) * D;
   int hc = 1;
   for (int c = 1; c <= s.num_kv_heads; ++c)
-    if (s.num_kv_heads % c == 0 && c * head_bytes <= Cfg::STAGE_BYTES) hc = c;
-  const int keys = int(s.prefix + s.block_length);
-  const int keys_pad = keys | 1;  // odd row stride: the softmax threads read one column of rows
-  const int hcq = hc * int(s.group);
-  const int valid_tiles = token_decoder_valid_tiles(int(s.block_length), int(s.prefix), Cfg::JT);
-  const int64_t smem_bytes = token_decoder_smem_bytes(int(s.block_length), keys, keys_pad, hc, hcq, Cfg::DP, Cfg::CPR,
-                                                      Cfg::STAGE_VECS, valid_tiles);
+    if (s.num_kv_heads % c == 0 && c * head_elems * 2 <= Cfg::ITEM_BYTES) hc = c;
+  const int64_t stage_elems = hc * head_elems;
+  // Head packing: when a KV head has at most 8 query rows (L G <= 8), HP heads share the 16
+  // rows of an m-tile, each with its own 8 or 16 virtual keys (P + L rounded up to a power of
+  // two), as long as a tile's keys stay within 32 (two key tiles of 16); never more heads than
+  // the chunk fills.
+  const int64_t lg = s.block_length * s.group;
+  int hp = 1, nkp = 8;
+  while (nkp < keys) nkp *= 2;
+  if (lg <= 8) {
+    int lgp = 1;
+    while (lgp < lg) lgp *= 2;
+    hp = 16 / lgp;
+    while (hp > 1 && hp * nkp > 32) hp /= 2;
+    while (hp > 1 && hp / 2 >= hc) hp /= 2;
+  }
+  auto log2i = [](int x) {
+    int r = 0;
+    while ((1 << r) < x) ++r;
+    return r;
+  };
+  const int m_tiles = hp > 1 ? 1 : int((lg + 15) / 16);
+  const int head_groups = (hc + hp - 1) / hp;
+  // At most half as many (head group, m-tile) units as warps: split each unit's output columns
+  // in two (the scores are then computed twice, which is cheap next to idle warps).
+  const bool split_d = head_groups * m_tiles <= Cfg::WARPS / 2;
+  auto kernel = split_d ? token_decoder_attention_kernel<T, D, 2> : token_decoder_attention_kernel<T, D, 1>;
+  const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
+
+  // Three stages (two items in flight while one is computed) while that leaves room for two
+  // CTAs per SM; else two.
+  const int stages = token_decoder_smem_bytes(stage_elems, 3, D) <= 100 * 1024 ? 3 : 2;
+  const int64_t smem_bytes = token_decoder_smem_bytes(stage_elems, stages, D);
   TORCH_CHECK(smem_bytes <= max_smem, "token_decoder_attention (CUDA): one KV head of a block (block_length ",
               s.block_length, ", prefix ", s.prefix, ", group ", s.group, ", head_dim ", D, ") needs ", smem_bytes,
               " bytes of shared memory, more than this GPU's ", max_smem, "; use shorter blocks");
@@ -66,16 +91,21 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
 
   p.num_items = int(items);
   p.items_per_cta = int(per_cta);
-  p.keys = keys;
-  p.keys_pad = keys_pad;
+  p.stages = stages;
+  p.keys = int(keys);
+  p.group = int(s.group);
   p.chunk_kv_heads = hc;
-  p.chunk_q_heads = hcq;
+  p.chunk_q_heads = hc * int(s.group);
+  p.heads_per_tile = hp;
+  p.row_shift = hp > 1 ? log2i(16 / hp) : 30;
+  p.key_shift = hp > 1 ? log2i(nkp) : 30;
+  p.head_groups = head_groups;
+  p.m_tiles = m_tiles;
+  p.stage_elems = int(stage_elems);
   p.chunks = make_fast_div(uint32_t(chunks));
-  p.chunk_q = make_fast_div(uint32_t(hcq));
+  p.chunk_q = make_fast_div(uint32_t(hc * s.group));
   p.chunk_kv = make_fast_div(uint32_t(hc));
-  p.rows_div = make_fast_div(uint32_t(s.block_length));
-  p.group = make_fast_div(uint32_t(s.group));
-  p.valid_tiles = make_fast_div(uint32_t(valid_tiles));
+  p.group_div = make_fast_div(uint32_t(s.group));
   kernel<<<unsigned(grid), Cfg::THREADS, size_t(smem_bytes), stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

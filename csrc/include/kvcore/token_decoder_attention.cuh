@@ -1,38 +1,74 @@
-// Block Transformer token-decoder attention (prefill of many blocks): token i of block n attends
-// to the block's P prefix slots and its tokens 0..i. Framework-free; launcher in
+// Block Transformer token-decoder attention (prefill of many blocks) on tensor cores: token i of
+// block n attends to the block's P prefix slots and its tokens 0..i. Framework-free; launcher in
 // csrc/block_transformer/token_decoder_attention.cu.
 //
-// Why this shape of kernel. Per block the work is tiny and the bytes are not: with L tokens,
-// P prefix slots, Hq query heads, Hkv KV heads and head dim D (2-byte elements),
-//   bytes = q + k + v + out = (2 * L * Hq + 2 * (P + L) * Hkv) * D * 2
-//   FLOPs = 4 * Hq * D * sum_{i<L} (P + i + 1) = 4 * Hq * D * L * (P + (L + 1) / 2)
-// e.g. L 4 P 2 H 12 D 64: 30 KB and 0.9 FMA per byte; L 16 P 2 H 16 D 128: 272 KB and 2.5 FMA
-// per byte. At ~3 TB/s an H100 SM receives ~13 bytes per cycle, i.e. 12-33 FMAs (one warp
-// instruction) per cycle against an issue rate of 4 warp instructions per cycle: CUDA cores in
-// fp32 suffice if the loops carry little besides FMAs, so the design is all about bytes in flight
-// and instruction economy:
+// ---- Why tensor cores, counted (warp instructions; an H100 SM issues at most 4 per cycle) ------
+// Per block, with L tokens, P prefix slots, Hq = G Hkv heads, head dim D, 2-byte elements:
+//   bytes = q + k + v + out = (2 L Hq + 2 (P + L) Hkv) D 2
+//   FLOPs = 4 Hq D sum_{i<L} (P + i + 1)                (unmasked products only)
+// At 3 TB/s an SM receives ~13 bytes per cycle (132 SMs, 1.75 GHz).
+//  * L16 P2 D128 G1 (B8 H16 S16384): per (block, head) 17.4 KB = ~1330 SM cycles of DRAM time
+//    and 74 K FLOPs = 1150 warp FMAs on CUDA cores plus their shared-memory operand loads (the
+//    previous fp32 kernel issued ~2.3 of 4 slots per cycle and measured 39.6% of copy). Here the
+//    16 queries of a head are the 16 rows of an m16n8k16 tile; 18 keys = key tiles of 16 + 2. Per
+//    item (2 heads, 4 warp units of 64 output columns each): per unit ~50 setup, tile 1 ~160
+//    (8 + 8 ldmatrix, 16 mma for S; ~90 mask/softmax; 8 mma + 4 ldmatrix for P V), tile 2 ~170
+//    (one n-tile of S only, rescale), epilogue ~110: ~490; x 4 = ~1960, plus ~600 for the copies
+//    (13 16-byte vectors per thread) and ~380 for the V scan: ~3 K per ~2650 cycles, ~1.1 issue
+//    slots per cycle.
+//  * L4 P2 D64 G1 (B32 H12 S8192): per (block, head) 2.6 KB = ~200 cycles, 4.6 K FLOPs. One head
+//    fills only L G = 4 rows of a tile, so HP = 4 heads share a tile (rows 4 s .. 4 s + 3 are head
+//    s) over a virtual key axis of 4 x 8 keys (head s: keys 8 s .. 8 s + 5, the rest masked, and
+//    P V's k16 steps pair two heads' 8-key slots, each lane pointing ldmatrix at its own head's V
+//    row): per tile of 4 heads ~490 instructions as above (2 key tiles of 16, 8 n-tiles of 64
+//    columns), i.e. 3 units = ~1.5 K per block of 12 heads, plus ~560 for copies and ~380 for
+//    the V scan (below): ~2.5 K per ~2350 cycles (30 KB), ~1.1 slots per cycle. Without
+//    packing it was ~5 K (12 units of ~330 at 25% row use), no better than the old kernel's ~4 K
+//    which measured 61.8%; a CUDA-core path would need ~72 FMAs + ~70 shared loads per head
+//    before any softmax or copy work, so it was not kept. Packing applies when L G <= 8 and HP x (P + L rounded up to a power of 2 >= 8)
+//    <= 32; otherwise one head per unit, ceil(L G / 16) m-tiles.
 //
-// * A work item is (block, chunk of HC KV heads with their query heads), sized to <= 32 KB of
-//   input: the whole block when it fits (all heads of a block in one CTA), else a few heads.
-//   Each CTA walks a contiguous range of items (consecutive blocks), so its reads stream through
-//   memory in address order.
-// * The next two items are prefetched with 16-byte cp.async copies into a ring of two raw
-//   stages in shared memory (up to 8 independent copies per thread per stage, no registers
-//   held), so loads are in flight while the current item is converted and computed; a stage is
-//   converted to fp32 once, so the inner loops do no conversions. A thread always copies the
-//   same 16-byte column c of the head rows (THREADS is a multiple of D / 8), so the index work
-//   per vector is one multiply-high division. Rows in shared memory are head-major and padded
-//   by 4 floats, so float4 reads of different rows of one head fall on different banks.
-// * Scores: a thread owns one query row against JT = 2 keys and walks D in float4 steps
-//   (3 shared loads per 8 FMAs, no shuffles; JT = 4 loads less per FMA but left most lanes idle
-//   at these sizes, e.g. 96 units for 256 threads); only the key tiles the causal mask leaves
-//   are enumerated (a per-CTA table), so no lane idles on a masked tile.
-//   Softmax: a thread per row, exp2 on pre-scaled logits. PV: a thread owns two adjacent rows
-//   (sharing every V load) and 8 output dims (two float4 halves, so a quarter warp reads
-//   contiguous shared memory).
+// ---- Memory pipeline ----------------------------------------------------------------------------
+// A work item is (block, chunk of HC KV heads with their G HC query heads): the largest chunk
+// whose q + k + v bytes fit 32 KB (the whole block at L4/H12: 24 KB; 2 of 16 heads at L16/D128:
+// 26 KB). Its inputs are three runs of contiguous rows (q: L runs of HC G D elements, k and v:
+// P + L runs of HC D), copied by 16-byte cp.async into one stage of a ring of 3 stages (2 when an
+// item is too large for 3 within ~100 KB), one commit group per item; a thread always copies the
+// same 16-byte column, so a warp's copies cover 512 contiguous bytes. A CTA (4 warps) walks a
+// contiguous range of items (consecutive blocks: reads stream in address order) with STAGES - 1
+// items in flight while it computes one: 2 x 24-26 KB per CTA, 2 (L16) or 3 (L4) CTAs per SM,
+// i.e. 100-150 KB in flight per SM, ~5x what Little's law asks at ~1 us latency. One
+// __syncthreads per item; the block length of each stage's item travels through shared memory.
 //
-// Safety: block_lens[n] is clamped to [0, L]; every address is computed from the shapes, so
-// bad lengths change the numbers, never the memory touched.
+// Shared memory keeps the global row order (q row (i, h) at i HC G + h, k/v row (j, h) at
+// j HC + h), so a copy's destination is its source offset, with the 16-byte chunks of a row
+// XOR-swizzled by the position of the row in the sequence that one ldmatrix reads (q: its tile
+// row; k/v: the key j), so the 8 rows of each ldmatrix phase hit 8 different bank groups
+// (checked for every phase by the emulation in bench/experiments/token_decoder_emulate.py).
+// ldmatrix takes one row address per lane, so rows outside the block (tile rows past L G, keys
+// past P + L, heads past the chunk) point at a zero row instead of being stored padded.
+//
+// ---- Compute ------------------------------------------------------------------------------------
+// A warp unit is (group of HP KV heads of the chunk, m-tile of 16 query rows, part of D): rows
+// of one KV head (r = i G + g) share its keys, so GQA groups fill tiles. When an item has at most
+// 2 (head group, m-tile) pairs for 4 warps (L16/D128: 2), the output columns are split in
+// DSPLIT = 2 parts, each warp recomputing the (cheap) scores. Per key tile of 16 virtual keys
+// (only those the causal mask of the unit's last valid row reaches): S = Q K^T (an n-tile past
+// the last needed key skipped), scale into base 2, mask (x outside the row's own head's keys
+// 0 .. P + i, rows past L G or block_lens), online softmax (flash style), then O += P V with P
+// re-packed from the S accumulators as the A operand.
+//
+// Semantics (those of tests/test_nan.py): rows i >= block_lens[n] (clamped to [0, L]) give out 0
+// and lse -inf. NaN in q[n, i, h] or in an attended K row makes the row's out and lse NaN (a NaN
+// logit leaves fmaxf's max alone and turns l NaN; only l = 0 means "nothing attended"); masked
+// logits are replaced, never added. NaN in an attended V element poisons that element only; a
+// V row a query does not attend (a later token, one past block_lens, with packing another head)
+// must not reach it, but the mma would multiply it by a zero weight (0 * NaN = NaN), so each
+// unit first scans the V rows and columns it will read (~4-6 16-byte vectors per lane, ~15% of
+// the instructions) and, if any is Inf/NaN, computes its rows by an exact per-row path instead.
+//
+// Safety: every address is computed from the shapes; block_lens only changes which rows are
+// masked, so bad lengths change numbers, never the memory touched.
 #pragma once
 
 #include <math.h>
@@ -42,8 +78,8 @@
 
 namespace kvcore {
 
-// n / d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund-Montgomery): the loops decode
-// flat indices into (row, head) pairs and a hardware integer division costs ~20 instructions.
+// n / d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund-Montgomery): the copy loop
+// decodes a flat vector index into (row, column) per 16-byte vector.
 struct FastDiv {
   uint32_t d, m, s;
 };
@@ -70,303 +106,389 @@ struct TokenDecoderParams {
   int64_t q_stride_n, k_stride_n, v_stride_n;  // elements between consecutive blocks
   int num_items;                                // blocks * chunks
   int items_per_cta;
+  int stages;    // ring depth: 2 or 3
   int rows;      // L
   int prefix;    // P
   int keys;      // P + L
-  int keys_pad;  // row stride of the score matrix in shared memory (odd)
-  int num_q_heads, num_kv_heads;
-  int chunk_kv_heads;   // HC (divides num_kv_heads)
-  int chunk_q_heads;    // HC * group
-  float scale_log2;     // scale * log2(e): logits are kept in base 2
-  FastDiv chunks;       // item -> (block, chunk)
-  FastDiv chunk_q;      // q unit (row * HCq + head) -> row
-  FastDiv chunk_kv;     // k/v unit (key * HC + head) -> key
-  FastDiv rows_div;     // score row (head * L + row) -> head
-  FastDiv group;        // query head -> KV head
-  FastDiv valid_tiles;  // score unit -> (head, entry of the valid-tile table)
+  int num_q_heads, num_kv_heads, group;
+  int chunk_kv_heads;  // HC (divides num_kv_heads)
+  int chunk_q_heads;   // HC * G
+  // Head packing (L G <= 8): HP KV heads share an m-tile, head s of the tile owning tile rows
+  // [s LGP, (s + 1) LGP) and virtual keys [s NKP, (s + 1) NKP) (LGP = 16 / HP, NKP: P + L
+  // rounded up to a power of two >= 8). HP = 1: one head per unit, m_tiles tiles of 16 rows,
+  // and both shifts are 30, so that "head of the tile" is always 0.
+  int heads_per_tile;  // HP, a power of two
+  int row_shift;       // log2(LGP)
+  int key_shift;       // log2(NKP)
+  int head_groups;     // ceil(HC / HP)
+  int m_tiles;         // ceil(L G / 16) (HP = 1) or 1
+  int stage_elems;     // elements of one stage: (L HC G + 2 (P + L) HC) D
+  float scale_log2;    // scale * log2(e): logits are kept in base 2
+  FastDiv chunks;      // item -> (block, chunk)
+  FastDiv chunk_q;     // q row of an item (i HC G + h) -> i
+  FastDiv chunk_kv;    // k/v row of an item (j HC + h) -> j
+  FastDiv group_div;   // query head (or tile row i G + g) -> (KV head, g) (or (i, g))
 };
 
 template <int D>
 struct TokenDecoderConfig {
-  static constexpr int THREADS = 256;
-  static constexpr int VPT = 8;      // 16-byte vectors per thread in a full prefetch stage
-  static constexpr int CPR = D / 8;  // 16-byte chunks per head row
-  static constexpr int DP = D + 4;   // padded fp32 row in shared memory
-  static constexpr int JT = 2;       // keys per thread in the score loop (2: more, shorter units)
-  static constexpr int STAGE_VECS = THREADS * VPT;
-  static constexpr int STAGE_BYTES = STAGE_VECS * 16;
+  static constexpr int WARPS = 4;
+  static constexpr int THREADS = WARPS * 32;
+  static constexpr int TD = D / 8;  // 16-byte chunks per row
+  static constexpr int ITEM_BYTES = 32 * 1024;  // target input bytes of a work item
+  static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
 };
 
-// Score tiles (JT keys each) of one head that the causal mask leaves: row i needs keys
-// 0..P + i, i.e. ceil((P + i + 1) / JT) tiles.
-inline int token_decoder_valid_tiles(int rows, int prefix, int jt) {
-  int n = 0;
-  for (int i = 0; i < rows; ++i) n += (prefix + i + jt) / jt;
-  return n;
+// Shared-memory bytes of a CTA: the ring, the zero row, and the block length of each stage.
+inline int64_t token_decoder_smem_bytes(int64_t stage_elems, int stages, int head_dim) {
+  return 2 * (stage_elems * stages + head_dim) + 16;
 }
 
-// Shared-memory bytes of a CTA: fp32 q, k, v rows (padded), scores, 1/sum per row (padded to
-// 16 bytes), the two prefetch stages of raw 16-byte vectors, and the valid score-tile table.
-inline int64_t token_decoder_smem_bytes(int rows, int keys, int keys_pad, int hc, int hcq, int dp, int cpr,
-                                        int stage_vecs, int valid_tiles) {
-  const int64_t floats =
-      ((int64_t(rows) * hcq + 2 * int64_t(keys) * hc) * dp + int64_t(hcq) * rows * keys_pad + int64_t(hcq) * rows + 3) /
-      4 * 4;
-  const int64_t vecs = (int64_t(rows) * hcq + 2 * int64_t(keys) * hc) * cpr;
-  return 4 * floats + 2 * 16 * (vecs < stage_vecs ? vecs : stage_vecs) + 4 * int64_t(valid_tiles);
+// Swizzled element offset of 16-byte chunk `chunk` of shared-memory row `row`, XOR key `key`.
+__device__ __forceinline__ int td_swz(int row, int chunk, int key, int D) {
+  return row * D + ((chunk ^ (key & 7)) << 3);
 }
 
-// Calls f(vec, src, smem_offset) for each of this thread's 16-byte vectors of an item: q rows,
-// then k, then v (vec numbers them in that order, the global order). A thread always takes
-// column c = tid % (D/8) of a head row, so only the (row, head) split of its unit index needs a
-// division. In shared memory the rows are head-major ([head][row][D + 4]): consecutive keys of
-// one head are then D + 4 floats apart, an odd number of 16-byte bank groups, so the score
-// loop's lanes, which read different keys at the same d, hit different banks.
-template <typename T, int D, int THREADS, typename F>
-__device__ __forceinline__ void for_each_item_vector(const TokenDecoderParams& p, int block, int chunk, int k_base,
-                                                     int v_base, F&& f) {
-  constexpr int CPR = D / 8, DP = D + 4, STEP = THREADS / CPR;
-  static_assert(THREADS % CPR == 0, "each thread keeps one column");
-  const int c = threadIdx.x & (CPR - 1);
-  const int first_unit = threadIdx.x / CPR;
-  const int HCQ = p.chunk_q_heads, HC = p.chunk_kv_heads;
-  const T* q = static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + chunk * HCQ * D + c * 8;
-  for (int unit = first_unit; unit < p.rows * HCQ; unit += STEP) {  // unit = row * HCQ + head
-    const int row = fast_div(unit, p.chunk_q);
-    const int head = unit - row * HCQ;
-    f(unit * CPR + c, q + (row * p.num_q_heads + head) * D, (head * p.rows + row) * DP + c * 8);
-  }
-  const int q_vecs = p.rows * HCQ * CPR, kv_vecs = p.keys * HC * CPR;
+// Bit 15 of a 16-bit half of the result is set where that half of `w` is Inf or NaN (exponent
+// all ones): adding the smallest such magnitude minus one carries into bit 15 exactly then, and
+// never across halves (0x7fff + 0x0400 < 0x10000).
+__device__ __forceinline__ uint32_t nonfinite_bits(uint32_t w, __nv_bfloat16) {
+  return ((w & 0x7fff7fffu) + 0x00800080u) & 0x80008000u;
+}
+__device__ __forceinline__ uint32_t nonfinite_bits(uint32_t w, __half) {
+  return ((w & 0x7fff7fffu) + 0x04000400u) & 0x80008000u;
+}
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ void store_elem(__nv_bfloat16* dst, float x) { *dst = __float2bfloat16(x); }
+__device__ __forceinline__ void store_elem(__half* dst, float x) { *dst = __float2half(x); }
+
+// The exact path of a warp unit, taken when the V rows its P V product would read hold an Inf or
+// NaN: the mma would multiply them by the zero weights of rows that must not see them (a later
+// token, a token past block_lens, another head of a packed tile), and 0 * NaN = NaN. Here each
+// row reads only its own keys 0 .. P + i: a warp per row, lanes over D for the scores (a warp
+// sum) and over the unit's DW output columns, fp32 online softmax. Rare (non-finite inputs
+// only), so it favours plainness over speed; same outputs and NaN semantics as the fast path.
+template <typename T, int D, int DW>
+__device__ __noinline__ void token_decoder_unit_exact(const TokenDecoderParams& p, const T* sq, const T* sk,
+                                                      const T* sv, int block, int chunk, int hb, int row0, int dpart,
+                                                      int blen) {
+  constexpr int QPL = D / 32, OPL = DW / 32;  // score dims and output columns per lane (<= 8)
+  static_assert(QPL >= 1 && OPL >= 1 && 8 % QPL == 0 && 8 % OPL == 0, "a lane's dims lie in one 16-byte chunk");
+  const int lane = threadIdx.x & 31;
+  const int L = p.rows, P = p.prefix, G = p.group, HC = p.chunk_kv_heads, HCG = p.chunk_q_heads, LG = L * G;
+  const int row_mask = (1 << p.row_shift) - 1;
+  const int d0 = lane * QPL, od0 = dpart * DW + lane * OPL;
+  for (int t = 0; t < 16; ++t) {
+    const int rr = row0 + t;  // tile row: its swizzle key
+    const int rl = rr & row_mask, hh = hb + (rr >> p.row_shift);
+    if (rl >= LG || hh >= HC) continue;  // padding row of the tile
+    const int i = fast_div(rl, p.group_div);
+    const int g = rl - i * G;
+    const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + (chunk * HC + hh) * G + g;
+    T* const dst = static_cast<T*>(p.out) + orow * D + od0;
+    if (i >= blen) {
 #pragma unroll
-  for (int t = 0; t < 2; ++t) {  // k, then v
-    const T* base = static_cast<const T*>(t ? p.v : p.k) + int64_t(block) * (t ? p.v_stride_n : p.k_stride_n) +
-                    chunk * HC * D + c * 8;
-    const int vec0 = q_vecs + t * kv_vecs, smem0 = t ? v_base : k_base;
-    for (int unit = first_unit; unit < p.keys * HC; unit += STEP) {  // unit = key * HC + head
-      const int key = fast_div(unit, p.chunk_kv);
-      const int head = unit - key * HC;
-      f(vec0 + unit * CPR + c, base + (key * p.num_kv_heads + head) * D, smem0 + (head * p.keys + key) * DP + c * 8);
+      for (int e = 0; e < OPL; ++e) store_elem(dst + e, 0.f);
+      if (p.lse != nullptr && dpart == 0 && lane == 0) p.lse[orow] = -INFINITY;
+      continue;
     }
+    const T* const qp = sq + (i * HCG + hh * G + g) * D + ((((d0 >> 3) ^ (rr & 7)) << 3) | (d0 & 7));
+    float qv[QPL];
+#pragma unroll
+    for (int e = 0; e < QPL; ++e) qv[e] = to_float(qp[e]);
+    float m = -INFINITY, l = 0.f, acc[OPL];
+#pragma unroll
+    for (int e = 0; e < OPL; ++e) acc[e] = 0.f;
+    for (int j = 0; j <= P + i; ++j) {
+      const T* const kp = sk + (j * HC + hh) * D + ((((d0 >> 3) ^ (j & 7)) << 3) | (d0 & 7));
+      float part = 0.f;
+#pragma unroll
+      for (int e = 0; e < QPL; ++e) part = fmaf(qv[e], to_float(kp[e]), part);
+      const float x = group_sum<32>(part) * p.scale_log2;
+      const float mx = fmaxf(m, x);                   // a NaN logit leaves the max alone ...
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(m - base), w = exp2f(x - base);  // ... and makes w, l, acc NaN
+      m = mx;
+      l = l * alpha + w;
+      const T* const vp = sv + (j * HC + hh) * D + ((((od0 >> 3) ^ (j & 7)) << 3) | (od0 & 7));
+#pragma unroll
+      for (int e = 0; e < OPL; ++e) acc[e] = fmaf(w, to_float(vp[e]), acc[e] * alpha);
+    }
+    const float inv = l == 0.f ? 0.f : 1.f / l;
+#pragma unroll
+    for (int e = 0; e < OPL; ++e) store_elem(dst + e, acc[e] * inv);
+    if (p.lse != nullptr && dpart == 0 && lane == 0) p.lse[orow] = l == 0.f ? -INFINITY : (m + log2f(l)) * kLn2;
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_converted(float* smem, const uint4& raw) {
-  float f[8];
-  unpack8(raw, f, T{});
-  *reinterpret_cast<float4*>(smem) = make_float4(f[0], f[1], f[2], f[3]);
-  *reinterpret_cast<float4*>(smem + 4) = make_float4(f[4], f[5], f[6], f[7]);
-}
-
-__device__ __forceinline__ void fma4(float& acc, const float4& a, const float4& b) {
-  acc = fmaf(a.x, b.x, acc);
-  acc = fmaf(a.y, b.y, acc);
-  acc = fmaf(a.z, b.z, acc);
-  acc = fmaf(a.w, b.w, acc);
-}
-
-template <typename T, int D>
-__global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 2)
+template <typename T, int D, int DSPLIT>
+__global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
     token_decoder_attention_kernel(const __grid_constant__ TokenDecoderParams p) {
   using Cfg = TokenDecoderConfig<D>;
-  extern __shared__ __align__(16) float smem[];
-  const int tid = threadIdx.x;
-  const int R = p.rows, P = p.prefix, KJ = p.keys, KJP = p.keys_pad;
-  const int HC = p.chunk_kv_heads, HCQ = p.chunk_q_heads;
-  const int k_base = R * HCQ * Cfg::DP;
-  const int v_base = k_base + KJ * HC * Cfg::DP;
-  float* Qf = smem;
-  float* Kf = smem + k_base;
-  float* Vf = smem + v_base;
-  float* Sf = smem + v_base + KJ * HC * Cfg::DP;
-  float* inv_sum = Sf + HCQ * R * KJP;
+  constexpr int TD = Cfg::TD, DW = D / DSPLIT;  // DW: output columns of a warp unit
+  static_assert(DW % 16 == 0, "a warp's output columns are whole k16 tiles of V");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* const ring = reinterpret_cast<T*>(smem_raw);
+  T* const zero_row = ring + int64_t(p.stages) * p.stage_elems;
+  int* const stage_len = reinterpret_cast<int*>(zero_row + D);  // block length of each stage's item
 
-  // Two prefetch stages (a ring): raw 16-byte vectors of the next two items in load order
-  // (vector v of a stage at byte 16 v), filled by cp.async while the current item is converted
-  // and computed, so loads stay in flight through every phase of the loop.
-  const int stage_off = (v_base + KJ * HC * Cfg::DP + HCQ * R * KJP + HCQ * R + 3) / 4 * 4;  // 16-byte aligned
-  const int slot_vecs = min((R * HCQ + 2 * KJ * HC) * Cfg::CPR, Cfg::STAGE_VECS);
-  uint4* stages = reinterpret_cast<uint4*>(smem + stage_off);
-  // The score tiles the causal mask leaves in one head: (row << 16) | tile, rows in order.
-  int* tiles = reinterpret_cast<int*>(stages + 2 * slot_vecs);
-  const int n_tiles = int(p.valid_tiles.d);
-  for (int i = tid; i < R; i += Cfg::THREADS) {
-    int at = 0;
-    for (int i2 = 0; i2 < i; ++i2) at += (P + i2 + Cfg::JT) / Cfg::JT;
-    for (int t = 0; t < (P + i + Cfg::JT) / Cfg::JT; ++t) tiles[at + t] = (i << 16) | t;
-  }  // read only after the item loop's first barrier
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int L = p.rows, P = p.prefix, KJ = p.keys, G = p.group;
+  const int HC = p.chunk_kv_heads, HCG = p.chunk_q_heads, LG = L * G;
+  const int HP = p.heads_per_tile, row_shift = p.row_shift, key_shift = p.key_shift;
+  const int row_mask = (1 << row_shift) - 1, key_mask = (1 << key_shift) - 1;
+  const int k_off = L * HCG * D, v_off = k_off + KJ * HC * D;  // k and v regions within a stage
+
+  for (int i = tid; i < D / 8; i += Cfg::THREADS)
+    reinterpret_cast<uint4*>(zero_row)[i] = make_uint4(0u, 0u, 0u, 0u);
 
   const int first = blockIdx.x * p.items_per_cta;
   const int last = min(p.num_items, first + p.items_per_cta);
   if (first >= last) return;
 
-  int len0 = R, len1 = R;  // block_lens of the items in stage 0 and stage 1
-  // Issues the copies of `item` into stage `slot`; always commits a group (empty past the
-  // range), so that "all but the newest group done" always means "the current item is in".
-  auto prefetch = [&](int item, int slot) {
+  // Issues the copies of `item` into `stage`; always commits a group (empty past the range), so
+  // that "all but the newest STAGES - 2 groups done" always means "the current item is in". A
+  // thread always copies the same 16-byte column c of rows tid / TD, + THREADS / TD, ...; the
+  // swizzle key of a q row is its tile row (head of the tile, i G + g), of a k/v row its key j.
+  constexpr int ROW_STEP = Cfg::THREADS / TD;
+  static_assert(Cfg::THREADS % TD == 0, "each thread keeps one column");
+  const int col = tid & (TD - 1);
+  auto prefetch = [&](int item, int stage) {
     if (item < last) {
       const int block = fast_div(item, p.chunks);
-      uint4* stage = stages + slot * slot_vecs;
-      for_each_item_vector<T, D, Cfg::THREADS>(p, block, item - block * int(p.chunks.d), k_base, v_base,
-                                               [&](int vec, const T* src, int) {
-                                                 if (vec < slot_vecs) cp_async_16(stage + vec, src, true);
-                                               });
-      const int len = p.block_lens ? __ldg(p.block_lens + block) : R;
-      if (slot) len1 = len; else len0 = len;
+      const int chunk = item - block * int(p.chunks.d);
+      T* const dst = ring + int64_t(stage) * p.stage_elems;
+      const T* const q =
+          static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + int64_t(chunk) * HCG * D + col * 8;
+      for (int r = tid / TD; r < L * HCG; r += ROW_STEP) {  // r = i HCG + h
+        const int i = fast_div(r, p.chunk_q);
+        const int h = r - i * HCG;
+        const int hh = fast_div(h, p.group_div);
+        const int key = ((hh & (HP - 1)) << row_shift) + i * G + (h - hh * G);
+        cp_async_16(dst + td_swz(r, col, key, D), q + (int64_t(i) * p.num_q_heads + h) * D, true);
+      }
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const T* const src = static_cast<const T*>(t ? p.v : p.k) + int64_t(block) * (t ? p.v_stride_n : p.k_stride_n) +
+                             int64_t(chunk) * HC * D + col * 8;
+        T* const kv = dst + (t ? v_off : k_off);
+        for (int r = tid / TD; r < KJ * HC; r += ROW_STEP) {  // r = j HC + h
+          const int j = fast_div(r, p.chunk_kv);
+          cp_async_16(kv + td_swz(r, col, j, D), src + (int64_t(j) * p.num_kv_heads + (r - j * HC)) * D, true);
+        }
+      }
+      if (tid == 0) stage_len[stage] = p.block_lens ? __ldg(p.block_lens + block) : L;
     }
     cp_async_commit();
   };
 
-  prefetch(first, 0);
-  prefetch(first + 1, 1);
+  const int S = p.stages;
+  for (int s = 0; s < S - 1; ++s) prefetch(first + s, s);
+
+  // Lane roles in the mma fragments: tile rows r0 = lane / 4 and r0 + 8; key/column pair
+  // (lane % 4) * 2.
+  const int r0 = lane >> 2, cpair = (lane & 3) * 2;
+  const int units = p.head_groups * p.m_tiles * DSPLIT;
+
+  int stage = 0;  // stage of `item`
   for (int item = first; item < last; ++item) {
-    const int slot = (item - first) & 1;
+    if (S == 3)
+      cp_async_wait<1>();
+    else
+      cp_async_wait<0>();
+    __syncthreads();  // this item landed for every thread; the previous item's stage is free
+    {
+      const int next_stage = stage == 0 ? S - 1 : stage - 1;  // (item + S - 1) % S
+      prefetch(item + S - 1, next_stage);
+    }
     const int block = fast_div(item, p.chunks);
     const int chunk = item - block * int(p.chunks.d);
-    const int hq0 = chunk * HCQ;
-    const int blen = min(max(slot ? len1 : len0, 0), R);
-    cp_async_wait<1>();  // this item's group is complete (the next item's may still be in flight)
-    __syncthreads();     // ... for every thread's copies; and the previous compute is done with smem
-    {
-      // Each stage vector is converted by the thread that copied it; vectors past a stage (long
-      // blocks only) are loaded here, in step.
-      const uint4* stage = stages + slot * slot_vecs;
-      for_each_item_vector<T, D, Cfg::THREADS>(
-          p, block, chunk, k_base, v_base, [&](int vec, const T* src, int off) {
-            uint4 raw;
-            if (vec < slot_vecs)
-              raw = stage[vec];
-            else
-              raw = __ldg(reinterpret_cast<const uint4*>(src));
-            store_converted<T>(smem + off, raw);
-          });
-    }
-    __syncthreads();           // fp32 copies ready; this stage is free again
-    prefetch(item + 2, slot);  // in flight during this item's compute and the next one's
+    const int blen = min(max(stage_len[stage], 0), L);
+    const T* const sq = ring + int64_t(stage) * p.stage_elems;
+    const T* const sk = sq + k_off;
+    const T* const sv = sq + v_off;
 
-    // ---- scores S[h, i, j] = scale * log2(e) * q[i, h] . k[j, h / G], j <= P + i ----------
-    for (int u = tid; u < HCQ * n_tiles; u += Cfg::THREADS) {
-      const int h = fast_div(u, p.valid_tiles);
-      const int entry = tiles[u - h * n_tiles];
-      const int i = entry >> 16;
-      const int j0 = (entry & 0xffff) * Cfg::JT;
-      if (i >= blen) continue;  // padding row of a partial block
-      const int r = h * R + i;  // score row
-      const int kh = fast_div(h, p.group);
-      const float* qrow = Qf + (h * R + i) * Cfg::DP;
-      // 32-bit row offsets (not 64-bit pointers) keep the register count down; keys past the
-      // block are clamped to a real row and their sums dropped below.
-      int krow[Cfg::JT];
-#pragma unroll
-      for (int t = 0; t < Cfg::JT; ++t) krow[t] = (kh * KJ + min(j0 + t, KJ - 1)) * Cfg::DP;
-      float acc[Cfg::JT];
-#pragma unroll
-      for (int t = 0; t < Cfg::JT; ++t) acc[t] = 0.f;
-#pragma unroll 2
-      for (int d = 0; d < D; d += 4) {
-        const float4 qv = *reinterpret_cast<const float4*>(qrow + d);
-#pragma unroll
-        for (int t = 0; t < Cfg::JT; ++t) fma4(acc[t], qv, *reinterpret_cast<const float4*>(Kf + krow[t] + d));
-      }
-      float* srow = Sf + r * KJP;
-#pragma unroll
-      for (int t = 0; t < Cfg::JT; ++t)
-        if (j0 + t <= P + i) srow[j0 + t] = acc[t] * p.scale_log2;
-    }
-    __syncthreads();
+    for (int u = warp; u < units; u += Cfg::WARPS) {
+      const int dpart = DSPLIT == 1 ? 0 : u % DSPLIT;
+      const int hm = DSPLIT == 1 ? u : u / DSPLIT;
+      const int hg = hm / p.m_tiles;  // head group of the chunk
+      const int mt = hm - hg * p.m_tiles;
+      const int hb = hg * HP;    // its first KV head within the chunk
+      const int row0 = mt * 16;  // first tile row of the unit
+      const int heads = min(HP, HC - hb);
 
-    // ---- softmax per row (base 2), lse in natural log -----------------------------------
-    for (int r = tid; r < HCQ * R; r += Cfg::THREADS) {
-      const int h = fast_div(r, p.rows_div);
-      const int i = r - h * R;
-      float* lse_dst = p.lse ? p.lse + (int64_t(block) * R + i) * p.num_q_heads + hq0 + h : nullptr;
-      if (i >= blen) {
-        if (lse_dst) *lse_dst = -INFINITY;
-        continue;
-      }
-      float* srow = Sf + r * KJP;
-      const int n_keys = P + i + 1;
-      float mx = -INFINITY;
-      for (int j = 0; j < n_keys; ++j) mx = fmaxf(mx, srow[j]);
-      const float base = mx == -INFINITY ? 0.f : mx;  // all -inf (infinite inputs): weights 0
-      float sum = 0.f;
-      for (int j = 0; j < n_keys; ++j) {
-        const float e = exp2f(srow[j] - base);
-        srow[j] = e;
-        sum += e;
-      }
-      // sum == 0: nothing attended (out 0, lse -inf). A NaN sum (NaN in q or an attended key)
-      // stays NaN in out and lse, so a later merge cannot mistake the row for an empty part.
-      inv_sum[r] = sum == 0.f ? 0.f : 1.f / sum;
-      if (lse_dst) *lse_dst = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
-    }
-    __syncthreads();
+      // Virtual keys x = s NKP + j (head s of the tile, key j) the unit needs: up to key P + i
+      // of the last valid row of its last head.
+      const int i_first = fast_div(row0, p.group_div);
+      const int i_last = min(fast_div(min(row0 + 15, LG - 1), p.group_div), blen - 1);
+      const int n_x = i_last >= i_first ? ((heads - 1) << key_shift) + P + i_last + 1 : 0;  // 0: all padding
 
-    // ---- out[i, h, :] = sum_j p[h, i, j] v[j, h / G, :] ------------------------------------
-    // A thread owns rows 2m and 2m + 1 of one head (they share every V load; row 2m + 1 has one
-    // key more) and dims [4c, 4c + 4) and [D/2 + 4c, D/2 + 4c + 4): consecutive lanes read
-    // consecutive float4s of a V row.
-    constexpr int HALF = D / 2;
-    const int pairs = (R + 1) / 2;
-    for (int u = tid; u < HCQ * pairs * Cfg::CPR; u += Cfg::THREADS) {
-      const int hm = u / Cfg::CPR;  // head * pairs + m
-      const int c = u & (Cfg::CPR - 1);
-      const int h = hm / pairs;
-      const int i0 = 2 * (hm - h * pairs), i1 = i0 + 1;
-      const bool valid0 = i0 < blen, valid1 = i1 < blen;  // blen <= R, so valid1 implies i1 < R
-      float acc0[8], acc1[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc0[e] = acc1[e] = 0.f;
-      if (valid0) {
-        const int kh = fast_div(h, p.group);
-        const float* vcol = Vf + kh * KJ * Cfg::DP + c * 4;
-        const float* p0 = Sf + (h * R + i0) * KJP;
-        const float* p1 = valid1 ? p0 + KJP : p0;  // an invalid row 1 just repeats row 0 (unused)
-        constexpr int vstride = Cfg::DP;
-        const int n0 = P + i0 + 1;
-#pragma unroll 2
-        for (int j = 0; j < n0; ++j) {
-          const float w0 = p0[j], w1 = p1[j];
-          const float4 a = *reinterpret_cast<const float4*>(vcol + j * vstride);
-          const float4 b = *reinterpret_cast<const float4*>(vcol + j * vstride + HALF);
-          const float va[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            acc0[e] = fmaf(w0, va[e], acc0[e]);
-            acc1[e] = fmaf(w1, va[e], acc1[e]);
+      // Inf/NaN in the V rows (of this unit's heads and columns) that its P V would read: take
+      // the exact path (see token_decoder_unit_exact). Bit tricks over 16-byte vectors, a warp vote.
+      {
+        constexpr int CW = DW / 8;  // 16-byte chunks of the unit's columns in a row
+        constexpr int CW_SHIFT = CW == 4 ? 2 : CW == 8 ? 3 : CW == 16 ? 4 : 5;
+        const int hp_shift = __ffs(HP) - 1;
+        uint32_t bad = 0;
+        for (int t = lane; t < (KJ << (CW_SHIFT + hp_shift)); t += 32) {
+          const int c = t & (CW - 1), sub = (t >> CW_SHIFT) & (HP - 1), j = t >> (CW_SHIFT + hp_shift);
+          if (sub < heads) {
+            const uint4 w = *reinterpret_cast<const uint4*>(sv + (j * HC + hb + sub) * D +
+                                                            (((dpart * CW + c) ^ (j & 7)) << 3));
+            bad |= nonfinite_bits(w.x, T{}) | nonfinite_bits(w.y, T{}) | nonfinite_bits(w.z, T{}) |
+                   nonfinite_bits(w.w, T{});
           }
         }
-        const float inv0 = inv_sum[h * R + i0];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc0[e] *= inv0;
-        if (valid1) {  // row 1's last key, j = P + i1
-          const float w1 = p1[n0];
-          const float4 a = *reinterpret_cast<const float4*>(vcol + n0 * vstride);
-          const float4 b = *reinterpret_cast<const float4*>(vcol + n0 * vstride + HALF);
-          const float va[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-          const float inv1 = inv_sum[h * R + i1];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc1[e] = fmaf(w1, va[e], acc1[e]) * inv1;
+        if (__any_sync(0xffffffffu, bad != 0u)) {
+          token_decoder_unit_exact<T, D, DW>(p, sq, sk, sv, block, chunk, hb, row0, dpart, blen);
+          continue;
         }
       }
-      if (!valid1) {  // (accumulated from row 0's weights above)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc1[e] = 0.f;
+
+      // This lane's A-operand row for ldmatrix (q). Padding rows read the zero row, swizzled by
+      // their tile row like real rows, so the 8 rows of an ldmatrix phase fall on 8 bank groups.
+      const int a_key = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      const T* a_row = zero_row;
+      {
+        const int rl = a_key & row_mask, hh = hb + (a_key >> row_shift);
+        if (rl < LG && hh < HC) {
+          const int i = fast_div(rl, p.group_div);
+          a_row = sq + (i * HCG + hh * G + (rl - i * G)) * D;
+        }
       }
-      // Rows past blen are written as zeros; a row past the block (odd L) is not written.
-      const int64_t row0 = (int64_t(block) * R + i0) * p.num_q_heads + hq0 + h;
-      T* dst = static_cast<T*>(p.out) + row0 * D + c * 4;
-      __stcs(reinterpret_cast<uint2*>(dst), make_uint2(pack2(acc0[0], acc0[1], T{}), pack2(acc0[2], acc0[3], T{})));
-      __stcs(reinterpret_cast<uint2*>(dst + HALF),
-             make_uint2(pack2(acc0[4], acc0[5], T{}), pack2(acc0[6], acc0[7], T{})));
-      if (i1 < R) {
-        dst += int64_t(p.num_q_heads) * D;  // row i1 of the same head
-        __stcs(reinterpret_cast<uint2*>(dst), make_uint2(pack2(acc1[0], acc1[1], T{}), pack2(acc1[2], acc1[3], T{})));
-        __stcs(reinterpret_cast<uint2*>(dst + HALF),
-               make_uint2(pack2(acc1[4], acc1[5], T{}), pack2(acc1[6], acc1[7], T{})));
+      // Virtual keys x this lane's two accumulator rows may attend: x_lo <= x <= x_hi (the
+      // row's own head's keys 0 .. P + i; empty for padding rows and rows past block_lens).
+      int x_lo[2], x_hi[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int rr = row0 + r0 + 8 * half;
+        const int rl = rr & row_mask, sub = rr >> row_shift;
+        const int i = fast_div(rl, p.group_div);
+        x_lo[half] = sub << key_shift;
+        x_hi[half] = (rl < LG && hb + sub < HC && i < blen) ? x_lo[half] + P + i : x_lo[half] - 1;
+      }
+
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      float o[DW / 8][4];
+#pragma unroll
+      for (int n = 0; n < DW / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
+      for (int j0 = 0; j0 < n_x; j0 += 16) {
+        // ---- S = Q K^T over virtual keys j0 .. j0 + 15 (the second n-tile only when needed) ----
+        float s[2][4] = {};
+        const bool second = j0 + 8 < n_x;
+        // An n-tile of 8 virtual keys lies within one head (NKP is a multiple of 8). Keys past
+        // the block (or heads past the chunk) are clamped to a real row: masked below.
+        int jb[2];
+        const T* b_row[2];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int x = j0 + nt * 8 + (lane & 7);
+          jb[nt] = min(x & key_mask, KJ - 1);
+          b_row[nt] = sk + (jb[nt] * HC + min(hb + (x >> key_shift), HC - 1)) * D;
+        }
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc += 2) {
+          uint32_t a0[4], a1[4];
+          ldmatrix_x4(a0, a_row + (((kc * 2 + (lane >> 4)) ^ (a_key & 7)) << 3));
+          ldmatrix_x4(a1, a_row + (((kc * 2 + 2 + (lane >> 4)) ^ (a_key & 7)) << 3));
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            if (nt == 0 || second) {
+              uint32_t bk[4];
+              ldmatrix_x4(bk, b_row[nt] + (((kc * 2 + (lane >> 3)) ^ (jb[nt] & 7)) << 3));
+              mma_16816(s[nt], a0, bk[0], bk[1], T{});
+              mma_16816(s[nt], a1, bk[2], bk[3], T{});
+            }
+          }
+        }
+        // ---- scale into base 2, mask, online softmax update ----
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int x = j0 + nt * 8 + cpair + (e & 1);
+            s[nt][e] = (x >= x_lo[e >> 1] && x <= x_hi[e >> 1]) ? s[nt][e] * p.scale_log2 : -INFINITY;
+          }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          mx = fmaxf(mx, m[r]);
+          const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
+          alpha[r] = exp2f(m[r] - base);
+          m[r] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              s[nt][2 * r + e] = exp2f(s[nt][2 * r + e] - base);
+              sum += s[nt][2 * r + e];
+            }
+          l[r] = l[r] * alpha[r] + sum;  // per-lane partial; summed over the quad at the end
+        }
+        if (j0 > 0) {  // the first tile starts from o = 0: nothing to rescale
+#pragma unroll
+          for (int n = 0; n < DW / 8; ++n) {
+            o[n][0] *= alpha[0];
+            o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1];
+            o[n][3] *= alpha[1];
+          }
+        }
+        // ---- O += P V: P re-packed from S as the A operand. Keys past the block and heads past
+        // the chunk read the zero row (swizzled by the key, as real rows) ----
+        uint32_t pa[4];
+        pa[0] = pack2(s[0][0], s[0][1], T{});
+        pa[1] = pack2(s[0][2], s[0][3], T{});
+        pa[2] = pack2(s[1][0], s[1][1], T{});
+        pa[3] = pack2(s[1][2], s[1][3], T{});
+        const int xv = j0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int jv = xv & key_mask, hv = hb + (xv >> key_shift);
+        const T* const v_row = (jv < KJ && hv < HC) ? sv + (jv * HC + hv) * D : zero_row;
+#pragma unroll
+        for (int nd = 0; nd < DW / 16; ++nd) {
+          uint32_t bv[4];
+          const int chunk_v = (dpart * DW) / 8 + nd * 2 + (lane >> 4);
+          ldmatrix_x4_trans(bv, v_row + ((chunk_v ^ (jv & 7)) << 3));
+          mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
+          mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
+        }
+      }
+
+      // ---- epilogue: normalise, write out (zeros for rows past block_lens) and lse ----
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
+        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
+        const int rr = row0 + r0 + 8 * half;
+        const int rl = rr & row_mask, hh = hb + (rr >> row_shift);
+        if (rl >= LG || hh >= HC) continue;  // padding row of the tile
+        const int i = fast_div(rl, p.group_div);
+        const int hq = (chunk * HC + hh) * G + (rl - i * G);
+        const bool valid = i < blen;
+        // l = 0: nothing attended (Inf logits only); a NaN l (NaN in q or an attended key) stays
+        // NaN in out and lse.
+        const float inv = valid && l[half] != 0.f ? 1.f / l[half] : 0.f;
+        const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + hq;
+        T* const dst = static_cast<T*>(p.out) + orow * D + dpart * DW + cpair;
+#pragma unroll
+        for (int n = 0; n < DW / 8; ++n) {
+          const float x = valid ? o[n][2 * half] * inv : 0.f;
+          const float y = valid ? o[n][2 * half + 1] * inv : 0.f;
+          *reinterpret_cast<uint32_t*>(dst + n * 8) = pack2(x, y, T{});
+        }
+        if (p.lse != nullptr && dpart == 0 && (lane & 3) == 0)
+          p.lse[orow] = valid && l[half] != 0.f ? (m[half] + log2f(l[half])) * kLn2 : -INFINITY;
       }
     }
+    stage = stage + 1 == S ? 0 : stage + 1;
   }
+  cp_async_wait<0>();  // no copies outstanding at exit (the tail groups are empty)
 }
 
 }  // namespace kvcore
