@@ -232,18 +232,33 @@ def test_generate_command(capsys):
     assert "cache bytes without policy" in printed and "tokens/s" in printed and "tokens[0]: [" in printed
 
 
-def _filled(model, policy=None, budget=None, length=PROMPT, seed=5, **policy_kwargs):
-    """A KVCoreCache filled through update() alone (no forward) with seeded random K/V per layer."""
+def _filled(model, policy=None, budget=None, length=PROMPT, seed=5, batch=2, **policy_kwargs):
+    """A KVCoreCache filled through update() alone (no forward) with seeded random K/V per layer
+    (contiguous ``[B, Hkv, T, D]``, not the token-major layout a model's roped keys have)."""
     cfg = model.config
     cache = kvt.KVCoreCache(cfg, max_cache_len=length + 4, page_size=4, policy=policy, budget=budget,
                             policy_kwargs=policy_kwargs)
     gen = torch.Generator().manual_seed(seed)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     for layer in range(cfg.num_hidden_layers):
-        k = torch.randn(2, cfg.num_key_value_heads, length, head_dim, generator=gen)
-        v = torch.randn(2, cfg.num_key_value_heads, length, head_dim, generator=gen)
+        k = torch.randn(batch, cfg.num_key_value_heads, length, head_dim, generator=gen)
+        v = torch.randn(batch, cfg.num_key_value_heads, length, head_dim, generator=gen)
         cache.update(k, v, layer)
     return cache
+
+
+def test_update_with_contiguous_states_batch_one():
+    """update() of contiguous [1, Hkv, T, D] states (a strided view after the token-major reshape)
+    stores them token by token."""
+    model = _model("llama")
+    gen = torch.Generator().manual_seed(5)
+    cfg = model.config
+    k = torch.randn(1, cfg.num_key_value_heads, PROMPT, cfg.hidden_size // cfg.num_attention_heads, generator=gen)
+    v = torch.randn(k.shape, generator=gen)
+    cache = _filled(model, batch=1)
+    assert cache.cached_tokens() == PROMPT
+    assert torch.equal(_dense(cache, 0, 0, PROMPT), k.transpose(1, 2))
+    assert torch.equal(_dense(cache, 0, 1, PROMPT), v.transpose(1, 2))
 
 
 def test_apply_policy_on_a_filled_cache_matches_snapkv():

@@ -323,8 +323,10 @@ class KVCoreCache(Cache):
         store = paged.store_of(layer_idx)
         if paged.is_producer(layer_idx):
             # [B, Hkv, T, D] -> [B * T, Hkv, D]: token-major, the order reserve() gave the slots.
-            k = key_states.transpose(1, 2).reshape(batch * new, heads, dim)
-            v = value_states.transpose(1, 2).reshape(batch * new, heads, dim)
+            # contiguous(): with B = 1 the reshape of contiguous [1, Hkv, T, D] states is a strided
+            # view, which append_paged_kv refuses (a model's roped keys are token-major already).
+            k = key_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
+            v = value_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
             paged.append(layer_idx, k, v, self._slots)
             self._step_kv[store] = (key_states, value_states)
         key_states, value_states = self._step_kv[store]
