@@ -331,7 +331,7 @@ def run(case: E2ECase, impl_names: Sequence[str], ctx: RunContext, steps: int = 
     device, seed = ctx.device, ctx.seed
     room = case.seq_len + steps + 16  # tokens per sequence a kvcore cache must hold: context + every call
     tol = REL_TOL.get(case.dtype, 0.1)
-    model = None
+    model = cache = step = None
     try:
         with torch.no_grad():
             model = build_model(case, device, seed)
@@ -400,7 +400,10 @@ def run(case: E2ECase, impl_names: Sequence[str], ctx: RunContext, steps: int = 
                 rows[name] = make_row(GROUP, name, case.name, ctx, error=message)
                 ctx.progress.update(1)
     finally:
-        del model
+        # Drop every reference to the model and caches (an exception may have left a 32 GiB cache
+        # here, or in the adapter's note for the next attention call) before the next case.
+        model = cache = step = None
+        kvt._note.entry = None
         ctx.free_memory()
 
     base = rows.get(SDPA, {}).get("ms")
