@@ -40,8 +40,9 @@ serving engine runs it.
 
 Correctness before timing: on the fresh state the first kvcore step's logits and every layer's
 attention output (``self_attn`` output, hooked) are compared with the sdpa step's (relative
-Frobenius error; tolerance ``REL_TOL``); a disagreement turns the kvcore rows into error rows (no
-time). The policy row is checked for finite logits only (it attends to fewer tokens on purpose).
+Frobenius error; tolerances ``REL_TOL``: tight at layer 0, looser deeper and for the logits); a
+disagreement turns the kvcore rows into error rows (no time). The policy row is checked for
+finite logits only (it attends to fewer tokens on purpose).
 
 Row numbers: ``ms`` per step; bytes = the floor one step must read (the weights except the
 embedding table, B embedding rows, the K/V held, the new token's K/V) for ``gbps``/``pct_copy``;
@@ -75,8 +76,12 @@ _SNAP = re.compile(r"^kvcore-snapkv(\d+)$")
 
 #: Timed steps per implementation and case (median); the warm-up adds at most 8 calls.
 STEPS = 10
-#: Relative error (Frobenius) allowed between kvcore's and sdpa's logits / attention outputs.
-REL_TOL = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.1}
+#: Relative error (Frobenius) allowed between kvcore's and sdpa's outputs: (layer 0's attention,
+#: later layers' attention and the logits). Layer 0 sees identical inputs on both paths, so only
+#: rounding separates them (bf16: 0.003 measured); later layers inherit the earlier differences
+#: and grow slowly with depth (bf16, 12 layers: 0.016 attention, 0.025 logits, CPU). A layout or
+#: indexing error gives O(1) (a different average of unrelated random V rows).
+REL_TOL = {torch.float32: (1e-3, 1e-3), torch.bfloat16: (0.02, 0.25), torch.float16: (0.02, 0.25)}
 #: SnapKV observation window (queries per layer) used when the real policy runs.
 SNAPKV_WINDOW = 32
 
@@ -262,7 +267,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
-def _check(got: tuple, want: tuple, tol: float) -> tuple:
+def _check(got: tuple, want: tuple, tol: tuple) -> tuple:
     """(None, summary) when kvcore's logits and attention outputs match sdpa's, else (error, summary)."""
     logits, attn = got
     ref_logits, ref_attn = want
@@ -275,8 +280,11 @@ def _check(got: tuple, want: tuple, tol: float) -> tuple:
     worst = max(range(len(errs)), key=errs.__getitem__)
     logit_err = _rel_err(logits, ref_logits)
     summary = f"rel. error vs sdpa: logits {logit_err:.2g}, attention {errs[worst]:.2g} (layer {worst})"
-    if not (logit_err < tol and errs[worst] < tol):
-        return f"disagrees with transformers-sdpa on the same state ({summary}; tolerance {tol:g})", summary
+    first_tol, deep_tol = tol
+    summary += f", layer 0 {errs[0]:.2g}"
+    if not (errs[0] < first_tol and logit_err < deep_tol and errs[worst] < deep_tol):
+        return (f"disagrees with transformers-sdpa on the same state ({summary}; tolerance {first_tol:g} at layer 0, "
+                f"{deep_tol:g} elsewhere)"), summary
     return None, summary
 
 
@@ -330,7 +338,7 @@ def run(case: E2ECase, impl_names: Sequence[str], ctx: RunContext, steps: int = 
 
     device, seed = ctx.device, ctx.seed
     room = case.seq_len + steps + 16  # tokens per sequence a kvcore cache must hold: context + every call
-    tol = REL_TOL.get(case.dtype, 0.1)
+    tol = REL_TOL.get(case.dtype, REL_TOL[torch.bfloat16])
     model = cache = step = None
     try:
         with torch.no_grad():
