@@ -230,3 +230,89 @@ def test_generate_command(capsys):
                           "--kv-heads", "1", "--vocab", str(VOCAB), "--chunk", "10"]) == 0
     printed = capsys.readouterr().out
     assert "cache bytes without policy" in printed and "tokens/s" in printed and "tokens[0]: [" in printed
+
+
+def _filled(model, policy=None, budget=None, length=PROMPT, seed=5, batch=2, **policy_kwargs):
+    """A KVCoreCache filled through update() alone (no forward) with seeded random K/V per layer
+    (contiguous ``[B, Hkv, T, D]``, not the token-major layout a model's roped keys have)."""
+    cfg = model.config
+    cache = kvt.KVCoreCache(cfg, max_cache_len=length + 4, page_size=4, policy=policy, budget=budget,
+                            policy_kwargs=policy_kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for layer in range(cfg.num_hidden_layers):
+        k = torch.randn(batch, cfg.num_key_value_heads, length, head_dim, generator=gen)
+        v = torch.randn(batch, cfg.num_key_value_heads, length, head_dim, generator=gen)
+        cache.update(k, v, layer)
+    return cache
+
+
+def test_update_with_contiguous_states_batch_one():
+    """update() of contiguous [1, Hkv, T, D] states (a strided view after the token-major reshape)
+    stores them token by token."""
+    model = _model("llama")
+    gen = torch.Generator().manual_seed(5)
+    cfg = model.config
+    k = torch.randn(1, cfg.num_key_value_heads, PROMPT, cfg.hidden_size // cfg.num_attention_heads, generator=gen)
+    v = torch.randn(k.shape, generator=gen)
+    cache = _filled(model, batch=1)
+    assert cache.cached_tokens() == PROMPT
+    assert torch.equal(_dense(cache, 0, 0, PROMPT), k.transpose(1, 2))
+    assert torch.equal(_dense(cache, 0, 1, PROMPT), v.transpose(1, 2))
+
+
+def test_apply_policy_on_a_filled_cache_matches_snapkv():
+    """KVCoreCache.apply_policy (used by the e2e bench on a synthesized prefill state) keeps, per
+    layer, exactly what kvcore.policies.eviction.snapkv selects with that layer's queries."""
+    from kvcore.policies import eviction
+
+    budget, window = 10, 4
+    model = _model("llama", layers=3)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    full = _filled(model)
+    kept = _filled(model, "snapkv", budget, window=window)
+    assert kept.cached_tokens() == PROMPT and kept.get_seq_length() == PROMPT
+    gen = torch.Generator().manual_seed(6)
+    queries = [torch.randn(2, cfg.num_attention_heads, 7, head_dim, generator=gen) for _ in range(3)]
+    kept.apply_policy(queries)
+    assert kept.get_seq_length() == PROMPT  # positions keep counting the evicted tokens
+    for seq_id in kept.seq_ids:
+        assert kept.paged.seq_len(seq_id) == budget
+    block_table = full.paged.block_table(full.seq_ids)
+    seq_lens = full.paged.seq_lens(full.seq_ids)
+    for layer in range(3):
+        k_cache, _ = full.paged.kv(layer)
+        q_window = queries[layer][:, :, -window:, :].transpose(1, 2).contiguous()
+        idx, counts = eviction.snapkv(q_window, k_cache, block_table, seq_lens, budget, scale=head_dim ** -0.5)
+        assert counts.tolist() == [budget, budget]
+        for index in (0, 1):
+            dense = _dense(full, layer, index, PROMPT)  # [B, S, Hkv, D]
+            want = torch.stack([torch.stack([dense[b, idx[b, h], h] for h in range(dense.shape[2])], dim=1)
+                                for b in range(2)])
+            assert torch.equal(_dense(kept, layer, index, budget), want), f"layer {layer} {'kv'[index]}"
+    # A decode step reads the compacted pages and the cache grows by one.
+    kvt.enable(model)
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 1, dtype=torch.long), cache=kept, use_cache=True).logits
+    assert torch.isfinite(logits).all() and kept.cached_tokens() == budget + 1
+    with pytest.raises(ValueError, match="already ran"):
+        kept.apply_policy(queries)
+
+
+def test_apply_policy_refuses_bad_calls():
+    model = _model("llama")
+    with pytest.raises(ValueError, match="nothing is cached"):
+        kvt.KVCoreCache(model.config, max_cache_len=8, policy="snapkv", budget=4).apply_policy([None, None])
+    with pytest.raises(ValueError, match="built with a policy"):
+        _filled(model).apply_policy()
+    cache = _filled(model, "snapkv", 8)
+    with pytest.raises(ValueError, match="scores with queries"):
+        cache.apply_policy()
+    with pytest.raises(ValueError, match="one tensor per layer"):
+        cache.apply_policy([torch.randn(2, 4, 3, 16)])
+    with pytest.raises(ValueError, match=r"queries\[1\] must be"):
+        cache.apply_policy([torch.randn(2, 4, 3, 16), torch.randn(3, 4, 3, 16)])
+    streaming = _filled(model, "streaming_llm", 8)
+    streaming.apply_policy()  # needs no queries
+    assert streaming.cached_tokens() == 8

@@ -323,8 +323,10 @@ class KVCoreCache(Cache):
         store = paged.store_of(layer_idx)
         if paged.is_producer(layer_idx):
             # [B, Hkv, T, D] -> [B * T, Hkv, D]: token-major, the order reserve() gave the slots.
-            k = key_states.transpose(1, 2).reshape(batch * new, heads, dim)
-            v = value_states.transpose(1, 2).reshape(batch * new, heads, dim)
+            # contiguous(): with B = 1 the reshape of contiguous [1, Hkv, T, D] states is a strided
+            # view, which append_paged_kv refuses (a model's roped keys are token-major already).
+            k = key_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
+            v = value_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
             paged.append(layer_idx, k, v, self._slots)
             self._step_kv[store] = (key_states, value_states)
         key_states, value_states = self._step_kv[store]
@@ -363,6 +365,47 @@ class KVCoreCache(Cache):
         if self._evict_now and layer_idx == self.num_layers - 1:
             self._evict(scaling)
         return out
+
+    def apply_policy(self, queries: Optional[Sequence[Tensor]] = None, scaling: Optional[float] = None) -> None:
+        """Run the policy now over everything cached, as at the end of a prefill.
+
+        For a cache filled through ``update`` alone, without a forward pass (a synthesized prefill
+        state, as the ``e2e`` benchmark builds): a forward prefill applies the policy by itself.
+
+        Args:
+            queries: one ``[B, Hq, T, D]`` tensor per layer standing in for that layer's last ``T``
+                prefill queries (only the stores' producer layers are read): ``snapkv`` uses the
+                last ``window`` of them, ``tova`` the last one, ``h2o`` all; ``None`` is allowed for
+                ``streaming_llm`` and ``knorm``, which need none.
+            scaling: softmax scale of the scores (default ``head_dim ** -0.5``).
+
+        Raises:
+            ValueError: no policy, nothing cached yet, the policy already ran, or bad queries.
+        """
+        if self.policy is None:
+            raise ValueError("apply_policy needs a KVCoreCache built with a policy (policy=None here)")
+        if self.paged is None or self._block_table is None:
+            raise ValueError("apply_policy: nothing is cached yet (fill the cache with update() first)")
+        if self._evicted:
+            raise ValueError("apply_policy: the policy already ran on this cache")
+        batch = len(self.seq_ids)
+        if queries is None:
+            if self.policy not in ("streaming_llm", "knorm"):
+                raise ValueError(f"policy {self.policy!r} scores with queries: pass one [B, Hq, T, D] per layer")
+            queries = [None] * self.num_layers
+        if len(queries) != self.num_layers:
+            raise ValueError(f"queries must have one tensor per layer ({self.num_layers}), got {len(queries)}")
+        self._policy_q.clear()
+        for layer, q in enumerate(queries):
+            if q is None or not self.paged.is_producer(layer):
+                continue
+            if not isinstance(q, Tensor) or q.dim() != 4 or q.shape[0] != batch or q.shape[3] != self.head_dim:
+                shape = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
+                raise ValueError(f"queries[{layer}] must be [{batch}, Hq, T, {self.head_dim}], got {shape}")
+            self._policy_q[self.paged.store_of(layer)] = q
+        if self.policy not in ("streaming_llm", "knorm") and len(self._policy_q) != self.paged.num_stores:
+            raise ValueError(f"policy {self.policy!r} needs queries for every producer layer, got None for some")
+        self._evict(float(self.head_dim ** -0.5 if scaling is None else scaling))
 
     def _evict(self, scaling: float) -> None:
         """Compact every store to the budget (the last layer of the prefill has attended) and free pages."""
