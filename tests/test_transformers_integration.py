@@ -95,8 +95,8 @@ def test_chunked_prefill_matches_one_pass():
     kvt.enable(model)
     cache = kvt.KVCoreCache(model.config, max_cache_len=PROMPT, page_size=4)
     with torch.no_grad():
-        first = model(ids[:, :14], cache=cache, use_cache=True).logits
-        second = model(ids[:, 14:], cache=cache, use_cache=True).logits
+        first = model(ids[:, :14], **cache.forward_kwargs(model), use_cache=True).logits
+        second = model(ids[:, 14:], **cache.forward_kwargs(model), use_cache=True).logits
         want = eager(ids, use_cache=False).logits
     torch.testing.assert_close(torch.cat([first, second], dim=1), want, atol=1e-4, rtol=1e-4)
     assert cache.get_seq_length() == PROMPT and cache.cached_tokens() == PROMPT
@@ -132,8 +132,8 @@ def test_streaming_llm_keeps_sinks_and_recent():
     kept = kvt.KVCoreCache(model.config, max_cache_len=PROMPT, policy="streaming_llm", budget=budget,
                            policy_kwargs={"num_sinks": sinks})
     with torch.no_grad():
-        model(ids, cache=full, use_cache=True)
-        model(ids, cache=kept, use_cache=True)
+        model(ids, **full.forward_kwargs(model), use_cache=True)
+        model(ids, **kept.forward_kwargs(model), use_cache=True)
     positions = list(range(sinks)) + list(range(PROMPT - (budget - sinks), PROMPT))
     for layer in range(model.config.num_hidden_layers):
         for name, index in (("k", 0), ("v", 1)):
@@ -294,7 +294,7 @@ def test_apply_policy_on_a_filled_cache_matches_snapkv():
     # A decode step reads the compacted pages and the cache grows by one.
     kvt.enable(model)
     with torch.no_grad():
-        logits = model(torch.zeros(2, 1, dtype=torch.long), cache=kept, use_cache=True).logits
+        logits = model(torch.zeros(2, 1, dtype=torch.long), **kept.forward_kwargs(model), use_cache=True).logits
     assert torch.isfinite(logits).all() and kept.cached_tokens() == budget + 1
     with pytest.raises(ValueError, match="already ran"):
         kept.apply_policy(queries)

@@ -217,7 +217,7 @@ class KVCoreCache(Cache):
         self.num_layers = int(config.num_hidden_layers)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         self.head_dim = _head_dim(config)
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self.page_size = page_size
         self.policy = policy
         self.budget = budget
@@ -235,6 +235,13 @@ class KVCoreCache(Cache):
         super().__init__(layers=[_KVCoreLayer(self, i) for i in range(self.num_layers)])
 
     # ------------------------------------------------------------------ state
+
+    # transformers 5.16/5.17's Cache defines a read-only (deprecated) ``max_cache_len`` property;
+    # ours shadows it, so the attribute reads the same on every supported version.
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens per sequence the pages hold (the constructor's ``max_cache_len``)."""
+        return self._max_cache_len
 
     def _reset_step(self) -> None:
         self._block_table: Optional[Tensor] = None
@@ -257,7 +264,7 @@ class KVCoreCache(Cache):
         if self.paged is not None:
             return
         batch = key_states.shape[0]
-        pages_per_seq = -(-self.max_cache_len // self.page_size)
+        pages_per_seq = -(-self._max_cache_len // self.page_size)
         self.paged = PagedKVCache(
             self.num_layers, self.num_kv_heads, self.head_dim, num_pages=batch * pages_per_seq,
             page_size=self.page_size, dtype=key_states.dtype, device=key_states.device,
