@@ -253,7 +253,19 @@ class PagedKVCache:
             slots = torch.cat(slot_parts)
         else:
             slots = torch.empty(0, dtype=torch.int64)
-        return slots.to(self.device)
+        return self._upload(slots)
+
+    def _upload(self, host: Tensor) -> Tensor:
+        """Copy step metadata built on the host (slots, block tables, lengths) to the cache device.
+
+        On CUDA through pinned memory without blocking: a plain ``.to(device)`` from pageable memory
+        synchronises the stream, so every decode step would wait for the GPU to drain before the
+        host could queue the step's kernels. torch's pinned-memory allocator keeps the staging
+        buffer alive until the copy has run.
+        """
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def block_table(self, seq_ids: Sequence[int]) -> Tensor:
         """int32 ``[B, max_pages]`` page ids of the listed sequences on the cache device.
@@ -266,12 +278,12 @@ class PagedKVCache:
         table = torch.zeros(len(seqs), max_pages, dtype=torch.int32)
         for row, seq in enumerate(seqs):
             table[row, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
-        return table.to(self.device)
+        return self._upload(table)
 
     def seq_lens(self, seq_ids: Sequence[int]) -> Tensor:
         """int32 ``[B]`` lengths of the listed sequences on the cache device."""
         lens = [self._get(s).length for s in seq_ids]
-        return torch.tensor(lens, dtype=torch.int32).to(self.device)
+        return self._upload(torch.tensor(lens, dtype=torch.int32))
 
     # ---------------------------------------------------------------- ops
 
