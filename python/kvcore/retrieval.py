@@ -423,6 +423,10 @@ class InfLLMCache:
         if not math.isfinite(scale) or scale <= 0:
             raise ValueError(f"scale must be a positive finite float, got {scale}")
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # Name the device by index: tensors report "cuda:0", never bare "cuda", and the step
+            # inputs are compared against this.
+            device = torch.device("cuda", torch.cuda.current_device())
         if device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32/bfloat16/float16, got {dtype}")
         if device.type == "cuda" and dtype not in (torch.bfloat16, torch.float16):
