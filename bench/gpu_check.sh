@@ -3,7 +3,10 @@
 # benchmarks, writing logs and results under $OUT (or the folder given as $1).
 #   bash bench/gpu_check.sh [OUTDIR] [pytest args...]
 # Set KVCORE_BENCH_ARGS to pass options to `python -m kvcore.bench` (default: the decode group);
-# KVCORE_SKIP_TESTS=1 or KVCORE_SKIP_BENCH=1 skip a stage.
+# KVCORE_SKIP_TESTS=1 or KVCORE_SKIP_BENCH=1 skip a stage; KVCORE_SANITIZE="memcheck racecheck ..."
+# adds a compute-sanitizer stage (bench/sanitize.sh) after the benchmarks. Each stage runs under a
+# time limit (KVCORE_TEST_TIMEOUT, KVCORE_BENCH_TIMEOUT, KVCORE_SANITIZE_TIMEOUT seconds) so that
+# one hung stage cannot eat the whole device call.
 set -uo pipefail
 out=${1:-${OUT:?give an output folder}}
 shift || true
@@ -31,7 +34,7 @@ if [ $rc -ne 0 ]; then tail -40 "$out/build.log"; exit $rc; fi
 
 if [ "${KVCORE_SKIP_TESTS:-0}" != 1 ]; then
   start=$(date +%s)
-  python3 -m pytest tests -q -x -p no:cacheprovider "$@" > "$out/tests.log" 2>&1
+  timeout "${KVCORE_TEST_TIMEOUT:-900}" python3 -m pytest tests -q -p no:cacheprovider "$@" > "$out/tests.log" 2>&1
   echo "tests rc=$? in $(( $(date +%s) - start )) s"
   tail -15 "$out/tests.log"
 fi
@@ -39,7 +42,15 @@ fi
 if [ "${KVCORE_SKIP_BENCH:-0}" != 1 ]; then
   start=$(date +%s)
   # shellcheck disable=SC2086
-  python3 -m kvcore.bench ${KVCORE_BENCH_ARGS:---group decode} --out "$out" > "$out/bench.log" 2>&1
+  timeout "${KVCORE_BENCH_TIMEOUT:-900}" python3 -m kvcore.bench ${KVCORE_BENCH_ARGS:---group decode} --out "$out" > "$out/bench.log" 2>&1
   echo "bench rc=$? in $(( $(date +%s) - start )) s"
   tail -30 "$out/bench.log"
+fi
+
+if [ -n "${KVCORE_SANITIZE:-}" ]; then
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout "${KVCORE_SANITIZE_TIMEOUT:-900}" bash bench/sanitize.sh "$out/sanitize" $KVCORE_SANITIZE > "$out/sanitize.log" 2>&1
+  echo "sanitize rc=$? in $(( $(date +%s) - start )) s"
+  tail -8 "$out/sanitize.log"
 fi
