@@ -111,6 +111,8 @@ void attention_scores_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, co
               "attention_scores (CUDA): head_dim must be 64, 128 or 256, got ", s.head_dim);
   TORCH_CHECK(s.batch <= 65535, "attention_scores (CUDA): batch must be <= 65535 (the grid's z dimension), got ",
               s.batch);
+  TORCH_CHECK(s.num_kv_heads <= 65535, "attention_scores (CUDA): num_kv_heads must be <= 65535 (a grid dimension), got ",
+              s.num_kv_heads);
   TORCH_CHECK(s.window * s.group <= (int64_t(1) << 24), "attention_scores (CUDA): q's window x group (",
               s.window * s.group, " rows per KV head) must be <= 2^24");
   TORCH_CHECK(s.max_pages * s.page_size < kMaxPositions, "attention_scores: block_table capacity (max_pages x "
