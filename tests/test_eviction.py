@@ -146,11 +146,12 @@ def test_attention_scores_cuda_grid(case, gen):
     torch.testing.assert_close(out.double(), ref, atol=SCORE_TOL[dtype] * scale, rtol=1e-3)
     for b, n in enumerate(lens):
         assert bool((out[b, :, n:] == 0).all())
-    # The CPU kernel on the same inputs agrees as closely (both accumulate in fp32).
+    # The CPU kernel on the same 16-bit inputs agrees far more tightly: both take the logits in
+    # fp32 from the same values, so only summation order and exp / log rounding differ.
     cpu = kvcore.attention_scores(q.cpu(), kv.k_cache.cpu(), kv.block_table.cpu(), kv.seq_lens.cpu(),
                                   lse=None if lse is None else lse.cpu(), reduction=reduction, pooling=pooling,
                                   pool_kernel=kernel, max_len=max_len)
-    torch.testing.assert_close(out.cpu(), cpu, atol=SCORE_TOL[dtype] * scale, rtol=1e-3)
+    torch.testing.assert_close(out.cpu(), cpu, atol=1e-5, rtol=1e-4)
 
 
 @cuda_scores
