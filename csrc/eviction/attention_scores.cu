@@ -18,7 +18,7 @@
 namespace kvcore {
 namespace {
 
-// A split shorter than this spends more on loading its rows than on its keys.
+// A split shorter than this spends more on loading its rows than on its keys (one row block).
 constexpr int64_t kMinSplitKeys = 256;
 // Positions are int32 in the kernels and run a few tiles past a split while pages are prefetched.
 constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
@@ -54,7 +54,9 @@ void launch(AttentionScoresParams& p, bool have_lse, int64_t pairs, at::Tensor& 
   // waves of CTAs, so ragged lengths and the compute-heavy tiles leave a short tail.
   const int64_t kv_len = p.kv_len;
   int64_t splits = std::max<int64_t>(1, (8 * slots + pairs - 1) / pairs);
-  splits = std::min<int64_t>(splits, std::max<int64_t>(1, kv_len / kMinSplitKeys));
+  // Many query rows (H2O at prefill: w = the prompt) make every key costly, so shorter splits pay.
+  const int64_t min_split = p.rows > Cfg::ROWS ? Cfg::TK : kMinSplitKeys;
+  splits = std::min<int64_t>(splits, std::max<int64_t>(1, kv_len / min_split));
   int64_t split_tokens = std::max<int64_t>(1, (kv_len + splits - 1) / splits);
   split_tokens = (split_tokens + Cfg::TK - 1) / Cfg::TK * Cfg::TK;
   splits = std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens);
