@@ -741,3 +741,68 @@ def test_retrieval_group_cpu_json(tmp_path):
         assert r["ms"] > 0 and r["gbps"] > 0 and r["pct_copy"] > 0, r
     assert {r["impl"] for r in data["rows"]} == {"kvcore", "torch"}
     assert any("reloaded" in (r["notes"] or "") for r in data["rows"] if r["impl"] == "kvcore")
+
+
+# ------------------------------------------------------------------------------------------
+# Group "eviction", scoring part: SnapKV window scores (kvcore.bench.eviction_scores)
+# ------------------------------------------------------------------------------------------
+
+
+def test_eviction_scores_cases_count_bytes_and_flops():
+    mod = importlib.import_module("kvcore.bench.eviction_scores")
+    full = mod.cases(torch.device("cuda"), False)
+    # The issue's shape: SnapKV scoring B1 Hq32/Hkv8/D128, w64, S 32768 and 131072.
+    assert [(c.batch, c.num_q_heads, c.num_kv_heads, c.head_dim, c.window) for c in full] == [(1, 32, 8, 128, 64)] * 2
+    assert [c.seq_len for c in full] == [32768, 131072]
+    big = full[1]
+    assert big.nbytes == 131072 * 8 * 128 * 2 + 64 * 32 * 128 * 2 + 8 * 131072 * 4
+    assert big.flops == 2 * 32 * 64 * 131072 * 128
+    assert len({c.name for c in full + mod.cases(torch.device("cpu"), True)}) == 4
+
+
+@needs_kvcore
+def test_eviction_scores_torch_forms_match_reference():
+    """The timed torch forms and the lse helper agree with kvcore.reference on a small case."""
+    from kvcore import reference
+
+    mod = importlib.import_module("kvcore.bench.eviction_scores")
+    case = mod.ScoresCase(2, 8, 2, 64, 200, 12, page_size=8, dtype=torch.float32)
+    inputs = mod.make_inputs(case, torch.device("cpu"))
+    ref = reference.attention_scores(inputs.q, inputs.k_cache, inputs.block_table, inputs.seq_lens,
+                                     reduction="sum", pooling="avg", pool_kernel=5)
+    torch.testing.assert_close(mod.torch_scores(inputs).double(), ref, atol=1e-4, rtol=1e-4)
+    with_lse = reference.attention_scores(inputs.q, inputs.k_cache, inputs.block_table, inputs.seq_lens,
+                                          lse=inputs.lse, reduction="sum", pooling="avg", pool_kernel=5)
+    torch.testing.assert_close(with_lse, ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_kvcore
+def test_eviction_scores_group_cpu_rows():
+    """The scoring module on CPU: every default implementation timed and checked on every quick
+    case, rows in the committed shape (peak_extra_bytes is None off CUDA)."""
+    from kvcore.bench.harness import RunContext, Timer
+
+    mod = importlib.import_module("kvcore.bench.eviction_scores")
+    device = torch.device("cpu")
+    ctx = RunContext(device, Timer(device, warmup_ms=1, rep_ms=5, min_reps=2), 10.0, 1.0, quick=True)
+    rows = [r for case in mod.cases(device, True) for r in mod.run(case, mod.impls(device), ctx)]
+    assert {r["group"] for r in rows} == {"eviction"}
+    assert {r["case"] for r in rows} == {c.name for c in mod.cases(device, True)}
+    for r in rows:
+        assert set(r) >= {"group", "impl", "case", "ms", "gbps", "pct_copy", "tflops", "pct_gemm"}
+        assert "error" not in r, r
+        if r["impl"] == "torch-bf16" and "fp32" in r["case"]:
+            assert r["ms"] is None and "skipped" in r["notes"]
+            continue
+        assert r["ms"] > 0 and r["gbps"] > 0, r
+        assert "peak_extra_bytes" in r and r["peak_extra_bytes"] is None
+    assert {r["impl"] for r in rows} == {"kvcore", "kvcore-lse", "torch", "torch-bf16"}
+
+
+def test_eviction_group_registered():
+    from importlib import util
+
+    spec = util.spec_from_file_location("_bench_init_only", BENCH_DIR / "__init__.py")
+    init = util.module_from_spec(spec)
+    spec.loader.exec_module(init)
+    assert init.GROUPS["eviction"][0] == ".eviction_scores"

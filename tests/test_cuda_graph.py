@@ -1,5 +1,5 @@
-"""A decode step (append + gqa_decode, append + block_sparse_decode) and token_decoder_attention
-captured once in a CUDA graph and replayed.
+"""A decode step (append + gqa_decode, append + block_sparse_decode), token_decoder_attention and
+H2O's per-step attention_scores captured once in a CUDA graph and replayed.
 
 With out, lse and workspace passed in, the ops neither allocate nor sync on the host, so the
 capture succeeds; replays must follow new contents of seq_lens, block_table and slot_mapping.
@@ -65,6 +65,54 @@ def test_decode_step_graph_replay(gen):
         ref_out, ref_lse = reference.gqa_decode(q, k_cache, v_cache, block_table, seq_lens)
         torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+# ---- H2O's per-step scores: attention_scores with w = 1 --------------------------------------
+
+
+@pytest.mark.skipif(not torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::attention_scores", "CUDA"),
+                    reason="no CUDA kernel registered for kvcore::attention_scores")
+def test_h2o_step_scores_graph_replay(gen):
+    """attention_scores of the step's query (w = 1, the H2O accumulation step) captured once; the
+    op sizes its key split from shapes alone and takes its workspace from the caching allocator
+    (the graph's pool), so replays follow new seq_lens, block tables and queries."""
+    batch, hq, hkv, d, page, max_pages = 3, 16, 4, 128, 16, 40
+    num_pages = batch * max_pages
+    dev, dt = "cuda", torch.bfloat16
+    k_cache = randn(num_pages, page, hkv, d, gen=gen, dtype=dt, device=dev)
+    q = torch.empty(batch, 1, hq, d, dtype=dt, device=dev)
+    block_table = torch.empty(batch, max_pages, dtype=torch.int32, device=dev)
+    seq_lens = torch.empty(batch, dtype=torch.int32, device=dev)
+    scores = torch.empty(batch, hkv, max_pages * page, device=dev)
+    acc = torch.zeros_like(scores)
+
+    def fill(lens):
+        perm = torch.randperm(num_pages, generator=gen).view(batch, max_pages)
+        block_table.copy_(perm.int())
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.copy_(randn(*q.shape, gen=gen, dtype=dt))
+
+    def step():
+        kvcore.attention_scores(q, k_cache, block_table, seq_lens, reduction="sum", out=scores)
+        acc.add_(scores)
+
+    fill([600, 1, 37])
+    step()  # warm-up outside the capture (kernel attributes, occupancy cache)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for lens in ([640, 5, 100], [1, 600, 0], [320, 320, 320]):
+        fill(lens)
+        acc.zero_()
+        scores.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.attention_scores(q, k_cache, block_table, seq_lens, reduction="sum",
+                                         max_len=max_pages * page)
+        torch.testing.assert_close(scores.double(), ref, atol=2e-3 * (hq // hkv), rtol=1e-3)
+        torch.testing.assert_close(acc, scores)
 
 
 # ---- block-sparse decode step ----------------------------------------------------------------

@@ -88,6 +88,207 @@ def test_attention_scores_sum_is_window_count(gen):
     torch.testing.assert_close(out.sum(dim=-1), torch.full((2, 2), 6.0 * 4), atol=1e-4, rtol=1e-5)
 
 
+# ---- CUDA kernel: the grid of shapes it is built for ---------------------------------------------
+# The CUDA kernel holds 256 query rows per block (128 at D = 256) and cuts keys into splits of
+# 64-key tiles; pooling runs in segments of 1024 keys. The cases cross each of those boundaries:
+# several row blocks (w * G > 256), many splits, sequences shorter than the window, empty and
+# one-token sequences, lengths at and around a pooling-segment end, page sizes 1 .. 256.
+# (batch, w, Hq, Hkv, D, page_size, lens, reduction, pooling, kernel, with_lse, dtype)
+CUDA_SCORE_CASES = [
+    (2, 64, 32, 8, 128, 16, (3000, 700), "sum", "avg", 7, False, torch.bfloat16),  # SnapKV-like
+    (2, 64, 32, 8, 128, 16, (3000, 700), "sum", "avg", 5, True, torch.float16),
+    (2, 128, 16, 1, 256, 256, (1500, 90), "mean", "max", 5, False, torch.bfloat16),  # 16 row blocks, L < w
+    (3, 1, 16, 1, 64, 1, (300, 1, 0), "max", "none", 5, False, torch.float16),  # TOVA-like, page 1
+    (2, 16, 12, 4, 64, 32, (2100, 17), "sum", "avg", 5, True, torch.bfloat16),  # G = 3
+    (1, 33, 10, 5, 128, 8, (1200,), "max", "avg", 7, True, torch.float16),
+    (3, 8, 8, 8, 256, 64, (1030, 1025, 1024), "sum", "max", 7, False, torch.bfloat16),  # G = 1, segment ends
+    (1, 100, 4, 1, 128, 128, (5000,), "mean", "none", 5, False, torch.float16),  # 2 row blocks (R = 400)
+    (4, 4, 64, 4, 64, 2, (129, 64, 63, 2), "sum", "max", 5, False, torch.float16),  # G = 16
+    (2, 20, 40, 8, 128, 4, (333, 20), "max", "none", 5, True, torch.bfloat16),  # G = 5, L == w
+]
+
+
+def _window_lse_ref(q, kv, lens, scale=None):
+    """Each window query's fp64 log-sum-exp over the keys it sees (-inf when it sees none), as fp32."""
+    batch, w, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    lse = torch.full((batch, w, hq), -math.inf, dtype=torch.float32, device=q.device)
+    for b, n in enumerate(lens):
+        if n == 0:
+            continue
+        keys = reference.gather_paged(kv.k_cache, kv.block_table[b], torch.arange(n)).double()
+        keys = keys.repeat_interleave(hq // kv.k_cache.shape[2], dim=1)
+        lg = scale * torch.einsum("ihd,lhd->ihl", q[b].double(), keys)
+        t = n - w + torch.arange(w, device=q.device)
+        lg = lg.masked_fill(torch.arange(n, device=q.device).view(1, 1, -1) > t.view(-1, 1, 1), -math.inf)
+        lse[b] = torch.logsumexp(lg, dim=-1).float()
+    return lse
+
+
+@cuda_scores
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_SCORE_CASES,
+                         ids=lambda c: f"B{c[0]}w{c[1]}Hq{c[2]}Hkv{c[3]}D{c[4]}ps{c[5]}-{c[7]}-{c[8]}{c[9]}"
+                         + ("-lse" if c[10] else "") + ("-bf16" if c[11] == torch.bfloat16 else "-fp16"))
+def test_attention_scores_cuda_grid(case, gen):
+    batch, w, hq, hkv, d, ps, lens, reduction, pooling, kernel, with_lse, dtype = case
+    kv = make_paged_kv(list(lens), ps, hkv, d, gen=gen, dtype=dtype, device="cuda")
+    q = randn(batch, w, hq, d, gen=gen, dtype=dtype, device="cuda")
+    lse = _window_lse_ref(q, kv, lens) if with_lse else None
+    max_len = max(lens) + 70  # past the block table's capacity too: those keys score 0
+    out = poison(torch.empty(batch, hkv, max_len, dtype=torch.float32, device="cuda"))
+    kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
+                            pooling=pooling, pool_kernel=kernel, out=out)
+    ref = reference.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
+                                     pooling=pooling, pool_kernel=kernel, max_len=max_len)
+    assert not torch.isnan(out).any(), "attention_scores left unwritten (NaN) elements"
+    scale = w * hq // hkv if reduction == "sum" else 1.0
+    torch.testing.assert_close(out.double(), ref, atol=SCORE_TOL[dtype] * scale, rtol=1e-3)
+    for b, n in enumerate(lens):
+        assert bool((out[b, :, n:] == 0).all())
+    # The CPU kernel on the same 16-bit inputs agrees far more tightly: both take the logits in
+    # fp32 from the same values, so only summation order and exp / log rounding differ.
+    cpu = kvcore.attention_scores(q.cpu(), kv.k_cache.cpu(), kv.block_table.cpu(), kv.seq_lens.cpu(),
+                                  lse=None if lse is None else lse.cpu(), reduction=reduction, pooling=pooling,
+                                  pool_kernel=kernel, max_len=max_len)
+    torch.testing.assert_close(out.cpu(), cpu, atol=1e-5, rtol=1e-4)
+
+
+@cuda_scores
+@pytest.mark.cuda
+def test_attention_scores_cuda_deterministic_and_strided_q(gen):
+    """Two calls give the same bits (fixed reduction order, no atomics); a q view with odd strides
+    (copied by the launcher) and a page-strided cache give the contiguous inputs' result."""
+    lens = [2500, 333]
+    kv = make_paged_kv(lens, 16, 4, 128, gen=gen, dtype=torch.bfloat16, device="cuda", strided_cache=True)
+    big = randn(2, 40, 17, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
+    q = big[:, 8:, :16]  # [2, 32, 16, 128], strides (87040, 2176, 128, 1)
+    q_odd = torch.empty(2, 32, 16, 129, dtype=torch.bfloat16, device="cuda")[..., 1:]
+    q_odd.copy_(q)  # element offset 1 of 129-wide rows: 2-byte aligned rows, odd strides
+    a = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, pooling="avg", pool_kernel=7)
+    b = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, pooling="avg", pool_kernel=7)
+    c = kvcore.attention_scores(q_odd, kv.k_cache, kv.block_table, kv.seq_lens, pooling="avg", pool_kernel=7)
+    d = kvcore.attention_scores(q.contiguous(), kv.k_cache.contiguous(), kv.block_table, kv.seq_lens, pooling="avg",
+                                pool_kernel=7)
+    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+    ref = reference.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, pooling="avg", pool_kernel=7,
+                                     max_len=a.shape[2])
+    torch.testing.assert_close(a.double(), ref, atol=2e-3 * 32 * 4, rtol=1e-3)
+
+
+@cuda_scores
+@pytest.mark.cuda
+def test_attention_scores_cuda_clamps_bad_contents_without_validation(gen, no_validation):
+    """With validation off, out-of-range pages and lengths never fault on the GPU (clamped)."""
+    kv = make_paged_kv([20, 7, 9], 8, 2, 64, gen=gen, dtype=torch.bfloat16, device="cuda")
+    table = kv.block_table.clone()
+    table[0, 0] = 10**6
+    table[2, 0] = -5
+    lens = torch.tensor([10**5, -3, 9], dtype=torch.int32, device="cuda")
+    q = randn(3, 4, 4, 64, gen=gen, dtype=torch.bfloat16, device="cuda")
+    for lse in (None, torch.zeros(3, 4, 4, device="cuda")):
+        out = kvcore.attention_scores(q, kv.k_cache, table, lens, lse=lse, pooling="avg", max_len=24)
+        torch.cuda.synchronize()
+        assert out.shape == (3, 2, 24) and bool((out[1] == 0).all())
+    empty = kv.k_cache[:0]  # no pages: every sequence reads as empty
+    out = kvcore.attention_scores(q, empty, kv.block_table, kv.seq_lens, max_len=24)
+    torch.cuda.synchronize()
+    assert bool((out == 0).all())
+
+
+@cuda_scores
+@pytest.mark.cuda
+def test_attention_scores_cuda_limits(gen):
+    """The CUDA kernel's own limits: head dims 64 / 128 / 256 and 16-bit floats, named in the message."""
+    kv = make_paged_kv([20, 7], 8, 2, 32, gen=gen, dtype=torch.bfloat16, device="cuda")
+    q = randn(2, 4, 4, 32, gen=gen, dtype=torch.bfloat16, device="cuda")
+    out = poison(torch.empty(2, 2, 24, device="cuda"))
+    with pytest.raises(RuntimeError, match="head_dim must be 64, 128 or 256"):
+        kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, out=out)
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen, dtype=torch.float32, device="cuda")
+    q = randn(2, 4, 4, 64, gen=gen, dtype=torch.float32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"\bq must be bfloat16 or float16 on CUDA"):
+        kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, out=out)
+    assert bool(torch.isnan(out).all())
+
+
+@cuda_scores
+@pytest.mark.cuda
+def test_opcheck_attention_scores_cuda(gen):
+    kv = make_paged_kv([200, 7], 16, 2, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
+    q = randn(2, 8, 8, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(2, 2, 224, device="cuda")
+    lse = randn(2, 8, 8, gen=gen, device="cuda") + 5.0
+    for args in [(None, "sum", "avg", 5), (lse, "max", "max", 7), (None, "mean", "none", 5)]:
+        torch.library.opcheck(torch.ops.kvcore.attention_scores.default,
+                              (q, kv.k_cache, kv.block_table, kv.seq_lens, args[0], 0.09, *args[1:], out),
+                              test_utils=OPCHECK_UTILS)
+
+
+def _cuda_copy(kv):
+    return SimpleNamespace(k_cache=kv.k_cache.cuda(), v_cache=kv.v_cache.cuda(), block_table=kv.block_table.cuda(),
+                           seq_lens=kv.seq_lens.cuda())
+
+
+def _assert_same_selection(cuda_sel, cpu_sel, cpu_scores, lens):
+    """The CUDA run keeps the CPU run's set for every (sequence, head), ties aside: a key kept by
+    only one run must score (in the CPU run's ranking scores) within 1e-5 of the other run's
+    swapped key, i.e. the two runs only ordered a near-tie differently."""
+    (kc, nc), (kp, np_) = cuda_sel, cpu_sel
+    assert torch.equal(nc.cpu(), np_.cpu()), f"kept counts differ: {nc.tolist()} vs {np_.tolist()}"
+    s = cpu_scores.double().cpu()
+    for b in range(len(lens)):
+        m = int(np_[b])
+        for h in range(kc.shape[1]):
+            a, c = set(kc[b, h, :m].tolist()), set(kp[b, h, :m].tolist())
+            only_cuda, only_cpu = sorted(a - c), sorted(c - a)
+            if not only_cuda:
+                continue
+            got = sorted(float(s[b, h, x]) for x in only_cuda)
+            want = sorted(float(s[b, h, x]) for x in only_cpu)
+            assert all(abs(g - w) <= 1e-5 * max(1.0, abs(w)) for g, w in zip(got, want)), (
+                f"sequence {b} head {h}: CUDA keeps {only_cuda} (scores {got}), CPU keeps {only_cpu} (scores {want})")
+
+
+POLICY_LENS = (900, 300, 77)
+
+
+@cuda_scores
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "tova", "corm", "h2o"])
+def test_policies_same_kept_set_on_cuda_and_cpu(policy, gen, monkeypatch):
+    dtype = torch.bfloat16
+    w = {"snapkv": 32, "pyramidkv": 16, "tova": 1, "corm": 4, "h2o": 77}[policy]
+    kv = make_paged_kv(list(POLICY_LENS), 16, 2, 128, gen=gen, dtype=dtype)
+    q = randn(len(POLICY_LENS), w, 8, 128, gen=gen, dtype=dtype, scale=3.0 if policy == "corm" else 1.0)
+    runs, ranked = [], []
+    select_top = policies.eviction._select_top
+
+    def recording_select_top(scores, *args, **kwargs):
+        ranked.append(scores)
+        return select_top(scores, *args, **kwargs)
+
+    monkeypatch.setattr(policies.eviction, "_select_top", recording_select_top)
+    for dev in ("cpu", "cuda"):
+        c = kv if dev == "cpu" else _cuda_copy(kv)
+        qd = q.to(dev)
+        if policy == "snapkv":
+            sel = policies.snapkv(qd, c.k_cache, c.block_table, c.seq_lens, 96)
+        elif policy == "pyramidkv":
+            sel = policies.pyramidkv(qd, c.k_cache, c.block_table, c.seq_lens, 64, layer=1, num_layers=4)
+        elif policy == "tova":
+            sel = policies.tova(qd, c.k_cache, c.block_table, c.seq_lens, 50)
+        elif policy == "corm":
+            if dev == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::gqa_decode", "CUDA"):
+                pytest.skip("CORM needs the CUDA gqa_decode kernel")
+            sel = policies.corm(qd, c.k_cache, c.v_cache, c.block_table, c.seq_lens)
+        else:  # H2O at prefill: every prompt query of the shortest sequence's length
+            scores = policies.h2o_scores(qd, c.k_cache, c.block_table, c.seq_lens)
+            sel = policies.h2o(scores, c.seq_lens, 40)
+        runs.append(sel)
+    _assert_same_selection(runs[1], runs[0], ranked[0], POLICY_LENS)
+
+
 # (lens, Hkv, page_size, max_kept, kept_lens or None)
 COMPACT_CASES = [
     ((40, 17, 5), 2, 8, 6, None),

@@ -1,0 +1,418 @@
+// Eviction scores on tensor cores without the [w, S] score matrix (kvcore::attention_scores).
+//
+// For a sequence b of length L, KV head h and key p, the score reduces over the R = w * G query
+// rows of the KV group (row r = i * G + g: window query i, group head g; row r sees the keys
+// p <= L - w + i) the probabilities exp(logit[r, p] - lse[r]). Two passes over the keys:
+//
+//   pass 1 (only without the caller's lse): one CTA per (KV head, key split, sequence) computes
+//     its rows' logits against the split's keys and keeps, per row, a running max and sum of exp
+//     in registers; it writes one log2-sum-exp per (row, split) into a workspace
+//     [B, Hkv, R, splits]. merge_lse_kernel folds the splits of each row into the natural-log
+//     lse, laid out [B, w, Hq] like the caller's, so pass 2 reads either the same way.
+//   pass 2: the same CTAs recompute the logits, p = exp2(logit * log2e - lse * log2e) for the
+//     keys a row sees, reduced over the rows (sum / max) straight into out[b, h, p]. Each CTA
+//     also zero-fills its keys past L (and the last split everything up to S).
+//   pooling (pool_kernel): SnapKV's 1-D pooling of the prefix keys p < L - w, from out into out.
+//     Pooling segments of kPoolSeg keys are independent CTAs; the few keys a segment's window
+//     reads from its neighbours (kEdge on each side) are copied by pass 2 into a small side
+//     buffer, so no CTA reads a value another CTA of the same launch overwrites.
+//
+// Compute mapping (both passes): the key tiles of a split stream through a STAGES-deep
+// cp.async ring (16-byte copies, rows past the end zero-filled, XOR-swizzled 16-byte chunks for
+// conflict-free ldmatrix). The rows are held as mma A fragments in registers: each of the 8
+// warps owns MT m-tiles (16 rows each) and sweeps every key of every tile in sub-tiles of 16
+// keys, so a K fragment read from shared memory feeds MT mmas. When R exceeds the 8 warps' rows
+// the CTA repeats its split once per block of rows (the split's keys are then re-read, mostly
+// from L2); pass 2 accumulates the row blocks into out in order, so results are deterministic.
+//
+// Per key, pass 2 reduces within a warp with butterfly shuffles over the lanes that hold the
+// same key column, then over the warps through shared memory in warp order: a fixed order, so
+// the scores are bitwise reproducible run to run.
+//
+// NaN rules (tests/test_nan.py): a NaN logit that a row sees makes the row's lse NaN (the sum
+// of exp is NaN; fmaxf-based maxima skip it, so nothing turns it into -inf), hence every score of
+// the keys it sees; a key a row does not see contributes an exact 0 (selected, never computed
+// as exp(-inf - lse)); max-reduction and max-pooling let a NaN win.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "kvcore/device_utils.cuh"
+
+namespace kvcore {
+
+enum ScoreReduce : int { kScoreSum = 0, kScoreMean = 1, kScoreMax = 2 };
+
+struct AttentionScoresParams {
+  const void* q;  // [B, w, Hq, D], last dim contiguous; strides even (4-byte fragment loads)
+  int64_t q_stride_b, q_stride_w, q_stride_h;
+  const void* k_cache;  // [pages, page_size, Hkv, D], inner three dims dense
+  int64_t k_page_stride;  // elements between pages (a multiple of 8)
+  const int* block_table;  // [B, max_pages]
+  const int* seq_lens;     // [B]
+  const float* lse;        // pass 2: [B, w, Hq] natural log (the caller's, or merge_lse_kernel's)
+  float* lse_out;          // merge_lse_kernel: [B, w, Hq]
+  float* part;             // pass 1 out / merge in: [B, Hkv, R, splits], log2 domain
+  float* out;              // [B, Hkv, S] fp32 contiguous
+  float* edges;            // pooling: [B, Hkv, num_segs, 2 * kEdge] (nullptr without pooling)
+  int batch, window, num_kv_heads, group, rows;  // rows = window * group
+  int num_pages, page_size, page_shift, max_pages;  // page_shift < 0: page_size not a power of 2
+  int kv_len;              // positions a sequence can have: min(block-table capacity, S); 0 without pages
+  int max_len;             // S
+  int splits, split_tokens;  // split_tokens: a multiple of the key tile
+  int num_segs;            // pooling segments: ceil(S / kPoolSeg)
+  float scale_log2;        // softmax scale * log2(e)
+  int reduction;           // ScoreReduce
+  int pool_kernel;         // 0: no pooling; else 5 or 7
+  int pool_max;            // 1: max pooling, 0: avg pooling
+};
+
+constexpr int kPoolSeg = 1024;  // keys per pooling CTA
+constexpr int kEdge = 3;        // halo keys kept per segment side (pool_kernel 7 -> radius 3)
+
+template <int D_>
+struct ScoresConfig {
+  static constexpr int D = D_;
+  static constexpr int WARPS = 8;
+  static constexpr int THREADS = WARPS * 32;
+  static constexpr int TK = 64;                          // keys per tile (one ring stage)
+  static constexpr int MT = D <= 128 ? 2 : 1;           // m-tiles (16 rows) per warp: 64 regs of Q at D 128 / 256
+  static constexpr int ROWS = WARPS * MT * 16;          // rows per row block
+  static constexpr int KS = D / 16;                     // mma k-steps
+  static constexpr int TD = D / 8;                      // 16-byte chunks per key row
+  static constexpr int STAGES = D <= 128 ? 4 : 3;
+  static constexpr int LOADS = TK * TD / THREADS;       // 16-byte copies per thread per tile
+  static constexpr size_t SMEM_TILES = size_t(STAGES) * TK * D * 2;
+  static constexpr size_t SMEM_RED = size_t(WARPS) * TK * sizeof(float);
+  static constexpr size_t SMEM_BYTES = SMEM_TILES + SMEM_RED;
+  static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
+  static_assert((TK * TD) % THREADS == 0 && THREADS % TD == 0, "tile copies must divide evenly");
+};
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile.
+template <int TD>
+__device__ __forceinline__ int scores_swz(int row, int chunk) {
+  return (row * TD + (chunk ^ (row & 7))) * 8;
+}
+
+// max that lets a NaN win (torch's amax / max_pool1d propagate NaN; fmaxf would drop it).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || isnan(a)) ? a : b; }
+
+// Clamped sequence length: never past the block table, the output or an empty cache.
+__device__ __forceinline__ int scores_len(const AttentionScoresParams& p, int b) {
+  return min(max(__ldg(p.seq_lens + b), 0), p.kv_len);
+}
+
+template <typename T, typename Cfg, bool PASS2>
+__global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_kernel(const AttentionScoresParams p) {
+  constexpr int D = Cfg::D, TD = Cfg::TD, TK = Cfg::TK, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
+  constexpr int MT = Cfg::MT, KS = Cfg::KS, WARPS = Cfg::WARPS, THREADS = Cfg::THREADS;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* const sK = reinterpret_cast<T*>(smem_raw);
+  float* const sRed = reinterpret_cast<float*>(smem_raw + Cfg::SMEM_TILES);  // [WARPS][TK]
+
+  const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int len = scores_len(p, b);
+  const int start = split * p.split_tokens;
+  const int end = min(len, start + p.split_tokens);
+  const int num_tiles = start < end ? (end - start + TK - 1) / TK : 0;
+  const int64_t pair = int64_t(b) * p.num_kv_heads + h;
+  float* const out_row = p.out + pair * p.max_len;
+
+  if constexpr (PASS2) {
+    // Keys past the sequence score 0: this split's share of [len, S) (the last split also takes
+    // the positions past the block table's capacity, up to S).
+    const int zero_end = split == p.splits - 1 ? p.max_len : start + p.split_tokens;
+    for (int k = max(start, len) + tid; k < zero_end; k += THREADS) out_row[k] = 0.f;
+  }
+  const int num_row_blocks = (p.rows + Cfg::ROWS - 1) / Cfg::ROWS;
+  if (num_tiles == 0) {
+    if constexpr (!PASS2) {
+      // No key of this split: every row's part is empty (-inf), so the merge can read all splits.
+      for (int r = tid; r < p.rows; r += THREADS) p.part[(pair * p.rows + r) * p.splits + split] = -INFINITY;
+    }
+    return;
+  }
+
+  // ---- the K ring ------------------------------------------------------------------------------
+  // Every index read from memory is clamped, so bad block-table contents give wrong numbers but
+  // never an out-of-bounds access (the Python wrapper validates them when validation is on).
+  const int* bt = p.block_table + int64_t(b) * p.max_pages;
+  const T* const kbase = static_cast<const T*>(p.k_cache) + int64_t(h) * D;
+  const int64_t row_stride = int64_t(p.num_kv_heads) * D;
+  const int copy_chunk = tid % TD;  // THREADS % TD == 0: every copy of a thread is the same chunk
+  auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
+  auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
+  // Pages of the rows this thread copies for tile t, fetched a tile ahead of the copies so the
+  // dependent block-table load does not stall them. Positions clamp to [0, len - 1] (len > 0 here).
+  auto fetch_pages = [&](int t, int (&pg)[LOADS]) {
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int pos = min(start + t * TK + (tid + i * THREADS) / TD, len - 1);
+      pg[i] = __ldg(bt + page_of(pos));
+    }
+  };
+  auto issue_copies = [&](int t, const int (&pg)[LOADS]) {
+    const int stage = t % STAGES;
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int row = (tid + i * THREADS) / TD;
+      const int pos = start + t * TK + row;
+      const bool valid = pos < end;
+      const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
+      const int64_t off = int64_t(in_page(min(pos, end - 1))) * row_stride + copy_chunk * 8;
+      cp_async_16(sK + stage * TK * D + scores_swz<TD>(row, copy_chunk), kbase + page * p.k_page_stride + off, valid);
+    }
+  };
+
+  // Lane roles in the mma fragments: rows r0 and r0 + 8 of each m-tile; key columns cpair, +1.
+  const int r0 = lane >> 2, cpair = (lane & 3) * 2;
+  const float norm = p.reduction == kScoreMean ? 1.f / float(p.rows) : 1.f;
+  const bool use_max = p.reduction == kScoreMax;
+
+  for (int rb = 0; rb < num_row_blocks; ++rb) {
+    int pages[LOADS];
+    fetch_pages(0, pages);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < num_tiles) issue_copies(s, pages);
+      cp_async_commit();
+      fetch_pages(s + 1, pages);
+    }
+
+    // This warp's rows as A fragments (rows >= R are zero), each row's last visible key (-1:
+    // none; padding rows see nothing) and, in pass 2, its lse in the log2 domain.
+    const int warp_row0 = rb * Cfg::ROWS + warp * MT * 16;
+    const bool active = warp_row0 < p.rows;  // a warp past the last row skips the math
+    uint32_t qa[MT][KS][4];
+    int lim[MT][2];
+    float lse2[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = warp_row0 + mt * 16 + half * 8 + r0;
+        const bool real = r < p.rows;
+        const int i = real ? r / p.group : 0, g = real ? r - i * p.group : 0;
+        lim[mt][half] = real ? len - p.window + i : -1;
+        const int qh = h * p.group + g;
+        if constexpr (PASS2)
+          lse2[mt][half] =
+              real ? __ldg(p.lse + (int64_t(b) * p.window + i) * (int64_t(p.num_kv_heads) * p.group) + qh) * kLog2e : 0.f;
+        const T* qrow = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b + int64_t(i) * p.q_stride_w +
+                        int64_t(qh) * p.q_stride_h + cpair;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+          qa[mt][ks][half] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16)) : 0u;
+          qa[mt][ks][2 + half] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16 + 8)) : 0u;
+        }
+      }
+
+    // Pass 1 state per lane and row: running max (log2 units) and sum of exp2 over this lane's
+    // key columns; the four lanes of a row are merged after the loop.
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+
+    for (int t = 0; t < num_tiles; ++t) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // tile t landed for every thread; stage (t-1) % STAGES is free again
+      if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+      cp_async_commit();
+      fetch_pages(t + STAGES, pages);
+
+      const T* kt = sK + (t % STAGES) * TK * D;
+      const int tile0 = start + t * TK;
+      if (active) {
+#pragma unroll 1
+        for (int j = 0; j < TK / 16; ++j) {
+          float s[MT][2][4];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+#pragma unroll
+          for (int kc = 0; kc < KS; kc += 2) {
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+              uint32_t bk[4];  // keys j*16 + nt*8 .. +7, d 16*kc .. 16*kc + 31
+              ldmatrix_x4(bk, kt + scores_swz<TD>(j * 16 + nt * 8 + (lane & 7), kc * 2 + (lane >> 3)));
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) {
+                mma_16816(s[mt][nt], qa[mt][kc], bk[0], bk[1], T{});
+                mma_16816(s[mt][nt], qa[mt][kc + 1], bk[2], bk[3], T{});
+              }
+            }
+          }
+          const int key0 = tile0 + j * 16 + cpair;  // key of s[.][nt][e] is key0 + nt * 8 + (e & 1)
+          if constexpr (!PASS2) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int half = 0; half < 2; ++half) {
+                float x[4];
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                  for (int e = 0; e < 2; ++e)
+                    x[nt * 2 + e] = key0 + nt * 8 + e <= lim[mt][half] ? s[mt][nt][half * 2 + e] * p.scale_log2 : -INFINITY;
+                const float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));  // skips NaN
+                if (mx > m[mt][half]) {  // rescale only when the max grows (exact either way)
+                  l[mt][half] *= exp2f(m[mt][half] - mx);
+                  m[mt][half] = mx;
+                }
+                const float base = m[mt][half] == -INFINITY ? 0.f : m[mt][half];
+                l[mt][half] += exp2f(x[0] - base) + exp2f(x[1] - base) + exp2f(x[2] - base) + exp2f(x[3] - base);
+              }
+          } else {
+            float c[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // per key column: sum or max over this lane's rows
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int half = 0; half < 2; ++half)
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                  for (int e = 0; e < 2; ++e) {
+                    // An unseen key contributes an exact 0, whatever the logit or lse holds.
+                    const float pr = key0 + nt * 8 + e <= lim[mt][half]
+                                         ? exp2f(s[mt][nt][half * 2 + e] * p.scale_log2 - lse2[mt][half])
+                                         : 0.f;
+                    c[nt][e] = use_max ? nan_max(c[nt][e], pr) : c[nt][e] + pr;
+                  }
+            // Fold the 8 row groups of the warp (lane bits 2..4) for each key column.
+#pragma unroll
+            for (int off = 4; off < 32; off <<= 1)
+#pragma unroll
+              for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const float o = __shfl_xor_sync(0xffffffffu, c[nt][e], off);
+                  c[nt][e] = use_max ? nan_max(c[nt][e], o) : c[nt][e] + o;
+                }
+            if (lane < 4) {
+#pragma unroll
+              for (int nt = 0; nt < 2; ++nt) {
+                sRed[warp * TK + j * 16 + nt * 8 + cpair] = c[nt][0];
+                sRed[warp * TK + j * 16 + nt * 8 + cpair + 1] = c[nt][1];
+              }
+            }
+          }
+        }
+      }
+      if constexpr (PASS2) {
+        __syncthreads();  // every active warp's column results are in sRed
+        if (tid < TK) {
+          const int key = tile0 + tid;
+          if (key < end) {
+            const int nact = min(WARPS, (p.rows - rb * Cfg::ROWS + MT * 16 - 1) / (MT * 16));
+            float v = sRed[tid];
+            for (int w = 1; w < nact; ++w) v = use_max ? nan_max(v, sRed[w * TK + tid]) : v + sRed[w * TK + tid];
+            // Row blocks after the first add to what the earlier ones wrote (same thread, same key).
+            if (rb > 0) v = use_max ? nan_max(out_row[key], v) : out_row[key] + v;
+            if (rb == num_row_blocks - 1) {
+              v *= norm;
+              if (p.edges != nullptr) {
+                const int in_seg = key % kPoolSeg;
+                const int64_t seg_base = (pair * p.num_segs + key / kPoolSeg) * (2 * kEdge);
+                if (in_seg < kEdge) p.edges[seg_base + in_seg] = v;
+                else if (in_seg >= kPoolSeg - kEdge) p.edges[seg_base + kEdge + in_seg - (kPoolSeg - kEdge)] = v;
+              }
+            }
+            out_row[key] = v;
+          }
+        }
+        // sRed is written again only after the next tile's __syncthreads, which these threads
+        // reach after their reads.
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the ring is refilled by the next row block
+
+    if constexpr (!PASS2) {
+      if (active) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            // Merge the quad's (max, sum) pairs; a NaN sum stays NaN (the row saw a NaN logit).
+            float mx = m[mt][half];
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float base = mx == -INFINITY ? 0.f : mx;
+            float sum = l[mt][half] * exp2f(m[mt][half] - base);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const int r = warp_row0 + mt * 16 + half * 8 + r0;
+            if ((lane & 3) == 0 && r < p.rows)
+              p.part[(pair * p.rows + r) * p.splits + split] = sum == 0.f ? -INFINITY : base + log2f(sum);
+          }
+      }
+    }
+  }
+}
+
+// One warp per (sequence, KV head, row): the row's natural-log lse from its split parts, into
+// lse_out [B, w, Hq]. Fixed order (lane-strided, then a butterfly), so the result is reproducible.
+__global__ void __launch_bounds__(256) merge_lse_kernel(const AttentionScoresParams p) {
+  const int64_t item = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  const int64_t total = int64_t(p.batch) * p.num_kv_heads * p.rows;
+  if (item >= total) return;  // whole warps leave together (item is uniform in a warp)
+  const float* part = p.part + item * p.splits;
+  float mx = -INFINITY;
+  for (int s = lane; s < p.splits; s += 32) mx = fmaxf(mx, part[s]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  const float base = mx == -INFINITY ? 0.f : mx;
+  float sum = 0.f;
+  for (int s = lane; s < p.splits; s += 32) sum += exp2f(part[s] - base);  // NaN part -> NaN sum
+  sum = group_sum<32>(sum);
+  if (lane == 0) {
+    const int r = int(item % p.rows);
+    const int64_t pair = item / p.rows;
+    const int64_t b = pair / p.num_kv_heads, h = pair % p.num_kv_heads;
+    const int i = r / p.group, g = r % p.group;
+    const int64_t hq = int64_t(p.num_kv_heads) * p.group;
+    p.lse_out[(b * p.window + i) * hq + h * p.group + g] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
+  }
+}
+
+// Pooling of the prefix keys [0, L - w) of one (sequence, KV head, segment of kPoolSeg keys):
+// the segment's unpooled scores are staged in shared memory before any is overwritten; the
+// neighbours' keys its windows reach come from the edges pass 2 saved.
+__global__ void __launch_bounds__(256) pool_scores_kernel(const AttentionScoresParams p) {
+  __shared__ float seg[kPoolSeg + 2 * kEdge];  // seg[kEdge + k]: key x0 + k, k in [-kEdge, kPoolSeg + kEdge)
+  const int sg = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int n = scores_len(p, b) - p.window;  // prefix length
+  const int x0 = sg * kPoolSeg;
+  if (x0 >= n) return;  // uniform over the CTA
+  const int x1 = min(n, x0 + kPoolSeg);
+  const int64_t pair = int64_t(b) * p.num_kv_heads + h;
+  float* const out_row = p.out + pair * p.max_len;
+  const int rad = p.pool_kernel / 2;
+  for (int k = threadIdx.x; k < x1 - x0; k += blockDim.x) seg[kEdge + k] = out_row[x0 + k];
+  if (threadIdx.x < kEdge) {
+    const int k = threadIdx.x;
+    // Left halo keys x0 - kEdge + k are the right edge of segment sg - 1; right halo keys x1 + k
+    // (only read when x1 is a segment end, i.e. the next segment exists and holds them).
+    seg[k] = sg > 0 ? p.edges[(pair * p.num_segs + sg - 1) * (2 * kEdge) + kEdge + k] : 0.f;
+    const bool right = x1 == x0 + kPoolSeg && x1 + k < n;
+    seg[kEdge + kPoolSeg + k] = right ? p.edges[(pair * p.num_segs + sg + 1) * (2 * kEdge) + k] : 0.f;
+  }
+  __syncthreads();
+  const float inv_k = 1.f / float(p.pool_kernel);
+  for (int x = x0 + threadIdx.x; x < x1; x += blockDim.x) {
+    const int lo = max(0, x - rad), hi = min(n - 1, x + rad);
+    float acc = p.pool_max ? -INFINITY : 0.f;
+    for (int y = lo; y <= hi; ++y) {
+      const float v = seg[kEdge + y - x0];
+      acc = p.pool_max ? nan_max(acc, v) : acc + v;
+    }
+    out_row[x] = p.pool_max ? acc : acc * inv_k;
+  }
+}
+
+}  // namespace kvcore
