@@ -550,14 +550,15 @@ def test_resident_step_uses_the_device_table(device, gen, n_init):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 def test_resident_step_has_no_host_sync(gen, n_init):
-    """The GPU-resident step (every unit resident) never synchronises with the host."""
+    """The GPU-resident step (every unit resident) never synchronises with the host: attend,
+    and a whole decode step (append, attend, score accumulation) that forms no unit."""
     dev, dtype = "cuda", torch.bfloat16
     bs, n_local, units, hq, hkv, d = 128, 256, 40, 32, 8, 128
     r = n_local + 17
     n = n_init + units * bs + r
     kw = dict(gen=gen, dtype=dtype, device=dev)
     q = randn(2, hq, d, **kw)
-    cache = R.InfLLMCache(2, hq, hkv, d, n, dtype=dtype, device=dev, topk=16, max_cached_block=units,
+    cache = R.InfLLMCache(2, hq, hkv, d, n + 1, dtype=dtype, device=dev, topk=16, max_cached_block=units,
                           block_size=bs, n_init=n_init, n_local=n_local)
     unit_k, unit_v = randn(2, units, bs, hkv, d, **kw), randn(2, units, bs, hkv, d, **kw)
     cache.load_memory(randn(2, n_init, hkv, d, **kw), randn(2, n_init, hkv, d, **kw), unit_k, unit_v,
@@ -566,14 +567,19 @@ def test_resident_step_has_no_host_sync(gen, n_init):
         cache.fetch(b, list(range(units)))
     cache.wait_loads()
     want, want_lse = cache.attend(q)  # warm-up (builds the cached step metadata)
+    k_new, v_new = randn(2, hkv, d, **kw), randn(2, hkv, d, **kw)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         out, lse = cache.attend(q)
+        out_dec = cache.decode(q, k_new, v_new)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+    assert cache.num_units == units and cache.num_recent == r + 1
+    # the decode step attended to the new token too: redo it on a copy of the state, as attend
+    torch.testing.assert_close(out_dec, cache.attend(q)[0], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("per_kv_head", [False, True])

@@ -556,31 +556,29 @@ class InfLLMCache:
     # ---- appending ------------------------------------------------------------------------
 
     def _write(self, k: Tensor, v: Tensor) -> None:
-        """Write tokens ``length .. length + T - 1`` (``k, v [B, T, Hkv, D]``) to sinks / ring."""
+        """Write tokens ``length .. length + T - 1`` (``k, v [B, T, Hkv, D]``) to sinks / ring.
+
+        The indices are built on the device from host integers (no host -> device copy, so a
+        decode step that forms no unit never synchronises)."""
         t = k.shape[1]
-        pos = torch.arange(self.length, self.length + t)
-        sink = pos < self.n_init
-        if bool(sink.any()):
-            p = pos[sink]
-            phys = torch.tensor(
-                [self._sink_phys(b)[0] for b in range(self.batch)], dtype=torch.int64
-            ).view(-1, 1) + (p // self.block_size).view(1, -1)
-            off = (p % self.block_size).view(1, -1).expand_as(phys)
-            ph, of = phys.to(self.device), off.to(self.device)
-            self.pool_k[ph, of] = k[:, : p.numel()].to(self.dtype)
-            self.pool_v[ph, of] = v[:, : p.numel()].to(self.dtype)
-        if bool((~sink).any()):
-            p = pos[~sink]
+        dev, bs = self.device, self.block_size
+        n_sink = max(0, min(self.n_init, self.length + t) - self.length)  # sinks are a prefix of the T
+        rows = torch.arange(self.batch, device=dev).view(-1, 1)
+        if n_sink:
+            p = torch.arange(self.length, self.length + n_sink, device=dev)
+            phys = (self.batch * self.max_cached_block + rows * self.sink_pages) + (p // bs).view(1, -1)
+            off = (p % bs).view(1, -1).expand_as(phys)
+            self.pool_k[phys, off] = k[:, :n_sink].to(self.dtype)
+            self.pool_v[phys, off] = v[:, :n_sink].to(self.dtype)
+        if t > n_sink:
+            p = torch.arange(self.length + n_sink, self.length + t, device=dev)
             ring = self._ring_slot(p)
-            rows = torch.arange(self.batch).view(-1, 1) * self.ring_pages
-            ph = (rows + (ring // self.block_size).view(1, -1)).to(self.device)
-            of = (ring % self.block_size).view(1, -1).expand_as(ph).to(self.device)
-            start = int(sink.sum())
-            self.local_k[ph, of] = k[:, start:].to(self.dtype)
-            self.local_v[ph, of] = v[:, start:].to(self.dtype)
-            rd = ring.to(self.device)
-            self._acc[:, rd] = 0.0
-            self._acc_n[rd] = 0.0
+            ph = rows * self.ring_pages + (ring // bs).view(1, -1)
+            of = (ring % bs).view(1, -1).expand_as(ph)
+            self.local_k[ph, of] = k[:, n_sink:].to(self.dtype)
+            self.local_v[ph, of] = v[:, n_sink:].to(self.dtype)
+            self._acc[:, ring] = 0.0
+            self._acc_n[ring] = 0.0
         self.length += t
 
     def _form_units(self) -> None:
@@ -784,7 +782,7 @@ class InfLLMCache:
             kr, _ = self._recent_kv()
             b, hkv, g, d = self.batch, self.num_kv_heads, self.group, self.head_dim
             logits = torch.einsum("bhgd,brhd->bhgr", q.float().view(b, hkv, g, d), kr.float()) * self.scale
-            pos_q = torch.tensor([self.length - 1], device=self.device)
+            pos_q = torch.arange(self.length - 1, self.length, device=self.device)
             self._accumulate(logits.unsqueeze(3), lse.view(b, hkv, g, 1), pos_q)
         self._form_units()
         return out
