@@ -575,11 +575,11 @@ def test_resident_step_has_no_host_sync(gen, n_init):
         out_dec = cache.decode(q, k_new, v_new)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    torch.testing.assert_close(out, want, atol=0, rtol=0)
-    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+    torch.testing.assert_close(out, want, **OUT_TOL[dtype])  # (split counts may differ: not bitwise)
+    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
     assert cache.num_units == units and cache.num_recent == r + 1
     # the decode step attended to the new token too: redo it on a copy of the state, as attend
-    torch.testing.assert_close(out_dec, cache.attend(q)[0], atol=0, rtol=0)
+    torch.testing.assert_close(out_dec, cache.attend(q)[0], **OUT_TOL[dtype])
 
 
 @pytest.mark.parametrize("per_kv_head", [False, True])
