@@ -500,6 +500,7 @@ class InfLLMCache:
         self.store_v = torch.zeros(batch, self.max_units, bs, hkv, d, dtype=dtype, pin_memory=pin)
         self.repr_keys = torch.zeros(batch, self.max_units, hkv, d, **kw)
         self._load_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._loads_pending = False  # copies queued on the load stream since the last wait_loads
 
         self.length = 0  # tokens appended per sequence
         self.num_units = 0
@@ -728,6 +729,7 @@ class InfLLMCache:
             return
         # The slots may still be read by the previous step's kernels on the compute stream.
         self._load_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._loads_pending = True
         with torch.cuda.stream(self._load_stream):
             # One async copy per unit straight from the pinned store (a host-side gather would
             # make an unpinned, synchronous staging copy).
@@ -738,8 +740,9 @@ class InfLLMCache:
 
     def wait_loads(self) -> None:
         """Make the compute stream wait for queued unit loads (no-op on CPU)."""
-        if self._load_stream is not None:
+        if self._load_stream is not None and self._loads_pending:
             torch.cuda.current_stream(self.device).wait_stream(self._load_stream)
+            self._loads_pending = False
 
     # ---- attention ------------------------------------------------------------------------
 
@@ -923,7 +926,15 @@ class InfLLMCache:
         return sel_pages, counts
 
     def _lens(self, n: int) -> Tensor:
-        return torch.full((self.batch,), n, dtype=torch.int32, device=self.device)
+        # One cached value per use site is enough: repeated attends at one length reuse it.
+        hit = self._step_cache.get(("lens", n))
+        if hit is None:
+            cached = [c for c in self._step_cache if c[0] == "lens"]  # insertion order: oldest first
+            if len(cached) >= 4:
+                del self._step_cache[cached[0]]
+            hit = torch.full((self.batch,), n, dtype=torch.int32, device=self.device)
+            self._step_cache[("lens", n)] = hit
+        return hit
 
     def evict(self, b: int, units: list[int]) -> None:
         """Drop sequence ``b``'s ``units`` from the device cache (their CPU copies stay); units
