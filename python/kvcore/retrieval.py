@@ -13,16 +13,19 @@ CUDA today:
 
 * :func:`representative_keys`, :func:`unit_scores`, :func:`topk_units`: the scoring pieces
   (definitions in :mod:`kvcore.reference`: ``infllm_representative_keys``,
-  ``infllm_unit_scores``, ``topk_units``);
+  ``infllm_unit_scores``, ``topk_rows``); scoring and top-k run as the kvcore ops
+  ``infllm_unit_scores`` (one pass over the representative keys) and ``topk_rows`` (one CTA per
+  row, radix select);
 * :class:`QuestPageStats` / :func:`quest_page_scores` / :func:`quest_selection`: Quest's
   upper-bound page selector, feeding ``block_sparse_decode``;
 * :class:`InfLLMCache`: sinks + local window + offloaded memory units, with chunked prefill and a
-  decode step that is ``gqa_decode`` over the local window merged (through the log-sum-exp) with
-  ``block_sparse_decode`` over the selected units and the sinks.
+  decode step whose selection is built on the device (a unit -> slot table maps the top units to
+  pages of one paged store): one ``block_sparse_decode`` over sinks + units + window when every
+  unit is resident (no host sync), else ``gqa_decode`` over the window (overlapping the unit
+  loads) merged through the log-sum-exp with ``block_sparse_decode`` over units + sinks.
 
-Fused kernels are planned for the scoring + top-k (one pass over the representative keys with a
-per-CTA partial top-k; the issue's 30 us target) and for the representative-score accumulation
-(the decode kernel writing per-token probabilities); until then these are torch ops.
+The representative-score accumulation (the decode kernel writing per-token probabilities) is
+still torch ops.
 
 Position rule for distant tokens
     InfLLM does not give retrieved units (or the sinks) their true distance to the current token:
@@ -383,7 +386,9 @@ class InfLLMCache:
       replaced (ties: least recently used).
 
     On CUDA the copies run on a side stream and overlap the local-window attention; on CPU they
-    are plain copies. The step needs the selected unit ids on the host (one sync per step).
+    are plain copies. While every unit is resident the step never leaves the device (see
+    :meth:`attend`); otherwise it needs the selected unit ids on the host (one sync per step).
+    A decode step that forms a unit also syncs (the unit's K/V go to the CPU store).
 
     Representative scores (``repr_score``): every query that attends to a recent token adds to
     it, per KV head, either ``q . k`` summed over the group's query heads (``"logit"``; the
