@@ -397,6 +397,7 @@ def _topk_inputs(gen):
     special[1] = 0.0
     special[1, [1, 7]] = -0.0
     special[1, 30] = math.inf
+    denormal = torch.tensor([[0.0, 1e-40, -1e-40, -0.0, 1e-45, -1e-45, 0.0, 1e-40, 2e-38, -2e-38]])
     nan_row = torch.full((1, 20), math.nan)
     nan_row[0, 17] = -math.inf
     return [
@@ -406,6 +407,7 @@ def _topk_inputs(gen):
         ("masked", masked, 64),
         ("special", special, 12),
         ("nan_row", nan_row, 4),
+        ("denormal", denormal, 10),  # distinct from 0 on every backend (flush-to-zero builds too)
         ("units_lt_k", r(3, 7), 16),
         ("one_unit", r(4, 1), 1),
         ("issue_limits", r(2, 65536), 64),

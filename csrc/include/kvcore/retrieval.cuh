@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kTopkThreads) topk_rows_kernel(TopkRowsParams 
         const int64_t i = base + tid;
         int digit = -1;
         if (i < n) {
-          const uint64_t key = topk_key(src[i], uint32_t(i));
+          const uint64_t key = topk_key(__ldg(src + i), uint32_t(i));
           if ((key & mask) == prefix) digit = int((key >> shift) & 255u);
         }
         // Lanes with the same digit add once (the first passes see few distinct digits, and
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kTopkThreads) topk_rows_kernel(TopkRowsParams 
   if (tid == 0) s_count = 0;
   __syncthreads();
   for (int64_t i = tid; i < n; i += kTopkThreads) {
-    const uint64_t key = topk_key(src[i], uint32_t(i));
+    const uint64_t key = topk_key(__ldg(src + i), uint32_t(i));
     if (key >= prefix) {
       const int pos = atomicAdd(&s_count, 1);
       if (pos < kTopkMaxK) s_keys[pos] = key;
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kTopkThreads) topk_rows_kernel(TopkRowsParams 
       int rank = 0;
       for (int m = 0; m < cnt; ++m) rank += s_keys[m] > key ? 1 : 0;
       const uint32_t col = topk_key_column(key);
-      values[rank] = src[col];
+      values[rank] = __ldg(src + col);
       indices[rank] = IndexT(col);
     } else {
       values[j] = -__int_as_float(0x7f800000);

@@ -18,14 +18,17 @@ namespace kvcore {
 // +0.0 (they compare equal), and every NaN maps to 0, below -inf (0x007FFFFF), so a NaN score is
 // never chosen over a number.
 KVCORE_HD uint32_t ordered_float_bits(float x) {
-  if (x != x) return 0u;
-  if (x == 0.0f) x = 0.0f;
   uint32_t bits;
 #if defined(__CUDA_ARCH__)
   bits = __float_as_uint(x);
 #else
   std::memcpy(&bits, &x, sizeof(bits));
 #endif
+  // Pure bit tests (no float compares), so fast-math / flush-to-zero builds rank exactly as the
+  // CPU build: denormals stay distinct, NaN detection cannot be optimised away.
+  const uint32_t mag = bits & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return 0u;  // NaN
+  if (mag == 0u) bits = 0u;          // -0.0 -> +0.0
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
