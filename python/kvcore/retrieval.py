@@ -647,11 +647,45 @@ class InfLLMCache:
             return torch.empty(self.batch, self.num_kv_heads, 0, dtype=torch.int64, device=self.device)
         return self._select(q).expand(-1, self.num_kv_heads, -1)
 
-    def _select(self, q: Tensor) -> Tensor:
-        """Top units ``[B, Hsel, k]`` int64 on the device (``Hsel`` = Hkv with per_kv_head, else 1)."""
+    def _select(self, q: Tensor, reuse: bool = False) -> Tensor:
+        """Top units ``[B, Hsel, k]`` int64 on the device (``Hsel`` = Hkv with per_kv_head, else 1).
+
+        ``reuse``: write into buffers kept per ``num_units`` (the decode step's hot path: no
+        allocation, two op calls); the result is then overwritten by the next such call.
+        """
+        if reuse and q.dim() == 3:
+            bufs = self._score_buffers(q)
+            if bufs is not None:
+                keys, scores, values, idx = bufs
+                _ops.infllm_unit_scores(q, keys, scores)
+                _ops.topk_rows(scores.view(values.shape[0], -1), values, idx)
+                return idx.view(self.batch, -1, idx.shape[1])
         scores = unit_scores(q, self.repr_keys[:, : self.num_units], per_kv_head=self.per_kv_head)
         _, idx = topk_units(scores, min(self.topk, self.num_units))
         return idx if self.per_kv_head else idx.unsqueeze(1)
+
+    def _score_buffers(self, q: Tensor):
+        """(keys view, scores, values, indices) for the fused ops at this ``num_units``, or None
+        when the ops do not take these shapes (then the general path runs)."""
+        key = ("score", self.num_units, q.dtype)
+        bufs = self._step_cache.get(key, False)
+        if bufs is not False:
+            return bufs
+        for old in [c for c in self._step_cache if c[0] == "score"]:
+            del self._step_cache[old]
+        keys = self.repr_keys[:, : self.num_units]
+        k = min(self.topk, self.num_units)
+        bufs = None
+        if (_fused_scoring_ok(keys, self.head_dim) and q.dtype in (keys.dtype, torch.float32)
+                and 1 <= k <= _kv_ops.TOPK_MAX_K):
+            b, hkv, u, dev = self.batch, self.num_kv_heads, self.num_units, self.device
+            rows = b * hkv if self.per_kv_head else b
+            scores = torch.empty((b, hkv, u) if self.per_kv_head else (b, u), dtype=torch.float32, device=dev)
+            values = torch.empty(rows, k, dtype=torch.float32, device=dev)
+            idx = torch.empty(rows, k, dtype=torch.int64, device=dev)
+            bufs = (keys, scores, values, idx)
+        self._step_cache[key] = bufs
+        return bufs
 
     def fetch(self, b: int, units: list[int]) -> list[int]:
         """Make sequence ``b``'s ``units`` resident; returns their slots (same order).
@@ -826,7 +860,7 @@ class InfLLMCache:
         q = q.to(self.dtype)
         b, hkv, mc, bs = self.batch, self.num_kv_heads, self.max_cached_block, self.block_size
         k = min(self.topk, self.num_units)
-        idx = self._select(q) if k else None  # [B, Hsel, k] int64, on the device
+        idx = self._select(q, reuse=True) if k else None  # [B, Hsel, k] int64, on the device
         loading = False
         if k:
             if all(len(self._unit_slot[i]) == self.num_units for i in range(b)):
