@@ -110,4 +110,17 @@ TORCH_LIBRARY(kvcore, m) {
   m.def(
       "compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, Tensor(c!) seq_lens, Tensor kept, "
       "Tensor kept_lens) -> ()");
+  // ---- InfLLM memory retrieval (issue 5) ----
+  // Unit scores: q [B, Hq, D] (repr_keys' dtype, or float32), repr_keys [B, U, Hkv, D] (the last
+  // three dims densely packed; the batch stride is free, so a [:, :U] slice of a larger buffer
+  // works). With G = Hq / Hkv, in fp32:
+  //   s[b, h, u] = sum_{g < G} q[b, h * G + g] . repr_keys[b, u, h]
+  //   out fp32 [B, Hkv, U] receives s (each KV head ranks its own units); out fp32 [B, U]
+  //   receives sum_h s (InfLLM: one set of units for all heads). out's rank picks the form.
+  m.def("infllm_unit_scores(Tensor q, Tensor repr_keys, Tensor(a!) out) -> ()");
+  // Row-wise top-k: scores [N, U] fp32 (last dim contiguous) -> values [N, k] fp32 and
+  // indices [N, k] int32 or int64, k = values.size(1) in [1, 256], best first. The order is
+  // total: descending score, equal scores by ascending index, -0.0 equal to +0.0, NaN below
+  // everything (-inf included). Slots j >= U (k > U) get value -inf and index -1.
+  m.def("topk_rows(Tensor scores, Tensor(a!) values, Tensor(b!) indices) -> ()");
 }

@@ -245,3 +245,49 @@ def test_token_decoder_attention_graph_replay_equals_eager(gen):
         torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
         pad = torch.arange(length, device=dev)[None, :] >= block_lens.long()[:, None]
         assert bool((out[pad] == 0).all()) and bool(torch.isneginf(lse[pad]).all())
+
+
+def test_unit_scores_and_topk_graph_replay(gen):
+    """InfLLM unit selection (infllm_unit_scores + topk_rows) captured once; each replay scores
+    a new query against new representative keys and must equal the reference."""
+    batch, hq, hkv, d, units, k = 2, 32, 8, 128, 3000, 16
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.empty(batch, hq, d, dtype=dt, device=dev)
+    keys = torch.empty(batch, units, hkv, d, dtype=dt, device=dev)
+    scores = torch.empty(batch, units, dtype=torch.float32, device=dev)
+    per_head = torch.empty(batch, hkv, units, dtype=torch.float32, device=dev)
+    values = torch.empty(batch, k, dtype=torch.float32, device=dev)
+    indices = torch.empty(batch, k, dtype=torch.int64, device=dev)
+    head_values = torch.empty(batch * hkv, k, dtype=torch.float32, device=dev)
+    head_indices = torch.empty(batch * hkv, k, dtype=torch.int32, device=dev)
+
+    def fill():
+        q.copy_(randn(*q.shape, gen=gen, dtype=dt))
+        keys.copy_(randn(*keys.shape, gen=gen, dtype=dt))
+
+    def step():
+        kvcore.infllm_unit_scores(q, keys, out=scores)
+        kvcore.topk_rows(scores, k, values=values, indices=indices)
+        kvcore.infllm_unit_scores(q, keys, per_kv_head=True, out=per_head)
+        kvcore.topk_rows(per_head.view(batch * hkv, units), k, values=head_values, indices=head_indices)
+
+    fill()
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        fill()
+        for t in (scores, per_head, values, head_values):
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = reference.infllm_unit_scores(q, keys, per_kv_head=True)
+        torch.testing.assert_close(per_head.double(), want, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(scores.double(), want.sum(dim=1), atol=1e-3, rtol=1e-4)
+        # the top-k is exact on the scores the kernel produced
+        ref_v, ref_i = reference.topk_rows(scores, k)
+        assert torch.equal(indices.cpu(), ref_i.cpu()) and torch.equal(values.cpu(), ref_v.cpu())
+        ref_v, ref_i = reference.topk_rows(per_head.view(batch * hkv, units), k)
+        assert torch.equal(head_indices.cpu().long(), ref_i.cpu()) and torch.equal(head_values.cpu(), ref_v.cpu())

@@ -69,14 +69,15 @@ def test_decode_only_from_empty_equals_full_attention(device, gen):
     assert cache.num_units == 3
 
 
+@pytest.mark.parametrize("n_init", [5, 8])  # 8: whole sink pages, so the one-call (fused) step runs
 @pytest.mark.parametrize("per_kv_head", [False, True])
-def test_topk_subset_attends_to_exactly_the_selected_units(device, gen, per_kv_head):
+def test_topk_subset_attends_to_exactly_the_selected_units(device, gen, per_kv_head, n_init):
     """topk < units: the step equals attention over sinks + recent + the reference's top units."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     n = 90
     q, k, v = _inputs(n + 1, gen, dtype, device)
     cache = R.InfLLMCache(B, HQ, HKV, D, n + 1, dtype=dtype, device=device, topk=2,
-                          max_cached_block=4, per_kv_head=per_kv_head, **GEOM)
+                          max_cached_block=4, per_kv_head=per_kv_head, **{**GEOM, "n_init": n_init})
     cache.prefill(q[:, :n], k[:, :n], v[:, :n])
     units = cache.num_units
     assert units > 2
@@ -347,3 +348,258 @@ def test_quest_selection_drives_block_sparse_decode(device, gen):
             torch.testing.assert_close(out[b, heads].double(), want, **_tol(dtype))
     with pytest.raises(ValueError, match="topk"):
         R.quest_selection(q, stats, block_table, seq_lens, 0)
+
+
+# ============================================================================================
+# The retrieval ops (infllm_unit_scores, topk_rows) and the device-side step (issue 5)
+# ============================================================================================
+
+import kvcore  # noqa: E402
+from conftest import HAS_CUDA, NO_CUDA_REASON, poison  # noqa: E402
+
+# (B, Hq, Hkv, D, U): the issue's heads, G = 1, MQA with D 256, U = 1, a unit narrower than a
+# warp (Hkv 3 x D 32 = 12 vectors: two units per warp), and enough units for many CTAs per row.
+SCORE_GRID = [(1, 32, 8, 128, 1000), (3, 8, 8, 64, 37), (2, 4, 1, 256, 5), (2, 16, 2, 128, 1), (1, 6, 3, 32, 70),
+              (2, 8, 2, 128, 5000)]
+SCORE_TOL = dict(atol=1e-3, rtol=1e-4)  # fp32 accumulation of exact (dtype-rounded) inputs vs fp64
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,u", SCORE_GRID)
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_unit_scores_op_matches_reference(device, dtype, gen, b, hq, hkv, d, u, per_kv_head):
+    q = randn(b, hq, d, gen=gen, dtype=dtype, device=device)
+    buf = randn(b, u + 3, hkv, d, gen=gen, dtype=dtype, device=device)
+    keys = buf[:, :u]  # a slice of a larger buffer (the cache's layout): batch stride != U * Hkv * D
+    want = ref.infllm_unit_scores(q, keys, per_kv_head=per_kv_head)
+    out = poison(torch.empty(tuple(want.shape), dtype=torch.float32, device=device))
+    got = kvcore.infllm_unit_scores(q, keys, per_kv_head=per_kv_head, out=out)
+    assert got is out
+    torch.testing.assert_close(got.double(), want, **SCORE_TOL)
+    qf = randn(b, hq, d, gen=gen, device=device)  # a float32 query (a chunk's mean)
+    torch.testing.assert_close(kvcore.infllm_unit_scores(qf, keys, per_kv_head=per_kv_head).double(),
+                               ref.infllm_unit_scores(qf, keys, per_kv_head=per_kv_head), **SCORE_TOL)
+    # retrieval.unit_scores (which now calls the op) keeps its definition, 4-D queries included
+    q4 = randn(b, 3, hq, d, gen=gen, dtype=dtype, device=device)
+    torch.testing.assert_close(R.unit_scores(q4, keys, per_kv_head=per_kv_head).double(),
+                               ref.infllm_unit_scores(q4, keys, per_kv_head=per_kv_head), **SCORE_TOL)
+
+
+def _topk_inputs(gen):
+    """(name, scores [N, U] float32, k): random rows, heavy ties, -inf masks, NaN and signed
+    zeros, fewer units than k, the issue's limits and past them, the largest k."""
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    masked = r(3, 500)
+    masked[:, ::3] = -math.inf
+    masked[1] = -math.inf  # a row with nothing selectable: the lowest indices, value -inf
+    special = r(2, 40)
+    special[0, [3, 9, 20]] = math.nan
+    special[0, [4, 5]] = torch.tensor([-0.0, 0.0])
+    special[1] = 0.0
+    special[1, [1, 7]] = -0.0
+    special[1, 30] = math.inf
+    denormal = torch.tensor([[0.0, 1e-40, -1e-40, -0.0, 1e-45, -1e-45, 0.0, 1e-40, 2e-38, -2e-38]])
+    nan_row = torch.full((1, 20), math.nan)
+    nan_row[0, 17] = -math.inf
+    return [
+        ("random", r(5, 1000), 16),
+        ("ties", torch.randint(0, 4, (3, 300), generator=gen).float(), 64),
+        ("ties_small_k", torch.randint(0, 2, (2, 5000), generator=gen).float(), 3),
+        ("masked", masked, 64),
+        ("special", special, 12),
+        ("nan_row", nan_row, 4),
+        ("denormal", denormal, 10),  # distinct from 0 on every backend (flush-to-zero builds too)
+        ("units_lt_k", r(3, 7), 16),
+        ("one_unit", r(4, 1), 1),
+        ("issue_limits", r(2, 65536), 64),
+        ("past_limits", r(1, 100003), 8),
+        ("k256", r(2, 3000), 256),
+        ("k_eq_u", r(2, 64), 64),
+    ]
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_topk_rows_matches_reference_exactly(device, gen, index_dtype):
+    for name, scores, k in _topk_inputs(gen):
+        want_v, want_i = ref.topk_rows(scores, k)
+        wide = torch.cat([scores, torch.randn(scores.shape[0], 5, generator=gen)], dim=1)
+        for s in (scores.to(device), wide.to(device)[:, : scores.shape[1]]):  # dense and row-strided
+            values = poison(torch.empty(scores.shape[0], k, device=device))
+            indices = torch.full((scores.shape[0], k), 12345, dtype=index_dtype, device=device)
+            v, i = kvcore.topk_rows(s, k, values=values, indices=indices)
+            assert v is values and i is indices
+            assert torch.equal(i.cpu().long(), want_i), name
+            torch.testing.assert_close(v.cpu(), want_v, atol=0, rtol=0, equal_nan=True, msg=name)
+
+
+def test_topk_rows_agrees_with_torch_topk_on_distinct_scores(device, gen):
+    scores = torch.randn(6, 2049, generator=gen).to(device)
+    v, i = kvcore.topk_rows(scores, 33)
+    tv, ti = scores.topk(33, dim=-1)
+    assert torch.equal(i, ti) and torch.equal(v, tv)
+    v, i = R.topk_units(scores.view(2, 3, 2049), 5)  # the retrieval wrapper keeps leading dims
+    assert i.shape == (2, 3, 5) and torch.equal(i.view(6, 5), ti[:, :5])
+
+
+def test_retrieval_ops_bad_inputs_name_the_argument(device, gen):
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    q = randn(2, 8, 64, gen=gen, dtype=dt, device=device)
+    keys = randn(2, 10, 2, 64, gen=gen, dtype=dt, device=device)
+    with pytest.raises(RuntimeError, match="num_q_heads"):
+        kvcore.infllm_unit_scores(q[:, :7], keys)
+    with pytest.raises(RuntimeError, match="out must be"):
+        kvcore.infllm_unit_scores(q, keys, out=torch.empty(2, 9, device=device))
+    with pytest.raises(RuntimeError, match="out must have dtype"):
+        kvcore.infllm_unit_scores(q, keys, out=torch.empty(2, 10, dtype=torch.float16, device=device))
+    with pytest.raises(RuntimeError, match="q must have repr_keys' dtype"):
+        kvcore.infllm_unit_scores(q.half() if dt != torch.float16 else q.bfloat16(), keys)
+    with pytest.raises(RuntimeError, match="repr_keys' head_dim"):
+        kvcore.infllm_unit_scores(q, keys[..., :32].contiguous())
+    with pytest.raises(RuntimeError, match="repr_keys must be densely packed"):
+        kvcore.infllm_unit_scores(q, keys.transpose(1, 2))
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="head_dim must be a power of two"):
+            kvcore.infllm_unit_scores(q[..., :48].contiguous(), keys[..., :48].contiguous())
+    scores = randn(3, 50, gen=gen, device=device)
+    for k in (0, 257, 2.0):
+        with pytest.raises(ValueError, match="k must be"):
+            kvcore.topk_rows(scores, k)
+    with pytest.raises(RuntimeError, match="scores must have dtype"):
+        kvcore.topk_rows(scores.half(), 4)
+    with pytest.raises(RuntimeError, match="scores must be 2-D"):
+        kvcore.topk_rows(scores[0], 4)
+    with pytest.raises(RuntimeError, match="indices must have dtype"):
+        kvcore.topk_rows(scores, 4, indices=torch.empty(3, 4, device=device))
+    with pytest.raises(RuntimeError, match="values must be"):
+        kvcore.topk_rows(scores, 4, values=torch.empty(2, 4, device=device))
+    with pytest.raises(RuntimeError, match="scores' last dim must be contiguous"):
+        kvcore.topk_rows(scores.t().contiguous().t(), 4)
+
+
+_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def test_opcheck_retrieval_ops(device, gen):
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    q = randn(2, 8, 64, gen=gen, dtype=dt, device=device)
+    keys = randn(2, 30, 2, 64, gen=gen, dtype=dt, device=device)
+    for out in (torch.empty(2, 30, device=device), torch.empty(2, 2, 30, device=device)):
+        torch.library.opcheck(torch.ops.kvcore.infllm_unit_scores.default, (q, keys, out), test_utils=_OPCHECK_UTILS)
+    scores = randn(3, 100, gen=gen, device=device)
+    for idt in (torch.int32, torch.int64):
+        values, indices = torch.empty(3, 7, device=device), torch.empty(3, 7, dtype=idt, device=device)
+        torch.library.opcheck(torch.ops.kvcore.topk_rows.default, (scores, values, indices),
+                              test_utils=_OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("n_init", [8, 5])
+def test_fused_and_split_steps_equal_full_attention(device, gen, n_init):
+    """Decode from empty with every unit selected: the one-call step (units + sinks + window in
+    one block_sparse_decode; n_init 8 fills whole sink pages) and the split step (window by
+    gqa_decode, merged) both equal full attention, through sinks filling, units forming and
+    units being loaded (max_cached_block < units part of the way)."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    n = 70
+    q, k, v = _inputs(n, gen, dtype, device)
+    geom = {**GEOM, "n_init": n_init}
+    caches = []
+    for fuse in (True, False):
+        c = R.InfLLMCache(B, HQ, HKV, D, n, dtype=dtype, device=device, topk=8, max_cached_block=8, **geom)
+        c.fuse_attention = fuse
+        caches.append(c)
+    for t in range(n):
+        want = _full(q[:, t], k, v, t + 1, caches[0].scale)
+        for c in caches:
+            o = c.decode(q[:, t], k[:, t], v[:, t])
+            torch.testing.assert_close(o.double(), want, **_tol(dtype))
+    assert caches[0].num_units >= 5
+
+
+@pytest.mark.parametrize("n_init", [8, 5])
+def test_resident_step_uses_the_device_table(device, gen, n_init):
+    """Every unit resident, topk < units: the step (no host round trip) attends to exactly the
+    reference's top units, read through unit_slot_table, whatever slots they sit in."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    bs, n_local, units = GEOM["block_size"], GEOM["n_local"], 7
+    r = n_local + 5
+    n = n_init + units * bs + r
+    q, k, v = _inputs(n, gen, dtype, device)
+    cache = R.InfLLMCache(B, HQ, HKV, D, n, dtype=dtype, device=device, topk=3, max_cached_block=units,
+                          **{**GEOM, "n_init": n_init})
+    unit_k = k[:, n_init : n - r].reshape(B, units, bs, HKV, D)
+    unit_v = v[:, n_init : n - r].reshape(B, units, bs, HKV, D)
+    reprs = randn(B, units, HKV, D, gen=gen, dtype=dtype, device=device)
+    cache.load_memory(k[:, :n_init], v[:, :n_init], unit_k, unit_v, reprs, k[:, n - r :], v[:, n - r :])
+    for b in range(B):
+        cache.fetch(b, list(range(units))[::-1] if b else list(range(units)))  # slot != unit for b = 1
+    cache.wait_loads()
+    table = cache.unit_slot_table[:, :units].cpu()
+    for b in range(B):
+        assert {u: int(table[b, u]) for u in range(units)} == cache.resident_units(b)
+    hits = cache.hits
+    out, _ = cache.attend(q[:, -1])
+    assert cache.hits == hits + B * 3 and cache.misses == B * units
+    s = ref.infllm_unit_scores(q[:, -1], reprs)  # [B, U]
+    for b in range(B):
+        top = sorted(s[b].topk(3).indices.tolist())
+        pos = list(range(n_init)) + [n_init + u * bs + i for u in top for i in range(bs)] + list(range(n - r, n))
+        pos = torch.tensor(pos)
+        want = torch.stack([ref.dense_attention(q[b, -1, h * (HQ // HKV):(h + 1) * (HQ // HKV)], k[b, pos, h:h + 1],
+                                                v[b, pos, h:h + 1], cache.scale)[0] for h in range(HKV)])
+        torch.testing.assert_close(out[b].double(), want.reshape(HQ, D), **_tol(dtype))
+
+
+@pytest.mark.parametrize("n_init", [128, 5], ids=["fused", "split"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_resident_step_has_no_host_sync(gen, n_init):
+    """The GPU-resident step (every unit resident) never synchronises with the host: attend,
+    and a whole decode step (append, attend, score accumulation) that forms no unit."""
+    dev, dtype = "cuda", torch.bfloat16
+    bs, n_local, units, hq, hkv, d = 128, 256, 40, 32, 8, 128
+    r = n_local + 17
+    n = n_init + units * bs + r
+    kw = dict(gen=gen, dtype=dtype, device=dev)
+    q = randn(2, hq, d, **kw)
+    cache = R.InfLLMCache(2, hq, hkv, d, n + 1, dtype=dtype, device=dev, topk=16, max_cached_block=units,
+                          block_size=bs, n_init=n_init, n_local=n_local)
+    unit_k, unit_v = randn(2, units, bs, hkv, d, **kw), randn(2, units, bs, hkv, d, **kw)
+    cache.load_memory(randn(2, n_init, hkv, d, **kw), randn(2, n_init, hkv, d, **kw), unit_k, unit_v,
+                      randn(2, units, hkv, d, **kw), randn(2, r, hkv, d, **kw), randn(2, r, hkv, d, **kw))
+    for b in range(2):
+        cache.fetch(b, list(range(units)))
+    cache.wait_loads()
+    want, want_lse = cache.attend(q)  # warm-up (builds the cached step metadata)
+    k_new, v_new = randn(2, hkv, d, **kw), randn(2, hkv, d, **kw)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, lse = cache.attend(q)
+        out_dec = cache.decode(q, k_new, v_new)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(out, want, **OUT_TOL[dtype])  # (split counts may differ: not bitwise)
+    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
+    assert cache.num_units == units and cache.num_recent == r + 1
+    # the decode step attended to the new token too: redo it on a copy of the state, as attend
+    torch.testing.assert_close(out_dec, cache.attend(q)[0], **OUT_TOL[dtype])
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gpu_step_equals_cpu_step(gen, per_kv_head):
+    """The same bf16 inputs through a CPU cache and a CUDA cache (prefill, then decode steps that
+    form and load units): the same selections, the same outputs up to rounding."""
+    dtype, n_pre, n_dec = torch.bfloat16, 75, 20
+    q, k, v = _inputs(n_pre + n_dec, gen, dtype, "cpu")
+    geom = {**GEOM, "n_init": 8}
+    caches = [R.InfLLMCache(B, HQ, HKV, D, n_pre + n_dec, dtype=dtype, device=dev, topk=2, max_cached_block=4,
+                            per_kv_head=per_kv_head, **geom) for dev in ("cpu", "cuda")]
+    outs = [c.prefill(q[:, :n_pre].to(c.device), k[:, :n_pre].to(c.device), v[:, :n_pre].to(c.device))
+            for c in caches]
+    torch.testing.assert_close(outs[1].cpu().float(), outs[0].float(), **OUT_TOL[dtype])
+    for t in range(n_pre, n_pre + n_dec):
+        o = [c.decode(q[:, t].to(c.device), k[:, t].to(c.device), v[:, t].to(c.device)) for c in caches]
+        torch.testing.assert_close(o[1].cpu().float(), o[0].float(), **OUT_TOL[dtype])
+    assert caches[0].num_units == caches[1].num_units >= 8
+    assert (caches[0].hits, caches[0].misses) == (caches[1].hits, caches[1].misses)

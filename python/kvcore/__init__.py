@@ -68,3 +68,7 @@ from . import retrieval  # noqa: E402
 from .retrieval import InfLLMCache  # noqa: E402
 
 __all__ += ["InfLLMCache", "retrieval"]
+
+from .ops import infllm_unit_scores, topk_rows  # noqa: E402
+
+__all__ += ["infllm_unit_scores", "topk_rows"]

@@ -941,3 +941,100 @@ def compact_kv(
 @torch.library.register_fake("kvcore::compact_kv")
 def _compact_kv_fake(k_cache, v_cache, block_table, seq_lens, kept, kept_lens) -> None:
     return None
+
+
+# ---- InfLLM retrieval: unit scoring and row top-k (issue 5) ---------------------------------------
+
+__all__ += ["infllm_unit_scores", "topk_rows"]
+
+#: Largest ``k`` :func:`topk_rows` accepts.
+TOPK_MAX_K = 256
+
+
+def infllm_unit_scores(q: torch.Tensor, repr_keys: torch.Tensor, *, per_kv_head: bool = False,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """InfLLM's unit relevance: every representative key dotted with its KV group's queries.
+
+    With ``G = num_q_heads / num_kv_heads``, in float32::
+
+        s[b, h, u] = sum_{g < G} q[b, h * G + g] . repr_keys[b, u, h]
+
+    and ``score[b, u] = sum_h s[b, h, u]`` (InfLLM: one set of units for all heads). Each key is
+    read once (the op is memory-bound); no host sync, no allocation when ``out`` is given.
+    Definition: :func:`kvcore.reference.infllm_unit_scores`.
+
+    Args:
+        q: ``[B, num_q_heads, head_dim]`` in ``repr_keys``' dtype or float32 (e.g. the float32
+            mean of a chunk's queries); the last dim contiguous.
+        repr_keys: ``[B, units, num_kv_heads, head_dim]`` bfloat16/float16 (float32 too on CPU),
+            its last three dims densely packed (a ``[:, :units]`` slice of a larger buffer is
+            fine). CUDA: head_dim a power of two in ``[8, 256]``, 16-byte aligned rows.
+        per_kv_head: return ``s [B, num_kv_heads, units]`` instead of ``score [B, units]``.
+        out: optional preallocated float32 output of that shape (contiguous).
+
+    Returns:
+        float32 ``[B, units]`` or ``[B, num_kv_heads, units]``.
+
+    Raises:
+        RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
+    """
+    if out is None:
+        if q.dim() != 3 or repr_keys.dim() != 4:
+            raise ValueError(
+                f"q must be [B, Hq, D] and repr_keys [B, U, Hkv, D], got {tuple(q.shape)} and {tuple(repr_keys.shape)}")
+        b, u, hkv = q.shape[0], repr_keys.shape[1], repr_keys.shape[2]
+        shape = (b, hkv, u) if per_kv_head else (b, u)
+        out = torch.empty(shape, dtype=torch.float32, device=q.device)
+    elif out.dim() != (3 if per_kv_head else 2):
+        raise ValueError(f"out must be {'[B, Hkv, U]' if per_kv_head else '[B, U]'} for per_kv_head={per_kv_head}, "
+                         f"got shape {tuple(out.shape)}")
+    _ops.infllm_unit_scores(q, repr_keys, out)
+    return out
+
+
+def topk_rows(scores: torch.Tensor, k: int, *, index_dtype: torch.dtype = torch.int64,
+              values: Optional[torch.Tensor] = None,
+              indices: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best columns of every row, in one launch (one CTA per row on CUDA).
+
+    The order is total, so the result is exact and the same on every backend: descending score,
+    equal scores by ascending column (``-0.0 == +0.0``), NaN below every number (``-inf``
+    included; mask a column with ``-inf``). When ``k > U`` the slots past ``U`` hold value
+    ``-inf`` and index ``-1``. Definition: :func:`kvcore.reference.topk_rows`.
+
+    Args:
+        scores: ``[N, U]`` float32, columns contiguous (rows may be strided).
+        k: ``1 <= k <= TOPK_MAX_K`` (256).
+        index_dtype: ``torch.int64`` or ``torch.int32`` (when ``indices`` is not given).
+        values, indices: optional preallocated ``[N, k]`` outputs (float32; int32/int64).
+
+    Returns:
+        ``(values [N, k]`` float32, ``indices [N, k])``, best first.
+
+    Raises:
+        ValueError: ``k`` out of range, or ``index_dtype`` not int32/int64.
+        RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= TOPK_MAX_K:
+        raise ValueError(f"k must be an int in [1, {TOPK_MAX_K}], got {k!r}")
+    if index_dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
+    rows = scores.shape[0] if scores.dim() >= 1 else 0
+    if values is None:
+        values = torch.empty(rows, k, dtype=torch.float32, device=scores.device)
+    if indices is None:
+        indices = torch.empty(rows, k, dtype=index_dtype, device=scores.device)
+    _ops.topk_rows(scores, values, indices)
+    return values, indices
+
+
+@torch.library.register_fake("kvcore::infllm_unit_scores")
+def _infllm_unit_scores_fake(q, repr_keys, out) -> None:
+    torch._check(out.dtype == torch.float32, lambda: "out must be float32")
+    return None
+
+
+@torch.library.register_fake("kvcore::topk_rows")
+def _topk_rows_fake(scores, values, indices) -> None:
+    torch._check(values.shape == indices.shape, lambda: "values and indices must have one shape")
+    return None

@@ -888,3 +888,28 @@ def topk_set(scores: Tensor, k: int) -> list:
         kth = float(row.sort(descending=True).values[k - 1])
         result.append(({i for i, x in enumerate(row.tolist()) if x > kth}, kth))
     return result
+
+
+def topk_rows(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Row-wise top-k in kvcore's total order (the definition of ``kvcore.topk_rows``).
+
+    ``scores [N, U]``: per row the ``k`` best columns, best first, where a column ranks above
+    another when its score is larger, or equal (``-0.0 == +0.0``) with a smaller column; NaN ranks
+    below every number, ``-inf`` included. Slots ``j >= U`` (``k > U``) hold value ``-inf`` and
+    index ``-1``. Returns ``(values [N, k]`` float32 (the scores as given), ``indices [N, k]``
+    int64).
+    """
+    _check_dim(scores, 2, "scores", "[N, U]")
+    n, u = scores.shape
+    s = scores.double().cpu()
+    nan = torch.isnan(s)
+    # Two stable sorts: by score descending (NaN parked at -inf, ties keep column order), then
+    # NaN after every number (relative order kept).
+    order = torch.sort(torch.where(nan, torch.full_like(s, -math.inf), s), dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(nan.gather(1, order).to(torch.int8), dim=1, stable=True).indices)
+    kk = min(k, u)
+    values = torch.full((n, k), -math.inf, dtype=torch.float32)
+    indices = torch.full((n, k), -1, dtype=torch.int64)
+    values[:, :kk] = scores.float().cpu().gather(1, order[:, :kk])
+    indices[:, :kk] = order[:, :kk]
+    return values.to(scores.device), indices.to(scores.device)

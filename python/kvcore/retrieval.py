@@ -13,16 +13,19 @@ CUDA today:
 
 * :func:`representative_keys`, :func:`unit_scores`, :func:`topk_units`: the scoring pieces
   (definitions in :mod:`kvcore.reference`: ``infllm_representative_keys``,
-  ``infllm_unit_scores``, ``topk_units``);
+  ``infllm_unit_scores``, ``topk_rows``); scoring and top-k run as the kvcore ops
+  ``infllm_unit_scores`` (one pass over the representative keys) and ``topk_rows`` (one CTA per
+  row, radix select);
 * :class:`QuestPageStats` / :func:`quest_page_scores` / :func:`quest_selection`: Quest's
   upper-bound page selector, feeding ``block_sparse_decode``;
 * :class:`InfLLMCache`: sinks + local window + offloaded memory units, with chunked prefill and a
-  decode step that is ``gqa_decode`` over the local window merged (through the log-sum-exp) with
-  ``block_sparse_decode`` over the selected units and the sinks.
+  decode step whose selection is built on the device (a unit -> slot table maps the top units to
+  pages of one paged store): one ``block_sparse_decode`` over sinks + units + window when every
+  unit is resident (no host sync), else ``gqa_decode`` over the window (overlapping the unit
+  loads) merged through the log-sum-exp with ``block_sparse_decode`` over units + sinks.
 
-Fused kernels are planned for the scoring + top-k (one pass over the representative keys with a
-per-CTA partial top-k; the issue's 30 us target) and for the representative-score accumulation
-(the decode kernel writing per-token probabilities); until then these are torch ops.
+The representative-score accumulation (the decode kernel writing per-token probabilities) is
+still torch ops.
 
 Position rule for distant tokens
     InfLLM does not give retrieved units (or the sinks) their true distance to the current token:
@@ -46,7 +49,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import block_sparse_decode, gqa_decode, merge_attention_states
+from . import ops as _kv_ops
+from .ops import _ops, decode_workspace, infllm_unit_scores, topk_rows
 
 __all__ = [
     "InfLLMCache",
@@ -143,28 +147,58 @@ def unit_scores(q: Tensor, repr_keys: Tensor, *, per_kv_head: bool = False) -> T
         raise ValueError(f"q must be [B, Hq, D] or [B, T, Hq, D], got {_shape(q)}")
     if not isinstance(repr_keys, Tensor) or repr_keys.dim() != 4:
         raise ValueError(f"repr_keys must be [B, U, Hkv, D], got {_shape(repr_keys)}")
-    qbar = q.float().mean(dim=1) if q.dim() == 4 else q.float()
-    b, hq, d = qbar.shape
+    b, hq, d = q.shape[0], q.shape[-2], q.shape[-1]
     hkv = repr_keys.shape[2]
     if repr_keys.shape[0] != b or repr_keys.shape[3] != d:
         raise ValueError(f"repr_keys {tuple(repr_keys.shape)} does not match q {tuple(q.shape)} (batch, head_dim)")
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q's {hq} heads must be a multiple of repr_keys' {hkv} KV heads")
+    if _fused_scoring_ok(repr_keys, d):
+        # kvcore.infllm_unit_scores: one pass over the keys, fp32 accumulation, no host sync.
+        if q.dim() == 4:
+            qbar = q.float().mean(dim=1)
+        elif q.dtype in (repr_keys.dtype, torch.float32):
+            qbar = q
+        else:
+            qbar = q.float()
+        keys = repr_keys if repr_keys.stride(-1) == 1 and _inner_dense(repr_keys) else repr_keys.contiguous()
+        return infllm_unit_scores(qbar, keys, per_kv_head=per_kv_head)
+    qbar = q.float().mean(dim=1) if q.dim() == 4 else q.float()
     qg = qbar.view(b, hkv, hq // hkv, d).sum(dim=2)  # [B, Hkv, D]
     s = torch.einsum("bhd,buhd->bhu", qg, repr_keys.float())
     return s if per_kv_head else s.sum(dim=1)
 
 
+def _inner_dense(t: Tensor) -> bool:
+    """Whether the last three dims of a 4-D tensor are densely packed."""
+    _, u, h, d = t.shape
+    return (d <= 1 or t.stride(3) == 1) and (h <= 1 or t.stride(2) == d) and (u <= 1 or t.stride(1) == h * d)
+
+
+def _fused_scoring_ok(repr_keys: Tensor, head_dim: int) -> bool:
+    """Whether kvcore.infllm_unit_scores takes these keys (its CUDA kernel wants bf16/fp16 keys,
+    a power-of-two head_dim in [8, 256] and 16-byte rows; the CPU kernel takes any)."""
+    if repr_keys.device.type == "cpu":
+        return repr_keys.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if repr_keys.device.type != "cuda" or repr_keys.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    ok_dim = 8 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+    return ok_dim and repr_keys.shape[2] * head_dim <= 16384 and repr_keys.stride(0) % 8 == 0 \
+        and repr_keys.data_ptr() % 16 == 0
+
+
 def topk_units(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` best units per row, best first (``torch.topk``; a fused kernel is planned).
+    """The ``k`` best units per row, best first (:func:`kvcore.topk_rows`: one launch, no sync).
+
+    Float32 scores and ``k <= 256`` go to ``kvcore.topk_rows`` (ties towards the lower index,
+    NaN below every number); anything else to ``torch.topk``.
 
     Args:
         scores: ``[..., U]`` float scores (e.g. :func:`unit_scores`), ``U >= 1``.
         k: how many, ``1 <= k <= U``.
 
     Returns:
-        ``(values, indices)``, each ``[..., k]``; indices int64, ordered by descending score
-        (ties in any order).
+        ``(values, indices)``, each ``[..., k]``; indices int64, ordered by descending score.
 
     Raises:
         ValueError: ``scores`` not a floating tensor with a last dim, or ``k`` out of range.
@@ -174,6 +208,10 @@ def topk_units(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n = scores.shape[-1]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, U = {n}], got {k}")
+    if scores.dtype == torch.float32 and k <= _kv_ops.TOPK_MAX_K:
+        rows = scores.reshape(-1, n)
+        values, indices = topk_rows(rows, k)
+        return values.view(*scores.shape[:-1], k), indices.view(*scores.shape[:-1], k)
     values, indices = scores.topk(k, dim=-1, largest=True, sorted=True)
     return values, indices
 
@@ -348,7 +386,9 @@ class InfLLMCache:
       replaced (ties: least recently used).
 
     On CUDA the copies run on a side stream and overlap the local-window attention; on CPU they
-    are plain copies. The step needs the selected unit ids on the host (one sync per step).
+    are plain copies. While every unit is resident the step never leaves the device (see
+    :meth:`attend`); otherwise it needs the selected unit ids on the host (one sync per step).
+    A decode step that forms a unit also syncs (the unit's K/V go to the CPU store).
 
     Representative scores (``repr_score``): every query that attends to a recent token adds to
     it, per KV head, either ``q . k`` summed over the group's query heads (``"logit"``; the
@@ -446,12 +486,15 @@ class InfLLMCache:
         # Sinks: the last pages of the unit pool, so one block_sparse_decode reads units + sinks.
         self.sink_pages = -(-n_init // bs)
         n_slots = batch * max_cached_block + batch * self.sink_pages
-        self.pool_k = torch.zeros(n_slots, bs, hkv, d, **kw)
-        self.pool_v = torch.zeros(n_slots, bs, hkv, d, **kw)
         # Recent tokens: at most n_local + bs - 1 before a chunk, plus a chunk of exc_block_size.
         self.ring_pages = -(-(n_local + bs - 1 + exc_block_size) // bs) + 1
-        self.local_k = torch.zeros(batch * self.ring_pages, bs, hkv, d, **kw)
-        self.local_v = torch.zeros(batch * self.ring_pages, bs, hkv, d, **kw)
+        # One paged store holds the unit pool, the sinks and the ring (pool_k / local_k are views
+        # of it), so a single block_sparse_decode with one block table can read all three.
+        self.n_pool_pages = n_slots
+        self.kv_k = torch.zeros(n_slots + batch * self.ring_pages, bs, hkv, d, **kw)
+        self.kv_v = torch.zeros(n_slots + batch * self.ring_pages, bs, hkv, d, **kw)
+        self.pool_k, self.pool_v = self.kv_k[:n_slots], self.kv_v[:n_slots]
+        self.local_k, self.local_v = self.kv_k[n_slots:], self.kv_v[n_slots:]
         ring_tokens = self.ring_pages * bs
         self._acc = torch.zeros(batch, ring_tokens, hkv, dtype=torch.float32, device=device)
         self._acc_n = torch.zeros(ring_tokens, dtype=torch.float32, device=device)
@@ -462,6 +505,7 @@ class InfLLMCache:
         self.store_v = torch.zeros(batch, self.max_units, bs, hkv, d, dtype=dtype, pin_memory=pin)
         self.repr_keys = torch.zeros(batch, self.max_units, hkv, d, **kw)
         self._load_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._loads_pending = False  # copies queued on the load stream since the last wait_loads
 
         self.length = 0  # tokens appended per sequence
         self.num_units = 0
@@ -471,8 +515,15 @@ class InfLLMCache:
         # Free slots, lowest on top (so units fetched in order into an empty cache get slot == unit).
         self._free = [list(range(max_cached_block - 1, -1, -1)) for _ in range(batch)]
         self._slot_score = torch.zeros(batch, max_cached_block, dtype=torch.float64)
+        # Device mirror of _unit_slot: unit -> slot (-1: not resident), kept up to date by fetch
+        # and evict, so the step maps selected units to pages without leaving the device.
+        self.unit_slot_table = torch.full((batch, max(1, self.max_units)), -1, dtype=torch.int32, device=device)
         self.hits = 0
         self.misses = 0
+        #: Use one block_sparse_decode over units + sinks + window when the page layout allows it
+        #: (the sinks fill whole pages, and no unit load is in flight); off: always the split form.
+        self.fuse_attention = True
+        self._step_cache: dict = {}
 
     # ---- bookkeeping ----------------------------------------------------------------------
 
@@ -511,31 +562,29 @@ class InfLLMCache:
     # ---- appending ------------------------------------------------------------------------
 
     def _write(self, k: Tensor, v: Tensor) -> None:
-        """Write tokens ``length .. length + T - 1`` (``k, v [B, T, Hkv, D]``) to sinks / ring."""
+        """Write tokens ``length .. length + T - 1`` (``k, v [B, T, Hkv, D]``) to sinks / ring.
+
+        The indices are built on the device from host integers (no host -> device copy, so a
+        decode step that forms no unit never synchronises)."""
         t = k.shape[1]
-        pos = torch.arange(self.length, self.length + t)
-        sink = pos < self.n_init
-        if bool(sink.any()):
-            p = pos[sink]
-            phys = torch.tensor(
-                [self._sink_phys(b)[0] for b in range(self.batch)], dtype=torch.int64
-            ).view(-1, 1) + (p // self.block_size).view(1, -1)
-            off = (p % self.block_size).view(1, -1).expand_as(phys)
-            ph, of = phys.to(self.device), off.to(self.device)
-            self.pool_k[ph, of] = k[:, : p.numel()].to(self.dtype)
-            self.pool_v[ph, of] = v[:, : p.numel()].to(self.dtype)
-        if bool((~sink).any()):
-            p = pos[~sink]
+        dev, bs = self.device, self.block_size
+        n_sink = max(0, min(self.n_init, self.length + t) - self.length)  # sinks are a prefix of the T
+        rows = torch.arange(self.batch, device=dev).view(-1, 1)
+        if n_sink:
+            p = torch.arange(self.length, self.length + n_sink, device=dev)
+            phys = (self.batch * self.max_cached_block + rows * self.sink_pages) + (p // bs).view(1, -1)
+            off = (p % bs).view(1, -1).expand_as(phys)
+            self.pool_k[phys, off] = k[:, :n_sink].to(self.dtype)
+            self.pool_v[phys, off] = v[:, :n_sink].to(self.dtype)
+        if t > n_sink:
+            p = torch.arange(self.length + n_sink, self.length + t, device=dev)
             ring = self._ring_slot(p)
-            rows = torch.arange(self.batch).view(-1, 1) * self.ring_pages
-            ph = (rows + (ring // self.block_size).view(1, -1)).to(self.device)
-            of = (ring % self.block_size).view(1, -1).expand_as(ph).to(self.device)
-            start = int(sink.sum())
-            self.local_k[ph, of] = k[:, start:].to(self.dtype)
-            self.local_v[ph, of] = v[:, start:].to(self.dtype)
-            rd = ring.to(self.device)
-            self._acc[:, rd] = 0.0
-            self._acc_n[rd] = 0.0
+            ph = rows * self.ring_pages + (ring // bs).view(1, -1)
+            of = (ring % bs).view(1, -1).expand_as(ph)
+            self.local_k[ph, of] = k[:, n_sink:].to(self.dtype)
+            self.local_v[ph, of] = v[:, n_sink:].to(self.dtype)
+            self._acc[:, ring] = 0.0
+            self._acc_n[ring] = 0.0
         self.length += t
 
     def _form_units(self) -> None:
@@ -596,11 +645,47 @@ class InfLLMCache:
         """
         if self.num_units == 0:
             return torch.empty(self.batch, self.num_kv_heads, 0, dtype=torch.int64, device=self.device)
+        return self._select(q).expand(-1, self.num_kv_heads, -1)
+
+    def _select(self, q: Tensor, reuse: bool = False) -> Tensor:
+        """Top units ``[B, Hsel, k]`` int64 on the device (``Hsel`` = Hkv with per_kv_head, else 1).
+
+        ``reuse``: write into buffers kept per ``num_units`` (the decode step's hot path: no
+        allocation, two op calls); the result is then overwritten by the next such call.
+        """
+        if reuse and q.dim() == 3:
+            bufs = self._score_buffers(q)
+            if bufs is not None:
+                keys, scores, values, idx = bufs
+                _ops.infllm_unit_scores(q, keys, scores)
+                _ops.topk_rows(scores.view(values.shape[0], -1), values, idx)
+                return idx.view(self.batch, -1, idx.shape[1])
         scores = unit_scores(q, self.repr_keys[:, : self.num_units], per_kv_head=self.per_kv_head)
         _, idx = topk_units(scores, min(self.topk, self.num_units))
-        if not self.per_kv_head:
-            idx = idx.unsqueeze(1).expand(-1, self.num_kv_heads, -1)
-        return idx
+        return idx if self.per_kv_head else idx.unsqueeze(1)
+
+    def _score_buffers(self, q: Tensor):
+        """(keys view, scores, values, indices) for the fused ops at this ``num_units``, or None
+        when the ops do not take these shapes (then the general path runs)."""
+        key = ("score", self.num_units, q.dtype)
+        bufs = self._step_cache.get(key, False)
+        if bufs is not False:
+            return bufs
+        for old in [c for c in self._step_cache if c[0] == "score"]:
+            del self._step_cache[old]
+        keys = self.repr_keys[:, : self.num_units]
+        k = min(self.topk, self.num_units)
+        bufs = None
+        if (_fused_scoring_ok(keys, self.head_dim) and q.dtype in (keys.dtype, torch.float32)
+                and 1 <= k <= _kv_ops.TOPK_MAX_K):
+            b, hkv, u, dev = self.batch, self.num_kv_heads, self.num_units, self.device
+            rows = b * hkv if self.per_kv_head else b
+            scores = torch.empty((b, hkv, u) if self.per_kv_head else (b, u), dtype=torch.float32, device=dev)
+            values = torch.empty(rows, k, dtype=torch.float32, device=dev)
+            idx = torch.empty(rows, k, dtype=torch.int64, device=dev)
+            bufs = (keys, scores, values, idx)
+        self._step_cache[key] = bufs
+        return bufs
 
     def fetch(self, b: int, units: list[int]) -> list[int]:
         """Make sequence ``b``'s ``units`` resident; returns their slots (same order).
@@ -626,7 +711,7 @@ class InfLLMCache:
         score = self._slot_score[b]
         if self.cache_strategy == "decay":
             score.mul_(self.score_decay)
-        loads = []
+        loads, evicted_units = [], []
         for u in wanted:
             if u in where:
                 self.hits += 1
@@ -637,6 +722,7 @@ class InfLLMCache:
                 if old >= 0:
                     del where[old]
                     lru.pop(old, None)
+                    evicted_units.append(old)
                 slots_of[slot] = u
                 where[u] = slot
                 score[slot] = 0.0
@@ -646,7 +732,19 @@ class InfLLMCache:
             if self.cache_strategy == "decay":
                 score[where[u]] += 1.0
         self._load(b, loads)
+        if loads:
+            evicted = [u for u in evicted_units if u not in where]
+            self._set_table(b, [u for u, _ in loads] + evicted, [s for _, s in loads] + [-1] * len(evicted))
         return [where[u] for u in units]
+
+    def _set_table(self, b: int, units: list, slots: list) -> None:
+        """Write ``unit_slot_table[b, units] = slots`` (stream-ordered; pinned staging on CUDA)."""
+        idx = torch.tensor(units, dtype=torch.int64)
+        val = torch.tensor(slots, dtype=torch.int32)
+        if self.device.type == "cuda":
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+            val = val.pin_memory().to(self.device, non_blocking=True)
+        self.unit_slot_table[b].index_put_((idx,), val)
 
     def _victim(self, b: int, needed: set) -> int:
         if self._free[b]:
@@ -670,6 +768,7 @@ class InfLLMCache:
             return
         # The slots may still be read by the previous step's kernels on the compute stream.
         self._load_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._loads_pending = True
         with torch.cuda.stream(self._load_stream):
             # One async copy per unit straight from the pinned store (a host-side gather would
             # make an unpinned, synchronous staging copy).
@@ -680,39 +779,9 @@ class InfLLMCache:
 
     def wait_loads(self) -> None:
         """Make the compute stream wait for queued unit loads (no-op on CPU)."""
-        if self._load_stream is not None:
+        if self._load_stream is not None and self._loads_pending:
             torch.cuda.current_stream(self.device).wait_stream(self._load_stream)
-
-    def _memory_selection(self, sel: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Block table, seq_lens, sel_pages and sel_counts for the units ``sel [B, Hkv, k]``
-        plus the sinks: row ``b`` lists the union of its selected units' slots, then its sink
-        pages (the last one partly filled)."""
-        sel_host = sel.cpu()
-        n_sink_tok = min(self.length, self.n_init)
-        n_sink_pg = -(-n_sink_tok // self.block_size)
-        rows, lens, lists = [], [], []
-        for b in range(self.batch):
-            union = list(dict.fromkeys(int(u) for u in sel_host[b].reshape(-1)))
-            slots = self.fetch(b, union)
-            pos = {u: i for i, u in enumerate(union)}
-            rows.append([b * self.max_cached_block + s for s in slots] + self._sink_phys(b)[:n_sink_pg])
-            lens.append(len(union) * self.block_size + n_sink_tok)
-            sinks = list(range(len(union), len(union) + n_sink_pg))
-            lists.append([[pos[int(u)] for u in sel_host[b, h]] + sinks for h in range(self.num_kv_heads)])
-        width = max(1, max(len(r) for r in rows))
-        block_table = torch.zeros(self.batch, width, dtype=torch.int32)
-        for b, r in enumerate(rows):
-            block_table[b, : len(r)] = torch.tensor(r, dtype=torch.int32)
-        n_sel = max(1, max(len(lst) for per in lists for lst in per))
-        sel_pages = torch.full((self.batch, self.num_kv_heads, n_sel), -1, dtype=torch.int32)
-        sel_counts = torch.zeros(self.batch, self.num_kv_heads, dtype=torch.int32)
-        for b, per in enumerate(lists):
-            for h, lst in enumerate(per):
-                sel_pages[b, h, : len(lst)] = torch.tensor(lst, dtype=torch.int32)
-                sel_counts[b, h] = len(lst)
-        to = dict(device=self.device, non_blocking=True)
-        seq_lens = torch.tensor(lens, dtype=torch.int32)
-        return block_table.to(**to), seq_lens.to(**to), sel_pages.to(**to), sel_counts.to(**to)
+            self._loads_pending = False
 
     # ---- attention ------------------------------------------------------------------------
 
@@ -755,17 +824,29 @@ class InfLLMCache:
             kr, _ = self._recent_kv()
             b, hkv, g, d = self.batch, self.num_kv_heads, self.group, self.head_dim
             logits = torch.einsum("bhgd,brhd->bhgr", q.float().view(b, hkv, g, d), kr.float()) * self.scale
-            pos_q = torch.tensor([self.length - 1], device=self.device)
+            pos_q = torch.arange(self.length - 1, self.length, device=self.device)
             self._accumulate(logits.unsqueeze(3), lse.view(b, hkv, g, 1), pos_q)
         self._form_units()
         return out
 
     def attend(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """The retrieve-and-attend step for query ``q [B, Hq, D]`` over the cache as it is
-        (nothing appended, no scores accumulated): score the units, take the top ``topk``, load
-        the missing ones (side stream on CUDA, overlapping the local attention), then
-        ``gqa_decode`` over the recent tokens merged with ``block_sparse_decode`` over the
-        selected units + sinks. The selected ids go to the host once (residency bookkeeping).
+        (nothing appended, no scores accumulated).
+
+        Units are scored (:func:`kvcore.infllm_unit_scores`) and the top ``topk`` taken
+        (:func:`kvcore.topk_rows`) on the device; the unit -> slot table
+        (:attr:`unit_slot_table`) turns them into pages of the one paged store, and the
+        selection (units + sinks + window, as logical pages) is built on the device too.
+
+        * Every unit resident (the GPU-resident path): no host sync at all. Attention is one
+          ``block_sparse_decode`` over units + sinks + window (when the sinks fill whole pages;
+          else ``block_sparse_decode`` over units + sinks merged with ``gqa_decode`` over the
+          window). Hits are counted as ``B * topk`` (per KV head: ``B * Hkv * topk``); the LRU
+          order and decay scores are not refreshed by these steps.
+        * Otherwise (offloaded units): the selected ids go to the host once (one sync per step)
+          for the residency bookkeeping; missing units are copied on the side stream while
+          ``gqa_decode`` over the window runs, then ``block_sparse_decode`` over units + sinks,
+          merged through the lse.
 
         Returns:
             ``(out [B, Hq, D]`` in the cache's dtype, ``lse [B, Hq]`` float32).
@@ -777,21 +858,122 @@ class InfLLMCache:
         if self.length == 0:
             raise ValueError("the cache is empty: append a token before attending")
         q = q.to(self.dtype)
-        sel = self.select_units(q)
-        mem = self._memory_selection(sel)  # queues unit loads; the local part overlaps them
-        parts = []
+        b, hkv, mc, bs = self.batch, self.num_kv_heads, self.max_cached_block, self.block_size
+        k = min(self.topk, self.num_units)
+        idx = self._select(q, reuse=True) if k else None  # [B, Hsel, k] int64, on the device
+        loading = False
+        if k:
+            if all(len(self._unit_slot[i]) == self.num_units for i in range(b)):
+                self.hits += b * k * idx.shape[1]
+            else:
+                misses = self.misses
+                sel_host = idx.cpu()  # the offloaded path's one sync: which units to fetch
+                for i in range(b):
+                    self.fetch(i, list(dict.fromkeys(sel_host[i].reshape(-1).tolist())))
+                loading = self.misses > misses and self._load_stream is not None
+        n_sink = min(self.length, self.n_init)
         r = self.num_recent
+        fused = self.fuse_attention and not loading and (n_sink % bs == 0 or r == 0)
+        bt_all, bt_units, bt_ring = self._block_tables()
+        slots = None
+        if k:
+            slots = self.unit_slot_table.gather(1, idx.reshape(b, -1)).view(b, idx.shape[1], k)
+            slots = slots.expand(b, hkv, k)  # logical page of a unit = its slot (first mc pages)
+        ws = decode_workspace(self.device) if self.device.type == "cuda" else None
+        out = torch.empty(b, self.num_q_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        lse = torch.empty(b, self.num_q_heads, dtype=torch.float32, device=self.device)
+        n_sink_pg = -(-n_sink // bs)
+        if fused:
+            self.wait_loads()  # loads queued by an earlier fetch() (a stream wait, not a host sync)
+            sel_pages, sel_counts = self._selection(slots, n_sink_pg, -(-r // bs))
+            seq_lens = self._lens(mc * bs + n_sink + r)
+            _ops.block_sparse_decode(q, self.kv_k, self.kv_v, bt_all, seq_lens, sel_pages, sel_counts, self.scale,
+                                     0.0, out, lse, ws, 0)
+            return out, lse
+        have_mem = bool(k) or n_sink > 0
         if r:
-            seq_lens = torch.full((self.batch,), r, dtype=torch.int32, device=self.device)
-            parts.append(gqa_decode(q, self.local_k, self.local_v, self._local_block_table(), seq_lens,
-                                    scale=self.scale, return_lse=True))
+            _ops.gqa_decode(q, self.kv_k, self.kv_v, bt_ring, self._lens(r), self.scale, -1, 0.0, out, lse, ws, 0)
+        if not have_mem:
+            return out, lse
         self.wait_loads()
-        if sel.shape[2] or min(self.length, self.n_init) > 0:
-            parts.append(block_sparse_decode(q, self.pool_k, self.pool_v, *mem, scale=self.scale, return_lse=True))
-        out, lse = parts[0]
-        for o2, l2 in parts[1:]:
-            out, lse = merge_attention_states(out, lse, o2, l2)
+        sel_pages, sel_counts = self._selection(slots, n_sink_pg, 0)
+        seq_lens = self._lens(mc * bs + n_sink)
+        if not r:
+            _ops.block_sparse_decode(q, self.kv_k, self.kv_v, bt_units, seq_lens, sel_pages, sel_counts, self.scale,
+                                     0.0, out, lse, ws, 0)
+            return out, lse
+        out_m, lse_m = torch.empty_like(out), torch.empty_like(lse)
+        _ops.block_sparse_decode(q, self.kv_k, self.kv_v, bt_units, seq_lens, sel_pages, sel_counts, self.scale, 0.0,
+                                 out_m, lse_m, ws, 0)
+        _ops.merge_attention_states(out, lse, out_m, lse_m, out, lse)
         return out, lse
+
+    # ---- device-side step metadata (built with device factories only: no host sync) ---------
+
+    def _block_tables(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Block tables of the step over the one paged store (kv_k / kv_v), per sequence b:
+
+        * ``bt_all [B, mc + sink_pages + ring_pages]``: b's unit slots (logical page = slot),
+          then its sink pages, then its ring pages from the oldest recent token on;
+        * ``bt_units``: the first ``mc + sink_pages`` columns; ``bt_ring``: the last
+          ``ring_pages``.
+
+        Rebuilt only when a unit forms (the ring's first page moves), from device aranges.
+        """
+        key = ("bt", self.num_units)
+        hit = self._step_cache.get(key)
+        if hit is not None:
+            return hit
+        for old in [c for c in self._step_cache if c[0] == "bt"]:
+            del self._step_cache[old]
+        dev, b, mc, sp, rp = self.device, self.batch, self.max_cached_block, self.sink_pages, self.ring_pages
+        rows = torch.arange(b, device=dev).view(-1, 1)
+        slots = rows * mc + torch.arange(mc, device=dev).view(1, -1)
+        sinks = b * mc + rows * sp + torch.arange(sp, device=dev).view(1, -1)
+        first = self.num_units % rp  # ring page of recent_start (units start page-aligned in the ring)
+        ring = self.n_pool_pages + rows * rp + (first + torch.arange(rp, device=dev).view(1, -1)) % rp
+        bt_all = torch.cat([slots, sinks, ring], dim=1).to(torch.int32).contiguous()
+        bt_units = bt_all[:, : mc + sp].contiguous()
+        bt_ring = bt_all[:, mc + sp :].contiguous()
+        self._step_cache[key] = (bt_all, bt_units, bt_ring)
+        return bt_all, bt_units, bt_ring
+
+    def _selection(self, slots: Optional[Tensor], n_sink_pg: int, n_ring_pg: int) -> tuple[Tensor, Tensor]:
+        """``sel_pages [B, Hkv, k + n_sink_pg + n_ring_pg]`` (logical pages of ``bt_all``: the
+        selected units' slots, sink pages ``mc ..``, ring pages ``mc + sink_pages ..``) and
+        ``sel_counts [B, Hkv]`` (all equal to that width)."""
+        b, hkv, mc = self.batch, self.num_kv_heads, self.max_cached_block
+        key = ("sel", n_sink_pg, n_ring_pg)
+        tail = self._step_cache.get(key)
+        if tail is None:
+            dev = self.device
+            base = mc + self.sink_pages
+            tail = torch.cat([torch.arange(mc, mc + n_sink_pg, device=dev),
+                              torch.arange(base, base + n_ring_pg, device=dev)]).to(torch.int32)
+            self._step_cache[key] = tail
+        k = 0 if slots is None else slots.shape[2]
+        width = k + tail.numel()
+        tail_b = tail.view(1, 1, -1).expand(b, hkv, -1)
+        sel_pages = tail_b.contiguous() if slots is None else torch.cat([slots, tail_b], dim=2)
+        ckey = ("cnt", width)
+        counts = self._step_cache.get(ckey)
+        if counts is None:
+            counts = torch.full((b, hkv), width, dtype=torch.int32, device=self.device)
+            self._step_cache[ckey] = counts
+        if sel_pages.shape[2] == 0:  # keep the op's max_sel >= 1 (the count 0 reads nothing)
+            sel_pages = torch.zeros(b, hkv, 1, dtype=torch.int32, device=self.device)
+        return sel_pages, counts
+
+    def _lens(self, n: int) -> Tensor:
+        # One cached value per use site is enough: repeated attends at one length reuse it.
+        hit = self._step_cache.get(("lens", n))
+        if hit is None:
+            cached = [c for c in self._step_cache if c[0] == "lens"]  # insertion order: oldest first
+            if len(cached) >= 4:
+                del self._step_cache[cached[0]]
+            hit = torch.full((self.batch,), n, dtype=torch.int32, device=self.device)
+            self._step_cache[("lens", n)] = hit
+        return hit
 
     def evict(self, b: int, units: list[int]) -> None:
         """Drop sequence ``b``'s ``units`` from the device cache (their CPU copies stay); units
@@ -809,6 +991,7 @@ class InfLLMCache:
                 self._free[b].append(slot)
                 self._lru[b].pop(int(u), None)
                 self._slot_score[b, slot] = 0.0
+                self._set_table(b, [int(u)], [-1])
 
     def load_memory(self, sink_k: Tensor, sink_v: Tensor, unit_k: Tensor, unit_v: Tensor, repr_keys: Tensor,
                     recent_k: Tensor, recent_v: Tensor) -> None:

@@ -6,11 +6,13 @@ unit (dot product of the query with the representative keys, summed over heads),
 ``topk``, and attends to sinks + selected units + window. Implementations, on the same inputs and
 checked against an fp32 evaluation of attention over exactly those tokens before they are timed:
 
-* ``kvcore``: :meth:`kvcore.retrieval.InfLLMCache.attend` (unit scoring + ``torch.topk``, unit
-  residency, ``gqa_decode`` over the window merged with ``block_sparse_decode`` over units +
-  sinks). At ``hit`` < 100% the cache first drops that share of the units the step will select,
-  so the step reloads them from pinned CPU memory on the side stream, overlapping the window's
-  attention.
+* ``kvcore``: :meth:`kvcore.retrieval.InfLLMCache.attend` (``infllm_unit_scores`` +
+  ``topk_rows`` on the device, the unit -> slot table, the selection built on the device). With
+  every unit resident (``hit`` 100%) the step has no host sync and attends with one
+  ``block_sparse_decode`` over sinks + units + window. At ``hit`` < 100% the cache first drops
+  that share of the units the step will select, so the step syncs once for the selected ids and
+  reloads them from pinned CPU memory on the side stream, overlapping ``gqa_decode`` over the
+  window, then ``block_sparse_decode`` over units + sinks, merged.
 * ``torch``: the plain-torch InfLLM-style pipeline: score (einsum), ``torch.topk``, gather the
   selected units' K/V, concatenate with sinks and window, SDPA (``enable_gqa``), with every unit
   on the device in every case (it has no offload; at ``hit`` < 100% it is the resident yardstick).
@@ -18,6 +20,10 @@ checked against an fp32 evaluation of attention over exactly those tokens before
 Bytes that must be moved: the representative keys (scoring), the selected units', sinks' and
 window's K and V, q and out. FLOPs: 2 * B * Hkv * units * D (scoring; the heads of a group are
 summed first) + 4 * B * Hq * (n_init + topk * block + n_local) * D.
+
+Case ``part="select"`` times unit selection alone (scoring + top-k, the issue's <= 30 us
+target): ``kvcore`` is ``infllm_unit_scores`` + ``topk_rows``, ``torch`` is einsum + ``torch.topk``;
+its bytes are the representative keys and q, and both must return the planted units.
 
 The inputs plant ``topk`` clearly best units (their representative keys lean towards the query)
 so every implementation must select the same set, whatever its rounding.
@@ -54,6 +60,7 @@ class RetrievalCase:
     n_local: int = 4096
     hit: float = 1.0  # share of the selected units already on the device
     dtype: torch.dtype = torch.bfloat16
+    part: str = "step"  # "step": the whole retrieve-and-attend step; "select": scoring + top-k only
 
     @property
     def name(self) -> str:
@@ -63,6 +70,8 @@ class RetrievalCase:
         )
         if self.dtype != torch.bfloat16:
             s += " " + _DTYPE_NAMES.get(self.dtype, str(self.dtype).replace("torch.", ""))
+        if self.part == "select":
+            s = s.replace(f" local{self.n_local} hit{round(self.hit * 100)}%", "") + " select"
         return s
 
     @property
@@ -78,12 +87,16 @@ class RetrievalCase:
     def nbytes(self) -> int:
         b, hkv, d, it = self.batch, self.num_kv_heads, self.head_dim, self.itemsize
         reprs = b * self.units * hkv * d * it
+        if self.part == "select":
+            return reprs + b * self.num_q_heads * d * it
         kv = b * self.attended * hkv * d * 2 * it
         return reprs + kv + 2 * b * self.num_q_heads * d * it
 
     @property
     def flops(self) -> int:
         b, d = self.batch, self.head_dim
+        if self.part == "select":
+            return 2 * b * self.num_kv_heads * self.units * d
         return 2 * b * self.num_kv_heads * self.units * d + 4 * b * self.num_q_heads * self.attended * d
 
 
@@ -94,10 +107,12 @@ def cases(device: torch.device, quick: bool) -> list:
     device = torch.device(device)
     if device.type == "cuda":
         units = 1024 if quick else 8192
-        return [RetrievalCase(1, 32, 8, 128, units, hit=h) for h in (1.0, 0.9, 0.5)]
+        return [RetrievalCase(1, 32, 8, 128, units, hit=h) for h in (1.0, 0.9, 0.5)] + [
+            RetrievalCase(1, 32, 8, 128, units, part="select")]
     return [
         RetrievalCase(1, 8, 2, 64, 64, block=32, topk=4, n_init=32, n_local=256, dtype=torch.float32),
         RetrievalCase(2, 8, 2, 64, 48, block=32, topk=4, n_init=16, n_local=128, hit=0.5),
+        RetrievalCase(2, 8, 2, 64, 300, block=32, topk=4, n_init=16, n_local=128, part="select"),
     ]
 
 
@@ -144,8 +159,9 @@ def make_inputs(case: RetrievalCase, device: torch.device, seed: int = 0) -> Ret
     kw = {"dtype": case.dtype, "device": device, "generator": gen}
     q = torch.randn(b, hq, d, **kw)
     sink_k, sink_v = torch.randn(b, case.n_init, hkv, d, **kw), torch.randn(b, case.n_init, hkv, d, **kw)
-    unit_k = torch.randn(b, u, case.block, hkv, d, **kw)
-    unit_v = torch.randn(b, u, case.block, hkv, d, **kw)
+    blk = 0 if case.part == "select" else case.block  # selection reads no unit K/V
+    unit_k = torch.randn(b, u, blk, hkv, d, **kw)
+    unit_v = torch.randn(b, u, blk, hkv, d, **kw)
     local_k, local_v = torch.randn(b, case.n_local, hkv, d, **kw), torch.randn(b, case.n_local, hkv, d, **kw)
     repr_keys = (torch.randn(b, u, hkv, d, **kw) * 0.25).float()
     chosen = torch.stack([torch.randperm(u, generator=cpu_gen)[: case.topk] for _ in range(b)]).sort(dim=-1).values
@@ -171,7 +187,10 @@ def _selected_kv(inputs: RetrievalInputs, units: torch.Tensor) -> tuple:
 
 
 def reference_output(inputs: RetrievalInputs) -> torch.Tensor:
-    """fp32 attention over sinks + the planted units + window (the correctness yardstick)."""
+    """fp32 attention over sinks + the planted units + window (the correctness yardstick); for
+    ``part="select"`` the planted units themselves, sorted, as float."""
+    if inputs.case.part == "select":
+        return inputs.chosen.float()
     k, v = _selected_kv(inputs, inputs.chosen)
     return peers.grouped_attention(inputs.q.float(), k.float(), v.float(), inputs.scale)
 
@@ -187,6 +206,8 @@ def build_kvcore(inputs: RetrievalInputs) -> list:
     if retrieval is None:
         raise peers.Skip("kvcore has no retrieval module")
     c, q = inputs.case, inputs.q
+    if c.part == "select":
+        return _build_kvcore_select(kvcore, inputs)
     for op in ("gqa_decode", "block_sparse_decode", "merge_attention_states"):
         if q.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key(f"kvcore::{op}", "CUDA"):
             raise peers.Skip(f"this kvcore build has no CUDA kernel for {op}")
@@ -221,11 +242,50 @@ def build_kvcore(inputs: RetrievalInputs) -> list:
     return [peers.Prepared(fn=fn, notes=note, before_timing=before, after_timing=after)]
 
 
+def _build_kvcore_select(kvcore, inputs: RetrievalInputs) -> list:
+    c, q = inputs.case, inputs.q
+    for op in ("infllm_unit_scores", "topk_rows"):
+        if not hasattr(kvcore, op):
+            raise peers.Skip(f"this kvcore has no {op}")
+        if q.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key(f"kvcore::{op}", "CUDA"):
+            raise peers.Skip(f"this kvcore build has no CUDA kernel for {op}")
+    scores = torch.empty(c.batch, c.units, dtype=torch.float32, device=q.device)
+    values = torch.empty(c.batch, c.topk, dtype=torch.float32, device=q.device)
+    indices = torch.empty(c.batch, c.topk, dtype=torch.int64, device=q.device)
+
+    def select() -> torch.Tensor:
+        kvcore.infllm_unit_scores(q, inputs.repr_keys, out=scores)
+        kvcore.topk_rows(scores, c.topk, values=values, indices=indices)
+        return indices
+
+    return [_select_variant(select, "infllm_unit_scores + topk_rows (2 launches)")]
+
+
+def _select_variant(select: Callable[[], torch.Tensor], notes: str) -> "peers.Prepared":
+    """A selection variant: checked as the sorted set of indices (the planted units), timed
+    without that sort (the timing hooks switch it off)."""
+    state = {"sort": True}
+
+    def fn() -> torch.Tensor:
+        idx = select()
+        return idx.sort(dim=-1).values.float() if state["sort"] else idx
+
+    return peers.Prepared(fn=fn, notes=notes, before_timing=lambda: state.update(sort=False),
+                          after_timing=lambda: state.update(sort=True))
+
+
 def build_torch(inputs: RetrievalInputs) -> list:
     c, q = inputs.case, inputs.q
     b, hq, d = q.shape
     hkv = c.num_kv_heads
     q4 = q.unsqueeze(2)
+    if c.part == "select":
+        def select() -> torch.Tensor:
+            qg = q.float().view(b, hkv, hq // hkv, d).sum(dim=2)
+            scores = torch.einsum("bhd,buhd->bu", qg, inputs.repr_keys.float())
+            return scores.topk(c.topk, dim=-1).indices
+
+        return [_select_variant(select, "einsum + topk")]
 
     def fn() -> torch.Tensor:
         qg = q.float().view(b, hkv, hq // hkv, d).sum(dim=2)

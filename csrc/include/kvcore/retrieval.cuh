@@ -1,0 +1,254 @@
+// InfLLM retrieval kernels (framework-free: raw pointers, no torch headers).
+//
+// infllm_unit_scores_kernel: s[b, h, u] = qg[b, h] . repr_keys[b, u, h], qg = the sum of KV head
+//   h's query heads. Memory-bound (each representative key is read once, by one lane group, with
+//   the whole group's query folded into qg in shared memory), so the layout is built for bytes in
+//   flight: a unit's Hkv * D keys are contiguous, one aligned group of LPU lanes (a warp, or less
+//   for small units) streams them in 16-byte vectors, four vectors per lane before any math.
+//
+// topk_rows_kernel: one CTA per row; radix select over 64-bit keys (kvcore/topk_key.h: score
+//   order in the high half, inverted column in the low half, so every key is unique and "top k"
+//   has no ties), 8 bits per pass from the top, stopping as soon as the bin holding the k-th key
+//   holds exactly the keys still needed. Then every key >= the threshold is gathered (exactly
+//   min(k, U) of them) and ranked by counting larger keys (k <= 256, so O(k^2) is nothing).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "kvcore/device_utils.cuh"
+#include "kvcore/topk_key.h"
+
+namespace kvcore {
+
+struct UnitScoresParams {
+  const void* q;        // [B, Hq, D] with element strides q_sb, q_sh (last dim contiguous)
+  int64_t q_sb, q_sh;
+  const void* keys;     // [B, U, Hkv, D], batch stride k_sb elements, the rest dense
+  int64_t k_sb;
+  float* out;           // [B, U] or [B, Hkv, U]
+  int64_t units;
+  int64_t units_per_cta;  // a multiple of the units one CTA pass covers
+  int hkv, head_dim, group;
+  int vec_per_head;     // head_dim / 8, a power of two <= 32
+  int lanes_per_unit;   // LPU: 32, or a power of two >= Hkv * vec_per_head when that is < 32
+  int per_kv_head;
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  return static_cast<float>(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) {
+  return __half2float(x);
+}
+
+// Segmented sum over aligned groups of `width` lanes (a power of two <= 32, runtime); every lane
+// of the warp must call it (the shuffles use the full mask).
+__device__ __forceinline__ float segment_sum(float x, int width) {
+  for (int off = width >> 1; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Grid (ctas per batch row, B); dynamic shared memory: Hkv * D floats.
+template <typename T, typename TQ>
+__global__ void __launch_bounds__(256) infllm_unit_scores_kernel(UnitScoresParams p) {
+  extern __shared__ float qg[];
+  const int64_t b = blockIdx.y;
+  const int d = p.head_dim, hkv = p.hkv, g = p.group;
+  const int qg_len = hkv * d;
+  const TQ* q = static_cast<const TQ*>(p.q) + b * p.q_sb;
+  for (int e = threadIdx.x; e < qg_len; e += blockDim.x) {
+    const int h = e / d, x = e - h * d;
+    float acc = 0.0f;
+    for (int j = 0; j < g; ++j) acc += to_float<TQ>(q[int64_t(h * g + j) * p.q_sh + x]);
+    qg[e] = acc;
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int lpu = p.lanes_per_unit, vph = p.vec_per_head;
+  const int upw = 32 / lpu;             // units per warp per pass
+  const int sub = lane & (lpu - 1);     // lane within the unit's lane group
+  const int slot = lane / lpu;          // which of the warp's units
+  const int nvec = hkv * p.vec_per_head;  // 16-byte vectors per unit
+  const int64_t u_begin = int64_t(blockIdx.x) * p.units_per_cta;
+  int64_t u_end = u_begin + p.units_per_cta;
+  if (u_end > p.units) u_end = p.units;
+  const T* keys = static_cast<const T*>(p.keys) + b * p.k_sb;
+
+  // ubase is warp-uniform, so every lane runs the same iterations and the shuffles stay full-mask.
+  for (int64_t ubase = u_begin + int64_t(warp) * upw; ubase < u_end; ubase += int64_t(nwarps) * upw) {
+    const int64_t u = ubase + slot;
+    const bool valid = u < u_end;
+    const uint4* row = reinterpret_cast<const uint4*>(keys + (valid ? u : u_begin) * int64_t(nvec) * 8);
+    float total = 0.0f;
+    for (int v0 = 0; v0 < nvec; v0 += 4 * lpu) {
+      uint4 raw[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int v = v0 + j * lpu + sub;
+        raw[j] = (valid && v < nvec) ? __ldg(row + v) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int v = v0 + j * lpu + sub;
+        const bool live = valid && v < nvec;
+        float part = 0.0f;
+        if (live) {
+          float f[8];
+          unpack8(raw[j], f, T{});
+          const float* qv = qg + v * 8;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) part = fmaf(f[i], qv[i], part);
+        }
+        if (p.per_kv_head) {
+          // v0 + j * lpu is a multiple of lpu, hence of vph: each aligned vph-lane segment is
+          // exactly one head's D elements.
+          if (v0 + j * lpu < nvec) {  // warp-uniform: skip shuffles for blocks wholly past the unit
+            part = segment_sum(part, vph);
+            if (live && (sub & (vph - 1)) == 0) {
+              const int h = v / vph;
+              p.out[(b * hkv + h) * p.units + u] = part;
+            }
+          }
+        } else {
+          total += part;
+        }
+      }
+    }
+    if (!p.per_kv_head) {
+      total = segment_sum(total, lpu);
+      if (valid && sub == 0) p.out[b * p.units + u] = total;
+    }
+  }
+}
+
+struct TopkRowsParams {
+  const float* scores;  // [rows, cols], row stride row_stride, columns contiguous
+  int64_t row_stride;
+  int64_t rows, cols;
+  int k;                // 1..kTopkMaxK
+  float* values;        // [rows, k]
+  void* indices;        // [rows, k] int32 / int64
+};
+
+constexpr int kTopkThreads = 1024;
+
+// Grid (rows); block kTopkThreads.
+template <typename IndexT>
+__global__ void __launch_bounds__(kTopkThreads) topk_rows_kernel(TopkRowsParams p) {
+  __shared__ uint32_t hist[256];
+  __shared__ uint64_t s_keys[kTopkMaxK];
+  __shared__ uint64_t s_prefix;
+  __shared__ uint32_t s_remaining;
+  __shared__ int s_done;
+  __shared__ int s_count;
+
+  const int64_t row = blockIdx.x;
+  const float* src = p.scores + row * p.row_stride;
+  const int64_t n = p.cols;
+  const int k = p.k;
+  const int kk = int(n < int64_t(k) ? n : int64_t(k));  // keys to choose
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+  // Threshold: the k-th largest key, or a prefix of it below which no chosen key lies.
+  uint64_t prefix = 0, mask = 0;
+  if (int64_t(kk) < n) {
+    uint32_t remaining = uint32_t(kk);  // chosen keys still to place among those matching prefix
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += kTopkThreads) hist[i] = 0u;
+      __syncthreads();
+      for (int64_t base = 0; base < n; base += kTopkThreads) {
+        const int64_t i = base + tid;
+        int digit = -1;
+        if (i < n) {
+          const uint64_t key = topk_key(__ldg(src + i), uint32_t(i));
+          if ((key & mask) == prefix) digit = int((key >> shift) & 255u);
+        }
+        // Lanes with the same digit add once (the first passes see few distinct digits, and
+        // per-lane shared atomics on one address would serialise).
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], uint32_t(__popc(peers)));
+      }
+      __syncthreads();
+      if (warp == 0) {
+        // Lane l owns digits 255 - 8l .. 248 - 8l (descending), so an inclusive scan over lanes
+        // counts the keys in higher bins.
+        uint32_t c[8];
+        uint32_t sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          c[j] = hist[255 - 8 * lane - j];
+          sum += c[j];
+        }
+        uint32_t incl = sum;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const uint32_t t = __shfl_up_sync(0xffffffffu, incl, off);
+          if (lane >= off) incl += t;
+        }
+        const uint32_t excl = incl - sum;
+        if (excl < remaining && remaining <= incl) {  // exactly one lane
+          uint32_t acc = excl;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (acc + c[j] >= remaining) {
+              const uint32_t need = remaining - acc;
+              s_prefix = prefix | (uint64_t(255 - 8 * lane - j) << shift);
+              s_remaining = need;
+              s_done = (c[j] == need) ? 1 : 0;
+              break;
+            }
+            acc += c[j];
+          }
+        }
+      }
+      __syncthreads();
+      prefix = s_prefix;
+      remaining = s_remaining;
+      mask |= uint64_t(255) << shift;
+      const bool done = s_done != 0;
+      // The next pass writes hist and s_* only after its first __syncthreads, which every
+      // thread reaches after these reads.
+      if (done) break;  // block-uniform
+    }
+  }
+
+  // Every key >= prefix is chosen: the keys of higher bins in some pass, plus the whole bin the
+  // search stopped in (prefix has zeros below its bits, so key >= prefix <=> its top bits >= prefix's).
+  if (tid == 0) s_count = 0;
+  __syncthreads();
+  for (int64_t i = tid; i < n; i += kTopkThreads) {
+    const uint64_t key = topk_key(__ldg(src + i), uint32_t(i));
+    if (key >= prefix) {
+      const int pos = atomicAdd(&s_count, 1);
+      if (pos < kTopkMaxK) s_keys[pos] = key;
+    }
+  }
+  __syncthreads();
+  const int cnt = s_count < kk ? s_count : kk;  // == kk by construction; the min keeps writes in range
+  IndexT* indices = static_cast<IndexT*>(p.indices) + row * k;
+  float* values = p.values + row * k;
+  for (int j = tid; j < k; j += kTopkThreads) {
+    if (j < cnt) {
+      const uint64_t key = s_keys[j];
+      int rank = 0;
+      for (int m = 0; m < cnt; ++m) rank += s_keys[m] > key ? 1 : 0;
+      const uint32_t col = topk_key_column(key);
+      values[rank] = __ldg(src + col);
+      indices[rank] = IndexT(col);
+    } else {
+      values[j] = -__int_as_float(0x7f800000);
+      indices[j] = IndexT(-1);
+    }
+  }
+}
+
+}  // namespace kvcore
