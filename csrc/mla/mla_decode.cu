@@ -14,12 +14,11 @@ namespace {
 // Narrower widths run on the same instantiation with zero-padded columns.
 constexpr int kMaxDk = 576;
 constexpr int kMaxDv = 512;
-constexpr int kWarpTokens = 8;
 
-template <typename T, int M>
+template <typename T, int M, int WARP_TOKENS>
 void launch(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
             const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
-  using Cfg = MlaDecodeConfig<kMaxDk, kMaxDv, M, kWarpTokens>;
+  using Cfg = MlaDecodeConfig<kMaxDk, kMaxDv, M, WARP_TOKENS>;
   auto kernel = mla_decode_kernel<T, Cfg>;
   const int per_sm = paged_decode::ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS,
                                                Cfg::SMEM_BYTES, "mla_decode");
@@ -116,12 +115,15 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_half_types(q.scalar_type(), "mla_decode", [&](auto tag) {
     using T = decltype(tag);
-    // Up to 16 heads: one m16 tile per CTA. More heads: 32 per CTA, which halves the latent
-    // re-reads (from L2) and the Q/K ldmatrix traffic per product.
+    // Up to 16 heads (memory-bound): one m16 tile per CTA, 32-token tiles in a 4-deep ring to
+    // keep enough bytes in flight. More heads (compute-bound): 32 heads per CTA, which halves the
+    // latent re-reads from L2, and 16 tokens per warp, so each Q fragment read from shared
+    // memory serves two mma (Q reads dominate the shared-memory traffic); 64-token tiles leave
+    // room for a 2-deep ring only, which a compute-bound tile loop hides.
     if (s.num_heads <= 16)
-      launch<T, 1>(s, p, num_splits, workspace, stream);
+      launch<T, 1, 8>(s, p, num_splits, workspace, stream);
     else
-      launch<T, 2>(s, p, num_splits, workspace, stream);
+      launch<T, 2, 16>(s, p, num_splits, workspace, stream);
   });
 }
 

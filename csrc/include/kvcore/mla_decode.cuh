@@ -71,7 +71,8 @@ struct MlaDecodeConfig {
   static constexpr int WCOLS = DV / WARPS;          // output columns per warp
   static constexpr int STAGES = TILE <= 32 ? 4 : 2;
   static constexpr int ROW_THREADS = 8;             // threads copying one row
-  static constexpr int ROW_PASSES = TILE * ROW_THREADS / THREADS;
+  static constexpr int ROWS_PER_PASS = THREADS / ROW_THREADS;
+  static constexpr int ROW_PASSES = TILE / ROWS_PER_PASS;
   static constexpr int ROW_CHUNKS = TD / ROW_THREADS;  // copies per thread per row
   static constexpr int P_PITCH = TILE + 8;          // P row pitch (elements): ldmatrix conflict-free
   static constexpr size_t SMEM_Q = size_t(ROWS) * DK * 2;
@@ -84,7 +85,8 @@ struct MlaDecodeConfig {
   static_assert(DV % 64 == 0 && DV <= DK, "DV must be a multiple of 64 and <= DK");
   static_assert(WCOLS % 16 == 0, "each warp's output columns must be whole ldmatrix.x4 blocks");
   static_assert(WARP_TOKENS == 8 || WARP_TOKENS == 16, "8 or 16 tokens per warp");
-  static_assert((TILE * ROW_THREADS) % THREADS == 0, "tile rows must divide over the copy passes");
+  static_assert(TILE % ROWS_PER_PASS == 0, "tile rows must divide over the copy passes");
+  static_assert(TD % ROW_THREADS == 0, "row chunks must divide over the row's threads");
 };
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile
@@ -99,6 +101,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
   constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES;
   constexpr int M = Cfg::M, ROWS = Cfg::ROWS, WARPS = Cfg::WARPS, NT = Cfg::NT, WCOLS = Cfg::WCOLS;
   constexpr int ROW_PASSES = Cfg::ROW_PASSES, ROW_CHUNKS = Cfg::ROW_CHUNKS, PP = Cfg::P_PITCH;
+  constexpr int RPP = Cfg::ROWS_PER_PASS;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* const sQ = reinterpret_cast<T*>(smem_raw);
   T* const sTile = reinterpret_cast<T*>(smem_raw + Cfg::SMEM_Q);
@@ -122,12 +125,12 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
   auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
 
   // Copy roles: thread copies chunks copy_c0 + 8 * j (j < ROW_CHUNKS) of tile rows
-  // copy_r0 + 16 * pass. The page of each of its rows for tile t is read one tile ahead.
+  // copy_r0 + RPP * pass. The page of each of its rows for tile t is read one tile ahead.
   const int copy_r0 = tid >> 3, copy_c0 = tid & 7;
   auto fetch_pages = [&](int t, int (&pg)[ROW_PASSES]) {
 #pragma unroll
     for (int i = 0; i < ROW_PASSES; ++i) {
-      const int pos = min(start + t * TILE + copy_r0 + 16 * i, capacity - 1);
+      const int pos = min(start + t * TILE + copy_r0 + RPP * i, capacity - 1);
       pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
     }
   };
@@ -136,7 +139,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
     T* const dst = sTile + (t % STAGES) * TILE * DK;
 #pragma unroll
     for (int i = 0; i < ROW_PASSES; ++i) {
-      const int row = copy_r0 + 16 * i;
+      const int row = copy_r0 + RPP * i;
       const int pos = start + t * TILE + row;
       const bool row_ok = pos < end;
       const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
@@ -201,11 +204,15 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
     const T* const kt = sTile + (t % STAGES) * TILE * DK;
 
     // S = Q K^T over the warp's tokens: M x NT mma tiles, DK / 16 k-steps (two per iteration).
-    float s[M][NT][4];
+    // Even and odd k-steps accumulate separately: two dependent mma chains of DK / 32 instead of
+    // one of DK / 16, which halves the latency a warp waits on.
+    float s[M][NT][4], s2[M][NT][4];
 #pragma unroll
     for (int mt = 0; mt < M; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][nt][i] = s2[mt][nt][i] = 0.f;
 #pragma unroll 4
     for (int kc = 0; kc < DK / 16; kc += 2) {
       uint32_t bk[NT][4];
@@ -220,10 +227,16 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           mma_16816(s[mt][nt], a0, bk[nt][0], bk[nt][1], T{});
-          mma_16816(s[mt][nt], a1, bk[nt][2], bk[nt][3], T{});
+          mma_16816(s2[mt][nt], a1, bk[nt][2], bk[nt][3], T{});
         }
       }
     }
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][nt][i] += s2[mt][nt][i];
 
     // Scale into the log2 domain, mask tokens past the range end, publish the warp's row maxima.
     const int tok0 = start + t * TILE + wrow + cpair;
