@@ -2,7 +2,8 @@
 kvcore.mla layer (absorbed decode, non-absorbed prefill) against a naive non-absorbed MLA with
 explicit per-head K/V, in fp32.
 
-CUDA cases run only when the CUDA kernels of both ops are built (they skip until they land).
+CUDA cases run only when the CUDA kernels they need are built (they skip until they land): the
+mla_decode cases need only its kernel, the rest both ops'.
 """
 
 from __future__ import annotations
