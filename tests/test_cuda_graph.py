@@ -1,5 +1,6 @@
 """A decode step (append + gqa_decode, append + block_sparse_decode), token_decoder_attention and
-H2O's per-step attention_scores captured once in a CUDA graph and replayed.
+H2O's per-step attention_scores, retrieval's scoring + top-k and mla_decode captured once in a CUDA
+graph and replayed.
 
 With out, lse and workspace passed in, the ops neither allocate nor sync on the host, so the
 capture succeeds; replays must follow new contents of seq_lens, block_table and slot_mapping.
@@ -291,3 +292,60 @@ def test_unit_scores_and_topk_graph_replay(gen):
         assert torch.equal(indices.cpu(), ref_i.cpu()) and torch.equal(values.cpu(), ref_v.cpu())
         ref_v, ref_i = reference.topk_rows(per_head.view(batch * hkv, units), k)
         assert torch.equal(head_indices.cpu().long(), ref_i.cpu()) and torch.equal(head_values.cpu(), ref_v.cpu())
+
+
+# ---- MLA decode --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::mla_decode", "CUDA"),
+    reason="the mla_decode CUDA kernel is not built",
+)
+@pytest.mark.parametrize(("heads", "num_splits"), [(16, 0), (128, 0), (16, 5)], ids=["H16", "H128", "H16-splits5"])
+def test_mla_decode_graph_replay_equals_eager(heads, num_splits, gen):
+    """mla_decode captured once (the split count comes from shapes, never from seq_lens); each
+    replay gets new seq_lens (0, 1, partial and full pages, the whole table), block tables and
+    q, and must give exactly what the same call gives eagerly, and the reference within tolerance."""
+    batch, dk, dv, page, max_pages = 4, 576, 512, 32, 40
+    num_pages = batch * max_pages + 3
+    dev, dt = "cuda", torch.bfloat16
+    cache = randn(num_pages, page, dk, gen=gen, dtype=dt, device=dev)
+    q = torch.empty(batch, heads, dk, dtype=dt, device=dev)
+    block_table = torch.empty(batch, max_pages, dtype=torch.int32, device=dev)
+    seq_lens = torch.empty(batch, dtype=torch.int32, device=dev)
+    out = torch.empty(batch, heads, dv, dtype=dt, device=dev)
+    lse = torch.empty(batch, heads, dtype=torch.float32, device=dev)
+    workspace = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+    scale = 192**-0.5
+
+    def fill(lens):
+        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
+        block_table.copy_(perm.int())
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.copy_(randn(*q.shape, gen=gen, dtype=dt))
+
+    def step(o, l):
+        kvcore.mla_decode(q, cache, block_table, seq_lens, scale=scale, out=o, lse=l, workspace=workspace,
+                          num_splits=num_splits)
+
+    fill([600, 1, 37, 0])
+    step(out, lse)  # warm-up outside the capture (kernel attributes, occupancy cache)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(out, lse)
+
+    for lens in ([640, 5, 100, 1], [1, max_pages * page, 0, 2], [320, 320, 33, 32], [0, 0, 0, 0]):
+        fill(lens)
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_out = torch.full_like(out, float("nan"))
+        eager_lse = torch.full_like(lse, float("nan"))
+        step(eager_out, eager_lse)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse), f"replay differs from eager ({lens})"
+        ref_out, ref_lse = reference.mla_decode(q, cache, block_table, seq_lens, scale, dv)
+        torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)

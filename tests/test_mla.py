@@ -2,7 +2,8 @@
 kvcore.mla layer (absorbed decode, non-absorbed prefill) against a naive non-absorbed MLA with
 explicit per-head K/V, in fp32.
 
-CUDA cases run only when the CUDA kernels of both ops are built (they skip until they land).
+CUDA cases run only when the CUDA kernels they need are built (they skip until they land): the
+mla_decode cases need only its kernel, the rest both ops'.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ _IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DEVICE_DTYPES = [pytest.param("cpu", dt, id=f"cpu-{_IDS[dt]}") for dt in (torch.float32, torch.bfloat16, torch.float16)]
 DEVICE_DTYPES += [pytest.param("cuda", dt, marks=_CUDA_MARKS, id=f"cuda-{_IDS[dt]}") for dt in (torch.bfloat16, torch.float16)]
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=_CUDA_MARKS, id="cuda")]
+# mla_decode's CUDA kernel is tested on its own (it may land before mla_latent_project's).
+MLA_DECODE_CUDA_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::mla_decode", "CUDA")
+_DECODE_CUDA_MARKS = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON),
+    pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built"),
+]
+DECODE_DEVICE_DTYPES = DEVICE_DTYPES[:3] + [
+    pytest.param("cuda", dt, marks=_DECODE_CUDA_MARKS, id=f"cuda-{_IDS[dt]}") for dt in (torch.bfloat16, torch.float16)
+]
+DECODE_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=_DECODE_CUDA_MARKS, id="cuda")]
 
 
 # ============================================================================================
@@ -182,7 +194,7 @@ def _latent_cache(lens, page_size, dk, gen, dtype, device):
 
 
 @pytest.mark.parametrize("case", MLA_DECODE_CASES, ids=MlaDecodeCase.id)
-@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize(("device", "dtype"), DECODE_DEVICE_DTYPES)
 def test_mla_decode_matches_reference(device, dtype, case, gen):
     lens = list(case.lens) if isinstance(case.lens, tuple) else ragged_lens(case.batch, case.lens, case.page_size, gen)
     cache, table, seq_lens = _latent_cache(lens, case.page_size, case.dk, gen, dtype, device)
@@ -231,14 +243,21 @@ def test_opcheck_mla_ops(device, gen):
     for outs in [(None, None), (c_kv, k_pe), (c_kv, None)]:
         args = (a.hidden, a.w_dkv, a.norm_weight, 1e-6, a.cos_sin, a.positions, a.cache, a.slots, True, *outs)
         torch.library.opcheck(torch.ops.kvcore.mla_latent_project.default, args, test_utils=OPCHECK_UTILS)
-    cache, table, seq_lens = _latent_cache([3, 0, 40], 16, 80, gen, dtype, device)
-    q = randn(3, 4, 80, gen=gen, dtype=dtype, device=device)
-    out = torch.empty(3, 4, 64, dtype=dtype, device=device)
-    lse = torch.empty(3, 4, device=device)
+
+
+@pytest.mark.parametrize("device", DECODE_DEVICES)
+def test_opcheck_mla_decode(device, gen):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     ws = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device) if device == "cuda" else None
-    for with_lse in (True, False):
-        args = (q, cache, table, seq_lens, 0.125, out, lse if with_lse else None, ws, 0)
-        torch.library.opcheck(torch.ops.kvcore.mla_decode.default, args, test_utils=OPCHECK_UTILS)
+    # Narrow widths (Dk 80 / Dv 64) and DeepSeek's (576 / 512), automatic and forced splits.
+    for dk, dv, num_splits in ((80, 64, 0), (576, 512, 0), (576, 512, 3)):
+        cache, table, seq_lens = _latent_cache([3, 0, 40], 16, dk, gen, dtype, device)
+        q = randn(3, 4, dk, gen=gen, dtype=dtype, device=device)
+        out = torch.empty(3, 4, dv, dtype=dtype, device=device)
+        lse = torch.empty(3, 4, device=device)
+        for with_lse in (True, False):
+            args = (q, cache, table, seq_lens, 0.125, out, lse if with_lse else None, ws, num_splits)
+            torch.library.opcheck(torch.ops.kvcore.mla_decode.default, args, test_utils=OPCHECK_UTILS)
 
 
 # ============================================================================================
@@ -362,7 +381,7 @@ BAD_MLA_DECODE = [
 
 
 @pytest.mark.parametrize("bad", [b.param() for b in BAD_MLA_DECODE])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DECODE_DEVICES)
 def test_mla_decode_bad_input(device, bad, gen):
     a = _decode_args(device, gen)
     bad.mutate(a, device)
@@ -552,3 +571,219 @@ def test_mla_bench_group_cpu(tmp_path):
     for r in rows:
         assert r["group"] == "mla" and "error" not in r, r
         assert r["ms"] > 0 and r["gbps"] > 0 and r["tflops"] > 0, r
+
+
+# ============================================================================================
+# mla_decode's CUDA kernel: the grid of shapes, splits, determinism, bad input
+# ============================================================================================
+
+CUDA_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
+
+
+def _cuda_decode_inputs(lens, heads, page_size, gen, dtype, dk=576, dv=512, scale=576**-0.5):
+    cache, table, seq_lens = _latent_cache(lens, page_size, dk, gen, dtype, "cuda")
+    q = randn(len(lens), heads, dk, gen=gen, dtype=dtype, device="cuda")
+    out = poison(torch.empty(len(lens), heads, dv, dtype=dtype, device="cuda"))
+    lse = poison(torch.empty(len(lens), heads, device="cuda"))
+    return SimpleNamespace(q=q, cache=cache, table=table, seq_lens=seq_lens, out=out, lse=lse, scale=scale, dv=dv)
+
+
+def _check_against_reference(a, lens, dtype):
+    ref_out, ref_lse = reference.mla_decode(a.q, a.cache, a.table, a.seq_lens, a.scale, a.dv)
+    torch.testing.assert_close(a.out.float(), ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(a.lse, ref_lse, **LSE_TOL)
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert bool((a.out[b] == 0).all()) and bool(torch.isneginf(a.lse[b]).all())
+
+
+def _grid_lens(batch: int, max_len: int, page_size: int, gen) -> list[int]:
+    """Ragged lengths with 0, 1, max_len, a partial page, and page-boundary lengths (k pages
+    exactly, one past, one short) when the batch has room for them."""
+    boundary = [page_size, page_size + 1, 2 * page_size - 1, 4 * page_size, 31, 32, 33, 64]
+    extra = [min(n, max_len) for n in boundary[: max(0, batch - 4)]]
+    return ragged_lens(batch - len(extra), max_len, page_size, gen) + extra
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.parametrize("batch", [1, 3, 33], ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("page_size", [16, 32, 64], ids=lambda p: f"ps{p}")
+@pytest.mark.parametrize("heads", [1, 8, 16, 22, 128], ids=lambda h: f"H{h}")
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_mla_decode_cuda_grid(dtype, heads, page_size, batch, gen):
+    """Every head count (one m16 tile, padded tiles, one padded 32-head block, four blocks),
+    page size and batch, ragged lengths with 0, 1 and page boundaries, automatic splits."""
+    lens = _grid_lens(batch, 700, page_size, gen) if batch > 1 else [700]
+    a = _cuda_decode_inputs(lens, heads, page_size, gen, dtype)
+    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse)
+    _check_against_reference(a, lens, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.parametrize(
+    ("page_size", "heads", "lens"),
+    [
+        pytest.param(1, 16, [0, 1, 2, 33, 300], id="ps1"),
+        pytest.param(128, 16, [0, 1, 127, 128, 129, 600], id="ps128"),
+        pytest.param(7, 22, [0, 1, 6, 7, 8, 250], id="ps7"),  # not a power of two
+        pytest.param(256, 40, [1, 255, 256, 257, 513], id="ps256"),
+    ],
+)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_mla_decode_cuda_page_sizes(dtype, page_size, heads, lens, gen):
+    a = _cuda_decode_inputs(lens, heads, page_size, gen, dtype)
+    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse)
+    _check_against_reference(a, lens, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.parametrize(("heads", "lens"), [pytest.param(16, [40000, 1, 0], id="H16"),
+                                             pytest.param(128, [40001], id="H128-B1")])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_mla_decode_cuda_long_sequence_splits(dtype, heads, lens, gen):
+    """A long sequence with few CTAs: the automatic choice splits the KV range, and the last CTA
+    of each (sequence, head block) merges the parts."""
+    a = _cuda_decode_inputs(lens, heads, 64, gen, dtype)
+    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse)
+    _check_against_reference(a, lens, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.parametrize("num_splits", [1, 2, 7], ids=lambda n: f"splits{n}")
+@pytest.mark.parametrize("heads", [16, 128], ids=lambda h: f"H{h}")
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_mla_decode_cuda_forced_splits_deterministic(dtype, heads, num_splits, gen):
+    """Forced split counts (more splits than some sequences have tiles: empty parts) match the
+    reference, and a fixed count gives bitwise identical results call after call."""
+    lens = [0, 1, 31, 32, 33, 1000, 3000]
+    a = _cuda_decode_inputs(lens, heads, 32, gen, dtype)
+    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse, num_splits=num_splits)
+    _check_against_reference(a, lens, dtype)
+    first = (a.out.clone(), a.lse.clone())
+    for _ in range(3):
+        poison(a.out)
+        poison(a.lse)
+        kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse,
+                          num_splits=num_splits)
+        assert torch.equal(a.out, first[0]) and torch.equal(a.lse, first[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.parametrize(("dk", "dv"), [(576, 512), (576, 256), (512, 512), (128, 64), (48, 32), (200, 136)],
+                         ids=lambda x: str(x))
+def test_mla_decode_cuda_other_widths(dk, dv, gen):
+    """Widths below DeepSeek's run on the same kernel with zero-padded columns."""
+    lens = [0, 1, 77, 300]
+    a = _cuda_decode_inputs(lens, 20, 16, gen, torch.bfloat16, dk=dk, dv=dv, scale=dk**-0.5)
+    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse, num_splits=2)
+    _check_against_reference(a, lens, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+def test_mla_decode_cuda_strided_q_and_cache(gen):
+    """q a slice of a wider tensor and the cache one half of a [pages, 2, page_size, Dk] buffer."""
+    lens = [5, 0, 260]
+    cache2 = randn(len(lens) * 5 + 4, 2, 64, 576, gen=gen, dtype=torch.bfloat16, device="cuda")
+    cache = cache2[:, 1]
+    _, table, seq_lens = _latent_cache(lens, 64, 8, gen, torch.bfloat16, "cuda")
+    q = randn(3, 24, 576 + 64, gen=gen, dtype=torch.bfloat16, device="cuda")[:, 4:20, 64:]
+    out = poison(torch.empty(3, 16, 512, dtype=torch.bfloat16, device="cuda"))
+    lse = poison(torch.empty(3, 16, device="cuda"))
+    a = SimpleNamespace(q=q, cache=cache, table=table, seq_lens=seq_lens, out=out, lse=lse, scale=0.05, dv=512)
+    kvcore.mla_decode(q, cache, table, seq_lens, scale=a.scale, out=out, lse=lse)
+    _check_against_reference(a, lens, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+def test_mla_decode_cuda_matches_naive_mla(gen):
+    """The absorbed op, fed q_nope W_UK and the latents, equals plain MLA with explicit per-head
+    keys [W_UK c, k_pe] and values W_UV c, once its output is projected by W_UV."""
+    heads, rank, rope, nope, vdim, n = 16, 512, 64, 128, 128, 333
+    g = lambda *s, sc=1.0: randn(*s, gen=gen, dtype=torch.float64, scale=sc)  # noqa: E731
+    c_kv, k_pe = g(n, rank, sc=0.5), g(n, rope, sc=0.5)
+    w_uk, w_uv = g(heads, nope, rank, sc=rank**-0.5), g(heads, rank, vdim, sc=rank**-0.5)
+    q_nope, q_pe = g(heads, nope), g(heads, rope)
+    scale = (nope + rope) ** -0.5
+    k = torch.cat([torch.einsum("hdr,nr->hnd", w_uk, c_kv), k_pe.expand(heads, n, rope)], dim=-1)
+    v = torch.einsum("nr,hrv->hnv", c_kv, w_uv)
+    p = (torch.einsum("hd,hnd->hn", torch.cat([q_nope, q_pe], -1), k) * scale).softmax(-1)
+    naive = torch.einsum("hn,hnv->hv", p, v)
+
+    page = 32
+    pages = (n + page - 1) // page
+    cache = torch.zeros(pages, page, rank + rope, dtype=torch.float64)
+    cache.view(-1, rank + rope)[:n] = torch.cat([c_kv, k_pe], -1)
+    q_abs = torch.cat([torch.einsum("hd,hdr->hr", q_nope, w_uk), q_pe], -1)
+    out = kvcore.mla_decode(q_abs[None].to("cuda", torch.bfloat16), cache.to("cuda", torch.bfloat16),
+                            torch.arange(pages, dtype=torch.int32, device="cuda")[None],
+                            torch.tensor([n], dtype=torch.int32, device="cuda"), scale=scale)
+    absorbed = torch.einsum("hr,hrv->hv", out[0].double().cpu(), w_uv)
+    err = (absorbed - naive).norm() / naive.norm()
+    assert err < 2e-2, f"relative error {float(err):.3g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+def test_mla_decode_cuda_bad_indices_without_validation(no_validation, gen):
+    """Bad pages and seq_lens are clamped in the kernel: wrong numbers, never a fault or NaN."""
+    a = _cuda_decode_inputs([5, 70, 0, 300], 16, 16, gen, torch.bfloat16)
+    a.table[1, 0] = 10**6
+    a.table[1, 1] = -3
+    a.seq_lens[2] = 10**6
+    a.seq_lens[3] = -7
+    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse, num_splits=3)
+    torch.cuda.synchronize()
+    assert not torch.isnan(a.out).any() and not torch.isnan(a.lse).any()
+    assert bool((a.out[3] == 0).all()) and bool(torch.isneginf(a.lse[3]).all())
+
+
+def _cuda_bad_q_misaligned(a):
+    wide = torch.empty(*a.q.shape[:2], a.q.shape[2] + 8, dtype=a.q.dtype, device="cuda")
+    a.q = wide[..., 4 : 4 + a.q.shape[2]]  # 8-byte offset, strides still multiples of 8
+
+
+BAD_MLA_DECODE_CUDA = [
+    ("dk_not_multiple_of_8", lambda a: setattr(a, "q", a.q[..., :76].contiguous())
+     or setattr(a, "cache", a.cache[..., :76].contiguous()),
+     r"Dk\) must be a multiple of 8"),
+    ("dk_too_wide", lambda a: setattr(a, "q", torch.zeros(*a.q.shape[:2], 640, dtype=a.q.dtype, device="cuda"))
+     or setattr(a, "cache", torch.zeros(*a.cache.shape[:2], 640, dtype=a.q.dtype, device="cuda")),
+     r"Dk\) must be a multiple of 8 and <= 576"),
+    ("dv_not_multiple_of_8", lambda a: setattr(a, "out", poison(torch.empty(*a.out.shape[:2], 60, dtype=a.q.dtype,
+                                                                          device="cuda"))),
+     r"Dv\) must be a multiple of 8"),
+    ("q_misaligned", _cuda_bad_q_misaligned, r"q must start on a 16-byte boundary"),
+    ("q_stride", lambda a: setattr(a, "q", torch.zeros(a.q.shape[0], a.q.shape[1], 81, dtype=a.q.dtype,
+                                                       device="cuda")[..., :80]),
+     r"q strides must be multiples of 8"),
+    ("small_workspace_forced_splits", lambda a: a.kw.update(num_splits=4, workspace=torch.zeros(
+        1024, dtype=torch.uint8, device="cuda")), r"needs a workspace of"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.parametrize(("mutate", "match"), [pytest.param(m, r, id=i) for i, m, r in BAD_MLA_DECODE_CUDA])
+def test_mla_decode_cuda_bad_input(mutate, match, gen):
+    """Limits of the CUDA kernel: a RuntimeError naming the argument, nothing written."""
+    a = _decode_args("cuda", gen)
+    mutate(a)
+    with pytest.raises(RuntimeError, match=match):
+        kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, out=a.out, lse=a.lse, **a.kw)
+    assert bool(torch.isnan(a.out).all()) and bool(torch.isnan(a.lse).all()), "outputs written by a failed call"

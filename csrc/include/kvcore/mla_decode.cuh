@@ -1,0 +1,429 @@
+// Absorbed MLA decode on tensor cores (flash-decoding over a paged latent cache, split merge fused
+// into the last CTA, as in gqa_decode.cuh).
+//
+// MLA decode is multi-query attention with one shared KV head: the key of position p is the whole
+// latent row c_p (DK = 576 wide), its value the row's first dv (512) columns. So one latent tile in
+// shared memory serves as K and as V, and every head of the sequence uses it.
+//
+// Work split: one CTA per (head block of 16 * M heads, KV split, sequence). Each latent byte is
+// read from memory once per head block (head blocks of one sequence run side by side and share
+// it through L2). Inside the CTA the 4 warps split the two products differently:
+//   S = Q K^T: each warp takes WARP_TOKENS tokens of the tile over the full DK (the row max of
+//              the tile is then exchanged through shared memory, so all warps share one running
+//              max per head and rescale identically);
+//   O += P V : each warp owns DV / 4 output columns over all tokens of the tile, with P shared
+//              through shared memory. O per thread is M * (DV / 4 / 8) * 4 fp32 registers.
+// Because every warp sees the same running max, the per-warp row sums l only need adding at the
+// end, and O needs no cross-warp merge at all.
+//
+// Memory pipeline: latent tiles of TILE rows stream through a STAGES-deep ring filled by 16-byte
+// cp.async (zero-filled past the range end and past the runtime width dk), 8 threads per row so a
+// warp copies 4 whole 128-byte row segments per instruction. Rows are stored with their 16-byte
+// chunks XOR-swizzled by (row % 8) so ldmatrix reads of 8 rows hit 8 bank groups (the row pitch,
+// 1152 bytes, is a multiple of 128, so without the swizzle they would all collide). The page of
+// each row a thread copies is fetched one tile ahead.
+//
+// Widths: DK / DV are the compile-time maxima; the runtime dk (<= DK) and dv (<= DV) only need to
+// be multiples of 8. Columns past dk are zero in both Q and the tile, so they add nothing; output
+// columns past dv are computed (from other latent columns) but never stored.
+//
+// Split-KV: each CTA writes its normalised partial output and log2-sum-exp into the workspace,
+// bumps a per-(sequence, head block) counter, and the CTA arriving last merges and resets it.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "kvcore/device_utils.cuh"
+
+namespace kvcore {
+
+struct MlaDecodeParams {
+  const void* q;  // [B, H, dk], last dim contiguous
+  int64_t q_stride_b, q_stride_h;
+  const void* cache;        // [pages, page_size, dk], inner two dims dense
+  int64_t page_stride;      // elements between pages
+  const int* block_table;   // [B, max_pages]
+  const int* seq_lens;      // [B]
+  void* out;                // [B, H, dv] contiguous
+  float* lse;               // [B, H] or nullptr (natural log)
+  // split-KV scratch (only used when num_splits > 1)
+  float* partial_out;  // [B, head_blocks, num_splits, ROWS, dv]
+  float* partial_lse;  // [B, head_blocks, num_splits, ROWS], log2 domain
+  unsigned* counters;  // [B, head_blocks], zero between launches
+  int num_heads, head_blocks, dk, dv;
+  int page_size, page_shift, num_pages, max_pages;  // page_shift < 0: page_size not a power of 2
+  int num_splits, split_tokens;                     // split_tokens: a multiple of the tile
+  float scale;
+};
+
+template <int DK_, int DV_, int M_, int WARP_TOKENS_>
+struct MlaDecodeConfig {
+  static constexpr int DK = DK_, DV = DV_;
+  static constexpr int M = M_;                    // m16 row tiles (16 heads each) per CTA
+  static constexpr int ROWS = 16 * M;             // heads per CTA (padded)
+  static constexpr int WARPS = 4;
+  static constexpr int THREADS = WARPS * 32;
+  static constexpr int WARP_TOKENS = WARP_TOKENS_;  // S columns per warp per tile (8 or 16)
+  static constexpr int NT = WARP_TOKENS / 8;        // n8 tiles of S per warp
+  static constexpr int TILE = WARPS * WARP_TOKENS;
+  static constexpr int TD = DK / 8;                 // 16-byte chunks per latent row
+  static constexpr int WCOLS = DV / WARPS;          // output columns per warp
+  static constexpr int STAGES = TILE <= 32 ? 4 : 2;
+  static constexpr int ROW_THREADS = 8;             // threads copying one row
+  static constexpr int ROWS_PER_PASS = THREADS / ROW_THREADS;
+  static constexpr int ROW_PASSES = TILE / ROWS_PER_PASS;
+  static constexpr int ROW_CHUNKS = TD / ROW_THREADS;  // copies per thread per row
+  static constexpr int P_PITCH = TILE + 8;          // P row pitch (elements): ldmatrix conflict-free
+  static constexpr size_t SMEM_Q = size_t(ROWS) * DK * 2;
+  static constexpr size_t SMEM_TILES = size_t(STAGES) * TILE * DK * 2;
+  static constexpr size_t SMEM_P = size_t(ROWS) * P_PITCH * 2;
+  static constexpr size_t SMEM_MAX = size_t(WARPS) * ROWS * 4;  // row maxima, then row sums
+  static constexpr size_t SMEM_BYTES = SMEM_Q + SMEM_TILES + SMEM_P + SMEM_MAX;
+
+  static_assert(DK % 64 == 0, "DK must be a multiple of 64 (8 chunks per row for the swizzle and copy)");
+  static_assert(DV % 64 == 0 && DV <= DK, "DV must be a multiple of 64 and <= DK");
+  static_assert(WCOLS % 16 == 0, "each warp's output columns must be whole ldmatrix.x4 blocks");
+  static_assert(WARP_TOKENS == 8 || WARP_TOKENS == 16, "8 or 16 tokens per warp");
+  static_assert(TILE % ROWS_PER_PASS == 0, "tile rows must divide over the copy passes");
+  static_assert(TD % ROW_THREADS == 0, "row chunks must divide over the row's threads");
+};
+
+// Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile
+// (TD a multiple of 8, so the XOR stays inside the row).
+template <int TD>
+__device__ __forceinline__ int mla_swz(int row, int chunk) {
+  return (row * TD + (chunk ^ (row & 7))) * 8;
+}
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecodeParams p) {
+  constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES;
+  constexpr int M = Cfg::M, ROWS = Cfg::ROWS, WARPS = Cfg::WARPS, NT = Cfg::NT, WCOLS = Cfg::WCOLS;
+  constexpr int ROW_PASSES = Cfg::ROW_PASSES, ROW_CHUNKS = Cfg::ROW_CHUNKS, PP = Cfg::P_PITCH;
+  constexpr int RPP = Cfg::ROWS_PER_PASS;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* const sQ = reinterpret_cast<T*>(smem_raw);
+  T* const sTile = reinterpret_cast<T*>(smem_raw + Cfg::SMEM_Q);
+  T* const sP = reinterpret_cast<T*>(smem_raw + Cfg::SMEM_Q + Cfg::SMEM_TILES);
+  float* const sRed = reinterpret_cast<float*>(smem_raw + Cfg::SMEM_Q + Cfg::SMEM_TILES + Cfg::SMEM_P);
+
+  const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int dk_chunks = p.dk >> 3;
+
+  // ---- this CTA's KV range -------------------------------------------------------------------
+  // Everything read from memory is clamped, so bad index contents give wrong numbers but never an
+  // out-of-bounds access. A split's first position does not depend on seq_len, so its first pages
+  // are looked up while seq_len is still in flight.
+  const int capacity = p.max_pages * p.page_size;
+  const int seq_len_raw = __ldg(p.seq_lens + b);
+  const int start = split * p.split_tokens;
+  const int* bt = p.block_table + int64_t(b) * p.max_pages;
+  const T* const cache = static_cast<const T*>(p.cache);
+  auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
+  auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
+
+  // Copy roles: thread copies chunks copy_c0 + 8 * j (j < ROW_CHUNKS) of tile rows
+  // copy_r0 + RPP * pass. The page of each of its rows for tile t is read one tile ahead.
+  const int copy_r0 = tid >> 3, copy_c0 = tid & 7;
+  auto fetch_pages = [&](int t, int (&pg)[ROW_PASSES]) {
+#pragma unroll
+    for (int i = 0; i < ROW_PASSES; ++i) {
+      const int pos = min(start + t * TILE + copy_r0 + RPP * i, capacity - 1);
+      pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
+    }
+  };
+  int end = 0;
+  auto issue_copies = [&](int t, const int (&pg)[ROW_PASSES]) {
+    T* const dst = sTile + (t % STAGES) * TILE * DK;
+#pragma unroll
+    for (int i = 0; i < ROW_PASSES; ++i) {
+      const int row = copy_r0 + RPP * i;
+      const int pos = start + t * TILE + row;
+      const bool row_ok = pos < end;
+      const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
+      const T* src = cache + page * p.page_stride + int64_t(in_page(min(pos, end - 1))) * p.dk;
+#pragma unroll
+      for (int j = 0; j < ROW_CHUNKS; ++j) {
+        const int c = copy_c0 + 8 * j;
+        const bool ok = row_ok && c < dk_chunks;
+        cp_async_16(dst + mla_swz<TD>(row, c), src + (ok ? c * 8 : 0), ok);
+      }
+    }
+  };
+
+  int pages[ROW_PASSES];
+  fetch_pages(0, pages);
+  const int seq_len = min(max(seq_len_raw, 0), capacity);
+  end = min(seq_len, start + p.split_tokens);
+  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) issue_copies(s, pages);
+    cp_async_commit();
+    fetch_pages(s + 1, pages);
+  }
+
+  // ---- stage the head block's queries (heads past H and columns past dk are zero) -------------
+  const int h0 = hb * ROWS;
+  for (int i = tid; i < ROWS * TD; i += Cfg::THREADS) {
+    const int row = i / TD, chunk = i % TD;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (h0 + row < p.num_heads && chunk < dk_chunks)
+      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b +
+                                          int64_t(h0 + row) * p.q_stride_h + chunk * 8);
+    *reinterpret_cast<uint4*>(sQ + mla_swz<TD>(row, chunk)) = v;
+  }
+  // (the first __syncthreads of the loop, or the one before the epilogue, publishes sQ)
+
+  // Fragment roles: rows r0 and r0 + 8 of each m16 tile; token / column pair cpair.
+  const int r0 = lane >> 2, cpair = (lane & 3) * 2;
+  const float s_scale = p.scale * kLog2e;
+  float m[M][2], l[M][2];
+  float o[M][WCOLS / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < M; ++mt) {
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+    for (int n = 0; n < WCOLS / 8; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+  }
+  float* const sMax = sRed;  // [WARPS][ROWS]
+  const int wrow = warp * Cfg::WARP_TOKENS;  // this warp's first S token in the tile
+  const int wcol = warp * WCOLS;             // this warp's first output column
+
+  for (int t = 0; t < num_tiles; ++t) {
+    cp_async_wait<STAGES - 2>();
+    // Tile t landed for every thread; every warp is done with tile t-1 (its stage is free again)
+    // and with the previous tile's sMax and sP.
+    __syncthreads();
+    if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+    cp_async_commit();
+    fetch_pages(t + STAGES, pages);
+    const T* const kt = sTile + (t % STAGES) * TILE * DK;
+
+    // S = Q K^T over the warp's tokens: M x NT mma tiles, DK / 16 k-steps (two per iteration).
+    // Even and odd k-steps accumulate separately: two dependent mma chains of DK / 32 instead of
+    // one of DK / 16, which halves the latency a warp waits on.
+    float s[M][NT][4], s2[M][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][nt][i] = s2[mt][nt][i] = 0.f;
+#pragma unroll 4
+    for (int kc = 0; kc < DK / 16; kc += 2) {
+      uint32_t bk[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) ldmatrix_x4(bk[nt], kt + mla_swz<TD>(wrow + nt * 8 + (lane & 7), kc * 2 + (lane >> 3)));
+#pragma unroll
+      for (int mt = 0; mt < M; ++mt) {
+        uint32_t a0[4], a1[4];
+        const int qrow = mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4(a0, sQ + mla_swz<TD>(qrow, kc * 2 + (lane >> 4)));
+        ldmatrix_x4(a1, sQ + mla_swz<TD>(qrow, kc * 2 + 2 + (lane >> 4)));
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          mma_16816(s[mt][nt], a0, bk[nt][0], bk[nt][1], T{});
+          mma_16816(s2[mt][nt], a1, bk[nt][2], bk[nt][3], T{});
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[mt][nt][i] += s2[mt][nt][i];
+
+    // Scale into the log2 domain, mask tokens past the range end, publish the warp's row maxima.
+    const int tok0 = start + t * TILE + wrow + cpair;
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float& x = s[mt][nt][2 * r + j];
+            x = tok0 + nt * 8 + j < end ? x * s_scale : -INFINITY;
+            mx = fmaxf(mx, x);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        if ((lane & 3) == 0) sMax[warp * ROWS + mt * 16 + r0 + 8 * r] = mx;
+      }
+    }
+    __syncthreads();  // every warp's maxima are visible
+
+    // The tile's max over all warps: every warp computes the same new running max, so all of them
+    // rescale O and l by the same factor. P goes to shared memory for the column-split P V.
+#pragma unroll
+    for (int mt = 0; mt < M; ++mt) {
+      float alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = mt * 16 + r0 + 8 * r;
+        float mx = m[mt][r];
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) mx = fmaxf(mx, sMax[w * ROWS + row]);
+        const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
+        alpha[r] = exp2f(m[mt][r] - base);
+        m[mt][r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const float e0 = exp2f(s[mt][nt][2 * r] - base), e1 = exp2f(s[mt][nt][2 * r + 1] - base);
+          sum += e0 + e1;
+          *reinterpret_cast<uint32_t*>(sP + row * PP + wrow + nt * 8 + cpair) = pack2(e0, e1, T{});
+        }
+        l[mt][r] = l[mt][r] * alpha[r] + sum;  // this lane's tokens only; summed at the end
+      }
+#pragma unroll
+      for (int n = 0; n < WCOLS / 8; ++n) {
+        o[mt][n][0] *= alpha[0];
+        o[mt][n][1] *= alpha[0];
+        o[mt][n][2] *= alpha[1];
+        o[mt][n][3] *= alpha[1];
+      }
+    }
+    __syncthreads();  // all of P is visible
+
+    // O[:, wcol:wcol+WCOLS] += P V over all TILE tokens (V = the tile's first columns).
+#pragma unroll
+    for (int ks = 0; ks < TILE / 16; ++ks) {
+      uint32_t pa[M][4];
+#pragma unroll
+      for (int mt = 0; mt < M; ++mt)
+        ldmatrix_x4(pa[mt], sP + (mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * PP + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int nd = 0; nd < WCOLS / 16; ++nd) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, kt + mla_swz<TD>(ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                               (wcol >> 3) + nd * 2 + (lane >> 4)));
+#pragma unroll
+        for (int mt = 0; mt < M; ++mt) {
+          mma_16816(o[mt][2 * nd], pa[mt], bv[0], bv[1], T{});
+          mma_16816(o[mt][2 * nd + 1], pa[mt], bv[2], bv[3], T{});
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // no copy may land after the CTA exits (all are zero-size past the end)
+
+  // ---- row sums over the quad, then over the warps (the max is already common) ---------------
+  float* const sSum = sRed;  // [WARPS][ROWS], reuses sMax
+  __syncthreads();           // every warp is done reading sMax (and sQ is published if no tiles ran)
+#pragma unroll
+  for (int mt = 0; mt < M; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float x = l[mt][r];
+      x += __shfl_xor_sync(0xffffffffu, x, 1);
+      x += __shfl_xor_sync(0xffffffffu, x, 2);
+      if ((lane & 3) == 0) sSum[warp * ROWS + mt * 16 + r0 + 8 * r] = x;
+    }
+  __syncthreads();
+
+  const int64_t pair = int64_t(b) * p.head_blocks + hb;
+#pragma unroll
+  for (int mt = 0; mt < M; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = mt * 16 + r0 + 8 * r;
+      float lsum = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) lsum += sSum[w * ROWS + row];
+      // lsum == 0: nothing attended (out 0, lse -inf). A NaN stays NaN in both, so a later merge
+      // cannot mistake the row for an empty part.
+      const float inv = lsum == 0.f ? 0.f : 1.f / lsum;
+      const float lse2 = lsum == 0.f ? -INFINITY : m[mt][r] + log2f(lsum);
+      const int h = h0 + row;
+      if (p.num_splits == 1) {
+        if (h < p.num_heads) {
+          T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
+#pragma unroll
+          for (int n = 0; n < WCOLS / 8; ++n) {
+            const int c = wcol + n * 8 + cpair;
+            if (c < p.dv)
+              *reinterpret_cast<uint32_t*>(dst + c) = pack2(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv, T{});
+          }
+          if (p.lse != nullptr && warp == 0 && (lane & 3) == 0) p.lse[int64_t(b) * p.num_heads + h] = lse2 * kLn2;
+        }
+      } else {
+        const int64_t slot = (pair * p.num_splits + split) * ROWS + row;
+        float* dst = p.partial_out + slot * p.dv;
+#pragma unroll
+        for (int n = 0; n < WCOLS / 8; ++n) {
+          const int c = wcol + n * 8 + cpair;
+          if (c < p.dv) *reinterpret_cast<float2*>(dst + c) = make_float2(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
+        }
+        if (warp == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
+      }
+    }
+  }
+  if (p.num_splits == 1) return;
+
+  // ---- split merge: publish the partial, count arrivals, the last CTA combines ----------------
+  __threadfence();
+  __syncthreads();
+  __shared__ bool is_last;
+  if (tid == 0) is_last = atomicAdd(p.counters + pair, 1u) == unsigned(p.num_splits - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // Weights of each split's partial per head, in shared memory (the tile ring is free now):
+  // [rows][num_splits + 1] (weights, then their sum). Only the block's real heads are merged.
+  float* const wgt = reinterpret_cast<float*>(sTile);
+  const int ns = p.num_splits;
+  const int rows = min(ROWS, p.num_heads - h0);
+  const float* plse = p.partial_lse + pair * ns * ROWS;
+  for (int h = warp; h < rows; h += WARPS) {
+    float mx = -INFINITY;
+    for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, __ldcg(plse + s * ROWS + h));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float base = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f;
+    for (int s = lane; s < ns; s += 32) {
+      const float e = exp2f(__ldcg(plse + s * ROWS + h) - base);
+      wgt[h * (ns + 1) + s] = e;
+      sum += e;
+    }
+    sum = group_sum<32>(sum);
+    if (lane == 0) {
+      wgt[h * (ns + 1) + ns] = sum;
+      if (p.lse != nullptr)
+        p.lse[int64_t(b) * p.num_heads + h0 + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
+    }
+  }
+  __syncthreads();
+  // Each thread combines 4 output columns of one head across all splits (dv is a multiple of 8).
+  const int dv4 = p.dv >> 2;
+  const float* pout = p.partial_out + pair * ns * ROWS * p.dv;
+  for (int item = tid; item < rows * dv4; item += Cfg::THREADS) {
+    const int h = item / dv4, c = (item % dv4) * 4;
+    const float* wh = wgt + h * (ns + 1);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = 0; s < ns; ++s) {
+      const float ws = wh[s];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s) * ROWS + h) * p.dv + c));
+      acc.x = fmaf(ws, v.x, acc.x);
+      acc.y = fmaf(ws, v.y, acc.y);
+      acc.z = fmaf(ws, v.z, acc.z);
+      acc.w = fmaf(ws, v.w, acc.w);
+    }
+    const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
+    T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h0 + h) * p.dv + c;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
+  }
+  if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
+}
+
+}  // namespace kvcore

@@ -1,0 +1,134 @@
+// CUDA launcher of mla_decode: the CUDA-only input checks, the head-block and split choice (from
+// shapes alone, so the call never syncs and can be captured in a CUDA graph), the workspace layout
+// and the dtype dispatch. The kernel itself is framework-free: csrc/include/kvcore/mla_decode.cuh.
+// The split count, workspace layout and occupancy query follow gqa_decode (paged_decode_launch.h).
+#include <torch/library.h>
+
+#include "decode/paged_decode_launch.h"
+#include "kvcore/mla_decode.cuh"
+
+namespace kvcore {
+namespace {
+
+// Widest latent row / value the kernel is compiled for (DeepSeek-V2/V3: 512 + 64 and 512).
+// Narrower widths run on the same instantiation with zero-padded columns.
+constexpr int kMaxDk = 576;
+constexpr int kMaxDv = 512;
+
+template <typename T, int M, int WARP_TOKENS>
+void launch(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+            const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
+  using Cfg = MlaDecodeConfig<kMaxDk, kMaxDv, M, WARP_TOKENS>;
+  auto kernel = mla_decode_kernel<T, Cfg>;
+  const int per_sm = paged_decode::ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS,
+                                               Cfg::SMEM_BYTES, "mla_decode");
+  const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  p.head_blocks = int((s.num_heads + Cfg::ROWS - 1) / Cfg::ROWS);
+  const int64_t pairs = s.batch * p.head_blocks;
+  const int64_t kv_len = int64_t(p.max_pages) * p.page_size;
+  int splits = requested_splits > 0 ? int(std::min<int64_t>(requested_splits, paged_decode::kMaxSplits))
+                                    : paged_decode::choose_splits(pairs, kv_len, slots);
+
+  // Workspace: arrival counters [pairs] in the fixed leading region shared with gqa_decode (they
+  // are zero between calls whatever the shapes), then partial_lse [pairs, splits, ROWS] and
+  // partial_out [pairs, splits, ROWS, dv].
+  auto lse_bytes = [&](int n) { return (pairs * n * Cfg::ROWS * 4 + 255) / 256 * 256; };
+  auto bytes_for = [&](int n) { return paged_decode::kCounterBytes + lse_bytes(n) + pairs * n * Cfg::ROWS * s.dv * 4; };
+  if (splits > 1) {
+    const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
+    TORCH_CHECK(requested_splits <= 1 || (pairs * 4 <= paged_decode::kCounterBytes && bytes_for(splits) <= have),
+                "mla_decode: num_splits=", splits, " needs a workspace of ", bytes_for(splits),
+                " bytes and batch x head blocks <= ", paged_decode::kCounterBytes / 4, "; got ", have, " bytes and ",
+                pairs);
+    if (pairs * 4 > paged_decode::kCounterBytes) splits = 1;
+    while (splits > 1 && bytes_for(splits) > have) splits = std::max(1, splits / 2);
+  }
+  // Each split covers a whole number of tiles; an automatic count is recomputed to cover kv_len.
+  int64_t split_tokens = (kv_len + splits - 1) / splits;
+  split_tokens = std::max<int64_t>(Cfg::TILE, (split_tokens + Cfg::TILE - 1) / Cfg::TILE * Cfg::TILE);
+  if (requested_splits <= 0) splits = int(std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens));
+  p.num_splits = splits;
+  p.split_tokens = int(split_tokens);
+  if (splits > 1) {
+    uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
+    p.counters = reinterpret_cast<unsigned*>(base);
+    p.partial_lse = reinterpret_cast<float*>(base + paged_decode::kCounterBytes);
+    p.partial_out = reinterpret_cast<float*>(base + paged_decode::kCounterBytes + lse_bytes(splits));
+  }
+  // Head blocks vary fastest: the CTAs of one (sequence, split) read the same latent rows at
+  // about the same time, so all but the first find them in L2.
+  const dim3 grid(p.head_blocks, splits, s.batch);
+  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const at::Tensor& block_table,
+                     const at::Tensor& seq_lens, double scale, at::Tensor& out, const c10::optional<at::Tensor>& lse,
+                     const c10::optional<at::Tensor>& workspace, int64_t num_splits) {
+  const MlaDecodeShape s = check_mla_decode(q, latent_cache, block_table, seq_lens, scale, out, lse, num_splits);
+  TORCH_CHECK(q.is_cuda(), "mla_decode (CUDA): q must be a CUDA tensor");
+  TORCH_CHECK(s.dk % 8 == 0 && s.dk <= kMaxDk, "mla_decode (CUDA): q's last dim (Dk) must be a multiple of 8 and <= ",
+              kMaxDk, ", got ", s.dk);
+  TORCH_CHECK(s.dv % 8 == 0 && s.dv <= kMaxDv, "mla_decode (CUDA): out's last dim (Dv) must be a multiple of 8 and <= ",
+              kMaxDv, ", got ", s.dv);
+  TORCH_CHECK(s.batch <= 65535, "mla_decode (CUDA): batch must be <= 65535 (the grid's z dimension), got ", s.batch);
+  TORCH_CHECK(s.max_pages * s.page_size < paged_decode::kMaxPositions,
+              "mla_decode: block_table capacity (max_pages x page_size = ", s.max_pages * s.page_size,
+              ") must be < 2^31 - 2^16");
+  TORCH_CHECK(s.num_pages < (int64_t(1) << 31), "mla_decode: latent_cache has too many pages (", s.num_pages, ")");
+  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0,
+              "mla_decode (CUDA): q strides must be multiples of 8 elements, got ", c10::str(q.strides()));
+  TORCH_CHECK(latent_cache.stride(0) % 8 == 0, "mla_decode (CUDA): latent_cache page stride must be a multiple of 8 "
+              "elements, got ", latent_cache.stride(0));
+  check_aligned16(q, "q");
+  check_aligned16(latent_cache, "latent_cache");
+  check_aligned16(out, "out");
+  if (workspace.has_value()) {
+    check_same_device(*workspace, q, "workspace", "q");
+    check_contiguous(*workspace, "workspace");
+    check_aligned16(*workspace, "workspace");
+  }
+  if (s.batch == 0 || s.num_heads == 0) return;
+
+  MlaDecodeParams p{};
+  p.q = q.data_ptr();
+  p.q_stride_b = q.stride(0);
+  p.q_stride_h = q.stride(1);
+  p.cache = latent_cache.data_ptr();
+  p.page_stride = latent_cache.stride(0);
+  p.block_table = block_table.data_ptr<int>();
+  p.seq_lens = seq_lens.data_ptr<int>();
+  p.out = out.data_ptr();
+  p.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  p.num_heads = int(s.num_heads);
+  p.dk = int(s.dk);
+  p.dv = int(s.dv);
+  p.page_size = int(s.page_size);
+  p.num_pages = int(s.num_pages);
+  // No pages at all: every sequence is empty (as on CPU), which a zero capacity gives the kernel.
+  p.max_pages = s.num_pages > 0 ? int(s.max_pages) : 0;
+  p.scale = float(scale);
+  p.page_shift = (s.page_size & (s.page_size - 1)) == 0 ? __builtin_ctzll(uint64_t(s.page_size)) : -1;
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_half_types(q.scalar_type(), "mla_decode", [&](auto tag) {
+    using T = decltype(tag);
+    // Up to 16 heads (memory-bound): one m16 tile per CTA, 32-token tiles in a 4-deep ring to
+    // keep enough bytes in flight. More heads (compute-bound): 32 heads per CTA, which halves the
+    // latent re-reads from L2, and 16 tokens per warp, so each Q fragment read from shared
+    // memory serves two mma (Q reads dominate the shared-memory traffic); 64-token tiles leave
+    // room for a 2-deep ring only, which a compute-bound tile loop hides.
+    if (s.num_heads <= 16)
+      launch<T, 1, 8>(s, p, num_splits, workspace, stream);
+    else
+      launch<T, 2, 16>(s, p, num_splits, workspace, stream);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kvcore, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }
+
+}  // namespace kvcore
