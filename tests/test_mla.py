@@ -260,49 +260,6 @@ def test_mla_latent_project_cuda_no_tokens(dtype, gen):
     assert bool(torch.isnan(a.cache).all())
 
 
-def _misaligned_cache(a, d):
-    n, ps, w = a.cache.shape
-    return poison(torch.empty(n * ps * w + 1, dtype=a.cache.dtype, device=d))[1:].view(n, ps, w)
-
-
-def _odd_page_stride_cache(a, d):
-    n, ps, w = a.cache.shape
-    return poison(torch.empty(n, ps * w + 4, dtype=a.cache.dtype, device=d))[:, : ps * w].view(n, ps, w)
-
-
-def _width_not_multiple_of_8(a, d):
-    # R = 30, P = 6: latent rows of 36 elements (72 bytes)
-    n, ps, _ = a.cache.shape
-    a.norm_weight = a.norm_weight[:30].contiguous()
-    a.cos_sin = reference.rope_cos_sin(64, 6).to(d)
-    a.w_dkv = a.w_dkv[:, :36].contiguous()
-    return poison(torch.empty(n, ps, 36, dtype=a.cache.dtype, device=d))
-
-
-BAD_PROJECT_CUDA = [
-    BadCase("fp32_on_cuda", lambda a, d: [setattr(a, n, getattr(a, n).float()) for n in ("hidden", "w_dkv", "norm_weight")]
-            + [setattr(a, "cache", poison(a.cache.float()))], RuntimeError, r"take bfloat16 or float16"),
-    BadCase("cache_misaligned", _set("cache", lambda t, a, d: _misaligned_cache(a, d)), RuntimeError,
-            r"latent_cache must start on a 16-byte boundary"),
-    BadCase("cache_page_stride", _set("cache", lambda t, a, d: _odd_page_stride_cache(a, d)), RuntimeError,
-            r"latent_cache's page stride must be a multiple of 8"),
-    BadCase("w_dkv_misaligned", _set("w_dkv", lambda t, a, d: torch.empty(t.numel() + 1, dtype=t.dtype, device=d)[1:]
-                                     .view(t.shape).copy_(t)), RuntimeError, r"w_dkv must start on a 16-byte boundary"),
-    BadCase("width_not_multiple_of_8", _set("cache", lambda t, a, d: _width_not_multiple_of_8(a, d)), RuntimeError,
-            r"must be a multiple of 8"),
-]
-
-
-@pytest.mark.parametrize("bad", [b.param() for b in BAD_PROJECT_CUDA])
-@pytest.mark.parametrize("dtype", PROJECT_CUDA_DTYPES[:1])
-def test_mla_latent_project_cuda_bad_input(dtype, bad, gen):
-    """Limits of the CUDA kernel (the CPU kernel takes these): the right error, nothing written."""
-    a = _proj_args("cuda", gen)
-    bad.mutate(a, "cuda")
-    with pytest.raises(bad.error, match=bad.match):
-        kvcore.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, a.cos_sin, a.positions, a.cache, a.slots, **a.kw)
-    torch.cuda.synchronize()
-    assert bool(torch.isnan(a.cache).all()), "latent_cache written by a failed call"
 
 
 # ============================================================================================
@@ -413,6 +370,36 @@ def _proj_args(device, gen) -> SimpleNamespace:
     return a
 
 
+def _all_fp32(a, d):
+    for name in ("hidden", "w_dkv", "norm_weight"):
+        setattr(a, name, getattr(a, name).float())
+    a.cache = poison(a.cache.float())
+
+
+def _misaligned_copy(t):
+    """A contiguous copy of ``t`` whose data starts 2 bytes past a 16-byte boundary."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+
+def _misaligned_cache(a, d):
+    n, ps, w = a.cache.shape
+    return poison(torch.empty(n * ps * w + 1, dtype=a.cache.dtype, device=d))[1:].view(n, ps, w)
+
+
+def _odd_page_stride_cache(a, d):
+    n, ps, w = a.cache.shape
+    return poison(torch.empty(n, ps * w + 4, dtype=a.cache.dtype, device=d))[:, : ps * w].view(n, ps, w)
+
+
+def _width_not_multiple_of_8(a, d):
+    # R = 30, P = 6: latent rows of 36 elements (72 bytes)
+    n, ps, _ = a.cache.shape
+    a.norm_weight = a.norm_weight[:30].contiguous()
+    a.cos_sin = reference.rope_cos_sin(64, 6).to(d)
+    a.w_dkv = a.w_dkv[:, :36].contiguous()
+    return poison(torch.empty(n, ps, 36, dtype=a.cache.dtype, device=d))
+
+
 BAD_PROJECT = [
     BadCase("hidden_fp64", _set("hidden", lambda t, a, d: t.double()), RuntimeError, r"\bhidden must be"),
     BadCase("w_dkv_dtype", _set("w_dkv", lambda t, a, d: t.half()), RuntimeError, r"w_dkv must have dtype"),
@@ -445,12 +432,24 @@ BAD_PROJECT = [
             RuntimeError, r"latent_cache must be densely packed"),
     BadCase("slots_other_device", _set("slots", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"slot_mapping must be on the same device", cuda_only=True),
+    # Limits of the CUDA kernel (16-byte rows, 16-byte loads and stores); the CPU kernel takes these.
+    BadCase("fp32_on_cuda", lambda a, d: _all_fp32(a, d), RuntimeError, r"take bfloat16 or float16", cuda_only=True,
+            kernel_limit=True),
+    BadCase("cache_misaligned", _set("cache", lambda t, a, d: _misaligned_cache(a, d)), RuntimeError,
+            r"latent_cache must start on a 16-byte boundary", cuda_only=True, kernel_limit=True),
+    BadCase("cache_page_stride", _set("cache", lambda t, a, d: _odd_page_stride_cache(a, d)), RuntimeError,
+            r"latent_cache's page stride must be a multiple of 8", cuda_only=True, kernel_limit=True),
+    BadCase("w_dkv_misaligned", _set("w_dkv", lambda t, a, d: _misaligned_copy(t)), RuntimeError,
+            r"w_dkv must start on a 16-byte boundary", cuda_only=True, kernel_limit=True),
+    BadCase("width_not_multiple_of_8", _set("cache", lambda t, a, d: _width_not_multiple_of_8(a, d)), RuntimeError,
+            r"must be a multiple of 8 \(16-byte latent rows\)", cuda_only=True, kernel_limit=True),
 ]
 
 
 @pytest.mark.parametrize("bad", [b.param() for b in BAD_PROJECT])
 @pytest.mark.parametrize("device", PROJECT_DEVICES)
 def test_mla_latent_project_bad_input(device, bad, gen):
+    bad.skip_unless_applies(device)
     a = _proj_args(device, gen)
     bad.mutate(a, device)
     if a.kw.get("c_kv_out") == "short":  # a preallocated c_kv output one token short
