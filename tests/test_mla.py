@@ -359,6 +359,18 @@ def test_opcheck_mla_ops(device, gen):
         torch.library.opcheck(torch.ops.kvcore.mla_decode.default, args, test_utils=OPCHECK_UTILS)
 
 
+@pytest.mark.parametrize("tokens", [5, 70], ids=["fused", "cublas"])
+@pytest.mark.parametrize("dtype", PROJECT_CUDA_DTYPES)
+def test_opcheck_mla_latent_project_cuda(dtype, tokens, gen):
+    """opcheck of the CUDA kernel on both of its paths (the test above needs both MLA kernels)."""
+    a = _proj_inputs(ProjCase(tokens, 96, 64, 16, 8), gen, dtype, "cuda")
+    c_kv = torch.empty(tokens, 64, dtype=dtype, device="cuda")
+    k_pe = torch.empty(tokens, 16, dtype=dtype, device="cuda")
+    for outs in [(None, None), (c_kv, k_pe), (None, k_pe)]:
+        args = (a.hidden, a.w_dkv, a.norm_weight, 1e-6, a.cos_sin, a.positions, a.cache, a.slots, False, *outs)
+        torch.library.opcheck(torch.ops.kvcore.mla_latent_project.default, args, test_utils=OPCHECK_UTILS)
+
+
 # ============================================================================================
 # Bad input: the right error, naming the argument, and nothing written
 # ============================================================================================
