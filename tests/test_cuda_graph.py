@@ -1,6 +1,6 @@
 """A decode step (append + gqa_decode, append + block_sparse_decode), token_decoder_attention and
-H2O's per-step attention_scores, retrieval's scoring + top-k and mla_decode captured once in a CUDA
-graph and replayed.
+H2O's per-step attention_scores, retrieval's scoring + top-k, mla_decode and an MLA decode step
+(mla_latent_project + mla_decode) captured once in a CUDA graph and replayed.
 
 With out, lse and workspace passed in, the ops neither allocate nor sync on the host, so the
 capture succeeds; replays must follow new contents of seq_lens, block_table and slot_mapping.
@@ -349,3 +349,80 @@ def test_mla_decode_graph_replay_equals_eager(heads, num_splits, gen):
         ref_out, ref_lse = reference.mla_decode(q, cache, block_table, seq_lens, scale, dv)
         torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+# ---- MLA decode step: latent projection (+ absorbed decode) ----------------------------------
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"kvcore::{op}", "CUDA")
+
+
+@pytest.mark.skipif(not _has_cuda_kernel("mla_latent_project"), reason="mla_latent_project has no CUDA kernel yet")
+@pytest.mark.parametrize("batch", [1, 6])
+def test_mla_decode_step_graph_replay(batch, gen):
+    """mla_latent_project of each sequence's new token into the latent cache, then mla_decode over
+    it (when that op's CUDA kernel is built), captured once and replayed with new hidden states,
+    positions, slots, block tables and seq_lens: each replay matches the reference of the same step."""
+    d_model, rank, rope, heads, page, max_pages = 7168, 512, 64, 16, 16, 12
+    width = rank + rope
+    num_pages = batch * max_pages
+    dev, dt = "cuda", torch.bfloat16
+    w_dkv = randn(d_model, width, gen=gen, dtype=dt, device=dev, scale=d_model**-0.5)
+    norm_weight = (1.0 + 0.2 * randn(rank, gen=gen)).to(device=dev, dtype=dt)
+    cos_sin = reference.rope_cos_sin(max_pages * page, rope).to(dev)
+    latent = randn(num_pages, page, width, gen=gen, dtype=dt, device=dev)
+    # static buffers the graph reads; their contents change between replays
+    hidden = torch.empty(batch, d_model, dtype=dt, device=dev)
+    positions = torch.empty(batch, dtype=torch.int64, device=dev)
+    slots = torch.empty(batch, dtype=torch.int64, device=dev)
+    block_table = torch.empty(batch, max_pages, dtype=torch.int32, device=dev)
+    seq_lens = torch.empty(batch, dtype=torch.int32, device=dev)
+    q = torch.empty(batch, heads, width, dtype=dt, device=dev)
+    c_kv = torch.empty(batch, rank, dtype=dt, device=dev)
+    k_pe = torch.empty(batch, rope, dtype=dt, device=dev)
+    out = torch.empty(batch, heads, rank, dtype=dt, device=dev)
+    lse = torch.empty(batch, heads, dtype=torch.float32, device=dev)
+    workspace = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+    with_decode = _has_cuda_kernel("mla_decode")
+    scale = 192**-0.5
+
+    def fill(lens):
+        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
+        block_table.copy_(perm.int())
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        last = torch.tensor(lens) - 1  # the new token is the last one of each sequence
+        slots.copy_((perm.gather(1, (last // page).unsqueeze(1)).squeeze(1) * page + last % page).long())
+        positions.copy_(last)
+        for t in (hidden, q):
+            t.copy_(randn(*t.shape, gen=gen, dtype=dt))
+
+    def step():
+        kvcore.mla_latent_project(hidden, w_dkv, norm_weight, cos_sin, positions, latent, slots, c_kv_out=c_kv,
+                                  k_pe_out=k_pe)
+        if with_decode:
+            kvcore.mla_decode(q, latent, block_table, seq_lens, scale=scale, out=out, lse=lse, workspace=workspace)
+
+    lens_list = [[150, 1, 37, 192, 16, 17][:batch], [1, 192, 2, 64, 100, 5][:batch], [96] * batch]
+    fill(lens_list[0])
+    step()  # warm-up outside the capture (kernel attributes, occupancy cache, counters)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for lens in lens_list:
+        fill(lens)
+        ref_latent, ref_c, ref_pe = reference.mla_latent_project(hidden, w_dkv, norm_weight, 1e-6, cos_sin, positions,
+                                                                 latent, slots, True)
+        for t in (c_kv, k_pe, out, lse):
+            t.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(latent.float(), ref_latent.float(), atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(c_kv.float(), ref_c, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(k_pe.float(), ref_pe, atol=2e-2, rtol=1e-2)
+        if with_decode:
+            ref_out, ref_lse = reference.mla_decode(q, latent, block_table, seq_lens, scale, rank)
+            torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
+            torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)

@@ -45,6 +45,18 @@ DECODE_DEVICE_DTYPES = DEVICE_DTYPES[:3] + [
     pytest.param("cuda", dt, marks=_DECODE_CUDA_MARKS, id=f"cuda-{_IDS[dt]}") for dt in (torch.bfloat16, torch.float16)
 ]
 DECODE_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=_DECODE_CUDA_MARKS, id="cuda")]
+# mla_latent_project's CUDA cases need only its own kernel.
+PROJECT_CUDA_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::mla_latent_project", "CUDA")
+_PROJECT_CUDA_MARKS = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON),
+    pytest.mark.skipif(not PROJECT_CUDA_BUILT, reason="the mla_latent_project CUDA kernel is not built yet"),
+]
+PROJECT_DEVICE_DTYPES = [pytest.param("cpu", dt, id=f"cpu-{_IDS[dt]}") for dt in (torch.float32, torch.bfloat16, torch.float16)]
+PROJECT_DEVICE_DTYPES += [pytest.param("cuda", dt, marks=_PROJECT_CUDA_MARKS, id=f"cuda-{_IDS[dt]}")
+                          for dt in (torch.bfloat16, torch.float16)]
+PROJECT_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", marks=_PROJECT_CUDA_MARKS, id="cuda")]
+PROJECT_CUDA_DTYPES = [pytest.param(dt, marks=_PROJECT_CUDA_MARKS, id=_IDS[dt]) for dt in (torch.bfloat16, torch.float16)]
 
 
 # ============================================================================================
@@ -84,11 +96,13 @@ class ProjCase:
     interleaved: bool = True
     outputs: bool = True
     strided_cache: bool = False
+    hidden_pad: int = 0  # hidden is big[:, pad:] of a [T, d_model + pad] tensor (row stride d_model + pad)
 
     def id(self) -> str:
         s = f"T{self.tokens}-d{self.d_model}-R{self.rank}-P{self.rope}-ps{self.page_size}"
         s += "-inter" if self.interleaved else "-neox"
         s += "" if self.outputs else "-noout"
+        s += f"-hpad{self.hidden_pad}" if self.hidden_pad else ""
         return s + ("-strided" if self.strided_cache else "")
 
 
@@ -98,6 +112,8 @@ PROJ_CASES = [
     ProjCase(1, 128, 512, 64, 64, outputs=False),
     ProjCase(13, 40, 32, 16, 4, interleaved=False, outputs=False),
     ProjCase(6, 33, 24, 8, 1, strided_cache=True),
+    ProjCase(7, 64, 32, 16, 8, hidden_pad=3),
+    ProjCase(20, 72, 64, 8, 16, interleaved=False, hidden_pad=8),
 ]
 
 
@@ -112,8 +128,9 @@ def _proj_inputs(case: ProjCase, gen, dtype, device, max_pos: int = 300):
     slots = torch.randperm(num_slots, generator=gen)[: case.tokens]
     if case.tokens > 2:
         slots[1] = -1  # a padding token
+    hidden = randn(case.tokens, case.d_model + case.hidden_pad, gen=gen, dtype=dtype, device=device)
     return SimpleNamespace(
-        hidden=randn(case.tokens, case.d_model, gen=gen, dtype=dtype, device=device),
+        hidden=hidden[:, case.hidden_pad :],
         w_dkv=randn(case.d_model, width, gen=gen, dtype=dtype, device=device, scale=case.d_model**-0.5),
         norm_weight=(1.0 + 0.2 * randn(case.rank, gen=gen)).to(device=device, dtype=dtype),
         cos_sin=reference.rope_cos_sin(max_pos, case.rope).to(device),
@@ -124,12 +141,22 @@ def _proj_inputs(case: ProjCase, gen, dtype, device, max_pos: int = 300):
 
 
 @pytest.mark.parametrize("case", PROJ_CASES, ids=ProjCase.id)
-@pytest.mark.parametrize(("device", "dtype"), DEVICE_DTYPES)
+@pytest.mark.parametrize(("device", "dtype"), PROJECT_DEVICE_DTYPES)
 def test_mla_latent_project_matches_reference(device, dtype, case, gen):
-    a = _proj_inputs(case, gen, dtype, device)
+    _check_project(case, device, dtype, gen)
+
+
+def _check_project(case: ProjCase, device, dtype, gen, max_pos: int = 300) -> None:
+    """One call on fresh inputs, cache NaN-poisoned: written slots and outputs match the reference,
+    every other slot is still NaN."""
+    a = _proj_inputs(case, gen, dtype, device, max_pos=max_pos)
     before = a.cache.clone()
+    outs_in = {}
+    if case.outputs:  # poisoned, so that an unwritten row fails
+        outs_in = dict(c_kv_out=poison(torch.empty(case.tokens, case.rank, dtype=dtype, device=device)),
+                       k_pe_out=poison(torch.empty(case.tokens, case.rope, dtype=dtype, device=device)))
     outs = kvcore.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, a.cos_sin, a.positions, a.cache, a.slots,
-                                     eps=1e-6, interleaved_rope=case.interleaved, return_outputs=case.outputs)
+                                     eps=1e-6, interleaved_rope=case.interleaved, **outs_in)
     ref_cache, ref_c, ref_pe = reference.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, 1e-6, a.cos_sin,
                                                             a.positions, before, a.slots, case.interleaved)
     tol = OUT_TOL[dtype]
@@ -141,7 +168,7 @@ def test_mla_latent_project_matches_reference(device, dtype, case, gen):
     assert bool(torch.isnan(flat[untouched.to(device)]).all()), "slots outside slot_mapping were written"
     if case.outputs:
         c_kv, k_pe = outs
-        assert c_kv.shape == (case.tokens, case.rank) and k_pe.shape == (case.tokens, case.rope)
+        assert c_kv is outs_in["c_kv_out"] and k_pe is outs_in["k_pe_out"]
         torch.testing.assert_close(c_kv.float(), ref_c, **tol)
         torch.testing.assert_close(k_pe.float(), ref_pe, **tol)
     else:
@@ -154,6 +181,97 @@ def test_mla_latent_project_preallocated_outputs(gen):
     got = kvcore.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, a.cos_sin, a.positions, a.cache, a.slots,
                                     c_kv_out=c_kv, k_pe_out=k_pe)
     assert got[0] is c_kv and got[1] is k_pe and not torch.isnan(c_kv).any() and not torch.isnan(k_pe).any()
+
+
+# ---- CUDA: the fused decode-sized kernel (T <= 64) and the cuBLAS + epilogue path (T > 64) -----
+
+# T = 1, 3, 16 (one 16-token tile), 20 (two), 64 (four, the fused kernel's limit), 65 and 300
+# (cuBLAS + epilogue); both RoPE layouts; outputs present and absent. _proj_inputs puts a -1
+# (padding) slot at token 1 when T > 2.
+PROJ_CUDA_GRID = [
+    ProjCase(t, 256, 512, 64, 16, interleaved=inter, outputs=outs)
+    for t in (1, 3, 16, 20, 64, 65, 300)
+    for inter in (True, False)
+    for outs in (True, False)
+]
+# DeepSeek's d_model: the weight split over every SM, partials summed at one and two levels.
+PROJ_CUDA_GRID += [
+    ProjCase(1, 7168, 512, 64, 64),
+    ProjCase(2, 7168, 512, 64, 64, interleaved=False, outputs=False),
+    ProjCase(16, 7168, 512, 64, 64, interleaved=False),
+    ProjCase(64, 7168, 512, 64, 64, outputs=False, strided_cache=True),
+    ProjCase(300, 7168, 512, 64, 64),
+]
+# Shapes off the usual path: d_model not a multiple of the 64-row chunk, R not a multiple of 64
+# (a partial column tile), P = 128, an odd hidden stride (element loads), page size 1.
+PROJ_CUDA_GRID += [
+    ProjCase(5, 1000, 512, 64, 16, hidden_pad=1),
+    ProjCase(33, 200, 448, 128, 32, interleaved=False, hidden_pad=8),
+    ProjCase(9, 520, 96, 32, 1, strided_cache=True),
+    ProjCase(70, 99, 160, 32, 8, hidden_pad=5),
+]
+
+
+@pytest.mark.parametrize("case", PROJ_CUDA_GRID, ids=ProjCase.id)
+@pytest.mark.parametrize("dtype", PROJECT_CUDA_DTYPES)
+def test_mla_latent_project_cuda_grid(dtype, case, gen):
+    _check_project(case, "cuda", dtype, gen, max_pos=4096)
+
+
+@pytest.mark.parametrize("dtype", PROJECT_CUDA_DTYPES)
+def test_mla_latent_project_cuda_back_to_back_calls(dtype, gen):
+    """Calls of different T (different grids and reduction levels) in a row, then a burst of
+    unsynchronised decode calls: each matches the reference, so the kernel's arrival counters are
+    back at zero after every call."""
+    d = 7168
+    for t in (1, 64, 3, 16, 1, 70, 2, 64):
+        _check_project(ProjCase(t, d, 512, 64, 16, interleaved=bool(t % 2)), "cuda", dtype, gen, max_pos=4096)
+    a = _proj_inputs(ProjCase(4, d, 512, 64, 16), gen, dtype, "cuda")
+    caches = [poison(torch.empty_like(a.cache)) for _ in range(70)]  # more calls than counter sets
+    hiddens = [randn(4, d, gen=gen, dtype=dtype, device="cuda") for _ in caches]
+    for h, c in zip(hiddens, caches):
+        torch.ops.kvcore.mla_latent_project(h, a.w_dkv, a.norm_weight, 1e-6, a.cos_sin, a.positions, c, a.slots,
+                                            True, None, None)
+    for h, c in zip(hiddens, caches):
+        ref, _, _ = reference.mla_latent_project(h, a.w_dkv, a.norm_weight, 1e-6, a.cos_sin, a.positions,
+                                                 poison(torch.empty_like(c)), a.slots, True)
+        torch.testing.assert_close(c.float(), ref.float(), equal_nan=True, **OUT_TOL[dtype])
+
+
+@pytest.mark.parametrize("tokens", [3, 100])
+@pytest.mark.parametrize("dtype", PROJECT_CUDA_DTYPES)
+def test_mla_latent_project_cuda_one_output_and_all_padding(dtype, tokens, gen):
+    """The op with only c_kv_out, then only k_pe_out (the other None); and a call whose every slot
+    is -1: the cache stays untouched while the outputs are written."""
+    a = _proj_inputs(ProjCase(tokens, 256, 512, 64, 16), gen, dtype, "cuda")
+    _, ref_c, ref_pe = reference.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, 1e-6, a.cos_sin, a.positions,
+                                                    a.cache, a.slots, True)
+    tol = OUT_TOL[dtype]
+    for which in ("c_kv", "k_pe"):
+        c_kv = poison(torch.empty(tokens, 512, dtype=dtype, device="cuda")) if which == "c_kv" else None
+        k_pe = poison(torch.empty(tokens, 64, dtype=dtype, device="cuda")) if which == "k_pe" else None
+        torch.ops.kvcore.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, 1e-6, a.cos_sin, a.positions, a.cache,
+                                            a.slots, True, c_kv, k_pe)
+        if c_kv is not None:
+            torch.testing.assert_close(c_kv.float(), ref_c, **tol)
+        else:
+            torch.testing.assert_close(k_pe.float(), ref_pe, **tol)
+    cache = poison(torch.empty_like(a.cache))
+    c_kv, k_pe = kvcore.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, a.cos_sin, a.positions, cache,
+                                           torch.full_like(a.slots, -1), return_outputs=True)
+    assert bool(torch.isnan(cache).all()), "a -1 slot was written"
+    torch.testing.assert_close(c_kv.float(), ref_c, **tol)
+    torch.testing.assert_close(k_pe.float(), ref_pe, **tol)
+
+
+@pytest.mark.parametrize("dtype", PROJECT_CUDA_DTYPES)
+def test_mla_latent_project_cuda_no_tokens(dtype, gen):
+    a = _proj_inputs(ProjCase(0, 256, 512, 64, 16), gen, dtype, "cuda")
+    kvcore.mla_latent_project(a.hidden, a.w_dkv, a.norm_weight, a.cos_sin, a.positions, a.cache, a.slots)
+    torch.cuda.synchronize()
+    assert bool(torch.isnan(a.cache).all())
+
+
 
 
 # ============================================================================================
@@ -260,6 +378,18 @@ def test_opcheck_mla_decode(device, gen):
             torch.library.opcheck(torch.ops.kvcore.mla_decode.default, args, test_utils=OPCHECK_UTILS)
 
 
+@pytest.mark.parametrize("tokens", [5, 70], ids=["fused", "cublas"])
+@pytest.mark.parametrize("dtype", PROJECT_CUDA_DTYPES)
+def test_opcheck_mla_latent_project_cuda(dtype, tokens, gen):
+    """opcheck of the CUDA kernel on both of its paths (the test above needs both MLA kernels)."""
+    a = _proj_inputs(ProjCase(tokens, 96, 64, 16, 8), gen, dtype, "cuda")
+    c_kv = torch.empty(tokens, 64, dtype=dtype, device="cuda")
+    k_pe = torch.empty(tokens, 16, dtype=dtype, device="cuda")
+    for outs in [(None, None), (c_kv, k_pe), (None, k_pe)]:
+        args = (a.hidden, a.w_dkv, a.norm_weight, 1e-6, a.cos_sin, a.positions, a.cache, a.slots, False, *outs)
+        torch.library.opcheck(torch.ops.kvcore.mla_latent_project.default, args, test_utils=OPCHECK_UTILS)
+
+
 # ============================================================================================
 # Bad input: the right error, naming the argument, and nothing written
 # ============================================================================================
@@ -269,6 +399,36 @@ def _proj_args(device, gen) -> SimpleNamespace:
     a = _proj_inputs(ProjCase(4, 32, 32, 16, 4), gen, torch.bfloat16, device, max_pos=64)
     a.kw = {}
     return a
+
+
+def _all_fp32(a, d):
+    for name in ("hidden", "w_dkv", "norm_weight"):
+        setattr(a, name, getattr(a, name).float())
+    a.cache = poison(a.cache.float())
+
+
+def _misaligned_copy(t):
+    """A contiguous copy of ``t`` whose data starts 2 bytes past a 16-byte boundary."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+
+def _misaligned_cache(a, d):
+    n, ps, w = a.cache.shape
+    return poison(torch.empty(n * ps * w + 1, dtype=a.cache.dtype, device=d))[1:].view(n, ps, w)
+
+
+def _odd_page_stride_cache(a, d):
+    n, ps, w = a.cache.shape
+    return poison(torch.empty(n, ps * w + 4, dtype=a.cache.dtype, device=d))[:, : ps * w].view(n, ps, w)
+
+
+def _width_not_multiple_of_8(a, d):
+    # R = 30, P = 6: latent rows of 36 elements (72 bytes)
+    n, ps, _ = a.cache.shape
+    a.norm_weight = a.norm_weight[:30].contiguous()
+    a.cos_sin = reference.rope_cos_sin(64, 6).to(d)
+    a.w_dkv = a.w_dkv[:, :36].contiguous()
+    return poison(torch.empty(n, ps, 36, dtype=a.cache.dtype, device=d))
 
 
 BAD_PROJECT = [
@@ -303,12 +463,24 @@ BAD_PROJECT = [
             RuntimeError, r"latent_cache must be densely packed"),
     BadCase("slots_other_device", _set("slots", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"slot_mapping must be on the same device", cuda_only=True),
+    # Limits of the CUDA kernel (16-byte rows, 16-byte loads and stores); the CPU kernel takes these.
+    BadCase("fp32_on_cuda", lambda a, d: _all_fp32(a, d), RuntimeError, r"take bfloat16 or float16", cuda_only=True,
+            kernel_limit=True),
+    BadCase("cache_misaligned", _set("cache", lambda t, a, d: _misaligned_cache(a, d)), RuntimeError,
+            r"latent_cache must start on a 16-byte boundary", cuda_only=True, kernel_limit=True),
+    BadCase("cache_page_stride", _set("cache", lambda t, a, d: _odd_page_stride_cache(a, d)), RuntimeError,
+            r"latent_cache's page stride must be a multiple of 8", cuda_only=True, kernel_limit=True),
+    BadCase("w_dkv_misaligned", _set("w_dkv", lambda t, a, d: _misaligned_copy(t)), RuntimeError,
+            r"w_dkv must start on a 16-byte boundary", cuda_only=True, kernel_limit=True),
+    BadCase("width_not_multiple_of_8", _set("cache", lambda t, a, d: _width_not_multiple_of_8(a, d)), RuntimeError,
+            r"must be a multiple of 8 \(16-byte latent rows\)", cuda_only=True, kernel_limit=True),
 ]
 
 
 @pytest.mark.parametrize("bad", [b.param() for b in BAD_PROJECT])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", PROJECT_DEVICES)
 def test_mla_latent_project_bad_input(device, bad, gen):
+    bad.skip_unless_applies(device)
     a = _proj_args(device, gen)
     bad.mutate(a, device)
     if a.kw.get("c_kv_out") == "short":  # a preallocated c_kv output one token short

@@ -600,6 +600,11 @@ def mla_latent_project(
             every token's c_KV / k_pe, skipped slots included (a prefill's keys).
         return_outputs: allocate and return ``(c_kv, k_pe)`` when not given.
 
+    On CUDA (bfloat16/float16): ``R + P`` must be a multiple of 8 and at most 1024, ``w_dkv``
+    and ``latent_cache`` must start on 16-byte boundaries and the cache's page stride must be a
+    multiple of 8 elements. Up to 64 tokens run as one fused kernel (the weight read once, spread
+    over every SM); more tokens use cuBLAS for the product, then one fused epilogue kernel.
+
     Returns:
         ``(c_kv, k_pe)`` when either output is given or ``return_outputs``, else ``None``.
 
