@@ -527,7 +527,12 @@ inline CompactShape check_compact_kv(const at::Tensor& k_cache, const at::Tensor
   for (auto [t, n] : {std::pair{&v_cache, "v_cache"}, {&block_table, "block_table"}, {&seq_lens, "seq_lens"},
                       {&kept, "kept"}, {&kept_lens, "kept_lens"}})
     check_same_device(*t, k_cache, n, "k_cache");
-  check_float_dtype(k_cache, "k_cache");
+  {
+    // A pure copy: float32 caches compact on CUDA too (the CUDA kernel moves bytes).
+    const auto dt = k_cache.scalar_type();
+    TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat,
+                "k_cache must be bfloat16, float16 or float32, got ", dt);
+  }
   check_dtype(v_cache, k_cache.scalar_type(), "v_cache");
   check_dtype(block_table, at::kInt, "block_table");
   check_dtype(seq_lens, at::kInt, "seq_lens");
