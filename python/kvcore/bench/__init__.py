@@ -45,3 +45,4 @@ def load_group(name: str):
 __all__ = ["GROUPS", "group_modules", "load_group"]
 GROUPS["retrieval"] = ".retrieval"  # InfLLM retrieve-and-attend decode step vs the torch pipeline (kvcore.bench.retrieval)
 GROUPS["e2e"] = ".e2e"  # a whole transformers model decode step: kvcore (+SnapKV) vs sdpa + DynamicCache (kvcore.bench.e2e)
+GROUPS["eviction"] = (".eviction_scores", ".eviction_cache")
