@@ -20,9 +20,12 @@ from kvcore import policies, reference
 
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-# Probabilities are O(1/L)..1, summed over G heads; fp32 accumulate in both paths. The logits come
-# from bf16/fp16 data converted exactly, so the error is the fp32 dot product's and exp's.
-SCORE_TOL = dict(atol=2e-5, rtol=2e-4)
+# Tolerance on each step's increment (probabilities O(1/L)..1 summed over G heads): the logits come
+# from bf16/fp16 data converted exactly, so the error is the fp32 dot product's, the exp's and the
+# lse's (a logit error d is a relative probability error d). A soft cap goes through tanhf, whose
+# error the plain decode tests bound by lse within 1e-3.
+SCORE_TOL = dict(atol=1e-5, rtol=2e-3)
+CAP_SCORE_TOL = dict(atol=1e-5, rtol=1e-2)
 
 
 def _device_dtypes():
@@ -35,11 +38,10 @@ def _score_buffer(batch, hkv, length, gen, device):
     return (randn(batch, hkv, length, gen=gen, device=device).abs() + 0.5).contiguous()
 
 
-def _check_step(before, after, lens, add, window_left=-1):
+def _check_step(before, after, lens, add, window_left=-1, tol=SCORE_TOL):
     """after == before + add on the attended keys, bit-identical elsewhere."""
     assert not torch.isnan(after).any()
-    expected = before.double() + add.to(before.device)
-    torch.testing.assert_close(after.double(), expected, **SCORE_TOL)
+    torch.testing.assert_close((after.double() - before.double()).cpu(), add.cpu(), **tol)
     for b, n in enumerate(lens):
         start = 0 if window_left < 0 else max(0, n - 1 - window_left)
         assert torch.equal(after[b, :, :start], before[b, :, :start])
@@ -73,7 +75,7 @@ def test_gqa_decode_score_matches_reference(device, dtype, case, gen):
                       logit_soft_cap=cap, out=out, lse=lse, score=score)
     add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, window_left=window_left,
                                      logit_soft_cap=cap, score_len=cap_len + 5)
-    _check_step(before, score, lens, add, window_left)
+    _check_step(before, score, lens, add, window_left, CAP_SCORE_TOL if cap > 0 else SCORE_TOL)
     # Each attending head's probabilities sum to 1, so a group adds G per non-empty sequence.
     for b, n in enumerate(lens):
         if n > 0:
@@ -102,7 +104,11 @@ def test_gqa_decode_score_splits_cuda(device, dtype, group, num_splits, gen):
                                  num_splits=num_splits, score=score)
     plain_out, plain_lse = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
                                              return_lse=True, num_splits=num_splits)
-    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    if num_splits > 0:  # the same split, the same code for out/lse: bitwise equal
+        assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    else:
+        torch.testing.assert_close(out, plain_out, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(lse, plain_lse, **LSE_TOL)
     add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, score_len=score.shape[2])
     _check_step(before, score, lens, add)
 
@@ -192,7 +198,7 @@ def test_gqa_decode_score_small_workspace_cuda(device, gen):
     ws = torch.zeros(need, dtype=torch.uint8, device=device)
     kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, workspace=ws, score=score)
     add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, score_len=score.shape[2])
-    torch.testing.assert_close(score.double().cpu(), add.cpu(), **SCORE_TOL)
+    torch.testing.assert_close(score.double().cpu(), add.cpu(), **SCORE_TOL)  # started from zeros
 
 
 # ---- opcheck -----------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeSha
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = use_pdl() ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_score_kernel, sp));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_score_kernel<>, sp));
 }
 
 // Picks the split, lays out the workspace and launches. kv_len: the most key positions one

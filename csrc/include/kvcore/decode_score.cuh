@@ -30,8 +30,11 @@ constexpr int kDecodeScoreThreads = 256;
 constexpr int kDecodeScoreKeysPerThread = 4;
 constexpr int kDecodeScoreKeys = kDecodeScoreThreads * kDecodeScoreKeysPerThread;  // per CTA
 
-// grid (ceil(kv_len / kDecodeScoreKeys), Hkv, B).
-__global__ void __launch_bounds__(kDecodeScoreThreads) decode_score_kernel(const DecodeScoreParams p) {
+// grid (ceil(kv_len / kDecodeScoreKeys), Hkv, B). A template (instantiated once, with the
+// defaults) so that the header can be included by several launch units without the kernel's
+// host stub being defined twice.
+template <int THREADS = kDecodeScoreThreads, int KEYS_PER_THREAD = kDecodeScoreKeysPerThread>
+__global__ void __launch_bounds__(THREADS) decode_score_kernel(const DecodeScoreParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
@@ -40,25 +43,25 @@ __global__ void __launch_bounds__(kDecodeScoreThreads) decode_score_kernel(const
   const int64_t seq_len = min(max(int64_t(__ldcg(p.seq_lens + b)), int64_t(0)), p.capacity);
   const int64_t first = p.window_left >= 0 ? max(int64_t(0), seq_len - 1 - p.window_left) : int64_t(0);
   const int64_t n = seq_len - first;
-  const int64_t k0 = int64_t(blockIdx.x) * kDecodeScoreKeys;
+  const int64_t k0 = int64_t(blockIdx.x) * THREADS * KEYS_PER_THREAD;
   if (k0 >= n) return;
   const int64_t pair = int64_t(b) * p.num_kv_heads + kvh;
   const float* lg = p.logits + pair * p.group * p.ld;
   const float* l2 = p.lse2 + pair * p.group;
   float* sc = p.score + pair * p.score_len + first;
 
-  float acc[kDecodeScoreKeysPerThread] = {};
+  float acc[KEYS_PER_THREAD] = {};
   for (int g = 0; g < p.group; ++g) {
     const float m = __ldcg(l2 + g);
 #pragma unroll
-    for (int i = 0; i < kDecodeScoreKeysPerThread; ++i) {
-      const int64_t k = k0 + i * kDecodeScoreThreads + threadIdx.x;
+    for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+      const int64_t k = k0 + i * THREADS + threadIdx.x;
       if (k < n) acc[i] += exp2f(__ldcg(lg + g * p.ld + k) - m);
     }
   }
 #pragma unroll
-  for (int i = 0; i < kDecodeScoreKeysPerThread; ++i) {
-    const int64_t k = k0 + i * kDecodeScoreThreads + threadIdx.x;
+  for (int i = 0; i < KEYS_PER_THREAD; ++i) {
+    const int64_t k = k0 + i * THREADS + threadIdx.x;
     if (k < n) sc[k] += acc[i];
   }
 }
