@@ -933,6 +933,12 @@ def compact_kv(
     whose per-head budgets differ (AdaKV) pads each head up to the sequence's largest count
     with that head's next-best tokens, or refuses: see :mod:`kvcore.policies`.
 
+    On CUDA the rows of each head are moved in chunks by many CTAs at once (a chunk is read whole
+    before it is written, and waits only for the earlier chunks that still read its destinations),
+    all in one launch after a small zero-filled scratch allocation (tickets and flags, 4 bytes per
+    chunk). float32 caches are accepted on CUDA too (the kernel moves bytes). Sequences must not
+    share the pages a compaction writes (as on CPU, the result would depend on the order).
+
     Args:
         k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; modified in place.
         block_table: ``[B, max_pages]`` int32; seq_lens: ``[B]`` int32, modified in place.
