@@ -126,13 +126,21 @@ inline int64_t score_bytes(const PagedDecodeShape& s, int64_t kv_len) {
   return score_lse_bytes(s) + (s.batch * s.num_q_heads * score_ld(kv_len) * 4 + 255) / 256 * 256;
 }
 
-// Programmatic dependent launch of the score epilogue (sm_90+), unless KVCORE_NO_PDL=1.
-inline bool use_pdl() {
-  static const bool off = [] {
-    const char* e = std::getenv("KVCORE_NO_PDL");
-    return e != nullptr && e[0] == '1';
-  }();
-  return !off && at::cuda::getCurrentDeviceProperties()->major >= 9;
+inline bool env_flag(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr && e[0] == '1';
+}
+
+// Programmatic dependent launch of the score epilogue: on sm_90+, unless KVCORE_NO_PDL=1. During
+// CUDA graph capture only with KVCORE_PDL_IN_GRAPHS=1: captured programmatic edges need a recent
+// driver and have not been tried on our GPU host yet, so graphs get the plain (always valid)
+// stream order by default.
+inline bool use_pdl(cudaStream_t stream) {
+  static const bool off = env_flag("KVCORE_NO_PDL"), in_graphs = env_flag("KVCORE_PDL_IN_GRAPHS");
+  if (off || at::cuda::getCurrentDeviceProperties()->major < 9) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status == cudaStreamCaptureStatusNone || in_graphs;
 }
 
 // The score epilogue (decode_score.cuh) after a SCORE decode launch on the same stream.
@@ -160,7 +168,7 @@ inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeSha
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = use_pdl() ? 1 : 0;
+  cfg.numAttrs = use_pdl(stream) ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_score_kernel<>, sp));
 }
 
