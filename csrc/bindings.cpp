@@ -24,10 +24,14 @@ TORCH_LIBRARY(kvcore, m) {
   //   logit_soft_cap > 0: logits = cap * tanh(scale * q.k / cap).
   //   workspace: uint8 scratch for split-KV partials (CUDA; zero-filled once, self-resetting);
   //   num_splits: 0 picks the split count from the shapes, n > 0 forces n (deterministic output).
+  //   score (optional, H2O accumulation): [B, Hkv, S] fp32 contiguous, S >= max_pages * page_size;
+  //   score[b, h, p] += sum over the query heads of KV group h of their softmax probability of
+  //   key p, for the keys attended (the window's, with the soft cap applied); others unchanged.
+  //   On CUDA it needs workspace room for the step's logits (see ops.gqa_decode).
   m.def(
       "gqa_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
       "float scale, int window_left, float logit_soft_cap, Tensor(a!) out, Tensor(b!)? lse, "
-      "Tensor(c!)? workspace, int num_splits) -> ()");
+      "Tensor(c!)? workspace, int num_splits, Tensor(d!)? score=None) -> ()");
 
   // Merge two partial attention results over disjoint key sets:
   //   out = (exp(lse_a) * out_a + exp(lse_b) * out_b) / (exp(lse_a) + exp(lse_b)), lse = logaddexp.

@@ -426,3 +426,53 @@ def test_mla_decode_step_graph_replay(batch, gen):
             ref_out, ref_lse = reference.mla_decode(q, latent, block_table, seq_lens, scale, rank)
             torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
             torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+
+
+def test_decode_step_with_h2o_score_graph_replay(gen):
+    """append + gqa_decode(score=...) captured once: every replay adds that step's probabilities
+    (the reference's) to the score buffer, with the workspace and score preallocated."""
+    batch, hq, hkv, d, page, max_pages = 3, 16, 4, 128, 16, 40
+    num_pages = batch * max_pages
+    dev, dt = "cuda", torch.bfloat16
+    k_cache = randn(num_pages, page, hkv, d, gen=gen, dtype=dt, device=dev)
+    v_cache = randn(num_pages, page, hkv, d, gen=gen, dtype=dt, device=dev)
+    q = torch.empty(batch, hq, d, dtype=dt, device=dev)
+    k_new = torch.empty(batch, hkv, d, dtype=dt, device=dev)
+    v_new = torch.empty_like(k_new)
+    slots = torch.empty(batch, dtype=torch.int64, device=dev)
+    block_table = torch.empty(batch, max_pages, dtype=torch.int32, device=dev)
+    seq_lens = torch.empty(batch, dtype=torch.int32, device=dev)
+    out = torch.empty(batch, hq, d, dtype=dt, device=dev)
+    score = torch.zeros(batch, hkv, max_pages * page, dtype=torch.float32, device=dev)
+    workspace = torch.zeros(kvcore.ops.decode_score_workspace_bytes(batch, hq, max_pages, page), dtype=torch.uint8,
+                            device=dev)
+
+    def fill(lens):
+        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
+        block_table.copy_(perm.int())
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        last = torch.tensor(lens) - 1
+        slots.copy_((perm.gather(1, (last // page).unsqueeze(1)).squeeze(1) * page + last % page).long())
+        for t in (q, k_new, v_new):
+            t.copy_(randn(*t.shape, gen=gen, dtype=dt))
+
+    def step():
+        kvcore.append_paged_kv(k_new, v_new, k_cache, v_cache, slots)
+        kvcore.gqa_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, workspace=workspace, score=score)
+
+    fill([600, 1, 37])
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for lens in ([640, 5, 100], [1, 600, 2], [320, 320, 320]):
+        fill(lens)
+        before = score.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        add = reference.gqa_decode_score(q, k_cache, block_table, seq_lens, score_len=score.shape[2])
+        torch.testing.assert_close(score.double() - before.double(), add, atol=1e-5, rtol=2e-3)
+        ref_out, _ = reference.gqa_decode(q, k_cache, v_cache, block_table, seq_lens)
+        torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)

@@ -653,3 +653,131 @@ def test_ops_clamp_bad_contents_without_validation(gen, no_validation):
     kept = torch.tensor([[[5, 10**9, -7], [3, 2, 1]], [[0, 0, 0], [1, 1, 1]]])
     kvcore.compact_kv(kv.k_cache, kv.v_cache, table, lens, kept, torch.tensor([3, 50], dtype=torch.int32))
     assert lens.tolist() == [3, 0]
+
+
+# ---- compact_kv on CUDA: the multi-CTA in-place kernel against the reference and the CPU op -------
+# Caches hold random data everywhere (spare pages and the rows past each sequence too), so a move
+# to or from the wrong place, or a write past the new length, changes something the reference
+# leaves unchanged. Long heads span many chunks (64 rows at D128 bf16, 16 at D256 fp32), so the
+# cross-chunk read-before-write ordering is exercised by the dense and streaming patterns.
+
+cuda_compact_only = [pytest.mark.cuda, cuda_compact]
+
+
+def _kept_pattern(kind: str, n: int, count: int, gen) -> torch.Tensor:
+    """Strictly increasing positions in [0, n): ``count`` of them (``kind`` decides which)."""
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if kind == "prefix":  # kept == arange: nothing moves
+        return torch.arange(count)
+    if kind == "all":
+        return torch.arange(n)[:count]
+    if kind == "streaming":  # 4 sinks + the most recent tokens
+        sinks = min(4, count)
+        return torch.cat([torch.arange(sinks), torch.arange(n - (count - sinks), n)]).unique()[:count]
+    if kind == "last":  # every source far from its destination
+        return torch.arange(n - count, n)
+    return torch.randperm(n, generator=gen)[:count].sort().values  # "random": dense or sparse by count
+
+
+def _compact_inputs(lens, counts, kind, hkv, d, ps, dtype, gen, max_kept=None, strided=False):
+    kv = make_paged_kv(list(lens), ps, hkv, d, gen=gen, dtype=dtype, strided_cache=strided)
+    max_kept = max(list(counts) + [1]) if max_kept is None else max_kept
+    kept = torch.full((len(lens), hkv, max_kept), 10**6, dtype=torch.int64)  # junk past each count
+    for b, (n, c) in enumerate(zip(lens, counts)):
+        for h in range(hkv):
+            kept[b, h, :c] = _kept_pattern(kind, n, c, gen)
+    return kv, kept, torch.tensor(list(counts), dtype=torch.int32)
+
+
+def _run_compact_cuda(kv, kept, kl):
+    """compact_kv on CUDA (copies of the inputs) vs the reference and the CPU op; returns nothing."""
+    dev = "cuda"
+    ref_k, ref_v, ref_lens = reference.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, kept, kl)
+    k_c, v_c = kv.k_cache.clone(), kv.v_cache.clone()
+    lens_c = kv.seq_lens.clone()
+    kvcore.compact_kv(k_c, v_c, kv.block_table, lens_c, kept, kl)
+    k_g, v_g = kv.k_cache.to(dev), kv.v_cache.to(dev)
+    lens_g = kv.seq_lens.to(dev)
+    res = kvcore.compact_kv(k_g, v_g, kv.block_table.to(dev), lens_g, kept.to(dev), kl.to(dev))
+    assert res is lens_g
+    torch.cuda.synchronize()
+    assert torch.equal(lens_g.cpu(), ref_lens.cpu())
+    assert torch.equal(k_g.cpu(), ref_k) and torch.equal(v_g.cpu(), ref_v), "CUDA compact_kv differs from the reference"
+    assert torch.equal(k_g.cpu(), k_c) and torch.equal(v_g.cpu(), v_c), "CUDA and CPU compact_kv differ"
+
+
+@pytest.mark.parametrize("kind", ["random", "streaming", "all", "prefix", "last"])
+@pytest.mark.parametrize("d,ps", [(64, 16), (128, 1), (128, 64), (256, 256), (128, 5)], ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_patterns(device, dtype, d, ps, kind, gen):
+    # Ragged: a long sequence (many chunks per head), a short one, an empty one, one keeping 0.
+    lens = (1500, 37, 0, 300)
+    if kind in ("all", "prefix"):
+        counts = (1500 if kind == "all" else 700, 37 if kind == "all" else 20, 0, 0)
+    else:
+        counts = (750, 9, 0, 0)
+    kv, kept, kl = _compact_inputs(lens, counts, kind, 4, d, ps, dtype, gen, strided=(ps == 64))
+    _run_compact_cuda(kv, kept, kl)
+
+
+@pytest.mark.parametrize("frac", [0.02, 0.25, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_long_dense_and_sparse(device, frac, gen):
+    """B2 Hkv8 D128 bf16, 12000 tokens: sparse (SnapKV-like scattered) to dense keeps, many chunks."""
+    lens = (12000, 8191)
+    counts = tuple(max(1, int(n * frac)) for n in lens)
+    kv, kept, kl = _compact_inputs(lens, counts, "random", 8, 128, 16, torch.bfloat16, gen)
+    _run_compact_cuda(kv, kept, kl)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_default_lens_and_repeat(device, gen):
+    """kept_lens defaulting to max_kept, then a second compaction of the compacted cache."""
+    lens = (900, 600)
+    kv, kept, kl = _compact_inputs(lens, (400, 400), "random", 2, 64, 16, torch.float16, gen, max_kept=400)
+    k_g, v_g, bt_g, lens_g = kv.k_cache.cuda(), kv.v_cache.cuda(), kv.block_table.cuda(), kv.seq_lens.cuda()
+    ref = reference.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, kept, kl)
+    kvcore.compact_kv(k_g, v_g, bt_g, lens_g, kept.cuda())
+    assert lens_g.tolist() == [400, 400]
+    assert torch.equal(k_g.cpu(), ref[0]) and torch.equal(v_g.cpu(), ref[1])
+    kept2 = torch.stack([torch.stack([torch.randperm(400, generator=gen)[:150].sort().values for _ in range(2)])
+                         for _ in range(2)])
+    kl2 = torch.tensor([150, 150], dtype=torch.int32)
+    ref2 = reference.compact_kv(ref[0], ref[1], kv.block_table, ref[2], kept2, kl2)
+    kvcore.compact_kv(k_g, v_g, bt_g, lens_g, kept2.cuda(), kl2.cuda())
+    assert lens_g.tolist() == [150, 150]
+    assert torch.equal(k_g.cpu(), ref2[0]) and torch.equal(v_g.cpu(), ref2[1])
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_edge_shapes(device, gen):
+    """No kept column (max_kept 0), every sequence empty, one token, a page of one row."""
+    for lens, counts, max_kept, ps in [((5, 3), (0, 0), 0, 4), ((0, 0), (0, 0), 3, 8), ((1,), (1,), 1, 1),
+                                       ((2, 9), (1, 1), 4, 1)]:
+        kv, kept, kl = _compact_inputs(lens, counts, "last", 2, 64, ps, torch.bfloat16, gen, max_kept=max_kept)
+        _run_compact_cuda(kv, kept, kl)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_clamps_bad_contents(device, gen, no_validation):
+    """Validation off: junk positions, lengths and pages never crash or hang the CUDA kernel."""
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen, device="cuda")
+    table = kv.block_table.clone()
+    table[0, 0] = 10**6
+    lens = torch.tensor([10**5, -3], dtype=torch.int32, device="cuda")
+    kept = torch.tensor([[[5, 10**9, -7], [3, 2, 1]], [[0, 0, 0], [1, 1, 1]]], device="cuda")
+    kvcore.compact_kv(kv.k_cache, kv.v_cache, table, lens, kept, torch.tensor([3, 50], dtype=torch.int32, device="cuda"))
+    torch.cuda.synchronize()
+    assert lens.tolist() == [3, 0]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_opcheck_compact_kv_cuda(device, gen):
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen, dtype=torch.bfloat16, device="cuda")
+    kept = torch.tensor([[[0, 3, 5, 19], [1, 2, 3, 4]], [[0, 1, 2, 6], [2, 4, 5, 6]]], dtype=torch.int64, device="cuda")
+    kl = torch.tensor([4, 3], dtype=torch.int32, device="cuda")
+    torch.library.opcheck(torch.ops.kvcore.compact_kv.default,
+                          (kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens.clone(), kept, kl),
+                          test_utils=OPCHECK_UTILS)

@@ -120,6 +120,18 @@ inline void check_decode_scalars(double scale, int64_t window_left, double logit
   TORCH_CHECK(num_splits >= 0, "num_splits must be 0 (automatic) or positive, got ", num_splits);
 }
 
+// gqa_decode's optional H2O score buffer: [B, Hkv, S] fp32 contiguous on q's device, with
+// S >= max_pages * page_size (every position the block table can address has a slot).
+inline void check_decode_score(const at::Tensor& score, const at::Tensor& q, const PagedDecodeShape& s) {
+  check_same_device(score, q, "score", "q");
+  check_dtype(score, at::kFloat, "score");
+  TORCH_CHECK(score.dim() == 3 && score.size(0) == s.batch && score.size(1) == s.num_kv_heads &&
+                  score.size(2) >= s.max_pages * s.page_size,
+              "score must have shape [", s.batch, ", ", s.num_kv_heads, ", S] with S >= max_pages * page_size = ",
+              s.max_pages * s.page_size, ", got ", score.sizes());
+  check_contiguous(score, "score");
+}
+
 struct AppendShape {
   int64_t tokens, num_kv_heads, head_dim, num_slots;
 };
@@ -527,7 +539,12 @@ inline CompactShape check_compact_kv(const at::Tensor& k_cache, const at::Tensor
   for (auto [t, n] : {std::pair{&v_cache, "v_cache"}, {&block_table, "block_table"}, {&seq_lens, "seq_lens"},
                       {&kept, "kept"}, {&kept_lens, "kept_lens"}})
     check_same_device(*t, k_cache, n, "k_cache");
-  check_float_dtype(k_cache, "k_cache");
+  {
+    // A pure copy: float32 caches compact on CUDA too (the CUDA kernel moves bytes).
+    const auto dt = k_cache.scalar_type();
+    TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat,
+                "k_cache must be bfloat16, float16 or float32, got ", dt);
+  }
   check_dtype(v_cache, k_cache.scalar_type(), "v_cache");
   check_dtype(block_table, at::kInt, "block_table");
   check_dtype(seq_lens, at::kInt, "seq_lens");

@@ -11,9 +11,11 @@ namespace {
 void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t window_left,
                      double logit_soft_cap, at::Tensor& out, const c10::optional<at::Tensor>& lse,
-                     const c10::optional<at::Tensor>& workspace, int64_t num_splits) {
+                     const c10::optional<at::Tensor>& workspace, int64_t num_splits,
+                     const c10::optional<at::Tensor>& score) {
   const PagedDecodeShape s = check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, lse);
   check_decode_scalars(scale, window_left, logit_soft_cap, num_splits);
+  if (score.has_value()) check_decode_score(*score, q, s);
   GqaDecodeParams p = paged_decode::common_params("gqa_decode", s, q, k_cache, v_cache, block_table, seq_lens, scale,
                                                   logit_soft_cap, out, lse, workspace);
   if (s.batch == 0 || s.num_q_heads == 0) return;
@@ -23,7 +25,8 @@ void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const int64_t capacity = s.max_pages * s.page_size;
   p.window_left = window_left >= capacity ? -1 : int(window_left);
   const int64_t kv_len = p.window_left >= 0 ? std::min<int64_t>(capacity, int64_t(p.window_left) + 1) : capacity;
-  paged_decode::dispatch<false>("gqa_decode", q, p, s, kv_len, num_splits, workspace);
+  paged_decode::dispatch<false>("gqa_decode", q, p, s, kv_len, num_splits, workspace,
+                                score.has_value() ? &*score : nullptr);
 }
 
 }  // namespace

@@ -114,14 +114,66 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
   });
 }
 
+// H2O accumulation (score given): after the decode, score[b, h, p] += sum over the group's query
+// heads of exp(logit - lse) for every attended key p. A second pass over the keys recomputes the
+// logits exactly as attend_chunk does (same dot product, scale and cap), so they match the lse.
+// Tasks are (sequence, key chunk): disjoint score elements, and each element sums its group's
+// heads in order (deterministic).
+template <typename scalar_t>
+void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t* k_cache, const int32_t* block_table,
+                       const int32_t* seq_lens, const float* lse, float* score, int64_t score_len) {
+  constexpr int64_t kKeys = 256;
+  const int64_t G = p.group, D = p.head_dim, H = p.num_kv_heads, Hq = H * G, row = H * D;
+  const int64_t capacity = p.num_pages > 0 ? p.max_pages * p.page_size : 0;
+  const bool capped = p.soft_cap > 0.0f;
+  const float inv_cap = capped ? 1.0f / p.soft_cap : 0.0f;
+  const int64_t chunks = (capacity + kKeys - 1) / kKeys;
+  at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(Hq * D), krow(row);
+    int64_t qf_b = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks, chunk = task % chunks;
+      const int64_t hi = std::clamp<int64_t>(seq_lens[b], 0, capacity);
+      const int64_t lo = p.window_left >= 0 ? std::max<int64_t>(0, hi - 1 - p.window_left) : 0;
+      const int64_t start = std::max(lo, chunk * kKeys), stop = std::min(hi, (chunk + 1) * kKeys);
+      if (start >= stop) continue;
+      if (qf_b != b) {
+        for (int64_t h = 0; h < Hq; ++h) {
+          const scalar_t* qh = q + b * p.q_stride_b + h * p.q_stride_h;
+          for (int64_t d = 0; d < D; ++d) qf[h * D + d] = static_cast<float>(qh[d]);
+        }
+        qf_b = b;
+      }
+      const int32_t* pages = block_table + b * p.max_pages;
+      for (int64_t pos = start; pos < stop; ++pos) {
+        const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
+        const scalar_t* kr = k_cache + page * p.k_page_stride + (pos % p.page_size) * row;
+        for (int64_t e = 0; e < row; ++e) krow[e] = static_cast<float>(kr[e]);
+        for (int64_t h = 0; h < H; ++h) {
+          float sum = 0.0f;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t hq = h * G + g;
+            float x = cpu::dot_product(qf.data() + hq * D, krow.data() + h * D, D) * p.scale;
+            if (capped) x = p.soft_cap * std::tanh(x * inv_cap);
+            sum += std::exp(x - lse[b * Hq + hq]);
+          }
+          score[(b * H + h) * score_len + pos] += sum;
+        }
+      }
+    }
+  });
+}
+
 void gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t window_left,
                     double logit_soft_cap, at::Tensor& out, const c10::optional<at::Tensor>& lse,
-                    const c10::optional<at::Tensor>& workspace, int64_t num_splits) {
+                    const c10::optional<at::Tensor>& workspace, int64_t num_splits,
+                    const c10::optional<at::Tensor>& score) {
   (void)workspace;
   (void)num_splits;
   const PagedDecodeShape s = check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, lse);
   check_decode_scalars(scale, window_left, logit_soft_cap, num_splits);
+  if (score.has_value()) check_decode_score(*score, q, s);
   if (s.batch == 0 || s.num_q_heads == 0 || s.head_dim == 0) return;
 
   DecodeParams p{};
@@ -141,10 +193,20 @@ void gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   p.window_left = window_left;
 
   float* lse_ptr = lse.has_value() ? lse->mutable_data_ptr<float>() : nullptr;
+  // The score pass needs every head's lse even when the caller did not ask for it.
+  std::vector<float> own_lse;
+  if (score.has_value() && lse_ptr == nullptr) {
+    own_lse.resize(s.batch * s.num_q_heads);
+    lse_ptr = own_lse.data();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gqa_decode_cpu", [&] {
     gqa_decode_tasks<scalar_t>(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
                                v_cache.const_data_ptr<scalar_t>(), block_table.const_data_ptr<int32_t>(),
                                seq_lens.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(), lse_ptr);
+    if (score.has_value() && s.num_pages > 0)
+      accumulate_scores<scalar_t>(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
+                                  block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(), lse_ptr,
+                                  score->mutable_data_ptr<float>(), score->size(2));
   });
 }
 

@@ -7,12 +7,14 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
 
 #include "common/checks.h"
 #include "common/cuda_dispatch.h"
+#include "kvcore/decode_score.cuh"
 #include "kvcore/gqa_decode.cuh"
 
 namespace kvcore {
@@ -114,12 +116,71 @@ inline GqaDecodeParams common_params(const char* op, const PagedDecodeShape& s, 
   return p;
 }
 
+// Row length (floats) of the H2O score logits scratch: kv_len rounded up so rows stay 16-byte
+// aligned (the decode kernel stores float2 pairs at even offsets).
+inline int64_t score_ld(int64_t kv_len) { return (kv_len + 3) / 4 * 4; }
+// Workspace bytes the H2O score accumulation needs after the counters: the final lse2 per query
+// head, then the logits [pairs * group, score_ld].
+inline int64_t score_lse_bytes(const PagedDecodeShape& s) { return (s.batch * s.num_q_heads * 4 + 255) / 256 * 256; }
+inline int64_t score_bytes(const PagedDecodeShape& s, int64_t kv_len) {
+  return score_lse_bytes(s) + (s.batch * s.num_q_heads * score_ld(kv_len) * 4 + 255) / 256 * 256;
+}
+
+inline bool env_flag(const char* name) {
+  const char* e = std::getenv(name);
+  return e != nullptr && e[0] == '1';
+}
+
+// Programmatic dependent launch of the score epilogue: on sm_90+, unless KVCORE_NO_PDL=1. During
+// CUDA graph capture only with KVCORE_PDL_IN_GRAPHS=1: captured programmatic edges need a recent
+// driver and have not been tried on our GPU host yet, so graphs get the plain (always valid)
+// stream order by default.
+inline bool use_pdl(cudaStream_t stream) {
+  static const bool off = env_flag("KVCORE_NO_PDL"), in_graphs = env_flag("KVCORE_PDL_IN_GRAPHS");
+  if (off || at::cuda::getCurrentDeviceProperties()->major < 9) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status == cudaStreamCaptureStatusNone || in_graphs;
+}
+
+// The score epilogue (decode_score.cuh) after a SCORE decode launch on the same stream.
+inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
+                                  const at::Tensor& score, cudaStream_t stream) {
+  DecodeScoreParams sp{};
+  sp.seq_lens = p.seq_lens;
+  sp.logits = p.score_logits;
+  sp.lse2 = p.score_lse2;
+  sp.ld = p.score_ld;
+  sp.score = score.data_ptr<float>();
+  sp.score_len = score.size(2);
+  sp.num_kv_heads = int(s.num_kv_heads);
+  sp.group = int(s.group);
+  sp.window_left = p.window_left;
+  sp.capacity = s.max_pages * s.page_size;
+  const dim3 grid(unsigned((kv_len + kDecodeScoreKeys - 1) / kDecodeScoreKeys), unsigned(s.num_kv_heads),
+                  unsigned(s.batch));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kDecodeScoreThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = use_pdl(stream) ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_score_kernel<>, sp));
+}
+
 // Picks the split, lays out the workspace and launches. kv_len: the most key positions one
-// (sequence, KV head) can have, from shapes only.
-template <typename T, typename Cfg, bool SPARSE>
+// (sequence, KV head) can have, from shapes only. SCORE: gqa_decode with an H2O score buffer
+// (`score` not null), which also needs workspace room for the logits (score_bytes) and a second
+// small launch.
+template <typename T, typename Cfg, bool SPARSE, bool SCORE = false>
 void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
-            int64_t requested_splits, const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
-  auto kernel = gqa_decode_kernel<T, Cfg, SPARSE>;
+            int64_t requested_splits, const c10::optional<at::Tensor>& workspace, cudaStream_t stream,
+            const at::Tensor* score = nullptr) {
+  auto kernel = gqa_decode_kernel<T, Cfg, SPARSE, SCORE>;
   const size_t smem = Cfg::smem_bytes(SPARSE);
   const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS, smem, op);
   const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -129,11 +190,19 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
                                     : choose_splits(pairs, kv_len, slots);
 
   // Workspace layout: arrival counters [pairs] in a fixed leading region (kCounterBytes), then
-  // partial_lse [pairs, splits, group] and partial_out [pairs, splits, group, D]. The counters
-  // must stay zero between calls whatever shapes the calls have, so no call's partials may ever
-  // overlap another call's counters: hence a fixed region rather than one sized by this call.
+  // (SCORE only) the score scratch (score_bytes), then partial_lse [pairs, splits, group] and
+  // partial_out [pairs, splits, group, D]. The counters must stay zero between calls whatever
+  // shapes the calls have, so no call's partials may ever overlap another call's counters: hence
+  // a fixed region rather than one sized by this call.
+  const int64_t sbytes = SCORE ? score_bytes(s, kv_len) : 0;
   auto lse_bytes = [&](int n) { return (pairs * n * s.group * 4 + 255) / 256 * 256; };
-  auto bytes_for = [&](int n) { return kCounterBytes + lse_bytes(n) + pairs * n * s.group * s.head_dim * 4; };
+  auto bytes_for = [&](int n) { return kCounterBytes + sbytes + lse_bytes(n) + pairs * n * s.group * s.head_dim * 4; };
+  if constexpr (SCORE) {
+    const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
+    TORCH_CHECK(kCounterBytes + sbytes <= have, op, ": score accumulation needs a workspace of at least ",
+                kCounterBytes + sbytes, " bytes (", bytes_for(1), " with no split), got ", have,
+                " bytes; pass a larger workspace (kvcore.ops.decode_workspace sizes it when score is given)");
+  }
   if (splits > 1) {
     const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
     TORCH_CHECK(requested_splits <= 1 || (pairs * 4 <= kCounterBytes && bytes_for(splits) <= have), op,
@@ -151,28 +220,45 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   if (splits > 1) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
     p.counters = reinterpret_cast<unsigned*>(base);
-    p.partial_lse = reinterpret_cast<float*>(base + kCounterBytes);
-    p.partial_out = reinterpret_cast<float*>(base + kCounterBytes + lse_bytes(splits));
+    p.partial_lse = reinterpret_cast<float*>(base + kCounterBytes + sbytes);
+    p.partial_out = reinterpret_cast<float*>(base + kCounterBytes + sbytes + lse_bytes(splits));
+  }
+  if constexpr (SCORE) {
+    uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
+    p.score_lse2 = reinterpret_cast<float*>(base + kCounterBytes);
+    p.score_logits = reinterpret_cast<float*>(base + kCounterBytes + score_lse_bytes(s));
+    p.score_ld = score_ld(kv_len);
   }
   // KV heads vary fastest over the grid: the CTAs of one (sequence, split) read interleaved rows
   // of the same pages at about the same time, which keeps DRAM row-buffer locality.
   const dim3 grid(s.num_kv_heads, splits, s.batch);
   kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (SCORE) launch_score_epilogue(p, s, kv_len, *score, stream);
 }
 
 // dtype x head-dim dispatch onto launch<T, Cfg, SPARSE>.
+// score (gqa_decode only, may be null): the H2O score buffer, which selects the SCORE kernels.
 template <bool SPARSE>
 void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
-              int64_t requested_splits, const c10::optional<at::Tensor>& workspace) {
+              int64_t requested_splits, const c10::optional<at::Tensor>& workspace,
+              const at::Tensor* score = nullptr) {
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_half_types(q.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
+    auto go = [&](auto cfg) {
+      using Cfg = decltype(cfg);
+      if constexpr (!SPARSE) {
+        if (score != nullptr)
+          return launch<T, Cfg, false, true>(op, p, s, kv_len, requested_splits, workspace, stream, score);
+      }
+      return launch<T, Cfg, SPARSE>(op, p, s, kv_len, requested_splits, workspace, stream);
+    };
     switch (s.head_dim) {
-      case 64: return launch<T, GqaDecodeConfig<64>, SPARSE>(op, p, s, kv_len, requested_splits, workspace, stream);
-      case 128: return launch<T, GqaDecodeConfig<128>, SPARSE>(op, p, s, kv_len, requested_splits, workspace, stream);
-      default: return launch<T, GqaDecodeConfig<256>, SPARSE>(op, p, s, kv_len, requested_splits, workspace, stream);
+      case 64: return go(GqaDecodeConfig<64>{});
+      case 128: return go(GqaDecodeConfig<128>{});
+      default: return go(GqaDecodeConfig<256>{});
     }
   });
 }

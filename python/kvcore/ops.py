@@ -29,6 +29,7 @@ __all__ = [
     "decode_workspace",
     "DECODE_WORKSPACE_BYTES",
     "block_sparse_decode",
+    "decode_score_workspace_bytes",
 ]
 
 _ops = torch.ops.kvcore
@@ -65,22 +66,40 @@ def validation_enabled() -> bool:
     return True
 
 
-def decode_workspace(device: Union[torch.device, str]) -> torch.Tensor:
+def decode_workspace(device: Union[torch.device, str], min_bytes: int = 0) -> torch.Tensor:
     """The shared split-KV scratch buffer for ``device`` (allocated zero-filled on first use).
 
     Decode kernels keep per-(sequence, KV head) arrival counters in it and reset them before they
     finish, so one buffer serves any number of calls, but only one stream at a time: give
     concurrent streams their own buffer (``torch.zeros(DECODE_WORKSPACE_BYTES, dtype=torch.uint8,
-    device=...)``).
+    device=...)``). ``min_bytes`` grows it (a new zero-filled buffer) when a call needs more, as
+    ``gqa_decode`` with a ``score`` buffer does (:func:`decode_score_workspace_bytes`).
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     ws = _workspaces.get(device)
-    if ws is None:
-        ws = torch.zeros(DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    if ws is None or ws.numel() < min_bytes:
+        ws = torch.zeros(max(DECODE_WORKSPACE_BYTES, int(min_bytes)), dtype=torch.uint8, device=device)
         _workspaces[device] = ws
     return ws
+
+
+_COUNTER_BYTES = 1 << 20  # the workspace's leading counter region (csrc/decode/paged_decode_launch.h)
+
+
+def decode_score_workspace_bytes(batch: int, num_q_heads: int, max_pages: int, page_size: int,
+                                 window_left: int = -1) -> int:
+    """Workspace bytes ``gqa_decode`` with ``score`` needs on CUDA, with the default room for
+    split partials: the counters, each query head's final log-sum-exp and the step's logits
+    (``4 * num_q_heads`` bytes per key position the block table can address, or per window
+    position with a sliding window). Pass a workspace at least this large when you pass one."""
+    capacity = max_pages * page_size
+    kv_len = capacity if window_left < 0 or window_left >= capacity else min(capacity, window_left + 1)
+    ld = (kv_len + 3) // 4 * 4
+    rnd = lambda n: (n + 255) // 256 * 256  # noqa: E731
+    return _COUNTER_BYTES + rnd(batch * num_q_heads * 4) + rnd(batch * num_q_heads * ld * 4) + (
+        DECODE_WORKSPACE_BYTES - _COUNTER_BYTES)
 
 
 def _check_block_table_contents(block_table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int, page_size: int) -> None:
@@ -168,12 +187,14 @@ def gqa_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
     *, scale: Optional[float] = ..., window_left: int = ..., logit_soft_cap: float = ..., out: Optional[torch.Tensor] = ...,
     lse: None = ..., return_lse: bool = ..., workspace: Optional[torch.Tensor] = ..., num_splits: int = ...,
+    score: Optional[torch.Tensor] = ...,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
 @overload
 def gqa_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
     *, scale: Optional[float] = ..., window_left: int = ..., logit_soft_cap: float = ..., out: Optional[torch.Tensor] = ...,
     lse: torch.Tensor, return_lse: bool = ..., workspace: Optional[torch.Tensor] = ..., num_splits: int = ...,
+    score: Optional[torch.Tensor] = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def gqa_decode(
     q: torch.Tensor,
@@ -190,6 +211,7 @@ def gqa_decode(
     return_lse: bool = False,
     workspace: Optional[torch.Tensor] = None,
     num_splits: int = 0,
+    score: Optional[torch.Tensor] = None,
 ):
     """Decode attention: one query token per sequence against a paged KV cache (GQA/MQA/MHA).
 
@@ -214,6 +236,17 @@ def gqa_decode(
             per-device buffer (:func:`decode_workspace`).
         num_splits: ``0`` chooses the KV split from the shapes; ``n > 0`` forces ``n`` splits,
             which makes results bitwise reproducible for a given ``n`` (``1`` disables splitting).
+        score: optional H2O accumulator ``[B, num_kv_heads, S]`` float32, contiguous, with
+            ``S >= max_pages * page_size``, updated in place: ``score[b, h, p] +=`` the sum over
+            the query heads of KV group ``h`` of their softmax probability of key ``p``, for every
+            key attended this step (with ``window_left``, only the window's keys; with
+            ``logit_soft_cap``, probabilities of the capped logits); other entries are unchanged.
+            Definition: :func:`kvcore.reference.gqa_decode_score`. H2O keeps it across decode
+            steps (:func:`kvcore.policies.h2o_scores` starts it at the end of prefill). On CUDA
+            the step's logits pass through the workspace, which must hold
+            :func:`decode_score_workspace_bytes` (the default workspace grows to it), and a
+            second small kernel adds the probabilities once the split merge knows each head's
+            log-sum-exp. A NaN in ``q[b, hq]`` makes that group's attended scores NaN.
 
     Determinism: on CUDA, a fixed ``num_splits = n > 0`` gives bitwise identical ``out``/``lse``
     on every call, whatever the workspace held before (earlier calls of any shape); ``0`` does
@@ -236,11 +269,14 @@ def gqa_decode(
         raise ValueError(f"scale must be a positive finite float, got {scale}")
     if window_left < -1:
         raise ValueError(f"window_left must be -1 (no window) or >= 0, got {window_left}")
+    if score is not None and workspace is None and q.is_cuda and k_cache.dim() == 4 and block_table.dim() == 2:
+        workspace = decode_workspace(q.device, decode_score_workspace_bytes(
+            q.shape[0], q.shape[1], block_table.shape[1], k_cache.shape[1], int(window_left)))
     out, lse, want_lse, workspace, checked = _prepare_paged_decode(
         q, k_cache, block_table, seq_lens, logit_soft_cap, num_splits, out, lse, return_lse, workspace)
     _ops.gqa_decode(
         q, k_cache, v_cache, block_table, seq_lens, float(scale), int(window_left), float(logit_soft_cap),
-        out, lse, workspace, int(num_splits),
+        out, lse, workspace, int(num_splits), score,
     )
     return (out, lse) if want_lse else out
 
@@ -288,7 +324,7 @@ def _append_paged_kv_fake(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 @torch.library.register_fake("kvcore::gqa_decode")
 def _gqa_decode_fake(q, k_cache, v_cache, block_table, seq_lens, scale, window_left, logit_soft_cap, out, lse,
-                     workspace, num_splits) -> None:
+                     workspace, num_splits, score=None) -> None:
     torch._check(out.shape == q.shape, lambda: "out must have q's shape")
     return None
 
@@ -905,6 +941,12 @@ def compact_kv(
     sequence keeps the same number of tokens ``kept_lens[b]`` (the shape enforces it). A policy
     whose per-head budgets differ (AdaKV) pads each head up to the sequence's largest count
     with that head's next-best tokens, or refuses: see :mod:`kvcore.policies`.
+
+    On CUDA the rows of each head are moved in chunks by many CTAs at once (a chunk is read whole
+    before it is written, and waits only for the earlier chunks that still read its destinations),
+    all in one launch after a small zero-filled scratch allocation (tickets and flags, 4 bytes per
+    chunk). float32 caches are accepted on CUDA too (the kernel moves bytes). Sequences must not
+    share the pages a compaction writes (as on CPU, the result would depend on the order).
 
     Args:
         k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; modified in place.

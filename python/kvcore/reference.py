@@ -29,6 +29,7 @@ __all__ = [
     "dense_attention",
     "gather_paged",
     "gqa_decode",
+    "gqa_decode_score",
     "merge_attention_states",
 ]
 
@@ -262,6 +263,50 @@ def gqa_decode(
         out[b] = o.to(torch.float32)
         lse[b] = s.to(torch.float32)
     return out, lse
+
+
+def gqa_decode_score(
+    q: Tensor,
+    k_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float | None = None,
+    window_left: int = -1,
+    logit_soft_cap: float = 0.0,
+    score_len: int | None = None,
+) -> Tensor:
+    """What ``gqa_decode(..., score=score)`` adds to ``score`` (H2O accumulation, one step).
+
+    With the keys, logits and ``lse`` of :func:`gqa_decode` (window and soft cap included) and
+    ``G = Hq // Hkv``:
+
+        add[b, h, p] = sum_g exp(logits[b, h * G + g, p] - lse[b, h * G + g])   for attended p
+
+    and 0 for every other position ``p < score_len`` (default ``max_pages * page_size``).
+    Returns ``[B, Hkv, score_len]`` **float64**.
+    """
+    _check_dim(q, 3, "q", "[batch, num_q_heads, head_dim]")
+    batch, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, _ = k_cache.shape
+    group = _check_group(num_q_heads, num_kv_heads)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if score_len is None:
+        score_len = block_table.shape[1] * page_size
+    add = torch.zeros(batch, num_kv_heads, score_len, dtype=torch.float64, device=q.device)
+    for b, length in enumerate(int(x) for x in seq_lens.tolist()):
+        start = 0 if window_left < 0 else max(0, length - 1 - window_left)
+        if length <= start:
+            continue
+        positions = torch.arange(start, length, device=k_cache.device)
+        keys = gather_paged(k_cache, block_table[b], positions).to(torch.float64)  # [L, Hkv, D]
+        keys = keys.repeat_interleave(group, dim=1)  # [L, Hq, D]
+        logits = scale * torch.einsum("hd,lhd->hl", q[b].to(torch.float64), keys)  # [Hq, L]
+        if logit_soft_cap > 0:
+            logits = logit_soft_cap * torch.tanh(logits / logit_soft_cap)
+        prob = torch.softmax(logits, dim=-1).view(num_kv_heads, group, -1).sum(dim=1)
+        add[b, :, start:length] = prob
+    return add
 
 
 def merge_attention_states(

@@ -58,6 +58,13 @@ struct GqaDecodeParams {
   // exit, then the time each of the first trace_tiles tiles landed.
   unsigned long long* trace;  // [grid CTAs][4 + trace_tiles]
   int trace_tiles;
+  // H2O score accumulation (the SCORE kernels only; workspace scratch): every attended key's
+  // log2-domain logit per query head, at score_logits[(pair * group + g) * score_ld + (pos -
+  // window start)], and each head's final log2-sum-exp in score_lse2 [B * Hq]. The epilogue
+  // kernel (decode_score.cuh) turns them into probabilities once the split merge is done.
+  float* score_logits;
+  float* score_lse2;
+  int64_t score_ld;
 };
 
 #ifdef KVCORE_DECODE_TRACE
@@ -110,8 +117,12 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 
 // SPARSE = false: gqa_decode (a contiguous range of the sequence). SPARSE = true:
 // block_sparse_decode (the tokens of the pages listed for the pair, in list order).
-template <typename T, typename Cfg, bool SPARSE = false>
+// SCORE = true (gqa_decode with an H2O score buffer; not with SPARSE): also stores every attended
+// logit and each head's final log2-sum-exp for the epilogue kernel; with SCORE = false none of
+// that code exists, so plain decode compiles exactly as before.
+template <typename T, typename Cfg, bool SPARSE = false, bool SCORE = false>
 __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecodeParams p) {
+  static_assert(!(SPARSE && SCORE), "score accumulation is a gqa_decode feature");
   constexpr int D = Cfg::D, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
   constexpr int ROWS = Cfg::ROWS, WARPS = Cfg::WARPS;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -123,6 +134,13 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
 
   const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   KVCORE_TRACE(p, 0);
+  if constexpr (SCORE) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Let the epilogue grid launch as soon as every CTA of this one has started (programmatic
+    // dependent launch); it waits for this grid's completion before reading anything.
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  }
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = p.group;
 
@@ -198,6 +216,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     fetch_pages(0, pages);
   }
   end = min(SPARSE ? sel_count * p.page_size : seq_len, start + p.split_tokens);
+  // SCORE: position of the window's first key (the logits are stored relative to it).
+  [[maybe_unused]] const int score_base = SCORE ? start - split * p.split_tokens : 0;
   const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -266,6 +286,27 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
           ok = tok0 + nt * 8 + (i & 1) < end;
         s[nt][i] = ok ? x : -INFINITY;
       }
+    if constexpr (SCORE) {
+      // Store the attended logits of the group's heads (rows r0, r0 + 8 of the tile) for the
+      // epilogue. Positions relative to the window start are even here (split_tokens and
+      // the tile are multiples of 64, cpair is even) and score_ld is even: float2 is aligned.
+      const int64_t pair_row = (int64_t(b) * p.num_kv_heads + kvh) * group;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = r0 + 8 * r;
+        if (row < group) {
+          float* dst = p.score_logits + (pair_row + row) * p.score_ld;
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            const int pos = tok0 + nt * 8;
+            if (pos + 1 < end)
+              *reinterpret_cast<float2*>(dst + (pos - score_base)) = make_float2(s[nt][2 * r], s[nt][2 * r + 1]);
+            else if (pos < end)
+              dst[pos - score_base] = s[nt][2 * r];
+          }
+        }
+      }
+    }
     float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -361,6 +402,9 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       const int64_t qh = pair * group + h;
       *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + qh * D + c) = pack8<T>(acc);
       if (p.lse != nullptr && c == 0) p.lse[qh] = lse2 * kLn2;
+      if constexpr (SCORE) {
+        if (c == 0) p.score_lse2[qh] = lse2;
+      }
     } else {
       const int64_t slot = (pair * p.num_splits + split) * group + h;
       float4* dst = reinterpret_cast<float4*>(p.partial_out + slot * D + c);
@@ -407,6 +451,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     if (lane == 0) {
       wgt[h * (ns + 1) + ns] = sum;
       if (p.lse != nullptr) p.lse[pair * group + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
+      if constexpr (SCORE) p.score_lse2[pair * group + h] = sum == 0.f ? -INFINITY : base + log2f(sum);
     }
   }
   __syncthreads();

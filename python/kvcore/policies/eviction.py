@@ -134,7 +134,14 @@ def h2o_scores(q: Tensor, k_cache: Tensor, block_table: Tensor, seq_lens: Tensor
     """H2O's accumulated attention at the end of prefill: for each key, the sum over every query
     that sees it (all ``w = q.shape[1]`` last positions, normally the whole prompt) and over the
     query heads of the KV group of its softmax probability. ``[B, Hkv, max_pages * page_size]`` fp32.
-    During decode, add each step's probabilities (``attention_scores`` with ``w = 1``) to it."""
+
+    During decode, pass it to every step's attention as ``gqa_decode(..., score=scores)`` (or
+    ``PagedKVCache.decode(..., score=scores)``): the decode adds that step's probabilities, summed
+    over the group, in the same launch, at a few percent over plain decode. That equals adding
+    ``attention_scores`` with ``w = 1`` each step (tests/test_decode_score.py). The block table
+    must not grow past the buffer: allocate it for the largest ``max_pages`` the sequences will
+    use (``S >= max_pages * page_size``). After :func:`apply` compacts the cache, compact the
+    scores the same way (``scores.gather(2, kept)`` into the first ``kept_lens`` entries)."""
     return ops.attention_scores(q, k_cache, block_table, seq_lens, lse=lse, scale=scale, reduction="sum")
 
 

@@ -1,0 +1,95 @@
+// CUDA launcher of compact_kv: checks, the scratch of tickets and flags, and the launch. The
+// kernel (framework-free) is csrc/include/kvcore/compact_kv.cuh.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "kvcore/compact_kv.cuh"
+
+namespace kvcore {
+namespace {
+
+// Widest vector (16, 8, 4 or 2 bytes) that every row start of both caches is aligned to.
+int vector_bytes(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  const int64_t es = k_cache.element_size();
+  const uint64_t bits = reinterpret_cast<uintptr_t>(k_cache.data_ptr()) | reinterpret_cast<uintptr_t>(v_cache.data_ptr()) |
+                        uint64_t(k_cache.stride(0) * es) | uint64_t(v_cache.stride(0) * es) |
+                        uint64_t(k_cache.size(3) * es);
+  for (int w : {16, 8, 4}) {
+    if (bits % w == 0) return w;
+  }
+  return 2;
+}
+
+template <typename Vec>
+void launch(CompactKvParams& p, int64_t grid, cudaStream_t stream) {
+  p.units = int(p.head_bytes / int64_t(sizeof(Vec)));
+  compact_kv_kernel<Vec><<<dim3(unsigned(grid)), compact_detail::kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void compact_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& block_table, at::Tensor& seq_lens,
+                     const at::Tensor& kept, const at::Tensor& kept_lens) {
+  const CompactShape s = check_compact_kv(k_cache, v_cache, block_table, seq_lens, kept, kept_lens);
+  if (s.batch == 0) return;
+  TORCH_CHECK(s.batch < (int64_t(1) << 31) && s.num_kv_heads < (int64_t(1) << 31), "compact_kv (CUDA): block_table rows (",
+              s.batch, ") and k_cache num_kv_heads (", s.num_kv_heads, ") must be < 2^31");
+  TORCH_CHECK(s.num_pages < (int64_t(1) << 31), "compact_kv (CUDA): k_cache has too many pages (", s.num_pages, ")");
+  TORCH_CHECK(s.page_size < (int64_t(1) << 31) && s.max_pages < (int64_t(1) << 31),
+              "compact_kv (CUDA): block_table/k_cache sizes out of range");
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  CompactKvParams p{};
+  const int64_t es = k_cache.element_size();
+  p.k_cache = static_cast<char*>(k_cache.data_ptr());
+  p.v_cache = static_cast<char*>(v_cache.data_ptr());
+  p.k_page_stride = k_cache.stride(0) * es;
+  p.v_page_stride = v_cache.stride(0) * es;
+  p.row_stride = s.num_kv_heads * s.head_dim * es;
+  p.head_bytes = s.head_dim * es;
+  p.block_table = block_table.data_ptr<int>();
+  p.seq_lens = seq_lens.data_ptr<int>();
+  p.kept = kept.data_ptr<int64_t>();
+  p.kept_lens = kept_lens.data_ptr<int>();
+  p.batch = int(s.batch);
+  p.num_kv_heads = int(s.num_kv_heads);
+  p.page_size = int(s.page_size);
+  p.num_pages = int(s.num_pages);
+  p.max_pages = int(s.max_pages);
+  p.max_kept = s.max_kept;
+  // No page at all: nothing can be kept (the same clamped rule as the CPU kernel).
+  p.capacity = s.num_pages == 0 ? 0 : s.max_pages * s.page_size;
+
+  const int vb = vector_bytes(k_cache, v_cache);
+  // Rows per chunk: what 256 threads x 64 bytes hold of one tensor, at most one row per thread.
+  const int64_t chunk_bytes = int64_t(compact_detail::kThreads) * compact_detail::kBytesPerThread;
+  TORCH_CHECK(p.head_bytes <= chunk_bytes, "compact_kv (CUDA): k_cache head_dim x element size (", p.head_bytes,
+              " bytes) must be at most ", chunk_bytes, " bytes");
+  const bool nothing = p.capacity == 0 || s.num_kv_heads == 0 || p.head_bytes == 0 || s.max_kept == 0;
+  p.chunk_rows = nothing ? 1 : int(std::min<int64_t>(compact_detail::kThreads, chunk_bytes / p.head_bytes));
+  // Rows past the capacity are never kept, so chunks are counted over min(max_kept, capacity).
+  const int64_t rows = nothing ? 0 : std::min(s.max_kept, p.capacity);
+  p.chunks = (rows + p.chunk_rows - 1) / p.chunk_rows;
+  p.tickets = s.batch * s.num_kv_heads * p.chunks;
+  TORCH_CHECK(p.tickets < (int64_t(1) << 31) - 1, "compact_kv (CUDA): too many chunks (", p.tickets,
+              ": batch x num_kv_heads x ceil(max_kept / ", p.chunk_rows, ")); must be < 2^31 - 1");
+  // Ticket counter, arrival counter, one read-done flag per chunk; zeroed on this stream.
+  at::Tensor scratch = at::zeros({2 + p.tickets}, k_cache.options().dtype(at::kInt));
+  p.scratch = reinterpret_cast<unsigned*>(scratch.data_ptr<int>());
+  // At least one CTA, so the lengths are written even when nothing moves.
+  const int64_t grid = std::max<int64_t>(1, p.tickets);
+  switch (vb) {
+    case 16: return launch<uint4>(p, grid, stream);
+    case 8: return launch<uint2>(p, grid, stream);
+    case 4: return launch<unsigned>(p, grid, stream);
+    default: return launch<unsigned short>(p, grid, stream);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kvcore, CUDA, m) { m.impl("compact_kv", &compact_kv_cuda); }
+
+}  // namespace kvcore

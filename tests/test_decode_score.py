@@ -1,0 +1,302 @@
+"""gqa_decode's optional H2O score accumulation (``score=``) against kvcore.reference.gqa_decode_score,
+on CPU and CUDA: shapes, windows, soft caps, forced splits, accumulation over calls, out/lse unchanged,
+bad input, opcheck, and an H2O decode loop that keeps the same tokens as the CPU path.
+
+The score buffer starts from random values (never zeros), so only the attended keys may change and
+each by the step's summed probabilities; positions past each sequence (or before its window) must
+stay bit-for-bit what they were.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvcore
+from conftest import HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn
+from kvcore import policies, reference
+
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+# Tolerance on each step's increment (probabilities O(1/L)..1 summed over G heads): the logits come
+# from bf16/fp16 data converted exactly, so the error is the fp32 dot product's, the exp's and the
+# lse's (a logit error d is a relative probability error d). A soft cap goes through tanhf, whose
+# error the plain decode tests bound by lse within 1e-3.
+SCORE_TOL = dict(atol=1e-5, rtol=2e-3)
+CAP_SCORE_TOL = dict(atol=1e-5, rtol=1e-2)
+
+
+def _device_dtypes():
+    cpu = [pytest.param("cpu", dt, id=f"cpu-{str(dt)[6:]}") for dt in (torch.float32, torch.bfloat16)]
+    cuda = [pytest.param("cuda", dt, id=f"cuda-{str(dt)[6:]}", marks=cuda_only) for dt in (torch.bfloat16, torch.float16)]
+    return cpu + cuda
+
+
+def _score_buffer(batch, hkv, length, gen, device):
+    return (randn(batch, hkv, length, gen=gen, device=device).abs() + 0.5).contiguous()
+
+
+def _check_step(before, after, lens, add, window_left=-1, tol=SCORE_TOL):
+    """after == before + add on the attended keys, bit-identical elsewhere."""
+    assert not torch.isnan(after).any()
+    torch.testing.assert_close((after.double() - before.double()).cpu(), add.cpu(), **tol)
+    for b, n in enumerate(lens):
+        start = 0 if window_left < 0 else max(0, n - 1 - window_left)
+        assert torch.equal(after[b, :, :start], before[b, :, :start])
+        assert torch.equal(after[b, :, n:], before[b, :, n:])
+
+
+# (batch, Hq, Hkv, D, page_size, max_len, window_left, soft_cap)
+CASES = [
+    (4, 8, 8, 64, 16, 300, -1, 0.0),     # G1
+    (5, 16, 4, 128, 16, 700, -1, 0.0),   # G4
+    (3, 32, 4, 64, 64, 1000, -1, 0.0),   # G8
+    (4, 16, 4, 128, 64, 500, 100, 0.0),  # sliding window
+    (3, 8, 2, 128, 16, 400, -1, 30.0),   # soft cap
+    (2, 16, 2, 64, 16, 260, 37, 20.0),   # both
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}Hq{c[1]}Hkv{c[2]}D{c[3]}ps{c[4]}w{c[6]}cap{int(c[7])}")
+@pytest.mark.parametrize("device,dtype", _device_dtypes())
+def test_gqa_decode_score_matches_reference(device, dtype, case, gen):
+    batch, hq, hkv, d, ps, max_len, window_left, cap = case
+    lens = ragged_lens(batch, max_len, ps, gen)  # includes 0 and 1
+    kv = make_paged_kv(lens, ps, hkv, d, gen=gen, dtype=dtype, device=device)
+    q = randn(batch, hq, d, gen=gen, dtype=dtype, device=device)
+    cap_len = kv.block_table.shape[1] * ps
+    score = _score_buffer(batch, hkv, cap_len + 5, gen, device)
+    before = score.clone()
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(batch, hq, dtype=torch.float32, device=device))
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, window_left=window_left,
+                      logit_soft_cap=cap, out=out, lse=lse, score=score)
+    add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, window_left=window_left,
+                                     logit_soft_cap=cap, score_len=cap_len + 5)
+    _check_step(before, score, lens, add, window_left, CAP_SCORE_TOL if cap > 0 else SCORE_TOL)
+    # Each attending head's probabilities sum to 1, so a group adds G per non-empty sequence.
+    for b, n in enumerate(lens):
+        if n > 0:
+            torch.testing.assert_close((score[b] - before[b]).double().sum(-1).cpu(),
+                                       torch.full((hkv,), float(hq // hkv), dtype=torch.float64), atol=1e-3, rtol=1e-4)
+    # out and lse are the plain decode's.
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                            window_left=window_left, logit_soft_cap=cap)
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4, 0])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_splits_cuda(device, dtype, group, num_splits, gen):
+    """Forced 1 and 4 splits (and automatic): score right, out/lse bitwise those of plain decode."""
+    hkv, d, ps = 2, 128, 16
+    lens = ragged_lens(5, 3000, ps, gen)
+    kv = make_paged_kv(lens, ps, hkv, d, gen=gen, dtype=dtype, device=device)
+    q = randn(5, hkv * group, d, gen=gen, dtype=dtype, device=device)
+    score = _score_buffer(5, hkv, kv.block_table.shape[1] * ps, gen, device)
+    before = score.clone()
+    out, lse = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, return_lse=True,
+                                 num_splits=num_splits, score=score)
+    plain_out, plain_lse = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                             return_lse=True, num_splits=num_splits)
+    if num_splits > 0:  # the same split, the same code for out/lse: bitwise equal
+        assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    else:
+        torch.testing.assert_close(out, plain_out, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(lse, plain_lse, **LSE_TOL)
+    add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, score_len=score.shape[2])
+    _check_step(before, score, lens, add)
+
+
+@pytest.mark.parametrize("device,dtype", _device_dtypes())
+def test_gqa_decode_score_accumulates_over_calls(device, dtype, gen):
+    lens = [130, 0, 47]
+    kv = make_paged_kv(lens, 16, 2, 64, gen=gen, dtype=dtype, device=device)
+    score = _score_buffer(3, 2, kv.block_table.shape[1] * 16, gen, device)
+    before = score.clone()
+    total = torch.zeros(score.shape, dtype=torch.float64)
+    for _ in range(2):
+        q = randn(3, 8, 64, gen=gen, dtype=dtype, device=device)
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, score=score)
+        total += reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, score_len=score.shape[2]).cpu()
+    _check_step(before, score, lens, total)
+
+
+def test_gqa_decode_score_cpu_matches_attention_scores(gen):
+    """On CPU the decode-time score equals attention_scores with a one-query window (H2O's rule)."""
+    lens = [90, 33, 1]
+    kv = make_paged_kv(lens, 8, 2, 64, gen=gen)
+    q = randn(3, 8, 64, gen=gen)
+    score = torch.zeros(3, 2, kv.block_table.shape[1] * 8)
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, score=score)
+    ref = kvcore.attention_scores(q.unsqueeze(1), kv.k_cache, kv.block_table, kv.seq_lens, max_len=score.shape[2])
+    torch.testing.assert_close(score, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_nan_q_stays_in_its_group(device, gen):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lens = [40, 40]
+    kv = make_paged_kv(lens, 8, 2, 64, gen=gen, dtype=dtype, device=device)
+    q = randn(2, 4, 64, gen=gen, dtype=dtype, device=device)
+    q[0, 1] = math.nan  # KV group 0 of sequence 0
+    score = _score_buffer(2, 2, kv.block_table.shape[1] * 8, gen, device)
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, score=score)
+    assert bool(torch.isnan(score[0, 0, :40]).all())
+    assert not torch.isnan(score[0, 1]).any() and not torch.isnan(score[1]).any()
+    assert not torch.isnan(score[0, 0, 40:]).any()
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def _bad_score_cases(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    cases = [
+        ("dtype", lambda s: s.double(), r"score must have dtype"),
+        ("rank", lambda s: s[0], r"score must have shape"),
+        ("heads", lambda s: s[:, :1].contiguous(), r"score must have shape"),
+        ("batch", lambda s: s[:1].contiguous(), r"score must have shape"),
+        ("too_short", lambda s: s[..., :-1].contiguous(), r"score must have shape"),
+        ("not_contiguous", lambda s: torch.cat([s, s], -1)[..., ::2], r"score must be contiguous"),
+    ]
+    if device == "cuda":
+        cases.append(("other_device", lambda s: s.cpu(), r"score must be on the same device"))
+    return dtype, cases
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_bad_input(device, gen):
+    dtype, cases = _bad_score_cases(device)
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen, dtype=dtype, device=device)
+    q = randn(2, 4, 64, gen=gen, dtype=dtype, device=device)
+    good = torch.zeros(2, 2, kv.block_table.shape[1] * 8, device=device)
+    for name, mutate, match in cases:
+        bad = mutate(good.clone())
+        before = bad.clone()
+        out = poison(torch.empty_like(q))
+        with pytest.raises(RuntimeError, match=match):
+            kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, score=bad)
+        assert bool(torch.isnan(out).all()), f"{name}: out written by a failed call"
+        assert torch.equal(bad.cpu().nan_to_num(), before.cpu().nan_to_num()), f"{name}: score written by a failed call"
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_small_workspace_cuda(device, gen):
+    kv = make_paged_kv([200, 7], 16, 2, 64, gen=gen, dtype=torch.bfloat16, device=device)
+    q = randn(2, 4, 64, gen=gen, dtype=torch.bfloat16, device=device)
+    score = torch.zeros(2, 2, kv.block_table.shape[1] * 16, device=device)
+    small = torch.zeros(1 << 20, dtype=torch.uint8, device=device)  # the counters only
+    with pytest.raises(RuntimeError, match=r"score accumulation needs a workspace"):
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, workspace=small, score=score)
+    need = kvcore.ops.decode_score_workspace_bytes(2, 4, kv.block_table.shape[1], 16)
+    ws = torch.zeros(need, dtype=torch.uint8, device=device)
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, workspace=ws, score=score)
+    add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, score_len=score.shape[2])
+    torch.testing.assert_close(score.double().cpu(), add.cpu(), **SCORE_TOL)  # started from zeros
+
+
+# ---- opcheck -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_opcheck_gqa_decode_score(device, gen):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    kv = make_paged_kv([5, 0, 19], 8, 2, 64, gen=gen, dtype=dtype, device=device)
+    q = randn(3, 4, 64, gen=gen, dtype=dtype, device=device)
+    out = torch.empty_like(q)
+    lse = torch.empty(3, 4, dtype=torch.float32, device=device)
+    score = torch.zeros(3, 2, kv.block_table.shape[1] * 8, device=device)
+    workspace = None
+    if device == "cuda":
+        workspace = torch.zeros(kvcore.ops.decode_score_workspace_bytes(3, 4, kv.block_table.shape[1], 8),
+                                dtype=torch.uint8, device=device)
+    for window_left, cap, num_splits in [(-1, 0.0, 0), (7, 30.0, 2)]:
+        args = (q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, 0.125, window_left, cap, out, lse,
+                workspace, num_splits, score)
+        torch.library.opcheck(torch.ops.kvcore.gqa_decode.default, args, test_utils=OPCHECK_UTILS)
+
+
+# ---- an H2O decode loop ------------------------------------------------------------------------
+
+
+def _h2o_loop(device, dtype, gen_seed, steps=6, budget=48):
+    """Prefill scores (attention_scores), then decode steps that append a token and accumulate
+    through gqa_decode(score=...), then one H2O selection. Returns (kept, kept_lens, scores)."""
+    g = torch.Generator()
+    g.manual_seed(gen_seed)
+    lens = [150, 97]
+    hq, hkv, d, ps = 8, 2, 64, 16
+    kv = make_paged_kv(lens, ps, hkv, d, gen=g, dtype=dtype, device=device, extra_table_cols=2)
+    cap_len = kv.block_table.shape[1] * ps
+    q_prefill = randn(2, 4, hq, d, gen=g, dtype=dtype, device=device)
+    # Prefill scores on the CPU (the same for both paths; attention_scores' CUDA kernel is not
+    # what this test is about), then kept on the device.
+    scores = policies.h2o_scores(q_prefill.cpu(), kv.k_cache.cpu(), kv.block_table.cpu(), kv.seq_lens.cpu()).to(device)
+    assert scores.shape[2] == cap_len
+    seq_lens = kv.seq_lens.clone()
+    for _ in range(steps):
+        k_new = randn(2, hkv, d, gen=g, dtype=dtype, device=device)
+        v_new = randn(2, hkv, d, gen=g, dtype=dtype, device=device)
+        q = randn(2, hq, d, gen=g, dtype=dtype, device=device)
+        pos = seq_lens.long()
+        slots = kv.block_table.long().gather(1, (pos // ps).view(-1, 1)).view(-1) * ps + pos % ps
+        kvcore.append_paged_kv(k_new, v_new, kv.k_cache, kv.v_cache, slots)
+        seq_lens += 1
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, seq_lens, score=scores)
+    kept, kept_lens = policies.h2o(scores, seq_lens, budget)
+    return kept, kept_lens, scores, seq_lens
+
+
+def _assert_same_selection(sel_a, sel_b, scores_ref, lens, tol):
+    """Same kept sets, except swaps between keys whose reference scores are within tol (ties)."""
+    (ka, la), (kb, lb) = sel_a, sel_b
+    assert torch.equal(la.cpu(), lb.cpu())
+    for b, n in enumerate(lens):
+        m = int(la[b])
+        for h in range(ka.shape[1]):
+            a = set(ka[b, h, :m].tolist())
+            c = set(kb[b, h, :m].tolist())
+            diff = a ^ c
+            if diff:
+                s = scores_ref[b, h].double().cpu()
+                vals = sorted(float(s[p]) for p in diff)
+                assert vals[-1] - vals[0] <= tol, f"sequence {b} head {h}: different kept tokens {sorted(diff)}"
+
+
+def test_h2o_decode_loop_cpu_matches_attention_scores_accumulation():
+    """CPU: accumulating through gqa_decode(score=) keeps the same tokens as accumulating each step
+    with attention_scores (the policy's documented decode rule)."""
+    kept, kept_lens, scores, seq_lens = _h2o_loop("cpu", torch.float32, 7)
+    # The same loop with attention_scores(w=1) accumulation.
+    g = torch.Generator()
+    g.manual_seed(7)
+    lens = [150, 97]
+    hq, hkv, d, ps = 8, 2, 64, 16
+    kv = make_paged_kv(lens, ps, hkv, d, gen=g, extra_table_cols=2)
+    q_prefill = randn(2, 4, hq, d, gen=g)
+    ref = policies.h2o_scores(q_prefill, kv.k_cache, kv.block_table, kv.seq_lens)
+    sl = kv.seq_lens.clone()
+    for _ in range(6):
+        k_new, v_new, q = randn(2, hkv, d, gen=g), randn(2, hkv, d, gen=g), randn(2, hq, d, gen=g)
+        pos = sl.long()
+        slots = kv.block_table.long().gather(1, (pos // ps).view(-1, 1)).view(-1) * ps + pos % ps
+        kvcore.append_paged_kv(k_new, v_new, kv.k_cache, kv.v_cache, slots)
+        sl += 1
+        ref += kvcore.attention_scores(q.unsqueeze(1), kv.k_cache, kv.block_table, sl, max_len=ref.shape[2])
+    torch.testing.assert_close(scores, ref, atol=1e-5, rtol=1e-5)
+    _assert_same_selection((kept, kept_lens), policies.h2o(ref, sl, 48), ref, sl.tolist(), 1e-5)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_h2o_decode_loop_cuda_matches_cpu(device):
+    """bf16 on CUDA vs bf16 on CPU, same seeded inputs: the same tokens kept (up to near-ties)."""
+    cuda = _h2o_loop("cuda", torch.bfloat16, 11)
+    cpu = _h2o_loop("cpu", torch.bfloat16, 11)
+    torch.testing.assert_close(cuda[2].cpu(), cpu[2], atol=1e-4, rtol=1e-3)
+    _assert_same_selection(cuda[:2], cpu[:2], cpu[2], cpu[3].tolist(), 2e-4)
