@@ -77,6 +77,11 @@ OP_FILES="tests/test_ops.py tests/test_decode_workspace.py tests/test_nan.py"
 # block_sparse_decode (the SPARSE form of the decode kernel) and token_decoder_attention.
 BLOCK_FILES="tests/test_block_sparse.py tests/test_block_transformer.py"
 BLOCK_KSEL="block_sparse_decode_matches_reference or group_sizes or partial_last_page or junk_past_counts or empty_selections or forced_splits_are_deterministic or token_decoder_attention_matches_reference or bad_lens_without_validation"
+# The ops of session 4: mla_decode, mla_latent_project, attention_scores, compact_kv, gqa_decode's
+# H2O score epilogue, infllm_unit_scores and topk_rows (and the InfLLM step that chains them).
+NEW_FILES="tests/test_mla.py tests/test_eviction.py tests/test_decode_score.py tests/test_retrieval.py"
+NEW_RACE="(mla_decode_cuda_grid and (bf16-H16-ps64-B3 or bf16-H128-ps64-B3 or bf16-H22-ps16-B3)) or (mla_decode_cuda_forced_splits and bf16) or (latent_project_cuda_grid and bf16 and inter and (T1-d256 or T16-d256 or T300-d256)) or (attention_scores_cuda_grid and bf16) or (compact_kv_cuda_patterns and bf16-128-16) or (score_splits_cuda and bf16) or (unit_scores_op_matches_reference and bf16) or topk_rows_matches_reference_exactly or fused_and_split_steps"
+NEW_INIT="mla_decode_cuda_grid or mla_decode_cuda_forced_splits or mla_decode_cuda_page_sizes or latent_project_cuda_grid or back_to_back or attention_scores_cuda_grid or compact_kv_cuda_patterns or score_splits_cuda or score_matches_reference or unit_scores_op_matches_reference or topk_rows or steps_equal_full_attention"
 declare -A FILES KSEL FILTER NOCACHE
 FILES[memcheck]="$OP_FILES tests/test_determinism.py tests/test_cache.py $BLOCK_FILES"
 KSEL[memcheck]=""
@@ -94,6 +99,27 @@ FILES[synccheck]="$OP_FILES $BLOCK_FILES"
 KSEL[synccheck]="matches_reference or forced_splits or auto_split or workspace_reused or nan or $BLOCK_KSEL"
 FILTER[synccheck]="--kernel-name kns=kvcore"
 NOCACHE[synccheck]=0
+# KVCORE_SANITIZE_SCOPE: "all" (default) runs the selections above plus the new ops' tests; "new"
+# runs only the new ops' tests (when the older kernels are unchanged since their committed logs).
+scope=${KVCORE_SANITIZE_SCOPE:-all}
+case "$scope" in
+  all)
+    FILES[memcheck]+=" $NEW_FILES"
+    for t in racecheck initcheck synccheck; do FILES[$t]+=" $NEW_FILES"; done
+    KSEL[racecheck]="${KSEL[racecheck]} or (cuda and ($NEW_RACE))"
+    KSEL[initcheck]="${KSEL[initcheck]} or (cuda and ($NEW_INIT))"
+    KSEL[synccheck]="${KSEL[synccheck]} or (cuda and ($NEW_INIT))"
+    ;;
+  new)
+    for t in memcheck racecheck initcheck synccheck; do FILES[$t]="$NEW_FILES"; done
+    KSEL[memcheck]=""
+    KSEL[racecheck]="$NEW_RACE"
+    KSEL[initcheck]="$NEW_INIT"
+    KSEL[synccheck]="$NEW_INIT"
+    ;;
+  *) echo "KVCORE_SANITIZE_SCOPE must be all or new, got $scope" >&2; exit 2 ;;
+esac
+echo "scope: $scope" > "$out/scope.txt"
 
 # Reads one tool's logs and prints its summary row; exit status 1 when the tool's verdict is FAIL.
 summarise() {
