@@ -498,8 +498,10 @@ def _bad_devices(op: str) -> list:
 
 def _score_args(device: str, gen) -> SimpleNamespace:
     # Sequence 0 uses 3 pages of 8 (20 tokens), sequence 1 one page; table capacity 4 x 8 = 32.
-    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen, device=device)
-    return SimpleNamespace(q=randn(2, 4, 4, 64, gen=gen, device=device), k_cache=kv.k_cache,
+    # CUDA takes bf16/fp16 only: its dtype check would otherwise answer every other case first.
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    kv = make_paged_kv([20, 7], 8, 2, 64, gen=gen, dtype=dtype, device=device)
+    return SimpleNamespace(q=randn(2, 4, 4, 64, gen=gen, dtype=dtype, device=device), k_cache=kv.k_cache,
                            block_table=kv.block_table, seq_lens=kv.seq_lens.clone(),
                            out=poison(torch.empty(2, 2, 24, device=device)), kw={})
 

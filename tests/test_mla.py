@@ -464,7 +464,7 @@ BAD_PROJECT = [
     BadCase("slots_other_device", _set("slots", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"slot_mapping must be on the same device", cuda_only=True),
     # Limits of the CUDA kernel (16-byte rows, 16-byte loads and stores); the CPU kernel takes these.
-    BadCase("fp32_on_cuda", lambda a, d: _all_fp32(a, d), RuntimeError, r"take bfloat16 or float16", cuda_only=True,
+    BadCase("fp32_on_cuda", lambda a, d: _all_fp32(a, d), RuntimeError, r"hidden must be bfloat16 or float16 on CUDA", cuda_only=True,
             kernel_limit=True),
     BadCase("cache_misaligned", _set("cache", lambda t, a, d: _misaligned_cache(a, d)), RuntimeError,
             r"latent_cache must start on a 16-byte boundary", cuda_only=True, kernel_limit=True),

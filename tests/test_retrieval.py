@@ -15,7 +15,8 @@ from kvcore import retrieval as R
 # Small geometry: sinks that end mid-page (n_init 5 < block 8), units of 8 tokens, a 16-token
 # window, execution blocks of 12 (not a multiple of the block).
 GEOM = dict(block_size=8, n_init=5, n_local=16, exc_block_size=12, repr_topk=3)
-B, HQ, HKV, D = 2, 4, 2, 16
+# D = 64: the CUDA decode kernels take head dims 64, 128 and 256.
+B, HQ, HKV, D = 2, 4, 2, 64
 
 
 def _tol(dtype):

@@ -39,6 +39,8 @@ def _model(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32, l
     torch.manual_seed(1234)
     config = _config(arch)
     config.num_hidden_layers = layers
+    if torch.device(device).type == "cuda":
+        config.head_dim = 64  # the CUDA decode kernels take head dims 64, 128 and 256 (hidden 64 / 4 heads is 16)
     model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                  "qwen2": transformers.Qwen2ForCausalLM}[arch]
     return model_cls(config).to(device=device, dtype=dtype).eval()

@@ -583,8 +583,10 @@ class InfLLMCache:
             of = (ring % bs).view(1, -1).expand_as(ph)
             self.local_k[ph, of] = k[:, n_sink:].to(self.dtype)
             self.local_v[ph, of] = v[:, n_sink:].to(self.dtype)
-            self._acc[:, ring] = 0.0
-            self._acc_n[ring] = 0.0
+            # index_fill_, not `x[:, ring] = 0.0`: assigning a Python scalar through a tensor
+            # index copies it from the host and synchronises.
+            self._acc.index_fill_(1, ring, 0.0)
+            self._acc_n.index_fill_(0, ring, 0.0)
         self.length += t
 
     def _form_units(self) -> None:
