@@ -485,11 +485,19 @@ def test_opcheck_retrieval_ops(device, gen):
     keys = randn(2, 30, 2, 64, gen=gen, dtype=dt, device=device)
     for out in (torch.empty(2, 30, device=device), torch.empty(2, 2, 30, device=device)):
         torch.library.opcheck(torch.ops.kvcore.infllm_unit_scores.default, (q, keys, out), test_utils=_OPCHECK_UTILS)
+    # a float32 query (a chunk's mean) with the cache's keys, sliced to the live units (batch-strided)
+    qf = randn(2, 8, 64, gen=gen, device=device)
+    torch.library.opcheck(torch.ops.kvcore.infllm_unit_scores.default,
+                          (qf, keys[:, :17], torch.empty(2, 2, 17, device=device)), test_utils=_OPCHECK_UTILS)
     scores = randn(3, 100, gen=gen, device=device)
     for idt in (torch.int32, torch.int64):
         values, indices = torch.empty(3, 7, device=device), torch.empty(3, 7, dtype=idt, device=device)
         torch.library.opcheck(torch.ops.kvcore.topk_rows.default, (scores, values, indices),
                               test_utils=_OPCHECK_UTILS)
+    # row-strided scores with fewer units than k (the padded slots are written too)
+    values, indices = torch.empty(3, 7, device=device), torch.empty(3, 7, dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.kvcore.topk_rows.default, (scores[:, :5], values, indices),
+                          test_utils=_OPCHECK_UTILS)
 
 
 @pytest.mark.parametrize("n_init", [8, 5])
