@@ -37,9 +37,9 @@ token_decoder_attention
       rows. Later tokens, tokens past ``block_lens`` and other blocks never leak. Stated in full
       above its tests below.
 
-mla_decode, mla_latent_project, attention_scores, compact_kv
-    * Stated in full above their tests at the end of this file (CPU; their CUDA cases run once
-      each op's CUDA kernel is registered).
+mla_decode, mla_latent_project, attention_scores, compact_kv, infllm_unit_scores, topk_rows
+    * Stated in full above their tests at the end of this file (CPU and CUDA; the CUDA cases skip
+      where an op's CUDA kernel is not built).
 """
 
 from __future__ import annotations
