@@ -1,7 +1,8 @@
 """docs/bad_input.md lists exactly the bad-input cases the op tests check, op by op (tests/test_ops.py,
 tests/test_block_transformer.py for token_decoder_attention, tests/test_block_sparse.py for
 block_sparse_decode, tests/test_mla.py for the MLA ops, tests/test_eviction.py for attention_scores
-and compact_kv), and its matrix (op x kind of bad input) has a test in every cell."""
+and compact_kv, tests/test_retrieval.py for infllm_unit_scores and topk_rows), and its matrix (op x kind
+of bad input) has a test in every cell."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from test_block_transformer import BAD_TOKEN_DECODER
 from test_eviction import BAD_COMPACT, BAD_SCORES
 from test_mla import BAD_MLA_DECODE, BAD_PROJECT
 from test_ops import BAD_APPEND, BAD_DECODE, BAD_MERGE
+from test_retrieval import BAD_TOPK, BAD_UNIT_SCORES
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "bad_input.md"
 CASES = {
@@ -26,6 +28,8 @@ CASES = {
     "mla_decode": BAD_MLA_DECODE,
     "attention_scores": BAD_SCORES,
     "compact_kv": BAD_COMPACT,
+    "infllm_unit_scores": BAD_UNIT_SCORES,
+    "topk_rows": BAD_TOPK,
 }
 # The kinds of bad input every op is checked against (issue 8); "other" holds the rest.
 KINDS = ["dtype", "device", "rank", "shape mismatch", "non-contiguous", "out-of-range page index",

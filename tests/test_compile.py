@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) of a decode step (append + gqa_decode) that uses kvcore's ops.
+"""torch.compile(fullgraph=True) of a decode step (append + gqa_decode) that uses kvcore's ops, and of
+InfLLM's retrieval step (infllm_unit_scores + topk_rows).
 
 fullgraph=True fails on any graph break, so this checks that the wrappers trace (validation is
 skipped under compile) and that the ops' schemas and fakes let the compiler handle the
@@ -43,3 +44,24 @@ def test_decode_step_compiles_fullgraph(device, gen):
     torch.testing.assert_close(result / 2.0, ref_out, **tol)
     torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
     assert torch.equal(kv.k_cache[pages[0], last[0] % 16].cpu(), k_new[0].cpu())
+
+
+def _retrieve(q, repr_keys, k, per_kv_head):
+    scores = kvcore.infllm_unit_scores(q, repr_keys, per_kv_head=per_kv_head)  # allocates its output
+    values, indices = kvcore.topk_rows(scores.reshape(-1, scores.shape[-1]), k)
+    return values * 1.0, indices  # something after the op, so the compiled graph reads its result
+
+
+def test_retrieval_step_compiles_fullgraph(device, gen):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = randn(2, 8, 64, gen=gen, dtype=dtype, device=device)
+    keys = randn(2, 40, 2, 64, gen=gen, dtype=dtype, device=device)[:, :37]  # the live units of a larger buffer
+    torch._dynamo.reset()
+    compiled = torch.compile(_retrieve, fullgraph=True)
+    for per_kv_head in (False, True):
+        values, indices = compiled(q, keys, 5, per_kv_head)
+        want_v, want_i = _retrieve(q, keys, 5, per_kv_head)  # eager: the same kernels, so exactly equal
+        assert torch.equal(indices, want_i) and torch.equal(values, want_v)
+        ref_v, _ = reference.topk_rows(reference.infllm_unit_scores(q, keys, per_kv_head=per_kv_head)
+                                       .reshape(-1, 37).float(), 5)
+        torch.testing.assert_close(values.cpu(), ref_v.cpu(), atol=1e-3, rtol=1e-4)

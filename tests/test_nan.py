@@ -37,9 +37,9 @@ token_decoder_attention
       rows. Later tokens, tokens past ``block_lens`` and other blocks never leak. Stated in full
       above its tests below.
 
-mla_decode, mla_latent_project, attention_scores, compact_kv
-    * Stated in full above their tests at the end of this file (CPU; their CUDA cases run once
-      each op's CUDA kernel is registered).
+mla_decode, mla_latent_project, attention_scores, compact_kv, infllm_unit_scores, topk_rows
+    * Stated in full above their tests at the end of this file (CPU and CUDA; the CUDA cases skip
+      where an op's CUDA kernel is not built).
 """
 
 from __future__ import annotations
@@ -806,3 +806,56 @@ def test_compact_kv_moves_nan_as_data(device, dtype, gen):
         assert bool(torch.isnan(kv.k_cache[page, off, h, d])) and bool(torch.isnan(kv.v_cache[page, off, h, 15 - d]))
     # ...and no NaN was invented: at most the moved copies are added to the ones left in place.
     assert int(torch.isnan(kv.k_cache).sum()) <= nan_before + 3
+
+
+# ---- infllm_unit_scores, topk_rows ------------------------------------------------------------
+# infllm_unit_scores: a NaN in q[b, hq] makes every unit's score of KV head hq // G of sequence b
+# NaN (the group's query sum is NaN) and so, summed over heads, every score of sequence b; a NaN in
+# repr_keys[b, u, h] makes s[b, h, u] (and the summed score[b, u]) NaN and nothing else: not the
+# next unit (which may share a warp on CUDA), not the unit's other KV heads, not other sequences.
+# topk_rows: NaN ranks below every number, -inf included, so a NaN column is returned only once
+# every non-NaN column of its row is, and NaN columns among themselves by ascending column.
+
+
+def _retrieval_params():
+    cpu = [pytest.param("cpu", dt, id=f"cpu-{_DTYPE_IDS[dt]}") for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    return cpu + [pytest.param("cuda", dt, marks=_kernel_marks("infllm_unit_scores"), id=f"cuda-{_DTYPE_IDS[dt]}")
+                  for dt in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True], ids=["summed", "per_kv_head"])
+@pytest.mark.parametrize("device, dtype", _retrieval_params())
+def test_infllm_unit_scores_nan_stays_in_its_group_and_unit(device, dtype, per_kv_head, gen):
+    # Hkv 3 x D 32 = 12 vectors a unit: on CUDA two units share a warp (16-lane groups).
+    b_, hq, hkv, d, units = 3, 6, 3, 32, 12
+    q = randn(b_, hq, d, gen=gen, dtype=dtype, device=device)
+    keys = randn(b_, units, hkv, d, gen=gen, dtype=dtype, device=device)
+    q[0, 1, 5] = math.nan  # sequence 0, KV head 0 (query heads 0, 1)
+    keys[1, 4, 2, 7] = math.nan  # sequence 1, unit 4, KV head 2
+    keys[2, 11, 0, :] = math.nan  # sequence 2, its last unit, KV head 0
+    nan = torch.zeros(b_, hkv, units, dtype=torch.bool)
+    nan[0, 0, :] = nan[1, 2, 4] = nan[2, 0, 11] = True
+    if not per_kv_head:
+        nan = nan.any(dim=1)
+    out = poison(torch.empty(tuple(nan.shape), device=device))
+    kvcore.infllm_unit_scores(q, keys, per_kv_head=per_kv_head, out=out)
+    ref = reference.infllm_unit_scores(q, keys, per_kv_head=per_kv_head)
+    assert torch.equal(torch.isnan(out).cpu(), nan)
+    assert torch.equal(torch.isnan(ref).cpu(), nan)  # the definition agrees
+    torch.testing.assert_close(out.double()[~nan.to(device)], ref[~nan.to(ref.device)].to(device), atol=1e-3,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_kernel_marks("topk_rows"))])
+def test_topk_rows_ranks_nan_below_every_number(device):
+    nan, inf = math.nan, math.inf
+    scores = torch.tensor([
+        [nan, 0.5, -inf, nan, 2.0, -inf, nan, -1.0, nan, nan],  # 3 numbers, 2 x -inf, 5 NaN
+        [nan] * 10,  # all NaN: the first k columns, values NaN
+        [1.0, nan, 1.0, inf, nan, -0.0, 0.0, nan, 3.0, -inf],
+    ], device=device)
+    values, indices = kvcore.topk_rows(scores, 8, values=poison(torch.empty(3, 8, device=device)))
+    want_i = torch.tensor([[4, 1, 7, 2, 5, 0, 3, 6], [0, 1, 2, 3, 4, 5, 6, 7], [3, 8, 0, 2, 5, 6, 9, 1]])
+    assert torch.equal(indices.cpu(), want_i)
+    assert torch.equal(indices.cpu(), reference.topk_rows(scores, 8)[1])
+    torch.testing.assert_close(values.cpu(), scores.cpu().gather(1, want_i), atol=0, rtol=0, equal_nan=True)

@@ -466,6 +466,15 @@ def _decode_args(device: str, gen) -> SimpleNamespace:
     )
 
 
+def _score(fn) -> Mutator:
+    """Pass ``score=fn(a good score buffer)``: zeros ``[B, Hkv, max_pages * page_size]`` float32."""
+    def mutate(a: SimpleNamespace, device: str) -> None:
+        shape = (a.q.shape[0], a.k_cache.shape[2], a.block_table.shape[1] * a.k_cache.shape[1])
+        a.kw["score"] = fn(torch.zeros(shape, device=device))
+
+    return mutate
+
+
 BAD_DECODE = [
     # dtypes
     BadCase("q_fp16_cache_bf16", _set("q", lambda t, a, d: t.half()), RuntimeError, r"k_cache must have dtype"),
@@ -536,6 +545,17 @@ BAD_DECODE = [
                                            setattr(a, "out", poison(torch.empty(3, 34, 64, dtype=a.out.dtype, device=d))),
                                            setattr(a, "lse", poison(torch.empty(3, 34, device=d)))),
             RuntimeError, r"num_q_heads", cuda_only=True, kernel_limit=True),
+    # the optional H2O score buffer ([B, Hkv, S] float32, S >= max_pages * page_size = 32 here)
+    BadCase("score_dtype", _score(lambda s: s.double()), RuntimeError, r"score must have dtype"),
+    BadCase("score_rank", _score(lambda s: s[0]), RuntimeError, r"score must have shape"),
+    BadCase("score_heads", _score(lambda s: s[:, :1].contiguous()), RuntimeError, r"score must have shape"),
+    BadCase("score_batch", _score(lambda s: s[:2].contiguous()), RuntimeError, r"score must have shape"),
+    BadCase("score_too_short", _score(lambda s: s[..., :31].contiguous()), RuntimeError,
+            r"score must have shape \[3, 2, S\] with S >= max_pages \* page_size = 32"),
+    BadCase("score_not_contiguous", _score(lambda s: torch.stack([s, s], dim=-1)[..., 0]), RuntimeError,
+            r"score must be contiguous"),
+    BadCase("score_other_device", _score(lambda s: s.to(_other_device(str(s.device.type)))), RuntimeError,
+            r"score must be on the same device", cuda_only=True),
 ]
 
 
@@ -545,11 +565,15 @@ def test_gqa_decode_bad_input(device, bad, gen):
     a = _decode_args(device, gen)
     bad.mutate(a, device)
     caches_before = (a.k_cache.clone(), a.v_cache.clone())
+    score = a.kw.get("score")
+    score_before = None if score is None else score.clone()
     with pytest.raises(bad.error, match=bad.match):
         kvcore.gqa_decode(a.q, a.k_cache, a.v_cache, a.block_table, a.seq_lens, out=a.out, lse=a.lse, **a.kw)
     assert bool(torch.isnan(a.out).all()), "out was written by a call that failed"
     assert bool(torch.isnan(a.lse).all()), "lse was written by a call that failed"
     assert torch.equal(a.k_cache, caches_before[0]) and torch.equal(a.v_cache, caches_before[1])
+    if score is not None:
+        assert torch.equal(score, score_before), "score was written by a call that failed"
 
 
 # The op itself (not only the Python wrapper) rejects bad scalars: C++ callers and direct

@@ -5,7 +5,9 @@ random; inputs are fresh random tensors and outputs are NaN-poisoned before each
 block_sparse_decode adds random selections (empty, partial and complete lists in random order,
 junk past the counts), scales, forced split counts and strided q / caches; token_decoder_attention
 draws blocks, block length L, prefix P, GQA groups, block_lens (or None), scales, block-strided
-views and lse on/off.
+views and lse on/off. gqa_decode's H2O score accumulation, infllm_unit_scores (both outputs, float32
+or half queries, sliced keys, zero units) and topk_rows (ties, -inf, NaN, signed zeros, fewer units
+than k, no rows, strided rows; exact) close the file.
 """
 
 from __future__ import annotations
@@ -370,3 +372,105 @@ def test_compact_kv_property(args):
     kvcore.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, seq_lens, kept, kept_lens)
     assert torch.equal(seq_lens, ref_lens)
     assert torch.equal(kv.k_cache, ref_k) and torch.equal(kv.v_cache, ref_v)
+
+
+# ---- gqa_decode's H2O score, infllm_unit_scores, topk_rows --------------------------------------
+
+
+@SETTINGS
+@given(decode_inputs(), st.integers(0, 5))
+def test_gqa_decode_score_property(args, extra_len):
+    """score += the step's probabilities (summed over each KV group) on the attended keys, every
+    other entry bit-identical; out and lse stay those of plain decode."""
+    batch, hkv, group, head_dim, page, lens, window, cap, seed, dtype = args
+    gen = torch.Generator().manual_seed(seed)
+    kv = make_paged_kv(lens, page, hkv, head_dim, gen=gen, dtype=dtype)
+    q = randn(batch, hkv * group, head_dim, gen=gen, dtype=dtype)
+    score_len = kv.block_table.shape[1] * page + extra_len
+    score = randn(batch, hkv, score_len, gen=gen).abs() + 0.5  # never zeros: a write shows
+    before = score.clone()
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(batch, hkv * group))
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
+                      window_left=window, logit_soft_cap=cap, score=score)
+    add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, window_left=window,
+                                     logit_soft_cap=cap, score_len=score_len)
+    tol = dict(atol=1e-5, rtol=1e-2 if cap > 0 else 2e-3)
+    torch.testing.assert_close(score.double() - before.double(), add, **tol)
+    for b, n in enumerate(lens):
+        start = 0 if window < 0 else max(0, n - 1 - window)
+        assert torch.equal(score[b, :, :start], before[b, :, :start])
+        assert torch.equal(score[b, :, n:], before[b, :, n:])
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                            window_left=window, logit_soft_cap=cap)
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
+@st.composite
+def unit_score_inputs(draw):
+    batch = draw(st.integers(1, 4))
+    hkv = draw(st.integers(1, 4))
+    group = draw(st.integers(1, 6))
+    head_dim = draw(st.sampled_from([1, 8, 24, 64, 128]))
+    units = draw(st.integers(0, 200))
+    extra_units = draw(st.integers(0, 3))  # repr_keys a [:, :units] slice of a larger buffer
+    per_kv_head = draw(st.booleans())
+    q_fp32 = draw(st.booleans())  # a float32 query (a chunk's mean) with half-precision keys
+    q_strided = draw(st.booleans())  # q a slice of a larger [B, Hq', D] buffer
+    seed = draw(st.integers(0, 2**31 - 1))
+    return batch, hkv, group, head_dim, units, extra_units, per_kv_head, q_fp32, q_strided, seed, draw(DTYPES)
+
+
+@SETTINGS
+@given(unit_score_inputs())
+def test_infllm_unit_scores_property(args):
+    batch, hkv, group, head_dim, units, extra_units, per_kv_head, q_fp32, q_strided, seed, dtype = args
+    gen = torch.Generator().manual_seed(seed)
+    hq = hkv * group
+    q_dtype = torch.float32 if q_fp32 else dtype
+    q = randn(batch, hq + 3 if q_strided else hq, head_dim, gen=gen, dtype=q_dtype)[:, :hq]
+    keys = randn(batch, units + extra_units, hkv, head_dim, gen=gen, dtype=dtype)[:, :units]
+    shape = (batch, hkv, units) if per_kv_head else (batch, units)
+    out = poison(torch.empty(shape))
+    got = kvcore.infllm_unit_scores(q, keys, per_kv_head=per_kv_head, out=out)
+    assert got is out
+    ref = reference.infllm_unit_scores(q, keys, per_kv_head=per_kv_head)
+    # fp32 accumulation of exactly converted inputs: the error grows with the dot products' length
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * head_dim * group * hkv, rtol=1e-4)
+
+
+@st.composite
+def topk_inputs(draw):
+    rows = draw(st.integers(0, 6))
+    units = draw(st.integers(0, 400))
+    k = draw(st.one_of(st.integers(1, 16), st.integers(1, 256)))
+    # Values from a small set (many ties), with -inf masks, NaN, signed zeros and +inf mixed in.
+    pool = draw(st.sampled_from(["normal", "ties", "special"]))
+    strided = draw(st.booleans())  # rows of a wider buffer
+    index_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return rows, units, k, pool, strided, index_dtype, seed
+
+
+@SETTINGS
+@given(topk_inputs())
+def test_topk_rows_property(args):
+    rows, units, k, pool, strided, index_dtype, seed = args
+    gen = torch.Generator().manual_seed(seed)
+    width = units + 7 if strided else units
+    if pool == "normal":
+        buf = torch.randn(rows, width, generator=gen)
+    else:
+        choices = torch.tensor([1.0, 0.5, -2.0] if pool == "ties" else
+                               [1.0, -0.0, 0.0, -math.inf, math.inf, math.nan, 0.5, -math.inf, math.nan])
+        buf = choices[torch.randint(0, choices.numel(), (rows, width), generator=gen)]
+        buf[torch.rand(rows, width, generator=gen) < 0.3] = -math.inf  # masked units
+    scores = buf[:, :units]
+    values = poison(torch.empty(rows, k))
+    indices = torch.full((rows, k), 12345, dtype=index_dtype)
+    kvcore.topk_rows(scores, k, values=values, indices=indices)
+    want_v, want_i = reference.topk_rows(scores, k)
+    assert torch.equal(indices.long(), want_i)
+    torch.testing.assert_close(values, want_v, atol=0, rtol=0, equal_nan=True)
+    assert bool((indices[:, min(k, units):] == -1).all())  # k > units: the slots past the units

@@ -485,11 +485,19 @@ def test_opcheck_retrieval_ops(device, gen):
     keys = randn(2, 30, 2, 64, gen=gen, dtype=dt, device=device)
     for out in (torch.empty(2, 30, device=device), torch.empty(2, 2, 30, device=device)):
         torch.library.opcheck(torch.ops.kvcore.infllm_unit_scores.default, (q, keys, out), test_utils=_OPCHECK_UTILS)
+    # a float32 query (a chunk's mean) with the cache's keys, sliced to the live units (batch-strided)
+    qf = randn(2, 8, 64, gen=gen, device=device)
+    torch.library.opcheck(torch.ops.kvcore.infllm_unit_scores.default,
+                          (qf, keys[:, :17], torch.empty(2, 2, 17, device=device)), test_utils=_OPCHECK_UTILS)
     scores = randn(3, 100, gen=gen, device=device)
     for idt in (torch.int32, torch.int64):
         values, indices = torch.empty(3, 7, device=device), torch.empty(3, 7, dtype=idt, device=device)
         torch.library.opcheck(torch.ops.kvcore.topk_rows.default, (scores, values, indices),
                               test_utils=_OPCHECK_UTILS)
+    # row-strided scores with fewer units than k (the padded slots are written too)
+    values, indices = torch.empty(3, 7, device=device), torch.empty(3, 7, dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.kvcore.topk_rows.default, (scores[:, :5], values, indices),
+                          test_utils=_OPCHECK_UTILS)
 
 
 @pytest.mark.parametrize("n_init", [8, 5])
@@ -604,3 +612,220 @@ def test_gpu_step_equals_cpu_step(gen, per_kv_head):
         torch.testing.assert_close(o[1].cpu().float(), o[0].float(), **OUT_TOL[dtype])
     assert caches[0].num_units == caches[1].num_units >= 8
     assert (caches[0].hits, caches[0].misses) == (caches[1].hits, caches[1].misses)
+
+
+# ============================================================================================
+# Bad input of the retrieval ops: the right error, naming the argument, and nothing written
+# (docs/bad_input.md lists every case; tests/test_bad_input_doc.py keeps the two in step)
+# ============================================================================================
+
+from types import SimpleNamespace  # noqa: E402
+
+from test_ops import BadCase, _other_device, _set, _set_kw  # noqa: E402
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return HAS_CUDA and torch._C._dispatch_has_kernel_for_dispatch_key(f"kvcore::{op}", "CUDA")
+
+
+_CUDA_BAD = {
+    op: [pytest.mark.cuda, pytest.mark.skipif(not _has_cuda_kernel(op), reason=f"no CUDA kernel for kvcore::{op}")]
+    for op in ("infllm_unit_scores", "topk_rows")
+}
+
+
+def _bad_params(op: str, cases: list) -> list:
+    return [pytest.param(c, id=c.name, marks=_CUDA_BAD[op] if c.cuda_only else []) for c in cases]
+
+
+def _bad_devices(op: str) -> list:
+    return [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=_CUDA_BAD[op])]
+
+
+def _poisoned(*shape, dtype=torch.float32):
+    return lambda t, a, d: poison(torch.empty(*shape, dtype=dtype, device=d))
+
+
+def _unit_score_args(device: str, gen) -> SimpleNamespace:
+    # bf16 on both devices: the CUDA kernel takes bf16/fp16 keys only, and its dtype check would
+    # otherwise answer every other case first. q [B 2, Hq 4, D 64], 10 units of Hkv 2.
+    return SimpleNamespace(q=randn(2, 4, 64, gen=gen, dtype=torch.bfloat16, device=device),
+                           repr_keys=randn(2, 10, 2, 64, gen=gen, dtype=torch.bfloat16, device=device),
+                           out=poison(torch.empty(2, 10, device=device)), kw={})
+
+
+def _unit_scores_wide(a: SimpleNamespace, d: str) -> None:
+    """Hkv 128 x D 256 = 32768 key elements per unit: past the CUDA kernel's shared-memory query."""
+    gen = torch.Generator().manual_seed(5)
+    a.q = randn(2, 128, 256, gen=gen, dtype=torch.bfloat16, device=d)
+    a.repr_keys = randn(2, 3, 128, 256, gen=gen, dtype=torch.bfloat16, device=d)
+    a.out = poison(torch.empty(2, 3, device=d))
+
+
+def _unit_scores_big_batch(a: SimpleNamespace, d: str) -> None:
+    """65536 sequences: one past the CUDA grid's y limit."""
+    a.q = torch.ones(65536, 1, 8, dtype=torch.bfloat16, device=d)
+    a.repr_keys = torch.ones(65536, 1, 1, 8, dtype=torch.bfloat16, device=d)
+    a.out = poison(torch.empty(65536, 1, device=d))
+
+
+def _misaligned(t: torch.Tensor, a, d: str) -> torch.Tensor:
+    """t's values at a storage offset of 4 elements (8 bytes): densely packed, not 16-byte aligned."""
+    buf = torch.empty(t.numel() + 4, dtype=t.dtype, device=d)
+    buf[4:] = t.flatten()
+    return buf[4:].view(t.shape)
+
+
+def _odd_batch_stride(t: torch.Tensor, a, d: str) -> torch.Tensor:
+    """t with a batch stride of U * Hkv * D + 4 elements (rows of every other batch misaligned)."""
+    b, inner = t.shape[0], t[0].numel()
+    buf = torch.zeros(b, inner + 4, dtype=t.dtype, device=d)
+    buf[:, :inner] = t.reshape(b, inner)
+    return buf[:, :inner].view(t.shape)
+
+
+BAD_UNIT_SCORES = [
+    # dtypes
+    BadCase("q_fp16_keys_bf16", _set("q", lambda t, a, d: t.half()), RuntimeError, r"\bq must have repr_keys' dtype"),
+    BadCase("repr_keys_fp64", _set("repr_keys", lambda t, a, d: t.double()), RuntimeError,
+            r"repr_keys must be bfloat16"),
+    BadCase("out_dtype", _set("out", _poisoned(2, 10, dtype=torch.float64)), RuntimeError, r"\bout must have dtype"),
+    BadCase("fp32_on_cuda", lambda a, d: (setattr(a, "q", a.q.float()), setattr(a, "repr_keys", a.repr_keys.float())),
+            RuntimeError, r"repr_keys must be bfloat16 or float16 on CUDA", cuda_only=True, kernel_limit=True),
+    # devices
+    BadCase("repr_keys_other_device", _set("repr_keys", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"repr_keys must be on the same device", cuda_only=True),
+    BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"\bout must be on the same device", cuda_only=True),
+    # ranks
+    BadCase("q_rank", _set("q", lambda t, a, d: t[0]), RuntimeError, r"\bq must be 3-D"),
+    BadCase("repr_keys_rank", _set("repr_keys", lambda t, a, d: t[0]), RuntimeError, r"repr_keys must be 4-D"),
+    BadCase("out_rank", _set("out", _poisoned(20)), ValueError, r"\bout must be \[B, U\] for per_kv_head=False"),
+    # shapes
+    BadCase("heads_not_dividing", _set("q", lambda t, a, d: t[:, :3]), RuntimeError,
+            r"num_q_heads \(3\) must be a positive multiple of repr_keys' num_kv_heads \(2\)"),
+    BadCase("head_dim_mismatch", _set("repr_keys", lambda t, a, d: t[..., :32].contiguous()), RuntimeError,
+            r"repr_keys' head_dim must equal q's \(64\)"),
+    BadCase("repr_keys_batch", _set("repr_keys", lambda t, a, d: t[:1]), RuntimeError,
+            r"repr_keys must have q's batch \(2\)"),
+    BadCase("out_units", _set("out", _poisoned(2, 9)), RuntimeError, r"\bout must be \[batch, units\]"),
+    BadCase("out_heads_per_kv_head", lambda a, d: (a.kw.update(per_kv_head=True), setattr(a, "out", poison(
+        torch.empty(2, 3, 10, device=d)))), RuntimeError, r"\bout must be \[batch, num_kv_heads, units\]"),
+    # layouts
+    BadCase("out_not_contiguous", _set("out", lambda t, a, d: poison(torch.empty(10, 2, device=d)).t()), RuntimeError,
+            r"\bout must be contiguous"),
+    BadCase("q_last_dim_strided", _set("q", lambda t, a, d: torch.repeat_interleave(t, 2, dim=2)[..., ::2]),
+            RuntimeError, r"\bq's last dim must be contiguous"),
+    BadCase("repr_keys_inner_strided", _set("repr_keys", lambda t, a, d: t.transpose(1, 2).contiguous().transpose(1, 2)),
+            RuntimeError, r"repr_keys must be densely packed"),
+    # limits of the CUDA kernel
+    BadCase("head_dim_48_cuda", lambda a, d: (setattr(a, "q", a.q[..., :48].contiguous()),
+                                              setattr(a, "repr_keys", a.repr_keys[..., :48].contiguous())),
+            RuntimeError, r"head_dim must be a power of two in \[8, 256\]", cuda_only=True, kernel_limit=True),
+    BadCase("kv_width_over_16384_cuda", _unit_scores_wide, RuntimeError,
+            r"num_kv_heads x head_dim must be <= 16384", cuda_only=True, kernel_limit=True),
+    BadCase("repr_keys_misaligned_cuda", _set("repr_keys", _misaligned), RuntimeError,
+            r"repr_keys must start on a 16-byte boundary", cuda_only=True, kernel_limit=True),
+    BadCase("repr_keys_batch_stride_cuda", _set("repr_keys", _odd_batch_stride), RuntimeError,
+            r"repr_keys' batch stride must be a multiple of 8", cuda_only=True, kernel_limit=True),
+    BadCase("batch_over_65535_cuda", _unit_scores_big_batch, RuntimeError, r"batch must be <= 65535",
+            cuda_only=True, kernel_limit=True),
+]
+
+
+@pytest.mark.parametrize("bad", _bad_params("infllm_unit_scores", BAD_UNIT_SCORES))
+@pytest.mark.parametrize("device", _bad_devices("infllm_unit_scores"))
+def test_infllm_unit_scores_bad_input(device, bad, gen):
+    bad.skip_unless_applies(device)
+    a = _unit_score_args(device, gen)
+    bad.mutate(a, device)
+    q_before, keys_before = a.q.clone(), a.repr_keys.clone()
+    with pytest.raises(bad.error, match=bad.match):
+        kvcore.infllm_unit_scores(a.q, a.repr_keys, out=a.out, **a.kw)
+    assert bool(torch.isnan(a.out).all()), "out written by a failed call"
+    assert torch.equal(a.q, q_before) and torch.equal(a.repr_keys, keys_before)
+
+
+_INDEX_SENTINEL = 12345  # integer outputs cannot hold NaN: a value no call would write
+
+
+def _topk_args(device: str, gen) -> SimpleNamespace:
+    # float32 scores on both devices (the only dtype the op takes); 3 rows of 50 columns, k = 8.
+    return SimpleNamespace(scores=randn(3, 50, gen=gen, device=device), k=8,
+                           values=poison(torch.empty(3, 8, device=device)),
+                           indices=torch.full((3, 8), _INDEX_SENTINEL, dtype=torch.int64, device=device), kw={})
+
+
+def _indices(*shape, dtype=torch.int64, transpose=False):
+    def make(t, a, d):
+        idx = torch.full(shape, _INDEX_SENTINEL, dtype=dtype, device=d)
+        return idx.t() if transpose else idx
+
+    return make
+
+
+def _set_width(width: int):
+    """values and indices of width ``width`` (the op takes k from them, bypassing the wrapper's k)."""
+    def mutate(a: SimpleNamespace, d: str) -> None:
+        a.values = poison(torch.empty(3, width, device=d))
+        a.indices = torch.full((3, width), _INDEX_SENTINEL, dtype=torch.int64, device=d)
+
+    return mutate
+
+
+BAD_TOPK = [
+    # dtypes
+    BadCase("scores_bf16", _set("scores", lambda t, a, d: t.bfloat16()), RuntimeError, r"scores must have dtype"),
+    BadCase("scores_fp64", _set("scores", lambda t, a, d: t.double()), RuntimeError, r"scores must have dtype"),
+    BadCase("values_dtype", _set("values", _poisoned(3, 8, dtype=torch.float64)), RuntimeError,
+            r"values must have dtype"),
+    BadCase("indices_float", _set("indices", lambda t, a, d: t.float()), RuntimeError,
+            r"indices must have dtype int32 or int64"),
+    BadCase("index_dtype_int16", lambda a, d: (setattr(a, "indices", None), a.kw.update(index_dtype=torch.int16)),
+            ValueError, r"index_dtype must be torch.int32 or torch.int64"),
+    # devices
+    BadCase("values_other_device", _set("values", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"values must be on the same device", cuda_only=True),
+    BadCase("indices_other_device", _set("indices", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
+            r"indices must be on the same device", cuda_only=True),
+    # ranks
+    BadCase("scores_rank", _set("scores", lambda t, a, d: t[0]), RuntimeError, r"scores must be 2-D"),
+    BadCase("values_rank", _set("values", lambda t, a, d: t[0]), RuntimeError, r"values must be 2-D"),
+    BadCase("indices_rank", _set("indices", lambda t, a, d: t[0]), RuntimeError, r"indices must be 2-D"),
+    # shapes
+    BadCase("values_rows", _set("values", lambda t, a, d: t[:2]), RuntimeError,
+            r"values must be \[rows, k\] with scores' rows \(3\)"),
+    BadCase("indices_rows", _set("indices", lambda t, a, d: t[:2]), RuntimeError, r"indices must be \[rows, k\]"),
+    BadCase("indices_width", _set("indices", lambda t, a, d: t[:, :5].contiguous()), RuntimeError,
+            r"indices must be \[rows, k\] = \[3, 8\]"),
+    # layouts
+    BadCase("scores_last_dim_strided", _set("scores", lambda t, a, d: t.t().contiguous().t()), RuntimeError,
+            r"scores' last dim must be contiguous"),
+    BadCase("values_not_contiguous", _set("values", lambda t, a, d: poison(torch.empty(8, 3, device=d)).t()),
+            RuntimeError, r"values must be contiguous"),
+    BadCase("indices_not_contiguous", _set("indices", _indices(8, 3, transpose=True)), RuntimeError,
+            r"indices must be contiguous"),
+    # k
+    BadCase("k_zero", _set("k", lambda t, a, d: 0), ValueError, r"k must be an int in \[1, 256\]"),
+    BadCase("k_past_max", _set("k", lambda t, a, d: 257), ValueError, r"k must be an int in \[1, 256\]"),
+    BadCase("k_not_int", _set("k", lambda t, a, d: 8.0), ValueError, r"k must be an int in \[1, 256\]"),
+    BadCase("outputs_width_zero", _set_width(0), RuntimeError, r"values' k = values.size\(1\) must be in \[1, 256\]"),
+    BadCase("outputs_width_past_max", _set_width(257), RuntimeError,
+            r"values' k = values.size\(1\) must be in \[1, 256\], got 257"),
+]
+
+
+@pytest.mark.parametrize("bad", _bad_params("topk_rows", BAD_TOPK))
+@pytest.mark.parametrize("device", _bad_devices("topk_rows"))
+def test_topk_rows_bad_input(device, bad, gen):
+    bad.skip_unless_applies(device)
+    a = _topk_args(device, gen)
+    bad.mutate(a, device)
+    scores_before = a.scores.clone()
+    idx_before = None if a.indices is None else a.indices.clone()
+    with pytest.raises(bad.error, match=bad.match):
+        kvcore.topk_rows(a.scores, a.k, values=a.values, indices=a.indices, **a.kw)
+    assert bool(torch.isnan(a.values).all()), "values written by a failed call"
+    if idx_before is not None:
+        assert torch.equal(a.indices, idx_before), "indices written by a failed call"
+    assert torch.equal(a.scores, scores_before)
