@@ -796,8 +796,8 @@ BAD_TOPK = [
     BadCase("values_rows", _set("values", lambda t, a, d: t[:2]), RuntimeError,
             r"values must be \[rows, k\] with scores' rows \(3\)"),
     BadCase("indices_rows", _set("indices", lambda t, a, d: t[:2]), RuntimeError, r"indices must be \[rows, k\]"),
-    BadCase("indices_width", _set("indices", lambda t, a, d: t[:, :5].contiguous()), RuntimeError,
-            r"indices must be \[rows, k\] = \[3, 8\]"),
+    BadCase("indices_width", _set("indices", lambda t, a, d: t[:, :5].contiguous()), ValueError,
+            r"indices must be \[rows, k = 8\], got \(3, 5\)"),
     # layouts
     BadCase("scores_last_dim_strided", _set("scores", lambda t, a, d: t.t().contiguous().t()), RuntimeError,
             r"scores' last dim must be contiguous"),
@@ -809,9 +809,9 @@ BAD_TOPK = [
     BadCase("k_zero", _set("k", lambda t, a, d: 0), ValueError, r"k must be an int in \[1, 256\]"),
     BadCase("k_past_max", _set("k", lambda t, a, d: 257), ValueError, r"k must be an int in \[1, 256\]"),
     BadCase("k_not_int", _set("k", lambda t, a, d: 8.0), ValueError, r"k must be an int in \[1, 256\]"),
-    BadCase("outputs_width_zero", _set_width(0), RuntimeError, r"values' k = values.size\(1\) must be in \[1, 256\]"),
-    BadCase("outputs_width_past_max", _set_width(257), RuntimeError,
-            r"values' k = values.size\(1\) must be in \[1, 256\], got 257"),
+    BadCase("outputs_width_zero", _set_width(0), ValueError, r"values must be \[rows, k = 8\], got \(3, 0\)"),
+    BadCase("outputs_width_past_max", _set_width(257), ValueError, r"values must be \[rows, k = 8\], got \(3, 257\)"),
+    BadCase("outputs_width_not_k", _set_width(5), ValueError, r"values must be \[rows, k = 8\], got \(3, 5\)"),
 ]
 
 

@@ -1071,6 +1071,10 @@ def topk_rows(scores: torch.Tensor, k: int, *, index_dtype: torch.dtype = torch.
         values = torch.empty(rows, k, dtype=torch.float32, device=scores.device)
     if indices is None:
         indices = torch.empty(rows, k, dtype=index_dtype, device=scores.device)
+    # The kernel takes k from the outputs' width: a caller's buffers must agree with k.
+    for name, t in (("values", values), ("indices", indices)):
+        if t.dim() == 2 and t.shape[1] != k:
+            raise ValueError(f"{name} must be [rows, k = {k}], got {tuple(t.shape)}")
     _ops.topk_rows(scores, values, indices)
     return values, indices
 
