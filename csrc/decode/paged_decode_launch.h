@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "common/checks.h"
+#include "common/cuda_occupancy.h"
 #include "common/cuda_dispatch.h"
 #include "kvcore/decode_score.cuh"
 #include "kvcore/gqa_decode.cuh"
@@ -29,21 +30,7 @@ constexpr int kMinSplitTokens = 256;
 // prefetched: keep that headroom below 2^31.
 constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
 
-// Resident CTAs per SM of one kernel instantiation on the current device (cached per kernel and
-// device; also raises the kernel's dynamic shared-memory limit there).
-inline int ctas_per_sm(const void* kernel, int threads, size_t smem, const char* op) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> cache;
-  const int dev = at::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find({kernel, dev});
-  if (it != cache.end()) return it->second;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
-  TORCH_CHECK(n > 0, op, ": the kernel does not fit on this GPU (", smem, " bytes of shared memory per CTA)");
-  return cache[{kernel, dev}] = n;
-}
+using kvcore::ctas_per_sm;  // csrc/common/cuda_occupancy.h
 
 // Split count from shapes alone (no look at seq_lens, so no host sync and the choice is fixed
 // for a captured graph): fill the GPU's CTA slots in as few, as full waves as possible.

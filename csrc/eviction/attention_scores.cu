@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_dispatch.h"
+#include "common/cuda_occupancy.h"
 #include "kvcore/attention_scores.cuh"
 
 namespace kvcore {
@@ -23,22 +24,6 @@ constexpr int64_t kMinSplitKeys = 256;
 // Positions are int32 in the kernels and run a few tiles past a split while pages are prefetched.
 constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
 
-// Resident CTAs per SM of one instantiation on the current device (cached per kernel and
-// device; also raises the kernel's dynamic shared-memory limit there).
-int scores_ctas_per_sm(const void* kernel, int threads, size_t smem) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> cache;
-  const int dev = at::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find({kernel, dev});
-  if (it != cache.end()) return it->second;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
-  TORCH_CHECK(n > 0, "attention_scores: the kernel does not fit on this GPU (", smem, " bytes of shared memory per CTA)");
-  return cache[{kernel, dev}] = n;
-}
-
 template <typename T, int D>
 void launch(AttentionScoresParams& p, bool have_lse, int64_t pairs, at::Tensor& workspace_holder,
             const at::Tensor& q, cudaStream_t stream) {
@@ -46,8 +31,8 @@ void launch(AttentionScoresParams& p, bool have_lse, int64_t pairs, at::Tensor& 
   auto pass1 = attention_scores_kernel<T, Cfg, false>;
   auto pass2 = attention_scores_kernel<T, Cfg, true>;
   const size_t smem = Cfg::SMEM_BYTES;
-  const int per_sm = scores_ctas_per_sm(reinterpret_cast<const void*>(pass2), Cfg::THREADS, smem);
-  if (!have_lse) scores_ctas_per_sm(reinterpret_cast<const void*>(pass1), Cfg::THREADS, smem);
+  const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(pass2), Cfg::THREADS, smem, "attention_scores");
+  if (!have_lse) ctas_per_sm(reinterpret_cast<const void*>(pass1), Cfg::THREADS, smem, "attention_scores");
   const int64_t slots = int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
   // Key split from shapes only (no look at seq_lens: no host sync, graph-capturable): about 8

@@ -22,6 +22,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_dispatch.h"
+#include "common/cuda_occupancy.h"
 #include "kvcore/mla_latent_project.cuh"
 
 // torch.mm(a, b, out_dtype=float32) for bf16/fp16 inputs (cuBLAS, fp32 output) exists since 2.8.
@@ -70,22 +71,6 @@ unsigned* counter_set(const at::Tensor& like, cudaStream_t stream, at::Tensor& f
   return reinterpret_cast<unsigned*>(it->second.data_ptr()) + int64_t(set) * kCounterStride;
 }
 
-// Resident CTAs per SM of a kernel on the current device (cached; also raises its smem limit).
-int ctas_per_sm(const void* kernel, size_t smem) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> cache;
-  const int dev = at::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find({kernel, dev});
-  if (it != cache.end()) return it->second;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, Cfg::THREADS, smem));
-  TORCH_CHECK(n > 0, "mla_latent_project: the kernel does not fit on this GPU (", smem,
-              " bytes of shared memory per CTA)");
-  return cache[{kernel, dev}] = n;
-}
-
 // K splits: the CTAs (col_tiles x splits) should fill the GPU's CTA slots in one wave, each with
 // an equal number of 64-row weight chunks. Minimises waves x chunks per CTA (the time of the
 // busiest slot); among equals, the fewest splits (fewer partials to reduce).
@@ -111,7 +96,7 @@ template <typename T, int MT>
 void launch_fused(MlaProjectParams& p, const at::Tensor& hidden, cudaStream_t stream) {
   auto kernel = mla_project_kernel<T, MT>;
   constexpr int smem = Cfg::smem_bytes<MT>();
-  const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), smem);
+  const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS, smem, "mla_latent_project");
   const int64_t slots = int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t col_tiles = (p.width + Cfg::NTILE - 1) / Cfg::NTILE;
   const int64_t chunks = (int64_t(p.d_model) + Cfg::KC - 1) / Cfg::KC;

@@ -1,0 +1,32 @@
+// Resident CTAs per SM of one kernel instantiation, shared by every CUDA launcher that sizes its
+// grid (split counts, one-wave grids) from the occupancy.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
+
+namespace kvcore {
+
+// Cached per kernel and device (the occupancy query costs microseconds, launches happen every
+// decode step); also raises the kernel's dynamic shared-memory limit on that device, which a
+// launch with more than 48 KB of dynamic shared memory needs. `op` names the caller in the error.
+inline int ctas_per_sm(const void* kernel, int threads, size_t smem, const char* op) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const int dev = at::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({kernel, dev});
+  if (it != cache.end()) return it->second;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  TORCH_CHECK(n > 0, op, ": the kernel does not fit on this GPU (", smem, " bytes of shared memory per CTA)");
+  return cache[{kernel, dev}] = n;
+}
+
+}  // namespace kvcore
