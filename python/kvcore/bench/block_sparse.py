@@ -218,9 +218,7 @@ def reference_output(inputs: BlockSparseInputs) -> torch.Tensor:
 
 
 def build_kvcore(inputs: BlockSparseInputs) -> list:
-    kvcore = peers.import_kvcore()
-    if not hasattr(kvcore, "block_sparse_decode"):
-        raise peers.Skip("kvcore has no block_sparse_decode")
+    kvcore = peers.import_kvcore("block_sparse_decode")
     q = inputs.q
     if q.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::block_sparse_decode", "CUDA"):
         raise peers.Skip("this kvcore build has no CUDA kernel for block_sparse_decode")
@@ -232,17 +230,7 @@ def build_kvcore(inputs: BlockSparseInputs) -> list:
         kvcore.block_sparse_decode(*args, scale=inputs.scale, out=out, workspace=workspace)
         return out
 
-    saved = []
-
-    def before() -> None:
-        # Timed as a serving engine runs it: no host-syncing look at the index contents. The
-        # correctness call runs before this, with validation on.
-        saved.append(kvcore.set_validation(False))
-
-    def after() -> None:
-        if saved:
-            kvcore.set_validation(saved.pop())
-
+    before, after = peers.validation_off_while_timed(kvcore)
     return [peers.Prepared(fn=fn, out=out, before_timing=before, after_timing=after)]
 
 

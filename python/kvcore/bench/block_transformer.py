@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from . import runner
 from .harness import RunContext
-from .peers import Prepared, Skip, _first_line
+from .peers import Prepared, Skip, _first_line, import_kvcore, validation_off_while_timed
 
 GROUP = "block"
 
@@ -180,12 +180,7 @@ def reference_output(inputs: TokenDecoderInputs) -> torch.Tensor:
 
 
 def build_kvcore(inputs: TokenDecoderInputs) -> list:
-    try:
-        import kvcore  # noqa: WPS433
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"import kvcore failed: {_first_line(exc)}") from exc
-    if not hasattr(kvcore, "token_decoder_attention"):
-        raise Skip("kvcore has no token_decoder_attention (package not built?)")
+    kvcore = import_kvcore("token_decoder_attention")
     if inputs.q.is_cuda and not kvcore.cuda_kernels_built():
         raise Skip("this kvcore build has no CUDA kernels (built without nvcc?)")
     q, k, v, scale = inputs.q, inputs.k, inputs.v, inputs.scale
@@ -195,15 +190,7 @@ def build_kvcore(inputs: TokenDecoderInputs) -> list:
         kvcore.token_decoder_attention(q, k, v, scale=scale, out=out)
         return out
 
-    saved = []
-
-    def before() -> None:
-        saved.append(kvcore.set_validation(False))
-
-    def after() -> None:
-        if saved:
-            kvcore.set_validation(saved.pop())
-
+    before, after = validation_off_while_timed(kvcore)
     return [Prepared(fn=fn, out=out, before_timing=before, after_timing=after)]
 
 

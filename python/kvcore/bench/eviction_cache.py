@@ -30,35 +30,12 @@ import torch
 
 from . import decode, peers, runner
 from .harness import RunContext
-from .peers import Prepared, Skip, _first_line
+from .peers import Prepared, Skip, import_kvcore, validation_off_while_timed
 
 GROUP = "eviction"
 
 COMPACT_IMPLS = ["kvcore", "torch"]
 H2O_IMPLS = ["kvcore", "kvcore-score", "torch"]
-
-
-def _kvcore():
-    try:
-        import kvcore  # noqa: WPS433
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"import kvcore failed: {_first_line(exc)}") from exc
-    if not hasattr(kvcore, "compact_kv"):
-        raise Skip("kvcore has no compact_kv (package not built?)")
-    return kvcore
-
-
-def _no_validation(kvcore) -> tuple:
-    saved = []
-
-    def before() -> None:
-        saved.append(kvcore.set_validation(False))
-
-    def after() -> None:
-        if saved:
-            kvcore.set_validation(saved.pop())
-
-    return before, after
 
 
 @dataclass(frozen=True)
@@ -171,7 +148,7 @@ def make_compact_inputs(case: CompactCase, device: torch.device, seed: int = 0) 
 
 
 def build_compact_kvcore(inputs: CompactInputs) -> list:
-    kvcore = _kvcore()
+    kvcore = import_kvcore("compact_kv")
     if inputs.k_cache.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::compact_kv", "CUDA"):
         raise Skip("this kvcore build has no compact_kv CUDA kernel")
     k, v, bt, kept, kl = inputs.k_cache, inputs.v_cache, inputs.block_table, inputs.kept, inputs.kept_lens
@@ -182,7 +159,7 @@ def build_compact_kvcore(inputs: CompactInputs) -> list:
         kvcore.compact_kv(k, v, bt, lens, kept, kl)
         return k
 
-    before, after = _no_validation(kvcore)
+    before, after = validation_off_while_timed(kvcore)
     return [Prepared(fn=fn, notes="seq_lens restored before each call (in the time)", before_timing=before,
                      after_timing=after)]
 
@@ -241,7 +218,7 @@ def _run_compact(case: CompactCase, impl_names: Sequence[str], ctx: RunContext) 
 
 
 def build_h2o(inputs: peers.DecodeInputs, with_score: bool) -> list:
-    kvcore = _kvcore()
+    kvcore = import_kvcore("gqa_decode")
     q, kc, vc, bt, sl, scale = inputs.q, inputs.k_cache, inputs.v_cache, inputs.block_table, inputs.seq_lens, inputs.scale
     if q.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::gqa_decode", "CUDA"):
         raise Skip("this kvcore build has no CUDA kernels")
@@ -258,7 +235,7 @@ def build_h2o(inputs: peers.DecodeInputs, with_score: bool) -> list:
         kvcore.gqa_decode(q, kc, vc, bt, sl, scale=scale, out=out, workspace=workspace, score=score)
         return out
 
-    before, after = _no_validation(kvcore)
+    before, after = validation_off_while_timed(kvcore)
     return [Prepared(fn=fn, out=out, before_timing=before, after_timing=after,
                      notes="score [B, Hkv, S] fp32 accumulated" if with_score else None)]
 

@@ -202,9 +202,7 @@ def torch_scores(inputs: ScoresInputs, bf16: bool = False) -> torch.Tensor:
 
 
 def _build_kvcore(inputs: ScoresInputs, with_lse: bool) -> list:
-    kvcore = peers.import_kvcore()
-    if not hasattr(kvcore, "attention_scores"):
-        raise peers.Skip("kvcore has no attention_scores")
+    kvcore = peers.import_kvcore("attention_scores")
     q = inputs.q
     if q.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::attention_scores", "CUDA"):
         raise peers.Skip("this kvcore build has no CUDA kernel for attention_scores")
@@ -217,15 +215,7 @@ def _build_kvcore(inputs: ScoresInputs, with_lse: bool) -> list:
                                        scale=inputs.scale, reduction="sum", pooling="avg",
                                        pool_kernel=c.pool_kernel, out=out)
 
-    saved = []
-
-    def before() -> None:
-        saved.append(kvcore.set_validation(False))  # timed as served: no host-side index checks
-
-    def after() -> None:
-        if saved:
-            kvcore.set_validation(saved.pop())
-
+    before, after = peers.validation_off_while_timed(kvcore)
     note = "one pass over K (lse given)" if with_lse else "two passes over K"
     return [peers.Prepared(fn=fn, notes=note, out=out, before_timing=before, after_timing=after)]
 

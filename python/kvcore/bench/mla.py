@@ -34,7 +34,7 @@ import torch
 
 from . import runner
 from .harness import RunContext
-from .peers import Prepared, Skip, _first_line
+from .peers import Prepared, Skip, _first_line, import_kvcore, validation_off_while_timed
 
 GROUP = "mla"
 
@@ -130,29 +130,6 @@ def known_impls() -> list:
     return list(GPU_IMPLS)
 
 
-def _kvcore():
-    try:
-        import kvcore  # noqa: WPS433
-    except Exception as exc:  # noqa: BLE001
-        raise Skip(f"import kvcore failed: {_first_line(exc)}") from exc
-    if not hasattr(kvcore, "mla_decode"):
-        raise Skip("kvcore has no mla_decode (package not built?)")
-    return kvcore
-
-
-def _no_validation(kvcore) -> tuple:
-    saved = []
-
-    def before() -> None:
-        saved.append(kvcore.set_validation(False))
-
-    def after() -> None:
-        if saved:
-            kvcore.set_validation(saved.pop())
-
-    return before, after
-
-
 # ---- decode ------------------------------------------------------------------------------------
 
 
@@ -193,7 +170,7 @@ def torch_mla_decode(q: torch.Tensor, kv: torch.Tensor, scale: float) -> torch.T
 
 
 def build_decode_kvcore(inputs: DecodeInputs) -> list:
-    kvcore = _kvcore()
+    kvcore = import_kvcore("mla_decode")
     if inputs.q.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::mla_decode", "CUDA"):
         raise Skip("this kvcore build has no MLA CUDA kernel")
     q, latent, bt, sl, scale = inputs.q, inputs.latent, inputs.block_table, inputs.seq_lens, inputs.scale
@@ -204,7 +181,7 @@ def build_decode_kvcore(inputs: DecodeInputs) -> list:
         kvcore.mla_decode(q, latent, bt, sl, scale=scale, out=out, workspace=workspace)
         return out
 
-    before, after = _no_validation(kvcore)
+    before, after = validation_off_while_timed(kvcore)
     return [Prepared(fn=fn, out=out, before_timing=before, after_timing=after)]
 
 
@@ -302,7 +279,7 @@ def torch_latent_project(x: ProjectInputs, cache: torch.Tensor, compute: Optiona
 
 
 def build_project_kvcore(x: ProjectInputs) -> list:
-    kvcore = _kvcore()
+    kvcore = import_kvcore("mla_latent_project")
     if x.hidden.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key("kvcore::mla_latent_project", "CUDA"):
         raise Skip("this kvcore build has no MLA CUDA kernel")
     cache = torch.empty(x.num_pages, x.case.page_size, WIDTH, dtype=x.hidden.dtype, device=x.hidden.device)
@@ -315,7 +292,7 @@ def build_project_kvcore(x: ProjectInputs) -> list:
         kvcore.mla_latent_project(x.hidden, x.w_dkv, x.norm_weight, x.cos_sin, x.positions, cache, x.slots)
         return flat[x.slots] if gather[0] else cache
 
-    no_validation, restore = _no_validation(kvcore)
+    no_validation, restore = validation_off_while_timed(kvcore)
 
     def before() -> None:
         gather[0] = False

@@ -162,15 +162,32 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
-def import_kvcore():
-    """The kvcore module with its gqa_decode op, or Skip with the reason."""
+def import_kvcore(op: str = "gqa_decode"):
+    """The kvcore module with its ``op`` (a Python-level name), or Skip with the reason."""
     try:
         import kvcore  # noqa: WPS433
     except Exception as exc:  # noqa: BLE001
         raise Skip(f"import kvcore failed: {_first_line(exc)}") from exc
-    if not hasattr(kvcore, "gqa_decode"):
-        raise Skip("kvcore has no gqa_decode (package not built?)")
+    if not hasattr(kvcore, op):
+        raise Skip(f"kvcore has no {op} (package not built?)")
     return kvcore
+
+
+def validation_off_while_timed(kvcore) -> tuple:
+    """``(before_timing, after_timing)`` hooks for a ``Prepared``: kvcore's index validation is off
+    while an implementation is timed, as a serving engine runs it (no host-syncing look at the
+    index contents), and restored after. The correctness call runs before ``before_timing``, with
+    validation as the caller left it (on by default), so bad indices raise there."""
+    saved = []
+
+    def before() -> None:
+        saved.append(kvcore.set_validation(False))
+
+    def after() -> None:
+        if saved:
+            kvcore.set_validation(saved.pop())
+
+    return before, after
 
 
 def build_kvcore(inputs: DecodeInputs) -> list:
@@ -197,20 +214,7 @@ def build_kvcore(inputs: DecodeInputs) -> list:
         kvcore.gqa_decode(q, kc, vc, bt, sl, scale=scale, out=out, workspace=workspace)
         return out
 
-    set_validation = getattr(kvcore, "set_validation", None)
-    saved = []
-
-    def before() -> None:
-        # Timed as a serving engine runs it: no host-syncing look at the index contents.
-        if set_validation is not None:
-            saved.append(set_validation(False))
-
-    def after() -> None:
-        if set_validation is not None and saved:
-            set_validation(saved.pop())
-
-    # The correctness call runs before before(), with validation as the caller left it (on by
-    # default), so out-of-range indices would raise there rather than be timed.
+    before, after = validation_off_while_timed(kvcore)
     return [Prepared(fn=fn, out=out, before_timing=before, after_timing=after)]
 
 

@@ -229,15 +229,7 @@ def build_kvcore(inputs: RetrievalInputs) -> list:
             cache.evict(b, dropped[b])  # host bookkeeping only: the step reloads them
         return cache.attend(q)[0]
 
-    saved = []
-
-    def before() -> None:
-        saved.append(kvcore.set_validation(False))  # timed as served: no host-side index checks
-
-    def after() -> None:
-        if saved:
-            kvcore.set_validation(saved.pop())
-
+    before, after = peers.validation_off_while_timed(kvcore)
     note = f"{misses} of {c.topk} units reloaded per step" if misses else "all units resident"
     return [peers.Prepared(fn=fn, notes=note, before_timing=before, after_timing=after)]
 
