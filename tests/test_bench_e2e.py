@@ -33,8 +33,12 @@ def test_registered_and_cases_match_the_issue():
     assert (target.num_q_heads, target.num_kv_heads, target.head_dim) == (32, 8, 128)
     assert (target.batch, target.seq_len, target.dtype) == (8, 32768, torch.bfloat16)
     assert (b1.batch, b1.seq_len) == (1, 32768)
-    assert e2e.impls(torch.device("cuda")) == ["transformers-sdpa", "kvcore", "kvcore-snapkv2048"]
+    assert e2e.impls(torch.device("cuda")) == ["transformers-sdpa", "kvcore", "kvcore-graph", "kvcore-snapkv2048",
+                                               "kvcore-snapkv2048-graph"]
     assert e2e.snapkv_budget("kvcore-snapkv2048") == 2048 and e2e.snapkv_budget("kvcore") is None
+    assert e2e.snapkv_budget("kvcore-snapkv2048-graph") == 2048 and e2e.snapkv_budget("kvcore-graph") is None
+    assert [e2e.uses_graph(n) for n in ("kvcore", "kvcore-graph", "kvcore-snapkv64", "kvcore-snapkv64-graph")] == [
+        False, True, False, True]
     assert set(e2e.impls(CPU)) <= set(e2e.known_impls())
     # Llama-3-8B has 8.03B parameters; a step reads all but the 0.53B embedding table.
     assert target.weight_params + target.vocab * target.hidden == 8_030_261_248
@@ -106,3 +110,28 @@ def test_group_cpu_json(tmp_path):
     assert {r["impl"] for r in data["rows"]} == set(e2e.impls(CPU))
     for r in data["rows"]:
         assert r["group"] == "e2e" and "error" not in r and r["ms"] > 0, r
+
+
+def test_graph_rows_skipped_on_cpu():
+    (case,) = e2e.cases(CPU, True)
+    rows = e2e.run(case, ["kvcore-graph", "kvcore-snapkv64-graph"], _ctx(), steps=2)
+    for row in rows:
+        assert row["ms"] is None and "skipped: CUDA graphs need a CUDA device" in row["notes"], row
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_rows_on_cuda():
+    """The CUDA-graph rows on a tiny bf16 model (D64: a head dim the CUDA decode kernel takes):
+    timed, their first replay checked against the sdpa step, captured once while timed."""
+    dev = torch.device("cuda")
+    case = e2e.E2ECase(2, 256, layers=2, hidden=256, intermediate=512, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                       vocab=128)
+    ctx = RunContext(dev, Timer(dev, warmup_ms=1.0, rep_ms=5.0, min_reps=3), copy_gbps=1000.0, gemm_tflops=100.0)
+    names = ["transformers-sdpa", "kvcore", "kvcore-graph", "kvcore-snapkv64", "kvcore-snapkv64-graph"]
+    rows = {r["impl"]: r for r in e2e.run(case, names, ctx, steps=3)}
+    for name in names:
+        assert "error" not in rows[name] and rows[name]["ms"] > 0, rows[name]
+    assert "rel. error vs sdpa" in rows["kvcore-graph"]["notes"]
+    assert rows["kvcore-snapkv64-graph"]["cache_tokens"] == 64
+    assert rows["kvcore-snapkv64-graph"]["notes"].startswith("DecodeGraph")

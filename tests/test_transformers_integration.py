@@ -318,3 +318,65 @@ def test_apply_policy_refuses_bad_calls():
     streaming = _filled(model, "streaming_llm", 8)
     streaming.apply_policy()  # needs no queries
     assert streaming.cached_tokens() == 8
+
+
+# ---- DecodeGraph: the decode step captured in a CUDA graph (CPU: the same static-buffer step, eager)
+
+
+@pytest.mark.parametrize("policy", [None, "snapkv"])
+def test_decode_graph_matches_eager_steps(device, policy):
+    """DecodeGraph's steps give the logits of the eager decode steps on an identical cache, across
+    page boundaries and re-captures (headroom 5 tokens, page 4), with and without eviction."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = _model("llama", device, dtype)
+    kvt.enable(model)
+    ids = _prompt(device=device)
+    budget = 16 if policy else None
+    caches = [kvt.KVCoreCache(model.config, max_cache_len=PROMPT + 20, page_size=4, policy=policy, budget=budget)
+              for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, **cache.forward_kwargs(model), use_cache=True)
+    eager_cache, graph_cache = caches
+    assert eager_cache.cached_tokens() == graph_cache.cached_tokens() == (budget or PROMPT)
+    graph = kvt.DecodeGraph(model, graph_cache, headroom=5, capture=device != "cpu")
+    token = ids[:, -1:]
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    for step in range(12):
+        with torch.no_grad():
+            want = model(token, **eager_cache.forward_kwargs(model), use_cache=True).logits
+        got = graph(token)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=f"logits of step {step}")
+        token = want[:, -1].argmax(-1, keepdim=True)
+    assert graph_cache.get_seq_length() == eager_cache.get_seq_length() == PROMPT + 12
+    assert graph_cache.cached_tokens() == eager_cache.cached_tokens()
+    if device != "cpu":
+        assert graph.captures == 3  # the first call, then a wider table after 5 and after 10 steps
+    for layer in range(model.config.num_hidden_layers):
+        n = eager_cache.cached_tokens()
+        for index in (0, 1):
+            torch.testing.assert_close(_dense(graph_cache, layer, index, n), _dense(eager_cache, layer, index, n),
+                                       atol=0, rtol=0)
+
+
+def test_decode_graph_refuses_bad_use():
+    model = _model("llama")
+    cache = kvt.KVCoreCache(model.config, max_cache_len=PROMPT + 4, page_size=4)
+    with pytest.raises(ValueError, match="enable"):
+        kvt.DecodeGraph(model, cache, capture=False)
+    kvt.enable(model)
+    with pytest.raises(ValueError, match="prefilled"):
+        kvt.DecodeGraph(model, cache, capture=False)
+    with torch.no_grad():
+        model(_prompt(), **cache.forward_kwargs(model), use_cache=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        kvt.DecodeGraph(model, cache)  # capture=True on a CPU cache
+    with pytest.raises(ValueError, match="headroom"):
+        kvt.DecodeGraph(model, cache, headroom=0, capture=False)
+    with pytest.raises(ValueError, match="KVCoreCache"):
+        kvt.DecodeGraph(model, transformers.DynamicCache(), capture=False)
+    graph = kvt.DecodeGraph(model, cache, capture=False)
+    with pytest.raises(ValueError, match="input_ids"):
+        graph(torch.zeros(2, 2, dtype=torch.int64))
+    assert cache.get_seq_length() == PROMPT  # a refused call changes nothing

@@ -218,6 +218,24 @@ class PagedKVCache:
         Raises ``OutOfPagesError`` (a RuntimeError) when there are not enough free pages, and
         ValueError/KeyError for bad arguments; in every error case nothing is changed.
         """
+        seqs, counts, starts = self._grow(seq_ids, num_tokens)
+        slot_parts = []
+        for seq, n, start in zip(seqs, counts, starts):
+            if n:
+                positions = torch.arange(start, start + n, dtype=torch.int64)
+                pages = torch.tensor(seq.pages, dtype=torch.int64)
+                slot_parts.append(pages[positions // self.page_size] * self.page_size + positions % self.page_size)
+        if slot_parts:
+            slots = torch.cat(slot_parts)
+        else:
+            slots = torch.empty(0, dtype=torch.int64)
+        return self._upload(slots)
+
+    def _grow(self, seq_ids: Sequence[int], num_tokens: Sequence[int]) -> tuple[list[_Sequence], list[int], list[int]]:
+        """``reserve`` without building the slot mapping: checks the arguments, allocates the pages
+        and advances the lengths (all or nothing). Returns the sequences, the token counts and each
+        sequence's length before the call. Used directly by callers that compute their slots on
+        the device (the transformers adapter's CUDA-graph step)."""
         seq_ids = list(seq_ids)
         num_tokens = list(num_tokens)
         if len(seq_ids) != len(num_tokens):
@@ -239,21 +257,12 @@ class PagedKVCache:
                 f"reserve needs {needed} new pages for {sum(counts)} tokens but only "
                 f"{len(self._free)} of {self.num_pages} pages are free"
             )
-
-        slot_parts = []
+        starts = [seq.length for seq in seqs]
         for seq, n, extra in zip(seqs, counts, new_pages):
             for _ in range(extra):
                 seq.pages.append(self._free.pop())
-            positions = torch.arange(seq.length, seq.length + n, dtype=torch.int64)
-            pages = torch.tensor(seq.pages, dtype=torch.int64)
-            if n:
-                slot_parts.append(pages[positions // self.page_size] * self.page_size + positions % self.page_size)
             seq.length += n
-        if slot_parts:
-            slots = torch.cat(slot_parts)
-        else:
-            slots = torch.empty(0, dtype=torch.int64)
-        return self._upload(slots)
+        return seqs, counts, starts
 
     def _upload(self, host: Tensor) -> Tensor:
         """Copy step metadata built on the host (slots, block tables, lengths) to the cache device.

@@ -12,6 +12,11 @@ Implementations (rows), on one model and the same synthesized context:
 * ``kvcore``: :func:`kvcore.integrations.transformers.enable` with a :class:`KVCoreCache` (paged
   cache, ``append_paged_kv`` + ``gqa_decode``), no policy.
 * ``kvcore-snapkv<N>`` (``N`` = budget, 2048 on CUDA): the same with SnapKV at budget ``N``.
+* ``kvcore-graph``, ``kvcore-snapkv<N>-graph`` (CUDA only): the same two, with the decode step
+  captured once in a CUDA graph and replayed (:class:`kvcore.integrations.transformers.DecodeGraph`;
+  each call stages the new lengths, positions and tokens on the host, then replays). The eager
+  step is bound by the host (H200, B8: 28-41 ms of wall time for 7-14 ms of kernels, measured
+  with ``bench/experiments/e2e_profile.py``); the graph rows show the step without that.
 
 How the state is made (assumptions):
 
@@ -41,8 +46,9 @@ serving engine runs it.
 Correctness before timing: on the fresh state the first kvcore step's logits and every layer's
 attention output (``self_attn`` output, hooked) are compared with the sdpa step's (relative
 Frobenius error; tolerances ``REL_TOL``: tight at layer 0, looser deeper and for the logits); a
-disagreement turns the kvcore rows into error rows (no time). The policy row is checked for
-finite logits only (it attends to fewer tokens on purpose).
+disagreement turns the kvcore rows into error rows (no time). ``kvcore-graph``'s first replay is
+checked the same way on its logits (hooks do not run inside a graph). The policy rows are checked
+for finite logits only (they attend to fewer tokens on purpose).
 
 Row numbers: ``ms`` per step; bytes = the floor one step must read (the weights except the
 embedding table, B embedding rows, the K/V held, the new token's K/V) for ``gbps``/``pct_copy``;
@@ -72,7 +78,8 @@ GROUP = "e2e"
 
 SDPA = "transformers-sdpa"
 KVCORE = "kvcore"
-_SNAP = re.compile(r"^kvcore-snapkv(\d+)$")
+KVCORE_GRAPH = "kvcore-graph"
+_SNAP = re.compile(r"^kvcore-snapkv(\d+)(-graph)?$")
 
 #: Timed steps per implementation and case (median); the warm-up adds at most 8 calls.
 STEPS = 10
@@ -159,12 +166,19 @@ def cases(device: torch.device, quick: bool) -> list:
 
 def impls(device: torch.device) -> list:
     """Implementations run by default, in report column order (the SnapKV budget is in the name)."""
-    budget = 2048 if torch.device(device).type == "cuda" else 64
-    return [SDPA, KVCORE, f"kvcore-snapkv{budget}"]
+    if torch.device(device).type == "cuda":
+        return [SDPA, KVCORE, KVCORE_GRAPH, "kvcore-snapkv2048", "kvcore-snapkv2048-graph"]
+    return [SDPA, KVCORE, "kvcore-snapkv64"]  # CUDA graphs need a GPU
 
 
 def known_impls() -> list:
-    return [SDPA, KVCORE, "kvcore-snapkv2048", "kvcore-snapkv1024", "kvcore-snapkv64"]
+    snap = [f"kvcore-snapkv{n}{g}" for n in (2048, 1024, 64) for g in ("", "-graph")]
+    return [SDPA, KVCORE, KVCORE_GRAPH] + snap
+
+
+def uses_graph(impl: str) -> bool:
+    """Whether ``impl`` replays a captured CUDA graph (``kvcore-graph``, ``kvcore-snapkv<N>-graph``)."""
+    return impl == KVCORE_GRAPH or (_SNAP.match(impl) is not None and impl.endswith("-graph"))
 
 
 def snapkv_budget(impl: str) -> Optional[int]:
@@ -345,7 +359,7 @@ def run(case: E2ECase, impl_names: Sequence[str], ctx: RunContext, steps: int = 
             model = build_model(case, device, seed)
             gen = torch.Generator().manual_seed(seed + 5)
             tokens = torch.randint(0, case.vocab, (case.batch, 1), generator=gen).to(device)
-            wants_kvcore = any(n == KVCORE or snapkv_budget(n) for n in impl_names)
+            wants_kvcore = any(n in (KVCORE, KVCORE_GRAPH) or snapkv_budget(n) for n in impl_names)
 
             # transformers' path: it is also the reference of kvcore's first step.
             reference = None
@@ -389,12 +403,20 @@ def run(case: E2ECase, impl_names: Sequence[str], ctx: RunContext, steps: int = 
                     del step, cache
                     ctx.free_memory()
 
+                if KVCORE_GRAPH in impl_names:
+                    ctx.progress.set_label(f"{GROUP} {case.name} {KVCORE_GRAPH}")
+                    rows[KVCORE_GRAPH] = _run_graph(case, model, tokens, ctx, steps, room, check_error, reference[0],
+                                                    tol[1])
+                    ctx.progress.update(1)
+                    ctx.free_memory()
+
                 for name in impl_names:
                     budget = snapkv_budget(name)
                     if budget is None:
                         continue
                     ctx.progress.set_label(f"{GROUP} {case.name} {name}")
-                    rows[name] = _run_snapkv(case, name, budget, model, tokens, ctx, steps, room, check_error)
+                    rows[name] = _run_snapkv(case, name, budget, model, tokens, ctx, steps, room, check_error,
+                                             graph=uses_graph(name))
                     ctx.progress.update(1)
                     ctx.free_memory()
             finally:
@@ -424,11 +446,53 @@ def run(case: E2ECase, impl_names: Sequence[str], ctx: RunContext, steps: int = 
     ]
 
 
+def _graph_skip(device: torch.device) -> Optional[str]:
+    return None if device.type == "cuda" else "skipped: CUDA graphs need a CUDA device"
+
+
+def _time_graph(cache: Any, model: Any, tokens: torch.Tensor, ctx: RunContext, steps: int) -> tuple:
+    """(logits of the first replay [B, V] fp32, ms, peak bytes) of a DecodeGraph on ``cache``."""
+    from ..integrations import transformers as kvt
+
+    graph = kvt.DecodeGraph(model, cache, headroom=steps + 16)  # no re-capture while timed
+    first = graph(tokens)[:, -1].float()  # warm-up, capture, replay
+    ms, peak = _time_step(lambda: graph(tokens), ctx, steps)
+    if graph.captures != 1:
+        raise RuntimeError(f"the step was captured {graph.captures} times while timed (expected once)")
+    return first, ms, peak
+
+
+def _run_graph(case: E2ECase, model: Any, tokens: torch.Tensor, ctx: RunContext, steps: int, room: int,
+               check_error: Optional[str], ref_logits: torch.Tensor, tol: float) -> dict:
+    from ..integrations import transformers as kvt
+
+    skip = _graph_skip(ctx.device)
+    if skip:
+        return make_row(GROUP, KVCORE_GRAPH, case.name, ctx, notes=skip)
+    if check_error:
+        return _row(case, KVCORE_GRAPH, ctx, None, case.seq_len, cache_bytes=None,
+                    error=f"kvcore's eager step failed its check: {check_error}")
+    cache = kvt.KVCoreCache(model.config, max_cache_len=room, page_size=case.page_size)
+    fill_cache(cache, case, case.seq_len, ctx.device, ctx.seed)
+    kw = dict(cache_bytes=cache.cache_bytes(), pool_bytes=cache.paged.memory_report()["allocated_bytes"])
+    first, ms, peak = _time_graph(cache, model, tokens, ctx, steps)
+    err = _rel_err(first, ref_logits)
+    if not err < tol:
+        return _row(case, KVCORE_GRAPH, ctx, None, case.seq_len,
+                    error=f"first replay's logits disagree with transformers-sdpa (rel. error {err:.2g} >= {tol:g})", **kw)
+    return _row(case, KVCORE_GRAPH, ctx, ms, case.seq_len, peak=peak,
+                notes=f"DecodeGraph (CUDA graph replay) on KVCoreCache page {case.page_size}; first replay's logits "
+                      f"rel. error vs sdpa {err:.2g}", **kw)
+
+
 def _run_snapkv(case: E2ECase, name: str, budget: int, model: Any, tokens: torch.Tensor, ctx: RunContext,
-                steps: int, room: int, check_error: Optional[str]) -> dict:
+                steps: int, room: int, check_error: Optional[str], graph: bool = False) -> dict:
     from ..integrations import transformers as kvt
 
     device, seed = ctx.device, ctx.seed
+    skip = _graph_skip(device) if graph else None
+    if skip:
+        return make_row(GROUP, name, case.name, ctx, notes=skip)
     if budget >= case.seq_len:
         return make_row(GROUP, name, case.name, ctx, notes=f"skipped: budget {budget} >= context {case.seq_len}")
     if check_error:
@@ -451,19 +515,24 @@ def _run_snapkv(case: E2ECase, name: str, budget: int, model: Any, tokens: torch
                f"(the policy's output size; positions start at {budget}), SnapKV scoring not run")
     held = cache.cached_tokens()
     kw = dict(cache_bytes=cache.cache_bytes(), pool_bytes=cache.paged.memory_report()["allocated_bytes"])
-    step = _Step(model, cache, tokens)
-    logits = step()
+    kvcore = peers.import_kvcore()
+    previous = kvcore.set_validation(False)
+    try:
+        if graph:
+            logits, ms, peak = _time_graph(cache, model, tokens, ctx, steps)
+            how = "DecodeGraph (CUDA graph replay); " + how
+        else:
+            step = _Step(model, cache, tokens)
+            logits = step()
+            ms, peak = _time_step(step, ctx, steps)
+    finally:
+        kvcore.set_validation(previous)
     bad = int((~torch.isfinite(logits)).sum())
     del logits
     if bad:
         return _row(case, name, ctx, None, held, error=f"{bad} logits are NaN/inf", **kw)
-    kvcore = peers.import_kvcore()
-    previous = kvcore.set_validation(False)
-    try:
-        ms, peak = _time_step(step, ctx, steps)
-    finally:
-        kvcore.set_validation(previous)
     return _row(case, name, ctx, ms, held, peak=peak, notes=how, **kw)
 
 
-__all__ = ["E2ECase", "GROUP", "build_model", "cases", "fill_cache", "impls", "known_impls", "run", "snapkv_budget"]
+__all__ = ["E2ECase", "GROUP", "build_model", "cases", "fill_cache", "impls", "known_impls", "run", "snapkv_budget",
+           "uses_graph"]
