@@ -232,6 +232,24 @@ def test_generate_command(capsys):
                           "--kv-heads", "1", "--vocab", str(VOCAB), "--chunk", "10"]) == 0
     printed = capsys.readouterr().out
     assert "cache bytes without policy" in printed and "tokens/s" in printed and "tokens[0]: [" in printed
+    with pytest.raises(SystemExit):
+        generate.main(["--cuda-graph"])  # on the default CPU device: refused by the parser
+    assert "--cuda-graph needs a CUDA --device" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", [None, "snapkv"])
+def test_generate_command_cuda_graph(policy):
+    """The generate command's decode through DecodeGraph gives the eager decode's tokens."""
+    from kvcore import generate
+
+    kw = dict(layers=2, context=40, new_tokens=8, policy=policy, budget=16 if policy else None, hidden=256, heads=4,
+              kv_heads=2, vocab=VOCAB, page_size=8, chunk=16, dtype="bfloat16", device="cuda", progress=False)
+    eager = generate.run("llama", **kw)
+    graph = generate.run("llama", **kw, cuda_graph=True)
+    assert graph["tokens"] == eager["tokens"]
+    assert graph["cached_tokens"] == eager["cached_tokens"] and graph["seen_tokens"] == eager["seen_tokens"]
 
 
 def _filled(model, policy=None, budget=None, length=PROMPT, seed=5, batch=2, **policy_kwargs):

@@ -56,8 +56,11 @@ def _progress(done: int, total: int, start: float, out=sys.stderr) -> None:
 def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: int = 16, policy: Optional[str] = None,
         budget: Optional[int] = None, batch: int = 1, hidden: int = 256, heads: int = 8, kv_heads: int = 2,
         vocab: int = 1024, page_size: int = 16, chunk: int = 512, dtype: str = "float32", device: str = "cpu",
-        seed: int = 0, progress: bool = True) -> dict[str, Any]:
+        seed: int = 0, progress: bool = True, cuda_graph: bool = False) -> dict[str, Any]:
     """Prefill ``context`` random tokens and decode ``new_tokens`` greedily; returns the numbers printed.
+
+    ``cuda_graph``: decode through :class:`kvcore.integrations.transformers.DecodeGraph` (the step
+    captured once in a CUDA graph and replayed; CUDA only), else eager forward calls.
 
     Returns a dict: ``tokens`` (``[batch, new_tokens]`` list), ``cache_bytes`` (with the policy, measured),
     ``cache_bytes_full`` (no policy, same tokens), ``cached_tokens``, ``prefill_tok_s``, ``decode_tok_s``.
@@ -85,9 +88,13 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
         prefill_s = time.perf_counter() - start
 
         tokens = [logits.argmax(-1)]
+        step = kvt.DecodeGraph(model, cache, headroom=max(new_tokens, 1)) if cuda_graph else None
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            logits = model(tokens[-1][:, None], use_cache=True, **kwargs).logits[:, -1]
+            if step is not None:
+                logits = step(tokens[-1][:, None])[:, -1]
+            else:
+                logits = model(tokens[-1][:, None], use_cache=True, **kwargs).logits[:, -1]
             tokens.append(logits.argmax(-1))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -128,12 +135,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="decode with the step captured in a CUDA graph (kvcore's DecodeGraph; CUDA only)")
     args = parser.parse_args(argv)
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        parser.error("--cuda-graph needs a CUDA --device")
     if args.policy is not None and args.budget is None:
         parser.error("--policy needs --budget")
     result = run(args.arch, args.layers, args.context, args.new_tokens, args.policy, args.budget, args.batch,
                  args.hidden, args.heads, args.kv_heads, args.vocab, args.page_size, args.chunk, args.dtype,
-                 args.device, args.seed)
+                 args.device, args.seed, cuda_graph=args.cuda_graph)
     name = args.policy or "none"
     print(f"model: {args.arch}, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} "
           f"(q/kv), random weights, {args.dtype} on {args.device}")
