@@ -34,7 +34,8 @@ def report(name: str, step) -> None:
         step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+    # Kernel rows only: an op's row repeats the device time of the kernels it launched.
+    gpu_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
     print(f"== {name}: wall {sorted(walls)[2]:.2f} ms (median of 5), kernels {gpu_ms:.2f} ms")
     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
     print(events.table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=60))
