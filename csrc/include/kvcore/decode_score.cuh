@@ -61,7 +61,6 @@ __global__ void __launch_bounds__(kDecodeScoreThreads) decode_score_kernel(const
   const int64_t blk = int64_t(blockIdx.x) * (kDecodeScoreThreads / 4) + threadIdx.x / 4;
   const int64_t k0 = blk * kScoreBlock + (threadIdx.x % 4) * KPT;  // first key of this thread
   const int64_t pair = int64_t(b) * p.num_kv_heads + kvh;
-  if (k0 >= n) return;  // past the sequence (or its window): nothing to add
   float* sc = p.score + pair * p.score_len + first + k0;
 
   // Before the wait: the score values this thread updates (the decode grid never writes them).
@@ -70,8 +69,11 @@ __global__ void __launch_bounds__(kDecodeScoreThreads) decode_score_kernel(const
   for (int i = 0; i < KPT; ++i) old[i] = k0 + i < n ? sc[i] : 0.f;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Every thread waits, also those with no key: then this grid cannot complete before the decode
+  // grid has, and work queued after it on the stream is ordered after both, whatever the lengths.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+  if (k0 >= n) return;  // past the sequence (or its window): nothing to add
 
   const int group = p.group;
   const int64_t row0 = (pair * p.blocks + blk) * group;  // (block, head 0) row of the scratch
