@@ -179,6 +179,21 @@ def test_gqa_decode_score_scratch_grid_cuda(device, dtype, case, gen):
     _check_step(before, score, lens, 2 * add, window_left)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_empty_block_table(device, gen):
+    """A block table with no columns: nothing attended, the score (of width 0 or more) unchanged."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q = randn(2, 4, 64, gen=gen, dtype=dtype, device=device)
+    k = randn(3, 16, 2, 64, gen=gen, dtype=dtype, device=device)
+    bt = torch.zeros(2, 0, dtype=torch.int32, device=device)
+    sl = torch.zeros(2, dtype=torch.int32, device=device)
+    score = _score_buffer(2, 2, 5, gen, device)
+    before = score.clone()
+    out, lse = kvcore.gqa_decode(q, k, k, bt, sl, return_lse=True, score=score)
+    assert torch.equal(score, before)
+    assert not out.float().abs().any() and bool((lse == -math.inf).all())
+
+
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_score_graph_replay_cuda(device, gen):
     """gqa_decode(score=) captured once in a CUDA graph (out, lse and workspace given: no

@@ -140,6 +140,7 @@ inline bool use_pdl(cudaStream_t stream) {
 // The score epilogue (decode_score.cuh) after a SCORE decode launch on the same stream.
 inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
                                   const at::Tensor& score, cudaStream_t stream) {
+  if (kv_len <= 0) return;  // an empty block table attends nothing (and a 0-wide grid is an error)
   DecodeScoreParams sp{};
   sp.seq_lens = p.seq_lens;
   sp.probs = p.score_probs;
