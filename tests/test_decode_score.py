@@ -22,8 +22,10 @@ cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_R
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 # Tolerance on each step's increment (probabilities O(1/L)..1 summed over G heads): the logits come
 # from bf16/fp16 data converted exactly, so the error is the fp32 dot product's, the exp's and the
-# lse's (a logit error d is a relative probability error d). A soft cap goes through tanhf, whose
-# error the plain decode tests bound by lse within 1e-3.
+# lse's (a logit error d is a relative probability error d). On CUDA the unnormalised
+# probabilities pass through fp16 scratch (values in [0, 1]: a relative error <= 2^-11 ~ 4.9e-4,
+# or an absolute one <= 2^-25 below fp16's normal range), inside rtol. A soft cap goes through
+# tanhf, whose error the plain decode tests bound by lse within 1e-3.
 SCORE_TOL = dict(atol=1e-5, rtol=2e-3)
 CAP_SCORE_TOL = dict(atol=1e-5, rtol=1e-2)
 
@@ -111,6 +113,132 @@ def test_gqa_decode_score_splits_cuda(device, dtype, group, num_splits, gen):
         torch.testing.assert_close(lse, plain_lse, **LSE_TOL)
     add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, score_len=score.shape[2])
     _check_step(before, score, lens, add)
+
+
+# The CUDA scratch path (csrc/include/kvcore/decode_score.cuh): fp16 P per 16-key block and head
+# plus the block's base, read back by the epilogue, 1024 keys per epilogue CTA, 4 per thread. The
+# grid covers the epilogue's head-loop bounds (groups 1, 2, 3, 5, 8, 12, 16: rows 8..15 of the mma
+# tile from 9 up), single- and multi-split pairs, windows (the window start is not a multiple of
+# 16 or 4), page sizes (power of two or not) and lengths at every block / CTA edge.
+# (Hkv, group, D, page_size, lens, window_left, num_splits, q_scale)
+SCRATCH_CASES = [
+    (2, 1, 128, 16, [0, 1, 15, 16, 17, 1023, 1024, 1025], -1, 1, 1.0),
+    (2, 2, 64, 16, [2049, 0, 33, 1], -1, 3, 1.0),
+    (1, 3, 128, 24, [1000, 1, 47, 2100], -1, 0, 1.0),
+    (2, 4, 128, 16, [4100, 17, 0, 1024], -1, 0, 1.0),
+    (3, 5, 256, 16, [700, 1, 64, 65], 37, 2, 1.0),
+    (2, 8, 64, 64, [3000, 2, 0, 1111], 1100, 0, 1.0),
+    (2, 12, 128, 16, [513, 1, 1040], -1, 4, 1.0),
+    (1, 16, 128, 32, [1500, 16, 3], 900, 1, 1.0),
+    (2, 16, 64, 16, [2500, 1, 31], -1, 0, 1.0),
+    # Peaked probabilities (logits of std ~8): the running max moves across tiles, many P are far
+    # below 1 (fp16 subnormal or 0), a few keys hold most of the mass.
+    (2, 4, 128, 16, [3000, 5, 1030], -1, 0, 8.0),
+    (2, 8, 64, 16, [2000, 129], 300, 1, 8.0),
+]
+
+
+def _scratch_poisoned_workspace(batch, hq, max_pages, page_size, window_left, device):
+    """The workspace the call needs, counters zero and everything after them NaN (0xFF bytes are a
+    NaN in fp16 and fp32): a read of a scratch element the decode kernel did not write shows."""
+    need = kvcore.ops.decode_score_workspace_bytes(batch, hq, max_pages, page_size, window_left)
+    ws = torch.full((need,), 0xFF, dtype=torch.uint8, device=device)
+    ws[: 1 << 20] = 0
+    return ws
+
+
+@pytest.mark.parametrize("case", SCRATCH_CASES,
+                         ids=lambda c: f"Hkv{c[0]}G{c[1]}D{c[2]}ps{c[3]}w{c[5]}s{c[6]}x{int(c[7])}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_scratch_grid_cuda(device, dtype, case, gen):
+    hkv, group, d, ps, lens, window_left, num_splits, q_scale = case
+    batch, hq = len(lens), hkv * group
+    kv = make_paged_kv(lens, ps, hkv, d, gen=gen, dtype=dtype, device=device)
+    q = randn(batch, hq, d, gen=gen, dtype=dtype, device=device, scale=q_scale)
+    max_pages = kv.block_table.shape[1]
+    score = _score_buffer(batch, hkv, max_pages * ps + 3, gen, device)
+    before = score.clone()
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(batch, hq, dtype=torch.float32, device=device))
+    ws = _scratch_poisoned_workspace(batch, hq, max_pages, ps, window_left, device)
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, window_left=window_left, out=out,
+                      lse=lse, workspace=ws, num_splits=num_splits, score=score)
+    add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, window_left=window_left,
+                                     score_len=score.shape[2])
+    _check_step(before, score, lens, add, window_left)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                            window_left=window_left)
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    # The counters are back to zero for the next call: a second call on the same workspace adds
+    # the same increment again.
+    ws[1 << 20:] = 0xFF
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, window_left=window_left,
+                      workspace=ws, num_splits=num_splits, score=score)
+    _check_step(before, score, lens, 2 * add, window_left)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_empty_block_table(device, gen):
+    """A block table with no columns: nothing attended, the score (of width 0 or more) unchanged."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q = randn(2, 4, 64, gen=gen, dtype=dtype, device=device)
+    k = randn(3, 16, 2, 64, gen=gen, dtype=dtype, device=device)
+    bt = torch.zeros(2, 0, dtype=torch.int32, device=device)
+    sl = torch.zeros(2, dtype=torch.int32, device=device)
+    score = _score_buffer(2, 2, 5, gen, device)
+    before = score.clone()
+    out, lse = kvcore.gqa_decode(q, k, k, bt, sl, return_lse=True, score=score)
+    assert torch.equal(score, before)
+    assert not out.float().abs().any() and bool((lse == -math.inf).all())
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_graph_replay_cuda(device, gen):
+    """gqa_decode(score=) captured once in a CUDA graph (out, lse and workspace given: no
+    allocation, no host sync) and replayed for new q, block tables and lengths."""
+    batch, hq, hkv, d, ps, max_pages = 3, 16, 4, 128, 16, 80
+    num_pages = batch * max_pages
+    dt = torch.bfloat16
+    k_cache = randn(num_pages, ps, hkv, d, gen=gen, dtype=dt, device=device)
+    v_cache = randn(num_pages, ps, hkv, d, gen=gen, dtype=dt, device=device)
+    q = torch.empty(batch, hq, d, dtype=dt, device=device)
+    block_table = torch.empty(batch, max_pages, dtype=torch.int32, device=device)
+    seq_lens = torch.empty(batch, dtype=torch.int32, device=device)
+    out = torch.empty(batch, hq, d, dtype=dt, device=device)
+    lse = torch.empty(batch, hq, dtype=torch.float32, device=device)
+    score = torch.empty(batch, hkv, max_pages * ps, dtype=torch.float32, device=device)
+    workspace = torch.zeros(kvcore.ops.decode_score_workspace_bytes(batch, hq, max_pages, ps),
+                            dtype=torch.uint8, device=device)
+
+    def fill(lens):
+        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
+        block_table.copy_(perm.int())
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.copy_(randn(*q.shape, gen=gen, dtype=dt))
+        score.copy_(_score_buffer(batch, hkv, max_pages * ps, gen, "cpu"))
+
+    def step():
+        kvcore.gqa_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, lse=lse, workspace=workspace,
+                          score=score)
+
+    fill([600, 1, 37])
+    step()  # warm-up outside the capture (kernel attributes, occupancy cache)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for lens in ([1280, 5, 100], [1, 0, 1279], [320, 1024, 1025]):
+        fill(lens)
+        before = score.clone()
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        add = reference.gqa_decode_score(q, k_cache, block_table, seq_lens, score_len=score.shape[2])
+        _check_step(before, score, lens, add)
+        ref_out, _ = reference.gqa_decode(q, k_cache, v_cache, block_table, seq_lens)
+        torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("device,dtype", _device_dtypes())

@@ -103,14 +103,21 @@ inline GqaDecodeParams common_params(const char* op, const PagedDecodeShape& s, 
   return p;
 }
 
-// Row length (floats) of the H2O score logits scratch: kv_len rounded up so rows stay 16-byte
-// aligned (the decode kernel stores float2 pairs at even offsets).
-inline int64_t score_ld(int64_t kv_len) { return (kv_len + 3) / 4 * 4; }
-// Workspace bytes the H2O score accumulation needs after the counters: the final lse2 per query
-// head, then the logits [pairs * group, score_ld].
-inline int64_t score_lse_bytes(const PagedDecodeShape& s) { return (s.batch * s.num_q_heads * 4 + 255) / 256 * 256; }
+// H2O score scratch (decode_score.cuh): blocks of kScoreBlock keys per (sequence, KV head), and
+// the workspace bytes it needs after the counters: the final lse2 per query head, then P (fp16)
+// [pairs, blocks, group, kScoreBlock], then the bases (fp32) [pairs, blocks, group]. Each region
+// starts 256-byte aligned (the decode kernel stores P rows as 8-byte pieces). 2.25 bytes per key
+// and query head: no more than the 4 that kvcore.ops.decode_score_workspace_bytes still counts
+// (the fp32 logits of the first version) for kv_len >= 9, up to one more 256-byte rounding; below
+// that, and for the rounding, its room for split partials (63 MiB) covers the difference.
+inline int64_t score_blocks(int64_t kv_len) { return (kv_len + kScoreBlock - 1) / kScoreBlock; }
+inline int64_t round256(int64_t n) { return (n + 255) / 256 * 256; }
+inline int64_t score_lse_bytes(const PagedDecodeShape& s) { return round256(s.batch * s.num_q_heads * 4); }
+inline int64_t score_prob_bytes(const PagedDecodeShape& s, int64_t kv_len) {
+  return round256(s.batch * s.num_q_heads * score_blocks(kv_len) * kScoreBlock * 2);
+}
 inline int64_t score_bytes(const PagedDecodeShape& s, int64_t kv_len) {
-  return score_lse_bytes(s) + (s.batch * s.num_q_heads * score_ld(kv_len) * 4 + 255) / 256 * 256;
+  return score_lse_bytes(s) + score_prob_bytes(s, kv_len) + round256(s.batch * s.num_q_heads * score_blocks(kv_len) * 4);
 }
 
 inline bool env_flag(const char* name) {
@@ -133,11 +140,13 @@ inline bool use_pdl(cudaStream_t stream) {
 // The score epilogue (decode_score.cuh) after a SCORE decode launch on the same stream.
 inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
                                   const at::Tensor& score, cudaStream_t stream) {
+  if (kv_len <= 0) return;  // an empty block table attends nothing (and a 0-wide grid is an error)
   DecodeScoreParams sp{};
   sp.seq_lens = p.seq_lens;
-  sp.logits = p.score_logits;
+  sp.probs = p.score_probs;
+  sp.bases = p.score_bases;
   sp.lse2 = p.score_lse2;
-  sp.ld = p.score_ld;
+  sp.blocks = p.score_blocks;
   sp.score = score.data_ptr<float>();
   sp.score_len = score.size(2);
   sp.num_kv_heads = int(s.num_kv_heads);
@@ -156,12 +165,18 @@ inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeSha
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = use_pdl(stream) ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_score_kernel<>, sp));
+  // The head loop's compile-time bound: the smallest of 1, 2, 4, 8, 16 that holds the group.
+  auto kernel = s.group <= 1 ? decode_score_kernel<1>
+                : s.group <= 2 ? decode_score_kernel<2>
+                : s.group <= 4 ? decode_score_kernel<4>
+                : s.group <= 8 ? decode_score_kernel<8>
+                               : decode_score_kernel<16>;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, sp));
 }
 
 // Picks the split, lays out the workspace and launches. kv_len: the most key positions one
 // (sequence, KV head) can have, from shapes only. SCORE: gqa_decode with an H2O score buffer
-// (`score` not null), which also needs workspace room for the logits (score_bytes) and a second
+// (`score` not null), which also needs workspace room for the score scratch (score_bytes) and a second
 // small launch.
 template <typename T, typename Cfg, bool SPARSE, bool SCORE = false>
 void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
@@ -213,8 +228,9 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   if constexpr (SCORE) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
     p.score_lse2 = reinterpret_cast<float*>(base + kCounterBytes);
-    p.score_logits = reinterpret_cast<float*>(base + kCounterBytes + score_lse_bytes(s));
-    p.score_ld = score_ld(kv_len);
+    p.score_probs = reinterpret_cast<__half*>(base + kCounterBytes + score_lse_bytes(s));
+    p.score_bases = reinterpret_cast<float*>(base + kCounterBytes + score_lse_bytes(s) + score_prob_bytes(s, kv_len));
+    p.score_blocks = score_blocks(kv_len);
   }
   // KV heads vary fastest over the grid: the CTAs of one (sequence, split) read interleaved rows
   // of the same pages at about the same time, which keeps DRAM row-buffer locality.

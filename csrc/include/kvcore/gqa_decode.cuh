@@ -58,13 +58,16 @@ struct GqaDecodeParams {
   // exit, then the time each of the first trace_tiles tiles landed.
   unsigned long long* trace;  // [grid CTAs][4 + trace_tiles]
   int trace_tiles;
-  // H2O score accumulation (the SCORE kernels only; workspace scratch): every attended key's
-  // log2-domain logit per query head, at score_logits[(pair * group + g) * score_ld + (pos -
-  // window start)], and each head's final log2-sum-exp in score_lse2 [B * Hq]. The epilogue
-  // kernel (decode_score.cuh) turns them into probabilities once the split merge is done.
-  float* score_logits;
+  // H2O score accumulation (the SCORE kernels only; workspace scratch). Keys are numbered from
+  // the window start and grouped in blocks of 16 (one warp's share of a tile). For every attended
+  // block and query head g: P = exp2(logit - base) as fp16 at score_probs[((pair * score_blocks +
+  // block) * group + g) * 16 + key % 16] and the block's base at score_bases[(pair *
+  // score_blocks + block) * group + g]; each head's final log2-sum-exp in score_lse2 [B * Hq].
+  // The epilogue kernel (decode_score.cuh) turns them into probabilities after the split merge.
+  __half* score_probs;
+  float* score_bases;
   float* score_lse2;
-  int64_t score_ld;
+  int64_t score_blocks;  // blocks per (sequence, KV head)
 };
 
 #ifdef KVCORE_DECODE_TRACE
@@ -216,8 +219,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     fetch_pages(0, pages);
   }
   end = min(SPARSE ? sel_count * p.page_size : seq_len, start + p.split_tokens);
-  // SCORE: position of the window's first key (the logits are stored relative to it).
-  [[maybe_unused]] const int score_base = SCORE ? start - split * p.split_tokens : 0;
+  // SCORE: position of the window's first key (the score scratch numbers keys from it).
+  [[maybe_unused]] const int score_first = SCORE ? start - split * p.split_tokens : 0;
   const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
@@ -286,28 +289,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
           ok = tok0 + nt * 8 + (i & 1) < end;
         s[nt][i] = ok ? x : -INFINITY;
       }
-    if constexpr (SCORE) {
-      // Store the attended logits of the group's heads (rows r0, r0 + 8 of the tile) for the
-      // epilogue. Positions relative to the window start are even here (split_tokens and
-      // the tile are multiples of 64, cpair is even) and score_ld is even: float2 is aligned.
-      const int64_t pair_row = (int64_t(b) * p.num_kv_heads + kvh) * group;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = r0 + 8 * r;
-        if (row < group) {
-          float* dst = p.score_logits + (pair_row + row) * p.score_ld;
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt) {
-            const int pos = tok0 + nt * 8;
-            if (pos + 1 < end)
-              *reinterpret_cast<float2*>(dst + (pos - score_base)) = make_float2(s[nt][2 * r], s[nt][2 * r + 1]);
-            else if (pos < end)
-              dst[pos - score_base] = s[nt][2 * r];
-          }
-        }
-      }
-    }
     float alpha[2];
+    [[maybe_unused]] float pbase[2];  // SCORE: the base of this tile's P per row half
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
@@ -315,6 +298,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       mx = fmaxf(mx, m[r]);
       const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
+      if constexpr (SCORE) pbase[r] = base;
       alpha[r] = exp2f(m[r] - base);
       m[r] = mx;
       float sum = 0.f;
@@ -326,6 +310,36 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
           sum += s[nt][2 * r + j];
         }
       l[r] = l[r] * alpha[r] + sum;  // per-lane partial; summed over the quad at the end
+    }
+    if constexpr (SCORE) {
+      // Store this warp's block of P (16 keys x the group's heads, fp16) and its base per head
+      // for the epilogue (see GqaDecodeParams). A quad holds one head row's 16 keys as pairs:
+      // lane q has keys 2q, 2q + 1 (n-tile 0) and 8 + 2q, 9 + 2q (n-tile 1). Four shuffles give
+      // lane q keys 4q .. 4q + 3, so each lane stores 8 contiguous bytes and a warp's store covers
+      // whole rows of the block: 128 contiguous bytes at group 4. Blocks wholly past the end are
+      // not stored (the epilogue reads only keys < seq_len); masked keys inside a stored block
+      // hold P = 0.
+      const int blk_pos = start + t * TILE + wrow;  // warp-uniform
+      if (blk_pos < end) {
+        const int q = lane & 3;
+        const int src = (lane & ~3) | ((2 * q) & 3);  // holder of keys 4q, 4q + 1; src + 1: 4q + 2, 4q + 3
+        const int64_t row0 =
+            ((int64_t(b) * p.num_kv_heads + kvh) * p.score_blocks + (blk_pos - score_first) / Cfg::WARP_TOKENS) * group;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if (r == 1 && group <= 8) break;  // rows 8..15 are padding
+          const uint32_t h0 = pack2(s[0][2 * r], s[0][2 * r + 1], __half{});
+          const uint32_t h1 = pack2(s[1][2 * r], s[1][2 * r + 1], __half{});
+          const uint32_t a0 = __shfl_sync(0xffffffffu, h0, src), a1 = __shfl_sync(0xffffffffu, h1, src);
+          const uint32_t b0 = __shfl_sync(0xffffffffu, h0, src + 1), b1 = __shfl_sync(0xffffffffu, h1, src + 1);
+          const int row = r0 + 8 * r;
+          if (row < group) {
+            *reinterpret_cast<uint2*>(p.score_probs + (row0 + row) * Cfg::WARP_TOKENS + 4 * q) =
+                q < 2 ? make_uint2(a0, b0) : make_uint2(a1, b1);
+            if (q == 0) p.score_bases[row0 + row] = pbase[r];
+          }
+        }
+      }
     }
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
