@@ -26,7 +26,7 @@
 //
 // Rows whose source is themselves (kept[i] == i, common for sinks) are neither read nor written.
 // seq_lens[b] = kept_lens[b] is written by the last CTA to arrive; every CTA arrives after its
-// read of seq_lens (thread 0: load, fence, arrival count), so no CTA reads a new length.
+// read of seq_lens (thread 0: load, then a releasing arrival count), so no CTA reads a new length.
 //
 // Safety without validation: seq_len is clamped to [0, capacity], kept_lens to
 // [0, min(max_kept, seq_len)], every kept position to [0, seq_len) and page ids to
@@ -73,13 +73,22 @@ __device__ __forceinline__ void store_release(unsigned* p, unsigned v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
 
-// Polling load; the thread that sees a flag set follows with __threadfence() before the CTA's
-// writes (a relaxed read plus a fence is an acquire in the PTX memory model).
-__device__ __forceinline__ unsigned load_relaxed(const unsigned* p) {
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   unsigned v;
-  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+
+__device__ __forceinline__ unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
+// Ordering between CTAs follows one pattern throughout (as CUTLASS's semaphores do): the threads
+// of a CTA meet at a barrier, then one thread releases (st.release / atom.acq_rel); on the other
+// side threads acquire (ld.acquire / atom.acq_rel), then meet at a barrier before acting. The
+// barrier carries the ordering to the other threads of the CTA, so no per-thread fence is needed.
 
 // One Vec from global to shared memory: cp.async (L2 only for 16 bytes) on sm_80+, where 4, 8
 // and 16 bytes are the sizes it takes; a plain load and store otherwise (2-byte rows, older GPUs).
@@ -179,10 +188,10 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
       }
       s_len = len;
       s_n = n;
-      // This CTA's read of seq_lens[b] is done and ordered before its arrival, so the last to
-      // arrive may overwrite the lengths. The count's value is only needed at the very end.
-      __threadfence();
-      arrival = atomicAdd(p.scratch + 1, 1u);
+      // Release: this CTA's read of seq_lens[b] is ordered before its arrival, so the last to
+      // arrive may overwrite the lengths; acquire: for that last one, every other CTA's read is
+      // ordered before its writes. The count's value is only needed at the very end.
+      arrival = atom_add_acq_rel(p.scratch + 1, 1u);
     }
     asm volatile("bar.sync 1, 64;\n" ::: "memory");  // warps 0-1: s_len, s_n
     const int64_t len = s_len, n = s_n;
@@ -243,10 +252,9 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
     j1 = s_range[1];
     // A non-blocking look (this CTA has not published yet, so it must not wait here); flags
     // only ever go from 0 to 1 within a call, so a set flag stays set.
-    if (j0 + tid < j1) seen = load_relaxed(flags + j0 + tid) != 0u;
+    if (j0 + tid < j1) seen = load_acquire(flags + j0 + tid) != 0u;
+    // This thread's reads of the chunk have completed: the data is in shared memory.
     copy_in_wait_all();
-    // Each thread's reads of this chunk have completed (the data is in shared memory).
-    __threadfence();
   }
   if (live) {
     __syncthreads();  // every thread's reads are done before the flag says so
@@ -256,10 +264,9 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
       // They hold smaller tickets and published (or will publish) before waiting themselves.
       for (int64_t j = j0 + tid; j < j1; j += kThreads) {
         if (j == j0 + tid && seen) continue;
-        while (load_relaxed(flags + j) == 0u) __nanosleep(64);
+        while (load_acquire(flags + j) == 0u) __nanosleep(64);
       }
-      if (j0 + tid < j1) __threadfence();  // acquire: their reads before our writes below
-      __syncthreads();
+      __syncthreads();  // every flag acquired (by some thread) before any thread writes
 #pragma unroll
       for (int k = 0; k < SLOTS; ++k) {
         const int e = tid + k * kThreads, r = e / units, u = e - r * units;
@@ -274,8 +281,7 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   // ---- the last CTA to arrive writes the new lengths (everyone has read the old ones) --------
   if (tid == 0) s_last = arrival == gridDim.x - 1;
   __syncthreads();
-  if (s_last) {
-    __threadfence();
+  if (s_last) {  // thread 0's acquiring arrival, then the barrier: after every CTA's read
     for (int bb = tid; bb < p.batch; bb += kThreads) {
       const int64_t l = lclamp(__ldcg(p.seq_lens + bb), 0, p.capacity);
       p.seq_lens[bb] = int(lclamp(__ldcg(p.kept_lens + bb), 0, lmin(p.max_kept, l)));
