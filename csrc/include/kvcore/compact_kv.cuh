@@ -23,6 +23,12 @@
 // search runs meanwhile in warps 2-3); block table; payload (with a first look at the flags it
 // waits for); then fire-and-forget stores. The arrival count that elects the CTA writing the new
 // lengths is taken at the start, right after the CTA's last read of seq_lens, not at the end.
+// The ordering guarantee is the one of the register version: "read done" is published only once
+// the bytes sit in this CTA's shared memory (each thread's cp.async.wait_all, a barrier, then
+// thread 0's release store), a CTA publishes before it waits on anyone, and it writes only after
+// acquiring every flag it waits for and a barrier. The search now reads raw positions (before
+// the length is known): identical for valid input, and for bad input it still returns a range
+// of smaller chunks, which can cost correctness of the data only, never a hang.
 //
 // Rows whose source is themselves (kept[i] == i, common for sinks) are neither read nor written.
 // seq_lens[b] = kept_lens[b] is written by the last CTA to arrive; every CTA arrives after its
