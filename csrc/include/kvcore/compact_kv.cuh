@@ -32,7 +32,8 @@
 //
 // Rows whose source is themselves (kept[i] == i, common for sinks) are neither read nor written.
 // seq_lens[b] = kept_lens[b] is written by the last CTA to arrive; every CTA arrives after its
-// read of seq_lens (thread 0: load, then a releasing arrival count), so no CTA reads a new length.
+// read of seq_lens (thread 0: load, then a releasing arrival count; the last one fences before
+// writing), so no CTA reads a new length.
 //
 // Safety without validation: seq_len is clamped to [0, capacity], kept_lens to
 // [0, min(max_kept, seq_len)], every kept position to [0, seq_len) and page ids to
@@ -85,16 +86,20 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
-__device__ __forceinline__ unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
+// Release only: an acquiring atomic would hold back the thread's next loads until it returns,
+// putting a round trip on the CTA's critical path; the one CTA that needs the acquire (the last
+// to arrive) fences after reading the count instead.
+__device__ __forceinline__ unsigned atom_add_release(unsigned* p, unsigned v) {
   unsigned old;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  asm volatile("atom.release.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
 }
 
 // Ordering between CTAs follows one pattern throughout (as CUTLASS's semaphores do): the threads
-// of a CTA meet at a barrier, then one thread releases (st.release / atom.acq_rel); on the other
-// side threads acquire (ld.acquire / atom.acq_rel), then meet at a barrier before acting. The
-// barrier carries the ordering to the other threads of the CTA, so no per-thread fence is needed.
+// of a CTA meet at a barrier, then one thread releases (st.release / atom.release); on the other
+// side threads acquire (ld.acquire, or a relaxed read then a fence), then meet at a barrier
+// before acting. The barrier carries the ordering to the other threads of the CTA, so no
+// per-thread fence is needed.
 
 // One Vec from global to shared memory: cp.async (L2 only for 16 bytes) on sm_80+, where 4, 8
 // and 16 bytes are the sizes it takes; a plain load and store otherwise (2-byte rows, older GPUs).
@@ -195,9 +200,8 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
       s_len = len;
       s_n = n;
       // Release: this CTA's read of seq_lens[b] is ordered before its arrival, so the last to
-      // arrive may overwrite the lengths; acquire: for that last one, every other CTA's read is
-      // ordered before its writes. The count's value is only needed at the very end.
-      arrival = atom_add_acq_rel(p.scratch + 1, 1u);
+      // arrive may overwrite the lengths. The count's value is only needed at the very end.
+      arrival = atom_add_release(p.scratch + 1, 1u);
     }
     asm volatile("bar.sync 1, 64;\n" ::: "memory");  // warps 0-1: s_len, s_n
     const int64_t len = s_len, n = s_n;
@@ -285,9 +289,13 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   }
 
   // ---- the last CTA to arrive writes the new lengths (everyone has read the old ones) --------
-  if (tid == 0) s_last = arrival == gridDim.x - 1;
+  if (tid == 0) {
+    const bool last = arrival == gridDim.x - 1;
+    if (last) __threadfence();  // acquire: every CTA's read of seq_lens before our writes
+    s_last = last;
+  }
   __syncthreads();
-  if (s_last) {  // thread 0's acquiring arrival, then the barrier: after every CTA's read
+  if (s_last) {
     for (int bb = tid; bb < p.batch; bb += kThreads) {
       const int64_t l = lclamp(__ldcg(p.seq_lens + bb), 0, p.capacity);
       p.seq_lens[bb] = int(lclamp(__ldcg(p.kept_lens + bb), 0, lmin(p.max_kept, l)));
