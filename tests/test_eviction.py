@@ -660,8 +660,11 @@ def test_ops_clamp_bad_contents_without_validation(gen, no_validation):
 # ---- compact_kv on CUDA: the multi-CTA in-place kernel against the reference and the CPU op -------
 # Caches hold random data everywhere (spare pages and the rows past each sequence too), so a move
 # to or from the wrong place, or a write past the new length, changes something the reference
-# leaves unchanged. Long heads span many chunks (64 rows at D128 bf16, 16 at D256 fp32), so the
-# cross-chunk read-before-write ordering is exercised by the dense and streaming patterns.
+# leaves unchanged (the in-place op has no output buffer to poison: the cache is its own poison).
+# Long heads span many chunks (64 rows at D128 bf16, 16 at D256 fp32), so the cross-chunk
+# read-before-write ordering is exercised by the dense, streaming and shift patterns ("shift":
+# every chunk's destinations are the next chunk's first source, so every chunk waits for a flag).
+# Odd head dims take the narrower copy widths (8, 4 and 2 bytes; 2 bytes is the non-cp.async path).
 
 cuda_compact_only = [pytest.mark.cuda, cuda_compact]
 
@@ -679,6 +682,8 @@ def _kept_pattern(kind: str, n: int, count: int, gen) -> torch.Tensor:
         return torch.cat([torch.arange(sinks), torch.arange(n - (count - sinks), n)]).unique()[:count]
     if kind == "last":  # every source far from its destination
         return torch.arange(n - count, n)
+    if kind == "shift":  # drop the first token: each row comes from the next one (maximal overlap)
+        return torch.arange(1, count + 1)
     return torch.randperm(n, generator=gen)[:count].sort().values  # "random": dense or sparse by count
 
 
@@ -709,8 +714,9 @@ def _run_compact_cuda(kv, kept, kl):
     assert torch.equal(k_g.cpu(), k_c) and torch.equal(v_g.cpu(), v_c), "CUDA and CPU compact_kv differ"
 
 
-@pytest.mark.parametrize("kind", ["random", "streaming", "all", "prefix", "last"])
-@pytest.mark.parametrize("d,ps", [(64, 16), (128, 1), (128, 64), (256, 256), (128, 5)], ids=lambda x: str(x))
+@pytest.mark.parametrize("kind", ["random", "streaming", "all", "prefix", "last", "shift"])
+@pytest.mark.parametrize("d,ps", [(64, 16), (128, 1), (128, 16), (128, 64), (128, 128), (256, 256), (128, 5),
+                                  (36, 16), (34, 8), (33, 16)], ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
 def test_compact_kv_cuda_patterns(device, dtype, d, ps, kind, gen):
@@ -773,6 +779,83 @@ def test_compact_kv_cuda_clamps_bad_contents(device, gen, no_validation):
     kvcore.compact_kv(kv.k_cache, kv.v_cache, table, lens, kept, torch.tensor([3, 50], dtype=torch.int32, device="cuda"))
     torch.cuda.synchronize()
     assert lens.tolist() == [3, 0]
+
+
+@pytest.mark.parametrize("kind,count", [("random", 65536), ("random", 2048), ("last", 2048), ("streaming", 4096),
+                                        ("shift", 131071)], ids=lambda x: str(x))
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_large_seq(device, kind, count, gen):
+    """S 131072 (the bench's length; 1024-2048 chunks per head, two search rounds), page 16, bf16:
+    scattered keeps (overlapping their destinations), far sources, sinks + window, a full shift."""
+    kv, kept, kl = _compact_inputs((131072,), (count,), kind, 2, 128, 16, torch.bfloat16, gen, strided=True)
+    _run_compact_cuda(kv, kept, kl)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_mixed_heads(device, gen):
+    """Every head of a sequence keeps the same count (one seq_len per sequence) but its own positions:
+    one head each of prefix (nothing moves), far sources, shift, scattered, sinks + window."""
+    lens, counts, kinds = (3000, 513, 64, 7), (1200, 500, 63, 0), ["prefix", "last", "shift", "random", "streaming"]
+    kv = make_paged_kv(list(lens), 16, len(kinds), 128, gen=gen, dtype=torch.float16)
+    kept = torch.full((len(lens), len(kinds), max(counts)), -(10**6), dtype=torch.int64)
+    for b, (n, c) in enumerate(zip(lens, counts)):
+        for h, kind in enumerate(kinds):
+            kept[b, h, :c] = _kept_pattern(kind, n, c, gen)
+    _run_compact_cuda(kv, kept, torch.tensor(counts, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_graph_replay(device, gen):
+    """Captured once in a CUDA graph (the scratch comes from the graph's pool, zeroed by a memset
+    node), replayed on new cache contents, positions and lengths: each replay matches the reference."""
+    lens0, hkv, d, ps, max_kept = (2000, 700), 4, 128, 16, 900
+    kv = make_paged_kv(list(lens0), ps, hkv, d, gen=gen, dtype=torch.bfloat16)
+    k_g, v_g, bt_g = kv.k_cache.cuda(), kv.v_cache.cuda(), kv.block_table.cuda()
+    lens_g = torch.empty(2, dtype=torch.int32, device="cuda")
+    kept_g = torch.empty(2, hkv, max_kept, dtype=torch.int64, device="cuda")
+    kl_g = torch.empty(2, dtype=torch.int32, device="cuda")
+
+    def fill(lens, counts, kind):
+        k_g.copy_(randn(*k_g.shape, gen=gen, dtype=torch.bfloat16))
+        v_g.copy_(randn(*v_g.shape, gen=gen, dtype=torch.bfloat16))
+        kept = torch.full((2, hkv, max_kept), 10**6, dtype=torch.int64)
+        for b, (n, c) in enumerate(zip(lens, counts)):
+            for h in range(hkv):
+                kept[b, h, :c] = _kept_pattern(kind, n, c, gen)
+        kept_g.copy_(kept)
+        lens_g.copy_(torch.tensor(lens, dtype=torch.int32))
+        kl_g.copy_(torch.tensor(counts, dtype=torch.int32))
+        return reference.compact_kv(k_g.cpu(), v_g.cpu(), kv.block_table, lens_g.cpu(), kept, kl_g.cpu())
+
+    fill(lens0, (900, 300), "random")
+    kvcore.compact_kv(k_g, v_g, bt_g, lens_g, kept_g, kl_g)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kvcore.compact_kv(k_g, v_g, bt_g, lens_g, kept_g, kl_g)
+    for lens, counts, kind in [((2000, 700), (900, 300), "random"), ((1500, 20), (900, 19), "shift"),
+                               ((2000, 0), (100, 0), "last"), ((900, 700), (900, 600), "streaming")]:
+        ref_k, ref_v, ref_lens = fill(lens, counts, kind)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert lens_g.tolist() == ref_lens.tolist()
+        assert torch.equal(k_g.cpu(), ref_k) and torch.equal(v_g.cpu(), ref_v), f"replay {lens} {counts} {kind}"
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_junk_positions_long_never_hang(device, gen, no_validation):
+    """Validation off, many chunks per head, positions unsorted, repeated and out of range: the
+    chunk searches see a non-monotone kept; the kernel must still end (it only waits on smaller
+    tickets) and write the clamped lengths."""
+    kv = make_paged_kv([5000, 3000], 16, 2, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
+    kept = torch.randint(-100, 6000, (2, 2, 4000), generator=gen).to("cuda")
+    kept[1, 0] = 7  # every row from one position
+    lens = kv.seq_lens.clone()
+    kvcore.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, lens, kept,
+                      torch.tensor([4000, 4000], dtype=torch.int32, device="cuda"))
+    torch.cuda.synchronize()
+    assert lens.tolist() == [4000, 3000]
+    assert bool(torch.isfinite(kv.k_cache.float()).all())  # moved data only, never garbage bits
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])

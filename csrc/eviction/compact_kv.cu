@@ -1,8 +1,13 @@
 // CUDA launcher of compact_kv: checks, the scratch of tickets and flags, and the launch. The
 // kernel (framework-free) is csrc/include/kvcore/compact_kv.cuh.
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <set>
+#include <utility>
 
 #include "common/checks.h"
 #include "kvcore/compact_kv.cuh"
@@ -22,9 +27,25 @@ int vector_bytes(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   return 2;
 }
 
+// The kernel's occupancy (6 CTAs per SM) is bound by shared memory: ask for the largest
+// shared-memory carveout once per instantiation and device, so the driver does not pick a split
+// that favours L1 (the kernel reads nothing twice through L1).
+void prefer_shared(const void* kernel) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  if (done.insert({kernel, dev}).second) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        int(cudaSharedmemCarveoutMaxShared)));
+  }
+}
+
 template <typename Vec>
 void launch(CompactKvParams& p, int64_t grid, cudaStream_t stream) {
   p.units = int(p.head_bytes / int64_t(sizeof(Vec)));
+  prefer_shared(reinterpret_cast<const void*>(&compact_kv_kernel<Vec>));
   compact_kv_kernel<Vec><<<dim3(unsigned(grid)), compact_detail::kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -63,20 +84,23 @@ void compact_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
   p.capacity = s.num_pages == 0 ? 0 : s.max_pages * s.page_size;
 
   const int vb = vector_bytes(k_cache, v_cache);
-  // Rows per chunk: what 256 threads x 64 bytes hold of one tensor, at most one row per thread.
-  const int64_t chunk_bytes = int64_t(compact_detail::kThreads) * compact_detail::kBytesPerThread;
+  // Rows per chunk: what the shared-memory chunk holds of one tensor, at most kRows (the rows
+  // are staged one per thread of warps 0-1).
+  const int64_t chunk_bytes = compact_detail::kChunkBytes;
   TORCH_CHECK(p.head_bytes <= chunk_bytes, "compact_kv (CUDA): k_cache head_dim x element size (", p.head_bytes,
               " bytes) must be at most ", chunk_bytes, " bytes");
   const bool nothing = p.capacity == 0 || s.num_kv_heads == 0 || p.head_bytes == 0 || s.max_kept == 0;
-  p.chunk_rows = nothing ? 1 : int(std::min<int64_t>(compact_detail::kThreads, chunk_bytes / p.head_bytes));
+  p.chunk_rows = nothing ? 1 : int(std::min<int64_t>(compact_detail::kRows, chunk_bytes / p.head_bytes));
   // Rows past the capacity are never kept, so chunks are counted over min(max_kept, capacity).
   const int64_t rows = nothing ? 0 : std::min(s.max_kept, p.capacity);
   p.chunks = (rows + p.chunk_rows - 1) / p.chunk_rows;
   p.tickets = s.batch * s.num_kv_heads * p.chunks;
   TORCH_CHECK(p.tickets < (int64_t(1) << 31) - 1, "compact_kv (CUDA): too many chunks (", p.tickets,
               ": batch x num_kv_heads x ceil(max_kept / ", p.chunk_rows, ")); must be < 2^31 - 1");
-  // Ticket counter, arrival counter, one read-done flag per chunk; zeroed on this stream.
-  at::Tensor scratch = at::zeros({2 + p.tickets}, k_cache.options().dtype(at::kInt));
+  // Ticket counter, arrival counter, one read-done flag per chunk; zeroed on this stream by a
+  // memset (a memset node under graph capture) rather than a fill kernel.
+  at::Tensor scratch = at::empty({2 + p.tickets}, k_cache.options().dtype(at::kInt));
+  C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr(), 0, size_t(2 + p.tickets) * sizeof(int), stream));
   p.scratch = reinterpret_cast<unsigned*>(scratch.data_ptr<int>());
   // At least one CTA, so the lengths are written even when nothing moves.
   const int64_t grid = std::max<int64_t>(1, p.tickets);

@@ -16,9 +16,24 @@
 // 32-ary searches over kept (source ranges of successive chunks are disjoint and increasing, so at
 // most three chunks overlap one destination range).
 //
+// Speed (bench/NOTES.md, "compact_kv, session 5"): the copy is bound by how many chunk payloads
+// are in flight per SM, and a CTA's life is a chain of dependent round trips of which only one
+// carries the payload. So the chunk lands in shared memory by cp.async (no payload registers:
+// 128 threads, 6 CTAs per SM) and the chain is short: ticket; kept + lengths together (the chunk
+// search runs meanwhile in warps 2-3); block table; payload (with a first look at the flags it
+// waits for); then fire-and-forget stores. The arrival count that elects the CTA writing the new
+// lengths is taken at the start, right after the CTA's last read of seq_lens, not at the end.
+// The ordering guarantee is the one of the register version: "read done" is published only once
+// the bytes sit in this CTA's shared memory (each thread's cp.async.wait_all, a barrier, then
+// thread 0's release store), a CTA publishes before it waits on anyone, and it writes only after
+// acquiring every flag it waits for and a barrier. The search now reads raw positions (before
+// the length is known): identical for valid input, and for bad input it still returns a range
+// of smaller chunks, which can cost correctness of the data only, never a hang.
+//
 // Rows whose source is themselves (kept[i] == i, common for sinks) are neither read nor written.
-// seq_lens[b] = kept_lens[b] is written by the last CTA to finish, after every CTA has read the
-// old value (each reads it through thread 0 before its release fence and arrival count).
+// seq_lens[b] = kept_lens[b] is written by the last CTA to arrive; every CTA arrives after its
+// read of seq_lens (thread 0: load, then a releasing arrival count; the last one fences before
+// writing), so no CTA reads a new length.
 //
 // Safety without validation: seq_len is clamped to [0, capacity], kept_lens to
 // [0, min(max_kept, seq_len)], every kept position to [0, seq_len) and page ids to
@@ -38,15 +53,15 @@ struct CompactKvParams {
   int64_t head_bytes;                    // D * elem
   int units;                             // head_bytes / sizeof(Vec)
   const int* block_table;                // [B, max_pages]
-  int* seq_lens;                         // [B], updated at the end
+  int* seq_lens;                         // [B], updated by the last CTA to arrive
   const int64_t* kept;                   // [B, Hkv, max_kept]
   const int* kept_lens;                  // [B]
   int batch, num_kv_heads, page_size, num_pages, max_pages;
   int64_t max_kept;
   int64_t capacity;      // max_pages * page_size
-  int chunk_rows;        // C <= THREADS
-  int64_t chunks;        // chunks per (b, h)
-  int64_t tickets;       // pairs * chunks
+  int chunk_rows;        // C <= kRows, C * head_bytes <= kChunkBytes
+  int64_t chunks;        // chunks per (b, h), over min(max_kept, capacity) rows
+  int64_t tickets;       // pairs * chunks; the grid is max(1, tickets) CTAs
   unsigned* scratch;     // [2 + tickets] zeroed: ticket counter, arrivals, read-done flags
 };
 
@@ -56,8 +71,10 @@ __device__ __forceinline__ int64_t lmin(int64_t a, int64_t b) { return a < b ? a
 __device__ __forceinline__ int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
 __device__ __forceinline__ int64_t lclamp(int64_t x, int64_t lo, int64_t hi) { return lmin(lmax(x, lo), hi); }
 
-constexpr int kThreads = 256;
-constexpr int kBytesPerThread = 64;  // per tensor (K, V) held in registers per chunk
+constexpr int kThreads = 128;
+constexpr int kMinCtasPerSm = 6;    // 6 x ~36 KB of shared memory fit an SM of sm_90 (228 KB)
+constexpr int kRows = 64;           // rows per chunk at most: warps 0-1 stage one row per thread
+constexpr int kChunkBytes = 16384;  // per tensor (K, V) and chunk, in shared memory
 
 __device__ __forceinline__ void store_release(unsigned* p, unsigned v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
@@ -69,8 +86,50 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
   return v;
 }
 
+// Release only: an acquiring atomic would hold back the thread's next loads until it returns,
+// putting a round trip on the CTA's critical path; the one CTA that needs the acquire (the last
+// to arrive) fences after reading the count instead.
+__device__ __forceinline__ unsigned atom_add_release(unsigned* p, unsigned v) {
+  unsigned old;
+  asm volatile("atom.release.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
+// Ordering between CTAs follows one pattern throughout (as CUTLASS's semaphores do): the threads
+// of a CTA meet at a barrier, then one thread releases (st.release / atom.release); on the other
+// side threads acquire (ld.acquire, or a relaxed read then a fence), then meet at a barrier
+// before acting. The barrier carries the ordering to the other threads of the CTA, so no
+// per-thread fence is needed.
+
+// One Vec from global to shared memory: cp.async (L2 only for 16 bytes) on sm_80+, where 4, 8
+// and 16 bytes are the sizes it takes; a plain load and store otherwise (2-byte rows, older GPUs).
+template <typename Vec>
+__device__ __forceinline__ void copy_in(Vec* smem, const Vec* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (sizeof(Vec) >= 4) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    if constexpr (sizeof(Vec) == 16) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+    } else {
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(s), "l"(gmem), "n"(int(sizeof(Vec)))
+                   : "memory");
+    }
+    return;
+  }
+#endif
+  *smem = __ldcg(gmem);
+}
+
+// Every cp.async this thread issued has landed in shared memory (and so has read global memory).
+__device__ __forceinline__ void copy_in_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
 // Smallest j in [lo, hi) with pred(j) true for a pred that is monotone (false ... true), or hi if
 // none; one warp, 32 probes per round (two rounds up to 1024 chunks). Every lane returns it.
+// For a pred that is not monotone (bad input) it still ends, with some j in [lo, hi].
 template <typename Pred>
 __device__ int warp_search(int64_t lo, int64_t hi, Pred pred) {
   const int lane = threadIdx.x & 31;
@@ -94,118 +153,152 @@ __device__ int warp_search(int64_t lo, int64_t hi, Pred pred) {
 }  // namespace compact_detail
 
 template <typename Vec>
-__global__ void __launch_bounds__(compact_detail::kThreads) compact_kv_kernel(const CompactKvParams p) {
+__global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMinCtasPerSm)
+    compact_kv_kernel(const CompactKvParams p) {
   using namespace compact_detail;
-  constexpr int SLOTS = kBytesPerThread / int(sizeof(Vec));
-  __shared__ int64_t s_src_k[kThreads], s_src_v[kThreads], s_dst_k[kThreads], s_dst_v[kThreads];
-  __shared__ unsigned char s_move[kThreads];
-  __shared__ int64_t s_info[4];  // ticket, seq_len, kept count, (unused)
-  __shared__ int s_range[2];     // earlier chunks [j0, j1) to wait for
+  constexpr int kVecs = kChunkBytes / int(sizeof(Vec));  // Vecs of one tensor's chunk
+  constexpr int SLOTS = kVecs / kThreads;                 // per thread and tensor
+  static_assert(kVecs % kThreads == 0, "a chunk must split evenly over the threads");
+  static_assert(kRows <= 64, "rows are staged by warps 0-1; warps 2-3 search");
+  __shared__ __align__(16) unsigned char s_payload[2 * kChunkBytes];  // K chunk, then V chunk
+  __shared__ int64_t s_src_k[kRows], s_src_v[kRows], s_dst_k[kRows], s_dst_v[kRows];  // byte offsets
+  __shared__ unsigned char s_move[kRows];
+  __shared__ int64_t s_ticket, s_len, s_n;
+  __shared__ int s_range[2];  // earlier chunks [j0, j1) whose reads this chunk's writes wait for
+  __shared__ int s_last;
+  Vec* const s_k = reinterpret_cast<Vec*>(s_payload);
+  Vec* const s_v = reinterpret_cast<Vec*>(s_payload + kChunkBytes);
 
-  const int tid = threadIdx.x;
-  if (tid == 0) {
-    const int64_t t = atomicAdd(p.scratch, 1u);
-    int64_t len = 0, n = 0;
-    if (t < p.tickets) {
-      const int64_t pairs = int64_t(p.batch) * p.num_kv_heads;
-      const int b = int((t % pairs) / p.num_kv_heads);
-      len = lclamp(p.seq_lens[b], 0, p.capacity);
-      n = lclamp(p.kept_lens[b], 0, lmin(p.max_kept, len));
-    }
-    s_info[0] = t;
-    s_info[1] = len;
-    s_info[2] = n;
-  }
+  const int tid = threadIdx.x, warp = tid >> 5;
+  // ---- round trip 1: the ticket -------------------------------------------------------------
+  if (tid == 0) s_ticket = atomicAdd(p.scratch, 1u);
   __syncthreads();
-  const int64_t t = s_info[0], len = s_info[1], n = s_info[2];
-  const int64_t pairs = int64_t(p.batch) * p.num_kv_heads;
-  const int64_t C = p.chunk_rows;
-  const int64_t c = t / lmax(pairs, 1), pair = t % lmax(pairs, 1);
-  const int64_t row0 = c * C;
-  const bool live = t < p.tickets && row0 < n;  // CTA-uniform
+  const int64_t t = s_ticket;
+  const bool ticketed = t < p.tickets;  // CTA-uniform; false only for the lone CTA of an empty call
+  const int64_t pairs = lmax(int64_t(p.batch) * p.num_kv_heads, 1);
+  const int64_t c = t / pairs, pair = t % pairs;
+  const int b = ticketed ? int(pair / p.num_kv_heads) : 0, h = ticketed ? int(pair % p.num_kv_heads) : 0;
+  const int64_t C = p.chunk_rows, row0 = c * C;
+  const int64_t* const kp = p.kept + pair * p.max_kept;
 
-  if (live) {
-    const int b = int(pair / p.num_kv_heads), h = int(pair % p.num_kv_heads);
-    const int64_t rows = lmin(C, n - row0);
-    const int* bt = p.block_table + int64_t(b) * p.max_pages;
-    const int64_t* kp = p.kept + pair * p.max_kept;
-    auto src_of = [&](int64_t i) { return lclamp(__ldg(kp + i), 0, len - 1); };
-    auto page_off = [&](int64_t pos, int64_t page_stride) {
-      const int64_t page = lclamp(__ldg(bt + pos / p.page_size), 0, p.num_pages - 1);
-      return page * page_stride + (pos % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes;
-    };
-
-    // ---- stage this chunk's rows: byte offsets of source and destination, and whether it moves
-    bool moves = false;
-    if (tid < rows) {
-      const int64_t i = row0 + tid, s = src_of(i);
+  // ---- round trips 2-3: warps 0-1 stage the rows, warps 2-3 search the chunks to wait for ----
+  // Both take two dependent round trips (kept + lengths, then the block table; two 32-ary search
+  // rounds), so the two halves only meet at the barrier before the payload.
+  // A ticketed chunk has c < chunks, so row0 < min(max_kept, capacity): every kept index read
+  // below (row0 + tid < max_kept; the searches read indices < row0) is inside kept's row.
+  unsigned arrival = 0;
+  bool moves = false;
+  if (warp < 2) {
+    int64_t raw = 0;  // kept[row0 + tid], unclamped (the length is not known yet)
+    if (ticketed && tid < C && row0 + tid < p.max_kept) raw = __ldg(kp + row0 + tid);
+    if (tid == 0) {
+      int64_t len = 0, n = 0;
+      if (ticketed) {
+        len = lclamp(__ldcg(p.seq_lens + b), 0, p.capacity);
+        n = lclamp(__ldcg(p.kept_lens + b), 0, lmin(p.max_kept, len));
+      }
+      s_len = len;
+      s_n = n;
+      // Release: this CTA's read of seq_lens[b] is ordered before its arrival, so the last to
+      // arrive may overwrite the lengths. The count's value is only needed at the very end.
+      arrival = atom_add_release(p.scratch + 1, 1u);
+    }
+    asm volatile("bar.sync 1, 64;\n" ::: "memory");  // warps 0-1: s_len, s_n
+    const int64_t len = s_len, n = s_n;
+    const int64_t rows = (ticketed && row0 < n) ? lmin(C, n - row0) : 0;
+    if (tid < rows) {  // rows <= C <= kRows = 64
+      const int64_t i = row0 + tid, s = lclamp(raw, 0, len - 1);
       moves = s != i;
-      s_move[tid] = moves;
       if (moves) {
-        s_src_k[tid] = page_off(s, p.k_page_stride);
-        s_src_v[tid] = page_off(s, p.v_page_stride);
-        s_dst_k[tid] = page_off(i, p.k_page_stride);
-        s_dst_v[tid] = page_off(i, p.v_page_stride);
+        // s, i < len <= capacity = max_pages * page_size: both page indices are inside the row.
+        const int* bt = p.block_table + int64_t(b) * p.max_pages;
+        const int64_t sp = lclamp(__ldg(bt + s / p.page_size), 0, p.num_pages - 1);
+        const int64_t dp = lclamp(__ldg(bt + i / p.page_size), 0, p.num_pages - 1);
+        const int64_t so = (s % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes;
+        const int64_t dof = (i % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes;
+        s_src_k[tid] = sp * p.k_page_stride + so;
+        s_src_v[tid] = sp * p.v_page_stride + so;
+        s_dst_k[tid] = dp * p.k_page_stride + dof;
+        s_dst_v[tid] = dp * p.v_page_stride + dof;
+      }
+      s_move[tid] = moves;
+    }
+  } else if (ticketed) {
+    // Chunk j < c overlaps [row0, row0 + C) iff last_src(j) >= row0 and first_src(j) < row0 + C;
+    // both are monotone in j for valid input, so the overlapping j form [j0, j1). Raw positions:
+    // valid input is inside [0, seq_len) already; for bad input any [j0, j1) within [0, c] is
+    // safe (it only decides which smaller tickets to wait for). Harmless for a chunk that turns
+    // out not to be live (its indices are in range all the same).
+    int j;
+    if (warp == 2) {
+      j = warp_search(0, c, [&](int64_t q) { return __ldg(kp + (q + 1) * C - 1) >= row0; });
+    } else {
+      j = warp_search(0, c, [&](int64_t q) { return __ldg(kp + q * C) >= row0 + C; });
+    }
+    if ((tid & 31) == 0) s_range[warp - 2] = j;
+  }
+  const bool any = __syncthreads_or(moves);  // CTA-uniform
+  const int64_t n = s_n;
+  const bool live = ticketed && row0 < n;  // CTA-uniform
+  const int64_t rows = live ? lmin(C, n - row0) : 0;
+
+  // ---- round trip 4: the payload into shared memory; a first look at the flags meanwhile ----
+  // Element e of a tensor's chunk is row e / units, Vec e % units; each thread later stores
+  // exactly the elements it loaded. C * units <= kVecs, so e < kVecs indexes the buffers.
+  const int units = p.units;
+  unsigned* const flags = p.scratch + 2 + pair * p.chunks;
+  int64_t j0 = 0, j1 = 0;
+  bool seen = true;  // this thread's first flag (j0 + tid) was already set before we published
+  if (any) {
+#pragma unroll
+    for (int k = 0; k < SLOTS; ++k) {
+      const int e = tid + k * kThreads, r = e / units, u = e - r * units;
+      if (r < rows && s_move[r]) {
+        copy_in(s_k + e, reinterpret_cast<const Vec*>(p.k_cache + s_src_k[r]) + u);
+        copy_in(s_v + e, reinterpret_cast<const Vec*>(p.v_cache + s_src_v[r]) + u);
       }
     }
-    unsigned* const flags = p.scratch + 2 + pair * p.chunks;
-    if (__syncthreads_or(moves)) {
-      // ---- read the whole chunk into registers ------------------------------------------------
-      Vec kr[SLOTS], vr[SLOTS];
+    j0 = s_range[0];
+    j1 = s_range[1];
+    // A non-blocking look (this CTA has not published yet, so it must not wait here); flags
+    // only ever go from 0 to 1 within a call, so a set flag stays set.
+    if (j0 + tid < j1) seen = load_acquire(flags + j0 + tid) != 0u;
+    // This thread's reads of the chunk have completed: the data is in shared memory.
+    copy_in_wait_all();
+  }
+  if (live) {
+    __syncthreads();  // every thread's reads are done before the flag says so
+    if (tid == 0) store_release(flags + c, 1u);  // "chunk c has read its sources"
+    if (any) {
+      // ---- wait for the earlier chunks that still read our destinations, then write -------
+      // They hold smaller tickets and published (or will publish) before waiting themselves.
+      for (int64_t j = j0 + tid; j < j1; j += kThreads) {
+        if (j == j0 + tid && seen) continue;
+        while (load_acquire(flags + j) == 0u) __nanosleep(64);
+      }
+      __syncthreads();  // every flag acquired (by some thread) before any thread writes
 #pragma unroll
       for (int k = 0; k < SLOTS; ++k) {
-        const int e = tid + k * kThreads, r = e / p.units, u = e - r * p.units;
+        const int e = tid + k * kThreads, r = e / units, u = e - r * units;
         if (r < rows && s_move[r]) {
-          kr[k] = __ldcg(reinterpret_cast<const Vec*>(p.k_cache + s_src_k[r]) + u);
-          vr[k] = __ldcg(reinterpret_cast<const Vec*>(p.v_cache + s_src_v[r]) + u);
+          reinterpret_cast<Vec*>(p.k_cache + s_dst_k[r])[u] = s_k[e];
+          reinterpret_cast<Vec*>(p.v_cache + s_dst_v[r])[u] = s_v[e];
         }
       }
-      // ---- which earlier chunks may still have to read our destinations (while loads fly) ----
-      // Chunk j < c overlaps [row0, row0 + C) iff last_src(j) >= row0 and first_src(j) < row0 + C;
-      // both are monotone in j for valid input, so the overlapping j form [j0, j1).
-      const int warp = tid >> 5;
-      if (warp == 0) {
-        const int j0 = compact_detail::warp_search(0, c, [&](int64_t j) { return src_of((j + 1) * C - 1) >= row0; });
-        if ((tid & 31) == 0) s_range[0] = j0;
-      } else if (warp == 1) {
-        const int j1 = compact_detail::warp_search(0, c, [&](int64_t j) { return src_of(j * C) >= row0 + C; });
-        if ((tid & 31) == 0) s_range[1] = j1;
-      }
-      // ---- publish "read done": every thread's loads are ordered before the flag ---------------
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) compact_detail::store_release(flags + c, 1u);
-      // ---- wait for the overlapping earlier chunks, then write ------------------------------
-      for (int64_t j = s_range[0] + tid; j < s_range[1]; j += kThreads) {
-        while (compact_detail::load_acquire(flags + j) == 0u) __nanosleep(64);
-        __threadfence();
-      }
-      __syncthreads();
-#pragma unroll
-      for (int k = 0; k < SLOTS; ++k) {
-        const int e = tid + k * kThreads, r = e / p.units, u = e - r * p.units;
-        if (r < rows && s_move[r]) {
-          reinterpret_cast<Vec*>(p.k_cache + s_dst_k[r])[u] = kr[k];
-          reinterpret_cast<Vec*>(p.v_cache + s_dst_v[r])[u] = vr[k];
-        }
-      }
-    } else if (tid == 0) {
-      compact_detail::store_release(flags + c, 1u);  // nothing moves: nothing to read or wait for
     }
   }
 
   // ---- the last CTA to arrive writes the new lengths (everyone has read the old ones) --------
-  __shared__ bool s_last;
   if (tid == 0) {
-    __threadfence();
-    s_last = atomicAdd(p.scratch + 1, 1u) == gridDim.x - 1;
+    const bool last = arrival == gridDim.x - 1;
+    if (last) __threadfence();  // acquire: every CTA's read of seq_lens before our writes
+    s_last = last;
   }
   __syncthreads();
   if (s_last) {
-    __threadfence();
-    for (int b = tid; b < p.batch; b += kThreads) {
-      const int64_t l = lclamp(__ldcg(p.seq_lens + b), 0, p.capacity);
-      p.seq_lens[b] = int(lclamp(__ldcg(p.kept_lens + b), 0, lmin(p.max_kept, l)));
+    for (int bb = tid; bb < p.batch; bb += kThreads) {
+      const int64_t l = lclamp(__ldcg(p.seq_lens + bb), 0, p.capacity);
+      p.seq_lens[bb] = int(lclamp(__ldcg(p.kept_lens + bb), 0, lmin(p.max_kept, l)));
     }
   }
 }
