@@ -80,8 +80,8 @@ BLOCK_KSEL="block_sparse_decode_matches_reference or group_sizes or partial_last
 # The ops of session 4: mla_decode, mla_latent_project, attention_scores, compact_kv, gqa_decode's
 # H2O score epilogue, infllm_unit_scores and topk_rows (and the InfLLM step that chains them).
 NEW_FILES="tests/test_mla.py tests/test_eviction.py tests/test_decode_score.py tests/test_retrieval.py"
-NEW_RACE="(mla_decode_cuda_grid and (bf16-H16-ps64-B3 or bf16-H128-ps64-B3 or bf16-H22-ps16-B3)) or (mla_decode_cuda_forced_splits and bf16) or (latent_project_cuda_grid and bf16 and inter and (T1-d256 or T16-d256 or T64-d256)) or (attention_scores_cuda_grid and bf16) or (compact_kv_cuda_patterns and bf16-128-16) or (score_splits_cuda and bf16) or (score_scratch_grid_cuda and bf16) or (unit_scores_op_matches_reference and bf16) or topk_rows_matches_reference_exactly or fused_and_split_steps"
-NEW_INIT="mla_decode_cuda_grid or mla_decode_cuda_forced_splits or mla_decode_cuda_page_sizes or latent_project_cuda_grid or back_to_back or attention_scores_cuda_grid or compact_kv_cuda_patterns or score_splits_cuda or score_scratch_grid_cuda or score_matches_reference or unit_scores_op_matches_reference or topk_rows or steps_equal_full_attention"
+NEW_RACE="(mla_decode_cuda_grid and (bf16-H16-ps64-B3 or bf16-H128-ps64-B3 or bf16-H22-ps16-B3)) or (mla_decode_cuda_forced_splits and bf16) or (latent_project_cuda_grid and bf16 and inter and (T1-d256 or T16-d256 or T64-d256)) or (attention_scores_cuda_grid and bf16) or (compact_kv_cuda_patterns and bf16-128-16) or compact_kv_cuda_edge_shapes or compact_kv_cuda_mixed_heads or (score_splits_cuda and bf16) or (score_scratch_grid_cuda and bf16) or (unit_scores_op_matches_reference and bf16) or topk_rows_matches_reference_exactly or fused_and_split_steps"
+NEW_INIT="mla_decode_cuda_grid or mla_decode_cuda_forced_splits or mla_decode_cuda_page_sizes or latent_project_cuda_grid or back_to_back or attention_scores_cuda_grid or compact_kv_cuda_patterns or compact_kv_cuda_edge_shapes or compact_kv_cuda_mixed_heads or score_splits_cuda or score_scratch_grid_cuda or score_matches_reference or unit_scores_op_matches_reference or topk_rows or steps_equal_full_attention"
 # mla_latent_project's prefill path (T > 64) calls cuBLAS (at::mm) before kvcore's epilogue kernel.
 # compute-sanitizer 2025.x's racecheck with a kernel filter fails on that cuBLAS kernel itself
 # ("failed to handle a hardware exception", reproduced 2026-12-03 on a bare torch.mm with fp32
@@ -125,7 +125,6 @@ case "$scope" in
     ;;
   new)
     for t in memcheck racecheck initcheck synccheck; do FILES[$t]="$NEW_FILES"; done
-    KSEL[memcheck]=""
     KSEL[racecheck]="$NEW_RACE"
     KSEL[initcheck]="$NEW_INIT"
     KSEL[synccheck]="$NEW_INIT"
