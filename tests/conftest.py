@@ -89,6 +89,17 @@ def gen() -> torch.Generator:
 # ---- input builders -------------------------------------------------------------------------
 
 
+def capture_graph(step) -> "torch.cuda.CUDAGraph":
+    """Run ``step()`` once eagerly (kernel attributes, occupancy caches, workspaces and validation
+    happen outside the capture), then capture it in a CUDA graph and return the graph."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 def randn(*shape, gen: torch.Generator, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
     """Standard-normal values (never zeros), drawn on the CPU for reproducibility, then moved."""
     t = torch.randn(*shape, generator=gen, dtype=torch.float32) * scale

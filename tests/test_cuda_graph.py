@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kvcore
-from conftest import HAS_CUDA, NO_CUDA_REASON, randn
+from conftest import HAS_CUDA, NO_CUDA_REASON, capture_graph, randn
 from kvcore import reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
@@ -49,11 +49,7 @@ def test_decode_step_graph_replay(gen):
         kvcore.gqa_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, lse=lse, workspace=workspace)
 
     fill([600, 1, 37])
-    step()  # warm-up outside the capture (kernel attributes, occupancy cache)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_graph(step)  # warm-up, then capture
 
     for lens in ([640, 5, 100], [1, 600, 2], [320, 320, 320]):
         fill(lens)
@@ -98,11 +94,7 @@ def test_h2o_step_scores_graph_replay(gen):
         acc.add_(scores)
 
     fill([600, 1, 37])
-    step()  # warm-up outside the capture (kernel attributes, occupancy cache)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_graph(step)  # warm-up, then capture
 
     for lens in ([640, 5, 100], [1, 600, 0], [320, 320, 320]):
         fill(lens)
@@ -172,11 +164,7 @@ def test_block_sparse_decode_step_graph_replay(num_splits, gen):
                                    lse=lse, workspace=workspace, num_splits=num_splits)
 
     fill([600, 1, 37])
-    step()  # warm-up outside the capture (validates the selection, kernel attributes)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_graph(step)  # warm-up, then capture
 
     for lens, empty_pair in (([640, 5, 100], None), ([1, 600, 2], (1, 2)), ([320, 320, 320], (0, 0)),
                              ([640, 640, 640], None)):
@@ -405,11 +393,7 @@ def test_mla_decode_step_graph_replay(batch, gen):
 
     lens_list = [[150, 1, 37, 192, 16, 17][:batch], [1, 192, 2, 64, 100, 5][:batch], [96] * batch]
     fill(lens_list[0])
-    step()  # warm-up outside the capture (kernel attributes, occupancy cache, counters)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_graph(step)  # warm-up, then capture
 
     for lens in lens_list:
         fill(lens)

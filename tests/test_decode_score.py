@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import kvcore
-from conftest import HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn
+from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, capture_graph, make_paged_kv, poison, ragged_lens,
+                      randn)
 from kvcore import policies, reference
 
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
@@ -224,11 +225,7 @@ def test_gqa_decode_score_graph_replay_cuda(device, gen):
                           score=score)
 
     fill([600, 1, 37])
-    step()  # warm-up outside the capture (kernel attributes, occupancy cache)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_graph(step)  # warm-up, then capture
     for lens in ([1280, 5, 100], [1, 0, 1279], [320, 1024, 1025]):
         fill(lens)
         before = score.clone()

@@ -21,12 +21,7 @@ from kvcore.bench import harness
 from kvcore.bench.eviction_cache import CompactCase, make_compact_inputs
 
 
-def fit(xs, ys):
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - b * mx, b  # intercept (us), slope (us per byte)
+fit = harness.linear_fit  # (intercept us, slope us per byte)
 
 
 def main() -> int:

@@ -17,12 +17,7 @@ import torch
 from kvcore.bench import decode, harness, peers
 
 
-def fit(xs, ys):
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - b * mx, b  # intercept (us), slope (us per byte)
+fit = harness.linear_fit  # (intercept us, slope us per byte)
 
 
 def main() -> int:

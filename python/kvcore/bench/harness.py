@@ -15,7 +15,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -214,6 +214,16 @@ def rates(
         "tflops": tflops,
         "pct_gemm": (tflops / gemm_tf * 100.0) if gemm_tf else None,
     }
+
+
+def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares line through ``(xs, ys)``: ``(intercept, slope)``. The scaling experiments fit
+    time = fixed cost + bytes / rate with it (intercept in the time unit, slope per byte)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - slope * mx, slope
 
 
 def round_sig(x: Optional[float], digits: int = 4) -> Optional[float]:
