@@ -51,6 +51,46 @@ inline int choose_splits(int64_t pairs, int64_t kv_len, int slots) {
   return best;
 }
 
+// The split count and the split-KV workspace layout of one launch, shared by the paged decode
+// kernels (gqa_decode, block_sparse_decode) and mla_decode. Workspace: arrival counters [pairs]
+// in a fixed leading region (kCounterBytes), then `scratch` bytes the caller uses (gqa_decode's
+// H2O score scratch; 0 otherwise), then partial_lse [pairs, splits, rows] (256-byte rounded) and
+// partial_out [pairs, splits, rows, width] fp32. The counters must stay zero between calls
+// whatever shapes the calls have, so no call's partials may ever overlap another call's counters:
+// hence a fixed region rather than one sized by this call.
+struct SplitPlan {
+  int splits;
+  int split_tokens;
+  int64_t lse_offset;  // bytes from the workspace start (meaningful when splits > 1)
+  int64_t out_offset;
+};
+
+// pairs: CTAs per split (what a counter counts for); pairs_name names them in the error
+// message; kv_len: the most key positions one pair can have (from shapes only); tile: the
+// kernel's tile (a split covers whole tiles); have: the workspace's bytes (0 when none).
+// An explicit num_splits (requested > 1) that does not fit is an error; an automatic one is
+// lowered until it fits.
+inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pairs, int64_t kv_len, int slots,
+                             int tile, int64_t requested, int64_t have, int64_t scratch, int64_t rows,
+                             int64_t width) {
+  int splits = requested > 0 ? int(std::min<int64_t>(requested, kMaxSplits)) : choose_splits(pairs, kv_len, slots);
+  auto lse_bytes = [&](int n) { return (pairs * n * rows * 4 + 255) / 256 * 256; };
+  auto bytes_for = [&](int n) { return kCounterBytes + scratch + lse_bytes(n) + pairs * n * rows * width * 4; };
+  if (splits > 1) {
+    TORCH_CHECK(requested <= 1 || (pairs * 4 <= kCounterBytes && bytes_for(splits) <= have), op, ": num_splits=",
+                splits, " needs a workspace of ", bytes_for(splits), " bytes and ", pairs_name, " <= ",
+                kCounterBytes / 4, "; got ", have, " bytes and ", pairs);
+    if (pairs * 4 > kCounterBytes) splits = 1;
+    while (splits > 1 && bytes_for(splits) > have) splits = std::max(1, splits / 2);
+  }
+  // Each split covers a whole number of tiles; an automatic count is recomputed to cover kv_len.
+  int64_t split_tokens = (kv_len + splits - 1) / splits;
+  split_tokens = std::max<int64_t>(tile, (split_tokens + tile - 1) / tile * tile);
+  if (requested <= 0) splits = int(std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens));
+  const int64_t lse_offset = kCounterBytes + scratch;
+  return {splits, int(split_tokens), lse_offset, lse_offset + lse_bytes(splits)};
+}
+
 // Checks of the CUDA kernel's limits (beyond check_paged_decode's shape checks) and the fields
 // of GqaDecodeParams that both ops fill the same way.
 inline GqaDecodeParams common_params(const char* op, const PagedDecodeShape& s, const at::Tensor& q,
@@ -188,42 +228,22 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
   const int64_t pairs = s.batch * s.num_kv_heads;
-  int splits = requested_splits > 0 ? int(std::min<int64_t>(requested_splits, kMaxSplits))
-                                    : choose_splits(pairs, kv_len, slots);
-
-  // Workspace layout: arrival counters [pairs] in a fixed leading region (kCounterBytes), then
-  // (SCORE only) the score scratch (score_bytes), then partial_lse [pairs, splits, group] and
-  // partial_out [pairs, splits, group, D]. The counters must stay zero between calls whatever
-  // shapes the calls have, so no call's partials may ever overlap another call's counters: hence
-  // a fixed region rather than one sized by this call.
+  const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
   const int64_t sbytes = SCORE ? score_bytes(s, kv_len) : 0;
-  auto lse_bytes = [&](int n) { return (pairs * n * s.group * 4 + 255) / 256 * 256; };
-  auto bytes_for = [&](int n) { return kCounterBytes + sbytes + lse_bytes(n) + pairs * n * s.group * s.head_dim * 4; };
   if constexpr (SCORE) {
-    const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
     TORCH_CHECK(kCounterBytes + sbytes <= have, op, ": score accumulation needs a workspace of at least ",
-                kCounterBytes + sbytes, " bytes (", bytes_for(1), " with no split), got ", have,
+                kCounterBytes + sbytes, " bytes, got ", have,
                 " bytes; pass a larger workspace (kvcore.ops.decode_workspace sizes it when score is given)");
   }
-  if (splits > 1) {
-    const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
-    TORCH_CHECK(requested_splits <= 1 || (pairs * 4 <= kCounterBytes && bytes_for(splits) <= have), op,
-                ": num_splits=", splits, " needs a workspace of ", bytes_for(splits), " bytes and batch x "
-                "num_kv_heads <= ", kCounterBytes / 4, "; got ", have, " bytes and ", pairs);
-    if (pairs * 4 > kCounterBytes) splits = 1;
-    while (splits > 1 && bytes_for(splits) > have) splits = std::max(1, splits / 2);
-  }
-  // Each split covers a whole number of tiles; recompute the count that covers kv_len.
-  int64_t split_tokens = (kv_len + splits - 1) / splits;
-  split_tokens = std::max<int64_t>(Cfg::TILE, (split_tokens + Cfg::TILE - 1) / Cfg::TILE * Cfg::TILE);
-  if (requested_splits <= 0) splits = int(std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens));
-  p.num_splits = splits;
-  p.split_tokens = int(split_tokens);
-  if (splits > 1) {
+  const SplitPlan plan = plan_splits(op, "batch x num_kv_heads", pairs, kv_len, slots, Cfg::TILE, requested_splits,
+                                     have, sbytes, s.group, s.head_dim);
+  p.num_splits = plan.splits;
+  p.split_tokens = plan.split_tokens;
+  if (plan.splits > 1) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
     p.counters = reinterpret_cast<unsigned*>(base);
-    p.partial_lse = reinterpret_cast<float*>(base + kCounterBytes + sbytes);
-    p.partial_out = reinterpret_cast<float*>(base + kCounterBytes + sbytes + lse_bytes(splits));
+    p.partial_lse = reinterpret_cast<float*>(base + plan.lse_offset);
+    p.partial_out = reinterpret_cast<float*>(base + plan.out_offset);
   }
   if constexpr (SCORE) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
@@ -234,7 +254,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   }
   // KV heads vary fastest over the grid: the CTAs of one (sequence, split) read interleaved rows
   // of the same pages at about the same time, which keeps DRAM row-buffer locality.
-  const dim3 grid(s.num_kv_heads, splits, s.batch);
+  const dim3 grid(s.num_kv_heads, plan.splits, s.batch);
   kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if constexpr (SCORE) launch_score_epilogue(p, s, kv_len, *score, stream);

@@ -1,7 +1,7 @@
 // CUDA launcher of mla_decode: the CUDA-only input checks, the head-block and split choice (from
 // shapes alone, so the call never syncs and can be captured in a CUDA graph), the workspace layout
 // and the dtype dispatch. The kernel itself is framework-free: csrc/include/kvcore/mla_decode.cuh.
-// The split count, workspace layout and occupancy query follow gqa_decode (paged_decode_launch.h).
+// The split count, workspace layout and occupancy query are gqa_decode's (paged_decode_launch.h).
 #include <torch/library.h>
 
 #include "decode/paged_decode_launch.h"
@@ -27,38 +27,20 @@ void launch(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_split
   p.head_blocks = int((s.num_heads + Cfg::ROWS - 1) / Cfg::ROWS);
   const int64_t pairs = s.batch * p.head_blocks;
   const int64_t kv_len = int64_t(p.max_pages) * p.page_size;
-  int splits = requested_splits > 0 ? int(std::min<int64_t>(requested_splits, paged_decode::kMaxSplits))
-                                    : paged_decode::choose_splits(pairs, kv_len, slots);
-
-  // Workspace: arrival counters [pairs] in the fixed leading region shared with gqa_decode (they
-  // are zero between calls whatever the shapes), then partial_lse [pairs, splits, ROWS] and
-  // partial_out [pairs, splits, ROWS, dv].
-  auto lse_bytes = [&](int n) { return (pairs * n * Cfg::ROWS * 4 + 255) / 256 * 256; };
-  auto bytes_for = [&](int n) { return paged_decode::kCounterBytes + lse_bytes(n) + pairs * n * Cfg::ROWS * s.dv * 4; };
-  if (splits > 1) {
-    const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
-    TORCH_CHECK(requested_splits <= 1 || (pairs * 4 <= paged_decode::kCounterBytes && bytes_for(splits) <= have),
-                "mla_decode: num_splits=", splits, " needs a workspace of ", bytes_for(splits),
-                " bytes and batch x head blocks <= ", paged_decode::kCounterBytes / 4, "; got ", have, " bytes and ",
-                pairs);
-    if (pairs * 4 > paged_decode::kCounterBytes) splits = 1;
-    while (splits > 1 && bytes_for(splits) > have) splits = std::max(1, splits / 2);
-  }
-  // Each split covers a whole number of tiles; an automatic count is recomputed to cover kv_len.
-  int64_t split_tokens = (kv_len + splits - 1) / splits;
-  split_tokens = std::max<int64_t>(Cfg::TILE, (split_tokens + Cfg::TILE - 1) / Cfg::TILE * Cfg::TILE);
-  if (requested_splits <= 0) splits = int(std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens));
-  p.num_splits = splits;
-  p.split_tokens = int(split_tokens);
-  if (splits > 1) {
+  const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
+  const paged_decode::SplitPlan plan = paged_decode::plan_splits(
+      "mla_decode", "batch x head blocks", pairs, kv_len, slots, Cfg::TILE, requested_splits, have, 0, Cfg::ROWS, s.dv);
+  p.num_splits = plan.splits;
+  p.split_tokens = plan.split_tokens;
+  if (plan.splits > 1) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
     p.counters = reinterpret_cast<unsigned*>(base);
-    p.partial_lse = reinterpret_cast<float*>(base + paged_decode::kCounterBytes);
-    p.partial_out = reinterpret_cast<float*>(base + paged_decode::kCounterBytes + lse_bytes(splits));
+    p.partial_lse = reinterpret_cast<float*>(base + plan.lse_offset);
+    p.partial_out = reinterpret_cast<float*>(base + plan.out_offset);
   }
   // Head blocks vary fastest: the CTAs of one (sequence, split) read the same latent rows at
   // about the same time, so all but the first find them in L2.
-  const dim3 grid(p.head_blocks, splits, s.batch);
+  const dim3 grid(p.head_blocks, plan.splits, s.batch);
   kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
