@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One device call as a list of stages run in priority order under one overall deadline, so that
+# whatever fits gets done and a slow stage cannot starve the call's fixed end (the device tool's
+# per-call limit). Each stage gets min(its own limit, the time left - 15 s).
+#   bash bench/gpu_stages.sh OUTDIR DEADLINE_SECONDS STAGE [STAGE ...]
+# Stages:
+#   build                      build and install kvcore (bench/gpu_check.sh with tests and benchmarks off)
+#   tests[:LIMIT][:FILES]      pytest -m cuda over FILES (comma-separated; default: the whole suite)
+#   bench:GROUP[:LIMIT]        python -m kvcore.bench --group GROUP into OUTDIR/GROUP
+#   sanitize:SCOPE:TOOLS[:LIMIT]  bench/sanitize.sh with KVCORE_SANITIZE_SCOPE=SCOPE over TOOLS (comma-separated)
+#   run:NAME:LIMIT:COMMAND     any command (its output in OUTDIR/NAME.log)
+set -uo pipefail
+out=${1:?usage: bench/gpu_stages.sh OUTDIR DEADLINE_SECONDS STAGE...}
+deadline=$(( $(date +%s) + ${2:?give the overall deadline in seconds} ))
+shift 2
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+budget() {  # the stage's limit: its own, capped by the time left
+  local own=$1 left=$(( deadline - $(date +%s) - 15 ))
+  (( left < own )) && own=$left
+  echo $(( own > 0 ? own : 0 ))
+}
+
+for stage in "$@"; do
+  IFS=: read -r kind a b c <<< "$stage"
+  start=$(date +%s)
+  case "$kind" in
+    build)
+      KVCORE_SKIP_TESTS=1 KVCORE_SKIP_BENCH=1 bash bench/gpu_check.sh "$out/build" > "$out/build.txt" 2>&1
+      rc=$?; tail -3 "$out/build.txt"
+      [ $rc -ne 0 ] && { echo "build failed: rc=$rc"; exit $rc; } ;;
+    tests)
+      lim=$(budget "${a:-300}"); files=${b:-tests}
+      # shellcheck disable=SC2046
+      timeout "$lim" python3 -m pytest $(tr ',' ' ' <<< "$files") -m cuda -q -p no:cacheprovider -rfE \
+        > "$out/tests.log" 2>&1
+      rc=$?; tail -6 "$out/tests.log" ;;
+    bench)
+      lim=$(budget "${b:-300}")
+      timeout "$lim" python3 -m kvcore.bench --group "$a" --out "$out/$a" > "$out/bench_$a.log" 2>&1
+      rc=$?; grep "^| " "$out/bench_$a.log" | tail -12 ;;
+    sanitize)
+      lim=$(budget "${c:-600}")
+      KVCORE_SANITIZE_SCOPE=$a timeout "$lim" bash bench/sanitize.sh "$out/sanitize-$a" $(tr ',' ' ' <<< "$b") \
+        > "$out/sanitize-$a.log" 2>&1
+      rc=$?; cat "$out/sanitize-$a/summary.tsv" 2>/dev/null ;;
+    run)
+      lim=$(budget "${b:-60}"); cmd=${stage#run:"$a":"$b":}
+      timeout "$lim" bash -c "$cmd" > "$out/$a.log" 2>&1
+      rc=$?; tail -6 "$out/$a.log" ;;
+    *) echo "unknown stage $stage"; rc=2 ;;
+  esac
+  echo "== $stage: rc=$rc in $(( $(date +%s) - start )) s"
+done
