@@ -140,7 +140,11 @@ import re, sys
 tool, san_log, py_log, rc, secs = sys.argv[1:6]
 san = open(san_log, errors="replace").read().splitlines() if san_log else []
 py = open(py_log, errors="replace").read()
-total = sum(int(m) for m in re.findall(r"ERROR SUMMARY: (\d+) error", "\n".join(san)))
+text = "\n".join(san)
+# memcheck/initcheck/synccheck end with "ERROR SUMMARY: N errors", racecheck with "RACECHECK
+# SUMMARY: N hazards displayed (E errors, W warnings)": count both forms.
+total = sum(int(m) for m in re.findall(r"ERROR SUMMARY: (\d+) error", text))
+total += sum(int(m) for m in re.findall(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", text))
 # A report starts at an unindented "========= " line; its first "at ..." line names the kernel.
 not_reports = ("COMPUTE-SANITIZER", "ERROR SUMMARY", "LEAK SUMMARY", "RACECHECK SUMMARY", "Target application")
 ours = elsewhere_printed = 0
