@@ -414,6 +414,18 @@ def test_corm_matches_torch(gen):
             assert set(votes[b][h].nonzero().flatten().tolist()) <= set(kept[h].tolist())
     capped = policies.corm(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, budget=8)
     _assert_same_kept(capped, torch_forms.corm_torch(q, keys, kv.seq_lens, budget=8)[0], LENS)
+    # fill: exactly min(budget, len) per sequence, the voted keys first (here fewer than the budget).
+    budget = LENS[0] // 2
+    filled = policies.corm(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, budget=budget, fill=True)
+    assert filled[1].tolist() == [min(budget, n) for n in LENS]
+    for b in range(len(LENS)):
+        kept = filled[0][b, :, : int(filled[1][b])]
+        for h in range(2):
+            voted = set(votes[b][h].nonzero().flatten().tolist())
+            if len(voted) <= budget:
+                assert voted <= set(kept[h].tolist())
+    with pytest.raises(ValueError, match="fill=True needs a budget"):
+        policies.corm(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, fill=True)
 
 
 def test_knorm_matches_torch(gen):

@@ -15,7 +15,7 @@ What runs where:
   decodes (one new token per sequence) with ``kvcore.gqa_decode`` straight from the pages. Steps
   with several new tokens (prefill, chunked prefill) run torch SDPA over the cached tokens
   (gathered from the pages) plus the new ones, causal, with the model's sliding window if any.
-* Policies (``streaming_llm``, ``snapkv``, ``h2o``, ``tova``, ``knorm``; :mod:`kvcore.policies`)
+* Policies (``streaming_llm``, ``snapkv``, ``h2o``, ``tova``, ``corm``, ``knorm``; :mod:`kvcore.policies`)
   run once, at the end of the prefill (the first multi-token step, or the last chunk of a chunked
   prefill, see ``KVCoreCache.hold_eviction``; H2O scores with that step's queries only): each
   layer's store is compacted in place with ``kvcore.compact_kv`` to ``budget`` tokens and the
@@ -73,7 +73,7 @@ ATTN_IMPLEMENTATION = "kvcore"
 #: ``config.model_type`` values this adapter runs (GQA attention through ``AttentionInterface``).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 #: Eviction policies that :func:`enable` accepts (applied once, after prefill).
-POLICIES = ("streaming_llm", "snapkv", "h2o", "tova", "knorm")
+POLICIES = ("streaming_llm", "snapkv", "h2o", "tova", "corm", "knorm")
 
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 
@@ -178,8 +178,10 @@ class KVCoreCache(Cache):
         policy: ``None`` or one of :data:`POLICIES`; applied once at the end of the prefill.
         budget: tokens kept per sequence and layer by the policy (required with a policy).
         policy_kwargs: extra keyword arguments: ``num_sinks`` (streaming_llm, default 4),
-            ``window`` (snapkv observation window, default 32, capped at budget and prompt),
-            ``kernel_size`` / ``pooling`` (snapkv), ``recent`` (h2o).
+            ``window`` (snapkv's observation window and corm's recent queries, default 32, capped
+            at budget and prompt), ``kernel_size`` / ``pooling`` (snapkv), ``recent`` (h2o).
+            corm keeps exactly ``budget`` tokens: the keys its recent queries vote for (probability
+            >= 1/n), then the best-scored others (CORM's own rule keeps a variable number).
         layer_to_store: CLA / MLKV map, one store id per layer (see :class:`kvcore.PagedKVCache`);
             ``None``: one store per layer.
 
@@ -396,7 +398,8 @@ class KVCoreCache(Cache):
         Args:
             queries: one ``[B, Hq, T, D]`` tensor per layer standing in for that layer's last ``T``
                 prefill queries (only the stores' producer layers are read): ``snapkv`` uses the
-                last ``window`` of them, ``tova`` the last one, ``h2o`` all; ``None`` is allowed for
+                last ``window`` of them, ``corm`` the last ``window`` too, ``tova`` the last one,
+                ``h2o`` all; ``None`` is allowed for
                 ``streaming_llm`` and ``knorm``, which need none.
             scaling: softmax scale of the scores (default ``head_dim ** -0.5``).
 
@@ -486,6 +489,12 @@ class KVCoreCache(Cache):
                 scores = eviction.h2o_scores(query.transpose(1, 2).contiguous(), k_cache, self._block_table,
                                              seq_lens, scale=scaling)
                 sel = eviction.h2o(scores, seq_lens, budget, recent=kw.get("recent"))
+            elif self.policy == "corm":
+                recent = min(kw.get("window", 32), budget, query.shape[2])
+                q_recent = query[:, :, -recent:, :].transpose(1, 2).contiguous()
+                # fill: exactly the budget, as the other policies (one length per sequence here).
+                sel = eviction.corm(q_recent, k_cache, v_cache, self._block_table, seq_lens, budget=budget,
+                                    scale=scaling, fill=True)
             elif self.policy == "tova":
                 q_last = query[:, :, -1:, :].transpose(1, 2).contiguous()
                 sel = eviction.tova(q_last, k_cache, self._block_table, seq_lens, budget, scale=scaling)

@@ -324,7 +324,7 @@ def tova(q_last: Tensor, k_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
 
 
 def corm(q_recent: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor, *,
-         budget: Optional[int] = None, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+         budget: Optional[int] = None, scale: Optional[float] = None, fill: bool = False) -> tuple[Tensor, Tensor]:
     """CORM (Dai et al. 2024): a key stays while any of the ``r`` most recent queries
     (``q_recent`` ``[B, r, Hq, D]``, the last ``r`` positions) gives it at least the uniform
     probability ``1 / n``, ``n`` = the number of keys that query sees; the ``r`` recent tokens stay.
@@ -335,7 +335,12 @@ def corm(q_recent: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor
     score ``>= 1`` means probability ``>= 1 / n_i``. Per-head counts differ: every head keeps the
     sequence's largest count, padding with its next-best keys (a superset of CORM's set). With
     ``budget`` given, at most ``budget`` tokens are kept (best scores first; recent tokens first).
+    ``fill`` (with ``budget``): keep exactly ``min(budget, seq_len)`` tokens, CORM's voted keys
+    first and then the next-best scores, for caches that hold one length per sequence for every
+    layer (the transformers adapter).
     """
+    if fill and budget is None:
+        raise ValueError("corm: fill=True needs a budget")
     if q_recent.dim() != 4:
         raise ValueError(f"q_recent must be 4-D [batch, r, num_q_heads, head_dim], got {tuple(q_recent.shape)}")
     batch, r, hq, d = q_recent.shape
@@ -356,6 +361,8 @@ def corm(q_recent: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor
     counts = (voted & valid).sum(dim=-1).max(dim=1).values
     if budget is not None:
         counts = torch.clamp(counts, max=_check_budget(budget))
+    if fill:
+        counts = _budget_counts(seq_lens, budget).to(counts.device)
     return _select_top(scores, seq_lens, counts, forced)
 
 
