@@ -440,10 +440,8 @@ class KVCoreCache(Cache):
         width = -(-(longest + headroom) // self.page_size)
         device = self.paged.device
         table = torch.zeros(batch, width, dtype=torch.int32, device=device)
-        for row, seq_id in enumerate(self.seq_ids):
-            pages = self.paged.pages_of(seq_id)
-            if pages:
-                table[row, : len(pages)].copy_(self.paged._upload(torch.tensor(pages, dtype=torch.int32)))
+        held = self.paged.block_table(self.seq_ids)  # [B, most pages held], zero past each row's pages
+        table[:, : held.shape[1]].copy_(held)
         return _GraphBuffers(
             block_table=table,
             seq_lens=torch.zeros(batch, dtype=torch.int32, device=device),
@@ -463,8 +461,7 @@ class KVCoreCache(Cache):
         for row, (seq, start) in enumerate(zip(seqs, starts)):
             if start % self.page_size == 0:  # this token opened a page: publish its id
                 g.block_table[row, start // self.page_size].fill_(seq.pages[-1])
-        lens = torch.tensor([seq.length for seq in seqs], dtype=torch.int32)
-        g.seq_lens.copy_(self.paged._upload(lens))
+        g.seq_lens.copy_(self.paged.seq_lens(self.seq_ids))
         g.position_ids.fill_(self._seen)
         g.input_ids.copy_(input_ids)
         self._seen += 1
@@ -599,20 +596,19 @@ class DecodeGraph:
         if self._buffers is None or not cache._graph_step_fits(self._buffers):
             self._graph = self._logits = None
             self._buffers = cache._graph_buffers(self.headroom)
-            if self.capture:
-                self.captures += 1
-                return self._capture_and_replay(input_ids)
         g = self._buffers
         cache._stage_graph_step(g, input_ids)
         if not self.capture:
             with torch.no_grad():
                 return self._forward(g)
+        if self._graph is None:
+            self.captures += 1
+            self._capture(g)
         self._graph.replay()
         return self._logits
 
-    def _capture_and_replay(self, input_ids: Tensor) -> Tensor:
-        g = self._buffers
-        self.cache._stage_graph_step(g, input_ids)
+    def _capture(self, g: _GraphBuffers) -> None:
+        """Capture the step staged in ``g`` (the caller then replays it)."""
         saved = ops.set_validation(False)  # validation reads index contents on the host
         try:
             with torch.no_grad():
@@ -629,8 +625,6 @@ class DecodeGraph:
         finally:
             ops.set_validation(saved)
         self._graph, self._logits = graph, logits
-        graph.replay()
-        return logits
 
 
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, past: int, scaling: float, window: Optional[int]) -> Tensor:

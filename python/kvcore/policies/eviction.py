@@ -359,10 +359,10 @@ def corm(q_recent: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor
     valid = pos < lens.view(-1, 1, 1)
     voted = (scores >= 1.0) | forced
     counts = (voted & valid).sum(dim=-1).max(dim=1).values
-    if budget is not None:
-        counts = torch.clamp(counts, max=_check_budget(budget))
     if fill:
-        counts = _budget_counts(seq_lens, budget).to(counts.device)
+        counts = _budget_counts(seq_lens, _check_budget(budget)).to(counts.device)
+    elif budget is not None:
+        counts = torch.clamp(counts, max=_check_budget(budget))
     return _select_top(scores, seq_lens, counts, forced)
 
 
