@@ -51,6 +51,9 @@ inline int choose_splits(int64_t pairs, int64_t kv_len, int slots) {
   return best;
 }
 
+// Workspace regions start 256-byte aligned.
+inline int64_t round256(int64_t n) { return (n + 255) / 256 * 256; }
+
 // The split count and the split-KV workspace layout of one launch, shared by the paged decode
 // kernels (gqa_decode, block_sparse_decode) and mla_decode. Workspace: arrival counters [pairs]
 // in a fixed leading region (kCounterBytes), then `scratch` bytes the caller uses (gqa_decode's
@@ -74,7 +77,7 @@ inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pai
                              int tile, int64_t requested, int64_t have, int64_t scratch, int64_t rows,
                              int64_t width) {
   int splits = requested > 0 ? int(std::min<int64_t>(requested, kMaxSplits)) : choose_splits(pairs, kv_len, slots);
-  auto lse_bytes = [&](int n) { return (pairs * n * rows * 4 + 255) / 256 * 256; };
+  auto lse_bytes = [&](int n) { return round256(pairs * n * rows * 4); };
   auto bytes_for = [&](int n) { return kCounterBytes + scratch + lse_bytes(n) + pairs * n * rows * width * 4; };
   if (splits > 1) {
     TORCH_CHECK(requested <= 1 || (pairs * 4 <= kCounterBytes && bytes_for(splits) <= have), op, ": num_splits=",
@@ -151,7 +154,6 @@ inline GqaDecodeParams common_params(const char* op, const PagedDecodeShape& s, 
 // (the fp32 logits of the first version) for kv_len >= 9, up to one more 256-byte rounding; below
 // that, and for the rounding, its room for split partials (63 MiB) covers the difference.
 inline int64_t score_blocks(int64_t kv_len) { return (kv_len + kScoreBlock - 1) / kScoreBlock; }
-inline int64_t round256(int64_t n) { return (n + 255) / 256 * 256; }
 inline int64_t score_lse_bytes(const PagedDecodeShape& s) { return round256(s.batch * s.num_q_heads * 4); }
 inline int64_t score_prob_bytes(const PagedDecodeShape& s, int64_t kv_len) {
   return round256(s.batch * s.num_q_heads * score_blocks(kv_len) * kScoreBlock * 2);
