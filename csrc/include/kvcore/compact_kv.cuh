@@ -73,7 +73,7 @@ __device__ __forceinline__ int64_t lclamp(int64_t x, int64_t lo, int64_t hi) { r
 
 constexpr int kThreads = 128;
 constexpr int kMinCtasPerSm = 6;    // 6 x ~36 KB of shared memory fit an SM of sm_90 (228 KB)
-constexpr int kRows = 64;           // rows per chunk at most: warps 0-1 stage one row per thread
+constexpr int kRows = 64;           // rows per chunk at most: warp 0 stages two rows per lane
 constexpr int kChunkBytes = 16384;  // per tensor (K, V) and chunk, in shared memory
 
 __device__ __forceinline__ void store_release(unsigned* p, unsigned v) {
@@ -159,11 +159,11 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   constexpr int kVecs = kChunkBytes / int(sizeof(Vec));  // Vecs of one tensor's chunk
   constexpr int SLOTS = kVecs / kThreads;                 // per thread and tensor
   static_assert(kVecs % kThreads == 0, "a chunk must split evenly over the threads");
-  static_assert(kRows <= 64, "rows are staged by warps 0-1; warps 2-3 search");
+  static_assert(kRows <= 64, "rows are staged by warp 0 (two per lane); warps 2-3 search");
   __shared__ __align__(16) unsigned char s_payload[2 * kChunkBytes];  // K chunk, then V chunk
   __shared__ int64_t s_src_k[kRows], s_src_v[kRows], s_dst_k[kRows], s_dst_v[kRows];  // byte offsets
   __shared__ unsigned char s_move[kRows];
-  __shared__ int64_t s_ticket, s_len, s_n;
+  __shared__ int64_t s_ticket, s_n;
   __shared__ int s_range[2];  // earlier chunks [j0, j1) whose reads this chunk's writes wait for
   __shared__ int s_last;
   Vec* const s_k = reinterpret_cast<Vec*>(s_payload);
@@ -181,49 +181,62 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   const int64_t C = p.chunk_rows, row0 = c * C;
   const int64_t* const kp = p.kept + pair * p.max_kept;
 
-  // ---- round trips 2-3: warps 0-1 stage the rows, warps 2-3 search the chunks to wait for ----
+  // ---- round trips 2-3: warp 0 stages the rows, warps 2-3 search the chunks to wait for -------
   // Both take two dependent round trips (kept + lengths, then the block table; two 32-ary search
   // rounds), so the two halves only meet at the barrier before the payload.
   // A ticketed chunk has c < chunks, so row0 < min(max_kept, capacity): every kept index read
   // below (row0 + tid < max_kept; the searches read indices < row0) is inside kept's row.
   unsigned arrival = 0;
   bool moves = false;
-  if (warp < 2) {
-    int64_t raw = 0;  // kept[row0 + tid], unclamped (the length is not known yet)
-    if (ticketed && tid < C && row0 + tid < p.max_kept) raw = __ldg(kp + row0 + tid);
-    if (tid == 0) {
-      int64_t len = 0, n = 0;
+  if (warp == 0) {
+    // Warp 0 alone (two rows per lane), so that the lengths pass from lane 0 by a shuffle: a
+    // named barrier over warps 0-1 made compute-sanitizer racecheck report hazards (2026-12-03)
+    // between barrier-separated accesses, and a second warp reading seq_lens itself would not be
+    // ordered before the arrival count below.
+    const int lane = tid;
+    int64_t raw[2] = {0, 0};  // kept[row0 + lane + 32 q], unclamped (the length is not known yet)
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int r = lane + 32 * q;
+      if (ticketed && r < C && row0 + r < p.max_kept) raw[q] = __ldg(kp + row0 + r);
+    }
+    int64_t len = 0, n = 0;
+    if (lane == 0) {
       if (ticketed) {
         len = lclamp(__ldcg(p.seq_lens + b), 0, p.capacity);
         n = lclamp(__ldcg(p.kept_lens + b), 0, lmin(p.max_kept, len));
       }
-      s_len = len;
       s_n = n;
       // Release: this CTA's read of seq_lens[b] is ordered before its arrival, so the last to
       // arrive may overwrite the lengths. The count's value is only needed at the very end.
       arrival = atom_add_release(p.scratch + 1, 1u);
     }
-    asm volatile("bar.sync 1, 64;\n" ::: "memory");  // warps 0-1: s_len, s_n
-    const int64_t len = s_len, n = s_n;
+    len = __shfl_sync(0xffffffffu, len, 0);
+    n = __shfl_sync(0xffffffffu, n, 0);
     const int64_t rows = (ticketed && row0 < n) ? lmin(C, n - row0) : 0;
-    if (tid < rows) {  // rows <= C <= kRows = 64
-      const int64_t i = row0 + tid, s = lclamp(raw, 0, len - 1);
-      moves = s != i;
-      if (moves) {
-        // s, i < len <= capacity = max_pages * page_size: both page indices are inside the row.
-        const int* bt = p.block_table + int64_t(b) * p.max_pages;
-        const int64_t sp = lclamp(__ldg(bt + s / p.page_size), 0, p.num_pages - 1);
-        const int64_t dp = lclamp(__ldg(bt + i / p.page_size), 0, p.num_pages - 1);
-        const int64_t so = (s % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes;
-        const int64_t dof = (i % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes;
-        s_src_k[tid] = sp * p.k_page_stride + so;
-        s_src_v[tid] = sp * p.v_page_stride + so;
-        s_dst_k[tid] = dp * p.k_page_stride + dof;
-        s_dst_v[tid] = dp * p.v_page_stride + dof;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int r = lane + 32 * q;
+      if (r < rows) {  // rows <= C <= kRows = 64
+        const int64_t i = row0 + r, s = lclamp(raw[q], 0, len - 1);
+        const bool m = s != i;
+        moves |= m;
+        if (m) {
+          // s, i < len <= capacity = max_pages * page_size: both page indices are inside the row.
+          const int* bt = p.block_table + int64_t(b) * p.max_pages;
+          const int64_t sp = lclamp(__ldg(bt + s / p.page_size), 0, p.num_pages - 1);
+          const int64_t dp = lclamp(__ldg(bt + i / p.page_size), 0, p.num_pages - 1);
+          const int64_t so = (s % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes;
+          const int64_t dof = (i % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes;
+          s_src_k[r] = sp * p.k_page_stride + so;
+          s_src_v[r] = sp * p.v_page_stride + so;
+          s_dst_k[r] = dp * p.k_page_stride + dof;
+          s_dst_v[r] = dp * p.v_page_stride + dof;
+        }
+        s_move[r] = m;
       }
-      s_move[tid] = moves;
     }
-  } else if (ticketed) {
+  } else if (warp >= 2 && ticketed) {  // warp 1 idles here: s_range has one slot per searching warp
     // Chunk j < c overlaps [row0, row0 + C) iff last_src(j) >= row0 and first_src(j) < row0 + C;
     // both are monotone in j for valid input, so the overlapping j form [j0, j1). Raw positions:
     // valid input is inside [0, seq_len) already; for bad input any [j0, j1) within [0, c] is
