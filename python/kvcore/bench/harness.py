@@ -97,10 +97,14 @@ class Timer:
     def method(self) -> str:
         return self.method_name if self.device.type == "cuda" else "perf_counter median"
 
-    def __call__(self, fn: Callable[[], object]) -> float:
+    def __call__(self, fn: Callable[[], object], setup: Optional[Callable[[], object]] = None) -> float:
+        """Median milliseconds of one ``fn()``. ``setup()`` (optional) runs before every call, outside
+        the timed interval: for ops that change their inputs in place (compact_kv lowers seq_lens),
+        so that each timed call starts from the same state without timing the restore."""
+        setup = setup or (lambda: None)
         if self.device.type == "cuda":
-            return self._time_events(fn)
-        return self._time_cpu(fn)
+            return self._time_events(fn, setup)
+        return self._time_cpu(fn, setup)
 
     # -- CUDA ------------------------------------------------------------------------------
     def _flush_l2(self) -> None:
@@ -109,14 +113,16 @@ class Timer:
             self._flush_sink = torch.empty((), dtype=torch.int64, device=self.device)
         torch.sum(self._flush_buf, 0, out=self._flush_sink)
 
-    def _time_events(self, fn: Callable[[], object]) -> float:
+    def _time_events(self, fn: Callable[[], object], setup: Callable[[], object]) -> float:
         # Estimate one call (flush included so the estimate is not from a warm L2).
+        setup()
         fn()
         torch.cuda.synchronize(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(5):
             self._flush_l2()
+            setup()
             fn()
         end.record()
         torch.cuda.synchronize(self.device)
@@ -124,11 +130,13 @@ class Timer:
         n_warm = max(1, int(self.warmup_ms / est))
         n_rep = min(self.max_reps, max(self.min_reps, int(self.rep_ms / est)))
         for _ in range(n_warm):
+            setup()
             fn()
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
         for i in range(n_rep):
             self._flush_l2()
+            setup()
             starts[i].record()
             fn()
             ends[i].record()
@@ -136,16 +144,19 @@ class Timer:
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
     # -- CPU -------------------------------------------------------------------------------
-    def _time_cpu(self, fn: Callable[[], object]) -> float:
+    def _time_cpu(self, fn: Callable[[], object], setup: Callable[[], object]) -> float:
+        setup()
         t0 = time.perf_counter()
         fn()
         est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
         n_warm = min(3, max(1, int(self.warmup_ms / est_ms)))
         for _ in range(n_warm):
+            setup()
             fn()
         n_rep = min(self.max_reps, max(self.min_reps, int(self.rep_ms / est_ms)))
         times = []
         for _ in range(n_rep):
+            setup()
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)

@@ -153,6 +153,7 @@ class Prepared:
     context: Callable[[], ContextManager] = contextlib.nullcontext
     before_timing: Callable[[], None] = lambda: None
     after_timing: Callable[[], None] = lambda: None
+    setup: Optional[Callable[[], None]] = None  # before every timed call, outside the time (harness.Timer)
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:

@@ -34,6 +34,8 @@ def time_variant(var: Prepared, ref: torch.Tensor, tol: float, ctx: RunContext) 
         if var.out is not None:
             var.out.fill_(float("nan"))  # unwritten elements must fail the check
         try:
+            if var.setup is not None:
+                var.setup()
             out = var.fn()
             ctx.synchronize()
         except Exception as exc:  # noqa: BLE001
@@ -47,7 +49,7 @@ def time_variant(var: Prepared, ref: torch.Tensor, tol: float, ctx: RunContext) 
             return None, f"wrong result: max abs error {err:.3g} vs fp32 reference (tolerance {tol:g})"
         var.before_timing()
         try:
-            return ctx.timer(var.fn), None
+            return ctx.timer(var.fn, var.setup), None
         except Exception as exc:  # noqa: BLE001
             return None, f"failed while timing: {_first_line(exc)}"
         finally:
