@@ -18,7 +18,6 @@ import types
 import pytest
 import torch
 
-import kvcore
 from kvcore import ops
 
 transformers = pytest.importorskip("transformers")
@@ -142,17 +141,20 @@ def test_chunked_prefill_and_decode_teacher_forced(device, arch):
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
 def test_generate_cuda_bf16_logits(arch):
     """generate on CUDA (bf16, latent 512 + 64): each step's logits match a no-cache eager forward
-    over the generated sequence (greedy tokens may differ from eager's in bf16, so teacher-forced)."""
+    over the generated sequence (greedy tokens may differ from eager's in bf16, so teacher-forced).
+    The 2 x 40-token prefill is past the fused projection's 64 tokens (cuBLAS + epilogue path)."""
+    prompt = 40
     model = _model(arch, "cuda", torch.bfloat16)
     eager = _eager(model)
-    ids = _prompt(device="cuda")
+    ids = _prompt(device="cuda", length=prompt)
     kvt.enable(model)
     got = _greedy(model, ids)
     assert model.kvcore_cache.latent.latent(0).is_cuda
+    assert model.kvcore_cache.cached_tokens() == prompt + NEW - 1
     with torch.no_grad():
         full = eager(got.sequences, use_cache=False).logits
     for step, logits in enumerate(got.logits):
-        torch.testing.assert_close(logits.float(), full[:, PROMPT - 1 + step].float(), atol=6e-2, rtol=2e-2,
+        torch.testing.assert_close(logits.float(), full[:, prompt - 1 + step].float(), atol=6e-2, rtol=2e-2,
                                    msg=f"logits of step {step}")
 
 
@@ -282,6 +284,12 @@ def test_refusals():
         kvm.KVCoreMLACache(dynamic, max_cache_len=8)
     with pytest.raises(ValueError, match="attention_bias"):
         kvt.enable(_model("deepseek_v3", attention_bias=True))
+    fp8 = _model("deepseek_v2")
+    fp8.model.layers[1].self_attn.kv_b_proj.weight.data = fp8.model.layers[1].self_attn.kv_b_proj.weight.data.to(
+        torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"layer 1: kv_b_proj.weight must be .* FP8"):
+        kvt.enable(fp8)
+    assert "forward" not in fp8.model.layers[0].self_attn.__dict__  # checked before patching anything
     # Remote-code DeepSeek modules (trust_remote_code) have another forward: refused by class.
     remote = types.SimpleNamespace(config=_config("deepseek_v3"), modules=lambda: iter([torch.nn.Linear(2, 2)]))
     with pytest.raises(ValueError, match="DeepseekV2Attention / DeepseekV3Attention"):
@@ -328,5 +336,3 @@ def test_generate_command_mla(capsys):
         generate.main(["--arch", "deepseek_v2", "--policy", "snapkv", "--budget", "8"])
     assert "takes neither --policy" in capsys.readouterr().err
 
-
-_ = kvcore  # imported for the extension's op registration before ops is used

@@ -42,7 +42,11 @@ Supported configurations:
   projection has no bias term; no DeepSeek checkpoint uses one), attention modules that are not
   transformers' own DeepSeek classes (``trust_remote_code`` modeling files have another forward),
   padded batches (through kvcore's mask function, as for GQA models), beam search and assisted
-  decoding (cache reordering / cropping).
+  decoding (cache reordering / cropping), quantized (e.g. FP8) ``kv_a_proj_with_mqa`` /
+  ``kv_b_proj`` weights (kvcore reads them directly; load such checkpoints dequantized).
+  ``DecodeGraph`` takes the GQA ``KVCoreCache`` only (no CUDA-graph decode for MLA yet).
+* Positions come from the cache (tokens cached so far), not from ``position_ids``: without
+  padding they are the same.
 
 Memory: :meth:`KVCoreMLACache.memory_comparison` compares the pages held with a cache of per-head
 K and V for the same model (``H * (qk_nope + rope + v_head)`` values per token and layer: what
@@ -53,7 +57,9 @@ DeepSeek modules store in their ``DynamicCache``: they too cache the latent, unp
 Costs to know: per layer, the absorbed weights (``kv_a_proj_with_mqa`` transposed, ``W_UK`` and
 ``W_UV^T`` from ``kv_b_proj``) are kept as contiguous copies next to the model's (for DeepSeek-V3
 about 42 MB per layer in bf16); kvcore's validation (on by default) reads the step's slot and
-block-table contents on the host once per op call.
+block-table contents on the host once per op call. The patched ``forward`` replaces any
+instance-level ``forward`` wrapper (e.g. accelerate's device-placement hook) on the attention
+modules for the kvcore path; the model is expected on one device.
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..mla import MLAAttention, MLAConfig, MLALatentCache, MLAStep
 
 __all__ = ["MLA_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "KVCoreMLACache", "check_supported_mla", "disable", "enable",
-           "mla_config"]
+           "mla_config", "restore_attention"]
 
 #: ``config.model_type`` values with multi-head latent attention that this module runs.
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
@@ -299,7 +305,7 @@ class KVCoreMLACache(Cache):
         return self._seen
 
     def forward_kwargs(self, model: Any) -> dict[str, Any]:
-        """``{name: self}`` for ``model(...)``: transformers 5 calls the argument ``cache``, older ``past_key_values``."""
+        """``{name: self}`` for ``model(...)`` (transformers 5 calls the argument ``cache``)."""
         from .transformers import _cache_kwarg
 
         return {_cache_kwarg(model): self}
@@ -474,6 +480,16 @@ def enable(
         if module.kv_a_proj_with_mqa.bias is not None:
             raise ValueError(f"layer {module.layer_idx}: kv_a_proj_with_mqa has a bias, which "
                              "kvcore.mla_latent_project does not take")
+        # kvcore reads these two weights directly (the fused projection, the absorbed W_UK / W_UV);
+        # the other projections are called as modules, so quantized ones work there.
+        for name in ("kv_a_proj_with_mqa", "kv_b_proj"):
+            weight = getattr(getattr(module, name), "weight", None)
+            if not isinstance(weight, Tensor) or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(
+                    f"layer {module.layer_idx}: {name}.weight must be a float32/bfloat16/float16 tensor, got "
+                    f"{getattr(weight, 'dtype', type(weight).__name__)}: kvcore reads it directly, so quantized "
+                    "(e.g. FP8) checkpoints must be loaded dequantized"
+                )
     restore_attention(model)  # enable twice: patch once
     for module in modules:
         module.__dict__["_kvcore_mla"] = _SharedMLA(module, mla_config(config, module), rope)
