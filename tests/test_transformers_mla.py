@@ -277,6 +277,10 @@ def test_refusals():
     assert "forward" not in model.model.layers[0].self_attn.__dict__  # a refused enable changes nothing
     with pytest.raises(ValueError, match="KVCoreMLACache"):
         kvt.KVCoreCache(model.config, max_cache_len=8)
+    # A KVCoreMLACache given to a model that is not enabled: the original forward's update() says so.
+    cache = kvm.KVCoreMLACache(model.config, max_cache_len=PROMPT)
+    with pytest.raises(NotImplementedError, match="enable"), torch.no_grad():
+        model(_prompt(), **cache.forward_kwargs(model), use_cache=True)
     dynamic = _config("deepseek_v3", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
         kvt.check_supported(dynamic)
