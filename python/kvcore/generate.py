@@ -22,18 +22,43 @@ import torch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_model(arch: str, layers: int, *, hidden: int, heads: int, kv_heads: int, vocab: int, max_positions: int,
-                seed: int = 0) -> Any:
-    """A random-weight ``{Llama,Mistral,Qwen2}ForCausalLM`` from a config (eval mode, float32, CPU)."""
+#: Architectures with multi-head latent attention (kvcore's latent cache and MLA ops, no policies).
+MLA_ARCHS = ("deepseek_v2", "deepseek_v3")
+
+
+def _build_mla_model(arch: str, layers: int, *, hidden: int, heads: int, vocab: int, max_positions: int) -> Any:
+    """A tiny DeepSeek-V2/V3: DeepSeek's latent layout (kv_lora_rank 512 + rope 64, which the CUDA
+    kernels are built for), small heads (nope 64, v 64), a query LoRA, and MoE layers after a
+    dense first one (4 routed experts, top 2, one shared)."""
     import transformers
 
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                  moe_intermediate_size=max(hidden // 2, 8), num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=heads, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64,
+                  v_head_dim=64, q_lora_rank=128, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                  first_k_dense_replace=1, max_position_embeddings=max_positions)
+    if arch == "deepseek_v2":
+        return transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**common))
+    return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(n_group=2, topk_group=1, **common))
+
+
+def build_model(arch: str, layers: int, *, hidden: int, heads: int, kv_heads: int, vocab: int, max_positions: int,
+                seed: int = 0) -> Any:
+    """A random-weight ``{Llama,Mistral,Qwen2,DeepseekV2,DeepseekV3}ForCausalLM`` from a config (eval mode,
+    float32, CPU). DeepSeek models ignore ``kv_heads`` (MLA caches one latent per token)."""
+    import transformers
+
+    if arch in MLA_ARCHS:
+        torch.manual_seed(seed)
+        return _build_mla_model(arch, layers, hidden=hidden, heads=heads, vocab=vocab,
+                                max_positions=max_positions).eval()
     classes = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }
     if arch not in classes:
-        raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
+        raise ValueError(f"arch must be one of {sorted(classes) + list(MLA_ARCHS)}, got {arch!r}")
     config_cls, model_cls = classes[arch]
     extra = {"sliding_window": None} if arch == "mistral" else {}
     config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -43,7 +68,9 @@ def build_model(arch: str, layers: int, *, hidden: int, heads: int, kv_heads: in
     return model_cls(config).eval()
 
 
-def _progress(done: int, total: int, start: float, out=sys.stderr) -> None:
+def _progress(done: int, total: int, start: float, out=None) -> None:
+    # sys.stderr looked up per call, not bound at import (pytest's capture replaces and closes it).
+    out = sys.stderr if out is None else out
     width = 30
     filled = width * done // max(total, 1)
     rate = done / max(time.perf_counter() - start, 1e-9)
@@ -63,16 +90,27 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
     captured once in a CUDA graph and replayed; CUDA only), else eager forward calls.
 
     Returns a dict: ``tokens`` (``[batch, new_tokens]`` list), ``cache_bytes`` (with the policy, measured),
-    ``cache_bytes_full`` (no policy, same tokens), ``cached_tokens``, ``prefill_tok_s``, ``decode_tok_s``.
+    ``cache_bytes_full`` (no policy, same tokens), ``cached_tokens``, ``prefill_tok_s``, ``decode_tok_s``;
+    for the MLA archs (no policy, no CUDA graph) also ``latent_bytes`` (the latent rows without page
+    rounding: transformers 5's own DynamicCache for DeepSeek) and ``per_head_kv_bytes`` (a cache of
+    per-head K and V for the same model).
     """
     from .integrations import transformers as kvt
 
+    mla = arch in MLA_ARCHS
+    if mla and (policy is not None or cuda_graph):
+        raise ValueError(f"arch {arch!r} (MLA) runs without a policy and without --cuda-graph")
     model = build_model(arch, layers, hidden=hidden, heads=heads, kv_heads=kv_heads, vocab=vocab,
                         max_positions=context + new_tokens + 1, seed=seed)
     model = model.to(device=device, dtype=_DTYPES[dtype])
     kvt.enable(model)
-    cache = kvt.KVCoreCache(model.config, max_cache_len=context + new_tokens, page_size=page_size, policy=policy,
-                            budget=budget)
+    if mla:
+        from .integrations.transformers_mla import KVCoreMLACache
+
+        cache = KVCoreMLACache(model.config, max_cache_len=context + new_tokens, page_size=page_size)
+    else:
+        cache = kvt.KVCoreCache(model.config, max_cache_len=context + new_tokens, page_size=page_size,
+                                policy=policy, budget=budget)
     kwargs = cache.forward_kwargs(model)
     gen = torch.Generator().manual_seed(seed + 1)
     prompt = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
@@ -100,13 +138,19 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
             torch.cuda.synchronize()
         decode_s = time.perf_counter() - start
 
-    report = cache.paged.memory_report()
     held = cache.get_seq_length()  # every token fed so far, as a cache without eviction would hold
-    full_pages = -(-held // page_size)
+    if mla:
+        memory = cache.memory_comparison()
+        extra = {"cache_bytes_full": cache.cache_bytes(), "latent_bytes": memory["latent_bytes"],
+                 "per_head_kv_bytes": memory["per_head_kv_bytes"]}
+    else:
+        report = cache.paged.memory_report()
+        full_pages = -(-held // page_size)
+        extra = {"cache_bytes_full": batch * full_pages * page_size * report["bytes_per_token"]}
     return {
         "tokens": torch.stack(tokens, dim=1).tolist(),
         "cache_bytes": cache.cache_bytes(),
-        "cache_bytes_full": batch * full_pages * page_size * report["bytes_per_token"],
+        **extra,
         "cached_tokens": cache.cached_tokens(),
         "seen_tokens": held,
         "prefill_tok_s": batch * context / prefill_s,
@@ -119,7 +163,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .integrations.transformers import POLICIES
 
     parser = argparse.ArgumentParser(prog="python -m kvcore.generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
+    parser.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", *MLA_ARCHS],
+                        help="deepseek_v2 / deepseek_v3: MLA on kvcore's latent cache (no --policy, no --cuda-graph)")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--context", type=int, default=512, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -142,15 +187,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--cuda-graph needs a CUDA --device")
     if args.policy is not None and args.budget is None:
         parser.error("--policy needs --budget")
+    if args.arch in MLA_ARCHS and (args.policy is not None or args.cuda_graph):
+        parser.error(f"--arch {args.arch} (MLA) takes neither --policy nor --cuda-graph")
     result = run(args.arch, args.layers, args.context, args.new_tokens, args.policy, args.budget, args.batch,
                  args.hidden, args.heads, args.kv_heads, args.vocab, args.page_size, args.chunk, args.dtype,
                  args.device, args.seed, cuda_graph=args.cuda_graph)
     name = args.policy or "none"
-    print(f"model: {args.arch}, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} "
-          f"(q/kv), random weights, {args.dtype} on {args.device}")
-    print(f"cache bytes without policy: {result['cache_bytes_full']:,} ({result['seen_tokens']} tokens per sequence)")
-    print(f"cache bytes with policy {name} (budget {args.budget}): {result['cache_bytes']:,} "
-          f"({result['cached_tokens']} tokens per sequence held)")
+    if args.arch in MLA_ARCHS:
+        print(f"model: {args.arch}, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, MLA latent "
+              f"512 + 64 per token and layer, random weights, {args.dtype} on {args.device}")
+        print(f"cache bytes, kvcore latent pages: {result['cache_bytes']:,} ({result['cached_tokens']} tokens per "
+              "sequence)")
+        print(f"cache bytes, transformers' default DynamicCache (5.x DeepSeek modules cache the latent too, "
+              f"unpaged): {result['latent_bytes']:,}")
+        ratio = result["per_head_kv_bytes"] / max(result["cache_bytes"], 1)
+        print(f"cache bytes, per-head K and V (DeepSeek's remote modeling code; an MHA-style cache): "
+              f"{result['per_head_kv_bytes']:,} ({ratio:.2f}x kvcore's)")
+    else:
+        print(f"model: {args.arch}, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} "
+              f"(q/kv), random weights, {args.dtype} on {args.device}")
+        print(f"cache bytes without policy: {result['cache_bytes_full']:,} ({result['seen_tokens']} tokens per "
+              "sequence)")
+        print(f"cache bytes with policy {name} (budget {args.budget}): {result['cache_bytes']:,} "
+              f"({result['cached_tokens']} tokens per sequence held)")
     print(f"prefill: {result['prefill_tok_s']:,.1f} tokens/s; decode: {result['decode_tok_s']:,.1f} tokens/s")
     for row, toks in enumerate(result["tokens"]):
         print(f"tokens[{row}]: {toks}")

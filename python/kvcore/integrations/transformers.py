@@ -27,10 +27,10 @@ What runs where:
   This changes the model's function: use it for models trained with shared KV layers.
 
 Supported: Llama, Mistral and Qwen2 (GQA/MQA/MHA, RoPE, optional sliding window), batches without
-padding. Refused with a message: other architectures (DeepSeek-V2/V3 in particular: their MLA
-attention needs ``kvcore.mla``'s latent cache, which is not wired into this adapter yet), padded
-batches (left padding would need per-sequence positions), beam search / assisted decoding
-(cache reordering and cropping).
+padding. DeepSeek-V2/V3 (MLA) models are handed to :mod:`kvcore.integrations.transformers_mla`
+(latent cache, ``kvcore.mla_decode``; no policies, no CLA). Refused with a message: other
+architectures, padded batches (left padding would need per-sequence positions), beam search /
+assisted decoding (cache reordering and cropping).
 
 Uses ``AttentionInterface`` / ``AttentionMaskInterface`` registration, ``set_attn_implementation``
 and the per-layer ``Cache`` API (``CacheLayerMixin``), which transformers has since 4.56; run and
@@ -92,15 +92,15 @@ def check_supported(config: Any) -> None:
     """
     model_type = getattr(config, "model_type", None)
     if model_type in _MLA_MODEL_TYPES:
-        raise ValueError(
-            f"model_type {model_type!r} uses multi-head latent attention (MLA); kvcore has MLA ops "
-            "(kvcore.mla: latent cache and absorbed decode) but they are not wired into the "
-            f"transformers adapter yet. Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        # MLA models run on the latent cache (kvcore.integrations.transformers_mla), checked there.
+        from .transformers_mla import check_supported_mla
+
+        check_supported_mla(config)
+        return
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model_type {model_type!r} is not supported by kvcore's transformers adapter; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (GQA decoder models)"
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (GQA decoder models) and {', '.join(_MLA_MODEL_TYPES)} (MLA)"
         )
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
@@ -202,6 +202,9 @@ class KVCoreCache(Cache):
         layer_to_store: Optional[Sequence[int]] = None,
     ) -> None:
         check_supported(config)
+        if getattr(config, "model_type", None) in _MLA_MODEL_TYPES:
+            raise ValueError(f"model_type {config.model_type!r} uses MLA: its cache is "
+                             "kvcore.integrations.transformers_mla.KVCoreMLACache (one latent row per token)")
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
         if policy is not None and policy not in POLICIES:
@@ -742,9 +745,13 @@ def enable(
         ``model`` (modified in place).
 
     Raises:
-        ValueError: unsupported architecture (DeepSeek/MLA included, with the reason), bad policy/budget.
+        ValueError: unsupported architecture (with the reason), bad policy/budget (MLA models: any policy).
     """
     check_supported(model.config)
+    if getattr(model.config, "model_type", None) in _MLA_MODEL_TYPES:
+        from .transformers_mla import enable as enable_mla
+
+        return enable_mla(model, policy, budget, page_size=page_size, layer_to_store=layer_to_store, **policy_kwargs)
     # Validate the options now rather than at the first generate.
     KVCoreCache(model.config, max_cache_len=1, page_size=page_size, policy=policy, budget=budget,
                 policy_kwargs=policy_kwargs, layer_to_store=layer_to_store)
@@ -780,7 +787,12 @@ def enable(
 
 
 def disable(model: Any, attn_implementation: str = "sdpa") -> Any:
-    """Undo :func:`enable`: restore ``generate`` and switch to ``attn_implementation``. Returns ``model``."""
+    """Undo :func:`enable`: restore ``generate`` (and MLA attention forwards) and switch to ``attn_implementation``.
+    Returns ``model``."""
+    if model.__dict__.get("_kvcore_mla_enabled"):
+        from .transformers_mla import restore_attention
+
+        restore_attention(model)
     original = getattr(model, "_kvcore_original_generate", None)
     if original is not None:
         model.generate = original
