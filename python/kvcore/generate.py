@@ -47,7 +47,9 @@ def build_model(arch: str, layers: int, *, hidden: int, heads: int, kv_heads: in
     return model_cls(config).eval()
 
 
-def _progress(done: int, total: int, start: float, out=sys.stderr) -> None:
+def _progress(done: int, total: int, start: float, out=None) -> None:
+    # sys.stderr looked up per call, not bound at import: a test's captured stream closes after it.
+    out = sys.stderr if out is None else out
     width = 30
     filled = width * done // max(total, 1)
     rate = done / max(time.perf_counter() - start, 1e-9)
