@@ -178,8 +178,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"model: {args.arch}, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} "
           f"(q/kv), random weights, {args.dtype} on {args.device}")
     print(f"cache bytes without policy: {result['cache_bytes_full']:,} ({result['seen_tokens']} tokens per sequence)")
+    where = " on the device by layer 0" if "host_bytes" in result else ""
     print(f"cache bytes with policy {name} (budget {args.budget}): {result['cache_bytes']:,} "
-          f"({result['cached_tokens']} tokens per sequence held{' on the device by layer 0' if 'host_bytes' in result else ''})")
+          f"({result['cached_tokens']} tokens per sequence held{where})")
     if "host_bytes" in result:
         print(f"CPU unit store of policy {name}: {result['host_bytes']:,} bytes")
     print(f"prefill: {result['prefill_tok_s']:,.1f} tokens/s; decode: {result['decode_tok_s']:,.1f} tokens/s")

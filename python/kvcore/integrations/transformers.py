@@ -68,8 +68,8 @@ from .. import ops
 from ..cache import PagedKVCache
 from ..policies import eviction
 
-__all__ = ["ATTN_IMPLEMENTATION", "POLICIES", "RETRIEVAL_POLICIES", "SUPPORTED_MODEL_TYPES", "DecodeGraph", "KVCoreCache", "check_supported",
-           "disable", "enable", "kvcore_attention"]
+__all__ = ["ATTN_IMPLEMENTATION", "POLICIES", "RETRIEVAL_POLICIES", "SUPPORTED_MODEL_TYPES", "DecodeGraph",
+           "KVCoreCache", "check_supported", "disable", "enable", "kvcore_attention"]
 
 #: The name under which the attention (and mask) function is registered in transformers.
 ATTN_IMPLEMENTATION = "kvcore"

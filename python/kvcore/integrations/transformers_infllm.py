@@ -115,7 +115,8 @@ def infllm_config(budget: Optional[int] = None, **options: Any) -> dict[str, Any
     """
     unknown = sorted(set(options) - set(INFLLM_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown option(s) for policy 'infllm': {unknown}; accepted: budget, {', '.join(INFLLM_OPTIONS)}")
+        raise ValueError(f"unknown option(s) for policy 'infllm': {unknown}; accepted: budget, "
+                         f"{', '.join(INFLLM_OPTIONS)}")
     budget = _opt_int("budget", budget, 1)
     n_local = _opt_int("n_local", options.pop("n_local", None), 1)
     block_size = _opt_int("block_size", options.pop("block_size", None), 1)
@@ -276,7 +277,7 @@ class InfLLMKVCache(Cache):
         return self._seen
 
     def forward_kwargs(self, model: Any) -> dict[str, Any]:
-        """``{name: self}`` for ``model(...)``: transformers 5 calls the argument ``cache``, older ``past_key_values``."""
+        """``{name: self}`` for ``model(...)`` (transformers 5 calls it ``cache``, older ``past_key_values``)."""
         return {_kvt._cache_kwarg(model): self}
 
     def memory_report(self, layer_idx: int = 0) -> dict[str, int]:
@@ -350,7 +351,8 @@ class InfLLMKVCache(Cache):
                               dtype=key.dtype, device=key.device, scale=scaling, **self.params)
             self.layers_memory[layer_idx] = mem
         elif abs(mem.scale - scaling) > 1e-6 * mem.scale:
-            raise ValueError(f"layer {layer_idx} attends with scale {scaling}, its InfLLM memory was built with {mem.scale}")
+            raise ValueError(f"layer {layer_idx} attends with scale {scaling}, its InfLLM memory was built with "
+                             f"{mem.scale}")
         return mem
 
     def _attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scaling: float,
@@ -414,8 +416,8 @@ def enable_infllm(model: Any, budget: Optional[int] = None, *, page_size: int = 
             if inputs is None:
                 raise ValueError("kvcore's generate needs input_ids (first argument or input_ids=...)")
             input_len = inputs.shape[-1]
-            cache = InfLLMKVCache(model.config, max_cache_len=input_len + _kvt._max_new_tokens(model, input_len, kwargs),
-                                  budget=budget, **options)
+            max_len = input_len + _kvt._max_new_tokens(model, input_len, kwargs)
+            cache = InfLLMKVCache(model.config, max_cache_len=max_len, budget=budget, **options)
             kwargs[cache_kwarg] = cache
             model.kvcore_cache = cache
         return original(*args, **kwargs)
