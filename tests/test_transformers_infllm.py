@@ -1,5 +1,5 @@
 """policy="infllm" of kvcore's transformers adapter (kvcore.integrations.transformers_infllm) on a
-tiny random-weight Llama built here.
+tiny random-weight Llama (and one Qwen2, MQA) built here.
 
 Checks: with every unit retrieved and resident, greedy generation equals transformers' eager
 path and the no-policy adapter (tokens, logits within tolerance); with a small topk, decode steps
@@ -75,6 +75,24 @@ def test_all_units_retrieved_matches_eager_and_plain_adapter():
         rep = cache.memory_report(layer)
         assert rep["seen"] == seen and rep["units"] == (seen - 8 - 16) // 8 == 6  # retrieval really ran
         assert rep["offloaded_units"] == 0 and rep["device_tokens"] == seen
+
+
+def test_qwen2_all_units_retrieved_matches_eager():
+    """Qwen2 (biased q/k/v projections; its sliding_window value is unused without use_sliding_window)."""
+    torch.manual_seed(1234)
+    config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    ids = _prompt()
+    want = _greedy(eager, ids, new=4)
+    kvt.enable(model, policy="infllm", topk=16, max_cached_block=16, **GEOM)
+    got = _greedy(model, ids, new=4)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert model.kvcore_cache.memory_report(1)["units"] == 5
 
 
 @pytest.mark.cuda
