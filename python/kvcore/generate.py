@@ -7,6 +7,10 @@ tokens in chunks (progress bar on stderr; kvcore's SDPA-over-cached-tokens path)
 policy at the end of the prefill, decodes ``--new-tokens`` greedily with ``kvcore.gqa_decode``,
 and prints: cache bytes with the policy (measured: pages held) and without it (the same tokens in a
 full paged cache), prefill and decode tokens per second, and the generated tokens.
+``--policy infllm --budget N`` keeps each layer's K/V in InfLLM memory instead
+(:mod:`kvcore.integrations.transformers_infllm`: chunked prefill, top-k unit retrieval per decode
+step); its cache bytes are what the device allocates for sinks, window and cached units, and the
+CPU unit store is printed too.
 Needs the ``transformers`` extra. Defaults are small so it runs on a CPU in seconds.
 """
 
@@ -83,17 +87,23 @@ def _progress(done: int, total: int, start: float, out=None) -> None:
 def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: int = 16, policy: Optional[str] = None,
         budget: Optional[int] = None, batch: int = 1, hidden: int = 256, heads: int = 8, kv_heads: int = 2,
         vocab: int = 1024, page_size: int = 16, chunk: int = 512, dtype: str = "float32", device: str = "cpu",
-        seed: int = 0, progress: bool = True, cuda_graph: bool = False) -> dict[str, Any]:
+        seed: int = 0, progress: bool = True, cuda_graph: bool = False,
+        policy_kwargs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Prefill ``context`` random tokens and decode ``new_tokens`` greedily; returns the numbers printed.
 
     ``cuda_graph``: decode through :class:`kvcore.integrations.transformers.DecodeGraph` (the step
     captured once in a CUDA graph and replayed; CUDA only), else eager forward calls.
 
+    ``policy_kwargs``: extra options of the policy (for ``"infllm"``: ``n_init``, ``topk``, ...,
+    see :func:`kvcore.integrations.transformers_infllm.infllm_config`).
+
     Returns a dict: ``tokens`` (``[batch, new_tokens]`` list), ``cache_bytes`` (with the policy, measured),
     ``cache_bytes_full`` (no policy, same tokens), ``cached_tokens``, ``prefill_tok_s``, ``decode_tok_s``;
     for the MLA archs (no policy, no CUDA graph) also ``latent_bytes`` (the latent rows without page
     rounding: transformers 5's own DynamicCache for DeepSeek) and ``per_head_kv_bytes`` (a cache of
-    per-head K and V for the same model).
+    per-head K and V for the same model);
+    with ``"infllm"`` also ``host_bytes`` (the CPU unit stores) and ``cached_tokens`` counts the
+    tokens layer 0 holds on the device (sinks + window + resident units).
     """
     from .integrations import transformers as kvt
 
@@ -104,13 +114,21 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
                         max_positions=context + new_tokens + 1, seed=seed)
     model = model.to(device=device, dtype=_DTYPES[dtype])
     kvt.enable(model)
+    infllm = policy in kvt.RETRIEVAL_POLICIES
     if mla:
         from .integrations.transformers_mla import KVCoreMLACache
 
         cache = KVCoreMLACache(model.config, max_cache_len=context + new_tokens, page_size=page_size)
+    elif infllm:
+        from .integrations.transformers_infllm import InfLLMKVCache
+
+        if cuda_graph:
+            raise ValueError("cuda_graph is not available with policy 'infllm' (its step syncs to load units)")
+        cache = InfLLMKVCache(model.config, max_cache_len=context + new_tokens, budget=budget,
+                              **(policy_kwargs or {}))
     else:
-        cache = kvt.KVCoreCache(model.config, max_cache_len=context + new_tokens, page_size=page_size,
-                                policy=policy, budget=budget)
+        cache = kvt.KVCoreCache(model.config, max_cache_len=context + new_tokens, page_size=page_size, policy=policy,
+                                budget=budget, policy_kwargs=policy_kwargs)
     kwargs = cache.forward_kwargs(model)
     gen = torch.Generator().manual_seed(seed + 1)
     prompt = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
@@ -139,18 +157,21 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
         decode_s = time.perf_counter() - start
 
     held = cache.get_seq_length()  # every token fed so far, as a cache without eviction would hold
+    full_pages = -(-held // page_size)
     if mla:
         memory = cache.memory_comparison()
         extra = {"cache_bytes_full": cache.cache_bytes(), "latent_bytes": memory["latent_bytes"],
                  "per_head_kv_bytes": memory["per_head_kv_bytes"]}
+    elif infllm:
+        bytes_per_token = cache.bytes_per_token(_DTYPES[dtype])
+        extra = {"cache_bytes_full": batch * full_pages * page_size * bytes_per_token, "host_bytes": cache.host_bytes()}
     else:
-        report = cache.paged.memory_report()
-        full_pages = -(-held // page_size)
-        extra = {"cache_bytes_full": batch * full_pages * page_size * report["bytes_per_token"]}
+        bytes_per_token = cache.paged.memory_report()["bytes_per_token"]
+        extra = {"cache_bytes_full": batch * full_pages * page_size * bytes_per_token}
     return {
+        **extra,
         "tokens": torch.stack(tokens, dim=1).tolist(),
         "cache_bytes": cache.cache_bytes(),
-        **extra,
         "cached_tokens": cache.cached_tokens(),
         "seen_tokens": held,
         "prefill_tok_s": batch * context / prefill_s,
@@ -160,7 +181,7 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Command line entry point (``python -m kvcore.generate --help``)."""
-    from .integrations.transformers import POLICIES
+    from .integrations.transformers import POLICIES, RETRIEVAL_POLICIES
 
     parser = argparse.ArgumentParser(prog="python -m kvcore.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", *MLA_ARCHS],
@@ -168,8 +189,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--context", type=int, default=512, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--policy", default=None, choices=list(POLICIES))
-    parser.add_argument("--budget", type=int, default=None, help="tokens kept per sequence and layer by the policy")
+    parser.add_argument("--policy", default=None, choices=list(POLICIES) + list(RETRIEVAL_POLICIES))
+    parser.add_argument("--budget", type=int, default=None,
+                        help="tokens kept per sequence and layer by the policy (infllm: attended per decode step)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
@@ -185,6 +207,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.cuda_graph and not args.device.startswith("cuda"):
         parser.error("--cuda-graph needs a CUDA --device")
+    if args.cuda_graph and args.policy in RETRIEVAL_POLICIES:
+        parser.error(f"--cuda-graph is not available with --policy {args.policy}")
     if args.policy is not None and args.budget is None:
         parser.error("--policy needs --budget")
     if args.arch in MLA_ARCHS and (args.policy is not None or args.cuda_graph):
@@ -208,8 +232,11 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"(q/kv), random weights, {args.dtype} on {args.device}")
         print(f"cache bytes without policy: {result['cache_bytes_full']:,} ({result['seen_tokens']} tokens per "
               "sequence)")
+        where = " on the device by layer 0" if "host_bytes" in result else ""
         print(f"cache bytes with policy {name} (budget {args.budget}): {result['cache_bytes']:,} "
-              f"({result['cached_tokens']} tokens per sequence held)")
+              f"({result['cached_tokens']} tokens per sequence held{where})")
+        if "host_bytes" in result:
+            print(f"CPU unit store of policy {name}: {result['host_bytes']:,} bytes")
     print(f"prefill: {result['prefill_tok_s']:,.1f} tokens/s; decode: {result['decode_tok_s']:,.1f} tokens/s")
     for row, toks in enumerate(result["tokens"]):
         print(f"tokens[{row}]: {toks}")

@@ -25,6 +25,9 @@ What runs where:
 * CLA / MLKV (``layer_to_store``): layers mapped to one store share its K/V; the store's first
   layer (its producer) writes it and the later ones read it, ignoring their own K/V projections.
   This changes the model's function: use it for models trained with shared KV layers.
+* ``policy="infllm"`` (:data:`RETRIEVAL_POLICIES`) is not an eviction: each layer's K/V go to an
+  InfLLM memory (sinks + local window on the device, memory units offloaded to CPU, top-k units
+  retrieved per step); :func:`enable` hands it to :mod:`kvcore.integrations.transformers_infllm`.
 
 Supported: Llama, Mistral and Qwen2 (GQA/MQA/MHA, RoPE, optional sliding window), batches without
 padding. DeepSeek-V2/V3 (MLA) models are handed to :mod:`kvcore.integrations.transformers_mla`
@@ -65,8 +68,8 @@ from .. import ops
 from ..cache import PagedKVCache
 from ..policies import eviction
 
-__all__ = ["ATTN_IMPLEMENTATION", "POLICIES", "SUPPORTED_MODEL_TYPES", "DecodeGraph", "KVCoreCache", "check_supported",
-           "disable", "enable", "kvcore_attention"]
+__all__ = ["ATTN_IMPLEMENTATION", "POLICIES", "RETRIEVAL_POLICIES", "SUPPORTED_MODEL_TYPES", "DecodeGraph",
+           "KVCoreCache", "check_supported", "disable", "enable", "kvcore_attention"]
 
 #: The name under which the attention (and mask) function is registered in transformers.
 ATTN_IMPLEMENTATION = "kvcore"
@@ -74,6 +77,9 @@ ATTN_IMPLEMENTATION = "kvcore"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 #: Eviction policies that :func:`enable` accepts (applied once, after prefill).
 POLICIES = ("streaming_llm", "snapkv", "h2o", "tova", "corm", "knorm")
+#: Retrieval policies that :func:`enable` also accepts: the K/V live in a per-layer InfLLM memory
+#: (:class:`kvcore.integrations.transformers_infllm.InfLLMKVCache`) instead of the paged cache.
+RETRIEVAL_POLICIES = ("infllm",)
 
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 
@@ -81,6 +87,8 @@ _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 # attention module), so ``KVCoreCache.update`` leaves a note here for the attention call that
 # follows it in the same layer; the note names the returned key tensor, so an attention call
 # that did not come from our cache (use_cache=False) is recognised and runs plain SDPA.
+# Any cache with ``_attend(layer_idx, query, key, value, scaling, window)`` may leave the note
+# (KVCoreCache here, InfLLMKVCache in transformers_infllm).
 _note = threading.local()
 
 
@@ -735,7 +743,11 @@ def enable(
 
     Args:
         model: a loaded ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` (or base model).
-        policy: ``None`` (exact) or one of :data:`POLICIES`, applied after prefill.
+        policy: ``None`` (exact), one of :data:`POLICIES` (applied after prefill), or ``"infllm"``
+            (:data:`RETRIEVAL_POLICIES`: handled by
+            :func:`kvcore.integrations.transformers_infllm.enable_infllm`, which documents its
+            options: ``budget`` = tokens attended per decode step, ``n_init``, ``n_local``,
+            ``block_size``, ``topk``, ``repr_topk``, ``max_cached_block``, ...).
         budget: tokens per sequence and layer kept by the policy.
         page_size: tokens per page of the paged cache.
         layer_to_store: CLA / MLKV layer -> store map (see :class:`KVCoreCache`).
@@ -747,6 +759,10 @@ def enable(
     Raises:
         ValueError: unsupported architecture (with the reason), bad policy/budget (MLA models: any policy).
     """
+    if policy in RETRIEVAL_POLICIES:
+        from .transformers_infllm import enable_infllm  # imports this module: load it on demand
+
+        return enable_infllm(model, budget, page_size=page_size, layer_to_store=layer_to_store, **policy_kwargs)
     check_supported(model.config)
     if getattr(model.config, "model_type", None) in _MLA_MODEL_TYPES:
         from .transformers_mla import enable as enable_mla
