@@ -239,7 +239,7 @@ def test_generate_command(capsys):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("policy", [None, "snapkv"])
+@pytest.mark.parametrize("policy", [None, "snapkv", "pyramidkv"])
 def test_generate_command_cuda_graph(policy):
     """The generate command's decode through DecodeGraph gives the eager decode's tokens."""
     from kvcore import generate
@@ -250,6 +250,8 @@ def test_generate_command_cuda_graph(policy):
     graph = generate.run("llama", **kw, cuda_graph=True)
     assert graph["tokens"] == eager["tokens"]
     assert graph["cached_tokens"] == eager["cached_tokens"] and graph["seen_tokens"] == eager["seen_tokens"]
+    assert graph["cached_tokens_per_layer"] == eager["cached_tokens_per_layer"]
+    assert graph["cache_bytes"] == eager["cache_bytes"]
 
 
 def _filled(model, policy=None, budget=None, length=PROMPT, seed=5, batch=2, **policy_kwargs):
@@ -617,3 +619,22 @@ def test_pyramidkv_bad_options_refused():
         kvt.enable(_model("llama"), policy="pyramidkv", budget=8, beta=0)
     with pytest.raises(ValueError, match="sliding window"):
         kvt.enable(_model("mistral"), policy="pyramidkv", budget=8)
+
+
+def test_generate_command_pyramidkv(capsys):
+    """python -m kvcore.generate --policy pyramidkv: per-layer counts after a chunked prefill (the
+    policy's window is capped by the last chunk's 8 queries)."""
+    from kvcore import generate
+
+    result = generate.run("llama", layers=2, context=40, new_tokens=4, policy="pyramidkv", budget=16, hidden=64,
+                          heads=4, kv_heads=2, vocab=VOCAB, page_size=8, chunk=16, progress=False)
+    want = _pyramid_budgets(2, 40, 16, 8)
+    assert want == [24, 8]  # c = 8: hi = 16, lo = 0, one step of 16; + the window of 8
+    assert result["cached_tokens_per_layer"] == [n + 3 for n in want]
+    assert result["cached_tokens"] == want[0] + 3 and result["seen_tokens"] == 43
+    # batch 1: (4 + 2) pages of K+V, 8 tokens x 2 heads x head dim 16 in fp32 each.
+    assert result["cache_bytes"] == (-(-27 // 8) + -(-11 // 8)) * (2 * 8 * 2 * 16 * 4)
+    assert generate.main(["--layers", "2", "--context", "40", "--new-tokens", "3", "--hidden", "64", "--heads", "4",
+                          "--kv-heads", "2", "--vocab", str(VOCAB), "--chunk", "16", "--policy", "pyramidkv",
+                          "--budget", "16"]) == 0
+    assert "held per layer: [" in capsys.readouterr().out

@@ -43,7 +43,8 @@ def build_model(arch: str, layers: int, *, hidden: int, heads: int, kv_heads: in
     return model_cls(config).eval()
 
 
-def _progress(done: int, total: int, start: float, out=sys.stderr) -> None:
+def _progress(done: int, total: int, start: float, out=None) -> None:
+    out = sys.stderr if out is None else out  # looked up per call: a default bound at import outlives a swapped stderr
     width = 30
     filled = width * done // max(total, 1)
     rate = done / max(time.perf_counter() - start, 1e-9)
@@ -63,7 +64,9 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
     captured once in a CUDA graph and replayed; CUDA only), else eager forward calls.
 
     Returns a dict: ``tokens`` (``[batch, new_tokens]`` list), ``cache_bytes`` (with the policy, measured),
-    ``cache_bytes_full`` (no policy, same tokens), ``cached_tokens``, ``prefill_tok_s``, ``decode_tok_s``.
+    ``cache_bytes_full`` (no policy, same tokens), ``cached_tokens`` (per sequence; with ``pyramidkv``,
+    whose layers keep different numbers, the largest), ``cached_tokens_per_layer``, ``prefill_tok_s``,
+    ``decode_tok_s``.
     """
     from .integrations import transformers as kvt
 
@@ -108,6 +111,7 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
         "cache_bytes": cache.cache_bytes(),
         "cache_bytes_full": batch * full_pages * page_size * report["bytes_per_token"],
         "cached_tokens": cache.cached_tokens(),
+        "cached_tokens_per_layer": cache.cached_tokens_per_layer(),
         "seen_tokens": held,
         "prefill_tok_s": batch * context / prefill_s,
         "decode_tok_s": batch * (new_tokens - 1) / decode_s if new_tokens > 1 else float("nan"),
@@ -124,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--context", type=int, default=512, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--policy", default=None, choices=list(POLICIES))
-    parser.add_argument("--budget", type=int, default=None, help="tokens kept per sequence and layer by the policy")
+    parser.add_argument("--budget", type=int, default=None, help="tokens kept per sequence and layer by the policy (pyramidkv: their mean over the layers)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
@@ -149,8 +153,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"model: {args.arch}, {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} "
           f"(q/kv), random weights, {args.dtype} on {args.device}")
     print(f"cache bytes without policy: {result['cache_bytes_full']:,} ({result['seen_tokens']} tokens per sequence)")
-    print(f"cache bytes with policy {name} (budget {args.budget}): {result['cache_bytes']:,} "
-          f"({result['cached_tokens']} tokens per sequence held)")
+    per_layer = result["cached_tokens_per_layer"]
+    held = (f"{result['cached_tokens']} tokens per sequence held" if len(set(per_layer)) == 1
+            else f"tokens per sequence held per layer: {per_layer}")
+    print(f"cache bytes with policy {name} (budget {args.budget}): {result['cache_bytes']:,} ({held})")
     print(f"prefill: {result['prefill_tok_s']:,.1f} tokens/s; decode: {result['decode_tok_s']:,.1f} tokens/s")
     for row, toks in enumerate(result["tokens"]):
         print(f"tokens[{row}]: {toks}")

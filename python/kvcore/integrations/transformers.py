@@ -5,6 +5,7 @@ One call turns it on for a loaded model::
     import kvcore.integrations.transformers as kvt
     kvt.enable(model)                                   # exact: no eviction
     kvt.enable(model, policy="snapkv", budget=1024)     # compress the prompt's cache after prefill
+    kvt.enable(model, policy="pyramidkv", budget=1024)  # per-layer budgets, 1024 on average
     out = model.generate(input_ids, max_new_tokens=64)
 
 What runs where:
@@ -15,13 +16,21 @@ What runs where:
   decodes (one new token per sequence) with ``kvcore.gqa_decode`` straight from the pages. Steps
   with several new tokens (prefill, chunked prefill) run torch SDPA over the cached tokens
   (gathered from the pages) plus the new ones, causal, with the model's sliding window if any.
-* Policies (``streaming_llm``, ``snapkv``, ``h2o``, ``tova``, ``corm``, ``knorm``; :mod:`kvcore.policies`)
-  run once, at the end of the prefill (the first multi-token step, or the last chunk of a chunked
-  prefill, see ``KVCoreCache.hold_eviction``; H2O scores with that step's queries only): each
-  layer's store is compacted in place with ``kvcore.compact_kv`` to ``budget`` tokens and the
-  freed pages go back to the pool. RoPE positions keep counting the tokens seen
+* Policies (``streaming_llm``, ``snapkv``, ``pyramidkv``, ``h2o``, ``tova``, ``corm``, ``knorm``;
+  :mod:`kvcore.policies`) run once, at the end of the prefill (the first multi-token step, or the
+  last chunk of a chunked prefill, see ``KVCoreCache.hold_eviction``; H2O scores with that step's
+  queries only): each layer's store is compacted in place with ``kvcore.compact_kv`` to ``budget``
+  tokens and the freed pages go back to the pool. RoPE positions keep counting the tokens seen
   (``get_seq_length`` is the logical length), as in kvpress / SnapKV, while the pages hold only
   the kept tokens.
+* Per-store lengths (``pyramidkv``): PyramidKV gives each layer its own budget (KVCache-Factory's
+  schedule, :func:`kvcore.policies.pyramidkv_budget`, ``budget`` the mean: lower layers keep more).
+  After its eviction each store holds its own number of tokens per sequence and has its own pages
+  (``PagedKVCache.split_stores``), so the pages a small-budget layer drops are really freed and
+  ``cache_bytes`` counts each store's own pages. Every later token of a store goes at that store's
+  kept count (+ the tokens since); decode, multi-token steps and :class:`DecodeGraph` read each
+  store's own lengths and block table. ``cached_tokens(layer)`` / ``cached_tokens_per_layer()``
+  give the per-layer counts (``cached_tokens()`` the largest).
 * CLA / MLKV (``layer_to_store``): layers mapped to one store share its K/V; the store's first
   layer (its producer) writes it and the later ones read it, ignoring their own K/V projections.
   This changes the model's function: use it for models trained with shared KV layers.
@@ -176,10 +185,17 @@ class KVCoreCache(Cache):
             eviction the whole prompt is cached, so count it fully).
         page_size: tokens per page (power of two).
         policy: ``None`` or one of :data:`POLICIES`; applied once at the end of the prefill.
-        budget: tokens kept per sequence and layer by the policy (required with a policy).
+        budget: tokens kept per sequence and layer by the policy (required with a policy;
+            pyramidkv: the mean over the layers of its schedule).
         policy_kwargs: extra keyword arguments: ``num_sinks`` (streaming_llm, default 4),
-            ``window`` (snapkv's observation window and corm's recent queries, default 32, capped
-            at budget and prompt), ``kernel_size`` / ``pooling`` (snapkv), ``recent`` (h2o).
+            ``window`` (snapkv's / pyramidkv's observation window and corm's recent queries,
+            default 32, capped at budget (pyramidkv: budget - 1) and at the prefill step's
+            queries), ``kernel_size`` / ``pooling`` (snapkv, pyramidkv), ``beta`` (pyramidkv's
+            schedule, default 20), ``recent`` (h2o).
+            pyramidkv keeps ``pyramidkv_budget(layer, num_layers, prompt_len, budget, window, beta)``
+            tokens in each store, where ``layer`` is the store's producer layer (with CLA / MLKV
+            sharing, the sharing layers follow their producer's budget) and ``num_layers`` the
+            model's layer count; budget must be >= 2 and the model have >= 2 layers.
             corm keeps exactly ``budget`` tokens: the keys its recent queries vote for (probability
             >= 1/n), then the best-scored others (CORM's own rule keeps a variable number).
         layer_to_store: CLA / MLKV map, one store id per layer (see :class:`kvcore.PagedKVCache`);
@@ -480,8 +496,8 @@ class KVCoreCache(Cache):
 
         Args:
             queries: one ``[B, Hq, T, D]`` tensor per layer standing in for that layer's last ``T``
-                prefill queries (only the stores' producer layers are read): ``snapkv`` uses the
-                last ``window`` of them, ``corm`` the last ``window`` too, ``tova`` the last one,
+                prefill queries (only the stores' producer layers are read): ``snapkv`` and
+                ``pyramidkv`` use the last ``window`` of them, ``corm`` the last ``window`` too, ``tova`` the last one,
                 ``h2o`` all; ``None`` is allowed for
                 ``streaming_llm`` and ``knorm``, which need none.
             scaling: softmax scale of the scores (default ``head_dim ** -0.5``).
@@ -691,6 +707,8 @@ class DecodeGraph:
 
     The static block table has room for ``headroom`` more tokens per sequence than the cache held
     at capture; a step past that re-captures with a wider table (counted in :attr:`captures`).
+    With per-store lengths (after ``pyramidkv``) the static lengths are ``[S, B]`` and the table
+    ``[S, B, width]`` (width from the longest store), and each store's slots come from its rows.
     The first call warms up and captures (one eager forward, then the replay).
 
     Usage (after the prefill, e.g. ``model(prompt, **cache.forward_kwargs(model))``)::
@@ -895,7 +913,7 @@ def enable(
     Args:
         model: a loaded ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` (or base model).
         policy: ``None`` (exact) or one of :data:`POLICIES`, applied after prefill.
-        budget: tokens per sequence and layer kept by the policy.
+        budget: tokens per sequence and layer kept by the policy (pyramidkv: their mean over the layers).
         page_size: tokens per page of the paged cache.
         layer_to_store: CLA / MLKV layer -> store map (see :class:`KVCoreCache`).
         policy_kwargs: passed to the policy (see :class:`KVCoreCache`).
