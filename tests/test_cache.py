@@ -441,6 +441,7 @@ def test_split_stores_gives_each_store_its_own_pages_and_lengths():
     with pytest.raises(OutOfPagesError, match="store 0"):
         cache.reserve_per_store([a, b], [1, 3])
     assert [(cache.seq_len(s, st), cache.pages_of(s, st)) for s in (a, b) for st in (0, 1)] == before
+    assert cache.reserve_per_store([], []).shape == (2, 0)
     # One store grows alone; free returns every store's pages.
     cache.reserve([a], [4], store=1)
     assert cache.seq_len(a, 1) == 9

@@ -313,7 +313,7 @@ class PagedKVCache:
         units = list(range(len(self._frees)))
         seqs, counts, starts = self._grow_units(seq_ids, num_tokens, units)
         slots = self._slots([q for u in units for q in seqs[u]], counts * len(units), [x for u in units for x in starts[u]])
-        return self._upload(slots.view(len(units), -1)).expand(self.num_stores, -1)
+        return self._upload(slots.view(len(units), sum(counts))).expand(self.num_stores, -1)
 
     def _slots(self, seqs: list[_Sequence], counts: list[int], starts: list[int]) -> Tensor:
         if sum(counts) <= 4096:
@@ -564,12 +564,8 @@ class PagedKVCache:
         ``new_len`` outside ``[0, seq_len]`` (of every store truncated); nothing changes then.
         """
         units = self._get(seq_id)
-        unit = self._unit(store, "truncate", mutates=False)
-        if unit is not None and not self._split and self.num_stores > 1:
-            raise ValueError(
-                f"truncate(store={store}): the stores share one allocator until split_stores(); "
-                f"call it first, or leave store=None"
-            )
+        # store=None truncates every store, split or not (so it is not refused as a mutation).
+        unit = None if store is None else self._unit(store, "truncate", mutates=True)
         targets = list(range(len(units))) if unit is None else [unit]
         shortest = min(units[u].length for u in targets)
         if isinstance(new_len, bool) or not isinstance(new_len, int) or not 0 <= new_len <= shortest:
