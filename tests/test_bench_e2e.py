@@ -135,3 +135,38 @@ def test_graph_rows_on_cuda():
     assert "rel. error vs sdpa" in rows["kvcore-graph"]["notes"]
     assert rows["kvcore-snapkv64-graph"]["cache_tokens"] == 64
     assert rows["kvcore-snapkv64-graph"]["notes"].startswith("DecodeGraph")
+
+
+def test_pyramidkv_row():
+    """``kvcore-pyramidkv<N>`` (not a default row): the policy runs on the synthesized cache, each layer
+    keeps its schedule's count; cache_tokens is their mean, cache_bytes each store's own pages."""
+    from kvcore.policies import eviction
+
+    (case,) = e2e.cases(CPU, True)
+    assert "kvcore-pyramidkv64" in e2e.known_impls() and "kvcore-pyramidkv2048-graph" in e2e.known_impls()
+    assert e2e.policy_budget("kvcore-pyramidkv64-graph") == ("pyramidkv", 64) and e2e.uses_graph("kvcore-pyramidkv64-graph")
+    assert e2e.policy_budget("kvcore-snapkv64") == ("snapkv", 64) and e2e.snapkv_budget("kvcore-pyramidkv64") is None
+    (row,) = e2e.run(case, ["kvcore-pyramidkv64"], _ctx(), steps=2)
+    assert "error" not in row and row["ms"] > 0, row
+    per_layer = [eviction.pyramidkv_budget(layer, case.layers, case.seq_len, 64, e2e.SNAPKV_WINDOW)
+                 for layer in range(case.layers)]
+    assert len(set(per_layer)) == case.layers  # the stores hold different counts
+    assert row["cache_tokens"] == round(sum(per_layer) / case.layers)
+    pages = sum(-(-n // case.page_size) for n in per_layer)
+    assert row["cache_bytes"] == case.batch * pages * case.page_size * case.kv_bytes_per_token() // case.layers
+    assert "PyramidKV run on the synthesized" in row["notes"] and "tokens held per layer" in row["notes"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pyramidkv_rows_on_cuda():
+    dev = torch.device("cuda")
+    case = e2e.E2ECase(2, 256, layers=2, hidden=256, intermediate=512, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                       vocab=128)
+    ctx = RunContext(dev, Timer(dev, warmup_ms=1.0, rep_ms=5.0, min_reps=3), copy_gbps=1000.0, gemm_tflops=100.0)
+    names = ["kvcore-pyramidkv64", "kvcore-pyramidkv64-graph"]
+    rows = {r["impl"]: r for r in e2e.run(case, names, ctx, steps=3)}
+    for name in names:
+        assert "error" not in rows[name] and rows[name]["ms"] > 0, rows[name]
+    assert rows["kvcore-pyramidkv64"]["cache_bytes"] == rows["kvcore-pyramidkv64-graph"]["cache_bytes"]
+    assert rows["kvcore-pyramidkv64-graph"]["notes"].startswith("DecodeGraph")

@@ -393,3 +393,107 @@ def test_end_to_end_mlkv_map_shares_writes():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     want, _ = reference.dense_attention(q[0], k, v)
     torch.testing.assert_close(outs[0][0].double(), want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ per-store lengths (split_stores)
+
+
+def test_split_stores_gives_each_store_its_own_pages_and_lengths():
+    cache = _cache(num_layers=4, cla_share=2, num_pages=6, page_size=4)  # 2 stores
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.reserve([a, b], [10, 5])
+    shared = (cache.pages_of(a), cache.pages_of(b))
+    with pytest.raises(ValueError, match="split_stores"):
+        cache.truncate(a, 4, store=1)  # before the split a store's pages are every store's
+    with pytest.raises(ValueError, match="split_stores"):
+        cache.reserve([a], [1], store=0)
+    assert not cache.stores_split and cache.used_pages == 5
+    cache.split_stores()
+    assert cache.stores_split
+    # A copy of the shared state in every store.
+    for store in (0, 1):
+        assert (cache.pages_of(a, store), cache.pages_of(b, store)) == shared
+    assert cache.seq_len(a) == 10 and cache.used_pages == 10 and cache.used_pages_per_store() == [5, 5]
+    assert cache.truncate(a, 3, store=1) == 2  # 3 pages -> 1 in store 1 only
+    assert cache.seq_len(a, 0) == 10 and cache.seq_len(a, 1) == 3
+    assert cache.used_pages_per_store() == [5, 3] and cache.free_pages == 1 + 3
+    with pytest.raises(ValueError, match="pass store="):
+        cache.seq_len(a)  # the stores disagree now
+    with pytest.raises(ValueError, match="pass store="):
+        cache.reserve([a], [1])
+    assert cache.seq_len(b) == 5  # b still agrees in both stores
+
+    # Growing every store at once: each store's new token goes at its own length.
+    slots = cache.reserve_per_store([a, b], [2, 1])
+    assert slots.shape == (2, 3)
+    assert slots[0].tolist() == _slots_in(cache, a, 0, 10, 12) + _slots_in(cache, b, 0, 5, 6)
+    assert slots[1].tolist() == _slots_in(cache, a, 1, 3, 5) + _slots_in(cache, b, 1, 5, 6)
+    lens = cache.seq_lens_per_store([a, b])
+    assert lens.dtype == torch.int32 and lens.tolist() == [[12, 6], [5, 6]]
+    tables = cache.block_table_per_store([a, b])
+    assert tables.shape == (2, 2, 3)
+    for store in (0, 1):
+        assert torch.equal(tables[store, :, : cache.block_table([a, b], store).shape[1]],
+                           cache.block_table([a, b], store))
+        assert cache.seq_lens([a, b], store).tolist() == lens[store].tolist()
+    # Store 0 ran out (a needs a 4th page, b holds 2): all or nothing over the stores.
+    before = [(cache.seq_len(s, st), cache.pages_of(s, st)) for s in (a, b) for st in (0, 1)]
+    with pytest.raises(OutOfPagesError, match="store 0"):
+        cache.reserve_per_store([a, b], [1, 3])
+    assert [(cache.seq_len(s, st), cache.pages_of(s, st)) for s in (a, b) for st in (0, 1)] == before
+    assert cache.reserve_per_store([], []).shape == (2, 0)
+    # One store grows alone; free returns every store's pages.
+    cache.reserve([a], [4], store=1)
+    assert cache.seq_len(a, 1) == 9
+    cache.free(a)
+    cache.free(b)
+    assert cache.used_pages == 0 and cache.free_pages == 12
+    cache.split_stores()  # a second call changes nothing
+    c = cache.add_sequence()
+    assert cache.seq_len(c, 0) == cache.seq_len(c, 1) == 0
+
+
+def _slots_in(cache, seq_id, store, start, stop):
+    pages = cache.pages_of(seq_id, store)
+    ps = cache.page_size
+    return [pages[p // ps] * ps + p % ps for p in range(start, stop)]
+
+
+def test_held_bytes_counts_each_stores_pages():
+    cache = _cache(num_layers=3, num_pages=8, page_size=4, dtype=torch.float16)  # 3 stores
+    a = cache.add_sequence()
+    cache.reserve([a], [9])  # 3 pages
+    page_bytes = 2 * 4 * cache.num_kv_heads * cache.head_dim * 2  # K+V of one store's page
+    assert cache.held_bytes() == 3 * 3 * page_bytes == 3 * 4 * cache.memory_report()["bytes_per_token"]
+    cache.split_stores()
+    cache.truncate(a, 4, store=1)
+    cache.truncate(a, 0, store=2)
+    assert cache.held_bytes([a]) == (3 + 1 + 0) * page_bytes
+    report = cache.memory_report()
+    assert report["stores_split"] and report["used_pages_per_store"] == [3, 1, 0]
+    with pytest.raises(ValueError, match="store must be an int"):
+        cache.seq_len(a, 3)
+    with pytest.raises(ValueError, match=r"new_len must be an int in \[0, 4\]"):
+        cache.truncate(a, 5, store=1)
+
+
+@needs_ops
+def test_decode_after_split_reads_the_layers_store():
+    """PagedKVCache.decode uses the layer's store's table and lengths once the stores are split."""
+    torch.manual_seed(0)
+    cache = _cache(num_layers=2, num_pages=8, page_size=4)
+    a = cache.add_sequence()
+    slots = cache.reserve([a], [7])
+    keys = [torch.randn(7, 2, 8) for _ in range(2)]
+    values = [torch.randn(7, 2, 8) for _ in range(2)]
+    for layer in range(2):
+        cache.append(layer, keys[layer], values[layer], slots)
+    cache.split_stores()
+    cache.truncate(a, 3, store=1)  # layer 1 keeps its first 3 tokens
+    q = torch.randn(1, 4, 8)
+    for layer, n in ((0, 7), (1, 3)):
+        got = cache.decode(layer, q, [a])
+        want = reference.gqa_decode(q, keys[layer][:n].unsqueeze(0).contiguous(),
+                                    values[layer][:n].unsqueeze(0).contiguous(),
+                                    torch.zeros(1, 1, dtype=torch.int32), torch.tensor([n], dtype=torch.int32))[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

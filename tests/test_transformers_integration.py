@@ -104,7 +104,7 @@ def test_chunked_prefill_matches_one_pass():
     assert cache.get_seq_length() == PROMPT and cache.cached_tokens() == PROMPT
 
 
-@pytest.mark.parametrize("policy", kvt.POLICIES)
+@pytest.mark.parametrize("policy", [p for p in kvt.POLICIES if p != "pyramidkv"])  # per-layer budgets: own tests
 def test_policy_keeps_budget(policy):
     budget, page = 10, 4
     model = _model("llama", layers=3)
@@ -239,7 +239,7 @@ def test_generate_command(capsys):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("policy", [None, "snapkv"])
+@pytest.mark.parametrize("policy", [None, "snapkv", "pyramidkv"])
 def test_generate_command_cuda_graph(policy):
     """The generate command's decode through DecodeGraph gives the eager decode's tokens."""
     from kvcore import generate
@@ -250,6 +250,8 @@ def test_generate_command_cuda_graph(policy):
     graph = generate.run("llama", **kw, cuda_graph=True)
     assert graph["tokens"] == eager["tokens"]
     assert graph["cached_tokens"] == eager["cached_tokens"] and graph["seen_tokens"] == eager["seen_tokens"]
+    assert graph["cached_tokens_per_layer"] == eager["cached_tokens_per_layer"]
+    assert graph["cache_bytes"] == eager["cache_bytes"]
 
 
 def _filled(model, policy=None, budget=None, length=PROMPT, seed=5, batch=2, **policy_kwargs):
@@ -400,3 +402,241 @@ def test_decode_graph_refuses_bad_use():
     with pytest.raises(ValueError, match="input_ids"):
         graph(torch.zeros(2, 2, dtype=torch.int64))
     assert cache.get_seq_length() == PROMPT  # a refused call changes nothing
+
+
+# ---- PyramidKV: per-layer budgets, so each layer's store holds its own number of tokens
+
+
+def _pyramid_budgets(layers, prompt, budget, window):
+    from kvcore.policies import eviction
+
+    return [eviction.pyramidkv_budget(layer, layers, prompt, budget, window) for layer in range(layers)]
+
+
+def _page_bytes(cache):
+    elem = torch.empty((), dtype=cache.paged.dtype).element_size()
+    return 2 * cache.page_size * cache.num_kv_heads * cache.head_dim * elem  # K+V of one store's page
+
+
+def test_pyramidkv_keeps_each_layers_budget():
+    """After the prefill each layer's store holds its schedule's budget (layer 0 the most), frees the
+    rest of its pages, and cache_bytes counts each store's own pages."""
+    budget, window, page, layers = 12, 4, 4, 4
+    model = _model("llama", layers=layers)
+    kvt.enable(model, policy="pyramidkv", budget=budget, page_size=page, window=window)
+    ids = _prompt()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, PROMPT + 1)
+    cache = model.kvcore_cache
+    want = _pyramid_budgets(layers, PROMPT, budget, window)
+    assert want == [20, 15, 10, 5]  # the schedule of this case: hi = 16, lo = 1, step 5, + window 4
+    assert cache.cached_tokens_per_layer() == want
+    assert [cache.cached_tokens(layer) for layer in range(layers)] == want
+    assert cache.cached_tokens() == max(want)  # the old call: the largest store's count
+    assert cache.get_seq_length() == PROMPT
+    paged = cache.paged
+    assert paged.stores_split
+    pages = [-(-n // page) for n in want]
+    for seq_id in cache.seq_ids:
+        for store, n in enumerate(want):
+            assert paged.seq_len(seq_id, store) == n and len(paged.pages_of(seq_id, store)) == pages[store]
+    assert paged.used_pages_per_store() == [2 * p for p in pages]
+    assert cache.cache_bytes() == sum(2 * p for p in pages) * _page_bytes(cache)
+
+
+def test_pyramidkv_kept_sets_match_the_torch_form():
+    """apply_policy on a filled cache keeps, per layer, what pyramidkv_torch picks on the same
+    queries and keys (and the schedule's count)."""
+    from kvcore.policies import torch_forms
+
+    budget, window, layers = 10, 4, 3
+    model = _model("llama", layers=layers)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    full = _filled(model)
+    kept = _filled(model, "pyramidkv", budget, window=window)
+    gen = torch.Generator().manual_seed(6)
+    queries = [torch.randn(2, cfg.num_attention_heads, 7, head_dim, generator=gen) for _ in range(layers)]
+    kept.apply_policy(queries)
+    want = _pyramid_budgets(layers, PROMPT, budget, window)
+    assert kept.cached_tokens_per_layer() == want and len(set(want)) == layers
+    seq_lens = torch.full((2,), PROMPT, dtype=torch.int32)
+    for layer in range(layers):
+        keys = _dense(full, layer, 0, PROMPT).permute(0, 2, 1, 3)  # [B, Hkv, S, D]
+        q_window = queries[layer][:, :, -window:, :].transpose(1, 2).contiguous()
+        idx = torch_forms.pyramidkv_torch(q_window, keys, seq_lens, budget, layer, layers, scale=head_dim ** -0.5)
+        for index in (0, 1):
+            dense = _dense(full, layer, index, PROMPT)  # [B, S, Hkv, D]
+            expect = torch.stack([torch.stack([dense[b, idx[b][h], h] for h in range(dense.shape[2])], dim=1)
+                                  for b in range(2)])
+            assert expect.shape[1] == want[layer]
+            got = _dense_store(kept, layer, index, want[layer])
+            assert torch.equal(got, expect), f"layer {layer} {'kv'[index]}"
+
+
+def _dense_store(cache, layer, index, length):
+    """``_dense`` of ``layer``'s store after the stores were split (each has its own pages)."""
+    store_id = cache.paged.store_of(layer)
+    store = cache.paged.kv(layer)[index]
+    rows = [torch.cat([store[p] for p in cache.paged.pages_of(seq_id, store_id)])[:length] for seq_id in cache.seq_ids]
+    return torch.stack(rows)  # [B, length, Hkv, D]
+
+
+def _kept_attention_reference(model, cache):
+    """An attention function (registered for the test) that attends, per layer, to that layer's kept
+    keys (read densely from the cache's pages once, now) plus the call's own new keys, causally."""
+    kept = {layer: (_dense_store(cache, layer, 0, n), _dense_store(cache, layer, 1, n))
+            for layer, n in enumerate(cache.cached_tokens_per_layer())}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        k_kept, v_kept = kept[module.layer_idx]  # [B, n, Hkv, D]
+        k = torch.cat([k_kept.transpose(1, 2), key], dim=2)
+        v = torch.cat([v_kept.transpose(1, 2), value], dim=2)
+        groups = query.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        new, total = query.shape[2], k.shape[2]
+        mask = torch.arange(total).view(1, -1) <= (total - new + torch.arange(new)).view(-1, 1)
+        logits = (query @ k.transpose(-1, -2)) * scaling
+        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)
+        return (probs @ v).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def test_pyramidkv_decode_matches_dense_attention_over_kept_keys():
+    """The steps after eviction (a decode step, then a 3-token step that gathers each store's own
+    past) give the logits of a dense torch attention over each layer's kept keys."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    budget, window, layers = 12, 4, 4
+    model = _model("llama", layers=layers)
+    kvt.enable(model)
+    ids = _prompt()
+    cache = kvt.KVCoreCache(model.config, max_cache_len=PROMPT + 8, page_size=4, policy="pyramidkv", budget=budget,
+                            policy_kwargs={"window": window})
+    with torch.no_grad():
+        model(ids, **cache.forward_kwargs(model), use_cache=True)
+    assert cache.cached_tokens_per_layer() == _pyramid_budgets(layers, PROMPT, budget, window)
+    ref_model = copy.deepcopy(model)
+    ALL_ATTENTION_FUNCTIONS.register("kvcore_pyramid_ref", _kept_attention_reference(model, cache))
+    ALL_MASK_ATTENTION_FUNCTIONS.register("kvcore_pyramid_ref", lambda *a, **k: None)
+    ref_model.set_attn_implementation("kvcore_pyramid_ref")
+    steps = torch.tensor([[5, 7, 9, 11], [6, 8, 10, 12]])  # one token, then three in one call
+    with torch.no_grad():
+        got1 = model(steps[:, :1], **cache.forward_kwargs(model), use_cache=True).logits
+        got3 = model(steps[:, 1:], **cache.forward_kwargs(model), use_cache=True).logits
+        pos = torch.arange(PROMPT, PROMPT + 4).expand(2, -1)
+        want = ref_model(steps, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(torch.cat([got1, got3], dim=1), want, atol=1e-4, rtol=1e-4)
+    assert cache.cached_tokens_per_layer() == [n + 4 for n in _pyramid_budgets(layers, PROMPT, budget, window)]
+    assert cache.get_seq_length() == PROMPT + 4
+
+
+def test_pyramidkv_decode_graph_matches_eager_steps(device):
+    """DecodeGraph on a pyramidkv cache (per-store lengths and tables, [S, B] static buffers) gives
+    the eager steps' logits across page boundaries (each store crosses them at its own step) and
+    re-captures; the stores end with the same pages' contents."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    budget, window, layers = 12, 4, 4
+    model = _model("llama", device, dtype, layers=layers)
+    kvt.enable(model)
+    ids = _prompt(device=device)
+    caches = [kvt.KVCoreCache(model.config, max_cache_len=PROMPT + 20, page_size=4, policy="pyramidkv",
+                              budget=budget, policy_kwargs={"window": window}) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, **cache.forward_kwargs(model), use_cache=True)
+    eager_cache, graph_cache = caches
+    start = _pyramid_budgets(layers, PROMPT, budget, window)
+    assert eager_cache.cached_tokens_per_layer() == graph_cache.cached_tokens_per_layer() == start
+    graph = kvt.DecodeGraph(model, graph_cache, headroom=5, capture=device != "cpu")
+    token = ids[:, -1:]
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    steps = 12
+    for step in range(steps):
+        with torch.no_grad():
+            want = model(token, **eager_cache.forward_kwargs(model), use_cache=True).logits
+        got = graph(token)
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=f"logits of step {step}")
+        token = want[:, -1].argmax(-1, keepdim=True)
+    assert graph_cache.cached_tokens_per_layer() == eager_cache.cached_tokens_per_layer() == [n + steps for n in start]
+    assert graph_cache.cache_bytes() == eager_cache.cache_bytes()
+    if device != "cpu":
+        # Width: the longest store (20) + 5 -> 7 pages = 28 tokens: 8 steps fit, then one re-capture.
+        assert graph.captures == 2
+    for layer in range(layers):
+        n = eager_cache.cached_tokens(layer)
+        for index in (0, 1):
+            torch.testing.assert_close(_dense_store(graph_cache, layer, index, n),
+                                       _dense_store(eager_cache, layer, index, n), atol=0, rtol=0)
+
+
+def test_pyramidkv_generate_runs_past_page_boundaries(device):
+    """generate() with pyramidkv: several decode steps over page boundaries; a twin cache fed the same
+    tokens through DecodeGraph (captured on CUDA) gives generate's logits at every step."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    budget, layers, new = 12, 4, 10
+    model = _model("llama", device, dtype, layers=layers)  # (qwen2's config fixes layer_types at 2 layers)
+    kvt.enable(model, policy="pyramidkv", budget=budget, page_size=4, window=4)
+    ids = _prompt(device=device)
+    out = _greedy(model, ids, new)
+    cache = model.kvcore_cache
+    start = _pyramid_budgets(layers, PROMPT, budget, 4)
+    assert cache.cached_tokens_per_layer() == [n + new - 1 for n in start]
+    twin = kvt.KVCoreCache(model.config, max_cache_len=PROMPT + new, page_size=4, policy="pyramidkv", budget=budget,
+                           policy_kwargs={"window": 4})
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    with torch.no_grad():
+        first = model(ids, **twin.forward_kwargs(model), use_cache=True).logits[:, -1]
+    torch.testing.assert_close(first.float(), out.logits[0].float(), **tol)
+    graph = kvt.DecodeGraph(model, twin, headroom=3, capture=device != "cpu")
+    for step in range(1, new):  # teacher-forced with generate's tokens
+        got = graph(out.sequences[:, PROMPT + step - 1: PROMPT + step])[:, -1]
+        torch.testing.assert_close(got.float(), out.logits[step].float(), **tol, msg=f"logits of step {step}")
+    assert twin.cached_tokens_per_layer() == cache.cached_tokens_per_layer()
+    assert twin.cache_bytes() == cache.cache_bytes()
+
+
+def test_pyramidkv_with_shared_stores_uses_the_producers_budget():
+    """CLA / MLKV: a store's budget is its producer layer's in the schedule over all the model's layers."""
+    budget, window, layers = 12, 4, 4
+    model = _model("llama", layers=layers)
+    kvt.enable(model, policy="pyramidkv", budget=budget, page_size=4, window=window, layer_to_store=[0, 0, 1, 1])
+    ids = _prompt()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    cache = model.kvcore_cache
+    per_layer = _pyramid_budgets(layers, PROMPT, budget, window)
+    want = [per_layer[0] + 2] * 2 + [per_layer[2] + 2] * 2  # producers: layers 0 and 2
+    assert cache.cached_tokens_per_layer() == want
+    assert cache.cache_bytes() == 2 * (-(-want[0] // 4) + -(-want[2] // 4)) * _page_bytes(cache)
+
+
+def test_pyramidkv_bad_options_refused():
+    with pytest.raises(ValueError, match="budget must be >= 2"):
+        kvt.enable(_model("llama"), policy="pyramidkv", budget=1)
+    with pytest.raises(ValueError, match=">= 2 layers"):
+        kvt.enable(_model("llama", layers=1), policy="pyramidkv", budget=8)
+    with pytest.raises(ValueError, match="beta"):
+        kvt.enable(_model("llama"), policy="pyramidkv", budget=8, beta=0)
+    with pytest.raises(ValueError, match="sliding window"):
+        kvt.enable(_model("mistral"), policy="pyramidkv", budget=8)
+
+
+def test_generate_command_pyramidkv(capsys):
+    """python -m kvcore.generate --policy pyramidkv: per-layer counts after a chunked prefill (the
+    policy's window is capped by the last chunk's 8 queries)."""
+    from kvcore import generate
+
+    result = generate.run("llama", layers=2, context=40, new_tokens=4, policy="pyramidkv", budget=16, hidden=64,
+                          heads=4, kv_heads=2, vocab=VOCAB, page_size=8, chunk=16, progress=False)
+    want = _pyramid_budgets(2, 40, 16, 8)
+    assert want == [24, 8]  # c = 8: hi = 16, lo = 0, one step of 16; + the window of 8
+    assert result["cached_tokens_per_layer"] == [n + 3 for n in want]
+    assert result["cached_tokens"] == want[0] + 3 and result["seen_tokens"] == 43
+    # batch 1: (4 + 2) pages of K+V, 8 tokens x 2 heads x head dim 16 in fp32 each.
+    assert result["cache_bytes"] == (-(-27 // 8) + -(-11 // 8)) * (2 * 8 * 2 * 16 * 4)
+    assert generate.main(["--layers", "2", "--context", "40", "--new-tokens", "3", "--hidden", "64", "--heads", "4",
+                          "--kv-heads", "2", "--vocab", str(VOCAB), "--chunk", "16", "--policy", "pyramidkv",
+                          "--budget", "16"]) == 0
+    assert "held per layer: [" in capsys.readouterr().out

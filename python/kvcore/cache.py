@@ -8,12 +8,20 @@ table per sequence. Several layers may map to one store (cross-layer attention, 
 
 All stores share one allocator and one block table per sequence, so a page id indexes every
 store: reserving a token reserves it in all stores at once.
+
+Per-store lengths (PyramidKV gives each layer its own budget): :meth:`PagedKVCache.split_stores`
+turns the one shared allocator into one per store, each starting as a copy of the shared state
+(same free list, same pages and length per sequence; no data moves). From then on every store has
+its own free list and, per sequence, its own pages and length, so a store that keeps fewer tokens
+really gives its pages back. Methods that read or change one store's bookkeeping take ``store=``;
+the ``*_per_store`` methods build every store's slots / tables / lengths in one upload.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +30,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["OutOfPagesError", "PagedKVCache"]
+
+
+_ZEROS = array("i", bytes(4 * 1024))  # padding for block-table rows
 
 
 class OutOfPagesError(RuntimeError):
@@ -113,9 +124,12 @@ class PagedKVCache:
         self._k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_stores)]
         self._v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_stores)]
 
+        # One allocator ("unit") while the stores share pages, one per store after split_stores().
         # Free pages as a stack; reversed so that a fresh cache hands out 0, 1, 2, ...
-        self._free: list[int] = list(range(self.num_pages - 1, -1, -1))
-        self._seqs: dict[int, _Sequence] = {}
+        self._frees: list[list[int]] = [list(range(self.num_pages - 1, -1, -1))]
+        # Per sequence: its pages and length in each unit (one entry until split_stores()).
+        self._seqs: dict[int, list[_Sequence]] = {}
+        self._split = False
         self._next_id = 0
 
     def _check_layer_to_store(self, layer_to_store: Sequence[int]) -> list[int]:
@@ -172,7 +186,59 @@ class PagedKVCache:
 
     # ---------------------------------------------------------------- sequences and pages
 
-    def _get(self, seq_id: int) -> _Sequence:
+    @property
+    def stores_split(self) -> bool:
+        """True after :meth:`split_stores`: each store has its own allocator, pages and lengths."""
+        return self._split
+
+    def split_stores(self) -> None:
+        """Give every store its own page allocator and per-sequence pages / lengths (irreversible).
+
+        Each store starts as a copy of the shared state: the same free pages and, per sequence, the
+        same page list and length, so nothing moves in memory and every block table stays valid.
+        Afterwards the stores change independently (:meth:`truncate` / :meth:`reserve` with
+        ``store=``, or all at once with :meth:`reserve_per_store`), and a page freed by one store can
+        be handed to another sequence in that store only. A second call does nothing.
+        """
+        if self.stores_split:
+            return
+        shared = self._frees[0]
+        self._frees = [list(shared) for _ in range(self.num_stores)]
+        self._seqs = {
+            seq_id: [_Sequence(units[0].length, list(units[0].pages)) for _ in range(self.num_stores)]
+            for seq_id, units in self._seqs.items()
+        }
+        self._split = True
+
+    def _check_store(self, store: int) -> int:
+        try:
+            index = None if isinstance(store, bool) else operator.index(store)
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < self.num_stores:
+            raise ValueError(f"store must be an int in [0, {self.num_stores}), got {store!r}")
+        return index
+
+    def _unit(self, store: int | None, action: str, *, mutates: bool = False) -> int | None:
+        """Allocator index for ``store`` (None: every store, only valid while they share pages)."""
+        if store is None:
+            if mutates and len(self._frees) > 1:
+                raise ValueError(
+                    f"{action}: the stores are split (split_stores()), each has its own pages; pass store= "
+                    f"(or use the *_per_store method)"
+                )
+            return None
+        store = self._check_store(store)
+        if len(self._frees) == 1:
+            if mutates and self.num_stores > 1:
+                raise ValueError(
+                    f"{action}(store={store}): the stores share one allocator until split_stores(); "
+                    f"call it first, or leave store=None"
+                )
+            return 0
+        return store
+
+    def _get(self, seq_id: int) -> list[_Sequence]:
         try:
             return self._seqs[seq_id]
         except (KeyError, TypeError):
@@ -180,6 +246,20 @@ class PagedKVCache:
                 f"unknown sequence id {seq_id!r} (never added or already freed); "
                 f"live ids: {sorted(self._seqs)}"
             ) from None
+
+    def _one(self, seq_id: int, store: int | None, what: str) -> _Sequence:
+        """``seq_id``'s bookkeeping in ``store``; with ``store=None`` after a split, the stores must agree."""
+        units = self._get(seq_id)
+        unit = self._unit(store, what)
+        if unit is not None:
+            return units[unit]
+        first = units[0]
+        if any(u.length != first.length or u.pages != first.pages for u in units[1:]):
+            raise ValueError(
+                f"{what}: sequence {seq_id} holds different tokens/pages per store after split_stores() "
+                f"(lengths {[u.length for u in units]}); pass store="
+            )
+        return first
 
     @property
     def seq_ids(self) -> list[int]:
@@ -190,52 +270,84 @@ class PagedKVCache:
         """Start a new, empty sequence and return its id (ids are never reused)."""
         seq_id = self._next_id
         self._next_id += 1
-        self._seqs[seq_id] = _Sequence()
+        self._seqs[seq_id] = [_Sequence() for _ in self._frees]
         return seq_id
 
     def free(self, seq_id: int) -> None:
-        """Drop a sequence and return its pages to the free list."""
-        seq = self._get(seq_id)
+        """Drop a sequence and return its pages (in every store) to the free list."""
+        units = self._get(seq_id)
         del self._seqs[seq_id]
         # Pushed in reverse so the sequence's first page is handed out first again.
-        self._free.extend(reversed(seq.pages))
+        for free, seq in zip(self._frees, units):
+            free.extend(reversed(seq.pages))
 
-    def seq_len(self, seq_id: int) -> int:
-        """Tokens reserved so far for ``seq_id``."""
-        return self._get(seq_id).length
+    def seq_len(self, seq_id: int, store: int | None = None) -> int:
+        """Tokens reserved so far for ``seq_id`` (in ``store``; ``None``: the one length all stores
+        hold, a ValueError after :meth:`split_stores` if they differ)."""
+        return self._one(seq_id, store, "seq_len").length
 
-    def pages_of(self, seq_id: int) -> list[int]:
-        """Page ids held by ``seq_id``, in token order (a copy)."""
-        return list(self._get(seq_id).pages)
+    def pages_of(self, seq_id: int, store: int | None = None) -> list[int]:
+        """Page ids held by ``seq_id`` (in ``store``, see :meth:`seq_len`), in token order (a copy)."""
+        return list(self._one(seq_id, store, "pages_of").pages)
 
-    def reserve(self, seq_ids: Sequence[int], num_tokens: Sequence[int]) -> Tensor:
+    def reserve(self, seq_ids: Sequence[int], num_tokens: Sequence[int], store: int | None = None) -> Tensor:
         """Make room for ``num_tokens[i]`` new tokens at the end of sequence ``seq_ids[i]``.
 
         Allocates pages as needed and advances each sequence's length. Returns the
         ``slot_mapping`` int64 ``[sum(num_tokens)]`` on the cache device for the new tokens:
         those of ``seq_ids[0]`` first, in position order, then ``seq_ids[1]``'s, and so on.
+        ``store``: after :meth:`split_stores`, the store to grow (required then; before, leave it
+        ``None``: every store grows at once). :meth:`reserve_per_store` grows all split stores.
 
         Raises ``OutOfPagesError`` (a RuntimeError) when there are not enough free pages, and
         ValueError/KeyError for bad arguments; in every error case nothing is changed.
         """
-        seqs, counts, starts = self._grow(seq_ids, num_tokens)
+        unit = self._unit(store, "reserve", mutates=True)
+        seqs, counts, starts = self._grow_units(seq_ids, num_tokens, [0 if unit is None else unit])
+        return self._upload(self._slots(seqs[0], counts, starts[0]))
+
+    def reserve_per_store(self, seq_ids: Sequence[int], num_tokens: Sequence[int]) -> Tensor:
+        """:meth:`reserve` in every store at once (all or nothing): int64 ``[num_stores, sum(num_tokens)]``
+        slots, row ``s`` for store ``s``, in one upload. Before :meth:`split_stores` the rows are equal
+        (an expanded view of one row)."""
+        units = list(range(len(self._frees)))
+        seqs, counts, starts = self._grow_units(seq_ids, num_tokens, units)
+        slots = self._slots([q for u in units for q in seqs[u]], counts * len(units), [x for u in units for x in starts[u]])
+        return self._upload(slots.view(len(units), sum(counts))).expand(self.num_stores, -1)
+
+    def _slots(self, seqs: list[_Sequence], counts: list[int], starts: list[int]) -> Tensor:
+        if sum(counts) <= 4096:
+            # Decode steps and short chunks: plain Python then one conversion is several times
+            # faster than torch ops per sequence (the eager step is host-bound).
+            ps = self.page_size
+            flat = array("q")
+            for seq, n, start in zip(seqs, counts, starts):
+                pages = seq.pages
+                flat.extend(pages[p // ps] * ps + p % ps for p in range(start, start + n))
+            return torch.frombuffer(flat, dtype=torch.int64).clone() if flat else torch.empty(0, dtype=torch.int64)
         slot_parts = []
         for seq, n, start in zip(seqs, counts, starts):
             if n:
                 positions = torch.arange(start, start + n, dtype=torch.int64)
                 pages = torch.tensor(seq.pages, dtype=torch.int64)
                 slot_parts.append(pages[positions // self.page_size] * self.page_size + positions % self.page_size)
-        if slot_parts:
-            slots = torch.cat(slot_parts)
-        else:
-            slots = torch.empty(0, dtype=torch.int64)
-        return self._upload(slots)
+        return torch.cat(slot_parts)
 
-    def _grow(self, seq_ids: Sequence[int], num_tokens: Sequence[int]) -> tuple[list[_Sequence], list[int], list[int]]:
+    def _grow(self, seq_ids: Sequence[int], num_tokens: Sequence[int],
+              store: int | None = None) -> tuple[list[_Sequence], list[int], list[int]]:
         """``reserve`` without building the slot mapping: checks the arguments, allocates the pages
         and advances the lengths (all or nothing). Returns the sequences, the token counts and each
         sequence's length before the call. Used directly by callers that compute their slots on
-        the device (the transformers adapter's CUDA-graph step)."""
+        the device (the transformers adapter's CUDA-graph step); :meth:`_grow_units` grows several
+        split stores at once."""
+        unit = self._unit(store, "reserve", mutates=True)
+        seqs, counts, starts = self._grow_units(seq_ids, num_tokens, [0 if unit is None else unit])
+        return seqs[0], counts, starts[0]
+
+    def _grow_units(self, seq_ids: Sequence[int], num_tokens: Sequence[int],
+                    units: Sequence[int]) -> tuple[list[list[_Sequence]], list[int], list[list[int]]]:
+        """Grow ``seq_ids`` in each allocator of ``units`` (all or nothing over all of them); returns,
+        per unit, the sequences and their lengths before the call, and the token counts."""
         seq_ids = list(seq_ids)
         num_tokens = list(num_tokens)
         if len(seq_ids) != len(num_tokens):
@@ -246,23 +358,28 @@ class PagedKVCache:
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"seq_ids must not repeat a sequence, got {seq_ids}")
         counts = [_as_int(n, f"num_tokens[{i}]", 0) for i, n in enumerate(num_tokens)]
-        seqs = [self._get(s) for s in seq_ids]
+        entries = [self._get(s) for s in seq_ids]
+        per_unit = [[units_of[u] for units_of in entries] for u in units]
 
-        new_pages = [
-            math.ceil((seq.length + n) / self.page_size) - len(seq.pages) for seq, n in zip(seqs, counts)
-        ]
-        needed = sum(max(0, p) for p in new_pages)
-        if needed > len(self._free):
-            raise OutOfPagesError(
-                f"reserve needs {needed} new pages for {sum(counts)} tokens but only "
-                f"{len(self._free)} of {self.num_pages} pages are free"
-            )
-        starts = [seq.length for seq in seqs]
-        for seq, n, extra in zip(seqs, counts, new_pages):
-            for _ in range(extra):
-                seq.pages.append(self._free.pop())
-            seq.length += n
-        return seqs, counts, starts
+        new_pages = []
+        for u, seqs in zip(units, per_unit):
+            pages = [math.ceil((seq.length + n) / self.page_size) - len(seq.pages) for seq, n in zip(seqs, counts)]
+            needed = sum(max(0, p) for p in pages)
+            if needed > len(self._frees[u]):
+                where = f" of store {u}" if len(self._frees) > 1 else ""
+                raise OutOfPagesError(
+                    f"reserve needs {needed} new pages{where} for {sum(counts)} tokens but only "
+                    f"{len(self._frees[u])} of {self.num_pages} pages are free"
+                )
+            new_pages.append(pages)
+        starts = [[seq.length for seq in seqs] for seqs in per_unit]
+        for u, seqs, pages in zip(units, per_unit, new_pages):
+            free = self._frees[u]
+            for seq, n, extra in zip(seqs, counts, pages):
+                for _ in range(extra):
+                    seq.pages.append(free.pop())
+                seq.length += n
+        return per_unit, counts, starts
 
     def _upload(self, host: Tensor) -> Tensor:
         """Copy step metadata built on the host (slots, block tables, lengths) to the cache device.
@@ -276,23 +393,52 @@ class PagedKVCache:
             return host.to(self.device)
         return host.pin_memory().to(self.device, non_blocking=True)
 
-    def block_table(self, seq_ids: Sequence[int]) -> Tensor:
-        """int32 ``[B, max_pages]`` page ids of the listed sequences on the cache device.
+    @staticmethod
+    def _table(seqs: list[_Sequence], max_pages: int) -> Tensor:
+        """int32 ``[len(seqs), max_pages]`` on the host, rows zero-padded."""
+        # One flat buffer and one conversion (a torch.tensor per row costs ~5 us each).
+        flat = array("i")
+        for seq in seqs:
+            flat.extend(seq.pages)
+            pad = max_pages - len(seq.pages)
+            flat.extend(_ZEROS[:pad] if pad <= len(_ZEROS) else array("i", bytes(4 * pad)))
+        if not flat:
+            return torch.zeros(len(seqs), max_pages, dtype=torch.int32)
+        return torch.frombuffer(flat, dtype=torch.int32).clone().view(len(seqs), max_pages)
+
+    def block_table(self, seq_ids: Sequence[int], store: int | None = None) -> Tensor:
+        """int32 ``[B, max_pages]`` page ids of the listed sequences on the cache device (in
+        ``store`` after :meth:`split_stores`; ``None``: the stores must agree, see :meth:`seq_len`).
 
         ``max_pages`` is the most pages any listed sequence holds (at least 1); unused entries
         are 0 (a valid page index, never read because of ``seq_lens``).
         """
-        seqs = [self._get(s) for s in seq_ids]
-        max_pages = max([1] + [len(seq.pages) for seq in seqs])
-        table = torch.zeros(len(seqs), max_pages, dtype=torch.int32)
-        for row, seq in enumerate(seqs):
-            table[row, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
-        return self._upload(table)
+        seqs = [self._one(s, store, "block_table") for s in seq_ids]
+        return self._upload(self._table(seqs, max([1] + [len(seq.pages) for seq in seqs])))
 
-    def seq_lens(self, seq_ids: Sequence[int]) -> Tensor:
-        """int32 ``[B]`` lengths of the listed sequences on the cache device."""
-        lens = [self._get(s).length for s in seq_ids]
+    def block_table_per_store(self, seq_ids: Sequence[int]) -> Tensor:
+        """int32 ``[num_stores, B, max_pages]``: :meth:`block_table` of every store in one upload
+        (``max_pages`` over all stores); before :meth:`split_stores` an expanded view of one table."""
+        entries = [self._get(s) for s in seq_ids]
+        per_unit = [[units[u] for units in entries] for u in range(len(self._frees))]
+        flat = [seq for seqs in per_unit for seq in seqs]
+        max_pages = max([1] + [len(seq.pages) for seq in flat])
+        tables = self._table(flat, max_pages).view(len(per_unit), len(entries), max_pages)
+        return self._upload(tables).expand(self.num_stores, -1, -1)
+
+    def seq_lens(self, seq_ids: Sequence[int], store: int | None = None) -> Tensor:
+        """int32 ``[B]`` lengths of the listed sequences on the cache device (in ``store``, see
+        :meth:`seq_len`)."""
+        lens = [self._one(s, store, "seq_lens").length for s in seq_ids]
         return self._upload(torch.tensor(lens, dtype=torch.int32))
+
+    def seq_lens_per_store(self, seq_ids: Sequence[int]) -> Tensor:
+        """int32 ``[num_stores, B]``: :meth:`seq_lens` of every store in one upload (an expanded
+        view of one row before :meth:`split_stores`)."""
+        entries = [self._get(s) for s in seq_ids]
+        lens = [[units[u].length for units in entries] for u in range(len(self._frees))]
+        return self._upload(torch.tensor(lens, dtype=torch.int32).view(len(self._frees), len(entries))).expand(
+            self.num_stores, -1)
 
     # ---------------------------------------------------------------- ops
 
@@ -334,19 +480,39 @@ class PagedKVCache:
             raise ValueError(
                 f"q must be [{len(seq_ids)}, num_q_heads, {self.head_dim}] (one row per seq_id), got {shape}"
             )
+        store = self.store_of(layer)  # after split_stores() each store has its own table and lengths
         return _ops().gqa_decode(
-            q, k_cache, v_cache, self.block_table(seq_ids), self.seq_lens(seq_ids), **kwargs
+            q, k_cache, v_cache, self.block_table(seq_ids, store), self.seq_lens(seq_ids, store), **kwargs
         )
 
     # ---------------------------------------------------------------- accounting
 
     @property
     def used_pages(self) -> int:
-        return self.num_pages - len(self._free)
+        """Pages in use. Before :meth:`split_stores` a page id covers every store; after it, the sum
+        over the stores of the pages each uses (each then one store's page)."""
+        return sum(self.num_pages - len(free) for free in self._frees)
 
     @property
     def free_pages(self) -> int:
-        return len(self._free)
+        """Free pages, counted as :attr:`used_pages` counts."""
+        return sum(len(free) for free in self._frees)
+
+    def used_pages_per_store(self) -> list[int]:
+        """Pages in use in each store (all equal before :meth:`split_stores`)."""
+        used = [self.num_pages - len(free) for free in self._frees]
+        return used * self.num_stores if len(used) == 1 else used
+
+    def held_bytes(self, seq_ids: Sequence[int] | None = None) -> int:
+        """K+V bytes of the whole pages that ``seq_ids`` (default: every live sequence) hold, over
+        all stores: each store's pages times one store's page bytes, so pages freed by a store after
+        :meth:`split_stores` no longer count."""
+        ids = self.seq_ids if seq_ids is None else list(seq_ids)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        page_bytes = 2 * self.page_size * self.num_kv_heads * self.head_dim * elem  # one store's page
+        per_unit = self.num_stores if len(self._frees) == 1 else 1  # a shared page id spans all stores
+        pages = sum(len(seq.pages) for s in ids for seq in self._get(s))
+        return pages * per_unit * page_bytes
 
     def memory_report(self) -> dict[str, Any]:
         """Sizes of the cache, and what cross-layer sharing saves.
@@ -370,6 +536,8 @@ class PagedKVCache:
             "allocated_bytes": sum(t.numel() * t.element_size() for t in self._k + self._v),
             "used_pages": self.used_pages,
             "free_pages": self.free_pages,
+            "stores_split": self.stores_split,
+            "used_pages_per_store": self.used_pages_per_store(),
         }
 
     def __repr__(self) -> str:
@@ -382,24 +550,33 @@ class PagedKVCache:
 
     # ---------------------------------------------------------------- eviction
 
-    def truncate(self, seq_id: int, new_len: int) -> int:
+    def truncate(self, seq_id: int, new_len: int, store: int | None = None) -> int:
         """Shorten ``seq_id`` to ``new_len`` tokens and give back the pages it no longer needs.
 
         Used after :func:`kvcore.compact_kv` has moved the kept tokens of every store to the
         front of the sequence: the sequence keeps its first ``ceil(new_len / page_size)`` pages
-        (in order), the rest go back to the free list. The cache holds one length per sequence
-        for all layers, so with per-layer budgets (PyramidKV) pass the largest kept count over
-        the layers and decode each layer with its own ``seq_lens`` tensor.
+        (in order), the rest go back to the free list. ``store=None`` truncates every store;
+        with per-layer budgets (PyramidKV) call :meth:`split_stores` first and truncate each store
+        to its own kept count (``store=``), so the pages a small store frees are really free.
 
-        Returns the number of pages freed. Raises ``ValueError`` for an unknown sequence or
-        ``new_len`` outside ``[0, seq_len(seq_id)]``.
+        Returns the number of pages freed (summed over the stores after a split). Raises
+        ``ValueError`` for an unknown sequence, a ``store`` before :meth:`split_stores`, or
+        ``new_len`` outside ``[0, seq_len]`` (of every store truncated); nothing changes then.
         """
-        seq = self._get(seq_id)
-        if isinstance(new_len, bool) or not isinstance(new_len, int) or not 0 <= new_len <= seq.length:
-            raise ValueError(f"new_len must be an int in [0, {seq.length}] (the sequence's length), got {new_len!r}")
+        units = self._get(seq_id)
+        # store=None truncates every store, split or not (so it is not refused as a mutation).
+        unit = None if store is None else self._unit(store, "truncate", mutates=True)
+        targets = list(range(len(units))) if unit is None else [unit]
+        shortest = min(units[u].length for u in targets)
+        if isinstance(new_len, bool) or not isinstance(new_len, int) or not 0 <= new_len <= shortest:
+            raise ValueError(f"new_len must be an int in [0, {shortest}] (the sequence's length), got {new_len!r}")
         keep = math.ceil(new_len / self.page_size)
-        dropped = seq.pages[keep:]
-        del seq.pages[keep:]
-        seq.length = new_len
-        self._free.extend(reversed(dropped))
-        return len(dropped)
+        freed = 0
+        for u in targets:
+            seq = units[u]
+            dropped = seq.pages[keep:]
+            del seq.pages[keep:]
+            seq.length = new_len
+            self._frees[u].extend(reversed(dropped))
+            freed += len(dropped)
+        return freed

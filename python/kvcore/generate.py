@@ -98,12 +98,13 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
     see :func:`kvcore.integrations.transformers_infllm.infllm_config`).
 
     Returns a dict: ``tokens`` (``[batch, new_tokens]`` list), ``cache_bytes`` (with the policy, measured),
-    ``cache_bytes_full`` (no policy, same tokens), ``cached_tokens``, ``prefill_tok_s``, ``decode_tok_s``;
-    for the MLA archs (no policy, no CUDA graph) also ``latent_bytes`` (the latent rows without page
-    rounding: transformers 5's own DynamicCache for DeepSeek) and ``per_head_kv_bytes`` (a cache of
-    per-head K and V for the same model);
-    with ``"infllm"`` also ``host_bytes`` (the CPU unit stores) and ``cached_tokens`` counts the
-    tokens layer 0 holds on the device (sinks + window + resident units).
+    ``cache_bytes_full`` (no policy, same tokens), ``cached_tokens`` (per sequence; with ``pyramidkv``,
+    whose layers keep different numbers, the largest), ``prefill_tok_s``, ``decode_tok_s``; for the
+    paged GQA cache also ``cached_tokens_per_layer``; for the MLA archs (no policy, no CUDA graph)
+    also ``latent_bytes`` (the latent rows without page rounding: transformers 5's own DynamicCache
+    for DeepSeek) and ``per_head_kv_bytes`` (a cache of per-head K and V for the same model); with ``"infllm"`` also
+    ``host_bytes`` (the CPU unit stores) and ``cached_tokens`` counts the tokens layer 0 holds on the
+    device (sinks + window + resident units).
     """
     from .integrations import transformers as kvt
 
@@ -167,7 +168,8 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
         extra = {"cache_bytes_full": batch * full_pages * page_size * bytes_per_token, "host_bytes": cache.host_bytes()}
     else:
         bytes_per_token = cache.paged.memory_report()["bytes_per_token"]
-        extra = {"cache_bytes_full": batch * full_pages * page_size * bytes_per_token}
+        extra = {"cache_bytes_full": batch * full_pages * page_size * bytes_per_token,
+                 "cached_tokens_per_layer": cache.cached_tokens_per_layer()}
     return {
         **extra,
         "tokens": torch.stack(tokens, dim=1).tolist(),
@@ -191,7 +193,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--policy", default=None, choices=list(POLICIES) + list(RETRIEVAL_POLICIES))
     parser.add_argument("--budget", type=int, default=None,
-                        help="tokens kept per sequence and layer by the policy (infllm: attended per decode step)")
+                        help="tokens kept per sequence and layer by the policy (pyramidkv: their mean over the "
+                             "layers; infllm: attended per decode step)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
@@ -233,8 +236,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"cache bytes without policy: {result['cache_bytes_full']:,} ({result['seen_tokens']} tokens per "
               "sequence)")
         where = " on the device by layer 0" if "host_bytes" in result else ""
-        print(f"cache bytes with policy {name} (budget {args.budget}): {result['cache_bytes']:,} "
-              f"({result['cached_tokens']} tokens per sequence held{where})")
+        per_layer = result.get("cached_tokens_per_layer") or [result["cached_tokens"]]
+        held = (f"{result['cached_tokens']} tokens per sequence held{where}" if len(set(per_layer)) == 1
+                else f"tokens per sequence held per layer: {per_layer}")
+        print(f"cache bytes with policy {name} (budget {args.budget}): {result['cache_bytes']:,} ({held})")
         if "host_bytes" in result:
             print(f"CPU unit store of policy {name}: {result['host_bytes']:,} bytes")
     print(f"prefill: {result['prefill_tok_s']:,.1f} tokens/s; decode: {result['decode_tok_s']:,.1f} tokens/s")

@@ -12,6 +12,9 @@ Implementations (rows), on one model and the same synthesized context:
 * ``kvcore``: :func:`kvcore.integrations.transformers.enable` with a :class:`KVCoreCache` (paged
   cache, ``append_paged_kv`` + ``gqa_decode``), no policy.
 * ``kvcore-snapkv<N>`` (``N`` = budget, 2048 on CUDA): the same with SnapKV at budget ``N``.
+* ``kvcore-pyramidkv<N>`` (not run by default; ``--impl``): the same with PyramidKV, ``N`` the
+  mean of its per-layer budgets (each layer's store holds its own count; the row's
+  ``cache_tokens`` is their mean over the layers, rounded).
 * ``kvcore-graph``, ``kvcore-snapkv<N>-graph`` (CUDA only): the same two, with the decode step
   captured once in a CUDA graph and replayed (:class:`kvcore.integrations.transformers.DecodeGraph`;
   each call stages the new lengths, positions and tokens on the host, then replays). The eager
@@ -79,7 +82,7 @@ GROUP = "e2e"
 SDPA = "transformers-sdpa"
 KVCORE = "kvcore"
 KVCORE_GRAPH = "kvcore-graph"
-_SNAP = re.compile(r"^kvcore-snapkv(\d+)(-graph)?$")
+_SNAP = re.compile(r"^kvcore-(snapkv|pyramidkv)(\d+)(-graph)?$")
 
 #: Timed steps per implementation and case (median); the warm-up adds at most 8 calls.
 STEPS = 10
@@ -172,7 +175,7 @@ def impls(device: torch.device) -> list:
 
 
 def known_impls() -> list:
-    snap = [f"kvcore-snapkv{n}{g}" for n in (2048, 1024, 64) for g in ("", "-graph")]
+    snap = [f"kvcore-{p}{n}{g}" for p in ("snapkv", "pyramidkv") for n in (2048, 1024, 64) for g in ("", "-graph")]
     return [SDPA, KVCORE, KVCORE_GRAPH] + snap
 
 
@@ -184,7 +187,13 @@ def uses_graph(impl: str) -> bool:
 def snapkv_budget(impl: str) -> Optional[int]:
     """The budget of a ``kvcore-snapkv<N>`` implementation name, None for the others."""
     m = _SNAP.match(impl)
-    return int(m.group(1)) if m else None
+    return int(m.group(2)) if m and m.group(1) == "snapkv" else None
+
+
+def policy_budget(impl: str) -> Optional[tuple]:
+    """``(policy, budget)`` of a ``kvcore-snapkv<N>`` / ``kvcore-pyramidkv<N>`` name, None for the others."""
+    m = _SNAP.match(impl)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +368,7 @@ def run(case: E2ECase, impl_names: Sequence[str], ctx: RunContext, steps: int = 
             model = build_model(case, device, seed)
             gen = torch.Generator().manual_seed(seed + 5)
             tokens = torch.randint(0, case.vocab, (case.batch, 1), generator=gen).to(device)
-            wants_kvcore = any(n in (KVCORE, KVCORE_GRAPH) or snapkv_budget(n) for n in impl_names)
+            wants_kvcore = any(n in (KVCORE, KVCORE_GRAPH) or policy_budget(n) for n in impl_names)
 
             # transformers' path: it is also the reference of kvcore's first step.
             reference = None
@@ -411,12 +420,12 @@ def run(case: E2ECase, impl_names: Sequence[str], ctx: RunContext, steps: int = 
                     ctx.free_memory()
 
                 for name in impl_names:
-                    budget = snapkv_budget(name)
-                    if budget is None:
+                    policy = policy_budget(name)
+                    if policy is None:
                         continue
                     ctx.progress.set_label(f"{GROUP} {case.name} {name}")
-                    rows[name] = _run_snapkv(case, name, budget, model, tokens, ctx, steps, room, check_error,
-                                             graph=uses_graph(name))
+                    rows[name] = _run_snapkv(case, name, policy[1], model, tokens, ctx, steps, room, check_error,
+                                             graph=uses_graph(name), policy=policy[0])
                     ctx.progress.update(1)
                     ctx.free_memory()
             finally:
@@ -486,9 +495,10 @@ def _run_graph(case: E2ECase, model: Any, tokens: torch.Tensor, ctx: RunContext,
 
 
 def _run_snapkv(case: E2ECase, name: str, budget: int, model: Any, tokens: torch.Tensor, ctx: RunContext,
-                steps: int, room: int, check_error: Optional[str], graph: bool = False) -> dict:
+                steps: int, room: int, check_error: Optional[str], graph: bool = False, policy: str = "snapkv") -> dict:
     from ..integrations import transformers as kvt
 
+    title = {"snapkv": "SnapKV", "pyramidkv": "PyramidKV"}[policy]
     device, seed = ctx.device, ctx.seed
     skip = _graph_skip(device) if graph else None
     if skip:
@@ -500,20 +510,23 @@ def _run_snapkv(case: E2ECase, name: str, budget: int, model: Any, tokens: torch
                     error=f"kvcore's no-policy step failed its check: {check_error}")
     missing = _policy_ops_missing(device)
     if not missing:
-        cache = kvt.KVCoreCache(model.config, max_cache_len=room, page_size=case.page_size, policy="snapkv",
+        cache = kvt.KVCoreCache(model.config, max_cache_len=room, page_size=case.page_size, policy=policy,
                                 budget=budget, policy_kwargs={"window": SNAPKV_WINDOW})
         fill_cache(cache, case, case.seq_len, device, seed)
         queries = _window_queries(case, device, seed)
         cache.apply_policy(queries, scaling=case.head_dim ** -0.5)
         del queries
-        how = (f"SnapKV run on the synthesized {case.seq_len}-token cache (window {SNAPKV_WINDOW} random queries, "
+        how = (f"{title} run on the synthesized {case.seq_len}-token cache (window {SNAPKV_WINDOW} random queries, "
                f"kernel 5 avg pooling), pool sized for the full context")
     else:
         cache = kvt.KVCoreCache(model.config, max_cache_len=budget + steps + 16, page_size=case.page_size)
         fill_cache(cache, case, budget, device, seed)
         how = (f"no CUDA kernel for {', '.join(missing)}: cache synthesized with {budget} tokens per sequence "
-               f"(the policy's output size; positions start at {budget}), SnapKV scoring not run")
-    held = cache.cached_tokens()
+               f"(the policy's mean output size; positions start at {budget}), {title} scoring not run")
+    per_layer = cache.cached_tokens_per_layer()
+    held = round(sum(per_layer) / len(per_layer))  # the step reads every layer's own count: their mean
+    if len(set(per_layer)) > 1:
+        how += f"; tokens held per layer {min(per_layer)}..{max(per_layer)}"
     kw = dict(cache_bytes=cache.cache_bytes(), pool_bytes=cache.paged.memory_report()["allocated_bytes"])
     kvcore = peers.import_kvcore()
     previous = kvcore.set_validation(False)
@@ -534,5 +547,5 @@ def _run_snapkv(case: E2ECase, name: str, budget: int, model: Any, tokens: torch
     return _row(case, name, ctx, ms, held, peak=peak, notes=how, **kw)
 
 
-__all__ = ["E2ECase", "GROUP", "build_model", "cases", "fill_cache", "impls", "known_impls", "run", "snapkv_budget",
-           "uses_graph"]
+__all__ = ["E2ECase", "GROUP", "build_model", "cases", "fill_cache", "impls", "known_impls", "policy_budget", "run",
+           "snapkv_budget", "uses_graph"]

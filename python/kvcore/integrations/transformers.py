@@ -5,6 +5,7 @@ One call turns it on for a loaded model::
     import kvcore.integrations.transformers as kvt
     kvt.enable(model)                                   # exact: no eviction
     kvt.enable(model, policy="snapkv", budget=1024)     # compress the prompt's cache after prefill
+    kvt.enable(model, policy="pyramidkv", budget=1024)  # per-layer budgets, 1024 on average
     out = model.generate(input_ids, max_new_tokens=64)
 
 What runs where:
@@ -15,13 +16,21 @@ What runs where:
   decodes (one new token per sequence) with ``kvcore.gqa_decode`` straight from the pages. Steps
   with several new tokens (prefill, chunked prefill) run torch SDPA over the cached tokens
   (gathered from the pages) plus the new ones, causal, with the model's sliding window if any.
-* Policies (``streaming_llm``, ``snapkv``, ``h2o``, ``tova``, ``corm``, ``knorm``; :mod:`kvcore.policies`)
-  run once, at the end of the prefill (the first multi-token step, or the last chunk of a chunked
-  prefill, see ``KVCoreCache.hold_eviction``; H2O scores with that step's queries only): each
-  layer's store is compacted in place with ``kvcore.compact_kv`` to ``budget`` tokens and the
-  freed pages go back to the pool. RoPE positions keep counting the tokens seen
+* Policies (``streaming_llm``, ``snapkv``, ``pyramidkv``, ``h2o``, ``tova``, ``corm``, ``knorm``;
+  :mod:`kvcore.policies`) run once, at the end of the prefill (the first multi-token step, or the
+  last chunk of a chunked prefill, see ``KVCoreCache.hold_eviction``; H2O scores with that step's
+  queries only): each layer's store is compacted in place with ``kvcore.compact_kv`` to ``budget``
+  tokens and the freed pages go back to the pool. RoPE positions keep counting the tokens seen
   (``get_seq_length`` is the logical length), as in kvpress / SnapKV, while the pages hold only
   the kept tokens.
+* Per-store lengths (``pyramidkv``): PyramidKV gives each layer its own budget (KVCache-Factory's
+  schedule, :func:`kvcore.policies.pyramidkv_budget`, ``budget`` the mean: lower layers keep more).
+  After its eviction each store holds its own number of tokens per sequence and has its own pages
+  (``PagedKVCache.split_stores``), so the pages a small-budget layer drops are really freed and
+  ``cache_bytes`` counts each store's own pages. Every later token of a store goes at that store's
+  kept count (+ the tokens since); decode, multi-token steps and :class:`DecodeGraph` read each
+  store's own lengths and block table. ``cached_tokens(layer)`` / ``cached_tokens_per_layer()``
+  give the per-layer counts (``cached_tokens()`` the largest).
 * CLA / MLKV (``layer_to_store``): layers mapped to one store share its K/V; the store's first
   layer (its producer) writes it and the later ones read it, ignoring their own K/V projections.
   This changes the model's function: use it for models trained with shared KV layers.
@@ -76,7 +85,7 @@ ATTN_IMPLEMENTATION = "kvcore"
 #: ``config.model_type`` values this adapter runs (GQA attention through ``AttentionInterface``).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 #: Eviction policies that :func:`enable` accepts (applied once, after prefill).
-POLICIES = ("streaming_llm", "snapkv", "h2o", "tova", "corm", "knorm")
+POLICIES = ("streaming_llm", "snapkv", "pyramidkv", "h2o", "tova", "corm", "knorm")
 #: Retrieval policies that :func:`enable` also accepts: the K/V live in a per-layer InfLLM memory
 #: (:class:`kvcore.integrations.transformers_infllm.InfLLMKVCache`) instead of the paged cache.
 RETRIEVAL_POLICIES = ("infllm",)
@@ -184,10 +193,17 @@ class KVCoreCache(Cache):
             eviction the whole prompt is cached, so count it fully).
         page_size: tokens per page (power of two).
         policy: ``None`` or one of :data:`POLICIES`; applied once at the end of the prefill.
-        budget: tokens kept per sequence and layer by the policy (required with a policy).
+        budget: tokens kept per sequence and layer by the policy (required with a policy;
+            pyramidkv: the mean over the layers of its schedule).
         policy_kwargs: extra keyword arguments: ``num_sinks`` (streaming_llm, default 4),
-            ``window`` (snapkv's observation window and corm's recent queries, default 32, capped
-            at budget and prompt), ``kernel_size`` / ``pooling`` (snapkv), ``recent`` (h2o).
+            ``window`` (snapkv's / pyramidkv's observation window and corm's recent queries,
+            default 32, capped at budget (pyramidkv: budget - 1) and at the prefill step's
+            queries), ``kernel_size`` / ``pooling`` (snapkv, pyramidkv), ``beta`` (pyramidkv's
+            schedule, default 20), ``recent`` (h2o).
+            pyramidkv keeps ``pyramidkv_budget(layer, num_layers, prompt_len, budget, window, beta)``
+            tokens in each store, where ``layer`` is the store's producer layer (with CLA / MLKV
+            sharing, the sharing layers follow their producer's budget) and ``num_layers`` the
+            model's layer count; budget must be >= 2 and the model have >= 2 layers.
             corm keeps exactly ``budget`` tokens: the keys its recent queries vote for (probability
             >= 1/n), then the best-scored others (CORM's own rule keeps a variable number).
         layer_to_store: CLA / MLKV map, one store id per layer (see :class:`kvcore.PagedKVCache`);
@@ -227,6 +243,15 @@ class KVCoreCache(Cache):
                 )
         elif budget is not None:
             raise ValueError(f"budget ({budget}) needs a policy; got policy=None")
+        if policy == "pyramidkv":
+            # Checked now (the schedule's own checks), not at the end of the first prefill.
+            if budget < 2:
+                raise ValueError(f"budget must be >= 2 with policy 'pyramidkv' (window + at least one key), got {budget}")
+            if int(config.num_hidden_layers) < 2:
+                raise ValueError("policy 'pyramidkv' needs a model with >= 2 layers (its budget schedule spans the layers)")
+            kw = dict(policy_kwargs or {})
+            eviction.pyramidkv_budget(0, int(config.num_hidden_layers), budget, budget,
+                                      min(kw.get("window", 32), budget - 1), beta=kw.get("beta", 20))
         self.config = config
         self.num_layers = int(config.num_hidden_layers)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
@@ -240,6 +265,13 @@ class KVCoreCache(Cache):
         self._layer_to_store = None if layer_to_store is None else list(layer_to_store)
         self.paged: Optional[PagedKVCache] = None
         self.seq_ids: list[int] = []
+        #: True once the stores hold different lengths (pyramidkv evicted; the PagedKVCache's stores
+        #: are split, see PagedKVCache.split_stores): each step then reserves and decodes per store.
+        self._per_store = False
+        # With _per_store: the eager steps' device block tables [S, B, width], kept between steps
+        # and patched with the pages each step opens (rebuilt when too narrow, or None after
+        # anything else changed the pages: eviction, reset, a DecodeGraph step).
+        self._ps_table: Optional[Tensor] = None
         self._seen = 0  # logical tokens per sequence (RoPE positions), eviction does not lower it
         self._evicted = False
         #: Set while feeding a long prompt in chunks: the policy then runs at the end of the first
@@ -261,7 +293,14 @@ class KVCoreCache(Cache):
     def _reset_step(self) -> None:
         self._block_table: Optional[Tensor] = None
         self._seq_lens: Optional[Tensor] = None
+        self._slots: Optional[Tensor] = None
         self._past = 0  # physical tokens per sequence before this step
+        # Per-store views of the step (only with _per_store): block table [B, P], lengths [B] and
+        # slots [B * T] of each store, and each store's physical tokens before the step.
+        self._tables: Optional[tuple[Tensor, ...]] = None
+        self._lens_s: Optional[tuple[Tensor, ...]] = None
+        self._slots_s: Optional[tuple[Tensor, ...]] = None
+        self._past_s: Optional[list[int]] = None
         self._step_kv: dict[int, tuple[Tensor, Tensor]] = {}
         self._policy_q: dict[int, Tensor] = {}
         self._evict_now = False
@@ -273,6 +312,7 @@ class KVCoreCache(Cache):
             self.seq_ids = [self.paged.add_sequence() for _ in range(len(self.seq_ids))]
         self._seen = 0
         self._evicted = False
+        self._ps_table = None
         self._reset_step()
 
     def _allocate(self, key_states: Tensor) -> None:
@@ -306,17 +346,42 @@ class KVCoreCache(Cache):
         """``{name: self}`` for ``model(...)``: transformers 5 calls the argument ``cache``, older ``past_key_values``."""
         return {_cache_kwarg(model): self}
 
-    def cached_tokens(self) -> int:
-        """Tokens held in the pages per sequence (after eviction: at most the budget + new tokens)."""
-        return 0 if self.paged is None or not self.seq_ids else self.paged.seq_len(self.seq_ids[0])
+    def cached_tokens(self, layer: Optional[int] = None) -> int:
+        """Tokens held in the pages per sequence (after eviction: at most the budget + new tokens).
+
+        Every layer holds the same number except after ``pyramidkv``'s eviction: then ``layer``
+        picks the layer (its store) and ``None`` gives the largest count over the stores (the
+        lowest layer's, normally); :meth:`cached_tokens_per_layer` lists them all."""
+        if self.paged is None or not self.seq_ids:
+            return 0
+        seq = self.seq_ids[0]
+        if layer is not None:
+            return self.paged.seq_len(seq, self.paged.store_of(layer))
+        if self._per_store:
+            return max(self.paged.seq_len(seq, store) for store in range(self.paged.num_stores))
+        return self.paged.seq_len(seq)
+
+    def cached_tokens_per_layer(self) -> list[int]:
+        """Tokens held per sequence by each layer's store (CLA layers sharing a store repeat its count)."""
+        if self.paged is None or not self.seq_ids:
+            return [0] * self.num_layers
+        seq = self.seq_ids[0]
+        counts = [self.paged.seq_len(seq, store) for store in range(self.paged.num_stores)]
+        return [counts[store] for store in self.paged.layer_to_store]
 
     def cache_bytes(self) -> int:
-        """Bytes of K/V the live sequences hold now (whole pages, all stores)."""
+        """Bytes of K/V the live sequences hold now: whole pages, summed over the stores (each
+        store's own pages once the stores hold different lengths, after ``pyramidkv``)."""
         if self.paged is None:
             return 0
-        report = self.paged.memory_report()
-        pages = sum(len(self.paged.pages_of(s)) for s in self.seq_ids)
-        return pages * self.page_size * report["bytes_per_token"]
+        return self.paged.held_bytes(self.seq_ids)
+
+    def _step_meta(self, layer_idx: int) -> tuple[Tensor, Tensor, int]:
+        """``(block_table, seq_lens, past)`` of this step for ``layer_idx``'s store."""
+        if self._tables is None:
+            return self._block_table, self._seq_lens, self._past
+        store = self.paged._layer_to_store[layer_idx]
+        return self._tables[store], self._lens_s[store], (self._past_s[store] if self._past_s else 0)
 
     # ------------------------------------------------------------------ update (called per layer)
 
@@ -338,10 +403,42 @@ class KVCoreCache(Cache):
                 raise ValueError(f"a CUDA-graph decode step takes one new token per sequence, got {new}")
             self._reset_step()
             g = self._graph
-            last = (g.seq_lens - 1).to(torch.int64)
-            page = g.block_table.gather(1, (last // self.page_size).unsqueeze(1)).squeeze(1).to(torch.int64)
-            self._slots = page * self.page_size + last % self.page_size
-            self._block_table, self._seq_lens = g.block_table, g.seq_lens
+            slots = self._device_slots(g.block_table, g.seq_lens)
+            if g.seq_lens.dim() == 1:
+                self._slots = slots
+                self._block_table, self._seq_lens = g.block_table, g.seq_lens
+            else:  # views of the static buffers, one per store (no device work)
+                self._slots_s, self._tables, self._lens_s = slots.unbind(0), g.block_table.unbind(0), g.seq_lens.unbind(0)
+        elif layer_idx == 0 and self._per_store:
+            # Stores of different lengths (after pyramidkv): each store's new tokens go at its own
+            # kept count; all stores' slots, tables and lengths come in one upload each.
+            # The device tables persist between steps and only the pages this step opens are
+            # uploaded: rebuilding S tables of every page each step costs milliseconds of host time.
+            self._reset_step()
+            units = list(range(paged.num_stores))
+            seqs_u, _, starts_u = paged._grow_units(self.seq_ids, [new] * batch, units)
+            self._past_s = [starts[0] for starts in starts_u]
+            self._past = max(self._past_s)
+            need = max(len(seq.pages) for seqs in seqs_u for seq in seqs)
+            table = self._ps_table
+            if table is None or need > table.shape[2]:
+                # Headroom of a quarter (at least 4 pages) so that rebuilds stay rare.
+                table = self._ps_table = self._per_store_table(need + max(need // 4, 4))
+            else:
+                self._publish_pages(table, seqs_u, starts_u)
+            lens = paged.seq_lens_per_store(self.seq_ids)
+            if new == 1:
+                slots = self._device_slots(table, lens)
+            else:
+                flat_seqs = [seq for seqs in seqs_u for seq in seqs]
+                flat_starts = [start for starts in starts_u for start in starts]
+                slots = paged._upload(paged._slots(flat_seqs, [new] * len(flat_seqs), flat_starts)).view(len(units), -1)
+            self._slots_s, self._tables, self._lens_s = slots.unbind(0), table.unbind(0), lens.unbind(0)
+            self._evict_now = (
+                self.policy is not None and not self._evicted and not self.hold_eviction and new > 1
+                and self._past + new > self.budget
+            )
+            self._seen += new
         elif layer_idx == 0:
             # Layer 0 opens every forward step: reserve the new tokens once for all layers/stores.
             self._reset_step()
@@ -361,7 +458,7 @@ class KVCoreCache(Cache):
             # view, which append_paged_kv refuses (a model's roped keys are token-major already).
             k = key_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
             v = value_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
-            paged.append(layer_idx, k, v, self._slots)
+            paged.append(layer_idx, k, v, self._slots if self._slots_s is None else self._slots_s[store])
             self._step_kv[store] = (key_states, value_states)
         key_states, value_states = self._step_kv[store]
         _note.entry = (self, layer_idx, key_states)
@@ -369,11 +466,12 @@ class KVCoreCache(Cache):
 
     # ------------------------------------------------------------------ attention
 
-    def _gather_past(self, layer_idx: int, past: int) -> tuple[Tensor, Tensor]:
-        """Dense ``[B, Hkv, past, D]`` K and V of the first ``past`` cached tokens of every sequence."""
+    def _gather_past(self, layer_idx: int, past: int, block_table: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense ``[B, Hkv, past, D]`` K and V of the first ``past`` cached tokens of every sequence
+        in ``layer_idx``'s store (``block_table``: that store's)."""
         k_cache, v_cache = self.paged.kv(layer_idx)
         pos = torch.arange(past, device=k_cache.device)
-        pages = self._block_table.to(torch.int64)[:, pos // self.page_size]
+        pages = block_table.to(torch.int64)[:, pos // self.page_size]
         slots = pages * self.page_size + pos % self.page_size  # [B, past]
         k = k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots]
         v = v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots]
@@ -382,18 +480,19 @@ class KVCoreCache(Cache):
     def _attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scaling: float,
                 window: Optional[int]) -> Tensor:
         batch, hq, new, dim = query.shape
+        block_table, seq_lens, past = self._step_meta(layer_idx)
         if new == 1:
             k_cache, v_cache = self.paged.kv(layer_idx)
             out = ops.gqa_decode(
-                query[:, :, 0, :], k_cache, v_cache, self._block_table, self._seq_lens, scale=scaling,
+                query[:, :, 0, :], k_cache, v_cache, block_table, seq_lens, scale=scaling,
                 window_left=-1 if window is None else window - 1,
             )
             return out.unsqueeze(1)  # [B, 1, Hq, D]
-        if self._past:
-            past_k, past_v = self._gather_past(layer_idx, self._past)
+        if past:
+            past_k, past_v = self._gather_past(layer_idx, past, block_table)
             key = torch.cat([past_k, key], dim=2)
             value = torch.cat([past_v, value], dim=2)
-        out = _sdpa(query, key, value, self._past, scaling, window)
+        out = _sdpa(query, key, value, past, scaling, window)
         if self._evict_now and self.paged.is_producer(layer_idx):
             self._policy_q[self.paged.store_of(layer_idx)] = query
         if self._evict_now and layer_idx == self.num_layers - 1:
@@ -408,8 +507,8 @@ class KVCoreCache(Cache):
 
         Args:
             queries: one ``[B, Hq, T, D]`` tensor per layer standing in for that layer's last ``T``
-                prefill queries (only the stores' producer layers are read): ``snapkv`` uses the
-                last ``window`` of them, ``corm`` the last ``window`` too, ``tova`` the last one,
+                prefill queries (only the stores' producer layers are read): ``snapkv`` and
+                ``pyramidkv`` use the last ``window`` of them, ``corm`` the last ``window`` too, ``tova`` the last one,
                 ``h2o`` all; ``None`` is allowed for
                 ``streaming_llm`` and ``knorm``, which need none.
             scaling: softmax scale of the scores (default ``head_dim ** -0.5``).
@@ -419,7 +518,7 @@ class KVCoreCache(Cache):
         """
         if self.policy is None:
             raise ValueError("apply_policy needs a KVCoreCache built with a policy (policy=None here)")
-        if self.paged is None or self._block_table is None:
+        if self.paged is None or (self._block_table is None and self._tables is None):
             raise ValueError("apply_policy: nothing is cached yet (fill the cache with update() first)")
         if self._evicted:
             raise ValueError("apply_policy: the policy already ran on this cache")
@@ -444,74 +543,152 @@ class KVCoreCache(Cache):
 
     # ------------------------------------------------------------------ CUDA-graph steps (DecodeGraph)
 
+    def _device_slots(self, block_table: Tensor, seq_lens: Tensor) -> Tensor:
+        """Slot of each sequence's last token (one new token per sequence), computed on the device
+        from the lengths ``[B]`` / ``[S, B]`` and the block table ``[B, W]`` / ``[S, B, W]``."""
+        last = (seq_lens - 1).to(torch.int64)
+        col = seq_lens.dim()  # the page-column dimension of the block table
+        page = block_table.gather(col, (last // self.page_size).unsqueeze(col)).squeeze(col).to(torch.int64)
+        return page * self.page_size + last % self.page_size
+
+    def _per_store_table(self, width: int) -> Tensor:
+        """int32 ``[S, B, width]`` device block tables of every store (zero past each row's pages)."""
+        held = self.paged.block_table_per_store(self.seq_ids)  # [S, B, most pages held]
+        table = torch.zeros(held.shape[0], held.shape[1], max(width, held.shape[2]), dtype=torch.int32,
+                            device=self.paged.device)
+        table[:, :, : held.shape[2]].copy_(held)
+        return table
+
+    def _publish_pages(self, table: Tensor, seqs_u: list, starts_u: list) -> None:
+        """Write into ``table [S, B, W]`` the ids of the pages that the growth which started at
+        ``starts_u`` opened (one upload and one scatter, nothing when no page opened)."""
+        page_size = self.page_size
+        opened = [(store, row, col, seq.pages[col])
+                  for store, (seqs, starts) in enumerate(zip(seqs_u, starts_u))
+                  for row, (seq, start) in enumerate(zip(seqs, starts))
+                  for col in range(-(-start // page_size), len(seq.pages))]
+        if opened:
+            where = self.paged._upload(torch.tensor(opened, dtype=torch.int64))
+            table[where[:, 0], where[:, 1], where[:, 2]] = where[:, 3].to(torch.int32)
+
+    def _store_lengths(self) -> list[int]:
+        """Every (store, sequence) length: one per sequence while the stores share pages."""
+        paged = self.paged
+        stores = range(paged.num_stores) if self._per_store else [None]
+        return [paged.seq_len(seq, store) for store in stores for seq in self.seq_ids]
+
     def _graph_buffers(self, headroom: int) -> "_GraphBuffers":
-        """Static device buffers for a captured step, with room for ``headroom`` more tokens per sequence."""
+        """Static device buffers for a captured step, with room for ``headroom`` more tokens per sequence
+        (per store and sequence with per-store lengths: the table is then ``[S, B, width]``, the lengths ``[S, B]``)."""
         batch = len(self.seq_ids)
-        longest = max(self.paged.seq_len(s) for s in self.seq_ids)
+        longest = max(self._store_lengths())
         width = -(-(longest + headroom) // self.page_size)
         device = self.paged.device
-        table = torch.zeros(batch, width, dtype=torch.int32, device=device)
-        held = self.paged.block_table(self.seq_ids)  # [B, most pages held], zero past each row's pages
-        table[:, : held.shape[1]].copy_(held)
+        if self._per_store:
+            table = self._per_store_table(width)
+            seq_lens = torch.zeros(self.paged.num_stores, batch, dtype=torch.int32, device=device)
+        else:
+            table = torch.zeros(batch, width, dtype=torch.int32, device=device)
+            held = self.paged.block_table(self.seq_ids)  # [B, most pages held], zero past each row's pages
+            table[:, : held.shape[1]].copy_(held)
+            seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
         return _GraphBuffers(
             block_table=table,
-            seq_lens=torch.zeros(batch, dtype=torch.int32, device=device),
+            seq_lens=seq_lens,
             position_ids=torch.zeros(batch, 1, dtype=torch.int64, device=device),
             input_ids=torch.zeros(batch, 1, dtype=torch.int64, device=device),
         )
 
     def _graph_step_fits(self, g: "_GraphBuffers") -> bool:
-        """Whether one more token per sequence still fits the static block table's width."""
-        capacity = g.block_table.shape[1] * self.page_size
-        return all(self.paged.seq_len(s) + 1 <= capacity for s in self.seq_ids)
+        """Whether one more token per sequence (and store) still fits the static block table's width,
+        and the buffers still have the cache's layout (per-store or not)."""
+        if (g.seq_lens.dim() == 2) != self._per_store:
+            return False
+        capacity = g.block_table.shape[-1] * self.page_size
+        return all(n + 1 <= capacity for n in self._store_lengths())
 
     def _stage_graph_step(self, g: "_GraphBuffers", input_ids: Tensor) -> None:
         """Host side of one graph step: reserve a token per sequence (new pages go into the static
         block table), then stage the new lengths, positions and input tokens for the replay."""
-        seqs, _, starts = self.paged._grow(self.seq_ids, [1] * len(self.seq_ids))
-        for row, (seq, start) in enumerate(zip(seqs, starts)):
-            if start % self.page_size == 0:  # this token opened a page: publish its id
-                g.block_table[row, start // self.page_size].fill_(seq.pages[-1])
-        g.seq_lens.copy_(self.paged.seq_lens(self.seq_ids))
+        paged = self.paged
+        if self._per_store:
+            units = list(range(paged.num_stores))
+            seqs_u, _, starts_u = paged._grow_units(self.seq_ids, [1] * len(self.seq_ids), units)
+            self._publish_pages(g.block_table, seqs_u, starts_u)
+            g.seq_lens.copy_(paged.seq_lens_per_store(self.seq_ids))
+            self._ps_table = None  # the eager steps' tables miss this step's pages
+        else:
+            seqs, _, starts = paged._grow(self.seq_ids, [1] * len(self.seq_ids))
+            for row, (seq, start) in enumerate(zip(seqs, starts)):
+                if start % self.page_size == 0:  # this token opened a page: publish its id
+                    g.block_table[row, start // self.page_size].fill_(seq.pages[-1])
+            g.seq_lens.copy_(paged.seq_lens(self.seq_ids))
         g.position_ids.fill_(self._seen)
         g.input_ids.copy_(input_ids)
         self._seen += 1
 
     def _evict(self, scaling: float) -> None:
-        """Compact every store to the budget (the last layer of the prefill has attended) and free pages."""
+        """Compact every store to its budget (the last layer of the prefill has attended) and free pages.
+
+        ``pyramidkv`` gives each store its own budget: the store's producer layer (its first layer;
+        with CLA / MLKV sharing, the sharing layers follow it) takes its layer index in the
+        schedule ``pyramidkv_budget(layer, num_layers, prompt_len, budget, window, beta)``. The
+        stores are then split (``PagedKVCache.split_stores``) and each is truncated to its own
+        kept count, so the pages a small-budget store no longer needs go back to its free list.
+        """
         paged, budget, kw = self.paged, self.budget, self.policy_kwargs
-        kept_len = None
+        per_store = self.policy == "pyramidkv" and paged.num_stores > 1
+        self._ps_table = None  # pages are truncated below (the tables are rebuilt at the next step)
+        if per_store:
+            paged.split_stores()
+        kept_lens: list[list[int]] = []
         for store in range(paged.num_stores):
             layer = paged._producers[store]
             k_cache, v_cache = paged.kv(layer)
-            seq_lens = self._seq_lens.clone()
+            block_table, step_lens, _ = self._step_meta(layer)
+            seq_lens = step_lens.clone()
             query = self._policy_q.get(store)  # [B, Hq, T, D]
             if self.policy == "streaming_llm":
                 sel = eviction.streaming_llm(seq_lens, self.num_kv_heads, budget, num_sinks=kw.get("num_sinks", 4))
             elif self.policy == "snapkv":
                 window = min(kw.get("window", 32), budget, query.shape[2])
                 q_window = query[:, :, -window:, :].transpose(1, 2).contiguous()
-                sel = eviction.snapkv(q_window, k_cache, self._block_table, seq_lens, budget, scale=scaling,
+                sel = eviction.snapkv(q_window, k_cache, block_table, seq_lens, budget, scale=scaling,
                                       kernel_size=kw.get("kernel_size", 5), pooling=kw.get("pooling", "avg"))
+            elif self.policy == "pyramidkv":
+                # The schedule needs budget > window (the constructor checked budget >= 2).
+                window = min(kw.get("window", 32), budget - 1, query.shape[2])
+                q_window = query[:, :, -window:, :].transpose(1, 2).contiguous()
+                sel = eviction.pyramidkv(q_window, k_cache, block_table, seq_lens, budget, layer=layer,
+                                         num_layers=self.num_layers, beta=kw.get("beta", 20), scale=scaling,
+                                         kernel_size=kw.get("kernel_size", 5), pooling=kw.get("pooling", "avg"))
             elif self.policy == "h2o":
-                scores = eviction.h2o_scores(query.transpose(1, 2).contiguous(), k_cache, self._block_table,
+                scores = eviction.h2o_scores(query.transpose(1, 2).contiguous(), k_cache, block_table,
                                              seq_lens, scale=scaling)
                 sel = eviction.h2o(scores, seq_lens, budget, recent=kw.get("recent"))
             elif self.policy == "corm":
                 recent = min(kw.get("window", 32), budget, query.shape[2])
                 q_recent = query[:, :, -recent:, :].transpose(1, 2).contiguous()
                 # fill: exactly the budget, as the other policies (one length per sequence here).
-                sel = eviction.corm(q_recent, k_cache, v_cache, self._block_table, seq_lens, budget=budget,
+                sel = eviction.corm(q_recent, k_cache, v_cache, block_table, seq_lens, budget=budget,
                                     scale=scaling, fill=True)
             elif self.policy == "tova":
                 q_last = query[:, :, -1:, :].transpose(1, 2).contiguous()
-                sel = eviction.tova(q_last, k_cache, self._block_table, seq_lens, budget, scale=scaling)
+                sel = eviction.tova(q_last, k_cache, block_table, seq_lens, budget, scale=scaling)
             else:  # knorm
-                sel = eviction.knorm(k_cache, self._block_table, seq_lens, budget)
-            eviction.apply(sel, k_cache, v_cache, self._block_table, seq_lens)
-            kept_len = int(seq_lens.max())
-        for seq_id in self.seq_ids:
-            paged.truncate(seq_id, kept_len)
+                sel = eviction.knorm(k_cache, block_table, seq_lens, budget)
+            eviction.apply(sel, k_cache, v_cache, block_table, seq_lens)
+            kept_lens.append(seq_lens.tolist())
+        if per_store or paged.stores_split:
+            for store, lens in enumerate(kept_lens):
+                for seq_id, n in zip(self.seq_ids, lens):
+                    paged.truncate(seq_id, n, store=store)
+            self._per_store = True
+        else:
+            # One length per sequence for every store: the policies give every store the same count.
+            kept_len = max(max(lens) for lens in kept_lens)
+            for seq_id in self.seq_ids:
+                paged.truncate(seq_id, kept_len)
         self._policy_q.clear()
         self._evict_now = False
         self._evicted = True
@@ -521,6 +698,7 @@ class KVCoreCache(Cache):
 class _GraphBuffers:
     """The device tensors a captured decode step reads; their contents change before each replay."""
 
+    # With per-store lengths (pyramidkv) both gain a leading store dimension: [S, B, width], [S, B].
     block_table: Tensor   # int32 [B, width]: every page a sequence may use before the next capture
     seq_lens: Tensor      # int32 [B]: lengths including the step's token
     position_ids: Tensor  # int64 [B, 1]: the step token's RoPE position
@@ -540,6 +718,8 @@ class DecodeGraph:
 
     The static block table has room for ``headroom`` more tokens per sequence than the cache held
     at capture; a step past that re-captures with a wider table (counted in :attr:`captures`).
+    With per-store lengths (after ``pyramidkv``) the static lengths are ``[S, B]`` and the table
+    ``[S, B, width]`` (width from the longest store), and each store's slots come from its rows.
     The first call warms up and captures (one eager forward, then the replay).
 
     Usage (after the prefill, e.g. ``model(prompt, **cache.forward_kwargs(model))``)::
@@ -568,7 +748,7 @@ class DecodeGraph:
             raise ValueError(f"cache must be a KVCoreCache, got {type(cache).__name__}")
         if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             raise ValueError("DecodeGraph needs the model switched to kvcore attention: call kvcore's enable(model) first")
-        if cache.paged is None or not cache.seq_ids or min(cache.paged.seq_len(s) for s in cache.seq_ids) < 1:
+        if cache.paged is None or not cache.seq_ids or min(cache._store_lengths()) < 1:
             raise ValueError("DecodeGraph needs a prefilled cache (at least one cached token per sequence)")
         if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 1:
             raise ValueError(f"headroom must be an int >= 1, got {headroom!r}")
@@ -748,7 +928,7 @@ def enable(
             :func:`kvcore.integrations.transformers_infllm.enable_infllm`, which documents its
             options: ``budget`` = tokens attended per decode step, ``n_init``, ``n_local``,
             ``block_size``, ``topk``, ``repr_topk``, ``max_cached_block``, ...).
-        budget: tokens per sequence and layer kept by the policy.
+        budget: tokens per sequence and layer kept by the policy (pyramidkv: their mean over the layers).
         page_size: tokens per page of the paged cache.
         layer_to_store: CLA / MLKV layer -> store map (see :class:`KVCoreCache`).
         policy_kwargs: passed to the policy (see :class:`KVCoreCache`).
