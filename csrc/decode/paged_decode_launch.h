@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 
 #include "common/checks.h"
@@ -179,6 +180,18 @@ inline bool use_pdl(cudaStream_t stream) {
   return status == cudaStreamCaptureStatusNone || in_graphs;
 }
 
+// L2 priority of the H2O score path's P / base scratch (stored by the decode, read once by the
+// epilogue): KVCORE_SCORE_L2=last asks L2 to keep those lines (evict_last), anything else leaves
+// the normal priority. Read once per process: an A/B switch for bench/experiments/h2o_profile.py
+// until a measurement picks the default (bench/NOTES.md, "H2O score, session 6").
+inline int score_l2_priority() {
+  static const int priority = [] {
+    const char* e = std::getenv("KVCORE_SCORE_L2");
+    return e != nullptr && std::string(e) == "last" ? int(kL2EvictLast) : int(kL2Normal);
+  }();
+  return priority;
+}
+
 // The score epilogue (decode_score.cuh) after a SCORE decode launch on the same stream.
 inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
                                   const at::Tensor& score, cudaStream_t stream) {
@@ -195,6 +208,7 @@ inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeSha
   sp.group = int(s.group);
   sp.window_left = p.window_left;
   sp.capacity = s.max_pages * s.page_size;
+  sp.l2 = p.score_l2;
   const dim3 grid(unsigned((kv_len + kDecodeScoreKeys - 1) / kDecodeScoreKeys), unsigned(s.num_kv_heads),
                   unsigned(s.batch));
   cudaLaunchConfig_t cfg{};
@@ -253,6 +267,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
     p.score_probs = reinterpret_cast<__half*>(base + kCounterBytes + score_lse_bytes(s));
     p.score_bases = reinterpret_cast<float*>(base + kCounterBytes + score_lse_bytes(s) + score_prob_bytes(s, kv_len));
     p.score_blocks = score_blocks(kv_len);
+    p.score_l2 = score_l2_priority();
   }
   // KV heads vary fastest over the grid: the CTAs of one (sequence, split) read interleaved rows
   // of the same pages at about the same time, which keeps DRAM row-buffer locality.

@@ -26,6 +26,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kvcore/device_utils.cuh"
+
 namespace kvcore {
 
 // Keys per block of the probability scratch: one warp's share of a decode tile.
@@ -41,6 +43,7 @@ struct DecodeScoreParams {
   int64_t score_len;
   int num_kv_heads, group, window_left;  // window_left < 0: none
   int64_t capacity;                       // max_pages * page_size (seq_len is clamped to it)
+  int l2;                                 // L2Priority of the P / base loads (the decode's stores' one)
 };
 
 constexpr int kDecodeScoreThreads = 256;
@@ -77,13 +80,15 @@ __global__ void __launch_bounds__(kDecodeScoreThreads) decode_score_kernel(const
 
   const int group = p.group;
   const int64_t row0 = (pair * p.blocks + blk) * group;  // (block, head 0) row of the scratch
+  const uint64_t policy = l2_policy(p.l2);
   uint2 pv[GMAX];
   float base[GMAX], l2[GMAX];
 #pragma unroll
   for (int g = 0; g < GMAX; ++g) {
     if (g < group) {
-      pv[g] = __ldcg(reinterpret_cast<const uint2*>(p.probs + (row0 + g) * kScoreBlock + (threadIdx.x % 4) * KPT));
-      base[g] = __ldcg(p.bases + row0 + g);
+      pv[g] = ldcg_hint(reinterpret_cast<const uint2*>(p.probs + (row0 + g) * kScoreBlock + (threadIdx.x % 4) * KPT),
+                        policy);
+      base[g] = ldcg_hint(p.bases + row0 + g, policy);
       l2[g] = __ldcg(p.lse2 + pair * group + g);
     }
   }

@@ -67,6 +67,44 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// ---- L2 eviction priority (sm_80+): a policy operand for .L2::cache_hint accesses -------------
+
+enum L2Priority : int { kL2Normal = 0, kL2EvictLast = 1 };
+
+// The policy descriptor for `priority` over every access that carries it (fraction 1.0).
+__device__ __forceinline__ uint64_t l2_policy(int priority) {
+  uint64_t policy;
+  if (priority == kL2EvictLast) {
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  }
+  return policy;
+}
+
+__device__ __forceinline__ void st_global_hint(uint2* gmem, uint2 v, uint64_t policy) {
+  asm volatile("st.global.L2::cache_hint.v2.b32 [%0], {%1, %2}, %3;\n" ::"l"(gmem), "r"(v.x), "r"(v.y), "l"(policy)
+               : "memory");
+}
+
+__device__ __forceinline__ void st_global_hint(float* gmem, float v, uint64_t policy) {
+  asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(gmem), "f"(v), "l"(policy) : "memory");
+}
+
+// Load that bypasses L1 (as __ldcg) with an L2 policy.
+__device__ __forceinline__ uint2 ldcg_hint(const uint2* gmem, uint64_t policy) {
+  uint2 v;
+  asm volatile("ld.global.cg.L2::cache_hint.v2.b32 {%0, %1}, [%2], %3;\n" : "=r"(v.x), "=r"(v.y) : "l"(gmem), "l"(policy)
+               : "memory");
+  return v;
+}
+
+__device__ __forceinline__ float ldcg_hint(const float* gmem, uint64_t policy) {
+  float v;
+  asm volatile("ld.global.cg.L2::cache_hint.f32 %0, [%1], %2;\n" : "=f"(v) : "l"(gmem), "l"(policy) : "memory");
+  return v;
+}
+
 // ---- warp reductions over aligned lane groups -------------------------------------------------
 
 // Sum over the WIDTH lanes of an aligned lane group (WIDTH a power of two <= 32); every lane of

@@ -68,6 +68,7 @@ struct GqaDecodeParams {
   float* score_bases;
   float* score_lse2;
   int64_t score_blocks;  // blocks per (sequence, KV head)
+  int score_l2;          // L2Priority of the P / base stores (and the epilogue's loads of them)
 };
 
 #ifdef KVCORE_DECODE_TRACE
@@ -321,6 +322,10 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       // hold P = 0.
       const int blk_pos = start + t * TILE + wrow;  // warp-uniform
       if (blk_pos < end) {
+        // evict_last (KVCORE_SCORE_L2=last) asks L2 to keep P until the epilogue has read it:
+        // the same workspace lines are rewritten by the next layer's decode, so P need not reach
+        // DRAM while the K/V stream, which is DRAM-bound at B16, passes through.
+        const uint64_t policy = l2_policy(p.score_l2);
         const int q = lane & 3;
         const int src = (lane & ~3) | ((2 * q) & 3);  // holder of keys 4q, 4q + 1; src + 1: 4q + 2, 4q + 3
         const int64_t row0 =
@@ -334,9 +339,9 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
           const uint32_t b0 = __shfl_sync(0xffffffffu, h0, src + 1), b1 = __shfl_sync(0xffffffffu, h1, src + 1);
           const int row = r0 + 8 * r;
           if (row < group) {
-            *reinterpret_cast<uint2*>(p.score_probs + (row0 + row) * Cfg::WARP_TOKENS + 4 * q) =
-                q < 2 ? make_uint2(a0, b0) : make_uint2(a1, b1);
-            if (q == 0) p.score_bases[row0 + row] = pbase[r];
+            st_global_hint(reinterpret_cast<uint2*>(p.score_probs + (row0 + row) * Cfg::WARP_TOKENS + 4 * q),
+                           q < 2 ? make_uint2(a0, b0) : make_uint2(a1, b1), policy);
+            if (q == 0) st_global_hint(p.score_bases + row0 + row, pbase[r], policy);
           }
         }
       }
