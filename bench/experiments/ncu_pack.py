@@ -1,0 +1,115 @@
+"""One kvcore call of a benchmark case, bracketed for Nsight Compute (``--profile-from-start off``).
+
+    python bench/experiments/ncu_pack.py KEY          # one case (see CASES)
+    python bench/experiments/ncu_pack.py --list
+
+Builds the case exactly as ``python -m kvcore.bench`` does (the group module's inputs and its
+kvcore builder), runs it three times to warm up, then calls it once between
+``cudaProfilerStart`` / ``cudaProfilerStop``, so that ``ncu --profile-from-start off`` sees only
+that call's kernels. ``bench/experiments/ncu_pack.sh`` runs every key under ncu in one device call:
+the open performance gaps of issues 2-6, each with ncu's sections, for the sessions without a GPU
+to read (bench/NOTES.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+
+import kvcore
+from kvcore.bench import block_sparse, block_transformer, decode, eviction_cache, eviction_scores, mla
+
+
+def _case(module, name: str):
+    device = torch.device("cuda")
+    for case in module.cases(device, False):
+        if case.name == name:
+            return case
+    raise KeyError(f"{module.__name__} has no case {name!r}")
+
+
+def _mla_project(name: str) -> Callable:
+    x = mla.make_project_inputs(_case(mla, name), torch.device("cuda"))
+    return mla.build_project_kvcore(x)[0]
+
+
+def _mla_decode(name: str) -> Callable:
+    x = mla.make_decode_inputs(_case(mla, name), torch.device("cuda"))
+    return mla.build_decode_kvcore(x)[0]
+
+
+def _decode(name: str) -> Callable:
+    x = decode.make_inputs(_case(decode, name), torch.device("cuda"))
+    return eviction_cache.build_h2o(x, False)[0]
+
+
+def _h2o(name: str) -> Callable:
+    x = decode.make_inputs(_case(eviction_cache, name).decode, torch.device("cuda"))
+    return eviction_cache.build_h2o(x, True)[0]
+
+
+def _scores(name: str, with_lse: bool) -> Callable:
+    x = eviction_scores.make_inputs(_case(eviction_scores, name), torch.device("cuda"))
+    return (eviction_scores.build_kvcore_lse if with_lse else eviction_scores.build_kvcore)(x)[0]
+
+
+def _compact(name: str) -> Callable:
+    x = eviction_cache.make_compact_inputs(_case(eviction_cache, name), torch.device("cuda"))
+    return eviction_cache.build_compact_kvcore(x)[0]
+
+
+def _block_sparse(name: str) -> Callable:
+    x = block_sparse.make_inputs(_case(block_sparse, name), torch.device("cuda"))
+    return block_sparse.build_kvcore(x)[0]
+
+
+def _token_decoder(name: str) -> Callable:
+    x = block_transformer.make_inputs(_case(block_transformer, name), torch.device("cuda"))
+    return block_transformer.build_kvcore(x)[0]
+
+
+#: key -> (what it shows, builder of a Prepared). The keys name the gaps in bench/NOTES.md.
+CASES = {
+    "mla_project_T1": ("issue 3: 21 us for an 8 MB weight (9% of copy)", lambda: _mla_project("project T1 d7168")),
+    "mla_decode_H16": ("issue 3: 67% of copy vs FlashInfer's 95%", lambda: _mla_decode("decode B64 H16 S8192 page64")),
+    "mla_decode_H128": ("issue 3: 22% of the GEMM rate", lambda: _mla_decode("decode B32 H128 S4096 page64")),
+    "decode_B1": ("issue 2: 75% of copy at B1 S32768", lambda: _decode("B1 Hq32 Hkv8 D128 S32768 page16")),
+    "h2o_B16": ("issue 6: score path +16% at B16", lambda: _h2o("h2o B16 Hq32 Hkv8 D128 S8192 page16")),
+    "scores_lse": ("issue 6: one pass 0.383 ms, 20x needs 0.275",
+                   lambda: _scores("SnapKV scores B1 Hq32 Hkv8 D128 S131072 w64 page16 avgpool5", True)),
+    "compact_50": ("issue 6: 78% of copy", lambda: _compact("compact B1 Hkv8 D128 S131072 keep 50% page16")),
+    "block_sparse_B16": ("issue 4: 85% of copy at B16 page16",
+                         lambda: _block_sparse("B16 Hq32 Hkv8 D128 S32768 page16 sel37x128")),
+    "token_decoder_L16": ("issue 4: 79.9% at L16", lambda: _token_decoder("token-decoder B8 H16 D128 S16384 L16 P2")),
+}
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__)
+        return 2
+    if sys.argv[1] == "--list":
+        for key, (what, _) in CASES.items():
+            print(f"{key}\t{what}")
+        return 0
+    kvcore.set_validation(False)
+    prepared = CASES[sys.argv[1]][1]()
+    for _ in range(3):
+        if prepared.setup is not None:
+            prepared.setup()
+        prepared.fn()
+    if prepared.setup is not None:
+        prepared.setup()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    prepared.fn()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    print(f"{sys.argv[1]}: profiled one call")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Nsight Compute over one kvcore call of each open performance gap (bench/experiments/ncu_pack.py),
+# at the GPU's own clocks, in one device call: OUTDIR/<key>.txt per case (ncu's full section set,
+# with the warp-stall sampling by SASS line), and OUTDIR/summary.txt with the headline metrics.
+#   bash bench/experiments/ncu_pack.sh OUTDIR [KEY ...]      (default: every key of ncu_pack.py)
+set -uo pipefail
+out=${1:?usage: ncu_pack.sh OUTDIR [KEY ...]}
+shift
+mkdir -p "$out"
+cd "$(dirname "$0")/../.."
+ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+[ -x "$ncu" ] || { echo "ncu not found" >&2; exit 2; }
+keys=("$@")
+[ ${#keys[@]} -eq 0 ] && mapfile -t keys < <(python3 bench/experiments/ncu_pack.py --list | cut -f1)
+for key in "${keys[@]}"; do
+  start=$(date +%s)
+  # --clock-control none: the boost clocks the benchmarks run at (ncu locks base clocks by
+  # default, which turned a DRAM-bound kernel SM-bound in session 6's H2O pass).
+  timeout 120 "$ncu" --profile-from-start off --clock-control none --set full --import-source no \
+    python3 bench/experiments/ncu_pack.py "$key" > "$out/$key.txt" 2>&1
+  echo "$key rc=$? $(( $(date +%s) - start )) s"
+done
+{
+  for key in "${keys[@]}"; do
+    echo "== $key"
+    grep -E "^  [A-Za-z_].*\(.*\)x\(|^    (Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Executed Ipc Active|Issue Slots Busy|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued Instruction|SM Frequency) " \
+      "$out/$key.txt" | sed 's/  */ /g'
+  done
+} > "$out/summary.txt"
+cat "$out/summary.txt"
