@@ -141,14 +141,16 @@ def _sliding_window(config: Any) -> Optional[int]:
     return int(window)
 
 
-class _KVCoreLayer(CacheLayerMixin):
-    """One model layer's view of the shared :class:`KVCoreCache` (transformers' per-layer cache API)."""
+class _LayerView(CacheLayerMixin):
+    """One model layer's view of a kvcore cache that holds every layer (transformers' per-layer
+    cache API): the parent cache does the work. :class:`KVCoreCache`'s layers use it as is; the
+    MLA and InfLLM caches subclass it where their layers differ."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, parent: "KVCoreCache", layer_idx: int) -> None:
+    def __init__(self, parent: Cache, layer_idx: int) -> None:
         super().__init__()
         self._parent = parent
         self._layer_idx = layer_idx
@@ -173,10 +175,12 @@ class _KVCoreLayer(CacheLayerMixin):
         self._parent._reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("KVCoreCache does not reorder sequences (beam search is not supported)")
+        raise NotImplementedError(
+            f"{type(self._parent).__name__} does not reorder sequences (beam search is not supported)")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("KVCoreCache cannot be cropped (assisted decoding is not supported)")
+        raise NotImplementedError(
+            f"{type(self._parent).__name__} cannot be cropped (assisted decoding is not supported)")
 
 
 class KVCoreCache(Cache):
@@ -279,7 +283,7 @@ class KVCoreCache(Cache):
         self.hold_eviction = False
         self._graph: Optional[_GraphBuffers] = None  # set while a DecodeGraph runs or captures a step
         self._reset_step()
-        super().__init__(layers=[_KVCoreLayer(self, i) for i in range(self.num_layers)])
+        super().__init__(layers=[_LayerView(self, i) for i in range(self.num_layers)])
 
     # ------------------------------------------------------------------ state
 

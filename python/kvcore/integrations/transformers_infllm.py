@@ -54,7 +54,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from ..retrieval import InfLLMCache
 from . import transformers as _kvt
@@ -160,41 +160,11 @@ def infllm_config(budget: Optional[int] = None, **options: Any) -> dict[str, Any
     }
 
 
-class _InfLLMLayer(CacheLayerMixin):
-    """One model layer's view of the shared :class:`InfLLMKVCache` (transformers' per-layer cache API)."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, parent: "InfLLMKVCache", layer_idx: int) -> None:
-        super().__init__()
-        self._parent = parent
-        self._layer_idx = layer_idx
+class _InfLLMLayer(_kvt._LayerView):
+    """A layer of :class:`InfLLMKVCache` (its InfLLMCache is made at the layer's first attention call)."""
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.is_initialized = True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        return self._parent._update_layer(key_states, value_states, self._layer_idx)
-
-    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
-        return self._parent.get_mask_sizes(query_length)
-
-    def get_seq_length(self) -> int:
-        return self._parent.get_seq_length()
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self._parent._reset()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("InfLLMKVCache does not reorder sequences (beam search is not supported)")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("InfLLMKVCache cannot be cropped (assisted decoding is not supported)")
 
 
 class InfLLMKVCache(Cache):

@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 try:
-    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.cache_utils import Cache
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention, DeepseekV2RotaryEmbedding
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -83,6 +83,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ..mla import MLAAttention, MLAConfig, MLALatentCache, MLAStep
+from . import transformers as _kvt
 
 __all__ = ["MLA_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "KVCoreMLACache", "check_supported_mla", "disable", "enable",
            "mla_config", "restore_attention"]
@@ -200,17 +201,8 @@ def _shared_mla(module: nn.Module) -> _SharedMLA:
     return module.__dict__["_kvcore_mla"]
 
 
-class _MLALayer(CacheLayerMixin):
-    """One model layer's view of the shared :class:`KVCoreMLACache` (transformers' per-layer cache API)."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, parent: "KVCoreMLACache", layer_idx: int) -> None:
-        super().__init__()
-        self._parent = parent
-        self._layer_idx = layer_idx
+class _MLALayer(_kvt._LayerView):
+    """A layer of :class:`KVCoreMLACache`: written by the MLA attention path, not by ``update``."""
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.is_initialized = True
@@ -220,24 +212,6 @@ class _MLALayer(CacheLayerMixin):
             "KVCoreMLACache is written by kvcore's MLA attention path only: call "
             "kvcore.integrations.transformers.enable(model) before using it"
         )
-
-    def get_mask_sizes(self, query_length: Any) -> tuple[int, int]:
-        return self._parent.get_mask_sizes(query_length)
-
-    def get_seq_length(self) -> int:
-        return self._parent.get_seq_length()
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self._parent._reset()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("KVCoreMLACache does not reorder sequences (beam search is not supported)")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("KVCoreMLACache cannot be cropped (assisted decoding is not supported)")
 
 
 class KVCoreMLACache(Cache):
