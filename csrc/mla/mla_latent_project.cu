@@ -102,9 +102,11 @@ void launch_fused(MlaProjectParams& p, const at::Tensor& hidden, cudaStream_t st
   const int64_t chunks = (int64_t(p.d_model) + Cfg::KC - 1) / Cfg::KC;
   const auto [splits, cps] = choose_splits(chunks, col_tiles, slots);
   p.chunks_per_split = cps;
-  // One level when the grid's last CTA can sum every partial quickly (about 40 KB of them):
-  // that saves the tile level's extra arrival and round trip through L2.
-  p.single_level = int64_t(splits) * p.tokens * p.width * 4 <= 40 * 1024;
+  // One level when the grid's last CTA can sum every partial quickly (up to 128 KB of them: one
+  // SM reads that from L2 in ~1 us with its loads 16 deep): that saves the tile level's arrival
+  // (fence + atomic) and its round trips through L2. DeepSeek's T = 1 (28 splits x 576 columns,
+  // 64.5 KB) is now one level; it was two at the 40 KB bound.
+  p.single_level = int64_t(splits) * p.tokens * p.width * 4 <= 128 * 1024;
 
   const int64_t rows = int64_t(splits) * p.tokens * p.width;
   at::Tensor ws = at::empty({rows + int64_t(p.tokens) * p.width}, hidden.options().dtype(at::kFloat));

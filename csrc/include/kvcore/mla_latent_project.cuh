@@ -130,11 +130,20 @@ __device__ __forceinline__ void finish_tokens(const MlaProjectParams& p, const f
   const T* norm_weight = static_cast<const T*>(p.norm_weight);
   for (int tg = t_begin; tg < t_end; tg += Cfg::FIN_TOKENS) {
     const int n = min(Cfg::FIN_TOKENS, t_end - tg);
+    // The token's position and slot are loaded before the sum, so their round trip overlaps it
+    // instead of following it (the epilogue of a decode-sized call is a chain of round trips).
+    int64_t pos = 0, slot = -1;
+    if (warp < n) {
+      pos = p.positions[tg + warp];
+      slot = p.slots[tg + warp];
+    }
     for (int idx = tid; idx < n * W4; idx += Cfg::THREADS) {
       const int t = idx / W4, q = idx - t * W4;
       const float* s0 = src + int64_t(tg + t) * W + 4 * q;
       float4 v = ldcg4(s0);
-#pragma unroll 4
+      // Unrolled 16 deep so that up to 16 partials' loads are in flight at once: at T = 1 a
+      // thread sums all 28 K splits itself (2 round trips instead of 7 at depth 4).
+#pragma unroll 16
       for (int s = 1; s < nsum; ++s) add4(v, ldcg4(s0 + int64_t(s) * src_stride));
       *reinterpret_cast<float4*>(rows + t * W + 4 * q) = v;
     }
@@ -146,11 +155,9 @@ __device__ __forceinline__ void finish_tokens(const MlaProjectParams& p, const f
       for (int c = lane; c < R; c += 32) ss += row[c] * row[c];
       ss = group_sum<32>(ss);
       const float inv_rms = 1.0f / sqrtf(ss / float(R) + p.eps);
-      int64_t pos = p.positions[t];
       pos = pos < 0 ? 0 : (pos >= p.max_pos ? p.max_pos - 1 : pos);
       const float* cs = p.cos_sin + pos * P;
       const float* x = row + R;
-      const int64_t slot = p.slots[t];
       T* dst = nullptr;
       if (slot >= 0 && slot < p.num_slots)
         dst = static_cast<T*>(p.cache) + (slot / p.page_size) * p.page_stride + (slot % p.page_size) * int64_t(W);
@@ -354,7 +361,7 @@ __global__ void __launch_bounds__(MlaProjectConfig::THREADS, MT == 1 ? 2 : 1)
     if (col >= tile_cols) continue;
     const float* s0 = p.partials + int64_t(t) * W + n0 + col;
     float4 v = ldcg4(s0);
-#pragma unroll 4
+#pragma unroll 16  // as in finish_tokens: the splits' loads in flight together
     for (int s = 1; s < splits; ++s) add4(v, ldcg4(s0 + int64_t(s) * tokens * W));
     *reinterpret_cast<float4*>(p.kv + int64_t(t) * W + n0 + col) = v;
   }
