@@ -593,6 +593,46 @@ def test_resident_step_has_no_host_sync(gen, n_init):
     torch.testing.assert_close(out_dec, cache.attend(q)[0], **OUT_TOL[dtype])
 
 
+@pytest.mark.parametrize("n_init", [128, 5], ids=["fused", "split"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_resident_step_graph_replay(gen, n_init):
+    """The GPU-resident step (scoring, top-k, selection, attention) captured once in a CUDA graph
+    (as the retrieval bench's kvcore-graph row runs it): each replay with a new query in the
+    captured query tensor equals the eager step on that query, including which units it picks."""
+    from conftest import capture_graph
+
+    dev, dtype = "cuda", torch.bfloat16
+    bs, n_local, units, hq, hkv, d = 128, 256, 40, 32, 8, 128
+    r = n_local + 17
+    n = n_init + units * bs + r
+    kw = dict(gen=gen, dtype=dtype, device=dev)
+    cache = R.InfLLMCache(2, hq, hkv, d, n + 1, dtype=dtype, device=dev, topk=16, max_cached_block=units,
+                          block_size=bs, n_init=n_init, n_local=n_local)
+    unit_k, unit_v = randn(2, units, bs, hkv, d, **kw), randn(2, units, bs, hkv, d, **kw)
+    cache.load_memory(randn(2, n_init, hkv, d, **kw), randn(2, n_init, hkv, d, **kw), unit_k, unit_v,
+                      randn(2, units, hkv, d, **kw), randn(2, r, hkv, d, **kw), randn(2, r, hkv, d, **kw))
+    for b in range(2):
+        cache.fetch(b, list(range(units)))
+    cache.wait_loads()
+    q = randn(2, hq, d, **kw)
+    captured = {}
+
+    def step():
+        captured["out"], captured["lse"] = cache.attend(q)
+
+    graph = capture_graph(step)
+    for _ in range(3):
+        q.copy_(randn(2, hq, d, **kw))
+        captured["out"].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        out, lse = captured["out"].clone(), captured["lse"].clone()
+        want, want_lse = cache.attend(q)
+        assert torch.equal(out, want), "the replayed step differs from the eager step on the same query"
+        assert torch.equal(lse, want_lse)
+
+
 @pytest.mark.parametrize("per_kv_head", [False, True])
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)

@@ -13,6 +13,8 @@ checked against an fp32 evaluation of attention over exactly those tokens before
   that share of the units the step will select, so the step syncs once for the selected ids and
   reloads them from pinned CPU memory on the side stream, overlapping ``gqa_decode`` over the
   window, then ``block_sparse_decode`` over units + sinks, merged.
+* ``kvcore-graph`` (``hit`` 100% only): the same resident step captured once in a CUDA graph and
+  replayed, as serving engines run decode steps; it shows the step without Python and launch gaps.
 * ``torch``: the plain-torch InfLLM-style pipeline: score (einsum), ``torch.topk``, gather the
   selected units' K/V, concatenate with sinks and window, SDPA (``enable_gqa``), with every unit
   on the device in every case (it has no offload; at ``hit`` < 100% it is the resident yardstick).
@@ -116,7 +118,7 @@ def cases(device: torch.device, quick: bool) -> list:
     ]
 
 
-_IMPLS = ["kvcore", "torch"]
+_IMPLS = ["kvcore", "kvcore-graph", "torch"]
 
 
 def impls(device: torch.device) -> list:
@@ -200,18 +202,13 @@ def reference_output(inputs: RetrievalInputs) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def build_kvcore(inputs: RetrievalInputs) -> list:
-    kvcore = peers.import_kvcore()
-    retrieval = getattr(kvcore, "retrieval", None)
-    if retrieval is None:
-        raise peers.Skip("kvcore has no retrieval module")
+def _resident_cache(kvcore, inputs: RetrievalInputs):
+    """An InfLLMCache holding the case's memory with every unit on the device."""
     c, q = inputs.case, inputs.q
-    if c.part == "select":
-        return _build_kvcore_select(kvcore, inputs)
     for op in ("gqa_decode", "block_sparse_decode", "merge_attention_states"):
         if q.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key(f"kvcore::{op}", "CUDA"):
             raise peers.Skip(f"this kvcore build has no CUDA kernel for {op}")
-    cache = retrieval.InfLLMCache(
+    cache = kvcore.retrieval.InfLLMCache(
         c.batch, c.num_q_heads, c.num_kv_heads, c.head_dim, c.n_init + c.units * c.block + c.n_local,
         dtype=c.dtype, device=q.device, block_size=c.block, topk=c.topk, n_init=c.n_init, n_local=c.n_local,
         max_cached_block=c.units, scale=inputs.scale,
@@ -221,6 +218,17 @@ def build_kvcore(inputs: RetrievalInputs) -> list:
     for b in range(c.batch):
         cache.fetch(b, list(range(c.units)))  # every unit resident
     cache.wait_loads()
+    return cache
+
+
+def build_kvcore(inputs: RetrievalInputs) -> list:
+    kvcore = peers.import_kvcore()
+    if getattr(kvcore, "retrieval", None) is None:
+        raise peers.Skip("kvcore has no retrieval module")
+    c, q = inputs.case, inputs.q
+    if c.part == "select":
+        return _build_kvcore_select(kvcore, inputs)
+    cache = _resident_cache(kvcore, inputs)
     misses = round((1.0 - c.hit) * c.topk)
     dropped = inputs.chosen[:, :misses].tolist()
 
@@ -232,6 +240,34 @@ def build_kvcore(inputs: RetrievalInputs) -> list:
     before, after = peers.validation_off_while_timed(kvcore)
     note = f"{misses} of {c.topk} units reloaded per step" if misses else "all units resident"
     return [peers.Prepared(fn=fn, notes=note, before_timing=before, after_timing=after)]
+
+
+def build_kvcore_graph(inputs: RetrievalInputs) -> list:
+    """The GPU-resident step captured once in a CUDA graph and replayed, as a serving engine runs
+    its decode steps: the step has no host sync when every unit is resident, so the graph holds
+    all of it (scoring, top-k, selection, attention) and replays without launch gaps."""
+    kvcore = peers.import_kvcore()
+    if getattr(kvcore, "retrieval", None) is None:
+        raise peers.Skip("kvcore has no retrieval module")
+    c, q = inputs.case, inputs.q
+    if c.part == "select":
+        raise peers.Skip("the select-only case is timed without a graph")
+    if not q.is_cuda:
+        raise peers.Skip("CUDA graphs need a GPU")
+    if c.hit != 1.0:
+        raise peers.Skip("only the resident step is capturable (an offloaded step syncs to fetch units)")
+    cache = _resident_cache(kvcore, inputs)
+    cache.attend(q)  # eagerly once: the step's cached tables, buffers and workspace exist before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cache.attend(q)[0]
+
+    def fn() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return [peers.Prepared(fn=fn, notes="all units resident; the step captured in a CUDA graph and replayed")]
 
 
 def _build_kvcore_select(kvcore, inputs: RetrievalInputs) -> list:
@@ -297,6 +333,7 @@ def build_torch(inputs: RetrievalInputs) -> list:
 # name -> builder, in the column order of the report.
 BUILDERS: dict[str, Callable[[RetrievalInputs], list]] = {
     "kvcore": build_kvcore,
+    "kvcore-graph": build_kvcore_graph,
     "torch": build_torch,
 }
 
