@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -24,14 +25,37 @@ constexpr int64_t kMinSplitKeys = 256;
 // Positions are int32 in the kernels and run a few tiles past a split while pages are prefetched.
 constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
 
+// The pass-2 kernel, chosen once per process from KVCORE_SCORES_VARIANT (an A/B switch until a
+// measurement picks the default): unset or "default": attention_scores_kernel<T, Cfg, true>;
+// "transposed": attention_scores_pass2_t_kernel (keys on the mma's M dimension; bench/NOTES.md,
+// "attention_scores, session 6"). Any other value is an error on every call, so a misspelt name
+// cannot silently time the default.
+enum class ScoresVariant { kDefault, kTransposed };
+
+ScoresVariant scores_variant() {
+  static const ScoresVariant variant = [] {
+    const char* e = std::getenv("KVCORE_SCORES_VARIANT");
+    const std::string v = e == nullptr ? "" : e;
+    if (v.empty() || v == "default") return ScoresVariant::kDefault;
+    TORCH_CHECK(v == "transposed", "attention_scores (CUDA): KVCORE_SCORES_VARIANT must be unset, 'default' or "
+                "'transposed', got '", v, "'");
+    return ScoresVariant::kTransposed;
+  }();
+  return variant;
+}
+
 template <typename T, int D>
 void launch(AttentionScoresParams& p, bool have_lse, int64_t pairs, at::Tensor& workspace_holder,
             const at::Tensor& q, cudaStream_t stream) {
   using Cfg = ScoresConfig<D>;
   auto pass1 = attention_scores_kernel<T, Cfg, false>;
-  auto pass2 = attention_scores_kernel<T, Cfg, true>;
+  const bool transposed = scores_variant() == ScoresVariant::kTransposed;
+  auto pass2 = !transposed                  ? attention_scores_kernel<T, Cfg, true>
+               : p.reduction == kScoreMax ? attention_scores_pass2_t_kernel<T, Cfg, true>
+                                          : attention_scores_pass2_t_kernel<T, Cfg, false>;
   const size_t smem = Cfg::SMEM_BYTES;
-  const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(pass2), Cfg::THREADS, smem, "attention_scores");
+  const size_t smem2 = transposed ? Cfg::SMEM_BYTES_T : Cfg::SMEM_BYTES;
+  const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(pass2), Cfg::THREADS, smem2, "attention_scores");
   if (!have_lse) ctas_per_sm(reinterpret_cast<const void*>(pass1), Cfg::THREADS, smem, "attention_scores");
   const int64_t slots = int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
@@ -79,7 +103,7 @@ void launch(AttentionScoresParams& p, bool have_lse, int64_t pairs, at::Tensor& 
     merge_lse_kernel<<<unsigned((warps * 32 + 255) / 256), 256, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  pass2<<<grid, Cfg::THREADS, smem, stream>>>(p);
+  pass2<<<grid, Cfg::THREADS, smem2, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.pool_kernel > 0) {
     pool_scores_kernel<<<dim3(p.num_segs, p.num_kv_heads, p.batch), 256, 0, stream>>>(p);

@@ -38,6 +38,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "kvcore/device_utils.cuh"
 
 namespace kvcore {
@@ -86,6 +88,7 @@ struct ScoresConfig {
   static constexpr size_t SMEM_TILES = size_t(STAGES) * TK * D * 2;
   static constexpr size_t SMEM_RED = size_t(WARPS) * TK * sizeof(float);
   static constexpr size_t SMEM_BYTES = SMEM_TILES + SMEM_RED;
+  static constexpr size_t SMEM_BYTES_T = SMEM_TILES + 2 * SMEM_RED;  // attention_scores_pass2_t_kernel
   static_assert(D == 64 || D == 128 || D == 256, "head_dim must be 64, 128 or 256");
   static_assert((TK * TD) % THREADS == 0 && THREADS % TD == 0, "tile copies must divide evenly");
 };
@@ -351,6 +354,265 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_kernel(const
           }
       }
     }
+  }
+}
+
+// ldmatrix.x4 from a shared-space address (the variant below keeps its addresses as 32-bit offsets).
+__device__ __forceinline__ void ldmatrix_x4_s(uint32_t (&r)[4], uint32_t saddr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr));
+}
+
+template <bool MAX>
+__device__ __forceinline__ float scores_combine(float a, float b) {
+  if constexpr (MAX) return nan_max(a, b);
+  else return a + b;
+}
+
+// ---- pass 2, variant "transposed" (KVCORE_SCORES_VARIANT=transposed) --------------------------
+// The same scores as attention_scores_kernel<.., true> (same reduction order guarantees: fixed,
+// hence bitwise reproducible; not bitwise equal to it), built for the per-element epilogue that
+// the SASS counts in bench/NOTES.md ("attention_scores, session 6") found dominant:
+//  * keys on the mma's M dimension and query rows on N (S^T = K Q^T): ldmatrix of the K tile gives
+//    the A fragment, the row fragments held in registers are the B operand (the same registers as
+//    the A fragments of the default kernel: B's (n, k) pairs are A's (m, k) pairs). A lane then
+//    holds 2 keys x 8 rows, so the reduction over rows is 7 in-thread combines per key and a
+//    2-step quad butterfly (the default: 4 keys x 4 rows, then a 3-step butterfly per key pair);
+//  * the reduction (sum or max) is a template parameter: no branch per combine;
+//  * tiles whose keys every row of a warp sees (all but the last w or so keys of a sequence) skip
+//    the per-element visibility select;
+//  * the cross-warp sum of tile t is done after the barrier that opens tile t + 1 (sRed is double
+//    buffered), so a tile costs one barrier, not two, and the 8-value sums hide behind the mmas.
+// Cfg is ScoresConfig<D>; this kernel takes Cfg::SMEM_BYTES_T of dynamic shared memory.
+template <typename T, typename Cfg, bool MAX>
+__global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kernel(const AttentionScoresParams p) {
+  constexpr int D = Cfg::D, TD = Cfg::TD, TK = Cfg::TK, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
+  constexpr int MT = Cfg::MT, KS = Cfg::KS, WARPS = Cfg::WARPS, THREADS = Cfg::THREADS;
+  constexpr int NT = MT * 2;  // n-tiles of 8 rows per warp (the warp's MT * 16 rows)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* const sK = reinterpret_cast<T*>(smem_raw);
+  float* const sRed = reinterpret_cast<float*>(smem_raw + Cfg::SMEM_TILES);  // [2][WARPS][TK]
+  const uint32_t sK_s = static_cast<uint32_t>(__cvta_generic_to_shared(sK));
+
+  const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int len = scores_len(p, b);
+  const int start = split * p.split_tokens;
+  const int end = min(len, start + p.split_tokens);
+  const int num_tiles = start < end ? (end - start + TK - 1) / TK : 0;
+  const int64_t pair = int64_t(b) * p.num_kv_heads + h;
+  float* const out_row = p.out + pair * p.max_len;
+
+  // Keys past the sequence score 0 (as in attention_scores_kernel).
+  {
+    const int zero_end = split == p.splits - 1 ? p.max_len : start + p.split_tokens;
+    for (int k = max(start, len) + tid; k < zero_end; k += THREADS) out_row[k] = 0.f;
+  }
+  if (num_tiles == 0) return;
+  const int num_row_blocks = (p.rows + Cfg::ROWS - 1) / Cfg::ROWS;
+
+  // ---- the K ring: the same copies as attention_scores_kernel (indices clamped) -------------------
+  const int* bt = p.block_table + int64_t(b) * p.max_pages;
+  const T* const kbase = static_cast<const T*>(p.k_cache) + int64_t(h) * D;
+  const int64_t row_stride = int64_t(p.num_kv_heads) * D;
+  const int copy_chunk = tid % TD;
+  auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
+  auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
+  auto fetch_pages = [&](int t, int (&pg)[LOADS]) {
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int pos = min(start + t * TK + (tid + i * THREADS) / TD, len - 1);
+      pg[i] = __ldg(bt + page_of(pos));
+    }
+  };
+  auto issue_copies = [&](int t, const int (&pg)[LOADS]) {
+    const int stage = t % STAGES;
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i) {
+      const int row = (tid + i * THREADS) / TD;
+      const int pos = start + t * TK + row;
+      const bool valid = pos < end;
+      const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
+      const int64_t off = int64_t(in_page(min(pos, end - 1))) * row_stride + copy_chunk * 8;
+      cp_async_16(sK + stage * TK * D + scores_swz<TD>(row, copy_chunk), kbase + page * p.k_page_stride + off, valid);
+    }
+  };
+
+  // Lane roles. A (keys x d, from ldmatrix): lane l addresses key (l & 7) + 8 * ((l >> 3) & 1) of
+  // the 16-key sub-tile and 16-byte chunk (l >> 4) of the k-step. B (d x rows): row r0 of each
+  // n-tile, d pairs cpair, cpair + 8. C (keys x rows): keys r0 and r0 + 8, rows cpair and cpair + 1.
+  const int r0 = lane >> 2, cpair = (lane & 3) * 2;
+  const int a_key = (lane & 7) + ((lane >> 3) & 1) * 8, a_chunk = lane >> 4;
+  const float norm = p.reduction == kScoreMean ? 1.f / float(p.rows) : 1.f;
+  const float scale_log2 = p.scale_log2;
+
+  for (int rb = 0; rb < num_row_blocks; ++rb) {
+    int pages[LOADS];
+    fetch_pages(0, pages);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < num_tiles) issue_copies(s, pages);
+      cp_async_commit();
+      fetch_pages(s + 1, pages);
+    }
+
+    const int warp_row0 = rb * Cfg::ROWS + warp * MT * 16;
+    const bool active = warp_row0 < p.rows;
+    // Every row of this warp is real: then a tile all of whose keys are <= len - w (the first
+    // window query's last key) is seen by every row, and the select can go.
+    const bool warp_full = warp_row0 + MT * 16 <= p.rows;
+    const int nact = min(WARPS, (p.rows - rb * Cfg::ROWS + MT * 16 - 1) / (MT * 16));
+    // B fragments: row warp_row0 + nt * 8 + r0 (zero past R).
+    uint32_t qb[NT][KS][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int r = warp_row0 + nt * 8 + r0;
+      const bool real = r < p.rows;
+      const int i = real ? r / p.group : 0, g = real ? r - i * p.group : 0;
+      const T* qrow = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b + int64_t(i) * p.q_stride_w +
+                      int64_t(h * p.group + g) * p.q_stride_h + cpair;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        qb[nt][ks][0] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16)) : 0u;
+        qb[nt][ks][1] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16 + 8)) : 0u;
+      }
+    }
+    // The C columns' rows warp_row0 + nt * 8 + cpair + e (c = nt * 8 + e below): lse in the log2
+    // domain (0 for padding rows, which the visibility mask drops).
+    float lse2[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int r = warp_row0 + nt * 8 + cpair + e;
+        const bool real = r < p.rows;
+        const int i = real ? r / p.group : 0, g = real ? r - i * p.group : 0;
+        lse2[nt][e] = real ? __ldg(p.lse + (int64_t(b) * p.window + i) * (int64_t(p.num_kv_heads) * p.group) +
+                                   h * p.group + g) * kLog2e
+                           : 0.f;
+      }
+    // Visibility without a per-row limit in registers: row r (< R) sees key k iff
+    // k <= len - w + floor(r / G), i.e. iff (k - (len - w)) * G <= r (integers, G > 0). With
+    // r = lane_row0 + c: c >= (k - len + w) * G - lane_row0, and c < R - lane_row0 for real rows.
+    // The factor is clamped at -1 (every real row sees such a key) so the product stays in int32:
+    // keys run at most a tile past len, so it is <= (w + TK) * G <= 2^30.
+    const int lane_row0 = warp_row0 + cpair;
+    const int rows_left = p.rows - lane_row0;
+    const uint32_t real_bits = rows_left >= 32 ? 0xffffffffu : rows_left <= 0 ? 0u : (1u << rows_left) - 1u;
+    auto seen_bits = [&](int key) {  // bit c set: row lane_row0 + c sees key
+      const int first = max(key - (len - p.window), -1) * p.group - lane_row0;
+      const uint32_t from = first <= 0 ? 0xffffffffu : first >= 32 ? 0u : 0xffffffffu << first;
+      return from & real_bits;
+    };
+
+    // Cross-warp combine of tile tt's per-warp column results (sRed[tt & 1]) into out, in warp
+    // order; row blocks after the first add to what the earlier ones wrote (same thread, same key).
+    auto finish_tile = [&](int tt) {
+      if (tid < TK) {
+        const int key = start + tt * TK + tid;
+        if (key < end) {
+          const float* red = sRed + (tt & 1) * (WARPS * TK) + tid;
+          float v = red[0];
+#pragma unroll
+          for (int w = 1; w < WARPS; ++w)
+            if (w < nact) v = scores_combine<MAX>(v, red[w * TK]);
+          if (rb > 0) v = scores_combine<MAX>(out_row[key], v);
+          if (rb == num_row_blocks - 1) {
+            v *= norm;
+            if (p.edges != nullptr) {
+              const int in_seg = key % kPoolSeg;
+              const int64_t seg_base = (pair * p.num_segs + key / kPoolSeg) * (2 * kEdge);
+              if (in_seg < kEdge) p.edges[seg_base + in_seg] = v;
+              else if (in_seg >= kPoolSeg - kEdge) p.edges[seg_base + kEdge + in_seg - (kPoolSeg - kEdge)] = v;
+            }
+          }
+          out_row[key] = v;
+        }
+      }
+    };
+
+    // One tile of this warp: 4 sub-tiles of 16 keys. FULL: every row of the warp sees every key.
+    // ldmatrix addresses: the key row's chunk ks*2 + a_chunk sits at chunk (ks*2 + a_chunk) ^ (key & 7)
+    // (scores_swz), and key & 7 == lane & 7 for every sub-tile. Since ks*2 + a_chunk == (ks*2) ^ a_chunk,
+    // that chunk is 8 * (ks / 4) + ((2 * (ks % 4)) ^ y) with y = a_chunk ^ (lane & 7) < 8: four
+    // per-thread byte offsets (ks % 4) plus 128-byte steps, so the k-steps cost no address math.
+    const int y = a_chunk ^ (lane & 7);
+    auto warp_tile = [&](uint32_t kt_s, int tile0, float* red, auto full_tag) {
+      constexpr bool FULL = decltype(full_tag)::value;
+      uint32_t a_addr[4];
+#pragma unroll
+      for (int k4 = 0; k4 < 4; ++k4) a_addr[k4] = kt_s + uint32_t(a_key * D * 2 + ((2 * k4) ^ y) * 16);
+      float* const my_red = red + r0;
+#pragma unroll 1
+      for (int j = 0; j < TK / 16; ++j) {
+        float acc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+        const uint32_t jofs = uint32_t(j * 16 * D * 2);
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+          uint32_t ka[4];  // keys j*16 .. +15, d 16*ks .. +15
+          ldmatrix_x4_s(ka, a_addr[ks % 4] + jofs + uint32_t((ks / 4) * 128));
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_16816(acc[nt], ka, qb[nt][ks][0], qb[nt][ks][1], T{});
+        }
+        // c[hk]: this lane's rows combined for key j*16 + r0 + 8 * hk (acc[.][2 * hk + e]), in the
+        // fixed order nt, e. The first term starts the combine (for max too: every term is >= 0 or NaN).
+        float c[2];
+        uint32_t seen[2] = {0xffffffffu, 0xffffffffu};
+        if constexpr (!FULL) {
+          const int key0 = tile0 + j * 16 + r0;
+          seen[0] = seen_bits(key0);
+          seen[1] = seen_bits(key0 + 8);
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int hk = 0; hk < 2; ++hk)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float x = acc[nt][2 * hk + e] * scale_log2 - lse2[nt][e];
+              float pr;
+              if constexpr (FULL) pr = exp2f(x);
+              else pr = (seen[hk] >> (nt * 8 + e)) & 1u ? exp2f(x) : 0.f;  // unseen: an exact 0
+              c[hk] = nt == 0 && e == 0 ? pr : scores_combine<MAX>(c[hk], pr);
+            }
+        // The quad's lanes hold the other rows (cpair) of the same two keys.
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1)
+#pragma unroll
+          for (int hk = 0; hk < 2; ++hk) c[hk] = scores_combine<MAX>(c[hk], __shfl_xor_sync(0xffffffffu, c[hk], off));
+        if ((lane & 3) == 0) {
+          my_red[j * 16] = c[0];
+          my_red[j * 16 + 8] = c[1];
+        }
+      }
+    };
+
+    for (int t = 0; t < num_tiles; ++t) {
+      cp_async_wait<STAGES - 2>();
+      // Tile t landed for every thread; stage (t-1) % STAGES is free again; every warp's tile t-1
+      // results are in sRed[(t-1) & 1], and nobody still reads sRed[t & 1] (tile t-2's, read by
+      // finish_tile before this barrier).
+      __syncthreads();
+      if (t > 0) finish_tile(t - 1);
+      if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+      cp_async_commit();
+      fetch_pages(t + STAGES, pages);
+
+      const uint32_t kt_s = sK_s + uint32_t((t % STAGES) * TK * D * 2);
+      const int tile0 = start + t * TK;
+      if (active) {
+        float* red = sRed + (t & 1) * (WARPS * TK) + warp * TK;
+        if (warp_full && tile0 + TK - 1 <= len - p.window) warp_tile(kt_s, tile0, red, std::true_type{});
+        else warp_tile(kt_s, tile0, red, std::false_type{});
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the last tile's results are in sRed; the ring is free for the next row block
+    finish_tile(num_tiles - 1);
+    __syncthreads();  // sRed is rewritten by the next row block's first tiles
   }
 }
 

@@ -1,0 +1,127 @@
+"""attention_scores' pass-2 kernel variants (KVCORE_SCORES_VARIANT, read once per process by the
+CUDA launcher): the "transposed" variant must pass every CUDA attention_scores test the default
+kernel passes, and agree with the default kernel as tightly as the CUDA and CPU kernels agree.
+
+The variable is read once per process, so each variant runs in a subprocess of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvcore  # noqa: F401  (registers the ops; the subprocesses import it from the same place)
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_CUDA_SCORES = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "kvcore::attention_scores", "CUDA")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not HAS_CUDA_SCORES, reason="no CUDA kernel registered for kvcore::attention_scores")]
+
+VARIANTS = ["transposed"]
+
+
+def _env(variant: str | None) -> dict:
+    env = dict(os.environ)
+    env.pop("KVCORE_SCORES_VARIANT", None)
+    if variant is not None:
+        env["KVCORE_SCORES_VARIANT"] = variant
+    # The subprocess imports the kvcore this process imported (an in-place build or an install).
+    pkg_root = str(Path(kvcore.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_passes_the_attention_scores_cuda_tests(variant):
+    """The CUDA attention_scores tests (grid vs reference and the CPU kernel, NaN rules,
+    determinism, strided q, clamped bad contents, opcheck, the H2O graph replay) under the variant."""
+    files = ["tests/test_eviction.py", "tests/test_nan.py", "tests/test_cuda_graph.py"]
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-rfE",
+           "-k", "(attention_scores and cuda) or h2o_step_scores"]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(variant), capture_output=True, text=True, timeout=900)
+    tail = (res.stdout + res.stderr)[-6000:]
+    assert res.returncode == 0, f"KVCORE_SCORES_VARIANT={variant}: tests failed\n{tail}"
+    passed = re.search(r"(\d+) passed", res.stdout)
+    # 82 are selected (37 of them bad-input cases); the kernel-running ones must not have skipped.
+    assert passed is not None and int(passed.group(1)) >= 40, f"too few tests ran under the variant\n{tail}"
+
+
+# A SnapKV-like shape big enough for many splits and full (unmasked) tiles, plus ragged lengths,
+# padding rows (G = 3), several row blocks and the three reductions, with and without the lse.
+_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, kvcore
+    sys.path.insert(0, "tests")
+    from conftest import make_paged_kv, randn
+    out_path = sys.argv[1]
+    results = []
+    cases = [
+        # (lens, w, hq, hkv, d, page, dtype, reduction, pooling, kernel, with_lse)
+        ((20000, 3001), 64, 32, 8, 128, 16, torch.bfloat16, "sum", "avg", 5, True),
+        ((20000, 3001), 64, 32, 8, 128, 16, torch.bfloat16, "max", "none", 5, False),
+        ((9000, 64, 63), 21, 12, 4, 64, 32, torch.float16, "mean", "max", 7, False),
+        ((4100,), 40, 32, 2, 256, 8, torch.bfloat16, "sum", "none", 5, False),
+    ]
+    for i, (lens, w, hq, hkv, d, page, dt, red, pool, kern, with_lse) in enumerate(cases):
+        gen = torch.Generator().manual_seed(1234 + i)
+        kv = make_paged_kv(list(lens), page, hkv, d, gen=gen, dtype=dt, device="cuda")
+        q = randn(len(lens), w, hq, d, gen=gen, dtype=dt, device="cuda")
+        # A caller's lse (fp32 [B, w, Hq]) need not be the true one: any finite value exercises the
+        # one-pass path the same way.
+        lse = torch.randn(len(lens), w, hq, generator=gen).abs().add(3.0).to("cuda") if with_lse else None
+        a = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=red,
+                                    pooling=pool, pool_kernel=kern, max_len=max(lens) + 100)
+        b = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=red,
+                                    pooling=pool, pool_kernel=kern, max_len=max(lens) + 100)
+        assert torch.equal(a, b), f"case {i}: two calls differ"
+        results.append(a.cpu())
+    torch.save(results, out_path)
+    """
+)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_agrees_with_the_default_kernel(variant, tmp_path):
+    """Same inputs through the default kernel and the variant (each in its own process): equal within
+    the CUDA-vs-CPU tolerance of test_attention_scores_cuda_grid, and bitwise stable run to run."""
+    script = tmp_path / "scores.py"
+    script.write_text(_SCRIPT)
+    outs = {}
+    for v in (None, variant):
+        path = tmp_path / f"{v or 'default'}.pt"
+        res = subprocess.run([sys.executable, str(script), str(path)], cwd=ROOT, env=_env(v), capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, f"KVCORE_SCORES_VARIANT={v}: script failed\n{(res.stdout + res.stderr)[-4000:]}"
+        outs[v] = torch.load(path)
+    for i, (ref, got) in enumerate(zip(outs[None], outs[variant])):
+        assert not torch.isnan(got).any() and not torch.isnan(ref).any(), f"case {i}: NaN"
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"case {i}: {m}")
+
+
+def test_unknown_variant_is_an_error():
+    """A misspelt KVCORE_SCORES_VARIANT fails the call instead of silently timing the default."""
+    code = textwrap.dedent(
+        """
+        import torch, kvcore
+        q = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        bt = torch.arange(4, dtype=torch.int32, device="cuda").view(1, 4)
+        sl = torch.tensor([40], dtype=torch.int32, device="cuda")
+        try:
+            kvcore.attention_scores(q, k, bt, sl)
+        except RuntimeError as e:
+            assert "KVCORE_SCORES_VARIANT" in str(e), str(e)
+            print("raised")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env("transposd"), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "raised" in res.stdout, (res.stdout + res.stderr)[-4000:]
