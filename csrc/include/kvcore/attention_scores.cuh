@@ -357,6 +357,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_kernel(const
   }
 }
 
+// cp.async of 16 bytes to a shared-space address; !valid zero-fills (the source is not read).
+__device__ __forceinline__ void cp_async_16_s(uint32_t saddr, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+
 // ldmatrix.x4 from a shared-space address (the variant below keeps its addresses as 32-bit offsets).
 __device__ __forceinline__ void ldmatrix_x4_s(uint32_t (&r)[4], uint32_t saddr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -412,31 +418,38 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
   if (num_tiles == 0) return;
   const int num_row_blocks = (p.rows + Cfg::ROWS - 1) / Cfg::ROWS;
 
-  // ---- the K ring: the same copies as attention_scores_kernel (indices clamped) -------------------
+  // ---- the K ring ----------------------------------------------------------------------------------
+  // The same tiles as attention_scores_kernel (same swizzle, rows past the end zero-filled, every
+  // index read from memory clamped), but each thread copies chunks c_q + 4 i (i < LOADS) of ONE key
+  // row, c_row: one block-table read and one 64-bit address per thread and tile instead of LOADS,
+  // and the copies differ by constant offsets (global: 64 bytes; shared: the swizzled chunk
+  // (c_q + 4 i) ^ (c_row & 7) == 4 i ^ z == 8 (i / 2) + ((4 (i % 2)) ^ z), z = c_q ^ (c_row & 7) < 8).
+  // A warp's copy instruction moves 64 contiguous bytes of each of 8 rows: whole sectors, and its
+  // shared-memory chunks spread evenly over the banks.
+  static_assert(TD == 4 * LOADS && TK * 4 == THREADS, "one key row per 4 threads per tile");
   const int* bt = p.block_table + int64_t(b) * p.max_pages;
   const T* const kbase = static_cast<const T*>(p.k_cache) + int64_t(h) * D;
   const int64_t row_stride = int64_t(p.num_kv_heads) * D;
-  const int copy_chunk = tid % TD;
-  auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
-  auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
-  auto fetch_pages = [&](int t, int (&pg)[LOADS]) {
-#pragma unroll
-    for (int i = 0; i < LOADS; ++i) {
-      const int pos = min(start + t * TK + (tid + i * THREADS) / TD, len - 1);
-      pg[i] = __ldg(bt + page_of(pos));
-    }
+  const int c_row = tid >> 2, c_q = tid & 3;
+  const int z = c_q ^ (c_row & 7);
+  const uint32_t c_dst[2] = {sK_s + uint32_t((c_row * TD + z) * 16), sK_s + uint32_t((c_row * TD + (4 ^ z)) * 16)};
+  // This thread's row of tile t: its page, fetched a tile ahead of the copies so the dependent
+  // block-table load does not stall them. Positions clamp to [0, len - 1] (len > 0 here).
+  auto fetch_page = [&](int t) {
+    const int pos = min(start + t * TK + c_row, len - 1);
+    return __ldg(bt + (p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size));
   };
-  auto issue_copies = [&](int t, const int (&pg)[LOADS]) {
-    const int stage = t % STAGES;
+  auto issue_copies = [&](int t, int pg) {
+    const uint32_t stage_ofs = uint32_t((t % STAGES) * TK * D * 2);
+    const int pos = start + t * TK + c_row;
+    const bool valid = pos < end;
+    const int cpos = min(pos, end - 1);
+    const int in_page = p.page_shift >= 0 ? cpos & (p.page_size - 1) : cpos % p.page_size;
+    const int64_t page = min(max(pg, 0), p.num_pages - 1);
+    const T* src = kbase + page * p.k_page_stride + int64_t(in_page) * row_stride + c_q * 8;
 #pragma unroll
-    for (int i = 0; i < LOADS; ++i) {
-      const int row = (tid + i * THREADS) / TD;
-      const int pos = start + t * TK + row;
-      const bool valid = pos < end;
-      const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
-      const int64_t off = int64_t(in_page(min(pos, end - 1))) * row_stride + copy_chunk * 8;
-      cp_async_16(sK + stage * TK * D + scores_swz<TD>(row, copy_chunk), kbase + page * p.k_page_stride + off, valid);
-    }
+    for (int i = 0; i < LOADS; ++i)
+      cp_async_16_s(c_dst[i % 2] + stage_ofs + uint32_t((i / 2) * 128), src + i * 32, valid);
   };
 
   // Lane roles. A (keys x d, from ldmatrix): lane l addresses key (l & 7) + 8 * ((l >> 3) & 1) of
@@ -448,13 +461,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
   const float scale_log2 = p.scale_log2;
 
   for (int rb = 0; rb < num_row_blocks; ++rb) {
-    int pages[LOADS];
-    fetch_pages(0, pages);
+    int page = fetch_page(0);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < num_tiles) issue_copies(s, pages);
+      if (s < num_tiles) issue_copies(s, page);
       cp_async_commit();
-      fetch_pages(s + 1, pages);
+      page = fetch_page(s + 1);
     }
 
     const int warp_row0 = rb * Cfg::ROWS + warp * MT * 16;
@@ -597,9 +609,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
       // finish_tile before this barrier).
       __syncthreads();
       if (t > 0) finish_tile(t - 1);
-      if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+      if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, page);
       cp_async_commit();
-      fetch_pages(t + STAGES, pages);
+      page = fetch_page(t + STAGES);
 
       const uint32_t kt_s = sK_s + uint32_t((t % STAGES) * TK * D * 2);
       const int tile0 = start + t * TK;
