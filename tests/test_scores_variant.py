@@ -1,6 +1,7 @@
-"""attention_scores' pass-2 kernel variants (KVCORE_SCORES_VARIANT, read once per process by the
-CUDA launcher): the "transposed" variant must pass every CUDA attention_scores test the default
-kernel passes, and agree with the default kernel as tightly as the CUDA and CPU kernels agree.
+"""attention_scores' kernel variants (KVCORE_SCORES_VARIANT, read once per process by the CUDA
+launcher; "transposed" swaps both passes' kernels): the variant must pass every CUDA
+attention_scores test the default kernels pass, and agree with the default kernels as tightly as
+the CUDA and CPU kernels agree (cases without the caller's lse run both of its passes).
 
 The variable is read once per process, so each variant runs in a subprocess of its own.
 """

@@ -25,11 +25,11 @@ constexpr int64_t kMinSplitKeys = 256;
 // Positions are int32 in the kernels and run a few tiles past a split while pages are prefetched.
 constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
 
-// The pass-2 kernel, chosen once per process from KVCORE_SCORES_VARIANT (an A/B switch until a
+// The pass kernels, chosen once per process from KVCORE_SCORES_VARIANT (an A/B switch until a
 // measurement picks the default): unset or "default": attention_scores_kernel<T, Cfg, true>;
-// "transposed": attention_scores_pass2_t_kernel (keys on the mma's M dimension; bench/NOTES.md,
-// "attention_scores, session 6"). Any other value is an error on every call, so a misspelt name
-// cannot silently time the default.
+// "transposed": attention_scores_pass2_t_kernel (keys on the mma's M dimension) and
+// attention_scores_pass1_t_kernel (bench/NOTES.md, "attention_scores, session 6"). Any other value
+// is an error on every call, so a misspelt name cannot silently time the default.
 enum class ScoresVariant { kDefault, kTransposed };
 
 ScoresVariant scores_variant() {
@@ -48,8 +48,8 @@ template <typename T, int D>
 void launch(AttentionScoresParams& p, bool have_lse, int64_t pairs, at::Tensor& workspace_holder,
             const at::Tensor& q, cudaStream_t stream) {
   using Cfg = ScoresConfig<D>;
-  auto pass1 = attention_scores_kernel<T, Cfg, false>;
   const bool transposed = scores_variant() == ScoresVariant::kTransposed;
+  auto pass1 = transposed ? attention_scores_pass1_t_kernel<T, Cfg> : attention_scores_kernel<T, Cfg, false>;
   auto pass2 = !transposed                  ? attention_scores_kernel<T, Cfg, true>
                : p.reduction == kScoreMax ? attention_scores_pass2_t_kernel<T, Cfg, true>
                                           : attention_scores_pass2_t_kernel<T, Cfg, false>;

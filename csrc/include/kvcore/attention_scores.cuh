@@ -376,6 +376,57 @@ __device__ __forceinline__ float scores_combine(float a, float b) {
   else return a + b;
 }
 
+// The K ring of the variant kernels below: the same tiles as attention_scores_kernel's (same
+// swizzle, rows past the split's end zero-filled, every index read from memory clamped), but each
+// thread copies chunks c_q + 4 i (i < LOADS) of ONE key row, c_row: one block-table read and one
+// 64-bit address per thread and tile instead of LOADS, and its copies differ by constant offsets
+// (global: 64 bytes; shared: the swizzled chunk (c_q + 4 i) ^ (c_row & 7) == 4 i ^ z
+// == 8 (i / 2) + ((4 (i % 2)) ^ z), z = c_q ^ (c_row & 7) < 8). A warp's copy instruction moves 64
+// contiguous bytes of each of 8 rows (whole sectors), and its shared chunks spread evenly over the
+// banks. Positions are clamped to [0, len - 1] and [0, end - 1]: only built when len > 0.
+template <typename T, typename Cfg>
+struct ScoresKRing {
+  static constexpr int D = Cfg::D, TD = Cfg::TD, TK = Cfg::TK, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
+  static_assert(TD == 4 * LOADS && TK * 4 == Cfg::THREADS, "one key row per 4 threads per tile");
+  const AttentionScoresParams& p;
+  const int* bt;
+  const T* kbase;  // this KV head's elements of row 0 of page 0
+  int64_t row_stride;
+  int start, end, len, c_row, c_q;
+  uint32_t c_dst[2];  // shared addresses of this thread's chunks for i % 2 == 0, 1 (stage 0, i / 2 == 0)
+
+  __device__ __forceinline__ ScoresKRing(const AttentionScoresParams& p_, uint32_t sK_s, int h, int b, int tid,
+                                         int start_, int end_, int len_)
+      : p(p_), start(start_), end(end_), len(len_) {
+    bt = p.block_table + int64_t(b) * p.max_pages;
+    kbase = static_cast<const T*>(p.k_cache) + int64_t(h) * D;
+    row_stride = int64_t(p.num_kv_heads) * D;
+    c_row = tid >> 2;
+    c_q = tid & 3;
+    const int z = c_q ^ (c_row & 7);
+    c_dst[0] = sK_s + uint32_t((c_row * TD + z) * 16);
+    c_dst[1] = sK_s + uint32_t((c_row * TD + (4 ^ z)) * 16);
+  }
+  // This thread's row of tile t: its page, read a tile ahead of the copies so the dependent
+  // block-table load does not stall them.
+  __device__ __forceinline__ int fetch_page(int t) const {
+    const int pos = min(start + t * TK + c_row, len - 1);
+    return __ldg(bt + (p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size));
+  }
+  __device__ __forceinline__ void issue(int t, int pg) const {
+    const uint32_t stage_ofs = uint32_t((t % STAGES) * TK * D * 2);
+    const int pos = start + t * TK + c_row;
+    const bool valid = pos < end;
+    const int cpos = min(pos, end - 1);
+    const int in_page = p.page_shift >= 0 ? cpos & (p.page_size - 1) : cpos % p.page_size;
+    const int64_t page = min(max(pg, 0), p.num_pages - 1);
+    const T* src = kbase + page * p.k_page_stride + int64_t(in_page) * row_stride + c_q * 8;
+#pragma unroll
+    for (int i = 0; i < LOADS; ++i)
+      cp_async_16_s(c_dst[i % 2] + stage_ofs + uint32_t((i / 2) * 128), src + i * 32, valid);
+  }
+};
+
 // ---- pass 2, variant "transposed" (KVCORE_SCORES_VARIANT=transposed) --------------------------
 // The same scores as attention_scores_kernel<.., true> (same reduction order guarantees: fixed,
 // hence bitwise reproducible; not bitwise equal to it), built for the per-element epilogue that
@@ -393,7 +444,7 @@ __device__ __forceinline__ float scores_combine(float a, float b) {
 // Cfg is ScoresConfig<D>; this kernel takes Cfg::SMEM_BYTES_T of dynamic shared memory.
 template <typename T, typename Cfg, bool MAX>
 __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kernel(const AttentionScoresParams p) {
-  constexpr int D = Cfg::D, TD = Cfg::TD, TK = Cfg::TK, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
+  constexpr int D = Cfg::D, TK = Cfg::TK, STAGES = Cfg::STAGES;
   constexpr int MT = Cfg::MT, KS = Cfg::KS, WARPS = Cfg::WARPS, THREADS = Cfg::THREADS;
   constexpr int NT = MT * 2;  // n-tiles of 8 rows per warp (the warp's MT * 16 rows)
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -418,39 +469,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
   if (num_tiles == 0) return;
   const int num_row_blocks = (p.rows + Cfg::ROWS - 1) / Cfg::ROWS;
 
-  // ---- the K ring ----------------------------------------------------------------------------------
-  // The same tiles as attention_scores_kernel (same swizzle, rows past the end zero-filled, every
-  // index read from memory clamped), but each thread copies chunks c_q + 4 i (i < LOADS) of ONE key
-  // row, c_row: one block-table read and one 64-bit address per thread and tile instead of LOADS,
-  // and the copies differ by constant offsets (global: 64 bytes; shared: the swizzled chunk
-  // (c_q + 4 i) ^ (c_row & 7) == 4 i ^ z == 8 (i / 2) + ((4 (i % 2)) ^ z), z = c_q ^ (c_row & 7) < 8).
-  // A warp's copy instruction moves 64 contiguous bytes of each of 8 rows: whole sectors, and its
-  // shared-memory chunks spread evenly over the banks.
-  static_assert(TD == 4 * LOADS && TK * 4 == THREADS, "one key row per 4 threads per tile");
-  const int* bt = p.block_table + int64_t(b) * p.max_pages;
-  const T* const kbase = static_cast<const T*>(p.k_cache) + int64_t(h) * D;
-  const int64_t row_stride = int64_t(p.num_kv_heads) * D;
-  const int c_row = tid >> 2, c_q = tid & 3;
-  const int z = c_q ^ (c_row & 7);
-  const uint32_t c_dst[2] = {sK_s + uint32_t((c_row * TD + z) * 16), sK_s + uint32_t((c_row * TD + (4 ^ z)) * 16)};
-  // This thread's row of tile t: its page, fetched a tile ahead of the copies so the dependent
-  // block-table load does not stall them. Positions clamp to [0, len - 1] (len > 0 here).
-  auto fetch_page = [&](int t) {
-    const int pos = min(start + t * TK + c_row, len - 1);
-    return __ldg(bt + (p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size));
-  };
-  auto issue_copies = [&](int t, int pg) {
-    const uint32_t stage_ofs = uint32_t((t % STAGES) * TK * D * 2);
-    const int pos = start + t * TK + c_row;
-    const bool valid = pos < end;
-    const int cpos = min(pos, end - 1);
-    const int in_page = p.page_shift >= 0 ? cpos & (p.page_size - 1) : cpos % p.page_size;
-    const int64_t page = min(max(pg, 0), p.num_pages - 1);
-    const T* src = kbase + page * p.k_page_stride + int64_t(in_page) * row_stride + c_q * 8;
-#pragma unroll
-    for (int i = 0; i < LOADS; ++i)
-      cp_async_16_s(c_dst[i % 2] + stage_ofs + uint32_t((i / 2) * 128), src + i * 32, valid);
-  };
+  const ScoresKRing<T, Cfg> ring(p, sK_s, h, b, tid, start, end, len);
 
   // Lane roles. A (keys x d, from ldmatrix): lane l addresses key (l & 7) + 8 * ((l >> 3) & 1) of
   // the 16-key sub-tile and 16-byte chunk (l >> 4) of the k-step. B (d x rows): row r0 of each
@@ -461,12 +480,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
   const float scale_log2 = p.scale_log2;
 
   for (int rb = 0; rb < num_row_blocks; ++rb) {
-    int page = fetch_page(0);
+    int page = ring.fetch_page(0);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < num_tiles) issue_copies(s, page);
+      if (s < num_tiles) ring.issue(s, page);
       cp_async_commit();
-      page = fetch_page(s + 1);
+      page = ring.fetch_page(s + 1);
     }
 
     const int warp_row0 = rb * Cfg::ROWS + warp * MT * 16;
@@ -609,9 +628,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
       // finish_tile before this barrier).
       __syncthreads();
       if (t > 0) finish_tile(t - 1);
-      if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, page);
+      if (t + STAGES - 1 < num_tiles) ring.issue(t + STAGES - 1, page);
       cp_async_commit();
-      page = fetch_page(t + STAGES);
+      page = ring.fetch_page(t + STAGES);
 
       const uint32_t kt_s = sK_s + uint32_t((t % STAGES) * TK * D * 2);
       const int tile0 = start + t * TK;
@@ -625,6 +644,166 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
     __syncthreads();  // the last tile's results are in sRed; the ring is free for the next row block
     finish_tile(num_tiles - 1);
     __syncthreads();  // sRed is rewritten by the next row block's first tiles
+  }
+}
+
+// ---- pass 1, variant (KVCORE_SCORES_VARIANT=transposed) ---------------------------------------
+// attention_scores_kernel<.., false> with the variant ring (ScoresKRing), ldmatrix addresses kept in
+// two registers, and no visibility select on tiles every row of the warp sees. The layout stays
+// rows-on-M (the row-wise running max and sum want a lane to hold few rows and many keys), so the
+// epilogue per element is the default's: the same values in the same order, hence the same part
+// sums bit for bit on every tile whose select it drops (the select only touches unseen keys).
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass1_t_kernel(const AttentionScoresParams p) {
+  constexpr int D = Cfg::D, TK = Cfg::TK, STAGES = Cfg::STAGES;
+  constexpr int MT = Cfg::MT, KS = Cfg::KS, THREADS = Cfg::THREADS;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t sK_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+
+  const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int len = scores_len(p, b);
+  const int start = split * p.split_tokens;
+  const int end = min(len, start + p.split_tokens);
+  const int num_tiles = start < end ? (end - start + TK - 1) / TK : 0;
+  const int64_t pair = int64_t(b) * p.num_kv_heads + h;
+  if (num_tiles == 0) {
+    // No key of this split: every row's part is empty (-inf), so the merge can read all splits.
+    for (int r = tid; r < p.rows; r += THREADS) p.part[(pair * p.rows + r) * p.splits + split] = -INFINITY;
+    return;
+  }
+  const int num_row_blocks = (p.rows + Cfg::ROWS - 1) / Cfg::ROWS;
+  const ScoresKRing<T, Cfg> ring(p, sK_s, h, b, tid, start, end, len);
+
+  // Lane roles as in attention_scores_kernel: rows r0 and r0 + 8 of each m-tile; key columns
+  // cpair, +1. B fragments (keys x d) by ldmatrix: lane l addresses key (l & 7) of the n-tile and
+  // logical chunk 4 * (kc / 2) + (l >> 3) of the k-step pair kc, kc + 1; swizzled (scores_swz, and
+  // key & 7 == l & 7) that is (4 m) ^ yb == 8 (m / 2) + ((4 (m % 2)) ^ yb) with m = kc / 2 and
+  // yb = (l >> 3) ^ (l & 7) < 8: two per-thread offsets plus 128-byte steps.
+  const int r0 = lane >> 2, cpair = (lane & 3) * 2;
+  const int yb = (lane >> 3) ^ (lane & 7);
+  const float scale_log2 = p.scale_log2;
+
+  for (int rb = 0; rb < num_row_blocks; ++rb) {
+    int page = ring.fetch_page(0);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < num_tiles) ring.issue(s, page);
+      cp_async_commit();
+      page = ring.fetch_page(s + 1);
+    }
+
+    const int warp_row0 = rb * Cfg::ROWS + warp * MT * 16;
+    const bool active = warp_row0 < p.rows;
+    const bool warp_full = warp_row0 + MT * 16 <= p.rows;  // no padding row in this warp
+    uint32_t qa[MT][KS][4];
+    int lim[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = warp_row0 + mt * 16 + half * 8 + r0;
+        const bool real = r < p.rows;
+        const int i = real ? r / p.group : 0, g = real ? r - i * p.group : 0;
+        lim[mt][half] = real ? len - p.window + i : -1;
+        const T* qrow = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b + int64_t(i) * p.q_stride_w +
+                        int64_t(h * p.group + g) * p.q_stride_h + cpair;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+          qa[mt][ks][half] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16)) : 0u;
+          qa[mt][ks][2 + half] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16 + 8)) : 0u;
+        }
+      }
+
+    // Running max (log2 units) and sum of exp2 per lane and row, as in attention_scores_kernel.
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+
+    auto warp_tile = [&](uint32_t kt_s, int tile0, auto full_tag) {
+      constexpr bool FULL = decltype(full_tag)::value;
+      const uint32_t b_addr[2] = {kt_s + uint32_t((lane & 7) * D * 2 + yb * 16),
+                                  kt_s + uint32_t((lane & 7) * D * 2 + (4 ^ yb) * 16)};
+#pragma unroll 1
+      for (int j = 0; j < TK / 16; ++j) {
+        float s[MT][2][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+        const uint32_t jofs = uint32_t(j * 16 * D * 2);
+#pragma unroll
+        for (int kc = 0; kc < KS; kc += 2) {
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            uint32_t bk[4];  // keys j*16 + nt*8 .. +7, d 16*kc .. 16*kc + 31
+            ldmatrix_x4_s(bk, b_addr[(kc / 2) % 2] + jofs + uint32_t(nt * 8 * D * 2 + (kc / 4) * 128));
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              mma_16816(s[mt][nt], qa[mt][kc], bk[0], bk[1], T{});
+              mma_16816(s[mt][nt], qa[mt][kc + 1], bk[2], bk[3], T{});
+            }
+          }
+        }
+        const int key0 = tile0 + j * 16 + cpair;  // key of s[.][nt][e] is key0 + nt * 8 + (e & 1)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            float x[4];
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float v = s[mt][nt][half * 2 + e] * scale_log2;
+                if constexpr (FULL) x[nt * 2 + e] = v;
+                else x[nt * 2 + e] = key0 + nt * 8 + e <= lim[mt][half] ? v : -INFINITY;
+              }
+            const float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));  // skips NaN
+            if (mx > m[mt][half]) {  // rescale only when the max grows (exact either way)
+              l[mt][half] *= exp2f(m[mt][half] - mx);
+              m[mt][half] = mx;
+            }
+            const float base = m[mt][half] == -INFINITY ? 0.f : m[mt][half];
+            l[mt][half] += exp2f(x[0] - base) + exp2f(x[1] - base) + exp2f(x[2] - base) + exp2f(x[3] - base);
+          }
+      }
+    };
+
+    for (int t = 0; t < num_tiles; ++t) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // tile t landed for every thread; stage (t-1) % STAGES is free again
+      if (t + STAGES - 1 < num_tiles) ring.issue(t + STAGES - 1, page);
+      cp_async_commit();
+      page = ring.fetch_page(t + STAGES);
+      const uint32_t kt_s = sK_s + uint32_t((t % STAGES) * TK * D * 2);
+      const int tile0 = start + t * TK;
+      if (active) {
+        if (warp_full && tile0 + TK - 1 <= len - p.window) warp_tile(kt_s, tile0, std::true_type{});
+        else warp_tile(kt_s, tile0, std::false_type{});
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the ring is refilled by the next row block
+
+    if (active) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          // Merge the quad's (max, sum) pairs; a NaN sum stays NaN (the row saw a NaN logit).
+          float mx = m[mt][half];
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float base = mx == -INFINITY ? 0.f : mx;
+          float sum = l[mt][half] * exp2f(m[mt][half] - base);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          const int r = warp_row0 + mt * 16 + half * 8 + r0;
+          if ((lane & 3) == 0 && r < p.rows)
+            p.part[(pair * p.rows + r) * p.splits + split] = sum == 0.f ? -INFINITY : base + log2f(sum);
+        }
+    }
   }
 }
 
