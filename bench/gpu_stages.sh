@@ -9,6 +9,10 @@
 #   bench:GROUP[:LIMIT]        python -m kvcore.bench --group GROUP into OUTDIR/GROUP
 #   sanitize:SCOPE:TOOLS[:LIMIT]  bench/sanitize.sh with KVCORE_SANITIZE_SCOPE=SCOPE over TOOLS (comma-separated)
 #   run:NAME:LIMIT:COMMAND     any command (its output in OUTDIR/NAME.log)
+# Kernel A/B switches are environment variables read once per process, so a variant is timed by a
+# run stage next to the plain bench stage, e.g. attention_scores' variant kernels (bench/NOTES.md,
+# "attention_scores, session 6"):
+#   run:eviction-t:300:KVCORE_SCORES_VARIANT=transposed python3 -m kvcore.bench --group eviction --out OUTDIR/eviction-t
 set -uo pipefail
 out=${1:?usage: bench/gpu_stages.sh OUTDIR DEADLINE_SECONDS STAGE...}
 deadline=$(( $(date +%s) + ${2:?give the overall deadline in seconds} ))
