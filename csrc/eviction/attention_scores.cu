@@ -26,7 +26,7 @@ constexpr int64_t kMinSplitKeys = 256;
 constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
 
 // The pass kernels, chosen once per process from KVCORE_SCORES_VARIANT (an A/B switch until a
-// measurement picks the default): unset or "default": attention_scores_kernel<T, Cfg, true>;
+// measurement picks the default): unset or "default": attention_scores_kernel (both passes);
 // "transposed": attention_scores_pass2_t_kernel (keys on the mma's M dimension) and
 // attention_scores_pass1_t_kernel (bench/NOTES.md, "attention_scores, session 6"). Any other value
 // is an error on every call, so a misspelt name cannot silently time the default.
