@@ -426,7 +426,6 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
   if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
 }
 
-
 // ================================================================================================
 // Few heads (H <= 16, one m16 tile): mla_decode_h16_kernel
 // ================================================================================================
@@ -443,9 +442,10 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
 //              no max exchange, no P round trip through shared memory, no cross-warp sum of l.
 //   O += P V : warp w owns DV / 4 output columns, as in mla_decode_kernel; P comes straight from
 //              the S accumulators (the C layout of two n8 tiles is the A layout of one k16 step).
-// Two barriers per tile: one for the ring (the tile landed, the previous tile's stage and
-// partials are free), one for the partial S tiles. Split-KV, lse, workspace and merge contract as
-// mla_decode_kernel (same MlaDecodeParams, same partial layout with ROWS = 16).
+// One barrier per tile: the loop is skewed by one tile (iteration t computes tile t+1's partial S
+// while it runs tile t's softmax and P V; the partials are double-buffered), so a single barrier
+// both publishes the partials and frees the ring stage. Split-KV, lse, workspace and merge
+// contract as mla_decode_kernel (same MlaDecodeParams, same partial layout with ROWS = 16).
 // bench/NOTES.md "mla_decode H16, session 6" has the byte and cycle counts behind the shape.
 
 template <int DK_, int DV_>
@@ -455,7 +455,7 @@ struct MlaDecodeH16Config {
   static constexpr int WARPS = 4;
   static constexpr int THREADS = WARPS * 32;
   static constexpr int TILE = 16;     // tokens per tile: one k16 step of P V, two n8 tiles of S
-  static constexpr int STAGES = 5;    // 4 tiles (72 KB) in flight per CTA while one is consumed
+  static constexpr int STAGES = 5;    // 3 tiles (54 KB) in flight per CTA while two are consumed
   static constexpr int TD = DK / 8;   // 16-byte chunks per latent row
   static constexpr int KSTEPS = DK / WARPS / 16;  // S k-steps per warp (9 at DK 576)
   static constexpr int WCOLS = DV / WARPS;        // output columns per warp
@@ -464,7 +464,7 @@ struct MlaDecodeH16Config {
   static constexpr int ROW_PASSES = TILE / ROWS_PER_PASS;
   static constexpr int ROW_CHUNKS = TD / ROW_THREADS;
   static constexpr size_t SMEM_TILES = size_t(STAGES) * TILE * DK * 2;
-  static constexpr size_t SMEM_PART = size_t(WARPS) * 2 * 32 * 16;  // [warp][n8 tile][lane] float4
+  static constexpr size_t SMEM_PART = 2 * size_t(WARPS) * 2 * 32 * 16;  // [2][warp][n8 tile][lane] float4
   static constexpr size_t SMEM_BYTES = SMEM_TILES + SMEM_PART;
 
   static_assert(DK % 64 == 0, "DK must be a multiple of 64 (whole k16 steps per warp, 8-chunk swizzle groups)");
@@ -578,22 +578,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const M
   for (int n = 0; n < WCOLS / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   const int kchunk0 = kcol0 >> 3;  // this warp's first 16-byte chunk of S columns
   const int wcol = warp * WCOLS;    // this warp's first output column
-  float4* const my_part = sPart + warp * 64;
 
-  for (int t = 0; t < num_tiles; ++t) {
-    cp_async_wait<STAGES - 2>();
-    // Tile t landed for every thread; every warp is done with tile t-1 (its stage may be
-    // refilled) and with the partial S tiles of tile t-1 (they may be overwritten).
-    __syncthreads();
-    if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
-    cp_async_commit();
-    fetch_pages(t + STAGES, pages);
+  // Partial S of tile t over this warp's columns into s: two n8 tiles (tokens 0-7, 8-15), two
+  // independent mma chains of KSTEPS. ldmatrix.x4 matrices: (tokens 0-7, k lo), (0-7, k hi),
+  // (8-15, k lo), (8-15, k hi) = b0, b1 of n-tile 0, then b0, b1 of n-tile 1.
+  auto partial_s = [&](int t, float (&s)[2][4]) {
     const T* const kt = sTile + (t % STAGES) * TILE * DK;
-
-    // Partial S over this warp's columns: two n8 tiles (tokens 0-7, 8-15), two independent mma
-    // chains of KSTEPS. ldmatrix.x4 matrices: (tokens 0-7, k lo), (0-7, k hi), (8-15, k lo),
-    // (8-15, k hi) = b0, b1 of n-tile 0, then b0, b1 of n-tile 1.
-    float s[2][4];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
@@ -603,35 +593,73 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const M
       mma_16816(s[0], qf[j], bk[0], bk[1], T{});
       mma_16816(s[1], qf[j], bk[2], bk[3], T{});
     }
-    // Publish the partial in fragment order (each lane its own float4s: conflict-free).
-    const float4 own0 = make_float4(s[0][0], s[0][1], s[0][2], s[0][3]);
-    const float4 own1 = make_float4(s[1][0], s[1][1], s[1][2], s[1][3]);
-    my_part[lane] = own0;
-    my_part[32 + lane] = own1;
-    __syncthreads();  // all four partials are visible
+  };
+  // Partials of tile t go to buffer t & 1 in fragment order: [buffer][warp][n8 tile][lane] float4
+  // (each lane its own 16 bytes: conflict-free stores and loads).
+  auto store_partial = [&](int t, const float (&s)[2][4]) {
+    float4* const dst = sPart + (t & 1) * (WARPS * 64) + warp * 64;
+    dst[lane] = make_float4(s[0][0], s[0][1], s[0][2], s[0][3]);
+    dst[32 + lane] = make_float4(s[1][0], s[1][1], s[1][2], s[1][3]);
+  };
 
-    // Full S = ((P0 + P1) + P2) + P3 in every warp (a warp's own partial from registers: the
-    // same bits it stored), so every warp gets bitwise the same S.
+  // Software pipeline, one barrier per tile. Iteration t computes tile t+1's partial S (on its
+  // stage) while it runs tile t's softmax and P V, so the S mma chain overlaps the softmax's
+  // dependent steps. Invariants at the barrier of iteration t:
+  //   * tile t+1 has landed (each thread waited for its own copies, the barrier publishes them);
+  //   * tile t's partials (stored at the end of iteration t-1, or by the prologue for t = 0) are
+  //     visible;
+  //   * every warp is done with iteration t-1: its P V read stage (t-1) % STAGES, which is now
+  //     refilled with tile t+STAGES-1, and its reads of partial buffer (t-1) & 1, which this
+  //     iteration overwrites with tile t+1's partials.
+  // Stages in use during iteration t: t (P V), t+1 (S), t+2 .. t+STAGES-1 in flight (STAGES-2
+  // tiles = 54 KB per CTA), so STAGES >= 3 keeps them apart.
+  static_assert(STAGES >= 3, "the skewed loop needs the stages of tiles t, t+1 and one copy target apart");
+  if (num_tiles > 0) {
+    cp_async_wait<STAGES - 2>();  // tile 0 (the first of the STAGES-1 committed groups) landed
+    __syncthreads();
+    float s0[2][4];
+    partial_s(0, s0);
+    store_partial(0, s0);
+  }
+  for (int t = 0; t < num_tiles; ++t) {
+    // Committed so far: STAGES-1 + t groups (tiles 0 .. t+STAGES-2); tiles 0 .. t+1 must be done.
+    cp_async_wait<STAGES - 3>();
+    __syncthreads();
+    if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+    cp_async_commit();
+    fetch_pages(t + STAGES, pages);
+
+    // Full S of tile t = ((P0 + P1) + P2) + P3 in every warp, so every warp gets bitwise the
+    // same S (and with it the same max, P and row sums).
     float x[2][4];
+    {
+      const float4* const src = sPart + (t & 1) * (WARPS * 64);
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const float4 own = nt == 0 ? own0 : own1;
-      float4 acc = warp == 0 ? own : sPart[nt * 32 + lane];
+      for (int nt = 0; nt < 2; ++nt) {
+        float4 acc = src[nt * 32 + lane];
 #pragma unroll
-      for (int w = 1; w < WARPS; ++w) {
-        const float4 v = warp == w ? own : sPart[w * 64 + nt * 32 + lane];
-        acc.x += v.x;
-        acc.y += v.y;
-        acc.z += v.z;
-        acc.w += v.w;
+        for (int w = 1; w < WARPS; ++w) {
+          const float4 v = src[w * 64 + nt * 32 + lane];
+          acc.x += v.x;
+          acc.y += v.y;
+          acc.z += v.z;
+          acc.w += v.w;
+        }
+        x[nt][0] = acc.x;
+        x[nt][1] = acc.y;
+        x[nt][2] = acc.z;
+        x[nt][3] = acc.w;
       }
-      x[nt][0] = acc.x;
-      x[nt][1] = acc.y;
-      x[nt][2] = acc.z;
-      x[nt][3] = acc.w;
     }
 
-    // Online softmax in the log2 domain, over the whole tile, for rows r0 (r = 0) and r0 + 8.
+    // Tile t+1's partial S. Unconditional, to keep the loop body one basic block the compiler can
+    // interleave: on the last iteration it reads a stage no copy is writing (tile num_tiles is
+    // never issued; the stage holds an old tile or was never filled) and its result is stored
+    // into a buffer nobody reads again.
+    float s_next[2][4];
+    partial_s(t + 1, s_next);
+
+    // Online softmax in the log2 domain over the whole tile, rows r0 (r = 0) and r0 + 8.
     const int tok0 = start + t * TILE + cpair;
     float alpha[2];
 #pragma unroll
@@ -677,15 +705,20 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const M
       o[n][3] *= alpha[1];
     }
 
-    // O[:, wcol:wcol+WCOLS] += P V (V = the tile's first columns). ldmatrix.x4.trans matrices:
+    // O[:, wcol:wcol+WCOLS] += P V (V = tile t's first columns). ldmatrix.x4.trans matrices:
     // (tokens 0-7, chunk c), (8-15, c), (0-7, c+1), (8-15, c+1) = b0, b1 of columns c, then c+1.
+    const T* const vt = sTile + (t % STAGES) * TILE * DK;
 #pragma unroll
     for (int nd = 0; nd < WCOLS / 16; ++nd) {
       uint32_t bv[4];
-      ldmatrix_x4_trans(bv, kt + mla_swz<TD>((lane & 7) + ((lane >> 3) & 1) * 8, (wcol >> 3) + nd * 2 + (lane >> 4)));
+      ldmatrix_x4_trans(bv, vt + mla_swz<TD>((lane & 7) + ((lane >> 3) & 1) * 8, (wcol >> 3) + nd * 2 + (lane >> 4)));
       mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
       mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
     }
+
+    // Publish tile t+1's partial (buffer (t+1) & 1 was last read in iteration t-1, before this
+    // iteration's barrier); the next barrier makes it visible.
+    store_partial(t + 1, s_next);
   }
   cp_async_wait<0>();  // no copy may land after the CTA exits (all are zero-size past the end)
 
