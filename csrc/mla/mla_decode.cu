@@ -32,7 +32,7 @@ bool use_h16_kernel() {
   return use;
 }
 
-// mla_decode_h16_kernel is shaped for two CTAs per SM (96 KB of shared memory each): ask for the
+// mla_decode_h16_kernel is shaped for two CTAs per SM (98 KB of shared memory each): ask for the
 // largest shared-memory carveout so the driver does not settle on one that holds a single CTA.
 // Once per (kernel, device), before the occupancy query.
 void prefer_max_shared(const void* kernel) {
