@@ -5,7 +5,10 @@
 // latent row c_p (DK = 576 wide), its value the row's first dv (512) columns. So one latent tile in
 // shared memory serves as K and as V, and every head of the sequence uses it.
 //
-// Work split: one CTA per (head block of 16 * M heads, KV split, sequence). Each latent byte is
+// Two kernels: mla_decode_kernel (below; any head count, the launcher's choice above 16 heads)
+// and mla_decode_h16_kernel (further down; up to 16 heads, memory-bound, shaped for HBM rate).
+//
+// mla_decode_kernel's work split: one CTA per (head block of 16 * M heads, KV split, sequence). Each latent byte is
 // read from memory once per head block (head blocks of one sequence run side by side and share
 // it through L2). Inside the CTA the 4 warps split the two products differently:
 //   S = Q K^T: each warp takes WARP_TOKENS tokens of the tile over the full DK (the row max of
