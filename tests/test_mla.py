@@ -9,6 +9,9 @@ mla_decode cases need only its kernel, the rest both ops'.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
@@ -853,10 +856,13 @@ def test_mla_decode_cuda_forced_splits_deterministic(dtype, heads, num_splits, g
 @pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
 @pytest.mark.parametrize(("dk", "dv"), [(576, 512), (576, 256), (512, 512), (128, 64), (48, 32), (200, 136)],
                          ids=lambda x: str(x))
-def test_mla_decode_cuda_other_widths(dk, dv, gen):
-    """Widths below DeepSeek's run on the same kernel with zero-padded columns."""
+@pytest.mark.parametrize("heads", [11, 20], ids=lambda h: f"H{h}")
+def test_mla_decode_cuda_other_widths(heads, dk, dv, gen):
+    """Widths below DeepSeek's run on the same kernels with zero-padded columns (H <= 16:
+    mla_decode_h16_kernel, whose warps then own partly or wholly empty column slices; H 20:
+    mla_decode_kernel)."""
     lens = [0, 1, 77, 300]
-    a = _cuda_decode_inputs(lens, 20, 16, gen, torch.bfloat16, dk=dk, dv=dv, scale=dk**-0.5)
+    a = _cuda_decode_inputs(lens, heads, 16, gen, torch.bfloat16, dk=dk, dv=dv, scale=dk**-0.5)
     kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse, num_splits=2)
     _check_against_reference(a, lens, torch.bfloat16)
 
@@ -922,6 +928,38 @@ def test_mla_decode_cuda_bad_indices_without_validation(no_validation, gen):
     torch.cuda.synchronize()
     assert not torch.isnan(a.out).any() and not torch.isnan(a.lse).any()
     assert bool((a.out[3] == 0).all()) and bool(torch.isneginf(a.lse[3]).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_mla_decode_cuda_h16_many_tiles_and_pages(dtype, gen):
+    """mla_decode_h16_kernel over many 16-token tiles (ring wrap-around many times), a page size
+    below the tile (1 and 8: several pages per tile) and a non-power-of-two one (12), the
+    automatic split and a forced uneven one."""
+    for page_size, lens, splits in ((8, [0, 1, 15, 16, 17, 2049], 0), (1, [3, 160, 0], 3), (12, [1000, 5, 13], 5)):
+        a = _cuda_decode_inputs(lens, 16, page_size, gen, dtype)
+        kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse,
+                          num_splits=splits)
+        _check_against_reference(a, lens, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.skipif(os.environ.get("KVCORE_MLA_DECODE_H16") == "old", reason="this process already runs the old path")
+def test_mla_decode_cuda_h16_old_path_in_subprocess():
+    """KVCORE_MLA_DECODE_H16=old (read once per process) puts H <= 16 back on mla_decode_kernel,
+    the path before mla_decode_h16_kernel, kept for A/B timing: the H16 CUDA cases of this file
+    once more in a fresh process with it set."""
+    env = dict(os.environ, KVCORE_MLA_DECODE_H16="old")
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+           "-k", "mla_decode_cuda and H16 and not old_path"]
+    res = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout, res.stdout[-2000:]
 
 
 def _cuda_bad_q_misaligned(a):

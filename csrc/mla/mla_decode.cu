@@ -4,6 +4,12 @@
 // The split count, workspace layout and occupancy query are gqa_decode's (paged_decode_launch.h).
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <string>
+#include <utility>
+
 #include "decode/paged_decode_launch.h"
 #include "kvcore/mla_decode.cuh"
 
@@ -15,11 +21,35 @@ namespace {
 constexpr int kMaxDk = 576;
 constexpr int kMaxDv = 512;
 
-template <typename T, int M, int WARP_TOKENS>
-void launch(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+// KVCORE_MLA_DECODE_H16=old runs up to 16 heads on mla_decode_kernel (the path before
+// mla_decode_h16_kernel), anything else (the default) on mla_decode_h16_kernel. Read once per
+// process: an A/B switch for `python -m kvcore.bench --group mla` and the tests of the old path.
+bool use_h16_kernel() {
+  static const bool use = [] {
+    const char* e = std::getenv("KVCORE_MLA_DECODE_H16");
+    return !(e != nullptr && std::string(e) == "old");
+  }();
+  return use;
+}
+
+// mla_decode_h16_kernel is shaped for two CTAs per SM (98 KB of shared memory each): ask for the
+// largest shared-memory carveout so the driver does not settle on one that holds a single CTA.
+// Once per (kernel, device), before the occupancy query.
+void prefer_max_shared(const void* kernel) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  const int dev = at::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  if (!done.insert({kernel, dev}).second) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      int(cudaSharedmemCarveoutMaxShared)));
+}
+
+// Occupancy, split plan, workspace layout and launch of one kernel instantiation (Cfg: its
+// ROWS, TILE, THREADS and SMEM_BYTES).
+template <typename Cfg>
+void launch(void (*kernel)(MlaDecodeParams), const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
             const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
-  using Cfg = MlaDecodeConfig<kMaxDk, kMaxDv, M, WARP_TOKENS>;
-  auto kernel = mla_decode_kernel<T, Cfg>;
   const int per_sm = paged_decode::ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS,
                                                Cfg::SMEM_BYTES, "mla_decode");
   const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -43,6 +73,22 @@ void launch(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_split
   const dim3 grid(p.head_blocks, plan.splits, s.batch);
   kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int M, int WARP_TOKENS>
+void launch(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+            const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
+  using Cfg = MlaDecodeConfig<kMaxDk, kMaxDv, M, WARP_TOKENS>;
+  launch<Cfg>(mla_decode_kernel<T, Cfg>, s, p, requested_splits, workspace, stream);
+}
+
+template <typename T>
+void launch_h16(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+                const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
+  using Cfg = MlaDecodeH16Config<kMaxDk, kMaxDv>;
+  auto kernel = mla_decode_h16_kernel<T, Cfg>;
+  prefer_max_shared(reinterpret_cast<const void*>(kernel));
+  launch<Cfg>(kernel, s, p, requested_splits, workspace, stream);
 }
 
 void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const at::Tensor& block_table,
@@ -97,12 +143,16 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_half_types(q.scalar_type(), "mla_decode", [&](auto tag) {
     using T = decltype(tag);
-    // Up to 16 heads (memory-bound): one m16 tile per CTA, 32-token tiles in a 4-deep ring to
-    // keep enough bytes in flight. More heads (compute-bound): 32 heads per CTA, which halves the
+    // Up to 16 heads (memory-bound): mla_decode_h16_kernel (S split over the latent columns, Q
+    // in registers, 16-token tiles in a 5-deep ring, two CTAs per SM); KVCORE_MLA_DECODE_H16=old
+    // gives the previous path: one m16 tile per CTA on mla_decode_kernel, 32-token tiles in a
+    // 4-deep ring. More heads (compute-bound): 32 heads per CTA, which halves the
     // latent re-reads from L2, and 16 tokens per warp, so each Q fragment read from shared
     // memory serves two mma (Q reads dominate the shared-memory traffic); 64-token tiles leave
     // room for a 2-deep ring only, which a compute-bound tile loop hides.
-    if (s.num_heads <= 16)
+    if (s.num_heads <= 16 && use_h16_kernel())
+      launch_h16<T>(s, p, num_splits, workspace, stream);
+    else if (s.num_heads <= 16)
       launch<T, 1, 8>(s, p, num_splits, workspace, stream);
     else
       launch<T, 2, 16>(s, p, num_splits, workspace, stream);

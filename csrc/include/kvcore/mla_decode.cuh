@@ -5,7 +5,10 @@
 // latent row c_p (DK = 576 wide), its value the row's first dv (512) columns. So one latent tile in
 // shared memory serves as K and as V, and every head of the sequence uses it.
 //
-// Work split: one CTA per (head block of 16 * M heads, KV split, sequence). Each latent byte is
+// Two kernels: mla_decode_kernel (below; any head count, the launcher's choice above 16 heads)
+// and mla_decode_h16_kernel (further down; up to 16 heads, memory-bound, shaped for HBM rate).
+//
+// mla_decode_kernel's work split: one CTA per (head block of 16 * M heads, KV split, sequence). Each latent byte is
 // read from memory once per head block (head blocks of one sequence run side by side and share
 // it through L2). Inside the CTA the 4 warps split the two products differently:
 //   S = Q K^T: each warp takes WARP_TOKENS tokens of the tile over the full DK (the row max of
@@ -380,6 +383,396 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
   // Weights of each split's partial per head, in shared memory (the tile ring is free now):
   // [rows][num_splits + 1] (weights, then their sum). Only the block's real heads are merged.
   float* const wgt = reinterpret_cast<float*>(sTile);
+  const int ns = p.num_splits;
+  const int rows = min(ROWS, p.num_heads - h0);
+  const float* plse = p.partial_lse + pair * ns * ROWS;
+  for (int h = warp; h < rows; h += WARPS) {
+    float mx = -INFINITY;
+    for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, __ldcg(plse + s * ROWS + h));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float base = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f;
+    for (int s = lane; s < ns; s += 32) {
+      const float e = exp2f(__ldcg(plse + s * ROWS + h) - base);
+      wgt[h * (ns + 1) + s] = e;
+      sum += e;
+    }
+    sum = group_sum<32>(sum);
+    if (lane == 0) {
+      wgt[h * (ns + 1) + ns] = sum;
+      if (p.lse != nullptr)
+        p.lse[int64_t(b) * p.num_heads + h0 + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
+    }
+  }
+  __syncthreads();
+  // Each thread combines 4 output columns of one head across all splits (dv is a multiple of 8).
+  const int dv4 = p.dv >> 2;
+  const float* pout = p.partial_out + pair * ns * ROWS * p.dv;
+  for (int item = tid; item < rows * dv4; item += Cfg::THREADS) {
+    const int h = item / dv4, c = (item % dv4) * 4;
+    const float* wh = wgt + h * (ns + 1);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = 0; s < ns; ++s) {
+      const float ws = wh[s];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s) * ROWS + h) * p.dv + c));
+      acc.x = fmaf(ws, v.x, acc.x);
+      acc.y = fmaf(ws, v.y, acc.y);
+      acc.z = fmaf(ws, v.z, acc.z);
+      acc.w = fmaf(ws, v.w, acc.w);
+    }
+    const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
+    T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h0 + h) * p.dv + c;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
+  }
+  if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
+}
+
+// ================================================================================================
+// Few heads (H <= 16, one m16 tile): mla_decode_h16_kernel
+// ================================================================================================
+// At 16 heads the op is memory-bound (one 1,152-byte latent row serves 16 dot products of 576 and
+// 16 x 512 multiply-adds), so the kernel exists to keep HBM busy: short per-tile dependency chains,
+// two CTAs per SM (each hides the other's barriers and softmax), and a deep cp.async ring. The
+// products are split differently from mla_decode_kernel:
+//   S = Q K^T: warp w owns latent columns [w * DK/4, (w+1) * DK/4) for every token of the tile; its
+//              slice of Q stays in registers as mma A fragments for the CTA's lifetime (read from
+//              global once; mla_decode_kernel re-reads all of Q from shared memory every tile).
+//              The four partial S tiles meet in shared memory, and EVERY warp adds them in the
+//              same fixed order (0, 1, 2, 3), so all warps hold bitwise the same S. Each warp then
+//              runs the online softmax by itself (same max, same P, same row sums in every warp):
+//              no max exchange, no P round trip through shared memory, no cross-warp sum of l.
+//   O += P V : warp w owns DV / 4 output columns, as in mla_decode_kernel; P comes straight from
+//              the S accumulators (the C layout of two n8 tiles is the A layout of one k16 step).
+// One barrier per tile: the loop is skewed by one tile (iteration t computes tile t+1's partial S
+// while it runs tile t's softmax and P V; the partials are double-buffered), so a single barrier
+// both publishes the partials and frees the ring stage. Split-KV, lse, workspace and merge
+// contract as mla_decode_kernel (same MlaDecodeParams, same partial layout with ROWS = 16).
+// bench/NOTES.md "mla_decode H16, session 6" has the byte and cycle counts behind the shape.
+
+template <int DK_, int DV_>
+struct MlaDecodeH16Config {
+  static constexpr int DK = DK_, DV = DV_;
+  static constexpr int ROWS = 16;  // heads per CTA (one m16 tile, padded)
+  static constexpr int WARPS = 4;
+  static constexpr int THREADS = WARPS * 32;
+  static constexpr int TILE = 16;     // tokens per tile: one k16 step of P V, two n8 tiles of S
+  static constexpr int STAGES = 5;    // 3 tiles (54 KB) in flight per CTA while two are consumed
+  static constexpr int TD = DK / 8;   // 16-byte chunks per latent row
+  static constexpr int KSTEPS = DK / WARPS / 16;  // S k-steps per warp (9 at DK 576)
+  static constexpr int WCOLS = DV / WARPS;        // output columns per warp
+  static constexpr int ROW_THREADS = 8;           // threads copying one row
+  static constexpr int ROWS_PER_PASS = THREADS / ROW_THREADS;
+  static constexpr int ROW_PASSES = TILE / ROWS_PER_PASS;
+  static constexpr int ROW_CHUNKS = TD / ROW_THREADS;
+  static constexpr size_t SMEM_TILES = size_t(STAGES) * TILE * DK * 2;
+  static constexpr size_t SMEM_PART = 2 * size_t(WARPS) * 2 * 32 * 16;  // [2][warp][n8 tile][lane] float4
+  static constexpr size_t SMEM_BYTES = SMEM_TILES + SMEM_PART;
+
+  static_assert(DK % 64 == 0, "DK must be a multiple of 64 (whole k16 steps per warp, 8-chunk swizzle groups)");
+  static_assert(DV % 64 == 0 && DV <= DK, "DV must be a multiple of 64 and <= DK");
+  static_assert(WCOLS % 16 == 0, "each warp's output columns must be whole ldmatrix.x4 blocks");
+  static_assert(TILE % ROWS_PER_PASS == 0 && ROW_PASSES >= 1, "tile rows must divide over the copy passes");
+  static_assert(TD % ROW_THREADS == 0, "row chunks must divide over the row's threads");
+  // The merge keeps [ROWS][num_splits + 1] fp32 weights in the (then idle) ring.
+  static_assert(SMEM_TILES >= size_t(ROWS) * 257 * 4, "the ring must hold the merge weights");
+  // Two CTAs per SM on sm_90 (228 KB per SM, 1 KB reserved per CTA) is what the shape is for.
+  static_assert(2 * (SMEM_BYTES + 1024 + 64) <= 233472, "two CTAs must fit one SM's shared memory");
+};
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const MlaDecodeParams p) {
+  constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES, ROWS = Cfg::ROWS;
+  constexpr int WARPS = Cfg::WARPS, KSTEPS = Cfg::KSTEPS, WCOLS = Cfg::WCOLS;
+  constexpr int ROW_PASSES = Cfg::ROW_PASSES, ROW_CHUNKS = Cfg::ROW_CHUNKS, RPP = Cfg::ROWS_PER_PASS;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* const sTile = reinterpret_cast<T*>(smem_raw);
+  float4* const sPart = reinterpret_cast<float4*>(smem_raw + Cfg::SMEM_TILES);
+
+  const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int dk_chunks = p.dk >> 3;
+
+  // ---- this CTA's KV range and the copy roles (as in mla_decode_kernel) ------------------------
+  // Everything read from memory is clamped, so bad index contents give wrong numbers but never an
+  // out-of-bounds access.
+  const int capacity = p.max_pages * p.page_size;
+  const int seq_len_raw = __ldg(p.seq_lens + b);
+  const int start = split * p.split_tokens;
+  const int* bt = p.block_table + int64_t(b) * p.max_pages;
+  const T* const cache = static_cast<const T*>(p.cache);
+  auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
+  auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
+
+  // Thread copies chunks copy_c0 + 8 * j (j < ROW_CHUNKS) of tile rows copy_r0 + RPP * pass; the
+  // page of each of its rows is read one tile ahead of the copy.
+  const int copy_r0 = tid >> 3, copy_c0 = tid & 7;
+  auto fetch_pages = [&](int t, int (&pg)[ROW_PASSES]) {
+#pragma unroll
+    for (int i = 0; i < ROW_PASSES; ++i) {
+      const int pos = min(start + t * TILE + copy_r0 + RPP * i, capacity - 1);
+      pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
+    }
+  };
+  int end = 0;
+  auto issue_copies = [&](int t, const int (&pg)[ROW_PASSES]) {
+    T* const dst = sTile + (t % STAGES) * TILE * DK;
+#pragma unroll
+    for (int i = 0; i < ROW_PASSES; ++i) {
+      const int row = copy_r0 + RPP * i;
+      const int pos = start + t * TILE + row;
+      const bool row_ok = pos < end;
+      const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
+      const T* src = cache + page * p.page_stride + int64_t(in_page(min(pos, end - 1))) * p.dk;
+#pragma unroll
+      for (int j = 0; j < ROW_CHUNKS; ++j) {
+        const int c = copy_c0 + 8 * j;
+        const bool ok = row_ok && c < dk_chunks;
+        // Rows past the range end and columns past dk are zero-filled: a zero key column adds
+        // nothing to S, and a zero value row times P = 0 adds nothing to O (stale data could be
+        // NaN, and NaN * 0 is NaN).
+        cp_async_16(dst + mla_swz<TD>(row, c), src + (ok ? c * 8 : 0), ok);
+      }
+    }
+  };
+
+  int pages[ROW_PASSES];
+  fetch_pages(0, pages);
+  const int seq_len = min(max(seq_len_raw, 0), capacity);
+  end = min(seq_len, start + p.split_tokens);
+  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) issue_copies(s, pages);
+    cp_async_commit();
+    fetch_pages(s + 1, pages);
+  }
+
+  // ---- this warp's slice of Q as A fragments, straight from global (while the ring fills) ------
+  // Fragment roles (mma m16n8k16): rows r0 and r0 + 8 (heads), column / token pair cpair.
+  // a0 = Q[r0][k + cpair, +1], a1 = Q[r0 + 8][same], a2 = Q[r0][k + 8 + cpair, +1], a3 = Q[r0 + 8][same].
+  // Heads past H and columns past dk are zero (dk is a multiple of 8, so a pair never straddles it).
+  const int r0 = lane >> 2, cpair = (lane & 3) * 2;
+  const int h0 = hb * ROWS;
+  const int kcol0 = warp * KSTEPS * 16;  // this warp's first S column
+  uint32_t qf[KSTEPS][4];
+  {
+    const T* const qb = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b;
+    const bool lo_ok = h0 + r0 < p.num_heads, hi_ok = h0 + r0 + 8 < p.num_heads;
+    // Clamped head rows keep the (unused) addresses inside q.
+    const T* const q_lo = qb + int64_t(min(h0 + r0, p.num_heads - 1)) * p.q_stride_h;
+    const T* const q_hi = qb + int64_t(min(h0 + r0 + 8, p.num_heads - 1)) * p.q_stride_h;
+#pragma unroll
+    for (int j = 0; j < KSTEPS; ++j) {
+      const int c = kcol0 + j * 16 + cpair;
+      const bool c_lo = c < p.dk, c_hi = c + 8 < p.dk;
+      qf[j][0] = lo_ok && c_lo ? __ldg(reinterpret_cast<const unsigned*>(q_lo + c)) : 0u;
+      qf[j][1] = hi_ok && c_lo ? __ldg(reinterpret_cast<const unsigned*>(q_hi + c)) : 0u;
+      qf[j][2] = lo_ok && c_hi ? __ldg(reinterpret_cast<const unsigned*>(q_lo + c + 8)) : 0u;
+      qf[j][3] = hi_ok && c_hi ? __ldg(reinterpret_cast<const unsigned*>(q_hi + c + 8)) : 0u;
+    }
+  }
+
+  const float s_scale = p.scale * kLog2e;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // rows r0, r0 + 8 (same in every warp)
+  float o[WCOLS / 8][4];
+#pragma unroll
+  for (int n = 0; n < WCOLS / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  const int kchunk0 = kcol0 >> 3;  // this warp's first 16-byte chunk of S columns
+  const int wcol = warp * WCOLS;    // this warp's first output column
+
+  // Partial S of tile t over this warp's columns into s: two n8 tiles (tokens 0-7, 8-15), two
+  // independent mma chains of KSTEPS. ldmatrix.x4 matrices: (tokens 0-7, k lo), (0-7, k hi),
+  // (8-15, k lo), (8-15, k hi) = b0, b1 of n-tile 0, then b0, b1 of n-tile 1.
+  auto partial_s = [&](int t, float (&s)[2][4]) {
+    const T* const kt = sTile + (t % STAGES) * TILE * DK;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int j = 0; j < KSTEPS; ++j) {
+      uint32_t bk[4];
+      ldmatrix_x4(bk, kt + mla_swz<TD>((lane & 7) + (lane >> 4) * 8, kchunk0 + 2 * j + ((lane >> 3) & 1)));
+      mma_16816(s[0], qf[j], bk[0], bk[1], T{});
+      mma_16816(s[1], qf[j], bk[2], bk[3], T{});
+    }
+  };
+  // Partials of tile t go to buffer t & 1 in fragment order: [buffer][warp][n8 tile][lane] float4
+  // (each lane its own 16 bytes: conflict-free stores and loads).
+  auto store_partial = [&](int t, const float (&s)[2][4]) {
+    float4* const dst = sPart + (t & 1) * (WARPS * 64) + warp * 64;
+    dst[lane] = make_float4(s[0][0], s[0][1], s[0][2], s[0][3]);
+    dst[32 + lane] = make_float4(s[1][0], s[1][1], s[1][2], s[1][3]);
+  };
+
+  // Software pipeline, one barrier per tile. Iteration t computes tile t+1's partial S (on its
+  // stage) while it runs tile t's softmax and P V, so the S mma chain overlaps the softmax's
+  // dependent steps. Invariants at the barrier of iteration t:
+  //   * tile t+1 has landed (each thread waited for its own copies, the barrier publishes them);
+  //   * tile t's partials (stored at the end of iteration t-1, or by the prologue for t = 0) are
+  //     visible;
+  //   * every warp is done with iteration t-1: its P V read stage (t-1) % STAGES, which is now
+  //     refilled with tile t+STAGES-1, and its reads of partial buffer (t-1) & 1, which this
+  //     iteration overwrites with tile t+1's partials.
+  // Stages in use during iteration t: t (P V), t+1 (S), t+2 .. t+STAGES-1 in flight (STAGES-2
+  // tiles = 54 KB per CTA), so STAGES >= 3 keeps them apart.
+  static_assert(STAGES >= 3, "the skewed loop needs the stages of tiles t, t+1 and one copy target apart");
+  if (num_tiles > 0) {
+    cp_async_wait<STAGES - 2>();  // tile 0 (the first of the STAGES-1 committed groups) landed
+    __syncthreads();
+    float s0[2][4];
+    partial_s(0, s0);
+    store_partial(0, s0);
+  }
+  for (int t = 0; t < num_tiles; ++t) {
+    // Committed so far: STAGES-1 + t groups (tiles 0 .. t+STAGES-2); tiles 0 .. t+1 must be done.
+    cp_async_wait<STAGES - 3>();
+    __syncthreads();
+    if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+    cp_async_commit();
+    fetch_pages(t + STAGES, pages);
+
+    // Full S of tile t = ((P0 + P1) + P2) + P3 in every warp, so every warp gets bitwise the
+    // same S (and with it the same max, P and row sums).
+    float x[2][4];
+    {
+      const float4* const src = sPart + (t & 1) * (WARPS * 64);
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        float4 acc = src[nt * 32 + lane];
+#pragma unroll
+        for (int w = 1; w < WARPS; ++w) {
+          const float4 v = src[w * 64 + nt * 32 + lane];
+          acc.x += v.x;
+          acc.y += v.y;
+          acc.z += v.z;
+          acc.w += v.w;
+        }
+        x[nt][0] = acc.x;
+        x[nt][1] = acc.y;
+        x[nt][2] = acc.z;
+        x[nt][3] = acc.w;
+      }
+    }
+
+    // Tile t+1's partial S. Unconditional, to keep the loop body one basic block the compiler can
+    // interleave: on the last iteration it reads a stage no copy is writing (tile num_tiles is
+    // never issued; the stage holds an old tile or was never filled) and its result is stored
+    // into a buffer nobody reads again.
+    float s_next[2][4];
+    partial_s(t + 1, s_next);
+
+    // Online softmax in the log2 domain over the whole tile, rows r0 (r = 0) and r0 + 8.
+    const int tok0 = start + t * TILE + cpair;
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float& v = x[nt][2 * r + j];
+          v = tok0 + nt * 8 + j < end ? v * s_scale : -INFINITY;
+          mx = fmaxf(mx, v);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[r], mx);
+      const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: keep exp2 finite
+      alpha[r] = exp2f(m[r] - base);
+      m[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float& v = x[nt][2 * r + j];
+          v = exp2f(v - base);
+          sum += v;
+        }
+      l[r] = l[r] * alpha[r] + sum;  // this lane's tokens only; summed over the quad at the end
+    }
+    // P as the A fragment of the k16 step: a0 = (r0, tokens cpair..+1), a1 = (r0 + 8, same),
+    // a2 = (r0, tokens 8 + cpair..+1), a3 = (r0 + 8, same).
+    uint32_t pa[4];
+    pa[0] = pack2(x[0][0], x[0][1], T{});
+    pa[1] = pack2(x[0][2], x[0][3], T{});
+    pa[2] = pack2(x[1][0], x[1][1], T{});
+    pa[3] = pack2(x[1][2], x[1][3], T{});
+#pragma unroll
+    for (int n = 0; n < WCOLS / 8; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+
+    // O[:, wcol:wcol+WCOLS] += P V (V = tile t's first columns). ldmatrix.x4.trans matrices:
+    // (tokens 0-7, chunk c), (8-15, c), (0-7, c+1), (8-15, c+1) = b0, b1 of columns c, then c+1.
+    const T* const vt = sTile + (t % STAGES) * TILE * DK;
+#pragma unroll
+    for (int nd = 0; nd < WCOLS / 16; ++nd) {
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, vt + mla_swz<TD>((lane & 7) + ((lane >> 3) & 1) * 8, (wcol >> 3) + nd * 2 + (lane >> 4)));
+      mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
+      mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
+    }
+
+    // Publish tile t+1's partial (buffer (t+1) & 1 was last read in iteration t-1, before this
+    // iteration's barrier); the next barrier makes it visible.
+    store_partial(t + 1, s_next);
+  }
+  cp_async_wait<0>();  // no copy may land after the CTA exits (all are zero-size past the end)
+
+  // ---- row sums over the quad (every warp has the same ones), output or partial --------------
+  const int64_t pair = int64_t(b) * p.head_blocks + hb;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float lsum = l[r];
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+    const int row = r0 + 8 * r;
+    // lsum == 0: nothing attended (out 0, lse -inf). A NaN stays NaN in both, so a later merge
+    // cannot mistake the row for an empty part.
+    const float inv = lsum == 0.f ? 0.f : 1.f / lsum;
+    const float lse2 = lsum == 0.f ? -INFINITY : m[r] + log2f(lsum);
+    const int h = h0 + row;
+    if (p.num_splits == 1) {
+      if (h < p.num_heads) {
+        T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
+#pragma unroll
+        for (int n = 0; n < WCOLS / 8; ++n) {
+          const int c = wcol + n * 8 + cpair;
+          if (c < p.dv) *reinterpret_cast<uint32_t*>(dst + c) = pack2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv, T{});
+        }
+        if (p.lse != nullptr && warp == 0 && (lane & 3) == 0) p.lse[int64_t(b) * p.num_heads + h] = lse2 * kLn2;
+      }
+    } else {
+      const int64_t slot = (pair * p.num_splits + split) * ROWS + row;
+      float* dst = p.partial_out + slot * p.dv;
+#pragma unroll
+      for (int n = 0; n < WCOLS / 8; ++n) {
+        const int c = wcol + n * 8 + cpair;
+        if (c < p.dv) *reinterpret_cast<float2*>(dst + c) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+      }
+      if (warp == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
+    }
+  }
+  if (p.num_splits == 1) return;
+
+  // ---- split merge: publish the partial, count arrivals, the last CTA combines ----------------
+  // (as in mla_decode_kernel; the barrier below also ends every warp's reads of the ring, which
+  // the merge weights then reuse)
+  __threadfence();
+  __syncthreads();
+  __shared__ bool is_last;
+  if (tid == 0) is_last = atomicAdd(p.counters + pair, 1u) == unsigned(p.num_splits - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  float* const wgt = reinterpret_cast<float*>(sTile);  // [rows][num_splits + 1]
   const int ns = p.num_splits;
   const int rows = min(ROWS, p.num_heads - h0);
   const float* plse = p.partial_lse + pair * ns * ROWS;
