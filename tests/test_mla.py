@@ -948,14 +948,17 @@ def test_mla_decode_cuda_h16_many_tiles_and_pages(dtype, gen):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
-@pytest.mark.skipif(os.environ.get("KVCORE_MLA_DECODE_H16") == "old", reason="this process already runs the old path")
-def test_mla_decode_cuda_h16_old_path_in_subprocess():
-    """KVCORE_MLA_DECODE_H16=old (read once per process) puts H <= 16 back on mla_decode_kernel,
-    the path before mla_decode_h16_kernel, kept for A/B timing: the H16 CUDA cases of this file
-    once more in a fresh process with it set."""
-    env = dict(os.environ, KVCORE_MLA_DECODE_H16="old")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-           "-k", "mla_decode_cuda and H16 and not old_path"]
+@pytest.mark.skipif(os.environ.get("KVCORE_MLA_DECODE_H16") == "new", reason="this process already runs the new path")
+def test_mla_decode_cuda_h16_new_path_in_subprocess():
+    """KVCORE_MLA_DECODE_H16=new (read once per process) puts H <= 16 on mla_decode_h16_kernel,
+    the session-6 kernel kept behind the switch until a GPU run has timed it: the CUDA cases of
+    this file and the MLA cases of the NaN, determinism and CUDA-graph tests once more in a
+    fresh process with it set (this process runs the default path)."""
+    env = dict(os.environ, KVCORE_MLA_DECODE_H16="new")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    files = [__file__] + [os.path.join(tests, f) for f in ("test_nan.py", "test_determinism.py", "test_cuda_graph.py")]
+    cmd = [sys.executable, "-m", "pytest", *files, "-m", "cuda", "-q", "-p", "no:cacheprovider",
+           "-k", "mla and not new_path"]
     res = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
                          capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
