@@ -6,8 +6,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 
 #include "common/checks.h"
@@ -29,6 +31,25 @@ int allow_max_smem(const void* kernel) {
   const int most = int(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
   return done[{kernel, dev}] = most;
+}
+
+// The kernel, chosen once per process from KVCORE_TOKEN_DECODER_VARIANT (an A/B switch until a
+// measurement picks the default): unset or "default": token_decoder_attention_kernel; "lean":
+// token_decoder_attention_lean_kernel (table-driven copies, one V scan per item, O staged through
+// shared memory; bench/NOTES.md "token_decoder_attention L16, session 6"). Any other value is an
+// error on every call, so a misspelt name cannot silently time the default.
+enum class TokenDecoderVariant { kDefault, kLean };
+
+TokenDecoderVariant token_decoder_variant() {
+  static const TokenDecoderVariant variant = [] {
+    const char* e = std::getenv("KVCORE_TOKEN_DECODER_VARIANT");
+    const std::string v = e == nullptr ? "" : e;
+    if (v.empty() || v == "default") return TokenDecoderVariant::kDefault;
+    TORCH_CHECK(v == "lean", "token_decoder_attention (CUDA): KVCORE_TOKEN_DECODER_VARIANT must be unset, 'default' "
+                "or 'lean', got '", v, "'");
+    return TokenDecoderVariant::kLean;
+  }();
+  return variant;
 }
 
 template <typename T, int D>
@@ -66,13 +87,28 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   // At most half as many (head group, m-tile) units as warps: split each unit's output columns
   // in two (the scores are then computed twice, which is cheap next to idle warps).
   const bool split_d = head_groups * m_tiles <= Cfg::WARPS / 2;
-  auto kernel = split_d ? token_decoder_attention_kernel<T, D, 2> : token_decoder_attention_kernel<T, D, 1>;
+  // The lean variant adds two staged out tiles (q's size each) and its copy table (8 bytes per
+  // 16-byte vector of q and of k) to the ring: at L16/D128 102.8 KB per CTA, still two CTAs per
+  // SM (2 x (102.8 + 1 reserved) KB <= 228 KB). A block whose lean footprint exceeds the
+  // device's shared memory even with two stages (one that only just fits the default kernel,
+  // e.g. L48 P16 D256) runs the default kernel.
+  const int64_t q_elems = s.block_length * hc * s.group * D;
+  const int64_t table_entries = (s.block_length * hc * s.group + keys * hc) * (D / 8);
+  const bool lean = token_decoder_variant() == TokenDecoderVariant::kLean &&
+                    token_decoder_lean_smem_bytes(stage_elems, 2, D, q_elems, table_entries) <=
+                        int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  auto kernel = lean ? (split_d ? token_decoder_attention_lean_kernel<T, D, 2> : token_decoder_attention_lean_kernel<T, D, 1>)
+                     : (split_d ? token_decoder_attention_kernel<T, D, 2> : token_decoder_attention_kernel<T, D, 1>);
   const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
 
   // Three stages (two items in flight while one is computed) while that leaves room for two
   // CTAs per SM; else two.
-  const int stages = token_decoder_smem_bytes(stage_elems, 3, D) <= 100 * 1024 ? 3 : 2;
-  const int64_t smem_bytes = token_decoder_smem_bytes(stage_elems, stages, D);
+  auto smem_for = [&](int st) {
+    return lean ? token_decoder_lean_smem_bytes(stage_elems, st, D, q_elems, table_entries)
+                : token_decoder_smem_bytes(stage_elems, st, D);
+  };
+  const int stages = smem_for(3) <= (lean ? 112 : 100) * 1024 ? 3 : 2;
+  const int64_t smem_bytes = smem_for(stages);
   TORCH_CHECK(smem_bytes <= max_smem, "token_decoder_attention (CUDA): one KV head of a block (block_length ",
               s.block_length, ", prefix ", s.prefix, ", group ", s.group, ", head_dim ", D, ") needs ", smem_bytes,
               " bytes of shared memory, more than this GPU's ", max_smem, "; use shorter blocks");
@@ -125,6 +161,7 @@ void token_decoder_attention_cuda(const at::Tensor& q, const at::Tensor& k, cons
   check_aligned16(k, "k");
   check_aligned16(v, "v");
   check_aligned16(out, "out");
+  token_decoder_variant();  // a bad KVCORE_TOKEN_DECODER_VARIANT fails every call, empty ones too
   if (s.blocks == 0 || s.block_length == 0 || s.num_q_heads == 0) return;
   TORCH_CHECK(s.num_q_heads * s.block_length * s.head_dim < (int64_t(1) << 31) &&
                   (s.prefix + s.block_length) * s.num_kv_heads * s.head_dim < (int64_t(1) << 31),

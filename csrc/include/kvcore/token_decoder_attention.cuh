@@ -491,4 +491,386 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
   cp_async_wait<0>();  // no copies outstanding at exit (the tail groups are empty)
 }
 
+// ================================================================================================
+// Variant "lean" (KVCORE_TOKEN_DECODER_VARIANT=lean; the launcher picks it, default off): the same
+// work items, ring, fragments, masking and softmax as token_decoder_attention_kernel above, with
+// three changes that cut the warp instructions per item (bench/NOTES.md "token_decoder_attention
+// L16, session 6": at L16 the item loop issues ~7 K warp instructions per item on 8 warps per SM,
+// ~2 of the SM's 4 issue slots per cycle with only 2 warps per scheduler to hide latency):
+//  1. Copy addresses from a per-CTA table. A thread copies the same vectors of every item (vector
+//     v = k THREADS + tid), and each vector's source offset (relative to the item's base) and
+//     swizzled destination are item-invariant, so they are computed once per CTA into shared
+//     memory (uint2 {source offset, destination offset}, elements): ~5 instructions per 16-byte
+//     copy instead of ~28 (two multiply-high divisions, the swizzle key, 64-bit addressing).
+//  2. The Inf/NaN scan of V once per item, over the V vectors each thread copied itself (visible
+//     to it after its cp.async wait), combined by the item's barrier (__syncthreads_or): if any V
+//     element of the item is not finite, every unit of the item takes the exact path. Before, each
+//     warp unit scanned its own V rows and columns (~200 instructions per unit).
+//  3. O through shared memory: the epilogue stores its C fragments into a staging tile laid out
+//     and swizzled like the item's q rows; after the next item's barrier the CTA writes it out
+//     with 16-byte stores over the q table (out has q's in-block layout), so each warp store
+//     covers 512 contiguous bytes (whole 128-byte lines) instead of 8 rows x 16 bytes. Two
+//     staging tiles alternate, so the copy-out of item t - 1 needs no barrier of its own: the
+//     tile item t + 1 writes was read out before the barrier of item t + 1.
+// Shared memory: ring | 2 staging tiles (L HCG D each) | zero row | table (L HCG + KJ HC) TD
+// uint2 | stage lengths.
+// ================================================================================================
+
+inline int64_t token_decoder_lean_smem_bytes(int64_t stage_elems, int stages, int head_dim, int64_t q_elems,
+                                             int64_t table_entries) {
+  return 2 * (stage_elems * stages + 2 * q_elems + head_dim) + 8 * table_entries + 16;
+}
+
+// token_decoder_unit_exact with its out rows written into the staging tile `so` (row
+// i HCG + h, 16-byte chunks swizzled by the tile row, as the q rows) instead of global memory;
+// lse still goes to global memory directly.
+template <typename T, int D, int DW>
+__device__ __noinline__ void token_decoder_unit_exact_staged(const TokenDecoderParams& p, const T* sq, const T* sk,
+                                                             const T* sv, T* so, int block, int chunk, int hb,
+                                                             int row0, int dpart, int blen) {
+  constexpr int QPL = D / 32, OPL = DW / 32;  // score dims and output columns per lane (<= 8)
+  static_assert(QPL >= 1 && OPL >= 1 && 8 % QPL == 0 && 8 % OPL == 0, "a lane's dims lie in one 16-byte chunk");
+  const int lane = threadIdx.x & 31;
+  const int L = p.rows, P = p.prefix, G = p.group, HC = p.chunk_kv_heads, HCG = p.chunk_q_heads, LG = L * G;
+  const int row_mask = (1 << p.row_shift) - 1;
+  const int d0 = lane * QPL, od0 = dpart * DW + lane * OPL;
+  for (int t = 0; t < 16; ++t) {
+    const int rr = row0 + t;  // tile row: its swizzle key
+    const int rl = rr & row_mask, hh = hb + (rr >> p.row_shift);
+    if (rl >= LG || hh >= HC) continue;  // padding row of the tile
+    const int i = fast_div(rl, p.group_div);
+    const int g = rl - i * G;
+    const int hl = hh * G + g;  // query head within the chunk
+    const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + chunk * HCG + hl;
+    T* const dst = so + (i * HCG + hl) * D + ((((od0 >> 3) ^ (rr & 7)) << 3) | (od0 & 7));
+    if (i >= blen) {
+#pragma unroll
+      for (int e = 0; e < OPL; ++e) store_elem(dst + e, 0.f);
+      if (p.lse != nullptr && dpart == 0 && lane == 0) p.lse[orow] = -INFINITY;
+      continue;
+    }
+    const T* const qp = sq + (i * HCG + hl) * D + ((((d0 >> 3) ^ (rr & 7)) << 3) | (d0 & 7));
+    float qv[QPL];
+#pragma unroll
+    for (int e = 0; e < QPL; ++e) qv[e] = to_float(qp[e]);
+    float m = -INFINITY, l = 0.f, acc[OPL];
+#pragma unroll
+    for (int e = 0; e < OPL; ++e) acc[e] = 0.f;
+    for (int j = 0; j <= P + i; ++j) {
+      const T* const kp = sk + (j * HC + hh) * D + ((((d0 >> 3) ^ (j & 7)) << 3) | (d0 & 7));
+      float part = 0.f;
+#pragma unroll
+      for (int e = 0; e < QPL; ++e) part = fmaf(qv[e], to_float(kp[e]), part);
+      const float x = group_sum<32>(part) * p.scale_log2;
+      const float mx = fmaxf(m, x);                   // a NaN logit leaves the max alone ...
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2f(m - base), w = exp2f(x - base);  // ... and makes w, l, acc NaN
+      m = mx;
+      l = l * alpha + w;
+      const T* const vp = sv + (j * HC + hh) * D + ((((od0 >> 3) ^ (j & 7)) << 3) | (od0 & 7));
+#pragma unroll
+      for (int e = 0; e < OPL; ++e) acc[e] = fmaf(w, to_float(vp[e]), acc[e] * alpha);
+    }
+    const float inv = l == 0.f ? 0.f : 1.f / l;
+#pragma unroll
+    for (int e = 0; e < OPL; ++e) store_elem(dst + e, acc[e] * inv);
+    if (p.lse != nullptr && dpart == 0 && lane == 0) p.lse[orow] = l == 0.f ? -INFINITY : (m + log2f(l)) * kLn2;
+  }
+}
+
+template <typename T, int D, int DSPLIT>
+__global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
+    token_decoder_attention_lean_kernel(const __grid_constant__ TokenDecoderParams p) {
+  using Cfg = TokenDecoderConfig<D>;
+  constexpr int TD = Cfg::TD, DW = D / DSPLIT;  // DW: output columns of a warp unit
+  constexpr int TD_SHIFT = TD == 8 ? 3 : TD == 16 ? 4 : 5;
+  static_assert((1 << TD_SHIFT) == TD, "TD is 8, 16 or 32");
+  static_assert(DW % 16 == 0, "a warp's output columns are whole k16 tiles of V");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int L = p.rows, P = p.prefix, KJ = p.keys, G = p.group;
+  const int HC = p.chunk_kv_heads, HCG = p.chunk_q_heads, LG = L * G;
+  const int HP = p.heads_per_tile, row_shift = p.row_shift, key_shift = p.key_shift;
+  const int row_mask = (1 << row_shift) - 1, key_mask = (1 << key_shift) - 1;
+  const int k_off = L * HCG * D, v_off = k_off + KJ * HC * D;  // k and v regions within a stage
+  const int q_elems = L * HCG * D;                              // one staging tile (= q region)
+  const int nq = L * HCG * TD, nkv = KJ * HC * TD;              // 16-byte vectors of q (= out), of k (= v)
+
+  T* const ring = reinterpret_cast<T*>(smem_raw);
+  T* const staging = ring + int64_t(p.stages) * p.stage_elems;  // 2 tiles of q_elems
+  T* const zero_row = staging + 2 * q_elems;
+  uint2* const table = reinterpret_cast<uint2*>(zero_row + D);  // nq q/out entries, then nkv k/v entries
+  int* const stage_len = reinterpret_cast<int*>(table + nq + nkv);
+
+  for (int i = tid; i < D / 8; i += Cfg::THREADS)
+    reinterpret_cast<uint4*>(zero_row)[i] = make_uint4(0u, 0u, 0u, 0u);
+
+  const int first = blockIdx.x * p.items_per_cta;
+  const int last = min(p.num_items, first + p.items_per_cta);
+  if (first >= last) return;
+
+  // The copy table. Entry v (row r = v / TD, 16-byte chunk c = v % TD) of q: source offset
+  // (i Hq + h) D + 8 c from the item's q base (also out's offset from the item's out base),
+  // destination td_swz(r, c, tile row); of k/v: (j Hkv + h) D + 8 c and td_swz(r, c, j). The
+  // same formulas as token_decoder_attention_kernel's prefetch. A thread only ever reads the
+  // entries it wrote (v = tid + k THREADS), so no barrier is needed before the first use.
+  for (int v = tid; v < nq; v += Cfg::THREADS) {
+    const int r = v >> TD_SHIFT, c = v & (TD - 1);
+    const int i = fast_div(r, p.chunk_q);
+    const int h = r - i * HCG;
+    const int hh = fast_div(h, p.group_div);
+    const int key = ((hh & (HP - 1)) << row_shift) + i * G + (h - hh * G);
+    table[v] = make_uint2(uint32_t((i * p.num_q_heads + h) * D + c * 8), uint32_t(td_swz(r, c, key, D)));
+  }
+  for (int v = tid; v < nkv; v += Cfg::THREADS) {
+    const int r = v >> TD_SHIFT, c = v & (TD - 1);
+    const int j = fast_div(r, p.chunk_kv);
+    table[nq + v] = make_uint2(uint32_t((j * p.num_kv_heads + (r - j * HC)) * D + c * 8), uint32_t(td_swz(r, c, j, D)));
+  }
+
+  // Issues the copies of `item` into `stage`; always commits a group (empty past the range), so
+  // that "all but the newest STAGES - 2 groups done" always means "the current item is in".
+  auto prefetch = [&](int item, int stage) {
+    if (item < last) {
+      const int block = fast_div(item, p.chunks);
+      const int chunk = item - block * int(p.chunks.d);
+      T* const dst = ring + int64_t(stage) * p.stage_elems;
+      const T* const q = static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + int64_t(chunk) * HCG * D;
+      for (int v = tid; v < nq; v += Cfg::THREADS) {
+        const uint2 e = table[v];
+        cp_async_16(dst + e.y, q + e.x, true);
+      }
+      const T* const k = static_cast<const T*>(p.k) + int64_t(block) * p.k_stride_n + int64_t(chunk) * HC * D;
+      const T* const vv = static_cast<const T*>(p.v) + int64_t(block) * p.v_stride_n + int64_t(chunk) * HC * D;
+      T* const dk = dst + k_off;
+      T* const dv = dst + v_off;
+      for (int v = tid; v < nkv; v += Cfg::THREADS) {
+        const uint2 e = table[nq + v];
+        cp_async_16(dk + e.y, k + e.x, true);
+        cp_async_16(dv + e.y, vv + e.x, true);
+      }
+      if (tid == 0) stage_len[stage] = p.block_lens ? __ldg(p.block_lens + block) : L;
+    }
+    cp_async_commit();
+  };
+
+  // Writes the staged out tile of `item` to global memory: 16-byte vectors over the q entries.
+  // Every element of the tile was written by the item's epilogue (zeros for rows past
+  // block_lens), so every out element of the item is written here exactly once.
+  auto store_out = [&](int item, const T* so) {
+    const int block = fast_div(item, p.chunks);
+    const int chunk = item - block * int(p.chunks.d);
+    T* const o = static_cast<T*>(p.out) + int64_t(block) * L * p.num_q_heads * D + int64_t(chunk) * HCG * D;
+    for (int v = tid; v < nq; v += Cfg::THREADS) {
+      const uint2 e = table[v];
+      *reinterpret_cast<uint4*>(o + e.x) = *reinterpret_cast<const uint4*>(so + e.y);
+    }
+  };
+
+  const int S = p.stages;
+  for (int s = 0; s < S - 1; ++s) prefetch(first + s, s);
+
+  // Lane roles in the mma fragments: tile rows r0 = lane / 4 and r0 + 8; key/column pair
+  // (lane % 4) * 2.
+  const int r0 = lane >> 2, cpair = (lane & 3) * 2;
+  const int units = p.head_groups * p.m_tiles * DSPLIT;
+
+  int stage = 0;  // stage of `item`
+  for (int item = first; item < last; ++item) {
+    if (S == 3)
+      cp_async_wait<1>();
+    else
+      cp_async_wait<0>();
+    const T* const sq = ring + int64_t(stage) * p.stage_elems;
+    const T* const sk = sq + k_off;
+    const T* const sv = sq + v_off;
+    // Inf/NaN in any V element of the item (the vectors this thread copied, complete for it after
+    // the wait): the barrier ORs the threads' findings.
+    uint32_t bad = 0;
+    for (int v = tid; v < nkv; v += Cfg::THREADS) {
+      const uint4 w = *reinterpret_cast<const uint4*>(sv + table[nq + v].y);
+      bad |= nonfinite_bits(w.x, T{}) | nonfinite_bits(w.y, T{}) | nonfinite_bits(w.z, T{}) | nonfinite_bits(w.w, T{});
+    }
+    // This item landed for every thread; the previous item's stage is free; the previous item's
+    // staged out tile is complete.
+    const bool item_bad = __syncthreads_or(bad != 0u) != 0;
+    {
+      const int next_stage = stage == 0 ? S - 1 : stage - 1;  // (item + S - 1) % S
+      prefetch(item + S - 1, next_stage);
+    }
+    T* const so = staging + ((item - first) & 1) * q_elems;  // this item's staging tile
+    if (item > first) store_out(item - 1, staging + ((item - 1 - first) & 1) * q_elems);
+    const int block = fast_div(item, p.chunks);
+    const int chunk = item - block * int(p.chunks.d);
+    const int blen = min(max(stage_len[stage], 0), L);
+
+    for (int u = warp; u < units; u += Cfg::WARPS) {
+      const int dpart = DSPLIT == 1 ? 0 : u % DSPLIT;
+      const int hm = DSPLIT == 1 ? u : u / DSPLIT;
+      const int hg = hm / p.m_tiles;  // head group of the chunk
+      const int mt = hm - hg * p.m_tiles;
+      const int hb = hg * HP;    // its first KV head within the chunk
+      const int row0 = mt * 16;  // first tile row of the unit
+      const int heads = min(HP, HC - hb);
+
+      if (item_bad) {  // uniform over the CTA
+        token_decoder_unit_exact_staged<T, D, DW>(p, sq, sk, sv, so, block, chunk, hb, row0, dpart, blen);
+        continue;
+      }
+
+      // Virtual keys x = s NKP + j (head s of the tile, key j) the unit needs: up to key P + i
+      // of the last valid row of its last head.
+      const int i_first = fast_div(row0, p.group_div);
+      const int i_last = min(fast_div(min(row0 + 15, LG - 1), p.group_div), blen - 1);
+      const int n_x = i_last >= i_first ? ((heads - 1) << key_shift) + P + i_last + 1 : 0;  // 0: all padding
+
+      // This lane's A-operand row for ldmatrix (q). Padding rows read the zero row, swizzled by
+      // their tile row like real rows, so the 8 rows of an ldmatrix phase fall on 8 bank groups.
+      const int a_key = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      const T* a_row = zero_row;
+      {
+        const int rl = a_key & row_mask, hh = hb + (a_key >> row_shift);
+        if (rl < LG && hh < HC) {
+          const int i = fast_div(rl, p.group_div);
+          a_row = sq + (i * HCG + hh * G + (rl - i * G)) * D;
+        }
+      }
+      // Virtual keys x this lane's two accumulator rows may attend: x_lo <= x <= x_hi (the
+      // row's own head's keys 0 .. P + i; empty for padding rows and rows past block_lens).
+      int x_lo[2], x_hi[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int rr = row0 + r0 + 8 * half;
+        const int rl = rr & row_mask, sub = rr >> row_shift;
+        const int i = fast_div(rl, p.group_div);
+        x_lo[half] = sub << key_shift;
+        x_hi[half] = (rl < LG && hb + sub < HC && i < blen) ? x_lo[half] + P + i : x_lo[half] - 1;
+      }
+
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      float o[DW / 8][4];
+#pragma unroll
+      for (int n = 0; n < DW / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
+      for (int j0 = 0; j0 < n_x; j0 += 16) {
+        // ---- S = Q K^T over virtual keys j0 .. j0 + 15 (the second n-tile only when needed) ----
+        float s[2][4] = {};
+        const bool second = j0 + 8 < n_x;
+        int jb[2];
+        const T* b_row[2];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int x = j0 + nt * 8 + (lane & 7);
+          jb[nt] = min(x & key_mask, KJ - 1);
+          b_row[nt] = sk + (jb[nt] * HC + min(hb + (x >> key_shift), HC - 1)) * D;
+        }
+#pragma unroll
+        for (int kc = 0; kc < D / 16; kc += 2) {
+          uint32_t a0[4], a1[4];
+          ldmatrix_x4(a0, a_row + (((kc * 2 + (lane >> 4)) ^ (a_key & 7)) << 3));
+          ldmatrix_x4(a1, a_row + (((kc * 2 + 2 + (lane >> 4)) ^ (a_key & 7)) << 3));
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            if (nt == 0 || second) {
+              uint32_t bk[4];
+              ldmatrix_x4(bk, b_row[nt] + (((kc * 2 + (lane >> 3)) ^ (jb[nt] & 7)) << 3));
+              mma_16816(s[nt], a0, bk[0], bk[1], T{});
+              mma_16816(s[nt], a1, bk[2], bk[3], T{});
+            }
+          }
+        }
+        // ---- scale into base 2, mask, online softmax update ----
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int x = j0 + nt * 8 + cpair + (e & 1);
+            s[nt][e] = (x >= x_lo[e >> 1] && x <= x_hi[e >> 1]) ? s[nt][e] * p.scale_log2 : -INFINITY;
+          }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          mx = fmaxf(mx, m[r]);
+          const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
+          alpha[r] = exp2f(m[r] - base);
+          m[r] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              s[nt][2 * r + e] = exp2f(s[nt][2 * r + e] - base);
+              sum += s[nt][2 * r + e];
+            }
+          l[r] = l[r] * alpha[r] + sum;  // per-lane partial; summed over the quad at the end
+        }
+        if (j0 > 0) {  // the first tile starts from o = 0: nothing to rescale
+#pragma unroll
+          for (int n = 0; n < DW / 8; ++n) {
+            o[n][0] *= alpha[0];
+            o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1];
+            o[n][3] *= alpha[1];
+          }
+        }
+        // ---- O += P V: P re-packed from S as the A operand. Keys past the block and heads past
+        // the chunk read the zero row (swizzled by the key, as real rows) ----
+        uint32_t pa[4];
+        pa[0] = pack2(s[0][0], s[0][1], T{});
+        pa[1] = pack2(s[0][2], s[0][3], T{});
+        pa[2] = pack2(s[1][0], s[1][1], T{});
+        pa[3] = pack2(s[1][2], s[1][3], T{});
+        const int xv = j0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        const int jv = xv & key_mask, hv = hb + (xv >> key_shift);
+        const T* const v_row = (jv < KJ && hv < HC) ? sv + (jv * HC + hv) * D : zero_row;
+#pragma unroll
+        for (int nd = 0; nd < DW / 16; ++nd) {
+          uint32_t bv[4];
+          const int chunk_v = (dpart * DW) / 8 + nd * 2 + (lane >> 4);
+          ldmatrix_x4_trans(bv, v_row + ((chunk_v ^ (jv & 7)) << 3));
+          mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
+          mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
+        }
+      }
+
+      // ---- epilogue: normalise into the staging tile (zeros for rows past block_lens), lse ----
+      // Staging row i HCG + h (the q row), 16-byte chunk swizzled by the tile row rr as q's: the
+      // 8 rows of one 4-byte store are 8 consecutive tile rows, i.e. 8 different bank groups.
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
+        l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
+        const int rr = row0 + r0 + 8 * half;
+        const int rl = rr & row_mask, hh = hb + (rr >> row_shift);
+        if (rl >= LG || hh >= HC) continue;  // padding row of the tile
+        const int i = fast_div(rl, p.group_div);
+        const int hl = hh * G + (rl - i * G);  // query head within the chunk
+        const bool valid = i < blen;
+        // l = 0: nothing attended (Inf logits only); a NaN l (NaN in q or an attended key) stays
+        // NaN in out and lse.
+        const float inv = valid && l[half] != 0.f ? 1.f / l[half] : 0.f;
+        T* const srow = so + (i * HCG + hl) * D + cpair;
+#pragma unroll
+        for (int n = 0; n < DW / 8; ++n) {
+          const float x = valid ? o[n][2 * half] * inv : 0.f;
+          const float y = valid ? o[n][2 * half + 1] * inv : 0.f;
+          *reinterpret_cast<uint32_t*>(srow + ((((dpart * DW) / 8 + n) ^ (rr & 7)) << 3)) = pack2(x, y, T{});
+        }
+        if (p.lse != nullptr && dpart == 0 && (lane & 3) == 0) {
+          const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + chunk * HCG + hl;
+          p.lse[orow] = valid && l[half] != 0.f ? (m[half] + log2f(l[half])) * kLn2 : -INFINITY;
+        }
+      }
+    }
+    stage = stage + 1 == S ? 0 : stage + 1;
+  }
+  __syncthreads();  // the last item's staged tile is complete
+  store_out(last - 1, staging + ((last - 1 - first) & 1) * q_elems);
+  cp_async_wait<0>();  // no copies outstanding at exit (the tail groups are empty)
+}
+
 }  // namespace kvcore

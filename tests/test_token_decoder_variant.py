@@ -1,0 +1,147 @@
+"""token_decoder_attention's kernel variants (KVCORE_TOKEN_DECODER_VARIANT, read once per process by
+the CUDA launcher; "lean" = table-driven copies, one V scan per item, O staged through shared
+memory): the variant must pass every CUDA token_decoder_attention test the default kernel passes,
+and agree with the default kernel on the two benchmark shapes (fewer blocks).
+
+The variable is read once per process, so each variant runs in a subprocess of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvcore  # noqa: F401  (registers the ops; the subprocesses import it from the same place)
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_CUDA_TD = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "kvcore::token_decoder_attention", "CUDA")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not HAS_CUDA_TD, reason="no CUDA kernel registered for kvcore::token_decoder_attention")]
+
+VARIANTS = ["lean"]
+
+
+def _env(variant: str | None) -> dict:
+    env = dict(os.environ)
+    env.pop("KVCORE_TOKEN_DECODER_VARIANT", None)
+    if variant is not None:
+        env["KVCORE_TOKEN_DECODER_VARIANT"] = variant
+    # The subprocess imports the kvcore this process imported (an in-place build or an install).
+    pkg_root = str(Path(kvcore.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_passes_the_token_decoder_cuda_tests(variant):
+    """The CUDA token_decoder_attention tests (the reference grid with poisoned outputs, ragged and
+    strided cases, head packing, the two-stage ring, NaN rules, bad input, clamped lengths without
+    validation, opcheck, torch.compile, graph replays, the bf16 model) under the variant."""
+    files = ["tests/test_block_transformer.py", "tests/test_nan.py", "tests/test_cuda_graph.py"]
+    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-rfE",
+           "-k", "(token_decoder and (cuda or graph)) or bf16_tracks"]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(variant), capture_output=True, text=True, timeout=900)
+    tail = (res.stdout + res.stderr)[-6000:]
+    assert res.returncode == 0, f"KVCORE_TOKEN_DECODER_VARIANT={variant}: tests failed\n{tail}"
+    passed = re.search(r"(\d+) passed", res.stdout)
+    # The reference grid alone is 20 cases x 2 dtypes on CUDA; the kernel-running ones must not skip.
+    assert passed is not None and int(passed.group(1)) >= 50, f"too few tests ran under the variant\n{tail}"
+
+
+# The two benchmark shapes with fewer blocks (L16: B1 S8192 -> 512 blocks, 8 items of 2 heads
+# each, ~16 items per CTA on an H100/H200, so every ring and staging tile wraps; L4: B1 S8192 ->
+# 2048 blocks), full and ragged block lengths, both dtypes, with and without lse, the L4 one also
+# on block-strided views. Outputs are poisoned before each call.
+_SCRIPT = textwrap.dedent(
+    """
+    import math, sys, torch, kvcore
+    sys.path.insert(0, "tests")
+    from conftest import randn
+    out_path = sys.argv[1]
+    results = []
+    cases = [
+        # (blocks, L, P, Hq, Hkv, D, dtype, ragged, with_lse, strided)
+        (512, 16, 2, 16, 16, 128, torch.bfloat16, False, True, False),
+        (512, 16, 2, 16, 16, 128, torch.float16, True, True, False),
+        (2048, 4, 2, 12, 12, 64, torch.bfloat16, False, True, False),
+        (2048, 4, 2, 12, 12, 64, torch.float16, True, False, True),
+    ]
+    for c, (n, l, p, hq, hkv, d, dt, ragged, with_lse, strided) in enumerate(cases):
+        gen = torch.Generator().manual_seed(4321 + c)
+        if strided:
+            q = randn(n, l + 1, hq, d, gen=gen, dtype=dt, device="cuda")[:, 1:]
+            kv = randn(n, 2, p + l, hkv, d, gen=gen, dtype=dt, device="cuda")
+            k, v = kv[:, 0], kv[:, 1]
+        else:
+            q = randn(n, l, hq, d, gen=gen, dtype=dt, device="cuda")
+            k = randn(n, p + l, hkv, d, gen=gen, dtype=dt, device="cuda")
+            v = randn(n, p + l, hkv, d, gen=gen, dtype=dt, device="cuda")
+        lens = None
+        if ragged:
+            lens = torch.randint(0, l + 1, (n,), generator=gen, dtype=torch.int32)
+            lens[0], lens[1] = l, 0
+            lens = lens.cuda()
+        outs = []
+        for _ in range(2):
+            out = torch.full((n, l, hq, d), math.nan, dtype=dt, device="cuda")
+            lse = torch.full((n, l, hq), math.nan, dtype=torch.float32, device="cuda") if with_lse else None
+            kvcore.token_decoder_attention(q, k, v, lens, out=out, lse=lse)
+            outs.append((out, lse))
+        (a, la), (b, lb) = outs
+        assert torch.equal(a, b) and (la is None or torch.equal(la, lb)), f"case {c}: two calls differ"
+        results.append((a.cpu(), None if la is None else la.cpu()))
+    torch.save(results, out_path)
+    """
+)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_agrees_with_the_default_kernel(variant, tmp_path):
+    """Same inputs through the default kernel and the variant (each in its own process). Both run the
+    same mma fragments and softmax in the same order, so they should agree bitwise; the assertion
+    allows the CUDA-vs-reference tolerance in case the compiler contracts differently."""
+    script = tmp_path / "td.py"
+    script.write_text(_SCRIPT)
+    outs = {}
+    for v in (None, variant):
+        path = tmp_path / f"{v or 'default'}.pt"
+        res = subprocess.run([sys.executable, str(script), str(path)], cwd=ROOT, env=_env(v), capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, f"KVCORE_TOKEN_DECODER_VARIANT={v}: script failed\n{(res.stdout + res.stderr)[-4000:]}"
+        outs[v] = torch.load(path)
+    for i, ((ref, ref_lse), (got, got_lse)) in enumerate(zip(outs[None], outs[variant])):
+        assert not torch.isnan(got).any() and not torch.isnan(ref).any(), f"case {i}: NaN (unwritten) in out"
+        tol = dict(atol=2e-2, rtol=1e-2) if got.dtype == torch.bfloat16 else dict(atol=5e-3, rtol=2e-3)
+        torch.testing.assert_close(got.float(), ref.float(), **tol, msg=lambda m: f"case {i} out: {m}")
+        if ref_lse is not None:
+            assert not torch.isnan(got_lse).any(), f"case {i}: NaN (unwritten) in lse"
+            torch.testing.assert_close(got_lse, ref_lse, atol=1e-3, rtol=1e-4, msg=lambda m: f"case {i} lse: {m}")
+
+
+def test_unknown_variant_is_an_error():
+    """A misspelt KVCORE_TOKEN_DECODER_VARIANT fails the call instead of silently timing the default."""
+    code = textwrap.dedent(
+        """
+        import torch, kvcore
+        q = torch.randn(2, 4, 4, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(2, 6, 2, 64, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn(2, 6, 2, 64, dtype=torch.bfloat16, device="cuda")
+        for _ in range(2):  # the first call and every later one
+            try:
+                kvcore.token_decoder_attention(q, k, v)
+            except RuntimeError as e:
+                assert "KVCORE_TOKEN_DECODER_VARIANT" in str(e), str(e)
+                print("raised")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env("laen"), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.count("raised") == 2, (res.stdout + res.stderr)[-4000:]
