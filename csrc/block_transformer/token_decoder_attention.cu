@@ -1,5 +1,6 @@
 // CUDA launcher of token_decoder_attention: checks, work-item sizing (heads per item, ring depth,
-// column split), grid, dtype/head-dim dispatch. The kernel is framework-free:
+// column split), grid, dtype/head-dim dispatch, and the KVCORE_TOKEN_DECODER_VARIANT switch
+// between the default kernel and the "lean" variant. The kernels are framework-free:
 // csrc/include/kvcore/token_decoder_attention.cuh.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
