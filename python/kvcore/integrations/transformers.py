@@ -183,7 +183,42 @@ class _LayerView(CacheLayerMixin):
             f"{type(self._parent).__name__} cannot be cropped (assisted decoding is not supported)")
 
 
-class KVCoreCache(Cache):
+class _LogicalPositions:
+    """What kvcore's caches (paged, MLA latent, InfLLM) answer alike about positions: ``_seen``
+    tokens fed per sequence (the next token's RoPE position; eviction does not lower it) and the
+    constructor's ``_max_cache_len``. Listed before ``Cache`` in their bases."""
+
+    _seen: int
+    _max_cache_len: int
+
+    # transformers 5.16/5.17's Cache defines a read-only (deprecated) ``max_cache_len`` property;
+    # ours shadows it, so the attribute reads the same on every supported version.
+    @property
+    def max_cache_len(self) -> int:
+        """Tokens per sequence the cache holds (the constructor's ``max_cache_len``)."""
+        return self._max_cache_len
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen per sequence (the next token's position), not the number kept after eviction."""
+        return self._seen
+
+    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` for transformers' mask code (logical positions).
+
+        transformers 5 passes the query length, 4.5x the step's ``cache_position`` tensor."""
+        if isinstance(query_length, Tensor):
+            query_length = query_length.shape[0]
+        return self._seen + int(query_length), 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._seen
+
+    def forward_kwargs(self, model: Any) -> dict[str, Any]:
+        """``{name: self}`` for ``model(...)``: transformers 5 calls the argument ``cache``, older ``past_key_values``."""
+        return {_cache_kwarg(model): self}
+
+
+class KVCoreCache(_LogicalPositions, Cache):
     """A ``transformers.Cache`` whose K/V live in a :class:`kvcore.PagedKVCache`.
 
     The pages are allocated on the first ``update`` (dtype and device of the model's keys), with
@@ -287,13 +322,6 @@ class KVCoreCache(Cache):
 
     # ------------------------------------------------------------------ state
 
-    # transformers 5.16/5.17's Cache defines a read-only (deprecated) ``max_cache_len`` property;
-    # ours shadows it, so the attribute reads the same on every supported version.
-    @property
-    def max_cache_len(self) -> int:
-        """Tokens per sequence the pages hold (the constructor's ``max_cache_len``)."""
-        return self._max_cache_len
-
     def _reset_step(self) -> None:
         self._block_table: Optional[Tensor] = None
         self._seq_lens: Optional[Tensor] = None
@@ -330,25 +358,6 @@ class KVCoreCache(Cache):
             layer_to_store=self._layer_to_store,
         )
         self.seq_ids = [self.paged.add_sequence() for _ in range(batch)]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens seen per sequence (the next token's position), not the number kept after eviction."""
-        return self._seen
-
-    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for transformers' mask code (logical positions).
-
-        transformers 5 passes the query length, 4.5x the step's ``cache_position`` tensor."""
-        if isinstance(query_length, Tensor):
-            query_length = query_length.shape[0]
-        return self._seen + int(query_length), 0
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self._seen
-
-    def forward_kwargs(self, model: Any) -> dict[str, Any]:
-        """``{name: self}`` for ``model(...)``: transformers 5 calls the argument ``cache``, older ``past_key_values``."""
-        return {_cache_kwarg(model): self}
 
     def cached_tokens(self, layer: Optional[int] = None) -> int:
         """Tokens held in the pages per sequence (after eviction: at most the budget + new tokens).

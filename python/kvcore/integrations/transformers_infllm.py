@@ -167,7 +167,7 @@ class _InfLLMLayer(_kvt._LayerView):
         self.is_initialized = True
 
 
-class InfLLMKVCache(Cache):
+class InfLLMKVCache(_kvt._LogicalPositions, Cache):
     """A ``transformers.Cache`` keeping each layer's K/V in a :class:`kvcore.InfLLMCache`.
 
     :func:`enable_infllm` builds one per ``generate`` call; build one yourself to pass as
@@ -223,32 +223,10 @@ class InfLLMKVCache(Cache):
 
     # ------------------------------------------------------------------ state
 
-    @property
-    def max_cache_len(self) -> int:
-        """Tokens per sequence the cache holds (the constructor's ``max_cache_len``)."""
-        return self._max_cache_len
-
     def _reset(self) -> None:
         self.layers_memory = [None] * self.num_layers
         self._seen = 0
         self._batch = None
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens seen per sequence (the next token's position)."""
-        return self._seen
-
-    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for transformers' mask code (logical positions)."""
-        if isinstance(query_length, Tensor):
-            query_length = query_length.shape[0]
-        return self._seen + int(query_length), 0
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self._seen
-
-    def forward_kwargs(self, model: Any) -> dict[str, Any]:
-        """``{name: self}`` for ``model(...)`` (transformers 5 calls it ``cache``, older ``past_key_values``)."""
-        return {_kvt._cache_kwarg(model): self}
 
     def memory_report(self, layer_idx: int = 0) -> dict[str, int]:
         """Where layer ``layer_idx``'s tokens are, per sequence (sequence 0 for the residency counts):

@@ -214,7 +214,7 @@ class _MLALayer(_kvt._LayerView):
         )
 
 
-class KVCoreMLACache(Cache):
+class KVCoreMLACache(_kvt._LogicalPositions, Cache):
     """A ``transformers.Cache`` holding an MLA model's latents in a :class:`kvcore.MLALatentCache`.
 
     One latent row of ``kv_lora_rank + qk_rope_head_dim`` values per token and layer (no per-head
@@ -252,11 +252,6 @@ class KVCoreMLACache(Cache):
 
     # ------------------------------------------------------------------ state
 
-    @property
-    def max_cache_len(self) -> int:
-        """Tokens per sequence the pages hold (the constructor's ``max_cache_len``)."""
-        return self._max_cache_len
-
     def _reset(self) -> None:
         if self.latent is not None:
             for seq_id in self.seq_ids:
@@ -264,25 +259,6 @@ class KVCoreMLACache(Cache):
             self.seq_ids = [self.latent.add_sequence() for _ in range(len(self.seq_ids))]
         self._seen = 0
         self._step = None
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens cached per sequence (the next token's position)."""
-        return self._seen
-
-    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
-        """``(kv_length, kv_offset)`` for transformers' mask code."""
-        if isinstance(query_length, Tensor):
-            query_length = query_length.shape[0]
-        return self._seen + int(query_length), 0
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self._seen
-
-    def forward_kwargs(self, model: Any) -> dict[str, Any]:
-        """``{name: self}`` for ``model(...)`` (transformers 5 calls the argument ``cache``)."""
-        from .transformers import _cache_kwarg
-
-        return {_cache_kwarg(model): self}
 
     def cached_tokens(self) -> int:
         """Tokens held in the pages per sequence."""
