@@ -13,7 +13,12 @@ Input builders (plain functions, import them with ``from conftest import ...``)
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +103,34 @@ def capture_graph(step) -> "torch.cuda.CUDAGraph":
     with torch.cuda.graph(graph):
         step()
     return graph
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env_with(name: str, value: "str | None") -> dict:
+    """This process's environment with ``name`` set to ``value`` (removed for None), for a
+    subprocess that must import the same kvcore (an in-place build or an install): kernel
+    switches such as KVCORE_SCORES_VARIANT are read once per process by the CUDA launchers."""
+    env = dict(os.environ)
+    env.pop(name, None)
+    if value is not None:
+        env[name] = value
+    pkg_root = str(Path(kvcore.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_tests_with_env(name: str, value: str, files: list, select: str, min_passed: int, *extra: str) -> None:
+    """Run pytest over ``files`` (paths from the repository root) with ``-k select`` in a fresh
+    process whose ``name`` is ``value``; fail unless it passes with at least ``min_passed`` tests."""
+    cmd = [sys.executable, "-m", "pytest", *map(str, files), *extra, "-q", "-p", "no:cacheprovider", "-rfE",
+           "-k", select]
+    res = subprocess.run(cmd, cwd=ROOT, env=env_with(name, value), capture_output=True, text=True, timeout=1800)
+    tail = (res.stdout + res.stderr)[-6000:]
+    assert res.returncode == 0, f"{name}={value}: tests failed\n{tail}"
+    passed = re.search(r"(\d+) passed", res.stdout)
+    assert passed is not None and int(passed.group(1)) >= min_passed, f"{name}={value}: too few tests ran\n{tail}"
 
 
 def randn(*shape, gen: torch.Generator, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
@@ -20,7 +18,8 @@ import pytest
 import torch
 
 import kvcore
-from conftest import HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn
+from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn,
+                      run_tests_with_env)
 from kvcore import reference
 from kvcore.mla import MLAAttention, MLAConfig, MLALatentCache
 from test_ops import OPCHECK_UTILS, BadCase, _other_device, _set, _set_item, _set_kw
@@ -954,15 +953,8 @@ def test_mla_decode_cuda_h16_new_path_in_subprocess():
     the session-6 kernel kept behind the switch until a GPU run has timed it: the CUDA cases of
     this file and the MLA cases of the NaN, determinism and CUDA-graph tests once more in a
     fresh process with it set (this process runs the default path)."""
-    env = dict(os.environ, KVCORE_MLA_DECODE_H16="new")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    files = [__file__] + [os.path.join(tests, f) for f in ("test_nan.py", "test_determinism.py", "test_cuda_graph.py")]
-    cmd = [sys.executable, "-m", "pytest", *files, "-m", "cuda", "-q", "-p", "no:cacheprovider",
-           "-k", "mla and not new_path"]
-    res = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
-                         capture_output=True, text=True, timeout=1800)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout, res.stdout[-2000:]
+    files = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
+    run_tests_with_env("KVCORE_MLA_DECODE_H16", "new", files, "mla and not new_path", 1, "-m", "cuda")
 
 
 def _cuda_bad_q_misaligned(a):

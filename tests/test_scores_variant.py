@@ -8,19 +8,15 @@ The variable is read once per process, so each variant runs in a subprocess of i
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import kvcore  # noqa: F401  (registers the ops; the subprocesses import it from the same place)
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, env_with, run_tests_with_env
 HAS_CUDA_SCORES = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "kvcore::attention_scores", "CUDA")
 pytestmark = [pytest.mark.cuda,
@@ -30,29 +26,17 @@ VARIANTS = ["transposed"]
 
 
 def _env(variant: str | None) -> dict:
-    env = dict(os.environ)
-    env.pop("KVCORE_SCORES_VARIANT", None)
-    if variant is not None:
-        env["KVCORE_SCORES_VARIANT"] = variant
-    # The subprocess imports the kvcore this process imported (an in-place build or an install).
-    pkg_root = str(Path(kvcore.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return env_with("KVCORE_SCORES_VARIANT", variant)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_passes_the_attention_scores_cuda_tests(variant):
     """The CUDA attention_scores tests (grid vs reference and the CPU kernel, NaN rules,
     determinism, strided q, clamped bad contents, opcheck, the H2O graph replay) under the variant."""
-    files = ["tests/test_eviction.py", "tests/test_nan.py", "tests/test_cuda_graph.py"]
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-rfE",
-           "-k", "(attention_scores and cuda) or h2o_step_scores"]
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(variant), capture_output=True, text=True, timeout=900)
-    tail = (res.stdout + res.stderr)[-6000:]
-    assert res.returncode == 0, f"KVCORE_SCORES_VARIANT={variant}: tests failed\n{tail}"
-    passed = re.search(r"(\d+) passed", res.stdout)
     # 82 are selected (37 of them bad-input cases); the kernel-running ones must not have skipped.
-    assert passed is not None and int(passed.group(1)) >= 40, f"too few tests ran under the variant\n{tail}"
+    run_tests_with_env("KVCORE_SCORES_VARIANT", variant,
+                       ["tests/test_eviction.py", "tests/test_nan.py", "tests/test_cuda_graph.py"],
+                       "(attention_scores and cuda) or h2o_step_scores", 40)
 
 
 # A SnapKV-like shape big enough for many splits and full (unmasked) tiles, plus ragged lengths,

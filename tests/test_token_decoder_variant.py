@@ -8,19 +8,15 @@ The variable is read once per process, so each variant runs in a subprocess of i
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 import kvcore  # noqa: F401  (registers the ops; the subprocesses import it from the same place)
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, env_with, run_tests_with_env
 HAS_CUDA_TD = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "kvcore::token_decoder_attention", "CUDA")
 pytestmark = [pytest.mark.cuda,
@@ -30,14 +26,7 @@ VARIANTS = ["lean"]
 
 
 def _env(variant: str | None) -> dict:
-    env = dict(os.environ)
-    env.pop("KVCORE_TOKEN_DECODER_VARIANT", None)
-    if variant is not None:
-        env["KVCORE_TOKEN_DECODER_VARIANT"] = variant
-    # The subprocess imports the kvcore this process imported (an in-place build or an install).
-    pkg_root = str(Path(kvcore.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = pkg_root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return env_with("KVCORE_TOKEN_DECODER_VARIANT", variant)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -45,15 +34,10 @@ def test_variant_passes_the_token_decoder_cuda_tests(variant):
     """The CUDA token_decoder_attention tests (the reference grid with poisoned outputs, ragged and
     strided cases, head packing, the two-stage ring, NaN rules, bad input, clamped lengths without
     validation, opcheck, torch.compile, graph replays, the bf16 model) under the variant."""
-    files = ["tests/test_block_transformer.py", "tests/test_nan.py", "tests/test_cuda_graph.py"]
-    cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-rfE",
-           "-k", "(token_decoder and (cuda or graph)) or bf16_tracks"]
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(variant), capture_output=True, text=True, timeout=900)
-    tail = (res.stdout + res.stderr)[-6000:]
-    assert res.returncode == 0, f"KVCORE_TOKEN_DECODER_VARIANT={variant}: tests failed\n{tail}"
-    passed = re.search(r"(\d+) passed", res.stdout)
     # The reference grid alone is 20 cases x 2 dtypes on CUDA; the kernel-running ones must not skip.
-    assert passed is not None and int(passed.group(1)) >= 50, f"too few tests ran under the variant\n{tail}"
+    run_tests_with_env("KVCORE_TOKEN_DECODER_VARIANT", variant,
+                       ["tests/test_block_transformer.py", "tests/test_nan.py", "tests/test_cuda_graph.py"],
+                       "(token_decoder and (cuda or graph)) or bf16_tracks", 50)
 
 
 # The two benchmark shapes with fewer blocks (L16: B1 S8192 -> 512 blocks, 8 items of 2 heads
