@@ -356,7 +356,7 @@ def test_quest_selection_drives_block_sparse_decode(device, gen):
 # ============================================================================================
 
 import kvcore  # noqa: E402
-from conftest import HAS_CUDA, NO_CUDA_REASON, poison  # noqa: E402
+from conftest import HAS_CUDA, NO_CUDA_REASON, capture_graph, poison  # noqa: E402
 
 # (B, Hq, Hkv, D, U): the issue's heads, G = 1, MQA with D 256, U = 1, a unit narrower than a
 # warp (Hkv 3 x D 32 = 12 vectors: two units per warp), and enough units for many CTAs per row.
@@ -557,18 +557,18 @@ def test_resident_step_uses_the_device_table(device, gen, n_init):
         torch.testing.assert_close(out[b].double(), want.reshape(HQ, D), **_tol(dtype))
 
 
-@pytest.mark.parametrize("n_init", [128, 5], ids=["fused", "split"])
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-def test_resident_step_has_no_host_sync(gen, n_init):
-    """The GPU-resident step (every unit resident) never synchronises with the host: attend,
-    and a whole decode step (append, attend, score accumulation) that forms no unit."""
+# The GPU-resident step's tests: B2, Hq32/Hkv8/D128 bf16, 40 units of 128 tokens, all resident,
+# sinks + a window of 256 + 17 tokens not yet in a unit; topk 16.
+_RES = dict(bs=128, n_local=256, units=40, hq=32, hkv=8, d=128)
+
+
+def _resident_cuda_cache(gen, n_init: int):
+    """(cache, randn keyword arguments) for the resident-step tests: every unit loaded and resident."""
+    bs, n_local, units, hq, hkv, d = (_RES[k] for k in ("bs", "n_local", "units", "hq", "hkv", "d"))
     dev, dtype = "cuda", torch.bfloat16
-    bs, n_local, units, hq, hkv, d = 128, 256, 40, 32, 8, 128
     r = n_local + 17
     n = n_init + units * bs + r
     kw = dict(gen=gen, dtype=dtype, device=dev)
-    q = randn(2, hq, d, **kw)
     cache = R.InfLLMCache(2, hq, hkv, d, n + 1, dtype=dtype, device=dev, topk=16, max_cached_block=units,
                           block_size=bs, n_init=n_init, n_local=n_local)
     unit_k, unit_v = randn(2, units, bs, hkv, d, **kw), randn(2, units, bs, hkv, d, **kw)
@@ -577,6 +577,18 @@ def test_resident_step_has_no_host_sync(gen, n_init):
     for b in range(2):
         cache.fetch(b, list(range(units)))
     cache.wait_loads()
+    return cache, kw
+
+
+@pytest.mark.parametrize("n_init", [128, 5], ids=["fused", "split"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_resident_step_has_no_host_sync(gen, n_init):
+    """The GPU-resident step (every unit resident) never synchronises with the host: attend,
+    and a whole decode step (append, attend, score accumulation) that forms no unit."""
+    cache, kw = _resident_cuda_cache(gen, n_init)
+    hq, hkv, d, units, r = _RES["hq"], _RES["hkv"], _RES["d"], _RES["units"], _RES["n_local"] + 17
+    q = randn(2, hq, d, **kw)
     want, want_lse = cache.attend(q)  # warm-up (builds the cached step metadata)
     k_new, v_new = randn(2, hkv, d, **kw), randn(2, hkv, d, **kw)
     torch.cuda.synchronize()
@@ -586,11 +598,11 @@ def test_resident_step_has_no_host_sync(gen, n_init):
         out_dec = cache.decode(q, k_new, v_new)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    torch.testing.assert_close(out, want, **OUT_TOL[dtype])  # (split counts may differ: not bitwise)
+    torch.testing.assert_close(out, want, **OUT_TOL[kw["dtype"]])  # (split counts may differ: not bitwise)
     torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
     assert cache.num_units == units and cache.num_recent == r + 1
     # the decode step attended to the new token too: redo it on a copy of the state, as attend
-    torch.testing.assert_close(out_dec, cache.attend(q)[0], **OUT_TOL[dtype])
+    torch.testing.assert_close(out_dec, cache.attend(q)[0], **OUT_TOL[kw["dtype"]])
 
 
 @pytest.mark.parametrize("n_init", [128, 5], ids=["fused", "split"])
@@ -600,22 +612,8 @@ def test_resident_step_graph_replay(gen, n_init):
     """The GPU-resident step (scoring, top-k, selection, attention) captured once in a CUDA graph
     (as the retrieval bench's kvcore-graph row runs it): each replay with a new query in the
     captured query tensor equals the eager step on that query, including which units it picks."""
-    from conftest import capture_graph
-
-    dev, dtype = "cuda", torch.bfloat16
-    bs, n_local, units, hq, hkv, d = 128, 256, 40, 32, 8, 128
-    r = n_local + 17
-    n = n_init + units * bs + r
-    kw = dict(gen=gen, dtype=dtype, device=dev)
-    cache = R.InfLLMCache(2, hq, hkv, d, n + 1, dtype=dtype, device=dev, topk=16, max_cached_block=units,
-                          block_size=bs, n_init=n_init, n_local=n_local)
-    unit_k, unit_v = randn(2, units, bs, hkv, d, **kw), randn(2, units, bs, hkv, d, **kw)
-    cache.load_memory(randn(2, n_init, hkv, d, **kw), randn(2, n_init, hkv, d, **kw), unit_k, unit_v,
-                      randn(2, units, hkv, d, **kw), randn(2, r, hkv, d, **kw), randn(2, r, hkv, d, **kw))
-    for b in range(2):
-        cache.fetch(b, list(range(units)))
-    cache.wait_loads()
-    q = randn(2, hq, d, **kw)
+    cache, kw = _resident_cuda_cache(gen, n_init)
+    q = randn(2, _RES["hq"], _RES["d"], **kw)
     captured = {}
 
     def step():
@@ -623,7 +621,7 @@ def test_resident_step_graph_replay(gen, n_init):
 
     graph = capture_graph(step)
     for _ in range(3):
-        q.copy_(randn(2, hq, d, **kw))
+        q.copy_(randn(2, _RES["hq"], _RES["d"], **kw))
         captured["out"].fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
