@@ -55,7 +55,7 @@ import dataclasses
 import functools
 import inspect
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -964,6 +964,16 @@ def enable(
     # Validate the options now rather than at the first generate.
     KVCoreCache(model.config, max_cache_len=1, page_size=page_size, policy=policy, budget=budget,
                 policy_kwargs=policy_kwargs, layer_to_store=layer_to_store)
+    return _install(model, lambda max_cache_len: KVCoreCache(
+        model.config, max_cache_len=max_cache_len, page_size=page_size, policy=policy, budget=budget,
+        policy_kwargs=policy_kwargs, layer_to_store=layer_to_store))
+
+
+def _install(model: Any, make_cache: Callable[[int], Cache]) -> Any:
+    """Register kvcore's attention for ``model`` and wrap its ``generate`` so that each call without
+    a cache of its own gets ``make_cache(prompt length + new tokens)`` (kept as
+    ``model.kvcore_cache``). The last step of :func:`enable` for the paged, MLA and InfLLM caches;
+    ``model`` is modified in place and returned."""
     _register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -982,11 +992,7 @@ def enable(
             if inputs is None:
                 raise ValueError("kvcore's generate needs input_ids (first argument or input_ids=...)")
             input_len = inputs.shape[-1]
-            cache = KVCoreCache(
-                model.config, max_cache_len=input_len + _max_new_tokens(model, input_len, kwargs),
-                page_size=page_size, policy=policy, budget=budget, policy_kwargs=policy_kwargs,
-                layer_to_store=layer_to_store,
-            )
+            cache = make_cache(input_len + _max_new_tokens(model, input_len, kwargs))
             kwargs[cache_kwarg] = cache
             model.kvcore_cache = cache
         return original(*args, **kwargs)

@@ -47,7 +47,6 @@ kernels' limits); on CPU float32 works too.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -347,28 +346,5 @@ def enable_infllm(model: Any, budget: Optional[int] = None, *, page_size: int = 
                          "block_size tokens; pass block_size= instead")
     # Validate the options now rather than at the first generate.
     InfLLMKVCache(model.config, max_cache_len=1, budget=budget, layer_to_store=layer_to_store, **options)
-    _kvt._register()
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(_kvt.ATTN_IMPLEMENTATION)
-    else:  # pragma: no cover - older transformers
-        model.config._attn_implementation = _kvt.ATTN_IMPLEMENTATION
-    original = getattr(model, "_kvcore_original_generate", None) or model.generate
-    model._kvcore_original_generate = original
-    cache_kwarg = _kvt._cache_kwarg(model)
-
-    @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        given = kwargs.get(cache_kwarg, kwargs.get("past_key_values"))
-        if given is None and kwargs.get("use_cache", True):
-            inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-            if inputs is None:
-                raise ValueError("kvcore's generate needs input_ids (first argument or input_ids=...)")
-            input_len = inputs.shape[-1]
-            max_len = input_len + _kvt._max_new_tokens(model, input_len, kwargs)
-            cache = InfLLMKVCache(model.config, max_cache_len=max_len, budget=budget, **options)
-            kwargs[cache_kwarg] = cache
-            model.kvcore_cache = cache
-        return original(*args, **kwargs)
-
-    model.generate = generate
-    return model
+    return _kvt._install(model, lambda max_len: InfLLMKVCache(model.config, max_cache_len=max_len, budget=budget,
+                                                             **options))

@@ -64,7 +64,6 @@ modules for the kvcore path; the model is expected on one device.
 
 from __future__ import annotations
 
-import functools
 import types
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -447,31 +446,7 @@ def enable(
         module.__dict__["forward"] = types.MethodType(_mla_forward, module)
     model.__dict__["_kvcore_mla_enabled"] = True
 
-    kvt._register()
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(kvt.ATTN_IMPLEMENTATION)
-    else:  # pragma: no cover - older transformers
-        model.config._attn_implementation = kvt.ATTN_IMPLEMENTATION
-    original = getattr(model, "_kvcore_original_generate", None) or model.generate
-    model._kvcore_original_generate = original
-    cache_kwarg = kvt._cache_kwarg(model)
-
-    @functools.wraps(original)
-    def generate(*args: Any, **kwargs: Any) -> Any:
-        given = kwargs.get(cache_kwarg, kwargs.get("past_key_values"))
-        if given is None and kwargs.get("use_cache", True):
-            inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-            if inputs is None:
-                raise ValueError("kvcore's generate needs input_ids (first argument or input_ids=...)")
-            input_len = inputs.shape[-1]
-            cache = KVCoreMLACache(config, max_cache_len=input_len + kvt._max_new_tokens(model, input_len, kwargs),
-                                   page_size=page_size)
-            kwargs[cache_kwarg] = cache
-            model.kvcore_cache = cache
-        return original(*args, **kwargs)
-
-    model.generate = generate
-    return model
+    return kvt._install(model, lambda max_len: KVCoreMLACache(config, max_cache_len=max_len, page_size=page_size))
 
 
 def disable(model: Any, attn_implementation: str = "sdpa") -> Any:
