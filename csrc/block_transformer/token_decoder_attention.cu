@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "common/checks.h"
+#include "common/env_switch.h"
 #include "common/cuda_dispatch.h"
 #include "kvcore/token_decoder_attention.cuh"
 
@@ -42,14 +43,8 @@ int allow_max_smem(const void* kernel) {
 enum class TokenDecoderVariant { kDefault, kLean };
 
 TokenDecoderVariant token_decoder_variant() {
-  static const TokenDecoderVariant variant = [] {
-    const char* e = std::getenv("KVCORE_TOKEN_DECODER_VARIANT");
-    const std::string v = e == nullptr ? "" : e;
-    if (v.empty() || v == "default") return TokenDecoderVariant::kDefault;
-    TORCH_CHECK(v == "lean", "token_decoder_attention (CUDA): KVCORE_TOKEN_DECODER_VARIANT must be unset, 'default' "
-                "or 'lean', got '", v, "'");
-    return TokenDecoderVariant::kLean;
-  }();
+  static const TokenDecoderVariant variant = TokenDecoderVariant(
+      env_choice("KVCORE_TOKEN_DECODER_VARIANT", {"default", "lean"}, "token_decoder_attention (CUDA)"));
   return variant;
 }
 

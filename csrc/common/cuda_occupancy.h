@@ -8,6 +8,7 @@
 
 #include <map>
 #include <mutex>
+#include <set>
 #include <utility>
 
 namespace kvcore {
@@ -27,6 +28,20 @@ inline int ctas_per_sm(const void* kernel, int threads, size_t smem, const char*
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
   TORCH_CHECK(n > 0, op, ": the kernel does not fit on this GPU (", smem, " bytes of shared memory per CTA)");
   return cache[{kernel, dev}] = n;
+}
+
+// Asks the driver for the largest shared-memory carveout for `kernel` on the current device, once
+// per (kernel, device): kernels sized for several CTAs per SM by their shared memory would
+// otherwise get whatever split of L1 / shared memory the driver picks, which may hold fewer.
+// Call it before the occupancy query (ctas_per_sm) and the launch.
+inline void prefer_max_shared_carveout(const void* kernel) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  const int dev = at::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  if (!done.insert({kernel, dev}).second) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      int(cudaSharedmemCarveoutMaxShared)));
 }
 
 }  // namespace kvcore

@@ -10,12 +10,12 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <string>
 #include <utility>
 
 #include "common/checks.h"
-#include "common/cuda_occupancy.h"
 #include "common/cuda_dispatch.h"
+#include "common/cuda_occupancy.h"
+#include "common/env_switch.h"
 #include "kvcore/decode_score.cuh"
 #include "kvcore/gqa_decode.cuh"
 
@@ -181,14 +181,13 @@ inline bool use_pdl(cudaStream_t stream) {
 }
 
 // L2 priority of the H2O score path's P / base scratch (stored by the decode, read once by the
-// epilogue): KVCORE_SCORE_L2=last asks L2 to keep those lines (evict_last), anything else leaves
-// the normal priority. Read once per process: an A/B switch for bench/experiments/h2o_profile.py
-// until a measurement picks the default (bench/NOTES.md, "H2O score, session 6").
+// epilogue): KVCORE_SCORE_L2=last asks L2 to keep those lines (evict_last); unset or "normal"
+// leaves the normal priority. Read once per process: an A/B switch for
+// bench/experiments/h2o_profile.py until a measurement picks the default (bench/NOTES.md, "H2O
+// score, session 6").
 inline int score_l2_priority() {
-  static const int priority = [] {
-    const char* e = std::getenv("KVCORE_SCORE_L2");
-    return e != nullptr && std::string(e) == "last" ? int(kL2EvictLast) : int(kL2Normal);
-  }();
+  static const int priority =
+      env_choice("KVCORE_SCORE_L2", {"normal", "last"}, "gqa_decode (CUDA)") == 1 ? int(kL2EvictLast) : int(kL2Normal);
   return priority;
 }
 

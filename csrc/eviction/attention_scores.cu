@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "common/checks.h"
+#include "common/env_switch.h"
 #include "common/cuda_dispatch.h"
 #include "common/cuda_occupancy.h"
 #include "kvcore/attention_scores.cuh"
@@ -33,14 +34,8 @@ constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
 enum class ScoresVariant { kDefault, kTransposed };
 
 ScoresVariant scores_variant() {
-  static const ScoresVariant variant = [] {
-    const char* e = std::getenv("KVCORE_SCORES_VARIANT");
-    const std::string v = e == nullptr ? "" : e;
-    if (v.empty() || v == "default") return ScoresVariant::kDefault;
-    TORCH_CHECK(v == "transposed", "attention_scores (CUDA): KVCORE_SCORES_VARIANT must be unset, 'default' or "
-                "'transposed', got '", v, "'");
-    return ScoresVariant::kTransposed;
-  }();
+  static const ScoresVariant variant = ScoresVariant(
+      env_choice("KVCORE_SCORES_VARIANT", {"default", "transposed"}, "attention_scores (CUDA)"));
   return variant;
 }
 

@@ -5,11 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <mutex>
-#include <set>
-#include <utility>
-
 #include "common/checks.h"
+#include "common/cuda_occupancy.h"
 #include "kvcore/compact_kv.cuh"
 
 namespace kvcore {
@@ -27,25 +24,11 @@ int vector_bytes(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   return 2;
 }
 
-// The kernel's occupancy (6 CTAs per SM) is bound by shared memory: ask for the largest
-// shared-memory carveout once per instantiation and device, so the driver does not pick a split
-// that favours L1 (the kernel reads nothing twice through L1).
-void prefer_shared(const void* kernel) {
-  static std::mutex mu;
-  static std::set<std::pair<const void*, int>> done;
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  std::lock_guard<std::mutex> lock(mu);
-  if (done.insert({kernel, dev}).second) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        int(cudaSharedmemCarveoutMaxShared)));
-  }
-}
-
 template <typename Vec>
 void launch(CompactKvParams& p, int64_t grid, cudaStream_t stream) {
   p.units = int(p.head_bytes / int64_t(sizeof(Vec)));
-  prefer_shared(reinterpret_cast<const void*>(&compact_kv_kernel<Vec>));
+  // Its occupancy (6 CTAs per SM) is bound by shared memory; it reads nothing twice through L1.
+  prefer_max_shared_carveout(reinterpret_cast<const void*>(&compact_kv_kernel<Vec>));
   compact_kv_kernel<Vec><<<dim3(unsigned(grid)), compact_detail::kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

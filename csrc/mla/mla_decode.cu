@@ -4,12 +4,9 @@
 // The split count, workspace layout and occupancy query are gqa_decode's (paged_decode_launch.h).
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <mutex>
-#include <set>
-#include <string>
 #include <utility>
 
+#include "common/env_switch.h"
 #include "decode/paged_decode_launch.h"
 #include "kvcore/mla_decode.cuh"
 
@@ -22,29 +19,13 @@ constexpr int kMaxDk = 576;
 constexpr int kMaxDv = 512;
 
 // KVCORE_MLA_DECODE_H16=new runs up to 16 heads on mla_decode_h16_kernel (written in session 6,
-// not yet run on a GPU); anything else (the default) keeps them on mla_decode_kernel, the path
+// not yet run on a GPU); unset or "old" (the default) keeps them on mla_decode_kernel, the path
 // the committed results measured. Read once per process: an A/B switch for
 // `python -m kvcore.bench --group mla` and the new kernel's tests (bench/NOTES.md, "mla_decode
 // H16, session 6"). The default flips once a GPU run has passed the tests and timed it.
 bool use_h16_kernel() {
-  static const bool use = [] {
-    const char* e = std::getenv("KVCORE_MLA_DECODE_H16");
-    return e != nullptr && std::string(e) == "new";
-  }();
+  static const bool use = env_choice("KVCORE_MLA_DECODE_H16", {"old", "new"}, "mla_decode (CUDA)") == 1;
   return use;
-}
-
-// mla_decode_h16_kernel is shaped for two CTAs per SM (98 KB of shared memory each): ask for the
-// largest shared-memory carveout so the driver does not settle on one that holds a single CTA.
-// Once per (kernel, device), before the occupancy query.
-void prefer_max_shared(const void* kernel) {
-  static std::mutex mu;
-  static std::set<std::pair<const void*, int>> done;
-  const int dev = at::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  if (!done.insert({kernel, dev}).second) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      int(cudaSharedmemCarveoutMaxShared)));
 }
 
 // Occupancy, split plan, workspace layout and launch of one kernel instantiation (Cfg: its
@@ -89,7 +70,9 @@ void launch_h16(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_s
                 const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
   using Cfg = MlaDecodeH16Config<kMaxDk, kMaxDv>;
   auto kernel = mla_decode_h16_kernel<T, Cfg>;
-  prefer_max_shared(reinterpret_cast<const void*>(kernel));
+  // Shaped for two CTAs per SM (98 KB of shared memory each): the largest carveout, so the driver
+  // does not settle on one that holds a single CTA.
+  prefer_max_shared_carveout(reinterpret_cast<const void*>(kernel));
   launch<Cfg>(kernel, s, p, requested_splits, workspace, stream);
 }
 
