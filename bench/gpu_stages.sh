@@ -55,5 +55,6 @@ for stage in "$@"; do
       rc=$?; tail -6 "$out/$a.log" ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
-  echo "== $stage: rc=$rc in $(( $(date +%s) - start )) s"
+  # The stage list with times, kept beside the logs so the next session can plan its calls.
+  echo "== $stage: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$out/stages.txt"
 done
