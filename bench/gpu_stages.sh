@@ -33,7 +33,9 @@ for stage in "$@"; do
     build)
       KVCORE_SKIP_TESTS=1 KVCORE_SKIP_BENCH=1 bash bench/gpu_check.sh "$out/build" > "$out/build.txt" 2>&1
       rc=$?; tail -3 "$out/build.txt"
-      [ $rc -ne 0 ] && { echo "build failed: rc=$rc"; exit $rc; } ;;
+      [ $rc -ne 0 ] && { echo "build failed: rc=$rc"; exit $rc; }
+      # gpu_check.sh unpacked the benchmark peers there when .peers/ was carried: later stages see them.
+      [ -d /tmp/peers ] && export PYTHONPATH=/tmp/peers${PYTHONPATH:+:$PYTHONPATH} ;;
     tests)
       lim=$(budget "${a:-300}"); files=${b:-tests}
       # shellcheck disable=SC2046

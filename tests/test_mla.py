@@ -855,7 +855,7 @@ def test_mla_decode_cuda_forced_splits_deterministic(dtype, heads, num_splits, g
 @pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
 @pytest.mark.parametrize(("dk", "dv"), [(576, 512), (576, 256), (512, 512), (128, 64), (48, 32), (200, 136)],
                          ids=lambda x: str(x))
-@pytest.mark.parametrize("heads", [11, 20], ids=lambda h: f"H{h}")
+@pytest.mark.parametrize("heads", [11, 20, 72], ids=lambda h: f"H{h}")
 def test_mla_decode_cuda_other_widths(heads, dk, dv, gen):
     """Widths below DeepSeek's run on the same kernels with zero-padded columns (H <= 16:
     mla_decode_h16_kernel, whose warps then own partly or wholly empty column slices; H 20:
@@ -954,7 +954,21 @@ def test_mla_decode_cuda_h16_new_path_in_subprocess():
     this file and the MLA cases of the NaN, determinism and CUDA-graph tests once more in a
     fresh process with it set (this process runs the default path)."""
     files = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
-    run_tests_with_env("KVCORE_MLA_DECODE_H16", "new", files, "mla and not new_path", 1, "-m", "cuda")
+    run_tests_with_env("KVCORE_MLA_DECODE_H16", "new", files, "mla and not in_subprocess", 1, "-m", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.skipif(os.environ.get("KVCORE_MLA_DECODE_WIDE") == "wgmma", reason="this process already runs it")
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability() != (9, 0),
+                    reason="mla_decode_wgmma_kernel runs on compute capability 9.0 only")
+def test_mla_decode_cuda_wgmma_path_in_subprocess():
+    """KVCORE_MLA_DECODE_WIDE=wgmma (read once per process) puts more than 32 heads on
+    mla_decode_wgmma_kernel (warpgroup MMA, 64 heads per CTA), the session-7 kernel kept behind
+    the switch until a GPU run has timed it: the same selection as the H16 switch's test."""
+    files = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
+    run_tests_with_env("KVCORE_MLA_DECODE_WIDE", "wgmma", files, "mla and not in_subprocess", 1, "-m", "cuda")
 
 
 def _cuda_bad_q_misaligned(a):

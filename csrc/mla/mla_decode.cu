@@ -9,6 +9,7 @@
 #include "common/env_switch.h"
 #include "decode/paged_decode_launch.h"
 #include "kvcore/mla_decode.cuh"
+#include "kvcore/mla_decode_wgmma.cuh"
 
 namespace kvcore {
 namespace {
@@ -25,6 +26,16 @@ constexpr int kMaxDv = 512;
 // H16, session 6"). The default flips once a GPU run has passed the tests and timed it.
 bool use_h16_kernel() {
   static const bool use = env_choice("KVCORE_MLA_DECODE_H16", {"old", "new"}, "mla_decode (CUDA)") == 1;
+  return use;
+}
+
+// KVCORE_MLA_DECODE_WIDE=wgmma runs more than 32 heads on mla_decode_wgmma_kernel (Hopper's
+// warpgroup MMA, 64 heads per CTA; written in session 7, not yet run on a GPU) when the device is
+// compute capability 9.0; unset or "old" (the default) keeps them on mla_decode_kernel (mma.sync,
+// 32 heads per CTA). Read once per process, like the switch above (bench/NOTES.md, "mla_decode
+// H128 on wgmma, session 7").
+bool use_wgmma_kernel() {
+  static const bool use = env_choice("KVCORE_MLA_DECODE_WIDE", {"old", "wgmma"}, "mla_decode (CUDA)") == 1;
   return use;
 }
 
@@ -74,6 +85,13 @@ void launch_h16(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_s
   // does not settle on one that holds a single CTA.
   prefer_max_shared_carveout(reinterpret_cast<const void*>(kernel));
   launch<Cfg>(kernel, s, p, requested_splits, workspace, stream);
+}
+
+template <typename T>
+void launch_wgmma(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+                  const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
+  using Cfg = MlaDecodeWgmmaConfig<kMaxDk, kMaxDv>;
+  launch<Cfg>(mla_decode_wgmma_kernel<T, Cfg>, s, p, requested_splits, workspace, stream);
 }
 
 void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const at::Tensor& block_table,
@@ -134,7 +152,12 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
     // latent re-reads from L2, and 16 tokens per warp, so each Q fragment read from shared
     // memory serves two mma (Q reads dominate the shared-memory traffic); 64-token tiles leave
     // room for a 2-deep ring only, which a compute-bound tile loop hides.
-    if (s.num_heads <= 16 && use_h16_kernel())
+    // More than 32 heads with KVCORE_MLA_DECODE_WIDE=wgmma on Hopper: 64 heads per CTA on
+    // warpgroup MMA (the kernel is built for sm_90a only; other devices keep mma.sync).
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    if (s.num_heads > 32 && use_wgmma_kernel() && prop->major == 9 && prop->minor == 0)
+      launch_wgmma<T>(s, p, num_splits, workspace, stream);
+    else if (s.num_heads <= 16 && use_h16_kernel())
       launch_h16<T>(s, p, num_splits, workspace, stream);
     else if (s.num_heads <= 16)
       launch<T, 1, 8>(s, p, num_splits, workspace, stream);

@@ -92,6 +92,73 @@ struct MlaDecodeConfig {
   static_assert(TD % ROW_THREADS == 0, "row chunks must divide over the row's threads");
 };
 
+// ---- split merge (every kernel here): publish the partial, count arrivals, the last CTA combines
+// Called by all THREADS threads of the CTA after each wrote its normalised partial output and
+// log2-sum-exp to the workspace (slot (pair * num_splits + split) * ROWS + row). `scratch` is
+// shared memory for ROWS * (num_splits + 1) floats that no thread reads any more (the first
+// barrier below ends every earlier use). The CTA arriving last merges every split of its
+// (sequence, head block) into out (and lse) and resets the counter for the next launch.
+template <typename T, int ROWS, int THREADS>
+__device__ __forceinline__ void mla_split_merge(const MlaDecodeParams& p, int b, int h0, int64_t pair, float* scratch) {
+  constexpr int WARPS = THREADS / 32;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  __threadfence();
+  __syncthreads();
+  __shared__ bool is_last;
+  if (tid == 0) is_last = atomicAdd(p.counters + pair, 1u) == unsigned(p.num_splits - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  // Weights of each split's partial per head: [rows][num_splits + 1] (weights, then their sum).
+  // Only the block's real heads are merged.
+  float* const wgt = scratch;
+  const int ns = p.num_splits;
+  const int rows = min(ROWS, p.num_heads - h0);
+  const float* plse = p.partial_lse + pair * ns * ROWS;
+  for (int h = warp; h < rows; h += WARPS) {
+    float mx = -INFINITY;
+    for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, __ldcg(plse + s * ROWS + h));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float base = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f;
+    for (int s = lane; s < ns; s += 32) {
+      const float e = exp2f(__ldcg(plse + s * ROWS + h) - base);
+      wgt[h * (ns + 1) + s] = e;
+      sum += e;
+    }
+    sum = group_sum<32>(sum);
+    if (lane == 0) {
+      wgt[h * (ns + 1) + ns] = sum;
+      if (p.lse != nullptr)
+        p.lse[int64_t(b) * p.num_heads + h0 + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
+    }
+  }
+  __syncthreads();
+  // Each thread combines 4 output columns of one head across all splits (dv is a multiple of 8).
+  const int dv4 = p.dv >> 2;
+  const float* pout = p.partial_out + pair * ns * ROWS * p.dv;
+  for (int item = tid; item < rows * dv4; item += THREADS) {
+    const int h = item / dv4, c = (item % dv4) * 4;
+    const float* wh = wgt + h * (ns + 1);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = 0; s < ns; ++s) {
+      const float ws = wh[s];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s) * ROWS + h) * p.dv + c));
+      acc.x = fmaf(ws, v.x, acc.x);
+      acc.y = fmaf(ws, v.y, acc.y);
+      acc.z = fmaf(ws, v.z, acc.z);
+      acc.w = fmaf(ws, v.w, acc.w);
+    }
+    const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
+    T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h0 + h) * p.dv + c;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
+  }
+  if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
+}
+
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile
 // (TD a multiple of 8, so the XOR stays inside the row).
 template <int TD>
@@ -371,62 +438,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
   }
   if (p.num_splits == 1) return;
 
-  // ---- split merge: publish the partial, count arrivals, the last CTA combines ----------------
-  __threadfence();
-  __syncthreads();
-  __shared__ bool is_last;
-  if (tid == 0) is_last = atomicAdd(p.counters + pair, 1u) == unsigned(p.num_splits - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-
-  // Weights of each split's partial per head, in shared memory (the tile ring is free now):
-  // [rows][num_splits + 1] (weights, then their sum). Only the block's real heads are merged.
-  float* const wgt = reinterpret_cast<float*>(sTile);
-  const int ns = p.num_splits;
-  const int rows = min(ROWS, p.num_heads - h0);
-  const float* plse = p.partial_lse + pair * ns * ROWS;
-  for (int h = warp; h < rows; h += WARPS) {
-    float mx = -INFINITY;
-    for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, __ldcg(plse + s * ROWS + h));
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    const float base = mx == -INFINITY ? 0.f : mx;
-    float sum = 0.f;
-    for (int s = lane; s < ns; s += 32) {
-      const float e = exp2f(__ldcg(plse + s * ROWS + h) - base);
-      wgt[h * (ns + 1) + s] = e;
-      sum += e;
-    }
-    sum = group_sum<32>(sum);
-    if (lane == 0) {
-      wgt[h * (ns + 1) + ns] = sum;
-      if (p.lse != nullptr)
-        p.lse[int64_t(b) * p.num_heads + h0 + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
-    }
-  }
-  __syncthreads();
-  // Each thread combines 4 output columns of one head across all splits (dv is a multiple of 8).
-  const int dv4 = p.dv >> 2;
-  const float* pout = p.partial_out + pair * ns * ROWS * p.dv;
-  for (int item = tid; item < rows * dv4; item += Cfg::THREADS) {
-    const int h = item / dv4, c = (item % dv4) * 4;
-    const float* wh = wgt + h * (ns + 1);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = 0; s < ns; ++s) {
-      const float ws = wh[s];
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s) * ROWS + h) * p.dv + c));
-      acc.x = fmaf(ws, v.x, acc.x);
-      acc.y = fmaf(ws, v.y, acc.y);
-      acc.z = fmaf(ws, v.z, acc.z);
-      acc.w = fmaf(ws, v.w, acc.w);
-    }
-    const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
-    T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h0 + h) * p.dv + c;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
-  }
-  if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
+  mla_split_merge<T, ROWS, Cfg::THREADS>(p, b, h0, pair, reinterpret_cast<float*>(sTile));
 }
 
 // ================================================================================================
@@ -761,62 +773,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const M
   }
   if (p.num_splits == 1) return;
 
-  // ---- split merge: publish the partial, count arrivals, the last CTA combines ----------------
-  // (as in mla_decode_kernel; the barrier below also ends every warp's reads of the ring, which
-  // the merge weights then reuse)
-  __threadfence();
-  __syncthreads();
-  __shared__ bool is_last;
-  if (tid == 0) is_last = atomicAdd(p.counters + pair, 1u) == unsigned(p.num_splits - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-
-  float* const wgt = reinterpret_cast<float*>(sTile);  // [rows][num_splits + 1]
-  const int ns = p.num_splits;
-  const int rows = min(ROWS, p.num_heads - h0);
-  const float* plse = p.partial_lse + pair * ns * ROWS;
-  for (int h = warp; h < rows; h += WARPS) {
-    float mx = -INFINITY;
-    for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, __ldcg(plse + s * ROWS + h));
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    const float base = mx == -INFINITY ? 0.f : mx;
-    float sum = 0.f;
-    for (int s = lane; s < ns; s += 32) {
-      const float e = exp2f(__ldcg(plse + s * ROWS + h) - base);
-      wgt[h * (ns + 1) + s] = e;
-      sum += e;
-    }
-    sum = group_sum<32>(sum);
-    if (lane == 0) {
-      wgt[h * (ns + 1) + ns] = sum;
-      if (p.lse != nullptr)
-        p.lse[int64_t(b) * p.num_heads + h0 + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
-    }
-  }
-  __syncthreads();
-  // Each thread combines 4 output columns of one head across all splits (dv is a multiple of 8).
-  const int dv4 = p.dv >> 2;
-  const float* pout = p.partial_out + pair * ns * ROWS * p.dv;
-  for (int item = tid; item < rows * dv4; item += Cfg::THREADS) {
-    const int h = item / dv4, c = (item % dv4) * 4;
-    const float* wh = wgt + h * (ns + 1);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = 0; s < ns; ++s) {
-      const float ws = wh[s];
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s) * ROWS + h) * p.dv + c));
-      acc.x = fmaf(ws, v.x, acc.x);
-      acc.y = fmaf(ws, v.y, acc.y);
-      acc.z = fmaf(ws, v.z, acc.z);
-      acc.w = fmaf(ws, v.w, acc.w);
-    }
-    const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
-    T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h0 + h) * p.dv + c;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
-  }
-  if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
+  // (the merge weights reuse the tile ring: the function's first barrier ends every warp's reads of it)
+  mla_split_merge<T, ROWS, Cfg::THREADS>(p, b, h0, pair, reinterpret_cast<float*>(sTile));
 }
 
 }  // namespace kvcore

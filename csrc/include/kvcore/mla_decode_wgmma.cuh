@@ -1,0 +1,354 @@
+#pragma once
+// Many heads (compute-bound MLA decode, H >= 64 in practice): mla_decode_wgmma_kernel, on Hopper's
+// warpgroup MMA. Same contract as mla_decode_kernel (MlaDecodeParams, the split workspace and the
+// merge in mla_decode.cuh), with 64 heads per CTA (one wgmma M) and 64-token latent tiles.
+//
+// Why wgmma: at 128 heads the op does 2 H (576 + 512) FLOPs per latent byte pair, ~60 per byte,
+// far past the ~190 FLOP/byte at which an H100 turns compute-bound. mma.sync at 32 heads per CTA
+// reached 22% of the bf16 GEMM rate (session 4): every ldmatrix of Q and of the tile fed a few
+// m16n8k16 only. wgmma reads both operands from shared memory itself, 64 heads at a time.
+//
+// Work split inside the CTA (two warpgroups, 256 threads), per 64-token tile t:
+//   warpgroup 0: S = Q K_t^T (64 x 64, k = 576: 36 wgmma m64n64k16, both operands in shared
+//                memory), the online softmax, P (bf16) and the rows' rescale factors to shared
+//                memory for warpgroup 1, then O[:, 0:256] += P V_t with P from its registers.
+//   warpgroup 1: loads the latent tiles (cp.async, completion counted by an mbarrier, so the
+//                waiting side need not be the issuing one), and O[:, 256:512] += P V_t with P read
+//                from shared memory. Its P V of tile t runs while warpgroup 0 computes S of t+1,
+//                so the tensor pipe has work during warpgroup 0's softmax.
+// V is the tile itself read MN-major (wgmma's transposed B): the latent row's first 512 columns.
+//
+// Shared memory (bf16): Q 72 KB, 2 tile stages 2 x 72 KB, P 8 KB, row factors and barriers:
+// 226 KB, one CTA per SM. Synchronisation:
+//   full[s]  (mbarrier, 128 arrivals): tile in stage s landed (warpgroup 1's cp.async completions)
+//   empty[s] (mbarrier, 256 arrivals): both warpgroups are done reading stage s
+//   P_FULL   (named barrier): warpgroup 0 wrote P(t) and the factors; warpgroup 1 waits
+//   P_FREE   (named barrier): warpgroup 1 has P(t) in registers; warpgroup 0 may write P(t+1)
+//   STATS    (named barrier): warpgroup 0 published the final row statistics
+// bench/NOTES.md ("mla_decode H128 on wgmma, session 7") has the counts behind the shape.
+
+#include "kvcore/mla_decode.cuh"
+#include "kvcore/wgmma.cuh"
+
+namespace kvcore {
+
+template <int DK_, int DV_>
+struct MlaDecodeWgmmaConfig {
+  static constexpr int DK = DK_, DV = DV_;
+  static constexpr int ROWS = 64;     // heads per CTA: one wgmma M
+  static constexpr int THREADS = 256; // two warpgroups
+  static constexpr int TILE = 64;     // tokens per tile: the N of S, 4 k-steps of P V
+  static constexpr int STAGES = 2;
+  static constexpr int TD = DK / 8;   // 16-byte pieces per latent row
+  static constexpr int KSTEPS = DK / 16;
+  static constexpr int DV_HALF = DV / 2;  // output columns per warpgroup
+  static constexpr int VCHUNKS = DV_HALF / 64;  // 64-column chunks (n64 wgmma) per warpgroup
+  static constexpr int ROW_THREADS = 8;  // loader threads per latent row
+  static constexpr int ROWS_PER_PASS = 128 / ROW_THREADS;
+  static constexpr int ROW_PASSES = TILE / ROWS_PER_PASS;
+  static constexpr int ROW_PIECES = TD / ROW_THREADS;
+  static constexpr size_t SMEM_Q = size_t(ROWS) * DK * 2;
+  static constexpr size_t SMEM_TILE = size_t(TILE) * DK * 2;
+  static constexpr size_t SMEM_P = size_t(ROWS) * TILE * 2;
+  static constexpr size_t SMEM_ROWF = 3 * ROWS * 4;  // factors, then 1/l and lse
+  static constexpr size_t SMEM_BAR = 4 * 8;
+  static constexpr size_t SMEM_ALIGN = 1024;  // swizzle atoms start on 1024-byte boundaries
+  static constexpr size_t SMEM_BYTES = SMEM_ALIGN + SMEM_Q + STAGES * SMEM_TILE + SMEM_P + SMEM_ROWF + SMEM_BAR;
+  static_assert(DK % 64 == 0 && DV % 128 == 0, "wgmma MLA decode: DK a multiple of 64, DV of 128");
+  static_assert(TD % ROW_THREADS == 0, "latent row pieces must split evenly over the loader threads");
+  static_assert(SMEM_BYTES <= 227 * 1024 - 64, "wgmma MLA decode: shared memory over the sm_90 limit");
+};
+
+namespace mla_wgmma {
+enum NamedBarrier : int { kPFull = 1, kPFree = 2, kStats = 3 };
+}
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const MlaDecodeParams p) {
+#if KVCORE_SM90A
+  using namespace mla_wgmma;
+  constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS;
+  constexpr int VCHUNKS = Cfg::VCHUNKS, ROW_PASSES = Cfg::ROW_PASSES, ROW_PIECES = Cfg::ROW_PIECES;
+  constexpr int RPP = Cfg::ROWS_PER_PASS;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* const smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + Cfg::SMEM_ALIGN - 1) & ~uintptr_t(Cfg::SMEM_ALIGN - 1));
+  T* const sQ = reinterpret_cast<T*>(smem);
+  T* const sTile = reinterpret_cast<T*>(smem + Cfg::SMEM_Q);
+  T* const sP = reinterpret_cast<T*>(smem + Cfg::SMEM_Q + 2 * Cfg::SMEM_TILE);
+  float* const sFactor = reinterpret_cast<float*>(smem + Cfg::SMEM_Q + 2 * Cfg::SMEM_TILE + Cfg::SMEM_P);
+  float* const sInv = sFactor + ROWS;
+  float* const sLse = sInv + ROWS;
+  uint64_t* const full = reinterpret_cast<uint64_t*>(sFactor + 3 * ROWS);
+  uint64_t* const empty = full + 2;
+
+  const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
+  const int dk_pieces = p.dk >> 3;
+
+  if (tid == 0) {
+    mbarrier_init(full + 0, 128);
+    mbarrier_init(full + 1, 128);
+    mbarrier_init(empty + 0, 256);
+    mbarrier_init(empty + 1, 256);
+  }
+
+  // ---- this CTA's KV range (as mla_decode_kernel: every index read is clamped) ---------------
+  const int capacity = p.max_pages * p.page_size;
+  const int seq_len = min(max(__ldg(p.seq_lens + b), 0), capacity);
+  const int start = split * p.split_tokens;
+  const int end = min(seq_len, start + p.split_tokens);
+  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
+  const int* bt = p.block_table + int64_t(b) * p.max_pages;
+  const T* const cache = static_cast<const T*>(p.cache);
+  auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
+  auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
+
+  // Loader roles (warpgroup 1): pieces copy_c0 + 8 j (j < ROW_PIECES) of rows copy_r0 + RPP i.
+  const int copy_r0 = wtid >> 3, copy_c0 = wtid & 7;
+  int pages[ROW_PASSES];
+  auto fetch_pages = [&](int t) {
+#pragma unroll
+    for (int i = 0; i < ROW_PASSES; ++i) {
+      const int pos = min(start + t * TILE + copy_r0 + RPP * i, capacity - 1);
+      pages[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
+    }
+  };
+  auto issue_tile = [&](int t) {  // copies of tile t into stage t % 2, counted on full[t % 2]
+    T* const dst = sTile + (t & 1) * TILE * DK;
+#pragma unroll
+    for (int i = 0; i < ROW_PASSES; ++i) {
+      const int row = copy_r0 + RPP * i;
+      const int pos = start + t * TILE + row;
+      const bool row_ok = pos < end;
+      const int64_t page = min(max(pages[i], 0), p.num_pages - 1);
+      const T* src = cache + page * p.page_stride + int64_t(in_page(min(pos, end - 1))) * p.dk;
+#pragma unroll
+      for (int j = 0; j < ROW_PIECES; ++j) {
+        const int c = copy_c0 + 8 * j;
+        const bool ok = row_ok && c < dk_pieces;
+        cp_async_16(dst + swz128_offset(TILE, row, c), src + (ok ? c * 8 : 0), ok);
+      }
+    }
+    cp_async_mbarrier_arrive(full + (t & 1));
+  };
+
+  // ---- Q of the head block, 128-byte swizzled (heads past H and columns past dk are zero) ----
+  const int h0 = hb * ROWS;
+  for (int i = tid; i < ROWS * TD; i += Cfg::THREADS) {
+    const int row = i / TD, piece = i % TD;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (h0 + row < p.num_heads && piece < dk_pieces)
+      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b +
+                                          int64_t(h0 + row) * p.q_stride_h + piece * 8);
+    *reinterpret_cast<uint4*>(sQ + swz128_offset(ROWS, row, piece)) = v;
+  }
+  fence_proxy_async_smem();  // the plain stores of Q before wgmma reads it
+  __syncthreads();           // Q and the barrier initialisation are visible to all
+
+  if (wg == 1) {
+    fetch_pages(0);
+    if (num_tiles > 0) issue_tile(0);
+    fetch_pages(1);
+    if (num_tiles > 1) issue_tile(1);
+    fetch_pages(2);
+  }
+
+  // D fragment roles (both warpgroups): rows r0 and r0 + 8, columns 8 i + cpair (+1).
+  const int r0 = warp * 16 + (lane >> 2), cpair = (lane & 3) * 2;
+  float o[VCHUNKS][32];
+#pragma unroll
+  for (int c = 0; c < VCHUNKS; ++c)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[c][i] = 0.f;
+  const uint32_t kSbo = 1024, kChunkBytes = TILE * 128;
+  const int vchunk0 = wg * VCHUNKS;  // this warpgroup's first 64-column chunk of V and O
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // warpgroup 0 only
+  const float s_scale = p.scale * kLog2e;
+
+  for (int t = 0; t < num_tiles; ++t) {
+    const int stage = t & 1;
+    const uint32_t phase = (t >> 1) & 1;
+    const T* const kt = sTile + stage * TILE * DK;
+    uint32_t pa[TILE / 16][4];  // P as wgmma A fragments, one per k-step of 16 tokens
+    mbarrier_wait(full + stage, phase);
+    fence_proxy_async_smem();
+
+    if (wg == 0) {
+      // S = Q K^T: 36 k-steps of 16 latent columns; each 64-column chunk holds 4.
+      float s[32];
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ++ks) {
+        const int off = (ks >> 2) * ROWS * 64 + (ks & 3) * 16;  // elements: chunk, then k16 within
+        const int koff = (ks >> 2) * TILE * 64 + (ks & 3) * 16;
+        wgmma_m64n64k16_ss(s, smem_desc_sw128(sQ + off, 16, kSbo), smem_desc_sw128(kt + koff, 16, kSbo), ks > 0, T{});
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_regs(s);
+
+      // Online softmax in the log2 domain; tokens past the range end are -inf.
+      const int tok0 = start + t * TILE + cpair;
+      float alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m[r];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float& x = s[4 * i + 2 * r + j];
+            x = tok0 + 8 * i + j < end ? x * s_scale : -INFINITY;
+            mx = fmaxf(mx, x);
+          }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
+        alpha[r] = exp2f(m[r] - base);
+        m[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float& x = s[4 * i + 2 * r + j];
+            x = exp2f(x - base);
+            sum += x;
+          }
+        l[r] = l[r] * alpha[r] + sum;  // this lane's tokens; the quad's sum is taken at the end
+      }
+#pragma unroll
+      for (int ks = 0; ks < TILE / 16; ++ks) {
+        pa[ks][0] = pack2(s[8 * ks + 0], s[8 * ks + 1], T{});
+        pa[ks][1] = pack2(s[8 * ks + 2], s[8 * ks + 3], T{});
+        pa[ks][2] = pack2(s[8 * ks + 4], s[8 * ks + 5], T{});
+        pa[ks][3] = pack2(s[8 * ks + 6], s[8 * ks + 7], T{});
+      }
+      // Hand P(t) and the factors to warpgroup 1 once it holds P(t-1) in registers.
+      if (t > 0) named_barrier_sync(kPFree, 256);
+#pragma unroll
+      for (int ks = 0; ks < TILE / 16; ++ks)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // n8 tile 2 ks + h: tokens 16 ks + 8 h + cpair
+          *reinterpret_cast<uint32_t*>(sP + swz128_offset(ROWS, r0, 2 * ks + h) + cpair) = pa[ks][2 * h];
+          *reinterpret_cast<uint32_t*>(sP + swz128_offset(ROWS, r0 + 8, 2 * ks + h) + cpair) = pa[ks][2 * h + 1];
+        }
+      if ((lane & 3) == 0) {
+        sFactor[r0] = alpha[0];
+        sFactor[r0 + 8] = alpha[1];
+      }
+      named_barrier_arrive(kPFull, 256);
+#pragma unroll
+      for (int c = 0; c < VCHUNKS; ++c)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          o[c][4 * i + 0] *= alpha[0];
+          o[c][4 * i + 1] *= alpha[0];
+          o[c][4 * i + 2] *= alpha[1];
+          o[c][4 * i + 3] *= alpha[1];
+        }
+    } else {
+      // Tile t+2's pages while warpgroup 0 computes S (they were fetched for tile 2 up front).
+      named_barrier_sync(kPFull, 256);
+#pragma unroll
+      for (int ks = 0; ks < TILE / 16; ++ks)
+        ldmatrix_x4(pa[ks], sP + swz128_offset(ROWS, warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+      const float alpha0 = sFactor[r0], alpha1 = sFactor[r0 + 8];
+      if (t + 1 < num_tiles) named_barrier_arrive(kPFree, 256);
+#pragma unroll
+      for (int c = 0; c < VCHUNKS; ++c)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          o[c][4 * i + 0] *= alpha0;
+          o[c][4 * i + 1] *= alpha0;
+          o[c][4 * i + 2] *= alpha1;
+          o[c][4 * i + 3] *= alpha1;
+        }
+    }
+
+    // O[:, this warpgroup's 256 columns] += P V_t: V chunk c is the tile's column chunk c, read
+    // MN-major (its rows are the k of the product), 16 tokens = 2 groups of 8 rows per k-step.
+#pragma unroll
+    for (int c = 0; c < VCHUNKS; ++c) wgmma_fence_regs(o[c]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < TILE / 16; ++ks)
+#pragma unroll
+      for (int c = 0; c < VCHUNKS; ++c)
+        wgmma_m64n64k16_rs_tb(o[c], pa[ks],
+                              smem_desc_sw128(kt + (vchunk0 + c) * TILE * 64 + ks * 16 * 64, kChunkBytes, kSbo), T{});
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int c = 0; c < VCHUNKS; ++c) wgmma_fence_regs(o[c]);
+    mbarrier_arrive(empty + stage);
+
+    if (wg == 1 && t + 2 < num_tiles) {
+      mbarrier_wait(empty + stage, phase);  // warpgroup 0 is done with the stage too
+      issue_tile(t + 2);
+      fetch_pages(t + 3);
+    }
+  }
+
+  // ---- final row statistics (warpgroup 0), then both halves of O ------------------------------
+  if (wg == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float lsum = l[r];
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+      if ((lane & 3) == 0) {
+        // lsum == 0: nothing attended (out 0, lse -inf). A NaN stays NaN in both.
+        sInv[r0 + 8 * r] = lsum == 0.f ? 0.f : 1.f / lsum;
+        sLse[r0 + 8 * r] = lsum == 0.f ? -INFINITY : m[r] + log2f(lsum);
+      }
+    }
+  }
+  named_barrier_sync(kStats, 256);
+
+  const int64_t pair = int64_t(b) * p.head_blocks + hb;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + 8 * r, h = h0 + row;
+    const float inv = sInv[row], lse2 = sLse[row];
+    if (p.num_splits == 1) {
+      if (h < p.num_heads) {
+        T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
+#pragma unroll
+        for (int c = 0; c < VCHUNKS; ++c)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int col = (vchunk0 + c) * 64 + 8 * i + cpair;
+            if (col < p.dv)
+              *reinterpret_cast<uint32_t*>(dst + col) =
+                  pack2(o[c][4 * i + 2 * r] * inv, o[c][4 * i + 2 * r + 1] * inv, T{});
+          }
+        if (p.lse != nullptr && wg == 0 && (lane & 3) == 0) p.lse[int64_t(b) * p.num_heads + h] = lse2 * kLn2;
+      }
+    } else {
+      const int64_t slot = (pair * p.num_splits + split) * ROWS + row;
+      float* dst = p.partial_out + slot * p.dv;
+#pragma unroll
+      for (int c = 0; c < VCHUNKS; ++c)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int col = (vchunk0 + c) * 64 + 8 * i + cpair;
+          if (col < p.dv)
+            *reinterpret_cast<float2*>(dst + col) =
+                make_float2(o[c][4 * i + 2 * r] * inv, o[c][4 * i + 2 * r + 1] * inv);
+        }
+      if (wg == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
+    }
+  }
+  if (p.num_splits == 1) return;
+  // The merge weights reuse the tile stages (every copy into them landed: each was waited on).
+  mla_split_merge<T, ROWS, Cfg::THREADS>(p, b, h0, pair, reinterpret_cast<float*>(sTile));
+#else
+  // Built without sm_90a: the launcher never selects this kernel there (it checks the device);
+  // a launch anyway fails loudly instead of leaving `out` unwritten.
+  __trap();
+#endif
+}
+
+}  // namespace kvcore
