@@ -5,7 +5,8 @@
 #   bash bench/gpu_stages.sh OUTDIR DEADLINE_SECONDS STAGE [STAGE ...]
 # Stages:
 #   build                      build and install kvcore (bench/gpu_check.sh with tests and benchmarks off)
-#   tests[:LIMIT][:FILES]      pytest -m cuda over FILES (comma-separated; default: the whole suite)
+#   tests[:LIMIT][:FILES][:KEXPR]  pytest -m cuda over FILES (comma-separated; default: the whole
+#                              suite), with -k KEXPR when given
 #   bench:GROUP[:LIMIT]        python -m kvcore.bench --group GROUP into OUTDIR/GROUP
 #   sanitize:SCOPE:TOOLS[:LIMIT]  bench/sanitize.sh with KVCORE_SANITIZE_SCOPE=SCOPE over TOOLS (comma-separated)
 #   run:NAME:LIMIT:COMMAND     any command (its output in OUTDIR/NAME.log)
@@ -37,9 +38,9 @@ for stage in "$@"; do
       # gpu_check.sh unpacked the benchmark peers there when .peers/ was carried: later stages see them.
       [ -d /tmp/peers ] && export PYTHONPATH=/tmp/peers${PYTHONPATH:+:$PYTHONPATH} ;;
     tests)
-      lim=$(budget "${a:-300}"); files=${b:-tests}
+      lim=$(budget "${a:-300}"); files=${b:-tests}; kexpr=(); [ -n "$c" ] && kexpr=(-k "$c")
       # shellcheck disable=SC2046
-      timeout "$lim" python3 -m pytest $(tr ',' ' ' <<< "$files") -m cuda -q -p no:cacheprovider -rfE \
+      timeout "$lim" python3 -m pytest $(tr ',' ' ' <<< "$files") -m cuda "${kexpr[@]}" -q -p no:cacheprovider -rfE \
         > "$out/tests.log" 2>&1
       rc=$?; tail -6 "$out/tests.log" ;;
     bench)
