@@ -29,21 +29,28 @@ bool use_h16_kernel() {
   return use;
 }
 
-// KVCORE_MLA_DECODE_WIDE=wgmma runs more than 32 heads on mla_decode_wgmma_kernel (Hopper's
-// warpgroup MMA, 64 heads per CTA; written in session 7, not yet run on a GPU) when the device is
-// compute capability 9.0; unset or "old" (the default) keeps them on mla_decode_kernel (mma.sync,
-// 32 heads per CTA). Read once per process, like the switch above (bench/NOTES.md, "mla_decode
-// H128 on wgmma, session 7").
-bool use_wgmma_kernel() {
-  static const bool use = env_choice("KVCORE_MLA_DECODE_WIDE", {"old", "wgmma"}, "mla_decode (CUDA)") == 1;
-  return use;
+// KVCORE_MLA_DECODE_WIDE=wgmma (64-token tiles) or wgmma32 (32-token tiles) runs more than 32
+// heads on mla_decode_wgmma_kernel (Hopper's warpgroup MMA, 64 heads per CTA; session 7) when the
+// device is compute capability 9.0; unset or "old" (the default) keeps them on mla_decode_kernel
+// (mma.sync, 32 heads per CTA). Read once per process, like the switch above (bench/NOTES.md,
+// session 7). Returns the tile (0: the mma.sync kernel).
+int wgmma_tile() {
+  static const int tile[] = {0, 64, 32};
+  static const int choice = env_choice("KVCORE_MLA_DECODE_WIDE", {"old", "wgmma", "wgmma32"}, "mla_decode (CUDA)");
+  return tile[choice];
 }
 
 // Occupancy, split plan, workspace layout and launch of one kernel instantiation (Cfg: its
 // ROWS, TILE, THREADS and SMEM_BYTES).
+// `merge`, when given, is the separate split-merge kernel the decode kernel can defer to
+// (MlaDecodeParams::merge_separately): used above kSeparateMergeSplits splits, where the last CTA
+// of a head block would read every split's partial alone.
+constexpr int kSeparateMergeSplits = 4;
+
 template <typename Cfg>
 void launch(void (*kernel)(MlaDecodeParams), const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
-            const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
+            const c10::optional<at::Tensor>& workspace, cudaStream_t stream,
+            void (*merge)(MlaDecodeParams) = nullptr) {
   const int per_sm = paged_decode::ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS,
                                                Cfg::SMEM_BYTES, "mla_decode");
   const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -64,9 +71,14 @@ void launch(void (*kernel)(MlaDecodeParams), const MlaDecodeShape& s, MlaDecodeP
   }
   // Head blocks vary fastest: the CTAs of one (sequence, split) read the same latent rows at
   // about the same time, so all but the first find them in L2.
+  p.merge_separately = merge != nullptr && plan.splits > kSeparateMergeSplits ? 1 : 0;
   const dim3 grid(p.head_blocks, plan.splits, s.batch);
   kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.merge_separately) {
+    merge<<<dim3(unsigned(s.num_heads), unsigned(s.batch)), 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename T, int M, int WARP_TOKENS>
@@ -87,11 +99,12 @@ void launch_h16(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_s
   launch<Cfg>(kernel, s, p, requested_splits, workspace, stream);
 }
 
-template <typename T>
+template <typename T, int TILE>
 void launch_wgmma(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
                   const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
-  using Cfg = MlaDecodeWgmmaConfig<kMaxDk, kMaxDv>;
-  launch<Cfg>(mla_decode_wgmma_kernel<T, Cfg>, s, p, requested_splits, workspace, stream);
+  using Cfg = MlaDecodeWgmmaConfig<kMaxDk, kMaxDv, TILE>;
+  launch<Cfg>(mla_decode_wgmma_kernel<T, Cfg>, s, p, requested_splits, workspace, stream,
+              mla_merge_kernel<T, Cfg::ROWS, paged_decode::kMaxSplits>);
 }
 
 void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const at::Tensor& block_table,
@@ -155,8 +168,11 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
     // More than 32 heads with KVCORE_MLA_DECODE_WIDE=wgmma on Hopper: 64 heads per CTA on
     // warpgroup MMA (the kernel is built for sm_90a only; other devices keep mma.sync).
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    if (s.num_heads > 32 && use_wgmma_kernel() && prop->major == 9 && prop->minor == 0)
-      launch_wgmma<T>(s, p, num_splits, workspace, stream);
+    const bool hopper = prop->major == 9 && prop->minor == 0;
+    if (s.num_heads > 32 && hopper && wgmma_tile() == 64)
+      launch_wgmma<T, 64>(s, p, num_splits, workspace, stream);
+    else if (s.num_heads > 32 && hopper && wgmma_tile() == 32)
+      launch_wgmma<T, 32>(s, p, num_splits, workspace, stream);
     else if (s.num_heads <= 16 && use_h16_kernel())
       launch_h16<T>(s, p, num_splits, workspace, stream);
     else if (s.num_heads <= 16)

@@ -57,6 +57,11 @@ struct MlaDecodeParams {
   int num_heads, head_blocks, dk, dv;
   int page_size, page_shift, num_pages, max_pages;  // page_shift < 0: page_size not a power of 2
   int num_splits, split_tokens;                     // split_tokens: a multiple of the tile
+  // Split merge by a separate launch (mla_merge_kernel) instead of the last CTA of each (sequence,
+  // head block): the last CTA reads num_splits * ROWS * dv * 4 bytes alone (8 MB at B1 H128
+  // S32768), which a grid of one CTA per head reads in parallel. Honoured by
+  // mla_decode_wgmma_kernel only.
+  int merge_separately;
   float scale;
 };
 
@@ -157,6 +162,63 @@ __device__ __forceinline__ void mla_split_merge(const MlaDecodeParams& p, int b,
     *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
   }
   if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
+}
+
+// ---- split merge as its own launch: one CTA per (head, sequence) --------------------------------
+// Reads the partials a decode kernel with merge_separately set wrote (ROWS rows per head block)
+// and writes out (and lse) like mla_split_merge. MAX_SPLITS bounds num_splits (the launcher's
+// kMaxSplits). 128 threads, 4 output columns each per pass.
+template <typename T, int ROWS, int MAX_SPLITS>
+__global__ void __launch_bounds__(128) mla_merge_kernel(const MlaDecodeParams p) {
+  constexpr int THREADS = 128, WARPS = THREADS / 32;
+  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int hb = h / ROWS, row = h % ROWS, ns = p.num_splits;
+  const int64_t pair = int64_t(b) * p.head_blocks + hb;
+  const float* plse = p.partial_lse + pair * ns * ROWS + row;  // split s at s * ROWS
+  __shared__ float wgt[MAX_SPLITS];
+  __shared__ float red[WARPS];
+  float mx = -INFINITY;
+  for (int s = tid; s < ns; s += THREADS) mx = fmaxf(mx, __ldcg(plse + s * ROWS));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = red[0];
+#pragma unroll
+  for (int w = 1; w < WARPS; ++w) mx = fmaxf(mx, red[w]);
+  const float base = mx == -INFINITY ? 0.f : mx;
+  float sum = 0.f;
+  for (int s = tid; s < ns; s += THREADS) {
+    const float e = exp2f(__ldcg(plse + s * ROWS) - base);
+    wgt[s] = e;
+    sum += e;
+  }
+  sum = group_sum<32>(sum);
+  __syncthreads();  // every warp has read red (the maxima) before it holds the sums
+  if (lane == 0) red[warp] = sum;
+  __syncthreads();
+  sum = 0.f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) sum += red[w];
+  if (tid == 0 && p.lse != nullptr)
+    p.lse[int64_t(b) * p.num_heads + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
+  const float inv = sum == 0.f ? 0.f : 1.f / sum;
+  const float* pout = p.partial_out + (pair * ns * ROWS + row) * p.dv;  // split s at s * ROWS * dv
+  const int64_t split_stride = int64_t(ROWS) * p.dv;
+  for (int c = tid * 4; c < p.dv; c += THREADS * 4) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 16
+    for (int s = 0; s < ns; ++s) {
+      const float ws = wgt[s];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + s * split_stride + c));
+      acc.x = fmaf(ws, v.x, acc.x);
+      acc.y = fmaf(ws, v.y, acc.y);
+      acc.z = fmaf(ws, v.z, acc.z);
+      acc.w = fmaf(ws, v.w, acc.w);
+    }
+    T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv + c;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
+  }
 }
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile

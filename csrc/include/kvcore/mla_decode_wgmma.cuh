@@ -1,15 +1,15 @@
 #pragma once
 // Many heads (compute-bound MLA decode, H >= 64 in practice): mla_decode_wgmma_kernel, on Hopper's
 // warpgroup MMA. Same contract as mla_decode_kernel (MlaDecodeParams, the split workspace and the
-// merge in mla_decode.cuh), with 64 heads per CTA (one wgmma M) and 64-token latent tiles.
+// merge in mla_decode.cuh), with 64 heads per CTA (one wgmma M) and 64- or 32-token latent tiles.
 //
 // Why wgmma: at 128 heads the op does 2 H (576 + 512) FLOPs per latent byte pair, ~60 per byte,
 // far past the ~190 FLOP/byte at which an H100 turns compute-bound. mma.sync at 32 heads per CTA
 // reached 22% of the bf16 GEMM rate (session 4): every ldmatrix of Q and of the tile fed a few
 // m16n8k16 only. wgmma reads both operands from shared memory itself, 64 heads at a time.
 //
-// Work split inside the CTA (two warpgroups, 256 threads), per 64-token tile t:
-//   warpgroup 0: S = Q K_t^T (64 x 64, k = 576: 36 wgmma m64n64k16, both operands in shared
+// Work split inside the CTA (two warpgroups, 256 threads), per tile t of N = 64 or 32 tokens:
+//   warpgroup 0: S = Q K_t^T (64 x N, k = 576: 36 wgmma m64nNk16, both operands in shared
 //                memory), the online softmax, P (bf16) and the rows' rescale factors to shared
 //                memory for warpgroup 1, then O[:, 0:256] += P V_t with P from its registers.
 //   warpgroup 1: loads the latent tiles (cp.async, completion counted by an mbarrier, so the
@@ -18,8 +18,8 @@
 //                so the tensor pipe has work during warpgroup 0's softmax.
 // V is the tile itself read MN-major (wgmma's transposed B): the latent row's first 512 columns.
 //
-// Shared memory (bf16): Q 72 KB, 2 tile stages 2 x 72 KB, P 8 KB, row factors and barriers:
-// 226 KB, one CTA per SM. Synchronisation:
+// Shared memory (bf16): Q 72 KB, tile stages 144 KB (2 x 64 or 4 x 32 tokens), P 8 KB, row
+// factors and barriers: 226 KB, one CTA per SM. Synchronisation:
 //   full[s]  (mbarrier, 128 arrivals): tile in stage s landed (warpgroup 1's cp.async completions)
 //   empty[s] (mbarrier, 256 arrivals): both warpgroups are done reading stage s
 //   P_FULL   (named barrier): warpgroup 0 wrote P(t) and the factors; warpgroup 1 waits
@@ -32,13 +32,16 @@
 
 namespace kvcore {
 
-template <int DK_, int DV_>
+// TILE 64 (2 stages) or 32 (4 stages): the same shared memory either way; 32-token tiles keep
+// three tiles in flight instead of one, at the price of S as m64n32k16 (Q is read from shared
+// memory twice as often per token).
+template <int DK_, int DV_, int TILE_>
 struct MlaDecodeWgmmaConfig {
   static constexpr int DK = DK_, DV = DV_;
   static constexpr int ROWS = 64;     // heads per CTA: one wgmma M
   static constexpr int THREADS = 256; // two warpgroups
-  static constexpr int TILE = 64;     // tokens per tile: the N of S, 4 k-steps of P V
-  static constexpr int STAGES = 2;
+  static constexpr int TILE = TILE_;  // tokens per tile: the N of S, TILE / 16 k-steps of P V
+  static constexpr int STAGES = TILE == 64 ? 2 : 4;
   static constexpr int TD = DK / 8;   // 16-byte pieces per latent row
   static constexpr int KSTEPS = DK / 16;
   static constexpr int DV_HALF = DV / 2;  // output columns per warpgroup
@@ -49,11 +52,12 @@ struct MlaDecodeWgmmaConfig {
   static constexpr int ROW_PIECES = TD / ROW_THREADS;
   static constexpr size_t SMEM_Q = size_t(ROWS) * DK * 2;
   static constexpr size_t SMEM_TILE = size_t(TILE) * DK * 2;
-  static constexpr size_t SMEM_P = size_t(ROWS) * TILE * 2;
+  static constexpr size_t SMEM_P = size_t(ROWS) * 64 * 2;  // 128-byte rows whatever the tile
   static constexpr size_t SMEM_ROWF = 3 * ROWS * 4;  // factors, then 1/l and lse
-  static constexpr size_t SMEM_BAR = 4 * 8;
+  static constexpr size_t SMEM_BAR = 2 * STAGES * 8;
   static constexpr size_t SMEM_ALIGN = 1024;  // swizzle atoms start on 1024-byte boundaries
   static constexpr size_t SMEM_BYTES = SMEM_ALIGN + SMEM_Q + STAGES * SMEM_TILE + SMEM_P + SMEM_ROWF + SMEM_BAR;
+  static_assert(TILE == 64 || TILE == 32, "wgmma MLA decode: 32- or 64-token tiles");
   static_assert(DK % 64 == 0 && DV % 128 == 0, "wgmma MLA decode: DK a multiple of 64, DV of 128");
   static_assert(TD % ROW_THREADS == 0, "latent row pieces must split evenly over the loader threads");
   static_assert(SMEM_BYTES <= 227 * 1024 - 64, "wgmma MLA decode: shared memory over the sm_90 limit");
@@ -69,28 +73,28 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
   using namespace mla_wgmma;
   constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS;
   constexpr int VCHUNKS = Cfg::VCHUNKS, ROW_PASSES = Cfg::ROW_PASSES, ROW_PIECES = Cfg::ROW_PIECES;
-  constexpr int RPP = Cfg::ROWS_PER_PASS;
+  constexpr int RPP = Cfg::ROWS_PER_PASS, STAGES = Cfg::STAGES;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* const smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + Cfg::SMEM_ALIGN - 1) & ~uintptr_t(Cfg::SMEM_ALIGN - 1));
   T* const sQ = reinterpret_cast<T*>(smem);
   T* const sTile = reinterpret_cast<T*>(smem + Cfg::SMEM_Q);
-  T* const sP = reinterpret_cast<T*>(smem + Cfg::SMEM_Q + 2 * Cfg::SMEM_TILE);
-  float* const sFactor = reinterpret_cast<float*>(smem + Cfg::SMEM_Q + 2 * Cfg::SMEM_TILE + Cfg::SMEM_P);
+  T* const sP = reinterpret_cast<T*>(smem + Cfg::SMEM_Q + STAGES * Cfg::SMEM_TILE);
+  float* const sFactor = reinterpret_cast<float*>(smem + Cfg::SMEM_Q + STAGES * Cfg::SMEM_TILE + Cfg::SMEM_P);
   float* const sInv = sFactor + ROWS;
   float* const sLse = sInv + ROWS;
   uint64_t* const full = reinterpret_cast<uint64_t*>(sFactor + 3 * ROWS);
-  uint64_t* const empty = full + 2;
+  uint64_t* const empty = full + STAGES;
 
   const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
   const int dk_pieces = p.dk >> 3;
 
   if (tid == 0) {
-    mbarrier_init(full + 0, 128);
-    mbarrier_init(full + 1, 128);
-    mbarrier_init(empty + 0, 256);
-    mbarrier_init(empty + 1, 256);
+    for (int s = 0; s < STAGES; ++s) {
+      mbarrier_init(full + s, 128);
+      mbarrier_init(empty + s, 256);
+    }
   }
 
   // ---- this CTA's KV range (as mla_decode_kernel: every index read is clamped) ---------------
@@ -114,8 +118,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
       pages[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
     }
   };
-  auto issue_tile = [&](int t) {  // copies of tile t into stage t % 2, counted on full[t % 2]
-    T* const dst = sTile + (t & 1) * TILE * DK;
+  auto issue_tile = [&](int t) {  // copies of tile t into its stage, counted on that stage's full
+    T* const dst = sTile + (t % STAGES) * TILE * DK;
 #pragma unroll
     for (int i = 0; i < ROW_PASSES; ++i) {
       const int row = copy_r0 + RPP * i;
@@ -130,7 +134,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
         cp_async_16(dst + swz128_offset(TILE, row, c), src + (ok ? c * 8 : 0), ok);
       }
     }
-    cp_async_mbarrier_arrive(full + (t & 1));
+    cp_async_mbarrier_arrive(full + t % STAGES);
   };
 
   // ---- Q of the head block, 128-byte swizzled (heads past H and columns past dk are zero) ----
@@ -147,11 +151,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
   __syncthreads();           // Q and the barrier initialisation are visible to all
 
   if (wg == 1) {
-    fetch_pages(0);
-    if (num_tiles > 0) issue_tile(0);
-    fetch_pages(1);
-    if (num_tiles > 1) issue_tile(1);
-    fetch_pages(2);
+    for (int s = 0; s < STAGES; ++s) {
+      fetch_pages(s);
+      if (s < num_tiles) issue_tile(s);
+    }
+    fetch_pages(STAGES);
   }
 
   // D fragment roles (both warpgroups): rows r0 and r0 + 8, columns 8 i + cpair (+1).
@@ -162,13 +166,14 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
 #pragma unroll
     for (int i = 0; i < 32; ++i) o[c][i] = 0.f;
   const uint32_t kSbo = 1024, kChunkBytes = TILE * 128;
+  constexpr int NB = TILE / 8;  // n8 column blocks of S
   const int vchunk0 = wg * VCHUNKS;  // this warpgroup's first 64-column chunk of V and O
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // warpgroup 0 only
   const float s_scale = p.scale * kLog2e;
 
   for (int t = 0; t < num_tiles; ++t) {
-    const int stage = t & 1;
-    const uint32_t phase = (t >> 1) & 1;
+    const int stage = t % STAGES;
+    const uint32_t phase = (t / STAGES) & 1;
     const T* const kt = sTile + stage * TILE * DK;
     uint32_t pa[TILE / 16][4];  // P as wgmma A fragments, one per k-step of 16 tokens
     mbarrier_wait(full + stage, phase);
@@ -176,13 +181,15 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
 
     if (wg == 0) {
       // S = Q K^T: 36 k-steps of 16 latent columns; each 64-column chunk holds 4.
-      float s[32];
+      float s[TILE / 2];
+#pragma unroll
+      for (int i = 0; i < TILE / 2; ++i) s[i] = 0.f;
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < KSTEPS; ++ks) {
         const int off = (ks >> 2) * ROWS * 64 + (ks & 3) * 16;  // elements: chunk, then k16 within
         const int koff = (ks >> 2) * TILE * 64 + (ks & 3) * 16;
-        wgmma_m64n64k16_ss(s, smem_desc_sw128(sQ + off, 16, kSbo), smem_desc_sw128(kt + koff, 16, kSbo), ks > 0, T{});
+        wgmma_ss<T>(s, smem_desc_sw128(sQ + off, 16, kSbo), smem_desc_sw128(kt + koff, 16, kSbo), ks > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -195,7 +202,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
       for (int r = 0; r < 2; ++r) {
         float mx = m[r];
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < NB; ++i)
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             float& x = s[4 * i + 2 * r + j];
@@ -209,7 +216,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
         m[r] = mx;
         float sum = 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
+        for (int i = 0; i < NB; ++i)
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             float& x = s[4 * i + 2 * r + j];
@@ -284,10 +291,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     for (int c = 0; c < VCHUNKS; ++c) wgmma_fence_regs(o[c]);
     mbarrier_arrive(empty + stage);
 
-    if (wg == 1 && t + 2 < num_tiles) {
+    if (wg == 1 && t + STAGES < num_tiles) {
       mbarrier_wait(empty + stage, phase);  // warpgroup 0 is done with the stage too
-      issue_tile(t + 2);
-      fetch_pages(t + 3);
+      issue_tile(t + STAGES);
+      fetch_pages(t + STAGES + 1);
     }
   }
 
@@ -341,7 +348,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
       if (wg == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
     }
   }
-  if (p.num_splits == 1) return;
+  if (p.num_splits == 1 || p.merge_separately) return;
   // The merge weights reuse the tile stages (every copy into them landed: each was waited on).
   mla_split_merge<T, ROWS, Cfg::THREADS>(p, b, h0, pair, reinterpret_cast<float*>(sTile));
 #else
