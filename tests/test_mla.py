@@ -947,14 +947,14 @@ def test_mla_decode_cuda_h16_many_tiles_and_pages(dtype, gen):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
-@pytest.mark.skipif(os.environ.get("KVCORE_MLA_DECODE_H16") == "new", reason="this process already runs the new path")
-def test_mla_decode_cuda_h16_new_path_in_subprocess():
-    """KVCORE_MLA_DECODE_H16=new (read once per process) puts H <= 16 on mla_decode_h16_kernel,
-    the session-6 kernel kept behind the switch until a GPU run has timed it: the CUDA cases of
-    this file and the MLA cases of the NaN, determinism and CUDA-graph tests once more in a
-    fresh process with it set (this process runs the default path)."""
+@pytest.mark.skipif(os.environ.get("KVCORE_MLA_DECODE_H16") == "old", reason="this process already runs the old path")
+def test_mla_decode_cuda_h16_old_path_in_subprocess():
+    """KVCORE_MLA_DECODE_H16=old (read once per process) puts H <= 16 back on mla_decode_kernel,
+    the path before session 7 (this process runs the default, mla_decode_h16_kernel): the CUDA
+    cases of this file and the MLA cases of the NaN, determinism and CUDA-graph tests once more in
+    a fresh process with it set."""
     files = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
-    run_tests_with_env("KVCORE_MLA_DECODE_H16", "new", files, "mla and not in_subprocess", 1, "-m", "cuda")
+    run_tests_with_env("KVCORE_MLA_DECODE_H16", "old", files, "mla and not in_subprocess", 1, "-m", "cuda")
 
 
 @pytest.mark.cuda

@@ -19,13 +19,12 @@ namespace {
 constexpr int kMaxDk = 576;
 constexpr int kMaxDv = 512;
 
-// KVCORE_MLA_DECODE_H16=new runs up to 16 heads on mla_decode_h16_kernel (written in session 6,
-// not yet run on a GPU); unset or "old" (the default) keeps them on mla_decode_kernel, the path
-// the committed results measured. Read once per process: an A/B switch for
-// `python -m kvcore.bench --group mla` and the new kernel's tests (bench/NOTES.md, "mla_decode
-// H16, session 6"). The default flips once a GPU run has passed the tests and timed it.
+// Up to 16 heads run on mla_decode_h16_kernel (session 6's kernel; the default since session 7,
+// when it passed the MLA CUDA tests and timed 88% of copy against mla_decode_kernel's 67%).
+// KVCORE_MLA_DECODE_H16=old puts them back on mla_decode_kernel: read once per process, an A/B
+// switch for `python -m kvcore.bench --group mla` and the old path's tests.
 bool use_h16_kernel() {
-  static const bool use = env_choice("KVCORE_MLA_DECODE_H16", {"old", "new"}, "mla_decode (CUDA)") == 1;
+  static const bool use = env_choice("KVCORE_MLA_DECODE_H16", {"new", "old"}, "mla_decode (CUDA)") == 0;
   return use;
 }
 
@@ -159,9 +158,10 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_half_types(q.scalar_type(), "mla_decode", [&](auto tag) {
     using T = decltype(tag);
-    // Up to 16 heads (memory-bound): one m16 tile per CTA on mla_decode_kernel, 32-token tiles
-    // in a 4-deep ring; with KVCORE_MLA_DECODE_H16=new, mla_decode_h16_kernel (S split over the
-    // latent columns, Q in registers, 16-token tiles in a 5-deep ring, two CTAs per SM). More heads (compute-bound): 32 heads per CTA, which halves the
+    // Up to 16 heads (memory-bound): mla_decode_h16_kernel (S split over the latent columns, Q
+    // in registers, 16-token tiles in a 5-deep ring, two CTAs per SM); with
+    // KVCORE_MLA_DECODE_H16=old, one m16 tile per CTA on mla_decode_kernel, 32-token tiles in a
+    // 4-deep ring. More heads (compute-bound): 32 heads per CTA, which halves the
     // latent re-reads from L2, and 16 tokens per warp, so each Q fragment read from shared
     // memory serves two mma (Q reads dominate the shared-memory traffic); 64-token tiles leave
     // room for a 2-deep ring only, which a compute-bound tile loop hides.
