@@ -133,6 +133,20 @@ def run_tests_with_env(name: str, value: str, files: list, select: str, min_pass
     assert passed is not None and int(passed.group(1)) >= min_passed, f"{name}={value}: too few tests ran\n{tail}"
 
 
+def prompt_ids(batch: int = 2, device="cpu", *, length: int, vocab: int, seed: int = 99) -> torch.Tensor:
+    """Random prompt token ids [batch, length] below ``vocab`` (fixed seed, drawn on the CPU), for
+    the model-level tests of the transformers adapters."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+
+
+def greedy_generate(model, ids: torch.Tensor, *, new: int):
+    """``model.generate`` with greedy decoding for ``new`` tokens, the per-step logits kept (the
+    adapter tests compare tokens and logits against transformers' own path)."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+
 def randn(*shape, gen: torch.Generator, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:
     """Standard-normal values (never zeros), drawn on the CPU for reproducibility, then moved."""
     t = torch.randn(*shape, generator=gen, dtype=torch.float32) * scale

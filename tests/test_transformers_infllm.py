@@ -10,10 +10,13 @@ tokens; the budget -> parameters mapping; refusals; ``python -m kvcore.generate 
 
 from __future__ import annotations
 
+import functools
+
 import copy
 
 import pytest
 import torch
+from conftest import greedy_generate, prompt_ids
 
 transformers = pytest.importorskip("transformers")
 kvt = pytest.importorskip("kvcore.integrations.transformers")
@@ -40,14 +43,10 @@ def _model(device: str = "cpu", dtype: torch.dtype = torch.float32, layers: int 
     return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
-def _prompt(batch: int = 2, device: str = "cpu", length: int = PROMPT) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(99)
-    return torch.randint(0, VOCAB, (batch, length), generator=gen).to(device)
+_prompt = functools.partial(prompt_ids, length=PROMPT, vocab=VOCAB)
 
 
-def _greedy(model, ids, new=NEW):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+_greedy = functools.partial(greedy_generate, new=NEW)
 
 
 def test_all_units_retrieved_matches_eager_and_plain_adapter():

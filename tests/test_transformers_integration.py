@@ -8,11 +8,14 @@ architectures and padded batches are refused.
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import types
 
 import pytest
 import torch
+from conftest import greedy_generate, prompt_ids
 
 transformers = pytest.importorskip("transformers")
 kvt = pytest.importorskip("kvcore.integrations.transformers")
@@ -46,14 +49,10 @@ def _model(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32, l
     return model_cls(config).to(device=device, dtype=dtype).eval()
 
 
-def _prompt(batch: int = 2, device: str = "cpu") -> torch.Tensor:
-    gen = torch.Generator().manual_seed(99)
-    return torch.randint(0, VOCAB, (batch, PROMPT), generator=gen).to(device)
+_prompt = functools.partial(prompt_ids, length=PROMPT, vocab=VOCAB)
 
 
-def _greedy(model, ids, new=NEW):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+_greedy = functools.partial(greedy_generate, new=NEW)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
@@ -580,7 +579,7 @@ def test_pyramidkv_generate_runs_past_page_boundaries(device):
     model = _model("llama", device, dtype, layers=layers)  # (qwen2's config fixes layer_types at 2 layers)
     kvt.enable(model, policy="pyramidkv", budget=budget, page_size=4, window=4)
     ids = _prompt(device=device)
-    out = _greedy(model, ids, new)
+    out = _greedy(model, ids, new=new)
     cache = model.kvcore_cache
     start = _pyramid_budgets(layers, PROMPT, budget, 4)
     assert cache.cached_tokens_per_layer() == [n + new - 1 for n in start]

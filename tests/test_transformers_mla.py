@@ -12,11 +12,14 @@ CPU dims: kv_lora_rank 32 + rope 8 (the CPU ops take any width); MoE after one d
 
 from __future__ import annotations
 
+import functools
+
 import copy
 import types
 
 import pytest
 import torch
+from conftest import greedy_generate, prompt_ids
 
 from kvcore import ops
 
@@ -59,14 +62,10 @@ def _model(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32, *
     return cls(config).to(device=device, dtype=dtype).eval()
 
 
-def _prompt(batch: int = 2, device: str = "cpu", length: int = PROMPT) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(99)
-    return torch.randint(0, VOCAB, (batch, length), generator=gen).to(device)
+_prompt = functools.partial(prompt_ids, length=PROMPT, vocab=VOCAB)
 
 
-def _greedy(model, ids, new=NEW):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                          output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+_greedy = functools.partial(greedy_generate, new=NEW)
 
 
 def _eager(model):
