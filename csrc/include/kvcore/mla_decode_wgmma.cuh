@@ -314,6 +314,16 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
   }
   named_barrier_sync(kStats, 256);
 
+  // This thread's column pairs of row r0 + 8 r in its warpgroup's half of O, scaled by 1 / l.
+  auto for_each_pair = [&](int r, float inv, auto&& store) {
+#pragma unroll
+    for (int c = 0; c < VCHUNKS; ++c)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int col = (vchunk0 + c) * 64 + 8 * i + cpair;
+        if (col < p.dv) store(col, o[c][4 * i + 2 * r] * inv, o[c][4 * i + 2 * r + 1] * inv);
+      }
+  };
   const int64_t pair = int64_t(b) * p.head_blocks + hb;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -322,29 +332,17 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     if (p.num_splits == 1) {
       if (h < p.num_heads) {
         T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
-#pragma unroll
-        for (int c = 0; c < VCHUNKS; ++c)
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const int col = (vchunk0 + c) * 64 + 8 * i + cpair;
-            if (col < p.dv)
-              *reinterpret_cast<uint32_t*>(dst + col) =
-                  pack2(o[c][4 * i + 2 * r] * inv, o[c][4 * i + 2 * r + 1] * inv, T{});
-          }
+        for_each_pair(r, inv, [&](int col, float x, float y) {
+          *reinterpret_cast<uint32_t*>(dst + col) = pack2(x, y, T{});
+        });
         if (p.lse != nullptr && wg == 0 && (lane & 3) == 0) p.lse[int64_t(b) * p.num_heads + h] = lse2 * kLn2;
       }
     } else {
       const int64_t slot = (pair * p.num_splits + split) * ROWS + row;
       float* dst = p.partial_out + slot * p.dv;
-#pragma unroll
-      for (int c = 0; c < VCHUNKS; ++c)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int col = (vchunk0 + c) * 64 + 8 * i + cpair;
-          if (col < p.dv)
-            *reinterpret_cast<float2*>(dst + col) =
-                make_float2(o[c][4 * i + 2 * r] * inv, o[c][4 * i + 2 * r + 1] * inv);
-        }
+      for_each_pair(r, inv, [&](int col, float x, float y) {
+        *reinterpret_cast<float2*>(dst + col) = make_float2(x, y);
+      });
       if (wg == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
     }
   }
