@@ -973,6 +973,19 @@ def test_mla_decode_cuda_wgmma_path_in_subprocess(variant):
     run_tests_with_env("KVCORE_MLA_DECODE_WIDE", variant, files, "mla and not in_subprocess", 1, "-m", "cuda")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not PROJECT_CUDA_BUILT, reason="the mla_latent_project CUDA kernel is not built")
+@pytest.mark.skipif(os.environ.get("KVCORE_MLA_PROJECT_FUSED_MAX", "64") != "64",
+                    reason="this process already runs a lowered boundary")
+def test_mla_latent_project_cuda_fused_max_16_in_subprocess():
+    """KVCORE_MLA_PROJECT_FUSED_MAX=16 (read once per process) sends T > 16 to cuBLAS + the
+    epilogue kernel instead of the fused kernel: this file's projection cases once more in a fresh
+    process with it set, so the grid's T 20, 33 and 64 run the cuBLAS path too."""
+    run_tests_with_env("KVCORE_MLA_PROJECT_FUSED_MAX", "16", ["tests/test_mla.py"],
+                       "latent_project and not in_subprocess", 1, "-m", "cuda")
+
+
 def _cuda_bad_q_misaligned(a):
     wide = torch.empty(*a.q.shape[:2], a.q.shape[2] + 8, dtype=a.q.dtype, device="cuda")
     a.q = wide[..., 4 : 4 + a.q.shape[2]]  # 8-byte offset, strides still multiples of 8

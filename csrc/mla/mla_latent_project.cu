@@ -3,6 +3,7 @@
 //
 // T <= 64: one fused launch (split-K tensor-core product, in-kernel reduction, epilogue).
 // T > 64 (prefill): kv = hidden @ w_dkv by cuBLAS into an fp32 buffer, then the epilogue kernel.
+// (KVCORE_MLA_PROJECT_FUSED_MAX moves the boundary down for A/B timing; see fused_max_tokens.)
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,6 +24,7 @@
 #include "common/checks.h"
 #include "common/cuda_dispatch.h"
 #include "common/cuda_occupancy.h"
+#include "common/env_switch.h"
 #include "kvcore/mla_latent_project.cuh"
 
 // torch.mm(a, b, out_dtype=float32) for bf16/fp16 inputs (cuBLAS, fp32 output) exists since 2.8.
@@ -134,6 +136,19 @@ void launch_cublas_then_finish(MlaProjectParams& p, const at::Tensor& hidden, co
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The most tokens the fused kernel takes; more go to cuBLAS + the epilogue kernel.
+// KVCORE_MLA_PROJECT_FUSED_MAX = 64 (the default) / 32 / 16, read once per process: an A/B switch
+// for `python -m kvcore.bench --group mla`. Session 7 measured the fused kernel at T32 38 us and
+// T64 60 us, against 50 / 51 us for torch's whole unfused sequence (matmul, rms_norm, rope,
+// index_put_): the tile-level sums grow with T, while a cuBLAS product of that size plus the
+// epilogue should stay near 20 us. The default moves once a run has timed both.
+int fused_max_tokens() {
+  static const int most[] = {64, 32, 16};
+  static const int choice =
+      env_choice("KVCORE_MLA_PROJECT_FUSED_MAX", {"64", "32", "16"}, "mla_latent_project (CUDA)");
+  return most[choice];
+}
+
 void mla_latent_project_cuda(const at::Tensor& hidden, const at::Tensor& w_dkv, const at::Tensor& norm_weight,
                              double eps, const at::Tensor& cos_sin, const at::Tensor& positions,
                              at::Tensor& latent_cache, const at::Tensor& slot_mapping, bool interleaved_rope,
@@ -188,9 +203,10 @@ void mla_latent_project_cuda(const at::Tensor& hidden, const at::Tensor& w_dkv, 
 
   dispatch_half_types(hidden.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    if (s.tokens <= 16) return launch_fused<T, 1>(p, hidden, stream);
-    if (s.tokens <= 32) return launch_fused<T, 2>(p, hidden, stream);
-    if (s.tokens <= Cfg::MAX_TOKENS) return launch_fused<T, 4>(p, hidden, stream);
+    const int fused_max = std::min(fused_max_tokens(), Cfg::MAX_TOKENS);
+    if (s.tokens <= std::min(16, fused_max)) return launch_fused<T, 1>(p, hidden, stream);
+    if (s.tokens <= std::min(32, fused_max)) return launch_fused<T, 2>(p, hidden, stream);
+    if (s.tokens <= fused_max) return launch_fused<T, 4>(p, hidden, stream);
     launch_cublas_then_finish<T>(p, hidden, w_dkv, stream);
   });
 }
