@@ -10,6 +10,7 @@ Selections are random subsets of each sequence's pages, listed in random order, 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional, Union
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 import kvcore
-from conftest import HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn
+from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn,
+                      run_tests_with_env)
 from kvcore import reference
 from kvcore.block_sparse import build_selection
 from test_ops import OPCHECK_UTILS, BadCase, _other_device, _set, _set_item, _set_kw
@@ -830,3 +832,14 @@ def test_bad_indices_without_validation(device, no_validation, gen):
     assert not bool(torch.isnan(a.lse).any()) and not bool(torch.isposinf(a.lse).any())
     # A negative count is an empty list: 0 and -inf (heads 0-1 of sequence 1).
     assert bool((a.out[1, :2] == 0).all()) and bool(torch.isneginf(a.lse[1, :2]).all())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(os.environ.get("KVCORE_SPARSE_PAGE_DEDUP") == "on", reason="this process already runs it")
+def test_page_dedup_in_subprocess():
+    """KVCORE_SPARSE_PAGE_DEDUP=on (read once per process) makes each thread look up every other
+    copy slot's page only, where the page size allows: this file's CUDA cases (page sizes 1 to
+    256, head dims 64 to 256) and the retrieval tests once more in a fresh process with it set."""
+    run_tests_with_env("KVCORE_SPARSE_PAGE_DEDUP", "on", ["tests/test_block_sparse.py", "tests/test_retrieval.py"],
+                       "not in_subprocess", 1, "-m", "cuda")

@@ -2,10 +2,21 @@
 // (sequence, KV head) streams the pages of its own list (csrc/include/kvcore/gqa_decode.cuh).
 #include <torch/library.h>
 
+#include "common/env_switch.h"
 #include "decode/paged_decode_launch.h"
 
 namespace kvcore {
 namespace {
+
+// KVCORE_SPARSE_PAGE_DEDUP=on: each thread looks up the list entry and page of every other copy
+// slot only, when the page size allows (GqaDecodeParams::dedup_pages): at page 16 a D128 thread
+// makes 8 dependent list + block-table load pairs per tile for 4 distinct pages. Page 16 ran 9
+// points of copy below page 128 (session 2), against 1.3 for gqa_decode, which has no list.
+// Default off until a run has timed it; read once per process.
+bool page_dedup_enabled() {
+  static const bool on = env_choice("KVCORE_SPARSE_PAGE_DEDUP", {"off", "on"}, "block_sparse_decode (CUDA)") == 1;
+  return on;
+}
 
 void block_sparse_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                               const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& sel_pages,
@@ -25,6 +36,9 @@ void block_sparse_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
   p.sel_pages = sel_pages.data_ptr<int>();
   p.sel_counts = sel_counts.data_ptr<int>();
   p.max_sel = int(bs.max_sel);
+  // A thread's copy slots 2j, 2j+1 are 2 x 128 / (D / 8) = 2048 / D rows apart in a tile whose
+  // start is a multiple of 64: one page whenever page_size is a multiple of that span.
+  p.dedup_pages = page_dedup_enabled() && s.page_size % (2048 / s.head_dim) == 0 ? 1 : 0;
   // Splits are cut over the list (max_sel pages), not over the sequence.
   const int64_t kv_len = std::max<int64_t>(1, bs.max_sel * s.page_size);
   paged_decode::dispatch<true>("block_sparse_decode", q, p, s, kv_len, num_splits, workspace);

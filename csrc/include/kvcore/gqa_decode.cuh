@@ -53,6 +53,10 @@ struct GqaDecodeParams {
   const int* sel_pages;   // [B, Hkv, max_sel] logical page numbers
   const int* sel_counts;  // [B, Hkv]
   int max_sel;
+  // SPARSE: copy slots 2j and 2j+1 of a thread lie in one page (the launcher sets this only when
+  // page_size is a multiple of the two slots' row span, 2 x THREADS / (D / 8)), so the odd slot
+  // reuses the even one's list entry and page instead of looking both up again.
+  int dedup_pages;
   // Per-CTA timestamps for bench/experiments/decode_trace.cu, compiled in only with
   // KVCORE_DECODE_TRACE (the library never sets them): entry, first tile landed, loop done,
   // exit, then the time each of the first trace_tiles tiles landed.
@@ -111,6 +115,8 @@ struct GqaDecodeConfig {
 
   static_assert(D % 32 == 0 && D >= 64 && D <= 256, "head_dim must be 64, 128 or 256");
   static_assert((TILE * TD) % THREADS == 0, "tile copies must divide evenly");
+  static_assert(LOADS % 2 == 0 && TILE % (2 * THREADS / TD) == 0,
+                "copy slots pair up within a tile (GqaDecodeParams::dedup_pages)");
 };
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile.
@@ -177,9 +183,14 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       if constexpr (SPARSE) {
-        const int j = min(page_of(start + t * TILE + (tid + i * Cfg::THREADS) / TD), p.max_sel - 1);
-        lpg[i] = p.max_sel > 0 ? __ldg(sel + j) : -1;
-        pg[i] = capacity > 0 ? __ldg(bt + min(max(lpg[i], 0), p.max_pages - 1)) : 0;
+        if ((i & 1) && p.dedup_pages) {  // the row 2 x THREADS / TD rows up is in the same page
+          lpg[i] = lpg[i - 1];
+          pg[i] = pg[i - 1];
+        } else {
+          const int j = min(page_of(start + t * TILE + (tid + i * Cfg::THREADS) / TD), p.max_sel - 1);
+          lpg[i] = p.max_sel > 0 ? __ldg(sel + j) : -1;
+          pg[i] = capacity > 0 ? __ldg(bt + min(max(lpg[i], 0), p.max_pages - 1)) : 0;
+        }
       } else {
         const int pos = min(start + t * TILE + (tid + i * Cfg::THREADS) / TD, capacity - 1);
         pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
