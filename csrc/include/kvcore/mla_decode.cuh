@@ -228,6 +228,69 @@ __device__ __forceinline__ int mla_swz(int row, int chunk) {
   return (row * TD + (chunk ^ (row & 7))) * 8;
 }
 
+// ---- the latent-tile loader and the Q staging every MLA decode kernel shares -----------------
+// A thread copies 16-byte pieces c0 + 8 j (j < PIECES) of the tile rows r0 + RPP i (i < PASSES).
+// The rows' pages are looked up a tile ahead of the copy (positions clamped to the block table,
+// not to seq_len, so a split's first lookups can run while seq_len is in flight). Everything read
+// is clamped: bad index contents give wrong numbers, never an out-of-bounds access. Rows past the
+// range end and columns past dk are zero-filled: a zero key column adds nothing to S, and a zero
+// value row times P = 0 adds nothing to O (stale data could be NaN, and NaN * 0 is NaN).
+__device__ __forceinline__ int mla_page_of(const MlaDecodeParams& p, int pos) {
+  return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size;
+}
+__device__ __forceinline__ int mla_in_page(const MlaDecodeParams& p, int pos) {
+  return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size;
+}
+
+// Pages of this thread's rows of the tile whose row r0 sits at position row_pos.
+template <int PASSES, int RPP>
+__device__ __forceinline__ void mla_fetch_pages(const MlaDecodeParams& p, const int* bt, int capacity, int row_pos,
+                                                int (&pg)[PASSES]) {
+#pragma unroll
+  for (int i = 0; i < PASSES; ++i) {
+    const int pos = min(row_pos + RPP * i, capacity - 1);
+    pg[i] = capacity > 0 ? __ldg(bt + mla_page_of(p, pos)) : 0;
+  }
+}
+
+// cp.async of this thread's pieces of the tile starting at position tile_pos into dst, laid out
+// by swz(row, piece) (an element offset); positions from `end` on are zero-filled.
+template <int PASSES, int PIECES, int RPP, typename T, typename Swizzle>
+__device__ __forceinline__ void mla_copy_tile(const MlaDecodeParams& p, T* dst, Swizzle swz, const int (&pg)[PASSES],
+                                              int tile_pos, int end, int r0, int c0) {
+  const T* const cache = static_cast<const T*>(p.cache);
+  const int dk_pieces = p.dk >> 3;
+#pragma unroll
+  for (int i = 0; i < PASSES; ++i) {
+    const int row = r0 + RPP * i;
+    const int pos = tile_pos + row;
+    const bool row_ok = pos < end;
+    const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
+    const T* src = cache + page * p.page_stride + int64_t(mla_in_page(p, min(pos, end - 1))) * p.dk;
+#pragma unroll
+    for (int j = 0; j < PIECES; ++j) {
+      const int c = c0 + 8 * j;
+      const bool ok = row_ok && c < dk_pieces;
+      cp_async_16(dst + swz(row, c), src + (ok ? c * 8 : 0), ok);
+    }
+  }
+}
+
+// Q of heads h0 .. h0 + ROWS - 1 of sequence b into shared memory laid out by swz(row, piece), by
+// all THREADS threads; heads past H and columns past dk are zero.
+template <int ROWS, int TD, int THREADS, typename T, typename Swizzle>
+__device__ __forceinline__ void mla_stage_q(const MlaDecodeParams& p, int b, int h0, T* sQ, Swizzle swz) {
+  const int dk_pieces = p.dk >> 3;
+  for (int i = threadIdx.x; i < ROWS * TD; i += THREADS) {
+    const int row = i / TD, piece = i % TD;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (h0 + row < p.num_heads && piece < dk_pieces)
+      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b +
+                                          int64_t(h0 + row) * p.q_stride_h + piece * 8);
+    *reinterpret_cast<uint4*>(sQ + swz(row, piece)) = v;
+  }
+}
+
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecodeParams p) {
   constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES;
@@ -242,7 +305,6 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
 
   const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int dk_chunks = p.dk >> 3;
 
   // ---- this CTA's KV range -------------------------------------------------------------------
   // Everything read from memory is clamped, so bad index contents give wrong numbers but never an
@@ -252,37 +314,19 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
   const int seq_len_raw = __ldg(p.seq_lens + b);
   const int start = split * p.split_tokens;
   const int* bt = p.block_table + int64_t(b) * p.max_pages;
-  const T* const cache = static_cast<const T*>(p.cache);
-  auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
-  auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
 
   // Copy roles: thread copies chunks copy_c0 + 8 * j (j < ROW_CHUNKS) of tile rows
-  // copy_r0 + RPP * pass. The page of each of its rows for tile t is read one tile ahead.
+  // copy_r0 + RPP * pass (mla_copy_tile). The page of each of its rows for tile t is read one
+  // tile ahead.
   const int copy_r0 = tid >> 3, copy_c0 = tid & 7;
+  const auto swz = [](int row, int chunk) { return mla_swz<TD>(row, chunk); };
   auto fetch_pages = [&](int t, int (&pg)[ROW_PASSES]) {
-#pragma unroll
-    for (int i = 0; i < ROW_PASSES; ++i) {
-      const int pos = min(start + t * TILE + copy_r0 + RPP * i, capacity - 1);
-      pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
-    }
+    mla_fetch_pages<ROW_PASSES, RPP>(p, bt, capacity, start + t * TILE + copy_r0, pg);
   };
   int end = 0;
   auto issue_copies = [&](int t, const int (&pg)[ROW_PASSES]) {
-    T* const dst = sTile + (t % STAGES) * TILE * DK;
-#pragma unroll
-    for (int i = 0; i < ROW_PASSES; ++i) {
-      const int row = copy_r0 + RPP * i;
-      const int pos = start + t * TILE + row;
-      const bool row_ok = pos < end;
-      const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
-      const T* src = cache + page * p.page_stride + int64_t(in_page(min(pos, end - 1))) * p.dk;
-#pragma unroll
-      for (int j = 0; j < ROW_CHUNKS; ++j) {
-        const int c = copy_c0 + 8 * j;
-        const bool ok = row_ok && c < dk_chunks;
-        cp_async_16(dst + mla_swz<TD>(row, c), src + (ok ? c * 8 : 0), ok);
-      }
-    }
+    mla_copy_tile<ROW_PASSES, ROW_CHUNKS, RPP>(p, sTile + (t % STAGES) * TILE * DK, swz, pg, start + t * TILE, end,
+                                                copy_r0, copy_c0);
   };
 
   int pages[ROW_PASSES];
@@ -299,14 +343,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
 
   // ---- stage the head block's queries (heads past H and columns past dk are zero) -------------
   const int h0 = hb * ROWS;
-  for (int i = tid; i < ROWS * TD; i += Cfg::THREADS) {
-    const int row = i / TD, chunk = i % TD;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (h0 + row < p.num_heads && chunk < dk_chunks)
-      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b +
-                                          int64_t(h0 + row) * p.q_stride_h + chunk * 8);
-    *reinterpret_cast<uint4*>(sQ + mla_swz<TD>(row, chunk)) = v;
-  }
+  mla_stage_q<ROWS, TD, Cfg::THREADS>(p, b, h0, sQ, swz);
   // (the first __syncthreads of the loop, or the one before the epilogue, publishes sQ)
 
   // Fragment roles: rows r0 and r0 + 8 of each m16 tile; token / column pair cpair.
@@ -566,7 +603,6 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const M
 
   const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int dk_chunks = p.dk >> 3;
 
   // ---- this CTA's KV range and the copy roles (as in mla_decode_kernel) ------------------------
   // Everything read from memory is clamped, so bad index contents give wrong numbers but never an
@@ -575,40 +611,18 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const M
   const int seq_len_raw = __ldg(p.seq_lens + b);
   const int start = split * p.split_tokens;
   const int* bt = p.block_table + int64_t(b) * p.max_pages;
-  const T* const cache = static_cast<const T*>(p.cache);
-  auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
-  auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
 
-  // Thread copies chunks copy_c0 + 8 * j (j < ROW_CHUNKS) of tile rows copy_r0 + RPP * pass; the
-  // page of each of its rows is read one tile ahead of the copy.
+  // Thread copies chunks copy_c0 + 8 * j (j < ROW_CHUNKS) of tile rows copy_r0 + RPP * pass
+  // (mla_copy_tile); the page of each of its rows is read one tile ahead of the copy.
   const int copy_r0 = tid >> 3, copy_c0 = tid & 7;
+  const auto swz = [](int row, int chunk) { return mla_swz<TD>(row, chunk); };
   auto fetch_pages = [&](int t, int (&pg)[ROW_PASSES]) {
-#pragma unroll
-    for (int i = 0; i < ROW_PASSES; ++i) {
-      const int pos = min(start + t * TILE + copy_r0 + RPP * i, capacity - 1);
-      pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
-    }
+    mla_fetch_pages<ROW_PASSES, RPP>(p, bt, capacity, start + t * TILE + copy_r0, pg);
   };
   int end = 0;
   auto issue_copies = [&](int t, const int (&pg)[ROW_PASSES]) {
-    T* const dst = sTile + (t % STAGES) * TILE * DK;
-#pragma unroll
-    for (int i = 0; i < ROW_PASSES; ++i) {
-      const int row = copy_r0 + RPP * i;
-      const int pos = start + t * TILE + row;
-      const bool row_ok = pos < end;
-      const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
-      const T* src = cache + page * p.page_stride + int64_t(in_page(min(pos, end - 1))) * p.dk;
-#pragma unroll
-      for (int j = 0; j < ROW_CHUNKS; ++j) {
-        const int c = copy_c0 + 8 * j;
-        const bool ok = row_ok && c < dk_chunks;
-        // Rows past the range end and columns past dk are zero-filled: a zero key column adds
-        // nothing to S, and a zero value row times P = 0 adds nothing to O (stale data could be
-        // NaN, and NaN * 0 is NaN).
-        cp_async_16(dst + mla_swz<TD>(row, c), src + (ok ? c * 8 : 0), ok);
-      }
-    }
+    mla_copy_tile<ROW_PASSES, ROW_CHUNKS, RPP>(p, sTile + (t % STAGES) * TILE * DK, swz, pg, start + t * TILE, end,
+                                                copy_r0, copy_c0);
   };
 
   int pages[ROW_PASSES];

@@ -88,7 +88,6 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
 
   const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
-  const int dk_pieces = p.dk >> 3;
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -104,49 +103,24 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
   const int end = min(seq_len, start + p.split_tokens);
   const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
   const int* bt = p.block_table + int64_t(b) * p.max_pages;
-  const T* const cache = static_cast<const T*>(p.cache);
-  auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
-  auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
 
-  // Loader roles (warpgroup 1): pieces copy_c0 + 8 j (j < ROW_PIECES) of rows copy_r0 + RPP i.
+  // Loader roles (warpgroup 1): pieces copy_c0 + 8 j (j < ROW_PIECES) of rows copy_r0 + RPP i
+  // (mla_copy_tile), in the 128-byte swizzle wgmma reads.
   const int copy_r0 = wtid >> 3, copy_c0 = wtid & 7;
   int pages[ROW_PASSES];
   auto fetch_pages = [&](int t) {
-#pragma unroll
-    for (int i = 0; i < ROW_PASSES; ++i) {
-      const int pos = min(start + t * TILE + copy_r0 + RPP * i, capacity - 1);
-      pages[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
-    }
+    mla_fetch_pages<ROW_PASSES, RPP>(p, bt, capacity, start + t * TILE + copy_r0, pages);
   };
   auto issue_tile = [&](int t) {  // copies of tile t into its stage, counted on that stage's full
-    T* const dst = sTile + (t % STAGES) * TILE * DK;
-#pragma unroll
-    for (int i = 0; i < ROW_PASSES; ++i) {
-      const int row = copy_r0 + RPP * i;
-      const int pos = start + t * TILE + row;
-      const bool row_ok = pos < end;
-      const int64_t page = min(max(pages[i], 0), p.num_pages - 1);
-      const T* src = cache + page * p.page_stride + int64_t(in_page(min(pos, end - 1))) * p.dk;
-#pragma unroll
-      for (int j = 0; j < ROW_PIECES; ++j) {
-        const int c = copy_c0 + 8 * j;
-        const bool ok = row_ok && c < dk_pieces;
-        cp_async_16(dst + swz128_offset(TILE, row, c), src + (ok ? c * 8 : 0), ok);
-      }
-    }
+    mla_copy_tile<ROW_PASSES, ROW_PIECES, RPP>(
+        p, sTile + (t % STAGES) * TILE * DK, [](int row, int piece) { return swz128_offset(TILE, row, piece); }, pages,
+        start + t * TILE, end, copy_r0, copy_c0);
     cp_async_mbarrier_arrive(full + t % STAGES);
   };
 
   // ---- Q of the head block, 128-byte swizzled (heads past H and columns past dk are zero) ----
   const int h0 = hb * ROWS;
-  for (int i = tid; i < ROWS * TD; i += Cfg::THREADS) {
-    const int row = i / TD, piece = i % TD;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (h0 + row < p.num_heads && piece < dk_pieces)
-      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b +
-                                          int64_t(h0 + row) * p.q_stride_h + piece * 8);
-    *reinterpret_cast<uint4*>(sQ + swz128_offset(ROWS, row, piece)) = v;
-  }
+  mla_stage_q<ROWS, TD, Cfg::THREADS>(p, b, h0, sQ, [](int row, int piece) { return swz128_offset(ROWS, row, piece); });
   fence_proxy_async_smem();  // the plain stores of Q before wgmma reads it
   __syncthreads();           // Q and the barrier initialisation are visible to all
 
