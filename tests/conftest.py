@@ -133,6 +133,25 @@ def run_tests_with_env(name: str, value: str, files: list, select: str, min_pass
     assert passed is not None and int(passed.group(1)) >= min_passed, f"{name}={value}: too few tests ran\n{tail}"
 
 
+def run_script_with_env(name: str, value: "str | None", script: str, tmp_path: Path, timeout: int = 600):
+    """Run ``script`` (Python source that ``torch.save``s its results to the path in sys.argv[1])
+    in a fresh process whose ``name`` is ``value`` (None: unset), and return what it saved; for
+    comparing a kernel variant with the default on the same inputs, one process each."""
+    src = tmp_path / "script.py"
+    src.write_text(script)
+    out = tmp_path / f"{value or 'default'}.pt"
+    res = subprocess.run([sys.executable, str(src), str(out)], cwd=ROOT, env=env_with(name, value),
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{name}={value}: script failed\n{(res.stdout + res.stderr)[-4000:]}"
+    return torch.load(out)
+
+
+def run_code_with_env(name: str, value: str, code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``code`` with ``python -c`` in a fresh process whose ``name`` is ``value``."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env_with(name, value), capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def prompt_ids(batch: int = 2, device="cpu", *, length: int, vocab: int, seed: int = 99) -> torch.Tensor:
     """Random prompt token ids [batch, length] below ``vocab`` (fixed seed, drawn on the CPU), for
     the model-level tests of the transformers adapters."""

@@ -8,25 +8,19 @@ The variable is read once per process, so each variant runs in a subprocess of i
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import kvcore  # noqa: F401  (registers the ops; the subprocesses import it from the same place)
-from conftest import ROOT, env_with, run_tests_with_env
+from conftest import run_code_with_env, run_script_with_env, run_tests_with_env
 HAS_CUDA_SCORES = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "kvcore::attention_scores", "CUDA")
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not HAS_CUDA_SCORES, reason="no CUDA kernel registered for kvcore::attention_scores")]
 
 VARIANTS = ["transposed"]
-
-
-def _env(variant: str | None) -> dict:
-    return env_with("KVCORE_SCORES_VARIANT", variant)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -77,15 +71,7 @@ _SCRIPT = textwrap.dedent(
 def test_variant_agrees_with_the_default_kernel(variant, tmp_path):
     """Same inputs through the default kernel and the variant (each in its own process): equal within
     the CUDA-vs-CPU tolerance of test_attention_scores_cuda_grid, and bitwise stable run to run."""
-    script = tmp_path / "scores.py"
-    script.write_text(_SCRIPT)
-    outs = {}
-    for v in (None, variant):
-        path = tmp_path / f"{v or 'default'}.pt"
-        res = subprocess.run([sys.executable, str(script), str(path)], cwd=ROOT, env=_env(v), capture_output=True,
-                             text=True, timeout=600)
-        assert res.returncode == 0, f"KVCORE_SCORES_VARIANT={v}: script failed\n{(res.stdout + res.stderr)[-4000:]}"
-        outs[v] = torch.load(path)
+    outs = {v: run_script_with_env("KVCORE_SCORES_VARIANT", v, _SCRIPT, tmp_path) for v in (None, variant)}
     for i, (ref, got) in enumerate(zip(outs[None], outs[variant])):
         assert not torch.isnan(got).any() and not torch.isnan(ref).any(), f"case {i}: NaN"
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"case {i}: {m}")
@@ -107,6 +93,5 @@ def test_unknown_variant_is_an_error():
             print("raised")
         """
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env("transposd"), capture_output=True,
-                         text=True, timeout=300)
+    res = run_code_with_env("KVCORE_SCORES_VARIANT", "transposd", code)
     assert res.returncode == 0 and "raised" in res.stdout, (res.stdout + res.stderr)[-4000:]

@@ -8,25 +8,19 @@ The variable is read once per process, so each variant runs in a subprocess of i
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import kvcore  # noqa: F401  (registers the ops; the subprocesses import it from the same place)
-from conftest import ROOT, env_with, run_tests_with_env
+from conftest import run_code_with_env, run_script_with_env, run_tests_with_env
 HAS_CUDA_TD = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "kvcore::token_decoder_attention", "CUDA")
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not HAS_CUDA_TD, reason="no CUDA kernel registered for kvcore::token_decoder_attention")]
 
 VARIANTS = ["lean"]
-
-
-def _env(variant: str | None) -> dict:
-    return env_with("KVCORE_TOKEN_DECODER_VARIANT", variant)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -92,15 +86,7 @@ def test_variant_agrees_with_the_default_kernel(variant, tmp_path):
     """Same inputs through the default kernel and the variant (each in its own process). Both run the
     same mma fragments and softmax in the same order, so they should agree bitwise; the assertion
     allows the CUDA-vs-reference tolerance in case the compiler contracts differently."""
-    script = tmp_path / "td.py"
-    script.write_text(_SCRIPT)
-    outs = {}
-    for v in (None, variant):
-        path = tmp_path / f"{v or 'default'}.pt"
-        res = subprocess.run([sys.executable, str(script), str(path)], cwd=ROOT, env=_env(v), capture_output=True,
-                             text=True, timeout=600)
-        assert res.returncode == 0, f"KVCORE_TOKEN_DECODER_VARIANT={v}: script failed\n{(res.stdout + res.stderr)[-4000:]}"
-        outs[v] = torch.load(path)
+    outs = {v: run_script_with_env("KVCORE_TOKEN_DECODER_VARIANT", v, _SCRIPT, tmp_path) for v in (None, variant)}
     for i, ((ref, ref_lse), (got, got_lse)) in enumerate(zip(outs[None], outs[variant])):
         assert not torch.isnan(got).any() and not torch.isnan(ref).any(), f"case {i}: NaN (unwritten) in out"
         tol = dict(atol=2e-2, rtol=1e-2) if got.dtype == torch.bfloat16 else dict(atol=5e-3, rtol=2e-3)
@@ -126,6 +112,5 @@ def test_unknown_variant_is_an_error():
                 print("raised")
         """
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env("laen"), capture_output=True,
-                         text=True, timeout=300)
+    res = run_code_with_env("KVCORE_TOKEN_DECODER_VARIANT", "laen", code)
     assert res.returncode == 0 and res.stdout.count("raised") == 2, (res.stdout + res.stderr)[-4000:]
