@@ -97,6 +97,25 @@ struct MlaDecodeConfig {
   static_assert(TD % ROW_THREADS == 0, "row chunks must divide over the row's threads");
 };
 
+// Four output columns of one head from the split partials: split s's at part + s * split_stride,
+// weighted by w[s], times inv (1 / the weights' sum), stored to dst; UNROLL partial loads in flight.
+template <int UNROLL, typename T>
+__device__ __forceinline__ void mla_combine4(const float* part, int64_t split_stride, const float* w, int ns,
+                                             float inv, T* dst) {
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll UNROLL
+  for (int s = 0; s < ns; ++s) {
+    const float ws = w[s];
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(part + s * split_stride));
+    acc.x = fmaf(ws, v.x, acc.x);
+    acc.y = fmaf(ws, v.y, acc.y);
+    acc.z = fmaf(ws, v.z, acc.z);
+    acc.w = fmaf(ws, v.w, acc.w);
+  }
+  *reinterpret_cast<uint2*>(dst) =
+      make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
+}
+
 // ---- split merge (every kernel here): publish the partial, count arrivals, the last CTA combines
 // Called by all THREADS threads of the CTA after each wrote its normalised partial output and
 // log2-sum-exp to the workspace (slot (pair * num_splits + split) * ROWS + row). `scratch` is
@@ -147,19 +166,9 @@ __device__ __forceinline__ void mla_split_merge(const MlaDecodeParams& p, int b,
   for (int item = tid; item < rows * dv4; item += THREADS) {
     const int h = item / dv4, c = (item % dv4) * 4;
     const float* wh = wgt + h * (ns + 1);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = 0; s < ns; ++s) {
-      const float ws = wh[s];
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s) * ROWS + h) * p.dv + c));
-      acc.x = fmaf(ws, v.x, acc.x);
-      acc.y = fmaf(ws, v.y, acc.y);
-      acc.z = fmaf(ws, v.z, acc.z);
-      acc.w = fmaf(ws, v.w, acc.w);
-    }
     const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
-    T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h0 + h) * p.dv + c;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
+    mla_combine4<4>(pout + int64_t(h) * p.dv + c, int64_t(ROWS) * p.dv, wh, ns, inv,
+                    static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h0 + h) * p.dv + c);
   }
   if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
 }
@@ -205,20 +214,8 @@ __global__ void __launch_bounds__(128) mla_merge_kernel(const MlaDecodeParams p)
   const float inv = sum == 0.f ? 0.f : 1.f / sum;
   const float* pout = p.partial_out + (pair * ns * ROWS + row) * p.dv;  // split s at s * ROWS * dv
   const int64_t split_stride = int64_t(ROWS) * p.dv;
-  for (int c = tid * 4; c < p.dv; c += THREADS * 4) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 16
-    for (int s = 0; s < ns; ++s) {
-      const float ws = wgt[s];
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + s * split_stride + c));
-      acc.x = fmaf(ws, v.x, acc.x);
-      acc.y = fmaf(ws, v.y, acc.y);
-      acc.z = fmaf(ws, v.z, acc.z);
-      acc.w = fmaf(ws, v.w, acc.w);
-    }
-    T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv + c;
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
-  }
+  T* const dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
+  for (int c = tid * 4; c < p.dv; c += THREADS * 4) mla_combine4<16>(pout + c, split_stride, wgt, ns, inv, dst + c);
 }
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile

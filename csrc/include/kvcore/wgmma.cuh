@@ -30,6 +30,11 @@ __host__ __device__ __forceinline__ int swz128_offset(int rows, int row, int pie
 
 #if KVCORE_SM90A
 
+// Shared-memory address of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
 // ---- shared-memory matrix descriptor -------------------------------------------------------
 // Bits 0-13 start address >> 4, 16-29 leading byte offset >> 4, 32-45 stride byte offset >> 4,
 // 62-63 layout (1 = 128-byte swizzle). For the 128-byte swizzle:
@@ -38,7 +43,7 @@ __host__ __device__ __forceinline__ int swz128_offset(int rows, int row, int pie
 //   MN-major: SBO = bytes between groups of 8 K rows (1024), LBO = bytes between 64-column
 //             chunks along N.
 __device__ __forceinline__ uint64_t smem_desc_sw128(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t addr = smem_u32(smem);
   return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t((lbo_bytes >> 4) & 0x3FFF) << 16) |
          (uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
@@ -148,10 +153,6 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs_tb(float (&d)[32], const uint
 // later async-proxy ones (wgmma operand reads).
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
