@@ -39,13 +39,13 @@ int wgmma_tile() {
   return tile[choice];
 }
 
-// Occupancy, split plan, workspace layout and launch of one kernel instantiation (Cfg: its
-// ROWS, TILE, THREADS and SMEM_BYTES).
-// `merge`, when given, is the separate split-merge kernel the decode kernel can defer to
-// (MlaDecodeParams::merge_separately): used above kSeparateMergeSplits splits, where the last CTA
-// of a head block would read every split's partial alone.
+// Above this many splits a kernel that can defer its merge (MlaDecodeParams::merge_separately)
+// does, because the last CTA of a head block would read every split's partial alone.
 constexpr int kSeparateMergeSplits = 4;
 
+// Occupancy, split plan, workspace layout and launch of one kernel instantiation (Cfg: its
+// ROWS, TILE, THREADS and SMEM_BYTES). `merge`, when given, is the separate split-merge kernel
+// the decode kernel defers to above kSeparateMergeSplits splits.
 template <typename Cfg>
 void launch(void (*kernel)(MlaDecodeParams), const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
             const c10::optional<at::Tensor>& workspace, cudaStream_t stream,
@@ -168,10 +168,10 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
     // More than 32 heads with KVCORE_MLA_DECODE_WIDE=wgmma on Hopper: 64 heads per CTA on
     // warpgroup MMA (the kernel is built for sm_90a only; other devices keep mma.sync).
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    const bool hopper = prop->major == 9 && prop->minor == 0;
-    if (s.num_heads > 32 && hopper && wgmma_tile() == 64)
+    const int tile = s.num_heads > 32 && prop->major == 9 && prop->minor == 0 ? wgmma_tile() : 0;
+    if (tile == 64)
       launch_wgmma<T, 64>(s, p, num_splits, workspace, stream);
-    else if (s.num_heads > 32 && hopper && wgmma_tile() == 32)
+    else if (tile == 32)
       launch_wgmma<T, 32>(s, p, num_splits, workspace, stream);
     else if (s.num_heads <= 16 && use_h16_kernel())
       launch_h16<T>(s, p, num_splits, workspace, stream);
