@@ -36,9 +36,7 @@ void block_sparse_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
   p.sel_pages = sel_pages.data_ptr<int>();
   p.sel_counts = sel_counts.data_ptr<int>();
   p.max_sel = int(bs.max_sel);
-  // A thread's copy slots 2j, 2j+1 are 2 x 128 / (D / 8) = 2048 / D rows apart in a tile whose
-  // start is a multiple of 64: one page whenever page_size is a multiple of that span.
-  p.dedup_pages = page_dedup_enabled() && s.page_size % (2048 / s.head_dim) == 0 ? 1 : 0;
+  p.dedup_pages = page_dedup_enabled() ? 1 : 0;  // the kernel checks the page size against its copy layout
   // Splits are cut over the list (max_sel pages), not over the sequence.
   const int64_t kv_len = std::max<int64_t>(1, bs.max_sel * s.page_size);
   paged_decode::dispatch<true>("block_sparse_decode", q, p, s, kv_len, num_splits, workspace);

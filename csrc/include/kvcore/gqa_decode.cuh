@@ -53,9 +53,9 @@ struct GqaDecodeParams {
   const int* sel_pages;   // [B, Hkv, max_sel] logical page numbers
   const int* sel_counts;  // [B, Hkv]
   int max_sel;
-  // SPARSE: copy slots 2j and 2j+1 of a thread lie in one page (the launcher sets this only when
-  // page_size is a multiple of the two slots' row span, 2 x THREADS / (D / 8)), so the odd slot
-  // reuses the even one's list entry and page instead of looking both up again.
+  // SPARSE: when page_size is a multiple of the row span of a thread's copy slots 2j and 2j+1
+  // (2 x THREADS / (D / 8) rows), both lie in one page, so the odd slot reuses the even one's list
+  // entry and page instead of looking both up again. Nonzero asks for it where the page size allows.
   int dedup_pages;
   // Per-CTA timestamps for bench/experiments/decode_trace.cu, compiled in only with
   // KVCORE_DECODE_TRACE (the library never sets them): entry, first tile landed, loop done,
@@ -179,11 +179,12 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   // entry of each row is read first (clamped to the list, so also before its count is known)
   // and kept in lpg for the validity test at copy time.
   int lpg[SPARSE ? LOADS : 1];
+  const bool dedup = SPARSE && p.dedup_pages && p.page_size % (2 * Cfg::THREADS / TD) == 0;
   auto fetch_pages = [&](int t, int (&pg)[LOADS]) {
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       if constexpr (SPARSE) {
-        if ((i & 1) && p.dedup_pages) {  // the row 2 x THREADS / TD rows up is in the same page
+        if ((i & 1) && dedup) {  // this slot's row is THREADS / TD rows past the even slot's, same page
           lpg[i] = lpg[i - 1];
           pg[i] = pg[i - 1];
         } else {
