@@ -133,6 +133,15 @@ def run_tests_with_env(name: str, value: str, files: list, select: str, min_pass
     assert passed is not None and int(passed.group(1)) >= min_passed, f"{name}={value}: too few tests ran\n{tail}"
 
 
+def assert_generate_refuses_padding(model, ids: torch.Tensor) -> None:
+    """``model.generate`` on a kvcore-enabled model with a left-padded attention mask raises a
+    ValueError naming the padding (the adapters run unpadded batches only)."""
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="padding"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
 def run_script_with_env(name: str, value: "str | None", script: str, tmp_path: Path, timeout: int = 600):
     """Run ``script`` (Python source that ``torch.save``s its results to the path in sys.argv[1])
     in a fresh process whose ``name`` is ``value`` (None: unset), and return what it saved; for

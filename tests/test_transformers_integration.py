@@ -15,7 +15,7 @@ import types
 
 import pytest
 import torch
-from conftest import greedy_generate, prompt_ids
+from conftest import assert_generate_refuses_padding, greedy_generate, prompt_ids
 
 transformers = pytest.importorskip("transformers")
 kvt = pytest.importorskip("kvcore.integrations.transformers")
@@ -211,11 +211,7 @@ def test_bad_options_refused():
 def test_padding_refused():
     model = _model("llama")
     kvt.enable(model)
-    ids = _prompt()
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with pytest.raises(ValueError, match="padding"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert_generate_refuses_padding(model, _prompt())
 
 
 def test_generate_command(capsys):
