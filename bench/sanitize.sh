@@ -100,8 +100,11 @@ CUBLAS_RACE="latent_project_cuda_grid and bf16 and (T65-d256 or T300-d256 or T70
 declare -A FILES KSEL FILTER NOCACHE TOOL
 FILES[memcheck]="$OP_FILES tests/test_determinism.py tests/test_cache.py $BLOCK_FILES"
 # Graph-capture tests need torch's caching allocator (a cudaMalloc inside a capture is refused),
-# which this run switches off: they run under racecheck and synccheck instead.
-KSEL[memcheck]="not graph_replay"
+# which this run switches off: they run under racecheck and synccheck instead. The *_in_subprocess
+# tests re-run whole files with a kernel switch set in a child process (which the sanitizer would
+# follow, instrumenting those files again): the switches' other kernels are sanitized by running
+# this script with the switch exported.
+KSEL[memcheck]="not graph_replay and not in_subprocess"
 FILTER[memcheck]="--kernel-name kns=kvcore"
 NOCACHE[memcheck]=1
 FILES[racecheck]="tests/test_ops.py tests/test_nan.py $BLOCK_FILES"

@@ -836,10 +836,11 @@ def test_bad_indices_without_validation(device, no_validation, gen):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(os.environ.get("KVCORE_SPARSE_PAGE_DEDUP") == "on", reason="this process already runs it")
-def test_page_dedup_in_subprocess():
-    """KVCORE_SPARSE_PAGE_DEDUP=on (read once per process) makes each thread look up every other
-    copy slot's page only, where the page size allows: this file's CUDA cases (page sizes 1 to
-    256, head dims 64 to 256) and the retrieval tests once more in a fresh process with it set."""
-    run_tests_with_env("KVCORE_SPARSE_PAGE_DEDUP", "on", ["tests/test_block_sparse.py", "tests/test_retrieval.py"],
+@pytest.mark.skipif(os.environ.get("KVCORE_SPARSE_PAGE_DEDUP") == "off", reason="this process already runs it")
+def test_without_page_dedup_in_subprocess():
+    """KVCORE_SPARSE_PAGE_DEDUP=off (read once per process) makes each thread look up every copy
+    slot's page itself, as page sizes the dedup does not fit always do: this file's CUDA cases
+    (page sizes 1 to 256, head dims 64 to 256) and the retrieval tests once more in a fresh process
+    with it set."""
+    run_tests_with_env("KVCORE_SPARSE_PAGE_DEDUP", "off", ["tests/test_block_sparse.py", "tests/test_retrieval.py"],
                        "not in_subprocess", 1, "-m", "cuda")

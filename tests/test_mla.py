@@ -960,17 +960,16 @@ def test_mla_decode_cuda_h16_old_path_in_subprocess():
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
-@pytest.mark.skipif(os.environ.get("KVCORE_MLA_DECODE_WIDE", "old") != "old", reason="this process already runs it")
+@pytest.mark.skipif(os.environ.get("KVCORE_MLA_DECODE_WIDE", "wgmma") != "wgmma", reason="this process already runs it")
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability() != (9, 0),
-                    reason="mla_decode_wgmma_kernel runs on compute capability 9.0 only")
-@pytest.mark.parametrize("variant", ["wgmma", "wgmma32"])
-def test_mla_decode_cuda_wgmma_path_in_subprocess(variant):
-    """KVCORE_MLA_DECODE_WIDE=wgmma / wgmma32 (read once per process) puts more than 32 heads on
-    mla_decode_wgmma_kernel (warpgroup MMA, 64 heads per CTA, 64- / 32-token tiles), the session-7
-    kernel kept behind the switch until a GPU run has timed it: the same selection as the H16
-    switch's test."""
+                    reason="mla_decode_wgmma_kernel, the default this switch turns off, runs on compute capability 9.0 only")
+def test_mla_decode_cuda_old_wide_path_in_subprocess():
+    """KVCORE_MLA_DECODE_WIDE=old (read once per process) puts more than 32 heads back on
+    mla_decode_kernel (mma.sync, 32 heads per CTA) instead of the Hopper default
+    mla_decode_wgmma_kernel: the same selection as the H16 switch's test, so the kernel other GPUs
+    run stays tested on this one too."""
     files = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
-    run_tests_with_env("KVCORE_MLA_DECODE_WIDE", variant, files, "mla and not in_subprocess", 1, "-m", "cuda")
+    run_tests_with_env("KVCORE_MLA_DECODE_WIDE", "old", files, "mla and not in_subprocess", 1, "-m", "cuda")
 
 
 @pytest.mark.cuda

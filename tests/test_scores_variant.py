@@ -1,5 +1,6 @@
 """attention_scores' kernel variants (KVCORE_SCORES_VARIANT, read once per process by the CUDA
-launcher; "transposed" swaps both passes' kernels): the variant must pass every CUDA
+launcher; the default "transposed" kernels put the keys on the mma's M dimension, "untransposed"
+swaps both passes back to the query-rows-on-M kernel): the variant must pass every CUDA
 attention_scores test the default kernels pass, and agree with the default kernels as tightly as
 the CUDA and CPU kernels agree (cases without the caller's lse run both of its passes).
 
@@ -20,7 +21,7 @@ HAS_CUDA_SCORES = torch.cuda.is_available() and torch._C._dispatch_has_kernel_fo
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not HAS_CUDA_SCORES, reason="no CUDA kernel registered for kvcore::attention_scores")]
 
-VARIANTS = ["transposed"]
+VARIANTS = ["untransposed"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -93,5 +94,5 @@ def test_unknown_variant_is_an_error():
             print("raised")
         """
     )
-    res = run_code_with_env("KVCORE_SCORES_VARIANT", "transposd", code)
+    res = run_code_with_env("KVCORE_SCORES_VARIANT", "untransposd", code)
     assert res.returncode == 0 and "raised" in res.stdout, (res.stdout + res.stderr)[-4000:]

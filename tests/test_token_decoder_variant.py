@@ -1,7 +1,8 @@
 """token_decoder_attention's kernel variants (KVCORE_TOKEN_DECODER_VARIANT, read once per process by
-the CUDA launcher; "lean" = table-driven copies, one V scan per item, O staged through shared
-memory): the variant must pass every CUDA token_decoder_attention test the default kernel passes,
-and agree with the default kernel on the two benchmark shapes (fewer blocks).
+the CUDA launcher; the default "auto" picks per shape, "classic" and "lean" (table-driven copies,
+one V scan per item, O staged through shared memory) force one kernel): each forced kernel must
+pass every CUDA token_decoder_attention test, and agree with the default on the two benchmark
+shapes (fewer blocks), where "auto" runs lean at L16 and classic at L4.
 
 The variable is read once per process, so each variant runs in a subprocess of its own.
 """
@@ -20,7 +21,7 @@ HAS_CUDA_TD = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_di
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not HAS_CUDA_TD, reason="no CUDA kernel registered for kvcore::token_decoder_attention")]
 
-VARIANTS = ["lean"]
+VARIANTS = ["classic", "lean"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

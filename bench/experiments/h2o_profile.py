@@ -6,10 +6,10 @@ For the eviction group's two H2O cases (B1 S32768 and B16 S8192, Hq32 Hkv8 D128 
 profiles REPEATS back-to-back calls of plain ``gqa_decode`` and of ``gqa_decode(score=...)`` and
 prints, per kernel name, the median duration, plus the median gap between one kernel's end and
 the next one's start inside a call (the kernel boundary the epilogue waits across). Run it again
-with KVCORE_NO_PDL=1 to see what programmatic dependent launch saves, and with KVCORE_SCORE_L2=last
-for the evict_last policy on the P scratch (bench/NOTES.md, session 6). Kernel durations here are
-without an L2 flush between calls (back-to-back, as in a decode loop), so compare them with each
-other, not with the benchmark's flushed times.
+with KVCORE_NO_PDL=1 to see what programmatic dependent launch saves, and with KVCORE_SCORE_L2=normal
+for the normal L2 policy on the P scratch instead of the default evict_last (bench/NOTES.md,
+sessions 6 and 8). Kernel durations here are without an L2 flush between calls (back-to-back,
+as in a decode loop), so compare them with each other, not with the benchmark's flushed times.
 """
 
 from __future__ import annotations

@@ -35,16 +35,19 @@ int allow_max_smem(const void* kernel) {
   return done[{kernel, dev}] = most;
 }
 
-// The kernel, chosen once per process from KVCORE_TOKEN_DECODER_VARIANT (an A/B switch until a
-// measurement picks the default): unset or "default": token_decoder_attention_kernel; "lean":
-// token_decoder_attention_lean_kernel (table-driven copies, one V scan per item, O staged through
-// shared memory; bench/NOTES.md "token_decoder_attention L16, session 6"). Any other value is an
-// error on every call, so a misspelt name cannot silently time the default.
-enum class TokenDecoderVariant { kDefault, kLean };
+// The kernel, from KVCORE_TOKEN_DECODER_VARIANT (read once per process): unset or "auto" (the
+// default since session 8): token_decoder_attention_lean_kernel (table-driven copies, one V scan
+// per item, O staged through shared memory; bench/NOTES.md "token_decoder_attention L16, session
+// 6") wherever it fits as many CTAs per SM as token_decoder_attention_kernel, else the latter;
+// "classic" or "lean" force one kernel (the A/B switch and the tests of each). Session 8 timed
+// both back to back: L16 D128 (2 CTAs per SM either way) lean 0.812 vs 0.951 ms; L4 D64 (lean's
+// staging tiles and table leave 2 CTAs per SM instead of 3) lean 0.759 vs 0.708 ms. Any other
+// value is an error on every call, so a misspelt name cannot silently time the default.
+enum class TokenDecoderVariant { kAuto, kClassic, kLean };
 
 TokenDecoderVariant token_decoder_variant() {
   static const TokenDecoderVariant variant = TokenDecoderVariant(
-      env_choice("KVCORE_TOKEN_DECODER_VARIANT", {"default", "lean"}, "token_decoder_attention (CUDA)"));
+      env_choice("KVCORE_TOKEN_DECODER_VARIANT", {"auto", "classic", "lean"}, "token_decoder_attention (CUDA)"));
   return variant;
 }
 
@@ -90,21 +93,33 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   // e.g. L48 P16 D256) runs the default kernel.
   const int64_t q_elems = s.block_length * hc * s.group * D;
   const int64_t table_entries = (s.block_length * hc * s.group + keys * hc) * (D / 8);
-  const bool lean = token_decoder_variant() == TokenDecoderVariant::kLean &&
-                    token_decoder_lean_smem_bytes(stage_elems, 2, D, q_elems, table_entries) <=
-                        int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  auto kernel = lean ? (split_d ? token_decoder_attention_lean_kernel<T, D, 2> : token_decoder_attention_lean_kernel<T, D, 1>)
-                     : (split_d ? token_decoder_attention_kernel<T, D, 2> : token_decoder_attention_kernel<T, D, 1>);
-  const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
-
-  // Three stages (two items in flight while one is computed) while that leaves room for two
-  // CTAs per SM; else two.
-  auto smem_for = [&](int st) {
+  auto kernel_for = [&](bool lean) {
+    return lean ? (split_d ? token_decoder_attention_lean_kernel<T, D, 2> : token_decoder_attention_lean_kernel<T, D, 1>)
+                : (split_d ? token_decoder_attention_kernel<T, D, 2> : token_decoder_attention_kernel<T, D, 1>);
+  };
+  auto smem_for = [&](bool lean, int st) {
     return lean ? token_decoder_lean_smem_bytes(stage_elems, st, D, q_elems, table_entries)
                 : token_decoder_smem_bytes(stage_elems, st, D);
   };
-  const int stages = smem_for(3) <= (lean ? 112 : 100) * 1024 ? 3 : 2;
-  const int64_t smem_bytes = smem_for(stages);
+  // Three stages (two items in flight while one is computed) while that leaves room for two
+  // CTAs per SM; else two.
+  auto stages_for = [&](bool lean) { return smem_for(lean, 3) <= (lean ? 112 : 100) * 1024 ? 3 : 2; };
+  auto ctas_per_sm = [&](bool lean) {
+    const auto k = kernel_for(lean);
+    allow_max_smem(reinterpret_cast<const void*>(k));
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, Cfg::THREADS, size_t(smem_for(lean, stages_for(lean)))));
+    return n;
+  };
+  const TokenDecoderVariant variant = token_decoder_variant();
+  const bool lean_fits = variant != TokenDecoderVariant::kClassic &&
+                         smem_for(true, 2) <= int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const int classic_per_sm = variant == TokenDecoderVariant::kAuto && lean_fits ? ctas_per_sm(false) : 0;
+  const bool lean = lean_fits && (variant == TokenDecoderVariant::kLean || ctas_per_sm(true) >= classic_per_sm);
+  auto kernel = kernel_for(lean);
+  const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
+  const int stages = stages_for(lean);
+  const int64_t smem_bytes = smem_for(lean, stages);
   TORCH_CHECK(smem_bytes <= max_smem, "token_decoder_attention (CUDA): one KV head of a block (block_length ",
               s.block_length, ", prefix ", s.prefix, ", group ", s.group, ", head_dim ", D, ") needs ", smem_bytes,
               " bytes of shared memory, more than this GPU's ", max_smem, "; use shorter blocks");

@@ -181,13 +181,13 @@ inline bool use_pdl(cudaStream_t stream) {
 }
 
 // L2 priority of the H2O score path's P / base scratch (stored by the decode, read once by the
-// epilogue): KVCORE_SCORE_L2=last asks L2 to keep those lines (evict_last); unset or "normal"
-// leaves the normal priority. Read once per process: an A/B switch for
-// bench/experiments/h2o_profile.py until a measurement picks the default (bench/NOTES.md, "H2O
-// score, session 6").
+// epilogue): unset or "last" (the default since session 8) asks L2 to keep those lines
+// (evict_last); KVCORE_SCORE_L2=normal leaves the normal priority. Session 8 timed the score
+// path's overhead over plain gqa_decode back to back: B16 S8192 +12.7% (last) vs +16.8% (normal),
+// B1 S32768 +18.3% vs +19.3% (bench/NOTES.md). Read once per process: an A/B switch.
 inline int score_l2_priority() {
   static const int priority =
-      env_choice("KVCORE_SCORE_L2", {"normal", "last"}, "gqa_decode (CUDA)") == 1 ? int(kL2EvictLast) : int(kL2Normal);
+      env_choice("KVCORE_SCORE_L2", {"last", "normal"}, "gqa_decode (CUDA)") == 0 ? int(kL2EvictLast) : int(kL2Normal);
   return priority;
 }
 

@@ -26,16 +26,18 @@ constexpr int64_t kMinSplitKeys = 256;
 // Positions are int32 in the kernels and run a few tiles past a split while pages are prefetched.
 constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
 
-// The pass kernels, chosen once per process from KVCORE_SCORES_VARIANT (an A/B switch until a
-// measurement picks the default): unset or "default": attention_scores_kernel (both passes);
-// "transposed": attention_scores_pass2_t_kernel (keys on the mma's M dimension) and
-// attention_scores_pass1_t_kernel (bench/NOTES.md, "attention_scores, session 6"). Any other value
-// is an error on every call, so a misspelt name cannot silently time the default.
-enum class ScoresVariant { kDefault, kTransposed };
+// The pass kernels, chosen once per process from KVCORE_SCORES_VARIANT: unset or "transposed"
+// (the default since session 8): attention_scores_pass2_t_kernel (keys on the mma's M dimension)
+// and attention_scores_pass1_t_kernel; "untransposed": attention_scores_kernel for both passes
+// (query rows on M; the default until session 8, kept as the A/B baseline and for its tests).
+// Session 8 timed SnapKV's scores at S131072 (w64) one pass 0.251 vs 0.383 ms and two passes
+// 0.498 vs 0.706 ms (bench/NOTES.md). Any other value is an error on every call, so a misspelt
+// name cannot silently time the default.
+enum class ScoresVariant { kTransposed, kUntransposed };
 
 ScoresVariant scores_variant() {
   static const ScoresVariant variant = ScoresVariant(
-      env_choice("KVCORE_SCORES_VARIANT", {"default", "transposed"}, "attention_scores (CUDA)"));
+      env_choice("KVCORE_SCORES_VARIANT", {"transposed", "untransposed"}, "attention_scores (CUDA)"));
   return variant;
 }
 

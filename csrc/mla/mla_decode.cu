@@ -28,15 +28,16 @@ bool use_h16_kernel() {
   return use;
 }
 
-// KVCORE_MLA_DECODE_WIDE=wgmma (64-token tiles) or wgmma32 (32-token tiles) runs more than 32
-// heads on mla_decode_wgmma_kernel (Hopper's warpgroup MMA, 64 heads per CTA; session 7) when the
-// device is compute capability 9.0; unset or "old" (the default) keeps them on mla_decode_kernel
-// (mma.sync, 32 heads per CTA). Read once per process, like the switch above (bench/NOTES.md,
-// session 7). Returns the tile (0: the mma.sync kernel).
-int wgmma_tile() {
-  static const int tile[] = {0, 64, 32};
-  static const int choice = env_choice("KVCORE_MLA_DECODE_WIDE", {"old", "wgmma", "wgmma32"}, "mla_decode (CUDA)");
-  return tile[choice];
+// More than 32 heads run on mla_decode_wgmma_kernel (Hopper's warpgroup MMA, 64 heads per CTA,
+// 64-token tiles; session 7) when the device is compute capability 9.0: the default since session 8,
+// when it timed B1 H128 S32768 / B32 H128 S4096 / B128 H128 S1024 at 0.048 / 0.129 / 0.122 ms
+// against mla_decode_kernel's (mma.sync, 32 heads per CTA) 0.146 / 0.210 / 0.233 ms.
+// KVCORE_MLA_DECODE_WIDE=old puts them back on mla_decode_kernel: read once per process, an A/B
+// switch for the benchmark and the old path's tests. (32-token tiles in 4 stages timed slower
+// than 64-token tiles in 2, 0.141 vs 0.129 ms at B32: bench/NOTES.md, session 8.)
+bool use_wgmma_kernel() {
+  static const bool use = env_choice("KVCORE_MLA_DECODE_WIDE", {"wgmma", "old"}, "mla_decode (CUDA)") == 0;
+  return use;
 }
 
 // Above this many splits a kernel that can defer its merge (MlaDecodeParams::merge_separately)
@@ -96,6 +97,20 @@ void launch_h16(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_s
   // does not settle on one that holds a single CTA.
   prefer_max_shared_carveout(reinterpret_cast<const void*>(kernel));
   launch<Cfg>(kernel, s, p, requested_splits, workspace, stream);
+}
+
+// Whether the loaded image of mla_decode_wgmma_kernel has its body: that exists in sm_90a code
+// only (KVCORE_SM90A), and a build for plain sm_90 ("9.0" instead of "9.0a" in
+// TORCH_CUDA_ARCH_LIST) has a trap in its place. The image itself tells, without a launch (so
+// also inside a graph capture): the body needs ~230 registers, the trap a handful.
+template <typename T, int TILE>
+bool wgmma_body_built() {
+  static const bool built = [] {
+    cudaFuncAttributes a{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&a, mla_decode_wgmma_kernel<T, MlaDecodeWgmmaConfig<kMaxDk, kMaxDv, TILE>>));
+    return a.numRegs >= 64;
+  }();
+  return built;
 }
 
 template <typename T, int TILE>
@@ -165,14 +180,11 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
     // latent re-reads from L2, and 16 tokens per warp, so each Q fragment read from shared
     // memory serves two mma (Q reads dominate the shared-memory traffic); 64-token tiles leave
     // room for a 2-deep ring only, which a compute-bound tile loop hides.
-    // More than 32 heads with KVCORE_MLA_DECODE_WIDE=wgmma on Hopper: 64 heads per CTA on
-    // warpgroup MMA (the kernel is built for sm_90a only; other devices keep mma.sync).
+    // More than 32 heads on Hopper: 64 heads per CTA on warpgroup MMA (the kernel has a body in
+    // sm_90a code only; other devices and builds, and KVCORE_MLA_DECODE_WIDE=old, keep mma.sync).
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    const int tile = s.num_heads > 32 && prop->major == 9 && prop->minor == 0 ? wgmma_tile() : 0;
-    if (tile == 64)
+    if (s.num_heads > 32 && prop->major == 9 && prop->minor == 0 && use_wgmma_kernel() && wgmma_body_built<T, 64>())
       launch_wgmma<T, 64>(s, p, num_splits, workspace, stream);
-    else if (tile == 32)
-      launch_wgmma<T, 32>(s, p, num_splits, workspace, stream);
     else if (s.num_heads <= 16 && use_h16_kernel())
       launch_h16<T>(s, p, num_splits, workspace, stream);
     else if (s.num_heads <= 16)

@@ -137,15 +137,15 @@ void launch_cublas_then_finish(MlaProjectParams& p, const at::Tensor& hidden, co
 }
 
 // The most tokens the fused kernel takes; more go to cuBLAS + the epilogue kernel.
-// KVCORE_MLA_PROJECT_FUSED_MAX = 64 (the default) / 32 / 16, read once per process: an A/B switch
-// for `python -m kvcore.bench --group mla`. Session 7 measured the fused kernel at T32 38 us and
-// T64 60 us, against 50 / 51 us for torch's whole unfused sequence (matmul, rms_norm, rope,
-// index_put_): the tile-level sums grow with T, while a cuBLAS product of that size plus the
-// epilogue should stay near 20 us. The default moves once a run has timed both.
+// KVCORE_MLA_PROJECT_FUSED_MAX = 64 (the default) / 32 / 16 / 8 / 4 / 2 / 1 / 0, read once per
+// process: an A/B switch for `python -m kvcore.bench --group mla`. Session 7 measured the fused
+// kernel at T1 16 us rising to T32 38 us and T64 60 us, against 48 / 49 / 52 us for torch's whole
+// unfused sequence (matmul, rms_norm, rope, index_put_); session 8 measured the cuBLAS path at
+// T32 18 us and T64 19 us. The default moves once one run has timed the cuBLAS path at every T.
 int fused_max_tokens() {
-  static const int most[] = {64, 32, 16};
-  static const int choice =
-      env_choice("KVCORE_MLA_PROJECT_FUSED_MAX", {"64", "32", "16"}, "mla_latent_project (CUDA)");
+  static const int most[] = {64, 32, 16, 8, 4, 2, 1, 0};
+  static const int choice = env_choice("KVCORE_MLA_PROJECT_FUSED_MAX", {"64", "32", "16", "8", "4", "2", "1", "0"},
+                                       "mla_latent_project (CUDA)");
   return most[choice];
 }
 

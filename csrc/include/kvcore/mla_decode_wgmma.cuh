@@ -324,8 +324,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
   // The merge weights reuse the tile stages (every copy into them landed: each was waited on).
   mla_split_merge<T, ROWS, Cfg::THREADS>(p, b, h0, pair, reinterpret_cast<float*>(sTile));
 #else
-  // Built without sm_90a: the launcher never selects this kernel there (it checks the device);
-  // a launch anyway fails loudly instead of leaving `out` unwritten.
+  // Built without sm_90a: the launcher never selects this kernel there (it checks the device and
+  // this image's register count); a launch anyway fails loudly instead of leaving `out` unwritten.
   __trap();
 #endif
 }
