@@ -119,6 +119,12 @@ FILES[synccheck]="$OP_FILES $BLOCK_FILES"
 KSEL[synccheck]="matches_reference or forced_splits or auto_split or workspace_reused or nan or $BLOCK_KSEL"
 FILTER[synccheck]="--kernel-name kns=kvcore"
 NOCACHE[synccheck]=0
+# mla_latent_project sends T > 1 to cuBLAS + the epilogue kernel by default (session 8): racecheck
+# and initcheck pin KVCORE_MLA_PROJECT_FUSED_MAX=64, so their T <= 64 cases run the fused kernel
+# (for the two reasons above), while memcheck and synccheck run the default path.
+declare -A ENVS
+ENVS[racecheck]="KVCORE_MLA_PROJECT_FUSED_MAX=64"
+ENVS[initcheck]="KVCORE_MLA_PROJECT_FUSED_MAX=64"
 FILES[racecheck-cublas]="tests/test_mla.py"
 KSEL[racecheck-cublas]="$CUBLAS_RACE"
 FILTER[racecheck-cublas]=""
@@ -207,7 +213,7 @@ for tool in "${tools[@]}"; do
   kargs=()
   [ -n "${KSEL[$tool]}" ] && kargs=(-k "${KSEL[$tool]}")
   # shellcheck disable=SC2086
-  env $([ "${NOCACHE[$tool]}" = 1 ] && echo PYTORCH_NO_CUDA_MEMORY_CACHING=1) \
+  env $([ "${NOCACHE[$tool]}" = 1 ] && echo PYTORCH_NO_CUDA_MEMORY_CACHING=1) ${ENVS[$tool]:-} \
     "$cs" --tool "${TOOL[$tool]}" --target-processes all --error-exitcode 86 --check-exit-code no --print-limit 10000 \
     ${FILTER[$tool]} --log-file "$out/$tool.sanitizer.log" \
     python3 -m pytest ${FILES[$tool]} -m cuda ${kargs[@]+"${kargs[@]}"} -q -p no:cacheprovider -rfE > "$out/$tool.pytest.log" 2>&1

@@ -975,13 +975,14 @@ def test_mla_decode_cuda_old_wide_path_in_subprocess():
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.skipif(not PROJECT_CUDA_BUILT, reason="the mla_latent_project CUDA kernel is not built")
-@pytest.mark.skipif(os.environ.get("KVCORE_MLA_PROJECT_FUSED_MAX", "64") != "64",
-                    reason="this process already runs a lowered boundary")
-def test_mla_latent_project_cuda_fused_max_16_in_subprocess():
-    """KVCORE_MLA_PROJECT_FUSED_MAX=16 (read once per process) sends T > 16 to cuBLAS + the
-    epilogue kernel instead of the fused kernel: this file's projection cases once more in a fresh
-    process with it set, so the grid's T 20, 33 and 64 run the cuBLAS path too."""
-    run_tests_with_env("KVCORE_MLA_PROJECT_FUSED_MAX", "16", ["tests/test_mla.py"],
+@pytest.mark.skipif(os.environ.get("KVCORE_MLA_PROJECT_FUSED_MAX", "1") != "1",
+                    reason="this process already runs another boundary")
+def test_mla_latent_project_cuda_fused_max_64_in_subprocess():
+    """KVCORE_MLA_PROJECT_FUSED_MAX=64 (read once per process) sends every T <= 64 to the fused
+    kernel instead of cuBLAS + the epilogue kernel (the default above T1): this file's projection
+    cases once more in a fresh process with it set, so the grid's T 2 to 64 run the fused kernel
+    too, in each of its three launch forms (up to 16, 32 and 64 tokens)."""
+    run_tests_with_env("KVCORE_MLA_PROJECT_FUSED_MAX", "64", ["tests/test_mla.py"],
                        "latent_project and not in_subprocess", 1, "-m", "cuda")
 
 

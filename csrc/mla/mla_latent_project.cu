@@ -137,14 +137,14 @@ void launch_cublas_then_finish(MlaProjectParams& p, const at::Tensor& hidden, co
 }
 
 // The most tokens the fused kernel takes; more go to cuBLAS + the epilogue kernel.
-// KVCORE_MLA_PROJECT_FUSED_MAX = 64 (the default) / 32 / 16 / 8 / 4 / 2 / 1 / 0, read once per
-// process: an A/B switch for `python -m kvcore.bench --group mla`. Session 7 measured the fused
-// kernel at T1 16 us rising to T32 38 us and T64 60 us, against 48 / 49 / 52 us for torch's whole
-// unfused sequence (matmul, rms_norm, rope, index_put_); session 8 measured the cuBLAS path at
-// T32 18 us and T64 19 us. The default moves once one run has timed the cuBLAS path at every T.
+// KVCORE_MLA_PROJECT_FUSED_MAX = 1 (the default since session 8) / 0 / 2 / 4 / 8 / 16 / 32 / 64,
+// read once per process: an A/B switch for `python -m kvcore.bench --group mla`. Session 8 timed
+// the cuBLAS path at every T with the fused kernel off: T1 16 us, T2-T32 17 us, T64 18 us, where
+// the fused kernel took T1 16, T2 19, T4 23, T8 23, T16 27, T32 38, T64 60 us (its tile-level sums
+// grow with T); torch's unfused sequence (matmul, rms_norm, rope, index_put_) took 41-50 us.
 int fused_max_tokens() {
-  static const int most[] = {64, 32, 16, 8, 4, 2, 1, 0};
-  static const int choice = env_choice("KVCORE_MLA_PROJECT_FUSED_MAX", {"64", "32", "16", "8", "4", "2", "1", "0"},
+  static const int most[] = {1, 0, 2, 4, 8, 16, 32, 64};
+  static const int choice = env_choice("KVCORE_MLA_PROJECT_FUSED_MAX", {"1", "0", "2", "4", "8", "16", "32", "64"},
                                        "mla_latent_project (CUDA)");
   return most[choice];
 }
