@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional
 
 import pytest
 import torch
 
 import kvcore
 from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn,
-                      run_tests_with_env)
+                      run_code_with_env, run_tests_with_env)
 from kvcore import reference
 from kvcore.mla import MLAAttention, MLAConfig, MLALatentCache
 from test_ops import OPCHECK_UTILS, BadCase, _other_device, _set, _set_item, _set_kw
@@ -970,6 +970,45 @@ def test_mla_decode_cuda_old_wide_path_in_subprocess():
     run stays tested on this one too."""
     files = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
     run_tests_with_env("KVCORE_MLA_DECODE_WIDE", "old", files, "mla and not in_subprocess", 1, "-m", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.skipif(os.environ.get("KVCORE_MLA_WGMMA_HANDOFF", "named") != "named", reason="this process already runs it")
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability() != (9, 0),
+                    reason="mla_decode_wgmma_kernel runs on compute capability 9.0 only")
+def test_mla_decode_cuda_mbarrier_handoff_in_subprocess():
+    """KVCORE_MLA_WGMMA_HANDOFF=mbarrier (read once per process) hands P between the wgmma kernel's
+    warpgroups on mbarriers instead of named barriers (the form compute-sanitizer's racecheck can
+    judge): this file's MLA decode CUDA cases once more in a fresh process with it set."""
+    run_tests_with_env("KVCORE_MLA_WGMMA_HANDOFF", "mbarrier", ["tests/test_mla.py", "tests/test_cuda_graph.py"],
+                       "mla_decode and not in_subprocess", 1, "-m", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@pytest.mark.parametrize("name", ["KVCORE_MLA_DECODE_H16", "KVCORE_MLA_DECODE_WIDE", "KVCORE_MLA_WGMMA_HANDOFF"])
+def test_mla_decode_cuda_misspelt_switch_is_an_error(name):
+    """A misspelt value of any mla_decode kernel switch fails every call (here one with 4 heads,
+    which none of the wide-head switches would route) instead of silently timing a default."""
+    code = textwrap.dedent(
+        """
+        import torch, kvcore
+        q = torch.randn(1, 4, 576, dtype=torch.bfloat16, device="cuda")
+        cache = torch.randn(2, 64, 576, dtype=torch.bfloat16, device="cuda")
+        table = torch.tensor([[0, 1]], dtype=torch.int32, device="cuda")
+        seq_lens = torch.tensor([40], dtype=torch.int32, device="cuda")
+        try:
+            kvcore.mla_decode(q, cache, table, seq_lens, scale=0.1, v_dim=512)
+        except RuntimeError as e:
+            assert "%s" in str(e), str(e)
+            print("raised")
+        """ % name
+    )
+    res = run_code_with_env(name, "bogus", code)
+    assert res.returncode == 0 and "raised" in res.stdout, (res.stdout + res.stderr)[-4000:]
 
 
 @pytest.mark.cuda

@@ -22,9 +22,10 @@
 // factors and barriers: 226 KB, one CTA per SM. Synchronisation:
 //   full[s]  (mbarrier, 128 arrivals): tile in stage s landed (warpgroup 1's cp.async completions)
 //   empty[s] (mbarrier, 256 arrivals): both warpgroups are done reading stage s
-//   P_FULL   (named barrier): warpgroup 0 wrote P(t) and the factors; warpgroup 1 waits
-//   P_FREE   (named barrier): warpgroup 1 has P(t) in registers; warpgroup 0 may write P(t+1)
-//   STATS    (named barrier): warpgroup 0 published the final row statistics
+//   P_FULL   (named barrier, or mbarrier with MBAR_HANDOFF): warpgroup 0 wrote P(t) and the
+//            factors; warpgroup 1 waits
+//   P_FREE   (likewise): warpgroup 1 has P(t) in registers; warpgroup 0 may write P(t+1)
+//   STATS    (named barrier, or __syncthreads): warpgroup 0 published the final row statistics
 // bench/NOTES.md ("mla_decode H128 on wgmma, session 7") has the counts behind the shape.
 
 #include "kvcore/mla_decode.cuh"
@@ -35,9 +36,13 @@ namespace kvcore {
 // TILE 64 (2 stages) or 32 (4 stages): the same shared memory either way; 32-token tiles keep
 // three tiles in flight instead of one, at the price of S as m64n32k16 (Q is read from shared
 // memory twice as often per token).
-template <int DK_, int DV_, int TILE_>
+// MBAR_HANDOFF: the P hand-off between the warpgroups on two mbarriers instead of named barriers
+// (bar.arrive / bar.sync), for compute-sanitizer's racecheck, which models mbarriers but not
+// bar.arrive (bench/experiments/racecheck_named_barrier.cu; bench/NOTES.md, session 8).
+template <int DK_, int DV_, int TILE_, bool MBAR_HANDOFF_ = false>
 struct MlaDecodeWgmmaConfig {
   static constexpr int DK = DK_, DV = DV_;
+  static constexpr bool MBAR_HANDOFF = MBAR_HANDOFF_;
   static constexpr int ROWS = 64;     // heads per CTA: one wgmma M
   static constexpr int THREADS = 256; // two warpgroups
   static constexpr int TILE = TILE_;  // tokens per tile: the N of S, TILE / 16 k-steps of P V
@@ -54,7 +59,7 @@ struct MlaDecodeWgmmaConfig {
   static constexpr size_t SMEM_TILE = size_t(TILE) * DK * 2;
   static constexpr size_t SMEM_P = size_t(ROWS) * 64 * 2;  // 128-byte rows whatever the tile
   static constexpr size_t SMEM_ROWF = 3 * ROWS * 4;  // factors, then 1/l and lse
-  static constexpr size_t SMEM_BAR = 2 * STAGES * 8;
+  static constexpr size_t SMEM_BAR = (2 * STAGES + 2) * 8;  // full[], empty[], P full, P free
   static constexpr size_t SMEM_ALIGN = 1024;  // swizzle atoms start on 1024-byte boundaries
   static constexpr size_t SMEM_BYTES = SMEM_ALIGN + SMEM_Q + STAGES * SMEM_TILE + SMEM_P + SMEM_ROWF + SMEM_BAR;
   static_assert(TILE == 64 || TILE == 32, "wgmma MLA decode: 32- or 64-token tiles");
@@ -85,6 +90,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
   float* const sLse = sInv + ROWS;
   uint64_t* const full = reinterpret_cast<uint64_t*>(sFactor + 3 * ROWS);
   uint64_t* const empty = full + STAGES;
+  uint64_t* const p_full = empty + STAGES;  // MBAR_HANDOFF only
+  uint64_t* const p_free = p_full + 1;
 
   const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
@@ -93,6 +100,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     for (int s = 0; s < STAGES; ++s) {
       mbarrier_init(full + s, 128);
       mbarrier_init(empty + s, 256);
+    }
+    if (Cfg::MBAR_HANDOFF) {
+      mbarrier_init(p_full, 128);
+      mbarrier_init(p_free, 128);
     }
   }
 
@@ -140,15 +151,37 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
 #pragma unroll
     for (int i = 0; i < 32; ++i) o[c][i] = 0.f;
   const uint32_t kSbo = 1024, kChunkBytes = TILE * 128;
-  constexpr int NB = TILE / 8;  // n8 column blocks of S
+  // Operand descriptors built once: Q (K-major), the first stage as K (K-major) and as V
+  // (MN-major, this warpgroup's first 64-column chunk); each wgmma adds its constant offset
+  // (desc_advance), the stage's offset once per tile.
+  const uint64_t dQ = smem_desc_sw128(sQ, 16, kSbo);
+  const uint64_t dK0 = smem_desc_sw128(sTile, 16, kSbo);
   const int vchunk0 = wg * VCHUNKS;  // this warpgroup's first 64-column chunk of V and O
+  const uint64_t dV0 = smem_desc_sw128(sTile + vchunk0 * TILE * 64, kChunkBytes, kSbo);
+  constexpr int NB = TILE / 8;  // n8 column blocks of S
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // warpgroup 0 only
   const float s_scale = p.scale * kLog2e;
+
+  // O's rows r0 and r0 + 8 times the softmax's rescale factors. Once the running maxima settle
+  // (after the first tiles, as a rule) every factor is exactly 1 (exp2(0)): a warp whose rows
+  // all have 1 skips its 128 multiplies. NaN and 0 factors rescale as before.
+  auto rescale_o = [&](float a0, float a1) {
+    if (__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) return;
+#pragma unroll
+    for (int c = 0; c < VCHUNKS; ++c)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        o[c][4 * i + 0] *= a0;
+        o[c][4 * i + 1] *= a0;
+        o[c][4 * i + 2] *= a1;
+        o[c][4 * i + 3] *= a1;
+      }
+  };
 
   for (int t = 0; t < num_tiles; ++t) {
     const int stage = t % STAGES;
     const uint32_t phase = (t / STAGES) & 1;
-    const T* const kt = sTile + stage * TILE * DK;
+    const uint32_t stage_bytes = uint32_t(stage) * TILE * DK * 2;
     uint32_t pa[TILE / 16][4];  // P as wgmma A fragments, one per k-step of 16 tokens
     mbarrier_wait(full + stage, phase);
     fence_proxy_async_smem();
@@ -161,16 +194,26 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < KSTEPS; ++ks) {
-        const int off = (ks >> 2) * ROWS * 64 + (ks & 3) * 16;  // elements: chunk, then k16 within
-        const int koff = (ks >> 2) * TILE * 64 + (ks & 3) * 16;
-        wgmma_ss<T>(s, smem_desc_sw128(sQ + off, 16, kSbo), smem_desc_sw128(kt + koff, 16, kSbo), ks > 0);
+        const uint32_t off = ((ks >> 2) * ROWS * 64 + (ks & 3) * 16) * 2;  // bytes: chunk, then k16 within
+        const uint32_t koff = ((ks >> 2) * TILE * 64 + (ks & 3) * 16) * 2;
+        wgmma_ss<T>(s, desc_advance(dQ, off), desc_advance(dK0, stage_bytes + koff), ks > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_regs(s);
 
-      // Online softmax in the log2 domain; tokens past the range end are -inf.
-      const int tok0 = start + t * TILE + cpair;
+      // Online softmax in the log2 domain; tokens past the range end are -inf (only the last
+      // tile of a range has any: the others skip the per-element test).
+#pragma unroll
+      for (int i = 0; i < TILE / 2; ++i) s[i] *= s_scale;
+      if (start + (t + 1) * TILE > end) {
+        const int tok0 = start + t * TILE + cpair;
+#pragma unroll
+        for (int i = 0; i < NB; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (tok0 + 8 * i + (j & 1) >= end) s[4 * i + j] = -INFINITY;
+      }
       float alpha[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -178,11 +221,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
 #pragma unroll
         for (int i = 0; i < NB; ++i)
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            float& x = s[4 * i + 2 * r + j];
-            x = tok0 + 8 * i + j < end ? x * s_scale : -INFINITY;
-            mx = fmaxf(mx, x);
-          }
+          for (int j = 0; j < 2; ++j) mx = fmaxf(mx, s[4 * i + 2 * r + j]);
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
@@ -207,7 +246,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
         pa[ks][3] = pack2(s[8 * ks + 6], s[8 * ks + 7], T{});
       }
       // Hand P(t) and the factors to warpgroup 1 once it holds P(t-1) in registers.
-      if (t > 0) named_barrier_sync(kPFree, 256);
+      if (t > 0) {
+        if constexpr (Cfg::MBAR_HANDOFF)
+          mbarrier_wait(p_free, (t - 1) & 1);
+        else
+          named_barrier_sync(kPFree, 256);
+      }
 #pragma unroll
       for (int ks = 0; ks < TILE / 16; ++ks)
 #pragma unroll
@@ -219,33 +263,26 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
         sFactor[r0] = alpha[0];
         sFactor[r0 + 8] = alpha[1];
       }
-      named_barrier_arrive(kPFull, 256);
-#pragma unroll
-      for (int c = 0; c < VCHUNKS; ++c)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          o[c][4 * i + 0] *= alpha[0];
-          o[c][4 * i + 1] *= alpha[0];
-          o[c][4 * i + 2] *= alpha[1];
-          o[c][4 * i + 3] *= alpha[1];
-        }
+      if constexpr (Cfg::MBAR_HANDOFF)
+        mbarrier_arrive(p_full);
+      else
+        named_barrier_arrive(kPFull, 256);
+      rescale_o(alpha[0], alpha[1]);
     } else {
       // Tile t+2's pages while warpgroup 0 computes S (they were fetched for tile 2 up front).
-      named_barrier_sync(kPFull, 256);
+      if constexpr (Cfg::MBAR_HANDOFF)
+        mbarrier_wait(p_full, t & 1);
+      else
+        named_barrier_sync(kPFull, 256);
 #pragma unroll
       for (int ks = 0; ks < TILE / 16; ++ks)
         ldmatrix_x4(pa[ks], sP + swz128_offset(ROWS, warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
       const float alpha0 = sFactor[r0], alpha1 = sFactor[r0 + 8];
-      if (t + 1 < num_tiles) named_barrier_arrive(kPFree, 256);
-#pragma unroll
-      for (int c = 0; c < VCHUNKS; ++c)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          o[c][4 * i + 0] *= alpha0;
-          o[c][4 * i + 1] *= alpha0;
-          o[c][4 * i + 2] *= alpha1;
-          o[c][4 * i + 3] *= alpha1;
-        }
+      if constexpr (Cfg::MBAR_HANDOFF)
+        mbarrier_arrive(p_free);
+      else if (t + 1 < num_tiles)
+        named_barrier_arrive(kPFree, 256);
+      rescale_o(alpha0, alpha1);
     }
 
     // O[:, this warpgroup's 256 columns] += P V_t: V chunk c is the tile's column chunk c, read
@@ -257,8 +294,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     for (int ks = 0; ks < TILE / 16; ++ks)
 #pragma unroll
       for (int c = 0; c < VCHUNKS; ++c)
-        wgmma_m64n64k16_rs_tb(o[c], pa[ks],
-                              smem_desc_sw128(kt + (vchunk0 + c) * TILE * 64 + ks * 16 * 64, kChunkBytes, kSbo), T{});
+        wgmma_m64n64k16_rs_tb(o[c], pa[ks], desc_advance(dV0, stage_bytes + (c * TILE * 64 + ks * 16 * 64) * 2), T{});
     wgmma_commit();
     wgmma_wait<0>();
 #pragma unroll
@@ -286,7 +322,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
       }
     }
   }
-  named_barrier_sync(kStats, 256);
+  if constexpr (Cfg::MBAR_HANDOFF)
+    __syncthreads();
+  else
+    named_barrier_sync(kStats, 256);
 
   // This thread's column pairs of row r0 + 8 r in its warpgroup's half of O, scaled by 1 / l.
   auto for_each_pair = [&](int r, float inv, auto&& store) {

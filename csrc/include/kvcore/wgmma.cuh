@@ -48,6 +48,15 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(const void* smem, uint32_t l
          (uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32) | (uint64_t(1) << 62);
 }
 
+// The descriptor of the matrix `bytes` further on in shared memory than `desc`'s (same layout,
+// offsets and swizzle). Only the start-address field (bits 0-13, 16-byte units) moves, and a
+// shared-memory address (< 2^18) plus an offset that stays inside shared memory cannot carry out
+// of it, so adding bytes >> 4 to the low word is exact: one integer add per wgmma operand where
+// smem_desc_sw128 costs a generic-to-shared conversion, masks, shifts and 64-bit ors.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) {
+  return (desc & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(desc) + (bytes >> 4));
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
