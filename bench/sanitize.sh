@@ -2,6 +2,8 @@
 # compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over kvcore's CUDA op tests.
 #
 #   bash bench/sanitize.sh OUTDIR [TOOL ...]        (TOOL: memcheck racecheck racecheck-cublas initcheck synccheck)
+#   environment: KVCORE_SANITIZE_SCOPE (all / new, below), KVCORE_SANITIZE_FILES and
+#   KVCORE_SANITIZE_K (replace the selected tools' test files / -k expression)
 #
 # Run on the GPU host after kvcore is built there (bench/gpu_check.sh builds it). Writes per tool
 # OUTDIR/<tool>.sanitizer.log (the sanitizer's reports) and OUTDIR/<tool>.pytest.log (the tests'
@@ -153,6 +155,16 @@ case "$scope" in
     ;;
   *) echo "KVCORE_SANITIZE_SCOPE must be all or new, got $scope" >&2; exit 2 ;;
 esac
+# KVCORE_SANITIZE_FILES / KVCORE_SANITIZE_K replace every selected tool's test files / -k
+# expression: to finish a cut run (e.g. initcheck over the tests it did not reach) or to check one
+# kernel under one tool.
+if [ -n "${KVCORE_SANITIZE_FILES:-}" ] || [ -n "${KVCORE_SANITIZE_K:-}" ]; then
+  for t in "${!FILES[@]}"; do
+    [ -n "${KVCORE_SANITIZE_FILES:-}" ] && FILES[$t]=$KVCORE_SANITIZE_FILES
+    [ -n "${KVCORE_SANITIZE_K:-}" ] && KSEL[$t]=$KVCORE_SANITIZE_K
+  done
+  scope="$scope (files: ${KVCORE_SANITIZE_FILES:-as scoped}; -k: ${KVCORE_SANITIZE_K:-as scoped})"
+fi
 echo "scope: $scope" > "$out/scope.txt"
 
 # Reads one tool's logs and prints its summary row; exit status 1 when the tool's verdict is FAIL.

@@ -944,6 +944,12 @@ def test_mla_decode_cuda_h16_many_tiles_and_pages(dtype, gen):
         _check_against_reference(a, lens, dtype)
 
 
+# What the mla_decode kernel-switch tests re-run in a subprocess: every CUDA test that runs an
+# mla_decode kernel (the grid, widths, splits, pages, NaN rules, graph replays), not the
+# projection's tests nor the launcher's input checks, which no decode switch changes.
+MLA_DECODE_KERNEL_TESTS = "mla_decode and not in_subprocess and not bad_input and not misspelt"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
@@ -954,7 +960,7 @@ def test_mla_decode_cuda_h16_old_path_in_subprocess():
     cases of this file and the MLA cases of the NaN, determinism and CUDA-graph tests once more in
     a fresh process with it set."""
     files = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
-    run_tests_with_env("KVCORE_MLA_DECODE_H16", "old", files, "mla and not in_subprocess", 1, "-m", "cuda")
+    run_tests_with_env("KVCORE_MLA_DECODE_H16", "old", files, MLA_DECODE_KERNEL_TESTS, 1, "-m", "cuda")
 
 
 @pytest.mark.cuda
@@ -969,7 +975,7 @@ def test_mla_decode_cuda_old_wide_path_in_subprocess():
     mla_decode_wgmma_kernel: the same selection as the H16 switch's test, so the kernel other GPUs
     run stays tested on this one too."""
     files = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
-    run_tests_with_env("KVCORE_MLA_DECODE_WIDE", "old", files, "mla and not in_subprocess", 1, "-m", "cuda")
+    run_tests_with_env("KVCORE_MLA_DECODE_WIDE", "old", files, MLA_DECODE_KERNEL_TESTS, 1, "-m", "cuda")
 
 
 @pytest.mark.cuda
@@ -982,8 +988,9 @@ def test_mla_decode_cuda_mbarrier_handoff_in_subprocess():
     """KVCORE_MLA_WGMMA_HANDOFF=mbarrier (read once per process) hands P between the wgmma kernel's
     warpgroups on mbarriers instead of named barriers (the form compute-sanitizer's racecheck can
     judge): this file's MLA decode CUDA cases once more in a fresh process with it set."""
-    run_tests_with_env("KVCORE_MLA_WGMMA_HANDOFF", "mbarrier", ["tests/test_mla.py", "tests/test_cuda_graph.py"],
-                       "mla_decode and not in_subprocess", 1, "-m", "cuda")
+    run_tests_with_env("KVCORE_MLA_WGMMA_HANDOFF", "mbarrier", ["tests/test_mla.py", "tests/test_nan.py",
+                                                                "tests/test_cuda_graph.py"],
+                       MLA_DECODE_KERNEL_TESTS, 1, "-m", "cuda")
 
 
 @pytest.mark.cuda
