@@ -60,6 +60,13 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
 
+// cp_async_16 for a piece known to be in range (no source-size operand to compute), with the
+// shared address already converted: callers that issue many pieces from one base add constant
+// offsets to it.
+__device__ __forceinline__ void cp_async_16_at(uint32_t smem_addr, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     mla_fetch_pages<ROW_PASSES, RPP>(p, bt, capacity, start + t * TILE + copy_r0, pages);
   };
   auto issue_tile = [&](int t) {  // copies of tile t into its stage, counted on that stage's full
-    mla_copy_tile<ROW_PASSES, ROW_PIECES, RPP>(
+    mla_copy_tile<ROW_PASSES, ROW_PIECES, RPP, TILE * 64>(
         p, sTile + (t % STAGES) * TILE * DK, [](int row, int piece) { return swz128_offset(TILE, row, piece); }, pages,
         start + t * TILE, end, copy_r0, copy_c0);
     cp_async_mbarrier_arrive(full + t % STAGES);
@@ -181,7 +181,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
   for (int t = 0; t < num_tiles; ++t) {
     const int stage = t % STAGES;
     const uint32_t phase = (t / STAGES) & 1;
-    const uint32_t stage_bytes = uint32_t(stage) * TILE * DK * 2;
+    // This stage's operand descriptors: the wgmma below add only constant offsets to them.
+    const uint64_t dK = desc_advance(dK0, uint32_t(stage) * TILE * DK * 2);
+    const uint64_t dV = desc_advance(dV0, uint32_t(stage) * TILE * DK * 2);
     uint32_t pa[TILE / 16][4];  // P as wgmma A fragments, one per k-step of 16 tokens
     mbarrier_wait(full + stage, phase);
     fence_proxy_async_smem();
@@ -196,7 +198,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
       for (int ks = 0; ks < KSTEPS; ++ks) {
         const uint32_t off = ((ks >> 2) * ROWS * 64 + (ks & 3) * 16) * 2;  // bytes: chunk, then k16 within
         const uint32_t koff = ((ks >> 2) * TILE * 64 + (ks & 3) * 16) * 2;
-        wgmma_ss<T>(s, desc_advance(dQ, off), desc_advance(dK0, stage_bytes + koff), ks > 0);
+        wgmma_ss<T>(s, desc_advance(dQ, off), desc_advance(dK, koff), ks > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -294,7 +296,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     for (int ks = 0; ks < TILE / 16; ++ks)
 #pragma unroll
       for (int c = 0; c < VCHUNKS; ++c)
-        wgmma_m64n64k16_rs_tb(o[c], pa[ks], desc_advance(dV0, stage_bytes + (c * TILE * 64 + ks * 16 * 64) * 2), T{});
+        wgmma_m64n64k16_rs_tb(o[c], pa[ks], desc_advance(dV, (c * TILE * 64 + ks * 16 * 64) * 2), T{});
     wgmma_commit();
     wgmma_wait<0>();
 #pragma unroll
