@@ -948,6 +948,11 @@ def test_mla_decode_cuda_h16_many_tiles_and_pages(dtype, gen):
 # mla_decode kernel (the grid, widths, splits, pages, NaN rules, graph replays), not the
 # projection's tests nor the launcher's input checks, which no decode switch changes.
 MLA_DECODE_KERNEL_TESTS = "mla_decode and not in_subprocess and not bad_input and not misspelt"
+MLA_DECODE_TEST_FILES = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
+
+
+def _rerun_mla_decode_tests_with(name: str, value: str) -> None:
+    run_tests_with_env(name, value, MLA_DECODE_TEST_FILES, MLA_DECODE_KERNEL_TESTS, 1, "-m", "cuda")
 
 
 @pytest.mark.cuda
@@ -959,8 +964,7 @@ def test_mla_decode_cuda_h16_old_path_in_subprocess():
     the path before session 7 (this process runs the default, mla_decode_h16_kernel): the CUDA
     cases of this file and the MLA cases of the NaN, determinism and CUDA-graph tests once more in
     a fresh process with it set."""
-    files = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
-    run_tests_with_env("KVCORE_MLA_DECODE_H16", "old", files, MLA_DECODE_KERNEL_TESTS, 1, "-m", "cuda")
+    _rerun_mla_decode_tests_with("KVCORE_MLA_DECODE_H16", "old")
 
 
 @pytest.mark.cuda
@@ -974,8 +978,7 @@ def test_mla_decode_cuda_old_wide_path_in_subprocess():
     mla_decode_kernel (mma.sync, 32 heads per CTA) instead of the Hopper default
     mla_decode_wgmma_kernel: the same selection as the H16 switch's test, so the kernel other GPUs
     run stays tested on this one too."""
-    files = ["tests/test_mla.py", "tests/test_nan.py", "tests/test_determinism.py", "tests/test_cuda_graph.py"]
-    run_tests_with_env("KVCORE_MLA_DECODE_WIDE", "old", files, MLA_DECODE_KERNEL_TESTS, 1, "-m", "cuda")
+    _rerun_mla_decode_tests_with("KVCORE_MLA_DECODE_WIDE", "old")
 
 
 @pytest.mark.cuda
@@ -987,10 +990,8 @@ def test_mla_decode_cuda_old_wide_path_in_subprocess():
 def test_mla_decode_cuda_mbarrier_handoff_in_subprocess():
     """KVCORE_MLA_WGMMA_HANDOFF=mbarrier (read once per process) hands P between the wgmma kernel's
     warpgroups on mbarriers instead of named barriers (the form compute-sanitizer's racecheck can
-    judge): this file's MLA decode CUDA cases once more in a fresh process with it set."""
-    run_tests_with_env("KVCORE_MLA_WGMMA_HANDOFF", "mbarrier", ["tests/test_mla.py", "tests/test_nan.py",
-                                                                "tests/test_cuda_graph.py"],
-                       MLA_DECODE_KERNEL_TESTS, 1, "-m", "cuda")
+    judge): the same selection as the H16 switch's test."""
+    _rerun_mla_decode_tests_with("KVCORE_MLA_WGMMA_HANDOFF", "mbarrier")
 
 
 @pytest.mark.cuda
