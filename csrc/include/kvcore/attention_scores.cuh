@@ -427,7 +427,8 @@ struct ScoresKRing {
   }
 };
 
-// ---- pass 2, variant "transposed" (KVCORE_SCORES_VARIANT=transposed) --------------------------
+// ---- pass 2, "transposed" (the default since session 8; KVCORE_SCORES_VARIANT=untransposed runs
+// attention_scores_kernel<.., true> instead) ------------------------------------------------------
 // The same scores as attention_scores_kernel<.., true> (same reduction order guarantees: fixed,
 // hence bitwise reproducible; not bitwise equal to it), built for the per-element epilogue that
 // the SASS counts in bench/NOTES.md ("attention_scores, session 6") found dominant:
@@ -647,7 +648,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
   }
 }
 
-// ---- pass 1, variant (KVCORE_SCORES_VARIANT=transposed) ---------------------------------------
+// ---- pass 1 of the transposed variant (the default since session 8) ----------------------------
 // attention_scores_kernel<.., false> with the variant ring (ScoresKRing), ldmatrix addresses kept in
 // two registers, and no visibility select on tiles every row of the warp sees. The layout stays
 // rows-on-M (the row-wise running max and sum want a lane to hold few rows and many keys), so the

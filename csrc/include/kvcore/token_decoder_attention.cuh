@@ -492,7 +492,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
 }
 
 // ================================================================================================
-// Variant "lean" (KVCORE_TOKEN_DECODER_VARIANT=lean; the launcher picks it, default off): the same
+// Variant "lean" (picked by the launcher's default "auto" where it keeps the CTAs per SM of the
+// classic kernel; KVCORE_TOKEN_DECODER_VARIANT=lean forces it): the same
 // work items, ring, fragments, masking and softmax as token_decoder_attention_kernel above, with
 // three changes that cut the warp instructions per item (bench/NOTES.md "token_decoder_attention
 // L16, session 6": at L16 the item loop issues ~7 K warp instructions per item on 8 warps per SM,
