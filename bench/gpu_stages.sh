@@ -7,6 +7,10 @@
 #   build                      build and install kvcore (bench/gpu_check.sh with tests and benchmarks off)
 #   tests[:LIMIT][:FILES][:KEXPR]  pytest -m cuda over FILES (comma-separated; default: the whole
 #                              suite), with -k KEXPR when given
+#   ptests[:LIMIT][:SHARDS][:KEXPR]  the same over every test file, in SHARDS (default 4) pytest
+#                              processes at once on the one GPU (the suite is host-bound: ~400 s in
+#                              one process in session 7); files dealt to the shards by estimated
+#                              weight (bench/shard_tests.py); logs OUTDIR/ptests-N.log
 #   bench:GROUP[:LIMIT]        python -m kvcore.bench --group GROUP into OUTDIR/GROUP
 #   sanitize:SCOPE:TOOLS[:LIMIT]  bench/sanitize.sh with KVCORE_SANITIZE_SCOPE=SCOPE over TOOLS (comma-separated)
 #   run:NAME:LIMIT:COMMAND     any command (its output in OUTDIR/NAME.log)
@@ -43,6 +47,19 @@ for stage in "$@"; do
       timeout "$lim" python3 -m pytest $(tr ',' ' ' <<< "$files") -m cuda "${kexpr[@]}" -q -p no:cacheprovider -rfE \
         > "$out/tests.log" 2>&1
       rc=$?; tail -6 "$out/tests.log" ;;
+    ptests)
+      lim=$(budget "${a:-300}"); shards=${b:-4}; kexpr=(); [ -n "$c" ] && kexpr=(-k "$c")
+      mapfile -t groups < <(python3 bench/shard_tests.py "$shards")
+      pids=()
+      for i in "${!groups[@]}"; do
+        # shellcheck disable=SC2086
+        timeout "$lim" python3 -m pytest ${groups[$i]} -m cuda "${kexpr[@]}" -q -p no:cacheprovider -rfE \
+          > "$out/ptests-$i.log" 2>&1 &
+        pids+=($!)
+      done
+      rc=0
+      for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+      for i in "${!groups[@]}"; do echo "shard $i: $(tail -1 "$out/ptests-$i.log")"; done ;;
     bench)
       lim=$(budget "${b:-300}")
       timeout "$lim" python3 -m kvcore.bench --group "$a" --out "$out/$a" > "$out/bench_$a.log" 2>&1
