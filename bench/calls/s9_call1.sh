@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Session 9, device call 1 (planned in session 8, bench/NOTES.md): carry .peers.
-# 1. racecheck's model of the wgmma kernel's hand-off forms (the experiment, three modes);
+# 1. racecheck's model of the wgmma kernel's hand-off forms (the experiment, three modes); the
+#    gqa_decode B1 phase trace (bench/experiments/decode_trace.cu, issue 2);
 # 2. the session-8 changes to mla_decode_wgmma_kernel that no GPU has run (constant-offset
-#    descriptors, last-tile-only masking, the rescale skip, the mbarrier hand-off): tests, then
+#    descriptors, last-tile-only masking, the rescale skip, the mbarrier hand-off; the MLA tile
+#    loader's short path, which the H16 kernel takes too): tests, then
 #    `--group mla` at the defaults and with KVCORE_MLA_WGMMA_HANDOFF=mbarrier;
 # 3. racecheck over the wgmma cases with the mbarrier hand-off; initcheck's 25 tests not reached;
 # 4. `--group block` at the defaults (which kernel the token decoder's auto picks), then the
@@ -13,6 +15,12 @@ packer=$!
 cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 nvcc -arch=sm_90a -o /tmp/rnb bench/experiments/racecheck_named_barrier.cu > $o/rnb-build.log 2>&1
 for m in arrive sync mbarrier; do timeout 60 $cs --tool racecheck /tmp/rnb $m > $o/rnb-$m.log 2>&1; tail -1 $o/rnb-$m.log; done
+# Issue 2's B1 gap (69% of copy at S32768): the per-CTA phase trace (entry skew, first-tile
+# latency, loop, epilogue with the split merge) at a few split counts.
+nvcc -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Icsrc/include \
+  bench/experiments/decode_trace.cu -o /tmp/decode_trace > $o/trace-build.log 2>&1
+for sp in 16 33 66 132; do timeout 30 /tmp/decode_trace 1 32768 $sp >> $o/decode-trace.log 2>&1; done
+tail -4 $o/decode-trace.log
 T="python3 -m pytest -q -p no:cacheprovider -rfE -m cuda"
 MLA="tests/test_mla.py tests/test_nan.py tests/test_cuda_graph.py"
 RACE_K="(mla_decode_cuda_grid and bf16 and H128) or (mla_decode_cuda_forced_splits and bf16 and H128) or (graph_replay and H128)"
