@@ -967,31 +967,29 @@ def test_mla_decode_cuda_h16_old_path_in_subprocess():
     _rerun_mla_decode_tests_with("KVCORE_MLA_DECODE_H16", "old")
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
-@pytest.mark.skipif(os.environ.get("KVCORE_MLA_DECODE_WIDE", "wgmma") != "wgmma", reason="this process already runs it")
-@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability() != (9, 0),
-                    reason="mla_decode_wgmma_kernel, the default this switch turns off, runs on compute capability 9.0 only")
-def test_mla_decode_cuda_old_wide_path_in_subprocess():
-    """KVCORE_MLA_DECODE_WIDE=old (read once per process) puts more than 32 heads back on
-    mla_decode_kernel (mma.sync, 32 heads per CTA) instead of the Hopper default
-    mla_decode_wgmma_kernel: the same selection as the H16 switch's test, so the kernel other GPUs
-    run stays tested on this one too."""
-    _rerun_mla_decode_tests_with("KVCORE_MLA_DECODE_WIDE", "old")
+# The wgmma kernel's switches, each re-run with its non-default value: (variable, default, value).
+WGMMA_SWITCHES = [
+    # mla_decode_kernel (mma.sync, 32 heads per CTA) for more than 32 heads instead of the Hopper
+    # default, so the kernel other GPUs run stays tested on this one too.
+    ("KVCORE_MLA_DECODE_WIDE", "wgmma", "old"),
+    # P handed between the wgmma kernel's warpgroups on mbarriers instead of named barriers (the
+    # form compute-sanitizer's racecheck can judge).
+    ("KVCORE_MLA_WGMMA_HANDOFF", "named", "mbarrier"),
+]
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
-@pytest.mark.skipif(os.environ.get("KVCORE_MLA_WGMMA_HANDOFF", "named") != "named", reason="this process already runs it")
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability() != (9, 0),
                     reason="mla_decode_wgmma_kernel runs on compute capability 9.0 only")
-def test_mla_decode_cuda_mbarrier_handoff_in_subprocess():
-    """KVCORE_MLA_WGMMA_HANDOFF=mbarrier (read once per process) hands P between the wgmma kernel's
-    warpgroups on mbarriers instead of named barriers (the form compute-sanitizer's racecheck can
-    judge): the same selection as the H16 switch's test."""
-    _rerun_mla_decode_tests_with("KVCORE_MLA_WGMMA_HANDOFF", "mbarrier")
+@pytest.mark.parametrize("name,default,value", WGMMA_SWITCHES, ids=[v for _, _, v in WGMMA_SWITCHES])
+def test_mla_decode_cuda_wgmma_switch_in_subprocess(name, default, value):
+    """Each wgmma-kernel switch (read once per process) at its other value: the same selection as
+    the H16 switch's test, in a fresh process."""
+    if os.environ.get(name, default) != default:
+        pytest.skip("this process already runs it")
+    _rerun_mla_decode_tests_with(name, value)
 
 
 @pytest.mark.cuda
