@@ -103,11 +103,11 @@ void launch_h16(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_s
 // only (KVCORE_SM90A), and a build for plain sm_90 ("9.0" instead of "9.0a" in
 // TORCH_CUDA_ARCH_LIST) has a trap in its place. The image itself tells, without a launch (so
 // also inside a graph capture): the body needs ~230 registers, the trap a handful.
-template <typename T, int TILE>
+template <typename T>
 bool wgmma_body_built() {
   static const bool built = [] {
     cudaFuncAttributes a{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&a, mla_decode_wgmma_kernel<T, MlaDecodeWgmmaConfig<kMaxDk, kMaxDv, TILE>>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&a, mla_decode_wgmma_kernel<T, MlaDecodeWgmmaConfig<kMaxDk, kMaxDv>>));
     return a.numRegs >= 64;
   }();
   return built;
@@ -123,7 +123,7 @@ bool use_mbarrier_handoff() {
   return use;
 }
 
-template <typename T, int TILE>
+template <typename T>
 void launch_wgmma(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
                   const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
   auto go = [&](auto cfg) {
@@ -132,9 +132,9 @@ void launch_wgmma(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested
                 mla_merge_kernel<T, Cfg::ROWS, paged_decode::kMaxSplits>);
   };
   if (use_mbarrier_handoff())
-    go(MlaDecodeWgmmaConfig<kMaxDk, kMaxDv, TILE, true>{});
+    go(MlaDecodeWgmmaConfig<kMaxDk, kMaxDv, true>{});
   else
-    go(MlaDecodeWgmmaConfig<kMaxDk, kMaxDv, TILE, false>{});
+    go(MlaDecodeWgmmaConfig<kMaxDk, kMaxDv, false>{});
 }
 
 void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const at::Tensor& block_table,
@@ -203,8 +203,8 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
     // More than 32 heads on Hopper: 64 heads per CTA on warpgroup MMA (the kernel has a body in
     // sm_90a code only; other devices and builds, and KVCORE_MLA_DECODE_WIDE=old, keep mma.sync).
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    if (s.num_heads > 32 && prop->major == 9 && prop->minor == 0 && use_wgmma_kernel() && wgmma_body_built<T, 64>())
-      launch_wgmma<T, 64>(s, p, num_splits, workspace, stream);
+    if (s.num_heads > 32 && prop->major == 9 && prop->minor == 0 && use_wgmma_kernel() && wgmma_body_built<T>())
+      launch_wgmma<T>(s, p, num_splits, workspace, stream);
     else if (s.num_heads <= 16 && use_h16_kernel())
       launch_h16<T>(s, p, num_splits, workspace, stream);
     else if (s.num_heads <= 16)

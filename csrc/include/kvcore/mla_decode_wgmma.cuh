@@ -1,15 +1,15 @@
 #pragma once
 // Many heads (compute-bound MLA decode, H >= 64 in practice): mla_decode_wgmma_kernel, on Hopper's
 // warpgroup MMA. Same contract as mla_decode_kernel (MlaDecodeParams, the split workspace and the
-// merge in mla_decode.cuh), with 64 heads per CTA (one wgmma M) and 64- or 32-token latent tiles.
+// merge in mla_decode.cuh), with 64 heads per CTA (one wgmma M) and 64-token latent tiles.
 //
 // Why wgmma: at 128 heads the op does 2 H (576 + 512) FLOPs per latent byte pair, ~60 per byte,
 // far past the ~190 FLOP/byte at which an H100 turns compute-bound. mma.sync at 32 heads per CTA
 // reached 22% of the bf16 GEMM rate (session 4): every ldmatrix of Q and of the tile fed a few
 // m16n8k16 only. wgmma reads both operands from shared memory itself, 64 heads at a time.
 //
-// Work split inside the CTA (two warpgroups, 256 threads), per tile t of N = 64 or 32 tokens:
-//   warpgroup 0: S = Q K_t^T (64 x N, k = 576: 36 wgmma m64nNk16, both operands in shared
+// Work split inside the CTA (two warpgroups, 256 threads), per tile t of N = 64 tokens:
+//   warpgroup 0: S = Q K_t^T (64 x N, k = 576: 36 wgmma m64n64k16, both operands in shared
 //                memory), the online softmax, P (bf16) and the rows' rescale factors to shared
 //                memory for warpgroup 1, then O[:, 0:256] += P V_t with P from its registers.
 //   warpgroup 1: loads the latent tiles (cp.async, completion counted by an mbarrier, so the
@@ -18,7 +18,7 @@
 //                so the tensor pipe has work during warpgroup 0's softmax.
 // V is the tile itself read MN-major (wgmma's transposed B): the latent row's first 512 columns.
 //
-// Shared memory (bf16): Q 72 KB, tile stages 144 KB (2 x 64 or 4 x 32 tokens), P 8 KB, row
+// Shared memory (bf16): Q 72 KB, tile stages 144 KB (2 x 64 tokens), P 8 KB, row
 // factors and barriers: 226 KB, one CTA per SM. Synchronisation:
 //   full[s]  (mbarrier, 128 arrivals): tile in stage s landed (warpgroup 1's cp.async completions)
 //   empty[s] (mbarrier, 256 arrivals): both warpgroups are done reading stage s
@@ -33,20 +33,20 @@
 
 namespace kvcore {
 
-// TILE 64 (2 stages) or 32 (4 stages): the same shared memory either way; 32-token tiles keep
-// three tiles in flight instead of one, at the price of S as m64n32k16 (Q is read from shared
-// memory twice as often per token).
+// 64-token tiles in 2 stages. (32-token tiles in 4 stages, the same shared memory, kept three tiles
+// in flight instead of one but read Q from shared memory twice as often per token, as m64n32k16:
+// session 8 timed them slower, 0.141 vs 0.129 ms at B32 H128 S4096, and they were removed.)
 // MBAR_HANDOFF: the P hand-off between the warpgroups on two mbarriers instead of named barriers
 // (bar.arrive / bar.sync), for compute-sanitizer's racecheck, which models mbarriers but not
 // bar.arrive (bench/experiments/racecheck_named_barrier.cu; bench/NOTES.md, session 8).
-template <int DK_, int DV_, int TILE_, bool MBAR_HANDOFF_ = false>
+template <int DK_, int DV_, bool MBAR_HANDOFF_ = false>
 struct MlaDecodeWgmmaConfig {
   static constexpr int DK = DK_, DV = DV_;
   static constexpr bool MBAR_HANDOFF = MBAR_HANDOFF_;
   static constexpr int ROWS = 64;     // heads per CTA: one wgmma M
   static constexpr int THREADS = 256; // two warpgroups
-  static constexpr int TILE = TILE_;  // tokens per tile: the N of S, TILE / 16 k-steps of P V
-  static constexpr int STAGES = TILE == 64 ? 2 : 4;
+  static constexpr int TILE = 64;     // tokens per tile: the N of S, TILE / 16 k-steps of P V
+  static constexpr int STAGES = 2;
   static constexpr int TD = DK / 8;   // 16-byte pieces per latent row
   static constexpr int KSTEPS = DK / 16;
   static constexpr int DV_HALF = DV / 2;  // output columns per warpgroup
@@ -62,7 +62,6 @@ struct MlaDecodeWgmmaConfig {
   static constexpr size_t SMEM_BAR = (2 * STAGES + 2) * 8;  // full[], empty[], P full, P free
   static constexpr size_t SMEM_ALIGN = 1024;  // swizzle atoms start on 1024-byte boundaries
   static constexpr size_t SMEM_BYTES = SMEM_ALIGN + SMEM_Q + STAGES * SMEM_TILE + SMEM_P + SMEM_ROWF + SMEM_BAR;
-  static_assert(TILE == 64 || TILE == 32, "wgmma MLA decode: 32- or 64-token tiles");
   static_assert(DK % 64 == 0 && DV % 128 == 0, "wgmma MLA decode: DK a multiple of 64, DV of 128");
   static_assert(TD % ROW_THREADS == 0, "latent row pieces must split evenly over the loader threads");
   static_assert(SMEM_BYTES <= 227 * 1024 - 64, "wgmma MLA decode: shared memory over the sm_90 limit");
@@ -198,7 +197,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
       for (int ks = 0; ks < KSTEPS; ++ks) {
         const uint32_t off = ((ks >> 2) * ROWS * 64 + (ks & 3) * 16) * 2;  // bytes: chunk, then k16 within
         const uint32_t koff = ((ks >> 2) * TILE * 64 + (ks & 3) * 16) * 2;
-        wgmma_ss<T>(s, desc_advance(dQ, off), desc_advance(dK, koff), ks > 0);
+        wgmma_m64n64k16_ss(s, desc_advance(dQ, off), desc_advance(dK, koff), ks > 0, T{});
       }
       wgmma_commit();
       wgmma_wait<0>();

@@ -81,12 +81,6 @@ __device__ __forceinline__ void wgmma_fence_regs(float (&d)[N]) {
       "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),  \
       "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 
-#define KVCORE_WGMMA_D16                                                                                       \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
-#define KVCORE_WGMMA_D16_OPERANDS(d)                                                                           \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),  \
-      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-
 // D[64 x 64] (+)= A[64 x 16] B[16 x 64], A and B K-major in shared memory; fp32 accumulators in
 // the m64nNk16 D layout (warp w of the group: rows 16w + lane/4 and +8; register 4i + j: columns
 // 8i + 2 (lane % 4) + (j & 1), the row +8 for j >= 2). accumulate = false overwrites D.
@@ -105,33 +99,6 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc
   KVCORE_WGMMA_SS("f16");
 }
 #undef KVCORE_WGMMA_SS
-
-// As above with N = 32 (16 accumulators per thread).
-#define KVCORE_WGMMA_SS32(TYPE)                                                                                 \
-  asm volatile(                                                                                                 \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                              \
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " " KVCORE_WGMMA_D16 ", %16, %17, p, 1, 1, 0, 0;\n}\n" \
-      : KVCORE_WGMMA_D16_OPERANDS(d)                                                                            \
-      : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)))
-__device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, bool accumulate,
-                                                   __nv_bfloat16) {
-  KVCORE_WGMMA_SS32("bf16");
-}
-__device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, bool accumulate,
-                                                   __half) {
-  KVCORE_WGMMA_SS32("f16");
-}
-#undef KVCORE_WGMMA_SS32
-
-// D[64 x N] (+)= A B for N = 64 or 32: the SS form above with the accumulator count picking N.
-template <typename T>
-__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  wgmma_m64n64k16_ss(d, desc_a, desc_b, accumulate, T{});
-}
-template <typename T>
-__device__ __forceinline__ void wgmma_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  wgmma_m64n32k16_ss(d, desc_a, desc_b, accumulate, T{});
-}
 
 // D[64 x 64] += A[64 x 16] B[16 x 64], A from registers (the mma.sync m16n8k16 A fragment of the
 // warp's 16 rows), B MN-major in shared memory (transposed: its rows are K).
@@ -153,8 +120,6 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs_tb(float (&d)[32], const uint
 #undef KVCORE_WGMMA_RS_TB
 #undef KVCORE_WGMMA_D32_OPERANDS
 #undef KVCORE_WGMMA_D32
-#undef KVCORE_WGMMA_D16_OPERANDS
-#undef KVCORE_WGMMA_D16
 
 // ---- proxies and barriers ------------------------------------------------------------------
 
