@@ -114,8 +114,11 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   const TokenDecoderVariant variant = token_decoder_variant();
   const bool lean_fits = variant != TokenDecoderVariant::kClassic &&
                          smem_for(true, 2) <= int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  // Occupancy is queried once per kernel: both only when "auto" compares them (the lean footprint
+  // fits, so the smaller classic one does too); the classic kernel's otherwise after the check below.
+  const int lean_per_sm = lean_fits ? ctas_per_sm(true) : 0;
   const int classic_per_sm = variant == TokenDecoderVariant::kAuto && lean_fits ? ctas_per_sm(false) : 0;
-  const bool lean = lean_fits && (variant == TokenDecoderVariant::kLean || ctas_per_sm(true) >= classic_per_sm);
+  const bool lean = lean_fits && (variant == TokenDecoderVariant::kLean || lean_per_sm >= classic_per_sm);
   auto kernel = kernel_for(lean);
   const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
   const int stages = stages_for(lean);
@@ -127,8 +130,7 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   const int64_t chunks = s.num_kv_heads / hc;
   const int64_t items = s.blocks * chunks;
   TORCH_CHECK(items < (int64_t(1) << 31), "token_decoder_attention (CUDA): too many blocks (", s.blocks, ")");
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::THREADS, size_t(smem_bytes)));
+  const int per_sm = lean ? lean_per_sm : classic_per_sm > 0 ? classic_per_sm : ctas_per_sm(false);
   TORCH_CHECK(per_sm > 0, "token_decoder_attention (CUDA): the kernel does not fit on this GPU (", smem_bytes,
               " bytes of shared memory per CTA)");
   // One wave of CTAs, each walking a contiguous range of items (consecutive blocks).
