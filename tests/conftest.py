@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,6 +160,17 @@ def run_code_with_env(name: str, value: str, code: str, timeout: int = 300) -> s
     """Run ``code`` with ``python -c`` in a fresh process whose ``name`` is ``value``."""
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env_with(name, value), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def assert_switch_value_rejected(name: str, value: str, setup: str, call: str, calls: int = 1) -> None:
+    """In a fresh process whose kernel switch ``name`` is the bad ``value``: run ``setup`` (Python
+    that builds the inputs; torch and kvcore are imported), then ``call`` (one line) ``calls``
+    times; each call must raise a RuntimeError naming the variable, so a misspelt switch cannot
+    silently run (and time) the default."""
+    code = (f"import torch, kvcore\n{textwrap.dedent(setup)}\nfor _ in range({calls}):\n    try:\n        {call}\n"
+            f"    except RuntimeError as e:\n        assert {name!r} in str(e), str(e)\n        print('raised')\n")
+    res = run_code_with_env(name, value, code)
+    assert res.returncode == 0 and res.stdout.count("raised") == calls, (res.stdout + res.stderr)[-4000:]
 
 
 def prompt_ids(batch: int = 2, device="cpu", *, length: int, vocab: int, seed: int = 99) -> torch.Tensor:

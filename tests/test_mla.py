@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import textwrap
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -19,7 +18,7 @@ import torch
 
 import kvcore
 from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn,
-                      run_code_with_env, run_tests_with_env)
+                      assert_switch_value_rejected, run_tests_with_env)
 from kvcore import reference
 from kvcore.mla import MLAAttention, MLAConfig, MLALatentCache
 from test_ops import OPCHECK_UTILS, BadCase, _other_device, _set, _set_item, _set_kw
@@ -999,22 +998,15 @@ def test_mla_decode_cuda_wgmma_switch_in_subprocess(name, default, value):
 def test_mla_decode_cuda_misspelt_switch_is_an_error(name):
     """A misspelt value of any mla_decode kernel switch fails every call (here one with 4 heads,
     which none of the wide-head switches would route) instead of silently timing a default."""
-    code = textwrap.dedent(
+    assert_switch_value_rejected(
+        name, "bogus",
         """
-        import torch, kvcore
         q = torch.randn(1, 4, 576, dtype=torch.bfloat16, device="cuda")
         cache = torch.randn(2, 64, 576, dtype=torch.bfloat16, device="cuda")
         table = torch.tensor([[0, 1]], dtype=torch.int32, device="cuda")
         seq_lens = torch.tensor([40], dtype=torch.int32, device="cuda")
-        try:
-            kvcore.mla_decode(q, cache, table, seq_lens, scale=0.1, v_dim=512)
-        except RuntimeError as e:
-            assert "%s" in str(e), str(e)
-            print("raised")
-        """ % name
-    )
-    res = run_code_with_env(name, "bogus", code)
-    assert res.returncode == 0 and "raised" in res.stdout, (res.stdout + res.stderr)[-4000:]
+        """,
+        "kvcore.mla_decode(q, cache, table, seq_lens, scale=0.1, v_dim=512)")
 
 
 @pytest.mark.cuda

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kvcore  # noqa: F401  (registers the ops; the subprocesses import it from the same place)
-from conftest import run_code_with_env, run_script_with_env, run_tests_with_env
+from conftest import assert_switch_value_rejected, run_script_with_env, run_tests_with_env
 HAS_CUDA_SCORES = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "kvcore::attention_scores", "CUDA")
 pytestmark = [pytest.mark.cuda,
@@ -80,19 +80,12 @@ def test_variant_agrees_with_the_default_kernel(variant, tmp_path):
 
 def test_unknown_variant_is_an_error():
     """A misspelt KVCORE_SCORES_VARIANT fails the call instead of silently timing the default."""
-    code = textwrap.dedent(
+    assert_switch_value_rejected(
+        "KVCORE_SCORES_VARIANT", "untransposd",
         """
-        import torch, kvcore
         q = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
         bt = torch.arange(4, dtype=torch.int32, device="cuda").view(1, 4)
         sl = torch.tensor([40], dtype=torch.int32, device="cuda")
-        try:
-            kvcore.attention_scores(q, k, bt, sl)
-        except RuntimeError as e:
-            assert "KVCORE_SCORES_VARIANT" in str(e), str(e)
-            print("raised")
-        """
-    )
-    res = run_code_with_env("KVCORE_SCORES_VARIANT", "untransposd", code)
-    assert res.returncode == 0 and "raised" in res.stdout, (res.stdout + res.stderr)[-4000:]
+        """,
+        "kvcore.attention_scores(q, k, bt, sl)")
