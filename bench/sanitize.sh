@@ -125,10 +125,10 @@ NOCACHE[synccheck]=0
 # and initcheck pin KVCORE_MLA_PROJECT_FUSED_MAX=64, so their T <= 64 cases run the fused kernel
 # (for the two reasons above), while memcheck and synccheck run the default path.
 declare -A ENVS
-# racecheck also runs mla_decode_wgmma_kernel with its P hand-off on mbarriers: racecheck does not
-# model bar.arrive, so the named-barrier form gets reports on correct code
+# mla_decode_wgmma_kernel's P hand-off is on mbarriers by default (session 9): racecheck does not
+# model bar.arrive, so KVCORE_MLA_WGMMA_HANDOFF=named gets reports on correct code
 # (bench/experiments/racecheck_named_barrier.cu); the two forms differ in those four sync points only.
-ENVS[racecheck]="KVCORE_MLA_PROJECT_FUSED_MAX=64 KVCORE_MLA_WGMMA_HANDOFF=mbarrier"
+ENVS[racecheck]="KVCORE_MLA_PROJECT_FUSED_MAX=64"
 ENVS[initcheck]="KVCORE_MLA_PROJECT_FUSED_MAX=64"
 FILES[racecheck-cublas]="tests/test_mla.py"
 KSEL[racecheck-cublas]="$CUBLAS_RACE"

@@ -113,13 +113,15 @@ bool wgmma_body_built() {
   return built;
 }
 
-// KVCORE_MLA_WGMMA_HANDOFF=mbarrier hands P between the wgmma kernel's warpgroups on mbarriers
-// instead of named barriers (MlaDecodeWgmmaConfig::MBAR_HANDOFF): compute-sanitizer's racecheck
-// models the former only, so this is the form racecheck can judge (session 8; an A/B switch
-// until a run has timed and racechecked it). Read once per process.
+// KVCORE_MLA_WGMMA_HANDOFF: how the wgmma kernel's warpgroups hand P to each other
+// (MlaDecodeWgmmaConfig::MBAR_HANDOFF). `mbarrier` (the default since session 9) is the form
+// compute-sanitizer's racecheck can judge (it does not model bar.arrive: session 8's
+// bench/experiments/racecheck_named_barrier.cu) and timed the same as named barriers back to back
+// (B32 H128 0.110 / 0.110 ms, B128 0.104 / 0.102, B1 0.046 / 0.045); `named` keeps the
+// named-barrier form. Read once per process.
 bool use_mbarrier_handoff() {
   static const bool use =
-      env_choice("KVCORE_MLA_WGMMA_HANDOFF", {"named", "mbarrier"}, "mla_decode (CUDA)") == 1;
+      env_choice("KVCORE_MLA_WGMMA_HANDOFF", {"mbarrier", "named"}, "mla_decode (CUDA)") == 0;
   return use;
 }
 

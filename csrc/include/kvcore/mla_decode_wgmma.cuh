@@ -38,8 +38,10 @@ namespace kvcore {
 // session 8 timed them slower, 0.141 vs 0.129 ms at B32 H128 S4096, and they were removed.)
 // MBAR_HANDOFF: the P hand-off between the warpgroups on two mbarriers instead of named barriers
 // (bar.arrive / bar.sync), for compute-sanitizer's racecheck, which models mbarriers but not
-// bar.arrive (bench/experiments/racecheck_named_barrier.cu; bench/NOTES.md, session 8).
-template <int DK_, int DV_, bool MBAR_HANDOFF_ = false>
+// bar.arrive (bench/experiments/racecheck_named_barrier.cu; bench/NOTES.md, session 8). The
+// launcher's default since session 9 (same speed, racecheck-clean); the named form stays behind
+// KVCORE_MLA_WGMMA_HANDOFF=named.
+template <int DK_, int DV_, bool MBAR_HANDOFF_ = true>
 struct MlaDecodeWgmmaConfig {
   static constexpr int DK = DK_, DV = DV_;
   static constexpr bool MBAR_HANDOFF = MBAR_HANDOFF_;
