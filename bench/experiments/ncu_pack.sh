@@ -19,6 +19,10 @@ for key in "${keys[@]}"; do
   timeout 120 "$ncu" --profile-from-start off --clock-control none --set full --import-source no \
     python3 bench/experiments/ncu_pack.py "$key" > "$out/$key.txt" 2>&1
   echo "$key rc=$? $(( $(date +%s) - start )) s"
+  # The warp-stall breakdown (cycles per issued instruction by reason): the text page above only
+  # prints the section's summary, the raw page has the per-reason metrics.
+  timeout 60 "$ncu" --profile-from-start off --clock-control none --section WarpStateStats --page raw \
+    python3 bench/experiments/ncu_pack.py "$key" 2>&1 | grep -i -E "stall|==PROF==|Error" > "$out/$key-stalls.txt"
 done
 {
   for key in "${keys[@]}"; do
