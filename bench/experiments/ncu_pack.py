@@ -72,17 +72,17 @@ def _token_decoder(name: str) -> Callable:
 
 #: key -> (what it shows, builder of a Prepared). The keys name the gaps in bench/NOTES.md.
 CASES = {
-    "mla_project_T1": ("issue 3: 21 us for an 8 MB weight (9% of copy)", lambda: _mla_project("project T1 d7168")),
-    "mla_decode_H16": ("issue 3: 67% of copy vs FlashInfer's 95%", lambda: _mla_decode("decode B64 H16 S8192 page64")),
-    "mla_decode_H128": ("issue 3: 22% of the GEMM rate", lambda: _mla_decode("decode B32 H128 S4096 page64")),
-    "decode_B1": ("issue 2: 75% of copy at B1 S32768", lambda: _decode("B1 Hq32 Hkv8 D128 S32768 page16")),
-    "h2o_B16": ("issue 6: score path +16% at B16", lambda: _h2o("h2o B16 Hq32 Hkv8 D128 S8192 page16")),
-    "scores_lse": ("issue 6: one pass 0.383 ms, 20x needs 0.275",
+    "mla_project_T1": ("issue 3: 16 us for an 8 MB weight (12% of copy; s9)", lambda: _mla_project("project T1 d7168")),
+    "mla_decode_H16": ("issue 3: 88% of copy vs FlashInfer's 93% (s9)", lambda: _mla_decode("decode B64 H16 S8192 page64")),
+    "mla_decode_H128": ("issue 3: 45% of the GEMM rate vs FlashInfer's 62% (s9)", lambda: _mla_decode("decode B32 H128 S4096 page64")),
+    "decode_B1": ("issue 2: 69% of copy at B1 S32768 (s9)", lambda: _decode("B1 Hq32 Hkv8 D128 S32768 page16")),
+    "h2o_B16": ("issue 6: score path +12.5% at B16 (s9)", lambda: _h2o("h2o B16 Hq32 Hkv8 D128 S8192 page16")),
+    "scores_lse": ("issue 6: one pass 0.249 ms (22x, met; s9)",
                    lambda: _scores("SnapKV scores B1 Hq32 Hkv8 D128 S131072 w64 page16 avgpool5", True)),
-    "compact_50": ("issue 6: 78% of copy", lambda: _compact("compact B1 Hkv8 D128 S131072 keep 50% page16")),
-    "block_sparse_B16": ("issue 4: 85% of copy at B16 page16",
+    "compact_50": ("issue 6: 79% of copy (s9)", lambda: _compact("compact B1 Hkv8 D128 S131072 keep 50% page16")),
+    "block_sparse_B16": ("issue 4: 70% of copy at B16 page16 (s8)",
                          lambda: _block_sparse("B16 Hq32 Hkv8 D128 S32768 page16 sel37x128")),
-    "token_decoder_L16": ("issue 4: 79.9% at L16", lambda: _token_decoder("token-decoder B8 H16 D128 S16384 L16 P2")),
+    "token_decoder_L16": ("issue 4: 65% of copy at L16 (s9)", lambda: _token_decoder("token-decoder B8 H16 D128 S16384 L16 P2")),
 }
 
 
