@@ -971,6 +971,8 @@ WGMMA_SWITCHES = [
     # mla_decode_kernel (mma.sync, 32 heads per CTA) for more than 32 heads instead of the Hopper
     # default, so the kernel other GPUs run stays tested on this one too.
     ("KVCORE_MLA_DECODE_WIDE", "wgmma", "old"),
+    # mla_decode_seesaw_kernel (both warpgroups compute S, for alternate tiles; session 9).
+    ("KVCORE_MLA_DECODE_WIDE", "wgmma", "seesaw"),
     # P handed between the wgmma kernel's warpgroups on named barriers instead of the default
     # mbarriers (the form compute-sanitizer's racecheck can judge).
     ("KVCORE_MLA_WGMMA_HANDOFF", "mbarrier", "named"),

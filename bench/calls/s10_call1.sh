@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# Session 10, device call 1 (written in session 9; carry .peers): where each open performance gap
-# waits. bench/experiments/ncu_pack.sh over every key of ncu_pack.py (the full section set plus
-# the raw warp-stall breakdown per key, new in session 9 and not yet run), then the benchmark
-# groups at the defaults for the tables. ~25 s per ncu key (13 s full set + the stall pass).
+# Session 10, device call 1 (written in session 9; carry .peers).
+# 1. mla_decode_seesaw_kernel (KVCORE_MLA_DECODE_WIDE=seesaw, written in session 9, never run):
+#    the MLA decode kernel tests with it (-x, under a stage limit in case it hangs), then
+#    `--group mla` with it and at the default back to back, and racecheck over its H128 cases;
+# 2. where each open gap waits: ncu_pack.sh over every key (the full section set plus the raw
+#    warp-stall breakdown, new in session 9), ~25 s per key;
+# 3. the decode and block tables at the defaults.
 o=/tmp/c; mkdir -p $o
 (while sleep 20; do tar czf $OUT/c.tgz.part -C /tmp c 2>/dev/null && mv $OUT/c.tgz.part $OUT/c.tgz; done) &
 packer=$!
-bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-560} build \
+T="python3 -m pytest -q -p no:cacheprovider -rfE -m cuda"
+SEL="mla_decode and not in_subprocess and not bad_input and not misspelt"
+RACE_K="(mla_decode_cuda_grid and bf16 and H128) or (mla_decode_cuda_forced_splits and bf16 and H128) or (graph_replay and H128)"
+bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-570} build \
+ "run:seesaw-tests:90:KVCORE_MLA_DECODE_WIDE=seesaw $T tests/test_mla.py tests/test_nan.py tests/test_determinism.py tests/test_cuda_graph.py -x -k '$SEL'" \
+ "run:mla-seesaw:40:KVCORE_MLA_DECODE_WIDE=seesaw python3 -m kvcore.bench --group mla --out $o/mla-seesaw" \
+ "bench:mla:40" \
+ "run:race-seesaw:60:KVCORE_MLA_DECODE_WIDE=seesaw KVCORE_SANITIZE_FILES='tests/test_mla.py tests/test_cuda_graph.py' KVCORE_SANITIZE_K='$RACE_K' bash bench/sanitize.sh $o/race-seesaw racecheck" \
  "run:ncu-mla:80:bash bench/experiments/ncu_pack.sh $o/ncu mla_decode_H128 mla_decode_H16" \
- "run:ncu-rest:240:bash bench/experiments/ncu_pack.sh $o/ncu-rest decode_B1 h2o_B16 compact_50 block_sparse_B16 token_decoder_L16 mla_project_T1" \
+ "run:ncu-seesaw:40:KVCORE_MLA_DECODE_WIDE=seesaw bash bench/experiments/ncu_pack.sh $o/ncu-seesaw mla_decode_H128" \
+ "run:ncu-rest:200:bash bench/experiments/ncu_pack.sh $o/ncu-rest decode_B1 h2o_B16 compact_50 block_sparse_B16 token_decoder_L16 mla_project_T1" \
  "bench:decode:120" \
  "bench:block:60"
 kill $packer; wait $packer 2>/dev/null

@@ -9,6 +9,7 @@
 #include "common/env_switch.h"
 #include "decode/paged_decode_launch.h"
 #include "kvcore/mla_decode.cuh"
+#include "kvcore/mla_decode_seesaw.cuh"
 #include "kvcore/mla_decode_wgmma.cuh"
 
 namespace kvcore {
@@ -35,9 +36,13 @@ bool use_h16_kernel() {
 // KVCORE_MLA_DECODE_WIDE=old puts them back on mla_decode_kernel: read once per process, an A/B
 // switch for the benchmark and the old path's tests. (32-token tiles in 4 stages timed slower
 // than 64-token tiles in 2, 0.141 vs 0.129 ms at B32: bench/NOTES.md, session 8.)
-bool use_wgmma_kernel() {
-  static const bool use = env_choice("KVCORE_MLA_DECODE_WIDE", {"wgmma", "old"}, "mla_decode (CUDA)") == 0;
-  return use;
+// KVCORE_MLA_DECODE_WIDE=seesaw runs mla_decode_seesaw_kernel instead (both warpgroups compute S,
+// for alternate tiles; session 9, not yet timed).
+enum class WideKernel { kWgmma = 0, kOld = 1, kSeesaw = 2 };
+WideKernel wide_kernel() {
+  static const WideKernel k =
+      WideKernel(env_choice("KVCORE_MLA_DECODE_WIDE", {"wgmma", "old", "seesaw"}, "mla_decode (CUDA)"));
+  return k;
 }
 
 // Above this many splits a kernel that can defer its merge (MlaDecodeParams::merge_separately)
@@ -126,6 +131,14 @@ bool use_mbarrier_handoff() {
 }
 
 template <typename T>
+void launch_seesaw(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+                   const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
+  using Cfg = MlaDecodeSeesawConfig<kMaxDk, kMaxDv>;
+  launch<Cfg>(mla_decode_seesaw_kernel<T, Cfg>, s, p, requested_splits, workspace, stream,
+              mla_merge_kernel<T, Cfg::ROWS, paged_decode::kMaxSplits>);
+}
+
+template <typename T>
 void launch_wgmma(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
                   const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
   auto go = [&](auto cfg) {
@@ -167,7 +180,7 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
   }
   // A bad kernel switch fails every call, empty ones and those its kernel would not run too.
   use_h16_kernel();
-  use_wgmma_kernel();
+  wide_kernel();
   use_mbarrier_handoff();
   if (s.batch == 0 || s.num_heads == 0) return;
 
@@ -205,8 +218,11 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
     // More than 32 heads on Hopper: 64 heads per CTA on warpgroup MMA (the kernel has a body in
     // sm_90a code only; other devices and builds, and KVCORE_MLA_DECODE_WIDE=old, keep mma.sync).
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-    if (s.num_heads > 32 && prop->major == 9 && prop->minor == 0 && use_wgmma_kernel() && wgmma_body_built<T>())
+    const bool hopper = s.num_heads > 32 && prop->major == 9 && prop->minor == 0 && wgmma_body_built<T>();
+    if (hopper && wide_kernel() == WideKernel::kWgmma)
       launch_wgmma<T>(s, p, num_splits, workspace, stream);
+    else if (hopper && wide_kernel() == WideKernel::kSeesaw)
+      launch_seesaw<T>(s, p, num_splits, workspace, stream);
     else if (s.num_heads <= 16 && use_h16_kernel())
       launch_h16<T>(s, p, num_splits, workspace, stream);
     else if (s.num_heads <= 16)
