@@ -36,47 +36,31 @@
 // waits A_READY(k + 1) before it arrives B_READY(k + 1).
 #pragma once
 
-#include "kvcore/mla_decode.cuh"
-#include "kvcore/wgmma.cuh"
+#include "kvcore/mla_decode_wgmma.cuh"
 
 namespace kvcore {
 
 template <int DK_, int DV_>
-struct MlaDecodeSeesawConfig {
-  static constexpr int DK = DK_, DV = DV_;
-  static constexpr int ROWS = 64;      // heads per CTA: one wgmma M
-  static constexpr int THREADS = 256;  // two warpgroups
-  static constexpr int TILE = 64;      // tokens per tile
-  static constexpr int STAGES = 2;     // one per warpgroup
-  static constexpr int TD = DK / 8;
-  static constexpr int KSTEPS = DK / 16;
-  static constexpr int DV_HALF = DV / 2;
-  static constexpr int VCHUNKS = DV_HALF / 64;
-  static constexpr int P_CHUNK = DV / 64;  // the first column chunk V never reads: P goes there
-  static constexpr int ROW_THREADS = 8;
-  static constexpr int ROWS_PER_PASS = 128 / ROW_THREADS;
-  static constexpr int ROW_PASSES = TILE / ROWS_PER_PASS;
-  static constexpr int ROW_PIECES = TD / ROW_THREADS;
-  static constexpr size_t SMEM_Q = size_t(ROWS) * DK * 2;
-  static constexpr size_t SMEM_TILE = size_t(TILE) * DK * 2;
-  static constexpr size_t SMEM_ROWF = 5 * ROWS * 4;  // m_a, m_b, warpgroup 1's l, 1/l, lse
-  static constexpr size_t SMEM_BAR = (2 * STAGES + 2) * 8;
-  static constexpr size_t SMEM_ALIGN = 1024;
-  static constexpr size_t SMEM_BYTES = SMEM_ALIGN + SMEM_Q + STAGES * SMEM_TILE + SMEM_ROWF + SMEM_BAR;
-  static_assert(DK % 64 == 0 && DV % 128 == 0, "seesaw MLA decode: DK a multiple of 64, DV of 128");
-  static_assert(DK >= DV + 64, "seesaw MLA decode: P needs a column chunk past V (the k_pe chunk)");
-  static_assert(ROWS == TILE, "P (ROWS x TILE) must have the shape of one column chunk (TILE x 64)");
-  static_assert(TD % ROW_THREADS == 0, "latent row pieces must split evenly over the loader threads");
+struct MlaDecodeSeesawConfig : MlaWgmmaShape<DK_, DV_> {
+  using Shape = MlaWgmmaShape<DK_, DV_>;
+  static constexpr int P_CHUNK = DV_ / 64;  // the first column chunk V never reads: P goes there
+  static constexpr size_t SMEM_ROWF = 5 * Shape::ROWS * 4;  // m_a, m_b, warpgroup 1's l, 1/l, lse
+  static constexpr size_t SMEM_BAR = (2 * Shape::STAGES + 2) * 8;  // full[], empty[], A_READY, B_READY
+  static constexpr size_t SMEM_BYTES =
+      Shape::SMEM_ALIGN + Shape::SMEM_Q + Shape::STAGES * Shape::SMEM_TILE + SMEM_ROWF + SMEM_BAR;
+  static_assert(DK_ >= DV_ + 64, "seesaw MLA decode: P needs a column chunk past V (the k_pe chunk)");
+  static_assert(Shape::ROWS == Shape::TILE, "P (ROWS x TILE) must have the shape of one column chunk (TILE x 64)");
+  static_assert(Shape::STAGES == 2, "one stage per warpgroup");
   static_assert(SMEM_BYTES <= 227 * 1024 - 64, "seesaw MLA decode: shared memory over the sm_90 limit");
 };
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p) {
 #if KVCORE_SM90A
+  using namespace mla_wgmma;
   constexpr int DK = Cfg::DK, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS, TD = Cfg::TD;
   constexpr int VCHUNKS = Cfg::VCHUNKS, ROW_PASSES = Cfg::ROW_PASSES, ROW_PIECES = Cfg::ROW_PIECES;
   constexpr int RPP = Cfg::ROWS_PER_PASS, STAGES = Cfg::STAGES;
-  constexpr int NB = TILE / 8;  // n8 column blocks of S
   extern __shared__ unsigned char smem_raw[];
   unsigned char* const smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + Cfg::SMEM_ALIGN - 1) & ~uintptr_t(Cfg::SMEM_ALIGN - 1));
@@ -148,127 +132,32 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
   const uint64_t dK0 = smem_desc_sw128(sTile, 16, kSbo);
   const int vchunk0 = wg * VCHUNKS;  // this warpgroup's first 64-column chunk of V and O
   const uint64_t dV0 = smem_desc_sw128(sTile + vchunk0 * TILE * 64, kChunkBytes, kSbo);
-  // P of the tile in stage s: its k_pe column chunk.
-  auto p_tile = [&](int s) { return sTile + s * TILE * DK + Cfg::P_CHUNK * TILE * 64; };
+  // P of the tile in stage s goes into its k_pe column chunk (p_tile below).
   float m[2] = {-INFINITY, -INFINITY};  // the running row maxima (log2 domain), the same in both warpgroups
   float l[2] = {0.f, 0.f};              // this warpgroup's share of the row sums (this lane's tokens)
   const float s_scale = p.scale * kLog2e;
 
-  auto rescale_o = [&](float a0, float a1) {
-    if (__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) return;
-#pragma unroll
-    for (int c = 0; c < VCHUNKS; ++c)
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        o[c][4 * i + 0] *= a0;
-        o[c][4 * i + 1] *= a0;
-        o[c][4 * i + 2] *= a1;
-        o[c][4 * i + 3] *= a1;
-      }
-  };
-  // The rescale factor from running max `from` to `to` (to >= from, or NaN), with the base the
-  // softmax uses for `to`: nothing seen yet (-inf) keeps exp2 finite.
-  auto factor = [](float from, float to) { return exp2f(from - (to == -INFINITY ? 0.f : to)); };
-  // S = Q K^T of the tile in stage s into sv, then scaled (log2 domain) and masked past the range
-  // end (only a range's last tile has such tokens).
-  auto compute_s = [&](int s, int t, float (&sv)[TILE / 2]) {
-    const uint64_t dK = desc_advance(dK0, uint32_t(s) * kStageBytes);
-#pragma unroll
-    for (int i = 0; i < TILE / 2; ++i) sv[i] = 0.f;
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) {
-      const uint32_t off = ((ks >> 2) * ROWS * 64 + (ks & 3) * 16) * 2;
-      const uint32_t koff = ((ks >> 2) * TILE * 64 + (ks & 3) * 16) * 2;
-      wgmma_m64n64k16_ss(sv, desc_advance(dQ, off), desc_advance(dK, koff), ks > 0, T{});
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_regs(sv);
-#pragma unroll
-    for (int i = 0; i < TILE / 2; ++i) sv[i] *= s_scale;
-    if (start + (t + 1) * TILE > end) {
-      const int tok0 = start + t * TILE + cpair;
-#pragma unroll
-      for (int i = 0; i < NB; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (tok0 + 8 * i + (j & 1) >= end) sv[4 * i + j] = -INFINITY;
-    }
-  };
-  // Online softmax of sv against the running maxima m (updated), into packed P fragments;
-  // returns the rescale factors of the old maxima. l (this warpgroup's) is rescaled and added to.
-  auto softmax = [&](float (&sv)[TILE / 2], uint32_t (&pk)[TILE / 16][4], float (&alpha)[2]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m[r];
-#pragma unroll
-      for (int i = 0; i < NB; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) mx = fmaxf(mx, sv[4 * i + 2 * r + j]);
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float base = mx == -INFINITY ? 0.f : mx;
-      alpha[r] = factor(m[r], mx);
-      m[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < NB; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          float& x = sv[4 * i + 2 * r + j];
-          x = exp2f(x - base);
-          sum += x;
-        }
-      l[r] = l[r] * alpha[r] + sum;
-    }
-#pragma unroll
-    for (int ks = 0; ks < TILE / 16; ++ks) {
-      pk[ks][0] = pack2(sv[8 * ks + 0], sv[8 * ks + 1], T{});
-      pk[ks][1] = pack2(sv[8 * ks + 2], sv[8 * ks + 3], T{});
-      pk[ks][2] = pack2(sv[8 * ks + 4], sv[8 * ks + 5], T{});
-      pk[ks][3] = pack2(sv[8 * ks + 6], sv[8 * ks + 7], T{});
-    }
-  };
-  // P (A-fragment registers) into stage s's P chunk, and this thread's rows' new maxima into sm.
+  auto p_tile = [&](int s) { return sTile + s * TILE * DK + Cfg::P_CHUNK * TILE * 64; };
+  auto stage_k = [&](int s) { return desc_advance(dK0, uint32_t(s) * kStageBytes); };
+  auto stage_v = [&](int s) { return desc_advance(dV0, uint32_t(s) * kStageBytes); };
+  // P into stage s's P chunk and this thread's rows' new maxima into sm, for the other warpgroup.
   auto publish = [&](int s, const uint32_t (&pk)[TILE / 16][4], float* sm) {
-    T* const sP = p_tile(s);
-#pragma unroll
-    for (int ks = 0; ks < TILE / 16; ++ks)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // n8 tile 2 ks + h: tokens 16 ks + 8 h + cpair
-        *reinterpret_cast<uint32_t*>(sP + swz128_offset(ROWS, r0, 2 * ks + h) + cpair) = pk[ks][2 * h];
-        *reinterpret_cast<uint32_t*>(sP + swz128_offset(ROWS, r0 + 8, 2 * ks + h) + cpair) = pk[ks][2 * h + 1];
-      }
+    store_p<ROWS, TILE>(p_tile(s), pk, r0, cpair);
     if ((lane & 3) == 0) {
       sm[r0] = m[0];
       sm[r0 + 8] = m[1];
     }
   };
-  // The other warpgroup's P of stage s as A fragments.
-  auto load_p = [&](int s, uint32_t (&pk)[TILE / 16][4]) {
-    const T* const sP = p_tile(s);
-#pragma unroll
-    for (int ks = 0; ks < TILE / 16; ++ks)
-      ldmatrix_x4(pk[ks], sP + swz128_offset(ROWS, warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
-  };
-  // O[:, this warpgroup's columns] += P V of the tile in stage s (issued and committed, not waited).
-  auto issue_pv = [&](int s, const uint32_t (&pk)[TILE / 16][4]) {
-    const uint64_t dV = desc_advance(dV0, uint32_t(s) * kStageBytes);
-#pragma unroll
-    for (int c = 0; c < VCHUNKS; ++c) wgmma_fence_regs(o[c]);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < TILE / 16; ++ks)
-#pragma unroll
-      for (int c = 0; c < VCHUNKS; ++c)
-        wgmma_m64n64k16_rs_tb(o[c], pk[ks], desc_advance(dV, (c * TILE * 64 + ks * 16 * 64) * 2), T{});
-    wgmma_commit();
-  };
-  auto wait_pv = [&]() {
-    wgmma_wait<0>();
-#pragma unroll
-    for (int c = 0; c < VCHUNKS; ++c) wgmma_fence_regs(o[c]);
+  // The running maxima move to the other warpgroup's (read from sm): returns the factors that
+  // rescale this warpgroup's O and l, and rescales l.
+  auto adopt_max = [&](const float* sm, float (&f)[2]) {
+    const float n0 = sm[r0], n1 = sm[r0 + 8];
+    f[0] = rescale_factor(m[0], n0);
+    f[1] = rescale_factor(m[1], n1);
+    m[0] = n0;
+    m[1] = n1;
+    l[0] *= f[0];
+    l[1] *= f[1];
   };
 
   const int num_pairs = (num_tiles + 1) / 2;
@@ -277,33 +166,28 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
     const bool has_b = tb < num_tiles;
     const uint32_t phase = k & 1;
     uint32_t pa[TILE / 16][4], pb[TILE / 16][4];
+    float sv[TILE / 2], fa[2], fb[2];
     if (wg == 0) {
-      float sv[TILE / 2], alpha[2];
       mbarrier_wait(full + 0, phase);
       fence_proxy_async_smem();
-      compute_s(0, ta, sv);
-      softmax(sv, pa, alpha);
+      tile_scores<T, KSTEPS, ROWS, TILE>(sv, dQ, stage_k(0), s_scale, start + ta * TILE, end, cpair);
+      tile_softmax<T, TILE>(sv, m, l, fa, pa);
       publish(0, pa, sMa);
       mbarrier_arrive(a_ready);
-      rescale_o(alpha[0], alpha[1]);
-      issue_pv(0, pa);
+      rescale_o(o, fa[0], fa[1]);
+      issue_pv<T, TILE>(o, pa, stage_v(0));
       if (has_b) {
         mbarrier_wait(b_ready, phase);
-        const float mb0 = sMb[r0], mb1 = sMb[r0 + 8];
-        const float beta0 = factor(m[0], mb0), beta1 = factor(m[1], mb1);
-        m[0] = mb0;
-        m[1] = mb1;
-        l[0] *= beta0;
-        l[1] *= beta1;
-        wait_pv();  // before P_b's fragments load: P_a's and P_b's together do not fit the registers
+        adopt_max(sMb, fb);
+        wait_pv(o);  // before P_b's fragments load: P_a's and P_b's together do not fit the registers
         mbarrier_arrive(empty + 0);
-        load_p(1, pb);
-        rescale_o(beta0, beta1);
-        issue_pv(1, pb);
-        wait_pv();
+        load_p<ROWS, TILE>(p_tile(1), pb, warp, lane);
+        rescale_o(o, fb[0], fb[1]);
+        issue_pv<T, TILE>(o, pb, stage_v(1));
+        wait_pv(o);
         mbarrier_arrive(empty + 1);
       } else {
-        wait_pv();
+        wait_pv(o);
         mbarrier_arrive(empty + 0);
       }
       if (ta + STAGES < num_tiles) {
@@ -312,33 +196,27 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
         fetch_pages(ta + 2 * STAGES);
       }
     } else {
-      float sv[TILE / 2], beta[2];
       if (has_b) {
         mbarrier_wait(full + 1, phase);
         fence_proxy_async_smem();
-        compute_s(1, tb, sv);
+        tile_scores<T, KSTEPS, ROWS, TILE>(sv, dQ, stage_k(1), s_scale, start + tb * TILE, end, cpair);
       }
       mbarrier_wait(a_ready, phase);
-      const float ma0 = sMa[r0], ma1 = sMa[r0 + 8];
-      const float alpha0 = factor(m[0], ma0), alpha1 = factor(m[1], ma1);
-      m[0] = ma0;
-      m[1] = ma1;
-      l[0] *= alpha0;
-      l[1] *= alpha1;
+      adopt_max(sMa, fa);
       if (has_b) {
-        softmax(sv, pb, beta);
+        tile_softmax<T, TILE>(sv, m, l, fb, pb);
         publish(1, pb, sMb);
         mbarrier_arrive(b_ready);
       }
-      load_p(0, pa);
-      rescale_o(alpha0, alpha1);
-      issue_pv(0, pa);
-      wait_pv();
+      load_p<ROWS, TILE>(p_tile(0), pa, warp, lane);
+      rescale_o(o, fa[0], fa[1]);
+      issue_pv<T, TILE>(o, pa, stage_v(0));
+      wait_pv(o);
       mbarrier_arrive(empty + 0);
       if (has_b) {
-        rescale_o(beta[0], beta[1]);
-        issue_pv(1, pb);
-        wait_pv();
+        rescale_o(o, fb[0], fb[1]);
+        issue_pv<T, TILE>(o, pb, stage_v(1));
+        wait_pv(o);
         mbarrier_arrive(empty + 1);
       }
       if (tb + STAGES < num_tiles) {
@@ -372,40 +250,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
   }
   __syncthreads();
 
-  auto for_each_pair = [&](int r, float inv, auto&& store) {
-#pragma unroll
-    for (int c = 0; c < VCHUNKS; ++c)
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int col = (vchunk0 + c) * 64 + 8 * i + cpair;
-        if (col < p.dv) store(col, o[c][4 * i + 2 * r] * inv, o[c][4 * i + 2 * r + 1] * inv);
-      }
-  };
-  const int64_t pair = int64_t(b) * p.head_blocks + hb;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = r0 + 8 * r, h = h0 + row;
-    const float inv = sInv[row], lse2 = sLse[row];
-    if (p.num_splits == 1) {
-      if (h < p.num_heads) {
-        T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
-        for_each_pair(r, inv, [&](int col, float x, float y) {
-          *reinterpret_cast<uint32_t*>(dst + col) = pack2(x, y, T{});
-        });
-        if (p.lse != nullptr && wg == 0 && (lane & 3) == 0) p.lse[int64_t(b) * p.num_heads + h] = lse2 * kLn2;
-      }
-    } else {
-      const int64_t slot = (pair * p.num_splits + split) * ROWS + row;
-      float* dst = p.partial_out + slot * p.dv;
-      for_each_pair(r, inv, [&](int col, float x, float y) {
-        *reinterpret_cast<float2*>(dst + col) = make_float2(x, y);
-      });
-      if (wg == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
-    }
-  }
-  if (p.num_splits == 1 || p.merge_separately) return;
-  // The merge weights reuse the tile stages (every copy into them landed: each was waited on).
-  mla_split_merge<T, ROWS, Cfg::THREADS>(p, b, h0, pair, reinterpret_cast<float*>(sTile));
+  store_out<T, ROWS, Cfg::THREADS>(p, o, sInv, sLse, b, hb, split, wg, r0, cpair, lane, reinterpret_cast<float*>(sTile));
 #else
   // Built without sm_90a: the launcher never selects this kernel there (it checks the device and
   // the wgmma kernel's image, built alike); a launch anyway fails loudly.

@@ -41,10 +41,11 @@ namespace kvcore {
 // bar.arrive (bench/experiments/racecheck_named_barrier.cu; bench/NOTES.md, session 8). The
 // launcher's default since session 9 (same speed, racecheck-clean); the named form stays behind
 // KVCORE_MLA_WGMMA_HANDOFF=named.
-template <int DK_, int DV_, bool MBAR_HANDOFF_ = true>
-struct MlaDecodeWgmmaConfig {
+// What the 64-heads-per-CTA warpgroup-MMA kernels share (this one and mla_decode_seesaw.cuh's):
+// the CTA shape, the 64-token tile, the loader roles and the operand sizes.
+template <int DK_, int DV_>
+struct MlaWgmmaShape {
   static constexpr int DK = DK_, DV = DV_;
-  static constexpr bool MBAR_HANDOFF = MBAR_HANDOFF_;
   static constexpr int ROWS = 64;     // heads per CTA: one wgmma M
   static constexpr int THREADS = 256; // two warpgroups
   static constexpr int TILE = 64;     // tokens per tile: the N of S, TILE / 16 k-steps of P V
@@ -59,19 +60,214 @@ struct MlaDecodeWgmmaConfig {
   static constexpr int ROW_PIECES = TD / ROW_THREADS;
   static constexpr size_t SMEM_Q = size_t(ROWS) * DK * 2;
   static constexpr size_t SMEM_TILE = size_t(TILE) * DK * 2;
-  static constexpr size_t SMEM_P = size_t(ROWS) * 64 * 2;  // 128-byte rows whatever the tile
-  static constexpr size_t SMEM_ROWF = 3 * ROWS * 4;  // factors, then 1/l and lse
-  static constexpr size_t SMEM_BAR = (2 * STAGES + 2) * 8;  // full[], empty[], P full, P free
   static constexpr size_t SMEM_ALIGN = 1024;  // swizzle atoms start on 1024-byte boundaries
-  static constexpr size_t SMEM_BYTES = SMEM_ALIGN + SMEM_Q + STAGES * SMEM_TILE + SMEM_P + SMEM_ROWF + SMEM_BAR;
   static_assert(DK % 64 == 0 && DV % 128 == 0, "wgmma MLA decode: DK a multiple of 64, DV of 128");
   static_assert(TD % ROW_THREADS == 0, "latent row pieces must split evenly over the loader threads");
+};
+
+template <int DK_, int DV_, bool MBAR_HANDOFF_ = true>
+struct MlaDecodeWgmmaConfig : MlaWgmmaShape<DK_, DV_> {
+  using Shape = MlaWgmmaShape<DK_, DV_>;
+  static constexpr bool MBAR_HANDOFF = MBAR_HANDOFF_;
+  static constexpr size_t SMEM_P = size_t(Shape::ROWS) * 64 * 2;  // 128-byte rows whatever the tile
+  static constexpr size_t SMEM_ROWF = 3 * Shape::ROWS * 4;  // factors, then 1/l and lse
+  static constexpr size_t SMEM_BAR = (2 * Shape::STAGES + 2) * 8;  // full[], empty[], P full, P free
+  static constexpr size_t SMEM_BYTES =
+      Shape::SMEM_ALIGN + Shape::SMEM_Q + Shape::STAGES * Shape::SMEM_TILE + SMEM_P + SMEM_ROWF + SMEM_BAR;
   static_assert(SMEM_BYTES <= 227 * 1024 - 64, "wgmma MLA decode: shared memory over the sm_90 limit");
 };
 
 namespace mla_wgmma {
 enum NamedBarrier : int { kPFull = 1, kPFree = 2, kStats = 3 };
+
+#if KVCORE_SM90A
+// Pieces of the tile loop both 64-head kernels run (mla_decode_wgmma_kernel and
+// mla_decode_seesaw_kernel). Fragment roles: this thread holds rows r0 and r0 + 8 of the
+// warpgroup's 64 (r0 = 16 warp + lane / 4) and columns 8 i + cpair (+1) (cpair = 2 (lane % 4)).
+
+// O's rows r0 and r0 + 8 times the softmax's rescale factors. Once the running maxima settle
+// (after the first tiles, as a rule) every factor is exactly 1 (exp2(0)): a warp whose rows all
+// have 1 skips its multiplies. NaN and 0 factors rescale as before.
+template <int VCHUNKS>
+__device__ __forceinline__ void rescale_o(float (&o)[VCHUNKS][32], float a0, float a1) {
+  if (__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) return;
+#pragma unroll
+  for (int c = 0; c < VCHUNKS; ++c)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      o[c][4 * i + 0] *= a0;
+      o[c][4 * i + 1] *= a0;
+      o[c][4 * i + 2] *= a1;
+      o[c][4 * i + 3] *= a1;
+    }
 }
+
+// S = Q K^T of one tile (KSTEPS k-steps of 16 latent columns; each 64-column chunk holds 4),
+// waited, in the log2 domain; tokens from `end` on are -inf (only a range's last tile, one that
+// reaches past `end`, pays the per-element test). dQ / dK: the descriptors of Q and of the tile
+// as K (K-major), advanced here by constant offsets.
+template <typename T, int KSTEPS, int ROWS, int TILE>
+__device__ __forceinline__ void tile_scores(float (&sv)[TILE / 2], uint64_t dQ, uint64_t dK, float s_scale,
+                                            int tile_pos, int end, int cpair) {
+#pragma unroll
+  for (int i = 0; i < TILE / 2; ++i) sv[i] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) {
+    const uint32_t off = ((ks >> 2) * ROWS * 64 + (ks & 3) * 16) * 2;  // bytes: chunk, then k16 within
+    const uint32_t koff = ((ks >> 2) * TILE * 64 + (ks & 3) * 16) * 2;
+    wgmma_m64n64k16_ss(sv, desc_advance(dQ, off), desc_advance(dK, koff), ks > 0, T{});
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_regs(sv);
+#pragma unroll
+  for (int i = 0; i < TILE / 2; ++i) sv[i] *= s_scale;
+  if (tile_pos + TILE > end) {
+    const int tok0 = tile_pos + cpair;
+#pragma unroll
+    for (int i = 0; i < TILE / 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (tok0 + 8 * i + (j & 1) >= end) sv[4 * i + j] = -INFINITY;
+  }
+}
+
+// The factor that rescales a sum taken against running max `from` to running max `to` (to >=
+// from): exp2(from - base(to)), where a max of -inf (nothing seen yet) has base 0 so that exp2
+// stays finite. The softmax below uses the same expression, so a warpgroup that only learns the
+// new maxima computes the factor bit for bit as the one that took them.
+__device__ __forceinline__ float rescale_factor(float from, float to) {
+  return exp2f(from - (to == -INFINITY ? 0.f : to));
+}
+
+// Online softmax of one tile's scores (log2 domain) against the running maxima m (updated): sv
+// becomes P = exp2(S - m) in place and packed into wgmma A fragments pk; alpha gets the old
+// maxima's rescale factors; l (this lane's tokens; the quad's sum is taken at the end) is rescaled
+// and added to.
+template <typename T, int TILE>
+__device__ __forceinline__ void tile_softmax(float (&sv)[TILE / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                             uint32_t (&pk)[TILE / 16][4]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = m[r];
+#pragma unroll
+    for (int i = 0; i < TILE / 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) mx = fmaxf(mx, sv[4 * i + 2 * r + j]);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
+    alpha[r] = rescale_factor(m[r], mx);
+    m[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < TILE / 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float& x = sv[4 * i + 2 * r + j];
+        x = exp2f(x - base);
+        sum += x;
+      }
+    l[r] = l[r] * alpha[r] + sum;
+  }
+#pragma unroll
+  for (int ks = 0; ks < TILE / 16; ++ks) {
+    pk[ks][0] = pack2(sv[8 * ks + 0], sv[8 * ks + 1], T{});
+    pk[ks][1] = pack2(sv[8 * ks + 2], sv[8 * ks + 3], T{});
+    pk[ks][2] = pack2(sv[8 * ks + 4], sv[8 * ks + 5], T{});
+    pk[ks][3] = pack2(sv[8 * ks + 6], sv[8 * ks + 7], T{});
+  }
+}
+
+// P (A fragments) into a ROWS x 128-byte swizzled buffer sP, for the other warpgroup.
+template <int ROWS, int TILE, typename T>
+__device__ __forceinline__ void store_p(T* sP, const uint32_t (&pk)[TILE / 16][4], int r0, int cpair) {
+#pragma unroll
+  for (int ks = 0; ks < TILE / 16; ++ks)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // n8 tile 2 ks + h: tokens 16 ks + 8 h + cpair
+      *reinterpret_cast<uint32_t*>(sP + swz128_offset(ROWS, r0, 2 * ks + h) + cpair) = pk[ks][2 * h];
+      *reinterpret_cast<uint32_t*>(sP + swz128_offset(ROWS, r0 + 8, 2 * ks + h) + cpair) = pk[ks][2 * h + 1];
+    }
+}
+
+// The other warpgroup's P from sP as this warpgroup's A fragments.
+template <int ROWS, int TILE, typename T>
+__device__ __forceinline__ void load_p(const T* sP, uint32_t (&pk)[TILE / 16][4], int warp, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < TILE / 16; ++ks)
+    ldmatrix_x4(pk[ks], sP + swz128_offset(ROWS, warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+}
+
+// O[:, this warpgroup's columns] += P V of a tile, committed, not waited: V chunk c is the tile's
+// column chunk c (dV: this warpgroup's first), read MN-major (its rows are the k of the product),
+// 16 tokens = 2 groups of 8 rows per k-step.
+template <typename T, int TILE, int VCHUNKS>
+__device__ __forceinline__ void issue_pv(float (&o)[VCHUNKS][32], const uint32_t (&pk)[TILE / 16][4], uint64_t dV) {
+#pragma unroll
+  for (int c = 0; c < VCHUNKS; ++c) wgmma_fence_regs(o[c]);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < TILE / 16; ++ks)
+#pragma unroll
+    for (int c = 0; c < VCHUNKS; ++c)
+      wgmma_m64n64k16_rs_tb(o[c], pk[ks], desc_advance(dV, (c * TILE * 64 + ks * 16 * 64) * 2), T{});
+  wgmma_commit();
+}
+
+template <int VCHUNKS>
+__device__ __forceinline__ void wait_pv(float (&o)[VCHUNKS][32]) {
+  wgmma_wait<0>();
+#pragma unroll
+  for (int c = 0; c < VCHUNKS; ++c) wgmma_fence_regs(o[c]);
+}
+
+// The CTA's results once sInv / sLse (1 / l and the log2 lse per row) are published: this
+// warpgroup's half of O scaled by 1 / l into `out` (one split) or the split's partial, the lse,
+// then the split merge by the last CTA of the head block unless a separate merge kernel follows
+// (its weights reuse `scratch`, the tile stages, every copy into which has landed).
+template <typename T, int ROWS, int THREADS, int VCHUNKS>
+__device__ __forceinline__ void store_out(const MlaDecodeParams& p, const float (&o)[VCHUNKS][32], const float* sInv,
+                                          const float* sLse, int b, int hb, int split, int wg, int r0, int cpair,
+                                          int lane, float* scratch) {
+  const int h0 = hb * ROWS, vchunk0 = wg * VCHUNKS;
+  auto for_each_pair = [&](int r, float inv, auto&& store) {
+#pragma unroll
+    for (int c = 0; c < VCHUNKS; ++c)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int col = (vchunk0 + c) * 64 + 8 * i + cpair;
+        if (col < p.dv) store(col, o[c][4 * i + 2 * r] * inv, o[c][4 * i + 2 * r + 1] * inv);
+      }
+  };
+  const int64_t pair = int64_t(b) * p.head_blocks + hb;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = r0 + 8 * r, h = h0 + row;
+    const float inv = sInv[row], lse2 = sLse[row];
+    if (p.num_splits == 1) {
+      if (h < p.num_heads) {
+        T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
+        for_each_pair(r, inv, [&](int col, float x, float y) {
+          *reinterpret_cast<uint32_t*>(dst + col) = pack2(x, y, T{});
+        });
+        if (p.lse != nullptr && wg == 0 && (lane & 3) == 0) p.lse[int64_t(b) * p.num_heads + h] = lse2 * kLn2;
+      }
+    } else {
+      const int64_t slot = (pair * p.num_splits + split) * ROWS + row;
+      float* dst = p.partial_out + slot * p.dv;
+      for_each_pair(r, inv, [&](int col, float x, float y) {
+        *reinterpret_cast<float2*>(dst + col) = make_float2(x, y);
+      });
+      if (wg == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
+    }
+  }
+  if (p.num_splits == 1 || p.merge_separately) return;
+  mla_split_merge<T, ROWS, THREADS>(p, b, h0, pair, scratch);
+}
+#endif  // KVCORE_SM90A
+}  // namespace mla_wgmma
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const MlaDecodeParams p) {
@@ -159,30 +355,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
   const uint64_t dK0 = smem_desc_sw128(sTile, 16, kSbo);
   const int vchunk0 = wg * VCHUNKS;  // this warpgroup's first 64-column chunk of V and O
   const uint64_t dV0 = smem_desc_sw128(sTile + vchunk0 * TILE * 64, kChunkBytes, kSbo);
-  constexpr int NB = TILE / 8;  // n8 column blocks of S
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // warpgroup 0 only
   const float s_scale = p.scale * kLog2e;
-
-  // O's rows r0 and r0 + 8 times the softmax's rescale factors. Once the running maxima settle
-  // (after the first tiles, as a rule) every factor is exactly 1 (exp2(0)): a warp whose rows
-  // all have 1 skips its 128 multiplies. NaN and 0 factors rescale as before.
-  auto rescale_o = [&](float a0, float a1) {
-    if (__all_sync(0xffffffffu, a0 == 1.f && a1 == 1.f)) return;
-#pragma unroll
-    for (int c = 0; c < VCHUNKS; ++c)
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        o[c][4 * i + 0] *= a0;
-        o[c][4 * i + 1] *= a0;
-        o[c][4 * i + 2] *= a1;
-        o[c][4 * i + 3] *= a1;
-      }
-  };
 
   for (int t = 0; t < num_tiles; ++t) {
     const int stage = t % STAGES;
     const uint32_t phase = (t / STAGES) & 1;
-    // This stage's operand descriptors: the wgmma below add only constant offsets to them.
+    // This stage's operand descriptors: the wgmma add only constant offsets to them.
     const uint64_t dK = desc_advance(dK0, uint32_t(stage) * TILE * DK * 2);
     const uint64_t dV = desc_advance(dV0, uint32_t(stage) * TILE * DK * 2);
     uint32_t pa[TILE / 16][4];  // P as wgmma A fragments, one per k-step of 16 tokens
@@ -190,64 +369,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     fence_proxy_async_smem();
 
     if (wg == 0) {
-      // S = Q K^T: 36 k-steps of 16 latent columns; each 64-column chunk holds 4.
-      float s[TILE / 2];
-#pragma unroll
-      for (int i = 0; i < TILE / 2; ++i) s[i] = 0.f;
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < KSTEPS; ++ks) {
-        const uint32_t off = ((ks >> 2) * ROWS * 64 + (ks & 3) * 16) * 2;  // bytes: chunk, then k16 within
-        const uint32_t koff = ((ks >> 2) * TILE * 64 + (ks & 3) * 16) * 2;
-        wgmma_m64n64k16_ss(s, desc_advance(dQ, off), desc_advance(dK, koff), ks > 0, T{});
-      }
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_regs(s);
-
-      // Online softmax in the log2 domain; tokens past the range end are -inf (only the last
-      // tile of a range has any: the others skip the per-element test).
-#pragma unroll
-      for (int i = 0; i < TILE / 2; ++i) s[i] *= s_scale;
-      if (start + (t + 1) * TILE > end) {
-        const int tok0 = start + t * TILE + cpair;
-#pragma unroll
-        for (int i = 0; i < NB; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            if (tok0 + 8 * i + (j & 1) >= end) s[4 * i + j] = -INFINITY;
-      }
-      float alpha[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m[r];
-#pragma unroll
-        for (int i = 0; i < NB; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) mx = fmaxf(mx, s[4 * i + 2 * r + j]);
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
-        alpha[r] = exp2f(m[r] - base);
-        m[r] = mx;
-        float sum = 0.f;
-#pragma unroll
-        for (int i = 0; i < NB; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            float& x = s[4 * i + 2 * r + j];
-            x = exp2f(x - base);
-            sum += x;
-          }
-        l[r] = l[r] * alpha[r] + sum;  // this lane's tokens; the quad's sum is taken at the end
-      }
-#pragma unroll
-      for (int ks = 0; ks < TILE / 16; ++ks) {
-        pa[ks][0] = pack2(s[8 * ks + 0], s[8 * ks + 1], T{});
-        pa[ks][1] = pack2(s[8 * ks + 2], s[8 * ks + 3], T{});
-        pa[ks][2] = pack2(s[8 * ks + 4], s[8 * ks + 5], T{});
-        pa[ks][3] = pack2(s[8 * ks + 6], s[8 * ks + 7], T{});
-      }
+      float s[TILE / 2], alpha[2];
+      tile_scores<T, KSTEPS, ROWS, TILE>(s, dQ, dK, s_scale, start + t * TILE, end, cpair);
+      tile_softmax<T, TILE>(s, m, l, alpha, pa);
       // Hand P(t) and the factors to warpgroup 1 once it holds P(t-1) in registers.
       if (t > 0) {
         if constexpr (Cfg::MBAR_HANDOFF)
@@ -255,13 +379,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
         else
           named_barrier_sync(kPFree, 256);
       }
-#pragma unroll
-      for (int ks = 0; ks < TILE / 16; ++ks)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // n8 tile 2 ks + h: tokens 16 ks + 8 h + cpair
-          *reinterpret_cast<uint32_t*>(sP + swz128_offset(ROWS, r0, 2 * ks + h) + cpair) = pa[ks][2 * h];
-          *reinterpret_cast<uint32_t*>(sP + swz128_offset(ROWS, r0 + 8, 2 * ks + h) + cpair) = pa[ks][2 * h + 1];
-        }
+      store_p<ROWS, TILE>(sP, pa, r0, cpair);
       if ((lane & 3) == 0) {
         sFactor[r0] = alpha[0];
         sFactor[r0 + 8] = alpha[1];
@@ -270,38 +388,24 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
         mbarrier_arrive(p_full);
       else
         named_barrier_arrive(kPFull, 256);
-      rescale_o(alpha[0], alpha[1]);
+      rescale_o(o, alpha[0], alpha[1]);
     } else {
       // Tile t+2's pages while warpgroup 0 computes S (they were fetched for tile 2 up front).
       if constexpr (Cfg::MBAR_HANDOFF)
         mbarrier_wait(p_full, t & 1);
       else
         named_barrier_sync(kPFull, 256);
-#pragma unroll
-      for (int ks = 0; ks < TILE / 16; ++ks)
-        ldmatrix_x4(pa[ks], sP + swz128_offset(ROWS, warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+      load_p<ROWS, TILE>(sP, pa, warp, lane);
       const float alpha0 = sFactor[r0], alpha1 = sFactor[r0 + 8];
       if constexpr (Cfg::MBAR_HANDOFF)
         mbarrier_arrive(p_free);
       else if (t + 1 < num_tiles)
         named_barrier_arrive(kPFree, 256);
-      rescale_o(alpha0, alpha1);
+      rescale_o(o, alpha0, alpha1);
     }
 
-    // O[:, this warpgroup's 256 columns] += P V_t: V chunk c is the tile's column chunk c, read
-    // MN-major (its rows are the k of the product), 16 tokens = 2 groups of 8 rows per k-step.
-#pragma unroll
-    for (int c = 0; c < VCHUNKS; ++c) wgmma_fence_regs(o[c]);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < TILE / 16; ++ks)
-#pragma unroll
-      for (int c = 0; c < VCHUNKS; ++c)
-        wgmma_m64n64k16_rs_tb(o[c], pa[ks], desc_advance(dV, (c * TILE * 64 + ks * 16 * 64) * 2), T{});
-    wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int c = 0; c < VCHUNKS; ++c) wgmma_fence_regs(o[c]);
+    issue_pv<T, TILE>(o, pa, dV);
+    wait_pv(o);
     mbarrier_arrive(empty + stage);
 
     if (wg == 1 && t + STAGES < num_tiles) {
@@ -329,42 +433,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     __syncthreads();
   else
     named_barrier_sync(kStats, 256);
-
-  // This thread's column pairs of row r0 + 8 r in its warpgroup's half of O, scaled by 1 / l.
-  auto for_each_pair = [&](int r, float inv, auto&& store) {
-#pragma unroll
-    for (int c = 0; c < VCHUNKS; ++c)
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int col = (vchunk0 + c) * 64 + 8 * i + cpair;
-        if (col < p.dv) store(col, o[c][4 * i + 2 * r] * inv, o[c][4 * i + 2 * r + 1] * inv);
-      }
-  };
-  const int64_t pair = int64_t(b) * p.head_blocks + hb;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = r0 + 8 * r, h = h0 + row;
-    const float inv = sInv[row], lse2 = sLse[row];
-    if (p.num_splits == 1) {
-      if (h < p.num_heads) {
-        T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
-        for_each_pair(r, inv, [&](int col, float x, float y) {
-          *reinterpret_cast<uint32_t*>(dst + col) = pack2(x, y, T{});
-        });
-        if (p.lse != nullptr && wg == 0 && (lane & 3) == 0) p.lse[int64_t(b) * p.num_heads + h] = lse2 * kLn2;
-      }
-    } else {
-      const int64_t slot = (pair * p.num_splits + split) * ROWS + row;
-      float* dst = p.partial_out + slot * p.dv;
-      for_each_pair(r, inv, [&](int col, float x, float y) {
-        *reinterpret_cast<float2*>(dst + col) = make_float2(x, y);
-      });
-      if (wg == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
-    }
-  }
-  if (p.num_splits == 1 || p.merge_separately) return;
-  // The merge weights reuse the tile stages (every copy into them landed: each was waited on).
-  mla_split_merge<T, ROWS, Cfg::THREADS>(p, b, h0, pair, reinterpret_cast<float*>(sTile));
+  store_out<T, ROWS, Cfg::THREADS>(p, o, sInv, sLse, b, hb, split, wg, r0, cpair, lane, reinterpret_cast<float*>(sTile));
 #else
   // Built without sm_90a: the launcher never selects this kernel there (it checks the device and
   // this image's register count); a launch anyway fails loudly instead of leaving `out` unwritten.
