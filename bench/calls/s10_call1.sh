@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Session 10, device call 1 (written in session 9; carry .peers).
-# 0. the MLA decode kernel tests at the defaults: mla_decode_wgmma_kernel was rewritten onto the
-#    shared tile-loop functions after session 9's last call (same operations, new SASS);
+# 0. the MLA decode kernel tests at the defaults, and memcheck + racecheck over its H128 cases:
+#    mla_decode_wgmma_kernel was rewritten onto the shared tile-loop functions after session 9's
+#    last call (same operations, new SASS), after issue 8's sanitizer logs were taken;
 # 1. mla_decode_seesaw_kernel (KVCORE_MLA_DECODE_WIDE=seesaw, written in session 9, never run):
 #    the MLA decode kernel tests with it (-x, under a stage limit in case it hangs), then
 #    `--group mla` with it and at the default back to back, and racecheck over its H128 cases;
@@ -16,6 +17,7 @@ SEL="mla_decode and not in_subprocess and not bad_input and not misspelt"
 RACE_K="(mla_decode_cuda_grid and bf16 and H128) or (mla_decode_cuda_forced_splits and bf16 and H128) or (graph_replay and H128)"
 bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-570} build \
  "run:mla-tests:60:$T tests/test_mla.py tests/test_nan.py tests/test_determinism.py tests/test_cuda_graph.py -x -k '$SEL'" \
+ "run:mla-san:90:KVCORE_SANITIZE_FILES='tests/test_mla.py tests/test_cuda_graph.py' KVCORE_SANITIZE_K='$RACE_K' bash bench/sanitize.sh $o/mla-san memcheck racecheck" \
  "run:seesaw-tests:90:KVCORE_MLA_DECODE_WIDE=seesaw $T tests/test_mla.py tests/test_nan.py tests/test_determinism.py tests/test_cuda_graph.py -x -k '$SEL'" \
  "run:mla-seesaw:40:KVCORE_MLA_DECODE_WIDE=seesaw python3 -m kvcore.bench --group mla --out $o/mla-seesaw" \
  "bench:mla:40" \
