@@ -50,6 +50,7 @@ __global__ void read_all(const int4* buf, size_t n, int* sink) {
 __global__ void empty_kernel() {}
 
 static double pct(std::vector<double> v, double q) {
+  if (v.empty()) return NAN;
   std::sort(v.begin(), v.end());
   return v[std::min(v.size() - 1, size_t(q * (v.size() - 1) + 0.5))];
 }
