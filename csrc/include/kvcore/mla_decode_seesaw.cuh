@@ -59,8 +59,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
 #if KVCORE_SM90A
   using namespace mla_wgmma;
   constexpr int DK = Cfg::DK, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS, TD = Cfg::TD;
-  constexpr int VCHUNKS = Cfg::VCHUNKS, ROW_PASSES = Cfg::ROW_PASSES, ROW_PIECES = Cfg::ROW_PIECES;
-  constexpr int RPP = Cfg::ROWS_PER_PASS, STAGES = Cfg::STAGES;
+  constexpr int VCHUNKS = Cfg::VCHUNKS, STAGES = Cfg::STAGES;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* const smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + Cfg::SMEM_ALIGN - 1) & ~uintptr_t(Cfg::SMEM_ALIGN - 1));
@@ -88,27 +87,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
     mbarrier_init(b_ready, 128);
   }
 
-  // ---- this CTA's KV range (as the other MLA kernels: every index read is clamped) -----------
-  const int capacity = p.max_pages * p.page_size;
-  const int seq_len = min(max(__ldg(p.seq_lens + b), 0), capacity);
-  const int start = split * p.split_tokens;
-  const int end = min(seq_len, start + p.split_tokens);
-  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
-  const int* bt = p.block_table + int64_t(b) * p.max_pages;
-
-  // Loader roles (both warpgroups, each for its own stage): pieces copy_c0 + 8 j of rows
-  // copy_r0 + RPP i, in the 128-byte swizzle wgmma reads.
-  const int copy_r0 = wtid >> 3, copy_c0 = wtid & 7;
-  int pages[ROW_PASSES];
-  auto fetch_pages = [&](int t) {
-    mla_fetch_pages<ROW_PASSES, RPP>(p, bt, capacity, start + t * TILE + copy_r0, pages);
-  };
-  auto issue_tile = [&](int t) {  // tile t (t % 2 == wg) into stage t % 2, counted on its full barrier
-    mla_copy_tile<ROW_PASSES, ROW_PIECES, RPP, TILE * 64>(
-        p, sTile + (t % STAGES) * TILE * DK, [](int row, int piece) { return swz128_offset(TILE, row, piece); }, pages,
-        start + t * TILE, end, copy_r0, copy_c0);
-    cp_async_mbarrier_arrive(full + t % STAGES);
-  };
+  // This CTA's KV range; each warpgroup loads its own tiles into its own stage.
+  TileStream<T, Cfg> ts(p, b, split, wtid);
+  const int start = ts.start, end = ts.end, num_tiles = ts.num_tiles;
 
   const int h0 = hb * ROWS;
   mla_stage_q<ROWS, TD, Cfg::THREADS>(p, b, h0, sQ, [](int row, int piece) { return swz128_offset(ROWS, row, piece); });
@@ -116,9 +97,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
   __syncthreads();           // Q and the barrier initialisation are visible to all
 
   // Each warpgroup loads its first tile and fetches the pages of its next.
-  fetch_pages(wg);
-  if (wg < num_tiles) issue_tile(wg);
-  fetch_pages(wg + STAGES);
+  ts.fetch_pages(p, wg);
+  if (wg < num_tiles) ts.issue_tile(p, wg, sTile, full);
+  ts.fetch_pages(p, wg + STAGES);
 
   // D fragment roles: rows r0 and r0 + 8, columns 8 i + cpair (+1), in both warpgroups.
   const int r0 = warp * 16 + (lane >> 2), cpair = (lane & 3) * 2;
@@ -150,6 +131,14 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
   };
   // The running maxima move to the other warpgroup's (read from sm): returns the factors that
   // rescale this warpgroup's O and l, and rescales l.
+  // O rescaled by f, then O += P V of the tile in stage s, waited; this warpgroup is then done
+  // with that stage.
+  auto pv_and_release = [&](int s, const uint32_t (&pk)[TILE / 16][4], const float (&f)[2]) {
+    rescale_o(o, f[0], f[1]);
+    issue_pv<T, TILE>(o, pk, stage_v(s));
+    wait_pv(o);
+    mbarrier_arrive(empty + s);
+  };
   auto adopt_max = [&](const float* sm, float (&f)[2]) {
     const float n0 = sm[r0], n1 = sm[r0 + 8];
     f[0] = rescale_factor(m[0], n0);
@@ -182,18 +171,15 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
         wait_pv(o);  // before P_b's fragments load: P_a's and P_b's together do not fit the registers
         mbarrier_arrive(empty + 0);
         load_p<ROWS, TILE>(p_tile(1), pb, warp, lane);
-        rescale_o(o, fb[0], fb[1]);
-        issue_pv<T, TILE>(o, pb, stage_v(1));
-        wait_pv(o);
-        mbarrier_arrive(empty + 1);
+        pv_and_release(1, pb, fb);
       } else {
         wait_pv(o);
         mbarrier_arrive(empty + 0);
       }
       if (ta + STAGES < num_tiles) {
         mbarrier_wait(empty + 0, phase);  // warpgroup 1 is done with stage 0 too
-        issue_tile(ta + STAGES);
-        fetch_pages(ta + 2 * STAGES);
+        ts.issue_tile(p, ta + STAGES, sTile, full);
+        ts.fetch_pages(p, ta + 2 * STAGES);
       }
     } else {
       if (has_b) {
@@ -209,20 +195,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
         mbarrier_arrive(b_ready);
       }
       load_p<ROWS, TILE>(p_tile(0), pa, warp, lane);
-      rescale_o(o, fa[0], fa[1]);
-      issue_pv<T, TILE>(o, pa, stage_v(0));
-      wait_pv(o);
-      mbarrier_arrive(empty + 0);
-      if (has_b) {
-        rescale_o(o, fb[0], fb[1]);
-        issue_pv<T, TILE>(o, pb, stage_v(1));
-        wait_pv(o);
-        mbarrier_arrive(empty + 1);
-      }
+      pv_and_release(0, pa, fa);
+      if (has_b) pv_and_release(1, pb, fb);
       if (tb + STAGES < num_tiles) {
         mbarrier_wait(empty + 1, phase);  // warpgroup 0 is done with stage 1 too
-        issue_tile(tb + STAGES);
-        fetch_pages(tb + 2 * STAGES);
+        ts.issue_tile(p, tb + STAGES, sTile, full);
+        ts.fetch_pages(p, tb + 2 * STAGES);
       }
     }
   }

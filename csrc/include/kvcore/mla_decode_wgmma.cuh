@@ -85,6 +85,42 @@ enum NamedBarrier : int { kPFull = 1, kPFree = 2, kStats = 3 };
 // mla_decode_seesaw_kernel). Fragment roles: this thread holds rows r0 and r0 + 8 of the
 // warpgroup's 64 (r0 = 16 warp + lane / 4) and columns 8 i + cpair (+1) (cpair = 2 (lane % 4)).
 
+// This CTA's range of the sequence's latent rows, and one warpgroup's share of loading it: the
+// range clamped as in the other MLA kernels (every index read is), and the cp.async roles of the
+// warpgroup's thread wtid (pieces copy_c0 + 8 j of rows copy_r0 + RPP i of a tile, in the 128-byte
+// swizzle wgmma reads), with the pages of those rows fetched one tile ahead of their copies.
+template <typename T, typename Shape>
+struct TileStream {
+  int capacity, start, end, num_tiles;
+  const int* bt;
+  int copy_r0, copy_c0;
+  int pages[Shape::ROW_PASSES];
+
+  __device__ __forceinline__ TileStream(const MlaDecodeParams& p, int b, int split, int wtid) {
+    capacity = p.max_pages * p.page_size;
+    const int seq_len = min(max(__ldg(p.seq_lens + b), 0), capacity);
+    start = split * p.split_tokens;
+    end = min(seq_len, start + p.split_tokens);
+    num_tiles = start < end ? (end - start + Shape::TILE - 1) / Shape::TILE : 0;
+    bt = p.block_table + int64_t(b) * p.max_pages;
+    copy_r0 = wtid >> 3;
+    copy_c0 = wtid & 7;
+  }
+  // The pages of this thread's rows of tile t.
+  __device__ __forceinline__ void fetch_pages(const MlaDecodeParams& p, int t) {
+    mla_fetch_pages<Shape::ROW_PASSES, Shape::ROWS_PER_PASS>(p, bt, capacity, start + t * Shape::TILE + copy_r0, pages);
+  }
+  // This thread's copies of tile t (pages fetched for it) into stage t % STAGES of sTile, counted
+  // on that stage's full barrier.
+  __device__ __forceinline__ void issue_tile(const MlaDecodeParams& p, int t, T* sTile, uint64_t* full) {
+    constexpr int TILE = Shape::TILE, STAGES = Shape::STAGES;
+    mla_copy_tile<Shape::ROW_PASSES, Shape::ROW_PIECES, Shape::ROWS_PER_PASS, TILE * 64>(
+        p, sTile + (t % STAGES) * TILE * Shape::DK, [](int row, int piece) { return swz128_offset(TILE, row, piece); },
+        pages, start + t * TILE, end, copy_r0, copy_c0);
+    cp_async_mbarrier_arrive(full + t % STAGES);
+  }
+};
+
 // O's rows r0 and r0 + 8 times the softmax's rescale factors. Once the running maxima settle
 // (after the first tiles, as a rule) every factor is exactly 1 (exp2(0)): a warp whose rows all
 // have 1 skips its multiplies. NaN and 0 factors rescale as before.
@@ -274,8 +310,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
 #if KVCORE_SM90A
   using namespace mla_wgmma;
   constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS;
-  constexpr int VCHUNKS = Cfg::VCHUNKS, ROW_PASSES = Cfg::ROW_PASSES, ROW_PIECES = Cfg::ROW_PIECES;
-  constexpr int RPP = Cfg::ROWS_PER_PASS, STAGES = Cfg::STAGES;
+  constexpr int VCHUNKS = Cfg::VCHUNKS, STAGES = Cfg::STAGES;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* const smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + Cfg::SMEM_ALIGN - 1) & ~uintptr_t(Cfg::SMEM_ALIGN - 1));
@@ -304,27 +339,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     }
   }
 
-  // ---- this CTA's KV range (as mla_decode_kernel: every index read is clamped) ---------------
-  const int capacity = p.max_pages * p.page_size;
-  const int seq_len = min(max(__ldg(p.seq_lens + b), 0), capacity);
-  const int start = split * p.split_tokens;
-  const int end = min(seq_len, start + p.split_tokens);
-  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
-  const int* bt = p.block_table + int64_t(b) * p.max_pages;
-
-  // Loader roles (warpgroup 1): pieces copy_c0 + 8 j (j < ROW_PIECES) of rows copy_r0 + RPP i
-  // (mla_copy_tile), in the 128-byte swizzle wgmma reads.
-  const int copy_r0 = wtid >> 3, copy_c0 = wtid & 7;
-  int pages[ROW_PASSES];
-  auto fetch_pages = [&](int t) {
-    mla_fetch_pages<ROW_PASSES, RPP>(p, bt, capacity, start + t * TILE + copy_r0, pages);
-  };
-  auto issue_tile = [&](int t) {  // copies of tile t into its stage, counted on that stage's full
-    mla_copy_tile<ROW_PASSES, ROW_PIECES, RPP, TILE * 64>(
-        p, sTile + (t % STAGES) * TILE * DK, [](int row, int piece) { return swz128_offset(TILE, row, piece); }, pages,
-        start + t * TILE, end, copy_r0, copy_c0);
-    cp_async_mbarrier_arrive(full + t % STAGES);
-  };
+  // This CTA's KV range; warpgroup 1 loads it.
+  TileStream<T, Cfg> ts(p, b, split, wtid);
+  const int start = ts.start, end = ts.end, num_tiles = ts.num_tiles;
 
   // ---- Q of the head block, 128-byte swizzled (heads past H and columns past dk are zero) ----
   const int h0 = hb * ROWS;
@@ -334,10 +351,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
 
   if (wg == 1) {
     for (int s = 0; s < STAGES; ++s) {
-      fetch_pages(s);
-      if (s < num_tiles) issue_tile(s);
+      ts.fetch_pages(p, s);
+      if (s < num_tiles) ts.issue_tile(p, s, sTile, full);
     }
-    fetch_pages(STAGES);
+    ts.fetch_pages(p, STAGES);
   }
 
   // D fragment roles (both warpgroups): rows r0 and r0 + 8, columns 8 i + cpair (+1).
@@ -410,8 +427,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
 
     if (wg == 1 && t + STAGES < num_tiles) {
       mbarrier_wait(empty + stage, phase);  // warpgroup 0 is done with the stage too
-      issue_tile(t + STAGES);
-      fetch_pages(t + STAGES + 1);
+      ts.issue_tile(p, t + STAGES, sTile, full);
+      ts.fetch_pages(p, t + STAGES + 1);
     }
   }
 
