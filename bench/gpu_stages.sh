@@ -14,6 +14,9 @@
 #   bench:GROUP[:LIMIT]        python -m kvcore.bench --group GROUP into OUTDIR/GROUP
 #   sanitize:SCOPE:TOOLS[:LIMIT]  bench/sanitize.sh with KVCORE_SANITIZE_SCOPE=SCOPE over TOOLS (comma-separated)
 #   run:NAME:LIMIT:COMMAND     any command (its output in OUTDIR/NAME.log)
+# KVCORE_STAGES_PACK=FILE.tgz: OUTDIR is also packed into FILE.tgz every 20 s and once more on exit,
+# so a call cut by the device tool's limit still brings back what its stages wrote (the device tool
+# returns only files under $OUT, at most 8 of them).
 # Kernel A/B switches are environment variables read once per process, so a variant is timed by a
 # run stage next to the plain bench stage, e.g. attention_scores' variant kernels (bench/NOTES.md,
 # "attention_scores, session 6"):
@@ -24,6 +27,13 @@ deadline=$(( $(date +%s) + ${2:?give the overall deadline in seconds} ))
 shift 2
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+pack=${KVCORE_STAGES_PACK:-}
+if [ -n "$pack" ]; then
+  pack_now() { tar czf "$pack.part" -C "$(dirname "$out")" "$(basename "$out")" 2>/dev/null && mv "$pack.part" "$pack"; }
+  (while sleep 20; do pack_now; done) &
+  packer=$!
+  trap 'kill $packer 2>/dev/null; wait $packer 2>/dev/null; pack_now' EXIT
+fi
 
 budget() {  # the stage's limit: its own, capped by the time left
   local own=$1 left=$(( deadline - $(date +%s) - 15 ))

@@ -9,13 +9,11 @@
 # 2. where each open gap waits: ncu_pack.sh over every key (the full section set plus the raw
 #    warp-stall breakdown, new in session 9), ~25 s per key;
 # 3. the decode and block tables at the defaults.
-o=/tmp/c; mkdir -p $o
-(while sleep 20; do tar czf $OUT/c.tgz.part -C /tmp c 2>/dev/null && mv $OUT/c.tgz.part $OUT/c.tgz; done) &
-packer=$!
+o=/tmp/c
 T="python3 -m pytest -q -p no:cacheprovider -rfE -m cuda"
 SEL="mla_decode and not in_subprocess and not bad_input and not misspelt"
 RACE_K="(mla_decode_cuda_grid and bf16 and H128) or (mla_decode_cuda_forced_splits and bf16 and H128) or (graph_replay and H128)"
-bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-570} build \
+KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-570} build \
  "run:mla-tests:60:$T tests/test_mla.py tests/test_nan.py tests/test_determinism.py tests/test_cuda_graph.py -x -k '$SEL'" \
  "run:mla-san:90:KVCORE_SANITIZE_FILES='tests/test_mla.py tests/test_cuda_graph.py' KVCORE_SANITIZE_K='$RACE_K' bash bench/sanitize.sh $o/mla-san memcheck racecheck" \
  "run:seesaw-tests:90:KVCORE_MLA_DECODE_WIDE=seesaw $T tests/test_mla.py tests/test_nan.py tests/test_determinism.py tests/test_cuda_graph.py -x -k '$SEL'" \
@@ -27,5 +25,3 @@ bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-570} build \
  "run:ncu-rest:200:bash bench/experiments/ncu_pack.sh $o/ncu-rest decode_B1 h2o_B16 compact_50 block_sparse_B16 token_decoder_L16 mla_project_T1" \
  "bench:decode:120" \
  "bench:block:60"
-kill $packer; wait $packer 2>/dev/null
-tar czf $OUT/c.tgz -C /tmp c
