@@ -772,6 +772,29 @@ def test_compact_kv_cuda_default_lens_and_repeat(device, gen):
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_scratch_reuse(device, gen):
+    """The kernel's scratch persists per stream and each launch leaves it reusable (counters back to
+    zero, a new epoch for its flags): calls that shrink and grow the chunk count, on the default
+    stream and on a side stream in turn, each match the reference (a stale flag or counter would
+    move rows early, skip a wait or drop a CTA's ticket)."""
+    side = torch.cuda.Stream()
+    plan = [((3000, 40), (1500, 20), "random", None), ((60,), (30,), "shift", None),
+            ((5000, 2000), (4000, 900), "streaming", side), ((5000, 2000), (4000, 900), "random", None),
+            ((700, 700), (350, 100), "last", side), ((9000,), (6000,), "random", side),
+            ((300, 20), (150, 5), "random", None)]
+    for lens, counts, kind, stream in plan:
+        kv, kept, kl = _compact_inputs(lens, counts, kind, 4, 64, 16, torch.bfloat16, gen)
+        ref_k, ref_v, ref_lens = reference.compact_kv(kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, kept, kl)
+        args = [t.cuda() for t in (kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, kept, kl)]
+        torch.cuda.synchronize()
+        with torch.cuda.stream(stream if stream is not None else torch.cuda.current_stream()):
+            kvcore.compact_kv(*args)
+        torch.cuda.synchronize()
+        assert args[3].tolist() == ref_lens.tolist(), (lens, counts, kind)
+        assert torch.equal(args[0].cpu(), ref_k) and torch.equal(args[1].cpu(), ref_v), (lens, counts, kind)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
 def test_compact_kv_cuda_edge_shapes(device, gen):
     """No kept column (max_kept 0), every sequence empty, one token, a page of one row."""
     for lens, counts, max_kept, ps in [((5, 3), (0, 0), 0, 4), ((0, 0), (0, 0), 3, 8), ((1,), (1,), 1, 1),

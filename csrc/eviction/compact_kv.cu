@@ -5,6 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "common/checks.h"
 #include "common/cuda_occupancy.h"
 #include "kvcore/compact_kv.cuh"
@@ -22,6 +27,35 @@ int vector_bytes(const at::Tensor& k_cache, const at::Tensor& v_cache) {
     if (bits % w == 0) return w;
   }
   return 2;
+}
+
+// The kernel's scratch (counters, epoch, per-chunk flags; see CompactKvParams::scratch). Eager
+// calls use one persistent buffer per (device, stream), zeroed once and left reusable by each
+// launch, so a call costs no memset; calls on one stream run in order, so they never share it
+// concurrently. It grows (a new zeroed buffer) when a call needs more flags than any earlier one
+// on that stream.
+// Calls under graph capture get their own buffer, zeroed by a memset node, as before: a graph's
+// replays must not share memory with eager calls or other graphs that may run at the same time.
+unsigned long long* scratch_for(const at::Tensor& like, cudaStream_t stream, int64_t words, at::Tensor& fresh) {
+  const auto options = like.options().dtype(at::kLong);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    fresh = at::empty({words}, options);
+    C10_CUDA_CHECK(cudaMemsetAsync(fresh.data_ptr(), 0, size_t(words) * sizeof(int64_t), stream));
+    return reinterpret_cast<unsigned long long*>(fresh.data_ptr());
+  }
+  static std::mutex mu;
+  // Never destroyed: no CUDA frees at process exit.
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& held = (*buffers)[{int(like.get_device()), stream}];
+  if (!held.defined() || held.numel() < words) {
+    // Zero-filled on `stream` (the current stream), so ordered before the launch; the buffer it
+    // replaces goes back to the caching allocator, which reuses it only in this stream's order.
+    held = at::zeros({held.defined() ? std::max(words, 2 * held.numel()) : words}, options);
+  }
+  return reinterpret_cast<unsigned long long*>(held.data_ptr());
 }
 
 template <typename Vec>
@@ -80,11 +114,8 @@ void compact_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
   p.tickets = s.batch * s.num_kv_heads * p.chunks;
   TORCH_CHECK(p.tickets < (int64_t(1) << 31) - 1, "compact_kv (CUDA): too many chunks (", p.tickets,
               ": batch x num_kv_heads x ceil(max_kept / ", p.chunk_rows, ")); must be < 2^31 - 1");
-  // Ticket counter, arrival counter, one read-done flag per chunk; zeroed on this stream by a
-  // memset (a memset node under graph capture) rather than a fill kernel.
-  at::Tensor scratch = at::empty({2 + p.tickets}, k_cache.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(scratch.data_ptr(), 0, size_t(2 + p.tickets) * sizeof(int), stream));
-  p.scratch = reinterpret_cast<unsigned*>(scratch.data_ptr<int>());
+  at::Tensor fresh;  // holds a graph-captured call's own scratch until the launch is enqueued
+  p.scratch = scratch_for(k_cache, stream, compact_detail::kScratchHeader + p.tickets, fresh);
   // At least one CTA, so the lengths are written even when nothing moves.
   const int64_t grid = std::max<int64_t>(1, p.tickets);
   switch (vb) {
