@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kvcore
-from conftest import make_paged_kv, poison, randn
+from conftest import assert_switch_value_rejected, make_paged_kv, poison, randn, run_tests_with_env
 from kvcore import policies, reference
 from kvcore.policies import torch_forms
 from test_ops import BadCase, _other_device, _set, _set_item, _set_kw
@@ -792,6 +792,29 @@ def test_compact_kv_cuda_scratch_reuse(device, gen):
         torch.cuda.synchronize()
         assert args[3].tolist() == ref_lens.tolist(), (lens, counts, kind)
         assert torch.equal(args[0].cpu(), ref_k) and torch.equal(args[1].cpu(), ref_v), (lens, counts, kind)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_memset_scratch_in_subprocess(device):
+    """KVCORE_COMPACT_SCRATCH=memset (read once per process: every call gets a fresh scratch
+    zeroed by a memset node, the form graph-captured calls always use): the CUDA compact_kv tests."""
+    run_tests_with_env("KVCORE_COMPACT_SCRATCH", "memset", ["tests/test_eviction.py"],
+                       "compact_kv_cuda and not in_subprocess and not misspelt", 40, "-m", "cuda")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_misspelt_scratch_switch_is_an_error(device):
+    """A misspelt KVCORE_COMPACT_SCRATCH fails the call instead of silently timing the default."""
+    assert_switch_value_rejected(
+        "KVCORE_COMPACT_SCRATCH", "memsett",
+        """
+        k = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        bt = torch.tensor([[0, 1]], dtype=torch.int32, device="cuda")
+        sl = torch.tensor([20], dtype=torch.int32, device="cuda")
+        kept = torch.arange(10, device="cuda").view(1, 1, 10).expand(1, 2, 10).contiguous()
+        """,
+        "kvcore.compact_kv(k, v, bt, sl, kept)")
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])

@@ -12,6 +12,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_occupancy.h"
+#include "common/env_switch.h"
 #include "kvcore/compact_kv.cuh"
 
 namespace kvcore {
@@ -29,33 +30,47 @@ int vector_bytes(const at::Tensor& k_cache, const at::Tensor& v_cache) {
   return 2;
 }
 
-// The kernel's scratch (counters, epoch, per-chunk flags; see CompactKvParams::scratch). Eager
-// calls use one persistent buffer per (device, stream), zeroed once and left reusable by each
-// launch, so a call costs no memset; calls on one stream run in order, so they never share it
-// concurrently. It grows (a new zeroed buffer) when a call needs more flags than any earlier one
-// on that stream.
-// Calls under graph capture get their own buffer, zeroed by a memset node, as before: a graph's
+// The kernel's scratch (two counters and the per-chunk flags; see CompactKvParams::scratch) and
+// the value this launch marks its flags with. Eager calls use one persistent buffer per (device,
+// stream), zeroed when it is made; each launch leaves its counters zero and takes the next mark,
+// so a call costs no memset. Launches on one stream run one at a time, so they never share the
+// counters; the marks are unique per buffer, whatever order host threads enqueue them in. When
+// the marks run out (2^32 - 1 launches) or a call needs more flags than the buffer holds, a new
+// zeroed buffer replaces it: zero-filled on `stream`, before the launch, and the old one goes back
+// to the caching allocator, which hands it out again only in this stream's order (`hold` keeps it
+// alive until this call's launch is enqueued).
+// Calls under graph capture get their own buffer, zeroed by a memset node, and mark 1: a graph's
 // replays must not share memory with eager calls or other graphs that may run at the same time.
-unsigned long long* scratch_for(const at::Tensor& like, cudaStream_t stream, int64_t words, at::Tensor& fresh) {
-  const auto options = like.options().dtype(at::kLong);
+unsigned* scratch_for(const at::Tensor& like, cudaStream_t stream, int64_t words, at::Tensor& hold, unsigned& mark) {
+  const auto options = like.options().dtype(at::kInt);
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) {
-    fresh = at::empty({words}, options);
-    C10_CUDA_CHECK(cudaMemsetAsync(fresh.data_ptr(), 0, size_t(words) * sizeof(int64_t), stream));
-    return reinterpret_cast<unsigned long long*>(fresh.data_ptr());
+  // KVCORE_COMPACT_SCRATCH=memset: every call takes the graph path (an A/B switch for the bench).
+  static const bool persistent =
+      env_choice("KVCORE_COMPACT_SCRATCH", {"persistent", "memset"}, "compact_kv (CUDA)") == 0;
+  if (capture != cudaStreamCaptureStatusNone || !persistent) {
+    hold = at::empty({words}, options);
+    C10_CUDA_CHECK(cudaMemsetAsync(hold.data_ptr(), 0, size_t(words) * sizeof(int), stream));
+    mark = 1u;
+    return reinterpret_cast<unsigned*>(hold.data_ptr());
   }
+  struct Buffer {
+    at::Tensor words;
+    unsigned last_mark = 0;
+  };
   static std::mutex mu;
   // Never destroyed: no CUDA frees at process exit.
-  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, Buffer>();
   std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& held = (*buffers)[{int(like.get_device()), stream}];
-  if (!held.defined() || held.numel() < words) {
-    // Zero-filled on `stream` (the current stream), so ordered before the launch; the buffer it
-    // replaces goes back to the caching allocator, which reuses it only in this stream's order.
-    held = at::zeros({held.defined() ? std::max(words, 2 * held.numel()) : words}, options);
+  Buffer& buf = (*buffers)[{int(like.get_device()), stream}];
+  if (!buf.words.defined() || buf.words.numel() < words || buf.last_mark == ~0u) {
+    const int64_t have = buf.words.defined() ? buf.words.numel() : 0;
+    buf.words = at::zeros({have >= words ? have : std::max(words, 2 * have)}, options);
+    buf.last_mark = 0;
   }
-  return reinterpret_cast<unsigned long long*>(held.data_ptr());
+  mark = ++buf.last_mark;
+  hold = buf.words;
+  return reinterpret_cast<unsigned*>(buf.words.data_ptr());
 }
 
 template <typename Vec>
@@ -114,8 +129,8 @@ void compact_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
   p.tickets = s.batch * s.num_kv_heads * p.chunks;
   TORCH_CHECK(p.tickets < (int64_t(1) << 31) - 1, "compact_kv (CUDA): too many chunks (", p.tickets,
               ": batch x num_kv_heads x ceil(max_kept / ", p.chunk_rows, ")); must be < 2^31 - 1");
-  at::Tensor fresh;  // holds a graph-captured call's own scratch until the launch is enqueued
-  p.scratch = scratch_for(k_cache, stream, compact_detail::kScratchHeader + p.tickets, fresh);
+  at::Tensor hold;  // this call's scratch stays allocated until the launch is enqueued
+  p.scratch = scratch_for(k_cache, stream, 2 + p.tickets, hold, p.flag_mark);
   // At least one CTA, so the lengths are written even when nothing moves.
   const int64_t grid = std::max<int64_t>(1, p.tickets);
   switch (vb) {

@@ -944,7 +944,7 @@ def compact_kv(
 
     On CUDA the rows of each head are moved in chunks by many CTAs at once (a chunk is read whole
     before it is written, and waits only for the earlier chunks that still read its destinations),
-    all in one launch. Their tickets and flags (8 bytes per chunk) live in a scratch buffer kept
+    all in one launch. Their tickets and flags (4 bytes per chunk) live in a scratch buffer kept
     per (device, stream) and left reusable by each launch, so a call allocates and zeroes nothing
     (under CUDA graph capture each captured call gets its own buffer, zeroed by a memset node).
     float32 caches are accepted on CUDA too (the kernel moves bytes). Sequences must not

@@ -31,10 +31,10 @@
 // of smaller chunks, which can cost correctness of the data only, never a hang.
 //
 // The tickets, arrivals and flags live in a scratch buffer that the launcher keeps per stream
-// (csrc/eviction/compact_kv.cu): the last CTA to arrive zeroes the two counters and raises an
-// epoch, and each launch marks its flags with its own epoch value, so consecutive launches need
-// no memset node in between (the memset was part of the ~7 us fixed cost per call that
-// bench/NOTES.md measured; issue 6 asks 80% of copy).
+// (csrc/eviction/compact_kv.cu): the last CTA to arrive puts the two counters back to zero, and
+// each launch marks its flags with a value (flag_mark) that no earlier launch on the buffer used,
+// so consecutive launches need no memset node in between (the memset was part of the ~7 us fixed
+// cost per call measured in session 7; issue 6 asks 80% of copy).
 //
 // Rows whose source is themselves (kept[i] == i, common for sinks) are neither read nor written.
 // seq_lens[b] = kept_lens[b] is written by the last CTA to arrive; every CTA arrives after its
@@ -68,11 +68,11 @@ struct CompactKvParams {
   int chunk_rows;        // C <= kRows, C * head_bytes <= kChunkBytes
   int64_t chunks;        // chunks per (b, h), over min(max_kept, capacity) rows
   int64_t tickets;       // pairs * chunks; the grid is max(1, tickets) CTAs
-  // [kScratchHeader + tickets]: ticket counter, arrival counter, epoch, (unused), then one
-  // read-done flag per chunk. Zero the first time it is used; each launch leaves both counters
-  // zero again and the epoch one higher, so a persistent buffer needs no memset per call: the
-  // launch marks its flags with epoch + 1, which no earlier launch on the buffer wrote.
-  unsigned long long* scratch;
+  // [2 + tickets]: ticket counter, arrival counter (both zero before a launch, and left zero by
+  // it), then one read-done flag per chunk, which holds flag_mark once the chunk has read its
+  // sources. The flags start with any value other than flag_mark (a fresh buffer: zero).
+  unsigned* scratch;
+  unsigned flag_mark;  // != 0
 };
 
 namespace compact_detail {
@@ -85,24 +85,23 @@ constexpr int kThreads = 128;
 constexpr int kMinCtasPerSm = 6;    // 6 x ~36 KB of shared memory fit an SM of sm_90 (228 KB)
 constexpr int kRows = 64;           // rows per chunk at most: warp 0 stages two rows per lane
 constexpr int kChunkBytes = 16384;  // per tensor (K, V) and chunk, in shared memory
-constexpr int kScratchHeader = 4;   // u64 words before the flags: ticket, arrivals, epoch, unused
 
-__device__ __forceinline__ void store_release(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.release.gpu.global.u64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
+__device__ __forceinline__ void store_release(unsigned* p, unsigned v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
 
-__device__ __forceinline__ unsigned long long load_acquire(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];\n" : "=l"(v) : "l"(p) : "memory");
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
 
 // Release only: an acquiring atomic would hold back the thread's next loads until it returns,
 // putting a round trip on the CTA's critical path; the one CTA that needs the acquire (the last
 // to arrive) fences after reading the count instead.
-__device__ __forceinline__ unsigned long long atom_add_release(unsigned long long* p, unsigned long long v) {
-  unsigned long long old;
-  asm volatile("atom.release.gpu.global.add.u64 %0, [%1], %2;\n" : "=l"(old) : "l"(p), "l"(v) : "memory");
+__device__ __forceinline__ unsigned atom_add_release(unsigned* p, unsigned v) {
+  unsigned old;
+  asm volatile("atom.release.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
 }
 
@@ -175,7 +174,6 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   __shared__ int64_t s_src_k[kRows], s_src_v[kRows], s_dst_k[kRows], s_dst_v[kRows];  // byte offsets
   __shared__ unsigned char s_move[kRows];
   __shared__ int64_t s_ticket, s_n;
-  __shared__ unsigned long long s_mark;  // this launch's flag value: the buffer's epoch + 1
   __shared__ int s_range[2];  // earlier chunks [j0, j1) whose reads this chunk's writes wait for
   __shared__ int s_last;
   Vec* const s_k = reinterpret_cast<Vec*>(s_payload);
@@ -183,15 +181,9 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
 
   const int tid = threadIdx.x, warp = tid >> 5;
   // ---- round trip 1: the ticket -------------------------------------------------------------
-  // The epoch is read before this CTA's arrival (a release, further down in this same thread),
-  // and the last CTA to arrive is the one that raises it: every CTA sees the same epoch.
-  if (tid == 0) {
-    s_ticket = int64_t(atomicAdd(p.scratch, 1ull));
-    s_mark = __ldcg(p.scratch + 2) + 1ull;
-  }
+  if (tid == 0) s_ticket = atomicAdd(p.scratch, 1u);
   __syncthreads();
   const int64_t t = s_ticket;
-  const unsigned long long mark = s_mark;
   const bool ticketed = t < p.tickets;  // CTA-uniform; false only for the lone CTA of an empty call
   const int64_t pairs = lmax(int64_t(p.batch) * p.num_kv_heads, 1);
   const int64_t c = t / pairs, pair = t % pairs;
@@ -204,7 +196,7 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   // rounds), so the two halves only meet at the barrier before the payload.
   // A ticketed chunk has c < chunks, so row0 < min(max_kept, capacity): every kept index read
   // below (row0 + tid < max_kept; the searches read indices < row0) is inside kept's row.
-  unsigned long long arrival = 0;
+  unsigned arrival = 0;
   bool moves = false;
   if (warp == 0) {
     // Warp 0 alone (two rows per lane), so that the lengths pass from lane 0 by a shuffle: a
@@ -227,7 +219,7 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
       s_n = n;
       // Release: this CTA's read of seq_lens[b] is ordered before its arrival, so the last to
       // arrive may overwrite the lengths. The count's value is only needed at the very end.
-      arrival = atom_add_release(p.scratch + 1, 1ull);
+      arrival = atom_add_release(p.scratch + 1, 1u);
     }
     len = __shfl_sync(0xffffffffu, len, 0);
     n = __shfl_sync(0xffffffffu, n, 0);
@@ -277,7 +269,7 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   // Element e of a tensor's chunk is row e / units, Vec e % units; each thread later stores
   // exactly the elements it loaded. C * units <= kVecs, so e < kVecs indexes the buffers.
   const int units = p.units;
-  unsigned long long* const flags = p.scratch + kScratchHeader + pair * p.chunks;
+  unsigned* const flags = p.scratch + 2 + pair * p.chunks;
   int64_t j0 = 0, j1 = 0;
   bool seen = true;  // this thread's first flag (j0 + tid) was already set before we published
   if (any) {
@@ -292,20 +284,20 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
     j0 = s_range[0];
     j1 = s_range[1];
     // A non-blocking look (this CTA has not published yet, so it must not wait here); within a
-    // launch a flag only ever goes from an older value to `mark`, so once seen it stays set.
-    if (j0 + tid < j1) seen = load_acquire(flags + j0 + tid) == mark;
+    // launch a flag only ever changes to flag_mark, so once seen it stays set.
+    if (j0 + tid < j1) seen = load_acquire(flags + j0 + tid) == p.flag_mark;
     // This thread's reads of the chunk have completed: the data is in shared memory.
     copy_in_wait_all();
   }
   if (live) {
     __syncthreads();  // every thread's reads are done before the flag says so
-    if (tid == 0) store_release(flags + c, mark);  // "chunk c has read its sources"
+    if (tid == 0) store_release(flags + c, p.flag_mark);  // "chunk c has read its sources"
     if (any) {
       // ---- wait for the earlier chunks that still read our destinations, then write -------
       // They hold smaller tickets and published (or will publish) before waiting themselves.
       for (int64_t j = j0 + tid; j < j1; j += kThreads) {
         if (j == j0 + tid && seen) continue;
-        while (load_acquire(flags + j) != mark) __nanosleep(64);
+        while (load_acquire(flags + j) != p.flag_mark) __nanosleep(64);
       }
       __syncthreads();  // every flag acquired (by some thread) before any thread writes
 #pragma unroll
@@ -320,16 +312,14 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   }
 
   // ---- the last CTA to arrive writes the new lengths (everyone has read the old ones) --------
-  // and leaves the scratch header ready for the next launch on the buffer: every CTA has taken
-  // its ticket and read the epoch before arriving, so the counters go back to zero and the epoch
-  // becomes this launch's mark (flags written in later launches then differ from it).
+  // and zeroes both counters for the next launch on the buffer (every CTA has taken its ticket
+  // before arriving, and nothing reads either counter after its arrival).
   if (tid == 0) {
     const bool last = arrival == gridDim.x - 1;
     if (last) {
-      __threadfence();  // acquire: every CTA's read of seq_lens and of the header before our writes
-      p.scratch[0] = 0ull;
-      p.scratch[1] = 0ull;
-      p.scratch[2] = mark;
+      __threadfence();  // acquire: every CTA's read of seq_lens before our writes
+      p.scratch[0] = 0u;
+      p.scratch[1] = 0u;
     }
     s_last = last;
   }
