@@ -3,6 +3,8 @@
 # at the GPU's own clocks, in one device call: OUTDIR/<key>.txt per case (ncu's full section set,
 # with the warp-stall sampling by SASS line), and OUTDIR/summary.txt with the headline metrics.
 #   bash bench/experiments/ncu_pack.sh OUTDIR [KEY ...]      (default: every key of ncu_pack.py)
+#   NCU_SOURCE=1: also OUTDIR/<key>-sass.csv (ncu's source page, SASS view) and <key>-sass-top.txt
+#   (the instructions with the most stall samples, with their reasons).
 set -uo pipefail
 out=${1:?usage: ncu_pack.sh OUTDIR [KEY ...]}
 shift
@@ -23,6 +25,19 @@ for key in "${keys[@]}"; do
   # prints the section's summary, the raw page has the per-reason metrics.
   timeout 60 "$ncu" --profile-from-start off --clock-control none --section WarpStateStats --page raw \
     python3 bench/experiments/ncu_pack.py "$key" 2>&1 | grep -i -E "stall|==PROF==|Error" > "$out/$key-stalls.txt"
+  if [ "${NCU_SOURCE:-0}" = 1 ]; then
+    # Stall sampling per SASS instruction (which warps and which instructions carry the stalls
+    # the breakdown above averages): the report is saved, then its source page printed as CSV and
+    # summarised (bench/experiments/ncu_sass_top.py). Written in session 10 without ncu at hand:
+    # the first run checks these options.
+    timeout 90 "$ncu" --profile-from-start off --clock-control none --section SourceCounters \
+      --section WarpStateStats --import-source no -f -o "$out/$key-src" \
+      python3 bench/experiments/ncu_pack.py "$key" > "$out/$key-src.log" 2>&1
+    timeout 60 "$ncu" --import "$out/$key-src.ncu-rep" --page source --csv --print-source sass \
+      > "$out/$key-sass.csv" 2>> "$out/$key-src.log"
+    python3 bench/experiments/ncu_sass_top.py "$out/$key-sass.csv" > "$out/$key-sass-top.txt" 2>&1
+    rm -f "$out/$key-src.ncu-rep"  # large; the CSV and its summary carry what is needed
+  fi
 done
 {
   for key in "${keys[@]}"; do

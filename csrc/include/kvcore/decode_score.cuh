@@ -50,11 +50,19 @@ constexpr int kDecodeScoreThreads = 256;
 constexpr int kDecodeScoreKeysPerThread = 4;  // a quarter of a block: one 8-byte load of P per head
 constexpr int kDecodeScoreKeys = kDecodeScoreThreads * kDecodeScoreKeysPerThread;  // per CTA
 
+// CTAs per SM the register budget must allow: 8 (<= 32 registers) up to group 4, so that a grid
+// of up to 8 x 132 CTAs runs in one wave (B16 Hkv8 S8192: 1024 CTAs; at 39 registers, 6 per SM,
+// 1.29 waves: ncu, session 10), and the second wave's round trips do not follow the first's.
+// Larger groups keep the compiler's choice (a bound of 4 CTAs spills there).
+template <int GMAX>
+constexpr int kDecodeScoreMinCtas = GMAX <= 4 ? 8 : 1;
+
 // grid (ceil(kv_len / kDecodeScoreKeys), Hkv, B); GMAX >= group (1, 2, 4, 8 or 16): the bound the
 // head loop is unrolled to, so that all its loads are in flight together. Thread t of a CTA takes
 // keys 4 (t % 4) .. 4 (t % 4) + 3 of block blockIdx.x * 64 + t / 4.
 template <int GMAX>
-__global__ void __launch_bounds__(kDecodeScoreThreads) decode_score_kernel(const DecodeScoreParams p) {
+__global__ void __launch_bounds__(kDecodeScoreThreads, kDecodeScoreMinCtas<GMAX>)
+    decode_score_kernel(const DecodeScoreParams p) {
   constexpr int KPT = kDecodeScoreKeysPerThread;
   const int kvh = blockIdx.y, b = blockIdx.z;
   // The same clamp and window as the decode kernel, so the same keys.
