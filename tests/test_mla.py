@@ -976,6 +976,9 @@ WGMMA_SWITCHES = [
     # P handed between the wgmma kernel's warpgroups on named barriers instead of the default
     # mbarriers (the form compute-sanitizer's racecheck can judge).
     ("KVCORE_MLA_WGMMA_HANDOFF", "mbarrier", "named"),
+    # The latent tiles loaded by TMA boxes from one thread (mla_decode_wgmma_tma_kernel; session
+    # 10) instead of warpgroup 1's cp.async; page sizes the boxes cannot tile keep cp.async.
+    ("KVCORE_MLA_WGMMA_LOADER", "cp_async", "tma"),
 ]
 
 
@@ -996,7 +999,8 @@ def test_mla_decode_cuda_wgmma_switch_in_subprocess(name, default, value):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
-@pytest.mark.parametrize("name", ["KVCORE_MLA_DECODE_H16", "KVCORE_MLA_DECODE_WIDE", "KVCORE_MLA_WGMMA_HANDOFF"])
+@pytest.mark.parametrize("name", ["KVCORE_MLA_DECODE_H16", "KVCORE_MLA_DECODE_WIDE", "KVCORE_MLA_WGMMA_HANDOFF",
+                                  "KVCORE_MLA_WGMMA_LOADER"])
 def test_mla_decode_cuda_misspelt_switch_is_an_error(name):
     """A misspelt value of any mla_decode kernel switch fails every call (here one with 4 heads,
     which none of the wide-head switches would route) instead of silently timing a default."""

@@ -2,8 +2,11 @@
 // shapes alone, so the call never syncs and can be captured in a CUDA graph), the workspace layout
 // and the dtype dispatch. The kernel itself is framework-free: csrc/include/kvcore/mla_decode.cuh.
 // The split count, workspace layout and occupancy query are gqa_decode's (paged_decode_launch.h).
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <utility>
 
 #include "common/env_switch.h"
@@ -37,7 +40,7 @@ bool use_h16_kernel() {
 // switch for the benchmark and the old path's tests. (32-token tiles in 4 stages timed slower
 // than 64-token tiles in 2, 0.141 vs 0.129 ms at B32: bench/NOTES.md, session 8.)
 // KVCORE_MLA_DECODE_WIDE=seesaw runs mla_decode_seesaw_kernel instead (both warpgroups compute S,
-// for alternate tiles; session 9, not yet timed).
+// for alternate tiles; session 9; timed slower in session 10: B32 0.124 vs 0.110 ms).
 enum class WideKernel { kWgmma = 0, kOld = 1, kSeesaw = 2 };
 WideKernel wide_kernel() {
   static const WideKernel k =
@@ -49,15 +52,13 @@ WideKernel wide_kernel() {
 // does, because the last CTA of a head block would read every split's partial alone.
 constexpr int kSeparateMergeSplits = 4;
 
-// Occupancy, split plan, workspace layout and launch of one kernel instantiation (Cfg: its
-// ROWS, TILE, THREADS and SMEM_BYTES). `merge`, when given, is the separate split-merge kernel
-// the decode kernel defers to above kSeparateMergeSplits splits.
+// Occupancy, split plan and workspace layout of one kernel instantiation (Cfg: its ROWS, TILE,
+// THREADS and SMEM_BYTES): fills p's split fields and returns the grid. can_merge_separately: the
+// kernel can defer its split merge to a separate merge kernel (launch_merge).
 template <typename Cfg>
-void launch(void (*kernel)(MlaDecodeParams), const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
-            const c10::optional<at::Tensor>& workspace, cudaStream_t stream,
-            void (*merge)(MlaDecodeParams) = nullptr) {
-  const int per_sm = paged_decode::ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS,
-                                               Cfg::SMEM_BYTES, "mla_decode");
+dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+               const c10::optional<at::Tensor>& workspace, bool can_merge_separately) {
+  const int per_sm = paged_decode::ctas_per_sm(kernel, Cfg::THREADS, Cfg::SMEM_BYTES, "mla_decode");
   const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
   p.head_blocks = int((s.num_heads + Cfg::ROWS - 1) / Cfg::ROWS);
@@ -76,14 +77,31 @@ void launch(void (*kernel)(MlaDecodeParams), const MlaDecodeShape& s, MlaDecodeP
   }
   // Head blocks vary fastest: the CTAs of one (sequence, split) read the same latent rows at
   // about the same time, so all but the first find them in L2.
-  p.merge_separately = merge != nullptr && plan.splits > kSeparateMergeSplits ? 1 : 0;
-  const dim3 grid(p.head_blocks, plan.splits, s.batch);
-  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  p.merge_separately = can_merge_separately && plan.splits > kSeparateMergeSplits ? 1 : 0;
+  return dim3(p.head_blocks, plan.splits, s.batch);
+}
+
+// The separate split merge, when plan_grid chose it.
+void launch_merge(void (*merge)(MlaDecodeParams), const MlaDecodeShape& s, const MlaDecodeParams& p,
+                  cudaStream_t stream) {
   if (p.merge_separately) {
     merge<<<dim3(unsigned(s.num_heads), unsigned(s.batch)), 128, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+// Occupancy, split plan, workspace layout and launch of one kernel instantiation (Cfg: its
+// ROWS, TILE, THREADS and SMEM_BYTES). `merge`, when given, is the separate split-merge kernel
+// the decode kernel defers to above kSeparateMergeSplits splits.
+template <typename Cfg>
+void launch(void (*kernel)(MlaDecodeParams), const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+            const c10::optional<at::Tensor>& workspace, cudaStream_t stream,
+            void (*merge)(MlaDecodeParams) = nullptr) {
+  const dim3 grid =
+      plan_grid<Cfg>(reinterpret_cast<const void*>(kernel), s, p, requested_splits, workspace, merge != nullptr);
+  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_merge(merge, s, p, stream);
 }
 
 template <typename T, int M, int WARP_TOKENS>
@@ -138,9 +156,68 @@ void launch_seesaw(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requeste
               mla_merge_kernel<T, Cfg::ROWS, paged_decode::kMaxSplits>);
 }
 
+// KVCORE_MLA_WGMMA_LOADER: how the wgmma kernel loads its latent tiles. `cp_async` (the default):
+// warpgroup 1's 128 threads, ~36 16-byte cp.async each per tile after a block-table load per row;
+// `tma`: one thread issues TMA boxes (mla_decode_wgmma_tma_kernel, with the mbarrier hand-off;
+// session 10, not yet run), where the page size allows (tma_fits). Read once per process.
+bool use_tma_loader() {
+  static const bool use = env_choice("KVCORE_MLA_WGMMA_LOADER", {"cp_async", "tma"}, "mla_decode (CUDA)") == 1;
+  return use;
+}
+
+// Page sizes the TMA boxes tile exactly (mla_wgmma::issue_tile_tma): a divisor of the 64-token tile
+// of at least 8 rows (each page segment starts on a 1024-byte swizzle atom), or a multiple of it.
+bool tma_fits(const MlaDecodeParams& p) {
+  const int ps = p.page_size;
+  return p.num_pages > 0 && ((ps >= 8 && 64 % ps == 0) || ps % 64 == 0);
+}
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
+    TORCH_CHECK(f != nullptr && q == cudaDriverEntryPointSuccess,
+                "mla_decode (CUDA): the driver has no cuTensorMapEncodeTiled (KVCORE_MLA_WGMMA_LOADER=tma)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The latent cache [num_pages, page_size, dk] (rows dk elements apart, pages page_stride) as a
+// 3-D tensor map: boxes of 64 columns x min(page_size, 64) rows x 1 page, 128-byte swizzle (the
+// kernel's tile layout), columns past dk read as zeros. Built per call on the host (no device work).
+template <typename T>
+CUtensorMap latent_tensor_map(const MlaDecodeParams& p) {
+  CUtensorMap map{};
+  const cuuint64_t dims[3] = {cuuint64_t(p.dk), cuuint64_t(p.page_size), cuuint64_t(p.num_pages)};
+  const cuuint64_t strides[2] = {cuuint64_t(p.dk) * sizeof(T), cuuint64_t(p.page_stride) * sizeof(T)};  // bytes
+  const cuuint32_t box[3] = {64, cuuint32_t(std::min(p.page_size, 64)), 1};
+  const cuuint32_t elem[3] = {1, 1, 1};
+  const CUtensorMapDataType dtype =
+      std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUresult r = tensor_map_encoder()(&map, dtype, 3, const_cast<void*>(p.cache), dims, strides, box, elem,
+                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(r == CUDA_SUCCESS, "mla_decode (CUDA): cuTensorMapEncodeTiled failed (", int(r), ") for dk ", p.dk,
+              ", page_size ", p.page_size, ", page stride ", p.page_stride, ", ", p.num_pages, " pages");
+  return map;
+}
+
 template <typename T>
 void launch_wgmma(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
                   const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
+  if (use_tma_loader() && tma_fits(p)) {
+    using Cfg = MlaDecodeWgmmaConfig<kMaxDk, kMaxDv, true, true>;
+    auto kernel = mla_decode_wgmma_tma_kernel<T, Cfg>;
+    const CUtensorMap map = latent_tensor_map<T>(p);
+    const dim3 grid = plan_grid<Cfg>(reinterpret_cast<const void*>(kernel), s, p, requested_splits, workspace, true);
+    kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p, map);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_merge(mla_merge_kernel<T, Cfg::ROWS, paged_decode::kMaxSplits>, s, p, stream);
+    return;
+  }
   auto go = [&](auto cfg) {
     using Cfg = decltype(cfg);
     launch<Cfg>(mla_decode_wgmma_kernel<T, Cfg>, s, p, requested_splits, workspace, stream,
@@ -182,6 +259,7 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
   use_h16_kernel();
   wide_kernel();
   use_mbarrier_handoff();
+  use_tma_loader();
   if (s.batch == 0 || s.num_heads == 0) return;
 
   MlaDecodeParams p{};

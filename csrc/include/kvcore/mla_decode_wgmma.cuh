@@ -13,7 +13,8 @@
 //                memory), the online softmax, P (bf16) and the rows' rescale factors to shared
 //                memory for warpgroup 1, then O[:, 0:256] += P V_t with P from its registers.
 //   warpgroup 1: loads the latent tiles (cp.async, completion counted by an mbarrier, so the
-//                waiting side need not be the issuing one), and O[:, 256:512] += P V_t with P read
+//                waiting side need not be the issuing one; in mla_decode_wgmma_tma_kernel one of
+//                its threads issues TMA boxes instead), and O[:, 256:512] += P V_t with P read
 //                from shared memory. Its P V of tile t runs while warpgroup 0 computes S of t+1,
 //                so the tensor pipe has work during warpgroup 0's softmax.
 // V is the tile itself read MN-major (wgmma's transposed B): the latent row's first 512 columns.
@@ -27,6 +28,8 @@
 //   P_FREE   (likewise): warpgroup 1 has P(t) in registers; warpgroup 0 may write P(t+1)
 //   STATS    (named barrier, or __syncthreads): warpgroup 0 published the final row statistics
 // bench/NOTES.md ("mla_decode H128 on wgmma, session 7") has the counts behind the shape.
+
+#include <cuda.h>  // CUtensorMap
 
 #include "kvcore/mla_decode.cuh"
 #include "kvcore/wgmma.cuh"
@@ -65,10 +68,13 @@ struct MlaWgmmaShape {
   static_assert(TD % ROW_THREADS == 0, "latent row pieces must split evenly over the loader threads");
 };
 
-template <int DK_, int DV_, bool MBAR_HANDOFF_ = true>
+// TMA: the tiles come from TMA boxes issued by one thread of warpgroup 1 (mla_decode_wgmma_tma_kernel,
+// KVCORE_MLA_WGMMA_LOADER=tma; session 10, not yet run) instead of the warpgroup's cp.async.
+template <int DK_, int DV_, bool MBAR_HANDOFF_ = true, bool TMA_ = false>
 struct MlaDecodeWgmmaConfig : MlaWgmmaShape<DK_, DV_> {
   using Shape = MlaWgmmaShape<DK_, DV_>;
   static constexpr bool MBAR_HANDOFF = MBAR_HANDOFF_;
+  static constexpr bool TMA = TMA_;
   static constexpr size_t SMEM_P = size_t(Shape::ROWS) * 64 * 2;  // 128-byte rows whatever the tile
   static constexpr size_t SMEM_ROWF = 3 * Shape::ROWS * 4;  // factors, then 1/l and lse
   static constexpr size_t SMEM_BAR = (2 * Shape::STAGES + 2) * 8;  // full[], empty[], P full, P free
@@ -120,6 +126,44 @@ struct TileStream {
     cp_async_mbarrier_arrive(full + t % STAGES);
   }
 };
+
+// TMA form of a tile load (one thread): tile t of the range into stage t % STAGES, completing on
+// that stage's full barrier by transaction count. `map` is the latent cache as a 3-D tensor
+// (dk columns, page_size rows, pages; MlaTmaLoader in csrc/mla/mla_decode.cu builds it) with boxes
+// of 64 columns x min(page_size, TILE) rows x 1 page and the 128-byte swizzle, which is
+// swz128_offset's layout, so box (chunk c, page segment g) lands at chunk c's base plus g x rows
+// rows. The launcher uses this form only for page sizes that divide TILE or are multiples of it
+// (at least 8 rows, so segments start on 1024-byte swizzle atoms). Columns past dk are outside
+// the map and arrive as zeros; rows past the range's end arrive as whatever the cache holds there
+// (the kernel zeroes them before use); page ids are clamped as in the cp.async path.
+template <typename Shape, typename T>
+__device__ __forceinline__ void issue_tile_tma(const MlaDecodeParams& p, const void* map, const int* bt, int capacity,
+                                               int tile_pos, T* dst, uint64_t* full) {
+  constexpr int TILE = Shape::TILE, CHUNKS = Shape::DK / 64;
+  const int rows = p.page_size < TILE ? p.page_size : TILE;
+  mbarrier_arrive_expect_tx(full, uint32_t(TILE) * Shape::DK * uint32_t(sizeof(T)));
+  for (int g = 0; g * rows < TILE; ++g) {
+    const int pos = min(tile_pos + g * rows, capacity - 1);
+    const int page = min(max(__ldg(bt + mla_page_of(p, pos)), 0), p.num_pages - 1);
+    const int in_page = mla_in_page(p, tile_pos + g * rows);  // 0 unless page_size > TILE
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) tma_load_3d(dst + (c * TILE + g * rows) * 64, map, c * 64, in_page, page, full);
+  }
+}
+
+// Rows [valid, TILE) of a stage's tile set to zero by all THREADS threads, then made visible to
+// wgmma (the TMA form loads those rows from the cache as they are; the cp.async form zero-fills
+// them). V rows past the end must be zero, not merely unused: P is 0 there, and 0 x inf is NaN.
+template <typename Shape, typename T>
+__device__ __forceinline__ void zero_tile_tail(T* stage, int valid, int tid) {
+  constexpr int TD = Shape::TD, TILE = Shape::TILE;
+  for (int i = tid; i < (TILE - valid) * TD; i += Shape::THREADS) {
+    const int row = valid + i / TD, piece = i % TD;
+    *reinterpret_cast<uint4*>(stage + swz128_offset(TILE, row, piece)) = make_uint4(0u, 0u, 0u, 0u);
+  }
+  fence_proxy_async_smem();
+  __syncthreads();
+}
 
 // O's rows r0 and r0 + 8 times the softmax's rescale factors. Once the running maxima settle
 // (after the first tiles, as a rule) every factor is exactly 1 (exp2(0)): a warp whose rows all
@@ -305,10 +349,11 @@ __device__ __forceinline__ void store_out(const MlaDecodeParams& p, const float 
 #endif  // KVCORE_SM90A
 }  // namespace mla_wgmma
 
+namespace mla_wgmma {
+// The kernel's body; `map` (Cfg::TMA only) is the TMA kernel's tensor-map parameter.
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const MlaDecodeParams p) {
+__device__ __forceinline__ void wgmma_decode(const MlaDecodeParams& p, const void* map) {
 #if KVCORE_SM90A
-  using namespace mla_wgmma;
   constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS;
   constexpr int VCHUNKS = Cfg::VCHUNKS, STAGES = Cfg::STAGES;
   extern __shared__ unsigned char smem_raw[];
@@ -330,13 +375,16 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbarrier_init(full + s, 128);
+      mbarrier_init(full + s, Cfg::TMA ? 1 : 128);  // TMA: the issuing thread's expect_tx arrival
       mbarrier_init(empty + s, 256);
     }
     if (Cfg::MBAR_HANDOFF) {
       mbarrier_init(p_full, 128);
       mbarrier_init(p_free, 128);
     }
+    // TMA completes transactions on the full barriers from the async proxy: make the
+    // initialisation visible to it (the __syncthreads below then orders it before any issue).
+    if constexpr (Cfg::TMA) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
 
   // This CTA's KV range; warpgroup 1 loads it.
@@ -349,7 +397,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
   fence_proxy_async_smem();  // the plain stores of Q before wgmma reads it
   __syncthreads();           // Q and the barrier initialisation are visible to all
 
-  if (wg == 1) {
+  if constexpr (Cfg::TMA) {
+    if (tid == 128) {
+      for (int s = 0; s < STAGES && s < num_tiles; ++s)
+        issue_tile_tma<Cfg>(p, map, ts.bt, ts.capacity, start + s * TILE, sTile + s * TILE * DK, full + s);
+    }
+  } else if (wg == 1) {
     for (int s = 0; s < STAGES; ++s) {
       ts.fetch_pages(p, s);
       if (s < num_tiles) ts.issue_tile(p, s, sTile, full);
@@ -384,6 +437,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     uint32_t pa[TILE / 16][4];  // P as wgmma A fragments, one per k-step of 16 tokens
     mbarrier_wait(full + stage, phase);
     fence_proxy_async_smem();
+    if constexpr (Cfg::TMA) {
+      // CTA-uniform: only a range's last tile can reach past its end.
+      if (start + t * TILE + TILE > end) zero_tile_tail<Cfg>(sTile + stage * TILE * DK, end - start - t * TILE, tid);
+    }
 
     if (wg == 0) {
       float s[TILE / 2], alpha[2];
@@ -425,7 +482,13 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
     wait_pv(o);
     mbarrier_arrive(empty + stage);
 
-    if (wg == 1 && t + STAGES < num_tiles) {
+    if constexpr (Cfg::TMA) {
+      if (tid == 128 && t + STAGES < num_tiles) {
+        mbarrier_wait(empty + stage, phase);  // both warpgroups are done with the stage
+        issue_tile_tma<Cfg>(p, map, ts.bt, ts.capacity, start + (t + STAGES) * TILE, sTile + stage * TILE * DK,
+                            full + stage);
+      }
+    } else if (wg == 1 && t + STAGES < num_tiles) {
       mbarrier_wait(empty + stage, phase);  // warpgroup 0 is done with the stage too
       ts.issue_tile(p, t + STAGES, sTile, full);
       ts.fetch_pages(p, t + STAGES + 1);
@@ -456,6 +519,21 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const
   // this image's register count); a launch anyway fails loudly instead of leaving `out` unwritten.
   __trap();
 #endif
+}
+}  // namespace mla_wgmma
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_wgmma_kernel(const MlaDecodeParams p) {
+  static_assert(!Cfg::TMA, "the TMA form is mla_decode_wgmma_tma_kernel");
+  mla_wgmma::wgmma_decode<T, Cfg>(p, nullptr);
+}
+
+// The TMA form (Cfg::TMA): `map` describes the latent cache (see mla_wgmma::issue_tile_tma).
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::THREADS, 1)
+    mla_decode_wgmma_tma_kernel(const MlaDecodeParams p, const __grid_constant__ CUtensorMap map) {
+  static_assert(Cfg::TMA, "the cp.async form is mla_decode_wgmma_kernel");
+  mla_wgmma::wgmma_decode<T, Cfg>(p, &map);
 }
 
 }  // namespace kvcore

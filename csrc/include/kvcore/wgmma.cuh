@@ -155,6 +155,23 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
+// One arrival on `bar` that also adds `bytes` to the transaction count its phase waits for (the
+// bytes the TMA loads completing on it will deliver).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+
+// TMA: the box of the 3-D tensor map `map` (a __grid_constant__ kernel parameter) at coordinates
+// (c0, c1, c2), innermost first, into shared memory at `dst`; its bytes complete on `bar`.
+__device__ __forceinline__ void tma_load_3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::
+          "r"(smem_u32(dst)),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+      : "memory");
+}
+
 // Named barriers (ids 1..15; 0 is __syncthreads). `threads` counts every thread that takes part,
 // arriving or waiting; a multiple of 32.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
