@@ -139,15 +139,24 @@ struct TileStream {
 template <typename Shape, typename T>
 __device__ __forceinline__ void issue_tile_tma(const MlaDecodeParams& p, const void* map, const int* bt, int capacity,
                                                int tile_pos, T* dst, uint64_t* full) {
-  constexpr int TILE = Shape::TILE, CHUNKS = Shape::DK / 64;
+  constexpr int TILE = Shape::TILE, CHUNKS = Shape::DK / 64, SEGMENTS = TILE / 8;
   const int rows = p.page_size < TILE ? p.page_size : TILE;
-  mbarrier_arrive_expect_tx(full, uint32_t(TILE) * Shape::DK * uint32_t(sizeof(T)));
-  for (int g = 0; g * rows < TILE; ++g) {
-    const int pos = min(tile_pos + g * rows, capacity - 1);
-    const int page = min(max(__ldg(bt + mla_page_of(p, pos)), 0), p.num_pages - 1);
-    const int in_page = mla_in_page(p, tile_pos + g * rows);  // 0 unless page_size > TILE
+  // Every segment's page first (independent loads, one round trip), then the boxes.
+  int page[SEGMENTS];
 #pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) tma_load_3d(dst + (c * TILE + g * rows) * 64, map, c * 64, in_page, page, full);
+  for (int g = 0; g < SEGMENTS; ++g) {
+    if (g * rows < TILE)
+      page[g] = min(max(__ldg(bt + mla_page_of(p, min(tile_pos + g * rows, capacity - 1))), 0), p.num_pages - 1);
+  }
+  const int in_page = mla_in_page(p, tile_pos);  // 0 unless page_size > TILE
+  mbarrier_arrive_expect_tx(full, uint32_t(TILE) * Shape::DK * uint32_t(sizeof(T)));
+#pragma unroll
+  for (int g = 0; g < SEGMENTS; ++g) {
+    if (g * rows < TILE) {
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c)
+        tma_load_3d(dst + (c * TILE + g * rows) * 64, map, c * 64, in_page, page[g], full);
+    }
   }
 }
 
