@@ -153,7 +153,7 @@ __device__ __forceinline__ void issue_tile_tma(const MlaDecodeParams& p, const v
 #pragma unroll
   for (int g = 0; g < SEGMENTS; ++g) {
     if (g * rows < TILE) {
-#pragma unroll
+#pragma unroll 1  // one thread issues these: keep the loop body (and the instruction cache) small
       for (int c = 0; c < CHUNKS; ++c)
         tma_load_3d(dst + (c * TILE + g * rows) * 64, map, c * 64, in_page, page[g], full);
     }
