@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import kvcore
-from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, capture_graph, make_paged_kv, poison, ragged_lens,
-                      randn)
+from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, assert_switch_value_rejected, capture_graph,
+                      make_paged_kv, poison, ragged_lens, randn, run_tests_with_env)
 from kvcore import policies, reference
 
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
@@ -425,3 +425,29 @@ def test_h2o_decode_loop_cuda_matches_cpu(device):
     cpu = _h2o_loop("cpu", torch.bfloat16, 11)
     torch.testing.assert_close(cuda[2].cpu(), cpu[2], atol=1e-4, rtol=1e-3)
     _assert_same_selection(cuda[:2], cpu[:2], cpu[2], cpu[3].tolist(), 2e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_score_wide_epilogue_in_subprocess():
+    """KVCORE_SCORE_EPILOGUE=wide (8 keys per epilogue thread: 16-byte P loads, float4 score accesses
+    where aligned; read once per process): this file's CUDA tests, in a fresh process. The cases'
+    score lengths and windows give both aligned (vector) and unaligned (scalar) threads."""
+    run_tests_with_env("KVCORE_SCORE_EPILOGUE", "wide", ["tests/test_decode_score.py"],
+                       "not in_subprocess and not misspelt", 40, "-m", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_score_misspelt_epilogue_switch_is_an_error():
+    """A misspelt KVCORE_SCORE_EPILOGUE fails a score call instead of silently timing the default."""
+    assert_switch_value_rejected(
+        "KVCORE_SCORE_EPILOGUE", "wid",
+        """
+        q = torch.randn(1, 8, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        bt = torch.arange(4, dtype=torch.int32, device="cuda").view(1, 4)
+        sl = torch.tensor([40], dtype=torch.int32, device="cuda")
+        score = torch.zeros(1, 2, 64, device="cuda")
+        """,
+        "kvcore.gqa_decode(q, k, k, bt, sl, score=score)")

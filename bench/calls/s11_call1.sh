@@ -5,6 +5,8 @@
 # 1. mla_decode_wgmma_tma_kernel (KVCORE_MLA_WGMMA_LOADER=tma, written in session 10, never run):
 #    the MLA decode tests (-x), `--group mla` with it, racecheck over its H128 cases. If it fails
 #    or hangs, take its WGMMA_SWITCHES entry out of test_mla.py before any whole-suite run;
+# 1b. the H2O epilogue with 8 keys per thread (KVCORE_SCORE_EPILOGUE=wide, session 10, never run):
+#    its tests, then the eviction table with it and at the default, back to back;
 # 2. ncu's per-SASS-line stall sampling (ncu_pack.sh NCU_SOURCE=1, never run: the first such stage
 #    checks its ncu options) of the MLA H128 default kernel, then the H2O B16 pair, compact keep
 #    50% and block-sparse B16;
@@ -18,8 +20,10 @@ KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-570} 
  "run:tma-tests:90:KVCORE_MLA_WGMMA_LOADER=tma $T tests/test_mla.py tests/test_nan.py tests/test_determinism.py tests/test_cuda_graph.py -x -k '$SEL'" \
  "run:mla-tma:40:KVCORE_MLA_WGMMA_LOADER=tma python3 -m kvcore.bench --group mla --out $o/mla-tma" \
  "bench:mla:40" \
+ "run:h2o-wide-tests:40:KVCORE_SCORE_EPILOGUE=wide $T tests/test_decode_score.py -x -k 'not in_subprocess and not misspelt'" \
+ "run:ev-wide:30:KVCORE_SCORE_EPILOGUE=wide python3 -m kvcore.bench --group eviction --out $o/ev-wide" \
+ "bench:eviction:30" \
  "run:race-tma:60:KVCORE_MLA_WGMMA_LOADER=tma KVCORE_SANITIZE_FILES='tests/test_mla.py tests/test_cuda_graph.py' KVCORE_SANITIZE_K='$RACE_K' bash bench/sanitize.sh $o/race-tma racecheck" \
  "run:ncu-src-mla:100:NCU_SOURCE=1 bash bench/experiments/ncu_pack.sh $o/ncu-src mla_decode_H128" \
  "run:ncu-src-rest:160:NCU_SOURCE=1 bash bench/experiments/ncu_pack.sh $o/ncu-src-rest h2o_B16 compact_50 block_sparse_B16" \
- "run:block:40:python3 -m kvcore.bench --group block --impl kvcore,torch --out $o/block" \
- "bench:eviction:30"
+ "run:block:40:python3 -m kvcore.bench --group block --impl kvcore,torch --out $o/block"

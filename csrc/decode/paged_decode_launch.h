@@ -191,6 +191,37 @@ inline int score_l2_priority() {
   return priority;
 }
 
+// KVCORE_SCORE_EPILOGUE: keys per thread of the score epilogue, `narrow` (4, the default) or
+// `wide` (8: 16-byte P loads and float4 score accesses; session 10, not yet run). Read once per process.
+inline bool score_epilogue_wide() {
+  static const bool wide = env_choice("KVCORE_SCORE_EPILOGUE", {"narrow", "wide"}, "gqa_decode (CUDA)") == 1;
+  return wide;
+}
+
+template <int KPT>
+void launch_score_epilogue_kpt(const DecodeScoreParams& sp, int group, int64_t kv_len, int num_kv_heads, int64_t batch,
+                               cudaStream_t stream) {
+  const dim3 grid(unsigned((kv_len + kDecodeScoreKeys<KPT> - 1) / kDecodeScoreKeys<KPT>), unsigned(num_kv_heads),
+                  unsigned(batch));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kDecodeScoreThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = use_pdl(stream) ? 1 : 0;
+  // The head loop's compile-time bound: the smallest of 1, 2, 4, 8, 16 that holds the group.
+  auto kernel = group <= 1   ? decode_score_kernel<1, KPT>
+                : group <= 2 ? decode_score_kernel<2, KPT>
+                : group <= 4 ? decode_score_kernel<4, KPT>
+                : group <= 8 ? decode_score_kernel<8, KPT>
+                             : decode_score_kernel<16, KPT>;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, sp));
+}
+
 // The score epilogue (decode_score.cuh) after a SCORE decode launch on the same stream.
 inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
                                   const at::Tensor& score, cudaStream_t stream) {
@@ -208,25 +239,10 @@ inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeSha
   sp.window_left = p.window_left;
   sp.capacity = s.max_pages * s.page_size;
   sp.l2 = p.score_l2;
-  const dim3 grid(unsigned((kv_len + kDecodeScoreKeys - 1) / kDecodeScoreKeys), unsigned(s.num_kv_heads),
-                  unsigned(s.batch));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kDecodeScoreThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = use_pdl(stream) ? 1 : 0;
-  // The head loop's compile-time bound: the smallest of 1, 2, 4, 8, 16 that holds the group.
-  auto kernel = s.group <= 1 ? decode_score_kernel<1>
-                : s.group <= 2 ? decode_score_kernel<2>
-                : s.group <= 4 ? decode_score_kernel<4>
-                : s.group <= 8 ? decode_score_kernel<8>
-                               : decode_score_kernel<16>;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, sp));
+  if (score_epilogue_wide())
+    launch_score_epilogue_kpt<8>(sp, int(s.group), kv_len, int(s.num_kv_heads), s.batch, stream);
+  else
+    launch_score_epilogue_kpt<4>(sp, int(s.group), kv_len, int(s.num_kv_heads), s.batch, stream);
 }
 
 // Picks the split, lays out the workspace and launches. kv_len: the most key positions one

@@ -47,37 +47,72 @@ struct DecodeScoreParams {
 };
 
 constexpr int kDecodeScoreThreads = 256;
-constexpr int kDecodeScoreKeysPerThread = 4;  // a quarter of a block: one 8-byte load of P per head
-constexpr int kDecodeScoreKeys = kDecodeScoreThreads * kDecodeScoreKeysPerThread;  // per CTA
 
-// CTAs per SM the register budget must allow: 8 (<= 32 registers) up to group 4, so that a grid
-// of up to 8 x 132 CTAs runs in one wave (B16 Hkv8 S8192: 1024 CTAs; at 39 registers, 6 per SM,
-// 1.29 waves: ncu, session 10), and the second wave's round trips do not follow the first's.
-// Larger groups keep the compiler's choice (a bound of 4 CTAs spills there).
-template <int GMAX>
-constexpr int kDecodeScoreMinCtas = GMAX <= 4 ? 8 : 1;
+// Keys per thread: 4 (a quarter of a 16-key block: one 8-byte load of P per head, scalar score
+// accesses; the default) or 8 (half a block: one 16-byte load of P per head, float4 score
+// accesses where aligned; KVCORE_SCORE_EPILOGUE=wide, session 10, not yet run): the same bytes in
+// about half the requests, for an epilogue that ncu found latency-bound (session 10: 18.5 stall
+// cycles per issued instruction on long-scoreboard, 29% of DRAM peak).
+template <int KPT>
+constexpr int kDecodeScoreKeys = kDecodeScoreThreads * KPT;  // per CTA
 
-// grid (ceil(kv_len / kDecodeScoreKeys), Hkv, B); GMAX >= group (1, 2, 4, 8 or 16): the bound the
-// head loop is unrolled to, so that all its loads are in flight together. Thread t of a CTA takes
-// keys 4 (t % 4) .. 4 (t % 4) + 3 of block blockIdx.x * 64 + t / 4.
-template <int GMAX>
-__global__ void __launch_bounds__(kDecodeScoreThreads, kDecodeScoreMinCtas<GMAX>)
+// CTAs per SM the register budget must allow, up to group 4: enough for a grid of up to 8 x 132
+// CTAs of 4 keys per thread, or 4 x 132 of 8, to run in one wave (B16 Hkv8 S8192: 1024 or 512
+// CTAs; at 39 registers, 6 per SM, the narrow form ran 1.29 waves: ncu, session 10), so a second
+// wave's round trips do not follow the first's. Larger groups keep the compiler's choice (a bound
+// of 4 CTAs spills there).
+template <int GMAX, int KPT>
+constexpr int kDecodeScoreMinCtas = GMAX <= 4 ? (KPT == 4 ? 8 : 4) : 1;
+
+template <int KPT>
+struct ScorePVec;
+template <>
+struct ScorePVec<4> {
+  using type = uint2;
+};
+template <>
+struct ScorePVec<8> {
+  using type = uint4;
+};
+
+// grid (ceil(kv_len / kDecodeScoreKeys<KPT>), Hkv, B); GMAX >= group (1, 2, 4, 8 or 16): the
+// bound the head loop is unrolled to, so that all its loads are in flight together. Thread t of a
+// CTA takes keys KPT (t % TPB) .. KPT (t % TPB) + KPT - 1 of block blockIdx.x * (256 / TPB) + t / TPB,
+// TPB = 16 / KPT threads per block.
+template <int GMAX, int KPT>
+__global__ void __launch_bounds__(kDecodeScoreThreads, (kDecodeScoreMinCtas<GMAX, KPT>))
     decode_score_kernel(const DecodeScoreParams p) {
-  constexpr int KPT = kDecodeScoreKeysPerThread;
+  static_assert(KPT == 4 || KPT == 8, "4 or 8 keys per thread");
+  constexpr int TPB = kScoreBlock / KPT;
+  using PVec = typename ScorePVec<KPT>::type;
   const int kvh = blockIdx.y, b = blockIdx.z;
   // The same clamp and window as the decode kernel, so the same keys.
   const int64_t seq_len = min(max(int64_t(__ldcg(p.seq_lens + b)), int64_t(0)), p.capacity);
   const int64_t first = p.window_left >= 0 ? max(int64_t(0), seq_len - 1 - p.window_left) : int64_t(0);
   const int64_t n = seq_len - first;
-  const int64_t blk = int64_t(blockIdx.x) * (kDecodeScoreThreads / 4) + threadIdx.x / 4;
-  const int64_t k0 = blk * kScoreBlock + (threadIdx.x % 4) * KPT;  // first key of this thread
+  const int64_t blk = int64_t(blockIdx.x) * (kDecodeScoreThreads / TPB) + threadIdx.x / TPB;
+  const int64_t k0 = blk * kScoreBlock + (threadIdx.x % TPB) * KPT;  // first key of this thread
   const int64_t pair = int64_t(b) * p.num_kv_heads + kvh;
   float* sc = p.score + pair * p.score_len + first + k0;
+  // Vector score accesses when all KPT keys are in range and the address allows (the window's
+  // start and score_len decide the alignment); otherwise one float at a time.
+  const bool vec = KPT == 8 && k0 + KPT <= n && (reinterpret_cast<uintptr_t>(sc) & 15) == 0;
 
   // Before the wait: the score values this thread updates (the decode grid never writes them).
   float old[KPT];
+  if (vec) {
 #pragma unroll
-  for (int i = 0; i < KPT; ++i) old[i] = k0 + i < n ? sc[i] : 0.f;
+    for (int j = 0; j < KPT / 4; ++j) {
+      const float4 v = *reinterpret_cast<const float4*>(sc + 4 * j);
+      old[4 * j] = v.x;
+      old[4 * j + 1] = v.y;
+      old[4 * j + 2] = v.z;
+      old[4 * j + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) old[i] = k0 + i < n ? sc[i] : 0.f;
+  }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Every thread waits, also those with no key: then this grid cannot complete before the decode
@@ -89,12 +124,12 @@ __global__ void __launch_bounds__(kDecodeScoreThreads, kDecodeScoreMinCtas<GMAX>
   const int group = p.group;
   const int64_t row0 = (pair * p.blocks + blk) * group;  // (block, head 0) row of the scratch
   const uint64_t policy = l2_policy(p.l2);
-  uint2 pv[GMAX];
+  PVec pv[GMAX];
   float base[GMAX], l2[GMAX];
 #pragma unroll
   for (int g = 0; g < GMAX; ++g) {
     if (g < group) {
-      pv[g] = ldcg_hint(reinterpret_cast<const uint2*>(p.probs + (row0 + g) * kScoreBlock + (threadIdx.x % 4) * KPT),
+      pv[g] = ldcg_hint(reinterpret_cast<const PVec*>(p.probs + (row0 + g) * kScoreBlock + (threadIdx.x % TPB) * KPT),
                         policy);
       base[g] = ldcg_hint(p.bases + row0 + g, policy);
       l2[g] = __ldcg(p.lse2 + pair * group + g);
@@ -105,17 +140,25 @@ __global__ void __launch_bounds__(kDecodeScoreThreads, kDecodeScoreMinCtas<GMAX>
   for (int g = 0; g < GMAX; ++g) {
     if (g < group) {
       const float f = exp2f(base[g] - l2[g]);
-      const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&pv[g].x));
-      const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&pv[g].y));
-      acc[0] = fmaf(lo.x, f, acc[0]);
-      acc[1] = fmaf(lo.y, f, acc[1]);
-      acc[2] = fmaf(hi.x, f, acc[2]);
-      acc[3] = fmaf(hi.y, f, acc[3]);
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(&pv[g]);
+#pragma unroll
+      for (int j = 0; j < KPT / 2; ++j) {
+        const float2 h = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
+        acc[2 * j] = fmaf(h.x, f, acc[2 * j]);
+        acc[2 * j + 1] = fmaf(h.y, f, acc[2 * j + 1]);
+      }
     }
   }
+  if (vec) {
 #pragma unroll
-  for (int i = 0; i < KPT; ++i)
-    if (k0 + i < n) sc[i] = old[i] + acc[i];
+    for (int j = 0; j < KPT / 4; ++j)
+      *reinterpret_cast<float4*>(sc + 4 * j) = make_float4(old[4 * j] + acc[4 * j], old[4 * j + 1] + acc[4 * j + 1],
+                                                           old[4 * j + 2] + acc[4 * j + 2], old[4 * j + 3] + acc[4 * j + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < KPT; ++i)
+      if (k0 + i < n) sc[i] = old[i] + acc[i];
+  }
 }
 
 }  // namespace kvcore

@@ -106,6 +106,15 @@ __device__ __forceinline__ uint2 ldcg_hint(const uint2* gmem, uint64_t policy) {
   return v;
 }
 
+__device__ __forceinline__ uint4 ldcg_hint(const uint4* gmem, uint64_t policy) {
+  uint4 v;
+  asm volatile("ld.global.cg.L2::cache_hint.v4.b32 {%0, %1, %2, %3}, [%4], %5;\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(gmem), "l"(policy)
+               : "memory");
+  return v;
+}
+
 __device__ __forceinline__ float ldcg_hint(const float* gmem, uint64_t policy) {
   float v;
   asm volatile("ld.global.cg.L2::cache_hint.f32 %0, [%1], %2;\n" : "=f"(v) : "l"(gmem), "l"(policy) : "memory");
