@@ -17,14 +17,7 @@
 
 #include "kvcore/gqa_decode.cuh"
 
-#define CHECK(x)                                                                      \
-  do {                                                                                \
-    cudaError_t e_ = (x);                                                             \
-    if (e_ != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
+#include "cuda_check.h"
 
 using bf16 = __nv_bfloat16;
 
@@ -70,10 +63,10 @@ int run(int argc, char** argv) {
   const size_t cache_elems = size_t(num_pages) * PAGE * Hkv * D;
 
   bf16 *k, *v, *q, *out;
-  CHECK(cudaMalloc(&k, cache_elems * 2));
-  CHECK(cudaMalloc(&v, cache_elems * 2));
-  CHECK(cudaMalloc(&q, size_t(B) * Hq * D * 2));
-  CHECK(cudaMalloc(&out, size_t(B) * Hq * D * 2));
+  CUDA_CHECK(cudaMalloc(&k, cache_elems * 2));
+  CUDA_CHECK(cudaMalloc(&v, cache_elems * 2));
+  CUDA_CHECK(cudaMalloc(&q, size_t(B) * Hq * D * 2));
+  CUDA_CHECK(cudaMalloc(&out, size_t(B) * Hq * D * 2));
   fill_random<<<1024, 256>>>(k, cache_elems, 1u);
   fill_random<<<1024, 256>>>(v, cache_elems, 2u);
   fill_random<<<64, 256>>>(q, size_t(B) * Hq * D, 3u);
@@ -81,19 +74,19 @@ int run(int argc, char** argv) {
   std::iota(table.begin(), table.end(), 0);
   std::shuffle(table.begin(), table.end(), std::mt19937(7));
   int *d_table, *d_lens;
-  CHECK(cudaMalloc(&d_table, table.size() * 4));
-  CHECK(cudaMalloc(&d_lens, lens.size() * 4));
-  CHECK(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(d_lens, lens.data(), lens.size() * 4, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMalloc(&d_table, table.size() * 4));
+  CUDA_CHECK(cudaMalloc(&d_lens, lens.size() * 4));
+  CUDA_CHECK(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(d_lens, lens.data(), lens.size() * 4, cudaMemcpyHostToDevice));
 
   const int group = Hq / Hkv;
   const size_t pairs = size_t(B) * Hkv;
   unsigned* counters;
   float *plse, *pout;
-  CHECK(cudaMalloc(&counters, pairs * 4));
-  CHECK(cudaMemset(counters, 0, pairs * 4));
-  CHECK(cudaMalloc(&plse, pairs * splits * group * 4));
-  CHECK(cudaMalloc(&pout, pairs * splits * group * D * 4));
+  CUDA_CHECK(cudaMalloc(&counters, pairs * 4));
+  CUDA_CHECK(cudaMemset(counters, 0, pairs * 4));
+  CUDA_CHECK(cudaMalloc(&plse, pairs * splits * group * 4));
+  CUDA_CHECK(cudaMalloc(&pout, pairs * splits * group * D * 4));
 
   kvcore::GqaDecodeParams p{};
   p.q = q;
@@ -122,29 +115,29 @@ int run(int argc, char** argv) {
   p.soft_cap = 0.f;
 
   auto kernel = kvcore::gqa_decode_kernel<bf16, Cfg>;
-  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
   const dim3 grid(Hkv, splits, B);
   const size_t ctas = size_t(grid.x) * grid.y * grid.z;
 
   const size_t flush_n = (256u << 20) / 16;
   int4* flush;
   int* sink;
-  CHECK(cudaMalloc(&flush, flush_n * 16));
-  CHECK(cudaMemset(flush, 1, flush_n * 16));
-  CHECK(cudaMalloc(&sink, 4));
+  CUDA_CHECK(cudaMalloc(&flush, flush_n * 16));
+  CUDA_CHECK(cudaMemset(flush, 1, flush_n * 16));
+  CUDA_CHECK(cudaMalloc(&sink, 4));
   cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
+  CUDA_CHECK(cudaEventCreate(&e0));
+  CUDA_CHECK(cudaEventCreate(&e1));
   auto time_it = [&](auto launch_fn, int reps) {
     std::vector<double> ts;
     for (int i = 0; i < reps + 3; ++i) {
       read_all<<<1056, 512>>>(flush, flush_n, sink);
-      CHECK(cudaEventRecord(e0));
+      CUDA_CHECK(cudaEventRecord(e0));
       launch_fn();
-      CHECK(cudaEventRecord(e1));
-      CHECK(cudaEventSynchronize(e1));
+      CUDA_CHECK(cudaEventRecord(e1));
+      CUDA_CHECK(cudaEventSynchronize(e1));
       float ms;
-      CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
       if (i >= 3) ts.push_back(ms * 1e3);
     }
     return pct(ts, 0.5);
@@ -156,24 +149,24 @@ int run(int argc, char** argv) {
     read_all<<<1056, 512>>>(reinterpret_cast<const int4*>(v), cache_elems * 2 / 16, sink);
   }, 20);
   const double us = time_it([&] { kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(p); }, 50);
-  CHECK(cudaGetLastError());
+  CUDA_CHECK(cudaGetLastError());
   const double bytes = 2.0 * B * S * Hkv * D * 2;
   std::printf("B%d S%d Hq%d Hkv%d page %d splits %d, %d stages: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; plain read of K and V %.0f GB/s)\n",
               B, S, Hq, Hkv, PAGE, splits, STAGES, ctas, us, bytes / us * 1e-3, empty_us, bytes / read_us * 1e-3);
 
   unsigned long long* trace;
   const int tiles = std::min(4096, (S + Cfg::TILE - 1) / Cfg::TILE), stride = 4 + tiles;
-  CHECK(cudaMalloc(&trace, ctas * stride * 8));
+  CUDA_CHECK(cudaMalloc(&trace, ctas * stride * 8));
   // Zeroed: a CTA whose range has no tile writes no first-tile / loop-end stamps (session 9's
   // 33- to 132-split runs had some), and the statistics below leave those CTAs out.
-  CHECK(cudaMemset(trace, 0, ctas * stride * 8));
+  CUDA_CHECK(cudaMemset(trace, 0, ctas * stride * 8));
   p.trace = trace;
   p.trace_tiles = tiles;
   read_all<<<1056, 512>>>(flush, flush_n, sink);
   kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(p);
-  CHECK(cudaDeviceSynchronize());
+  CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<unsigned long long> tr(ctas * stride);
-  CHECK(cudaMemcpy(tr.data(), trace, tr.size() * 8, cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemcpy(tr.data(), trace, tr.size() * 8, cudaMemcpyDeviceToHost));
   unsigned long long t0 = ~0ull, tend = 0;
   for (size_t c = 0; c < ctas; ++c) t0 = std::min(t0, tr[c * stride]), tend = std::max(tend, tr[c * stride + 3]);
   std::vector<double> entry, first, loop, epi, exit_;

@@ -25,14 +25,7 @@
 #include <cstdlib>
 #include <vector>
 
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                            \
-    }                                                                                          \
-  } while (0)
+#include "cuda_check.h"
 
 constexpr int kTile = 64;       // tokens per tile (the kernel's TILE)
 constexpr int kChunks = 9;      // 64-column chunks of a 576-wide row
@@ -183,7 +176,7 @@ __global__ void stream_cpasync(const unsigned short* cache, const int* bt, int p
 static PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult q{};
-  CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+  CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
   if (fn == nullptr || q != cudaDriverEntryPointSuccess) {
     std::fprintf(stderr, "cuTensorMapEncodeTiled not found\n");
     std::exit(1);
@@ -228,30 +221,30 @@ static Cache make_cache(int tokens, int page_size, int dk, int pad, unsigned see
   std::vector<int> bt(c.pages);
   for (int i = 0; i < c.pages; ++i) bt[i] = i;
   for (int i = c.pages - 1; i > 0; --i) std::swap(bt[i], bt[rand() % (i + 1)]);
-  CK(cudaMalloc(&c.d, h.size() * 2));
-  CK(cudaMemcpy(c.d, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
-  CK(cudaMalloc(&c.bt, bt.size() * sizeof(int)));
-  CK(cudaMemcpy(c.bt, bt.data(), bt.size() * sizeof(int), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMalloc(&c.d, h.size() * 2));
+  CUDA_CHECK(cudaMemcpy(c.d, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMalloc(&c.bt, bt.size() * sizeof(int)));
+  CUDA_CHECK(cudaMemcpy(c.bt, bt.data(), bt.size() * sizeof(int), cudaMemcpyHostToDevice));
   return c;
 }
 
 static void free_cache(Cache& c) {
-  CK(cudaFree(c.d));
-  CK(cudaFree(c.bt));
+  CUDA_CHECK(cudaFree(c.d));
+  CUDA_CHECK(cudaFree(c.bt));
 }
 
 int main() {
   int dev = 0, sms = 0;
-  CK(cudaGetDevice(&dev));
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const size_t tile_smem = size_t(kTile) * kChunks * 64 * 2;  // 73,728 bytes
-  CK(cudaFuncSetAttribute(check_layout, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tile_smem + 1024)));
-  CK(cudaFuncSetAttribute(stream_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * tile_smem + 1024)));
-  CK(cudaFuncSetAttribute(stream_cpasync, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * tile_smem + 1024)));
+  CUDA_CHECK(cudaFuncSetAttribute(check_layout, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tile_smem + 1024)));
+  CUDA_CHECK(cudaFuncSetAttribute(stream_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * tile_smem + 1024)));
+  CUDA_CHECK(cudaFuncSetAttribute(stream_cpasync, cudaFuncAttributeMaxDynamicSharedMemorySize, int(2 * tile_smem + 1024)));
   unsigned long long* bad;
   unsigned* sink;
-  CK(cudaMalloc(&bad, sizeof(*bad)));
-  CK(cudaMalloc(&sink, sizeof(*sink)));
+  CUDA_CHECK(cudaMalloc(&bad, sizeof(*bad)));
+  CUDA_CHECK(cudaMalloc(&sink, sizeof(*sink)));
 
   // 1. Layout. pad: elements between pages beyond page_size x dk (a strided cache view), a
   // multiple of 8 (TMA wants 16-byte strides).
@@ -263,11 +256,11 @@ int main() {
     const int tiles = 24;
     Cache c = make_cache(tiles * kTile, l.page_size, l.dk, l.pad, 7);
     const CUtensorMap map = make_map(c.d, l.dk, l.page_size, c.page_stride, c.pages);
-    CK(cudaMemset(bad, 0, sizeof(*bad)));
+    CUDA_CHECK(cudaMemset(bad, 0, sizeof(*bad)));
     check_layout<<<tiles, kThreads, tile_smem + 1024>>>(map, c.d, c.bt, l.page_size, c.page_stride, l.dk, bad);
-    CK(cudaGetLastError());
+    CUDA_CHECK(cudaGetLastError());
     unsigned long long h = 0;
-    CK(cudaMemcpy(&h, bad, sizeof(h), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(&h, bad, sizeof(h), cudaMemcpyDeviceToHost));
     std::printf("layout page %3d dk %d pad %2d: %llu mismatching elements of %d\n", l.page_size, l.dk, l.pad, h,
                 tiles * kTile * kChunks * 64);
     free_cache(c);
@@ -279,31 +272,31 @@ int main() {
   const CUtensorMap map = make_map(c.d, 576, 64, c.page_stride, c.pages);
   const double bytes = double(tiles) * kTile * 576 * 2;
   cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
+  CUDA_CHECK(cudaEventCreate(&a));
+  CUDA_CHECK(cudaEventCreate(&b));
   auto time_ms = [&](auto&& launch) {
     launch();
-    CK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<float> ms;
     for (int i = 0; i < 7; ++i) {
-      CK(cudaEventRecord(a));
+      CUDA_CHECK(cudaEventRecord(a));
       launch();
-      CK(cudaEventRecord(b));
-      CK(cudaEventSynchronize(b));
+      CUDA_CHECK(cudaEventRecord(b));
+      CUDA_CHECK(cudaEventSynchronize(b));
       float t = 0;
-      CK(cudaEventElapsedTime(&t, a, b));
+      CUDA_CHECK(cudaEventElapsedTime(&t, a, b));
       ms.push_back(t);
     }
     std::sort(ms.begin(), ms.end());
     return double(ms[ms.size() / 2]);
   };
   void* copy_dst;
-  CK(cudaMalloc(&copy_dst, size_t(bytes)));
-  const double copy = time_ms([&] { CK(cudaMemcpyAsync(copy_dst, c.d, size_t(bytes), cudaMemcpyDeviceToDevice)); });
+  CUDA_CHECK(cudaMalloc(&copy_dst, size_t(bytes)));
+  const double copy = time_ms([&] { CUDA_CHECK(cudaMemcpyAsync(copy_dst, c.d, size_t(bytes), cudaMemcpyDeviceToDevice)); });
   const double tma = time_ms([&] { stream_tma<<<sms, kThreads, 2 * tile_smem + 1024>>>(map, c.bt, 64, tiles, sink); });
   const double cpa =
       time_ms([&] { stream_cpasync<<<sms, kThreads, 2 * tile_smem + 1024>>>(c.d, c.bt, 64, c.page_stride, tiles, sink); });
-  CK(cudaGetLastError());
+  CUDA_CHECK(cudaGetLastError());
   const double copy_gbs = 2 * bytes / copy / 1e6;  // read + written
   std::printf("copy %.0f GB/s (read + written); stream %.0f MB of latent tiles, %d CTAs x 2 stages:\n", copy_gbs,
               bytes / 1e6, sms);
