@@ -774,7 +774,7 @@ def test_compact_kv_cuda_default_lens_and_repeat(device, gen):
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
 def test_compact_kv_cuda_scratch_reuse(device, gen):
     """The kernel's scratch persists per stream and each launch leaves it reusable (counters back to
-    zero, a new epoch for its flags): calls that shrink and grow the chunk count, on the default
+    zero, a new mark for its flags): calls that shrink and grow the chunk count, on the default
     stream and on a side stream in turn, each match the reference (a stale flag or counter would
     move rows early, skip a wait or drop a CTA's ticket)."""
     side = torch.cuda.Stream()
