@@ -124,8 +124,7 @@ __device__ __forceinline__ void mla_combine4(const float* part, int64_t split_st
 // (sequence, head block) into out (and lse) and resets the counter for the next launch.
 template <typename T, int ROWS, int THREADS>
 __device__ __forceinline__ void mla_split_merge(const MlaDecodeParams& p, int b, int h0, int64_t pair, float* scratch) {
-  constexpr int WARPS = THREADS / 32;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tid = threadIdx.x;
   __threadfence();
   __syncthreads();
   __shared__ bool is_last;
@@ -135,40 +134,78 @@ __device__ __forceinline__ void mla_split_merge(const MlaDecodeParams& p, int b,
   __threadfence();
 
   // Weights of each split's partial per head: [rows][num_splits + 1] (weights, then their sum).
-  // Only the block's real heads are merged.
+  // Only the block's real heads are merged. One thread per head: its splits' lse values are
+  // independent loads (in flight together), kept in its own row of `scratch` until their maximum
+  // is known. (A warp per head, as before, took two dependent round trips per head and eight
+  // heads in turn per warp: ~16 round trips where this takes one.)
   float* const wgt = scratch;
   const int ns = p.num_splits;
   const int rows = min(ROWS, p.num_heads - h0);
   const float* plse = p.partial_lse + pair * ns * ROWS;
-  for (int h = warp; h < rows; h += WARPS) {
+  for (int h = tid; h < rows; h += THREADS) {
+    float* const wh = wgt + h * (ns + 1);
     float mx = -INFINITY;
-    for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, __ldcg(plse + s * ROWS + h));
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+#pragma unroll 8
+    for (int s = 0; s < ns; ++s) {
+      const float v = __ldcg(plse + s * ROWS + h);
+      wh[s] = v;
+      mx = fmaxf(mx, v);
+    }
     const float base = mx == -INFINITY ? 0.f : mx;
     float sum = 0.f;
-    for (int s = lane; s < ns; s += 32) {
-      const float e = exp2f(__ldcg(plse + s * ROWS + h) - base);
-      wgt[h * (ns + 1) + s] = e;
+    for (int s = 0; s < ns; ++s) {
+      const float e = exp2f(wh[s] - base);
+      wh[s] = e;
       sum += e;
     }
-    sum = group_sum<32>(sum);
-    if (lane == 0) {
-      wgt[h * (ns + 1) + ns] = sum;
-      if (p.lse != nullptr)
-        p.lse[int64_t(b) * p.num_heads + h0 + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
-    }
+    wh[ns] = sum;
+    if (p.lse != nullptr)
+      p.lse[int64_t(b) * p.num_heads + h0 + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
   }
   __syncthreads();
-  // Each thread combines 4 output columns of one head across all splits (dv is a multiple of 8).
+  // Each thread combines 4 output columns of one head across all splits (dv is a multiple of 8),
+  // for BATCH such items at once: their partial loads are independent and go out together (one
+  // item at a time waited a round trip per item, ~32 per thread for 64 heads x 512 columns).
+  constexpr int BATCH = 8;
   const int dv4 = p.dv >> 2;
+  const int items = rows * dv4;
+  const int64_t split_stride = int64_t(ROWS) * p.dv;
   const float* pout = p.partial_out + pair * ns * ROWS * p.dv;
-  for (int item = tid; item < rows * dv4; item += THREADS) {
-    const int h = item / dv4, c = (item % dv4) * 4;
-    const float* wh = wgt + h * (ns + 1);
-    const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
-    mla_combine4<4>(pout + int64_t(h) * p.dv + c, int64_t(ROWS) * p.dv, wh, ns, inv,
-                    static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h0 + h) * p.dv + c);
+  T* const out = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h0) * p.dv;
+  for (int i0 = tid; i0 < items; i0 += THREADS * BATCH) {
+    int off[BATCH], wrow[BATCH];
+    float4 acc[BATCH];
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k) {
+      const int item = min(i0 + k * THREADS, items - 1);  // a clamped item repeats a real one, unstored
+      const int h = item / dv4;
+      off[k] = h * p.dv + (item - h * dv4) * 4;
+      wrow[k] = h * (ns + 1);
+      acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll 2
+    for (int s = 0; s < ns; ++s) {
+      float4 v[BATCH];
+#pragma unroll
+      for (int k = 0; k < BATCH; ++k) v[k] = __ldcg(reinterpret_cast<const float4*>(pout + s * split_stride + off[k]));
+#pragma unroll
+      for (int k = 0; k < BATCH; ++k) {
+        const float ws = wgt[wrow[k] + s];
+        acc[k].x = fmaf(ws, v[k].x, acc[k].x);
+        acc[k].y = fmaf(ws, v[k].y, acc[k].y);
+        acc[k].z = fmaf(ws, v[k].z, acc[k].z);
+        acc[k].w = fmaf(ws, v[k].w, acc[k].w);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < BATCH; ++k) {
+      if (i0 + k * THREADS < items) {
+        const float sum = wgt[wrow[k] + ns];
+        const float inv = sum == 0.f ? 0.f : 1.f / sum;
+        *reinterpret_cast<uint2*>(out + off[k]) = make_uint2(pack2(acc[k].x * inv, acc[k].y * inv, T{}),
+                                                             pack2(acc[k].z * inv, acc[k].w * inv, T{}));
+      }
+    }
   }
   if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
 }
@@ -304,6 +341,25 @@ __device__ __forceinline__ void mla_stage_q(const MlaDecodeParams& p, int b, int
                                           int64_t(h0 + row) * p.q_stride_h + piece * 8);
     *reinterpret_cast<uint4*>(sQ + swz(row, piece)) = v;
   }
+}
+
+// mla_stage_q by cp.async, committed as one group that the caller waits for (cp_async_wait<0>,
+// then fence_proxy_async_smem before wgmma reads sQ). Every piece goes out at once: the load and
+// store per piece of mla_stage_q kept about two in flight per thread, ~9 round trips for 64
+// heads of 576 columns at 256 threads (a tenth of the B32 H128 kernel's time, by ncu's
+// per-instruction sampling in session 11). Other cp.async copies the thread issues after this
+// and does not commit (those that arrive on an mbarrier) are not waited for with it.
+template <int ROWS, int TD, int THREADS, typename T, typename Swizzle>
+__device__ __forceinline__ void mla_stage_q_async(const MlaDecodeParams& p, int b, int h0, T* sQ, Swizzle swz) {
+  const int dk_pieces = p.dk >> 3;
+  const T* const q = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < ROWS * TD; i += THREADS) {
+    const int row = i / TD, piece = i % TD;
+    const bool ok = h0 + row < p.num_heads && piece < dk_pieces;
+    cp_async_16(sQ + swz(row, piece), q + (ok ? int64_t(h0 + row) * p.q_stride_h + piece * 8 : 0), ok);
+  }
+  cp_async_commit();
 }
 
 template <typename T, typename Cfg>

@@ -92,8 +92,10 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
   const int start = ts.start, end = ts.end, num_tiles = ts.num_tiles;
 
   const int h0 = hb * ROWS;
-  mla_stage_q<ROWS, TD, Cfg::THREADS>(p, b, h0, sQ, [](int row, int piece) { return swz128_offset(ROWS, row, piece); });
-  fence_proxy_async_smem();  // the plain stores of Q before wgmma reads it
+  mla_stage_q_async<ROWS, TD, Cfg::THREADS>(p, b, h0, sQ,
+                                            [](int row, int piece) { return swz128_offset(ROWS, row, piece); });
+  cp_async_wait<0>();
+  fence_proxy_async_smem();  // Q, written through the generic proxy, before wgmma reads it
   __syncthreads();           // Q and the barrier initialisation are visible to all
 
   // Each warpgroup loads its first tile and fetches the pages of its next.

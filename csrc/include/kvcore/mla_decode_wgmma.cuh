@@ -401,10 +401,13 @@ __device__ __forceinline__ void wgmma_decode(const MlaDecodeParams& p, const voi
   const int start = ts.start, end = ts.end, num_tiles = ts.num_tiles;
 
   // ---- Q of the head block, 128-byte swizzled (heads past H and columns past dk are zero) ----
+  // Its copies go out first; the first tiles' loads are issued while they are in flight (they
+  // need only the barrier initialisation, published by the first __syncthreads), and Q is
+  // waited for after them.
   const int h0 = hb * ROWS;
-  mla_stage_q<ROWS, TD, Cfg::THREADS>(p, b, h0, sQ, [](int row, int piece) { return swz128_offset(ROWS, row, piece); });
-  fence_proxy_async_smem();  // the plain stores of Q before wgmma reads it
-  __syncthreads();           // Q and the barrier initialisation are visible to all
+  mla_stage_q_async<ROWS, TD, Cfg::THREADS>(p, b, h0, sQ,
+                                            [](int row, int piece) { return swz128_offset(ROWS, row, piece); });
+  __syncthreads();  // the barrier initialisation is visible to all
 
   if constexpr (Cfg::TMA) {
     if (tid == 128) {
@@ -418,6 +421,9 @@ __device__ __forceinline__ void wgmma_decode(const MlaDecodeParams& p, const voi
     }
     ts.fetch_pages(p, STAGES);
   }
+  cp_async_wait<0>();        // this thread's pieces of Q (the tiles' copies are not in the group)
+  fence_proxy_async_smem();  // Q, written through the generic proxy, before wgmma reads it
+  __syncthreads();           // every thread's pieces of Q
 
   // D fragment roles (both warpgroups): rows r0 and r0 + 8, columns 8 i + cpair (+1).
   const int r0 = warp * 16 + (lane >> 2), cpair = (lane & 3) * 2;
