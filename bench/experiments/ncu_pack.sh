@@ -28,8 +28,8 @@ for key in "${keys[@]}"; do
   if [ "${NCU_SOURCE:-0}" = 1 ]; then
     # Stall sampling per SASS instruction (which warps and which instructions carry the stalls
     # the breakdown above averages): the report is saved, then its source page printed as CSV and
-    # summarised (bench/experiments/ncu_sass_top.py). Written in session 10 without ncu at hand:
-    # the first run checks these options.
+    # summarised (bench/experiments/ncu_sass_top.py). First run in session 11: these options give
+    # one CSV row per SASS instruction with its samples by reason and its execution count.
     timeout 90 "$ncu" --profile-from-start off --clock-control none --section SourceCounters \
       --section WarpStateStats --import-source no -f -o "$out/$key-src" \
       python3 bench/experiments/ncu_pack.py "$key" > "$out/$key-src.log" 2>&1
