@@ -183,17 +183,20 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   // 4.5% of the block-sparse B16 kernel's stall samples in session 11's ncu source profile).
   // The entries are clamped to the list (so they can be read before its count is known) and
   // kept in lpg, the entries of the tile `pages` holds, for the validity test at copy time.
+  // dedup: an odd slot's row is THREADS / TD rows past the even slot's, on the same page; its
+  // entries are neither loaded nor copied (a register copy of a load in flight waits for the
+  // load: session 11's first form of this stalled twice per tile on such copies), and the copy
+  // issue reads the even slot's instead (slot_of).
   int lpg[SPARSE ? LOADS : 1];
   int lnext[SPARSE ? LOADS : 1];  // SPARSE: the list entries of the tile after lpg's
+#pragma unroll
+  for (int i = 0; i < (SPARSE ? LOADS : 1); ++i) lpg[i] = lnext[i] = -1;  // (odd dedup slots stay so)
   const bool dedup = SPARSE && p.dedup_pages && p.page_size % (2 * Cfg::THREADS / TD) == 0;
-  // (dedup: an odd slot's row is THREADS / TD rows past the even slot's, on the same page.)
   auto fetch_list = [&](int t) {
     if constexpr (SPARSE) {
 #pragma unroll
       for (int i = 0; i < LOADS; ++i) {
-        if ((i & 1) && dedup) {
-          lnext[i] = lnext[i - 1];
-        } else {
+        if (!((i & 1) && dedup)) {
           const int j = min(page_of(start + t * TILE + (tid + i * Cfg::THREADS) / TD), p.max_sel - 1);
           lnext[i] = p.max_sel > 0 ? __ldg(sel + j) : -1;
         }
@@ -206,7 +209,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       for (int i = 0; i < LOADS; ++i) lpg[i] = lnext[i];  // tile t's entries, read a call ago
 #pragma unroll
       for (int i = 0; i < LOADS; ++i)
-        pg[i] = (i & 1) && dedup ? pg[i - 1] : (capacity > 0 ? __ldg(bt + min(max(lpg[i], 0), p.max_pages - 1)) : 0);
+        if (!((i & 1) && dedup)) pg[i] = capacity > 0 ? __ldg(bt + min(max(lpg[i], 0), p.max_pages - 1)) : 0;
       fetch_list(t + 1);
     } else {
 #pragma unroll
@@ -225,15 +228,16 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       const int pos = start + t * TILE + row;
       bool valid = pos < end;
       int in_pg = in_page(min(pos, end - 1));
+      const bool odd_dedup = SPARSE && (i & 1) && dedup;  // this slot's entries are slot i - 1's
       if constexpr (SPARSE) {
         // A listed page outside the sequence attends nothing; the partial last page only its
         // first seq_len % page_size rows.
-        const int lp = lpg[i];
+        const int lp = odd_dedup ? lpg[i & ~1] : lpg[i];
         valid = valid && lp >= 0 && int64_t(lp) * p.page_size + in_pg < seq_len;
         if (copy_chunk == 0) sValid[stage * TILE + row] = valid;
         in_pg = max(in_pg, 0);
       }
-      const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
+      const int64_t page = min(max(odd_dedup ? pg[i & ~1] : pg[i], 0), p.num_pages - 1);
       const int64_t off = int64_t(in_pg) * row_stride + copy_chunk * 8;
       const int s_off = stage * TILE * D + swz<TD>(row, copy_chunk);
       cp_async_16(sK + s_off, kbase + page * p.k_page_stride + off, valid);
