@@ -81,23 +81,13 @@ dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, 
   return dim3(p.head_blocks, plan.splits, s.batch);
 }
 
-// The separate split merge, when plan_grid chose it: a programmatic dependent launch where
-// paged_decode::use_pdl allows (the decode kernels release it as they start, and it waits for
-// the decode grid's completion before reading), so its launch latency overlaps the decode.
+// The separate split merge, when plan_grid chose it.
 void launch_merge(void (*merge)(MlaDecodeParams), const MlaDecodeShape& s, const MlaDecodeParams& p,
                   cudaStream_t stream) {
-  if (!p.merge_separately) return;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(s.num_heads), unsigned(s.batch));
-  cfg.blockDim = dim3(128);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = paged_decode::use_pdl(stream) ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, merge, p));
+  if (p.merge_separately) {
+    merge<<<dim3(unsigned(s.num_heads), unsigned(s.batch)), 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // Occupancy, split plan, workspace layout and launch of one kernel instantiation (Cfg: its

@@ -210,26 +210,12 @@ __device__ __forceinline__ void mla_split_merge(const MlaDecodeParams& p, int b,
   if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
 }
 
-// A decode kernel whose merge follows as its own launch lets that launch start once all of its
-// CTAs run (the merge kernel waits for this grid's completion before reading anything).
-__device__ __forceinline__ void mla_release_merge_launch(const MlaDecodeParams& p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (p.merge_separately) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 // ---- split merge as its own launch: one CTA per (head, sequence) --------------------------------
 // Reads the partials a decode kernel with merge_separately set wrote (ROWS rows per head block)
 // and writes out (and lse) like mla_split_merge. MAX_SPLITS bounds num_splits (the launcher's
 // kMaxSplits). 128 threads, 4 output columns each per pass.
-// Launched with programmatic dependent launch where the launcher can (sm_90+, not in graph
-// capture by default: paged_decode::use_pdl), so that its launch overlaps the decode grid; it
-// reads nothing before griddepcontrol.wait (the decode grid's completion, its writes visible).
 template <typename T, int ROWS, int MAX_SPLITS>
 __global__ void __launch_bounds__(128) mla_merge_kernel(const MlaDecodeParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
   constexpr int THREADS = 128, WARPS = THREADS / 32;
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int hb = h / ROWS, row = h % ROWS, ns = p.num_splits;

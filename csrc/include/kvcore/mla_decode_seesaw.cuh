@@ -57,7 +57,6 @@ struct MlaDecodeSeesawConfig : MlaWgmmaShape<DK_, DV_> {
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p) {
 #if KVCORE_SM90A
-  mla_release_merge_launch(p);
   using namespace mla_wgmma;
   constexpr int DK = Cfg::DK, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS, TD = Cfg::TD;
   constexpr int VCHUNKS = Cfg::VCHUNKS, STAGES = Cfg::STAGES;

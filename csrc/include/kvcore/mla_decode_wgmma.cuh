@@ -363,7 +363,6 @@ namespace mla_wgmma {
 template <typename T, typename Cfg>
 __device__ __forceinline__ void wgmma_decode(const MlaDecodeParams& p, const void* map) {
 #if KVCORE_SM90A
-  mla_release_merge_launch(p);
   constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS;
   constexpr int VCHUNKS = Cfg::VCHUNKS, STAGES = Cfg::STAGES;
   extern __shared__ unsigned char smem_raw[];
