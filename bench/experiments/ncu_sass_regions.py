@@ -6,7 +6,8 @@ ncu_pack.sh writes with NCU_SOURCE=1 (`<key>-sass.csv`, or the `.csv.gz` kept un
     python bench/experiments/ncu_sass_regions.py CSV --range LO HI       every instruction at offsets
                                                                        LO..HI (hex, from the kernel start)
 
-A region is a run of consecutive instructions with the same execution count (a basic block, or
+Each kernel section of the CSV is summarised on its own (a repeated identical section once). A
+region is a run of consecutive instructions with the same execution count (a basic block, or
 several with the same count): the samples it holds, its execution count (a loop body's is the
 trip count times the warps that run it) and its most frequent opcodes tell a prologue from a
 tile loop from a merge tail. Offsets are from the kernel's first instruction, so they match a
@@ -17,19 +18,15 @@ block_sparse_decode's dependent index loads (18% of B16's) this way.
 
 from __future__ import annotations
 
-import csv
-import gzip
 import sys
 from collections import Counter
 
+from ncu_sass_top import read_tables  # same folder: the script's directory is on sys.path
 
-def read_rows(path: str) -> list[dict[str, str]]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", newline="") as f:
-        lines = list(csv.reader(f))
-    # Line 1 names the kernel; line 2 is the header; one row per SASS instruction follows.
-    header = lines[1]
-    return [dict(zip(header, row)) for row in lines[2:] if len(row) == len(header)]
+
+def read_sections(path: str) -> list[tuple[str, list[dict[str, str]]]]:
+    """(kernel name, rows as column -> text) per kernel section (ncu_sass_top.read_tables)."""
+    return [(name, [dict(zip(header, row)) for row in rows]) for name, header, rows in read_tables(path)]
 
 
 def as_int(text: str) -> int:
@@ -37,9 +34,8 @@ def as_int(text: str) -> int:
     return int(text) if text and text != "-" else 0
 
 
-def instructions(path: str) -> list[tuple[int, int, int, str]]:
-    """(offset, samples, executions, SASS text) per instruction."""
-    rows = read_rows(path)
+def instructions(rows: list[dict[str, str]]) -> list[tuple[int, int, int, str]]:
+    """(offset, samples, executions, SASS text) per instruction of one section."""
     base = int(rows[0]["Address"], 16)
     return [(int(r["Address"], 16) - base, as_int(r["Warp Stall Sampling (All Samples)"]),
              as_int(r["Instructions Executed"]), r["Source"].strip()) for r in rows]
@@ -50,9 +46,8 @@ def opcode(text: str) -> str:
     return words[0] if words else ""
 
 
-def regions(path: str, min_percent: float) -> None:
-    ins = instructions(path)
-    total = sum(s for _, s, _, _ in ins) or 1
+def regions(name: str, ins: list[tuple[int, int, int, str]], min_percent: float) -> None:
+    total = sum(samples for _, samples, _, _ in ins) or 1
     runs: list[list] = []  # [first offset, last offset, executions, samples, opcode counts]
     for off, samples, execs, text in ins:
         if not runs or runs[-1][2] != execs:
@@ -61,7 +56,7 @@ def regions(path: str, min_percent: float) -> None:
         run[1] = off
         run[3] += samples
         run[4][opcode(text)] += 1
-    print(f"{path}: {len(ins)} instructions, {total} samples")
+    print(f"{name}: {len(ins)} instructions, {total} samples")
     for first, last, execs, samples, ops in runs:
         if 100.0 * samples / total >= min_percent:
             top = ", ".join(f"{op} x{n}" for op, n in ops.most_common(5))
@@ -69,20 +64,25 @@ def regions(path: str, min_percent: float) -> None:
                   f"{samples:6d} samples {100.0 * samples / total:5.1f}%  {top}")
 
 
-def show_range(path: str, lo: int, hi: int) -> None:
-    for off, samples, execs, text in instructions(path):
+def show_range(name: str, ins: list[tuple[int, int, int, str]], lo: int, hi: int) -> None:
+    print(name)
+    for off, samples, execs, text in ins:
         if lo <= off <= hi:
             print(f"{off:6x} {samples:5d} {execs:8d}  {text}")
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) >= 4 and argv[2] == "--range":
-        show_range(argv[1], int(argv[3], 16), int(argv[4], 16) if len(argv) > 4 else int(argv[3], 16) + 0x200)
-    elif len(argv) >= 2:
-        regions(argv[1], float(argv[2]) if len(argv) > 2 else 3.0)
-    else:
+    if len(argv) < 2:
         print(__doc__)
         return 2
+    for name, rows in read_sections(argv[1]):
+        ins = instructions(rows)
+        if len(argv) >= 4 and argv[2] == "--range":
+            lo = int(argv[3], 16)
+            show_range(name, ins, lo, int(argv[4], 16) if len(argv) > 4 else lo + 0x200)
+        else:
+            regions(name, ins, float(argv[2]) if len(argv) > 2 else 3.0)
+        print()
     return 0
 
 

@@ -1,6 +1,6 @@
 """Summarise Nsight Compute's source page (SASS view, CSV) by where the warps stall.
 
-    python bench/experiments/ncu_sass_top.py KEY-sass.csv [--top N]
+    python bench/experiments/ncu_sass_top.py KEY-sass.csv[.gz] [--top N]
 
 Input: ``ncu --import REPORT --page source --csv --print-source sass`` (written by ncu_pack.sh
 with NCU_SOURCE=1). The column names differ between ncu versions, so they are found by pattern:
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import re
 import sys
 from collections import defaultdict
@@ -44,14 +45,29 @@ def _opcode(sass: str) -> str:
     return words[0].rstrip(";") if words else "?"
 
 
-def read_rows(path: str):
-    """(header, rows) of the first table in the file whose header names a source column."""
-    with open(path, newline="", errors="replace") as f:
+def read_tables(path: str):
+    """[(kernel name, header, rows)] per kernel section of the file: a "Kernel Name" line, then the
+    table whose header names a source or address column. A repeated identical section (ncu's export
+    can print one twice) is kept once. Reads .csv or .csv.gz."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="", errors="replace") as f:
         lines = list(csv.reader(f))
-    for i, row in enumerate(lines):
-        if any(c.strip().lower() == "source" for c in row) or any("address" in c.lower() for c in row):
-            return row, [r for r in lines[i + 1:] if len(r) == len(row)]
-    return None, []
+    tables = []
+    name, header = "?", None
+    for row in lines:
+        if row and row[0].strip() == "Kernel Name":
+            name, header = (row[1] if len(row) > 1 else "?"), None
+        elif header is None and (any(c.strip().lower() == "source" for c in row)
+                                 or any("address" in c.lower() for c in row)):
+            header = row
+            tables.append((name, header, []))
+        elif header is not None and len(row) == len(header):
+            tables[-1][2].append(row)
+    kept = []
+    for t in tables:
+        if t[2] and not (kept and kept[-1] == t):
+            kept.append(t)
+    return kept
 
 
 def main(argv: "list | None" = None) -> int:
@@ -59,15 +75,25 @@ def main(argv: "list | None" = None) -> int:
     ap.add_argument("csv")
     ap.add_argument("--top", type=int, default=40)
     args = ap.parse_args(argv)
-    header, rows = read_rows(args.csv)
-    if header is None or not rows:
+    tables = read_tables(args.csv)
+    if not tables:
         print(f"{args.csv}: no source table found (is it ncu's --page source --csv output?)")
         return 1
+    rc = 0
+    for name, header, rows in tables:
+        print(f"== {name}")
+        rc = max(rc, summarise(args.csv, header, rows, args.top))
+        print()
+    return rc
+
+
+def summarise(path: str, header: list, rows: list, top: int) -> int:
+    """The most-sampled instructions of one kernel's table, and the samples by opcode."""
     samples = _find(header, r"warp stall sampling \(all", r"stall sampling.*all", r"stall sampling", r"samples")
     source = _find(header, r"^\s*source\s*$", r"source")
     address = _find(header, r"address", r"^#")
     if samples is None or source is None:
-        print(f"{args.csv}: columns not recognised: {header}")
+        print(f"{path}: columns not recognised: {header}")
         return 1
     # Per-reason stall columns, when the export carries them (names mentioning a stall reason).
     reasons = [i for i, name in enumerate(header)
@@ -80,13 +106,13 @@ def main(argv: "list | None" = None) -> int:
             continue
         table.append((n, r))
     total = sum(n for n, _ in table)
-    print(f"{args.csv}: {len(table)} instructions, {total:.0f} stall samples ({header[samples].strip()})")
+    print(f"{path}: {len(table)} instructions, {total:.0f} stall samples ({header[samples].strip()})")
     if total <= 0:
         return 0
     table.sort(key=lambda x: -x[0])
     running = 0.0
     print(f"\n{'address':>10} {'samples':>9} {'share':>6} {'cum':>6}  instruction  [largest reasons]")
-    for n, r in table[:args.top]:
+    for n, r in table[:top]:
         running += n
         extra = []
         for i in reasons:
