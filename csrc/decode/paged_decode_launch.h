@@ -192,7 +192,8 @@ inline int score_l2_priority() {
 }
 
 // KVCORE_SCORE_EPILOGUE: keys per thread of the score epilogue, `narrow` (4, the default) or
-// `wide` (8: 16-byte P loads and float4 score accesses; session 10, not yet run). Read once per process.
+// `wide` (8: 16-byte P loads and float4 score accesses; session 10; timed in session 11 no faster:
+// bench/NOTES.md). Read once per process.
 inline bool score_epilogue_wide() {
   static const bool wide = env_choice("KVCORE_SCORE_EPILOGUE", {"narrow", "wide"}, "gqa_decode (CUDA)") == 1;
   return wide;

@@ -159,7 +159,8 @@ void launch_seesaw(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requeste
 // KVCORE_MLA_WGMMA_LOADER: how the wgmma kernel loads its latent tiles. `cp_async` (the default):
 // warpgroup 1's 128 threads, ~36 16-byte cp.async each per tile after a block-table load per row;
 // `tma`: one thread issues TMA boxes (mla_decode_wgmma_tma_kernel, with the mbarrier hand-off;
-// session 10, not yet run), where the page size allows (tma_fits). Read once per process.
+// session 10; timed in session 11 no faster than cp.async: bench/NOTES.md), where the page size
+// allows (tma_fits). Read once per process.
 bool use_tma_loader() {
   static const bool use = env_choice("KVCORE_MLA_WGMMA_LOADER", {"cp_async", "tma"}, "mla_decode (CUDA)") == 1;
   return use;

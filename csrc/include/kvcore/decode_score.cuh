@@ -50,7 +50,7 @@ constexpr int kDecodeScoreThreads = 256;
 
 // Keys per thread: 4 (a quarter of a 16-key block: one 8-byte load of P per head, scalar score
 // accesses; the default) or 8 (half a block: one 16-byte load of P per head, float4 score
-// accesses where aligned; KVCORE_SCORE_EPILOGUE=wide, session 10, not yet run): the same bytes in
+// accesses where aligned; KVCORE_SCORE_EPILOGUE=wide, session 10; session 11 timed it no faster): the same bytes in
 // about half the requests, for an epilogue that ncu found latency-bound (session 10: 18.5 stall
 // cycles per issued instruction on long-scoreboard, 29% of DRAM peak).
 template <int KPT>

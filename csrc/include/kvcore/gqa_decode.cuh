@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   // dedup: an odd slot's row is THREADS / TD rows past the even slot's, on the same page; its
   // entries are neither loaded nor copied (a register copy of a load in flight waits for the
   // load: session 11's first form of this stalled twice per tile on such copies), and the copy
-  // issue reads the even slot's instead (slot_of).
+  // issue reads the even slot's instead (odd_dedup in issue_copies).
   int lpg[SPARSE ? LOADS : 1];
   int lnext[SPARSE ? LOADS : 1];  // SPARSE: the list entries of the tile after lpg's
 #pragma unroll

@@ -97,6 +97,19 @@ struct MlaDecodeConfig {
   static_assert(TD % ROW_THREADS == 0, "row chunks must divide over the row's threads");
 };
 
+// The split merges' two steps on four output columns: acc += w * v, and acc * inv stored as T.
+__device__ __forceinline__ void mla_fma4(float4& acc, float w, const float4& v) {
+  acc.x = fmaf(w, v.x, acc.x);
+  acc.y = fmaf(w, v.y, acc.y);
+  acc.z = fmaf(w, v.z, acc.z);
+  acc.w = fmaf(w, v.w, acc.w);
+}
+template <typename T>
+__device__ __forceinline__ void mla_store4(T* dst, const float4& acc, float inv) {
+  *reinterpret_cast<uint2*>(dst) =
+      make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
+}
+
 // Four output columns of one head from the split partials: split s's at part + s * split_stride,
 // weighted by w[s], times inv (1 / the weights' sum), stored to dst; UNROLL partial loads in flight.
 template <int UNROLL, typename T>
@@ -104,16 +117,8 @@ __device__ __forceinline__ void mla_combine4(const float* part, int64_t split_st
                                              float inv, T* dst) {
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll UNROLL
-  for (int s = 0; s < ns; ++s) {
-    const float ws = w[s];
-    const float4 v = __ldcg(reinterpret_cast<const float4*>(part + s * split_stride));
-    acc.x = fmaf(ws, v.x, acc.x);
-    acc.y = fmaf(ws, v.y, acc.y);
-    acc.z = fmaf(ws, v.z, acc.z);
-    acc.w = fmaf(ws, v.w, acc.w);
-  }
-  *reinterpret_cast<uint2*>(dst) =
-      make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
+  for (int s = 0; s < ns; ++s) mla_fma4(acc, w[s], __ldcg(reinterpret_cast<const float4*>(part + s * split_stride)));
+  mla_store4(dst, acc, inv);
 }
 
 // ---- split merge (every kernel here): publish the partial, count arrivals, the last CTA combines
@@ -189,21 +194,13 @@ __device__ __forceinline__ void mla_split_merge(const MlaDecodeParams& p, int b,
 #pragma unroll
       for (int k = 0; k < BATCH; ++k) v[k] = __ldcg(reinterpret_cast<const float4*>(pout + s * split_stride + off[k]));
 #pragma unroll
-      for (int k = 0; k < BATCH; ++k) {
-        const float ws = wgt[wrow[k] + s];
-        acc[k].x = fmaf(ws, v[k].x, acc[k].x);
-        acc[k].y = fmaf(ws, v[k].y, acc[k].y);
-        acc[k].z = fmaf(ws, v[k].z, acc[k].z);
-        acc[k].w = fmaf(ws, v[k].w, acc[k].w);
-      }
+      for (int k = 0; k < BATCH; ++k) mla_fma4(acc[k], wgt[wrow[k] + s], v[k]);
     }
 #pragma unroll
     for (int k = 0; k < BATCH; ++k) {
       if (i0 + k * THREADS < items) {
         const float sum = wgt[wrow[k] + ns];
-        const float inv = sum == 0.f ? 0.f : 1.f / sum;
-        *reinterpret_cast<uint2*>(out + off[k]) = make_uint2(pack2(acc[k].x * inv, acc[k].y * inv, T{}),
-                                                             pack2(acc[k].z * inv, acc[k].w * inv, T{}));
+        mla_store4(out + off[k], acc[k], sum == 0.f ? 0.f : 1.f / sum);
       }
     }
   }

@@ -1,6 +1,6 @@
 // mla_decode_seesaw_kernel: absorbed MLA decode for 64 heads per CTA on Hopper warpgroup MMA,
 // with the two warpgroups computing S for alternate tiles (KVCORE_MLA_DECODE_WIDE=seesaw; an A/B
-// variant of mla_decode_wgmma_kernel, written in session 9 without a GPU: not yet run).
+// variant of mla_decode_wgmma_kernel, written in session 9; timed slower in session 10).
 //
 // Why (bench/NOTES.md, session 9): in mla_decode_wgmma_kernel warpgroup 0 computes every S and
 // softmax while warpgroup 1 waits, so the tensor pipe idles through each softmax and hand-off;

@@ -69,7 +69,8 @@ struct MlaWgmmaShape {
 };
 
 // TMA: the tiles come from TMA boxes issued by one thread of warpgroup 1 (mla_decode_wgmma_tma_kernel,
-// KVCORE_MLA_WGMMA_LOADER=tma; session 10, not yet run) instead of the warpgroup's cp.async.
+// KVCORE_MLA_WGMMA_LOADER=tma; session 10, timed no faster in session 11) instead of the warpgroup's
+// cp.async.
 template <int DK_, int DV_, bool MBAR_HANDOFF_ = true, bool TMA_ = false>
 struct MlaDecodeWgmmaConfig : MlaWgmmaShape<DK_, DV_> {
   using Shape = MlaWgmmaShape<DK_, DV_>;
@@ -129,7 +130,7 @@ struct TileStream {
 
 // TMA form of a tile load (one thread): tile t of the range into stage t % STAGES, completing on
 // that stage's full barrier by transaction count. `map` is the latent cache as a 3-D tensor
-// (dk columns, page_size rows, pages; MlaTmaLoader in csrc/mla/mla_decode.cu builds it) with boxes
+// (dk columns, page_size rows, pages; latent_tensor_map in csrc/mla/mla_decode.cu builds it) with boxes
 // of 64 columns x min(page_size, TILE) rows x 1 page and the 128-byte swizzle, which is
 // swz128_offset's layout, so box (chunk c, page segment g) lands at chunk c's base plus g x rows
 // rows. The launcher uses this form only for page sizes that divide TILE or are multiples of it
