@@ -116,11 +116,13 @@ def test_gqa_decode_score_splits_cuda(device, dtype, group, num_splits, gen):
     _check_step(before, score, lens, add)
 
 
-# The CUDA scratch path (csrc/include/kvcore/decode_score.cuh): fp16 P per 16-key block and head
-# plus the block's base, read back by the epilogue, 1024 keys per epilogue CTA, 4 per thread. The
-# grid covers the epilogue's head-loop bounds (groups 1, 2, 3, 5, 8, 12, 16: rows 8..15 of the mma
-# tile from 9 up), single- and multi-split pairs, windows (the window start is not a multiple of
-# 16 or 4), page sizes (power of two or not) and lengths at every block / CTA edge.
+# The CUDA scratch path: fp16 P per 16-key block and head plus the block's base, read back by the
+# decode kernel's fused epilogue (each CTA its own keys) or by the epilogue kernel
+# (csrc/include/kvcore/decode_score.cuh, 1024 keys per CTA, 4 per thread; the narrow and wide
+# subprocess tests below run these cases through it). The grid covers the head-loop bounds
+# (groups 1, 2, 3, 5, 8, 12, 16: rows 8..15 of the mma tile from 9 up), single- and multi-split
+# pairs, windows (the window start is not a multiple of 16 or 4), page sizes (power of two or
+# not) and lengths at every block / CTA edge.
 # (Hkv, group, D, page_size, lens, window_left, num_splits, q_scale)
 SCRATCH_CASES = [
     (2, 1, 128, 16, [0, 1, 15, 16, 17, 1023, 1024, 1025], -1, 1, 1.0),
@@ -178,6 +180,32 @@ def test_gqa_decode_score_scratch_grid_cuda(device, dtype, case, gen):
     kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, window_left=window_left,
                       workspace=ws, num_splits=num_splits, score=score)
     _check_step(before, score, lens, 2 * add, window_left)
+
+
+@pytest.mark.parametrize("num_splits", [16, 0])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_fused_and_fallback_grids_cuda(device, num_splits, gen):
+    """By default the decode kernel finishes the score itself when its grid is one wave (its CTAs
+    wait for their pair's other splits); 16 forced splits of 64 pairs (1024 CTAs, past one wave on
+    any GPU kvcore supports) fall back to the epilogue kernel, the automatic split count stays in
+    one wave. Both: score right, two calls on one workspace (the counters reset), out/lse those of
+    plain decode."""
+    batch, hkv, group, d, ps = 8, 8, 4, 128, 16
+    lens = ragged_lens(batch, 2100, ps, gen)
+    kv = make_paged_kv(lens, ps, hkv, d, gen=gen, dtype=torch.bfloat16, device=device)
+    q = randn(batch, hkv * group, d, gen=gen, dtype=torch.bfloat16, device=device)
+    max_pages = kv.block_table.shape[1]
+    score = _score_buffer(batch, hkv, max_pages * ps, gen, device)
+    before = score.clone()
+    ws = _scratch_poisoned_workspace(batch, hkv * group, max_pages, ps, -1, device)
+    add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, score_len=score.shape[2])
+    for step in (1, 2):
+        out, lse = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, return_lse=True,
+                                     workspace=ws, num_splits=num_splits, score=score)
+        _check_step(before, score, lens, step * add)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[torch.bfloat16])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
@@ -434,6 +462,16 @@ def test_gqa_decode_score_wide_epilogue_in_subprocess():
     where aligned; read once per process): this file's CUDA tests, in a fresh process. The cases'
     score lengths and windows give both aligned (vector) and unaligned (scalar) threads."""
     run_tests_with_env("KVCORE_SCORE_EPILOGUE", "wide", ["tests/test_decode_score.py"],
+                       "not in_subprocess and not misspelt", 40, "-m", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_score_epilogue_kernel_in_subprocess():
+    """KVCORE_SCORE_EPILOGUE=narrow (the epilogue kernel for every launch, 4 keys per thread; the
+    default fuses the epilogue into the decode kernel where it can): this file's CUDA tests, in a
+    fresh process."""
+    run_tests_with_env("KVCORE_SCORE_EPILOGUE", "narrow", ["tests/test_decode_score.py"],
                        "not in_subprocess and not misspelt", 40, "-m", "cuda")
 
 

@@ -35,8 +35,11 @@ using kvcore::ctas_per_sm;  // csrc/common/cuda_occupancy.h
 
 // Split count from shapes alone (no look at seq_lens, so no host sync and the choice is fixed
 // for a captured graph): fill the GPU's CTA slots in as few, as full waves as possible.
-inline int choose_splits(int64_t pairs, int64_t kv_len, int slots) {
-  const int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv_len / kMinSplitTokens));
+// max_ctas > 0 caps the grid (pairs x splits) where pairs alone fit under it: one wave for the
+// fused H2O score epilogue, whose CTAs wait for the other splits of their pair.
+inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_ctas = 0) {
+  int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv_len / kMinSplitTokens));
+  if (max_ctas > 0) most = std::max<int64_t>(1, std::min<int64_t>(most, max_ctas / std::max<int64_t>(pairs, 1)));
   int best = 1;
   double best_fill = 0.0;
   for (int64_t s = 1; s <= most; ++s) {
@@ -76,8 +79,9 @@ struct SplitPlan {
 // lowered until it fits.
 inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pairs, int64_t kv_len, int slots,
                              int tile, int64_t requested, int64_t have, int64_t scratch, int64_t rows,
-                             int64_t width) {
-  int splits = requested > 0 ? int(std::min<int64_t>(requested, kMaxSplits)) : choose_splits(pairs, kv_len, slots);
+                             int64_t width, int64_t max_ctas = 0) {
+  int splits = requested > 0 ? int(std::min<int64_t>(requested, kMaxSplits))
+                             : choose_splits(pairs, kv_len, slots, max_ctas);
   auto lse_bytes = [&](int n) { return round256(pairs * n * rows * 4); };
   auto bytes_for = [&](int n) { return kCounterBytes + scratch + lse_bytes(n) + pairs * n * rows * width * 4; };
   if (splits > 1) {
@@ -191,12 +195,16 @@ inline int score_l2_priority() {
   return priority;
 }
 
-// KVCORE_SCORE_EPILOGUE: keys per thread of the score epilogue, `narrow` (4, the default) or
-// `wide` (8: 16-byte P loads and float4 score accesses; session 10; timed in session 11 no faster:
-// bench/NOTES.md). Read once per process.
-inline bool score_epilogue_wide() {
-  static const bool wide = env_choice("KVCORE_SCORE_EPILOGUE", {"narrow", "wide"}, "gqa_decode (CUDA)") == 1;
-  return wide;
+// KVCORE_SCORE_EPILOGUE: how the H2O score is finished. `fused` (the default since session 12):
+// inside the decode kernel where the launch allows it (GqaDecodeParams::score_fused; see launch),
+// else the epilogue kernel; `narrow` / `wide`: always the epilogue kernel (decode_score.cuh),
+// with 4 keys per thread, or 8 (16-byte P loads and float4 score accesses; session 10; timed in
+// session 11 no faster than narrow: bench/NOTES.md). Read once per process.
+enum class ScoreEpilogue { kFused = 0, kNarrow = 1, kWide = 2 };
+inline ScoreEpilogue score_epilogue() {
+  static const ScoreEpilogue mode = ScoreEpilogue(
+      env_choice("KVCORE_SCORE_EPILOGUE", {"fused", "narrow", "wide"}, "gqa_decode (CUDA)"));
+  return mode;
 }
 
 template <int KPT>
@@ -240,7 +248,7 @@ inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeSha
   sp.window_left = p.window_left;
   sp.capacity = s.max_pages * s.page_size;
   sp.l2 = p.score_l2;
-  if (score_epilogue_wide())
+  if (score_epilogue() == ScoreEpilogue::kWide)
     launch_score_epilogue_kpt<8>(sp, int(s.group), kv_len, int(s.num_kv_heads), s.batch, stream);
   else
     launch_score_epilogue_kpt<4>(sp, int(s.group), kv_len, int(s.num_kv_heads), s.batch, stream);
@@ -267,10 +275,18 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
                 kCounterBytes + sbytes, " bytes, got ", have,
                 " bytes; pass a larger workspace (kvcore.ops.decode_workspace sizes it when score is given)");
   }
+  // SCORE: the fused epilogue needs every CTA of a split pair resident at once (they wait for
+  // each other), so an automatic split count keeps the grid to one wave.
+  const bool want_fused = SCORE && score_epilogue() == ScoreEpilogue::kFused;
   const SplitPlan plan = plan_splits(op, "batch x num_kv_heads", pairs, kv_len, slots, Cfg::TILE, requested_splits,
-                                     have, sbytes, s.group, s.head_dim);
+                                     have, sbytes, s.group, s.head_dim, want_fused ? slots : 0);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
+  // Fused when the grid is one wave (or no pair is split), the departure counters fit next to the
+  // arrival ones, and a CTA's staged keys fit the free part of its ring; otherwise (a forced
+  // split count past one wave, long single-split pairs, large groups) the epilogue kernel.
+  const bool fused = want_fused && (plan.splits == 1 || (pairs * plan.splits <= slots && 2 * pairs * 4 <= kCounterBytes)) &&
+                     score_stage_total_bytes(plan.split_tokens, int(s.group)) <= Cfg::SMEM_STAGE;
   if (plan.splits > 1) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
     p.counters = reinterpret_cast<unsigned*>(base);
@@ -284,13 +300,36 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
     p.score_bases = reinterpret_cast<float*>(base + kCounterBytes + score_lse_bytes(s) + score_prob_bytes(s, kv_len));
     p.score_blocks = score_blocks(kv_len);
     p.score_l2 = score_l2_priority();
+    p.score_fused = fused ? 1 : 0;
+    p.score = score->data_ptr<float>();
+    p.score_len = score->size(2);
+    p.departures = plan.splits > 1 ? p.counters + pairs : nullptr;
   }
   // KV heads vary fastest over the grid: the CTAs of one (sequence, split) read interleaved rows
   // of the same pages at about the same time, which keeps DRAM row-buffer locality.
   const dim3 grid(s.num_kv_heads, plan.splits, s.batch);
-  kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if constexpr (SCORE) launch_score_epilogue(p, s, kv_len, *score, stream);
+  if (fused && plan.splits > 1) {
+    // Cooperative: the driver places the whole grid at once or fails the launch, so no CTA waits
+    // for a pair mate that is not resident (also with other work on the GPU; captured graphs keep
+    // the attribute on the kernel node).
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(Cfg::THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  } else {
+    kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if constexpr (SCORE) {
+    if (!fused) launch_score_epilogue(p, s, kv_len, *score, stream);
+  }
 }
 
 // dtype x head-dim dispatch onto launch<T, Cfg, SPARSE>.

@@ -243,10 +243,13 @@ def gqa_decode(
             ``logit_soft_cap``, probabilities of the capped logits); other entries are unchanged.
             Definition: :func:`kvcore.reference.gqa_decode_score`. H2O keeps it across decode
             steps (:func:`kvcore.policies.h2o_scores` starts it at the end of prefill). On CUDA
-            the step's logits pass through the workspace, which must hold
-            :func:`decode_score_workspace_bytes` (the default workspace grows to it), and a
-            second small kernel adds the probabilities once the split merge knows each head's
-            log-sum-exp. A NaN in ``q[b, hq]`` makes that group's attended scores NaN.
+            the step's unnormalised probabilities pass through the workspace, which must hold
+            :func:`decode_score_workspace_bytes` (the default workspace grows to it); they are
+            normalised once each head's log-sum-exp is known: by the decode kernel itself when
+            its grid fits the GPU in one wave (its CTAs then wait for each other: a cooperative
+            launch), else by a second small kernel (``KVCORE_SCORE_EPILOGUE=narrow`` asks for
+            that one always). With ``num_splits=0`` the split count then keeps the grid to one
+            wave. A NaN in ``q[b, hq]`` makes that group's attended scores NaN.
 
     Determinism: on CUDA, a fixed ``num_splits = n > 0`` gives bitwise identical ``out``/``lse``
     on every call, whatever the workspace held before (earlier calls of any shape); ``0`` does

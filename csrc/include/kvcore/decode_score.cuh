@@ -1,6 +1,11 @@
 // Epilogue of gqa_decode's H2O score accumulation: score[b, h, p] += sum over the group's query
 // heads g of the probability of key p under head g, for every key p the step attended.
 //
+// Since session 12 this kernel is the fallback: by default (KVCORE_SCORE_EPILOGUE=fused) the
+// decode kernel finishes the score itself wherever its launch allows (GqaDecodeParams::
+// score_fused: a one-wave cooperative grid, or unsplit pairs, and a CTA's keys' scratch fits its
+// free shared memory), and this kernel runs only for the other launches.
+//
 // Why a second kernel: a key's probability needs the head's final log-sum-exp, known only after
 // the split merge (in the last CTA of each (sequence, KV head)); doing the whole sequence's keys
 // in that one CTA would leave a long single-CTA tail per pair. The decode kernel stores what it

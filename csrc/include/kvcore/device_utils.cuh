@@ -67,6 +67,13 @@ __device__ __forceinline__ void cp_async_16_at(uint32_t smem_addr, const void* g
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem));
 }
 
+// 4 bytes (gmem and smem 4-byte aligned): for arrays whose 16-byte alignment depends on the data
+// (a score row starting at an arbitrary key).
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
@@ -94,6 +101,12 @@ __device__ __forceinline__ void st_global_hint(uint2* gmem, uint2 v, uint64_t po
                : "memory");
 }
 
+// No "memory" clobber: for scratch this kernel only reads back after a fence and a barrier (both
+// compiler barriers), so the compiler may keep scheduling shared-memory work around the store.
+__device__ __forceinline__ void st_global_hint(uint32_t* gmem, uint32_t v, uint64_t policy) {
+  asm volatile("st.global.L2::cache_hint.b32 [%0], %1, %2;\n" ::"l"(gmem), "r"(v), "l"(policy));
+}
+
 __device__ __forceinline__ void st_global_hint(float* gmem, float v, uint64_t policy) {
   asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(gmem), "f"(v), "l"(policy) : "memory");
 }
@@ -118,6 +131,16 @@ __device__ __forceinline__ uint4 ldcg_hint(const uint4* gmem, uint64_t policy) {
 __device__ __forceinline__ float ldcg_hint(const float* gmem, uint64_t policy) {
   float v;
   asm volatile("ld.global.cg.L2::cache_hint.f32 %0, [%1], %2;\n" : "=f"(v) : "l"(gmem), "l"(policy) : "memory");
+  return v;
+}
+
+// ---- inter-CTA flags ---------------------------------------------------------------------------
+
+// A GPU-scope acquire load: what the CTA that released the value (a __threadfence before its
+// atomic) wrote before it is visible to this thread afterwards (and, after a barrier, to its CTA).
+__device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* gmem) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(gmem) : "memory");
   return v;
 }
 

@@ -20,6 +20,12 @@
 // its log2-sum-exp into the workspace, bumps a per-(sequence, KV head) counter, and the CTA that
 // arrives last merges all partials and resets the counter, so no second launch is needed and the
 // workspace is ready for the next call.
+//
+// H2O score (the SCORE kernels): every attended key's probability, summed over the group, is
+// added into a score buffer. The loop stores each 16-key block's unnormalised P (fp16) and base;
+// the probabilities need each head's final lse, so either every CTA waits for its pair's other
+// splits (a cooperative one-wave grid), then reads its own P back and adds its keys' share (the
+// fused epilogue, default), or a second kernel does it for all keys (decode_score.cuh).
 #pragma once
 
 #include <math.h>
@@ -73,6 +79,15 @@ struct GqaDecodeParams {
   float* score_lse2;
   int64_t score_blocks;  // blocks per (sequence, KV head)
   int score_l2;          // L2Priority of the P / base stores (and the epilogue's loads of them)
+  // Fused score epilogue (score_fused != 0; the launcher's choice, see paged_decode::launch): no
+  // epilogue kernel. Each CTA adds its own keys' probabilities into `score` once its heads' final
+  // lse is known: at once with one split, else after every split of its pair has published its
+  // partial lse (all CTAs of the grid are resident: a cooperative launch), reading its P back
+  // from the scratch through shared memory (GqaDecodeConfig::SMEM_STAGE).
+  int score_fused;
+  float* score;             // [B, Hkv, score_len] fp32
+  int64_t score_len;
+  unsigned* departures;     // [B, Hkv], zero between launches: CTAs past the wait (splits > 1)
 };
 
 #ifdef KVCORE_DECODE_TRACE
@@ -108,6 +123,9 @@ struct GqaDecodeConfig {
   static constexpr size_t SMEM_TILES = size_t(STAGES) * TILE * D * 2 * 2;
   static constexpr size_t SMEM_MERGE = size_t(WARPS) * ROWS * (D + 2) * sizeof(float);
   static constexpr size_t SMEM_BYTES = SMEM_Q + (SMEM_TILES > SMEM_MERGE ? SMEM_TILES : SMEM_MERGE);
+  // Fused score epilogue: the part of the tile ring past the merge area (free once the loop is
+  // done), where a CTA stages its keys' P, bases and old score values (score_stage_bytes).
+  static constexpr size_t SMEM_STAGE = SMEM_TILES > SMEM_MERGE ? SMEM_TILES - SMEM_MERGE : 0;
   // Block-sparse kernels also keep a validity byte per tile row (a selected page may lie past
   // seq_len or be the partial last page, anywhere in the list).
   static constexpr size_t SMEM_VALID = size_t(STAGES) * TILE;
@@ -118,6 +136,24 @@ struct GqaDecodeConfig {
   static_assert(LOADS % 2 == 0 && TILE % (2 * THREADS / TD) == 0,
                 "copy slots pair up within a tile (GqaDecodeParams::dedup_pages)");
 };
+
+// Bytes the fused score epilogue stages for a CTA of `split_tokens` keys (a multiple of 16) and
+// `group` query heads: P (fp16, 16 keys x group per block), the blocks' bases (fp32, group per
+// block) and the old score values (fp32 per key), each region 16-byte aligned.
+__host__ __device__ constexpr size_t score_stage_p_bytes(int64_t split_tokens, int group) {
+  return size_t(split_tokens / 16) * group * 32;
+}
+__host__ __device__ constexpr size_t score_stage_base_bytes(int64_t split_tokens, int group) {
+  return (size_t(split_tokens / 16) * group * 4 + 15) / 16 * 16;
+}
+__host__ __device__ constexpr size_t score_stage_bytes(int64_t split_tokens, int group) {
+  return score_stage_p_bytes(split_tokens, group) + score_stage_base_bytes(split_tokens, group) +
+         size_t(split_tokens) * 4;
+}
+// ... plus each head's final lse2 after them (16 floats).
+__host__ __device__ constexpr size_t score_stage_total_bytes(int64_t split_tokens, int group) {
+  return score_stage_bytes(split_tokens, group) + 16 * 4;
+}
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile.
 template <int TD>
@@ -144,12 +180,14 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
 
   const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   KVCORE_TRACE(p, 0);
+  [[maybe_unused]] uint64_t score_policy = 0;  // SCORE: L2 policy of the P / base stores
   if constexpr (SCORE) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // Let the epilogue grid launch as soon as every CTA of this one has started (programmatic
     // dependent launch); it waits for this grid's completion before reading anything.
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    if (!p.score_fused) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+    score_policy = l2_policy(p.score_l2);  // once, not per tile (createpolicy is volatile asm)
   }
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = p.group;
@@ -350,33 +388,28 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     if constexpr (SCORE) {
       // Store this warp's block of P (16 keys x the group's heads, fp16) and its base per head
       // for the epilogue (see GqaDecodeParams). A quad holds one head row's 16 keys as pairs:
-      // lane q has keys 2q, 2q + 1 (n-tile 0) and 8 + 2q, 9 + 2q (n-tile 1). Four shuffles give
-      // lane q keys 4q .. 4q + 3, so each lane stores 8 contiguous bytes and a warp's store covers
-      // whole rows of the block: 128 contiguous bytes at group 4. Blocks wholly past the end are
-      // not stored (the epilogue reads only keys < seq_len); masked keys inside a stored block
-      // hold P = 0.
+      // lane q has keys 2q, 2q + 1 (n-tile 0) and 8 + 2q, 9 + 2q (n-tile 1), stored where they
+      // are as two 4-byte pieces. (Until session 12 four shuffles first gave lane q keys 4q ..
+      // 4q + 3 for one 8-byte store; the shuffles' latency sat in every tile's chain before P V:
+      // 6.5% of the B16 kernel's stall samples in that store region in session 11's profile.)
+      // Blocks wholly past the end are not stored (nothing reads keys >= seq_len); masked keys
+      // inside a stored block hold P = 0.
       const int blk_pos = start + t * TILE + wrow;  // warp-uniform
       if (blk_pos < end) {
-        // evict_last (KVCORE_SCORE_L2=last) asks L2 to keep P until the epilogue has read it:
-        // the same workspace lines are rewritten by the next layer's decode, so P need not reach
-        // DRAM while the K/V stream, which is DRAM-bound at B16, passes through.
-        const uint64_t policy = l2_policy(p.score_l2);
-        const int q = lane & 3;
-        const int src = (lane & ~3) | ((2 * q) & 3);  // holder of keys 4q, 4q + 1; src + 1: 4q + 2, 4q + 3
+        // evict_last (KVCORE_SCORE_L2=last) asks L2 to keep P until it is read back: the same
+        // workspace lines are rewritten by the next layer's decode, so P need not reach DRAM
+        // while the K/V stream, which is DRAM-bound at B16, passes through.
         const int64_t row0 =
             ((int64_t(b) * p.num_kv_heads + kvh) * p.score_blocks + (blk_pos - score_first) / Cfg::WARP_TOKENS) * group;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           if (r == 1 && group <= 8) break;  // rows 8..15 are padding
-          const uint32_t h0 = pack2(s[0][2 * r], s[0][2 * r + 1], __half{});
-          const uint32_t h1 = pack2(s[1][2 * r], s[1][2 * r + 1], __half{});
-          const uint32_t a0 = __shfl_sync(0xffffffffu, h0, src), a1 = __shfl_sync(0xffffffffu, h1, src);
-          const uint32_t b0 = __shfl_sync(0xffffffffu, h0, src + 1), b1 = __shfl_sync(0xffffffffu, h1, src + 1);
           const int row = r0 + 8 * r;
           if (row < group) {
-            st_global_hint(reinterpret_cast<uint2*>(p.score_probs + (row0 + row) * Cfg::WARP_TOKENS + 4 * q),
-                           q < 2 ? make_uint2(a0, b0) : make_uint2(a1, b1), policy);
-            if (q == 0) st_global_hint(p.score_bases + row0 + row, pbase[r], policy);
+            uint32_t* dst = reinterpret_cast<uint32_t*>(p.score_probs + (row0 + row) * Cfg::WARP_TOKENS + cpair);
+            st_global_hint(dst, pack2(s[0][2 * r], s[0][2 * r + 1], __half{}), score_policy);
+            st_global_hint(dst + 4, pack2(s[1][2 * r], s[1][2 * r + 1], __half{}), score_policy);
+            if (cpair == 0) st_global_hint(p.score_bases + row0 + row, pbase[r], score_policy);
           }
         }
       }
@@ -430,6 +463,69 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   __syncthreads();
 
   const int64_t pair = int64_t(b) * p.num_kv_heads + kvh;
+  // SCORE, fused epilogue: each query head's final log2-sum-exp, and the staging of this CTA's P,
+  // bases and old score values into the free part of the ring (SMEM_STAGE). The scratch rows
+  // were stored by this CTA's warps; the __threadfence and barrier before stage_score make them
+  // visible to the cp.async reads of other threads.
+  [[maybe_unused]] unsigned char* const s_stage = smem_raw + Cfg::SMEM_Q + Cfg::SMEM_MERGE;
+  [[maybe_unused]] float* const s_lse2 =  // [group], after the staged rows (the launcher counts it)
+      reinterpret_cast<float*>(s_stage + score_stage_bytes(p.split_tokens, group));
+  [[maybe_unused]] const int score_keys = max(end - start, 0);
+  [[maybe_unused]] const int score_nblk = (score_keys + Cfg::WARP_TOKENS - 1) / Cfg::WARP_TOKENS;
+  [[maybe_unused]] auto stage_score = [&]() {
+    if constexpr (SCORE) {
+      const int64_t blk0 = (start - score_first) / Cfg::WARP_TOKENS;  // this CTA's first block
+      const int64_t row0 = (pair * p.score_blocks + blk0) * group;
+      const int rows = score_nblk * group;
+      const __half* gp = p.score_probs + row0 * Cfg::WARP_TOKENS;
+      const float* gb = p.score_bases + row0;
+      const float* gs = p.score + pair * p.score_len + start;
+      unsigned char* const sp = s_stage;
+      float* const sb = reinterpret_cast<float*>(s_stage + score_stage_p_bytes(p.split_tokens, group));
+      float* const ss = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(sb) +
+                                                 score_stage_base_bytes(p.split_tokens, group));
+      for (int i = tid; i < rows * 2; i += Cfg::THREADS) cp_async_16(sp + i * 16, gp + i * 8, true);
+      for (int i = tid; i < rows; i += Cfg::THREADS) cp_async_4(sb + i, gb + i);
+      for (int i = tid; i < score_keys; i += Cfg::THREADS) cp_async_4(ss + i, gs + i);
+      cp_async_commit();
+    }
+  };
+  // score[k] += sum over the group's heads g of P[k, g] exp2(base[block of k, g] - lse2[g]) for
+  // this CTA's keys, once s_lse2 holds the final values; 4 keys of one block per thread.
+  [[maybe_unused]] auto add_scores = [&]() {
+    if constexpr (SCORE) {
+      cp_async_wait<0>();
+      __syncthreads();  // the staged rows and s_lse2 are visible to every thread
+      const __half* sp = reinterpret_cast<const __half*>(s_stage);
+      const float* sb = reinterpret_cast<const float*>(s_stage + score_stage_p_bytes(p.split_tokens, group));
+      const float* ss = reinterpret_cast<const float*>(reinterpret_cast<const unsigned char*>(sb) +
+                                                       score_stage_base_bytes(p.split_tokens, group));
+      float* const gs = p.score + pair * p.score_len + start;
+      for (int k = tid * 4; k < score_keys; k += Cfg::THREADS * 4) {
+        const int blk = k / Cfg::WARP_TOKENS;
+        float acc[4] = {ss[k], 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int i = 1; i < 4; ++i) acc[i] = k + i < score_keys ? ss[k + i] : 0.f;
+        for (int g = 0; g < group; ++g) {
+          const float f = exp2f(sb[blk * group + g] - s_lse2[g]);
+          const uint2 hv = *reinterpret_cast<const uint2*>(sp + (blk * group + g) * Cfg::WARP_TOKENS + k % Cfg::WARP_TOKENS);
+          const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&hv.x));
+          const float2 y = __half22float2(*reinterpret_cast<const __half2*>(&hv.y));
+          acc[0] = fmaf(x.x, f, acc[0]);
+          acc[1] = fmaf(x.y, f, acc[1]);
+          acc[2] = fmaf(y.x, f, acc[2]);
+          acc[3] = fmaf(y.y, f, acc[3]);
+        }
+        if (k + 4 <= score_keys && (reinterpret_cast<uintptr_t>(gs + k) & 15) == 0) {
+          *reinterpret_cast<float4*>(gs + k) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            if (k + i < score_keys) gs[k + i] = acc[i];
+        }
+      }
+    }
+  };
   for (int item = tid; item < group * TD; item += Cfg::THREADS) {
     const int h = item / TD, c = (item % TD) * 8;
     float mx = -INFINITY;
@@ -457,7 +553,12 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + qh * D + c) = pack8<T>(acc);
       if (p.lse != nullptr && c == 0) p.lse[qh] = lse2 * kLn2;
       if constexpr (SCORE) {
-        if (c == 0) p.score_lse2[qh] = lse2;
+        if (c == 0) {
+          if (p.score_fused)
+            s_lse2[h] = lse2;
+          else
+            p.score_lse2[qh] = lse2;
+        }
       }
     } else {
       const int64_t slot = (pair * p.num_splits + split) * group + h;
@@ -467,7 +568,16 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       if (c == 0) p.partial_lse[slot] = lse2;
     }
   }
+  [[maybe_unused]] const bool fused = SCORE && p.score_fused;
   if (p.num_splits == 1) {
+    if constexpr (SCORE) {
+      if (fused) {
+        __threadfence();
+        __syncthreads();  // s_lse2 written; every warp's P stores visible to the staging reads
+        stage_score();
+        add_scores();
+      }
+    }
     KVCORE_TRACE(p, 3);
     return;
   }
@@ -475,10 +585,29 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   // ---- split merge: publish the partial, count arrivals, the last CTA combines ----------------
   __threadfence();
   __syncthreads();
+  if constexpr (SCORE) {
+    if (fused) stage_score();  // in flight during the arrival and the wait below
+  }
   __shared__ bool is_last;
   if (tid == 0) is_last = atomicAdd(p.counters + pair, 1u) == unsigned(p.num_splits - 1);
   __syncthreads();
-  if (!is_last) {
+  if constexpr (SCORE) {
+    if (fused) {
+      // Wait for the pair's other splits (every CTA of the grid is resident: the launch is
+      // cooperative), then count this CTA out; the last one out resets both counters, after
+      // which no CTA of this launch reads them again.
+      if (tid == 0) {
+        if (!is_last)
+          while (ld_acquire_gpu(p.counters + pair) < unsigned(p.num_splits)) __nanosleep(32);
+        if (atomicAdd(p.departures + pair, 1u) == unsigned(p.num_splits - 1)) {
+          p.counters[pair] = 0u;
+          p.departures[pair] = 0u;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  if (!is_last && !fused) {
     KVCORE_TRACE(p, 3);
     return;
   }
@@ -510,11 +639,25 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     sum = group_sum<32>(sum);
     if (lane == 0) {
       wgt[h * (ns + 1) + ns] = sum;
-      if (p.lse != nullptr) p.lse[pair * group + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
-      if constexpr (SCORE) p.score_lse2[pair * group + h] = sum == 0.f ? -INFINITY : base + log2f(sum);
+      if (p.lse != nullptr && (!fused || is_last))
+        p.lse[pair * group + h] = sum == 0.f ? -INFINITY : (base + log2f(sum)) * kLn2;
+      if constexpr (SCORE) {
+        const float lse2 = sum == 0.f ? -INFINITY : base + log2f(sum);
+        if (fused)
+          s_lse2[h] = lse2;
+        else
+          p.score_lse2[pair * group + h] = lse2;
+      }
     }
   }
   __syncthreads();
+  if constexpr (SCORE) {
+    if (fused && !is_last) {  // every split knows its heads' final lse: add its keys' share
+      add_scores();
+      KVCORE_TRACE(p, 3);
+      return;
+    }
+  }
   // Each thread combines 4 output elements of one head across all splits.
   const float* pout = p.partial_out + pair * ns * group * D;
   for (int item = tid; item < group * (D / 4); item += Cfg::THREADS) {
@@ -535,6 +678,13 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
     T* dst = static_cast<T*>(p.out) + (pair * group + h) * D + c;
     *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
+  }
+  if constexpr (SCORE) {
+    if (fused) {
+      add_scores();  // (the counters are reset by the pair's last CTA out)
+      KVCORE_TRACE(p, 3);
+      return;
+    }
   }
   if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
   KVCORE_TRACE(p, 3);
