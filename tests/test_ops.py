@@ -8,6 +8,7 @@ lengths (including 0 and 1) and junk in the unused block-table entries.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Optional, Union
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 import kvcore
-from conftest import HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn
+from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, assert_switch_value_rejected, make_paged_kv, poison,
+                      ragged_lens, randn, run_tests_with_env)
 from kvcore import reference
 
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
@@ -753,3 +755,29 @@ def test_append_paged_kv_bad_slots_without_validation(device, dtype, no_validati
     ref_k, ref_v = reference.append_paged_kv(k, v, k_cache, v_cache, valid)
     kvcore.append_paged_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(os.environ.get("KVCORE_DECODE_PAGE_GROUPS") == "off", reason="this process already runs it")
+def test_gqa_decode_without_page_groups_in_subprocess():
+    """KVCORE_DECODE_PAGE_GROUPS=off (read once per process) makes each copy slot look its page up
+    and compute its addresses itself, as page sizes or windows the groups do not fit always do:
+    this file's and the score file's gqa_decode CUDA cases once more in a fresh process with it."""
+    run_tests_with_env("KVCORE_DECODE_PAGE_GROUPS", "off", ["tests/test_ops.py", "tests/test_decode_score.py"],
+                       "gqa_decode and not in_subprocess and not misspelt", 40, "-m", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_misspelt_page_groups_switch_is_an_error():
+    """A misspelt KVCORE_DECODE_PAGE_GROUPS fails the call instead of silently timing the default."""
+    assert_switch_value_rejected(
+        "KVCORE_DECODE_PAGE_GROUPS", "of",
+        """
+        q = torch.randn(1, 8, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        bt = torch.arange(4, dtype=torch.int32, device="cuda").view(1, 4)
+        sl = torch.tensor([40], dtype=torch.int32, device="cuda")
+        """,
+        "kvcore.gqa_decode(q, k, k, bt, sl)")

@@ -8,12 +8,13 @@
 namespace kvcore {
 namespace {
 
-// Page dedup (the default since session 8): each thread looks up the list entry and page of every
-// other copy slot only, when the page size allows (GqaDecodeParams::dedup_pages): at page 16 a
-// D128 thread made 8 dependent list + block-table load pairs per tile for 4 distinct pages. Session
-// 8 timed B16 Hkv8 D128 S32768 (37 x 128 tokens selected) back to back: page 16 70.2% of copy with
-// it vs 66.4% without, page 128 76.2% vs 70.6%; B1 unchanged. KVCORE_SPARSE_PAGE_DEDUP=off turns
-// it off (an A/B switch, read once per process).
+// Page dedup (the default since session 8): each thread looks up the list entry and page of the
+// first copy slot of each group of its slots in one page only (GqaDecodeParams::dedup_pages;
+// pairs until session 12, whole page groups since): at page 16 a D128 thread made 8 dependent
+// list + block-table load pairs per tile for 4 distinct pages. Session 8 timed the pair form on
+// B16 Hkv8 D128 S32768 (37 x 128 tokens selected) back to back: page 16 70.2% of copy with it vs
+// 66.4% without, page 128 76.2% vs 70.6%; B1 unchanged. KVCORE_SPARSE_PAGE_DEDUP=off turns it
+// off (an A/B switch, read once per process).
 bool page_dedup_enabled() {
   static const bool on = env_choice("KVCORE_SPARSE_PAGE_DEDUP", {"on", "off"}, "block_sparse_decode (CUDA)") == 0;
   return on;

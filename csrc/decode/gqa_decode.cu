@@ -3,10 +3,21 @@
 // framework-free: csrc/include/kvcore/gqa_decode.cuh.
 #include <torch/library.h>
 
+#include "common/env_switch.h"
 #include "decode/paged_decode_launch.h"
 
 namespace kvcore {
 namespace {
+
+// Page groups (GqaDecodeParams::dedup_pages; the default since session 12): consecutive copy
+// slots of a thread in one page share one block_table lookup and one address computation (at
+// page 16 and D128 a thread made 8 lookups per tile for 4 distinct pages, each slot ~55
+// instructions of clamps and 64-bit products). KVCORE_DECODE_PAGE_GROUPS=off looks up every slot
+// (an A/B switch, read once per process).
+bool page_groups_enabled() {
+  static const bool on = env_choice("KVCORE_DECODE_PAGE_GROUPS", {"on", "off"}, "gqa_decode (CUDA)") == 0;
+  return on;
+}
 
 void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t window_left,
@@ -24,6 +35,7 @@ void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   // kernel's int32 from wrapping a huge window_left into a small one.
   const int64_t capacity = s.max_pages * s.page_size;
   p.window_left = window_left >= capacity ? -1 : int(window_left);
+  p.dedup_pages = page_groups_enabled() ? 1 : 0;  // the kernel checks the page size and alignment
   const int64_t kv_len = p.window_left >= 0 ? std::min<int64_t>(capacity, int64_t(p.window_left) + 1) : capacity;
   paged_decode::dispatch<false>("gqa_decode", q, p, s, kv_len, num_splits, workspace,
                                 score.has_value() ? &*score : nullptr);

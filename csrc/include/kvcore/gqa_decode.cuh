@@ -59,9 +59,10 @@ struct GqaDecodeParams {
   const int* sel_pages;   // [B, Hkv, max_sel] logical page numbers
   const int* sel_counts;  // [B, Hkv]
   int max_sel;
-  // SPARSE: when page_size is a multiple of the row span of a thread's copy slots 2j and 2j+1
-  // (2 x THREADS / (D / 8) rows), both lie in one page, so the odd slot reuses the even one's list
-  // entry and page instead of looking both up again. Nonzero asks for it where the page size allows.
+  // Page groups: when consecutive copy slots of a thread lie in one page (the page size and the
+  // CTA's first position are multiples of their row span), only the first looks the page up (list
+  // entry and block_table entry) and computes addresses; the others step on from it. Nonzero asks
+  // for it where the page size and alignment allow (both ops; an A/B switch each).
   int dedup_pages;
   // Per-CTA timestamps for bench/experiments/decode_trace.cu, compiled in only with
   // KVCORE_DECODE_TRACE (the library never sets them): entry, first tile landed, loop done,
@@ -221,21 +222,38 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   // 4.5% of the block-sparse B16 kernel's stall samples in session 11's ncu source profile).
   // The entries are clamped to the list (so they can be read before its count is known) and
   // kept in lpg, the entries of the tile `pages` holds, for the validity test at copy time.
-  // dedup: an odd slot's row is THREADS / TD rows past the even slot's, on the same page; its
-  // entries are neither loaded nor copied (a register copy of a load in flight waits for the
-  // load: session 11's first form of this stalled twice per tile on such copies), and the copy
-  // issue reads the even slot's instead (odd_dedup in issue_copies).
+  //
+  // Page groups (GqaDecodeParams::dedup_pages): a thread's copy slots i and i + 1 are STEP rows
+  // apart. When spp consecutive slots (spp x STEP rows, aligned) lie in one page, only the
+  // group's first slot, its leader, looks the page up (list entry, block_table entry) and works
+  // out the addresses and how many of the group's rows are valid; the others step on from it by
+  // STEP rows. Session 11's profile of block-sparse B16 put ~35% of the samples on the copy
+  // issue at ~55 instructions per slot, most of them a page lookup's clamps and 64-bit products
+  // repeated for every slot of a page. Followers load nothing and copy no register a load is
+  // still filling (a register copy of a load in flight waits for it: session 11's first form of
+  // the pair dedup stalled twice per tile on such copies). spp is CTA-uniform, so every
+  // leader/follower branch is uniform.
+  constexpr int STEP = Cfg::THREADS / TD;
+  const int row0 = tid / TD;  // slot i copies row row0 + i * STEP of each tile
+  int spp = 1;                // slots per page group: a power of two dividing LOADS
+  auto set_page_groups = [&]() {  // once start is final (start is where every tile is aligned from)
+    if (p.dedup_pages) {
+#pragma unroll
+      for (int g = LOADS; g > 1; g >>= 1)
+        if (spp == 1 && p.page_size % (g * STEP) == 0 && start % (g * STEP) == 0) spp = g;
+    }
+  };
+  auto leads = [&](int i) { return (i & (spp - 1)) == 0; };
   int lpg[SPARSE ? LOADS : 1];
   int lnext[SPARSE ? LOADS : 1];  // SPARSE: the list entries of the tile after lpg's
 #pragma unroll
-  for (int i = 0; i < (SPARSE ? LOADS : 1); ++i) lpg[i] = lnext[i] = -1;  // (odd dedup slots stay so)
-  const bool dedup = SPARSE && p.dedup_pages && p.page_size % (2 * Cfg::THREADS / TD) == 0;
+  for (int i = 0; i < (SPARSE ? LOADS : 1); ++i) lpg[i] = lnext[i] = -1;  // (followers' stay so)
   auto fetch_list = [&](int t) {
     if constexpr (SPARSE) {
 #pragma unroll
       for (int i = 0; i < LOADS; ++i) {
-        if (!((i & 1) && dedup)) {
-          const int j = min(page_of(start + t * TILE + (tid + i * Cfg::THREADS) / TD), p.max_sel - 1);
+        if (leads(i)) {
+          const int j = min(page_of(start + t * TILE + row0 + i * STEP), p.max_sel - 1);
           lnext[i] = p.max_sel > 0 ? __ldg(sel + j) : -1;
         }
       }
@@ -247,49 +265,67 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       for (int i = 0; i < LOADS; ++i) lpg[i] = lnext[i];  // tile t's entries, read a call ago
 #pragma unroll
       for (int i = 0; i < LOADS; ++i)
-        if (!((i & 1) && dedup)) pg[i] = capacity > 0 ? __ldg(bt + min(max(lpg[i], 0), p.max_pages - 1)) : 0;
+        if (leads(i)) pg[i] = capacity > 0 ? __ldg(bt + min(max(lpg[i], 0), p.max_pages - 1)) : 0;
       fetch_list(t + 1);
     } else {
 #pragma unroll
       for (int i = 0; i < LOADS; ++i) {
-        const int pos = min(start + t * TILE + (tid + i * Cfg::THREADS) / TD, capacity - 1);
-        pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
+        if (leads(i)) {
+          const int pos = min(start + t * TILE + row0 + i * STEP, capacity - 1);
+          pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
+        }
       }
     }
   };
   int seq_len = 0;
   auto issue_copies = [&](int t, const int (&pg)[LOADS]) {
     const int stage = t % STAGES;
+    const T* ka = kbase;  // the current slot's source rows, and how many rows of its group are
+    const T* va = vbase;  // valid from it on (the slot is valid iff left > 0)
+    int left = 0;
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
-      const int row = (tid + i * Cfg::THREADS) / TD;
+      const int row = row0 + i * STEP;
       const int pos = start + t * TILE + row;
-      bool valid = pos < end;
-      int in_pg = in_page(min(pos, end - 1));
-      const bool odd_dedup = SPARSE && (i & 1) && dedup;  // this slot's entries are slot i - 1's
-      if constexpr (SPARSE) {
-        // A listed page outside the sequence attends nothing; the partial last page only its
-        // first seq_len % page_size rows.
-        const int lp = odd_dedup ? lpg[i & ~1] : lpg[i];
-        valid = valid && lp >= 0 && int64_t(lp) * p.page_size + in_pg < seq_len;
-        if (copy_chunk == 0) sValid[stage * TILE + row] = valid;
-        in_pg = max(in_pg, 0);
+      if (leads(i)) {
+        // In a group (spp > 1) pos's own row keeps every follower's address inside the page;
+        // alone, an invalid row takes the last valid one's (a legal address, never read).
+        const int in_pg = max(in_page(spp > 1 ? pos : min(pos, end - 1)), 0);
+        left = end - pos;
+        if constexpr (SPARSE) {
+          // A listed page outside the sequence attends nothing; the partial last page only its
+          // first seq_len % page_size rows. (lp < max_pages keeps lp * page_size in int32.)
+          const int lp = lpg[i];
+          left = min(left, lp >= 0 && lp < p.max_pages ? seq_len - lp * p.page_size - in_pg : 0);
+        }
+        const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
+        const int64_t off = int64_t(in_pg) * row_stride + copy_chunk * 8;
+        ka = kbase + page * p.k_page_stride + off;
+        va = vbase + page * p.v_page_stride + off;
+      } else {
+        ka += STEP * row_stride;
+        va += STEP * row_stride;
+        left -= STEP;
       }
-      const int64_t page = min(max(odd_dedup ? pg[i & ~1] : pg[i], 0), p.num_pages - 1);
-      const int64_t off = int64_t(in_pg) * row_stride + copy_chunk * 8;
+      const bool valid = left > 0;
+      if constexpr (SPARSE) {
+        if (copy_chunk == 0) sValid[stage * TILE + row] = valid;
+      }
       const int s_off = stage * TILE * D + swz<TD>(row, copy_chunk);
-      cp_async_16(sK + s_off, kbase + page * p.k_page_stride + off, valid);
-      cp_async_16(sV + s_off, vbase + page * p.v_page_stride + off, valid);
+      cp_async_16(sK + s_off, ka, valid);
+      cp_async_16(sV + s_off, va, valid);
     }
   };
 
   // ---- start the copies, then stage the group's queries (rows >= group are zero) --------------
   int pages[LOADS];
+  if (SPARSE || p.window_left < 0) set_page_groups();
   if constexpr (SPARSE) fetch_list(0);
   if (SPARSE || p.window_left < 0) fetch_pages(0, pages);
   seq_len = min(max(seq_len_raw, 0), capacity);
   if (!SPARSE && p.window_left >= 0) {
     start += max(0, seq_len - 1 - p.window_left);
+    set_page_groups();
     fetch_pages(0, pages);
   }
   end = min(SPARSE ? sel_count * p.page_size : seq_len, start + p.split_tokens);
