@@ -278,10 +278,13 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     }
   };
   int seq_len = 0;
+  const int64_t step_bytes = STEP * row_stride * int64_t(sizeof(T));
   auto issue_copies = [&](int t, const int (&pg)[LOADS]) {
     const int stage = t % STAGES;
-    const T* ka = kbase;  // the current slot's source rows, and how many rows of its group are
-    const T* va = vbase;  // valid from it on (the slot is valid iff left > 0)
+    // The current slot's source rows (as byte addresses: a follower's step is then one 64-bit
+    // add each), and how many rows of its group are valid from it on (valid iff left > 0).
+    const char* ka = nullptr;
+    const char* va = nullptr;
     int left = 0;
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
@@ -300,11 +303,11 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
         }
         const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
         const int64_t off = int64_t(in_pg) * row_stride + copy_chunk * 8;
-        ka = kbase + page * p.k_page_stride + off;
-        va = vbase + page * p.v_page_stride + off;
+        ka = reinterpret_cast<const char*>(kbase + page * p.k_page_stride + off);
+        va = reinterpret_cast<const char*>(vbase + page * p.v_page_stride + off);
       } else {
-        ka += STEP * row_stride;
-        va += STEP * row_stride;
+        ka += step_bytes;
+        va += step_bytes;
         left -= STEP;
       }
       const bool valid = left > 0;
