@@ -16,4 +16,5 @@ KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-450} 
  "run:decode-off:40:KVCORE_DECODE_PAGE_GROUPS=off python3 -m kvcore.bench --group decode --impl kvcore --out $o/decode-off" \
  "run:block:30:python3 -m kvcore.bench --group block --impl kvcore --out $o/block" \
  "run:ev-fused2:30:python3 -m kvcore.bench --group eviction --out $o/ev-fused2" \
+ "run:splits:40:python3 bench/experiments/splits_probe.py $o/splits.json" \
  "run:sub:150:$T tests/test_decode_score.py tests/test_ops.py -k 'in_subprocess or misspelt'"
