@@ -77,6 +77,8 @@ CASES = {
     "mla_decode_H128": ("issue 3: 45% of the GEMM rate vs FlashInfer's 62% (s9)", lambda: _mla_decode("decode B32 H128 S4096 page64")),
     "decode_B1": ("issue 2: 69% of copy at B1 S32768 (s9)", lambda: _decode("B1 Hq32 Hkv8 D128 S32768 page16")),
     "h2o_B16": ("issue 6: score path +12.5% at B16 (s9)", lambda: _h2o("h2o B16 Hq32 Hkv8 D128 S8192 page16")),
+    "h2o_B1": ("issue 6: score path +11.3-11.7% at B1, fused epilogue (s12)",
+               lambda: _h2o("h2o B1 Hq32 Hkv8 D128 S32768 page16")),
     "scores_lse": ("issue 6: one pass 0.249 ms (22x, met; s9)",
                    lambda: _scores("SnapKV scores B1 Hq32 Hkv8 D128 S131072 w64 page16 avgpool5", True)),
     "compact_50": ("issue 6: 79% of copy (s9)", lambda: _compact("compact B1 Hkv8 D128 S131072 keep 50% page16")),

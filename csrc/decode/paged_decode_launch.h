@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "common/checks.h"
@@ -258,11 +259,11 @@ inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeSha
 // (sequence, KV head) can have, from shapes only. SCORE: gqa_decode with an H2O score buffer
 // (`score` not null), which also needs workspace room for the score scratch (score_bytes) and a second
 // small launch.
-template <typename T, typename Cfg, bool SPARSE, bool SCORE = false>
+template <typename T, typename Cfg, bool SPARSE, bool SCORE, int SPP>
 void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
             int64_t requested_splits, const c10::optional<at::Tensor>& workspace, cudaStream_t stream,
             const at::Tensor* score = nullptr) {
-  auto kernel = gqa_decode_kernel<T, Cfg, SPARSE, SCORE>;
+  auto kernel = gqa_decode_kernel<T, Cfg, SPARSE, SCORE, SPP>;
   const size_t smem = Cfg::smem_bytes(SPARSE);
   const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS, smem, op);
   const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -332,7 +333,20 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   }
 }
 
-// dtype x head-dim dispatch onto launch<T, Cfg, SPARSE>.
+// Page groups of the kernel (gqa_decode_kernel's SPP): how many consecutive copy slots of a thread
+// (THREADS / (D / 8) rows apart) share one page lookup. Groups need the page size to be a multiple
+// of their row span and every tile to start aligned to it: tiles start at multiples of the tile
+// from a split's first position, which is a multiple of the tile too, except with gqa_decode's
+// sliding window (the window start moves it). Instantiated: 1, 2 and a whole tile's slots.
+template <typename Cfg, bool SPARSE>
+int page_groups(const GqaDecodeParams& p) {
+  constexpr int step = Cfg::THREADS / Cfg::TD;
+  if (!p.dedup_pages || (!SPARSE && p.window_left >= 0)) return 1;
+  if (p.page_size % (Cfg::LOADS * step) == 0) return Cfg::LOADS;
+  return p.page_size % (2 * step) == 0 ? 2 : 1;
+}
+
+// dtype x head-dim x page-group dispatch onto launch<T, Cfg, SPARSE, SCORE, SPP>.
 // score (gqa_decode only, may be null): the H2O score buffer, which selects the SCORE kernels.
 template <bool SPARSE>
 void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
@@ -344,11 +358,18 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
     using T = decltype(tag);
     auto go = [&](auto cfg) {
       using Cfg = decltype(cfg);
+      auto with_groups = [&](auto score_tag) {
+        constexpr bool SCORE = decltype(score_tag)::value;
+        const int spp = page_groups<Cfg, SPARSE>(p);
+        if (spp == Cfg::LOADS)
+          return launch<T, Cfg, SPARSE, SCORE, Cfg::LOADS>(op, p, s, kv_len, requested_splits, workspace, stream, score);
+        if (spp == 2) return launch<T, Cfg, SPARSE, SCORE, 2>(op, p, s, kv_len, requested_splits, workspace, stream, score);
+        return launch<T, Cfg, SPARSE, SCORE, 1>(op, p, s, kv_len, requested_splits, workspace, stream, score);
+      };
       if constexpr (!SPARSE) {
-        if (score != nullptr)
-          return launch<T, Cfg, false, true>(op, p, s, kv_len, requested_splits, workspace, stream, score);
+        if (score != nullptr) return with_groups(std::true_type{});
       }
-      return launch<T, Cfg, SPARSE>(op, p, s, kv_len, requested_splits, workspace, stream);
+      return with_groups(std::false_type{});
     };
     switch (s.head_dim) {
       case 64: return go(GqaDecodeConfig<64>{});

@@ -62,7 +62,8 @@ struct GqaDecodeParams {
   // Page groups: when consecutive copy slots of a thread lie in one page (the page size and the
   // CTA's first position are multiples of their row span), only the first looks the page up (list
   // entry and block_table entry) and computes addresses; the others step on from it. Nonzero asks
-  // for it where the page size and alignment allow (both ops; an A/B switch each).
+  // for it where the page size and alignment allow (both ops; an A/B switch each). Read by the
+  // launcher, which picks the kernel's SPP (paged_decode::page_groups).
   int dedup_pages;
   // Per-CTA timestamps for bench/experiments/decode_trace.cu, compiled in only with
   // KVCORE_DECODE_TRACE (the library never sets them): entry, first tile landed, loop done,
@@ -167,9 +168,12 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 // SCORE = true (gqa_decode with an H2O score buffer; not with SPARSE): also stores every attended
 // logit and each head's final log2-sum-exp for the epilogue kernel; with SCORE = false none of
 // that code exists, so plain decode compiles exactly as before.
-template <typename T, typename Cfg, bool SPARSE = false, bool SCORE = false>
+// SPP (page groups): how many consecutive copy slots of a thread share one page lookup (1: every
+// slot looks its page up; see "Page groups" below); the launcher picks it (page_groups).
+template <typename T, typename Cfg, bool SPARSE = false, bool SCORE = false, int SPP = 1>
 __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecodeParams p) {
   static_assert(!(SPARSE && SCORE), "score accumulation is a gqa_decode feature");
+  static_assert(SPP >= 1 && Cfg::LOADS % SPP == 0 && (SPP & (SPP - 1)) == 0, "SPP: a power of two dividing LOADS");
   constexpr int D = Cfg::D, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
   constexpr int ROWS = Cfg::ROWS, WARPS = Cfg::WARPS;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -223,27 +227,22 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   // The entries are clamped to the list (so they can be read before its count is known) and
   // kept in lpg, the entries of the tile `pages` holds, for the validity test at copy time.
   //
-  // Page groups (GqaDecodeParams::dedup_pages): a thread's copy slots i and i + 1 are STEP rows
-  // apart. When spp consecutive slots (spp x STEP rows, aligned) lie in one page, only the
-  // group's first slot, its leader, looks the page up (list entry, block_table entry) and works
+  // Page groups (SPP > 1): a thread's copy slots i and i + 1 are STEP rows apart. When SPP
+  // consecutive slots (SPP x STEP rows, aligned) lie in one page, only the group's first slot,
+  // its leader, looks the page up (list entry, block_table entry) and works
   // out the addresses and how many of the group's rows are valid; the others step on from it by
   // STEP rows. Session 11's profile of block-sparse B16 put ~35% of the samples on the copy
   // issue at ~55 instructions per slot, most of them a page lookup's clamps and 64-bit products
   // repeated for every slot of a page. Followers load nothing and copy no register a load is
   // still filling (a register copy of a load in flight waits for it: session 11's first form of
-  // the pair dedup stalled twice per tile on such copies). spp is CTA-uniform, so every
-  // leader/follower branch is uniform.
+  // the pair dedup stalled twice per tile on such copies).
   constexpr int STEP = Cfg::THREADS / TD;
   const int row0 = tid / TD;  // slot i copies row row0 + i * STEP of each tile
-  int spp = 1;                // slots per page group: a power of two dividing LOADS
-  auto set_page_groups = [&]() {  // once start is final (start is where every tile is aligned from)
-    if (p.dedup_pages) {
-#pragma unroll
-      for (int g = LOADS; g > 1; g >>= 1)
-        if (spp == 1 && p.page_size % (g * STEP) == 0 && start % (g * STEP) == 0) spp = g;
-    }
-  };
-  auto leads = [&](int i) { return (i & (spp - 1)) == 0; };
+  // SPP is a template parameter (the launcher's page_groups): with a runtime group size every
+  // slot became a uniform branch between the leader's and the follower's code, which cost the
+  // slots' interleaving (session 12, call 1: gqa_decode B16 92.4% of copy with groups of 2, 82.7%
+  // with groups of 1, against 93.3% for the straight-line per-slot code before).
+  constexpr auto leads = [](int i) { return i % SPP == 0; };
   int lpg[SPARSE ? LOADS : 1];
   int lnext[SPARSE ? LOADS : 1];  // SPARSE: the list entries of the tile after lpg's
 #pragma unroll
@@ -291,9 +290,9 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
       const int row = row0 + i * STEP;
       const int pos = start + t * TILE + row;
       if (leads(i)) {
-        // In a group (spp > 1) pos's own row keeps every follower's address inside the page;
+        // In a group (SPP > 1) pos's own row keeps every follower's address inside the page;
         // alone, an invalid row takes the last valid one's (a legal address, never read).
-        const int in_pg = max(in_page(spp > 1 ? pos : min(pos, end - 1)), 0);
+        const int in_pg = max(in_page(SPP > 1 ? pos : min(pos, end - 1)), 0);
         left = end - pos;
         if constexpr (SPARSE) {
           // A listed page outside the sequence attends nothing; the partial last page only its
@@ -322,13 +321,11 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
 
   // ---- start the copies, then stage the group's queries (rows >= group are zero) --------------
   int pages[LOADS];
-  if (SPARSE || p.window_left < 0) set_page_groups();
   if constexpr (SPARSE) fetch_list(0);
   if (SPARSE || p.window_left < 0) fetch_pages(0, pages);
   seq_len = min(max(seq_len_raw, 0), capacity);
   if (!SPARSE && p.window_left >= 0) {
-    start += max(0, seq_len - 1 - p.window_left);
-    set_page_groups();
+    start += max(0, seq_len - 1 - p.window_left);  // (unaligned: the launcher gives SPP = 1)
     fetch_pages(0, pages);
   }
   end = min(SPARSE ? sel_count * p.page_size : seq_len, start + p.split_tokens);
@@ -628,20 +625,26 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     if (fused) stage_score();  // in flight during the arrival and the wait below
   }
   __shared__ bool is_last;
+  [[maybe_unused]] unsigned departed = 0;  // SCORE, fused (thread 0): CTAs of the pair out before this one
+  // The last CTA out resets both counters; no CTA of this launch reads them after its departure.
+  [[maybe_unused]] auto depart = [&]() {
+    if (tid == 0 && departed == unsigned(p.num_splits - 1)) {
+      p.counters[pair] = 0u;
+      p.departures[pair] = 0u;
+    }
+  };
   if (tid == 0) is_last = atomicAdd(p.counters + pair, 1u) == unsigned(p.num_splits - 1);
   __syncthreads();
   if constexpr (SCORE) {
     if (fused) {
       // Wait for the pair's other splits (every CTA of the grid is resident: the launch is
-      // cooperative), then count this CTA out; the last one out resets both counters, after
-      // which no CTA of this launch reads them again.
+      // cooperative), then count this CTA out.
       if (tid == 0) {
         if (!is_last)
           while (ld_acquire_gpu(p.counters + pair) < unsigned(p.num_splits)) __nanosleep(32);
-        if (atomicAdd(p.departures + pair, 1u) == unsigned(p.num_splits - 1)) {
-          p.counters[pair] = 0u;
-          p.departures[pair] = 0u;
-        }
+        // The count's value is first needed at the CTA's end (depart), so its round trip overlaps
+        // the lse loads and the score update instead of preceding them.
+        departed = atomicAdd(p.departures + pair, 1u);
       }
       __syncthreads();
     }
@@ -693,6 +696,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   if constexpr (SCORE) {
     if (fused && !is_last) {  // every split knows its heads' final lse: add its keys' share
       add_scores();
+      depart();
       KVCORE_TRACE(p, 3);
       return;
     }
@@ -720,7 +724,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   }
   if constexpr (SCORE) {
     if (fused) {
-      add_scores();  // (the counters are reset by the pair's last CTA out)
+      add_scores();
+      depart();
       KVCORE_TRACE(p, 3);
       return;
     }
