@@ -803,6 +803,29 @@ def test_compact_kv_cuda_memset_scratch_in_subprocess(device):
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_chunk_kernel_in_subprocess(device):
+    """KVCORE_COMPACT_KERNEL=chunk (read once per process: one CTA per chunk, the kernel before the
+    pipelined default): the CUDA compact_kv tests."""
+    run_tests_with_env("KVCORE_COMPACT_KERNEL", "chunk", ["tests/test_eviction.py"],
+                       "compact_kv_cuda and not in_subprocess and not misspelt", 40, "-m", "cuda")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
+def test_compact_kv_cuda_misspelt_kernel_switch_is_an_error(device):
+    """A misspelt KVCORE_COMPACT_KERNEL fails the call instead of silently timing the default."""
+    assert_switch_value_rejected(
+        "KVCORE_COMPACT_KERNEL", "pipelinde",
+        """
+        k = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        bt = torch.tensor([[0, 1]], dtype=torch.int32, device="cuda")
+        sl = torch.tensor([20], dtype=torch.int32, device="cuda")
+        kept = torch.arange(10, device="cuda").view(1, 1, 10).expand(1, 2, 10).contiguous()
+        """,
+        "kvcore.compact_kv(k, v, bt, sl, kept)")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
 def test_compact_kv_cuda_misspelt_scratch_switch_is_an_error(device):
     """A misspelt KVCORE_COMPACT_SCRATCH fails the call instead of silently timing the default."""
     assert_switch_value_rejected(

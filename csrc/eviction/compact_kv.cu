@@ -73,12 +73,32 @@ unsigned* scratch_for(const at::Tensor& like, cudaStream_t stream, int64_t words
   return reinterpret_cast<unsigned*>(buf.words.data_ptr());
 }
 
+// KVCORE_COMPACT_KERNEL: `pipelined` (the default since session 12: resident CTAs that stage the
+// next chunk's header while the current chunk's payload is in flight) or `chunk` (one CTA per
+// chunk, the form before; also taken when a page's bytes do not fit the pipelined kernel's int32
+// offsets). Read once per process.
+bool pipelined_enabled() {
+  static const bool on = env_choice("KVCORE_COMPACT_KERNEL", {"pipelined", "chunk"}, "compact_kv (CUDA)") == 0;
+  return on;
+}
+
 template <typename Vec>
-void launch(CompactKvParams& p, int64_t grid, cudaStream_t stream) {
+void launch(CompactKvParams& p, int64_t tickets, bool pipelined, cudaStream_t stream) {
   p.units = int(p.head_bytes / int64_t(sizeof(Vec)));
-  // Its occupancy (6 CTAs per SM) is bound by shared memory; it reads nothing twice through L1.
-  prefer_max_shared_carveout(reinterpret_cast<const void*>(&compact_kv_kernel<Vec>));
-  compact_kv_kernel<Vec><<<dim3(unsigned(grid)), compact_detail::kThreads, 0, stream>>>(p);
+  // Occupancy (6 CTAs per SM) is bound by shared memory; it reads nothing twice through L1.
+  if (pipelined) {
+    auto kernel = &compact_kv_pipelined_kernel<Vec>;
+    prefer_max_shared_carveout(reinterpret_cast<const void*>(kernel));
+    const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), compact_detail::kThreads, 0, "compact_kv");
+    const int64_t slots = int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    // At least one CTA, so the lengths are written even when nothing moves.
+    const int64_t grid = std::max<int64_t>(1, std::min(tickets, slots));
+    kernel<<<dim3(unsigned(grid)), compact_detail::kThreads, 0, stream>>>(p);
+  } else {
+    prefer_max_shared_carveout(reinterpret_cast<const void*>(&compact_kv_kernel<Vec>));
+    const int64_t grid = std::max<int64_t>(1, tickets);
+    compact_kv_kernel<Vec><<<dim3(unsigned(grid)), compact_detail::kThreads, 0, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -131,13 +151,13 @@ void compact_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
               ": batch x num_kv_heads x ceil(max_kept / ", p.chunk_rows, ")); must be < 2^31 - 1");
   at::Tensor hold;  // this call's scratch stays allocated until the launch is enqueued
   p.scratch = scratch_for(k_cache, stream, 2 + p.tickets, hold, p.flag_mark);
-  // At least one CTA, so the lengths are written even when nothing moves.
-  const int64_t grid = std::max<int64_t>(1, p.tickets);
+  // The pipelined kernel keeps a row's offset inside its page in int32.
+  const bool pipelined = pipelined_enabled() && s.page_size * p.row_stride < (int64_t(1) << 31);
   switch (vb) {
-    case 16: return launch<uint4>(p, grid, stream);
-    case 8: return launch<uint2>(p, grid, stream);
-    case 4: return launch<unsigned>(p, grid, stream);
-    default: return launch<unsigned short>(p, grid, stream);
+    case 16: return launch<uint4>(p, p.tickets, pipelined, stream);
+    case 8: return launch<uint2>(p, p.tickets, pipelined, stream);
+    case 4: return launch<unsigned>(p, p.tickets, pipelined, stream);
+    default: return launch<unsigned short>(p, p.tickets, pipelined, stream);
   }
 }
 

@@ -332,4 +332,194 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   }
 }
 
+// ---- the pipelined form (the default since session 12) ------------------------------------------
+//
+// Why: the chunk kernel above spends most of a CTA's life on its header chain (ticket, then kept
+// and the lengths, then the block table; the chunk search alongside), and its payload is in flight
+// for one round trip of the ~5: with 6 CTAs per SM about a sixth of the 192 KB of chunk buffers
+// per SM holds bytes in flight, ~13 GB/s of reads per SM at the loaded latency (session 12's
+// count; the copy rate needs ~16). Here each CTA stays resident and loops over tickets, and stages
+// the next chunk's header while the current chunk's payload is in flight: the next ticket is
+// taken one chunk ahead and the header loads of chunk k + 1 are issued right after chunk k's
+// payload copies, so a chunk costs about max(payload, header) instead of their sum.
+//
+// Ordering and progress are the chunk kernel's: a chunk's reads never wait; its writes wait for
+// the earlier chunks whose sources overlap its destinations, all holding smaller tickets; its
+// "read done" flag is published once its bytes sit in shared memory and before it waits. A CTA
+// takes its tickets in increasing order, so the smallest unfinished ticket is either being copied
+// (it waits only on finished ones) or held ahead by a CTA copying a smaller one, which cannot be:
+// no CTA waits forever. The lengths: every CTA reads seq_lens / kept_lens only in its headers,
+// all before it counts itself out at its end (a releasing atomic); the last CTA out writes them
+// and zeroes both counters.
+template <typename Vec>
+__global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMinCtasPerSm)
+    compact_kv_pipelined_kernel(const CompactKvParams p) {
+  using namespace compact_detail;
+  constexpr int kVecs = kChunkBytes / int(sizeof(Vec));
+  constexpr int SLOTS = kVecs / kThreads;
+  static_assert(kVecs % kThreads == 0, "a chunk must split evenly over the threads");
+  static_assert(kRows <= 64, "rows are staged by warp 0 (two per lane); warps 2-3 search");
+  __shared__ __align__(16) unsigned char s_payload[2 * kChunkBytes];  // K chunk, then V chunk
+  // Two headers: the chunk being copied and the next one. Per row: source and destination page
+  // (block_table entries, clamped) and byte offset inside the page (int32: the launcher checks
+  // page_size x row_stride < 2^31).
+  __shared__ int s_src_page[2][kRows], s_dst_page[2][kRows], s_src_off[2][kRows], s_dst_off[2][kRows];
+  __shared__ unsigned char s_move[2][kRows];
+  __shared__ int64_t s_ticket[2], s_n[2];
+  __shared__ int s_range[2][2];  // earlier chunks [j0, j1) whose reads the chunk's writes wait for
+  __shared__ int s_any[2];       // some row of the chunk moves
+  __shared__ int s_last;
+  Vec* const s_k = reinterpret_cast<Vec*>(s_payload);
+  Vec* const s_v = reinterpret_cast<Vec*>(s_payload + kChunkBytes);
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int64_t pairs = lmax(int64_t(p.batch) * p.num_kv_heads, 1);
+  const int64_t C = p.chunk_rows;
+
+  // The header of ticket t into buffer `buf`: warp 0 the rows (kept, lengths, then the block
+  // table: two dependent round trips), warps 2-3 the range of earlier chunks to wait for (two
+  // search rounds). The chunk kernel's header code with the offsets split into page and offset.
+  auto stage_header = [&](int buf, int64_t t) {
+    const bool ticketed = t < p.tickets;
+    const int64_t c = t / pairs, pair = t % pairs;
+    const int b = ticketed ? int(pair / p.num_kv_heads) : 0, h = ticketed ? int(pair % p.num_kv_heads) : 0;
+    const int64_t row0 = c * C;
+    const int64_t* const kp = p.kept + pair * p.max_kept;
+    if (warp == 0) {
+      const int lane = tid;
+      int64_t raw[2] = {0, 0};
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int r = lane + 32 * q;
+        if (ticketed && r < C && row0 + r < p.max_kept) raw[q] = __ldg(kp + row0 + r);
+      }
+      int64_t len = 0, n = 0;
+      if (lane == 0 && ticketed) {
+        len = lclamp(__ldcg(p.seq_lens + b), 0, p.capacity);
+        n = lclamp(__ldcg(p.kept_lens + b), 0, lmin(p.max_kept, len));
+      }
+      len = __shfl_sync(0xffffffffu, len, 0);
+      n = __shfl_sync(0xffffffffu, n, 0);
+      const int64_t rows = (ticketed && row0 < n) ? lmin(C, n - row0) : 0;
+      bool moves = false;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int r = lane + 32 * q;
+        if (r < rows) {
+          const int64_t i = row0 + r, s = lclamp(raw[q], 0, len - 1);
+          const bool m = s != i;
+          moves |= m;
+          if (m) {
+            const int* bt = p.block_table + int64_t(b) * p.max_pages;
+            s_src_page[buf][r] = int(lclamp(__ldg(bt + s / p.page_size), 0, p.num_pages - 1));
+            s_dst_page[buf][r] = int(lclamp(__ldg(bt + i / p.page_size), 0, p.num_pages - 1));
+            s_src_off[buf][r] = int((s % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes);
+            s_dst_off[buf][r] = int((i % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes);
+          }
+          s_move[buf][r] = m;
+        }
+      }
+      moves = __any_sync(0xffffffffu, moves);
+      if (lane == 0) {
+        s_n[buf] = n;
+        s_any[buf] = moves;
+      }
+    } else if (warp >= 2 && ticketed) {
+      int j;
+      if (warp == 2) {
+        j = warp_search(0, c, [&](int64_t q) { return __ldg(kp + (q + 1) * C - 1) >= row0; });
+      } else {
+        j = warp_search(0, c, [&](int64_t q) { return __ldg(kp + q * C) >= row0 + C; });
+      }
+      if ((tid & 31) == 0) s_range[buf][warp - 2] = j;
+    }
+  };
+
+  // ---- prologue: the first ticket's header, and the second ticket ------------------------------
+  if (tid == 0) {
+    s_ticket[0] = atomicAdd(p.scratch, 1u);
+    s_ticket[1] = atomicAdd(p.scratch, 1u);
+  }
+  __syncthreads();
+  stage_header(0, s_ticket[0]);
+  __syncthreads();
+
+  const int units = p.units;
+  for (int cur = 0;; cur ^= 1) {
+    const int64_t t = s_ticket[cur];
+    if (t >= p.tickets) break;  // CTA-uniform (read after a barrier)
+    const int64_t c = t / pairs, pair = t % pairs;
+    const int64_t row0 = c * C, n = s_n[cur];
+    const bool live = row0 < n;
+    const int64_t rows = live ? lmin(C, n - row0) : 0;
+    const bool any = s_any[cur] != 0;
+    unsigned* const flags = p.scratch + 2 + pair * p.chunks;
+
+    // The payload into shared memory, and a first look at the flags this chunk waits for.
+    int64_t j0 = 0, j1 = 0;
+    bool seen = true;
+    if (any) {
+#pragma unroll
+      for (int k = 0; k < SLOTS; ++k) {
+        const int e = tid + k * kThreads, r = e / units, u = e - r * units;
+        if (r < rows && s_move[cur][r]) {
+          const int64_t sp = s_src_page[cur][r], so = s_src_off[cur][r];
+          copy_in(s_k + e, reinterpret_cast<const Vec*>(p.k_cache + sp * p.k_page_stride + so) + u);
+          copy_in(s_v + e, reinterpret_cast<const Vec*>(p.v_cache + sp * p.v_page_stride + so) + u);
+        }
+      }
+      j0 = s_range[cur][0];
+      j1 = s_range[cur][1];
+      if (j0 + tid < j1) seen = load_acquire(flags + j0 + tid) == p.flag_mark;
+    }
+    // The ticket after the next one, and the next chunk's header, while the payload is in flight.
+    unsigned after = 0;
+    if (tid == 0) after = atomicAdd(p.scratch, 1u);  // first needed at the end of this iteration
+    stage_header(cur ^ 1, s_ticket[cur ^ 1]);
+    if (any) copy_in_wait_all();  // this thread's reads of the chunk have completed
+    __syncthreads();              // every thread's reads done (and the next header staged)
+    if (live) {
+      if (tid == 0) store_release(flags + c, p.flag_mark);  // "chunk c has read its sources"
+      if (any) {
+        for (int64_t j = j0 + tid; j < j1; j += kThreads) {
+          if (j == j0 + tid && seen) continue;
+          while (load_acquire(flags + j) != p.flag_mark) __nanosleep(64);
+        }
+        __syncthreads();  // every flag acquired (by some thread) before any thread writes
+#pragma unroll
+        for (int k = 0; k < SLOTS; ++k) {
+          const int e = tid + k * kThreads, r = e / units, u = e - r * units;
+          if (r < rows && s_move[cur][r]) {
+            const int64_t dp = s_dst_page[cur][r], dof = s_dst_off[cur][r];
+            reinterpret_cast<Vec*>(p.k_cache + dp * p.k_page_stride + dof)[u] = s_k[e];
+            reinterpret_cast<Vec*>(p.v_cache + dp * p.v_page_stride + dof)[u] = s_v[e];
+          }
+        }
+      }
+    }
+    if (tid == 0) s_ticket[cur] = after;  // this buffer's next chunk: the one after the next
+    __syncthreads();  // the payload buffer is free again, the ticket visible
+  }
+
+  // ---- the last CTA out writes the new lengths and zeroes both counters -----------------------
+  // Every CTA read seq_lens / kept_lens (thread 0) only in its headers, before this releasing
+  // count; nothing reads either counter after its CTA has counted itself out.
+  if (tid == 0) {
+    const bool last = atom_add_release(p.scratch + 1, 1u) == gridDim.x - 1;
+    if (last) {
+      __threadfence();  // acquire: every CTA's reads of the lengths before our writes
+      p.scratch[0] = 0u;
+      p.scratch[1] = 0u;
+    }
+    s_last = last;
+  }
+  __syncthreads();
+  if (s_last) {
+    for (int bb = tid; bb < p.batch; bb += kThreads) {
+      const int64_t l = lclamp(__ldcg(p.seq_lens + bb), 0, p.capacity);
+      p.seq_lens[bb] = int(lclamp(__ldcg(p.kept_lens + bb), 0, lmin(p.max_kept, l)));
+    }
+  }
+}
+
 }  // namespace kvcore
