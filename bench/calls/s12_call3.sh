@@ -14,6 +14,6 @@ KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-520} 
  "run:ev2:30:python3 -m kvcore.bench --group eviction --out $o/ev2" \
  "run:other-tests:120:$T tests/test_cuda_graph.py tests/test_determinism.py tests/test_nan.py tests/test_properties.py tests/test_decode_workspace.py tests/test_eviction.py -k 'not in_subprocess and not compact_kv'" \
  "run:compact-sub:120:$T tests/test_eviction.py -k 'compact_kv and (in_subprocess or misspelt)'" \
- "run:san:60:KVCORE_SANITIZE_FILES=tests/test_eviction.py KVCORE_SANITIZE_K='compact_kv_cuda and not in_subprocess and not misspelt and not graph and not large_seq' bash bench/sanitize.sh $o/san racecheck memcheck" \
+ "run:san:60:KVCORE_SANITIZE_FILES=tests/test_eviction.py KVCORE_SANITIZE_K='(compact_kv_cuda_patterns and bf16-128-16) or compact_kv_cuda_edge_shapes or compact_kv_cuda_mixed_heads or compact_kv_cuda_scratch_reuse or compact_kv_cuda_long_dense' bash bench/sanitize.sh $o/san racecheck memcheck" \
  "run:block:60:python3 -m kvcore.bench --group block --impl kvcore,torch,gather+sdpa,flex_attention --out $o/block" \
  "bench:retrieval:40"
