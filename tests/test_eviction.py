@@ -802,11 +802,13 @@ def test_compact_kv_cuda_memset_scratch_in_subprocess(device):
                        "compact_kv_cuda and not in_subprocess and not misspelt", 40, "-m", "cuda")
 
 
+@pytest.mark.parametrize("kernel", ["pipelined", "chunk"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
-def test_compact_kv_cuda_chunk_kernel_in_subprocess(device):
-    """KVCORE_COMPACT_KERNEL=chunk (read once per process: one CTA per chunk, the kernel before the
-    pipelined default): the CUDA compact_kv tests."""
-    run_tests_with_env("KVCORE_COMPACT_KERNEL", "chunk", ["tests/test_eviction.py"],
+def test_compact_kv_cuda_each_kernel_in_subprocess(device, kernel):
+    """KVCORE_COMPACT_KERNEL=pipelined / chunk (read once per process; the default `auto` takes the
+    pipelined kernel only for calls with more chunks than resident CTAs, which few cases here
+    have): the CUDA compact_kv tests through each kernel alone."""
+    run_tests_with_env("KVCORE_COMPACT_KERNEL", kernel, ["tests/test_eviction.py"],
                        "compact_kv_cuda and not in_subprocess and not misspelt", 40, "-m", "cuda")
 
 
