@@ -802,6 +802,16 @@ def test_compact_kv_cuda_memset_scratch_in_subprocess(device):
                        "compact_kv_cuda and not in_subprocess and not misspelt", 40, "-m", "cuda")
 
 
+# Inputs for the misspelt-switch tests (run in a fresh process).
+_COMPACT_SWITCH_SETUP = """
+k = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+v = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+bt = torch.tensor([[0, 1]], dtype=torch.int32, device="cuda")
+sl = torch.tensor([20], dtype=torch.int32, device="cuda")
+kept = torch.arange(10, device="cuda").view(1, 1, 10).expand(1, 2, 10).contiguous()
+"""
+
+
 @pytest.mark.parametrize("kernel", ["pipelined", "chunk"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
 def test_compact_kv_cuda_each_kernel_in_subprocess(device, kernel):
@@ -817,14 +827,7 @@ def test_compact_kv_cuda_misspelt_kernel_switch_is_an_error(device):
     """A misspelt KVCORE_COMPACT_KERNEL fails the call instead of silently timing the default."""
     assert_switch_value_rejected(
         "KVCORE_COMPACT_KERNEL", "pipelinde",
-        """
-        k = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
-        v = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
-        bt = torch.tensor([[0, 1]], dtype=torch.int32, device="cuda")
-        sl = torch.tensor([20], dtype=torch.int32, device="cuda")
-        kept = torch.arange(10, device="cuda").view(1, 1, 10).expand(1, 2, 10).contiguous()
-        """,
-        "kvcore.compact_kv(k, v, bt, sl, kept)")
+        _COMPACT_SWITCH_SETUP, "kvcore.compact_kv(k, v, bt, sl, kept)")
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
@@ -832,14 +835,7 @@ def test_compact_kv_cuda_misspelt_scratch_switch_is_an_error(device):
     """A misspelt KVCORE_COMPACT_SCRATCH fails the call instead of silently timing the default."""
     assert_switch_value_rejected(
         "KVCORE_COMPACT_SCRATCH", "memsett",
-        """
-        k = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
-        v = torch.randn(2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
-        bt = torch.tensor([[0, 1]], dtype=torch.int32, device="cuda")
-        sl = torch.tensor([20], dtype=torch.int32, device="cuda")
-        kept = torch.arange(10, device="cuda").view(1, 1, 10).expand(1, 2, 10).contiguous()
-        """,
-        "kvcore.compact_kv(k, v, bt, sl, kept)")
+        _COMPACT_SWITCH_SETUP, "kvcore.compact_kv(k, v, bt, sl, kept)")
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_compact_only)])
