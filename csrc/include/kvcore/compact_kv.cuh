@@ -49,6 +49,8 @@
 
 #include <stdint.h>
 
+#include "kvcore/device_utils.cuh"
+
 namespace kvcore {
 
 struct CompactKvParams {
@@ -90,11 +92,8 @@ __device__ __forceinline__ void store_release(unsigned* p, unsigned v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
 
-__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
+// (the acquiring flag load is device_utils' ld_acquire_gpu, shared with gqa_decode's fused score wait)
+using kvcore::ld_acquire_gpu;
 
 // Release only: an acquiring atomic would hold back the thread's next loads until it returns,
 // putting a round trip on the CTA's critical path; the one CTA that needs the acquire (the last
@@ -285,7 +284,7 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
     j1 = s_range[1];
     // A non-blocking look (this CTA has not published yet, so it must not wait here); within a
     // launch a flag only ever changes to flag_mark, so once seen it stays set.
-    if (j0 + tid < j1) seen = load_acquire(flags + j0 + tid) == p.flag_mark;
+    if (j0 + tid < j1) seen = ld_acquire_gpu(flags + j0 + tid) == p.flag_mark;
     // This thread's reads of the chunk have completed: the data is in shared memory.
     copy_in_wait_all();
   }
@@ -297,7 +296,7 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
       // They hold smaller tickets and published (or will publish) before waiting themselves.
       for (int64_t j = j0 + tid; j < j1; j += kThreads) {
         if (j == j0 + tid && seen) continue;
-        while (load_acquire(flags + j) != p.flag_mark) __nanosleep(64);
+        while (ld_acquire_gpu(flags + j) != p.flag_mark) __nanosleep(64);
       }
       __syncthreads();  // every flag acquired (by some thread) before any thread writes
 #pragma unroll
@@ -470,7 +469,7 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
       }
       j0 = s_range[cur][0];
       j1 = s_range[cur][1];
-      if (j0 + tid < j1) seen = load_acquire(flags + j0 + tid) == p.flag_mark;
+      if (j0 + tid < j1) seen = ld_acquire_gpu(flags + j0 + tid) == p.flag_mark;
     }
     // The ticket after the next one, and the next chunk's header, while the payload is in flight.
     unsigned after = 0;
@@ -483,7 +482,7 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
       if (any) {
         for (int64_t j = j0 + tid; j < j1; j += kThreads) {
           if (j == j0 + tid && seen) continue;
-          while (load_acquire(flags + j) != p.flag_mark) __nanosleep(64);
+          while (ld_acquire_gpu(flags + j) != p.flag_mark) __nanosleep(64);
         }
         __syncthreads();  // every flag acquired (by some thread) before any thread writes
 #pragma unroll
