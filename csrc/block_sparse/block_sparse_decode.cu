@@ -38,7 +38,7 @@ void block_sparse_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
   p.sel_pages = sel_pages.data_ptr<int>();
   p.sel_counts = sel_counts.data_ptr<int>();
   p.max_sel = int(bs.max_sel);
-  p.dedup_pages = page_dedup_enabled() ? 1 : 0;  // the kernel checks the page size against its copy layout
+  p.dedup_pages = page_dedup_enabled() ? 1 : 0;  // page_groups checks the page size against the copy layout
   // Splits are cut over the list (max_sel pages), not over the sequence.
   const int64_t kv_len = std::max<int64_t>(1, bs.max_sel * s.page_size);
   paged_decode::dispatch<true>("block_sparse_decode", q, p, s, kv_len, num_splits, workspace);

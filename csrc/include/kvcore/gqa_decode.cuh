@@ -166,8 +166,9 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 // SPARSE = false: gqa_decode (a contiguous range of the sequence). SPARSE = true:
 // block_sparse_decode (the tokens of the pages listed for the pair, in list order).
 // SCORE = true (gqa_decode with an H2O score buffer; not with SPARSE): also stores every attended
-// logit and each head's final log2-sum-exp for the epilogue kernel; with SCORE = false none of
-// that code exists, so plain decode compiles exactly as before.
+// key's unnormalised probability P and adds the probabilities into the score buffer itself (the
+// fused epilogue) or leaves them, with each head's final log2-sum-exp, for the epilogue kernel;
+// with SCORE = false none of that code exists.
 // SPP (page groups): how many consecutive copy slots of a thread share one page lookup (1: every
 // slot looks its page up; see "Page groups" below); the launcher picks it (page_groups).
 template <typename T, typename Cfg, bool SPARSE = false, bool SCORE = false, int SPP = 1>
