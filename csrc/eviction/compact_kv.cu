@@ -85,13 +85,14 @@ CompactKernel compact_kernel_choice() {
   return choice;
 }
 
+// may_pipeline: the switch allows the pipelined kernel and a page's bytes fit its int32 offsets.
 template <typename Vec>
-void launch(CompactKvParams& p, int64_t tickets, bool pipelined, cudaStream_t stream) {
+void launch(CompactKvParams& p, bool may_pipeline, cudaStream_t stream) {
   p.units = int(p.head_bytes / int64_t(sizeof(Vec)));
   // Occupancy (6 CTAs per SM) is bound by shared memory; it reads nothing twice through L1.
   auto kernel = &compact_kv_pipelined_kernel<Vec>;
   int64_t slots = 0;
-  if (pipelined) {
+  if (may_pipeline) {
     prefer_max_shared_carveout(reinterpret_cast<const void*>(kernel));
     const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), compact_detail::kThreads, 0, "compact_kv");
     slots = int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -99,13 +100,13 @@ void launch(CompactKvParams& p, int64_t tickets, bool pipelined, cudaStream_t st
   // With no more chunks than resident CTAs there is nothing to pipeline, and the pipelined
   // kernel's extra round trips (a ticket taken ahead, the count at the end) only add: session 12
   // timed keep 2048 of S131072 (256 chunks) at 21 us pipelined, 13 us with the chunk kernel.
-  if (pipelined && (tickets > slots || compact_kernel_choice() == CompactKernel::kPipelined)) {
+  if (may_pipeline && (p.tickets > slots || compact_kernel_choice() == CompactKernel::kPipelined)) {
     // At least one CTA, so the lengths are written even when nothing moves.
-    const int64_t grid = std::max<int64_t>(1, std::min(tickets, slots));
+    const int64_t grid = std::max<int64_t>(1, std::min(p.tickets, slots));
     kernel<<<dim3(unsigned(grid)), compact_detail::kThreads, 0, stream>>>(p);
   } else {
     prefer_max_shared_carveout(reinterpret_cast<const void*>(&compact_kv_kernel<Vec>));
-    const int64_t grid = std::max<int64_t>(1, tickets);
+    const int64_t grid = std::max<int64_t>(1, p.tickets);
     compact_kv_kernel<Vec><<<dim3(unsigned(grid)), compact_detail::kThreads, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -161,13 +162,13 @@ void compact_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor&
   at::Tensor hold;  // this call's scratch stays allocated until the launch is enqueued
   p.scratch = scratch_for(k_cache, stream, 2 + p.tickets, hold, p.flag_mark);
   // The pipelined kernel keeps a row's offset inside its page in int32.
-  const bool pipelined =
+  const bool may_pipeline =
       compact_kernel_choice() != CompactKernel::kChunk && s.page_size * p.row_stride < (int64_t(1) << 31);
   switch (vb) {
-    case 16: return launch<uint4>(p, p.tickets, pipelined, stream);
-    case 8: return launch<uint2>(p, p.tickets, pipelined, stream);
-    case 4: return launch<unsigned>(p, p.tickets, pipelined, stream);
-    default: return launch<unsigned short>(p, p.tickets, pipelined, stream);
+    case 16: return launch<uint4>(p, may_pipeline, stream);
+    case 8: return launch<uint2>(p, may_pipeline, stream);
+    case 4: return launch<unsigned>(p, may_pipeline, stream);
+    default: return launch<unsigned short>(p, may_pipeline, stream);
   }
 }
 
