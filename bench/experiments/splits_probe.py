@@ -1,5 +1,6 @@
-"""Time block_sparse_decode and gqa_decode at B1 over forced split counts (the automatic choice
-keeps splits >= 256 tokens, kMinSplitTokens), to see where the small-batch cases' time goes.
+"""Time block_sparse_decode and gqa_decode at B1 over forced split counts (0: the automatic choice,
+which keeps splits >= 256 tokens for gqa_decode and >= 128 for block_sparse_decode since session
+13: kMinSplitTokens, kMinSparseSplitTokens), to see where the small-batch cases' time goes.
 
     python bench/experiments/splits_probe.py [OUT.json]
 
@@ -28,7 +29,7 @@ def main() -> None:
         case = block_sparse.BlockSparseCase(1, 32, 8, 128, 131072, page_size=page)
         x = block_sparse.make_inputs(case, dev)
         out = torch.empty_like(x.q)
-        for ns in (0, 8, 15, 24, 33, 37, 48, 66, 74):
+        for ns in (0, 15, 19, 25, 33, 37, 48):
             fn = lambda: kvcore.block_sparse_decode(x.q, x.k_cache, x.v_cache, x.block_table, x.seq_lens, x.sel_pages,
                                                     x.sel_counts, scale=x.scale, out=out, workspace=ws, num_splits=ns)
             ms = timer(fn)

@@ -134,6 +134,14 @@ __device__ __forceinline__ float ldcg_hint(const float* gmem, uint64_t policy) {
   return v;
 }
 
+// Asks L2 to fetch [gmem, gmem + bytes) without waiting for it (sm_90's bulk prefetch; nothing
+// before sm_90). gmem 16-byte aligned, bytes a multiple of 16.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* gmem, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(gmem), "r"(bytes) : "memory");
+#endif
+}
+
 // ---- inter-CTA flags ---------------------------------------------------------------------------
 
 // A GPU-scope acquire load: what the CTA that released the value (a __threadfence before its

@@ -11,6 +11,10 @@
 //   has no ties), 8 bits per pass from the top, stopping as soon as the bin holding the k-th key
 //   holds exactly the keys still needed. Then every key >= the threshold is gathered (exactly
 //   min(k, U) of them) and ranked by counting larger keys (k <= 256, so O(k^2) is nothing).
+//   The first kTopkRegKeys * kTopkThreads columns of a row are read once into registers; only
+//   columns past that are read again by each pass (from L2). A row is one CTA's work, so the
+//   passes are a dependent chain: re-reading 8192 columns per pass cost a round of loads per
+//   8 columns per thread, several times over.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -63,6 +67,17 @@ __global__ void __launch_bounds__(256) infllm_unit_scores_kernel(UnitScoresParam
   const int64_t b = blockIdx.y;
   const int d = p.head_dim, hkv = p.hkv, g = p.group;
   const int qg_len = hkv * d;
+  const int nvec = hkv * p.vec_per_head;  // 16-byte vectors per unit
+  const int64_t u_begin = int64_t(blockIdx.x) * p.units_per_cta;
+  int64_t u_end = u_begin + p.units_per_cta;
+  if (u_end > p.units) u_end = p.units;
+  const T* keys = static_cast<const T*>(p.keys) + b * p.k_sb;
+  // The keys do not depend on q: start their DRAM reads (up to 64 KB, B1's whole range at 1M
+  // tokens) before the q fold's round trip instead of after it.
+  if (threadIdx.x == 0 && u_end > u_begin) {
+    const int64_t bytes = (u_end - u_begin) * int64_t(nvec) * 16;
+    prefetch_l2_bulk(keys + u_begin * int64_t(nvec) * 8, uint32_t(bytes < 65536 ? bytes : 65536));
+  }
   const TQ* q = static_cast<const TQ*>(p.q) + b * p.q_sb;
   for (int e = threadIdx.x; e < qg_len; e += blockDim.x) {
     const int h = e / d, x = e - h * d;
@@ -77,11 +92,6 @@ __global__ void __launch_bounds__(256) infllm_unit_scores_kernel(UnitScoresParam
   const int upw = 32 / lpu;             // units per warp per pass
   const int sub = lane & (lpu - 1);     // lane within the unit's lane group
   const int slot = lane / lpu;          // which of the warp's units
-  const int nvec = hkv * p.vec_per_head;  // 16-byte vectors per unit
-  const int64_t u_begin = int64_t(blockIdx.x) * p.units_per_cta;
-  int64_t u_end = u_begin + p.units_per_cta;
-  if (u_end > p.units) u_end = p.units;
-  const T* keys = static_cast<const T*>(p.keys) + b * p.k_sb;
 
   // ubase is warp-uniform, so every lane runs the same iterations and the shuffles stay full-mask.
   for (int64_t ubase = u_begin + int64_t(warp) * upw; ubase < u_end; ubase += int64_t(nwarps) * upw) {
@@ -140,10 +150,13 @@ struct TopkRowsParams {
 };
 
 constexpr int kTopkThreads = 1024;
+// Keys per thread held in registers: rows of up to 8192 columns (InfLLM's 1M-token memory in units
+// of 128) are read from memory once.
+constexpr int kTopkRegKeys = 8;
 
 // Grid (rows); block kTopkThreads.
 template <typename IndexT>
-__global__ void __launch_bounds__(kTopkThreads) topk_rows_kernel(TopkRowsParams p) {
+__global__ void __launch_bounds__(kTopkThreads, 1) topk_rows_kernel(TopkRowsParams p) {
   __shared__ uint32_t hist[256];
   __shared__ uint64_t s_keys[kTopkMaxK];
   __shared__ uint64_t s_prefix;
@@ -158,6 +171,25 @@ __global__ void __launch_bounds__(kTopkThreads) topk_rows_kernel(TopkRowsParams 
   const int kk = int(n < int64_t(k) ? n : int64_t(k));  // keys to choose
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
+  // Column tid + j * kTopkThreads of the row; 0 marks a column past the row (a real key's low
+  // half, the inverted column of a column < 2^31, is never 0).
+  // All loads first, from clamped columns (no branch between them), so they are in flight together.
+  uint64_t held[kTopkRegKeys];
+  float raw[kTopkRegKeys];
+  if (n > 0) {
+#pragma unroll
+    for (int j = 0; j < kTopkRegKeys; ++j) {
+      const int64_t i = tid + int64_t(j) * kTopkThreads;
+      raw[j] = __ldg(src + (i < n ? i : n - 1));
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kTopkRegKeys; ++j) {
+    const int64_t i = tid + int64_t(j) * kTopkThreads;
+    held[j] = i < n ? topk_key(raw[j], uint32_t(i)) : 0ull;
+  }
+  const int64_t held_end = int64_t(kTopkRegKeys) * kTopkThreads;  // columns from here: read per pass
+
   // Threshold: the k-th largest key, or a prefix of it below which no chosen key lies.
   uint64_t prefix = 0, mask = 0;
   if (int64_t(kk) < n) {
@@ -165,17 +197,20 @@ __global__ void __launch_bounds__(kTopkThreads) topk_rows_kernel(TopkRowsParams 
     for (int shift = 56; shift >= 0; shift -= 8) {
       for (int i = tid; i < 256; i += kTopkThreads) hist[i] = 0u;
       __syncthreads();
-      for (int64_t base = 0; base < n; base += kTopkThreads) {
-        const int64_t i = base + tid;
+      // Every lane of the warp calls it (uniform loops below): the match uses the full mask.
+      auto tally = [&](uint64_t key) {
         int digit = -1;
-        if (i < n) {
-          const uint64_t key = topk_key(__ldg(src + i), uint32_t(i));
-          if ((key & mask) == prefix) digit = int((key >> shift) & 255u);
-        }
+        if (key != 0ull && (key & mask) == prefix) digit = int((key >> shift) & 255u);
         // Lanes with the same digit add once (the first passes see few distinct digits, and
         // per-lane shared atomics on one address would serialise).
         const unsigned peers = __match_any_sync(0xffffffffu, digit);
         if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], uint32_t(__popc(peers)));
+      };
+#pragma unroll
+      for (int j = 0; j < kTopkRegKeys; ++j) tally(held[j]);
+      for (int64_t base = held_end; base < n; base += kTopkThreads) {
+        const int64_t i = base + tid;
+        tally(i < n ? topk_key(__ldg(src + i), uint32_t(i)) : 0ull);
       }
       __syncthreads();
       if (warp == 0) {
@@ -225,13 +260,15 @@ __global__ void __launch_bounds__(kTopkThreads) topk_rows_kernel(TopkRowsParams 
   // search stopped in (prefix has zeros below its bits, so key >= prefix <=> its top bits >= prefix's).
   if (tid == 0) s_count = 0;
   __syncthreads();
-  for (int64_t i = tid; i < n; i += kTopkThreads) {
-    const uint64_t key = topk_key(__ldg(src + i), uint32_t(i));
-    if (key >= prefix) {
+  auto gather = [&](uint64_t key) {
+    if (key != 0ull && key >= prefix) {
       const int pos = atomicAdd(&s_count, 1);
       if (pos < kTopkMaxK) s_keys[pos] = key;
     }
-  }
+  };
+#pragma unroll
+  for (int j = 0; j < kTopkRegKeys; ++j) gather(held[j]);
+  for (int64_t i = held_end + tid; i < n; i += kTopkThreads) gather(topk_key(__ldg(src + i), uint32_t(i)));
   __syncthreads();
   const int cnt = s_count < kk ? s_count : kk;  // == kk by construction; the min keeps writes in range
   IndexT* indices = static_cast<IndexT*>(p.indices) + row * k;
