@@ -360,8 +360,10 @@ from conftest import HAS_CUDA, NO_CUDA_REASON, capture_graph, poison  # noqa: E4
 
 # (B, Hq, Hkv, D, U): the issue's heads, G = 1, MQA with D 256, U = 1, a unit narrower than a
 # warp (Hkv 3 x D 32 = 12 vectors: two units per warp), and enough units for many CTAs per row.
+# The CUDA op's flat kernel takes units of 2^n >= 32 vectors: Hkv 3 x D 128 (48 vectors) runs the
+# general one, Hkv 64 x D 256 (2048 vectors, one unit per chunk) the flat one at its widest.
 SCORE_GRID = [(1, 32, 8, 128, 1000), (3, 8, 8, 64, 37), (2, 4, 1, 256, 5), (2, 16, 2, 128, 1), (1, 6, 3, 32, 70),
-              (2, 8, 2, 128, 5000)]
+              (2, 8, 2, 128, 5000), (1, 6, 3, 128, 300), (1, 64, 64, 256, 9)]
 SCORE_TOL = dict(atol=1e-3, rtol=1e-4)  # fp32 accumulation of exact (dtype-rounded) inputs vs fp64
 
 
@@ -412,6 +414,10 @@ def _topk_inputs(gen):
         ("units_lt_k", r(3, 7), 16),
         ("one_unit", r(4, 1), 1),
         ("issue_limits", r(2, 65536), 64),
+        ("held_in_registers", r(2, 8192), 16),  # the CUDA kernel holds 8192 keys per row in registers
+        ("one_past_registers", r(2, 8193), 16),
+        ("ascending", torch.arange(10000).float().view(1, -1), 32),  # the best keys in the last warps
+
         ("past_limits", r(1, 100003), 8),
         ("k256", r(2, 3000), 256),
         ("k_eq_u", r(2, 64), 64),

@@ -82,8 +82,10 @@ CASES = {
     "scores_lse": ("issue 6: one pass 0.249 ms (22x, met; s9)",
                    lambda: _scores("SnapKV scores B1 Hq32 Hkv8 D128 S131072 w64 page16 avgpool5", True)),
     "compact_50": ("issue 6: 79% of copy (s9)", lambda: _compact("compact B1 Hkv8 D128 S131072 keep 50% page16")),
-    "block_sparse_B16": ("issue 4: 70% of copy at B16 page16 (s8)",
+    "block_sparse_B16": ("issue 4: 86% of copy at B16 page16 (s13)",
                          lambda: _block_sparse("B16 Hq32 Hkv8 D128 S32768 page16 sel37x128")),
+    "block_sparse_B1": ("issue 4: 25% of copy at B1 page128 (s13)",
+                        lambda: _block_sparse("B1 Hq32 Hkv8 D128 S131072 page128 sel37x128")),
     "token_decoder_L16": ("issue 4: 65% of copy at L16 (s9)", lambda: _token_decoder("token-decoder B8 H16 D128 S16384 L16 P2")),
 }
 

@@ -15,6 +15,7 @@ namespace kvcore {
 namespace {
 
 constexpr int kScoreThreads = 256;
+static_assert(kScoreThreads == 256, "the unit-score kernels are written for 256 threads (__launch_bounds__, chunks)");
 
 void infllm_unit_scores_cuda(const at::Tensor& q, const at::Tensor& repr_keys, at::Tensor& out) {
   const UnitScoresShape s = check_unit_scores(q, repr_keys, out);
@@ -66,17 +67,19 @@ void infllm_unit_scores_cuda(const at::Tensor& q, const at::Tensor& repr_keys, a
   const size_t smem = size_t(p.hkv) * size_t(d) * sizeof(float);
   const dim3 grid(unsigned(ctas), unsigned(s.batch));
   auto stream = at::cuda::getCurrentCUDAStream();
+  // The flat kernel wants units of a power of two >= 32 vectors (whole units per chunk, a warp's
+  // vectors in one unit); others (e.g. Hkv 3) take the general one.
+  const bool flat = nvec >= 32 && nvec <= kScoreFlatChunk && (nvec & (nvec - 1)) == 0;
   dispatch_half_types(repr_keys.scalar_type(), "infllm_unit_scores", [&](auto tag) {
     using T = decltype(tag);
-    if (q.scalar_type() == at::kFloat) {
-      auto kernel = infllm_unit_scores_kernel<T, float>;
+    auto go = [&](auto kernel) {
       if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
       kernel<<<grid, kScoreThreads, smem, stream>>>(p);
-    } else {
-      auto kernel = infllm_unit_scores_kernel<T, T>;
-      if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-      kernel<<<grid, kScoreThreads, smem, stream>>>(p);
-    }
+    };
+    if (q.scalar_type() == at::kFloat)
+      flat ? go(infllm_unit_scores_flat_kernel<T, float>) : go(infllm_unit_scores_kernel<T, float>);
+    else
+      flat ? go(infllm_unit_scores_flat_kernel<T, T>) : go(infllm_unit_scores_kernel<T, T>);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

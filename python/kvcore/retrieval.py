@@ -877,17 +877,13 @@ class InfLLMCache:
         r = self.num_recent
         fused = self.fuse_attention and not loading and (n_sink % bs == 0 or r == 0)
         bt_all, bt_units, bt_ring = self._block_tables()
-        slots = None
-        if k:
-            slots = self.unit_slot_table.gather(1, idx.reshape(b, -1)).view(b, idx.shape[1], k)
-            slots = slots.expand(b, hkv, k)  # logical page of a unit = its slot (first mc pages)
         ws = decode_workspace(self.device) if self.device.type == "cuda" else None
         out = torch.empty(b, self.num_q_heads, self.head_dim, dtype=self.dtype, device=self.device)
         lse = torch.empty(b, self.num_q_heads, dtype=torch.float32, device=self.device)
         n_sink_pg = -(-n_sink // bs)
         if fused:
             self.wait_loads()  # loads queued by an earlier fetch() (a stream wait, not a host sync)
-            sel_pages, sel_counts = self._selection(slots, n_sink_pg, -(-r // bs))
+            sel_pages, sel_counts = self._selection(idx, n_sink_pg, -(-r // bs))
             seq_lens = self._lens(mc * bs + n_sink + r)
             _ops.block_sparse_decode(q, self.kv_k, self.kv_v, bt_all, seq_lens, sel_pages, sel_counts, self.scale,
                                      0.0, out, lse, ws, 0)
@@ -898,7 +894,7 @@ class InfLLMCache:
         if not have_mem:
             return out, lse
         self.wait_loads()
-        sel_pages, sel_counts = self._selection(slots, n_sink_pg, 0)
+        sel_pages, sel_counts = self._selection(idx, n_sink_pg, 0)
         seq_lens = self._lens(mc * bs + n_sink)
         if not r:
             _ops.block_sparse_decode(q, self.kv_k, self.kv_v, bt_units, seq_lens, sel_pages, sel_counts, self.scale,
@@ -940,31 +936,40 @@ class InfLLMCache:
         self._step_cache[key] = (bt_all, bt_units, bt_ring)
         return bt_all, bt_units, bt_ring
 
-    def _selection(self, slots: Optional[Tensor], n_sink_pg: int, n_ring_pg: int) -> tuple[Tensor, Tensor]:
-        """``sel_pages [B, Hkv, k + n_sink_pg + n_ring_pg]`` (logical pages of ``bt_all``: the
-        selected units' slots, sink pages ``mc ..``, ring pages ``mc + sink_pages ..``) and
-        ``sel_counts [B, Hkv]`` (all equal to that width)."""
+    def _selection(self, idx: Optional[Tensor], n_sink_pg: int, n_ring_pg: int) -> tuple[Tensor, Tensor]:
+        """``sel_pages [B, Hkv, k + n_sink_pg + n_ring_pg]`` (logical pages of ``bt_all``: the slots
+        of the selected units ``idx [B, Hsel, k]`` (a unit's logical page is its slot, the first
+        ``mc`` pages), the sink pages ``mc ..``, the ring pages ``mc + sink_pages ..``) and
+        ``sel_counts [B, Hkv]`` (all equal to that width).
+
+        The buffer is kept per shape with its sink and ring columns written once; a step writes
+        only the ``k`` unit columns, with one gather from ``unit_slot_table`` straight into them
+        (a gather and a concatenation before: one launch less per step). The next step of the
+        same shape overwrites it, in stream order like the step's other buffers."""
         b, hkv, mc = self.batch, self.num_kv_heads, self.max_cached_block
-        key = ("sel", n_sink_pg, n_ring_pg)
-        tail = self._step_cache.get(key)
-        if tail is None:
-            dev = self.device
+        k = 0 if idx is None else idx.shape[2]
+        key = ("sel", k, n_sink_pg, n_ring_pg)
+        sel = self._step_cache.get(key)
+        if sel is None:
+            cached = [c for c in self._step_cache if c[0] == "sel"]  # insertion order: oldest first
+            if len(cached) >= 8:
+                del self._step_cache[cached[0]]
             base = mc + self.sink_pages
-            tail = torch.cat([torch.arange(mc, mc + n_sink_pg, device=dev),
-                              torch.arange(base, base + n_ring_pg, device=dev)]).to(torch.int32)
-            self._step_cache[key] = tail
-        k = 0 if slots is None else slots.shape[2]
-        width = k + tail.numel()
-        tail_b = tail.view(1, 1, -1).expand(b, hkv, -1)
-        sel_pages = tail_b.contiguous() if slots is None else torch.cat([slots, tail_b], dim=2)
+            tail = torch.cat([torch.arange(mc, mc + n_sink_pg), torch.arange(base, base + n_ring_pg)]).to(torch.int32)
+            # Width >= 1 keeps the op's max_sel >= 1 (a count of 0 reads nothing).
+            sel = torch.zeros(b, hkv, max(1, k + tail.numel()), dtype=torch.int32, device=self.device)
+            sel[:, :, k : k + tail.numel()] = tail.to(self.device)
+            self._step_cache[key] = sel
+        if k:
+            table = self.unit_slot_table.unsqueeze(1).expand(b, hkv, -1)
+            torch.gather(table, 2, idx.expand(b, hkv, k), out=sel[:, :, :k])
+        width = k + n_sink_pg + n_ring_pg
         ckey = ("cnt", width)
         counts = self._step_cache.get(ckey)
         if counts is None:
             counts = torch.full((b, hkv), width, dtype=torch.int32, device=self.device)
             self._step_cache[ckey] = counts
-        if sel_pages.shape[2] == 0:  # keep the op's max_sel >= 1 (the count 0 reads nothing)
-            sel_pages = torch.zeros(b, hkv, 1, dtype=torch.int32, device=self.device)
-        return sel_pages, counts
+        return sel, counts
 
     def _lens(self, n: int) -> Tensor:
         # One cached value per use site is enough: repeated attends at one length reuse it.

@@ -140,6 +140,115 @@ __global__ void __launch_bounds__(256) infllm_unit_scores_kernel(UnitScoresParam
   }
 }
 
+// Flat form, for units of nvec = 2^n >= 32 vectors (every power-of-two Hkv x D of at least 256
+// elements, the InfLLM shapes among them): a CTA's units are one contiguous run of vectors, which
+// consecutive threads read in chunks of kScoreFlatLoads vectors each, a whole chunk in flight
+// before any math, and the CTA's first chunk before the q fold (the keys do not depend on q). A
+// warp's 32 vectors lie in one unit (one KV head's vph vectors in one aligned lane segment), so a
+// warp sum is one unit's partial; the partials of a chunk's units are added in a fixed order
+// (deterministic). The general kernel above kept one unit (2 KB at Hkv 8 x D 128) per warp in
+// flight and folded q first: 11 us of device time for B1's 16.8 MB of keys (1.5 TB/s), session 13.
+constexpr int kScoreFlatLoads = 8;
+constexpr int kScoreFlatChunk = kScoreFlatLoads * 256;  // vectors per chunk (256 threads)
+
+template <typename T, typename TQ>
+__global__ void __launch_bounds__(256) infllm_unit_scores_flat_kernel(UnitScoresParams p) {
+  extern __shared__ float qg[];
+  __shared__ float partial[kScoreFlatChunk / 32];  // one per warp slice of a chunk
+  const int64_t b = blockIdx.y;
+  const int d = p.head_dim, hkv = p.hkv, g = p.group;
+  const int qg_len = hkv * d;
+  const int vph = p.vec_per_head;
+  const int nvec = hkv * vph;  // a power of two, 32 .. kScoreFlatChunk (the launcher checks)
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t u_begin = int64_t(blockIdx.x) * p.units_per_cta;
+  const int64_t u_end = min(u_begin + p.units_per_cta, p.units);
+  const uint4* vecs = reinterpret_cast<const uint4*>(static_cast<const T*>(p.keys) + b * p.k_sb) + u_begin * nvec;
+  const int64_t total = (u_end - u_begin) * nvec;  // this CTA's vectors: a multiple of 32
+
+  uint4 raw[kScoreFlatLoads];
+  auto load_chunk = [&](int64_t base) {
+#pragma unroll
+    for (int j = 0; j < kScoreFlatLoads; ++j) {
+      const int64_t v = base + j * 256 + tid;
+      raw[j] = v < total ? __ldg(vecs + v) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  load_chunk(0);
+  if (tid == 0 && total > kScoreFlatChunk) {  // later chunks: start their DRAM reads now too
+    const int64_t bytes = (total - kScoreFlatChunk) * 16;
+    prefetch_l2_bulk(vecs + kScoreFlatChunk, uint32_t(bytes < 65536 ? bytes : 65536));
+  }
+
+  // qg = the sum of each KV head's query heads, 4 elements per thread in flight at once.
+  const TQ* q = static_cast<const TQ*>(p.q) + b * p.q_sb;
+  for (int e0 = 0; e0 < qg_len; e0 += 4 * 256) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int j = 0; j < g; ++j) {
+      float x[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int e = min(e0 + r * 256 + tid, qg_len - 1);
+        const int h = e / d;
+        x[r] = to_float<TQ>(q[int64_t(h * g + j) * p.q_sh + (e - h * d)]);
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[r] += x[r];
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      if (e0 + r * 256 + tid < qg_len) qg[e0 + r * 256 + tid] = acc[r];
+  }
+  __syncthreads();
+
+  for (int64_t base = 0; base < total; base += kScoreFlatChunk) {
+    if (base > 0) load_chunk(base);
+    float sums[kScoreFlatLoads];
+#pragma unroll
+    for (int j = 0; j < kScoreFlatLoads; ++j) {
+      const int64_t v = base + j * 256 + tid;
+      float part = 0.0f;
+      if (v < total) {
+        float f[8];
+        unpack8(raw[j], f, T{});
+        const float* qv = qg + int(v & (nvec - 1)) * 8;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) part = fmaf(f[i], qv[i], part);
+      }
+      sums[j] = part;
+    }
+    if (p.per_kv_head) {
+#pragma unroll
+      for (int j = 0; j < kScoreFlatLoads; ++j) {
+        const int64_t v = base + j * 256 + tid;  // v < total is warp-uniform: full-mask shuffles
+        const float x = segment_sum(sums[j], vph);
+        if (v < total && (lane & (vph - 1)) == 0) {
+          const int64_t u = u_begin + v / nvec;
+          const int h = int(v & (nvec - 1)) / vph;
+          p.out[(b * hkv + h) * p.units + u] = x;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kScoreFlatLoads; ++j) {
+        const float x = segment_sum(sums[j], 32);
+        if (lane == 0) partial[j * 8 + warp] = x;  // slice j * 8 + warp = vectors (j * 8 + warp) * 32 ..
+      }
+      __syncthreads();
+      // A chunk holds whole units (nvec divides the chunk); unit c's slices: c * wpu .. + wpu - 1.
+      const int wpu = nvec / 32;
+      const int64_t left = total - base;
+      const int units_here = int((left < kScoreFlatChunk ? left : kScoreFlatChunk) / nvec);
+      for (int c = tid; c < units_here; c += 256) {
+        float x = 0.0f;
+        for (int w = 0; w < wpu; ++w) x += partial[c * wpu + w];
+        p.out[b * p.units + u_begin + base / nvec + c] = x;
+      }
+      __syncthreads();  // partial is rewritten by the next chunk
+    }
+  }
+}
+
 struct TopkRowsParams {
   const float* scores;  // [rows, cols], row stride row_stride, columns contiguous
   int64_t row_stride;
@@ -201,6 +310,8 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_rows_kernel(TopkRowsPara
       auto tally = [&](uint64_t key) {
         int digit = -1;
         if (key != 0ull && (key & mask) == prefix) digit = int((key >> shift) & 255u);
+        // After the first pass few keys still match the prefix: most warps have none to count.
+        if (!__any_sync(0xffffffffu, digit >= 0)) return;
         // Lanes with the same digit add once (the first passes see few distinct digits, and
         // per-lane shared atomics on one address would serialise).
         const unsigned peers = __match_any_sync(0xffffffffu, digit);
