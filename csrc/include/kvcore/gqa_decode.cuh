@@ -320,7 +320,20 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     }
   };
 
-  // ---- start the copies, then stage the group's queries (rows >= group are zero) --------------
+  // ---- stage the group's queries (rows >= group zero-filled), then start the KV copies ---------
+  // Q by cp.async, issued first and committed with tile 0's copies (the loop's first wait covers
+  // it). It used to be loaded into registers and stored after the first tiles' copies were
+  // issued: its requests queued behind them, and each thread's two pieces (D128) were two
+  // dependent round trips; the per-SASS profile of block-sparse B1 (session 13, call 2) had 16%
+  // of the stall samples on that store.
+  for (int i = tid; i < ROWS * TD; i += Cfg::THREADS) {
+    const int row = i / TD, chunk = i % TD;
+    const int qrow = row < group ? row : 0;  // zero-filled rows still name a legal address
+    cp_async_16(sQ + swz<TD>(row, chunk),
+                static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b + int64_t(kvh * group + qrow) * p.q_stride_h +
+                    chunk * 8,
+                row < group);
+  }
   int pages[LOADS];
   if constexpr (SPARSE) fetch_list(0);
   if (SPARSE || p.window_left < 0) fetch_pages(0, pages);
@@ -338,14 +351,6 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
     if (s < num_tiles) issue_copies(s, pages);
     cp_async_commit();
     fetch_pages(s + 1, pages);
-  }
-  for (int i = tid; i < ROWS * TD; i += Cfg::THREADS) {
-    const int row = i / TD, chunk = i % TD;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (row < group)
-      v = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b +
-                                          int64_t(kvh * group + row) * p.q_stride_h + chunk * 8);
-    *reinterpret_cast<uint4*>(sQ + swz<TD>(row, chunk)) = v;
   }
 
   // Lane roles in the mma fragments: rows r0 = lane/4 and r0 + 8; token/column pair (lane%4)*2.

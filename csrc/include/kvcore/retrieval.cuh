@@ -12,9 +12,9 @@
 //   holds exactly the keys still needed. Then every key >= the threshold is gathered (exactly
 //   min(k, U) of them) and ranked by counting larger keys (k <= 256, so O(k^2) is nothing).
 //   The first kTopkRegKeys * kTopkThreads columns of a row are read once into registers; only
-//   columns past that are read again by each pass (from L2). A row is one CTA's work, so the
-//   passes are a dependent chain: re-reading 8192 columns per pass cost a round of loads per
-//   8 columns per thread, several times over.
+//   columns past that are read again by each pass (from L2). For k <= 32 over a row held in
+//   registers a bound comes first (the k-th largest warp maximum): when at most kTopkMaxK keys
+//   reach it, those are ranked directly and no pass runs.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -272,6 +272,8 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_rows_kernel(TopkRowsPara
   __shared__ uint32_t s_remaining;
   __shared__ int s_done;
   __shared__ int s_count;
+  __shared__ uint64_t s_warp_max[kTopkThreads / 32];
+  __shared__ uint64_t s_bound;
 
   const int64_t row = blockIdx.x;
   const float* src = p.scores + row * p.row_stride;
@@ -301,7 +303,50 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_rows_kernel(TopkRowsPara
 
   // Threshold: the k-th largest key, or a prefix of it below which no chosen key lies.
   uint64_t prefix = 0, mask = 0;
-  if (int64_t(kk) < n) {
+
+  // Fast bound (k <= 32, the whole row in registers): the 32 warps' maxima are distinct keys, so
+  // the k-th largest of them is <= the row's k-th largest key, and every chosen key is >= it.
+  // When at most kTopkMaxK keys reach it, they are ranked directly and no radix pass runs (InfLLM's
+  // scores: a few dozen); otherwise (e.g. ascending scores, whose warp maxima all lie in the
+  // row's last columns) the passes below do. Session 13 timed the passes alone at 6.7 us of
+  // device time for one row of 8192 (two or three passes, each a chain of barriers and shared
+  // atomics).
+  static_assert(kTopkThreads / 32 == 32, "the fast bound ranks one warp maximum per lane");
+  bool fast = false;
+  if (int64_t(kk) < n && kk <= 32 && n <= held_end) {
+    if (tid == 0) {
+      s_bound = 0ull;  // (stays so if absent warps' zero maxima tie at the k-th place: every key)
+      s_count = 0;
+    }
+    uint64_t m = 0ull;
+#pragma unroll
+    for (int j = 0; j < kTopkRegKeys; ++j) m = held[j] > m ? held[j] : m;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const uint64_t o = __shfl_xor_sync(0xffffffffu, m, off);
+      m = o > m ? o : m;
+    }
+    if (lane == 0) s_warp_max[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+      const uint64_t mine = s_warp_max[lane];
+      int above = 0;
+#pragma unroll 8
+      for (int w = 0; w < 32; ++w) above += s_warp_max[w] > mine ? 1 : 0;
+      if (above == kk - 1) s_bound = mine;
+    }
+    __syncthreads();
+    const uint64_t bound = s_bound;
+    int mine = 0;
+#pragma unroll
+    for (int j = 0; j < kTopkRegKeys; ++j) mine += (held[j] != 0ull && held[j] >= bound) ? 1 : 0;
+    mine = __reduce_add_sync(0xffffffffu, mine);
+    if (lane == 0 && mine > 0) atomicAdd(&s_count, mine);
+    __syncthreads();
+    fast = s_count <= int(kTopkMaxK);  // block-uniform
+    if (fast) prefix = bound;
+  }
+  if (int64_t(kk) < n && !fast) {
     uint32_t remaining = uint32_t(kk);  // chosen keys still to place among those matching prefix
     for (int shift = 56; shift >= 0; shift -= 8) {
       for (int i = tid; i < 256; i += kTopkThreads) hist[i] = 0u;
@@ -367,8 +412,11 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_rows_kernel(TopkRowsPara
     }
   }
 
-  // Every key >= prefix is chosen: the keys of higher bins in some pass, plus the whole bin the
-  // search stopped in (prefix has zeros below its bits, so key >= prefix <=> its top bits >= prefix's).
+  // Every key >= prefix is a candidate: after the passes exactly the chosen ones (the keys of
+  // higher bins in some pass plus the whole bin the search stopped in; prefix has zeros below
+  // its bits, so key >= prefix <=> its top bits >= prefix's); after the fast bound, at most
+  // kTopkMaxK keys of which the kk largest are chosen.
+  __syncthreads();  // every thread has read s_count (the fast bound's test) before the reset
   if (tid == 0) s_count = 0;
   __syncthreads();
   auto gather = [&](uint64_t key) {
@@ -381,21 +429,24 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_rows_kernel(TopkRowsPara
   for (int j = 0; j < kTopkRegKeys; ++j) gather(held[j]);
   for (int64_t i = held_end + tid; i < n; i += kTopkThreads) gather(topk_key(__ldg(src + i), uint32_t(i)));
   __syncthreads();
-  const int cnt = s_count < kk ? s_count : kk;  // == kk by construction; the min keeps writes in range
+  // Candidates ranked by counting larger ones (keys are unique); ranks below kk are written. The
+  // passes leave exactly kk candidates; the min keeps the reads in s_keys.
+  const int cnt = s_count < int(kTopkMaxK) ? s_count : int(kTopkMaxK);
   IndexT* indices = static_cast<IndexT*>(p.indices) + row * k;
   float* values = p.values + row * k;
-  for (int j = tid; j < k; j += kTopkThreads) {
-    if (j < cnt) {
-      const uint64_t key = s_keys[j];
-      int rank = 0;
-      for (int m = 0; m < cnt; ++m) rank += s_keys[m] > key ? 1 : 0;
+  for (int j = tid; j < cnt; j += kTopkThreads) {
+    const uint64_t key = s_keys[j];
+    int rank = 0;
+    for (int m = 0; m < cnt; ++m) rank += s_keys[m] > key ? 1 : 0;
+    if (rank < kk) {
       const uint32_t col = topk_key_column(key);
       values[rank] = __ldg(src + col);
       indices[rank] = IndexT(col);
-    } else {
-      values[j] = -__int_as_float(0x7f800000);
-      indices[j] = IndexT(-1);
     }
+  }
+  for (int j = kk + tid; j < k; j += kTopkThreads) {  // rows shorter than k
+    values[j] = -__int_as_float(0x7f800000);
+    indices[j] = IndexT(-1);
   }
 }
 
