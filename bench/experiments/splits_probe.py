@@ -1,6 +1,8 @@
 """Time block_sparse_decode and gqa_decode at B1 over forced split counts (0: the automatic choice,
-which keeps splits >= 256 tokens for gqa_decode and >= 128 for block_sparse_decode since session
-13: kMinSplitTokens, kMinSparseSplitTokens), to see where the small-batch cases' time goes.
+which keeps splits >= 256 tokens, kMinSplitTokens), to see where the small-batch cases' time goes.
+Session 13 (H200, after page groups): block-sparse B1 within 17.2-18.1 us from 15 to 33 splits
+(25 = 3 tiles per split, the most CTAs of one wave: 18.0), 21-22 us at two waves; a 128-token
+floor for the automatic count was tried and dropped (no gain).
 
     python bench/experiments/splits_probe.py [OUT.json]
 

@@ -28,11 +28,6 @@ constexpr int kMaxSplits = 256;
 constexpr int64_t kCounterBytes = int64_t(1) << 20;
 // A split shorter than this spends more on its prologue and on the merge than it saves.
 constexpr int kMinSplitTokens = 256;
-// block_sparse_decode's floor: its small-batch lists are short (B1: 37 pages of 128 = 74 tiles
-// over 8 pairs), and forced split counts timed in session 12 (bench/experiments/splits_probe.py,
-// H200) put the fastest launch at the most CTAs one wave holds, 3 tiles per split (23.6 us
-// against 26.0 at the 5-tile splits the 256 floor gave; two waves 30.8).
-constexpr int kMinSparseSplitTokens = 128;
 // Positions are int32 in the kernel and run up to a few tiles past the capacity while pages are
 // prefetched: keep that headroom below 2^31.
 constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
@@ -43,9 +38,8 @@ using kvcore::ctas_per_sm;  // csrc/common/cuda_occupancy.h
 // for a captured graph): fill the GPU's CTA slots in as few, as full waves as possible.
 // max_ctas > 0 caps the grid (pairs x splits) where pairs alone fit under it: one wave for the
 // fused H2O score epilogue, whose CTAs wait for the other splits of their pair.
-inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_ctas = 0,
-                         int min_split_tokens = kMinSplitTokens) {
-  int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv_len / min_split_tokens));
+inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_ctas = 0) {
+  int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv_len / kMinSplitTokens));
   if (max_ctas > 0) most = std::max<int64_t>(1, std::min<int64_t>(most, max_ctas / std::max<int64_t>(pairs, 1)));
   int best = 1;
   double best_fill = 0.0;
@@ -81,14 +75,14 @@ struct SplitPlan {
 
 // pairs: CTAs per split (what a counter counts for); pairs_name names them in the error
 // message; kv_len: the most key positions one pair can have (from shapes only); tile: the
-// kernel's tile (a split covers whole tiles); have: the workspace's bytes (0 when none);
-// min_split_tokens: the shortest split an automatic count may cut. An explicit num_splits (requested > 1) that does not fit is an error; an automatic one is
+// kernel's tile (a split covers whole tiles); have: the workspace's bytes (0 when none).
+// An explicit num_splits (requested > 1) that does not fit is an error; an automatic one is
 // lowered until it fits.
 inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pairs, int64_t kv_len, int slots,
                              int tile, int64_t requested, int64_t have, int64_t scratch, int64_t rows,
-                             int64_t width, int64_t max_ctas = 0, int min_split_tokens = kMinSplitTokens) {
+                             int64_t width, int64_t max_ctas = 0) {
   int splits = requested > 0 ? int(std::min<int64_t>(requested, kMaxSplits))
-                             : choose_splits(pairs, kv_len, slots, max_ctas, min_split_tokens);
+                             : choose_splits(pairs, kv_len, slots, max_ctas);
   auto lse_bytes = [&](int n) { return round256(pairs * n * rows * 4); };
   auto bytes_for = [&](int n) { return kCounterBytes + scratch + lse_bytes(n) + pairs * n * rows * width * 4; };
   if (splits > 1) {
@@ -286,8 +280,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   // each other), so an automatic split count keeps the grid to one wave.
   const bool want_fused = SCORE && score_epilogue() == ScoreEpilogue::kFused;
   const SplitPlan plan = plan_splits(op, "batch x num_kv_heads", pairs, kv_len, slots, Cfg::TILE, requested_splits,
-                                     have, sbytes, s.group, s.head_dim, want_fused ? slots : 0,
-                                     SPARSE ? kMinSparseSplitTokens : kMinSplitTokens);
+                                     have, sbytes, s.group, s.head_dim, want_fused ? slots : 0);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
   // Fused when the grid is one wave (or no pair is split), the departure counters fit next to the
