@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 import kvcore
-from kvcore.bench import block_sparse, block_transformer, decode, eviction_cache, eviction_scores, mla
+from kvcore.bench import block_sparse, block_transformer, decode, eviction_cache, eviction_scores, mla, retrieval
 
 
 def _case(module, name: str):
@@ -28,6 +28,11 @@ def _case(module, name: str):
         if case.name == name:
             return case
     raise KeyError(f"{module.__name__} has no case {name!r}")
+
+
+def _retrieval_select(name: str) -> Callable:
+    x = retrieval.make_inputs(_case(retrieval, name), torch.device("cuda"))
+    return retrieval.build_kvcore(x)[0]
 
 
 def _mla_project(name: str) -> Callable:
@@ -86,6 +91,8 @@ CASES = {
                          lambda: _block_sparse("B16 Hq32 Hkv8 D128 S32768 page16 sel37x128")),
     "block_sparse_B1": ("issue 4: 25% of copy at B1 page128 (s13)",
                         lambda: _block_sparse("B1 Hq32 Hkv8 D128 S131072 page128 sel37x128")),
+    "retrieval_select": ("issue 5: unit scores 10.3 us + top-k 5.1 us of device time at B1 (s13)",
+                         lambda: _retrieval_select("B1 Hq32 Hkv8 D128 mem8192x128 top16 select")),
     "token_decoder_L16": ("issue 4: 65% of copy at L16 (s9)", lambda: _token_decoder("token-decoder B8 H16 D128 S16384 L16 P2")),
 }
 

@@ -17,6 +17,7 @@
 #include "common/cuda_dispatch.h"
 #include "common/cuda_occupancy.h"
 #include "common/env_switch.h"
+#include "common/pdl.h"
 #include "kvcore/decode_score.cuh"
 #include "kvcore/gqa_decode.cuh"
 
@@ -166,23 +167,6 @@ inline int64_t score_prob_bytes(const PagedDecodeShape& s, int64_t kv_len) {
 }
 inline int64_t score_bytes(const PagedDecodeShape& s, int64_t kv_len) {
   return score_lse_bytes(s) + score_prob_bytes(s, kv_len) + round256(s.batch * s.num_q_heads * score_blocks(kv_len) * 4);
-}
-
-inline bool env_flag(const char* name) {
-  const char* e = std::getenv(name);
-  return e != nullptr && e[0] == '1';
-}
-
-// Programmatic dependent launch of the score epilogue: on sm_90+, unless KVCORE_NO_PDL=1. During
-// CUDA graph capture only with KVCORE_PDL_IN_GRAPHS=1: captured programmatic edges need a recent
-// driver and have not been tried on our GPU host yet, so graphs get the plain (always valid)
-// stream order by default.
-inline bool use_pdl(cudaStream_t stream) {
-  static const bool off = env_flag("KVCORE_NO_PDL"), in_graphs = env_flag("KVCORE_PDL_IN_GRAPHS");
-  if (off || at::cuda::getCurrentDeviceProperties()->major < 9) return false;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status == cudaStreamCaptureStatusNone || in_graphs;
 }
 
 // L2 priority of the H2O score path's P / base scratch (stored by the decode, read once by the

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "common/cuda_dispatch.h"
+#include "common/pdl.h"
 #include "kvcore/retrieval.cuh"
 #include "retrieval/retrieval_checks.h"
 
@@ -93,11 +94,22 @@ void topk_rows_cuda(const at::Tensor& scores, at::Tensor& values, at::Tensor& in
   TopkRowsParams p{scores.data_ptr<float>(), scores.stride(0), s.rows, s.cols, int(s.k), values.data_ptr<float>(),
                    indices.data_ptr()};
   auto stream = at::cuda::getCurrentCUDAStream();
+  // Programmatic dependent launch (common/pdl.h): the CTAs start while the kernel ahead (the unit
+  // scores, in the InfLLM step) drains, and wait for it before reading the scores.
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(s.rows));
+  cfg.blockDim = dim3(kTopkThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = use_pdl(stream) ? 1 : 0;
   if (indices.scalar_type() == at::kInt)
-    topk_rows_kernel<int32_t><<<unsigned(s.rows), kTopkThreads, 0, stream>>>(p);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, topk_rows_kernel<int32_t>, p));
   else
-    topk_rows_kernel<int64_t><<<unsigned(s.rows), kTopkThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, topk_rows_kernel<int64_t>, p));
 }
 
 }  // namespace

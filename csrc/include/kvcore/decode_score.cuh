@@ -119,11 +119,9 @@ __global__ void __launch_bounds__(kDecodeScoreThreads, (kDecodeScoreMinCtas<GMAX
     for (int i = 0; i < KPT; ++i) old[i] = k0 + i < n ? sc[i] : 0.f;
   }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Every thread waits, also those with no key: then this grid cannot complete before the decode
   // grid has, and work queued after it on the stream is ordered after both, whatever the lengths.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  grid_dependency_wait();
   if (k0 >= n) return;  // past the sequence (or its window): nothing to add
 
   const int group = p.group;

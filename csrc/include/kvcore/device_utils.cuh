@@ -142,6 +142,20 @@ __device__ __forceinline__ void prefetch_l2_bulk(const void* gmem, uint32_t byte
 #endif
 }
 
+// Programmatic dependent launch (sm_90; nothing before): let the next grid on the stream, when it
+// was launched with the programmatic serialization attribute, start before this one ends; and, in
+// such a grid, wait for the grid ahead to complete with its writes visible.
+__device__ __forceinline__ void grid_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // ---- inter-CTA flags ---------------------------------------------------------------------------
 
 // A GPU-scope acquire load: what the CTA that released the value (a __threadfence before its

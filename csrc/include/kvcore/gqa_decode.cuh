@@ -188,11 +188,9 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   KVCORE_TRACE(p, 0);
   [[maybe_unused]] uint64_t score_policy = 0;  // SCORE: L2 policy of the P / base stores
   if constexpr (SCORE) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // Let the epilogue grid launch as soon as every CTA of this one has started (programmatic
     // dependent launch); it waits for this grid's completion before reading anything.
-    if (!p.score_fused) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+    if (!p.score_fused) grid_launch_dependents();
     score_policy = l2_policy(p.score_l2);  // once, not per tile (createpolicy is volatile asm)
   }
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;

@@ -64,6 +64,9 @@ __device__ __forceinline__ float segment_sum(float x, int width) {
 template <typename T, typename TQ>
 __global__ void __launch_bounds__(256) infllm_unit_scores_kernel(UnitScoresParams p) {
   extern __shared__ float qg[];
+  // A top-k launched behind this grid (programmatic dependent launch) may start now; it waits
+  // for this grid to finish before reading the scores.
+  grid_launch_dependents();
   const int64_t b = blockIdx.y;
   const int d = p.head_dim, hkv = p.hkv, g = p.group;
   const int qg_len = hkv * d;
@@ -154,6 +157,9 @@ constexpr int kScoreFlatChunk = kScoreFlatLoads * 256;  // vectors per chunk (25
 template <typename T, typename TQ>
 __global__ void __launch_bounds__(256) infllm_unit_scores_flat_kernel(UnitScoresParams p) {
   extern __shared__ float qg[];
+  // A top-k launched behind this grid (programmatic dependent launch) may start now; it waits
+  // for this grid to finish before reading the scores.
+  grid_launch_dependents();
   __shared__ float partial[kScoreFlatChunk / 32];  // one per warp slice of a chunk
   const int64_t b = blockIdx.y;
   const int d = p.head_dim, hkv = p.hkv, g = p.group;
@@ -275,6 +281,10 @@ __global__ void __launch_bounds__(kTopkThreads, 1) topk_rows_kernel(TopkRowsPara
   __shared__ uint64_t s_warp_max[kTopkThreads / 32];
   __shared__ uint64_t s_bound;
 
+  // Launched programmatically behind the kernel that wrote the scores (infllm_unit_scores): every
+  // thread waits for that grid before reading them, so this grid also completes after it and work
+  // queued later on the stream is ordered after both. Without the launch attribute: a no-op.
+  grid_dependency_wait();
   const int64_t row = blockIdx.x;
   const float* src = p.scores + row * p.row_stride;
   const int64_t n = p.cols;
