@@ -59,15 +59,6 @@ def device_description(device: torch.device) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def flush_sink_dtype() -> torch.dtype:
-    """The dtype of the L2 flush's sum (:class:`Timer`): ``KVCORE_BENCH_FLUSH`` = ``int64`` (the
-    default: a cast to an int64 temporary, then a read of it) or ``int32`` (a plain read)."""
-    name = os.environ.get("KVCORE_BENCH_FLUSH", "int64")
-    if name not in ("int64", "int32"):
-        raise ValueError(f"KVCORE_BENCH_FLUSH must be int64 or int32, got {name!r}")
-    return torch.int64 if name == "int64" else torch.int32
-
-
 class Timer:
     """Times a zero-argument callable and returns its median time in milliseconds.
 
@@ -79,13 +70,10 @@ class Timer:
     benchmark artefact to whichever kernel runs next. CPU: ``time.perf_counter`` median after
     warm-up.
 
-    The flush is ``torch.sum`` of an int32 buffer into an int64 scalar, for which torch first
-    casts the buffer to a 512 MB int64 temporary and then reads that (the temporary's dirty lines
-    are evicted by that read, so L2 is left clean). ``KVCORE_BENCH_FLUSH=int32`` sums into an
-    int32 scalar instead: a plain 256 MB read, ~65 us instead of ~300. Session 13 measured
-    read-only kernels 2-3% slower after it (and the copy 0.6% faster), in calls on different
-    machines; the default stays the form every committed result was taken with until an A/B in
-    one process settles it (bench/NOTES.md, session 13).
+    The flush is ``torch.sum`` of an int32 buffer into an int32 scalar: a plain 256 MB read
+    (~65 us). Until session 13 it summed into an int64 scalar, for which torch first casts the
+    buffer to a 512 MB int64 temporary and then reads that (~300 us, L2 left clean by that read);
+    an A/B of the two forms in one process measured the same kernel times (bench/NOTES.md).
 
     ``warmup_ms``/``rep_ms`` are time budgets; the number of repetitions is derived from a first
     estimate of the call's time and clamped to [min_reps, max_reps].
@@ -127,11 +115,9 @@ class Timer:
     def _flush_l2(self) -> None:
         if self._flush_buf is None:
             self._flush_buf = torch.ones(256 * 2**20 // 4, dtype=torch.int32, device=self.device)
-            self._flush_sink = torch.empty((), dtype=flush_sink_dtype(), device=self.device)
-        if self._flush_sink.dtype == torch.int64:
-            torch.sum(self._flush_buf, 0, out=self._flush_sink)  # the historical form, unchanged
-        else:
-            torch.sum(self._flush_buf, 0, dtype=torch.int32, out=self._flush_sink)
+            self._flush_sink = torch.empty((), dtype=torch.int32, device=self.device)
+        # dtype=int32: without it the sum's int64 default made torch cast the buffer first.
+        torch.sum(self._flush_buf, 0, dtype=torch.int32, out=self._flush_sink)
 
     def _time_events(self, fn: Callable[[], object], setup: Callable[[], object]) -> float:
         # Estimate one call (flush included so the estimate is not from a warm L2).
