@@ -28,4 +28,24 @@ inline bool use_pdl(cudaStream_t stream) {
   return status == cudaStreamCaptureStatusNone || in_graphs;
 }
 
+// A launch configuration (for cudaLaunchKernelEx) that carries the programmatic serialization
+// attribute when use_pdl(stream). Not copyable: cfg points at the object's own attribute.
+struct PdlLaunchConfig {
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr[1];
+
+  PdlLaunchConfig(dim3 grid, dim3 block, size_t smem, cudaStream_t stream) {
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = use_pdl(stream) ? 1 : 0;
+  }
+  PdlLaunchConfig(const PdlLaunchConfig&) = delete;
+  PdlLaunchConfig& operator=(const PdlLaunchConfig&) = delete;
+};
+
 }  // namespace kvcore

@@ -197,23 +197,14 @@ void launch_score_epilogue_kpt(const DecodeScoreParams& sp, int group, int64_t k
                                cudaStream_t stream) {
   const dim3 grid(unsigned((kv_len + kDecodeScoreKeys<KPT> - 1) / kDecodeScoreKeys<KPT>), unsigned(num_kv_heads),
                   unsigned(batch));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(kDecodeScoreThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = use_pdl(stream) ? 1 : 0;
+  const PdlLaunchConfig launch(grid, dim3(kDecodeScoreThreads), 0, stream);
   // The head loop's compile-time bound: the smallest of 1, 2, 4, 8, 16 that holds the group.
   auto kernel = group <= 1   ? decode_score_kernel<1, KPT>
                 : group <= 2 ? decode_score_kernel<2, KPT>
                 : group <= 4 ? decode_score_kernel<4, KPT>
                 : group <= 8 ? decode_score_kernel<8, KPT>
                              : decode_score_kernel<16, KPT>;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, sp));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.cfg, kernel, sp));
 }
 
 // The score epilogue (decode_score.cuh) after a SCORE decode launch on the same stream.

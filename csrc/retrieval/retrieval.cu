@@ -96,20 +96,11 @@ void topk_rows_cuda(const at::Tensor& scores, at::Tensor& values, at::Tensor& in
   auto stream = at::cuda::getCurrentCUDAStream();
   // Programmatic dependent launch (common/pdl.h): the CTAs start while the kernel ahead (the unit
   // scores, in the InfLLM step) drains, and wait for it before reading the scores.
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(s.rows));
-  cfg.blockDim = dim3(kTopkThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = use_pdl(stream) ? 1 : 0;
+  const PdlLaunchConfig launch(dim3(unsigned(s.rows)), dim3(kTopkThreads), 0, stream);
   if (indices.scalar_type() == at::kInt)
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, topk_rows_kernel<int32_t>, p));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.cfg, topk_rows_kernel<int32_t>, p));
   else
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, topk_rows_kernel<int64_t>, p));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.cfg, topk_rows_kernel<int64_t>, p));
 }
 
 }  // namespace
