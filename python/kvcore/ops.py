@@ -1052,7 +1052,9 @@ def topk_rows(scores: torch.Tensor, k: int, *, index_dtype: torch.dtype = torch.
     The order is total, so the result is exact and the same on every backend: descending score,
     equal scores by ascending column (``-0.0 == +0.0``), NaN below every number (``-inf``
     included; mask a column with ``-inf``). When ``k > U`` the slots past ``U`` hold value
-    ``-inf`` and index ``-1``. Definition: :func:`kvcore.reference.topk_rows`.
+    ``-inf`` and index ``-1``. Definition: :func:`kvcore.reference.topk_rows`. On sm_90 the
+    launch is programmatic (``KVCORE_NO_PDL=1`` turns that off): behind
+    :func:`infllm_unit_scores` its CTA starts while the scores drain, and waits for them.
 
     Args:
         scores: ``[N, U]`` float32, columns contiguous (rows may be strided).
