@@ -149,8 +149,10 @@ __global__ void __launch_bounds__(256) infllm_unit_scores_kernel(UnitScoresParam
 // before any math, and the CTA's first chunk before the q fold (the keys do not depend on q). A
 // warp's 32 vectors lie in one unit (one KV head's vph vectors in one aligned lane segment), so a
 // warp sum is one unit's partial; the partials of a chunk's units are added in a fixed order
-// (deterministic). The general kernel above kept one unit (2 KB at Hkv 8 x D 128) per warp in
-// flight and folded q first: 11 us of device time for B1's 16.8 MB of keys (1.5 TB/s), session 13.
+// (deterministic). The general kernel above keeps one unit (2 KB at Hkv 8 x D 128) per warp in
+// flight and folds q first. Session 13, B1's 16.8 MB of keys on an H200: 11.1 us of device time
+// there, 10.3-10.5 here, the time torch.sum takes to read the same bytes (a small read's fixed
+// cost dominates at this size).
 constexpr int kScoreFlatLoads = 8;
 constexpr int kScoreFlatChunk = kScoreFlatLoads * 256;  // vectors per chunk (256 threads)
 
