@@ -323,7 +323,8 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   // it). It used to be loaded into registers and stored after the first tiles' copies were
   // issued: its requests queued behind them, and each thread's two pieces (D128) were two
   // dependent round trips; the per-SASS profile of block-sparse B1 (session 13, call 2) had 16%
-  // of the stall samples on that store.
+  // of the stall samples on that store. (Times did not move: those warps had nothing else to do
+  // before their first tile landed.)
   for (int i = tid; i < ROWS * TD; i += Cfg::THREADS) {
     const int row = i / TD, chunk = i % TD;
     const int qrow = row < group ? row : 0;  // zero-filled rows still name a legal address
