@@ -860,7 +860,7 @@ class InfLLMCache:
         if self.length == 0:
             raise ValueError("the cache is empty: append a token before attending")
         q = q.to(self.dtype)
-        b, hkv, mc, bs = self.batch, self.num_kv_heads, self.max_cached_block, self.block_size
+        b, mc, bs = self.batch, self.max_cached_block, self.block_size
         k = min(self.topk, self.num_units)
         idx = self._select(q, reuse=True) if k else None  # [B, Hsel, k] int64, on the device
         loading = False
@@ -951,9 +951,7 @@ class InfLLMCache:
         key = ("sel", k, n_sink_pg, n_ring_pg)
         sel = self._step_cache.get(key)
         if sel is None:
-            cached = [c for c in self._step_cache if c[0] == "sel"]  # insertion order: oldest first
-            if len(cached) >= 8:
-                del self._step_cache[cached[0]]
+            self._trim_step_cache("sel", 8)
             base = mc + self.sink_pages
             tail = torch.cat([torch.arange(mc, mc + n_sink_pg), torch.arange(base, base + n_ring_pg)]).to(torch.int32)
             # Width >= 1 keeps the op's max_sel >= 1 (a count of 0 reads nothing).
@@ -971,13 +969,17 @@ class InfLLMCache:
             self._step_cache[ckey] = counts
         return sel, counts
 
+    def _trim_step_cache(self, kind: str, keep: int) -> None:
+        """Before adding a ``kind`` entry: drop the oldest ones so at most ``keep`` remain after it."""
+        cached = [c for c in self._step_cache if c[0] == kind]  # insertion order: oldest first
+        for old in cached[: max(0, len(cached) - keep + 1)]:
+            del self._step_cache[old]
+
     def _lens(self, n: int) -> Tensor:
         # One cached value per use site is enough: repeated attends at one length reuse it.
         hit = self._step_cache.get(("lens", n))
         if hit is None:
-            cached = [c for c in self._step_cache if c[0] == "lens"]  # insertion order: oldest first
-            if len(cached) >= 4:
-                del self._step_cache[cached[0]]
+            self._trim_step_cache("lens", 4)
             hit = torch.full((self.batch,), n, dtype=torch.int32, device=self.device)
             self._step_cache[("lens", n)] = hit
         return hit
