@@ -87,6 +87,11 @@ DECODE_CASES = [
     DecodeCase(4, 6, 2, 128, 7, 90, window_left=7, strided_cache=True),
     DecodeCase(2, 16, 16, 64, 16, (0, 0)),
     DecodeCase(3, 8, 1, 128, 16, (16, 32, 17), window_left=15, soft_cap=30.0, scale=1.0),
+    # Page sizes of the TMA loader's other segment shapes (8 and 32 rows per box; a box inside a
+    # 128-token page), with partial last tiles.
+    DecodeCase(3, 8, 2, 128, 8, 150),
+    DecodeCase(2, 16, 4, 64, 32, 130, strided_cache=True, q_layout="slice"),
+    DecodeCase(3, 8, 8, 256, 128, 400, soft_cap=30.0),
 ]
 
 
@@ -774,6 +779,34 @@ def test_gqa_decode_misspelt_page_groups_switch_is_an_error():
     """A misspelt KVCORE_DECODE_PAGE_GROUPS fails the call instead of silently timing the default."""
     assert_switch_value_rejected(
         "KVCORE_DECODE_PAGE_GROUPS", "of",
+        """
+        q = torch.randn(1, 8, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        bt = torch.arange(4, dtype=torch.int32, device="cuda").view(1, 4)
+        sl = torch.tensor([40], dtype=torch.int32, device="cuda")
+        """,
+        "kvcore.gqa_decode(q, k, k, bt, sl)")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(os.environ.get("KVCORE_DECODE_LOADER") == "tma", reason="this process already runs it")
+def test_gqa_decode_with_tma_loader_in_subprocess():
+    """KVCORE_DECODE_LOADER=tma (read once per process): gqa_decode's K/V tiles come as TMA boxes
+    issued by one warp where the page size and the call allow (sm_90a; elsewhere the cp.async
+    loader runs). This file's gqa_decode CUDA cases, test_nan's decode cases and the graph-capture
+    cases once more in a fresh process with it."""
+    run_tests_with_env("KVCORE_DECODE_LOADER", "tma",
+                       ["tests/test_ops.py", "tests/test_nan.py", "tests/test_cuda_graph.py"],
+                       "(gqa_decode or decode_nan or graph) and not in_subprocess and not misspelt", 40, "-m", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_misspelt_loader_switch_is_an_error():
+    """A misspelt KVCORE_DECODE_LOADER fails the call instead of silently timing the default."""
+    assert_switch_value_rejected(
+        "KVCORE_DECODE_LOADER", "tmaa",
         """
         q = torch.randn(1, 8, 64, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")

@@ -18,6 +18,7 @@
 #include "common/cuda_occupancy.h"
 #include "common/env_switch.h"
 #include "common/pdl.h"
+#include "common/tensor_map.h"
 #include "kvcore/decode_score.cuh"
 #include "kvcore/gqa_decode.cuh"
 
@@ -230,16 +231,78 @@ inline void launch_score_epilogue(const GqaDecodeParams& p, const PagedDecodeSha
     launch_score_epilogue_kpt<4>(sp, int(s.group), kv_len, int(s.num_kv_heads), s.batch, stream);
 }
 
+// The K and V caches as gqa_decode_tma_kernel's tensor maps (GqaDecodeTmaMaps): columns are the
+// num_kv_heads x D elements of a row, then page_size rows, then pages; boxes of 64 columns x
+// min(page_size, TILE) rows x 1 page.
+template <typename T, typename Cfg>
+GqaDecodeTmaMaps kv_tensor_maps(const char* op, const GqaDecodeParams& p) {
+  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const cuuint64_t width = cuuint64_t(p.num_kv_heads) * Cfg::D;
+  const cuuint32_t box[3] = {64, cuuint32_t(std::min(p.page_size, Cfg::TILE)), 1};
+  const cuuint64_t k_dims[3] = {width, cuuint64_t(p.page_size), cuuint64_t(p.num_pages)};
+  const cuuint64_t k_strides[2] = {width * sizeof(T), cuuint64_t(p.k_page_stride) * sizeof(T)};
+  const cuuint64_t v_strides[2] = {width * sizeof(T), cuuint64_t(p.v_page_stride) * sizeof(T)};
+  return {tensor_map_3d_sw128(op, bf16, p.k_cache, k_dims, k_strides, box),
+          tensor_map_3d_sw128(op, bf16, p.v_cache, k_dims, v_strides, box)};
+}
+
+// Whether the loaded image of gqa_decode_tma_kernel has its body (sm_90a code only; a build for
+// plain sm_90 or an older GPU has a trap there). The image tells without a launch, so also inside
+// a graph capture: the body needs ~80-240 registers, the trap a handful.
+template <typename T, typename Cfg>
+bool tma_body_built() {
+  static std::mutex mu;
+  static std::map<int, bool> built;  // per device: each may load a different image
+  const int dev = at::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = built.find(dev);
+  if (it != built.end()) return it->second;
+  cudaFuncAttributes a{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a, gqa_decode_tma_kernel<T, Cfg, false>));
+  return built[dev] = a.numRegs >= 48;
+}
+
+// KVCORE_DECODE_LOADER: how gqa_decode brings K/V tiles into shared memory. `cp_async`: every
+// thread issues 16-byte cp.async for its rows after a page lookup per page group; `tma`: warp 0
+// issues TMA boxes, a few per tile (gqa_decode_tma_kernel), where tma_fits allows. Read once
+// per process.
+inline bool tma_loader_requested() {
+  static const bool tma = env_choice("KVCORE_DECODE_LOADER", {"cp_async", "tma"}, "gqa_decode (CUDA)") == 1;
+  return tma;
+}
+
+// Calls the TMA loader serves: no sliding window (its start moves tiles off page boundaries),
+// page sizes that divide the tile with at least 8 rows (every segment starts on a 1024-byte
+// swizzle atom) or are multiples of it, page strides the tensor map can express (16-byte
+// multiples), and a sm_90a image with the body.
+template <typename T, typename Cfg>
+bool tma_fits(const GqaDecodeParams& p) {
+  const int ps = p.page_size;
+  if (p.window_left >= 0 || p.num_pages <= 0) return false;
+  if (!((ps >= 8 && Cfg::TILE % ps == 0) || ps % Cfg::TILE == 0)) return false;
+  if ((p.k_page_stride * int64_t(sizeof(T))) % 16 != 0 || (p.v_page_stride * int64_t(sizeof(T))) % 16 != 0) return false;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  return prop->major == 9 && prop->minor == 0 && tma_body_built<T, Cfg>();
+}
+
 // Picks the split, lays out the workspace and launches. kv_len: the most key positions one
 // (sequence, KV head) can have, from shapes only. SCORE: gqa_decode with an H2O score buffer
 // (`score` not null), which also needs workspace room for the score scratch (score_bytes) and a second
 // small launch.
-template <typename T, typename Cfg, bool SPARSE, bool SCORE, int SPP>
+// TMA: gqa_decode_tma_kernel (not SPARSE; SPP unused), with the caches' tensor maps built here.
+template <typename T, typename Cfg, bool SPARSE, bool SCORE, int SPP, bool TMA = false>
 void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
             int64_t requested_splits, const c10::optional<at::Tensor>& workspace, cudaStream_t stream,
             const at::Tensor* score = nullptr) {
-  auto kernel = gqa_decode_kernel<T, Cfg, SPARSE, SCORE, SPP>;
-  const size_t smem = Cfg::smem_bytes(SPARSE);
+  constexpr auto kernel = [] {
+    if constexpr (TMA)
+      return gqa_decode_tma_kernel<T, Cfg, SCORE>;
+    else
+      return gqa_decode_kernel<T, Cfg, SPARSE, SCORE, SPP>;
+  }();
+  const size_t smem = Cfg::smem_bytes(SPARSE, TMA);
+  [[maybe_unused]] GqaDecodeTmaMaps maps{};
+  if constexpr (TMA) maps = kv_tensor_maps<T, Cfg>(op, p);
   const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS, smem, op);
   const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
@@ -298,9 +361,15 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
     attr[0].val.cooperative = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+    if constexpr (TMA)
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p, maps));
+    else
+      C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
   } else {
-    kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
+    if constexpr (TMA)
+      kernel<<<grid, Cfg::THREADS, smem, stream>>>(p, maps);
+    else
+      kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if constexpr (SCORE) {
@@ -343,6 +412,8 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
       };
       if constexpr (!SPARSE) {
         if (score != nullptr) return with_groups(std::true_type{});
+        if (tma_loader_requested() && tma_fits<T, Cfg>(p))
+          return launch<T, Cfg, false, false, 1, true>(op, p, s, kv_len, requested_splits, workspace, stream);
       }
       return with_groups(std::false_type{});
     };

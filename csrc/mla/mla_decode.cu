@@ -2,7 +2,6 @@
 // shapes alone, so the call never syncs and can be captured in a CUDA graph), the workspace layout
 // and the dtype dispatch. The kernel itself is framework-free: csrc/include/kvcore/mla_decode.cuh.
 // The split count, workspace layout and occupancy query are gqa_decode's (paged_decode_launch.h).
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <torch/library.h>
 
 #include <algorithm>
@@ -10,6 +9,7 @@
 #include <utility>
 
 #include "common/env_switch.h"
+#include "common/tensor_map.h"
 #include "decode/paged_decode_launch.h"
 #include "kvcore/mla_decode.cuh"
 #include "kvcore/mla_decode_seesaw.cuh"
@@ -173,37 +173,12 @@ bool tma_fits(const MlaDecodeParams& p) {
   return p.num_pages > 0 && ((ps >= 8 && 64 % ps == 0) || ps % 64 == 0);
 }
 
-// cuTensorMapEncodeTiled from the driver, found through the runtime (no link against libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
-    TORCH_CHECK(f != nullptr && q == cudaDriverEntryPointSuccess,
-                "mla_decode (CUDA): the driver has no cuTensorMapEncodeTiled (KVCORE_MLA_WGMMA_LOADER=tma)");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// The latent cache [num_pages, page_size, dk] (rows dk elements apart, pages page_stride) as a
-// 3-D tensor map: boxes of 64 columns x min(page_size, 64) rows x 1 page, 128-byte swizzle (the
-// kernel's tile layout), columns past dk read as zeros. Built per call on the host (no device work).
 template <typename T>
 CUtensorMap latent_tensor_map(const MlaDecodeParams& p) {
-  CUtensorMap map{};
   const cuuint64_t dims[3] = {cuuint64_t(p.dk), cuuint64_t(p.page_size), cuuint64_t(p.num_pages)};
   const cuuint64_t strides[2] = {cuuint64_t(p.dk) * sizeof(T), cuuint64_t(p.page_stride) * sizeof(T)};  // bytes
   const cuuint32_t box[3] = {64, cuuint32_t(std::min(p.page_size, 64)), 1};
-  const cuuint32_t elem[3] = {1, 1, 1};
-  const CUtensorMapDataType dtype =
-      std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  const CUresult r = tensor_map_encoder()(&map, dtype, 3, const_cast<void*>(p.cache), dims, strides, box, elem,
-                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(r == CUDA_SUCCESS, "mla_decode (CUDA): cuTensorMapEncodeTiled failed (", int(r), ") for dk ", p.dk,
-              ", page_size ", p.page_size, ", page stride ", p.page_stride, ", ", p.num_pages, " pages");
-  return map;
+  return tensor_map_3d_sw128("mla_decode", std::is_same<T, __nv_bfloat16>::value, p.cache, dims, strides, box);
 }
 
 template <typename T>

@@ -28,10 +28,12 @@
 // fused epilogue, default), or a second kernel does it for all keys (decode_score.cuh).
 #pragma once
 
+#include <cuda.h>  // CUtensorMap
 #include <math.h>
 #include <stdint.h>
 
 #include "kvcore/device_utils.cuh"
+#include "kvcore/wgmma.cuh"  // swz128_offset; on sm_90a the mbarrier and TMA helpers
 
 namespace kvcore {
 
@@ -131,7 +133,13 @@ struct GqaDecodeConfig {
   // Block-sparse kernels also keep a validity byte per tile row (a selected page may lie past
   // seq_len or be the partial last page, anywhere in the list).
   static constexpr size_t SMEM_VALID = size_t(STAGES) * TILE;
-  static constexpr size_t smem_bytes(bool sparse) { return SMEM_BYTES + (sparse ? SMEM_VALID : 0); }
+  // TMA loader (gqa_decode_tma_kernel): one mbarrier per stage after the rest, and up to 1024
+  // bytes to align the base (the 128-byte swizzle is a function of address bits 7-9, so each
+  // box must land on a 1024-byte boundary for its rows to take the pattern ldmatrix expects).
+  static constexpr size_t SMEM_TMA_ALIGN = 1024;
+  static constexpr size_t smem_bytes(bool sparse, bool tma = false) {
+    return SMEM_BYTES + (sparse ? SMEM_VALID : 0) + (tma ? SMEM_TMA_ALIGN + STAGES * 8 : 0);
+  }
 
   static_assert(D % 32 == 0 && D >= 64 && D <= 256, "head_dim must be 64, 128 or 256");
   static_assert((TILE * TD) % THREADS == 0, "tile copies must divide evenly");
@@ -163,6 +171,14 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return (row * TD + (chunk ^ (row & 7))) * 8;
 }
 
+// The K and V caches as TMA tensor maps (gqa_decode_tma_kernel): 3-D, innermost first
+// (num_kv_heads x D columns, page_size rows, pages), boxes of 64 columns x min(page_size, TILE)
+// rows x 1 page with the 128-byte swizzle. Built on the host per call (paged_decode::launch).
+struct GqaDecodeTmaMaps {
+  CUtensorMap k;
+  CUtensorMap v;
+};
+
 // SPARSE = false: gqa_decode (a contiguous range of the sequence). SPARSE = true:
 // block_sparse_decode (the tokens of the pages listed for the pair, in list order).
 // SCORE = true (gqa_decode with an H2O score buffer; not with SPARSE): also stores every attended
@@ -171,18 +187,37 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 // with SCORE = false none of that code exists.
 // SPP (page groups): how many consecutive copy slots of a thread share one page lookup (1: every
 // slot looks its page up; see "Page groups" below); the launcher picks it (page_groups).
-template <typename T, typename Cfg, bool SPARSE = false, bool SCORE = false, int SPP = 1>
-__global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecodeParams p) {
+// TMA (gqa_decode_tma_kernel, sm_90a; not with SPARSE; SPP unused): warp 0 loads each tile as a
+// few TMA boxes (one per page segment, 64-column half and tensor) completing on the stage's
+// mbarrier, instead of every thread issuing LOADS 16-byte cp.async per tensor after a page lookup
+// each. The tiles are then 128-byte swizzled in 64-column halves (swz128_offset) rather than
+// swz<TD>'s whole-row swizzle.
+template <typename T, typename Cfg, bool SPARSE, bool SCORE, int SPP, bool TMA>
+__device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[maybe_unused]] const GqaDecodeTmaMaps* maps) {
   static_assert(!(SPARSE && SCORE), "score accumulation is a gqa_decode feature");
+  static_assert(!(SPARSE && TMA), "the TMA loader is gqa_decode's");
   static_assert(SPP >= 1 && Cfg::LOADS % SPP == 0 && (SPP & (SPP - 1)) == 0, "SPP: a power of two dividing LOADS");
   constexpr int D = Cfg::D, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
   constexpr int ROWS = Cfg::ROWS, WARPS = Cfg::WARPS;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* const sQ = reinterpret_cast<T*>(smem_raw);
-  T* const sK = reinterpret_cast<T*>(smem_raw + Cfg::SMEM_Q);
+  unsigned char* const smem =
+      TMA ? reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + Cfg::SMEM_TMA_ALIGN - 1) &
+                                             ~uintptr_t(Cfg::SMEM_TMA_ALIGN - 1))
+          : smem_raw;
+  T* const sQ = reinterpret_cast<T*>(smem);
+  T* const sK = reinterpret_cast<T*>(smem + Cfg::SMEM_Q);
   T* const sV = sK + STAGES * TILE * D;
-  float* const sMerge = reinterpret_cast<float*>(smem_raw + Cfg::SMEM_Q);  // reuses the ring at the end
-  unsigned char* const sValid = smem_raw + Cfg::SMEM_BYTES;                 // SPARSE: [STAGES][TILE]
+  float* const sMerge = reinterpret_cast<float*>(smem + Cfg::SMEM_Q);  // reuses the ring at the end
+  unsigned char* const sValid = smem + Cfg::SMEM_BYTES;                 // SPARSE: [STAGES][TILE]
+  // TMA: full[s] completes when stage s's boxes have landed (one arrival: warp 0's expect_tx).
+  [[maybe_unused]] uint64_t* const full = reinterpret_cast<uint64_t*>(smem + Cfg::smem_bytes(SPARSE));
+  // Element offset of chunk `chunk` of row `row` in a K or V tile (the two loaders' layouts).
+  auto tile_off = [](int row, int chunk) {
+    if constexpr (TMA)
+      return swz128_offset(TILE, row, chunk);
+    else
+      return swz<TD>(row, chunk);
+  };
 
   const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   KVCORE_TRACE(p, 0);
@@ -195,6 +230,13 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   }
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = p.group;
+  if constexpr (TMA) {
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) mbarrier_init(full + s, 1);
+      fence_mbarrier_init();  // visible to the async proxy; the prologue's barrier orders the rest
+    }
+  }
 
   // ---- this CTA's KV range -------------------------------------------------------------------
   // Everything read from memory is clamped, so bad index contents give wrong numbers but never
@@ -333,11 +375,30 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
                     chunk * 8,
                 row < group);
   }
+  // TMA: a tile is `segs` segments of seg_rows = min(page_size, TILE) rows, each inside one page
+  // (the launcher takes this loader only where page sizes divide the tile or are multiples of it,
+  // without a window, so tiles start page-aligned). Lane l of warp 0 serves segment l % segs of
+  // the (l / segs)-th tile of a call, and holds that segment's page, looked up one call ahead.
+  [[maybe_unused]] const int seg_rows = TMA ? min(p.page_size, TILE) : 1;
+  [[maybe_unused]] const int segs = TILE / seg_rows;
+  [[maybe_unused]] const int tma_rel = lane / segs, tma_seg = lane - tma_rel * segs;
+  [[maybe_unused]] int tma_page = 0;
+  [[maybe_unused]] auto fetch_pages_tma = [&](int t0, int ntiles) {  // warp 0
+    if (tma_rel < ntiles) {
+      const int pos = min(start + (t0 + tma_rel) * TILE + tma_seg * seg_rows, capacity - 1);
+      tma_page = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
+    }
+  };
+
   int pages[LOADS];
-  if constexpr (SPARSE) fetch_list(0);
-  if (SPARSE || p.window_left < 0) fetch_pages(0, pages);
+  if constexpr (TMA) {
+    if (warp == 0) fetch_pages_tma(0, STAGES - 1);
+  } else {
+    if constexpr (SPARSE) fetch_list(0);
+    if (SPARSE || p.window_left < 0) fetch_pages(0, pages);
+  }
   seq_len = min(max(seq_len_raw, 0), capacity);
-  if (!SPARSE && p.window_left >= 0) {
+  if (!SPARSE && !TMA && p.window_left >= 0) {
     start += max(0, seq_len - 1 - p.window_left);  // (unaligned: the launcher gives SPP = 1)
     fetch_pages(0, pages);
   }
@@ -345,11 +406,46 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   // SCORE: position of the window's first key (the score scratch numbers keys from it).
   [[maybe_unused]] const int score_first = SCORE ? start - split * p.split_tokens : 0;
   const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
+
+  // TMA (warp 0): tiles t0 .. t0 + ntiles - 1 that exist, each as its segments up to the end
+  // (segments wholly past it are not loaded) x two 64-column halves (D / 64) x K and V, all
+  // completing on the stage's mbarrier, whose one arrival carries the bytes to expect.
+  [[maybe_unused]] auto issue_tma = [&](int t0, int ntiles) {
+    const int t = t0 + tma_rel;
+    const bool mine = tma_rel < ntiles && t < num_tiles;
+    const int tile_pos = start + t * TILE;
+    const int nseg = mine ? min(segs, (end - tile_pos + seg_rows - 1) / seg_rows) : 0;
+    const int stage = t % STAGES;
+    if (mine && tma_seg == 0)
+      mbarrier_arrive_expect_tx(full + stage, uint32_t(nseg * seg_rows) * uint32_t(D * 2 * sizeof(T)));
+    __syncwarp();  // each tile's expected bytes are set before its boxes are issued
+    if (tma_seg < nseg) {
+      const int page = min(max(tma_page, 0), p.num_pages - 1);
+      const int row = in_page(tile_pos);  // 0 unless page_size > TILE
+      T* const dk = sK + stage * TILE * D + tma_seg * seg_rows * 64;
+      T* const dv = sV + stage * TILE * D + tma_seg * seg_rows * 64;
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_tiles) issue_copies(s, pages);
-    cp_async_commit();
-    fetch_pages(s + 1, pages);
+      for (int h = 0; h < D / 64; ++h) {
+        tma_load_3d(dk + h * TILE * 64, &maps->k, kvh * D + h * 64, row, page, full + stage);
+        tma_load_3d(dv + h * TILE * 64, &maps->v, kvh * D + h * 64, row, page, full + stage);
+      }
+    }
+  };
+
+  if constexpr (TMA) {
+    cp_async_commit();  // Q's group
+    __syncthreads();    // the mbarriers' initialisation is visible to every thread
+    if (warp == 0) {
+      issue_tma(0, STAGES - 1);
+      fetch_pages_tma(STAGES - 1, 1);
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < num_tiles) issue_copies(s, pages);
+      cp_async_commit();
+      fetch_pages(s + 1, pages);
+    }
   }
 
   // Lane roles in the mma fragments: rows r0 = lane/4 and r0 + 8; token/column pair (lane%4)*2.
@@ -361,13 +457,34 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
   for (int t = 0; t < num_tiles; ++t) {
-    cp_async_wait<STAGES - 2>();
+    if constexpr (TMA) {
+      if (t == 0) cp_async_wait<0>();  // Q
+      mbarrier_wait(full + t % STAGES, (t / STAGES) & 1);
+      // The last tile's rows past the end hold whatever the cache (or an earlier tile) left
+      // there. K rows are masked below; V rows must be zero, not merely unused: P is 0 there,
+      // and 0 x NaN is NaN. (The cp.async loader zero-fills them.)
+      const int valid = end - (start + t * TILE);
+      if (valid < TILE) {
+        T* const vs = sV + (t % STAGES) * TILE * D;
+        for (int i = tid; i < (TILE - valid) * TD; i += Cfg::THREADS)
+          *reinterpret_cast<uint4*>(vs + tile_off(valid + i / TD, i % TD)) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    } else {
+      cp_async_wait<STAGES - 2>();
+    }
     __syncthreads();  // tile t landed for every thread; stage (t-1) % STAGES is free again
     if (t == 0) KVCORE_TRACE(p, 1);
     if (t < p.trace_tiles) KVCORE_TRACE(p, 4 + t);
-    if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
-    cp_async_commit();
-    fetch_pages(t + STAGES, pages);
+    if constexpr (TMA) {
+      if (warp == 0) {
+        issue_tma(t + STAGES - 1, 1);
+        fetch_pages_tma(t + STAGES, 1);
+      }
+    } else {
+      if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+      cp_async_commit();
+      fetch_pages(t + STAGES, pages);
+    }
 
     const T* kt = sK + (t % STAGES) * TILE * D;
     const T* vt = sV + (t % STAGES) * TILE * D;
@@ -383,7 +500,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         uint32_t bk[4];
-        ldmatrix_x4(bk, kt + swz<TD>(wrow + nt * 8 + (lane & 7), kc * 2 + (lane >> 3)));
+        ldmatrix_x4(bk, kt + tile_off(wrow + nt * 8 + (lane & 7), kc * 2 + (lane >> 3)));
         mma_16816(s[nt], a0, bk[0], bk[1], T{});
         mma_16816(s[nt], a1, bk[2], bk[3], T{});
       }
@@ -472,7 +589,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
 #pragma unroll
     for (int nd = 0; nd < D / 16; ++nd) {
       uint32_t bv[4];
-      ldmatrix_x4_trans(bv, vt + swz<TD>(wrow + (lane & 7) + ((lane >> 3) & 1) * 8, nd * 2 + (lane >> 4)));
+      ldmatrix_x4_trans(bv, vt + tile_off(wrow + (lane & 7) + ((lane >> 3) & 1) * 8, nd * 2 + (lane >> 4)));
       mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
       mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
     }
@@ -508,7 +625,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   // bases and old score values into the free part of the ring (SMEM_STAGE). The scratch rows
   // were stored by this CTA's warps; the __threadfence and barrier before stage_score make them
   // visible to the cp.async reads of other threads.
-  [[maybe_unused]] unsigned char* const s_stage = smem_raw + Cfg::SMEM_Q + Cfg::SMEM_MERGE;
+  [[maybe_unused]] unsigned char* const s_stage = smem + Cfg::SMEM_Q + Cfg::SMEM_MERGE;
   [[maybe_unused]] float* const s_lse2 =  // [group], after the staged rows (the launcher counts it)
       reinterpret_cast<float*>(s_stage + score_stage_bytes(p.split_tokens, group));
   [[maybe_unused]] const int score_keys = max(end - start, 0);
@@ -737,6 +854,24 @@ __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecod
   }
   if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
   KVCORE_TRACE(p, 3);
+}
+
+
+template <typename T, typename Cfg, bool SPARSE = false, bool SCORE = false, int SPP = 1>
+__global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecodeParams p) {
+  gqa_decode_body<T, Cfg, SPARSE, SCORE, SPP, false>(p, nullptr);
+}
+
+// gqa_decode with the TMA loader. Its body exists in sm_90a code only; elsewhere (and in a build
+// for plain sm_90) it traps, and the launcher never picks it (paged_decode::tma_body_built).
+template <typename T, typename Cfg, bool SCORE = false>
+__global__ void __launch_bounds__(Cfg::THREADS)
+    gqa_decode_tma_kernel(const GqaDecodeParams p, const __grid_constant__ GqaDecodeTmaMaps maps) {
+#if KVCORE_SM90A
+  gqa_decode_body<T, Cfg, false, SCORE, 1, true>(p, &maps);
+#else
+  __trap();
+#endif
 }
 
 }  // namespace kvcore

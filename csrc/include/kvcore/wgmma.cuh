@@ -28,12 +28,12 @@ __host__ __device__ __forceinline__ int swz128_offset(int rows, int row, int pie
   return (piece >> 3) * rows * 64 + row * 64 + (((piece & 7) ^ (row & 7)) << 3);
 }
 
-#if KVCORE_SM90A
-
 // Shared-memory address of a generic pointer into shared memory.
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+
+#if KVCORE_SM90A
 
 // ---- shared-memory matrix descriptor -------------------------------------------------------
 // Bits 0-13 start address >> 4, 16-29 leading byte offset >> 4, 32-45 stride byte offset >> 4,
@@ -121,12 +121,22 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs_tb(float (&d)[32], const uint
 #undef KVCORE_WGMMA_D32_OPERANDS
 #undef KVCORE_WGMMA_D32
 
+#endif  // KVCORE_SM90A
+
 // ---- proxies and barriers ------------------------------------------------------------------
+// Declared for every target, since templates compiled for older GPUs name them too (gqa_decode's
+// body, whose TMA form is only instantiated on sm_90a); the instructions that need sm_90 trap
+// where they do not exist.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define KVCORE_SM90_ONLY(...) __trap()
+#else
+#define KVCORE_SM90_ONLY(...) __VA_ARGS__
+#endif
 
 // Orders this thread's generic-proxy shared-memory accesses (plain stores, cp.async) with its
 // later async-proxy ones (wgmma operand reads).
 __device__ __forceinline__ void fence_proxy_async_smem() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  KVCORE_SM90_ONLY(asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"));
 }
 
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
@@ -146,30 +156,36 @@ __device__ __forceinline__ void cp_async_mbarrier_arrive(uint64_t* bar) {
 
 // Waits until the phase with parity `parity` of `bar` has completed.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
+  KVCORE_SM90_ONLY(asm volatile(
       "{\n.reg .pred done;\n"
       "WAIT_%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT_%=;\n}\n" ::"r"(smem_u32(bar)),
       "r"(parity)
-      : "memory");
+      : "memory"));
 }
 
 // One arrival on `bar` that also adds `bytes` to the transaction count its phase waits for (the
 // bytes the TMA loads completing on it will deliver).
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
-               : "memory");
+  KVCORE_SM90_ONLY(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+                                "r"(bytes)
+                                : "memory"));
 }
 
 // TMA: the box of the 3-D tensor map `map` (a __grid_constant__ kernel parameter) at coordinates
 // (c0, c1, c2), innermost first, into shared memory at `dst`; its bytes complete on `bar`.
 __device__ __forceinline__ void tma_load_3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* bar) {
-  asm volatile(
+  KVCORE_SM90_ONLY(asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::
           "r"(smem_u32(dst)),
       "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
-      : "memory");
+      : "memory"));
+}
+
+// Makes this thread's mbarrier initialisations visible to the async proxy (TMA's complete_tx).
+__device__ __forceinline__ void fence_mbarrier_init() {
+  KVCORE_SM90_ONLY(asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"));
 }
 
 // Named barriers (ids 1..15; 0 is __syncthreads). `threads` counts every thread that takes part,
@@ -181,6 +197,7 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-#endif  // KVCORE_SM90A
+#undef KVCORE_SM90_ONLY
+
 
 }  // namespace kvcore
