@@ -81,6 +81,8 @@ CASES = {
     "mla_decode_H16": ("issue 3: 88% of copy vs FlashInfer's 93% (s9)", lambda: _mla_decode("decode B64 H16 S8192 page64")),
     "mla_decode_H128": ("issue 3: 45% of the GEMM rate vs FlashInfer's 62% (s9)", lambda: _mla_decode("decode B32 H128 S4096 page64")),
     "decode_B1": ("issue 2: 69% of copy at B1 S32768 (s9)", lambda: _decode("B1 Hq32 Hkv8 D128 S32768 page16")),
+    "decode_B16": ("issue 2: 94-98% of copy at B16 S8192, cuDNN 102% (s13; the loaders' A/B in s14)",
+                   lambda: _decode("B16 Hq32 Hkv8 D128 S8192 page16")),
     "h2o_B16": ("issue 6: score path +12.5% at B16 (s9)", lambda: _h2o("h2o B16 Hq32 Hkv8 D128 S8192 page16")),
     "h2o_B1": ("issue 6: score path +11.3-11.7% at B1, fused epilogue (s12)",
                lambda: _h2o("h2o B1 Hq32 Hkv8 D128 S32768 page16")),
