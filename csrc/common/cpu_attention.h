@@ -4,14 +4,17 @@
 //
 // NaN rule (tests/test_nan.py): a NaN logit (NaN in q or an attended key) makes that head's out
 // and lse NaN; it never vanishes into an "empty" result, and nothing unattended is ever read.
-#pragma once
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <limits>
+//
+// Compiled once per instruction set: include it only through common/cpu_isa_kernels.h, which
+// defines KVCORE_CPU_ISA_NS and includes the standard headers used here (so no include guard,
+// and no #include below: see cpu_isa.h).
+#ifndef KVCORE_CPU_ISA_NS
+#error "cpu_attention.h is compiled per ISA: include common/cpu_isa_kernels.h instead"
+#endif
 
 namespace kvcore {
+namespace {
+namespace KVCORE_CPU_ISA_NS {
 namespace cpu {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -137,4 +140,6 @@ void merge_parts(int64_t parts, LseOf part_lse, OutOf part_out, int64_t D, T* o,
 }
 
 }  // namespace cpu
+}  // namespace KVCORE_CPU_ISA_NS
+}  // namespace
 }  // namespace kvcore

@@ -13,6 +13,9 @@
 // Safety without validation: seq_len is clamped to [0, max_pages * page_size] and each page
 // index to [0, num_pages), so bad index contents give wrong numbers, never an out-of-bounds read.
 // `workspace` and `num_splits` only matter to the CUDA split-KV path and are ignored here.
+//
+// The kernels themselves are in decode/gqa_decode_cpu_kernels.h, compiled twice (baseline and
+// AVX2+FMA, see common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,7 +27,7 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/cpu_attention.h"
+#include "common/cpu_isa.h"
 
 namespace kvcore {
 namespace {
@@ -40,129 +43,15 @@ struct DecodeParams {
   int64_t window_left;
 };
 
-template <typename scalar_t>
-void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
-                      const int32_t* block_table, const int32_t* seq_lens, scalar_t* out, float* lse) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t G = p.group, D = p.head_dim, H = p.num_kv_heads, Hq = H * G;
-  const int64_t row = H * D;  // elements per token slot in a page (dense)
-  const int64_t capacity = p.num_pages > 0 ? p.max_pages * p.page_size : 0;
+}  // namespace
+}  // namespace kvcore
 
-  // Key range [lo, hi) of each sequence, and the number of parts each is cut into.
-  std::vector<int64_t> lo(p.batch), hi(p.batch);
-  int64_t longest = 0;
-  for (int64_t b = 0; b < p.batch; ++b) {
-    hi[b] = std::clamp<int64_t>(seq_lens[b], 0, capacity);
-    lo[b] = p.window_left >= 0 ? std::max<int64_t>(0, hi[b] - 1 - p.window_left) : 0;
-    longest = std::max(longest, hi[b] - lo[b]);
-  }
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = std::clamp<int64_t>((2 * threads + p.batch - 1) / p.batch, 1,
-                                            std::max<int64_t>(1, longest / kMinPartTokens));
-  std::vector<float> part_out(p.batch * parts * Hq * D), part_lse(p.batch * parts * Hq);
+#define KVCORE_CPU_KERNELS "decode/gqa_decode_cpu_kernels.h"
+#include "common/cpu_isa_kernels.h"
+#undef KVCORE_CPU_KERNELS
 
-  at::parallel_for(0, p.batch * parts, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch, reused across the tasks of this range.
-    std::vector<float> qf(Hq * D), acc(Hq * D), krow(row), vrow(row), logits(Hq * kChunk), m(Hq), l(Hq);
-    const cpu::ChunkScratch scratch{krow.data(), vrow.data(), logits.data(), kChunk};
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / parts, part = task % parts;
-      const int64_t span = (hi[b] - lo[b] + parts - 1) / parts;
-      const int64_t start = lo[b] + part * span, stop = std::min(hi[b], start + span);
-      const int32_t* pages = block_table + b * p.max_pages;
-
-      for (int64_t h = 0; h < Hq; ++h) {
-        const scalar_t* qh = q + b * p.q_stride_b + h * p.q_stride_h;
-        for (int64_t d = 0; d < D; ++d) qf[h * D + d] = static_cast<float>(qh[d]);
-        m[h] = kNegInf;
-        l[h] = 0.0f;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-
-      for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
-        const int64_t n = std::min<int64_t>(kChunk, stop - c0);
-        // Slot offsets (elements) of this chunk's token rows.
-        int64_t k_off[kChunk], v_off[kChunk];
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t pos = c0 + i;
-          const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
-          k_off[i] = page * p.k_page_stride + (pos % p.page_size) * row;
-          v_off[i] = page * p.v_page_stride + (pos % p.page_size) * row;
-        }
-        cpu::attend_chunk(n, k_cache, k_off, v_cache, v_off, row, Hq, G, D, qf.data(), p.scale, p.soft_cap,
-                          scratch, m.data(), l.data(), acc.data());
-      }
-
-      // This part's normalised output and log-sum-exp (-inf and zeros when it saw no key). A NaN
-      // l (a NaN logit) is not empty: it gives NaN out and NaN lse, which the merge passes on.
-      float* po = part_out.data() + task * Hq * D;
-      float* pl = part_lse.data() + task * Hq;
-      for (int64_t h = 0; h < Hq; ++h) cpu::finish_part(acc.data() + h * D, m[h], l[h], D, po + h * D, pl + h);
-    }
-  });
-
-  // Merge the parts of each (sequence, query head) in part order.
-  at::parallel_for(0, p.batch * Hq, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hq, h = bh % Hq;
-      cpu::merge_parts(
-          parts, [&](int64_t j) { return part_lse[(b * parts + j) * Hq + h]; },
-          [&](int64_t j) { return part_out.data() + ((b * parts + j) * Hq + h) * D; }, D, out + bh * D,
-          lse != nullptr ? lse + bh : nullptr, scratch.data());
-    }
-  });
-}
-
-// H2O accumulation (score given): after the decode, score[b, h, p] += sum over the group's query
-// heads of exp(logit - lse) for every attended key p. A second pass over the keys recomputes the
-// logits exactly as attend_chunk does (same dot product, scale and cap), so they match the lse.
-// Tasks are (sequence, key chunk): disjoint score elements, and each element sums its group's
-// heads in order (deterministic).
-template <typename scalar_t>
-void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t* k_cache, const int32_t* block_table,
-                       const int32_t* seq_lens, const float* lse, float* score, int64_t score_len) {
-  constexpr int64_t kKeys = 256;
-  const int64_t G = p.group, D = p.head_dim, H = p.num_kv_heads, Hq = H * G, row = H * D;
-  const int64_t capacity = p.num_pages > 0 ? p.max_pages * p.page_size : 0;
-  const bool capped = p.soft_cap > 0.0f;
-  const float inv_cap = capped ? 1.0f / p.soft_cap : 0.0f;
-  const int64_t chunks = (capacity + kKeys - 1) / kKeys;
-  at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(Hq * D), krow(row);
-    int64_t qf_b = -1;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, chunk = task % chunks;
-      const int64_t hi = std::clamp<int64_t>(seq_lens[b], 0, capacity);
-      const int64_t lo = p.window_left >= 0 ? std::max<int64_t>(0, hi - 1 - p.window_left) : 0;
-      const int64_t start = std::max(lo, chunk * kKeys), stop = std::min(hi, (chunk + 1) * kKeys);
-      if (start >= stop) continue;
-      if (qf_b != b) {
-        for (int64_t h = 0; h < Hq; ++h) {
-          const scalar_t* qh = q + b * p.q_stride_b + h * p.q_stride_h;
-          for (int64_t d = 0; d < D; ++d) qf[h * D + d] = static_cast<float>(qh[d]);
-        }
-        qf_b = b;
-      }
-      const int32_t* pages = block_table + b * p.max_pages;
-      for (int64_t pos = start; pos < stop; ++pos) {
-        const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
-        const scalar_t* kr = k_cache + page * p.k_page_stride + (pos % p.page_size) * row;
-        for (int64_t e = 0; e < row; ++e) krow[e] = static_cast<float>(kr[e]);
-        for (int64_t h = 0; h < H; ++h) {
-          float sum = 0.0f;
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t hq = h * G + g;
-            float x = cpu::dot_product(qf.data() + hq * D, krow.data() + h * D, D) * p.scale;
-            if (capped) x = p.soft_cap * std::tanh(x * inv_cap);
-            sum += std::exp(x - lse[b * Hq + hq]);
-          }
-          score[(b * H + h) * score_len + pos] += sum;
-        }
-      }
-    }
-  });
-}
+namespace kvcore {
+namespace {
 
 void gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                     const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t window_left,
@@ -199,14 +88,16 @@ void gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
     own_lse.resize(s.batch * s.num_q_heads);
     lse_ptr = own_lse.data();
   }
+  const bool avx2 = cpu_isa() == CpuIsa::kAvx2;  // the kernels' copy for this process's ISA
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gqa_decode_cpu", [&] {
-    gqa_decode_tasks<scalar_t>(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
-                               v_cache.const_data_ptr<scalar_t>(), block_table.const_data_ptr<int32_t>(),
-                               seq_lens.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(), lse_ptr);
+    const auto decode = avx2 ? isa_avx2::gqa_decode_tasks<scalar_t> : isa_baseline::gqa_decode_tasks<scalar_t>;
+    const auto scores = avx2 ? isa_avx2::accumulate_scores<scalar_t> : isa_baseline::accumulate_scores<scalar_t>;
+    decode(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), v_cache.const_data_ptr<scalar_t>(),
+           block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(),
+           lse_ptr);
     if (score.has_value() && s.num_pages > 0)
-      accumulate_scores<scalar_t>(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
-                                  block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(), lse_ptr,
-                                  score->mutable_data_ptr<float>(), score->size(2));
+      scores(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), block_table.const_data_ptr<int32_t>(),
+             seq_lens.const_data_ptr<int32_t>(), lse_ptr, score->mutable_data_ptr<float>(), score->size(2));
   });
 }
 

@@ -15,6 +15,9 @@
 //
 // Safety without validation: seq_len is clamped to [0, min(max_pages * page_size, S)] and page
 // ids to [0, num_pages), so bad index contents give wrong numbers, never an out-of-bounds access.
+//
+// The kernels themselves are in eviction/attention_scores_cpu_kernels.h, compiled twice (baseline
+// and AVX2+FMA, see common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,7 +30,7 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/cpu_attention.h"
+#include "common/cpu_isa.h"
 
 namespace kvcore {
 namespace {
@@ -44,161 +47,15 @@ struct ScoreParams {
   AttentionScoresOptions opt;
 };
 
-template <typename scalar_t>
-void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scalar_t* k_cache,
-                            const int32_t* block_table, const int32_t* seq_lens, const float* lse_in, float* out) {
-  const int64_t B = p.batch, H = p.num_kv_heads, G = p.group, W = p.window, D = p.head_dim;
-  const int64_t R = G * W;  // query rows per (b, h); row r = g * W + i
-  const int64_t Hq = H * G;
-  const int64_t row_elems = H * D;
-  const int64_t capacity = p.num_pages > 0 ? p.max_pages * p.page_size : 0;
+}  // namespace
+}  // namespace kvcore
 
-  std::vector<int64_t> len(B);
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    len[b] = std::clamp<int64_t>(seq_lens[b], 0, std::min(capacity, p.max_len));
-    longest = std::max(longest, len[b]);
-  }
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = std::clamp<int64_t>((2 * threads + B * H - 1) / (B * H), 1,
-                                            std::max<int64_t>(1, longest / kMinPartTokens));
-  const int64_t tasks = B * H * parts;
+#define KVCORE_CPU_KERNELS "eviction/attention_scores_cpu_kernels.h"
+#include "common/cpu_isa_kernels.h"
+#undef KVCORE_CPU_KERNELS
 
-  auto part_range = [&](int64_t b, int64_t part, int64_t& start, int64_t& stop) {
-    const int64_t span = (len[b] + parts - 1) / parts;
-    start = std::min(len[b], part * span);
-    stop = std::min(len[b], start + span);
-  };
-
-  // Loads the R query rows of (b, h) as fp32 and, per row, the last key position it sees
-  // (-1: the row lies before the sequence start and sees nothing).
-  auto load_queries = [&](int64_t b, int64_t h, float* qf, int64_t* last) {
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t i = 0; i < W; ++i) {
-        const int64_t r = g * W + i;
-        const scalar_t* src = q + b * p.q_stride_b + i * p.q_stride_w + (h * G + g) * p.q_stride_h;
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]);
-        last[r] = std::max<int64_t>(-1, len[b] - W + i);
-      }
-  };
-
-  // Logits [R, n] of the keys c0 .. c0 + n - 1 of (b, h); a key a row does not see gets -inf.
-  auto chunk_logits = [&](int64_t b, int64_t h, int64_t c0, int64_t n, const float* qf, const int64_t* last,
-                          float* krow, float* logits) {
-    const int32_t* pages = block_table + b * p.max_pages;
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t pos = c0 + j;
-      const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
-      const scalar_t* kr = k_cache + page * p.k_page_stride + (pos % p.page_size) * row_elems + h * D;
-      for (int64_t d = 0; d < D; ++d) krow[d] = static_cast<float>(kr[d]);
-      for (int64_t r = 0; r < R; ++r)
-        logits[r * kChunk + j] = pos <= last[r] ? cpu::dot_product(qf + r * D, krow, D) * p.scale : kNegInf;
-    }
-  };
-
-  // ---- pass 1: row log-sum-exp (skipped when the caller passes it) ----
-  // The shared online-softmax step and ordered part merge carry kvcore's NaN rule: a NaN logit
-  // (NaN in q or in a key the row sees) makes the row's lse NaN in every part split, rather than
-  // being skipped as "no key seen" (std::max drops NaN) or turned into -inf by the merge.
-  std::vector<float> row_lse(B * H * R);
-  if (lse_in == nullptr) {
-    std::vector<float> part_lse(tasks * R);
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(R * D), krow(D), logits(R * kChunk), m(R), l(R);
-      std::vector<int64_t> last(R);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t bh = t / parts, part = t % parts, b = bh / H, h = bh % H;
-        int64_t start, stop;
-        part_range(b, part, start, stop);
-        std::fill(m.begin(), m.end(), kNegInf);
-        std::fill(l.begin(), l.end(), 0.0f);
-        if (start < stop) {
-          load_queries(b, h, qf.data(), last.data());
-          for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
-            const int64_t n = std::min(kChunk, stop - c0);
-            chunk_logits(b, h, c0, n, qf.data(), last.data(), krow.data(), logits.data());
-            // No accumulator (D = 0): only the running max and sum are needed here.
-            for (int64_t r = 0; r < R; ++r)
-              cpu::online_softmax_step(logits.data() + r * kChunk, n, m[r], l[r], nullptr, 0);
-          }
-        }
-        for (int64_t r = 0; r < R; ++r) cpu::finish_part(nullptr, m[r], l[r], 0, nullptr, part_lse.data() + t * R + r);
-      }
-    });
-    at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh)
-        for (int64_t r = 0; r < R; ++r)
-          cpu::merge_parts<float>(
-              parts, [&](int64_t j) { return part_lse[(bh * parts + j) * R + r]; },
-              [](int64_t) { return static_cast<const float*>(nullptr); }, 0, nullptr, row_lse.data() + bh * R + r,
-              nullptr);
-    });
-  } else {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t i = 0; i < W; ++i)
-            row_lse[(b * H + h) * R + g * W + i] = lse_in[(b * W + i) * Hq + h * G + g];
-  }
-
-  // ---- pass 2: probabilities reduced over the rows ----
-  const bool use_max = p.opt.reduction == ScoreReduction::kMax;
-  const float norm = p.opt.reduction == ScoreReduction::kMean ? 1.0f / static_cast<float>(R) : 1.0f;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(R * D), krow(D), logits(R * kChunk);
-    std::vector<int64_t> last(R);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / parts, part = t % parts, b = bh / H, h = bh % H;
-      int64_t start, stop;
-      part_range(b, part, start, stop);
-      float* o = out + bh * p.max_len;
-      if (part == parts - 1)  // keys past the sequence score 0
-        std::fill(o + len[b], o + p.max_len, 0.0f);
-      if (start >= stop) continue;
-      load_queries(b, h, qf.data(), last.data());
-      const float* lse_row = row_lse.data() + bh * R;
-      for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, stop - c0);
-        chunk_logits(b, h, c0, n, qf.data(), last.data(), krow.data(), logits.data());
-        float acc[kChunk];
-        std::fill(acc, acc + n, 0.0f);
-        for (int64_t r = 0; r < R; ++r) {
-          const float* lg = logits.data() + r * kChunk;
-          const float ls = lse_row[r];
-          for (int64_t j = 0; j < n; ++j) {
-            // exp(-inf - x) = 0 for an unseen key; a NaN logit or lse stays NaN.
-            const float pr = lg[j] == kNegInf ? 0.0f : std::exp(lg[j] - ls);
-            // max: once NaN, acc stays NaN (NaN > x is false); a NaN pr replaces acc.
-            acc[j] = use_max ? ((pr > acc[j] || std::isnan(pr)) ? pr : acc[j]) : acc[j] + pr;
-          }
-        }
-        for (int64_t j = 0; j < n; ++j) o[c0 + j] = acc[j] * norm;
-      }
-    }
-  });
-
-  // ---- pooling of the prefix keys [0, len - W) ----
-  if (p.opt.pooling == ScorePooling::kNone) return;
-  const int64_t rad = p.opt.pool_kernel / 2;
-  const bool avg = p.opt.pooling == ScorePooling::kAvg;
-  const float inv_k = 1.0f / static_cast<float>(p.opt.pool_kernel);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t n = len[bh / H] - W;
-      float* o = out + bh * p.max_len;
-      float ring[8];  // original values of positions x - rad .. x - 1, at index pos % rad
-      for (int64_t x = 0; x < n; ++x) {
-        float acc = avg ? 0.0f : kNegInf;
-        for (int64_t y = std::max<int64_t>(0, x - rad); y <= std::min(n - 1, x + rad); ++y) {
-          const float v = y < x ? ring[y % rad] : o[y];
-          acc = avg ? acc + v : ((v > acc || std::isnan(v)) ? v : acc);
-        }
-        ring[x % rad] = o[x];
-        o[x] = avg ? acc * inv_k : acc;
-      }
-    }
-  });
-}
+namespace kvcore {
+namespace {
 
 void attention_scores_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& block_table,
                           const at::Tensor& seq_lens, const c10::optional<at::Tensor>& lse, double scale,
@@ -226,10 +83,12 @@ void attention_scores_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   p.scale = static_cast<float>(scale);
   p.opt = opt;
   const float* lse_ptr = lse.has_value() ? lse->const_data_ptr<float>() : nullptr;
+  const bool avx2 = cpu_isa() == CpuIsa::kAvx2;  // the kernels' copy for this process's ISA
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_scores_cpu", [&] {
-    attention_scores_tasks<scalar_t>(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(),
-                                     block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
-                                     lse_ptr, out.mutable_data_ptr<float>());
+    const auto scores =
+        avx2 ? isa_avx2::attention_scores_tasks<scalar_t> : isa_baseline::attention_scores_tasks<scalar_t>;
+    scores(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), block_table.const_data_ptr<int32_t>(),
+           seq_lens.const_data_ptr<int32_t>(), lse_ptr, out.mutable_data_ptr<float>());
   });
 }
 

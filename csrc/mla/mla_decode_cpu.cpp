@@ -17,6 +17,9 @@
 // Safety without validation: seq_len is clamped to [0, max_pages * page_size] and each page
 // index to [0, num_pages); bad index contents give wrong numbers, never an out-of-bounds read.
 // `workspace` only matters to the CUDA split-KV path and is ignored here.
+//
+// The kernels themselves are in mla/mla_decode_cpu_kernels.h, compiled twice (baseline and
+// AVX2+FMA, see common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,7 +31,7 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/cpu_attention.h"
+#include "common/cpu_isa.h"
 
 namespace kvcore {
 namespace {
@@ -36,87 +39,15 @@ namespace {
 constexpr int64_t kChunk = 32;           // keys per online-softmax step
 constexpr int64_t kMinPartTokens = 256;  // a sequence is cut into parts no shorter than this
 
-template <typename scalar_t>
-void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stride_b, int64_t q_stride_h,
-                      const scalar_t* cache, int64_t page_stride, const int32_t* block_table, const int32_t* seq_lens,
-                      float scale, int64_t num_splits, scalar_t* out, float* lse) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t H = s.num_heads, Dk = s.dk, Dv = s.dv;
-  const int64_t capacity = s.num_pages > 0 ? s.max_pages * s.page_size : 0;
+}  // namespace
+}  // namespace kvcore
 
-  std::vector<int64_t> len(s.batch);
-  int64_t longest = 0;
-  for (int64_t b = 0; b < s.batch; ++b) {
-    len[b] = std::clamp<int64_t>(seq_lens[b], 0, capacity);
-    longest = std::max(longest, len[b]);
-  }
-  int64_t parts;
-  if (num_splits > 0) {
-    parts = std::clamp<int64_t>(num_splits, 1, std::max<int64_t>(1, (longest + kChunk - 1) / kChunk));
-  } else {
-    const int64_t threads = at::get_num_threads();
-    parts = std::clamp<int64_t>((2 * threads + s.batch - 1) / s.batch, 1,
-                                std::max<int64_t>(1, longest / kMinPartTokens));
-  }
-  std::vector<float> part_out(s.batch * parts * H * Dv), part_lse(s.batch * parts * H);
+#define KVCORE_CPU_KERNELS "mla/mla_decode_cpu_kernels.h"
+#include "common/cpu_isa_kernels.h"
+#undef KVCORE_CPU_KERNELS
 
-  at::parallel_for(0, s.batch * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * Dk), acc(H * Dv), rows(kChunk * Dk), logits(H * kChunk), m(H), l(H);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / parts, part = task % parts;
-      const int64_t span = (len[b] + parts - 1) / parts;
-      const int64_t start = part * span, stop = std::min(len[b], start + span);
-      const int32_t* pages = block_table + b * s.max_pages;
-
-      for (int64_t h = 0; h < H; ++h) {
-        const scalar_t* qh = q + b * q_stride_b + h * q_stride_h;
-        for (int64_t d = 0; d < Dk; ++d) qf[h * Dk + d] = static_cast<float>(qh[d]);
-        m[h] = kNegInf;
-        l[h] = 0.0f;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-
-      for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
-        const int64_t n = std::min<int64_t>(kChunk, stop - c0);
-        // The chunk's latent rows in fp32 (each read once; they serve as keys and as values).
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t pos = c0 + i;
-          const int64_t page = std::clamp<int64_t>(pages[pos / s.page_size], 0, s.num_pages - 1);
-          const scalar_t* src = cache + page * page_stride + (pos % s.page_size) * Dk;
-          float* dst = rows.data() + i * Dk;
-          for (int64_t d = 0; d < Dk; ++d) dst[d] = static_cast<float>(src[d]);
-        }
-        for (int64_t h = 0; h < H; ++h) {
-          float* lg = logits.data() + h * kChunk;
-          for (int64_t i = 0; i < n; ++i) lg[i] = cpu::dot_product(qf.data() + h * Dk, rows.data() + i * Dk, Dk) * scale;
-          float* ah = acc.data() + h * Dv;
-          cpu::online_softmax_step(lg, n, m[h], l[h], ah, Dv);
-          for (int64_t i = 0; i < n; ++i) {
-            const float w = lg[i];
-            const float* v = rows.data() + i * Dk;  // the value is the row's first Dv columns
-            for (int64_t d = 0; d < Dv; ++d) ah[d] += w * v[d];
-          }
-        }
-      }
-
-      float* po = part_out.data() + task * H * Dv;
-      float* pl = part_lse.data() + task * H;
-      for (int64_t h = 0; h < H; ++h) cpu::finish_part(acc.data() + h * Dv, m[h], l[h], Dv, po + h * Dv, pl + h);
-    }
-  });
-
-  // Merge the parts of each (sequence, head) in part order.
-  at::parallel_for(0, s.batch * H, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(Dv);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      cpu::merge_parts(
-          parts, [&](int64_t j) { return part_lse[(b * parts + j) * H + h]; },
-          [&](int64_t j) { return part_out.data() + ((b * parts + j) * H + h) * Dv; }, Dv, out + bh * Dv,
-          lse != nullptr ? lse + bh : nullptr, scratch.data());
-    }
-  });
-}
+namespace kvcore {
+namespace {
 
 void mla_decode_cpu(const at::Tensor& q, const at::Tensor& latent_cache, const at::Tensor& block_table,
                     const at::Tensor& seq_lens, double scale, at::Tensor& out, const c10::optional<at::Tensor>& lse,
@@ -125,11 +56,12 @@ void mla_decode_cpu(const at::Tensor& q, const at::Tensor& latent_cache, const a
   const MlaDecodeShape s = check_mla_decode(q, latent_cache, block_table, seq_lens, scale, out, lse, num_splits);
   if (s.batch == 0 || s.num_heads == 0) return;
   float* lse_ptr = lse.has_value() ? lse->mutable_data_ptr<float>() : nullptr;
+  const bool avx2 = cpu_isa() == CpuIsa::kAvx2;  // the kernels' copy for this process's ISA
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_decode_cpu", [&] {
-    mla_decode_tasks<scalar_t>(s, q.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1),
-                               latent_cache.const_data_ptr<scalar_t>(), latent_cache.stride(0),
-                               block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
-                               static_cast<float>(scale), num_splits, out.mutable_data_ptr<scalar_t>(), lse_ptr);
+    const auto decode = avx2 ? isa_avx2::mla_decode_tasks<scalar_t> : isa_baseline::mla_decode_tasks<scalar_t>;
+    decode(s, q.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1), latent_cache.const_data_ptr<scalar_t>(),
+           latent_cache.stride(0), block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
+           static_cast<float>(scale), num_splits, out.mutable_data_ptr<scalar_t>(), lse_ptr);
   });
 }
 

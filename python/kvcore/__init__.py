@@ -13,6 +13,7 @@ from . import ops, reference
 from .cache import PagedKVCache
 from .ops import (
     append_paged_kv,
+    cpu_isa,
     decode_workspace,
     gqa_decode,
     merge_attention_states,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PagedKVCache",
     "append_paged_kv",
+    "cpu_isa",
     "cuda_kernels_built",
     "decode_workspace",
     "gqa_decode",

@@ -66,6 +66,15 @@ def validation_enabled() -> bool:
     return True
 
 
+def cpu_isa() -> str:
+    """The instruction set kvcore's CPU attention kernels run with in this process: ``"avx2"``
+    (AVX2 + FMA) or ``"baseline"`` (the build's own target, SSE2 on x86-64). Set by
+    ``KVCORE_CPU_ISA`` (``auto``, the default, takes avx2 where the CPU and the build allow it),
+    read once per process; an invalid setting raises a RuntimeError naming the variable, here and
+    at every CPU attention call."""
+    return torch.ops.kvcore.cpu_isa()
+
+
 def decode_workspace(device: Union[torch.device, str], min_bytes: int = 0) -> torch.Tensor:
     """The shared split-KV scratch buffer for ``device`` (allocated zero-filled on first use).
 

@@ -1,0 +1,51 @@
+// Compiles one CPU kernel file's kernels once per instruction set (see cpu_isa.h for why).
+//
+//   #define KVCORE_CPU_KERNELS "decode/gqa_decode_cpu_kernels.h"
+//   #include "common/cpu_isa_kernels.h"
+//
+// at namespace scope, after the kernel file's own #includes and the types its kernels use. It
+// defines the shared pieces (cpu_attention.h) and the kernels of KVCORE_CPU_KERNELS in
+// kvcore::(anonymous)::isa_baseline and, where the build has the AVX2 copy, again in
+// kvcore::(anonymous)::isa_avx2 under target("avx2,fma"); elsewhere isa_avx2 names isa_baseline,
+// so callers pick with `cpu_isa() == CpuIsa::kAvx2 ? isa_avx2::f : isa_baseline::f` everywhere.
+// The anonymous namespace keeps each file's copies to itself: no COMDAT of an AVX2 function can
+// stand in for a baseline one across files.
+//
+// Deliberately no include guard (it is meant to be included once per kernel file), and the
+// fragments it includes must include nothing themselves: anything first included inside the
+// target region would be compiled for AVX2 (see cpu_isa.h). The headers they use are included
+// here, before the region.
+#ifndef KVCORE_CPU_KERNELS
+#error "define KVCORE_CPU_KERNELS (the kernel fragment to compile per ISA) before including cpu_isa_kernels.h"
+#endif
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "common/cpu_isa.h"
+
+#define KVCORE_CPU_ISA_NS isa_baseline
+#include "common/cpu_attention.h"
+#include KVCORE_CPU_KERNELS
+#undef KVCORE_CPU_ISA_NS
+
+#if KVCORE_CPU_AVX2_PATH
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define KVCORE_CPU_ISA_NS isa_avx2
+#include "common/cpu_attention.h"
+#include KVCORE_CPU_KERNELS
+#undef KVCORE_CPU_ISA_NS
+#pragma GCC pop_options
+#else
+namespace kvcore {
+namespace {
+namespace isa_avx2 = isa_baseline;  // never chosen: cpu_isa() is kBaseline in such builds
+}  // namespace
+}  // namespace kvcore
+#endif

@@ -1,0 +1,114 @@
+"""KVCORE_CPU_ISA: the CPU attention kernels exist twice (baseline and AVX2+FMA, chosen once per
+process); both copies must pass the same reference checks.
+
+The rest of the suite runs the CPU kernels with whatever this process picked (``auto``: avx2 on
+an AVX2+FMA CPU). Every other available ISA runs the reference, NaN and determinism tests of
+the five ops that share csrc/common/cpu_attention.h (gqa_decode with and without the H2O score,
+block_sparse_decode, mla_decode, attention_scores, token_decoder_attention) in a fresh process
+with the variable set: those tests draw fresh random inputs, poison the outputs before the call
+and use conftest's OUT_TOL / LSE_TOL. The two copies need not agree bit for bit (FMA rounds once
+where the baseline rounds twice), only each with the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+
+import kvcore
+from conftest import assert_switch_value_rejected, run_code_with_env, run_tests_with_env
+
+VARIABLE = "KVCORE_CPU_ISA"
+
+
+def _cpu_has_avx2_fma() -> bool:
+    """Whether this CPU advertises AVX2 and FMA (Linux x86-64; False wherever that is unknown)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx2", "fma"} <= flags
+    except OSError:
+        pass
+    return False
+
+
+def _requested() -> str:
+    return os.environ.get(VARIABLE, "") or "auto"
+
+
+AVX2_AVAILABLE = _cpu_has_avx2_fma()
+
+# The reference / NaN / determinism tests of the five ops, CPU cases only; the bad-input tests
+# never reach a kernel and the subprocess tests would recurse.
+ISA_TEST_FILES = ["tests/test_cpu_isa.py", "tests/test_ops.py", "tests/test_decode_score.py",
+                  "tests/test_block_sparse.py", "tests/test_mla.py", "tests/test_eviction.py",
+                  "tests/test_block_transformer.py", "tests/test_nan.py", "tests/test_determinism.py"]
+ISA_TEST_SELECT = ("reports_the_setting or (cpu and (matches_reference or nan or bitwise or every_page or head_dims "
+                   "or group_sizes or partial_last_page or merges_with_other_parts or decode_is_gqa or accumulates) "
+                   "and not bad_input and not subprocess)")
+ISA_TEST_MIN_PASSED = 400  # 447 when written
+
+
+def test_cpu_isa_reports_the_setting():
+    """kvcore.cpu_isa() names the copy the kernels run: the requested one, or for auto avx2 exactly
+    where the CPU has AVX2 and FMA (our builds are GCC on x86-64, which compile the AVX2 copy)."""
+    requested = _requested()
+    expected = ("avx2" if AVX2_AVAILABLE else "baseline") if requested == "auto" else requested
+    assert kvcore.cpu_isa() == expected
+    assert torch.ops.kvcore.cpu_isa() == expected
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpu_kernels_match_reference_under_isa_in_subprocess(isa):
+    if isa == "avx2" and not AVX2_AVAILABLE:
+        pytest.skip("this CPU lacks AVX2 or FMA")
+    if kvcore.cpu_isa() == isa:
+        pytest.skip(f"this process already runs the {isa} kernels (the rest of the suite tests them)")
+    run_tests_with_env(VARIABLE, isa, ISA_TEST_FILES, ISA_TEST_SELECT, ISA_TEST_MIN_PASSED)
+
+
+_SETUP = """
+q = torch.randn(1, 8, 64)
+k = torch.randn(4, 16, 2, 64)
+bt = torch.arange(4, dtype=torch.int32).view(1, 4)
+sl = torch.tensor([40], dtype=torch.int32)
+"""
+
+
+def test_misspelt_cpu_isa_is_an_error():
+    """A value other than auto, baseline or avx2 (here the upper-case AVX2) fails every CPU
+    attention call and the query, naming the variable, instead of silently timing the default."""
+    code = (f"import torch, kvcore\n{_SETUP}\n"
+            "for call in (lambda: kvcore.gqa_decode(q, k, k, bt, sl), lambda: kvcore.gqa_decode(q, k, k, bt, sl),\n"
+            "             kvcore.cpu_isa):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except RuntimeError as e:\n"
+            f"        assert {VARIABLE!r} in str(e) and 'AVX2' in str(e), str(e)\n"
+            "        print('raised')\n")
+    res = run_code_with_env(VARIABLE, "AVX2", code)
+    assert res.returncode == 0 and res.stdout.count("raised") == 3, (res.stdout + res.stderr)[-4000:]
+
+
+@pytest.mark.skipif(AVX2_AVAILABLE, reason="this CPU has AVX2 and FMA")
+def test_avx2_without_avx2_is_an_error():
+    """Forcing avx2 on a CPU without it must raise (naming the variable), never run the AVX2 copy
+    into an illegal instruction."""
+    assert_switch_value_rejected(VARIABLE, "avx2", _SETUP, "kvcore.gqa_decode(q, k, k, bt, sl)", calls=2)
+
+
+def test_cpu_isa_choice_is_read_once():
+    """The choice is made at the first call and kept: setting the variable later in the process
+    does not switch copies (so a benchmark's process times one copy throughout)."""
+    code = (f"import os, torch, kvcore\n{_SETUP}\nkvcore.gqa_decode(q, k, k, bt, sl)\nfirst = kvcore.cpu_isa()\n"
+            f"os.environ[{VARIABLE!r}] = 'avx2'\nkvcore.gqa_decode(q, k, k, bt, sl)\nprint(first, kvcore.cpu_isa())\n")
+    res = run_code_with_env(VARIABLE, "baseline", code)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert res.stdout.split() == ["baseline", "baseline"]
