@@ -51,6 +51,15 @@ TokenDecoderVariant token_decoder_variant() {
   return variant;
 }
 
+// KVCORE_TOKEN_DECODER_STAGES (read once per process): the ring depth. "auto" (the default):
+// three stages (two items in flight while one is computed) where that leaves room for two CTAs
+// per SM, else two; "2" / "3" force one (an A/B switch: two stages fit more CTAs, i.e. more
+// warps, per SM, for a kernel that bench/NOTES.md counts as issue-bound at 8 warps per SM).
+int token_decoder_stages_forced() {
+  static const int forced = env_choice("KVCORE_TOKEN_DECODER_STAGES", {"auto", "2", "3"}, "token_decoder_attention (CUDA)");
+  return forced == 0 ? 0 : forced + 1;
+}
+
 template <typename T, int D>
 void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stream) {
   using Cfg = TokenDecoderConfig<D>;
@@ -103,7 +112,10 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   };
   // Three stages (two items in flight while one is computed) while that leaves room for two
   // CTAs per SM; else two.
-  auto stages_for = [&](bool lean) { return smem_for(lean, 3) <= (lean ? 112 : 100) * 1024 ? 3 : 2; };
+  auto stages_for = [&](bool lean) {
+    if (token_decoder_stages_forced() > 0) return token_decoder_stages_forced();
+    return smem_for(lean, 3) <= (lean ? 112 : 100) * 1024 ? 3 : 2;
+  };
   auto ctas_per_sm = [&](bool lean) {
     const auto k = kernel_for(lean);
     allow_max_smem(reinterpret_cast<const void*>(k));
