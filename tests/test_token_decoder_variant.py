@@ -1,10 +1,14 @@
-"""token_decoder_attention's kernel variants (KVCORE_TOKEN_DECODER_VARIANT, read once per process by
-the CUDA launcher; the default "auto" picks per shape, "classic" and "lean" (table-driven copies,
-one V scan per item, O staged through shared memory) force one kernel): each forced kernel must
-pass every CUDA token_decoder_attention test, and agree with the default on the two benchmark
-shapes (fewer blocks), where "auto" runs lean at L16 and classic at L4.
+"""token_decoder_attention's kernel configurations: the kernel (KVCORE_TOKEN_DECODER_VARIANT: the
+default "auto" picks per shape, "classic" and "lean" (table-driven copies, one V scan per item, O
+staged through shared memory) force one) and the ring depth (KVCORE_TOKEN_DECODER_STAGES: "auto"
+or a forced 2 or 3). Both are read once per process by the CUDA launcher, whose "auto" takes the
+configuration that fits the most CTAs per SM (on the benchmark shapes since session 14: the classic
+kernel with two stages at L4 and at L16). Each forced setting must pass every CUDA
+token_decoder_attention test and agree with the default on the two benchmark shapes (fewer
+blocks); between them they run each kernel with each depth (STAGES=3: lean at L16, classic at L4;
+VARIANT=lean: lean with two stages at L4, three at L16).
 
-The variable is read once per process, so each variant runs in a subprocess of its own.
+Each setting runs in a subprocess of its own.
 """
 
 from __future__ import annotations
@@ -21,16 +25,18 @@ HAS_CUDA_TD = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_di
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not HAS_CUDA_TD, reason="no CUDA kernel registered for kvcore::token_decoder_attention")]
 
-VARIANTS = ["classic", "lean"]
+SETTINGS = [("KVCORE_TOKEN_DECODER_VARIANT", "classic"), ("KVCORE_TOKEN_DECODER_VARIANT", "lean"),
+            ("KVCORE_TOKEN_DECODER_STAGES", "3"), ("KVCORE_TOKEN_DECODER_STAGES", "2")]
+SETTING_IDS = [f"{name.rsplit('_', 1)[1].lower()}={value}" for name, value in SETTINGS]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_variant_passes_the_token_decoder_cuda_tests(variant):
+@pytest.mark.parametrize("name, value", SETTINGS, ids=SETTING_IDS)
+def test_variant_passes_the_token_decoder_cuda_tests(name, value):
     """The CUDA token_decoder_attention tests (the reference grid with poisoned outputs, ragged and
-    strided cases, head packing, the two-stage ring, NaN rules, bad input, clamped lengths without
-    validation, opcheck, torch.compile, graph replays, the bf16 model) under the variant."""
+    strided cases, head packing, NaN rules, bad input, clamped lengths without validation,
+    opcheck, torch.compile, graph replays, the bf16 model) under the setting."""
     # The reference grid alone is 20 cases x 2 dtypes on CUDA; the kernel-running ones must not skip.
-    run_tests_with_env("KVCORE_TOKEN_DECODER_VARIANT", variant,
+    run_tests_with_env(name, value,
                        ["tests/test_block_transformer.py", "tests/test_nan.py", "tests/test_cuda_graph.py"],
                        "(token_decoder and (cuda or graph)) or bf16_tracks", 50)
 
@@ -82,13 +88,14 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_variant_agrees_with_the_default_kernel(variant, tmp_path):
-    """Same inputs through the default kernel and the variant (each in its own process). Both run the
-    same mma fragments and softmax in the same order, so they should agree bitwise; the assertion
-    allows the CUDA-vs-reference tolerance in case the compiler contracts differently."""
-    outs = {v: run_script_with_env("KVCORE_TOKEN_DECODER_VARIANT", v, _SCRIPT, tmp_path) for v in (None, variant)}
-    for i, ((ref, ref_lse), (got, got_lse)) in enumerate(zip(outs[None], outs[variant])):
+@pytest.mark.parametrize("name, value", SETTINGS, ids=SETTING_IDS)
+def test_variant_agrees_with_the_default_kernel(name, value, tmp_path):
+    """Same inputs through the default configuration and the setting (each in its own process).
+    Both run the same mma fragments and softmax in the same order, so they should agree bitwise;
+    the assertion allows the CUDA-vs-reference tolerance in case the compiler contracts
+    differently."""
+    outs = {v: run_script_with_env(name, v, _SCRIPT, tmp_path) for v in (None, value)}
+    for i, ((ref, ref_lse), (got, got_lse)) in enumerate(zip(outs[None], outs[value])):
         assert not torch.isnan(got).any() and not torch.isnan(ref).any(), f"case {i}: NaN (unwritten) in out"
         tol = dict(atol=2e-2, rtol=1e-2) if got.dtype == torch.bfloat16 else dict(atol=5e-3, rtol=2e-3)
         torch.testing.assert_close(got.float(), ref.float(), **tol, msg=lambda m: f"case {i} out: {m}")
@@ -107,3 +114,15 @@ def test_unknown_variant_is_an_error():
         v = torch.randn(2, 6, 2, 64, dtype=torch.bfloat16, device="cuda")
         """,
         "kvcore.token_decoder_attention(q, k, v)", calls=2)  # the first call and every later one
+
+
+def test_unknown_stage_count_is_an_error():
+    """A misspelt KVCORE_TOKEN_DECODER_STAGES fails the call instead of silently timing the default."""
+    assert_switch_value_rejected(
+        "KVCORE_TOKEN_DECODER_STAGES", "4",
+        """
+        q = torch.randn(2, 4, 4, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(2, 6, 2, 64, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn(2, 6, 2, 64, dtype=torch.bfloat16, device="cuda")
+        """,
+        "kvcore.token_decoder_attention(q, k, v)", calls=2)

@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "common/checks.h"
@@ -35,11 +36,28 @@ int allow_max_smem(const void* kernel) {
   return done[{kernel, dev}] = most;
 }
 
+// Resident CTAs per SM of `kernel` with `smem` bytes of dynamic shared memory, cached per
+// (kernel, bytes, device): the launcher compares up to four configurations on every call, and an
+// occupancy query costs microseconds. Raises the kernel's shared-memory limit first.
+int occupancy(const void* kernel, int threads, int64_t smem) {
+  allow_max_smem(kernel);
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int64_t, int>, int> cache;
+  const int dev = at::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({kernel, smem, dev});
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, size_t(smem)));
+  return cache[{kernel, smem, dev}] = n;
+}
+
 // The kernel, from KVCORE_TOKEN_DECODER_VARIANT (read once per process): unset or "auto" (the
 // default since session 8): token_decoder_attention_lean_kernel (table-driven copies, one V scan
 // per item, O staged through shared memory; bench/NOTES.md "token_decoder_attention L16, session
-// 6") wherever it fits as many CTAs per SM as token_decoder_attention_kernel, else the latter;
-// "classic" or "lean" force one kernel (the A/B switch and the tests of each). Session 8 timed
+// 6") or token_decoder_attention_kernel, whichever (with its ring depth) fits more CTAs per SM,
+// lean on a tie (since session 14; see launch); "classic" or "lean" force one kernel (the A/B
+// switch and the tests of each). Session 8 timed
 // both back to back: L16 D128 (2 CTAs per SM either way) lean 0.812 vs 0.951 ms; L4 D64 (lean's
 // staging tiles and table leave 2 CTAs per SM instead of 3) lean 0.759 vs 0.708 ms. Any other
 // value is an error on every call, so a misspelt name cannot silently time the default.
@@ -110,30 +128,39 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
     return lean ? token_decoder_lean_smem_bytes(stage_elems, st, D, q_elems, table_entries)
                 : token_decoder_smem_bytes(stage_elems, st, D);
   };
-  // Three stages (two items in flight while one is computed) while that leaves room for two
-  // CTAs per SM; else two.
-  auto stages_for = [&](bool lean) {
-    if (token_decoder_stages_forced() > 0) return token_decoder_stages_forced();
-    return smem_for(lean, 3) <= (lean ? 112 : 100) * 1024 ? 3 : 2;
-  };
-  auto ctas_per_sm = [&](bool lean) {
-    const auto k = kernel_for(lean);
-    allow_max_smem(reinterpret_cast<const void*>(k));
-    int n = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, Cfg::THREADS, size_t(smem_for(lean, stages_for(lean)))));
-    return n;
-  };
+  // The configuration: kernel (lean or classic) and ring depth (3 stages: two items in flight
+  // while one is computed; or 2). It takes the one with the most CTAs per SM, preferring lean,
+  // then 3 stages, on ties: the kernels are issue-bound at 8 warps per SM (bench/NOTES.md,
+  // token_decoder_attention), and more warps hide more of an item's dependent chain than a
+  // deeper ring hides memory latency. Session 14 (H200, one process each): L4 D64 classic with 2
+  // stages (4 CTAs per SM) 0.584 ms, lean 2 (3 CTAs) 0.598, classic 3 (3 CTAs, the old choice)
+  // 0.708; L16 D128 classic 2 (3 CTAs, bound by registers) 0.779, lean 2 / lean 3 (2 CTAs, the
+  // old choice) 0.811 / 0.816, classic 3 (2 CTAs) 0.951. KVCORE_TOKEN_DECODER_VARIANT and
+  // KVCORE_TOKEN_DECODER_STAGES narrow the candidates (a forced lean kernel whose footprint does
+  // not fit even with two stages, e.g. L48 P16 D256, still runs the classic one).
   const TokenDecoderVariant variant = token_decoder_variant();
-  const bool lean_fits = variant != TokenDecoderVariant::kClassic &&
-                         smem_for(true, 2) <= int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  // Occupancy is queried once per kernel: both only when "auto" compares them (the lean footprint
-  // fits, so the smaller classic one does too); the classic kernel's otherwise after the check below.
-  const int lean_per_sm = lean_fits ? ctas_per_sm(true) : 0;
-  const int classic_per_sm = variant == TokenDecoderVariant::kAuto && lean_fits ? ctas_per_sm(false) : 0;
-  const bool lean = lean_fits && (variant == TokenDecoderVariant::kLean || lean_per_sm >= classic_per_sm);
+  const int forced_stages = token_decoder_stages_forced();
+  const int64_t optin = int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const bool lean_fits = variant != TokenDecoderVariant::kClassic && smem_for(true, 2) <= optin;
+  bool lean = false;
+  int stages = 0, per_sm = 0;
+  for (const bool cand_lean : {true, false}) {
+    if (cand_lean ? !lean_fits : (variant == TokenDecoderVariant::kLean && lean_fits)) continue;
+    for (const int st : {3, 2}) {
+      if (forced_stages > 0 && st != forced_stages) continue;
+      const int64_t bytes = smem_for(cand_lean, st);
+      if (bytes > optin) continue;
+      const int n = occupancy(reinterpret_cast<const void*>(kernel_for(cand_lean)), Cfg::THREADS, bytes);
+      if (n > per_sm) {
+        lean = cand_lean;
+        stages = st;
+        per_sm = n;
+      }
+    }
+  }
+  if (stages == 0) stages = forced_stages > 0 ? forced_stages : 2;  // nothing fits: the error below
   auto kernel = kernel_for(lean);
   const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
-  const int stages = stages_for(lean);
   const int64_t smem_bytes = smem_for(lean, stages);
   TORCH_CHECK(smem_bytes <= max_smem, "token_decoder_attention (CUDA): one KV head of a block (block_length ",
               s.block_length, ", prefix ", s.prefix, ", group ", s.group, ", head_dim ", D, ") needs ", smem_bytes,
@@ -142,7 +169,6 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   const int64_t chunks = s.num_kv_heads / hc;
   const int64_t items = s.blocks * chunks;
   TORCH_CHECK(items < (int64_t(1) << 31), "token_decoder_attention (CUDA): too many blocks (", s.blocks, ")");
-  const int per_sm = lean ? lean_per_sm : classic_per_sm > 0 ? classic_per_sm : ctas_per_sm(false);
   TORCH_CHECK(per_sm > 0, "token_decoder_attention (CUDA): the kernel does not fit on this GPU (", smem_bytes,
               " bytes of shared memory per CTA)");
   // One wave of CTAs, each walking a contiguous range of items (consecutive blocks).

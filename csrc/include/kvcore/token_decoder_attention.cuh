@@ -32,12 +32,13 @@
 // A work item is (block, chunk of HC KV heads with their G HC query heads): the largest chunk
 // whose q + k + v bytes fit 32 KB (the whole block at L4/H12: 24 KB; 2 of 16 heads at L16/D128:
 // 26 KB). Its inputs are three runs of contiguous rows (q: L runs of HC G D elements, k and v:
-// P + L runs of HC D), copied by 16-byte cp.async into one stage of a ring of 3 stages (2 when an
-// item is too large for 3 within ~100 KB), one commit group per item; a thread always copies the
-// same 16-byte column, so a warp's copies cover 512 contiguous bytes. A CTA (4 warps) walks a
-// contiguous range of items (consecutive blocks: reads stream in address order) with STAGES - 1
-// items in flight while it computes one: 2 x 24-26 KB per CTA, 2 (L16) or 3 (L4) CTAs per SM,
-// i.e. 100-150 KB in flight per SM, ~5x what Little's law asks at ~1 us latency. One
+// P + L runs of HC D), copied by 16-byte cp.async into one stage of a ring of 2 or 3 stages (the
+// launcher's choice: the depth that fits the most CTAs per SM), one commit group per item; a
+// thread always copies the same 16-byte column, so a warp's copies cover 512 contiguous bytes. A
+// CTA (4 warps) walks a contiguous range of items (consecutive blocks: reads stream in address
+// order) with STAGES - 1 items in flight while it computes one: with 2 stages and 3 (L16) or 4
+// (L4) CTAs per SM, 75-100 KB in flight per SM, still ~2-3x what Little's law asks at ~1 us
+// latency; more warps per SM mattered more than a deeper ring (session 14). One
 // __syncthreads per item; the block length of each stage's item travels through shared memory.
 //
 // Shared memory keeps the global row order (q row (i, h) at i HC G + h, k/v row (j, h) at
