@@ -137,28 +137,35 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   // 0.708; L16 D128 classic 2 (3 CTAs, bound by registers) 0.779, lean 2 / lean 3 (2 CTAs, the
   // old choice) 0.811 / 0.816, classic 3 (2 CTAs) 0.951. KVCORE_TOKEN_DECODER_VARIANT and
   // KVCORE_TOKEN_DECODER_STAGES narrow the candidates (a forced lean kernel whose footprint does
-  // not fit even with two stages, e.g. L48 P16 D256, still runs the classic one).
+  // not fit even with two stages, e.g. L48 P16 D256, still runs the classic one; a forced depth
+  // that does not fit runs the other).
   const TokenDecoderVariant variant = token_decoder_variant();
   const int forced_stages = token_decoder_stages_forced();
   const int64_t optin = int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const bool lean_fits = variant != TokenDecoderVariant::kClassic && smem_for(true, 2) <= optin;
   bool lean = false;
   int stages = 0, per_sm = 0;
-  for (const bool cand_lean : {true, false}) {
-    if (cand_lean ? !lean_fits : (variant == TokenDecoderVariant::kLean && lean_fits)) continue;
-    for (const int st : {3, 2}) {
-      if (forced_stages > 0 && st != forced_stages) continue;
-      const int64_t bytes = smem_for(cand_lean, st);
-      if (bytes > optin) continue;
-      const int n = occupancy(reinterpret_cast<const void*>(kernel_for(cand_lean)), Cfg::THREADS, bytes);
-      if (n > per_sm) {
-        lean = cand_lean;
-        stages = st;
-        per_sm = n;
+  auto pick = [&](int only_stages) {
+    for (const bool cand_lean : {true, false}) {
+      if (cand_lean ? !lean_fits : (variant == TokenDecoderVariant::kLean && lean_fits)) continue;
+      for (const int st : {3, 2}) {
+        if (only_stages > 0 && st != only_stages) continue;
+        const int64_t bytes = smem_for(cand_lean, st);
+        if (bytes > optin) continue;
+        const int n = occupancy(reinterpret_cast<const void*>(kernel_for(cand_lean)), Cfg::THREADS, bytes);
+        if (n > per_sm) {
+          lean = cand_lean;
+          stages = st;
+          per_sm = n;
+        }
       }
     }
-  }
-  if (stages == 0) stages = forced_stages > 0 ? forced_stages : 2;  // nothing fits: the error below
+  };
+  pick(forced_stages);
+  // A forced depth that does not fit this block (three stages of a large block) runs the other,
+  // as a forced lean kernel that does not fit runs the classic one.
+  if (stages == 0 && forced_stages > 0) pick(0);
+  if (stages == 0) stages = 2;  // nothing fits: the error below
   auto kernel = kernel_for(lean);
   const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
   const int64_t smem_bytes = smem_for(lean, stages);
