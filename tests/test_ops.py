@@ -775,21 +775,6 @@ def test_gqa_decode_without_page_groups_in_subprocess():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-def test_gqa_decode_misspelt_page_groups_switch_is_an_error():
-    """A misspelt KVCORE_DECODE_PAGE_GROUPS fails the call instead of silently timing the default."""
-    assert_switch_value_rejected(
-        "KVCORE_DECODE_PAGE_GROUPS", "of",
-        """
-        q = torch.randn(1, 8, 64, dtype=torch.bfloat16, device="cuda")
-        k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
-        bt = torch.arange(4, dtype=torch.int32, device="cuda").view(1, 4)
-        sl = torch.tensor([40], dtype=torch.int32, device="cuda")
-        """,
-        "kvcore.gqa_decode(q, k, k, bt, sl)")
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.skipif(os.environ.get("KVCORE_DECODE_LOADER") == "tma", reason="this process already runs it")
 def test_gqa_decode_with_tma_loader_in_subprocess():
     """KVCORE_DECODE_LOADER=tma (read once per process): gqa_decode's K/V tiles come as TMA boxes
@@ -803,10 +788,11 @@ def test_gqa_decode_with_tma_loader_in_subprocess():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-def test_gqa_decode_misspelt_loader_switch_is_an_error():
-    """A misspelt KVCORE_DECODE_LOADER fails the call instead of silently timing the default."""
+@pytest.mark.parametrize("name, bad", [("KVCORE_DECODE_PAGE_GROUPS", "of"), ("KVCORE_DECODE_LOADER", "tmaa")])
+def test_gqa_decode_misspelt_switch_is_an_error(name, bad):
+    """A misspelt gqa_decode switch fails the call instead of silently timing the default."""
     assert_switch_value_rejected(
-        "KVCORE_DECODE_LOADER", "tmaa",
+        name, bad,
         """
         q = torch.randn(1, 8, 64, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")

@@ -104,25 +104,15 @@ def test_variant_agrees_with_the_default_kernel(name, value, tmp_path):
             torch.testing.assert_close(got_lse, ref_lse, atol=1e-3, rtol=1e-4, msg=lambda m: f"case {i} lse: {m}")
 
 
-def test_unknown_variant_is_an_error():
-    """A misspelt KVCORE_TOKEN_DECODER_VARIANT fails the call instead of silently timing the default."""
+@pytest.mark.parametrize("name, bad", [("KVCORE_TOKEN_DECODER_VARIANT", "laen"), ("KVCORE_TOKEN_DECODER_STAGES", "4")])
+def test_unknown_setting_is_an_error(name, bad):
+    """A misspelt KVCORE_TOKEN_DECODER_VARIANT or _STAGES fails the call instead of silently timing
+    the default."""
     assert_switch_value_rejected(
-        "KVCORE_TOKEN_DECODER_VARIANT", "laen",
+        name, bad,
         """
         q = torch.randn(2, 4, 4, 64, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(2, 6, 2, 64, dtype=torch.bfloat16, device="cuda")
         v = torch.randn(2, 6, 2, 64, dtype=torch.bfloat16, device="cuda")
         """,
         "kvcore.token_decoder_attention(q, k, v)", calls=2)  # the first call and every later one
-
-
-def test_unknown_stage_count_is_an_error():
-    """A misspelt KVCORE_TOKEN_DECODER_STAGES fails the call instead of silently timing the default."""
-    assert_switch_value_rejected(
-        "KVCORE_TOKEN_DECODER_STAGES", "4",
-        """
-        q = torch.randn(2, 4, 4, 64, dtype=torch.bfloat16, device="cuda")
-        k = torch.randn(2, 6, 2, 64, dtype=torch.bfloat16, device="cuda")
-        v = torch.randn(2, 6, 2, 64, dtype=torch.bfloat16, device="cuda")
-        """,
-        "kvcore.token_decoder_attention(q, k, v)", calls=2)
