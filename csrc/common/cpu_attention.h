@@ -8,7 +8,7 @@
 // Compiled once per instruction set: include it only through common/cpu_isa_kernels.h, which
 // defines KVCORE_CPU_ISA_NS and includes the standard headers used here (so no include guard,
 // and no #include below: see cpu_isa.h).
-#ifndef KVCORE_CPU_ISA_NS
+#if !defined(KVCORE_CPU_ISA_NS) || !defined(KVCORE_CPU_VEC_BYTES)
 #error "cpu_attention.h is compiled per ISA: include common/cpu_isa_kernels.h instead"
 #endif
 
@@ -20,16 +20,93 @@ namespace cpu {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-// a.b with 8 independent partial sums: without -ffast-math the compiler may not reorder one
-// running sum, so a single accumulator would leave the loop scalar; eight lanes vectorise.
+// Vector type for the hand-vectorised loops below: GCC's vector extension (no intrinsics, so no
+// #include: see cpu_isa.h), one register wide: KVCORE_CPU_VEC_BYTES (cpu_isa_kernels.h) is 32 in
+// the AVX2 copy (ymm, 8 floats) and 16 in the baseline one (xmm). (__AVX2__ is not defined inside
+// the pragma target region here, so it cannot tell the copies apart.)
+typedef float FVec __attribute__((vector_size(KVCORE_CPU_VEC_BYTES)));
+constexpr int kVecLanes = sizeof(FVec) / sizeof(float);
+
+inline FVec load_vec(const float* p) {
+  FVec v;
+  __builtin_memcpy(&v, p, sizeof v);  // an unaligned load (movups)
+  return v;
+}
+
+// a.b with four vector accumulators (32 partial sums in the AVX2 copy, 16 in the baseline one).
+// One accumulator register made every FMA wait for the previous one (4 cycles of latency, 16 in a
+// row at D = 128, AVX2); four independent chains keep the FMA units busy. Written with vector
+// types: the auto-vectorised form of 32 scalar partial sums reduced them one by one through the
+// stack. The summation order is fixed (no dependence on alignment or threads).
 inline float dot_product(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  constexpr int64_t kStep = 4 * kVecLanes;
+  FVec acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
   int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
+  for (; d + kStep <= n; d += kStep) {
+    acc0 += load_vec(a + d) * load_vec(b + d);
+    acc1 += load_vec(a + d + kVecLanes) * load_vec(b + d + kVecLanes);
+    acc2 += load_vec(a + d + 2 * kVecLanes) * load_vec(b + d + 2 * kVecLanes);
+    acc3 += load_vec(a + d + 3 * kVecLanes) * load_vec(b + d + 3 * kVecLanes);
+  }
+  for (; d + kVecLanes <= n; d += kVecLanes) acc0 += load_vec(a + d) * load_vec(b + d);
   float tail = 0.f;
   for (; d < n; ++d) tail += a[d] * b[d];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+  const FVec v = (acc0 + acc1) + (acc2 + acc3);
+#if KVCORE_CPU_VEC_BYTES == 32
+  const float s = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#else
+  const float s = (v[0] + v[2]) + (v[1] + v[3]);
+#endif
+  return s + tail;
+}
+
+// exp(x) without libm, on a float or an FVec (the same operations on each lane): x = n ln2 + r
+// with n = round(x / ln2) (the 1.5 * 2^23 trick rounds without a rounding instruction, which SSE2
+// lacks), ln2 split in two (Cody-Waite) so r is exact enough, e^r by Cephes' expf polynomial,
+// then 2^n built in the exponent bits in two halves, so that a result in the subnormal range is
+// rounded once, correctly. Within 1 ulp of the exactly rounded value for every float in
+// [-110, 1] (checked exhaustively, with and without FMA contraction). NaN passes the clamps
+// (comparisons with NaN are false) and stays NaN; -inf clamps to -110, whose exp rounds to
+// exactly 0; +inf clamps to 88.8, giving +inf. Written on vector types rather than left to the
+// auto-vectoriser: GCC does not if-convert the clamps of a scalar loop (a float compare may trap
+// under the default -ftrapping-math), which left a libm-free but scalar loop.
+typedef int32_t IVec __attribute__((vector_size(KVCORE_CPU_VEC_BYTES)));
+template <typename V, typename I>
+inline V exp_poly(V x) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: x + kMagic keeps round(x) in the low bits
+  x = x < -110.0f ? V{} - 110.0f : x;
+  x = x > 88.8f ? V{} + 88.8f : x;
+  const V t = x * 1.44269504088896341f + kMagic;
+  const V nf = t - kMagic;
+  V r = x - nf * 0.693359375f;  // ln2's leading 9 bits: nf * this is exact
+  r = r - nf * -2.12194440e-4f;  // the rest of ln2
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  // n in [-159, 128] (the clamps): each half within the normal exponents [-126, 127]. For a NaN x
+  // n is garbage (no overflow: t's bits minus kMagic's fit in 32 bits), and p is NaN anyway.
+  const I n = __builtin_bit_cast(I, t) - __builtin_bit_cast(int32_t, kMagic);
+  const I n1 = n >> 1, n2 = n - n1;
+  const V s1 = __builtin_bit_cast(V, (n1 + 127) << 23);
+  const V s2 = __builtin_bit_cast(V, (n2 + 127) << 23);
+  return p * s1 * s2;
+}
+
+// y[i] = exp(x[i] - m) for i < n, with exp(-inf - m) = 0 whatever m is (also -inf or NaN: a key
+// that is masked out weighs 0); otherwise NaN stays NaN. x and y may be the same array.
+inline void exp_diff(const float* x, float m, float* y, int64_t n) {
+  constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kVecLanes <= n; i += kVecLanes) {
+    const FVec v = load_vec(x + i);
+    const FVec e = v == kNegInfF ? FVec{} : exp_poly<FVec, IVec>(v - m);
+    __builtin_memcpy(y + i, &e, sizeof e);
+  }
+  for (; i < n; ++i) y[i] = x[i] == kNegInfF ? 0.0f : exp_poly<float, int32_t>(x[i] - m);
 }
 
 // One online-softmax step of one head over n logits: lg becomes the weights relative to the new
@@ -40,14 +117,20 @@ inline void online_softmax_step(float* lg, int64_t n, float& m, float& l, float*
   const float m_new = std::max(m, cmax);
   // m_new = -inf only if every logit so far is -inf (non-finite inputs): keep the state.
   const float corr = (m == m_new || m_new == kNegInf) ? 1.0f : std::exp(m - m_new);
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
+  if (m_new == kNegInf) {
     // std::max skips NaN, so m_new = -inf means every logit so far is -inf or NaN: a -inf weighs
     // 0, a NaN must stay NaN.
-    const float e = m_new == kNegInf ? (std::isnan(lg[i]) ? lg[i] : 0.0f) : std::exp(lg[i] - m_new);
-    lg[i] = e;
-    sum += e;
+    for (int64_t i = 0; i < n; ++i) lg[i] = std::isnan(lg[i]) ? lg[i] : 0.0f;
+  } else {
+    exp_diff(lg, m_new, lg, n);  // one vectorised pass over the chunk (NaN stays NaN, -inf weighs 0)
   }
+  // Eight partial sums, so this vectorises too (a single running sum may not be reordered).
+  float part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += lg[i + j];
+  float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; i < n; ++i) sum += lg[i];
   l = l * corr + sum;
   m = m_new;
   if (corr != 1.0f)
