@@ -140,42 +140,85 @@ inline void online_softmax_step(float* lg, int64_t n, float& m, float& l, float*
 // Workspace and state of one task's query heads: heads x D queries (fp32), the running (m, l,
 // acc) per head, and the conversion rows and logits of one chunk of keys.
 struct ChunkScratch {
-  float* krow;    // row_len floats
-  float* vrow;    // row_len floats
+  float* krow;    // row_len floats (unused when the cache is fp32)
+  float* vrows;   // chunk x row_len floats: the chunk's V rows as fp32 (unused when the cache is fp32)
   float* logits;  // heads x kChunk
   int64_t chunk;  // logits stride per head (the most keys of one chunk)
 };
 
+// acc[0, D) += sum over i < n of wts[i] * v_row(i)[0, D), each element summed in key order (the
+// order of the loop it replaces, so the result is the same). Eight vector accumulators stay in
+// registers across the keys: the per-key form loaded and stored acc for every key and head.
+template <typename RowOf>
+inline void accumulate_pv(float* acc, int64_t D, int64_t n, const float* wts, RowOf v_row) {
+  constexpr int64_t kBlock = 8 * kVecLanes;
+  int64_t d = 0;
+  for (; d + kBlock <= D; d += kBlock) {
+    FVec a[8];
+    for (int j = 0; j < 8; ++j) a[j] = load_vec(acc + d + j * kVecLanes);
+    for (int64_t i = 0; i < n; ++i) {
+      const FVec wv = FVec{} + wts[i];
+      const float* vr = v_row(i) + d;
+      for (int j = 0; j < 8; ++j) a[j] += wv * load_vec(vr + j * kVecLanes);
+    }
+    __builtin_memcpy(acc + d, a, sizeof a);
+  }
+  for (; d + kVecLanes <= D; d += kVecLanes) {
+    FVec a = load_vec(acc + d);
+    for (int64_t i = 0; i < n; ++i) a += (FVec{} + wts[i]) * load_vec(v_row(i) + d);
+    __builtin_memcpy(acc + d, &a, sizeof a);
+  }
+  for (; d < D; ++d) {
+    float a = acc[d];
+    for (int64_t i = 0; i < n; ++i) a += wts[i] * v_row(i)[d];
+    acc[d] = a;
+  }
+}
+
 // One chunk of n keys for `heads` query heads: logits (scale, optional soft cap), the online
-// softmax step, then P V. Key i's row starts at k_base + k_off[i] (v likewise); each row is
-// converted to fp32 once (row_len elements) and query head h reads its KV head's D values at
-// (h / group) * D within it. gqa_decode passes whole token rows (all KV heads); block_sparse_decode
-// one head's row (row_len = D, group = heads).
+// softmax step, then P V. Key i's row starts at k_base + k_off[i] (v likewise); query head h
+// reads its KV head's D values at (h / group) * D within it. fp32 rows are read in place (the copy
+// into scratch cost as much as the dot products: perf, gqa_decode fp32); other types are
+// converted to fp32 once (row_len elements per row). gqa_decode passes whole token rows (all KV
+// heads); block_sparse_decode one head's row (row_len = D, group = heads).
 template <typename T>
 void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_base, const int64_t* v_off,
                   int64_t row_len, int64_t heads, int64_t group, int64_t D, const float* qf, float scale,
                   float soft_cap, const ChunkScratch& w, float* m, float* l, float* acc) {
+  constexpr bool kFp32 = std::is_same_v<T, float>;
   const bool capped = soft_cap > 0.0f;
   const float inv_cap = capped ? 1.0f / soft_cap : 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const T* kr = k_base + k_off[i];
-    for (int64_t e = 0; e < row_len; ++e) w.krow[e] = static_cast<float>(kr[e]);
+    const float* kf;
+    if constexpr (kFp32) {
+      kf = kr;
+    } else {
+      for (int64_t e = 0; e < row_len; ++e) w.krow[e] = static_cast<float>(kr[e]);
+      kf = w.krow;
+    }
     for (int64_t h = 0; h < heads; ++h) {
-      float s = dot_product(qf + h * D, w.krow + (h / group) * D, D) * scale;
+      float s = dot_product(qf + h * D, kf + (h / group) * D, D) * scale;
       if (capped) s = soft_cap * std::tanh(s * inv_cap);
       w.logits[h * w.chunk + i] = s;
     }
   }
   for (int64_t h = 0; h < heads; ++h) online_softmax_step(w.logits + h * w.chunk, n, m[h], l[h], acc + h * D, D);
-  for (int64_t i = 0; i < n; ++i) {
-    const T* vr = v_base + v_off[i];
-    for (int64_t e = 0; e < row_len; ++e) w.vrow[e] = static_cast<float>(vr[e]);
-    for (int64_t h = 0; h < heads; ++h) {
-      const float wt = w.logits[h * w.chunk + i];
-      const float* vh = w.vrow + (h / group) * D;
-      float* ah = acc + h * D;
-      for (int64_t d = 0; d < D; ++d) ah[d] += wt * vh[d];
+  if constexpr (!kFp32)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* vr = v_base + v_off[i];
+      for (int64_t e = 0; e < row_len; ++e) w.vrows[i * row_len + e] = static_cast<float>(vr[e]);
     }
+  // Head by head (the heads of one KV head in a row, so its V slices stay in L1).
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t off = (h / group) * D;
+    auto v_row = [&](int64_t i) -> const float* {
+      if constexpr (kFp32)
+        return v_base + v_off[i] + off;
+      else
+        return w.vrows + i * row_len + off;
+    };
+    accumulate_pv(acc + h * D, D, n, w.logits + h * w.chunk, v_row);
   }
 }
 
