@@ -141,7 +141,7 @@ inline void online_softmax_step(float* lg, int64_t n, float& m, float& l, float*
 // acc) per head, and the conversion rows and logits of one chunk of keys.
 struct ChunkScratch {
   float* krow;    // row_len floats (unused when the cache is fp32)
-  float* vrows;   // chunk x row_len floats: the chunk's V rows as fp32 (unused when the cache is fp32)
+  float* vrows;   // chunk x D floats: one KV head's V slices of the chunk as fp32 (unused when fp32)
   float* logits;  // heads x kChunk
   int64_t chunk;  // logits stride per head (the most keys of one chunk)
 };
@@ -204,21 +204,23 @@ void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_b
     }
   }
   for (int64_t h = 0; h < heads; ++h) online_softmax_step(w.logits + h * w.chunk, n, m[h], l[h], acc + h * D, D);
-  if constexpr (!kFp32)
-    for (int64_t i = 0; i < n; ++i) {
-      const T* vr = v_base + v_off[i];
-      for (int64_t e = 0; e < row_len; ++e) w.vrows[i * row_len + e] = static_cast<float>(vr[e]);
-    }
-  // Head by head (the heads of one KV head in a row, so its V slices stay in L1).
-  for (int64_t h = 0; h < heads; ++h) {
-    const int64_t off = (h / group) * D;
+  // KV head by KV head: its query heads in a row, so its chunk of V slices (n x D) stays in L1.
+  // Other types than fp32 convert those slices first (the whole chunk's rows, 128 KB at bf16
+  // H8 D128, did not fit: slower than the per-key form).
+  for (int64_t hk = 0; hk * group < heads; ++hk) {
+    if constexpr (!kFp32)
+      for (int64_t i = 0; i < n; ++i) {
+        const T* vr = v_base + v_off[i] + hk * D;
+        for (int64_t d = 0; d < D; ++d) w.vrows[i * D + d] = static_cast<float>(vr[d]);
+      }
     auto v_row = [&](int64_t i) -> const float* {
       if constexpr (kFp32)
-        return v_base + v_off[i] + off;
+        return v_base + v_off[i] + hk * D;
       else
-        return w.vrows + i * row_len + off;
+        return w.vrows + i * D;
     };
-    accumulate_pv(acc + h * D, D, n, w.logits + h * w.chunk, v_row);
+    for (int64_t h = hk * group; h < std::min(heads, (hk + 1) * group); ++h)
+      accumulate_pv(acc + h * D, D, n, w.logits + h * w.chunk, v_row);
   }
 }
 

@@ -29,7 +29,7 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
     // Per-thread scratch, reused across the tasks of this range.
     // (No conversion rows for an fp32 cache: attend_chunk reads it in place.)
     constexpr bool fp32 = std::is_same_v<scalar_t, float>;
-    std::vector<float> qf(Hq * D), acc(Hq * D), krow(fp32 ? 0 : row), vrows(fp32 ? 0 : kChunk * row),
+    std::vector<float> qf(Hq * D), acc(Hq * D), krow(fp32 ? 0 : row), vrows(fp32 ? 0 : kChunk * D),
         logits(Hq * kChunk), m(Hq), l(Hq);
     const cpu::ChunkScratch scratch{krow.data(), vrows.data(), logits.data(), kChunk};
     for (int64_t task = begin; task < end; ++task) {
