@@ -37,8 +37,11 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
 
   at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch, reused across the tasks of this range.
-    std::vector<float> qf(G * D), acc(G * D), krow(D), vrow(D), logits(G * kChunk), m(G), l(G);
-    const cpu::ChunkScratch scratch{krow.data(), vrow.data(), logits.data(), kChunk};
+    // (No conversion rows for an fp32 cache: attend_chunk reads it in place.)
+    constexpr bool fp32 = std::is_same_v<scalar_t, float>;
+    std::vector<float> qf(G * D), acc(G * D), krow(fp32 ? 0 : D), vrows(fp32 ? 0 : kChunk * D), logits(G * kChunk),
+        m(G), l(G);
+    const cpu::ChunkScratch scratch{krow.data(), vrows.data(), logits.data(), kChunk};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / parts, part = task % parts;
       const int64_t b = pair / H, h = pair % H;

@@ -47,11 +47,13 @@ void token_decoder_blocks(const TokenDecoderCpuParams& p, const scalar_t* q, con
           }
           // std::max skips NaN, so mx = -inf means every logit is -inf or NaN: a -inf weighs 0,
           // a NaN stays NaN (NaN in q or an attended K row poisons this row, never vanishes).
-          float sum = 0.f;
-          for (int64_t j = 0; j < keys; ++j) {
-            logits[j] = mx == kNegInf ? (std::isnan(logits[j]) ? logits[j] : 0.f) : std::exp(logits[j] - mx);
-            sum += logits[j];
+          if (mx == kNegInf) {
+            for (int64_t j = 0; j < keys; ++j) logits[j] = std::isnan(logits[j]) ? logits[j] : 0.f;
+          } else {
+            cpu::exp_diff(logits.data(), mx, logits.data(), keys);  // vectorised exp
           }
+          float sum = 0.f;
+          for (int64_t j = 0; j < keys; ++j) sum += logits[j];
           std::fill(acc.begin(), acc.end(), 0.f);
           for (int64_t j = 0; j < keys; ++j) {
             const float w = logits[j];

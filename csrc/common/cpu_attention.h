@@ -8,7 +8,7 @@
 // Compiled once per instruction set: include it only through common/cpu_isa_kernels.h, which
 // defines KVCORE_CPU_ISA_NS and includes the standard headers used here (so no include guard,
 // and no #include below: see cpu_isa.h).
-#ifndef KVCORE_CPU_ISA_NS
+#if !defined(KVCORE_CPU_ISA_NS) || !defined(KVCORE_CPU_VEC_BYTES)
 #error "cpu_attention.h is compiled per ISA: include common/cpu_isa_kernels.h instead"
 #endif
 
@@ -20,16 +20,93 @@ namespace cpu {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-// a.b with 8 independent partial sums: without -ffast-math the compiler may not reorder one
-// running sum, so a single accumulator would leave the loop scalar; eight lanes vectorise.
+// Vector type for the hand-vectorised loops below: GCC's vector extension (no intrinsics, so no
+// #include: see cpu_isa.h), one register wide: KVCORE_CPU_VEC_BYTES (cpu_isa_kernels.h) is 32 in
+// the AVX2 copy (ymm, 8 floats) and 16 in the baseline one (xmm). (__AVX2__ is not defined inside
+// the pragma target region here, so it cannot tell the copies apart.)
+typedef float FVec __attribute__((vector_size(KVCORE_CPU_VEC_BYTES)));
+constexpr int kVecLanes = sizeof(FVec) / sizeof(float);
+
+inline FVec load_vec(const float* p) {
+  FVec v;
+  __builtin_memcpy(&v, p, sizeof v);  // an unaligned load (movups)
+  return v;
+}
+
+// a.b with four vector accumulators (32 partial sums in the AVX2 copy, 16 in the baseline one).
+// One accumulator register made every FMA wait for the previous one (4 cycles of latency, 16 in a
+// row at D = 128, AVX2); four independent chains keep the FMA units busy. Written with vector
+// types: the auto-vectorised form of 32 scalar partial sums reduced them one by one through the
+// stack. The summation order is fixed (no dependence on alignment or threads).
 inline float dot_product(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  constexpr int64_t kStep = 4 * kVecLanes;
+  FVec acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
   int64_t d = 0;
-  for (; d + 8 <= n; d += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[d + j] * b[d + j];
+  for (; d + kStep <= n; d += kStep) {
+    acc0 += load_vec(a + d) * load_vec(b + d);
+    acc1 += load_vec(a + d + kVecLanes) * load_vec(b + d + kVecLanes);
+    acc2 += load_vec(a + d + 2 * kVecLanes) * load_vec(b + d + 2 * kVecLanes);
+    acc3 += load_vec(a + d + 3 * kVecLanes) * load_vec(b + d + 3 * kVecLanes);
+  }
+  for (; d + kVecLanes <= n; d += kVecLanes) acc0 += load_vec(a + d) * load_vec(b + d);
   float tail = 0.f;
   for (; d < n; ++d) tail += a[d] * b[d];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+  const FVec v = (acc0 + acc1) + (acc2 + acc3);
+#if KVCORE_CPU_VEC_BYTES == 32
+  const float s = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#else
+  const float s = (v[0] + v[2]) + (v[1] + v[3]);
+#endif
+  return s + tail;
+}
+
+// exp(x) without libm, on a float or an FVec (the same operations on each lane): x = n ln2 + r
+// with n = round(x / ln2) (the 1.5 * 2^23 trick rounds without a rounding instruction, which SSE2
+// lacks), ln2 split in two (Cody-Waite) so r is exact enough, e^r by Cephes' expf polynomial,
+// then 2^n built in the exponent bits in two halves, so that a result in the subnormal range is
+// rounded once, correctly. Within 1 ulp of the exactly rounded value for every float in
+// [-110, 1] (checked exhaustively, with and without FMA contraction). NaN passes the clamps
+// (comparisons with NaN are false) and stays NaN; -inf clamps to -110, whose exp rounds to
+// exactly 0; +inf clamps to 88.8, giving +inf. Written on vector types rather than left to the
+// auto-vectoriser: GCC does not if-convert the clamps of a scalar loop (a float compare may trap
+// under the default -ftrapping-math), which left a libm-free but scalar loop.
+typedef int32_t IVec __attribute__((vector_size(KVCORE_CPU_VEC_BYTES)));
+template <typename V, typename I>
+inline V exp_poly(V x) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: x + kMagic keeps round(x) in the low bits
+  x = x < -110.0f ? V{} - 110.0f : x;
+  x = x > 88.8f ? V{} + 88.8f : x;
+  const V t = x * 1.44269504088896341f + kMagic;
+  const V nf = t - kMagic;
+  V r = x - nf * 0.693359375f;  // ln2's leading 9 bits: nf * this is exact
+  r = r - nf * -2.12194440e-4f;  // the rest of ln2
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  // n in [-159, 128] (the clamps): each half within the normal exponents [-126, 127]. For a NaN x
+  // n is garbage (no overflow: t's bits minus kMagic's fit in 32 bits), and p is NaN anyway.
+  const I n = __builtin_bit_cast(I, t) - __builtin_bit_cast(int32_t, kMagic);
+  const I n1 = n >> 1, n2 = n - n1;
+  const V s1 = __builtin_bit_cast(V, (n1 + 127) << 23);
+  const V s2 = __builtin_bit_cast(V, (n2 + 127) << 23);
+  return p * s1 * s2;
+}
+
+// y[i] = exp(x[i] - m) for i < n, with exp(-inf - m) = 0 whatever m is (also -inf or NaN: a key
+// that is masked out weighs 0); otherwise NaN stays NaN. x and y may be the same array.
+inline void exp_diff(const float* x, float m, float* y, int64_t n) {
+  constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kVecLanes <= n; i += kVecLanes) {
+    const FVec v = load_vec(x + i);
+    const FVec e = v == kNegInfF ? FVec{} : exp_poly<FVec, IVec>(v - m);
+    __builtin_memcpy(y + i, &e, sizeof e);
+  }
+  for (; i < n; ++i) y[i] = x[i] == kNegInfF ? 0.0f : exp_poly<float, int32_t>(x[i] - m);
 }
 
 // One online-softmax step of one head over n logits: lg becomes the weights relative to the new
@@ -40,14 +117,20 @@ inline void online_softmax_step(float* lg, int64_t n, float& m, float& l, float*
   const float m_new = std::max(m, cmax);
   // m_new = -inf only if every logit so far is -inf (non-finite inputs): keep the state.
   const float corr = (m == m_new || m_new == kNegInf) ? 1.0f : std::exp(m - m_new);
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i) {
+  if (m_new == kNegInf) {
     // std::max skips NaN, so m_new = -inf means every logit so far is -inf or NaN: a -inf weighs
     // 0, a NaN must stay NaN.
-    const float e = m_new == kNegInf ? (std::isnan(lg[i]) ? lg[i] : 0.0f) : std::exp(lg[i] - m_new);
-    lg[i] = e;
-    sum += e;
+    for (int64_t i = 0; i < n; ++i) lg[i] = std::isnan(lg[i]) ? lg[i] : 0.0f;
+  } else {
+    exp_diff(lg, m_new, lg, n);  // one vectorised pass over the chunk (NaN stays NaN, -inf weighs 0)
   }
+  // Eight partial sums, so this vectorises too (a single running sum may not be reordered).
+  float part[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += lg[i + j];
+  float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; i < n; ++i) sum += lg[i];
   l = l * corr + sum;
   m = m_new;
   if (corr != 1.0f)
@@ -57,42 +140,87 @@ inline void online_softmax_step(float* lg, int64_t n, float& m, float& l, float*
 // Workspace and state of one task's query heads: heads x D queries (fp32), the running (m, l,
 // acc) per head, and the conversion rows and logits of one chunk of keys.
 struct ChunkScratch {
-  float* krow;    // row_len floats
-  float* vrow;    // row_len floats
+  float* krow;    // row_len floats (unused when the cache is fp32)
+  float* vrows;   // chunk x D floats: one KV head's V slices of the chunk as fp32 (unused when fp32)
   float* logits;  // heads x kChunk
   int64_t chunk;  // logits stride per head (the most keys of one chunk)
 };
 
+// acc[0, D) += sum over i < n of wts[i] * v_row(i)[0, D), each element summed in key order (the
+// order of the loop it replaces, so the result is the same). Eight vector accumulators stay in
+// registers across the keys: the per-key form loaded and stored acc for every key and head.
+template <typename RowOf>
+inline void accumulate_pv(float* acc, int64_t D, int64_t n, const float* wts, RowOf v_row) {
+  constexpr int64_t kBlock = 8 * kVecLanes;
+  int64_t d = 0;
+  for (; d + kBlock <= D; d += kBlock) {
+    FVec a[8];
+    for (int j = 0; j < 8; ++j) a[j] = load_vec(acc + d + j * kVecLanes);
+    for (int64_t i = 0; i < n; ++i) {
+      const FVec wv = FVec{} + wts[i];
+      const float* vr = v_row(i) + d;
+      for (int j = 0; j < 8; ++j) a[j] += wv * load_vec(vr + j * kVecLanes);
+    }
+    __builtin_memcpy(acc + d, a, sizeof a);
+  }
+  for (; d + kVecLanes <= D; d += kVecLanes) {
+    FVec a = load_vec(acc + d);
+    for (int64_t i = 0; i < n; ++i) a += (FVec{} + wts[i]) * load_vec(v_row(i) + d);
+    __builtin_memcpy(acc + d, &a, sizeof a);
+  }
+  for (; d < D; ++d) {
+    float a = acc[d];
+    for (int64_t i = 0; i < n; ++i) a += wts[i] * v_row(i)[d];
+    acc[d] = a;
+  }
+}
+
 // One chunk of n keys for `heads` query heads: logits (scale, optional soft cap), the online
-// softmax step, then P V. Key i's row starts at k_base + k_off[i] (v likewise); each row is
-// converted to fp32 once (row_len elements) and query head h reads its KV head's D values at
-// (h / group) * D within it. gqa_decode passes whole token rows (all KV heads); block_sparse_decode
-// one head's row (row_len = D, group = heads).
+// softmax step, then P V. Key i's row starts at k_base + k_off[i] (v likewise); query head h
+// reads its KV head's D values at (h / group) * D within it. fp32 rows are read in place (the copy
+// into scratch cost as much as the dot products: perf, gqa_decode fp32); other types are
+// converted to fp32 once (row_len elements per row). gqa_decode passes whole token rows (all KV
+// heads); block_sparse_decode one head's row (row_len = D, group = heads).
 template <typename T>
 void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_base, const int64_t* v_off,
                   int64_t row_len, int64_t heads, int64_t group, int64_t D, const float* qf, float scale,
                   float soft_cap, const ChunkScratch& w, float* m, float* l, float* acc) {
+  constexpr bool kFp32 = std::is_same_v<T, float>;
   const bool capped = soft_cap > 0.0f;
   const float inv_cap = capped ? 1.0f / soft_cap : 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     const T* kr = k_base + k_off[i];
-    for (int64_t e = 0; e < row_len; ++e) w.krow[e] = static_cast<float>(kr[e]);
+    const float* kf;
+    if constexpr (kFp32) {
+      kf = kr;
+    } else {
+      for (int64_t e = 0; e < row_len; ++e) w.krow[e] = static_cast<float>(kr[e]);
+      kf = w.krow;
+    }
     for (int64_t h = 0; h < heads; ++h) {
-      float s = dot_product(qf + h * D, w.krow + (h / group) * D, D) * scale;
+      float s = dot_product(qf + h * D, kf + (h / group) * D, D) * scale;
       if (capped) s = soft_cap * std::tanh(s * inv_cap);
       w.logits[h * w.chunk + i] = s;
     }
   }
   for (int64_t h = 0; h < heads; ++h) online_softmax_step(w.logits + h * w.chunk, n, m[h], l[h], acc + h * D, D);
-  for (int64_t i = 0; i < n; ++i) {
-    const T* vr = v_base + v_off[i];
-    for (int64_t e = 0; e < row_len; ++e) w.vrow[e] = static_cast<float>(vr[e]);
-    for (int64_t h = 0; h < heads; ++h) {
-      const float wt = w.logits[h * w.chunk + i];
-      const float* vh = w.vrow + (h / group) * D;
-      float* ah = acc + h * D;
-      for (int64_t d = 0; d < D; ++d) ah[d] += wt * vh[d];
-    }
+  // KV head by KV head: its query heads in a row, so its chunk of V slices (n x D) stays in L1.
+  // Other types than fp32 convert those slices first (the whole chunk's rows, 128 KB at bf16
+  // H8 D128, did not fit: slower than the per-key form).
+  for (int64_t hk = 0; hk * group < heads; ++hk) {
+    if constexpr (!kFp32)
+      for (int64_t i = 0; i < n; ++i) {
+        const T* vr = v_base + v_off[i] + hk * D;
+        for (int64_t d = 0; d < D; ++d) w.vrows[i * D + d] = static_cast<float>(vr[d]);
+      }
+    auto v_row = [&](int64_t i) -> const float* {
+      if constexpr (kFp32)
+        return v_base + v_off[i] + hk * D;
+      else
+        return w.vrows + i * D;
+    };
+    for (int64_t h = hk * group; h < std::min(heads, (hk + 1) * group); ++h)
+      accumulate_pv(acc + h * D, D, n, w.logits + h * w.chunk, v_row);
   }
 }
 

@@ -25,21 +25,27 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_isa.h"
 
+// KVCORE_CPU_VEC_BYTES: the width of one vector register in this copy (cpu_attention.h's FVec).
 #define KVCORE_CPU_ISA_NS isa_baseline
+#define KVCORE_CPU_VEC_BYTES 16
 #include "common/cpu_attention.h"
 #include KVCORE_CPU_KERNELS
+#undef KVCORE_CPU_VEC_BYTES
 #undef KVCORE_CPU_ISA_NS
 
 #if KVCORE_CPU_AVX2_PATH
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define KVCORE_CPU_ISA_NS isa_avx2
+#define KVCORE_CPU_VEC_BYTES 32
 #include "common/cpu_attention.h"
 #include KVCORE_CPU_KERNELS
+#undef KVCORE_CPU_VEC_BYTES
 #undef KVCORE_CPU_ISA_NS
 #pragma GCC pop_options
 #else

@@ -27,8 +27,11 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
 
   at::parallel_for(0, p.batch * parts, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch, reused across the tasks of this range.
-    std::vector<float> qf(Hq * D), acc(Hq * D), krow(row), vrow(row), logits(Hq * kChunk), m(Hq), l(Hq);
-    const cpu::ChunkScratch scratch{krow.data(), vrow.data(), logits.data(), kChunk};
+    // (No conversion rows for an fp32 cache: attend_chunk reads it in place.)
+    constexpr bool fp32 = std::is_same_v<scalar_t, float>;
+    std::vector<float> qf(Hq * D), acc(Hq * D), krow(fp32 ? 0 : row), vrows(fp32 ? 0 : kChunk * D),
+        logits(Hq * kChunk), m(Hq), l(Hq);
+    const cpu::ChunkScratch scratch{krow.data(), vrows.data(), logits.data(), kChunk};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / parts, part = task % parts;
       const int64_t span = (hi[b] - lo[b] + parts - 1) / parts;

@@ -123,13 +123,16 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
         float acc[kChunk];
         std::fill(acc, acc + n, 0.0f);
         for (int64_t r = 0; r < R; ++r) {
-          const float* lg = logits.data() + r * kChunk;
+          float* lg = logits.data() + r * kChunk;
           const float ls = lse_row[r];
-          for (int64_t j = 0; j < n; ++j) {
-            // exp(-inf - x) = 0 for an unseen key; a NaN logit or lse stays NaN.
-            const float pr = lg[j] == kNegInf ? 0.0f : std::exp(lg[j] - ls);
-            // max: once NaN, acc stays NaN (NaN > x is false); a NaN pr replaces acc.
-            acc[j] = use_max ? ((pr > acc[j] || std::isnan(pr)) ? pr : acc[j]) : acc[j] + pr;
+          // Probabilities in place first, vectorised (exp_diff, not std::exp per key). exp(-inf -
+          // x) = 0 for an unseen key (also when ls is -inf or NaN); a NaN logit or lse stays NaN.
+          cpu::exp_diff(lg, ls, lg, n);
+          if (use_max) {
+            // once NaN, acc stays NaN (NaN > x is false); a NaN probability replaces acc.
+            for (int64_t j = 0; j < n; ++j) acc[j] = (lg[j] > acc[j] || std::isnan(lg[j])) ? lg[j] : acc[j];
+          } else {
+            for (int64_t j = 0; j < n; ++j) acc[j] += lg[j];
           }
         }
         for (int64_t j = 0; j < n; ++j) o[c0 + j] = acc[j] * norm;

@@ -59,11 +59,8 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
           for (int64_t i = 0; i < n; ++i) lg[i] = cpu::dot_product(qf.data() + h * Dk, rows.data() + i * Dk, Dk) * scale;
           float* ah = acc.data() + h * Dv;
           cpu::online_softmax_step(lg, n, m[h], l[h], ah, Dv);
-          for (int64_t i = 0; i < n; ++i) {
-            const float w = lg[i];
-            const float* v = rows.data() + i * Dk;  // the value is the row's first Dv columns
-            for (int64_t d = 0; d < Dv; ++d) ah[d] += w * v[d];
-          }
+          // The value is the row's first Dv columns; accumulated in registers over the chunk.
+          cpu::accumulate_pv(ah, Dv, n, lg, [&](int64_t i) -> const float* { return rows.data() + i * Dk; });
         }
       }
 
