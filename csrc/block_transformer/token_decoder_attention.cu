@@ -70,9 +70,9 @@ TokenDecoderVariant token_decoder_variant() {
 }
 
 // KVCORE_TOKEN_DECODER_STAGES (read once per process): the ring depth. "auto" (the default):
-// three stages (two items in flight while one is computed) where that leaves room for two CTAs
-// per SM, else two; "2" / "3" force one (an A/B switch: two stages fit more CTAs, i.e. more
-// warps, per SM, for a kernel that bench/NOTES.md counts as issue-bound at 8 warps per SM).
+// the depth that, with the kernel, fits the most CTAs per SM (see launch); "2" / "3" force one
+// where it fits the block (an A/B switch: two stages fit more CTAs, i.e. more warps, per SM,
+// for a kernel that bench/NOTES.md counts as issue-bound at 8 warps per SM).
 int token_decoder_stages_forced() {
   static const int forced = env_choice("KVCORE_TOKEN_DECODER_STAGES", {"auto", "2", "3"}, "token_decoder_attention (CUDA)");
   return forced == 0 ? 0 : forced + 1;

@@ -44,4 +44,21 @@ inline void prefer_max_shared_carveout(const void* kernel) {
                                       int(cudaSharedmemCarveoutMaxShared)));
 }
 
+// Whether the image of `kernel` loaded on the current device has its body, for kernels whose
+// body exists only in sm_90a code (a build for plain sm_90, or for an older GPU, compiles a trap
+// in its place): the image tells without a launch, so also inside a graph capture, by its
+// register count (a body needs at least `min_regs`, the trap a handful). Cached per (kernel,
+// device).
+inline bool kernel_body_built(const void* kernel, int min_regs) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, bool> cache;
+  const int dev = at::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({kernel, dev});
+  if (it != cache.end()) return it->second;
+  cudaFuncAttributes a{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a, kernel));
+  return cache[{kernel, dev}] = a.numRegs >= min_regs;
+}
+
 }  // namespace kvcore

@@ -250,20 +250,11 @@ GqaDecodeTmaMaps kv_tensor_maps(const char* op, const GqaDecodeParams& p) {
           tensor_map_3d_sw128(op, bf16, p.v_cache, k_dims, v_strides, box, CU_TENSOR_MAP_L2_PROMOTION_L2_128B)};
 }
 
-// Whether the loaded image of gqa_decode_tma_kernel has its body (sm_90a code only; a build for
-// plain sm_90 or an older GPU has a trap there). The image tells without a launch, so also inside
-// a graph capture: the body needs ~80-240 registers, the trap a handful.
+// Whether the loaded image of gqa_decode_tma_kernel has its body (sm_90a code only, see
+// kernel_body_built): the body needs ~95-200 registers.
 template <typename T, typename Cfg>
 bool tma_body_built() {
-  static std::mutex mu;
-  static std::map<int, bool> built;  // per device: each may load a different image
-  const int dev = at::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = built.find(dev);
-  if (it != built.end()) return it->second;
-  cudaFuncAttributes a{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&a, gqa_decode_tma_kernel<T, Cfg, false>));
-  return built[dev] = a.numRegs >= 48;
+  return kernel_body_built(reinterpret_cast<const void*>(gqa_decode_tma_kernel<T, Cfg, false>), 48);
 }
 
 // KVCORE_DECODE_LOADER: how gqa_decode brings K/V tiles into shared memory. `cp_async`: every
@@ -277,14 +268,13 @@ inline bool tma_loader_requested() {
 
 // Calls the TMA loader serves: no sliding window (its start moves tiles off page boundaries),
 // page sizes that divide the tile with at least 8 rows (every segment starts on a 1024-byte
-// swizzle atom) or are multiples of it, page strides the tensor map can express (16-byte
-// multiples), and a sm_90a image with the body.
+// swizzle atom) or are multiples of it, and a sm_90a image with the body. (The tensor map's
+// 16-byte page strides hold already: common_params requires page strides of 8 elements.)
 template <typename T, typename Cfg>
 bool tma_fits(const GqaDecodeParams& p) {
   const int ps = p.page_size;
   if (p.window_left >= 0 || p.num_pages <= 0) return false;
   if (!((ps >= 8 && Cfg::TILE % ps == 0) || ps % Cfg::TILE == 0)) return false;
-  if ((p.k_page_stride * int64_t(sizeof(T))) % 16 != 0 || (p.v_page_stride * int64_t(sizeof(T))) % 16 != 0) return false;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   return prop->major == 9 && prop->minor == 0 && tma_body_built<T, Cfg>();
 }

@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/cuda_occupancy.h"
 #include "common/env_switch.h"
 #include "common/tensor_map.h"
 #include "decode/paged_decode_launch.h"
@@ -122,18 +123,12 @@ void launch_h16(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_s
   launch<Cfg>(kernel, s, p, requested_splits, workspace, stream);
 }
 
-// Whether the loaded image of mla_decode_wgmma_kernel has its body: that exists in sm_90a code
-// only (KVCORE_SM90A), and a build for plain sm_90 ("9.0" instead of "9.0a" in
-// TORCH_CUDA_ARCH_LIST) has a trap in its place. The image itself tells, without a launch (so
-// also inside a graph capture): the body needs ~230 registers, the trap a handful.
+// Whether the loaded image of mla_decode_wgmma_kernel has its body (sm_90a code only, see
+// kernel_body_built): the body needs ~230 registers.
 template <typename T>
 bool wgmma_body_built() {
-  static const bool built = [] {
-    cudaFuncAttributes a{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&a, mla_decode_wgmma_kernel<T, MlaDecodeWgmmaConfig<kMaxDk, kMaxDv>>));
-    return a.numRegs >= 64;
-  }();
-  return built;
+  return kernel_body_built(reinterpret_cast<const void*>(mla_decode_wgmma_kernel<T, MlaDecodeWgmmaConfig<kMaxDk, kMaxDv>>),
+                           64);
 }
 
 // KVCORE_MLA_WGMMA_HANDOFF: how the wgmma kernel's warpgroups hand P to each other
