@@ -60,7 +60,7 @@ for stage in "$@"; do
     tests)
       lim=$(budget "${a:-300}"); files=${b:-tests}; kexpr=(); [ -n "$c" ] && kexpr=(-k "$c")
       # shellcheck disable=SC2046
-      timeout "$lim" python3 -m pytest $(tr ',' ' ' <<< "$files") -m cuda "${kexpr[@]}" -q -p no:cacheprovider -rfE \
+      timeout "$lim" python3 -m pytest $(tr ',' ' ' <<< "$files") -m cuda "${kexpr[@]}" -q -p no:cacheprovider -rfE --durations=15 \
         > "$out/tests.log" 2>&1
       rc=$?; tail -6 "$out/tests.log" ;;
     ptests)
@@ -69,7 +69,7 @@ for stage in "$@"; do
       pids=()
       for i in "${!groups[@]}"; do
         # shellcheck disable=SC2086
-        timeout "$lim" python3 -m pytest ${groups[$i]} -m cuda "${kexpr[@]}" -q -p no:cacheprovider -rfE \
+        timeout "$lim" python3 -m pytest ${groups[$i]} -m cuda "${kexpr[@]}" -q -p no:cacheprovider -rfE --durations=15 \
           > "$out/ptests-$i.log" 2>&1 &
         pids+=($!)
       done
