@@ -65,7 +65,7 @@ def _empty(part_ptr):
     pass
 
 
-def best_read(timer: harness.Timer, x: torch.Tensor, sms: int) -> tuple[float, str]:
+def best_read(timer: harness.Timer, x: torch.Tensor, sms: int) -> tuple[float, str, list]:
     n = x.numel()
     part = torch.empty(max(1, triton.cdiv(n, 1024)), dtype=torch.int32, device=x.device)
     sink = torch.empty((), dtype=torch.int32, device=x.device)
@@ -83,7 +83,8 @@ def best_read(timer: harness.Timer, x: torch.Tensor, sms: int) -> tuple[float, s
                 trials.append((ms, f"grid-stride BLOCK={block} warps={warps} grid={grid[0]}"))
     ms = timer(lambda: torch.sum(x, 0, dtype=torch.int32, out=sink))
     trials.append((ms, "torch.sum"))
-    return min(trials)
+    best = min(trials)
+    return best[0], best[1], trials
 
 
 def main() -> None:
@@ -98,7 +99,7 @@ def main() -> None:
     for label, nbytes, target in TARGETS:
         n = nbytes // 4
         x = torch.randint(0, 1 << 20, (n,), dtype=torch.int32, device=dev)
-        read_ms, how = best_read(timer, x, sms)
+        read_ms, how, trials = best_read(timer, x, sms)
         dst = torch.empty_like(x)
         copy_ms = timer(lambda: dst.copy_(x))
         del dst, x
@@ -111,6 +112,7 @@ def main() -> None:
             "best_read_us": round(read_ms * 1e3, 2), "best_read_pct_copy": round(read_pct, 1), "best_read_how": how,
             "copy_n_us": round(copy_ms * 1e3, 2), "copy_n_pct_copy": round(copy_n_pct, 1),
             "target_within_plain_read": read_pct >= target,
+            "trials_us": {how_: round(ms_ * 1e3, 2) for ms_, how_ in trials},
         }
         rows.append(row)
         print(f"{label}: {nbytes / 1e6:.2f} MB; target {target:.0f}% = {need_us:.2f} us; best plain read "
