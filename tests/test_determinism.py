@@ -15,7 +15,6 @@ reference).
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -25,10 +24,7 @@ import kvcore
 from conftest import HAS_CUDA, NO_CUDA_REASON, OUT_TOL, LSE_TOL, make_paged_kv, poison, ragged_lens, randn
 from kvcore import reference
 
-cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON),
-             # The opt-in tile-stealing schedule trades exactly this property for speed.
-             pytest.mark.skipif(os.environ.get("KVCORE_DECODE_SCHEDULE") == "steal",
-                                reason="KVCORE_DECODE_SCHEDULE=steal is not bitwise reproducible")]
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
 
 
 def _decode(q, kv, *, num_splits=0, workspace=None):

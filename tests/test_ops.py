@@ -214,9 +214,9 @@ def test_gqa_decode_auto_split_long_sequence_cuda(device, dtype, gen):
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_split_schedule_repeated_calls_cuda(device, num_splits, gen):
     """Ragged sequences (one of 1 token, one shorter than a split's share) over many splits, three
-    calls on one workspace with fresh poisoned outputs, each against the reference: under
-    KVCORE_DECODE_SCHEDULE=steal the pair cursors must be back at zero after every call (a
-    leftover cursor would hand the next call's splits no tiles), and a split may find no tile."""
+    calls on one workspace with fresh q and poisoned outputs, each against the reference: the
+    arrival counters must be back at zero after every call, and splits past a sequence's end
+    (empty partials) must not disturb the merge."""
     lens = [9000, 1, 700, 4097]
     kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=torch.bfloat16, device=device)
     workspace = kvcore.ops.decode_workspace(device)
@@ -232,8 +232,6 @@ def test_gqa_decode_split_schedule_repeated_calls_cuda(device, num_splits, gen):
 
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
-@pytest.mark.skipif(os.environ.get("KVCORE_DECODE_SCHEDULE") == "steal",
-                    reason="tile stealing is not bitwise reproducible (KVCORE_DECODE_SCHEDULE)")
 def test_gqa_decode_forced_splits_deterministic_cuda(device, num_splits, gen):
     lens = ragged_lens(4, 5000, 16, gen)
     kv = make_paged_kv(lens, 16, 4, 128, gen=gen, dtype=torch.bfloat16, device=device)
@@ -810,23 +808,7 @@ def test_gqa_decode_with_tma_loader_in_subprocess():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(os.environ.get("KVCORE_DECODE_SCHEDULE") == "steal", reason="this process already runs it")
-def test_gqa_decode_with_tile_stealing_in_subprocess():
-    """KVCORE_DECODE_SCHEDULE=steal (read once per process): the splits of a (sequence, KV head)
-    take its tiles from a shared cursor. This file's gqa_decode CUDA cases (but the bitwise
-    reproducibility one), test_nan's decode cases, the graph-capture cases and the workspace cases
-    once more in a fresh process with it."""
-    run_tests_with_env("KVCORE_DECODE_SCHEDULE", "steal",
-                       ["tests/test_ops.py", "tests/test_nan.py", "tests/test_cuda_graph.py",
-                        "tests/test_decode_workspace.py"],
-                       "(gqa_decode or decode_nan or graph or workspace) and not in_subprocess and not misspelt "
-                       "and not deterministic", 40, "-m", "cuda")
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.parametrize("name, bad", [("KVCORE_DECODE_PAGE_GROUPS", "of"), ("KVCORE_DECODE_LOADER", "tmaa"),
-                                       ("KVCORE_DECODE_SCHEDULE", "stael")])
+@pytest.mark.parametrize("name, bad", [("KVCORE_DECODE_PAGE_GROUPS", "of"), ("KVCORE_DECODE_LOADER", "tmaa")])
 def test_gqa_decode_misspelt_switch_is_an_error(name, bad):
     """A misspelt gqa_decode switch fails the call instead of silently timing the default."""
     assert_switch_value_rejected(

@@ -266,18 +266,6 @@ inline bool tma_loader_requested() {
   return tma;
 }
 
-// KVCORE_DECODE_SCHEDULE: how the splits of a (sequence, KV head) divide its tiles. `static`
-// (default): split s reads the s-th range of split_tokens positions, and results are bitwise
-// reproducible; `steal`: the splits take tiles from a shared cursor (gqa_decode_body's STEAL), so
-// that a CTA on a slower SM reads less, at the price of run-to-run reproducibility (the sum's
-// order follows which CTA took which tile). Only gqa_decode without a score buffer on the cp.async
-// loader, with more than one split. Read once per process.
-inline bool steal_schedule_requested() {
-  static const bool steal =
-      env_choice("KVCORE_DECODE_SCHEDULE", {"static", "steal"}, "gqa_decode (CUDA)") == 1;
-  return steal;
-}
-
 // Calls the TMA loader serves: no sliding window (its start moves tiles off page boundaries),
 // page sizes that divide the tile with at least 8 rows (every segment starts on a 1024-byte
 // swizzle atom) or are multiples of it, and a sm_90a image with the body. (The tensor map's
@@ -338,11 +326,6 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
     p.partial_lse = reinterpret_cast<float*>(base + plan.lse_offset);
     p.partial_out = reinterpret_cast<float*>(base + plan.out_offset);
   }
-  // Tile stealing: the pair cursors sit in the counter region after the arrival counters (the
-  // departure counters' place, which only score launches use).
-  [[maybe_unused]] const bool steal = !SPARSE && !SCORE && !TMA && plan.splits > 1 && 2 * pairs * 4 <= kCounterBytes &&
-                                      steal_schedule_requested();
-  p.tile_cursors = steal ? p.counters + pairs : nullptr;
   if constexpr (SCORE) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
     p.score_lse2 = reinterpret_cast<float*>(base + kCounterBytes);
@@ -377,21 +360,10 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
     else
       C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
   } else {
-    if constexpr (TMA) {
+    if constexpr (TMA)
       kernel<<<grid, Cfg::THREADS, smem, stream>>>(p, maps);
-    } else if constexpr (!SPARSE && !SCORE) {
-      if (steal) {
-        constexpr auto steal_kernel = gqa_decode_kernel<T, Cfg, false, false, SPP, true>;
-        // (Raises its shared-memory limit; the split plan above used the static kernel's occupancy,
-        // and a stealing grid needs no residency: a CTA that starts late finds fewer tiles.)
-        ctas_per_sm(reinterpret_cast<const void*>(steal_kernel), Cfg::THREADS, smem, op);
-        steal_kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
-      } else {
-        kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
-      }
-    } else {
+    else
       kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
-    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if constexpr (SCORE) {

@@ -92,10 +92,6 @@ struct GqaDecodeParams {
   float* score;             // [B, Hkv, score_len] fp32
   int64_t score_len;
   unsigned* departures;     // [B, Hkv], zero between launches: CTAs past the wait (splits > 1)
-  // Tile stealing (the STEAL kernels; paged_decode::launch's KVCORE_DECODE_SCHEDULE=steal): the
-  // splits of a (sequence, KV head) take the pair's tiles from one cursor instead of a fixed
-  // range each. [B, Hkv], zero between launches (the pair's last CTA resets it).
-  unsigned* tile_cursors;
 };
 
 #ifdef KVCORE_DECODE_TRACE
@@ -196,22 +192,10 @@ struct GqaDecodeTmaMaps {
 // mbarrier, instead of every thread issuing LOADS 16-byte cp.async per tensor after a page lookup
 // each. The tiles are then 128-byte swizzled in 64-column halves (swz128_offset) rather than
 // swz<TD>'s whole-row swizzle.
-//
-// STEAL (gqa_decode without a score buffer, cp.async loader, num_splits > 1): the splits of a pair
-// share its tiles through a cursor instead of each reading a fixed range. A fixed range ends
-// when its SM's share of DRAM bandwidth says: session 9's trace of B1 S32768 had the CTAs' exits
-// spread over 6.5 us (p10 35.4, max 41.9 us) while a plain read of the same bytes, whose 8192 small
-// CTAs the hardware hands out as SMs free up, takes 32.9 us in all (session 15). A CTA's first
-// STAGES + 1 tiles are dealt statically (split s takes tiles s (STAGES + 1) ...), so its first
-// copies need no round trip; later tiles come from the pair's cursor, one atomicAdd per tile by
-// thread 0, two loop iterations before the tile's pages are looked up (the atomic's latency
-// hides behind a tile's compute), handed to the other threads through s_steal. The sum's order
-// then depends on which CTA took which tile: results are not bitwise reproducible run to run.
-template <typename T, typename Cfg, bool SPARSE, bool SCORE, int SPP, bool TMA, bool STEAL = false>
+template <typename T, typename Cfg, bool SPARSE, bool SCORE, int SPP, bool TMA>
 __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[maybe_unused]] const GqaDecodeTmaMaps* maps) {
   static_assert(!(SPARSE && SCORE), "score accumulation is a gqa_decode feature");
   static_assert(!(SPARSE && TMA), "the TMA loader is gqa_decode's");
-  static_assert(!(STEAL && (SPARSE || SCORE || TMA)), "tile stealing is plain gqa_decode's, on the cp.async loader");
   static_assert(SPP >= 1 && Cfg::LOADS % SPP == 0 && (SPP & (SPP - 1)) == 0, "SPP: a power of two dividing LOADS");
   constexpr int D = Cfg::D, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
   constexpr int ROWS = Cfg::ROWS, WARPS = Cfg::WARPS;
@@ -261,24 +245,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   // pages are fetched before seq_len arrives: the two loads overlap instead of chaining.
   const int capacity = p.max_pages * p.page_size;
   const int seq_len_raw = __ldg(p.seq_lens + b);
-  // end: set once seq_len is known. STEAL: start is the pair's first position, not the split's.
-  int start = STEAL ? 0 : split * p.split_tokens, end = 0;
-  // STEAL: the pair's tile count (set with end) and the cursor values of logical tiles
-  // >= STAGES + 1, by logical tile % 8 (thread 0 writes a value two iterations before its use).
-  constexpr int STEAL_STATIC = STAGES + 1, STEAL_RING = 8;
-  static_assert(STEAL_RING >= STAGES + 2, "a ring slot is rewritten only after its tile's compute");
-  [[maybe_unused]] __shared__ int s_steal[STEAL ? STEAL_RING : 1];
-  [[maybe_unused]] int pair_tiles = 0;
-  [[maybe_unused]] unsigned steal_pending = 0;  // thread 0: the cursor value for the next slot
-  // First position of this CTA's t-th tile (>= end: no such tile).
-  auto tile_start = [&](int t) -> int {
-    if constexpr (STEAL) {
-      if (t < STEAL_STATIC) return start + (split * STEAL_STATIC + t) * TILE;
-      return start + min(STEAL_STATIC * p.num_splits + s_steal[t % STEAL_RING], pair_tiles) * TILE;
-    } else {
-      return start + t * TILE;
-    }
-  };
+  int start = split * p.split_tokens, end = 0;  // end: set once seq_len is known
   const int* bt = p.block_table + int64_t(b) * p.max_pages;
   // SPARSE: the pair's page list, and its length in virtual positions (clamped to the list).
   const int* sel = SPARSE ? p.sel_pages + (int64_t(b) * p.num_kv_heads + kvh) * p.max_sel : nullptr;
@@ -326,7 +293,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
 #pragma unroll
       for (int i = 0; i < LOADS; ++i) {
         if (leads(i)) {
-          const int j = min(page_of(tile_start(t) + row0 + i * STEP), p.max_sel - 1);
+          const int j = min(page_of(start + t * TILE + row0 + i * STEP), p.max_sel - 1);
           lnext[i] = p.max_sel > 0 ? __ldg(sel + j) : -1;
         }
       }
@@ -344,7 +311,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
 #pragma unroll
       for (int i = 0; i < LOADS; ++i) {
         if (leads(i)) {
-          const int pos = min(tile_start(t) + row0 + i * STEP, capacity - 1);
+          const int pos = min(start + t * TILE + row0 + i * STEP, capacity - 1);
           pg[i] = capacity > 0 ? __ldg(bt + page_of(pos)) : 0;
         }
       }
@@ -359,11 +326,10 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     const char* ka = nullptr;
     const char* va = nullptr;
     int left = 0;
-    const int tpos = tile_start(t);
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       const int row = row0 + i * STEP;
-      const int pos = tpos + row;
+      const int pos = start + t * TILE + row;
       if (leads(i)) {
         // In a group (SPP > 1) pos's own row keeps every follower's address inside the page;
         // alone, an invalid row takes the last valid one's (a legal address, never read).
@@ -436,21 +402,10 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     start += max(0, seq_len - 1 - p.window_left);  // (unaligned: the launcher gives SPP = 1)
     fetch_pages(0, pages);
   }
-  end = STEAL ? seq_len : min(SPARSE ? sel_count * p.page_size : seq_len, start + p.split_tokens);
-  if constexpr (STEAL) {
-    pair_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
-    if (tid == 0) steal_pending = atomicAdd(p.tile_cursors + int64_t(b) * p.num_kv_heads + kvh, 1u);
-  }
+  end = min(SPARSE ? sel_count * p.page_size : seq_len, start + p.split_tokens);
   // SCORE: position of the window's first key (the score scratch numbers keys from it).
   [[maybe_unused]] const int score_first = SCORE ? start - split * p.split_tokens : 0;
   const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
-  // Whether this CTA has a t-th tile (STEAL: known once its cursor value is, see s_steal).
-  auto has_tile = [&](int t) {
-    if constexpr (STEAL)
-      return tile_start(t) < end;
-    else
-      return t < num_tiles;
-  };
 
   // TMA (warp 0): tiles t0 .. t0 + ntiles - 1 that exist, each as its segments up to the end
   // (segments wholly past it are not loaded) x two 64-column halves (D / 64) x K and V, all
@@ -487,7 +442,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   } else {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (has_tile(s)) issue_copies(s, pages);
+      if (s < num_tiles) issue_copies(s, pages);
       cp_async_commit();
       fetch_pages(s + 1, pages);
     }
@@ -501,7 +456,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
-  for (int t = 0; has_tile(t); ++t) {
+  for (int t = 0; t < num_tiles; ++t) {
     if constexpr (TMA) {
       if (t == 0) cp_async_wait<0>();  // Q
       mbarrier_wait(full + t % STAGES, (t / STAGES) & 1);
@@ -526,15 +481,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
         fetch_pages_tma(t + STAGES, 1);
       }
     } else {
-      if constexpr (STEAL) {
-        // Logical tile t + STAGES + 1's cursor value (taken last iteration) for the others, read
-        // after the next barrier; then take one for tile t + STAGES + 2.
-        if (tid == 0) {
-          s_steal[(t + STAGES + 1) % STEAL_RING] = int(steal_pending);
-          steal_pending = atomicAdd(p.tile_cursors + int64_t(b) * p.num_kv_heads + kvh, 1u);
-        }
-      }
-      if (has_tile(t + STAGES - 1)) issue_copies(t + STAGES - 1, pages);
+      if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
       cp_async_commit();
       fetch_pages(t + STAGES, pages);
     }
@@ -560,7 +507,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     }
 
     // Scale (or soft-cap) into the log2 domain, mask rows past the end, online-softmax update.
-    const int tok0 = tile_start(t) + wrow + cpair;
+    const int tok0 = start + t * TILE + wrow + cpair;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
@@ -905,17 +852,14 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       return;
     }
   }
-  if (tid == 0) {  // ready for the next launch (every CTA of the pair took its last tile before arriving)
-    p.counters[pair] = 0u;
-    if constexpr (STEAL) p.tile_cursors[pair] = 0u;
-  }
+  if (tid == 0) p.counters[pair] = 0u;  // ready for the next launch
   KVCORE_TRACE(p, 3);
 }
 
 
-template <typename T, typename Cfg, bool SPARSE = false, bool SCORE = false, int SPP = 1, bool STEAL = false>
+template <typename T, typename Cfg, bool SPARSE = false, bool SCORE = false, int SPP = 1>
 __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecodeParams p) {
-  gqa_decode_body<T, Cfg, SPARSE, SCORE, SPP, false, STEAL>(p, nullptr);
+  gqa_decode_body<T, Cfg, SPARSE, SCORE, SPP, false>(p, nullptr);
 }
 
 // gqa_decode with the TMA loader. Its body exists in sm_90a code only; elsewhere (and in a build
