@@ -1,12 +1,15 @@
 """token_decoder_attention's kernel configurations: the kernel (KVCORE_TOKEN_DECODER_VARIANT: the
 default "auto" picks per shape, "classic" and "lean" (table-driven copies, one V scan per item, O
-staged through shared memory) force one) and the ring depth (KVCORE_TOKEN_DECODER_STAGES: "auto"
-or a forced 2 or 3). Both are read once per process by the CUDA launcher, whose "auto" takes the
-configuration that fits the most CTAs per SM (on the benchmark shapes since session 14: the classic
-kernel with two stages at L4 and at L16). Each forced setting must pass every CUDA
-token_decoder_attention test and agree with the default on the two benchmark shapes (fewer
-blocks); between them they run each kernel with each depth (STAGES=3: lean at L16, classic at L4;
-VARIANT=lean: lean with two stages at L4, three at L16).
+staged through shared memory; its copy table with 4-byte entries where the shape's offsets fit)
+force one, "lean-wide" forces lean with the 8-byte table, the fallback) and the ring depth
+(KVCORE_TOKEN_DECODER_STAGES: "auto" or a forced 2 or 3). Both are read once per process by the
+CUDA launcher, whose "auto" takes the configuration that fits the most CTAs per SM (on the
+benchmark shapes since session 15, by shared memory and the registers ptxas reported: lean with
+the compact table and two stages at L16, 3 CTAs; the classic kernel with two stages at L4, 4
+CTAs). Each forced setting must pass every CUDA token_decoder_attention test and agree with the
+default on the two benchmark shapes (fewer blocks); between them they run each kernel and table
+with each depth (STAGES=3: lean compact at L16, classic at L4; VARIANT=lean: lean compact with two
+stages at both; VARIANT=lean-wide: lean wide with three stages at L16, two at L4).
 
 Each setting runs in a subprocess of its own.
 """
@@ -26,7 +29,8 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not HAS_CUDA_TD, reason="no CUDA kernel registered for kvcore::token_decoder_attention")]
 
 SETTINGS = [("KVCORE_TOKEN_DECODER_VARIANT", "classic"), ("KVCORE_TOKEN_DECODER_VARIANT", "lean"),
-            ("KVCORE_TOKEN_DECODER_STAGES", "3"), ("KVCORE_TOKEN_DECODER_STAGES", "2")]
+            ("KVCORE_TOKEN_DECODER_VARIANT", "lean-wide"), ("KVCORE_TOKEN_DECODER_STAGES", "3"),
+            ("KVCORE_TOKEN_DECODER_STAGES", "2")]
 SETTING_IDS = [f"{name.rsplit('_', 1)[1].lower()}={value}" for name, value in SETTINGS]
 
 

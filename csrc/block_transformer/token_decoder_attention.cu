@@ -57,15 +57,17 @@ int occupancy(const void* kernel, int threads, int64_t smem) {
 // per item, O staged through shared memory; bench/NOTES.md "token_decoder_attention L16, session
 // 6") or token_decoder_attention_kernel, whichever (with its ring depth) fits more CTAs per SM,
 // lean on a tie (since session 14; see launch); "classic" or "lean" force one kernel (the A/B
-// switch and the tests of each). Session 8 timed
+// switch and the tests of each; "lean" uses the compact copy table where it fits, as auto
+// does); "lean-wide" forces lean with the 8-byte table (the fallback of shapes whose offsets do
+// not fit the compact one: its test switch). Session 8 timed
 // both back to back: L16 D128 (2 CTAs per SM either way) lean 0.812 vs 0.951 ms; L4 D64 (lean's
 // staging tiles and table leave 2 CTAs per SM instead of 3) lean 0.759 vs 0.708 ms. Any other
 // value is an error on every call, so a misspelt name cannot silently time the default.
-enum class TokenDecoderVariant { kAuto, kClassic, kLean };
+enum class TokenDecoderVariant { kAuto, kClassic, kLean, kLeanWide };
 
 TokenDecoderVariant token_decoder_variant() {
   static const TokenDecoderVariant variant = TokenDecoderVariant(
-      env_choice("KVCORE_TOKEN_DECODER_VARIANT", {"auto", "classic", "lean"}, "token_decoder_attention (CUDA)"));
+      env_choice("KVCORE_TOKEN_DECODER_VARIANT", {"auto", "classic", "lean", "lean-wide"}, "token_decoder_attention (CUDA)"));
   return variant;
 }
 
@@ -113,20 +115,37 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   // At most half as many (head group, m-tile) units as warps: split each unit's output columns
   // in two (the scores are then computed twice, which is cheap next to idle warps).
   const bool split_d = head_groups * m_tiles <= Cfg::WARPS / 2;
-  // The lean variant adds two staged out tiles (q's size each) and its copy table (8 bytes per
-  // 16-byte vector of q and of k) to the ring: at L16/D128 102.8 KB per CTA, still two CTAs per
-  // SM (2 x (102.8 + 1 reserved) KB <= 228 KB). A block whose lean footprint exceeds the
-  // device's shared memory even with two stages (one that only just fits the default kernel,
-  // e.g. L48 P16 D256) runs the default kernel.
+  // The lean variant adds two staged out tiles (q's size each) and its copy table (one entry per
+  // 16-byte vector of q and of k: TdCopyEntry) to the ring. The table's entries are 4 bytes
+  // (compact) where the block's offsets fit (token_decoder_lean_compact_fits), else 8 (wide). At
+  // L16/D128 with two stages: 74,256 B per CTA with the compact table, 78,608 B with the wide
+  // one, so three CTAs per SM (3 x (74,256 + 1,024 reserved) <= 233,472 B) where the wide table
+  // allowed two. A block whose lean footprint exceeds the device's shared memory even with two
+  // stages (one that only just fits the default kernel, e.g. L48 P16 D256) runs the default
+  // kernel.
   const int64_t q_elems = s.block_length * hc * s.group * D;
   const int64_t table_entries = (s.block_length * hc * s.group + keys * hc) * (D / 8);
-  auto kernel_for = [&](bool lean) {
-    return lean ? (split_d ? token_decoder_attention_lean_kernel<T, D, 2> : token_decoder_attention_lean_kernel<T, D, 1>)
-                : (split_d ? token_decoder_attention_kernel<T, D, 2> : token_decoder_attention_kernel<T, D, 1>);
+  const TokenDecoderVariant variant = token_decoder_variant();
+  const bool compact_fits = variant != TokenDecoderVariant::kLeanWide &&
+                            token_decoder_lean_compact_fits(s.block_length, keys, s.num_q_heads, s.num_kv_heads,
+                                                            hc * s.group, hc, D);
+  enum Kernel { kLeanCompact, kLeanWide, kClassic };
+  auto kernel_for = [&](Kernel kind) {
+    switch (kind) {
+      case kLeanCompact:
+        return split_d ? token_decoder_attention_lean_kernel<T, D, 2, true>
+                       : token_decoder_attention_lean_kernel<T, D, 1, true>;
+      case kLeanWide:
+        return split_d ? token_decoder_attention_lean_kernel<T, D, 2, false>
+                       : token_decoder_attention_lean_kernel<T, D, 1, false>;
+      default:
+        return split_d ? token_decoder_attention_kernel<T, D, 2> : token_decoder_attention_kernel<T, D, 1>;
+    }
   };
-  auto smem_for = [&](bool lean, int st) {
-    return lean ? token_decoder_lean_smem_bytes(stage_elems, st, D, q_elems, table_entries)
-                : token_decoder_smem_bytes(stage_elems, st, D);
+  auto smem_for = [&](Kernel kind, int st) {
+    return kind == kClassic ? token_decoder_smem_bytes(stage_elems, st, D)
+                            : token_decoder_lean_smem_bytes(stage_elems, st, D, q_elems, table_entries,
+                                                            kind == kLeanCompact);
   };
   // The configuration: kernel (lean or classic) and ring depth (3 stages: two items in flight
   // while one is computed; or 2). It takes the one with the most CTAs per SM, preferring lean,
@@ -135,26 +154,36 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   // deeper ring hides memory latency. Session 14 (H200, one process each): L4 D64 classic with 2
   // stages (4 CTAs per SM) 0.584 ms, lean 2 (3 CTAs) 0.598, classic 3 (3 CTAs, the old choice)
   // 0.708; L16 D128 classic 2 (3 CTAs, bound by registers) 0.779, lean 2 / lean 3 (2 CTAs, the
-  // old choice) 0.811 / 0.816, classic 3 (2 CTAs) 0.951. KVCORE_TOKEN_DECODER_VARIANT and
-  // KVCORE_TOKEN_DECODER_STAGES narrow the candidates (a forced lean kernel whose footprint does
-  // not fit even with two stages, e.g. L48 P16 D256, still runs the classic one; a forced depth
-  // that does not fit runs the other).
-  const TokenDecoderVariant variant = token_decoder_variant();
+  // old choice) 0.811 / 0.816, classic 3 (2 CTAs) 0.951. With the compact table (session 15)
+  // lean 2 at L16 D128 fits 3 CTAs too and wins the tie with classic 2 (not yet timed; predicted
+  // ~0.68-0.72 ms from lean's ~18% fewer instructions at 12 warps per SM); at L4 D64 it stays at 3
+  // CTAs (65,424 B; 4 would need <= 57,344 B), so classic 2 keeps that shape.
+  // Lean is tried as compact (where it fits), then wide: both are candidates because their
+  // register counts differ by instantiation (nvcc 13.0: lean<T, 64, 2> 110 registers compact,
+  // 96 wide), so the compact table's smaller footprint does not always mean more CTAs; on a tie
+  // the compact one wins (one instruction fewer per copy: 6 instead of 7 around each cp.async).
+  // KVCORE_TOKEN_DECODER_VARIANT and KVCORE_TOKEN_DECODER_STAGES narrow the candidates (a forced
+  // lean kernel whose footprint does not fit even with two stages, e.g. L48 P16 D256, still runs
+  // the classic one; a forced depth that does not fit runs the other).
   const int forced_stages = token_decoder_stages_forced();
   const int64_t optin = int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  const bool lean_fits = variant != TokenDecoderVariant::kClassic && smem_for(true, 2) <= optin;
-  bool lean = false;
+  // The smallest lean footprint: compact where it fits.
+  const bool lean_fits = variant != TokenDecoderVariant::kClassic &&
+                         smem_for(compact_fits ? kLeanCompact : kLeanWide, 2) <= optin;
+  Kernel kind = kClassic;
   int stages = 0, per_sm = 0;
   auto pick = [&](int only_stages) {
-    for (const bool cand_lean : {true, false}) {
-      if (cand_lean ? !lean_fits : (variant == TokenDecoderVariant::kLean && lean_fits)) continue;
+    for (const Kernel cand : {kLeanCompact, kLeanWide, kClassic}) {
+      if (cand == kLeanCompact && !compact_fits) continue;
+      const bool forced_lean = variant == TokenDecoderVariant::kLean || variant == TokenDecoderVariant::kLeanWide;
+      if (cand != kClassic ? !lean_fits : (forced_lean && lean_fits)) continue;
       for (const int st : {3, 2}) {
         if (only_stages > 0 && st != only_stages) continue;
-        const int64_t bytes = smem_for(cand_lean, st);
+        const int64_t bytes = smem_for(cand, st);
         if (bytes > optin) continue;
-        const int n = occupancy(reinterpret_cast<const void*>(kernel_for(cand_lean)), Cfg::THREADS, bytes);
+        const int n = occupancy(reinterpret_cast<const void*>(kernel_for(cand)), Cfg::THREADS, bytes);
         if (n > per_sm) {
-          lean = cand_lean;
+          kind = cand;
           stages = st;
           per_sm = n;
         }
@@ -166,9 +195,9 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   // as a forced lean kernel that does not fit runs the classic one.
   if (stages == 0 && forced_stages > 0) pick(0);
   if (stages == 0) stages = 2;  // nothing fits: the error below
-  auto kernel = kernel_for(lean);
+  auto kernel = kernel_for(kind);
   const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
-  const int64_t smem_bytes = smem_for(lean, stages);
+  const int64_t smem_bytes = smem_for(kind, stages);
   TORCH_CHECK(smem_bytes <= max_smem, "token_decoder_attention (CUDA): one KV head of a block (block_length ",
               s.block_length, ", prefix ", s.prefix, ", group ", s.group, ", head_dim ", D, ") needs ", smem_bytes,
               " bytes of shared memory, more than this GPU's ", max_smem, "; use shorter blocks");

@@ -75,6 +75,9 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "kvcore/device_utils.cuh"
 
 namespace kvcore {
@@ -502,8 +505,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
 //  1. Copy addresses from a per-CTA table. A thread copies the same vectors of every item (vector
 //     v = k THREADS + tid), and each vector's source offset (relative to the item's base) and
 //     swizzled destination are item-invariant, so they are computed once per CTA into shared
-//     memory (uint2 {source offset, destination offset}, elements): ~5 instructions per 16-byte
-//     copy instead of ~28 (two multiply-high divisions, the swizzle key, 64-bit addressing).
+//     memory (4 or 8 bytes per entry: TdCopyEntry below): ~5-7 instructions per 16-byte copy
+//     instead of ~28 (two multiply-high divisions, the swizzle key, 64-bit addressing).
 //  2. The Inf/NaN scan of V once per item, over the V vectors each thread copied itself (visible
 //     to it after its cp.async wait), combined by the item's barrier (__syncthreads_or): if any V
 //     element of the item is not finite, every unit of the item takes the exact path. Before, each
@@ -514,13 +517,87 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
 //     covers 512 contiguous bytes (whole 128-byte lines) instead of 8 rows x 16 bytes. Two
 //     staging tiles alternate, so the copy-out of item t - 1 needs no barrier of its own: the
 //     tile item t + 1 writes was read out before the barrier of item t + 1.
-// Shared memory: ring | 2 staging tiles (L HCG D each) | zero row | table (L HCG + KJ HC) TD
-// uint2 | stage lengths.
+// Shared memory: ring | 2 staging tiles (L HCG D each) | zero row | table ((L HCG + KJ HC) TD
+// entries of 4 or 8 bytes) | stage lengths.
 // ================================================================================================
 
+// An entry of the lean kernel's copy table: a 16-byte vector's source offset (from the item's
+// q, k, v or out base in global memory) and its swizzled destination (from the stage's q or k/v
+// region, or from the staging tile). Both are multiples of 8 elements (a row is D elements, a
+// chunk 8), so they can be kept in units of 16-byte vectors.
+//  * Wide (COMPACT = false): uint2 {source, destination} in elements; any shape the kernel runs.
+//  * Compact (COMPACT = true): one uint32, destination vector in the low 14 bits, source vector in
+//    the high 18. The destination always fits: a stage region is smaller than a CTA's shared
+//    memory (227 KB < 2^14 vectors of 16 bytes = 256 KB); the source fits where a block's q rows
+//    and its k rows each span at most 2^18 vectors (L Hq D and (P + L) Hkv D up to 2 M elements;
+//    L16 D128 H16: 32 K and 36 K); the launcher checks both (token_decoder_lean_compact_fits)
+//    and runs the wide table otherwise. Why: at L16 D128 the wide table is 8.5 KB of the 78.6 KB a
+//    2-stage CTA needs, 1.8 KB more than three CTAs per SM allow (3 x (76.8 + 1 reserved) KB
+//    <= 228 KB); the compact one (4.25 KB) makes it 74.3 KB. Decoding costs a shift or a mask per
+//    offset (the source as IMAD.WIDE of the vector index by 16).
+constexpr int kTdCompactDstBits = 14;
+constexpr int kTdCompactSrcBits = 32 - kTdCompactDstBits;
+
+template <bool COMPACT>
+struct TdCopyEntry;
+
+template <>
+struct TdCopyEntry<false> {
+  using type = uint2;
+  static constexpr int BYTES = 8;
+  // src, dst: element offsets.
+  __device__ __forceinline__ static type make(uint32_t src, uint32_t dst) { return make_uint2(src, dst); }
+  template <typename T>
+  __device__ __forceinline__ static T* src(T* base, type e) {
+    return base + e.x;
+  }
+  template <typename T>
+  __device__ __forceinline__ static T* dst(T* base, type e) {
+    return base + e.y;
+  }
+};
+
+template <>
+struct TdCopyEntry<true> {
+  using type = uint32_t;
+  static constexpr int BYTES = 4;
+  // src, dst: element offsets, multiples of 8, within the ranges token_decoder_lean_compact_fits
+  // checked.
+  __device__ __forceinline__ static type make(uint32_t src, uint32_t dst) {
+    return ((src >> 3) << kTdCompactDstBits) | (dst >> 3);
+  }
+  // The bases are 16-byte aligned (the launcher checks q, k, v, out and the block strides; stage
+  // regions are whole rows), so stepping in uint4 is exact.
+  template <typename T>
+  __device__ __forceinline__ static T* src(T* base, type e) {
+    using V = std::conditional_t<std::is_const_v<T>, const uint4, uint4>;
+    return reinterpret_cast<T*>(reinterpret_cast<V*>(base) + (e >> kTdCompactDstBits));
+  }
+  template <typename T>
+  __device__ __forceinline__ static T* dst(T* base, type e) {
+    using V = std::conditional_t<std::is_const_v<T>, const uint4, uint4>;
+    return reinterpret_cast<T*>(reinterpret_cast<V*>(base) + (e & ((1u << kTdCompactDstBits) - 1u)));
+  }
+};
+
+// Whether every entry of a launch's table fits the compact form: the largest source vector index
+// is the last 16-byte chunk of q row (L - 1, chunk head HCG - 1) or of k row (KJ - 1, HC - 1) (the
+// item's base adds the chunk's head offset separately), the largest destination the last chunk of
+// the q region (L HCG rows) or of the k/v region (KJ HC rows); bench/experiments/
+// token_decoder_lean_emulate.py checks that these bounds are the exact maxima.
+inline bool token_decoder_lean_compact_fits(int64_t rows, int64_t keys, int64_t num_q_heads, int64_t num_kv_heads,
+                                            int64_t chunk_q_heads, int64_t chunk_kv_heads, int head_dim) {
+  const int64_t td = head_dim / 8;
+  const int64_t src_vectors =
+      std::max(((rows - 1) * num_q_heads + chunk_q_heads) * td, ((keys - 1) * num_kv_heads + chunk_kv_heads) * td);
+  const int64_t dst_vectors = std::max(rows * chunk_q_heads, keys * chunk_kv_heads) * td;
+  return rows > 0 && src_vectors <= (int64_t(1) << kTdCompactSrcBits) &&
+         dst_vectors <= (int64_t(1) << kTdCompactDstBits);
+}
+
 inline int64_t token_decoder_lean_smem_bytes(int64_t stage_elems, int stages, int head_dim, int64_t q_elems,
-                                             int64_t table_entries) {
-  return 2 * (stage_elems * stages + 2 * q_elems + head_dim) + 8 * table_entries + 16;
+                                             int64_t table_entries, bool compact) {
+  return 2 * (stage_elems * stages + 2 * q_elems + head_dim) + (compact ? 4 : 8) * table_entries + 16;
 }
 
 // token_decoder_unit_exact with its out rows written into the staging tile `so` (row
@@ -580,7 +657,7 @@ __device__ __noinline__ void token_decoder_unit_exact_staged(const TokenDecoderP
   }
 }
 
-template <typename T, int D, int DSPLIT>
+template <typename T, int D, int DSPLIT, bool COMPACT>
 __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
     token_decoder_attention_lean_kernel(const __grid_constant__ TokenDecoderParams p) {
   using Cfg = TokenDecoderConfig<D>;
@@ -602,7 +679,9 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
   T* const ring = reinterpret_cast<T*>(smem_raw);
   T* const staging = ring + int64_t(p.stages) * p.stage_elems;  // 2 tiles of q_elems
   T* const zero_row = staging + 2 * q_elems;
-  uint2* const table = reinterpret_cast<uint2*>(zero_row + D);  // nq q/out entries, then nkv k/v entries
+  using Entry = TdCopyEntry<COMPACT>;
+  using E = typename Entry::type;
+  E* const table = reinterpret_cast<E*>(zero_row + D);  // nq q/out entries, then nkv k/v entries
   int* const stage_len = reinterpret_cast<int*>(table + nq + nkv);
 
   for (int i = tid; i < D / 8; i += Cfg::THREADS)
@@ -623,12 +702,12 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
     const int h = r - i * HCG;
     const int hh = fast_div(h, p.group_div);
     const int key = ((hh & (HP - 1)) << row_shift) + i * G + (h - hh * G);
-    table[v] = make_uint2(uint32_t((i * p.num_q_heads + h) * D + c * 8), uint32_t(td_swz(r, c, key, D)));
+    table[v] = Entry::make(uint32_t((i * p.num_q_heads + h) * D + c * 8), uint32_t(td_swz(r, c, key, D)));
   }
   for (int v = tid; v < nkv; v += Cfg::THREADS) {
     const int r = v >> TD_SHIFT, c = v & (TD - 1);
     const int j = fast_div(r, p.chunk_kv);
-    table[nq + v] = make_uint2(uint32_t((j * p.num_kv_heads + (r - j * HC)) * D + c * 8), uint32_t(td_swz(r, c, j, D)));
+    table[nq + v] = Entry::make(uint32_t((j * p.num_kv_heads + (r - j * HC)) * D + c * 8), uint32_t(td_swz(r, c, j, D)));
   }
 
   // Issues the copies of `item` into `stage`; always commits a group (empty past the range), so
@@ -640,17 +719,17 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
       T* const dst = ring + int64_t(stage) * p.stage_elems;
       const T* const q = static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + int64_t(chunk) * HCG * D;
       for (int v = tid; v < nq; v += Cfg::THREADS) {
-        const uint2 e = table[v];
-        cp_async_16(dst + e.y, q + e.x, true);
+        const E e = table[v];
+        cp_async_16(Entry::dst(dst, e), Entry::src(q, e), true);
       }
       const T* const k = static_cast<const T*>(p.k) + int64_t(block) * p.k_stride_n + int64_t(chunk) * HC * D;
       const T* const vv = static_cast<const T*>(p.v) + int64_t(block) * p.v_stride_n + int64_t(chunk) * HC * D;
       T* const dk = dst + k_off;
       T* const dv = dst + v_off;
       for (int v = tid; v < nkv; v += Cfg::THREADS) {
-        const uint2 e = table[nq + v];
-        cp_async_16(dk + e.y, k + e.x, true);
-        cp_async_16(dv + e.y, vv + e.x, true);
+        const E e = table[nq + v];
+        cp_async_16(Entry::dst(dk, e), Entry::src(k, e), true);
+        cp_async_16(Entry::dst(dv, e), Entry::src(vv, e), true);
       }
       if (tid == 0) stage_len[stage] = p.block_lens ? __ldg(p.block_lens + block) : L;
     }
@@ -665,8 +744,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
     const int chunk = item - block * int(p.chunks.d);
     T* const o = static_cast<T*>(p.out) + int64_t(block) * L * p.num_q_heads * D + int64_t(chunk) * HCG * D;
     for (int v = tid; v < nq; v += Cfg::THREADS) {
-      const uint2 e = table[v];
-      *reinterpret_cast<uint4*>(o + e.x) = *reinterpret_cast<const uint4*>(so + e.y);
+      const E e = table[v];
+      *reinterpret_cast<uint4*>(Entry::src(o, e)) = *reinterpret_cast<const uint4*>(Entry::dst(so, e));
     }
   };
 
@@ -691,7 +770,7 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
     // the wait): the barrier ORs the threads' findings.
     uint32_t bad = 0;
     for (int v = tid; v < nkv; v += Cfg::THREADS) {
-      const uint4 w = *reinterpret_cast<const uint4*>(sv + table[nq + v].y);
+      const uint4 w = *reinterpret_cast<const uint4*>(Entry::dst(sv, table[nq + v]));
       bad |= nonfinite_bits(w.x, T{}) | nonfinite_bits(w.y, T{}) | nonfinite_bits(w.z, T{}) | nonfinite_bits(w.w, T{});
     }
     // This item landed for every thread; the previous item's stage is free; the previous item's
