@@ -8,49 +8,17 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <map>
-#include <mutex>
 #include <string>
-#include <tuple>
 #include <utility>
 
 #include "common/checks.h"
+#include "common/cuda_occupancy.h"
 #include "common/env_switch.h"
 #include "common/cuda_dispatch.h"
 #include "kvcore/token_decoder_attention.cuh"
 
 namespace kvcore {
 namespace {
-
-// Raises the kernel's dynamic shared-memory limit to the device's opt-in maximum, once per
-// (kernel, device); returns that maximum.
-int allow_max_smem(const void* kernel) {
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> done;
-  const int dev = at::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = done.find({kernel, dev});
-  if (it != done.end()) return it->second;
-  const int most = int(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
-  return done[{kernel, dev}] = most;
-}
-
-// Resident CTAs per SM of `kernel` with `smem` bytes of dynamic shared memory, cached per
-// (kernel, bytes, device): the launcher compares up to four configurations on every call, and an
-// occupancy query costs microseconds. Raises the kernel's shared-memory limit first.
-int occupancy(const void* kernel, int threads, int64_t smem) {
-  allow_max_smem(kernel);
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int64_t, int>, int> cache;
-  const int dev = at::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find({kernel, smem, dev});
-  if (it != cache.end()) return it->second;
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, size_t(smem)));
-  return cache[{kernel, smem, dev}] = n;
-}
 
 // The kernel, from KVCORE_TOKEN_DECODER_VARIANT (read once per process): unset or "auto" (the
 // default since session 8): token_decoder_attention_lean_kernel (table-driven copies, one V scan
@@ -155,8 +123,8 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   // stages (4 CTAs per SM) 0.584 ms, lean 2 (3 CTAs) 0.598, classic 3 (3 CTAs, the old choice)
   // 0.708; L16 D128 classic 2 (3 CTAs, bound by registers) 0.779, lean 2 / lean 3 (2 CTAs, the
   // old choice) 0.811 / 0.816, classic 3 (2 CTAs) 0.951. With the compact table (session 15)
-  // lean 2 at L16 D128 fits 3 CTAs too and wins the tie with classic 2 (not yet timed; predicted
-  // ~0.68-0.72 ms from lean's ~18% fewer instructions at 12 warps per SM); at L4 D64 it stays at 3
+  // lean 2 at L16 D128 fits 3 CTAs too and wins the tie with classic 2: 0.660-0.666 ms against
+  // 0.780 (H200, call 3; predicted 0.68-0.72 from lean's ~18% fewer instructions); at L4 D64 it stays at 3
   // CTAs (65,424 B; 4 would need <= 57,344 B), so classic 2 keeps that shape.
   // Lean is tried as compact (where it fits), then wide: both are candidates because their
   // register counts differ by instantiation (nvcc 13.0: lean<T, 64, 2> 110 registers compact,
@@ -181,7 +149,7 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
         if (only_stages > 0 && st != only_stages) continue;
         const int64_t bytes = smem_for(cand, st);
         if (bytes > optin) continue;
-        const int n = occupancy(reinterpret_cast<const void*>(kernel_for(cand)), Cfg::THREADS, bytes);
+        const int n = occupancy_per_sm(reinterpret_cast<const void*>(kernel_for(cand)), Cfg::THREADS, size_t(bytes));
         if (n > per_sm) {
           kind = cand;
           stages = st;
@@ -195,12 +163,11 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   // as a forced lean kernel that does not fit runs the classic one.
   if (stages == 0 && forced_stages > 0) pick(0);
   if (stages == 0) stages = 2;  // nothing fits: the error below
-  auto kernel = kernel_for(kind);
-  const int max_smem = allow_max_smem(reinterpret_cast<const void*>(kernel));
+  auto kernel = kernel_for(kind);  // (its limit covers smem_bytes: pick queried this footprint)
   const int64_t smem_bytes = smem_for(kind, stages);
-  TORCH_CHECK(smem_bytes <= max_smem, "token_decoder_attention (CUDA): one KV head of a block (block_length ",
+  TORCH_CHECK(smem_bytes <= optin, "token_decoder_attention (CUDA): one KV head of a block (block_length ",
               s.block_length, ", prefix ", s.prefix, ", group ", s.group, ", head_dim ", D, ") needs ", smem_bytes,
-              " bytes of shared memory, more than this GPU's ", max_smem, "; use shorter blocks");
+              " bytes of shared memory, more than this GPU's ", optin, "; use shorter blocks");
 
   const int64_t chunks = s.num_kv_heads / hc;
   const int64_t items = s.blocks * chunks;

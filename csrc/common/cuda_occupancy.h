@@ -9,25 +9,41 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <utility>
 
 namespace kvcore {
 
-// Cached per kernel and device (the occupancy query costs microseconds, launches happen every
-// decode step); also raises the kernel's dynamic shared-memory limit on that device, which a
-// launch with more than 48 KB of dynamic shared memory needs. `op` names the caller in the error.
-inline int ctas_per_sm(const void* kernel, int threads, size_t smem, const char* op) {
+// Resident CTAs per SM of `kernel` with `smem` bytes of dynamic shared memory (0 when it does not
+// fit), cached per (kernel, smem, device): the occupancy query costs microseconds and launches
+// happen every decode step, and a launcher may compare several footprints of one kernel (the
+// token decoder's ring depths). Also raises the kernel's dynamic shared-memory limit on that
+// device to the largest size asked for so far, which a launch with more than 48 KB needs; `smem`
+// must not exceed the device's opt-in maximum.
+inline int occupancy_per_sm(const void* kernel, int threads, size_t smem) {
   static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int> cache;
+  static std::map<std::tuple<const void*, size_t, int>, int> cache;
+  static std::map<std::pair<const void*, int>, size_t> limit;  // the limit set per (kernel, device)
   const int dev = at::cuda::current_device();
   std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find({kernel, dev});
+  auto it = cache.find({kernel, smem, dev});
   if (it != cache.end()) return it->second;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  size_t& most = limit[{kernel, dev}];
+  if (smem > most) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    most = smem;
+  }
   int n = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  return cache[{kernel, smem, dev}] = n;
+}
+
+// occupancy_per_sm for launchers that have one footprint per kernel: an error naming `op` when
+// the kernel does not fit.
+inline int ctas_per_sm(const void* kernel, int threads, size_t smem, const char* op) {
+  const int n = occupancy_per_sm(kernel, threads, smem);
   TORCH_CHECK(n > 0, op, ": the kernel does not fit on this GPU (", smem, " bytes of shared memory per CTA)");
-  return cache[{kernel, dev}] = n;
+  return n;
 }
 
 // Asks the driver for the largest shared-memory carveout for `kernel` on the current device, once
