@@ -230,6 +230,27 @@ def test_gqa_decode_split_schedule_repeated_calls_cuda(device, num_splits, gen):
         _check_decode(out, lse, ref_out, ref_lse, torch.bfloat16)
 
 
+@pytest.mark.parametrize("head_dim, group", [(64, 1), (64, 16), (128, 4), (128, 16), (256, 8)])
+@pytest.mark.parametrize("num_splits", [40, 70])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_split_merge_batches_cuda(device, head_dim, group, num_splits, gen):
+    """The last CTA's split merge keeps 16 (D 64) or 32 splits' partials in flight per thread
+    and item, the first batch issued before the lse values are read: 40 and 70 splits take 2 to
+    5 batches, groups of 16 give a thread several (head, 4 columns) items, and the short
+    sequences leave most splits empty. Each against the reference, twice on one workspace."""
+    lens = [5000, 3, 2300]
+    kv = make_paged_kv(lens, 16, 2, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
+    workspace = kvcore.ops.decode_workspace(device)
+    for _ in range(2):
+        q = randn(3, 2 * group, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
+        out = poison(torch.empty_like(q))
+        lse = poison(torch.empty(3, 2 * group, dtype=torch.float32, device=device))
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
+                          num_splits=num_splits, workspace=workspace)
+        ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+        _check_decode(out, lse, ref_out, ref_lse, torch.bfloat16)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_forced_splits_deterministic_cuda(device, num_splits, gen):

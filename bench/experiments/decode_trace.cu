@@ -1,16 +1,23 @@
 // Standalone timing and per-CTA trace of the gqa_decode kernel, without torch, for kernel work.
 //   nvcc -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //        -Icsrc/include bench/experiments/decode_trace.cu -o /tmp/decode_trace
-//   /tmp/decode_trace B S SPLITS [Hq Hkv PAGE STAGES]
+//   /tmp/decode_trace B S SPLITS [Hq Hkv PAGE STAGES GRAIN]
 // Prints the median time (CUDA events, L2 flushed by a 256 MB read before each call), the rate
 // over the K/V bytes, and from one traced call the distribution of each CTA's phases
-// (%globaltimer): entry skew, first-tile latency, main loop, epilogue (incl. the split merge).
+// (%globaltimer): entry skew, first copies issued, first-tile latency, main loop, epilogue
+// (incl. the split merge), the merging CTAs' part, and the loop ends by CTAs per SM.
+// TRACE_CSV=path also writes each CTA's stamps (and SM) as CSV.
+// GRAIN (tokens, default the tile): a split's length is rounded up to a multiple of it. The
+// kernel is the library's page-group instance for the page size (SPP, as the launcher picks it).
+// The output is checked against a one-split call of the same kernel.
 #define KVCORE_DECODE_TRACE
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -40,6 +47,19 @@ __global__ void read_all(const int4* buf, size_t n, int* sink) {
   if (acc == 0x12345678) *sink = acc;  // keeps the loads alive
 }
 
+// One-shot read: every CTA reads 16 KB once (the shape of the best plain reads in
+// bench/experiments/read_ceiling.py: thousands of small CTAs handed out by the hardware).
+__global__ void read_oneshot(const int4* buf, size_t n, int* sink) {
+  const size_t i0 = blockIdx.x * size_t(1024) + threadIdx.x;
+  int4 v[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[j] = i0 + j * 256 < n ? buf[i0 + j * 256] : make_int4(0, 0, 0, 0);
+  int acc = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+  if (acc == 0x12345678) *sink = acc;
+}
+
 __global__ void empty_kernel() {}
 
 static double pct(std::vector<double> v, double q) {
@@ -48,10 +68,10 @@ static double pct(std::vector<double> v, double q) {
   return v[std::min(v.size() - 1, size_t(q * (v.size() - 1) + 0.5))];
 }
 
-template <int STAGES>
+template <int STAGES, int SPP>
 int run(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s B S SPLITS [Hq Hkv PAGE STAGES]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s B S SPLITS [Hq Hkv PAGE STAGES GRAIN]\n", argv[0]);
     return 2;
   }
   const int B = std::atoi(argv[1]), S = std::atoi(argv[2]), splits = std::atoi(argv[3]);
@@ -59,6 +79,7 @@ int run(int argc, char** argv) {
   constexpr int D = 128;
   const int PAGE = argc > 6 ? std::atoi(argv[6]) : 16;
   using Cfg = kvcore::GqaDecodeConfig<D, STAGES>;
+  const int grain = argc > 8 && std::atoi(argv[8]) > 0 ? std::atoi(argv[8]) : Cfg::TILE;
   const int pages_per_seq = (S + PAGE - 1) / PAGE, num_pages = B * pages_per_seq;
   const size_t cache_elems = size_t(num_pages) * PAGE * Hkv * D;
 
@@ -67,6 +88,8 @@ int run(int argc, char** argv) {
   CUDA_CHECK(cudaMalloc(&v, cache_elems * 2));
   CUDA_CHECK(cudaMalloc(&q, size_t(B) * Hq * D * 2));
   CUDA_CHECK(cudaMalloc(&out, size_t(B) * Hq * D * 2));
+  bf16* out_ref;
+  CUDA_CHECK(cudaMalloc(&out_ref, size_t(B) * Hq * D * 2));
   fill_random<<<1024, 256>>>(k, cache_elems, 1u);
   fill_random<<<1024, 256>>>(v, cache_elems, 2u);
   fill_random<<<64, 256>>>(q, size_t(B) * Hq * D, 3u);
@@ -107,16 +130,28 @@ int run(int argc, char** argv) {
   p.page_shift = __builtin_ctz(PAGE);
   p.num_pages = num_pages;
   p.max_pages = pages_per_seq;
-  p.num_splits = splits;
   const int split_tokens = (S + splits - 1) / splits;
-  p.split_tokens = (split_tokens + Cfg::TILE - 1) / Cfg::TILE * Cfg::TILE;
+  p.split_tokens = (split_tokens + grain - 1) / grain * grain;
+  p.num_splits = (S + p.split_tokens - 1) / p.split_tokens;
+  p.dedup_pages = 1;
   p.window_left = -1;
   p.scale = 0.08838834764831845f;
   p.soft_cap = 0.f;
 
-  auto kernel = kvcore::gqa_decode_kernel<bf16, Cfg>;
+  auto kernel = kvcore::gqa_decode_kernel<bf16, Cfg, false, false, SPP>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
-  const dim3 grid(Hkv, splits, B);
+  int per_sm = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::THREADS, Cfg::SMEM_BYTES));
+  // Reference: the same kernel with one split (no merge), compared below.
+  {
+    kvcore::GqaDecodeParams r = p;
+    r.num_splits = 1;
+    r.split_tokens = (S + Cfg::TILE - 1) / Cfg::TILE * Cfg::TILE;
+    r.out = out_ref;
+    kernel<<<dim3(Hkv, 1, B), Cfg::THREADS, Cfg::SMEM_BYTES>>>(r);
+    CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  const dim3 grid(Hkv, p.num_splits, B);
   const size_t ctas = size_t(grid.x) * grid.y * grid.z;
 
   const size_t flush_n = (256u << 20) / 16;
@@ -144,18 +179,31 @@ int run(int argc, char** argv) {
   };
   const double empty_us = time_it([&] { empty_kernel<<<1, 32>>>(); }, 50);
   // Ceiling: a plain streaming read of the same K and V bytes (contiguous, no compute).
+  // K and V as one allocation would be one read; two allocations, two one-shot launches.
+  const size_t n16 = cache_elems * 2 / 16;
   const double read_us = time_it([&] {
-    read_all<<<1056, 512>>>(reinterpret_cast<const int4*>(k), cache_elems * 2 / 16, sink);
-    read_all<<<1056, 512>>>(reinterpret_cast<const int4*>(v), cache_elems * 2 / 16, sink);
+    read_oneshot<<<unsigned((n16 + 1023) / 1024), 256>>>(reinterpret_cast<const int4*>(k), n16, sink);
+    read_oneshot<<<unsigned((n16 + 1023) / 1024), 256>>>(reinterpret_cast<const int4*>(v), n16, sink);
   }, 20);
   const double us = time_it([&] { kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(p); }, 50);
   CUDA_CHECK(cudaGetLastError());
   const double bytes = 2.0 * B * S * Hkv * D * 2;
-  std::printf("B%d S%d Hq%d Hkv%d page %d splits %d, %d stages: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; plain read of K and V %.0f GB/s)\n",
-              B, S, Hq, Hkv, PAGE, splits, STAGES, ctas, us, bytes / us * 1e-3, empty_us, bytes / read_us * 1e-3);
+  {
+    std::vector<uint16_t> a(size_t(B) * Hq * D), r(a.size());
+    CUDA_CHECK(cudaMemcpy(a.data(), out, a.size() * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(r.data(), out_ref, r.size() * 2, cudaMemcpyDeviceToHost));
+    auto f = [](uint16_t x) { uint32_t u = uint32_t(x) << 16; float y; std::memcpy(&y, &u, 4); return y; };
+    double worst = 0;
+    for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, double(std::fabs(f(a[i]) - f(r[i]))));
+    std::printf("check: max |out - one-split out| = %.3g%s\n", worst, worst < 2e-2 ? "" : "  <-- MISMATCH");
+  }
+  std::printf("B%d S%d Hq%d Hkv%d page %d SPP %d splits %d x %d tokens, %d stages, %d CTAs/SM: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; one-shot read of K and V %.1f us, %.0f GB/s)\n",
+              B, S, Hq, Hkv, PAGE, SPP, p.num_splits, p.split_tokens, STAGES, per_sm, ctas, us, bytes / us * 1e-3, empty_us,
+              read_us, bytes / read_us * 1e-3);
 
   unsigned long long* trace;
-  const int tiles = std::min(4096, (S + Cfg::TILE - 1) / Cfg::TILE), stride = 4 + tiles;
+  constexpr int F = kvcore::kDecodeTraceFixed;
+  const int tiles = std::min(4096, (p.split_tokens + Cfg::TILE - 1) / Cfg::TILE + 1), stride = F + tiles;
   CUDA_CHECK(cudaMalloc(&trace, ctas * stride * 8));
   // Zeroed: a CTA whose range has no tile writes no first-tile / loop-end stamps (session 9's
   // 33- to 132-split runs had some), and the statistics below leave those CTAs out.
@@ -169,7 +217,7 @@ int run(int argc, char** argv) {
   CUDA_CHECK(cudaMemcpy(tr.data(), trace, tr.size() * 8, cudaMemcpyDeviceToHost));
   unsigned long long t0 = ~0ull, tend = 0;
   for (size_t c = 0; c < ctas; ++c) t0 = std::min(t0, tr[c * stride]), tend = std::max(tend, tr[c * stride + 3]);
-  std::vector<double> entry, first, loop, epi, exit_;
+  std::vector<double> entry, issued, first, loop, epi, exit_;
   std::vector<size_t> cta_of;  // the CTA of each entry of loop (CTAs with tiles only)
   size_t idle = 0;
   for (size_t c = 0; c < ctas; ++c) {
@@ -179,10 +227,23 @@ int run(int argc, char** argv) {
       ++idle;
       continue;
     }
+    issued.push_back((tr[c * stride + 4] - tr[c * stride]) * 1e-3);
     first.push_back((tr[c * stride + 1] - tr[c * stride]) * 1e-3);
     loop.push_back((tr[c * stride + 2] - tr[c * stride + 1]) * 1e-3);
     epi.push_back((tr[c * stride + 3] - tr[c * stride + 2]) * 1e-3);
     cta_of.push_back(c);
+  }
+  if (const char* csv = std::getenv("TRACE_CSV")) {  // per-CTA rows for offline analysis
+    if (FILE* fc = std::fopen(csv, "w")) {
+      std::fprintf(fc, "cta,smid,entry,issued,first,loop_end,arrival,exit\n");
+      auto us_of = [&](unsigned long long x) { return x >= t0 ? (x - t0) * 1e-3 : -1.0; };
+      for (size_t c = 0; c < ctas; ++c) {
+        const unsigned long long* r = &tr[c * stride];
+        std::fprintf(fc, "%zu,%llu,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f\n", c, r[6], us_of(r[0]), us_of(r[4]), us_of(r[1]),
+                     us_of(r[2]), us_of(r[5]), us_of(r[3]));
+      }
+      std::fclose(fc);
+    }
   }
   std::printf("traced span %.1f us (first entry to last exit); %zu CTAs without a tile left out of the tile rows\n",
               (tend - t0) * 1e-3, idle);
@@ -191,6 +252,7 @@ int run(int argc, char** argv) {
                 pct(x, 0.5), pct(x, 0.9), pct(x, 1));
   };
   row("entry (since first)", entry);
+  row("first copies issued", issued);
   row("first tile latency", first);
   row("main loop", loop);
   row("epilogue+merge", epi);
@@ -217,22 +279,80 @@ int run(int argc, char** argv) {
   std::vector<double> win(nwin, 0.0);
   for (size_t c = 0; c < ctas; ++c)
     for (int t = 0; t < tiles; ++t) {
-      const unsigned long long x = tr[c * stride + 4 + t];
+      const unsigned long long x = tr[c * stride + F + t];
       if (x >= t0 && x <= tend) win[std::min(nwin - 1, int((x - t0) * 1e-3 / 10))] += tile_bytes;
     }
   std::printf("  landed GB/s per 10 us:");
   for (int w = 0; w < nwin; ++w) std::printf(" %.0f", win[w] / 10e-6 / 1e9);
   std::printf("\n");
+  {  // the same in 2 us windows
+    const int n2 = int(span / 2) + 1;
+    std::vector<double> w2(n2, 0.0);
+    for (size_t c = 0; c < ctas; ++c)
+      for (int t = 0; t < tiles; ++t) {
+        const unsigned long long x = tr[c * stride + F + t];
+        if (x >= t0 && x <= tend) w2[std::min(n2 - 1, int((x - t0) * 1e-3 / 2))] += tile_bytes;
+      }
+    std::printf("  landed GB/s per 2 us:");
+    for (int w = 0; w < n2; ++w) std::printf(" %.0f", w2[w] / 2e-6 / 1e9);
+    std::printf("\n");
+  }
+  if (p.num_splits > 1) {
+    // Per pair: the last split's arrival, and the merging CTA (the last to arrive) from its
+    // arrival to its exit.
+    std::vector<double> last_arrival, merge_part, merger_exit;
+    for (size_t pr = 0; pr < pairs; ++pr) {
+      const size_t h = pr % Hkv, b = pr / Hkv;
+      unsigned long long la = 0, mx_exit = 0, arr_of_last = 0;
+      for (int sp = 0; sp < p.num_splits; ++sp) {
+        const size_t c = h + size_t(Hkv) * (sp + size_t(p.num_splits) * b);
+        if (tr[c * stride + 5] > la) la = tr[c * stride + 5];
+        if (tr[c * stride + 3] > mx_exit) mx_exit = tr[c * stride + 3], arr_of_last = tr[c * stride + 5];
+      }
+      last_arrival.push_back((la - t0) * 1e-3);
+      merger_exit.push_back((mx_exit - t0) * 1e-3);
+      merge_part.push_back((mx_exit - arr_of_last) * 1e-3);
+    }
+    row("pair: last arrival", last_arrival);
+    row("pair: merge (arr->exit)", merge_part);
+    row("pair: merger exit", merger_exit);
+  }
+  {
+    // Loop ends (since the first entry) by how many CTAs their SM ran.
+    std::vector<int> on_sm(1024, 0);
+    for (size_t c = 0; c < ctas; ++c) ++on_sm[tr[c * stride + 6] & 1023];
+    std::vector<std::vector<double>> by(8);
+    for (size_t i = 0; i < cta_of.size(); ++i) {
+      const size_t c = cta_of[i];
+      const int n = std::min(7, on_sm[tr[c * stride + 6] & 1023]);
+      by[n].push_back((tr[c * stride + 2] - t0) * 1e-3);
+    }
+    for (int n = 1; n < 8; ++n)
+      if (!by[n].empty()) {
+        char name[64];
+        std::snprintf(name, sizeof name, "loop end, %d CTAs/SM (%zu)", n, by[n].size());
+        row(name, by[n]);
+      }
+  }
   return 0;
+}
+
+// The page-group size the launcher picks (paged_decode::page_groups) for D 128: a whole tile's
+// slots (8) when the page holds 64-row spans, 2 when it holds 16-row spans, else 1.
+template <int STAGES>
+int run_page(int argc, char** argv) {
+  const int page = argc > 6 ? std::atoi(argv[6]) : 16;
+  if (page % 64 == 0) return run<STAGES, 8>(argc, argv);
+  if (page % 16 == 0) return run<STAGES, 2>(argc, argv);
+  return run<STAGES, 1>(argc, argv);
 }
 
 int main(int argc, char** argv) {
   const int stages = argc > 7 ? std::atoi(argv[7]) : 3;
   switch (stages) {
-    case 2: return run<2>(argc, argv);
-    case 3: return run<3>(argc, argv);
-    case 4: return run<4>(argc, argv);
-    case 6: return run<6>(argc, argv);
-    default: std::fprintf(stderr, "stages must be 2, 3, 4 or 6\n"); return 2;
+    case 2: return run_page<2>(argc, argv);
+    case 3: return run_page<3>(argc, argv);
+    case 4: return run_page<4>(argc, argv);
+    default: std::fprintf(stderr, "stages must be 2, 3 or 4\n"); return 2;
   }
 }

@@ -166,6 +166,16 @@ __device__ __forceinline__ unsigned ld_acquire_gpu(const unsigned* gmem) {
   return v;
 }
 
+// atomicAdd with acquire-release semantics at GPU scope: the writes ordered before it (this
+// thread's, and other threads' through a CTA barrier before it) are visible to whoever observes
+// the new count, and reads after it (after a CTA barrier, for other threads) see what the
+// earlier arrivals published. One instruction instead of a fence per thread plus a relaxed atomic.
+__device__ __forceinline__ unsigned atomic_add_acq_rel_gpu(unsigned* gmem, unsigned v) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;\n" : "=r"(old) : "l"(gmem), "r"(v) : "memory");
+  return old;
+}
+
 // ---- warp reductions over aligned lane groups -------------------------------------------------
 
 // Sum over the WIDTH lanes of an aligned lane group (WIDTH a power of two <= 32); every lane of

@@ -69,8 +69,9 @@ struct GqaDecodeParams {
   int dedup_pages;
   // Per-CTA timestamps for bench/experiments/decode_trace.cu, compiled in only with
   // KVCORE_DECODE_TRACE (the library never sets them): entry, first tile landed, loop done,
-  // exit, then the time each of the first trace_tiles tiles landed.
-  unsigned long long* trace;  // [grid CTAs][4 + trace_tiles]
+  // exit, the first tiles' copies issued, the split arrival counted (split CTAs), the SM's id
+  // (a value, not a time), then the time each of the first trace_tiles tiles landed.
+  unsigned long long* trace;  // [grid CTAs][kDecodeTraceFixed + trace_tiles]
   int trace_tiles;
   // H2O score accumulation (the SCORE kernels only; workspace scratch). Keys are numbered from
   // the window start and grouped in blocks of 16 (one warp's share of a tile). For every attended
@@ -94,17 +95,30 @@ struct GqaDecodeParams {
   unsigned* departures;     // [B, Hkv], zero between launches: CTAs past the wait (splits > 1)
 };
 
+constexpr int kDecodeTraceFixed = 7;  // GqaDecodeParams::trace's slots before the tiles'
 #ifdef KVCORE_DECODE_TRACE
-#define KVCORE_TRACE(p, slot)                                                                   \
+#define KVCORE_TRACE_VALUE(p, slot, value)                                                      \
   do {                                                                                          \
     if ((p).trace != nullptr && threadIdx.x == 0) {                                             \
-      unsigned long long t_;                                                                    \
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                    \
       const size_t cta_ = blockIdx.x + size_t(gridDim.x) * (blockIdx.y + size_t(gridDim.y) * blockIdx.z); \
-      (p).trace[cta_ * (4 + (p).trace_tiles) + (slot)] = t_;                                    \
+      (p).trace[cta_ * (kDecodeTraceFixed + (p).trace_tiles) + (slot)] = (value);              \
     }                                                                                           \
   } while (0)
+__device__ __forceinline__ unsigned long long trace_smid() {
+  unsigned id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+#define KVCORE_TRACE(p, slot)                                  \
+  do {                                                         \
+    unsigned long long t_;                                     \
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));     \
+    KVCORE_TRACE_VALUE(p, slot, t_);                           \
+  } while (0)
 #else
+#define KVCORE_TRACE_VALUE(p, slot, value) \
+  do {                                     \
+  } while (0)
 #define KVCORE_TRACE(p, slot) \
   do {                        \
   } while (0)
@@ -125,7 +139,10 @@ struct GqaDecodeConfig {
   static constexpr int LOADS = TILE * TD / THREADS;  // 16-byte copies per thread per tensor per tile
   static constexpr size_t SMEM_Q = size_t(ROWS) * D * 2;
   static constexpr size_t SMEM_TILES = size_t(STAGES) * TILE * D * 2 * 2;
-  static constexpr size_t SMEM_MERGE = size_t(WARPS) * ROWS * (D + 2) * sizeof(float);
+  // The four warps' states at the end: o rows of MERGE_STRIDE floats (D + 8: a warp's stores of
+  // 8 rows x 4 column pairs then fill two bank wavefronts instead of eight), then m and l.
+  static constexpr int MERGE_STRIDE = D + 8;
+  static constexpr size_t SMEM_MERGE = size_t(WARPS) * ROWS * (MERGE_STRIDE + 2) * sizeof(float);
   static constexpr size_t SMEM_BYTES = SMEM_Q + (SMEM_TILES > SMEM_MERGE ? SMEM_TILES : SMEM_MERGE);
   // Fused score epilogue: the part of the tile ring past the merge area (free once the loop is
   // done), where a CTA stages its keys' P, bases and old score values (score_stage_bytes).
@@ -164,6 +181,12 @@ __host__ __device__ constexpr size_t score_stage_bytes(int64_t split_tokens, int
 __host__ __device__ constexpr size_t score_stage_total_bytes(int64_t split_tokens, int group) {
   return score_stage_bytes(split_tokens, group) + 16 * 4;
 }
+
+// Splits whose partials (one float4 each) a thread of the last CTA has in flight at once during
+// the split merge: the launcher's one-wave split counts (32-33 at B1 on 132 SMs) in one batch.
+// 16 at D 64, whose 3 CTAs per SM leave 170 registers a thread (32 took it from 96 to 168).
+template <int D>
+constexpr int kMergeBatch = D <= 64 ? 16 : 32;
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile.
 template <int TD>
@@ -221,6 +244,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
 
   const int kvh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   KVCORE_TRACE(p, 0);
+  KVCORE_TRACE_VALUE(p, 6, trace_smid());
   [[maybe_unused]] uint64_t score_policy = 0;  // SCORE: L2 policy of the P / base stores
   if constexpr (SCORE) {
     // Let the epilogue grid launch as soon as every CTA of this one has started (programmatic
@@ -447,6 +471,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       fetch_pages(s + 1, pages);
     }
   }
+  KVCORE_TRACE(p, 4);
 
   // Lane roles in the mma fragments: rows r0 = lane/4 and r0 + 8; token/column pair (lane%4)*2.
   const int r0 = lane >> 2, cpair = (lane & 3) * 2;
@@ -474,7 +499,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     }
     __syncthreads();  // tile t landed for every thread; stage (t-1) % STAGES is free again
     if (t == 0) KVCORE_TRACE(p, 1);
-    if (t < p.trace_tiles) KVCORE_TRACE(p, 4 + t);
+    if (t < p.trace_tiles) KVCORE_TRACE(p, kDecodeTraceFixed + t);
     if constexpr (TMA) {
       if (warp == 0) {
         issue_tma(t + STAGES - 1, 1);
@@ -599,18 +624,27 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   KVCORE_TRACE(p, 2);
 
   // ---- merge the four warps' states through shared memory --------------------------------------
-  // sMerge: o [WARPS][ROWS][D], then m and l [WARPS][ROWS].
-  float* const sm_m = sMerge + WARPS * ROWS * D;
+  // sMerge: o [WARPS][ROWS][MERGE_STRIDE], then m and l [WARPS][ROWS]. Only the group's rows are
+  // stored (the rest are padding). Until session 16 all 16 rows went in at a stride of D floats:
+  // eight rows on the same banks, an 8-way conflict on every store (0.5-1 us of the epilogue in
+  // session 16's traces).
+  constexpr int MS = Cfg::MERGE_STRIDE;
+  float* const sm_m = sMerge + WARPS * ROWS * MS;
   float* const sm_l = sm_m + WARPS * ROWS;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
+  if (r0 < group) {
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    *reinterpret_cast<float2*>(sMerge + (warp * ROWS + r0) * D + n * 8 + cpair) = make_float2(o[n][0], o[n][1]);
-    *reinterpret_cast<float2*>(sMerge + (warp * ROWS + r0 + 8) * D + n * 8 + cpair) = make_float2(o[n][2], o[n][3]);
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(sMerge + (warp * ROWS + r0) * MS + n * 8 + cpair) = make_float2(o[n][0], o[n][1]);
+  }
+  if (r0 + 8 < group) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(sMerge + (warp * ROWS + r0 + 8) * MS + n * 8 + cpair) = make_float2(o[n][2], o[n][3]);
   }
   if ((lane & 3) == 0) {
     sm_m[warp * ROWS + r0] = m[0];
@@ -695,7 +729,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     for (int w = 0; w < WARPS; ++w) {
       const float f = exp2f(sm_m[w * ROWS + h] - base);
       lsum += sm_l[w * ROWS + h] * f;
-      const float4* src = reinterpret_cast<const float4*>(sMerge + (w * ROWS + h) * D + c);
+      const float4* src = reinterpret_cast<const float4*>(sMerge + (w * ROWS + h) * MS + c);
       const float4 x = src[0], y = src[1];
       acc[0] += x.x * f, acc[1] += x.y * f, acc[2] += x.z * f, acc[3] += x.w * f;
       acc[4] += y.x * f, acc[5] += y.y * f, acc[6] += y.z * f, acc[7] += y.w * f;
@@ -741,7 +775,13 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   }
 
   // ---- split merge: publish the partial, count arrivals, the last CTA combines ----------------
-  __threadfence();
+  // Without the score epilogue, thread 0's acq_rel atomic publishes the CTA's partial (ordered
+  // before it by the barrier) and, for the last CTA, makes the others' visible to the reads after
+  // the next barrier: one instruction instead of a fence in every thread plus a relaxed atomic and
+  // a second fence (session 16: B1 S32768 0.2-0.3 us faster). The SCORE kernels keep the fences:
+  // their CTAs also read each other's P rows and wait on the counters.
+  constexpr bool kAcqRel = !SCORE;
+  if (!kAcqRel) __threadfence();
   __syncthreads();
   if constexpr (SCORE) {
     if (fused) stage_score();  // in flight during the arrival and the wait below
@@ -755,8 +795,12 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       p.departures[pair] = 0u;
     }
   };
-  if (tid == 0) is_last = atomicAdd(p.counters + pair, 1u) == unsigned(p.num_splits - 1);
+  if (tid == 0) {
+    const unsigned before = kAcqRel ? atomic_add_acq_rel_gpu(p.counters + pair, 1u) : atomicAdd(p.counters + pair, 1u);
+    is_last = before == unsigned(p.num_splits - 1);
+  }
   __syncthreads();
+  KVCORE_TRACE(p, 5);
   if constexpr (SCORE) {
     if (fused) {
       // Wait for the pair's other splits (every CTA of the grid is resident: the launch is
@@ -775,12 +819,27 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     KVCORE_TRACE(p, 3);
     return;
   }
-  __threadfence();
+  if (!kAcqRel) __threadfence();
 
   // Weights of each split's partial per head, through shared memory: [group][num_splits + 1]
   // (weights, then their sum).
   float* const wgt = sMerge;
   const int ns = p.num_splits;
+  // The partials of this thread's first (head, 4 columns) item, up to BATCH splits, start
+  // on their way now: their round trip overlaps the lse values' below instead of following it
+  // (session 16: one round trip fewer at B1 S32768's 32 splits).
+  const int items = group * (D / 4);
+  const float* pout = p.partial_out + pair * ns * group * D;
+  constexpr int BATCH = kMergeBatch<D>;
+  float4 pv[BATCH];
+  auto load_partials = [&](int item, int s0) {
+    const int h = item / (D / 4), c = (item % (D / 4)) * 4;
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j)
+      if (s0 + j < ns) pv[j] = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s0 + j) * group + h) * D + c));
+  };
+  if (is_last && tid < items) load_partials(tid, 0);
+
   const float* plse = p.partial_lse + pair * ns * group;
   for (int h = warp; h < group; h += WARPS) {
     // Each lane reads its splits' lse once (L2 round trips are what this merge is made of: it
@@ -823,22 +882,24 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       return;
     }
   }
-  // Each thread combines 4 output elements of one head across all splits.
-  const float* pout = p.partial_out + pair * ns * group * D;
-  for (int item = tid; item < group * (D / 4); item += Cfg::THREADS) {
+  // Each thread combines 4 output elements of one head across all splits, BATCH splits'
+  // partials in flight at a time, summed in split order (the same bits whatever the batching).
+  for (int item = tid; item < items; item += Cfg::THREADS) {
     const int h = item / (D / 4), c = (item % (D / 4)) * 4;
     const float* wh = wgt + h * (ns + 1);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    // 16 deep: at B1 S32768 (32 splits) two batches of loads in flight instead of four. The sum
-    // stays in split order (bitwise the same results).
-#pragma unroll 16
-    for (int s = 0; s < ns; ++s) {
-      const float ws = wh[s];
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s) * group + h) * D + c));
-      acc.x = fmaf(ws, v.x, acc.x);
-      acc.y = fmaf(ws, v.y, acc.y);
-      acc.z = fmaf(ws, v.z, acc.z);
-      acc.w = fmaf(ws, v.w, acc.w);
+    for (int s0 = 0; s0 < ns; s0 += BATCH) {
+      if (item != tid || s0 > 0) load_partials(item, s0);  // (the first batch came before the lse)
+#pragma unroll
+      for (int j = 0; j < BATCH; ++j) {
+        if (s0 + j < ns) {
+          const float ws = wh[s0 + j];
+          acc.x = fmaf(ws, pv[j].x, acc.x);
+          acc.y = fmaf(ws, pv[j].y, acc.y);
+          acc.z = fmaf(ws, pv[j].z, acc.z);
+          acc.w = fmaf(ws, pv[j].w, acc.w);
+        }
+      }
     }
     const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
     T* dst = static_cast<T*>(p.out) + (pair * group + h) * D + c;
