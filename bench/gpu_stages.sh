@@ -11,6 +11,10 @@
 #                              processes at once on the one GPU (the suite is host-bound: ~400 s in
 #                              one process in session 7); files dealt to the shards by estimated
 #                              weight (bench/shard_tests.py); logs OUTDIR/ptests-N.log
+#   xtests[:LIMIT][:SHARDS]    the whole suite in SHARDS (default 8) processes at once, dealt by
+#                              test (bench/shard_tests.py --by-test): each kernel-switch subprocess
+#                              test on its own, the files' other tests by file; a shard runs its
+#                              files, then its subprocess tests; logs OUTDIR/xtests-N.log
 #   bench:GROUP[:LIMIT]        python -m kvcore.bench --group GROUP into OUTDIR/GROUP
 #   sanitize:SCOPE:TOOLS[:LIMIT]  bench/sanitize.sh with KVCORE_SANITIZE_SCOPE=SCOPE over TOOLS (comma-separated)
 #   run:NAME:LIMIT:COMMAND     any command (its output in OUTDIR/NAME.log)
@@ -76,6 +80,34 @@ for stage in "$@"; do
       rc=0
       for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
       for i in "${!groups[@]}"; do echo "shard $i: $(tail -1 "$out/ptests-$i.log")"; done ;;
+    xtests)
+      lim=$(budget "${a:-300}"); shards=${b:-8}; end=$(( $(date +%s) + lim ))
+      mapfile -t groups < <(python3 bench/shard_tests.py --by-test "$shards")
+      deselect=(); while read -r t; do deselect+=(--deselect "$t"); done < <(python3 bench/shard_tests.py --subprocess-tests)
+      pids=()
+      for i in "${!groups[@]}"; do
+        files=${groups[$i]%%|*}; nodes=${groups[$i]#*|}
+        (
+          r=0
+          if [ -n "${files// /}" ]; then
+            # shellcheck disable=SC2086
+            timeout $(( end - $(date +%s) )) python3 -m pytest $files "${deselect[@]}" -m cuda \
+              -q -p no:cacheprovider -rfE --durations=10 || r=$?
+          fi
+          if [ -n "${nodes// /}" ]; then
+            # shellcheck disable=SC2086
+            timeout $(( end - $(date +%s) )) python3 -m pytest $nodes -m cuda \
+              -q -p no:cacheprovider -rfE --durations=10 || r=$?
+          fi
+          exit $r
+        ) > "$out/xtests-$i.log" 2>&1 &
+        pids+=($!)
+      done
+      rc=0
+      for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+      for i in "${!groups[@]}"; do
+        echo "shard $i: $(grep -E ' in [0-9.]+s( \(|$)' "$out/xtests-$i.log" | tr '\n' ';')"
+      done ;;
     bench)
       lim=$(budget "${b:-300}")
       timeout "$lim" python3 -m kvcore.bench --group "$a" --out "$out/$a" > "$out/bench_$a.log" 2>&1
