@@ -69,13 +69,14 @@ def main(reps: int = 300) -> None:
     fn()
     torch.cuda.synchronize()
 
-    def timed(flush) -> float:
+    def timed(flush, call=fn) -> float:
+        """Median us of call() over reps, flush() before each, CUDA events around the call."""
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
             flush()
             starts[i].record()
-            fn()
+            call()
             ends[i].record()
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
@@ -118,15 +119,7 @@ def main(reps: int = 300) -> None:
     try:
         for _ in range(3):
             for name, v in variants.items():
-                starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-                ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-                for i in range(reps):
-                    flush()
-                    starts[i].record()
-                    v()
-                    ends[i].record()
-                torch.cuda.synchronize()
-                res[name].append(statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3)
+                res[name].append(timed(flush, v))
     finally:
         prepared.after_timing()
     print("input variants (torch.sum flush):")

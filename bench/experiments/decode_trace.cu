@@ -272,29 +272,19 @@ int run(int argc, char** argv) {
   }
   std::printf("\n");
   // Bytes landed over time: a tile counts as landed when the CTA passed its wait. Print the
-  // aggregate rate per 10 us window (K+V tile bytes of TILE tokens).
+  // aggregate rate per window of 10 us, then of 2 us (K+V tile bytes of TILE tokens).
   const double tile_bytes = 2.0 * Cfg::TILE * D * 2;
   const double span = (tend - t0) * 1e-3;
-  const int nwin = int(span / 10) + 1;
-  std::vector<double> win(nwin, 0.0);
-  for (size_t c = 0; c < ctas; ++c)
-    for (int t = 0; t < tiles; ++t) {
-      const unsigned long long x = tr[c * stride + F + t];
-      if (x >= t0 && x <= tend) win[std::min(nwin - 1, int((x - t0) * 1e-3 / 10))] += tile_bytes;
-    }
-  std::printf("  landed GB/s per 10 us:");
-  for (int w = 0; w < nwin; ++w) std::printf(" %.0f", win[w] / 10e-6 / 1e9);
-  std::printf("\n");
-  {  // the same in 2 us windows
-    const int n2 = int(span / 2) + 1;
-    std::vector<double> w2(n2, 0.0);
+  for (const int width_us : {10, 2}) {
+    const int nwin = int(span / width_us) + 1;
+    std::vector<double> win(nwin, 0.0);
     for (size_t c = 0; c < ctas; ++c)
       for (int t = 0; t < tiles; ++t) {
         const unsigned long long x = tr[c * stride + F + t];
-        if (x >= t0 && x <= tend) w2[std::min(n2 - 1, int((x - t0) * 1e-3 / 2))] += tile_bytes;
+        if (x >= t0 && x <= tend) win[std::min(nwin - 1, int((x - t0) * 1e-3 / width_us))] += tile_bytes;
       }
-    std::printf("  landed GB/s per 2 us:");
-    for (int w = 0; w < n2; ++w) std::printf(" %.0f", w2[w] / 2e-6 / 1e9);
+    std::printf("  landed GB/s per %d us:", width_us);
+    for (int w = 0; w < nwin; ++w) std::printf(" %.0f", win[w] / (width_us * 1e-6) / 1e9);
     std::printf("\n");
   }
   if (p.num_splits > 1) {
