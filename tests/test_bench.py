@@ -809,3 +809,40 @@ def test_eviction_group_registered():
     init = util.module_from_spec(spec)
     spec.loader.exec_module(init)
     assert init.GROUPS["eviction"][0] == ".eviction_scores"
+
+
+def _load_shard_tests():
+    """bench/shard_tests.py (the device calls' test dealer), loaded from its file."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "shard_tests.py"
+    spec = importlib.util.spec_from_file_location("_shard_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shard_tests_deal_every_file_once_and_find_the_subprocess_tests():
+    """By file, every test file lands in exactly one group; by test, deal() places every item
+    once and evens the groups out; the subprocess tests it finds are test functions of their
+    file that call a subprocess helper (directly or through a helper of the file), and include
+    the known kernel-switch tests."""
+    st = _load_shard_tests()
+    root = str(Path(__file__).resolve().parents[1])
+    files = st.test_files(root)
+    groups = st.shards(4, root)
+    dealt = [f for g in groups for f in g]
+    assert sorted(dealt) == files and len(set(dealt)) == len(dealt)
+
+    items = [(w, "file" if w % 2 else "node", f"item{i}") for i, w in enumerate([90, 70, 50, 40, 30, 20, 11, 5])]
+    parts = st.deal(items, 3)
+    names = [n for fs, ns in parts for n in fs + ns]
+    assert sorted(names) == sorted(name for _, _, name in items)
+    load = [sum(w for w, _, n in items if n in fs + ns) for fs, ns in parts]
+    assert max(load) - min(load) <= 90  # no group heavier than the lightest by more than one item
+
+    found = st.subprocess_tests(root)
+    assert "tests/test_ops.py::test_gqa_decode_with_tma_loader_in_subprocess" in found
+    assert "tests/test_mla.py::test_mla_decode_cuda_wgmma_switch_in_subprocess" in found  # through a helper
+    assert "tests/test_token_decoder_variant.py::test_variant_passes_the_token_decoder_cuda_tests" in found
+    for node in found:
+        path, func = node.split("::")
+        assert (Path(root) / path).read_text().count(f"def {func}(") == 1
