@@ -88,17 +88,17 @@ for stage in "$@"; do
       for i in "${!groups[@]}"; do
         files=${groups[$i]%%|*}; nodes=${groups[$i]#*|}
         (
+          # Each part gets what is left of the stage's time; none left skips it (timeout 0 would
+          # mean no limit at all).
           r=0
-          if [ -n "${files// /}" ]; then
+          for part in files nodes; do
+            args=${!part}; left=$(( end - $(date +%s) ))
+            [ -z "${args// /}" ] && continue
+            (( left < 1 )) && { echo "xtests: no time left for the $part part"; r=124; continue; }
+            extra=(); [ "$part" = files ] && extra=("${deselect[@]}")
             # shellcheck disable=SC2086
-            timeout $(( end - $(date +%s) )) python3 -m pytest $files "${deselect[@]}" -m cuda \
-              -q -p no:cacheprovider -rfE --durations=10 || r=$?
-          fi
-          if [ -n "${nodes// /}" ]; then
-            # shellcheck disable=SC2086
-            timeout $(( end - $(date +%s) )) python3 -m pytest $nodes -m cuda \
-              -q -p no:cacheprovider -rfE --durations=10 || r=$?
-          fi
+            timeout "$left" python3 -m pytest $args "${extra[@]}" -m cuda -q -p no:cacheprovider -rfE --durations=10 || r=$?
+          done
           exit $r
         ) > "$out/xtests-$i.log" 2>&1 &
         pids+=($!)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+import kvcore
 from kvcore.bench import decode, peers
 
 
@@ -95,8 +96,6 @@ def main(reps: int = 300) -> None:
 
     # Input variants, Timer's flush: what else differs from decode_trace (uniform [-1, 1) values,
     # exactly sized split scratch, a shuffled block table of its own)?
-    import kvcore
-
     flush = flushes["torch.sum (Timer)"]
     q, kc, vc, bt, sl = inputs.q, inputs.k_cache, inputs.v_cache, inputs.block_table, inputs.seq_lens
     out = torch.empty_like(q)
