@@ -6,7 +6,10 @@
 // over the K/V bytes, and from one traced call the distribution of each CTA's phases
 // (%globaltimer): entry skew, first copies issued, first-tile latency, main loop, epilogue
 // (incl. the split merge), the merging CTAs' part, and the loop ends by CTAs per SM.
-// TRACE_CSV=path also writes each CTA's stamps (and SM) as CSV.
+// TRACE_CSV=path also writes each CTA's stamps (and SM) as CSV. TABLE=random|seq|rowsorted|clusterN
+// picks the block table's page order (default random); CLUSTER=n launches the KV heads of a
+// split as thread-block clusters of n CTAs. A plain read of the same pages through the table
+// (whole pages, one CTA each) is timed next to the one-shot read.
 // GRAIN (tokens, default the tile): a split's length is rounded up to a multiple of it. The
 // kernel is the library's page-group instance for the page size (SPP, as the launcher picks it).
 // The output is checked against a one-split call of the same kernel.
@@ -60,6 +63,19 @@ __global__ void read_oneshot(const int4* buf, size_t n, int* sink) {
   if (acc == 0x12345678) *sink = acc;
 }
 
+// Plain read through the block table: CTA i reads page table[i] of K and of V whole (all heads),
+// as one contiguous run each, so its time against the one-shot read shows what the page order
+// alone costs a reader that does nothing else.
+__global__ void read_paged(const int4* k, const int4* v, const int* table, int page_vecs, int* sink) {
+  const int64_t page = table[blockIdx.x];
+  int acc = 0;
+  for (int i = threadIdx.x; i < page_vecs; i += blockDim.x) {
+    const int4 a = k[page * page_vecs + i], c = v[page * page_vecs + i];
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ c.x ^ c.y ^ c.z ^ c.w;
+  }
+  if (acc == 0x12345678) *sink = acc;
+}
+
 __global__ void empty_kernel() {}
 
 static double pct(std::vector<double> v, double q) {
@@ -94,8 +110,24 @@ int run(int argc, char** argv) {
   fill_random<<<1024, 256>>>(v, cache_elems, 2u);
   fill_random<<<64, 256>>>(q, size_t(B) * Hq * D, 3u);
   std::vector<int> table(num_pages), lens(B, S);
+  // TABLE (env): random (default: a permutation of all pages), seq (each sequence's pages in
+  // order), rowsorted (the random pages, each row sorted), clusterN (runs of N consecutive pages
+  // in random order).
+  const char* table_kind = std::getenv("TABLE") ? std::getenv("TABLE") : "random";
   std::iota(table.begin(), table.end(), 0);
-  std::shuffle(table.begin(), table.end(), std::mt19937(7));
+  if (std::strncmp(table_kind, "cluster", 7) == 0) {
+    const int run = std::max(1, std::atoi(table_kind + 7));
+    std::vector<int> runs((num_pages + run - 1) / run);
+    std::iota(runs.begin(), runs.end(), 0);
+    std::shuffle(runs.begin(), runs.end(), std::mt19937(7));
+    size_t n = 0;
+    for (int r : runs)
+      for (int i = r * run; i < std::min(num_pages, (r + 1) * run); ++i) table[n++] = i;
+  } else if (std::strcmp(table_kind, "seq") != 0) {
+    std::shuffle(table.begin(), table.end(), std::mt19937(7));
+    if (std::strcmp(table_kind, "rowsorted") == 0)
+      for (int bb = 0; bb < B; ++bb) std::sort(table.begin() + size_t(bb) * pages_per_seq, table.begin() + size_t(bb + 1) * pages_per_seq);
+  }
   int *d_table, *d_lens;
   CUDA_CHECK(cudaMalloc(&d_table, table.size() * 4));
   CUDA_CHECK(cudaMalloc(&d_lens, lens.size() * 4));
@@ -108,8 +140,11 @@ int run(int argc, char** argv) {
   float *plse, *pout;
   CUDA_CHECK(cudaMalloc(&counters, pairs * 4));
   CUDA_CHECK(cudaMemset(counters, 0, pairs * 4));
-  CUDA_CHECK(cudaMalloc(&plse, pairs * splits * group * 4));
-  CUDA_CHECK(cudaMalloc(&pout, pairs * splits * group * D * 4));
+  const int split_tokens = (S + splits - 1) / splits;
+  const int split_len = (split_tokens + grain - 1) / grain * grain;
+  const int total_splits = (S + split_len - 1) / split_len;
+  CUDA_CHECK(cudaMalloc(&plse, pairs * total_splits * group * 4));
+  CUDA_CHECK(cudaMalloc(&pout, pairs * total_splits * group * D * 4));
 
   kvcore::GqaDecodeParams p{};
   p.q = q;
@@ -130,9 +165,8 @@ int run(int argc, char** argv) {
   p.page_shift = __builtin_ctz(PAGE);
   p.num_pages = num_pages;
   p.max_pages = pages_per_seq;
-  const int split_tokens = (S + splits - 1) / splits;
-  p.split_tokens = (split_tokens + grain - 1) / grain * grain;
-  p.num_splits = (S + p.split_tokens - 1) / p.split_tokens;
+  p.split_tokens = split_len;
+  p.num_splits = total_splits;
   p.dedup_pages = 1;
   p.window_left = -1;
   p.scale = 0.08838834764831845f;
@@ -153,6 +187,25 @@ int run(int argc, char** argv) {
   }
   const dim3 grid(Hkv, p.num_splits, B);
   const size_t ctas = size_t(grid.x) * grid.y * grid.z;
+  // CLUSTER (env): launch the KV heads of a split as thread-block clusters of that many CTAs.
+  const int cluster = std::getenv("CLUSTER") ? std::atoi(std::getenv("CLUSTER")) : 1;
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute cattr[1];
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(Cfg::THREADS);
+  cfg.dynamicSmemBytes = Cfg::SMEM_BYTES;
+  cattr[0].id = cudaLaunchAttributeClusterDimension;
+  cattr[0].val.clusterDim.x = unsigned(cluster);
+  cattr[0].val.clusterDim.y = 1;
+  cattr[0].val.clusterDim.z = 1;
+  cfg.attrs = cattr;
+  cfg.numAttrs = cluster > 1 ? 1 : 0;
+  if (cluster > 1) {
+    int max_clusters = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &cfg));
+    std::printf("clusters of %d: at most %d active (%d CTAs)\n", cluster, max_clusters, max_clusters * cluster);
+  }
+  auto launch = [&](const kvcore::GqaDecodeParams& lp) { CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, lp)); };
 
   const size_t flush_n = (256u << 20) / 16;
   int4* flush;
@@ -185,7 +238,11 @@ int run(int argc, char** argv) {
     read_oneshot<<<unsigned((n16 + 1023) / 1024), 256>>>(reinterpret_cast<const int4*>(k), n16, sink);
     read_oneshot<<<unsigned((n16 + 1023) / 1024), 256>>>(reinterpret_cast<const int4*>(v), n16, sink);
   }, 20);
-  const double us = time_it([&] { kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(p); }, 50);
+  const int page_vecs = PAGE * Hkv * D * 2 / 16;
+  const double paged_us = time_it([&] {
+    read_paged<<<num_pages, 256>>>(reinterpret_cast<const int4*>(k), reinterpret_cast<const int4*>(v), d_table, page_vecs, sink);
+  }, 20);
+  const double us = time_it([&] { launch(p); }, 50);
   CUDA_CHECK(cudaGetLastError());
   const double bytes = 2.0 * B * S * Hkv * D * 2;
   {
@@ -197,9 +254,9 @@ int run(int argc, char** argv) {
     for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, double(std::fabs(f(a[i]) - f(r[i]))));
     std::printf("check: max |out - one-split out| = %.3g%s\n", worst, worst < 2e-2 ? "" : "  <-- MISMATCH");
   }
-  std::printf("B%d S%d Hq%d Hkv%d page %d SPP %d splits %d x %d tokens, %d stages, %d CTAs/SM: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; one-shot read of K and V %.1f us, %.0f GB/s)\n",
-              B, S, Hq, Hkv, PAGE, SPP, p.num_splits, p.split_tokens, STAGES, per_sm, ctas, us, bytes / us * 1e-3, empty_us,
-              read_us, bytes / read_us * 1e-3);
+  std::printf("B%d S%d Hq%d Hkv%d page %d SPP %d table %s cluster %d splits %d x %d tokens, %d stages, %d CTAs/SM: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; one-shot read of K and V %.1f us, %.0f GB/s; paged read %.1f us, %.0f GB/s)\n",
+              B, S, Hq, Hkv, PAGE, SPP, table_kind, cluster, p.num_splits, p.split_tokens, STAGES, per_sm, ctas, us,
+              bytes / us * 1e-3, empty_us, read_us, bytes / read_us * 1e-3, paged_us, bytes / paged_us * 1e-3);
 
   unsigned long long* trace;
   constexpr int F = kvcore::kDecodeTraceFixed;
@@ -211,7 +268,7 @@ int run(int argc, char** argv) {
   p.trace = trace;
   p.trace_tiles = tiles;
   read_all<<<1056, 512>>>(flush, flush_n, sink);
-  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(p);
+  launch(p);
   CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<unsigned long long> tr(ctas * stride);
   CUDA_CHECK(cudaMemcpy(tr.data(), trace, tr.size() * 8, cudaMemcpyDeviceToHost));
