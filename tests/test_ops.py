@@ -251,6 +251,26 @@ def test_gqa_decode_split_merge_batches_cuda(device, head_dim, group, num_splits
         _check_decode(out, lse, ref_out, ref_lse, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_pair_per_sm_cuda(device, dtype, gen):
+    """About one (sequence, KV head) pair per SM at head_dim 128: the launcher's automatic choice
+    is then the 8-warp kernel, one CTA a pair and no split merge (KVCORE_DECODE_WARPS=auto).
+    Ragged lengths (0, 1, partial and whole tiles of 128, several pages), twice with fresh
+    queries, against the reference."""
+    sms = torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+    batch = sms  # one KV head: batch pairs
+    lens = [0, 1, 127, 128, 129, 700][: batch] + ragged_lens(max(batch - 6, 0), 700, 16, gen)
+    kv = make_paged_kv(lens, 16, 1, 128, gen=gen, dtype=dtype, device=device)
+    for _ in range(2):
+        q = randn(batch, 4, 128, gen=gen, dtype=dtype, device=device)
+        out = poison(torch.empty_like(q))
+        lse = poison(torch.empty(batch, 4, dtype=torch.float32, device=device))
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse)
+        ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+        _check_decode(out, lse, ref_out, ref_lse, dtype)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_forced_splits_deterministic_cuda(device, num_splits, gen):
@@ -829,7 +849,23 @@ def test_gqa_decode_with_tma_loader_in_subprocess():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.parametrize("name, bad", [("KVCORE_DECODE_PAGE_GROUPS", "of"), ("KVCORE_DECODE_LOADER", "tmaa")])
+@pytest.mark.skipif(os.environ.get("KVCORE_DECODE_WARPS") == "8", reason="this process already runs it")
+def test_gqa_decode_with_8_warps_in_subprocess():
+    """KVCORE_DECODE_WARPS=8 (read once per process): gqa_decode at head_dim 128 without a score
+    buffer always runs the 8-warp kernel (128-token tiles, one CTA per SM), which the automatic
+    choice takes only at about one pair per SM. This file's gqa_decode CUDA cases, test_nan's
+    decode cases, the graph-capture and determinism cases once more in a fresh process with it."""
+    run_tests_with_env("KVCORE_DECODE_WARPS", "8",
+                       ["tests/test_ops.py", "tests/test_nan.py", "tests/test_cuda_graph.py", "tests/test_determinism.py"],
+                       "(gqa_decode or decode_nan or graph or cuda_decode_bitwise or cuda_fixed_splits) and not in_subprocess "
+                       "and not misspelt", 40,
+                       "-m", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("name, bad", [("KVCORE_DECODE_PAGE_GROUPS", "of"), ("KVCORE_DECODE_LOADER", "tmaa"),
+                                       ("KVCORE_DECODE_WARPS", "16")])
 def test_gqa_decode_misspelt_switch_is_an_error(name, bad):
     """A misspelt gqa_decode switch fails the call instead of silently timing the default."""
     assert_switch_value_rejected(

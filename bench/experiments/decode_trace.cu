@@ -31,6 +31,10 @@
 
 using bf16 = __nv_bfloat16;
 
+#ifndef TRACE_WARPS
+#define TRACE_WARPS 4  // warps per CTA (GqaDecodeConfig's WARPS: a tile is 16 tokens per warp)
+#endif
+
 __global__ void fill_random(bf16* x, size_t n, unsigned seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     unsigned h = unsigned(i) * 2654435761u ^ seed;
@@ -94,7 +98,7 @@ int run(int argc, char** argv) {
   const int Hq = argc > 4 ? std::atoi(argv[4]) : 32, Hkv = argc > 5 ? std::atoi(argv[5]) : 8;
   constexpr int D = 128;
   const int PAGE = argc > 6 ? std::atoi(argv[6]) : 16;
-  using Cfg = kvcore::GqaDecodeConfig<D, STAGES>;
+  using Cfg = kvcore::GqaDecodeConfig<D, STAGES, TRACE_WARPS>;
   const int grain = argc > 8 && std::atoi(argv[8]) > 0 ? std::atoi(argv[8]) : Cfg::TILE;
   const int pages_per_seq = (S + PAGE - 1) / PAGE, num_pages = B * pages_per_seq;
   const size_t cache_elems = size_t(num_pages) * PAGE * Hkv * D;
@@ -253,6 +257,34 @@ int run(int argc, char** argv) {
     double worst = 0;
     for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, double(std::fabs(f(a[i]) - f(r[i]))));
     std::printf("check: max |out - one-split out| = %.3g%s\n", worst, worst < 2e-2 ? "" : "  <-- MISMATCH");
+    // Against a host reference for the first and last query head of the first and last sequence.
+    std::vector<uint16_t> hq(size_t(B) * Hq * D), hk(cache_elems), hv(cache_elems);
+    CUDA_CHECK(cudaMemcpy(hq.data(), q, hq.size() * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(hk.data(), k, cache_elems * 2, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(hv.data(), v, cache_elems * 2, cudaMemcpyDeviceToHost));
+    double ref_worst = 0;
+    for (const int bb : {0, B - 1})
+      for (const int hh : {0, Hq - 1}) {
+        const int kh = hh / group;
+        std::vector<double> logit(S), acc(D, 0.0);
+        double mx = -1e300, sum = 0;
+        for (int t = 0; t < S; ++t) {
+          const size_t row = (size_t(table[size_t(bb) * pages_per_seq + t / PAGE]) * PAGE + t % PAGE) * Hkv + kh;
+          double dot = 0;
+          for (int d = 0; d < D; ++d) dot += double(f(hq[(size_t(bb) * Hq + hh) * D + d])) * f(hk[row * D + d]);
+          logit[t] = dot * p.scale;
+          mx = std::max(mx, logit[t]);
+        }
+        for (int t = 0; t < S; ++t) {
+          const size_t row = (size_t(table[size_t(bb) * pages_per_seq + t / PAGE]) * PAGE + t % PAGE) * Hkv + kh;
+          const double w = std::exp(logit[t] - mx);
+          sum += w;
+          for (int d = 0; d < D; ++d) acc[d] += w * f(hv[row * D + d]);
+        }
+        for (int d = 0; d < D; ++d)
+          ref_worst = std::max(ref_worst, std::fabs(acc[d] / sum - f(a[(size_t(bb) * Hq + hh) * D + d])));
+      }
+    std::printf("check: max |out - host reference| (4 heads) = %.3g%s\n", ref_worst, ref_worst < 2e-2 ? "" : "  <-- MISMATCH");
   }
   std::printf("B%d S%d Hq%d Hkv%d page %d SPP %d table %s cluster %d splits %d x %d tokens, %d stages, %d CTAs/SM: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; one-shot read of K and V %.1f us, %.0f GB/s; paged read %.1f us, %.0f GB/s)\n",
               B, S, Hq, Hkv, PAGE, SPP, table_kind, cluster, p.num_splits, p.split_tokens, STAGES, per_sm, ctas, us,
@@ -400,6 +432,8 @@ int main(int argc, char** argv) {
     case 2: return run_page<2>(argc, argv);
     case 3: return run_page<3>(argc, argv);
     case 4: return run_page<4>(argc, argv);
-    default: std::fprintf(stderr, "stages must be 2, 3 or 4\n"); return 2;
+    case 5: return run_page<5>(argc, argv);
+    case 6: return run_page<6>(argc, argv);
+    default: std::fprintf(stderr, "stages must be 2 to 6\n"); return 2;
   }
 }

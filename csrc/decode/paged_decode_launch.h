@@ -378,10 +378,37 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
 // sliding window (the window start moves it). Instantiated: 1, 2 and a whole tile's slots.
 template <typename Cfg, bool SPARSE>
 int page_groups(const GqaDecodeParams& p) {
-  constexpr int step = Cfg::THREADS / Cfg::TD;
+  constexpr int step = Cfg::STEP;
   if (!p.dedup_pages || (!SPARSE && p.window_left >= 0)) return 1;
   if (p.page_size % (Cfg::LOADS * step) == 0) return Cfg::LOADS;
   return p.page_size % (2 * step) == 0 ? 2 : 1;
+}
+
+// KVCORE_DECODE_WARPS: warps per gqa_decode CTA at head_dim 128 without a score buffer or the TMA
+// loader. `auto` (default): use_wide_decode's choice; `4`: always the 4-warp kernel (64-token
+// tiles, two CTAs per SM); `8`: always the 8-warp one (128-token tiles, one CTA per SM). Read once
+// per process. (Where the 8-warp kernel's shared memory does not fit, the 4-warp one runs.)
+inline int decode_warps_switch() {
+  static const int mode = env_choice("KVCORE_DECODE_WARPS", {"auto", "4", "8"}, "gqa_decode (CUDA)");
+  return mode;
+}
+
+// Whether gqa_decode runs the 8-warp kernel (GqaDecodeConfig<128, 3, 8>, one CTA per SM): when
+// about one pair per SM fills the GPU as well as the 4-warp kernel's best split does, one CTA a
+// pair needs no split merge at all. Session 17 (decode_trace, H200): B16 Hq32 Hkv8 S8192 127.9 us
+// with one 8-warp CTA per pair against 129.7 with two 4-warp splits a pair; where the 8-warp
+// kernel still needs splits or a second wave it was 0.3-2% slower (B1-B4, B32 Hq64, B64, B128).
+// From shapes only, like the split count, and only for an automatic split count: a forced one
+// keeps the 4-warp kernel, so that gqa_decode with and without a score buffer (which always runs
+// the 4-warp kernel) give the same bits at the same num_splits.
+inline bool use_wide_decode(int64_t pairs, int64_t kv_len, int64_t requested_splits, int sms, int narrow_slots) {
+  const int mode = decode_warps_switch();
+  if (mode != 0) return mode == 2;
+  if (pairs > sms || requested_splits > 0) return false;
+  const int64_t narrow_ctas = pairs * choose_splits(pairs, kv_len, narrow_slots);
+  const int64_t narrow_waves = (narrow_ctas + narrow_slots - 1) / narrow_slots;
+  const double narrow_fill = double(narrow_ctas) / double(narrow_waves * narrow_slots);
+  return double(pairs) / double(sms) + 0.02 >= narrow_fill;
 }
 
 // dtype x head-dim x page-group dispatch onto launch<T, Cfg, SPARSE, SCORE, SPP>.
@@ -404,16 +431,33 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
         if (spp == 2) return launch<T, Cfg, SPARSE, SCORE, 2>(op, p, s, kv_len, requested_splits, workspace, stream, score);
         return launch<T, Cfg, SPARSE, SCORE, 1>(op, p, s, kv_len, requested_splits, workspace, stream, score);
       };
-      if constexpr (!SPARSE) {
-        if (score != nullptr) return with_groups(std::true_type{});
-        if (tma_loader_requested() && tma_fits<T, Cfg>(p))
-          return launch<T, Cfg, false, false, 1, true>(op, p, s, kv_len, requested_splits, workspace, stream);
+      if constexpr (Cfg::WARPS == 4) {  // (the 8-warp kernel exists without score, sparse or TMA)
+        if constexpr (!SPARSE) {
+          if (score != nullptr) return with_groups(std::true_type{});
+          if (tma_loader_requested() && tma_fits<T, Cfg>(p))
+            return launch<T, Cfg, false, false, 1, true>(op, p, s, kv_len, requested_splits, workspace, stream);
+        }
       }
       return with_groups(std::false_type{});
     };
     switch (s.head_dim) {
       case 64: return go(GqaDecodeConfig<64>{});
-      case 128: return go(GqaDecodeConfig<128>{});
+      case 128: {
+        using Narrow = GqaDecodeConfig<128>;
+        if constexpr (!SPARSE) {
+          const bool tma = tma_loader_requested() && tma_fits<T, Narrow>(p);
+          using Wide = GqaDecodeConfig<128, 3, 8>;
+          const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+          // (196 KB of shared memory: Hopper's 227 KB per CTA holds it, an A100's 164 KB not)
+          if (score == nullptr && !tma && Wide::smem_bytes(false) <= prop->sharedMemPerBlockOptin) {
+            const int sms = prop->multiProcessorCount;
+            const int narrow_slots = sms * ctas_per_sm(reinterpret_cast<const void*>(gqa_decode_kernel<T, Narrow, false, false, 2>),
+                                                       Narrow::THREADS, Narrow::smem_bytes(false), op);
+            if (use_wide_decode(s.batch * s.num_kv_heads, kv_len, requested_splits, sms, narrow_slots)) return go(Wide{});
+          }
+        }
+        return go(Narrow{});
+      }
       default: return go(GqaDecodeConfig<256>{});
     }
   });

@@ -12,9 +12,11 @@
 // stored with their 16-byte chunks XOR-swizzled by (row % 8), so the ldmatrix reads of 8 rows hit
 // 8 different bank groups.
 //
-// Compute: each of the 4 warps takes 16 tokens of a tile: S = Q K^T (16 heads x 16 tokens, fp32),
-// an online-softmax update per head row, then O += P V with P re-packed from the S accumulators
-// as the next mma's A operand. The four warps' (m, l, O) states are merged through shared memory.
+// Compute: each warp takes 16 tokens of a tile: S = Q K^T (16 heads x 16 tokens, fp32), an
+// online-softmax update per head row, then O += P V with P re-packed from the S accumulators as
+// the next mma's A operand. The warps' (m, l, O) states are merged through shared memory. A CTA
+// has 4 warps (64-token tiles, two CTAs per SM at D 128), or 8 (128-token tiles, one CTA per SM:
+// the launcher's choice when about one (sequence, KV head) pair per SM fills the GPU unsplit).
 //
 // When the KV range is split (num_splits > 1), each CTA writes a normalised partial output and
 // its log2-sum-exp into the workspace, bumps a per-(sequence, KV head) counter, and the CTA that
@@ -125,11 +127,11 @@ __device__ __forceinline__ unsigned long long trace_smid() {
 #endif
 
 // STAGES_ = 0 picks the ring depth from the head dim (the library's choice); experiments may
-// force another.
-template <int D_, int STAGES_ = 0>
+// force another. WARPS_: 4, or 8 (paged_decode::use_wide_decode; D 128 with 3 stages only).
+template <int D_, int STAGES_ = 0, int WARPS_ = 4>
 struct GqaDecodeConfig {
   static constexpr int D = D_;
-  static constexpr int WARPS = 4;
+  static constexpr int WARPS = WARPS_;
   static constexpr int THREADS = WARPS * 32;
   static constexpr int ROWS = 16;                 // query rows of an mma tile (group padded up)
   static constexpr int WARP_TOKENS = 16;          // tokens per warp per tile
@@ -137,6 +139,11 @@ struct GqaDecodeConfig {
   static constexpr int TD = D / 8;                // 16-byte chunks per row
   static constexpr int STAGES = STAGES_ > 0 ? STAGES_ : (D <= 64 ? 4 : (D <= 128 ? 3 : 2));
   static constexpr int LOADS = TILE * TD / THREADS;  // 16-byte copies per thread per tensor per tile
+  // Copy slots: each 128 threads fill 64 rows of the tile (the 4-warp tile; 8 warps fill two),
+  // a thread's slot i copying row row0 + i * STEP, so a pair of slots spans 2 * STEP rows (16 at
+  // D 128) whatever the warp count, and page groups (SPP) work at page 16 for 8 warps too.
+  static constexpr int COPY_THREADS = 128;
+  static constexpr int STEP = COPY_THREADS / TD;
   static constexpr size_t SMEM_Q = size_t(ROWS) * D * 2;
   static constexpr size_t SMEM_TILES = size_t(STAGES) * TILE * D * 2 * 2;
   // The four warps' states at the end: o rows of MERGE_STRIDE floats (D + 8: a warp's stores of
@@ -160,7 +167,9 @@ struct GqaDecodeConfig {
 
   static_assert(D % 32 == 0 && D >= 64 && D <= 256, "head_dim must be 64, 128 or 256");
   static_assert((TILE * TD) % THREADS == 0, "tile copies must divide evenly");
-  static_assert(LOADS % 2 == 0 && TILE % (2 * THREADS / TD) == 0,
+  static_assert(THREADS % COPY_THREADS == 0 && LOADS * STEP * (THREADS / COPY_THREADS) == TILE,
+                "each 128 threads' copy slots cover their 64 rows of the tile");
+  static_assert(LOADS % 2 == 0 && TILE % (2 * STEP) == 0,
                 "copy slots pair up within a tile (GqaDecodeParams::dedup_pages)");
 };
 
@@ -301,8 +310,9 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   // repeated for every slot of a page. Followers load nothing and copy no register a load is
   // still filling (a register copy of a load in flight waits for it: session 11's first form of
   // the pair dedup stalled twice per tile on such copies).
-  constexpr int STEP = Cfg::THREADS / TD;
-  const int row0 = tid / TD;  // slot i copies row row0 + i * STEP of each tile
+  constexpr int STEP = Cfg::STEP;
+  // slot i copies row row0 + i * STEP of each tile (GqaDecodeConfig::STEP)
+  const int row0 = (tid % Cfg::COPY_THREADS) / TD + (tid / Cfg::COPY_THREADS) * (Cfg::LOADS * STEP);
   // SPP is a template parameter (the launcher's page_groups): with a runtime group size every
   // slot became a uniform branch between the leader's and the follower's code, which cost the
   // slots' interleaving (session 12, call 1: gqa_decode B16 92.4% of copy with groups of 2, 82.7%
