@@ -36,6 +36,12 @@ constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
 
 using kvcore::ctas_per_sm;  // csrc/common/cuda_occupancy.h
 
+// The share of the CTA slots of `waves` full waves that `ctas` CTAs use (waves: as few as hold them).
+inline double wave_fill(int64_t ctas, int64_t slots) {
+  const int64_t waves = (ctas + slots - 1) / slots;
+  return double(ctas) / double(waves * slots);
+}
+
 // Split count from shapes alone (no look at seq_lens, so no host sync and the choice is fixed
 // for a captured graph): fill the GPU's CTA slots in as few, as full waves as possible.
 // max_ctas > 0 caps the grid (pairs x splits) where pairs alone fit under it: one wave for the
@@ -47,8 +53,7 @@ inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_c
   double best_fill = 0.0;
   for (int64_t s = 1; s <= most; ++s) {
     const int64_t ctas = pairs * s;
-    const int64_t waves = (ctas + slots - 1) / slots;
-    const double fill = double(ctas) / double(waves * slots);
+    const double fill = wave_fill(ctas, slots);
     if (fill > best_fill + 0.02) {  // more splits only for a real gain in SM fill
       best = int(s);
       best_fill = fill;
@@ -393,22 +398,30 @@ inline int decode_warps_switch() {
   return mode;
 }
 
-// Whether gqa_decode runs the 8-warp kernel (GqaDecodeConfig<128, 3, 8>, one CTA per SM): when
-// about one pair per SM fills the GPU as well as the 4-warp kernel's best split does, one CTA a
-// pair needs no split merge at all. Session 17 (decode_trace, H200): B16 Hq32 Hkv8 S8192 127.9 us
-// with one 8-warp CTA per pair against 129.7 with two 4-warp splits a pair; where the 8-warp
-// kernel still needs splits or a second wave it was 0.3-2% slower (B1-B4, B32 Hq64, B64, B128).
-// From shapes only, like the split count, and only for an automatic split count: a forced one
-// keeps the 4-warp kernel, so that gqa_decode with and without a score buffer (which always runs
-// the 4-warp kernel) give the same bits at the same num_splits.
-inline bool use_wide_decode(int64_t pairs, int64_t kv_len, int64_t requested_splits, int sms, int narrow_slots) {
+// gqa_decode's 8-warp kernel (head_dim 128 only): 128-token tiles, 196 KB of shared memory.
+using WideDecodeConfig = GqaDecodeConfig<128, 3, 8>;
+
+// Whether gqa_decode at head_dim 128 (no score buffer, cp.async loader) runs the 8-warp kernel,
+// one CTA per SM: when about one pair per SM fills the GPU as well as the 4-warp kernel's best
+// split does, one CTA a pair needs no split merge at all. Session 17 (decode_trace, H200): B16
+// Hq32 Hkv8 S8192 127.9 us with one 8-warp CTA per pair against 129.7 with two 4-warp splits a
+// pair; where the 8-warp kernel still needs splits or a second wave it was 0.3-2% slower (B1-B4,
+// B32 Hq64, B64, B128). From shapes only, like the split count, and only for an automatic split
+// count: a forced one keeps the 4-warp kernel, so that gqa_decode with and without a score
+// buffer (which always runs the 4-warp kernel) give the same bits at the same num_splits.
+template <typename T>
+bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requested_splits) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  // (Hopper's 227 KB per CTA holds its shared memory, an A100's 164 KB not)
+  if (WideDecodeConfig::smem_bytes(false) > prop->sharedMemPerBlockOptin) return false;
   const int mode = decode_warps_switch();
   if (mode != 0) return mode == 2;
+  const int sms = prop->multiProcessorCount;
   if (pairs > sms || requested_splits > 0) return false;
-  const int64_t narrow_ctas = pairs * choose_splits(pairs, kv_len, narrow_slots);
-  const int64_t narrow_waves = (narrow_ctas + narrow_slots - 1) / narrow_slots;
-  const double narrow_fill = double(narrow_ctas) / double(narrow_waves * narrow_slots);
-  return double(pairs) / double(sms) + 0.02 >= narrow_fill;
+  using Narrow = GqaDecodeConfig<128>;
+  const int narrow_slots = sms * ctas_per_sm(reinterpret_cast<const void*>(gqa_decode_kernel<T, Narrow, false, false, 2>),
+                                             Narrow::THREADS, Narrow::smem_bytes(false), op);
+  return double(pairs) / double(sms) + 0.02 >= wave_fill(pairs * choose_splits(pairs, kv_len, narrow_slots), narrow_slots);
 }
 
 // dtype x head-dim x page-group dispatch onto launch<T, Cfg, SPARSE, SCORE, SPP>.
@@ -421,43 +434,31 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_half_types(q.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
+    auto with_groups = [&](auto cfg, auto score_tag) {
+      using Cfg = decltype(cfg);
+      constexpr bool SCORE = decltype(score_tag)::value;
+      const int spp = page_groups<Cfg, SPARSE>(p);
+      if (spp == Cfg::LOADS)
+        return launch<T, Cfg, SPARSE, SCORE, Cfg::LOADS>(op, p, s, kv_len, requested_splits, workspace, stream, score);
+      if (spp == 2) return launch<T, Cfg, SPARSE, SCORE, 2>(op, p, s, kv_len, requested_splits, workspace, stream, score);
+      return launch<T, Cfg, SPARSE, SCORE, 1>(op, p, s, kv_len, requested_splits, workspace, stream, score);
+    };
     auto go = [&](auto cfg) {
       using Cfg = decltype(cfg);
-      auto with_groups = [&](auto score_tag) {
-        constexpr bool SCORE = decltype(score_tag)::value;
-        const int spp = page_groups<Cfg, SPARSE>(p);
-        if (spp == Cfg::LOADS)
-          return launch<T, Cfg, SPARSE, SCORE, Cfg::LOADS>(op, p, s, kv_len, requested_splits, workspace, stream, score);
-        if (spp == 2) return launch<T, Cfg, SPARSE, SCORE, 2>(op, p, s, kv_len, requested_splits, workspace, stream, score);
-        return launch<T, Cfg, SPARSE, SCORE, 1>(op, p, s, kv_len, requested_splits, workspace, stream, score);
-      };
-      if constexpr (Cfg::WARPS == 4) {  // (the 8-warp kernel exists without score, sparse or TMA)
-        if constexpr (!SPARSE) {
-          if (score != nullptr) return with_groups(std::true_type{});
-          if (tma_loader_requested() && tma_fits<T, Cfg>(p))
-            return launch<T, Cfg, false, false, 1, true>(op, p, s, kv_len, requested_splits, workspace, stream);
+      if constexpr (!SPARSE) {
+        if (score != nullptr) return with_groups(cfg, std::true_type{});
+        if (tma_loader_requested() && tma_fits<T, Cfg>(p))
+          return launch<T, Cfg, false, false, 1, true>(op, p, s, kv_len, requested_splits, workspace, stream);
+        if constexpr (Cfg::D == 128) {
+          if (use_wide_decode<T>(op, s.batch * s.num_kv_heads, kv_len, requested_splits))
+            return with_groups(WideDecodeConfig{}, std::false_type{});
         }
       }
-      return with_groups(std::false_type{});
+      return with_groups(cfg, std::false_type{});
     };
     switch (s.head_dim) {
       case 64: return go(GqaDecodeConfig<64>{});
-      case 128: {
-        using Narrow = GqaDecodeConfig<128>;
-        if constexpr (!SPARSE) {
-          const bool tma = tma_loader_requested() && tma_fits<T, Narrow>(p);
-          using Wide = GqaDecodeConfig<128, 3, 8>;
-          const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-          // (196 KB of shared memory: Hopper's 227 KB per CTA holds it, an A100's 164 KB not)
-          if (score == nullptr && !tma && Wide::smem_bytes(false) <= prop->sharedMemPerBlockOptin) {
-            const int sms = prop->multiProcessorCount;
-            const int narrow_slots = sms * ctas_per_sm(reinterpret_cast<const void*>(gqa_decode_kernel<T, Narrow, false, false, 2>),
-                                                       Narrow::THREADS, Narrow::smem_bytes(false), op);
-            if (use_wide_decode(s.batch * s.num_kv_heads, kv_len, requested_splits, sms, narrow_slots)) return go(Wide{});
-          }
-        }
-        return go(Narrow{});
-      }
+      case 128: return go(GqaDecodeConfig<128>{});
       default: return go(GqaDecodeConfig<256>{});
     }
   });

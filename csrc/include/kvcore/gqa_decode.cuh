@@ -146,7 +146,7 @@ struct GqaDecodeConfig {
   static constexpr int STEP = COPY_THREADS / TD;
   static constexpr size_t SMEM_Q = size_t(ROWS) * D * 2;
   static constexpr size_t SMEM_TILES = size_t(STAGES) * TILE * D * 2 * 2;
-  // The four warps' states at the end: o rows of MERGE_STRIDE floats (D + 8: a warp's stores of
+  // The warps' states at the end: o rows of MERGE_STRIDE floats (D + 8: a warp's stores of
   // 8 rows x 4 column pairs then fill two bank wavefronts instead of eight), then m and l.
   static constexpr int MERGE_STRIDE = D + 8;
   static constexpr size_t SMEM_MERGE = size_t(WARPS) * ROWS * (MERGE_STRIDE + 2) * sizeof(float);
@@ -633,7 +633,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   __syncthreads();  // the tile ring is reused below
   KVCORE_TRACE(p, 2);
 
-  // ---- merge the four warps' states through shared memory --------------------------------------
+  // ---- merge the warps' states through shared memory -------------------------------------------
   // sMerge: o [WARPS][ROWS][MERGE_STRIDE], then m and l [WARPS][ROWS]. Only the group's rows are
   // stored (the rest are padding). Until session 16 all 16 rows went in at a stride of D floats:
   // eight rows on the same banks, an 8-way conflict on every store (0.5-1 us of the epilogue in
