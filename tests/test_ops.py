@@ -182,18 +182,25 @@ def test_gqa_decode_workspace_and_splits_ignored_on_cpu(gen):
 # ---- CUDA split-KV ---------------------------------------------------------------------------
 
 
+def _decode_matches_reference(kv, num_q_heads, dtype, device, gen, **kwargs):
+    """One gqa_decode call on fresh random q into poisoned out/lse (kwargs: num_splits,
+    workspace), checked against the reference."""
+    batch, head_dim = kv.seq_lens.shape[0], kv.k_cache.shape[-1]
+    q = randn(batch, num_q_heads, head_dim, gen=gen, dtype=dtype, device=device)
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(batch, num_q_heads, dtype=torch.float32, device=device))
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse, **kwargs)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    _check_decode(out, lse, ref_out, ref_lse, dtype)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_forced_splits_cuda(device, dtype, num_splits, gen):
     lens = ragged_lens(5, 2000, 16, gen)
     kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=dtype, device=device)
-    q = randn(5, 16, 128, gen=gen, dtype=dtype, device=device)
-    out = poison(torch.empty_like(q))
-    lse = poison(torch.empty(5, 16, dtype=torch.float32, device=device))
-    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse, num_splits=num_splits)
-    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
-    _check_decode(out, lse, ref_out, ref_lse, dtype)
+    _decode_matches_reference(kv, 16, dtype, device, gen, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -202,12 +209,7 @@ def test_gqa_decode_auto_split_long_sequence_cuda(device, dtype, gen):
     """B1 with 20000 tokens: the automatic split must kick in and still match the reference."""
     lens = [20000]
     kv = make_paged_kv(lens, 16, 8, 128, gen=gen, dtype=dtype, device=device)
-    q = randn(1, 32, 128, gen=gen, dtype=dtype, device=device)
-    out = poison(torch.empty_like(q))
-    lse = poison(torch.empty(1, 32, dtype=torch.float32, device=device))
-    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse)
-    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
-    _check_decode(out, lse, ref_out, ref_lse, dtype)
+    _decode_matches_reference(kv, 32, dtype, device, gen)
 
 
 @pytest.mark.parametrize("num_splits", [0, 7, 33])
@@ -221,13 +223,7 @@ def test_gqa_decode_split_schedule_repeated_calls_cuda(device, num_splits, gen):
     kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=torch.bfloat16, device=device)
     workspace = kvcore.ops.decode_workspace(device)
     for _ in range(3):
-        q = randn(4, 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
-        out = poison(torch.empty_like(q))
-        lse = poison(torch.empty(4, 8, dtype=torch.float32, device=device))
-        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
-                          num_splits=num_splits, workspace=workspace)
-        ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
-        _check_decode(out, lse, ref_out, ref_lse, torch.bfloat16)
+        _decode_matches_reference(kv, 8, torch.bfloat16, device, gen, num_splits=num_splits, workspace=workspace)
 
 
 @pytest.mark.parametrize("head_dim, group", [(64, 1), (64, 16), (128, 4), (128, 16), (256, 8)])
@@ -242,13 +238,8 @@ def test_gqa_decode_split_merge_batches_cuda(device, head_dim, group, num_splits
     kv = make_paged_kv(lens, 16, 2, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
     workspace = kvcore.ops.decode_workspace(device)
     for _ in range(2):
-        q = randn(3, 2 * group, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
-        out = poison(torch.empty_like(q))
-        lse = poison(torch.empty(3, 2 * group, dtype=torch.float32, device=device))
-        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
-                          num_splits=num_splits, workspace=workspace)
-        ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
-        _check_decode(out, lse, ref_out, ref_lse, torch.bfloat16)
+        _decode_matches_reference(kv, 2 * group, torch.bfloat16, device, gen, num_splits=num_splits,
+                                  workspace=workspace)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -258,17 +249,11 @@ def test_gqa_decode_pair_per_sm_cuda(device, dtype, gen):
     is then the 8-warp kernel, one CTA a pair and no split merge (KVCORE_DECODE_WARPS=auto).
     Ragged lengths (0, 1, partial and whole tiles of 128, several pages), twice with fresh
     queries, against the reference."""
-    sms = torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
-    batch = sms  # one KV head: batch pairs
+    batch = torch.cuda.get_device_properties(torch.device(device)).multi_processor_count  # 1 KV head: a pair per SM
     lens = [0, 1, 127, 128, 129, 700][: batch] + ragged_lens(max(batch - 6, 0), 700, 16, gen)
     kv = make_paged_kv(lens, 16, 1, 128, gen=gen, dtype=dtype, device=device)
     for _ in range(2):
-        q = randn(batch, 4, 128, gen=gen, dtype=dtype, device=device)
-        out = poison(torch.empty_like(q))
-        lse = poison(torch.empty(batch, 4, dtype=torch.float32, device=device))
-        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse)
-        ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
-        _check_decode(out, lse, ref_out, ref_lse, dtype)
+        _decode_matches_reference(kv, 4, dtype, device, gen)
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
