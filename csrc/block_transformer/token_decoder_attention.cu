@@ -138,12 +138,12 @@ void launch(TokenDecoderParams& p, const TokenDecoderShape& s, cudaStream_t stre
   // The smallest lean footprint: compact where it fits.
   const bool lean_fits = variant != TokenDecoderVariant::kClassic &&
                          smem_for(compact_fits ? kLeanCompact : kLeanWide, 2) <= optin;
+  const bool forced_lean = variant == TokenDecoderVariant::kLean || variant == TokenDecoderVariant::kLeanWide;
   Kernel kind = kClassic;
   int stages = 0, per_sm = 0;
   auto pick = [&](int only_stages) {
     for (const Kernel cand : {kLeanCompact, kLeanWide, kClassic}) {
       if (cand == kLeanCompact && !compact_fits) continue;
-      const bool forced_lean = variant == TokenDecoderVariant::kLean || variant == TokenDecoderVariant::kLeanWide;
       if (cand != kClassic ? !lean_fits : (forced_lean && lean_fits)) continue;
       for (const int st : {3, 2}) {
         if (only_stages > 0 && st != only_stages) continue;
