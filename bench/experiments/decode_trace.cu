@@ -379,14 +379,35 @@ int run(int argc, char** argv) {
   if (p.num_splits > 1) {
     // Per pair: the last split's arrival, and the merging CTA (the last to arrive) from its
     // arrival to its exit.
-    std::vector<double> last_arrival, merge_part, merger_exit;
+    std::vector<double> last_arrival, merge_part, merger_exit, m_lse, m_bar, m_sum, m_out, m_epi, m_atom, m_iss, m_rt,
+        m_red;
     for (size_t pr = 0; pr < pairs; ++pr) {
       const size_t h = pr % Hkv, b = pr / Hkv;
       unsigned long long la = 0, mx_exit = 0, arr_of_last = 0;
+      size_t merger = 0;
       for (int sp = 0; sp < p.num_splits; ++sp) {
         const size_t c = h + size_t(Hkv) * (sp + size_t(p.num_splits) * b);
         if (tr[c * stride + 5] > la) la = tr[c * stride + 5];
-        if (tr[c * stride + 3] > mx_exit) mx_exit = tr[c * stride + 3], arr_of_last = tr[c * stride + 5];
+        if (tr[c * stride + 3] > mx_exit) mx_exit = tr[c * stride + 3], arr_of_last = tr[c * stride + 5], merger = c;
+      }
+      // The merger's phases (thread 0's stamps 7, 8, 9): arrival -> its warp's weights (lse
+      // round trip, reductions) -> the barrier after all warps' weights -> its items combined
+      // and stored -> exit.
+      const unsigned long long* mr = &tr[merger * stride];
+      if (mr[7] >= mr[5] && mr[8] >= mr[7] && mr[9] >= mr[8] && mr[3] >= mr[9]) {
+        m_lse.push_back((mr[7] - mr[5]) * 1e-3);
+        m_bar.push_back((mr[8] - mr[7]) * 1e-3);
+        m_sum.push_back((mr[9] - mr[8]) * 1e-3);
+        m_out.push_back((mr[3] - mr[9]) * 1e-3);
+      }
+      // Finer (stamps 10-12): loop end -> atomic issued, atomic issued -> back past the barrier
+      // (stamp 5), -> first partials issued, -> thread 0's first lse value back, -> weights done.
+      if (mr[10] >= mr[2] && mr[5] >= mr[10] && mr[11] >= mr[5] && mr[12] >= mr[11] && mr[7] >= mr[12]) {
+        m_epi.push_back((mr[10] - mr[2]) * 1e-3);
+        m_atom.push_back((mr[5] - mr[10]) * 1e-3);
+        m_iss.push_back((mr[11] - mr[5]) * 1e-3);
+        m_rt.push_back((mr[12] - mr[11]) * 1e-3);
+        m_red.push_back((mr[7] - mr[12]) * 1e-3);
       }
       last_arrival.push_back((la - t0) * 1e-3);
       merger_exit.push_back((mx_exit - t0) * 1e-3);
@@ -395,6 +416,19 @@ int run(int argc, char** argv) {
     row("pair: last arrival", last_arrival);
     row("pair: merge (arr->exit)", merge_part);
     row("pair: merger exit", merger_exit);
+    if (!m_lse.empty()) {
+      if (!m_epi.empty()) {
+        row("merger: loop end->atom", m_epi);
+        row("merger: atomic", m_atom);
+        row("merge: partials issue", m_iss);
+        row("merge: lse round trip", m_rt);
+        row("merge: reductions", m_red);
+      }
+      row("merge: arr->weights", m_lse);
+      row("merge: weights barrier", m_bar);
+      row("merge: combine+store", m_sum);
+      row("merge: store->exit", m_out);
+    }
   }
   {
     // Loop ends (since the first entry) by how many CTAs their SM ran.

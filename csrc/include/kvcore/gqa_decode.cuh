@@ -97,7 +97,7 @@ struct GqaDecodeParams {
   unsigned* departures;     // [B, Hkv], zero between launches: CTAs past the wait (splits > 1)
 };
 
-constexpr int kDecodeTraceFixed = 7;  // GqaDecodeParams::trace's slots before the tiles'
+constexpr int kDecodeTraceFixed = 13;  // GqaDecodeParams::trace's slots before the tiles'
 #ifdef KVCORE_DECODE_TRACE
 #define KVCORE_TRACE_VALUE(p, slot, value)                                                      \
   do {                                                                                          \
@@ -117,7 +117,17 @@ __device__ __forceinline__ unsigned long long trace_smid() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));     \
     KVCORE_TRACE_VALUE(p, slot, t_);                           \
   } while (0)
+// The time once `dep` (a float) has arrived: the timer read waits for it.
+#define KVCORE_TRACE_AFTER(p, slot, dep)                                        \
+  do {                                                                          \
+    unsigned long long t_;                                                      \
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_) : "f"(dep));           \
+    KVCORE_TRACE_VALUE(p, slot, t_);                                            \
+  } while (0)
 #else
+#define KVCORE_TRACE_AFTER(p, slot, dep) \
+  do {                                   \
+  } while (0)
 #define KVCORE_TRACE_VALUE(p, slot, value) \
   do {                                     \
   } while (0)
@@ -806,6 +816,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     }
   };
   if (tid == 0) {
+    KVCORE_TRACE(p, 10);
     const unsigned before = kAcqRel ? atomic_add_acq_rel_gpu(p.counters + pair, 1u) : atomicAdd(p.counters + pair, 1u);
     is_last = before == unsigned(p.num_splits - 1);
   }
@@ -849,6 +860,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       if (s0 + j < ns) pv[j] = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s0 + j) * group + h) * D + c));
   };
   if (is_last && tid < items) load_partials(tid, 0);
+  KVCORE_TRACE(p, 11);
 
   const float* plse = p.partial_lse + pair * ns * group;
   for (int h = warp; h < group; h += WARPS) {
@@ -857,6 +869,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     float mx = -INFINITY;
     for (int s = lane; s < ns; s += 32) {
       const float x = __ldcg(plse + s * group + h);
+      if (s == lane && h == warp) KVCORE_TRACE_AFTER(p, 12, x);
       wgt[h * (ns + 1) + s] = x;
       mx = fmaxf(mx, x);
     }
@@ -883,7 +896,9 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       }
     }
   }
+  KVCORE_TRACE(p, 7);  // thread 0: its warp's heads' weights done (lse round trip and reductions)
   __syncthreads();
+  KVCORE_TRACE(p, 8);
   if constexpr (SCORE) {
     if (fused && !is_last) {  // every split knows its heads' final lse: add its keys' share
       add_scores();
@@ -915,6 +930,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     T* dst = static_cast<T*>(p.out) + (pair * group + h) * D + c;
     *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(acc.x * inv, acc.y * inv, T{}), pack2(acc.z * inv, acc.w * inv, T{}));
   }
+  KVCORE_TRACE(p, 9);  // thread 0: its items combined and stored
   if constexpr (SCORE) {
     if (fused) {
       add_scores();
