@@ -202,10 +202,16 @@ __host__ __device__ constexpr size_t score_stage_total_bytes(int64_t split_token
 }
 
 // Splits whose partials (one float4 each) a thread of the last CTA has in flight at once during
-// the split merge: the launcher's one-wave split counts (32-33 at B1 on 132 SMs) in one batch.
-// 16 at D 64, whose 3 CTAs per SM leave 170 registers a thread (32 took it from 96 to 168).
+// the split merge. 16 at D 64, whose 3 CTAs per SM leave 170 registers a thread (32 took it from
+// 96 to 168). At 32, B1 Hkv8's 33 one-wave splits (264 CTAs on 132 SMs) take two batches: the
+// 33rd partial is loaded after the first batch is combined, one more round trip (session 18,
+// call 4: combine 1.9-2.1 us at B1 S131072 against 0.4 at 32 splits or fewer; the merge 3.6-4.1
+// us against 1.8-2.0). KVCORE_MERGE_BATCH_D128 (an experiment) sets D 128's batch.
+#ifndef KVCORE_MERGE_BATCH_D128
+#define KVCORE_MERGE_BATCH_D128 32
+#endif
 template <int D>
-constexpr int kMergeBatch = D <= 64 ? 16 : 32;
+constexpr int kMergeBatch = D <= 64 ? 16 : (D == 128 ? KVCORE_MERGE_BATCH_D128 : 32);
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile.
 template <int TD>
@@ -853,11 +859,28 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   const float* pout = p.partial_out + pair * ns * group * D;
   constexpr int BATCH = kMergeBatch<D>;
   float4 pv[BATCH];
+#ifndef KVCORE_MERGE_STEP_LOADS
+#define KVCORE_MERGE_STEP_LOADS 0
+#endif
   auto load_partials = [&](int item, int s0) {
     const int h = item / (D / 4), c = (item % (D / 4)) * 4;
+    if constexpr (KVCORE_MERGE_STEP_LOADS) {
+      // One pointer stepped by a split's stride: ~4 instructions a load instead of each load's
+      // own 64-bit products (~13, issued even where the load is predicated off, so at 2 splits
+      // as at 32: ~380 instructions before the lse loads in thread 0's warp).
+      const float4* src = reinterpret_cast<const float4*>(pout + (int64_t(s0) * group + h) * D + c);
+      const int64_t stride = int64_t(group) * (D / 4);
+      const int n = ns - s0;
 #pragma unroll
-    for (int j = 0; j < BATCH; ++j)
-      if (s0 + j < ns) pv[j] = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s0 + j) * group + h) * D + c));
+      for (int j = 0; j < BATCH; ++j) {
+        if (j < n) pv[j] = __ldcg(src);
+        src += stride;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < BATCH; ++j)
+        if (s0 + j < ns) pv[j] = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s0 + j) * group + h) * D + c));
+    }
   };
   if (is_last && tid < items) load_partials(tid, 0);
   KVCORE_TRACE(p, 11);
@@ -897,7 +920,16 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     }
   }
   KVCORE_TRACE(p, 7);  // thread 0: its warp's heads' weights done (lse round trip and reductions)
-  __syncthreads();
+#ifndef KVCORE_MERGE_WARP_SYNC
+#define KVCORE_MERGE_WARP_SYNC 0
+#endif
+  // At D 128 a warp's combine items below (item = tid + k x THREADS, head item / 32) are the
+  // heads whose weights it worked out above (warp + k x WARPS): only the warp must see them. The
+  // fused score epilogue's add_scores has its own barrier before it reads s_lse2.
+  if (KVCORE_MERGE_WARP_SYNC && D / 4 == 32)
+    __syncwarp();
+  else
+    __syncthreads();
   KVCORE_TRACE(p, 8);
   if constexpr (SCORE) {
     if (fused && !is_last) {  // every split knows its heads' final lse: add its keys' share
