@@ -16,11 +16,8 @@
 #         splits (B1 S131072) take one batch, not two (call 4: combine 1.9-2.1 us against 0.4).
 o=$OUT
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv > $o/gpu.txt 2>&1
-run() {  # label, binary, args
-  local label=$1 bin=$2; shift 2
-  echo "=== $label: $bin $*"
-  timeout 60 .exp/$bin "$@" 2>&1 | grep -E "^B[0-9]|check|pair: |merge: |merger: |traced span|rror"
-}
+TRACE_ROWS="^B[0-9]|check|pair: |merge: |merger: |traced span|rror"
+. bench/calls/trace_run.sh
 {
 for rep in 1 2 3; do
   for v in mb mst mws mall mall36; do run "B1 S32768 $v" $v 1 32768 32; done
