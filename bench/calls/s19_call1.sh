@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Prepared in session 18, whose device was withdrawn before it could run (bench/NOTES.md, session
 # 18). No build: decode_trace binaries in .exp/, carried. Build them first on the CPU machine:
-#   for v in "mb 32 0 0" "mst 32 1 0" "mws 32 0 1" "mall 32 1 1" "mb36 36 1 0" "mall36 36 1 1"; do
+#   for v in "mb 32 0 0 0" "mst 32 1 0 0" "mws 32 0 1 0" "mall 32 1 1 0" "mb36 36 1 0 0" "mall36 36 1 1 0" \
+#            "mp36 36 1 1 1"; do
 #     set -- $v; nvcc -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr \
 #       -gencode=arch=compute_90a,code=sm_90a -Icsrc/include -DKVCORE_MERGE_BATCH_D128=$2 \
-#       -DKVCORE_MERGE_STEP_LOADS=$3 -DKVCORE_MERGE_WARP_SYNC=$4 bench/experiments/decode_trace.cu -o .exp/$1; done
+#       -DKVCORE_MERGE_STEP_LOADS=$3 -DKVCORE_MERGE_WARP_SYNC=$4 -DKVCORE_MERGE_LSE_PAIRS=$5 \
+#       bench/experiments/decode_trace.cu -o .exp/$1; done
 # The split merge's phases (trace slots 5 and 7-12) and three trims of its path, all with the
 # same arithmetic in the same order (the same bits):
 #   mst:  the partials addressed by one stepped pointer (~4 instructions a load instead of ~13,
@@ -13,15 +15,18 @@
 #         warp combines only the heads whose weights it worked out);
 #   mall: both; mb: neither (the library's code, with the stamps);
 #   mb36 / mall36: a merge batch of 36 splits at D 128 (with mst / with both), so B1 Hkv8's 33
-#         splits (B1 S131072) take one batch, not two (call 4: combine 1.9-2.1 us against 0.4).
+#         splits (B1 S131072) take one batch, not two (call 4: combine 1.9-2.1 us against 0.4);
+#   mp36: mall36 with a lane's lse entries loaded two at a time (at 33 splits lane 0's two were
+#         two round trips in a row: arrival -> weights 1.8-1.9 us against 1.3).
 o=$OUT
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv > $o/gpu.txt 2>&1
 TRACE_ROWS="^B[0-9]|check|pair: |merge: |merger: |traced span|rror"
 . bench/calls/trace_run.sh
 {
 for rep in 1 2 3; do
-  for v in mb mst mws mall mall36; do run "B1 S32768 $v" $v 1 32768 32; done
-  for v in mb mb36 mall36; do run "B1 S131072 $v" $v 1 131072 33; done
+  for v in mb mst mws mall mall36 mp36; do run "B1 S32768 $v" $v 1 32768 32; done
+  for v in mb mb36 mall36 mp36; do run "B1 S131072 $v" $v 1 131072 33; done
+  run "B1 S131072 32 splits mb" mb 1 131072 32  # one batch and one lse a lane at the default code
   for v in mb mall mall36; do run "B1 S4096 2 splits $v" $v 1 4096 2; done
   for v in mb mall mall36; do run "B16 2 splits $v" $v 16 8192 2; done
   for v in mb mall mall36; do run "B4 S8192 $v" $v 4 8192 8; done

@@ -890,11 +890,30 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     // Each lane reads its splits' lse once (L2 round trips are what this merge is made of: it
     // runs after every other CTA of the pair, on the critical path) and keeps them in wgt.
     float mx = -INFINITY;
-    for (int s = lane; s < ns; s += 32) {
-      const float x = __ldcg(plse + s * group + h);
-      if (s == lane && h == warp) KVCORE_TRACE_AFTER(p, 12, x);
-      wgt[h * (ns + 1) + s] = x;
-      mx = fmaxf(mx, x);
+#ifndef KVCORE_MERGE_LSE_PAIRS
+#define KVCORE_MERGE_LSE_PAIRS 0
+#endif
+    if constexpr (KVCORE_MERGE_LSE_PAIRS) {
+      // A lane's entries two at a time, both loads issued before either is used: with 33 splits
+      // (B1 Hkv8's one wave) lane 0 has two, and the compiler's loop (a peeled first iteration)
+      // made them two round trips in a row (session 18, call 4: arrival -> weights 1.8-1.9 us
+      // at 33 splits, 1.3 at 32). The max is exact, so its order does not matter.
+      for (int s = lane; s < ns; s += 64) {
+        const bool second = s + 32 < ns;
+        const float x0 = __ldcg(plse + s * group + h);
+        const float x1 = second ? __ldcg(plse + (s + 32) * group + h) : -INFINITY;
+        if (s == lane && h == warp) KVCORE_TRACE_AFTER(p, 12, x0);
+        wgt[h * (ns + 1) + s] = x0;
+        if (second) wgt[h * (ns + 1) + s + 32] = x1;
+        mx = fmaxf(fmaxf(mx, x0), x1);
+      }
+    } else {
+      for (int s = lane; s < ns; s += 32) {
+        const float x = __ldcg(plse + s * group + h);
+        if (s == lane && h == warp) KVCORE_TRACE_AFTER(p, 12, x);
+        wgt[h * (ns + 1) + s] = x;
+        mx = fmaxf(mx, x);
+      }
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
