@@ -18,15 +18,19 @@
 #         splits (B1 S131072) take one batch, not two (call 4: combine 1.9-2.1 us against 0.4);
 #   mp36: mall36 with a lane's lse entries loaded two at a time (at 33 splits lane 0's two were
 #         two round trips in a row: arrival -> weights 1.8-1.9 us against 1.3).
+# And KV_LAYOUT (decode_trace's env): V right after K in one allocation, or further apart.
 o=$OUT
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv > $o/gpu.txt 2>&1
-TRACE_ROWS="^B[0-9]|check|pair: |merge: |merger: |traced span|rror"
+TRACE_ROWS="^B[0-9]|^KV_LAYOUT|check|pair: |merge: |merger: |traced span|rror"
 . bench/calls/trace_run.sh
 {
 for rep in 1 2 3; do
   for v in mb mst mws mall mall36 mp36; do run "B1 S32768 $v" $v 1 32768 32; done
   for v in mb mb36 mall36 mp36; do run "B1 S131072 $v" $v 1 131072 33; done
   run "B1 S131072 32 splits mb" mb 1 131072 32  # one batch and one lse a lane at the default code
+  # K and V one allocation apart (as the bench's torch caches tend to be: its B1 S32768 is ~1 us
+  # slower than decode_trace's for the same kernel, session 16) or 2 MB + 4 KB further apart
+  for lay in adjacent gap2101248 separate; do KV_LAYOUT=$lay run "B1 S32768 mb $lay" mb 1 32768 32; done
   for v in mb mall mall36; do run "B1 S4096 2 splits $v" $v 1 4096 2; done
   for v in mb mall mall36; do run "B16 2 splits $v" $v 16 8192 2; done
   for v in mb mall mall36; do run "B4 S8192 $v" $v 4 8192 8; done

@@ -6,7 +6,8 @@
 // over the K/V bytes, and from one traced call the distribution of each CTA's phases
 // (%globaltimer): entry skew, first copies issued, first-tile latency, main loop, epilogue
 // (incl. the split merge), the merging CTAs' part, and the loop ends by CTAs per SM.
-// TRACE_CSV=path also writes each CTA's stamps (and SM) as CSV. TABLE=random|seq|rowsorted|clusterN
+// TRACE_CSV=path also writes each CTA's stamps (and SM) as CSV. KV_LAYOUT=separate|adjacent|gapN
+// places V relative to K. TABLE=random|seq|rowsorted|clusterN
 // picks the block table's page order (default random); CLUSTER=n launches the KV heads of a
 // split as thread-block clusters of n CTAs. A plain read of the same pages through the table
 // (whole pages, one CTA each) is timed next to the one-shot read.
@@ -104,8 +105,21 @@ int run(int argc, char** argv) {
   const size_t cache_elems = size_t(num_pages) * PAGE * Hkv * D;
 
   bf16 *k, *v, *q, *out;
-  CUDA_CHECK(cudaMalloc(&k, cache_elems * 2));
-  CUDA_CHECK(cudaMalloc(&v, cache_elems * 2));
+  // KV_LAYOUT (env): separate (default: two allocations, placed by the driver), adjacent (one
+  // allocation, V right after K, as torch's caching allocator tends to put two 64 MB caches), or
+  // gapN (V N bytes after K's end, rounded up to 256): does K and V's distance matter to DRAM?
+  const char* kv_layout = std::getenv("KV_LAYOUT") ? std::getenv("KV_LAYOUT") : "separate";
+  if (std::strcmp(kv_layout, "adjacent") == 0 || std::strncmp(kv_layout, "gap", 3) == 0) {
+    size_t gap = std::strncmp(kv_layout, "gap", 3) == 0 ? std::strtoull(kv_layout + 3, nullptr, 10) : 0;
+    gap = (gap + 255) / 256 * 256;
+    CUDA_CHECK(cudaMalloc(&k, cache_elems * 2 * 2 + gap));
+    v = k + cache_elems + gap / 2;
+  } else {
+    CUDA_CHECK(cudaMalloc(&k, cache_elems * 2));
+    CUDA_CHECK(cudaMalloc(&v, cache_elems * 2));
+  }
+  std::printf("KV_LAYOUT %s: V - K = %lld bytes\n", kv_layout,
+              static_cast<long long>(reinterpret_cast<const char*>(v) - reinterpret_cast<const char*>(k)));
   CUDA_CHECK(cudaMalloc(&q, size_t(B) * Hq * D * 2));
   CUDA_CHECK(cudaMalloc(&out, size_t(B) * Hq * D * 2));
   bf16* out_ref;
