@@ -36,13 +36,17 @@ MEASURED = {"test_token_decoder_variant.py": 230000}
 
 # By test: a subprocess test's weight in the same units (~0.6 ms each), by test function name.
 # Session 16's xtests (8 processes on one H200): the token-decoder variant re-runs 170-276 s
-# each, gqa_decode's switch re-runs 33-38 s, the agreement checks 14-25 s; the MLA switch
-# re-runs did not finish in ~390 s with five nodes to a shard, so they are heavy too.
+# each, gqa_decode's switch re-runs 33-38 s, the agreement checks 14-25 s. Session 18's call 2
+# (8 processes, these nodes one or two to a process): the token-decoder variant re-runs 105-174 s
+# (stages=2|3 105, the kernel variants 170-174), the MLA switch re-runs 46-80 s, MLA's H16 old
+# path 76 s, the fused max-64 projection 35 s, attention_scores' variant re-run 44 s and its
+# agreement check 36 s.
 NODE_WEIGHT = 70000
 NODE_MEASURED = {
-    "test_variant_passes_the_token_decoder_cuda_tests": 400000,
-    "test_mla_decode_cuda_wgmma_switch_in_subprocess": 300000,
-    "test_mla_decode_cuda_h16_old_path_in_subprocess": 300000,
+    "test_variant_passes_the_token_decoder_cuda_tests": 280000,
+    "test_mla_decode_cuda_wgmma_switch_in_subprocess": 110000,
+    "test_mla_decode_cuda_h16_old_path_in_subprocess": 130000,
+    "test_mla_latent_project_cuda_fused_max_64_in_subprocess": 60000,
     "test_variant_agrees_with_the_default_kernel": 35000,
 }
 SUBPROCESS_CALLS = ("run_tests_with_env", "run_script_with_env")
