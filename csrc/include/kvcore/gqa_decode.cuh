@@ -206,9 +206,25 @@ __host__ __device__ constexpr size_t score_stage_total_bytes(int64_t split_token
 // 96 to 168). At 32, B1 Hkv8's 33 one-wave splits (264 CTAs on 132 SMs) take two batches: the
 // 33rd partial is loaded after the first batch is combined, one more round trip (session 18,
 // call 4: combine 1.9-2.1 us at B1 S131072 against 0.4 at 32 splits or fewer; the merge 3.6-4.1
-// us against 1.8-2.0). KVCORE_MERGE_BATCH_D128 (an experiment) sets D 128's batch.
+// us against 1.8-2.0).
+//
+// The split merge's compile-time experiments (session 18, bench/calls/s19_call1.sh; the defaults
+// are the library's code, and each setting keeps the arithmetic and its order, so the bits):
+//   KVCORE_MERGE_BATCH_D128  D 128's batch (36 puts 33 splits in one);
+//   KVCORE_MERGE_STEP_LOADS  the partials addressed by one stepped pointer;
+//   KVCORE_MERGE_LSE_PAIRS   a lane's lse entries loaded two at a time;
+//   KVCORE_MERGE_WARP_SYNC   at D 128, __syncwarp instead of the barrier before the combine.
 #ifndef KVCORE_MERGE_BATCH_D128
 #define KVCORE_MERGE_BATCH_D128 32
+#endif
+#ifndef KVCORE_MERGE_STEP_LOADS
+#define KVCORE_MERGE_STEP_LOADS 0
+#endif
+#ifndef KVCORE_MERGE_LSE_PAIRS
+#define KVCORE_MERGE_LSE_PAIRS 0
+#endif
+#ifndef KVCORE_MERGE_WARP_SYNC
+#define KVCORE_MERGE_WARP_SYNC 0
 #endif
 template <int D>
 constexpr int kMergeBatch = D <= 64 ? 16 : (D == 128 ? KVCORE_MERGE_BATCH_D128 : 32);
@@ -859,9 +875,6 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   const float* pout = p.partial_out + pair * ns * group * D;
   constexpr int BATCH = kMergeBatch<D>;
   float4 pv[BATCH];
-#ifndef KVCORE_MERGE_STEP_LOADS
-#define KVCORE_MERGE_STEP_LOADS 0
-#endif
   auto load_partials = [&](int item, int s0) {
     const int h = item / (D / 4), c = (item % (D / 4)) * 4;
     if constexpr (KVCORE_MERGE_STEP_LOADS) {
@@ -890,9 +903,6 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     // Each lane reads its splits' lse once (L2 round trips are what this merge is made of: it
     // runs after every other CTA of the pair, on the critical path) and keeps them in wgt.
     float mx = -INFINITY;
-#ifndef KVCORE_MERGE_LSE_PAIRS
-#define KVCORE_MERGE_LSE_PAIRS 0
-#endif
     if constexpr (KVCORE_MERGE_LSE_PAIRS) {
       // A lane's entries two at a time, both loads issued before either is used: with 33 splits
       // (B1 Hkv8's one wave) lane 0 has two, and the compiler's loop (a peeled first iteration)
@@ -939,9 +949,6 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     }
   }
   KVCORE_TRACE(p, 7);  // thread 0: its warp's heads' weights done (lse round trip and reductions)
-#ifndef KVCORE_MERGE_WARP_SYNC
-#define KVCORE_MERGE_WARP_SYNC 0
-#endif
   // At D 128 a warp's combine items below (item = tid + k x THREADS, head item / 32) are the
   // heads whose weights it worked out above (warp + k x WARPS): only the warp must see them. The
   // fused score epilogue's add_scores has its own barrier before it reads s_lse2.
