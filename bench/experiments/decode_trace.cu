@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -393,8 +394,21 @@ int run(int argc, char** argv) {
   if (p.num_splits > 1) {
     // Per pair: the last split's arrival, and the merging CTA (the last to arrive) from its
     // arrival to its exit.
-    std::vector<double> last_arrival, merge_part, merger_exit, m_lse, m_bar, m_sum, m_out, m_epi, m_atom, m_iss, m_rt,
-        m_red;
+    std::vector<double> last_arrival, merge_part, merger_exit;
+    // The merging CTA's phases, each between two of thread 0's stamps (slots): 2 loop end, 10
+    // before its arrival atomic, 5 past the barrier after it, 11 first partials issued, 12 its
+    // first lse value back, 7 its warp's weights done, 8 past the barrier after the weights, 9
+    // its items combined and stored, 3 exit. A phase counts where both stamps were written.
+    struct Phase {
+      const char* name;
+      int from, to;
+    };
+    const Phase phases[] = {{"merger: loop end->atom", 2, 10}, {"merger: atomic", 10, 5},
+                            {"merge: partials issue", 5, 11},  {"merge: lse round trip", 11, 12},
+                            {"merge: reductions", 12, 7},      {"merge: arr->weights", 5, 7},
+                            {"merge: weights barrier", 7, 8},  {"merge: combine+store", 8, 9},
+                            {"merge: store->exit", 9, 3}};
+    std::vector<std::vector<double>> phase_us(std::size(phases));
     for (size_t pr = 0; pr < pairs; ++pr) {
       const size_t h = pr % Hkv, b = pr / Hkv;
       unsigned long long la = 0, mx_exit = 0, arr_of_last = 0;
@@ -404,24 +418,10 @@ int run(int argc, char** argv) {
         if (tr[c * stride + 5] > la) la = tr[c * stride + 5];
         if (tr[c * stride + 3] > mx_exit) mx_exit = tr[c * stride + 3], arr_of_last = tr[c * stride + 5], merger = c;
       }
-      // The merger's phases (thread 0's stamps 7, 8, 9): arrival -> its warp's weights (lse
-      // round trip, reductions) -> the barrier after all warps' weights -> its items combined
-      // and stored -> exit.
       const unsigned long long* mr = &tr[merger * stride];
-      if (mr[7] >= mr[5] && mr[8] >= mr[7] && mr[9] >= mr[8] && mr[3] >= mr[9]) {
-        m_lse.push_back((mr[7] - mr[5]) * 1e-3);
-        m_bar.push_back((mr[8] - mr[7]) * 1e-3);
-        m_sum.push_back((mr[9] - mr[8]) * 1e-3);
-        m_out.push_back((mr[3] - mr[9]) * 1e-3);
-      }
-      // Finer (stamps 10-12): loop end -> atomic issued, atomic issued -> back past the barrier
-      // (stamp 5), -> first partials issued, -> thread 0's first lse value back, -> weights done.
-      if (mr[10] >= mr[2] && mr[5] >= mr[10] && mr[11] >= mr[5] && mr[12] >= mr[11] && mr[7] >= mr[12]) {
-        m_epi.push_back((mr[10] - mr[2]) * 1e-3);
-        m_atom.push_back((mr[5] - mr[10]) * 1e-3);
-        m_iss.push_back((mr[11] - mr[5]) * 1e-3);
-        m_rt.push_back((mr[12] - mr[11]) * 1e-3);
-        m_red.push_back((mr[7] - mr[12]) * 1e-3);
+      for (size_t i = 0; i < std::size(phases); ++i) {
+        const unsigned long long a = mr[phases[i].from], z = mr[phases[i].to];
+        if (a != 0 && z >= a) phase_us[i].push_back((z - a) * 1e-3);
       }
       last_arrival.push_back((la - t0) * 1e-3);
       merger_exit.push_back((mx_exit - t0) * 1e-3);
@@ -430,19 +430,8 @@ int run(int argc, char** argv) {
     row("pair: last arrival", last_arrival);
     row("pair: merge (arr->exit)", merge_part);
     row("pair: merger exit", merger_exit);
-    if (!m_lse.empty()) {
-      if (!m_epi.empty()) {
-        row("merger: loop end->atom", m_epi);
-        row("merger: atomic", m_atom);
-        row("merge: partials issue", m_iss);
-        row("merge: lse round trip", m_rt);
-        row("merge: reductions", m_red);
-      }
-      row("merge: arr->weights", m_lse);
-      row("merge: weights barrier", m_bar);
-      row("merge: combine+store", m_sum);
-      row("merge: store->exit", m_out);
-    }
+    for (size_t i = 0; i < std::size(phases); ++i)
+      if (!phase_us[i].empty()) row(phases[i].name, phase_us[i]);
   }
   {
     // Loop ends (since the first entry) by how many CTAs their SM ran.
