@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Prepared in session 18, whose device was withdrawn before it could run (bench/NOTES.md, session
-# 18). No build: decode_trace binaries in .exp/, carried. Build them first on the CPU machine:
+# 18); ran as session 19's call 1 at e13e6f1 (the switches below were removed after it: the step
+# loads and warp sync are now the code, batch 36 and lse pairs were dropped).
+# No build: decode_trace binaries in .exp/, carried. Build them first on the CPU machine:
 #   for v in "mb 32 0 0 0" "mst 32 1 0 0" "mws 32 0 1 0" "mall 32 1 1 0" "mb36 36 1 0 0" "mall36 36 1 1 0" \
 #            "mp36 36 1 1 1"; do
 #     set -- $v; nvcc -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr \

@@ -1,0 +1,67 @@
+"""Which split count gqa_decode's automatic choice (num_splits=0) runs, found by matching its
+output bit for bit against forced counts, and its time next to its neighbours'.
+
+Session 19: the automatic count now avoids a count just past a multiple of the split merge's
+batch (kMergeBatch, 32 at head_dim 128) unless that gains >= 5% of SM fill
+(paged_decode::choose_splits). B1 Hq32 Hkv8 S131072 on 132 SMs went from 33 splits (two merge
+batches) to 32.
+
+    python bench/experiments/auto_splits_check.py [OUT.json]
+
+Prints one line per case: the forced count(s) whose output equals the automatic one's bit for bit,
+then median us (harness Timer: CUDA events, L2 flushed) at the automatic count and at forced
+counts around it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import kvcore
+from kvcore.bench import harness
+
+# (batch, num_kv_heads, seq_len): the decode table's small-batch rows and a few more pair counts.
+CASES = [(1, 8, 32768), (1, 8, 131072), (1, 4, 131072), (1, 2, 131072), (2, 8, 32768), (4, 8, 8192)]
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    timer = harness.Timer(dev)
+    kvcore.set_validation(False)
+    ws = kvcore.decode_workspace(dev)
+    rows = []
+    d, ps, group = 128, 16, 4
+    for b, hkv, s in CASES:
+        g = torch.Generator(device=dev).manual_seed(b * 1000 + hkv)
+        pages = b * s // ps
+        kc = torch.randn(pages, ps, hkv, d, dtype=torch.bfloat16, device=dev, generator=g)
+        vc = torch.randn(pages, ps, hkv, d, dtype=torch.bfloat16, device=dev, generator=g)
+        q = torch.randn(b, hkv * group, d, dtype=torch.bfloat16, device=dev, generator=g)
+        bt = torch.randperm(pages, device=dev, generator=g).view(b, -1).int()
+        sl = torch.full((b,), s, dtype=torch.int32, device=dev)
+
+        def run(ns: int) -> torch.Tensor:
+            out = torch.full_like(q, float("nan"))
+            kvcore.gqa_decode(q, kc, vc, bt, sl, out=out, workspace=ws, num_splits=ns)
+            return out
+
+        auto = run(0)
+        matches = [n for n in range(1, 161) if torch.equal(run(n), auto)]
+        name = f"B{b} Hq{hkv * group} Hkv{hkv} S{s}"
+        times = {}
+        around = sorted({n for m in matches for n in (m - 1, m, m + 1) if n >= 1})
+        for ns in [0] + around:
+            out = torch.empty_like(q)
+            times[ns] = timer(lambda: kvcore.gqa_decode(q, kc, vc, bt, sl, out=out, workspace=ws, num_splits=ns)) * 1e3
+        rows.append({"case": name, "auto_equals_forced": matches, "us": times})
+        print(f"{name:28s} automatic = forced {matches}; " + ", ".join(
+            f"{'auto' if n == 0 else n}: {t:.1f} us" for n, t in times.items()), flush=True)
+        del kc, vc
+    if len(sys.argv) > 1:
+        json.dump({"gpu": torch.cuda.get_device_name(dev), "rows": rows}, open(sys.argv[1], "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
