@@ -51,7 +51,11 @@ def main() -> None:
         matches = [n for n in range(1, 161) if torch.equal(run(n), auto)]
         name = f"B{b} Hq{hkv * group} Hkv{hkv} S{s}"
         times = {}
-        around = sorted({n for m in matches for n in (m - 1, m, m + 1) if n >= 1})
+        # its neighbours, and the counts either side of a merge batch (what the rule before
+        # session 19 could pick: e.g. 33 at B1 Hkv8, 132 at B1 Hkv2 on 132 SMs)
+        top = 2 * max(matches + [16])
+        around = sorted({n for m in matches for n in (m - 1, m, m + 1) if n >= 1}
+                        | {n for n in (16, 32, 33, 64, 66, 128, 132) if n <= top})
         for ns in [0] + around:
             out = torch.empty_like(q)
             times[ns] = timer(lambda: kvcore.gqa_decode(q, kc, vc, bt, sl, out=out, workspace=ws, num_splits=ns)) * 1e3

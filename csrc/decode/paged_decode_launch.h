@@ -46,15 +46,23 @@ inline double wave_fill(int64_t ctas, int64_t slots) {
 // for a captured graph): fill the GPU's CTA slots in as few, as full waves as possible.
 // max_ctas > 0 caps the grid (pairs x splits) where pairs alone fit under it: one wave for the
 // fused H2O score epilogue, whose CTAs wait for the other splits of their pair.
-inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_ctas = 0) {
+// merge_batch > 0: the split merge loads that many splits' partials per round trip, so a count
+// past a multiple of it costs the merging CTA one more round trip at the very end of the kernel;
+// such a count must gain more fill (kBatchFillGain) than a plain step. Session 18/19 (H200, B1
+// Hq32 Hkv8 S131072): 33 splits (264 CTAs, every slot) 129.2-129.3 us, 32 (256 CTAs) 127.2-127.5.
+constexpr double kStepFillGain = 0.02;
+constexpr double kBatchFillGain = 0.05;
+inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_ctas = 0, int merge_batch = 0) {
   int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv_len / kMinSplitTokens));
   if (max_ctas > 0) most = std::max<int64_t>(1, std::min<int64_t>(most, max_ctas / std::max<int64_t>(pairs, 1)));
+  auto batches = [&](int64_t s) { return merge_batch > 0 ? (s + merge_batch - 1) / merge_batch : 1; };
   int best = 1;
   double best_fill = 0.0;
   for (int64_t s = 1; s <= most; ++s) {
     const int64_t ctas = pairs * s;
     const double fill = wave_fill(ctas, slots);
-    if (fill > best_fill + 0.02) {  // more splits only for a real gain in SM fill
+    // more splits only for a real gain in SM fill
+    if (fill > best_fill + (batches(s) > batches(best) ? kBatchFillGain : kStepFillGain)) {
       best = int(s);
       best_fill = fill;
     }
@@ -87,9 +95,9 @@ struct SplitPlan {
 // lowered until it fits.
 inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pairs, int64_t kv_len, int slots,
                              int tile, int64_t requested, int64_t have, int64_t scratch, int64_t rows,
-                             int64_t width, int64_t max_ctas = 0) {
+                             int64_t width, int64_t max_ctas = 0, int merge_batch = 0) {
   int splits = requested > 0 ? int(std::min<int64_t>(requested, kMaxSplits))
-                             : choose_splits(pairs, kv_len, slots, max_ctas);
+                             : choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
   auto lse_bytes = [&](int n) { return round256(pairs * n * rows * 4); };
   auto bytes_for = [&](int n) { return kCounterBytes + scratch + lse_bytes(n) + pairs * n * rows * width * 4; };
   if (splits > 1) {
@@ -317,7 +325,8 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   // each other), so an automatic split count keeps the grid to one wave.
   const bool want_fused = SCORE && score_epilogue() == ScoreEpilogue::kFused;
   const SplitPlan plan = plan_splits(op, "batch x num_kv_heads", pairs, kv_len, slots, Cfg::TILE, requested_splits,
-                                     have, sbytes, s.group, s.head_dim, want_fused ? slots : 0);
+                                     have, sbytes, s.group, s.head_dim, want_fused ? slots : 0,
+                                     kMergeBatch<Cfg::D>);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
   // Fused when the grid is one wave (or no pair is split), the departure counters fit next to the
@@ -421,7 +430,7 @@ bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requ
   using Narrow = GqaDecodeConfig<128>;
   const int narrow_slots = sms * ctas_per_sm(reinterpret_cast<const void*>(gqa_decode_kernel<T, Narrow, false, false, 2>),
                                              Narrow::THREADS, Narrow::smem_bytes(false), op);
-  return double(pairs) / double(sms) + 0.02 >= wave_fill(pairs * choose_splits(pairs, kv_len, narrow_slots), narrow_slots);
+  return double(pairs) / double(sms) + 0.02 >= wave_fill(pairs * choose_splits(pairs, kv_len, narrow_slots, 0, kMergeBatch<128>), narrow_slots);
 }
 
 // dtype x head-dim x page-group dispatch onto launch<T, Cfg, SPARSE, SCORE, SPP>.

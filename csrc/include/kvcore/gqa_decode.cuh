@@ -203,31 +203,13 @@ __host__ __device__ constexpr size_t score_stage_total_bytes(int64_t split_token
 
 // Splits whose partials (one float4 each) a thread of the last CTA has in flight at once during
 // the split merge. 16 at D 64, whose 3 CTAs per SM leave 170 registers a thread (32 took it from
-// 96 to 168). At 32, B1 Hkv8's 33 one-wave splits (264 CTAs on 132 SMs) take two batches: the
-// 33rd partial is loaded after the first batch is combined, one more round trip (session 18,
-// call 4: combine 1.9-2.1 us at B1 S131072 against 0.4 at 32 splits or fewer; the merge 3.6-4.1
-// us against 1.8-2.0).
-//
-// The split merge's compile-time experiments (session 18, bench/calls/s19_call1.sh; the defaults
-// are the library's code, and each setting keeps the arithmetic and its order, so the bits):
-//   KVCORE_MERGE_BATCH_D128  D 128's batch (36 puts 33 splits in one);
-//   KVCORE_MERGE_STEP_LOADS  the partials addressed by one stepped pointer;
-//   KVCORE_MERGE_LSE_PAIRS   a lane's lse entries loaded two at a time;
-//   KVCORE_MERGE_WARP_SYNC   at D 128, __syncwarp instead of the barrier before the combine.
-#ifndef KVCORE_MERGE_BATCH_D128
-#define KVCORE_MERGE_BATCH_D128 32
-#endif
-#ifndef KVCORE_MERGE_STEP_LOADS
-#define KVCORE_MERGE_STEP_LOADS 0
-#endif
-#ifndef KVCORE_MERGE_LSE_PAIRS
-#define KVCORE_MERGE_LSE_PAIRS 0
-#endif
-#ifndef KVCORE_MERGE_WARP_SYNC
-#define KVCORE_MERGE_WARP_SYNC 0
-#endif
+// 96 to 168). A split count past a multiple of it costs the merge another round trip on the
+// critical path (session 18, call 4: B1 S131072's 33 splits, merge 3.6-4.1 us against 1.8-2.0
+// at 32), so the launcher's automatic count avoids that (paged_decode::choose_splits). A batch
+// of 36 at D 128 (33 splits in one) measured no faster than 32 splits (session 19, call 1: 127.5-
+// 128.0 us against 127.2-127.5) and took the D 128 kernels to 196-211 registers.
 template <int D>
-constexpr int kMergeBatch = D <= 64 ? 16 : (D == 128 ? KVCORE_MERGE_BATCH_D128 : 32);
+constexpr int kMergeBatch = D <= 64 ? 16 : 32;
 
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][TD chunks] tile.
 template <int TD>
@@ -877,22 +859,17 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   float4 pv[BATCH];
   auto load_partials = [&](int item, int s0) {
     const int h = item / (D / 4), c = (item % (D / 4)) * 4;
-    if constexpr (KVCORE_MERGE_STEP_LOADS) {
-      // One pointer stepped by a split's stride: ~4 instructions a load instead of each load's
-      // own 64-bit products (~13, issued even where the load is predicated off, so at 2 splits
-      // as at 32: ~380 instructions before the lse loads in thread 0's warp).
-      const float4* src = reinterpret_cast<const float4*>(pout + (int64_t(s0) * group + h) * D + c);
-      const int64_t stride = int64_t(group) * (D / 4);
-      const int n = ns - s0;
+    // One pointer stepped by a split's stride: ~4 instructions a load, where each load's own
+    // 64-bit products took ~13 (issued even where the load is predicated off: ~380 instructions
+    // before the lse loads; session 19, call 1: the merge 0.1-0.3 us shorter with the barrier
+    // change below).
+    const float4* src = reinterpret_cast<const float4*>(pout + (int64_t(s0) * group + h) * D + c);
+    const int64_t stride = int64_t(group) * (D / 4);
+    const int n = ns - s0;
 #pragma unroll
-      for (int j = 0; j < BATCH; ++j) {
-        if (j < n) pv[j] = __ldcg(src);
-        src += stride;
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < BATCH; ++j)
-        if (s0 + j < ns) pv[j] = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s0 + j) * group + h) * D + c));
+    for (int j = 0; j < BATCH; ++j) {
+      if (j < n) pv[j] = __ldcg(src);
+      src += stride;
     }
   };
   if (is_last && tid < items) load_partials(tid, 0);
@@ -903,27 +880,11 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     // Each lane reads its splits' lse once (L2 round trips are what this merge is made of: it
     // runs after every other CTA of the pair, on the critical path) and keeps them in wgt.
     float mx = -INFINITY;
-    if constexpr (KVCORE_MERGE_LSE_PAIRS) {
-      // A lane's entries two at a time, both loads issued before either is used: with 33 splits
-      // (B1 Hkv8's one wave) lane 0 has two, and the compiler's loop (a peeled first iteration)
-      // made them two round trips in a row (session 18, call 4: arrival -> weights 1.8-1.9 us
-      // at 33 splits, 1.3 at 32). The max is exact, so its order does not matter.
-      for (int s = lane; s < ns; s += 64) {
-        const bool second = s + 32 < ns;
-        const float x0 = __ldcg(plse + s * group + h);
-        const float x1 = second ? __ldcg(plse + (s + 32) * group + h) : -INFINITY;
-        if (s == lane && h == warp) KVCORE_TRACE_AFTER(p, 12, x0);
-        wgt[h * (ns + 1) + s] = x0;
-        if (second) wgt[h * (ns + 1) + s + 32] = x1;
-        mx = fmaxf(fmaxf(mx, x0), x1);
-      }
-    } else {
-      for (int s = lane; s < ns; s += 32) {
-        const float x = __ldcg(plse + s * group + h);
-        if (s == lane && h == warp) KVCORE_TRACE_AFTER(p, 12, x);
-        wgt[h * (ns + 1) + s] = x;
-        mx = fmaxf(mx, x);
-      }
+    for (int s = lane; s < ns; s += 32) {
+      const float x = __ldcg(plse + s * group + h);
+      if (s == lane && h == warp) KVCORE_TRACE_AFTER(p, 12, x);
+      wgt[h * (ns + 1) + s] = x;
+      mx = fmaxf(mx, x);
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -952,7 +913,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   // At D 128 a warp's combine items below (item = tid + k x THREADS, head item / 32) are the
   // heads whose weights it worked out above (warp + k x WARPS): only the warp must see them. The
   // fused score epilogue's add_scores has its own barrier before it reads s_lse2.
-  if (KVCORE_MERGE_WARP_SYNC && D / 4 == 32)
+  if constexpr (D / 4 == 32)
     __syncwarp();
   else
     __syncthreads();
