@@ -10,7 +10,8 @@
 // places V relative to K. TABLE=random|seq|rowsorted|clusterN
 // picks the block table's page order (default random); CLUSTER=n launches the KV heads of a
 // split as thread-block clusters of n CTAs. A plain read of the same pages through the table
-// (whole pages, one CTA each) is timed next to the one-shot read.
+// (whole pages, one CTA each) and one in the kernel's pattern (a CTA per KV head and split) are
+// timed next to the one-shot read.
 // GRAIN (tokens, default the tile): a split's length is rounded up to a multiple of it. The
 // kernel is the library's page-group instance for the page size (SPP, as the launcher picks it).
 // The output is checked against a one-split call of the same kernel.
@@ -78,6 +79,41 @@ __global__ void read_paged(const int4* k, const int4* v, const int* table, int p
   for (int i = threadIdx.x; i < page_vecs; i += blockDim.x) {
     const int4 a = k[page * page_vecs + i], c = v[page * page_vecs + i];
     acc ^= a.x ^ a.y ^ a.z ^ a.w ^ c.x ^ c.y ^ c.z ^ c.w;
+  }
+  if (acc == 0x12345678) *sink = acc;
+}
+
+// Plain read in the decode kernel's pattern: a CTA per (KV head, split, sequence), 128 threads,
+// reading its head's 256-byte rows (2 KB apart at Hkv 8) of its split's tokens through the table,
+// 128 tokens of K and V (64 KB; the kernel's ring holds 96 KB) a step, all of a step's loads
+// issued before any is used. Against read_paged (whole pages, all heads a CTA) in one table order
+// and another, it tells whether what the page order costs the kernel (session 17: B16 127.3 us
+// random against 125.5 sequential, while read_paged does not care) comes from the per-head rows
+// or from the kernel itself.
+__global__ void read_paged_heads(const int4* k, const int4* v, const int* table, int pages_per_seq, int page,
+                                 int hkv, int seq_len, int split_tokens, int* sink) {
+  constexpr int kRowVecs = 128 * 2 / 16;  // D 128 bf16: 16 int4 a row
+  constexpr int kRowsPerStep = 128;
+  const int h = blockIdx.x, b = blockIdx.z;
+  const int t0 = blockIdx.y * split_tokens, t1 = min(seq_len, t0 + split_tokens);
+  const int lane_vec = threadIdx.x % kRowVecs, row0 = threadIdx.x / kRowVecs;  // 8 rows a pass
+  const int* rowtab = table + size_t(b) * pages_per_seq;
+  int acc = 0;
+  for (int t = t0; t < t1; t += kRowsPerStep) {
+    int4 a[kRowsPerStep / 8], c[kRowsPerStep / 8];
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep / 8; ++j) {
+      const int tok = t + row0 + 8 * j;
+      if (tok < t1) {
+        const int64_t row = (int64_t(rowtab[tok / page]) * page + tok % page) * hkv + h;
+        a[j] = __ldcg(k + row * kRowVecs + lane_vec);
+        c[j] = __ldcg(v + row * kRowVecs + lane_vec);
+      } else {
+        a[j] = c[j] = make_int4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep / 8; ++j) acc ^= a[j].x ^ a[j].y ^ a[j].z ^ a[j].w ^ c[j].x ^ c[j].y ^ c[j].z ^ c[j].w;
   }
   if (acc == 0x12345678) *sink = acc;
 }
@@ -261,6 +297,10 @@ int run(int argc, char** argv) {
   const double paged_us = time_it([&] {
     read_paged<<<num_pages, 256>>>(reinterpret_cast<const int4*>(k), reinterpret_cast<const int4*>(v), d_table, page_vecs, sink);
   }, 20);
+  const double heads_us = time_it([&] {
+    read_paged_heads<<<dim3(Hkv, p.num_splits, B), 128>>>(reinterpret_cast<const int4*>(k), reinterpret_cast<const int4*>(v),
+                                                          d_table, pages_per_seq, PAGE, Hkv, S, p.split_tokens, sink);
+  }, 20);
   const double us = time_it([&] { launch(p); }, 50);
   CUDA_CHECK(cudaGetLastError());
   const double bytes = 2.0 * B * S * Hkv * D * 2;
@@ -301,9 +341,10 @@ int run(int argc, char** argv) {
       }
     std::printf("check: max |out - host reference| (4 heads) = %.3g%s\n", ref_worst, ref_worst < 2e-2 ? "" : "  <-- MISMATCH");
   }
-  std::printf("B%d S%d Hq%d Hkv%d page %d SPP %d table %s cluster %d splits %d x %d tokens, %d stages, %d CTAs/SM: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; one-shot read of K and V %.1f us, %.0f GB/s; paged read %.1f us, %.0f GB/s)\n",
+  std::printf("B%d S%d Hq%d Hkv%d page %d SPP %d table %s cluster %d splits %d x %d tokens, %d stages, %d CTAs/SM: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; one-shot read of K and V %.1f us, %.0f GB/s; paged read %.1f us, %.0f GB/s; per-head paged read %.1f us, %.0f GB/s)\n",
               B, S, Hq, Hkv, PAGE, SPP, table_kind, cluster, p.num_splits, p.split_tokens, STAGES, per_sm, ctas, us,
-              bytes / us * 1e-3, empty_us, read_us, bytes / read_us * 1e-3, paged_us, bytes / paged_us * 1e-3);
+              bytes / us * 1e-3, empty_us, read_us, bytes / read_us * 1e-3, paged_us, bytes / paged_us * 1e-3, heads_us,
+              bytes / heads_us * 1e-3);
 
   unsigned long long* trace;
   constexpr int F = kvcore::kDecodeTraceFixed;
