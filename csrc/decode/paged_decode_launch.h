@@ -430,7 +430,8 @@ bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requ
   using Narrow = GqaDecodeConfig<128>;
   const int narrow_slots = sms * ctas_per_sm(reinterpret_cast<const void*>(gqa_decode_kernel<T, Narrow, false, false, 2>),
                                              Narrow::THREADS, Narrow::smem_bytes(false), op);
-  return double(pairs) / double(sms) + 0.02 >= wave_fill(pairs * choose_splits(pairs, kv_len, narrow_slots, 0, kMergeBatch<128>), narrow_slots);
+  const int narrow_splits = choose_splits(pairs, kv_len, narrow_slots, 0, kMergeBatch<128>);
+  return double(pairs) / double(sms) + kStepFillGain >= wave_fill(pairs * narrow_splits, narrow_slots);
 }
 
 // dtype x head-dim x page-group dispatch onto launch<T, Cfg, SPARSE, SCORE, SPP>.
