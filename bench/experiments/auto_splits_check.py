@@ -10,7 +10,9 @@ batches) to 32.
 
 Prints one line per case: the forced count(s) whose output equals the automatic one's bit for bit,
 then median us (harness Timer: CUDA events, L2 flushed) at the automatic count and at forced
-counts around it.
+counts around it. Inputs are the decode benchmark's (kvcore.bench.decode.make_inputs), so the
+times compare with its table; session 19's call 2 ran an earlier version that built its own
+(seeded device randperm block tables; bench/results/h200-2026-12-04-s19/call2/splits.log).
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ import sys
 import torch
 
 import kvcore
-from kvcore.bench import harness
+from kvcore.bench import decode, harness
 
 # (batch, num_kv_heads, seq_len): the decode table's small-batch rows and a few more pair counts.
+# Query heads per KV head 4 (the table's Hq32 Hkv8), D 128, page 16.
 CASES = [(1, 8, 32768), (1, 8, 131072), (1, 4, 131072), (1, 2, 131072), (2, 8, 32768), (4, 8, 8192)]
+GROUP = 4
 
 
 def main() -> None:
@@ -32,24 +36,22 @@ def main() -> None:
     kvcore.set_validation(False)
     ws = kvcore.decode_workspace(dev)
     rows = []
-    d, ps, group = 128, 16, 4
     for b, hkv, s in CASES:
-        g = torch.Generator(device=dev).manual_seed(b * 1000 + hkv)
-        pages = b * s // ps
-        kc = torch.randn(pages, ps, hkv, d, dtype=torch.bfloat16, device=dev, generator=g)
-        vc = torch.randn(pages, ps, hkv, d, dtype=torch.bfloat16, device=dev, generator=g)
-        q = torch.randn(b, hkv * group, d, dtype=torch.bfloat16, device=dev, generator=g)
-        bt = torch.randperm(pages, device=dev, generator=g).view(b, -1).int()
-        sl = torch.full((b,), s, dtype=torch.int32, device=dev)
+        case = decode.DecodeCase(b, GROUP * hkv, hkv, 128, s)
+        x = decode.make_inputs(case, dev)
+        out = torch.empty_like(x.q)
 
-        def run(ns: int) -> torch.Tensor:
-            out = torch.full_like(q, float("nan"))
-            kvcore.gqa_decode(q, kc, vc, bt, sl, out=out, workspace=ws, num_splits=ns)
-            return out
+        def call(ns: int) -> None:
+            kvcore.gqa_decode(x.q, x.k_cache, x.v_cache, x.block_table, x.seq_lens, scale=x.scale, out=out,
+                              workspace=ws, num_splits=ns)
 
-        auto = run(0)
-        matches = [n for n in range(1, 161) if torch.equal(run(n), auto)]
-        name = f"B{b} Hq{hkv * group} Hkv{hkv} S{s}"
+        def result(ns: int) -> torch.Tensor:  # into a poisoned out
+            out.fill_(float("nan"))
+            call(ns)
+            return out.clone()
+
+        auto = result(0)
+        matches = [n for n in range(1, 161) if torch.equal(result(n), auto)]
         times = {}
         # its neighbours, and the counts either side of a merge batch (what the rule before
         # session 19 could pick: e.g. 33 at B1 Hkv8, 132 at B1 Hkv2 on 132 SMs)
@@ -57,12 +59,11 @@ def main() -> None:
         around = sorted({n for m in matches for n in (m - 1, m, m + 1) if n >= 1}
                         | {n for n in (16, 32, 33, 64, 66, 128, 132) if n <= top})
         for ns in [0] + around:
-            out = torch.empty_like(q)
-            times[ns] = timer(lambda: kvcore.gqa_decode(q, kc, vc, bt, sl, out=out, workspace=ws, num_splits=ns)) * 1e3
-        rows.append({"case": name, "auto_equals_forced": matches, "us": times})
-        print(f"{name:28s} automatic = forced {matches}; " + ", ".join(
+            times[ns] = timer(lambda: call(ns)) * 1e3
+        rows.append({"case": case.name, "auto_equals_forced": matches, "us": times})
+        print(f"{case.name:36s} automatic = forced {matches}; " + ", ".join(
             f"{'auto' if n == 0 else n}: {t:.1f} us" for n, t in times.items()), flush=True)
-        del kc, vc
+        del x, out
     if len(sys.argv) > 1:
         json.dump({"gpu": torch.cuda.get_device_name(dev), "rows": rows}, open(sys.argv[1], "w"), indent=1)
 
