@@ -1,31 +1,35 @@
 #!/usr/bin/env bash
-# Prepared in session 19 (no device left for it). Carry .peers and .exp; build the decode_trace
-# binary first on the CPU machine (~25 s):
+# Prepared in sessions 19-20 (no device was lent in session 20). Carry .peers and .exp; build the
+# decode_trace binary first on the CPU machine (~30 s):
 #   nvcc -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 #     -Icsrc/include bench/experiments/decode_trace.cu -o .exp/lib
-# 1. Does the page order's cost come from the kernel's per-head rows? decode_trace now also times
-#    a plain read in the kernel's pattern (a CTA per KV head and split, 256-byte rows 2 KB apart:
+# 1. Does the page order's cost come from the kernel's per-head rows? decode_trace times a plain
+#    read in the kernel's pattern (a CTA per KV head and split, 256-byte rows 2 KB apart:
 #    "per-head paged read") next to the whole-page read (one CTA a page, all heads), each at a
-#    random and a sequential table. If the per-head read loses to random order what the kernel
-#    does (~1.8 us at B16) while the whole-page read loses nothing, a kernel that reads whole
-#    pages (bench/NOTES.md, session 19's next steps) is worth building; if not, it is not.
+#    random and a sequential table; and the page-major kernel (bench/experiments/
+#    page_major_decode.cuh: a CTA per (sequence, split, block of H KV heads), a warp per head,
+#    H x 256 contiguous bytes a token) at H = 8 (whole pages, 1 CTA/SM), 4 (2/SM) and 2 (4/SM),
+#    with split counts that fill the GPU. Read: gqa_decode's and page-major's us at random vs seq.
+#    If page-major H8 at random is ~1.5-2 us under gqa_decode (B16) and no slower at seq, it is
+#    the B >= 16 kernel to build into the library (bench/NOTES.md, session 20).
 # 2. bench/calls/s19_call4.sh's stages: build, the decode table again (is B1 S131072's lead over
 #    cuDNN, 130.2 against 130.8 us in session 19, real?), the automatic split check.
 o=/tmp/c
 rm -rf $o; mkdir -p $o  # (a machine can keep /tmp from an earlier call)
-TRACE_ROWS="^B[0-9]|check|rror"
+TRACE_ROWS="^B[0-9]|check|rror|not run"
 . bench/calls/trace_run.sh
 {
 for rep in 1 2; do
   for t in random seq; do
-    TABLE=$t run "B16 2 splits $t" lib 16 8192 2
+    TABLE=$t PAGE_MAJOR=8:8,4:8,2:8 run "B16 2 splits $t" lib 16 8192 2
     TABLE=$t run "B1 S32768 $t" lib 1 32768 32
-    TABLE=$t run "B32 Hq64 $t" lib 32 8192 1 64 8
-    TABLE=$t run "B64 $t" lib 64 4096 1
+    TABLE=$t PAGE_MAJOR=8:4,4:4,2:4 run "B32 Hq64 $t" lib 32 8192 1 64 8
+    TABLE=$t PAGE_MAJOR=8:2,4:2,2:2 run "B64 $t" lib 64 4096 1
+    TABLE=$t PAGE_MAJOR=8:1,4:1,2:1 run "B128 $t" lib 128 2048 1
   done
 done
 } > $OUT/trace.txt 2>&1
-grep -E "^===|^B[0-9]" $OUT/trace.txt | paste - - | sed -E 's/ \(empty kernel [0-9.]+ us; /; /' | cut -c1-330
-KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-480} build \
+grep -E "^===|^B[0-9]|MISMATCH|not run|rror" $OUT/trace.txt | sed -E 's/ \(empty kernel [0-9.]+ us; /; /' | cut -c1-330
+KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-420} build \
  "bench:decode:100" \
  "run:splits:60:python3 bench/experiments/auto_splits_check.py $o/splits.json"

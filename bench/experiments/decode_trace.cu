@@ -15,6 +15,8 @@
 // GRAIN (tokens, default the tile): a split's length is rounded up to a multiple of it. The
 // kernel is the library's page-group instance for the page size (SPP, as the launcher picks it).
 // The output is checked against a one-split call of the same kernel.
+// PAGE_MAJOR=H:N[,H:N...] (D 128, page 16) also times page_major_decode.cuh's kernel with H KV
+// heads a CTA (2, 4 or 8) and N splits, on the same inputs, checked against that output.
 #define KVCORE_DECODE_TRACE
 #include <cuda_runtime.h>
 
@@ -23,6 +25,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <iterator>
 #include <numeric>
 #include <random>
@@ -31,6 +34,7 @@
 #include "kvcore/gqa_decode.cuh"
 
 #include "cuda_check.h"
+#include "page_major_decode.cuh"
 
 using bf16 = __nv_bfloat16;
 
@@ -124,6 +128,87 @@ static double pct(std::vector<double> v, double q) {
   if (v.empty()) return NAN;
   std::sort(v.begin(), v.end());
   return v[std::min(v.size() - 1, size_t(q * (v.size() - 1) + 0.5))];
+}
+
+// PAGE_MAJOR: the page-major kernel (page_major_decode.cuh) for each "HEADS:SPLITS" entry of
+// `spec`, on the inputs of `p` (its table, lengths, q and caches), its output poisoned before
+// the checked call and compared with the one-split gqa_decode output `ref`.
+template <int HEADS>
+static void page_major_case(const kvcore::GqaDecodeParams& p, int B, int S, int Hq, int splits, const bf16* ref,
+                            const std::function<double(std::function<void()>, int)>& time_it, double bytes) {
+  using Cfg = kvexp::PageMajorConfig<HEADS>;
+  const int Hkv = p.num_kv_heads, group = p.group, D = Cfg::D;
+  if (p.page_size != Cfg::PAGE || Hkv % HEADS != 0 || group > 16 || splits < 1 || splits > 32) {
+    std::printf("page-major H%d splits %d: not run (page 16, Hkv a multiple of H, group <= 16, 1-32 splits)\n", HEADS, splits);
+    return;
+  }
+  const int split_len = ((S + splits - 1) / splits + Cfg::PAGE - 1) / Cfg::PAGE * Cfg::PAGE;
+  const int ns = (S + split_len - 1) / split_len;
+  const size_t blocks = size_t(B) * (Hkv / HEADS);
+  kvexp::PageMajorParams q{};
+  q.q = p.q;
+  q.k_cache = p.k_cache;
+  q.v_cache = p.v_cache;
+  q.block_table = p.block_table;
+  q.seq_lens = p.seq_lens;
+  q.num_kv_heads = Hkv;
+  q.group = group;
+  q.num_pages = p.num_pages;
+  q.max_pages = p.max_pages;
+  q.num_splits = ns;
+  q.split_tokens = split_len;
+  q.scale = p.scale;
+  CUDA_CHECK(cudaMalloc(&q.out, size_t(B) * Hq * D * 2));
+  CUDA_CHECK(cudaMalloc(&q.partial_out, blocks * ns * HEADS * group * D * 4));
+  CUDA_CHECK(cudaMalloc(&q.partial_lse, blocks * ns * HEADS * group * 4));
+  CUDA_CHECK(cudaMalloc(&q.counters, blocks * 4));
+  CUDA_CHECK(cudaMemset(q.counters, 0, blocks * 4));
+  auto kernel = kvexp::page_major_decode_kernel<bf16, Cfg>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
+  int per_sm = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::THREADS, Cfg::SMEM_BYTES));
+  const dim3 grid(Hkv / HEADS, ns, B);
+  CUDA_CHECK(cudaMemset(q.out, 0xff, size_t(B) * Hq * D * 2));  // poison: NaN in bf16
+  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(q);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<uint16_t> a(size_t(B) * Hq * D), r(a.size());
+  CUDA_CHECK(cudaMemcpy(a.data(), q.out, a.size() * 2, cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemcpy(r.data(), ref, r.size() * 2, cudaMemcpyDeviceToHost));
+  auto f = [](uint16_t x) { uint32_t u = uint32_t(x) << 16; float y; std::memcpy(&y, &u, 4); return y; };
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs(double(f(a[i])) - f(r[i]));
+    worst = std::isnan(d) ? INFINITY : std::max(worst, d);
+  }
+  const double us = time_it([&] { kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(q); }, 50);
+  CUDA_CHECK(cudaGetLastError());
+  std::printf("check: page-major H%d max |out - one-split gqa_decode out| = %.3g%s\n", HEADS, worst,
+              worst < 2e-2 ? "" : "  <-- MISMATCH");
+  std::printf("B%d S%d page-major H%d: %d splits x %d tokens, %d CTAs/SM, %zu CTAs, %.1f us, %.0f GB/s over K/V\n", B, S,
+              HEADS, ns, split_len, per_sm, blocks * ns, us, bytes / us * 1e-3);
+  CUDA_CHECK(cudaFree(q.out));
+  CUDA_CHECK(cudaFree(q.partial_out));
+  CUDA_CHECK(cudaFree(q.partial_lse));
+  CUDA_CHECK(cudaFree(q.counters));
+}
+
+static void time_page_major(const char* spec, const kvcore::GqaDecodeParams& p, int B, int S, int Hq, const bf16* ref,
+                            const std::function<double(std::function<void()>, int)>& time_it, double bytes) {
+  for (const char* c = spec; *c != '\0';) {
+    int heads = 0, splits = 0, used = 0;
+    if (std::sscanf(c, "%d:%d%n", &heads, &splits, &used) != 2) {
+      std::fprintf(stderr, "PAGE_MAJOR: expected HEADS:SPLITS[,HEADS:SPLITS...], got \"%s\"\n", spec);
+      std::exit(2);
+    }
+    switch (heads) {
+      case 2: page_major_case<2>(p, B, S, Hq, splits, ref, time_it, bytes); break;
+      case 4: page_major_case<4>(p, B, S, Hq, splits, ref, time_it, bytes); break;
+      case 8: page_major_case<8>(p, B, S, Hq, splits, ref, time_it, bytes); break;
+      default: std::printf("page-major: HEADS must be 2, 4 or 8, got %d\n", heads);
+    }
+    c += used;
+    if (*c == ',') ++c;
+  }
 }
 
 template <int STAGES, int SPP>
@@ -345,6 +430,8 @@ int run(int argc, char** argv) {
               B, S, Hq, Hkv, PAGE, SPP, table_kind, cluster, p.num_splits, p.split_tokens, STAGES, per_sm, ctas, us,
               bytes / us * 1e-3, empty_us, read_us, bytes / read_us * 1e-3, paged_us, bytes / paged_us * 1e-3, heads_us,
               bytes / heads_us * 1e-3);
+
+  if (const char* pm = std::getenv("PAGE_MAJOR")) time_page_major(pm, p, B, S, Hq, out_ref, time_it, bytes);
 
   unsigned long long* trace;
   constexpr int F = kvcore::kDecodeTraceFixed;
