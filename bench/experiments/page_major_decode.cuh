@@ -240,10 +240,35 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) page_major_decode_kernel(cons
   __syncthreads();
   if (!is_last) return;
 
-  // The last CTA of the (sequence, head block): weights of each split per query head in shared
-  // memory ([brows][num_splits + 1], the sum last), then every (head, 4 columns) item combined.
+  // The last CTA of the (sequence, head block) combines every query head's partials. A thread's
+  // items (4 columns of one head) are tid + k x THREADS; their partials are loaded KB items x SB
+  // splits at a time (32 float4 in flight), the first batch before the lse round trip so the two
+  // overlap (the merge is on the critical path: it starts after the pair's last split). The
+  // weights of each split per head go through shared memory ([brows][num_splits + 1], the sum
+  // last). Since THREADS is a multiple of D / 4, item k's head is k x THREADS / (D / 4) heads
+  // after item 0's at the same columns: the addresses step by constant strides.
+  constexpr int KB = 4, SB = 8;
   const int ns = p.num_splits;
   float* const wgt = reinterpret_cast<float*>(smem_raw);  // the ring is free: every copy waited for
+  const int n_items = brows * (D / 4);
+  const int my_items = tid < n_items ? (n_items - tid + THREADS - 1) / THREADS : 0;
+  const float* const pout = p.partial_out + blk * ns * brows * D + (tid / (D / 4)) * D + (tid % (D / 4)) * 4;
+  constexpr int64_t kItemStride = int64_t(THREADS / (D / 4)) * D;  // floats between a thread's items
+  const int64_t split_stride = int64_t(brows) * D;                  // floats between splits
+  float4 pv[KB][SB];
+  auto load_batch = [&](int k0, int s0) {
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) {
+      const float* src = pout + (k0 + kk) * kItemStride + s0 * split_stride;
+#pragma unroll
+      for (int ss = 0; ss < SB; ++ss) {
+        if (k0 + kk < my_items && s0 + ss < ns) pv[kk][ss] = __ldcg(reinterpret_cast<const float4*>(src));
+        src += split_stride;
+      }
+    }
+  };
+  load_batch(0, 0);
+
   const float* plse = p.partial_lse + blk * ns * brows;
   for (int h = warp; h < brows; h += WARPS) {
     const float x = lane < ns ? __ldcg(plse + lane * brows + h) : -INFINITY;
@@ -257,23 +282,38 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) page_major_decode_kernel(cons
     if (lane == 0) wgt[h * (ns + 1) + ns] = sum;
   }
   __syncthreads();
-  const float* pout = p.partial_out + blk * ns * brows * D;
-  for (int item = tid; item < brows * (D / 4); item += THREADS) {
-    const int h = item / (D / 4), c = (item % (D / 4)) * 4;
-    const float* wh = wgt + h * (ns + 1);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s = 0; s < ns; ++s) {
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(pout + (int64_t(s) * brows + h) * D + c));
-      const float w = wh[s];
-      acc.x = fmaf(w, x.x, acc.x);
-      acc.y = fmaf(w, x.y, acc.y);
-      acc.z = fmaf(w, x.z, acc.z);
-      acc.w = fmaf(w, x.w, acc.w);
+  for (int k0 = 0; k0 < my_items; k0 += KB) {
+    float4 acc[KB];
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) acc[kk] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < ns; s0 += SB) {
+      if (k0 > 0 || s0 > 0) load_batch(k0, s0);  // (the first batch came before the lse)
+#pragma unroll
+      for (int kk = 0; kk < KB; ++kk) {
+        const int h = (tid + (k0 + kk) * THREADS) / (D / 4);
+#pragma unroll
+        for (int ss = 0; ss < SB; ++ss) {
+          if (k0 + kk < my_items && s0 + ss < ns) {
+            const float w = wgt[h * (ns + 1) + s0 + ss];
+            acc[kk].x = fmaf(w, pv[kk][ss].x, acc[kk].x);
+            acc[kk].y = fmaf(w, pv[kk][ss].y, acc[kk].y);
+            acc[kk].z = fmaf(w, pv[kk][ss].z, acc[kk].z);
+            acc[kk].w = fmaf(w, pv[kk][ss].w, acc[kk].w);
+          }
+        }
+      }
     }
-    const float inv = wh[ns] == 0.f ? 0.f : 1.f / wh[ns];
-    T* dst = static_cast<T*>(p.out) + (int64_t(b) * hq + int64_t(hblk) * brows + h) * D + c;
-    *reinterpret_cast<uint2*>(dst) =
-        make_uint2(kvcore::pack2(acc.x * inv, acc.y * inv, T{}), kvcore::pack2(acc.z * inv, acc.w * inv, T{}));
+#pragma unroll
+    for (int kk = 0; kk < KB; ++kk) {
+      if (k0 + kk >= my_items) break;
+      const int item = tid + (k0 + kk) * THREADS;
+      const int h = item / (D / 4), c = (item % (D / 4)) * 4;
+      const float sum = wgt[h * (ns + 1) + ns];
+      const float inv = sum == 0.f ? 0.f : 1.f / sum;
+      T* dst = static_cast<T*>(p.out) + (int64_t(b) * hq + int64_t(hblk) * brows + h) * D + c;
+      *reinterpret_cast<uint2*>(dst) = make_uint2(kvcore::pack2(acc[kk].x * inv, acc[kk].y * inv, T{}),
+                                                  kvcore::pack2(acc[kk].z * inv, acc[kk].w * inv, T{}));
+    }
   }
   if (tid == 0) p.counters[blk] = 0u;  // ready for the next launch
 }
