@@ -3,6 +3,7 @@
 # decode_trace binary first on the CPU machine (~30 s):
 #   nvcc -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 #     -Icsrc/include bench/experiments/decode_trace.cu -o .exp/lib
+#   (the same with -DTRACE_WARPS=8 -o .exp/lib8: gqa_decode's 8-warp kernel, the library's pick at B16)
 # 1. Does the page order's cost come from the kernel's per-head rows? decode_trace times a plain
 #    read in the kernel's pattern (a CTA per KV head and split, 256-byte rows 2 KB apart:
 #    "per-head paged read") next to the whole-page read (one CTA a page, all heads), each at a
@@ -21,10 +22,11 @@ TRACE_ROWS="^B[0-9]|check|rror|not run"
 {
 for rep in 1 2; do
   for t in random seq; do
-    TABLE=$t PAGE_MAJOR=8:8,4:8,2:8 run "B16 2 splits $t" lib 16 8192 2
+    TABLE=$t PAGE_MAJOR=8:8,4:4,4:8,2:4,2:8 run "B16 2 splits $t" lib 16 8192 2
+    TABLE=$t run "B16 8 warps 1 split $t" lib8 16 8192 1
     TABLE=$t run "B1 S32768 $t" lib 1 32768 32
-    TABLE=$t PAGE_MAJOR=8:4,4:4,2:4 run "B32 Hq64 $t" lib 32 8192 1 64 8
-    TABLE=$t PAGE_MAJOR=8:2,4:2,2:2 run "B64 $t" lib 64 4096 1
+    TABLE=$t PAGE_MAJOR=8:4,4:2,4:4,2:1,2:2 run "B32 Hq64 $t" lib 32 8192 1 64 8
+    TABLE=$t PAGE_MAJOR=8:2,4:1,4:2,2:1,2:2 run "B64 $t" lib 64 4096 1
     TABLE=$t PAGE_MAJOR=8:1,4:1,2:1 run "B128 $t" lib 128 2048 1
   done
 done
