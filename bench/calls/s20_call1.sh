@@ -3,7 +3,8 @@
 # decode_trace binary first on the CPU machine (~30 s):
 #   nvcc -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 #     -Icsrc/include bench/experiments/decode_trace.cu -o .exp/lib
-#   (the same with -DTRACE_WARPS=8 -o .exp/lib8: gqa_decode's 8-warp kernel, the library's pick at B16)
+#   (the same with -DTRACE_WARPS=8 -o .exp/lib8: gqa_decode's 8-warp kernel, the library's pick at
+#   B16; and both again with -DKVCORE_CP_ASYNC_L2_BYTES=256 -o .exp/lib256 / .exp/lib8_256)
 # 1. Does the page order's cost come from the kernel's per-head rows? decode_trace times a plain
 #    read in the kernel's pattern (a CTA per KV head and split, 256-byte rows 2 KB apart:
 #    "per-head paged read") next to the whole-page read (one CTA a page, all heads), each at a
@@ -13,6 +14,9 @@
 #    with split counts that fill the GPU. Read: gqa_decode's and page-major's us at random vs seq.
 #    If page-major H8 at random is ~1.5-2 us under gqa_decode (B16) and no slower at seq, it is
 #    the B >= 16 kernel to build into the library (bench/NOTES.md, session 20).
+#    Also, at the random table: every K/V copy with cp.async's L2 prefetch size 256 B instead of
+#    128 (lib256, lib8_256; the page-major kernel in lib256 too): a head's row is 256 contiguous
+#    bytes. Never tried; expected small either way.
 # 2. bench/calls/s19_call4.sh's stages: build, the decode table again (is B1 S131072's lead over
 #    cuDNN, 130.2 against 130.8 us in session 19, real?), the automatic split check.
 o=/tmp/c
@@ -29,6 +33,11 @@ for rep in 1 2; do
     TABLE=$t PAGE_MAJOR=8:2,4:1,4:2,2:1,2:2 run "B64 $t" lib 64 4096 1
     TABLE=$t PAGE_MAJOR=8:1,4:1,2:1 run "B128 $t" lib 128 2048 1
   done
+  TABLE=random PAGE_MAJOR=8:8,4:8,2:8 run "B16 2 splits L2 256B" lib256 16 8192 2
+  TABLE=random run "B16 8 warps 1 split L2 256B" lib8_256 16 8192 1
+  TABLE=random run "B1 S32768 L2 256B" lib256 1 32768 32
+  TABLE=random PAGE_MAJOR=8:2,4:2 run "B64 L2 256B" lib256 64 4096 1
+  TABLE=random PAGE_MAJOR=8:1 run "B128 L2 256B" lib256 128 2048 1
 done
 } > $OUT/trace.txt 2>&1
 grep -E "^===|^B[0-9]|MISMATCH|not run|rror" $OUT/trace.txt | sed -E 's/ \(empty kernel [0-9.]+ us; /; /' | cut -c1-330

@@ -52,19 +52,30 @@ __device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
 
 // ---- cp.async (Ampere+): 16-byte global->shared copies that bypass registers ------------------
 
+// The L2 prefetch size of the 16-byte copies below (cp.async's .L2::NB qualifier: how many
+// bytes around a miss L2 fetches from DRAM). The library is built with 128; an experiment may
+// build with -DKVCORE_CP_ASYNC_L2_BYTES=64 or 256 (bench/calls/s20_call1.sh: the K/V rows are
+// 256 contiguous bytes per head at D 128).
+#ifndef KVCORE_CP_ASYNC_L2_BYTES
+#define KVCORE_CP_ASYNC_L2_BYTES 128
+#endif
+#define KVCORE_STRINGIFY_(x) #x
+#define KVCORE_STRINGIFY(x) KVCORE_STRINGIFY_(x)
+#define KVCORE_CP_ASYNC_CG "cp.async.cg.shared.global.L2::" KVCORE_STRINGIFY(KVCORE_CP_ASYNC_L2_BYTES) "B"
+
 // Copies 16 bytes, or writes 16 zero bytes when !valid (src is then not read, but must still be a
 // legal address expression).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+  asm volatile(KVCORE_CP_ASYNC_CG " [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
 
 // cp_async_16 for a piece known to be in range (no source-size operand to compute), with the
 // shared address already converted: callers that issue many pieces from one base add constant
 // offsets to it.
 __device__ __forceinline__ void cp_async_16_at(uint32_t smem_addr, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem));
+  asm volatile(KVCORE_CP_ASYNC_CG " [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem));
 }
 
 // 4 bytes (gmem and smem 4-byte aligned): for arrays whose 16-byte alignment depends on the data
