@@ -92,6 +92,13 @@ DECODE_CASES = [
     DecodeCase(3, 8, 2, 128, 8, 150),
     DecodeCase(2, 16, 4, 64, 32, 130, strided_cache=True, q_layout="slice"),
     DecodeCase(3, 8, 8, 256, 128, 400, soft_cap=30.0),
+    # Shapes the page-major kernel serves under KVCORE_DECODE_KERNEL=page8 / page4 / page2 (head_dim
+    # 128, pages of a multiple of 16 tokens, no window; test_gqa_decode_page_major_in_subprocess):
+    # 8 KV heads with a soft cap and halves of one cache allocation, group 16 with 48-token pages
+    # (not a power of two), 2 KV heads with an empty and a one-token sequence.
+    DecodeCase(3, 32, 8, 128, 16, 700, soft_cap=30.0, strided_cache=True),
+    DecodeCase(2, 128, 8, 128, 48, 500, q_layout="transposed"),
+    DecodeCase(3, 16, 2, 128, 32, (0, 1, 300), with_lse=False, q_layout="slice"),
 ]
 
 
@@ -849,8 +856,26 @@ def test_gqa_decode_with_8_warps_in_subprocess():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("kernel", ["page8", "page4", "page2"])
+def test_gqa_decode_page_major_in_subprocess(kernel):
+    """KVCORE_DECODE_KERNEL=page8 / page4 / page2 (read once per process): gqa_decode at head_dim
+    128 (no window, no score buffer, automatic split count, pages of a multiple of 16 tokens, KV
+    heads divisible by the block) runs the page-major kernel, a CTA per (sequence, split, block of
+    8 / 4 / 2 KV heads). This file's gqa_decode CUDA cases, test_nan's decode cases, the
+    graph-capture and determinism cases once more in a fresh process with it."""
+    if os.environ.get("KVCORE_DECODE_KERNEL") == kernel:
+        pytest.skip("this process already runs it")
+    run_tests_with_env("KVCORE_DECODE_KERNEL", kernel,
+                       ["tests/test_ops.py", "tests/test_nan.py", "tests/test_cuda_graph.py", "tests/test_determinism.py"],
+                       "(gqa_decode or decode_nan or graph or cuda_decode_bitwise or cuda_fixed_splits) and not in_subprocess "
+                       "and not misspelt", 40,
+                       "-m", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.parametrize("name, bad", [("KVCORE_DECODE_PAGE_GROUPS", "of"), ("KVCORE_DECODE_LOADER", "tmaa"),
-                                       ("KVCORE_DECODE_WARPS", "16")])
+                                       ("KVCORE_DECODE_WARPS", "16"), ("KVCORE_DECODE_KERNEL", "page16")])
 def test_gqa_decode_misspelt_switch_is_an_error(name, bad):
     """A misspelt gqa_decode switch fails the call instead of silently timing the default."""
     assert_switch_value_rejected(

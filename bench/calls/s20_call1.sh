@@ -8,17 +8,19 @@
 # 1. Does the page order's cost come from the kernel's per-head rows? decode_trace times a plain
 #    read in the kernel's pattern (a CTA per KV head and split, 256-byte rows 2 KB apart:
 #    "per-head paged read") next to the whole-page read (one CTA a page, all heads), each at a
-#    random and a sequential table; and the page-major kernel (bench/experiments/
-#    page_major_decode.cuh: a CTA per (sequence, split, block of H KV heads), a warp per head,
-#    H x 256 contiguous bytes a token) at H = 8 (whole pages, 1 CTA/SM), 4 (2/SM) and 2 (4/SM),
-#    with split counts that fill the GPU. Read: gqa_decode's and page-major's us at random vs seq.
+#    random and a sequential table; and the page-major kernel (csrc/include/kvcore/
+#    gqa_decode_page_major.cuh: a CTA per (sequence, split, block of H KV heads), a warp per
+#    head, H x 256 contiguous bytes a token) at H = 8 (whole pages, 1 CTA/SM), 4 (2/SM) and 2
+#    (4/SM), with split counts that fill the GPU. Read: gqa_decode's and page-major's us at random vs seq.
 #    If page-major H8 at random is ~1.5-2 us under gqa_decode (B16) and no slower at seq, it is
 #    the B >= 16 kernel to build into the library (bench/NOTES.md, session 20).
 #    Also, at the random table: every K/V copy with cp.async's L2 prefetch size 256 B instead of
 #    128 (lib256, lib8_256; the page-major kernel in lib256 too): a head's row is 256 contiguous
 #    bytes. Never tried; expected small either way.
-# 2. bench/calls/s19_call4.sh's stages: build, the decode table again (is B1 S131072's lead over
-#    cuDNN, 130.2 against 130.8 us in session 19, real?), the automatic split check.
+# 2. Build, the decode table again (is B1 S131072's lead over cuDNN, 130.2 against 130.8 us in
+#    session 19, real?), the library's page-major path on the bench's inputs
+#    (KVCORE_DECODE_KERNEL=page8, then page4: the launcher's split counts; B1 rows run it too,
+#    with many splits: not its shape), the automatic split check.
 o=/tmp/c
 rm -rf $o; mkdir -p $o  # (a machine can keep /tmp from an earlier call)
 TRACE_ROWS="^B[0-9]|check|rror|not run"
@@ -41,6 +43,8 @@ for rep in 1 2; do
 done
 } > $OUT/trace.txt 2>&1
 grep -E "^===|^B[0-9]|MISMATCH|not run|rror" $OUT/trace.txt | sed -E 's/ \(empty kernel [0-9.]+ us; /; /' | cut -c1-330
-KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-420} build \
+KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-440} build \
  "bench:decode:100" \
+ "run:decode-page8:60:KVCORE_DECODE_KERNEL=page8 python3 -m kvcore.bench --group decode --impl kvcore --out $o/decode-page8" \
+ "run:decode-page4:60:KVCORE_DECODE_KERNEL=page4 python3 -m kvcore.bench --group decode --impl kvcore --out $o/decode-page4" \
  "run:splits:60:python3 bench/experiments/auto_splits_check.py $o/splits.json"

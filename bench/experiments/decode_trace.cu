@@ -15,8 +15,9 @@
 // GRAIN (tokens, default the tile): a split's length is rounded up to a multiple of it. The
 // kernel is the library's page-group instance for the page size (SPP, as the launcher picks it).
 // The output is checked against a one-split call of the same kernel.
-// PAGE_MAJOR=H:N[,H:N...] (D 128, page 16) also times page_major_decode.cuh's kernel with H KV
-// heads a CTA (2, 4 or 8) and N splits, on the same inputs, checked against that output.
+// PAGE_MAJOR=H:N[,H:N...] (D 128, page 16) also times the page-major kernel
+// (kvcore/gqa_decode_page_major.cuh) with H KV heads a CTA (2, 4 or 8) and N splits, on the same
+// inputs, checked against that output.
 #define KVCORE_DECODE_TRACE
 #include <cuda_runtime.h>
 
@@ -32,9 +33,9 @@
 #include <vector>
 
 #include "kvcore/gqa_decode.cuh"
+#include "kvcore/gqa_decode_page_major.cuh"
 
 #include "cuda_check.h"
-#include "page_major_decode.cuh"
 
 using bf16 = __nv_bfloat16;
 
@@ -130,40 +131,33 @@ static double pct(std::vector<double> v, double q) {
   return v[std::min(v.size() - 1, size_t(q * (v.size() - 1) + 0.5))];
 }
 
-// PAGE_MAJOR: the page-major kernel (page_major_decode.cuh) for each "HEADS:SPLITS" entry of
-// `spec`, on the inputs of `p` (its table, lengths, q and caches), its output poisoned before
-// the checked call and compared with the one-split gqa_decode output `ref`.
+// PAGE_MAJOR: the page-major kernel (kvcore/gqa_decode_page_major.cuh) for each "HEADS:SPLITS"
+// entry of `spec`, on the inputs of `p` (its table, lengths, q and caches), its output poisoned
+// before the checked call and compared with the one-split gqa_decode output `ref`.
 template <int HEADS>
 static void page_major_case(const kvcore::GqaDecodeParams& p, int B, int S, int Hq, int splits, const bf16* ref,
                             const std::function<double(std::function<void()>, int)>& time_it, double bytes) {
-  using Cfg = kvexp::PageMajorConfig<HEADS>;
+  using Cfg = kvcore::PageMajorConfig<HEADS>;
   const int Hkv = p.num_kv_heads, group = p.group, D = Cfg::D;
-  if (p.page_size != Cfg::PAGE || Hkv % HEADS != 0 || group > 16 || splits < 1 || splits > 32) {
-    std::printf("page-major H%d splits %d: not run (page 16, Hkv a multiple of H, group <= 16, 1-32 splits)\n", HEADS, splits);
+  if (p.page_size % Cfg::STAGE_TOKENS != 0 || Hkv % HEADS != 0 || group > 16 || splits < 1 || splits > 256) {
+    std::printf("page-major H%d splits %d: not run (pages of 16k tokens, Hkv a multiple of H, group <= 16, 1-256 splits)\n",
+                HEADS, splits);
     return;
   }
-  const int split_len = ((S + splits - 1) / splits + Cfg::PAGE - 1) / Cfg::PAGE * Cfg::PAGE;
+  const int split_len = ((S + splits - 1) / splits + Cfg::STAGE_TOKENS - 1) / Cfg::STAGE_TOKENS * Cfg::STAGE_TOKENS;
   const int ns = (S + split_len - 1) / split_len;
   const size_t blocks = size_t(B) * (Hkv / HEADS);
-  kvexp::PageMajorParams q{};
-  q.q = p.q;
-  q.k_cache = p.k_cache;
-  q.v_cache = p.v_cache;
-  q.block_table = p.block_table;
-  q.seq_lens = p.seq_lens;
-  q.num_kv_heads = Hkv;
-  q.group = group;
-  q.num_pages = p.num_pages;
-  q.max_pages = p.max_pages;
+  kvcore::GqaDecodeParams q = p;
   q.num_splits = ns;
   q.split_tokens = split_len;
-  q.scale = p.scale;
+  q.lse = nullptr;
+  q.trace = nullptr;
   CUDA_CHECK(cudaMalloc(&q.out, size_t(B) * Hq * D * 2));
   CUDA_CHECK(cudaMalloc(&q.partial_out, blocks * ns * HEADS * group * D * 4));
   CUDA_CHECK(cudaMalloc(&q.partial_lse, blocks * ns * HEADS * group * 4));
   CUDA_CHECK(cudaMalloc(&q.counters, blocks * 4));
   CUDA_CHECK(cudaMemset(q.counters, 0, blocks * 4));
-  auto kernel = kvexp::page_major_decode_kernel<bf16, Cfg>;
+  auto kernel = kvcore::gqa_decode_page_major_kernel<bf16, Cfg>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
   int per_sm = 0;
   CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::THREADS, Cfg::SMEM_BYTES));

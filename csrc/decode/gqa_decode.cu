@@ -38,6 +38,7 @@ void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   p.dedup_pages = page_groups_enabled() ? 1 : 0;  // page_groups checks the page size and alignment
   // Read on every call, not only where it applies (head_dim 128), so a misspelt value always fails.
   (void)paged_decode::decode_warps_switch();
+  (void)paged_decode::decode_kernel_switch();
   const int64_t kv_len = p.window_left >= 0 ? std::min<int64_t>(capacity, int64_t(p.window_left) + 1) : capacity;
   paged_decode::dispatch<false>("gqa_decode", q, p, s, kv_len, num_splits, workspace,
                                 score.has_value() ? &*score : nullptr);

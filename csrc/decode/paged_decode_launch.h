@@ -21,6 +21,7 @@
 #include "common/tensor_map.h"
 #include "kvcore/decode_score.cuh"
 #include "kvcore/gqa_decode.cuh"
+#include "kvcore/gqa_decode_page_major.cuh"
 
 namespace kvcore {
 namespace paged_decode {
@@ -434,6 +435,62 @@ bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requ
   return double(pairs) / double(sms) + kStepFillGain >= wave_fill(pairs * narrow_splits, narrow_slots);
 }
 
+// KVCORE_DECODE_KERNEL: which kernel runs gqa_decode. `head` (default): gqa_decode_kernel, a CTA
+// per (sequence, split, KV head); `page8`, `page4`, `page2`: the page-major kernel
+// (gqa_decode_page_major.cuh) with a CTA per (sequence, split, block of that many KV heads), where
+// it serves the call (page_major_heads), else gqa_decode_kernel. An A/B switch until measured
+// (bench/NOTES.md, session 20). Read once per process.
+inline int decode_kernel_switch() {
+  static const int mode = env_choice("KVCORE_DECODE_KERNEL", {"head", "page8", "page4", "page2"}, "gqa_decode (CUDA)");
+  return mode;
+}
+
+// The KV heads a page-major CTA serves for this gqa_decode call (no score buffer), or 0 for
+// gqa_decode_kernel: the switch asks for it, head_dim is 128, the page size a multiple of its
+// 16-token stages, no sliding window (whose start is not stage-aligned), an automatic split count
+// (a forced one keeps gqa_decode_kernel, whose bits the score path reproduces), the KV heads
+// divide into blocks, and the ring fits the GPU's shared memory.
+inline int page_major_heads(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_splits) {
+  const int mode = decode_kernel_switch();
+  if (mode == 0) return 0;
+  const int heads = mode == 1 ? 8 : mode == 2 ? 4 : 2;
+  if (s.head_dim != 128 || p.window_left >= 0 || requested_splits > 0 || p.page_size % 16 != 0 ||
+      s.num_kv_heads % heads != 0)
+    return 0;
+  const size_t smem = heads == 8 ? PageMajorConfig<8>::SMEM_BYTES
+                                 : heads == 4 ? PageMajorConfig<4>::SMEM_BYTES : PageMajorConfig<2>::SMEM_BYTES;
+  return smem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin ? heads : 0;
+}
+
+// Launches the page-major kernel: the split count fills the CTA slots with (sequence, head block)
+// units as choose_splits does with pairs; the workspace layout is plan_splits' with blocks for
+// pairs and HEADS x group rows (the same bytes as gqa_decode_kernel's at the same split count).
+template <typename T, int HEADS>
+void launch_page_major(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
+                       const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
+  using Cfg = PageMajorConfig<HEADS>;
+  constexpr auto kernel = gqa_decode_page_major_kernel<T, Cfg>;
+  const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS, Cfg::SMEM_BYTES, op);
+  const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = s.batch * (s.num_kv_heads / HEADS);
+  const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
+  const SplitPlan plan = plan_splits(op, "batch x num_kv_heads / heads per CTA", blocks, kv_len, slots,
+                                     Cfg::STAGE_TOKENS, 0, have, 0, HEADS * s.group, s.head_dim, 0, Cfg::MERGE_SPLITS);
+  p.num_splits = plan.splits;
+  p.split_tokens = plan.split_tokens;
+  if (plan.splits > 1) {
+    uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
+    p.counters = reinterpret_cast<unsigned*>(base);
+    p.partial_lse = reinterpret_cast<float*>(base + plan.lse_offset);
+    p.partial_out = reinterpret_cast<float*>(base + plan.out_offset);
+  }
+  // Head blocks vary fastest: the CTAs of one (sequence, split) read the same pages at about the
+  // same time.
+  const dim3 grid(s.num_kv_heads / HEADS, plan.splits, s.batch);
+  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // dtype x head-dim x page-group dispatch onto launch<T, Cfg, SPARSE, SCORE, SPP>.
 // score (gqa_decode only, may be null): the H2O score buffer, which selects the SCORE kernels.
 template <bool SPARSE>
@@ -457,6 +514,14 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
       using Cfg = decltype(cfg);
       if constexpr (!SPARSE) {
         if (score != nullptr) return with_groups(cfg, std::true_type{});
+        if constexpr (Cfg::D == 128) {
+          switch (page_major_heads(p, s, requested_splits)) {
+            case 8: return launch_page_major<T, 8>(op, p, s, kv_len, workspace, stream);
+            case 4: return launch_page_major<T, 4>(op, p, s, kv_len, workspace, stream);
+            case 2: return launch_page_major<T, 2>(op, p, s, kv_len, workspace, stream);
+            default: break;
+          }
+        }
         if (tma_loader_requested() && tma_fits<T, Cfg>(p))
           return launch<T, Cfg, false, false, 1, true>(op, p, s, kv_len, requested_splits, workspace, stream);
         if constexpr (Cfg::D == 128) {
