@@ -217,6 +217,64 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return (row * TD + (chunk ^ (row & 7))) * 8;
 }
 
+// ---- one warp's step over 16 keys, shared by gqa_decode_kernel and the page-major kernel -------
+// (gqa_decode_page_major.cuh). The S accumulator s[nt][i] holds head row r0 + 8 * (i / 2) (r0 =
+// lane / 4) and key nt * 8 + (lane % 4) * 2 + i % 2 of the warp's 16.
+
+// Online-softmax update of a scaled, masked (-inf) S tile: per row half r the new running max
+// m[r], the factor alpha[r] that scales the old state, the tile's base (the max, or 0 while
+// nothing has been seen, to keep exp2 finite; the H2O score path stores it beside P), P =
+// exp2(S - base) in place, and the lane's partial row sum in l[r] (summed over the quad at the end).
+__device__ __forceinline__ void tile_softmax_update(float (&s)[2][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                                    float (&base)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx = fmaxf(mx, m[r]);
+    base[r] = mx == -INFINITY ? 0.f : mx;
+    alpha[r] = exp2f(m[r] - base[r]);
+    m[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        s[nt][2 * r + j] = exp2f(s[nt][2 * r + j] - base[r]);
+        sum += s[nt][2 * r + j];
+      }
+    l[r] = l[r] * alpha[r] + sum;
+  }
+}
+
+// O = alpha O + P V for the tile: P (16 heads x 16 keys) is the S accumulator re-packed as an A
+// fragment; V's 16 rows start at row0 of the shared tile vt, whose layout tile_off(row, chunk)
+// gives (the element offset of 16-byte chunk `chunk` of row `row`).
+template <typename T, int D, typename TileOff>
+__device__ __forceinline__ void tile_pv_update(float (&o)[D / 8][4], const float (&s)[2][4], const float (&alpha)[2],
+                                               const T* vt, int row0, int lane, TileOff tile_off) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    o[n][0] *= alpha[0];
+    o[n][1] *= alpha[0];
+    o[n][2] *= alpha[1];
+    o[n][3] *= alpha[1];
+  }
+  uint32_t pa[4];
+  pa[0] = pack2(s[0][0], s[0][1], T{});
+  pa[1] = pack2(s[0][2], s[0][3], T{});
+  pa[2] = pack2(s[1][0], s[1][1], T{});
+  pa[3] = pack2(s[1][2], s[1][3], T{});
+#pragma unroll
+  for (int nd = 0; nd < D / 16; ++nd) {
+    uint32_t bv[4];
+    ldmatrix_x4_trans(bv, vt + tile_off(row0 + (lane & 7) + ((lane >> 3) & 1) * 8, nd * 2 + (lane >> 4)));
+    mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
+    mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
+  }
+}
+
 // The K and V caches as TMA tensor maps (gqa_decode_tma_kernel): 3-D, innermost first
 // (num_kv_heads x D columns, page_size rows, pages), boxes of 64 columns x min(page_size, TILE)
 // rows x 1 page with the 128-byte swizzle. Built on the host per call (paged_decode::launch).
@@ -570,28 +628,8 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
           ok = tok0 + nt * 8 + (i & 1) < end;
         s[nt][i] = ok ? x : -INFINITY;
       }
-    float alpha[2];
-    [[maybe_unused]] float pbase[2];  // SCORE: the base of this tile's P per row half
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx = fmaxf(mx, m[r]);
-      const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
-      if constexpr (SCORE) pbase[r] = base;
-      alpha[r] = exp2f(m[r] - base);
-      m[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          s[nt][2 * r + j] = exp2f(s[nt][2 * r + j] - base);
-          sum += s[nt][2 * r + j];
-        }
-      l[r] = l[r] * alpha[r] + sum;  // per-lane partial; summed over the quad at the end
-    }
+    float alpha[2], pbase[2];  // pbase: the base of this tile's P per row half (SCORE stores it)
+    tile_softmax_update(s, m, l, alpha, pbase);
     if constexpr (SCORE) {
       // Store this warp's block of P (16 keys x the group's heads, fp16) and its base per head
       // for the epilogue (see GqaDecodeParams). A quad holds one head row's 16 keys as pairs:
@@ -621,27 +659,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
         }
       }
     }
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
-
-    // O += P V: P (16 heads x 16 tokens) is the S accumulator re-packed as an A fragment.
-    uint32_t pa[4];
-    pa[0] = pack2(s[0][0], s[0][1], T{});
-    pa[1] = pack2(s[0][2], s[0][3], T{});
-    pa[2] = pack2(s[1][0], s[1][1], T{});
-    pa[3] = pack2(s[1][2], s[1][3], T{});
-#pragma unroll
-    for (int nd = 0; nd < D / 16; ++nd) {
-      uint32_t bv[4];
-      ldmatrix_x4_trans(bv, vt + tile_off(wrow + (lane & 7) + ((lane >> 3) & 1) * 8, nd * 2 + (lane >> 4)));
-      mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
-      mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
-    }
+    tile_pv_update<T, D>(o, s, alpha, vt, wrow, lane, tile_off);
   }
   cp_async_wait<0>();
   __syncthreads();  // the tile ring is reused below

@@ -169,46 +169,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
         if (p.soft_cap > 0.f) x = p.soft_cap * tanhf(x / p.soft_cap) * kLog2e;
         s[nt][i] = tok0 + nt * 8 + (i & 1) < end ? x : -INFINITY;
       }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx = fmaxf(mx, m[r]);
-      const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
-      alpha[r] = exp2f(m[r] - base);
-      m[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          s[nt][2 * r + j] = exp2f(s[nt][2 * r + j] - base);
-          sum += s[nt][2 * r + j];
-        }
-      l[r] = l[r] * alpha[r] + sum;  // per-lane partial; summed over the quad at the end
-    }
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
-    // O += P V: P (16 heads x 16 tokens) is the S accumulator re-packed as an A fragment.
-    uint32_t pa[4];
-    pa[0] = pack2(s[0][0], s[0][1], T{});
-    pa[1] = pack2(s[0][2], s[0][3], T{});
-    pa[2] = pack2(s[1][0], s[1][1], T{});
-    pa[3] = pack2(s[1][2], s[1][3], T{});
-#pragma unroll
-    for (int nd = 0; nd < D / 16; ++nd) {
-      uint32_t bv[4];
-      ldmatrix_x4_trans(bv, vt + page_major_swz((lane & 7) + ((lane >> 3) & 1) * 8, nd * 2 + (lane >> 4)));
-      mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
-      mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
-    }
+    float alpha[2], base[2];
+    tile_softmax_update(s, m, l, alpha, base);
+    tile_pv_update<T, D>(o, s, alpha, vt, 0, lane, [](int row, int chunk) { return page_major_swz(row, chunk); });
   }
   cp_async_wait<0>();
 
