@@ -236,4 +236,36 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// ---- online softmax over a warp's 16-key mma tile ------------------------------------------------
+// The S accumulator of m16n8k16 (two n-tiles) s[nt][i] holds row r0 + 8 * (i / 2) (r0 = lane / 4)
+// and key nt * 8 + (lane % 4) * 2 + i % 2 of the warp's 16 (gqa_decode, its page-major form and
+// the token decoder).
+// Online-softmax update of a scaled, masked (-inf) S tile: per row half r the new running max
+// m[r], the factor alpha[r] that scales the old state, the tile's base (the max, or 0 while
+// nothing has been seen, to keep exp2 finite; the H2O score path stores it beside P), P =
+// exp2(S - base) in place, and the lane's partial row sum in l[r] (summed over the quad at the end).
+__device__ __forceinline__ void tile_softmax_update(float (&s)[2][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                                    float (&base)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx = fmaxf(mx, m[r]);
+    base[r] = mx == -INFINITY ? 0.f : mx;
+    alpha[r] = exp2f(m[r] - base[r]);
+    m[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        s[nt][2 * r + j] = exp2f(s[nt][2 * r + j] - base[r]);
+        sum += s[nt][2 * r + j];
+      }
+    l[r] = l[r] * alpha[r] + sum;
+  }
+}
+
+
 }  // namespace kvcore

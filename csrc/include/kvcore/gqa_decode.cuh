@@ -217,36 +217,8 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return (row * TD + (chunk ^ (row & 7))) * 8;
 }
 
-// ---- one warp's step over 16 keys, shared by gqa_decode_kernel and the page-major kernel -------
-// (gqa_decode_page_major.cuh). The S accumulator s[nt][i] holds head row r0 + 8 * (i / 2) (r0 =
-// lane / 4) and key nt * 8 + (lane % 4) * 2 + i % 2 of the warp's 16.
-
-// Online-softmax update of a scaled, masked (-inf) S tile: per row half r the new running max
-// m[r], the factor alpha[r] that scales the old state, the tile's base (the max, or 0 while
-// nothing has been seen, to keep exp2 finite; the H2O score path stores it beside P), P =
-// exp2(S - base) in place, and the lane's partial row sum in l[r] (summed over the quad at the end).
-__device__ __forceinline__ void tile_softmax_update(float (&s)[2][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                                    float (&base)[2]) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    mx = fmaxf(mx, m[r]);
-    base[r] = mx == -INFINITY ? 0.f : mx;
-    alpha[r] = exp2f(m[r] - base[r]);
-    m[r] = mx;
-    float sum = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        s[nt][2 * r + j] = exp2f(s[nt][2 * r + j] - base[r]);
-        sum += s[nt][2 * r + j];
-      }
-    l[r] = l[r] * alpha[r] + sum;
-  }
-}
+// ---- one warp's P V step over 16 keys, shared by gqa_decode_kernel and the page-major kernel
+// (gqa_decode_page_major.cuh), after tile_softmax_update (device_utils.cuh) ----------------------
 
 // O = alpha O + P V for the tile: P (16 heads x 16 keys) is the S accumulator re-packed as an A
 // fragment; V's 16 rows start at row0 of the shared tile vt, whose layout tile_off(row, chunk)

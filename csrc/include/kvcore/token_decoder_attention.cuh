@@ -415,26 +415,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
             const int x = j0 + nt * 8 + cpair + (e & 1);
             s[nt][e] = (x >= x_lo[e >> 1] && x <= x_hi[e >> 1]) ? s[nt][e] * p.scale_log2 : -INFINITY;
           }
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          mx = fmaxf(mx, m[r]);
-          const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
-          alpha[r] = exp2f(m[r] - base);
-          m[r] = mx;
-          float sum = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              s[nt][2 * r + e] = exp2f(s[nt][2 * r + e] - base);
-              sum += s[nt][2 * r + e];
-            }
-          l[r] = l[r] * alpha[r] + sum;  // per-lane partial; summed over the quad at the end
-        }
+        float alpha[2], base[2];
+        tile_softmax_update(s, m, l, alpha, base);
         if (j0 > 0) {  // the first tile starts from o = 0: nothing to rescale
 #pragma unroll
           for (int n = 0; n < DW / 8; ++n) {
@@ -869,26 +851,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
             const int x = j0 + nt * 8 + cpair + (e & 1);
             s[nt][e] = (x >= x_lo[e >> 1] && x <= x_hi[e >> 1]) ? s[nt][e] * p.scale_log2 : -INFINITY;
           }
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          mx = fmaxf(mx, m[r]);
-          const float base = mx == -INFINITY ? 0.f : mx;  // nothing seen yet: keep exp2 finite
-          alpha[r] = exp2f(m[r] - base);
-          m[r] = mx;
-          float sum = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              s[nt][2 * r + e] = exp2f(s[nt][2 * r + e] - base);
-              sum += s[nt][2 * r + e];
-            }
-          l[r] = l[r] * alpha[r] + sum;  // per-lane partial; summed over the quad at the end
-        }
+        float alpha[2], base[2];
+        tile_softmax_update(s, m, l, alpha, base);
         if (j0 > 0) {  // the first tile starts from o = 0: nothing to rescale
 #pragma unroll
           for (int n = 0; n < DW / 8; ++n) {
