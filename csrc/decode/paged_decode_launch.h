@@ -116,6 +116,17 @@ inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pai
   return {splits, int(split_tokens), lse_offset, lse_offset + lse_bytes(splits)};
 }
 
+// Points a kernel's split scratch (arrival counters, partial_lse, partial_out) into the workspace
+// at the plan's offsets; with one split the kernels touch none of it and nothing is set.
+template <typename Params>
+void use_split_workspace(Params& p, const SplitPlan& plan, const c10::optional<at::Tensor>& workspace) {
+  if (plan.splits <= 1) return;
+  uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
+  p.counters = reinterpret_cast<unsigned*>(base);
+  p.partial_lse = reinterpret_cast<float*>(base + plan.lse_offset);
+  p.partial_out = reinterpret_cast<float*>(base + plan.out_offset);
+}
+
 // Checks of the CUDA kernel's limits (beyond check_paged_decode's shape checks) and the fields
 // of GqaDecodeParams that both ops fill the same way.
 inline GqaDecodeParams common_params(const char* op, const PagedDecodeShape& s, const at::Tensor& q,
@@ -335,12 +346,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   // split count past one wave, long single-split pairs, large groups) the epilogue kernel.
   const bool fused = want_fused && (plan.splits == 1 || (pairs * plan.splits <= slots && 2 * pairs * 4 <= kCounterBytes)) &&
                      score_stage_total_bytes(plan.split_tokens, int(s.group)) <= Cfg::SMEM_STAGE;
-  if (plan.splits > 1) {
-    uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
-    p.counters = reinterpret_cast<unsigned*>(base);
-    p.partial_lse = reinterpret_cast<float*>(base + plan.lse_offset);
-    p.partial_out = reinterpret_cast<float*>(base + plan.out_offset);
-  }
+  use_split_workspace(p, plan, workspace);
   if constexpr (SCORE) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
     p.score_lse2 = reinterpret_cast<float*>(base + kCounterBytes);
@@ -478,12 +484,7 @@ void launch_page_major(const char* op, GqaDecodeParams& p, const PagedDecodeShap
                                      Cfg::STAGE_TOKENS, 0, have, 0, HEADS * s.group, s.head_dim, 0, Cfg::MERGE_SPLITS);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
-  if (plan.splits > 1) {
-    uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
-    p.counters = reinterpret_cast<unsigned*>(base);
-    p.partial_lse = reinterpret_cast<float*>(base + plan.lse_offset);
-    p.partial_out = reinterpret_cast<float*>(base + plan.out_offset);
-  }
+  use_split_workspace(p, plan, workspace);
   // Head blocks vary fastest: the CTAs of one (sequence, split) read the same pages at about the
   // same time.
   const dim3 grid(s.num_kv_heads / HEADS, plan.splits, s.batch);

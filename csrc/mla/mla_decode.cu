@@ -70,12 +70,7 @@ dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, 
       "mla_decode", "batch x head blocks", pairs, kv_len, slots, Cfg::TILE, requested_splits, have, 0, Cfg::ROWS, s.dv);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
-  if (plan.splits > 1) {
-    uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
-    p.counters = reinterpret_cast<unsigned*>(base);
-    p.partial_lse = reinterpret_cast<float*>(base + plan.lse_offset);
-    p.partial_out = reinterpret_cast<float*>(base + plan.out_offset);
-  }
+  paged_decode::use_split_workspace(p, plan, workspace);
   // Head blocks vary fastest: the CTAs of one (sequence, split) read the same latent rows at
   // about the same time, so all but the first find them in L2.
   p.merge_separately = can_merge_separately && plan.splits > kSeparateMergeSplits ? 1 : 0;

@@ -268,4 +268,27 @@ __device__ __forceinline__ void tile_softmax_update(float (&s)[2][4], float (&m)
 }
 
 
+// o *= alpha per row half before a tile's P V (o[n][0..1]: row r0, o[n][2..3]: row r0 + 8).
+template <int N>
+__device__ __forceinline__ void tile_rescale(float (&o)[N][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    o[n][0] *= alpha[0];
+    o[n][1] *= alpha[0];
+    o[n][2] *= alpha[1];
+    o[n][3] *= alpha[1];
+  }
+}
+
+// P (the S accumulator after tile_softmax_update) re-packed as the A fragment of the k16 P V
+// step: pa[0] = (r0, keys cpair..+1), pa[1] = (r0 + 8, same), pa[2] = (r0, keys 8 + cpair..+1),
+// pa[3] = (r0 + 8, same).
+template <typename T>
+__device__ __forceinline__ void tile_pack_p(uint32_t (&pa)[4], const float (&s)[2][4]) {
+  pa[0] = pack2(s[0][0], s[0][1], T{});
+  pa[1] = pack2(s[0][2], s[0][3], T{});
+  pa[2] = pack2(s[1][0], s[1][1], T{});
+  pa[3] = pack2(s[1][2], s[1][3], T{});
+}
+
 }  // namespace kvcore

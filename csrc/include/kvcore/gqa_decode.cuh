@@ -226,18 +226,9 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 template <typename T, int D, typename TileOff>
 __device__ __forceinline__ void tile_pv_update(float (&o)[D / 8][4], const float (&s)[2][4], const float (&alpha)[2],
                                                const T* vt, int row0, int lane, TileOff tile_off) {
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-    o[n][0] *= alpha[0];
-    o[n][1] *= alpha[0];
-    o[n][2] *= alpha[1];
-    o[n][3] *= alpha[1];
-  }
+  tile_rescale(o, alpha);
   uint32_t pa[4];
-  pa[0] = pack2(s[0][0], s[0][1], T{});
-  pa[1] = pack2(s[0][2], s[0][3], T{});
-  pa[2] = pack2(s[1][0], s[1][1], T{});
-  pa[3] = pack2(s[1][2], s[1][3], T{});
+  tile_pack_p<T>(pa, s);
 #pragma unroll
   for (int nd = 0; nd < D / 16; ++nd) {
     uint32_t bv[4];
@@ -245,6 +236,36 @@ __device__ __forceinline__ void tile_pv_update(float (&o)[D / 8][4], const float
     mma_16816(o[2 * nd], pa, bv[0], bv[1], T{});
     mma_16816(o[2 * nd + 1], pa, bv[2], bv[3], T{});
   }
+}
+
+// ---- the split merge's weights, shared by gqa_decode_kernel and the page-major kernel ----------
+// Query head h's weights over its ns split partials, a lane per split (lane, lane + 32, ...): the
+// partial log2-sum-exps are plse[s * stride + h]; wgt[h * (ns + 1) + s] = exp2(lse - base), base
+// the largest (0 when every split is empty); returns {base, the weights' sum} in every lane. The
+// lse values wait in wgt (each lane its own entries, so no barrier), read from memory once: L2
+// round trips are what the merge is made of, and it runs after every other split of its pair.
+// on_load(s, x) sees each value as it is read.
+template <typename OnLoad>
+__device__ __forceinline__ float2 split_merge_weights(const float* plse, int stride, int h, int ns, int lane, float* wgt,
+                                                      OnLoad on_load) {
+  float mx = -INFINITY;
+  for (int s = lane; s < ns; s += 32) {
+    const float x = __ldcg(plse + s * stride + h);
+    on_load(s, x);
+    wgt[h * (ns + 1) + s] = x;
+    mx = fmaxf(mx, x);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  const float base = mx == -INFINITY ? 0.f : mx;
+  float sum = 0.f;
+  for (int s = lane; s < ns; s += 32) {
+    const float e = exp2f(wgt[h * (ns + 1) + s] - base);
+    wgt[h * (ns + 1) + s] = e;
+    sum += e;
+  }
+  sum = group_sum<32>(sum);
+  return make_float2(base, sum);
 }
 
 // The K and V caches as TMA tensor maps (gqa_decode_tma_kernel): 3-D, innermost first
@@ -867,25 +888,10 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
 
   const float* plse = p.partial_lse + pair * ns * group;
   for (int h = warp; h < group; h += WARPS) {
-    // Each lane reads its splits' lse once (L2 round trips are what this merge is made of: it
-    // runs after every other CTA of the pair, on the critical path) and keeps them in wgt.
-    float mx = -INFINITY;
-    for (int s = lane; s < ns; s += 32) {
-      const float x = __ldcg(plse + s * group + h);
+    const float2 bs = split_merge_weights(plse, group, h, ns, lane, wgt, [&](int s, float x) {
       if (s == lane && h == warp) KVCORE_TRACE_AFTER(p, 12, x);
-      wgt[h * (ns + 1) + s] = x;
-      mx = fmaxf(mx, x);
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    const float base = mx == -INFINITY ? 0.f : mx;
-    float sum = 0.f;
-    for (int s = lane; s < ns; s += 32) {  // the same lane's entries: no barrier needed
-      const float e = exp2f(wgt[h * (ns + 1) + s] - base);
-      wgt[h * (ns + 1) + s] = e;
-      sum += e;
-    }
-    sum = group_sum<32>(sum);
+    });
+    const float base = bs.x, sum = bs.y;
     if (lane == 0) {
       wgt[h * (ns + 1) + ns] = sum;
       if (p.lse != nullptr && (!fused || is_last))

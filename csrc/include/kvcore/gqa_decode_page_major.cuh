@@ -245,22 +245,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
 
   const float* const plse = p.partial_lse + blk * ns * brows;
   for (int h = warp; h < brows; h += WARPS) {
-    float mx = -INFINITY;
-    for (int s = lane; s < ns; s += 32) {
-      const float x = __ldcg(plse + s * brows + h);
-      wgt[h * (ns + 1) + s] = x;
-      mx = fmaxf(mx, x);
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    const float base = mx == -INFINITY ? 0.f : mx;
-    float sum = 0.f;
-    for (int s = lane; s < ns; s += 32) {  // the same lane's entries: no barrier needed
-      const float e = exp2f(wgt[h * (ns + 1) + s] - base);
-      wgt[h * (ns + 1) + s] = e;
-      sum += e;
-    }
-    sum = group_sum<32>(sum);
+    const float2 bs = split_merge_weights(plse, brows, h, ns, lane, wgt, [](int, float) {});
+    const float base = bs.x, sum = bs.y;
     if (lane == 0) {
       wgt[h * (ns + 1) + ns] = sum;
       if (p.lse != nullptr)

@@ -417,22 +417,11 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
           }
         float alpha[2], base[2];
         tile_softmax_update(s, m, l, alpha, base);
-        if (j0 > 0) {  // the first tile starts from o = 0: nothing to rescale
-#pragma unroll
-          for (int n = 0; n < DW / 8; ++n) {
-            o[n][0] *= alpha[0];
-            o[n][1] *= alpha[0];
-            o[n][2] *= alpha[1];
-            o[n][3] *= alpha[1];
-          }
-        }
+        if (j0 > 0) tile_rescale(o, alpha);  // the first tile starts from o = 0: nothing to rescale
         // ---- O += P V: P re-packed from S as the A operand. Keys past the block and heads past
         // the chunk read the zero row (swizzled by the key, as real rows) ----
         uint32_t pa[4];
-        pa[0] = pack2(s[0][0], s[0][1], T{});
-        pa[1] = pack2(s[0][2], s[0][3], T{});
-        pa[2] = pack2(s[1][0], s[1][1], T{});
-        pa[3] = pack2(s[1][2], s[1][3], T{});
+        tile_pack_p<T>(pa, s);
         const int xv = j0 + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int jv = xv & key_mask, hv = hb + (xv >> key_shift);
         const T* const v_row = (jv < KJ && hv < HC) ? sv + (jv * HC + hv) * D : zero_row;
@@ -853,22 +842,11 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
           }
         float alpha[2], base[2];
         tile_softmax_update(s, m, l, alpha, base);
-        if (j0 > 0) {  // the first tile starts from o = 0: nothing to rescale
-#pragma unroll
-          for (int n = 0; n < DW / 8; ++n) {
-            o[n][0] *= alpha[0];
-            o[n][1] *= alpha[0];
-            o[n][2] *= alpha[1];
-            o[n][3] *= alpha[1];
-          }
-        }
+        if (j0 > 0) tile_rescale(o, alpha);  // the first tile starts from o = 0: nothing to rescale
         // ---- O += P V: P re-packed from S as the A operand. Keys past the block and heads past
         // the chunk read the zero row (swizzled by the key, as real rows) ----
         uint32_t pa[4];
-        pa[0] = pack2(s[0][0], s[0][1], T{});
-        pa[1] = pack2(s[0][2], s[0][3], T{});
-        pa[2] = pack2(s[1][0], s[1][1], T{});
-        pa[3] = pack2(s[1][2], s[1][3], T{});
+        tile_pack_p<T>(pa, s);
         const int xv = j0 + (lane & 7) + ((lane >> 3) & 1) * 8;
         const int jv = xv & key_mask, hv = hb + (xv >> key_shift);
         const T* const v_row = (jv < KJ && hv < HC) ? sv + (jv * HC + hv) * D : zero_row;
