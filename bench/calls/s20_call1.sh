@@ -11,9 +11,12 @@
 #    random and a sequential table; and the page-major kernel (csrc/include/kvcore/
 #    gqa_decode_page_major.cuh: a CTA per (sequence, split, block of H KV heads), a warp per
 #    head, H x 256 contiguous bytes a token) at H = 8 (whole pages, 1 CTA/SM), 4 (2/SM) and 2
-#    (4/SM), with split counts that fill the GPU. Read: gqa_decode's and page-major's us at random vs seq.
-#    If page-major H8 at random is ~1.5-2 us under gqa_decode (B16) and no slower at seq, it is
-#    the B >= 16 kernel to build into the library (bench/NOTES.md, session 20).
+#    (4/SM), with split counts that fill the GPU, and H = 4 with 6 stages (H:N:6; 192 KB, one
+#    4-warp CTA per SM with 160 KB in flight: as many CTAs as H8 with half the splits, so a
+#    smaller merge, if 4 warps can keep an SM's stream going). Read: gqa_decode's and
+#    page-major's us at the random and the sequential table. If page-major at random is ~1.5-2
+#    us under gqa_decode at B16 and no slower at seq, it is the B >= 16 kernel (an `auto` rule
+#    for KVCORE_DECODE_KERNEL; bench/NOTES.md, session 20).
 #    Also, at the random table: every K/V copy with cp.async's L2 prefetch size 256 B instead of
 #    128 (lib256, lib8_256; the page-major kernel in lib256 too): a head's row is 256 contiguous
 #    bytes. Never tried; expected small either way.
@@ -28,11 +31,11 @@ TRACE_ROWS="^B[0-9]|check|rror|not run"
 {
 for rep in 1 2; do
   for t in random seq; do
-    TABLE=$t PAGE_MAJOR=8:8,4:4,4:8,2:4,2:8 run "B16 2 splits $t" lib 16 8192 2
+    TABLE=$t PAGE_MAJOR=8:8,4:4,4:4:6,4:8,2:4,2:8 run "B16 2 splits $t" lib 16 8192 2
     TABLE=$t run "B16 8 warps 1 split $t" lib8 16 8192 1
     TABLE=$t run "B1 S32768 $t" lib 1 32768 32
-    TABLE=$t PAGE_MAJOR=8:4,4:2,4:4,2:1,2:2 run "B32 Hq64 $t" lib 32 8192 1 64 8
-    TABLE=$t PAGE_MAJOR=8:2,4:1,4:2,2:1,2:2 run "B64 $t" lib 64 4096 1
+    TABLE=$t PAGE_MAJOR=8:4,4:2,4:2:6,4:4,2:1,2:2 run "B32 Hq64 $t" lib 32 8192 1 64 8
+    TABLE=$t PAGE_MAJOR=8:2,4:1,4:1:6,4:2,2:1,2:2 run "B64 $t" lib 64 4096 1
     TABLE=$t PAGE_MAJOR=8:1,4:1,2:1 run "B128 $t" lib 128 2048 1
   done
   TABLE=random PAGE_MAJOR=8:8,4:8,2:8 run "B16 2 splits L2 256B" lib256 16 8192 2

@@ -134,10 +134,10 @@ static double pct(std::vector<double> v, double q) {
 // PAGE_MAJOR: the page-major kernel (kvcore/gqa_decode_page_major.cuh) for each "HEADS:SPLITS"
 // entry of `spec`, on the inputs of `p` (its table, lengths, q and caches), its output poisoned
 // before the checked call and compared with the one-split gqa_decode output `ref`.
-template <int HEADS>
+template <int HEADS, int STAGES = 3>
 static void page_major_case(const kvcore::GqaDecodeParams& p, int B, int S, int Hq, int splits, const bf16* ref,
                             const std::function<double(std::function<void()>, int)>& time_it, double bytes) {
-  using Cfg = kvcore::PageMajorConfig<HEADS>;
+  using Cfg = kvcore::PageMajorConfig<HEADS, STAGES>;
   const int Hkv = p.num_kv_heads, group = p.group, D = Cfg::D;
   if (p.page_size % Cfg::STAGE_TOKENS != 0 || Hkv % HEADS != 0 || group > 16 || splits < 1 || splits > 256) {
     std::printf("page-major H%d splits %d: not run (pages of 16k tokens, Hkv a multiple of H, group <= 16, 1-256 splits)\n",
@@ -176,10 +176,10 @@ static void page_major_case(const kvcore::GqaDecodeParams& p, int B, int S, int 
   }
   const double us = time_it([&] { kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(q); }, 50);
   CUDA_CHECK(cudaGetLastError());
-  std::printf("check: page-major H%d max |out - one-split gqa_decode out| = %.3g%s\n", HEADS, worst,
+  std::printf("check: page-major H%d %d stages max |out - one-split gqa_decode out| = %.3g%s\n", HEADS, STAGES, worst,
               worst < 2e-2 ? "" : "  <-- MISMATCH");
-  std::printf("B%d S%d page-major H%d: %d splits x %d tokens, %d CTAs/SM, %zu CTAs, %.1f us, %.0f GB/s over K/V\n", B, S,
-              HEADS, ns, split_len, per_sm, blocks * ns, us, bytes / us * 1e-3);
+  std::printf("B%d S%d page-major H%d %d stages: %d splits x %d tokens, %d CTAs/SM, %zu CTAs, %.1f us, %.0f GB/s over K/V\n",
+              B, S, HEADS, STAGES, ns, split_len, per_sm, blocks * ns, us, bytes / us * 1e-3);
   CUDA_CHECK(cudaFree(q.out));
   CUDA_CHECK(cudaFree(q.partial_out));
   CUDA_CHECK(cudaFree(q.partial_lse));
@@ -189,17 +189,25 @@ static void page_major_case(const kvcore::GqaDecodeParams& p, int B, int S, int 
 static void time_page_major(const char* spec, const kvcore::GqaDecodeParams& p, int B, int S, int Hq, const bf16* ref,
                             const std::function<double(std::function<void()>, int)>& time_it, double bytes) {
   for (const char* c = spec; *c != '\0';) {
-    int heads = 0, splits = 0, used = 0;
+    // HEADS:SPLITS, or HEADS:SPLITS:STAGES for the one other ring depth built (4 heads, 6
+    // stages: 192 KB, one CTA of 4 warps per SM, 160 KB in flight).
+    int heads = 0, splits = 0, stages = 3, used = 0;
     if (std::sscanf(c, "%d:%d%n", &heads, &splits, &used) != 2) {
-      std::fprintf(stderr, "PAGE_MAJOR: expected HEADS:SPLITS[,HEADS:SPLITS...], got \"%s\"\n", spec);
+      std::fprintf(stderr, "PAGE_MAJOR: expected HEADS:SPLITS[:STAGES][,...], got \"%s\"\n", spec);
       std::exit(2);
     }
-    switch (heads) {
-      case 2: page_major_case<2>(p, B, S, Hq, splits, ref, time_it, bytes); break;
-      case 4: page_major_case<4>(p, B, S, Hq, splits, ref, time_it, bytes); break;
-      case 8: page_major_case<8>(p, B, S, Hq, splits, ref, time_it, bytes); break;
-      default: std::printf("page-major: HEADS must be 2, 4 or 8, got %d\n", heads);
-    }
+    int more = 0;
+    if (c[used] == ':' && std::sscanf(c + used, ":%d%n", &stages, &more) == 1) used += more;
+    if (stages == 3 && heads == 2)
+      page_major_case<2>(p, B, S, Hq, splits, ref, time_it, bytes);
+    else if (stages == 3 && heads == 4)
+      page_major_case<4>(p, B, S, Hq, splits, ref, time_it, bytes);
+    else if (stages == 3 && heads == 8)
+      page_major_case<8>(p, B, S, Hq, splits, ref, time_it, bytes);
+    else if (stages == 6 && heads == 4)
+      page_major_case<4, 6>(p, B, S, Hq, splits, ref, time_it, bytes);
+    else
+      std::printf("page-major: built for HEADS 2, 4, 8 with 3 stages and 4 with 6, got %d with %d\n", heads, stages);
     c += used;
     if (*c == ',') ++c;
   }
