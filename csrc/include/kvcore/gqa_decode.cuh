@@ -239,21 +239,26 @@ __device__ __forceinline__ void tile_pv_update(float (&o)[D / 8][4], const float
 }
 
 // ---- the split merge's weights, shared by gqa_decode_kernel and the page-major kernel ----------
-// Query head h's weights over its ns split partials, a lane per split (lane, lane + 32, ...): the
-// partial log2-sum-exps are plse[s * stride + h]; wgt[h * (ns + 1) + s] = exp2(lse - base), base
-// the largest (0 when every split is empty); returns {base, the weights' sum} in every lane. The
-// lse values wait in wgt (each lane its own entries, so no barrier), read from memory once: L2
-// round trips are what the merge is made of, and it runs after every other split of its pair.
-// on_load(s, x) sees each value as it is read.
-template <typename OnLoad>
+// Query head h's weights over its ns split partials, a lane per split (lane, lane + 32, ...):
+// wgt[h * (ns + 1) + s] = exp2(lse_s - base), base the largest lse_s (0 when every split is
+// empty); returns {base, the weights' sum} in every lane. Split s's partial log2-sum-exp is
+// plse[s * stride + h], read once from L2 (gqa_decode_kernel: those round trips are what its
+// merge is made of), or with STAGED already in wgt's slot (the page-major kernel stages a
+// block's values all at once); they wait in wgt, each lane its own entries, so no barrier is
+// needed in between. on_load(s, x) sees each value read (a trace stamp).
+template <bool STAGED = false, typename OnLoad>
 __device__ __forceinline__ float2 split_merge_weights(const float* plse, int stride, int h, int ns, int lane, float* wgt,
                                                       OnLoad on_load) {
   float mx = -INFINITY;
   for (int s = lane; s < ns; s += 32) {
-    const float x = __ldcg(plse + s * stride + h);
-    on_load(s, x);
-    wgt[h * (ns + 1) + s] = x;
-    mx = fmaxf(mx, x);
+    if constexpr (STAGED) {
+      mx = fmaxf(mx, wgt[h * (ns + 1) + s]);
+    } else {
+      const float x = __ldcg(plse + s * stride + h);
+      on_load(s, x);
+      wgt[h * (ns + 1) + s] = x;
+      mx = fmaxf(mx, x);
+    }
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));

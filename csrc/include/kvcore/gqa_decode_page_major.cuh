@@ -243,9 +243,17 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
   };
   load_batch(0, 0);  // in flight during the lse round trip below
 
+  // Every (split, head) lse of the block at once, one a thread ([ns][brows] in memory, so the
+  // loads are coalesced), into wgt: one L2 round trip, where a warp per head looping its heads
+  // would wait one per head (brows / WARPS = group of them in a row).
   const float* const plse = p.partial_lse + blk * ns * brows;
+  for (int i = tid; i < ns * brows; i += THREADS) {
+    const int s = i / brows, h = i - s * brows;
+    wgt[h * (ns + 1) + s] = __ldcg(plse + i);
+  }
+  __syncthreads();
   for (int h = warp; h < brows; h += WARPS) {
-    const float2 bs = split_merge_weights(plse, brows, h, ns, lane, wgt, [](int, float) {});
+    const float2 bs = split_merge_weights<true>(plse, brows, h, ns, lane, wgt, [](int, float) {});
     const float base = bs.x, sum = bs.y;
     if (lane == 0) {
       wgt[h * (ns + 1) + ns] = sum;
