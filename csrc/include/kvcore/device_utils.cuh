@@ -240,6 +240,7 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // The S accumulator of m16n8k16 (two n-tiles) s[nt][i] holds row r0 + 8 * (i / 2) (r0 = lane / 4)
 // and key nt * 8 + (lane % 4) * 2 + i % 2 of the warp's 16 (gqa_decode, its page-major form and
 // the token decoder).
+
 // Online-softmax update of a scaled, masked (-inf) S tile: per row half r the new running max
 // m[r], the factor alpha[r] that scales the old state, the tile's base (the max, or 0 while
 // nothing has been seen, to keep exp2 finite; the H2O score path stores it beside P), P =
@@ -266,7 +267,6 @@ __device__ __forceinline__ void tile_softmax_update(float (&s)[2][4], float (&m)
     l[r] = l[r] * alpha[r] + sum;
   }
 }
-
 
 // o *= alpha per row half before a tile's P V (o[n][0..1]: row r0, o[n][2..3]: row r0 + 8).
 template <int N>

@@ -239,27 +239,12 @@ __device__ __forceinline__ void tile_pv_update(float (&o)[D / 8][4], const float
 }
 
 // ---- the split merge's weights, shared by gqa_decode_kernel and the page-major kernel ----------
-// Query head h's weights over its ns split partials, a lane per split (lane, lane + 32, ...):
-// wgt[h * (ns + 1) + s] = exp2(lse_s - base), base the largest lse_s (0 when every split is
-// empty); returns {base, the weights' sum} in every lane. Split s's partial log2-sum-exp is
-// plse[s * stride + h], read once from L2 (gqa_decode_kernel: those round trips are what its
-// merge is made of), or with STAGED already in wgt's slot (the page-major kernel stages a
-// block's values all at once); they wait in wgt, each lane its own entries, so no barrier is
-// needed in between. on_load(s, x) sees each value read (a trace stamp).
-template <bool STAGED = false, typename OnLoad>
-__device__ __forceinline__ float2 split_merge_weights(const float* plse, int stride, int h, int ns, int lane, float* wgt,
-                                                      OnLoad on_load) {
-  float mx = -INFINITY;
-  for (int s = lane; s < ns; s += 32) {
-    if constexpr (STAGED) {
-      mx = fmaxf(mx, wgt[h * (ns + 1) + s]);
-    } else {
-      const float x = __ldcg(plse + s * stride + h);
-      on_load(s, x);
-      wgt[h * (ns + 1) + s] = x;
-      mx = fmaxf(mx, x);
-    }
-  }
+// Query head h's weights over its ns split partials, a lane per split (lane, lane + 32, ...),
+// once each lane's entries hold the splits' partial log2-sum-exps at wgt[h * (ns + 1) + s] and
+// mx is their largest: wgt's entries become exp2(lse_s - base), base the warp's largest lse (0
+// when every split is empty); returns {base, the weights' sum} in every lane. Each lane touches
+// only its own entries, so no barrier is needed in between.
+__device__ __forceinline__ float2 split_merge_weights(float mx, int h, int ns, int lane, float* wgt) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
   const float base = mx == -INFINITY ? 0.f : mx;
@@ -893,9 +878,16 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
 
   const float* plse = p.partial_lse + pair * ns * group;
   for (int h = warp; h < group; h += WARPS) {
-    const float2 bs = split_merge_weights(plse, group, h, ns, lane, wgt, [&](int s, float x) {
+    // Each lane reads its splits' lse once (L2 round trips are what this merge is made of: it
+    // runs after every other CTA of the pair, on the critical path) and keeps them in wgt.
+    float mx = -INFINITY;
+    for (int s = lane; s < ns; s += 32) {
+      const float x = __ldcg(plse + s * group + h);
       if (s == lane && h == warp) KVCORE_TRACE_AFTER(p, 12, x);
-    });
+      wgt[h * (ns + 1) + s] = x;
+      mx = fmaxf(mx, x);
+    }
+    const float2 bs = split_merge_weights(mx, h, ns, lane, wgt);
     const float base = bs.x, sum = bs.y;
     if (lane == 0) {
       wgt[h * (ns + 1) + ns] = sum;

@@ -253,7 +253,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
   }
   __syncthreads();
   for (int h = warp; h < brows; h += WARPS) {
-    const float2 bs = split_merge_weights<true>(plse, brows, h, ns, lane, wgt, [](int, float) {});
+    float mx = -INFINITY;
+    for (int s = lane; s < ns; s += 32) mx = fmaxf(mx, wgt[h * (ns + 1) + s]);
+    const float2 bs = split_merge_weights(mx, h, ns, lane, wgt);
     const float base = bs.x, sum = bs.y;
     if (lane == 0) {
       wgt[h * (ns + 1) + ns] = sum;
