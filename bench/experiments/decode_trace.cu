@@ -131,6 +131,28 @@ static double pct(std::vector<double> v, double q) {
   return v[std::min(v.size() - 1, size_t(q * (v.size() - 1) + 0.5))];
 }
 
+// bf16 outputs on the host: their bits, a value, and the largest elementwise difference of two
+// outputs (a NaN on either side, e.g. an element the kernel left poisoned, counts as infinite).
+static std::vector<uint16_t> to_host(const bf16* d, size_t n) {
+  std::vector<uint16_t> h(n);
+  CUDA_CHECK(cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost));
+  return h;
+}
+static float bf16_value(uint16_t x) {
+  const uint32_t u = uint32_t(x) << 16;
+  float y;
+  std::memcpy(&y, &u, 4);
+  return y;
+}
+static double max_abs_diff(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs(double(bf16_value(a[i])) - bf16_value(b[i]));
+    worst = std::isnan(d) ? INFINITY : std::max(worst, d);
+  }
+  return worst;
+}
+
 // PAGE_MAJOR: the page-major kernel (kvcore/gqa_decode_page_major.cuh) for each "HEADS:SPLITS"
 // entry of `spec`, on the inputs of `p` (its table, lengths, q and caches), its output poisoned
 // before the checked call and compared with the one-split gqa_decode output `ref`.
@@ -165,15 +187,8 @@ static void page_major_case(const kvcore::GqaDecodeParams& p, int B, int S, int 
   CUDA_CHECK(cudaMemset(q.out, 0xff, size_t(B) * Hq * D * 2));  // poison: NaN in bf16
   kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(q);
   CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<uint16_t> a(size_t(B) * Hq * D), r(a.size());
-  CUDA_CHECK(cudaMemcpy(a.data(), q.out, a.size() * 2, cudaMemcpyDeviceToHost));
-  CUDA_CHECK(cudaMemcpy(r.data(), ref, r.size() * 2, cudaMemcpyDeviceToHost));
-  auto f = [](uint16_t x) { uint32_t u = uint32_t(x) << 16; float y; std::memcpy(&y, &u, 4); return y; };
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = std::fabs(double(f(a[i])) - f(r[i]));
-    worst = std::isnan(d) ? INFINITY : std::max(worst, d);
-  }
+  const size_t n_out = size_t(B) * Hq * D;
+  const double worst = max_abs_diff(to_host(static_cast<const bf16*>(q.out), n_out), to_host(ref, n_out));
   const double us = time_it([&] { kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(q); }, 50);
   CUDA_CHECK(cudaGetLastError());
   std::printf("check: page-major H%d %d stages max |out - one-split gqa_decode out| = %.3g%s\n", HEADS, STAGES, worst,
@@ -392,18 +407,13 @@ int run(int argc, char** argv) {
   CUDA_CHECK(cudaGetLastError());
   const double bytes = 2.0 * B * S * Hkv * D * 2;
   {
-    std::vector<uint16_t> a(size_t(B) * Hq * D), r(a.size());
-    CUDA_CHECK(cudaMemcpy(a.data(), out, a.size() * 2, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(r.data(), out_ref, r.size() * 2, cudaMemcpyDeviceToHost));
-    auto f = [](uint16_t x) { uint32_t u = uint32_t(x) << 16; float y; std::memcpy(&y, &u, 4); return y; };
-    double worst = 0;
-    for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, double(std::fabs(f(a[i]) - f(r[i]))));
+    const std::vector<uint16_t> a = to_host(out, size_t(B) * Hq * D);
+    const double worst = max_abs_diff(a, to_host(out_ref, a.size()));
     std::printf("check: max |out - one-split out| = %.3g%s\n", worst, worst < 2e-2 ? "" : "  <-- MISMATCH");
     // Against a host reference for the first and last query head of the first and last sequence.
-    std::vector<uint16_t> hq(size_t(B) * Hq * D), hk(cache_elems), hv(cache_elems);
-    CUDA_CHECK(cudaMemcpy(hq.data(), q, hq.size() * 2, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(hk.data(), k, cache_elems * 2, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(hv.data(), v, cache_elems * 2, cudaMemcpyDeviceToHost));
+    const auto f = bf16_value;
+    const std::vector<uint16_t> hq = to_host(q, size_t(B) * Hq * D), hk = to_host(k, cache_elems),
+                                hv = to_host(v, cache_elems);
     double ref_worst = 0;
     for (const int bb : {0, B - 1})
       for (const int hh : {0, Hq - 1}) {
