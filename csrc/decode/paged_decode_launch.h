@@ -116,6 +116,11 @@ inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pai
   return {splits, int(split_tokens), lse_offset, lse_offset + lse_bytes(splits)};
 }
 
+// The workspace's size in bytes (0 when none is given): what plan_splits may lay out in it.
+inline int64_t workspace_bytes(const c10::optional<at::Tensor>& workspace) {
+  return workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
+}
+
 // Points a kernel's split scratch (arrival counters, partial_lse, partial_out) into the workspace
 // at the plan's offsets; with one split the kernels touch none of it and nothing is set.
 template <typename Params>
@@ -326,7 +331,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
   const int64_t pairs = s.batch * s.num_kv_heads;
-  const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
+  const int64_t have = workspace_bytes(workspace);
   const int64_t sbytes = SCORE ? score_bytes(s, kv_len) : 0;
   if constexpr (SCORE) {
     TORCH_CHECK(kCounterBytes + sbytes <= have, op, ": score accumulation needs a workspace of at least ",
@@ -479,7 +484,7 @@ void launch_page_major(const char* op, GqaDecodeParams& p, const PagedDecodeShap
   const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS, Cfg::SMEM_BYTES, op);
   const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = s.batch * (s.num_kv_heads / HEADS);
-  const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
+  const int64_t have = workspace_bytes(workspace);
   const SplitPlan plan = plan_splits(op, "batch x num_kv_heads / heads per CTA", blocks, kv_len, slots,
                                      Cfg::STAGE_TOKENS, 0, have, 0, HEADS * s.group, s.head_dim, 0, Cfg::MERGE_SPLITS);
   p.num_splits = plan.splits;

@@ -65,7 +65,7 @@ dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, 
   p.head_blocks = int((s.num_heads + Cfg::ROWS - 1) / Cfg::ROWS);
   const int64_t pairs = s.batch * p.head_blocks;
   const int64_t kv_len = int64_t(p.max_pages) * p.page_size;
-  const int64_t have = workspace.has_value() ? workspace->numel() * workspace->element_size() : 0;
+  const int64_t have = paged_decode::workspace_bytes(workspace);
   const paged_decode::SplitPlan plan = paged_decode::plan_splits(
       "mla_decode", "batch x head blocks", pairs, kv_len, slots, Cfg::TILE, requested_splits, have, 0, Cfg::ROWS, s.dv);
   p.num_splits = plan.splits;
