@@ -839,6 +839,15 @@ def test_gqa_decode_with_tma_loader_in_subprocess():
                        "(gqa_decode or decode_nan or graph) and not in_subprocess and not misspelt", 40, "-m", "cuda")
 
 
+# What a gqa_decode kernel switch re-runs in a fresh process (run_tests_with_env's files, -k
+# selection, least passed and pytest arguments): this file's gqa_decode CUDA cases, test_nan's
+# decode cases, the graph-capture and determinism cases.
+DECODE_KERNEL_RERUN = (
+    ["tests/test_ops.py", "tests/test_nan.py", "tests/test_cuda_graph.py", "tests/test_determinism.py"],
+    "(gqa_decode or decode_nan or graph or cuda_decode_bitwise or cuda_fixed_splits) and not in_subprocess and not misspelt",
+    40, "-m", "cuda")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.skipif(os.environ.get("KVCORE_DECODE_WARPS") == "8", reason="this process already runs it")
@@ -847,11 +856,7 @@ def test_gqa_decode_with_8_warps_in_subprocess():
     buffer always runs the 8-warp kernel (128-token tiles, one CTA per SM), which the automatic
     choice takes only at about one pair per SM. This file's gqa_decode CUDA cases, test_nan's
     decode cases, the graph-capture and determinism cases once more in a fresh process with it."""
-    run_tests_with_env("KVCORE_DECODE_WARPS", "8",
-                       ["tests/test_ops.py", "tests/test_nan.py", "tests/test_cuda_graph.py", "tests/test_determinism.py"],
-                       "(gqa_decode or decode_nan or graph or cuda_decode_bitwise or cuda_fixed_splits) and not in_subprocess "
-                       "and not misspelt", 40,
-                       "-m", "cuda")
+    run_tests_with_env("KVCORE_DECODE_WARPS", "8", *DECODE_KERNEL_RERUN)
 
 
 @pytest.mark.cuda
@@ -865,11 +870,7 @@ def test_gqa_decode_page_major_in_subprocess(kernel):
     graph-capture and determinism cases once more in a fresh process with it."""
     if os.environ.get("KVCORE_DECODE_KERNEL") == kernel:
         pytest.skip("this process already runs it")
-    run_tests_with_env("KVCORE_DECODE_KERNEL", kernel,
-                       ["tests/test_ops.py", "tests/test_nan.py", "tests/test_cuda_graph.py", "tests/test_determinism.py"],
-                       "(gqa_decode or decode_nan or graph or cuda_decode_bitwise or cuda_fixed_splits) and not in_subprocess "
-                       "and not misspelt", 40,
-                       "-m", "cuda")
+    run_tests_with_env("KVCORE_DECODE_KERNEL", kernel, *DECODE_KERNEL_RERUN)
 
 
 @pytest.mark.cuda
