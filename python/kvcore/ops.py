@@ -135,6 +135,27 @@ def _check_block_table_contents(block_table: torch.Tensor, seq_lens: torch.Tenso
         )
 
 
+def _validate_block_table(cache: torch.Tensor, cache_rank: int, block_table: torch.Tensor,
+                          seq_lens: torch.Tensor) -> bool:
+    """Checks the block table's contents against ``cache`` (``[num_pages, page_size, ...]`` of rank
+    ``cache_rank``) when validation is on and the shapes and dtypes are the op's; otherwise the
+    op's own checks name the culprit. Returns whether it checked, so op-specific index checks
+    may follow."""
+    checkable = (
+        validation_enabled()
+        and cache.dim() == cache_rank
+        and block_table.dim() == 2
+        and seq_lens.dim() == 1
+        and block_table.dtype == torch.int32
+        and seq_lens.dtype == torch.int32
+        and block_table.shape[0] == seq_lens.shape[0]
+        and cache.shape[1] > 0
+    )
+    if checkable:
+        _check_block_table_contents(block_table, seq_lens, cache.shape[0], cache.shape[1])
+    return checkable
+
+
 def _prepare_paged_decode(q, k_cache, block_table, seq_lens, logit_soft_cap, num_splits, out, lse, return_lse,
                           workspace):
     """What gqa_decode and block_sparse_decode share before the op: scalar checks, the outputs
@@ -152,18 +173,7 @@ def _prepare_paged_decode(q, k_cache, block_table, seq_lens, logit_soft_cap, num
         lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     if workspace is None and q.is_cuda:
         workspace = decode_workspace(q.device)
-    checked = (
-        validation_enabled()
-        and k_cache.dim() == 4
-        and block_table.dim() == 2
-        and seq_lens.dim() == 1
-        and block_table.dtype == torch.int32
-        and seq_lens.dtype == torch.int32
-        and block_table.shape[0] == seq_lens.shape[0]  # else the op's shape check names the culprit
-        and k_cache.shape[1] > 0
-    )
-    if checked:
-        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+    checked = _validate_block_table(k_cache, 4, block_table, seq_lens)
     return out, lse, want_lse, workspace, checked
 
 
@@ -769,17 +779,7 @@ def mla_decode(
         workspace = decode_workspace(q.device)
     _check_devices("mla_decode", "q", q, latent_cache=latent_cache, block_table=block_table, seq_lens=seq_lens,
                    out=out, lse=lse, workspace=workspace)
-    if (
-        validation_enabled()
-        and latent_cache.dim() == 3
-        and block_table.dim() == 2
-        and seq_lens.dim() == 1
-        and block_table.dtype == torch.int32
-        and seq_lens.dtype == torch.int32
-        and block_table.shape[0] == seq_lens.shape[0]
-        and latent_cache.shape[1] > 0
-    ):
-        _check_block_table_contents(block_table, seq_lens, latent_cache.shape[0], latent_cache.shape[1])
+    _validate_block_table(latent_cache, 3, block_table, seq_lens)
     _ops.mla_decode(q, latent_cache, block_table, seq_lens, float(scale), out, lse, workspace, int(num_splits))
     return (out, lse) if want_lse else out
 
@@ -878,18 +878,7 @@ def attention_scores(
             raise ValueError(f"max_len must be >= 0, got {max_len}")
         num_kv_heads = k_cache.shape[2] if k_cache.dim() == 4 else 0
         out = torch.empty(q.shape[0], num_kv_heads, int(max_len), dtype=torch.float32, device=q.device)
-    if (
-        validation_enabled()
-        and k_cache.dim() == 4
-        and block_table.dim() == 2
-        and seq_lens.dim() == 1
-        and block_table.dtype == torch.int32
-        and seq_lens.dtype == torch.int32
-        and block_table.shape[0] == seq_lens.shape[0]
-        and k_cache.shape[1] > 0
-        and out.dim() == 3
-    ):
-        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+    if out.dim() == 3 and _validate_block_table(k_cache, 4, block_table, seq_lens):
         lens = seq_lens.to("cpu")
         if lens.numel() and int(lens.max()) > out.shape[2]:
             b = int(lens.argmax())
@@ -979,21 +968,13 @@ def compact_kv(
             raise ValueError(f"kept must be 3-D [batch, num_kv_heads, max_kept], got shape {tuple(kept.shape)}")
         kept_lens = torch.full((kept.shape[0],), kept.shape[2], dtype=torch.int32, device=kept.device)
     if (
-        validation_enabled()
-        and k_cache.dim() == 4
-        and block_table.dim() == 2
-        and seq_lens.dim() == 1
-        and block_table.dtype == torch.int32
-        and seq_lens.dtype == torch.int32
-        and block_table.shape[0] == seq_lens.shape[0]
-        and k_cache.shape[1] > 0
+        _validate_block_table(k_cache, 4, block_table, seq_lens)
         and kept.dim() == 3
         and kept.dtype == torch.int64
         and kept.shape[0] == seq_lens.shape[0]
         and kept_lens.dim() == 1
         and kept_lens.shape[0] == seq_lens.shape[0]
     ):
-        _check_block_table_contents(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
         _check_kept_contents(kept, kept_lens, seq_lens)
     _ops.compact_kv(k_cache, v_cache, block_table, seq_lens, kept, kept_lens)
     return seq_lens
