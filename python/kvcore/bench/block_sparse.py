@@ -408,14 +408,8 @@ BUILDERS: dict[str, Callable[[BlockSparseInputs], list]] = {
 
 def run(case: BlockSparseCase, impl_names: Sequence[str], ctx: RunContext) -> list:
     """Time each implementation on one case; one row per implementation (skips and errors too)."""
-    inputs = make_inputs(case, ctx.device, seed=ctx.seed)
-    try:
-        ref = reference_output(inputs)
-        return runner.time_all(GROUP, case, impl_names, ctx, lambda name: runner.builder_for(BUILDERS, name, inputs),
-                               ref, TOLERANCE.get(case.dtype, 2e-2))
-    finally:
-        del inputs
-        ctx.free_memory()
+    return runner.run_case(GROUP, case, impl_names, ctx, BUILDERS, make_inputs, reference_output,
+                           TOLERANCE.get(case.dtype, 2e-2))
 
 
 __all__ = ["GROUP", "BlockSparseCase", "BlockSparseInputs", "cases", "impls", "known_impls", "make_inputs", "run"]

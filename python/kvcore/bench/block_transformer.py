@@ -269,15 +269,9 @@ BUILDERS = {
 
 def run(case: TokenDecoderCase, impl_names: Sequence[str], ctx: RunContext) -> list:
     """Time each implementation on one case; one row per implementation (skips and errors too)."""
-    inputs = make_inputs(case, ctx.device, seed=ctx.seed)
-    try:
-        ref = reference_output(inputs)
-        return runner.time_all(GROUP, case, impl_names, ctx, lambda name: runner.builder_for(BUILDERS, name, inputs),
-                               ref, TOLERANCE.get(case.dtype, 2e-2),
-                               ref_for=lambda name: _reference_in_layout(name, ref, case))
-    finally:
-        del inputs
-        ctx.free_memory()
+    return runner.run_case(GROUP, case, impl_names, ctx, BUILDERS, make_inputs, reference_output,
+                           TOLERANCE.get(case.dtype, 2e-2),
+                           ref_in_layout=lambda name, ref: _reference_in_layout(name, ref, case))
 
 
 __all__ = [

@@ -118,4 +118,22 @@ def builder_for(builders: dict, name: str, inputs) -> Callable[[], Sequence[Prep
     return build
 
 
-__all__ = ["builder_for", "max_abs_error", "time_all", "time_implementation", "time_variant"]
+def run_case(group: str, case, impl_names: Sequence[str], ctx: RunContext, builders: dict,
+             make_inputs: Callable, reference: Callable[[object], torch.Tensor], tol: float,
+             ref_in_layout: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> list:
+    """A group's ``run`` for one case: inputs from ``make_inputs(case, device, seed=...)``, the
+    reference from ``reference(inputs)``, then :func:`time_all` over ``builders`` (a name ->
+    builder table); ``ref_in_layout(name, ref)``, when given, the reference in an
+    implementation's output layout. The inputs are freed before returning, whatever happened."""
+    inputs = make_inputs(case, ctx.device, seed=ctx.seed)
+    try:
+        ref = reference(inputs)
+        ref_for = None if ref_in_layout is None else (lambda name: ref_in_layout(name, ref))
+        return time_all(group, case, impl_names, ctx, lambda name: builder_for(builders, name, inputs), ref, tol,
+                        ref_for=ref_for)
+    finally:
+        del inputs
+        ctx.free_memory()
+
+
+__all__ = ["builder_for", "max_abs_error", "run_case", "time_all", "time_implementation", "time_variant"]
