@@ -33,11 +33,9 @@ import torch.nn.functional as F
 from . import peers
 from . import runner
 from .decode import TOLERANCE
-from .harness import RunContext
+from .harness import RunContext, dtype_suffix
 
 GROUP = "block"
-
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -64,13 +62,12 @@ class BlockSparseCase:
             f"B{self.batch} Hq{self.num_q_heads} Hkv{self.num_kv_heads} D{self.head_dim} S{self.seq_len} "
             f"page{self.page_size} sel{self.blocks}x{self.block_tokens}"
         )
-        if self.dtype != torch.bfloat16:
-            s += " " + _DTYPE_NAMES.get(self.dtype, str(self.dtype).replace("torch.", ""))
+        s += dtype_suffix(self.dtype)
         return s
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def selected_tokens(self) -> int:

@@ -33,12 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from . import runner
-from .harness import RunContext
+from .harness import RunContext, dtype_suffix
 from .peers import Prepared, Skip, _first_line, import_kvcore, validation_off_while_timed
 
 GROUP = "block"
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 # Max abs error against the fp32 reference that an output may have and still be timed.
 # Max abs error allowed against the fp32 reference before a peer is timed. bf16 is looser than in
@@ -72,8 +71,7 @@ class TokenDecoderCase:
                  else f"Hq{self.num_q_heads} Hkv{self.num_kv_heads}")
         s = (f"token-decoder B{self.batch} {heads} D{self.head_dim} S{self.seq_len} "
              f"L{self.block_length} P{self.prefix}")
-        if self.dtype != torch.bfloat16:
-            s += " " + _DTYPE_NAMES.get(self.dtype, str(self.dtype).replace("torch.", ""))
+        s += dtype_suffix(self.dtype)
         return s
 
     @property
@@ -82,7 +80,7 @@ class TokenDecoderCase:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:

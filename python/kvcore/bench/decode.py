@@ -15,11 +15,10 @@ from typing import Sequence
 import torch
 
 from . import peers, runner
-from .harness import RunContext
+from .harness import RunContext, dtype_suffix
 
 GROUP = "decode"
 
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 # Max abs error against the fp32 reference that an output may have and still be timed.
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 1e-3}
@@ -41,13 +40,12 @@ class DecodeCase:
             f"B{self.batch} Hq{self.num_q_heads} Hkv{self.num_kv_heads} D{self.head_dim} "
             f"S{self.seq_len} page{self.page_size}"
         )
-        if self.dtype != torch.bfloat16:
-            s += " " + _DTYPE_NAMES.get(self.dtype, str(self.dtype).replace("torch.", ""))
+        s += dtype_suffix(self.dtype)
         return s
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:

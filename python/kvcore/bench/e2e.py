@@ -75,7 +75,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from . import peers
-from .harness import RunContext, Timer, make_row, round_sig
+from .harness import RunContext, Timer, dtype_suffix, make_row, round_sig
 
 GROUP = "e2e"
 
@@ -94,8 +94,6 @@ STEPS = 10
 REL_TOL = {torch.float32: (1e-3, 1e-3), torch.bfloat16: (0.02, 0.25), torch.float16: (0.02, 0.25)}
 #: SnapKV observation window (queries per layer) used when the real policy runs.
 SNAPKV_WINDOW = 32
-
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -116,13 +114,12 @@ class E2ECase:
     def name(self) -> str:
         s = (f"llama L{self.layers} h{self.hidden} Hq{self.num_q_heads} Hkv{self.num_kv_heads} D{self.head_dim} "
              f"B{self.batch} S{self.seq_len}")
-        if self.dtype != torch.bfloat16:
-            s += " " + _DTYPE_NAMES.get(self.dtype, str(self.dtype).replace("torch.", ""))
+        s += dtype_suffix(self.dtype)
         return s
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def config(self) -> Any:
         import transformers

@@ -35,11 +35,9 @@ import torch.nn.functional as F
 
 from . import peers
 from . import runner
-from .harness import RunContext
+from .harness import RunContext, dtype_suffix
 
 GROUP = "eviction"
-
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -58,13 +56,12 @@ class ScoresCase:
     def name(self) -> str:
         s = (f"SnapKV scores B{self.batch} Hq{self.num_q_heads} Hkv{self.num_kv_heads} D{self.head_dim} "
              f"S{self.seq_len} w{self.window} page{self.page_size} avgpool{self.pool_kernel}")
-        if self.dtype != torch.bfloat16:
-            s += " " + _DTYPE_NAMES.get(self.dtype, str(self.dtype).replace("torch.", ""))
+        s += dtype_suffix(self.dtype)
         return s
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:

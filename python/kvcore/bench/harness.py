@@ -20,6 +20,21 @@ from typing import Callable, Optional, Sequence
 import torch
 
 # --------------------------------------------------------------------------------------------
+# Case names
+# --------------------------------------------------------------------------------------------
+
+# Case names carry the dtype when it is not bf16, every grid's default.
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def dtype_suffix(dtype: torch.dtype) -> str:
+    """A case name's dtype suffix: ``""`` for bf16, else ``" fp16"``, ``" fp32"`` (or torch's name)."""
+    if dtype == torch.bfloat16:
+        return ""
+    return " " + _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+# --------------------------------------------------------------------------------------------
 # Device naming
 # --------------------------------------------------------------------------------------------
 

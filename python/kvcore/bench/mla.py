@@ -33,13 +33,12 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import runner
-from .harness import RunContext
+from .harness import RunContext, dtype_suffix
 from .peers import Prepared, Skip, _first_line, import_kvcore, validation_off_while_timed
 
 GROUP = "mla"
 
 RANK, ROPE, WIDTH = 512, 64, 576
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Max abs error against the fp32 reference before an implementation is timed. bf16 is looser than
 # in the decode group: the plain-torch peer rounds its probabilities to bf16 before the 512-wide PV
 # product (measured 0.022 on CPU at B1 H128 S256).
@@ -47,10 +46,6 @@ TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 
 GPU_IMPLS = ["kvcore", "flashinfer", "torch"]
 CPU_IMPLS = ["kvcore", "torch"]
-
-
-def _dtype_suffix(dtype: torch.dtype) -> str:
-    return "" if dtype == torch.bfloat16 else " " + _DTYPE_NAMES.get(dtype, str(dtype))
 
 
 @dataclass(frozen=True)
@@ -63,11 +58,11 @@ class MlaDecodeCase:
 
     @property
     def name(self) -> str:
-        return f"decode B{self.batch} H{self.num_heads} S{self.seq_len} page{self.page_size}" + _dtype_suffix(self.dtype)
+        return f"decode B{self.batch} H{self.num_heads} S{self.seq_len} page{self.page_size}" + dtype_suffix(self.dtype)
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -87,11 +82,11 @@ class MlaProjectCase:
 
     @property
     def name(self) -> str:
-        return f"project T{self.tokens} d{self.d_model}" + _dtype_suffix(self.dtype)
+        return f"project T{self.tokens} d{self.d_model}" + dtype_suffix(self.dtype)
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def nbytes(self) -> int:

@@ -42,11 +42,9 @@ import torch.nn.functional as F
 from . import peers
 from . import runner
 from .decode import TOLERANCE
-from .harness import RunContext
+from .harness import RunContext, dtype_suffix
 
 GROUP = "retrieval"
-
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -70,15 +68,14 @@ class RetrievalCase:
             f"B{self.batch} Hq{self.num_q_heads} Hkv{self.num_kv_heads} D{self.head_dim} "
             f"mem{self.units}x{self.block} top{self.topk} local{self.n_local} hit{round(self.hit * 100)}%"
         )
-        if self.dtype != torch.bfloat16:
-            s += " " + _DTYPE_NAMES.get(self.dtype, str(self.dtype).replace("torch.", ""))
+        s += dtype_suffix(self.dtype)
         if self.part == "select":
             s = s.replace(f" local{self.n_local} hit{round(self.hit * 100)}%", "") + " select"
         return s
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def attended(self) -> int:
