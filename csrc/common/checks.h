@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <string>
 
 namespace kvcore {
@@ -51,6 +52,41 @@ inline void check_inner_dense(const at::Tensor& t, int64_t inner, const char* na
   }
 }
 
+// A paged call's block_table [batch, max_pages] and seq_lens [batch]: int32, contiguous, on
+// ref's device.
+inline void check_table_and_lens(const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t batch,
+                                 const at::Tensor& ref, const char* ref_name) {
+  check_rank(block_table, 2, "block_table", "[batch, max_pages]");
+  check_rank(seq_lens, 1, "seq_lens", "[batch]");
+  check_same_device(block_table, ref, "block_table", ref_name);
+  check_same_device(seq_lens, ref, "seq_lens", ref_name);
+  check_dtype(block_table, at::kInt, "block_table");
+  check_dtype(seq_lens, at::kInt, "seq_lens");
+  TORCH_CHECK(block_table.size(0) == batch, "block_table must have batch (", batch, ") rows, got shape ",
+              block_table.sizes());
+  TORCH_CHECK(seq_lens.size(0) == batch, "seq_lens must have shape [", batch, "], got ", seq_lens.sizes());
+  check_contiguous(block_table, "block_table");
+  check_contiguous(seq_lens, "seq_lens");
+}
+
+// The query heads per KV head; num_q_heads must be a multiple of a positive num_kv_heads.
+inline int64_t kv_group(int64_t num_q_heads, int64_t num_kv_heads) {
+  TORCH_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0, "num_q_heads (", num_q_heads,
+              ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+  return num_q_heads / num_kv_heads;
+}
+
+// An optional lse output: fp32, contiguous, on q's device, of the given shape.
+inline void check_optional_lse(const c10::optional<at::Tensor>& lse, const at::Tensor& q,
+                               std::initializer_list<int64_t> shape) {
+  if (!lse.has_value()) return;
+  check_same_device(*lse, q, "lse", "q");
+  check_dtype(*lse, at::kFloat, "lse");
+  TORCH_CHECK(lse->sizes() == at::IntArrayRef(shape), "lse must have shape ", at::IntArrayRef(shape), ", got ",
+              lse->sizes());
+  check_contiguous(*lse, "lse");
+}
+
 // Shapes of a paged-cache decode call, validated once and shared by both backends.
 struct PagedDecodeShape {
   int64_t batch, num_q_heads, num_kv_heads, head_dim, group, num_pages, page_size, max_pages;
@@ -62,18 +98,14 @@ inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor
   check_rank(q, 3, "q", "[batch, num_q_heads, head_dim]");
   check_rank(k_cache, 4, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]");
   check_rank(v_cache, 4, "v_cache", "[num_pages, page_size, num_kv_heads, head_dim]");
-  check_rank(block_table, 2, "block_table", "[batch, max_pages]");
-  check_rank(seq_lens, 1, "seq_lens", "[batch]");
   check_rank(out, 3, "out", "[batch, num_q_heads, head_dim]");
-  for (auto [t, n] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&block_table, "block_table"},
-                      {&seq_lens, "seq_lens"}, {&out, "out"}})
+  check_table_and_lens(block_table, seq_lens, q.size(0), q, "q");
+  for (auto [t, n] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&out, "out"}})
     check_same_device(*t, q, n, "q");
   check_float_dtype(q, "q");
   check_dtype(k_cache, q.scalar_type(), "k_cache");
   check_dtype(v_cache, q.scalar_type(), "v_cache");
   check_dtype(out, q.scalar_type(), "out");
-  check_dtype(block_table, at::kInt, "block_table");
-  check_dtype(seq_lens, at::kInt, "seq_lens");
 
   PagedDecodeShape s{};
   s.batch = q.size(0);
@@ -87,27 +119,14 @@ inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor
               ", got ", v_cache.sizes());
   TORCH_CHECK(k_cache.size(3) == s.head_dim, "k_cache head_dim (", k_cache.size(3), ") must equal q head_dim (",
               s.head_dim, ")");
-  TORCH_CHECK(s.num_kv_heads > 0 && s.num_q_heads % s.num_kv_heads == 0, "num_q_heads (", s.num_q_heads,
-              ") must be a multiple of num_kv_heads (", s.num_kv_heads, ")");
-  s.group = s.num_q_heads / s.num_kv_heads;
+  s.group = kv_group(s.num_q_heads, s.num_kv_heads);
   TORCH_CHECK(s.page_size > 0, "k_cache page_size must be positive, got ", s.page_size);
-  TORCH_CHECK(block_table.size(0) == s.batch, "block_table must have batch (", s.batch, ") rows, got shape ",
-              block_table.sizes());
-  TORCH_CHECK(seq_lens.size(0) == s.batch, "seq_lens must have shape [", s.batch, "], got ", seq_lens.sizes());
   TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
   check_contiguous(out, "out");
-  check_contiguous(block_table, "block_table");
-  check_contiguous(seq_lens, "seq_lens");
   TORCH_CHECK(q.stride(2) == 1, "q must be contiguous in its last dim, got strides ", c10::str(q.strides()));
   check_inner_dense(k_cache, 3, "k_cache");
   check_inner_dense(v_cache, 3, "v_cache");
-  if (lse.has_value()) {
-    check_same_device(*lse, q, "lse", "q");
-    check_dtype(*lse, at::kFloat, "lse");
-    TORCH_CHECK(lse->dim() == 2 && lse->size(0) == s.batch && lse->size(1) == s.num_q_heads, "lse must have shape [",
-                s.batch, ", ", s.num_q_heads, "], got ", lse->sizes());
-    check_contiguous(*lse, "lse");
-  }
+  check_optional_lse(lse, q, {s.batch, s.num_q_heads});
   return s;
 }
 
@@ -264,9 +283,7 @@ inline TokenDecoderShape check_token_decoder(const at::Tensor& q, const at::Tens
   s.prefix = k.size(1) - s.block_length;
   TORCH_CHECK(k.size(3) == s.head_dim, "k head_dim (", k.size(3), ") must equal q head_dim (", s.head_dim, ")");
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(s.num_kv_heads > 0 && s.num_q_heads % s.num_kv_heads == 0, "num_q_heads (", s.num_q_heads,
-              ") must be a multiple of num_kv_heads (", s.num_kv_heads, ")");
-  s.group = s.num_q_heads / s.num_kv_heads;
+  s.group = kv_group(s.num_q_heads, s.num_kv_heads);
   TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
   check_contiguous(out, "out");
   // Each block's rows must be one dense slab ([L, Hq, D] of q, [P + L, Hkv, D] of k and v);
@@ -282,14 +299,7 @@ inline TokenDecoderShape check_token_decoder(const at::Tensor& q, const at::Tens
                 block_lens->sizes());
     check_contiguous(*block_lens, "block_lens");
   }
-  if (lse.has_value()) {
-    check_same_device(*lse, q, "lse", "q");
-    check_dtype(*lse, at::kFloat, "lse");
-    TORCH_CHECK(lse->dim() == 3 && lse->size(0) == s.blocks && lse->size(1) == s.block_length &&
-                    lse->size(2) == s.num_q_heads,
-                "lse must have shape [", s.blocks, ", ", s.block_length, ", ", s.num_q_heads, "], got ", lse->sizes());
-    check_contiguous(*lse, "lse");
-  }
+  check_optional_lse(lse, q, {s.blocks, s.block_length, s.num_q_heads});
   return s;
 }
 
@@ -382,17 +392,13 @@ inline MlaDecodeShape check_mla_decode(const at::Tensor& q, const at::Tensor& la
                                        int64_t num_splits) {
   check_rank(q, 3, "q", "[batch, num_heads, kv_lora_rank + rope_dim]");
   check_rank(latent_cache, 3, "latent_cache", "[num_pages, page_size, kv_lora_rank + rope_dim]");
-  check_rank(block_table, 2, "block_table", "[batch, max_pages]");
-  check_rank(seq_lens, 1, "seq_lens", "[batch]");
   check_rank(out, 3, "out", "[batch, num_heads, kv_lora_rank]");
-  for (auto [t, n] : {std::pair{&latent_cache, "latent_cache"}, {&block_table, "block_table"}, {&seq_lens, "seq_lens"},
-                      {&out, "out"}})
-    check_same_device(*t, q, n, "q");
+  check_table_and_lens(block_table, seq_lens, q.size(0), q, "q");
+  check_same_device(latent_cache, q, "latent_cache", "q");
+  check_same_device(out, q, "out", "q");
   check_float_dtype(q, "q");
   check_dtype(latent_cache, q.scalar_type(), "latent_cache");
   check_dtype(out, q.scalar_type(), "out");
-  check_dtype(block_table, at::kInt, "block_table");
-  check_dtype(seq_lens, at::kInt, "seq_lens");
   TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
   TORCH_CHECK(num_splits >= 0, "num_splits must be 0 (automatic) or positive, got ", num_splits);
 
@@ -409,21 +415,10 @@ inline MlaDecodeShape check_mla_decode(const at::Tensor& q, const at::Tensor& la
   TORCH_CHECK(s.page_size > 0, "latent_cache page_size must be positive, got ", s.page_size);
   TORCH_CHECK(out.size(0) == s.batch && out.size(1) == s.num_heads && s.dv > 0 && s.dv <= s.dk, "out must have shape [",
               s.batch, ", ", s.num_heads, ", Dv] with 0 < Dv <= ", s.dk, " (q's last dim), got ", out.sizes());
-  TORCH_CHECK(block_table.size(0) == s.batch, "block_table must have batch (", s.batch, ") rows, got shape ",
-              block_table.sizes());
-  TORCH_CHECK(seq_lens.size(0) == s.batch, "seq_lens must have shape [", s.batch, "], got ", seq_lens.sizes());
   check_contiguous(out, "out");
-  check_contiguous(block_table, "block_table");
-  check_contiguous(seq_lens, "seq_lens");
   TORCH_CHECK(q.stride(2) == 1, "q must be contiguous in its last dim, got strides ", c10::str(q.strides()));
   check_inner_dense(latent_cache, 2, "latent_cache");
-  if (lse.has_value()) {
-    check_same_device(*lse, q, "lse", "q");
-    check_dtype(*lse, at::kFloat, "lse");
-    TORCH_CHECK(lse->dim() == 2 && lse->size(0) == s.batch && lse->size(1) == s.num_heads, "lse must have shape [",
-                s.batch, ", ", s.num_heads, "], got ", lse->sizes());
-    check_contiguous(*lse, "lse");
-  }
+  check_optional_lse(lse, q, {s.batch, s.num_heads});
   return s;
 }
 
@@ -443,16 +438,12 @@ inline AttentionScoresShape check_attention_scores(const at::Tensor& q, const at
                                                    const c10::optional<at::Tensor>& lse, const at::Tensor& out) {
   check_rank(q, 4, "q", "[batch, window, num_q_heads, head_dim]");
   check_rank(k_cache, 4, "k_cache", "[num_pages, page_size, num_kv_heads, head_dim]");
-  check_rank(block_table, 2, "block_table", "[batch, max_pages]");
-  check_rank(seq_lens, 1, "seq_lens", "[batch]");
   check_rank(out, 3, "out", "[batch, num_kv_heads, max_len]");
-  for (auto [t, n] : {std::pair{&k_cache, "k_cache"}, {&block_table, "block_table"}, {&seq_lens, "seq_lens"},
-                      {&out, "out"}})
-    check_same_device(*t, q, n, "q");
+  check_table_and_lens(block_table, seq_lens, q.size(0), q, "q");
+  check_same_device(k_cache, q, "k_cache", "q");
+  check_same_device(out, q, "out", "q");
   check_float_dtype(q, "q");
   check_dtype(k_cache, q.scalar_type(), "k_cache");
-  check_dtype(block_table, at::kInt, "block_table");
-  check_dtype(seq_lens, at::kInt, "seq_lens");
   check_dtype(out, at::kFloat, "out");
 
   AttentionScoresShape s{};
@@ -468,28 +459,14 @@ inline AttentionScoresShape check_attention_scores(const at::Tensor& q, const at
   TORCH_CHECK(s.window >= 1, "q must hold at least one window query (dim 1), got shape ", q.sizes());
   TORCH_CHECK(k_cache.size(3) == s.head_dim, "k_cache head_dim (", k_cache.size(3), ") must equal q head_dim (",
               s.head_dim, ")");
-  TORCH_CHECK(s.num_kv_heads > 0 && s.num_q_heads % s.num_kv_heads == 0, "num_q_heads (", s.num_q_heads,
-              ") must be a multiple of num_kv_heads (", s.num_kv_heads, ")");
-  s.group = s.num_q_heads / s.num_kv_heads;
+  s.group = kv_group(s.num_q_heads, s.num_kv_heads);
   TORCH_CHECK(s.page_size > 0, "k_cache page_size must be positive, got ", s.page_size);
-  TORCH_CHECK(block_table.size(0) == s.batch, "block_table must have batch (", s.batch, ") rows, got shape ",
-              block_table.sizes());
-  TORCH_CHECK(seq_lens.size(0) == s.batch, "seq_lens must have shape [", s.batch, "], got ", seq_lens.sizes());
   TORCH_CHECK(out.size(0) == s.batch && out.size(1) == s.num_kv_heads, "out must have shape [", s.batch, ", ",
               s.num_kv_heads, ", max_len], got ", out.sizes());
   check_contiguous(out, "out");
-  check_contiguous(block_table, "block_table");
-  check_contiguous(seq_lens, "seq_lens");
   TORCH_CHECK(q.stride(3) == 1, "q must be contiguous in its last dim, got strides ", c10::str(q.strides()));
   check_inner_dense(k_cache, 3, "k_cache");
-  if (lse.has_value()) {
-    check_same_device(*lse, q, "lse", "q");
-    check_dtype(*lse, at::kFloat, "lse");
-    TORCH_CHECK(lse->dim() == 3 && lse->size(0) == s.batch && lse->size(1) == s.window &&
-                    lse->size(2) == s.num_q_heads,
-                "lse must have shape [", s.batch, ", ", s.window, ", ", s.num_q_heads, "], got ", lse->sizes());
-    check_contiguous(*lse, "lse");
-  }
+  check_optional_lse(lse, q, {s.batch, s.window, s.num_q_heads});
   return s;
 }
 
