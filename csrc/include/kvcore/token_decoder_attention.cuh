@@ -173,10 +173,13 @@ __device__ __forceinline__ void store_elem(__half* dst, float x) { *dst = __floa
 // row reads only its own keys 0 .. P + i: a warp per row, lanes over D for the scores (a warp
 // sum) and over the unit's DW output columns, fp32 online softmax. Rare (non-finite inputs
 // only), so it favours plainness over speed; same outputs and NaN semantics as the fast path.
-template <typename T, int D, int DW>
-__device__ __noinline__ void token_decoder_unit_exact(const TokenDecoderParams& p, const T* sq, const T* sk,
-                                                      const T* sv, int block, int chunk, int hb, int row0, int dpart,
-                                                      int blen) {
+// STAGED: out rows go into the staging tile `so` (the lean kernel: row i HCG + h, 16-byte chunks
+// swizzled by the tile row, as the q rows) instead of global memory; lse always goes to global
+// memory directly.
+template <typename T, int D, int DW, bool STAGED>
+__device__ __forceinline__ void token_decoder_unit_exact_rows(const TokenDecoderParams& p, const T* sq, const T* sk,
+                                                              const T* sv, T* so, int block, int chunk, int hb,
+                                                              int row0, int dpart, int blen) {
   constexpr int QPL = D / 32, OPL = DW / 32;  // score dims and output columns per lane (<= 8)
   static_assert(QPL >= 1 && OPL >= 1 && 8 % QPL == 0 && 8 % OPL == 0, "a lane's dims lie in one 16-byte chunk");
   const int lane = threadIdx.x & 31;
@@ -189,15 +192,23 @@ __device__ __noinline__ void token_decoder_unit_exact(const TokenDecoderParams& 
     if (rl >= LG || hh >= HC) continue;  // padding row of the tile
     const int i = fast_div(rl, p.group_div);
     const int g = rl - i * G;
-    const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + (chunk * HC + hh) * G + g;
-    T* const dst = static_cast<T*>(p.out) + orow * D + od0;
+    const int hl = hh * G + g;  // query head within the chunk
+    int64_t orow;
+    T* dst;
+    if constexpr (STAGED) {
+      orow = (int64_t(block) * L + i) * p.num_q_heads + chunk * HCG + hl;
+      dst = so + (i * HCG + hl) * D + ((((od0 >> 3) ^ (rr & 7)) << 3) | (od0 & 7));
+    } else {
+      orow = (int64_t(block) * L + i) * p.num_q_heads + (chunk * HC + hh) * G + g;
+      dst = static_cast<T*>(p.out) + orow * D + od0;
+    }
     if (i >= blen) {
 #pragma unroll
       for (int e = 0; e < OPL; ++e) store_elem(dst + e, 0.f);
       if (p.lse != nullptr && dpart == 0 && lane == 0) p.lse[orow] = -INFINITY;
       continue;
     }
-    const T* const qp = sq + (i * HCG + hh * G + g) * D + ((((d0 >> 3) ^ (rr & 7)) << 3) | (d0 & 7));
+    const T* const qp = sq + (i * HCG + hl) * D + ((((d0 >> 3) ^ (rr & 7)) << 3) | (d0 & 7));
     float qv[QPL];
 #pragma unroll
     for (int e = 0; e < QPL; ++e) qv[e] = to_float(qp[e]);
@@ -226,6 +237,69 @@ __device__ __noinline__ void token_decoder_unit_exact(const TokenDecoderParams& 
   }
 }
 
+// The exact path of the classic kernel (out rows to global memory), a call of its own: it is rare.
+template <typename T, int D, int DW>
+__device__ __noinline__ void token_decoder_unit_exact(const TokenDecoderParams& p, const T* sq, const T* sk,
+                                                      const T* sv, int block, int chunk, int hb, int row0, int dpart,
+                                                      int blen) {
+  token_decoder_unit_exact_rows<T, D, DW, false>(p, sq, sk, sv, nullptr, block, chunk, hb, row0, dpart, blen);
+}
+
+// ---- Shared by both kernels' unit loops ---------------------------------------------------------
+
+// The launch's shapes as the kernels use them, read from the parameters once per CTA.
+struct TdDims {
+  int L, P, KJ, G;               // tokens of a block, prefix slots, keys P + L, query heads per KV head
+  int HC, HCG, LG;               // KV and query heads of a chunk, tile rows of a KV head (L G)
+  int HP, row_shift, key_shift;  // head packing (see TokenDecoderParams)
+  int row_mask, key_mask;        // tile row -> row within its head; virtual key -> key j
+};
+
+__device__ __forceinline__ TdDims token_decoder_dims(const TokenDecoderParams& p) {
+  TdDims d;
+  d.L = p.rows;
+  d.P = p.prefix;
+  d.KJ = p.keys;
+  d.G = p.group;
+  d.HC = p.chunk_kv_heads;
+  d.HCG = p.chunk_q_heads;
+  d.LG = d.L * d.G;
+  d.HP = p.heads_per_tile;
+  d.row_shift = p.row_shift;
+  d.key_shift = p.key_shift;
+  d.row_mask = (1 << d.row_shift) - 1;
+  d.key_mask = (1 << d.key_shift) - 1;
+  return d;
+}
+
+// A warp unit of an item (see "Compute" above), decoded from its index u < head groups x m-tiles
+// x DSPLIT.
+struct TdUnit {
+  int dpart;  // part of D: output columns dpart DW .. dpart DW + DW - 1
+  int hb;     // first KV head of its head group within the chunk
+  int row0;   // first tile row of its m-tile
+  int heads;  // KV heads of its head group (HP, or fewer in the chunk's last group)
+};
+
+template <int DSPLIT>
+__device__ __forceinline__ TdUnit token_decoder_unit(const TokenDecoderParams& p, const TdDims& d, int u) {
+  const int dpart = DSPLIT == 1 ? 0 : u % DSPLIT;
+  const int hm = DSPLIT == 1 ? u : u / DSPLIT;
+  const int hg = hm / p.m_tiles;  // head group of the chunk
+  const int mt = hm - hg * p.m_tiles;
+  const int hb = hg * d.HP;
+  return TdUnit{dpart, hb, mt * 16, min(d.HP, d.HC - hb)};
+}
+
+// Virtual keys x = s NKP + j (head s of the tile, key j) a unit needs: up to key P + i of the
+// last valid row of its last head; 0 when all its rows are padding.
+__device__ __forceinline__ int token_decoder_unit_keys(const TokenDecoderParams& p, const TdDims& d, TdUnit unit,
+                                                       int blen) {
+  const int i_first = fast_div(unit.row0, p.group_div);
+  const int i_last = min(fast_div(min(unit.row0 + 15, d.LG - 1), p.group_div), blen - 1);
+  return i_last >= i_first ? ((unit.heads - 1) << d.key_shift) + d.P + i_last + 1 : 0;
+}
+
 template <typename T, int D, int DSPLIT>
 __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
     token_decoder_attention_kernel(const __grid_constant__ TokenDecoderParams p) {
@@ -238,11 +312,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
   int* const stage_len = reinterpret_cast<int*>(zero_row + D);  // block length of each stage's item
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int L = p.rows, P = p.prefix, KJ = p.keys, G = p.group;
-  const int HC = p.chunk_kv_heads, HCG = p.chunk_q_heads, LG = L * G;
-  const int HP = p.heads_per_tile, row_shift = p.row_shift, key_shift = p.key_shift;
-  const int row_mask = (1 << row_shift) - 1, key_mask = (1 << key_shift) - 1;
-  const int k_off = L * HCG * D, v_off = k_off + KJ * HC * D;  // k and v regions within a stage
+  const TdDims d = token_decoder_dims(p);
+  const int k_off = d.L * d.HCG * D, v_off = k_off + d.KJ * d.HC * D;  // k and v regions within a stage
 
   for (int i = tid; i < D / 8; i += Cfg::THREADS)
     reinterpret_cast<uint4*>(zero_row)[i] = make_uint4(0u, 0u, 0u, 0u);
@@ -264,25 +335,25 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
       const int chunk = item - block * int(p.chunks.d);
       T* const dst = ring + int64_t(stage) * p.stage_elems;
       const T* const q =
-          static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + int64_t(chunk) * HCG * D + col * 8;
-      for (int r = tid / TD; r < L * HCG; r += ROW_STEP) {  // r = i HCG + h
+          static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + int64_t(chunk) * d.HCG * D + col * 8;
+      for (int r = tid / TD; r < d.L * d.HCG; r += ROW_STEP) {  // r = i HCG + h
         const int i = fast_div(r, p.chunk_q);
-        const int h = r - i * HCG;
+        const int h = r - i * d.HCG;
         const int hh = fast_div(h, p.group_div);
-        const int key = ((hh & (HP - 1)) << row_shift) + i * G + (h - hh * G);
+        const int key = ((hh & (d.HP - 1)) << d.row_shift) + i * d.G + (h - hh * d.G);
         cp_async_16(dst + td_swz(r, col, key, D), q + (int64_t(i) * p.num_q_heads + h) * D, true);
       }
 #pragma unroll
       for (int t = 0; t < 2; ++t) {
         const T* const src = static_cast<const T*>(t ? p.v : p.k) + int64_t(block) * (t ? p.v_stride_n : p.k_stride_n) +
-                             int64_t(chunk) * HC * D + col * 8;
+                             int64_t(chunk) * d.HC * D + col * 8;
         T* const kv = dst + (t ? v_off : k_off);
-        for (int r = tid / TD; r < KJ * HC; r += ROW_STEP) {  // r = j HC + h
+        for (int r = tid / TD; r < d.KJ * d.HC; r += ROW_STEP) {  // r = j HC + h
           const int j = fast_div(r, p.chunk_kv);
-          cp_async_16(kv + td_swz(r, col, j, D), src + (int64_t(j) * p.num_kv_heads + (r - j * HC)) * D, true);
+          cp_async_16(kv + td_swz(r, col, j, D), src + (int64_t(j) * p.num_kv_heads + (r - j * d.HC)) * D, true);
         }
       }
-      if (tid == 0) stage_len[stage] = p.block_lens ? __ldg(p.block_lens + block) : L;
+      if (tid == 0) stage_len[stage] = p.block_lens ? __ldg(p.block_lens + block) : d.L;
     }
     cp_async_commit();
   };
@@ -308,37 +379,27 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
     }
     const int block = fast_div(item, p.chunks);
     const int chunk = item - block * int(p.chunks.d);
-    const int blen = min(max(stage_len[stage], 0), L);
+    const int blen = min(max(stage_len[stage], 0), d.L);
     const T* const sq = ring + int64_t(stage) * p.stage_elems;
     const T* const sk = sq + k_off;
     const T* const sv = sq + v_off;
 
     for (int u = warp; u < units; u += Cfg::WARPS) {
-      const int dpart = DSPLIT == 1 ? 0 : u % DSPLIT;
-      const int hm = DSPLIT == 1 ? u : u / DSPLIT;
-      const int hg = hm / p.m_tiles;  // head group of the chunk
-      const int mt = hm - hg * p.m_tiles;
-      const int hb = hg * HP;    // its first KV head within the chunk
-      const int row0 = mt * 16;  // first tile row of the unit
-      const int heads = min(HP, HC - hb);
-
-      // Virtual keys x = s NKP + j (head s of the tile, key j) the unit needs: up to key P + i
-      // of the last valid row of its last head.
-      const int i_first = fast_div(row0, p.group_div);
-      const int i_last = min(fast_div(min(row0 + 15, LG - 1), p.group_div), blen - 1);
-      const int n_x = i_last >= i_first ? ((heads - 1) << key_shift) + P + i_last + 1 : 0;  // 0: all padding
+      const TdUnit unit = token_decoder_unit<DSPLIT>(p, d, u);
+      const int dpart = unit.dpart, hb = unit.hb, row0 = unit.row0, heads = unit.heads;
+      const int n_x = token_decoder_unit_keys(p, d, unit, blen);
 
       // Inf/NaN in the V rows (of this unit's heads and columns) that its P V would read: take
       // the exact path (see token_decoder_unit_exact). Bit tricks over 16-byte vectors, a warp vote.
       {
         constexpr int CW = DW / 8;  // 16-byte chunks of the unit's columns in a row
         constexpr int CW_SHIFT = CW == 4 ? 2 : CW == 8 ? 3 : CW == 16 ? 4 : 5;
-        const int hp_shift = __ffs(HP) - 1;
+        const int hp_shift = __ffs(d.HP) - 1;
         uint32_t bad = 0;
-        for (int t = lane; t < (KJ << (CW_SHIFT + hp_shift)); t += 32) {
-          const int c = t & (CW - 1), sub = (t >> CW_SHIFT) & (HP - 1), j = t >> (CW_SHIFT + hp_shift);
+        for (int t = lane; t < (d.KJ << (CW_SHIFT + hp_shift)); t += 32) {
+          const int c = t & (CW - 1), sub = (t >> CW_SHIFT) & (d.HP - 1), j = t >> (CW_SHIFT + hp_shift);
           if (sub < heads) {
-            const uint4 w = *reinterpret_cast<const uint4*>(sv + (j * HC + hb + sub) * D +
+            const uint4 w = *reinterpret_cast<const uint4*>(sv + (j * d.HC + hb + sub) * D +
                                                             (((dpart * CW + c) ^ (j & 7)) << 3));
             bad |= nonfinite_bits(w.x, T{}) | nonfinite_bits(w.y, T{}) | nonfinite_bits(w.z, T{}) |
                    nonfinite_bits(w.w, T{});
@@ -355,10 +416,10 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
       const int a_key = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
       const T* a_row = zero_row;
       {
-        const int rl = a_key & row_mask, hh = hb + (a_key >> row_shift);
-        if (rl < LG && hh < HC) {
+        const int rl = a_key & d.row_mask, hh = hb + (a_key >> d.row_shift);
+        if (rl < d.LG && hh < d.HC) {
           const int i = fast_div(rl, p.group_div);
-          a_row = sq + (i * HCG + hh * G + (rl - i * G)) * D;
+          a_row = sq + (i * d.HCG + hh * d.G + (rl - i * d.G)) * D;
         }
       }
       // Virtual keys x this lane's two accumulator rows may attend: x_lo <= x <= x_hi (the
@@ -367,10 +428,10 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int rr = row0 + r0 + 8 * half;
-        const int rl = rr & row_mask, sub = rr >> row_shift;
+        const int rl = rr & d.row_mask, sub = rr >> d.row_shift;
         const int i = fast_div(rl, p.group_div);
-        x_lo[half] = sub << key_shift;
-        x_hi[half] = (rl < LG && hb + sub < HC && i < blen) ? x_lo[half] + P + i : x_lo[half] - 1;
+        x_lo[half] = sub << d.key_shift;
+        x_hi[half] = (rl < d.LG && hb + sub < d.HC && i < blen) ? x_lo[half] + d.P + i : x_lo[half] - 1;
       }
 
       float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -389,8 +450,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const int x = j0 + nt * 8 + (lane & 7);
-          jb[nt] = min(x & key_mask, KJ - 1);
-          b_row[nt] = sk + (jb[nt] * HC + min(hb + (x >> key_shift), HC - 1)) * D;
+          jb[nt] = min(x & d.key_mask, d.KJ - 1);
+          b_row[nt] = sk + (jb[nt] * d.HC + min(hb + (x >> d.key_shift), d.HC - 1)) * D;
         }
 #pragma unroll
         for (int kc = 0; kc < D / 16; kc += 2) {
@@ -423,8 +484,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
         uint32_t pa[4];
         tile_pack_p<T>(pa, s);
         const int xv = j0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int jv = xv & key_mask, hv = hb + (xv >> key_shift);
-        const T* const v_row = (jv < KJ && hv < HC) ? sv + (jv * HC + hv) * D : zero_row;
+        const int jv = xv & d.key_mask, hv = hb + (xv >> d.key_shift);
+        const T* const v_row = (jv < d.KJ && hv < d.HC) ? sv + (jv * d.HC + hv) * D : zero_row;
 #pragma unroll
         for (int nd = 0; nd < DW / 16; ++nd) {
           uint32_t bv[4];
@@ -441,15 +502,15 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
         l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
         l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
         const int rr = row0 + r0 + 8 * half;
-        const int rl = rr & row_mask, hh = hb + (rr >> row_shift);
-        if (rl >= LG || hh >= HC) continue;  // padding row of the tile
+        const int rl = rr & d.row_mask, hh = hb + (rr >> d.row_shift);
+        if (rl >= d.LG || hh >= d.HC) continue;  // padding row of the tile
         const int i = fast_div(rl, p.group_div);
-        const int hq = (chunk * HC + hh) * G + (rl - i * G);
+        const int hq = (chunk * d.HC + hh) * d.G + (rl - i * d.G);
         const bool valid = i < blen;
         // l = 0: nothing attended (Inf logits only); a NaN l (NaN in q or an attended key) stays
         // NaN in out and lse.
         const float inv = valid && l[half] != 0.f ? 1.f / l[half] : 0.f;
-        const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + hq;
+        const int64_t orow = (int64_t(block) * d.L + i) * p.num_q_heads + hq;
         T* const dst = static_cast<T*>(p.out) + orow * D + dpart * DW + cpair;
 #pragma unroll
         for (int n = 0; n < DW / 8; ++n) {
@@ -571,61 +632,12 @@ inline int64_t token_decoder_lean_smem_bytes(int64_t stage_elems, int stages, in
   return 2 * (stage_elems * stages + 2 * q_elems + head_dim) + (compact ? 4 : 8) * table_entries + 16;
 }
 
-// token_decoder_unit_exact with its out rows written into the staging tile `so` (row
-// i HCG + h, 16-byte chunks swizzled by the tile row, as the q rows) instead of global memory;
-// lse still goes to global memory directly.
+// The exact path of the lean kernel: out rows into the staging tile `so`.
 template <typename T, int D, int DW>
 __device__ __noinline__ void token_decoder_unit_exact_staged(const TokenDecoderParams& p, const T* sq, const T* sk,
                                                              const T* sv, T* so, int block, int chunk, int hb,
                                                              int row0, int dpart, int blen) {
-  constexpr int QPL = D / 32, OPL = DW / 32;  // score dims and output columns per lane (<= 8)
-  static_assert(QPL >= 1 && OPL >= 1 && 8 % QPL == 0 && 8 % OPL == 0, "a lane's dims lie in one 16-byte chunk");
-  const int lane = threadIdx.x & 31;
-  const int L = p.rows, P = p.prefix, G = p.group, HC = p.chunk_kv_heads, HCG = p.chunk_q_heads, LG = L * G;
-  const int row_mask = (1 << p.row_shift) - 1;
-  const int d0 = lane * QPL, od0 = dpart * DW + lane * OPL;
-  for (int t = 0; t < 16; ++t) {
-    const int rr = row0 + t;  // tile row: its swizzle key
-    const int rl = rr & row_mask, hh = hb + (rr >> p.row_shift);
-    if (rl >= LG || hh >= HC) continue;  // padding row of the tile
-    const int i = fast_div(rl, p.group_div);
-    const int g = rl - i * G;
-    const int hl = hh * G + g;  // query head within the chunk
-    const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + chunk * HCG + hl;
-    T* const dst = so + (i * HCG + hl) * D + ((((od0 >> 3) ^ (rr & 7)) << 3) | (od0 & 7));
-    if (i >= blen) {
-#pragma unroll
-      for (int e = 0; e < OPL; ++e) store_elem(dst + e, 0.f);
-      if (p.lse != nullptr && dpart == 0 && lane == 0) p.lse[orow] = -INFINITY;
-      continue;
-    }
-    const T* const qp = sq + (i * HCG + hl) * D + ((((d0 >> 3) ^ (rr & 7)) << 3) | (d0 & 7));
-    float qv[QPL];
-#pragma unroll
-    for (int e = 0; e < QPL; ++e) qv[e] = to_float(qp[e]);
-    float m = -INFINITY, l = 0.f, acc[OPL];
-#pragma unroll
-    for (int e = 0; e < OPL; ++e) acc[e] = 0.f;
-    for (int j = 0; j <= P + i; ++j) {
-      const T* const kp = sk + (j * HC + hh) * D + ((((d0 >> 3) ^ (j & 7)) << 3) | (d0 & 7));
-      float part = 0.f;
-#pragma unroll
-      for (int e = 0; e < QPL; ++e) part = fmaf(qv[e], to_float(kp[e]), part);
-      const float x = group_sum<32>(part) * p.scale_log2;
-      const float mx = fmaxf(m, x);                   // a NaN logit leaves the max alone ...
-      const float base = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m - base), w = exp2f(x - base);  // ... and makes w, l, acc NaN
-      m = mx;
-      l = l * alpha + w;
-      const T* const vp = sv + (j * HC + hh) * D + ((((od0 >> 3) ^ (j & 7)) << 3) | (od0 & 7));
-#pragma unroll
-      for (int e = 0; e < OPL; ++e) acc[e] = fmaf(w, to_float(vp[e]), acc[e] * alpha);
-    }
-    const float inv = l == 0.f ? 0.f : 1.f / l;
-#pragma unroll
-    for (int e = 0; e < OPL; ++e) store_elem(dst + e, acc[e] * inv);
-    if (p.lse != nullptr && dpart == 0 && lane == 0) p.lse[orow] = l == 0.f ? -INFINITY : (m + log2f(l)) * kLn2;
-  }
+  token_decoder_unit_exact_rows<T, D, DW, true>(p, sq, sk, sv, so, block, chunk, hb, row0, dpart, blen);
 }
 
 template <typename T, int D, int DSPLIT, bool COMPACT>
@@ -639,13 +651,10 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
   extern __shared__ __align__(128) unsigned char smem_raw[];
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int L = p.rows, P = p.prefix, KJ = p.keys, G = p.group;
-  const int HC = p.chunk_kv_heads, HCG = p.chunk_q_heads, LG = L * G;
-  const int HP = p.heads_per_tile, row_shift = p.row_shift, key_shift = p.key_shift;
-  const int row_mask = (1 << row_shift) - 1, key_mask = (1 << key_shift) - 1;
-  const int k_off = L * HCG * D, v_off = k_off + KJ * HC * D;  // k and v regions within a stage
-  const int q_elems = L * HCG * D;                              // one staging tile (= q region)
-  const int nq = L * HCG * TD, nkv = KJ * HC * TD;              // 16-byte vectors of q (= out), of k (= v)
+  const TdDims d = token_decoder_dims(p);
+  const int k_off = d.L * d.HCG * D, v_off = k_off + d.KJ * d.HC * D;  // k and v regions within a stage
+  const int q_elems = d.L * d.HCG * D;                                  // one staging tile (= q region)
+  const int nq = d.L * d.HCG * TD, nkv = d.KJ * d.HC * TD;              // 16-byte vectors of q (= out), of k (= v)
 
   T* const ring = reinterpret_cast<T*>(smem_raw);
   T* const staging = ring + int64_t(p.stages) * p.stage_elems;  // 2 tiles of q_elems
@@ -670,15 +679,15 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
   for (int v = tid; v < nq; v += Cfg::THREADS) {
     const int r = v >> TD_SHIFT, c = v & (TD - 1);
     const int i = fast_div(r, p.chunk_q);
-    const int h = r - i * HCG;
+    const int h = r - i * d.HCG;
     const int hh = fast_div(h, p.group_div);
-    const int key = ((hh & (HP - 1)) << row_shift) + i * G + (h - hh * G);
+    const int key = ((hh & (d.HP - 1)) << d.row_shift) + i * d.G + (h - hh * d.G);
     table[v] = Entry::make(uint32_t((i * p.num_q_heads + h) * D + c * 8), uint32_t(td_swz(r, c, key, D)));
   }
   for (int v = tid; v < nkv; v += Cfg::THREADS) {
     const int r = v >> TD_SHIFT, c = v & (TD - 1);
     const int j = fast_div(r, p.chunk_kv);
-    table[nq + v] = Entry::make(uint32_t((j * p.num_kv_heads + (r - j * HC)) * D + c * 8), uint32_t(td_swz(r, c, j, D)));
+    table[nq + v] = Entry::make(uint32_t((j * p.num_kv_heads + (r - j * d.HC)) * D + c * 8), uint32_t(td_swz(r, c, j, D)));
   }
 
   // Issues the copies of `item` into `stage`; always commits a group (empty past the range), so
@@ -688,13 +697,13 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
       const int block = fast_div(item, p.chunks);
       const int chunk = item - block * int(p.chunks.d);
       T* const dst = ring + int64_t(stage) * p.stage_elems;
-      const T* const q = static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + int64_t(chunk) * HCG * D;
+      const T* const q = static_cast<const T*>(p.q) + int64_t(block) * p.q_stride_n + int64_t(chunk) * d.HCG * D;
       for (int v = tid; v < nq; v += Cfg::THREADS) {
         const E e = table[v];
         cp_async_16(Entry::dst(dst, e), Entry::src(q, e), true);
       }
-      const T* const k = static_cast<const T*>(p.k) + int64_t(block) * p.k_stride_n + int64_t(chunk) * HC * D;
-      const T* const vv = static_cast<const T*>(p.v) + int64_t(block) * p.v_stride_n + int64_t(chunk) * HC * D;
+      const T* const k = static_cast<const T*>(p.k) + int64_t(block) * p.k_stride_n + int64_t(chunk) * d.HC * D;
+      const T* const vv = static_cast<const T*>(p.v) + int64_t(block) * p.v_stride_n + int64_t(chunk) * d.HC * D;
       T* const dk = dst + k_off;
       T* const dv = dst + v_off;
       for (int v = tid; v < nkv; v += Cfg::THREADS) {
@@ -702,7 +711,7 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
         cp_async_16(Entry::dst(dk, e), Entry::src(k, e), true);
         cp_async_16(Entry::dst(dv, e), Entry::src(vv, e), true);
       }
-      if (tid == 0) stage_len[stage] = p.block_lens ? __ldg(p.block_lens + block) : L;
+      if (tid == 0) stage_len[stage] = p.block_lens ? __ldg(p.block_lens + block) : d.L;
     }
     cp_async_commit();
   };
@@ -713,7 +722,7 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
   auto store_out = [&](int item, const T* so) {
     const int block = fast_div(item, p.chunks);
     const int chunk = item - block * int(p.chunks.d);
-    T* const o = static_cast<T*>(p.out) + int64_t(block) * L * p.num_q_heads * D + int64_t(chunk) * HCG * D;
+    T* const o = static_cast<T*>(p.out) + int64_t(block) * d.L * p.num_q_heads * D + int64_t(chunk) * d.HCG * D;
     for (int v = tid; v < nq; v += Cfg::THREADS) {
       const E e = table[v];
       *reinterpret_cast<uint4*>(Entry::src(o, e)) = *reinterpret_cast<const uint4*>(Entry::dst(so, e));
@@ -755,37 +764,28 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
     if (item > first) store_out(item - 1, staging + ((item - 1 - first) & 1) * q_elems);
     const int block = fast_div(item, p.chunks);
     const int chunk = item - block * int(p.chunks.d);
-    const int blen = min(max(stage_len[stage], 0), L);
+    const int blen = min(max(stage_len[stage], 0), d.L);
 
     for (int u = warp; u < units; u += Cfg::WARPS) {
-      const int dpart = DSPLIT == 1 ? 0 : u % DSPLIT;
-      const int hm = DSPLIT == 1 ? u : u / DSPLIT;
-      const int hg = hm / p.m_tiles;  // head group of the chunk
-      const int mt = hm - hg * p.m_tiles;
-      const int hb = hg * HP;    // its first KV head within the chunk
-      const int row0 = mt * 16;  // first tile row of the unit
-      const int heads = min(HP, HC - hb);
+      const TdUnit unit = token_decoder_unit<DSPLIT>(p, d, u);
+      const int dpart = unit.dpart, hb = unit.hb, row0 = unit.row0;
 
       if (item_bad) {  // uniform over the CTA
         token_decoder_unit_exact_staged<T, D, DW>(p, sq, sk, sv, so, block, chunk, hb, row0, dpart, blen);
         continue;
       }
 
-      // Virtual keys x = s NKP + j (head s of the tile, key j) the unit needs: up to key P + i
-      // of the last valid row of its last head.
-      const int i_first = fast_div(row0, p.group_div);
-      const int i_last = min(fast_div(min(row0 + 15, LG - 1), p.group_div), blen - 1);
-      const int n_x = i_last >= i_first ? ((heads - 1) << key_shift) + P + i_last + 1 : 0;  // 0: all padding
+      const int n_x = token_decoder_unit_keys(p, d, unit, blen);
 
       // This lane's A-operand row for ldmatrix (q). Padding rows read the zero row, swizzled by
       // their tile row like real rows, so the 8 rows of an ldmatrix phase fall on 8 bank groups.
       const int a_key = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
       const T* a_row = zero_row;
       {
-        const int rl = a_key & row_mask, hh = hb + (a_key >> row_shift);
-        if (rl < LG && hh < HC) {
+        const int rl = a_key & d.row_mask, hh = hb + (a_key >> d.row_shift);
+        if (rl < d.LG && hh < d.HC) {
           const int i = fast_div(rl, p.group_div);
-          a_row = sq + (i * HCG + hh * G + (rl - i * G)) * D;
+          a_row = sq + (i * d.HCG + hh * d.G + (rl - i * d.G)) * D;
         }
       }
       // Virtual keys x this lane's two accumulator rows may attend: x_lo <= x <= x_hi (the
@@ -794,10 +794,10 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int rr = row0 + r0 + 8 * half;
-        const int rl = rr & row_mask, sub = rr >> row_shift;
+        const int rl = rr & d.row_mask, sub = rr >> d.row_shift;
         const int i = fast_div(rl, p.group_div);
-        x_lo[half] = sub << key_shift;
-        x_hi[half] = (rl < LG && hb + sub < HC && i < blen) ? x_lo[half] + P + i : x_lo[half] - 1;
+        x_lo[half] = sub << d.key_shift;
+        x_hi[half] = (rl < d.LG && hb + sub < d.HC && i < blen) ? x_lo[half] + d.P + i : x_lo[half] - 1;
       }
 
       float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
@@ -814,8 +814,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const int x = j0 + nt * 8 + (lane & 7);
-          jb[nt] = min(x & key_mask, KJ - 1);
-          b_row[nt] = sk + (jb[nt] * HC + min(hb + (x >> key_shift), HC - 1)) * D;
+          jb[nt] = min(x & d.key_mask, d.KJ - 1);
+          b_row[nt] = sk + (jb[nt] * d.HC + min(hb + (x >> d.key_shift), d.HC - 1)) * D;
         }
 #pragma unroll
         for (int kc = 0; kc < D / 16; kc += 2) {
@@ -848,8 +848,8 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
         uint32_t pa[4];
         tile_pack_p<T>(pa, s);
         const int xv = j0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int jv = xv & key_mask, hv = hb + (xv >> key_shift);
-        const T* const v_row = (jv < KJ && hv < HC) ? sv + (jv * HC + hv) * D : zero_row;
+        const int jv = xv & d.key_mask, hv = hb + (xv >> d.key_shift);
+        const T* const v_row = (jv < d.KJ && hv < d.HC) ? sv + (jv * d.HC + hv) * D : zero_row;
 #pragma unroll
         for (int nd = 0; nd < DW / 16; ++nd) {
           uint32_t bv[4];
@@ -868,15 +868,15 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
         l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
         l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
         const int rr = row0 + r0 + 8 * half;
-        const int rl = rr & row_mask, hh = hb + (rr >> row_shift);
-        if (rl >= LG || hh >= HC) continue;  // padding row of the tile
+        const int rl = rr & d.row_mask, hh = hb + (rr >> d.row_shift);
+        if (rl >= d.LG || hh >= d.HC) continue;  // padding row of the tile
         const int i = fast_div(rl, p.group_div);
-        const int hl = hh * G + (rl - i * G);  // query head within the chunk
+        const int hl = hh * d.G + (rl - i * d.G);  // query head within the chunk
         const bool valid = i < blen;
         // l = 0: nothing attended (Inf logits only); a NaN l (NaN in q or an attended key) stays
         // NaN in out and lse.
         const float inv = valid && l[half] != 0.f ? 1.f / l[half] : 0.f;
-        T* const srow = so + (i * HCG + hl) * D + cpair;
+        T* const srow = so + (i * d.HCG + hl) * D + cpair;
 #pragma unroll
         for (int n = 0; n < DW / 8; ++n) {
           const float x = valid ? o[n][2 * half] * inv : 0.f;
@@ -884,7 +884,7 @@ __global__ void __launch_bounds__(TokenDecoderConfig<D>::THREADS, 1)
           *reinterpret_cast<uint32_t*>(srow + ((((dpart * DW) / 8 + n) ^ (rr & 7)) << 3)) = pack2(x, y, T{});
         }
         if (p.lse != nullptr && dpart == 0 && (lane & 3) == 0) {
-          const int64_t orow = (int64_t(block) * L + i) * p.num_q_heads + chunk * HCG + hl;
+          const int64_t orow = (int64_t(block) * d.L + i) * p.num_q_heads + chunk * d.HCG + hl;
           p.lse[orow] = valid && l[half] != 0.f ? (m[half] + log2f(l[half])) * kLn2 : -INFINITY;
         }
       }
