@@ -107,6 +107,136 @@ __device__ __forceinline__ int scores_len(const AttentionScoresParams& p, int b)
   return min(max(__ldg(p.seq_lens + b), 0), p.kv_len);
 }
 
+// The keys a pass CTA covers: split `split` of sequence b, [start, end) of its len keys in
+// num_tiles tiles of TK (0 when the split starts at or past len).
+struct ScoresSplit {
+  int len, start, end, num_tiles;
+};
+template <int TK>
+__device__ __forceinline__ ScoresSplit scores_split(const AttentionScoresParams& p, int split, int b) {
+  const int len = scores_len(p, b);
+  const int start = split * p.split_tokens;
+  const int end = min(len, start + p.split_tokens);
+  return {len, start, end, start < end ? (end - start + TK - 1) / TK : 0};
+}
+
+// Pass 2: keys past the sequence score 0: this CTA's share of [len, S) (the CTA of the last split,
+// blockIdx.y, also takes the positions past the block table's capacity, up to S). The split is
+// read here rather than passed: compared with a parameter, the loaded p.splits - 1 would be put
+// first and change the kernels' SASS.
+template <int THREADS>
+__device__ __forceinline__ void scores_zero_tail(const AttentionScoresParams& p, float* out_row, int start, int len,
+                                                 int tid) {
+  const int zero_end = blockIdx.y == p.splits - 1 ? p.max_len : start + p.split_tokens;
+  for (int k = max(start, len) + tid; k < zero_end; k += THREADS) out_row[k] = 0.f;
+}
+
+// Pass 1 on a split without keys: every row's part is empty (-inf), so the merge can read all splits.
+template <int THREADS>
+__device__ __forceinline__ void scores_empty_parts(const AttentionScoresParams& p, int64_t pair, int split, int tid) {
+  for (int r = tid; r < p.rows; r += THREADS) p.part[(pair * p.rows + r) * p.splits + split] = -INFINITY;
+}
+
+// Row r of a KV group of G = group heads is window query i, group head g (r = i * G + g). Returns
+// whether the row is real (r < R = rows); a padding row is query 0, head 0, and its callers zero or
+// mask what they read for it. (R and G come by value: compared with a parameter, a value loaded
+// here would be put first and flip the kernels' predicates.)
+__device__ __forceinline__ bool scores_row(int r, int rows, int group, int& i, int& g) {
+  const bool real = r < rows;
+  i = real ? r / group : 0;
+  g = real ? r - i * group : 0;
+  return real;
+}
+
+// This lane's first element (column cpair) of the query row of window query i, query head qh.
+template <typename T>
+__device__ __forceinline__ const T* scores_q_row(const AttentionScoresParams& p, int b, int i, int qh, int cpair) {
+  return static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b + int64_t(i) * p.q_stride_w +
+         int64_t(qh) * p.q_stride_h + cpair;
+}
+
+// The row's two 4-byte fragments of k-step ks (columns cpair, +1 and cpair + 8, +9 of the step);
+// zero for a padding row.
+template <typename T>
+__device__ __forceinline__ void scores_q_frags(const T* qrow, int ks, bool real, uint32_t& lo, uint32_t& hi) {
+  lo = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16)) : 0u;
+  hi = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16 + 8)) : 0u;
+}
+
+// This warp's rows with rows on the mma's M dimension (attention_scores_kernel, pass 1 of the
+// transposed variant): rows warp_row0 + mt * 16 + r0 and + 8 of each of its MT m-tiles. Loads their
+// A fragments qa (zero past R) and each row's last visible key lim (-1: none; padding rows see
+// nothing); with LSE (pass 2), also each row's lse in the log2 domain into lse2 ([MT][2]; not
+// touched, and may be null, without LSE).
+template <bool LSE, typename T, int MT, int KS>
+__device__ __forceinline__ void scores_load_rows(const AttentionScoresParams& p, int b, int h, int len, int warp_row0,
+                                                 int r0, int cpair, uint32_t (&qa)[MT][KS][4], int (&lim)[MT][2],
+                                                 float (*lse2)[2]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      int i, g;
+      const bool real = scores_row(warp_row0 + mt * 16 + half * 8 + r0, p.rows, p.group, i, g);
+      lim[mt][half] = real ? len - p.window + i : -1;
+      const int qh = h * p.group + g;
+      if constexpr (LSE)
+        lse2[mt][half] =
+            real ? __ldg(p.lse + (int64_t(b) * p.window + i) * (int64_t(p.num_kv_heads) * p.group) + qh) * kLog2e : 0.f;
+      const T* qrow = scores_q_row<T>(p, b, i, qh, cpair);
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) scores_q_frags(qrow, ks, real, qa[mt][ks][half], qa[mt][ks][2 + half]);
+    }
+}
+
+// Pass 1: one row's running max (log2 units) and sum of exp2 over this lane's keys, taking four
+// more logits x (-inf for a key the row does not see).
+__device__ __forceinline__ void scores_online_update(const float (&x)[4], float& m, float& l) {
+  const float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));  // skips NaN
+  if (mx > m) {  // rescale only when the max grows (exact either way)
+    l *= exp2f(m - mx);
+    m = mx;
+  }
+  const float base = m == -INFINITY ? 0.f : m;
+  l += exp2f(x[0] - base) + exp2f(x[1] - base) + exp2f(x[2] - base) + exp2f(x[3] - base);
+}
+
+// Pass 1 after a row block's last tile: the (max, sum) of each of this lane's rows (r0 and r0 + 8
+// of each m-tile) merged over the quad of lanes holding its key columns, written as the row's
+// part of this split (log2 domain; -inf for a row that saw no key).
+template <int MT>
+__device__ __forceinline__ void scores_write_parts(const AttentionScoresParams& p, const float (&m)[MT][2],
+                                                   const float (&l)[MT][2], int64_t pair, int split, int warp_row0,
+                                                   int r0, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      // Merge the quad's (max, sum) pairs; a NaN sum stays NaN (the row saw a NaN logit).
+      float mx = m[mt][half];
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float base = mx == -INFINITY ? 0.f : mx;
+      float sum = l[mt][half] * exp2f(m[mt][half] - base);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int r = warp_row0 + mt * 16 + half * 8 + r0;
+      if ((lane & 3) == 0 && r < p.rows)
+        p.part[(pair * p.rows + r) * p.splits + split] = sum == 0.f ? -INFINITY : base + log2f(sum);
+    }
+}
+
+// Pass 2 after the last row block: a key among the first or last kEdge of its pooling segment
+// also keeps its final score v in the segment's edges, which pool_scores_kernel reads as halo.
+__device__ __forceinline__ void scores_save_edge(const AttentionScoresParams& p, int64_t pair, int key, float v) {
+  if (p.edges != nullptr) {
+    const int in_seg = key % kPoolSeg;
+    const int64_t seg_base = (pair * p.num_segs + key / kPoolSeg) * (2 * kEdge);
+    if (in_seg < kEdge) p.edges[seg_base + in_seg] = v;
+    else if (in_seg >= kPoolSeg - kEdge) p.edges[seg_base + kEdge + in_seg - (kPoolSeg - kEdge)] = v;
+  }
+}
+
 template <typename T, typename Cfg, bool PASS2>
 __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_kernel(const AttentionScoresParams p) {
   constexpr int D = Cfg::D, TD = Cfg::TD, TK = Cfg::TK, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
@@ -117,25 +247,15 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_kernel(const
 
   const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int len = scores_len(p, b);
-  const int start = split * p.split_tokens;
-  const int end = min(len, start + p.split_tokens);
-  const int num_tiles = start < end ? (end - start + TK - 1) / TK : 0;
+  const ScoresSplit sp = scores_split<TK>(p, split, b);
+  const int len = sp.len, start = sp.start, end = sp.end, num_tiles = sp.num_tiles;
   const int64_t pair = int64_t(b) * p.num_kv_heads + h;
   float* const out_row = p.out + pair * p.max_len;
 
-  if constexpr (PASS2) {
-    // Keys past the sequence score 0: this split's share of [len, S) (the last split also takes
-    // the positions past the block table's capacity, up to S).
-    const int zero_end = split == p.splits - 1 ? p.max_len : start + p.split_tokens;
-    for (int k = max(start, len) + tid; k < zero_end; k += THREADS) out_row[k] = 0.f;
-  }
+  if constexpr (PASS2) scores_zero_tail<THREADS>(p, out_row, start, len, tid);
   const int num_row_blocks = (p.rows + Cfg::ROWS - 1) / Cfg::ROWS;
   if (num_tiles == 0) {
-    if constexpr (!PASS2) {
-      // No key of this split: every row's part is empty (-inf), so the merge can read all splits.
-      for (int r = tid; r < p.rows; r += THREADS) p.part[(pair * p.rows + r) * p.splits + split] = -INFINITY;
-    }
+    if constexpr (!PASS2) scores_empty_parts<THREADS>(p, pair, split, tid);
     return;
   }
 
@@ -192,26 +312,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_kernel(const
     uint32_t qa[MT][KS][4];
     int lim[MT][2];
     float lse2[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = warp_row0 + mt * 16 + half * 8 + r0;
-        const bool real = r < p.rows;
-        const int i = real ? r / p.group : 0, g = real ? r - i * p.group : 0;
-        lim[mt][half] = real ? len - p.window + i : -1;
-        const int qh = h * p.group + g;
-        if constexpr (PASS2)
-          lse2[mt][half] =
-              real ? __ldg(p.lse + (int64_t(b) * p.window + i) * (int64_t(p.num_kv_heads) * p.group) + qh) * kLog2e : 0.f;
-        const T* qrow = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b + int64_t(i) * p.q_stride_w +
-                        int64_t(qh) * p.q_stride_h + cpair;
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-          qa[mt][ks][half] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16)) : 0u;
-          qa[mt][ks][2 + half] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16 + 8)) : 0u;
-        }
-      }
+    scores_load_rows<PASS2, T>(p, b, h, len, warp_row0, r0, cpair, qa, lim, lse2);
 
     // Pass 1 state per lane and row: running max (log2 units) and sum of exp2 over this lane's
     // key columns; the four lanes of a row are merged after the loop.
@@ -261,13 +362,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_kernel(const
 #pragma unroll
                   for (int e = 0; e < 2; ++e)
                     x[nt * 2 + e] = key0 + nt * 8 + e <= lim[mt][half] ? s[mt][nt][half * 2 + e] * p.scale_log2 : -INFINITY;
-                const float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));  // skips NaN
-                if (mx > m[mt][half]) {  // rescale only when the max grows (exact either way)
-                  l[mt][half] *= exp2f(m[mt][half] - mx);
-                  m[mt][half] = mx;
-                }
-                const float base = m[mt][half] == -INFINITY ? 0.f : m[mt][half];
-                l[mt][half] += exp2f(x[0] - base) + exp2f(x[1] - base) + exp2f(x[2] - base) + exp2f(x[3] - base);
+                scores_online_update(x, m[mt][half], l[mt][half]);
               }
           } else {
             float c[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // per key column: sum or max over this lane's rows
@@ -317,12 +412,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_kernel(const
             if (rb > 0) v = use_max ? nan_max(out_row[key], v) : out_row[key] + v;
             if (rb == num_row_blocks - 1) {
               v *= norm;
-              if (p.edges != nullptr) {
-                const int in_seg = key % kPoolSeg;
-                const int64_t seg_base = (pair * p.num_segs + key / kPoolSeg) * (2 * kEdge);
-                if (in_seg < kEdge) p.edges[seg_base + in_seg] = v;
-                else if (in_seg >= kPoolSeg - kEdge) p.edges[seg_base + kEdge + in_seg - (kPoolSeg - kEdge)] = v;
-              }
+              scores_save_edge(p, pair, key, v);
             }
             out_row[key] = v;
           }
@@ -335,24 +425,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_kernel(const
     __syncthreads();  // the ring is refilled by the next row block
 
     if constexpr (!PASS2) {
-      if (active) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            // Merge the quad's (max, sum) pairs; a NaN sum stays NaN (the row saw a NaN logit).
-            float mx = m[mt][half];
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float base = mx == -INFINITY ? 0.f : mx;
-            float sum = l[mt][half] * exp2f(m[mt][half] - base);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const int r = warp_row0 + mt * 16 + half * 8 + r0;
-            if ((lane & 3) == 0 && r < p.rows)
-              p.part[(pair * p.rows + r) * p.splits + split] = sum == 0.f ? -INFINITY : base + log2f(sum);
-          }
-      }
+      if (active) scores_write_parts<MT>(p, m, l, pair, split, warp_row0, r0, lane);
     }
   }
 }
@@ -425,6 +498,20 @@ struct ScoresKRing {
     for (int i = 0; i < LOADS; ++i)
       cp_async_16_s(c_dst[i % 2] + stage_ofs + uint32_t((i / 2) * 128), src + i * 32, valid);
   }
+  // One commit group: tile t's copies (none past the split's last tile) with its row's page pg;
+  // returns the page of tile t + 1.
+  __device__ __forceinline__ int step(int t, int num_tiles, int pg) const {
+    if (t < num_tiles) issue(t, pg);
+    cp_async_commit();
+    return fetch_page(t + 1);
+  }
+  // The ring's first STAGES - 1 tiles in flight; returns the page of tile STAGES - 1.
+  __device__ __forceinline__ int prime(int num_tiles) const {
+    int pg = fetch_page(0);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) pg = step(s, num_tiles, pg);
+    return pg;
+  }
 };
 
 // ---- pass 2, "transposed" (the default since session 8; KVCORE_SCORES_VARIANT=untransposed runs
@@ -455,18 +542,12 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
 
   const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int len = scores_len(p, b);
-  const int start = split * p.split_tokens;
-  const int end = min(len, start + p.split_tokens);
-  const int num_tiles = start < end ? (end - start + TK - 1) / TK : 0;
+  const ScoresSplit sp = scores_split<TK>(p, split, b);
+  const int len = sp.len, start = sp.start, end = sp.end, num_tiles = sp.num_tiles;
   const int64_t pair = int64_t(b) * p.num_kv_heads + h;
   float* const out_row = p.out + pair * p.max_len;
 
-  // Keys past the sequence score 0 (as in attention_scores_kernel).
-  {
-    const int zero_end = split == p.splits - 1 ? p.max_len : start + p.split_tokens;
-    for (int k = max(start, len) + tid; k < zero_end; k += THREADS) out_row[k] = 0.f;
-  }
+  scores_zero_tail<THREADS>(p, out_row, start, len, tid);
   if (num_tiles == 0) return;
   const int num_row_blocks = (p.rows + Cfg::ROWS - 1) / Cfg::ROWS;
 
@@ -481,13 +562,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
   const float scale_log2 = p.scale_log2;
 
   for (int rb = 0; rb < num_row_blocks; ++rb) {
-    int page = ring.fetch_page(0);
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < num_tiles) ring.issue(s, page);
-      cp_async_commit();
-      page = ring.fetch_page(s + 1);
-    }
+    int page = ring.prime(num_tiles);
 
     const int warp_row0 = rb * Cfg::ROWS + warp * MT * 16;
     const bool active = warp_row0 < p.rows;
@@ -499,16 +574,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
     uint32_t qb[NT][KS][2];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const int r = warp_row0 + nt * 8 + r0;
-      const bool real = r < p.rows;
-      const int i = real ? r / p.group : 0, g = real ? r - i * p.group : 0;
-      const T* qrow = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b + int64_t(i) * p.q_stride_w +
-                      int64_t(h * p.group + g) * p.q_stride_h + cpair;
+      int i, g;
+      const bool real = scores_row(warp_row0 + nt * 8 + r0, p.rows, p.group, i, g);
+      const T* qrow = scores_q_row<T>(p, b, i, h * p.group + g, cpair);
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        qb[nt][ks][0] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16)) : 0u;
-        qb[nt][ks][1] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16 + 8)) : 0u;
-      }
+      for (int ks = 0; ks < KS; ++ks) scores_q_frags(qrow, ks, real, qb[nt][ks][0], qb[nt][ks][1]);
     }
     // The C columns' rows warp_row0 + nt * 8 + cpair + e (c = nt * 8 + e below): lse in the log2
     // domain (0 for padding rows, which the visibility mask drops).
@@ -517,9 +587,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int r = warp_row0 + nt * 8 + cpair + e;
-        const bool real = r < p.rows;
-        const int i = real ? r / p.group : 0, g = real ? r - i * p.group : 0;
+        int i, g;
+        const bool real = scores_row(warp_row0 + nt * 8 + cpair + e, p.rows, p.group, i, g);
         lse2[nt][e] = real ? __ldg(p.lse + (int64_t(b) * p.window + i) * (int64_t(p.num_kv_heads) * p.group) +
                                    h * p.group + g) * kLog2e
                            : 0.f;
@@ -552,12 +621,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
           if (rb > 0) v = scores_combine<MAX>(out_row[key], v);
           if (rb == num_row_blocks - 1) {
             v *= norm;
-            if (p.edges != nullptr) {
-              const int in_seg = key % kPoolSeg;
-              const int64_t seg_base = (pair * p.num_segs + key / kPoolSeg) * (2 * kEdge);
-              if (in_seg < kEdge) p.edges[seg_base + in_seg] = v;
-              else if (in_seg >= kPoolSeg - kEdge) p.edges[seg_base + kEdge + in_seg - (kPoolSeg - kEdge)] = v;
-            }
+            scores_save_edge(p, pair, key, v);
           }
           out_row[key] = v;
         }
@@ -629,9 +693,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass2_t_kern
       // finish_tile before this barrier).
       __syncthreads();
       if (t > 0) finish_tile(t - 1);
-      if (t + STAGES - 1 < num_tiles) ring.issue(t + STAGES - 1, page);
-      cp_async_commit();
-      page = ring.fetch_page(t + STAGES);
+      page = ring.step(t + STAGES - 1, num_tiles, page);
 
       const uint32_t kt_s = sK_s + uint32_t((t % STAGES) * TK * D * 2);
       const int tile0 = start + t * TK;
@@ -663,14 +725,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass1_t_kern
 
   const int h = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int len = scores_len(p, b);
-  const int start = split * p.split_tokens;
-  const int end = min(len, start + p.split_tokens);
-  const int num_tiles = start < end ? (end - start + TK - 1) / TK : 0;
+  const ScoresSplit sp = scores_split<TK>(p, split, b);
+  const int len = sp.len, start = sp.start, end = sp.end, num_tiles = sp.num_tiles;
   const int64_t pair = int64_t(b) * p.num_kv_heads + h;
   if (num_tiles == 0) {
-    // No key of this split: every row's part is empty (-inf), so the merge can read all splits.
-    for (int r = tid; r < p.rows; r += THREADS) p.part[(pair * p.rows + r) * p.splits + split] = -INFINITY;
+    scores_empty_parts<THREADS>(p, pair, split, tid);
     return;
   }
   const int num_row_blocks = (p.rows + Cfg::ROWS - 1) / Cfg::ROWS;
@@ -686,35 +745,14 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass1_t_kern
   const float scale_log2 = p.scale_log2;
 
   for (int rb = 0; rb < num_row_blocks; ++rb) {
-    int page = ring.fetch_page(0);
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < num_tiles) ring.issue(s, page);
-      cp_async_commit();
-      page = ring.fetch_page(s + 1);
-    }
+    int page = ring.prime(num_tiles);
 
     const int warp_row0 = rb * Cfg::ROWS + warp * MT * 16;
     const bool active = warp_row0 < p.rows;
     const bool warp_full = warp_row0 + MT * 16 <= p.rows;  // no padding row in this warp
     uint32_t qa[MT][KS][4];
     int lim[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = warp_row0 + mt * 16 + half * 8 + r0;
-        const bool real = r < p.rows;
-        const int i = real ? r / p.group : 0, g = real ? r - i * p.group : 0;
-        lim[mt][half] = real ? len - p.window + i : -1;
-        const T* qrow = static_cast<const T*>(p.q) + int64_t(b) * p.q_stride_b + int64_t(i) * p.q_stride_w +
-                        int64_t(h * p.group + g) * p.q_stride_h + cpair;
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-          qa[mt][ks][half] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16)) : 0u;
-          qa[mt][ks][2 + half] = real ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16 + 8)) : 0u;
-        }
-      }
+    scores_load_rows<false, T>(p, b, h, len, warp_row0, r0, cpair, qa, lim, nullptr);
 
     // Running max (log2 units) and sum of exp2 per lane and row, as in attention_scores_kernel.
     float m[MT][2], l[MT][2];
@@ -760,13 +798,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass1_t_kern
                 if constexpr (FULL) x[nt * 2 + e] = v;
                 else x[nt * 2 + e] = key0 + nt * 8 + e <= lim[mt][half] ? v : -INFINITY;
               }
-            const float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));  // skips NaN
-            if (mx > m[mt][half]) {  // rescale only when the max grows (exact either way)
-              l[mt][half] *= exp2f(m[mt][half] - mx);
-              m[mt][half] = mx;
-            }
-            const float base = m[mt][half] == -INFINITY ? 0.f : m[mt][half];
-            l[mt][half] += exp2f(x[0] - base) + exp2f(x[1] - base) + exp2f(x[2] - base) + exp2f(x[3] - base);
+            scores_online_update(x, m[mt][half], l[mt][half]);
           }
       }
     };
@@ -774,9 +806,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass1_t_kern
     for (int t = 0; t < num_tiles; ++t) {
       cp_async_wait<STAGES - 2>();
       __syncthreads();  // tile t landed for every thread; stage (t-1) % STAGES is free again
-      if (t + STAGES - 1 < num_tiles) ring.issue(t + STAGES - 1, page);
-      cp_async_commit();
-      page = ring.fetch_page(t + STAGES);
+      page = ring.step(t + STAGES - 1, num_tiles, page);
       const uint32_t kt_s = sK_s + uint32_t((t % STAGES) * TK * D * 2);
       const int tile0 = start + t * TK;
       if (active) {
@@ -787,24 +817,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) attention_scores_pass1_t_kern
     cp_async_wait<0>();
     __syncthreads();  // the ring is refilled by the next row block
 
-    if (active) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          // Merge the quad's (max, sum) pairs; a NaN sum stays NaN (the row saw a NaN logit).
-          float mx = m[mt][half];
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float base = mx == -INFINITY ? 0.f : mx;
-          float sum = l[mt][half] * exp2f(m[mt][half] - base);
-          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-          const int r = warp_row0 + mt * 16 + half * 8 + r0;
-          if ((lane & 3) == 0 && r < p.rows)
-            p.part[(pair * p.rows + r) * p.splits + split] = sum == 0.f ? -INFINITY : base + log2f(sum);
-        }
-    }
+    if (active) scores_write_parts<MT>(p, m, l, pair, split, warp_row0, r0, lane);
   }
 }
 

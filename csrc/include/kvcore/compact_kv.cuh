@@ -159,6 +159,56 @@ __device__ int warp_search(int64_t lo, int64_t hi, Pred pred) {
   return int(lo);
 }
 
+// Sequence b's length, clamped to [0, capacity], and its kept count, clamped to
+// [0, min(max_kept, len)]. (compact_kv_pipelined_kernel's header spells them out: called from its
+// stage_header lambda, these change its SASS.)
+__device__ __forceinline__ int64_t clamped_seq_len(const CompactKvParams& p, int b) {
+  return lclamp(__ldcg(p.seq_lens + b), 0, p.capacity);
+}
+__device__ __forceinline__ int64_t clamped_kept_len(const CompactKvParams& p, int b, int64_t len) {
+  return lclamp(__ldcg(p.kept_lens + b), 0, lmin(p.max_kept, len));
+}
+
+// Page of token row pos (< capacity) from the block-table row bt, clamped to [0, num_pages), and
+// the byte offset of head h of that row inside its page.
+__device__ __forceinline__ int64_t page_of(const CompactKvParams& p, const int* bt, int64_t pos) {
+  return lclamp(__ldg(bt + pos / p.page_size), 0, p.num_pages - 1);
+}
+__device__ __forceinline__ int64_t offset_in_page(const CompactKvParams& p, int64_t pos, int h) {
+  return (pos % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes;
+}
+
+// Until every chunk of [j0, j1) (flags of this pair) holds flag_mark, i.e. has read its sources:
+// the CTA's threads share the chunks; `seen`: this thread's first one, j0 + tid, was set already.
+__device__ __forceinline__ void wait_for_reads(const CompactKvParams& p, const unsigned* flags, int64_t j0, int64_t j1,
+                                               bool seen, int tid) {
+  for (int64_t j = j0 + tid; j < j1; j += kThreads) {
+    if (j == j0 + tid && seen) continue;
+    while (ld_acquire_gpu(flags + j) != p.flag_mark) __nanosleep(64);
+  }
+}
+
+// Thread 0 at the end of a launch; `last`: its CTA arrived last (every CTA's reads of the lengths
+// are done). That CTA zeroes both counters for the next launch on the buffer (every CTA took its
+// tickets before arriving, and nothing reads either counter after its arrival). Returns last.
+__device__ __forceinline__ bool reset_counters_if_last(const CompactKvParams& p, bool last) {
+  if (last) {
+    __threadfence();  // acquire: every CTA's reads of the lengths before our writes
+    p.scratch[0] = 0u;
+    p.scratch[1] = 0u;
+  }
+  return last;
+}
+
+// The last CTA, once thread 0 has told it so: the new lengths, kept_lens clamped as every CTA
+// read it.
+__device__ __forceinline__ void write_new_lengths(const CompactKvParams& p, int tid) {
+  for (int bb = tid; bb < p.batch; bb += kThreads) {
+    const int64_t l = clamped_seq_len(p, bb);
+    p.seq_lens[bb] = int(clamped_kept_len(p, bb, l));
+  }
+}
+
 }  // namespace compact_detail
 
 template <typename Vec>
@@ -212,8 +262,8 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
     int64_t len = 0, n = 0;
     if (lane == 0) {
       if (ticketed) {
-        len = lclamp(__ldcg(p.seq_lens + b), 0, p.capacity);
-        n = lclamp(__ldcg(p.kept_lens + b), 0, lmin(p.max_kept, len));
+        len = clamped_seq_len(p, b);
+        n = clamped_kept_len(p, b, len);
       }
       s_n = n;
       // Release: this CTA's read of seq_lens[b] is ordered before its arrival, so the last to
@@ -233,10 +283,8 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
         if (m) {
           // s, i < len <= capacity = max_pages * page_size: both page indices are inside the row.
           const int* bt = p.block_table + int64_t(b) * p.max_pages;
-          const int64_t sp = lclamp(__ldg(bt + s / p.page_size), 0, p.num_pages - 1);
-          const int64_t dp = lclamp(__ldg(bt + i / p.page_size), 0, p.num_pages - 1);
-          const int64_t so = (s % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes;
-          const int64_t dof = (i % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes;
+          const int64_t sp = page_of(p, bt, s), dp = page_of(p, bt, i);
+          const int64_t so = offset_in_page(p, s, h), dof = offset_in_page(p, i, h);
           s_src_k[r] = sp * p.k_page_stride + so;
           s_src_v[r] = sp * p.v_page_stride + so;
           s_dst_k[r] = dp * p.k_page_stride + dof;
@@ -294,10 +342,7 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
     if (any) {
       // ---- wait for the earlier chunks that still read our destinations, then write -------
       // They hold smaller tickets and published (or will publish) before waiting themselves.
-      for (int64_t j = j0 + tid; j < j1; j += kThreads) {
-        if (j == j0 + tid && seen) continue;
-        while (ld_acquire_gpu(flags + j) != p.flag_mark) __nanosleep(64);
-      }
+      wait_for_reads(p, flags, j0, j1, seen, tid);
       __syncthreads();  // every flag acquired (by some thread) before any thread writes
 #pragma unroll
       for (int k = 0; k < SLOTS; ++k) {
@@ -311,24 +356,9 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   }
 
   // ---- the last CTA to arrive writes the new lengths (everyone has read the old ones) --------
-  // and zeroes both counters for the next launch on the buffer (every CTA has taken its ticket
-  // before arriving, and nothing reads either counter after its arrival).
-  if (tid == 0) {
-    const bool last = arrival == gridDim.x - 1;
-    if (last) {
-      __threadfence();  // acquire: every CTA's read of seq_lens before our writes
-      p.scratch[0] = 0u;
-      p.scratch[1] = 0u;
-    }
-    s_last = last;
-  }
+  if (tid == 0) s_last = reset_counters_if_last(p, arrival == gridDim.x - 1);
   __syncthreads();
-  if (s_last) {
-    for (int bb = tid; bb < p.batch; bb += kThreads) {
-      const int64_t l = lclamp(__ldcg(p.seq_lens + bb), 0, p.capacity);
-      p.seq_lens[bb] = int(lclamp(__ldcg(p.kept_lens + bb), 0, lmin(p.max_kept, l)));
-    }
-  }
+  if (s_last) write_new_lengths(p, tid);
 }
 
 // ---- the pipelined form (the default since session 12) ------------------------------------------
@@ -410,10 +440,10 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
           moves |= m;
           if (m) {
             const int* bt = p.block_table + int64_t(b) * p.max_pages;
-            s_src_page[buf][r] = int(lclamp(__ldg(bt + s / p.page_size), 0, p.num_pages - 1));
-            s_dst_page[buf][r] = int(lclamp(__ldg(bt + i / p.page_size), 0, p.num_pages - 1));
-            s_src_off[buf][r] = int((s % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes);
-            s_dst_off[buf][r] = int((i % p.page_size) * p.row_stride + int64_t(h) * p.head_bytes);
+            s_src_page[buf][r] = int(page_of(p, bt, s));
+            s_dst_page[buf][r] = int(page_of(p, bt, i));
+            s_src_off[buf][r] = int(offset_in_page(p, s, h));
+            s_dst_off[buf][r] = int(offset_in_page(p, i, h));
           }
           s_move[buf][r] = m;
         }
@@ -480,10 +510,7 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
     if (live) {
       if (tid == 0) store_release(flags + c, p.flag_mark);  // "chunk c has read its sources"
       if (any) {
-        for (int64_t j = j0 + tid; j < j1; j += kThreads) {
-          if (j == j0 + tid && seen) continue;
-          while (ld_acquire_gpu(flags + j) != p.flag_mark) __nanosleep(64);
-        }
+        wait_for_reads(p, flags, j0, j1, seen, tid);
         __syncthreads();  // every flag acquired (by some thread) before any thread writes
 #pragma unroll
         for (int k = 0; k < SLOTS; ++k) {
@@ -503,22 +530,9 @@ __global__ void __launch_bounds__(compact_detail::kThreads, compact_detail::kMin
   // ---- the last CTA out writes the new lengths and zeroes both counters -----------------------
   // Every CTA read seq_lens / kept_lens (thread 0) only in its headers, before this releasing
   // count; nothing reads either counter after its CTA has counted itself out.
-  if (tid == 0) {
-    const bool last = atom_add_release(p.scratch + 1, 1u) == gridDim.x - 1;
-    if (last) {
-      __threadfence();  // acquire: every CTA's reads of the lengths before our writes
-      p.scratch[0] = 0u;
-      p.scratch[1] = 0u;
-    }
-    s_last = last;
-  }
+  if (tid == 0) s_last = reset_counters_if_last(p, atom_add_release(p.scratch + 1, 1u) == gridDim.x - 1);
   __syncthreads();
-  if (s_last) {
-    for (int bb = tid; bb < p.batch; bb += kThreads) {
-      const int64_t l = lclamp(__ldcg(p.seq_lens + bb), 0, p.capacity);
-      p.seq_lens[bb] = int(lclamp(__ldcg(p.kept_lens + bb), 0, lmin(p.max_kept, l)));
-    }
-  }
+  if (s_last) write_new_lengths(p, tid);
 }
 
 }  // namespace kvcore
