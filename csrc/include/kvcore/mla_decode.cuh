@@ -359,12 +359,102 @@ __device__ __forceinline__ void mla_stage_q_async(const MlaDecodeParams& p, int 
   cp_async_commit();
 }
 
+// One row of a head block's result from its sum lsum and max m_row (log2 domain): this lane's
+// column pairs wcol + 8 n + cpair (n < NC) of the row, acc[n][2 r], acc[n][2 r + 1], scaled by
+// 1 / lsum. With one split, to the output (head h0 + row, if < H) and the lse (one lane: warp 0,
+// lane % 4 == 0); with more, to this split's slot of the partials (ROWS rows per head block).
+// (warp and lane are derived here, not passed: as parameters their comparisons come out in
+// another operand order, which changes the SASS.)
+template <int ROWS, typename T, int NC>
+__device__ __forceinline__ void mla_store_row(const MlaDecodeParams& p, int b, int64_t pair, int split, int h0, int row,
+                                              float lsum, float m_row, const float (&acc)[NC][4], int r, int wcol,
+                                              int cpair) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  // lsum == 0: nothing attended (out 0, lse -inf). A NaN stays NaN in both, so a later merge
+  // cannot mistake the row for an empty part.
+  const float inv = lsum == 0.f ? 0.f : 1.f / lsum;
+  const float lse2 = lsum == 0.f ? -INFINITY : m_row + log2f(lsum);
+  const int h = h0 + row;
+  if (p.num_splits == 1) {
+    if (h < p.num_heads) {
+      T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
+#pragma unroll
+      for (int n = 0; n < NC; ++n) {
+        const int c = wcol + n * 8 + cpair;
+        if (c < p.dv) *reinterpret_cast<uint32_t*>(dst + c) = pack2(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv, T{});
+      }
+      if (p.lse != nullptr && warp == 0 && (lane & 3) == 0) p.lse[int64_t(b) * p.num_heads + h] = lse2 * kLn2;
+    }
+  } else {
+    const int64_t slot = (pair * p.num_splits + split) * ROWS + row;
+    float* dst = p.partial_out + slot * p.dv;
+#pragma unroll
+    for (int n = 0; n < NC; ++n) {
+      const int c = wcol + n * 8 + cpair;
+      if (c < p.dv) *reinterpret_cast<float2*>(dst + c) = make_float2(acc[n][2 * r] * inv, acc[n][2 * r + 1] * inv);
+    }
+    if (warp == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
+  }
+}
+
+// This CTA's KV range and its latent-tile ring, as mla_decode_kernel and mla_decode_h16_kernel run
+// them (Cfg: TD, DK, TILE, STAGES, ROW_PASSES, ROW_CHUNKS, ROWS_PER_PASS). Thread tid copies chunks
+// copy_c0 + 8 * j (j < ROW_CHUNKS) of tile rows copy_r0 + RPP * pass (mla_copy_tile) into stage
+// t % STAGES of `tiles`; the page of each of its rows is read one tile ahead of the copy.
+// Everything read from memory is clamped, so bad index contents give wrong numbers but never an
+// out-of-bounds access. A split's first position does not depend on seq_len, so prime() looks up
+// its first pages while seq_len is still in flight.
+template <typename T, typename Cfg>
+struct MlaTileRing {
+  static constexpr int TD = Cfg::TD, DK = Cfg::DK, TILE = Cfg::TILE, STAGES = Cfg::STAGES;
+  static constexpr int ROW_PASSES = Cfg::ROW_PASSES, ROW_CHUNKS = Cfg::ROW_CHUNKS, RPP = Cfg::ROWS_PER_PASS;
+  const MlaDecodeParams& p;
+  T* const tiles;
+  const int capacity, seq_len_raw, start;
+  const int* const bt;
+  const int copy_r0, copy_c0;
+  int end = 0, num_tiles = 0;  // set by prime()
+
+  __device__ __forceinline__ MlaTileRing(const MlaDecodeParams& p_, int b, int split, int tid, T* tiles_)
+      : p(p_),
+        tiles(tiles_),
+        capacity(p_.max_pages * p_.page_size),
+        seq_len_raw(__ldg(p_.seq_lens + b)),
+        start(split * p_.split_tokens),
+        bt(p_.block_table + int64_t(b) * p_.max_pages),
+        copy_r0(tid >> 3),
+        copy_c0(tid & 7) {}
+  // The pages of this thread's rows of tile t.
+  __device__ __forceinline__ void fetch_pages(int t, int (&pages)[ROW_PASSES]) const {
+    mla_fetch_pages<ROW_PASSES, RPP>(p, bt, capacity, start + t * TILE + copy_r0, pages);
+  }
+  // This thread's copies of tile t (pages fetched for it) into stage t % STAGES.
+  __device__ __forceinline__ void issue_copies(int t, const int (&pages)[ROW_PASSES]) const {
+    mla_copy_tile<ROW_PASSES, ROW_CHUNKS, RPP, 64>(p, tiles + (t % STAGES) * TILE * DK,
+                                                    [](int row, int chunk) { return mla_swz<TD>(row, chunk); }, pages,
+                                                    start + t * TILE, end, copy_r0, copy_c0);
+  }
+  // The range's end and tile count (seq_len clamped to the block table's capacity), and its first
+  // STAGES - 1 tiles in flight, one commit group each (empty past the last tile).
+  __device__ __forceinline__ void prime(int (&pages)[ROW_PASSES]) {
+    fetch_pages(0, pages);
+    const int seq_len = min(max(seq_len_raw, 0), capacity);
+    end = min(seq_len, start + p.split_tokens);
+    num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < num_tiles) issue_copies(s, pages);
+      cp_async_commit();
+      fetch_pages(s + 1, pages);
+    }
+  }
+};
+
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecodeParams p) {
   constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES;
   constexpr int M = Cfg::M, ROWS = Cfg::ROWS, WARPS = Cfg::WARPS, NT = Cfg::NT, WCOLS = Cfg::WCOLS;
-  constexpr int ROW_PASSES = Cfg::ROW_PASSES, ROW_CHUNKS = Cfg::ROW_CHUNKS, PP = Cfg::P_PITCH;
-  constexpr int RPP = Cfg::ROWS_PER_PASS;
+  constexpr int ROW_PASSES = Cfg::ROW_PASSES, PP = Cfg::P_PITCH;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* const sQ = reinterpret_cast<T*>(smem_raw);
   T* const sTile = reinterpret_cast<T*>(smem_raw + Cfg::SMEM_Q);
@@ -374,40 +464,12 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
   const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
-  // ---- this CTA's KV range -------------------------------------------------------------------
-  // Everything read from memory is clamped, so bad index contents give wrong numbers but never an
-  // out-of-bounds access. A split's first position does not depend on seq_len, so its first pages
-  // are looked up while seq_len is still in flight.
-  const int capacity = p.max_pages * p.page_size;
-  const int seq_len_raw = __ldg(p.seq_lens + b);
-  const int start = split * p.split_tokens;
-  const int* bt = p.block_table + int64_t(b) * p.max_pages;
-
-  // Copy roles: thread copies chunks copy_c0 + 8 * j (j < ROW_CHUNKS) of tile rows
-  // copy_r0 + RPP * pass (mla_copy_tile). The page of each of its rows for tile t is read one
-  // tile ahead.
-  const int copy_r0 = tid >> 3, copy_c0 = tid & 7;
+  // ---- this CTA's KV range and its tile ring (MlaTileRing) -----------------------------------
+  MlaTileRing<T, Cfg> ring(p, b, split, tid, sTile);
+  int pages[ROW_PASSES];  // this thread's rows' pages of the next tile to issue
+  ring.prime(pages);
+  const int start = ring.start, end = ring.end, num_tiles = ring.num_tiles;
   const auto swz = [](int row, int chunk) { return mla_swz<TD>(row, chunk); };
-  auto fetch_pages = [&](int t, int (&pg)[ROW_PASSES]) {
-    mla_fetch_pages<ROW_PASSES, RPP>(p, bt, capacity, start + t * TILE + copy_r0, pg);
-  };
-  int end = 0;
-  auto issue_copies = [&](int t, const int (&pg)[ROW_PASSES]) {
-    mla_copy_tile<ROW_PASSES, ROW_CHUNKS, RPP, 64>(p, sTile + (t % STAGES) * TILE * DK, swz, pg, start + t * TILE,
-                                                    end, copy_r0, copy_c0);
-  };
-
-  int pages[ROW_PASSES];
-  fetch_pages(0, pages);
-  const int seq_len = min(max(seq_len_raw, 0), capacity);
-  end = min(seq_len, start + p.split_tokens);
-  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_tiles) issue_copies(s, pages);
-    cp_async_commit();
-    fetch_pages(s + 1, pages);
-  }
 
   // ---- stage the head block's queries (heads past H and columns past dk are zero) -------------
   const int h0 = hb * ROWS;
@@ -435,9 +497,9 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
     // Tile t landed for every thread; every warp is done with tile t-1 (its stage is free again)
     // and with the previous tile's sMax and sP.
     __syncthreads();
-    if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+    if (t + STAGES - 1 < num_tiles) ring.issue_copies(t + STAGES - 1, pages);
     cp_async_commit();
-    fetch_pages(t + STAGES, pages);
+    ring.fetch_pages(t + STAGES, pages);
     const T* const kt = sTile + (t % STAGES) * TILE * DK;
 
     // S = Q K^T over the warp's tokens: M x NT mma tiles, DK / 16 k-steps (two per iteration).
@@ -575,32 +637,7 @@ __global__ void __launch_bounds__(Cfg::THREADS) mla_decode_kernel(const MlaDecod
       float lsum = 0.f;
 #pragma unroll
       for (int w = 0; w < WARPS; ++w) lsum += sSum[w * ROWS + row];
-      // lsum == 0: nothing attended (out 0, lse -inf). A NaN stays NaN in both, so a later merge
-      // cannot mistake the row for an empty part.
-      const float inv = lsum == 0.f ? 0.f : 1.f / lsum;
-      const float lse2 = lsum == 0.f ? -INFINITY : m[mt][r] + log2f(lsum);
-      const int h = h0 + row;
-      if (p.num_splits == 1) {
-        if (h < p.num_heads) {
-          T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
-#pragma unroll
-          for (int n = 0; n < WCOLS / 8; ++n) {
-            const int c = wcol + n * 8 + cpair;
-            if (c < p.dv)
-              *reinterpret_cast<uint32_t*>(dst + c) = pack2(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv, T{});
-          }
-          if (p.lse != nullptr && warp == 0 && (lane & 3) == 0) p.lse[int64_t(b) * p.num_heads + h] = lse2 * kLn2;
-        }
-      } else {
-        const int64_t slot = (pair * p.num_splits + split) * ROWS + row;
-        float* dst = p.partial_out + slot * p.dv;
-#pragma unroll
-        for (int n = 0; n < WCOLS / 8; ++n) {
-          const int c = wcol + n * 8 + cpair;
-          if (c < p.dv) *reinterpret_cast<float2*>(dst + c) = make_float2(o[mt][n][2 * r] * inv, o[mt][n][2 * r + 1] * inv);
-        }
-        if (warp == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
-      }
+      mla_store_row<ROWS, T>(p, b, pair, split, h0, row, lsum, m[mt][r], o[mt], r, wcol, cpair);
     }
   }
   if (p.num_splits == 1) return;
@@ -664,7 +701,7 @@ template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const MlaDecodeParams p) {
   constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES, ROWS = Cfg::ROWS;
   constexpr int WARPS = Cfg::WARPS, KSTEPS = Cfg::KSTEPS, WCOLS = Cfg::WCOLS;
-  constexpr int ROW_PASSES = Cfg::ROW_PASSES, ROW_CHUNKS = Cfg::ROW_CHUNKS, RPP = Cfg::ROWS_PER_PASS;
+  constexpr int ROW_PASSES = Cfg::ROW_PASSES;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* const sTile = reinterpret_cast<T*>(smem_raw);
   float4* const sPart = reinterpret_cast<float4*>(smem_raw + Cfg::SMEM_TILES);
@@ -672,38 +709,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const M
   const int hb = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
-  // ---- this CTA's KV range and the copy roles (as in mla_decode_kernel) ------------------------
-  // Everything read from memory is clamped, so bad index contents give wrong numbers but never an
-  // out-of-bounds access.
-  const int capacity = p.max_pages * p.page_size;
-  const int seq_len_raw = __ldg(p.seq_lens + b);
-  const int start = split * p.split_tokens;
-  const int* bt = p.block_table + int64_t(b) * p.max_pages;
-
-  // Thread copies chunks copy_c0 + 8 * j (j < ROW_CHUNKS) of tile rows copy_r0 + RPP * pass
-  // (mla_copy_tile); the page of each of its rows is read one tile ahead of the copy.
-  const int copy_r0 = tid >> 3, copy_c0 = tid & 7;
-  const auto swz = [](int row, int chunk) { return mla_swz<TD>(row, chunk); };
-  auto fetch_pages = [&](int t, int (&pg)[ROW_PASSES]) {
-    mla_fetch_pages<ROW_PASSES, RPP>(p, bt, capacity, start + t * TILE + copy_r0, pg);
-  };
-  int end = 0;
-  auto issue_copies = [&](int t, const int (&pg)[ROW_PASSES]) {
-    mla_copy_tile<ROW_PASSES, ROW_CHUNKS, RPP, 64>(p, sTile + (t % STAGES) * TILE * DK, swz, pg, start + t * TILE,
-                                                    end, copy_r0, copy_c0);
-  };
-
-  int pages[ROW_PASSES];
-  fetch_pages(0, pages);
-  const int seq_len = min(max(seq_len_raw, 0), capacity);
-  end = min(seq_len, start + p.split_tokens);
-  const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_tiles) issue_copies(s, pages);
-    cp_async_commit();
-    fetch_pages(s + 1, pages);
-  }
+  // ---- this CTA's KV range and its tile ring (MlaTileRing, as in mla_decode_kernel) -----------
+  MlaTileRing<T, Cfg> ring(p, b, split, tid, sTile);
+  int pages[ROW_PASSES];  // this thread's rows' pages of the next tile to issue
+  ring.prime(pages);
+  const int start = ring.start, end = ring.end, num_tiles = ring.num_tiles;
 
   // ---- this warp's slice of Q as A fragments, straight from global (while the ring fills) ------
   // Fragment roles (mma m16n8k16): rows r0 and r0 + 8 (heads), column / token pair cpair.
@@ -784,9 +794,9 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const M
     // Committed so far: STAGES-1 + t groups (tiles 0 .. t+STAGES-2); tiles 0 .. t+1 must be done.
     cp_async_wait<STAGES - 3>();
     __syncthreads();
-    if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+    if (t + STAGES - 1 < num_tiles) ring.issue_copies(t + STAGES - 1, pages);
     cp_async_commit();
-    fetch_pages(t + STAGES, pages);
+    ring.fetch_pages(t + STAGES, pages);
 
     // Full S of tile t = ((P0 + P1) + P2) + P3 in every warp, so every warp gets bitwise the
     // same S (and with it the same max, P and row sums).
@@ -888,32 +898,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 2) mla_decode_h16_kernel(const M
     float lsum = l[r];
     lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
     lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-    const int row = r0 + 8 * r;
-    // lsum == 0: nothing attended (out 0, lse -inf). A NaN stays NaN in both, so a later merge
-    // cannot mistake the row for an empty part.
-    const float inv = lsum == 0.f ? 0.f : 1.f / lsum;
-    const float lse2 = lsum == 0.f ? -INFINITY : m[r] + log2f(lsum);
-    const int h = h0 + row;
-    if (p.num_splits == 1) {
-      if (h < p.num_heads) {
-        T* dst = static_cast<T*>(p.out) + (int64_t(b) * p.num_heads + h) * p.dv;
-#pragma unroll
-        for (int n = 0; n < WCOLS / 8; ++n) {
-          const int c = wcol + n * 8 + cpair;
-          if (c < p.dv) *reinterpret_cast<uint32_t*>(dst + c) = pack2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv, T{});
-        }
-        if (p.lse != nullptr && warp == 0 && (lane & 3) == 0) p.lse[int64_t(b) * p.num_heads + h] = lse2 * kLn2;
-      }
-    } else {
-      const int64_t slot = (pair * p.num_splits + split) * ROWS + row;
-      float* dst = p.partial_out + slot * p.dv;
-#pragma unroll
-      for (int n = 0; n < WCOLS / 8; ++n) {
-        const int c = wcol + n * 8 + cpair;
-        if (c < p.dv) *reinterpret_cast<float2*>(dst + c) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-      }
-      if (warp == 0 && (lane & 3) == 0) p.partial_lse[slot] = lse2;
-    }
+    mla_store_row<ROWS, T>(p, b, pair, split, h0, r0 + 8 * r, lsum, m[r], o, r, wcol, cpair);
   }
   if (p.num_splits == 1) return;
 

@@ -58,11 +58,9 @@ template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p) {
 #if KVCORE_SM90A
   using namespace mla_wgmma;
-  constexpr int DK = Cfg::DK, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS, TD = Cfg::TD;
+  constexpr int DK = Cfg::DK, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS;
   constexpr int VCHUNKS = Cfg::VCHUNKS, STAGES = Cfg::STAGES;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* const smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + Cfg::SMEM_ALIGN - 1) & ~uintptr_t(Cfg::SMEM_ALIGN - 1));
+  unsigned char* const smem = aligned_smem<Cfg>();
   T* const sQ = reinterpret_cast<T*>(smem);
   T* const sTile = reinterpret_cast<T*>(smem + Cfg::SMEM_Q);
   float* const sMa = reinterpret_cast<float*>(smem + Cfg::SMEM_Q + STAGES * Cfg::SMEM_TILE);
@@ -92,8 +90,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
   const int start = ts.start, end = ts.end, num_tiles = ts.num_tiles;
 
   const int h0 = hb * ROWS;
-  mla_stage_q_async<ROWS, TD, Cfg::THREADS>(p, b, h0, sQ,
-                                            [](int row, int piece) { return swz128_offset(ROWS, row, piece); });
+  stage_q_sw128<Cfg>(p, b, h0, sQ);
   cp_async_wait<0>();
   fence_proxy_async_smem();  // Q, written through the generic proxy, before wgmma reads it
   __syncthreads();           // Q and the barrier initialisation are visible to all
@@ -106,10 +103,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
   // D fragment roles: rows r0 and r0 + 8, columns 8 i + cpair (+1), in both warpgroups.
   const int r0 = warp * 16 + (lane >> 2), cpair = (lane & 3) * 2;
   float o[VCHUNKS][32];
-#pragma unroll
-  for (int c = 0; c < VCHUNKS; ++c)
-#pragma unroll
-    for (int i = 0; i < 32; ++i) o[c][i] = 0.f;
+  zero_out_acc(o);
   const uint32_t kSbo = 1024, kChunkBytes = TILE * 128, kStageBytes = TILE * DK * 2;
   const uint64_t dQ = smem_desc_sw128(sQ, 16, kSbo);
   const uint64_t dK0 = smem_desc_sw128(sTile, 16, kSbo);

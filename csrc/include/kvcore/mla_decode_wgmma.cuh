@@ -96,6 +96,33 @@ enum NamedBarrier : int { kPFull = 1, kPFree = 2, kStats = 3 };
 // range clamped as in the other MLA kernels (every index read is), and the cp.async roles of the
 // warpgroup's thread wtid (pieces copy_c0 + 8 j of rows copy_r0 + RPP i of a tile, in the 128-byte
 // swizzle wgmma reads), with the pages of those rows fetched one tile ahead of their copies.
+// The dynamic shared memory, aligned up to Shape::SMEM_ALIGN (swizzle atoms start on 1024-byte
+// boundaries; SMEM_BYTES counts the slack).
+template <typename Shape>
+__device__ __forceinline__ unsigned char* aligned_smem() {
+  extern __shared__ unsigned char smem_raw[];
+  return reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + Shape::SMEM_ALIGN - 1) & ~uintptr_t(Shape::SMEM_ALIGN - 1));
+}
+
+// Q of head block h0 into sQ in the 128-byte swizzle wgmma reads (heads past H and columns past
+// dk are zero), by cp.async of all the CTA's threads; the caller waits for the copies.
+template <typename Shape, typename T>
+__device__ __forceinline__ void stage_q_sw128(const MlaDecodeParams& p, int b, int h0, T* sQ) {
+  constexpr int ROWS = Shape::ROWS;
+  mla_stage_q_async<ROWS, Shape::TD, Shape::THREADS>(p, b, h0, sQ,
+                                                       [](int row, int piece) { return swz128_offset(ROWS, row, piece); });
+}
+
+// The output accumulators (VCHUNKS chunks of 64 columns, one m64n64 D fragment each), zeroed.
+template <int VCHUNKS>
+__device__ __forceinline__ void zero_out_acc(float (&o)[VCHUNKS][32]) {
+#pragma unroll
+  for (int c = 0; c < VCHUNKS; ++c)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[c][i] = 0.f;
+}
+
 template <typename T, typename Shape>
 struct TileStream {
   int capacity, start, end, num_tiles;
@@ -364,11 +391,9 @@ namespace mla_wgmma {
 template <typename T, typename Cfg>
 __device__ __forceinline__ void wgmma_decode(const MlaDecodeParams& p, const void* map) {
 #if KVCORE_SM90A
-  constexpr int DK = Cfg::DK, TD = Cfg::TD, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS;
+  constexpr int DK = Cfg::DK, TILE = Cfg::TILE, ROWS = Cfg::ROWS, KSTEPS = Cfg::KSTEPS;
   constexpr int VCHUNKS = Cfg::VCHUNKS, STAGES = Cfg::STAGES;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* const smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + Cfg::SMEM_ALIGN - 1) & ~uintptr_t(Cfg::SMEM_ALIGN - 1));
+  unsigned char* const smem = aligned_smem<Cfg>();
   T* const sQ = reinterpret_cast<T*>(smem);
   T* const sTile = reinterpret_cast<T*>(smem + Cfg::SMEM_Q);
   T* const sP = reinterpret_cast<T*>(smem + Cfg::SMEM_Q + STAGES * Cfg::SMEM_TILE);
@@ -406,8 +431,7 @@ __device__ __forceinline__ void wgmma_decode(const MlaDecodeParams& p, const voi
   // need only the barrier initialisation, published by the first __syncthreads), and Q is
   // waited for after them.
   const int h0 = hb * ROWS;
-  mla_stage_q_async<ROWS, TD, Cfg::THREADS>(p, b, h0, sQ,
-                                            [](int row, int piece) { return swz128_offset(ROWS, row, piece); });
+  stage_q_sw128<Cfg>(p, b, h0, sQ);
   __syncthreads();  // the barrier initialisation is visible to all
 
   if constexpr (Cfg::TMA) {
@@ -429,10 +453,7 @@ __device__ __forceinline__ void wgmma_decode(const MlaDecodeParams& p, const voi
   // D fragment roles (both warpgroups): rows r0 and r0 + 8, columns 8 i + cpair (+1).
   const int r0 = warp * 16 + (lane >> 2), cpair = (lane & 3) * 2;
   float o[VCHUNKS][32];
-#pragma unroll
-  for (int c = 0; c < VCHUNKS; ++c)
-#pragma unroll
-    for (int i = 0; i < 32; ++i) o[c][i] = 0.f;
+  zero_out_acc(o);
   const uint32_t kSbo = 1024, kChunkBytes = TILE * 128;
   // Operand descriptors built once: Q (K-major), the first stage as K (K-major) and as V
   // (MN-major, this warpgroup's first 64-column chunk); each wgmma adds its constant offset
