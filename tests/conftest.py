@@ -8,6 +8,10 @@ Device / dtype parametrisation
 Input builders (plain functions, import them with ``from conftest import ...``)
     ``ragged_lens``, ``make_paged_kv`` (a shuffled paged cache with junk in the unused block-table
     entries), ``randn`` and ``poison``.
+
+Checks
+    ``assert_out_lse_close`` and ``assert_written_and_close`` (the same, after checking that a
+    poisoned output was fully written), at the per-dtype tolerances below.
 """
 
 from __future__ import annotations
@@ -185,6 +189,39 @@ def greedy_generate(model, ids: torch.Tensor, *, new: int):
     adapter tests compare tokens and logits against transformers' own path)."""
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
                           output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+
+
+def opcheck_dtype(device: str) -> torch.dtype:
+    """The dtype of an opcheck test's inputs: float32 on CPU, bfloat16 on CUDA (whose kernels take
+    16-bit floats only)."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def op_workspace(device: str) -> "torch.Tensor | None":
+    """The ``workspace`` argument of a direct ``torch.ops.kvcore`` decode call: a fresh zeroed
+    decode workspace on CUDA, None on CPU (whose kernels take none)."""
+    if device != "cuda":
+        return None
+    return torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+
+
+def assert_out_lse_close(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse: torch.Tensor,
+                         dtype: torch.dtype) -> None:
+    """An attention output stored in ``dtype`` and its fp32 lse against a reference's, within
+    ``OUT_TOL[dtype]`` and ``LSE_TOL``."""
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
+def assert_written_and_close(op: str, out: torch.Tensor, lse: "torch.Tensor | None", ref_out: torch.Tensor,
+                             ref_lse: torch.Tensor, dtype: torch.dtype) -> None:
+    """``op``'s NaN-poisoned ``out`` (and ``lse``, unless None) fully written and within tolerance
+    of the reference."""
+    assert not torch.isnan(out).any(), f"{op} left unwritten (NaN) elements in out"
+    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
+    if lse is not None:
+        assert not torch.isnan(lse).any(), f"{op} left unwritten (NaN) elements in lse"
+        torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
 
 
 def randn(*shape, gen: torch.Generator, dtype=torch.float32, device="cpu", scale: float = 1.0) -> torch.Tensor:

@@ -13,17 +13,18 @@ import math
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional, Union
+from typing import Optional
 
 import pytest
 import torch
 
 import kvcore
-from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn,
-                      run_tests_with_env)
+from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, assert_out_lse_close, assert_written_and_close,
+                      make_paged_kv, op_workspace, opcheck_dtype, poison, ragged_lens, randn, run_tests_with_env)
+from decode_cases import PagedDecodeCase
 from kvcore import reference
 from kvcore.block_sparse import build_selection
-from test_ops import OPCHECK_UTILS, BadCase, _other_device, _set, _set_item, _set_kw
+from test_ops import OPCHECK_UTILS, BadCase, _decode_args, _other_device, _set, _set_item, _set_kw
 
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
 
@@ -80,35 +81,12 @@ def selected_positions_by_hand(pages: list[int], seq_len: int, page_size: int) -
 
 
 @dataclass(frozen=True)
-class SparseCase:
-    batch: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    page_size: int
-    lens: Union[int, tuple[int, ...]]  # max length (ragged lengths drawn up to it) or exact lengths
-    soft_cap: float = 0.0
-    with_lse: bool = True
-    q_layout: str = "contiguous"  # "contiguous" | "slice" (of [B, Hq, 2D]) | "transposed"
-    strided_cache: bool = False
-    scale: Optional[float] = None
+class SparseCase(PagedDecodeCase):
     num_splits: int = 0
     density: str = "random"
 
     def id(self) -> str:
-        g = self.num_q_heads // self.num_kv_heads
-        parts = [f"B{self.batch}", f"Hkv{self.num_kv_heads}g{g}", f"D{self.head_dim}", f"ps{self.page_size}"]
-        parts.append(f"L{self.lens}" if isinstance(self.lens, int) else "L" + "_".join(map(str, self.lens)))
-        if self.soft_cap:
-            parts.append(f"cap{self.soft_cap:g}")
-        if not self.with_lse:
-            parts.append("nolse")
-        if self.q_layout != "contiguous":
-            parts.append(f"q{self.q_layout}")
-        if self.strided_cache:
-            parts.append("kvstrided")
-        if self.scale is not None:
-            parts.append(f"scale{self.scale:g}")
+        parts = self.shape_parts() + self.option_parts()
         if self.num_splits:
             parts.append(f"split{self.num_splits}")
         if self.density != "random":
@@ -136,22 +114,14 @@ SPARSE_CASES = [
 ]
 
 
-def _make_q(case: SparseCase, gen, dtype, device) -> torch.Tensor:
-    b, h, d = case.batch, case.num_q_heads, case.head_dim
-    if case.q_layout == "slice":
-        q = randn(b, h, 2 * d, gen=gen, dtype=dtype, device=device)[:, :, d:]
-    elif case.q_layout == "transposed":
-        q = randn(h, b, d, gen=gen, dtype=dtype, device=device).transpose(0, 1)
-    else:
-        q = randn(b, h, d, gen=gen, dtype=dtype, device=device)
-    assert q.shape == (b, h, d) and q.stride(2) == 1
-    return q
-
-
-def _case_lens(case: SparseCase, gen) -> list[int]:
-    if isinstance(case.lens, tuple):
-        return list(case.lens)
-    return ragged_lens(case.batch, case.lens, case.page_size, gen)
+def _paged_inputs(lens, page_size, num_kv_heads, num_q_heads, head_dim, gen, dtype=torch.float32, device="cpu",
+                  **selection):
+    """A paged cache holding ``lens``, a random q and a ``random_selection`` (``selection``: its
+    keyword arguments), drawn in that order from ``gen``."""
+    kv = make_paged_kv(lens, page_size, num_kv_heads, head_dim, gen=gen, dtype=dtype, device=device)
+    q = randn(len(lens), num_q_heads, head_dim, gen=gen, dtype=dtype, device=device)
+    sel_pages, sel_counts = random_selection(lens, page_size, num_kv_heads, gen, device=device, **selection)
+    return kv, q, sel_pages, sel_counts
 
 
 def _outputs(batch: int, heads: int, dim: int, dtype, device, with_lse: bool = True):
@@ -161,11 +131,17 @@ def _outputs(batch: int, heads: int, dim: int, dtype, device, with_lse: bool = T
 
 
 def _check(out, lse, ref_out, ref_lse, dtype):
-    assert not torch.isnan(out).any(), "block_sparse_decode left unwritten (NaN) elements in out"
-    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
-    if lse is not None:
-        assert not torch.isnan(lse).any(), "block_sparse_decode left unwritten (NaN) elements in lse"
-        torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    assert_written_and_close("block_sparse_decode", out, lse, ref_out, ref_lse, dtype)
+
+
+def _check_heads_against_dense(out, lse, q, kv, b, h, group, pos, dtype):
+    """The query heads of sequence ``b``'s KV head ``h`` against dense attention over the tokens at
+    positions ``pos`` (gathered through the block table)."""
+    k = reference.gather_paged(kv.k_cache, kv.block_table[b], pos)[:, h : h + 1]
+    v = reference.gather_paged(kv.v_cache, kv.block_table[b], pos)[:, h : h + 1]
+    heads = slice(h * group, (h + 1) * group)
+    o, s = reference.dense_attention(q[b, heads], k, v)
+    assert_out_lse_close(out[b, heads], lse[b, heads], o.float(), s.float(), dtype)
 
 
 def _check_empty_lists(out, lse, counts, group):
@@ -179,12 +155,12 @@ def _check_empty_lists(out, lse, counts, group):
 
 @pytest.mark.parametrize("case", SPARSE_CASES, ids=SparseCase.id)
 def test_block_sparse_decode_matches_reference(device, dtype, case, gen):
-    lens = _case_lens(case, gen)
+    lens = case.draw_lens(gen)
     kv = make_paged_kv(lens, case.page_size, case.num_kv_heads, case.head_dim, gen=gen, dtype=dtype, device=device,
                        strided_cache=case.strided_cache)
     sel_pages, sel_counts = random_selection(lens, case.page_size, case.num_kv_heads, gen, density=case.density,
                                              device=device)
-    q = _make_q(case, gen, dtype, device)
+    q = case.make_q(gen, dtype, device)
     before = [t.clone() for t in (q, kv.k_cache, kv.v_cache, kv.block_table, sel_pages, sel_counts)]
     out, lse = _outputs(case.batch, case.num_q_heads, case.head_dim, dtype, device, case.with_lse)
 
@@ -234,15 +210,12 @@ def test_reference_is_dense_attention_over_the_selected_tokens(gen):
 @pytest.mark.parametrize("page_size, max_len", [(1, 30), (16, 150), (256, 700)], ids=["ps1", "ps16", "ps256"])
 def test_every_page_selected_equals_gqa_decode(device, dtype, page_size, max_len, gen):
     lens = ragged_lens(4, max_len, page_size, gen)
-    kv = make_paged_kv(lens, page_size, 2, 128, gen=gen, dtype=dtype, device=device)
-    q = randn(4, 8, 128, gen=gen, dtype=dtype, device=device)
-    sel_pages, sel_counts = random_selection(lens, page_size, 2, gen, density="all", device=device)
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, page_size, 2, 8, 128, gen, dtype, device, density="all")
     out, lse = _outputs(4, 8, 128, dtype, device)
     kvcore.block_sparse_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, sel_pages, sel_counts,
                                out=out, lse=lse)
     dense_out, dense_lse = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, return_lse=True)
-    torch.testing.assert_close(out.float(), dense_out.float(), **OUT_TOL[dtype])
-    torch.testing.assert_close(lse, dense_lse, **LSE_TOL)
+    assert_out_lse_close(out, lse, dense_out.float(), dense_lse, dtype)
     ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
     _check(out, lse, ref_out, ref_lse, dtype)
 
@@ -264,8 +237,7 @@ def test_partial_last_page(device, dtype, gen):
         k = kv.k_cache[page, :tokens].double()  # [tokens, Hkv, D]
         v = kv.v_cache[page, :tokens].double()
         o, s = reference.dense_attention(q[b], k, v)
-        torch.testing.assert_close(out[b].float(), o.float(), **OUT_TOL[dtype])
-        torch.testing.assert_close(lse[b], s.float(), **LSE_TOL)
+        assert_out_lse_close(out[b], lse[b], o.float(), s.float(), dtype)
 
 
 def test_empty_selections(device, dtype, gen):
@@ -297,9 +269,7 @@ def test_empty_selections(device, dtype, gen):
 def test_junk_past_counts_is_ignored(device, dtype, gen):
     """Two selections that differ only past the counts give bitwise the same result."""
     lens, ps, hkv = [70, 33, 128], 16, 2
-    kv = make_paged_kv(lens, ps, hkv, 64, gen=gen, dtype=dtype, device=device)
-    q = randn(3, 8, 64, gen=gen, dtype=dtype, device=device)
-    sel_pages, sel_counts = random_selection(lens, ps, hkv, gen, max_sel=12, device=device)
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, ps, hkv, 8, 64, gen, dtype, device, max_sel=12)
     live = torch.arange(12, device=device).view(1, 1, -1) < sel_counts.unsqueeze(-1)
     junk_kinds = [
         torch.full_like(sel_pages, -1),
@@ -324,9 +294,7 @@ def test_junk_past_counts_is_ignored(device, dtype, gen):
 def test_listed_order_does_not_matter(device, gen):
     lens, ps, hkv = [90, 64], 8, 2
     dtype = torch.float32 if device == "cpu" else torch.bfloat16  # CUDA kernels take 16-bit floats
-    kv = make_paged_kv(lens, ps, hkv, 64, gen=gen, dtype=dtype, device=device)
-    q = randn(2, 4, 64, gen=gen, dtype=dtype, device=device)
-    sel_pages, sel_counts = random_selection(lens, ps, hkv, gen, density="all", device=device)
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, ps, hkv, 4, 64, gen, dtype, device, density="all")
     a = kvcore.block_sparse_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, sel_pages, sel_counts,
                                    return_lse=True)
     live = torch.arange(sel_pages.shape[2], device=device).view(1, 1, -1) < sel_counts.unsqueeze(-1)
@@ -343,9 +311,7 @@ def test_listed_order_does_not_matter(device, gen):
 def test_group_sizes(device, group, gen):
     dtype = torch.bfloat16
     lens, ps, hkv = [200, 45], 16, 2
-    kv = make_paged_kv(lens, ps, hkv, 128, gen=gen, dtype=dtype, device=device)
-    q = randn(2, hkv * group, 128, gen=gen, dtype=dtype, device=device)
-    sel_pages, sel_counts = random_selection(lens, ps, hkv, gen, device=device)
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, ps, hkv, hkv * group, 128, gen, dtype, device)
     out, lse = _outputs(2, hkv * group, 128, dtype, device)
     kvcore.block_sparse_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, sel_pages, sel_counts,
                                out=out, lse=lse)
@@ -358,9 +324,7 @@ def test_group_sizes(device, group, gen):
 def test_head_dims_and_page_sizes(device, head_dim, page_size, gen):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     lens = [3 * page_size + 1, 2 * page_size - 1 if page_size > 1 else 7]
-    kv = make_paged_kv(lens, page_size, 2, head_dim, gen=gen, dtype=dtype, device=device)
-    q = randn(2, 8, head_dim, gen=gen, dtype=dtype, device=device)
-    sel_pages, sel_counts = random_selection(lens, page_size, 2, gen, device=device)
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, page_size, 2, 8, head_dim, gen, dtype, device)
     sel_counts[0, 0] = 0  # one empty list, one full one
     sel_pages[0, 1, :4] = torch.tensor([3, 0, 2, 1], dtype=torch.int32)
     sel_counts[0, 1] = 4
@@ -374,9 +338,7 @@ def test_head_dims_and_page_sizes(device, head_dim, page_size, gen):
 
 def test_allocates_outputs(device, dtype, gen):
     lens = [0, 1, 45, 9]
-    kv = make_paged_kv(lens, 8, 2, 64, gen=gen, dtype=dtype, device=device)
-    q = randn(4, 8, 64, gen=gen, dtype=dtype, device=device)
-    sel_pages, sel_counts = random_selection(lens, 8, 2, gen, device=device)
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, 8, 2, 8, 64, gen, dtype, device)
     out = kvcore.block_sparse_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, sel_pages, sel_counts)
     assert isinstance(out, torch.Tensor) and out.dtype == dtype and out.shape == q.shape
     out2, lse = kvcore.block_sparse_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, sel_pages,
@@ -392,9 +354,7 @@ def test_allocates_outputs(device, dtype, gen):
 def test_forced_splits_are_deterministic(device, num_splits, gen):
     dtype = torch.bfloat16
     lens = ragged_lens(3, 3000, 16, gen)
-    kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=dtype, device=device)
-    q = randn(3, 8, 128, gen=gen, dtype=dtype, device=device)
-    sel_pages, sel_counts = random_selection(lens, 16, 2, gen, device=device)
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, 16, 2, 8, 128, gen, dtype, device)
     results = []
     for _ in range(2):
         out, lse = _outputs(3, 8, 128, dtype, device)
@@ -408,9 +368,7 @@ def test_forced_splits_are_deterministic(device, num_splits, gen):
 
 def test_workspace_ignored_on_cpu(gen):
     lens = [3, 70, 0]
-    kv = make_paged_kv(lens, 16, 2, 64, gen=gen)
-    q = randn(3, 4, 64, gen=gen)
-    sel_pages, sel_counts = random_selection(lens, 16, 2, gen, density="all")
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, 16, 2, 4, 64, gen, density="all")
     args = (q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, sel_pages, sel_counts)
     base = kvcore.block_sparse_decode(*args, return_lse=True, num_splits=3)
     for ws in (None, torch.zeros(16, dtype=torch.uint8), torch.empty(0)):
@@ -472,12 +430,7 @@ def test_sinks_local_and_chosen_via_build_selection(device, dtype, gen):
             pages |= set(range(max(0, used[b] - 2), used[b]))
             pages |= {int(x) for x in chosen[b, h] if x >= 0}
             pos = torch.tensor(selected_positions_by_hand(sorted(pages), n, ps), dtype=torch.long)
-            k = reference.gather_paged(kv.k_cache, kv.block_table[b], pos)[:, h : h + 1]
-            v = reference.gather_paged(kv.v_cache, kv.block_table[b], pos)[:, h : h + 1]
-            heads = slice(h * group, (h + 1) * group)
-            o, s = reference.dense_attention(q[b, heads], k, v)
-            torch.testing.assert_close(out[b, heads].float(), o.float(), **OUT_TOL[dtype])
-            torch.testing.assert_close(lse[b, heads], s.float(), **LSE_TOL)
+            _check_heads_against_dense(out, lse, q, kv, b, h, group, pos, dtype)
 
 
 def test_merges_with_other_parts(device, dtype, gen):
@@ -485,10 +438,8 @@ def test_merges_with_other_parts(device, dtype, gen):
     and retrieved pages before a sliding window (gqa_decode) merge into attention over both."""
     ps, hkv, group, d = 16, 2, 4, 128
     lens = [300, 97, 160]
-    kv = make_paged_kv(lens, ps, hkv, d, gen=gen, dtype=dtype, device=device)
-    q = randn(3, hkv * group, d, gen=gen, dtype=dtype, device=device)
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, ps, hkv, hkv * group, d, gen, dtype, device, density="all")
     args = (q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
-    sel_pages, sel_counts = random_selection(lens, ps, hkv, gen, density="all", device=device)
 
     half = sel_counts // 2
     first_pages = sel_pages
@@ -521,21 +472,14 @@ def test_merges_with_other_parts(device, dtype, gen):
         for h in range(hkv):
             listed = retrieved[b, h, : int(counts[b, h])].tolist()
             pos = torch.tensor(selected_positions_by_hand(listed, n, ps) + list(range(n - window, n)))
-            k = reference.gather_paged(kv.k_cache, kv.block_table[b], pos)[:, h : h + 1]
-            v = reference.gather_paged(kv.v_cache, kv.block_table[b], pos)[:, h : h + 1]
-            heads = slice(h * group, (h + 1) * group)
-            o, s = reference.dense_attention(q[b, heads], k, v)
-            torch.testing.assert_close(out[b, heads].float(), o.float(), **OUT_TOL[dtype])
-            torch.testing.assert_close(lse[b, heads], s.float(), **LSE_TOL)
+            _check_heads_against_dense(out, lse, q, kv, b, h, group, pos, dtype)
 
 
 def test_compiles_fullgraph(device, gen):
     """torch.compile(fullgraph=True) through the wrapper (validation is skipped under compile)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     lens = [100, 37, 1]
-    kv = make_paged_kv(lens, 16, 2, 64, gen=gen, dtype=dtype, device=device)
-    q = randn(3, 8, 64, gen=gen, dtype=dtype, device=device)
-    sel_pages, sel_counts = random_selection(lens, 16, 2, gen, device=device)
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, 16, 2, 8, 64, gen, dtype, device)
     out, lse = _outputs(3, 8, 64, dtype, device)
 
     def step(q, k_cache, v_cache, block_table, seq_lens, sel_pages, sel_counts, out, lse):
@@ -639,16 +583,12 @@ def test_build_selection_errors(device, no_validation):
 
 
 def test_opcheck_block_sparse_decode(device, gen):
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = opcheck_dtype(device)
     lens = [5, 0, 19]
-    kv = make_paged_kv(lens, 8, 2, 64, gen=gen, dtype=dtype, device=device)
-    q = randn(3, 4, 64, gen=gen, dtype=dtype, device=device)
-    sel_pages, sel_counts = random_selection(lens, 8, 2, gen, device=device)
+    kv, q, sel_pages, sel_counts = _paged_inputs(lens, 8, 2, 4, 64, gen, dtype, device)
     out = torch.empty_like(q)
     lse = torch.empty(3, 4, dtype=torch.float32, device=device)
-    workspace = None
-    if device == "cuda":
-        workspace = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    workspace = op_workspace(device)
     for cap, num_splits, with_lse in [(0.0, 0, True), (30.0, 2, False)]:
         args = (q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, sel_pages, sel_counts, 0.125, cap, out,
                 lse if with_lse else None, workspace, num_splits)
@@ -661,25 +601,14 @@ def test_opcheck_block_sparse_decode(device, gen):
 
 
 def _sparse_args(device: str, gen) -> SimpleNamespace:
-    # bf16 works on both devices. Page size 8; sequence 2 has 20 tokens = pages 0..2.
-    lens = [0, 1, 20]
-    kv = make_paged_kv(lens, 8, 2, 64, gen=gen, dtype=torch.bfloat16, device=device)
-    sel_pages = torch.tensor([[[5, -1, 9], [0, 0, 0]], [[0, 7, 7], [0, -3, 100]], [[2, 0, 2], [1, 99, -1]]],
-                             dtype=torch.int32, device=device)
-    sel_counts = torch.tensor([[0, 0], [1, 1], [2, 1]], dtype=torch.int32, device=device)
-    return SimpleNamespace(
-        q=randn(3, 4, 64, gen=gen, dtype=torch.bfloat16, device=device),
-        k_cache=kv.k_cache,
-        v_cache=kv.v_cache,
-        block_table=kv.block_table,
-        seq_lens=kv.seq_lens,
-        sel_pages=sel_pages,
-        sel_counts=sel_counts,
-        out=poison(torch.empty(3, 4, 64, dtype=torch.bfloat16, device=device)),
-        lse=poison(torch.empty(3, 4, dtype=torch.float32, device=device)),
-        num_pages=kv.num_pages,
-        kw={},
-    )
+    """gqa_decode's bad-input arguments (page size 8; sequence 2 has 20 tokens = pages 0..2) and a
+    valid selection with junk past its counts: sequence 0's lists empty, sequence 1's one page,
+    sequence 2's two and one."""
+    a = _decode_args(device, gen)
+    a.sel_pages = torch.tensor([[[5, -1, 9], [0, 0, 0]], [[0, 7, 7], [0, -3, 100]], [[2, 0, 2], [1, 99, -1]]],
+                               dtype=torch.int32, device=device)
+    a.sel_counts = torch.tensor([[0, 0], [1, 1], [2, 1]], dtype=torch.int32, device=device)
+    return a
 
 
 BAD_SPARSE = [
@@ -804,7 +733,7 @@ def test_block_sparse_decode_bad_input(device, bad, gen):
 def test_op_rejects_bad_scalars(device, scale, cap, num_splits, match, gen):
     """The op itself (not only the wrapper) rejects bad scalars: C++ callers bypass ops.py."""
     a = _sparse_args(device, gen)
-    ws = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device) if device == "cuda" else None
+    ws = op_workspace(device)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.kvcore.block_sparse_decode(a.q, a.k_cache, a.v_cache, a.block_table, a.seq_lens, a.sel_pages,
                                              a.sel_counts, scale, cap, a.out, a.lse, ws, num_splits)

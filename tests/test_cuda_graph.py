@@ -12,56 +12,96 @@ import pytest
 import torch
 
 import kvcore
-from conftest import HAS_CUDA, NO_CUDA_REASON, capture_graph, randn
+from conftest import HAS_CUDA, NO_CUDA_REASON, assert_out_lse_close, capture_graph, poison, randn
 from kvcore import reference
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
 
 
-def test_decode_step_graph_replay(gen):
-    batch, hq, hkv, d, page, max_pages = 3, 16, 4, 128, 16, 40
-    num_pages = batch * max_pages
-    dev, dt = "cuda", torch.bfloat16
-    k_cache = randn(num_pages, page, hkv, d, gen=gen, dtype=dt, device=dev)
-    v_cache = randn(num_pages, page, hkv, d, gen=gen, dtype=dt, device=dev)
-    # static buffers the graph reads; their contents change between replays
-    q = torch.empty(batch, hq, d, dtype=dt, device=dev)
-    k_new = torch.empty(batch, hkv, d, dtype=dt, device=dev)
-    v_new = torch.empty_like(k_new)
-    slots = torch.empty(batch, dtype=torch.int64, device=dev)
-    block_table = torch.empty(batch, max_pages, dtype=torch.int32, device=dev)
-    seq_lens = torch.empty(batch, dtype=torch.int32, device=dev)
-    out = torch.empty(batch, hq, d, dtype=dt, device=dev)
-    lse = torch.empty(batch, hq, dtype=torch.float32, device=dev)
-    workspace = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
-
-    def fill(lens):
-        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
-        block_table.copy_(perm.int())
-        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
-        last = torch.tensor(lens) - 1  # the token appended this step is the last one of each sequence
+def _fill_tables(block_table, seq_lens, lens, num_pages, page, gen, slots=None) -> torch.Tensor:
+    """Rewrite a graph's static block table (a random permutation of the pages) and seq_lens in
+    place for sequences of lengths ``lens``; with ``slots``, set each sequence's slot for its last
+    token (the one appended this step). Returns the last tokens' positions."""
+    batch, max_pages = block_table.shape
+    perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
+    block_table.copy_(perm.int())
+    seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+    last = torch.tensor(lens) - 1
+    if slots is not None:
         slots.copy_((perm.gather(1, (last // page).unsqueeze(1)).squeeze(1) * page + last % page).long())
-        for t in (q, k_new, v_new):
-            t.copy_(randn(*t.shape, gen=gen, dtype=dt))
+    return last
+
+
+def _fill_random(gen, *tensors) -> None:
+    """Rewrite each static input in place with fresh random normals (drawn on the CPU)."""
+    for t in tensors:
+        t.copy_(randn(*t.shape, gen=gen, dtype=t.dtype))
+
+
+def _replay(graph, *outputs) -> None:
+    """Poison ``outputs`` with NaN (so an element the replay leaves unwritten shows), replay, sync."""
+    for t in outputs:
+        poison(t)
+    graph.replay()
+    torch.cuda.synchronize()
+
+
+class AppendDecodeStep:
+    """A decode step's paged K/V caches (random, batch * max_pages pages) and the static inputs a
+    captured append + decode reads: q, each sequence's new K/V row, its slot, the block table and
+    seq_lens; ``fill`` rewrites them in place between replays."""
+
+    batch, hq, hkv, d, page, max_pages = 3, 16, 4, 128, 16, 40
+
+    def __init__(self, gen: torch.Generator):
+        dev, dt = "cuda", torch.bfloat16
+        self.gen = gen
+        self.num_pages = self.batch * self.max_pages
+        self.k_cache = randn(self.num_pages, self.page, self.hkv, self.d, gen=gen, dtype=dt, device=dev)
+        self.v_cache = randn(self.num_pages, self.page, self.hkv, self.d, gen=gen, dtype=dt, device=dev)
+        self.q = torch.empty(self.batch, self.hq, self.d, dtype=dt, device=dev)
+        self.k_new = torch.empty(self.batch, self.hkv, self.d, dtype=dt, device=dev)
+        self.v_new = torch.empty_like(self.k_new)
+        self.slots = torch.empty(self.batch, dtype=torch.int64, device=dev)
+        self.block_table = torch.empty(self.batch, self.max_pages, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.empty(self.batch, dtype=torch.int32, device=dev)
+
+    def fill(self, lens) -> None:
+        _fill_tables(self.block_table, self.seq_lens, lens, self.num_pages, self.page, self.gen, self.slots)
+        _fill_random(self.gen, self.q, self.k_new, self.v_new)
+
+    def decode_args(self) -> tuple:
+        """q, the caches, block table and seq_lens: a decode op's leading arguments."""
+        return self.q, self.k_cache, self.v_cache, self.block_table, self.seq_lens
+
+    def append(self) -> None:
+        kvcore.append_paged_kv(self.k_new, self.v_new, self.k_cache, self.v_cache, self.slots)
+
+    def reference_append(self):
+        """The caches as the reference appends this step's rows to them (computed before a replay)."""
+        return reference.append_paged_kv(self.k_new, self.v_new, self.k_cache, self.v_cache, self.slots)
+
+
+def test_decode_step_graph_replay(gen):
+    s = AppendDecodeStep(gen)
+    out = torch.empty(s.batch, s.hq, s.d, dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty(s.batch, s.hq, dtype=torch.float32, device="cuda")
+    workspace = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
 
     def step():
-        kvcore.append_paged_kv(k_new, v_new, k_cache, v_cache, slots)
-        kvcore.gqa_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, lse=lse, workspace=workspace)
+        s.append()
+        kvcore.gqa_decode(*s.decode_args(), out=out, lse=lse, workspace=workspace)
 
-    fill([600, 1, 37])
+    s.fill([600, 1, 37])
     graph = capture_graph(step)  # warm-up, then capture
 
     for lens in ([640, 5, 100], [1, 600, 2], [320, 320, 320]):
-        fill(lens)
-        k_ref, v_ref = reference.append_paged_kv(k_new, v_new, k_cache, v_cache, slots)
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
-        ref_out, ref_lse = reference.gqa_decode(q, k_cache, v_cache, block_table, seq_lens)
-        torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
-        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+        s.fill(lens)
+        k_ref, v_ref = s.reference_append()
+        _replay(graph, out, lse)
+        assert torch.equal(s.k_cache, k_ref) and torch.equal(s.v_cache, v_ref)
+        ref_out, ref_lse = reference.gqa_decode(*s.decode_args())
+        assert_out_lse_close(out, lse, ref_out, ref_lse, torch.bfloat16)
 
 
 # ---- H2O's per-step scores: attention_scores with w = 1 --------------------------------------
@@ -84,10 +124,8 @@ def test_h2o_step_scores_graph_replay(gen):
     acc = torch.zeros_like(scores)
 
     def fill(lens):
-        perm = torch.randperm(num_pages, generator=gen).view(batch, max_pages)
-        block_table.copy_(perm.int())
-        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
-        q.copy_(randn(*q.shape, gen=gen, dtype=dt))
+        _fill_tables(block_table, seq_lens, lens, num_pages, page, gen)
+        _fill_random(gen, q)
 
     def step():
         kvcore.attention_scores(q, k_cache, block_table, seq_lens, reduction="sum", out=scores)
@@ -99,9 +137,7 @@ def test_h2o_step_scores_graph_replay(gen):
     for lens in ([640, 5, 100], [1, 600, 0], [320, 320, 320]):
         fill(lens)
         acc.zero_()
-        scores.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        _replay(graph, scores)
         ref = reference.attention_scores(q, k_cache, block_table, seq_lens, reduction="sum",
                                          max_len=max_pages * page)
         torch.testing.assert_close(scores.double(), ref, atol=2e-3 * (hq // hkv), rtol=1e-3)
@@ -116,31 +152,16 @@ def test_block_sparse_decode_step_graph_replay(num_splits, gen):
     """append + block_sparse_decode captured once; each replay gets new seq_lens, block tables,
     selections (rewritten in place, counts included) and q/k/v, and must give exactly what the
     same call gives eagerly (and the reference, within tolerance)."""
-    batch, hq, hkv, d, page, max_pages, max_sel = 3, 16, 4, 128, 16, 40, 24
-    num_pages = batch * max_pages
-    dev, dt = "cuda", torch.bfloat16
-    k_cache = randn(num_pages, page, hkv, d, gen=gen, dtype=dt, device=dev)
-    v_cache = randn(num_pages, page, hkv, d, gen=gen, dtype=dt, device=dev)
-    q = torch.empty(batch, hq, d, dtype=dt, device=dev)
-    k_new = torch.empty(batch, hkv, d, dtype=dt, device=dev)
-    v_new = torch.empty_like(k_new)
-    slots = torch.empty(batch, dtype=torch.int64, device=dev)
-    block_table = torch.empty(batch, max_pages, dtype=torch.int32, device=dev)
-    seq_lens = torch.empty(batch, dtype=torch.int32, device=dev)
-    sel_pages = torch.empty(batch, hkv, max_sel, dtype=torch.int32, device=dev)
-    sel_counts = torch.empty(batch, hkv, dtype=torch.int32, device=dev)
-    out = torch.empty(batch, hq, d, dtype=dt, device=dev)
-    lse = torch.empty(batch, hq, dtype=torch.float32, device=dev)
-    workspace = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=dev)
+    s = AppendDecodeStep(gen)
+    batch, hq, hkv, page, max_sel = s.batch, s.hq, s.hkv, s.page, 24
+    sel_pages = torch.empty(batch, hkv, max_sel, dtype=torch.int32, device="cuda")
+    sel_counts = torch.empty(batch, hkv, dtype=torch.int32, device="cuda")
+    out = torch.empty(batch, hq, s.d, dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty(batch, hq, dtype=torch.float32, device="cuda")
+    workspace = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
 
     def fill(lens, empty_pair=None):
-        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
-        block_table.copy_(perm.int())
-        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
-        last = torch.tensor(lens) - 1  # the token appended this step is the last one of each sequence
-        slots.copy_((perm.gather(1, (last // page).unsqueeze(1)).squeeze(1) * page + last % page).long())
-        for t in (q, k_new, v_new):
-            t.copy_(randn(*t.shape, gen=gen, dtype=dt))
+        s.fill(lens)
         # Each list: the last page (so the token just appended is attended) and a random subset
         # of the others, in random order; junk past the count. One pair may be left empty.
         pages = torch.randint(-1, 10**6, (batch, hkv, max_sel), generator=gen, dtype=torch.int32)
@@ -159,9 +180,9 @@ def test_block_sparse_decode_step_graph_replay(num_splits, gen):
         sel_counts.copy_(counts)
 
     def step():
-        kvcore.append_paged_kv(k_new, v_new, k_cache, v_cache, slots)
-        kvcore.block_sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel_pages, sel_counts, out=out,
-                                   lse=lse, workspace=workspace, num_splits=num_splits)
+        s.append()
+        kvcore.block_sparse_decode(*s.decode_args(), sel_pages, sel_counts, out=out, lse=lse, workspace=workspace,
+                                   num_splits=num_splits)
 
     fill([600, 1, 37])
     graph = capture_graph(step)  # warm-up, then capture
@@ -169,21 +190,15 @@ def test_block_sparse_decode_step_graph_replay(num_splits, gen):
     for lens, empty_pair in (([640, 5, 100], None), ([1, 600, 2], (1, 2)), ([320, 320, 320], (0, 0)),
                              ([640, 640, 640], None)):
         fill(lens, empty_pair)
-        k_ref, v_ref = reference.append_paged_kv(k_new, v_new, k_cache, v_cache, slots)
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+        k_ref, v_ref = s.reference_append()
+        _replay(graph, out, lse)
+        assert torch.equal(s.k_cache, k_ref) and torch.equal(s.v_cache, v_ref)
         # Eagerly, on the appended cache (appending the same rows again changes nothing).
-        eager_out, eager_lse = kvcore.block_sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel_pages,
-                                                          sel_counts, return_lse=True, workspace=workspace,
-                                                          num_splits=num_splits)
+        eager_out, eager_lse = kvcore.block_sparse_decode(*s.decode_args(), sel_pages, sel_counts, return_lse=True,
+                                                          workspace=workspace, num_splits=num_splits)
         assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse), f"replay differs from eager for {lens}"
-        ref_out, ref_lse = reference.block_sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel_pages,
-                                                         sel_counts)
-        torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
-        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+        ref_out, ref_lse = reference.block_sparse_decode(*s.decode_args(), sel_pages, sel_counts)
+        assert_out_lse_close(out, lse, ref_out, ref_lse, torch.bfloat16)
         if empty_pair is not None:
             b, h = empty_pair
             heads = slice(h * (hq // hkv), (h + 1) * (hq // hkv))
@@ -208,30 +223,21 @@ def test_token_decoder_attention_graph_replay_equals_eager(gen):
     lse = torch.empty(blocks, length, hq, dtype=torch.float32, device=dev)
 
     def fill(special):
-        q_store.copy_(randn(*q_store.shape, gen=gen, dtype=dt))
-        kv_store.copy_(randn(*kv_store.shape, gen=gen, dtype=dt))
+        _fill_random(gen, q_store, kv_store)
         lens = torch.randint(0, length + 1, (blocks,), generator=gen, dtype=torch.int32)
         lens[: len(special)] = torch.tensor(special, dtype=torch.int32)
         block_lens.copy_(lens)
 
     fill([length])
-    kvcore.token_decoder_attention(q, k, v, block_lens, out=out, lse=lse)  # warm-up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        kvcore.token_decoder_attention(q, k, v, block_lens, out=out, lse=lse)
+    graph = capture_graph(lambda: kvcore.token_decoder_attention(q, k, v, block_lens, out=out, lse=lse))
 
     for special in ([0, length, 1], [length] * blocks, [0] * blocks, [3, 0, length - 1]):
         fill(special)
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        _replay(graph, out, lse)
         eager_out, eager_lse = kvcore.token_decoder_attention(q, k, v, block_lens, return_lse=True)
         assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse), f"replay differs from eager ({special[:3]})"
         ref_out, ref_lse = reference.token_decoder_attention(q, k, v, block_lens)
-        torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
-        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+        assert_out_lse_close(out, lse, ref_out, ref_lse, torch.bfloat16)
         pad = torch.arange(length, device=dev)[None, :] >= block_lens.long()[:, None]
         assert bool((out[pad] == 0).all()) and bool(torch.isneginf(lse[pad]).all())
 
@@ -250,28 +256,17 @@ def test_unit_scores_and_topk_graph_replay(gen):
     head_values = torch.empty(batch * hkv, k, dtype=torch.float32, device=dev)
     head_indices = torch.empty(batch * hkv, k, dtype=torch.int32, device=dev)
 
-    def fill():
-        q.copy_(randn(*q.shape, gen=gen, dtype=dt))
-        keys.copy_(randn(*keys.shape, gen=gen, dtype=dt))
-
     def step():
         kvcore.infllm_unit_scores(q, keys, out=scores)
         kvcore.topk_rows(scores, k, values=values, indices=indices)
         kvcore.infllm_unit_scores(q, keys, per_kv_head=True, out=per_head)
         kvcore.topk_rows(per_head.view(batch * hkv, units), k, values=head_values, indices=head_indices)
 
-    fill()
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    _fill_random(gen, q, keys)
+    graph = capture_graph(step)  # warm-up, then capture
     for _ in range(3):
-        fill()
-        for t in (scores, per_head, values, head_values):
-            t.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        _fill_random(gen, q, keys)
+        _replay(graph, scores, per_head, values, head_values)
         want = reference.infllm_unit_scores(q, keys, per_kv_head=True)
         torch.testing.assert_close(per_head.double(), want, atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(scores.double(), want.sum(dim=1), atol=1e-3, rtol=1e-4)
@@ -307,36 +302,26 @@ def test_mla_decode_graph_replay_equals_eager(heads, num_splits, gen):
     scale = 192**-0.5
 
     def fill(lens):
-        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
-        block_table.copy_(perm.int())
-        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
-        q.copy_(randn(*q.shape, gen=gen, dtype=dt))
+        _fill_tables(block_table, seq_lens, lens, num_pages, page, gen)
+        _fill_random(gen, q)
 
     def step(o, l):
         kvcore.mla_decode(q, cache, block_table, seq_lens, scale=scale, out=o, lse=l, workspace=workspace,
                           num_splits=num_splits)
 
     fill([600, 1, 37, 0])
-    step(out, lse)  # warm-up outside the capture (kernel attributes, occupancy cache)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(out, lse)
+    graph = capture_graph(lambda: step(out, lse))  # warm-up, then capture
 
     for lens in ([640, 5, 100, 1], [1, max_pages * page, 0, 2], [320, 320, 33, 32], [0, 0, 0, 0]):
         fill(lens)
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        _replay(graph, out, lse)
         eager_out = torch.full_like(out, float("nan"))
         eager_lse = torch.full_like(lse, float("nan"))
         step(eager_out, eager_lse)
         torch.cuda.synchronize()
         assert torch.equal(out, eager_out) and torch.equal(lse, eager_lse), f"replay differs from eager ({lens})"
         ref_out, ref_lse = reference.mla_decode(q, cache, block_table, seq_lens, scale, dv)
-        torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
-        torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+        assert_out_lse_close(out, lse, ref_out, ref_lse, torch.bfloat16)
 
 
 # ---- MLA decode step: latent projection (+ absorbed decode) ----------------------------------
@@ -376,14 +361,8 @@ def test_mla_decode_step_graph_replay(batch, gen):
     scale = 192**-0.5
 
     def fill(lens):
-        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
-        block_table.copy_(perm.int())
-        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
-        last = torch.tensor(lens) - 1  # the new token is the last one of each sequence
-        slots.copy_((perm.gather(1, (last // page).unsqueeze(1)).squeeze(1) * page + last % page).long())
-        positions.copy_(last)
-        for t in (hidden, q):
-            t.copy_(randn(*t.shape, gen=gen, dtype=dt))
+        positions.copy_(_fill_tables(block_table, seq_lens, lens, num_pages, page, gen, slots))
+        _fill_random(gen, hidden, q)
 
     def step():
         kvcore.mla_latent_project(hidden, w_dkv, norm_weight, cos_sin, positions, latent, slots, c_kv_out=c_kv,
@@ -399,64 +378,36 @@ def test_mla_decode_step_graph_replay(batch, gen):
         fill(lens)
         ref_latent, ref_c, ref_pe = reference.mla_latent_project(hidden, w_dkv, norm_weight, 1e-6, cos_sin, positions,
                                                                  latent, slots, True)
-        for t in (c_kv, k_pe, out, lse):
-            t.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        _replay(graph, c_kv, k_pe, out, lse)
         torch.testing.assert_close(latent.float(), ref_latent.float(), atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(c_kv.float(), ref_c, atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(k_pe.float(), ref_pe, atol=2e-2, rtol=1e-2)
         if with_decode:
             ref_out, ref_lse = reference.mla_decode(q, latent, block_table, seq_lens, scale, rank)
-            torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
-            torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+            assert_out_lse_close(out, lse, ref_out, ref_lse, torch.bfloat16)
 
 
 def test_decode_step_with_h2o_score_graph_replay(gen):
     """append + gqa_decode(score=...) captured once: every replay adds that step's probabilities
     (the reference's) to the score buffer, with the workspace and score preallocated."""
-    batch, hq, hkv, d, page, max_pages = 3, 16, 4, 128, 16, 40
-    num_pages = batch * max_pages
-    dev, dt = "cuda", torch.bfloat16
-    k_cache = randn(num_pages, page, hkv, d, gen=gen, dtype=dt, device=dev)
-    v_cache = randn(num_pages, page, hkv, d, gen=gen, dtype=dt, device=dev)
-    q = torch.empty(batch, hq, d, dtype=dt, device=dev)
-    k_new = torch.empty(batch, hkv, d, dtype=dt, device=dev)
-    v_new = torch.empty_like(k_new)
-    slots = torch.empty(batch, dtype=torch.int64, device=dev)
-    block_table = torch.empty(batch, max_pages, dtype=torch.int32, device=dev)
-    seq_lens = torch.empty(batch, dtype=torch.int32, device=dev)
-    out = torch.empty(batch, hq, d, dtype=dt, device=dev)
-    score = torch.zeros(batch, hkv, max_pages * page, dtype=torch.float32, device=dev)
-    workspace = torch.zeros(kvcore.ops.decode_score_workspace_bytes(batch, hq, max_pages, page), dtype=torch.uint8,
-                            device=dev)
-
-    def fill(lens):
-        perm = torch.randperm(num_pages, generator=gen)[: batch * max_pages].view(batch, max_pages)
-        block_table.copy_(perm.int())
-        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
-        last = torch.tensor(lens) - 1
-        slots.copy_((perm.gather(1, (last // page).unsqueeze(1)).squeeze(1) * page + last % page).long())
-        for t in (q, k_new, v_new):
-            t.copy_(randn(*t.shape, gen=gen, dtype=dt))
+    s = AppendDecodeStep(gen)
+    out = torch.empty(s.batch, s.hq, s.d, dtype=torch.bfloat16, device="cuda")
+    score = torch.zeros(s.batch, s.hkv, s.max_pages * s.page, dtype=torch.float32, device="cuda")
+    workspace = torch.zeros(kvcore.ops.decode_score_workspace_bytes(s.batch, s.hq, s.max_pages, s.page),
+                            dtype=torch.uint8, device="cuda")
 
     def step():
-        kvcore.append_paged_kv(k_new, v_new, k_cache, v_cache, slots)
-        kvcore.gqa_decode(q, k_cache, v_cache, block_table, seq_lens, out=out, workspace=workspace, score=score)
+        s.append()
+        kvcore.gqa_decode(*s.decode_args(), out=out, workspace=workspace, score=score)
 
-    fill([600, 1, 37])
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    s.fill([600, 1, 37])
+    graph = capture_graph(step)  # warm-up, then capture
 
     for lens in ([640, 5, 100], [1, 600, 2], [320, 320, 320]):
-        fill(lens)
+        s.fill(lens)
         before = score.clone()
-        graph.replay()
-        torch.cuda.synchronize()
-        add = reference.gqa_decode_score(q, k_cache, block_table, seq_lens, score_len=score.shape[2])
+        _replay(graph)
+        add = reference.gqa_decode_score(s.q, s.k_cache, s.block_table, s.seq_lens, score_len=score.shape[2])
         torch.testing.assert_close(score.double() - before.double(), add, atol=1e-5, rtol=2e-3)
-        ref_out, _ = reference.gqa_decode(q, k_cache, v_cache, block_table, seq_lens)
+        ref_out, _ = reference.gqa_decode(*s.decode_args())
         torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)

@@ -35,6 +35,36 @@ def _device_params(with_dtype: bool):
     return cpu + cuda
 
 
+def _window_lse_ref(q, kv, lens, scale=None):
+    """Each window query's fp64 log-sum-exp over the keys it sees (-inf when it sees none), as fp32."""
+    batch, w, hq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    lse = torch.full((batch, w, hq), -math.inf, dtype=torch.float32, device=q.device)
+    for b, n in enumerate(lens):
+        if n == 0:
+            continue
+        keys = reference.gather_paged(kv.k_cache, kv.block_table[b], torch.arange(n)).double()
+        keys = keys.repeat_interleave(hq // kv.k_cache.shape[2], dim=1)
+        lg = scale * torch.einsum("ihd,lhd->ihl", q[b].double(), keys)
+        t = n - w + torch.arange(w, device=q.device)
+        lg = lg.masked_fill(torch.arange(n, device=q.device).view(1, 1, -1) > t.view(-1, 1, 1), -math.inf)
+        lse[b] = torch.logsumexp(lg, dim=-1).float()
+    return lse
+
+
+def _check_scores(out, q, kv, lens, dtype, *, max_len, **opts):
+    """attention_scores' NaN-poisoned ``out`` against the reference with the same options
+    (``opts``: lse, reduction, pooling, pool_kernel): every element written, within
+    ``SCORE_TOL[dtype]`` (times the w * G rows a "sum" adds up), and exactly 0 past each length."""
+    ref = reference.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, max_len=max_len, **opts)
+    assert not torch.isnan(out).any(), "attention_scores left unwritten (NaN) elements"
+    w, hq, hkv = q.shape[1], q.shape[2], kv.k_cache.shape[2]
+    scale = w * hq // hkv if opts["reduction"] == "sum" else 1.0
+    torch.testing.assert_close(out.double(), ref, atol=SCORE_TOL[dtype] * scale, rtol=1e-3)
+    for b, n in enumerate(lens):
+        assert bool((out[b, :, n:] == 0).all())
+
+
 # (batch, w, Hq, Hkv, D, page_size, lens, reduction, pooling, kernel, with_lse)
 SCORE_CASES = [
     (3, 4, 8, 2, 64, 16, (40, 4, 2), "sum", "none", 5, False),
@@ -54,29 +84,13 @@ def test_attention_scores_matches_reference(device, dtype, case, gen):
     kv = make_paged_kv(list(lens), ps, hkv, d, gen=gen, dtype=dtype, device=device)
     q = randn(batch, w, hq, d, gen=gen, dtype=dtype, device=device)
     max_len = max(lens) + 3
-    lse = None
-    if with_lse:
-        # The caller's lse: each window query's log-sum-exp over the keys it sees.
-        lse = torch.empty(batch, w, hq, dtype=torch.float32, device=device)
-        for b, n in enumerate(lens):
-            keys = reference.gather_paged(kv.k_cache, kv.block_table[b], torch.arange(n)).double()
-            keys = keys.repeat_interleave(hq // hkv, dim=1)
-            lg = torch.einsum("ihd,lhd->ihl", q[b].double(), keys) / math.sqrt(d)
-            t = n - w + torch.arange(w, device=device)
-            lg = lg.masked_fill(torch.arange(n, device=device).view(1, 1, -1) > t.view(-1, 1, 1), -math.inf)
-            lse[b] = torch.logsumexp(lg, dim=-1).float()
+    opts = dict(lse=_window_lse_ref(q, kv, lens) if with_lse else None, reduction=reduction, pooling=pooling,
+                pool_kernel=kernel)
     out = poison(torch.empty(batch, hkv, max_len, dtype=torch.float32, device=device))
     k_before = kv.k_cache.clone()
-    res = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
-                                  pooling=pooling, pool_kernel=kernel, out=out)
+    res = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, out=out, **opts)
     assert res is out
-    ref = reference.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
-                                     pooling=pooling, pool_kernel=kernel, max_len=max_len)
-    assert not torch.isnan(out).any(), "attention_scores left unwritten (NaN) elements"
-    scale = w * hq // hkv if reduction == "sum" else 1.0
-    torch.testing.assert_close(out.double(), ref, atol=SCORE_TOL[dtype] * scale, rtol=1e-3)
-    for b, n in enumerate(lens):
-        assert bool((out[b, :, n:] == 0).all())
+    _check_scores(out, q, kv, lens, dtype, max_len=max_len, **opts)
     assert torch.equal(kv.k_cache, k_before)
 
 
@@ -108,23 +122,6 @@ CUDA_SCORE_CASES = [
 ]
 
 
-def _window_lse_ref(q, kv, lens, scale=None):
-    """Each window query's fp64 log-sum-exp over the keys it sees (-inf when it sees none), as fp32."""
-    batch, w, hq, d = q.shape
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    lse = torch.full((batch, w, hq), -math.inf, dtype=torch.float32, device=q.device)
-    for b, n in enumerate(lens):
-        if n == 0:
-            continue
-        keys = reference.gather_paged(kv.k_cache, kv.block_table[b], torch.arange(n)).double()
-        keys = keys.repeat_interleave(hq // kv.k_cache.shape[2], dim=1)
-        lg = scale * torch.einsum("ihd,lhd->ihl", q[b].double(), keys)
-        t = n - w + torch.arange(w, device=q.device)
-        lg = lg.masked_fill(torch.arange(n, device=q.device).view(1, 1, -1) > t.view(-1, 1, 1), -math.inf)
-        lse[b] = torch.logsumexp(lg, dim=-1).float()
-    return lse
-
-
 @cuda_scores
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CUDA_SCORE_CASES,
@@ -137,15 +134,9 @@ def test_attention_scores_cuda_grid(case, gen):
     lse = _window_lse_ref(q, kv, lens) if with_lse else None
     max_len = max(lens) + 70  # past the block table's capacity too: those keys score 0
     out = poison(torch.empty(batch, hkv, max_len, dtype=torch.float32, device="cuda"))
-    kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
-                            pooling=pooling, pool_kernel=kernel, out=out)
-    ref = reference.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
-                                     pooling=pooling, pool_kernel=kernel, max_len=max_len)
-    assert not torch.isnan(out).any(), "attention_scores left unwritten (NaN) elements"
-    scale = w * hq // hkv if reduction == "sum" else 1.0
-    torch.testing.assert_close(out.double(), ref, atol=SCORE_TOL[dtype] * scale, rtol=1e-3)
-    for b, n in enumerate(lens):
-        assert bool((out[b, :, n:] == 0).all())
+    opts = dict(lse=lse, reduction=reduction, pooling=pooling, pool_kernel=kernel)
+    kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, out=out, **opts)
+    _check_scores(out, q, kv, lens, dtype, max_len=max_len, **opts)
     # The CPU kernel on the same 16-bit inputs agrees far more tightly: both take the logits in
     # fp32 from the same values, so only summation order and exp / log rounding differ.
     cpu = kvcore.attention_scores(q.cpu(), kv.k_cache.cpu(), kv.block_table.cpu(), kv.seq_lens.cpu(),

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import kvcore
-from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, make_paged_kv, poison, ragged_lens, randn,
-                      assert_switch_value_rejected, run_tests_with_env)
+from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, assert_out_lse_close, make_paged_kv, op_workspace,
+                      opcheck_dtype, poison, ragged_lens, randn, assert_switch_value_rejected, run_tests_with_env)
 from kvcore import reference
 from kvcore.mla import MLAAttention, MLAConfig, MLALatentCache
 from test_ops import OPCHECK_UTILS, BadCase, _other_device, _set, _set_item, _set_kw
@@ -42,6 +42,16 @@ _DECODE_CUDA_MARKS = [
     pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON),
     pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built"),
 ]
+
+
+def mla_decode_cuda_only(test):
+    """Decorate ``test`` with ``_DECODE_CUDA_MARKS``, in their order: CUDA-only, skipped without a
+    GPU or until mla_decode's CUDA kernel is built."""
+    for mark in reversed(_DECODE_CUDA_MARKS):
+        test = mark(test)
+    return test
+
+
 DECODE_DEVICE_DTYPES = DEVICE_DTYPES[:3] + [
     pytest.param("cuda", dt, marks=_DECODE_CUDA_MARKS, id=f"cuda-{_IDS[dt]}") for dt in (torch.bfloat16, torch.float16)
 ]
@@ -355,7 +365,7 @@ def test_mla_decode_default_v_dim_and_allocation(gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_mla_ops(device, gen):
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = opcheck_dtype(device)
     a = _proj_inputs(ProjCase(5, 32, 32, 16, 4), gen, dtype, device)
     c_kv = torch.empty(5, 32, dtype=dtype, device=device)
     k_pe = torch.empty(5, 16, dtype=dtype, device=device)
@@ -366,8 +376,8 @@ def test_opcheck_mla_ops(device, gen):
 
 @pytest.mark.parametrize("device", DECODE_DEVICES)
 def test_opcheck_mla_decode(device, gen):
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    ws = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device) if device == "cuda" else None
+    dtype = opcheck_dtype(device)
+    ws = op_workspace(device)
     # Narrow widths (Dk 80 / Dv 64) and DeepSeek's (576 / 512), automatic and forced splits.
     for dk, dv, num_splits in ((80, 64, 0), (576, 512, 0), (576, 512, 3)):
         cache, table, seq_lens = _latent_cache([3, 0, 40], 16, dk, gen, dtype, device)
@@ -763,11 +773,17 @@ def _cuda_decode_inputs(lens, heads, page_size, gen, dtype, dk=576, dv=512, scal
 
 def _check_against_reference(a, lens, dtype):
     ref_out, ref_lse = reference.mla_decode(a.q, a.cache, a.table, a.seq_lens, a.scale, a.dv)
-    torch.testing.assert_close(a.out.float(), ref_out, **OUT_TOL[dtype])
-    torch.testing.assert_close(a.lse, ref_lse, **LSE_TOL)
+    assert_out_lse_close(a.out, a.lse, ref_out, ref_lse, dtype)
     for b, n in enumerate(lens):
         if n == 0:
             assert bool((a.out[b] == 0).all()) and bool(torch.isneginf(a.lse[b]).all())
+
+
+def _decode_and_check(a, lens, dtype, **kwargs):
+    """mla_decode of ``a``'s inputs into its poisoned outputs (``kwargs``: num_splits), checked
+    against the reference."""
+    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse, **kwargs)
+    _check_against_reference(a, lens, dtype)
 
 
 def _grid_lens(batch: int, max_len: int, page_size: int, gen) -> list[int]:
@@ -778,9 +794,7 @@ def _grid_lens(batch: int, max_len: int, page_size: int, gen) -> list[int]:
     return ragged_lens(batch - len(extra), max_len, page_size, gen) + extra
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 @pytest.mark.parametrize("batch", [1, 3, 33], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("page_size", [16, 32, 64], ids=lambda p: f"ps{p}")
 @pytest.mark.parametrize("heads", [1, 8, 16, 22, 128], ids=lambda h: f"H{h}")
@@ -790,13 +804,10 @@ def test_mla_decode_cuda_grid(dtype, heads, page_size, batch, gen):
     page size and batch, ragged lengths with 0, 1 and page boundaries, automatic splits."""
     lens = _grid_lens(batch, 700, page_size, gen) if batch > 1 else [700]
     a = _cuda_decode_inputs(lens, heads, page_size, gen, dtype)
-    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse)
-    _check_against_reference(a, lens, dtype)
+    _decode_and_check(a, lens, dtype)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 @pytest.mark.parametrize(
     ("page_size", "heads", "lens"),
     [
@@ -809,13 +820,10 @@ def test_mla_decode_cuda_grid(dtype, heads, page_size, batch, gen):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_mla_decode_cuda_page_sizes(dtype, page_size, heads, lens, gen):
     a = _cuda_decode_inputs(lens, heads, page_size, gen, dtype)
-    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse)
-    _check_against_reference(a, lens, dtype)
+    _decode_and_check(a, lens, dtype)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 @pytest.mark.parametrize(("heads", "lens"), [pytest.param(16, [40000, 1, 0], id="H16"),
                                              pytest.param(128, [40001], id="H128-B1")])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
@@ -823,13 +831,10 @@ def test_mla_decode_cuda_long_sequence_splits(dtype, heads, lens, gen):
     """A long sequence with few CTAs: the automatic choice splits the KV range, and the last CTA
     of each (sequence, head block) merges the parts."""
     a = _cuda_decode_inputs(lens, heads, 64, gen, dtype)
-    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse)
-    _check_against_reference(a, lens, dtype)
+    _decode_and_check(a, lens, dtype)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 @pytest.mark.parametrize("num_splits", [1, 2, 7], ids=lambda n: f"splits{n}")
 @pytest.mark.parametrize("heads", [16, 128], ids=lambda h: f"H{h}")
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
@@ -838,8 +843,7 @@ def test_mla_decode_cuda_forced_splits_deterministic(dtype, heads, num_splits, g
     reference, and a fixed count gives bitwise identical results call after call."""
     lens = [0, 1, 31, 32, 33, 1000, 3000]
     a = _cuda_decode_inputs(lens, heads, 32, gen, dtype)
-    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse, num_splits=num_splits)
-    _check_against_reference(a, lens, dtype)
+    _decode_and_check(a, lens, dtype, num_splits=num_splits)
     first = (a.out.clone(), a.lse.clone())
     for _ in range(3):
         poison(a.out)
@@ -849,9 +853,7 @@ def test_mla_decode_cuda_forced_splits_deterministic(dtype, heads, num_splits, g
         assert torch.equal(a.out, first[0]) and torch.equal(a.lse, first[1])
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 @pytest.mark.parametrize(("dk", "dv"), [(576, 512), (576, 256), (512, 512), (128, 64), (48, 32), (200, 136)],
                          ids=lambda x: str(x))
 @pytest.mark.parametrize("heads", [11, 20, 72], ids=lambda h: f"H{h}")
@@ -861,13 +863,10 @@ def test_mla_decode_cuda_other_widths(heads, dk, dv, gen):
     mla_decode_kernel)."""
     lens = [0, 1, 77, 300]
     a = _cuda_decode_inputs(lens, heads, 16, gen, torch.bfloat16, dk=dk, dv=dv, scale=dk**-0.5)
-    kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse, num_splits=2)
-    _check_against_reference(a, lens, torch.bfloat16)
+    _decode_and_check(a, lens, torch.bfloat16, num_splits=2)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 def test_mla_decode_cuda_strided_q_and_cache(gen):
     """q a slice of a wider tensor and the cache one half of a [pages, 2, page_size, Dk] buffer."""
     lens = [5, 0, 260]
@@ -878,13 +877,10 @@ def test_mla_decode_cuda_strided_q_and_cache(gen):
     out = poison(torch.empty(3, 16, 512, dtype=torch.bfloat16, device="cuda"))
     lse = poison(torch.empty(3, 16, device="cuda"))
     a = SimpleNamespace(q=q, cache=cache, table=table, seq_lens=seq_lens, out=out, lse=lse, scale=0.05, dv=512)
-    kvcore.mla_decode(q, cache, table, seq_lens, scale=a.scale, out=out, lse=lse)
-    _check_against_reference(a, lens, torch.bfloat16)
+    _decode_and_check(a, lens, torch.bfloat16)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 def test_mla_decode_cuda_matches_naive_mla(gen):
     """The absorbed op, fed q_nope W_UK and the latents, equals plain MLA with explicit per-head
     keys [W_UK c, k_pe] and values W_UV c, once its output is projected by W_UV."""
@@ -912,9 +908,7 @@ def test_mla_decode_cuda_matches_naive_mla(gen):
     assert err < 2e-2, f"relative error {float(err):.3g}"
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 def test_mla_decode_cuda_bad_indices_without_validation(no_validation, gen):
     """Bad pages and seq_lens are clamped in the kernel: wrong numbers, never a fault or NaN."""
     a = _cuda_decode_inputs([5, 70, 0, 300], 16, 16, gen, torch.bfloat16)
@@ -928,9 +922,7 @@ def test_mla_decode_cuda_bad_indices_without_validation(no_validation, gen):
     assert bool((a.out[3] == 0).all()) and bool(torch.isneginf(a.lse[3]).all())
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_mla_decode_cuda_h16_many_tiles_and_pages(dtype, gen):
     """mla_decode_h16_kernel over many 16-token tiles (ring wrap-around many times), a page size
@@ -938,9 +930,7 @@ def test_mla_decode_cuda_h16_many_tiles_and_pages(dtype, gen):
     automatic split and a forced uneven one."""
     for page_size, lens, splits in ((8, [0, 1, 15, 16, 17, 2049], 0), (1, [3, 160, 0], 3), (12, [1000, 5, 13], 5)):
         a = _cuda_decode_inputs(lens, 16, page_size, gen, dtype)
-        kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale=a.scale, out=a.out, lse=a.lse,
-                          num_splits=splits)
-        _check_against_reference(a, lens, dtype)
+        _decode_and_check(a, lens, dtype, num_splits=splits)
 
 
 # What the mla_decode kernel-switch tests re-run in a subprocess: every CUDA test that runs an
@@ -954,9 +944,7 @@ def _rerun_mla_decode_tests_with(name: str, value: str) -> None:
     run_tests_with_env(name, value, MLA_DECODE_TEST_FILES, MLA_DECODE_KERNEL_TESTS, 1, "-m", "cuda")
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 @pytest.mark.skipif(os.environ.get("KVCORE_MLA_DECODE_H16") == "old", reason="this process already runs the old path")
 def test_mla_decode_cuda_h16_old_path_in_subprocess():
     """KVCORE_MLA_DECODE_H16=old (read once per process) puts H <= 16 back on mla_decode_kernel,
@@ -982,9 +970,7 @@ WGMMA_SWITCHES = [
 ]
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_capability() != (9, 0),
                     reason="mla_decode_wgmma_kernel runs on compute capability 9.0 only")
 @pytest.mark.parametrize("name,default,value", WGMMA_SWITCHES, ids=[v for _, _, v in WGMMA_SWITCHES])
@@ -996,9 +982,7 @@ def test_mla_decode_cuda_wgmma_switch_in_subprocess(name, default, value):
     _rerun_mla_decode_tests_with(name, value)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 @pytest.mark.parametrize("name", ["KVCORE_MLA_DECODE_H16", "KVCORE_MLA_DECODE_WIDE", "KVCORE_MLA_WGMMA_HANDOFF",
                                   "KVCORE_MLA_WGMMA_LOADER"])
 def test_mla_decode_cuda_misspelt_switch_is_an_error(name):
@@ -1053,9 +1037,7 @@ BAD_MLA_DECODE_CUDA = [
 ]
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-@pytest.mark.skipif(not MLA_DECODE_CUDA_BUILT, reason="the mla_decode CUDA kernel is not built")
+@mla_decode_cuda_only
 @pytest.mark.parametrize(("mutate", "match"), [pytest.param(m, r, id=i) for i, m, r in BAD_MLA_DECODE_CUDA])
 def test_mla_decode_cuda_bad_input(mutate, match, gen):
     """Limits of the CUDA kernel: a RuntimeError naming the argument, nothing written."""

@@ -11,14 +11,16 @@ import math
 import os
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Optional, Union
+from typing import Callable
 
 import pytest
 import torch
 
 import kvcore
-from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, assert_switch_value_rejected, make_paged_kv, poison,
-                      ragged_lens, randn, run_tests_with_env)
+from conftest import (HAS_CUDA, NO_CUDA_REASON, assert_out_lse_close, assert_switch_value_rejected,
+                      assert_written_and_close, make_paged_kv, op_workspace, opcheck_dtype, poison, ragged_lens,
+                      randn, run_tests_with_env)
+from decode_cases import PagedDecodeCase
 from kvcore import reference
 
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
@@ -30,37 +32,12 @@ cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_R
 
 
 @dataclass(frozen=True)
-class DecodeCase:
-    batch: int
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    page_size: int
-    lens: Union[int, tuple[int, ...]]  # max length (ragged lengths drawn up to it) or exact lengths
+class DecodeCase(PagedDecodeCase):
     window_left: int = -1
-    soft_cap: float = 0.0
-    with_lse: bool = True
-    q_layout: str = "contiguous"  # "contiguous" | "slice" (of [B, Hq, 2D]) | "transposed" ([Hq, B, D].T)
-    strided_cache: bool = False  # k/v caches are the halves of one [pages, 2, ...] allocation
-    scale: Optional[float] = None
 
     def id(self) -> str:
-        g = self.num_q_heads // self.num_kv_heads
-        parts = [f"B{self.batch}", f"Hkv{self.num_kv_heads}g{g}", f"D{self.head_dim}", f"ps{self.page_size}"]
-        parts.append(f"L{self.lens}" if isinstance(self.lens, int) else "L" + "_".join(map(str, self.lens)))
-        if self.window_left >= 0:
-            parts.append(f"win{self.window_left}")
-        if self.soft_cap:
-            parts.append(f"cap{self.soft_cap:g}")
-        if not self.with_lse:
-            parts.append("nolse")
-        if self.q_layout != "contiguous":
-            parts.append(f"q{self.q_layout}")
-        if self.strided_cache:
-            parts.append("kvstrided")
-        if self.scale is not None:
-            parts.append(f"scale{self.scale:g}")
-        return "-".join(parts)
+        window = [f"win{self.window_left}"] if self.window_left >= 0 else []
+        return "-".join(self.shape_parts() + window + self.option_parts())
 
 
 # A covering set rather than the cartesian product: each head dim, group size (1, 2, 3, 4, 8,
@@ -102,40 +79,16 @@ DECODE_CASES = [
 ]
 
 
-def _make_q(case: DecodeCase, gen, dtype, device) -> torch.Tensor:
-    b, h, d = case.batch, case.num_q_heads, case.head_dim
-    if case.q_layout == "slice":
-        q = randn(b, h, 2 * d, gen=gen, dtype=dtype, device=device)[:, :, d:]
-    elif case.q_layout == "transposed":
-        q = randn(h, b, d, gen=gen, dtype=dtype, device=device).transpose(0, 1)
-    else:
-        q = randn(b, h, d, gen=gen, dtype=dtype, device=device)
-    assert q.shape == (b, h, d) and q.stride(2) == 1
-    assert (case.q_layout == "contiguous") == q.is_contiguous() or b == 1
-    return q
-
-
-def _case_lens(case: DecodeCase, gen) -> list[int]:
-    if isinstance(case.lens, tuple):
-        assert len(case.lens) == case.batch
-        return list(case.lens)
-    return ragged_lens(case.batch, case.lens, case.page_size, gen)
-
-
 def _check_decode(out, lse, ref_out, ref_lse, dtype):
-    assert not torch.isnan(out).any(), "gqa_decode left unwritten (NaN) elements in out"
-    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
-    if lse is not None:
-        assert not torch.isnan(lse).any(), "gqa_decode left unwritten (NaN) elements in lse"
-        torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    assert_written_and_close("gqa_decode", out, lse, ref_out, ref_lse, dtype)
 
 
 @pytest.mark.parametrize("case", DECODE_CASES, ids=DecodeCase.id)
 def test_gqa_decode_matches_reference(device, dtype, case, gen):
-    lens = _case_lens(case, gen)
+    lens = case.draw_lens(gen)
     kv = make_paged_kv(lens, case.page_size, case.num_kv_heads, case.head_dim, gen=gen, dtype=dtype, device=device,
                        strided_cache=case.strided_cache)
-    q = _make_q(case, gen, dtype, device)
+    q = case.make_q(gen, dtype, device)
     k_before, v_before, q_before = kv.k_cache.clone(), kv.v_cache.clone(), q.clone()
     out = poison(torch.empty(case.batch, case.num_q_heads, case.head_dim, dtype=dtype, device=device))
     lse = poison(torch.empty(case.batch, case.num_q_heads, dtype=torch.float32, device=device)) if case.with_lse else None
@@ -390,8 +343,7 @@ def test_merge_attention_states_matches_reference(device, dtype, shape, inplace,
         assert res[0] is out and res[1] is lse
         assert torch.equal(out_a.nan_to_num(), a_before[0].nan_to_num()) and torch.equal(lse_a, a_before[1])
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
-    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    assert_out_lse_close(out, lse, ref_out, ref_lse, dtype)
     both_empty = torch.isneginf(ref_lse)
     assert bool(both_empty.any()) and bool((out[both_empty] == 0).all())
     assert torch.equal(out_b.nan_to_num(), b_before[0].nan_to_num()) and torch.equal(lse_b, b_before[1])
@@ -402,8 +354,7 @@ def test_merge_attention_states_allocates_outputs(device, dtype, gen):
     out, lse = kvcore.merge_attention_states(out_a, lse_a, out_b, lse_b)
     assert out.dtype == dtype and lse.dtype == torch.float32
     ref_out, ref_lse = reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
-    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
-    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    assert_out_lse_close(out, lse, ref_out, ref_lse, dtype)
 
 
 # ============================================================================================
@@ -413,19 +364,13 @@ def test_merge_attention_states_allocates_outputs(device, dtype, gen):
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def _opcheck_dtype(device):
-    return torch.float32 if device == "cpu" else torch.bfloat16
-
-
 def test_opcheck_gqa_decode(device, gen):
-    dtype = _opcheck_dtype(device)
+    dtype = opcheck_dtype(device)
     kv = make_paged_kv([5, 0, 19], 8, 2, 64, gen=gen, dtype=dtype, device=device)
     q = randn(3, 4, 64, gen=gen, dtype=dtype, device=device)
     out = torch.empty_like(q)
     lse = torch.empty(3, 4, dtype=torch.float32, device=device)
-    workspace = None
-    if device == "cuda":
-        workspace = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+    workspace = op_workspace(device)
     for window_left, cap, num_splits, with_lse in [(-1, 0.0, 0, True), (7, 30.0, 2, False)]:
         args = (q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, 0.125, window_left, cap, out,
                 lse if with_lse else None, workspace, num_splits)
@@ -433,7 +378,7 @@ def test_opcheck_gqa_decode(device, gen):
 
 
 def test_opcheck_append_paged_kv(device, gen):
-    dtype = _opcheck_dtype(device)
+    dtype = opcheck_dtype(device)
     k_cache = randn(3, 4, 2, 64, gen=gen, dtype=dtype, device=device)
     v_cache = randn(3, 4, 2, 64, gen=gen, dtype=dtype, device=device)
     k = randn(5, 2, 64, gen=gen, dtype=dtype, device=device)
@@ -444,7 +389,7 @@ def test_opcheck_append_paged_kv(device, gen):
 
 
 def test_opcheck_merge_attention_states(device, gen):
-    dtype = _opcheck_dtype(device)
+    dtype = opcheck_dtype(device)
     out_a = randn(3, 4, 64, gen=gen, dtype=dtype, device=device)
     out_b = randn(3, 4, 64, gen=gen, dtype=dtype, device=device)
     lse_a = randn(3, 4, gen=gen, device=device)
@@ -652,7 +597,7 @@ def test_gqa_decode_bad_input(device, bad, gen):
 )
 def test_gqa_decode_op_rejects_bad_scalars(device, scale, window_left, cap, num_splits, match, gen):
     a = _decode_args(device, gen)
-    ws = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES, dtype=torch.uint8, device=device) if device == "cuda" else None
+    ws = op_workspace(device)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.kvcore.gqa_decode(a.q, a.k_cache, a.v_cache, a.block_table, a.seq_lens, scale, window_left, cap,
                                     a.out, a.lse, ws, num_splits)

@@ -22,47 +22,65 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import kvcore  # noqa: E402
-from conftest import OUT_TOL, LSE_TOL, make_paged_kv, poison, randn  # noqa: E402
+from conftest import OUT_TOL, LSE_TOL, assert_out_lse_close, make_paged_kv, poison, randn  # noqa: E402
 from kvcore import reference  # noqa: E402
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True)
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+SEEDS = st.integers(0, 2**31 - 1)
 
 
-@st.composite
-def decode_inputs(draw):
+def _draw_paged_shape(draw):
+    """Batch, KV heads, GQA group, head dim, page size and ragged lengths (0 included) of a paged
+    decode call, drawn with the calling strategy's ``draw`` (its later draws follow on unchanged)."""
     batch = draw(st.integers(1, 4))
     hkv = draw(st.integers(1, 3))
     group = draw(st.integers(1, 6))
     head_dim = draw(st.sampled_from([8, 16, 40, 64]))
     page = draw(st.integers(1, 32))
     lens = draw(st.lists(st.integers(0, 300), min_size=batch, max_size=batch))
+    return batch, hkv, group, head_dim, page, lens
+
+
+@st.composite
+def decode_inputs(draw):
+    batch, hkv, group, head_dim, page, lens = _draw_paged_shape(draw)
     window = draw(st.one_of(st.just(-1), st.integers(0, 64)))
     cap = draw(st.one_of(st.just(0.0), st.floats(1.0, 50.0)))
-    seed = draw(st.integers(0, 2**31 - 1))
+    seed = draw(SEEDS)
     return batch, hkv, group, head_dim, page, lens, window, cap, seed, draw(DTYPES)
 
 
-@SETTINGS
-@given(decode_inputs())
-def test_gqa_decode_property(args):
-    batch, hkv, group, head_dim, page, lens, window, cap, seed, dtype = args
+def _decode_call(args):
+    """A ``decode_inputs`` example's seeded generator (drawn on after), paged cache, q and
+    NaN-poisoned out and lse."""
+    batch, hkv, group, head_dim, page, lens, _window, _cap, seed, dtype = args
     gen = torch.Generator().manual_seed(seed)
     kv = make_paged_kv(lens, page, hkv, head_dim, gen=gen, dtype=dtype)
     q = randn(batch, hkv * group, head_dim, gen=gen, dtype=dtype)
     out = poison(torch.empty_like(q))
     lse = poison(torch.empty(batch, hkv * group))
-    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
-                      window_left=window, logit_soft_cap=cap)
+    return gen, kv, q, out, lse
+
+
+def _assert_gqa_decode_reference(q, kv, out, lse, window, cap, dtype):
     ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
                                             window_left=window, logit_soft_cap=cap)
-    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
-    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    assert_out_lse_close(out, lse, ref_out, ref_lse, dtype)
 
 
 @SETTINGS
-@given(st.integers(1, 40), st.integers(1, 3), st.sampled_from([8, 64]), st.integers(1, 16), st.integers(0, 2**31 - 1),
-       DTYPES)
+@given(decode_inputs())
+def test_gqa_decode_property(args):
+    *_, window, cap, _seed, dtype = args
+    _, kv, q, out, lse = _decode_call(args)
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
+                      window_left=window, logit_soft_cap=cap)
+    _assert_gqa_decode_reference(q, kv, out, lse, window, cap, dtype)
+
+
+@SETTINGS
+@given(st.integers(1, 40), st.integers(1, 3), st.sampled_from([8, 64]), st.integers(1, 16), SEEDS, DTYPES)
 def test_append_paged_kv_property(tokens, hkv, head_dim, page, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
     num_pages = (tokens + page - 1) // page + 2
@@ -78,8 +96,7 @@ def test_append_paged_kv_property(tokens, hkv, head_dim, page, seed, dtype):
 
 
 @SETTINGS
-@given(st.integers(1, 6), st.integers(1, 5), st.sampled_from([8, 64, 128]), st.integers(0, 2**31 - 1), DTYPES,
-       st.floats(0.0, 1.0))
+@given(st.integers(1, 6), st.integers(1, 5), st.sampled_from([8, 64, 128]), SEEDS, DTYPES, st.floats(0.0, 1.0))
 def test_merge_attention_states_property(rows, heads, head_dim, seed, dtype, empty_frac):
     gen = torch.Generator().manual_seed(seed)
     out_a = randn(rows, heads, head_dim, gen=gen, dtype=dtype)
@@ -91,8 +108,7 @@ def test_merge_attention_states_property(rows, heads, head_dim, seed, dtype, emp
     out, lse = kvcore.merge_attention_states(out_a, lse_a, out_b, lse_b,
                                              out=poison(torch.empty_like(out_a)), lse=poison(torch.empty_like(lse_a)))
     ref_out, ref_lse = reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
-    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
-    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    assert_out_lse_close(out, lse, ref_out, ref_lse, dtype)
 
 
 # ---- block_sparse_decode ---------------------------------------------------------------------
@@ -100,12 +116,7 @@ def test_merge_attention_states_property(rows, heads, head_dim, seed, dtype, emp
 
 @st.composite
 def block_sparse_inputs(draw):
-    batch = draw(st.integers(1, 4))
-    hkv = draw(st.integers(1, 3))
-    group = draw(st.integers(1, 6))
-    head_dim = draw(st.sampled_from([8, 16, 40, 64]))
-    page = draw(st.integers(1, 32))
-    lens = draw(st.lists(st.integers(0, 300), min_size=batch, max_size=batch))
+    batch, hkv, group, head_dim, page, lens = _draw_paged_shape(draw)
     # Per (sequence, KV head): the fraction of its pages it selects (0 = empty list, 1 = all).
     density = draw(st.lists(st.sampled_from([0.0, 0.2, 0.5, 1.0]), min_size=batch * hkv, max_size=batch * hkv))
     extra_sel = draw(st.integers(0, 3))  # junk entries past the longest list
@@ -113,7 +124,7 @@ def block_sparse_inputs(draw):
     scale = draw(st.one_of(st.none(), st.floats(0.05, 2.0)))
     num_splits = draw(st.sampled_from([0, 1, 2, 5]))
     layout = draw(st.sampled_from(["contiguous", "q_slice", "cache_strided"]))
-    seed = draw(st.integers(0, 2**31 - 1))
+    seed = draw(SEEDS)
     return batch, hkv, group, head_dim, page, lens, density, extra_sel, cap, scale, num_splits, layout, seed, draw(DTYPES)
 
 
@@ -156,8 +167,7 @@ def test_block_sparse_decode_property(args):
                                scale=scale, logit_soft_cap=cap, out=out, lse=lse, num_splits=num_splits)
     ref_out, ref_lse = reference.block_sparse_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
                                                      sel_pages, sel_counts, scale=scale, logit_soft_cap=cap)
-    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
-    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    assert_out_lse_close(out, lse, ref_out, ref_lse, dtype)
 
 
 # ---- token_decoder_attention -----------------------------------------------------------------
@@ -175,7 +185,7 @@ def token_decoder_inputs(draw):
     scale = draw(st.one_of(st.none(), st.floats(0.05, 1.0)))
     strided = draw(st.booleans())
     with_lse = draw(st.booleans())
-    seed = draw(st.integers(0, 2**31 - 1))
+    seed = draw(SEEDS)
     return blocks, block_length, prefix, hkv, group, head_dim, lens, scale, strided, with_lse, seed, draw(DTYPES)
 
 
@@ -224,7 +234,7 @@ def mla_decode_inputs(draw):
     lens = draw(st.lists(st.integers(0, 200), min_size=batch, max_size=batch))
     num_splits = draw(st.sampled_from([0, 1, 3, 8]))
     q_slice = draw(st.booleans())
-    seed = draw(st.integers(0, 2**31 - 1))
+    seed = draw(SEEDS)
     return batch, heads, dk, dv, page, lens, num_splits, q_slice, seed, draw(DTYPES)
 
 
@@ -242,8 +252,7 @@ def test_mla_decode_property(args):
     lse = poison(torch.empty(batch, heads))
     kvcore.mla_decode(q, cache, kv.block_table, kv.seq_lens, scale=scale, out=out, lse=lse, num_splits=num_splits)
     ref_out, ref_lse = reference.mla_decode(q, cache, kv.block_table, kv.seq_lens, scale, dv)
-    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
-    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    assert_out_lse_close(out, lse, ref_out, ref_lse, dtype)
 
 
 @st.composite
@@ -256,7 +265,7 @@ def mla_project_inputs(draw):
     interleaved = draw(st.booleans())
     outputs = draw(st.booleans())
     pad_frac = draw(st.floats(0.0, 0.5))
-    seed = draw(st.integers(0, 2**31 - 1))
+    seed = draw(SEEDS)
     return tokens, d_model, rank, rope, page, interleaved, outputs, pad_frac, seed, draw(DTYPES)
 
 
@@ -306,7 +315,7 @@ def score_inputs(draw):
     with_lse = draw(st.booleans())
     scale = draw(st.one_of(st.none(), st.floats(0.05, 1.0)))
     extra_len = draw(st.integers(0, 5))
-    seed = draw(st.integers(0, 2**31 - 1))
+    seed = draw(SEEDS)
     return (batch, window, hkv, group, head_dim, page, lens, reduction, pooling, kernel, with_lse, scale, extra_len,
             seed, draw(DTYPES))
 
@@ -350,7 +359,7 @@ def compact_inputs(draw):
     max_kept = draw(st.integers(1, 60))
     budgets = draw(st.lists(st.floats(0.0, 1.0), min_size=batch, max_size=batch))
     strided = draw(st.booleans())
-    seed = draw(st.integers(0, 2**31 - 1))
+    seed = draw(SEEDS)
     return batch, hkv, head_dim, page, lens, max_kept, budgets, strided, seed, draw(DTYPES)
 
 
@@ -382,15 +391,11 @@ def test_compact_kv_property(args):
 def test_gqa_decode_score_property(args, extra_len):
     """score += the step's probabilities (summed over each KV group) on the attended keys, every
     other entry bit-identical; out and lse stay those of plain decode."""
-    batch, hkv, group, head_dim, page, lens, window, cap, seed, dtype = args
-    gen = torch.Generator().manual_seed(seed)
-    kv = make_paged_kv(lens, page, hkv, head_dim, gen=gen, dtype=dtype)
-    q = randn(batch, hkv * group, head_dim, gen=gen, dtype=dtype)
+    batch, hkv, _group, _head_dim, page, lens, window, cap, _seed, dtype = args
+    gen, kv, q, out, lse = _decode_call(args)
     score_len = kv.block_table.shape[1] * page + extra_len
     score = randn(batch, hkv, score_len, gen=gen).abs() + 0.5  # never zeros: a write shows
     before = score.clone()
-    out = poison(torch.empty_like(q))
-    lse = poison(torch.empty(batch, hkv * group))
     kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
                       window_left=window, logit_soft_cap=cap, score=score)
     add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, window_left=window,
@@ -401,10 +406,7 @@ def test_gqa_decode_score_property(args, extra_len):
         start = 0 if window < 0 else max(0, n - 1 - window)
         assert torch.equal(score[b, :, :start], before[b, :, :start])
         assert torch.equal(score[b, :, n:], before[b, :, n:])
-    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
-                                            window_left=window, logit_soft_cap=cap)
-    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
-    torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    _assert_gqa_decode_reference(q, kv, out, lse, window, cap, dtype)
 
 
 @st.composite
@@ -418,7 +420,7 @@ def unit_score_inputs(draw):
     per_kv_head = draw(st.booleans())
     q_fp32 = draw(st.booleans())  # a float32 query (a chunk's mean) with half-precision keys
     q_strided = draw(st.booleans())  # q a slice of a larger [B, Hq', D] buffer
-    seed = draw(st.integers(0, 2**31 - 1))
+    seed = draw(SEEDS)
     return batch, hkv, group, head_dim, units, extra_units, per_kv_head, q_fp32, q_strided, seed, draw(DTYPES)
 
 
@@ -449,7 +451,7 @@ def topk_inputs(draw):
     pool = draw(st.sampled_from(["normal", "ties", "special"]))
     strided = draw(st.booleans())  # rows of a wider buffer
     index_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
-    seed = draw(st.integers(0, 2**31 - 1))
+    seed = draw(SEEDS)
     return rows, units, k, pool, strided, index_dtype, seed
 
 
