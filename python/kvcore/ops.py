@@ -177,6 +177,20 @@ def _prepare_paged_decode(q, k_cache, block_table, seq_lens, logit_soft_cap, num
     return out, lse, want_lse, workspace, checked
 
 
+def _check_slots(slot_mapping: torch.Tensor, num_pages: int, page_size: int) -> None:
+    """Host check of a slot mapping (append_paged_kv, mla_latent_project): each slot -1 (skip) or
+    inside the cache's num_pages x page_size rows."""
+    num_slots = num_pages * page_size
+    sm = slot_mapping.to("cpu")
+    bad = (sm < -1) | (sm >= num_slots)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"slot_mapping[{t}] = {int(sm[t])} is outside the cache's {num_slots} slots "
+            f"({num_pages} pages x page_size {page_size}); use -1 to skip a token"
+        )
+
+
 def append_paged_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -189,15 +203,7 @@ def append_paged_kv(
             ``slot % page_size``. ``-1`` skips the token (padding).
     """
     if validation_enabled() and slot_mapping.dim() == 1 and k_cache.dim() == 4:
-        num_slots = k_cache.shape[0] * k_cache.shape[1]
-        sm = slot_mapping.to("cpu")
-        bad = (sm < -1) | (sm >= num_slots)
-        if bool(bad.any()):
-            t = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"slot_mapping[{t}] = {int(sm[t])} is outside the cache's {num_slots} slots "
-                f"({k_cache.shape[0]} pages x page_size {k_cache.shape[1]}); use -1 to skip a token"
-            )
+        _check_slots(slot_mapping, k_cache.shape[0], k_cache.shape[1])
     _ops.append_paged_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -592,18 +598,6 @@ __all__ += ["mla_decode", "mla_latent_project"]
 #: DeepSeek-V2/V3's latent layout: 512 normalised c_KV columns, then 64 roped k_pe columns.
 MLA_KV_LORA_RANK = 512
 MLA_ROPE_DIM = 64
-
-
-def _check_slots(slot_mapping: torch.Tensor, num_pages: int, page_size: int) -> None:
-    num_slots = num_pages * page_size
-    sm = slot_mapping.to("cpu")
-    bad = (sm < -1) | (sm >= num_slots)
-    if bool(bad.any()):
-        t = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"slot_mapping[{t}] = {int(sm[t])} is outside the cache's {num_slots} slots "
-            f"({num_pages} pages x page_size {page_size}); use -1 to skip a token"
-        )
 
 
 def _check_devices(op: str, first_name: str, first: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
