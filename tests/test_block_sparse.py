@@ -693,6 +693,9 @@ BAD_SPARSE = [
     BadCase("head_dim_32_cuda", lambda a, d: [setattr(a, n, getattr(a, n)[..., :32].contiguous())
                                               for n in ("q", "k_cache", "v_cache", "out")],
             RuntimeError, r"head_dim must be 64, 128 or 256", cuda_only=True, kernel_limit=True),
+    BadCase("head_dim_zero", lambda a, d: [setattr(a, n, getattr(a, n)[..., :0].contiguous())
+                                           for n in ("q", "k_cache", "v_cache", "out")],
+            RuntimeError, r"q's head_dim \(last dim\) must be positive, got 0"),
     BadCase("group_17_cuda", lambda a, d: (setattr(a, "q", torch.cat([a.q] * 9, dim=1)[:, :34].contiguous()),
                                            setattr(a, "out", poison(torch.empty(3, 34, 64, dtype=a.out.dtype, device=d))),
                                            setattr(a, "lse", poison(torch.empty(3, 34, device=d)))),

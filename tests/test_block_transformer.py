@@ -292,6 +292,9 @@ BAD_TOKEN_DECODER = [
             lambda a, d: (setattr(a, "q", a.q[..., :32].contiguous()), setattr(a, "k", a.k[..., :32].contiguous()),
                           setattr(a, "v", a.v[..., :32].contiguous()), setattr(a, "out", a.out[..., :32].contiguous())),
             RuntimeError, r"head_dim must be 64, 128 or 256", cuda_only=True, kernel_limit=True),
+    BadCase("head_dim_zero", lambda a, d: [setattr(a, n, getattr(a, n)[..., :0].contiguous())
+                                           for n in ("q", "k", "v", "out")],
+            RuntimeError, r"q's head_dim \(last dim\) must be positive, got 0"),
 ]
 
 

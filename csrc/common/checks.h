@@ -42,8 +42,10 @@ inline void check_contiguous(const at::Tensor& t, const char* name) {
 }
 
 // The innermost `inner` dims of t must be densely packed (t may still be strided in the outer
-// dims, e.g. a page-strided view of a combined K/V allocation).
+// dims, e.g. a page-strided view of a combined K/V allocation). A tensor without elements has no
+// layout to get wrong (its strides are arbitrary, and nothing is read).
 inline void check_inner_dense(const at::Tensor& t, int64_t inner, const char* name) {
+  if (t.numel() == 0) return;
   int64_t expected = 1;
   for (int64_t d = t.dim() - 1; d >= t.dim() - inner; --d) {
     TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, name, " must be densely packed in its last ", inner,
@@ -67,6 +69,12 @@ inline void check_table_and_lens(const at::Tensor& block_table, const at::Tensor
   TORCH_CHECK(seq_lens.size(0) == batch, "seq_lens must have shape [", batch, "], got ", seq_lens.sizes());
   check_contiguous(block_table, "block_table");
   check_contiguous(seq_lens, "seq_lens");
+}
+
+// Attention over heads of no dimension is not defined by these ops (the kernels would leave lse
+// unwritten): a zero head_dim is rejected rather than answered with garbage.
+inline void check_head_dim(int64_t head_dim, const char* name) {
+  TORCH_CHECK(head_dim > 0, name, "'s head_dim (last dim) must be positive, got ", head_dim);
 }
 
 // The query heads per KV head; num_q_heads must be a multiple of a positive num_kv_heads.
@@ -119,6 +127,7 @@ inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor
               ", got ", v_cache.sizes());
   TORCH_CHECK(k_cache.size(3) == s.head_dim, "k_cache head_dim (", k_cache.size(3), ") must equal q head_dim (",
               s.head_dim, ")");
+  check_head_dim(s.head_dim, "q");
   s.group = kv_group(s.num_q_heads, s.num_kv_heads);
   TORCH_CHECK(s.page_size > 0, "k_cache page_size must be positive, got ", s.page_size);
   TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
@@ -192,6 +201,7 @@ inline MergeShape check_merge(const at::Tensor& out_a, const at::Tensor& lse_a, 
                               const at::Tensor& lse_b, const at::Tensor& out, const at::Tensor& lse) {
   check_rank(out_a, 3, "out_a", "[N, H, D]");
   check_float_dtype(out_a, "out_a");
+  check_head_dim(out_a.size(2), "out_a");
   for (auto [t, n] : {std::pair{&out_b, "out_b"}, {&out, "out"}}) {
     TORCH_CHECK(t->sizes() == out_a.sizes(), n, " must have the shape of out_a ", out_a.sizes(), ", got ",
                 t->sizes());
@@ -282,6 +292,7 @@ inline TokenDecoderShape check_token_decoder(const at::Tensor& q, const at::Tens
               " rows per block (q's dim 1), got shape ", k.sizes());
   s.prefix = k.size(1) - s.block_length;
   TORCH_CHECK(k.size(3) == s.head_dim, "k head_dim (", k.size(3), ") must equal q head_dim (", s.head_dim, ")");
+  check_head_dim(s.head_dim, "q");
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   s.group = kv_group(s.num_q_heads, s.num_kv_heads);
   TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());

@@ -111,6 +111,16 @@ def decode_score_workspace_bytes(batch: int, num_q_heads: int, max_pages: int, p
         DECODE_WORKSPACE_BYTES - _COUNTER_BYTES)
 
 
+def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
+    """The softmax scale an attention op uses: ``scale``, or ``1 / sqrt(head_dim)`` when None (1.0
+    for an empty head_dim, where nothing is attended); a positive finite float either way."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return float(scale)
+
+
 def _check_block_table_contents(block_table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int, page_size: int) -> None:
     capacity = block_table.shape[1] * page_size
     lens = seq_lens.to(device="cpu", dtype=torch.int64)
@@ -291,10 +301,7 @@ def gqa_decode(
     """
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    scale = _resolve_scale(scale, q.shape[-1])
     if window_left < -1:
         raise ValueError(f"window_left must be -1 (no window) or >= 0, got {window_left}")
     if score is not None and workspace is None and q.is_cuda and k_cache.dim() == 4 and block_table.dim() == 2:
@@ -472,10 +479,7 @@ def block_sparse_decode(
     """
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    scale = _resolve_scale(scale, q.shape[-1])
     out, lse, want_lse, workspace, checked = _prepare_paged_decode(
         q, k_cache, block_table, seq_lens, logit_soft_cap, num_splits, out, lse, return_lse, workspace)
     if (
@@ -560,10 +564,7 @@ def token_decoder_attention(
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
         raise ValueError(f"q must be 4-D [blocks, block_length, num_q_heads, head_dim], got {shape}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    scale = _resolve_scale(scale, q.shape[-1])
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     want_lse = return_lse or lse is not None
@@ -853,10 +854,7 @@ def attention_scores(
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
         raise ValueError(f"q must be 4-D [batch, window, num_q_heads, head_dim], got {shape}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    scale = _resolve_scale(scale, q.shape[-1])
     if reduction not in _SCORE_REDUCTIONS:
         raise ValueError(f"reduction must be one of {_SCORE_REDUCTIONS}, got {reduction!r}")
     if pooling not in _SCORE_POOLINGS:
