@@ -52,6 +52,7 @@ import torch
 import kvcore
 from conftest import HAS_CUDA, LSE_TOL, OUT_TOL, make_paged_kv, poison, randn
 from kvcore import reference
+from test_eviction import _window_lse_ref
 
 _DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # CUDA split counts exercised: 1 (no split), a forced split, and the automatic choice.
@@ -677,22 +678,6 @@ def _score_params():
                   for dt in (torch.bfloat16, torch.float16)]
 
 
-def _window_lse(q, kv, lens):
-    """The caller's lse [B, w, Hq] (fp32) of each window query over the keys it sees, in fp64."""
-    b_, w, hq, d = q.shape
-    lse = torch.full((b_, w, hq), -math.inf, dtype=torch.float32, device=q.device)
-    for b, n in enumerate(lens):
-        if n == 0:
-            continue
-        keys = reference.gather_paged(kv.k_cache, kv.block_table[b], torch.arange(n)).double()
-        keys = keys.repeat_interleave(hq // kv.k_cache.shape[2], dim=1)
-        lg = torch.einsum("ihd,lhd->ihl", q[b].double(), keys) / math.sqrt(d)
-        t = n - w + torch.arange(w, device=q.device)
-        lg = lg.masked_fill(torch.arange(n, device=q.device).view(1, 1, -1) > t.view(-1, 1, 1), -math.inf)
-        lse[b] = torch.logsumexp(lg, dim=-1).float()
-    return lse
-
-
 def _scores(q, kv, lse, reduction, pooling, max_len):
     out = poison(torch.empty(q.shape[0], kv.k_cache.shape[2], max_len, device=q.device))
     kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, lse=lse, reduction=reduction,
@@ -719,7 +704,7 @@ SCORE_MODES = [("sum", "none", False), ("max", "max", False), ("mean", "avg", Tr
 def test_attention_scores_nan_in_q_poisons_the_keys_that_row_sees(device, dtype, reduction, pooling, with_lse, gen):
     kv = make_paged_kv(SCORE_LENS, S_PAGE, S_HKV, S_D, gen=gen, dtype=dtype, device=device)
     q = randn(len(SCORE_LENS), S_W, S_HQ, S_D, gen=gen, dtype=dtype, device=device)
-    lse = _window_lse(q, kv, SCORE_LENS) if with_lse else None
+    lse = _window_lse_ref(q, kv, SCORE_LENS) if with_lse else None
     q[0, 1, 3, 5] = math.nan  # sequence 0, query 1 (t = 37), query head 3 -> KV head 1
     q[3, 0, 0, :] = math.nan  # sequence 3 (n = 3 < w): query 0 sits at t = -1 and sees nothing
     q[1, 2, 1, 0] = math.nan  # an empty sequence: never read
@@ -735,7 +720,7 @@ def test_attention_scores_nan_in_q_poisons_the_keys_that_row_sees(device, dtype,
 def test_attention_scores_nan_in_attended_key(device, dtype, reduction, pooling, with_lse, gen):
     kv = make_paged_kv(SCORE_LENS, S_PAGE, S_HKV, S_D, gen=gen, dtype=dtype, device=device)
     q = randn(len(SCORE_LENS), S_W, S_HQ, S_D, gen=gen, dtype=dtype, device=device)
-    lse = _window_lse(q, kv, SCORE_LENS) if with_lse else None  # from the clean keys
+    lse = _window_lse_ref(q, kv, SCORE_LENS) if with_lse else None  # from the clean keys
     page, off = _slot_tensor(kv, 0, 10)  # sequence 0, a prefix key (10 < 40 - 4)
     kv.k_cache[page, off, 0, 3] = math.nan  # KV head 0
     page, off = _slot_tensor(kv, 2, 23)  # sequence 2, a window key (seen by queries 2 and 3 only)
@@ -757,7 +742,7 @@ def test_attention_scores_nan_outside_attended_keys_does_not_leak(device, dtype,
     lens = SCORE_LENS + [S_PAGE]
     kv = make_paged_kv(lens, S_PAGE, S_HKV, S_D, gen=gen, dtype=dtype, device=device, extra_table_cols=2)
     q = randn(len(lens), S_W, S_HQ, S_D, gen=gen, dtype=dtype, device=device)
-    lse = _window_lse(q, kv, lens) if with_lse else None
+    lse = _window_lse_ref(q, kv, lens) if with_lse else None
     attended = torch.zeros(kv.num_pages, S_PAGE, dtype=torch.bool)
     for b, n in enumerate(lens):
         for pos in range(n):
