@@ -72,7 +72,7 @@ void block_sparse_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
   const BlockSparseDecodeShape s =
       check_block_sparse_decode(q, k_cache, v_cache, block_table, seq_lens, sel_pages, sel_counts, out, lse);
   check_decode_scalars(scale, /*window_left=*/-1, logit_soft_cap, num_splits);
-  if (s.paged.batch == 0 || s.paged.num_q_heads == 0 || s.paged.head_dim == 0) return;
+  if (s.paged.batch == 0 || s.paged.num_q_heads == 0) return;
 
   BlockSparseParams p{};
   p.batch = s.paged.batch;

@@ -71,8 +71,9 @@ inline void check_table_and_lens(const at::Tensor& block_table, const at::Tensor
   check_contiguous(seq_lens, "seq_lens");
 }
 
-// Attention over heads of no dimension is not defined by these ops (the kernels would leave lse
-// unwritten): a zero head_dim is rejected rather than answered with garbage.
+// The attention ops that return an lse (gqa_decode, block_sparse_decode, token_decoder_attention,
+// merge_attention_states) take heads of at least one dimension: a zero head_dim is an error (their
+// kernels used to return early and hand back an lse they never wrote).
 inline void check_head_dim(int64_t head_dim, const char* name) {
   TORCH_CHECK(head_dim > 0, name, "'s head_dim (last dim) must be positive, got ", head_dim);
 }

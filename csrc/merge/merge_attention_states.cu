@@ -19,7 +19,7 @@ void merge_attention_states_cuda(const at::Tensor& out_a, const at::Tensor& lse_
   TORCH_CHECK(s.head_dim % 8 == 0, "merge_attention_states (CUDA): head_dim must be a multiple of 8, got ", s.head_dim);
   for (auto [t, n] : {std::pair{&out_a, "out_a"}, {&out_b, "out_b"}, {&out, "out"}}) check_aligned16(*t, n);
   const int64_t rows = s.rows * s.heads;
-  if (rows == 0 || s.head_dim == 0) return;
+  if (rows == 0) return;
 
   const c10::cuda::CUDAGuard guard(out_a.device());
   MergeStatesParams p{out_a.data_ptr(), lse_a.data_ptr<float>(), out_b.data_ptr(), lse_b.data_ptr<float>(),

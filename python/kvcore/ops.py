@@ -113,7 +113,8 @@ def decode_score_workspace_bytes(batch: int, num_q_heads: int, max_pages: int, p
 
 def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
     """The softmax scale an attention op uses: ``scale``, or ``1 / sqrt(head_dim)`` when None (1.0
-    for an empty head_dim, where nothing is attended); a positive finite float either way."""
+    for an empty head_dim, whose logits are all 0 whatever the scale: the ops that take one,
+    attention_scores, or reject it with their own error); a positive finite float either way."""
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if not math.isfinite(scale) or scale <= 0:
