@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kvcore
-from conftest import HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, poison, randn
+from conftest import HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, assert_written_and_close, poison, randn
 from kvcore import reference
 from kvcore.block import BlockTransformerConfig, BlockTransformerWeights, KvcoreBlockTransformer, TorchBlockTransformer
 from test_ops import OPCHECK_UTILS, BadCase, _other_device, _set, _set_item, _set_kw
@@ -119,11 +119,7 @@ def _td_inputs(case: TDCase, gen, dtype, device):
 
 
 def _check_td(out, lse, ref_out, ref_lse, dtype, block_lens):
-    assert not torch.isnan(out).any(), "token_decoder_attention left unwritten (NaN) elements in out"
-    torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[dtype])
-    if lse is not None:
-        assert not torch.isnan(lse).any(), "token_decoder_attention left unwritten (NaN) elements in lse"
-        torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+    assert_written_and_close("token_decoder_attention", out, lse, ref_out, ref_lse, dtype)
     if block_lens is not None:
         # Padding rows: exactly 0 and -inf.
         rows = torch.arange(out.shape[1], device=out.device)[None, :] >= block_lens.long()[:, None]
