@@ -458,10 +458,9 @@ class InfLLMCache:
             raise ValueError(f"score_decay must be in (0, 1), got {score_decay}")
         if repr_score not in _REPR_SCORES:
             raise ValueError(f"repr_score must be one of {_REPR_SCORES}, got {repr_score!r}")
-        if scale is None:
-            scale = head_dim**-0.5
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be a positive finite float, got {scale}")
+        # The ops' own default and check, so that this cache and a direct gqa_decode call get the
+        # same scale bits (head_dim ** -0.5 differs from 1 / sqrt(head_dim) in the last bit at 128).
+        scale = _kv_ops._resolve_scale(scale, head_dim)
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             # Name the device by index: tensors report "cuda:0", never bare "cuda", and the step
