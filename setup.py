@@ -20,7 +20,7 @@ import shutil
 import sys
 import sysconfig
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -124,7 +124,9 @@ def _cmdclass():
 
 
 setup(
-    packages=["kvcore", "kvcore.bench"],
+    # Every package under python/ (kvcore.policies and kvcore.integrations were missing from the
+    # explicit list, so only editable installs had them); tests/test_packaging.py checks it.
+    packages=find_packages(where="python"),
     package_dir={"": "python"},
     ext_modules=[_extension()],
     cmdclass=_cmdclass(),
