@@ -78,3 +78,24 @@ def test_wheel_packages_cover_every_module(build_tree: Path, tmp_path: Path) -> 
     assert not missing, f"a wheel would lack {missing}"
     # The two subpackages an explicit package list once left out.
     assert {"kvcore/policies/__init__.py", "kvcore/integrations/__init__.py"} <= got
+
+
+def test_unloadable_library_says_how_to_build(tmp_path: Path) -> None:
+    # A build against another torch fails at load time with an undefined symbol; the import error
+    # must say how to rebuild. Simulated by refusing kvcore._C's import in a fresh interpreter.
+    script = tmp_path / "load.py"
+    script.write_text(
+        "import importlib.abc, sys\n"
+        "class Refuse(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'kvcore._C':\n"
+        "            raise ImportError('undefined symbol: _ZN3c10simulated')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "import kvcore\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: kvcore's compiled library (kvcore._C) could not be loaded"), res.stderr[-2000:]
+    assert "undefined symbol: _ZN3c10simulated" in last and "pip install --no-build-isolation" in last

@@ -18,7 +18,15 @@ from typing import Optional, Union, overload
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.kvcore.*)
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.kvcore.*)
+except ImportError as _err:  # say what to do, not only which symbol is missing
+    raise ImportError(
+        f"kvcore's compiled library (kvcore._C) could not be loaded: {_err}. Build it in the environment whose "
+        f"torch ({torch.__version__}) will load it: `pip install --no-build-isolation .` (`-e .` in a checkout). "
+        "An undefined symbol usually means it was compiled against another torch, e.g. by pip's default isolated "
+        "build, which downloads its own torch to compile against."
+    ) from _err
 
 __all__ = [
     "append_paged_kv",
