@@ -648,6 +648,7 @@ BAD_SPARSE = [
     BadCase("scale_zero", _set_kw("scale", 0.0), ValueError, r"scale"),
     BadCase("soft_cap_negative", _set_kw("logit_soft_cap", -1.0), ValueError, r"logit_soft_cap"),
     BadCase("num_splits_negative", _set_kw("num_splits", -1), ValueError, r"num_splits"),
+    BadCase("scale_past_float32", _set_kw("scale", 1e39), ValueError, r"scale must be .*float32's range"),
     # devices
     BadCase("sel_pages_other_device", _set("sel_pages", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"sel_pages must be on the same device", cuda_only=True),

@@ -277,6 +277,7 @@ BAD_TOKEN_DECODER = [
     # scalars
     BadCase("scale_zero", _set_kw("scale", 0.0), ValueError, r"scale"),
     BadCase("scale_nan", _set_kw("scale", math.nan), ValueError, r"scale"),
+    BadCase("scale_past_float32", _set_kw("scale", 1e39), ValueError, r"scale must be .*float32's range"),
     # devices
     BadCase("k_other_device", _set("k", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"\bk must be on the same device", cuda_only=True),

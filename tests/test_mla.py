@@ -556,6 +556,9 @@ BAD_MLA_DECODE = [
     BadCase("page_negative", _set_item("table", (1, 2), lambda a: -1), ValueError, r"block_table\[1, 2\]"),
     BadCase("seq_len_negative", _set_item("seq_lens", 1, lambda a: -1), ValueError, r"seq_lens must be >= 0"),
     BadCase("scale_nan", _set_kw("scale", math.nan), ValueError, r"scale must be"),
+    BadCase("scale_past_float32", _set_kw("scale", 1e39), ValueError, r"scale must be .*float32's range"),
+    BadCase("v_dim_not_int", _set_kw("v_dim", 8.5), ValueError, r"v_dim must be an int in \[1, 80\]"),
+    BadCase("v_dim_disagrees_with_out", _set_kw("v_dim", 32), ValueError, r"v_dim = 32 disagrees with out's last dim"),
     BadCase("table_other_device", _set("table", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"block_table must be on the same device", cuda_only=True),
     BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
@@ -576,8 +579,9 @@ def test_mla_decode_bad_input(device, bad, gen):
 @pytest.mark.parametrize("device", DEVICES)
 def test_mla_op_rejects_bad_scalars_without_the_wrapper(device, gen):
     a = _decode_args(device, gen)
-    with pytest.raises(RuntimeError, match=r"scale must be"):
-        torch.ops.kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, -1.0, a.out, a.lse, None, 0)
+    for scale in (-1.0, 1e39):  # (1e39 is inf in the kernels' float32)
+        with pytest.raises(RuntimeError, match=r"scale must be"):
+            torch.ops.kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, scale, a.out, a.lse, None, 0)
     p = _proj_args(device, gen)
     with pytest.raises(RuntimeError, match=r"eps must be"):
         torch.ops.kvcore.mla_latent_project(p.hidden, p.w_dkv, p.norm_weight, float("nan"), p.cos_sin, p.positions,

@@ -518,6 +518,13 @@ BAD_DECODE = [
     BadCase("scale_nan", _set_kw("scale", math.nan), ValueError, r"scale"),
     BadCase("soft_cap_negative", _set_kw("logit_soft_cap", -1.0), ValueError, r"logit_soft_cap"),
     BadCase("num_splits_negative", _set_kw("num_splits", -1), ValueError, r"num_splits"),
+    # scalars the kernels could not take: past float32's range (inf there, every output NaN),
+    # not an integer (3.5 was truncated to 3), past int64 (the schema's int)
+    BadCase("scale_past_float32", _set_kw("scale", 1e39), ValueError, r"scale must be .*float32's range"),
+    BadCase("soft_cap_past_float32", _set_kw("logit_soft_cap", 1e39), ValueError,
+            r"logit_soft_cap must be .*float32's range"),
+    BadCase("window_left_not_int", _set_kw("window_left", 3.5), ValueError, r"window_left must be .* got 3\.5"),
+    BadCase("num_splits_past_int64", _set_kw("num_splits", 2**64), ValueError, r"num_splits must be"),
     # devices
     BadCase("k_cache_other_device", _set("k_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"k_cache must be on the same device", cuda_only=True),
@@ -595,8 +602,10 @@ def test_gqa_decode_bad_input(device, bad, gen):
         (0.125, -1, -1.0, 0, "logit_soft_cap"),
         (0.125, -1, math.inf, 0, "logit_soft_cap"),
         (0.125, -1, 0.0, -1, "num_splits"),
+        (1e39, -1, 0.0, 0, "scale .*float32"),
+        (0.125, -1, 1e39, 0, "logit_soft_cap .*float32"),
     ],
-    ids=["scale0", "scalenan", "window-2", "capneg", "capinf", "splitsneg"],
+    ids=["scale0", "scalenan", "window-2", "capneg", "capinf", "splitsneg", "scale1e39", "cap1e39"],
 )
 def test_gqa_decode_op_rejects_bad_scalars(device, scale, window_left, cap, num_splits, match, gen):
     a = _decode_args(device, gen)
@@ -622,6 +631,11 @@ BAD_APPEND = [
     BadCase("slot_below_minus_one", _set_item("slot_mapping", 0, lambda a: -2), ValueError, r"slot_mapping"),
     BadCase("slot_mapping_int32", _set("slot_mapping", lambda t, a, d: t.int()), RuntimeError,
             r"slot_mapping must have dtype"),
+    # (uint8: the host range check once read every slot as < -1 and blamed a valid one)
+    BadCase("slot_mapping_uint8", _set("slot_mapping", lambda t, a, d: t.clamp(min=0).to(torch.uint8)), RuntimeError,
+            r"slot_mapping must have dtype"),
+    BadCase("caches_same_memory", lambda a, d: setattr(a, "v_cache", a.k_cache), ValueError,
+            r"k_cache and v_cache are the same memory"),
     BadCase("slot_mapping_length", _set("slot_mapping", lambda t, a, d: t[:3].contiguous()), RuntimeError,
             r"slot_mapping must have shape"),
     BadCase("slot_mapping_rank", _set("slot_mapping", lambda t, a, d: t.view(2, 2)), RuntimeError,

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <initializer_list>
+#include <limits>
 #include <string>
 
 namespace kvcore {
@@ -140,12 +141,22 @@ inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor
   return s;
 }
 
+// The kernels take their scalars as float: a finite double past float's range would become inf
+// there (a scale of 1e39 made every output NaN), so scalars are checked against float's range.
+inline bool fits_float32(double x) { return std::isfinite(x) && std::fabs(x) <= double(std::numeric_limits<float>::max()); }
+
+// A softmax scale: positive, finite, within float's range.
+inline void check_scale(double scale) {
+  TORCH_CHECK(fits_float32(scale) && scale > 0.0, "scale must be a positive finite float (within float32's range), got ",
+              scale);
+}
+
 // Scalar arguments of gqa_decode, checked by the op itself (C++ callers bypass ops.py).
 inline void check_decode_scalars(double scale, int64_t window_left, double logit_soft_cap, int64_t num_splits) {
-  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
+  check_scale(scale);
   TORCH_CHECK(window_left >= -1, "window_left must be -1 (no window) or >= 0, got ", window_left);
-  TORCH_CHECK(std::isfinite(logit_soft_cap) && logit_soft_cap >= 0.0,
-              "logit_soft_cap must be 0 (off) or a positive finite float, got ", logit_soft_cap);
+  TORCH_CHECK(logit_soft_cap == 0.0 || (fits_float32(logit_soft_cap) && logit_soft_cap > 0.0),
+              "logit_soft_cap must be 0 (off) or a positive finite float (within float32's range), got ", logit_soft_cap);
   TORCH_CHECK(num_splits >= 0, "num_splits must be 0 (automatic) or positive, got ", num_splits);
 }
 
@@ -316,7 +327,7 @@ inline TokenDecoderShape check_token_decoder(const at::Tensor& q, const at::Tens
 }
 
 inline void check_token_decoder_scale(double scale) {
-  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
+  check_scale(scale);
 }
 
 // ---- MLA ---------------------------------------------------------------------------------
@@ -411,7 +422,7 @@ inline MlaDecodeShape check_mla_decode(const at::Tensor& q, const at::Tensor& la
   check_float_dtype(q, "q");
   check_dtype(latent_cache, q.scalar_type(), "latent_cache");
   check_dtype(out, q.scalar_type(), "out");
-  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
+  check_scale(scale);
   TORCH_CHECK(num_splits >= 0, "num_splits must be 0 (automatic) or positive, got ", num_splits);
 
   MlaDecodeShape s{};
@@ -493,7 +504,7 @@ struct AttentionScoresOptions {
 
 inline AttentionScoresOptions check_attention_scores_scalars(double scale, const std::string& reduction,
                                                              const std::string& pooling, int64_t pool_kernel) {
-  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, "scale must be a positive finite float, got ", scale);
+  check_scale(scale);
   AttentionScoresOptions o{};
   if (reduction == "sum") o.reduction = ScoreReduction::kSum;
   else if (reduction == "mean") o.reduction = ScoreReduction::kMean;

@@ -14,6 +14,7 @@ Every op also has a ``register_fake`` implementation here, so it traces under ``
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Union, overload
 
 import torch
@@ -119,15 +120,102 @@ def decode_score_workspace_bytes(batch: int, num_q_heads: int, max_pages: int, p
         DECODE_WORKSPACE_BYTES - _COUNTER_BYTES)
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_INT64_MAX = 2**63 - 1
+
+
+def _positive_float32(name: str, value, what: str = "a positive finite float") -> float:
+    """``value`` as a Python float for a kernel scalar that must be positive: finite, > 0 and
+    within float32's range. The kernels compute in float32, where a larger double becomes inf
+    (a scale of 1e39 made every output NaN). Numbers and one-element tensors are accepted."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"{name} must be {what}, got {x}")
+    if x > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be {what} within float32's range (<= {_FLOAT32_MAX:.6g}), got {x}")
+    return x
+
+
 def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
     """The softmax scale an attention op uses: ``scale``, or ``1 / sqrt(head_dim)`` when None (1.0
     for an empty head_dim, whose logits are all 0 whatever the scale: the ops that take one,
-    attention_scores, or reject it with their own error); a positive finite float either way."""
+    attention_scores, or reject it with their own error); a positive finite float32 either way."""
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
-    return float(scale)
+    return _positive_float32("scale", scale)
+
+
+def _int_arg(name: str, value, lo: int, what: str, hi: int = _INT64_MAX) -> int:
+    """An integer argument in ``[lo, hi]``: an int or integer-like (numpy integer, 0-d integer
+    tensor), never a bool or a float (``int(3.5)`` would silently be 3); the error says ``what``."""
+    ok = not isinstance(value, bool)
+    if ok:
+        try:
+            value = operator.index(value)
+        except TypeError:
+            ok = False
+    if not ok or not lo <= value <= hi:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
+
+
+def _readable(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether index contents can be read on the host: not for tensors without data (meta), whose
+    shapes the ops' fake implementations handle."""
+    return all(t is None or t.device.type != "meta" for t in tensors)
+
+
+class _NoBackward(torch.autograd.Function):
+    """Ties an op's result to the inputs that require grad, so that a backward pass through it
+    raises instead of treating the op as a constant (the ops have no derivative; without this the
+    result had no grad_fn and a backward through other paths silently left attention's share out)."""
+
+    @staticmethod
+    def forward(ctx, op: str, result: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.op = op
+        return result.view_as(result)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"kvcore.{ctx.op} has no backward: kvcore's ops are for inference. Run it under torch.no_grad() "
+            "(or torch.inference_mode()), or detach its inputs, if no gradient is meant to flow through it"
+        )
+
+
+def _guard_grad(op: str, results: tuple, *inputs: Optional[torch.Tensor]) -> tuple:
+    """``results`` as they are when autograd is off or no input requires grad; else each one tied
+    to those inputs by _NoBackward (the forward values are unchanged)."""
+    if not torch.is_grad_enabled():
+        return results
+    needs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not needs:
+        return results
+    return tuple(None if r is None else _NoBackward.apply(op, r, *needs) for r in results)
+
+
+def _refuse_grad_target(op: str, **written: torch.Tensor) -> None:
+    """In-place ops write caches; like torch's own in-place ops, refuse a target that requires
+    grad while autograd is on (the write would carry no history)."""
+    if torch.is_grad_enabled():
+        for name, t in written.items():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(f"kvcore.{op} writes {name} in place, which requires grad: kvcore's ops have "
+                                   "no backward; detach it or run under torch.no_grad()")
+
+
+def _check_distinct(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    """Two tensors an op writes must not be one memory (V would silently overwrite K). Not under
+    torch.compile, which cannot trace a data-pointer comparison (the eager call checks it)."""
+    if torch.compiler.is_compiling():
+        return
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _readable(a, b) and a.numel()
+            and a.data_ptr() == b.data_ptr()):
+        raise ValueError(f"{op}: {a_name} and {b_name} are the same memory; pass separate caches (or two halves "
+                         "of one allocation)")
 
 
 def _check_block_table_contents(block_table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int, page_size: int) -> None:
@@ -162,6 +250,7 @@ def _validate_block_table(cache: torch.Tensor, cache_rank: int, block_table: tor
     may follow."""
     checkable = (
         validation_enabled()
+        and _readable(block_table, seq_lens)
         and cache.dim() == cache_rank
         and block_table.dim() == 2
         and seq_lens.dim() == 1
@@ -181,10 +270,9 @@ def _prepare_paged_decode(q, k_cache, block_table, seq_lens, logit_soft_cap, num
     and workspace they allocate when not given, and (validation on) the block-table contents.
     Returns (out, lse, want_lse, workspace, checked); checked says the block table was validated,
     so op-specific index checks may follow."""
-    if not math.isfinite(logit_soft_cap) or logit_soft_cap < 0:
-        raise ValueError(f"logit_soft_cap must be 0 (off) or a positive finite float, got {logit_soft_cap}")
-    if num_splits < 0:
-        raise ValueError(f"num_splits must be 0 (automatic) or positive, got {num_splits}")
+    if logit_soft_cap != 0:
+        _positive_float32("logit_soft_cap", logit_soft_cap, "0 (off) or a positive finite float")
+    _int_arg("num_splits", num_splits, 0, "0 (automatic) or a positive int")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     want_lse = return_lse or lse is not None
@@ -221,7 +309,11 @@ def append_paged_kv(
         slot_mapping: ``[T]`` int64; token ``t`` goes to page ``slot // page_size``, row
             ``slot % page_size``. ``-1`` skips the token (padding).
     """
-    if validation_enabled() and slot_mapping.dim() == 1 and k_cache.dim() == 4:
+    _refuse_grad_target("append_paged_kv", k_cache=k_cache, v_cache=v_cache)
+    _check_distinct("append_paged_kv", "k_cache", k_cache, "v_cache", v_cache)
+    # (Only int64 slots are read here; the op names any other dtype.)
+    if (validation_enabled() and slot_mapping.dim() == 1 and slot_mapping.dtype == torch.int64
+            and k_cache.dim() == 4 and _readable(slot_mapping)):
         _check_slots(slot_mapping, k_cache.shape[0], k_cache.shape[1])
     _ops.append_paged_kv(k, v, k_cache, v_cache, slot_mapping)
 
@@ -311,8 +403,7 @@ def gqa_decode(
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     scale = _resolve_scale(scale, q.shape[-1])
-    if window_left < -1:
-        raise ValueError(f"window_left must be -1 (no window) or >= 0, got {window_left}")
+    window_left = _int_arg("window_left", window_left, -1, "-1 (no window) or an int >= 0")
     if score is not None and workspace is None and q.is_cuda and k_cache.dim() == 4 and block_table.dim() == 2:
         workspace = decode_workspace(q.device, decode_score_workspace_bytes(
             q.shape[0], q.shape[1], block_table.shape[1], k_cache.shape[1], int(window_left)))
@@ -322,6 +413,7 @@ def gqa_decode(
         q, k_cache, v_cache, block_table, seq_lens, float(scale), int(window_left), float(logit_soft_cap),
         out, lse, workspace, int(num_splits), score,
     )
+    out, lse = _guard_grad("gqa_decode", (out, lse), q, k_cache, v_cache)
     return (out, lse) if want_lse else out
 
 
@@ -353,7 +445,7 @@ def merge_attention_states(
     if lse is None:
         lse = torch.empty_like(lse_a, memory_format=torch.contiguous_format)
     _ops.merge_attention_states(out_a, lse_a, out_b, lse_b, out, lse)
-    return out, lse
+    return _guard_grad("merge_attention_states", (out, lse), out_a, lse_a, out_b, lse_b)
 
 
 # ---- fake (meta) implementations: shapes only, for torch.compile and opcheck -----------------
@@ -505,6 +597,7 @@ def block_sparse_decode(
         q, k_cache, v_cache, block_table, seq_lens, sel_pages, sel_counts, float(scale), float(logit_soft_cap),
         out, lse, workspace, int(num_splits),
     )
+    out, lse = _guard_grad("block_sparse_decode", (out, lse), q, k_cache, v_cache)
     return (out, lse) if want_lse else out
 
 
@@ -582,6 +675,7 @@ def token_decoder_attention(
     if (
         validation_enabled()
         and block_lens is not None
+        and _readable(block_lens)
         and block_lens.dim() == 1
         and block_lens.dtype == torch.int32
         and block_lens.numel() > 0
@@ -592,6 +686,7 @@ def token_decoder_attention(
             n = int(bad.nonzero()[0, 0])
             raise ValueError(f"block_lens[{n}] = {int(lens[n])} must be in [0, block_length = {q.shape[1]}]")
     _ops.token_decoder_attention(q, k, v, block_lens, float(scale), out, lse)
+    out, lse = _guard_grad("token_decoder_attention", (out, lse), q, k, v)
     return (out, lse) if want_lse else out
 
 
@@ -686,7 +781,8 @@ def mla_latent_project(
     _check_devices("mla_latent_project", "hidden", hidden, w_dkv=w_dkv, norm_weight=norm_weight, cos_sin=cos_sin,
                    positions=positions, latent_cache=latent_cache, slot_mapping=slot_mapping, c_kv_out=c_kv_out,
                    k_pe_out=k_pe_out)
-    if validation_enabled():
+    _refuse_grad_target("mla_latent_project", latent_cache=latent_cache)
+    if validation_enabled() and _readable(slot_mapping, positions):
         if slot_mapping.dim() == 1 and latent_cache.dim() == 3 and slot_mapping.dtype == torch.int64:
             _check_slots(slot_mapping, latent_cache.shape[0], latent_cache.shape[1])
         if positions.dim() == 1 and cos_sin.dim() == 2 and positions.dtype == torch.int64 and positions.numel():
@@ -701,7 +797,9 @@ def mla_latent_project(
         hidden, w_dkv, norm_weight, float(eps), cos_sin, positions, latent_cache, slot_mapping, bool(interleaved_rope),
         c_kv_out, k_pe_out,
     )
-    return (c_kv_out, k_pe_out) if want else None
+    if not want:
+        return None
+    return _guard_grad("mla_latent_project", (c_kv_out, k_pe_out), hidden, w_dkv, norm_weight, cos_sin)
 
 
 @overload
@@ -766,14 +864,22 @@ def mla_decode(
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
         raise ValueError(f"q must be 3-D [batch, num_heads, kv_lora_rank + rope_dim], got {shape}")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite float, got {scale}")
-    if num_splits < 0:
-        raise ValueError(f"num_splits must be 0 (automatic) or positive, got {num_splits}")
-    if v_dim is None:
-        v_dim = out.shape[2] if out is not None and out.dim() == 3 else q.shape[2] - MLA_ROPE_DIM
-    if not 0 < v_dim <= q.shape[2]:
-        raise ValueError(f"v_dim must be in [1, {q.shape[2]}] (q's last dim), got {v_dim}")
+    scale = _positive_float32("scale", scale)
+    _int_arg("num_splits", num_splits, 0, "0 (automatic) or a positive int")
+    dk = q.shape[2]
+    if v_dim is not None:
+        v_dim = _int_arg("v_dim", v_dim, 1, f"an int in [1, {dk}] (q's last dim)", hi=max(dk, 1))
+        if out is not None and out.dim() == 3 and out.shape[2] != v_dim:
+            raise ValueError(f"v_dim = {v_dim} disagrees with out's last dim ({out.shape[2]}); give one or make them equal")
+    elif out is not None and out.dim() == 3:
+        v_dim = out.shape[2]
+    else:
+        v_dim = dk - MLA_ROPE_DIM
+        if v_dim < 1:
+            raise ValueError(f"v_dim defaults to q's last dim - {MLA_ROPE_DIM} (DeepSeek's c_KV width), which is "
+                             f"{v_dim} for q's last dim {dk}: pass v_dim (an int in [1, {dk}])")
+    if not 0 < v_dim <= dk:
+        raise ValueError(f"v_dim must be in [1, {dk}] (q's last dim), got {v_dim}")
     if out is None:
         out = torch.empty(q.shape[0], q.shape[1], v_dim, dtype=q.dtype, device=q.device)
     want_lse = return_lse or lse is not None
@@ -785,6 +891,7 @@ def mla_decode(
                    out=out, lse=lse, workspace=workspace)
     _validate_block_table(latent_cache, 3, block_table, seq_lens)
     _ops.mla_decode(q, latent_cache, block_table, seq_lens, float(scale), out, lse, workspace, int(num_splits))
+    out, lse = _guard_grad("mla_decode", (out, lse), q, latent_cache)
     return (out, lse) if want_lse else out
 
 
@@ -870,13 +977,16 @@ def attention_scores(
         raise ValueError(f"pooling must be one of {_SCORE_POOLINGS}, got {pooling!r}")
     if pooling != "none" and pool_kernel not in (5, 7):
         raise ValueError(f"pool_kernel must be 5 or 7 when pooling is on, got {pool_kernel}")
+    if max_len is not None:
+        max_len = _int_arg("max_len", max_len, 0, "an int >= 0")
+        if out is not None and out.dim() == 3 and out.shape[2] != max_len:
+            raise ValueError(f"max_len = {max_len} disagrees with out's key dimension ({out.shape[2]}); give one or "
+                             "make them equal")
     if out is None:
         if max_len is None:
             if block_table.dim() != 2 or k_cache.dim() != 4:
                 raise ValueError("block_table must be 2-D and k_cache 4-D to size the output (or pass max_len)")
             max_len = block_table.shape[1] * k_cache.shape[1]
-        if max_len < 0:
-            raise ValueError(f"max_len must be >= 0, got {max_len}")
         num_kv_heads = k_cache.shape[2] if k_cache.dim() == 4 else 0
         out = torch.empty(q.shape[0], num_kv_heads, int(max_len), dtype=torch.float32, device=q.device)
     if out.dim() == 3 and _validate_block_table(k_cache, 4, block_table, seq_lens):
@@ -887,6 +997,7 @@ def attention_scores(
                              f"max_len = {out.shape[2]})")
     _ops.attention_scores(q, k_cache, block_table, seq_lens, lse, float(scale), reduction, pooling, int(pool_kernel),
                           out)
+    (out,) = _guard_grad("attention_scores", (out,), q, k_cache, lse)
     return out
 
 
@@ -964,6 +1075,8 @@ def compact_kv(
             outside its range, or a kept position out of range or out of order.
         RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
     """
+    _refuse_grad_target("compact_kv", k_cache=k_cache, v_cache=v_cache)
+    _check_distinct("compact_kv", "k_cache", k_cache, "v_cache", v_cache)
     if kept_lens is None:
         if kept.dim() != 3:
             raise ValueError(f"kept must be 3-D [batch, num_kv_heads, max_kept], got shape {tuple(kept.shape)}")
@@ -975,6 +1088,7 @@ def compact_kv(
         and kept.shape[0] == seq_lens.shape[0]
         and kept_lens.dim() == 1
         and kept_lens.shape[0] == seq_lens.shape[0]
+        and _readable(kept, kept_lens)
     ):
         _check_kept_contents(kept, kept_lens, seq_lens)
     _ops.compact_kv(k_cache, v_cache, block_table, seq_lens, kept, kept_lens)
@@ -1032,6 +1146,7 @@ def infllm_unit_scores(q: torch.Tensor, repr_keys: torch.Tensor, *, per_kv_head:
         raise ValueError(f"out must be {'[B, Hkv, U]' if per_kv_head else '[B, U]'} for per_kv_head={per_kv_head}, "
                          f"got shape {tuple(out.shape)}")
     _ops.infllm_unit_scores(q, repr_keys, out)
+    (out,) = _guard_grad("infllm_unit_scores", (out,), q, repr_keys)
     return out
 
 
@@ -1060,8 +1175,7 @@ def topk_rows(scores: torch.Tensor, k: int, *, index_dtype: torch.dtype = torch.
         ValueError: ``k`` out of range, or ``index_dtype`` not int32/int64.
         RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
     """
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= TOPK_MAX_K:
-        raise ValueError(f"k must be an int in [1, {TOPK_MAX_K}], got {k!r}")
+    k = _int_arg("k", k, 1, f"an int in [1, {TOPK_MAX_K}]", hi=TOPK_MAX_K)
     if index_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
     rows = scores.shape[0] if scores.dim() >= 1 else 0
@@ -1074,6 +1188,7 @@ def topk_rows(scores: torch.Tensor, k: int, *, index_dtype: torch.dtype = torch.
         if t.dim() == 2 and t.shape[1] != k:
             raise ValueError(f"{name} must be [rows, k = {k}], got {tuple(t.shape)}")
     _ops.topk_rows(scores, values, indices)
+    (values,) = _guard_grad("topk_rows", (values,), scores)
     return values, indices
 
 

@@ -1,0 +1,194 @@
+"""The Python wrappers' behaviour at the edges of their input: autograd, tensors without data
+(meta), integer-like and tensor scalars, and arguments that disagree.
+
+These are wrapper behaviours, the same code path on every device, so they run on CPU (the
+errors raised before an op runs are also BadCase rows of the op tests, which run on both devices).
+Inputs are fresh random values; results are compared with ``kvcore.reference`` or, where the point
+is that two spellings of one argument agree, bit for bit with each other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kvcore
+from conftest import make_paged_kv, poison, randn
+from kvcore import reference
+
+GQA = dict(lens=[9, 0, 23], page_size=8, hq=4, hkv=2, d=16)
+
+
+def _decode_inputs(gen, dtype=torch.float32):
+    kv = make_paged_kv(GQA["lens"], GQA["page_size"], GQA["hkv"], GQA["d"], gen=gen, dtype=dtype)
+    q = randn(len(GQA["lens"]), GQA["hq"], GQA["d"], gen=gen, dtype=dtype)
+    return q, kv
+
+
+def _latent_inputs(gen, dk=40):
+    kv = make_paged_kv([5, 12], 4, 1, dk, gen=gen)
+    return randn(2, 3, dk, gen=gen), kv.k_cache[:, :, 0], kv.block_table, kv.seq_lens
+
+
+# ---- autograd: the ops have no backward, and a backward through them must say so ------------------
+
+def _grad_calls(gen):
+    """(op name, call(x) -> tuple of results, x): ``x`` is one floating input of the op."""
+    q, kv = _decode_inputs(gen)
+    paged = (kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    sel_pages = torch.zeros(3, 2, 1, dtype=torch.int32)
+    sel_counts = (kv.seq_lens > 0).to(torch.int32).view(3, 1).expand(3, 2).contiguous()
+    tq, tk, tv = randn(2, 3, 4, 16, gen=gen), randn(2, 5, 2, 16, gen=gen), randn(2, 5, 2, 16, gen=gen)
+    oa, la, ob, lb = randn(3, 4, 16, gen=gen), randn(3, 4, gen=gen), randn(3, 4, 16, gen=gen), randn(3, 4, gen=gen)
+    mq, mcache, mtable, mlens = _latent_inputs(gen)
+    wq = randn(3, 2, 4, 16, gen=gen)
+    rk = randn(3, 6, 2, 16, gen=gen)
+    scores = randn(3, 12, gen=gen)
+    return [
+        ("gqa_decode", lambda x: kvcore.gqa_decode(x, *paged, return_lse=True), q),
+        ("block_sparse_decode", lambda x: kvcore.block_sparse_decode(x, *paged, sel_pages, sel_counts, return_lse=True), q),
+        ("token_decoder_attention", lambda x: kvcore.token_decoder_attention(tq, x, tv, return_lse=True), tk),
+        ("merge_attention_states", lambda x: kvcore.merge_attention_states(oa, x, ob, lb), la),
+        ("mla_decode", lambda x: kvcore.mla_decode(x, mcache, mtable, mlens, scale=0.2, v_dim=32, return_lse=True), mq),
+        ("attention_scores", lambda x: (kvcore.attention_scores(x, kv.k_cache, kv.block_table, kv.seq_lens),), wq),
+        ("infllm_unit_scores", lambda x: (kvcore.infllm_unit_scores(q, x),), rk),
+        ("topk_rows", lambda x: kvcore.topk_rows(x, 4)[:1], scores),
+    ]
+
+
+@pytest.mark.parametrize("index", range(8), ids=lambda i: ["gqa_decode", "block_sparse_decode", "token_decoder_attention",
+                                                             "merge_attention_states", "mla_decode", "attention_scores",
+                                                             "infllm_unit_scores", "topk_rows"][i])
+def test_backward_through_an_op_raises(index, gen):
+    op, call, x = _grad_calls(gen)[index]
+    with torch.no_grad():
+        plain = call(x)
+    assert all(not r.requires_grad for r in plain)
+    xg = x.clone().requires_grad_()
+    results = call(xg)
+    # The forward values are the op's, unchanged; the results are tied to x ...
+    for got, want in zip(results, plain):
+        assert got.requires_grad and torch.equal(got.detach(), want)
+    # ... so a backward that reaches them raises, naming the op, even beside a differentiable path
+    # (a residual: before, that backward succeeded and attention's share of the gradient was 0).
+    loss = sum(r.float().sum() for r in results) + xg.sum()
+    with pytest.raises(RuntimeError, match=rf"kvcore\.{op} has no backward"):
+        loss.backward()
+
+
+def test_mla_latent_project_outputs_are_tied_and_the_cache_refuses_grad(gen):
+    t, d, r, p = 3, 24, 16, 8
+    hidden, w = randn(t, d, gen=gen), randn(d, r + p, gen=gen, scale=0.2)
+    norm, cos_sin = randn(r, gen=gen), reference.rope_cos_sin(16, p)
+    pos, slots = torch.tensor([0, 5, 9]), torch.tensor([2, -1, 7])
+    cache = poison(torch.empty(4, 4, r + p))
+    c_kv, k_pe = kvcore.mla_latent_project(hidden, w.requires_grad_(), norm, cos_sin, pos, cache, slots,
+                                           return_outputs=True)
+    assert c_kv.requires_grad and k_pe.requires_grad
+    with pytest.raises(RuntimeError, match=r"kvcore\.mla_latent_project has no backward"):
+        (c_kv.sum() + k_pe.sum()).backward()
+    before = cache.clone()
+    with pytest.raises(RuntimeError, match=r"writes latent_cache in place, which requires grad"):
+        kvcore.mla_latent_project(hidden, w, norm, cos_sin, pos, cache.requires_grad_(), slots)
+    assert torch.equal(cache.detach().nan_to_num(), before.nan_to_num()), "the cache was written by a refused call"
+
+
+@pytest.mark.parametrize("op", ["append_paged_kv", "compact_kv"])
+def test_in_place_ops_refuse_a_cache_that_requires_grad(op, gen):
+    q, kv = _decode_inputs(gen)
+    k_cache = kv.k_cache.clone().requires_grad_()
+    before = k_cache.detach().clone()
+    with pytest.raises(RuntimeError, match=rf"kvcore\.{op} writes k_cache in place, which requires grad"):
+        if op == "append_paged_kv":
+            new = randn(2, 2, 16, gen=gen)
+            kvcore.append_paged_kv(new, new, k_cache, kv.v_cache, torch.tensor([0, 3]))
+        else:
+            kept = torch.tensor([[[0, 2], [1, 3]]] * 3)
+            kvcore.compact_kv(k_cache, kv.v_cache, kv.block_table, kv.seq_lens.clamp(min=4), kept)
+    assert torch.equal(k_cache.detach(), before)
+    with torch.no_grad():  # under no_grad the write is an ordinary in-place update
+        new = randn(1, 2, 16, gen=gen)
+        kvcore.append_paged_kv(new, new, k_cache, kv.v_cache, torch.tensor([1]))
+    assert torch.equal(k_cache.detach()[0, 1], new[0])
+
+
+# ---- tensors without data: validation skips the content checks, the fakes give the shapes ---------
+
+def test_meta_tensors_give_shapes_with_validation_on(gen):
+    assert kvcore.validation_enabled()
+    q, kv = _decode_inputs(gen)
+    m = lambda t: t.to("meta")  # noqa: E731
+    out, lse = kvcore.gqa_decode(m(q), m(kv.k_cache), m(kv.v_cache), m(kv.block_table), m(kv.seq_lens),
+                                 return_lse=True)
+    assert out.device.type == "meta" and out.shape == q.shape and lse.shape == q.shape[:2]
+    sel = torch.zeros(3, 2, 1, dtype=torch.int32)
+    out = kvcore.block_sparse_decode(m(q), m(kv.k_cache), m(kv.v_cache), m(kv.block_table), m(kv.seq_lens), m(sel),
+                                     m(sel[..., 0]))
+    assert out.shape == q.shape
+    scores = kvcore.attention_scores(m(randn(3, 2, 4, 16, gen=gen)), m(kv.k_cache), m(kv.block_table), m(kv.seq_lens))
+    assert scores.shape == (3, 2, kv.block_table.shape[1] * GQA["page_size"])
+    mq, mcache, mtable, mlens = _latent_inputs(gen)
+    assert kvcore.mla_decode(m(mq), m(mcache), m(mtable), m(mlens), scale=0.2, v_dim=32).shape == (2, 3, 32)
+    new = m(randn(2, 2, 16, gen=gen))
+    kvcore.append_paged_kv(new, new, m(kv.k_cache), m(kv.v_cache), m(torch.tensor([0, 3])))
+    kvcore.compact_kv(m(kv.k_cache), m(kv.v_cache), m(kv.block_table), m(kv.seq_lens), m(torch.zeros(3, 2, 1,
+                                                                                                      dtype=torch.int64)))
+
+
+# ---- integer-like and tensor scalars: the same result as the plain Python number --------------------
+
+def test_integer_likes_and_tensor_scales_match_plain_numbers(gen):
+    q, kv = _decode_inputs(gen)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    plain = kvcore.gqa_decode(*args, window_left=5, scale=0.3, return_lse=True)
+    for window, scale in ((np.int64(5), np.float32(0.3)), (torch.tensor(5), torch.tensor(0.3, dtype=torch.float64))):
+        got = kvcore.gqa_decode(*args, window_left=window, scale=scale, return_lse=True)
+        assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    ref_out, ref_lse = reference.gqa_decode(*args, scale=0.3, window_left=5)
+    torch.testing.assert_close(plain[0].double(), ref_out.double(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(plain[1].double(), ref_lse.double(), atol=1e-4, rtol=1e-4)
+
+    mq, mcache, mtable, mlens = _latent_inputs(gen)
+    a = kvcore.mla_decode(mq, mcache, mtable, mlens, scale=0.2, v_dim=32)
+    b = kvcore.mla_decode(mq, mcache, mtable, mlens, scale=torch.tensor(0.2, dtype=torch.float64), v_dim=np.int32(32))
+    assert torch.equal(a, b)
+
+    scores = randn(4, 30, gen=gen)
+    v1, i1 = kvcore.topk_rows(scores, 5)
+    v2, i2 = kvcore.topk_rows(scores, np.int64(5))
+    assert torch.equal(v1, v2) and torch.equal(i1, i2)
+    rv, ri = reference.topk_rows(scores, 5)
+    assert torch.equal(i1, ri) and torch.equal(v1, rv.to(v1.dtype))
+
+
+@pytest.mark.parametrize("value", [True, 2.0, "3"], ids=["bool", "float", "str"])
+def test_integer_arguments_refuse_non_integers(value, gen):
+    q, kv = _decode_inputs(gen)
+    with pytest.raises(ValueError, match=r"num_splits must be 0 \(automatic\) or a positive int"):
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, num_splits=value)
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 256\]"):
+        kvcore.topk_rows(randn(2, 8, gen=gen), value)
+
+
+# ---- arguments that disagree, and defaults that do not apply --------------------------------------
+
+def test_mla_decode_default_v_dim_needs_a_wide_enough_q(gen):
+    mq, mcache, mtable, mlens = _latent_inputs(gen, dk=48)
+    with pytest.raises(ValueError, match=r"v_dim defaults to q's last dim - 64 .* which is -16 .* pass v_dim"):
+        kvcore.mla_decode(mq, mcache, mtable, mlens, scale=0.2)
+    out = kvcore.mla_decode(mq, mcache, mtable, mlens, scale=0.2, v_dim=40)
+    ref = reference.mla_decode(mq, mcache, mtable, mlens, scale=0.2, v_dim=40)
+    torch.testing.assert_close(out.double(), ref[0].double(), atol=1e-4, rtol=1e-4)
+
+
+def test_attention_scores_max_len_must_agree_with_out(gen):
+    _, kv = _decode_inputs(gen)
+    wq = randn(3, 2, 4, 16, gen=gen)
+    out = poison(torch.empty(3, 2, 40))
+    with pytest.raises(ValueError, match=r"max_len = 25 disagrees with out's key dimension \(40\)"):
+        kvcore.attention_scores(wq, kv.k_cache, kv.block_table, kv.seq_lens, max_len=25, out=out)
+    assert bool(torch.isnan(out).all())
+    got = kvcore.attention_scores(wq, kv.k_cache, kv.block_table, kv.seq_lens, max_len=np.int64(40), out=out)
+    want = reference.attention_scores(wq, kv.k_cache, kv.block_table, kv.seq_lens, max_len=40)
+    torch.testing.assert_close(got.double(), want.double(), atol=1e-4, rtol=1e-4)
