@@ -399,6 +399,18 @@ def test_sdpa_falls_back_to_expanded_kv(bench, monkeypatch):
 
 
 @needs_kvcore
+def test_a_second_run_on_the_same_day_does_not_replace_the_first(tmp_path):
+    from kvcore.bench.__main__ import _free_stem
+
+    assert _free_stem(str(tmp_path), "h200-2026-12-05") == "h200-2026-12-05"
+    (tmp_path / "h200-2026-12-05.json").write_text("{}")
+    assert _free_stem(str(tmp_path), "h200-2026-12-05") == "h200-2026-12-05-2"
+    (tmp_path / "h200-2026-12-05-2.json").write_text("{}")
+    assert _free_stem(str(tmp_path), "h200-2026-12-05") == "h200-2026-12-05-3"
+    assert _free_stem(str(tmp_path), "h100-2026-12-05") == "h100-2026-12-05"
+
+
+@needs_kvcore
 def test_quick_cpu_bench_end_to_end(tmp_path, capsys):
     from kvcore.bench.__main__ import main
 

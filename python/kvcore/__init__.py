@@ -1,8 +1,13 @@
 """kvcore: kernels for long-context LLM inference with a small KV cache.
 
 Ops (``kvcore.ops``, also importable from ``kvcore``): ``append_paged_kv``, ``gqa_decode``,
-``merge_attention_states``, ``block_sparse_decode`` (selections: ``kvcore.block_sparse``). The paged cache with cross-layer sharing: ``kvcore.PagedKVCache``.
-The definition of every op: ``kvcore.reference``. Benchmarks: ``python -m kvcore.bench``.
+``merge_attention_states``, ``block_sparse_decode`` (selections: ``kvcore.block_sparse``),
+``token_decoder_attention`` (the model: ``kvcore.block``), ``mla_latent_project`` and
+``mla_decode`` (the layer: ``kvcore.mla``), ``attention_scores`` and ``compact_kv`` (policies:
+``kvcore.policies``), ``infllm_unit_scores`` and ``topk_rows`` (the cache:
+``kvcore.InfLLMCache``). The paged cache with cross-layer sharing: ``kvcore.PagedKVCache``. The
+definition of every op: ``kvcore.reference``. Benchmarks: ``python -m kvcore.bench``. The ops are
+for inference: they have no backward (a backward through one raises).
 """
 
 from __future__ import annotations

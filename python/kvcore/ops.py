@@ -393,9 +393,10 @@ def gqa_decode(
     ``num_splits`` is ignored and results are bitwise identical at a fixed
     ``torch.get_num_threads()``. Tested in ``tests/test_determinism.py``.
 
-    NaN: a NaN in ``q[b, h]`` (or in an attended K row) makes that row's ``out`` and ``lse``
-    NaN and touches no other row; NaN in cache entries a sequence does not attend to is never
-    read (``tests/test_nan.py``).
+    NaN: a NaN in ``q[b, h]`` makes that row's ``out`` and ``lse`` NaN and touches no other row;
+    a NaN in an attended K row of KV head ``g`` does so for every query head of group ``g``, and
+    one in an attended V element only that element of those rows; NaN in cache entries a
+    sequence does not attend to is never read (``tests/test_nan.py``).
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
@@ -1133,6 +1134,8 @@ def infllm_unit_scores(q: torch.Tensor, repr_keys: torch.Tensor, *, per_kv_head:
         float32 ``[B, units]`` or ``[B, num_kv_heads, units]``.
 
     Raises:
+        ValueError: without ``out``, q not 3-D or repr_keys not 4-D; an ``out`` whose rank does
+            not match ``per_kv_head``.
         RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
     """
     if out is None:
@@ -1172,7 +1175,8 @@ def topk_rows(scores: torch.Tensor, k: int, *, index_dtype: torch.dtype = torch.
         ``(values [N, k]`` float32, ``indices [N, k])``, best first.
 
     Raises:
-        ValueError: ``k`` out of range, or ``index_dtype`` not int32/int64.
+        ValueError: ``k`` not an int in range, ``index_dtype`` not int32/int64, or a given
+            ``values`` / ``indices`` whose width is not ``k``.
         RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
     """
     k = _int_arg("k", k, 1, f"an int in [1, {TOPK_MAX_K}]", hi=TOPK_MAX_K)

@@ -798,8 +798,10 @@ class InfLLMCache:
     def decode(self, q: Tensor, k: Tensor, v: Tensor, *, accumulate: bool = True) -> Tensor:
         """Append one token per sequence and attend with its query.
 
-        Attention = ``gqa_decode`` over the recent tokens (the new one included) merged through
-        the lse with ``block_sparse_decode`` over the selected units and the sinks.
+        Attention is :meth:`attend`'s: with every unit resident, one ``block_sparse_decode`` over
+        the selected units, the sinks and the recent tokens (the new one included); with units
+        offloaded, ``gqa_decode`` over the recent tokens merged through the lse with
+        ``block_sparse_decode`` over the selected units and the sinks.
 
         Args:
             q: ``[B, Hq, D]`` (post-RoPE); k, v: ``[B, Hkv, D]`` the new token's K/V.

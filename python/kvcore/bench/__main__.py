@@ -163,12 +163,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "device_name": device_name,
         "rows": rows,
     }
-    stem = f"{short_name}-{result['date']}"
+    stem = _free_stem(args.out, f"{short_name}-{result['date']}")
     paths = report.write_all(result, args.out, stem, plot=not args.no_plot)
     print()
     print(report.markdown(result))
     print("wrote " + ", ".join(paths.values()), flush=True)
     return result
+
+
+def _free_stem(folder: str, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ... when an earlier run of the same GPU and day already
+    wrote ``stem.json`` there: a second run (another --group, say) must not replace the first."""
+    candidate, n = stem, 1
+    while os.path.exists(os.path.join(folder, candidate + ".json")):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark reports: the JSON result file, a markdown table, and a PNG bar chart.
 
-A result is a dict in the committed shape (see DESIGN.md, "Measuring")::
+A result is a dict in the committed shape (that of every JSON file under bench/results/)::
 
     {"gpu", "torch", "date", "copy_gbps", "gemm_tflops",
      "rows": [{"group", "impl", "case", "ms", "gbps", "pct_copy", "tflops", "pct_gemm"}, ...]}

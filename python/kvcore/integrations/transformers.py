@@ -271,7 +271,8 @@ class KVCoreCache(_LogicalPositions, Cache):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"max_cache_len must be an int >= 1, got {max_cache_len!r}")
         if policy is not None and policy not in POLICIES:
-            raise ValueError(f"policy must be None or one of {POLICIES}, got {policy!r}")
+            raise ValueError(f"policy must be None or one of {POLICIES} (or {RETRIEVAL_POLICIES[0]!r} through "
+                             f"enable()), got {policy!r}")
         if policy is not None:
             if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
                 raise ValueError(f"budget must be an int >= 1 with policy {policy!r}, got {budget!r}")
@@ -735,13 +736,14 @@ class DecodeGraph:
     ``[S, B, width]`` (width from the longest store), and each store's slots come from its rows.
     The first call warms up and captures (one eager forward, then the replay).
 
-    Usage (after the prefill, e.g. ``model(prompt, **cache.forward_kwargs(model))``)::
+    Usage (the prefill caches every prompt token; the first step feeds the token it predicts)::
 
+        logits = model(prompt, **cache.forward_kwargs(model), use_cache=True).logits
         graph = kvt.DecodeGraph(model, cache)
-        token = prompt[:, -1:]
+        token = logits[:, -1:].argmax(-1)
         for _ in range(n):
             logits = graph(token)              # [B, 1, vocab], overwritten by the next call
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            token = logits[:, -1:].argmax(-1)
 
     Args:
         model: a causal LM switched to kvcore attention (:func:`enable`), on CUDA.
