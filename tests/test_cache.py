@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,6 +151,42 @@ def test_reserve_bad_arguments_change_nothing():
     assert _state(cache) == before
 
 
+def test_sequence_ids_accept_integer_likes():
+    """Sequence ids (and truncate's new_len) may be any integer-like: numpy integers and the 0-d
+    tensors a 1-D integer tensor iterates into; a twin cache driven with plain ints agrees."""
+    ints, likes = _cache(num_pages=8, page_size=4), _cache(num_pages=8, page_size=4)
+    a, b = ints.add_sequence(), ints.add_sequence()
+    assert (likes.add_sequence(), likes.add_sequence()) == (a, b)
+    ids = torch.tensor([a, b])  # iterates into 0-d int64 tensors
+    assert torch.equal(likes.reserve(ids, [6, 3]), ints.reserve([a, b], [6, 3]))
+    assert torch.equal(likes.reserve(np.array([a, b]), [2, 5]), ints.reserve([a, b], [2, 5]))
+    assert torch.equal(likes.reserve(ids.flip(0), [1, 1]), ints.reserve([b, a], [1, 1]))
+    assert torch.equal(likes.block_table(ids), ints.block_table([a, b]))
+    assert torch.equal(likes.seq_lens(ids), ints.seq_lens([a, b]))
+    assert torch.equal(likes.block_table_per_store(ids), ints.block_table_per_store([a, b]))
+    assert torch.equal(likes.seq_lens_per_store(ids), ints.seq_lens_per_store([a, b]))
+    assert likes.held_bytes(ids) == ints.held_bytes([a, b])
+    assert likes.seq_len(ids[0]) == ints.seq_len(a) == 9 and likes.pages_of(np.int32(b)) == ints.pages_of(b)
+    assert likes.truncate(ids[0], np.int64(5)) == ints.truncate(a, 5) == 1
+    assert likes.truncate(np.int64(b), torch.tensor(9)) == ints.truncate(b, 9) == 0
+    assert _state(likes) == _state(ints)
+    with pytest.raises(ValueError, match="seq_ids must not repeat"):
+        likes.reserve(torch.tensor([a, a]), [1, 1])
+    for bad in (float(a), True, "0", None):
+        with pytest.raises(KeyError, match="unknown sequence id"):
+            likes.reserve([bad], [1])
+        with pytest.raises(KeyError, match="unknown sequence id"):
+            likes.seq_lens([bad])
+    for bad in (5.0, np.float64(5.0), True, torch.tensor(5.0)):
+        with pytest.raises(ValueError, match=r"new_len must be an int in \[0, 5\]"):
+            likes.truncate(a, bad)
+    likes.free(ids[0])
+    ints.free(a)
+    with pytest.raises(KeyError, match="unknown sequence id"):
+        likes.free(np.int64(a))  # double free
+    assert _state(likes) == _state(ints)
+
+
 def test_block_table_and_seq_lens():
     cache = _cache(page_size=4, num_pages=8)
     a, b, c = cache.add_sequence(), cache.add_sequence(), cache.add_sequence()
@@ -280,6 +317,19 @@ def test_constructor_bad_arguments(kwargs, name):
         _cache(**kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn, torch.int32, "bfloat16"])
+def test_constructor_rejects_dtypes_no_op_supports(dtype):
+    with pytest.raises(ValueError, match=r"dtype must be bfloat16, float16 or float32, got"):
+        _cache(dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constructor_rejects_float32_on_cuda(dtype):
+    # Checked before any memory is allocated, so this runs without a GPU too.
+    with pytest.raises(ValueError, match=r"dtype must be bfloat16 or float16 on CUDA \(float32 is CPU-only"):
+        _cache(dtype=dtype, device="cuda")
+
+
 def test_layer_bad_arguments():
     cache = _cache(num_layers=2)
     a = cache.add_sequence()
@@ -377,6 +427,25 @@ def test_end_to_end_ragged_decode_matches_reference(device, dtype):
                 want, want_s = reference.dense_attention(q[row], kv[0], kv[1])
                 torch.testing.assert_close(out[row].double(), want, **tol)
                 torch.testing.assert_close(lse[row].double(), want_s, rtol=1e-3, atol=1e-3)
+
+
+@needs_ops
+def test_decode_with_tensor_sequence_ids_matches_reference():
+    gen = torch.Generator().manual_seed(4321)
+    cache = _cache(num_layers=1, num_pages=8, page_size=4)
+    ids = torch.tensor([cache.add_sequence(), cache.add_sequence()])
+    lens = [7, 10]
+    slots = cache.reserve(ids, lens)
+    k = torch.randn(sum(lens), 2, 8, generator=gen)
+    v = torch.randn(sum(lens), 2, 8, generator=gen)
+    cache.append(0, k, v, slots)
+    q = torch.randn(2, 4, 8, generator=gen)
+    out = cache.decode(0, q, ids)
+    for row, (start, n) in enumerate(((0, 7), (7, 10))):
+        for h in range(2):
+            want, _ = reference.dense_attention(q[row, 2 * h: 2 * h + 2], k[start: start + n, h: h + 1],
+                                                v[start: start + n, h: h + 1])
+            torch.testing.assert_close(out[row, 2 * h: 2 * h + 2].double(), want, rtol=1e-4, atol=1e-5)
 
 
 @needs_ops

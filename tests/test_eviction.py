@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -382,6 +383,89 @@ def test_adakv_matches_torch_and_pad_rule(gen):
             policies.adakv(q, kv.k_cache, kv.block_table, kv.seq_lens, 24, pad=False)
 
 
+@pytest.mark.parametrize("floor_alpha", [0.0, 1.0, 0.5])
+def test_adakv_floor_alpha_edges_match_torch(gen, floor_alpha):
+    kv, q, keys = _make_window(gen, LENS, 8, 8, 4, 64, 16)
+    sel = policies.adakv(q, kv.k_cache, kv.block_table, kv.seq_lens, 24, floor_alpha=floor_alpha)
+    _assert_same_kept(sel, torch_forms.adakv_torch(q, keys, kv.seq_lens, 24, floor_alpha=floor_alpha), LENS)
+    scores = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, pooling="avg")
+    alloc = policies.eviction.adakv_allocation(scores, kv.seq_lens, 24, 8, floor_alpha=floor_alpha)
+    assert int(alloc[0].sum()) == 4 * 16 and bool((alloc[0] >= math.floor(floor_alpha * 16)).all())
+
+
+@pytest.mark.parametrize("floor_alpha", [-0.5, 1.5, 2.0, math.nan, math.inf, -math.inf, True, "0.2", None])
+def test_adakv_rejects_floor_alpha_outside_unit_interval(gen, floor_alpha):
+    kv, q, keys = _make_window(gen, LENS, 8, 8, 4, 64, 16)
+    with pytest.raises(ValueError, match=r"floor_alpha must be in \[0, 1\], got"):
+        policies.adakv(q, kv.k_cache, kv.block_table, kv.seq_lens, 24, floor_alpha=floor_alpha)
+    scores = kvcore.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, pooling="avg")
+    with pytest.raises(ValueError, match=r"floor_alpha must be in \[0, 1\], got"):
+        policies.eviction.adakv_allocation(scores, kv.seq_lens, 24, 8, floor_alpha=floor_alpha)
+
+
+def test_policies_accept_integer_like_arguments(gen):
+    """budget / num_kv_heads / num_sinks / recent / kernel_size / layer ... as numpy integers or 0-d
+    integer tensors: the same selection as with plain ints (itself checked against the torch forms)."""
+    kv, q, keys = _make_window(gen, LENS, 8, 8, 2, 64, 16)
+    args = (kv.k_cache, kv.block_table, kv.seq_lens)
+    scores = policies.h2o_scores(q, *args)
+    for like in (np.int64, np.int32, torch.tensor):
+        calls = {
+            "streaming_llm": lambda i: policies.streaming_llm(kv.seq_lens, i(2), i(24), num_sinks=i(4)),
+            "h2o": lambda i: policies.h2o(scores, kv.seq_lens, i(30), recent=i(10)),
+            "snapkv": lambda i: policies.snapkv(q, *args, i(32), kernel_size=i(7)),
+            "pyramidkv": lambda i: policies.pyramidkv(q, *args, i(40), layer=i(1), num_layers=i(4), beta=i(10)),
+            "adakv": lambda i: policies.adakv(q, *args, i(24)),
+            "tova": lambda i: policies.tova(q[:, -1:], *args, i(20)),
+            "corm": lambda i: policies.corm(q[:, -2:], kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                            budget=i(12), fill=True),
+            "knorm": lambda i: policies.knorm(*args, i(12)),
+        }
+        for name, call in calls.items():
+            want, got = call(int), call(like)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"{name} with {like}"
+    assert policies.pyramidkv_budget(np.int64(1), np.int32(4), torch.tensor(1000), np.int64(64), np.int16(8)) == 82
+    _assert_same_kept(policies.snapkv(q, *args, np.int64(32)), torch_forms.snapkv_torch(q, keys, kv.seq_lens, 32), LENS)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 10.0, np.float64(10.0), True, "10", torch.tensor(10.0)])
+def test_policies_reject_bad_budget(gen, bad):
+    kv, q, _ = _make_window(gen, LENS, 8, 8, 2, 64, 16)
+    args = (kv.k_cache, kv.block_table, kv.seq_lens)
+    for call in (lambda: policies.streaming_llm(kv.seq_lens, 2, bad), lambda: policies.snapkv(q, *args, bad),
+                 lambda: policies.tova(q[:, -1:], *args, bad), lambda: policies.knorm(*args, bad),
+                 lambda: policies.corm(q[:, -2:], kv.k_cache, kv.v_cache, *args[1:], budget=bad)):
+        with pytest.raises(ValueError, match=r"budget must be an int >= 1, got"):
+            call()
+
+
+def test_policies_reject_bad_integer_arguments(gen):
+    kv, q, _ = _make_window(gen, LENS, 8, 8, 2, 64, 16)
+    args = (kv.k_cache, kv.block_table, kv.seq_lens)
+    for heads in (-1, 0, 2.0, True):
+        with pytest.raises(ValueError, match=r"num_kv_heads must be an int >= 1, got"):
+            policies.streaming_llm(kv.seq_lens, heads, 8)
+    for sinks in (-1, 9, 4.0):
+        with pytest.raises(ValueError, match=r"num_sinks must be an int in \[0, budget = 8\], got"):
+            policies.streaming_llm(kv.seq_lens, 2, 8, num_sinks=sinks)
+    scores = policies.h2o_scores(q, *args)
+    for recent in (-1, 31, 4.0):
+        with pytest.raises(ValueError, match=r"recent must be an int in \[0, budget = 30\], got"):
+            policies.h2o(scores, kv.seq_lens, 30, recent=recent)
+    for kernel in (3, 5.0, None):
+        with pytest.raises(ValueError, match=r"kernel_size must be 5 or 7 when pooling is on, got"):
+            policies.snapkv(q, *args, 32, kernel_size=kernel)
+        with pytest.raises(ValueError, match=r"kernel_size must be 5 or 7"):
+            policies.adakv(q, *args, 32, kernel_size=kernel)
+    empty = kv.seq_lens[:0]  # no sequence: the arguments are still checked
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 4\), got"):
+        policies.pyramidkv(q[:0], kv.k_cache, kv.block_table[:0], empty, 40, layer=4, num_layers=4)
+    with pytest.raises(ValueError, match=r"num_layers must be an int >= 2, got"):
+        policies.pyramidkv(q, *args, 40, layer=0, num_layers=1)
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 4\), got"):
+        policies.pyramidkv_budget(1.0, 4, 1000, 64, 8)
+
+
 def test_tova_matches_torch(gen):
     kv, q, keys = _make_window(gen, LENS, 1, 8, 2, 64, 16)
     sel = policies.tova(q, kv.k_cache, kv.block_table, kv.seq_lens, 20)
@@ -556,6 +640,9 @@ BAD_SCORES = [
             r"pool_kernel must be 5 or 7"),
     BadCase("scale_negative", _set_kw("scale", -1.0), ValueError, r"scale must be"),
     BadCase("scale_nan", _set_kw("scale", math.nan), ValueError, r"scale must be"),
+    BadCase("scale_past_float32", _set_kw("scale", 1e39), ValueError, r"scale must be .*float32's range"),
+    BadCase("max_len_disagrees_with_out", _set_kw("max_len", 20), ValueError,
+            r"max_len = 20 disagrees with out's key dimension \(24\)"),
     BadCase("k_cache_other_device", _set("k_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"k_cache must be on the same device", cuda_only=True),
     BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
@@ -627,6 +714,8 @@ BAD_COMPACT = [
     BadCase("kept_unsorted", _set_item("kept", (0, 1, 1), lambda a: 0), ValueError, r"kept\[0, 1\] must be strictly"),
     BadCase("kept_past_seq_len", _set_item("kept", (0, 0, 2), lambda a: 25), ValueError, r"kept\[0, 0, 2\] = 25"),
     BadCase("kept_negative", _set_item("kept", (1, 1, 0), lambda a: -3), ValueError, r"kept\[1, 1, 0\] = -3"),
+    BadCase("caches_same_memory", lambda a, d: setattr(a, "v_cache", a.k_cache), ValueError,
+            r"k_cache and v_cache are the same memory"),
     BadCase("kept_other_device", _set("kept", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"kept must be on the same device", cuda_only=True),
     BadCase("v_cache_other_device", _set("v_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,

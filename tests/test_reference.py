@@ -466,3 +466,28 @@ def test_dense_attention_empty_keys():
     out, lse = reference.dense_attention(q, empty, empty)
     assert torch.equal(out, torch.zeros(4, 8, dtype=torch.float64))
     assert torch.isneginf(lse).all()
+
+
+# ------------------------------------------------------------------- token_decoder_attention
+
+
+@pytest.mark.parametrize("blocks,prefix", [(3, 2), (3, 0), (0, 2)])
+@pytest.mark.parametrize("with_lens", [False, True])
+def test_token_decoder_attention_empty_block_length(blocks, prefix, with_lens):
+    """L = 0 (no tokens per block): empty out [N, 0, Hq, D] and lse [N, 0, Hq], float32 like every
+    result of the reference (the op returns the same shapes)."""
+    gen = _gen(41)
+    q = _randn(gen, blocks, 0, 4, 16)
+    k, v = _randn(gen, blocks, prefix, 2, 16), _randn(gen, blocks, prefix, 2, 16)
+    lens = torch.zeros(blocks, dtype=torch.int32) if with_lens else None
+    out, lse = reference.token_decoder_attention(q, k, v, lens)
+    assert out.shape == (blocks, 0, 4, 16) and out.dtype == torch.float32
+    assert lse.shape == (blocks, 0, 4) and lse.dtype == torch.float32
+    # One token more still works and is the dense attention over the prefix and the token.
+    q1 = _randn(gen, blocks, 1, 4, 16)
+    k1, v1 = _randn(gen, blocks, prefix + 1, 2, 16), _randn(gen, blocks, prefix + 1, 2, 16)
+    out1, lse1 = reference.token_decoder_attention(q1, k1, v1)
+    for n in range(blocks):
+        want, want_lse = reference.dense_attention(q1[n, 0], k1[n], v1[n])
+        torch.testing.assert_close(out1[n, 0].double(), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse1[n, 0].double(), want_lse, rtol=1e-6, atol=1e-6)

@@ -57,6 +57,19 @@ def _as_int(value: Any, name: str, minimum: int) -> int:
     return ivalue
 
 
+def _index(value: Any) -> int | None:
+    """``value`` as a Python int if it is integer-like (int, numpy integer, 0-d integer tensor:
+    anything with ``__index__``), never a bool or a float; None otherwise."""
+    if type(value) is int:  # the common case, kept cheap (decode steps pass ids every step)
+        return value
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _ops():
     # Imported lazily: kvcore/__init__ imports this module, and kvcore.ops needs the extension.
     from kvcore import ops
@@ -72,7 +85,8 @@ class PagedKVCache:
         num_kv_heads, head_dim: KV heads and head size of every layer.
         num_pages: pages per store (every store has the same pages; a page id indexes all).
         page_size: tokens per page.
-        dtype, device: of the K/V storage.
+        dtype, device: of the K/V storage. ``dtype``: bfloat16 or float16, or float32 on CPU only
+            (the CUDA attention kernels have no float32 path); ValueError otherwise.
         cla_share: CLA factor ``f``: layers ``[0, f)`` use store 0, ``[f, 2f)`` store 1, ...
         layer_to_store: explicit layer -> store map (MLKV), length ``num_layers``, store ids
             ``0 .. S-1`` all used. Exclusive with ``cla_share != 1``.
@@ -97,12 +111,19 @@ class PagedKVCache:
         self.num_pages = _as_int(num_pages, "num_pages", 1)
         self.page_size = _as_int(page_size, "page_size", 1)
         cla_share = _as_int(cla_share, "cla_share", 1)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"device must name a torch device, got {device!r}") from exc
+        # The dtypes the ops (append_paged_kv, gqa_decode) take, as InfLLMCache checks them.
+        if self.device.type == "cuda":
+            if dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(
+                    f"dtype must be bfloat16 or float16 on CUDA (float32 is CPU-only: the CUDA decode "
+                    f"kernels have no float32 path), got {dtype!r}"
+                )
+        elif dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
         self.dtype = dtype
 
         if layer_to_store is not None:
@@ -238,18 +259,29 @@ class PagedKVCache:
             return 0
         return store
 
-    def _get(self, seq_id: int) -> list[_Sequence]:
-        try:
-            return self._seqs[seq_id]
-        except (KeyError, TypeError):
+    def _key(self, seq_id: int) -> int:
+        """``seq_id`` as the int key of a live sequence: any integer-like id (an int, a numpy
+        integer, a 0-d integer tensor such as an element of ``torch.tensor(ids)``), never a bool or
+        a float; KeyError otherwise."""
+        key = _index(seq_id)
+        if key is None:
             raise KeyError(
-                f"unknown sequence id {seq_id!r} (never added or already freed); "
-                f"live ids: {sorted(self._seqs)}"
-            ) from None
+                f"unknown sequence id {seq_id!r}: sequence ids are ints (from add_sequence()), got "
+                f"{type(seq_id).__name__}; live ids: {sorted(self._seqs)}"
+            )
+        if key not in self._seqs:
+            raise KeyError(
+                f"unknown sequence id {key!r} (never added or already freed); live ids: {sorted(self._seqs)}"
+            )
+        return key
+
+    def _get(self, seq_id: int) -> list[_Sequence]:
+        return self._seqs[self._key(seq_id)]
 
     def _one(self, seq_id: int, store: int | None, what: str) -> _Sequence:
         """``seq_id``'s bookkeeping in ``store``; with ``store=None`` after a split, the stores must agree."""
-        units = self._get(seq_id)
+        seq_id = self._key(seq_id)
+        units = self._seqs[seq_id]
         unit = self._unit(store, what)
         if unit is not None:
             return units[unit]
@@ -275,8 +307,8 @@ class PagedKVCache:
 
     def free(self, seq_id: int) -> None:
         """Drop a sequence and return its pages (in every store) to the free list."""
-        units = self._get(seq_id)
-        del self._seqs[seq_id]
+        seq_id = self._key(seq_id)
+        units = self._seqs.pop(seq_id)
         # Pushed in reverse so the sequence's first page is handed out first again.
         for free, seq in zip(self._frees, units):
             free.extend(reversed(seq.pages))
@@ -355,10 +387,11 @@ class PagedKVCache:
                 f"num_tokens must have one entry per sequence in seq_ids ({len(seq_ids)}), "
                 f"got {len(num_tokens)}"
             )
+        seq_ids = [self._key(s) for s in seq_ids]  # ints, so that repeats are found below
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"seq_ids must not repeat a sequence, got {seq_ids}")
         counts = [_as_int(n, f"num_tokens[{i}]", 0) for i, n in enumerate(num_tokens)]
-        entries = [self._get(s) for s in seq_ids]
+        entries = [self._seqs[s] for s in seq_ids]
         per_unit = [[units_of[u] for units_of in entries] for u in units]
 
         new_pages = []
@@ -560,16 +593,19 @@ class PagedKVCache:
         to its own kept count (``store=``), so the pages a small store frees are really free.
 
         Returns the number of pages freed (summed over the stores after a split). Raises
-        ``ValueError`` for an unknown sequence, a ``store`` before :meth:`split_stores`, or
-        ``new_len`` outside ``[0, seq_len]`` (of every store truncated); nothing changes then.
+        ``KeyError`` for an unknown sequence, ``ValueError`` for a ``store`` before
+        :meth:`split_stores` or ``new_len`` outside ``[0, seq_len]`` (of every store truncated);
+        nothing changes then.
         """
         units = self._get(seq_id)
         # store=None truncates every store, split or not (so it is not refused as a mutation).
         unit = None if store is None else self._unit(store, "truncate", mutates=True)
         targets = list(range(len(units))) if unit is None else [unit]
         shortest = min(units[u].length for u in targets)
-        if isinstance(new_len, bool) or not isinstance(new_len, int) or not 0 <= new_len <= shortest:
+        index = _index(new_len)
+        if index is None or not 0 <= index <= shortest:
             raise ValueError(f"new_len must be an int in [0, {shortest}] (the sequence's length), got {new_len!r}")
+        new_len = index
         keep = math.ceil(new_len / self.page_size)
         freed = 0
         for u in targets:

@@ -5,7 +5,7 @@ inputs' device, and is written for readability rather than speed. Kernels are te
 these functions; when a kernel and this file disagree, this file is right (or the spec changes
 here first).
 
-Paged cache convention (shared by every op, see DESIGN.md):
+Paged cache convention (shared by every op):
 
 * ``k_cache``, ``v_cache``: ``[num_pages, page_size, num_kv_heads, head_dim]``.
 * ``block_table``: ``[batch, max_pages]`` int32; ``seq_lens``: ``[batch]`` int32.
@@ -555,11 +555,12 @@ def token_decoder_attention(
     lse = torch.logsumexp(logits, dim=-1)  # [N, Hq, L]; every row has at least one key
     # Row i reads only keys 0 .. P + i: a product with the full V would let a NaN in a key the
     # row never attends to leak in through 0 * NaN.
-    out = torch.stack(
-        [torch.exp(logits[:, :, i, : prefix + i + 1] - lse[:, :, i, None])[:, :, None, :]
-         @ v64[:, :, : prefix + i + 1] for i in range(block_length)],
-        dim=2,
-    ).squeeze(3)  # [N, Hq, L, D]
+    rows = [torch.exp(logits[:, :, i, : prefix + i + 1] - lse[:, :, i, None])[:, :, None, :]
+            @ v64[:, :, : prefix + i + 1] for i in range(block_length)]
+    if rows:
+        out = torch.stack(rows, dim=2).squeeze(3)  # [N, Hq, L, D]
+    else:  # L = 0: no rows (torch.stack refuses an empty list)
+        out = v64.new_empty(blocks, num_q_heads, 0, head_dim)
     out = out.transpose(1, 2)  # [N, L, Hq, D]
     lse = lse.transpose(1, 2)  # [N, L, Hq]
     out = torch.where(valid_row[:, :, None, None], out, 0.0)
@@ -854,7 +855,7 @@ def compact_kv(
 # InfLLM / Quest retrieval scoring (kvcore.retrieval; issue 5)
 # --------------------------------------------------------------------------------------------
 
-__all__ += ["infllm_representative_keys", "infllm_unit_scores", "quest_page_scores", "topk_set"]
+__all__ += ["infllm_representative_keys", "infllm_unit_scores", "quest_page_scores", "topk_rows", "topk_set"]
 
 
 def infllm_representative_keys(unit_keys: Tensor, token_scores: Tensor, repr_topk: int) -> Tensor:

@@ -23,7 +23,9 @@ GQA: scores are per KV head; a KV head's score for a key reduces over the query 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import numbers
+import operator
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -50,10 +52,38 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
+def _index(value: Any) -> Optional[int]:
+    """``value`` as a Python int if it is integer-like (int, numpy integer, 0-d integer tensor:
+    anything with ``__index__``), never a bool or a float; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _check_budget(budget: int, name: str = "budget", minimum: int = 1) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < minimum:
+    value = _index(budget)
+    if value is None or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {budget!r}")
-    return budget
+    return value
+
+
+def _check_in_range(value: Any, name: str, low: int, high: int, what: str) -> int:
+    """An integer-like ``value`` in ``[low, high]`` as an int; ValueError ``{name} must be an int in
+    [{low}, {what}]`` otherwise."""
+    index = _index(value)
+    if index is None or not low <= index <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {what}], got {value!r}")
+    return index
+
+
+def _check_floor_alpha(floor_alpha: float) -> float:
+    if (isinstance(floor_alpha, bool) or not isinstance(floor_alpha, numbers.Real)
+            or not 0.0 <= float(floor_alpha) <= 1.0):
+        raise ValueError(f"floor_alpha must be in [0, 1], got {floor_alpha!r}")
+    return float(floor_alpha)
 
 
 def _lens(seq_lens: Tensor) -> Tensor:
@@ -110,11 +140,12 @@ def streaming_llm(seq_lens: Tensor, num_kv_heads: int, budget: int, *, num_sinks
     the most recent ``budget - num_sinks`` tokens, the same for every head; no scores needed.
 
     Defaults: 4 sink tokens (the paper's choice); ``budget`` is the whole kept size (sinks +
-    recent window). Args: ``seq_lens`` ``[B]`` int32, ``num_kv_heads``, ``budget >= num_sinks``.
+    recent window). Args: ``seq_lens`` ``[B]`` int32, ``num_kv_heads >= 1``, ``budget >= 1`` and
+    ``num_sinks`` in ``[0, budget]`` (ints or integer-likes such as ``numpy.int64``).
     """
-    _check_budget(budget)
-    if isinstance(num_sinks, bool) or not isinstance(num_sinks, int) or not 0 <= num_sinks <= budget:
-        raise ValueError(f"num_sinks must be an int in [0, budget = {budget}], got {num_sinks!r}")
+    num_kv_heads = _check_budget(num_kv_heads, "num_kv_heads")
+    budget = _check_budget(budget)
+    num_sinks = _check_in_range(num_sinks, "num_sinks", 0, budget, f"budget = {budget}")
     lens = _lens(seq_lens)
     length = int(lens.max()) if lens.numel() else 0
     pos = torch.arange(length, device=seq_lens.device).view(1, 1, -1)
@@ -152,11 +183,8 @@ def h2o(scores: Tensor, seq_lens: Tensor, budget: int, *, recent: Optional[int] 
     Defaults: ``recent = budget // 2`` (the paper splits the budget evenly between heavy hitters
     and recent tokens). ``scores`` ``[B, Hkv, S]``: the accumulated attention (:func:`h2o_scores`).
     """
-    _check_budget(budget)
-    if recent is None:
-        recent = budget // 2
-    if isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent <= budget:
-        raise ValueError(f"recent must be an int in [0, budget = {budget}], got {recent!r}")
+    budget = _check_budget(budget)
+    recent = _check_in_range(budget // 2 if recent is None else recent, "recent", 0, budget, f"budget = {budget}")
     lens = _lens(seq_lens).to(scores.device)
     pos = torch.arange(scores.shape[2], device=scores.device).view(1, 1, -1)
     forced = pos >= (lens - recent).view(-1, 1, 1)
@@ -170,6 +198,8 @@ def h2o(scores: Tensor, seq_lens: Tensor, budget: int, *, recent: Optional[int] 
 
 def _window_scores(q_window: Tensor, k_cache: Tensor, block_table: Tensor, seq_lens: Tensor, kernel_size: int,
                    pooling: str, scale: Optional[float], lse: Optional[Tensor]) -> Tensor:
+    if pooling != "none" and _index(kernel_size) not in (5, 7):  # attention_scores' pool_kernel, named as here
+        raise ValueError(f"kernel_size must be 5 or 7 when pooling is on, got {kernel_size!r}")
     return ops.attention_scores(q_window, k_cache, block_table, seq_lens, lse=lse, scale=scale, reduction="sum",
                                 pooling=pooling, pool_kernel=kernel_size)
 
@@ -194,7 +224,7 @@ def snapkv(q_window: Tensor, k_cache: Tensor, block_table: Tensor, seq_lens: Ten
     no longer than ``budget`` keeps everything. Defaults: avg pooling, kernel 5; the reference's
     observation window is 32 tokens (``w``) and its budget ``max_capacity_prompt`` counts the window.
     """
-    _check_budget(budget)
+    budget = _check_budget(budget)
     window = q_window.shape[1] if q_window.dim() == 4 else 0
     if budget < window:
         raise ValueError(f"budget ({budget}) must be at least the observation window w = {window}")
@@ -212,11 +242,15 @@ def pyramidkv_budget(layer: int, num_layers: int, seq_len: int, budget: int, win
     A prompt shorter than ``budget`` keeps everything; one shorter than ``2c`` uses the uniform
     SnapKV budget ``budget`` on every layer (both as in the reference). Default ``beta = 20``.
     """
-    for name, v, lo in (("num_layers", num_layers, 2), ("budget", budget, 1), ("window", window, 0),
-                        ("seq_len", seq_len, 0), ("beta", beta, 1)):
-        _check_budget(v, name, lo)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+    num_layers = _check_budget(num_layers, "num_layers", 2)
+    budget = _check_budget(budget)
+    window = _check_budget(window, "window", 0)
+    seq_len = _check_budget(seq_len, "seq_len", 0)
+    beta = _check_budget(beta, "beta", 1)
+    index = _index(layer)
+    if index is None or not 0 <= index < num_layers:
         raise ValueError(f"layer must be an int in [0, {num_layers}), got {layer!r}")
+    layer = index
     if budget <= window:
         raise ValueError(f"budget ({budget}) must exceed window ({window})")
     c = budget - window
@@ -239,8 +273,9 @@ def pyramidkv(q_window: Tensor, k_cache: Tensor, block_table: Tensor, seq_lens: 
     """PyramidKV (Cai et al. 2024): SnapKV's scores and selection with a per-layer kept size from
     :func:`pyramidkv_budget` (more tokens in lower layers, fewer in higher ones; ``beta = 20``),
     computed per sequence from its length. Defaults as KVCache-Factory: avg pooling, kernel 5."""
-    _check_budget(budget)
+    budget = _check_budget(budget)
     window = q_window.shape[1] if q_window.dim() == 4 else 0
+    pyramidkv_budget(layer, num_layers, 0, budget, window, beta=beta)  # checks the arguments (also for B = 0)
     counts = torch.tensor([pyramidkv_budget(layer, num_layers, int(n), budget, window, beta=beta)
                            for n in _lens(seq_lens).tolist()], dtype=torch.int64)
     scores = _window_scores(q_window, k_cache, block_table, seq_lens, kernel_size, pooling, scale, lse)
@@ -253,10 +288,12 @@ def adakv_allocation(scores: Tensor, seq_lens: Tensor, budget: int, window: int,
 
     Rule (Feng et al. 2024, "Ada-KV"): the layer's budget for the keys before the window,
     ``Hkv * (budget - window)`` per sequence, is shared by all heads: every head first gets
-    ``floor(floor_alpha * (budget - window))`` (the safeguard floor; default alpha 0.2 as in the
-    AdaKV scripts), and the rest goes to the best scores over all heads together (softmax
-    probabilities are comparable across heads: each query's row sums to 1).
+    ``floor(floor_alpha * (budget - window))`` (the safeguard floor; ``floor_alpha`` in ``[0, 1]``,
+    default 0.2 as in the AdaKV scripts; ValueError otherwise), and the rest goes to the best
+    scores over all heads together (softmax probabilities are comparable across heads: each
+    query's row sums to 1).
     """
+    floor_alpha = _check_floor_alpha(floor_alpha)
     batch, heads, _ = scores.shape
     lens = _lens(seq_lens).to(scores.device)
     prefix = torch.clamp(lens - window, min=0)
@@ -289,9 +326,11 @@ def adakv(q_window: Tensor, k_cache: Tensor, block_table: Tensor, seq_lens: Tens
     head keeps as many tokens as the sequence's largest allocation: a head allocated fewer keeps
     its allocation *plus* its next-best keys up to that count (a superset of AdaKV's choice; memory
     is ``max allocation x Hkv``, not the average). ``pad=False`` raises ``ValueError`` when the
-    allocations of a sequence's heads differ.
+    allocations of a sequence's heads differ. ``floor_alpha`` in ``[0, 1]``: the share of each
+    head's even budget it is guaranteed (:func:`adakv_allocation`).
     """
-    _check_budget(budget)
+    _check_floor_alpha(floor_alpha)
+    budget = _check_budget(budget)
     window = q_window.shape[1] if q_window.dim() == 4 else 0
     if budget < window:
         raise ValueError(f"budget ({budget}) must be at least the observation window w = {window}")
@@ -317,7 +356,7 @@ def tova(q_last: Tensor, k_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
     ``budget`` best are kept, the same set for every head. TOVA drops the lowest token each step
     once the cache is full; for one query that equals keeping its top ``budget`` at once (removing a
     key renormalises the others without changing their order). ``q_last`` ``[B, 1, Hq, D]``."""
-    _check_budget(budget)
+    budget = _check_budget(budget)
     scores = ops.attention_scores(q_last, k_cache, block_table, seq_lens, scale=scale, reduction="mean")
     layer = scores.mean(dim=1, keepdim=True).expand_as(scores)  # mean over KV heads of group means
     return _select_top(layer, seq_lens, _budget_counts(seq_lens, budget))
@@ -341,6 +380,8 @@ def corm(q_recent: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor
     """
     if fill and budget is None:
         raise ValueError("corm: fill=True needs a budget")
+    if budget is not None:
+        budget = _check_budget(budget)
     if q_recent.dim() != 4:
         raise ValueError(f"q_recent must be 4-D [batch, r, num_q_heads, head_dim], got {tuple(q_recent.shape)}")
     batch, r, hq, d = q_recent.shape
@@ -360,9 +401,9 @@ def corm(q_recent: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor
     voted = (scores >= 1.0) | forced
     counts = (voted & valid).sum(dim=-1).max(dim=1).values
     if fill:
-        counts = _budget_counts(seq_lens, _check_budget(budget)).to(counts.device)
+        counts = _budget_counts(seq_lens, budget).to(counts.device)
     elif budget is not None:
-        counts = torch.clamp(counts, max=_check_budget(budget))
+        counts = torch.clamp(counts, max=budget)
     return _select_top(scores, seq_lens, counts, forced)
 
 
@@ -370,7 +411,7 @@ def knorm(k_cache: Tensor, block_table: Tensor, seq_lens: Tensor, budget: int) -
     """Knorm (Devoto et al. 2024, "a simple and effective L2 norm-based strategy"): keep, per KV head,
     the ``budget`` keys with the *smallest* L2 norm (low-norm keys draw high attention); needs no
     queries. Norms are computed in fp32 from the paged cache."""
-    _check_budget(budget)
+    budget = _check_budget(budget)
     lens = _lens(seq_lens)
     page_size = k_cache.shape[1]
     length = int(lens.max()) if lens.numel() else 0
