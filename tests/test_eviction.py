@@ -162,7 +162,13 @@ def test_attention_scores_cuda_deterministic_and_strided_q(gen):
     c = kvcore.attention_scores(q_odd, kv.k_cache, kv.block_table, kv.seq_lens, pooling="avg", pool_kernel=7)
     d = kvcore.attention_scores(q.contiguous(), kv.k_cache.contiguous(), kv.block_table, kv.seq_lens, pooling="avg",
                                 pool_kernel=7)
-    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+    # A contiguous q one element past a 4-byte boundary: contiguous() would hand it back as it is
+    # (a misaligned-address fault in the kernel's 4-byte loads); the launcher copies it.
+    q_shift = torch.empty(q.numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].view(q.shape)
+    q_shift.copy_(q)
+    assert q_shift.is_contiguous() and q_shift.data_ptr() % 4 == 2
+    e = kvcore.attention_scores(q_shift, kv.k_cache, kv.block_table, kv.seq_lens, pooling="avg", pool_kernel=7)
+    assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d) and torch.equal(a, e)
     ref = reference.attention_scores(q, kv.k_cache, kv.block_table, kv.seq_lens, pooling="avg", pool_kernel=7,
                                      max_len=a.shape[2])
     torch.testing.assert_close(a.double(), ref, atol=2e-3 * 32 * 4, rtol=1e-3)
@@ -716,6 +722,9 @@ BAD_COMPACT = [
     BadCase("kept_negative", _set_item("kept", (1, 1, 0), lambda a: -3), ValueError, r"kept\[1, 1, 0\] = -3"),
     BadCase("caches_same_memory", lambda a, d: setattr(a, "v_cache", a.k_cache), ValueError,
             r"k_cache and v_cache are the same memory"),
+    BadCase("cache_pages_overlap", lambda a, d: [setattr(a, n, getattr(a, n)[:1].expand(a.k_cache.shape[0], -1, -1, -1))
+                                                 for n in ("k_cache", "v_cache")],
+            RuntimeError, r"k_cache's pages overlap: page stride 0 < 1024 elements"),
     BadCase("kept_other_device", _set("kept", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"kept must be on the same device", cuda_only=True),
     BadCase("v_cache_other_device", _set("v_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
@@ -733,6 +742,16 @@ def test_compact_kv_bad_input(device, bad, gen):
         kvcore.compact_kv(a.k_cache, a.v_cache, a.block_table, a.seq_lens, a.kept, a.kept_lens)
     assert torch.equal(a.k_cache, k_before) and torch.equal(a.v_cache, v_before)
     assert torch.equal(a.seq_lens, lens_before)
+
+
+@pytest.mark.parametrize("device", _bad_devices("compact_kv"))
+def test_compact_kv_op_rejects_one_memory_for_both_caches(device, gen):
+    # The op itself, not only the wrapper: C++ callers and direct torch.ops users bypass ops.py.
+    a = _compact_args(device, gen)
+    k_before, lens_before = a.k_cache.clone(), a.seq_lens.clone()
+    with pytest.raises(RuntimeError, match=r"k_cache and v_cache are the same memory"):
+        torch.ops.kvcore.compact_kv(a.k_cache, a.k_cache, a.block_table, a.seq_lens, a.kept, a.kept_lens)
+    assert torch.equal(a.k_cache, k_before) and torch.equal(a.seq_lens, lens_before)
 
 
 def test_ops_clamp_bad_contents_without_validation(gen, no_validation):

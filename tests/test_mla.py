@@ -481,6 +481,8 @@ BAD_PROJECT = [
             r"latent_cache must start on a 16-byte boundary", cuda_only=True, kernel_limit=True),
     BadCase("cache_page_stride", _set("cache", lambda t, a, d: _odd_page_stride_cache(a, d)), RuntimeError,
             r"latent_cache's page stride must be a multiple of 8", cuda_only=True, kernel_limit=True),
+    BadCase("cache_pages_overlap", _set("cache", lambda t, a, d: t[:1].expand(t.shape[0], -1, -1)), RuntimeError,
+            r"latent_cache's pages overlap: page stride 0"),
     BadCase("w_dkv_misaligned", _set("w_dkv", lambda t, a, d: _misaligned_copy(t)), RuntimeError,
             r"w_dkv must start on a 16-byte boundary", cuda_only=True, kernel_limit=True),
     BadCase("width_not_multiple_of_8", _set("cache", lambda t, a, d: _width_not_multiple_of_8(a, d)), RuntimeError,

@@ -636,6 +636,10 @@ BAD_APPEND = [
             r"slot_mapping must have dtype"),
     BadCase("caches_same_memory", lambda a, d: setattr(a, "v_cache", a.k_cache), ValueError,
             r"k_cache and v_cache are the same memory"),
+    # (an expanded cache: a write to one page would land in every page)
+    BadCase("cache_pages_overlap", lambda a, d: [setattr(a, n, getattr(a, n)[:1].expand(3, -1, -1, -1))
+                                                 for n in ("k_cache", "v_cache")],
+            RuntimeError, r"k_cache's pages overlap: page stride 0 < 512 elements"),
     BadCase("slot_mapping_length", _set("slot_mapping", lambda t, a, d: t[:3].contiguous()), RuntimeError,
             r"slot_mapping must have shape"),
     BadCase("slot_mapping_rank", _set("slot_mapping", lambda t, a, d: t.view(2, 2)), RuntimeError,
@@ -682,6 +686,15 @@ def test_append_paged_kv_bad_input(device, bad, gen):
     with pytest.raises(bad.error, match=bad.match):
         kvcore.append_paged_kv(a.k, a.v, a.k_cache, a.v_cache, a.slot_mapping)
     assert torch.equal(a.k_cache, before[0]) and torch.equal(a.v_cache, before[1]), "cache written by a failed call"
+
+
+def test_append_op_rejects_one_memory_for_both_caches(device, gen):
+    # The op itself, not only the wrapper: C++ callers and direct torch.ops users bypass ops.py.
+    a = _append_args(device, gen)
+    before = a.k_cache.clone()
+    with pytest.raises(RuntimeError, match=r"k_cache and v_cache are the same memory"):
+        torch.ops.kvcore.append_paged_kv(a.k, a.v, a.k_cache, a.k_cache, a.slot_mapping)
+    assert torch.equal(a.k_cache, before)
 
 
 def _merge_args(device: str, gen) -> SimpleNamespace:

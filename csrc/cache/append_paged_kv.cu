@@ -36,6 +36,10 @@ void append_paged_kv_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor& 
   p.slot_mapping = slot_mapping.data_ptr<int64_t>();
   p.num_tokens = s.tokens;
   p.num_slots = s.num_slots;
+  // int32 in the kernel: a page_size of 2^31 + 8 would become negative and a valid slot a page -1.
+  TORCH_CHECK(k_cache.size(1) < (int64_t(1) << 31) && row_bytes / 16 < (int64_t(1) << 31),
+              "append_paged_kv (CUDA): page_size and num_kv_heads * head_dim / 8 must be < 2^31, got ",
+              k_cache.size(1), " and ", row_bytes / 16);
   p.page_size = int(k_cache.size(1));
   p.row_chunks = int(row_bytes / 16);
   const int threads = 256;

@@ -55,6 +55,22 @@ inline void check_inner_dense(const at::Tensor& t, int64_t inner, const char* na
   }
 }
 
+// A cache an op writes in place: its pages must not overlap (a page stride below a page's
+// elements, or 0 for an expanded cache, would make writes to one page land in another and the
+// result depend on their order). Caches that are only read may overlap.
+inline void check_pages_distinct(const at::Tensor& cache, const char* name) {
+  if (cache.numel() == 0 || cache.size(0) <= 1) return;
+  const int64_t page_elems = cache.numel() / cache.size(0);
+  TORCH_CHECK(cache.stride(0) >= page_elems, name, "'s pages overlap: page stride ", cache.stride(0), " < ",
+              page_elems, " elements a page; an op that writes the cache needs distinct pages");
+}
+
+// Two caches an op writes must not be one memory (V would overwrite K).
+inline void check_not_same_memory(const at::Tensor& a, const at::Tensor& b, const char* a_name, const char* b_name) {
+  TORCH_CHECK(a.numel() == 0 || a.data_ptr() != b.data_ptr(), a_name, " and ", b_name,
+              " are the same memory; pass separate caches (or two halves of one allocation)");
+}
+
 // A paged call's block_table [batch, max_pages] and seq_lens [batch]: int32, contiguous, on
 // ref's device.
 inline void check_table_and_lens(const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t batch,
@@ -201,6 +217,9 @@ inline AppendShape check_append(const at::Tensor& k, const at::Tensor& v, const 
   check_inner_dense(v, 2, "v");
   check_inner_dense(k_cache, 3, "k_cache");
   check_inner_dense(v_cache, 3, "v_cache");
+  check_pages_distinct(k_cache, "k_cache");
+  check_pages_distinct(v_cache, "v_cache");
+  check_not_same_memory(k_cache, v_cache, "k_cache", "v_cache");
   check_contiguous(slot_mapping, "slot_mapping");
   return {k.size(0), k.size(1), k.size(2), k_cache.size(0) * k_cache.size(1)};
 }
@@ -392,6 +411,7 @@ inline MlaProjectShape check_mla_latent_project(const at::Tensor& hidden, const 
   check_contiguous(positions, "positions");
   check_contiguous(slot_mapping, "slot_mapping");
   check_inner_dense(latent_cache, 2, "latent_cache");
+  check_pages_distinct(latent_cache, "latent_cache");
   for (auto [o, n, cols] : {std::tuple{&c_kv_out, "c_kv_out", s.rank}, {&k_pe_out, "k_pe_out", s.rope_dim}}) {
     if (!o->has_value()) continue;
     const at::Tensor& t = o->value();
@@ -571,6 +591,9 @@ inline CompactShape check_compact_kv(const at::Tensor& k_cache, const at::Tensor
     check_contiguous(*t, n);
   check_inner_dense(k_cache, 3, "k_cache");
   check_inner_dense(v_cache, 3, "v_cache");
+  check_pages_distinct(k_cache, "k_cache");
+  check_pages_distinct(v_cache, "v_cache");
+  check_not_same_memory(k_cache, v_cache, "k_cache", "v_cache");
   return s;
 }
 

@@ -26,7 +26,12 @@ void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                      const c10::optional<at::Tensor>& score) {
   const PagedDecodeShape s = check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, lse);
   check_decode_scalars(scale, window_left, logit_soft_cap, num_splits);
-  if (score.has_value()) check_decode_score(*score, q, s);
+  if (score.has_value()) {
+    check_decode_score(*score, q, s);
+    // The score epilogue's grid has the KV heads on y; checked before anything is written.
+    TORCH_CHECK(s.num_kv_heads <= 65535, "gqa_decode (CUDA): num_kv_heads must be <= 65535 with a score buffer, got ",
+                s.num_kv_heads);
+  }
   GqaDecodeParams p = paged_decode::common_params("gqa_decode", s, q, k_cache, v_cache, block_table, seq_lens, scale,
                                                   logit_soft_cap, out, lse, workspace);
   if (s.batch == 0 || s.num_q_heads == 0) return;

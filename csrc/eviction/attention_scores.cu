@@ -66,6 +66,15 @@ void launch(AttentionScoresParams& p, bool have_lse, int64_t pairs, at::Tensor& 
   int64_t split_tokens = std::max<int64_t>(1, (kv_len + splits - 1) / splits);
   split_tokens = (split_tokens + Cfg::TK - 1) / Cfg::TK * Cfg::TK;
   splits = std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens);
+  // Positions are int32 in the kernels, and the last split's end (start + split_tokens) passes
+  // kv_len by up to a tile per split: keep splits x TK within the headroom under 2^31, less 2^15
+  // for the positions the kernels look ahead (the capacity check leaves 2^16: at least 512
+  // splits at TK 64; only grids of a few pairs over ~2^31 keys ask for more).
+  const int64_t most_splits = std::max<int64_t>(1, ((int64_t(1) << 31) - (int64_t(1) << 15) - kv_len) / Cfg::TK);
+  if (splits > most_splits) {
+    split_tokens = ((kv_len + most_splits - 1) / most_splits + Cfg::TK - 1) / Cfg::TK * Cfg::TK;
+    splits = std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens);
+  }
   if (splits > 65535) {  // grid y limit
     split_tokens = ((kv_len + 65534) / 65535 + Cfg::TK - 1) / Cfg::TK * Cfg::TK;
     splits = (kv_len + split_tokens - 1) / split_tokens;
@@ -133,11 +142,12 @@ void attention_scores_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, co
               k_cache.stride(0));
   if (s.batch == 0 || s.num_kv_heads == 0 || s.max_len == 0) return;
   check_aligned16(k_cache, "k_cache");
-  // The rows are read as 4-byte pairs of elements: a q view with odd strides is copied once
-  // (small next to the keys) rather than refused.
+  // The rows are read as 4-byte pairs of elements: a q view with odd strides or an address that
+  // is 2 mod 4 is copied once (small next to the keys) rather than refused. A clone, not
+  // contiguous(): a contiguous q at an odd element offset would come back as itself, misaligned.
   const bool q_ok = q_in.stride(0) % 2 == 0 && q_in.stride(1) % 2 == 0 && q_in.stride(2) % 2 == 0 &&
                     reinterpret_cast<uintptr_t>(q_in.data_ptr()) % 4 == 0;
-  const at::Tensor q = q_ok ? q_in : q_in.contiguous();
+  const at::Tensor q = q_ok ? q_in : q_in.clone(at::MemoryFormat::Contiguous);
 
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -17,6 +17,8 @@ void merge_attention_states_cuda(const at::Tensor& out_a, const at::Tensor& lse_
   const MergeShape s = check_merge(out_a, lse_a, out_b, lse_b, out, lse);
   TORCH_CHECK(out_a.is_cuda(), "merge_attention_states (CUDA): out_a must be a CUDA tensor");
   TORCH_CHECK(s.head_dim % 8 == 0, "merge_attention_states (CUDA): head_dim must be a multiple of 8, got ", s.head_dim);
+  TORCH_CHECK(s.head_dim / 8 < (int64_t(1) << 31), "merge_attention_states (CUDA): head_dim must be < 2^34, got ",
+              s.head_dim);
   for (auto [t, n] : {std::pair{&out_a, "out_a"}, {&out_b, "out_b"}, {&out, "out"}}) check_aligned16(*t, n);
   const int64_t rows = s.rows * s.heads;
   if (rows == 0) return;

@@ -227,6 +227,8 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
   use_mbarrier_handoff();
   use_tma_loader();
   if (s.batch == 0 || s.num_heads == 0) return;
+  // int32 in the kernels (q's head stride may be 0, so an expanded q can claim any count).
+  TORCH_CHECK(s.num_heads < (int64_t(1) << 31), "mla_decode (CUDA): num_heads must be < 2^31, got ", s.num_heads);
 
   MlaDecodeParams p{};
   p.q = q.data_ptr();

@@ -40,9 +40,12 @@ namespace {
 using Cfg = MlaProjectConfig;
 
 // The fused kernel's arrival counters live in one persistent, zero-initialised buffer per device
-// (the kernel leaves them zero), so a call needs neither a memset nor a host sync. Calls take
-// one of kCounterSets sets in turn: only calls running at the same time on different streams
-// need distinct sets, and they get them unless kCounterSets calls apart.
+// (the kernel leaves them zero), so an eager call needs neither a memset nor a host sync. Eager
+// calls take one of kCounterSets sets in turn: only calls running at the same time on different
+// streams need distinct sets, and they get them unless kCounterSets calls apart. A call captured
+// in a CUDA graph gets counters of its own, zeroed by a memset node: a pool set would be the
+// graph's on every replay while eager calls kept rotating onto it, and a replay running beside
+// such a call on another stream would share its counters (a CTA elected last too early).
 constexpr int kCounterSets = 64;
 constexpr int kCounterStride = 64;  // counters per set: 1 + column tiles (<= 1 + MAX_WIDTH / 64)
 static_assert(1 + Cfg::MAX_WIDTH / Cfg::NTILE <= kCounterStride, "a counter set must hold every column tile");
@@ -54,16 +57,14 @@ unsigned* counter_set(const at::Tensor& like, cudaStream_t stream, at::Tensor& f
   const int dev = like.get_device();
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    fresh = at::empty({kCounterStride}, like.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(fresh.data_ptr(), 0, kCounterStride * sizeof(int), stream));
+    return reinterpret_cast<unsigned*>(fresh.data_ptr());
+  }
   std::lock_guard<std::mutex> lock(mu);
   auto it = pools->find(dev);
   if (it == pools->end()) {
-    if (capture != cudaStreamCaptureStatusNone) {
-      // First call inside a graph capture: the pool cannot be zeroed eagerly here, so this call
-      // gets its own counters, zeroed by a memset captured into the graph.
-      fresh = at::empty({kCounterStride}, like.options().dtype(at::kInt));
-      C10_CUDA_CHECK(cudaMemsetAsync(fresh.data_ptr(), 0, kCounterStride * sizeof(int), stream));
-      return reinterpret_cast<unsigned*>(fresh.data_ptr());
-    }
     at::Tensor pool = at::zeros({kCounterSets * kCounterStride}, like.options().dtype(at::kInt));
     // Once per device and process: the zeros must have landed before a call on any stream uses them.
     C10_CUDA_CHECK(cudaStreamSynchronize(stream));

@@ -31,6 +31,9 @@ void infllm_unit_scores_cuda(const at::Tensor& q, const at::Tensor& repr_keys, a
               "repr_keys' batch stride must be a multiple of 8 elements (16-byte rows), got ", repr_keys.stride(0));
   if (out.numel() == 0) return;
   TORCH_CHECK(s.batch <= 65535, "infllm_unit_scores (CUDA): batch must be <= 65535, got ", s.batch);
+  // int32 in the kernel (q's head stride may be 0, so an expanded q can claim any group).
+  TORCH_CHECK(s.group < (int64_t(1) << 31), "infllm_unit_scores (CUDA): num_q_heads / num_kv_heads must be < 2^31, got ",
+              s.group);
 
   const c10::cuda::CUDAGuard guard(q.device());
   UnitScoresParams p{};

@@ -368,8 +368,10 @@ def gqa_decode(
         out: optional preallocated ``[B, num_q_heads, head_dim]`` output (q's dtype).
         lse: optional preallocated ``[B, num_q_heads]`` float32 log-sum-exp (natural log) of the
             logits; returned as well when given or when ``return_lse``.
-        workspace: CUDA split-KV scratch (uint8, zero-filled once); default: a shared
-            per-device buffer (:func:`decode_workspace`).
+        workspace: CUDA split-KV scratch (uint8, zero-filled before its first use, never used by
+            two calls at once on different streams: its counters are not checked, and stale
+            ones give wrong results or, with ``score``, a hang); default: a shared per-device
+            buffer (:func:`decode_workspace`).
         num_splits: ``0`` chooses the KV split from the shapes; ``n > 0`` forces ``n`` splits,
             which makes results bitwise reproducible for a given ``n`` (``1`` disables splitting).
         score: optional H2O accumulator ``[B, num_kv_heads, S]`` float32, contiguous, with
