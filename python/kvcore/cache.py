@@ -20,7 +20,6 @@ the ``*_per_store`` methods build every store's slots / tables / lengths in one 
 from __future__ import annotations
 
 import math
-import operator
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._args import as_index as _index
 
 __all__ = ["OutOfPagesError", "PagedKVCache"]
 
@@ -46,28 +47,12 @@ class _Sequence:
 
 
 def _as_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
+    ivalue = _index(value)
+    if ivalue is None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    try:
-        ivalue = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
     if ivalue < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {ivalue}")
     return ivalue
-
-
-def _index(value: Any) -> int | None:
-    """``value`` as a Python int if it is integer-like (int, numpy integer, 0-d integer tensor:
-    anything with ``__index__``), never a bool or a float; None otherwise."""
-    if type(value) is int:  # the common case, kept cheap (decode steps pass ids every step)
-        return value
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _ops():
@@ -155,11 +140,11 @@ class PagedKVCache:
 
     def _check_layer_to_store(self, layer_to_store: Sequence[int]) -> list[int]:
         try:
-            mapping = [operator.index(s) for s in layer_to_store]
-        except TypeError:
-            raise ValueError(
-                f"layer_to_store must be a sequence of ints, got {layer_to_store!r}"
-            ) from None
+            mapping = [_index(s) for s in layer_to_store]
+        except TypeError:  # not iterable
+            mapping = [None]
+        if None in mapping:
+            raise ValueError(f"layer_to_store must be a sequence of ints, got {layer_to_store!r}")
         if len(mapping) != self.num_layers:
             raise ValueError(
                 f"layer_to_store must have one entry per layer (num_layers={self.num_layers}), "
@@ -175,10 +160,7 @@ class PagedKVCache:
     # ---------------------------------------------------------------- layer -> store mapping
 
     def _check_layer(self, layer: int) -> int:
-        try:
-            index = None if isinstance(layer, bool) else operator.index(layer)
-        except TypeError:
-            index = None
+        index = _index(layer)
         if index is None or not 0 <= index < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         return index
@@ -232,10 +214,7 @@ class PagedKVCache:
         self._split = True
 
     def _check_store(self, store: int) -> int:
-        try:
-            index = None if isinstance(store, bool) else operator.index(store)
-        except TypeError:
-            index = None
+        index = _index(store)
         if index is None or not 0 <= index < self.num_stores:
             raise ValueError(f"store must be an int in [0, {self.num_stores}), got {store!r}")
         return index

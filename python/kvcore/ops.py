@@ -14,10 +14,11 @@ Every op also has a ``register_fake`` implementation here, so it traces under ``
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional, Union, overload
 
 import torch
+
+from ._args import as_index
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.kvcore.*)
@@ -151,15 +152,10 @@ def _resolve_scale(scale: Optional[float], head_dim: int) -> float:
 def _int_arg(name: str, value, lo: int, what: str, hi: int = _INT64_MAX) -> int:
     """An integer argument in ``[lo, hi]``: an int or integer-like (numpy integer, 0-d integer
     tensor), never a bool or a float (``int(3.5)`` would silently be 3); the error says ``what``."""
-    ok = not isinstance(value, bool)
-    if ok:
-        try:
-            value = operator.index(value)
-        except TypeError:
-            ok = False
-    if not ok or not lo <= value <= hi:
+    index = as_index(value)
+    if index is None or not lo <= index <= hi:
         raise ValueError(f"{name} must be {what}, got {value!r}")
-    return value
+    return index
 
 
 def _readable(*tensors: Optional[torch.Tensor]) -> bool:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from .. import ops
+from .._args import as_index as _index
 
 __all__ = [
     "adakv",
@@ -50,17 +50,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Shared pieces.
 # ---------------------------------------------------------------------------------------------
-
-
-def _index(value: Any) -> Optional[int]:
-    """``value`` as a Python int if it is integer-like (int, numpy integer, 0-d integer tensor:
-    anything with ``__index__``), never a bool or a float; None otherwise."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _check_budget(budget: int, name: str = "budget", minimum: int = 1) -> int:
