@@ -493,6 +493,12 @@ def test_corm_matches_torch(gen):
         kept = sel[0][b, :, : int(sel[1][b])]
         for h in range(2):
             assert set(votes[b][h].nonzero().flatten().tolist()) <= set(kept[h].tolist())
+    # An empty sequence beside the others: the torch form handles it too (it once failed to infer a
+    # reshape of 0 keys).
+    kv0 = make_paged_kv([LENS[0], 0], 16, 2, 64, gen=gen)
+    keys0 = torch_forms.dense_keys(kv0.k_cache, kv0.block_table, kv0.seq_lens)
+    _assert_same_kept(policies.corm(q[:2], kv0.k_cache, kv0.v_cache, kv0.block_table, kv0.seq_lens),
+                      torch_forms.corm_torch(q[:2], keys0, kv0.seq_lens)[0], (LENS[0], 0))
     capped = policies.corm(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, budget=8)
     _assert_same_kept(capped, torch_forms.corm_torch(q, keys, kv.seq_lens, budget=8)[0], LENS)
     # fill: exactly min(budget, len) per sequence, the voted keys first (here fewer than the budget).

@@ -232,6 +232,54 @@ def test_generate_command(capsys):
     assert "--cuda-graph needs a CUDA --device" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("context", [33, 34], ids=["last-chunk-1-token", "last-chunk-2-tokens"])
+def test_policy_runs_after_a_one_token_last_chunk(context):
+    # Chunks of 32: context 33 ends with a 1-token chunk, which (a multi-token step being the
+    # prefill's mark) once skipped the eviction for good; both must keep the budget.
+    from kvcore import generate
+
+    result = generate.run("llama", layers=2, context=context, new_tokens=3, policy="snapkv", budget=16, hidden=64,
+                          heads=4, kv_heads=2, vocab=VOCAB, page_size=8, chunk=32, progress=False)
+    assert result["seen_tokens"] == context + 2 and result["cached_tokens"] == 16 + 2
+
+
+def test_generate_command_refuses_empty_runs(capsys):
+    from kvcore import generate
+
+    for flag in ("--context", "--new-tokens", "--chunk"):
+        with pytest.raises(SystemExit):
+            generate.main([flag, "0"])
+        assert f"{flag} must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="new_tokens must be an int >= 1"):
+        generate.run("llama", new_tokens=0)
+
+
+def test_enable_checks_policy_options_up_front():
+    model = _model("llama")
+    with pytest.raises(ValueError, match=r"num_sinks must be an int in \[0, budget = 2\]"):
+        kvt.enable(model, policy="streaming_llm", budget=2)  # the default 4 sinks do not fit
+    with pytest.raises(ValueError, match=r"recent must be an int in \[0, budget = 8\]"):
+        kvt.enable(model, policy="h2o", budget=8, recent=9)
+
+
+def test_base_model_runs_on_kvcore_with_its_own_cache():
+    # A base model has no generate to wrap: enable() switches its attention, and the caller's
+    # KVCoreCache serves prefill and decode, matching the same model on sdpa.
+    torch.manual_seed(1234)
+    base = transformers.LlamaModel(_config("llama")).eval()
+    ids = _prompt()
+    with torch.no_grad():
+        want = base(ids, use_cache=False).last_hidden_state
+        kvt.enable(base)
+        assert not hasattr(base, "_kvcore_original_generate")
+        cache = kvt.KVCoreCache(base.config, max_cache_len=PROMPT + 1)
+        kw = cache.forward_kwargs(base)
+        first = base(ids[:, :-1], use_cache=True, **kw).last_hidden_state
+        last = base(ids[:, -1:], use_cache=True, **kw).last_hidden_state
+    torch.testing.assert_close(torch.cat([first, last], dim=1), want, atol=1e-4, rtol=1e-4)
+    kvt.disable(base)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("policy", [None, "snapkv", "pyramidkv"])
@@ -619,18 +667,19 @@ def test_pyramidkv_bad_options_refused():
 
 
 def test_generate_command_pyramidkv(capsys):
-    """python -m kvcore.generate --policy pyramidkv: per-layer counts after a chunked prefill (the
-    policy's window is capped by the last chunk's 8 queries)."""
+    """python -m kvcore.generate --policy pyramidkv: per-layer counts after a chunked prefill. The
+    policy's window is budget - 1 = 15 queries, as in an unchunked prefill: the last chunk has 8,
+    the held chunk before it the rest (it was capped at the last chunk's 8 before session 22)."""
     from kvcore import generate
 
     result = generate.run("llama", layers=2, context=40, new_tokens=4, policy="pyramidkv", budget=16, hidden=64,
                           heads=4, kv_heads=2, vocab=VOCAB, page_size=8, chunk=16, progress=False)
-    want = _pyramid_budgets(2, 40, 16, 8)
-    assert want == [24, 8]  # c = 8: hi = 16, lo = 0, one step of 16; + the window of 8
+    want = _pyramid_budgets(2, 40, 16, 15)
+    assert want == [17, 15]
     assert result["cached_tokens_per_layer"] == [n + 3 for n in want]
     assert result["cached_tokens"] == want[0] + 3 and result["seen_tokens"] == 43
-    # batch 1: (4 + 2) pages of K+V, 8 tokens x 2 heads x head dim 16 in fp32 each.
-    assert result["cache_bytes"] == (-(-27 // 8) + -(-11 // 8)) * (2 * 8 * 2 * 16 * 4)
+    # batch 1: (3 + 3) pages of K+V, 8 tokens x 2 heads x head dim 16 in fp32 each.
+    assert result["cache_bytes"] == (-(-20 // 8) + -(-18 // 8)) * (2 * 8 * 2 * 16 * 4)
     assert generate.main(["--layers", "2", "--context", "40", "--new-tokens", "3", "--hidden", "64", "--heads", "4",
                           "--kv-heads", "2", "--vocab", str(VOCAB), "--chunk", "16", "--policy", "pyramidkv",
                           "--budget", "16"]) == 0

@@ -269,6 +269,9 @@ def test_refusals():
         kvt.enable(model, policy="snapkv", budget=8)
     with pytest.raises(ValueError, match="eviction policies are not supported for MLA"):
         kvt.enable(model, budget=8)
+    # (infllm went to the InfLLM adapter first and failed later, deep in a shape check)
+    with pytest.raises(ValueError, match="eviction policies are not supported for MLA models, nor retrieval"):
+        kvt.enable(model, policy="infllm", budget=64)
     with pytest.raises(ValueError, match="layer_to_store .* not supported for MLA"):
         kvt.enable(model, layer_to_store=[0, 0])
     with pytest.raises(ValueError, match="page_size"):

@@ -105,7 +105,13 @@ def run(arch: str = "llama", layers: int = 4, context: int = 512, new_tokens: in
     for DeepSeek) and ``per_head_kv_bytes`` (a cache of per-head K and V for the same model); with ``"infllm"`` also
     ``host_bytes`` (the CPU unit stores) and ``cached_tokens`` counts the tokens layer 0 holds on the
     device (sinks + window + resident units).
+
+    Raises ValueError for ``context``, ``new_tokens`` or ``chunk`` below 1 (the prefill gives the
+    first new token, so there is no run of 0 tokens).
     """
+    for name, value in (("context", context), ("new_tokens", new_tokens), ("chunk", chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     from .integrations import transformers as kvt
 
     mla = arch in MLA_ARCHS
@@ -208,6 +214,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="decode with the step captured in a CUDA graph (kvcore's DecodeGraph; CUDA only)")
     args = parser.parse_args(argv)
+    for flag in ("context", "new_tokens", "chunk"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.cuda_graph and not args.device.startswith("cuda"):
         parser.error("--cuda-graph needs a CUDA --device")
     if args.cuda_graph and args.policy in RETRIEVAL_POLICIES:

@@ -18,8 +18,9 @@ What runs where:
   (gathered from the pages) plus the new ones, causal, with the model's sliding window if any.
 * Policies (``streaming_llm``, ``snapkv``, ``pyramidkv``, ``h2o``, ``tova``, ``corm``, ``knorm``;
   :mod:`kvcore.policies`) run once, at the end of the prefill (the first multi-token step, or the
-  last chunk of a chunked prefill, see ``KVCoreCache.hold_eviction``; H2O scores with that step's
-  queries only): each layer's store is compacted in place with ``kvcore.compact_kv`` to ``budget``
+  last chunk of a chunked prefill, even of one token, see ``KVCoreCache.hold_eviction``; the
+  policies that score with the last ``window`` queries take them across the chunks, H2O scores
+  with that step's queries only): each layer's store is compacted in place with ``kvcore.compact_kv`` to ``budget``
   tokens and the freed pages go back to the pool. RoPE positions keep counting the tokens seen
   (``get_seq_length`` is the logical length), as in kvpress / SnapKV, while the pages hold only
   the kept tokens.
@@ -91,6 +92,8 @@ POLICIES = ("streaming_llm", "snapkv", "pyramidkv", "h2o", "tova", "corm", "knor
 RETRIEVAL_POLICIES = ("infllm",)
 
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+# The policies that score with the prefill's last `window` queries (tova: its last one).
+_WINDOW_POLICIES = ("snapkv", "pyramidkv", "corm", "tova")
 
 # The attention function has no handle on the cache (transformers passes it only to the
 # attention module), so ``KVCoreCache.update`` leaves a note here for the attention call that
@@ -283,6 +286,12 @@ class KVCoreCache(_LogicalPositions, Cache):
                 )
         elif budget is not None:
             raise ValueError(f"budget ({budget}) needs a policy; got policy=None")
+        kw = dict(policy_kwargs or {})
+        # Checked now (the policies' own checks, on an empty batch), not at the end of the prefill.
+        if policy == "streaming_llm":
+            eviction.streaming_llm(torch.zeros(0, dtype=torch.int32), 1, budget, num_sinks=kw.get("num_sinks", 4))
+        if policy == "h2o":
+            eviction.h2o(torch.zeros(0, 1, 0), torch.zeros(0, dtype=torch.int32), budget, recent=kw.get("recent"))
         if policy == "pyramidkv":
             # Checked now (the schedule's own checks), not at the end of the first prefill.
             if budget < 2:
@@ -315,8 +324,10 @@ class KVCoreCache(_LogicalPositions, Cache):
         self._seen = 0  # logical tokens per sequence (RoPE positions), eviction does not lower it
         self._evicted = False
         #: Set while feeding a long prompt in chunks: the policy then runs at the end of the first
-        #: multi-token step after it is cleared (the last chunk), over everything cached so far.
+        #: step after it is cleared (the last chunk, even of one token), over everything cached so far.
         self.hold_eviction = False
+        self._prefill_held = False  # the last step ran with hold_eviction set
+        self._held_q: dict[int, Tensor] = {}  # a held chunk's last queries per store (see _policy_step)
         self._graph: Optional[_GraphBuffers] = None  # set while a DecodeGraph runs or captures a step
         self._reset_step()
         super().__init__(layers=[_LayerView(self, i) for i in range(self.num_layers)])
@@ -345,6 +356,8 @@ class KVCoreCache(_LogicalPositions, Cache):
             self.seq_ids = [self.paged.add_sequence() for _ in range(len(self.seq_ids))]
         self._seen = 0
         self._evicted = False
+        self._prefill_held = False
+        self._held_q.clear()
         self._ps_table = None
         self._reset_step()
 
@@ -449,9 +462,10 @@ class KVCoreCache(_LogicalPositions, Cache):
                 slots = paged._upload(paged._slots(flat_seqs, [new] * len(flat_seqs), flat_starts)).view(len(units), -1)
             self._slots_s, self._tables, self._lens_s = slots.unbind(0), table.unbind(0), lens.unbind(0)
             self._evict_now = (
-                self.policy is not None and not self._evicted and not self.hold_eviction and new > 1
-                and self._past + new > self.budget
+                self.policy is not None and not self._evicted and not self.hold_eviction
+                and (new > 1 or self._prefill_held) and self._past + new > self.budget
             )
+            self._prefill_held = self.hold_eviction and self.policy is not None and not self._evicted
             self._seen += new
         elif layer_idx == 0:
             # Layer 0 opens every forward step: reserve the new tokens once for all layers/stores.
@@ -461,9 +475,10 @@ class KVCoreCache(_LogicalPositions, Cache):
             self._block_table = paged.block_table(self.seq_ids)
             self._seq_lens = paged.seq_lens(self.seq_ids)
             self._evict_now = (
-                self.policy is not None and not self._evicted and not self.hold_eviction and new > 1
-                and self._past + new > self.budget
+                self.policy is not None and not self._evicted and not self.hold_eviction
+                and (new > 1 or self._prefill_held) and self._past + new > self.budget
             )
+            self._prefill_held = self.hold_eviction and self.policy is not None and not self._evicted
             self._seen += new
         store = paged.store_of(layer_idx)
         if paged.is_producer(layer_idx):
@@ -501,17 +516,34 @@ class KVCoreCache(_LogicalPositions, Cache):
                 query[:, :, 0, :], k_cache, v_cache, block_table, seq_lens, scale=scaling,
                 window_left=-1 if window is None else window - 1,
             )
+            self._policy_step(layer_idx, query, scaling)
             return out.unsqueeze(1)  # [B, 1, Hq, D]
         if past:
             past_k, past_v = self._gather_past(layer_idx, past, block_table)
             key = torch.cat([past_k, key], dim=2)
             value = torch.cat([past_v, value], dim=2)
         out = _sdpa(query, key, value, past, scaling, window)
-        if self._evict_now and self.paged.is_producer(layer_idx):
-            self._policy_q[self.paged.store_of(layer_idx)] = query
+        self._policy_step(layer_idx, query, scaling)
+        return out
+
+    def _policy_step(self, layer_idx: int, query: Tensor, scaling: float) -> None:
+        """The policy's part of a step: on the prefill's last step, keep each producer layer's
+        queries and evict after the last layer; on a held chunk (``hold_eviction``), keep the last
+        ``window`` queries of the policies that score with a window of them, so that a last chunk
+        shorter than the window (down to one token) still scores with a full one."""
+        if self.policy is None or self._evicted:
+            return
+        if self.paged.is_producer(layer_idx):
+            store = self.paged.store_of(layer_idx)
+            if self._evict_now:
+                held = self._held_q.pop(store, None)
+                self._policy_q[store] = query if held is None else torch.cat([held, query], dim=2)
+            elif self.hold_eviction and self.policy in _WINDOW_POLICIES:
+                held = self._held_q.get(store)
+                q = query if held is None else torch.cat([held, query], dim=2)
+                self._held_q[store] = q[:, :, -int(self.policy_kwargs.get("window", 32)):, :].clone()
         if self._evict_now and layer_idx == self.num_layers - 1:
             self._evict(scaling)
-        return out
 
     def apply_policy(self, queries: Optional[Sequence[Tensor]] = None, scaling: Optional[float] = None) -> None:
         """Run the policy now over everything cached, as at the end of a prefill.
@@ -704,6 +736,7 @@ class KVCoreCache(_LogicalPositions, Cache):
             for seq_id in self.seq_ids:
                 paged.truncate(seq_id, kept_len)
         self._policy_q.clear()
+        self._held_q.clear()
         self._evict_now = False
         self._evicted = True
 
@@ -937,7 +970,9 @@ def enable(
     ``model.kvcore_cache`` for inspection).
 
     Args:
-        model: a loaded ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` (or base model).
+        model: a loaded ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``; a base
+            model (``LlamaModel``, ...) has no ``generate`` to wrap: it gets kvcore's attention, and
+            its caller passes a :class:`KVCoreCache` (``cache.forward_kwargs(model)``).
         policy: ``None`` (exact), one of :data:`POLICIES` (applied after prefill), or ``"infllm"``
             (:data:`RETRIEVAL_POLICIES`: handled by
             :func:`kvcore.integrations.transformers_infllm.enable_infllm`, which documents its
@@ -954,15 +989,15 @@ def enable(
     Raises:
         ValueError: unsupported architecture (with the reason), bad policy/budget (MLA models: any policy).
     """
+    check_supported(model.config)
+    if getattr(model.config, "model_type", None) in _MLA_MODEL_TYPES:  # refuses every policy, infllm included
+        from .transformers_mla import enable as enable_mla
+
+        return enable_mla(model, policy, budget, page_size=page_size, layer_to_store=layer_to_store, **policy_kwargs)
     if policy in RETRIEVAL_POLICIES:
         from .transformers_infllm import enable_infllm  # imports this module: load it on demand
 
         return enable_infllm(model, budget, page_size=page_size, layer_to_store=layer_to_store, **policy_kwargs)
-    check_supported(model.config)
-    if getattr(model.config, "model_type", None) in _MLA_MODEL_TYPES:
-        from .transformers_mla import enable as enable_mla
-
-        return enable_mla(model, policy, budget, page_size=page_size, layer_to_store=layer_to_store, **policy_kwargs)
     # Validate the options now rather than at the first generate.
     KVCoreCache(model.config, max_cache_len=1, page_size=page_size, policy=policy, budget=budget,
                 policy_kwargs=policy_kwargs, layer_to_store=layer_to_store)
@@ -981,7 +1016,11 @@ def _install(model: Any, make_cache: Callable[[int], Cache]) -> Any:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:  # pragma: no cover - older transformers
         model.config._attn_implementation = ATTN_IMPLEMENTATION
-    original = getattr(model, "_kvcore_original_generate", None) or model.generate
+    original = getattr(model, "_kvcore_original_generate", None) or getattr(model, "generate", None)
+    if original is None:
+        # A base model (LlamaModel, ...) has no generate: it runs on kvcore's attention with the
+        # cache its caller passes (a KVCoreCache and its forward_kwargs).
+        return model
     model._kvcore_original_generate = original
     # transformers 5.x renamed the forward's past_key_values to cache; use what this version takes.
     cache_kwarg = _cache_kwarg(model)

@@ -411,7 +411,7 @@ def enable(
 
     if policy is not None or budget is not None or policy_kwargs:
         raise ValueError(
-            f"eviction policies are not supported for MLA models (got policy={policy!r}, budget={budget!r}, "
+            f"eviction policies are not supported for MLA models, nor retrieval (got policy={policy!r}, budget={budget!r}, "
             f"options {sorted(policy_kwargs)}): every head reads one shared latent row per token, and kvcore's "
             "policies score and compact per-head K/V pages"
         )

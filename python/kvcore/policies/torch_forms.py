@@ -169,7 +169,8 @@ def corm_torch(q: Tensor, keys: Tensor, seq_lens: Tensor, budget: Optional[int] 
     for b, n in enumerate(int(x) for x in seq_lens.tolist()):
         p = window_probs(q, keys, n, b, scale)  # [Hq, r, n]
         seen = (n - r + 1 + torch.arange(r, device=q.device)).clamp(min=1).float()  # keys each query sees
-        ratio = (p * seen.view(1, -1, 1)).view(keys.shape[1], -1, n).amax(dim=1)  # [Hkv, n]
+        # (the group's rows spelled out: a -1 cannot be inferred from an empty sequence's 0 keys)
+        ratio = (p * seen.view(1, -1, 1)).view(keys.shape[1], p.shape[0] // keys.shape[1] * r, n).amax(dim=1)  # [Hkv, n]
         recent = torch.arange(n) >= n - r
         vote = (ratio.cpu() >= 1.0) | recent.view(1, -1)
         count = int(vote.sum(dim=-1).max()) if n else 0
