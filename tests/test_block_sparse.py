@@ -744,6 +744,21 @@ def test_op_rejects_bad_scalars(device, scale, cap, num_splits, match, gen):
     assert bool(torch.isnan(a.out).all()) and bool(torch.isnan(a.lse).all())
 
 
+def test_forced_splits_past_256_are_256(device, gen):
+    """num_splits above 256 is taken as 256 on both devices (the CPU kernel sized its scratch from
+    it, capped only at a part per 32 keys: 2^40 splits once asked for gigabytes of partials)."""
+    dtype = torch.bfloat16
+    kv = make_paged_kv([8300, 40], 16, 2, 64, gen=gen, dtype=dtype, device=device)  # 8300 keys: 260 parts of 32
+    q = randn(2, 4, 64, gen=gen, dtype=dtype, device=device)
+    pages = (8300 + 15) // 16
+    sel_pages = torch.arange(pages, dtype=torch.int32, device=device).expand(2, 2, pages).contiguous()
+    sel_counts = torch.tensor([[pages, pages], [3, 3]], dtype=torch.int32, device=device)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, sel_pages, sel_counts)
+    capped = kvcore.block_sparse_decode(*args, num_splits=256, return_lse=True)
+    huge = kvcore.block_sparse_decode(*args, num_splits=2**40, return_lse=True)
+    assert torch.equal(huge[0], capped[0]) and torch.equal(huge[1], capped[1])
+
+
 def test_bad_indices_without_validation(device, no_validation, gen):
     """Validation off: out-of-range and duplicate pages, bad counts, bad block-table entries and
     seq_lens give wrong numbers but never a crash, an error or an unwritten output."""

@@ -635,6 +635,9 @@ BAD_SCORES = [
             RuntimeError, r"\bout must be contiguous"),
     BadCase("q_last_dim_strided", _set("q", lambda t, a, d: t.transpose(2, 3).contiguous().transpose(2, 3)),
             RuntimeError, r"\bq must be contiguous in its last dim"),
+    # (the kernels' scratch grows with the query rows, which an expanded q claims in no memory)
+    BadCase("q_expanded", _set("q", lambda t, a, d: t[:, :1].expand(-1, 4, -1, -1)), RuntimeError,
+            r"\bq must not be an expanded view \(stride 0 in dim 1\)"),
     BadCase("k_cache_inner_strided", _set("k_cache", lambda t, a, d: t.transpose(2, 3).contiguous().transpose(2, 3)),
             RuntimeError, r"k_cache must be densely packed"),
     BadCase("block_table_not_contiguous", _set("block_table", lambda t, a, d: t.t().contiguous().t()), RuntimeError,

@@ -578,6 +578,17 @@ def test_mla_decode_bad_input(device, bad, gen):
     assert bool(torch.isnan(a.out).all()) and bool(torch.isnan(a.lse).all()), "outputs written by a failed call"
 
 
+@pytest.mark.parametrize("device", DECODE_DEVICES)
+def test_mla_decode_forced_splits_past_256_are_256(device, gen):
+    """num_splits above 256 is taken as 256 on both devices (the CPU kernel sized its scratch from
+    it, capped only at a part per 32 keys: 2^40 splits once asked for gigabytes of partials)."""
+    cache, table, seq_lens = _latent_cache([8300, 0, 40], 8, 80, gen, torch.bfloat16, device)  # 260 parts of 32
+    q = randn(3, 4, 80, gen=gen, dtype=torch.bfloat16, device=device)
+    capped = kvcore.mla_decode(q, cache, table, seq_lens, scale=0.125, v_dim=64, num_splits=256, return_lse=True)
+    huge = kvcore.mla_decode(q, cache, table, seq_lens, scale=0.125, v_dim=64, num_splits=2**40, return_lse=True)
+    assert torch.equal(huge[0], capped[0]) and torch.equal(huge[1], capped[1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_mla_op_rejects_bad_scalars_without_the_wrapper(device, gen):
     a = _decode_args(device, gen)

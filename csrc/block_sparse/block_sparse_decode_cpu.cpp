@@ -11,8 +11,8 @@
 // writes a normalised partial output and its log-sum-exp; the parts of a (sequence, query head)
 // are merged at the end in part order (deterministic for a given part count).
 //
-// num_splits > 0 forces the part count (capped at one part per kChunk keys of the longest list,
-// which bounds the scratch memory); the merged result is the same attention either way, as on
+// num_splits > 0 forces the part count (capped at one part per kChunk keys of the longest list
+// and at kMaxKvSplits, which bound the scratch memory); the merged result is the same attention either way, as on
 // CUDA, up to rounding. 0 picks it from the thread count. `workspace` is CUDA scratch, unused here.
 //
 // Safety without validation: seq_len is clamped to [0, max_pages * page_size], sel_count to
@@ -38,6 +38,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_isa.h"
+#include "common/split_limits.h"
 
 namespace kvcore {
 namespace {

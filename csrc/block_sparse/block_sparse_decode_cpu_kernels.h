@@ -29,7 +29,8 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
   const int64_t threads = at::get_num_threads();
   int64_t parts;
   if (p.num_splits > 0) {
-    parts = std::clamp<int64_t>(p.num_splits, 1, std::max<int64_t>(1, (longest + kChunk - 1) / kChunk));
+    parts = std::clamp<int64_t>(std::min(p.num_splits, kMaxKvSplits), 1,
+                                std::max<int64_t>(1, (longest + kChunk - 1) / kChunk));
   } else {
     parts = std::clamp<int64_t>((2 * threads + pairs - 1) / pairs, 1, std::max<int64_t>(1, longest / kMinPartTokens));
   }

@@ -508,6 +508,11 @@ inline AttentionScoresShape check_attention_scores(const at::Tensor& q, const at
               s.num_kv_heads, ", max_len], got ", out.sizes());
   check_contiguous(out, "out");
   TORCH_CHECK(q.stride(3) == 1, "q must be contiguous in its last dim, got strides ", c10::str(q.strides()));
+  // The kernels' scratch grows with the query rows (batch x window x heads); an expanded q
+  // (a zero stride) could claim millions of rows in no memory of its own.
+  for (int64_t d = 0; d < 3; ++d)
+    TORCH_CHECK(q.size(d) <= 1 || q.stride(d) != 0, "q must not be an expanded view (stride 0 in dim ", d,
+                "), got strides ", c10::str(q.strides()), " for shape ", c10::str(q.sizes()));
   check_inner_dense(k_cache, 3, "k_cache");
   check_optional_lse(lse, q, {s.batch, s.window, s.num_q_heads});
   return s;

@@ -18,6 +18,7 @@
 #include "common/cuda_occupancy.h"
 #include "common/env_switch.h"
 #include "common/pdl.h"
+#include "common/split_limits.h"
 #include "common/tensor_map.h"
 #include "kvcore/decode_score.cuh"
 #include "kvcore/gqa_decode.cuh"
@@ -26,7 +27,7 @@
 namespace kvcore {
 namespace paged_decode {
 
-constexpr int kMaxSplits = 256;
+constexpr int kMaxSplits = int(kMaxKvSplits);
 // Leading workspace bytes that hold the per-(sequence, KV head) arrival counters.
 constexpr int64_t kCounterBytes = int64_t(1) << 20;
 // A split shorter than this spends more on its prologue and on the merge than it saves.

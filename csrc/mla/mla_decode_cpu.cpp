@@ -10,7 +10,7 @@
 // results are deterministic at a fixed thread count.
 //
 // num_splits > 0 forces the part count (capped at one part per kChunk keys of the longest
-// sequence), so the parts, their chunk boundaries and the merge order no longer depend on the
+// sequence and at kMaxKvSplits, which bound the scratch), so the parts, their chunk boundaries and the merge order no longer depend on the
 // thread count: results are then bitwise identical across calls and thread counts
 // (tests/test_determinism.py). num_splits = 0 picks the count from the thread count as before.
 //
@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/split_limits.h"
 #include "common/cpu_isa.h"
 
 namespace kvcore {

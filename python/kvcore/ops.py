@@ -368,7 +368,7 @@ def gqa_decode(
             two calls at once on different streams: its counters are not checked, and stale
             ones give wrong results or, with ``score``, a hang); default: a shared per-device
             buffer (:func:`decode_workspace`).
-        num_splits: ``0`` chooses the KV split from the shapes; ``n > 0`` forces ``n`` splits,
+        num_splits: ``0`` chooses the KV split from the shapes; ``n > 0`` forces ``n`` splits (at most 256),
             which makes results bitwise reproducible for a given ``n`` (``1`` disables splitting).
         score: optional H2O accumulator ``[B, num_kv_heads, S]`` float32, contiguous, with
             ``S >= max_pages * page_size``, updated in place: ``score[b, h, p] +=`` the sum over
@@ -564,8 +564,8 @@ def block_sparse_decode(
         workspace: CUDA split-KV scratch (uint8, zero-filled once); default: the shared
             per-device buffer (:func:`decode_workspace`). Ignored on CPU.
         num_splits: ``0`` chooses how to split each selection from the shapes; ``n > 0`` forces
-            ``n`` splits (bitwise reproducible for a given ``n``). Any value gives the same
-            attention up to rounding.
+            ``n`` splits (at most 256 are taken; bitwise reproducible for a given ``n``). Any
+            value gives the same attention up to rounding.
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
@@ -848,9 +848,10 @@ def mla_decode(
             given or when ``return_lse``.
         workspace: CUDA split-KV scratch (uint8, zero-filled once); default: the shared
             per-device buffer (:func:`decode_workspace`). Ignored on CPU.
-        num_splits: ``0`` picks the KV split from the shapes, ``n > 0`` forces ``n``. On CPU,
-            ``n > 0`` fixes the key-range parts too (bitwise identical across calls and thread
-            counts); ``0`` cuts by the thread count (deterministic at a fixed thread count).
+        num_splits: ``0`` picks the KV split from the shapes, ``n > 0`` forces ``n`` (at most
+            256 are taken, on either device). On CPU, ``n > 0`` fixes the key-range parts too
+            (bitwise identical across calls and thread counts); ``0`` cuts by the thread count
+            (deterministic at a fixed thread count).
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
