@@ -398,6 +398,33 @@ def test_sdpa_falls_back_to_expanded_kv(bench, monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
+def test_h2o_rows_that_keep_the_score_are_credited_its_bytes():
+    from kvcore.bench import decode, eviction_cache
+
+    dc = decode.DecodeCase(16, 32, 8, 128, 8192)
+    plain, scored = eviction_cache.H2oCase(dc), eviction_cache.H2oCase(dc, with_score=True)
+    assert plain.nbytes == dc.nbytes and plain.name == scored.name
+    assert scored.nbytes - dc.nbytes == 2 * 4 * 16 * 8 * 8192  # the fp32 score read and written per key
+    assert 0.015 < (scored.nbytes - dc.nbytes) / dc.nbytes < 0.016  # +1.56% at D 128 bf16
+
+
+def test_the_check_scales_with_the_reference():
+    """A decode output over S random keys is ~S^-1/2: at S 131072 an absolute 2e-2 passed zeros."""
+    from kvcore.bench.runner import check_result
+
+    gen = torch.Generator().manual_seed(7)
+    small = torch.randn(4, 32, 128, generator=gen) * 0.006  # max |ref| ~0.02, as at B1 S131072
+    assert check_result(small + 1e-5, small, 2e-2) is None
+    assert "max abs error" in check_result(torch.zeros_like(small), small, 2e-2)
+    assert "max abs error" in check_result(small * 0.9, small, 2e-2)  # e.g. a tenth of the keys dropped
+    big = torch.randn(4, 32, 128, generator=gen) * 3  # outputs of size >= 1 keep the absolute tolerance
+    assert check_result(big + 0.015, big, 2e-2) is None and "max abs error" in check_result(big + 0.03, big, 2e-2)
+    # A tuple of outputs (an in-place op's caches and lengths, a side output) checked pair by pair.
+    assert check_result((small, big), (small, big), 2e-2) is None
+    assert "(output 1)" in check_result((small, torch.zeros_like(big)), (small, big), 2e-2)
+    assert "2 outputs, expected 1" in check_result((small, big), small, 2e-2)
+
+
 @needs_kvcore
 def test_a_second_run_on_the_same_day_does_not_replace_the_first(tmp_path):
     from kvcore.bench.__main__ import _free_stem

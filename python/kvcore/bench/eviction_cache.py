@@ -6,8 +6,8 @@ Bytes moved = read + write of the kept rows of K and V (``2 * 2 * B * Hkv * kept
 so ``pct_copy`` compares with a device copy of as many bytes.
 
 * ``kvcore``: ``kvcore.compact_kv`` (validation off). The op shrinks ``seq_lens`` in place, so each
-  timed call first restores it (one 4-byte-per-sequence copy, included in the time) and then moves
-  the same rows again.
+  timed call is preceded by restoring it (the harness's setup, outside the time) and moves the
+  same rows again. The check compares K, V and the lengths with the reference.
 * ``torch``: the gather/scatter form: flat slot indices from ``kept`` and the block table, then
   ``index`` + ``index_put_`` per cache (index computation included, as a caller would run it).
 
@@ -22,6 +22,7 @@ the ``decode`` group (the K/V pages touched, q and out).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -68,6 +69,10 @@ class CompactCase:
 @dataclass(frozen=True)
 class H2oCase:
     decode: decode.DecodeCase
+    # The implementation keeps the H2O score (kvcore-score, torch): its bytes add the score's
+    # fp32 read and write per attended key, [B, Hkv, S] (+1.6% at D 128 bf16). Not in the name:
+    # rows with and without it are one case of the table.
+    with_score: bool = False
 
     @property
     def name(self) -> str:
@@ -75,7 +80,9 @@ class H2oCase:
 
     @property
     def nbytes(self) -> int:
-        return self.decode.nbytes
+        d = self.decode
+        score = 2 * 4 * d.batch * d.num_kv_heads * d.seq_len if self.with_score else 0
+        return d.nbytes + score
 
     @property
     def flops(self) -> int:
@@ -163,7 +170,7 @@ def build_compact_kvcore(inputs: CompactInputs) -> list:
 
     before, after = validation_off_while_timed(kvcore)
     return [Prepared(fn=fn, setup=restore, notes="seq_lens restored before each call (outside the time)",
-                     before_timing=before, after_timing=after)]
+                     before_timing=before, after_timing=after, result=lambda: (k, v, lens))]
 
 
 def torch_compact(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, kept: torch.Tensor) -> None:
@@ -191,7 +198,8 @@ def build_compact_torch(inputs: CompactInputs) -> list:
         torch_compact(k, v, bt, kept)
         return k
 
-    return [Prepared(fn=fn, notes="index + index_put_ per cache; slot indices computed in the time")]
+    return [Prepared(fn=fn, notes="index + index_put_ per cache; slot indices computed in the time",
+                     result=lambda: (k, v))]
 
 
 _COMPACT_BUILDERS = {"kvcore": build_compact_kvcore, "torch": build_compact_torch}
@@ -206,8 +214,10 @@ def _run_compact(case: CompactCase, impl_names: Sequence[str], ctx: RunContext) 
         # reference of the same original cache.
         inputs = make_compact_inputs(case, ctx.device, seed=ctx.seed)
         try:
-            ref = reference.compact_kv(inputs.k_cache, inputs.v_cache, inputs.block_table, inputs.seq_lens0,
-                                       inputs.kept, inputs.kept_lens)[0].float()
+            k_ref, v_ref, lens_ref = reference.compact_kv(inputs.k_cache, inputs.v_cache, inputs.block_table,
+                                                          inputs.seq_lens0, inputs.kept, inputs.kept_lens)
+            # Both caches, and kvcore's lengths (the torch form does not keep any).
+            ref = (k_ref.float(), v_ref.float()) + ((lens_ref.float(),) if name == "kvcore" else ())
             rows += runner.time_all(GROUP, case, [name], ctx,
                                     lambda n: runner.builder_for(_COMPACT_BUILDERS, n, inputs), ref, 1e-6)
         finally:
@@ -238,8 +248,10 @@ def build_h2o(inputs: peers.DecodeInputs, with_score: bool) -> list:
         return out
 
     before, after = validation_off_while_timed(kvcore)
+    # The check's first call starts from a zero score, so it holds one step's probabilities.
     return [Prepared(fn=fn, out=out, before_timing=before, after_timing=after,
-                     notes="score [B, Hkv, S] fp32 accumulated" if with_score else None)]
+                     notes="score [B, Hkv, S] fp32 accumulated" if with_score else None,
+                     result=(lambda: (out, score)) if with_score else None)]
 
 
 def build_h2o_torch(inputs: peers.DecodeInputs) -> list:
@@ -248,24 +260,43 @@ def build_h2o_torch(inputs: peers.DecodeInputs) -> list:
     b, hq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     score = torch.zeros(b, hkv, s, dtype=torch.float32, device=q.device)
+    last = {}
 
     def fn() -> torch.Tensor:
         qg = q.reshape(b, hkv, hq // hkv, d)
         probs = torch.softmax(torch.matmul(qg, k.transpose(-1, -2)).float() * scale, dim=-1)  # [B, Hkv, g, S]
         score.add_(probs.sum(dim=2))
-        return torch.matmul(probs.to(v.dtype), v).reshape(b, hq, d).to(q.dtype)
+        last["out"] = torch.matmul(probs.to(v.dtype), v).reshape(b, hq, d).to(q.dtype)
+        return last["out"]
 
-    return [Prepared(fn=fn, notes="K/V gathered outside the timing; score += probs summed over the group")]
+    return [Prepared(fn=fn, notes="K/V gathered outside the timing; score += probs summed over the group",
+                     result=lambda: (last["out"], score))]
+
+
+def _score_len(name: str, inputs: peers.DecodeInputs) -> int:
+    """Keys of an implementation's score buffer: the block table's capacity for kvcore's, the
+    gathered sequence for the torch peer's."""
+    if name == "torch":
+        return inputs.uniform_seq_len()
+    return inputs.block_table.shape[1] * inputs.page_size
 
 
 def _run_h2o(case: H2oCase, impl_names: Sequence[str], ctx: RunContext) -> list:
+    from .. import reference  # noqa: WPS433
     inputs = decode.make_inputs(case.decode, ctx.device, seed=ctx.seed)
     builders = {"kvcore": lambda i: build_h2o(i, False), "kvcore-score": lambda i: build_h2o(i, True),
                 "torch": build_h2o_torch}
     try:
         ref = peers.reference_output(inputs)
-        rows = runner.time_all(GROUP, case, impl_names, ctx, lambda n: runner.builder_for(builders, n, inputs), ref,
-                               decode.TOLERANCE.get(case.decode.dtype, 2e-2))
+        i = inputs
+        score_ref = reference.gqa_decode_score(i.q, i.k_cache, i.block_table, i.seq_lens, i.scale).float()
+        tol = decode.TOLERANCE.get(case.decode.dtype, 2e-2)
+        rows = []
+        for name in impl_names:
+            # kvcore's score spans the block table's capacity, the torch peer's the gathered keys.
+            want = ref if name == "kvcore" else (ref, score_ref[..., : _score_len(name, inputs)])
+            rows += runner.time_all(GROUP, dataclasses.replace(case, with_score=name != "kvcore"), [name], ctx,
+                                    lambda n: runner.builder_for(builders, n, inputs), want, tol)
     finally:
         del inputs
         ctx.free_memory()

@@ -154,6 +154,9 @@ class Prepared:
     before_timing: Callable[[], None] = lambda: None
     after_timing: Callable[[], None] = lambda: None
     setup: Optional[Callable[[], None]] = None  # before every timed call, outside the time (harness.Timer)
+    # What the check compares after the first call, when more than fn's return (e.g. the caches and
+    # lengths an in-place op changes, or a side output): a tensor or a tuple (runner.check_result).
+    result: Optional[Callable[[], object]] = None
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
