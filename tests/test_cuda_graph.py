@@ -406,7 +406,7 @@ def test_decode_step_with_h2o_score_graph_replay(gen):
     for lens in ([640, 5, 100], [1, 600, 2], [320, 320, 320]):
         s.fill(lens)
         before = score.clone()
-        _replay(graph)
+        _replay(graph, out)
         add = reference.gqa_decode_score(s.q, s.k_cache, s.block_table, s.seq_lens, score_len=score.shape[2])
         torch.testing.assert_close(score.double() - before.double(), add, atol=1e-5, rtol=2e-3)
         ref_out, _ = reference.gqa_decode(*s.decode_args())

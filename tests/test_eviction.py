@@ -30,9 +30,12 @@ cuda_compact = pytest.mark.skipif(not HAS_CUDA_COMPACT, reason="no CUDA kernel r
 SCORE_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 
 
-def _device_params(with_dtype: bool):
+def _device_params(skip_cuda) -> list:
+    """(device, dtype) params: the CPU dtypes, and CUDA's marked `cuda` (so the GPU runs' `-m cuda`
+    selects them; they lacked the mark and no GPU run selected them before session 22) and skipped
+    without the op's CUDA kernel (``skip_cuda``: cuda_scores or cuda_compact)."""
     cpu = [("cpu", dt) for dt in (torch.float32, torch.bfloat16, torch.float16)]
-    cuda = [pytest.param("cuda", dt, marks=cuda_scores) for dt in (torch.bfloat16, torch.float16)]
+    cuda = [pytest.param("cuda", dt, marks=[pytest.mark.cuda, skip_cuda]) for dt in (torch.bfloat16, torch.float16)]
     return cpu + cuda
 
 
@@ -79,7 +82,7 @@ SCORE_CASES = [
 
 @pytest.mark.parametrize("case", SCORE_CASES, ids=lambda c: f"B{c[0]}w{c[1]}Hq{c[2]}Hkv{c[3]}ps{c[5]}-{c[7]}-{c[8]}{c[9]}"
                          + ("-lse" if c[10] else ""))
-@pytest.mark.parametrize("device,dtype", _device_params(True), ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("device,dtype", _device_params(cuda_scores), ids=lambda x: str(x).replace("torch.", ""))
 def test_attention_scores_matches_reference(device, dtype, case, gen):
     batch, w, hq, hkv, d, ps, lens, reduction, pooling, kernel, with_lse = case
     kv = make_paged_kv(list(lens), ps, hkv, d, gen=gen, dtype=dtype, device=device)
@@ -297,7 +300,7 @@ COMPACT_CASES = [
 
 
 @pytest.mark.parametrize("case", COMPACT_CASES, ids=lambda c: f"L{'_'.join(map(str, c[0]))}Hkv{c[1]}ps{c[2]}K{c[3]}")
-@pytest.mark.parametrize("device,dtype", _device_params(True), ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("device,dtype", _device_params(cuda_compact), ids=lambda x: str(x).replace("torch.", ""))
 def test_compact_kv_matches_reference(device, dtype, case, gen):
     if device == "cuda" and not HAS_CUDA_COMPACT:
         pytest.skip("no CUDA kernel registered for kvcore::compact_kv")
