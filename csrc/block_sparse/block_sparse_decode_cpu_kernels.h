@@ -29,8 +29,7 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
   const int64_t threads = at::get_num_threads();
   int64_t parts;
   if (p.num_splits > 0) {
-    parts = std::clamp<int64_t>(std::min(p.num_splits, kMaxKvSplits), 1,
-                                std::max<int64_t>(1, (longest + kChunk - 1) / kChunk));
+    parts = forced_cpu_parts(p.num_splits, longest, kChunk);
   } else {
     parts = std::clamp<int64_t>((2 * threads + pairs - 1) / pairs, 1, std::max<int64_t>(1, longest / kMinPartTokens));
   }

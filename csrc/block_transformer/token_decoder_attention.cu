@@ -205,7 +205,7 @@ void token_decoder_attention_cuda(const at::Tensor& q, const at::Tensor& k, cons
                                   const c10::optional<at::Tensor>& lse) {
   const TokenDecoderShape s = check_token_decoder(q, k, v, block_lens, out, lse);
   TORCH_CHECK(q.is_cuda(), "token_decoder_attention (CUDA): q must be a CUDA tensor");
-  check_token_decoder_scale(scale);
+  check_scale(scale);
   TORCH_CHECK(s.head_dim == 64 || s.head_dim == 128 || s.head_dim == 256,
               "token_decoder_attention (CUDA): head_dim must be 64, 128 or 256, got ", s.head_dim);
   TORCH_CHECK(q.stride(0) % 8 == 0 && k.stride(0) % 8 == 0 && v.stride(0) % 8 == 0,

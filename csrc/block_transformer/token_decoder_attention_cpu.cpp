@@ -52,7 +52,7 @@ void token_decoder_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
                                  const c10::optional<at::Tensor>& block_lens, double scale, at::Tensor& out,
                                  const c10::optional<at::Tensor>& lse) {
   const TokenDecoderShape s = check_token_decoder(q, k, v, block_lens, out, lse);
-  check_token_decoder_scale(scale);
+  check_scale(scale);
   if (s.blocks == 0 || s.block_length == 0 || s.num_q_heads == 0) return;
 
   TokenDecoderCpuParams p{};

@@ -345,10 +345,6 @@ inline TokenDecoderShape check_token_decoder(const at::Tensor& q, const at::Tens
   return s;
 }
 
-inline void check_token_decoder_scale(double scale) {
-  check_scale(scale);
-}
-
 // ---- MLA ---------------------------------------------------------------------------------
 
 // Shapes of an mla_latent_project call. R = kv_lora_rank (norm_weight's length), P = rope dim

@@ -66,18 +66,16 @@ void launch(AttentionScoresParams& p, bool have_lse, int64_t pairs, at::Tensor& 
   int64_t split_tokens = std::max<int64_t>(1, (kv_len + splits - 1) / splits);
   split_tokens = (split_tokens + Cfg::TK - 1) / Cfg::TK * Cfg::TK;
   splits = std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens);
-  // Positions are int32 in the kernels, and the last split's end (start + split_tokens) passes
-  // kv_len by up to a tile per split: keep splits x TK within the headroom under 2^31, less 2^15
-  // for the positions the kernels look ahead (the capacity check leaves 2^16: at least 512
-  // splits at TK 64; only grids of a few pairs over ~2^31 keys ask for more).
-  const int64_t most_splits = std::max<int64_t>(1, ((int64_t(1) << 31) - (int64_t(1) << 15) - kv_len) / Cfg::TK);
+  // At most 65535 splits (the grid's y limit), and positions are int32 in the kernels, where the
+  // last split's end (start + split_tokens) passes kv_len by up to a tile per split: splits x TK
+  // stay within the headroom under 2^31, less 2^15 for the positions the kernels look ahead (the
+  // capacity check leaves 2^16: at least 512 splits at TK 64; only grids of a few pairs over ~2^31
+  // keys ask for more).
+  const int64_t most_splits = std::min<int64_t>(
+      65535, std::max<int64_t>(1, ((int64_t(1) << 31) - (int64_t(1) << 15) - kv_len) / Cfg::TK));
   if (splits > most_splits) {
     split_tokens = ((kv_len + most_splits - 1) / most_splits + Cfg::TK - 1) / Cfg::TK * Cfg::TK;
     splits = std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens);
-  }
-  if (splits > 65535) {  // grid y limit
-    split_tokens = ((kv_len + 65534) / 65535 + Cfg::TK - 1) / Cfg::TK * Cfg::TK;
-    splits = (kv_len + split_tokens - 1) / split_tokens;
   }
   p.splits = int(splits);
   p.split_tokens = int(split_tokens);

@@ -20,7 +20,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
   }
   int64_t parts;
   if (num_splits > 0) {
-    parts = std::clamp<int64_t>(std::min(num_splits, kMaxKvSplits), 1, std::max<int64_t>(1, (longest + kChunk - 1) / kChunk));
+    parts = forced_cpu_parts(num_splits, longest, kChunk);
   } else {
     const int64_t threads = at::get_num_threads();
     parts = std::clamp<int64_t>((2 * threads + s.batch - 1) / s.batch, 1,

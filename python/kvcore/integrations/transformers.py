@@ -293,12 +293,10 @@ class KVCoreCache(_LogicalPositions, Cache):
         if policy == "h2o":
             eviction.h2o(torch.zeros(0, 1, 0), torch.zeros(0, dtype=torch.int32), budget, recent=kw.get("recent"))
         if policy == "pyramidkv":
-            # Checked now (the schedule's own checks), not at the end of the first prefill.
             if budget < 2:
                 raise ValueError(f"budget must be >= 2 with policy 'pyramidkv' (window + at least one key), got {budget}")
             if int(config.num_hidden_layers) < 2:
                 raise ValueError("policy 'pyramidkv' needs a model with >= 2 layers (its budget schedule spans the layers)")
-            kw = dict(policy_kwargs or {})
             eviction.pyramidkv_budget(0, int(config.num_hidden_layers), budget, budget,
                                       min(kw.get("window", 32), budget - 1), beta=kw.get("beta", 20))
         self.config = config
@@ -348,6 +346,17 @@ class KVCoreCache(_LogicalPositions, Cache):
         self._step_kv: dict[int, tuple[Tensor, Tensor]] = {}
         self._policy_q: dict[int, Tensor] = {}
         self._evict_now = False
+
+    def _open_policy_step(self, new: int) -> None:
+        """At layer 0 of a step of ``new`` tokens per sequence (``_past`` set): whether the policy
+        runs at its end (the prefill's last step: a multi-token step, or any step after held
+        chunks, once the cache holds more than the budget), and count the tokens seen."""
+        self._evict_now = (
+            self.policy is not None and not self._evicted and not self.hold_eviction
+            and (new > 1 or self._prefill_held) and self._past + new > self.budget
+        )
+        self._prefill_held = self.hold_eviction and self.policy is not None and not self._evicted
+        self._seen += new
 
     def _reset(self) -> None:
         if self.paged is not None:
@@ -461,12 +470,7 @@ class KVCoreCache(_LogicalPositions, Cache):
                 flat_starts = [start for starts in starts_u for start in starts]
                 slots = paged._upload(paged._slots(flat_seqs, [new] * len(flat_seqs), flat_starts)).view(len(units), -1)
             self._slots_s, self._tables, self._lens_s = slots.unbind(0), table.unbind(0), lens.unbind(0)
-            self._evict_now = (
-                self.policy is not None and not self._evicted and not self.hold_eviction
-                and (new > 1 or self._prefill_held) and self._past + new > self.budget
-            )
-            self._prefill_held = self.hold_eviction and self.policy is not None and not self._evicted
-            self._seen += new
+            self._open_policy_step(new)
         elif layer_idx == 0:
             # Layer 0 opens every forward step: reserve the new tokens once for all layers/stores.
             self._reset_step()
@@ -474,12 +478,7 @@ class KVCoreCache(_LogicalPositions, Cache):
             self._slots = paged.reserve(self.seq_ids, [new] * batch)
             self._block_table = paged.block_table(self.seq_ids)
             self._seq_lens = paged.seq_lens(self.seq_ids)
-            self._evict_now = (
-                self.policy is not None and not self._evicted and not self.hold_eviction
-                and (new > 1 or self._prefill_held) and self._past + new > self.budget
-            )
-            self._prefill_held = self.hold_eviction and self.policy is not None and not self._evicted
-            self._seen += new
+            self._open_policy_step(new)
         store = paged.store_of(layer_idx)
         if paged.is_producer(layer_idx):
             # [B, Hkv, T, D] -> [B * T, Hkv, D]: token-major, the order reserve() gave the slots.
