@@ -1,0 +1,92 @@
+"""gqa_decode on ragged batches: does a kernel picked from shapes alone lose where lengths differ?
+
+The launcher chooses the kernel and split count from shapes only (no look at seq_lens, so no host
+sync and a fixed choice for a captured graph). Two choices put a whole sequence's KV head, or all
+of its KV heads, on one CTA with no split: the 8-warp kernel at about one (sequence, KV head) pair
+per SM (B16 Hkv8, the library's default there), and the page-major kernel with 8 heads a CTA
+(KVCORE_DECODE_KERNEL=page8, which session 22 measured 2% ahead at B128 S2048 with equal lengths).
+With unequal lengths the longest sequence sets the time of such a grid: one SM reads all of it,
+where the 4-warp kernel's smaller CTAs (or its splits) spread it over more SMs. By counting, a
+page-major CTA of 8 heads carries 4x the bytes of a 4-warp CTA that shares its SM with another:
+with lengths uniform in [1, S] page-major should take about the equal-lengths time while the
+4-warp kernel takes about half.
+
+    KVCORE_DECODE_KERNEL=head  python bench/experiments/ragged_decode.py [OUT.json]
+    KVCORE_DECODE_KERNEL=page8 python bench/experiments/ragged_decode.py [OUT.json]
+    KVCORE_DECODE_WARPS=4      python bench/experiments/ragged_decode.py [OUT.json]
+
+(the switches are read once per process, hence one process each). For each shape and length
+pattern it prints the median time (harness Timer: CUDA events, L2 flushed) and the bandwidth of
+the bytes the lengths actually need, after checking the output against kvcore.reference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+import kvcore
+from kvcore import reference
+from kvcore.bench import decode, harness
+
+# (batch, num_kv_heads, capacity in tokens), Hq = 4 x Hkv, D 128, page 16: the decode table's
+# B16 and B128 rows.
+SHAPES = [(16, 8, 8192), (128, 8, 2048)]
+
+
+def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator) -> torch.Tensor:
+    """Sequence lengths for one pattern, all within the block table's capacity."""
+    if pattern == "equal":
+        return torch.full((batch,), cap, dtype=torch.int32)
+    if pattern == "uniform":  # uniform in [1, cap]
+        return torch.randint(1, cap + 1, (batch,), generator=gen, dtype=torch.int32)
+    if pattern == "one-long":  # one sequence at the capacity, the rest at an eighth of it
+        lens = torch.full((batch,), cap // 8, dtype=torch.int32)
+        lens[batch // 2] = cap
+        return lens
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    timer = harness.Timer(dev)
+    kvcore.set_validation(False)
+    ws = kvcore.decode_workspace(dev)
+    gen = torch.Generator().manual_seed(7)
+    switches = {k: os.environ.get(k, "") for k in ("KVCORE_DECODE_KERNEL", "KVCORE_DECODE_WARPS")}
+    rows = []
+    for b, hkv, cap in SHAPES:
+        case = decode.DecodeCase(b, 4 * hkv, hkv, 128, cap)
+        x = decode.make_inputs(case, dev)
+        out = torch.empty_like(x.q)
+        for pattern in ("equal", "uniform", "one-long"):
+            seq_lens = lengths(pattern, b, cap, gen).to(dev)
+
+            def call() -> None:
+                kvcore.gqa_decode(x.q, x.k_cache, x.v_cache, x.block_table, seq_lens, scale=x.scale, out=out,
+                                  workspace=ws)
+
+            out.fill_(float("nan"))
+            call()
+            ref, _ = reference.gqa_decode(x.q.float(), x.k_cache.float(), x.v_cache.float(), x.block_table,
+                                          seq_lens, scale=x.scale)
+            err = (out.float() - ref).abs().max().item()
+            ok = err <= 2e-2 * max(1.0, ref.abs().max().item())
+            ms = timer(call)
+            tokens = int(seq_lens.sum().item())
+            nbytes = tokens * hkv * 128 * 2 * 2 + 2 * out.numel() * 2
+            row = {"case": case.name, "pattern": pattern, "tokens": tokens, "us": ms * 1e3,
+                   "gbps": nbytes / (ms * 1e-3) / 1e9, "max_err": err, "ok": ok}
+            rows.append(row)
+            print(f"{case.name:36s} {pattern:9s} {tokens:8d} tokens {ms * 1e3:8.1f} us "
+                  f"{row['gbps']:7.0f} GB/s  max err {err:.1e}{'' if ok else '  MISMATCH'}", flush=True)
+        del x, out
+    if len(sys.argv) > 1:
+        json.dump({"gpu": torch.cuda.get_device_name(dev), "switches": switches, "rows": rows},
+                  open(sys.argv[1], "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
