@@ -43,11 +43,11 @@ MEASURED = {"test_token_decoder_variant.py": 230000}
 # agreement check 36 s.
 NODE_WEIGHT = 70000
 NODE_MEASURED = {
-    "test_variant_passes_the_token_decoder_cuda_tests": 280000,
+    "test_variant_passes_the_token_decoder_cuda_tests_in_subprocess": 280000,
     "test_mla_decode_cuda_wgmma_switch_in_subprocess": 110000,
     "test_mla_decode_cuda_h16_old_path_in_subprocess": 130000,
     "test_mla_latent_project_cuda_fused_max_64_in_subprocess": 60000,
-    "test_variant_agrees_with_the_default_kernel": 35000,
+    "test_variant_agrees_with_the_default_kernel_in_subprocess": 35000,
 }
 SUBPROCESS_CALLS = ("run_tests_with_env", "run_script_with_env")
 

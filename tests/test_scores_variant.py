@@ -25,7 +25,7 @@ VARIANTS = ["untransposed"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variant_passes_the_attention_scores_cuda_tests(variant):
+def test_variant_passes_the_attention_scores_cuda_tests_in_subprocess(variant):
     """The CUDA attention_scores tests (grid vs reference and the CPU kernel, NaN rules,
     determinism, strided q, clamped bad contents, opcheck, the H2O graph replay) under the variant."""
     # 82 are selected (37 of them bad-input cases); the kernel-running ones must not have skipped.
@@ -69,7 +69,7 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variant_agrees_with_the_default_kernel(variant, tmp_path):
+def test_variant_agrees_with_the_default_kernel_in_subprocess(variant, tmp_path):
     """Same inputs through the default kernel and the variant (each in its own process): equal within
     the CUDA-vs-CPU tolerance of test_attention_scores_cuda_grid, and bitwise stable run to run."""
     outs = {v: run_script_with_env("KVCORE_SCORES_VARIANT", v, _SCRIPT, tmp_path) for v in (None, variant)}

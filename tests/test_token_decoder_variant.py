@@ -35,7 +35,7 @@ SETTING_IDS = [f"{name.rsplit('_', 1)[1].lower()}={value}" for name, value in SE
 
 
 @pytest.mark.parametrize("name, value", SETTINGS, ids=SETTING_IDS)
-def test_variant_passes_the_token_decoder_cuda_tests(name, value):
+def test_variant_passes_the_token_decoder_cuda_tests_in_subprocess(name, value):
     """The CUDA token_decoder_attention tests (the reference grid with poisoned outputs, ragged and
     strided cases, head packing, NaN rules, bad input, clamped lengths without validation,
     opcheck, torch.compile, graph replays, the bf16 model) under the setting."""
@@ -93,7 +93,7 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("name, value", SETTINGS, ids=SETTING_IDS)
-def test_variant_agrees_with_the_default_kernel(name, value, tmp_path):
+def test_variant_agrees_with_the_default_kernel_in_subprocess(name, value, tmp_path):
     """Same inputs through the default configuration and the setting (each in its own process).
     Both run the same mma fragments and softmax in the same order, so they should agree bitwise;
     the assertion allows the CUDA-vs-reference tolerance in case the compiler contracts
