@@ -260,7 +260,33 @@ def test_grid_on_gpu_matches_design(bench):
     assert "B16 Hq32 Hkv8 D128 S8192 page16" in names
     assert "B1 Hq32 Hkv8 D128 S131072 page16" in names
     assert "B32 Hq64 Hkv8 D128 S8192 page16" in names
-    assert len(names) == 6
+    assert "B64 Hq32 Hkv8 D128 S4096 page16 ragged" in names
+    assert len(names) == 8
+
+
+def test_ragged_case_counts_its_own_lengths(bench):
+    """A ragged case's lengths are fixed by its shape, lie in [1, seq_len], and are what its bytes,
+    FLOPs and inputs use; the reference takes each sequence over its own pages, and the contiguous
+    peers skip it with the reason."""
+    case = bench.decode.DecodeCase(5, 8, 2, 64, 100, page_size=16, dtype=torch.float32, ragged=True)
+    assert case.name == "B5 Hq8 Hkv2 D64 S100 page16 ragged fp32"
+    lens = case.seq_lens()
+    assert lens == case.seq_lens() and len(lens) == 5 and all(1 <= n <= 100 for n in lens)
+    assert len(set(lens)) > 1
+    assert case.nbytes == sum(lens) * 2 * 64 * 2 * 4 + 2 * 5 * 8 * 64 * 4
+    assert case.flops == 4 * 8 * sum(lens) * 64
+    inp = bench.decode.make_inputs(case, torch.device("cpu"), seed=3)
+    assert inp.seq_lens.tolist() == lens
+    ref = bench.peers.reference_output(inp)
+    for b, n in enumerate(lens):  # token t of sequence b: page block_table[b, t // 16], row t % 16
+        rows = [(int(inp.block_table[b, t // 16]), t % 16) for t in range(n)]
+        k = torch.stack([inp.k_cache[pg, r] for pg, r in rows], 1).double()  # [Hkv, n, D]
+        v = torch.stack([inp.v_cache[pg, r] for pg, r in rows], 1).double()
+        for h in range(8):
+            p = torch.softmax(k[h // 4] @ inp.q[b, h].double() * inp.scale, dim=0)
+            torch.testing.assert_close(ref[b, h].double(), p @ v[h // 4], atol=1e-5, rtol=1e-5)
+    with pytest.raises(bench.peers.Skip, match="one sequence length"):
+        bench.peers.build("torch", inp)
 
 
 def test_inputs_are_paged_and_random(bench):

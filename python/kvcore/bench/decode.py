@@ -33,6 +33,10 @@ class DecodeCase:
     seq_len: int
     page_size: int = 16
     dtype: torch.dtype = torch.bfloat16
+    # Lengths drawn uniformly from [1, seq_len] (fixed per shape; seq_len stays the block table's
+    # capacity) instead of seq_len for every sequence: a serving batch's mix, where a kernel
+    # choice made from shapes alone meets sequences of unequal work.
+    ragged: bool = False
 
     @property
     def name(self) -> str:
@@ -40,8 +44,17 @@ class DecodeCase:
             f"B{self.batch} Hq{self.num_q_heads} Hkv{self.num_kv_heads} D{self.head_dim} "
             f"S{self.seq_len} page{self.page_size}"
         )
+        s += " ragged" if self.ragged else ""
         s += dtype_suffix(self.dtype)
         return s
+
+    def seq_lens(self) -> list:
+        """Each sequence's length: seq_len, or (ragged) uniform in [1, seq_len] from a seed fixed
+        by the shape, so that the byte count and every run see the same lengths."""
+        if not self.ragged:
+            return [self.seq_len] * self.batch
+        gen = torch.Generator().manual_seed(1_000_003 * self.batch + self.seq_len)
+        return torch.randint(1, self.seq_len + 1, (self.batch,), generator=gen).tolist()
 
     @property
     def itemsize(self) -> int:
@@ -49,14 +62,14 @@ class DecodeCase:
 
     @property
     def nbytes(self) -> int:
-        """Bytes that must be moved: K+V pages touched, q read, out written."""
-        kv = self.batch * self.seq_len * self.num_kv_heads * self.head_dim * 2 * self.itemsize
+        """Bytes that must be moved: the K and V rows of every sequence's tokens, q read, out written."""
+        kv = sum(self.seq_lens()) * self.num_kv_heads * self.head_dim * 2 * self.itemsize
         q_and_out = 2 * self.batch * self.num_q_heads * self.head_dim * self.itemsize
         return kv + q_and_out
 
     @property
     def flops(self) -> int:
-        return 4 * self.batch * self.num_q_heads * self.seq_len * self.head_dim
+        return 4 * self.num_q_heads * sum(self.seq_lens()) * self.head_dim
 
 
 def cases(device: torch.device, quick: bool) -> list:
@@ -64,7 +77,9 @@ def cases(device: torch.device, quick: bool) -> list:
     device = torch.device(device)
     if device.type == "cuda" and not quick:
         grid = [(32, 1, 32768), (32, 1, 131072), (32, 16, 8192), (32, 64, 4096), (32, 128, 2048), (64, 32, 8192)]
-        return [DecodeCase(b, hq, 8, 128, s) for hq, b, s in grid]
+        # and two ragged batches (only the paged peers take unequal lengths)
+        return [DecodeCase(b, hq, 8, 128, s) for hq, b, s in grid] + [
+            DecodeCase(16, 32, 8, 128, 8192, ragged=True), DecodeCase(64, 32, 8, 128, 4096, ragged=True)]
     if device.type == "cuda":
         return [DecodeCase(2, 32, 8, 128, 4096), DecodeCase(16, 32, 8, 128, 1024)]
     return [
@@ -84,7 +99,8 @@ def known_impls() -> list:
 
 
 def make_inputs(case: DecodeCase, device: torch.device, seed: int = 0) -> peers.DecodeInputs:
-    """Random (never zero) q and paged K/V; pages assigned to sequences in a random order."""
+    """Random (never zero) q and paged K/V; pages assigned to sequences in a random order (every
+    sequence gets the capacity's pages; ragged cases use only the first pages of some)."""
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -105,7 +121,7 @@ def make_inputs(case: DecodeCase, device: torch.device, seed: int = 0) -> peers.
     q = torch.randn(b, hq, d, **kw)
     perm = torch.randperm(num_pages, generator=cpu_gen)
     block_table = perm.view(b, pages_per_seq).to(torch.int32).to(device)
-    seq_lens = torch.full((b,), s, dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(case.seq_lens(), dtype=torch.int32, device=device)
     return peers.DecodeInputs(q, k_cache, v_cache, block_table, seq_lens, scale=d**-0.5)
 
 

@@ -133,9 +133,23 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 def reference_output(inputs: DecodeInputs) -> torch.Tensor:
-    """fp32 result of the plain-torch form on the same paged inputs (the correctness yardstick)."""
-    k, v = inputs.contiguous_kv()
-    return grouped_attention(inputs.q.float(), k.float(), v.float(), inputs.scale)
+    """fp32 result of the plain-torch form on the same paged inputs (the correctness yardstick);
+    with unequal lengths, one sequence at a time over its own pages."""
+    lens = inputs.seq_lens_host()
+    if all(n == lens[0] for n in lens):
+        k, v = inputs.contiguous_kv()
+        return grouped_attention(inputs.q.float(), k.float(), v.float(), inputs.scale)
+    out = torch.empty(inputs.q.shape, dtype=torch.float32, device=inputs.q.device)
+    p = inputs.page_size
+    for b, n in enumerate(lens):
+        pages = inputs.block_table[b, : math.ceil(n / p)].long()
+
+        def gather(cache: torch.Tensor) -> torch.Tensor:  # [1, Hkv, n, D]
+            return cache[pages].reshape(-1, inputs.num_kv_heads, inputs.head_dim)[:n].permute(1, 0, 2)[None].float()
+
+        out[b] = grouped_attention(inputs.q[b : b + 1].float(), gather(inputs.k_cache), gather(inputs.v_cache),
+                                   inputs.scale)[0]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
