@@ -14,9 +14,13 @@ with lengths uniform in [1, S] page-major should take about the equal-lengths ti
     KVCORE_DECODE_KERNEL=head  python bench/experiments/ragged_decode.py [OUT.json]
     KVCORE_DECODE_KERNEL=page8 python bench/experiments/ragged_decode.py [OUT.json]
     KVCORE_DECODE_WARPS=4      python bench/experiments/ragged_decode.py [OUT.json]
+    python bench/experiments/ragged_decode.py --splits 2,4,8,16 [OUT.json]
 
-(the switches are read once per process, hence one process each). For each shape and length
-pattern it prints the median time (harness Timer: CUDA events, L2 flushed) and the bandwidth of
+
+(the switches are read once per process, hence one process each; --splits also times those
+forced split counts, which always run the 4-warp head kernel: what a split count chosen from the
+lengths, as FlashInfer's host-side plan does, would gain). For each shape and length pattern it
+prints the median time (harness Timer: CUDA events, L2 flushed) and the bandwidth of
 the bytes the lengths actually need, after checking the output against kvcore.reference.
 """
 from __future__ import annotations
@@ -49,7 +53,11 @@ def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator) -> torch.T
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def main() -> None:
+def main(argv: list) -> None:
+    forced = [0]
+    if argv[:1] == ["--splits"]:
+        forced += [int(n) for n in argv[1].split(",")]
+        argv = argv[2:]
     dev = torch.device("cuda")
     timer = harness.Timer(dev)
     kvcore.set_validation(False)
@@ -64,29 +72,32 @@ def main() -> None:
         for pattern in ("equal", "uniform", "one-long"):
             seq_lens = lengths(pattern, b, cap, gen).to(dev)
 
-            def call() -> None:
-                kvcore.gqa_decode(x.q, x.k_cache, x.v_cache, x.block_table, seq_lens, scale=x.scale, out=out,
-                                  workspace=ws)
-
-            out.fill_(float("nan"))
-            call()
             ref, _ = reference.gqa_decode(x.q.float(), x.k_cache.float(), x.v_cache.float(), x.block_table,
                                           seq_lens, scale=x.scale)
-            err = (out.float() - ref).abs().max().item()
-            ok = err <= 2e-2 * max(1.0, ref.abs().max().item())
-            ms = timer(call)
-            tokens = int(seq_lens.sum().item())
-            nbytes = tokens * hkv * 128 * 2 * 2 + 2 * out.numel() * 2
-            row = {"case": case.name, "pattern": pattern, "tokens": tokens, "us": ms * 1e3,
-                   "gbps": nbytes / (ms * 1e-3) / 1e9, "max_err": err, "ok": ok}
-            rows.append(row)
-            print(f"{case.name:36s} {pattern:9s} {tokens:8d} tokens {ms * 1e3:8.1f} us "
-                  f"{row['gbps']:7.0f} GB/s  max err {err:.1e}{'' if ok else '  MISMATCH'}", flush=True)
+            for splits in forced:
+
+                def call() -> None:
+                    kvcore.gqa_decode(x.q, x.k_cache, x.v_cache, x.block_table, seq_lens, scale=x.scale, out=out,
+                                      workspace=ws, num_splits=splits)
+
+                out.fill_(float("nan"))
+                call()
+                err = (out.float() - ref).abs().max().item()
+                ok = err <= 2e-2 * max(1.0, ref.abs().max().item())
+                ms = timer(call)
+                tokens = int(seq_lens.sum().item())
+                nbytes = tokens * hkv * 128 * 2 * 2 + 2 * out.numel() * 2
+                row = {"case": case.name, "pattern": pattern, "splits": splits, "tokens": tokens, "us": ms * 1e3,
+                       "gbps": nbytes / (ms * 1e-3) / 1e9, "max_err": err, "ok": ok}
+                rows.append(row)
+                print(f"{case.name:36s} {pattern:9s} splits {'auto' if splits == 0 else splits:>4} {tokens:8d} tokens "
+                      f"{ms * 1e3:8.1f} us {row['gbps']:7.0f} GB/s  max err {err:.1e}{'' if ok else '  MISMATCH'}",
+                      flush=True)
         del x, out
-    if len(sys.argv) > 1:
+    if argv:
         json.dump({"gpu": torch.cuda.get_device_name(dev), "switches": switches, "rows": rows},
-                  open(sys.argv[1], "w"), indent=1)
+                  open(argv[0], "w"), indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
