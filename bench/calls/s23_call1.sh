@@ -10,5 +10,5 @@ KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-420} 
  "tests:90:tests/test_eviction.py,tests/test_scores_variant.py:attention_scores and not in_subprocess" \
  "run:ragged-default:90:python3 bench/experiments/ragged_decode.py --splits 2,4,8,16 $o/ragged-default.json" \
  "run:ragged-page8:60:KVCORE_DECODE_KERNEL=page8 python3 bench/experiments/ragged_decode.py $o/ragged-page8.json" \
- "run:ragged-warps4:60:KVCORE_DECODE_WARPS=4 python3 bench/experiments/ragged_decode.py $o/ragged-warps4.json" \
- "bench:decode:100"
+ "bench:decode:100" \
+ "run:ragged-warps4:60:KVCORE_DECODE_WARPS=4 python3 bench/experiments/ragged_decode.py $o/ragged-warps4.json"
