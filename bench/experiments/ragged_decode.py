@@ -9,7 +9,9 @@ With unequal lengths the longest sequence sets the time of such a grid: one SM r
 where the 4-warp kernel's smaller CTAs (or its splits) spread it over more SMs. By counting, a
 page-major CTA of 8 heads carries 4x the bytes of a 4-warp CTA that shares its SM with another:
 with lengths uniform in [1, S] page-major should take about the equal-lengths time while the
-4-warp kernel takes about half.
+4-warp kernel takes about half. The split count, too, follows the block table's width: "short"
+(every sequence at 1/64 of the capacity, as when the table is sized for the model's context)
+leaves most of an automatic split count's CTAs without keys.
 
     KVCORE_DECODE_KERNEL=head  python bench/experiments/ragged_decode.py [OUT.json]
     KVCORE_DECODE_KERNEL=page8 python bench/experiments/ragged_decode.py [OUT.json]
@@ -36,8 +38,9 @@ from kvcore import reference
 from kvcore.bench import decode, harness
 
 # (batch, num_kv_heads, capacity in tokens), Hq = 4 x Hkv, D 128, page 16: the decode table's
-# B16 and B128 rows.
-SHAPES = [(16, 8, 8192), (128, 8, 2048)]
+# B16, B128 and B1 S131072 rows.
+SHAPES = [(16, 8, 8192), (128, 8, 2048), (1, 8, 131072)]
+PATTERNS = ("equal", "uniform", "one-long", "short")
 
 
 def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator) -> torch.Tensor:
@@ -50,6 +53,8 @@ def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator) -> torch.T
         lens = torch.full((batch,), cap // 8, dtype=torch.int32)
         lens[batch // 2] = cap
         return lens
+    if pattern == "short":  # every sequence at 1/64 of the capacity: a block table sized for the
+        return torch.full((batch,), cap // 64, dtype=torch.int32)  # model's context, not the batch
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
@@ -69,7 +74,7 @@ def main(argv: list) -> None:
         case = decode.DecodeCase(b, 4 * hkv, hkv, 128, cap)
         x = decode.make_inputs(case, dev)
         out = torch.empty_like(x.q)
-        for pattern in ("equal", "uniform", "one-long"):
+        for pattern in PATTERNS:
             seq_lens = lengths(pattern, b, cap, gen).to(dev)
 
             ref, _ = reference.gqa_decode(x.q.float(), x.k_cache.float(), x.v_cache.float(), x.block_table,
