@@ -81,11 +81,13 @@ def cases(device: torch.device, quick: bool) -> list:
         return [DecodeCase(b, hq, 8, 128, s) for hq, b, s in grid] + [
             DecodeCase(16, 32, 8, 128, 8192, ragged=True), DecodeCase(64, 32, 8, 128, 4096, ragged=True)]
     if device.type == "cuda":
-        return [DecodeCase(2, 32, 8, 128, 4096), DecodeCase(16, 32, 8, 128, 1024)]
+        return [DecodeCase(2, 32, 8, 128, 4096), DecodeCase(16, 32, 8, 128, 1024),
+                DecodeCase(16, 32, 8, 128, 1024, ragged=True)]
     return [
         DecodeCase(2, 8, 2, 64, 512, dtype=torch.float32),
         DecodeCase(1, 32, 8, 128, 2048, dtype=torch.float32),
         DecodeCase(2, 8, 2, 64, 512, dtype=torch.bfloat16),
+        DecodeCase(4, 8, 2, 64, 512, dtype=torch.float32, ragged=True),
     ]
 
 
