@@ -355,7 +355,11 @@ def gqa_decode(
         q: ``[B, num_q_heads, head_dim]``, bfloat16/float16 (float32 too on CPU); the last dim
             must be contiguous.
         k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, q's dtype.
-        block_table: ``[B, max_pages]`` int32, the pages of each sequence in order.
+        block_table: ``[B, max_pages]`` int32, the pages of each sequence in order. On CUDA
+            its width, not ``seq_lens`` (no host sync), sets the automatic split count: a
+            table sized for the model's whole context while the sequences are much shorter
+            leaves most splits without keys. Pass one no wider than the batch's longest
+            sequence needs (as :meth:`kvcore.PagedKVCache.block_table` does), or ``num_splits``.
         seq_lens: ``[B]`` int32, tokens in each sequence (0 allowed: out 0, lse -inf).
         scale: softmax scale, default ``head_dim ** -0.5``.
         window_left: ``>= 0`` attends only to the last ``window_left + 1`` tokens (sliding
