@@ -81,12 +81,29 @@ def _libstdcxx_link_args() -> list[str]:
     return libs[:1]
 
 
+def _openmp_flags() -> list[str]:
+    """-fopenmp (compile and link) where torch's own CPU ops run on OpenMP (its Linux wheels).
+
+    at::parallel_for is a header template: in a translation unit compiled without OpenMP it runs
+    the whole range on the calling thread (ATen/ParallelOpenMP.h defines INTRA_OP_PARALLEL only
+    under _OPENMP), so until session 23 every CPU kernel here ran on one thread whatever
+    torch.get_num_threads() said. The linked libgomp.so.1 resolves at run time to the copy torch
+    already loaded (the same soname), so both share one thread pool.
+    """
+    import torch
+
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def _extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     # No -std flag: BuildExtension adds the standard the installed torch needs (its headers may
     # require C++20, as torch 2.14.1 does, where an explicit -std=c++17 breaks the build).
-    cxx_flags = ["-O3"]
+    openmp = _openmp_flags()
+    cxx_flags = ["-O3"] + openmp
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     cpu_sources = _sources("*.cpp")
     cuda_ok, why = _cuda_toolchain()
@@ -95,7 +112,7 @@ def _extension():
             sys.exit(f"kvcore: KVCORE_REQUIRE_CUDA=1 but the CUDA build is not possible: {why}")
         print(f"\n*** kvcore: building the CPU kernels only ({why}); CUDA ops will be unavailable ***\n", file=sys.stderr)
         return CppExtension("kvcore._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
-                            extra_link_args=_libstdcxx_link_args())
+                            extra_link_args=_libstdcxx_link_args() + openmp)
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     print(f"kvcore: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
@@ -113,7 +130,7 @@ def _extension():
         cpu_sources + _sources("*.cu"),
         include_dirs=include_dirs + _cuda_library_includes(),
         extra_compile_args={"cxx": cxx_flags + ["-DKVCORE_WITH_CUDA"], "nvcc": nvcc_flags},
-        extra_link_args=_libstdcxx_link_args(),
+        extra_link_args=_libstdcxx_link_args() + openmp,
     )
 
 
