@@ -188,7 +188,18 @@ void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_b
   constexpr bool kFp32 = std::is_same_v<T, float>;
   const bool capped = soft_cap > 0.0f;
   const float inv_cap = capped ? 1.0f / soft_cap : 0.0f;
+  // Rows come in the block table's (random) page order, 2-4 KB each, and V is read one KV
+  // head's slice of every row at a time: the hardware prefetchers miss most of it (session 23:
+  // ~45% of a bf16 call stalled on the K and V loads). While key i's logits are computed, key
+  // i + kAhead's K row and key i's V row are requested.
+  constexpr int64_t kAhead = 4, kLine = 64 / int64_t(sizeof(T));
+  auto prefetch_row = [&](const T* r) {
+    for (int64_t e = 0; e < row_len; e += kLine) __builtin_prefetch(r + e, 0, 3);
+  };
+  for (int64_t i = 0; i < std::min(kAhead, n); ++i) prefetch_row(k_base + k_off[i]);
   for (int64_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) prefetch_row(k_base + k_off[i + kAhead]);
+    prefetch_row(v_base + v_off[i]);
     const T* kr = k_base + k_off[i];
     const float* kf;
     if constexpr (kFp32) {
