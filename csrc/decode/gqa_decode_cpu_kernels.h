@@ -112,9 +112,18 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
         qf_b = b;
       }
       const int32_t* pages = block_table + b * p.max_pages;
-      for (int64_t pos = start; pos < stop; ++pos) {
+      auto row_of = [&](int64_t pos) {
         const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
-        const scalar_t* kr = k_cache + page * p.k_page_stride + (pos % p.page_size) * row;
+        return k_cache + page * p.k_page_stride + (pos % p.page_size) * row;
+      };
+      // K rows a few keys ahead are requested as attend_chunk does (random page order).
+      constexpr int64_t kAhead = 4, kLine = 64 / int64_t(sizeof(scalar_t));
+      for (int64_t pos = start; pos < std::min(stop, start + kAhead); ++pos)
+        for (int64_t e = 0; e < row; e += kLine) __builtin_prefetch(row_of(pos) + e, 0, 3);
+      for (int64_t pos = start; pos < stop; ++pos) {
+        if (pos + kAhead < stop)
+          for (int64_t e = 0; e < row; e += kLine) __builtin_prefetch(row_of(pos + kAhead) + e, 0, 3);
+        const scalar_t* kr = row_of(pos);
         for (int64_t e = 0; e < row; ++e) krow[e] = static_cast<float>(kr[e]);
         for (int64_t h = 0; h < H; ++h) {
           float sum = 0.0f;
