@@ -81,20 +81,26 @@ def _libstdcxx_link_args() -> list[str]:
     return libs[:1]
 
 
-def _openmp_flags() -> list[str]:
-    """-fopenmp (compile and link) where torch's own CPU ops run on OpenMP (its Linux wheels).
+def _openmp_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link arguments) for OpenMP where torch's own CPU ops run on it (Linux).
 
     at::parallel_for is a header template: in a translation unit compiled without OpenMP it runs
     the whole range on the calling thread (ATen/ParallelOpenMP.h defines INTRA_OP_PARALLEL only
     under _OPENMP), so until session 23 every CPU kernel here ran on one thread whatever
-    torch.get_num_threads() said. The linked libgomp.so.1 resolves at run time to the copy torch
-    already loaded (the same soname), so both share one thread pool.
+    torch.get_num_threads() said. The runtime linked is the libgomp torch itself loaded, named by
+    path (some torch wheels ship it renamed, e.g. libgomp-<hash>.so.1): kvcore then shares torch's
+    thread pool and torch.set_num_threads governs both. Plain -fopenmp when that copy is not found.
     """
     import torch
 
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
-        return ["-fopenmp"]
-    return []
+    if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
+        return [], []
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "/libgomp" in line and ".so" in line})
+    except OSError:
+        libs = []
+    return ["-fopenmp"], (libs[:1] or ["-fopenmp"])
 
 
 def _extension():
@@ -102,8 +108,8 @@ def _extension():
 
     # No -std flag: BuildExtension adds the standard the installed torch needs (its headers may
     # require C++20, as torch 2.14.1 does, where an explicit -std=c++17 breaks the build).
-    openmp = _openmp_flags()
-    cxx_flags = ["-O3"] + openmp
+    openmp_compile, openmp_link = _openmp_flags()
+    cxx_flags = ["-O3"] + openmp_compile
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     cpu_sources = _sources("*.cpp")
     cuda_ok, why = _cuda_toolchain()
@@ -112,7 +118,7 @@ def _extension():
             sys.exit(f"kvcore: KVCORE_REQUIRE_CUDA=1 but the CUDA build is not possible: {why}")
         print(f"\n*** kvcore: building the CPU kernels only ({why}); CUDA ops will be unavailable ***\n", file=sys.stderr)
         return CppExtension("kvcore._C", cpu_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
-                            extra_link_args=_libstdcxx_link_args() + openmp)
+                            extra_link_args=_libstdcxx_link_args() + openmp_link)
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
     print(f"kvcore: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
@@ -130,7 +136,7 @@ def _extension():
         cpu_sources + _sources("*.cu"),
         include_dirs=include_dirs + _cuda_library_includes(),
         extra_compile_args={"cxx": cxx_flags + ["-DKVCORE_WITH_CUDA"], "nvcc": nvcc_flags},
-        extra_link_args=_libstdcxx_link_args() + openmp,
+        extra_link_args=_libstdcxx_link_args() + openmp_link,
     )
 
 

@@ -118,11 +118,12 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
       };
       // K rows a few keys ahead are requested as attend_chunk does (random page order).
       constexpr int64_t kAhead = 4, kLine = 64 / int64_t(sizeof(scalar_t));
-      for (int64_t pos = start; pos < std::min(stop, start + kAhead); ++pos)
-        for (int64_t e = 0; e < row; e += kLine) __builtin_prefetch(row_of(pos) + e, 0, 3);
+      auto prefetch_row = [&](const scalar_t* r) {
+        for (int64_t e = 0; e < row; e += kLine) __builtin_prefetch(r + e, 0, 3);
+      };
+      for (int64_t pos = start; pos < std::min(stop, start + kAhead); ++pos) prefetch_row(row_of(pos));
       for (int64_t pos = start; pos < stop; ++pos) {
-        if (pos + kAhead < stop)
-          for (int64_t e = 0; e < row; e += kLine) __builtin_prefetch(row_of(pos + kAhead) + e, 0, 3);
+        if (pos + kAhead < stop) prefetch_row(row_of(pos + kAhead));
         const scalar_t* kr = row_of(pos);
         for (int64_t e = 0; e < row; ++e) krow[e] = static_cast<float>(kr[e]);
         for (int64_t h = 0; h < H; ++h) {

@@ -303,7 +303,8 @@ def append_paged_kv(
         k, v: ``[T, num_kv_heads, head_dim]``, the caches' dtype.
         k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``; modified in place.
         slot_mapping: ``[T]`` int64; token ``t`` goes to page ``slot // page_size``, row
-            ``slot % page_size``. ``-1`` skips the token (padding).
+            ``slot % page_size``. ``-1`` skips the token (padding). Slots must be distinct: two
+            tokens written to one slot race (on CPU and CUDA alike), and the row may mix both.
     """
     _refuse_grad_target("append_paged_kv", k_cache=k_cache, v_cache=v_cache)
     _check_distinct("append_paged_kv", "k_cache", k_cache, "v_cache", v_cache)
@@ -360,6 +361,7 @@ def gqa_decode(
             table sized for the model's whole context while the sequences are much shorter
             leaves most splits without keys. Pass one no wider than the batch's longest
             sequence needs (as :meth:`kvcore.PagedKVCache.block_table` does), or ``num_splits``.
+            (With ``window_left >= 0`` the window, where shorter, takes the width's place.)
         seq_lens: ``[B]`` int32, tokens in each sequence (0 allowed: out 0, lse -inf).
         scale: softmax scale, default ``head_dim ** -0.5``.
         window_left: ``>= 0`` attends only to the last ``window_left + 1`` tokens (sliding
@@ -753,6 +755,7 @@ def mla_latent_project(
         latent_cache: ``[num_pages, page_size, R + P]`` hidden's dtype, modified in place
             (may be strided in dim 0).
         slot_mapping: ``[T]`` int64, ``page * page_size + offset``; ``-1`` skips a token.
+            Slots must be distinct (two tokens written to one slot race and may mix).
         eps: RMSNorm epsilon (added to the mean square).
         interleaved_rope: rotate pairs ``(2i, 2i+1)`` (DeepSeek) if True, else
             ``(i, i + P/2)`` (GPT-NeoX).
@@ -1065,7 +1068,7 @@ def compact_kv(
     per (device, stream) and left reusable by each launch, so a call allocates and zeroes nothing
     (under CUDA graph capture each captured call gets its own buffer, zeroed by a memset node).
     float32 caches are accepted on CUDA too (the kernel moves bytes). Sequences must not
-    share the pages a compaction writes (as on CPU, the result would depend on the order).
+    share the pages a compaction writes (their writes would race, on CPU as on CUDA).
 
     Args:
         k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; modified in place.
