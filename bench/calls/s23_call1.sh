@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 23 (one call; 671 s of device time were left to the session): build; the attention_scores
+# Prepared in session 23 and not run there (every start was refused). Next session's first call:
+# build; the attention_scores
 # CUDA cases (session 22's read-back merged its two split caps into one: compiled, never run);
 # gqa_decode on ragged batches under the default, KVCORE_DECODE_KERNEL=page8 and
 # KVCORE_DECODE_WARPS=4 (bench/experiments/ragged_decode.py: does a shape-only pick of one CTA per
