@@ -60,6 +60,19 @@ def _cuda_library_includes() -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _loaded_library(fragment: str) -> list[str]:
+    """The path of a shared library this process has mapped whose path contains ``fragment``
+    (after importing torch, so torch's own runtimes are there): ``[path]``, or ``[]`` (Linux)."""
+    import torch  # noqa: F401  (maps the runtimes torch links against)
+
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if fragment in line and ".so" in line})
+    except OSError:
+        return []
+    return libs[:1]
+
+
 def _libstdcxx_link_args() -> list[str]:
     """Link the C++ runtime that torch itself loaded, by path (Linux).
 
@@ -71,14 +84,7 @@ def _libstdcxx_link_args() -> list[str]:
     """
     if not sys.platform.startswith("linux"):
         return []
-    import torch  # noqa: F401  (maps the libstdc++ that torch links against)
-
-    try:
-        with open("/proc/self/maps") as f:
-            libs = sorted({line.split()[-1] for line in f if "/libstdc++.so" in line})
-    except OSError:
-        return []
-    return libs[:1]
+    return _loaded_library("/libstdc++.so")
 
 
 def _openmp_flags() -> tuple[list[str], list[str]]:
@@ -95,12 +101,7 @@ def _openmp_flags() -> tuple[list[str], list[str]]:
 
     if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
         return [], []
-    try:
-        with open("/proc/self/maps") as f:
-            libs = sorted({line.split()[-1] for line in f if "/libgomp" in line and ".so" in line})
-    except OSError:
-        libs = []
-    return ["-fopenmp"], (libs[:1] or ["-fopenmp"])
+    return ["-fopenmp"], (_loaded_library("/libgomp") or ["-fopenmp"])
 
 
 def _extension():

@@ -117,13 +117,10 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
         return k_cache + page * p.k_page_stride + (pos % p.page_size) * row;
       };
       // K rows a few keys ahead are requested as attend_chunk does (random page order).
-      constexpr int64_t kAhead = 4, kLine = 64 / int64_t(sizeof(scalar_t));
-      auto prefetch_row = [&](const scalar_t* r) {
-        for (int64_t e = 0; e < row; e += kLine) __builtin_prefetch(r + e, 0, 3);
-      };
-      for (int64_t pos = start; pos < std::min(stop, start + kAhead); ++pos) prefetch_row(row_of(pos));
+      constexpr int64_t ahead = cpu::kPrefetchAhead;
+      for (int64_t pos = start; pos < std::min(stop, start + ahead); ++pos) cpu::prefetch_row(row_of(pos), row);
       for (int64_t pos = start; pos < stop; ++pos) {
-        if (pos + kAhead < stop) prefetch_row(row_of(pos + kAhead));
+        if (pos + ahead < stop) cpu::prefetch_row(row_of(pos + ahead), row);
         const scalar_t* kr = row_of(pos);
         for (int64_t e = 0; e < row; ++e) krow[e] = static_cast<float>(kr[e]);
         for (int64_t h = 0; h < H; ++h) {
