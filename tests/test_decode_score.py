@@ -208,6 +208,36 @@ def test_gqa_decode_score_fused_and_fallback_grids_cuda(device, num_splits, gen)
     torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
 
 
+@pytest.mark.parametrize("window_left, num_splits", [(-1, 0), (-1, 5), (1500, 0)])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_wide_block_table_cuda(device, window_left, num_splits, gen):
+    """A block table much wider than the sequences (none fills it): each sequence's splits share
+    its own keys (split_range.h), so a CTA's first key is no longer split x split_tokens; the
+    score scratch (numbered from the window start) and the fused epilogue's staging must follow.
+    Score, out and lse against the reference, twice on one poisoned workspace."""
+    hkv, group, d, ps, capacity = 2, 4, 128, 16, 30000
+    lens = [0, 1, 17, 2000, 5003]
+    kv = make_paged_kv(lens, ps, hkv, d, gen=gen, dtype=torch.bfloat16, device=device,
+                       extra_table_cols=capacity // ps - -(-max(lens) // ps))
+    batch, hq, max_pages = len(lens), hkv * group, kv.block_table.shape[1]
+    q = randn(batch, hq, d, gen=gen, dtype=torch.bfloat16, device=device)
+    score = _score_buffer(batch, hkv, max_pages * ps, gen, device)
+    before = score.clone()
+    ws = _scratch_poisoned_workspace(batch, hq, max_pages, ps, window_left, device)
+    add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, window_left=window_left,
+                                     score_len=score.shape[2])
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                            window_left=window_left)
+    for step in (1, 2):
+        out = poison(torch.empty_like(q))
+        lse = poison(torch.empty(batch, hq, dtype=torch.float32, device=device))
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, window_left=window_left,
+                          out=out, lse=lse, workspace=ws, num_splits=num_splits, score=score)
+        _check_step(before, score, lens, step * add, window_left)
+        torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[torch.bfloat16])
+        torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_score_empty_block_table(device, gen):
     """A block table with no columns: nothing attended, the score (of width 0 or more) unchanged."""

@@ -317,8 +317,8 @@ MLA_DECODE_CASES = [
 ]
 
 
-def _latent_cache(lens, page_size, dk, gen, dtype, device):
-    kv = make_paged_kv(lens, page_size, 1, dk, gen=gen, dtype=dtype, device=device)
+def _latent_cache(lens, page_size, dk, gen, dtype, device, extra_table_cols=1):
+    kv = make_paged_kv(lens, page_size, 1, dk, gen=gen, dtype=dtype, device=device, extra_table_cols=extra_table_cols)
     return kv.k_cache[:, :, 0], kv.block_table, kv.seq_lens
 
 
@@ -785,8 +785,8 @@ def test_mla_bench_group_cpu(tmp_path):
 CUDA_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
-def _cuda_decode_inputs(lens, heads, page_size, gen, dtype, dk=576, dv=512, scale=576**-0.5):
-    cache, table, seq_lens = _latent_cache(lens, page_size, dk, gen, dtype, "cuda")
+def _cuda_decode_inputs(lens, heads, page_size, gen, dtype, dk=576, dv=512, scale=576**-0.5, extra_table_cols=1):
+    cache, table, seq_lens = _latent_cache(lens, page_size, dk, gen, dtype, "cuda", extra_table_cols)
     q = randn(len(lens), heads, dk, gen=gen, dtype=dtype, device="cuda")
     out = poison(torch.empty(len(lens), heads, dv, dtype=dtype, device="cuda"))
     lse = poison(torch.empty(len(lens), heads, device="cuda"))
@@ -854,6 +854,22 @@ def test_mla_decode_cuda_long_sequence_splits(dtype, heads, lens, gen):
     of each (sequence, head block) merges the parts."""
     a = _cuda_decode_inputs(lens, heads, 64, gen, dtype)
     _decode_and_check(a, lens, dtype)
+
+
+@mla_decode_cuda_only
+@pytest.mark.parametrize(("heads", "lens"), [pytest.param(16, [0, 1, 63, 2000], id="H16"),
+                                             pytest.param(128, [700], id="H128-B1"),
+                                             pytest.param(64, [5000, 3, 40000], id="H64-full")])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_mla_decode_cuda_wide_block_table(dtype, heads, lens, gen):
+    """A block table of 40000 tokens (sized for the longest context) over shorter sequences: the
+    split count is made for the table's width and each sequence's splits share its own keys
+    (split_range.h's split_chunk), for each kernel the head counts pick. Twice, with fresh q."""
+    cols = 40000 // 64
+    for _ in range(2):
+        a = _cuda_decode_inputs(lens, heads, 64, gen, dtype, extra_table_cols=cols - -(-max(lens) // 64))
+        assert a.table.shape[1] == cols
+        _decode_and_check(a, lens, dtype)
 
 
 @mla_decode_cuda_only

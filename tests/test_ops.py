@@ -202,6 +202,48 @@ def test_gqa_decode_split_merge_batches_cuda(device, head_dim, group, num_splits
                                   workspace=workspace)
 
 
+# (head_dim, group, page_size, window_left, num_splits, full) for the wide-table test: the 4-warp
+# kernel at each head dim, pages that are and are not a power of two or a tile's divisor, windows
+# shorter and longer than a split, a forced split count beside the automatic one, and batches with
+# and without a sequence that fills the table.
+WIDE_TABLE_CASES = [
+    (128, 4, 16, -1, 0, False),
+    (128, 4, 16, -1, 0, True),
+    (64, 8, 64, -1, 0, False),
+    (256, 2, 16, 100, 0, True),
+    (128, 1, 5, -1, 0, True),
+    (128, 16, 16, 3000, 0, False),
+    (128, 4, 256, -1, 9, False),
+]
+
+
+@pytest.mark.parametrize("head_dim, group, page_size, window_left, num_splits, full", WIDE_TABLE_CASES,
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_wide_block_table_cuda(device, head_dim, group, page_size, window_left, num_splits, full, gen):
+    """A block table far wider than most of its sequences, as a serving engine's or a CUDA graph's
+    table sized for the longest context: the split count is made for the table's width, and each
+    sequence's splits share its own keys (split_range.h's split_chunk), from an empty sequence to
+    one that fills the table. Three calls on one workspace with fresh q into poisoned outputs,
+    each against the reference."""
+    capacity = 40000
+    lens = [0, 1, 300, 4097, 777] + ([capacity] if full else [])
+    cols = -(-capacity // page_size)
+    kv = make_paged_kv(lens, page_size, 2, head_dim, gen=gen, dtype=torch.bfloat16, device=device,
+                       extra_table_cols=cols - -(-max(lens) // page_size))
+    assert kv.block_table.shape[1] == cols
+    workspace = kvcore.ops.decode_workspace(device)
+    for _ in range(3):
+        q = randn(len(lens), 2 * group, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
+        out = poison(torch.empty_like(q))
+        lse = poison(torch.empty(len(lens), 2 * group, dtype=torch.float32, device=device))
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, window_left=window_left,
+                          out=out, lse=lse, workspace=workspace, num_splits=num_splits)
+        ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                                window_left=window_left)
+        _check_decode(out, lse, ref_out, ref_lse, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_pair_per_sm_cuda(device, dtype, gen):

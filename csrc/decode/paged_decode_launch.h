@@ -23,6 +23,7 @@
 #include "kvcore/decode_score.cuh"
 #include "kvcore/gqa_decode.cuh"
 #include "kvcore/gqa_decode_page_major.cuh"
+#include "kvcore/split_range.h"
 
 namespace kvcore {
 namespace paged_decode {
@@ -110,9 +111,9 @@ inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pai
     while (splits > 1 && bytes_for(splits) > have) splits = std::max(1, splits / 2);
   }
   // Each split covers a whole number of tiles; an automatic count is recomputed to cover kv_len.
-  int64_t split_tokens = (kv_len + splits - 1) / splits;
-  split_tokens = std::max<int64_t>(tile, (split_tokens + tile - 1) / tile * tile);
-  if (requested <= 0) splits = int(std::max<int64_t>(1, (kv_len + split_tokens - 1) / split_tokens));
+  // (The kernels shrink the split of a shorter sequence: split_range.h's split_chunk.)
+  const int64_t split_tokens = split_tokens_for(kv_len, splits, tile);
+  if (requested <= 0) splits = int(splits_to_cover(kv_len, split_tokens));
   const int64_t lse_offset = kCounterBytes + scratch;
   return {splits, int(split_tokens), lse_offset, lse_offset + lse_bytes(splits)};
 }

@@ -357,11 +357,14 @@ def gqa_decode(
             must be contiguous.
         k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, q's dtype.
         block_table: ``[B, max_pages]`` int32, the pages of each sequence in order. On CUDA
-            its width, not ``seq_lens`` (no host sync), sets the automatic split count: a
-            table sized for the model's whole context while the sequences are much shorter
-            leaves most splits without keys. Pass one no wider than the batch's longest
-            sequence needs (as :meth:`kvcore.PagedKVCache.block_table` does), or ``num_splits``.
-            (With ``window_left >= 0`` the window, where shorter, takes the width's place.)
+            its width, not ``seq_lens`` (no host sync), sets the automatic split count
+            (with ``window_left >= 0`` the window, where shorter, takes the width's place);
+            each sequence's splits then share its own keys evenly (in whole tiles of keys),
+            so a table sized for the model's whole context (a CUDA graph's, a serving
+            engine's) still spreads a shorter sequence over the GPU. Its cost is the split
+            count itself: more partials to merge than the sequence needs, where one no wider
+            than the batch needs (as :meth:`kvcore.PagedKVCache.block_table` gives) or a forced
+            ``num_splits`` would make fewer.
         seq_lens: ``[B]`` int32, tokens in each sequence (0 allowed: out 0, lse -inf).
         scale: softmax scale, default ``head_dim ** -0.5``.
         window_left: ``>= 0`` attends only to the last ``window_left + 1`` tokens (sliding

@@ -35,6 +35,7 @@
 #include <stdint.h>
 
 #include "kvcore/device_utils.cuh"
+#include "kvcore/split_range.h"
 #include "kvcore/wgmma.cuh"  // swz128_offset; on sm_90a the mbarrier and TMA helpers
 
 namespace kvcore {
@@ -329,8 +330,12 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   // ---- this CTA's KV range -------------------------------------------------------------------
   // Everything read from memory is clamped, so bad index contents give wrong numbers but never
   // an out-of-bounds access (the Python wrapper validates them when validation is on).
-  // Without a sliding window a split's first position does not depend on seq_len, so its first
-  // pages are fetched before seq_len arrives: the two loads overlap instead of chaining.
+  // A split's range is [first + split * chunk, +chunk) within the attended keys [first, seq_len),
+  // chunk = split_chunk(...) (split_range.h): split_tokens for a sequence that fills its block
+  // table, less for a shorter one. Both depend on seq_len; without a sliding window the first
+  // pages are fetched for the full-length start (split * split_tokens) before seq_len arrives,
+  // so at full length the two loads overlap instead of chaining, and a shorter sequence's CTAs
+  // fetch again from their own start.
   const int capacity = p.max_pages * p.page_size;
   const int seq_len_raw = __ldg(p.seq_lens + b);
   int start = split * p.split_tokens, end = 0;  // end: set once seq_len is known
@@ -480,20 +485,33 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   };
 
   int pages[LOADS];
+  // The first pages (SPARSE: list entries, then pages) are fetched for the full-length start
+  // before seq_len is known, except with a window, whose start depends on it (TMA has none).
+  const bool early_pages = SPARSE || p.window_left < 0;
   if constexpr (TMA) {
     if (warp == 0) fetch_pages_tma(0, STAGES - 1);
   } else {
     if constexpr (SPARSE) fetch_list(0);
-    if (SPARSE || p.window_left < 0) fetch_pages(0, pages);
+    if (early_pages) fetch_pages(0, pages);
   }
   seq_len = min(max(seq_len_raw, 0), capacity);
-  if (!SPARSE && !TMA && p.window_left >= 0) {
-    start += max(0, seq_len - 1 - p.window_left);  // (unaligned: the launcher gives SPP = 1)
-    fetch_pages(0, pages);
+  // first: the window's first key (0 without one; the score scratch numbers keys from it).
+  // (A window's start is unaligned: the launcher then gives SPP = 1.) SPARSE: the keys are the
+  // list's virtual positions, sel_count pages' worth.
+  const int first = !SPARSE && p.window_left >= 0 ? max(0, seq_len - 1 - p.window_left) : 0;
+  const int keys = SPARSE ? sel_count * p.page_size : seq_len - first;
+  const int chunk = split_chunk(keys, p.num_splits, p.split_tokens, TILE);
+  if (!early_pages || first + split * chunk != start) {
+    start = first + split * chunk;
+    if constexpr (TMA) {
+      if (warp == 0) fetch_pages_tma(0, STAGES - 1);
+    } else {
+      if constexpr (SPARSE) fetch_list(0);  // (fetch_pages reads these entries: one more round trip)
+      fetch_pages(0, pages);
+    }
   }
-  end = min(SPARSE ? sel_count * p.page_size : seq_len, start + p.split_tokens);
-  // SCORE: position of the window's first key (the score scratch numbers keys from it).
-  [[maybe_unused]] const int score_first = SCORE ? start - split * p.split_tokens : 0;
+  end = min(first + keys, start + chunk);
+  [[maybe_unused]] const int score_first = first;
   const int num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
 
   // TMA (warp 0): tiles t0 .. t0 + ntiles - 1 that exist, each as its segments up to the end

@@ -72,8 +72,11 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
   // ---- this CTA's KV range (everything read from memory is clamped, as in gqa_decode_kernel) ----
   const int capacity = p.max_pages * p.page_size;
   const int seq_len = min(max(__ldg(p.seq_lens + b), 0), capacity);
-  const int start = split * p.split_tokens;  // a multiple of 16, so a stage lies in one page
-  const int end = min(seq_len, start + p.split_tokens);
+  // A multiple of 16 (split_range.h's split_chunk, with the launcher's tile), so a stage lies in
+  // one page.
+  const int chunk = split_chunk(seq_len, p.num_splits, p.split_tokens, ROWS);
+  const int start = split * chunk;
+  const int end = min(seq_len, start + chunk);
   const int nstages = start < end ? (end - start + ROWS - 1) / ROWS : 0;
   const int* const bt = p.block_table + int64_t(b) * p.max_pages;
   auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };

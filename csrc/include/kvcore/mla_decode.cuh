@@ -38,6 +38,7 @@
 #include <stdint.h>
 
 #include "kvcore/device_utils.cuh"
+#include "kvcore/split_range.h"
 
 namespace kvcore {
 
@@ -402,28 +403,32 @@ __device__ __forceinline__ void mla_store_row(const MlaDecodeParams& p, int b, i
 // copy_c0 + 8 * j (j < ROW_CHUNKS) of tile rows copy_r0 + RPP * pass (mla_copy_tile) into stage
 // t % STAGES of `tiles`; the page of each of its rows is read one tile ahead of the copy.
 // Everything read from memory is clamped, so bad index contents give wrong numbers but never an
-// out-of-bounds access. A split's first position does not depend on seq_len, so prime() looks up
-// its first pages while seq_len is still in flight.
+// out-of-bounds access. A split's range is [split * chunk, +chunk) with chunk = split_chunk(...)
+// (split_range.h): split_tokens when the sequence fills its block table, less for a shorter one.
+// prime() looks up the first pages of the full-length start (split * split_tokens) while seq_len
+// is still in flight, so at full length the two loads overlap; a shorter sequence's CTAs fetch
+// again from their own start.
 template <typename T, typename Cfg>
 struct MlaTileRing {
   static constexpr int TD = Cfg::TD, DK = Cfg::DK, TILE = Cfg::TILE, STAGES = Cfg::STAGES;
   static constexpr int ROW_PASSES = Cfg::ROW_PASSES, ROW_CHUNKS = Cfg::ROW_CHUNKS, RPP = Cfg::ROWS_PER_PASS;
   const MlaDecodeParams& p;
   T* const tiles;
-  const int capacity, seq_len_raw, start;
+  const int capacity, seq_len_raw, split;
   const int* const bt;
   const int copy_r0, copy_c0;
-  int end = 0, num_tiles = 0;  // set by prime()
+  int start, end = 0, num_tiles = 0;  // start's final value, end and num_tiles: set by prime()
 
-  __device__ __forceinline__ MlaTileRing(const MlaDecodeParams& p_, int b, int split, int tid, T* tiles_)
+  __device__ __forceinline__ MlaTileRing(const MlaDecodeParams& p_, int b, int split_, int tid, T* tiles_)
       : p(p_),
         tiles(tiles_),
         capacity(p_.max_pages * p_.page_size),
         seq_len_raw(__ldg(p_.seq_lens + b)),
-        start(split * p_.split_tokens),
+        split(split_),
         bt(p_.block_table + int64_t(b) * p_.max_pages),
         copy_r0(tid >> 3),
-        copy_c0(tid & 7) {}
+        copy_c0(tid & 7),
+        start(split_ * p_.split_tokens) {}
   // The pages of this thread's rows of tile t.
   __device__ __forceinline__ void fetch_pages(int t, int (&pages)[ROW_PASSES]) const {
     mla_fetch_pages<ROW_PASSES, RPP>(p, bt, capacity, start + t * TILE + copy_r0, pages);
@@ -439,7 +444,12 @@ struct MlaTileRing {
   __device__ __forceinline__ void prime(int (&pages)[ROW_PASSES]) {
     fetch_pages(0, pages);
     const int seq_len = min(max(seq_len_raw, 0), capacity);
-    end = min(seq_len, start + p.split_tokens);
+    const int chunk = split_chunk(seq_len, p.num_splits, p.split_tokens, TILE);
+    if (split * chunk != start) {
+      start = split * chunk;
+      fetch_pages(0, pages);
+    }
+    end = min(seq_len, start + chunk);
     num_tiles = start < end ? (end - start + TILE - 1) / TILE : 0;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {

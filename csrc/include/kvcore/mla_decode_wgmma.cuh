@@ -133,8 +133,9 @@ struct TileStream {
   __device__ __forceinline__ TileStream(const MlaDecodeParams& p, int b, int split, int wtid) {
     capacity = p.max_pages * p.page_size;
     const int seq_len = min(max(__ldg(p.seq_lens + b), 0), capacity);
-    start = split * p.split_tokens;
-    end = min(seq_len, start + p.split_tokens);
+    const int chunk = split_chunk(seq_len, p.num_splits, p.split_tokens, Shape::TILE);  // as in MlaTileRing
+    start = split * chunk;
+    end = min(seq_len, start + chunk);
     num_tiles = start < end ? (end - start + Shape::TILE - 1) / Shape::TILE : 0;
     bt = p.block_table + int64_t(b) * p.max_pages;
     copy_r0 = wtid >> 3;
