@@ -52,7 +52,7 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
 
       for (int64_t g = 0; g < G; ++g) {
         const scalar_t* qh = q + b * p.q_stride_b + (h * G + g) * p.q_stride_h;
-        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = static_cast<float>(qh[d]);
+        cpu::to_float(qh, qf.data() + g * D, D);
         m[g] = kNegInf;
         l[g] = 0.0f;
       }

@@ -31,14 +31,14 @@ void token_decoder_blocks(const TokenDecoderCpuParams& p, const scalar_t* q, con
       const int64_t used = (P + blen) * Hkv * D;
       const scalar_t* k_n = k + n * p.k_stride_n;
       const scalar_t* v_n = v + n * p.v_stride_n;
-      for (int64_t e = 0; e < used; ++e) kf[e] = static_cast<float>(k_n[e]);
-      for (int64_t e = 0; e < used; ++e) vf[e] = static_cast<float>(v_n[e]);
+      cpu::to_float(k_n, kf.data(), used);
+      cpu::to_float(v_n, vf.data(), used);
 
       for (int64_t i = 0; i < blen; ++i) {
         const int64_t keys = P + i + 1;  // prefix slots, then tokens 0..i
         for (int64_t h = 0; h < Hq; ++h) {
           const scalar_t* q_row = q + n * p.q_stride_n + (i * Hq + h) * D;
-          for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(q_row[d]);
+          cpu::to_float(q_row, qf.data(), D);
           const int64_t hk = h / G;
           float mx = kNegInf;
           for (int64_t j = 0; j < keys; ++j) {

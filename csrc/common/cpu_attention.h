@@ -137,6 +137,20 @@ inline void online_softmax_step(float* lg, int64_t n, float& m, float& l, float*
     for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
 }
 
+// n elements of a cache row (or a query) as fp32: fp16 through cpu_half_bits.h's vector
+// conversion (exact, like c10's, which compiled to a scalar routine), fp32 copied, any other type
+// (bf16, whose shift GCC vectorises itself; the float64 some CPU ops take) element by element.
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n > 0) __builtin_memcpy(dst, src, size_t(n) * sizeof(float));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    fp16_bits_to_float(reinterpret_cast<const uint16_t*>(src), dst, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
 // Software prefetch of the K/V rows a loop over keys will read: rows come in the block table's
 // (random) page order, 2-4 KB each, and V is read one KV head's slice of every row at a time,
 // which the hardware prefetchers miss (session 23: ~45% of a bf16 gqa_decode call stalled on
@@ -210,7 +224,7 @@ void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_b
     if constexpr (kFp32) {
       kf = kr;
     } else {
-      for (int64_t e = 0; e < row_len; ++e) w.krow[e] = static_cast<float>(kr[e]);
+      to_float(kr, w.krow, row_len);
       kf = w.krow;
     }
     for (int64_t h = 0; h < heads; ++h) {
@@ -225,10 +239,7 @@ void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_b
   // H8 D128, did not fit: slower than the per-key form).
   for (int64_t hk = 0; hk * group < heads; ++hk) {
     if constexpr (!kFp32)
-      for (int64_t i = 0; i < n; ++i) {
-        const T* vr = v_base + v_off[i] + hk * D;
-        for (int64_t d = 0; d < D; ++d) w.vrows[i * D + d] = static_cast<float>(vr[d]);
-      }
+      for (int64_t i = 0; i < n; ++i) to_float(v_base + v_off[i] + hk * D, w.vrows + i * D, D);
     auto v_row = [&](int64_t i) -> const float* {
       if constexpr (kFp32)
         return v_base + v_off[i] + hk * D;

@@ -4,7 +4,7 @@
 //   #include "common/cpu_isa_kernels.h"
 //
 // at namespace scope, after the kernel file's own #includes and the types its kernels use. It
-// defines the shared pieces (cpu_attention.h) and the kernels of KVCORE_CPU_KERNELS in
+// defines the shared pieces (cpu_half_bits.h, cpu_attention.h) and the kernels of KVCORE_CPU_KERNELS in
 // kvcore::(anonymous)::isa_baseline and, where the build has the AVX2 copy, again in
 // kvcore::(anonymous)::isa_avx2 under target("avx2,fma"); elsewhere isa_avx2 names isa_baseline,
 // so callers pick with `cpu_isa() == CpuIsa::kAvx2 ? isa_avx2::f : isa_baseline::f` everywhere.
@@ -20,6 +20,8 @@
 #endif
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -33,6 +35,7 @@
 // KVCORE_CPU_VEC_BYTES: the width of one vector register in this copy (cpu_attention.h's FVec).
 #define KVCORE_CPU_ISA_NS isa_baseline
 #define KVCORE_CPU_VEC_BYTES 16
+#include "common/cpu_half_bits.h"
 #include "common/cpu_attention.h"
 #include KVCORE_CPU_KERNELS
 #undef KVCORE_CPU_VEC_BYTES
@@ -43,6 +46,7 @@
 #pragma GCC target("avx2,fma")
 #define KVCORE_CPU_ISA_NS isa_avx2
 #define KVCORE_CPU_VEC_BYTES 32
+#include "common/cpu_half_bits.h"
 #include "common/cpu_attention.h"
 #include KVCORE_CPU_KERNELS
 #undef KVCORE_CPU_VEC_BYTES

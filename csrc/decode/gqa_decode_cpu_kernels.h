@@ -40,7 +40,7 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
 
       for (int64_t h = 0; h < Hq; ++h) {
         const scalar_t* qh = q + b * p.q_stride_b + h * p.q_stride_h;
-        for (int64_t d = 0; d < D; ++d) qf[h * D + d] = static_cast<float>(qh[d]);
+        cpu::to_float(qh, qf.data() + h * D, D);
         m[h] = kNegInf;
         l[h] = 0.0f;
       }
@@ -107,7 +107,7 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
       if (qf_b != b) {
         for (int64_t h = 0; h < Hq; ++h) {
           const scalar_t* qh = q + b * p.q_stride_b + h * p.q_stride_h;
-          for (int64_t d = 0; d < D; ++d) qf[h * D + d] = static_cast<float>(qh[d]);
+          cpu::to_float(qh, qf.data() + h * D, D);
         }
         qf_b = b;
       }
@@ -122,7 +122,7 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
       for (int64_t pos = start; pos < stop; ++pos) {
         if (pos + ahead < stop) cpu::prefetch_row(row_of(pos + ahead), row);
         const scalar_t* kr = row_of(pos);
-        for (int64_t e = 0; e < row; ++e) krow[e] = static_cast<float>(kr[e]);
+        cpu::to_float(kr, krow.data(), row);
         for (int64_t h = 0; h < H; ++h) {
           float sum = 0.0f;
           for (int64_t g = 0; g < G; ++g) {

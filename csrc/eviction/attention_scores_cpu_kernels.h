@@ -37,7 +37,7 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
       for (int64_t i = 0; i < W; ++i) {
         const int64_t r = g * W + i;
         const scalar_t* src = q + b * p.q_stride_b + i * p.q_stride_w + (h * G + g) * p.q_stride_h;
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]);
+        cpu::to_float(src, qf + r * D, D);
         last[r] = std::max<int64_t>(-1, len[b] - W + i);
       }
   };
@@ -50,7 +50,7 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
       const int64_t pos = c0 + j;
       const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
       const scalar_t* kr = k_cache + page * p.k_page_stride + (pos % p.page_size) * row_elems + h * D;
-      for (int64_t d = 0; d < D; ++d) krow[d] = static_cast<float>(kr[d]);
+      cpu::to_float(kr, krow, D);
       for (int64_t r = 0; r < R; ++r)
         logits[r * kChunk + j] = pos <= last[r] ? cpu::dot_product(qf + r * D, krow, D) * p.scale : kNegInf;
     }

@@ -38,7 +38,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
 
       for (int64_t h = 0; h < H; ++h) {
         const scalar_t* qh = q + b * q_stride_b + h * q_stride_h;
-        for (int64_t d = 0; d < Dk; ++d) qf[h * Dk + d] = static_cast<float>(qh[d]);
+        cpu::to_float(qh, qf.data() + h * Dk, Dk);
         m[h] = kNegInf;
         l[h] = 0.0f;
       }
@@ -52,7 +52,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
           const int64_t page = std::clamp<int64_t>(pages[pos / s.page_size], 0, s.num_pages - 1);
           const scalar_t* src = cache + page * page_stride + (pos % s.page_size) * Dk;
           float* dst = rows.data() + i * Dk;
-          for (int64_t d = 0; d < Dk; ++d) dst[d] = static_cast<float>(src[d]);
+          cpu::to_float(src, dst, Dk);
         }
         for (int64_t h = 0; h < H; ++h) {
           float* lg = logits.data() + h * kChunk;

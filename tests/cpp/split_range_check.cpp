@@ -1,4 +1,4 @@
-// Checks kvcore/split_range.h on the host (tests/test_split_range.py compiles and runs it): for
+// Checks kvcore/split_range.h on the host (tests/test_host_checks.py compiles and runs it): for
 // every plan the launchers can make (automatic and forced split counts, several tiles, table
 // widths from empty to 2^20 keys) and every sequence length up to the table's width, the splits'
 // ranges cover the sequence exactly once, each is whole tiles no longer than split_tokens and

@@ -1,0 +1,60 @@
+"""Arithmetic the kernels share, checked on the host by small C++ programs (tests/cpp/): each is
+compiled with the system C++ compiler against the library's own header and run. They need no GPU,
+no CUDA toolkit and no kvcore build, so they run on every machine, CI's included.
+
+- split_range_check.cpp: csrc/include/kvcore/split_range.h, how every split-KV decode kernel
+  (CUDA) cuts a sequence's keys into its splits: the ranges cover each sequence once, in whole
+  tiles of at most split_tokens, and a sequence that fills its block table is cut as before.
+- half_bits_check.cpp: csrc/common/cpu_half_bits.h, the CPU kernels' fp16 -> fp32 row
+  conversion, on all 65,536 bit patterns at both vector widths (the baseline and AVX2 copies),
+  also compiled with -mavx2 -mfma where this CPU has them (the instructions the AVX2 copy uses).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _has_avx2() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+CHECKS = [
+    pytest.param("split_range_check.cpp", "csrc/include", [], id="split_range"),
+    pytest.param("half_bits_check.cpp", "csrc", [], id="half_bits"),
+    pytest.param("half_bits_check.cpp", "csrc", ["-mavx2", "-mfma"], id="half_bits-avx2",
+                 marks=pytest.mark.skipif(not _has_avx2(), reason="this CPU has no AVX2 and FMA")),
+]
+
+
+@pytest.mark.parametrize("source, include, flags", CHECKS)
+def test_host_check_program(source, include, flags, tmp_path):
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    exe = tmp_path / source.replace(".cpp", "")
+    build = subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-psabi", "-Werror", *flags,
+                            f"-I{ROOT / include}", str(ROOT / "tests" / "cpp" / source), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=180)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert " 0 failures" in run.stdout and "checked 0 " not in run.stdout, run.stdout
