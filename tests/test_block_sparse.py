@@ -406,12 +406,13 @@ def test_issue_shape_long_selection_cuda(device, dtype, gen):
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_short_lists_in_a_wide_selection_cuda(device, num_splits, gen):
     """Selections much shorter than max_sel (the split count is made for max_sel's pages): each
-    list's splits share its own pages' positions (split_range.h's split_chunk), for lists from
-    empty to every page of a 5000-token sequence. Twice with fresh selections, against the
-    reference."""
+    list's splits share its own pages' positions (split_range.h's split_chunk): random subsets,
+    then every page of each sequence (5000 tokens the longest), empty lists for the empty
+    sequence. Against the reference."""
     lens, ps = [5000, 300, 0, 2000, 17], 16
-    for _ in range(2):
-        kv, q, sel_pages, sel_counts = _paged_inputs(lens, ps, 2, 8, 128, gen, torch.bfloat16, device, max_sel=1000)
+    for density in ("random", "all"):
+        kv, q, sel_pages, sel_counts = _paged_inputs(lens, ps, 2, 8, 128, gen, torch.bfloat16, device, max_sel=1000,
+                                                     density=density)
         out, lse = _outputs(len(lens), 8, 128, torch.bfloat16, device)
         kvcore.block_sparse_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, sel_pages, sel_counts,
                                    out=out, lse=lse, num_splits=num_splits)

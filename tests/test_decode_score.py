@@ -216,7 +216,7 @@ def test_gqa_decode_score_wide_block_table_cuda(device, window_left, num_splits,
     score scratch (numbered from the window start) and the fused epilogue's staging must follow.
     Score, out and lse against the reference, twice on one poisoned workspace."""
     hkv, group, d, ps, capacity = 2, 4, 128, 16, 30000
-    lens = [0, 1, 17, 2000, 5003]
+    lens = [0, 1, 17, 1100, 2000, 5003]  # (1100: shorter than the window of 1500 and than the table)
     kv = make_paged_kv(lens, ps, hkv, d, gen=gen, dtype=torch.bfloat16, device=device,
                        extra_table_cols=capacity // ps - -(-max(lens) // ps))
     batch, hq, max_pages = len(lens), hkv * group, kv.block_table.shape[1]

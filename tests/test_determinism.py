@@ -192,7 +192,7 @@ def test_cuda_block_sparse_bitwise_reproducible(device, dtype, num_splits, gen):
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_cuda_block_sparse_fixed_splits_independent_of_batch_neighbours(device, gen):
     """With n fixed, a sequence's result does not depend on the other sequences of the call: each
-    list is split at positions that depend on n and max_sel only."""
+    list is split at positions that depend on n, max_sel and its own count only."""
     lens = [3000, 17, 0, 2500]
     q, kv, sel_pages, sel_counts = _sparse_inputs(lens, 16, 2, 8, 128, gen, torch.bfloat16, device)
     for n in (1, 4):
@@ -263,3 +263,40 @@ def test_cpu_mla_decode_fixed_splits_bitwise_across_calls_and_threads(dtype, gen
                 _assert_bitwise(base, _mla(q, cache, kv.block_table, kv.seq_lens, n), f"n={n} threads={threads}")
     finally:
         torch.set_num_threads(previous)
+
+
+def _widened(table: torch.Tensor, cols: int, gen) -> torch.Tensor:
+    """``table`` (a block table or a selection) widened to ``cols`` columns of junk (-1 and
+    out-of-range ids), which no sequence or count of the batch reaches."""
+    junk = torch.randint(10**6, 2 * 10**6, (*table.shape[:-1], cols - table.shape[-1]), generator=gen,
+                         dtype=torch.int32)
+    junk[..., ::2] = -1
+    return torch.cat([table, junk.to(table.device)], dim=-1)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_cuda_fixed_splits_independent_of_table_width(device, gen):
+    """With num_splits fixed, widening the block table (mla_decode) or the page lists
+    (block_sparse_decode: max_sel) with junk no sequence reaches leaves out and lse bitwise
+    unchanged: each sequence's (list's) splits are cut from its own length (split_range.h), not
+    from the width. (tests/test_ops.py checks gqa_decode the same way.)"""
+    lens = [3000, 17, 0, 2500, 700]
+    q, kv, sel_pages, sel_counts = _sparse_inputs(lens, 16, 2, 8, 128, gen, torch.bfloat16, device)
+    wide_sel = _widened(sel_pages, 2000, gen)
+    for n in (3, 8):
+        _assert_bitwise(_sparse(q, kv, sel_pages, sel_counts, num_splits=n),
+                        _sparse(q, kv, wide_sel, sel_counts, num_splits=n), f"block_sparse_decode, n={n}")
+    mla_kv = make_paged_kv(lens, 64, 1, 576, gen=gen, dtype=torch.bfloat16, device=device)
+    cache = mla_kv.k_cache[:, :, 0]
+    wide_table = _widened(mla_kv.block_table, 40000 // 64, gen)
+
+    def mla(mq, table, n):
+        out = poison(torch.empty(mq.shape[0], mq.shape[1], 512, dtype=mq.dtype, device=device))
+        lse = poison(torch.empty(mq.shape[:2], dtype=torch.float32, device=device))
+        kvcore.mla_decode(mq, cache, table, mla_kv.seq_lens, scale=576**-0.5, out=out, lse=lse, num_splits=n)
+        return out, lse
+
+    for heads in (16, 22, 64):  # on Hopper: the H16 kernel, mla_decode_kernel, the wgmma kernel
+        mq = randn(len(lens), heads, 576, gen=gen, dtype=torch.bfloat16, device=device)
+        for n in (3, 8):
+            _assert_bitwise(mla(mq, mla_kv.block_table, n), mla(mq, wide_table, n), f"mla_decode H{heads}, n={n}")

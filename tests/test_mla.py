@@ -858,13 +858,15 @@ def test_mla_decode_cuda_long_sequence_splits(dtype, heads, lens, gen):
 
 @mla_decode_cuda_only
 @pytest.mark.parametrize(("heads", "lens"), [pytest.param(16, [0, 1, 63, 2000], id="H16"),
+                                             pytest.param(22, [0, 700, 3000], id="H22"),
                                              pytest.param(128, [700], id="H128-B1"),
                                              pytest.param(64, [5000, 3, 40000], id="H64-full")])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 def test_mla_decode_cuda_wide_block_table(dtype, heads, lens, gen):
     """A block table of 40000 tokens (sized for the longest context) over shorter sequences: the
     split count is made for the table's width and each sequence's splits share its own keys
-    (split_range.h's split_chunk), for each kernel the head counts pick. Twice, with fresh q."""
+    (split_range.h's split_chunk), for each kernel the head counts pick on this GPU (on Hopper:
+    the H16 kernel, mla_decode_kernel at 22 heads, the wgmma kernel from 33). Twice, with fresh q."""
     cols = 40000 // 64
     for _ in range(2):
         a = _cuda_decode_inputs(lens, heads, 64, gen, dtype, extra_table_cols=cols - -(-max(lens) // 64))

@@ -202,25 +202,28 @@ def test_gqa_decode_split_merge_batches_cuda(device, head_dim, group, num_splits
                                   workspace=workspace)
 
 
-# (head_dim, group, page_size, window_left, num_splits, full) for the wide-table test: the 4-warp
-# kernel at each head dim, pages that are and are not a power of two or a tile's divisor, windows
-# shorter and longer than a split, a forced split count beside the automatic one, and batches with
-# and without a sequence that fills the table.
+# (num_kv_heads, head_dim, group, page_size, window_left, num_splits, full) for the wide-table
+# test: each head dim, pages that are and are not a power of two or a tile's divisor, windows
+# (whose length sets the split count) with sequences shorter and longer than them, a forced split
+# count beside the automatic one, batches with and without a sequence that fills the table, and
+# 8 KV heads (which the page-major re-runs, page8 / page4, take).
 WIDE_TABLE_CASES = [
-    (128, 4, 16, -1, 0, False),
-    (128, 4, 16, -1, 0, True),
-    (64, 8, 64, -1, 0, False),
-    (256, 2, 16, 100, 0, True),
-    (128, 1, 5, -1, 0, True),
-    (128, 16, 16, 3000, 0, False),
-    (128, 4, 256, -1, 9, False),
+    (2, 128, 4, 16, -1, 0, False),
+    (2, 128, 4, 16, -1, 0, True),
+    (2, 64, 8, 64, -1, 0, False),
+    (2, 256, 2, 16, 6000, 0, True),
+    (2, 128, 1, 5, -1, 0, True),
+    (2, 128, 16, 16, 3000, 0, False),
+    (2, 128, 4, 256, -1, 9, False),
+    (8, 128, 4, 16, -1, 0, False),
 ]
 
 
-@pytest.mark.parametrize("head_dim, group, page_size, window_left, num_splits, full", WIDE_TABLE_CASES,
+@pytest.mark.parametrize("num_kv_heads, head_dim, group, page_size, window_left, num_splits, full", WIDE_TABLE_CASES,
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
-def test_gqa_decode_wide_block_table_cuda(device, head_dim, group, page_size, window_left, num_splits, full, gen):
+def test_gqa_decode_wide_block_table_cuda(device, num_kv_heads, head_dim, group, page_size, window_left, num_splits,
+                                          full, gen):
     """A block table far wider than most of its sequences, as a serving engine's or a CUDA graph's
     table sized for the longest context: the split count is made for the table's width, and each
     sequence's splits share its own keys (split_range.h's split_chunk), from an empty sequence to
@@ -229,19 +232,54 @@ def test_gqa_decode_wide_block_table_cuda(device, head_dim, group, page_size, wi
     capacity = 40000
     lens = [0, 1, 300, 4097, 777] + ([capacity] if full else [])
     cols = -(-capacity // page_size)
-    kv = make_paged_kv(lens, page_size, 2, head_dim, gen=gen, dtype=torch.bfloat16, device=device,
+    kv = make_paged_kv(lens, page_size, num_kv_heads, head_dim, gen=gen, dtype=torch.bfloat16, device=device,
                        extra_table_cols=cols - -(-max(lens) // page_size))
     assert kv.block_table.shape[1] == cols
     workspace = kvcore.ops.decode_workspace(device)
+    hq = num_kv_heads * group
     for _ in range(3):
-        q = randn(len(lens), 2 * group, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
+        q = randn(len(lens), hq, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
         out = poison(torch.empty_like(q))
-        lse = poison(torch.empty(len(lens), 2 * group, dtype=torch.float32, device=device))
+        lse = poison(torch.empty(len(lens), hq, dtype=torch.float32, device=device))
         kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, window_left=window_left,
                           out=out, lse=lse, workspace=workspace, num_splits=num_splits)
         ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
                                                 window_left=window_left)
         _check_decode(out, lse, ref_out, ref_lse, torch.bfloat16)
+
+
+def _pad_table(table: torch.Tensor, cols: int, gen) -> torch.Tensor:
+    """``table`` widened to ``cols`` columns of junk (-1 and out-of-range ids), which no sequence
+    of the batch reaches."""
+    junk = torch.randint(10**6, 2 * 10**6, (table.shape[0], cols - table.shape[1]), generator=gen, dtype=torch.int32)
+    junk[:, ::2] = -1
+    return torch.cat([table, junk.to(table.device)], dim=1)
+
+
+@pytest.mark.parametrize("window_left", [-1, 2500])
+@pytest.mark.parametrize("num_splits", [3, 7])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_fixed_splits_independent_of_table_width_cuda(device, num_splits, window_left, gen):
+    """With num_splits fixed, widening the block table (junk columns no sequence reaches) leaves
+    out and lse bitwise unchanged: each sequence's splits are cut from its own length
+    (split_range.h's split_chunk), not from the table's width. (Cut from the width, as before
+    session 24, a sequence shorter than the table kept its keys on its first splits, and the
+    different partition shows in the low bits.)"""
+    lens = [0, 1, 300, 4097, 777, 9000]
+    kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    wide = _pad_table(kv.block_table, 40000 // 16, gen)
+    q = randn(len(lens), 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    results = []
+    for table in (kv.block_table, wide):
+        out = poison(torch.empty_like(q))
+        lse = poison(torch.empty(len(lens), 8, dtype=torch.float32, device=device))
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, table, kv.seq_lens, window_left=window_left, out=out, lse=lse,
+                          num_splits=num_splits)
+        results.append((out, lse))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                            window_left=window_left)
+    _check_decode(*results[1], ref_out, ref_lse, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

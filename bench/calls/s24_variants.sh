@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# s24_call1.sh's kernel-variant stage: each subprocess re-run of the split-KV decode kernels'
+# s24_call2.sh's kernel-variant stage: each subprocess re-run of the split-KV decode kernels'
 # CUDA tests under one kernel switch (8 warps, page-major 8/4/2, the TMA loader, the score
 # epilogue kernel, mla_decode's wgmma switches and old H16 path), all at once in their own pytest
 # processes on the one GPU (each spawns its own child). Logs OUTDIR/variant-N.log; exits non-zero

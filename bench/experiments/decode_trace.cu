@@ -12,7 +12,7 @@
 // split as thread-block clusters of n CTAs. A plain read of the same pages through the table
 // (whole pages, one CTA each) and one in the kernel's pattern (a CTA per KV head and split) are
 // timed next to the one-shot read.
-// GRAIN (tokens, default the tile): a split's length is rounded up to a multiple of it. The
+// GRAIN (tokens, default the tile; a divisor of it): a split's length is rounded up to a multiple of it. The
 // kernel is the library's page-group instance for the page size (SPP, as the launcher picks it).
 // The output is checked against a one-split call of the same kernel.
 // PAGE_MAJOR=H:N[,H:N...] (D 128, page 16) also times the page-major kernel
@@ -240,6 +240,12 @@ int run(int argc, char** argv) {
   const int PAGE = argc > 6 ? std::atoi(argv[6]) : 16;
   using Cfg = kvcore::GqaDecodeConfig<D, STAGES, TRACE_WARPS>;
   const int grain = argc > 8 && std::atoi(argv[8]) > 0 ? std::atoi(argv[8]) : Cfg::TILE;
+  // The kernel cuts each split at min(split_tokens, its own TILE-rounded share) (split_range.h),
+  // so a grain coarser than the tile would not be what runs.
+  if (grain > Cfg::TILE || Cfg::TILE % grain != 0) {
+    std::fprintf(stderr, "GRAIN must divide the tile (%d)\n", Cfg::TILE);
+    return 2;
+  }
   const int pages_per_seq = (S + PAGE - 1) / PAGE, num_pages = B * pages_per_seq;
   const size_t cache_elems = size_t(num_pages) * PAGE * Hkv * D;
 

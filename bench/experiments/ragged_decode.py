@@ -11,7 +11,9 @@ page-major CTA of 8 heads carries 4x the bytes of a 4-warp CTA that shares its S
 with lengths uniform in [1, S] page-major should take about the equal-lengths time while the
 4-warp kernel takes about half. The split count, too, follows the block table's width: "short"
 (every sequence at 1/64 of the capacity, as when the table is sized for the model's context)
-leaves most of an automatic split count's CTAs without keys.
+left most of an automatic split count's CTAs without keys until session 24, when each
+sequence's splits began to share its own keys (split_range.h); it should now be near the best
+forced count.
 
     KVCORE_DECODE_KERNEL=head  python bench/experiments/ragged_decode.py [OUT.json]
     KVCORE_DECODE_KERNEL=page8 python bench/experiments/ragged_decode.py [OUT.json]

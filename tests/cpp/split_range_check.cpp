@@ -40,6 +40,9 @@ int64_t check_plan(int64_t kv_len, int64_t asked, bool automatic, int64_t tile) 
   for (int64_t keys : lengths) {
     const int chunk = kvcore::split_chunk(int(keys), int(splits), int(split_tokens), int(tile));
     const int64_t share = (keys + splits - 1) / splits;
+    // The device form (32-bit) agrees with the host's 64-bit split_tokens_for.
+    if (chunk != std::min<int64_t>(split_tokens, kvcore::split_tokens_for(keys, splits, tile)))
+      fail("32-bit chunk differs from split_tokens_for", kv_len, splits, tile, keys, chunk);
     if (chunk % tile != 0 || chunk < tile || chunk > split_tokens) fail("chunk not whole tiles within split_tokens", kv_len, splits, tile, keys, chunk);
     // The ranges [s * chunk, min(keys, (s + 1) * chunk)) for s < splits tile [0, keys) in order.
     if (splits * int64_t(chunk) < keys) fail("splits do not cover the sequence", kv_len, splits, tile, keys, chunk);
@@ -57,8 +60,8 @@ int64_t check_plan(int64_t kv_len, int64_t asked, bool automatic, int64_t tile) 
 int main() {
   int64_t checked = 0;
   const int64_t kv_lens[] = {0, 1, 15, 16, 17, 63, 64, 65, 100, 127, 128, 129, 700, 1000, 2047, 2048, 4097,
-                             8192, 20000, 32768, 40000, 131072, 1 << 20};
-  for (int64_t tile : {16, 64, 128})
+                             8192, 20000, 32768, 40000, 131072, 1 << 20, (1 << 30) - 1};
+  for (int64_t tile : {16, 32, 64, 128})
     for (int64_t kv_len : kv_lens) {
       for (int64_t asked = 1; asked <= 40; ++asked) checked += check_plan(kv_len, asked, true, tile);
       for (int64_t asked : {1, 2, 3, 7, 9, 33, 70, 128, 256}) checked += check_plan(kv_len, asked, false, tile);

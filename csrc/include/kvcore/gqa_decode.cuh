@@ -55,7 +55,7 @@ struct GqaDecodeParams {
   float* partial_lse;  // [B, Hkv, num_splits, group], log2 domain
   unsigned* counters;  // [B, Hkv], zero between launches
   int num_kv_heads, group, page_size, page_shift, num_pages, max_pages;  // page_shift < 0: not a power of 2
-  int num_splits, split_tokens;  // split_tokens: KV positions per split, a multiple of the tile
+  int num_splits, split_tokens;  // split_tokens: the most KV positions a split takes (split_range.h), a multiple of the tile
   int window_left;               // < 0: none
   float scale;                   // softmax scale
   float soft_cap;                // > 0: logits = cap * tanh(scale q.k / cap)

@@ -57,7 +57,7 @@ struct MlaDecodeParams {
   unsigned* counters;  // [B, head_blocks], zero between launches
   int num_heads, head_blocks, dk, dv;
   int page_size, page_shift, num_pages, max_pages;  // page_shift < 0: page_size not a power of 2
-  int num_splits, split_tokens;                     // split_tokens: a multiple of the tile
+  int num_splits, split_tokens;                     // split_tokens: the most a split takes (split_range.h); tiles
   // Split merge by a separate launch (mla_merge_kernel) instead of the last CTA of each (sequence,
   // head block): the last CTA reads num_splits * ROWS * dv * 4 bytes alone (8 MB at B1 H128
   // S32768), which a grid of one CTA per head reads in parallel. Honoured by

@@ -39,9 +39,13 @@ KVCORE_HOST_DEVICE constexpr int64_t splits_to_cover(int64_t kv_len, int64_t spl
 // and the tile is the one split_tokens_for was given), so a sequence that fills its block table
 // is cut as before, bit for bit. A multiple of the tile, so every split starts where a tile of
 // the old layout would (page groups and the TMA loader rely on it).
+// (In 32-bit unsigned arithmetic, which cannot wrap here: keys < 2^31, num_splits <= 256 and
+// tile <= 128. It runs at the start of every CTA, where a 64-bit division is a long call.)
 KVCORE_HOST_DEVICE constexpr int split_chunk(int keys, int num_splits, int split_tokens, int tile) {
-  const int64_t chunk = split_tokens_for(keys > 0 ? keys : 0, num_splits, tile);
-  return chunk < split_tokens ? int(chunk) : split_tokens;
+  const uint32_t n = keys > 0 ? uint32_t(keys) : 0u, s = uint32_t(num_splits), t = uint32_t(tile);
+  const uint32_t rounded = ((n + s - 1) / s + t - 1) / t * t;
+  const uint32_t chunk = rounded > t ? rounded : t;
+  return chunk < uint32_t(split_tokens) ? int(chunk) : split_tokens;
 }
 
 }  // namespace kvcore
