@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
   }
 
   // This CTA's KV range; each warpgroup loads its own tiles into its own stage.
-  TileStream<T, Cfg> ts(p, b, split, wtid);
+  TileStream<T, Cfg> ts(p, b, split, wtid, wg);  // (tile wg's pages fetched)
   const int start = ts.start, end = ts.end, num_tiles = ts.num_tiles;
 
   const int h0 = hb * ROWS;
@@ -96,7 +96,6 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) mla_decode_seesaw_kernel(cons
   __syncthreads();           // Q and the barrier initialisation are visible to all
 
   // Each warpgroup loads its first tile and fetches the pages of its next.
-  ts.fetch_pages(p, wg);
   if (wg < num_tiles) ts.issue_tile(p, wg, sTile, full);
   ts.fetch_pages(p, wg + STAGES);
 

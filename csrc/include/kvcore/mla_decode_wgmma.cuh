@@ -130,16 +130,26 @@ struct TileStream {
   int copy_r0, copy_c0;
   int pages[Shape::ROW_PASSES];
 
-  __device__ __forceinline__ TileStream(const MlaDecodeParams& p, int b, int split, int wtid) {
+  // The range [split * chunk, +chunk) of MlaTileRing (split_range.h), and the pages of tile
+  // first_tile (the first this thread's warpgroup loads) in `pages`: looked up for the full-length
+  // start (split * split_tokens) while seq_len is in flight, so at full length the two loads
+  // overlap, and again from a shorter sequence's own start.
+  __device__ __forceinline__ TileStream(const MlaDecodeParams& p, int b, int split, int wtid, int first_tile) {
     capacity = p.max_pages * p.page_size;
-    const int seq_len = min(max(__ldg(p.seq_lens + b), 0), capacity);
-    const int chunk = split_chunk(seq_len, p.num_splits, p.split_tokens, Shape::TILE);  // as in MlaTileRing
-    start = split * chunk;
-    end = min(seq_len, start + chunk);
-    num_tiles = start < end ? (end - start + Shape::TILE - 1) / Shape::TILE : 0;
     bt = p.block_table + int64_t(b) * p.max_pages;
     copy_r0 = wtid >> 3;
     copy_c0 = wtid & 7;
+    const int seq_len_raw = __ldg(p.seq_lens + b);
+    start = split * p.split_tokens;
+    fetch_pages(p, first_tile);
+    const int seq_len = min(max(seq_len_raw, 0), capacity);
+    const int chunk = split_chunk(seq_len, p.num_splits, p.split_tokens, Shape::TILE);
+    if (split * chunk != start) {
+      start = split * chunk;
+      fetch_pages(p, first_tile);
+    }
+    end = min(seq_len, start + chunk);
+    num_tiles = start < end ? (end - start + Shape::TILE - 1) / Shape::TILE : 0;
   }
   // The pages of this thread's rows of tile t.
   __device__ __forceinline__ void fetch_pages(const MlaDecodeParams& p, int t) {
@@ -423,8 +433,8 @@ __device__ __forceinline__ void wgmma_decode(const MlaDecodeParams& p, const voi
     if constexpr (Cfg::TMA) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
 
-  // This CTA's KV range; warpgroup 1 loads it.
-  TileStream<T, Cfg> ts(p, b, split, wtid);
+  // This CTA's KV range; warpgroup 1 loads it (tile 0's pages are in ts.pages).
+  TileStream<T, Cfg> ts(p, b, split, wtid, 0);
   const int start = ts.start, end = ts.end, num_tiles = ts.num_tiles;
 
   // ---- Q of the head block, 128-byte swizzled (heads past H and columns past dk are zero) ----
@@ -442,7 +452,7 @@ __device__ __forceinline__ void wgmma_decode(const MlaDecodeParams& p, const voi
     }
   } else if (wg == 1) {
     for (int s = 0; s < STAGES; ++s) {
-      ts.fetch_pages(p, s);
+      if (s > 0) ts.fetch_pages(p, s);  // (tile 0's: fetched by the constructor)
       if (s < num_tiles) ts.issue_tile(p, s, sTile, full);
     }
     ts.fetch_pages(p, STAGES);
