@@ -37,6 +37,10 @@ class DecodeCase:
     # capacity) instead of seq_len for every sequence: a serving batch's mix, where a kernel
     # choice made from shapes alone meets sequences of unequal work.
     ragged: bool = False
+    # > 0: the block table is this many tokens wide (its columns past a sequence's pages hold stale
+    # page ids), as a CUDA graph's or a serving engine's table sized for the model's context; the
+    # split count kvcore picks from shapes then follows this width, not seq_len. 0: seq_len's pages.
+    table_tokens: int = 0
 
     @property
     def name(self) -> str:
@@ -45,6 +49,7 @@ class DecodeCase:
             f"S{self.seq_len} page{self.page_size}"
         )
         s += " ragged" if self.ragged else ""
+        s += f" table{self.table_tokens}" if self.table_tokens else ""
         s += dtype_suffix(self.dtype)
         return s
 
@@ -77,17 +82,20 @@ def cases(device: torch.device, quick: bool) -> list:
     device = torch.device(device)
     if device.type == "cuda" and not quick:
         grid = [(32, 1, 32768), (32, 1, 131072), (32, 16, 8192), (32, 64, 4096), (32, 128, 2048), (64, 32, 8192)]
-        # and two ragged batches (only the paged peers take unequal lengths)
+        # and two ragged batches (only the paged peers take unequal lengths), and two batches in
+        # a block table sized for a 131072-token context
         return [DecodeCase(b, hq, 8, 128, s) for hq, b, s in grid] + [
-            DecodeCase(16, 32, 8, 128, 8192, ragged=True), DecodeCase(64, 32, 8, 128, 4096, ragged=True)]
+            DecodeCase(16, 32, 8, 128, 8192, ragged=True), DecodeCase(64, 32, 8, 128, 4096, ragged=True),
+            DecodeCase(1, 32, 8, 128, 4096, table_tokens=131072), DecodeCase(8, 32, 8, 128, 8192, table_tokens=131072)]
     if device.type == "cuda":
         return [DecodeCase(2, 32, 8, 128, 4096), DecodeCase(16, 32, 8, 128, 1024),
-                DecodeCase(16, 32, 8, 128, 1024, ragged=True)]
+                DecodeCase(16, 32, 8, 128, 1024, ragged=True), DecodeCase(2, 32, 8, 128, 1024, table_tokens=32768)]
     return [
         DecodeCase(2, 8, 2, 64, 512, dtype=torch.float32),
         DecodeCase(1, 32, 8, 128, 2048, dtype=torch.float32),
         DecodeCase(2, 8, 2, 64, 512, dtype=torch.bfloat16),
         DecodeCase(4, 8, 2, 64, 512, dtype=torch.float32, ragged=True),
+        DecodeCase(2, 8, 2, 64, 512, dtype=torch.float32, table_tokens=4096),
     ]
 
 
@@ -102,7 +110,8 @@ def known_impls() -> list:
 
 def make_inputs(case: DecodeCase, device: torch.device, seed: int = 0) -> peers.DecodeInputs:
     """Random (never zero) q and paged K/V; pages assigned to sequences in a random order (every
-    sequence gets the capacity's pages; ragged cases use only the first pages of some)."""
+    sequence gets seq_len's pages; ragged cases use only the first pages of some), then a table
+    widened to table_tokens with stale (valid, unused) page ids."""
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -122,7 +131,11 @@ def make_inputs(case: DecodeCase, device: torch.device, seed: int = 0) -> peers.
     v_cache = torch.randn(num_pages, p, hkv, d, **kw)
     q = torch.randn(b, hq, d, **kw)
     perm = torch.randperm(num_pages, generator=cpu_gen)
-    block_table = perm.view(b, pages_per_seq).to(torch.int32).to(device)
+    block_table = perm.view(b, pages_per_seq).to(torch.int32)
+    if case.table_tokens > s:
+        stale = torch.randint(num_pages, (b, math.ceil(case.table_tokens / p) - pages_per_seq), generator=cpu_gen)
+        block_table = torch.cat([block_table, stale.to(torch.int32)], dim=1)
+    block_table = block_table.to(device)
     seq_lens = torch.tensor(case.seq_lens(), dtype=torch.int32, device=device)
     return peers.DecodeInputs(q, k_cache, v_cache, block_table, seq_lens, scale=d**-0.5)
 
