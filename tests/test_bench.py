@@ -261,7 +261,21 @@ def test_grid_on_gpu_matches_design(bench):
     assert "B1 Hq32 Hkv8 D128 S131072 page16" in names
     assert "B32 Hq64 Hkv8 D128 S8192 page16" in names
     assert "B64 Hq32 Hkv8 D128 S4096 page16 ragged" in names
-    assert len(names) == 8
+    assert "B8 Hq32 Hkv8 D128 S8192 page16 table131072" in names
+    assert len(names) == 10
+
+
+def test_wide_table_case_pads_with_stale_pages(bench):
+    """table_tokens widens the block table; the bytes and flops stay those of the lengths, and
+    every column past a sequence's pages names an allocated page (stale, never attended)."""
+    case = bench.decode.DecodeCase(2, 8, 2, 64, 512, dtype=torch.float32, table_tokens=4096)
+    narrow = bench.decode.DecodeCase(2, 8, 2, 64, 512, dtype=torch.float32)
+    assert case.nbytes == narrow.nbytes and case.flops == narrow.flops
+    inputs = bench.decode.make_inputs(case, torch.device("cpu"))
+    assert inputs.block_table.shape == (2, 4096 // 16)
+    assert int(inputs.block_table.min()) >= 0 and int(inputs.block_table.max()) < inputs.k_cache.shape[0]
+    base = bench.decode.make_inputs(narrow, torch.device("cpu"))
+    assert torch.equal(inputs.block_table[:, : 512 // 16], base.block_table)
 
 
 def test_ragged_case_counts_its_own_lengths(bench):
