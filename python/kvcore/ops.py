@@ -396,9 +396,11 @@ def gqa_decode(
 
     Determinism: on CUDA, a fixed ``num_splits = n > 0`` gives bitwise identical ``out``/``lse``
     on every call, whatever the workspace held before (earlier calls of any shape); ``0`` does
-    too for the same shapes on the same GPU (the split count depends on nothing else). On CPU
-    ``num_splits`` is ignored and results are bitwise identical at a fixed
-    ``torch.get_num_threads()``. Tested in ``tests/test_determinism.py``.
+    too for the same shapes on the same GPU (the split count depends on nothing else). With a
+    fixed ``n``, widening ``block_table`` (columns no sequence reaches) does not change a bit
+    either: each sequence's splits are cut from its own length. On CPU ``num_splits`` is ignored
+    and results are bitwise identical at a fixed ``torch.get_num_threads()``. Tested in
+    ``tests/test_determinism.py`` and ``tests/test_ops.py``.
 
     NaN: a NaN in ``q[b, h]`` makes that row's ``out`` and ``lse`` NaN and touches no other row;
     a NaN in an attended K row of KV head ``g`` does so for every query head of group ``g``, and
