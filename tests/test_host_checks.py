@@ -7,7 +7,8 @@ no CUDA toolkit and no kvcore build, so they run on every machine, CI's included
   tiles of at most split_tokens, and a sequence that fills its block table is cut as before.
 - half_bits_check.cpp: csrc/common/cpu_half_bits.h, the CPU kernels' fp16 -> fp32 row
   conversion, on all 65,536 bit patterns at both vector widths (the baseline and AVX2 copies),
-  also compiled with -mavx2 -mfma where this CPU has them (the instructions the AVX2 copy uses).
+  also compiled with -mavx2 -mfma -mf16c where this CPU has them (the instructions the AVX2 copy
+  uses, vcvtph2ps among them).
 """
 
 from __future__ import annotations
@@ -31,17 +32,17 @@ def _compiler() -> str | None:
 
 def _has_avx2() -> bool:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return {"avx2", "fma", "f16c"} <= set(flags)
 
 
 CHECKS = [
     pytest.param("split_range_check.cpp", "csrc/include", [], id="split_range"),
     pytest.param("half_bits_check.cpp", "csrc", [], id="half_bits"),
-    pytest.param("half_bits_check.cpp", "csrc", ["-mavx2", "-mfma"], id="half_bits-avx2",
-                 marks=pytest.mark.skipif(not _has_avx2(), reason="this CPU has no AVX2 and FMA")),
+    pytest.param("half_bits_check.cpp", "csrc", ["-mavx2", "-mfma", "-mf16c"], id="half_bits-avx2",
+                 marks=pytest.mark.skipif(not _has_avx2(), reason="this CPU lacks AVX2, FMA or F16C")),
 ]
 
 
@@ -58,3 +59,5 @@ def test_host_check_program(source, include, flags, tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert " 0 failures" in run.stdout and "checked 0 " not in run.stdout, run.stdout
+    if "-mf16c" in flags:  # the AVX2 copy's vcvtph2ps path ran too
+        assert "with the F16C path" in run.stdout, run.stdout

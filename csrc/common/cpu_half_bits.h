@@ -56,15 +56,28 @@ inline float fp16_bits_to_float(uint32_t w) {
 }
 
 // dst[i] = the value of the fp16 bit pattern src[i], i < n. (Written as a scalar loop GCC does not
-// vectorise it: 10 ms for the case above.)
+// vectorise it: 10 ms for the case above.) Where the copy is compiled for F16C (KVCORE_CPU_F16C:
+// the AVX2 copy, cpu_isa_kernels.h), the vector part is the hardware's vcvtph2ps instead, one
+// instruction for 8 values (exact too, except that it quiets a signalling NaN, as torch's own
+// conversion does); the tail stays the bit form.
 inline void fp16_bits_to_float(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
+#if defined(KVCORE_CPU_F16C) && KVCORE_CPU_VEC_BYTES == 32
+  typedef short HalfBitsS8 __attribute__((vector_size(16)));
+  for (; i + 8 <= n; i += 8) {
+    HalfBitsS8 h;
+    __builtin_memcpy(&h, src + i, sizeof h);
+    const HalfBitsF f = __builtin_ia32_vcvtph2ps256(h);
+    __builtin_memcpy(dst + i, &f, sizeof f);
+  }
+#else
   for (; i + kHalfBitsLanes <= n; i += kHalfBitsLanes) {
     HalfBitsIn h;
     __builtin_memcpy(&h, src + i, sizeof h);
     const HalfBitsF f = fp16_bits_to_float(__builtin_convertvector(h, HalfBitsU));
     __builtin_memcpy(dst + i, &f, sizeof f);
   }
+#endif
   for (; i < n; ++i) dst[i] = fp16_bits_to_float(uint32_t(src[i]));
 }
 

@@ -13,12 +13,13 @@ namespace {
 
 constexpr const char* kVariable = "KVCORE_CPU_ISA";
 
-// Whether this CPU and its OS can run the AVX2+FMA copy. libgcc's __builtin_cpu_supports reports
-// AVX features only when the OS has enabled the YMM state (XGETBV), so no separate check.
+// Whether this CPU and its OS can run the AVX2 copy (AVX2, FMA, and F16C for its fp16 rows: every
+// AVX2 CPU has F16C, which came earlier). libgcc's __builtin_cpu_supports reports AVX features
+// only when the OS has enabled the YMM state (XGETBV), so no separate check.
 bool avx2_supported() {
 #if KVCORE_CPU_AVX2_PATH
   __builtin_cpu_init();  // only needed before constructors run, harmless after
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif
@@ -33,7 +34,7 @@ CpuIsa pick_cpu_isa() {
                 "=avx2, but this build has no AVX2 copy of the kernels (it needs GCC on x86-64); use 'auto' or "
                 "'baseline'");
     TORCH_CHECK(avx2, "kvcore CPU kernels: ", kVariable,
-                "=avx2, but this CPU (or its OS) does not support AVX2 and FMA; use 'auto' or 'baseline'");
+                "=avx2, but this CPU (or its OS) does not support AVX2, FMA and F16C; use 'auto' or 'baseline'");
   }
   return avx2 ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
 }

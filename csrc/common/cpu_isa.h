@@ -5,7 +5,8 @@
 // 4.63 ms against 2.34 ms). Neither build (setup.py through torch's BuildExtension, which has no
 // per-file flags, nor CMakeLists.txt) can give one file other flags, so a kernel file compiles
 // its kernels twice in one translation unit (common/cpu_isa_kernels.h): once plain, once under
-// `#pragma GCC target("avx2,fma")`, each copy in its own namespace, and calls one of them per op.
+// `#pragma GCC target("avx2,fma,f16c")`, each copy in its own namespace, and calls one of them per
+// op. (F16C: the fp16 rows' vcvtph2ps, cpu_half_bits.h.)
 //
 // Why a pragma region and not __attribute__((target)) on the kernel functions: the kernels run
 // their work in lambdas handed to at::parallel_for and in helpers that may stay out of line;
@@ -34,8 +35,9 @@ enum class CpuIsa { kBaseline, kAvx2 };
 
 // The instruction set the CPU kernels use, from KVCORE_CPU_ISA (read once per process):
 //   auto (default, also unset or empty): avx2 when this build has the AVX2 copy and the CPU (and
-//     the OS, which must save the YMM registers) supports AVX2 and FMA, else baseline;
-//   baseline: the plain copy; avx2: the AVX2+FMA copy.
+//     the OS, which must save the YMM registers) supports AVX2, FMA and F16C (every AVX2 CPU has
+//     F16C), else baseline;
+//   baseline: the plain copy; avx2: the AVX2+FMA(+F16C) copy.
 // Any other value, or avx2 where it cannot run, raises an error naming the variable, at every
 // call (the failing first read leaves the cached choice unset), so a misspelt value cannot
 // silently time the default.

@@ -6,7 +6,7 @@
 // at namespace scope, after the kernel file's own #includes and the types its kernels use. It
 // defines the shared pieces (cpu_half_bits.h, cpu_attention.h) and the kernels of
 // KVCORE_CPU_KERNELS in kvcore::(anonymous)::isa_baseline and, where the build has the AVX2
-// copy, again in kvcore::(anonymous)::isa_avx2 under target("avx2,fma"); elsewhere isa_avx2 names
+// copy, again in kvcore::(anonymous)::isa_avx2 under target("avx2,fma,f16c"); elsewhere isa_avx2 names
 // isa_baseline, so callers pick with `cpu_isa() == CpuIsa::kAvx2 ? isa_avx2::f : isa_baseline::f`
 // everywhere.
 // The anonymous namespace keeps each file's copies to itself: no COMDAT of an AVX2 function can
@@ -44,12 +44,14 @@
 
 #if KVCORE_CPU_AVX2_PATH
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 #define KVCORE_CPU_ISA_NS isa_avx2
 #define KVCORE_CPU_VEC_BYTES 32
+#define KVCORE_CPU_F16C 1  // cpu_half_bits.h: vcvtph2ps
 #include "common/cpu_half_bits.h"
 #include "common/cpu_attention.h"
 #include KVCORE_CPU_KERNELS
+#undef KVCORE_CPU_F16C
 #undef KVCORE_CPU_VEC_BYTES
 #undef KVCORE_CPU_ISA_NS
 #pragma GCC pop_options

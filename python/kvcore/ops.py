@@ -78,7 +78,7 @@ def validation_enabled() -> bool:
 
 def cpu_isa() -> str:
     """The instruction set kvcore's CPU attention kernels run with in this process: ``"avx2"``
-    (AVX2 + FMA) or ``"baseline"`` (the build's own target, SSE2 on x86-64). Set by
+    (AVX2 + FMA, and F16C for fp16 rows) or ``"baseline"`` (the build's own target, SSE2 on x86-64). Set by
     ``KVCORE_CPU_ISA`` (``auto``, the default, takes avx2 where the CPU and the build allow it),
     read once per process; an invalid setting raises a RuntimeError naming the variable, here and
     at every CPU attention call."""
