@@ -33,6 +33,15 @@ inline FVec load_vec(const float* p) {
   return v;
 }
 
+// The sum of v's lanes, in a fixed tree (so the same lanes always give the same float).
+inline float lane_sum(const FVec& v) {
+#if KVCORE_CPU_VEC_BYTES == 32
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#else
+  return (v[0] + v[2]) + (v[1] + v[3]);
+#endif
+}
+
 // a.b with four vector accumulators (32 partial sums in the AVX2 copy, 16 in the baseline one).
 // One accumulator register made every FMA wait for the previous one (4 cycles of latency, 16 in a
 // row at D = 128, AVX2); four independent chains keep the FMA units busy. Written with vector
@@ -51,13 +60,7 @@ inline float dot_product(const float* a, const float* b, int64_t n) {
   for (; d + kVecLanes <= n; d += kVecLanes) acc0 += load_vec(a + d) * load_vec(b + d);
   float tail = 0.f;
   for (; d < n; ++d) tail += a[d] * b[d];
-  const FVec v = (acc0 + acc1) + (acc2 + acc3);
-#if KVCORE_CPU_VEC_BYTES == 32
-  const float s = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-#else
-  const float s = (v[0] + v[2]) + (v[1] + v[3]);
-#endif
-  return s + tail;
+  return lane_sum((acc0 + acc1) + (acc2 + acc3)) + tail;
 }
 
 // exp(x) without libm, on a float or an FVec (the same operations on each lane): x = n ln2 + r
