@@ -1,8 +1,8 @@
-"""KVCORE_CPU_ISA: the CPU attention kernels exist twice (baseline and AVX2+FMA, chosen once per
-process); both copies must pass the same reference checks.
+"""KVCORE_CPU_ISA: the CPU attention kernels exist twice (baseline and AVX2+FMA+F16C, chosen once
+per process); both copies must pass the same reference checks.
 
 The rest of the suite runs the CPU kernels with whatever this process picked (``auto``: avx2 on
-an AVX2+FMA CPU). Every other available ISA runs the reference, NaN and determinism tests of
+an AVX2+FMA+F16C CPU). Every other available ISA runs the reference, NaN and determinism tests of
 the five ops that share csrc/common/cpu_attention.h (gqa_decode with and without the H2O score,
 block_sparse_decode, mla_decode, attention_scores, token_decoder_attention) in a fresh process
 with the variable set: those tests draw fresh random inputs, poison the outputs before the call
@@ -24,7 +24,7 @@ from conftest import assert_switch_value_rejected, run_code_with_env, run_tests_
 VARIABLE = "KVCORE_CPU_ISA"
 
 
-def _cpu_has_avx2_fma() -> bool:
+def _cpu_has_avx2_fma_f16c() -> bool:
     """Whether this CPU advertises AVX2, FMA and F16C, what the AVX2 copy needs (Linux x86-64;
     False wherever that is unknown)."""
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -44,7 +44,7 @@ def _requested() -> str:
     return os.environ.get(VARIABLE, "") or "auto"
 
 
-AVX2_AVAILABLE = _cpu_has_avx2_fma()
+AVX2_AVAILABLE = _cpu_has_avx2_fma_f16c()
 
 # The reference / NaN / determinism tests of the five ops, CPU cases only; the bad-input tests
 # never reach a kernel and the subprocess tests would recurse.
@@ -59,7 +59,7 @@ ISA_TEST_MIN_PASSED = 400  # 447 when written
 
 def test_cpu_isa_reports_the_setting():
     """kvcore.cpu_isa() names the copy the kernels run: the requested one, or for auto avx2 exactly
-    where the CPU has AVX2 and FMA (our builds are GCC on x86-64, which compile the AVX2 copy)."""
+    where the CPU has AVX2, FMA and F16C (our builds are GCC on x86-64, which compile the AVX2 copy)."""
     requested = _requested()
     expected = ("avx2" if AVX2_AVAILABLE else "baseline") if requested == "auto" else requested
     assert kvcore.cpu_isa() == expected
@@ -98,7 +98,7 @@ def test_misspelt_cpu_isa_is_an_error():
     assert res.returncode == 0 and res.stdout.count("raised") == 3, (res.stdout + res.stderr)[-4000:]
 
 
-@pytest.mark.skipif(AVX2_AVAILABLE, reason="this CPU has AVX2 and FMA")
+@pytest.mark.skipif(AVX2_AVAILABLE, reason="this CPU has AVX2, FMA and F16C")
 def test_avx2_without_avx2_is_an_error():
     """Forcing avx2 on a CPU without it must raise (naming the variable), never run the AVX2 copy
     into an illegal instruction."""

@@ -300,3 +300,25 @@ def test_cuda_fixed_splits_independent_of_table_width(device, gen):
         mq = randn(len(lens), heads, 576, gen=gen, dtype=torch.bfloat16, device=device)
         for n in (3, 8):
             _assert_bitwise(mla(mq, mla_kv.block_table, n), mla(mq, wide_table, n), f"mla_decode H{heads}, n={n}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dk, dv", [(83, 17), (576, 512)], ids=["Dk83-Dv17", "Dk576-Dv512"])
+def test_cpu_mla_decode_heads_bitwise_independent_of_head_blocks(dtype, dk, dv, gen):
+    """Each head's out/lse is bitwise the same whichever 4-head register block it falls in."""
+    kv = make_paged_kv([700, 1, 63], 16, 1, dk, gen=gen, dtype=dtype)
+    cache = kv.k_cache[:, :, 0]
+    q = randn(3, 7, dk, gen=gen, dtype=dtype)
+
+    def run(mq):
+        out = poison(torch.empty(3, mq.shape[1], dv, dtype=dtype))
+        lse = poison(torch.empty(3, mq.shape[1]))
+        kvcore.mla_decode(mq, cache, kv.block_table, kv.seq_lens, scale=dk**-0.5, out=out, lse=lse, num_splits=3)
+        return out, lse
+
+    out, lse = run(q)
+    for h in range(7):
+        o, l = run(q[:, h:h + 1].contiguous())
+        _assert_bitwise((out[:, h:h + 1], lse[:, h:h + 1]), (o, l), f"head {h} alone")
+    o, l = run(q[:, 1:].contiguous())
+    _assert_bitwise((out[:, 1:], lse[:, 1:]), (o, l), "heads 1..6")

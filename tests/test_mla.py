@@ -315,6 +315,22 @@ MLA_DECODE_CASES = [
     MlaDecodeCase(3, 8, 80, 64, 7, 600, q_slice=True),
     MlaDecodeCase(2, 2, 576, 512, 64, (0, 0)),
 ]
+# CPU only (the CUDA kernels take widths of a multiple of 8): head counts that end in a partial
+# block of the CPU kernel's 4-head register blocks, odd chunk lengths, and Dk / Dv that are not
+# multiples of either vector width (the kernel's scalar tails).
+MLA_DECODE_CPU_CASES = [
+    MlaDecodeCase(3, 6, 83, 17, 16, (1, 33, 63)),
+    MlaDecodeCase(2, 7, 579, 524, 64, (97, 300), q_slice=True),
+    MlaDecodeCase(2, 13, 36, 36, 8, (5, 70)),
+    MlaDecodeCase(4, 5, 7, 5, 3, (1, 2, 3, 31)),
+]
+
+
+def _mla_decode_params() -> list:
+    params = [pytest.param(*dd.values, case, marks=dd.marks, id=f"{dd.id}-{case.id()}")
+              for case in MLA_DECODE_CASES for dd in DECODE_DEVICE_DTYPES]
+    return params + [pytest.param(*dd.values, case, marks=dd.marks, id=f"{dd.id}-{case.id()}")
+                     for case in MLA_DECODE_CPU_CASES for dd in DEVICE_DTYPES[:3]]
 
 
 def _latent_cache(lens, page_size, dk, gen, dtype, device, extra_table_cols=1):
@@ -322,8 +338,7 @@ def _latent_cache(lens, page_size, dk, gen, dtype, device, extra_table_cols=1):
     return kv.k_cache[:, :, 0], kv.block_table, kv.seq_lens
 
 
-@pytest.mark.parametrize("case", MLA_DECODE_CASES, ids=MlaDecodeCase.id)
-@pytest.mark.parametrize(("device", "dtype"), DECODE_DEVICE_DTYPES)
+@pytest.mark.parametrize(("device", "dtype", "case"), _mla_decode_params())
 def test_mla_decode_matches_reference(device, dtype, case, gen):
     lens = list(case.lens) if isinstance(case.lens, tuple) else ragged_lens(case.batch, case.lens, case.page_size, gen)
     cache, table, seq_lens = _latent_cache(lens, case.page_size, case.dk, gen, dtype, device)

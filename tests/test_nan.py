@@ -844,3 +844,18 @@ def test_topk_rows_ranks_nan_below_every_number(device):
     assert torch.equal(indices.cpu(), want_i)
     assert torch.equal(indices.cpu(), reference.topk_rows(scores, 8)[1].cpu())
     torch.testing.assert_close(values.cpu(), scores.cpu().gather(1, want_i), atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device, dtype, num_splits", [p for p in _mla_params() if p.values[0] == "cpu"])
+def test_mla_decode_nan_in_q_poisons_that_head_only_partial_head_block(device, dtype, num_splits, gen):
+    heads = 6  # register blocks of 4 + 2 heads
+    kv, cache = _mla_cache(MLA_LENS, gen, dtype, device)
+    q = randn(len(MLA_LENS), heads, MLA_DK, gen=gen, dtype=dtype, device=device)
+    q[0, 5, 70] = math.nan  # last head of the partial block
+    q[2, 4, :] = math.nan  # first head of the partial block
+    q[3, 1, 3] = math.nan  # a head of the full block
+    out, lse = _mla_decode(q, cache, kv, num_splits)
+    ref_out, ref_lse = reference.mla_decode(q, cache, kv.block_table, kv.seq_lens, 0.1, MLA_DV)
+    nan_rows = torch.zeros(len(MLA_LENS), heads, dtype=torch.bool)
+    nan_rows[0, 5] = nan_rows[2, 4] = nan_rows[3, 1] = True
+    _check_rows(out, lse, ref_out, ref_lse, nan_rows, dtype)

@@ -56,8 +56,8 @@ template <typename Convert>
 void check_all(const char* name, Convert convert) {
   static uint16_t src[65536 + 3];
   static float dst[65536 + 3];
-  // n = 65536 + 3 with the first 3 patterns again at the end: the vector loop and the scalar
-  // tail both see some of them.
+  // n = 65536 + 3 with the first 3 patterns again at the end (the vector loop, then the scalar
+  // tail), and then every pattern again on its own (n = 1: the scalar tail alone).
   for (uint32_t i = 0; i < 65536 + 3; ++i) src[i] = uint16_t(i % 65536);
   convert(src, dst, 65536 + 3);
   for (uint32_t i = 0; i < 65536 + 3; ++i) {
@@ -65,10 +65,17 @@ void check_all(const char* name, Convert convert) {
     // A signalling NaN may come back quieted (vcvtph2ps sets the quiet bit, as torch's own fp16
     // conversion on x86 does); sign and payload must stay.
     const bool nan = (want & 0x7f800000u) == 0x7f800000u && (want & 0x007fffffu) != 0;
-    const bool same = bits_of(dst[i]) == want || (nan && bits_of(dst[i]) == (want | 0x00400000u));
-    if (!same && ++failures <= 20)
+    auto same = [&](float got) { return bits_of(got) == want || (nan && bits_of(got) == (want | 0x00400000u)); };
+    if (!same(dst[i]) && ++failures <= 20)
       std::printf("FAIL %s: 0x%04x -> 0x%08x, want 0x%08x\n", name, src[i], bits_of(dst[i]), want);
     ++checked;
+    if (i < 65536) {
+      float one[1];
+      convert(src + i, one, 1);
+      if (!same(one[0]) && ++failures <= 20)
+        std::printf("FAIL %s: 0x%04x alone -> 0x%08x, want 0x%08x\n", name, src[i], bits_of(one[0]), want);
+      ++checked;
+    }
   }
 }
 
