@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_rows.h"
 
 namespace kvcore {
 namespace {
@@ -46,7 +47,7 @@ void project_tasks(const MlaProjectShape& s, const scalar_t* hidden, int64_t hid
       for (int64_t k = 0; k < s.d_model; ++k) {
         // Convert the weight slice once, then one contiguous (vectorisable) update per token.
         const scalar_t* wr = w + k * width + c0;
-        for (int64_t c = 0; c < nc; ++c) wf[c] = static_cast<float>(wr[c]);
+        rows_to_float(wr, wf, nc);
         for (int64_t i = 0; i < nt; ++i) {
           const float hv = static_cast<float>(hidden[(t0 + i) * hidden_stride + k]);
           for (int64_t c = 0; c < nc; ++c) acc[i][c] += hv * wf[c];

@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_rows.h"
 #include "retrieval/retrieval_checks.h"
 
 namespace kvcore {
@@ -22,7 +23,7 @@ void unit_scores_rows(const q_t* q, int64_t q_sb, int64_t q_sh, const scalar_t* 
                       const UnitScoresShape& s, float* out) {
   const int64_t hkv = s.num_kv_heads, d = s.head_dim, g = s.group, units = s.units;
   at::parallel_for(0, s.batch, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> qg(size_t(hkv * d));
+    std::vector<float> qg(size_t(hkv * d)), rowf(size_t(hkv * d));
     for (int64_t b = b0; b < b1; ++b) {
       // The group's query heads share the key, so their sum is dotted once (as the CUDA kernel).
       for (int64_t h = 0; h < hkv; ++h)
@@ -32,11 +33,12 @@ void unit_scores_rows(const q_t* q, int64_t q_sb, int64_t q_sh, const scalar_t* 
           qg[size_t(h * d + x)] = acc;
         }
       for (int64_t u = 0; u < units; ++u) {
-        const scalar_t* row = keys + b * k_sb + u * hkv * d;
+        // The unit's key row in fp32 first (one vector conversion, cpu_rows.h), then the dots.
+        rows_to_float(keys + b * k_sb + u * hkv * d, rowf.data(), hkv * d);
         float total = 0.0f;
         for (int64_t h = 0; h < hkv; ++h) {
           float acc = 0.0f;
-          for (int64_t x = 0; x < d; ++x) acc += qg[size_t(h * d + x)] * static_cast<float>(row[h * d + x]);
+          for (int64_t x = 0; x < d; ++x) acc += qg[size_t(h * d + x)] * rowf[size_t(h * d + x)];
           if (s.per_kv_head)
             out[(b * hkv + h) * units + u] = acc;
           else
