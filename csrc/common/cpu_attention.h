@@ -33,6 +33,10 @@ inline FVec load_vec(const float* p) {
   return v;
 }
 
+// x in every lane. (Written x - 0, which GCC folds to a plain broadcast since it is x for every
+// float; FVec{} + x is not (-0 + 0 is +0), and kept one add per broadcast in the hot loops.)
+inline FVec splat(float x) { return x - FVec{}; }
+
 // The sum of v's lanes, in a fixed tree (so the same lanes always give the same float).
 inline float lane_sum(const FVec& v) {
 #if KVCORE_CPU_VEC_BYTES == 32
@@ -185,7 +189,7 @@ inline void accumulate_pv(float* acc, int64_t D, int64_t n, const float* wts, Ro
     FVec a[8];
     for (int j = 0; j < 8; ++j) a[j] = load_vec(acc + d + j * kVecLanes);
     for (int64_t i = 0; i < n; ++i) {
-      const FVec wv = FVec{} + wts[i];
+      const FVec wv = splat(wts[i]);
       const float* vr = v_row(i) + d;
       for (int j = 0; j < 8; ++j) a[j] += wv * load_vec(vr + j * kVecLanes);
     }
@@ -193,7 +197,7 @@ inline void accumulate_pv(float* acc, int64_t D, int64_t n, const float* wts, Ro
   }
   for (; d + kVecLanes <= D; d += kVecLanes) {
     FVec a = load_vec(acc + d);
-    for (int64_t i = 0; i < n; ++i) a += (FVec{} + wts[i]) * load_vec(v_row(i) + d);
+    for (int64_t i = 0; i < n; ++i) a += splat(wts[i]) * load_vec(v_row(i) + d);
     __builtin_memcpy(acc + d, &a, sizeof a);
   }
   for (; d < D; ++d) {

@@ -63,7 +63,7 @@ inline void mla_values_block(float* acc, int64_t Dv, int64_t n, const float* w, 
       const FVec v0 = cpu::load_vec(rows + i * Dk + d), v1 = cpu::load_vec(rows + i * Dk + d + kVecLanes);
 #pragma GCC unroll 4
       for (int j = 0; j < NH; ++j) {
-        const FVec wv = FVec{} + w[j * w_stride + i];
+        const FVec wv = cpu::splat(w[j * w_stride + i]);
         a[j][0] += wv * v0;
         a[j][1] += wv * v1;
       }
