@@ -8,8 +8,8 @@
 # session 22's merged attention_scores split cap (compiled, never run). Then the ragged
 # experiment (its "short" rows: the automatic split count should now be near the best forced
 # one) and the decode and MLA tables with peers (full-length rows: their ranges are bit for bit
-# session 22's; the MLA wgmma kernel's first page lookups now wait for seq_len: check its B1
-# rows against session 22's). Carry .peers. The kernel-switch re-runs: s24_call2.sh.
+# session 22's; the MLA rows should match session 11's, README: B1 H128 S32768 0.038 ms, B32
+# H128 0.088, B64 H16 0.154). Carry .peers. The kernel-switch re-runs: s24_call2.sh.
 o=/tmp/c
 rm -rf $o; mkdir -p $o  # (a machine can keep /tmp from an earlier call)
 KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-560} build \
