@@ -9,6 +9,10 @@
 // slot and the optional outputs. The fp32 row is kept between the phases in a [T, R + P]
 // scratch buffer (the op is not graph-captured on the CPU, so a host allocation is fine here).
 //
+// The projection (phase 1, the op's time) is in mla/mla_latent_project_cpu_kernels.h, compiled
+// twice (baseline and AVX2, see common/cpu_isa.h; the AVX2 copy converts fp16 weight rows with
+// F16C); the op runs the copy KVCORE_CPU_ISA picked.
+//
 // Safety without validation: a slot outside [0, num_pages * page_size) is skipped (never
 // written) and a position is clamped to [0, max_pos), so bad index contents give wrong numbers,
 // never an out-of-bounds access.
@@ -22,7 +26,7 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "common/cpu_rows.h"
+#include "common/cpu_isa.h"
 
 namespace kvcore {
 namespace {
@@ -30,34 +34,15 @@ namespace {
 constexpr int64_t kTokBlock = 4;   // tokens sharing one pass over the weight
 constexpr int64_t kColBlock = 64;  // latent columns per task (576 = 9 blocks)
 
-template <typename scalar_t>
-void project_tasks(const MlaProjectShape& s, const scalar_t* hidden, int64_t hidden_stride, const scalar_t* w,
-                   float* kv) {
-  const int64_t width = s.rank + s.rope_dim;
-  const int64_t tok_blocks = (s.tokens + kTokBlock - 1) / kTokBlock;
-  const int64_t col_blocks = (width + kColBlock - 1) / kColBlock;
-  at::parallel_for(0, tok_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
-    float acc[kTokBlock][kColBlock];
-    float wf[kColBlock];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t t0 = (task / col_blocks) * kTokBlock, c0 = (task % col_blocks) * kColBlock;
-      const int64_t nt = std::min(kTokBlock, s.tokens - t0), nc = std::min(kColBlock, width - c0);
-      for (int64_t i = 0; i < kTokBlock; ++i)
-        for (int64_t c = 0; c < kColBlock; ++c) acc[i][c] = 0.0f;
-      for (int64_t k = 0; k < s.d_model; ++k) {
-        // Convert the weight slice once, then one contiguous (vectorisable) update per token.
-        const scalar_t* wr = w + k * width + c0;
-        rows_to_float(wr, wf, nc);
-        for (int64_t i = 0; i < nt; ++i) {
-          const float hv = static_cast<float>(hidden[(t0 + i) * hidden_stride + k]);
-          for (int64_t c = 0; c < nc; ++c) acc[i][c] += hv * wf[c];
-        }
-      }
-      for (int64_t i = 0; i < nt; ++i)
-        for (int64_t c = 0; c < nc; ++c) kv[(t0 + i) * width + c0 + c] = acc[i][c];
-    }
-  });
-}
+}  // namespace
+}  // namespace kvcore
+
+#define KVCORE_CPU_KERNELS "mla/mla_latent_project_cpu_kernels.h"
+#include "common/cpu_isa_kernels.h"
+#undef KVCORE_CPU_KERNELS
+
+namespace kvcore {
+namespace {
 
 template <typename scalar_t>
 void finish_tokens(const MlaProjectShape& s, float* kv, const scalar_t* norm_weight, float eps, const float* cos_sin,
@@ -109,8 +94,8 @@ void mla_latent_project_cpu(const at::Tensor& hidden, const at::Tensor& w_dkv, c
   if (s.tokens == 0) return;
   std::vector<float> kv(s.tokens * (s.rank + s.rope_dim));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "mla_latent_project_cpu", [&] {
-    project_tasks<scalar_t>(s, hidden.const_data_ptr<scalar_t>(), hidden.stride(0), w_dkv.const_data_ptr<scalar_t>(),
-                            kv.data());
+    const auto project = cpu_isa() == CpuIsa::kAvx2 ? isa_avx2::project_tasks<scalar_t> : isa_baseline::project_tasks<scalar_t>;
+    project(s, hidden.const_data_ptr<scalar_t>(), hidden.stride(0), w_dkv.const_data_ptr<scalar_t>(), kv.data());
     finish_tokens<scalar_t>(s, kv.data(), norm_weight.const_data_ptr<scalar_t>(), static_cast<float>(eps),
                             cos_sin.const_data_ptr<float>(), positions.const_data_ptr<int64_t>(),
                             latent_cache.mutable_data_ptr<scalar_t>(), latent_cache.stride(0),
