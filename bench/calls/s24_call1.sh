@@ -13,7 +13,7 @@
 o=/tmp/c
 rm -rf $o; mkdir -p $o  # (a machine can keep /tmp from an earlier call)
 KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-560} build \
- "run:tests:200:bash bench/calls/s24_tests.sh $o" \
+ "run:tests:200:PYTEST_K='(gqa_decode or mla_decode or block_sparse or bitwise or fixed_splits or graph or attention_scores or width) and not in_subprocess' bash bench/parallel_pytest.sh $o tests 'tests/test_ops.py tests/test_decode_score.py' 'tests/test_mla.py tests/test_block_sparse.py tests/test_determinism.py tests/test_cuda_graph.py' tests/test_eviction.py" \
  "run:ragged-default:90:python3 bench/experiments/ragged_decode.py --splits 2,4,8,16 $o/ragged-default.json" \
  "bench:decode:100" \
  "bench:mla:80"
