@@ -3,8 +3,9 @@ per process); both copies must pass the same reference checks.
 
 The rest of the suite runs the CPU kernels with whatever this process picked (``auto``: avx2 on
 an AVX2+FMA+F16C CPU). Every other available ISA runs the reference, NaN and determinism tests of
-the five ops that share csrc/common/cpu_attention.h (gqa_decode with and without the H2O score,
-block_sparse_decode, mla_decode, attention_scores, token_decoder_attention) in a fresh process
+the ops compiled per ISA (gqa_decode with and without the H2O score, block_sparse_decode,
+mla_decode, attention_scores, token_decoder_attention, and mla_latent_project's projection and
+infllm_unit_scores, which use cpu_attention.h's row conversion) in a fresh process
 with the variable set: those tests draw fresh random inputs, poison the outputs before the call
 and use conftest's OUT_TOL / LSE_TOL. The two copies need not agree bit for bit (FMA rounds once
 where the baseline rounds twice), only each with the reference.
@@ -46,11 +47,12 @@ def _requested() -> str:
 
 AVX2_AVAILABLE = _cpu_has_avx2_fma_f16c()
 
-# The reference / NaN / determinism tests of the five ops, CPU cases only; the bad-input tests
+# The reference / NaN / determinism tests of those ops, CPU cases only; the bad-input tests
 # never reach a kernel and the subprocess tests would recurse.
 ISA_TEST_FILES = ["tests/test_cpu_isa.py", "tests/test_ops.py", "tests/test_decode_score.py",
                   "tests/test_block_sparse.py", "tests/test_mla.py", "tests/test_eviction.py",
-                  "tests/test_block_transformer.py", "tests/test_nan.py", "tests/test_determinism.py"]
+                  "tests/test_block_transformer.py", "tests/test_nan.py", "tests/test_determinism.py",
+                  "tests/test_retrieval.py"]
 ISA_TEST_SELECT = ("reports_the_setting or (cpu and (matches_reference or nan or bitwise or every_page or head_dims "
                    "or group_sizes or partial_last_page or merges_with_other_parts or decode_is_gqa or accumulates) "
                    "and not bad_input and not subprocess)")

@@ -6,9 +6,9 @@
 // at namespace scope, after the kernel file's own #includes and the types its kernels use. It
 // defines the shared pieces (cpu_half_bits.h, cpu_attention.h) and the kernels of
 // KVCORE_CPU_KERNELS in kvcore::(anonymous)::isa_baseline and, where the build has the AVX2
-// copy, again in kvcore::(anonymous)::isa_avx2 under target("avx2,fma,f16c"); elsewhere isa_avx2 names
-// isa_baseline, so callers pick with `cpu_isa() == CpuIsa::kAvx2 ? isa_avx2::f : isa_baseline::f`
-// everywhere.
+// copy, again in kvcore::(anonymous)::isa_avx2 under target("avx2,fma,f16c"); elsewhere
+// isa_avx2 names isa_baseline, so callers pick with
+// `cpu_isa() == CpuIsa::kAvx2 ? isa_avx2::f : isa_baseline::f` everywhere.
 // The anonymous namespace keeps each file's copies to itself: no COMDAT of an AVX2 function can
 // stand in for a baseline one across files.
 //

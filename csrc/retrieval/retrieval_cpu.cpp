@@ -2,7 +2,8 @@
 // representative key, fp32) and topk_rows (k largest (score, column) keys per row, best first).
 // They define the same results as the CUDA kernels in csrc/include/kvcore/retrieval.cuh: the
 // top-k is bit-identical (one total order, kvcore/topk_key.h), the scores equal up to fp32
-// summation order.
+// summation order. The unit scores' loop is in retrieval/retrieval_cpu_kernels.h, compiled twice
+// (baseline and AVX2, see common/cpu_isa.h); the op runs the copy KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,43 +13,15 @@
 #include <limits>
 #include <vector>
 
-#include "common/cpu_rows.h"
+#include "common/cpu_isa.h"
 #include "retrieval/retrieval_checks.h"
+
+#define KVCORE_CPU_KERNELS "retrieval/retrieval_cpu_kernels.h"
+#include "common/cpu_isa_kernels.h"
+#undef KVCORE_CPU_KERNELS
 
 namespace kvcore {
 namespace {
-
-template <typename scalar_t, typename q_t>
-void unit_scores_rows(const q_t* q, int64_t q_sb, int64_t q_sh, const scalar_t* keys, int64_t k_sb,
-                      const UnitScoresShape& s, float* out) {
-  const int64_t hkv = s.num_kv_heads, d = s.head_dim, g = s.group, units = s.units;
-  at::parallel_for(0, s.batch, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> qg(size_t(hkv * d)), rowf(size_t(hkv * d));
-    for (int64_t b = b0; b < b1; ++b) {
-      // The group's query heads share the key, so their sum is dotted once (as the CUDA kernel).
-      for (int64_t h = 0; h < hkv; ++h)
-        for (int64_t x = 0; x < d; ++x) {
-          float acc = 0.0f;
-          for (int64_t j = 0; j < g; ++j) acc += static_cast<float>(q[b * q_sb + (h * g + j) * q_sh + x]);
-          qg[size_t(h * d + x)] = acc;
-        }
-      for (int64_t u = 0; u < units; ++u) {
-        // The unit's key row in fp32 first (one vector conversion, cpu_rows.h), then the dots.
-        rows_to_float(keys + b * k_sb + u * hkv * d, rowf.data(), hkv * d);
-        float total = 0.0f;
-        for (int64_t h = 0; h < hkv; ++h) {
-          float acc = 0.0f;
-          for (int64_t x = 0; x < d; ++x) acc += qg[size_t(h * d + x)] * rowf[size_t(h * d + x)];
-          if (s.per_kv_head)
-            out[(b * hkv + h) * units + u] = acc;
-          else
-            total += acc;
-        }
-        if (!s.per_kv_head) out[b * units + u] = total;
-      }
-    }
-  });
-}
 
 void infllm_unit_scores_cpu(const at::Tensor& q, const at::Tensor& repr_keys, at::Tensor& out) {
   const UnitScoresShape s = check_unit_scores(q, repr_keys, out);
@@ -58,14 +31,17 @@ void infllm_unit_scores_cpu(const at::Tensor& q, const at::Tensor& repr_keys, at
     out.zero_();
     return;
   }
+  const bool avx2 = cpu_isa() == CpuIsa::kAvx2;  // the kernel's copy for this process's ISA
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, repr_keys.scalar_type(), "infllm_unit_scores_cpu", [&] {
     const scalar_t* k = repr_keys.const_data_ptr<scalar_t>();
     if (q.scalar_type() == repr_keys.scalar_type()) {
-      unit_scores_rows<scalar_t, scalar_t>(q.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1), k,
-                                           repr_keys.stride(0), s, o);
+      const auto unit_scores_rows = avx2 ? isa_avx2::unit_scores_rows<scalar_t, scalar_t>
+                                         : isa_baseline::unit_scores_rows<scalar_t, scalar_t>;
+      unit_scores_rows(q.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1), k, repr_keys.stride(0), s, o);
     } else {
-      unit_scores_rows<scalar_t, float>(q.const_data_ptr<float>(), q.stride(0), q.stride(1), k, repr_keys.stride(0),
-                                        s, o);
+      const auto unit_scores_rows = avx2 ? isa_avx2::unit_scores_rows<scalar_t, float>
+                                         : isa_baseline::unit_scores_rows<scalar_t, float>;
+      unit_scores_rows(q.const_data_ptr<float>(), q.stride(0), q.stride(1), k, repr_keys.stride(0), s, o);
     }
   });
 }
