@@ -259,6 +259,15 @@ class PagedKV:
     page_size: int
 
 
+def widen_table(table: torch.Tensor, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """``table`` (a block table, or page lists in the last dim) widened to ``cols`` columns of
+    junk (-1 and out-of-range ids), which no sequence or count of the batch reaches."""
+    junk = torch.randint(10**6, 2 * 10**6, (*table.shape[:-1], cols - table.shape[-1]), generator=gen,
+                         dtype=torch.int32)
+    junk[..., ::2] = -1
+    return torch.cat([table, junk.to(table.device)], dim=-1)
+
+
 def make_paged_kv(
     lens: list[int],
     page_size: int,

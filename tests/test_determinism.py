@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import kvcore
-from conftest import HAS_CUDA, NO_CUDA_REASON, OUT_TOL, LSE_TOL, make_paged_kv, poison, ragged_lens, randn
+from conftest import (HAS_CUDA, NO_CUDA_REASON, OUT_TOL, LSE_TOL, make_paged_kv, poison, ragged_lens, randn,
+                      widen_table)
 from kvcore import reference
 
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
@@ -265,15 +266,6 @@ def test_cpu_mla_decode_fixed_splits_bitwise_across_calls_and_threads(dtype, gen
         torch.set_num_threads(previous)
 
 
-def _widened(table: torch.Tensor, cols: int, gen) -> torch.Tensor:
-    """``table`` (a block table or a selection) widened to ``cols`` columns of junk (-1 and
-    out-of-range ids), which no sequence or count of the batch reaches."""
-    junk = torch.randint(10**6, 2 * 10**6, (*table.shape[:-1], cols - table.shape[-1]), generator=gen,
-                         dtype=torch.int32)
-    junk[..., ::2] = -1
-    return torch.cat([table, junk.to(table.device)], dim=-1)
-
-
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_cuda_fixed_splits_independent_of_table_width(device, gen):
     """With num_splits fixed, widening the block table (mla_decode) or the page lists
@@ -282,13 +274,13 @@ def test_cuda_fixed_splits_independent_of_table_width(device, gen):
     from the width. (tests/test_ops.py checks gqa_decode the same way.)"""
     lens = [3000, 17, 0, 2500, 700]
     q, kv, sel_pages, sel_counts = _sparse_inputs(lens, 16, 2, 8, 128, gen, torch.bfloat16, device)
-    wide_sel = _widened(sel_pages, 2000, gen)
+    wide_sel = widen_table(sel_pages, 2000, gen)
     for n in (3, 8):
         _assert_bitwise(_sparse(q, kv, sel_pages, sel_counts, num_splits=n),
                         _sparse(q, kv, wide_sel, sel_counts, num_splits=n), f"block_sparse_decode, n={n}")
     mla_kv = make_paged_kv(lens, 64, 1, 576, gen=gen, dtype=torch.bfloat16, device=device)
     cache = mla_kv.k_cache[:, :, 0]
-    wide_table = _widened(mla_kv.block_table, 40000 // 64, gen)
+    wide_table = widen_table(mla_kv.block_table, 40000 // 64, gen)
 
     def mla(mq, table, n):
         out = poison(torch.empty(mq.shape[0], mq.shape[1], 512, dtype=mq.dtype, device=device))

@@ -19,7 +19,7 @@ import torch
 import kvcore
 from conftest import (HAS_CUDA, NO_CUDA_REASON, assert_out_lse_close, assert_switch_value_rejected,
                       assert_written_and_close, make_paged_kv, op_workspace, opcheck_dtype, poison, ragged_lens,
-                      randn, run_tests_with_env)
+                      randn, run_tests_with_env, widen_table)
 from decode_cases import PagedDecodeCase
 from kvcore import reference
 
@@ -248,14 +248,6 @@ def test_gqa_decode_wide_block_table_cuda(device, num_kv_heads, head_dim, group,
         _check_decode(out, lse, ref_out, ref_lse, torch.bfloat16)
 
 
-def _pad_table(table: torch.Tensor, cols: int, gen) -> torch.Tensor:
-    """``table`` widened to ``cols`` columns of junk (-1 and out-of-range ids), which no sequence
-    of the batch reaches."""
-    junk = torch.randint(10**6, 2 * 10**6, (table.shape[0], cols - table.shape[1]), generator=gen, dtype=torch.int32)
-    junk[:, ::2] = -1
-    return torch.cat([table, junk.to(table.device)], dim=1)
-
-
 @pytest.mark.parametrize("window_left", [-1, 2500])
 @pytest.mark.parametrize("num_splits", [3, 7])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
@@ -267,7 +259,7 @@ def test_gqa_decode_fixed_splits_independent_of_table_width_cuda(device, num_spl
     different partition shows in the low bits.)"""
     lens = [0, 1, 300, 4097, 777, 9000]
     kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=torch.bfloat16, device=device)
-    wide = _pad_table(kv.block_table, 40000 // 16, gen)
+    wide = widen_table(kv.block_table, 40000 // 16, gen)
     q = randn(len(lens), 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
     results = []
     for table in (kv.block_table, wide):

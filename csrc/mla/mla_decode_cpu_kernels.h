@@ -10,9 +10,9 @@ namespace KVCORE_CPU_ISA_NS {
 
 // lg[j * lg_stride + i] = q_j . row_i * scale for NH heads j (q_j at q + j * Dk) and NK rows i
 // (row_i at rows + i * Dk): NH x NK independent chains; per step of d, each of the NK row vectors
-// is loaded once for the NH heads and each q vector once for the NK rows. Every (j, i) sums its products in the same order (one chain over d, then the lanes in a
-// fixed tree, then the tail) whatever NH and NK are, so a logit does not depend on the block it
-// falls in.
+// is loaded once for the NH heads and each q vector once for the NK rows. Every (j, i) sums its
+// products in the same order (one chain over d, then the lanes in a fixed tree, then the tail)
+// whatever NH and NK are, so a logit does not depend on the block it falls in.
 template <int NH, int NK>
 inline void mla_logits_block(const float* q, const float* rows, int64_t Dk, float scale, float* lg,
                              int64_t lg_stride) {
