@@ -1,14 +1,14 @@
-"""KVCORE_CPU_ISA: the CPU attention kernels exist twice (baseline and AVX2+FMA+F16C, chosen once
-per process); both copies must pass the same reference checks.
+"""KVCORE_CPU_ISA: the CPU attention kernels exist three times (baseline, AVX2+FMA+F16C, and that
+plus AVX-512 F/BW/DQ/VL; chosen once per process); every copy must pass the same reference checks.
 
-The rest of the suite runs the CPU kernels with whatever this process picked (``auto``: avx2 on
-an AVX2+FMA+F16C CPU). Every other available ISA runs the reference, NaN and determinism tests of
+The rest of the suite runs the CPU kernels with whatever this process picked (``auto``: the widest
+copy the CPU supports). Every other available ISA runs the reference, NaN and determinism tests of
 the ops compiled per ISA (gqa_decode with and without the H2O score, block_sparse_decode,
 mla_decode, attention_scores, token_decoder_attention, and mla_latent_project's projection and
 infllm_unit_scores, which use cpu_attention.h's row conversion) in a fresh process
 with the variable set: those tests draw fresh random inputs, poison the outputs before the call
-and use conftest's OUT_TOL / LSE_TOL. The two copies need not agree bit for bit (FMA rounds once
-where the baseline rounds twice), only each with the reference.
+and use conftest's OUT_TOL / LSE_TOL. The copies need not agree bit for bit (FMA rounds once where
+the baseline rounds twice; each vector width sums in its own order), only each with the reference.
 """
 
 from __future__ import annotations
@@ -25,27 +25,28 @@ from conftest import assert_switch_value_rejected, run_code_with_env, run_tests_
 VARIABLE = "KVCORE_CPU_ISA"
 
 
-def _cpu_has_avx2_fma_f16c() -> bool:
-    """Whether this CPU advertises AVX2, FMA and F16C, what the AVX2 copy needs (Linux x86-64;
-    False wherever that is unknown)."""
+def _cpu_flags() -> set[str]:
+    """The feature flags this CPU advertises (Linux x86-64; empty wherever that is unknown)."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma", "f16c"} <= flags
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
 
 
 def _requested() -> str:
     return os.environ.get(VARIABLE, "") or "auto"
 
 
-AVX2_AVAILABLE = _cpu_has_avx2_fma_f16c()
+# What the AVX2 copy needs, and what the AVX-512 copy needs on top of it.
+AVX2_AVAILABLE = {"avx2", "fma", "f16c"} <= _cpu_flags()
+AVX512_AVAILABLE = AVX2_AVAILABLE and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
+AVAILABLE = {"baseline": True, "avx2": AVX2_AVAILABLE, "avx512": AVX512_AVAILABLE}
 
 # The reference / NaN / determinism tests of those ops, CPU cases only; the bad-input tests
 # never reach a kernel and the subprocess tests would recurse.
@@ -60,18 +61,19 @@ ISA_TEST_MIN_PASSED = 400  # 447 when written
 
 
 def test_cpu_isa_reports_the_setting():
-    """kvcore.cpu_isa() names the copy the kernels run: the requested one, or for auto avx2 exactly
-    where the CPU has AVX2, FMA and F16C (our builds are GCC on x86-64, which compile the AVX2 copy)."""
+    """kvcore.cpu_isa() names the copy the kernels run: the requested one, or for auto the widest
+    the CPU supports (our builds are GCC on x86-64, which compile every copy)."""
     requested = _requested()
-    expected = ("avx2" if AVX2_AVAILABLE else "baseline") if requested == "auto" else requested
+    widest = "avx512" if AVX512_AVAILABLE else "avx2" if AVX2_AVAILABLE else "baseline"
+    expected = widest if requested == "auto" else requested
     assert kvcore.cpu_isa() == expected
     assert torch.ops.kvcore.cpu_isa() == expected
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_cpu_kernels_match_reference_under_isa_in_subprocess(isa):
-    if isa == "avx2" and not AVX2_AVAILABLE:
-        pytest.skip("this CPU lacks AVX2 or FMA")
+    if not AVAILABLE[isa]:
+        pytest.skip(f"this CPU lacks what the {isa} copy needs")
     if kvcore.cpu_isa() == isa:
         pytest.skip(f"this process already runs the {isa} kernels (the rest of the suite tests them)")
     run_tests_with_env(VARIABLE, isa, ISA_TEST_FILES, ISA_TEST_SELECT, ISA_TEST_MIN_PASSED)
@@ -86,7 +88,7 @@ sl = torch.tensor([40], dtype=torch.int32)
 
 
 def test_misspelt_cpu_isa_is_an_error():
-    """A value other than auto, baseline or avx2 (here the upper-case AVX2) fails every CPU
+    """A value other than auto, baseline, avx2 or avx512 (here the upper-case AVX2) fails every CPU
     attention call and the query, naming the variable, instead of silently timing the default."""
     code = (f"import torch, kvcore\n{_SETUP}\n"
             "for call in (lambda: kvcore.gqa_decode(q, k, k, bt, sl), lambda: kvcore.gqa_decode(q, k, k, bt, sl),\n"
@@ -105,6 +107,12 @@ def test_avx2_without_avx2_is_an_error():
     """Forcing avx2 on a CPU without it must raise (naming the variable), never run the AVX2 copy
     into an illegal instruction."""
     assert_switch_value_rejected(VARIABLE, "avx2", _SETUP, "kvcore.gqa_decode(q, k, k, bt, sl)", calls=2)
+
+
+@pytest.mark.skipif(AVX512_AVAILABLE, reason="this CPU has AVX-512 F, BW, DQ and VL")
+def test_avx512_without_avx512_is_an_error():
+    """Likewise for avx512 on a CPU without AVX-512."""
+    assert_switch_value_rejected(VARIABLE, "avx512", _SETUP, "kvcore.gqa_decode(q, k, k, bt, sl)", calls=2)
 
 
 def test_cpu_isa_choice_is_read_once():

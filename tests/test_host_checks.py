@@ -6,9 +6,9 @@ no CUDA toolkit and no kvcore build, so they run on every machine, CI's included
   (CUDA) cuts a sequence's keys into its splits: the ranges cover each sequence once, in whole
   tiles of at most split_tokens, and a sequence that fills its block table is cut as before.
 - half_bits_check.cpp: csrc/common/cpu_half_bits.h, the CPU kernels' fp16 -> fp32 row
-  conversion, on all 65,536 bit patterns at both vector widths (the baseline and AVX2 copies),
-  also compiled with -mavx2 -mfma -mf16c where this CPU has them (the instructions the AVX2 copy
-  uses, vcvtph2ps among them).
+  conversion, on all 65,536 bit patterns at every vector width (the baseline, AVX2 and AVX-512
+  copies), also compiled with -mavx2 -mfma -mf16c, and with -mavx512f added, where this CPU has
+  them (the instructions the AVX2 and AVX-512 copies use, vcvtph2ps in both forms among them).
 """
 
 from __future__ import annotations
@@ -30,12 +30,19 @@ def _compiler() -> str | None:
     return None
 
 
-def _has_avx2() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
+        return set()
+
+
+def _has_avx2() -> bool:
+    return {"avx2", "fma", "f16c"} <= _cpu_flags()
+
+
+def _has_avx512() -> bool:
+    return _has_avx2() and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
 
 
 CHECKS = [
@@ -43,6 +50,8 @@ CHECKS = [
     pytest.param("half_bits_check.cpp", "csrc", [], id="half_bits"),
     pytest.param("half_bits_check.cpp", "csrc", ["-mavx2", "-mfma", "-mf16c"], id="half_bits-avx2",
                  marks=pytest.mark.skipif(not _has_avx2(), reason="this CPU lacks AVX2, FMA or F16C")),
+    pytest.param("half_bits_check.cpp", "csrc", ["-mavx2", "-mfma", "-mf16c", "-mavx512f"], id="half_bits-avx512",
+                 marks=pytest.mark.skipif(not _has_avx512(), reason="this CPU lacks AVX-512 (F, BW, DQ, VL)")),
 ]
 
 
@@ -61,3 +70,5 @@ def test_host_check_program(source, include, flags, tmp_path):
     assert " 0 failures" in run.stdout and "checked 0 " not in run.stdout, run.stdout
     if "-mf16c" in flags:  # the AVX2 copy's vcvtph2ps path ran too
         assert "with the F16C path" in run.stdout, run.stdout
+    if "-mavx512f" in flags:  # and the AVX-512 copy's zmm form
+        assert "with the AVX-512 F16C path" in run.stdout, run.stdout

@@ -24,8 +24,8 @@
 // out and lse NaN in every part it reaches and in the merge; a NaN V element only its element.
 // Cache rows that a pair does not select (or that lie past seq_len) are never read.
 //
-// The kernels themselves are in block_sparse/block_sparse_decode_cpu_kernels.h, compiled twice
-// (baseline and AVX2+FMA, see common/cpu_isa.h); the op below runs the copy KVCORE_CPU_ISA picked.
+// The kernels themselves are in block_sparse/block_sparse_decode_cpu_kernels.h, compiled once
+// per instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -93,10 +93,8 @@ void block_sparse_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
   p.num_splits = num_splits;
 
   float* lse_ptr = lse.has_value() ? lse->mutable_data_ptr<float>() : nullptr;
-  const bool avx2 = cpu_isa() == CpuIsa::kAvx2;  // the kernels' copy for this process's ISA
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "block_sparse_decode_cpu", [&] {
-    const auto decode =
-        avx2 ? isa_avx2::block_sparse_decode_tasks<scalar_t> : isa_baseline::block_sparse_decode_tasks<scalar_t>;
+    const auto decode = KVCORE_CPU_PICK(block_sparse_decode_tasks<scalar_t>);
     decode(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), v_cache.const_data_ptr<scalar_t>(),
            block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
            sel_pages.const_data_ptr<int32_t>(), sel_counts.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(),

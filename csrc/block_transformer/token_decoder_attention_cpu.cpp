@@ -14,8 +14,8 @@
 // element of an attended key only that element of out. K/V rows past P + i (later tokens of the
 // block) are never read for row i, and rows past block_lens[n] never read q.
 //
-// The kernel itself is in block_transformer/token_decoder_attention_cpu_kernels.h, compiled twice
-// (baseline and AVX2+FMA, see common/cpu_isa.h); the op below runs the copy KVCORE_CPU_ISA picked.
+// The kernel itself is in block_transformer/token_decoder_attention_cpu_kernels.h, compiled once
+// per instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -70,9 +70,8 @@ void token_decoder_attention_cpu(const at::Tensor& q, const at::Tensor& k, const
 
   const int32_t* lens = block_lens.has_value() ? block_lens->const_data_ptr<int32_t>() : nullptr;
   float* lse_ptr = lse.has_value() ? lse->mutable_data_ptr<float>() : nullptr;
-  const bool avx2 = cpu_isa() == CpuIsa::kAvx2;  // the kernels' copy for this process's ISA
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "token_decoder_attention_cpu", [&] {
-    const auto blocks = avx2 ? isa_avx2::token_decoder_blocks<scalar_t> : isa_baseline::token_decoder_blocks<scalar_t>;
+    const auto blocks = KVCORE_CPU_PICK(token_decoder_blocks<scalar_t>);
     blocks(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), lens,
            out.mutable_data_ptr<scalar_t>(), lse_ptr);
   });

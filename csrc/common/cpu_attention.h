@@ -21,9 +21,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Vector type for the hand-vectorised loops below: GCC's vector extension (no intrinsics, so no
-// #include: see cpu_isa.h), one register wide: KVCORE_CPU_VEC_BYTES (cpu_isa_kernels.h) is 32 in
-// the AVX2 copy (ymm, 8 floats) and 16 in the baseline one (xmm). (__AVX2__ is not defined inside
-// the pragma target region here, so it cannot tell the copies apart.)
+// #include: see cpu_isa.h), one register wide: KVCORE_CPU_VEC_BYTES (cpu_isa_kernels.h) is 64 in
+// the AVX-512 copy (zmm, 16 floats), 32 in the AVX2 one (ymm, 8) and 16 in the baseline one (xmm,
+// 4). (__AVX2__ is not defined inside the pragma target region here, so it cannot tell the copies
+// apart.)
 typedef float FVec __attribute__((vector_size(KVCORE_CPU_VEC_BYTES)));
 constexpr int kVecLanes = sizeof(FVec) / sizeof(float);
 
@@ -39,18 +40,23 @@ inline FVec splat(float x) { return x - FVec{}; }
 
 // The sum of v's lanes, in a fixed tree (so the same lanes always give the same float).
 inline float lane_sum(const FVec& v) {
-#if KVCORE_CPU_VEC_BYTES == 32
+#if KVCORE_CPU_VEC_BYTES == 64
+  // The upper half onto the lower, then the 8-lane tree of the AVX2 copy.
+  float h[8];
+  for (int i = 0; i < 8; ++i) h[i] = v[i] + v[i + 8];
+  return ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
+#elif KVCORE_CPU_VEC_BYTES == 32
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 #else
   return (v[0] + v[2]) + (v[1] + v[3]);
 #endif
 }
 
-// a.b with four vector accumulators (32 partial sums in the AVX2 copy, 16 in the baseline one).
-// One accumulator register made every FMA wait for the previous one (4 cycles of latency, 16 in a
-// row at D = 128, AVX2); four independent chains keep the FMA units busy. Written with vector
-// types: the auto-vectorised form of 32 scalar partial sums reduced them one by one through the
-// stack. The summation order is fixed (no dependence on alignment or threads).
+// a.b with four vector accumulators (64 partial sums in the AVX-512 copy, 32 in the AVX2 one, 16 in
+// the baseline one). One accumulator register made every FMA wait for the previous one (4 cycles
+// of latency, 16 in a row at D = 128, AVX2); four independent chains keep the FMA units busy.
+// Written with vector types: the auto-vectorised form of 32 scalar partial sums reduced them one
+// by one through the stack. The summation order is fixed (no dependence on alignment or threads).
 inline float dot_product(const float* a, const float* b, int64_t n) {
   constexpr int64_t kStep = 4 * kVecLanes;
   FVec acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};

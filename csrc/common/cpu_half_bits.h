@@ -1,13 +1,13 @@
 // fp16 to fp32 from the bits, a vector register at a time, for the CPU kernels' row conversions
 // (cpu_attention.h's to_float). Compiled once per instruction set like cpu_attention.h (included
 // by common/cpu_isa_kernels.h in each copy's region; no include guard, no #include), and on its
-// own by tests/cpp/half_bits_check.cpp, which checks all 65,536 bit patterns at both vector widths.
+// own by tests/cpp/half_bits_check.cpp, which checks all 65,536 bit patterns at every vector width.
 //
 // Why not c10::Half's conversion: it compiled to a scalar routine per element here, and fp16
 // gqa_decode took 4.7x bf16's time on the same rows (session 24: B1 Hq32 Hkv8 D128 S8192, one
 // thread, 16.2 ms against 3.4; 6.6-6.9 ms with this). Plain integer and float vector operations
-// (GCC's vector extension: no intrinsics, so the same source serves the SSE2 and AVX2 copies;
-// F16C's vcvtph2ps would need a third target). bf16 needs none of this: c10's conversion is a
+// (GCC's vector extension: no intrinsics, so the same source serves every copy), or the hardware's
+// vcvtph2ps where the copy has F16C (below). bf16 needs none of this: c10's conversion is a
 // shift, which GCC vectorises itself (faster than this file's form of it, session 24: 1.79-1.94
 // against 2.04-2.18 ms at two threads).
 #if !defined(KVCORE_CPU_ISA_NS) || !defined(KVCORE_CPU_VEC_BYTES)
@@ -57,9 +57,9 @@ inline float fp16_bits_to_float(uint32_t w) {
 
 // dst[i] = the value of the fp16 bit pattern src[i], i < n. (Written as a scalar loop GCC does not
 // vectorise it: 10 ms for the case above.) Where the copy is compiled for F16C (KVCORE_CPU_F16C:
-// the AVX2 copy, cpu_isa_kernels.h), the vector part is the hardware's vcvtph2ps instead, one
-// instruction for 8 values (exact too, except that it quiets a signalling NaN, as torch's own
-// conversion does); the tail stays the bit form.
+// the AVX2 and AVX-512 copies, cpu_isa_kernels.h), the vector part is the hardware's vcvtph2ps
+// instead, one instruction for 8 values (16 in the AVX-512 copy's zmm form); exact too, except
+// that it quiets a signalling NaN, as torch's own conversion does. The tail stays the bit form.
 inline void fp16_bits_to_float(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
 #if defined(KVCORE_CPU_F16C) && KVCORE_CPU_VEC_BYTES == 32
@@ -68,6 +68,15 @@ inline void fp16_bits_to_float(const uint16_t* src, float* dst, int64_t n) {
     HalfBitsS8 h;
     __builtin_memcpy(&h, src + i, sizeof h);
     const HalfBitsF f = __builtin_ia32_vcvtph2ps256(h);
+    __builtin_memcpy(dst + i, &f, sizeof f);
+  }
+#elif defined(KVCORE_CPU_F16C) && KVCORE_CPU_VEC_BYTES == 64
+  typedef short HalfBitsS16 __attribute__((vector_size(32)));
+  for (; i + 16 <= n; i += 16) {
+    HalfBitsS16 h;
+    __builtin_memcpy(&h, src + i, sizeof h);
+    // All 16 lanes (mask -1), no merge source needed; 4 = _MM_FROUND_CUR_DIRECTION (exact anyway).
+    const HalfBitsF f = __builtin_ia32_vcvtph2ps512_mask(h, HalfBitsF{}, static_cast<unsigned short>(0xffff), 4);
     __builtin_memcpy(dst + i, &f, sizeof f);
   }
 #else

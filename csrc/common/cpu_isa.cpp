@@ -14,10 +14,11 @@ namespace {
 constexpr const char* kVariable = "KVCORE_CPU_ISA";
 
 // Whether this CPU and its OS can run the AVX2 copy (AVX2, FMA, and F16C for its fp16 rows: every
-// AVX2 CPU has F16C, which came earlier). libgcc's __builtin_cpu_supports reports AVX features
-// only when the OS has enabled the YMM state (XGETBV), so no separate check.
+// AVX2 CPU has F16C, which came earlier) and the AVX-512 copy (those plus AVX-512 F, BW, DQ, VL).
+// libgcc's __builtin_cpu_supports reports AVX and AVX-512 features only when the OS has enabled
+// their register state (XGETBV), so no separate check.
 bool avx2_supported() {
-#if KVCORE_CPU_AVX2_PATH
+#if KVCORE_CPU_X86_COPIES
   __builtin_cpu_init();  // only needed before constructors run, harmless after
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
@@ -25,18 +26,36 @@ bool avx2_supported() {
 #endif
 }
 
+bool avx512_supported() {
+#if KVCORE_CPU_X86_COPIES
+  __builtin_cpu_init();
+  return avx2_supported() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
 CpuIsa pick_cpu_isa() {
-  const int choice = env_choice(kVariable, {"auto", "baseline", "avx2"}, "kvcore CPU kernels");
+  const int choice = env_choice(kVariable, {"auto", "baseline", "avx2", "avx512"}, "kvcore CPU kernels");
   if (choice == 1) return CpuIsa::kBaseline;
-  const bool avx2 = avx2_supported();
-  if (choice == 2) {
-    TORCH_CHECK(KVCORE_CPU_AVX2_PATH, "kvcore CPU kernels: ", kVariable,
-                "=avx2, but this build has no AVX2 copy of the kernels (it needs GCC on x86-64); use 'auto' or "
+  if (choice >= 2) {
+    const char* name = choice == 2 ? "avx2" : "avx512";
+    TORCH_CHECK(KVCORE_CPU_X86_COPIES, "kvcore CPU kernels: ", kVariable, "=", name,
+                ", but this build has no copy of the kernels for it (that needs GCC on x86-64); use 'auto' or "
                 "'baseline'");
-    TORCH_CHECK(avx2, "kvcore CPU kernels: ", kVariable,
-                "=avx2, but this CPU (or its OS) does not support AVX2, FMA and F16C; use 'auto' or 'baseline'");
+    if (choice == 2) {
+      TORCH_CHECK(avx2_supported(), "kvcore CPU kernels: ", kVariable,
+                  "=avx2, but this CPU (or its OS) does not support AVX2, FMA and F16C; use 'auto' or 'baseline'");
+      return CpuIsa::kAvx2;
+    }
+    TORCH_CHECK(avx512_supported(), "kvcore CPU kernels: ", kVariable,
+                "=avx512, but this CPU (or its OS) does not support AVX-512 F, BW, DQ and VL with AVX2, FMA and "
+                "F16C; use 'auto', 'avx2' or 'baseline'");
+    return CpuIsa::kAvx512;
   }
-  return avx2 ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
+  if (avx512_supported()) return CpuIsa::kAvx512;
+  return avx2_supported() ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
 }
 
 std::string cpu_isa_op() { return cpu_isa_name(cpu_isa()); }
@@ -48,7 +67,16 @@ CpuIsa cpu_isa() {
   return isa;
 }
 
-const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "baseline"; }
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx2:
+      return "avx2";
+    case CpuIsa::kAvx512:
+      return "avx512";
+    default:
+      return "baseline";
+  }
+}
 
 }  // namespace kvcore
 

@@ -4,9 +4,11 @@
 // built with -mavx2 -mfma took half the time (gqa_decode B1 Hq32 Hkv8 D128 S2048 fp32, 2 cores:
 // 4.63 ms against 2.34 ms). Neither build (setup.py through torch's BuildExtension, which has no
 // per-file flags, nor CMakeLists.txt) can give one file other flags, so a kernel file compiles
-// its kernels twice in one translation unit (common/cpu_isa_kernels.h): once plain, once under
-// `#pragma GCC target("avx2,fma,f16c")`, each copy in its own namespace, and calls one of them per
-// op. (F16C: the fp16 rows' vcvtph2ps, cpu_half_bits.h.)
+// its kernels once per instruction set in one translation unit (common/cpu_isa_kernels.h): plain,
+// under `#pragma GCC target("avx2,fma,f16c")` and under the same plus AVX-512 (F, BW, DQ, VL),
+// each copy in its own namespace, and calls one of them per op. (F16C: the fp16 rows' vcvtph2ps,
+// cpu_half_bits.h.) The AVX-512 copy uses 64-byte vectors: on a Zen 5 EPYC, CPU mla_decode (which
+// is FMA-bound) took ~0.7x the AVX2 copy's time (bench/NOTES.md, session 25).
 //
 // Why a pragma region and not __attribute__((target)) on the kernel functions: the kernels run
 // their work in lambdas handed to at::parallel_for and in helpers that may stay out of line;
@@ -15,35 +17,36 @@
 // target. Nothing may be #included inside it: an inline function from a header compiled there
 // for AVX2 is a COMDAT the linker may also hand to the baseline path (SIGILL on an old CPU).
 //
-// The avx2 copy exists only where the compiler has the pragma and __builtin_cpu_supports: GCC on
-// x86-64. Other compilers (clang has neither in this form) and other architectures (aarch64)
-// compile the baseline copy alone, and KVCORE_CPU_ISA=avx2 is an error there. Defining
-// KVCORE_CPU_AVX2_PATH=0 on the command line builds that way anywhere (to check that it compiles).
+// The AVX2 and AVX-512 copies exist only where the compiler has the pragma and
+// __builtin_cpu_supports: GCC on x86-64. Other compilers (clang has neither in this form) and
+// other architectures (aarch64) compile the baseline copy alone, and KVCORE_CPU_ISA=avx2 or
+// avx512 is an error there. Defining KVCORE_CPU_X86_COPIES=0 on the command line builds that way
+// anywhere (to check that it compiles).
 #pragma once
 
-#ifndef KVCORE_CPU_AVX2_PATH
+#ifndef KVCORE_CPU_X86_COPIES
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
-#define KVCORE_CPU_AVX2_PATH 1
+#define KVCORE_CPU_X86_COPIES 1
 #else
-#define KVCORE_CPU_AVX2_PATH 0
+#define KVCORE_CPU_X86_COPIES 0
 #endif
 #endif
 
 namespace kvcore {
 
-enum class CpuIsa { kBaseline, kAvx2 };
+enum class CpuIsa { kBaseline, kAvx2, kAvx512 };
 
 // The instruction set the CPU kernels use, from KVCORE_CPU_ISA (read once per process):
-//   auto (default, also unset or empty): avx2 when this build has the AVX2 copy and the CPU (and
-//     the OS, which must save the YMM registers) supports AVX2, FMA and F16C (every AVX2 CPU has
-//     F16C), else baseline;
-//   baseline: the plain copy; avx2: the AVX2+FMA(+F16C) copy.
-// Any other value, or avx2 where it cannot run, raises an error naming the variable, at every
+//   auto (default, also unset or empty): the widest copy this build has and the CPU (and the OS,
+//     which must save the YMM / ZMM registers) supports: avx512 (AVX-512 F, BW, DQ and VL with
+//     AVX2, FMA and F16C), else avx2 (AVX2, FMA and F16C; every AVX2 CPU has F16C), else baseline;
+//   baseline: the plain copy; avx2: the AVX2+FMA(+F16C) copy; avx512: the AVX-512 copy.
+// Any other value, or a copy that cannot run here, raises an error naming the variable, at every
 // call (the failing first read leaves the cached choice unset), so a misspelt value cannot
 // silently time the default.
 CpuIsa cpu_isa();
 
-// "baseline" or "avx2": the name KVCORE_CPU_ISA uses for `isa`.
+// "baseline", "avx2" or "avx512": the name KVCORE_CPU_ISA uses for `isa`.
 const char* cpu_isa_name(CpuIsa isa);
 
 }  // namespace kvcore

@@ -5,10 +5,10 @@
 //
 // at namespace scope, after the kernel file's own #includes and the types its kernels use. It
 // defines the shared pieces (cpu_half_bits.h, cpu_attention.h) and the kernels of
-// KVCORE_CPU_KERNELS in kvcore::(anonymous)::isa_baseline and, where the build has the AVX2
-// copy, again in kvcore::(anonymous)::isa_avx2 under target("avx2,fma,f16c"); elsewhere
-// isa_avx2 names isa_baseline, so callers pick with
-// `cpu_isa() == CpuIsa::kAvx2 ? isa_avx2::f : isa_baseline::f` everywhere.
+// KVCORE_CPU_KERNELS in kvcore::(anonymous)::isa_baseline and, where the build has the x86
+// copies, again in kvcore::(anonymous)::isa_avx2 under target("avx2,fma,f16c") and in
+// kvcore::(anonymous)::isa_avx512 under the same plus AVX-512 F, BW, DQ and VL; elsewhere both
+// names mean isa_baseline, so callers pick with KVCORE_CPU_PICK(f) (below) everywhere.
 // The anonymous namespace keeps each file's copies to itself: no COMDAT of an AVX2 function can
 // stand in for a baseline one across files.
 //
@@ -42,7 +42,7 @@
 #undef KVCORE_CPU_VEC_BYTES
 #undef KVCORE_CPU_ISA_NS
 
-#if KVCORE_CPU_AVX2_PATH
+#if KVCORE_CPU_X86_COPIES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define KVCORE_CPU_ISA_NS isa_avx2
@@ -55,10 +55,34 @@
 #undef KVCORE_CPU_VEC_BYTES
 #undef KVCORE_CPU_ISA_NS
 #pragma GCC pop_options
+
+// 64-byte vectors (zmm, 16 floats); the fp16 rows through AVX-512 F's 16-wide vcvtph2ps.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")
+#define KVCORE_CPU_ISA_NS isa_avx512
+#define KVCORE_CPU_VEC_BYTES 64
+#define KVCORE_CPU_F16C 1  // cpu_half_bits.h: vcvtph2ps, zmm form
+#include "common/cpu_half_bits.h"
+#include "common/cpu_attention.h"
+#include KVCORE_CPU_KERNELS
+#undef KVCORE_CPU_F16C
+#undef KVCORE_CPU_VEC_BYTES
+#undef KVCORE_CPU_ISA_NS
+#pragma GCC pop_options
 #else
 namespace kvcore {
 namespace {
 namespace isa_avx2 = isa_baseline;  // never chosen: cpu_isa() is kBaseline in such builds
+namespace isa_avx512 = isa_baseline;
 }  // namespace
 }  // namespace kvcore
+#endif
+
+// The copy of kernel `f` (a function or function template specialisation, named without its
+// isa_* namespace) that this process's KVCORE_CPU_ISA picked, as a function pointer.
+#ifndef KVCORE_CPU_PICK
+#define KVCORE_CPU_PICK(...)                                                                     \
+  (::kvcore::cpu_isa() == ::kvcore::CpuIsa::kAvx512 ? &isa_avx512::__VA_ARGS__                   \
+   : ::kvcore::cpu_isa() == ::kvcore::CpuIsa::kAvx2 ? &isa_avx2::__VA_ARGS__                     \
+                                                    : &isa_baseline::__VA_ARGS__)
 #endif

@@ -14,8 +14,8 @@
 // index to [0, num_pages), so bad index contents give wrong numbers, never an out-of-bounds read.
 // `workspace` and `num_splits` only matter to the CUDA split-KV path and are ignored here.
 //
-// The kernels themselves are in decode/gqa_decode_cpu_kernels.h, compiled twice (baseline and
-// AVX2+FMA, see common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
+// The kernels themselves are in decode/gqa_decode_cpu_kernels.h, compiled once per
+// instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -88,10 +88,9 @@ void gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
     own_lse.resize(s.batch * s.num_q_heads);
     lse_ptr = own_lse.data();
   }
-  const bool avx2 = cpu_isa() == CpuIsa::kAvx2;  // the kernels' copy for this process's ISA
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gqa_decode_cpu", [&] {
-    const auto decode = avx2 ? isa_avx2::gqa_decode_tasks<scalar_t> : isa_baseline::gqa_decode_tasks<scalar_t>;
-    const auto scores = avx2 ? isa_avx2::accumulate_scores<scalar_t> : isa_baseline::accumulate_scores<scalar_t>;
+    const auto decode = KVCORE_CPU_PICK(gqa_decode_tasks<scalar_t>);
+    const auto scores = KVCORE_CPU_PICK(accumulate_scores<scalar_t>);
     decode(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), v_cache.const_data_ptr<scalar_t>(),
            block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(),
            lse_ptr);

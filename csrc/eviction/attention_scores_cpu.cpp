@@ -16,8 +16,8 @@
 // Safety without validation: seq_len is clamped to [0, min(max_pages * page_size, S)] and page
 // ids to [0, num_pages), so bad index contents give wrong numbers, never an out-of-bounds access.
 //
-// The kernels themselves are in eviction/attention_scores_cpu_kernels.h, compiled twice (baseline
-// and AVX2+FMA, see common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
+// The kernels themselves are in eviction/attention_scores_cpu_kernels.h, compiled once per
+// instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -83,10 +83,8 @@ void attention_scores_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   p.scale = static_cast<float>(scale);
   p.opt = opt;
   const float* lse_ptr = lse.has_value() ? lse->const_data_ptr<float>() : nullptr;
-  const bool avx2 = cpu_isa() == CpuIsa::kAvx2;  // the kernels' copy for this process's ISA
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_scores_cpu", [&] {
-    const auto scores =
-        avx2 ? isa_avx2::attention_scores_tasks<scalar_t> : isa_baseline::attention_scores_tasks<scalar_t>;
+    const auto scores = KVCORE_CPU_PICK(attention_scores_tasks<scalar_t>);
     scores(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), block_table.const_data_ptr<int32_t>(),
            seq_lens.const_data_ptr<int32_t>(), lse_ptr, out.mutable_data_ptr<float>());
   });

@@ -18,8 +18,8 @@
 // index to [0, num_pages); bad index contents give wrong numbers, never an out-of-bounds read.
 // `workspace` only matters to the CUDA split-KV path and is ignored here.
 //
-// The kernels themselves are in mla/mla_decode_cpu_kernels.h, compiled twice (baseline and
-// AVX2+FMA, see common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
+// The kernels themselves are in mla/mla_decode_cpu_kernels.h, compiled once per
+// instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -57,9 +57,8 @@ void mla_decode_cpu(const at::Tensor& q, const at::Tensor& latent_cache, const a
   const MlaDecodeShape s = check_mla_decode(q, latent_cache, block_table, seq_lens, scale, out, lse, num_splits);
   if (s.batch == 0 || s.num_heads == 0) return;
   float* lse_ptr = lse.has_value() ? lse->mutable_data_ptr<float>() : nullptr;
-  const bool avx2 = cpu_isa() == CpuIsa::kAvx2;  // the kernels' copy for this process's ISA
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_decode_cpu", [&] {
-    const auto decode = avx2 ? isa_avx2::mla_decode_tasks<scalar_t> : isa_baseline::mla_decode_tasks<scalar_t>;
+    const auto decode = KVCORE_CPU_PICK(mla_decode_tasks<scalar_t>);
     decode(s, q.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1), latent_cache.const_data_ptr<scalar_t>(),
            latent_cache.stride(0), block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
            static_cast<float>(scale), num_splits, out.mutable_data_ptr<scalar_t>(), lse_ptr);

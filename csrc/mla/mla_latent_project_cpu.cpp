@@ -10,8 +10,8 @@
 // scratch buffer (the op is not graph-captured on the CPU, so a host allocation is fine here).
 //
 // The projection (phase 1, the op's time) is in mla/mla_latent_project_cpu_kernels.h, compiled
-// twice (baseline and AVX2, see common/cpu_isa.h; the AVX2 copy converts fp16 weight rows with
-// F16C); the op runs the copy KVCORE_CPU_ISA picked.
+// once per instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h; the AVX2 and AVX-512
+// copies convert fp16 weight rows with F16C); the op runs the copy KVCORE_CPU_ISA picked.
 //
 // Safety without validation: a slot outside [0, num_pages * page_size) is skipped (never
 // written) and a position is clamped to [0, max_pos), so bad index contents give wrong numbers,
@@ -94,7 +94,7 @@ void mla_latent_project_cpu(const at::Tensor& hidden, const at::Tensor& w_dkv, c
   if (s.tokens == 0) return;
   std::vector<float> kv(s.tokens * (s.rank + s.rope_dim));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "mla_latent_project_cpu", [&] {
-    const auto project = cpu_isa() == CpuIsa::kAvx2 ? isa_avx2::project_tasks<scalar_t> : isa_baseline::project_tasks<scalar_t>;
+    const auto project = KVCORE_CPU_PICK(project_tasks<scalar_t>);
     project(s, hidden.const_data_ptr<scalar_t>(), hidden.stride(0), w_dkv.const_data_ptr<scalar_t>(), kv.data());
     finish_tokens<scalar_t>(s, kv.data(), norm_weight.const_data_ptr<scalar_t>(), static_cast<float>(eps),
                             cos_sin.const_data_ptr<float>(), positions.const_data_ptr<int64_t>(),

@@ -2,8 +2,8 @@
 // representative key, fp32) and topk_rows (k largest (score, column) keys per row, best first).
 // They define the same results as the CUDA kernels in csrc/include/kvcore/retrieval.cuh: the
 // top-k is bit-identical (one total order, kvcore/topk_key.h), the scores equal up to fp32
-// summation order. The unit scores' loop is in retrieval/retrieval_cpu_kernels.h, compiled twice
-// (baseline and AVX2, see common/cpu_isa.h); the op runs the copy KVCORE_CPU_ISA picked.
+// summation order. The unit scores' loop is in retrieval/retrieval_cpu_kernels.h, compiled once
+// per instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op runs the copy KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,16 +31,13 @@ void infllm_unit_scores_cpu(const at::Tensor& q, const at::Tensor& repr_keys, at
     out.zero_();
     return;
   }
-  const bool avx2 = cpu_isa() == CpuIsa::kAvx2;  // the kernel's copy for this process's ISA
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, repr_keys.scalar_type(), "infllm_unit_scores_cpu", [&] {
     const scalar_t* k = repr_keys.const_data_ptr<scalar_t>();
     if (q.scalar_type() == repr_keys.scalar_type()) {
-      const auto unit_scores_rows = avx2 ? isa_avx2::unit_scores_rows<scalar_t, scalar_t>
-                                         : isa_baseline::unit_scores_rows<scalar_t, scalar_t>;
+      const auto unit_scores_rows = KVCORE_CPU_PICK(unit_scores_rows<scalar_t, scalar_t>);
       unit_scores_rows(q.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1), k, repr_keys.stride(0), s, o);
     } else {
-      const auto unit_scores_rows = avx2 ? isa_avx2::unit_scores_rows<scalar_t, float>
-                                         : isa_baseline::unit_scores_rows<scalar_t, float>;
+      const auto unit_scores_rows = KVCORE_CPU_PICK(unit_scores_rows<scalar_t, float>);
       unit_scores_rows(q.const_data_ptr<float>(), q.stride(0), q.stride(1), k, repr_keys.stride(0), s, o);
     }
   });

@@ -77,11 +77,11 @@ def validation_enabled() -> bool:
 
 
 def cpu_isa() -> str:
-    """The instruction set kvcore's CPU attention kernels run with in this process: ``"avx2"``
-    (AVX2 + FMA, and F16C for fp16 rows) or ``"baseline"`` (the build's own target, SSE2 on x86-64). Set by
-    ``KVCORE_CPU_ISA`` (``auto``, the default, takes avx2 where the CPU and the build allow it),
-    read once per process; an invalid setting raises a RuntimeError naming the variable, here and
-    at every CPU attention call."""
+    """The instruction set kvcore's CPU attention kernels run with in this process: ``"avx512"``
+    (AVX-512 F, BW, DQ and VL on top of avx2's), ``"avx2"`` (AVX2 + FMA, and F16C for fp16 rows) or
+    ``"baseline"`` (the build's own target, SSE2 on x86-64). Set by ``KVCORE_CPU_ISA`` (``auto``,
+    the default, takes the widest the CPU and the build allow), read once per process; an invalid
+    setting raises a RuntimeError naming the variable, here and at every CPU attention call."""
     return torch.ops.kvcore.cpu_isa()
 
 

@@ -1,8 +1,10 @@
 // Checks csrc/common/cpu_half_bits.h on the host (tests/test_host_checks.py compiles and runs
-// it, also with -mavx2 -mfma -mf16c where the CPU has them): every one of the 65,536 fp16 bit
-// patterns, through the vector path and the scalar tail, at both register widths the CPU kernels
-// use (16 bytes: the baseline copy; 32: the AVX2 one, with its F16C path when compiled with
-// -mf16c), against a decoder written from the format's definition with ldexp. Values must match
+// it, also with -mavx2 -mfma -mf16c and with -mavx512f added, where the CPU has them): every one
+// of the 65,536 fp16 bit patterns, through the vector path and the scalar tail, at every register
+// width the CPU kernels use (16 bytes: the baseline copy; 32: the AVX2 one; 64: the AVX-512 one),
+// with the F16C paths when compiled for them (the AVX2 copy's 8-wide vcvtph2ps under -mf16c, the
+// AVX-512 copy's 16-wide form under -mavx512f), against a decoder written from the format's
+// definition with ldexp. Values must match
 // bit for bit (NaN: the expected sign and payload; a signalling NaN may come back quieted).
 // Prints the number of checked conversions; exits 1 on a mismatch.
 #include <cmath>
@@ -20,9 +22,23 @@
 #include "common/cpu_half_bits.h"
 #undef KVCORE_CPU_VEC_BYTES
 #undef KVCORE_CPU_ISA_NS
+#define KVCORE_CPU_ISA_NS width64
+#define KVCORE_CPU_VEC_BYTES 64
+#include "common/cpu_half_bits.h"
+#undef KVCORE_CPU_VEC_BYTES
+#undef KVCORE_CPU_ISA_NS
 #if defined(__F16C__)  // compiled with -mf16c: the AVX2 copy's vcvtph2ps path too
 #define KVCORE_CPU_ISA_NS width32_f16c
 #define KVCORE_CPU_VEC_BYTES 32
+#define KVCORE_CPU_F16C 1
+#include "common/cpu_half_bits.h"
+#undef KVCORE_CPU_F16C
+#undef KVCORE_CPU_VEC_BYTES
+#undef KVCORE_CPU_ISA_NS
+#endif
+#if defined(__F16C__) && defined(__AVX512F__)  // and the AVX-512 copy's zmm form
+#define KVCORE_CPU_ISA_NS width64_f16c
+#define KVCORE_CPU_VEC_BYTES 64
 #define KVCORE_CPU_F16C 1
 #include "common/cpu_half_bits.h"
 #undef KVCORE_CPU_F16C
@@ -84,11 +100,18 @@ void check_all(const char* name, Convert convert) {
 int main() {
   check_all("16-byte", [](const uint16_t* s, float* d, int64_t n) { kvcore::width16::cpu::fp16_bits_to_float(s, d, n); });
   check_all("32-byte", [](const uint16_t* s, float* d, int64_t n) { kvcore::width32::cpu::fp16_bits_to_float(s, d, n); });
+  check_all("64-byte", [](const uint16_t* s, float* d, int64_t n) { kvcore::width64::cpu::fp16_bits_to_float(s, d, n); });
 #if defined(__F16C__)
   check_all("32-byte F16C", [](const uint16_t* s, float* d, int64_t n) {
     kvcore::width32_f16c::cpu::fp16_bits_to_float(s, d, n);
   });
   std::printf("with the F16C path\n");
+#endif
+#if defined(__F16C__) && defined(__AVX512F__)
+  check_all("64-byte F16C", [](const uint16_t* s, float* d, int64_t n) {
+    kvcore::width64_f16c::cpu::fp16_bits_to_float(s, d, n);
+  });
+  std::printf("with the AVX-512 F16C path\n");
 #endif
   std::printf("checked %lld conversions, %d failures\n", checked, failures);
   return failures == 0 ? 0 : 1;
