@@ -316,13 +316,15 @@ MLA_DECODE_CASES = [
     MlaDecodeCase(2, 2, 576, 512, 64, (0, 0)),
 ]
 # CPU only (the CUDA kernels take widths of a multiple of 8): head counts that end in a partial
-# block of the CPU kernel's 4-head register blocks, odd chunk lengths, and Dk / Dv that are not
-# multiples of either vector width (the kernel's scalar tails).
+# block of the CPU kernel's 4-head register blocks, odd chunk lengths (every row count left after
+# the logits' row blocks), and Dk / Dv that are not multiples of any vector width (the kernel's
+# scalar tails); Dv 88 also leaves a single vector after the values' bands (AVX2, AVX-512).
 MLA_DECODE_CPU_CASES = [
     MlaDecodeCase(3, 6, 83, 17, 16, (1, 33, 63)),
     MlaDecodeCase(2, 7, 579, 524, 64, (97, 300), q_slice=True),
     MlaDecodeCase(2, 13, 36, 36, 8, (5, 70)),
     MlaDecodeCase(4, 5, 7, 5, 3, (1, 2, 3, 31)),
+    MlaDecodeCase(2, 9, 100, 88, 16, (45, 130)),
 ]
 
 

@@ -7,6 +7,13 @@ namespace KVCORE_CPU_ISA_NS {
 // Register blocks of the chunk's two products, NH heads at a time: every latent row serves all H
 // heads, and one head at a time re-read each row (2.3 KB, a chunk of 32 is 74 KB: past L1) once
 // per head for the logits and again for the values, two loads per multiply-add.
+//
+// Block sizes per copy: 4 heads x kLogitRows rows for the logits and 4 heads x kValueVecs vectors
+// for the values, so NH x NK (or NH x NV) accumulators stay in registers. The AVX-512 copy has 32
+// vector registers (16 elsewhere): 4 x 4 blocks there (16 accumulators, 0.5 loads per
+// multiply-add), 4 x 2 in the others (8 accumulators, 0.75).
+constexpr int kLogitRows = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
+constexpr int kValueVecs = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
 
 // lg[j * lg_stride + i] = q_j . row_i * scale for NH heads j (q_j at q + j * Dk) and NK rows i
 // (row_i at rows + i * Dk): NH x NK independent chains; per step of d, each of the NK row vectors
@@ -42,38 +49,62 @@ inline void mla_logits_block(const float* q, const float* rows, int64_t Dk, floa
   }
 }
 
-// acc_j[0, Dv) += sum over i < n of w_j[i] * row_i[0, Dv) for NH heads j (acc_j at acc + j * Dv,
-// w_j at w + j * w_stride): 2 x NH vector accumulators in registers across the rows, each row's
-// two vectors loaded once for the NH heads. Each element sums its rows in order, as
-// cpu::accumulate_pv does.
+// The logits of NH heads for rows [0, n): blocks of kLogitRows rows, then one block of the rest.
 template <int NH>
-inline void mla_values_block(float* acc, int64_t Dv, int64_t n, const float* w, int64_t w_stride, const float* rows,
-                             int64_t Dk) {
+inline void mla_logits_rows(const float* q, const float* rows, int64_t n, int64_t Dk, float scale, float* lg,
+                            int64_t lg_stride) {
+  int64_t i = 0;
+  for (; i + kLogitRows <= n; i += kLogitRows)
+    mla_logits_block<NH, kLogitRows>(q, rows + i * Dk, Dk, scale, lg + i, lg_stride);
+  switch (n - i) {
+    case 3: mla_logits_block<NH, 3>(q, rows + i * Dk, Dk, scale, lg + i, lg_stride); break;
+    case 2: mla_logits_block<NH, 2>(q, rows + i * Dk, Dk, scale, lg + i, lg_stride); break;
+    case 1: mla_logits_block<NH, 1>(q, rows + i * Dk, Dk, scale, lg + i, lg_stride); break;
+    default: break;
+  }
+}
+
+// acc_j[d, d + NV * lanes) += sum over i < n of w_j[i] * row_i[d, d + NV * lanes) for NH heads j
+// (acc_j at acc + j * Dv, w_j at w + j * w_stride): NH x NV vector accumulators in registers
+// across the rows, each row's NV vectors loaded once for the NH heads. Each element sums its rows
+// in order, as cpu::accumulate_pv does, whatever block it falls in.
+template <int NH, int NV>
+inline void mla_values_block(float* acc, int64_t Dv, int64_t d, int64_t n, const float* w, int64_t w_stride,
+                             const float* rows, int64_t Dk) {
   using cpu::FVec;
   using cpu::kVecLanes;
-  int64_t d = 0;
-  for (; d + 2 * kVecLanes <= Dv; d += 2 * kVecLanes) {
-    FVec a[NH][2];
+  FVec a[NH][NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NH; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[j][v] = cpu::load_vec(acc + j * Dv + d + v * kVecLanes);
+  for (int64_t i = 0; i < n; ++i) {
+    FVec r[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) r[v] = cpu::load_vec(rows + i * Dk + d + v * kVecLanes);
 #pragma GCC unroll 4
     for (int j = 0; j < NH; ++j) {
-      a[j][0] = cpu::load_vec(acc + j * Dv + d);
-      a[j][1] = cpu::load_vec(acc + j * Dv + d + kVecLanes);
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const FVec v0 = cpu::load_vec(rows + i * Dk + d), v1 = cpu::load_vec(rows + i * Dk + d + kVecLanes);
+      const FVec wv = cpu::splat(w[j * w_stride + i]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NH; ++j) {
-        const FVec wv = cpu::splat(w[j * w_stride + i]);
-        a[j][0] += wv * v0;
-        a[j][1] += wv * v1;
-      }
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < NH; ++j) {
-      __builtin_memcpy(acc + j * Dv + d, &a[j][0], sizeof(FVec));
-      __builtin_memcpy(acc + j * Dv + d + kVecLanes, &a[j][1], sizeof(FVec));
+      for (int v = 0; v < NV; ++v) a[j][v] += wv * r[v];
     }
   }
+#pragma GCC unroll 4
+  for (int j = 0; j < NH; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) __builtin_memcpy(acc + j * Dv + d + v * kVecLanes, &a[j][v], sizeof(FVec));
+}
+
+// The values of NH heads over all Dv columns: bands of kValueVecs vectors, then single vectors,
+// then the columns past the last whole vector one at a time.
+template <int NH>
+inline void mla_values_cols(float* acc, int64_t Dv, int64_t n, const float* w, int64_t w_stride, const float* rows,
+                            int64_t Dk) {
+  using cpu::kVecLanes;
+  int64_t d = 0;
+  for (; d + kValueVecs * kVecLanes <= Dv; d += kValueVecs * kVecLanes)
+    mla_values_block<NH, kValueVecs>(acc, Dv, d, n, w, w_stride, rows, Dk);
+  for (; d + kVecLanes <= Dv; d += kVecLanes) mla_values_block<NH, 1>(acc, Dv, d, n, w, w_stride, rows, Dk);
   for (; d < Dv; ++d)
     for (int j = 0; j < NH; ++j) {
       float s = acc[j * Dv + d];
@@ -82,33 +113,24 @@ inline void mla_values_block(float* acc, int64_t Dv, int64_t n, const float* w, 
     }
 }
 
-// The chunk's logits for heads [h0, h0 + nh) (nh <= 4) and rows [0, n), in blocks of up to 4 x 2.
+// The chunk's logits for heads [h0, h0 + nh) (nh <= 4) and rows [0, n).
 inline void mla_logits(const float* q, int64_t nh, const float* rows, int64_t n, int64_t Dk, float scale, float* lg,
                        int64_t lg_stride) {
-  for (int64_t i = 0; i < n; i += 2) {
-    const bool two = i + 1 < n;
-    const float* r = rows + i * Dk;
-    float* out = lg + i;
-    switch (nh * 2 + (two ? 1 : 0)) {
-      case 9: mla_logits_block<4, 2>(q, r, Dk, scale, out, lg_stride); break;
-      case 8: mla_logits_block<4, 1>(q, r, Dk, scale, out, lg_stride); break;
-      case 7: mla_logits_block<3, 2>(q, r, Dk, scale, out, lg_stride); break;
-      case 6: mla_logits_block<3, 1>(q, r, Dk, scale, out, lg_stride); break;
-      case 5: mla_logits_block<2, 2>(q, r, Dk, scale, out, lg_stride); break;
-      case 4: mla_logits_block<2, 1>(q, r, Dk, scale, out, lg_stride); break;
-      case 3: mla_logits_block<1, 2>(q, r, Dk, scale, out, lg_stride); break;
-      default: mla_logits_block<1, 1>(q, r, Dk, scale, out, lg_stride); break;
-    }
+  switch (nh) {
+    case 4: mla_logits_rows<4>(q, rows, n, Dk, scale, lg, lg_stride); break;
+    case 3: mla_logits_rows<3>(q, rows, n, Dk, scale, lg, lg_stride); break;
+    case 2: mla_logits_rows<2>(q, rows, n, Dk, scale, lg, lg_stride); break;
+    default: mla_logits_rows<1>(q, rows, n, Dk, scale, lg, lg_stride); break;
   }
 }
 
 inline void mla_values(float* acc, int64_t nh, int64_t Dv, int64_t n, const float* w, int64_t w_stride,
                        const float* rows, int64_t Dk) {
   switch (nh) {
-    case 4: mla_values_block<4>(acc, Dv, n, w, w_stride, rows, Dk); break;
-    case 3: mla_values_block<3>(acc, Dv, n, w, w_stride, rows, Dk); break;
-    case 2: mla_values_block<2>(acc, Dv, n, w, w_stride, rows, Dk); break;
-    default: mla_values_block<1>(acc, Dv, n, w, w_stride, rows, Dk); break;
+    case 4: mla_values_cols<4>(acc, Dv, n, w, w_stride, rows, Dk); break;
+    case 3: mla_values_cols<3>(acc, Dv, n, w, w_stride, rows, Dk); break;
+    case 2: mla_values_cols<2>(acc, Dv, n, w, w_stride, rows, Dk); break;
+    default: mla_values_cols<1>(acc, Dv, n, w, w_stride, rows, Dk); break;
   }
 }
 
