@@ -1,5 +1,6 @@
 """KVCORE_CPU_ISA: the CPU attention kernels exist three times (baseline, AVX2+FMA+F16C, and that
-plus AVX-512 F/BW/DQ/VL; chosen once per process); every copy must pass the same reference checks.
+plus AVX-512 F/BW/DQ/VL; chosen once per process), and the AVX-512 copy runs bf16 mla_decode with
+AVX512_BF16's dot products under avx512bf16; every setting must pass the same reference checks.
 
 The rest of the suite runs the CPU kernels with whatever this process picked (``auto``: the widest
 copy the CPU supports). Every other available ISA runs the reference, NaN and determinism tests of
@@ -43,10 +44,12 @@ def _requested() -> str:
     return os.environ.get(VARIABLE, "") or "auto"
 
 
-# What the AVX2 copy needs, and what the AVX-512 copy needs on top of it.
+# What the AVX2 copy needs, what the AVX-512 copy needs on top of it, and its bf16 dot products.
 AVX2_AVAILABLE = {"avx2", "fma", "f16c"} <= _cpu_flags()
 AVX512_AVAILABLE = AVX2_AVAILABLE and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
-AVAILABLE = {"baseline": True, "avx2": AVX2_AVAILABLE, "avx512": AVX512_AVAILABLE}
+AVX512_BF16_AVAILABLE = AVX512_AVAILABLE and "avx512_bf16" in _cpu_flags()
+AVAILABLE = {"baseline": True, "avx2": AVX2_AVAILABLE, "avx512": AVX512_AVAILABLE,
+             "avx512bf16": AVX512_BF16_AVAILABLE}
 
 # The reference / NaN / determinism tests of those ops, CPU cases only; the bad-input tests
 # never reach a kernel and the subprocess tests would recurse.
@@ -64,19 +67,49 @@ def test_cpu_isa_reports_the_setting():
     """kvcore.cpu_isa() names the copy the kernels run: the requested one, or for auto the widest
     the CPU supports (our builds are GCC on x86-64, which compile every copy)."""
     requested = _requested()
-    widest = "avx512" if AVX512_AVAILABLE else "avx2" if AVX2_AVAILABLE else "baseline"
+    widest = [isa for isa, available in AVAILABLE.items() if available][-1]
     expected = widest if requested == "auto" else requested
     assert kvcore.cpu_isa() == expected
     assert torch.ops.kvcore.cpu_isa() == expected
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", list(AVAILABLE))
 def test_cpu_kernels_match_reference_under_isa_in_subprocess(isa):
     if not AVAILABLE[isa]:
         pytest.skip(f"this CPU lacks what the {isa} copy needs")
     if kvcore.cpu_isa() == isa:
         pytest.skip(f"this process already runs the {isa} kernels (the rest of the suite tests them)")
     run_tests_with_env(VARIABLE, isa, ISA_TEST_FILES, ISA_TEST_SELECT, ISA_TEST_MIN_PASSED)
+
+
+_MLA_BF16 = """
+import hashlib, torch, kvcore
+from kvcore import reference
+g = torch.Generator().manual_seed(5)
+lat = torch.randn(40, 16, 576, generator=g).bfloat16()
+table = torch.randperm(40, generator=g).int().view(2, 20)
+lens = torch.tensor([320, 77], dtype=torch.int32)
+q = torch.randn(2, 8, 576, generator=g).bfloat16()
+out, lse = kvcore.mla_decode(q, lat, table, lens, scale=0.05, return_lse=True)
+ref_out, ref_lse = reference.mla_decode(q, lat, table, lens, 0.05, 512)
+torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
+torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+print(kvcore.cpu_isa(), hashlib.sha1(out.float().numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.skipif(not AVX512_BF16_AVAILABLE, reason="this CPU lacks AVX512_BF16")
+def test_avx512bf16_runs_the_bf16_dot_products_in_subprocess():
+    """avx512bf16 takes bf16 mla_decode's own path (weights rounded to bf16, vdpbf16ps): both
+    settings match the reference, and their outputs differ, so the path is not silently skipped."""
+    digests = {}
+    for isa in ("avx512", "avx512bf16"):
+        res = run_code_with_env(VARIABLE, isa, _MLA_BF16)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        name, digest = res.stdout.split()
+        assert name == isa
+        digests[isa] = digest
+    assert digests["avx512"] != digests["avx512bf16"]
 
 
 _SETUP = """
@@ -88,7 +121,7 @@ sl = torch.tensor([40], dtype=torch.int32)
 
 
 def test_misspelt_cpu_isa_is_an_error():
-    """A value other than auto, baseline, avx2 or avx512 (here the upper-case AVX2) fails every CPU
+    """A value other than auto, baseline, avx2, avx512 or avx512bf16 (here the upper-case AVX2) fails every CPU
     attention call and the query, naming the variable, instead of silently timing the default."""
     code = (f"import torch, kvcore\n{_SETUP}\n"
             "for call in (lambda: kvcore.gqa_decode(q, k, k, bt, sl), lambda: kvcore.gqa_decode(q, k, k, bt, sl),\n"
@@ -113,6 +146,12 @@ def test_avx2_without_avx2_is_an_error():
 def test_avx512_without_avx512_is_an_error():
     """Likewise for avx512 on a CPU without AVX-512."""
     assert_switch_value_rejected(VARIABLE, "avx512", _SETUP, "kvcore.gqa_decode(q, k, k, bt, sl)", calls=2)
+
+
+@pytest.mark.skipif(AVX512_BF16_AVAILABLE, reason="this CPU has AVX512_BF16")
+def test_avx512bf16_without_avx512_bf16_is_an_error():
+    """Likewise for avx512bf16 on a CPU without AVX512_BF16."""
+    assert_switch_value_rejected(VARIABLE, "avx512bf16", _SETUP, "kvcore.gqa_decode(q, k, k, bt, sl)", calls=2)
 
 
 def test_cpu_isa_choice_is_read_once():

@@ -38,19 +38,56 @@ inline FVec load_vec(const float* p) {
 // float; FVec{} + x is not (-0 + 0 is +0), and kept one add per broadcast in the hot loops.)
 inline FVec splat(float x) { return x - FVec{}; }
 
-// The sum of v's lanes, in a fixed tree (so the same lanes always give the same float).
+// The sum of v's lanes, in a fixed tree (so the same lanes always give the same float): the upper
+// half added onto the lower one down to 4 lanes, then (s0 + s1) + (s2 + s3) (the baseline's 4
+// lanes: (v0 + v2) + (v1 + v3)). Written with shuffles: the same tree as scalar lane reads
+// compiled to dozens of extracts and scalar adds per 16-lane sum (session 25, CPU mla_decode).
+typedef float LaneSum4 __attribute__((vector_size(16)));
+typedef float LaneSum2 __attribute__((vector_size(8)));
+inline float lane_sum4(LaneSum4 v) {
+  const LaneSum2 pairs = __builtin_shufflevector(v, v, 0, 2) + __builtin_shufflevector(v, v, 1, 3);
+  return pairs[0] + pairs[1];
+}
 inline float lane_sum(const FVec& v) {
 #if KVCORE_CPU_VEC_BYTES == 64
-  // The upper half onto the lower, then the 8-lane tree of the AVX2 copy.
-  float h[8];
-  for (int i = 0; i < 8; ++i) h[i] = v[i] + v[i + 8];
-  return ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
+  typedef float LaneSum8 __attribute__((vector_size(32)));
+  const LaneSum8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                     __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return lane_sum4(__builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7));
 #elif KVCORE_CPU_VEC_BYTES == 32
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+  return lane_sum4(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
 #else
   return (v[0] + v[2]) + (v[1] + v[3]);
 #endif
 }
+
+#if KVCORE_CPU_VEC_BYTES == 64
+// out[k] = lane_sum(v[k]) for k < 16, bit for bit (the same tree for every vector), the sixteen
+// reduced together: each step adds two shuffles of two vectors, halving the vectors while every
+// lane keeps one vector's partial sum, so 15 vector adds and 30 shuffles do what 16 lane_sums do
+// in 64 of each. (A 4 x 4 block of the CPU mla_decode's logits is 16 sums of 36 or 18 products.)
+inline void lane_sums16(const FVec* v, float* out) {
+  FVec c[8], e[4], g[2];
+  // s1 = lower 8 lanes + upper 8: c[m] holds v[2m]'s s1 in lanes 0-7 and v[2m + 1]'s in 8-15.
+  for (int m = 0; m < 8; ++m)
+    c[m] = __builtin_shufflevector(v[2 * m], v[2 * m + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * m], v[2 * m + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  // s2 = s1's lower 4 lanes + its upper 4: e[n]'s 4-lane group L holds v[4n + L]'s s2.
+  for (int n = 0; n < 4; ++n)
+    e[n] = __builtin_shufflevector(c[2 * n], c[2 * n + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(c[2 * n], c[2 * n + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  // (s2[0] + s2[1], s2[2] + s2[3]): group L of g[r] holds those of v[8r + L] and v[8r + 4 + L].
+  for (int r = 0; r < 2; ++r)
+    g[r] = __builtin_shufflevector(e[2 * r], e[2 * r + 1], 0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30) +
+           __builtin_shufflevector(e[2 * r], e[2 * r + 1], 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15, 29, 31);
+  // Their sum: lane 4L + q holds v[4q + L]'s.
+  const FVec sum = __builtin_shufflevector(g[0], g[1], 0, 2, 16, 18, 4, 6, 20, 22, 8, 10, 24, 26, 12, 14, 28, 30) +
+                   __builtin_shufflevector(g[0], g[1], 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15, 29, 31);
+  for (int L = 0; L < 4; ++L)
+    for (int q = 0; q < 4; ++q) out[4 * q + L] = sum[4 * L + q];
+}
+#endif
 
 // a.b with four vector accumulators (64 partial sums in the AVX-512 copy, 32 in the AVX2 one, 16 in
 // the baseline one). One accumulator register made every FMA wait for the previous one (4 cycles

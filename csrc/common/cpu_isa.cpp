@@ -14,7 +14,8 @@ namespace {
 constexpr const char* kVariable = "KVCORE_CPU_ISA";
 
 // Whether this CPU and its OS can run the AVX2 copy (AVX2, FMA, and F16C for its fp16 rows: every
-// AVX2 CPU has F16C, which came earlier) and the AVX-512 copy (those plus AVX-512 F, BW, DQ, VL).
+// AVX2 CPU has F16C, which came earlier), the AVX-512 copy (those plus AVX-512 F, BW, DQ, VL) and
+// that copy's bf16 dot products (AVX512_BF16 too).
 // libgcc's __builtin_cpu_supports reports AVX and AVX-512 features only when the OS has enabled
 // their register state (XGETBV), so no separate check.
 bool avx2_supported() {
@@ -36,11 +37,20 @@ bool avx512_supported() {
 #endif
 }
 
+bool avx512_bf16_supported() {
+#if KVCORE_CPU_X86_COPIES
+  __builtin_cpu_init();
+  return avx512_supported() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 CpuIsa pick_cpu_isa() {
-  const int choice = env_choice(kVariable, {"auto", "baseline", "avx2", "avx512"}, "kvcore CPU kernels");
+  const int choice = env_choice(kVariable, {"auto", "baseline", "avx2", "avx512", "avx512bf16"}, "kvcore CPU kernels");
   if (choice == 1) return CpuIsa::kBaseline;
   if (choice >= 2) {
-    const char* name = choice == 2 ? "avx2" : "avx512";
+    const char* name = choice == 2 ? "avx2" : choice == 3 ? "avx512" : "avx512bf16";
     TORCH_CHECK(KVCORE_CPU_X86_COPIES, "kvcore CPU kernels: ", kVariable, "=", name,
                 ", but this build has no copy of the kernels for it (that needs GCC on x86-64); use 'auto' or "
                 "'baseline'");
@@ -49,11 +59,18 @@ CpuIsa pick_cpu_isa() {
                   "=avx2, but this CPU (or its OS) does not support AVX2, FMA and F16C; use 'auto' or 'baseline'");
       return CpuIsa::kAvx2;
     }
-    TORCH_CHECK(avx512_supported(), "kvcore CPU kernels: ", kVariable,
-                "=avx512, but this CPU (or its OS) does not support AVX-512 F, BW, DQ and VL with AVX2, FMA and "
-                "F16C; use 'auto', 'avx2' or 'baseline'");
-    return CpuIsa::kAvx512;
+    if (choice == 3) {
+      TORCH_CHECK(avx512_supported(), "kvcore CPU kernels: ", kVariable,
+                  "=avx512, but this CPU (or its OS) does not support AVX-512 F, BW, DQ and VL with AVX2, FMA and "
+                  "F16C; use 'auto', 'avx2' or 'baseline'");
+      return CpuIsa::kAvx512;
+    }
+    TORCH_CHECK(avx512_bf16_supported(), "kvcore CPU kernels: ", kVariable,
+                "=avx512bf16, but this CPU (or its OS) does not support AVX512_BF16 with AVX-512 F, BW, DQ and VL, "
+                "AVX2, FMA and F16C; use 'auto', 'avx512', 'avx2' or 'baseline'");
+    return CpuIsa::kAvx512Bf16;
   }
+  if (avx512_bf16_supported()) return CpuIsa::kAvx512Bf16;
   if (avx512_supported()) return CpuIsa::kAvx512;
   return avx2_supported() ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
 }
@@ -73,6 +90,8 @@ const char* cpu_isa_name(CpuIsa isa) {
       return "avx2";
     case CpuIsa::kAvx512:
       return "avx512";
+    case CpuIsa::kAvx512Bf16:
+      return "avx512bf16";
     default:
       return "baseline";
   }

@@ -33,6 +33,12 @@
 
 #include "common/cpu_isa.h"
 
+#if KVCORE_CPU_X86_COPIES
+// The intrinsics of the AVX-512 copy's bf16 dot products. Safe outside the regions: each intrinsic
+// is an always-inline function with its own target attribute, never emitted out of line.
+#include <immintrin.h>
+#endif
+
 // KVCORE_CPU_VEC_BYTES: the width of one vector register in this copy (cpu_attention.h's FVec).
 #define KVCORE_CPU_ISA_NS isa_baseline
 #define KVCORE_CPU_VEC_BYTES 16
@@ -62,9 +68,14 @@
 #define KVCORE_CPU_ISA_NS isa_avx512
 #define KVCORE_CPU_VEC_BYTES 64
 #define KVCORE_CPU_F16C 1  // cpu_half_bits.h: vcvtph2ps, zmm form
+// Functions marked with this also get AVX512_BF16 (vdpbf16ps, vcvtne2ps2bf16; <immintrin.h>'s
+// intrinsics, included above the regions): kernels call them only when cpu_isa() is kAvx512Bf16.
+// They must be named functions, not lambdas (which would not inherit the attribute).
+#define KVCORE_CPU_BF16_DOT_FN __attribute__((target("avx512bf16")))
 #include "common/cpu_half_bits.h"
 #include "common/cpu_attention.h"
 #include KVCORE_CPU_KERNELS
+#undef KVCORE_CPU_BF16_DOT_FN
 #undef KVCORE_CPU_F16C
 #undef KVCORE_CPU_VEC_BYTES
 #undef KVCORE_CPU_ISA_NS
@@ -81,8 +92,9 @@ namespace isa_avx512 = isa_baseline;
 // The copy of kernel `f` (a function or function template specialisation, named without its
 // isa_* namespace) that this process's KVCORE_CPU_ISA picked, as a function pointer.
 #ifndef KVCORE_CPU_PICK
-#define KVCORE_CPU_PICK(...)                                                                     \
-  (::kvcore::cpu_isa() == ::kvcore::CpuIsa::kAvx512 ? &isa_avx512::__VA_ARGS__                   \
-   : ::kvcore::cpu_isa() == ::kvcore::CpuIsa::kAvx2 ? &isa_avx2::__VA_ARGS__                     \
+#define KVCORE_CPU_PICK(...)                                                                      \
+  (::kvcore::cpu_isa() == ::kvcore::CpuIsa::kAvx512 || ::kvcore::cpu_isa() == ::kvcore::CpuIsa::kAvx512Bf16 \
+       ? &isa_avx512::__VA_ARGS__                                                                 \
+   : ::kvcore::cpu_isa() == ::kvcore::CpuIsa::kAvx2 ? &isa_avx2::__VA_ARGS__                      \
                                                     : &isa_baseline::__VA_ARGS__)
 #endif

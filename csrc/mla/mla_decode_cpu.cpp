@@ -18,8 +18,10 @@
 // index to [0, num_pages); bad index contents give wrong numbers, never an out-of-bounds read.
 // `workspace` only matters to the CUDA split-KV path and is ignored here.
 //
-// The kernels themselves are in mla/mla_decode_cpu_kernels.h, compiled once per
-// instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
+// The kernels themselves are in mla/mla_decode_cpu_kernels.h, compiled once per instruction set
+// (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA
+// picked. Under KVCORE_CPU_ISA=avx512bf16, bf16 inputs take the AVX-512 copy's mla_bf16 path
+// (AVX512_BF16 dot products, the softmax weights rounded to bf16 before P V).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -61,7 +63,8 @@ void mla_decode_cpu(const at::Tensor& q, const at::Tensor& latent_cache, const a
     const auto decode = KVCORE_CPU_PICK(mla_decode_tasks<scalar_t>);
     decode(s, q.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1), latent_cache.const_data_ptr<scalar_t>(),
            latent_cache.stride(0), block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
-           static_cast<float>(scale), num_splits, out.mutable_data_ptr<scalar_t>(), lse_ptr);
+           static_cast<float>(scale), num_splits, cpu_isa() == CpuIsa::kAvx512Bf16, out.mutable_data_ptr<scalar_t>(),
+           lse_ptr);
   });
 }
 

@@ -77,11 +77,13 @@ def validation_enabled() -> bool:
 
 
 def cpu_isa() -> str:
-    """The instruction set kvcore's CPU attention kernels run with in this process: ``"avx512"``
-    (AVX-512 F, BW, DQ and VL on top of avx2's), ``"avx2"`` (AVX2 + FMA, and F16C for fp16 rows) or
-    ``"baseline"`` (the build's own target, SSE2 on x86-64). Set by ``KVCORE_CPU_ISA`` (``auto``,
-    the default, takes the widest the CPU and the build allow), read once per process; an invalid
-    setting raises a RuntimeError naming the variable, here and at every CPU attention call."""
+    """The instruction set kvcore's CPU attention kernels run with in this process:
+    ``"avx512bf16"`` (avx512's, and AVX512_BF16's dot products for bfloat16 :func:`mla_decode`),
+    ``"avx512"`` (AVX-512 F, BW, DQ and VL on top of avx2's), ``"avx2"`` (AVX2 + FMA, and F16C for
+    fp16 rows) or ``"baseline"`` (the build's own target, SSE2 on x86-64). Set by
+    ``KVCORE_CPU_ISA`` (``auto``, the default, takes the widest the CPU and the build allow), read
+    once per process; an invalid setting raises a RuntimeError naming the variable, here and at
+    every CPU attention call."""
     return torch.ops.kvcore.cpu_isa()
 
 
@@ -864,6 +866,11 @@ def mla_decode(
             256 are taken, on either device). On CPU, ``n > 0`` fixes the key-range parts too
             (bitwise identical across calls and thread counts); ``0`` cuts by the thread count
             (deterministic at a fixed thread count).
+
+    On CPU the arithmetic is float32, except that bfloat16 inputs on a CPU with AVX512_BF16
+    (:func:`cpu_isa` ``"avx512bf16"``) multiply in bfloat16 pairs with float32 sums, as the CUDA
+    kernels' tensor cores do: the logits from q and the rows as stored, the output from the
+    softmax weights rounded to bfloat16 (bfloat16 subnormal inputs count as zero there).
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
