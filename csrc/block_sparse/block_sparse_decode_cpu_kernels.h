@@ -7,7 +7,8 @@ namespace KVCORE_CPU_ISA_NS {
 template <typename scalar_t>
 void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, const scalar_t* k_cache,
                                const scalar_t* v_cache, const int32_t* block_table, const int32_t* seq_lens,
-                               const int32_t* sel_pages, const int32_t* sel_counts, scalar_t* out, float* lse) {
+                               const int32_t* sel_pages, const int32_t* sel_counts, bool bf16_dot, scalar_t* out,
+                               float* lse) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t G = p.group, D = p.head_dim, H = p.num_kv_heads, Hq = H * G, PS = p.page_size;
   const int64_t row = H * D;  // elements per token slot in a page (dense)
@@ -41,7 +42,12 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
     constexpr bool fp32 = std::is_same_v<scalar_t, float>;
     std::vector<float> qf(G * D), acc(G * D), krow(fp32 ? 0 : D), vrows(fp32 ? 0 : kChunk * D), logits(G * kChunk),
         m(G), l(G);
-    const cpu::ChunkScratch scratch{krow.data(), vrows.data(), logits.data(), kChunk};
+    // bf16 with AVX512_BF16 (cpu::attend_chunk_bf16): q's bits and the value pairs.
+    const bool pairwise = bf16_dot && std::is_same_v<scalar_t, c10::BFloat16>;
+    std::vector<uint16_t> qbf(pairwise ? G * D : 0);
+    std::vector<uint32_t> vpairs(pairwise ? (kChunk + 1) / 2 * D : 0);
+    const cpu::ChunkScratch scratch{krow.data(), vrows.data(), logits.data(), kChunk, pairwise ? qbf.data() : nullptr,
+                                    pairwise ? vpairs.data() : nullptr};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t pair = task / parts, part = task % parts;
       const int64_t b = pair / H, h = pair % H;
@@ -53,6 +59,7 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
       for (int64_t g = 0; g < G; ++g) {
         const scalar_t* qh = q + b * p.q_stride_b + (h * G + g) * p.q_stride_h;
         cpu::to_float(qh, qf.data() + g * D, D);
+        if (pairwise) __builtin_memcpy(qbf.data() + g * D, qh, D * sizeof(uint16_t));
         m[g] = kNegInf;
         l[g] = 0.0f;
       }

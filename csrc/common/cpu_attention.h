@@ -219,7 +219,238 @@ struct ChunkScratch {
   float* vrows;   // chunk x D floats: one KV head's V slices of the chunk as fp32 (unused when fp32)
   float* logits;  // heads x kChunk
   int64_t chunk;  // logits stride per head (the most keys of one chunk)
+  // bf16 with AVX512_BF16 dot products (attend_chunk_bf16) when not null: the heads' q as given
+  // (heads x D bf16 bits) and (chunk + 1) / 2 x D words for a KV head's value rows in pairs.
+  const uint16_t* qbf = nullptr;
+  uint32_t* pairs = nullptr;
 };
+
+#if defined(KVCORE_CPU_BF16_DOT_FN)
+// bf16 attention with AVX512_BF16 (the AVX-512 copy, when cpu_isa() is kAvx512Bf16): vdpbf16ps
+// multiplies 32 bf16 pairs and adds each lane's two products to an fp32 accumulator, so one
+// instruction does twice the multiply-adds of an fp32 FMA and the cache rows need no fp32 copy.
+// Logits multiply q and the keys as stored (products exact in fp32); values multiply the softmax
+// weights rounded to bf16 (round to nearest even, as torch's bf16 matmul and the CUDA kernels' P V
+// do) with the value rows, interleaved by pairs of keys. vdpbf16ps treats bf16 subnormals as zero
+// and flushes subnormal results. Each logit and each output element sums in one fixed order
+// whatever block it falls in: pairs of d (logits) or of keys (values) along one chain, then the
+// lanes' fixed tree. Used by mla_decode, gqa_decode (and its H2O score pass) and
+// block_sparse_decode for bf16 inputs.
+namespace bf16dot {
+
+inline float bf16_bits_to_float(uint16_t b) { return __builtin_bit_cast(float, uint32_t(b) << 16); }
+
+// lg[j * lg_stride + i] = q_j . row_i * scale for NH heads (q_j at q + j * q_stride) and NK rows
+// (row_i at rows[i]), all bf16, 32 columns (16 pairs) a step; the columns past the last 32 one by
+// one.
+template <int NH, int NK>
+KVCORE_CPU_BF16_DOT_FN void logits_block(const uint16_t* q, int64_t q_stride, const uint16_t* const* rows, int64_t Dk,
+                                         float scale, float* lg, int64_t lg_stride) {
+  cpu::FVec acc[NH][NK] = {};
+  int64_t d = 0;
+  for (; d + 32 <= Dk; d += 32) {
+    __m512bh r[NK];
+#pragma GCC unroll 4
+    for (int i = 0; i < NK; ++i) __builtin_memcpy(&r[i], rows[i] + d, sizeof r[i]);
+#pragma GCC unroll 4
+    for (int j = 0; j < NH; ++j) {
+      __m512bh qv;
+      __builtin_memcpy(&qv, q + j * q_stride + d, sizeof qv);
+#pragma GCC unroll 4
+      for (int i = 0; i < NK; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], qv, r[i]);
+    }
+  }
+  float sums[NH * NK];
+  if constexpr (NH * NK == 16) {
+    cpu::lane_sums16(&acc[0][0], sums);
+  } else {
+#pragma GCC unroll 4
+    for (int k = 0; k < NH * NK; ++k) sums[k] = cpu::lane_sum(acc[k / NK][k % NK]);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NH; ++j) {
+#pragma GCC unroll 4
+    for (int i = 0; i < NK; ++i) {
+      float s = sums[j * NK + i];
+      for (int64_t t = d; t < Dk; ++t) s += bf16_bits_to_float(q[j * q_stride + t]) * bf16_bits_to_float(rows[i][t]);
+      lg[j * lg_stride + i] = s * scale;
+    }
+  }
+}
+
+template <int NH>
+KVCORE_CPU_BF16_DOT_FN void logits_rows(const uint16_t* q, int64_t q_stride, const uint16_t* const* rows, int64_t n,
+                                        int64_t Dk, float scale, float* lg, int64_t lg_stride) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) logits_block<NH, 4>(q, q_stride, rows + i, Dk, scale, lg + i, lg_stride);
+  switch (n - i) {
+    case 3: logits_block<NH, 3>(q, q_stride, rows + i, Dk, scale, lg + i, lg_stride); break;
+    case 2: logits_block<NH, 2>(q, q_stride, rows + i, Dk, scale, lg + i, lg_stride); break;
+    case 1: logits_block<NH, 1>(q, q_stride, rows + i, Dk, scale, lg + i, lg_stride); break;
+    default: break;
+  }
+}
+
+// acc_j[d, d + 16 NV) += sum over row pairs p of the pair's two weights times its two rows, for NH
+// heads: wp[j * wp_stride + p] holds head j's bf16 weights of rows 2p (low half) and 2p + 1, and
+// pairs[p * Dv + c] the two rows' column c the same way (what vdpbf16ps multiplies lane by lane).
+template <int NH, int NV>
+KVCORE_CPU_BF16_DOT_FN void values_block(float* acc, int64_t Dv, int64_t d, int64_t npairs, const uint32_t* wp,
+                                         int64_t wp_stride, const uint32_t* pairs) {
+  __m512 a[NH][NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NH; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[j][v] = _mm512_loadu_ps(acc + j * Dv + d + 16 * v);
+  for (int64_t p = 0; p < npairs; ++p) {
+    __m512bh r[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) __builtin_memcpy(&r[v], pairs + p * Dv + d + 16 * v, sizeof r[v]);
+#pragma GCC unroll 4
+    for (int j = 0; j < NH; ++j) {
+      const __m512i w = _mm512_set1_epi32(static_cast<int>(wp[j * wp_stride + p]));
+      __m512bh wv;
+      __builtin_memcpy(&wv, &w, sizeof wv);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) a[j][v] = _mm512_dpbf16_ps(a[j][v], wv, r[v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NH; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + j * Dv + d + 16 * v, a[j][v]);
+}
+
+template <int NH>
+KVCORE_CPU_BF16_DOT_FN void values_cols(float* acc, int64_t Dv, int64_t npairs, const uint32_t* wp, int64_t wp_stride,
+                                        const uint32_t* pairs) {
+  int64_t d = 0;
+  for (; d + 64 <= Dv; d += 64) values_block<NH, 4>(acc, Dv, d, npairs, wp, wp_stride, pairs);
+  for (; d + 16 <= Dv; d += 16) values_block<NH, 1>(acc, Dv, d, npairs, wp, wp_stride, pairs);
+  for (; d < Dv; ++d)  // the same pairs, one column at a time
+    for (int j = 0; j < NH; ++j) {
+      float s = acc[j * Dv + d];
+      for (int64_t p = 0; p < npairs; ++p) {
+        const uint32_t w = wp[j * wp_stride + p], r = pairs[p * Dv + d];
+        s += bf16_bits_to_float(uint16_t(w)) * bf16_bits_to_float(uint16_t(r)) +
+             bf16_bits_to_float(uint16_t(w >> 16)) * bf16_bits_to_float(uint16_t(r >> 16));
+      }
+      acc[j * Dv + d] = s;
+    }
+}
+
+// The logits of nh <= 4 heads (q_j at q + j * q_stride) for rows [0, n) (row_i at rows[i]).
+KVCORE_CPU_BF16_DOT_FN inline void logits_heads(const uint16_t* q, int64_t q_stride, int64_t nh,
+                                                const uint16_t* const* rows, int64_t n, int64_t D, float scale,
+                                                float* lg, int64_t lg_stride) {
+  switch (nh) {
+    case 4: logits_rows<4>(q, q_stride, rows, n, D, scale, lg, lg_stride); break;
+    case 3: logits_rows<3>(q, q_stride, rows, n, D, scale, lg, lg_stride); break;
+    case 2: logits_rows<2>(q, q_stride, rows, n, D, scale, lg, lg_stride); break;
+    default: logits_rows<1>(q, q_stride, rows, n, D, scale, lg, lg_stride); break;
+  }
+}
+
+// The values of nh <= 4 heads (acc_j at acc + j * Dv, weight pairs wp[j * 16 + p]).
+KVCORE_CPU_BF16_DOT_FN inline void values_heads(float* acc, int64_t nh, int64_t Dv, int64_t npairs,
+                                                const uint32_t* wp, const uint32_t* pairs) {
+  switch (nh) {
+    case 4: values_cols<4>(acc, Dv, npairs, wp, 16, pairs); break;
+    case 3: values_cols<3>(acc, Dv, npairs, wp, 16, pairs); break;
+    case 2: values_cols<2>(acc, Dv, npairs, wp, 16, pairs); break;
+    default: values_cols<1>(acc, Dv, npairs, wp, 16, pairs); break;
+  }
+}
+
+// pairs[p * cols + c] = rows[2p][c] (low half) | rows[2p + 1][c] << 16 for c < cols: n rows
+// interleaved by pairs, an odd last row paired with zeros (which its zero weight multiplies).
+KVCORE_CPU_BF16_DOT_FN inline void interleave_pairs(const uint16_t* const* rows, int64_t n, int64_t cols,
+                                                    uint32_t* pairs) {
+  typedef uint16_t Half16 __attribute__((vector_size(32)));
+  typedef uint32_t Word16 __attribute__((vector_size(64)));
+  for (int64_t p = 0; p < (n + 1) / 2; ++p) {
+    const uint16_t* lo = rows[2 * p];
+    const uint16_t* hi = 2 * p + 1 < n ? rows[2 * p + 1] : nullptr;
+    uint32_t* dst = pairs + p * cols;
+    int64_t c = 0;
+    // (GCC's vector extension here: GCC 12's _mm512_cvtepu16_epi32 trips -Wmaybe-uninitialized.)
+    for (; c + 16 <= cols; c += 16) {
+      Half16 a, b = {};
+      __builtin_memcpy(&a, lo + c, sizeof a);
+      if (hi) __builtin_memcpy(&b, hi + c, sizeof b);
+      const Word16 w = __builtin_convertvector(a, Word16) | (__builtin_convertvector(b, Word16) << 16);
+      __builtin_memcpy(dst + c, &w, sizeof w);
+    }
+    for (; c < cols; ++c) dst[c] = uint32_t(lo[c]) | (hi ? uint32_t(hi[c]) << 16 : 0u);
+  }
+}
+
+// dst[p] = bf16(w[2p]) | bf16(w[2p + 1]) << 16 for the n <= 32 weights w (round to nearest even;
+// NaN stays NaN), zeros past n: the weight pairs values_block multiplies.
+KVCORE_CPU_BF16_DOT_FN inline void weights_to_pairs(const float* w, int64_t n, uint32_t* dst) {
+  const __mmask16 lo_mask = static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1);
+  const __mmask16 hi_mask = static_cast<__mmask16>(n >= 32 ? 0xffff : n > 16 ? (1u << (n - 16)) - 1 : 0);
+  const __m512 w_lo = _mm512_maskz_loadu_ps(lo_mask, w), w_hi = _mm512_maskz_loadu_ps(hi_mask, w + 16);
+  const __m512bh wb = _mm512_cvtne2ps_pbh(w_hi, w_lo);  // bf16 k = w[k]: w_lo fills the low half
+  __builtin_memcpy(dst, &wb, sizeof wb);
+}
+
+}  // namespace bf16dot
+
+// attend_chunk for bf16 rows with the dot products above (w.qbf and w.pairs set): the same chunk
+// step (logits, soft cap, online softmax, P V), KV head by KV head, blocks of up to 4 of its query
+// heads; n <= 32 (every caller's kChunk). The logit of (head, key) has the same bits wherever it
+// is computed (block sizes do not change a sum's order), which gqa_decode's H2O score pass relies
+// on (key_logit_bf16).
+template <typename T>
+KVCORE_CPU_BF16_DOT_FN void attend_chunk_bf16(int64_t n, const T* k_base, const int64_t* k_off, const T* v_base,
+                                              const int64_t* v_off, int64_t row_len, int64_t heads, int64_t group,
+                                              int64_t D, float scale, float soft_cap, const ChunkScratch& w, float* m,
+                                              float* l, float* acc) {
+  static_assert(sizeof(T) == 2, "bf16 rows");
+  const uint16_t* kb = reinterpret_cast<const uint16_t*>(k_base);
+  const uint16_t* vb = reinterpret_cast<const uint16_t*>(v_base);
+  // The chunk's rows, requested at once: each KV head below reads its slice of every row.
+  for (int64_t i = 0; i < n; ++i) prefetch_row(kb + k_off[i], row_len);
+  for (int64_t i = 0; i < n; ++i) prefetch_row(vb + v_off[i], row_len);
+  const uint16_t* rows[32];
+  const int64_t kv_heads = (heads + group - 1) / group;
+  for (int64_t hk = 0; hk < kv_heads; ++hk) {
+    for (int64_t i = 0; i < n; ++i) rows[i] = kb + k_off[i] + hk * D;
+    for (int64_t h0 = hk * group; h0 < std::min(heads, (hk + 1) * group); h0 += 4) {
+      const int64_t nh = std::min<int64_t>(4, std::min(heads, (hk + 1) * group) - h0);
+      bf16dot::logits_heads(w.qbf + h0 * D, D, nh, rows, n, D, scale, w.logits + h0 * w.chunk, w.chunk);
+    }
+  }
+  if (soft_cap > 0.0f) {
+    const float inv_cap = 1.0f / soft_cap;
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < n; ++i) {
+        float& s = w.logits[h * w.chunk + i];
+        s = soft_cap * std::tanh(s * inv_cap);
+      }
+  }
+  for (int64_t h = 0; h < heads; ++h) online_softmax_step(w.logits + h * w.chunk, n, m[h], l[h], acc + h * D, D);
+  alignas(64) uint32_t wp[4][16];
+  const int64_t npairs = (n + 1) / 2;
+  for (int64_t hk = 0; hk < kv_heads; ++hk) {
+    for (int64_t i = 0; i < n; ++i) rows[i] = vb + v_off[i] + hk * D;
+    bf16dot::interleave_pairs(rows, n, D, w.pairs);
+    for (int64_t h0 = hk * group; h0 < std::min(heads, (hk + 1) * group); h0 += 4) {
+      const int64_t nh = std::min<int64_t>(4, std::min(heads, (hk + 1) * group) - h0);
+      for (int64_t j = 0; j < nh; ++j) bf16dot::weights_to_pairs(w.logits + (h0 + j) * w.chunk, n, wp[j]);
+      bf16dot::values_heads(acc + h0 * D, nh, D, npairs, wp[0], w.pairs);
+    }
+  }
+}
+
+// One (head, key) logit as attend_chunk_bf16 computes it: q . k * scale (before any soft cap).
+KVCORE_CPU_BF16_DOT_FN inline float key_logit_bf16(const uint16_t* q, const uint16_t* k, int64_t D, float scale) {
+  float x;
+  bf16dot::logits_block<1, 1>(q, 0, &k, D, scale, &x, 1);
+  return x;
+}
+#endif
 
 // acc[0, D) += sum over i < n of wts[i] * v_row(i)[0, D), each element summed in key order (the
 // order of the loop it replaces, so the result is the same). Eight vector accumulators stay in
@@ -260,6 +491,14 @@ template <typename T>
 void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_base, const int64_t* v_off,
                   int64_t row_len, int64_t heads, int64_t group, int64_t D, const float* qf, float scale,
                   float soft_cap, const ChunkScratch& w, float* m, float* l, float* acc) {
+#if defined(KVCORE_CPU_BF16_DOT_FN)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (w.pairs != nullptr) {
+      attend_chunk_bf16(n, k_base, k_off, v_base, v_off, row_len, heads, group, D, scale, soft_cap, w, m, l, acc);
+      return;
+    }
+  }
+#endif
   constexpr bool kFp32 = std::is_same_v<T, float>;
   const bool capped = soft_cap > 0.0f;
   const float inv_cap = capped ? 1.0f / soft_cap : 0.0f;
@@ -343,6 +582,7 @@ void merge_parts(int64_t parts, LseOf part_lse, OutOf part_out, int64_t D, T* o,
   for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(scratch[d] * inv);
   if (lse != nullptr) *lse = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
 }
+
 
 }  // namespace cpu
 }  // namespace KVCORE_CPU_ISA_NS

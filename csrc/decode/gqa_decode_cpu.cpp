@@ -89,14 +89,15 @@ void gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
     lse_ptr = own_lse.data();
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gqa_decode_cpu", [&] {
+    const bool bf16_dot = cpu_isa() == CpuIsa::kAvx512Bf16;  // bf16 rows: AVX512_BF16 dot products
     const auto decode = KVCORE_CPU_PICK(gqa_decode_tasks<scalar_t>);
     const auto scores = KVCORE_CPU_PICK(accumulate_scores<scalar_t>);
     decode(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), v_cache.const_data_ptr<scalar_t>(),
-           block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(),
-           lse_ptr);
+           block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(), bf16_dot,
+           out.mutable_data_ptr<scalar_t>(), lse_ptr);
     if (score.has_value() && s.num_pages > 0)
       scores(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), block_table.const_data_ptr<int32_t>(),
-             seq_lens.const_data_ptr<int32_t>(), lse_ptr, score->mutable_data_ptr<float>(), score->size(2));
+             seq_lens.const_data_ptr<int32_t>(), bf16_dot, lse_ptr, score->mutable_data_ptr<float>(), score->size(2));
   });
 }
 

@@ -6,7 +6,7 @@ namespace KVCORE_CPU_ISA_NS {
 
 template <typename scalar_t>
 void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
-                      const int32_t* block_table, const int32_t* seq_lens, scalar_t* out, float* lse) {
+                      const int32_t* block_table, const int32_t* seq_lens, bool bf16_dot, scalar_t* out, float* lse) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t G = p.group, D = p.head_dim, H = p.num_kv_heads, Hq = H * G;
   const int64_t row = H * D;  // elements per token slot in a page (dense)
@@ -31,7 +31,12 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
     constexpr bool fp32 = std::is_same_v<scalar_t, float>;
     std::vector<float> qf(Hq * D), acc(Hq * D), krow(fp32 ? 0 : row), vrows(fp32 ? 0 : kChunk * D),
         logits(Hq * kChunk), m(Hq), l(Hq);
-    const cpu::ChunkScratch scratch{krow.data(), vrows.data(), logits.data(), kChunk};
+    // bf16 with AVX512_BF16 (cpu::attend_chunk_bf16): q's bits and the value pairs.
+    const bool pairwise = bf16_dot && std::is_same_v<scalar_t, c10::BFloat16>;
+    std::vector<uint16_t> qbf(pairwise ? Hq * D : 0);
+    std::vector<uint32_t> pairs(pairwise ? (kChunk + 1) / 2 * D : 0);
+    const cpu::ChunkScratch scratch{krow.data(), vrows.data(), logits.data(), kChunk, pairwise ? qbf.data() : nullptr,
+                                    pairwise ? pairs.data() : nullptr};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / parts, part = task % parts;
       const int64_t span = (hi[b] - lo[b] + parts - 1) / parts;
@@ -41,6 +46,7 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
       for (int64_t h = 0; h < Hq; ++h) {
         const scalar_t* qh = q + b * p.q_stride_b + h * p.q_stride_h;
         cpu::to_float(qh, qf.data() + h * D, D);
+        if (pairwise) __builtin_memcpy(qbf.data() + h * D, qh, D * sizeof(uint16_t));
         m[h] = kNegInf;
         l[h] = 0.0f;
       }
@@ -83,12 +89,13 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
 
 // H2O accumulation (score given): after the decode, score[b, h, p] += sum over the group's query
 // heads of exp(logit - lse) for every attended key p. A second pass over the keys recomputes the
-// logits exactly as attend_chunk does (same dot product, scale and cap), so they match the lse.
+// logits exactly as attend_chunk does (same dot product, scale and cap; with bf16_dot the bf16
+// dot products, cpu::key_logit_bf16), so they match the lse.
 // Tasks are (sequence, key chunk): disjoint score elements, and each element sums its group's
 // heads in order (deterministic).
 template <typename scalar_t>
 void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t* k_cache, const int32_t* block_table,
-                       const int32_t* seq_lens, const float* lse, float* score, int64_t score_len) {
+                       const int32_t* seq_lens, bool bf16_dot, const float* lse, float* score, int64_t score_len) {
   constexpr int64_t kKeys = 256;
   const int64_t G = p.group, D = p.head_dim, H = p.num_kv_heads, Hq = H * G, row = H * D;
   const int64_t capacity = p.num_pages > 0 ? p.max_pages * p.page_size : 0;
@@ -98,6 +105,21 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
   at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(Hq * D), krow(row);
     int64_t qf_b = -1;
+    const bool pairwise = bf16_dot && std::is_same_v<scalar_t, c10::BFloat16>;
+    // Query head hq's logit of KV head h's slice of the token row kr (scaled, not capped).
+    auto logit = [&](int64_t hq, int64_t h, const scalar_t* kr) -> float {
+#if defined(KVCORE_CPU_BF16_DOT_FN)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (pairwise) {
+          const scalar_t* qh = q + qf_b * p.q_stride_b + hq * p.q_stride_h;
+          return cpu::key_logit_bf16(reinterpret_cast<const uint16_t*>(qh),
+                                     reinterpret_cast<const uint16_t*>(kr + h * D), D, p.scale);
+        }
+      }
+#endif
+      (void)kr;
+      return cpu::dot_product(qf.data() + hq * D, krow.data() + h * D, D) * p.scale;
+    };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, chunk = task % chunks;
       const int64_t hi = std::clamp<int64_t>(seq_lens[b], 0, capacity);
@@ -122,12 +144,12 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
       for (int64_t pos = start; pos < stop; ++pos) {
         if (pos + ahead < stop) cpu::prefetch_row(row_of(pos + ahead), row);
         const scalar_t* kr = row_of(pos);
-        cpu::to_float(kr, krow.data(), row);
+        if (!pairwise) cpu::to_float(kr, krow.data(), row);
         for (int64_t h = 0; h < H; ++h) {
           float sum = 0.0f;
           for (int64_t g = 0; g < G; ++g) {
             const int64_t hq = h * G + g;
-            float x = cpu::dot_product(qf.data() + hq * D, krow.data() + h * D, D) * p.scale;
+            float x = logit(hq, h, kr);
             if (capped) x = p.soft_cap * std::tanh(x * inv_cap);
             sum += std::exp(x - lse[b * Hq + hq]);
           }

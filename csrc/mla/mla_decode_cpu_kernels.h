@@ -145,115 +145,9 @@ inline void mla_values(float* acc, int64_t nh, int64_t Dv, int64_t n, const floa
 }
 
 #if defined(KVCORE_CPU_BF16_DOT_FN)
-// bf16 mla_decode with AVX512_BF16 (the AVX-512 copy, when cpu_isa() is kAvx512Bf16): vdpbf16ps
-// multiplies 32 bf16 pairs and adds each lane's two products to an fp32 accumulator, so one
-// instruction does twice the multiply-adds of an fp32 FMA and the latent rows need no fp32 copy.
-// The logits multiply q and the rows as stored (products exact in fp32); the values multiply the
-// softmax weights rounded to bf16 (round to nearest even, as torch's bf16 matmul and the CUDA
-// kernels' P V do) with the rows. vdpbf16ps treats bf16 subnormals as zero and flushes subnormal
-// results. Each logit and each output element still sums in one fixed order whatever block it
-// falls in: pairs of d (logits) or of rows (values) along one chain, then the lanes' fixed tree.
+// bf16 mla_decode with AVX512_BF16 (cpu_attention.h's bf16dot): the logits from q and the latent
+// rows as stored, the values from the bf16 weights and the rows' first Dv columns in pairs.
 namespace mla_bf16 {
-
-inline float bf16_bits_to_float(uint16_t b) { return __builtin_bit_cast(float, uint32_t(b) << 16); }
-
-// lg[j * lg_stride + i] = q_j . row_i * scale for NH heads (q_j at q + j * q_stride) and NK rows
-// (row_i at rows[i]), all bf16, Dk pairs of 16 at a time; the columns past the last 32 one by one.
-template <int NH, int NK>
-KVCORE_CPU_BF16_DOT_FN void logits_block(const uint16_t* q, int64_t q_stride, const uint16_t* const* rows, int64_t Dk,
-                                         float scale, float* lg, int64_t lg_stride) {
-  cpu::FVec acc[NH][NK] = {};
-  int64_t d = 0;
-  for (; d + 32 <= Dk; d += 32) {
-    __m512bh r[NK];
-#pragma GCC unroll 4
-    for (int i = 0; i < NK; ++i) __builtin_memcpy(&r[i], rows[i] + d, sizeof r[i]);
-#pragma GCC unroll 4
-    for (int j = 0; j < NH; ++j) {
-      __m512bh qv;
-      __builtin_memcpy(&qv, q + j * q_stride + d, sizeof qv);
-#pragma GCC unroll 4
-      for (int i = 0; i < NK; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], qv, r[i]);
-    }
-  }
-  float sums[NH * NK];
-  if constexpr (NH * NK == 16) {
-    cpu::lane_sums16(&acc[0][0], sums);
-  } else {
-#pragma GCC unroll 4
-    for (int k = 0; k < NH * NK; ++k) sums[k] = cpu::lane_sum(acc[k / NK][k % NK]);
-  }
-#pragma GCC unroll 4
-  for (int j = 0; j < NH; ++j) {
-#pragma GCC unroll 4
-    for (int i = 0; i < NK; ++i) {
-      float s = sums[j * NK + i];
-      for (int64_t t = d; t < Dk; ++t) s += bf16_bits_to_float(q[j * q_stride + t]) * bf16_bits_to_float(rows[i][t]);
-      lg[j * lg_stride + i] = s * scale;
-    }
-  }
-}
-
-template <int NH>
-KVCORE_CPU_BF16_DOT_FN void logits_rows(const uint16_t* q, int64_t q_stride, const uint16_t* const* rows, int64_t n,
-                                        int64_t Dk, float scale, float* lg, int64_t lg_stride) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) logits_block<NH, 4>(q, q_stride, rows + i, Dk, scale, lg + i, lg_stride);
-  switch (n - i) {
-    case 3: logits_block<NH, 3>(q, q_stride, rows + i, Dk, scale, lg + i, lg_stride); break;
-    case 2: logits_block<NH, 2>(q, q_stride, rows + i, Dk, scale, lg + i, lg_stride); break;
-    case 1: logits_block<NH, 1>(q, q_stride, rows + i, Dk, scale, lg + i, lg_stride); break;
-    default: break;
-  }
-}
-
-// acc_j[d, d + 16 NV) += sum over row pairs p of the pair's two weights times its two rows, for NH
-// heads: wp[j * wp_stride + p] holds head j's bf16 weights of rows 2p (low half) and 2p + 1, and
-// pairs[p * Dv + c] the two rows' column c the same way (what vdpbf16ps multiplies lane by lane).
-template <int NH, int NV>
-KVCORE_CPU_BF16_DOT_FN void values_block(float* acc, int64_t Dv, int64_t d, int64_t npairs, const uint32_t* wp,
-                                         int64_t wp_stride, const uint32_t* pairs) {
-  __m512 a[NH][NV];
-#pragma GCC unroll 4
-  for (int j = 0; j < NH; ++j)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) a[j][v] = _mm512_loadu_ps(acc + j * Dv + d + 16 * v);
-  for (int64_t p = 0; p < npairs; ++p) {
-    __m512bh r[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) __builtin_memcpy(&r[v], pairs + p * Dv + d + 16 * v, sizeof r[v]);
-#pragma GCC unroll 4
-    for (int j = 0; j < NH; ++j) {
-      const __m512i w = _mm512_set1_epi32(static_cast<int>(wp[j * wp_stride + p]));
-      __m512bh wv;
-      __builtin_memcpy(&wv, &w, sizeof wv);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) a[j][v] = _mm512_dpbf16_ps(a[j][v], wv, r[v]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int j = 0; j < NH; ++j)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + j * Dv + d + 16 * v, a[j][v]);
-}
-
-template <int NH>
-KVCORE_CPU_BF16_DOT_FN void values_cols(float* acc, int64_t Dv, int64_t npairs, const uint32_t* wp, int64_t wp_stride,
-                                        const uint32_t* pairs) {
-  int64_t d = 0;
-  for (; d + 64 <= Dv; d += 64) values_block<NH, 4>(acc, Dv, d, npairs, wp, wp_stride, pairs);
-  for (; d + 16 <= Dv; d += 16) values_block<NH, 1>(acc, Dv, d, npairs, wp, wp_stride, pairs);
-  for (; d < Dv; ++d)  // the same pairs, one column at a time
-    for (int j = 0; j < NH; ++j) {
-      float s = acc[j * Dv + d];
-      for (int64_t p = 0; p < npairs; ++p) {
-        const uint32_t w = wp[j * wp_stride + p], r = pairs[p * Dv + d];
-        s += bf16_bits_to_float(uint16_t(w)) * bf16_bits_to_float(uint16_t(r)) +
-             bf16_bits_to_float(uint16_t(w >> 16)) * bf16_bits_to_float(uint16_t(r >> 16));
-      }
-      acc[j * Dv + d] = s;
-    }
-}
 
 // One chunk of n <= 32 rows (row_i at rows[i]) for all H heads (q_h at q + h * q_stride; the
 // state m, l and acc as in the fp32 path). pairs: scratch of 16 x Dv words.
@@ -261,54 +155,18 @@ KVCORE_CPU_BF16_DOT_FN void chunk(const uint16_t* q, int64_t q_stride, int64_t H
                                   int64_t n, int64_t Dk, int64_t Dv, float scale, float* logits, float* m, float* l,
                                   float* acc, uint32_t* pairs) {
   static_assert(kChunk <= 32, "a chunk's weights are converted as one pair of 16-float vectors");
-  // The rows' first Dv columns interleaved in pairs (an odd last row is paired with zeros, which
-  // its zero weight multiplies: nothing outside the chunk is read).
   const int64_t npairs = (n + 1) / 2;
-  for (int64_t p = 0; p < npairs; ++p) {
-    const uint16_t* lo = rows[2 * p];
-    const uint16_t* hi = 2 * p + 1 < n ? rows[2 * p + 1] : nullptr;
-    uint32_t* dst = pairs + p * Dv;
-    int64_t c = 0;
-    // (GCC's vector extension here: GCC 12's _mm512_cvtepu16_epi32 trips -Wmaybe-uninitialized.)
-    typedef uint16_t Half16 __attribute__((vector_size(32)));
-    typedef uint32_t Word16 __attribute__((vector_size(64)));
-    for (; c + 16 <= Dv; c += 16) {
-      Half16 a, b = {};
-      __builtin_memcpy(&a, lo + c, sizeof a);
-      if (hi) __builtin_memcpy(&b, hi + c, sizeof b);
-      const Word16 w = __builtin_convertvector(a, Word16) | (__builtin_convertvector(b, Word16) << 16);
-      __builtin_memcpy(dst + c, &w, sizeof w);
-    }
-    for (; c < Dv; ++c) dst[c] = uint32_t(lo[c]) | (hi ? uint32_t(hi[c]) << 16 : 0u);
-  }
+  cpu::bf16dot::interleave_pairs(rows, n, Dv, pairs);  // the rows' first Dv columns: the values
   alignas(64) uint32_t wp[4][16];
   for (int64_t h0 = 0; h0 < H; h0 += 4) {
     const int64_t nh = std::min<int64_t>(4, H - h0);
     float* lg = logits + h0 * kChunk;
-    const uint16_t* qh = q + h0 * q_stride;
-    switch (nh) {
-      case 4: logits_rows<4>(qh, q_stride, rows, n, Dk, scale, lg, kChunk); break;
-      case 3: logits_rows<3>(qh, q_stride, rows, n, Dk, scale, lg, kChunk); break;
-      case 2: logits_rows<2>(qh, q_stride, rows, n, Dk, scale, lg, kChunk); break;
-      default: logits_rows<1>(qh, q_stride, rows, n, Dk, scale, lg, kChunk); break;
-    }
+    cpu::bf16dot::logits_heads(q + h0 * q_stride, q_stride, nh, rows, n, Dk, scale, lg, kChunk);
     for (int64_t j = 0; j < nh; ++j) {
-      float* w = lg + j * kChunk;
-      cpu::online_softmax_step(w, n, m[h0 + j], l[h0 + j], acc + (h0 + j) * Dv, Dv);
-      // The weights in bf16 (round to nearest even; NaN stays NaN), zero past n.
-      const __mmask16 lo_mask = static_cast<__mmask16>(n >= 16 ? 0xffff : (1u << n) - 1);
-      const __mmask16 hi_mask = static_cast<__mmask16>(n >= 32 ? 0xffff : n > 16 ? (1u << (n - 16)) - 1 : 0);
-      const __m512 w_lo = _mm512_maskz_loadu_ps(lo_mask, w), w_hi = _mm512_maskz_loadu_ps(hi_mask, w + 16);
-      const __m512bh wb = _mm512_cvtne2ps_pbh(w_hi, w_lo);  // bf16 k = w[k]: w_lo fills the low half
-      __builtin_memcpy(wp[j], &wb, sizeof wb);
+      cpu::online_softmax_step(lg + j * kChunk, n, m[h0 + j], l[h0 + j], acc + (h0 + j) * Dv, Dv);
+      cpu::bf16dot::weights_to_pairs(lg + j * kChunk, n, wp[j]);
     }
-    float* a = acc + h0 * Dv;
-    switch (nh) {
-      case 4: values_cols<4>(a, Dv, npairs, wp[0], 16, pairs); break;
-      case 3: values_cols<3>(a, Dv, npairs, wp[0], 16, pairs); break;
-      case 2: values_cols<2>(a, Dv, npairs, wp[0], 16, pairs); break;
-      default: values_cols<1>(a, Dv, npairs, wp[0], 16, pairs); break;
-    }
+    cpu::bf16dot::values_heads(acc + h0 * Dv, nh, Dv, npairs, wp[0], pairs);
   }
 }
 
