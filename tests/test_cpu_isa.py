@@ -82,34 +82,55 @@ def test_cpu_kernels_match_reference_under_isa_in_subprocess(isa):
     run_tests_with_env(VARIABLE, isa, ISA_TEST_FILES, ISA_TEST_SELECT, ISA_TEST_MIN_PASSED)
 
 
-_MLA_BF16 = """
+_BF16_OPS = """
 import hashlib, torch, kvcore
 from kvcore import reference
 g = torch.Generator().manual_seed(5)
-lat = torch.randn(40, 16, 576, generator=g).bfloat16()
 table = torch.randperm(40, generator=g).int().view(2, 20)
 lens = torch.tensor([320, 77], dtype=torch.int32)
+
+def check(name, out, lse, ref_out, ref_lse):
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
+    print(name, hashlib.sha1(out.float().numpy().tobytes()).hexdigest())
+
+lat = torch.randn(40, 16, 576, generator=g).bfloat16()
 q = torch.randn(2, 8, 576, generator=g).bfloat16()
 out, lse = kvcore.mla_decode(q, lat, table, lens, scale=0.05, return_lse=True)
-ref_out, ref_lse = reference.mla_decode(q, lat, table, lens, 0.05, 512)
-torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=1e-2)
-torch.testing.assert_close(lse, ref_lse, atol=1e-3, rtol=1e-4)
-print(kvcore.cpu_isa(), hashlib.sha1(out.float().numpy().tobytes()).hexdigest())
+check("mla_decode", out, lse, *reference.mla_decode(q, lat, table, lens, 0.05, 512))
+
+k = torch.randn(40, 16, 4, 64, generator=g).bfloat16()
+v = torch.randn(40, 16, 4, 64, generator=g).bfloat16()
+q = torch.randn(2, 8, 64, generator=g).bfloat16()
+score = torch.zeros(2, 4, 320)
+out, lse = kvcore.gqa_decode(q, k, v, table, lens, logit_soft_cap=30.0, return_lse=True, score=score)
+check("gqa_decode", out, lse, *reference.gqa_decode(q, k, v, table, lens, logit_soft_cap=30.0))
+ref_score = reference.gqa_decode_score(q, k, table, lens, logit_soft_cap=30.0, score_len=320)
+torch.testing.assert_close(score, ref_score.float(), atol=1e-4, rtol=1e-3)
+
+sel = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(8)]).int().view(2, 4, 3)
+counts = torch.tensor([[3, 2, 1, 3], [3, 3, 0, 2]], dtype=torch.int32)
+out, lse = kvcore.block_sparse_decode(q, k, v, table, lens, sel, counts, return_lse=True)
+check("block_sparse_decode", out, lse, *reference.block_sparse_decode(q, k, v, table, lens, sel, counts))
+print("isa", kvcore.cpu_isa())
 """
 
 
 @pytest.mark.skipif(not AVX512_BF16_AVAILABLE, reason="this CPU lacks AVX512_BF16")
 def test_avx512bf16_runs_the_bf16_dot_products_in_subprocess():
-    """avx512bf16 takes bf16 mla_decode's own path (weights rounded to bf16, vdpbf16ps): both
-    settings match the reference, and their outputs differ, so the path is not silently skipped."""
+    """avx512bf16 takes bf16 gqa_decode's (with the H2O score), block_sparse_decode's and
+    mla_decode's own path (weights rounded to bf16, vdpbf16ps): under both settings each op matches
+    the reference, and each op's output differs between them, so the path is not silently skipped."""
     digests = {}
     for isa in ("avx512", "avx512bf16"):
-        res = run_code_with_env(VARIABLE, isa, _MLA_BF16)
+        res = run_code_with_env(VARIABLE, isa, _BF16_OPS)
         assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-        name, digest = res.stdout.split()
-        assert name == isa
-        digests[isa] = digest
-    assert digests["avx512"] != digests["avx512bf16"]
+        lines = dict(line.split() for line in res.stdout.splitlines())
+        assert lines.pop("isa") == isa
+        digests[isa] = lines
+    assert set(digests["avx512"]) == {"mla_decode", "gqa_decode", "block_sparse_decode"}
+    for op, digest in digests["avx512"].items():
+        assert digests["avx512bf16"][op] != digest, op
 
 
 _SETUP = """

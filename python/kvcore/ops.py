@@ -78,7 +78,8 @@ def validation_enabled() -> bool:
 
 def cpu_isa() -> str:
     """The instruction set kvcore's CPU attention kernels run with in this process:
-    ``"avx512bf16"`` (avx512's, and AVX512_BF16's dot products for bfloat16 :func:`mla_decode`),
+    ``"avx512bf16"`` (avx512's, and AVX512_BF16's dot products for bfloat16 :func:`gqa_decode`,
+    :func:`block_sparse_decode` and :func:`mla_decode`),
     ``"avx512"`` (AVX-512 F, BW, DQ and VL on top of avx2's), ``"avx2"`` (AVX2 + FMA, and F16C for
     fp16 rows) or ``"baseline"`` (the build's own target, SSE2 on x86-64). Set by
     ``KVCORE_CPU_ISA`` (``auto``, the default, takes the widest the CPU and the build allow), read
@@ -409,6 +410,11 @@ def gqa_decode(
     one in an attended V element only that element of those rows; NaN in cache entries a
     sequence does not attend to is never read (``tests/test_nan.py``).
 
+    CPU arithmetic: float32, except that bfloat16 inputs on a CPU with AVX512_BF16
+    (:func:`cpu_isa` ``"avx512bf16"``) multiply in bfloat16 pairs with float32 sums, as the CUDA
+    kernels' tensor cores do: the logits from ``q`` and the keys as stored, the output from the
+    softmax weights rounded to bfloat16 (bfloat16 subnormal inputs count as zero there).
+
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
     """
@@ -579,6 +585,8 @@ def block_sparse_decode(
         num_splits: ``0`` chooses how to split each selection from the shapes; ``n > 0`` forces
             ``n`` splits (at most 256 are taken; bitwise reproducible for a given ``n``). Any
             value gives the same attention up to rounding.
+
+    CPU arithmetic: as :func:`gqa_decode`'s (bfloat16 pairs under ``"avx512bf16"``).
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
