@@ -89,6 +89,20 @@ inline void lane_sums16(const FVec* v, float* out) {
 }
 #endif
 
+// sums[j * NK + i] = lane_sum(acc[j][i]) for a register block of NH x NK accumulators (through
+// lane_sums16 where the block has 16 and the copy 16-lane vectors: the same bits).
+template <int NH, int NK>
+inline void block_lane_sums(const FVec (&acc)[NH][NK], float* sums) {
+#if KVCORE_CPU_VEC_BYTES == 64
+  if constexpr (NH * NK == 16) {
+    lane_sums16(&acc[0][0], sums);
+    return;
+  }
+#endif
+#pragma GCC unroll 4
+  for (int k = 0; k < NH * NK; ++k) sums[k] = lane_sum(acc[k / NK][k % NK]);
+}
+
 // a.b with four vector accumulators (64 partial sums in the AVX-512 copy, 32 in the AVX2 one, 16 in
 // the baseline one). One accumulator register made every FMA wait for the previous one (4 cycles
 // of latency, 16 in a row at D = 128, AVX2); four independent chains keep the FMA units busy.
@@ -261,12 +275,7 @@ KVCORE_CPU_BF16_DOT_FN void logits_block(const uint16_t* q, int64_t q_stride, co
     }
   }
   float sums[NH * NK];
-  if constexpr (NH * NK == 16) {
-    cpu::lane_sums16(&acc[0][0], sums);
-  } else {
-#pragma GCC unroll 4
-    for (int k = 0; k < NH * NK; ++k) sums[k] = cpu::lane_sum(acc[k / NK][k % NK]);
-  }
+  block_lane_sums(acc, sums);
 #pragma GCC unroll 4
   for (int j = 0; j < NH; ++j) {
 #pragma GCC unroll 4

@@ -39,15 +39,7 @@ inline void mla_logits_block(const float* q, const float* rows, int64_t Dk, floa
     }
   }
   float sums[NH * NK];
-#if KVCORE_CPU_VEC_BYTES == 64
-  if constexpr (NH * NK == 16) {
-    cpu::lane_sums16(&acc[0][0], sums);  // the same sums as lane_sum, reduced together
-  } else
-#endif
-  {
-#pragma GCC unroll 4
-    for (int k = 0; k < NH * NK; ++k) sums[k] = cpu::lane_sum(acc[k / NK][k % NK]);
-  }
+  cpu::block_lane_sums(acc, sums);
 #pragma GCC unroll 4
   for (int j = 0; j < NH; ++j) {
 #pragma GCC unroll 4
