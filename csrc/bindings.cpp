@@ -128,7 +128,7 @@ TORCH_LIBRARY(kvcore, m) {
   // everything (-inf included). Slots j >= U (k > U) get value -inf and index -1.
   m.def("topk_rows(Tensor scores, Tensor(a!) values, Tensor(b!) indices) -> ()");
 
-  // The instruction set the CPU attention kernels run with in this process: "baseline", "avx2" or
-  // "avx512" (KVCORE_CPU_ISA, read once; an invalid setting raises here too).
+  // The instruction set the CPU attention kernels run with in this process: "baseline", "avx2",
+  // "avx512" or "avx512bf16" (KVCORE_CPU_ISA, read once; an invalid setting raises here too).
   m.def("cpu_isa() -> str");
 }

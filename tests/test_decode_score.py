@@ -310,6 +310,25 @@ def test_gqa_decode_score_accumulates_over_calls(device, dtype, gen):
     _check_step(before, score, lens, total)
 
 
+@pytest.mark.parametrize("cap", [0.0, 30.0], ids=["nocap", "cap30"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_gqa_decode_score_bitwise_one_key_cpu(dtype, cap, gen):
+    """With one attended key (window_left=0) its probability is exactly 1, so each group adds
+    exactly G, if the score pass recomputes the very logit the decode stored (an FMA fusing the
+    soft cap's product into the subtraction of lse left it unrounded: 3.999995 instead of 4)."""
+    lens = [37, 5, 16]
+    kv = make_paged_kv(lens, 16, 2, 64, gen=gen, dtype=dtype, device="cpu")
+    # Logits of tens (not ~1), where a float's last bit moves exp(x - lse) off 1.
+    q = (30 * randn(3, 8, 64, gen=gen, device="cpu")).to(dtype)
+    score = torch.zeros(3, 2, kv.block_table.shape[1] * 16)
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, window_left=0, logit_soft_cap=cap,
+                      score=score)
+    expected = torch.zeros_like(score)
+    for b, n in enumerate(lens):
+        expected[b, :, n - 1] = 4.0
+    assert torch.equal(score, expected), (score - expected).abs().max()
+
+
 def test_gqa_decode_score_cpu_matches_attention_scores(gen):
     """On CPU the decode-time score equals attention_scores with a one-query window (H2O's rule)."""
     lens = [90, 33, 1]

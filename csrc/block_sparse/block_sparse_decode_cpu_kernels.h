@@ -4,6 +4,8 @@ namespace kvcore {
 namespace {
 namespace KVCORE_CPU_ISA_NS {
 
+static_assert(kChunk <= 32, "cpu::attend_chunk_bf16 takes at most 32 keys a chunk");
+
 template <typename scalar_t>
 void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, const scalar_t* k_cache,
                                const scalar_t* v_cache, const int32_t* block_table, const int32_t* seq_lens,

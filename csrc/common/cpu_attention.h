@@ -42,14 +42,23 @@ inline FVec splat(float x) { return x - FVec{}; }
 // half added onto the lower one down to 4 lanes, then (s0 + s1) + (s2 + s3) (the baseline's 4
 // lanes: (v0 + v2) + (v1 + v3)). Written with shuffles: the same tree as scalar lane reads
 // compiled to dozens of extracts and scalar adds per 16-lane sum (session 25, CPU mla_decode).
+// (Without __builtin_shufflevector, KVCORE_CPU_SHUFFLEVECTOR 0: the scalar form of the same tree.)
+#if KVCORE_CPU_SHUFFLEVECTOR
 typedef float LaneSum4 __attribute__((vector_size(16)));
 typedef float LaneSum2 __attribute__((vector_size(8)));
 inline float lane_sum4(LaneSum4 v) {
   const LaneSum2 pairs = __builtin_shufflevector(v, v, 0, 2) + __builtin_shufflevector(v, v, 1, 3);
   return pairs[0] + pairs[1];
 }
+#endif
 inline float lane_sum(const FVec& v) {
-#if KVCORE_CPU_VEC_BYTES == 64
+#if !KVCORE_CPU_SHUFFLEVECTOR && KVCORE_CPU_VEC_BYTES == 64
+  float h[8];
+  for (int i = 0; i < 8; ++i) h[i] = v[i] + v[i + 8];
+  return ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
+#elif !KVCORE_CPU_SHUFFLEVECTOR && KVCORE_CPU_VEC_BYTES == 32
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#elif KVCORE_CPU_VEC_BYTES == 64
   typedef float LaneSum8 __attribute__((vector_size(32)));
   const LaneSum8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -67,6 +76,9 @@ inline float lane_sum(const FVec& v) {
 // lane keeps one vector's partial sum, so 15 vector adds and 30 shuffles do what 16 lane_sums do
 // in 64 of each. (A 4 x 4 block of the CPU mla_decode's logits is 16 sums of 36 or 18 products.)
 inline void lane_sums16(const FVec* v, float* out) {
+#if !KVCORE_CPU_SHUFFLEVECTOR
+  for (int k = 0; k < 16; ++k) out[k] = lane_sum(v[k]);
+#else
   FVec c[8], e[4], g[2];
   // s1 = lower 8 lanes + upper 8: c[m] holds v[2m]'s s1 in lanes 0-7 and v[2m + 1]'s in 8-15.
   for (int m = 0; m < 8; ++m)
@@ -86,6 +98,7 @@ inline void lane_sums16(const FVec* v, float* out) {
                    __builtin_shufflevector(g[0], g[1], 1, 3, 17, 19, 5, 7, 21, 23, 9, 11, 25, 27, 13, 15, 29, 31);
   for (int L = 0; L < 4; ++L)
     for (int q = 0; q < 4; ++q) out[4 * q + L] = sum[4 * L + q];
+#endif
 }
 #endif
 
@@ -122,6 +135,14 @@ inline float dot_product(const float* a, const float* b, int64_t n) {
   float tail = 0.f;
   for (; d < n; ++d) tail += a[d] * b[d];
   return lane_sum((acc0 + acc1) + (acc2 + acc3)) + tail;
+}
+
+// x as a float in memory, as a store leaves it: stops FMA contraction from fusing the product that
+// made x into the next add (gqa_decode's H2O score pass must use the logits the decode stored; the
+// fused form kept the product unrounded: scores off by ~1e-6 with a soft cap, session 25's review).
+inline float as_stored(float x) {
+  __asm__("" : "+m"(x));
+  return x;
 }
 
 // exp(x) without libm, on a float or an FVec (the same operations on each lane): x = n ln2 + r
@@ -246,7 +267,7 @@ struct ChunkScratch {
 // Logits multiply q and the keys as stored (products exact in fp32); values multiply the softmax
 // weights rounded to bf16 (round to nearest even, as torch's bf16 matmul and the CUDA kernels' P V
 // do) with the value rows, interleaved by pairs of keys. vdpbf16ps treats bf16 subnormals as zero
-// and flushes subnormal results. Each logit and each output element sums in one fixed order
+// and flushes subnormal results (the scalar tails past the last 32 / 16 columns do not). Each logit and each output element sums in one fixed order
 // whatever block it falls in: pairs of d (logits) or of keys (values) along one chain, then the
 // lanes' fixed tree. Used by mla_decode, gqa_decode (and its H2O score pass) and
 // block_sparse_decode for bf16 inputs.

@@ -39,6 +39,16 @@
 #include <immintrin.h>
 #endif
 
+// Whether the compiler has __builtin_shufflevector (clang; GCC from 12): cpu_attention.h's lane
+// sums use it, and fall back to scalar lane reads in the same order (the same bits) without it.
+#ifndef KVCORE_CPU_SHUFFLEVECTOR
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define KVCORE_CPU_SHUFFLEVECTOR 1
+#else
+#define KVCORE_CPU_SHUFFLEVECTOR 0
+#endif
+#endif
+
 // KVCORE_CPU_VEC_BYTES: the width of one vector register in this copy (cpu_attention.h's FVec).
 #define KVCORE_CPU_ISA_NS isa_baseline
 #define KVCORE_CPU_VEC_BYTES 16

@@ -4,6 +4,8 @@ namespace kvcore {
 namespace {
 namespace KVCORE_CPU_ISA_NS {
 
+static_assert(kChunk <= 32, "cpu::attend_chunk_bf16 takes at most 32 keys a chunk");
+
 template <typename scalar_t>
 void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
                       const int32_t* block_table, const int32_t* seq_lens, bool bf16_dot, scalar_t* out, float* lse) {
@@ -149,8 +151,8 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
           float sum = 0.0f;
           for (int64_t g = 0; g < G; ++g) {
             const int64_t hq = h * G + g;
-            float x = logit(hq, h, kr);
-            if (capped) x = p.soft_cap * std::tanh(x * inv_cap);
+            float x = cpu::as_stored(logit(hq, h, kr));
+            if (capped) x = cpu::as_stored(p.soft_cap * std::tanh(x * inv_cap));
             sum += std::exp(x - lse[b * Hq + hq]);
           }
           score[(b * H + h) * score_len + pos] += sum;

@@ -413,7 +413,7 @@ def gqa_decode(
     CPU arithmetic: float32, except that bfloat16 inputs on a CPU with AVX512_BF16
     (:func:`cpu_isa` ``"avx512bf16"``) multiply in bfloat16 pairs with float32 sums, as the CUDA
     kernels' tensor cores do: the logits from ``q`` and the keys as stored, the output from the
-    softmax weights rounded to bfloat16 (bfloat16 subnormal inputs count as zero there).
+    softmax weights rounded to bfloat16 (bfloat16 subnormal inputs may count as zero there).
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
@@ -878,7 +878,7 @@ def mla_decode(
     On CPU the arithmetic is float32, except that bfloat16 inputs on a CPU with AVX512_BF16
     (:func:`cpu_isa` ``"avx512bf16"``) multiply in bfloat16 pairs with float32 sums, as the CUDA
     kernels' tensor cores do: the logits from q and the rows as stored, the output from the
-    softmax weights rounded to bfloat16 (bfloat16 subnormal inputs count as zero there).
+    softmax weights rounded to bfloat16 (bfloat16 subnormal inputs may count as zero there).
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
