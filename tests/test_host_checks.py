@@ -9,6 +9,9 @@ no CUDA toolkit and no kvcore build, so they run on every machine, CI's included
   conversion, on all 65,536 bit patterns at every vector width (the baseline, AVX2 and AVX-512
   copies), also compiled with -mavx2 -mfma -mf16c, and with -mavx512f added, where this CPU has
   them (the instructions the AVX2 and AVX-512 copies use, vcvtph2ps in both forms among them).
+- lane_sum_check.cpp: csrc/common/cpu_attention.h's lane sums (lane_sum at 16, 32 and 64 bytes,
+  lane_sums16) in their shuffle forms and the scalar fallback of compilers without
+  __builtin_shufflevector, against the documented tree bit for bit; also under AVX-512 flags.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ CHECKS = [
                  marks=pytest.mark.skipif(not _has_avx2(), reason="this CPU lacks AVX2, FMA or F16C")),
     pytest.param("half_bits_check.cpp", "csrc", ["-mavx2", "-mfma", "-mf16c", "-mavx512f"], id="half_bits-avx512",
                  marks=pytest.mark.skipif(not _has_avx512(), reason="this CPU lacks AVX-512 (F, BW, DQ, VL)")),
+    pytest.param("lane_sum_check.cpp", "csrc", [], id="lane_sum"),
+    pytest.param("lane_sum_check.cpp", "csrc", ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512dq",
+                                                "-mavx512vl"], id="lane_sum-avx512",
+                 marks=pytest.mark.skipif(not _has_avx512(), reason="this CPU lacks AVX-512 (F, BW, DQ, VL)")),
 ]
 
 
@@ -68,7 +75,7 @@ def test_host_check_program(source, include, flags, tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert " 0 failures" in run.stdout and "checked 0 " not in run.stdout, run.stdout
-    if "-mf16c" in flags:  # the AVX2 copy's vcvtph2ps path ran too
+    if source == "half_bits_check.cpp" and "-mf16c" in flags:  # the AVX2 copy's vcvtph2ps path ran too
         assert "with the F16C path" in run.stdout, run.stdout
-    if "-mavx512f" in flags:  # and the AVX-512 copy's zmm form
+    if source == "half_bits_check.cpp" and "-mavx512f" in flags:  # and the AVX-512 copy's zmm form
         assert "with the AVX-512 F16C path" in run.stdout, run.stdout
