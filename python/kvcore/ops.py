@@ -875,6 +875,11 @@ def mla_decode(
             (bitwise identical across calls and thread counts); ``0`` cuts by the thread count
             (deterministic at a fixed thread count).
 
+    NaN: a NaN in ``q[b, h]`` makes that row's ``out`` and ``lse`` NaN and touches no other row; a
+    NaN anywhere in an attended latent row (a key column, or a value column too) does so for
+    every head of that sequence; latent entries a sequence does not attend to are never read
+    (``tests/test_nan.py``).
+
     On CPU the arithmetic is float32, except that bfloat16 inputs on a CPU with AVX512_BF16
     (:func:`cpu_isa` ``"avx512bf16"``) multiply in bfloat16 pairs with float32 sums, as the CUDA
     kernels' tensor cores do: the logits from q and the rows as stored, the output from the
