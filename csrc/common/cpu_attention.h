@@ -267,10 +267,10 @@ struct ChunkScratch {
 // Logits multiply q and the keys as stored (products exact in fp32); values multiply the softmax
 // weights rounded to bf16 (round to nearest even, as torch's bf16 matmul and the CUDA kernels' P V
 // do) with the value rows, interleaved by pairs of keys. vdpbf16ps treats bf16 subnormals as zero
-// and flushes subnormal results (the scalar tails past the last 32 / 16 columns do not). Each logit and each output element sums in one fixed order
-// whatever block it falls in: pairs of d (logits) or of keys (values) along one chain, then the
-// lanes' fixed tree. Used by mla_decode, gqa_decode (and its H2O score pass) and
-// block_sparse_decode for bf16 inputs.
+// and flushes subnormal results (the scalar tails past the last 32 / 16 columns do not). Each
+// logit and each output element sums in one fixed order whatever block it falls in: pairs of d
+// (logits) or of keys (values) along one chain, then the lanes' fixed tree. Used by mla_decode,
+// gqa_decode (and its H2O score pass) and block_sparse_decode for bf16 inputs.
 namespace bf16dot {
 
 inline float bf16_bits_to_float(uint16_t b) { return __builtin_bit_cast(float, uint32_t(b) << 16); }
@@ -612,7 +612,6 @@ void merge_parts(int64_t parts, LseOf part_lse, OutOf part_out, int64_t D, T* o,
   for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(scratch[d] * inv);
   if (lse != nullptr) *lse = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
 }
-
 
 }  // namespace cpu
 }  // namespace KVCORE_CPU_ISA_NS

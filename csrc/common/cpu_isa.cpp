@@ -47,7 +47,8 @@ bool avx512_bf16_supported() {
 }
 
 CpuIsa pick_cpu_isa() {
-  const int choice = env_choice(kVariable, {"auto", "baseline", "avx2", "avx512", "avx512bf16"}, "kvcore CPU kernels");
+  const int choice =
+      env_choice(kVariable, {"auto", "baseline", "avx2", "avx512", "avx512bf16"}, "kvcore CPU kernels");
   if (choice == 1) return CpuIsa::kBaseline;
   if (choice >= 2) {
     const char* name = choice == 2 ? "avx2" : choice == 3 ? "avx512" : "avx512bf16";

@@ -100,7 +100,9 @@ void check_all(const char* name, Convert convert) {
 int main() {
   check_all("16-byte", [](const uint16_t* s, float* d, int64_t n) { kvcore::width16::cpu::fp16_bits_to_float(s, d, n); });
   check_all("32-byte", [](const uint16_t* s, float* d, int64_t n) { kvcore::width32::cpu::fp16_bits_to_float(s, d, n); });
-  check_all("64-byte", [](const uint16_t* s, float* d, int64_t n) { kvcore::width64::cpu::fp16_bits_to_float(s, d, n); });
+  check_all("64-byte", [](const uint16_t* s, float* d, int64_t n) {
+    kvcore::width64::cpu::fp16_bits_to_float(s, d, n);
+  });
 #if defined(__F16C__)
   check_all("32-byte F16C", [](const uint16_t* s, float* d, int64_t n) {
     kvcore::width32_f16c::cpu::fp16_bits_to_float(s, d, n);

@@ -128,7 +128,8 @@ void check_lane_sums16(const char* what, std::mt19937& rng, LaneSums16 lane_sums
 int main() {
   namespace k = kvcore;
   std::mt19937 rng(25);
-  check_lane_sum<k::scalar16::cpu::FVec, 4>("16-byte", rng, [](const auto& v) { return k::scalar16::cpu::lane_sum(v); });
+  check_lane_sum<k::scalar16::cpu::FVec, 4>("16-byte", rng,
+                                            [](const auto& v) { return k::scalar16::cpu::lane_sum(v); });
   check_lane_sum<k::scalar32::cpu::FVec, 8>("32-byte scalar", rng,
                                             [](const auto& v) { return k::scalar32::cpu::lane_sum(v); });
   check_lane_sum<k::scalar64::cpu::FVec, 16>("64-byte scalar", rng,
