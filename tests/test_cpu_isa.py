@@ -1,6 +1,7 @@
 """KVCORE_CPU_ISA: the CPU attention kernels exist three times (baseline, AVX2+FMA+F16C, and that
-plus AVX-512 F/BW/DQ/VL; chosen once per process), and the AVX-512 copy runs bf16 mla_decode with
-AVX512_BF16's dot products under avx512bf16; every setting must pass the same reference checks.
+plus AVX-512 F/BW/DQ/VL; chosen once per process), and the AVX-512 copy runs bf16 gqa_decode,
+block_sparse_decode and mla_decode with AVX512_BF16's dot products under avx512bf16; every setting
+must pass the same reference checks.
 
 The rest of the suite runs the CPU kernels with whatever this process picked (``auto``: the widest
 copy the CPU supports). Every other available ISA runs the reference, NaN and determinism tests of
@@ -96,21 +97,25 @@ def check(name, out, lse, ref_out, ref_lse):
 
 lat = torch.randn(40, 16, 576, generator=g).bfloat16()
 q = torch.randn(2, 8, 576, generator=g).bfloat16()
-out, lse = kvcore.mla_decode(q, lat, table, lens, scale=0.05, return_lse=True)
+nan = float("nan")  # outputs poisoned before each call
+out, lse = torch.full((2, 8, 512), nan).bfloat16(), torch.full((2, 8), nan)
+kvcore.mla_decode(q, lat, table, lens, scale=0.05, out=out, lse=lse)
 check("mla_decode", out, lse, *reference.mla_decode(q, lat, table, lens, 0.05, 512))
 
 k = torch.randn(40, 16, 4, 64, generator=g).bfloat16()
 v = torch.randn(40, 16, 4, 64, generator=g).bfloat16()
 q = torch.randn(2, 8, 64, generator=g).bfloat16()
 score = torch.zeros(2, 4, 320)
-out, lse = kvcore.gqa_decode(q, k, v, table, lens, logit_soft_cap=30.0, return_lse=True, score=score)
+out, lse = torch.full((2, 8, 64), nan).bfloat16(), torch.full((2, 8), nan)
+kvcore.gqa_decode(q, k, v, table, lens, logit_soft_cap=30.0, out=out, lse=lse, score=score)
 check("gqa_decode", out, lse, *reference.gqa_decode(q, k, v, table, lens, logit_soft_cap=30.0))
 ref_score = reference.gqa_decode_score(q, k, table, lens, logit_soft_cap=30.0, score_len=320)
 torch.testing.assert_close(score, ref_score.float(), atol=1e-4, rtol=1e-3)
 
 sel = torch.stack([torch.randperm(5, generator=g)[:3] for _ in range(8)]).int().view(2, 4, 3)
 counts = torch.tensor([[3, 2, 1, 3], [3, 3, 0, 2]], dtype=torch.int32)
-out, lse = kvcore.block_sparse_decode(q, k, v, table, lens, sel, counts, return_lse=True)
+out, lse = torch.full((2, 8, 64), nan).bfloat16(), torch.full((2, 8), nan)
+kvcore.block_sparse_decode(q, k, v, table, lens, sel, counts, out=out, lse=lse)
 check("block_sparse_decode", out, lse, *reference.block_sparse_decode(q, k, v, table, lens, sel, counts))
 print("isa", kvcore.cpu_isa())
 """
