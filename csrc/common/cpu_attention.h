@@ -116,6 +116,71 @@ inline void block_lane_sums(const FVec (&acc)[NH][NK], float* sums) {
   for (int k = 0; k < NH * NK; ++k) sums[k] = lane_sum(acc[k / NK][k % NK]);
 }
 
+// Register blocks of logits: NH query rows (heads, or a window's queries) x NK key rows, all fp32
+// and D wide. The AVX-512 copy has 32 vector registers (16 elsewhere), so its blocks are 4 x 4
+// (16 accumulators, 0.5 loads per multiply-add); the others' are 4 x 2 (0.75). Used by mla_decode
+// (each latent row serves every head) and attention_scores (each key serves a window of queries).
+constexpr int kLogitRows = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
+
+// lg[j * lg_stride + i] = q_j . row_i * scale for NH query rows j (q_j at q + j * D) and NK key
+// rows i (row_i at rows + i * D): NH x NK independent chains; per step of d, each of the NK row
+// vectors is loaded once for the NH queries and each q vector once for the NK rows. Every (j, i)
+// sums its products in the same order (one chain over d, then the lanes in a fixed tree, then the
+// tail) whatever NH and NK are, so a logit does not depend on the block it falls in.
+template <int NH, int NK>
+inline void logits_block(const float* q, const float* rows, int64_t D, float scale, float* lg, int64_t lg_stride) {
+  FVec acc[NH][NK] = {};
+  int64_t d = 0;
+  for (; d + kVecLanes <= D; d += kVecLanes) {
+    FVec r[NK];
+#pragma GCC unroll 4
+    for (int i = 0; i < NK; ++i) r[i] = load_vec(rows + i * D + d);
+#pragma GCC unroll 4
+    for (int j = 0; j < NH; ++j) {
+      const FVec qv = load_vec(q + j * D + d);
+#pragma GCC unroll 4
+      for (int i = 0; i < NK; ++i) acc[j][i] += qv * r[i];
+    }
+  }
+  float sums[NH * NK];
+  block_lane_sums(acc, sums);
+#pragma GCC unroll 4
+  for (int j = 0; j < NH; ++j) {
+#pragma GCC unroll 4
+    for (int i = 0; i < NK; ++i) {
+      float s = sums[j * NK + i];
+      for (int64_t t = d; t < D; ++t) s += q[j * D + t] * rows[i * D + t];
+      lg[j * lg_stride + i] = s * scale;
+    }
+  }
+}
+
+// The logits of NH query rows for key rows [0, n): blocks of kLogitRows rows, then one of the rest.
+template <int NH>
+inline void logits_rows(const float* q, const float* rows, int64_t n, int64_t D, float scale, float* lg,
+                        int64_t lg_stride) {
+  int64_t i = 0;
+  for (; i + kLogitRows <= n; i += kLogitRows)
+    logits_block<NH, kLogitRows>(q, rows + i * D, D, scale, lg + i, lg_stride);
+  switch (n - i) {
+    case 3: logits_block<NH, 3>(q, rows + i * D, D, scale, lg + i, lg_stride); break;
+    case 2: logits_block<NH, 2>(q, rows + i * D, D, scale, lg + i, lg_stride); break;
+    case 1: logits_block<NH, 1>(q, rows + i * D, D, scale, lg + i, lg_stride); break;
+    default: break;
+  }
+}
+
+// The logits of nq <= 4 query rows (q_j at q + j * D) for key rows [0, n) (row_i at rows + i * D).
+inline void logits_heads(const float* q, int64_t nq, const float* rows, int64_t n, int64_t D, float scale, float* lg,
+                         int64_t lg_stride) {
+  switch (nq) {
+    case 4: logits_rows<4>(q, rows, n, D, scale, lg, lg_stride); break;
+    case 3: logits_rows<3>(q, rows, n, D, scale, lg, lg_stride); break;
+    case 2: logits_rows<2>(q, rows, n, D, scale, lg, lg_stride); break;
+    default: logits_rows<1>(q, rows, n, D, scale, lg, lg_stride); break;
+  }
+}
+
 // a.b with four vector accumulators (64 partial sums in the AVX-512 copy, 32 in the AVX2 one, 16 in
 // the baseline one). One accumulator register made every FMA wait for the previous one (4 cycles
 // of latency, 16 in a row at D = 128, AVX2); four independent chains keep the FMA units busy.

@@ -43,17 +43,23 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
   };
 
   // Logits [R, n] of the keys c0 .. c0 + n - 1 of (b, h); a key a row does not see gets -inf.
+  // The chunk's key rows are converted once (krows: n x D fp32), then every row's logits come in
+  // register blocks of up to 4 query rows x cpu::kLogitRows keys (each key serves all R rows;
+  // one dot product at a time reloaded the key row and reduced its lanes per row).
   auto chunk_logits = [&](int64_t b, int64_t h, int64_t c0, int64_t n, const float* qf, const int64_t* last,
-                          float* krow, float* logits) {
+                          float* krows, float* logits) {
     const int32_t* pages = block_table + b * p.max_pages;
     for (int64_t j = 0; j < n; ++j) {
       const int64_t pos = c0 + j;
       const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
       const scalar_t* kr = k_cache + page * p.k_page_stride + (pos % p.page_size) * row_elems + h * D;
-      cpu::to_float(kr, krow, D);
-      for (int64_t r = 0; r < R; ++r)
-        logits[r * kChunk + j] = pos <= last[r] ? cpu::dot_product(qf + r * D, krow, D) * p.scale : kNegInf;
+      cpu::to_float(kr, krows + j * D, D);
     }
+    for (int64_t r0 = 0; r0 < R; r0 += 4)
+      cpu::logits_heads(qf + r0 * D, std::min<int64_t>(4, R - r0), krows, n, D, p.scale, logits + r0 * kChunk,
+                        kChunk);
+    for (int64_t r = 0; r < R; ++r)  // unseen keys (their logit, even a NaN one, is not used)
+      for (int64_t j = std::max<int64_t>(0, last[r] + 1 - c0); j < n; ++j) logits[r * kChunk + j] = kNegInf;
   };
 
   // ---- pass 1: row log-sum-exp (skipped when the caller passes it) ----
@@ -64,7 +70,7 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
   if (lse_in == nullptr) {
     std::vector<float> part_lse(tasks * R);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(R * D), krow(D), logits(R * kChunk), m(R), l(R);
+      std::vector<float> qf(R * D), krows(kChunk * D), logits(R * kChunk), m(R), l(R);
       std::vector<int64_t> last(R);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / parts, part = t % parts, b = bh / H, h = bh % H;
@@ -76,7 +82,7 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
           load_queries(b, h, qf.data(), last.data());
           for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
             const int64_t n = std::min(kChunk, stop - c0);
-            chunk_logits(b, h, c0, n, qf.data(), last.data(), krow.data(), logits.data());
+            chunk_logits(b, h, c0, n, qf.data(), last.data(), krows.data(), logits.data());
             // No accumulator (D = 0): only the running max and sum are needed here.
             for (int64_t r = 0; r < R; ++r)
               cpu::online_softmax_step(logits.data() + r * kChunk, n, m[r], l[r], nullptr, 0);
@@ -105,7 +111,7 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
   const bool use_max = p.opt.reduction == ScoreReduction::kMax;
   const float norm = p.opt.reduction == ScoreReduction::kMean ? 1.0f / static_cast<float>(R) : 1.0f;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(R * D), krow(D), logits(R * kChunk);
+    std::vector<float> qf(R * D), krows(kChunk * D), logits(R * kChunk);
     std::vector<int64_t> last(R);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / parts, part = t % parts, b = bh / H, h = bh % H;
@@ -119,7 +125,7 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
       const float* lse_row = row_lse.data() + bh * R;
       for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
         const int64_t n = std::min(kChunk, stop - c0);
-        chunk_logits(b, h, c0, n, qf.data(), last.data(), krow.data(), logits.data());
+        chunk_logits(b, h, c0, n, qf.data(), last.data(), krows.data(), logits.data());
         float acc[kChunk];
         std::fill(acc, acc + n, 0.0f);
         for (int64_t r = 0; r < R; ++r) {

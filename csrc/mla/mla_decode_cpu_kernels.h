@@ -6,65 +6,11 @@ namespace KVCORE_CPU_ISA_NS {
 
 // Register blocks of the chunk's two products, NH heads at a time: every latent row serves all H
 // heads, and one head at a time re-read each row (2.3 KB, a chunk of 32 is 74 KB: past L1) once
-// per head for the logits and again for the values, two loads per multiply-add.
-//
-// Block sizes per copy: 4 heads x kLogitRows rows for the logits and 4 heads x kValueVecs vectors
-// for the values, so NH x NK (or NH x NV) accumulators stay in registers. The AVX-512 copy has 32
-// vector registers (16 elsewhere): 4 x 4 blocks there (16 accumulators, 0.5 loads per
-// multiply-add), 4 x 2 in the others (8 accumulators, 0.75).
-constexpr int kLogitRows = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
+// per head for the logits and again for the values, two loads per multiply-add. The logits are
+// cpu::logits_heads' blocks (cpu_attention.h); the values' blocks are 4 heads x kValueVecs
+// vectors: 4 x 4 in the AVX-512 copy (32 vector registers: 16 accumulators, 0.5 loads per
+// multiply-add), 4 x 2 in the others (16 registers).
 constexpr int kValueVecs = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
-
-// lg[j * lg_stride + i] = q_j . row_i * scale for NH heads j (q_j at q + j * Dk) and NK rows i
-// (row_i at rows + i * Dk): NH x NK independent chains; per step of d, each of the NK row vectors
-// is loaded once for the NH heads and each q vector once for the NK rows. Every (j, i) sums its
-// products in the same order (one chain over d, then the lanes in a fixed tree, then the tail)
-// whatever NH and NK are, so a logit does not depend on the block it falls in.
-template <int NH, int NK>
-inline void mla_logits_block(const float* q, const float* rows, int64_t Dk, float scale, float* lg,
-                             int64_t lg_stride) {
-  using cpu::FVec;
-  using cpu::kVecLanes;
-  FVec acc[NH][NK] = {};
-  int64_t d = 0;
-  for (; d + kVecLanes <= Dk; d += kVecLanes) {
-    FVec r[NK];
-#pragma GCC unroll 4
-    for (int i = 0; i < NK; ++i) r[i] = cpu::load_vec(rows + i * Dk + d);
-#pragma GCC unroll 4
-    for (int j = 0; j < NH; ++j) {
-      const FVec qv = cpu::load_vec(q + j * Dk + d);
-#pragma GCC unroll 4
-      for (int i = 0; i < NK; ++i) acc[j][i] += qv * r[i];
-    }
-  }
-  float sums[NH * NK];
-  cpu::block_lane_sums(acc, sums);
-#pragma GCC unroll 4
-  for (int j = 0; j < NH; ++j) {
-#pragma GCC unroll 4
-    for (int i = 0; i < NK; ++i) {
-      float s = sums[j * NK + i];
-      for (int64_t t = d; t < Dk; ++t) s += q[j * Dk + t] * rows[i * Dk + t];
-      lg[j * lg_stride + i] = s * scale;
-    }
-  }
-}
-
-// The logits of NH heads for rows [0, n): blocks of kLogitRows rows, then one block of the rest.
-template <int NH>
-inline void mla_logits_rows(const float* q, const float* rows, int64_t n, int64_t Dk, float scale, float* lg,
-                            int64_t lg_stride) {
-  int64_t i = 0;
-  for (; i + kLogitRows <= n; i += kLogitRows)
-    mla_logits_block<NH, kLogitRows>(q, rows + i * Dk, Dk, scale, lg + i, lg_stride);
-  switch (n - i) {
-    case 3: mla_logits_block<NH, 3>(q, rows + i * Dk, Dk, scale, lg + i, lg_stride); break;
-    case 2: mla_logits_block<NH, 2>(q, rows + i * Dk, Dk, scale, lg + i, lg_stride); break;
-    case 1: mla_logits_block<NH, 1>(q, rows + i * Dk, Dk, scale, lg + i, lg_stride); break;
-    default: break;
-  }
-}
 
 // acc_j[d, d + NV * lanes) += sum over i < n of w_j[i] * row_i[d, d + NV * lanes) for NH heads j
 // (acc_j at acc + j * Dv, w_j at w + j * w_stride): NH x NV vector accumulators in registers
@@ -113,17 +59,6 @@ inline void mla_values_cols(float* acc, int64_t Dv, int64_t n, const float* w, i
       for (int64_t i = 0; i < n; ++i) s += w[j * w_stride + i] * rows[i * Dk + d];
       acc[j * Dv + d] = s;
     }
-}
-
-// The chunk's logits for heads [h0, h0 + nh) (nh <= 4) and rows [0, n).
-inline void mla_logits(const float* q, int64_t nh, const float* rows, int64_t n, int64_t Dk, float scale, float* lg,
-                       int64_t lg_stride) {
-  switch (nh) {
-    case 4: mla_logits_rows<4>(q, rows, n, Dk, scale, lg, lg_stride); break;
-    case 3: mla_logits_rows<3>(q, rows, n, Dk, scale, lg, lg_stride); break;
-    case 2: mla_logits_rows<2>(q, rows, n, Dk, scale, lg, lg_stride); break;
-    default: mla_logits_rows<1>(q, rows, n, Dk, scale, lg, lg_stride); break;
-  }
 }
 
 inline void mla_values(float* acc, int64_t nh, int64_t Dv, int64_t n, const float* w, int64_t w_stride,
@@ -231,12 +166,12 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
           float* dst = rows.data() + i * Dk;
           cpu::to_float(src, dst, Dk);
         }
-        // Four heads at a time (see mla_logits_block): their logits, each head's online-softmax
+        // Four heads at a time (see cpu::logits_block): their logits, each head's online-softmax
         // step, then their values (the row's first Dv columns), accumulated in registers.
         for (int64_t h0 = 0; h0 < H; h0 += 4) {
           const int64_t nh = std::min<int64_t>(4, H - h0);
           float* lg = logits.data() + h0 * kChunk;
-          mla_logits(qf.data() + h0 * Dk, nh, rows.data(), n, Dk, scale, lg, kChunk);
+          cpu::logits_heads(qf.data() + h0 * Dk, nh, rows.data(), n, Dk, scale, lg, kChunk);
           for (int64_t j = 0; j < nh; ++j)
             cpu::online_softmax_step(lg + j * kChunk, n, m[h0 + j], l[h0 + j], acc.data() + (h0 + j) * Dv, Dv);
           mla_values(acc.data() + h0 * Dv, nh, Dv, n, lg, kChunk, rows.data(), Dk);
