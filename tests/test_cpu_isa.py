@@ -1,7 +1,7 @@
 """KVCORE_CPU_ISA: the CPU attention kernels exist three times (baseline, AVX2+FMA+F16C, and that
 plus AVX-512 F/BW/DQ/VL; chosen once per process), and the AVX-512 copy runs bf16 gqa_decode,
-block_sparse_decode and mla_decode with AVX512_BF16's dot products under avx512bf16; every setting
-must pass the same reference checks.
+block_sparse_decode, mla_decode and attention_scores with AVX512_BF16's dot products under
+avx512bf16; every setting must pass the same reference checks.
 
 The rest of the suite runs the CPU kernels with whatever this process picked (``auto``: the widest
 copy the CPU supports). Every other available ISA runs the reference, NaN and determinism tests of
@@ -117,15 +117,22 @@ counts = torch.tensor([[3, 2, 1, 3], [3, 3, 0, 2]], dtype=torch.int32)
 out, lse = torch.full((2, 8, 64), nan).bfloat16(), torch.full((2, 8), nan)
 kvcore.block_sparse_decode(q, k, v, table, lens, sel, counts, out=out, lse=lse)
 check("block_sparse_decode", out, lse, *reference.block_sparse_decode(q, k, v, table, lens, sel, counts))
+
+qw = torch.randn(2, 6, 8, 64, generator=g).bfloat16()  # a window of 6 queries
+scores = torch.full((2, 4, 320), nan)
+kvcore.attention_scores(qw, k, table, lens, out=scores)
+torch.testing.assert_close(scores, reference.attention_scores(qw, k, table, lens).float(), atol=1e-4, rtol=1e-3)
+print("attention_scores", hashlib.sha1(scores.numpy().tobytes()).hexdigest())
 print("isa", kvcore.cpu_isa())
 """
 
 
 @pytest.mark.skipif(not AVX512_BF16_AVAILABLE, reason="this CPU lacks AVX512_BF16")
 def test_avx512bf16_runs_the_bf16_dot_products_in_subprocess():
-    """avx512bf16 takes bf16 gqa_decode's (with the H2O score), block_sparse_decode's and
-    mla_decode's own path (weights rounded to bf16, vdpbf16ps): under both settings each op matches
-    the reference, and each op's output differs between them, so the path is not silently skipped."""
+    """avx512bf16 takes bf16 gqa_decode's (with the H2O score), block_sparse_decode's,
+    mla_decode's and attention_scores' own path (vdpbf16ps; the decodes' weights rounded to bf16):
+    under both settings each op matches the reference, and each op's output differs between them,
+    so the path is not silently skipped."""
     digests = {}
     for isa in ("avx512", "avx512bf16"):
         res = run_code_with_env(VARIABLE, isa, _BF16_OPS)
@@ -133,7 +140,7 @@ def test_avx512bf16_runs_the_bf16_dot_products_in_subprocess():
         lines = dict(line.split() for line in res.stdout.splitlines())
         assert lines.pop("isa") == isa
         digests[isa] = lines
-    assert set(digests["avx512"]) == {"mla_decode", "gqa_decode", "block_sparse_decode"}
+    assert set(digests["avx512"]) == {"mla_decode", "gqa_decode", "block_sparse_decode", "attention_scores"}
     for op, digest in digests["avx512"].items():
         assert digests["avx512bf16"][op] != digest, op
 

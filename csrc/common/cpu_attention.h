@@ -335,7 +335,8 @@ struct ChunkScratch {
 // and flushes subnormal results (the scalar tails past the last 32 / 16 columns do not). Each
 // logit and each output element sums in one fixed order whatever block it falls in: pairs of d
 // (logits) or of keys (values) along one chain, then the lanes' fixed tree. Used by mla_decode,
-// gqa_decode (and its H2O score pass) and block_sparse_decode for bf16 inputs.
+// gqa_decode (and its H2O score pass), block_sparse_decode and attention_scores (logits) for bf16
+// inputs.
 namespace bf16dot {
 
 inline float bf16_bits_to_float(uint16_t b) { return __builtin_bit_cast(float, uint32_t(b) << 16); }

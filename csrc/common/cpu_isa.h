@@ -9,8 +9,8 @@
 // each copy in its own namespace, and calls one of them per op. (F16C: the fp16 rows' vcvtph2ps,
 // cpu_half_bits.h.) The AVX-512 copy uses 64-byte vectors: on a Zen 5 EPYC, CPU mla_decode (which
 // is FMA-bound) took ~0.7x the AVX2 copy's time (bench/NOTES.md, session 25). Where the CPU also
-// has AVX512_BF16, bf16 gqa_decode, block_sparse_decode and mla_decode in that copy multiply bf16
-// pairs with vdpbf16ps (cpu_attention.h's bf16dot: functions marked KVCORE_CPU_BF16_DOT_FN, called
+// has AVX512_BF16, bf16 gqa_decode, block_sparse_decode, mla_decode and attention_scores in that
+// copy multiply bf16 pairs with vdpbf16ps (cpu_attention.h's bf16dot: functions marked KVCORE_CPU_BF16_DOT_FN, called
 // only when cpu_isa() is kAvx512Bf16).
 //
 // Why a pragma region and not __attribute__((target)) on the kernel functions: the kernels run
@@ -46,8 +46,8 @@ enum class CpuIsa { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
 //     (AVX2, FMA and F16C; every AVX2 CPU has F16C), else baseline;
 //   baseline: the plain copy; avx2: the AVX2+FMA(+F16C) copy; avx512: the AVX-512 copy;
 //   avx512bf16: the AVX-512 copy with bf16 dot products for bf16 gqa_decode (and its H2O score
-//     pass), block_sparse_decode and mla_decode (their softmax weights rounded to bf16 before they
-//     multiply the values, as a bf16 matmul does).
+//     pass), block_sparse_decode, mla_decode (their softmax weights rounded to bf16 before they
+//     multiply the values, as a bf16 matmul does) and attention_scores (logits only).
 // Any other value, or a copy that cannot run here, raises an error naming the variable, at every
 // call (the failing first read leaves the cached choice unset), so a misspelt value cannot
 // silently time the default.

@@ -86,7 +86,8 @@ void attention_scores_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_scores_cpu", [&] {
     const auto scores = KVCORE_CPU_PICK(attention_scores_tasks<scalar_t>);
     scores(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), block_table.const_data_ptr<int32_t>(),
-           seq_lens.const_data_ptr<int32_t>(), lse_ptr, out.mutable_data_ptr<float>());
+           seq_lens.const_data_ptr<int32_t>(), lse_ptr, cpu_isa() == CpuIsa::kAvx512Bf16,
+           out.mutable_data_ptr<float>());
   });
 }
 

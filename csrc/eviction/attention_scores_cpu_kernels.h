@@ -4,9 +4,12 @@ namespace kvcore {
 namespace {
 namespace KVCORE_CPU_ISA_NS {
 
+static_assert(kChunk <= 32, "the bf16 path's row pointers: at most 32 keys a chunk");
+
 template <typename scalar_t>
 void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scalar_t* k_cache,
-                            const int32_t* block_table, const int32_t* seq_lens, const float* lse_in, float* out) {
+                            const int32_t* block_table, const int32_t* seq_lens, const float* lse_in, bool bf16_dot,
+                            float* out) {
   const int64_t B = p.batch, H = p.num_kv_heads, G = p.group, W = p.window, D = p.head_dim;
   const int64_t R = G * W;  // query rows per (b, h); row r = g * W + i
   const int64_t Hq = H * G;
@@ -46,16 +49,37 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
   // The chunk's key rows are converted once (krows: n x D fp32), then every row's logits come in
   // register blocks of up to 4 query rows x cpu::kLogitRows keys (each key serves all R rows;
   // one dot product at a time reloaded the key row and reduced its lanes per row).
+  // bf16 with AVX512_BF16 (bf16_dot): the rows as stored, multiplied in bf16 pairs (cpu::bf16dot).
+  const bool pairwise = bf16_dot && std::is_same_v<scalar_t, c10::BFloat16>;
   auto chunk_logits = [&](int64_t b, int64_t h, int64_t c0, int64_t n, const float* qf, const int64_t* last,
                           float* krows, float* logits) {
     const int32_t* pages = block_table + b * p.max_pages;
-    for (int64_t j = 0; j < n; ++j) {
+#if defined(KVCORE_CPU_BF16_DOT_FN)
+    if (pairwise) {
+      const uint16_t* rows[kChunk];
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = c0 + j;
+        const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
+        rows[j] = reinterpret_cast<const uint16_t*>(k_cache + page * p.k_page_stride +
+                                                    (pos % p.page_size) * row_elems + h * D);
+      }
+      // Row r = g * W + i: the window's queries of one head are q_stride_w apart.
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i0 = 0; i0 < W; i0 += 4) {
+          const scalar_t* q0 = q + b * p.q_stride_b + i0 * p.q_stride_w + (h * G + g) * p.q_stride_h;
+          cpu::bf16dot::logits_heads(reinterpret_cast<const uint16_t*>(q0), p.q_stride_w,
+                                     std::min<int64_t>(4, W - i0), rows, n, D, p.scale,
+                                     logits + (g * W + i0) * kChunk, kChunk);
+        }
+    }
+#endif
+    for (int64_t j = 0; j < n && !pairwise; ++j) {
       const int64_t pos = c0 + j;
       const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
       const scalar_t* kr = k_cache + page * p.k_page_stride + (pos % p.page_size) * row_elems + h * D;
       cpu::to_float(kr, krows + j * D, D);
     }
-    for (int64_t r0 = 0; r0 < R; r0 += 4)
+    for (int64_t r0 = 0; r0 < R && !pairwise; r0 += 4)
       cpu::logits_heads(qf + r0 * D, std::min<int64_t>(4, R - r0), krows, n, D, p.scale, logits + r0 * kChunk,
                         kChunk);
     for (int64_t r = 0; r < R; ++r)  // unseen keys (their logit, even a NaN one, is not used)

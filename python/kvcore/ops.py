@@ -79,7 +79,7 @@ def validation_enabled() -> bool:
 def cpu_isa() -> str:
     """The instruction set kvcore's CPU attention kernels run with in this process:
     ``"avx512bf16"`` (avx512's, and AVX512_BF16's dot products for bfloat16 :func:`gqa_decode`,
-    :func:`block_sparse_decode` and :func:`mla_decode`),
+    :func:`block_sparse_decode`, :func:`mla_decode` and :func:`attention_scores`),
     ``"avx512"`` (AVX-512 F, BW, DQ and VL on top of avx2's), ``"avx2"`` (AVX2 + FMA, and F16C for
     fp16 rows) or ``"baseline"`` (the build's own target, SSE2 on x86-64). Set by
     ``KVCORE_CPU_ISA`` (``auto``, the default, takes the widest the CPU and the build allow), read
@@ -990,6 +990,10 @@ def attention_scores(
         max_len: key dimension ``S`` of the result, default ``out.shape[2]`` or the block table's
             capacity ``max_pages * page_size`` (no host sync); must be >= every seq_len.
         out: optional preallocated contiguous ``[B, Hkv, S]`` float32.
+
+    CPU arithmetic: float32; bfloat16 inputs on a CPU with AVX512_BF16 (:func:`cpu_isa`
+    ``"avx512bf16"``) multiply in bfloat16 pairs with float32 sums (the products exact;
+    bfloat16 subnormal inputs may count as zero).
 
     Returns:
         ``out`` ``[B, Hkv, S]`` float32; keys ``p >= seq_lens[b]`` score 0.
