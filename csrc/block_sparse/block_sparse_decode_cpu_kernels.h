@@ -45,7 +45,7 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
     std::vector<float> qf(G * D), acc(G * D), krow(fp32 ? 0 : D), vrows(fp32 ? 0 : kChunk * D), logits(G * kChunk),
         m(G), l(G);
     // bf16 with AVX512_BF16 (cpu::attend_chunk_bf16): q's bits and the value pairs.
-    const bool pairwise = bf16_dot && std::is_same_v<scalar_t, c10::BFloat16>;
+    const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();
     std::vector<uint16_t> qbf(pairwise ? G * D : 0);
     std::vector<uint32_t> vpairs(pairwise ? (kChunk + 1) / 2 * D : 0);
     const cpu::ChunkScratch scratch{krow.data(), vrows.data(), logits.data(), kChunk, pairwise ? qbf.data() : nullptr,

@@ -301,6 +301,17 @@ inline void to_float(const T* src, float* dst, int64_t n) {
   }
 }
 
+// Whether this copy has the bf16 dot-product path for rows of type T (the AVX-512 copy, bf16): a
+// kernel takes it when, besides, cpu_isa() is kAvx512Bf16 (its bf16_dot argument).
+template <typename T>
+constexpr bool has_bf16_dot() {
+#if defined(KVCORE_CPU_BF16_DOT_FN)
+  return std::is_same_v<T, c10::BFloat16>;
+#else
+  return false;
+#endif
+}
+
 // Software prefetch of the K/V rows a loop over keys will read: rows come in the block table's
 // (random) page order, 2-4 KB each, and V is read one KV head's slice of every row at a time,
 // which the hardware prefetchers miss (session 23: ~45% of a bf16 gqa_decode call stalled on

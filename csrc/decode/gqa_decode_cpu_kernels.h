@@ -34,7 +34,7 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
     std::vector<float> qf(Hq * D), acc(Hq * D), krow(fp32 ? 0 : row), vrows(fp32 ? 0 : kChunk * D),
         logits(Hq * kChunk), m(Hq), l(Hq);
     // bf16 with AVX512_BF16 (cpu::attend_chunk_bf16): q's bits and the value pairs.
-    const bool pairwise = bf16_dot && std::is_same_v<scalar_t, c10::BFloat16>;
+    const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();
     std::vector<uint16_t> qbf(pairwise ? Hq * D : 0);
     std::vector<uint32_t> pairs(pairwise ? (kChunk + 1) / 2 * D : 0);
     const cpu::ChunkScratch scratch{krow.data(), vrows.data(), logits.data(), kChunk, pairwise ? qbf.data() : nullptr,
@@ -107,7 +107,7 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
   at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(Hq * D), krow(row);
     int64_t qf_b = -1;
-    const bool pairwise = bf16_dot && std::is_same_v<scalar_t, c10::BFloat16>;
+    const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();
     // Query head hq's logit of KV head h's slice of the token row kr (scaled, not capped).
     auto logit = [&](int64_t hq, int64_t h, const scalar_t* kr) -> float {
 #if defined(KVCORE_CPU_BF16_DOT_FN)

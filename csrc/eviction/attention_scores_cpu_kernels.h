@@ -50,7 +50,7 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
   // register blocks of up to 4 query rows x cpu::kLogitRows keys (each key serves all R rows;
   // one dot product at a time reloaded the key row and reduced its lanes per row).
   // bf16 with AVX512_BF16 (bf16_dot): the rows as stored, multiplied in bf16 pairs (cpu::bf16dot).
-  const bool pairwise = bf16_dot && std::is_same_v<scalar_t, c10::BFloat16>;
+  const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();
   auto chunk_logits = [&](int64_t b, int64_t h, int64_t c0, int64_t n, const float* qf, const int64_t* last,
                           float* krows, float* logits) {
     const int32_t* pages = block_table + b * p.max_pages;

@@ -15,7 +15,8 @@
 #include <type_traits>
 
 namespace c10 {
-struct Half;  // cpu_attention.h's to_float names it; nothing here converts rows
+struct Half;  // cpu_attention.h names these; nothing here converts rows
+struct BFloat16;
 }  // namespace c10
 
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
