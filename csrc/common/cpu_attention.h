@@ -102,18 +102,30 @@ inline void lane_sums16(const FVec* v, float* out) {
 }
 #endif
 
-// sums[j * NK + i] = lane_sum(acc[j][i]) for a register block of NH x NK accumulators (through
-// lane_sums16 where the block has 16 and the copy 16-lane vectors: the same bits).
-template <int NH, int NK>
-inline void block_lane_sums(const FVec (&acc)[NH][NK], float* sums) {
+// The end of every logits block (logits_block, bf16dot::logits_block): lg[j * lg_stride + i] =
+// (lane_sum(acc[j][i]) + product(j, i, t) for the columns t in [d, D) past the last whole vector,
+// in order) * scale, so a logit sums in the same order whatever block it falls in. A 16-accumulator
+// block in the 16-lane copy reduces its lanes together (lane_sums16: the same bits).
+template <int NH, int NK, typename Product>
+inline void finish_logits(const FVec (&acc)[NH][NK], int64_t d, int64_t D, Product product, float scale, float* lg,
+                          int64_t lg_stride) {
+  float sums[NH * NK];
 #if KVCORE_CPU_VEC_BYTES == 64
-  if constexpr (NH * NK == 16) {
+  if constexpr (NH * NK == 16)
     lane_sums16(&acc[0][0], sums);
-    return;
-  }
+  else
 #endif
 #pragma GCC unroll 4
-  for (int k = 0; k < NH * NK; ++k) sums[k] = lane_sum(acc[k / NK][k % NK]);
+    for (int k = 0; k < NH * NK; ++k) sums[k] = lane_sum(acc[k / NK][k % NK]);
+#pragma GCC unroll 4
+  for (int j = 0; j < NH; ++j) {
+#pragma GCC unroll 4
+    for (int i = 0; i < NK; ++i) {
+      float s = sums[j * NK + i];
+      for (int64_t t = d; t < D; ++t) s += product(j, i, t);
+      lg[j * lg_stride + i] = s * scale;
+    }
+  }
 }
 
 // Register blocks of logits: NH query rows (heads, or a window's queries) x NK key rows, all fp32
@@ -142,17 +154,8 @@ inline void logits_block(const float* q, const float* rows, int64_t D, float sca
       for (int i = 0; i < NK; ++i) acc[j][i] += qv * r[i];
     }
   }
-  float sums[NH * NK];
-  block_lane_sums(acc, sums);
-#pragma GCC unroll 4
-  for (int j = 0; j < NH; ++j) {
-#pragma GCC unroll 4
-    for (int i = 0; i < NK; ++i) {
-      float s = sums[j * NK + i];
-      for (int64_t t = d; t < D; ++t) s += q[j * D + t] * rows[i * D + t];
-      lg[j * lg_stride + i] = s * scale;
-    }
-  }
+  finish_logits(acc, d, D, [&](int j, int i, int64_t t) { return q[j * D + t] * rows[i * D + t]; }, scale, lg,
+                lg_stride);
 }
 
 // The logits of NH query rows for key rows [0, n): blocks of kLogitRows rows, then one of the rest.
@@ -372,17 +375,10 @@ KVCORE_CPU_BF16_DOT_FN void logits_block(const uint16_t* q, int64_t q_stride, co
       for (int i = 0; i < NK; ++i) acc[j][i] = _mm512_dpbf16_ps(acc[j][i], qv, r[i]);
     }
   }
-  float sums[NH * NK];
-  block_lane_sums(acc, sums);
-#pragma GCC unroll 4
-  for (int j = 0; j < NH; ++j) {
-#pragma GCC unroll 4
-    for (int i = 0; i < NK; ++i) {
-      float s = sums[j * NK + i];
-      for (int64_t t = d; t < Dk; ++t) s += bf16_bits_to_float(q[j * q_stride + t]) * bf16_bits_to_float(rows[i][t]);
-      lg[j * lg_stride + i] = s * scale;
-    }
-  }
+  finish_logits(
+      acc, d, Dk,
+      [&](int j, int i, int64_t t) { return bf16_bits_to_float(q[j * q_stride + t]) * bf16_bits_to_float(rows[i][t]); },
+      scale, lg, lg_stride);
 }
 
 template <int NH>
