@@ -41,8 +41,8 @@ def _cases(gen):
 
     def gqa(batch, seq, dtype, tag):
         q = torch.randn(batch, 32, 128, generator=gen).to(dtype)
-        k, v, _ = _paged(gen, batch * seq // 16, 16, 8, 128, dtype)
-        table = torch.randperm(batch * seq // 16, generator=gen).to(torch.int32).view(batch, seq // 16)
+        k, v, table = _paged(gen, batch * seq // 16, 16, 8, 128, dtype)
+        table = table.view(batch, seq // 16)
         lens = torch.full((batch,), seq, dtype=torch.int32)
         out = torch.empty_like(q)
         kc = k.view(batch, seq, 8, 128).permute(0, 2, 1, 3).contiguous()  # torch's contiguous copy

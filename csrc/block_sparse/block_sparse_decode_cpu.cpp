@@ -98,7 +98,7 @@ void block_sparse_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, con
     decode(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), v_cache.const_data_ptr<scalar_t>(),
            block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
            sel_pages.const_data_ptr<int32_t>(), sel_counts.const_data_ptr<int32_t>(),
-           cpu_isa() == CpuIsa::kAvx512Bf16, out.mutable_data_ptr<scalar_t>(), lse_ptr);
+           cpu_bf16_dot(), out.mutable_data_ptr<scalar_t>(), lse_ptr);
   });
 }
 

@@ -15,7 +15,8 @@
 // block) are never read for row i, and rows past block_lens[n] never read q.
 //
 // The kernel itself is in block_transformer/token_decoder_attention_cpu_kernels.h, compiled once
-// per instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy KVCORE_CPU_ISA picked.
+// per instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy
+// KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

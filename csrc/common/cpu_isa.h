@@ -53,6 +53,9 @@ enum class CpuIsa { kBaseline, kAvx2, kAvx512, kAvx512Bf16 };
 // silently time the default.
 CpuIsa cpu_isa();
 
+// Whether the kernels' bf16 rows take the AVX512_BF16 dot products (their `bf16_dot` argument).
+inline bool cpu_bf16_dot() { return cpu_isa() == CpuIsa::kAvx512Bf16; }
+
 // "baseline", "avx2", "avx512" or "avx512bf16": the name KVCORE_CPU_ISA uses for `isa`.
 const char* cpu_isa_name(CpuIsa isa);
 

@@ -14,8 +14,9 @@
 // index to [0, num_pages), so bad index contents give wrong numbers, never an out-of-bounds read.
 // `workspace` and `num_splits` only matter to the CUDA split-KV path and are ignored here.
 //
-// The kernels themselves are in decode/gqa_decode_cpu_kernels.h, compiled once per
-// instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
+// The kernels themselves are in decode/gqa_decode_cpu_kernels.h, compiled once per instruction
+// set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy that
+// KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -89,7 +90,7 @@ void gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
     lse_ptr = own_lse.data();
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "gqa_decode_cpu", [&] {
-    const bool bf16_dot = cpu_isa() == CpuIsa::kAvx512Bf16;  // bf16 rows: AVX512_BF16 dot products
+    const bool bf16_dot = cpu_bf16_dot();
     const auto decode = KVCORE_CPU_PICK(gqa_decode_tasks<scalar_t>);
     const auto scores = KVCORE_CPU_PICK(accumulate_scores<scalar_t>);
     decode(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), v_cache.const_data_ptr<scalar_t>(),

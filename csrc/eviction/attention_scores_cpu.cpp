@@ -17,7 +17,8 @@
 // ids to [0, num_pages), so bad index contents give wrong numbers, never an out-of-bounds access.
 //
 // The kernels themselves are in eviction/attention_scores_cpu_kernels.h, compiled once per
-// instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy that KVCORE_CPU_ISA picked.
+// instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy that
+// KVCORE_CPU_ISA picked.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -86,8 +87,7 @@ void attention_scores_cpu(const at::Tensor& q, const at::Tensor& k_cache, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_scores_cpu", [&] {
     const auto scores = KVCORE_CPU_PICK(attention_scores_tasks<scalar_t>);
     scores(p, q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<scalar_t>(), block_table.const_data_ptr<int32_t>(),
-           seq_lens.const_data_ptr<int32_t>(), lse_ptr, cpu_isa() == CpuIsa::kAvx512Bf16,
-           out.mutable_data_ptr<float>());
+           seq_lens.const_data_ptr<int32_t>(), lse_ptr, cpu_bf16_dot(), out.mutable_data_ptr<float>());
   });
 }
 

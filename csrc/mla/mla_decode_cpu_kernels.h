@@ -126,7 +126,8 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
 
   at::parallel_for(0, s.batch * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(H * Dk), acc(H * Dv), rows(kChunk * Dk), logits(H * kChunk), m(H), l(H);
-    std::vector<uint32_t> pairs(bf16_dot ? (kChunk + 1) / 2 * Dv : 0);  // mla_bf16::chunk's row pairs
+    const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();
+    std::vector<uint32_t> pairs(pairwise ? (kChunk + 1) / 2 * Dv : 0);  // mla_bf16::chunk's row pairs
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / parts, part = task % parts;
       const int64_t span = (len[b] + parts - 1) / parts;
@@ -144,18 +145,16 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
       for (int64_t c0 = start; c0 < stop; c0 += kChunk) {
         const int64_t n = std::min<int64_t>(kChunk, stop - c0);
 #if defined(KVCORE_CPU_BF16_DOT_FN)
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          if (bf16_dot) {  // the rows as stored, multiplied in bf16 pairs (see mla_bf16)
-            const uint16_t* row_ptrs[kChunk];
-            for (int64_t i = 0; i < n; ++i) {
-              const int64_t pos = c0 + i;
-              const int64_t page = std::clamp<int64_t>(pages[pos / s.page_size], 0, s.num_pages - 1);
-              row_ptrs[i] = reinterpret_cast<const uint16_t*>(cache + page * page_stride + (pos % s.page_size) * Dk);
-            }
-            mla_bf16::chunk(reinterpret_cast<const uint16_t*>(q + b * q_stride_b), q_stride_h, H, row_ptrs, n, Dk, Dv,
-                            scale, logits.data(), m.data(), l.data(), acc.data(), pairs.data());
-            continue;
+        if (pairwise) {  // the rows as stored, multiplied in bf16 pairs (see mla_bf16)
+          const uint16_t* row_ptrs[kChunk];
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t pos = c0 + i;
+            const int64_t page = std::clamp<int64_t>(pages[pos / s.page_size], 0, s.num_pages - 1);
+            row_ptrs[i] = reinterpret_cast<const uint16_t*>(cache + page * page_stride + (pos % s.page_size) * Dk);
           }
+          mla_bf16::chunk(reinterpret_cast<const uint16_t*>(q + b * q_stride_b), q_stride_h, H, row_ptrs, n, Dk, Dv,
+                          scale, logits.data(), m.data(), l.data(), acc.data(), pairs.data());
+          continue;
         }
 #endif
         // The chunk's latent rows in fp32 (each read once; they serve as keys and as values).
