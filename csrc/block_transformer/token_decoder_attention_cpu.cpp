@@ -2,11 +2,11 @@
 // for many blocks at once. Token i of block n attends to the block's P prefix slots and to its
 // tokens 0..i; blocks never see each other.
 //
-// One task per run of consecutive blocks. A block's K and V are each one dense [P + L, Hkv, D]
-// slab, converted to fp32 once and then used by every query head and row of the block, so
-// memory is read in address order and every element is converted once. The per-row work is
+// One task per run of consecutive blocks, each block taken KV group by KV group: the group's K and
+// V rows are converted to fp32 once and serve all its query heads and rows, whose logits and P V go
+// through cpu_attention.h's register blocks (the kernels header says how). The per-row work is
 // tiny (at most P + L keys), so a two-pass softmax over a scratch row of logits is enough.
-//
+
 // Safety without validation: block_lens[n] is clamped to [0, L], so a bad length gives rows of
 // zeros or a full block, never a read outside the block.
 //

@@ -135,18 +135,19 @@ inline void finish_logits(const FVec (&acc)[NH][NK], int64_t d, int64_t D, Produ
 constexpr int kLogitRows = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
 
 // lg[j * lg_stride + i] = q_j . row_i * scale for NH query rows j (q_j at q + j * D) and NK key
-// rows i (row_i at rows + i * D): NH x NK independent chains; per step of d, each of the NK row
-// vectors is loaded once for the NH queries and each q vector once for the NK rows. Every (j, i)
-// sums its products in the same order (one chain over d, then the lanes in a fixed tree, then the
-// tail) whatever NH and NK are, so a logit does not depend on the block it falls in.
+// rows i (row_i at rows + i * row_stride): NH x NK independent chains; per step of d, each of the
+// NK row vectors is loaded once for the NH queries and each q vector once for the NK rows. Every
+// (j, i) sums its products in the same order (one chain over d, then the lanes in a fixed tree,
+// then the tail) whatever NH and NK are, so a logit does not depend on the block it falls in.
 template <int NH, int NK>
-inline void logits_block(const float* q, const float* rows, int64_t D, float scale, float* lg, int64_t lg_stride) {
+inline void logits_block(const float* q, const float* rows, int64_t row_stride, int64_t D, float scale, float* lg,
+                         int64_t lg_stride) {
   FVec acc[NH][NK] = {};
   int64_t d = 0;
   for (; d + kVecLanes <= D; d += kVecLanes) {
     FVec r[NK];
 #pragma GCC unroll 4
-    for (int i = 0; i < NK; ++i) r[i] = load_vec(rows + i * D + d);
+    for (int i = 0; i < NK; ++i) r[i] = load_vec(rows + i * row_stride + d);
 #pragma GCC unroll 4
     for (int j = 0; j < NH; ++j) {
       const FVec qv = load_vec(q + j * D + d);
@@ -154,33 +155,98 @@ inline void logits_block(const float* q, const float* rows, int64_t D, float sca
       for (int i = 0; i < NK; ++i) acc[j][i] += qv * r[i];
     }
   }
-  finish_logits(acc, d, D, [&](int j, int i, int64_t t) { return q[j * D + t] * rows[i * D + t]; }, scale, lg,
-                lg_stride);
+  const auto product = [&](int j, int i, int64_t t) { return q[j * D + t] * rows[i * row_stride + t]; };
+  finish_logits(acc, d, D, product, scale, lg, lg_stride);
 }
 
 // The logits of NH query rows for key rows [0, n): blocks of kLogitRows rows, then one of the rest.
 template <int NH>
-inline void logits_rows(const float* q, const float* rows, int64_t n, int64_t D, float scale, float* lg,
-                        int64_t lg_stride) {
+inline void logits_rows(const float* q, const float* rows, int64_t row_stride, int64_t n, int64_t D, float scale,
+                        float* lg, int64_t lg_stride) {
   int64_t i = 0;
   for (; i + kLogitRows <= n; i += kLogitRows)
-    logits_block<NH, kLogitRows>(q, rows + i * D, D, scale, lg + i, lg_stride);
+    logits_block<NH, kLogitRows>(q, rows + i * row_stride, row_stride, D, scale, lg + i, lg_stride);
   switch (n - i) {
-    case 3: logits_block<NH, 3>(q, rows + i * D, D, scale, lg + i, lg_stride); break;
-    case 2: logits_block<NH, 2>(q, rows + i * D, D, scale, lg + i, lg_stride); break;
-    case 1: logits_block<NH, 1>(q, rows + i * D, D, scale, lg + i, lg_stride); break;
+    case 3: logits_block<NH, 3>(q, rows + i * row_stride, row_stride, D, scale, lg + i, lg_stride); break;
+    case 2: logits_block<NH, 2>(q, rows + i * row_stride, row_stride, D, scale, lg + i, lg_stride); break;
+    case 1: logits_block<NH, 1>(q, rows + i * row_stride, row_stride, D, scale, lg + i, lg_stride); break;
     default: break;
   }
 }
 
-// The logits of nq <= 4 query rows (q_j at q + j * D) for key rows [0, n) (row_i at rows + i * D).
-inline void logits_heads(const float* q, int64_t nq, const float* rows, int64_t n, int64_t D, float scale, float* lg,
-                         int64_t lg_stride) {
+// The logits of nq <= 4 query rows (q_j at q + j * D) for key rows [0, n) (row_i at
+// rows + i * row_stride).
+inline void logits_heads(const float* q, int64_t nq, const float* rows, int64_t row_stride, int64_t n, int64_t D,
+                         float scale, float* lg, int64_t lg_stride) {
   switch (nq) {
-    case 4: logits_rows<4>(q, rows, n, D, scale, lg, lg_stride); break;
-    case 3: logits_rows<3>(q, rows, n, D, scale, lg, lg_stride); break;
-    case 2: logits_rows<2>(q, rows, n, D, scale, lg, lg_stride); break;
-    default: logits_rows<1>(q, rows, n, D, scale, lg, lg_stride); break;
+    case 4: logits_rows<4>(q, rows, row_stride, n, D, scale, lg, lg_stride); break;
+    case 3: logits_rows<3>(q, rows, row_stride, n, D, scale, lg, lg_stride); break;
+    case 2: logits_rows<2>(q, rows, row_stride, n, D, scale, lg, lg_stride); break;
+    default: logits_rows<1>(q, rows, row_stride, n, D, scale, lg, lg_stride); break;
+  }
+}
+
+// Register blocks of P V for several query rows over the same value rows (mla_decode's heads over
+// one latent row; the token decoder's rows of a KV group): 4 rows x kValueVecs vectors, 4 x 4 in
+// the AVX-512 copy (32 vector registers: 16 accumulators, 0.5 loads per multiply-add), 4 x 2 in
+// the others (16 registers).
+constexpr int kValueVecs = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
+
+// acc_j[d, d + NV * lanes) += sum over i < n of w_j[i] * row_i[d, d + NV * lanes) for NH query rows
+// j (acc_j at acc + j * Dv, w_j at w + j * w_stride, row_i at rows + i * row_stride): NH x NV
+// vector accumulators in registers across the rows, each row's NV vectors loaded once for the NH
+// queries. Each element sums its rows in order, as accumulate_pv does, whatever block it falls in.
+template <int NH, int NV>
+inline void pv_block(float* acc, int64_t Dv, int64_t d, int64_t n, const float* w, int64_t w_stride,
+                     const float* rows, int64_t row_stride) {
+  FVec a[NH][NV];
+#pragma GCC unroll 4
+  for (int j = 0; j < NH; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[j][v] = load_vec(acc + j * Dv + d + v * kVecLanes);
+  for (int64_t i = 0; i < n; ++i) {
+    FVec r[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) r[v] = load_vec(rows + i * row_stride + d + v * kVecLanes);
+#pragma GCC unroll 4
+    for (int j = 0; j < NH; ++j) {
+      const FVec wv = splat(w[j * w_stride + i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) a[j][v] += wv * r[v];
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NH; ++j)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) __builtin_memcpy(acc + j * Dv + d + v * kVecLanes, &a[j][v], sizeof(FVec));
+}
+
+// P V of NH query rows over all Dv columns: bands of kValueVecs vectors, then single vectors, then
+// the columns past the last whole vector one at a time.
+template <int NH>
+inline void pv_cols(float* acc, int64_t Dv, int64_t n, const float* w, int64_t w_stride, const float* rows,
+                    int64_t row_stride) {
+  int64_t d = 0;
+  for (; d + kValueVecs * kVecLanes <= Dv; d += kValueVecs * kVecLanes)
+    pv_block<NH, kValueVecs>(acc, Dv, d, n, w, w_stride, rows, row_stride);
+  for (; d + kVecLanes <= Dv; d += kVecLanes) pv_block<NH, 1>(acc, Dv, d, n, w, w_stride, rows, row_stride);
+  for (; d < Dv; ++d)
+    for (int j = 0; j < NH; ++j) {
+      float s = acc[j * Dv + d];
+      for (int64_t i = 0; i < n; ++i) s += w[j * w_stride + i] * rows[i * row_stride + d];
+      acc[j * Dv + d] = s;
+    }
+}
+
+// P V of nq <= 4 query rows (acc_j at acc + j * Dv, weights w_j at w + j * w_stride) over value rows
+// [0, n) (row_i's first Dv columns at rows + i * row_stride).
+inline void pv_heads(float* acc, int64_t nq, int64_t Dv, int64_t n, const float* w, int64_t w_stride,
+                     const float* rows, int64_t row_stride) {
+  switch (nq) {
+    case 4: pv_cols<4>(acc, Dv, n, w, w_stride, rows, row_stride); break;
+    case 3: pv_cols<3>(acc, Dv, n, w, w_stride, rows, row_stride); break;
+    case 2: pv_cols<2>(acc, Dv, n, w, w_stride, rows, row_stride); break;
+    default: pv_cols<1>(acc, Dv, n, w, w_stride, rows, row_stride); break;
   }
 }
 

@@ -80,7 +80,7 @@ void attention_scores_tasks(const ScoreParams& p, const scalar_t* q, const scala
       cpu::to_float(kr, krows + j * D, D);
     }
     for (int64_t r0 = 0; r0 < R && !pairwise; r0 += 4)
-      cpu::logits_heads(qf + r0 * D, std::min<int64_t>(4, R - r0), krows, n, D, p.scale, logits + r0 * kChunk,
+      cpu::logits_heads(qf + r0 * D, std::min<int64_t>(4, R - r0), krows, D, n, D, p.scale, logits + r0 * kChunk,
                         kChunk);
     for (int64_t r = 0; r < R; ++r)  // unseen keys (their logit, even a NaN one, is not used)
       for (int64_t j = std::max<int64_t>(0, last[r] + 1 - c0); j < n; ++j) logits[r * kChunk + j] = kNegInf;

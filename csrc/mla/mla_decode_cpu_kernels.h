@@ -4,72 +4,10 @@ namespace kvcore {
 namespace {
 namespace KVCORE_CPU_ISA_NS {
 
-// Register blocks of the chunk's two products, NH heads at a time: every latent row serves all H
-// heads, and one head at a time re-read each row (2.3 KB, a chunk of 32 is 74 KB: past L1) once
-// per head for the logits and again for the values, two loads per multiply-add. The logits are
-// cpu::logits_heads' blocks (cpu_attention.h); the values' blocks are 4 heads x kValueVecs
-// vectors: 4 x 4 in the AVX-512 copy (32 vector registers: 16 accumulators, 0.5 loads per
-// multiply-add), 4 x 2 in the others (16 registers).
-constexpr int kValueVecs = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
-
-// acc_j[d, d + NV * lanes) += sum over i < n of w_j[i] * row_i[d, d + NV * lanes) for NH heads j
-// (acc_j at acc + j * Dv, w_j at w + j * w_stride): NH x NV vector accumulators in registers
-// across the rows, each row's NV vectors loaded once for the NH heads. Each element sums its rows
-// in order, as cpu::accumulate_pv does, whatever block it falls in.
-template <int NH, int NV>
-inline void mla_values_block(float* acc, int64_t Dv, int64_t d, int64_t n, const float* w, int64_t w_stride,
-                             const float* rows, int64_t Dk) {
-  using cpu::FVec;
-  using cpu::kVecLanes;
-  FVec a[NH][NV];
-#pragma GCC unroll 4
-  for (int j = 0; j < NH; ++j)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) a[j][v] = cpu::load_vec(acc + j * Dv + d + v * kVecLanes);
-  for (int64_t i = 0; i < n; ++i) {
-    FVec r[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) r[v] = cpu::load_vec(rows + i * Dk + d + v * kVecLanes);
-#pragma GCC unroll 4
-    for (int j = 0; j < NH; ++j) {
-      const FVec wv = cpu::splat(w[j * w_stride + i]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) a[j][v] += wv * r[v];
-    }
-  }
-#pragma GCC unroll 4
-  for (int j = 0; j < NH; ++j)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) __builtin_memcpy(acc + j * Dv + d + v * kVecLanes, &a[j][v], sizeof(FVec));
-}
-
-// The values of NH heads over all Dv columns: bands of kValueVecs vectors, then single vectors,
-// then the columns past the last whole vector one at a time.
-template <int NH>
-inline void mla_values_cols(float* acc, int64_t Dv, int64_t n, const float* w, int64_t w_stride, const float* rows,
-                            int64_t Dk) {
-  using cpu::kVecLanes;
-  int64_t d = 0;
-  for (; d + kValueVecs * kVecLanes <= Dv; d += kValueVecs * kVecLanes)
-    mla_values_block<NH, kValueVecs>(acc, Dv, d, n, w, w_stride, rows, Dk);
-  for (; d + kVecLanes <= Dv; d += kVecLanes) mla_values_block<NH, 1>(acc, Dv, d, n, w, w_stride, rows, Dk);
-  for (; d < Dv; ++d)
-    for (int j = 0; j < NH; ++j) {
-      float s = acc[j * Dv + d];
-      for (int64_t i = 0; i < n; ++i) s += w[j * w_stride + i] * rows[i * Dk + d];
-      acc[j * Dv + d] = s;
-    }
-}
-
-inline void mla_values(float* acc, int64_t nh, int64_t Dv, int64_t n, const float* w, int64_t w_stride,
-                       const float* rows, int64_t Dk) {
-  switch (nh) {
-    case 4: mla_values_cols<4>(acc, Dv, n, w, w_stride, rows, Dk); break;
-    case 3: mla_values_cols<3>(acc, Dv, n, w, w_stride, rows, Dk); break;
-    case 2: mla_values_cols<2>(acc, Dv, n, w, w_stride, rows, Dk); break;
-    default: mla_values_cols<1>(acc, Dv, n, w, w_stride, rows, Dk); break;
-  }
-}
+// Every latent row serves all H heads, and one head at a time re-read each row (2.3 KB, a chunk of
+// 32 is 74 KB: past L1) once per head for the logits and again for the values, two loads per
+// multiply-add. So both products go in register blocks of up to 4 heads: cpu::logits_heads and
+// cpu::pv_heads (cpu_attention.h).
 
 #if defined(KVCORE_CPU_BF16_DOT_FN)
 // bf16 mla_decode with AVX512_BF16 (cpu_attention.h's bf16dot): the logits from q and the latent
@@ -170,10 +108,10 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
         for (int64_t h0 = 0; h0 < H; h0 += 4) {
           const int64_t nh = std::min<int64_t>(4, H - h0);
           float* lg = logits.data() + h0 * kChunk;
-          cpu::logits_heads(qf.data() + h0 * Dk, nh, rows.data(), n, Dk, scale, lg, kChunk);
+          cpu::logits_heads(qf.data() + h0 * Dk, nh, rows.data(), Dk, n, Dk, scale, lg, kChunk);
           for (int64_t j = 0; j < nh; ++j)
             cpu::online_softmax_step(lg + j * kChunk, n, m[h0 + j], l[h0 + j], acc.data() + (h0 + j) * Dv, Dv);
-          mla_values(acc.data() + h0 * Dv, nh, Dv, n, lg, kChunk, rows.data(), Dk);
+          cpu::pv_heads(acc.data() + h0 * Dv, nh, Dv, n, lg, kChunk, rows.data(), Dk);
         }
       }
 
