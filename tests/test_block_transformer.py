@@ -353,6 +353,28 @@ def test_token_decoder_nan_with_packed_heads(device, dtype, gen):
     assert bool((out[pad] == 0).all()) and bool(torch.isneginf(lse[pad]).all())
 
 
+@pytest.mark.parametrize("head_dim, group", [(65, 1), (24, 3), (128, 2)], ids=["D65g1", "D24g3", "D128g2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_token_decoder_bitwise_at_any_block_position_cpu(dtype, head_dim, group, gen):
+    """The CPU kernel takes a KV group's query rows (token, head) 4 at a time; a row's out and lse
+    must not depend on which block of 4 it falls in. Token i + 1 with prefix P is token i with
+    prefix P + 1 (same q row, same keys), but the rows sit at other places in the blocks. Head dims
+    off the vector widths reach the scalar tail of P V, whose GCC-vectorised form once fused only
+    some keys' products (session 26's review)."""
+    n, l, p, hkv = 3, 9, 2, 2
+    hq = hkv * group
+    k = randn(n, p + l + 1, hkv, head_dim, gen=gen, dtype=dtype)
+    v = randn(n, p + l + 1, hkv, head_dim, gen=gen, dtype=dtype)
+    q = randn(n, l + 1, hq, head_dim, gen=gen, dtype=dtype)
+    out_a, lse_a = kvcore.token_decoder_attention(q, k, v, out=poison(torch.empty_like(q)),
+                                                  lse=poison(torch.empty(n, l + 1, hq)))
+    out_b, lse_b = kvcore.token_decoder_attention(q[:, 1:].contiguous(), k, v, out=poison(torch.empty_like(q[:, 1:])),
+                                                  lse=poison(torch.empty(n, l, hq)))
+    assert torch.equal(out_a[:, 1:], out_b) and torch.equal(lse_a[:, 1:], lse_b)
+    ref_out, ref_lse = reference.token_decoder_attention(q, k, v)
+    _check_td(out_a, lse_a, ref_out, ref_lse, dtype, None)
+
+
 # ============================================================================================
 # The model: kvcore path == plain-torch path
 # ============================================================================================

@@ -3,16 +3,19 @@
 // tokens 0..i; blocks never see each other.
 //
 // One task per run of consecutive blocks, each block taken KV group by KV group: the group's K and
-// V rows are converted to fp32 once and serve all its query heads and rows, whose logits and P V go
-// through cpu_attention.h's register blocks (the kernels header says how). The per-row work is
-// tiny (at most P + L keys), so a two-pass softmax over a scratch row of logits is enough.
-
+// V rows (fp32 read in place, other types converted to fp32 once) serve all its query heads and
+// rows, whose logits and P V go through cpu_attention.h's register blocks (the kernels header says
+// how). The per-row work is tiny (at most P + L keys), so a two-pass softmax over a scratch row of
+// logits is enough.
+//
 // Safety without validation: block_lens[n] is clamped to [0, L], so a bad length gives rows of
 // zeros or a full block, never a read outside the block.
 //
 // NaN: a NaN in q[n, i, h] or in a K row that row attends to makes its out and lse NaN; a NaN V
-// element of an attended key only that element of out. K/V rows past P + i (later tokens of the
-// block) are never read for row i, and rows past block_lens[n] never read q.
+// element of an attended key only that element of out. Nothing past P + i (later tokens of the
+// block) reaches row i: V rows past it are never read for the row, and K rows past it only into
+// logits the row never uses (a block of 4 rows computes the logits of its last row's keys). Rows
+// past block_lens[n] never read q, and K/V rows past P + block_lens[n] are never read.
 //
 // The kernel itself is in block_transformer/token_decoder_attention_cpu_kernels.h, compiled once
 // per instruction set (baseline, AVX2, AVX-512: common/cpu_isa.h); the op below runs the copy

@@ -5,13 +5,14 @@ namespace {
 namespace KVCORE_CPU_ISA_NS {
 
 // One task per run of consecutive blocks; each block KV group by KV group. A group's K and V rows
-// are converted to fp32 once into [P + L, D] slabs, and its query rows r = i * G + g (token i,
-// head g of the group: keys P + i + 1) go through the register blocks of cpu_attention.h, 4 rows at
-// a time: cpu::logits_heads over the keys of the block's last row (a row's logits past its own keys
-// are computed and never read), then the softmax of each row over its own keys, then cpu::pv_heads
-// over the keys all 4 rows attend, each row finishing its own later keys alone. Every out element
-// sums its keys in key order, whatever block its row falls in. (One dot product per (row, key) and
-// a scalar P V ran at ~4% of the FMA peak: session 26.)
+// (fp32 read in place; others converted once into [P + blen, D] slabs) serve its query rows r =
+// i * G + g (token i, head g of the group: keys P + i + 1), which go through the register blocks of
+// cpu_attention.h, 4 rows at a time: cpu::logits_heads over the keys of the block's last row (a
+// row's logits past its own keys are computed and never read), then the softmax of each row over
+// its own keys, then cpu::pv_heads over the keys all 4 rows attend, each row finishing its own
+// later keys alone. Every out element sums its keys in key order with the same roundings
+// (cpu::mul_add in the scalar tail), whatever block its row falls in. (One dot product per (row,
+// key) and a scalar P V ran at ~4% of the FMA peak: session 26.)
 template <typename scalar_t>
 void token_decoder_blocks(const TokenDecoderCpuParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                           const int32_t* block_lens, scalar_t* out, float* lse) {

@@ -131,7 +131,8 @@ inline void finish_logits(const FVec (&acc)[NH][NK], int64_t d, int64_t D, Produ
 // Register blocks of logits: NH query rows (heads, or a window's queries) x NK key rows, all fp32
 // and D wide. The AVX-512 copy has 32 vector registers (16 elsewhere), so its blocks are 4 x 4
 // (16 accumulators, 0.5 loads per multiply-add); the others' are 4 x 2 (0.75). Used by mla_decode
-// (each latent row serves every head) and attention_scores (each key serves a window of queries).
+// (each latent row serves every head), attention_scores (each key serves a window of queries) and
+// the token decoder (each key serves a KV group's rows).
 constexpr int kLogitRows = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
 
 // lg[j * lg_stride + i] = q_j . row_i * scale for NH query rows j (q_j at q + j * D) and NK key
@@ -221,6 +222,19 @@ inline void pv_block(float* acc, int64_t Dv, int64_t d, int64_t n, const float* 
     for (int v = 0; v < NV; ++v) __builtin_memcpy(acc + j * Dv + d + v * kVecLanes, &a[j][v], sizeof(FVec));
 }
 
+// c + a * b rounded as the vector loops round it: fused where the copy has FMA (GCC contracts the
+// vector loops' products into their adds there), with two roundings where it has not. Written out
+// for the scalar tails: GCC vectorised an unfused tail four keys at a time (products rounded) and
+// fused only the 1-3 keys left over, so a sum's bits depended on how its keys were split into calls
+// (the token decoder's blocks; session 26's review).
+inline float mul_add(float a, float b, float c) {
+#if KVCORE_CPU_VEC_BYTES > 16 || defined(__FP_FAST_FMAF)
+  return __builtin_fmaf(a, b, c);
+#else
+  return c + a * b;
+#endif
+}
+
 // P V of NH query rows over all Dv columns: bands of kValueVecs vectors, then single vectors, then
 // the columns past the last whole vector one at a time.
 template <int NH>
@@ -233,7 +247,7 @@ inline void pv_cols(float* acc, int64_t Dv, int64_t n, const float* w, int64_t w
   for (; d < Dv; ++d)
     for (int j = 0; j < NH; ++j) {
       float s = acc[j * Dv + d];
-      for (int64_t i = 0; i < n; ++i) s += w[j * w_stride + i] * rows[i * row_stride + d];
+      for (int64_t i = 0; i < n; ++i) s = mul_add(w[j * w_stride + i], rows[i * row_stride + d], s);
       acc[j * Dv + d] = s;
     }
 }
