@@ -97,6 +97,27 @@ def _cases(gen):
         cases.append((f"mla_decode B{batch} H{heads} Dk576 Dv512 S{seq} {tag}",
                       lambda: kvcore.mla_decode(ql, latent, table, mlens, scale=576 ** -0.5, out=out), torch_form))
 
+    # token_decoder_attention: the Block Transformer token decoder over 512 blocks (out given);
+    # torch's form is SDPA with the block's causal-plus-prefix mask over KV heads repeated per group.
+    def token_decoder(blocks, length, prefix, hq, hkv, dtype, tag):
+        q = torch.randn(blocks, length, hq, 128, generator=gen).to(dtype)
+        k = torch.randn(blocks, prefix + length, hkv, 128, generator=gen).to(dtype)
+        v = torch.randn(blocks, prefix + length, hkv, 128, generator=gen).to(dtype)
+        out = torch.empty_like(q)
+        mask = torch.ones(length, prefix + length, dtype=torch.bool).tril(prefix)
+        qt = q.transpose(1, 2)
+        kt = k.transpose(1, 2).repeat_interleave(hq // hkv, 1)
+        vt = v.transpose(1, 2).repeat_interleave(hq // hkv, 1)
+
+        def torch_form():
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+
+        cases.append((f"token_decoder N{blocks} L{length} P{prefix} Hq{hq} Hkv{hkv} D128 {tag}",
+                      lambda: kvcore.token_decoder_attention(q, k, v, out=out), torch_form))
+
+    token_decoder(512, 16, 2, 16, 16, torch.float32, "fp32")
+    token_decoder(512, 8, 1, 32, 8, torch.bfloat16, "bf16")
+
     mla(1, 16, 2048, torch.bfloat16, "bf16")
     mla(1, 128, 4096, torch.bfloat16, "bf16")
     mla(4, 16, 4096, torch.bfloat16, "bf16")
