@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Session 26, fifth call (H100; carry .exp, built on the CPU machine at this code, as in
-# s20_call1.sh: lib = the 4-warp kernel, lib8 = -DTRACE_WARPS=8). Where B16's 7 us to cuDNN go on
+# Prepared in session 26 (its device time ran out before it could run). Carry .exp, built first
+# on the CPU machine at this code (~1 min):
+#   F="-std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Icsrc/include"
+#   nvcc $F bench/experiments/decode_trace.cu -o .exp/lib
+#   nvcc $F -DTRACE_WARPS=8 bench/experiments/decode_trace.cu -o .exp/lib8
+# (lib: the 4-warp kernel; lib8: the 8-warp one, the library's pick at B16). Where B16's 7 us to cuDNN go on
 # an H100: decode_trace's kernel time next to its plain reads (one-shot K and V, whole-page paged
 # read, per-head paged read) at a random and a sequential block table, B16 (8 warps, the
 # library's pick; and 2 splits of 4 warps), B1 S32768, B1 S131072 and B64; twice.
