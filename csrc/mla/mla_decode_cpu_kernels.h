@@ -57,8 +57,8 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
     parts = forced_cpu_parts(num_splits, longest, kChunk);
   } else {
     const int64_t threads = at::get_num_threads();
-    parts = std::clamp<int64_t>((2 * threads + s.batch - 1) / s.batch, 1,
-                                std::max<int64_t>(1, longest / kMinPartTokens));
+    const int64_t min_part = std::max<int64_t>(kChunk, kMinPartMacs / std::max<int64_t>(1, H * (Dk + Dv)));
+    parts = std::clamp<int64_t>((2 * threads + s.batch - 1) / s.batch, 1, std::max<int64_t>(1, longest / min_part));
   }
   std::vector<float> part_out(s.batch * parts * H * Dv), part_lse(s.batch * parts * H);
 
