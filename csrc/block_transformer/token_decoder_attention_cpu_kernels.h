@@ -22,6 +22,9 @@ void token_decoder_blocks(const TokenDecoderCpuParams& p, const scalar_t* q, con
   // Blocks per task: enough work per task to amortise the scheduling (~64K multiply-adds).
   const int64_t per_block = std::max<int64_t>(1, L * KJ * Hq * D);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_block);
+  // A block's q and K (or V) slabs, and the share of each that one group's step prefetches.
+  const int64_t q_len = L * Hq * D, kv_len = KJ * Hkv * D;
+  const int64_t q_part = (q_len + Hkv - 1) / Hkv, kv_part = (kv_len + Hkv - 1) / Hkv;
 
   at::parallel_for(0, p.blocks, grain, [&](int64_t begin, int64_t end) {
     // One KV group's slabs, query rows, logits [L G, KJ], accumulators and normalisers.
@@ -47,8 +50,6 @@ void token_decoder_blocks(const TokenDecoderCpuParams& p, const scalar_t* q, con
         // this block computes: a block's rows are read group by group (strided), and each group's
         // first touch stalled on DRAM (~70% of the time at bf16 under perf, session 26).
         if (n + 1 < end) {
-          const int64_t q_len = L * Hq * D, kv_len = KJ * Hkv * D;
-          const int64_t q_part = (q_len + Hkv - 1) / Hkv, kv_part = (kv_len + Hkv - 1) / Hkv;
           const int64_t q0 = std::min(q_len, hk * q_part), kv0 = std::min(kv_len, hk * kv_part);
           cpu::prefetch_row(q_n + p.q_stride_n + q0, std::min(q_part, q_len - q0));
           cpu::prefetch_row(k_n + p.k_stride_n + kv0, std::min(kv_part, kv_len - kv0));
