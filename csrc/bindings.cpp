@@ -28,10 +28,14 @@ TORCH_LIBRARY(kvcore, m) {
   //   score[b, h, p] += sum over the query heads of KV group h of their softmax probability of
   //   key p, for the keys attended (the window's, with the soft cap applied); others unchanged.
   //   On CUDA it needs workspace room for the step's logits (see ops.gqa_decode).
+  //   plan_total_keys, plan_max_keys (CUDA, automatic split count only): the keys the batch attends
+  //   in all and in its longest sequence, counted on the host by the caller (0, 0: unknown); they
+  //   size the split plan, never what the kernel reads, so a wrong value only makes it slower.
   m.def(
       "gqa_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
       "float scale, int window_left, float logit_soft_cap, Tensor(a!) out, Tensor(b!)? lse, "
-      "Tensor(c!)? workspace, int num_splits, Tensor(d!)? score=None) -> ()");
+      "Tensor(c!)? workspace, int num_splits, Tensor(d!)? score=None, int plan_total_keys=0, "
+      "int plan_max_keys=0) -> ()");
 
   // Merge two partial attention results over disjoint key sets:
   //   out = (exp(lse_a) * out_a + exp(lse_b) * out_b) / (exp(lse_a) + exp(lse_b)), lse = logaddexp.

@@ -5,6 +5,9 @@ no CUDA toolkit and no kvcore build, so they run on every machine, CI's included
 - split_range_check.cpp: csrc/include/kvcore/split_range.h, how every split-KV decode kernel
   (CUDA) cuts a sequence's keys into its splits: the ranges cover each sequence once, in whole
   tiles of at most split_tokens, and a sequence that fills its block table is cut as before.
+- split_plan_check.cpp: csrc/include/kvcore/split_plan.h, the automatic split count with
+  gqa_decode's host-side length hint: a full hint plans as none, any hint stays in bounds, and
+  the picks on session 26's measured H100 rows are the best measured or within 3% of it.
 - half_bits_check.cpp: csrc/common/cpu_half_bits.h, the CPU kernels' fp16 -> fp32 row
   conversion, on all 65,536 bit patterns at every vector width (the baseline, AVX2 and AVX-512
   copies), also compiled with -mavx2 -mfma -mf16c, and with -mavx512f added, where this CPU has
@@ -50,6 +53,7 @@ def _has_avx512() -> bool:
 
 CHECKS = [
     pytest.param("split_range_check.cpp", "csrc/include", [], id="split_range"),
+    pytest.param("split_plan_check.cpp", "csrc/include", [], id="split_plan"),
     pytest.param("half_bits_check.cpp", "csrc", [], id="half_bits"),
     pytest.param("half_bits_check.cpp", "csrc", ["-mavx2", "-mfma", "-mf16c"], id="half_bits-avx2",
                  marks=pytest.mark.skipif(not _has_avx2(), reason="this CPU lacks AVX2, FMA or F16C")),

@@ -288,6 +288,97 @@ def test_gqa_decode_pair_per_sm_cuda(device, dtype, gen):
         _decode_matches_reference(kv, 4, dtype, device, gen)
 
 
+# plan_seq_lens: each a host copy of seq_lens (or a stale / wrong one, which may only cost speed).
+PLAN_HINTS = {
+    "true_list": lambda lens: list(lens),
+    "true_cpu_tensor": lambda lens: torch.tensor(lens, dtype=torch.int32),
+    "too_short": lambda lens: [1] * len(lens),
+    "too_long": lambda lens: [10**9] * len(lens),
+    "reversed": lambda lens: list(reversed(lens)),
+    "zeros": lambda lens: [0] * len(lens),
+}
+
+
+@pytest.mark.parametrize("hint", list(PLAN_HINTS))
+@pytest.mark.parametrize("window_left", [-1, 1500])
+@pytest.mark.parametrize("head_dim, group, num_kv_heads", [(128, 4, 8), (64, 8, 2), (256, 2, 2)])
+def test_gqa_decode_plan_seq_lens(device, head_dim, group, num_kv_heads, window_left, hint, gen):
+    """A batch of very unequal lengths (one long, short ones, 0 and 1) planned from a host copy of
+    its lengths: true ones (which, on CUDA, split the long sequence across the GPU) and wrong
+    ones, which may only cost speed. Twice on one workspace with fresh q into poisoned outputs,
+    each against the reference; on CPU the hint changes nothing."""
+    lens = [9000, 0, 1, 300, 1024, 777, 2049, 5]
+    kv = make_paged_kv(lens, 16, num_kv_heads, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
+    workspace = kvcore.ops.decode_workspace(device) if device == "cuda" else None
+    for _ in range(2):
+        _decode_matches_reference_windowed(kv, num_kv_heads * group, device, gen, window_left,
+                                           plan_seq_lens=PLAN_HINTS[hint](lens), workspace=workspace)
+
+
+def _decode_matches_reference_windowed(kv, num_q_heads, device, gen, window_left, **kwargs):
+    batch, head_dim = kv.seq_lens.shape[0], kv.k_cache.shape[-1]
+    q = randn(batch, num_q_heads, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
+    out = poison(torch.empty_like(q))
+    lse = poison(torch.empty(batch, num_q_heads, dtype=torch.float32, device=device))
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, window_left=window_left, out=out,
+                      lse=lse, **kwargs)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                            window_left=window_left)
+    _check_decode(out, lse, ref_out, ref_lse, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_plan_seq_lens_wide_table_and_score_cuda(device, gen):
+    """The hint with a block table far wider than its sequences (the plan then sizes splits by
+    the longest sequence, not the width) and with the H2O score buffer (whose fused epilogue
+    must keep its grid to one wave whatever the hint plans), against the reference."""
+    lens = [6000, 3, 0, 800, 129]
+    kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=torch.bfloat16, device=device,
+                       extra_table_cols=40000 // 16 - -(-6000 // 16))
+    _decode_matches_reference_windowed(kv, 8, device, gen, -1, plan_seq_lens=lens)
+    q = randn(len(lens), 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    capacity = kv.block_table.shape[1] * 16
+    score0 = torch.rand(len(lens), 2, capacity, generator=gen).to(device)
+    score = score0.clone()
+    out = poison(torch.empty_like(q))
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, score=score, plan_seq_lens=lens)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    _check_decode(out, None, ref_out, ref_lse, torch.bfloat16)
+    add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, score_len=capacity)
+    torch.testing.assert_close((score.double() - score0.double()).cpu(), add.cpu(), atol=1e-5, rtol=2e-3)
+    for b, n in enumerate(lens):  # keys past each sequence untouched
+        assert torch.equal(score[b, :, n:], score0[b, :, n:])
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_plan_seq_lens_full_hint_same_bits_cuda(device, gen):
+    """Equal lengths that fill the block table: the hint says what the shapes say, so the plan
+    and every bit of out and lse are those of a call without it."""
+    lens = [4096] * 6
+    kv = make_paged_kv(lens, 16, 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    q = randn(6, 32, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    results = []
+    for hint in (None, lens, torch.tensor(lens)):
+        out = poison(torch.empty_like(q))
+        lse = poison(torch.empty(6, 32, dtype=torch.float32, device=device))
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse, plan_seq_lens=hint)
+        results.append((out, lse))
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+def test_gqa_decode_op_rejects_bad_plan_keys(device, gen):
+    """The op's own checks of the plan hint (torch.ops callers bypass ops.py)."""
+    a = _decode_args(device, gen)
+    ws = op_workspace(device)
+    for total, most, match in [(-1, 5, "plan_total_keys must be >= 0"), (5, -1, "plan_max_keys must be >= 0"),
+                               (5, 0, "plan_total_keys must be 0 when plan_max_keys is 0")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.kvcore.gqa_decode(a.q, a.k_cache, a.v_cache, a.block_table, a.seq_lens, 0.125, -1, 0.0,
+                                        a.out, a.lse, ws, 0, None, total, most)
+    assert bool(torch.isnan(a.out).all()) and bool(torch.isnan(a.lse).all())
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_forced_splits_deterministic_cuda(device, num_splits, gen):
@@ -443,9 +534,10 @@ def test_opcheck_gqa_decode(device, gen):
     out = torch.empty_like(q)
     lse = torch.empty(3, 4, dtype=torch.float32, device=device)
     workspace = op_workspace(device)
-    for window_left, cap, num_splits, with_lse in [(-1, 0.0, 0, True), (7, 30.0, 2, False)]:
+    for window_left, cap, num_splits, with_lse, plan in [(-1, 0.0, 0, True, ()), (7, 30.0, 2, False, ()),
+                                                         (-1, 0.0, 0, True, (None, 24, 19))]:
         args = (q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, 0.125, window_left, cap, out,
-                lse if with_lse else None, workspace, num_splits)
+                lse if with_lse else None, workspace, num_splits, *plan)
         torch.library.opcheck(torch.ops.kvcore.gqa_decode.default, args, test_utils=OPCHECK_UTILS)
 
 
@@ -597,6 +689,19 @@ BAD_DECODE = [
             r"logit_soft_cap must be .*float32's range"),
     BadCase("window_left_not_int", _set_kw("window_left", 3.5), ValueError, r"window_left must be .* got 3\.5"),
     BadCase("num_splits_past_int64", _set_kw("num_splits", 2**64), ValueError, r"num_splits must be"),
+    # the host-side plan hint
+    BadCase("plan_seq_lens_length", _set_kw("plan_seq_lens", [1, 2]), ValueError,
+            r"plan_seq_lens must have 3 entries"),
+    BadCase("plan_seq_lens_negative", _set_kw("plan_seq_lens", [0, -1, 20]), ValueError, r"plan_seq_lens must be >= 0"),
+    BadCase("plan_seq_lens_floats", _set_kw("plan_seq_lens", [0, 1.5, 20]), ValueError, r"plan_seq_lens must hold ints"),
+    BadCase("plan_seq_lens_float_tensor", _set_kw("plan_seq_lens", torch.tensor([0.0, 1.0, 20.0])), ValueError,
+            r"plan_seq_lens must be a 1-D integer tensor"),
+    BadCase("plan_seq_lens_rank", _set_kw("plan_seq_lens", torch.zeros(3, 1, dtype=torch.int32)), ValueError,
+            r"plan_seq_lens must be a 1-D integer tensor"),
+    BadCase("plan_seq_lens_not_host", _set_kw("plan_seq_lens", torch.zeros(3, dtype=torch.int32, device="meta")),
+            ValueError, r"plan_seq_lens must be on the CPU"),
+    BadCase("plan_seq_lens_not_a_sequence", _set_kw("plan_seq_lens", 20), ValueError,
+            r"plan_seq_lens must be a CPU tensor or a sequence of ints"),
     # devices
     BadCase("k_cache_other_device", _set("k_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"k_cache must be on the same device", cuda_only=True),

@@ -23,9 +23,10 @@ void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                      const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t window_left,
                      double logit_soft_cap, at::Tensor& out, const c10::optional<at::Tensor>& lse,
                      const c10::optional<at::Tensor>& workspace, int64_t num_splits,
-                     const c10::optional<at::Tensor>& score) {
+                     const c10::optional<at::Tensor>& score, int64_t plan_total_keys, int64_t plan_max_keys) {
   const PagedDecodeShape s = check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, lse);
   check_decode_scalars(scale, window_left, logit_soft_cap, num_splits);
+  check_plan_keys(plan_total_keys, plan_max_keys);
   if (score.has_value()) {
     check_decode_score(*score, q, s);
     // The score epilogue's grid has the KV heads on y; checked before anything is written.
@@ -45,8 +46,10 @@ void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   (void)paged_decode::decode_warps_switch();
   (void)paged_decode::decode_kernel_switch();
   const int64_t kv_len = p.window_left >= 0 ? std::min<int64_t>(capacity, int64_t(p.window_left) + 1) : capacity;
+  // The caller's host-side lengths (kvcore.gqa_decode's plan_seq_lens), for an automatic split count.
+  const paged_decode::SplitHint hint = paged_decode::split_hint(s.batch, kv_len, plan_total_keys, plan_max_keys);
   paged_decode::dispatch<false>("gqa_decode", q, p, s, kv_len, num_splits, workspace,
-                                score.has_value() ? &*score : nullptr);
+                                score.has_value() ? &*score : nullptr, hint);
 }
 
 }  // namespace

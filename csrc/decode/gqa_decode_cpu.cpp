@@ -58,11 +58,12 @@ void gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
                     const at::Tensor& block_table, const at::Tensor& seq_lens, double scale, int64_t window_left,
                     double logit_soft_cap, at::Tensor& out, const c10::optional<at::Tensor>& lse,
                     const c10::optional<at::Tensor>& workspace, int64_t num_splits,
-                    const c10::optional<at::Tensor>& score) {
-  (void)workspace;
+                    const c10::optional<at::Tensor>& score, int64_t plan_total_keys, int64_t plan_max_keys) {
+  (void)workspace;  // workspace, num_splits and the plan hint shape the CUDA grid only
   (void)num_splits;
   const PagedDecodeShape s = check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, lse);
   check_decode_scalars(scale, window_left, logit_soft_cap, num_splits);
+  check_plan_keys(plan_total_keys, plan_max_keys);
   if (score.has_value()) check_decode_score(*score, q, s);
   if (s.batch == 0 || s.num_q_heads == 0) return;
 

@@ -23,56 +23,20 @@
 #include "kvcore/decode_score.cuh"
 #include "kvcore/gqa_decode.cuh"
 #include "kvcore/gqa_decode_page_major.cuh"
+#include "kvcore/split_plan.h"
 #include "kvcore/split_range.h"
 
 namespace kvcore {
 namespace paged_decode {
 
-constexpr int kMaxSplits = int(kMaxKvSplits);
+static_assert(kMaxSplits == kMaxKvSplits, "split_plan.h's cap is common/split_limits.h's");
 // Leading workspace bytes that hold the per-(sequence, KV head) arrival counters.
 constexpr int64_t kCounterBytes = int64_t(1) << 20;
-// A split shorter than this spends more on its prologue and on the merge than it saves.
-constexpr int kMinSplitTokens = 256;
 // Positions are int32 in the kernel and run up to a few tiles past the capacity while pages are
 // prefetched: keep that headroom below 2^31.
 constexpr int64_t kMaxPositions = (int64_t(1) << 31) - (int64_t(1) << 16);
 
 using kvcore::ctas_per_sm;  // csrc/common/cuda_occupancy.h
-
-// The share of the CTA slots of `waves` full waves that `ctas` CTAs use (waves: as few as hold them).
-inline double wave_fill(int64_t ctas, int64_t slots) {
-  const int64_t waves = (ctas + slots - 1) / slots;
-  return double(ctas) / double(waves * slots);
-}
-
-// Split count from shapes alone (no look at seq_lens, so no host sync and the choice is fixed
-// for a captured graph): fill the GPU's CTA slots in as few, as full waves as possible.
-// max_ctas > 0 caps the grid (pairs x splits) where pairs alone fit under it: one wave for the
-// fused H2O score epilogue, whose CTAs wait for the other splits of their pair.
-// merge_batch > 0: the split merge loads that many splits' partials per round trip, so a count
-// past a multiple of it costs the merging CTA one more round trip at the very end of the kernel;
-// such a count must gain more fill (kBatchFillGain) than a plain step. Session 18/19 (H200, B1
-// Hq32 Hkv8 S131072): 33 splits (264 CTAs, every slot) 129.2-129.3 us, 32 (256 CTAs) 127.2-127.5.
-constexpr double kStepFillGain = 0.02;
-constexpr double kBatchFillGain = 0.05;
-inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_ctas = 0, int merge_batch = 0) {
-  int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv_len / kMinSplitTokens));
-  if (max_ctas > 0) most = std::max<int64_t>(1, std::min<int64_t>(most, max_ctas / std::max<int64_t>(pairs, 1)));
-  auto batches = [&](int64_t s) { return merge_batch > 0 ? (s + merge_batch - 1) / merge_batch : 1; };
-  int best = 1;
-  double best_fill = 0.0;
-  for (int64_t s = 1; s <= most; ++s) {
-    const int64_t ctas = pairs * s;
-    const double fill = wave_fill(ctas, slots);
-    // more splits only for a real gain in SM fill
-    if (fill > best_fill + (batches(s) > batches(best) ? kBatchFillGain : kStepFillGain)) {
-      best = int(s);
-      best_fill = fill;
-    }
-    if (ctas >= 4 * int64_t(slots)) break;  // plenty of waves: the tail no longer matters
-  }
-  return best;
-}
 
 // Workspace regions start 256-byte aligned.
 inline int64_t round256(int64_t n) { return (n + 255) / 256 * 256; }
@@ -98,9 +62,11 @@ struct SplitPlan {
 // lowered until it fits.
 inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pairs, int64_t kv_len, int slots,
                              int tile, int64_t requested, int64_t have, int64_t scratch, int64_t rows,
-                             int64_t width, int64_t max_ctas = 0, int merge_batch = 0) {
-  int splits = requested > 0 ? int(std::min<int64_t>(requested, kMaxSplits))
-                             : choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
+                             int64_t width, int64_t max_ctas = 0, int merge_batch = 0,
+                             const SplitHint& hint = {}) {
+  int splits = requested > 0   ? int(std::min<int64_t>(requested, kMaxSplits))
+               : hint.active() ? choose_splits_hinted(pairs, kv_len, hint, slots, max_ctas, merge_batch)
+                               : choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
   auto lse_bytes = [&](int n) { return round256(pairs * n * rows * 4); };
   auto bytes_for = [&](int n) { return kCounterBytes + scratch + lse_bytes(n) + pairs * n * rows * width * 4; };
   if (splits > 1) {
@@ -319,7 +285,7 @@ bool tma_fits(const GqaDecodeParams& p) {
 template <typename T, typename Cfg, bool SPARSE, bool SCORE, int SPP, bool TMA = false>
 void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
             int64_t requested_splits, const c10::optional<at::Tensor>& workspace, cudaStream_t stream,
-            const at::Tensor* score = nullptr) {
+            const at::Tensor* score = nullptr, const SplitHint& hint = {}) {
   constexpr auto kernel = [] {
     if constexpr (TMA)
       return gqa_decode_tma_kernel<T, Cfg, SCORE>;
@@ -345,7 +311,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   const bool want_fused = SCORE && score_epilogue() == ScoreEpilogue::kFused;
   const SplitPlan plan = plan_splits(op, "batch x num_kv_heads", pairs, kv_len, slots, Cfg::TILE, requested_splits,
                                      have, sbytes, s.group, s.head_dim, want_fused ? slots : 0,
-                                     kMergeBatch<Cfg::D>);
+                                     kMergeBatch<Cfg::D>, hint);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
   // Fused when the grid is one wave (or no pair is split), the departure counters fit next to the
@@ -431,9 +397,11 @@ using WideDecodeConfig = GqaDecodeConfig<128, 3, 8>;
 // pair; where the 8-warp kernel still needs splits or a second wave it was 0.3-2% slower (B1-B4,
 // B32 Hq64, B64, B128). From shapes only, like the split count, and only for an automatic split
 // count: a forced one keeps the 4-warp kernel, so that gqa_decode with and without a score
-// buffer (which always runs the 4-warp kernel) give the same bits at the same num_splits.
+// buffer (which always runs the 4-warp kernel) give the same bits at the same num_splits. With a
+// hint (unequal lengths), only where the 4-warp kernel would not split either: one CTA a pair
+// leaves the longest pair's keys to one CTA.
 template <typename T>
-bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requested_splits) {
+bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requested_splits, const SplitHint& hint) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   // (Hopper's 227 KB per CTA holds its shared memory, an A100's 164 KB not)
   if (WideDecodeConfig::smem_bytes(false) > prop->sharedMemPerBlockOptin) return false;
@@ -444,7 +412,8 @@ bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requ
   using Narrow = GqaDecodeConfig<128>;
   const int narrow_slots = sms * ctas_per_sm(reinterpret_cast<const void*>(gqa_decode_kernel<T, Narrow, false, false, 2>),
                                              Narrow::THREADS, Narrow::smem_bytes(false), op);
-  const int narrow_splits = choose_splits(pairs, kv_len, narrow_slots, 0, kMergeBatch<128>);
+  const int narrow_splits = hint.active() ? choose_splits_hinted(pairs, kv_len, hint, narrow_slots, 0, kMergeBatch<128>)
+                                          : choose_splits(pairs, kv_len, narrow_slots, 0, kMergeBatch<128>);
   return double(pairs) / double(sms) + kStepFillGain >= wave_fill(pairs * narrow_splits, narrow_slots);
 }
 
@@ -504,7 +473,7 @@ void launch_page_major(const char* op, GqaDecodeParams& p, const PagedDecodeShap
 template <bool SPARSE>
 void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
               int64_t requested_splits, const c10::optional<at::Tensor>& workspace,
-              const at::Tensor* score = nullptr) {
+              const at::Tensor* score = nullptr, const SplitHint& hint = {}) {
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_half_types(q.scalar_type(), op, [&](auto tag) {
@@ -514,9 +483,9 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
       constexpr bool SCORE = decltype(score_tag)::value;
       const int spp = page_groups<Cfg, SPARSE>(p);
       if (spp == Cfg::LOADS)
-        return launch<T, Cfg, SPARSE, SCORE, Cfg::LOADS>(op, p, s, kv_len, requested_splits, workspace, stream, score);
-      if (spp == 2) return launch<T, Cfg, SPARSE, SCORE, 2>(op, p, s, kv_len, requested_splits, workspace, stream, score);
-      return launch<T, Cfg, SPARSE, SCORE, 1>(op, p, s, kv_len, requested_splits, workspace, stream, score);
+        return launch<T, Cfg, SPARSE, SCORE, Cfg::LOADS>(op, p, s, kv_len, requested_splits, workspace, stream, score, hint);
+      if (spp == 2) return launch<T, Cfg, SPARSE, SCORE, 2>(op, p, s, kv_len, requested_splits, workspace, stream, score, hint);
+      return launch<T, Cfg, SPARSE, SCORE, 1>(op, p, s, kv_len, requested_splits, workspace, stream, score, hint);
     };
     auto go = [&](auto cfg) {
       using Cfg = decltype(cfg);
@@ -531,9 +500,10 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
           }
         }
         if (tma_loader_requested() && tma_fits<T, Cfg>(p))
-          return launch<T, Cfg, false, false, 1, true>(op, p, s, kv_len, requested_splits, workspace, stream);
+          return launch<T, Cfg, false, false, 1, true>(op, p, s, kv_len, requested_splits, workspace, stream,
+                                                       nullptr, hint);
         if constexpr (Cfg::D == 128) {
-          if (use_wide_decode<T>(op, s.batch * s.num_kv_heads, kv_len, requested_splits))
+          if (use_wide_decode<T>(op, s.batch * s.num_kv_heads, kv_len, requested_splits, hint))
             return with_groups(WideDecodeConfig{}, std::false_type{});
         }
       }

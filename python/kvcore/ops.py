@@ -14,6 +14,7 @@ Every op also has a ``register_fake`` implementation here, so it traces under ``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Optional, Union, overload
 
 import torch
@@ -283,6 +284,49 @@ def _prepare_paged_decode(q, k_cache, block_table, seq_lens, logit_soft_cap, num
     return out, lse, want_lse, workspace, checked
 
 
+def _plan_keys(plan_seq_lens, batch: int, block_table: torch.Tensor, k_cache: torch.Tensor,
+               window_left: int) -> tuple[int, int]:
+    """gqa_decode's split-plan hint from a host copy of seq_lens: (the keys attended in all, the
+    most one sequence attends), each sequence's keys windowed and clamped to the block table's
+    capacity as the kernel clamps them; (0, 0) without one. Python builtins over a list: a
+    serving engine passes the same lengths to every layer's call, so this runs per layer."""
+    if plan_seq_lens is None:
+        return 0, 0
+    if isinstance(plan_seq_lens, torch.Tensor):
+        if plan_seq_lens.device.type != "cpu":
+            raise ValueError(
+                f"plan_seq_lens must be on the CPU (a host copy of seq_lens), got a {plan_seq_lens.device.type} "
+                "tensor: reading it would synchronise with the device")
+        if plan_seq_lens.dim() != 1 or plan_seq_lens.dtype.is_floating_point or plan_seq_lens.dtype.is_complex \
+                or plan_seq_lens.dtype == torch.bool:
+            raise ValueError(f"plan_seq_lens must be a 1-D integer tensor, got {plan_seq_lens.dtype} "
+                             f"of shape {tuple(plan_seq_lens.shape)}")
+        lens = plan_seq_lens.tolist()
+    else:
+        try:
+            lens = list(plan_seq_lens)
+        except TypeError:
+            raise ValueError("plan_seq_lens must be a CPU tensor or a sequence of ints, got "
+                             f"{type(plan_seq_lens).__name__}") from None
+        if not all(type(v) is int for v in lens):
+            lens = [as_index(v) for v in lens]
+            if any(v is None for v in lens):
+                raise ValueError("plan_seq_lens must hold ints")
+    if len(lens) != batch:
+        raise ValueError(f"plan_seq_lens must have {batch} entries (q's batch), got {len(lens)}")
+    if not lens:
+        return 0, 0
+    if min(lens) < 0:
+        raise ValueError(f"plan_seq_lens must be >= 0, got {min(lens)}")
+    cap = block_table.shape[1] * k_cache.shape[1] if block_table.dim() == 2 and k_cache.dim() == 4 else max(lens)
+    if window_left >= 0:
+        cap = min(cap, window_left + 1)
+    longest = max(lens)
+    if longest > cap:
+        return sum(min(n, cap) for n in lens), cap
+    return (sum(lens), longest) if longest > 0 else (0, 0)
+
+
 def _check_slots(slot_mapping: torch.Tensor, num_pages: int, page_size: int) -> None:
     """Host check of a slot mapping (append_paged_kv, mla_latent_project): each slot -1 (skip) or
     inside the cache's num_pages x page_size rows."""
@@ -323,14 +367,14 @@ def gqa_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
     *, scale: Optional[float] = ..., window_left: int = ..., logit_soft_cap: float = ..., out: Optional[torch.Tensor] = ...,
     lse: None = ..., return_lse: bool = ..., workspace: Optional[torch.Tensor] = ..., num_splits: int = ...,
-    score: Optional[torch.Tensor] = ...,
+    score: Optional[torch.Tensor] = ..., plan_seq_lens: Optional[Union[Sequence[int], torch.Tensor]] = ...,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
 @overload
 def gqa_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
     *, scale: Optional[float] = ..., window_left: int = ..., logit_soft_cap: float = ..., out: Optional[torch.Tensor] = ...,
     lse: torch.Tensor, return_lse: bool = ..., workspace: Optional[torch.Tensor] = ..., num_splits: int = ...,
-    score: Optional[torch.Tensor] = ...,
+    score: Optional[torch.Tensor] = ..., plan_seq_lens: Optional[Union[Sequence[int], torch.Tensor]] = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def gqa_decode(
     q: torch.Tensor,
@@ -348,6 +392,7 @@ def gqa_decode(
     workspace: Optional[torch.Tensor] = None,
     num_splits: int = 0,
     score: Optional[torch.Tensor] = None,
+    plan_seq_lens: Optional[Union[Sequence[int], torch.Tensor]] = None,
 ):
     """Decode attention: one query token per sequence against a paged KV cache (GQA/MQA/MHA).
 
@@ -386,7 +431,8 @@ def gqa_decode(
             batch of very unequal lengths can gain from a forced count: on an H100, B16 Hq32 Hkv8
             in an 8192-token table with one full sequence and 15 of 1024 tokens took 104 us
             automatically and 49 us at ``num_splits=8``; with equal lengths 184 and 189 us
-            (``bench/experiments/ragged_decode.py``).
+            (``bench/experiments/ragged_decode.py``). ``plan_seq_lens`` makes that choice from
+            the lengths instead.
         score: optional H2O accumulator ``[B, num_kv_heads, S]`` float32, contiguous, with
             ``S >= max_pages * page_size``, updated in place: ``score[b, h, p] +=`` the sum over
             the query heads of KV group ``h`` of their softmax probability of key ``p``, for every
@@ -401,6 +447,16 @@ def gqa_decode(
             launch), else by a second small kernel (``KVCORE_SCORE_EPILOGUE=narrow`` asks for
             that one always). With ``num_splits=0`` the split count then keeps the grid to one
             wave. A NaN in ``q[b, hq]`` makes that group's attended scores NaN.
+        plan_seq_lens: optional host copy of ``seq_lens`` (a CPU tensor or a sequence of ints,
+            ``B`` entries), as a serving engine's scheduler holds it, for the automatic split
+            count only: it then sizes the grid for the keys the batch actually attends (the sum
+            and the largest of each sequence's keys, windowed and clamped to the table) rather
+            than as if every sequence filled ``block_table``. Never read by the kernel: each
+            sequence's keys still come from ``seq_lens`` on the device, so stale or wrong values
+            give correct results, only a slower plan. Equal lengths that fill the table plan as
+            without it. Ignored with ``num_splits > 0`` and on CPU. A CUDA tensor is refused
+            (reading it would synchronise with the GPU). Under CUDA graph capture the plan is
+            fixed at capture, like the rest of the launch.
 
     Determinism: on CUDA, a fixed ``num_splits = n > 0`` gives bitwise identical ``out``/``lse``
     on every call, whatever the workspace held before (earlier calls of any shape); ``0`` does
@@ -430,11 +486,12 @@ def gqa_decode(
     if score is not None and workspace is None and q.is_cuda and k_cache.dim() == 4 and block_table.dim() == 2:
         workspace = decode_workspace(q.device, decode_score_workspace_bytes(
             q.shape[0], q.shape[1], block_table.shape[1], k_cache.shape[1], int(window_left)))
+    plan_total, plan_max = _plan_keys(plan_seq_lens, q.shape[0], block_table, k_cache, int(window_left))
     out, lse, want_lse, workspace, checked = _prepare_paged_decode(
         q, k_cache, block_table, seq_lens, logit_soft_cap, num_splits, out, lse, return_lse, workspace)
     _ops.gqa_decode(
         q, k_cache, v_cache, block_table, seq_lens, float(scale), int(window_left), float(logit_soft_cap),
-        out, lse, workspace, int(num_splits), score,
+        out, lse, workspace, int(num_splits), score, plan_total, plan_max,
     )
     out, lse = _guard_grad("gqa_decode", (out, lse), q, k_cache, v_cache)
     return (out, lse) if want_lse else out
@@ -483,7 +540,7 @@ def _append_paged_kv_fake(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 @torch.library.register_fake("kvcore::gqa_decode")
 def _gqa_decode_fake(q, k_cache, v_cache, block_table, seq_lens, scale, window_left, logit_soft_cap, out, lse,
-                     workspace, num_splits, score=None) -> None:
+                     workspace, num_splits, score=None, plan_total_keys=0, plan_max_keys=0) -> None:
     torch._check(out.shape == q.shape, lambda: "out must have q's shape")
     return None
 

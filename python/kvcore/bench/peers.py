@@ -227,9 +227,12 @@ def build_kvcore(inputs: DecodeInputs) -> list:
     workspace = None
     if q.is_cuda and hasattr(kvcore, "decode_workspace"):
         workspace = kvcore.decode_workspace(q.device)
+    # The host copy of the lengths that FlashInfer's plan gets too, as a serving engine holds it
+    # (it plans the split count only; equal lengths that fill the table plan as without it).
+    plan = {"plan_seq_lens": inputs.seq_lens_host()} if q.is_cuda else {}
 
     def fn() -> torch.Tensor:
-        kvcore.gqa_decode(q, kc, vc, bt, sl, scale=scale, out=out, workspace=workspace)
+        kvcore.gqa_decode(q, kc, vc, bt, sl, scale=scale, out=out, workspace=workspace, **plan)
         return out
 
     before, after = validation_off_while_timed(kvcore)

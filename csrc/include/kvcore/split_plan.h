@@ -1,0 +1,104 @@
+// The automatic split count of the paged decode launchers (gqa_decode, block_sparse_decode,
+// mla_decode): how many CTAs share a (sequence, KV head) pair's keys. Host only,
+// framework-free, no CUDA headers: tests/cpp/split_plan_check.cpp compiles it without CUDA.
+#pragma once
+
+#include <stdint.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+namespace kvcore {
+namespace paged_decode {
+
+// A forced num_splits above this is taken as this many (common/split_limits.h's kMaxKvSplits).
+constexpr int kMaxSplits = 256;
+// A split shorter than this spends more on its prologue and on the merge than it saves.
+constexpr int kMinSplitTokens = 256;
+
+// The share of the CTA slots of `waves` full waves that `ctas` CTAs use (waves: as few as hold them).
+inline double wave_fill(int64_t ctas, int64_t slots) {
+  const int64_t waves = (ctas + slots - 1) / slots;
+  return double(ctas) / double(waves * slots);
+}
+
+// Split count from shapes alone (no look at seq_lens, so no host sync and the choice is fixed
+// for a captured graph): fill the GPU's CTA slots in as few, as full waves as possible.
+// max_ctas > 0 caps the grid (pairs x splits) where pairs alone fit under it: one wave for the
+// fused H2O score epilogue, whose CTAs wait for the other splits of their pair.
+// merge_batch > 0: the split merge loads that many splits' partials per round trip, so a count
+// past a multiple of it costs the merging CTA one more round trip at the very end of the kernel;
+// such a count must gain more fill (kBatchFillGain) than a plain step. Session 18/19 (H200, B1
+// Hq32 Hkv8 S131072): 33 splits (264 CTAs, every slot) 129.2-129.3 us, 32 (256 CTAs) 127.2-127.5.
+constexpr double kStepFillGain = 0.02;
+constexpr double kBatchFillGain = 0.05;
+inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_ctas = 0, int merge_batch = 0) {
+  int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv_len / kMinSplitTokens));
+  if (max_ctas > 0) most = std::max<int64_t>(1, std::min<int64_t>(most, max_ctas / std::max<int64_t>(pairs, 1)));
+  auto batches = [&](int64_t s) { return merge_batch > 0 ? (s + merge_batch - 1) / merge_batch : 1; };
+  int best = 1;
+  double best_fill = 0.0;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t ctas = pairs * s;
+    const double fill = wave_fill(ctas, slots);
+    // more splits only for a real gain in SM fill
+    if (fill > best_fill + (batches(s) > batches(best) ? kBatchFillGain : kStepFillGain)) {
+      best = int(s);
+      best_fill = fill;
+    }
+    if (ctas >= 4 * int64_t(slots)) break;  // plenty of waves: the tail no longer matters
+  }
+  return best;
+}
+
+// What the caller knows of the batch's lengths on the host (gqa_decode's plan_total_keys /
+// plan_max_keys), for the automatic split count only: `fill` = the keys attended over the batch /
+// (batch x max_keys), `max_keys` = the longest pair's keys (<= kv_len). Inactive (max_keys 0):
+// the plan from shapes alone, as if every pair had kv_len keys. The kernels still cut each
+// sequence from its own seq_len on the device, so any hint gives correct results; a wrong one
+// only a worse plan.
+struct SplitHint {
+  double fill = 1.0;
+  int64_t max_keys = 0;
+  bool active() const { return max_keys > 0; }
+};
+
+// The hint for a batch of `batch` sequences whose attended keys sum to `total_keys` with the
+// longest `max_keys` (both from the caller, 0 when not given), under shapes that allow kv_len
+// keys a pair. Inactive when not given or when it says what the shapes say (every pair full),
+// so such a call plans exactly as one without it.
+inline SplitHint split_hint(int64_t batch, int64_t kv_len, int64_t total_keys, int64_t max_keys) {
+  if (max_keys <= 0 || batch <= 0 || kv_len <= 0) return {};
+  const int64_t most = std::min(max_keys, kv_len);
+  const int64_t total = std::min(std::max<int64_t>(total_keys, 0), batch * most);
+  if (most == kv_len && total == batch * kv_len) return {};
+  return {double(total) / double(batch * most), most};
+}
+
+// The pairs and keys a pair the plan sizes the grid for: with a hint, as many full-length pairs of
+// max_keys as hold the batch's keys (at least one).
+inline std::pair<int64_t, int64_t> planned_pairs(int64_t pairs, int64_t kv_len, const SplitHint& hint) {
+  if (!hint.active()) return {pairs, kv_len};
+  return {std::max<int64_t>(1, std::llround(double(pairs) * hint.fill)), hint.max_keys};
+}
+
+// The automatic split count with a hint: choose_splits for the planned pairs, capped so the real
+// grid (pairs x splits, all launched: short sequences' splits just take fewer keys) stays within
+// four waves, where each CTA's fixed cost starts to outweigh the balance. H100, session 26's
+// forced counts (bench/results/h100-2026-12-05-s26/call1/ragged-default.log): B16 Hq32 Hkv8 in an
+// 8192-token table, one sequence full and 15 of 1024: 8 splits 49 us (planned 23 pairs: 11 splits,
+// capped at 8), 16 splits 55, automatic (1) 104; uniform lengths: 4 splits 100 us (planned 58
+// pairs: 4), automatic 111; B128 S2048, one full and 127 of 256: 2 splits 70, 1 split 72 (the cap:
+// 1), 8 splits 130.
+inline int choose_splits_hinted(int64_t pairs, int64_t kv_len, const SplitHint& hint, int slots, int64_t max_ctas,
+                                int merge_batch) {
+  const auto [planned, keys] = planned_pairs(pairs, kv_len, hint);
+  int64_t cap = std::max<int64_t>(1, 4 * int64_t(slots) / std::max<int64_t>(pairs, 1));
+  // max_ctas (the fused score epilogue's one wave) bounds the real grid, not the planned one
+  if (max_ctas > 0) cap = std::min(cap, std::max<int64_t>(1, max_ctas / std::max<int64_t>(pairs, 1)));
+  return int(std::min<int64_t>(choose_splits(planned, keys, slots, 0, merge_batch), cap));
+}
+
+}  // namespace paged_decode
+}  // namespace kvcore

@@ -1,0 +1,106 @@
+// Checks kvcore/split_plan.h on the host (tests/test_host_checks.py compiles and runs it): the
+// automatic split count with a host-side length hint (gqa_decode's plan_seq_lens).
+// - A hint that says what the shapes say (every sequence fills the table) is inactive, so the
+//   plan is exactly the one without it, over a grid of batches, head counts, widths and slots.
+// - Any hint keeps the count in [1, kMaxSplits], the real grid within four waves (or one CTA a
+//   pair) and within max_ctas where that is given (the fused H2O epilogue's one wave).
+// - The picks on the rows session 26 timed with forced counts on an H100 (132 SMs, two 4-warp
+//   CTAs each: 264 slots, merge batch 32): each pick is the measured best or within 3% of it.
+// Prints the number of checked plans; exits 1 on a failure.
+#include <cstdint>
+#include <cstdio>
+
+#include "kvcore/split_plan.h"
+
+namespace {
+
+using kvcore::paged_decode::choose_splits;
+using kvcore::paged_decode::choose_splits_hinted;
+using kvcore::paged_decode::kMaxSplits;
+using kvcore::paged_decode::split_hint;
+
+int failures = 0;
+long long checked = 0;
+
+void expect(bool ok, const char* what, long long a, long long b, long long c, long long d) {
+  ++checked;
+  if (!ok && ++failures <= 20) std::printf("FAIL %s: %lld %lld %lld %lld\n", what, a, b, c, d);
+}
+
+// The split count gqa_decode's launcher takes for this batch (D 128's merge batch, 32).
+int plan(int64_t batch, int64_t kv_heads, int64_t kv_len, int64_t total, int64_t most, int slots,
+         int64_t max_ctas = 0) {
+  const auto hint = split_hint(batch, kv_len, total, most);
+  const int64_t pairs = batch * kv_heads;
+  return hint.active() ? choose_splits_hinted(pairs, kv_len, hint, slots, max_ctas, 32)
+                       : choose_splits(pairs, kv_len, slots, max_ctas, 32);
+}
+
+}  // namespace
+
+int main() {
+  // Full hints are inactive: the same count as the shapes-only plan.
+  for (int64_t batch : {1, 2, 3, 7, 16, 33, 64, 128, 500})
+    for (int64_t kv_heads : {1, 2, 8, 16})
+      for (int64_t kv_len : {0, 1, 255, 256, 4096, 8192, 32768, 131072})
+        for (int slots : {132, 264, 396}) {
+          const bool inactive = !split_hint(batch, kv_len, batch * kv_len, kv_len).active();
+          expect(inactive || kv_len == 0, "full hint active", batch, kv_heads, kv_len, slots);
+          // a max_keys past the table is clamped to it: still the full hint
+          expect(!split_hint(batch, kv_len, batch * kv_len * 2, kv_len * 3).active() || kv_len == 0,
+                 "clamped full hint active", batch, kv_heads, kv_len, slots);
+        }
+
+  // Any hint: the count's bounds and the grid caps.
+  for (int64_t batch : {1, 2, 5, 16, 64, 128, 1000})
+    for (int64_t kv_heads : {1, 8})
+      for (int64_t kv_len : {16, 256, 4096, 131072})
+        for (int64_t most_div : {1, 2, 16, 1000})
+          for (int64_t fill_pct : {0, 1, 10, 50, 90, 100})
+            for (int slots : {132, 264})
+              for (int64_t max_ctas : {int64_t(0), int64_t(slots)}) {
+                const int64_t most = std::max<int64_t>(1, kv_len / most_div);
+                const int64_t total = batch * most * fill_pct / 100;
+                const int64_t pairs = batch * kv_heads;
+                const int s = plan(batch, kv_heads, kv_len, total, most, slots, max_ctas);
+                expect(s >= 1 && s <= kMaxSplits, "count out of range", batch, kv_len, total, s);
+                if (split_hint(batch, kv_len, total, most).active()) {
+                  expect(s == 1 || pairs * s <= 4 * int64_t(slots), "past four waves", pairs, kv_len, total, s);
+                  expect(max_ctas == 0 || s == 1 || pairs * s <= max_ctas, "past max_ctas", pairs, kv_len, total, s);
+                }
+              }
+
+  // Session 26's H100 rows (bench/results/h100-2026-12-05-s26/call1/ragged-default.log): B x 8
+  // KV heads, lengths as bench/experiments/ragged_decode.py makes them; us at the forced counts.
+  struct Row {
+    const char* name;
+    int64_t batch, kv_len, total, most;
+    int lo, hi;  // the picks that are the best measured or within 3% of it
+  };
+  const Row rows[] = {
+      // one sequence full, 15 of 1024: 1 split 104, 2 84, 4 63, 8 49, 16 55
+      {"B16 one-long", 16, 8192, 8192 + 15 * 1024, 8192, 8, 8},
+      // uniform lengths (59289 keys): 1 111, 2 102, 4 100, 8 98.5, 16 98.4
+      {"B16 uniform", 16, 8192, 59289, 8192, 4, 16},
+      // every sequence 128: 1 10.8, 2 13.3
+      {"B16 short", 16, 8192, 16 * 128, 128, 1, 1},
+      // uniform (136625 keys): 1 202, 2 207, 4 210
+      {"B128 uniform", 128, 2048, 136625, 2048, 1, 1},
+      // one full, 127 of 256: 1 72, 2 70, 4 89
+      {"B128 one-long", 128, 2048, 2048 + 127 * 256, 2048, 1, 2},
+      // every sequence 32: 1 19.6, 2 42
+      {"B128 short", 128, 2048, 128 * 32, 32, 1, 1},
+      // one sequence of 2048 in a 131072-token table: 8 13.6, 16 13.1, the shapes' 32 splits 13.5
+      {"B1 short", 1, 131072, 2048, 2048, 8, 16},
+      // one of 76624: 16 115.5, the shapes' count (32) 113.5
+      {"B1 uniform", 1, 131072, 76624, 76624, 16, 33},
+  };
+  for (const Row& r : rows) {
+    const int s = plan(r.batch, 8, r.kv_len, r.total, r.most, 264);
+    std::printf("%-14s %d splits\n", r.name, s);
+    expect(s >= r.lo && s <= r.hi, r.name, s, r.lo, r.hi, 0);
+  }
+
+  std::printf("checked %lld plans, %d failures\n", checked, failures);
+  return failures == 0 ? 0 : 1;
+}
