@@ -20,6 +20,9 @@ forced count.
     KVCORE_DECODE_WARPS=4      python bench/experiments/ragged_decode.py [OUT.json]
     python bench/experiments/ragged_decode.py --splits 2,4,8,16 [OUT.json]
 
+Every shape and pattern is timed with the automatic count planned from shapes ("auto") and from a
+host copy of the lengths ("hint": gqa_decode's plan_seq_lens, session 27).
+
 
 (the switches are read once per process, hence one process each; --splits also times those
 forced split counts, which run the 4-warp head kernel unless KVCORE_DECODE_WARPS=8: what a split count chosen from the
@@ -86,11 +89,14 @@ def main(argv: list) -> int:
             seq_lens = lengths(pattern, b, cap, gen).to(dev)
 
             ref, _ = reference.gqa_decode(x.q.float(), k32, v32, x.block_table, seq_lens, scale=x.scale)
-            for splits in forced:
+            host_lens = seq_lens.tolist()
+            for splits in [0, "hint"] + forced[1:]:
+                # "hint": the automatic count planned from a host copy of the lengths (plan_seq_lens)
+                kw = {"plan_seq_lens": host_lens} if splits == "hint" else {"num_splits": splits}
 
                 def call() -> None:
                     kvcore.gqa_decode(x.q, x.k_cache, x.v_cache, x.block_table, seq_lens, scale=x.scale, out=out,
-                                      workspace=ws, num_splits=splits)
+                                      workspace=ws, **kw)
 
                 out.fill_(float("nan"))
                 call()
