@@ -43,10 +43,10 @@ from kvcore import reference
 from kvcore.bench import decode, harness
 
 # (batch, num_kv_heads, capacity in tokens), Hq = 4 x Hkv, D 128, page 16: the decode table's
-# B16, B128 and B1 S131072 rows. (At B1 "one-long" is "equal" and "uniform" one shorter
-# sequence: that row is there for "short".)
-SHAPES = [(16, 8, 8192), (128, 8, 2048), (1, 8, 131072)]
-PATTERNS = ("equal", "uniform", "one-long", "short")
+# B16, B128, B1 S131072 and B64 rows ("bench": the lengths of its ragged rows). (At B1
+# "one-long" is "equal" and "uniform" one shorter sequence: that row is there for "short".)
+SHAPES = [(16, 8, 8192), (128, 8, 2048), (1, 8, 131072), (64, 8, 4096)]
+PATTERNS = ("equal", "uniform", "one-long", "short", "bench")
 
 
 def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator) -> torch.Tensor:
@@ -61,6 +61,8 @@ def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator) -> torch.T
         return lens
     if pattern == "short":  # every sequence at 1/64 of the capacity: a block table sized for the
         return torch.full((batch,), cap // 64, dtype=torch.int32)  # model's context, not the batch
+    if pattern == "bench":  # the decode table's ragged rows' lengths (B16 S8192, B64 S4096 there)
+        return torch.tensor(decode.DecodeCase(batch, 32, 8, 128, cap, ragged=True).seq_lens(), dtype=torch.int32)
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
