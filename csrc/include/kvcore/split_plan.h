@@ -83,20 +83,30 @@ inline std::pair<int64_t, int64_t> planned_pairs(int64_t pairs, int64_t kv_len, 
   return {std::max<int64_t>(1, std::llround(double(pairs) * hint.fill)), hint.max_keys};
 }
 
-// The automatic split count with a hint: choose_splits for the planned pairs, capped so the real
-// grid (pairs x splits, all launched: short sequences' splits just take fewer keys) stays within
-// four waves, where each CTA's fixed cost starts to outweigh the balance. H100, session 26's
-// forced counts (bench/results/h100-2026-12-05-s26/call1/ragged-default.log): B16 Hq32 Hkv8 in an
-// 8192-token table, one sequence full and 15 of 1024: 8 splits 49 us (planned 23 pairs: 11 splits,
-// capped at 8), 16 splits 55, automatic (1) 104; uniform lengths: 4 splits 100 us (planned 58
-// pairs: 4), automatic 111; B128 S2048, one full and 127 of 256: 2 splits 70, 1 split 72 (the cap:
-// 1), 8 splits 130.
+// The automatic split count with a hint. The real grid is pairs x splits, all launched (a short
+// sequence's splits just take fewer keys), so it stays within four waves of CTA slots, past which
+// each CTA's fixed cost outweighs the balance, and within max_ctas (the fused score epilogue's
+// one wave). Below that:
+// - unequal lengths over many pairs (at least a quarter pair a slot): the four waves themselves.
+//   The planned pairs' wave fill says nothing there: CTAs of unequal work, many of them, are
+//   what lets the hardware hand the SMs that finish first the next ones;
+// - otherwise (few pairs, or equal lengths shorter than the table): choose_splits for the planned
+//   pairs, as many full-length pairs of max_keys as hold the batch's keys.
+// At most one split per kMinSplitTokens of the longest sequence either way. H100, forced counts
+// (bench/results/h100-2026-12-05-s27/call3/ragged.log; 264 slots of the 4-warp kernel), us:
+// B16 Hq32 Hkv8 in an 8192-token table (four waves: 8 splits), one sequence full and 15 of 1024:
+// automatic from shapes (1) 104, 4 splits 63, 8 49; uniform lengths: 1 112, 4 101, 8 98; B64 in
+// a 4096-token table (2 splits): the decode bench's ragged lengths 1 178, 2 166, 4 166, 8 177;
+// uniform 1 195, 2 188, 4 185; one full and 63 of 512: 1 97, 2 77, 4 71; B128 S2048 (1 split):
+// uniform 1 202, 2 207; one full and 127 of 256: 1 72, 2 70, 4 88.
 inline int choose_splits_hinted(int64_t pairs, int64_t kv_len, const SplitHint& hint, int slots, int64_t max_ctas,
                                 int merge_batch) {
   const auto [planned, keys] = planned_pairs(pairs, kv_len, hint);
-  int64_t cap = std::max<int64_t>(1, 4 * int64_t(slots) / std::max<int64_t>(pairs, 1));
-  // max_ctas (the fused score epilogue's one wave) bounds the real grid, not the planned one
-  if (max_ctas > 0) cap = std::min(cap, std::max<int64_t>(1, max_ctas / std::max<int64_t>(pairs, 1)));
+  const int64_t real = std::max<int64_t>(pairs, 1);
+  int64_t cap = std::max<int64_t>(1, 4 * int64_t(slots) / real);
+  if (max_ctas > 0) cap = std::min(cap, std::max<int64_t>(1, max_ctas / real));
+  cap = std::min<int64_t>(cap, std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, keys / kMinSplitTokens)));
+  if (hint.fill < 1.0 && 4 * real >= slots) return int(cap);
   return int(std::min<int64_t>(choose_splits(planned, keys, slots, 0, merge_batch), cap));
 }
 
