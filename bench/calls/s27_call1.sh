@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 27, call 1 (carry .exp, built as bench/calls/s26_call5.sh says). Two questions about
+# Session 27, call 1 (carry .exp: decode_trace.cu built as lib (4 warps) and lib8 (-DTRACE_WARPS=8)
+# with the nvcc line in its header; supersedes s26_call5.sh, prepared then, never run). Two questions about
 # B16 S8192's 184 us against cuDNN's 177 on the H100:
 # (a) s26_call5's: kernel time next to the plain reads (one-shot, whole-page paged, per-head
 #     paged) at a random and a sequential table;
