@@ -430,6 +430,33 @@ def test_end_to_end_ragged_decode_matches_reference(device, dtype):
 
 
 @needs_ops
+def test_decode_passes_the_host_lengths_as_plan_seq_lens(monkeypatch):
+    """PagedKVCache.decode hands gqa_decode the lengths it holds on the host (plan_seq_lens, for
+    the split plan) unless the caller gives its own, which it forwards unchanged."""
+    import kvcore.ops
+
+    cache = _cache(num_layers=1, num_pages=8, page_size=4)
+    ids = [cache.add_sequence(), cache.add_sequence(), cache.add_sequence()]
+    slots = cache.reserve(ids, [7, 0, 10])
+    gen = torch.Generator().manual_seed(5)
+    cache.append(0, torch.randn(17, 2, 8, generator=gen), torch.randn(17, 2, 8, generator=gen), slots)
+    seen = []
+    real = kvcore.ops.gqa_decode
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("plan_seq_lens"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kvcore.ops, "gqa_decode", spy)
+    q = torch.randn(3, 4, 8, generator=gen)
+    cache.decode(0, q, ids)
+    cache.decode(0, q, ids, plan_seq_lens=[1, 2, 3])
+    assert seen == [[7, 0, 10], [1, 2, 3]]
+    with pytest.raises(ValueError, match="plan_seq_lens must have 3 entries"):
+        cache.decode(0, q, ids, plan_seq_lens=[1, 2])
+
+
+@needs_ops
 def test_decode_with_tensor_sequence_ids_matches_reference():
     gen = torch.Generator().manual_seed(4321)
     cache = _cache(num_layers=1, num_pages=8, page_size=4)

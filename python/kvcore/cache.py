@@ -483,7 +483,9 @@ class PagedKVCache:
         sequences ``seq_ids`` (row ``i`` of ``q`` belongs to ``seq_ids[i]``).
 
         ``kwargs`` go to ``gqa_decode`` (``scale``, ``window_left``, ``logit_soft_cap``,
-        ``out``, ``lse``, ``return_lse``, ...); returns what it returns.
+        ``out``, ``lse``, ``return_lse``, ...); returns what it returns. The cache knows the
+        lengths on the host, so it passes them as ``plan_seq_lens`` (the split count is then
+        planned for unequal lengths; equal ones plan as without it) unless ``kwargs`` has one.
         """
         k_cache, v_cache = self.kv(layer)
         seq_ids = list(seq_ids)
@@ -493,8 +495,11 @@ class PagedKVCache:
                 f"q must be [{len(seq_ids)}, num_q_heads, {self.head_dim}] (one row per seq_id), got {shape}"
             )
         store = self.store_of(layer)  # after split_stores() each store has its own table and lengths
+        lens = [self._one(s, store, "seq_lens").length for s in seq_ids]
+        kwargs.setdefault("plan_seq_lens", lens)
         return _ops().gqa_decode(
-            q, k_cache, v_cache, self.block_table(seq_ids, store), self.seq_lens(seq_ids, store), **kwargs
+            q, k_cache, v_cache, self.block_table(seq_ids, store),
+            self._upload(torch.tensor(lens, dtype=torch.int32)), **kwargs
         )
 
     # ---------------------------------------------------------------- accounting
