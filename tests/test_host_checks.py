@@ -7,8 +7,8 @@ no CUDA toolkit and no kvcore build, so they run on every machine, CI's included
   tiles of at most split_tokens, and a sequence that fills its block table is cut as before.
 - split_plan_check.cpp: csrc/include/kvcore/split_plan.h, the automatic split count with
   gqa_decode's host-side length hint: a full hint plans as none, any hint stays in bounds, and
-  the picks on the H100 rows sessions 26 and 27 measured (best forced count or within 3%, one
-  row noted).
+  the picks on the H100 rows sessions 26 and 27 measured (best forced count or within 3%, two
+  rows noted).
 - half_bits_check.cpp: csrc/common/cpu_half_bits.h, the CPU kernels' fp16 -> fp32 row
   conversion, on all 65,536 bit patterns at every vector width (the baseline, AVX2 and AVX-512
   copies), also compiled with -mavx2 -mfma -mf16c, and with -mavx512f added, where this CPU has

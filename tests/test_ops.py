@@ -288,14 +288,16 @@ def test_gqa_decode_pair_per_sm_cuda(device, dtype, gen):
         _decode_matches_reference(kv, 4, dtype, device, gen)
 
 
-# plan_seq_lens: each a host copy of seq_lens (or a stale / wrong one, which may only cost speed).
+# plan_seq_lens: a host copy of seq_lens, or a stale / wrong one, which may only cost speed. Each
+# plans differently on CUDA (B8 Hkv8, 264 slots: true lengths: the four-wave count for unequal
+# lengths over many pairs, or choose_splits for the planned pairs; all ones: one split; one long
+# and the rest empty: the most splits the longest allows; halves: fewer keys a pair).
 PLAN_HINTS = {
     "true_list": lambda lens: list(lens),
     "true_cpu_tensor": lambda lens: torch.tensor(lens, dtype=torch.int32),
-    "too_short": lambda lens: [1] * len(lens),
-    "too_long": lambda lens: [10**9] * len(lens),
-    "reversed": lambda lens: list(reversed(lens)),
-    "zeros": lambda lens: [0] * len(lens),
+    "all_ones": lambda lens: [1] * len(lens),
+    "one_long": lambda lens: [max(lens)] + [0] * (len(lens) - 1),
+    "halves": lambda lens: [n // 2 for n in lens],
 }
 
 
@@ -332,9 +334,9 @@ def test_gqa_decode_plan_seq_lens_wide_table_and_score_cuda(device, gen):
     """The hint with a block table far wider than its sequences (the plan then sizes splits by
     the longest sequence, not the width) and with the H2O score buffer (whose fused epilogue
     must keep its grid to one wave whatever the hint plans), against the reference."""
-    lens = [6000, 3, 0, 800, 129]
+    lens = [30000, 3, 0, 800, 129]  # 10 pairs: the hint alone would split far past one wave
     kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=torch.bfloat16, device=device,
-                       extra_table_cols=40000 // 16 - -(-6000 // 16))
+                       extra_table_cols=40000 // 16 - -(-30000 // 16))
     _decode_matches_reference_windowed(kv, 8, device, gen, -1, plan_seq_lens=lens)
     q = randn(len(lens), 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
     capacity = kv.block_table.shape[1] * 16
@@ -365,6 +367,37 @@ def test_gqa_decode_plan_seq_lens_full_hint_same_bits_cuda(device, gen):
         results.append((out, lse))
     for out, lse in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+@pytest.mark.parametrize("window_left", [-1, 15])
+def test_gqa_decode_plan_seq_lens_reaches_the_op(device, window_left, gen, monkeypatch):
+    """The wrapper reduces plan_seq_lens to the op's plan_total_keys / plan_max_keys: each length
+    clamped to the window and to the block table's capacity, then summed and maxed."""
+    import kvcore.ops as ops_module
+
+    seen = []
+    real = ops_module._ops
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(real, name)
+            if name != "gqa_decode":
+                return op
+
+            def call(*args):
+                seen.append(args[-2:])
+                return op(*args)
+
+            return call
+
+    monkeypatch.setattr(ops_module, "_ops", Spy())
+    a = _decode_args(device, gen)  # capacity 32, lens [0, 1, 20]
+    for hint, want in [([0, 1, 20], (21, 20) if window_left < 0 else (17, 16)),
+                       ([40, 5, 0], (37, 32) if window_left < 0 else (21, 16)),
+                       (torch.tensor([3, 3, 3]), (9, 3)), (None, (0, 0)), ([0, 0, 0], (0, 0))]:
+        kvcore.gqa_decode(a.q, a.k_cache, a.v_cache, a.block_table, a.seq_lens, window_left=window_left, out=a.out,
+                          plan_seq_lens=hint)
+        assert tuple(seen[-1]) == want, (hint, seen[-1])
 
 
 def test_gqa_decode_op_rejects_bad_plan_keys(device, gen):
@@ -695,9 +728,9 @@ BAD_DECODE = [
     BadCase("plan_seq_lens_negative", _set_kw("plan_seq_lens", [0, -1, 20]), ValueError, r"plan_seq_lens must be >= 0"),
     BadCase("plan_seq_lens_floats", _set_kw("plan_seq_lens", [0, 1.5, 20]), ValueError, r"plan_seq_lens must hold ints"),
     BadCase("plan_seq_lens_float_tensor", _set_kw("plan_seq_lens", torch.tensor([0.0, 1.0, 20.0])), ValueError,
-            r"plan_seq_lens must be a 1-D integer tensor"),
+            r"plan_seq_lens must be a 1-D dense integer tensor"),
     BadCase("plan_seq_lens_rank", _set_kw("plan_seq_lens", torch.zeros(3, 1, dtype=torch.int32)), ValueError,
-            r"plan_seq_lens must be a 1-D integer tensor"),
+            r"plan_seq_lens must be a 1-D dense integer tensor"),
     BadCase("plan_seq_lens_not_host", _set_kw("plan_seq_lens", torch.zeros(3, dtype=torch.int32, device="meta")),
             ValueError, r"plan_seq_lens must be on the CPU"),
     BadCase("plan_seq_lens_not_a_sequence", _set_kw("plan_seq_lens", 20), ValueError,

@@ -398,7 +398,7 @@ using WideDecodeConfig = GqaDecodeConfig<128, 3, 8>;
 // B32 Hq64, B64, B128). From shapes only, like the split count, and only for an automatic split
 // count: a forced one keeps the 4-warp kernel, so that gqa_decode with and without a score
 // buffer (which always runs the 4-warp kernel) give the same bits at the same num_splits. With a
-// hint (unequal lengths), only where the 4-warp kernel would not split either (then pairs <= SMs
+// hint of unequal lengths, only where the 4-warp kernel would not split either (then pairs <= SMs
 // fill the GPU best one a CTA, as above): one CTA a pair leaves the longest pair's keys to one
 // CTA, and the 8-warp kernel's 132 slots plan coarser splits than the 4-warp kernel's 264
 // (session 27, H100, B16 one long sequence among short ones: 51.5 us as 4 wide splits against
@@ -415,8 +415,12 @@ bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requ
   using Narrow = GqaDecodeConfig<128>;
   const int narrow_slots = sms * ctas_per_sm(reinterpret_cast<const void*>(gqa_decode_kernel<T, Narrow, false, false, 2>),
                                              Narrow::THREADS, Narrow::smem_bytes(false), op);
-  if (hint.active()) return choose_splits_hinted(pairs, kv_len, hint, narrow_slots, 0, kMergeBatch<128>) == 1;
-  const int narrow_splits = choose_splits(pairs, kv_len, narrow_slots, 0, kMergeBatch<128>);
+  if (hint.active() && hint.fill < 1.0)
+    return choose_splits_hinted(pairs, kv_len, hint, narrow_slots, 0, kMergeBatch<128>) == 1;
+  // Equal lengths (a hint of fill 1 says only that they are max_keys, under the table's width):
+  // the rule above at that length.
+  const int64_t keys = hint.active() ? hint.max_keys : kv_len;
+  const int narrow_splits = choose_splits(pairs, keys, narrow_slots, 0, kMergeBatch<128>);
   return double(pairs) / double(sms) + kStepFillGain >= wave_fill(pairs * narrow_splits, narrow_slots);
 }
 

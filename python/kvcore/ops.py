@@ -289,18 +289,22 @@ def _plan_keys(plan_seq_lens, batch: int, block_table: torch.Tensor, k_cache: to
     """gqa_decode's split-plan hint from a host copy of seq_lens: (the keys attended in all, the
     most one sequence attends), each sequence's keys windowed and clamped to the block table's
     capacity as the kernel clamps them; (0, 0) without one. Python builtins over a list: a
-    serving engine passes the same lengths to every layer's call, so this runs per layer."""
-    if plan_seq_lens is None:
+    serving engine passes the same lengths to every layer's call, so this runs per layer.
+    Under torch.compile the hint is not read (the plan is then the shapes' alone): reducing host
+    values would specialise the graph on every batch's lengths."""
+    if plan_seq_lens is None or torch.compiler.is_compiling():
         return 0, 0
+    if isinstance(plan_seq_lens, (str, bytes, bytearray)):
+        raise ValueError(f"plan_seq_lens must be a CPU tensor or a sequence of ints, got {type(plan_seq_lens).__name__}")
     if isinstance(plan_seq_lens, torch.Tensor):
         if plan_seq_lens.device.type != "cpu":
             raise ValueError(
                 f"plan_seq_lens must be on the CPU (a host copy of seq_lens), got a {plan_seq_lens.device.type} "
                 "tensor: reading it would synchronise with the device")
-        if plan_seq_lens.dim() != 1 or plan_seq_lens.dtype.is_floating_point or plan_seq_lens.dtype.is_complex \
-                or plan_seq_lens.dtype == torch.bool:
-            raise ValueError(f"plan_seq_lens must be a 1-D integer tensor, got {plan_seq_lens.dtype} "
-                             f"of shape {tuple(plan_seq_lens.shape)}")
+        if plan_seq_lens.dim() != 1 or plan_seq_lens.layout != torch.strided or plan_seq_lens.dtype.is_floating_point \
+                or plan_seq_lens.dtype.is_complex or plan_seq_lens.dtype == torch.bool:
+            raise ValueError(f"plan_seq_lens must be a 1-D dense integer tensor, got {plan_seq_lens.dtype} "
+                             f"{plan_seq_lens.layout} of shape {tuple(plan_seq_lens.shape)}")
         lens = plan_seq_lens.tolist()
     else:
         try:
@@ -318,7 +322,10 @@ def _plan_keys(plan_seq_lens, batch: int, block_table: torch.Tensor, k_cache: to
         return 0, 0
     if min(lens) < 0:
         raise ValueError(f"plan_seq_lens must be >= 0, got {min(lens)}")
-    cap = block_table.shape[1] * k_cache.shape[1] if block_table.dim() == 2 and k_cache.dim() == 4 else max(lens)
+    # (seq_lens are int32: a length past that is clamped like one past the table, keeping the
+    # sum within the op's int64 even where bad shapes leave the capacity unknown here)
+    cap = block_table.shape[1] * k_cache.shape[1] if block_table.dim() == 2 and k_cache.dim() == 4 else 2**31 - 1
+    cap = min(cap, 2**31 - 1)
     if window_left >= 0:
         cap = min(cap, window_left + 1)
     longest = max(lens)
@@ -456,7 +463,8 @@ def gqa_decode(
             give correct results, only a slower plan. Equal lengths that fill the table plan as
             without it. Ignored with ``num_splits > 0`` and on CPU. A CUDA tensor is refused
             (reading it would synchronise with the GPU). Under CUDA graph capture the plan is
-            fixed at capture, like the rest of the launch. H100, session 27: the B16 batch above
+            fixed at capture, like the rest of the launch; under ``torch.compile`` the hint is
+            not read (the graph would specialise on every batch's lengths). H100, session 27: the B16 batch above
             49 us with it (104 without); the decode bench's ragged B64 S4096 row 166 us (178).
             It costs ~0.5 us of host time per call over a list of 16-128 lengths.
 
