@@ -144,13 +144,14 @@ def test_gqa_decode_workspace_and_splits_ignored_on_cpu(gen):
 
 def _decode_matches_reference(kv, num_q_heads, dtype, device, gen, **kwargs):
     """One gqa_decode call on fresh random q into poisoned out/lse (kwargs: num_splits,
-    workspace), checked against the reference."""
+    workspace, window_left, plan_seq_lens), checked against the reference."""
     batch, head_dim = kv.seq_lens.shape[0], kv.k_cache.shape[-1]
     q = randn(batch, num_q_heads, head_dim, gen=gen, dtype=dtype, device=device)
     out = poison(torch.empty_like(q))
     lse = poison(torch.empty(batch, num_q_heads, dtype=torch.float32, device=device))
     kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse, **kwargs)
-    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                            window_left=kwargs.get("window_left", -1))
     _check_decode(out, lse, ref_out, ref_lse, dtype)
 
 
@@ -313,20 +314,8 @@ def test_gqa_decode_plan_seq_lens(device, head_dim, group, num_kv_heads, window_
     kv = make_paged_kv(lens, 16, num_kv_heads, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
     workspace = kvcore.ops.decode_workspace(device) if device == "cuda" else None
     for _ in range(2):
-        _decode_matches_reference_windowed(kv, num_kv_heads * group, device, gen, window_left,
-                                           plan_seq_lens=PLAN_HINTS[hint](lens), workspace=workspace)
-
-
-def _decode_matches_reference_windowed(kv, num_q_heads, device, gen, window_left, **kwargs):
-    batch, head_dim = kv.seq_lens.shape[0], kv.k_cache.shape[-1]
-    q = randn(batch, num_q_heads, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
-    out = poison(torch.empty_like(q))
-    lse = poison(torch.empty(batch, num_q_heads, dtype=torch.float32, device=device))
-    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, window_left=window_left, out=out,
-                      lse=lse, **kwargs)
-    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
-                                            window_left=window_left)
-    _check_decode(out, lse, ref_out, ref_lse, torch.bfloat16)
+        _decode_matches_reference(kv, num_kv_heads * group, torch.bfloat16, device, gen, window_left=window_left,
+                                  plan_seq_lens=PLAN_HINTS[hint](lens), workspace=workspace)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
@@ -337,7 +326,7 @@ def test_gqa_decode_plan_seq_lens_wide_table_and_score_cuda(device, gen):
     lens = [30000, 3, 0, 800, 129]  # 10 pairs: the hint alone would split far past one wave
     kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=torch.bfloat16, device=device,
                        extra_table_cols=40000 // 16 - -(-30000 // 16))
-    _decode_matches_reference_windowed(kv, 8, device, gen, -1, plan_seq_lens=lens)
+    _decode_matches_reference(kv, 8, torch.bfloat16, device, gen, plan_seq_lens=lens)
     q = randn(len(lens), 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
     capacity = kv.block_table.shape[1] * 16
     score0 = torch.rand(len(lens), 2, capacity, generator=gen).to(device)

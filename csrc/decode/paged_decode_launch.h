@@ -418,9 +418,9 @@ bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requ
   if (hint.active() && hint.fill < 1.0)
     return choose_splits_hinted(pairs, kv_len, hint, narrow_slots, 0, kMergeBatch<128>) == 1;
   // Equal lengths (a hint of fill 1 says only that they are max_keys, under the table's width):
-  // the rule above at that length.
-  const int64_t keys = hint.active() ? hint.max_keys : kv_len;
-  const int narrow_splits = choose_splits(pairs, keys, narrow_slots, 0, kMergeBatch<128>);
+  // the rule above at that length (planned_pairs keeps the pairs as they are).
+  const auto [planned, keys] = planned_pairs(pairs, kv_len, hint);
+  const int narrow_splits = choose_splits(planned, keys, narrow_slots, 0, kMergeBatch<128>);
   return double(pairs) / double(sms) + kStepFillGain >= wave_fill(pairs * narrow_splits, narrow_slots);
 }
 

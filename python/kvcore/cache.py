@@ -441,8 +441,11 @@ class PagedKVCache:
     def seq_lens(self, seq_ids: Sequence[int], store: int | None = None) -> Tensor:
         """int32 ``[B]`` lengths of the listed sequences on the cache device (in ``store``, see
         :meth:`seq_len`)."""
-        lens = [self._one(s, store, "seq_lens").length for s in seq_ids]
-        return self._upload(torch.tensor(lens, dtype=torch.int32))
+        return self._upload(torch.tensor(self._lengths(seq_ids, store), dtype=torch.int32))
+
+    def _lengths(self, seq_ids: Sequence[int], store: int | None) -> list[int]:
+        """The listed sequences' lengths in ``store`` as host ints (seq_lens' values)."""
+        return [self._one(s, store, "seq_lens").length for s in seq_ids]
 
     def seq_lens_per_store(self, seq_ids: Sequence[int]) -> Tensor:
         """int32 ``[num_stores, B]``: :meth:`seq_lens` of every store in one upload (an expanded
@@ -496,7 +499,7 @@ class PagedKVCache:
                 f"q must be [{len(seq_ids)}, num_q_heads, {self.head_dim}] (one row per seq_id), got {shape}"
             )
         store = self.store_of(layer)  # after split_stores() each store has its own table and lengths
-        lens = [self._one(s, store, "seq_lens").length for s in seq_ids]
+        lens = self._lengths(seq_ids, store)
         kwargs.setdefault("plan_seq_lens", lens)
         return _ops().gqa_decode(
             q, k_cache, v_cache, self.block_table(seq_ids, store),

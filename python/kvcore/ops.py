@@ -464,9 +464,9 @@ def gqa_decode(
             without it. Ignored with ``num_splits > 0`` and on CPU. A CUDA tensor is refused
             (reading it would synchronise with the GPU). Under CUDA graph capture the plan is
             fixed at capture, like the rest of the launch; under ``torch.compile`` the hint is
-            not read (the graph would specialise on every batch's lengths). H100, session 27: the B16 batch above
-            49 us with it (104 without); the decode bench's ragged B64 S4096 row 166 us (178).
-            It costs ~0.5 us of host time per call over a list of 16-128 lengths.
+            not read (the graph would specialise on every batch's lengths). H100, session 27:
+            the B16 batch above 49 us with it (104 without); the decode bench's ragged B64 S4096
+            row 166 us (178). It costs ~0.5 us of host time per call over 16-128 lengths.
 
     Determinism: on CUDA, a fixed ``num_splits = n > 0`` gives bitwise identical ``out``/``lse``
     on every call, whatever the workspace held before (earlier calls of any shape); ``0`` does

@@ -17,6 +17,11 @@ constexpr int kMaxSplits = 256;
 // A split shorter than this spends more on its prologue and on the merge than it saves.
 constexpr int kMinSplitTokens = 256;
 
+// The most splits a pair of `keys` keys takes: one per kMinSplitTokens (at least one), at most kMaxSplits.
+inline int64_t max_splits_for(int64_t keys) {
+  return std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, keys / kMinSplitTokens));
+}
+
 // The share of the CTA slots of `waves` full waves that `ctas` CTAs use (waves: as few as hold them).
 inline double wave_fill(int64_t ctas, int64_t slots) {
   const int64_t waves = (ctas + slots - 1) / slots;
@@ -34,7 +39,7 @@ inline double wave_fill(int64_t ctas, int64_t slots) {
 constexpr double kStepFillGain = 0.02;
 constexpr double kBatchFillGain = 0.05;
 inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_ctas = 0, int merge_batch = 0) {
-  int64_t most = std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, kv_len / kMinSplitTokens));
+  int64_t most = max_splits_for(kv_len);
   if (max_ctas > 0) most = std::max<int64_t>(1, std::min<int64_t>(most, max_ctas / std::max<int64_t>(pairs, 1)));
   auto batches = [&](int64_t s) { return merge_batch > 0 ? (s + merge_batch - 1) / merge_batch : 1; };
   int best = 1;
@@ -105,7 +110,7 @@ inline int choose_splits_hinted(int64_t pairs, int64_t kv_len, const SplitHint& 
   const int64_t real = std::max<int64_t>(pairs, 1);
   int64_t cap = std::max<int64_t>(1, 4 * int64_t(slots) / real);
   if (max_ctas > 0) cap = std::min(cap, std::max<int64_t>(1, max_ctas / real));
-  cap = std::min<int64_t>(cap, std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, keys / kMinSplitTokens)));
+  cap = std::min(cap, max_splits_for(keys));
   if (hint.fill < 1.0 && 4 * real >= slots) return int(cap);
   return int(std::min<int64_t>(choose_splits(planned, keys, slots, 0, merge_batch), cap));
 }
