@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -19,7 +20,7 @@ import torch
 import kvcore
 from conftest import (HAS_CUDA, NO_CUDA_REASON, assert_out_lse_close, assert_switch_value_rejected,
                       assert_written_and_close, make_paged_kv, op_workspace, opcheck_dtype, poison, ragged_lens,
-                      randn, run_tests_with_env, widen_table)
+                      randn, run_script_with_env, run_tests_with_env, widen_table)
 from decode_cases import PagedDecodeCase
 from kvcore import reference
 
@@ -1048,6 +1049,55 @@ def test_gqa_decode_page_major_in_subprocess(kernel):
     if os.environ.get("KVCORE_DECODE_KERNEL") == kernel:
         pytest.skip("this process already runs it")
     run_tests_with_env("KVCORE_DECODE_KERNEL", kernel, *DECODE_KERNEL_RERUN)
+
+
+# Equal lengths with their host copy, one 8-KV-head block a sequence and a sequence per SM: one
+# wave of unsplit page-major CTAs, which gqa_decode's `auto` kernel choice runs (split_plan.h's
+# page_major_fills_one_wave); the same call without the hint runs the head kernel.
+_PAGE_MAJOR_RULE_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, kvcore
+    sys.path.insert(0, "tests")
+    from conftest import make_paged_kv, poison, randn
+    from kvcore import reference
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gen = torch.Generator().manual_seed(4321)
+    lens = [2047] * sms  # one key short of the table: equal lengths, not the full-table hint
+    kv = make_paged_kv(lens, 16, 8, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
+    q = randn(sms, 32, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
+    res = {}
+    for name, hint in (("none", None), ("hint", lens)):
+        out = poison(torch.empty_like(q))
+        lse = poison(torch.empty(sms, 32, dtype=torch.float32, device="cuda"))
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
+                          plan_seq_lens=hint)
+        res[name] = (out.cpu(), lse.cpu())
+    res["ref"] = tuple(t.cpu() for t in reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens))
+    torch.save(res, sys.argv[1])
+    """
+)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_equal_lengths_take_page_major_in_subprocess(tmp_path):
+    """KVCORE_DECODE_KERNEL unset (`auto`): a host copy of equal lengths whose 8-KV-head blocks fill
+    one wave runs the page-major kernel (bit for bit the page8 switch's output), the same call
+    without it the head kernel (the `head` switch's output, which ignores the hint); both match the
+    reference."""
+    props = torch.cuda.get_device_properties(0)
+    if getattr(props, "shared_memory_per_block_optin", 0) < 3 * 8 * 16 * 128 * 2 * 2:
+        pytest.skip("the page-major kernel's 192 KB ring does not fit this GPU")
+    runs = {v: run_script_with_env("KVCORE_DECODE_KERNEL", v, _PAGE_MAJOR_RULE_SCRIPT, tmp_path)
+            for v in (None, "page8", "head")}
+    same = lambda a, b: torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # noqa: E731
+    assert same(runs[None]["hint"], runs["page8"]["none"]), "the hint did not run the page-major kernel"
+    assert same(runs[None]["none"], runs["head"]["none"]), "without the hint, not the head kernel"
+    assert same(runs["head"]["hint"], runs["head"]["none"]), "KVCORE_DECODE_KERNEL=head took the hint's kernel"
+    # the kernels differ in bits, so the checks above can tell them apart
+    assert not torch.equal(runs[None]["hint"][0], runs[None]["none"][0])
+    for name in ("none", "hint"):
+        _check_decode(*runs[None][name], *runs[None]["ref"], torch.bfloat16)
 
 
 @pytest.mark.cuda

@@ -424,31 +424,44 @@ bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requ
   return double(pairs) / double(sms) + kStepFillGain >= wave_fill(pairs * narrow_splits, narrow_slots);
 }
 
-// KVCORE_DECODE_KERNEL: which kernel runs gqa_decode. `head` (default): gqa_decode_kernel, a CTA
-// per (sequence, split, KV head); `page8`, `page4`, `page2`: the page-major kernel
-// (gqa_decode_page_major.cuh) with a CTA per (sequence, split, block of that many KV heads), where
-// it serves the call (page_major_heads), else gqa_decode_kernel. An A/B switch until measured
-// (bench/NOTES.md, session 20). Read once per process.
+// KVCORE_DECODE_KERNEL: which kernel runs gqa_decode. `auto` (default): the page-major kernel
+// with 8 KV heads a CTA where page_major_fills_one_wave says so (a hint of equal lengths), else
+// gqa_decode_kernel; `head`: always gqa_decode_kernel, a CTA per (sequence, split, KV head);
+// `page8`, `page4`, `page2`: the page-major kernel (gqa_decode_page_major.cuh) with a CTA per
+// (sequence, split, block of that many KV heads) wherever it serves the call. Read once per process.
 inline int decode_kernel_switch() {
-  static const int mode = env_choice("KVCORE_DECODE_KERNEL", {"head", "page8", "page4", "page2"}, "gqa_decode (CUDA)");
+  static const int mode =
+      env_choice("KVCORE_DECODE_KERNEL", {"auto", "head", "page8", "page4", "page2"}, "gqa_decode (CUDA)");
   return mode;
 }
 
 // The KV heads a page-major CTA serves for this gqa_decode call (no score buffer), or 0 for
-// gqa_decode_kernel: the switch asks for it, head_dim is 128, the page size a multiple of its
-// 16-token stages, no sliding window (whose start is not stage-aligned), an automatic split count
-// (a forced one keeps gqa_decode_kernel, whose bits the score path reproduces), the KV heads
-// divide into blocks, and the ring fits the GPU's shared memory.
-inline int page_major_heads(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_splits) {
+// gqa_decode_kernel: the switch asks for it (or, under `auto`, the hint's equal lengths fill one
+// wave of unsplit 8-head CTAs, and neither KVCORE_DECODE_WARPS nor the TMA loader is forced),
+// head_dim is 128, the page size a multiple of its 16-token stages, no sliding window (whose
+// start is not stage-aligned), an automatic split count (a forced one keeps gqa_decode_kernel,
+// whose bits the score path reproduces), the KV heads divide into blocks, and the ring fits the
+// GPU's shared memory.
+template <typename T>
+int page_major_heads(const char* op, const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_splits,
+                     const SplitHint& hint) {
   const int mode = decode_kernel_switch();
-  if (mode == 0) return 0;
-  const int heads = mode == 1 ? 8 : mode == 2 ? 4 : 2;
+  if (mode == 1) return 0;
+  const int heads = mode <= 2 ? 8 : mode == 3 ? 4 : 2;
   if (s.head_dim != 128 || p.window_left >= 0 || requested_splits > 0 || p.page_size % 16 != 0 ||
       s.num_kv_heads % heads != 0)
     return 0;
   const size_t smem = heads == 8 ? PageMajorConfig<8>::SMEM_BYTES
                                  : heads == 4 ? PageMajorConfig<4>::SMEM_BYTES : PageMajorConfig<2>::SMEM_BYTES;
-  return smem <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin ? heads : 0;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (smem > prop->sharedMemPerBlockOptin) return 0;
+  if (mode != 0) return heads;
+  if (hint.equal_keys <= 0 || decode_warps_switch() != 0 || tma_loader_requested()) return 0;
+  using Cfg = PageMajorConfig<8>;
+  const int slots = prop->multiProcessorCount *
+                    ctas_per_sm(reinterpret_cast<const void*>(gqa_decode_page_major_kernel<T, Cfg>), Cfg::THREADS,
+                                Cfg::SMEM_BYTES, op);
+  return page_major_fills_one_wave(s.batch * (s.num_kv_heads / 8), hint, slots) ? 8 : 0;
 }
 
 // Launches the page-major kernel: the split count fills the CTA slots with (sequence, head block)
@@ -499,7 +512,7 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
       if constexpr (!SPARSE) {
         if (score != nullptr) return with_groups(cfg, std::true_type{});
         if constexpr (Cfg::D == 128) {
-          switch (page_major_heads(p, s, requested_splits)) {
+          switch (page_major_heads<T>(op, p, s, requested_splits, hint)) {
             case 8: return launch_page_major<T, 8>(op, p, s, kv_len, workspace, stream);
             case 4: return launch_page_major<T, 4>(op, p, s, kv_len, workspace, stream);
             case 2: return launch_page_major<T, 2>(op, p, s, kv_len, workspace, stream);

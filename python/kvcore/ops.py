@@ -460,8 +460,13 @@ def gqa_decode(
             and the largest of each sequence's keys, windowed and clamped to the table) rather
             than as if every sequence filled ``block_table``. Never read by the kernel: each
             sequence's keys still come from ``seq_lens`` on the device, so stale or wrong values
-            give correct results, only a slower plan. Equal lengths that fill the table plan as
-            without it. Ignored with ``num_splits > 0`` and on CPU. A CUDA tensor is refused
+            give correct results, only a slower plan. Equal lengths that fill the table plan the
+            same split count as without it, but may pick another kernel: where each sequence's
+            8 KV heads as one CTA, unsplit, make one nearly full wave (head_dim 128, no window,
+            pages of a multiple of 16 tokens, ``num_kv_heads`` a multiple of 8: about one
+            sequence per SM at Hkv8, as B128 on an H100), the kernel that reads every head of a
+            page at once (``KVCORE_DECODE_KERNEL=head`` keeps the usual one); its results are
+            equally deterministic but not bitwise those of the call without the hint. Ignored with ``num_splits > 0`` and on CPU. A CUDA tensor is refused
             (reading it would synchronise with the GPU). Under CUDA graph capture the plan is
             fixed at capture, like the rest of the launch; under ``torch.compile`` the hint is
             not read (the graph would specialise on every batch's lengths). H100, session 27:

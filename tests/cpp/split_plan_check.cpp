@@ -2,6 +2,8 @@
 // automatic split count with a host-side length hint (gqa_decode's plan_seq_lens).
 // - A hint that says what the shapes say (every sequence fills the table) is inactive, so the
 //   plan is exactly the one without it, over a grid of batches, head counts, widths and slots.
+// - Equal lengths are named as such (SplitHint::equal_keys), and only they, with 90-100% of one
+//   wave of unsplit 8-head blocks, take the page-major kernel.
 // - Any hint keeps the count in [1, kMaxSplits], the real grid within four waves (or one CTA a
 //   pair) and within max_ctas where that is given (the fused H2O epilogue's one wave).
 // - The picks on the rows sessions 26 and 27 timed with forced counts on an H100 (132 SMs, two
@@ -19,6 +21,7 @@ namespace {
 using kvcore::paged_decode::choose_splits;
 using kvcore::paged_decode::choose_splits_hinted;
 using kvcore::paged_decode::kMaxSplits;
+using kvcore::paged_decode::page_major_fills_one_wave;
 using kvcore::paged_decode::split_hint;
 
 int failures = 0;
@@ -52,7 +55,25 @@ int main() {
       if (kv_len > 1) {
         const auto h = split_hint(batch, kv_len, batch * (kv_len - 1), kv_len - 1);
         expect(h.active() && h.fill == 1.0, "equal shorter lengths", batch, kv_len, 0, 0);
+        expect(h.equal_keys == kv_len - 1, "equal shorter lengths' equal_keys", batch, kv_len, h.equal_keys, 0);
       }
+      // equal lengths are named as such, full or not; a batch one key short of equal is not
+      if (kv_len > 0)
+        expect(split_hint(batch, kv_len, batch * kv_len, kv_len).equal_keys == kv_len, "full hint's equal_keys",
+               batch, kv_len, 0, 0);
+      if (kv_len > 1 && batch > 1)
+        expect(split_hint(batch, kv_len, batch * kv_len - 1, kv_len).equal_keys == 0, "unequal named equal", batch,
+               kv_len, 0, 0);
+    }
+  expect(split_hint(4, 4096, 0, 0).equal_keys == 0, "no hint named equal", 4, 4096, 0, 0);
+
+  // The page-major kernel only for equal lengths whose unsplit 8-head blocks fill 90-100% of one
+  // wave (132 slots: one 8-warp page-major CTA per SM of an H100).
+  for (int64_t blocks : {1, 16, 64, 118, 119, 128, 132, 133, 256})
+    for (int64_t total_div : {1, 2}) {
+      const auto h = split_hint(blocks, 2048, blocks * 2048 / total_div, 2048);  // Hkv 8: a block a sequence
+      const bool want = total_div == 1 && blocks >= 119 && blocks <= 132;
+      expect(page_major_fills_one_wave(blocks, h, 132) == want, "page-major rule", blocks, total_div, want, 0);
     }
 
   // Any hint: the count's bounds and the grid caps.

@@ -66,6 +66,10 @@ inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_c
 struct SplitHint {
   double fill = 1.0;
   int64_t max_keys = 0;
+  // > 0: the caller's lengths are equal, every pair attending this many keys (set also where the
+  // hint is otherwise inactive: equal lengths that fill the table). Only the kernel choice reads
+  // it (page_major_fills_one_wave), never the split count.
+  int64_t equal_keys = 0;
   bool active() const { return max_keys > 0; }
 };
 
@@ -77,8 +81,23 @@ inline SplitHint split_hint(int64_t batch, int64_t kv_len, int64_t total_keys, i
   if (max_keys <= 0 || batch <= 0 || kv_len <= 0) return {};
   const int64_t most = std::min(max_keys, kv_len);
   const int64_t total = std::min(std::max<int64_t>(total_keys, 0), batch * most);
-  if (most == kv_len && total == batch * kv_len) return {};
-  return {double(total) / double(batch * most), most};
+  const int64_t equal = total == batch * most ? most : 0;
+  if (most == kv_len && equal > 0) return {1.0, 0, equal};
+  return {double(total) / double(batch * most), most, equal};
+}
+
+// Whether an automatic gqa_decode of equal lengths (hint.equal_keys > 0) runs the page-major
+// kernel with 8 KV heads a CTA (gqa_decode_page_major.cuh) rather than a CTA per KV head: where
+// its `blocks` CTAs (sequences x KV heads / 8), unsplit, fill one wave of its `slots` nearly
+// whole, it reads each page's rows of all heads as one run and needs no split merge, while the
+// head kernel runs ~4 waves of 4-warp CTAs. Measured only there (B128 Hq32 Hkv8 S2048, 128 of
+// 132 slots): H100 354.1 us against 359.0 (session 26), H200 245.5 against 250.7 (session 22);
+// with fewer blocks it needs splits and lost (B64 360.0 / 359.3, B32 Hq64 363.2 / 359.8, B16
+// 185.9 / 183.2 on the H100), and with unequal lengths its longest sequence on one CTA lost
+// far more (B128 one long among short ones 165 / 72 us), hence equal lengths only.
+constexpr double kPageMajorMinFill = 0.9;
+inline bool page_major_fills_one_wave(int64_t blocks, const SplitHint& hint, int slots) {
+  return hint.equal_keys > 0 && blocks <= slots && double(blocks) >= kPageMajorMinFill * double(slots);
 }
 
 // The pairs and keys a pair the plan sizes the grid for: with a hint, as many full-length pairs of
