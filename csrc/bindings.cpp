@@ -29,8 +29,10 @@ TORCH_LIBRARY(kvcore, m) {
   //   key p, for the keys attended (the window's, with the soft cap applied); others unchanged.
   //   On CUDA it needs workspace room for the step's logits (see ops.gqa_decode).
   //   plan_total_keys, plan_max_keys (CUDA, automatic split count only): the keys the batch attends
-  //   in all and in its longest sequence, counted on the host by the caller (0, 0: unknown); they
-  //   size the split plan, never what the kernel reads, so a wrong value only makes it slower.
+  //   in all and in its longest sequence, each sequence's count already windowed and clamped to
+  //   the table, counted on the host by the caller (0, 0: unknown); they size the split plan and
+  //   (equal lengths: total = B x max) may pick the kernel, never what the kernel reads, so a
+  //   wrong value only makes it slower.
   m.def(
       "gqa_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, "
       "float scale, int window_left, float logit_soft_cap, Tensor(a!) out, Tensor(b!)? lse, "

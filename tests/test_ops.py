@@ -344,10 +344,12 @@ def test_gqa_decode_plan_seq_lens_wide_table_and_score_cuda(device, gen):
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_plan_seq_lens_full_hint_same_bits_cuda(device, gen):
-    """Equal lengths that fill the block table: the hint says what the shapes say, so the plan
-    and every bit of out and lse are those of a call without it."""
+    """Equal lengths that fill the block table: the hint says what the shapes say, so the split
+    plan is the one without it, and at 6 sequences (far from the page-major kernel's one wave)
+    so is the kernel: every bit of out and lse is that of a call without it."""
     lens = [4096] * 6
-    kv = make_paged_kv(lens, 16, 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    kv = make_paged_kv(lens, 16, 8, 128, gen=gen, dtype=torch.bfloat16, device=device, extra_table_cols=0)
+    assert kv.block_table.shape[1] * 16 == 4096
     q = randn(6, 32, 128, gen=gen, dtype=torch.bfloat16, device=device)
     results = []
     for hint in (None, lens, torch.tensor(lens)):
@@ -1053,7 +1055,9 @@ def test_gqa_decode_page_major_in_subprocess(kernel):
 
 # Equal lengths with their host copy, one 8-KV-head block a sequence and a sequence per SM: one
 # wave of unsplit page-major CTAs, which gqa_decode's `auto` kernel choice runs (split_plan.h's
-# page_major_fills_one_wave); the same call without the hint runs the head kernel.
+# page_major_fills_one_wave); the same call without the hint, or with a hint of unequal lengths,
+# runs the head kernel. Two tables: lengths one key short of the table's width (an active hint of
+# fill 1) and lengths that fill it (the hint the split count ignores).
 _PAGE_MAJOR_RULE_SCRIPT = textwrap.dedent(
     """
     import sys, torch, kvcore
@@ -1062,42 +1066,56 @@ _PAGE_MAJOR_RULE_SCRIPT = textwrap.dedent(
     from kvcore import reference
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator().manual_seed(4321)
-    lens = [2047] * sms  # one key short of the table: equal lengths, not the full-table hint
-    kv = make_paged_kv(lens, 16, 8, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
-    q = randn(sms, 32, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
     res = {}
-    for name, hint in (("none", None), ("hint", lens)):
-        out = poison(torch.empty_like(q))
-        lse = poison(torch.empty(sms, 32, dtype=torch.float32, device="cuda"))
-        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
-                          plan_seq_lens=hint)
-        res[name] = (out.cpu(), lse.cpu())
-    res["ref"] = tuple(t.cpu() for t in reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens))
+    for table, n in (("short", 2047), ("full", 2048)):
+        lens = [n] * sms
+        kv = make_paged_kv(lens, 16, 8, 128, gen=gen, dtype=torch.bfloat16, device="cuda", extra_table_cols=0)
+        assert kv.block_table.shape[1] * 16 == 2048
+        q = randn(sms, 32, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
+        # (a stale hint is allowed: it may only cost speed; this one says the lengths differ)
+        for name, hint in (("none", None), ("hint", lens), ("unequal", lens[:-1] + [n - 1])):
+            out = poison(torch.empty_like(q))
+            lse = poison(torch.empty(sms, 32, dtype=torch.float32, device="cuda"))
+            kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
+                              plan_seq_lens=hint)
+            res[table, name] = (out.cpu(), lse.cpu())
+        ref = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+        res[table, "ref"] = tuple(t.cpu() for t in ref)
+        del kv, q
     torch.save(res, sys.argv[1])
     """
 )
+
+# The switches `auto` steps aside for; the test below needs them at their defaults.
+_OTHER_DECODE_SWITCHES = ("KVCORE_DECODE_WARPS", "KVCORE_DECODE_LOADER", "KVCORE_DECODE_PAGE_GROUPS")
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 def test_gqa_decode_equal_lengths_take_page_major_in_subprocess(tmp_path):
     """KVCORE_DECODE_KERNEL unset (`auto`): a host copy of equal lengths whose 8-KV-head blocks fill
-    one wave runs the page-major kernel (bit for bit the page8 switch's output), the same call
-    without it the head kernel (the `head` switch's output, which ignores the hint); both match the
+    one wave runs the page-major kernel (bit for bit the page8 switch's output), whether or not the
+    lengths fill the block table; the same call without a hint, or with one of unequal lengths,
+    runs the head kernel (the `head` switch's output, which ignores the hint); all match the
     reference."""
     props = torch.cuda.get_device_properties(0)
     if getattr(props, "shared_memory_per_block_optin", 0) < 3 * 8 * 16 * 128 * 2 * 2:
         pytest.skip("the page-major kernel's 192 KB ring does not fit this GPU")
+    if any(os.environ.get(name) for name in _OTHER_DECODE_SWITCHES):
+        pytest.skip("another gqa_decode switch is set, which turns the `auto` rule off")
     runs = {v: run_script_with_env("KVCORE_DECODE_KERNEL", v, _PAGE_MAJOR_RULE_SCRIPT, tmp_path)
             for v in (None, "page8", "head")}
     same = lambda a, b: torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # noqa: E731
-    assert same(runs[None]["hint"], runs["page8"]["none"]), "the hint did not run the page-major kernel"
-    assert same(runs[None]["none"], runs["head"]["none"]), "without the hint, not the head kernel"
-    assert same(runs["head"]["hint"], runs["head"]["none"]), "KVCORE_DECODE_KERNEL=head took the hint's kernel"
-    # the kernels differ in bits, so the checks above can tell them apart
-    assert not torch.equal(runs[None]["hint"][0], runs[None]["none"][0])
-    for name in ("none", "hint"):
-        _check_decode(*runs[None][name], *runs[None]["ref"], torch.bfloat16)
+    for table in ("short", "full"):
+        auto, page8, head = runs[None], runs["page8"], runs["head"]
+        assert same(auto[table, "hint"], page8[table, "none"]), f"{table}: the hint did not run the page-major kernel"
+        assert same(auto[table, "none"], head[table, "none"]), f"{table}: without the hint, not the head kernel"
+        assert same(auto[table, "unequal"], head[table, "none"]), f"{table}: unequal lengths took the page-major kernel"
+        assert same(head[table, "hint"], head[table, "none"]), f"{table}: KVCORE_DECODE_KERNEL=head took the hint"
+        # the kernels differ in bits, so the checks above can tell them apart
+        assert not torch.equal(auto[table, "hint"][0], auto[table, "none"][0])
+        for name in ("none", "hint", "unequal"):
+            _check_decode(*auto[table, name], *auto[table, "ref"], torch.bfloat16)
 
 
 @pytest.mark.cuda

@@ -21,7 +21,10 @@ forced count.
     python bench/experiments/ragged_decode.py --splits 2,4,8,16 [OUT.json]
 
 Every shape and pattern is timed with the automatic count planned from shapes ("auto") and from a
-host copy of the lengths ("hint": gqa_decode's plan_seq_lens, session 27).
+host copy of the lengths ("hint": gqa_decode's plan_seq_lens, session 27). Since session 28 the
+hint of equal lengths also picks the kernel under the default KVCORE_DECODE_KERNEL=auto: the
+page-major kernel where its unsplit 8-head CTAs fill one wave (B128 Hkv8's "equal" and "short"
+rows), so there the "hint" column times that kernel (`head` keeps the other).
 
 
 (the switches are read once per process, hence one process each; --splits also times those

@@ -437,13 +437,14 @@ inline int decode_kernel_switch() {
 
 // The KV heads a page-major CTA serves for this gqa_decode call (no score buffer), or 0 for
 // gqa_decode_kernel: the switch asks for it (or, under `auto`, the hint's equal lengths fill one
-// wave of unsplit 8-head CTAs, and neither KVCORE_DECODE_WARPS nor the TMA loader is forced),
+// wave of unsplit 8-head CTAs, and none of KVCORE_DECODE_WARPS, the TMA loader or
+// KVCORE_DECODE_PAGE_GROUPS=off is asked for),
 // head_dim is 128, the page size a multiple of its 16-token stages, no sliding window (whose
 // start is not stage-aligned), an automatic split count (a forced one keeps gqa_decode_kernel,
 // whose bits the score path reproduces), the KV heads divide into blocks, and the ring fits the
 // GPU's shared memory.
 template <typename T>
-int page_major_heads(const char* op, const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_splits,
+int page_major_heads(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_splits,
                      const SplitHint& hint) {
   const int mode = decode_kernel_switch();
   if (mode == 1) return 0;
@@ -456,12 +457,15 @@ int page_major_heads(const char* op, const GqaDecodeParams& p, const PagedDecode
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   if (smem > prop->sharedMemPerBlockOptin) return 0;
   if (mode != 0) return heads;
-  if (hint.equal_keys <= 0 || decode_warps_switch() != 0 || tma_loader_requested()) return 0;
+  // `auto` steps aside for the other A/B switches, so that each still times what it names.
+  if (hint.equal_keys <= 0 || decode_warps_switch() != 0 || tma_loader_requested() || !p.dedup_pages) return 0;
   using Cfg = PageMajorConfig<8>;
-  const int slots = prop->multiProcessorCount *
-                    ctas_per_sm(reinterpret_cast<const void*>(gqa_decode_page_major_kernel<T, Cfg>), Cfg::THREADS,
-                                Cfg::SMEM_BYTES, op);
-  return page_major_fills_one_wave(s.batch * (s.num_kv_heads / 8), hint, slots) ? 8 : 0;
+  // (a speed choice: where the kernel would not fit, the head kernel runs rather than an error)
+  const int per_sm =
+      occupancy_per_sm(reinterpret_cast<const void*>(gqa_decode_page_major_kernel<T, Cfg>), Cfg::THREADS, Cfg::SMEM_BYTES);
+  return per_sm > 0 && page_major_fills_one_wave(s.batch * (s.num_kv_heads / 8), hint, per_sm * prop->multiProcessorCount)
+             ? 8
+             : 0;
 }
 
 // Launches the page-major kernel: the split count fills the CTA slots with (sequence, head block)
@@ -512,7 +516,7 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
       if constexpr (!SPARSE) {
         if (score != nullptr) return with_groups(cfg, std::true_type{});
         if constexpr (Cfg::D == 128) {
-          switch (page_major_heads<T>(op, p, s, requested_splits, hint)) {
+          switch (page_major_heads<T>(p, s, requested_splits, hint)) {
             case 8: return launch_page_major<T, 8>(op, p, s, kv_len, workspace, stream);
             case 4: return launch_page_major<T, 4>(op, p, s, kv_len, workspace, stream);
             case 2: return launch_page_major<T, 2>(op, p, s, kv_len, workspace, stream);

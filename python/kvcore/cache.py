@@ -488,8 +488,8 @@ class PagedKVCache:
         ``kwargs`` go to ``gqa_decode`` (``scale``, ``window_left``, ``logit_soft_cap``,
         ``out``, ``lse``, ``return_lse``, ...); returns what it returns. The cache knows the
         lengths on the host, so it passes them as ``plan_seq_lens`` (the split count is then
-        planned for unequal lengths; equal ones as the shapes would plan for that length) unless
-        ``kwargs`` has one.
+        planned for unequal lengths; equal ones as the shapes would plan for that length, and
+        may pick the page-major kernel: see ``gqa_decode``) unless ``kwargs`` has one.
         """
         k_cache, v_cache = self.kv(layer)
         seq_ids = list(seq_ids)

@@ -455,27 +455,35 @@ def gqa_decode(
             that one always). With ``num_splits=0`` the split count then keeps the grid to one
             wave. A NaN in ``q[b, hq]`` makes that group's attended scores NaN.
         plan_seq_lens: optional host copy of ``seq_lens`` (a CPU tensor or a sequence of ints,
-            ``B`` entries), as a serving engine's scheduler holds it, for the automatic split
-            count only: it then sizes the grid for the keys the batch actually attends (the sum
-            and the largest of each sequence's keys, windowed and clamped to the table) rather
-            than as if every sequence filled ``block_table``. Never read by the kernel: each
+            ``B`` entries), as a serving engine's scheduler holds it, for an automatic split
+            count: it then sizes the grid for the keys the batch actually attends (the sum and
+            the largest of each sequence's keys, windowed and clamped to the table) rather than
+            as if every sequence filled ``block_table``. Never read by the kernel: each
             sequence's keys still come from ``seq_lens`` on the device, so stale or wrong values
             give correct results, only a slower plan. Equal lengths that fill the table plan the
-            same split count as without it, but may pick another kernel: where each sequence's
-            8 KV heads as one CTA, unsplit, make one nearly full wave (head_dim 128, no window,
-            pages of a multiple of 16 tokens, ``num_kv_heads`` a multiple of 8: about one
-            sequence per SM at Hkv8, as B128 on an H100), the kernel that reads every head of a
-            page at once (``KVCORE_DECODE_KERNEL=head`` keeps the usual one); its results are
-            equally deterministic but not bitwise those of the call without the hint. Ignored with ``num_splits > 0`` and on CPU. A CUDA tensor is refused
-            (reading it would synchronise with the GPU). Under CUDA graph capture the plan is
-            fixed at capture, like the rest of the launch; under ``torch.compile`` the hint is
-            not read (the graph would specialise on every batch's lengths). H100, session 27:
+            same split count as without it. Equal lengths (filling the table or not) may also
+            pick the kernel: where blocks of 8 KV heads (``B x num_kv_heads / 8`` of them), a
+            CTA each and unsplit, make one nearly full wave (about one sequence per SM at Hkv8,
+            as B128 on an H100), the page-major kernel, which reads every head of a page at
+            once, runs instead of a CTA per KV head; only at head_dim 128, with no window and
+            no ``score``, pages of a multiple of 16 tokens, on a GPU with 192 KB of shared memory
+            per block (Hopper), and with ``KVCORE_DECODE_KERNEL``, ``KVCORE_DECODE_WARPS``,
+            ``KVCORE_DECODE_LOADER`` and ``KVCORE_DECODE_PAGE_GROUPS`` at their defaults
+            (``KVCORE_DECODE_KERNEL=head`` turns it off). Its results are as deterministic, but
+            not bitwise those of the call without the hint. Ignored with ``num_splits > 0`` and
+            on CPU. A CUDA tensor is refused (reading it would synchronise with the GPU). Under
+            CUDA graph capture the plan, kernel included, is fixed at capture like the rest of
+            the launch: capture with a hint like the batches replayed (equal placeholder
+            lengths at B128 would replay ragged batches on the page-major kernel, one CTA per
+            sequence: correct, but up to ~2x slower), or none. Under ``torch.compile`` the hint
+            is not read (the graph would specialise on every batch's lengths). H100, session 27:
             the B16 batch above 49 us with it (104 without); the decode bench's ragged B64 S4096
             row 166 us (178). It costs ~0.5 us of host time per call over 16-128 lengths.
 
     Determinism: on CUDA, a fixed ``num_splits = n > 0`` gives bitwise identical ``out``/``lse``
     on every call, whatever the workspace held before (earlier calls of any shape); ``0`` does
-    too for the same shapes on the same GPU (the split count depends on nothing else). With a
+    too for the same shapes, the same ``plan_seq_lens`` (or none) and the same GPU (the kernel
+    and split count depend on nothing else; under ``torch.compile`` the hint is not read). With a
     fixed ``n``, widening ``block_table`` (columns no sequence reaches) does not change a bit
     either: each sequence's splits are cut from its own length. On CPU ``num_splits`` is ignored
     and results are bitwise identical at a fixed ``torch.get_num_threads()``. Tested in

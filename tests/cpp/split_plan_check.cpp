@@ -3,7 +3,7 @@
 // - A hint that says what the shapes say (every sequence fills the table) is inactive, so the
 //   plan is exactly the one without it, over a grid of batches, head counts, widths and slots.
 // - Equal lengths are named as such (SplitHint::equal_keys), and only they, with 90-100% of one
-//   wave of unsplit 8-head blocks, take the page-major kernel.
+//   wave of unsplit 8-head blocks, take the page-major kernel, and such a grid plans one split.
 // - Any hint keeps the count in [1, kMaxSplits], the real grid within four waves (or one CTA a
 //   pair) and within max_ctas where that is given (the fused H2O epilogue's one wave).
 // - The picks on the rows sessions 26 and 27 timed with forced counts on an H100 (132 SMs, two
@@ -66,6 +66,11 @@ int main() {
                kv_len, 0, 0);
     }
   expect(split_hint(4, 4096, 0, 0).equal_keys == 0, "no hint named equal", 4, 4096, 0, 0);
+  // equality is the caller's (before clamping): an overstated total, or unequal lengths that
+  // clamp to the table's width, are not equal; equal ones past the width are
+  expect(split_hint(2, 2048, 5120, 4096).equal_keys == 0, "overstated total named equal", 2, 2048, 5120, 4096);
+  expect(split_hint(2, 2048, 8192, 4096).equal_keys == 2048, "equal past the width", 2, 2048, 8192, 4096);
+  expect(split_hint(3, 2048, 3, int64_t(1) << 62).equal_keys == 0, "overflowing max_keys", 3, 2048, 3, 0);
 
   // The page-major kernel only for equal lengths whose unsplit 8-head blocks fill 90-100% of one
   // wave (132 slots: one 8-warp page-major CTA per SM of an H100).
@@ -75,6 +80,17 @@ int main() {
       const bool want = total_div == 1 && blocks >= 119 && blocks <= 132;
       expect(page_major_fills_one_wave(blocks, h, 132) == want, "page-major rule", blocks, total_div, want, 0);
     }
+  // ... and such a grid plans one split (launch_page_major plans again from the shapes): the
+  // unsplit grid is what was measured; a split page-major grid lost (B16, B64, B32 Hq64).
+  for (int sms = 60; sms <= 200; ++sms)
+    for (int per_sm : {1, 2})
+      for (int64_t kv_len : {16, 256, 2048, 4096, 131072})
+        for (int64_t blocks = 1; blocks <= 2 * sms * per_sm; ++blocks) {
+          const int slots = sms * per_sm;
+          if (page_major_fills_one_wave(blocks, split_hint(blocks, kv_len, blocks * kv_len, kv_len), slots))
+            expect(choose_splits(blocks, kv_len, slots, 0, 8) == 1, "page-major rule's grid splits", blocks, kv_len,
+                   slots, 0);
+        }
 
   // Any hint: the count's bounds and the grid caps.
   for (int64_t batch : {1, 2, 5, 16, 64, 128, 1000})

@@ -7,7 +7,9 @@
 // than in sequential order at B16 S8192, while a plain read that takes whole pages does not care
 // about the order. Here the CTA's threads copy a token's HEADS x 256 bytes as one contiguous run:
 // the whole page (all heads) at HEADS = Hkv. Selected by KVCORE_DECODE_KERNEL=page8 | page4 |
-// page2 (paged_decode::page_major_heads); an A/B switch until measured.
+// page2 (paged_decode::page_major_heads), and with 8 heads by the default `auto` where a hint of
+// equal lengths says its unsplit CTAs fill one wave (split_plan.h's page_major_fills_one_wave:
+// measured ~1% ahead there, and behind wherever it needs a split merge; bench/NOTES.md, session 28).
 //
 // Everything else follows gqa_decode_kernel (gqa_decode.cuh), so that the access pattern is the
 // difference: a stage is 16 tokens (of one page: the page size is a multiple of 16) of each of the

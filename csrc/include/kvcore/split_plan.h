@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 
 namespace kvcore {
@@ -58,11 +59,12 @@ inline int choose_splits(int64_t pairs, int64_t kv_len, int slots, int64_t max_c
 }
 
 // What the caller knows of the batch's lengths on the host (gqa_decode's plan_total_keys /
-// plan_max_keys), for the automatic split count only: `fill` = the keys attended over the batch /
+// plan_max_keys), for an automatic split count: `fill` = the keys attended over the batch /
 // (batch x max_keys), `max_keys` = the longest pair's keys (<= kv_len). Inactive (max_keys 0):
-// the plan from shapes alone, as if every pair had kv_len keys. The kernels still cut each
-// sequence from its own seq_len on the device, so any hint gives correct results; a wrong one
-// only a worse plan.
+// the split plan from shapes alone, as if every pair had kv_len keys. `equal_keys` also lets
+// gqa_decode pick its kernel (page_major_fills_one_wave). The kernels still cut each sequence
+// from its own seq_len on the device, so any hint gives correct results; a wrong one only a
+// worse plan.
 struct SplitHint {
   double fill = 1.0;
   int64_t max_keys = 0;
@@ -81,8 +83,11 @@ inline SplitHint split_hint(int64_t batch, int64_t kv_len, int64_t total_keys, i
   if (max_keys <= 0 || batch <= 0 || kv_len <= 0) return {};
   const int64_t most = std::min(max_keys, kv_len);
   const int64_t total = std::min(std::max<int64_t>(total_keys, 0), batch * most);
-  const int64_t equal = total == batch * most ? most : 0;
-  if (most == kv_len && equal > 0) return {1.0, 0, equal};
+  // Equal as the caller gave them: every sequence max_keys long (before clamping, so an
+  // overstated total is not taken for equal lengths).
+  const bool as_given = max_keys <= std::numeric_limits<int64_t>::max() / batch && total_keys == batch * max_keys;
+  const int64_t equal = as_given ? most : 0;
+  if (most == kv_len && total == batch * kv_len) return {1.0, 0, equal};
   return {double(total) / double(batch * most), most, equal};
 }
 

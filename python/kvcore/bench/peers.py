@@ -228,7 +228,8 @@ def build_kvcore(inputs: DecodeInputs) -> list:
     if q.is_cuda and hasattr(kvcore, "decode_workspace"):
         workspace = kvcore.decode_workspace(q.device)
     # The host copy of the lengths that FlashInfer's plan gets too, as a serving engine holds it
-    # (it plans the split count only; equal lengths that fill the table plan as without it).
+    # (it plans the split count; equal lengths plan the count as without it, but may pick the
+    # page-major kernel, as the B128 row's do).
     plan = {"plan_seq_lens": inputs.seq_lens_host()} if q.is_cuda else {}
 
     def fn() -> torch.Tensor:
