@@ -3,7 +3,8 @@
 # touches, after the review's fixes. Build; then four pytest processes at once (-m cuda): the
 # page8 re-run of the decode cases (a subprocess pytest); page4 and the auto-rule test; page2,
 # test_cache, test_cuda_graph and test_compile; test_ops (not in_subprocess), test_determinism,
-# test_nan and test_decode_workspace. Logs $o/t-N.log.
+# test_nan and test_decode_workspace. Logs $o/t-N.log. (B64's page-major options, unsplit 4-head
+# CTAs among them, were timed in session 22 on an H200: none ahead of the head kernel.)
 o=/tmp/c
 rm -rf $o; mkdir -p $o
 cat > $o/tests.sh <<'EOS'
