@@ -95,10 +95,12 @@ TORCH_LIBRARY(kvcore, m) {
   //   latent_cache [pages, page_size, Dk]; block_table [B, max_pages] int32; seq_lens [B] int32.
   //   Keys are the latents, values their first Dv = out.size(2) columns (c_KV, Dv = R):
   //   out [B, H, Dv] (q's dtype) = softmax(scale * q . latent) @ latent[:, :Dv];
-  //   lse [B, H] fp32, natural log (optional). workspace / num_splits as in gqa_decode.
+  //   lse [B, H] fp32, natural log (optional). workspace / num_splits / plan_total_keys /
+  //   plan_max_keys as in gqa_decode (the hint sizes the split plan only).
   m.def(
       "mla_decode(Tensor q, Tensor latent_cache, Tensor block_table, Tensor seq_lens, float scale, "
-      "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!)? workspace, int num_splits) -> ()");
+      "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!)? workspace, int num_splits, int plan_total_keys=0, "
+      "int plan_max_keys=0) -> ()");
   // Eviction scores (issue 6). The window's w queries q [B, w, Hq, D] are the last w positions
   // of each sequence: query i sits at position seq_lens[b] - w + i and sees keys 0..that
   // position. Per key p < seq_lens[b]:

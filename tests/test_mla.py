@@ -375,6 +375,97 @@ def test_mla_decode_default_v_dim_and_allocation(gen):
     torch.testing.assert_close(out, ref_out, **OUT_TOL[torch.float32])
 
 
+# plan_seq_lens: a host copy of the lengths (or a stale / wrong one, which may only cost speed),
+# as for gqa_decode (test_ops.py's PLAN_HINTS): on CUDA each plans another split count.
+MLA_PLAN_HINTS = {
+    "true_list": lambda lens: list(lens),
+    "true_cpu_tensor": lambda lens: torch.tensor(lens, dtype=torch.int32),
+    "all_ones": lambda lens: [1] * len(lens),
+    "one_long": lambda lens: [max(lens)] + [0] * (len(lens) - 1),
+    "halves": lambda lens: [n // 2 for n in lens],
+}
+
+
+@pytest.mark.parametrize("hint", list(MLA_PLAN_HINTS))
+@pytest.mark.parametrize(("device", "heads"), [("cpu", 16), pytest.param("cuda", 16, marks=_DECODE_CUDA_MARKS),
+                                               pytest.param("cuda", 128, marks=_DECODE_CUDA_MARKS)])
+def test_mla_decode_plan_seq_lens(device, heads, hint, gen):
+    """A batch of very unequal lengths (one long, short ones, 0 and 1) planned from a host copy of
+    its lengths, true or wrong, twice on one workspace with fresh q into poisoned outputs, each
+    against the reference (H16: the memory-bound kernel; H128: the wgmma kernel on Hopper)."""
+    lens = [9000, 0, 1, 300, 1024, 777, 2049, 5]
+    cache, table, seq_lens = _latent_cache(lens, 64, 576, gen, torch.bfloat16, device)
+    ws = op_workspace(device)
+    for _ in range(2):
+        q = randn(len(lens), heads, 576, gen=gen, dtype=torch.bfloat16, device=device)
+        out = poison(torch.empty(len(lens), heads, 512, dtype=torch.bfloat16, device=device))
+        lse = poison(torch.empty(len(lens), heads, device=device))
+        kvcore.mla_decode(q, cache, table, seq_lens, scale=192**-0.5, out=out, lse=lse, workspace=ws,
+                          plan_seq_lens=MLA_PLAN_HINTS[hint](lens))
+        ref_out, ref_lse = reference.mla_decode(q, cache, table, seq_lens, 192**-0.5, 512)
+        torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[torch.bfloat16])
+        torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=_DECODE_CUDA_MARKS)])
+def test_mla_decode_plan_seq_lens_full_hint_same_bits_cuda(device, heads, gen):
+    """Equal lengths that fill the block table: the hint says what the shapes say, so the plan
+    and every bit of out and lse are those of a call without it."""
+    lens = [4096] * 6
+    cache, table, seq_lens = _latent_cache(lens, 64, 576, gen, torch.bfloat16, device, extra_table_cols=0)
+    assert table.shape[1] * 64 == 4096
+    q = randn(6, heads, 576, gen=gen, dtype=torch.bfloat16, device=device)
+    results = []
+    for hint in (None, lens, torch.tensor(lens)):
+        out, lse = kvcore.mla_decode(q, cache, table, seq_lens, scale=0.1, return_lse=True, plan_seq_lens=hint)
+        results.append((out, lse))
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+@pytest.mark.parametrize("device", DECODE_DEVICES)
+def test_mla_decode_plan_seq_lens_reaches_the_op(device, gen, monkeypatch):
+    """The wrapper reduces plan_seq_lens to the op's plan_total_keys / plan_max_keys: each length
+    clamped to the block table's capacity, then summed and maxed."""
+    import kvcore.ops as ops_module
+
+    seen = []
+    real = ops_module._ops
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(real, name)
+            if name != "mla_decode":
+                return op
+
+            def call(*args):
+                seen.append(args[-2:])
+                return op(*args)
+
+            return call
+
+    monkeypatch.setattr(ops_module, "_ops", Spy())
+    a = _decode_args(device, gen)  # capacity 4 pages of 8: 32; lens [5, 17, 0]
+    assert a.table.shape[1] * 8 == 32
+    for hint, want in [([5, 17, 0], (22, 17)), ([40, 5, 0], (37, 32)), (torch.tensor([3, 3, 3]), (9, 3)),
+                       (None, (0, 0)), ([0, 0, 0], (0, 0))]:
+        kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, out=a.out, plan_seq_lens=hint, **a.kw)
+        assert tuple(seen[-1]) == want, (hint, seen[-1])
+
+
+@pytest.mark.parametrize("device", DECODE_DEVICES)
+def test_mla_op_rejects_bad_plan_keys(device, gen):
+    """The op's own checks of the plan hint (torch.ops callers bypass ops.py)."""
+    a = _decode_args(device, gen)
+    ws = op_workspace(device)
+    for total, most, match in [(-1, 5, "plan_total_keys must be >= 0"), (5, -1, "plan_max_keys must be >= 0"),
+                               (5, 0, "plan_total_keys must be 0 when plan_max_keys is 0")]:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, 0.125, a.out, a.lse, ws, 0, total, most)
+    assert bool(torch.isnan(a.out).all()) and bool(torch.isnan(a.lse).all())
+
+
 # ============================================================================================
 # opcheck
 # ============================================================================================
@@ -404,6 +495,9 @@ def test_opcheck_mla_decode(device, gen):
         for with_lse in (True, False):
             args = (q, cache, table, seq_lens, 0.125, out, lse if with_lse else None, ws, num_splits)
             torch.library.opcheck(torch.ops.kvcore.mla_decode.default, args, test_utils=OPCHECK_UTILS)
+        # with the plan hint (its keys: 43 in all, 40 at most)
+        args = (q, cache, table, seq_lens, 0.125, out, lse, ws, num_splits, 43, 40)
+        torch.library.opcheck(torch.ops.kvcore.mla_decode.default, args, test_utils=OPCHECK_UTILS)
 
 
 @pytest.mark.parametrize("tokens", [5, 70], ids=["fused", "cublas"])
@@ -582,6 +676,12 @@ BAD_MLA_DECODE = [
             r"block_table must be on the same device", cuda_only=True),
     BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"\bout must be on the same device", cuda_only=True),
+    BadCase("plan_seq_lens_length", _set_kw("plan_seq_lens", [1, 2]), ValueError,
+            r"plan_seq_lens must have 3 entries"),
+    BadCase("plan_seq_lens_negative", _set_kw("plan_seq_lens", [0, -1, 20]), ValueError, r"plan_seq_lens must be >= 0"),
+    BadCase("plan_seq_lens_floats", _set_kw("plan_seq_lens", [0, 1.5, 20]), ValueError, r"plan_seq_lens must hold ints"),
+    BadCase("plan_seq_lens_not_host", _set_kw("plan_seq_lens", torch.zeros(3, dtype=torch.int32, device="meta")),
+            ValueError, r"plan_seq_lens must be on the CPU"),
 ]
 
 
@@ -716,6 +816,8 @@ def test_layer_prefill_and_decode_match_naive_mla(config, gen):
 
     def run_step(num_tokens: list[int]) -> None:
         step = cache.step(seqs, num_tokens)
+        # the host copy of the lengths the decode path plans from (plan_seq_lens)
+        assert step.host_seq_lens == step.seq_lens.tolist() == [cache.seq_len(s) for s in seqs]
         hidden = randn(sum(num_tokens), config.hidden_size, gen=gen)
         out = layer(hidden, latent, step)
         assert out.shape == hidden.shape

@@ -56,8 +56,14 @@ constexpr int kSeparateMergeSplits = 4;
 // Occupancy, split plan and workspace layout of one kernel instantiation (Cfg: its ROWS, TILE,
 // THREADS and SMEM_BYTES): fills p's split fields and returns the grid. can_merge_separately: the
 // kernel can defer its split merge to a separate merge kernel (launch_merge).
+// The caller's split count (num_splits: 0 automatic) and host-side length hint (plan_seq_lens).
+struct SplitRequest {
+  int64_t splits;
+  paged_decode::SplitHint hint;
+};
+
 template <typename Cfg>
-dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, const SplitRequest& req,
                const c10::optional<at::Tensor>& workspace, bool can_merge_separately) {
   const int per_sm = paged_decode::ctas_per_sm(kernel, Cfg::THREADS, Cfg::SMEM_BYTES, "mla_decode");
   const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -67,7 +73,8 @@ dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, 
   const int64_t kv_len = int64_t(p.max_pages) * p.page_size;
   const int64_t have = paged_decode::workspace_bytes(workspace);
   const paged_decode::SplitPlan plan = paged_decode::plan_splits(
-      "mla_decode", "batch x head blocks", pairs, kv_len, slots, Cfg::TILE, requested_splits, have, 0, Cfg::ROWS, s.dv);
+      "mla_decode", "batch x head blocks", pairs, kv_len, slots, Cfg::TILE, req.splits, have, 0, Cfg::ROWS, s.dv, 0, 0,
+      req.hint);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
   paged_decode::use_split_workspace(p, plan, workspace);
@@ -90,32 +97,32 @@ void launch_merge(void (*merge)(MlaDecodeParams), const MlaDecodeShape& s, const
 // ROWS, TILE, THREADS and SMEM_BYTES). `merge`, when given, is the separate split-merge kernel
 // the decode kernel defers to above kSeparateMergeSplits splits.
 template <typename Cfg>
-void launch(void (*kernel)(MlaDecodeParams), const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+void launch(void (*kernel)(MlaDecodeParams), const MlaDecodeShape& s, MlaDecodeParams& p, const SplitRequest& req,
             const c10::optional<at::Tensor>& workspace, cudaStream_t stream,
             void (*merge)(MlaDecodeParams) = nullptr) {
   const dim3 grid =
-      plan_grid<Cfg>(reinterpret_cast<const void*>(kernel), s, p, requested_splits, workspace, merge != nullptr);
+      plan_grid<Cfg>(reinterpret_cast<const void*>(kernel), s, p, req, workspace, merge != nullptr);
   kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_merge(merge, s, p, stream);
 }
 
 template <typename T, int M, int WARP_TOKENS>
-void launch(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+void launch(const MlaDecodeShape& s, MlaDecodeParams& p, const SplitRequest& req,
             const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
   using Cfg = MlaDecodeConfig<kMaxDk, kMaxDv, M, WARP_TOKENS>;
-  launch<Cfg>(mla_decode_kernel<T, Cfg>, s, p, requested_splits, workspace, stream);
+  launch<Cfg>(mla_decode_kernel<T, Cfg>, s, p, req, workspace, stream);
 }
 
 template <typename T>
-void launch_h16(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+void launch_h16(const MlaDecodeShape& s, MlaDecodeParams& p, const SplitRequest& req,
                 const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
   using Cfg = MlaDecodeH16Config<kMaxDk, kMaxDv>;
   auto kernel = mla_decode_h16_kernel<T, Cfg>;
   // Shaped for two CTAs per SM (98 KB of shared memory each): the largest carveout, so the driver
   // does not settle on one that holds a single CTA.
   prefer_max_shared_carveout(reinterpret_cast<const void*>(kernel));
-  launch<Cfg>(kernel, s, p, requested_splits, workspace, stream);
+  launch<Cfg>(kernel, s, p, req, workspace, stream);
 }
 
 // Whether the loaded image of mla_decode_wgmma_kernel has its body (sm_90a code only, see
@@ -139,10 +146,10 @@ bool use_mbarrier_handoff() {
 }
 
 template <typename T>
-void launch_seesaw(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+void launch_seesaw(const MlaDecodeShape& s, MlaDecodeParams& p, const SplitRequest& req,
                    const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
   using Cfg = MlaDecodeSeesawConfig<kMaxDk, kMaxDv>;
-  launch<Cfg>(mla_decode_seesaw_kernel<T, Cfg>, s, p, requested_splits, workspace, stream,
+  launch<Cfg>(mla_decode_seesaw_kernel<T, Cfg>, s, p, req, workspace, stream,
               mla_merge_kernel<T, Cfg::ROWS, paged_decode::kMaxSplits>);
 }
 
@@ -172,13 +179,13 @@ CUtensorMap latent_tensor_map(const MlaDecodeParams& p) {
 }
 
 template <typename T>
-void launch_wgmma(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested_splits,
+void launch_wgmma(const MlaDecodeShape& s, MlaDecodeParams& p, const SplitRequest& req,
                   const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
   if (use_tma_loader() && tma_fits(p)) {
     using Cfg = MlaDecodeWgmmaConfig<kMaxDk, kMaxDv, true, true>;
     auto kernel = mla_decode_wgmma_tma_kernel<T, Cfg>;
     const CUtensorMap map = latent_tensor_map<T>(p);
-    const dim3 grid = plan_grid<Cfg>(reinterpret_cast<const void*>(kernel), s, p, requested_splits, workspace, true);
+    const dim3 grid = plan_grid<Cfg>(reinterpret_cast<const void*>(kernel), s, p, req, workspace, true);
     kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p, map);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     launch_merge(mla_merge_kernel<T, Cfg::ROWS, paged_decode::kMaxSplits>, s, p, stream);
@@ -186,7 +193,7 @@ void launch_wgmma(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested
   }
   auto go = [&](auto cfg) {
     using Cfg = decltype(cfg);
-    launch<Cfg>(mla_decode_wgmma_kernel<T, Cfg>, s, p, requested_splits, workspace, stream,
+    launch<Cfg>(mla_decode_wgmma_kernel<T, Cfg>, s, p, req, workspace, stream,
                 mla_merge_kernel<T, Cfg::ROWS, paged_decode::kMaxSplits>);
   };
   if (use_mbarrier_handoff())
@@ -197,8 +204,10 @@ void launch_wgmma(const MlaDecodeShape& s, MlaDecodeParams& p, int64_t requested
 
 void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const at::Tensor& block_table,
                      const at::Tensor& seq_lens, double scale, at::Tensor& out, const c10::optional<at::Tensor>& lse,
-                     const c10::optional<at::Tensor>& workspace, int64_t num_splits) {
+                     const c10::optional<at::Tensor>& workspace, int64_t num_splits, int64_t plan_total_keys,
+                     int64_t plan_max_keys) {
   const MlaDecodeShape s = check_mla_decode(q, latent_cache, block_table, seq_lens, scale, out, lse, num_splits);
+  check_plan_keys(plan_total_keys, plan_max_keys);
   TORCH_CHECK(q.is_cuda(), "mla_decode (CUDA): q must be a CUDA tensor");
   TORCH_CHECK(s.dk % 8 == 0 && s.dk <= kMaxDk, "mla_decode (CUDA): q's last dim (Dk) must be a multiple of 8 and <= ",
               kMaxDk, ", got ", s.dk);
@@ -250,6 +259,11 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
   p.scale = float(scale);
   p.page_shift = (s.page_size & (s.page_size - 1)) == 0 ? __builtin_ctzll(uint64_t(s.page_size)) : -1;
 
+  // The caller's host-side lengths (kvcore.mla_decode's plan_seq_lens), for an automatic split
+  // count (the kernel choice follows the head count alone).
+  const SplitRequest req{num_splits, paged_decode::split_hint(s.batch, int64_t(p.max_pages) * p.page_size,
+                                                              plan_total_keys, plan_max_keys)};
+
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_half_types(q.scalar_type(), "mla_decode", [&](auto tag) {
@@ -266,15 +280,15 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
     const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
     const bool hopper = s.num_heads > 32 && prop->major == 9 && prop->minor == 0 && wgmma_body_built<T>();
     if (hopper && wide_kernel() == WideKernel::kWgmma)
-      launch_wgmma<T>(s, p, num_splits, workspace, stream);
+      launch_wgmma<T>(s, p, req, workspace, stream);
     else if (hopper && wide_kernel() == WideKernel::kSeesaw)
-      launch_seesaw<T>(s, p, num_splits, workspace, stream);
+      launch_seesaw<T>(s, p, req, workspace, stream);
     else if (s.num_heads <= 16 && use_h16_kernel())
-      launch_h16<T>(s, p, num_splits, workspace, stream);
+      launch_h16<T>(s, p, req, workspace, stream);
     else if (s.num_heads <= 16)
-      launch<T, 1, 8>(s, p, num_splits, workspace, stream);
+      launch<T, 1, 8>(s, p, req, workspace, stream);
     else
-      launch<T, 2, 16>(s, p, num_splits, workspace, stream);
+      launch<T, 2, 16>(s, p, req, workspace, stream);
   });
 }
 

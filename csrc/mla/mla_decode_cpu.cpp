@@ -57,9 +57,11 @@ namespace {
 
 void mla_decode_cpu(const at::Tensor& q, const at::Tensor& latent_cache, const at::Tensor& block_table,
                     const at::Tensor& seq_lens, double scale, at::Tensor& out, const c10::optional<at::Tensor>& lse,
-                    const c10::optional<at::Tensor>& workspace, int64_t num_splits) {
-  (void)workspace;
+                    const c10::optional<at::Tensor>& workspace, int64_t num_splits, int64_t plan_total_keys,
+                    int64_t plan_max_keys) {
+  (void)workspace;  // and the plan hint: the CPU parts follow num_splits and the thread count
   const MlaDecodeShape s = check_mla_decode(q, latent_cache, block_table, seq_lens, scale, out, lse, num_splits);
+  check_plan_keys(plan_total_keys, plan_max_keys);
   if (s.batch == 0 || s.num_heads == 0) return;
   float* lse_ptr = lse.has_value() ? lse->mutable_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "mla_decode_cpu", [&] {

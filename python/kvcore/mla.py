@@ -137,7 +137,9 @@ class MLAStep:
 
     ``num_tokens[i]`` new tokens of sequence ``i`` (concatenated in that order in the hidden
     states); ``positions`` / ``slot_mapping`` ``[T]`` int64; ``block_table`` ``[B, max_pages]``
-    int32 and ``seq_lens`` ``[B]`` int32 (lengths including the new tokens).
+    int32 and ``seq_lens`` ``[B]`` int32 (lengths including the new tokens); ``host_seq_lens``
+    optionally the same lengths as host ints, which the decode path passes to
+    :func:`kvcore.mla_decode` as ``plan_seq_lens`` (:meth:`MLALatentCache.step` fills it).
     """
 
     num_tokens: list[int]
@@ -145,6 +147,7 @@ class MLAStep:
     slot_mapping: Tensor
     block_table: Tensor
     seq_lens: Tensor
+    host_seq_lens: Optional[list[int]] = None
 
     @property
     def is_decode(self) -> bool:
@@ -245,7 +248,9 @@ class MLALatentCache:
             [torch.arange(s, s + n, dtype=torch.int64) for s, n in zip(starts, counts)]
             or [torch.zeros(0, dtype=torch.int64)]
         )
-        return MLAStep(counts, positions.to(self.device), slots, self.block_table(seq_ids), self.seq_lens(seq_ids))
+        lens = [self.seq_len(s) for s in seq_ids]  # after the reservation: including the new tokens
+        return MLAStep(counts, positions.to(self.device), slots, self.block_table(seq_ids), self.seq_lens(seq_ids),
+                       lens)
 
     def memory_report(self) -> dict:
         """Bytes of latent storage and per token (all layers)."""
@@ -386,7 +391,8 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = self.query(hidden, step.positions)
         q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]: W_UK folded into q
         q = torch.cat([q_abs, q_pe], dim=-1).contiguous()  # [B, H, R + P]
-        o_lat = ops.mla_decode(q, latent_cache, step.block_table, step.seq_lens, scale=c.scale, v_dim=c.kv_lora_rank)
+        o_lat = ops.mla_decode(q, latent_cache, step.block_table, step.seq_lens, scale=c.scale, v_dim=c.kv_lora_rank,
+                               plan_seq_lens=step.host_seq_lens)
         o = torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, v_head]: W_UV on the output
         return self.o_proj(o.reshape(hidden.shape[0], c.num_heads * c.v_head_dim))
 

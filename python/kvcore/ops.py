@@ -284,14 +284,15 @@ def _prepare_paged_decode(q, k_cache, block_table, seq_lens, logit_soft_cap, num
     return out, lse, want_lse, workspace, checked
 
 
-def _plan_keys(plan_seq_lens, batch: int, block_table: torch.Tensor, k_cache: torch.Tensor,
-               window_left: int) -> tuple[int, int]:
-    """gqa_decode's split-plan hint from a host copy of seq_lens: (the keys attended in all, the
-    most one sequence attends), each sequence's keys windowed and clamped to the block table's
-    capacity as the kernel clamps them; (0, 0) without one. Python builtins over a list: a
-    serving engine passes the same lengths to every layer's call, so this runs per layer.
-    Under torch.compile the hint is not read (the plan is then the shapes' alone): reducing host
-    values would specialise the graph on every batch's lengths."""
+def _plan_keys(plan_seq_lens, batch: int, block_table: torch.Tensor, cache: torch.Tensor, cache_dim: int,
+               window_left: int = -1) -> tuple[int, int]:
+    """gqa_decode's and mla_decode's split-plan hint from a host copy of seq_lens: (the keys
+    attended in all, the most one sequence attends), each sequence's keys windowed and clamped
+    to the block table's capacity (block_table's width x the page size, dim 1 of a cache of
+    ``cache_dim`` dims) as the kernel clamps them; (0, 0) without one. Python builtins over a
+    list: a serving engine passes the same lengths to every layer's call, so this runs per
+    layer. Under torch.compile the hint is not read (the plan is then the shapes' alone):
+    reducing host values would specialise the graph on every batch's lengths."""
     if plan_seq_lens is None or torch.compiler.is_compiling():
         return 0, 0
     if isinstance(plan_seq_lens, (str, bytes, bytearray)):
@@ -324,7 +325,7 @@ def _plan_keys(plan_seq_lens, batch: int, block_table: torch.Tensor, k_cache: to
         raise ValueError(f"plan_seq_lens must be >= 0, got {min(lens)}")
     # (seq_lens are int32: a length past that is clamped like one past the table, keeping the
     # sum within the op's int64 even where bad shapes leave the capacity unknown here)
-    cap = block_table.shape[1] * k_cache.shape[1] if block_table.dim() == 2 and k_cache.dim() == 4 else 2**31 - 1
+    cap = block_table.shape[1] * cache.shape[1] if block_table.dim() == 2 and cache.dim() == cache_dim else 2**31 - 1
     cap = min(cap, 2**31 - 1)
     if window_left >= 0:
         cap = min(cap, window_left + 1)
@@ -509,7 +510,7 @@ def gqa_decode(
     if score is not None and workspace is None and q.is_cuda and k_cache.dim() == 4 and block_table.dim() == 2:
         workspace = decode_workspace(q.device, decode_score_workspace_bytes(
             q.shape[0], q.shape[1], block_table.shape[1], k_cache.shape[1], int(window_left)))
-    plan_total, plan_max = _plan_keys(plan_seq_lens, q.shape[0], block_table, k_cache, int(window_left))
+    plan_total, plan_max = _plan_keys(plan_seq_lens, q.shape[0], block_table, k_cache, 4, int(window_left))
     out, lse, want_lse, workspace, checked = _prepare_paged_decode(
         q, k_cache, block_table, seq_lens, logit_soft_cap, num_splits, out, lse, return_lse, workspace)
     _ops.gqa_decode(
@@ -913,12 +914,14 @@ def mla_decode(
     q: torch.Tensor, latent_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
     v_dim: Optional[int] = ..., out: Optional[torch.Tensor] = ..., lse: None = ..., return_lse: bool = ...,
     workspace: Optional[torch.Tensor] = ..., num_splits: int = ...,
+    plan_seq_lens: Optional[Union[Sequence[int], torch.Tensor]] = ...,
 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]: ...
 @overload
 def mla_decode(
     q: torch.Tensor, latent_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
     v_dim: Optional[int] = ..., out: Optional[torch.Tensor] = ..., lse: torch.Tensor, return_lse: bool = ...,
     workspace: Optional[torch.Tensor] = ..., num_splits: int = ...,
+    plan_seq_lens: Optional[Union[Sequence[int], torch.Tensor]] = ...,
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 def mla_decode(
     q: torch.Tensor,
@@ -933,6 +936,7 @@ def mla_decode(
     return_lse: bool = False,
     workspace: Optional[torch.Tensor] = None,
     num_splits: int = 0,
+    plan_seq_lens: Optional[Union[Sequence[int], torch.Tensor]] = None,
 ):
     """Absorbed MLA decode: one query token per sequence over the paged latent cache.
 
@@ -959,6 +963,14 @@ def mla_decode(
             256 are taken, on either device). On CPU, ``n > 0`` fixes the key-range parts too
             (bitwise identical across calls and thread counts); ``0`` cuts by the thread count
             (deterministic at a fixed thread count).
+        plan_seq_lens: optional host copy of ``seq_lens`` (a CPU tensor or a sequence of ints,
+            ``B`` entries), for an automatic split count on CUDA, as in :func:`gqa_decode`: the
+            grid is then sized for the keys the batch attends rather than as if every sequence
+            filled ``block_table`` (a batch of very unequal lengths gets its long sequences
+            split across the GPU). Never read by the kernel, so stale values cost only speed;
+            equal lengths that fill the table plan as without it (the same bits). Ignored with
+            ``num_splits > 0``, on CPU and under ``torch.compile``; fixed at capture in a CUDA
+            graph. Refused as a CUDA tensor (reading it would synchronise).
 
     NaN: a NaN in ``q[b, h]`` makes that row's ``out`` and ``lse`` NaN and touches no other row; a
     NaN anywhere in an attended latent row (a key column, or a value column too) does so for
@@ -1006,8 +1018,10 @@ def mla_decode(
         workspace = decode_workspace(q.device)
     _check_devices("mla_decode", "q", q, latent_cache=latent_cache, block_table=block_table, seq_lens=seq_lens,
                    out=out, lse=lse, workspace=workspace)
+    plan_total, plan_max = _plan_keys(plan_seq_lens, q.shape[0], block_table, latent_cache, 3)
     _validate_block_table(latent_cache, 3, block_table, seq_lens)
-    _ops.mla_decode(q, latent_cache, block_table, seq_lens, float(scale), out, lse, workspace, int(num_splits))
+    _ops.mla_decode(q, latent_cache, block_table, seq_lens, float(scale), out, lse, workspace, int(num_splits),
+                    plan_total, plan_max)
     out, lse = _guard_grad("mla_decode", (out, lse), q, latent_cache)
     return (out, lse) if want_lse else out
 
@@ -1020,7 +1034,8 @@ def _mla_latent_project_fake(hidden, w_dkv, norm_weight, eps, cos_sin, positions
 
 
 @torch.library.register_fake("kvcore::mla_decode")
-def _mla_decode_fake(q, latent_cache, block_table, seq_lens, scale, out, lse, workspace, num_splits) -> None:
+def _mla_decode_fake(q, latent_cache, block_table, seq_lens, scale, out, lse, workspace, num_splits,
+                     plan_total_keys=0, plan_max_keys=0) -> None:
     torch._check(out.shape[:2] == q.shape[:2], lambda: "out must be [batch, num_heads, v_dim]")
     return None
 

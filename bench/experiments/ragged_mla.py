@@ -1,0 +1,101 @@
+"""mla_decode on ragged batches: the split count from shapes alone, from a host copy of the
+lengths (plan_seq_lens), and forced counts.
+
+Without a hint mla_decode plans its split count as if every sequence filled the block table
+(no host sync; fixed under graph capture), so a batch of very unequal lengths leaves its long
+sequences on few CTAs, as gqa_decode did before session 27 (bench/experiments/ragged_decode.py).
+With plan_seq_lens it plans from the keys the batch attends (split_plan.h's
+choose_splits_hinted, the rule measured on gqa_decode). For each shape and length pattern this
+prints the median time (harness Timer: CUDA events, L2 flushed) of the automatic count ("auto"),
+the hinted one ("hint") and forced counts, after checking each output against kvcore.reference.
+
+    python bench/experiments/ragged_mla.py [--splits 2,4,8] [OUT.json]
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import kvcore
+from kvcore import reference
+from kvcore.bench import harness
+from kvcore.bench.mla import RANK, MlaDecodeCase, make_decode_inputs
+
+# (batch, heads, capacity in tokens), page 64, DeepSeek's widths: the MLA bench's B32 H128 and
+# B64 H16 rows, B128 H128 at a shorter table, and B16 H128 at a long one.
+SHAPES = [(32, 128, 4096), (64, 16, 8192), (128, 128, 1024), (16, 128, 16384)]
+PATTERNS = ("equal", "uniform", "one-long", "short")
+
+
+def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator) -> torch.Tensor:
+    """Sequence lengths for one pattern, all within the block table's capacity."""
+    if pattern == "equal":
+        return torch.full((batch,), cap, dtype=torch.int32)
+    if pattern == "uniform":  # uniform in [1, cap]
+        return torch.randint(1, cap + 1, (batch,), generator=gen, dtype=torch.int32)
+    if pattern == "one-long":  # one sequence at the capacity, the rest at an eighth of it
+        lens = torch.full((batch,), cap // 8, dtype=torch.int32)
+        lens[batch // 2] = cap
+        return lens
+    if pattern == "short":  # every sequence at 1/16 of the capacity
+        return torch.full((batch,), cap // 16, dtype=torch.int32)
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def main(argv: list) -> int:
+    forced = []
+    if "--splits" in argv:
+        at = argv.index("--splits")
+        forced = [int(n) for n in argv[at + 1].split(",")]
+        argv = argv[:at] + argv[at + 2:]
+    if len(argv) > 1:
+        raise SystemExit(f"usage: ragged_mla.py [--splits N,N,...] [OUT.json]; got {argv}")
+    dev = torch.device("cuda")
+    timer = harness.Timer(dev)
+    kvcore.set_validation(False)
+    ws = kvcore.decode_workspace(dev)
+    gen = torch.Generator().manual_seed(11)
+    rows = []
+    failed = False
+    for b, h, cap in SHAPES:
+        case = MlaDecodeCase(b, h, cap)
+        x = make_decode_inputs(case, dev)
+        out = torch.empty(b, h, RANK, dtype=x.q.dtype, device=dev)
+        for pattern in PATTERNS:
+            seq_lens = lengths(pattern, b, cap, gen).to(dev)
+            ref, _ = reference.mla_decode(x.q, x.latent, x.block_table, seq_lens, x.scale, RANK)
+            host_lens = seq_lens.tolist()
+            for splits in [0, "hint"] + forced:
+                kw = {"plan_seq_lens": host_lens} if splits == "hint" else {"num_splits": splits}
+
+                def call() -> None:
+                    kvcore.mla_decode(x.q, x.latent, x.block_table, seq_lens, scale=x.scale, out=out, workspace=ws,
+                                      **kw)
+
+                out.fill_(float("nan"))
+                call()
+                err = (out.float() - ref).abs().max().item()
+                ok = err <= 3e-2 * max(1.0, ref.abs().max().item())  # False for a NaN too
+                failed |= not ok
+                ms = timer(call)
+                tokens = int(seq_lens.sum().item())
+                nbytes = tokens * x.latent.shape[-1] * 2
+                row = {"case": case.name, "pattern": pattern, "splits": splits, "tokens": tokens, "us": ms * 1e3,
+                       "gbps": nbytes / (ms * 1e-3) / 1e9, "max_err": err if ok else str(err), "ok": ok}
+                rows.append(row)
+                print(f"{case.name:32s} {pattern:9s} splits {'auto' if splits == 0 else splits:>4} {tokens:8d} tokens "
+                      f"{ms * 1e3:8.1f} us {row['gbps']:7.0f} GB/s  max err {err:.1e}{'' if ok else '  MISMATCH'}",
+                      flush=True)
+            del ref
+        del x, out
+        torch.cuda.empty_cache()
+    if argv:
+        with open(argv[0], "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(dev), "rows": rows}, f, indent=1)
+    return 1 if failed else 0  # a mismatch fails the stage
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
