@@ -55,7 +55,7 @@ def main(argv: list) -> int:
     dev = torch.device("cuda")
     timer = harness.Timer(dev)
     kvcore.set_validation(False)
-    ws = kvcore.decode_workspace(dev)
+    ws = kvcore.decode_workspace(dev, 1 << 29)  # room for the forced counts' partials
     gen = torch.Generator().manual_seed(11)
     rows = []
     failed = False

@@ -56,6 +56,14 @@ constexpr int kSeparateMergeSplits = 4;
 // Occupancy, split plan and workspace layout of one kernel instantiation (Cfg: its ROWS, TILE,
 // THREADS and SMEM_BYTES): fills p's split fields and returns the grid. can_merge_separately: the
 // kernel can defer its split merge to a separate merge kernel (launch_merge).
+// With a length hint, a split of a block of ROWS heads takes at least 16 x ROWS keys: it reads
+// the block's Q (ROWS x Dk) and writes ROWS x Dv fp32 partials, ~1/6 of the latent bytes of those
+// keys at DeepSeek's widths, so shorter splits spend more on that than they balance (kMinSplitTokens,
+// 256, at the 16-head kernels). H100, session 28 (bench/experiments/ragged_mla.py): B32 H128 in a
+// 4096-token table, uniform lengths: 2 splits 79.6 us, 4 83.6 (the four-wave plan with 256 keys
+// a split); one sequence of 4096 among 512s: 2 splits 78.8, 4 66.0.
+constexpr int64_t kMinSplitTokensPerRow = 16;
+
 // The caller's split count (num_splits: 0 automatic) and host-side length hint (plan_seq_lens).
 struct SplitRequest {
   int64_t splits;
@@ -74,7 +82,7 @@ dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, 
   const int64_t have = paged_decode::workspace_bytes(workspace);
   const paged_decode::SplitPlan plan = paged_decode::plan_splits(
       "mla_decode", "batch x head blocks", pairs, kv_len, slots, Cfg::TILE, req.splits, have, 0, Cfg::ROWS, s.dv, 0, 0,
-      req.hint);
+      req.hint, kMinSplitTokensPerRow * Cfg::ROWS);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
   paged_decode::use_split_workspace(p, plan, workspace);
