@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Session 28, call 4 (NOT RUN: the device refused it and the session's device time ran out; for
-# the next session): mla_decode's hinted split count with at least 1536 keys a split at the
-# 64-head kernels (call 3 found B32 H128 uniform lengths over-split by the four-wave plan: 83.7
-# us against 80.0 without the hint). Predicted from call 3's forced counts: B32 H128 uniform and
-# one-long 2 splits (79.6, 78.8 us), short 1 (23.3); the H16 rows unchanged (82.1, 27.6); B128
-# H128 and B16 H128 S16384 (not measured in call 3) at or below the no-hint times.
-# Build; the mla_decode plan tests; ragged_mla.py with forced 2 / 4 / 8 (a 512 MB workspace).
+# the next session): mla_decode's hinted split count at 64 heads a CTA. Call 3 found the plan
+# measured on gqa_decode over-splitting there (B32 H128 uniform lengths 83.7 us against 80.0
+# without the hint) while gaining on one-long (67.0 / 80.6) and short rows (23.3 / 30.7), so the
+# launcher now ignores the hint at 64 heads. This times the same rows with forced 2 / 4 / 8 (a
+# 512 MB workspace) to choose a rule for those kernels; the 64-head rows' "hint" column should
+# now equal "auto", the H16 rows stay as in call 3 (82.1, 27.6).
 o=/tmp/c
 rm -rf $o; mkdir -p $o
 KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-330} build \

@@ -63,9 +63,9 @@ struct SplitPlan {
 inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pairs, int64_t kv_len, int slots,
                              int tile, int64_t requested, int64_t have, int64_t scratch, int64_t rows,
                              int64_t width, int64_t max_ctas = 0, int merge_batch = 0,
-                             const SplitHint& hint = {}, int64_t min_split_tokens = kMinSplitTokens) {
+                             const SplitHint& hint = {}) {
   int splits = requested > 0   ? int(std::min<int64_t>(requested, kMaxSplits))
-               : hint.active() ? choose_splits_hinted(pairs, kv_len, hint, slots, max_ctas, merge_batch, min_split_tokens)
+               : hint.active() ? choose_splits_hinted(pairs, kv_len, hint, slots, max_ctas, merge_batch)
                                : choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
   auto lse_bytes = [&](int n) { return round256(pairs * n * rows * 4); };
   auto bytes_for = [&](int n) { return kCounterBytes + scratch + lse_bytes(n) + pairs * n * rows * width * 4; };

@@ -56,18 +56,17 @@ constexpr int kSeparateMergeSplits = 4;
 // Occupancy, split plan and workspace layout of one kernel instantiation (Cfg: its ROWS, TILE,
 // THREADS and SMEM_BYTES): fills p's split fields and returns the grid. can_merge_separately: the
 // kernel can defer its split merge to a separate merge kernel (launch_merge).
-// With a length hint, the fewest keys a split of the 64-head kernels (wgmma, seesaw) takes: each
-// split reads its block's Q (64 x 576) and writes 64 x 512 fp32 partials (a separate merge kernel
-// past 4 splits) in a compute-bound loop, so the four-wave plan that balances the memory-bound
-// kernels over-splits. H100, session 28 (bench/experiments/ragged_mla.py, B32 H128 in a
-// 4096-token table, us; no hint / forced 2 / forced 4): uniform lengths 80.0 / 79.6 / 83.6 (the
-// plan with 256 keys a split took 4-8: 83.7), one sequence of 4096 among 512s 80.6 / 78.8 / 66.0,
-// every sequence 256 keys 30.7 / 30.0 / 47.1 (one split: 23.3). 1536 keys a split gives 2, 2 and
-// 1 there: every row at or below the time without the hint. (1024 would give one-long its 4, and
-// uniform 3, not measured; 2048 uniform 1, not measured.) The 16-head kernel keeps
-// kMinSplitTokens: with it the hint took B64 H16 one-long 113.7 -> 82.1 us and short 30.9 ->
-// 27.6, uniform and equal unchanged.
-constexpr int64_t kWideMinSplitTokens = 1536;
+// The length hint plans the split count of the kernels of up to 32 heads a CTA only. At 64 heads
+// (wgmma, seesaw) a split reads its block's Q (64 x 576) and writes 64 x 512 fp32 partials (a
+// separate merge kernel past 4 splits) in a compute-bound loop, and the plan measured on
+// gqa_decode's kernels over-split there. H100, session 28 (bench/experiments/ragged_mla.py, B32
+// H128 in a 4096-token table, us; no hint / the hinted plan / forced 2 / forced 4): uniform
+// lengths 80.0 / 83.7 / 79.6 / 83.6; one sequence of 4096 among 512s 80.6 / 67.0 / 78.8 / 66.0;
+// every sequence 256 keys 30.7 / 23.3 / 30.0 / 47.1. Some rows gain, one loses: not used there
+// until a rule for those kernels is measured. The 16-head kernel with it: B64 H16 in an
+// 8192-token table, one sequence full and the rest at 1024, 113.7 -> 82.1 us; all 1024 tokens
+// 30.9 -> 27.6; equal and uniform lengths unchanged.
+constexpr int kMaxHintedRows = 32;
 
 // The caller's split count (num_splits: 0 automatic) and host-side length hint (plan_seq_lens).
 struct SplitRequest {
@@ -87,7 +86,7 @@ dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, 
   const int64_t have = paged_decode::workspace_bytes(workspace);
   const paged_decode::SplitPlan plan = paged_decode::plan_splits(
       "mla_decode", "batch x head blocks", pairs, kv_len, slots, Cfg::TILE, req.splits, have, 0, Cfg::ROWS, s.dv, 0, 0,
-      req.hint, Cfg::ROWS >= 64 ? kWideMinSplitTokens : paged_decode::kMinSplitTokens);
+      Cfg::ROWS <= kMaxHintedRows ? req.hint : paged_decode::SplitHint{});
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
   paged_decode::use_split_workspace(p, plan, workspace);

@@ -967,9 +967,10 @@ def mla_decode(
             ``B`` entries), for an automatic split count on CUDA, as in :func:`gqa_decode`: the
             grid is then sized for the keys the batch attends rather than as if every sequence
             filled ``block_table`` (a batch of very unequal lengths gets its long sequences
-            split across the GPU; at more than 32 heads a split takes at least 1536 keys, as
-            its Q and partials cost more). H100, session 28, B64 H16 in an 8192-token table
-            with one full sequence and the rest at 1024 tokens: 82 us with it, 114 without.
+            split across the GPU). Used with up to 32 heads; with more (the 64-head kernels,
+            whose splits cost more) not yet: its plan was not measured to gain at every shape
+            there. H100, session 28, B64 H16 in an 8192-token table with one full sequence and
+            the rest at 1024 tokens: 82 us with it, 114 without.
             Never read by the kernel, so stale values cost only speed;
             equal lengths that fill the table plan as without it (the same bits). Ignored with
             ``num_splits > 0``, on CPU and under ``torch.compile``; fixed at capture in a CUDA

@@ -152,20 +152,6 @@ int main() {
     expect(s >= r.lo && s <= r.hi, r.name, s, r.lo, r.hi, 0);
   }
 
-  // A kernel whose splits cost more (mla_decode's 64-head blocks: at least 1536 keys a split) is
-  // capped by its own minimum. B32 x 2 head blocks in a 4096-token table, 132 slots (H100,
-  // session 28, us at forced 2 / 4): uniform lengths (69784 keys, longest 4090) 79.6 / 83.6: 2
-  // (256 keys a split plan 8); one of 4096 among 512s 78.8 / 66.0: 2; every sequence 256 keys: 1.
-  {
-    const auto h = split_hint(32, 4096, 69784, 4090);
-    expect(choose_splits_hinted(64, 4096, h, 132, 0, 0, 1536) == 2, "MLA uniform", 64, 4096, 1536, 0);
-    expect(choose_splits_hinted(64, 4096, h, 132, 0, 0) == 8, "MLA uniform at 256", 64, 4096, 256, 0);
-    expect(choose_splits_hinted(64, 4096, split_hint(32, 4096, 4096 + 31 * 512, 4096), 132, 0, 0, 1536) == 2,
-           "MLA one-long", 64, 4096, 1536, 0);
-    expect(choose_splits_hinted(64, 4096, split_hint(32, 4096, 32 * 256, 256), 132, 0, 0, 1536) == 1, "MLA short",
-           64, 4096, 1536, 0);
-  }
-
   std::printf("checked %lld plans, %d failures\n", checked, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -18,9 +18,9 @@ constexpr int kMaxSplits = 256;
 // A split shorter than this spends more on its prologue and on the merge than it saves.
 constexpr int kMinSplitTokens = 256;
 
-// The most splits a pair of `keys` keys takes: one per min_split_tokens (at least one), at most kMaxSplits.
-inline int64_t max_splits_for(int64_t keys, int64_t min_split_tokens = kMinSplitTokens) {
-  return std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, keys / std::max<int64_t>(min_split_tokens, 1)));
+// The most splits a pair of `keys` keys takes: one per kMinSplitTokens (at least one), at most kMaxSplits.
+inline int64_t max_splits_for(int64_t keys) {
+  return std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, keys / kMinSplitTokens));
 }
 
 // The share of the CTA slots of `waves` full waves that `ctas` CTAs use (waves: as few as hold them).
@@ -121,9 +121,7 @@ inline std::pair<int64_t, int64_t> planned_pairs(int64_t pairs, int64_t kv_len, 
 //   what lets the hardware hand the SMs that finish first the next ones;
 // - otherwise (few pairs, or equal lengths shorter than the table): choose_splits for the planned
 //   pairs, as many full-length pairs of max_keys as hold the batch's keys.
-// At most one split per min_split_tokens of the longest sequence either way (kMinSplitTokens for
-// gqa_decode; more for a kernel whose split carries more fixed cost: mla_decode's 64-head
-// blocks, each split reading Q and writing 64 x 512 fp32 partials). H100, forced counts
+// At most one split per kMinSplitTokens of the longest sequence either way. H100, forced counts
 // (bench/results/h100-2026-12-05-s27/call3/ragged.log; 264 slots of the 4-warp kernel), us:
 // B16 Hq32 Hkv8 in an 8192-token table (four waves: 8 splits), one sequence full and 15 of 1024:
 // automatic from shapes (1) 104, 4 splits 63, 8 49; uniform lengths: 1 112, 4 101, 8 98; B64 in
@@ -131,12 +129,12 @@ inline std::pair<int64_t, int64_t> planned_pairs(int64_t pairs, int64_t kv_len, 
 // uniform 1 195, 2 188, 4 185; one full and 63 of 512: 1 97, 2 77, 4 71; B128 S2048 (1 split):
 // uniform 1 202, 2 207; one full and 127 of 256: 1 72, 2 70, 4 88.
 inline int choose_splits_hinted(int64_t pairs, int64_t kv_len, const SplitHint& hint, int slots, int64_t max_ctas,
-                                int merge_batch, int64_t min_split_tokens = kMinSplitTokens) {
+                                int merge_batch) {
   const auto [planned, keys] = planned_pairs(pairs, kv_len, hint);
   const int64_t real = std::max<int64_t>(pairs, 1);
   int64_t cap = std::max<int64_t>(1, 4 * int64_t(slots) / real);
   if (max_ctas > 0) cap = std::min(cap, std::max<int64_t>(1, max_ctas / real));
-  cap = std::min(cap, max_splits_for(keys, min_split_tokens));
+  cap = std::min(cap, max_splits_for(keys));
   if (hint.fill < 1.0 && 4 * real >= slots) return int(cap);
   return int(std::min<int64_t>(choose_splits(planned, keys, slots, 0, merge_batch), cap));
 }
