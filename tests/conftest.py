@@ -126,6 +126,30 @@ def env_with(name: str, value: "str | None") -> dict:
     return env
 
 
+def record_op_calls(monkeypatch, name: str) -> list:
+    """Make every call of the compiled op ``name`` through ``kvcore.ops`` append its arguments (a
+    tuple) to the returned list before it runs, for tests of what a wrapper hands the op."""
+    import kvcore.ops as ops_module
+
+    seen = []
+    real = ops_module._ops
+
+    class Spy:
+        def __getattr__(self, attr):
+            op = getattr(real, attr)
+            if attr != name:
+                return op
+
+            def call(*args):
+                seen.append(args)
+                return op(*args)
+
+            return call
+
+    monkeypatch.setattr(ops_module, "_ops", Spy())
+    return seen
+
+
 def run_tests_with_env(name: str, value: str, files: list, select: str, min_passed: int, *extra: str) -> None:
     """Run pytest over ``files`` (paths from the repository root) with ``-k select`` in a fresh
     process whose ``name`` is ``value``; fail unless it passes with at least ``min_passed`` tests."""

@@ -18,7 +18,8 @@ import torch
 
 import kvcore
 from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, assert_out_lse_close, make_paged_kv, op_workspace,
-                      opcheck_dtype, poison, ragged_lens, randn, assert_switch_value_rejected, run_tests_with_env)
+                      opcheck_dtype, poison, ragged_lens, randn, record_op_calls, assert_switch_value_rejected,
+                      run_tests_with_env)
 from kvcore import reference
 from kvcore.mla import MLAAttention, MLAConfig, MLALatentCache
 from test_ops import OPCHECK_UTILS, BadCase, _other_device, _set, _set_item, _set_kw
@@ -429,30 +430,13 @@ def test_mla_decode_plan_seq_lens_full_hint_same_bits_cuda(device, heads, gen):
 def test_mla_decode_plan_seq_lens_reaches_the_op(device, gen, monkeypatch):
     """The wrapper reduces plan_seq_lens to the op's plan_total_keys / plan_max_keys: each length
     clamped to the block table's capacity, then summed and maxed."""
-    import kvcore.ops as ops_module
-
-    seen = []
-    real = ops_module._ops
-
-    class Spy:
-        def __getattr__(self, name):
-            op = getattr(real, name)
-            if name != "mla_decode":
-                return op
-
-            def call(*args):
-                seen.append(args[-2:])
-                return op(*args)
-
-            return call
-
-    monkeypatch.setattr(ops_module, "_ops", Spy())
+    seen = record_op_calls(monkeypatch, "mla_decode")
     a = _decode_args(device, gen)  # capacity 4 pages of 8: 32; lens [5, 17, 0]
     assert a.table.shape[1] * 8 == 32
     for hint, want in [([5, 17, 0], (22, 17)), ([40, 5, 0], (37, 32)), (torch.tensor([3, 3, 3]), (9, 3)),
                        (None, (0, 0)), ([0, 0, 0], (0, 0))]:
         kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, out=a.out, plan_seq_lens=hint, **a.kw)
-        assert tuple(seen[-1]) == want, (hint, seen[-1])
+        assert tuple(seen[-1][-2:]) == want, (hint, seen[-1][-2:])
 
 
 @pytest.mark.parametrize("device", DECODE_DEVICES)

@@ -20,7 +20,7 @@ import torch
 import kvcore
 from conftest import (HAS_CUDA, NO_CUDA_REASON, assert_out_lse_close, assert_switch_value_rejected,
                       assert_written_and_close, make_paged_kv, op_workspace, opcheck_dtype, poison, ragged_lens,
-                      randn, run_script_with_env, run_tests_with_env, widen_table)
+                      randn, record_op_calls, run_script_with_env, run_tests_with_env, widen_table)
 from decode_cases import PagedDecodeCase
 from kvcore import reference
 
@@ -365,31 +365,14 @@ def test_gqa_decode_plan_seq_lens_full_hint_same_bits_cuda(device, gen):
 def test_gqa_decode_plan_seq_lens_reaches_the_op(device, window_left, gen, monkeypatch):
     """The wrapper reduces plan_seq_lens to the op's plan_total_keys / plan_max_keys: each length
     clamped to the window and to the block table's capacity, then summed and maxed."""
-    import kvcore.ops as ops_module
-
-    seen = []
-    real = ops_module._ops
-
-    class Spy:
-        def __getattr__(self, name):
-            op = getattr(real, name)
-            if name != "gqa_decode":
-                return op
-
-            def call(*args):
-                seen.append(args[-2:])
-                return op(*args)
-
-            return call
-
-    monkeypatch.setattr(ops_module, "_ops", Spy())
+    seen = record_op_calls(monkeypatch, "gqa_decode")
     a = _decode_args(device, gen)  # capacity 32, lens [0, 1, 20]
     for hint, want in [([0, 1, 20], (21, 20) if window_left < 0 else (17, 16)),
                        ([40, 5, 0], (37, 32) if window_left < 0 else (21, 16)),
                        (torch.tensor([3, 3, 3]), (9, 3)), (None, (0, 0)), ([0, 0, 0], (0, 0))]:
         kvcore.gqa_decode(a.q, a.k_cache, a.v_cache, a.block_table, a.seq_lens, window_left=window_left, out=a.out,
                           plan_seq_lens=hint)
-        assert tuple(seen[-1]) == want, (hint, seen[-1])
+        assert tuple(seen[-1][-2:]) == want, (hint, seen[-1][-2:])
 
 
 def test_gqa_decode_op_rejects_bad_plan_keys(device, gen):
