@@ -389,12 +389,13 @@ MLA_PLAN_HINTS = {
 
 @pytest.mark.parametrize("hint", list(MLA_PLAN_HINTS))
 @pytest.mark.parametrize(("device", "heads"), [("cpu", 16), pytest.param("cuda", 16, marks=_DECODE_CUDA_MARKS),
+                                               pytest.param("cuda", 32, marks=_DECODE_CUDA_MARKS),
                                                pytest.param("cuda", 128, marks=_DECODE_CUDA_MARKS)])
 def test_mla_decode_plan_seq_lens(device, heads, hint, gen):
     """A batch of very unequal lengths (one long, short ones, 0 and 1) planned from a host copy of
     its lengths, true or wrong, twice on one workspace with fresh q into poisoned outputs, each
-    against the reference (H16: the memory-bound kernel, which plans from the hint; H128: the
-    wgmma kernel on Hopper, which does not use it yet)."""
+    against the reference (H16: the memory-bound kernel, which plans from the hint; H32 and
+    H128: kernels that do not use it yet)."""
     lens = [9000, 0, 1, 300, 1024, 777, 2049, 5]
     cache, table, seq_lens = _latent_cache(lens, 64, 576, gen, torch.bfloat16, device)
     ws = op_workspace(device)
@@ -424,6 +425,30 @@ def test_mla_decode_plan_seq_lens_full_hint_same_bits_cuda(device, heads, gen):
         results.append((out, lse))
     for out, lse in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+@pytest.mark.parametrize("heads", [16, 32, 128])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=_DECODE_CUDA_MARKS)])
+def test_mla_decode_plan_seq_lens_plans_16_heads_only_cuda(device, heads, gen):
+    """A stale hint that every sequence holds one key reaches the launcher: at 16 heads it plans one
+    split (bit for bit num_splits=1, and not the shapes' many splits); at 32 and 128 heads the
+    launcher does not use it (bit for bit the call without it)."""
+    lens = [3000, 2900]  # a table of ~3000 keys: the shapes plan many splits for 2 sequences
+    cache, table, seq_lens = _latent_cache(lens, 64, 576, gen, torch.bfloat16, device)
+    q = randn(2, heads, 576, gen=gen, dtype=torch.bfloat16, device=device)
+
+    def run(**kw):
+        return kvcore.mla_decode(q, cache, table, seq_lens, scale=0.1, return_lse=True, **kw)
+
+    stale, none, one = run(plan_seq_lens=[1, 1]), run(), run(num_splits=1)
+    same = lambda a, b: torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # noqa: E731
+    if heads == 16:
+        assert same(stale, one) and not torch.equal(stale[1], none[1])  # (lse: fp32, where split sums differ)
+    else:
+        assert same(stale, none)
+    ref_out, ref_lse = reference.mla_decode(q, cache, table, seq_lens, 0.1, 512)
+    torch.testing.assert_close(stale[0].float(), ref_out, **OUT_TOL[torch.bfloat16])
+    torch.testing.assert_close(stale[1], ref_lse, **LSE_TOL)
 
 
 @pytest.mark.parametrize("device", DECODE_DEVICES)
@@ -667,6 +692,12 @@ BAD_MLA_DECODE = [
     BadCase("plan_seq_lens_floats", _set_kw("plan_seq_lens", [0, 1.5, 20]), ValueError, r"plan_seq_lens must hold ints"),
     BadCase("plan_seq_lens_not_host", _set_kw("plan_seq_lens", torch.zeros(3, dtype=torch.int32, device="meta")),
             ValueError, r"plan_seq_lens must be on the CPU"),
+    BadCase("plan_seq_lens_float_tensor", _set_kw("plan_seq_lens", torch.tensor([0.0, 1.0, 20.0])), ValueError,
+            r"plan_seq_lens must be a 1-D dense integer tensor"),
+    BadCase("plan_seq_lens_rank", _set_kw("plan_seq_lens", torch.zeros(3, 1, dtype=torch.int32)), ValueError,
+            r"plan_seq_lens must be a 1-D dense integer tensor"),
+    BadCase("plan_seq_lens_not_a_sequence", _set_kw("plan_seq_lens", 20), ValueError,
+            r"plan_seq_lens must be a CPU tensor or a sequence of ints"),
 ]
 
 

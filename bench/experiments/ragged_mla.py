@@ -5,7 +5,8 @@ Without a hint mla_decode plans its split count as if every sequence filled the 
 (no host sync; fixed under graph capture), so a batch of very unequal lengths leaves its long
 sequences on few CTAs, as gqa_decode did before session 27 (bench/experiments/ragged_decode.py).
 With plan_seq_lens it plans from the keys the batch attends (split_plan.h's
-choose_splits_hinted, the rule measured on gqa_decode). For each shape and length pattern this
+choose_splits_hinted, the rule measured on gqa_decode), at up to 16 heads only since session 28's
+call 3 (whose H128 rows, below, took the hint too): at more heads "hint" equals "auto". For each shape and length pattern this
 prints the median time (harness Timer: CUDA events, L2 flushed) of the automatic count ("auto"),
 the hinted one ("hint") and forced counts, after checking each output against kvcore.reference.
 

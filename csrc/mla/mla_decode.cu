@@ -1,5 +1,6 @@
 // CUDA launcher of mla_decode: the CUDA-only input checks, the head-block and split choice (from
-// shapes alone, so the call never syncs and can be captured in a CUDA graph), the workspace layout
+// shapes, and at 16 heads from the caller's host-side length hint: never from seq_lens, so the
+// call never syncs and can be captured in a CUDA graph), the workspace layout
 // and the dtype dispatch. The kernel itself is framework-free: csrc/include/kvcore/mla_decode.cuh.
 // The split count, workspace layout and occupancy query are gqa_decode's (paged_decode_launch.h).
 #include <torch/library.h>
@@ -53,20 +54,18 @@ WideKernel wide_kernel() {
 // does, because the last CTA of a head block would read every split's partial alone.
 constexpr int kSeparateMergeSplits = 4;
 
-// Occupancy, split plan and workspace layout of one kernel instantiation (Cfg: its ROWS, TILE,
-// THREADS and SMEM_BYTES): fills p's split fields and returns the grid. can_merge_separately: the
-// kernel can defer its split merge to a separate merge kernel (launch_merge).
-// The length hint plans the split count of the kernels of up to 32 heads a CTA only. At 64 heads
-// (wgmma, seesaw) a split reads its block's Q (64 x 576) and writes 64 x 512 fp32 partials (a
-// separate merge kernel past 4 splits) in a compute-bound loop, and the plan measured on
-// gqa_decode's kernels over-split there. H100, session 28 (bench/experiments/ragged_mla.py, B32
-// H128 in a 4096-token table, us; no hint / the hinted plan / forced 2 / forced 4): uniform
-// lengths 80.0 / 83.7 / 79.6 / 83.6; one sequence of 4096 among 512s 80.6 / 67.0 / 78.8 / 66.0;
-// every sequence 256 keys 30.7 / 23.3 / 30.0 / 47.1. Some rows gain, one loses: not used there
-// until a rule for those kernels is measured. The 16-head kernel with it: B64 H16 in an
-// 8192-token table, one sequence full and the rest at 1024, 113.7 -> 82.1 us; all 1024 tokens
-// 30.9 -> 27.6; equal and uniform lengths unchanged.
-constexpr int kMaxHintedRows = 32;
+// The length hint (plan_seq_lens) plans the split count of the 16-head kernels only (h16 and the
+// mma.sync kernel with M = 1). The 32-head mma.sync kernel (17-32 heads on Hopper; every head
+// count above 16 elsewhere) and the 64-head ones (wgmma, seesaw) are compute-bound, and each split
+// reads its block's Q and writes its block's fp32 partials: the plan measured on gqa_decode's
+// kernels over-split there. H100, session 28 (bench/experiments/ragged_mla.py, B32 H128 on the
+// wgmma kernel in a 4096-token table, us; no hint / the hinted plan / forced 2 / forced 4):
+// uniform lengths 80.0 / 83.7 / 79.6 / 83.6; one sequence of 4096 among 512s 80.6 / 67.0 / 78.8 /
+// 66.0; every sequence 256 keys 30.7 / 23.3 / 30.0 / 47.1. Some rows gain, one loses: not used
+// there until a rule for those kernels is measured. The 16-head kernel with it: B64 H16 in an
+// 8192-token table, one sequence full and the rest at 1024, 113.7 -> 82.1 us; every sequence
+// 512 keys 30.9 -> 27.6; equal and uniform lengths unchanged.
+constexpr int kMaxHintedRows = 16;
 
 // The caller's split count (num_splits: 0 automatic) and host-side length hint (plan_seq_lens).
 struct SplitRequest {
@@ -74,6 +73,9 @@ struct SplitRequest {
   paged_decode::SplitHint hint;
 };
 
+// Occupancy, split plan and workspace layout of one kernel instantiation (Cfg: its ROWS, TILE,
+// THREADS and SMEM_BYTES): fills p's split fields and returns the grid. can_merge_separately: the
+// kernel can defer its split merge to a separate merge kernel (launch_merge).
 template <typename Cfg>
 dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, const SplitRequest& req,
                const c10::optional<at::Tensor>& workspace, bool can_merge_separately) {

@@ -139,7 +139,8 @@ class MLAStep:
     states); ``positions`` / ``slot_mapping`` ``[T]`` int64; ``block_table`` ``[B, max_pages]``
     int32 and ``seq_lens`` ``[B]`` int32 (lengths including the new tokens); ``host_seq_lens``
     optionally the same lengths as host ints, which the decode path passes to
-    :func:`kvcore.mla_decode` as ``plan_seq_lens`` (:meth:`MLALatentCache.step` fills it).
+    :func:`kvcore.mla_decode` as ``plan_seq_lens`` (:meth:`MLALatentCache.step` fills it; a CUDA
+    graph captured around the decode keeps the capture step's plan).
     """
 
     num_tokens: list[int]

@@ -959,15 +959,15 @@ def mla_decode(
             given or when ``return_lse``.
         workspace: CUDA split-KV scratch (uint8, zero-filled once); default: the shared
             per-device buffer (:func:`decode_workspace`). Ignored on CPU.
-        num_splits: ``0`` picks the KV split from the shapes, ``n > 0`` forces ``n`` (at most
-            256 are taken, on either device). On CPU, ``n > 0`` fixes the key-range parts too
-            (bitwise identical across calls and thread counts); ``0`` cuts by the thread count
-            (deterministic at a fixed thread count).
+        num_splits: ``0`` picks the KV split from the shapes (and ``plan_seq_lens``), ``n > 0``
+            forces ``n`` (at most 256 are taken, on either device). On CPU, ``n > 0`` fixes the
+            key-range parts too (bitwise identical across calls and thread counts); ``0`` cuts
+            by the thread count (deterministic at a fixed thread count).
         plan_seq_lens: optional host copy of ``seq_lens`` (a CPU tensor or a sequence of ints,
             ``B`` entries), for an automatic split count on CUDA, as in :func:`gqa_decode`: the
             grid is then sized for the keys the batch attends rather than as if every sequence
             filled ``block_table`` (a batch of very unequal lengths gets its long sequences
-            split across the GPU). Used with up to 32 heads; with more (the 64-head kernels,
+            split across the GPU). Used with up to 16 heads; with more (compute-bound kernels,
             whose splits cost more) not yet: its plan was not measured to gain at every shape
             there. H100, session 28, B64 H16 in an 8192-token table with one full sequence and
             the rest at 1024 tokens: 82 us with it, 114 without.
