@@ -970,11 +970,11 @@ def mla_decode(
             split across the GPU). Used with up to 16 heads; with more (compute-bound kernels,
             whose splits cost more) not yet: its plan was not measured to gain at every shape
             there. H100, session 28, B64 H16 in an 8192-token table with one full sequence and
-            the rest at 1024 tokens: 82 us with it, 114 without.
-            Never read by the kernel, so stale values cost only speed;
-            equal lengths that fill the table plan as without it (the same bits). Ignored with
-            ``num_splits > 0``, on CPU and under ``torch.compile``; fixed at capture in a CUDA
-            graph. Refused as a CUDA tensor (reading it would synchronise).
+            the rest at 1024 tokens: 82 us with it, 114 without. Never read by the kernel, so
+            stale values cost only speed; equal lengths that fill the table plan as without it
+            (the same bits). Ignored with ``num_splits > 0``, on CPU and under
+            ``torch.compile``; fixed at capture in a CUDA graph. Refused as a CUDA tensor
+            (reading it would synchronise).
 
     NaN: a NaN in ``q[b, h]`` makes that row's ``out`` and ``lse`` NaN and touches no other row; a
     NaN anywhere in an attended latent row (a key column, or a value column too) does so for
