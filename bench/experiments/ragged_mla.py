@@ -25,8 +25,9 @@ from kvcore.bench import harness
 from kvcore.bench.mla import RANK, MlaDecodeCase, make_decode_inputs
 
 # (batch, heads, capacity in tokens), page 64, DeepSeek's widths: the MLA bench's B32 H128 and
-# B64 H16 rows, B128 H128 at a shorter table, and B16 H128 at a long one.
-SHAPES = [(32, 128, 4096), (64, 16, 8192), (128, 128, 1024), (16, 128, 16384)]
+# B64 H16 rows, B128 H128 at a shorter table, B16 H128 at a long one, and B64 H32 (the 32-head
+# mma.sync kernel on Hopper).
+SHAPES = [(32, 128, 4096), (64, 16, 8192), (128, 128, 1024), (16, 128, 16384), (64, 32, 4096)]
 PATTERNS = ("equal", "uniform", "one-long", "short")
 
 
