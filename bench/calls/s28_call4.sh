@@ -9,5 +9,5 @@
 o=/tmp/c
 rm -rf $o; mkdir -p $o
 KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-400} build \
- "run:ragged:170:python3 bench/experiments/ragged_mla.py --splits 2,4,8 $o/ragged_mla.json" \
- "run:tests:80:python3 -m pytest tests/test_mla.py -m cuda -q -p no:cacheprovider -rfE -k 'plan or (mla_decode and matches_reference)'"
+ "run:tests:80:python3 -m pytest tests/test_mla.py -m cuda -q -p no:cacheprovider -rfE -k 'plan or (mla_decode and matches_reference)'" \
+ "run:ragged:170:python3 bench/experiments/ragged_mla.py --splits 2,4,8 $o/ragged_mla.json"
