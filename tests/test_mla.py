@@ -22,7 +22,8 @@ from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, assert_out_lse
                       run_tests_with_env)
 from kvcore import reference
 from kvcore.mla import MLAAttention, MLAConfig, MLALatentCache
-from test_ops import OPCHECK_UTILS, BadCase, _other_device, _set, _set_item, _set_kw
+from test_ops import (BAD_PLAN_KEYS, BAD_PLAN_SEQ_LENS, OPCHECK_UTILS, PLAN_HINTS, BadCase, _other_device, _set,
+                      _set_item, _set_kw)
 
 MLA_CUDA_BUILT = all(
     torch._C._dispatch_has_kernel_for_dispatch_key(f"kvcore::{op}", "CUDA") for op in ("mla_decode", "mla_latent_project")
@@ -376,18 +377,9 @@ def test_mla_decode_default_v_dim_and_allocation(gen):
     torch.testing.assert_close(out, ref_out, **OUT_TOL[torch.float32])
 
 
-# plan_seq_lens: a host copy of the lengths (or a stale / wrong one, which may only cost speed),
-# as for gqa_decode (test_ops.py's PLAN_HINTS): on CUDA each plans another split count.
-MLA_PLAN_HINTS = {
-    "true_list": lambda lens: list(lens),
-    "true_cpu_tensor": lambda lens: torch.tensor(lens, dtype=torch.int32),
-    "all_ones": lambda lens: [1] * len(lens),
-    "one_long": lambda lens: [max(lens)] + [0] * (len(lens) - 1),
-    "halves": lambda lens: [n // 2 for n in lens],
-}
-
-
-@pytest.mark.parametrize("hint", list(MLA_PLAN_HINTS))
+# plan_seq_lens: the hints of test_ops.py's PLAN_HINTS (true, stale and wrong), which may only
+# cost speed; on CUDA each plans another split count.
+@pytest.mark.parametrize("hint", list(PLAN_HINTS))
 @pytest.mark.parametrize(("device", "heads"), [("cpu", 16), pytest.param("cuda", 16, marks=_DECODE_CUDA_MARKS),
                                                pytest.param("cuda", 32, marks=_DECODE_CUDA_MARKS),
                                                pytest.param("cuda", 128, marks=_DECODE_CUDA_MARKS)])
@@ -404,7 +396,7 @@ def test_mla_decode_plan_seq_lens(device, heads, hint, gen):
         out = poison(torch.empty(len(lens), heads, 512, dtype=torch.bfloat16, device=device))
         lse = poison(torch.empty(len(lens), heads, device=device))
         kvcore.mla_decode(q, cache, table, seq_lens, scale=192**-0.5, out=out, lse=lse, workspace=ws,
-                          plan_seq_lens=MLA_PLAN_HINTS[hint](lens))
+                          plan_seq_lens=PLAN_HINTS[hint](lens))
         ref_out, ref_lse = reference.mla_decode(q, cache, table, seq_lens, 192**-0.5, 512)
         torch.testing.assert_close(out.float(), ref_out, **OUT_TOL[torch.bfloat16])
         torch.testing.assert_close(lse, ref_lse, **LSE_TOL)
@@ -469,8 +461,7 @@ def test_mla_op_rejects_bad_plan_keys(device, gen):
     """The op's own checks of the plan hint (torch.ops callers bypass ops.py)."""
     a = _decode_args(device, gen)
     ws = op_workspace(device)
-    for total, most, match in [(-1, 5, "plan_total_keys must be >= 0"), (5, -1, "plan_max_keys must be >= 0"),
-                               (5, 0, "plan_total_keys must be 0 when plan_max_keys is 0")]:
+    for total, most, match in BAD_PLAN_KEYS:
         with pytest.raises(RuntimeError, match=match):
             torch.ops.kvcore.mla_decode(a.q, a.cache, a.table, a.seq_lens, 0.125, a.out, a.lse, ws, 0, total, most)
     assert bool(torch.isnan(a.out).all()) and bool(torch.isnan(a.lse).all())
@@ -686,18 +677,7 @@ BAD_MLA_DECODE = [
             r"block_table must be on the same device", cuda_only=True),
     BadCase("out_other_device", _set("out", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"\bout must be on the same device", cuda_only=True),
-    BadCase("plan_seq_lens_length", _set_kw("plan_seq_lens", [1, 2]), ValueError,
-            r"plan_seq_lens must have 3 entries"),
-    BadCase("plan_seq_lens_negative", _set_kw("plan_seq_lens", [0, -1, 20]), ValueError, r"plan_seq_lens must be >= 0"),
-    BadCase("plan_seq_lens_floats", _set_kw("plan_seq_lens", [0, 1.5, 20]), ValueError, r"plan_seq_lens must hold ints"),
-    BadCase("plan_seq_lens_not_host", _set_kw("plan_seq_lens", torch.zeros(3, dtype=torch.int32, device="meta")),
-            ValueError, r"plan_seq_lens must be on the CPU"),
-    BadCase("plan_seq_lens_float_tensor", _set_kw("plan_seq_lens", torch.tensor([0.0, 1.0, 20.0])), ValueError,
-            r"plan_seq_lens must be a 1-D dense integer tensor"),
-    BadCase("plan_seq_lens_rank", _set_kw("plan_seq_lens", torch.zeros(3, 1, dtype=torch.int32)), ValueError,
-            r"plan_seq_lens must be a 1-D dense integer tensor"),
-    BadCase("plan_seq_lens_not_a_sequence", _set_kw("plan_seq_lens", 20), ValueError,
-            r"plan_seq_lens must be a CPU tensor or a sequence of ints"),
+    *BAD_PLAN_SEQ_LENS,
 ]
 
 

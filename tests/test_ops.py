@@ -379,8 +379,7 @@ def test_gqa_decode_op_rejects_bad_plan_keys(device, gen):
     """The op's own checks of the plan hint (torch.ops callers bypass ops.py)."""
     a = _decode_args(device, gen)
     ws = op_workspace(device)
-    for total, most, match in [(-1, 5, "plan_total_keys must be >= 0"), (5, -1, "plan_max_keys must be >= 0"),
-                               (5, 0, "plan_total_keys must be 0 when plan_max_keys is 0")]:
+    for total, most, match in BAD_PLAN_KEYS:
         with pytest.raises(RuntimeError, match=match):
             torch.ops.kvcore.gqa_decode(a.q, a.k_cache, a.v_cache, a.block_table, a.seq_lens, 0.125, -1, 0.0,
                                         a.out, a.lse, ws, 0, None, total, most)
@@ -652,6 +651,25 @@ def _score(fn) -> Mutator:
     return mutate
 
 
+# plan_seq_lens that the wrappers refuse (gqa_decode, mla_decode), for a batch of 3 sequences.
+BAD_PLAN_SEQ_LENS = [
+    BadCase("plan_seq_lens_length", _set_kw("plan_seq_lens", [1, 2]), ValueError,
+            r"plan_seq_lens must have 3 entries"),
+    BadCase("plan_seq_lens_negative", _set_kw("plan_seq_lens", [0, -1, 20]), ValueError, r"plan_seq_lens must be >= 0"),
+    BadCase("plan_seq_lens_floats", _set_kw("plan_seq_lens", [0, 1.5, 20]), ValueError, r"plan_seq_lens must hold ints"),
+    BadCase("plan_seq_lens_float_tensor", _set_kw("plan_seq_lens", torch.tensor([0.0, 1.0, 20.0])), ValueError,
+            r"plan_seq_lens must be a 1-D dense integer tensor"),
+    BadCase("plan_seq_lens_rank", _set_kw("plan_seq_lens", torch.zeros(3, 1, dtype=torch.int32)), ValueError,
+            r"plan_seq_lens must be a 1-D dense integer tensor"),
+    BadCase("plan_seq_lens_not_host", _set_kw("plan_seq_lens", torch.zeros(3, dtype=torch.int32, device="meta")),
+            ValueError, r"plan_seq_lens must be on the CPU"),
+    BadCase("plan_seq_lens_not_a_sequence", _set_kw("plan_seq_lens", 20), ValueError,
+            r"plan_seq_lens must be a CPU tensor or a sequence of ints"),
+]
+# (plan_total_keys, plan_max_keys, the error) that the ops refuse when called directly.
+BAD_PLAN_KEYS = [(-1, 5, "plan_total_keys must be >= 0"), (5, -1, "plan_max_keys must be >= 0"),
+                 (5, 0, "plan_total_keys must be 0 when plan_max_keys is 0")]
+
 BAD_DECODE = [
     # dtypes
     BadCase("q_fp16_cache_bf16", _set("q", lambda t, a, d: t.half()), RuntimeError, r"k_cache must have dtype"),
@@ -698,18 +716,7 @@ BAD_DECODE = [
     BadCase("window_left_not_int", _set_kw("window_left", 3.5), ValueError, r"window_left must be .* got 3\.5"),
     BadCase("num_splits_past_int64", _set_kw("num_splits", 2**64), ValueError, r"num_splits must be"),
     # the host-side plan hint
-    BadCase("plan_seq_lens_length", _set_kw("plan_seq_lens", [1, 2]), ValueError,
-            r"plan_seq_lens must have 3 entries"),
-    BadCase("plan_seq_lens_negative", _set_kw("plan_seq_lens", [0, -1, 20]), ValueError, r"plan_seq_lens must be >= 0"),
-    BadCase("plan_seq_lens_floats", _set_kw("plan_seq_lens", [0, 1.5, 20]), ValueError, r"plan_seq_lens must hold ints"),
-    BadCase("plan_seq_lens_float_tensor", _set_kw("plan_seq_lens", torch.tensor([0.0, 1.0, 20.0])), ValueError,
-            r"plan_seq_lens must be a 1-D dense integer tensor"),
-    BadCase("plan_seq_lens_rank", _set_kw("plan_seq_lens", torch.zeros(3, 1, dtype=torch.int32)), ValueError,
-            r"plan_seq_lens must be a 1-D dense integer tensor"),
-    BadCase("plan_seq_lens_not_host", _set_kw("plan_seq_lens", torch.zeros(3, dtype=torch.int32, device="meta")),
-            ValueError, r"plan_seq_lens must be on the CPU"),
-    BadCase("plan_seq_lens_not_a_sequence", _set_kw("plan_seq_lens", 20), ValueError,
-            r"plan_seq_lens must be a CPU tensor or a sequence of ints"),
+    *BAD_PLAN_SEQ_LENS,
     # devices
     BadCase("k_cache_other_device", _set("k_cache", lambda t, a, d: t.to(_other_device(d))), RuntimeError,
             r"k_cache must be on the same device", cuda_only=True),

@@ -176,8 +176,8 @@ inline void check_decode_scalars(double scale, int64_t window_left, double logit
   TORCH_CHECK(num_splits >= 0, "num_splits must be 0 (automatic) or positive, got ", num_splits);
 }
 
-// gqa_decode's split-plan hint: the batch's attended keys in all and in its longest sequence, as
-// the caller counted them on the host (0, 0: none).
+// gqa_decode's and mla_decode's split-plan hint: the batch's attended keys in all and in its
+// longest sequence, as the caller counted them on the host (0, 0: none).
 inline void check_plan_keys(int64_t plan_total_keys, int64_t plan_max_keys) {
   TORCH_CHECK(plan_total_keys >= 0, "plan_total_keys must be >= 0, got ", plan_total_keys);
   TORCH_CHECK(plan_max_keys >= 0, "plan_max_keys must be >= 0, got ", plan_max_keys);
