@@ -52,8 +52,9 @@ SHAPES = [(16, 8, 8192), (128, 8, 2048), (1, 8, 131072), (64, 8, 4096)]
 PATTERNS = ("equal", "uniform", "one-long", "short", "bench")
 
 
-def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator) -> torch.Tensor:
-    """Sequence lengths for one pattern, all within the block table's capacity."""
+def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator, short_div: int = 64) -> torch.Tensor:
+    """Sequence lengths for one pattern, all within the block table's capacity ("short": every
+    sequence at 1 / short_div of it; bench/experiments/ragged_mla.py takes 16)."""
     if pattern == "equal":
         return torch.full((batch,), cap, dtype=torch.int32)
     if pattern == "uniform":  # uniform in [1, cap]
@@ -62,11 +63,22 @@ def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator) -> torch.T
         lens = torch.full((batch,), cap // 8, dtype=torch.int32)
         lens[batch // 2] = cap
         return lens
-    if pattern == "short":  # every sequence at 1/64 of the capacity: a block table sized for the
-        return torch.full((batch,), cap // 64, dtype=torch.int32)  # model's context, not the batch
+    if pattern == "short":  # every sequence at a fraction of the capacity: a block table sized for
+        return torch.full((batch,), cap // short_div, dtype=torch.int32)  # the model's context, not the batch
     if pattern == "bench":  # the decode table's ragged rows' lengths (B16 S8192, B64 S4096 there)
         return torch.tensor(decode.DecodeCase(batch, 32, 8, 128, cap, ragged=True).seq_lens(), dtype=torch.int32)
     raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def checked_time(call, out: torch.Tensor, ref: torch.Tensor, timer, rel_tol: float) -> tuple:
+    """Poison ``out``, run ``call`` once and compare ``out`` with ``ref`` (max error within
+    ``rel_tol`` of ``ref``'s largest value, at least 1; a NaN fails), then time ``call``:
+    (max error, ok, ms). Shared by this folder's decode probes."""
+    out.fill_(float("nan"))
+    call()
+    err = (out.float() - ref).abs().max().item()
+    ok = err <= rel_tol * max(1.0, ref.abs().max().item())  # False for a NaN too
+    return err, ok, timer(call)
 
 
 def main(argv: list) -> int:
@@ -103,12 +115,8 @@ def main(argv: list) -> int:
                     kvcore.gqa_decode(x.q, x.k_cache, x.v_cache, x.block_table, seq_lens, scale=x.scale, out=out,
                                       workspace=ws, **kw)
 
-                out.fill_(float("nan"))
-                call()
-                err = (out.float() - ref).abs().max().item()
-                ok = err <= 2e-2 * max(1.0, ref.abs().max().item())  # False for a NaN too
+                err, ok, ms = checked_time(call, out, ref, timer, 2e-2)
                 failed |= not ok
-                ms = timer(call)
                 tokens = int(seq_lens.sum().item())
                 nbytes = tokens * hkv * 128 * 2 * 2 + 2 * out.numel() * 2
                 row = {"case": case.name, "pattern": pattern, "splits": splits, "tokens": tokens, "us": ms * 1e3,

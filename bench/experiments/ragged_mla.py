@@ -23,27 +23,13 @@ import kvcore
 from kvcore import reference
 from kvcore.bench import harness
 from kvcore.bench.mla import RANK, MlaDecodeCase, make_decode_inputs
+from ragged_decode import checked_time, lengths  # (this folder: the script's own directory is on sys.path)
 
 # (batch, heads, capacity in tokens), page 64, DeepSeek's widths: the MLA bench's B32 H128 and
 # B64 H16 rows, B128 H128 at a shorter table, B16 H128 at a long one, and B64 H32 (the 32-head
 # mma.sync kernel on Hopper).
 SHAPES = [(32, 128, 4096), (64, 16, 8192), (128, 128, 1024), (16, 128, 16384), (64, 32, 4096)]
-PATTERNS = ("equal", "uniform", "one-long", "short")
-
-
-def lengths(pattern: str, batch: int, cap: int, gen: torch.Generator) -> torch.Tensor:
-    """Sequence lengths for one pattern, all within the block table's capacity."""
-    if pattern == "equal":
-        return torch.full((batch,), cap, dtype=torch.int32)
-    if pattern == "uniform":  # uniform in [1, cap]
-        return torch.randint(1, cap + 1, (batch,), generator=gen, dtype=torch.int32)
-    if pattern == "one-long":  # one sequence at the capacity, the rest at an eighth of it
-        lens = torch.full((batch,), cap // 8, dtype=torch.int32)
-        lens[batch // 2] = cap
-        return lens
-    if pattern == "short":  # every sequence at 1/16 of the capacity
-        return torch.full((batch,), cap // 16, dtype=torch.int32)
-    raise ValueError(f"unknown pattern {pattern!r}")
+PATTERNS = ("equal", "uniform", "one-long", "short")  # ragged_decode.py's, "short" at 1/16 of the table
 
 
 def main(argv: list) -> int:
@@ -66,7 +52,7 @@ def main(argv: list) -> int:
         x = make_decode_inputs(case, dev)
         out = torch.empty(b, h, RANK, dtype=x.q.dtype, device=dev)
         for pattern in PATTERNS:
-            seq_lens = lengths(pattern, b, cap, gen).to(dev)
+            seq_lens = lengths(pattern, b, cap, gen, short_div=16).to(dev)
             ref, _ = reference.mla_decode(x.q, x.latent, x.block_table, seq_lens, x.scale, RANK)
             host_lens = seq_lens.tolist()
             for splits in [0, "hint"] + forced:
@@ -76,12 +62,8 @@ def main(argv: list) -> int:
                     kvcore.mla_decode(x.q, x.latent, x.block_table, seq_lens, scale=x.scale, out=out, workspace=ws,
                                       **kw)
 
-                out.fill_(float("nan"))
-                call()
-                err = (out.float() - ref).abs().max().item()
-                ok = err <= 3e-2 * max(1.0, ref.abs().max().item())  # False for a NaN too
+                err, ok, ms = checked_time(call, out, ref, timer, 3e-2)
                 failed |= not ok
-                ms = timer(call)
                 tokens = int(seq_lens.sum().item())
                 nbytes = tokens * x.latent.shape[-1] * 2
                 row = {"case": case.name, "pattern": pattern, "splits": splits, "tokens": tokens, "us": ms * 1e3,
