@@ -386,8 +386,9 @@ def test_mla_decode_default_v_dim_and_allocation(gen):
 def test_mla_decode_plan_seq_lens(device, heads, hint, gen):
     """A batch of very unequal lengths (one long, short ones, 0 and 1) planned from a host copy of
     its lengths, true or wrong, twice on one workspace with fresh q into poisoned outputs, each
-    against the reference (H16: the memory-bound kernel, which plans from the hint; H32 and
-    H128: kernels that do not use it yet)."""
+    against the reference (H16: the memory-bound kernel, which plans from the hint as gqa_decode;
+    H32 and H128: the compute-bound kernels, which take the shapes' count or, for a dominant long
+    sequence as here, twice it)."""
     lens = [9000, 0, 1, 300, 1024, 777, 2049, 5]
     cache, table, seq_lens = _latent_cache(lens, 64, 576, gen, torch.bfloat16, device)
     ws = op_workspace(device)
@@ -421,10 +422,10 @@ def test_mla_decode_plan_seq_lens_full_hint_same_bits_cuda(device, heads, gen):
 
 @pytest.mark.parametrize("heads", [16, 32, 128])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=_DECODE_CUDA_MARKS)])
-def test_mla_decode_plan_seq_lens_plans_16_heads_only_cuda(device, heads, gen):
+def test_mla_decode_plan_seq_lens_by_kernel_cuda(device, heads, gen):
     """A stale hint that every sequence holds one key reaches the launcher: at 16 heads it plans one
-    split (bit for bit num_splits=1, and not the shapes' many splits); at 32 and 128 heads the
-    launcher does not use it (bit for bit the call without it)."""
+    split (bit for bit num_splits=1, and not the shapes' many splits); at 32 and 128 heads (the
+    compute-bound kernels) equal lengths plan from the shapes (bit for bit the call without it)."""
     lens = [3000, 2900]  # a table of ~3000 keys: the shapes plan many splits for 2 sequences
     cache, table, seq_lens = _latent_cache(lens, 64, 576, gen, torch.bfloat16, device)
     q = randn(2, heads, 576, gen=gen, dtype=torch.bfloat16, device=device)
@@ -441,6 +442,38 @@ def test_mla_decode_plan_seq_lens_plans_16_heads_only_cuda(device, heads, gen):
     ref_out, ref_lse = reference.mla_decode(q, cache, table, seq_lens, 0.1, 512)
     torch.testing.assert_close(stale[0].float(), ref_out, **OUT_TOL[torch.bfloat16])
     torch.testing.assert_close(stale[1], ref_lse, **LSE_TOL)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=_DECODE_CUDA_MARKS)])
+def test_mla_decode_dominant_sequence_doubles_splits_cuda(device, gen):
+    """At 128 heads (the 64-head kernels) a hint of one long sequence among short ones doubles the
+    shapes' split count (split_plan.h's choose_splits_dominant); a hint of uniform-like lengths
+    keeps it. Each call's bits are matched with a forced count's, so the test reads the plan
+    without knowing the GPU's slot count: 8 sequences x 2 head blocks take about one wave from
+    the shapes on a Hopper, and twice that still fits two waves."""
+    long_one = [8192] + [512] * 7
+    cache, table, seq_lens = _latent_cache(long_one, 64, 576, gen, torch.bfloat16, device, extra_table_cols=0)
+    assert table.shape[1] * 64 == 8192
+    q = randn(8, 128, 576, gen=gen, dtype=torch.bfloat16, device=device)
+    ws = torch.zeros(160 << 20, dtype=torch.uint8, device=device)
+
+    def run(**kw):
+        return kvcore.mla_decode(q, cache, table, seq_lens, scale=0.1, return_lse=True, workspace=ws, **kw)
+
+    forced = {n: run(num_splits=n) for n in range(1, 33)}
+
+    def count_of(result) -> int:
+        hits = [n for n, f in forced.items() if torch.equal(f[0], result[0]) and torch.equal(f[1], result[1])]
+        assert hits, "no forced count reproduces the call's bits"
+        return hits[0]
+
+    shapes = count_of(run())
+    dominant = run(plan_seq_lens=long_one)
+    assert count_of(dominant) == 2 * shapes
+    assert count_of(run(plan_seq_lens=[8192, 4000, 6000, 7000, 5000, 3000, 8000, 2000])) == shapes  # no dominant one
+    ref_out, ref_lse = reference.mla_decode(q, cache, table, seq_lens, 0.1, 512)
+    torch.testing.assert_close(dominant[0].float(), ref_out, **OUT_TOL[torch.bfloat16])
+    torch.testing.assert_close(dominant[1], ref_lse, **LSE_TOL)
 
 
 @pytest.mark.parametrize("device", DECODE_DEVICES)

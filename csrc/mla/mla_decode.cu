@@ -54,17 +54,17 @@ WideKernel wide_kernel() {
 // does, because the last CTA of a head block would read every split's partial alone.
 constexpr int kSeparateMergeSplits = 4;
 
-// The length hint (plan_seq_lens) plans the split count of the 16-head kernels only (h16 and the
-// mma.sync kernel with M = 1). The 32-head mma.sync kernel (17-32 heads on Hopper; every head
-// count above 16 elsewhere) and the 64-head ones (wgmma, seesaw) are compute-bound, and each split
-// reads its block's Q and writes its block's fp32 partials: the plan measured on gqa_decode's
-// kernels over-split there. H100, session 28 (bench/experiments/ragged_mla.py, B32 H128 on the
-// wgmma kernel in a 4096-token table, us; no hint / the hinted plan / forced 2 / forced 4):
-// uniform lengths 80.0 / 83.7 / 79.6 / 83.6; one sequence of 4096 among 512s 80.6 / 67.0 / 78.8 /
-// 66.0; every sequence 256 keys 30.7 / 23.3 / 30.0 / 47.1. Some rows gain, one loses: not used
-// there until a rule for those kernels is measured. The 16-head kernel with it: B64 H16 in an
-// 8192-token table, one sequence full and the rest at 1024, 113.7 -> 82.1 us; every sequence
-// 512 keys 30.9 -> 27.6; equal and uniform lengths unchanged.
+// The length hint (plan_seq_lens) plans the split count of the 16-head kernels (h16 and the
+// mma.sync kernel with M = 1) as gqa_decode's (choose_splits_hinted). The 32-head mma.sync kernel
+// (17-32 heads on Hopper; every head count above 16 elsewhere) and the 64-head ones (wgmma,
+// seesaw) are compute-bound, and each split reads its block's Q and writes its block's fp32
+// partials: that plan over-split them (H100, session 28, bench/experiments/ragged_mla.py, B32 H128
+// on the wgmma kernel in a 4096-token table, us; no hint / that plan: uniform lengths 80.0 /
+// 83.7, one sequence of 4096 among 512s 80.6 / 67.0, every sequence 256 keys 30.7 / 23.3). They
+// take the shapes' count, doubled only where one long sequence dominates
+// (split_plan.h's choose_splits_dominant, measured in session 29). The 16-head kernel with the
+// hint: B64 H16 in an 8192-token table, one sequence full and the rest at 1024, 113.7 -> 82.1 us;
+// every sequence 512 keys 30.9 -> 27.6; equal and uniform lengths unchanged.
 constexpr int kMaxHintedRows = 16;
 
 // The caller's split count (num_splits: 0 automatic) and host-side length hint (plan_seq_lens).
@@ -88,7 +88,7 @@ dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, 
   const int64_t have = paged_decode::workspace_bytes(workspace);
   const paged_decode::SplitPlan plan = paged_decode::plan_splits(
       "mla_decode", "batch x head blocks", pairs, kv_len, slots, Cfg::TILE, req.splits, have, 0, Cfg::ROWS, s.dv, 0, 0,
-      Cfg::ROWS <= kMaxHintedRows ? req.hint : paged_decode::SplitHint{});
+      req.hint, /*compute_bound=*/Cfg::ROWS > kMaxHintedRows);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
   paged_decode::use_split_workspace(p, plan, workspace);

@@ -967,10 +967,12 @@ def mla_decode(
             ``B`` entries), for an automatic split count on CUDA, as in :func:`gqa_decode`: the
             grid is then sized for the keys the batch attends rather than as if every sequence
             filled ``block_table`` (a batch of very unequal lengths gets its long sequences
-            split across the GPU). Used with up to 16 heads; with more (compute-bound kernels,
-            whose splits cost more) not yet: its plan was not measured to gain at every shape
-            there. H100, session 28, B64 H16 in an 8192-token table with one full sequence and
-            the rest at 1024 tokens: 82 us with it, 114 without. Never read by the kernel, so
+            split across the GPU). With up to 16 heads it plans as there (H100, session 28, B64
+            H16 in an 8192-token table with one full sequence and the rest at 1024 tokens: 82 us
+            with it, 114 without); with more (compute-bound kernels, whose splits cost more) it
+            only doubles the shapes' count where one long sequence dominates (at least 4x the
+            mean length) and twice the grid fits two waves (session 29, B64 H32 with one 4096-
+            token sequence among 512s: 64 us against 108). Never read by the kernel, so
             stale values cost only speed; equal lengths that fill the table plan as without it
             (the same bits). Ignored with ``num_splits > 0``, on CPU and under
             ``torch.compile``; fixed at capture in a CUDA graph. Refused as a CUDA tensor

@@ -9,6 +9,9 @@
 // - The picks on the rows sessions 26 and 27 timed with forced counts on an H100 (132 SMs, two
 //   4-warp CTAs each: 264 slots, merge batch 32): the measured best or within 3% of it (two rows
 //   noted otherwise).
+// - The compute-bound rule (choose_splits_dominant, mla_decode above 16 heads a CTA): the shapes'
+//   count unless one long sequence dominates, then at most double it within two waves; and the
+//   picks on the rows session 29 timed with forced counts (H100: 132 slots of one CTA).
 // Prints the number of checked plans; exits 1 on a failure.
 #include <cstdint>
 #include <cstdio>
@@ -19,7 +22,9 @@
 namespace {
 
 using kvcore::paged_decode::choose_splits;
+using kvcore::paged_decode::choose_splits_dominant;
 using kvcore::paged_decode::choose_splits_hinted;
+using kvcore::paged_decode::max_splits_for;
 using kvcore::paged_decode::kMaxSplits;
 using kvcore::paged_decode::page_major_fills_one_wave;
 using kvcore::paged_decode::split_hint;
@@ -150,6 +155,58 @@ int main() {
     const int s = plan(r.batch, 8, r.kv_len, r.total, r.most, 264);
     std::printf("%-14s %d splits\n", r.name, s);
     expect(s >= r.lo && s <= r.hi, r.name, s, r.lo, r.hi, 0);
+  }
+
+  // The compute-bound rule: the shapes' count where no sequence dominates (no hint, equal or
+  // uniform-like lengths), otherwise that count or twice it, within two waves and the longest
+  // sequence's kMinSplitTokens.
+  for (int64_t batch : {1, 2, 5, 16, 64, 128, 1000})
+    for (int64_t blocks : {1, 2})
+      for (int64_t kv_len : {16, 256, 4096, 131072})
+        for (int64_t most_div : {1, 2, 16, 1000})
+          for (int64_t fill_pct : {0, 1, 10, 25, 26, 50, 100})
+            for (int slots : {66, 132, 264}) {
+              const int64_t most = std::max<int64_t>(1, kv_len / most_div);
+              const int64_t total = batch * most * fill_pct / 100;
+              const int64_t pairs = batch * blocks;
+              const auto hint = split_hint(batch, kv_len, total, most);
+              const int base = choose_splits(pairs, kv_len, slots, 0, 0);
+              const int s = choose_splits_dominant(pairs, kv_len, hint, slots, 0, 0);
+              if (!hint.active() || hint.fill > 0.25)
+                expect(s == base, "compute-bound: not dominant, not the shapes' count", pairs, kv_len, total, s);
+              else
+                expect(s == base || (s == 2 * base && pairs * s <= 2 * int64_t(slots) && s <= max_splits_for(most)),
+                       "compute-bound: dominant count", pairs, kv_len, total, s);
+            }
+  // Session 29's H100 rows (bench/results/h100-2026-12-05-s29/call1/ragged.log, lengths as
+  // bench/experiments/ragged_mla.py makes them; 132 slots): sequences x head blocks (32-head
+  // kernel: one block; 64-head kernels: two at H128), us at forced counts.
+  struct MlaRow {
+    const char* name;
+    int64_t batch, blocks, kv_len, total, most;
+    int want;
+  };
+  const MlaRow mla_rows[] = {
+      // one sequence full, the rest at 1/8: auto (2) 108.4, 4 63.6, 8 75.6
+      {"MLA B64 H32 one-long", 64, 1, 4096, 4096 + 63 * 512, 4096, 4},
+      // auto (2) 79.7, 4 66.6, 8 89.5
+      {"MLA B32 H128 one-long", 32, 2, 4096, 4096 + 31 * 512, 4096, 4},
+      // auto (4) 141.6, 8 108.5
+      {"MLA B16 H128 one-long", 16, 2, 16384, 16384 + 15 * 2048, 16384, 8},
+      // auto (1) 47.7, 2 76.3: two waves already
+      {"MLA B128 H128 one-long", 128, 2, 1024, 1024 + 127 * 128, 1024, 1},
+      // uniform lengths: auto (2) 79.3, 4 83.4
+      {"MLA B32 H128 uniform", 32, 2, 4096, 69784, 4096, 2},
+      // uniform: auto (2) 108.9, 4 114.1
+      {"MLA B64 H32 uniform", 64, 1, 4096, 144341, 4096, 2},
+      // every sequence 256 keys (equal, short): auto (2) 30.1, 4 47.4
+      {"MLA B32 H128 short", 32, 2, 4096, 32 * 256, 256, 2},
+  };
+  for (const MlaRow& r : mla_rows) {
+    const int s = choose_splits_dominant(r.batch * r.blocks, r.kv_len, split_hint(r.batch, r.kv_len, r.total, r.most),
+                                         132, 0, 0);
+    std::printf("%-22s %d splits\n", r.name, s);
+    expect(s == r.want, r.name, s, r.want, 0, 0);
   }
 
   std::printf("checked %lld plans, %d failures\n", checked, failures);

@@ -139,5 +139,28 @@ inline int choose_splits_hinted(int64_t pairs, int64_t kv_len, const SplitHint& 
   return int(std::min<int64_t>(choose_splits(planned, keys, slots, 0, merge_batch), cap));
 }
 
+// The automatic split count of a compute-bound kernel with a hint (mla_decode's 32- and 64-head
+// kernels: each split reads its block's queries and writes fp32 partials, and a split's loop is
+// bound by its math, so choose_splits_hinted's four waves over-split them): the shapes' count,
+// doubled where one long sequence dominates the batch (the longest at least 1 / kDominantFill
+// times the mean) and the doubled grid still fits two waves of slots: the long sequence's CTAs
+// are then the kernel's critical path, and twice as many share its keys. H100, session 29
+// (bench/results/h100-2026-12-05-s29/call1/ragged.log; us, shapes' count / doubled): one sequence
+// full and the rest at 1/8 of the table, B64 H32 S4096 108.4 / 63.6, B32 H128 S4096 79.7 / 66.6,
+// B16 H128 S16384 141.6 / 108.5; B128 H128 S1024 (its 256 CTAs already two waves) 47.7, doubled
+// 76.3, so not taken. Uniform lengths (mean about half the longest) lose with more splits (B32
+// H128 79.3 against 83.4 doubled), and equal lengths take the shapes' count.
+constexpr double kDominantFill = 0.25;
+inline int choose_splits_dominant(int64_t pairs, int64_t kv_len, const SplitHint& hint, int slots, int64_t max_ctas,
+                                  int merge_batch) {
+  const int base = choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
+  if (!hint.active() || hint.fill > kDominantFill) return base;
+  const int64_t doubled = 2 * int64_t(base);
+  const int64_t ctas = std::max<int64_t>(pairs, 1) * doubled;
+  if (ctas > 2 * int64_t(slots) || (max_ctas > 0 && ctas > max_ctas) || doubled > max_splits_for(hint.max_keys))
+    return base;
+  return int(doubled);
+}
+
 }  // namespace paged_decode
 }  // namespace kvcore
