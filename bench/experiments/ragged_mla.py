@@ -4,9 +4,11 @@ lengths (plan_seq_lens), and forced counts.
 Without a hint mla_decode plans its split count as if every sequence filled the block table
 (no host sync; fixed under graph capture), so a batch of very unequal lengths leaves its long
 sequences on few CTAs, as gqa_decode did before session 27 (bench/experiments/ragged_decode.py).
-With plan_seq_lens it plans from the keys the batch attends (split_plan.h's
-choose_splits_hinted, the rule measured on gqa_decode), at up to 16 heads only since session 28's
-call 3 (whose H128 rows, below, took the hint too): at more heads "hint" equals "auto". For each shape and length pattern this
+With plan_seq_lens it plans from the keys the batch attends: at up to 16 heads with
+split_plan.h's choose_splits_hinted (the rule measured on gqa_decode); at more heads, where the
+kernels are compute-bound, with choose_splits_dominant (session 29, from this script's forced
+counts: the shapes' count, doubled where one long sequence dominates, so "hint" equals "auto"
+on the other rows; session 28's call 3 ran the H128 rows with gqa_decode's rule). For each shape and length pattern this
 prints the median time (harness Timer: CUDA events, L2 flushed) of the automatic count ("auto"),
 the hinted one ("hint") and forced counts, after checking each output against kvcore.reference.
 
