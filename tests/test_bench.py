@@ -262,7 +262,26 @@ def test_grid_on_gpu_matches_design(bench):
     assert "B32 Hq64 Hkv8 D128 S8192 page16" in names
     assert "B64 Hq32 Hkv8 D128 S4096 page16 ragged" in names
     assert "B8 Hq32 Hkv8 D128 S8192 page16 table131072" in names
-    assert len(names) == 10
+    assert "B16 Hq32 Hkv8 D128 S8192 page16 in-order" in names
+    assert len(names) == 16
+
+
+def test_in_order_case_reads_the_same_values(bench):
+    """pages_in_order lays each sequence's pages out consecutively; q, the caches and the bytes
+    are those of the random order, and the reference follows the table."""
+    shuffled = bench.decode.DecodeCase(3, 8, 2, 64, 100, dtype=torch.float32)
+    ordered = bench.decode.DecodeCase(3, 8, 2, 64, 100, dtype=torch.float32, pages_in_order=True)
+    assert ordered.name == "B3 Hq8 Hkv2 D64 S100 page16 in-order fp32" and ordered.nbytes == shuffled.nbytes
+    a = bench.decode.make_inputs(shuffled, torch.device("cpu"))
+    b = bench.decode.make_inputs(ordered, torch.device("cpu"))
+    assert torch.equal(b.block_table.flatten(), torch.arange(b.block_table.numel(), dtype=torch.int32))
+    assert not torch.equal(a.block_table, b.block_table)
+    assert torch.equal(a.q, b.q) and torch.equal(a.k_cache, b.k_cache) and torch.equal(a.v_cache, b.v_cache)
+    # sequence s reads pages s * 7 .. s * 7 + 6 (100 tokens, page 16): the reference over that table
+    # is the reference over the shuffled table's caches renumbered to match
+    order = a.block_table.flatten().long()
+    renumbered = bench.peers.DecodeInputs(a.q, a.k_cache[order], a.v_cache[order], b.block_table, a.seq_lens, a.scale)
+    torch.testing.assert_close(bench.peers.reference_output(renumbered), bench.peers.reference_output(a))
 
 
 def test_wide_table_case_pads_with_stale_pages(bench):

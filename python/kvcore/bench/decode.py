@@ -41,6 +41,12 @@ class DecodeCase:
     # page ids), as a CUDA graph's or a serving engine's table sized for the model's context; the
     # split count kvcore picks from shapes then follows this width, not seq_len. 0: seq_len's pages.
     table_tokens: int = 0
+    # Each sequence's pages in cache order (sequence b's i-th page is page b * pages_per_seq + i:
+    # how FlashInfer's decode benchmark lays them out, and how PagedKVCache hands out a prompt's
+    # pages) instead of a random permutation of all pages (the default: a cache after much churn).
+    # The caches and q are drawn the same either way (only which pages a sequence reads differ);
+    # the bytes moved, and the contiguous-K/V peers' work, are the same.
+    pages_in_order: bool = False
 
     @property
     def name(self) -> str:
@@ -50,6 +56,7 @@ class DecodeCase:
         )
         s += " ragged" if self.ragged else ""
         s += f" table{self.table_tokens}" if self.table_tokens else ""
+        s += " in-order" if self.pages_in_order else ""
         s += dtype_suffix(self.dtype)
         return s
 
@@ -82,11 +89,13 @@ def cases(device: torch.device, quick: bool) -> list:
     device = torch.device(device)
     if device.type == "cuda" and not quick:
         grid = [(32, 1, 32768), (32, 1, 131072), (32, 16, 8192), (32, 64, 4096), (32, 128, 2048), (64, 32, 8192)]
-        # and two ragged batches (only the paged peers take unequal lengths), and two batches in
-        # a block table sized for a 131072-token context
+        # and two ragged batches (only the paged peers take unequal lengths), two batches in a
+        # block table sized for a 131072-token context, and the grid again with every sequence's
+        # pages in cache order (what the random page order costs the paged decoders)
         return [DecodeCase(b, hq, 8, 128, s) for hq, b, s in grid] + [
             DecodeCase(16, 32, 8, 128, 8192, ragged=True), DecodeCase(64, 32, 8, 128, 4096, ragged=True),
-            DecodeCase(1, 32, 8, 128, 4096, table_tokens=131072), DecodeCase(8, 32, 8, 128, 8192, table_tokens=131072)]
+            DecodeCase(1, 32, 8, 128, 4096, table_tokens=131072), DecodeCase(8, 32, 8, 128, 8192, table_tokens=131072)
+        ] + [DecodeCase(b, hq, 8, 128, s, pages_in_order=True) for hq, b, s in grid]
     if device.type == "cuda":
         return [DecodeCase(2, 32, 8, 128, 4096), DecodeCase(16, 32, 8, 128, 1024),
                 DecodeCase(16, 32, 8, 128, 1024, ragged=True), DecodeCase(2, 32, 8, 128, 1024, table_tokens=32768)]
@@ -109,9 +118,10 @@ def known_impls() -> list:
 
 
 def make_inputs(case: DecodeCase, device: torch.device, seed: int = 0) -> peers.DecodeInputs:
-    """Random (never zero) q and paged K/V; pages assigned to sequences in a random order (every
-    sequence gets seq_len's pages; ragged cases use only the first pages of some), then a table
-    widened to table_tokens with stale (valid, unused) page ids."""
+    """Random (never zero) q and paged K/V; pages assigned to sequences in a random order, or in
+    cache order with pages_in_order (every sequence gets seq_len's pages; ragged cases use only the
+    first pages of some), then a table widened to table_tokens with stale (valid, unused) page
+    ids. q and the caches are drawn the same whatever the order."""
     device = torch.device(device)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -130,7 +140,9 @@ def make_inputs(case: DecodeCase, device: torch.device, seed: int = 0) -> peers.
     k_cache = torch.randn(num_pages, p, hkv, d, **kw)
     v_cache = torch.randn(num_pages, p, hkv, d, **kw)
     q = torch.randn(b, hq, d, **kw)
-    perm = torch.randperm(num_pages, generator=cpu_gen)
+    perm = torch.randperm(num_pages, generator=cpu_gen)  # drawn either way: the same generator state after
+    if case.pages_in_order:
+        perm = torch.arange(num_pages)
     block_table = perm.view(b, pages_per_seq).to(torch.int32)
     if case.table_tokens > s:
         stale = torch.randint(num_pages, (b, math.ceil(case.table_tokens / p) - pages_per_seq), generator=cpu_gen)
