@@ -7,4 +7,4 @@
 o=/tmp/c
 rm -rf $o; mkdir -p $o
 KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-420} build \
- "run:tests:200:PYTEST_K='not in_subprocess' bash bench/parallel_pytest.sh $o t tests/test_mla.py 'tests/test_transformers_mla.py tests/test_api_edges.py' && PYTEST_K='mla or gqa_decode or plan' bash bench/parallel_pytest.sh $o u 'tests/test_cuda_graph.py tests/test_determinism.py tests/test_nan.py' 'tests/test_ops.py'"
+ "run:tests:200:PYTEST_K='not in_subprocess' bash bench/parallel_pytest.sh $o t tests/test_mla.py 'tests/test_transformers_mla.py tests/test_api_edges.py' && PYTEST_K='(mla or gqa_decode or plan) and not in_subprocess' bash bench/parallel_pytest.sh $o u 'tests/test_cuda_graph.py tests/test_determinism.py tests/test_nan.py' 'tests/test_ops.py'"
