@@ -8,6 +8,10 @@
 # with each head's rows contiguous (HND: [page][head][token][D], 4 KB runs at page 16) close the
 # gap? Predicted, if DRAM row locality is the cause: HND 2-3% faster at B16, B64, B1 S131072 and
 # B32 Hq64; the per-head plain read much faster under HND. NHD and HND alternate, two reps.
+# It ran (on an H200) with code this session then reverted, never committed: GqaDecodeParams had
+# kv_row_stride / kv_head_stride (the kernel's row and head offsets from them, the launcher
+# setting NHD's), and decode_trace.cu read HEAD_MAJOR=1 as "pages laid out [Hkv][PAGE][D]". HND was
+# no faster (B16 127.4 against 127.5 us; bench/NOTES.md, session 29), so the switch does not exist.
 TRACE_ROWS="^NHD|^HND|check|not run"
 . bench/calls/trace_run.sh
 {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Session 29, call 3 (carry .exp: bench/experiments/decode_stream.cu built as .exp/stream with the
-# nvcc line in its header). The persistent "stream of pieces" prototype against the library
+# nvcc line in its header; the prototype is in commit d3486a5, removed after this run). The persistent "stream of pieces" prototype against the library
 # kernel, alternating in one process, at the grid points where cuDNN is ahead. Each pair's keys
 # are cut into fixed pieces of falling size; a CTA's first piece comes from its index, later ones
 # from a counter, claimed a piece ahead, the tile ring running on across pieces. Controls: the
