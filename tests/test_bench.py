@@ -266,7 +266,7 @@ def test_grid_on_gpu_matches_design(bench):
     assert len(names) == 16
 
 
-def test_in_order_case_reads_the_same_values(bench):
+def test_in_order_case_lays_each_sequence_out_consecutively(bench):
     """pages_in_order lays each sequence's pages out consecutively; q, the caches and the bytes
     are those of the random order, and the reference follows the table."""
     shuffled = bench.decode.DecodeCase(3, 8, 2, 64, 100, dtype=torch.float32)

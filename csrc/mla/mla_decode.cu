@@ -1,6 +1,6 @@
 // CUDA launcher of mla_decode: the CUDA-only input checks, the head-block and split choice (from
-// shapes, and at 16 heads from the caller's host-side length hint: never from seq_lens, so the
-// call never syncs and can be captured in a CUDA graph), the workspace layout
+// shapes and the caller's host-side length hint: never from seq_lens, so the call never syncs
+// and can be captured in a CUDA graph), the workspace layout
 // and the dtype dispatch. The kernel itself is framework-free: csrc/include/kvcore/mla_decode.cuh.
 // The split count, workspace layout and occupancy query are gqa_decode's (paged_decode_launch.h).
 #include <torch/library.h>
@@ -58,11 +58,12 @@ constexpr int kSeparateMergeSplits = 4;
 // mma.sync kernel with M = 1) as gqa_decode's (choose_splits_hinted). The 32-head mma.sync kernel
 // (17-32 heads on Hopper; every head count above 16 elsewhere) and the 64-head ones (wgmma,
 // seesaw) are compute-bound, and each split reads its block's Q and writes its block's fp32
-// partials: that plan over-split them (H100, session 28, bench/experiments/ragged_mla.py, B32 H128
-// on the wgmma kernel in a 4096-token table, us; no hint / that plan: uniform lengths 80.0 /
-// 83.7, one sequence of 4096 among 512s 80.6 / 67.0, every sequence 256 keys 30.7 / 23.3). They
-// take the shapes' count, doubled only where one long sequence dominates
-// (split_plan.h's choose_splits_dominant, measured in session 29). The 16-head kernel with the
+// partials: that plan's four waves over-split uniform lengths there (H100, session 28,
+// bench/experiments/ragged_mla.py, B32 H128 on the wgmma kernel in a 4096-token table, us; no
+// hint / that plan: uniform lengths 80.0 / 83.7), while it gained on one sequence of 4096 among
+// 512s (80.6 / 67.0) and on every sequence at 256 keys (30.7 / 23.3, one split). They take the
+// shapes' count, doubled where one long sequence dominates (split_plan.h's
+// choose_splits_dominant, measured in session 29); the short-lengths gain is not taken yet. The 16-head kernel with the
 // hint: B64 H16 in an 8192-token table, one sequence full and the rest at 1024, 113.7 -> 82.1 us;
 // every sequence 512 keys 30.9 -> 27.6; equal and uniform lengths unchanged.
 constexpr int kMaxHintedRows = 16;

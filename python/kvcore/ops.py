@@ -970,9 +970,10 @@ def mla_decode(
             split across the GPU). With up to 16 heads it plans as there (H100, session 28, B64
             H16 in an 8192-token table with one full sequence and the rest at 1024 tokens: 82 us
             with it, 114 without); with more (compute-bound kernels, whose splits cost more) it
-            only doubles the shapes' count where one long sequence dominates (at least 4x the
-            mean length) and twice the grid fits two waves (session 29, B64 H32 with one 4096-
-            token sequence among 512s: 64 us against 108). Never read by the kernel, so
+            only doubles the shapes' count (from a count of at most 4) where one long sequence
+            dominates (at least 4x the mean length), twice the grid fits two waves and the
+            longest sequence has 256 keys a split (session 29, B64 H32 with one 4096-token
+            sequence among 512s: 64 us against 108). Never read by the kernel, so
             stale values cost only speed; equal lengths that fill the table plan as without it
             (the same bits). Ignored with ``num_splits > 0``, on CPU and under
             ``torch.compile``; fixed at capture in a CUDA graph. Refused as a CUDA tensor

@@ -149,12 +149,17 @@ inline int choose_splits_hinted(int64_t pairs, int64_t kv_len, const SplitHint& 
 // full and the rest at 1/8 of the table, B64 H32 S4096 108.4 / 63.6, B32 H128 S4096 79.7 / 66.6,
 // B16 H128 S16384 141.6 / 108.5; B128 H128 S1024 (its 256 CTAs already two waves) 47.7, doubled
 // 76.3, so not taken. Uniform lengths (mean about half the longest) lose with more splits (B32
-// H128 79.3 against 83.4 doubled), and equal lengths take the shapes' count.
+// H128 79.3 against 83.4 doubled), and equal lengths take the shapes' count. Measured only from
+// shapes' counts of 2 and 4, so larger ones (small batches, where the last CTA of the 32-head
+// kernel would merge every split alone) are not doubled until timed. Not done yet: fewer splits
+// for short lengths in a wide table (session 28: B32 H128, every sequence 256 keys, 30.7 us at the
+// shapes' 2 splits, 23.3 at one).
 constexpr double kDominantFill = 0.25;
+constexpr int kDominantMaxBase = 4;
 inline int choose_splits_dominant(int64_t pairs, int64_t kv_len, const SplitHint& hint, int slots, int64_t max_ctas,
                                   int merge_batch) {
   const int base = choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
-  if (!hint.active() || hint.fill > kDominantFill) return base;
+  if (!hint.active() || hint.fill > kDominantFill || base > kDominantMaxBase) return base;
   const int64_t doubled = 2 * int64_t(base);
   const int64_t ctas = std::max<int64_t>(pairs, 1) * doubled;
   if (ctas > 2 * int64_t(slots) || (max_ctas > 0 && ctas > max_ctas) || doubled > max_splits_for(hint.max_keys))
