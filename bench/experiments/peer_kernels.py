@@ -64,7 +64,7 @@ def main() -> None:
         inputs = decode.make_inputs(case, torch.device("cuda"))
         for impl in IMPLS:
             try:
-                prepared = peers.BUILDERS[impl](inputs)[0]
+                prepared = peers.BUILDERS[impl](inputs)[0]  # the first variant (FlashInfer: no tensor cores)
             except Exception as exc:  # noqa: BLE001 (a missing peer is a row, not a failure)
                 print(f"B{b} Hq{hq} S{s} {impl}: unavailable ({str(exc).splitlines()[0][:120]})")
                 continue
