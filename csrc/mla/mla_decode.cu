@@ -64,8 +64,9 @@ constexpr int kSeparateMergeSplits = 4;
 // 512s (80.6 / 67.0) and on every sequence at 256 keys (30.7 / 23.3, one split). They take the
 // shapes' count, doubled where one long sequence dominates (split_plan.h's
 // choose_splits_dominant, measured in session 29); the short-lengths gain is not taken yet.
-// The 16-head kernel with the hint: B64 H16 in an 8192-token table, one sequence full and the rest at 1024, 113.7 -> 82.1 us;
-// every sequence 512 keys 30.9 -> 27.6; equal and uniform lengths unchanged.
+// The 16-head kernel with the hint: B64 H16 in an 8192-token table, one sequence full and the
+// rest at 1024, 113.7 -> 82.1 us; every sequence 512 keys 30.9 -> 27.6; equal and uniform
+// lengths unchanged.
 constexpr int kMaxHintedRows = 16;
 
 // The caller's split count (num_splits: 0 automatic) and host-side length hint (plan_seq_lens).
