@@ -8,7 +8,7 @@
 #     H128 "short" (every sequence 256 keys) at 23.3 us with one split against 30.7 at the shapes'
 #     2; if the other short rows agree, choose_splits_dominant should also cap the count at one
 #     split per kMinSplitTokens of the longest sequence, as gqa_decode's rule does.
-# (c) Why the page order costs gqa_decode 1-3% (session 29, bench/experiments/page_order.py):
+# (c) Why the page order costs gqa_decode up to 3% (session 29, bench/experiments/page_order.py):
 #     decode_trace at B16 (8 warps) and B1 S131072 (32 splits) with the block table random, in
 #     order, rows sorted, and in random runs of 2 / 8 / 16 / 64 consecutive pages (64 pages of
 #     32 KB = 2 MB: one GPU large page of K). Predicted: if it is TLB reach, only runs near 64
