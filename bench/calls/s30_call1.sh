@@ -13,9 +13,13 @@
 #     order, rows sorted, and in random runs of 2 / 8 / 16 / 64 consecutive pages (64 pages of
 #     32 KB = 2 MB: one GPU large page of K). Predicted: if it is TLB reach, only runs near 64
 #     recover the in-order time; if it is DRAM locality, short runs already do.
+# (d) B1 S131072, 1.2% behind cuDNN even in page order: the 8-warp kernel at 16 splits (128 CTAs,
+#     one per SM) against the automatic 4-warp 32 splits; session 17 had it 0.6% faster on an
+#     H200, and the launcher takes 8 warps only for unsplit grids.
 o=/tmp/c
 rm -rf $o; mkdir -p $o
 KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-480} build \
  "run:tests:80:python3 -m pytest tests/test_mla.py -m cuda -q -p no:cacheprovider -rfE -k 'plan or dominant'" \
  "run:ragged:60:python3 bench/experiments/ragged_mla.py --splits 1,2 $o/ragged_mla.json" \
- "run:order:150:OUT=$o bash bench/calls/s30_order_trace.sh"
+ "run:order:150:OUT=$o bash bench/calls/s30_order_trace.sh" \
+ "run:b1:60:python3 bench/experiments/decode_splits_probe.py --shape 1,32,8,131072 0 16 32 0 && KVCORE_DECODE_WARPS=8 python3 bench/experiments/decode_splits_probe.py --shape 1,32,8,131072 16 0"
