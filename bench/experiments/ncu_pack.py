@@ -4,7 +4,7 @@
     python bench/experiments/ncu_pack.py --list
 
 Builds the case exactly as ``python -m kvcore.bench`` does (the group module's inputs and its
-kvcore builder), runs it three times to warm up, then calls it once between
+kvcore builder, or a decode peer's), runs it three times to warm up, then calls it once between
 ``cudaProfilerStart`` / ``cudaProfilerStop``, so that ``ncu --profile-from-start off`` sees only
 that call's kernels. ``bench/experiments/ncu_pack.sh`` runs every key under ncu in one device call:
 the open performance gaps of issues 2-6, each with ncu's sections, for the sessions without a GPU
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 import kvcore
-from kvcore.bench import block_sparse, block_transformer, decode, eviction_cache, eviction_scores, mla, retrieval
+from kvcore.bench import block_sparse, block_transformer, decode, eviction_cache, eviction_scores, mla, peers, retrieval
 
 
 def _case(module, name: str):
@@ -48,6 +48,13 @@ def _mla_decode(name: str) -> Callable:
 def _decode(name: str) -> Callable:
     x = decode.make_inputs(_case(decode, name), torch.device("cuda"))
     return eviction_cache.build_h2o(x, False)[0]
+
+
+def _peer(name: str, impl: str) -> Callable:
+    """A decode peer on the decode bench's inputs: its last variant (FlashInfer's with tensor
+    cores, the one the table shows; SDPA has one)."""
+    x = decode.make_inputs(_case(decode, name), torch.device("cuda"))
+    return peers.build(impl, x)[-1]
 
 
 def _h2o(name: str) -> Callable:
@@ -83,6 +90,20 @@ CASES = {
     "decode_B1": ("issue 2: 69% of copy at B1 S32768 (s9)", lambda: _decode("B1 Hq32 Hkv8 D128 S32768 page16")),
     "decode_B16": ("issue 2: 94-98% of copy at B16 S8192, cuDNN 102% (s13; the loaders' A/B in s14)",
                    lambda: _decode("B16 Hq32 Hkv8 D128 S8192 page16")),
+    # Session 29: cuDNN SDPA runs kvcore's own grids at B16 and B1 S131072 and is faster per CTA
+    # (bench/NOTES.md); its kernel's counters next to kvcore's, at random and in-order pages.
+    "decode_B16_in_order": ("issue 2: B16 with each sequence's pages in order (s29)",
+                            lambda: _decode("B16 Hq32 Hkv8 D128 S8192 page16 in-order")),
+    "cudnn_B16": ("issue 2: cuDNN SDPA at B16 (contiguous K/V; s29)",
+                  lambda: _peer("B16 Hq32 Hkv8 D128 S8192 page16", "sdpa-cudnn")),
+    "decode_B1_S131072": ("issue 2: B1 S131072, 1.2% behind cuDNN in page order (s29)",
+                          lambda: _decode("B1 Hq32 Hkv8 D128 S131072 page16 in-order")),
+    "cudnn_B1_S131072": ("issue 2: cuDNN SDPA at B1 S131072 (s29)",
+                         lambda: _peer("B1 Hq32 Hkv8 D128 S131072 page16", "sdpa-cudnn")),
+    "decode_B32_Hq64": ("issue 2: B32 Hq64, 1.9 points behind cuDNN at random pages (s29)",
+                        lambda: _decode("B32 Hq64 Hkv8 D128 S8192 page16")),
+    "cudnn_B32_Hq64": ("issue 2: cuDNN SDPA at B32 Hq64 (s29)",
+                       lambda: _peer("B32 Hq64 Hkv8 D128 S8192 page16", "sdpa-cudnn")),
     "h2o_B16": ("issue 6: score path +12.5% at B16 (s9)", lambda: _h2o("h2o B16 Hq32 Hkv8 D128 S8192 page16")),
     "h2o_B1": ("issue 6: score path +11.3-11.7% at B1, fused epilogue (s12)",
                lambda: _h2o("h2o B1 Hq32 Hkv8 D128 S32768 page16")),
@@ -109,17 +130,18 @@ def main() -> int:
         return 0
     kvcore.set_validation(False)
     prepared = CASES[sys.argv[1]][1]()
-    for _ in range(3):
+    with prepared.context():  # (SDPA peers: the backend choice)
+        for _ in range(3):
+            if prepared.setup is not None:
+                prepared.setup()
+            prepared.fn()
         if prepared.setup is not None:
             prepared.setup()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
         prepared.fn()
-    if prepared.setup is not None:
-        prepared.setup()
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStart()
-    prepared.fn()
-    torch.cuda.synchronize()
-    torch.cuda.cudart().cudaProfilerStop()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
     print(f"{sys.argv[1]}: profiled one call")
     return 0
 
