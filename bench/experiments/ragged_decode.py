@@ -81,12 +81,18 @@ def checked_time(call, out: torch.Tensor, ref: torch.Tensor, timer, rel_tol: flo
     return err, ok, timer(call)
 
 
+def take_splits_arg(argv: list) -> tuple:
+    """``--splits N,N,...`` out of argv: (the forced split counts, empty without it; the other
+    arguments). Shared by this folder's decode probes."""
+    if "--splits" not in argv:
+        return [], argv
+    at = argv.index("--splits")
+    return [int(n) for n in argv[at + 1].split(",")], argv[:at] + argv[at + 2:]
+
+
 def main(argv: list) -> int:
-    forced = [0]
-    if "--splits" in argv:
-        at = argv.index("--splits")
-        forced += [int(n) for n in argv[at + 1].split(",")]
-        argv = argv[:at] + argv[at + 2:]
+    counts, argv = take_splits_arg(argv)
+    forced = [0] + counts
     if len(argv) > 1:
         raise SystemExit(f"usage: ragged_decode.py [--splits N,N,...] [OUT.json]; got {argv}")
     dev = torch.device("cuda")

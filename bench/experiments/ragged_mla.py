@@ -25,7 +25,7 @@ import kvcore
 from kvcore import reference
 from kvcore.bench import harness
 from kvcore.bench.mla import RANK, MlaDecodeCase, make_decode_inputs
-from ragged_decode import checked_time, lengths  # (this folder: the script's own directory is on sys.path)
+from ragged_decode import checked_time, lengths, take_splits_arg  # (this folder: the script's own directory is on sys.path)
 
 # (batch, heads, capacity in tokens), page 64, DeepSeek's widths: the MLA bench's B32 H128 and
 # B64 H16 rows, B128 H128 at a shorter table, B16 H128 at a long one, and B64 H32 (the 32-head
@@ -35,11 +35,7 @@ PATTERNS = ("equal", "uniform", "one-long", "short")  # ragged_decode.py's, "sho
 
 
 def main(argv: list) -> int:
-    forced = []
-    if "--splits" in argv:
-        at = argv.index("--splits")
-        forced = [int(n) for n in argv[at + 1].split(",")]
-        argv = argv[:at] + argv[at + 2:]
+    forced, argv = take_splits_arg(argv)
     if len(argv) > 1:
         raise SystemExit(f"usage: ragged_mla.py [--splits N,N,...] [OUT.json]; got {argv}")
     dev = torch.device("cuda")
