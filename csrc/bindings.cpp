@@ -96,8 +96,8 @@ TORCH_LIBRARY(kvcore, m) {
   //   Keys are the latents, values their first Dv = out.size(2) columns (c_KV, Dv = R):
   //   out [B, H, Dv] (q's dtype) = softmax(scale * q . latent) @ latent[:, :Dv];
   //   lse [B, H] fp32, natural log (optional). workspace / num_splits / plan_total_keys /
-  //   plan_max_keys as in gqa_decode (the hint sizes the split plan only; above 16 heads it can
-  //   only double the shapes' count, see split_plan.h's choose_splits_dominant).
+  //   plan_max_keys as in gqa_decode (the hint sizes the split plan only; above 16 heads it
+  //   doubles or caps the shapes' count, see split_plan.h's choose_splits_dominant).
   m.def(
       "mla_decode(Tensor q, Tensor latent_cache, Tensor block_table, Tensor seq_lens, float scale, "
       "Tensor(a!) out, Tensor(b!)? lse, Tensor(c!)? workspace, int num_splits, int plan_total_keys=0, "

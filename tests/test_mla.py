@@ -448,7 +448,7 @@ def test_mla_decode_plan_seq_lens_by_kernel_cuda(device, heads, gen):
 def test_mla_decode_dominant_sequence_doubles_splits_cuda(device, gen):
     """At 128 heads (the 64-head kernels) a hint of one long sequence among short ones doubles the
     shapes' split count (split_plan.h's choose_splits_dominant); a hint of uniform-like lengths
-    keeps it. Each call's bits are matched with a forced count's, so the test reads the plan back.
+    keeps it, and one of short lengths caps it at a split per 256 keys of the longest. Each call's bits are matched with a forced count's, so the test reads the plan back.
     The expected counts are those of a 132-SM Hopper (the rule's measured machine): 16 sequences x
     2 head blocks take 4 splits from the shapes (128 CTAs), and 8 fit two waves. Elsewhere the
     shapes' count, the doubling and tile rounding differ, so the test runs there only."""
@@ -476,6 +476,9 @@ def test_mla_decode_dominant_sequence_doubles_splits_cuda(device, gen):
     dominant = run(plan_seq_lens=long_one)
     assert count_of(dominant) == 8
     assert count_of(run(plan_seq_lens=[8192, 4000, 6000, 7000, 5000, 3000, 8000, 2000] * 2)) == 4  # none dominates
+    # all short: one split per kMinSplitTokens (256) of the longest, below the shapes' count
+    assert count_of(run(plan_seq_lens=[256] * 16)) == 1
+    assert count_of(run(plan_seq_lens=[600] + [100] * 15)) == 2
     ref_out, ref_lse = reference.mla_decode(q, cache, table, seq_lens, 0.1, 512)
     torch.testing.assert_close(dominant[0].float(), ref_out, **OUT_TOL[torch.bfloat16])
     torch.testing.assert_close(dominant[1], ref_lse, **LSE_TOL)

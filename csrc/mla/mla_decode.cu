@@ -63,7 +63,8 @@ constexpr int kSeparateMergeSplits = 4;
 // hint / that plan: uniform lengths 80.0 / 83.7), while it gained on one sequence of 4096 among
 // 512s (80.6 / 67.0) and on every sequence at 256 keys (30.7 / 23.3, one split). They take the
 // shapes' count, doubled where one long sequence dominates (split_plan.h's
-// choose_splits_dominant, measured in session 29); the short-lengths gain is not taken yet.
+// choose_splits_dominant, measured in session 29) and capped at a split per 256 keys of the
+// longest (session 30: every sequence at 256 keys, B32 H128 30.9 -> 23.0 us, B64 H32 29.4 -> 23.8).
 // The 16-head kernel with the hint: B64 H16 in an 8192-token table, one sequence full and the
 // rest at 1024, 113.7 -> 82.1 us; every sequence 512 keys 30.9 -> 27.6; equal and uniform
 // lengths unchanged.

@@ -973,7 +973,9 @@ def mla_decode(
             only doubles the shapes' count (from a count of at most 4) where one long sequence
             dominates (at least 4x the mean length), twice the grid fits two waves and the
             longest sequence has 256 keys a split (session 29, B64 H32 with one 4096-token
-            sequence among 512s: 64 us against 108). Never read by the kernel, so
+            sequence among 512s: 64 us against 108), and takes at most one split per 256 keys
+            of the longest sequence (session 30, B32 H128 with every sequence at 256 keys in a
+            4096-token table: 23 us against 31). Never read by the kernel, so
             stale values cost only speed; equal lengths that fill the table plan as without it
             (the same bits). Ignored with ``num_splits > 0``, on CPU and under
             ``torch.compile``; fixed at capture in a CUDA graph. Refused as a CUDA tensor

@@ -11,7 +11,8 @@
 //   noted otherwise).
 // - The compute-bound rule (choose_splits_dominant, mla_decode above 16 heads a CTA): the shapes'
 //   count unless one long sequence dominates, then at most double it within two waves; and the
-//   picks on the rows session 29 timed with forced counts (H100: 132 slots of one CTA).
+//   picks on the rows sessions 29 and 30 timed with forced counts (H100: 132 slots of one CTA); a
+//   hinted count never past one split per kMinSplitTokens of the longest sequence.
 // Prints the number of checked plans; exits 1 on a failure.
 #include <cstdint>
 #include <cstdio>
@@ -170,8 +171,12 @@ int main() {
               const int64_t total = batch * most * fill_pct / 100;
               const int64_t pairs = batch * blocks;
               const auto hint = split_hint(batch, kv_len, total, most);
-              const int base = choose_splits(pairs, kv_len, slots, 0, 0);
+              const int shapes = choose_splits(pairs, kv_len, slots, 0, 0);
+              // a hint caps the count at one split per kMinSplitTokens of the longest sequence
+              const int base = hint.active() ? int(std::min<int64_t>(shapes, max_splits_for(hint.max_keys))) : shapes;
               const int s = choose_splits_dominant(pairs, kv_len, hint, slots, 0, 0);
+              expect(s >= 1 && (!hint.active() || s <= max_splits_for(hint.max_keys)),
+                     "compute-bound: past the longest sequence's splits", pairs, kv_len, total, s);
               if (!hint.active() || hint.fill > 0.25)
                 expect(s == base, "compute-bound: not dominant, not the shapes' count", pairs, kv_len, total, s);
               else
@@ -200,8 +205,13 @@ int main() {
       {"MLA B32 H128 uniform", 32, 2, 4096, 69784, 4096, 2},
       // uniform: auto (2) 108.9, 4 114.1
       {"MLA B64 H32 uniform", 64, 1, 4096, 144341, 4096, 2},
-      // every sequence 256 keys (equal, short): auto (2) 30.1, 4 47.4
-      {"MLA B32 H128 short", 32, 2, 4096, 32 * 256, 256, 2},
+      // every sequence 256 keys (equal, short): the shapes' 2 30.1, 4 47.4 (session 29); session 30
+      // (bench/results/h100-2026-12-05-s30/call1/ragged.log): the shapes' 2 30.9, 1 23.0
+      {"MLA B32 H128 short", 32, 2, 4096, 32 * 256, 256, 1},
+      // the same lengths at 32 heads (session 30): the shapes' 2 29.4, 1 23.8
+      {"MLA B64 H32 short", 64, 1, 4096, 64 * 256, 256, 1},
+      // 512 keys each: the cap (2) is the shapes' count, so no change
+      {"MLA B32 H128 512", 32, 2, 4096, 32 * 512, 512, 2},
   };
   for (const MlaRow& r : mla_rows) {
     const int s = choose_splits_dominant(r.batch * r.blocks, r.kv_len, split_hint(r.batch, r.kv_len, r.total, r.most),

@@ -151,14 +151,18 @@ inline int choose_splits_hinted(int64_t pairs, int64_t kv_len, const SplitHint& 
 // 76.3, so not taken. Uniform lengths (mean about half the longest) lose with more splits (B32
 // H128 79.3 against 83.4 doubled), and equal lengths take the shapes' count. Measured only from
 // shapes' counts of 2 and 4, so larger ones (small batches, where the last CTA of the 32-head
-// kernel would merge every split alone) are not doubled until timed. Not done yet: fewer splits
-// for short lengths in a wide table (session 28: B32 H128, every sequence 256 keys, 30.7 us at the
-// shapes' 2 splits, 23.3 at one).
+// kernel would merge every split alone) are not doubled until timed.
+// Either way a hinted count is at most one split per kMinSplitTokens of the longest sequence, as
+// in choose_splits_hinted: where every sequence is short in a wide table the shapes' splits are
+// mostly empty CTAs and a merge. H100, session 30 (bench/results/h100-2026-12-05-s30/call1/
+// ragged.log; every sequence 256 keys in a 4096-token table; us, shapes' 2 splits / one): B32 H128
+// 30.9 / 23.0, B64 H32 29.4 / 23.8.
 constexpr double kDominantFill = 0.25;
 constexpr int kDominantMaxBase = 4;
 inline int choose_splits_dominant(int64_t pairs, int64_t kv_len, const SplitHint& hint, int slots, int64_t max_ctas,
                                   int merge_batch) {
-  const int base = choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
+  int base = choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
+  if (hint.active()) base = int(std::min<int64_t>(base, max_splits_for(hint.max_keys)));
   if (!hint.active() || hint.fill > kDominantFill || base > kDominantMaxBase) return base;
   const int64_t doubled = 2 * int64_t(base);
   const int64_t ctas = std::max<int64_t>(pairs, 1) * doubled;
