@@ -1108,10 +1108,93 @@ def test_gqa_decode_equal_lengths_take_page_major_in_subprocess(tmp_path):
             _check_decode(*auto[table, name], *auto[table, "ref"], torch.bfloat16)
 
 
+@pytest.mark.parametrize("head_dim, page_size", [(64, 32), (64, 64), (128, 16), (128, 32), (128, 64),
+                                                 (256, 8), (256, 64)])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_page_order_cuda(device, head_dim, page_size, gen):
+    """An automatic split count visits each split's pages in cache order (the ORDER kernels; the
+    page sizes here take them at each head dim): ragged lengths with partial last pages, empty and
+    one-token sequences and a random page table still match the reference, with and without a
+    length hint, and agree with a forced split count (the table's order) to rounding."""
+    lens = [0, 1, page_size - 1, 3 * page_size + 5, 2500, 4096, 1777]
+    kv = make_paged_kv(lens, page_size, 2, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
+    _decode_matches_reference(kv, 8, torch.bfloat16, device, gen)
+    _decode_matches_reference(kv, 8, torch.bfloat16, device, gen, plan_seq_lens=lens)
+    q = randn(len(lens), 8, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
+    auto = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, return_lse=True)
+    forced = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, return_lse=True, num_splits=1)
+    torch.testing.assert_close(auto[0], forced[0], atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(auto[1], forced[1], atol=1e-3, rtol=1e-4)
+
+
+# Each table kind's pages, read by gqa_decode with an automatic split count: an in-order table
+# (cache order is sequence order, so the ORDER kernel visits the pages as the plain one does) and
+# a random one (orders differ, so do the rounding bits).
+_PAGE_ORDER_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, kvcore
+    sys.path.insert(0, "tests")
+    from conftest import poison, randn
+    from kvcore import reference
+    gen = torch.Generator().manual_seed(99)
+    lens, ps, hkv, d = [3000, 1, 4096, 2049, 0, 777], 16, 8, 128
+    pages = [(n + ps - 1) // ps for n in lens]
+    width = max(pages)
+    k = randn(sum(pages) + 2, ps, hkv, d, gen=gen, dtype=torch.bfloat16, device="cuda")
+    v = randn(sum(pages) + 2, ps, hkv, d, gen=gen, dtype=torch.bfloat16, device="cuda")
+    q = randn(len(lens), 32, d, gen=gen, dtype=torch.bfloat16, device="cuda")
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    res = {}
+    for kind in ("in_order", "random"):
+        ids = torch.arange(sum(pages)) if kind == "in_order" else torch.randperm(sum(pages), generator=gen)
+        table = torch.zeros(len(lens), width, dtype=torch.int32)
+        at = 0
+        for b, n in enumerate(pages):
+            table[b, :n] = ids[at : at + n]
+            at += n
+        table = table.cuda()
+        out = poison(torch.empty_like(q))
+        lse = poison(torch.empty(len(lens), 32, dtype=torch.float32, device="cuda"))
+        kvcore.gqa_decode(q, k, v, table, seq_lens, out=out, lse=lse)
+        ref = reference.gqa_decode(q, k, v, table, seq_lens)
+        res[kind] = (out.cpu(), lse.cpu(), ref[0].cpu(), ref[1].cpu())
+    torch.save(res, sys.argv[1])
+    """
+)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_page_order_switch_in_subprocess(tmp_path):
+    """KVCORE_DECODE_PAGE_ORDER unset (`auto`) runs the ORDER kernel, `table` the plain one: on an
+    in-order page table both visit the same pages in the same order (bit for bit the same output),
+    on a random one they sum in different orders (different bits); all match the reference."""
+    if os.environ.get("KVCORE_DECODE_PAGE_ORDER"):
+        pytest.skip("KVCORE_DECODE_PAGE_ORDER is set in this process")
+    runs = {v: run_script_with_env("KVCORE_DECODE_PAGE_ORDER", v, _PAGE_ORDER_SCRIPT, tmp_path) for v in (None, "table")}
+    auto, table = runs[None], runs["table"]
+    assert torch.equal(auto["in_order"][0], table["in_order"][0]) and torch.equal(auto["in_order"][1], table["in_order"][1])
+    assert not torch.equal(auto["random"][0], table["random"][0]), "the random table's pages were not reordered"
+    for run in (auto, table):
+        for kind in ("in_order", "random"):
+            _check_decode(*run[kind], torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.skipif(os.environ.get("KVCORE_DECODE_PAGE_ORDER") == "table", reason="this process already runs it")
+def test_gqa_decode_table_page_order_in_subprocess():
+    """KVCORE_DECODE_PAGE_ORDER=table (read once per process): every split visits its pages in the
+    block table's order, as before the ORDER kernels. This file's gqa_decode CUDA cases, test_nan's
+    decode cases, the graph-capture and determinism cases once more in a fresh process with it."""
+    run_tests_with_env("KVCORE_DECODE_PAGE_ORDER", "table", *DECODE_KERNEL_RERUN)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.parametrize("name, bad", [("KVCORE_DECODE_PAGE_GROUPS", "of"), ("KVCORE_DECODE_LOADER", "tmaa"),
-                                       ("KVCORE_DECODE_WARPS", "16"), ("KVCORE_DECODE_KERNEL", "page16")])
+                                       ("KVCORE_DECODE_WARPS", "16"), ("KVCORE_DECODE_KERNEL", "page16"),
+                                       ("KVCORE_DECODE_PAGE_ORDER", "sorted")])
 def test_gqa_decode_misspelt_switch_is_an_error(name, bad):
     """A misspelt gqa_decode switch fails the call instead of silently timing the default."""
     assert_switch_value_rejected(

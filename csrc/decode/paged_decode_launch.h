@@ -279,6 +279,26 @@ bool tma_fits(const GqaDecodeParams& p) {
   return prop->major == 9 && prop->minor == 0 && tma_body_built<T, Cfg>();
 }
 
+// KVCORE_DECODE_PAGE_ORDER: `auto` (default): where use_page_order says so, gqa_decode's CTAs
+// visit their split's pages in cache order (the ORDER kernels, gqa_decode_body); `table`: always
+// in the block table's order. Read once per process.
+inline bool page_order_switch_on() {
+  static const bool on = env_choice("KVCORE_DECODE_PAGE_ORDER", {"auto", "table"}, "gqa_decode (CUDA)") == 0;
+  return on;
+}
+
+// Whether a gqa_decode launch (no score buffer, cp.async loader) runs the ORDER kernel: an
+// automatic split count (a forced one keeps the table's order, whose bits the score path
+// reproduces at the same count), no sliding window (its start is not page-aligned), a
+// power-of-two page of at most a tile, at most kOrderMaxPages pages a split and a cache whose
+// page numbers fit the packed entries.
+template <typename Cfg>
+bool use_page_order(const GqaDecodeParams& p, int64_t requested_splits, int64_t split_tokens) {
+  return page_order_switch_on() && requested_splits == 0 && p.window_left < 0 && p.page_shift >= 0 &&
+         p.page_size <= Cfg::TILE && split_tokens / p.page_size <= kOrderMaxPages &&
+         int64_t(p.num_pages) <= kOrderMaxCachePages;
+}
+
 // Picks the split, lays out the workspace and launches. kv_len: the most key positions one
 // (sequence, KV head) can have, from shapes only. SCORE: gqa_decode with an H2O score buffer
 // (`score` not null), which also needs workspace room for the score scratch (score_bytes) and a second
@@ -316,6 +336,18 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
                                      kMergeBatch<Cfg::D>, hint);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
+  // The ORDER kernel (instantiated for the two-slot and whole-tile page groups: pages of 16 to
+  // 64 tokens at D 128) where it serves the call and keeps the plain kernel's CTAs per SM, which
+  // the plan assumed.
+  void (*ordered)(GqaDecodeParams) = nullptr;
+  const size_t ordered_smem = Cfg::smem_bytes(false, false, true);
+  if constexpr (!SPARSE && !SCORE && !TMA && (SPP == 2 || SPP == Cfg::LOADS)) {
+    if (use_page_order<Cfg>(p, requested_splits, plan.split_tokens)) {
+      ordered = gqa_decode_kernel<T, Cfg, false, false, SPP, true>;
+      if (occupancy_per_sm(reinterpret_cast<const void*>(ordered), Cfg::THREADS, ordered_smem) != per_sm)
+        ordered = nullptr;
+    }
+  }
   // Fused when the grid is one wave (or no pair is split), the departure counters fit next to the
   // arrival ones, and a CTA's staged keys fit the free part of its ring; otherwise (a forced
   // split count past one wave, long single-split pairs, large groups) the epilogue kernel.
@@ -358,6 +390,8 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   } else {
     if constexpr (TMA)
       kernel<<<grid, Cfg::THREADS, smem, stream>>>(p, maps);
+    else if (ordered != nullptr)
+      ordered<<<grid, Cfg::THREADS, ordered_smem, stream>>>(p);
     else
       kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -515,6 +549,8 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
     auto go = [&](auto cfg) {
       using Cfg = decltype(cfg);
       if constexpr (!SPARSE) {
+        // read on every gqa_decode call, so a misspelt value fails also where no ORDER kernel serves
+        (void)page_order_switch_on();
         if (score != nullptr) return with_groups(cfg, std::true_type{});
         if constexpr (Cfg::D == 128) {
           switch (page_major_heads<T>(p, s, requested_splits, hint)) {

@@ -137,6 +137,13 @@ __device__ __forceinline__ unsigned long long trace_smid() {
   } while (0)
 #endif
 
+// The most pages a CTA of the ORDER kernels sorts (gqa_decode_body): its split's pages, at most
+// split_tokens / page_size of them (the launcher takes those kernels only where that fits), each
+// a packed 32-bit entry (cache page << 10 | index in the split), so also fewer than 1024.
+constexpr int kOrderMaxPages = 512;
+constexpr int kOrderIndexBits = 10;
+constexpr int64_t kOrderMaxCachePages = int64_t(1) << (32 - kOrderIndexBits);
+
 // STAGES_ = 0 picks the ring depth from the head dim (the library's choice); experiments may
 // force another. WARPS_: 4, or 8 (paged_decode::use_wide_decode; D 128 with 3 stages only).
 template <int D_, int STAGES_ = 0, int WARPS_ = 4>
@@ -168,16 +175,22 @@ struct GqaDecodeConfig {
   // Block-sparse kernels also keep a validity byte per tile row (a selected page may lie past
   // seq_len or be the partial last page, anywhere in the list).
   static constexpr size_t SMEM_VALID = size_t(STAGES) * TILE;
+  // ORDER kernels (pages visited in cache order): the validity bytes as above, then the CTA's
+  // sorted page list (kOrderMaxPages packed entries, see gqa_decode_body).
+  static constexpr size_t SMEM_ORDER = size_t(kOrderMaxPages) * 4;
   // TMA loader (gqa_decode_tma_kernel): one mbarrier per stage after the rest, and up to 1024
   // bytes to align the base (the 128-byte swizzle is a function of address bits 7-9, so each
   // box must land on a 1024-byte boundary for its rows to take the pattern ldmatrix expects).
   static constexpr size_t SMEM_TMA_ALIGN = 1024;
-  static constexpr size_t smem_bytes(bool sparse, bool tma = false) {
-    return SMEM_BYTES + (sparse ? SMEM_VALID : 0) + (tma ? SMEM_TMA_ALIGN + STAGES * 8 : 0);
+  static constexpr size_t smem_bytes(bool sparse, bool tma = false, bool order = false) {
+    return SMEM_BYTES + (sparse || order ? SMEM_VALID : 0) + (order ? SMEM_ORDER : 0) +
+           (tma ? SMEM_TMA_ALIGN + STAGES * 8 : 0);
   }
 
   static_assert(D % 32 == 0 && D >= 64 && D <= 256, "head_dim must be 64, 128 or 256");
   static_assert((TILE * TD) % THREADS == 0, "tile copies must divide evenly");
+  static_assert(kOrderMaxPages % THREADS == 0 && size_t(TILE) * D * 2 >= 2 * SMEM_ORDER,
+                "the page sort's elements divide over the threads; its two buffers fit a stage's K tile");
   static_assert(THREADS % COPY_THREADS == 0 && LOADS * STEP * (THREADS / COPY_THREADS) == TILE,
                 "each 128 threads' copy slots cover their 64 rows of the tile");
   static_assert(LOADS % 2 == 0 && TILE % (2 * STEP) == 0,
@@ -267,6 +280,50 @@ struct GqaDecodeTmaMaps {
   CUtensorMap v;
 };
 
+// ---- the ORDER kernels' page sort -------------------------------------------------------------
+// Sorts a CTA's kOrderMaxPages packed entries ascending in place: element i = s * THREADS + tid
+// is slot s of thread tid's v. Bitonic over the first np elements (np: a power of two, 32 ..
+// kOrderMaxPages; the rest must already be the largest, as the 0xFFFFFFFF pads are): partners
+// less than 32 apart trade by shuffle, partners in another warp through `scratch` (two buffers of
+// kOrderMaxPages words, alternated, so each such step needs one barrier), partners THREADS or
+// more apart sit in the same thread. Every thread must call it.
+template <int THREADS>
+__device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages / THREADS], int np, uint32_t* scratch) {
+  constexpr int E = kOrderMaxPages / THREADS;
+  const int tid = threadIdx.x;
+  int parity = 0;
+  for (int k = 2; k <= np; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      uint32_t w[E];
+      if (j >= THREADS) {
+#pragma unroll
+        for (int c = 1; c < E; c <<= 1)  // (c constant per unrolled copy: no local-memory indexing)
+          if (c * THREADS == j) {
+#pragma unroll
+            for (int sl = 0; sl < E; ++sl) w[sl] = v[sl ^ c];
+          }
+      } else if (j >= 32) {
+        uint32_t* const buf = scratch + parity * kOrderMaxPages;
+        parity ^= 1;
+#pragma unroll
+        for (int sl = 0; sl < E; ++sl) buf[sl * THREADS + tid] = v[sl];
+        __syncthreads();
+#pragma unroll
+        for (int sl = 0; sl < E; ++sl) w[sl] = buf[sl * THREADS + (tid ^ j)];
+      } else {
+#pragma unroll
+        for (int sl = 0; sl < E; ++sl) w[sl] = __shfl_xor_sync(0xffffffffu, v[sl], j);
+      }
+#pragma unroll
+      for (int sl = 0; sl < E; ++sl) {
+        const int i = sl * THREADS + tid;
+        const bool up = (i & k) == 0, lower = (i & j) == 0;
+        v[sl] = lower == up ? min(v[sl], w[sl]) : max(v[sl], w[sl]);
+      }
+    }
+  }
+}
+
 // SPARSE = false: gqa_decode (a contiguous range of the sequence). SPARSE = true:
 // block_sparse_decode (the tokens of the pages listed for the pair, in list order).
 // SCORE = true (gqa_decode with an H2O score buffer; not with SPARSE): also stores every attended
@@ -280,10 +337,23 @@ struct GqaDecodeTmaMaps {
 // mbarrier, instead of every thread issuing LOADS 16-byte cp.async per tensor after a page lookup
 // each. The tiles are then 128-byte swizzled in 64-column halves (swz128_offset) rather than
 // swz<TD>'s whole-row swizzle.
-template <typename T, typename Cfg, bool SPARSE, bool SCORE, int SPP, bool TMA>
+// ORDER (gqa_decode without score, window or TMA; pages of at most a tile, a power of two; a split
+// of at most kOrderMaxPages pages): each CTA visits its split's pages in ascending cache order
+// rather than the sequence's, except the first STAGES - 1 tiles' pages, whose copies it issues in
+// the table's order and then sorts the rest while they land (sorting first cost ~1.5 us a CTA,
+// session 30: B16 in-order 180.5 -> 182.0 us). Attention over a set of keys does not depend on
+// their order, only the rounding does. Why: the same pages read through a random block table take
+// ~2% longer than in order, and a random table with each sequence's row sorted is as fast as an
+// in-order one (H100, session 30, decode_trace B16 S8192 Hq32 Hkv8 page 16: random 183.5 us,
+// row-sorted 179.8, in order 179.0; runs of 2 / 8 / 16 / 64 consecutive pages in random order
+// 182.3 / 181.6 / 180.7 / 179.3): the cost follows how scattered the SMs' concurrent reads are
+// over the cache, and sorted CTAs sweep it together. Rows are then valid by their logical
+// position, kept per row as SPARSE keeps it.
+template <typename T, typename Cfg, bool SPARSE, bool SCORE, int SPP, bool TMA, bool ORDER = false>
 __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[maybe_unused]] const GqaDecodeTmaMaps* maps) {
   static_assert(!(SPARSE && SCORE), "score accumulation is a gqa_decode feature");
   static_assert(!(SPARSE && TMA), "the TMA loader is gqa_decode's");
+  static_assert(!(ORDER && (SPARSE || SCORE || TMA)), "the page sort is plain gqa_decode's");
   static_assert(SPP >= 1 && Cfg::LOADS % SPP == 0 && (SPP & (SPP - 1)) == 0, "SPP: a power of two dividing LOADS");
   constexpr int D = Cfg::D, TD = Cfg::TD, TILE = Cfg::TILE, STAGES = Cfg::STAGES, LOADS = Cfg::LOADS;
   constexpr int ROWS = Cfg::ROWS, WARPS = Cfg::WARPS;
@@ -296,7 +366,9 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   T* const sK = reinterpret_cast<T*>(smem + Cfg::SMEM_Q);
   T* const sV = sK + STAGES * TILE * D;
   float* const sMerge = reinterpret_cast<float*>(smem + Cfg::SMEM_Q);  // reuses the ring at the end
-  unsigned char* const sValid = smem + Cfg::SMEM_BYTES;                 // SPARSE: [STAGES][TILE]
+  unsigned char* const sValid = smem + Cfg::SMEM_BYTES;                 // SPARSE, ORDER: [STAGES][TILE]
+  // ORDER: the split's pages sorted, packed (cache page << kOrderIndexBits | index from start)
+  [[maybe_unused]] uint32_t* const sOrder = reinterpret_cast<uint32_t*>(smem + Cfg::SMEM_BYTES + Cfg::SMEM_VALID);
   // TMA: full[s] completes when stage s's boxes have landed (one arrival: warp 0's expect_tx).
   [[maybe_unused]] uint64_t* const full = reinterpret_cast<uint64_t*>(smem + Cfg::smem_bytes(SPARSE));
   // Element offset of chunk `chunk` of row `row` in a K or V tile (the two loaders' layouts).
@@ -349,6 +421,8 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   const int copy_chunk = tid % TD;  // every copy of this thread is the same chunk of its rows
   auto page_of = [&](int pos) { return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size; };
   auto in_page = [&](int pos) { return p.page_shift >= 0 ? pos & (p.page_size - 1) : pos % p.page_size; };
+  // ORDER: the pages of the first STAGES - 1 tiles, which keep the table's order
+  [[maybe_unused]] const int order_first = ORDER ? ((STAGES - 1) * TILE) >> p.page_shift : 0;
 
   // Page of each row this thread copies for tile t (read a tile ahead of the copies). Positions
   // are clamped to the block table, not to seq_len, so this can run before seq_len is known;
@@ -393,7 +467,9 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       }
     }
   };
-  auto fetch_pages = [&](int t, int (&pg)[LOADS]) {
+  // ORDER: `listed` looks tile t's pages up in the sorted list, else in the block table (the first
+  // STAGES - 1 tiles, copied while the list is sorted). Every call passes a constant.
+  auto fetch_pages = [&](int t, int (&pg)[LOADS], bool listed) {
     if constexpr (SPARSE) {
 #pragma unroll
       for (int i = 0; i < LOADS; ++i) lpg[i] = lnext[i];  // tile t's entries, read a call ago
@@ -401,6 +477,15 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       for (int i = 0; i < LOADS; ++i)
         if (leads(i)) pg[i] = capacity > 0 ? __ldg(bt + min(max(lpg[i], 0), p.max_pages - 1)) : 0;
       fetch_list(t + 1);
+    } else if (ORDER && listed) {
+      // the sorted list's entry for the row's page (0xFFFFFFFF past the list: an invalid row)
+#pragma unroll
+      for (int i = 0; i < LOADS; ++i) {
+        if (leads(i)) {
+          const int idx = ((t * TILE + row0 + i * STEP) >> p.page_shift) - order_first;
+          pg[i] = int(unsigned(idx) < unsigned(kOrderMaxPages) ? sOrder[idx] : 0xFFFFFFFFu);
+        }
+      }
     } else {
 #pragma unroll
       for (int i = 0; i < LOADS; ++i) {
@@ -413,7 +498,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   };
   int seq_len = 0;
   const int64_t step_bytes = STEP * row_stride * int64_t(sizeof(T));
-  auto issue_copies = [&](int t, const int (&pg)[LOADS]) {
+  auto issue_copies = [&](int t, const int (&pg)[LOADS], bool listed) {
     const int stage = t % STAGES;
     // The current slot's source rows (as byte addresses: a follower's step is then one 64-bit
     // add each), and how many rows of its group are valid from it on (valid iff left > 0).
@@ -423,19 +508,30 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
 #pragma unroll
     for (int i = 0; i < LOADS; ++i) {
       const int row = row0 + i * STEP;
-      const int pos = start + t * TILE + row;
+      [[maybe_unused]] const int pos = start + t * TILE + row;
       if (leads(i)) {
         // In a group (SPP > 1) pos's own row keeps every follower's address inside the page;
         // alone, an invalid row takes the last valid one's (a legal address, never read).
-        const int in_pg = max(in_page(SPP > 1 ? pos : min(pos, end - 1)), 0);
-        left = end - pos;
-        if constexpr (SPARSE) {
-          // A listed page outside the sequence attends nothing; the partial last page only its
-          // first seq_len % page_size rows. (lp < max_pages keeps lp * page_size in int32.)
-          const int lp = lpg[i];
-          left = min(left, lp >= 0 && lp < p.max_pages ? seq_len - lp * p.page_size - in_pg : 0);
+        int in_pg;
+        int64_t page;
+        if (ORDER && listed) {
+          // The entry names the cache page and its index from start, hence the row's logical
+          // position (tiles and start are page-aligned here); a pad's index puts it past the end.
+          const uint32_t e = uint32_t(pg[i]);
+          in_pg = row & (p.page_size - 1);
+          left = end - (start + (int(e & ((1u << kOrderIndexBits) - 1)) << p.page_shift) + in_pg);
+          page = min(int64_t(e >> kOrderIndexBits), int64_t(p.num_pages) - 1);
+        } else {
+          in_pg = max(in_page(SPP > 1 ? pos : min(pos, end - 1)), 0);
+          left = end - pos;
+          if constexpr (SPARSE) {
+            // A listed page outside the sequence attends nothing; the partial last page only its
+            // first seq_len % page_size rows. (lp < max_pages keeps lp * page_size in int32.)
+            const int lp = lpg[i];
+            left = min(left, lp >= 0 && lp < p.max_pages ? seq_len - lp * p.page_size - in_pg : 0);
+          }
+          page = min(max(pg[i], 0), p.num_pages - 1);
         }
-        const int64_t page = min(max(pg[i], 0), p.num_pages - 1);
         const int64_t off = int64_t(in_pg) * row_stride + copy_chunk * 8;
         ka = reinterpret_cast<const char*>(kbase + page * p.k_page_stride + off);
         va = reinterpret_cast<const char*>(vbase + page * p.v_page_stride + off);
@@ -445,7 +541,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
         left -= STEP;
       }
       const bool valid = left > 0;
-      if constexpr (SPARSE) {
+      if constexpr (SPARSE || ORDER) {
         if (copy_chunk == 0) sValid[stage * TILE + row] = valid;
       }
       const int s_off = stage * TILE * D + swz<TD>(row, copy_chunk);
@@ -485,6 +581,17 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   };
 
   int pages[LOADS];
+  // ORDER: the block_table entries of the split's pages after its first order_first (those of
+  // the first STAGES - 1 tiles, visited in the table's order while the rest are sorted): element
+  // i = s * THREADS + tid (slot s) is page order_first + i from start, clamped into the table.
+  constexpr int OE = kOrderMaxPages / Cfg::THREADS;
+  [[maybe_unused]] int order_raw[ORDER ? OE : 1];
+  [[maybe_unused]] auto fetch_order = [&]() {
+    const int p0 = page_of(start) + order_first;
+#pragma unroll
+    for (int sl = 0; sl < OE; ++sl)
+      order_raw[sl] = capacity > 0 ? __ldg(bt + min(p0 + sl * Cfg::THREADS + tid, p.max_pages - 1)) : 0;
+  };
   // The first pages (SPARSE: list entries, then pages) are fetched for the full-length start
   // before seq_len is known, except with a window, whose start depends on it (TMA has none).
   const bool early_pages = SPARSE || p.window_left < 0;
@@ -492,7 +599,8 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     if (warp == 0) fetch_pages_tma(0, STAGES - 1);
   } else {
     if constexpr (SPARSE) fetch_list(0);
-    if (early_pages) fetch_pages(0, pages);
+    if (early_pages) fetch_pages(0, pages, false);
+    if constexpr (ORDER) fetch_order();
   }
   seq_len = min(max(seq_len_raw, 0), capacity);
   // first: the window's first key (0 without one; the score scratch numbers keys from it).
@@ -507,7 +615,8 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       if (warp == 0) fetch_pages_tma(0, STAGES - 1);
     } else {
       if constexpr (SPARSE) fetch_list(0);  // (fetch_pages reads these entries: one more round trip)
-      fetch_pages(0, pages);
+      fetch_pages(0, pages, false);
+      if constexpr (ORDER) fetch_order();
     }
   }
   end = min(first + keys, start + chunk);
@@ -549,10 +658,30 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   } else {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < num_tiles) issue_copies(s, pages);
+      if (s < num_tiles) issue_copies(s, pages, false);
       cp_async_commit();
-      fetch_pages(s + 1, pages);
+      if (!ORDER || s + 1 < STAGES - 1) fetch_pages(s + 1, pages, false);
     }
+  }
+  if constexpr (ORDER) {
+    // The split's pages after the first order_first, sorted by cache page (no ties: the index is
+    // in the entry), pads after them, while the first tiles' copies are in flight. The sort's
+    // scratch is the ring's last stage, which the loop fills first.
+    const int n = start < end ? (end - start + p.page_size - 1) >> p.page_shift : 0;
+    uint32_t v[OE];
+#pragma unroll
+    for (int sl = 0; sl < OE; ++sl) {
+      const int j = order_first + sl * Cfg::THREADS + tid;
+      v[sl] = j < n ? uint32_t(min(max(order_raw[sl], 0), p.num_pages - 1)) << kOrderIndexBits | uint32_t(j)
+                    : 0xFFFFFFFFu;
+    }
+    int np = 32;
+    while (np < n - order_first) np <<= 1;
+    sort_page_entries<Cfg::THREADS>(v, np, reinterpret_cast<uint32_t*>(sK + (STAGES - 1) * TILE * D));
+#pragma unroll
+    for (int sl = 0; sl < OE; ++sl) sOrder[sl * Cfg::THREADS + tid] = v[sl];
+    __syncthreads();  // the list is whole, and the last stage free of the sort's scratch
+    fetch_pages(STAGES - 1, pages, ORDER);
   }
   KVCORE_TRACE(p, 4);
 
@@ -589,9 +718,9 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
         fetch_pages_tma(t + STAGES, 1);
       }
     } else {
-      if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages);
+      if (t + STAGES - 1 < num_tiles) issue_copies(t + STAGES - 1, pages, ORDER);
       cp_async_commit();
-      fetch_pages(t + STAGES, pages);
+      fetch_pages(t + STAGES, pages, ORDER);
     }
 
     const T* kt = sK + (t % STAGES) * TILE * D;
@@ -625,6 +754,8 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
         bool ok;
         if constexpr (SPARSE)
           ok = sValid[(t % STAGES) * TILE + wrow + cpair + nt * 8 + (i & 1)] != 0 && tok0 + nt * 8 + (i & 1) < end;
+        else if constexpr (ORDER)  // (a row's tile position says nothing of its logical one)
+          ok = sValid[(t % STAGES) * TILE + wrow + cpair + nt * 8 + (i & 1)] != 0;
         else
           ok = tok0 + nt * 8 + (i & 1) < end;
         s[nt][i] = ok ? x : -INFINITY;
@@ -974,9 +1105,9 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
 }
 
 
-template <typename T, typename Cfg, bool SPARSE = false, bool SCORE = false, int SPP = 1>
+template <typename T, typename Cfg, bool SPARSE = false, bool SCORE = false, int SPP = 1, bool ORDER = false>
 __global__ void __launch_bounds__(Cfg::THREADS) gqa_decode_kernel(const GqaDecodeParams p) {
-  gqa_decode_body<T, Cfg, SPARSE, SCORE, SPP, false>(p, nullptr);
+  gqa_decode_body<T, Cfg, SPARSE, SCORE, SPP, false, ORDER>(p, nullptr);
 }
 
 // gqa_decode with the TMA loader. Its body exists in sm_90a code only; elsewhere (and in a build
