@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared in session 29 for the next session's first call (NOT RUN yet; carry .peers and .exp:
+# Prepared in session 29, run as session 30's first call (results: bench/results/h100-2026-12-05-s30/call1; carry .peers and .exp:
 # decode_trace.cu built as .exp/lib (4 warps) and .exp/lib8 (-DTRACE_WARPS=8) with the nvcc line
 # in its header).
 # (a) What session 29 changed after its last GPU call: the mla plan tests (the dominant-sequence

@@ -15,6 +15,7 @@
 // GRAIN (tokens, default the tile; a divisor of it): a split's length is rounded up to a multiple of it. The
 // kernel is the library's page-group instance for the page size (SPP, as the launcher picks it).
 // The output is checked against a one-split call of the same kernel.
+// ORDER=1 times the kernel that visits each split's pages in cache order (gqa_decode_body's ORDER).
 // PAGE_MAJOR=H:N[,H:N...] (D 128, page 16) also times the page-major kernel
 // (kvcore/gqa_decode_page_major.cuh) with H KV heads a CTA (2, 4 or 8) and N splits, on the same
 // inputs, checked against that output.
@@ -335,17 +336,28 @@ int run(int argc, char** argv) {
   p.scale = 0.08838834764831845f;
   p.soft_cap = 0.f;
 
-  auto kernel = kvcore::gqa_decode_kernel<bf16, Cfg, false, false, SPP>;
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
+  // ORDER=1 (env): the kernel that visits each split's pages in cache order (the library's ORDER
+  // instance; a split of at most kvcore::kOrderMaxPages pages); the reference stays the plain one.
+  const bool order = std::getenv("ORDER") && std::atoi(std::getenv("ORDER")) != 0;
+  auto plain = kvcore::gqa_decode_kernel<bf16, Cfg, false, false, SPP>;
+  auto kernel = order ? kvcore::gqa_decode_kernel<bf16, Cfg, false, false, SPP, true> : plain;
+  const size_t smem = Cfg::smem_bytes(false, false, order);
+  if (order && split_len / PAGE > kvcore::kOrderMaxPages) {
+    std::printf("ORDER: %d pages a split, more than the kernel sorts (%d): not run\n", split_len / PAGE,
+                kvcore::kOrderMaxPages);
+    return 0;
+  }
+  CUDA_CHECK(cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::THREADS, Cfg::SMEM_BYTES));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::THREADS, smem));
   // Reference: the same kernel with one split (no merge), compared below.
   {
     kvcore::GqaDecodeParams r = p;
     r.num_splits = 1;
     r.split_tokens = (S + Cfg::TILE - 1) / Cfg::TILE * Cfg::TILE;
     r.out = out_ref;
-    kernel<<<dim3(Hkv, 1, B), Cfg::THREADS, Cfg::SMEM_BYTES>>>(r);
+    plain<<<dim3(Hkv, 1, B), Cfg::THREADS, Cfg::SMEM_BYTES>>>(r);
     CUDA_CHECK(cudaDeviceSynchronize());
   }
   const dim3 grid(Hkv, p.num_splits, B);
@@ -356,7 +368,7 @@ int run(int argc, char** argv) {
   cudaLaunchAttribute cattr[1];
   cfg.gridDim = grid;
   cfg.blockDim = dim3(Cfg::THREADS);
-  cfg.dynamicSmemBytes = Cfg::SMEM_BYTES;
+  cfg.dynamicSmemBytes = smem;
   cattr[0].id = cudaLaunchAttributeClusterDimension;
   cattr[0].val.clusterDim.x = unsigned(cluster);
   cattr[0].val.clusterDim.y = 1;
@@ -444,8 +456,8 @@ int run(int argc, char** argv) {
       }
     std::printf("check: max |out - host reference| (4 heads) = %.3g%s\n", ref_worst, ref_worst < 2e-2 ? "" : "  <-- MISMATCH");
   }
-  std::printf("B%d S%d Hq%d Hkv%d page %d SPP %d table %s cluster %d splits %d x %d tokens, %d stages, %d CTAs/SM: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; one-shot read of K and V %.1f us, %.0f GB/s; paged read %.1f us, %.0f GB/s; per-head paged read %.1f us, %.0f GB/s)\n",
-              B, S, Hq, Hkv, PAGE, SPP, table_kind, cluster, p.num_splits, p.split_tokens, STAGES, per_sm, ctas, us,
+  std::printf("%sB%d S%d Hq%d Hkv%d page %d SPP %d table %s cluster %d splits %d x %d tokens, %d stages, %d CTAs/SM: %zu CTAs, %.1f us, %.0f GB/s over K/V (empty kernel %.1f us; one-shot read of K and V %.1f us, %.0f GB/s; paged read %.1f us, %.0f GB/s; per-head paged read %.1f us, %.0f GB/s)\n",
+              order ? "ORDER " : "", B, S, Hq, Hkv, PAGE, SPP, table_kind, cluster, p.num_splits, p.split_tokens, STAGES, per_sm, ctas, us,
               bytes / us * 1e-3, empty_us, read_us, bytes / read_us * 1e-3, paged_us, bytes / paged_us * 1e-3, heads_us,
               bytes / heads_us * 1e-3);
 
