@@ -448,7 +448,8 @@ def test_mla_decode_plan_seq_lens_by_kernel_cuda(device, heads, gen):
 def test_mla_decode_dominant_sequence_doubles_splits_cuda(device, gen):
     """At 128 heads (the 64-head kernels) a hint of one long sequence among short ones doubles the
     shapes' split count (split_plan.h's choose_splits_dominant); a hint of uniform-like lengths
-    keeps it, and one of short lengths caps it at a split per 256 keys of the longest. Each call's bits are matched with a forced count's, so the test reads the plan back.
+    keeps it, and one of short lengths caps it at a split per 256 keys of the longest. Each call's
+    bits are matched with a forced count's, so the test reads the plan back.
     The expected counts are those of a 132-SM Hopper (the rule's measured machine): 16 sequences x
     2 head blocks take 4 splits from the shapes (128 CTAs), and 8 fit two waves. Elsewhere the
     shapes' count, the doubling and tile rounding differ, so the test runs there only."""

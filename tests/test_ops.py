@@ -1113,9 +1113,11 @@ def test_gqa_decode_equal_lengths_take_page_major_in_subprocess(tmp_path):
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_page_order_cuda(device, head_dim, page_size, gen):
     """An automatic split count visits each split's pages in cache order (the ORDER kernels; the
-    page sizes here take them at each head dim): ragged lengths with partial last pages, empty and
-    one-token sequences and a random page table still match the reference, with and without a
-    length hint, and agree with a forced split count (the table's order) to rounding."""
+    page sizes here take them at each head dim, unless a kernel switch of the process turns them
+    off): ragged lengths with partial last pages, empty and one-token sequences and a random page
+    table still match the reference, with and without a length hint, and agree to rounding with
+    one forced split, which keeps the table's order. (Splits here hold at most 64 pages; the
+    full-sort test below sorts 496.)"""
     lens = [0, 1, page_size - 1, 3 * page_size + 5, 2500, 4096, 1777]
     kv = make_paged_kv(lens, page_size, 2, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
     _decode_matches_reference(kv, 8, torch.bfloat16, device, gen)
@@ -1125,6 +1127,32 @@ def test_gqa_decode_page_order_cuda(device, head_dim, page_size, gen):
     forced = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, return_lse=True, num_splits=1)
     torch.testing.assert_close(auto[0], forced[0], atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(auto[1], forced[1], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_page_order_full_sort_cuda(device, gen):
+    """One 8192-token sequence among 131 one-token ones (page 16, a table exactly 512 pages wide):
+    264 (sequence, KV head) pairs plan one split each on a 132-SM GPU, so the long sequence's CTAs
+    sort 496 entries (every step of the sort: shuffles, both cross-warp buffers, register slots)
+    and read its random pages in cache order. Matches the reference; where the automatic plan is
+    one split (as on an H100), its bits also differ from the forced one split's (table order) for
+    the long sequence only, which shows the ORDER kernel ran."""
+    lens = [8192] + [1] * 131
+    kv = make_paged_kv(lens, 16, 2, 128, gen=gen, dtype=torch.bfloat16, device=device, extra_table_cols=0)
+    assert kv.block_table.shape[1] == 512
+    _decode_matches_reference(kv, 8, torch.bfloat16, device, gen)
+    q = randn(len(lens), 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    auto = kvcore.gqa_decode(*args, return_lse=True)
+    forced = kvcore.gqa_decode(*args, return_lse=True, num_splits=1)
+    ref_out, ref_lse = reference.gqa_decode(*args)
+    _check_decode(auto[0], auto[1], ref_out, ref_lse, torch.bfloat16)
+    props = torch.cuda.get_device_properties(device)
+    # (other switches may take the call away from the ORDER kernels; KVCORE_DECODE_WARPS=8 keeps them)
+    switches = ("KVCORE_DECODE_PAGE_ORDER", "KVCORE_DECODE_KERNEL", "KVCORE_DECODE_LOADER", "KVCORE_DECODE_PAGE_GROUPS")
+    if props.multi_processor_count == 132 and props.major == 9 and not any(os.environ.get(n) for n in switches):
+        assert torch.equal(auto[0][1:], forced[0][1:]), "one-token sequences: one page, the same order"
+        assert not torch.equal(auto[0][0], forced[0][0]), "the long sequence's pages were not reordered"
 
 
 # Each table kind's pages, read by gqa_decode with an automatic split count: an in-order table
@@ -1169,8 +1197,10 @@ def test_gqa_decode_page_order_switch_in_subprocess(tmp_path):
     """KVCORE_DECODE_PAGE_ORDER unset (`auto`) runs the ORDER kernel, `table` the plain one: on an
     in-order page table both visit the same pages in the same order (bit for bit the same output),
     on a random one they sum in different orders (different bits); all match the reference."""
-    if os.environ.get("KVCORE_DECODE_PAGE_ORDER"):
-        pytest.skip("KVCORE_DECODE_PAGE_ORDER is set in this process")
+    # (the subprocesses inherit the other switches, and the TMA loader, page groups off or a
+    # page-major kernel take the call away from the ORDER kernels)
+    if any(os.environ.get(n) for n in ("KVCORE_DECODE_PAGE_ORDER", "KVCORE_DECODE_KERNEL") + _OTHER_DECODE_SWITCHES):
+        pytest.skip("a gqa_decode kernel switch is set in this process")
     runs = {v: run_script_with_env("KVCORE_DECODE_PAGE_ORDER", v, _PAGE_ORDER_SCRIPT, tmp_path) for v in (None, "table")}
     auto, table = runs[None], runs["table"]
     assert torch.equal(auto["in_order"][0], table["in_order"][0]) and torch.equal(auto["in_order"][1], table["in_order"][1])
