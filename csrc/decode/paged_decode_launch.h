@@ -337,7 +337,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
   // The ORDER kernel (instantiated for the two-slot and whole-tile page groups: pages of 16 to
-  // 64 tokens at D 128) where it serves the call and keeps the plain kernel's CTAs per SM, which
+  // 64 tokens at D 128, up to 128 on the 8-warp kernel) where it serves the call and keeps the plain kernel's CTAs per SM, which
   // the plan assumed.
   void (*ordered)(GqaDecodeParams) = nullptr;
   const size_t ordered_smem = Cfg::smem_bytes(false, false, true);

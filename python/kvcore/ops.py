@@ -440,15 +440,17 @@ def gqa_decode(
             in an 8192-token table with one full sequence and 15 of 1024 tokens took 104 us
             automatically and 49 us at ``num_splits=8``; with equal lengths 184 and 189 us
             (``bench/experiments/ragged_decode.py``). ``plan_seq_lens`` makes that choice from
-            the lengths instead. With ``0`` (no ``score``, no window, a power-of-two page of 16
-            to 64 tokens at head_dim 128, 32-64 at 64, 8-64 at 256, and at most 512 pages a
-            split) each CUDA block also reads its share of a sequence's pages in ascending cache
-            order rather than the table's (attention does not depend on
-            the keys' order): a fragmented cache, pages scattered at random, then reads as fast
-            as a contiguous one (H100, B16 Hq32 Hkv8 S8192: 183.6 us in table order, 180.3 in
-            cache order, 179.0 for pages in order). Results are still deterministic for given
-            inputs, but differ in rounding from the table-order sum that a forced count gives
-            (``KVCORE_DECODE_PAGE_ORDER=table`` keeps the table's order).
+            the lengths instead. With ``0`` (no ``score``, no window, the per-KV-head kernel with
+            its page groups on, a power-of-two page of 16-64 tokens at head_dim 128 (up to 128
+            on its 8-warp kernel), 32-64 at 64, 8-64 at 256, and at most 512 pages a split as
+            planned from the table's width)
+            each CUDA block also reads its share of a sequence's pages in ascending cache order
+            rather than the table's (attention does not depend on the keys' order), which
+            closes most of what a fragmented cache costs (H100, decode_trace, B16 Hq32 Hkv8
+            S8192 with pages scattered at random: 183.6 us in table order, 180.3 in cache order;
+            179.0 for pages in order). Results are still deterministic, but differ in rounding
+            from the table-order sum that a forced count gives (``KVCORE_DECODE_PAGE_ORDER=table``
+            keeps the table's order).
         score: optional H2O accumulator ``[B, num_kv_heads, S]`` float32, contiguous, with
             ``S >= max_pages * page_size``, updated in place: ``score[b, h, p] +=`` the sum over
             the query heads of KV group ``h`` of their softmax probability of key ``p``, for every
@@ -491,8 +493,12 @@ def gqa_decode(
 
     Determinism: on CUDA, a fixed ``num_splits = n > 0`` gives bitwise identical ``out``/``lse``
     on every call, whatever the workspace held before (earlier calls of any shape); ``0`` does
-    too for the same shapes, the same ``plan_seq_lens`` (or none) and the same GPU (the kernel
-    and split count depend on nothing else; under ``torch.compile`` the hint is not read). With a
+    too for the same shapes, the same ``plan_seq_lens`` (or none), the same ``block_table``
+    values and the same GPU (the kernel and split count depend on nothing else; under
+    ``torch.compile`` the hint is not read). With ``0`` the summation order follows the cache
+    page numbers (see ``num_splits``), so the same keys in other pages (after ``compact_kv``, or
+    another allocation history) may round differently; a fixed ``n`` or
+    ``KVCORE_DECODE_PAGE_ORDER=table`` keeps results independent of where the pages lie. With a
     fixed ``n``, widening ``block_table`` (columns no sequence reaches) does not change a bit
     either: each sequence's splits are cut from its own length. On CPU ``num_splits`` is ignored
     and results are bitwise identical at a fixed ``torch.get_num_threads()``. Tested in

@@ -287,9 +287,12 @@ struct GqaDecodeTmaMaps {
 // less than 32 apart trade by shuffle, partners in another warp through `scratch` (two buffers of
 // kOrderMaxPages words, alternated, so each such step needs one barrier), partners THREADS or
 // more apart sit in the same thread. Every thread must call it.
+// np must not exceed kOrderMaxPages (the launcher's use_page_order keeps a split's pages within it).
 template <int THREADS>
 __device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages / THREADS], int np, uint32_t* scratch) {
   constexpr int E = kOrderMaxPages / THREADS;
+  static_assert((THREADS & (THREADS - 1)) == 0 && (E & (E - 1)) == 0 && THREADS >= 32,
+                "the partner of element i is i ^ j: powers of two, at least a warp");
   const int tid = threadIdx.x;
   int parity = 0;
   for (int k = 2; k <= np; k <<= 1) {
@@ -516,7 +519,8 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
         int64_t page;
         if (ORDER && listed) {
           // The entry names the cache page and its index from start, hence the row's logical
-          // position (tiles and start are page-aligned here); a pad's index puts it past the end.
+          // position (tiles and start are page-aligned here); a pad's index (1023) puts it past
+          // the end, since a split has at most kOrderMaxPages < 1023 pages.
           const uint32_t e = uint32_t(pg[i]);
           in_pg = row & (p.page_size - 1);
           left = end - (start + (int(e & ((1u << kOrderIndexBits) - 1)) << p.page_shift) + in_pg);

@@ -156,7 +156,8 @@ inline int choose_splits_hinted(int64_t pairs, int64_t kv_len, const SplitHint& 
 // in choose_splits_hinted: where every sequence is short in a wide table the shapes' splits are
 // mostly empty CTAs and a merge. H100, session 30 (bench/results/h100-2026-12-05-s30/call1/
 // ragged.log; every sequence 256 keys in a 4096-token table; us, shapes' 2 splits / one): B32 H128
-// 30.9 / 23.0, B64 H32 29.4 / 23.8.
+// 30.9 / 23.0, B64 H32 29.4 / 23.8: 64 pairs on 132 slots; smaller batches of short sequences,
+// where the cap leaves a few CTAs to take every tile in turn, are not timed yet.
 constexpr double kDominantFill = 0.25;
 constexpr int kDominantMaxBase = 4;
 inline int choose_splits_dominant(int64_t pairs, int64_t kv_len, const SplitHint& hint, int slots, int64_t max_ctas,
