@@ -12,7 +12,10 @@ on the other rows; session 28's call 3 ran the H128 rows with gqa_decode's rule)
 prints the median time (harness Timer: CUDA events, L2 flushed) of the automatic count ("auto"),
 the hinted one ("hint") and forced counts, after checking each output against kvcore.reference.
 
-    python bench/experiments/ragged_mla.py [--splits 2,4,8] [OUT.json]
+    python bench/experiments/ragged_mla.py [--splits 2,4,8] [--shapes BxHxCAP,...] [OUT.json]
+
+--shapes replaces SHAPES (e.g. --shapes 1x128x4096,4x128x4096: small batches of the "short"
+pattern, where choose_splits_dominant's short-lengths cap leaves a few CTAs; session 30).
 """
 from __future__ import annotations
 
@@ -34,10 +37,27 @@ SHAPES = [(32, 128, 4096), (64, 16, 8192), (128, 128, 1024), (16, 128, 16384), (
 PATTERNS = ("equal", "uniform", "one-long", "short")  # ragged_decode.py's, "short" at 1/16 of the table
 
 
+def take_shapes_arg(argv: list) -> tuple:
+    """(--shapes' (batch, heads, capacity) list or SHAPES, argv without the option)."""
+    if "--shapes" not in argv:
+        return SHAPES, argv
+    i = argv.index("--shapes")
+    if i + 1 >= len(argv):
+        raise SystemExit("--shapes needs BxHxCAP[,BxHxCAP...]")
+    try:
+        shapes = [tuple(int(v) for v in item.split("x")) for item in argv[i + 1].split(",")]
+    except ValueError:
+        raise SystemExit(f"--shapes: not BxHxCAP[,BxHxCAP...]: {argv[i + 1]!r}") from None
+    if any(len(t) != 3 or min(t) <= 0 for t in shapes):
+        raise SystemExit(f"--shapes: each item is three positive integers BxHxCAP: {argv[i + 1]!r}")
+    return shapes, argv[:i] + argv[i + 2:]
+
+
 def main(argv: list) -> int:
+    shapes, argv = take_shapes_arg(argv)
     forced, argv = take_splits_arg(argv)
     if len(argv) > 1:
-        raise SystemExit(f"usage: ragged_mla.py [--splits N,N,...] [OUT.json]; got {argv}")
+        raise SystemExit(f"usage: ragged_mla.py [--splits N,N,...] [--shapes BxHxCAP,...] [OUT.json]; got {argv}")
     dev = torch.device("cuda")
     timer = harness.Timer(dev)
     kvcore.set_validation(False)
@@ -45,7 +65,7 @@ def main(argv: list) -> int:
     gen = torch.Generator().manual_seed(11)
     rows = []
     failed = False
-    for b, h, cap in SHAPES:
+    for b, h, cap in shapes:
         case = MlaDecodeCase(b, h, cap)
         x = make_decode_inputs(case, dev)
         out = torch.empty(b, h, RANK, dtype=x.q.dtype, device=dev)
