@@ -1117,7 +1117,7 @@ def test_gqa_decode_page_order_cuda(device, head_dim, page_size, gen):
     off): ragged lengths with partial last pages, empty and one-token sequences and a random page
     table still match the reference, with and without a length hint, and agree to rounding with
     one forced split, which keeps the table's order. (Splits here hold at most 64 pages; the
-    full-sort test below sorts 496.)"""
+    full-sort test below sorts 504.)"""
     lens = [0, 1, page_size - 1, 3 * page_size + 5, 2500, 4096, 1777]
     kv = make_paged_kv(lens, page_size, 2, head_dim, gen=gen, dtype=torch.bfloat16, device=device)
     _decode_matches_reference(kv, 8, torch.bfloat16, device, gen)
@@ -1133,7 +1133,7 @@ def test_gqa_decode_page_order_cuda(device, head_dim, page_size, gen):
 def test_gqa_decode_page_order_full_sort_cuda(device, gen):
     """One 8192-token sequence among 131 one-token ones (page 16, a table exactly 512 pages wide):
     264 (sequence, KV head) pairs plan one split each on a 132-SM GPU, so the long sequence's CTAs
-    sort 496 entries (every step of the sort: shuffles, both cross-warp buffers, register slots)
+    sort 504 entries (every step of the sort: shuffles, both cross-warp buffers, register slots)
     and read its random pages in cache order. Matches the reference; where the automatic plan is
     one split (as on an H100), its bits also differ from the forced one split's (table order) for
     the long sequence only, which shows the ORDER kernel ran."""
