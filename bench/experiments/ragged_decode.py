@@ -81,13 +81,32 @@ def checked_time(call, out: torch.Tensor, ref: torch.Tensor, timer, rel_tol: flo
     return err, ok, timer(call)
 
 
+def take_option(argv: list, name: str) -> tuple:
+    """``name VALUE`` out of argv: (VALUE, None without the option; the other arguments)."""
+    if name not in argv:
+        return None, argv
+    at = argv.index(name)
+    if at + 1 >= len(argv):
+        raise SystemExit(f"{name} needs a value")
+    return argv[at + 1], argv[:at] + argv[at + 2:]
+
+
 def take_splits_arg(argv: list) -> tuple:
     """``--splits N,N,...`` out of argv: (the forced split counts, empty without it; the other
     arguments). Shared by this folder's decode probes."""
-    if "--splits" not in argv:
-        return [], argv
-    at = argv.index("--splits")
-    return [int(n) for n in argv[at + 1].split(",")], argv[:at] + argv[at + 2:]
+    value, argv = take_option(argv, "--splits")
+    return ([] if value is None else [int(n) for n in value.split(",")]), argv
+
+
+def report_row(rows: list, name: str, width: int, pattern: str, splits, tokens: int, ms: float, nbytes: int,
+               err, ok: bool) -> None:
+    """Appends one timed call's row to `rows` and prints it (`name` padded to `width`). Shared with
+    ragged_mla.py."""
+    row = {"case": name, "pattern": pattern, "splits": splits, "tokens": tokens, "us": ms * 1e3,
+           "gbps": nbytes / (ms * 1e-3) / 1e9, "max_err": err if ok else str(err), "ok": ok}
+    rows.append(row)
+    print(f"{name:{width}s} {pattern:9s} splits {'auto' if splits == 0 else splits:>4} {tokens:8d} tokens "
+          f"{ms * 1e3:8.1f} us {row['gbps']:7.0f} GB/s  max err {err:.1e}{'' if ok else '  MISMATCH'}", flush=True)
 
 
 def main(argv: list) -> int:
@@ -125,12 +144,7 @@ def main(argv: list) -> int:
                 failed |= not ok
                 tokens = int(seq_lens.sum().item())
                 nbytes = tokens * hkv * 128 * 2 * 2 + 2 * out.numel() * 2
-                row = {"case": case.name, "pattern": pattern, "splits": splits, "tokens": tokens, "us": ms * 1e3,
-                       "gbps": nbytes / (ms * 1e-3) / 1e9, "max_err": err if ok else str(err), "ok": ok}
-                rows.append(row)
-                print(f"{case.name:36s} {pattern:9s} splits {'auto' if splits == 0 else splits:>4} {tokens:8d} tokens "
-                      f"{ms * 1e3:8.1f} us {row['gbps']:7.0f} GB/s  max err {err:.1e}{'' if ok else '  MISMATCH'}",
-                      flush=True)
+                report_row(rows, case.name, 36, pattern, splits, tokens, ms, nbytes, err, ok)
         del x, out, k32, v32
     if argv:
         with open(argv[0], "w") as f:

@@ -28,7 +28,8 @@ import kvcore
 from kvcore import reference
 from kvcore.bench import harness
 from kvcore.bench.mla import RANK, MlaDecodeCase, make_decode_inputs
-from ragged_decode import checked_time, lengths, take_splits_arg  # (this folder: the script's own directory is on sys.path)
+# (this folder: the script's own directory is on sys.path)
+from ragged_decode import checked_time, lengths, report_row, take_option, take_splits_arg
 
 # (batch, heads, capacity in tokens), page 64, DeepSeek's widths: the MLA bench's B32 H128 and
 # B64 H16 rows, B128 H128 at a shorter table, B16 H128 at a long one, and B64 H32 (the 32-head
@@ -39,18 +40,16 @@ PATTERNS = ("equal", "uniform", "one-long", "short")  # ragged_decode.py's, "sho
 
 def take_shapes_arg(argv: list) -> tuple:
     """(--shapes' (batch, heads, capacity) list or SHAPES, argv without the option)."""
-    if "--shapes" not in argv:
+    value, argv = take_option(argv, "--shapes")
+    if value is None:
         return SHAPES, argv
-    i = argv.index("--shapes")
-    if i + 1 >= len(argv):
-        raise SystemExit("--shapes needs BxHxCAP[,BxHxCAP...]")
     try:
-        shapes = [tuple(int(v) for v in item.split("x")) for item in argv[i + 1].split(",")]
+        shapes = [tuple(int(v) for v in item.split("x")) for item in value.split(",")]
     except ValueError:
-        raise SystemExit(f"--shapes: not BxHxCAP[,BxHxCAP...]: {argv[i + 1]!r}") from None
+        raise SystemExit(f"--shapes: not BxHxCAP[,BxHxCAP...]: {value!r}") from None
     if any(len(t) != 3 or min(t) <= 0 for t in shapes):
-        raise SystemExit(f"--shapes: each item is three positive integers BxHxCAP: {argv[i + 1]!r}")
-    return shapes, argv[:i] + argv[i + 2:]
+        raise SystemExit(f"--shapes: each item is three positive integers BxHxCAP: {value!r}")
+    return shapes, argv
 
 
 def main(argv: list) -> int:
@@ -84,12 +83,7 @@ def main(argv: list) -> int:
                 failed |= not ok
                 tokens = int(seq_lens.sum().item())
                 nbytes = tokens * x.latent.shape[-1] * 2
-                row = {"case": case.name, "pattern": pattern, "splits": splits, "tokens": tokens, "us": ms * 1e3,
-                       "gbps": nbytes / (ms * 1e-3) / 1e9, "max_err": err if ok else str(err), "ok": ok}
-                rows.append(row)
-                print(f"{case.name:32s} {pattern:9s} splits {'auto' if splits == 0 else splits:>4} {tokens:8d} tokens "
-                      f"{ms * 1e3:8.1f} us {row['gbps']:7.0f} GB/s  max err {err:.1e}{'' if ok else '  MISMATCH'}",
-                      flush=True)
+                report_row(rows, case.name, 32, pattern, splits, tokens, ms, nbytes, err, ok)
             del ref
         del x, out
         torch.cuda.empty_cache()
