@@ -162,9 +162,10 @@ constexpr double kDominantFill = 0.25;
 constexpr int kDominantMaxBase = 4;
 inline int choose_splits_dominant(int64_t pairs, int64_t kv_len, const SplitHint& hint, int slots, int64_t max_ctas,
                                   int merge_batch) {
-  int base = choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
-  if (hint.active()) base = int(std::min<int64_t>(base, max_splits_for(hint.max_keys)));
-  if (!hint.active() || hint.fill > kDominantFill || base > kDominantMaxBase) return base;
+  const int shapes = choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
+  if (!hint.active()) return shapes;
+  const int base = int(std::min<int64_t>(shapes, max_splits_for(hint.max_keys)));
+  if (hint.fill > kDominantFill || base > kDominantMaxBase) return base;
   const int64_t doubled = 2 * int64_t(base);
   const int64_t ctas = std::max<int64_t>(pairs, 1) * doubled;
   if (ctas > 2 * int64_t(slots) || (max_ctas > 0 && ctas > max_ctas) || doubled > max_splits_for(hint.max_keys))
