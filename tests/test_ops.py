@@ -1108,6 +1108,12 @@ def test_gqa_decode_equal_lengths_take_page_major_in_subprocess(tmp_path):
             _check_decode(*auto[table, name], *auto[table, "ref"], torch.bfloat16)
 
 
+# The switches under which gqa_decode does not run the ORDER kernels (the table's order, the
+# page-major kernels, the TMA loader, page groups off); KVCORE_DECODE_WARPS=8 keeps them.
+_PAGE_ORDER_OFF_SWITCHES = ("KVCORE_DECODE_PAGE_ORDER", "KVCORE_DECODE_KERNEL", "KVCORE_DECODE_LOADER",
+                            "KVCORE_DECODE_PAGE_GROUPS")
+
+
 @pytest.mark.parametrize("head_dim, page_size", [(64, 32), (64, 64), (128, 16), (128, 32), (128, 64),
                                                  (256, 8), (256, 64)])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
@@ -1148,9 +1154,8 @@ def test_gqa_decode_page_order_full_sort_cuda(device, gen):
     ref_out, ref_lse = reference.gqa_decode(*args)
     _check_decode(auto[0], auto[1], ref_out, ref_lse, torch.bfloat16)
     props = torch.cuda.get_device_properties(device)
-    # (other switches may take the call away from the ORDER kernels; KVCORE_DECODE_WARPS=8 keeps them)
-    switches = ("KVCORE_DECODE_PAGE_ORDER", "KVCORE_DECODE_KERNEL", "KVCORE_DECODE_LOADER", "KVCORE_DECODE_PAGE_GROUPS")
-    if props.multi_processor_count == 132 and props.major == 9 and not any(os.environ.get(n) for n in switches):
+    order_on = not any(map(os.environ.get, _PAGE_ORDER_OFF_SWITCHES))
+    if props.multi_processor_count == 132 and props.major == 9 and order_on:
         assert torch.equal(auto[0][1:], forced[0][1:]), "one-token sequences: one page, the same order"
         assert not torch.equal(auto[0][0], forced[0][0]), "the long sequence's pages were not reordered"
 
@@ -1197,13 +1202,14 @@ def test_gqa_decode_page_order_switch_in_subprocess(tmp_path):
     """KVCORE_DECODE_PAGE_ORDER unset (`auto`) runs the ORDER kernel, `table` the plain one: on an
     in-order page table both visit the same pages in the same order (bit for bit the same output),
     on a random one they sum in different orders (different bits); all match the reference."""
-    # (the subprocesses inherit the other switches, and the TMA loader, page groups off or a
-    # page-major kernel take the call away from the ORDER kernels)
-    if any(os.environ.get(n) for n in ("KVCORE_DECODE_PAGE_ORDER", "KVCORE_DECODE_KERNEL") + _OTHER_DECODE_SWITCHES):
-        pytest.skip("a gqa_decode kernel switch is set in this process")
-    runs = {v: run_script_with_env("KVCORE_DECODE_PAGE_ORDER", v, _PAGE_ORDER_SCRIPT, tmp_path) for v in (None, "table")}
+    # (the subprocesses inherit this process's switches)
+    if any(map(os.environ.get, _PAGE_ORDER_OFF_SWITCHES)):
+        pytest.skip("a gqa_decode switch that turns the ORDER kernels off is set in this process")
+    runs = {v: run_script_with_env("KVCORE_DECODE_PAGE_ORDER", v, _PAGE_ORDER_SCRIPT, tmp_path)
+            for v in (None, "table")}
     auto, table = runs[None], runs["table"]
-    assert torch.equal(auto["in_order"][0], table["in_order"][0]) and torch.equal(auto["in_order"][1], table["in_order"][1])
+    assert torch.equal(auto["in_order"][0], table["in_order"][0])
+    assert torch.equal(auto["in_order"][1], table["in_order"][1])
     assert not torch.equal(auto["random"][0], table["random"][0]), "the random table's pages were not reordered"
     for run in (auto, table):
         for kind in ("in_order", "random"):
