@@ -12,10 +12,11 @@ on the other rows; session 28's call 3 ran the H128 rows with gqa_decode's rule)
 prints the median time (harness Timer: CUDA events, L2 flushed) of the automatic count ("auto"),
 the hinted one ("hint") and forced counts, after checking each output against kvcore.reference.
 
-    python bench/experiments/ragged_mla.py [--splits 2,4,8] [--shapes BxHxCAP,...] [OUT.json]
+    python bench/experiments/ragged_mla.py [--splits 2,4,8] [--shapes BxHxCAP,...] [--patterns P,...] [OUT.json]
 
 --shapes replaces SHAPES (e.g. --shapes 1x128x4096,4x128x4096: small batches of the "short"
-pattern, where choose_splits_dominant's short-lengths cap leaves a few CTAs; session 30).
+pattern, where choose_splits_dominant's short-lengths cap leaves a few CTAs; session 30);
+--patterns times only those of PATTERNS (e.g. --patterns short; session 31).
 """
 from __future__ import annotations
 
@@ -52,11 +53,25 @@ def take_shapes_arg(argv: list) -> tuple:
     return shapes, argv
 
 
+def take_patterns_arg(argv: list) -> tuple:
+    """(--patterns' names or PATTERNS, argv without the option)."""
+    value, argv = take_option(argv, "--patterns")
+    if value is None:
+        return PATTERNS, argv
+    names = tuple(value.split(","))
+    unknown = [n for n in names if n not in PATTERNS]
+    if unknown:
+        raise SystemExit(f"--patterns: {unknown} not among {PATTERNS}")
+    return names, argv
+
+
 def main(argv: list) -> int:
     shapes, argv = take_shapes_arg(argv)
+    patterns, argv = take_patterns_arg(argv)
     forced, argv = take_splits_arg(argv)
     if len(argv) > 1:
-        raise SystemExit(f"usage: ragged_mla.py [--splits N,N,...] [--shapes BxHxCAP,...] [OUT.json]; got {argv}")
+        raise SystemExit("usage: ragged_mla.py [--splits N,N,...] [--shapes BxHxCAP,...] [--patterns P,...] [OUT.json];"
+                         f" got {argv}")
     dev = torch.device("cuda")
     timer = harness.Timer(dev)
     kvcore.set_validation(False)
@@ -68,7 +83,7 @@ def main(argv: list) -> int:
         case = MlaDecodeCase(b, h, cap)
         x = make_decode_inputs(case, dev)
         out = torch.empty(b, h, RANK, dtype=x.q.dtype, device=dev)
-        for pattern in PATTERNS:
+        for pattern in patterns:
             seq_lens = lengths(pattern, b, cap, gen, short_div=16).to(dev)
             ref, _ = reference.mla_decode(x.q, x.latent, x.block_table, seq_lens, x.scale, RANK)
             host_lens = seq_lens.tolist()
