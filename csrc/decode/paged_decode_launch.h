@@ -59,14 +59,17 @@ struct SplitPlan {
 // message; kv_len: the most key positions one pair can have (from shapes only); tile: the
 // kernel's tile (a split covers whole tiles); have: the workspace's bytes (0 when none).
 // compute_bound: an automatic count from the hint by choose_splits_dominant (mla_decode's
-// kernels above 16 heads a CTA) instead of choose_splits_hinted. An explicit num_splits
-// (requested > 1) that does not fit is an error; an automatic one is lowered until it fits.
+// kernels above 16 heads a CTA) instead of choose_splits_hinted; short_cap_min_pairs: the pairs
+// from which choose_splits_dominant caps a hinted count by the longest sequence. An explicit
+// num_splits (requested > 1) that does not fit is an error; an automatic one is lowered until it fits.
 inline SplitPlan plan_splits(const char* op, const char* pairs_name, int64_t pairs, int64_t kv_len, int slots,
                              int tile, int64_t requested, int64_t have, int64_t scratch, int64_t rows,
                              int64_t width, int64_t max_ctas = 0, int merge_batch = 0,
-                             const SplitHint& hint = {}, bool compute_bound = false) {
+                             const SplitHint& hint = {}, bool compute_bound = false,
+                             int64_t short_cap_min_pairs = 0) {
   int splits = requested > 0   ? int(std::min<int64_t>(requested, kMaxSplits))
-               : compute_bound ? choose_splits_dominant(pairs, kv_len, hint, slots, max_ctas, merge_batch)
+               : compute_bound ? choose_splits_dominant(pairs, kv_len, hint, slots, max_ctas, merge_batch,
+                                                         short_cap_min_pairs)
                : hint.active() ? choose_splits_hinted(pairs, kv_len, hint, slots, max_ctas, merge_batch)
                                : choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
   auto lse_bytes = [&](int n) { return round256(pairs * n * rows * 4); };

@@ -64,7 +64,8 @@ constexpr int kSeparateMergeSplits = 4;
 // 512s (80.6 / 67.0) and on every sequence at 256 keys (30.7 / 23.3, one split). They take the
 // shapes' count, doubled where one long sequence dominates (split_plan.h's
 // choose_splits_dominant, measured in session 29) and capped at a split per 256 keys of the
-// longest (session 30: every sequence at 256 keys, B32 H128 30.9 -> 23.0 us, B64 H32 29.4 -> 23.8).
+// longest (session 30: every sequence at 256 keys, B32 H128 30.9 -> 23.0 us, B64 H32 29.4 -> 23.8;
+// on the 64-head kernels only from 16 pairs, session 31: B1 H128 17.7 us uncapped, 21.5 capped).
 // The 16-head kernel with the hint: B64 H16 in an 8192-token table, one sequence full and the
 // rest at 1024, 113.7 -> 82.1 us; every sequence 512 keys 30.9 -> 27.6; equal and uniform
 // lengths unchanged.
@@ -91,7 +92,8 @@ dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, 
   const int64_t have = paged_decode::workspace_bytes(workspace);
   const paged_decode::SplitPlan plan = paged_decode::plan_splits(
       "mla_decode", "batch x head blocks", pairs, kv_len, slots, Cfg::TILE, req.splits, have, 0, Cfg::ROWS, s.dv, 0, 0,
-      req.hint, /*compute_bound=*/Cfg::ROWS > kMaxHintedRows);
+      req.hint, /*compute_bound=*/Cfg::ROWS > kMaxHintedRows,
+      /*short_cap_min_pairs=*/Cfg::ROWS >= 64 ? paged_decode::kWideShortCapMinPairs : 0);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
   paged_decode::use_split_workspace(p, plan, workspace);

@@ -989,9 +989,11 @@ def mla_decode(
             longest sequence has 256 keys a split (session 29, B64 H32 with one 4096-token
             sequence among 512s: 64 us against 108), and takes at most one split per 256 keys
             of the longest sequence (session 30, B32 H128 with every sequence at 256 keys in a
-            4096-token table: 23 us against 31). Never read by the kernel, so
-            stale values cost only speed; equal lengths that fill the table plan as without it
-            (the same bits). Ignored with ``num_splits > 0``, on CPU and under
+            4096-token table: 23 us against 31; the 64-head kernels, above 32 heads on compute
+            capability 9.0, only from 16 (sequence, 64-head block) pairs, since below that the
+            shapes' short splits win: session 31, B1 H128, 18 us against 22). Never read by the
+            kernel, so stale values cost only speed; equal lengths that fill the table plan as
+            without it (the same bits). Ignored with ``num_splits > 0``, on CPU and under
             ``torch.compile``; fixed at capture in a CUDA graph. Refused as a CUDA tensor
             (reading it would synchronise).
 

@@ -11,8 +11,9 @@
 //   noted otherwise).
 // - The compute-bound rule (choose_splits_dominant, mla_decode above 16 heads a CTA): the shapes'
 //   count unless one long sequence dominates, then at most double it within two waves; and the
-//   picks on the rows sessions 29 and 30 timed with forced counts (H100: 132 slots of one CTA); a
-//   hinted count never past one split per kMinSplitTokens of the longest sequence.
+//   picks on the rows sessions 29-31 timed with forced counts (H100: 132 slots of one CTA); from
+//   the kernel's short_cap_min_pairs pairs, a hinted count never past one split per
+//   kMinSplitTokens of the longest sequence.
 // Prints the number of checked plans; exits 1 on a failure.
 #include <cstdint>
 #include <cstdio>
@@ -27,6 +28,7 @@ using kvcore::paged_decode::choose_splits_dominant;
 using kvcore::paged_decode::choose_splits_hinted;
 using kvcore::paged_decode::max_splits_for;
 using kvcore::paged_decode::kMaxSplits;
+using kvcore::paged_decode::kWideShortCapMinPairs;
 using kvcore::paged_decode::page_major_fills_one_wave;
 using kvcore::paged_decode::split_hint;
 
@@ -166,32 +168,37 @@ int main() {
       for (int64_t kv_len : {16, 256, 4096, 131072})
         for (int64_t most_div : {1, 2, 16, 1000})
           for (int64_t fill_pct : {0, 1, 10, 25, 26, 50, 100})
-            for (int slots : {66, 132, 264}) {
-              const int64_t most = std::max<int64_t>(1, kv_len / most_div);
-              const int64_t total = batch * most * fill_pct / 100;
-              const int64_t pairs = batch * blocks;
-              const auto hint = split_hint(batch, kv_len, total, most);
-              const int shapes = choose_splits(pairs, kv_len, slots, 0, 0);
-              // a hint caps the count at one split per kMinSplitTokens of the longest sequence
-              const int base = hint.active() ? int(std::min<int64_t>(shapes, max_splits_for(hint.max_keys))) : shapes;
-              const int s = choose_splits_dominant(pairs, kv_len, hint, slots, 0, 0);
-              expect(s >= 1 && (!hint.active() || s <= max_splits_for(hint.max_keys)),
-                     "compute-bound: past the longest sequence's splits", pairs, kv_len, total, s);
-              if (!hint.active() || hint.fill > 0.25)
-                expect(s == base, "compute-bound: not dominant, not the shapes' count", pairs, kv_len, total, s);
-              else
-                expect(s == base || (s == 2 * base && base <= 4 && pairs * s <= 2 * int64_t(slots) &&
-                                     s <= max_splits_for(most)),
-                       "compute-bound: dominant count", pairs, kv_len, total, s);
-            }
-  // Session 29's H100 rows (bench/results/h100-2026-12-05-s29/call1/ragged.log, lengths as
-  // bench/experiments/ragged_mla.py makes them; 132 slots): sequences x head blocks (32-head
+            for (int slots : {66, 132, 264})
+              for (int64_t cap_from : {int64_t(0), kWideShortCapMinPairs}) {
+                const int64_t most = std::max<int64_t>(1, kv_len / most_div);
+                const int64_t total = batch * most * fill_pct / 100;
+                const int64_t pairs = batch * blocks;
+                const auto hint = split_hint(batch, kv_len, total, most);
+                const int shapes = choose_splits(pairs, kv_len, slots, 0, 0);
+                // from cap_from pairs a hint caps the count at one split per kMinSplitTokens of the
+                // longest sequence
+                const bool capped = hint.active() && pairs >= cap_from;
+                const int base = capped ? int(std::min<int64_t>(shapes, max_splits_for(hint.max_keys))) : shapes;
+                const int s = choose_splits_dominant(pairs, kv_len, hint, slots, 0, 0, cap_from);
+                expect(s >= 1 && (!capped || s <= max_splits_for(hint.max_keys)),
+                       "compute-bound: past the longest sequence's splits", pairs, kv_len, total, s);
+                if (!hint.active() || hint.fill > 0.25)
+                  expect(s == base, "compute-bound: not dominant, not the shapes' count", pairs, kv_len, total, s);
+                else
+                  expect(s == base || (s == 2 * base && base <= 4 && pairs * s <= 2 * int64_t(slots) &&
+                                       s <= max_splits_for(most)),
+                         "compute-bound: dominant count", pairs, kv_len, total, s);
+              }
+  // The H100 rows of sessions 29-31 (bench/results/h100-2026-12-05-s29/call1/ragged.log and
+  // later; lengths as bench/experiments/ragged_mla.py makes them; 132 slots): sequences x head blocks (32-head
   // kernel: one block; 64-head kernels: two at H128), us at forced counts.
   struct MlaRow {
     const char* name;
     int64_t batch, blocks, kv_len, total, most;
     int want;
+    int64_t cap_from = 0;  // the kernel's short_cap_min_pairs
   };
+  constexpr int64_t kWide = kWideShortCapMinPairs;  // the 64-head kernels' (H128: two blocks a sequence)
   const MlaRow mla_rows[] = {
       // one sequence full, the rest at 1/8: auto (2) 108.4, 4 63.6, 8 75.6
       {"MLA B64 H32 one-long", 64, 1, 4096, 4096 + 63 * 512, 4096, 4},
@@ -207,15 +214,28 @@ int main() {
       {"MLA B64 H32 uniform", 64, 1, 4096, 144341, 4096, 2},
       // every sequence 256 keys (equal, short): the shapes' 2 30.1, 4 47.4 (session 29); session 30
       // (bench/results/h100-2026-12-05-s30/call1/ragged.log): the shapes' 2 30.9, 1 23.0
-      {"MLA B32 H128 short", 32, 2, 4096, 32 * 256, 256, 1},
+      {"MLA B32 H128 short", 32, 2, 4096, 32 * 256, 256, 1, kWide},
       // the same lengths at 32 heads (session 30): the shapes' 2 29.4, 1 23.8
       {"MLA B64 H32 short", 64, 1, 4096, 64 * 256, 256, 1},
       // 512 keys each: the cap (2) is the shapes' count, so no change
-      {"MLA B32 H128 512", 32, 2, 4096, 32 * 512, 512, 2},
+      {"MLA B32 H128 512", 32, 2, 4096, 32 * 512, 512, 2, kWide},
+      // Session 31 (bench/results/h100-2026-12-05-s31/call2/mla-short.log), every sequence 256 keys
+      // in a 4096-token table, us at forced 1 / 2 / 4 / 8 / 16 splits. 64-head kernel, below 16
+      // pairs the shapes' count (16): B1 21.5 / 27.3 / 28.8 / 17.5 / 17.6; B4 21.5 / 26.1 / 27.3 /
+      // 18.9 / 21.1 (1 is 14% off the best, the pick 12%)
+      {"MLA B1 H128 short", 1, 2, 4096, 256, 256, 16, kWide},
+      {"MLA B4 H128 short", 4, 2, 4096, 4 * 256, 256, 16, kWide},
+      // from 16 pairs one: B8 20.8 / 26.3 / 28.2 / 22.2 / 32.6; B16 21.7 / 27.6 / 31.2 / 36.4 / 70.0
+      {"MLA B8 H128 short", 8, 2, 4096, 8 * 256, 256, 1, kWide},
+      {"MLA B16 H128 short", 16, 2, 4096, 16 * 256, 256, 1, kWide},
+      // 32-head kernel, one at every batch: B1 23.7 / 27.6 / 26.9 / 27.2 / 33.0 (the shapes' 16
+      // 32.7); B8 22.8 / 27.1 / 26.8 / 27.7 / 33.4
+      {"MLA B1 H32 short", 1, 1, 4096, 256, 256, 1},
+      {"MLA B8 H32 short", 8, 1, 4096, 8 * 256, 256, 1},
   };
   for (const MlaRow& r : mla_rows) {
     const int s = choose_splits_dominant(r.batch * r.blocks, r.kv_len, split_hint(r.batch, r.kv_len, r.total, r.most),
-                                         132, 0, 0);
+                                         132, 0, 0, r.cap_from);
     std::printf("%-22s %d splits\n", r.name, s);
     expect(s == r.want, r.name, s, r.want, 0, 0);
   }
