@@ -3,7 +3,7 @@
 # (a) mla_decode's short-lengths cap: call 1 found it slower at B1 H128 (2 pairs: shapes' 16
 #     splits 17.4 us, capped to 1 21.5) and at B4 H128 (20.8 / 30.7; forced 1 21.7) while faster at
 #     B8 H32 (32.7 / 22.3). The short rows only (every sequence 256 keys in a 4096-token table) at
-#     1-16 sequences of 128 and 32 heads, forced 1 / 2 / 4 / 8 / 16 splits, to set where the cap
+#     1-16 sequences of 128 heads and 1-32 of 32 heads, forced 1 / 2 / 4 / 8 / 16 splits, to set where the cap
 #     applies.
 # (b) The gqa_decode reruns call 1 cut (tests/test_ops.py's DECODE_KERNEL_RERUN selection under
 #     KVCORE_DECODE_PAGE_ORDER=table, KVCORE_DECODE_WARPS=8 and KVCORE_DECODE_KERNEL=page8),

@@ -152,20 +152,21 @@ inline int choose_splits_hinted(int64_t pairs, int64_t kv_len, const SplitHint& 
 // H128 79.3 against 83.4 doubled), and equal lengths take the shapes' count. Measured only from
 // shapes' counts of 2 and 4, so larger ones (small batches, where the last CTA of the 32-head
 // kernel would merge every split alone) are not doubled until timed.
-// Either way a hinted count is at most one split per kMinSplitTokens of the longest sequence, as
-// in choose_splits_hinted (from short_cap_min_pairs pairs, below): where every sequence is short in a wide table the shapes' splits are
-// mostly empty CTAs and a merge. H100, session 30 (bench/results/h100-2026-12-05-s30/call1/
-// ragged.log; every sequence 256 keys in a 4096-token table; us, shapes' 2 splits / one): B32 H128
-// 30.9 / 23.0, B64 H32 29.4 / 23.8: 64 pairs on 132 slots.
-// The cap applies from short_cap_min_pairs pairs: the 64-head kernels pass kWideShortCapMinPairs,
-// since one CTA of theirs takes a long time over each tile of 64 heads, so at a few pairs the
-// shapes' many short splits (merged by the separate merge kernel) beat one split that takes every
-// tile in turn. Session 31 (bench/results/h100-2026-12-05-s31/call2/mla-short.log; the same
-// lengths; us, the shapes' count / capped to one / best forced count), 64-head kernel at H128 (two
-// pairs a sequence): B1 17.7 / 21.5 / 17.5 (8 splits); B2 18.3 / 21.3 / 18.3 (16); B4 21.0 / 21.5 /
-// 18.9 (8); B8 (16 pairs) 22.2 / 20.8 / one; B16 31.1 / 21.7 / one. The 32-head kernel gains from
-// the cap at every batch: B1 32.7 / 23.7, B4 33.4 / 23.7, B8 33.0 / 22.8, B32 28.4 / 23.1 (one
-// split the best of 1, 2, 4, 8, 16 in each).
+// A hinted count is also at most one split per kMinSplitTokens of the longest sequence, as in
+// choose_splits_hinted, from short_cap_min_pairs pairs on (below): where every sequence is short
+// in a wide table the shapes' splits are mostly empty CTAs and a merge. H100, session 30
+// (bench/results/h100-2026-12-05-s30/call1/ragged.log; every sequence 256 keys in a 4096-token
+// table; us, shapes' 2 splits / one): B32 H128 30.9 / 23.0, B64 H32 29.4 / 23.8: 64 pairs on 132
+// slots. The doubling never passes that count either, cap or not.
+// The 64-head kernels pass kWideShortCapMinPairs: one CTA of theirs takes long over each tile of
+// 64 heads, so at a few pairs the shapes' many short splits (merged by the separate merge kernel)
+// beat one split that takes every tile in turn. Session 31 (bench/results/h100-2026-12-05-s31/
+// call2/mla-short.log; the same lengths; us, the shapes' count / forced to one / best forced
+// count), 64-head kernel at H128 (two pairs a sequence): B1 17.7 / 21.5 / 17.5 (8 splits); B2
+// 18.3 / 21.3 / 18.3 (16); B4 (8 pairs) 21.0 / 21.5 / 18.9 (8), a tie between the first two;
+// B8 (16 pairs) 22.2 / 20.8 / one; B16 31.1 / 21.7 / one. The 32-head kernel is fastest at one
+// split at every batch: B1 32.7 / 23.7, B4 33.4 / 23.7, B8 33.0 / 22.8, B32 28.4 / 23.1 (the
+// best of 1, 2, 4, 8 and 16 splits in each).
 constexpr double kDominantFill = 0.25;
 constexpr int kDominantMaxBase = 4;
 constexpr int64_t kWideShortCapMinPairs = 16;
@@ -173,7 +174,8 @@ inline int choose_splits_dominant(int64_t pairs, int64_t kv_len, const SplitHint
                                   int merge_batch, int64_t short_cap_min_pairs = 0) {
   const int shapes = choose_splits(pairs, kv_len, slots, max_ctas, merge_batch);
   if (!hint.active()) return shapes;
-  const int base = pairs >= short_cap_min_pairs ? int(std::min<int64_t>(shapes, max_splits_for(hint.max_keys))) : shapes;
+  const bool capped = pairs >= short_cap_min_pairs;
+  const int base = capped ? int(std::min<int64_t>(shapes, max_splits_for(hint.max_keys))) : shapes;
   if (hint.fill > kDominantFill || base > kDominantMaxBase) return base;
   const int64_t doubled = 2 * int64_t(base);
   const int64_t ctas = std::max<int64_t>(pairs, 1) * doubled;
