@@ -7,7 +7,7 @@
 // (%globaltimer): entry skew, first copies issued, first-tile latency, main loop, epilogue
 // (incl. the split merge), the merging CTAs' part, and the loop ends by CTAs per SM.
 // TRACE_CSV=path also writes each CTA's stamps (and SM) as CSV. KV_LAYOUT=separate|adjacent|gapN
-// places V relative to K. TABLE=random|seq|rowsorted|clusterN
+// places V relative to K. TABLE=random|seq|rowsorted|clusterN|shuffleN
 // picks the block table's page order (default random); CLUSTER=n launches the KV heads of a
 // split as thread-block clusters of n CTAs. A plain read of the same pages through the table
 // (whole pages, one CTA each) and one in the kernel's pattern (a CTA per KV head and split) are
@@ -276,10 +276,17 @@ int run(int argc, char** argv) {
   std::vector<int> table(num_pages), lens(B, S);
   // TABLE (env): random (default: a permutation of all pages), seq (each sequence's pages in
   // order), rowsorted (the random pages, each row sorted), clusterN (runs of N consecutive pages
-  // in random order).
+  // in random order), shuffleN (the pages of each aligned block of N in random order, the blocks
+  // in order: shuffle64 keeps each 2 MB region of K (pages of 32 KB) together and in place while
+  // the order inside it is random, the complement of cluster64).
   const char* table_kind = std::getenv("TABLE") ? std::getenv("TABLE") : "random";
   std::iota(table.begin(), table.end(), 0);
-  if (std::strncmp(table_kind, "cluster", 7) == 0) {
+  if (std::strncmp(table_kind, "shuffle", 7) == 0) {
+    const int block = std::max(1, std::atoi(table_kind + 7));
+    std::mt19937 rng(7);
+    for (int first = 0; first < num_pages; first += block)
+      std::shuffle(table.begin() + first, table.begin() + std::min(num_pages, first + block), rng);
+  } else if (std::strncmp(table_kind, "cluster", 7) == 0) {
     const int run = std::max(1, std::atoi(table_kind + 7));
     std::vector<int> runs((num_pages + run - 1) / run);
     std::iota(runs.begin(), runs.end(), 0);
