@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prepared in session 31 (NOT RUN: the device budget ran out; carry .exp: bench/experiments/mla_merge_ab.cu built as .exp/mla_merge_ab,
-# the nvcc line in its header). mla_decode's 64-head wgmma kernel with its split merge in the
+# Prepared in session 31 (NOT RUN: the device budget ran out). Carry .exp, with
+# bench/experiments/mla_merge_ab.cu built as .exp/mla_merge_ab (the nvcc line in its header).
+# mla_decode's 64-head wgmma kernel with its split merge in the
 # last CTA of each (sequence, head block) against the separate merge kernel, same decode kernel,
 # forced split counts. Predicted from the short rows (ragged_mla.py, calls 2-3): the separate
 # merge ~5 us faster at 2 splits and ~10 at 4 where one CTA's merge is the critical path (B1,
