@@ -10,8 +10,9 @@
 // same decode kernel, nothing else changed, and checks that their outputs agree.
 //
 // Framework-free (no torch): build it here and carry it (bench/calls/s31_merge_ab.sh):
-//   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+//   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a
 //        -Icsrc/include -Ibench/experiments bench/experiments/mla_merge_ab.cu -o .exp/mla_merge_ab
+//   (one command line)
 //   .exp/mla_merge_ab B H KEYS TABLE_TOKENS SPLITS[,SPLITS...]
 // Prints per split count the median time (CUDA events, L2 flushed by a 256 MB write before each
 // call) of the decode with its in-kernel merge ("last CTA") and of the decode plus the merge
