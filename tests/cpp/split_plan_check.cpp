@@ -190,8 +190,8 @@ int main() {
                          "compute-bound: dominant count", pairs, kv_len, total, s);
               }
   // The H100 rows of sessions 29-31 (bench/results/h100-2026-12-05-s29/call1/ragged.log and
-  // later; lengths as bench/experiments/ragged_mla.py makes them; 132 slots): sequences x head blocks (32-head
-  // kernel: one block; 64-head kernels: two at H128), us at forced counts.
+  // later; lengths as bench/experiments/ragged_mla.py makes them; 132 slots): sequences x head
+  // blocks (32-head kernel: one block; 64-head kernels: two at H128), us at forced counts.
   struct MlaRow {
     const char* name;
     int64_t batch, blocks, kv_len, total, most;
