@@ -136,6 +136,162 @@ def test_meta_tensors_give_shapes_with_validation_on(gen):
                                                                                                       dtype=torch.int64)))
 
 
+# ---- one meta tensor among CPU ones, a non-tensor argument: an error naming it, nothing written -----
+
+def _op_calls(gen) -> dict:
+    """op name -> (its tensor arguments by name, call(args)): a valid CPU call of each wrapper,
+    whose outputs are poisoned buffers the call is given."""
+    q, kv = _decode_inputs(gen)
+    paged = dict(q=q, k_cache=kv.k_cache, v_cache=kv.v_cache, block_table=kv.block_table, seq_lens=kv.seq_lens)
+    sel_pages = torch.zeros(3, 2, 1, dtype=torch.int32)
+    sel_counts = (kv.seq_lens > 0).to(torch.int32).view(3, 1).expand(3, 2).contiguous()
+    new = randn(2, 2, 16, gen=gen)
+    oa, la, ob, lb = randn(3, 4, 16, gen=gen), randn(3, 4, gen=gen), randn(3, 4, 16, gen=gen), randn(3, 4, gen=gen)
+    tq, tk, tv = randn(2, 3, 4, 16, gen=gen), randn(2, 5, 2, 16, gen=gen), randn(2, 5, 2, 16, gen=gen)
+    wq = randn(3, 2, 4, 16, gen=gen)
+    width = kv.block_table.shape[1] * GQA["page_size"]
+    mq, mcache, mtable, mlens = _latent_inputs(gen)
+    out_like = lambda t: poison(torch.empty_like(t))  # noqa: E731
+    return {
+        "append_paged_kv": (
+            dict(k=new, v=new.clone(), k_cache=kv.k_cache.clone(), v_cache=kv.v_cache.clone(),
+                 slot_mapping=torch.tensor([0, 3])),
+            lambda a: kvcore.append_paged_kv(a["k"], a["v"], a["k_cache"], a["v_cache"], a["slot_mapping"])),
+        "gqa_decode": (
+            dict(paged, out=out_like(q)),
+            lambda a: kvcore.gqa_decode(a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"],
+                                        out=a["out"])),
+        "block_sparse_decode": (
+            dict(paged, sel_pages=sel_pages, sel_counts=sel_counts, out=out_like(q)),
+            lambda a: kvcore.block_sparse_decode(a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"],
+                                                 a["sel_pages"], a["sel_counts"], out=a["out"])),
+        "merge_attention_states": (
+            dict(out_a=oa, lse_a=la, out_b=ob, lse_b=lb, out=out_like(oa), lse=out_like(la)),
+            lambda a: kvcore.merge_attention_states(a["out_a"], a["lse_a"], a["out_b"], a["lse_b"], out=a["out"],
+                                                    lse=a["lse"])),
+        "token_decoder_attention": (
+            dict(q=tq, k=tk, v=tv, out=out_like(tq)),
+            lambda a: kvcore.token_decoder_attention(a["q"], a["k"], a["v"], out=a["out"])),
+        "attention_scores": (
+            dict(q=wq, k_cache=kv.k_cache, block_table=kv.block_table, seq_lens=kv.seq_lens,
+                 out=poison(torch.empty(3, 2, width))),
+            lambda a: kvcore.attention_scores(a["q"], a["k_cache"], a["block_table"], a["seq_lens"], out=a["out"])),
+        "compact_kv": (
+            dict(k_cache=kv.k_cache.clone(), v_cache=kv.v_cache.clone(), block_table=kv.block_table,
+                 seq_lens=kv.seq_lens.clone(), kept=torch.tensor([[[0, 2], [1, 3]]] * 3),
+                 kept_lens=torch.tensor([2, 0, 2], dtype=torch.int32)),  # (sequence 1 is empty)
+            lambda a: kvcore.compact_kv(a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"], a["kept"],
+                                        a["kept_lens"])),
+        "infllm_unit_scores": (
+            dict(q=q, repr_keys=randn(3, 6, 2, 16, gen=gen), out=poison(torch.empty(3, 6))),
+            lambda a: kvcore.infllm_unit_scores(a["q"], a["repr_keys"], out=a["out"])),
+        "topk_rows": (
+            dict(scores=randn(3, 12, gen=gen), values=poison(torch.empty(3, 4)),
+                 indices=torch.full((3, 4), -7, dtype=torch.int64)),
+            lambda a: kvcore.topk_rows(a["scores"], 4, values=a["values"], indices=a["indices"])),
+        "mla_decode": (
+            dict(q=mq, latent_cache=mcache, block_table=mtable, seq_lens=mlens,
+                 out=poison(torch.empty(2, 3, 32))),
+            lambda a: kvcore.mla_decode(a["q"], a["latent_cache"], a["block_table"], a["seq_lens"], scale=0.2,
+                                        out=a["out"])),
+    }
+
+
+_OPS = ["append_paged_kv", "gqa_decode", "block_sparse_decode", "merge_attention_states", "token_decoder_attention",
+        "attention_scores", "compact_kv", "infllm_unit_scores", "topk_rows", "mla_decode"]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.nan_to_num(nan=123.0), b.nan_to_num(nan=123.0)) if a.is_floating_point() else torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", _OPS)
+def test_one_meta_tensor_among_cpu_ones_is_named(op, gen):
+    """A meta tensor among CPU ones used to send the call to the op's fake implementation: no
+    error, an uninitialised result and nothing written. Each argument in turn on meta: an error
+    naming it (or, for the first, the argument compared with it), and no buffer written."""
+    args, call = _op_calls(gen)[op]
+    names = list(args)
+    for name in names:
+        moved = dict(args, **{name: args[name].to("meta")})
+        before = {n: t.clone() for n, t in args.items()}
+        want = rf"{op}: {name} must be on the same device as" if name != names[0] else rf"{op}: \w+ must be on the same device as {names[0]}"
+        with pytest.raises(RuntimeError, match=want):
+            call(moved)
+        for n, t in args.items():
+            assert _same(t, before[n]), f"{op} wrote {n} in a refused call"
+    call(args)  # the same call on CPU alone runs
+    assert not any(t.device.type == "meta" for t in args.values())
+
+
+@pytest.mark.parametrize("op", _OPS)
+def test_a_non_tensor_argument_is_named(op, gen):
+    """A list or None where a tensor goes: a TypeError naming the argument (before, the wrappers
+    failed first with an AttributeError that named none)."""
+    args, call = _op_calls(gen)[op]
+    first, second = list(args)[:2]
+    # (None is a valid value of an optional argument, such as topk_rows' values: only the first,
+    # which every op requires, gets it)
+    for name, bad in ((first, args[first].tolist()), (first, None), (second, args[second].tolist())):
+        with pytest.raises(TypeError, match=rf"{op}: {name} must be a torch\.Tensor, got {type(bad).__name__}"):
+            call(dict(args, **{name: bad}))
+
+
+@pytest.mark.parametrize("op", ["append_paged_kv", "compact_kv"])
+def test_caches_that_partly_overlap_are_refused(op, gen):
+    """k_cache and v_cache that share bytes without starting at the same place (one a page past the
+    other in one buffer): V would silently overwrite K. Refused, nothing written; two halves of one
+    [pages, 2, ...] allocation (interleaved, not overlapping) still work."""
+    args, call = _op_calls(gen)[op]
+    kc = args["k_cache"]
+    page = kc[0].numel()
+    base = randn((kc.shape[0] + 1) * page, gen=gen)
+    before = base.clone()
+    overlapping = dict(args, k_cache=base[:kc.numel()].view(kc.shape), v_cache=base[page:page + kc.numel()].view(kc.shape))
+    with pytest.raises(ValueError, match=rf"{op}: k_cache and v_cache overlap in memory"):
+        call(overlapping)
+    assert torch.equal(base, before)
+    fresh = lambda: {n: t.clone() for n, t in args.items()}  # noqa: E731 (compact_kv also writes seq_lens)
+    both = torch.stack([args["k_cache"], args["v_cache"]], dim=1)  # [pages, 2, page_size, heads, dim]
+    want = fresh()
+    call(dict(fresh(), k_cache=both[:, 0], v_cache=both[:, 1]))
+    call(want)
+    assert torch.equal(both[:, 0], want["k_cache"]) and torch.equal(both[:, 1], want["v_cache"])
+
+
+@pytest.mark.parametrize("name, value", [("scale", 1e-300), ("scale", 1e-39), ("logit_soft_cap", 1e-300)])
+def test_scalars_that_vanish_in_float32_are_refused(name, value, gen):
+    """A positive scale or soft cap below float32's smallest normal value passed the double-precision
+    checks and became 0 (or a denormal) in the kernels: a soft cap of 1e-300 silently turned the cap
+    off. Refused by the wrapper and by the op itself."""
+    q, kv = _decode_inputs(gen)
+    out = poison(torch.empty_like(q))
+    with pytest.raises(ValueError, match=rf"{name} must be .*float32's range"):
+        kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, **{name: value})
+    scale, cap = (value, 0.0) if name == "scale" else (0.25, value)
+    with pytest.raises(RuntimeError, match=rf"{name} must be"):
+        torch.ops.kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, scale, -1, cap, out, None,
+                                    None, 0, None, 0, 0)
+    assert bool(torch.isnan(out).all())
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, **{name: 1e-30})  # normal: runs
+
+
+def test_mla_latent_project_eps_must_survive_float32(gen):
+    """eps = 1e-300 became 0 in float32 (an all-zero hidden row then normalised to NaN), 1e39 inf
+    (every c_KV 0): both refused, by the wrapper and by the op."""
+    t, d, r, p = 2, 24, 16, 8
+    hidden, w = randn(t, d, gen=gen), randn(d, r + p, gen=gen, scale=0.2)
+    norm, cos_sin = randn(r, gen=gen), reference.rope_cos_sin(16, p)
+    pos, slots = torch.tensor([0, 5]), torch.tensor([2, 7])
+    cache = poison(torch.empty(4, 4, r + p))
+    for eps in (1e-300, 1e39):
+        with pytest.raises(ValueError, match=r"eps must be .*float32's range"):
+            kvcore.mla_latent_project(hidden, w, norm, cos_sin, pos, cache, slots, eps=eps)
+        with pytest.raises(RuntimeError, match=r"eps must be"):
+            torch.ops.kvcore.mla_latent_project(hidden, w, norm, eps, cos_sin, pos, cache, slots, False, None, None)
+    assert bool(torch.isnan(cache).all())
+
+
 # ---- integer-like and tensor scalars: the same result as the plain Python number --------------------
 
 def test_integer_likes_and_tensor_scales_match_plain_numbers(gen):

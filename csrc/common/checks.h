@@ -158,20 +158,25 @@ inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor
 }
 
 // The kernels take their scalars as float: a finite double past float's range would become inf
-// there (a scale of 1e39 made every output NaN), so scalars are checked against float's range.
-inline bool fits_float32(double x) { return std::isfinite(x) && std::fabs(x) <= double(std::numeric_limits<float>::max()); }
+// there (a scale of 1e39 made every output NaN), and a positive one below float's smallest normal
+// value becomes 0 or a denormal that flushes to 0 (a logit_soft_cap of 1e-300 turned the cap off,
+// an eps of 1e-300 made an all-zero row NaN), so positive scalars are checked against float's
+// normal range.
+inline bool positive_float32(double x) {
+  return std::isfinite(x) && x >= double(std::numeric_limits<float>::min()) &&
+         x <= double(std::numeric_limits<float>::max());
+}
 
 // A softmax scale: positive, finite, within float's range.
 inline void check_scale(double scale) {
-  TORCH_CHECK(fits_float32(scale) && scale > 0.0, "scale must be a positive finite float (within float32's range), got ",
-              scale);
+  TORCH_CHECK(positive_float32(scale), "scale must be a positive finite float (within float32's range), got ", scale);
 }
 
 // Scalar arguments of gqa_decode, checked by the op itself (C++ callers bypass ops.py).
 inline void check_decode_scalars(double scale, int64_t window_left, double logit_soft_cap, int64_t num_splits) {
   check_scale(scale);
   TORCH_CHECK(window_left >= -1, "window_left must be -1 (no window) or >= 0, got ", window_left);
-  TORCH_CHECK(logit_soft_cap == 0.0 || (fits_float32(logit_soft_cap) && logit_soft_cap > 0.0),
+  TORCH_CHECK(logit_soft_cap == 0.0 || positive_float32(logit_soft_cap),
               "logit_soft_cap must be 0 (off) or a positive finite float (within float32's range), got ", logit_soft_cap);
   TORCH_CHECK(num_splits >= 0, "num_splits must be 0 (automatic) or positive, got ", num_splits);
 }
@@ -385,7 +390,7 @@ inline MlaProjectShape check_mla_latent_project(const at::Tensor& hidden, const 
   check_dtype(cos_sin, at::kFloat, "cos_sin");
   check_dtype(positions, at::kLong, "positions");
   check_dtype(slot_mapping, at::kLong, "slot_mapping");
-  TORCH_CHECK(std::isfinite(eps) && eps > 0.0, "eps must be a positive finite float, got ", eps);
+  TORCH_CHECK(positive_float32(eps), "eps must be a positive finite float (within float32's range), got ", eps);
 
   MlaProjectShape s{};
   s.tokens = hidden.size(0);

@@ -126,21 +126,25 @@ def decode_score_workspace_bytes(batch: int, num_q_heads: int, max_pages: int, p
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
 _INT64_MAX = 2**63 - 1
 
 
 def _positive_float32(name: str, value, what: str = "a positive finite float") -> float:
     """``value`` as a Python float for a kernel scalar that must be positive: finite, > 0 and
-    within float32's range. The kernels compute in float32, where a larger double becomes inf
-    (a scale of 1e39 made every output NaN). Numbers and one-element tensors are accepted."""
+    within float32's normal range. The kernels compute in float32, where a larger double becomes
+    inf (a scale of 1e39 made every output NaN) and a smaller one 0 or a denormal that may flush
+    to 0 (a logit_soft_cap of 1e-300 silently turned the cap off). Numbers and one-element
+    tensors are accepted."""
     try:
         x = float(value)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{name} must be {what}, got {value!r}") from None
     if not math.isfinite(x) or x <= 0:
         raise ValueError(f"{name} must be {what}, got {x}")
-    if x > _FLOAT32_MAX:
-        raise ValueError(f"{name} must be {what} within float32's range (<= {_FLOAT32_MAX:.6g}), got {x}")
+    if not _FLOAT32_TINY <= x <= _FLOAT32_MAX:
+        raise ValueError(f"{name} must be {what} within float32's range ([{_FLOAT32_TINY:.6g}, {_FLOAT32_MAX:.6g}]), "
+                         f"got {x}")
     return x
 
 
@@ -207,15 +211,58 @@ def _refuse_grad_target(op: str, **written: torch.Tensor) -> None:
                                    "no backward; detach it or run under torch.no_grad()")
 
 
+def _check_tensor_args(op: str, required: dict, optional: Optional[dict] = None) -> None:
+    """Every tensor argument of ``op`` is a torch.Tensor (``optional`` ones may be None), and none
+    is a meta tensor unless all are. The dispatcher never reaches the op's C++ device checks when a
+    meta tensor is among CPU or CUDA ones: it runs the op's fake implementation, which returns
+    uninitialised outputs and writes nothing. (Other device mixes reach those checks, which name
+    the argument; this runs on every call, so it stays cheap: ~1 us.) A list or None would fail in
+    the wrapper with an AttributeError that names no argument."""
+    tensors = []
+    for name, t in required.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        tensors.append((name, t))
+    for name, t in (optional or {}).items():
+        if t is not None:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            tensors.append((name, t))
+    first_name, first = tensors[0]
+    meta = first.is_meta
+    for name, t in tensors[1:]:
+        if t.is_meta != meta:
+            raise RuntimeError(f"{op}: {name} must be on the same device as {first_name} ({first.device}), "
+                               f"got {t.device}")
+
+
+def _dense_extent(t: torch.Tensor) -> Optional[tuple[int, int]]:
+    """The byte range ``[start, end)`` a contiguous tensor's elements fill; None for other layouts
+    (strided views may interleave with another tensor's elements without touching them, as K and
+    V halves of one ``[pages, 2, ...]`` allocation do, so their ranges say nothing)."""
+    if not t.is_contiguous() or t.numel() == 0:
+        return None
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
+
+
 def _check_distinct(op: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
-    """Two tensors an op writes must not be one memory (V would silently overwrite K). Not under
-    torch.compile, which cannot trace a data-pointer comparison (the eager call checks it)."""
+    """Two tensors an op writes must not share memory (V would silently overwrite K): not the
+    same start, and, where both are contiguous, no overlap of their byte ranges (a cache one
+    element or one page past the other). Not under torch.compile, which cannot trace a
+    data-pointer comparison (the eager call checks it)."""
     if torch.compiler.is_compiling():
         return
-    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _readable(a, b) and a.numel()
-            and a.data_ptr() == b.data_ptr()):
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and _readable(a, b) and a.numel()
+            and b.numel()):
+        return
+    if a.data_ptr() == b.data_ptr():
         raise ValueError(f"{op}: {a_name} and {b_name} are the same memory; pass separate caches (or two halves "
                          "of one allocation)")
+    ra, rb = _dense_extent(a), _dense_extent(b)
+    if ra is not None and rb is not None and ra[0] < rb[1] and rb[0] < ra[1]:
+        raise ValueError(f"{op}: {a_name} and {b_name} overlap in memory (bytes {ra[0]:#x}-{ra[1]:#x} and "
+                         f"{rb[0]:#x}-{rb[1]:#x}); pass separate caches (or two halves of one allocation)")
 
 
 def _check_block_table_contents(block_table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int, page_size: int) -> None:
@@ -361,6 +408,7 @@ def append_paged_kv(
             ``slot % page_size``. ``-1`` skips the token (padding). Slots must be distinct: two
             tokens written to one slot race (on CPU and CUDA alike), and the row may mix both.
     """
+    _check_tensor_args("append_paged_kv", dict(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping))
     _refuse_grad_target("append_paged_kv", k_cache=k_cache, v_cache=v_cache)
     _check_distinct("append_paged_kv", "k_cache", k_cache, "v_cache", v_cache)
     # (Only int64 slots are read here; the op names any other dtype.)
@@ -517,6 +565,9 @@ def gqa_decode(
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
     """
+    _check_tensor_args("gqa_decode", dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                                          seq_lens=seq_lens),
+                       dict(out=out, lse=lse, workspace=workspace, score=score))
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     scale = _resolve_scale(scale, q.shape[-1])
@@ -558,6 +609,8 @@ def merge_attention_states(
     Returns:
         ``(out, lse)``.
     """
+    _check_tensor_args("merge_attention_states", dict(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b),
+                       dict(out=out, lse=lse))
     if out is None:
         out = torch.empty_like(out_a, memory_format=torch.contiguous_format)
     if lse is None:
@@ -698,6 +751,9 @@ def block_sparse_decode(
             page listed twice in one list.
         RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
     """
+    _check_tensor_args("block_sparse_decode", dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
+                                                   seq_lens=seq_lens, sel_pages=sel_pages, sel_counts=sel_counts),
+                       dict(out=out, lse=lse, workspace=workspace))
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     scale = _resolve_scale(scale, q.shape[-1])
@@ -783,9 +839,9 @@ def token_decoder_attention(
         RuntimeError: from the op, naming the argument: wrong dtype, rank, shape, device or
             layout. On CUDA: head_dim not 64/128/256, or a block too large for shared memory.
     """
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-        raise ValueError(f"q must be 4-D [blocks, block_length, num_q_heads, head_dim], got {shape}")
+    _check_tensor_args("token_decoder_attention", dict(q=q, k=k, v=v), dict(block_lens=block_lens, out=out, lse=lse))
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [blocks, block_length, num_q_heads, head_dim], got {tuple(q.shape)}")
     scale = _resolve_scale(scale, q.shape[-1])
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -829,6 +885,7 @@ def _check_devices(op: str, first_name: str, first: torch.Tensor, **others: Opti
     """Same-device check in Python, for ops whose CUDA kernel is not built yet: with a CUDA tensor
     among the arguments the dispatcher would pick the missing CUDA kernel and never reach the C++
     check that names the argument."""
+    _check_tensor_args(op, {first_name: first}, others)
     for name, t in others.items():
         if t is not None and t.device != first.device:
             raise RuntimeError(f"{name} must be on the same device as {first_name} ({first.device}), got {t.device}")
@@ -891,8 +948,11 @@ def mla_latent_project(
             position outside ``[0, max_position)``.
         RuntimeError: from the op, naming the argument: wrong dtype, rank, shape, device, layout.
     """
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a positive finite float, got {eps}")
+    _check_tensor_args("mla_latent_project", dict(hidden=hidden, w_dkv=w_dkv, norm_weight=norm_weight, cos_sin=cos_sin,
+                                                  positions=positions, latent_cache=latent_cache,
+                                                  slot_mapping=slot_mapping),
+                       dict(c_kv_out=c_kv_out, k_pe_out=k_pe_out))
+    eps = _positive_float32("eps", eps)
     want = return_outputs or c_kv_out is not None or k_pe_out is not None
     if want and hidden.dim() == 2 and norm_weight.dim() == 1 and cos_sin.dim() == 2:
         if c_kv_out is None:
@@ -1015,9 +1075,10 @@ def mla_decode(
             or a used block-table entry that is not a page of the cache.
         RuntimeError: from the op, naming the argument: wrong dtype, rank, shape, device, layout.
     """
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-        raise ValueError(f"q must be 3-D [batch, num_heads, kv_lora_rank + rope_dim], got {shape}")
+    _check_tensor_args("mla_decode", dict(q=q, latent_cache=latent_cache, block_table=block_table, seq_lens=seq_lens),
+                       dict(out=out, lse=lse, workspace=workspace))
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [batch, num_heads, kv_lora_rank + rope_dim], got {tuple(q.shape)}")
     scale = _positive_float32("scale", scale)
     _int_arg("num_splits", num_splits, 0, "0 (automatic) or a positive int")
     dk = q.shape[2]
@@ -1128,9 +1189,10 @@ def attention_scores(
             seq_lens or block-table pages out of range, or a seq_len above ``S``.
         RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
     """
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-        raise ValueError(f"q must be 4-D [batch, window, num_q_heads, head_dim], got {shape}")
+    _check_tensor_args("attention_scores", dict(q=q, k_cache=k_cache, block_table=block_table, seq_lens=seq_lens),
+                       dict(lse=lse, out=out))
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [batch, window, num_q_heads, head_dim], got {tuple(q.shape)}")
     scale = _resolve_scale(scale, q.shape[-1])
     if reduction not in _SCORE_REDUCTIONS:
         raise ValueError(f"reduction must be one of {_SCORE_REDUCTIONS}, got {reduction!r}")
@@ -1236,6 +1298,8 @@ def compact_kv(
             outside its range, or a kept position out of range or out of order.
         RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
     """
+    _check_tensor_args("compact_kv", dict(k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
+                                          kept=kept), dict(kept_lens=kept_lens))
     _refuse_grad_target("compact_kv", k_cache=k_cache, v_cache=v_cache)
     _check_distinct("compact_kv", "k_cache", k_cache, "v_cache", v_cache)
     if kept_lens is None:
@@ -1298,6 +1362,7 @@ def infllm_unit_scores(q: torch.Tensor, repr_keys: torch.Tensor, *, per_kv_head:
             not match ``per_kv_head``.
         RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
     """
+    _check_tensor_args("infllm_unit_scores", dict(q=q, repr_keys=repr_keys), dict(out=out))
     if out is None:
         if q.dim() != 3 or repr_keys.dim() != 4:
             raise ValueError(
@@ -1339,6 +1404,7 @@ def topk_rows(scores: torch.Tensor, k: int, *, index_dtype: torch.dtype = torch.
             ``values`` / ``indices`` whose width is not ``k``.
         RuntimeError: wrong shapes, dtypes, devices or layouts (from the op).
     """
+    _check_tensor_args("topk_rows", dict(scores=scores), dict(values=values, indices=indices))
     k = _int_arg("k", k, 1, f"an int in [1, {TOPK_MAX_K}]", hi=TOPK_MAX_K)
     if index_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
