@@ -148,7 +148,20 @@ def test_reserve_bad_arguments_change_nothing():
         cache.reserve([a, a], [1, 1])
     with pytest.raises(KeyError, match="unknown sequence id"):
         cache.reserve([a, 99], [1, 1])
+    # a bare id or count where the list goes names the argument (not "'int' object is not iterable")
+    with pytest.raises(TypeError, match=r"seq_ids must be a sequence with one entry per sequence"):
+        cache.reserve(a, [1])
+    with pytest.raises(TypeError, match=r"num_tokens must be a sequence with one entry per sequence"):
+        cache.reserve([a], 1)
+    with pytest.raises(TypeError, match=r"seq_ids must be a sequence"):
+        cache.reserve(torch.tensor(a), [1])
     assert _state(cache) == before
+    for read in (cache.block_table, cache.seq_lens, cache.block_table_per_store, cache.seq_lens_per_store,
+                 cache.held_bytes):
+        with pytest.raises(TypeError, match=r"seq_ids must be a sequence"):
+            read(a)
+    with pytest.raises(TypeError, match=r"seq_ids must be a sequence"):
+        cache.decode(0, torch.zeros(1, 4, 16), a)
 
 
 def test_sequence_ids_accept_integer_likes():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,19 @@ def _as_int(value: Any, name: str, minimum: int) -> int:
     if ivalue < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {ivalue}")
     return ivalue
+
+
+def _as_list(value: Any, name: str) -> list:
+    """``value`` (ids or counts, one per sequence: a sequence, iterable or 1-D tensor) as a list; a
+    single int or string where the list goes is a TypeError naming the argument (``list(3)`` would
+    say "'int' object is not iterable")."""
+    if isinstance(value, Tensor):
+        ok = value.dim() == 1
+    else:
+        ok = isinstance(value, Iterable) and not isinstance(value, (str, bytes))
+    if not ok:
+        raise TypeError(f"{name} must be a sequence with one entry per sequence (e.g. [3]), got {value!r}")
+    return list(value)
 
 
 def _ops():
@@ -359,8 +372,8 @@ class PagedKVCache:
                     units: Sequence[int]) -> tuple[list[list[_Sequence]], list[int], list[list[int]]]:
         """Grow ``seq_ids`` in each allocator of ``units`` (all or nothing over all of them); returns,
         per unit, the sequences and their lengths before the call, and the token counts."""
-        seq_ids = list(seq_ids)
-        num_tokens = list(num_tokens)
+        seq_ids = _as_list(seq_ids, "seq_ids")
+        num_tokens = _as_list(num_tokens, "num_tokens")
         if len(seq_ids) != len(num_tokens):
             raise ValueError(
                 f"num_tokens must have one entry per sequence in seq_ids ({len(seq_ids)}), "
@@ -425,13 +438,13 @@ class PagedKVCache:
         ``max_pages`` is the most pages any listed sequence holds (at least 1); unused entries
         are 0 (a valid page index, never read because of ``seq_lens``).
         """
-        seqs = [self._one(s, store, "block_table") for s in seq_ids]
+        seqs = [self._one(s, store, "block_table") for s in _as_list(seq_ids, "seq_ids")]
         return self._upload(self._table(seqs, max([1] + [len(seq.pages) for seq in seqs])))
 
     def block_table_per_store(self, seq_ids: Sequence[int]) -> Tensor:
         """int32 ``[num_stores, B, max_pages]``: :meth:`block_table` of every store in one upload
         (``max_pages`` over all stores); before :meth:`split_stores` an expanded view of one table."""
-        entries = [self._get(s) for s in seq_ids]
+        entries = [self._get(s) for s in _as_list(seq_ids, "seq_ids")]
         per_unit = [[units[u] for units in entries] for u in range(len(self._frees))]
         flat = [seq for seqs in per_unit for seq in seqs]
         max_pages = max([1] + [len(seq.pages) for seq in flat])
@@ -445,12 +458,12 @@ class PagedKVCache:
 
     def _lengths(self, seq_ids: Sequence[int], store: int | None) -> list[int]:
         """The listed sequences' lengths in ``store`` as host ints (seq_lens' values)."""
-        return [self._one(s, store, "seq_lens").length for s in seq_ids]
+        return [self._one(s, store, "seq_lens").length for s in _as_list(seq_ids, "seq_ids")]
 
     def seq_lens_per_store(self, seq_ids: Sequence[int]) -> Tensor:
         """int32 ``[num_stores, B]``: :meth:`seq_lens` of every store in one upload (an expanded
         view of one row before :meth:`split_stores`)."""
-        entries = [self._get(s) for s in seq_ids]
+        entries = [self._get(s) for s in _as_list(seq_ids, "seq_ids")]
         lens = [[units[u].length for units in entries] for u in range(len(self._frees))]
         return self._upload(torch.tensor(lens, dtype=torch.int32).view(len(self._frees), len(entries))).expand(
             self.num_stores, -1)
@@ -492,7 +505,7 @@ class PagedKVCache:
         may pick the page-major kernel: see ``gqa_decode``) unless ``kwargs`` has one.
         """
         k_cache, v_cache = self.kv(layer)
-        seq_ids = list(seq_ids)
+        seq_ids = _as_list(seq_ids, "seq_ids")
         if not isinstance(q, Tensor) or q.dim() != 3 or q.shape[0] != len(seq_ids):
             shape = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
             raise ValueError(
@@ -528,7 +541,7 @@ class PagedKVCache:
         """K+V bytes of the whole pages that ``seq_ids`` (default: every live sequence) hold, over
         all stores: each store's pages times one store's page bytes, so pages freed by a store after
         :meth:`split_stores` no longer count."""
-        ids = self.seq_ids if seq_ids is None else list(seq_ids)
+        ids = self.seq_ids if seq_ids is None else _as_list(seq_ids, "seq_ids")
         elem = torch.empty((), dtype=self.dtype).element_size()
         page_bytes = 2 * self.page_size * self.num_kv_heads * self.head_dim * elem  # one store's page
         per_unit = self.num_stores if len(self._frees) == 1 else 1  # a shared page id spans all stores
