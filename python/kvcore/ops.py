@@ -884,8 +884,8 @@ MLA_ROPE_DIM = 64
 def _check_devices(op: str, first_name: str, first: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     """Same-device check in Python, for ops whose CUDA kernel is not built yet: with a CUDA tensor
     among the arguments the dispatcher would pick the missing CUDA kernel and never reach the C++
-    check that names the argument."""
-    _check_tensor_args(op, {first_name: first}, others)
+    check that names the argument. (Its callers have run _check_tensor_args: the arguments are
+    tensors or None.)"""
     for name, t in others.items():
         if t is not None and t.device != first.device:
             raise RuntimeError(f"{name} must be on the same device as {first_name} ({first.device}), got {t.device}")
