@@ -9,6 +9,8 @@ is that two spellings of one argument agree, bit for bit with each other.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -33,27 +35,36 @@ def _latent_inputs(gen, dk=40):
 
 # ---- autograd: the ops have no backward, and a backward through them must say so ------------------
 
+def _op_inputs(gen) -> SimpleNamespace:
+    """Fresh random inputs of a valid CPU call of each op (shared by the autograd and the
+    argument-check tests below)."""
+    q, kv = _decode_inputs(gen)
+    mq, mcache, mtable, mlens = _latent_inputs(gen)
+    return SimpleNamespace(
+        q=q, kv=kv, paged=(kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens),
+        sel_pages=torch.zeros(3, 2, 1, dtype=torch.int32),
+        sel_counts=(kv.seq_lens > 0).to(torch.int32).view(3, 1).expand(3, 2).contiguous(),
+        tq=randn(2, 3, 4, 16, gen=gen), tk=randn(2, 5, 2, 16, gen=gen), tv=randn(2, 5, 2, 16, gen=gen),
+        oa=randn(3, 4, 16, gen=gen), la=randn(3, 4, gen=gen), ob=randn(3, 4, 16, gen=gen), lb=randn(3, 4, gen=gen),
+        mq=mq, mcache=mcache, mtable=mtable, mlens=mlens,
+        wq=randn(3, 2, 4, 16, gen=gen), rk=randn(3, 6, 2, 16, gen=gen), scores=randn(3, 12, gen=gen))
+
+
 def _grad_calls(gen):
     """(op name, call(x) -> tuple of results, x): ``x`` is one floating input of the op."""
-    q, kv = _decode_inputs(gen)
-    paged = (kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
-    sel_pages = torch.zeros(3, 2, 1, dtype=torch.int32)
-    sel_counts = (kv.seq_lens > 0).to(torch.int32).view(3, 1).expand(3, 2).contiguous()
-    tq, tk, tv = randn(2, 3, 4, 16, gen=gen), randn(2, 5, 2, 16, gen=gen), randn(2, 5, 2, 16, gen=gen)
-    oa, la, ob, lb = randn(3, 4, 16, gen=gen), randn(3, 4, gen=gen), randn(3, 4, 16, gen=gen), randn(3, 4, gen=gen)
-    mq, mcache, mtable, mlens = _latent_inputs(gen)
-    wq = randn(3, 2, 4, 16, gen=gen)
-    rk = randn(3, 6, 2, 16, gen=gen)
-    scores = randn(3, 12, gen=gen)
+    a = _op_inputs(gen)
+    kv, paged = a.kv, a.paged
     return [
-        ("gqa_decode", lambda x: kvcore.gqa_decode(x, *paged, return_lse=True), q),
-        ("block_sparse_decode", lambda x: kvcore.block_sparse_decode(x, *paged, sel_pages, sel_counts, return_lse=True), q),
-        ("token_decoder_attention", lambda x: kvcore.token_decoder_attention(tq, x, tv, return_lse=True), tk),
-        ("merge_attention_states", lambda x: kvcore.merge_attention_states(oa, x, ob, lb), la),
-        ("mla_decode", lambda x: kvcore.mla_decode(x, mcache, mtable, mlens, scale=0.2, v_dim=32, return_lse=True), mq),
-        ("attention_scores", lambda x: (kvcore.attention_scores(x, kv.k_cache, kv.block_table, kv.seq_lens),), wq),
-        ("infllm_unit_scores", lambda x: (kvcore.infllm_unit_scores(q, x),), rk),
-        ("topk_rows", lambda x: kvcore.topk_rows(x, 4)[:1], scores),
+        ("gqa_decode", lambda x: kvcore.gqa_decode(x, *paged, return_lse=True), a.q),
+        ("block_sparse_decode",
+         lambda x: kvcore.block_sparse_decode(x, *paged, a.sel_pages, a.sel_counts, return_lse=True), a.q),
+        ("token_decoder_attention", lambda x: kvcore.token_decoder_attention(a.tq, x, a.tv, return_lse=True), a.tk),
+        ("merge_attention_states", lambda x: kvcore.merge_attention_states(a.oa, x, a.ob, a.lb), a.la),
+        ("mla_decode",
+         lambda x: kvcore.mla_decode(x, a.mcache, a.mtable, a.mlens, scale=0.2, v_dim=32, return_lse=True), a.mq),
+        ("attention_scores", lambda x: (kvcore.attention_scores(x, kv.k_cache, kv.block_table, kv.seq_lens),), a.wq),
+        ("infllm_unit_scores", lambda x: (kvcore.infllm_unit_scores(a.q, x),), a.rk),
+        ("topk_rows", lambda x: kvcore.topk_rows(x, 4)[:1], a.scores),
     ]
 
 
@@ -141,16 +152,11 @@ def test_meta_tensors_give_shapes_with_validation_on(gen):
 def _op_calls(gen) -> dict:
     """op name -> (its tensor arguments by name, call(args)): a valid CPU call of each wrapper,
     whose outputs are poisoned buffers the call is given."""
-    q, kv = _decode_inputs(gen)
+    a = _op_inputs(gen)
+    q, kv = a.q, a.kv
     paged = dict(q=q, k_cache=kv.k_cache, v_cache=kv.v_cache, block_table=kv.block_table, seq_lens=kv.seq_lens)
-    sel_pages = torch.zeros(3, 2, 1, dtype=torch.int32)
-    sel_counts = (kv.seq_lens > 0).to(torch.int32).view(3, 1).expand(3, 2).contiguous()
     new = randn(2, 2, 16, gen=gen)
-    oa, la, ob, lb = randn(3, 4, 16, gen=gen), randn(3, 4, gen=gen), randn(3, 4, 16, gen=gen), randn(3, 4, gen=gen)
-    tq, tk, tv = randn(2, 3, 4, 16, gen=gen), randn(2, 5, 2, 16, gen=gen), randn(2, 5, 2, 16, gen=gen)
-    wq = randn(3, 2, 4, 16, gen=gen)
     width = kv.block_table.shape[1] * GQA["page_size"]
-    mq, mcache, mtable, mlens = _latent_inputs(gen)
     out_like = lambda t: poison(torch.empty_like(t))  # noqa: E731
     return {
         "append_paged_kv": (
@@ -162,18 +168,18 @@ def _op_calls(gen) -> dict:
             lambda a: kvcore.gqa_decode(a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"],
                                         out=a["out"])),
         "block_sparse_decode": (
-            dict(paged, sel_pages=sel_pages, sel_counts=sel_counts, out=out_like(q)),
+            dict(paged, sel_pages=a.sel_pages, sel_counts=a.sel_counts, out=out_like(q)),
             lambda a: kvcore.block_sparse_decode(a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"],
                                                  a["sel_pages"], a["sel_counts"], out=a["out"])),
         "merge_attention_states": (
-            dict(out_a=oa, lse_a=la, out_b=ob, lse_b=lb, out=out_like(oa), lse=out_like(la)),
+            dict(out_a=a.oa, lse_a=a.la, out_b=a.ob, lse_b=a.lb, out=out_like(a.oa), lse=out_like(a.la)),
             lambda a: kvcore.merge_attention_states(a["out_a"], a["lse_a"], a["out_b"], a["lse_b"], out=a["out"],
                                                     lse=a["lse"])),
         "token_decoder_attention": (
-            dict(q=tq, k=tk, v=tv, out=out_like(tq)),
+            dict(q=a.tq, k=a.tk, v=a.tv, out=out_like(a.tq)),
             lambda a: kvcore.token_decoder_attention(a["q"], a["k"], a["v"], out=a["out"])),
         "attention_scores": (
-            dict(q=wq, k_cache=kv.k_cache, block_table=kv.block_table, seq_lens=kv.seq_lens,
+            dict(q=a.wq, k_cache=kv.k_cache, block_table=kv.block_table, seq_lens=kv.seq_lens,
                  out=poison(torch.empty(3, 2, width))),
             lambda a: kvcore.attention_scores(a["q"], a["k_cache"], a["block_table"], a["seq_lens"], out=a["out"])),
         "compact_kv": (
@@ -183,14 +189,14 @@ def _op_calls(gen) -> dict:
             lambda a: kvcore.compact_kv(a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"], a["kept"],
                                         a["kept_lens"])),
         "infllm_unit_scores": (
-            dict(q=q, repr_keys=randn(3, 6, 2, 16, gen=gen), out=poison(torch.empty(3, 6))),
+            dict(q=q, repr_keys=a.rk, out=poison(torch.empty(3, 6))),
             lambda a: kvcore.infllm_unit_scores(a["q"], a["repr_keys"], out=a["out"])),
         "topk_rows": (
-            dict(scores=randn(3, 12, gen=gen), values=poison(torch.empty(3, 4)),
+            dict(scores=a.scores, values=poison(torch.empty(3, 4)),
                  indices=torch.full((3, 4), -7, dtype=torch.int64)),
             lambda a: kvcore.topk_rows(a["scores"], 4, values=a["values"], indices=a["indices"])),
         "mla_decode": (
-            dict(q=mq, latent_cache=mcache, block_table=mtable, seq_lens=mlens,
+            dict(q=a.mq, latent_cache=a.mcache, block_table=a.mtable, seq_lens=a.mlens,
                  out=poison(torch.empty(2, 3, 32))),
             lambda a: kvcore.mla_decode(a["q"], a["latent_cache"], a["block_table"], a["seq_lens"], scale=0.2,
                                         out=a["out"])),
