@@ -263,7 +263,25 @@ def test_grid_on_gpu_matches_design(bench):
     assert "B64 Hq32 Hkv8 D128 S4096 page16 ragged" in names
     assert "B8 Hq32 Hkv8 D128 S8192 page16 table131072" in names
     assert "B16 Hq32 Hkv8 D128 S8192 page16 in-order" in names
-    assert len(names) == 16
+    assert "B64 Hq32 Hkv8 D128 S4096 page16 paired" in names
+    assert len(names) == 22
+
+
+def test_paired_case_keeps_values_and_puts_each_pages_v_after_its_k(bench):
+    """pages_paired: k_cache and v_cache are the halves of one [pages, 2, page, Hkv, D] buffer
+    (handed to FlashInfer whole), with the values, table and bytes of the separate layout."""
+    separate = bench.decode.DecodeCase(3, 8, 2, 64, 100, dtype=torch.float32)
+    paired = bench.decode.DecodeCase(3, 8, 2, 64, 100, dtype=torch.float32, pages_paired=True)
+    assert paired.name == "B3 Hq8 Hkv2 D64 S100 page16 paired fp32" and paired.nbytes == separate.nbytes
+    a = bench.decode.make_inputs(separate, torch.device("cpu"))
+    b = bench.decode.make_inputs(paired, torch.device("cpu"))
+    assert a.kv_pairs is None and b.kv_pairs.shape == (21, 2, 16, 2, 64)
+    assert b.k_cache.data_ptr() == b.kv_pairs.data_ptr()
+    assert b.v_cache.data_ptr() == b.kv_pairs[:, 1].data_ptr()
+    assert b.k_cache.stride(0) == b.v_cache.stride(0) == 2 * 16 * 2 * 64
+    assert torch.equal(a.k_cache, b.k_cache) and torch.equal(a.v_cache, b.v_cache)
+    assert torch.equal(a.block_table, b.block_table) and torch.equal(a.q, b.q)
+    torch.testing.assert_close(bench.peers.reference_output(b), bench.peers.reference_output(a))
 
 
 def test_in_order_case_lays_each_sequence_out_consecutively(bench):

@@ -8,8 +8,9 @@ reads the JSON files back.
 For each case it prints every implementation's median time over the runs, then kvcore's time
 over the fastest peer's median: <= 1.000 means kvcore is no slower there. The contiguous-K/V
 peers (SDPA, plain torch) do the same work in a case and its " in-order" twin (only kvcore's and
-FlashInfer's page tables differ), so their timings of both are pooled. Rows a run lacks are left
-out of that run only.
+FlashInfer's page tables differ), so their timings of both are pooled; likewise a case's
+" paired" twin (K and V of a page side by side: only the paged readers' layout differs). Rows a
+run lacks are left out of that run only.
 """
 from __future__ import annotations
 
@@ -18,12 +19,19 @@ import statistics
 import sys
 
 CONTIGUOUS = ("sdpa-cudnn", "sdpa-flash", "torch")  # read contiguous K/V: the page order is not theirs
-IN_ORDER = " in-order"
+TWIN_SUFFIXES = (" in-order", " paired")  # cases that differ only in what the paged readers see
+
+
+def base_case(case: str) -> str:
+    """The case's name without the suffixes that change nothing for the contiguous peers."""
+    for suffix in TWIN_SUFFIXES:
+        case = case.replace(suffix, "")
+    return case
 
 
 def load(paths: list) -> tuple:
     """({case: {impl: [ms, ...]}}, [copy GB/s per run]) over the runs, cases in first-seen order;
-    the contiguous peers' lists hold their timings of the case's in-order twin too."""
+    the contiguous peers' lists hold their timings of the case's twins (same base_case) too."""
     times: dict = {}
     copies = []
     for path in paths:
@@ -35,10 +43,12 @@ def load(paths: list) -> tuple:
                 times.setdefault(row["case"], {}).setdefault(row["impl"], []).append(float(row["ms"]))
     pooled = {case: {impl: list(v) for impl, v in by_impl.items()} for case, by_impl in times.items()}
     for case, by_impl in times.items():
-        twin = case[: -len(IN_ORDER)] if case.endswith(IN_ORDER) else case + IN_ORDER
-        for impl in CONTIGUOUS:
-            if impl in by_impl and impl in times.get(twin, {}):
-                pooled[case][impl] += times[twin][impl]
+        for twin, twin_times in times.items():
+            if twin == case or base_case(twin) != base_case(case):
+                continue
+            for impl in CONTIGUOUS:
+                if impl in by_impl and impl in twin_times:
+                    pooled[case][impl] += twin_times[impl]
     return pooled, copies
 
 

@@ -7,7 +7,8 @@
 // (%globaltimer): entry skew, first copies issued, first-tile latency, main loop, epilogue
 // (incl. the split merge), the merging CTAs' part, and the loop ends by CTAs per SM.
 // TRACE_CSV=path also writes each CTA's stamps (and SM) as CSV. KV_LAYOUT=separate|adjacent|gapN
-// places V relative to K. TABLE=random|seq|rowsorted|clusterN|shuffleN
+// places V relative to K (pagepair: one [pages, 2, PAGE, Hkv, D] allocation, each page's V right
+// after its K, FlashInfer's paged layout). TABLE=random|seq|rowsorted|clusterN|shuffleN
 // picks the block table's page order (default random); CLUSTER=n launches the KV heads of a
 // split as thread-block clusters of n CTAs. A plain read of the same pages through the table
 // (whole pages, one CTA each) and one in the kernel's pattern (a CTA per KV head and split) are
@@ -79,11 +80,12 @@ __global__ void read_oneshot(const int4* buf, size_t n, int* sink) {
 // Plain read through the block table: CTA i reads page table[i] of K and of V whole (all heads),
 // as one contiguous run each, so its time against the one-shot read shows what the page order
 // alone costs a reader that does nothing else.
-__global__ void read_paged(const int4* k, const int4* v, const int* table, int page_vecs, int* sink) {
+// pair: 2 when a page's K and V lie side by side (KV_LAYOUT pagepair), so pages are 2 * page_vecs apart.
+__global__ void read_paged(const int4* k, const int4* v, const int* table, int page_vecs, int pair, int* sink) {
   const int64_t page = table[blockIdx.x];
   int acc = 0;
   for (int i = threadIdx.x; i < page_vecs; i += blockDim.x) {
-    const int4 a = k[page * page_vecs + i], c = v[page * page_vecs + i];
+    const int4 a = k[page * pair * page_vecs + i], c = v[page * pair * page_vecs + i];
     acc ^= a.x ^ a.y ^ a.z ^ a.w ^ c.x ^ c.y ^ c.z ^ c.w;
   }
   if (acc == 0x12345678) *sink = acc;
@@ -97,7 +99,7 @@ __global__ void read_paged(const int4* k, const int4* v, const int* table, int p
 // random against 125.5 sequential, while read_paged does not care) comes from the per-head rows
 // or from the kernel itself.
 __global__ void read_paged_heads(const int4* k, const int4* v, const int* table, int pages_per_seq, int page,
-                                 int hkv, int seq_len, int split_tokens, int* sink) {
+                                 int hkv, int seq_len, int split_tokens, int pair, int* sink) {
   constexpr int kRowVecs = 128 * 2 / 16;  // D 128 bf16: 16 int4 a row
   constexpr int kRowsPerStep = 128;
   const int h = blockIdx.x, b = blockIdx.z;
@@ -111,7 +113,7 @@ __global__ void read_paged_heads(const int4* k, const int4* v, const int* table,
     for (int j = 0; j < kRowsPerStep / 8; ++j) {
       const int tok = t + row0 + 8 * j;
       if (tok < t1) {
-        const int64_t row = (int64_t(rowtab[tok / page]) * page + tok % page) * hkv + h;
+        const int64_t row = (int64_t(rowtab[tok / page]) * pair * page + tok % page) * hkv + h;
         a[j] = __ldcg(k + row * kRowVecs + lane_vec);
         c[j] = __ldcg(v + row * kRowVecs + lane_vec);
       } else {
@@ -254,8 +256,14 @@ int run(int argc, char** argv) {
   // KV_LAYOUT (env): separate (default: two allocations, placed by the driver), adjacent (one
   // allocation, V right after K, as torch's caching allocator tends to put two 64 MB caches), or
   // gapN (V N bytes after K's end, rounded up to 256): does K and V's distance matter to DRAM?
+  // pagepair: [pages, 2, PAGE, Hkv, D], a page's K and V one 2 * PAGE * Hkv * D run, so a random
+  // table scatters 64 KB runs (page 16, Hkv 8, D 128) instead of twice as many 32 KB ones.
   const char* kv_layout = std::getenv("KV_LAYOUT") ? std::getenv("KV_LAYOUT") : "separate";
-  if (std::strcmp(kv_layout, "adjacent") == 0 || std::strncmp(kv_layout, "gap", 3) == 0) {
+  const int pair = std::strcmp(kv_layout, "pagepair") == 0 ? 2 : 1;
+  if (pair == 2) {
+    CUDA_CHECK(cudaMalloc(&k, cache_elems * 2 * 2));
+    v = k + size_t(PAGE) * Hkv * D;
+  } else if (std::strcmp(kv_layout, "adjacent") == 0 || std::strncmp(kv_layout, "gap", 3) == 0) {
     size_t gap = std::strncmp(kv_layout, "gap", 3) == 0 ? std::strtoull(kv_layout + 3, nullptr, 10) : 0;
     gap = (gap + 255) / 256 * 256;
     CUDA_CHECK(cudaMalloc(&k, cache_elems * 2 * 2 + gap));
@@ -270,8 +278,12 @@ int run(int argc, char** argv) {
   CUDA_CHECK(cudaMalloc(&out, size_t(B) * Hq * D * 2));
   bf16* out_ref;
   CUDA_CHECK(cudaMalloc(&out_ref, size_t(B) * Hq * D * 2));
-  fill_random<<<1024, 256>>>(k, cache_elems, 1u);
-  fill_random<<<1024, 256>>>(v, cache_elems, 2u);
+  if (pair == 2) {
+    fill_random<<<1024, 256>>>(k, 2 * cache_elems, 1u);
+  } else {
+    fill_random<<<1024, 256>>>(k, cache_elems, 1u);
+    fill_random<<<1024, 256>>>(v, cache_elems, 2u);
+  }
   fill_random<<<64, 256>>>(q, size_t(B) * Hq * D, 3u);
   std::vector<int> table(num_pages), lens(B, S);
   // TABLE (env): random (default: a permutation of all pages), seq (each sequence's pages in
@@ -323,7 +335,7 @@ int run(int argc, char** argv) {
   p.q_stride_h = D;
   p.k_cache = k;
   p.v_cache = v;
-  p.k_page_stride = p.v_page_stride = int64_t(PAGE) * Hkv * D;
+  p.k_page_stride = p.v_page_stride = int64_t(pair) * PAGE * Hkv * D;
   p.block_table = d_table;
   p.seq_lens = d_lens;
   p.out = out;
@@ -417,16 +429,20 @@ int run(int argc, char** argv) {
   // K and V as one allocation would be one read; two allocations, two one-shot launches.
   const size_t n16 = cache_elems * 2 / 16;
   const double read_us = time_it([&] {
+    if (pair == 2) {  // one allocation: one read of both halves
+      read_oneshot<<<unsigned((2 * n16 + 1023) / 1024), 256>>>(reinterpret_cast<const int4*>(k), 2 * n16, sink);
+      return;
+    }
     read_oneshot<<<unsigned((n16 + 1023) / 1024), 256>>>(reinterpret_cast<const int4*>(k), n16, sink);
     read_oneshot<<<unsigned((n16 + 1023) / 1024), 256>>>(reinterpret_cast<const int4*>(v), n16, sink);
   }, 20);
   const int page_vecs = PAGE * Hkv * D * 2 / 16;
   const double paged_us = time_it([&] {
-    read_paged<<<num_pages, 256>>>(reinterpret_cast<const int4*>(k), reinterpret_cast<const int4*>(v), d_table, page_vecs, sink);
+    read_paged<<<num_pages, 256>>>(reinterpret_cast<const int4*>(k), reinterpret_cast<const int4*>(v), d_table, page_vecs, pair, sink);
   }, 20);
   const double heads_us = time_it([&] {
     read_paged_heads<<<dim3(Hkv, p.num_splits, B), 128>>>(reinterpret_cast<const int4*>(k), reinterpret_cast<const int4*>(v),
-                                                          d_table, pages_per_seq, PAGE, Hkv, S, p.split_tokens, sink);
+                                                          d_table, pages_per_seq, PAGE, Hkv, S, p.split_tokens, pair, sink);
   }, 20);
   const double us = time_it([&] { launch(p); }, 50);
   CUDA_CHECK(cudaGetLastError());
@@ -437,8 +453,10 @@ int run(int argc, char** argv) {
     std::printf("check: max |out - one-split out| = %.3g%s\n", worst, worst < 2e-2 ? "" : "  <-- MISMATCH");
     // Against a host reference for the first and last query head of the first and last sequence.
     const auto f = bf16_value;
-    const std::vector<uint16_t> hq = to_host(q, size_t(B) * Hq * D), hk = to_host(k, cache_elems),
-                                hv = to_host(v, cache_elems);
+    // With pagepair, k's host copy spans both halves and v's is the same copy shifted by a half page pair.
+    const std::vector<uint16_t> hq = to_host(q, size_t(B) * Hq * D), hk = to_host(k, pair * cache_elems),
+                                hv = pair == 2 ? std::vector<uint16_t>(hk.begin() + size_t(PAGE) * Hkv * D, hk.end())
+                                               : to_host(v, cache_elems);
     double ref_worst = 0;
     for (const int bb : {0, B - 1})
       for (const int hh : {0, Hq - 1}) {
@@ -446,14 +464,14 @@ int run(int argc, char** argv) {
         std::vector<double> logit(S), acc(D, 0.0);
         double mx = -1e300, sum = 0;
         for (int t = 0; t < S; ++t) {
-          const size_t row = (size_t(table[size_t(bb) * pages_per_seq + t / PAGE]) * PAGE + t % PAGE) * Hkv + kh;
+          const size_t row = (size_t(table[size_t(bb) * pages_per_seq + t / PAGE]) * pair * PAGE + t % PAGE) * Hkv + kh;
           double dot = 0;
           for (int d = 0; d < D; ++d) dot += double(f(hq[(size_t(bb) * Hq + hh) * D + d])) * f(hk[row * D + d]);
           logit[t] = dot * p.scale;
           mx = std::max(mx, logit[t]);
         }
         for (int t = 0; t < S; ++t) {
-          const size_t row = (size_t(table[size_t(bb) * pages_per_seq + t / PAGE]) * PAGE + t % PAGE) * Hkv + kh;
+          const size_t row = (size_t(table[size_t(bb) * pages_per_seq + t / PAGE]) * pair * PAGE + t % PAGE) * Hkv + kh;
           const double w = std::exp(logit[t] - mx);
           sum += w;
           for (int d = 0; d < D; ++d) acc[d] += w * f(hv[row * D + d]);

@@ -47,6 +47,11 @@ class DecodeCase:
     # The caches and q are drawn the same either way (only which pages a sequence reads differ);
     # the bytes moved, and the contiguous-K/V peers' work, are the same.
     pages_in_order: bool = False
+    # Each page's K and V side by side in one [num_pages, 2, page_size, Hkv, D] buffer (k_cache and
+    # v_cache its two halves, pages 2 * page_size * Hkv * D elements apart: FlashInfer's paged
+    # layout) instead of two separate caches: a random table then scatters half as many runs of
+    # twice the length. Same values, same bytes moved.
+    pages_paired: bool = False
 
     @property
     def name(self) -> str:
@@ -57,6 +62,7 @@ class DecodeCase:
         s += " ragged" if self.ragged else ""
         s += f" table{self.table_tokens}" if self.table_tokens else ""
         s += " in-order" if self.pages_in_order else ""
+        s += " paired" if self.pages_paired else ""
         s += dtype_suffix(self.dtype)
         return s
 
@@ -91,16 +97,20 @@ def cases(device: torch.device, quick: bool) -> list:
         grid = [(32, 1, 32768), (32, 1, 131072), (32, 16, 8192), (32, 64, 4096), (32, 128, 2048), (64, 32, 8192)]
         # and two ragged batches (only the paged peers take unequal lengths), two batches in a
         # block table sized for a 131072-token context, and the grid again with every sequence's
-        # pages in cache order (what the random page order costs the paged decoders)
+        # pages in cache order (what the random page order costs the paged decoders), and once more
+        # in random order with each page's K and V side by side (what that layout saves them)
         return [DecodeCase(b, hq, 8, 128, s) for hq, b, s in grid] + [
             DecodeCase(16, 32, 8, 128, 8192, ragged=True), DecodeCase(64, 32, 8, 128, 4096, ragged=True),
             DecodeCase(1, 32, 8, 128, 4096, table_tokens=131072), DecodeCase(8, 32, 8, 128, 8192, table_tokens=131072)
-        ] + [DecodeCase(b, hq, 8, 128, s, pages_in_order=True) for hq, b, s in grid]
+        ] + [DecodeCase(b, hq, 8, 128, s, pages_in_order=True) for hq, b, s in grid] + [
+            DecodeCase(b, hq, 8, 128, s, pages_paired=True) for hq, b, s in grid]
     if device.type == "cuda":
         return [DecodeCase(2, 32, 8, 128, 4096), DecodeCase(16, 32, 8, 128, 1024),
-                DecodeCase(16, 32, 8, 128, 1024, ragged=True), DecodeCase(2, 32, 8, 128, 1024, table_tokens=32768)]
+                DecodeCase(16, 32, 8, 128, 1024, ragged=True), DecodeCase(2, 32, 8, 128, 1024, table_tokens=32768),
+                DecodeCase(16, 32, 8, 128, 1024, pages_paired=True)]
     return [
         DecodeCase(2, 8, 2, 64, 512, dtype=torch.float32),
+        DecodeCase(2, 8, 2, 64, 512, dtype=torch.float32, pages_paired=True),
         DecodeCase(1, 32, 8, 128, 2048, dtype=torch.float32),
         DecodeCase(2, 8, 2, 64, 512, dtype=torch.bfloat16),
         DecodeCase(4, 8, 2, 64, 512, dtype=torch.float32, ragged=True),
@@ -140,6 +150,11 @@ def make_inputs(case: DecodeCase, device: torch.device, seed: int = 0) -> peers.
     k_cache = torch.randn(num_pages, p, hkv, d, **kw)
     v_cache = torch.randn(num_pages, p, hkv, d, **kw)
     q = torch.randn(b, hq, d, **kw)
+    kv_pairs = None
+    if case.pages_paired:
+        kv_pairs = torch.stack([k_cache, v_cache], dim=1)
+        del k_cache, v_cache
+        k_cache, v_cache = kv_pairs[:, 0], kv_pairs[:, 1]
     perm = torch.randperm(num_pages, generator=cpu_gen)  # drawn either way: the same generator state after
     if case.pages_in_order:
         perm = torch.arange(num_pages)
@@ -149,7 +164,7 @@ def make_inputs(case: DecodeCase, device: torch.device, seed: int = 0) -> peers.
         block_table = torch.cat([block_table, stale.to(torch.int32)], dim=1)
     block_table = block_table.to(device)
     seq_lens = torch.tensor(case.seq_lens(), dtype=torch.int32, device=device)
-    return peers.DecodeInputs(q, k_cache, v_cache, block_table, seq_lens, scale=d**-0.5)
+    return peers.DecodeInputs(q, k_cache, v_cache, block_table, seq_lens, scale=d**-0.5, kv_pairs=kv_pairs)
 
 
 def run(case: DecodeCase, impl_names: Sequence[str], ctx: RunContext) -> list:

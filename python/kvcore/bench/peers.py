@@ -40,6 +40,9 @@ class DecodeInputs:
     block_table: torch.Tensor  # [B, max_pages] int32
     seq_lens: torch.Tensor  # [B] int32
     scale: float
+    # The [num_pages, 2, page_size, Hkv, D] buffer that k_cache and v_cache are the halves of, when
+    # a page's K and V lie side by side (DecodeCase.pages_paired); FlashInfer takes it whole.
+    kv_pairs: Optional[torch.Tensor] = None
     _contig: Optional[tuple] = field(default=None, repr=False)
     _expanded: Optional[tuple] = field(default=None, repr=False)
     _seq_lens_host: Optional[list] = field(default=None, repr=False)
@@ -331,7 +334,8 @@ def build_flashinfer(inputs: DecodeInputs) -> list:
     last_page_len = torch.tensor(
         [s - (n - 1) * page for s, n in zip(lens, pages_per_seq)], dtype=torch.int32, device=dev
     )
-    q, kv = inputs.q, (inputs.k_cache, inputs.v_cache)
+    q = inputs.q
+    kv = inputs.kv_pairs if inputs.kv_pairs is not None else (inputs.k_cache, inputs.v_cache)
     dtype = q.dtype
 
     variants = []
