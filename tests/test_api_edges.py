@@ -265,6 +265,87 @@ def test_caches_that_partly_overlap_are_refused(op, gen):
     assert torch.equal(both[:, 0], want["k_cache"]) and torch.equal(both[:, 1], want["v_cache"])
 
 
+# ---- an output that shares bytes with another argument: an error naming both, nothing written ------
+
+# The arguments each op writes (the schema's Tensor(a!)).
+_WRITTEN = {"append_paged_kv": ["k_cache", "v_cache"], "gqa_decode": ["out"], "block_sparse_decode": ["out"],
+            "merge_attention_states": ["out", "lse"], "token_decoder_attention": ["out"], "attention_scores": ["out"],
+            "compact_kv": ["k_cache", "v_cache", "seq_lens"], "infllm_unit_scores": ["out"],
+            "topk_rows": ["values", "indices"], "mla_decode": ["out"]}
+
+
+def _overlapping(written: torch.Tensor, other: torch.Tensor) -> tuple:
+    """(buffer, written', other'): copies of the two in one byte buffer, written' starting one of
+    its elements after other' starts, so the two share bytes without being the same tensor.
+    other' is filled last: it keeps its values, written' keeps its own only where it does not
+    overlap other'."""
+    off, n_other, n_written = written.element_size(), other.numel() * other.element_size(), written.numel() * written.element_size()
+    assert n_other > off
+    buf = torch.zeros(max(n_other, off + n_written), dtype=torch.uint8)
+    w = buf[off:off + n_written].view(written.dtype).view(written.shape)
+    o = buf[:n_other].view(other.dtype).view(other.shape)
+    w.copy_(written)
+    o.copy_(other)
+    return buf, w, o
+
+
+@pytest.mark.parametrize("op", _OPS)
+def test_an_output_sharing_bytes_with_another_argument_is_refused(op, gen):
+    """Each written argument in turn laid over each other tensor argument (partly: one element
+    off): before, the kernels read the input while writing the output and returned wrong numbers
+    without an error. Now the C++ checks of both backends refuse it, naming both, before anything
+    is written. Validation is off so that the wrappers' checks of index contents (which the
+    overlap may have changed) leave the call to the C++ checks. The caches of the in-place ops
+    against each other are the wrappers' own check (test_caches_that_partly_overlap_are_refused)."""
+    args, call = _op_calls(gen)[op]
+    pairs = [(w, o) for w in _WRITTEN[op] for o in args if o != w and not {w, o} <= {"k_cache", "v_cache"}]
+    assert pairs
+    was = kvcore.set_validation(False)
+    try:
+        for w, o in pairs:
+            buf, wt, ot = _overlapping(args[w], args[o])
+            before = buf.clone()
+            with pytest.raises(RuntimeError, match=rf"({w} and {o}|{o} and {w}) share memory \(their bytes overlap\)"):
+                call(dict({n: t.clone() for n, t in args.items()}, **{w: wt, o: ot}))
+            assert torch.equal(buf, before), f"{op} wrote {w} or {o} in a refused call"
+    finally:
+        kvcore.set_validation(was)
+    call(args)  # the same call with separate tensors runs
+
+
+def test_outputs_over_inputs_named_in_the_docs_are_refused(gen):
+    """The cases docs/bad_input.md listed as unchecked before: out as q itself, out and lse in one
+    buffer, an out shifted one row over out_a, topk_rows writing into its scores."""
+    q, kv = _decode_inputs(gen)
+    paged = (kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    with pytest.raises(RuntimeError, match=r"out and q share memory \(they are the same tensor\)"):
+        kvcore.gqa_decode(q, *paged, out=q)
+    buf = poison(torch.empty(q.numel() + q.shape[0] * q.shape[1]))
+    out, lse = buf[:q.numel()].view(q.shape), buf[q.numel() - 1:-1].view(q.shape[:2])
+    with pytest.raises(RuntimeError, match=r"out and lse share memory \(their bytes overlap\)"):
+        kvcore.gqa_decode(q, *paged, out=out, lse=lse)
+    a = _op_inputs(gen)
+    rows = torch.cat([a.oa, a.oa[:1]])
+    with pytest.raises(RuntimeError, match=r"out and out_a share memory"):
+        kvcore.merge_attention_states(rows[:-1], a.la, a.ob, a.lb, out=rows[1:])
+    scores = a.scores.clone()
+    with pytest.raises(RuntimeError, match=r"values and scores share memory"):
+        kvcore.topk_rows(scores, 4, values=scores.view(-1)[1:13].view(3, 4))
+    assert torch.equal(scores, a.scores)
+
+
+def test_merge_may_accumulate_into_either_input(gen):
+    """merge_attention_states' out may be out_a or out_b itself and its lse lse_a or lse_b (each
+    row's inputs are read before its outputs are written): the results equal a separate call's."""
+    a = _op_inputs(gen)
+    want_out, want_lse = kvcore.merge_attention_states(a.oa, a.la, a.ob, a.lb)
+    for side in ("a", "b"):
+        o, l = (a.oa.clone(), a.la.clone()) if side == "a" else (a.ob.clone(), a.lb.clone())
+        args = (o, l, a.ob, a.lb) if side == "a" else (a.oa, a.la, o, l)
+        kvcore.merge_attention_states(*args, out=o, lse=l)
+        assert torch.equal(o, want_out) and torch.equal(l, want_lse)
+
+
 @pytest.mark.parametrize("name, value", [("scale", 1e-300), ("scale", 1e-39), ("logit_soft_cap", 1e-300)])
 def test_scalars_that_vanish_in_float32_are_refused(name, value, gen):
     """A positive scale or soft cap below float32's smallest normal value passed the double-precision

@@ -204,6 +204,32 @@ def test_gqa_decode_split_merge_batches_cuda(device, head_dim, group, num_splits
                                   workspace=workspace)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_decode_workspace_sharing_bytes_with_an_argument_is_refused_cuda(device, gen):
+    """The split workspace (which only the CUDA kernels use) laid over out or q: the partials would
+    overwrite them mid-call. Refused by the CUDA launchers of gqa_decode and block_sparse_decode,
+    naming both, with nothing written; the same buffers apart run."""
+    kv = make_paged_kv([300, 17], 16, 2, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    paged = (kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    q = randn(2, 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
+    sel = (torch.zeros(2, 2, 1, dtype=torch.int32, device=device), torch.ones(2, 2, dtype=torch.int32, device=device))
+    calls = {"gqa_decode": lambda q, out, ws: kvcore.gqa_decode(q, *paged, out=out, workspace=ws, num_splits=4),
+             "block_sparse_decode": lambda q, out, ws: kvcore.block_sparse_decode(q, *paged, *sel, out=out, workspace=ws,
+                                                                                  num_splits=2)}
+    nbytes = q.numel() * q.element_size()
+    for op, call in calls.items():
+        ws = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES + nbytes, dtype=torch.uint8, device=device)
+        tail = ws[-nbytes:].view(torch.bfloat16).view(q.shape)  # the workspace's last bytes
+        for name, args in (("out", (q, tail, ws)), ("q", (tail.copy_(q), poison(torch.empty_like(q)), ws))):
+            before = ws.clone()
+            with pytest.raises(RuntimeError, match=rf"workspace and {name} share memory \(their bytes overlap\)"):
+                call(*args)
+            assert torch.equal(ws, before), f"{op} wrote the workspace in a refused call"
+        out = poison(torch.empty_like(q))
+        call(q, out, ws[: kvcore.ops.DECODE_WORKSPACE_BYTES])
+        assert not out.isnan().any()
+
+
 # (num_kv_heads, head_dim, group, page_size, window_left, num_splits, full) for the wide-table
 # test: each head dim, pages that are and are not a power of two or a tile's divisor, windows
 # (whose length sets the split count) with sequences shorter and longer than them, a forced split

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -69,6 +70,44 @@ inline void check_pages_distinct(const at::Tensor& cache, const char* name) {
 inline void check_not_same_memory(const at::Tensor& a, const at::Tensor& b, const char* a_name, const char* b_name) {
   TORCH_CHECK(a.numel() == 0 || a.data_ptr() != b.data_ptr(), a_name, " and ", b_name,
               " are the same memory; pass separate caches (or two halves of one allocation)");
+}
+
+// A tensor argument and its name, for the overlap checks below (t null: an optional not given).
+struct NamedTensor {
+  const at::Tensor* t;
+  const char* name;
+};
+inline NamedTensor named(const at::Tensor& t, const char* name) { return {&t, name}; }
+inline NamedTensor named(const c10::optional<at::Tensor>& t, const char* name) {
+  return {t.has_value() ? &*t : nullptr, name};
+}
+
+// A tensor an op writes must share no byte with another of its tensor arguments: the kernels read
+// their inputs while they write their outputs, in an order no caller may rely on, so an output
+// over an input (or over another output) gives wrong numbers without an error. ATen's overlap
+// test decides it for tensors without gaps (contiguous ones, whatever their dtype: an lse viewed
+// out of out's bytes is caught); where either tensor has gaps (the two interleaved halves of one
+// [pages, 2, ...] cache, an expanded q) it cannot tell cheaply, and then only a shared first byte
+// counts as overlap. may_be_same: the op allows exactly this tensor (e.g. merge's out = out_a).
+inline void check_apart(const NamedTensor& written, const NamedTensor& other, bool may_be_same = false) {
+  if (written.t == nullptr || other.t == nullptr || !written.t->defined() || !other.t->defined()) return;
+  if (written.t->numel() == 0 || other.t->numel() == 0) return;
+  const at::MemOverlapStatus status = at::get_overlap_status(*written.t, *other.t);
+  const bool same_start = written.t->data_ptr() == other.t->data_ptr();
+  if (status == at::MemOverlapStatus::No) return;
+  if (status == at::MemOverlapStatus::Full && may_be_same) return;
+  if (status == at::MemOverlapStatus::TooHard && !same_start) return;
+  TORCH_CHECK(false, written.name, " and ", other.name, " share memory (",
+              status == at::MemOverlapStatus::Full ? "they are the same tensor" : "their bytes overlap", "); ",
+              written.name, " is written while ", other.name, " is in use: pass a separate ", written.name);
+}
+
+// Each written tensor apart from the written ones after it and from every read one.
+inline void check_writes_apart(std::initializer_list<NamedTensor> written, std::initializer_list<NamedTensor> read) {
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    for (auto o = w + 1; o != written.end(); ++o) check_apart(*w, *o);
+    for (const NamedTensor& r : read) check_apart(*w, r);
+  }
 }
 
 // A paged call's block_table [batch, max_pages] and seq_lens [batch]: int32, contiguous, on
@@ -154,6 +193,9 @@ inline PagedDecodeShape check_paged_decode(const at::Tensor& q, const at::Tensor
   check_inner_dense(k_cache, 3, "k_cache");
   check_inner_dense(v_cache, 3, "v_cache");
   check_optional_lse(lse, q, {s.batch, s.num_q_heads});
+  check_writes_apart({named(out, "out"), named(lse, "lse")},
+                     {named(q, "q"), named(k_cache, "k_cache"), named(v_cache, "v_cache"),
+                      named(block_table, "block_table"), named(seq_lens, "seq_lens")});
   return s;
 }
 
@@ -192,7 +234,10 @@ inline void check_plan_keys(int64_t plan_total_keys, int64_t plan_max_keys) {
 
 // gqa_decode's optional H2O score buffer: [B, Hkv, S] fp32 contiguous on q's device, with
 // S >= max_pages * page_size (every position the block table can address has a slot).
-inline void check_decode_score(const at::Tensor& score, const at::Tensor& q, const PagedDecodeShape& s) {
+inline void check_decode_score(const at::Tensor& score, const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& seq_lens,
+                               const at::Tensor& out, const c10::optional<at::Tensor>& lse,
+                               const PagedDecodeShape& s) {
   check_same_device(score, q, "score", "q");
   check_dtype(score, at::kFloat, "score");
   TORCH_CHECK(score.dim() == 3 && score.size(0) == s.batch && score.size(1) == s.num_kv_heads &&
@@ -200,6 +245,9 @@ inline void check_decode_score(const at::Tensor& score, const at::Tensor& q, con
               "score must have shape [", s.batch, ", ", s.num_kv_heads, ", S] with S >= max_pages * page_size = ",
               s.max_pages * s.page_size, ", got ", score.sizes());
   check_contiguous(score, "score");
+  check_writes_apart({named(score, "score")}, {named(q, "q"), named(k_cache, "k_cache"), named(v_cache, "v_cache"),
+                                              named(block_table, "block_table"), named(seq_lens, "seq_lens"),
+                                              named(out, "out"), named(lse, "lse")});
 }
 
 struct AppendShape {
@@ -235,6 +283,8 @@ inline AppendShape check_append(const at::Tensor& k, const at::Tensor& v, const 
   check_pages_distinct(v_cache, "v_cache");
   check_not_same_memory(k_cache, v_cache, "k_cache", "v_cache");
   check_contiguous(slot_mapping, "slot_mapping");
+  check_writes_apart({named(k_cache, "k_cache"), named(v_cache, "v_cache")},
+                     {named(k, "k"), named(v, "v"), named(slot_mapping, "slot_mapping")});
   return {k.size(0), k.size(1), k.size(2), k_cache.size(0) * k_cache.size(1)};
 }
 
@@ -262,6 +312,18 @@ inline MergeShape check_merge(const at::Tensor& out_a, const at::Tensor& lse_a, 
   for (auto [t, n] : {std::pair{&out_a, "out_a"}, {&lse_a, "lse_a"}, {&out_b, "out_b"}, {&lse_b, "lse_b"}, {&out, "out"},
                       {&lse, "lse"}})
     check_contiguous(*t, n);
+  // out may be out_a or out_b itself and lse lse_a or lse_b (in-place accumulation: each row's
+  // inputs are read before its outputs are written); any other sharing is refused.
+  const NamedTensor o{&out, "out"}, l{&lse, "lse"};
+  check_apart(o, l);
+  for (auto [t, n] : {std::pair{&out_a, "out_a"}, {&out_b, "out_b"}}) {
+    check_apart(o, {t, n}, /*may_be_same=*/true);
+    check_apart(l, {t, n});
+  }
+  for (auto [t, n] : {std::pair{&lse_a, "lse_a"}, {&lse_b, "lse_b"}}) {
+    check_apart(o, {t, n});
+    check_apart(l, {t, n}, /*may_be_same=*/true);
+  }
   return {out_a.size(0), out_a.size(1), out_a.size(2)};
 }
 
@@ -295,6 +357,8 @@ inline BlockSparseDecodeShape check_block_sparse_decode(const at::Tensor& q, con
               "], got ", sel_counts.sizes());
   check_contiguous(sel_pages, "sel_pages");
   check_contiguous(sel_counts, "sel_counts");
+  check_writes_apart({named(out, "out"), named(lse, "lse")},
+                     {named(sel_pages, "sel_pages"), named(sel_counts, "sel_counts")});
   s.max_sel = sel_pages.size(2);
   return s;
 }
@@ -356,6 +420,8 @@ inline TokenDecoderShape check_token_decoder(const at::Tensor& q, const at::Tens
     check_contiguous(*block_lens, "block_lens");
   }
   check_optional_lse(lse, q, {s.blocks, s.block_length, s.num_q_heads});
+  check_writes_apart({named(out, "out"), named(lse, "lse")},
+                     {named(q, "q"), named(k, "k"), named(v, "v"), named(block_lens, "block_lens")});
   return s;
 }
 
@@ -431,6 +497,9 @@ inline MlaProjectShape check_mla_latent_project(const at::Tensor& hidden, const 
                 cols, "], got ", t.sizes());
     check_contiguous(t, n);
   }
+  check_writes_apart({named(latent_cache, "latent_cache"), named(c_kv_out, "c_kv_out"), named(k_pe_out, "k_pe_out")},
+                     {named(hidden, "hidden"), named(w_dkv, "w_dkv"), named(norm_weight, "norm_weight"),
+                      named(cos_sin, "cos_sin"), named(positions, "positions"), named(slot_mapping, "slot_mapping")});
   return s;
 }
 
@@ -472,6 +541,9 @@ inline MlaDecodeShape check_mla_decode(const at::Tensor& q, const at::Tensor& la
   TORCH_CHECK(q.stride(2) == 1, "q must be contiguous in its last dim, got strides ", c10::str(q.strides()));
   check_inner_dense(latent_cache, 2, "latent_cache");
   check_optional_lse(lse, q, {s.batch, s.num_heads});
+  check_writes_apart({named(out, "out"), named(lse, "lse")},
+                     {named(q, "q"), named(latent_cache, "latent_cache"), named(block_table, "block_table"),
+                      named(seq_lens, "seq_lens")});
   return s;
 }
 
@@ -525,6 +597,8 @@ inline AttentionScoresShape check_attention_scores(const at::Tensor& q, const at
                 "), got strides ", c10::str(q.strides()), " for shape ", c10::str(q.sizes()));
   check_inner_dense(k_cache, 3, "k_cache");
   check_optional_lse(lse, q, {s.batch, s.window, s.num_q_heads});
+  check_writes_apart({named(out, "out")}, {named(q, "q"), named(k_cache, "k_cache"), named(block_table, "block_table"),
+                                          named(seq_lens, "seq_lens"), named(lse, "lse")});
   return s;
 }
 
@@ -609,6 +683,8 @@ inline CompactShape check_compact_kv(const at::Tensor& k_cache, const at::Tensor
   check_pages_distinct(k_cache, "k_cache");
   check_pages_distinct(v_cache, "v_cache");
   check_not_same_memory(k_cache, v_cache, "k_cache", "v_cache");
+  check_writes_apart({named(k_cache, "k_cache"), named(v_cache, "v_cache"), named(seq_lens, "seq_lens")},
+                     {named(block_table, "block_table"), named(kept, "kept"), named(kept_lens, "kept_lens")});
   return s;
 }
 

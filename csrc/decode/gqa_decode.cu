@@ -28,13 +28,16 @@ void gqa_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   check_decode_scalars(scale, window_left, logit_soft_cap, num_splits);
   check_plan_keys(plan_total_keys, plan_max_keys);
   if (score.has_value()) {
-    check_decode_score(*score, q, s);
+    check_decode_score(*score, q, k_cache, v_cache, block_table, seq_lens, out, lse, s);
     // The score epilogue's grid has the KV heads on y; checked before anything is written.
     TORCH_CHECK(s.num_kv_heads <= 65535, "gqa_decode (CUDA): num_kv_heads must be <= 65535 with a score buffer, got ",
                 s.num_kv_heads);
   }
   GqaDecodeParams p = paged_decode::common_params("gqa_decode", s, q, k_cache, v_cache, block_table, seq_lens, scale,
                                                   logit_soft_cap, out, lse, workspace);
+  check_writes_apart({named(workspace, "workspace")},
+                     {named(q, "q"), named(k_cache, "k_cache"), named(v_cache, "v_cache"), named(block_table, "block_table"),
+                      named(seq_lens, "seq_lens"), named(out, "out"), named(lse, "lse"), named(score, "score")});
   if (s.batch == 0 || s.num_q_heads == 0) return;
   TORCH_CHECK(s.num_pages > 0, "k_cache must have at least one page");
   // A window at least as long as the block table's capacity is no window; clamping keeps the

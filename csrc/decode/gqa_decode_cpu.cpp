@@ -64,7 +64,7 @@ void gqa_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   const PagedDecodeShape s = check_paged_decode(q, k_cache, v_cache, block_table, seq_lens, out, lse);
   check_decode_scalars(scale, window_left, logit_soft_cap, num_splits);
   check_plan_keys(plan_total_keys, plan_max_keys);
-  if (score.has_value()) check_decode_score(*score, q, s);
+  if (score.has_value()) check_decode_score(*score, q, k_cache, v_cache, block_table, seq_lens, out, lse, s);
   if (s.batch == 0 || s.num_q_heads == 0) return;
 
   DecodeParams p{};

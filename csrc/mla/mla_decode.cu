@@ -249,6 +249,9 @@ void mla_decode_cuda(const at::Tensor& q, const at::Tensor& latent_cache, const 
     check_contiguous(*workspace, "workspace");
     check_aligned16(*workspace, "workspace");
   }
+  check_writes_apart({named(workspace, "workspace")}, {named(q, "q"), named(latent_cache, "latent_cache"),
+                                                      named(block_table, "block_table"), named(seq_lens, "seq_lens"),
+                                                      named(out, "out"), named(lse, "lse")});
   // A bad kernel switch fails every call, empty ones and those its kernel would not run too.
   use_h16_kernel();
   wide_kernel();

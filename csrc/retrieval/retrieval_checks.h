@@ -52,6 +52,7 @@ inline UnitScoresShape check_unit_scores(const at::Tensor& q, const at::Tensor& 
     TORCH_CHECK(out.size(0) == s.batch && out.size(1) == s.units, "out must be [batch, units] = [", s.batch, ", ",
                 s.units, "], got shape ", out.sizes());
   }
+  check_writes_apart({named(out, "out")}, {named(q, "q"), named(repr_keys, "repr_keys")});
   return s;
 }
 
@@ -80,6 +81,7 @@ inline TopkRowsShape check_topk_rows(const at::Tensor& scores, const at::Tensor&
   TORCH_CHECK(indices.size(0) == s.rows && indices.size(1) == s.k, "indices must be [rows, k] = [", s.rows, ", ", s.k,
               "] like values, got shape ", indices.sizes());
   TORCH_CHECK(s.cols < (int64_t(1) << 31), "scores must have fewer than 2^31 columns, got ", s.cols);
+  check_writes_apart({named(values, "values"), named(indices, "indices")}, {named(scores, "scores")});
   return s;
 }
 
