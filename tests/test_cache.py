@@ -286,6 +286,19 @@ def test_memory_report(kwargs, dtype, stores):
     assert rep["used_pages"] == 2 and rep["free_pages"] == 6
 
 
+def test_paired_layout_allocates_the_same_bytes_in_one_buffer_a_store():
+    separate = _cache(num_layers=4, cla_share=2)
+    paired = _cache(num_layers=4, cla_share=2, kv_layout="paired")
+    assert paired.memory_report() == separate.memory_report()
+    for layer in range(4):
+        k, v = paired.kv(layer)
+        assert k.shape == v.shape == separate.kv(layer)[0].shape
+        assert k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+        assert k.untyped_storage().nbytes() == 2 * k.numel() * k.element_size()
+    assert paired.kv(0)[0].untyped_storage().data_ptr() != paired.kv(2)[0].untyped_storage().data_ptr()
+    assert repr(paired).endswith(", kv_layout=paired)") and "kv_layout" not in repr(separate)
+
+
 def test_sharing_allocates_fewer_bytes():
     plain = _cache(num_layers=8).memory_report()
     shared = _cache(num_layers=8, cla_share=2).memory_report()
@@ -323,6 +336,7 @@ def test_non_producer_append_raises_naming_the_producer():
         (dict(layer_to_store=[0, 0, 2, 2]), "layer_to_store"),
         (dict(layer_to_store=[0, -1, 0, 1]), "layer_to_store"),
         (dict(layer_to_store=[0, 1, "a", 1]), "layer_to_store"),
+        (dict(kv_layout="interleaved"), "kv_layout"),
     ],
 )
 def test_constructor_bad_arguments(kwargs, name):
@@ -375,13 +389,19 @@ def test_repr():
 # device / dtype come from tests/conftest.py: cpu with fp32/bf16/fp16, cuda (skipped without a
 # GPU) with bf16/fp16.
 @needs_ops
-def test_end_to_end_ragged_decode_matches_reference(device, dtype):
+@pytest.mark.parametrize("kv_layout", ["separate", "paired"])
+def test_end_to_end_ragged_decode_matches_reference(device, dtype, kv_layout):
     gen = torch.Generator().manual_seed(1234)
     num_layers, num_q_heads, num_kv_heads, head_dim, page_size = 4, 8, 2, 64, 16
     cache = PagedKVCache(
         num_layers, num_kv_heads, head_dim, num_pages=24, page_size=page_size, dtype=dtype,
-        device=device, cla_share=2,
+        device=device, cla_share=2, kv_layout=kv_layout,
     )
+    k0, v0 = cache.kv(0)
+    assert k0.is_contiguous() == (kv_layout == "separate")
+    if kv_layout == "paired":  # one buffer a store: a page's V right after its K
+        assert v0.data_ptr() - k0.data_ptr() == page_size * num_kv_heads * head_dim * k0.element_size()
+        assert k0.stride(0) == v0.stride(0) == 2 * page_size * num_kv_heads * head_dim
     producers = [layer for layer in range(num_layers) if cache.is_producer(layer)]
     assert producers == [0, 2]
 

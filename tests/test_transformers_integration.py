@@ -103,6 +103,34 @@ def test_chunked_prefill_matches_one_pass():
     assert cache.get_seq_length() == PROMPT and cache.cached_tokens() == PROMPT
 
 
+@pytest.mark.parametrize("policy", [None, "snapkv", "h2o"])
+def test_paired_kv_layout_gives_the_separate_layouts_results(policy, monkeypatch):
+    """The adapter on a PagedKVCache whose K and V are the two halves of one [pages, 2, ...] buffer
+    (kv_layout="paired"; the adapter does not expose the choice, so it is patched in): a chunked
+    prefill (the second chunk gathers the cached tokens), the policy's compaction and the decode
+    steps give the tokens and logits of the separate layout."""
+    ids = _prompt()
+
+    def run():
+        model = _model("llama")
+        kwargs = dict(policy=policy, budget=12, page_size=4, window=4) if policy else dict(page_size=4)
+        kvt.enable(model, **kwargs)
+        cache = kvt.KVCoreCache(model.config, max_cache_len=PROMPT, page_size=4)
+        with torch.no_grad():
+            first = model(ids[:, :14], **cache.forward_kwargs(model), use_cache=True).logits
+            second = model(ids[:, 14:], **cache.forward_kwargs(model), use_cache=True).logits
+        return torch.cat([first, second], dim=1), cache.paged.kv_layout, _greedy(model, ids)
+
+    want_chunks, want_layout, want = run()
+    monkeypatch.setattr(kvt, "PagedKVCache", functools.partial(kvt.PagedKVCache, kv_layout="paired"))
+    got_chunks, got_layout, got = run()
+    assert (want_layout, got_layout) == ("separate", "paired")
+    torch.testing.assert_close(got_chunks, want_chunks, atol=0, rtol=0)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"logits of step {step}")
+
+
 @pytest.mark.parametrize("policy", [p for p in kvt.POLICIES if p != "pyramidkv"])  # per-layer budgets: own tests
 def test_policy_keeps_budget(policy):
     budget, page = 10, 4

@@ -88,6 +88,11 @@ class PagedKVCache:
         cla_share: CLA factor ``f``: layers ``[0, f)`` use store 0, ``[f, 2f)`` store 1, ...
         layer_to_store: explicit layer -> store map (MLKV), length ``num_layers``, store ids
             ``0 .. S-1`` all used. Exclusive with ``cla_share != 1``.
+        kv_layout: ``"separate"`` (default): each store's K and V are two contiguous
+            ``[num_pages, page_size, num_kv_heads, head_dim]`` tensors. ``"paired"``: one
+            ``[num_pages, 2, page_size, num_kv_heads, head_dim]`` buffer per store (FlashInfer's
+            paged layout, a page's K right before its V), and ``kv()`` hands out its two halves,
+            whose pages are twice as far apart; every op takes either.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         cla_share: int = 1,
         layer_to_store: Sequence[int] | None = None,
+        kv_layout: str = "separate",
     ) -> None:
         self.num_layers = _as_int(num_layers, "num_layers", 1)
         self.num_kv_heads = _as_int(num_kv_heads, "num_kv_heads", 1)
@@ -123,6 +129,9 @@ class PagedKVCache:
         elif dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
         self.dtype = dtype
+        if kv_layout not in ("separate", "paired"):
+            raise ValueError(f"kv_layout must be 'separate' or 'paired', got {kv_layout!r}")
+        self.kv_layout = kv_layout
 
         if layer_to_store is not None:
             if cla_share != 1:
@@ -140,8 +149,14 @@ class PagedKVCache:
 
         shape = (self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
         # torch.empty on purpose: a slot is only read after it was written (never rely on zeros).
-        self._k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_stores)]
-        self._v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_stores)]
+        if kv_layout == "paired":
+            pairs = [torch.empty((shape[0], 2) + shape[1:], dtype=dtype, device=self.device)
+                     for _ in range(self.num_stores)]
+            self._k = [pair[:, 0] for pair in pairs]
+            self._v = [pair[:, 1] for pair in pairs]
+        else:
+            self._k = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_stores)]
+            self._v = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(self.num_stores)]
 
         # One allocator ("unit") while the stores share pages, one per store after split_stores().
         # Free pages as a stack; reversed so that a fresh cache hands out 0, 1, 2, ...
@@ -579,7 +594,8 @@ class PagedKVCache:
             f"PagedKVCache(layers={self.num_layers}, stores={self.num_stores}, "
             f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, pages={self.used_pages}/"
             f"{self.num_pages} used x {self.page_size} tokens, dtype={self.dtype}, "
-            f"device={self.device}, sequences={len(self._seqs)})"
+            f"device={self.device}, sequences={len(self._seqs)}"
+            + (", kv_layout=paired)" if self.kv_layout == "paired" else ")")
         )
 
     # ---------------------------------------------------------------- eviction

@@ -499,10 +499,11 @@ class KVCoreCache(_LogicalPositions, Cache):
         in ``layer_idx``'s store (``block_table``: that store's)."""
         k_cache, v_cache = self.paged.kv(layer_idx)
         pos = torch.arange(past, device=k_cache.device)
-        pages = block_table.to(torch.int64)[:, pos // self.page_size]
-        slots = pages * self.page_size + pos % self.page_size  # [B, past]
-        k = k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots]
-        v = v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots]
+        pages = block_table.to(torch.int64)[:, pos // self.page_size]  # [B, past]
+        # Indexed by (page, row), not through a flat view: the caches may be the two halves of
+        # one paired buffer (PagedKVCache(kv_layout="paired")), whose pages are not contiguous.
+        k = k_cache[pages, pos % self.page_size]  # [B, past, Hkv, D]
+        v = v_cache[pages, pos % self.page_size]
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def _attend(self, layer_idx: int, query: Tensor, key: Tensor, value: Tensor, scaling: float,
