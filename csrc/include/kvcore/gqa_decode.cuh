@@ -685,7 +685,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
 #pragma unroll
     for (int sl = 0; sl < OE; ++sl) sOrder[sl * Cfg::THREADS + tid] = v[sl];
     __syncthreads();  // the list is whole, and the last stage free of the sort's scratch
-    fetch_pages(STAGES - 1, pages, ORDER);
+    fetch_pages(STAGES - 1, pages, /*listed=*/true);  // (the sorted list; ORDER is true here)
   }
   KVCORE_TRACE(p, 4);
 
