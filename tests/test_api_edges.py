@@ -164,20 +164,20 @@ def _op_calls(gen) -> dict:
                  slot_mapping=torch.tensor([0, 3])),
             lambda a: kvcore.append_paged_kv(a["k"], a["v"], a["k_cache"], a["v_cache"], a["slot_mapping"])),
         "gqa_decode": (
-            dict(paged, out=out_like(q)),
+            dict(paged, out=out_like(q), lse=poison(torch.empty(3, 4)), score=torch.zeros(3, 2, width)),
             lambda a: kvcore.gqa_decode(a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"],
-                                        out=a["out"])),
+                                        out=a["out"], lse=a["lse"], score=a["score"])),
         "block_sparse_decode": (
-            dict(paged, sel_pages=a.sel_pages, sel_counts=a.sel_counts, out=out_like(q)),
+            dict(paged, sel_pages=a.sel_pages, sel_counts=a.sel_counts, out=out_like(q), lse=poison(torch.empty(3, 4))),
             lambda a: kvcore.block_sparse_decode(a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seq_lens"],
-                                                 a["sel_pages"], a["sel_counts"], out=a["out"])),
+                                                 a["sel_pages"], a["sel_counts"], out=a["out"], lse=a["lse"])),
         "merge_attention_states": (
             dict(out_a=a.oa, lse_a=a.la, out_b=a.ob, lse_b=a.lb, out=out_like(a.oa), lse=out_like(a.la)),
             lambda a: kvcore.merge_attention_states(a["out_a"], a["lse_a"], a["out_b"], a["lse_b"], out=a["out"],
                                                     lse=a["lse"])),
         "token_decoder_attention": (
-            dict(q=a.tq, k=a.tk, v=a.tv, out=out_like(a.tq)),
-            lambda a: kvcore.token_decoder_attention(a["q"], a["k"], a["v"], out=a["out"])),
+            dict(q=a.tq, k=a.tk, v=a.tv, out=out_like(a.tq), lse=poison(torch.empty(2, 3, 4))),
+            lambda a: kvcore.token_decoder_attention(a["q"], a["k"], a["v"], out=a["out"], lse=a["lse"])),
         "attention_scores": (
             dict(q=a.wq, k_cache=kv.k_cache, block_table=kv.block_table, seq_lens=kv.seq_lens,
                  out=poison(torch.empty(3, 2, width))),
@@ -197,9 +197,9 @@ def _op_calls(gen) -> dict:
             lambda a: kvcore.topk_rows(a["scores"], 4, values=a["values"], indices=a["indices"])),
         "mla_decode": (
             dict(q=a.mq, latent_cache=a.mcache, block_table=a.mtable, seq_lens=a.mlens,
-                 out=poison(torch.empty(2, 3, 32))),
+                 out=poison(torch.empty(2, 3, 32)), lse=poison(torch.empty(2, 3))),
             lambda a: kvcore.mla_decode(a["q"], a["latent_cache"], a["block_table"], a["seq_lens"], scale=0.2,
-                                        out=a["out"])),
+                                        out=a["out"], lse=a["lse"])),
     }
 
 
@@ -268,10 +268,12 @@ def test_caches_that_partly_overlap_are_refused(op, gen):
 # ---- an output that shares bytes with another argument: an error naming both, nothing written ------
 
 # The arguments each op writes (the schema's Tensor(a!)).
-_WRITTEN = {"append_paged_kv": ["k_cache", "v_cache"], "gqa_decode": ["out"], "block_sparse_decode": ["out"],
-            "merge_attention_states": ["out", "lse"], "token_decoder_attention": ["out"], "attention_scores": ["out"],
+_WRITTEN = {"append_paged_kv": ["k_cache", "v_cache"], "gqa_decode": ["out", "lse", "score"],
+            "block_sparse_decode": ["out", "lse"], "merge_attention_states": ["out", "lse"],
+            "token_decoder_attention": ["out", "lse"], "attention_scores": ["out"],
             "compact_kv": ["k_cache", "v_cache", "seq_lens"], "infllm_unit_scores": ["out"],
-            "topk_rows": ["values", "indices"], "mla_decode": ["out"]}
+            "topk_rows": ["values", "indices"], "mla_decode": ["out", "lse"],
+            "mla_latent_project": ["latent_cache", "c_kv_out", "k_pe_out"]}
 
 
 def _overlapping(written: torch.Tensor, other: torch.Tensor) -> tuple:
@@ -289,7 +291,18 @@ def _overlapping(written: torch.Tensor, other: torch.Tensor) -> tuple:
     return buf, w, o
 
 
-@pytest.mark.parametrize("op", _OPS)
+def _projection_call(gen) -> tuple:
+    """mla_latent_project's tensor arguments by name and a call of it (the shape of _op_calls)."""
+    t, d, r, p = 3, 24, 16, 8
+    args = dict(hidden=randn(t, d, gen=gen), w_dkv=randn(d, r + p, gen=gen, scale=0.2), norm_weight=randn(r, gen=gen),
+                cos_sin=reference.rope_cos_sin(16, p), positions=torch.tensor([0, 5, 9]),
+                latent_cache=poison(torch.empty(4, 4, r + p)), slot_mapping=torch.tensor([2, -1, 7]),
+                c_kv_out=poison(torch.empty(t, r)), k_pe_out=poison(torch.empty(t, p)))
+    return args, lambda a: kvcore.mla_latent_project(*(a[n] for n in list(args)[:7]), c_kv_out=a["c_kv_out"],
+                                                     k_pe_out=a["k_pe_out"])
+
+
+@pytest.mark.parametrize("op", _OPS + ["mla_latent_project"])
 def test_an_output_sharing_bytes_with_another_argument_is_refused(op, gen):
     """Each written argument in turn laid over each other tensor argument (partly: one element
     off): before, the kernels read the input while writing the output and returned wrong numbers
@@ -297,7 +310,7 @@ def test_an_output_sharing_bytes_with_another_argument_is_refused(op, gen):
     is written. Validation is off so that the wrappers' checks of index contents (which the
     overlap may have changed) leave the call to the C++ checks. The caches of the in-place ops
     against each other are the wrappers' own check (test_caches_that_partly_overlap_are_refused)."""
-    args, call = _op_calls(gen)[op]
+    args, call = _projection_call(gen) if op == "mla_latent_project" else _op_calls(gen)[op]
     pairs = [(w, o) for w in _WRITTEN[op] for o in args if o != w and not {w, o} <= {"k_cache", "v_cache"}]
     assert pairs
     was = kvcore.set_validation(False)
@@ -318,8 +331,11 @@ def test_outputs_over_inputs_named_in_the_docs_are_refused(gen):
     buffer, an out shifted one row over out_a, topk_rows writing into its scores."""
     q, kv = _decode_inputs(gen)
     paged = (kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
-    with pytest.raises(RuntimeError, match=r"out and q share memory \(they are the same tensor\)"):
+    with pytest.raises(RuntimeError, match=r"out and q share memory \(the same memory\)"):
         kvcore.gqa_decode(q, *paged, out=q)
+    # the same bytes through another storage (a DLPack round trip), which torch's views do not link
+    with pytest.raises(RuntimeError, match=r"out and q share memory \(the same memory\)"):
+        kvcore.gqa_decode(q, *paged, out=torch.from_dlpack(q.__dlpack__()))
     buf = poison(torch.empty(q.numel() + q.shape[0] * q.shape[1]))
     out, lse = buf[:q.numel()].view(q.shape), buf[q.numel() - 1:-1].view(q.shape[:2])
     with pytest.raises(RuntimeError, match=r"out and lse share memory \(their bytes overlap\)"):
@@ -334,6 +350,18 @@ def test_outputs_over_inputs_named_in_the_docs_are_refused(gen):
     assert torch.equal(scores, a.scores)
 
 
+@pytest.mark.skipif(not hasattr(torch, "_lazy_clone"), reason="this torch has no copy-on-write tensors")
+def test_the_overlap_check_leaves_copy_on_write_inputs_alone(gen):
+    """The check reads pointers through the const accessors: a copy-on-write input an op only
+    reads stays copy-on-write (the mutable accessor would copy it)."""
+    a = _op_inputs(gen)
+    lazy = [torch._lazy_clone(t) for t in (a.oa, a.la, a.ob, a.lb)]
+    kvcore.merge_attention_states(*lazy)
+    scores = torch._lazy_clone(a.scores)
+    kvcore.topk_rows(scores, 4)
+    assert all(torch._C._is_cow_tensor(t) for t in lazy + [scores])
+
+
 def test_merge_may_accumulate_into_either_input(gen):
     """merge_attention_states' out may be out_a or out_b itself and its lse lse_a or lse_b (each
     row's inputs are read before its outputs are written): the results equal a separate call's."""
@@ -344,6 +372,13 @@ def test_merge_may_accumulate_into_either_input(gen):
         args = (o, l, a.ob, a.lb) if side == "a" else (a.oa, a.la, o, l)
         kvcore.merge_attention_states(*args, out=o, lse=l)
         assert torch.equal(o, want_out) and torch.equal(l, want_lse)
+    # out_a's own bytes under other strides of a size-1 dim (still contiguous) count as out_a
+    oa, la, ob, lb = (t[:, :1].contiguous() for t in (a.oa, a.la, a.ob, a.lb))
+    want_out, want_lse = kvcore.merge_attention_states(oa, la, ob, lb)
+    out = oa.as_strided(oa.shape, (oa.shape[2], 5, 1))
+    assert out.is_contiguous() and out.stride() != oa.stride()
+    kvcore.merge_attention_states(oa, la, ob, lb, out=out, lse=la)
+    assert torch.equal(oa, want_out) and torch.equal(la, want_lse)
 
 
 @pytest.mark.parametrize("name, value", [("scale", 1e-300), ("scale", 1e-39), ("logit_soft_cap", 1e-300)])

@@ -207,25 +207,38 @@ def test_gqa_decode_split_merge_batches_cuda(device, head_dim, group, num_splits
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_decode_workspace_sharing_bytes_with_an_argument_is_refused_cuda(device, gen):
     """The split workspace (which only the CUDA kernels use) laid over out or q: the partials would
-    overwrite them mid-call. Refused by the CUDA launchers of gqa_decode and block_sparse_decode,
-    naming both, with nothing written; the same buffers apart run."""
+    overwrite them mid-call. Refused by the CUDA launchers of gqa_decode, block_sparse_decode and
+    mla_decode, naming both, with nothing written; the same buffers apart run."""
     kv = make_paged_kv([300, 17], 16, 2, 128, gen=gen, dtype=torch.bfloat16, device=device)
     paged = (kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
-    q = randn(2, 8, 128, gen=gen, dtype=torch.bfloat16, device=device)
     sel = (torch.zeros(2, 2, 1, dtype=torch.int32, device=device), torch.ones(2, 2, dtype=torch.int32, device=device))
-    calls = {"gqa_decode": lambda q, out, ws: kvcore.gqa_decode(q, *paged, out=out, workspace=ws, num_splits=4),
-             "block_sparse_decode": lambda q, out, ws: kvcore.block_sparse_decode(q, *paged, *sel, out=out, workspace=ws,
-                                                                                  num_splits=2)}
-    nbytes = q.numel() * q.element_size()
-    for op, call in calls.items():
-        ws = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES + nbytes, dtype=torch.uint8, device=device)
-        tail = ws[-nbytes:].view(torch.bfloat16).view(q.shape)  # the workspace's last bytes
-        for name, args in (("out", (q, tail, ws)), ("q", (tail.copy_(q), poison(torch.empty_like(q)), ws))):
+    latent = make_paged_kv([300, 17], 16, 1, 576, gen=gen, dtype=torch.bfloat16, device=device)
+    mla_args = (latent.k_cache[:, :, 0], latent.block_table, latent.seq_lens)
+    # op -> (q, out's shape, call(q, out, workspace))
+    ops = {
+        "gqa_decode": (randn(2, 8, 128, gen=gen, dtype=torch.bfloat16, device=device), (2, 8, 128),
+                       lambda q, out, ws: kvcore.gqa_decode(q, *paged, out=out, workspace=ws, num_splits=4)),
+        "block_sparse_decode": (randn(2, 8, 128, gen=gen, dtype=torch.bfloat16, device=device), (2, 8, 128),
+                                lambda q, out, ws: kvcore.block_sparse_decode(q, *paged, *sel, out=out, workspace=ws,
+                                                                              num_splits=2)),
+        "mla_decode": (randn(2, 16, 576, gen=gen, dtype=torch.bfloat16, device=device), (2, 16, 512),
+                       lambda q, out, ws: kvcore.mla_decode(q, *mla_args, scale=0.05, out=out, workspace=ws,
+                                                            num_splits=2)),
+    }
+    for op, (q, out_shape, call) in ops.items():
+        q_bytes, out_bytes = q.numel() * 2, math.prod(out_shape) * 2
+        ws = torch.zeros(kvcore.ops.DECODE_WORKSPACE_BYTES + max(q_bytes, out_bytes), dtype=torch.uint8, device=device)
+        tail = lambda n, shape: ws[-n:].view(torch.bfloat16).view(shape)  # noqa: E731 (the workspace's last bytes)
+        for name in ("out", "q"):
+            if name == "out":
+                args = (q, tail(out_bytes, out_shape), ws)
+            else:
+                args = (tail(q_bytes, q.shape).copy_(q), poison(torch.empty(out_shape, dtype=q.dtype, device=device)), ws)
             before = ws.clone()
             with pytest.raises(RuntimeError, match=rf"workspace and {name} share memory \(their bytes overlap\)"):
                 call(*args)
             assert torch.equal(ws, before), f"{op} wrote the workspace in a refused call"
-        out = poison(torch.empty_like(q))
+        out = poison(torch.empty(out_shape, dtype=q.dtype, device=device))
         call(q, out, ws[: kvcore.ops.DECODE_WORKSPACE_BYTES])
         assert not out.isnan().any()
 

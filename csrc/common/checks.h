@@ -5,7 +5,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -84,22 +83,36 @@ inline NamedTensor named(const c10::optional<at::Tensor>& t, const char* name) {
 
 // A tensor an op writes must share no byte with another of its tensor arguments: the kernels read
 // their inputs while they write their outputs, in an order no caller may rely on, so an output
-// over an input (or over another output) gives wrong numbers without an error. ATen's overlap
-// test decides it for tensors without gaps (contiguous ones, whatever their dtype: an lse viewed
-// out of out's bytes is caught); where either tensor has gaps (the two interleaved halves of one
-// [pages, 2, ...] cache, an expanded q) it cannot tell cheaply, and then only a shared first byte
-// counts as overlap. may_be_same: the op allows exactly this tensor (e.g. merge's out = out_a).
+// over an input (or over another output) gives wrong numbers without an error. For two tensors
+// without gaps (is_non_overlapping_and_dense: contiguous ones, whatever their dtype, so an lse
+// viewed out of out's bytes is caught) it compares their byte ranges, which also catches aliases
+// from outside torch's views (DLPack, from_blob: other storages over the same bytes, which ATen's
+// overlap test passes). Where either has gaps (the two interleaved halves of one [pages, 2, ...]
+// cache, an expanded q) it cannot tell cheaply, and then only a shared first byte counts.
+// may_be_same: the op allows exactly the other tensor's memory (merge's out = out_a). Only the
+// const pointer accessors are used: the mutable one would copy a copy-on-write input.
 inline void check_apart(const NamedTensor& written, const NamedTensor& other, bool may_be_same = false) {
   if (written.t == nullptr || other.t == nullptr || !written.t->defined() || !other.t->defined()) return;
-  if (written.t->numel() == 0 || other.t->numel() == 0) return;
-  const at::MemOverlapStatus status = at::get_overlap_status(*written.t, *other.t);
-  const bool same_start = written.t->data_ptr() == other.t->data_ptr();
-  if (status == at::MemOverlapStatus::No) return;
-  if (status == at::MemOverlapStatus::Full && may_be_same) return;
-  if (status == at::MemOverlapStatus::TooHard && !same_start) return;
+  const at::Tensor& w = *written.t;
+  const at::Tensor& o = *other.t;
+  if (w.numel() == 0 || o.numel() == 0) return;
+  const char* w0 = static_cast<const char*>(w.const_data_ptr());
+  const char* o0 = static_cast<const char*>(o.const_data_ptr());
+  bool same = w0 == o0;
+  if (w.is_non_overlapping_and_dense() && o.is_non_overlapping_and_dense()) {
+    const char* w1 = w0 + w.numel() * w.element_size();
+    const char* o1 = o0 + o.numel() * o.element_size();
+    if (w1 <= o0 || o1 <= w0) return;
+    same = same && w1 == o1;
+    if (same && may_be_same && w.scalar_type() == o.scalar_type() &&
+        (w.strides() == o.strides() || (w.is_contiguous() && o.is_contiguous())))
+      return;
+  } else if (!same) {
+    return;
+  }
   TORCH_CHECK(false, written.name, " and ", other.name, " share memory (",
-              status == at::MemOverlapStatus::Full ? "they are the same tensor" : "their bytes overlap", "); ",
-              written.name, " is written while ", other.name, " is in use: pass a separate ", written.name);
+              same ? "the same memory" : "their bytes overlap", "); ", written.name, " is written while ", other.name,
+              " is in use: pass tensors that share no memory");
 }
 
 // Each written tensor apart from the written ones after it and from every read one.
