@@ -463,6 +463,52 @@ def test_end_to_end_ragged_decode_matches_reference(device, dtype, kv_layout):
 
 
 @needs_ops
+def test_trusted_indices_skip_validation_in_this_thread_only():
+    """ops._trusted_indices(): validation off for this thread inside (nested too), as before after."""
+    import threading
+
+    from kvcore import ops
+
+    assert ops.validation_enabled()
+    seen = []
+    with ops._trusted_indices():
+        assert not ops.validation_enabled()
+        with ops._trusted_indices():
+            assert not ops.validation_enabled()
+        assert not ops.validation_enabled()
+        other = threading.Thread(target=lambda: seen.append(ops.validation_enabled()))
+        other.start()
+        other.join()
+    assert seen == [True] and ops.validation_enabled()
+    with pytest.raises(RuntimeError):
+        with ops._trusted_indices():
+            raise RuntimeError("inside")
+    assert ops.validation_enabled()
+
+
+@needs_ops
+def test_decode_does_not_recheck_its_own_table(monkeypatch):
+    """PagedKVCache.decode builds the block table and lengths from its allocator, so it skips the
+    content checks (a device->host sync each on a GPU); a direct gqa_decode call still runs them."""
+    from kvcore import ops
+
+    cache = _cache(num_layers=1)
+    seqs = [cache.add_sequence() for _ in range(2)]
+    slots = cache.reserve(seqs, [5, 9])
+    gen = torch.Generator().manual_seed(5)
+    kv = torch.randn(14, 2, 8, generator=gen)
+    cache.append(0, kv, kv.flip(0), slots)
+    q = torch.randn(2, 4, 8, generator=gen)
+    calls = []
+    real = ops._check_block_table_contents
+    monkeypatch.setattr(ops, "_check_block_table_contents", lambda *a: (calls.append(1), real(*a))[1])
+    out = cache.decode(0, q, seqs)
+    assert calls == []
+    want = ops.gqa_decode(q, *cache.kv(0), cache.block_table(seqs), cache.seq_lens(seqs))
+    assert calls == [1] and torch.equal(out, want)
+
+
+@needs_ops
 def test_decode_passes_the_host_lengths_as_plan_seq_lens(monkeypatch):
     """PagedKVCache.decode hands gqa_decode the lengths it holds on the host (plan_seq_lens, for
     the split plan) unless the caller gives its own, which it forwards unchanged."""

@@ -103,6 +103,30 @@ def test_chunked_prefill_matches_one_pass():
     assert cache.get_seq_length() == PROMPT and cache.cached_tokens() == PROMPT
 
 
+def test_decode_steps_do_not_recheck_the_adapters_own_indices(monkeypatch):
+    """The adapter's append and decode calls pass slots and step tables it built itself, so they
+    skip the ops' content checks (on a GPU each is a device->host sync, two a layer a step); the
+    tokens are the same as with the checks."""
+    from kvcore import ops
+
+    ids = _prompt()
+    model = _model("llama")
+    kvt.enable(model)
+    want = _greedy(model, ids)
+    calls = []
+    for name in ("_check_block_table_contents", "_check_slots"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    got = _greedy(model, ids)
+    assert calls == []
+    assert torch.equal(got.sequences, want.sequences)
+    # (the patched checks do run where the indices are a caller's)
+    paged = model.kvcore_cache.paged
+    k = torch.randn(1, paged.num_kv_heads, paged.head_dim)
+    ops.append_paged_kv(k, k, *paged.kv(0), torch.tensor([0]))
+    assert calls == ["_check_slots"]
+
+
 @pytest.mark.parametrize("policy", [None, "snapkv", "h2o"])
 def test_paired_kv_layout_gives_the_separate_layouts_results(policy, monkeypatch):
     """The adapter on a PagedKVCache whose K and V are the two halves of one [pages, 2, ...] buffer

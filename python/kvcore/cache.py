@@ -547,9 +547,11 @@ class PagedKVCache:
         lens = [seq.length for seq in seqs]
         kwargs.setdefault("plan_seq_lens", lens)
         table = self._table(seqs, max([1] + [len(seq.pages) for seq in seqs]))
-        return _ops().gqa_decode(
-            q, k_cache, v_cache, self._upload(table), self._upload(torch.tensor(lens, dtype=torch.int32)), **kwargs
-        )
+        ops = _ops()
+        with ops._trusted_indices():  # the table and lengths are the allocator's own
+            return ops.gqa_decode(
+                q, k_cache, v_cache, self._upload(table), self._upload(torch.tensor(lens, dtype=torch.int32)), **kwargs
+            )
 
     # ---------------------------------------------------------------- accounting
 

@@ -14,6 +14,7 @@ Every op also has a ``register_fake`` implementation here, so it traces under ``
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Optional, Union, overload
 
@@ -45,6 +46,28 @@ __all__ = [
 
 _ops = torch.ops.kvcore
 _validation = True
+_trust = threading.local()  # .on: this thread's calls pass index contents kvcore built itself
+
+
+class _TrustedIndices:
+    """``with _trusted_indices():`` the calls inside pass block tables, lengths and slots that
+    kvcore built itself (PagedKVCache's allocator, the transformers adapters' step tables), so
+    their contents are not checked again: validation exists for indices a caller made, and on a
+    GPU each check is a device->host sync (two a layer in an adapter's eager decode step).
+    Thread-local; nests. A class, not a contextmanager generator: it runs once per op call."""
+
+    __slots__ = ("previous",)
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_trust, "on", False)
+        _trust.on = True
+
+    def __exit__(self, *exc) -> None:
+        _trust.on = self.previous
+
+
+def _trusted_indices() -> _TrustedIndices:
+    return _TrustedIndices()
 
 #: Size of the per-device split-KV scratch buffer that ``gqa_decode`` uses when the caller passes
 #: none. Partials take ``4 * (head_dim + 1)`` bytes per (query head, split); the split heuristic
@@ -70,7 +93,7 @@ def set_validation(enabled: bool) -> bool:
 
 def validation_enabled() -> bool:
     """Whether index-content checks run on the next call (see :func:`set_validation`)."""
-    if not _validation or torch.compiler.is_compiling():
+    if not _validation or torch.compiler.is_compiling() or getattr(_trust, "on", False):
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False

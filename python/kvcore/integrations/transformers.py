@@ -486,7 +486,8 @@ class KVCoreCache(_LogicalPositions, Cache):
             # view, which append_paged_kv refuses (a model's roped keys are token-major already).
             k = key_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
             v = value_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
-            paged.append(layer_idx, k, v, self._slots if self._slots_s is None else self._slots_s[store])
+            with ops._trusted_indices():  # slots this cache reserved itself
+                paged.append(layer_idx, k, v, self._slots if self._slots_s is None else self._slots_s[store])
             self._step_kv[store] = (key_states, value_states)
         key_states, value_states = self._step_kv[store]
         _note.entry = (self, layer_idx, key_states)
@@ -512,10 +513,11 @@ class KVCoreCache(_LogicalPositions, Cache):
         block_table, seq_lens, past = self._step_meta(layer_idx)
         if new == 1:
             k_cache, v_cache = self.paged.kv(layer_idx)
-            out = ops.gqa_decode(
-                query[:, :, 0, :], k_cache, v_cache, block_table, seq_lens, scale=scaling,
-                window_left=-1 if window is None else window - 1,
-            )
+            with ops._trusted_indices():  # this cache's own step tables
+                out = ops.gqa_decode(
+                    query[:, :, 0, :], k_cache, v_cache, block_table, seq_lens, scale=scaling,
+                    window_left=-1 if window is None else window - 1,
+                )
             self._policy_step(layer_idx, query, scaling)
             return out.unsqueeze(1)  # [B, 1, Hq, D]
         if past:
