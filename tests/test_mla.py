@@ -907,6 +907,36 @@ def test_layer_decode_equals_prefill_path_on_one_token(gen):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
 
 
+def test_decode_of_a_cache_built_step_skips_the_index_checks(gen, monkeypatch):
+    """MLALatentCache.step's tables come from its own allocator: the absorbed decode does not
+    re-check their contents (a device->host sync a layer on a GPU); a step built by hand from the
+    same tensors still is checked, and both give the same output."""
+    from kvcore import ops
+    from kvcore.mla import MLAStep
+
+    config = MLAConfig(**TINY, q_lora_rank=32)
+    layer = MLAAttention(config)
+    _randomise(layer, gen)
+    cache = MLALatentCache(1, num_pages=4, page_size=4, kv_lora_rank=64, rope_dim=16, dtype=torch.float32)
+    s = cache.add_sequence()
+    layer.prefill(randn(7, config.hidden_size, gen=gen), cache.latent(0), cache.step([s], [7]))
+    step = cache.step([s], [1])
+    assert step._from_cache and "_from_cache" not in repr(step)
+    by_hand = MLAStep(step.num_tokens, step.positions, step.slot_mapping, step.block_table, step.seq_lens,
+                      step.host_seq_lens)
+    assert not by_hand._from_cache
+    calls = []
+    real = ops._check_block_table_contents
+    monkeypatch.setattr(ops, "_check_block_table_contents", lambda *a: (calls.append(1), real(*a))[1])
+    new = randn(1, config.hidden_size, gen=gen)
+    latent = cache.latent(0).clone()
+    got = layer.decode(new, cache.latent(0), step)
+    assert calls == []
+    cache.latent(0).copy_(latent)  # (the decode wrote the token's latent; the same again below)
+    want = layer.decode(new, cache.latent(0), by_hand)
+    assert calls == [1] and torch.equal(got, want)
+
+
 def test_layer_refreshes_absorbed_weights_and_checks_arguments(gen):
     config = MLAConfig(**TINY, q_lora_rank=None)
     layer = MLAAttention(config)

@@ -36,9 +36,10 @@ Not covered: YaRN rope scaling and its softmax mscale (pass a custom ``cos_sin``
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -149,6 +150,10 @@ class MLAStep:
     block_table: Tensor
     seq_lens: Tensor
     host_seq_lens: Optional[list[int]] = None
+    # Built by MLALatentCache.step from its own allocator: the decode skips re-checking the block
+    # table's and lengths' contents (a device->host sync a layer on a GPU). A step built by hand
+    # keeps the checks.
+    _from_cache: bool = field(default=False, repr=False)
 
     @property
     def is_decode(self) -> bool:
@@ -250,8 +255,8 @@ class MLALatentCache:
             or [torch.zeros(0, dtype=torch.int64)]
         )
         lens = [self.seq_len(s) for s in seq_ids]  # after the reservation: including the new tokens
-        return MLAStep(counts, positions.to(self.device), slots, self.block_table(seq_ids), self.seq_lens(seq_ids),
-                       lens)
+        return MLAStep(counts, self._alloc._upload(positions), slots, self.block_table(seq_ids),
+                       self.seq_lens(seq_ids), lens, _from_cache=True)
 
     def memory_report(self) -> dict:
         """Bytes of latent storage and per token (all layers)."""
@@ -392,8 +397,9 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = self.query(hidden, step.positions)
         q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]: W_UK folded into q
         q = torch.cat([q_abs, q_pe], dim=-1).contiguous()  # [B, H, R + P]
-        o_lat = ops.mla_decode(q, latent_cache, step.block_table, step.seq_lens, scale=c.scale, v_dim=c.kv_lora_rank,
-                               plan_seq_lens=step.host_seq_lens)
+        with ops._trusted_indices() if step._from_cache else contextlib.nullcontext():
+            o_lat = ops.mla_decode(q, latent_cache, step.block_table, step.seq_lens, scale=c.scale,
+                                   v_dim=c.kv_lora_rank, plan_seq_lens=step.host_seq_lens)
         o = torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, v_head]: W_UV on the output
         return self.o_proj(o.reshape(hidden.shape[0], c.num_heads * c.v_head_dim))
 

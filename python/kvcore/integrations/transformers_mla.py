@@ -56,8 +56,9 @@ DeepSeek modules store in their ``DynamicCache``: they too cache the latent, unp
 
 Costs to know: per layer, the absorbed weights (``kv_a_proj_with_mqa`` transposed, ``W_UK`` and
 ``W_UV^T`` from ``kv_b_proj``) are kept as contiguous copies next to the model's (for DeepSeek-V3
-about 42 MB per layer in bf16); kvcore's validation (on by default) reads the step's slot and
-block-table contents on the host once per op call. The patched ``forward`` replaces any
+about 42 MB per layer in bf16); kvcore's validation (on by default) reads the step's slots and
+positions on the host once per layer (the latent projection's check; the decode's block table
+and lengths, which the latent cache built, are not checked again). The patched ``forward`` replaces any
 instance-level ``forward`` wrapper (e.g. accelerate's device-placement hook) on the attention
 modules for the kvcore path; the model is expected on one device.
 """
