@@ -11,5 +11,10 @@
 # path that hands a kernel an output overlapping an input on CUDA only.
 o=/tmp/c
 rm -rf $o; mkdir -p $o
+# Then bench/experiments/eager_validation.py: the adapter's eager decode step (Llama 8 layers,
+# hidden 1024, B8, 1024-token prompt) with validation off / on (the adapter's calls trusted) / on
+# with nothing trusted (before session 32). Predicted: on ~ off; nothing-trusted slower by the
+# two device->host syncs a layer (16 a step), each draining the queue of the step's kernels.
 KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-575} build \
- "ptests:420:4:not in_subprocess"
+ "ptests:360:4:not in_subprocess" \
+ "run:eager_validation:60:python3 bench/experiments/eager_validation.py"
