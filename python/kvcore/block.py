@@ -407,8 +407,8 @@ class KvcoreBlockTransformer:
         slots = self.block_cache.reserve(self._block_seqs, [nb] * bsz)
         for i, layer in enumerate(self.w.block_layers):
             q, k, v = _qkv(x, layer, cfg)  # [B, nb, H, Dh]
-            self.block_cache.append(i, k.reshape(bsz * nb, cfg.num_kv_heads, cfg.head_dim),
-                                    v.reshape(bsz * nb, cfg.num_kv_heads, cfg.head_dim), slots)
+            self.block_cache._append_reserved(i, k.reshape(bsz * nb, cfg.num_kv_heads, cfg.head_dim),
+                                             v.reshape(bsz * nb, cfg.num_kv_heads, cfg.head_dim), slots)
             attn = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale,
                 enable_gqa=cfg.num_heads != cfg.num_kv_heads,
@@ -423,7 +423,7 @@ class KvcoreBlockTransformer:
         slots = self.block_cache.reserve(self._block_seqs, [1] * x.shape[0])
         for i, layer in enumerate(self.w.block_layers):
             q, k, v = _qkv(x, layer, cfg)  # [B, H, Dh]
-            self.block_cache.append(i, k, v, slots)
+            self.block_cache._append_reserved(i, k, v, slots)
             attn = self.block_cache.decode(i, q.contiguous(), self._block_seqs, scale=self.scale)
             x = x + self._out(attn, layer)
             x = x + _mlp(x, layer, cfg.norm_eps)
@@ -464,8 +464,8 @@ class KvcoreBlockTransformer:
         slots = self.token_cache.reserve(self._token_seqs, [cfg.prefix] * xp.shape[0])
         for i, layer in enumerate(self.w.token_layers):
             q, k, v = _qkv(xp, layer, cfg)  # [B, P, H, Dh]
-            self.token_cache.append(i, k.reshape(-1, cfg.num_kv_heads, cfg.head_dim),
-                                    v.reshape(-1, cfg.num_kv_heads, cfg.head_dim), slots)
+            self.token_cache._append_reserved(i, k.reshape(-1, cfg.num_kv_heads, cfg.head_dim),
+                                             v.reshape(-1, cfg.num_kv_heads, cfg.head_dim), slots)
             attn = ops.token_decoder_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=self.scale)
             xp = xp + self._out(attn, layer)
             xp = xp + _mlp(xp, layer, cfg.norm_eps)
@@ -479,7 +479,7 @@ class KvcoreBlockTransformer:
         slots = self.token_cache.reserve(self._token_seqs, [1] * x.shape[0])
         for i, layer in enumerate(self.w.token_layers):
             q, k, v = _qkv(x, layer, cfg)  # [B, H, Dh]
-            self.token_cache.append(i, k, v, slots)
+            self.token_cache._append_reserved(i, k, v, slots)
             attn = self.token_cache.decode(i, q.contiguous(), self._token_seqs, scale=self.scale)
             x = x + self._out(attn, layer)
             x = x + _mlp(x, layer, cfg.norm_eps)
@@ -527,8 +527,8 @@ class KvcoreBlockTransformer:
         for i, (k, v) in enumerate(kvs):
             cur_k = k.view(bsz, nblk, p + length, cfg.num_kv_heads, cfg.head_dim)[:, -1, : p + rest]
             cur_v = v.view(bsz, nblk, p + length, cfg.num_kv_heads, cfg.head_dim)[:, -1, : p + rest]
-            self.token_cache.append(i, cur_k.reshape(-1, cfg.num_kv_heads, cfg.head_dim),
-                                    cur_v.reshape(-1, cfg.num_kv_heads, cfg.head_dim), slots)
+            self.token_cache._append_reserved(i, cur_k.reshape(-1, cfg.num_kv_heads, cfg.head_dim),
+                                             cur_v.reshape(-1, cfg.num_kv_heads, cfg.head_dim), slots)
         self._length = t_len
         self._block_tokens = tokens[:, full * length :]
         return flat[:, 1 : t_len + 1]

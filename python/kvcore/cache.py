@@ -518,6 +518,13 @@ class PagedKVCache:
         k_cache, v_cache = self.kv(layer)
         _ops().append_paged_kv(k, v, k_cache, v_cache, slot_mapping)
 
+    def _append_reserved(self, layer: int, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+        """:meth:`append` for kvcore's own callers (the Block Transformer, the transformers
+        adapter), whose slots came from this cache's :meth:`reserve`: their contents are not
+        checked again (on a GPU that check is a device->host sync a call)."""
+        with _ops()._trusted_indices():
+            self.append(layer, k, v, slot_mapping)
+
     def decode(self, layer: int, q: Tensor, seq_ids: Sequence[int], **kwargs: Any) -> Any:
         """``kvcore.ops.gqa_decode`` of ``q`` ``[B, Hq, D]`` against ``layer``'s store for the
         sequences ``seq_ids`` (row ``i`` of ``q`` belongs to ``seq_ids[i]``).

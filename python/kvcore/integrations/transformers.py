@@ -486,8 +486,7 @@ class KVCoreCache(_LogicalPositions, Cache):
             # view, which append_paged_kv refuses (a model's roped keys are token-major already).
             k = key_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
             v = value_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
-            with ops._trusted_indices():  # slots this cache reserved itself
-                paged.append(layer_idx, k, v, self._slots if self._slots_s is None else self._slots_s[store])
+            paged._append_reserved(layer_idx, k, v, self._slots if self._slots_s is None else self._slots_s[store])
             self._step_kv[store] = (key_states, value_states)
         key_states, value_states = self._step_kv[store]
         _note.entry = (self, layer_idx, key_states)
