@@ -909,8 +909,12 @@ def test_layer_decode_equals_prefill_path_on_one_token(gen):
 
 def test_decode_of_a_cache_built_step_skips_the_index_checks(gen, monkeypatch):
     """MLALatentCache.step's tables come from its own allocator: the absorbed decode does not
-    re-check their contents (a device->host sync a layer on a GPU); a step built by hand from the
-    same tensors still is checked, and both give the same output."""
+    re-check their contents (a device->host sync a layer on a GPU) while the step holds exactly
+    the cache's tensors and the latent has the cache's pages. A step built by hand, a
+    dataclasses.replace copy, a step given another table, or a smaller latent is checked; all
+    give the same output."""
+    import dataclasses
+
     from kvcore import ops
     from kvcore.mla import MLAStep
 
@@ -921,10 +925,15 @@ def test_decode_of_a_cache_built_step_skips_the_index_checks(gen, monkeypatch):
     s = cache.add_sequence()
     layer.prefill(randn(7, config.hidden_size, gen=gen), cache.latent(0), cache.step([s], [7]))
     step = cache.step([s], [1])
-    assert step._from_cache and "_from_cache" not in repr(step)
+    assert step._trusted_for(cache.latent(0)) and "_issued" not in repr(step)
     by_hand = MLAStep(step.num_tokens, step.positions, step.slot_mapping, step.block_table, step.seq_lens,
                       step.host_seq_lens)
-    assert not by_hand._from_cache
+    copied = dataclasses.replace(step)
+    retabled = dataclasses.replace(step)
+    retabled._issued = step._issued
+    retabled.block_table = step.block_table.clone()
+    assert not any(x._trusted_for(cache.latent(0)) for x in (by_hand, copied, retabled))
+    assert not step._trusted_for(cache.latent(0)[:1])  # fewer pages than the table may name
     calls = []
     real = ops._check_block_table_contents
     monkeypatch.setattr(ops, "_check_block_table_contents", lambda *a: (calls.append(1), real(*a))[1])
@@ -932,9 +941,9 @@ def test_decode_of_a_cache_built_step_skips_the_index_checks(gen, monkeypatch):
     latent = cache.latent(0).clone()
     got = layer.decode(new, cache.latent(0), step)
     assert calls == []
-    cache.latent(0).copy_(latent)  # (the decode wrote the token's latent; the same again below)
-    want = layer.decode(new, cache.latent(0), by_hand)
-    assert calls == [1] and torch.equal(got, want)
+    for n, other in enumerate((by_hand, copied, retabled), start=1):
+        cache.latent(0).copy_(latent)  # (the decode wrote the token's latent; the same again)
+        assert torch.equal(layer.decode(new, cache.latent(0), other), got) and len(calls) == n
 
 
 def test_layer_refreshes_absorbed_weights_and_checks_arguments(gen):

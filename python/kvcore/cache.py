@@ -33,7 +33,6 @@ from ._args import as_index as _index
 __all__ = ["OutOfPagesError", "PagedKVCache"]
 
 
-_ZEROS = [0] * 1024  # padding for block-table rows
 
 
 class OutOfPagesError(RuntimeError):
@@ -450,7 +449,7 @@ class PagedKVCache:
             flat += seq.pages
             pad = max_pages - len(seq.pages)
             if pad:  # (equal lengths, the common case, need none)
-                flat += _ZEROS[:pad] if pad <= len(_ZEROS) else [0] * pad
+                flat += [0] * pad
         if not flat:
             return torch.zeros(len(seqs), max_pages, dtype=torch.int32)
         return torch.frombuffer(array("i", flat), dtype=torch.int32).clone().view(len(seqs), max_pages)

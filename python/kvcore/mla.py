@@ -150,10 +150,18 @@ class MLAStep:
     block_table: Tensor
     seq_lens: Tensor
     host_seq_lens: Optional[list[int]] = None
-    # Built by MLALatentCache.step from its own allocator: the decode skips re-checking the block
-    # table's and lengths' contents (a device->host sync a layer on a GPU). A step built by hand
-    # keeps the checks.
-    _from_cache: bool = field(default=False, repr=False)
+    # Set by MLALatentCache.step: (its block_table, its seq_lens, the cache's num_pages, page_size).
+    # A decode whose step still holds exactly those tensors, against a latent cache with at least
+    # those pages of that size, skips re-checking their contents (a device->host sync a layer on
+    # a GPU). A step built by hand, copied with dataclasses.replace (not an init field, so the copy
+    # has none) or given other tables keeps the checks.
+    _issued: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
+
+    def _trusted_for(self, latent_cache: Tensor) -> bool:
+        issued = self._issued
+        return (issued is not None and self.block_table is issued[0] and self.seq_lens is issued[1]
+                and latent_cache.dim() == 3 and latent_cache.shape[0] >= issued[2]
+                and latent_cache.shape[1] == issued[3])
 
     @property
     def is_decode(self) -> bool:
@@ -255,8 +263,10 @@ class MLALatentCache:
             or [torch.zeros(0, dtype=torch.int64)]
         )
         lens = [self.seq_len(s) for s in seq_ids]  # after the reservation: including the new tokens
-        return MLAStep(counts, self._alloc._upload(positions), slots, self.block_table(seq_ids),
-                       self.seq_lens(seq_ids), lens, _from_cache=True)
+        step = MLAStep(counts, self._alloc._upload(positions), slots, self.block_table(seq_ids),
+                       self.seq_lens(seq_ids), lens)
+        step._issued = (step.block_table, step.seq_lens, self.num_pages, self.page_size)
+        return step
 
     def memory_report(self) -> dict:
         """Bytes of latent storage and per token (all layers)."""
@@ -397,7 +407,7 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = self.query(hidden, step.positions)
         q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, R]: W_UK folded into q
         q = torch.cat([q_abs, q_pe], dim=-1).contiguous()  # [B, H, R + P]
-        with ops._trusted_indices() if step._from_cache else contextlib.nullcontext():
+        with ops._trusted_indices() if step._trusted_for(latent_cache) else contextlib.nullcontext():
             o_lat = ops.mla_decode(q, latent_cache, step.block_table, step.seq_lens, scale=c.scale,
                                    v_dim=c.kv_lora_rank, plan_seq_lens=step.host_seq_lens)
         o = torch.bmm(o_lat.transpose(0, 1), w_uv_t).transpose(0, 1)  # [B, H, v_head]: W_UV on the output

@@ -13,8 +13,8 @@ Every op also has a ``register_fake`` implementation here, so it traces under ``
 
 from __future__ import annotations
 
+import contextvars
 import math
-import threading
 from collections.abc import Sequence
 from typing import Optional, Union, overload
 
@@ -46,7 +46,8 @@ __all__ = [
 
 _ops = torch.ops.kvcore
 _validation = True
-_trust = threading.local()  # .on: this thread's calls pass index contents kvcore built itself
+# True while the calls of this thread (or asyncio task) pass index contents kvcore built itself.
+_trust: contextvars.ContextVar[bool] = contextvars.ContextVar("kvcore_trusted_indices", default=False)
 
 
 class _TrustedIndices:
@@ -54,16 +55,16 @@ class _TrustedIndices:
     kvcore built itself (PagedKVCache's allocator, the transformers adapters' step tables), so
     their contents are not checked again: validation exists for indices a caller made, and on a
     GPU each check is a device->host sync (two a layer in an adapter's eager decode step).
-    Thread-local; nests. A class, not a contextmanager generator: it runs once per op call."""
+    A context variable, so per thread and per asyncio task; nests. A class, not a
+    contextmanager generator: it runs once per op call."""
 
-    __slots__ = ("previous",)
+    __slots__ = ("token",)
 
     def __enter__(self) -> None:
-        self.previous = getattr(_trust, "on", False)
-        _trust.on = True
+        self.token = _trust.set(True)
 
     def __exit__(self, *exc) -> None:
-        _trust.on = self.previous
+        _trust.reset(self.token)
 
 
 def _trusted_indices() -> _TrustedIndices:
@@ -83,7 +84,10 @@ def set_validation(enabled: bool) -> bool:
     in range and raises ``ValueError`` naming the argument; on a GPU that costs a device->host
     sync. Off, nothing is checked and nothing syncs; the kernels still clamp every index, so bad
     contents give wrong numbers but never an out-of-bounds access. The checks are skipped
-    automatically while a CUDA graph is being captured and under ``torch.compile``
+    automatically while a CUDA graph is being captured, under ``torch.compile``, and for the
+    indices kvcore builds itself (``PagedKVCache.decode``'s table and lengths, the slots of its
+    own appends in the Block Transformer and the transformers adapter, the adapter's step tables,
+    an unmodified ``MLALatentCache.step``'s table and lengths)
     (:func:`validation_enabled` tells whether they run now; the returned value is the switch).
     """
     global _validation
@@ -93,7 +97,7 @@ def set_validation(enabled: bool) -> bool:
 
 def validation_enabled() -> bool:
     """Whether index-content checks run on the next call (see :func:`set_validation`)."""
-    if not _validation or torch.compiler.is_compiling() or getattr(_trust, "on", False):
+    if not _validation or torch.compiler.is_compiling() or _trust.get():
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
