@@ -128,31 +128,37 @@ def test_decode_steps_do_not_recheck_the_adapters_own_indices(monkeypatch):
 
 
 @pytest.mark.parametrize("policy", [None, "snapkv", "h2o"])
-def test_paired_kv_layout_gives_the_separate_layouts_results(policy, monkeypatch):
-    """The adapter on a PagedKVCache whose K and V are the two halves of one [pages, 2, ...] buffer
-    (kv_layout="paired"; the adapter does not expose the choice, so it is patched in): a chunked
+def test_paired_kv_layout_gives_the_separate_layouts_results(policy):
+    """kv_layout="paired" (K and V of a page side by side in one [pages, 2, ...] buffer): a chunked
     prefill (the second chunk gathers the cached tokens), the policy's compaction and the decode
     steps give the tokens and logits of the separate layout."""
     ids = _prompt()
 
-    def run():
+    def run(kv_layout):
         model = _model("llama")
-        kwargs = dict(policy=policy, budget=12, page_size=4, window=4) if policy else dict(page_size=4)
-        kvt.enable(model, **kwargs)
-        cache = kvt.KVCoreCache(model.config, max_cache_len=PROMPT, page_size=4)
+        kwargs = dict(policy=policy, budget=12, window=4) if policy else {}
+        kvt.enable(model, page_size=4, kv_layout=kv_layout, **kwargs)
+        cache = kvt.KVCoreCache(model.config, max_cache_len=PROMPT, page_size=4, kv_layout=kv_layout)
         with torch.no_grad():
             first = model(ids[:, :14], **cache.forward_kwargs(model), use_cache=True).logits
             second = model(ids[:, 14:], **cache.forward_kwargs(model), use_cache=True).logits
-        return torch.cat([first, second], dim=1), cache.paged.kv_layout, _greedy(model, ids)
+        out = _greedy(model, ids)
+        return torch.cat([first, second], dim=1), cache.paged.kv_layout, model.kvcore_cache.paged.kv_layout, out
 
-    want_chunks, want_layout, want = run()
-    monkeypatch.setattr(kvt, "PagedKVCache", functools.partial(kvt.PagedKVCache, kv_layout="paired"))
-    got_chunks, got_layout, got = run()
-    assert (want_layout, got_layout) == ("separate", "paired")
+    want_chunks, *want_layouts, want = run("separate")
+    got_chunks, *got_layouts, got = run("paired")
+    assert want_layouts == ["separate"] * 2 and got_layouts == ["paired"] * 2
     torch.testing.assert_close(got_chunks, want_chunks, atol=0, rtol=0)
     assert torch.equal(got.sequences, want.sequences)
     for step, (a, b) in enumerate(zip(got.logits, want.logits)):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=f"logits of step {step}")
+
+
+def test_kv_layout_option_is_checked():
+    with pytest.raises(ValueError, match="kv_layout must be 'separate' or 'paired'"):
+        kvt.enable(_model("llama"), kv_layout="interleaved")
+    with pytest.raises(ValueError, match="kv_layout='paired' applies to the K/V page cache"):
+        kvt.enable(_model("llama"), "infllm", 64, kv_layout="paired")
 
 
 @pytest.mark.parametrize("policy", [p for p in kvt.POLICIES if p != "pyramidkv"])  # per-layer budgets: own tests

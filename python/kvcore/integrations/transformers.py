@@ -250,6 +250,8 @@ class KVCoreCache(_LogicalPositions, Cache):
             >= 1/n), then the best-scored others (CORM's own rule keeps a variable number).
         layer_to_store: CLA / MLKV map, one store id per layer (see :class:`kvcore.PagedKVCache`);
             ``None``: one store per layer.
+        kv_layout: the pages' K/V layout, ``"separate"`` or ``"paired"`` (see
+            :class:`kvcore.PagedKVCache`).
 
     Raises:
         ValueError: unsupported config, unknown policy, missing/bad budget, a policy on a model
@@ -266,8 +268,11 @@ class KVCoreCache(_LogicalPositions, Cache):
         budget: Optional[int] = None,
         policy_kwargs: Optional[dict[str, Any]] = None,
         layer_to_store: Optional[Sequence[int]] = None,
+        kv_layout: str = "separate",
     ) -> None:
         check_supported(config)
+        if kv_layout not in ("separate", "paired"):
+            raise ValueError(f"kv_layout must be 'separate' or 'paired', got {kv_layout!r}")
         if getattr(config, "model_type", None) in _MLA_MODEL_TYPES:
             raise ValueError(f"model_type {config.model_type!r} uses MLA: its cache is "
                              "kvcore.integrations.transformers_mla.KVCoreMLACache (one latent row per token)")
@@ -305,6 +310,7 @@ class KVCoreCache(_LogicalPositions, Cache):
         self.head_dim = _head_dim(config)
         self._max_cache_len = max_cache_len
         self.page_size = page_size
+        self.kv_layout = kv_layout
         self.policy = policy
         self.budget = budget
         self.policy_kwargs = dict(policy_kwargs or {})
@@ -378,7 +384,7 @@ class KVCoreCache(_LogicalPositions, Cache):
         self.paged = PagedKVCache(
             self.num_layers, self.num_kv_heads, self.head_dim, num_pages=batch * pages_per_seq,
             page_size=self.page_size, dtype=key_states.dtype, device=key_states.device,
-            layer_to_store=self._layer_to_store,
+            layer_to_store=self._layer_to_store, kv_layout=self.kv_layout,
         )
         self.seq_ids = [self.paged.add_sequence() for _ in range(batch)]
 
@@ -961,6 +967,7 @@ def enable(
     *,
     page_size: int = 16,
     layer_to_store: Optional[Sequence[int]] = None,
+    kv_layout: str = "separate",
     **policy_kwargs: Any,
 ) -> Any:
     """Run ``model`` (a transformers causal LM) on kvcore: paged cache, kvcore decode, optional eviction.
@@ -982,6 +989,8 @@ def enable(
         budget: tokens per sequence and layer kept by the policy (pyramidkv: their mean over the layers).
         page_size: tokens per page of the paged cache.
         layer_to_store: CLA / MLKV layer -> store map (see :class:`KVCoreCache`).
+        kv_layout: ``"separate"`` or ``"paired"`` K/V pages (see :class:`kvcore.PagedKVCache`); MLA
+            models (one latent row per token) and ``"infllm"`` (its own cache) take only the default.
         policy_kwargs: passed to the policy (see :class:`KVCoreCache`).
 
     Returns:
@@ -991,6 +1000,10 @@ def enable(
         ValueError: unsupported architecture (with the reason), bad policy/budget (MLA models: any policy).
     """
     check_supported(model.config)
+    if kv_layout != "separate" and (getattr(model.config, "model_type", None) in _MLA_MODEL_TYPES
+                                    or policy in RETRIEVAL_POLICIES):
+        raise ValueError(f"kv_layout={kv_layout!r} applies to the K/V page cache; MLA models and 'infllm' "
+                         "have their own caches (leave kv_layout at 'separate')")
     if getattr(model.config, "model_type", None) in _MLA_MODEL_TYPES:  # refuses every policy, infllm included
         from .transformers_mla import enable as enable_mla
 
@@ -1001,10 +1014,10 @@ def enable(
         return enable_infllm(model, budget, page_size=page_size, layer_to_store=layer_to_store, **policy_kwargs)
     # Validate the options now rather than at the first generate.
     KVCoreCache(model.config, max_cache_len=1, page_size=page_size, policy=policy, budget=budget,
-                policy_kwargs=policy_kwargs, layer_to_store=layer_to_store)
+                policy_kwargs=policy_kwargs, layer_to_store=layer_to_store, kv_layout=kv_layout)
     return _install(model, lambda max_cache_len: KVCoreCache(
         model.config, max_cache_len=max_cache_len, page_size=page_size, policy=policy, budget=budget,
-        policy_kwargs=policy_kwargs, layer_to_store=layer_to_store))
+        policy_kwargs=policy_kwargs, layer_to_store=layer_to_store, kv_layout=kv_layout))
 
 
 def _install(model: Any, make_cache: Callable[[int], Cache]) -> Any:
