@@ -24,5 +24,5 @@ KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-560} 
  "run:decode2:110:$bench --seed 2 --out $o/decode2" \
  "run:medians:20:python3 bench/experiments/decode_medians.py $o/decode0/*.json $o/decode1/*.json $o/decode2/*.json" \
  "run:merge_ab:60:OUT=$o bash bench/calls/s31_merge_ab.sh" \
- "run:trace:60:$trace"
+ "run:trace:90:$trace"
 cat $o/medians.log 2>/dev/null
