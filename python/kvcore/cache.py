@@ -33,8 +33,6 @@ from ._args import as_index as _index
 __all__ = ["OutOfPagesError", "PagedKVCache"]
 
 
-
-
 class OutOfPagesError(RuntimeError):
     """``PagedKVCache.reserve`` needs more pages than are free (nothing was changed)."""
 
