@@ -50,9 +50,17 @@ WideKernel wide_kernel() {
   return k;
 }
 
-// Above this many splits a kernel that can defer its merge (MlaDecodeParams::merge_separately)
-// does, because the last CTA of a head block would read every split's partial alone.
-constexpr int kSeparateMergeSplits = 4;
+// When a kernel that can defer its split merge (MlaDecodeParams::merge_separately; the 64-head
+// kernels) does: the last CTA of a head block merges in the kernel only with at most
+// kInKernelMergeMaxSplits splits and at least kInKernelMergeMinPairs (sequence, head block) pairs.
+// Otherwise that CTA would read every split's partials alone at the end of the kernel, the
+// critical path when few pairs share the GPU. bench/experiments/mla_merge_ab.cu (session 32, H100,
+// H128, forced splits, us in-kernel / separate): 4096 keys, 16 pairs 2 splits 80.8 / 75.9, 4
+// splits 54.7 / 48.4; 32 pairs 82.8 / 80.8, 61.7 / 58.9; 64 pairs 92.1 / 94.3, 3 splits 122.4 /
+// 124.9, 4 splits 125.1 / 110.7; 128 pairs (2048 keys) 2 splits 114.9 / 118.7; 256 keys, 2-8
+// pairs, 2-8 splits 23.0-29.0 / 16.3-18.1. (Until session 32: in the kernel up to 4 splits.)
+constexpr int kInKernelMergeMaxSplits = 3;
+constexpr int64_t kInKernelMergeMinPairs = 64;
 
 // The length hint (plan_seq_lens) plans the split count of the 16-head kernels (h16 and the
 // mma.sync kernel with M = 1) as gqa_decode's (choose_splits_hinted). The 32-head mma.sync kernel
@@ -99,7 +107,11 @@ dim3 plan_grid(const void* kernel, const MlaDecodeShape& s, MlaDecodeParams& p, 
   paged_decode::use_split_workspace(p, plan, workspace);
   // Head blocks vary fastest: the CTAs of one (sequence, split) read the same latent rows at
   // about the same time, so all but the first find them in L2.
-  p.merge_separately = can_merge_separately && plan.splits > kSeparateMergeSplits ? 1 : 0;
+  p.merge_separately =
+      can_merge_separately && plan.splits > 1 &&
+              (plan.splits > kInKernelMergeMaxSplits || pairs < kInKernelMergeMinPairs)
+          ? 1
+          : 0;
   return dim3(p.head_blocks, plan.splits, s.batch);
 }
 
@@ -114,7 +126,7 @@ void launch_merge(void (*merge)(MlaDecodeParams), const MlaDecodeShape& s, const
 
 // Occupancy, split plan, workspace layout and launch of one kernel instantiation (Cfg: its
 // ROWS, TILE, THREADS and SMEM_BYTES). `merge`, when given, is the separate split-merge kernel
-// the decode kernel defers to above kSeparateMergeSplits splits.
+// the decode kernel defers to where plan_grid says (kInKernelMergeMaxSplits, kInKernelMergeMinPairs).
 template <typename Cfg>
 void launch(void (*kernel)(MlaDecodeParams), const MlaDecodeShape& s, MlaDecodeParams& p, const SplitRequest& req,
             const c10::optional<at::Tensor>& workspace, cudaStream_t stream,
