@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepared in session 32, NOT RUN (no device machine was lent that session). Carry .peers and
+# Session 32, call 1 (ran on an H100 late in the session; results in
+# bench/results/h100-2026-12-05-s32/call1). Carry .peers and
 # .exp (decode_trace.cu built as .exp/lib and .exp/lib8 with the new KV_LAYOUT=pagepair,
 # mla_merge_ab.cu as .exp/mla_merge_ab).
 # (a) Does keeping a page's K and V side by side ([pages, 2, PAGE, Hkv, D], FlashInfer's layout;

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepared in session 32, NOT RUN (no device machine was lent that session). No carry needed.
+# Session 32, call 2 (ran on the same H100, warm; results in
+# bench/results/h100-2026-12-05-s32/call2). No carry needed.
 # The CUDA tests after session 32's host-side changes: every op's C++ checks now refuse a written
 # tensor that shares bytes with another argument (check_writes_apart, in the launchers of both
 # backends, plus the CUDA split workspace in gqa_decode / block_sparse_decode / mla_decode), the
