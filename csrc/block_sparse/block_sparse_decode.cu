@@ -31,10 +31,8 @@ void block_sparse_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, co
   check_decode_scalars(scale, -1, logit_soft_cap, num_splits);
   GqaDecodeParams p = paged_decode::common_params("block_sparse_decode", s, q, k_cache, v_cache, block_table,
                                                   seq_lens, scale, logit_soft_cap, out, lse, workspace);
-  check_writes_apart({named(workspace, "workspace")},
-                     {named(q, "q"), named(k_cache, "k_cache"), named(v_cache, "v_cache"), named(block_table, "block_table"),
-                      named(seq_lens, "seq_lens"), named(sel_pages, "sel_pages"), named(sel_counts, "sel_counts"),
-                      named(out, "out"), named(lse, "lse")});
+  check_writes_apart({named(workspace, "workspace")},  // (the rest: common_params)
+                     {named(sel_pages, "sel_pages"), named(sel_counts, "sel_counts")});
   TORCH_CHECK(bs.max_sel * s.page_size < paged_decode::kMaxPositions,
               "block_sparse_decode: max_sel x page_size (", bs.max_sel * s.page_size, ") must be < 2^31 - 2^16");
   if (s.batch == 0 || s.num_q_heads == 0) return;

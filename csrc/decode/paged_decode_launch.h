@@ -133,6 +133,10 @@ inline GqaDecodeParams common_params(const char* op, const PagedDecodeShape& s, 
     check_contiguous(*workspace, "workspace");
     check_aligned16(*workspace, "workspace");
   }
+  // (The launchers check it against their own further arguments: score, the selection.)
+  check_writes_apart({named(workspace, "workspace")},
+                     {named(q, "q"), named(k_cache, "k_cache"), named(v_cache, "v_cache"), named(block_table, "block_table"),
+                      named(seq_lens, "seq_lens"), named(out, "out"), named(lse, "lse")});
   GqaDecodeParams p{};
   p.q = q.data_ptr();
   p.q_stride_b = q.stride(0);
