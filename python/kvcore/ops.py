@@ -245,16 +245,10 @@ def _check_tensor_args(op: str, required: dict, optional: Optional[dict] = None)
     uninitialised outputs and writes nothing. (Other device mixes reach those checks, which name
     the argument; this runs on every call, so it stays cheap: ~1 us.) A list or None would fail in
     the wrapper with an AttributeError that names no argument."""
-    tensors = []
-    for name, t in required.items():
+    tensors = list(required.items()) + [(name, t) for name, t in (optional or {}).items() if t is not None]
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        tensors.append((name, t))
-    for name, t in (optional or {}).items():
-        if t is not None:
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-            tensors.append((name, t))
     first_name, first = tensors[0]
     meta = first.is_meta
     for name, t in tensors[1:]:

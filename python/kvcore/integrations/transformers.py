@@ -75,7 +75,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from .. import ops
-from ..cache import PagedKVCache
+from ..cache import PagedKVCache, check_kv_layout
 from ..policies import eviction
 
 __all__ = ["ATTN_IMPLEMENTATION", "POLICIES", "RETRIEVAL_POLICIES", "SUPPORTED_MODEL_TYPES", "DecodeGraph",
@@ -271,8 +271,7 @@ class KVCoreCache(_LogicalPositions, Cache):
         kv_layout: str = "separate",
     ) -> None:
         check_supported(config)
-        if kv_layout not in ("separate", "paired"):
-            raise ValueError(f"kv_layout must be 'separate' or 'paired', got {kv_layout!r}")
+        check_kv_layout(kv_layout)  # now: the PagedKVCache is built at the first update
         if getattr(config, "model_type", None) in _MLA_MODEL_TYPES:
             raise ValueError(f"model_type {config.model_type!r} uses MLA: its cache is "
                              "kvcore.integrations.transformers_mla.KVCoreMLACache (one latent row per token)")
