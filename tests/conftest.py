@@ -150,6 +150,24 @@ def record_op_calls(monkeypatch, name: str) -> list:
     return seen
 
 
+def record_check_calls(monkeypatch, *names: str) -> list:
+    """Make every call of the ``kvcore.ops`` helpers ``names`` (e.g. the index-content checks
+    ``_check_block_table_contents``, ``_check_slots``) append its name to the returned list before
+    it runs, for tests of when a wrapper validates."""
+    import kvcore.ops as ops_module
+
+    seen = []
+    for name in names:
+        real = getattr(ops_module, name)
+
+        def call(*args, _real=real, _name=name, **kwargs):
+            seen.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops_module, name, call)
+    return seen
+
+
 def run_tests_with_env(name: str, value: str, files: list, select: str, min_passed: int, *extra: str) -> None:
     """Run pytest over ``files`` (paths from the repository root) with ``-k select`` in a fresh
     process whose ``name`` is ``value``; fail unless it passes with at least ``min_passed`` tests."""

@@ -19,7 +19,7 @@ import torch
 import kvcore
 from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, assert_out_lse_close, make_paged_kv, op_workspace,
                       opcheck_dtype, poison, ragged_lens, randn, record_op_calls, assert_switch_value_rejected,
-                      run_tests_with_env)
+                      record_check_calls, run_tests_with_env)
 from kvcore import reference
 from kvcore.mla import MLAAttention, MLAConfig, MLALatentCache
 from test_ops import (BAD_PLAN_KEYS, BAD_PLAN_SEQ_LENS, OPCHECK_UTILS, PLAN_HINTS, BadCase, _other_device, _set,
@@ -915,7 +915,6 @@ def test_decode_of_a_cache_built_step_skips_the_index_checks(gen, monkeypatch):
     give the same output."""
     import dataclasses
 
-    from kvcore import ops
     from kvcore.mla import MLAStep
 
     config = MLAConfig(**TINY, q_lora_rank=32)
@@ -934,9 +933,7 @@ def test_decode_of_a_cache_built_step_skips_the_index_checks(gen, monkeypatch):
     retabled.block_table = step.block_table.clone()
     assert not any(x._trusted_for(cache.latent(0)) for x in (by_hand, copied, retabled))
     assert not step._trusted_for(cache.latent(0)[:1])  # fewer pages than the table may name
-    calls = []
-    real = ops._check_block_table_contents
-    monkeypatch.setattr(ops, "_check_block_table_contents", lambda *a: (calls.append(1), real(*a))[1])
+    calls = record_check_calls(monkeypatch, "_check_block_table_contents")
     new = randn(1, config.hidden_size, gen=gen)
     latent = cache.latent(0).clone()
     got = layer.decode(new, cache.latent(0), step)

@@ -15,7 +15,7 @@ import types
 
 import pytest
 import torch
-from conftest import assert_generate_refuses_padding, greedy_generate, prompt_ids
+from conftest import assert_generate_refuses_padding, greedy_generate, prompt_ids, record_check_calls
 
 transformers = pytest.importorskip("transformers")
 kvt = pytest.importorskip("kvcore.integrations.transformers")
@@ -113,10 +113,7 @@ def test_decode_steps_do_not_recheck_the_adapters_own_indices(monkeypatch):
     model = _model("llama")
     kvt.enable(model)
     want = _greedy(model, ids)
-    calls = []
-    for name in ("_check_block_table_contents", "_check_slots"):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    calls = record_check_calls(monkeypatch, "_check_block_table_contents", "_check_slots")
     got = _greedy(model, ids)
     assert calls == []
     assert torch.equal(got.sequences, want.sequences)
