@@ -42,7 +42,7 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
     // Per-thread scratch, reused across the tasks of this range.
     // (No conversion rows for an fp32 cache: attend_chunk reads it in place.)
     constexpr bool fp32 = std::is_same_v<scalar_t, float>;
-    std::vector<float> qf(G * D), acc(G * D), krow(fp32 ? 0 : D), vrows(fp32 ? 0 : kChunk * D), logits(G * kChunk),
+    std::vector<float> qf(G * D), acc(G * D), krow(fp32 ? 0 : cpu::kLogitRows * D), vrows(fp32 ? 0 : kChunk * D), logits(G * kChunk),
         m(G), l(G);
     // bf16 with AVX512_BF16 (cpu::attend_chunk_bf16): q's bits and the value pairs.
     const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();

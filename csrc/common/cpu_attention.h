@@ -136,19 +136,21 @@ inline void finish_logits(const FVec (&acc)[NH][NK], int64_t d, int64_t D, Produ
 constexpr int kLogitRows = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
 
 // lg[j * lg_stride + i] = q_j . row_i * scale for NH query rows j (q_j at q + j * D) and NK key
-// rows i (row_i at rows + i * row_stride): NH x NK independent chains; per step of d, each of the
+// rows i (row_i at row_at(i)): NH x NK independent chains; per step of d, each of the
 // NK row vectors is loaded once for the NH queries and each q vector once for the NK rows. Every
 // (j, i) sums its products in the same order (one chain over d, then the lanes in a fixed tree,
 // then the tail) whatever NH and NK are, so a logit does not depend on the block it falls in.
-template <int NH, int NK>
-inline void logits_block(const float* q, const float* rows, int64_t row_stride, int64_t D, float scale, float* lg,
-                         int64_t lg_stride) {
+template <int NH, int NK, typename RowAt>
+inline void logits_block_at(const float* q, RowAt row_at, int64_t D, float scale, float* lg, int64_t lg_stride) {
   FVec acc[NH][NK] = {};
+  const float* rows[NK];
+#pragma GCC unroll 4
+  for (int i = 0; i < NK; ++i) rows[i] = row_at(i);
   int64_t d = 0;
   for (; d + kVecLanes <= D; d += kVecLanes) {
     FVec r[NK];
 #pragma GCC unroll 4
-    for (int i = 0; i < NK; ++i) r[i] = load_vec(rows + i * row_stride + d);
+    for (int i = 0; i < NK; ++i) r[i] = load_vec(rows[i] + d);
 #pragma GCC unroll 4
     for (int j = 0; j < NH; ++j) {
       const FVec qv = load_vec(q + j * D + d);
@@ -156,35 +158,60 @@ inline void logits_block(const float* q, const float* rows, int64_t row_stride, 
       for (int i = 0; i < NK; ++i) acc[j][i] += qv * r[i];
     }
   }
-  const auto product = [&](int j, int i, int64_t t) { return q[j * D + t] * rows[i * row_stride + t]; };
+  const auto product = [&](int j, int i, int64_t t) { return q[j * D + t] * rows[i][t]; };
   finish_logits(acc, d, D, product, scale, lg, lg_stride);
 }
 
-// The logits of NH query rows for key rows [0, n): blocks of kLogitRows rows, then one of the rest.
-template <int NH>
-inline void logits_rows(const float* q, const float* rows, int64_t row_stride, int64_t n, int64_t D, float scale,
-                        float* lg, int64_t lg_stride) {
+// The same with key row i at rows + i * row_stride.
+template <int NH, int NK>
+inline void logits_block(const float* q, const float* rows, int64_t row_stride, int64_t D, float scale, float* lg,
+                         int64_t lg_stride) {
+  logits_block_at<NH, NK>(q, [&](int i) { return rows + i * row_stride; }, D, scale, lg, lg_stride);
+}
+
+// The logits of NH query rows for key rows [0, n) (row i at row_at(i)): blocks of kLogitRows
+// rows, then one of the rest.
+template <int NH, typename RowAt>
+inline void logits_rows_at(const float* q, RowAt row_at, int64_t n, int64_t D, float scale, float* lg,
+                           int64_t lg_stride) {
   int64_t i = 0;
-  for (; i + kLogitRows <= n; i += kLogitRows)
-    logits_block<NH, kLogitRows>(q, rows + i * row_stride, row_stride, D, scale, lg + i, lg_stride);
+  for (; i + kLogitRows <= n; i += kLogitRows) {
+    const auto at = [&](int r) { return row_at(i + r); };
+    logits_block_at<NH, kLogitRows>(q, at, D, scale, lg + i, lg_stride);
+  }
+  const auto at = [&](int r) { return row_at(i + r); };
   switch (n - i) {
-    case 3: logits_block<NH, 3>(q, rows + i * row_stride, row_stride, D, scale, lg + i, lg_stride); break;
-    case 2: logits_block<NH, 2>(q, rows + i * row_stride, row_stride, D, scale, lg + i, lg_stride); break;
-    case 1: logits_block<NH, 1>(q, rows + i * row_stride, row_stride, D, scale, lg + i, lg_stride); break;
+    case 3: logits_block_at<NH, 3>(q, at, D, scale, lg + i, lg_stride); break;
+    case 2: logits_block_at<NH, 2>(q, at, D, scale, lg + i, lg_stride); break;
+    case 1: logits_block_at<NH, 1>(q, at, D, scale, lg + i, lg_stride); break;
     default: break;
   }
 }
 
-// The logits of nq <= 4 query rows (q_j at q + j * D) for key rows [0, n) (row_i at
-// rows + i * row_stride).
+// The logits of nq <= 4 query rows (q_j at q + j * D) for key rows [0, n) (row i at row_at(i)).
+template <typename RowAt>
+inline void logits_heads_at(const float* q, int64_t nq, RowAt row_at, int64_t n, int64_t D, float scale, float* lg,
+                            int64_t lg_stride) {
+  switch (nq) {
+    case 4: logits_rows_at<4>(q, row_at, n, D, scale, lg, lg_stride); break;
+    case 3: logits_rows_at<3>(q, row_at, n, D, scale, lg, lg_stride); break;
+    case 2: logits_rows_at<2>(q, row_at, n, D, scale, lg, lg_stride); break;
+    default: logits_rows_at<1>(q, row_at, n, D, scale, lg, lg_stride); break;
+  }
+}
+
+// The same with key row i at rows + i * row_stride.
 inline void logits_heads(const float* q, int64_t nq, const float* rows, int64_t row_stride, int64_t n, int64_t D,
                          float scale, float* lg, int64_t lg_stride) {
-  switch (nq) {
-    case 4: logits_rows<4>(q, rows, row_stride, n, D, scale, lg, lg_stride); break;
-    case 3: logits_rows<3>(q, rows, row_stride, n, D, scale, lg, lg_stride); break;
-    case 2: logits_rows<2>(q, rows, row_stride, n, D, scale, lg, lg_stride); break;
-    default: logits_rows<1>(q, rows, row_stride, n, D, scale, lg, lg_stride); break;
-  }
+  logits_heads_at(q, nq, [&](int64_t i) { return rows + i * row_stride; }, n, D, scale, lg, lg_stride);
+}
+
+// One query row's logit of one key row, summed in the order of any logits block above (so the
+// H2O score pass recomputes attend_chunk's logits bit for bit).
+inline float key_logit(const float* q, const float* k, int64_t D, float scale) {
+  float lg;
+  logits_block_at<1, 1>(q, [&](int) { return k; }, D, scale, &lg, 1);
+  return lg;
 }
 
 // Register blocks of P V for several query rows over the same value rows (mla_decode's heads over
@@ -194,21 +221,21 @@ inline void logits_heads(const float* q, int64_t nq, const float* rows, int64_t 
 constexpr int kValueVecs = KVCORE_CPU_VEC_BYTES == 64 ? 4 : 2;
 
 // acc_j[d, d + NV * lanes) += sum over i < n of w_j[i] * row_i[d, d + NV * lanes) for NH query rows
-// j (acc_j at acc + j * Dv, w_j at w + j * w_stride, row_i at rows + i * row_stride): NH x NV
+// j (acc_j at acc + j * Dv, w_j at w + j * w_stride, row_i at row_at(i)): NH x NV
 // vector accumulators in registers across the rows, each row's NV vectors loaded once for the NH
-// queries. Each element sums its rows in order, as accumulate_pv does, whatever block it falls in.
-template <int NH, int NV>
-inline void pv_block(float* acc, int64_t Dv, int64_t d, int64_t n, const float* w, int64_t w_stride,
-                     const float* rows, int64_t row_stride) {
+// queries. Each element sums its rows in key order, one multiply-add a row, whatever block it falls in.
+template <int NH, int NV, typename RowAt>
+inline void pv_block(float* acc, int64_t Dv, int64_t d, int64_t n, const float* w, int64_t w_stride, RowAt row_at) {
   FVec a[NH][NV];
 #pragma GCC unroll 4
   for (int j = 0; j < NH; ++j)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) a[j][v] = load_vec(acc + j * Dv + d + v * kVecLanes);
   for (int64_t i = 0; i < n; ++i) {
+    const float* row = row_at(i) + d;
     FVec r[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) r[v] = load_vec(rows + i * row_stride + d + v * kVecLanes);
+    for (int v = 0; v < NV; ++v) r[v] = load_vec(row + v * kVecLanes);
 #pragma GCC unroll 4
     for (int j = 0; j < NH; ++j) {
       const FVec wv = splat(w[j * w_stride + i]);
@@ -235,54 +262,39 @@ inline float mul_add(float a, float b, float c) {
 #endif
 }
 
-// P V of NH query rows over all Dv columns: bands of kValueVecs vectors, then single vectors, then
-// the columns past the last whole vector one at a time.
-template <int NH>
-inline void pv_cols(float* acc, int64_t Dv, int64_t n, const float* w, int64_t w_stride, const float* rows,
-                    int64_t row_stride) {
+// P V of NH query rows over all Dv columns (value row i's first Dv columns at row_at(i)): bands of
+// kValueVecs vectors, then single vectors, then the columns past the last whole vector one at a time.
+template <int NH, typename RowAt>
+inline void pv_cols_at(float* acc, int64_t Dv, int64_t n, const float* w, int64_t w_stride, RowAt row_at) {
   int64_t d = 0;
   for (; d + kValueVecs * kVecLanes <= Dv; d += kValueVecs * kVecLanes)
-    pv_block<NH, kValueVecs>(acc, Dv, d, n, w, w_stride, rows, row_stride);
-  for (; d + kVecLanes <= Dv; d += kVecLanes) pv_block<NH, 1>(acc, Dv, d, n, w, w_stride, rows, row_stride);
+    pv_block<NH, kValueVecs>(acc, Dv, d, n, w, w_stride, row_at);
+  for (; d + kVecLanes <= Dv; d += kVecLanes) pv_block<NH, 1>(acc, Dv, d, n, w, w_stride, row_at);
   for (; d < Dv; ++d)
     for (int j = 0; j < NH; ++j) {
       float s = acc[j * Dv + d];
-      for (int64_t i = 0; i < n; ++i) s = mul_add(w[j * w_stride + i], rows[i * row_stride + d], s);
+      for (int64_t i = 0; i < n; ++i) s = mul_add(w[j * w_stride + i], row_at(i)[d], s);
       acc[j * Dv + d] = s;
     }
 }
 
 // P V of nq <= 4 query rows (acc_j at acc + j * Dv, weights w_j at w + j * w_stride) over value rows
-// [0, n) (row_i's first Dv columns at rows + i * row_stride).
-inline void pv_heads(float* acc, int64_t nq, int64_t Dv, int64_t n, const float* w, int64_t w_stride,
-                     const float* rows, int64_t row_stride) {
+// [0, n) (row i's first Dv columns at row_at(i)).
+template <typename RowAt>
+inline void pv_heads_at(float* acc, int64_t nq, int64_t Dv, int64_t n, const float* w, int64_t w_stride,
+                        RowAt row_at) {
   switch (nq) {
-    case 4: pv_cols<4>(acc, Dv, n, w, w_stride, rows, row_stride); break;
-    case 3: pv_cols<3>(acc, Dv, n, w, w_stride, rows, row_stride); break;
-    case 2: pv_cols<2>(acc, Dv, n, w, w_stride, rows, row_stride); break;
-    default: pv_cols<1>(acc, Dv, n, w, w_stride, rows, row_stride); break;
+    case 4: pv_cols_at<4>(acc, Dv, n, w, w_stride, row_at); break;
+    case 3: pv_cols_at<3>(acc, Dv, n, w, w_stride, row_at); break;
+    case 2: pv_cols_at<2>(acc, Dv, n, w, w_stride, row_at); break;
+    default: pv_cols_at<1>(acc, Dv, n, w, w_stride, row_at); break;
   }
 }
 
-// a.b with four vector accumulators (64 partial sums in the AVX-512 copy, 32 in the AVX2 one, 16 in
-// the baseline one). One accumulator register made every FMA wait for the previous one (4 cycles
-// of latency, 16 in a row at D = 128, AVX2); four independent chains keep the FMA units busy.
-// Written with vector types: the auto-vectorised form of 32 scalar partial sums reduced them one
-// by one through the stack. The summation order is fixed (no dependence on alignment or threads).
-inline float dot_product(const float* a, const float* b, int64_t n) {
-  constexpr int64_t kStep = 4 * kVecLanes;
-  FVec acc0 = {}, acc1 = {}, acc2 = {}, acc3 = {};
-  int64_t d = 0;
-  for (; d + kStep <= n; d += kStep) {
-    acc0 += load_vec(a + d) * load_vec(b + d);
-    acc1 += load_vec(a + d + kVecLanes) * load_vec(b + d + kVecLanes);
-    acc2 += load_vec(a + d + 2 * kVecLanes) * load_vec(b + d + 2 * kVecLanes);
-    acc3 += load_vec(a + d + 3 * kVecLanes) * load_vec(b + d + 3 * kVecLanes);
-  }
-  for (; d + kVecLanes <= n; d += kVecLanes) acc0 += load_vec(a + d) * load_vec(b + d);
-  float tail = 0.f;
-  for (; d < n; ++d) tail += a[d] * b[d];
-  return lane_sum((acc0 + acc1) + (acc2 + acc3)) + tail;
+// The same with value row i at rows + i * row_stride.
+inline void pv_heads(float* acc, int64_t nq, int64_t Dv, int64_t n, const float* w, int64_t w_stride,
+                     const float* rows, int64_t row_stride) {
+  pv_heads_at(acc, nq, Dv, n, w, w_stride, [&](int64_t i) { return rows + i * row_stride; });
 }
 
 // x as a float in memory, as a store leaves it: stops FMA contraction from fusing the product that
@@ -406,10 +418,18 @@ inline void prefetch_row(const T* row, int64_t row_len) {
   for (int64_t e = 0; e < row_len; e += kLine) __builtin_prefetch(row + e, 0, 3);
 }
 
+// The same into L2 only (prefetcht1): for rows used a whole chunk later, which an L1 prefetch
+// would see evicted before they are read.
+template <typename T>
+inline void prefetch_row_l2(const T* row, int64_t row_len) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  for (int64_t e = 0; e < row_len; e += kLine) __builtin_prefetch(row + e, 0, 2);
+}
+
 // Workspace and state of one task's query heads: heads x D queries (fp32), the running (m, l,
 // acc) per head, and the conversion rows and logits of one chunk of keys.
 struct ChunkScratch {
-  float* krow;    // row_len floats (unused when the cache is fp32)
+  float* krow;    // kLogitRows x row_len floats (unused when the cache is fp32)
   float* vrows;   // chunk x D floats: one KV head's V slices of the chunk as fp32 (unused when fp32)
   float* logits;  // heads x kChunk
   int64_t chunk;  // logits stride per head (the most keys of one chunk)
@@ -635,35 +655,6 @@ KVCORE_CPU_BF16_DOT_FN inline float key_logit_bf16(const uint16_t* q, const uint
 }
 #endif
 
-// acc[0, D) += sum over i < n of wts[i] * v_row(i)[0, D), each element summed in key order (the
-// order of the loop it replaces, so the result is the same). Eight vector accumulators stay in
-// registers across the keys: the per-key form loaded and stored acc for every key and head.
-template <typename RowOf>
-inline void accumulate_pv(float* acc, int64_t D, int64_t n, const float* wts, RowOf v_row) {
-  constexpr int64_t kBlock = 8 * kVecLanes;
-  int64_t d = 0;
-  for (; d + kBlock <= D; d += kBlock) {
-    FVec a[8];
-    for (int j = 0; j < 8; ++j) a[j] = load_vec(acc + d + j * kVecLanes);
-    for (int64_t i = 0; i < n; ++i) {
-      const FVec wv = splat(wts[i]);
-      const float* vr = v_row(i) + d;
-      for (int j = 0; j < 8; ++j) a[j] += wv * load_vec(vr + j * kVecLanes);
-    }
-    __builtin_memcpy(acc + d, a, sizeof a);
-  }
-  for (; d + kVecLanes <= D; d += kVecLanes) {
-    FVec a = load_vec(acc + d);
-    for (int64_t i = 0; i < n; ++i) a += splat(wts[i]) * load_vec(v_row(i) + d);
-    __builtin_memcpy(acc + d, &a, sizeof a);
-  }
-  for (; d < D; ++d) {
-    float a = acc[d];
-    for (int64_t i = 0; i < n; ++i) a += wts[i] * v_row(i)[d];
-    acc[d] = a;
-  }
-}
-
 // One chunk of n keys for `heads` query heads: logits (scale, optional soft cap), the online
 // softmax step, then P V. Key i's row starts at k_base + k_off[i] (v likewise); query head h
 // reads its KV head's D values at (h / group) * D within it. fp32 rows are read in place (the copy
@@ -683,32 +674,48 @@ void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_b
   }
 #endif
   constexpr bool kFp32 = std::is_same_v<T, float>;
-  const bool capped = soft_cap > 0.0f;
-  const float inv_cap = capped ? 1.0f / soft_cap : 0.0f;
-  // While key i's logits are computed, key i + kPrefetchAhead's K row and key i's V row (used
-  // after the chunk's logits) are requested.
-  for (int64_t i = 0; i < std::min(kPrefetchAhead, n); ++i) prefetch_row(k_base + k_off[i], row_len);
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + kPrefetchAhead < n) prefetch_row(k_base + k_off[i + kPrefetchAhead], row_len);
-    prefetch_row(v_base + v_off[i], row_len);
-    const T* kr = k_base + k_off[i];
-    const float* kf;
-    if constexpr (kFp32) {
-      kf = kr;
-    } else {
-      to_float(kr, w.krow, row_len);
-      kf = w.krow;
+  // Logits in register blocks (logits_heads_at: up to 4 query heads of one KV head x kLogitRows
+  // keys, each K and q vector loaded once per block rather than once per (head, key) dot
+  // product; other types than fp32 are converted a block of rows at a time).
+  // Prefetch (session 33, this 2-core AVX-512 host, fp32 and fp16, B1-B8): the K rows are not
+  // prefetched (a token's whole row is read at once, in page runs the hardware prefetcher
+  // follows; a software prefetch of every line a few keys ahead filled the line-fill buffers:
+  // 60% of the samples sat on it, and without it B1 S2048 ran ~10% faster), while each V row is
+  // requested into L2 as its key's logits are computed (V is read a KV head's slice at a time,
+  // a whole chunk later: a prefetch into L1 was evicted by then, none was slower at B8).
+  for (int64_t i0 = 0; i0 < n; i0 += kLogitRows) {
+    const int64_t nk = std::min<int64_t>(kLogitRows, n - i0);
+    const float* kf[kLogitRows];
+    for (int64_t r = 0; r < nk; ++r) {
+      const int64_t i = i0 + r;
+      prefetch_row_l2(v_base + v_off[i], row_len);
+      if constexpr (kFp32) {
+        kf[r] = k_base + k_off[i];
+      } else {
+        to_float(k_base + k_off[i], w.krow + r * row_len, row_len);
+        kf[r] = w.krow + r * row_len;
+      }
     }
-    for (int64_t h = 0; h < heads; ++h) {
-      float s = dot_product(qf + h * D, kf + (h / group) * D, D) * scale;
-      if (capped) s = soft_cap * std::tanh(s * inv_cap);
-      w.logits[h * w.chunk + i] = s;
+    for (int64_t h0 = 0; h0 < heads;) {
+      const int64_t hk = h0 / group, nq = std::min<int64_t>({4, heads - h0, (hk + 1) * group - h0});
+      logits_heads_at(qf + h0 * D, nq, [&](int64_t r) { return kf[r] + hk * D; }, nk, D, scale,
+                      w.logits + h0 * w.chunk + i0, w.chunk);
+      h0 += nq;
     }
   }
+  if (soft_cap > 0.0f) {
+    const float inv_cap = 1.0f / soft_cap;
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < n; ++i) {
+        float& s = w.logits[h * w.chunk + i];
+        s = soft_cap * std::tanh(s * inv_cap);
+      }
+  }
   for (int64_t h = 0; h < heads; ++h) online_softmax_step(w.logits + h * w.chunk, n, m[h], l[h], acc + h * D, D);
-  // KV head by KV head: its query heads in a row, so its chunk of V slices (n x D) stays in L1.
-  // Other types than fp32 convert those slices first (the whole chunk's rows, 128 KB at bf16
-  // H8 D128, did not fit: slower than the per-key form).
+  // KV head by KV head: its query heads in register blocks of up to 4 (pv_heads_at: each V vector
+  // loaded once for the block), so its chunk of V slices (n x D) stays in L1. Other types than
+  // fp32 convert those slices first (the whole chunk's rows, 128 KB at bf16 H8 D128, did not fit:
+  // slower than the per-key form).
   for (int64_t hk = 0; hk * group < heads; ++hk) {
     if constexpr (!kFp32)
       for (int64_t i = 0; i < n; ++i) to_float(v_base + v_off[i] + hk * D, w.vrows + i * D, D);
@@ -718,8 +725,9 @@ void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_b
       else
         return w.vrows + i * D;
     };
-    for (int64_t h = hk * group; h < std::min(heads, (hk + 1) * group); ++h)
-      accumulate_pv(acc + h * D, D, n, w.logits + h * w.chunk, v_row);
+    const int64_t h_end = std::min(heads, (hk + 1) * group);
+    for (int64_t h0 = hk * group; h0 < h_end; h0 += 4)
+      pv_heads_at(acc + h0 * D, std::min<int64_t>(4, h_end - h0), D, n, w.logits + h0 * w.chunk, w.chunk, v_row);
   }
 }
 

@@ -31,7 +31,7 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
     // Per-thread scratch, reused across the tasks of this range.
     // (No conversion rows for an fp32 cache: attend_chunk reads it in place.)
     constexpr bool fp32 = std::is_same_v<scalar_t, float>;
-    std::vector<float> qf(Hq * D), acc(Hq * D), krow(fp32 ? 0 : row), vrows(fp32 ? 0 : kChunk * D),
+    std::vector<float> qf(Hq * D), acc(Hq * D), krow(fp32 ? 0 : cpu::kLogitRows * row), vrows(fp32 ? 0 : kChunk * D),
         logits(Hq * kChunk), m(Hq), l(Hq);
     // bf16 with AVX512_BF16 (cpu::attend_chunk_bf16): q's bits and the value pairs.
     const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();
@@ -91,8 +91,9 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
 
 // H2O accumulation (score given): after the decode, score[b, h, p] += sum over the group's query
 // heads of exp(logit - lse) for every attended key p. A second pass over the keys recomputes the
-// logits exactly as attend_chunk does (same dot product, scale and cap; with bf16_dot the bf16
-// dot products, cpu::key_logit_bf16), so they match the lse.
+// logits exactly as attend_chunk does (cpu::key_logit sums in its logits blocks' order, then the
+// same scale and cap; with bf16_dot the bf16 dot products, cpu::key_logit_bf16), so they match the
+// lse.
 // Tasks are (sequence, key chunk): disjoint score elements, and each element sums its group's
 // heads in order (deterministic).
 template <typename scalar_t>
@@ -120,7 +121,7 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
       }
 #endif
       (void)kr;
-      return cpu::dot_product(qf.data() + hq * D, krow.data() + h * D, D) * p.scale;
+      return cpu::key_logit(qf.data() + hq * D, krow.data() + h * D, D, p.scale);
     };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, chunk = task % chunks;
