@@ -40,9 +40,11 @@ def _mla_project(name: str) -> Callable:
     return mla.build_project_kvcore(x)[0]
 
 
-def _mla_decode(name: str) -> Callable:
+def _mla_decode(name: str, impl: str = "kvcore") -> Callable:
+    """An MLA decode implementation on the mla bench's inputs: its last variant (the one the
+    table's row comes from where there are several)."""
     x = mla.make_decode_inputs(_case(mla, name), torch.device("cuda"))
-    return mla.build_decode_kvcore(x)[0]
+    return mla.DECODE_BUILDERS[impl](x)[-1]
 
 
 def _decode(name: str) -> Callable:
@@ -87,6 +89,11 @@ CASES = {
     "mla_project_T1": ("issue 3: 16 us for an 8 MB weight (12% of copy; s9)", lambda: _mla_project("project T1 d7168")),
     "mla_decode_H16": ("issue 3: 88% of copy vs FlashInfer's 93% (s9)", lambda: _mla_decode("decode B64 H16 S8192 page64")),
     "mla_decode_H128": ("issue 3: 45% of the GEMM rate vs FlashInfer's 62% (s9)", lambda: _mla_decode("decode B32 H128 S4096 page64")),
+    # Session 33: FlashInfer's MLA decode on the same inputs, for the counters next to kvcore's.
+    "flashinfer_mla_H16": ("issue 3: FlashInfer's MLA decode at B64 H16 (s33)",
+                           lambda: _mla_decode("decode B64 H16 S8192 page64", "flashinfer")),
+    "flashinfer_mla_H128": ("issue 3: FlashInfer's MLA decode at B32 H128 (s33)",
+                            lambda: _mla_decode("decode B32 H128 S4096 page64", "flashinfer")),
     "decode_B1": ("issue 2: 69% of copy at B1 S32768 (s9)", lambda: _decode("B1 Hq32 Hkv8 D128 S32768 page16")),
     "decode_B16": ("issue 2: 94-98% of copy at B16 S8192, cuDNN 102% (s13; the loaders' A/B in s14)",
                    lambda: _decode("B16 Hq32 Hkv8 D128 S8192 page16")),
