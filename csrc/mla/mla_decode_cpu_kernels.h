@@ -95,23 +95,31 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
           continue;
         }
 #endif
-        // The chunk's latent rows in fp32 (each read once; they serve as keys and as values).
+        // The chunk's latent rows in fp32 (each read once; they serve as keys and as values): an
+        // fp32 cache's rows in place, other types converted into `rows`.
+        const float* row_at[kChunk];
         for (int64_t i = 0; i < n; ++i) {
           const int64_t pos = c0 + i;
           const int64_t page = std::clamp<int64_t>(pages[pos / s.page_size], 0, s.num_pages - 1);
           const scalar_t* src = cache + page * page_stride + (pos % s.page_size) * Dk;
-          float* dst = rows.data() + i * Dk;
-          cpu::to_float(src, dst, Dk);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            row_at[i] = src;
+          } else {
+            float* dst = rows.data() + i * Dk;
+            cpu::to_float(src, dst, Dk);
+            row_at[i] = dst;
+          }
         }
+        const auto row = [&](int64_t i) { return row_at[i]; };
         // Four heads at a time (see cpu::logits_block): their logits, each head's online-softmax
         // step, then their values (the row's first Dv columns), accumulated in registers.
         for (int64_t h0 = 0; h0 < H; h0 += 4) {
           const int64_t nh = std::min<int64_t>(4, H - h0);
           float* lg = logits.data() + h0 * kChunk;
-          cpu::logits_heads(qf.data() + h0 * Dk, nh, rows.data(), Dk, n, Dk, scale, lg, kChunk);
+          cpu::logits_heads_at(qf.data() + h0 * Dk, nh, row, n, Dk, scale, lg, kChunk);
           for (int64_t j = 0; j < nh; ++j)
             cpu::online_softmax_step(lg + j * kChunk, n, m[h0 + j], l[h0 + j], acc.data() + (h0 + j) * Dv, Dv);
-          cpu::pv_heads(acc.data() + h0 * Dv, nh, Dv, n, lg, kChunk, rows.data(), Dk);
+          cpu::pv_heads_at(acc.data() + h0 * Dv, nh, Dv, n, lg, kChunk, row);
         }
       }
 
