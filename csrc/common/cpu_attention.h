@@ -206,14 +206,6 @@ inline void logits_heads(const float* q, int64_t nq, const float* rows, int64_t 
   logits_heads_at(q, nq, [&](int64_t i) { return rows + i * row_stride; }, n, D, scale, lg, lg_stride);
 }
 
-// One query row's logit of one key row, summed in the order of any logits block above (so the
-// H2O score pass recomputes attend_chunk's logits bit for bit).
-inline float key_logit(const float* q, const float* k, int64_t D, float scale) {
-  float lg;
-  logits_block_at<1, 1>(q, [&](int) { return k; }, D, scale, &lg, 1);
-  return lg;
-}
-
 // Register blocks of P V for several query rows over the same value rows (mla_decode's heads over
 // one latent row; the token decoder's rows of a KV group): 4 rows x kValueVecs vectors, 4 x 4 in
 // the AVX-512 copy (32 vector registers: 16 accumulators, 0.5 loads per multiply-add), 4 x 2 in
@@ -410,8 +402,7 @@ constexpr bool has_bf16_dot() {
 // Software prefetch of the K/V rows a loop over keys will read: rows come in the block table's
 // (random) page order, 2-4 KB each, and V is read one KV head's slice of every row at a time,
 // which the hardware prefetchers miss (session 23: ~45% of a bf16 gqa_decode call stalled on
-// those loads). A loop requests key i + kPrefetchAhead's row while it works on key i.
-constexpr int64_t kPrefetchAhead = 4;
+// those loads).
 template <typename T>
 inline void prefetch_row(const T* row, int64_t row_len) {
   constexpr int64_t kLine = 64 / int64_t(sizeof(T));  // elements per 64-byte line

@@ -91,9 +91,9 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
 
 // H2O accumulation (score given): after the decode, score[b, h, p] += sum over the group's query
 // heads of exp(logit - lse) for every attended key p. A second pass over the keys recomputes the
-// logits exactly as attend_chunk does (cpu::key_logit sums in its logits blocks' order, then the
-// same scale and cap; with bf16_dot the bf16 dot products, cpu::key_logit_bf16), so they match the
-// lse.
+// logits exactly as attend_chunk does (its register blocks, whose summation order does not depend
+// on the block, then the same scale and cap; with bf16_dot the bf16 dot products,
+// cpu::key_logit_bf16), so they match the lse.
 // Tasks are (sequence, key chunk): disjoint score elements, and each element sums its group's
 // heads in order (deterministic).
 template <typename scalar_t>
@@ -106,23 +106,12 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
   const float inv_cap = capped ? 1.0f / p.soft_cap : 0.0f;
   const int64_t chunks = (capacity + kKeys - 1) / kKeys;
   at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(Hq * D), krow(row);
+    constexpr int64_t kRows = cpu::kLogitRows;
+    constexpr bool fp32 = std::is_same_v<scalar_t, float>;
+    // Scratch: kRows token rows as fp32 (other types than fp32), a KV head's logits of those rows.
+    std::vector<float> qf(Hq * D), krows(fp32 ? 0 : kRows * row), lg(G * kRows);
     int64_t qf_b = -1;
     const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();
-    // Query head hq's logit of KV head h's slice of the token row kr (scaled, not capped).
-    auto logit = [&](int64_t hq, int64_t h, const scalar_t* kr) -> float {
-#if defined(KVCORE_CPU_BF16_DOT_FN)
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (pairwise) {
-          const scalar_t* qh = q + qf_b * p.q_stride_b + hq * p.q_stride_h;
-          return cpu::key_logit_bf16(reinterpret_cast<const uint16_t*>(qh),
-                                     reinterpret_cast<const uint16_t*>(kr + h * D), D, p.scale);
-        }
-      }
-#endif
-      (void)kr;
-      return cpu::key_logit(qf.data() + hq * D, krow.data() + h * D, D, p.scale);
-    };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, chunk = task % chunks;
       const int64_t hi = std::clamp<int64_t>(seq_lens[b], 0, capacity);
@@ -141,22 +130,56 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
         const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
         return k_cache + page * p.k_page_stride + (pos % p.page_size) * row;
       };
-      // K rows a few keys ahead are requested as attend_chunk does (random page order).
-      constexpr int64_t ahead = cpu::kPrefetchAhead;
-      for (int64_t pos = start; pos < std::min(stop, start + ahead); ++pos) cpu::prefetch_row(row_of(pos), row);
-      for (int64_t pos = start; pos < stop; ++pos) {
-        if (pos + ahead < stop) cpu::prefetch_row(row_of(pos + ahead), row);
-        const scalar_t* kr = row_of(pos);
-        if (!pairwise) cpu::to_float(kr, krow.data(), row);
-        for (int64_t h = 0; h < H; ++h) {
-          float sum = 0.0f;
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t hq = h * G + g;
-            float x = cpu::as_stored(logit(hq, h, kr));
-            if (capped) x = cpu::as_stored(p.soft_cap * std::tanh(x * inv_cap));
-            sum += std::exp(x - lse[b * Hq + hq]);
+      // Query head hq's probability of a key from its stored logit x (scaled, not yet capped).
+      auto prob = [&](int64_t hq, float x) {
+        x = cpu::as_stored(x);
+        if (capped) x = cpu::as_stored(p.soft_cap * std::tanh(x * inv_cap));
+        return std::exp(x - lse[b * Hq + hq]);
+      };
+#if defined(KVCORE_CPU_BF16_DOT_FN)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (pairwise) {  // the bf16 dot products, key by key (cpu::key_logit_bf16)
+          for (int64_t pos = start; pos < stop; ++pos) {
+            const uint16_t* kr = reinterpret_cast<const uint16_t*>(row_of(pos));
+            for (int64_t h = 0; h < H; ++h) {
+              float sum = 0.0f;
+              for (int64_t g = 0; g < G; ++g) {
+                const int64_t hq = h * G + g;
+                const uint16_t* qh = reinterpret_cast<const uint16_t*>(q + b * p.q_stride_b + hq * p.q_stride_h);
+                sum += prob(hq, cpu::key_logit_bf16(qh, kr + h * D, D, p.scale));
+              }
+              score[(b * H + h) * score_len + pos] += sum;
+            }
           }
-          score[(b * H + h) * score_len + pos] += sum;
+          continue;
+        }
+      }
+#endif
+      (void)pairwise;
+      // kRows keys at a time: each KV head's logits in attend_chunk's register blocks (the same
+      // summation order, so the same logits), then each key's probabilities summed over the
+      // group in head order. No K prefetch (attend_chunk says why).
+      for (int64_t pos0 = start; pos0 < stop; pos0 += kRows) {
+        const int64_t nk = std::min<int64_t>(kRows, stop - pos0);
+        const float* kf[kRows];
+        for (int64_t r = 0; r < nk; ++r) {
+          if constexpr (fp32) {
+            kf[r] = row_of(pos0 + r);
+          } else {
+            cpu::to_float(row_of(pos0 + r), krows.data() + r * row, row);
+            kf[r] = krows.data() + r * row;
+          }
+        }
+        for (int64_t h = 0; h < H; ++h) {
+          for (int64_t g0 = 0; g0 < G; g0 += 4)
+            cpu::logits_heads_at(qf.data() + (h * G + g0) * D, std::min<int64_t>(4, G - g0),
+                                 [&](int64_t r) { return kf[r] + h * D; }, nk, D, p.scale, lg.data() + g0 * kRows,
+                                 kRows);
+          for (int64_t r = 0; r < nk; ++r) {
+            float sum = 0.0f;
+            for (int64_t g = 0; g < G; ++g) sum += prob(h * G + g, lg[g * kRows + r]);
+            score[(b * H + h) * score_len + pos0 + r] += sum;
+          }
         }
       }
     }
