@@ -417,6 +417,18 @@ inline void prefetch_row_l2(const T* row, int64_t row_len) {
   for (int64_t e = 0; e < row_len; e += kLine) __builtin_prefetch(row + e, 0, 2);
 }
 
+// The soft cap (soft_cap > 0; else nothing) on a chunk's logits, `heads` rows of n, stride apart:
+// x -> cap * tanh(x / cap), on the scaled logits as stored.
+inline void cap_logits(float* logits, int64_t heads, int64_t n, int64_t stride, float soft_cap) {
+  if (soft_cap <= 0.0f) return;
+  const float inv_cap = 1.0f / soft_cap;
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < n; ++i) {
+      float& s = logits[h * stride + i];
+      s = soft_cap * std::tanh(s * inv_cap);
+    }
+}
+
 // Workspace and state of one task's query heads: heads x D queries (fp32), the running (m, l,
 // acc) per head, and the conversion rows and logits of one chunk of keys.
 struct ChunkScratch {
@@ -616,14 +628,7 @@ KVCORE_CPU_BF16_DOT_FN void attend_chunk_bf16(int64_t n, const T* k_base, const 
       bf16dot::logits_heads(w.qbf + h0 * D, D, nh, rows, n, D, scale, w.logits + h0 * w.chunk, w.chunk);
     }
   }
-  if (soft_cap > 0.0f) {
-    const float inv_cap = 1.0f / soft_cap;
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t i = 0; i < n; ++i) {
-        float& s = w.logits[h * w.chunk + i];
-        s = soft_cap * std::tanh(s * inv_cap);
-      }
-  }
+  cap_logits(w.logits, heads, n, w.chunk, soft_cap);
   for (int64_t h = 0; h < heads; ++h) online_softmax_step(w.logits + h * w.chunk, n, m[h], l[h], acc + h * D, D);
   alignas(64) uint32_t wp[4][16];
   const int64_t npairs = (n + 1) / 2;
@@ -694,14 +699,7 @@ void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_b
       h0 += nq;
     }
   }
-  if (soft_cap > 0.0f) {
-    const float inv_cap = 1.0f / soft_cap;
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t i = 0; i < n; ++i) {
-        float& s = w.logits[h * w.chunk + i];
-        s = soft_cap * std::tanh(s * inv_cap);
-      }
-  }
+  cap_logits(w.logits, heads, n, w.chunk, soft_cap);
   for (int64_t h = 0; h < heads; ++h) online_softmax_step(w.logits + h * w.chunk, n, m[h], l[h], acc + h * D, D);
   // KV head by KV head: its query heads in register blocks of up to 4 (pv_heads_at: each V vector
   // loaded once for the block), so its chunk of V slices (n x D) stays in L1. Other types than
