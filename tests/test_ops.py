@@ -65,6 +65,9 @@ DECODE_CASES = [
     DecodeCase(4, 6, 2, 128, 7, 90, window_left=7, strided_cache=True),
     DecodeCase(2, 16, 16, 64, 16, (0, 0)),
     DecodeCase(3, 8, 1, 128, 16, (16, 32, 17), window_left=15, soft_cap=30.0, scale=1.0),
+    # Group 6: the CPU kernel's register blocks of up to 4 query heads take a KV head's group as
+    # 4 + 2, and 150 tokens end each 32-key chunk's 4-key blocks with a partial one.
+    DecodeCase(3, 12, 2, 128, 16, 150, soft_cap=30.0),
     # Page sizes of the TMA loader's other segment shapes (8 and 32 rows per box; a box inside a
     # 128-token page), with partial last tiles.
     DecodeCase(3, 8, 2, 128, 8, 150),
