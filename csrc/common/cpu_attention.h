@@ -102,7 +102,7 @@ inline void lane_sums16(const FVec* v, float* out) {
 }
 #endif
 
-// The end of every logits block (logits_block, bf16dot::logits_block): lg[j * lg_stride + i] =
+// The end of every logits block (logits_block_at, bf16dot::logits_block): lg[j * lg_stride + i] =
 // (lane_sum(acc[j][i]) + product(j, i, t) for the columns t in [d, D) past the last whole vector,
 // in order) * scale, so a logit sums in the same order whatever block it falls in. A 16-accumulator
 // block in the 16-lane copy reduces its lanes together (lane_sums16: the same bits).
@@ -160,13 +160,6 @@ inline void logits_block_at(const float* q, RowAt row_at, int64_t D, float scale
   }
   const auto product = [&](int j, int i, int64_t t) { return q[j * D + t] * rows[i][t]; };
   finish_logits(acc, d, D, product, scale, lg, lg_stride);
-}
-
-// The same with key row i at rows + i * row_stride.
-template <int NH, int NK>
-inline void logits_block(const float* q, const float* rows, int64_t row_stride, int64_t D, float scale, float* lg,
-                         int64_t lg_stride) {
-  logits_block_at<NH, NK>(q, [&](int i) { return rows + i * row_stride; }, D, scale, lg, lg_stride);
 }
 
 // The logits of NH query rows for key rows [0, n) (row i at row_at(i)): blocks of kLogitRows
@@ -692,11 +685,11 @@ void attend_chunk(int64_t n, const T* k_base, const int64_t* k_off, const T* v_b
         kf[r] = w.krow + r * row_len;
       }
     }
-    for (int64_t h0 = 0; h0 < heads;) {
-      const int64_t hk = h0 / group, nq = std::min<int64_t>({4, heads - h0, (hk + 1) * group - h0});
-      logits_heads_at(qf + h0 * D, nq, [&](int64_t r) { return kf[r] + hk * D; }, nk, D, scale,
-                      w.logits + h0 * w.chunk + i0, w.chunk);
-      h0 += nq;
+    for (int64_t hk = 0; hk * group < heads; ++hk) {
+      const int64_t h_end = std::min(heads, (hk + 1) * group);
+      for (int64_t h0 = hk * group; h0 < h_end; h0 += 4)
+        logits_heads_at(qf + h0 * D, std::min<int64_t>(4, h_end - h0), [&](int64_t r) { return kf[r] + hk * D; },
+                        nk, D, scale, w.logits + h0 * w.chunk + i0, w.chunk);
     }
   }
   cap_logits(w.logits, heads, n, w.chunk, soft_cap);

@@ -111,7 +111,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
           }
         }
         const auto row = [&](int64_t i) { return row_at[i]; };
-        // Four heads at a time (see cpu::logits_block): their logits, each head's online-softmax
+        // Four heads at a time (see cpu::logits_block_at): their logits, each head's online-softmax
         // step, then their values (the row's first Dv columns), accumulated in registers.
         for (int64_t h0 = 0; h0 < H; h0 += 4) {
           const int64_t nh = std::min<int64_t>(4, H - h0);
