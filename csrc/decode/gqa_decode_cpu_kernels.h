@@ -108,8 +108,8 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
   at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
     constexpr int64_t kRows = cpu::kLogitRows;
     constexpr bool fp32 = std::is_same_v<scalar_t, float>;
-    // Scratch: kRows token rows as fp32 (other types than fp32), a KV head's logits of those rows.
-    std::vector<float> qf(Hq * D), krows(fp32 ? 0 : kRows * row), lg(G * kRows);
+    // Scratch: kRows token rows as fp32 (other types than fp32), every query head's logits of the chunk.
+    std::vector<float> qf(Hq * D), krows(fp32 ? 0 : kRows * row), lg(Hq * kKeys);
     int64_t qf_b = -1;
     const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();
     for (int64_t task = begin; task < end; ++task) {
@@ -130,11 +130,17 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
         const int64_t page = std::clamp<int64_t>(pages[pos / p.page_size], 0, p.num_pages - 1);
         return k_cache + page * p.k_page_stride + (pos % p.page_size) * row;
       };
-      // Query head hq's probability of a key from its stored logit x (scaled, not yet capped).
-      auto prob = [&](int64_t hq, float x) {
+      // A key's logit as the decode kept it, from the scaled dot product (capped when asked).
+      auto stored_logit = [&](float x) {
         x = cpu::as_stored(x);
-        if (capped) x = cpu::as_stored(p.soft_cap * std::tanh(x * inv_cap));
-        return std::exp(x - lse[b * Hq + hq]);
+        return capped ? cpu::as_stored(p.soft_cap * std::tanh(x * inv_cap)) : x;
+      };
+      // Query head hq's probability of a key from its scaled dot product x (the exp of the
+      // vectorised pass below).
+      [[maybe_unused]] auto prob = [&](int64_t hq, float x) {
+        float y = stored_logit(x);
+        cpu::exp_diff(&y, lse[b * Hq + hq], &y, 1);
+        return y;
       };
 #if defined(KVCORE_CPU_BF16_DOT_FN)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -157,8 +163,10 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
 #endif
       (void)pairwise;
       // kRows keys at a time: each KV head's logits in attend_chunk's register blocks (the same
-      // summation order, so the same logits), then each key's probabilities summed over the
-      // group in head order. No K prefetch (attend_chunk says why).
+      // summation order, so the same logits) into lg, a row of the chunk's keys per query head;
+      // then each head's probabilities in one vectorised pass over its row, and each key's summed
+      // over the group in head order. No K prefetch (attend_chunk says why).
+      const int64_t n = stop - start;
       for (int64_t pos0 = start; pos0 < stop; pos0 += kRows) {
         const int64_t nk = std::min<int64_t>(kRows, stop - pos0);
         const float* kf[kRows];
@@ -170,16 +178,23 @@ void accumulate_scores(const DecodeParams& p, const scalar_t* q, const scalar_t*
             kf[r] = krows.data() + r * row;
           }
         }
-        for (int64_t h = 0; h < H; ++h) {
+        for (int64_t h = 0; h < H; ++h)
           for (int64_t g0 = 0; g0 < G; g0 += 4)
             cpu::logits_heads_at(qf.data() + (h * G + g0) * D, std::min<int64_t>(4, G - g0),
-                                 [&](int64_t r) { return kf[r] + h * D; }, nk, D, p.scale, lg.data() + g0 * kRows,
-                                 kRows);
-          for (int64_t r = 0; r < nk; ++r) {
-            float sum = 0.0f;
-            for (int64_t g = 0; g < G; ++g) sum += prob(h * G + g, lg[g * kRows + r]);
-            score[(b * H + h) * score_len + pos0 + r] += sum;
-          }
+                                 [&](int64_t r) { return kf[r] + h * D; }, nk, D, p.scale,
+                                 lg.data() + (h * G + g0) * kKeys + (pos0 - start), kKeys);
+      }
+      for (int64_t hq = 0; hq < Hq; ++hq) {
+        float* x = lg.data() + hq * kKeys;
+        for (int64_t r = 0; r < n; ++r) x[r] = stored_logit(x[r]);
+        cpu::exp_diff(x, lse[b * Hq + hq], x, n);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        float* dst = score + (b * H + h) * score_len + start;
+        for (int64_t r = 0; r < n; ++r) {
+          float sum = 0.0f;
+          for (int64_t g = 0; g < G; ++g) sum += lg[(h * G + g) * kKeys + r];
+          dst[r] += sum;
         }
       }
     }
