@@ -522,12 +522,15 @@ int run(int argc, char** argv) {
   }
   if (const char* csv = std::getenv("TRACE_CSV")) {  // per-CTA rows for offline analysis
     if (FILE* fc = std::fopen(csv, "w")) {
-      std::fprintf(fc, "cta,smid,entry,issued,first,loop_end,arrival,exit\n");
+      // tiles: the times its first trace_tiles tiles landed, ';'-separated (a CTA's rate over time).
+      std::fprintf(fc, "cta,smid,entry,issued,first,loop_end,arrival,exit,tiles\n");
       auto us_of = [&](unsigned long long x) { return x >= t0 ? (x - t0) * 1e-3 : -1.0; };
       for (size_t c = 0; c < ctas; ++c) {
         const unsigned long long* r = &tr[c * stride];
-        std::fprintf(fc, "%zu,%llu,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f\n", c, r[6], us_of(r[0]), us_of(r[4]), us_of(r[1]),
+        std::fprintf(fc, "%zu,%llu,%.3f,%.3f,%.3f,%.3f,%.3f,%.3f,", c, r[6], us_of(r[0]), us_of(r[4]), us_of(r[1]),
                      us_of(r[2]), us_of(r[5]), us_of(r[3]));
+        for (int t = 0; t < tiles && r[F + t] != 0; ++t) std::fprintf(fc, "%s%.3f", t ? ";" : "", us_of(r[F + t]));
+        std::fprintf(fc, "\n");
       }
       std::fclose(fc);
     }

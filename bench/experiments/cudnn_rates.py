@@ -1,0 +1,96 @@
+"""How fast does one cuDNN SDPA decode CTA read when fewer CTAs share the GPU?
+
+Issue 2's last gap is B16 S8192 (Hq32 Hkv8 D128), where cuDNN's kernel runs one 4-warp CTA per
+(sequence, KV head), 128 CTAs in one wave (session 29's profile), as kvcore's 8-warp kernel does,
+and ends 1-2% sooner. decode_trace.cu times kvcore's kernel on a ladder of CTA counts (B1 Hkv1 up
+to B16 Hkv8); this times cuDNN on the same ladder, contiguous K/V, with each call's kernels
+(grid, block, registers, shared memory) from torch.profiler so the CTA count is known, not
+assumed. The per-CTA rate as the grid shrinks says how much a CTA can speed up once its
+neighbours have finished: the headroom that absorbs a one-wave grid's uneven end.
+
+    python bench/experiments/cudnn_rates.py [OUT.json]
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# (B, Hq, Hkv, S): one (sequence, KV head) pair up to the B16 grid point's 128
+LADDER = [(1, 4, 1, 8192), (4, 4, 1, 8192), (2, 32, 8, 8192), (4, 32, 8, 8192), (8, 32, 8, 8192),
+          (12, 32, 8, 8192), (16, 32, 8, 8192)]
+
+
+def kernels_of(fn) -> list:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f).get("traceEvents", [])
+    os.unlink(path)
+    return [{"name": ev.get("name", "")[:100], "grid": ev.get("args", {}).get("grid"),
+             "block": ev.get("args", {}).get("block"), "us": ev.get("dur")}
+            for ev in events if ev.get("cat") == "kernel"]
+
+
+def median_us(fn, flush: torch.Tensor, reps: int = 30) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(reps + 3):
+        flush.add_(1)  # evicts K/V from the 50 MB L2
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    flush = torch.empty(64 << 20, dtype=torch.float32, device="cuda")  # 256 MB
+    rows = []
+    for b, hq, hkv, s in LADDER:
+        q = torch.randn(b, hq, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, hkv, s, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        kv_bytes = 2 * k.numel() * k.element_size()
+
+        def fn():
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv, scale=128 ** -0.5)
+
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            fn()
+            torch.cuda.synchronize()
+            kernels = kernels_of(fn)
+            us = median_us(fn, flush)
+        ctas = 1
+        main_kernel = max(kernels, key=lambda r: r["us"] or 0) if kernels else None
+        if main_kernel and main_kernel["grid"]:
+            for g in main_kernel["grid"]:
+                ctas *= g
+        per_cta = kv_bytes / ctas / us * 1e-3 if main_kernel else float("nan")
+        print(f"cuDNN B{b} Hq{hq} Hkv{hkv} S{s}: {us:.1f} us, {kv_bytes / us * 1e-3:.0f} GB/s, {ctas} CTAs "
+              f"({per_cta:.1f} GB/s a CTA); kernels: "
+              + "; ".join(f"{r['name'][:60]} grid {r['grid']} block {r['block']} {r['us']} us" for r in kernels))
+        rows.append({"batch": b, "hq": hq, "hkv": hkv, "seq_len": s, "us": us, "kv_bytes": kv_bytes,
+                     "ctas": ctas, "kernels": kernels})
+        del q, k, v
+        torch.cuda.empty_cache()
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
