@@ -342,8 +342,18 @@ inline void exp_diff(const float* x, float m, float* y, int64_t n) {
 // One online-softmax step of one head over n logits: lg becomes the weights relative to the new
 // running max m, l the running sum, and the head's accumulator acc [D] is rescaled to match.
 inline void online_softmax_step(float* lg, int64_t n, float& m, float& l, float* acc, int64_t D) {
+  // The chunk's max a vector at a time (a std::max chain does not vectorise: its NaN rule is
+  // not commutative). Both keep the running max where x is NaN, and a max has the same value in
+  // any order (up to the sign of a zero, which no use below can tell).
+  FVec vmax = FVec{} + kNegInf;
+  int64_t i0 = 0;
+  for (; i0 + kVecLanes <= n; i0 += kVecLanes) {
+    const FVec v = load_vec(lg + i0);
+    vmax = v > vmax ? v : vmax;
+  }
   float cmax = kNegInf;
-  for (int64_t i = 0; i < n; ++i) cmax = std::max(cmax, lg[i]);
+  for (int j = 0; j < kVecLanes; ++j) cmax = std::max(cmax, vmax[j]);
+  for (int64_t i = i0; i < n; ++i) cmax = std::max(cmax, lg[i]);
   const float m_new = std::max(m, cmax);
   // m_new = -inf only if every logit so far is -inf (non-finite inputs): keep the state.
   const float corr = (m == m_new || m_new == kNegInf) ? 1.0f : std::exp(m - m_new);
