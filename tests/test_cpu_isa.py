@@ -1,7 +1,8 @@
 """KVCORE_CPU_ISA: the CPU attention kernels exist three times (baseline, AVX2+FMA+F16C, and that
 plus AVX-512 F/BW/DQ/VL; chosen once per process), and the AVX-512 copy runs bf16 gqa_decode,
 block_sparse_decode, mla_decode and attention_scores with AVX512_BF16's dot products under
-avx512bf16; every setting must pass the same reference checks.
+avx512bf16, and bf16 mla_decode on AMX tiles under amx; every setting must pass the same
+reference checks.
 
 The rest of the suite runs the CPU kernels with whatever this process picked (``auto``: the widest
 copy the CPU supports). Every other available ISA runs the reference, NaN and determinism tests of
@@ -15,6 +16,7 @@ the baseline rounds twice; each vector width sums in its own order), only each w
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 
@@ -49,8 +51,23 @@ def _requested() -> str:
 AVX2_AVAILABLE = {"avx2", "fma", "f16c"} <= _cpu_flags()
 AVX512_AVAILABLE = AVX2_AVAILABLE and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags()
 AVX512_BF16_AVAILABLE = AVX512_AVAILABLE and "avx512_bf16" in _cpu_flags()
+
+
+def _os_grants_amx_tiles() -> bool:
+    """Whether Linux lets this process use the AMX tile registers (arch_prctl ARCH_REQ_XCOMP_PERM
+    for XTILEDATA, as kvcore asks; harmless to ask again)."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA
+    except (OSError, AttributeError):
+        return False
+
+
+AMX_AVAILABLE = AVX512_BF16_AVAILABLE and {"amx_tile", "amx_bf16"} <= _cpu_flags() and _os_grants_amx_tiles()
 AVAILABLE = {"baseline": True, "avx2": AVX2_AVAILABLE, "avx512": AVX512_AVAILABLE,
-             "avx512bf16": AVX512_BF16_AVAILABLE}
+             "avx512bf16": AVX512_BF16_AVAILABLE, "amx": AMX_AVAILABLE}
 
 # The reference / NaN / determinism tests of those ops, CPU cases only; the bad-input tests
 # never reach a kernel and the subprocess tests would recurse.
@@ -145,6 +162,22 @@ def test_avx512bf16_runs_the_bf16_dot_products_in_subprocess():
         assert digests["avx512bf16"][op] != digest, op
 
 
+@pytest.mark.skipif(not AMX_AVAILABLE, reason="this CPU (or its OS) gives no AMX-BF16 tiles")
+def test_amx_runs_mla_decode_on_tiles_in_subprocess():
+    """amx is avx512bf16 with bf16 mla_decode on AMX tiles: each op matches the reference under
+    both, mla_decode's output differs between them (the tile path is not silently skipped) and
+    the other ops' outputs are the same bits (they run avx512bf16's code)."""
+    digests = {}
+    for isa in ("avx512bf16", "amx"):
+        res = run_code_with_env(VARIABLE, isa, _BF16_OPS)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        lines = dict(line.split() for line in res.stdout.splitlines())
+        assert lines.pop("isa") == isa
+        digests[isa] = lines
+    for op, digest in digests["avx512bf16"].items():
+        assert (digests["amx"][op] != digest) == (op == "mla_decode"), op
+
+
 _SETUP = """
 q = torch.randn(1, 8, 64)
 k = torch.randn(4, 16, 2, 64)
@@ -154,7 +187,7 @@ sl = torch.tensor([40], dtype=torch.int32)
 
 
 def test_misspelt_cpu_isa_is_an_error():
-    """A value other than auto, baseline, avx2, avx512 or avx512bf16 (here the upper-case AVX2) fails every CPU
+    """A value other than auto, baseline, avx2, avx512, avx512bf16 or amx (here the upper-case AVX2) fails every CPU
     attention call and the query, naming the variable, instead of silently timing the default."""
     code = (f"import torch, kvcore\n{_SETUP}\n"
             "for call in (lambda: kvcore.gqa_decode(q, k, k, bt, sl), lambda: kvcore.gqa_decode(q, k, k, bt, sl),\n"
@@ -185,6 +218,12 @@ def test_avx512_without_avx512_is_an_error():
 def test_avx512bf16_without_avx512_bf16_is_an_error():
     """Likewise for avx512bf16 on a CPU without AVX512_BF16."""
     assert_switch_value_rejected(VARIABLE, "avx512bf16", _SETUP, "kvcore.gqa_decode(q, k, k, bt, sl)", calls=2)
+
+
+@pytest.mark.skipif(AMX_AVAILABLE, reason="this CPU and its OS give AMX-BF16 tiles")
+def test_amx_without_amx_is_an_error():
+    """Likewise for amx on a CPU without AMX-TILE and AMX-BF16 (or an OS that does not grant them)."""
+    assert_switch_value_rejected(VARIABLE, "amx", _SETUP, "kvcore.gqa_decode(q, k, k, bt, sl)", calls=2)
 
 
 def test_cpu_isa_choice_is_read_once():

@@ -327,6 +327,11 @@ MLA_DECODE_CPU_CASES = [
     MlaDecodeCase(2, 13, 36, 36, 8, (5, 70)),
     MlaDecodeCase(4, 5, 7, 5, 3, (1, 2, 3, 31)),
     MlaDecodeCase(2, 9, 100, 88, 16, (45, 130)),
+    # bf16 under KVCORE_CPU_ISA=amx (the tiles take widths of a multiple of 32): three 16-head
+    # blocks (a pair, then one alone), lengths past one 256-key softmax step and not a multiple
+    # of the 32-key tile steps; small widths of a multiple of 32 with a partial head block.
+    MlaDecodeCase(2, 40, 576, 512, 16, (257, 600)),
+    MlaDecodeCase(3, 20, 64, 32, 16, (1, 31, 513)),
 ]
 
 

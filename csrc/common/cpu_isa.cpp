@@ -6,6 +6,14 @@
 
 #include <string>
 
+#if KVCORE_CPU_X86_COPIES
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
+
 #include "common/env_switch.h"
 
 namespace kvcore {
@@ -46,12 +54,32 @@ bool avx512_bf16_supported() {
 #endif
 }
 
+// AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22), and the OS's leave for this process
+// to use the tile data registers: Linux (from 5.16) keeps them off until a process asks
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18), and a tile instruction without it
+// faults. Asked at most once; granted for the whole process, so every thread may use the tiles.
+bool amx_supported() {
+#if KVCORE_CPU_AMX && defined(__linux__) && defined(SYS_arch_prctl)
+  static const bool granted = [] {
+    if (!avx512_bf16_supported()) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!((edx >> 24) & 1u) || !((edx >> 22) & 1u)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return granted;
+#else
+  return false;
+#endif
+}
+
 CpuIsa pick_cpu_isa() {
   const int choice =
-      env_choice(kVariable, {"auto", "baseline", "avx2", "avx512", "avx512bf16"}, "kvcore CPU kernels");
+      env_choice(kVariable, {"auto", "baseline", "avx2", "avx512", "avx512bf16", "amx"}, "kvcore CPU kernels");
   if (choice == 1) return CpuIsa::kBaseline;
   if (choice >= 2) {
-    const char* name = choice == 2 ? "avx2" : choice == 3 ? "avx512" : "avx512bf16";
+    const char* name = choice == 2 ? "avx2" : choice == 3 ? "avx512" : choice == 4 ? "avx512bf16" : "amx";
     TORCH_CHECK(KVCORE_CPU_X86_COPIES, "kvcore CPU kernels: ", kVariable, "=", name,
                 ", but this build has no copy of the kernels for it (that needs GCC on x86-64); use 'auto' or "
                 "'baseline'");
@@ -66,11 +94,19 @@ CpuIsa pick_cpu_isa() {
                   "F16C; use 'auto', 'avx2' or 'baseline'");
       return CpuIsa::kAvx512;
     }
-    TORCH_CHECK(avx512_bf16_supported(), "kvcore CPU kernels: ", kVariable,
-                "=avx512bf16, but this CPU (or its OS) does not support AVX512_BF16 with AVX-512 F, BW, DQ and VL, "
-                "AVX2, FMA and F16C; use 'auto', 'avx512', 'avx2' or 'baseline'");
-    return CpuIsa::kAvx512Bf16;
+    if (choice == 4) {
+      TORCH_CHECK(avx512_bf16_supported(), "kvcore CPU kernels: ", kVariable,
+                  "=avx512bf16, but this CPU (or its OS) does not support AVX512_BF16 with AVX-512 F, BW, DQ and "
+                  "VL, AVX2, FMA and F16C; use 'auto', 'avx512', 'avx2' or 'baseline'");
+      return CpuIsa::kAvx512Bf16;
+    }
+    TORCH_CHECK(amx_supported(), "kvcore CPU kernels: ", kVariable,
+                "=amx, but this CPU does not support AMX-TILE and AMX-BF16 with AVX512_BF16, or its OS did not "
+                "grant this process the tile registers (Linux 5.16 or later); use 'auto', 'avx512bf16', 'avx512', "
+                "'avx2' or 'baseline'");
+    return CpuIsa::kAmx;
   }
+  if (amx_supported()) return CpuIsa::kAmx;
   if (avx512_bf16_supported()) return CpuIsa::kAvx512Bf16;
   if (avx512_supported()) return CpuIsa::kAvx512;
   return avx2_supported() ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
@@ -93,6 +129,8 @@ const char* cpu_isa_name(CpuIsa isa) {
       return "avx512";
     case CpuIsa::kAvx512Bf16:
       return "avx512bf16";
+    case CpuIsa::kAmx:
+      return "amx";
     default:
       return "baseline";
   }

@@ -82,9 +82,14 @@
 // intrinsics, included above the regions): kernels call them only when cpu_isa() is kAvx512Bf16.
 // They must be named functions, not lambdas (which would not inherit the attribute).
 #define KVCORE_CPU_BF16_DOT_FN __attribute__((target("avx512bf16")))
+// ... and functions marked with this AMX's tiles too (called only when cpu_isa() is kAmx).
+#if KVCORE_CPU_AMX
+#define KVCORE_CPU_AMX_FN __attribute__((target("avx512bf16,amx-tile,amx-bf16")))
+#endif
 #include "common/cpu_half_bits.h"
 #include "common/cpu_attention.h"
 #include KVCORE_CPU_KERNELS
+#undef KVCORE_CPU_AMX_FN
 #undef KVCORE_CPU_BF16_DOT_FN
 #undef KVCORE_CPU_F16C
 #undef KVCORE_CPU_VEC_BYTES
@@ -103,7 +108,7 @@ namespace isa_avx512 = isa_baseline;
 // isa_* namespace) that this process's KVCORE_CPU_ISA picked, as a function pointer.
 #ifndef KVCORE_CPU_PICK
 #define KVCORE_CPU_PICK(...)                                                                      \
-  (::kvcore::cpu_isa() == ::kvcore::CpuIsa::kAvx512 || ::kvcore::cpu_isa() == ::kvcore::CpuIsa::kAvx512Bf16 \
+  (::kvcore::cpu_isa() >= ::kvcore::CpuIsa::kAvx512                                              \
        ? &isa_avx512::__VA_ARGS__                                                                 \
    : ::kvcore::cpu_isa() == ::kvcore::CpuIsa::kAvx2 ? &isa_avx2::__VA_ARGS__                      \
                                                     : &isa_baseline::__VA_ARGS__)

@@ -68,7 +68,8 @@ void mla_decode_cpu(const at::Tensor& q, const at::Tensor& latent_cache, const a
     const auto decode = KVCORE_CPU_PICK(mla_decode_tasks<scalar_t>);
     decode(s, q.const_data_ptr<scalar_t>(), q.stride(0), q.stride(1), latent_cache.const_data_ptr<scalar_t>(),
            latent_cache.stride(0), block_table.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
-           static_cast<float>(scale), num_splits, cpu_bf16_dot(), out.mutable_data_ptr<scalar_t>(), lse_ptr);
+           static_cast<float>(scale), num_splits, cpu_bf16_dot(), cpu_amx(), out.mutable_data_ptr<scalar_t>(),
+           lse_ptr);
   });
 }
 

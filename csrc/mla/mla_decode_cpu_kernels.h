@@ -38,10 +38,238 @@ KVCORE_CPU_BF16_DOT_FN void chunk(const uint16_t* q, int64_t q_stride, int64_t H
 }  // namespace mla_bf16
 #endif
 
+// Merges the parts of each (sequence, head) in part order: part j of sequence b's head h at
+// part_out[((b * parts + j) * H + h) * Dv] (normalised) and part_lse[(b * parts + j) * H + h].
+template <typename scalar_t>
+void merge_task_parts(int64_t batch, int64_t H, int64_t Dv, int64_t parts, const std::vector<float>& part_out,
+                      const std::vector<float>& part_lse, scalar_t* out, float* lse) {
+  at::parallel_for(0, batch * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(Dv);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      cpu::merge_parts(
+          parts, [&](int64_t j) { return part_lse[(b * parts + j) * H + h]; },
+          [&](int64_t j) { return part_out.data() + ((b * parts + j) * H + h) * Dv; }, Dv, out + bh * Dv,
+          lse != nullptr ? lse + bh : nullptr, scratch.data());
+    }
+  });
+}
+
+#if defined(KVCORE_CPU_AMX_FN)
+// bf16 mla_decode on AMX tiles (cpu_isa() kAmx). vdpbf16ps reaches ~140 GFLOP/s on two cores of
+// a Sapphire Rapids-class CPU, a third of torch's bf16 matmul (oneDNN on the same tiles; session
+// 33), and MLA decode at H >= 16 is compute-bound on a CPU (B1 H128: 1,088 multiply-adds per head
+// per latent row). Both products run as tdpbf16ps on 16 x 16 fp32 blocks:
+//   logits S [heads x keys] = Q [heads x Dk] K^T, A = 16 heads x 32 columns of Q (a zero-padded
+//     bf16 copy), B = the keys' 32 columns as 16 column pairs x 16 keys (a 16 x 16 dword
+//     transpose of the latent rows: transpose_16x16);
+//   values O [heads x Dv] += P [heads x keys] V, A = 16 heads x 32 keys of P (bf16, rounded as the
+//     AVX512_BF16 path rounds them), B = 16 key pairs x 16 columns (bf16dot::interleave_pairs).
+// The online softmax takes steps of kKeys keys, so each step's rescale of the fp32 accumulator
+// (which lives in memory: 16 x Dv x 4 bytes per 16 heads, far past the 8 tile registers) is
+// spread over many keys. Tiles 0-3 accumulate a 2 x 2 block, 4-5 hold A, 6-7 B.
+namespace mla_amx {
+
+constexpr int64_t kKeys = 256;  // keys per online-softmax step, a multiple of 32 (one K step)
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Every tile 16 rows of 64 bytes (palette 1); the configuration is per thread.
+KVCORE_CPU_AMX_FN inline void configure_tiles() {
+  TileConfig cfg{};
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  // GCC 12 does not count ldtilecfg as a read of cfg and drops the stores above (the tiles were
+  // then left unconfigured: SIGILL at the first tilezero); the empty asm makes them happen.
+  __asm__ __volatile__("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+KVCORE_CPU_AMX_FN inline void release_tiles() { _tile_release(); }
+
+// dst (16 rows of 16 dwords) = the transpose of the 16 x 16 dwords whose row i starts at src[i]:
+// 32-bit then 64-bit interleaves of row pairs inside each 128-bit lane, then the 4 x 4 transpose
+// of the lanes (64 shuffles, no gathers).
+KVCORE_CPU_AMX_FN inline void transpose_16x16(const uint32_t* const* src, uint32_t* dst) {
+  // (The maskz forms with every lane kept: GCC 12's plain ones read an undefined source vector
+  // and trip -Wuninitialized.)
+  constexpr __mmask16 all16 = 0xFFFF;
+  constexpr __mmask8 all8 = 0xFF;
+  __m512i r[16], a[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src[i]);
+  for (int g = 0; g < 4; ++g) {  // a[4g + c], lane L: column 4L + c of rows 4g .. 4g + 3
+    const __m512i a0 = _mm512_maskz_unpacklo_epi32(all16, r[4 * g], r[4 * g + 1]);
+    const __m512i a1 = _mm512_maskz_unpackhi_epi32(all16, r[4 * g], r[4 * g + 1]);
+    const __m512i a2 = _mm512_maskz_unpacklo_epi32(all16, r[4 * g + 2], r[4 * g + 3]);
+    const __m512i a3 = _mm512_maskz_unpackhi_epi32(all16, r[4 * g + 2], r[4 * g + 3]);
+    a[4 * g + 0] = _mm512_maskz_unpacklo_epi64(all8, a0, a2);
+    a[4 * g + 1] = _mm512_maskz_unpackhi_epi64(all8, a0, a2);
+    a[4 * g + 2] = _mm512_maskz_unpacklo_epi64(all8, a1, a3);
+    a[4 * g + 3] = _mm512_maskz_unpackhi_epi64(all8, a1, a3);
+  }
+  for (int c = 0; c < 4; ++c) {  // output row 4L + c: lane L of a[c], a[4 + c], a[8 + c], a[12 + c]
+    const __m512i s0 = _mm512_maskz_shuffle_i32x4(all16, a[c], a[4 + c], 0x44);
+    const __m512i s1 = _mm512_maskz_shuffle_i32x4(all16, a[c], a[4 + c], 0xEE);
+    const __m512i s2 = _mm512_maskz_shuffle_i32x4(all16, a[8 + c], a[12 + c], 0x44);
+    const __m512i s3 = _mm512_maskz_shuffle_i32x4(all16, a[8 + c], a[12 + c], 0xEE);
+    _mm512_storeu_si512(dst + (0 + c) * 16, _mm512_maskz_shuffle_i32x4(all16, s0, s2, 0x88));
+    _mm512_storeu_si512(dst + (4 + c) * 16, _mm512_maskz_shuffle_i32x4(all16, s0, s2, 0xDD));
+    _mm512_storeu_si512(dst + (8 + c) * 16, _mm512_maskz_shuffle_i32x4(all16, s1, s3, 0x88));
+    _mm512_storeu_si512(dst + (12 + c) * 16, _mm512_maskz_shuffle_i32x4(all16, s1, s3, 0xDD));
+  }
+}
+
+// A thread's buffers for H heads (Hp = H rounded up to 16), Dk / Dv columns (multiples of 32).
+struct Scratch {
+  int64_t Hp = 0, Dk = 0, Dv = 0;
+  std::vector<uint16_t> q;    // [Hp][Dk] bf16, heads past H zero
+  std::vector<uint32_t> kt;   // [kKeys / 16][Dk / 32][16 column pairs][16 keys]
+  std::vector<uint32_t> vp;   // [kKeys / 2][Dv]: key pairs' values (bf16dot::interleave_pairs)
+  std::vector<float> lg;      // [Hp][kKeys] logits, then weights
+  std::vector<uint16_t> p;    // [Hp][kKeys] bf16 weights, heads past H zero
+  std::vector<float> acc;     // [Hp][Dv]
+  std::vector<uint16_t> zero; // [Dk]: the row the keys past the step's end read
+  int64_t H = -1;
+  // Sized for H heads; the rows past H of q and p are zero (nothing writes them).
+  void resize(int64_t heads, int64_t dk, int64_t dv) {
+    if (heads == H && dk == Dk && dv == Dv) return;
+    H = heads, Hp = (heads + 15) / 16 * 16, Dk = dk, Dv = dv;
+    q.assign(Hp * Dk, 0);
+    kt.assign(kKeys * Dk / 2, 0);
+    vp.assign(kKeys / 2 * Dv, 0);
+    lg.assign(Hp * kKeys, 0.0f);
+    p.assign(Hp * kKeys, 0);
+    acc.assign(Hp * Dv, 0.0f);
+    zero.assign(Dk, 0);
+  }
+};
+
+// The calling thread's scratch, kept between calls (at H128 ~1.2 MB: allocated and zeroed afresh
+// per call it cost more than the tiles' work at S 256, in page faults alone).
+inline Scratch& thread_scratch(int64_t H, int64_t Dk, int64_t Dv) {
+  static thread_local Scratch w;
+  w.resize(H, Dk, Dv);
+  return w;
+}
+
+// One step over n <= kKeys keys (row i at rows[i] for i < np = n rounded up to 32, the rows past
+// n pointing at w.zero) for the H heads of w.q: logits, online softmax (m, l and the first H rows
+// of w.acc), P V. first: the task's first step, whose accumulator starts at zero (w.acc is then
+// neither read nor rescaled, only written).
+KVCORE_CPU_AMX_FN void step(Scratch& w, int64_t H, const uint16_t* const* rows, int64_t n, int64_t np, float scale,
+                            float* m, float* l, bool first) {
+  const int64_t Dk = w.Dk, Dv = w.Dv, KS = Dk / 32, HB = w.Hp / 16, NB = np / 16, DB = Dv / 16;
+  // K^T blocks: 16 keys x 16 column pairs each.
+  for (int64_t kb = 0; kb < NB; ++kb)
+    for (int64_t ks = 0; ks < KS; ++ks) {
+      const uint32_t* src[16];
+      for (int j = 0; j < 16; ++j) src[j] = reinterpret_cast<const uint32_t*>(rows[kb * 16 + j]) + ks * 16;
+      transpose_16x16(src, w.kt.data() + (kb * KS + ks) * 256);
+    }
+  cpu::bf16dot::interleave_pairs(rows, np, Dv, w.vp.data());
+
+  // Logits, 2 head blocks x 2 key blocks a time; a lone last head block takes tiles 0-1 only.
+  const uint16_t* q = w.q.data();
+  float* lg = w.lg.data();
+  for (int64_t hb = 0; hb < HB; hb += 2) {
+    const bool two = hb + 1 < HB;
+    for (int64_t kb = 0; kb < NB; kb += 2) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t ks = 0; ks < KS; ++ks) {
+        _tile_loadd(4, q + hb * 16 * Dk + ks * 32, Dk * 2);
+        _tile_loadd(6, w.kt.data() + (kb * KS + ks) * 256, 64);
+        _tile_loadd(7, w.kt.data() + ((kb + 1) * KS + ks) * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, q + (hb + 1) * 16 * Dk + ks * 32, Dk * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, lg + hb * 16 * kKeys + kb * 16, kKeys * 4);
+      _tile_stored(1, lg + hb * 16 * kKeys + kb * 16 + 16, kKeys * 4);
+      if (two) {
+        _tile_stored(2, lg + (hb + 1) * 16 * kKeys + kb * 16, kKeys * 4);
+        _tile_stored(3, lg + (hb + 1) * 16 * kKeys + kb * 16 + 16, kKeys * 4);
+      }
+    }
+  }
+
+  // Each head's online-softmax step (rescaling its accumulator row), its weights to bf16.
+  for (int64_t h = 0; h < H; ++h) {
+    float* x = lg + h * kKeys;
+    for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+    cpu::online_softmax_step(x, n, m[h], l[h], w.acc.data() + h * Dv, first ? 0 : Dv);
+    for (int64_t i = n; i < np; ++i) x[i] = 0.0f;
+    for (int64_t i = 0; i < np; i += 32) {
+      const __m512bh wb = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
+      __builtin_memcpy(w.p.data() + h * kKeys + i, &wb, sizeof wb);
+    }
+  }
+
+  // P V into the accumulator, 2 head blocks x 2 column blocks a time.
+  const uint16_t* pw = w.p.data();
+  float* acc = w.acc.data();
+  for (int64_t hb = 0; hb < HB; hb += 2) {
+    const bool two = hb + 1 < HB;
+    for (int64_t db = 0; db < DB; db += 2) {
+      float* c0 = acc + hb * 16 * Dv + db * 16;
+      float* c2 = c0 + 16 * Dv;
+      if (first) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      } else {
+        _tile_loadd(0, c0, Dv * 4);
+        _tile_loadd(1, c0 + 16, Dv * 4);
+        if (two) {
+          _tile_loadd(2, c2, Dv * 4);
+          _tile_loadd(3, c2 + 16, Dv * 4);
+        }
+      }
+      for (int64_t ks = 0; ks < np / 32; ++ks) {
+        _tile_loadd(4, pw + hb * 16 * kKeys + ks * 32, kKeys * 2);
+        _tile_loadd(6, w.vp.data() + ks * 16 * Dv + db * 16, Dv * 4);
+        _tile_loadd(7, w.vp.data() + ks * 16 * Dv + db * 16 + 16, Dv * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, pw + (hb + 1) * 16 * kKeys + ks * 32, kKeys * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, c0, Dv * 4);
+      _tile_stored(1, c0 + 16, Dv * 4);
+      if (two) {
+        _tile_stored(2, c2, Dv * 4);
+        _tile_stored(3, c2 + 16, Dv * 4);
+      }
+    }
+  }
+}
+
+}  // namespace mla_amx
+#endif
+
 template <typename scalar_t>
 void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stride_b, int64_t q_stride_h,
                       const scalar_t* cache, int64_t page_stride, const int32_t* block_table, const int32_t* seq_lens,
-                      float scale, int64_t num_splits, bool bf16_dot, scalar_t* out, float* lse) {
+                      float scale, int64_t num_splits, bool bf16_dot, bool amx, scalar_t* out, float* lse) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t H = s.num_heads, Dk = s.dk, Dv = s.dv;
   const int64_t capacity = s.num_pages > 0 ? s.max_pages * s.page_size : 0;
@@ -62,6 +290,58 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
   }
   std::vector<float> part_out(s.batch * parts * H * Dv), part_lse(s.batch * parts * H);
 
+#if defined(KVCORE_CPU_AMX_FN)
+  // AMX tiles (see mla_amx): bf16 rows whose widths split into 32-column steps.
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (amx && Dk % 32 == 0 && Dv % 32 == 0) {
+      at::parallel_for(0, s.batch * parts, 1, [&](int64_t begin, int64_t end) {
+        mla_amx::Scratch& w = mla_amx::thread_scratch(H, Dk, Dv);
+        std::vector<float> m(H), l(H);
+        const uint16_t* row_ptrs[mla_amx::kKeys];
+        int64_t q_b = -1;
+        mla_amx::configure_tiles();
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / parts, part = task % parts;
+          const int64_t span = (len[b] + parts - 1) / parts;
+          const int64_t start = part * span, stop = std::min(len[b], start + span);
+          const int32_t* pages = block_table + b * s.max_pages;
+          if (q_b != b) {  // the sequence's heads as rows of Dk (w.q's rows past H stay zero)
+            for (int64_t h = 0; h < H; ++h)
+              std::copy_n(reinterpret_cast<const uint16_t*>(q + b * q_stride_b + h * q_stride_h), Dk,
+                          w.q.data() + h * Dk);
+            q_b = b;
+          }
+          std::fill(m.begin(), m.end(), kNegInf);
+          std::fill(l.begin(), l.end(), 0.0f);
+          if (start >= stop)  // an empty part: no step writes the accumulator
+            std::fill(w.acc.begin(), w.acc.begin() + H * Dv, 0.0f);
+          for (int64_t c0 = start; c0 < stop; c0 += mla_amx::kKeys) {
+            const int64_t n = std::min<int64_t>(mla_amx::kKeys, stop - c0), np = (n + 31) / 32 * 32;
+            for (int64_t i = 0; i < np; ++i) {
+              const int64_t pos = c0 + i;
+              if (i >= n) {
+                row_ptrs[i] = w.zero.data();
+                continue;
+              }
+              const int64_t page = std::clamp<int64_t>(pages[pos / s.page_size], 0, s.num_pages - 1);
+              row_ptrs[i] = reinterpret_cast<const uint16_t*>(cache + page * page_stride + (pos % s.page_size) * Dk);
+            }
+            mla_amx::step(w, H, row_ptrs, n, np, scale, m.data(), l.data(), c0 == start);
+          }
+          float* po = part_out.data() + task * H * Dv;
+          float* pl = part_lse.data() + task * H;
+          for (int64_t h = 0; h < H; ++h)
+            cpu::finish_part(w.acc.data() + h * Dv, m[h], l[h], Dv, po + h * Dv, pl + h);
+        }
+        mla_amx::release_tiles();
+      });
+      merge_task_parts(s.batch, H, Dv, parts, part_out, part_lse, out, lse);
+      return;
+    }
+  }
+#else
+  (void)amx;
+#endif
   at::parallel_for(0, s.batch * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(H * Dk), acc(H * Dv), rows(kChunk * Dk), logits(H * kChunk), m(H), l(H);
     const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();
@@ -129,17 +409,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
     }
   });
 
-  // Merge the parts of each (sequence, head) in part order.
-  at::parallel_for(0, s.batch * H, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(Dv);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      cpu::merge_parts(
-          parts, [&](int64_t j) { return part_lse[(b * parts + j) * H + h]; },
-          [&](int64_t j) { return part_out.data() + ((b * parts + j) * H + h) * Dv; }, Dv, out + bh * Dv,
-          lse != nullptr ? lse + bh : nullptr, scratch.data());
-    }
-  });
+  merge_task_parts(s.batch, H, Dv, parts, part_out, part_lse, out, lse);
 }
 
 }  // namespace KVCORE_CPU_ISA_NS

@@ -106,6 +106,8 @@ def validation_enabled() -> bool:
 
 def cpu_isa() -> str:
     """The instruction set kvcore's CPU attention kernels run with in this process:
+    ``"amx"`` (avx512bf16's, with bfloat16 :func:`mla_decode` on AMX tiles; Linux must grant the
+    process the tile registers, which kvcore asks for),
     ``"avx512bf16"`` (avx512's, and AVX512_BF16's dot products for bfloat16 :func:`gqa_decode`,
     :func:`block_sparse_decode`, :func:`mla_decode` and :func:`attention_scores`),
     ``"avx512"`` (AVX-512 F, BW, DQ and VL on top of avx2's), ``"avx2"`` (AVX2 + FMA, and F16C for
@@ -1084,9 +1086,11 @@ def mla_decode(
     (``tests/test_nan.py``).
 
     On CPU the arithmetic is float32, except that bfloat16 inputs on a CPU with AVX512_BF16
-    (:func:`cpu_isa` ``"avx512bf16"``) multiply in bfloat16 pairs with float32 sums, as the CUDA
-    kernels' tensor cores do: the logits from q and the rows as stored, the output from the
-    softmax weights rounded to bfloat16 (bfloat16 subnormal inputs may count as zero there).
+    (:func:`cpu_isa` ``"avx512bf16"`` or ``"amx"``) multiply in bfloat16 pairs with float32 sums,
+    as the CUDA kernels' tensor cores do: the logits from q and the rows as stored, the output from
+    the softmax weights rounded to bfloat16 (bfloat16 subnormal inputs may count as zero there).
+    Under ``"amx"`` (and head widths of a multiple of 32) both products run on AMX tiles, the
+    online softmax in steps of 256 keys.
 
     Returns:
         ``out``, or ``(out, lse)`` when ``return_lse`` or ``lse`` is given.
