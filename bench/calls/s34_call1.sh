@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 34, call 1 (carry .exp: decode_trace.cu built as .exp/lib (4 warps) and .exp/lib8
+# Session 34, call 1 (its first run lost stage "trace" to a quoting slip, fixed for run 2; carry .exp: decode_trace.cu built as .exp/lib (4 warps) and .exp/lib8
 # (-DTRACE_WARPS=8); no kvcore build: decode_trace and cudnn_rates.py need only torch and CUDA).
 # Issue 2's last gap is B16 S8192, where cuDNN's 4-warp kernel and kvcore's 8-warp one run the same
 # one-wave grid (128 CTAs, one per (sequence, KV head)) and cuDNN ends 1-2% sooner.
@@ -13,6 +13,10 @@
 #     CTA slow on the same SM both times (structural), and does it speed up in the tail?
 # (c) B16 8 warps with a 2-stage ring (128 KB in flight instead of 3 stages' 192 KB); B16 as two
 #     splits of the 4-warp kernel, ORDER 0 / 1 (s33_call2.sh's question).
+# (d) .exp/lib8q: the 8-warp kernel with the group's Q fragments loaded once into registers
+#     (-DKVCORE_DECODE_Q_REGS=1) instead of 16 ldmatrix a warp a tile; alternated with lib8.
+#     Predicted: no change in the DRAM-bound bulk; at most ~0.5 us off the tail if the ladder
+#     shows a single CTA's rate limited by its own work.
 o=/tmp/c
 rm -rf $o; mkdir -p $o/csv
 ladder=". bench/calls/trace_run.sh; TRACE_ROWS='^B[0-9]|check|main loop|first tile|exit|epilogue|landed GB/s per 2|rror'; \
@@ -22,6 +26,8 @@ trace=". bench/calls/trace_run.sh; TRACE_ROWS='^B[0-9]|check|main loop|first til
  for rep in 1 2; do TABLE=seq TRACE_CSV=$o/csv/b16_seq_\$rep.csv run \"B16 seq rep \$rep\" lib8 16 8192 1; done; \
  TABLE=random TRACE_CSV=$o/csv/b16_random.csv run 'B16 random' lib8 16 8192 1; \
  TABLE=seq run 'B16 seq 2 stages' lib8 16 8192 1 32 8 16 2; \
+ for rep in 1 2; do for b in lib8 lib8q; do TABLE=seq run \"B16 seq \$b\" \$b 16 8192 1; done; done; \
+ TABLE=seq run 'lib8q 1 CTA' lib8q 1 8192 1 4 1; TABLE=seq run 'lib8 1 CTA 2 stages' lib8 1 8192 1 4 1 16 2; \
  TRACE_ROWS='^B[0-9]|^ORDER|check|rror'; for ord in 0 1; do ORDER=\$ord TABLE=seq run \"B16 seq 4 warps 2 splits order \$ord\" lib 16 8192 2; done"
 KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-500} \
  "run:ladder:120:$ladder" \
