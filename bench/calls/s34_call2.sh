@@ -4,6 +4,11 @@
 # did not (a quoting slip). This call:
 # (a) call 1's trace stage: B16 traced with per-tile CSVs (twice in order, once random), the
 #     2-stage ring, Q in registers (lib8q) alternated with lib8, 2 splits of 4 warps with ORDER 0 / 1.
+#     And the 8-warp B16 kernel launched as thread-block clusters of 2, 4 and 8 CTAs (a sequence's
+#     KV heads, which read the same pages, placed in one GPC and started together; no barrier
+#     between them): session 17 tried clusters only with the 4-warp kernel (two waves at 8, a
+#     per-tile cluster barrier at 2). Predicted: no change (nothing keeps them together after the
+#     start) unless the same-page reads' DRAM locality at the start matters.
 # (b) build, then the library's 4-warp kernel alone on an SM (B1 Hq4 Hkv1 S8192, one split) and
 #     at B16 with the cp.async loader and with the TMA loader (KVCORE_DECODE_LOADER=tma): does
 #     TMA raise what one CTA can read (the tail's catch-up rate)? Prediction: cp.async 4-warp
@@ -17,6 +22,8 @@ trace=". bench/calls/trace_run.sh; TRACE_ROWS='^B[0-9]|check|main loop|first til
  TABLE=seq run 'B16 seq 2 stages' lib8 16 8192 1 32 8 16 2; \
  for rep in 1 2; do for b in lib8 lib8q; do TABLE=seq run \"B16 seq \$b\" \$b 16 8192 1; done; done; \
  TABLE=seq run 'lib8q 1 CTA' lib8q 1 8192 1 4 1; TABLE=seq run 'lib8 1 CTA 2 stages' lib8 1 8192 1 4 1 16 2; \
+ TRACE_ROWS='^B[0-9]|check|clusters of|main loop|exit|rror'; for c in 2 4 8; do CLUSTER=\$c TABLE=seq run \"B16 seq cluster \$c\" lib8 16 8192 1; done; \
+ CLUSTER=8 TABLE=random run 'B16 random cluster 8' lib8 16 8192 1; \
  TRACE_ROWS='^B[0-9]|^ORDER|check|rror'; for ord in 0 1; do ORDER=\$ord TABLE=seq run \"B16 seq 4 warps 2 splits order \$ord\" lib 16 8192 2; done"
 probe="for loader in cp_async tma; do for rep in 1 2; do \
  KVCORE_DECODE_LOADER=\$loader python3 bench/experiments/decode_splits_probe.py --shape 1,4,1,8192 1 | sed \"s/^/\$loader /\"; \

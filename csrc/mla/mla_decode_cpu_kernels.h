@@ -56,9 +56,9 @@ void merge_task_parts(int64_t batch, int64_t H, int64_t Dv, int64_t parts, const
 }
 
 #if defined(KVCORE_CPU_AMX_FN)
-// bf16 mla_decode on AMX tiles (cpu_isa() kAmx). vdpbf16ps reaches ~140 GFLOP/s on two cores of
-// a Sapphire Rapids-class CPU, a third of torch's bf16 matmul (oneDNN on the same tiles; session
-// 33), and MLA decode at H >= 16 is compute-bound on a CPU (B1 H128: 1,088 multiply-adds per head
+// bf16 mla_decode on AMX tiles (cpu_isa() kAmx). vdpbf16ps reached ~140 GFLOP/s on two cores of
+// an AMX Xeon, a third of torch's bf16 matmul there (oneDNN on the tiles; session 33), and MLA
+// decode at H >= 16 is compute-bound on a CPU (B1 H128: 1,088 multiply-adds per head
 // per latent row). Both products run as tdpbf16ps on 16 x 16 fp32 blocks:
 //   logits S [heads x keys] = Q [heads x Dk] K^T, A = 16 heads x 32 columns of Q (a zero-padded
 //     bf16 copy), B = the keys' 32 columns as 16 column pairs x 16 keys (a 16 x 16 dword
