@@ -9,6 +9,8 @@
 #     between them): session 17 tried clusters only with the 4-warp kernel (two waves at 8, a
 #     per-tile cluster barrier at 2). Predicted: no change (nothing keeps them together after the
 #     start) unless the same-page reads' DRAM locality at the start matters.
+#     trace_csv_stats.py then summarises the CSVs (bulk and end rates per CTA, CTAs still loading
+#     and the landed rate in the last 12 us, per-SM loop times run to run).
 # (b) build, then the library's 4-warp kernel alone on an SM (B1 Hq4 Hkv1 S8192, one split) and
 #     at B16 with the cp.async loader and with the TMA loader (KVCORE_DECODE_LOADER=tma): does
 #     TMA raise what one CTA can read (the tail's catch-up rate)? Prediction: cp.async 4-warp
@@ -29,5 +31,7 @@ probe="for loader in cp_async tma; do for rep in 1 2; do \
  KVCORE_DECODE_LOADER=\$loader python3 bench/experiments/decode_splits_probe.py --shape 1,4,1,8192 1 | sed \"s/^/\$loader /\"; \
  KVCORE_DECODE_LOADER=\$loader python3 bench/experiments/decode_splits_probe.py --shape 16,32,8,8192 1 | sed \"s/^/\$loader /\"; done; done"
 KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-400} \
- "run:trace:120:$trace" build "run:probe:150:$probe"
-grep -v "landed GB/s per 10" $o/trace.log | tail -80; cat $o/probe.log
+ "run:trace:120:$trace" \
+ "run:csvstats:30:python3 bench/experiments/trace_csv_stats.py $o/csv/b16_seq_1.csv $o/csv/b16_seq_2.csv $o/csv/b16_random.csv" \
+ build "run:probe:150:$probe"
+grep -v "landed GB/s per 10" $o/trace.log | tail -80; cat $o/csvstats.log $o/probe.log
