@@ -30,8 +30,11 @@ trace=". bench/calls/trace_run.sh; TRACE_ROWS='^B[0-9]|check|main loop|first til
 probe="for loader in cp_async tma; do for rep in 1 2; do \
  KVCORE_DECODE_LOADER=\$loader python3 bench/experiments/decode_splits_probe.py --shape 1,4,1,8192 1 | sed \"s/^/\$loader /\"; \
  KVCORE_DECODE_LOADER=\$loader python3 bench/experiments/decode_splits_probe.py --shape 16,32,8,8192 1 | sed \"s/^/\$loader /\"; done; done"
+# TRACE_ONLY=1: (a) alone (~1 minute), when little device time is left.
+rest=(build "run:probe:150:$probe")
+[ "${TRACE_ONLY:-0}" = 1 ] && rest=()
 KVCORE_STAGES_PACK=$OUT/c.tgz bash bench/gpu_stages.sh $o ${CALL_DEADLINE:-400} \
  "run:trace:120:$trace" \
  "run:csvstats:30:python3 bench/experiments/trace_csv_stats.py $o/csv/b16_seq_1.csv $o/csv/b16_seq_2.csv $o/csv/b16_random.csv" \
- build "run:probe:150:$probe"
+ "${rest[@]}"
 grep -v "landed GB/s per 10" $o/trace.log | tail -80; cat $o/csvstats.log $o/probe.log
