@@ -430,8 +430,12 @@ inline int decode_warps_switch() {
   return mode;
 }
 
-// gqa_decode's 8-warp kernel (head_dim 128 only): 128-token tiles, 196 KB of shared memory.
-using WideDecodeConfig = GqaDecodeConfig<128, 3, 8>;
+// gqa_decode's 8-warp kernel (head_dim 128 only): 128-token tiles, a ring of 2 (132 KB of shared
+// memory, one CTA per SM). Two stages, not three: one 64 KB tile in flight while one is computed
+// was faster at B16 S8192 on an H100 (session 34, decode_trace, alternated: in order 178.8-179.0
+// -> 175.8-175.9 us, random tables with the page sort 180.3-180.6 -> 178.2), though a CTA alone
+// reads no faster (100.4 against 99.6 us of loop for 4 MiB).
+using WideDecodeConfig = GqaDecodeConfig<128, 2, 8>;
 
 // Whether gqa_decode at head_dim 128 (no score buffer, cp.async loader) runs the 8-warp kernel,
 // one CTA per SM: when about one pair per SM fills the GPU as well as the 4-warp kernel's best
@@ -449,10 +453,12 @@ using WideDecodeConfig = GqaDecodeConfig<128, 3, 8>;
 template <typename T>
 bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requested_splits, const SplitHint& hint) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  // (Hopper's 227 KB per CTA holds its shared memory, an A100's 164 KB not)
   if (WideDecodeConfig::smem_bytes(false) > prop->sharedMemPerBlockOptin) return false;
   const int mode = decode_warps_switch();
   if (mode != 0) return mode == 2;
+  // The automatic choice only where it was measured, Hopper (an A100's 164 KB per CTA did not hold
+  // the 3-stage ring it had until session 34, and the 2-stage one has not been timed there).
+  if (prop->major != 9) return false;
   const int sms = prop->multiProcessorCount;
   if (pairs > sms || requested_splits > 0) return false;
   using Narrow = GqaDecodeConfig<128>;

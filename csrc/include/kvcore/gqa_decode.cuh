@@ -15,8 +15,9 @@
 // Compute: each warp takes 16 tokens of a tile: S = Q K^T (16 heads x 16 tokens, fp32), an
 // online-softmax update per head row, then O += P V with P re-packed from the S accumulators as
 // the next mma's A operand. The warps' (m, l, O) states are merged through shared memory. A CTA
-// has 4 warps (64-token tiles, two CTAs per SM at D 128), or 8 (128-token tiles, one CTA per SM:
-// the launcher's choice when about one (sequence, KV head) pair per SM fills the GPU unsplit).
+// has 4 warps (64-token tiles, two CTAs per SM at D 128), or 8 (128-token tiles in a ring of 2,
+// one CTA per SM: the launcher's choice when about one (sequence, KV head) pair per SM fills the
+// GPU unsplit).
 //
 // When the KV range is split (num_splits > 1), each CTA writes a normalised partial output and
 // its log2-sum-exp into the workspace, bumps a per-(sequence, KV head) counter, and the CTA that
@@ -149,7 +150,7 @@ constexpr int kOrderIndexBits = 10;
 constexpr int64_t kOrderMaxCachePages = int64_t(1) << (32 - kOrderIndexBits);
 
 // STAGES_ = 0 picks the ring depth from the head dim (the library's choice); experiments may
-// force another. WARPS_: 4, or 8 (paged_decode::use_wide_decode; D 128 with 3 stages only).
+// force another. WARPS_: 4, or 8 (paged_decode::use_wide_decode; D 128 with 2 or 3 stages only).
 template <int D_, int STAGES_ = 0, int WARPS_ = 4>
 struct GqaDecodeConfig {
   static constexpr int D = D_;
