@@ -99,10 +99,6 @@ struct GqaDecodeParams {
   unsigned* departures;     // [B, Hkv], zero between launches: CTAs past the wait (splits > 1)
 };
 
-#ifndef KVCORE_DECODE_Q_REGS
-#define KVCORE_DECODE_Q_REGS 0  // decode_trace A/B only (session 34): Q fragments in registers
-#endif
-
 constexpr int kDecodeTraceFixed = 13;  // GqaDecodeParams::trace's slots before the tiles'
 #ifdef KVCORE_DECODE_TRACE
 #define KVCORE_TRACE_VALUE(p, slot, value)                                                      \
@@ -702,9 +698,6 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
-#if KVCORE_DECODE_Q_REGS
-  uint32_t qa[D / 16][4];  // experiment: the group's Q fragments kept in registers from tile 0 on
-#endif
   for (int t = 0; t < num_tiles; ++t) {
     if constexpr (TMA) {
       if (t == 0) cp_async_wait<0>();  // Q
@@ -739,25 +732,13 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     const T* vt = sV + (t % STAGES) * TILE * D;
     const int wrow = warp * Cfg::WARP_TOKENS;  // this warp's first row in the tile
 
-#if KVCORE_DECODE_Q_REGS
-    if (t == 0) {
-#pragma unroll
-      for (int kc = 0; kc < D / 16; ++kc)
-        ldmatrix_x4(qa[kc], sQ + swz<TD>((lane & 7) + ((lane >> 3) & 1) * 8, kc * 2 + (lane >> 4)));
-    }
-#endif
     // S = Q K^T over the warp's 16 tokens: two n-tiles of 8 tokens, D/16 k-steps.
     float s[2][4] = {};
 #pragma unroll
     for (int kc = 0; kc < D / 16; kc += 2) {
-#if KVCORE_DECODE_Q_REGS
-      const uint32_t(&a0)[4] = qa[kc];
-      const uint32_t(&a1)[4] = qa[kc + 1];
-#else
       uint32_t a0[4], a1[4];
       ldmatrix_x4(a0, sQ + swz<TD>((lane & 7) + ((lane >> 3) & 1) * 8, kc * 2 + (lane >> 4)));
       ldmatrix_x4(a1, sQ + swz<TD>((lane & 7) + ((lane >> 3) & 1) * 8, kc * 2 + 2 + (lane >> 4)));
-#endif
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         uint32_t bk[4];
