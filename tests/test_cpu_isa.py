@@ -144,19 +144,26 @@ print("isa", kvcore.cpu_isa())
 """
 
 
+def _bf16_op_digests(*isas: str) -> dict:
+    """{isa: {op: digest of its output}} from _BF16_OPS run once under each setting (each op
+    checked against the reference there)."""
+    digests = {}
+    for isa in isas:
+        res = run_code_with_env(VARIABLE, isa, _BF16_OPS)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        lines = dict(line.split() for line in res.stdout.splitlines())
+        assert lines.pop("isa") == isa
+        digests[isa] = lines
+    return digests
+
+
 @pytest.mark.skipif(not AVX512_BF16_AVAILABLE, reason="this CPU lacks AVX512_BF16")
 def test_avx512bf16_runs_the_bf16_dot_products_in_subprocess():
     """avx512bf16 takes bf16 gqa_decode's (with the H2O score), block_sparse_decode's,
     mla_decode's and attention_scores' own path (vdpbf16ps; the decodes' weights rounded to bf16):
     under both settings each op matches the reference, and each op's output differs between them,
     so the path is not silently skipped."""
-    digests = {}
-    for isa in ("avx512", "avx512bf16"):
-        res = run_code_with_env(VARIABLE, isa, _BF16_OPS)
-        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-        lines = dict(line.split() for line in res.stdout.splitlines())
-        assert lines.pop("isa") == isa
-        digests[isa] = lines
+    digests = _bf16_op_digests("avx512", "avx512bf16")
     assert set(digests["avx512"]) == {"mla_decode", "gqa_decode", "block_sparse_decode", "attention_scores"}
     for op, digest in digests["avx512"].items():
         assert digests["avx512bf16"][op] != digest, op
@@ -167,13 +174,7 @@ def test_amx_runs_mla_decode_on_tiles_in_subprocess():
     """amx is avx512bf16 with bf16 mla_decode on AMX tiles: each op matches the reference under
     both, mla_decode's output differs between them (the tile path is not silently skipped) and
     the other ops' outputs are the same bits (they run avx512bf16's code)."""
-    digests = {}
-    for isa in ("avx512bf16", "amx"):
-        res = run_code_with_env(VARIABLE, isa, _BF16_OPS)
-        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-        lines = dict(line.split() for line in res.stdout.splitlines())
-        assert lines.pop("isa") == isa
-        digests[isa] = lines
+    digests = _bf16_op_digests("avx512bf16", "amx")
     for op, digest in digests["avx512bf16"].items():
         assert (digests["amx"][op] != digest) == (op == "mla_decode"), op
 
