@@ -766,6 +766,23 @@ void merge_parts(int64_t parts, LseOf part_lse, OutOf part_out, int64_t D, T* o,
   if (lse != nullptr) *lse = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
 }
 
+// Merges the rows bh in [begin, end) of a decode's [batch, heads] outputs from the `parts`
+// normalised parts its tasks wrote, in part order: for b = bh / heads, h = bh % heads, part j's
+// row at part_out + ((b * parts + j) * heads + h) * D and its log-sum-exp at part_lse[(b * parts
+// + j) * heads + h] (task b * parts + j's heads in order). Writes out [bh, D] and, when lse is
+// not null, lse[bh]. Callers hand it ranges of at::parallel_for (this header is torch-free).
+template <typename T>
+void merge_task_parts(int64_t begin, int64_t end, int64_t heads, int64_t D, int64_t parts, const float* part_out,
+                      const float* part_lse, T* out, float* lse, float* scratch) {
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / heads, h = bh % heads;
+    merge_parts(
+        parts, [&](int64_t j) { return part_lse[(b * parts + j) * heads + h]; },
+        [&](int64_t j) { return part_out + ((b * parts + j) * heads + h) * D; }, D, out + bh * D,
+        lse != nullptr ? lse + bh : nullptr, scratch);
+  }
+}
+
 }  // namespace cpu
 }  // namespace KVCORE_CPU_ISA_NS
 }  // namespace

@@ -79,13 +79,7 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
   // Merge the parts of each (sequence, query head) in part order.
   at::parallel_for(0, p.batch * Hq, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hq, h = bh % Hq;
-      cpu::merge_parts(
-          parts, [&](int64_t j) { return part_lse[(b * parts + j) * Hq + h]; },
-          [&](int64_t j) { return part_out.data() + ((b * parts + j) * Hq + h) * D; }, D, out + bh * D,
-          lse != nullptr ? lse + bh : nullptr, scratch.data());
-    }
+    cpu::merge_task_parts(begin, end, Hq, D, parts, part_out.data(), part_lse.data(), out, lse, scratch.data());
   });
 }
 

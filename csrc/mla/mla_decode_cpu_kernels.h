@@ -38,23 +38,6 @@ KVCORE_CPU_BF16_DOT_FN void chunk(const uint16_t* q, int64_t q_stride, int64_t H
 }  // namespace mla_bf16
 #endif
 
-// Merges the parts of each (sequence, head) in part order: part j of sequence b's head h at
-// part_out[((b * parts + j) * H + h) * Dv] (normalised) and part_lse[(b * parts + j) * H + h].
-template <typename scalar_t>
-void merge_task_parts(int64_t batch, int64_t H, int64_t Dv, int64_t parts, const std::vector<float>& part_out,
-                      const std::vector<float>& part_lse, scalar_t* out, float* lse) {
-  at::parallel_for(0, batch * H, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(Dv);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      cpu::merge_parts(
-          parts, [&](int64_t j) { return part_lse[(b * parts + j) * H + h]; },
-          [&](int64_t j) { return part_out.data() + ((b * parts + j) * H + h) * Dv; }, Dv, out + bh * Dv,
-          lse != nullptr ? lse + bh : nullptr, scratch.data());
-    }
-  });
-}
-
 #if defined(KVCORE_CPU_AMX_FN)
 // bf16 mla_decode on AMX tiles (cpu_isa() kAmx). vdpbf16ps reached ~140 GFLOP/s on two cores of
 // an AMX Xeon, a third of torch's bf16 matmul there (oneDNN on the tiles; session 33), and MLA
@@ -289,6 +272,26 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
     parts = std::clamp<int64_t>((2 * threads + s.batch - 1) / s.batch, 1, std::max<int64_t>(1, longest / min_part));
   }
   std::vector<float> part_out(s.batch * parts * H * Dv), part_lse(s.batch * parts * H);
+  // Task t: part t % parts of sequence t / parts, the keys [start, stop) of it.
+  struct TaskRange {
+    int64_t b, start, stop;
+  };
+  const auto task_range = [&](int64_t task) {
+    const int64_t b = task / parts, span = (len[b] + parts - 1) / parts, start = task % parts * span;
+    return TaskRange{b, start, std::min(len[b], start + span)};
+  };
+  // The tasks' parts merged per (sequence, head), in part order.
+  const auto merge_parts_of_tasks = [&] {
+    at::parallel_for(0, s.batch * H, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(Dv);
+      cpu::merge_task_parts(begin, end, H, Dv, parts, part_out.data(), part_lse.data(), out, lse, scratch.data());
+    });
+  };
+  // Sequence b's latent row at position pos (its page index clamped into the cache).
+  const auto latent_row = [&](int64_t b, int64_t pos) {
+    const int64_t page = std::clamp<int64_t>(block_table[b * s.max_pages + pos / s.page_size], 0, s.num_pages - 1);
+    return cache + page * page_stride + (pos % s.page_size) * Dk;
+  };
 
 #if defined(KVCORE_CPU_AMX_FN)
   // AMX tiles (see mla_amx): bf16 rows whose widths split into 32-column steps.
@@ -301,10 +304,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
         int64_t q_b = -1;
         mla_amx::configure_tiles();
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t b = task / parts, part = task % parts;
-          const int64_t span = (len[b] + parts - 1) / parts;
-          const int64_t start = part * span, stop = std::min(len[b], start + span);
-          const int32_t* pages = block_table + b * s.max_pages;
+          const auto [b, start, stop] = task_range(task);
           if (q_b != b) {  // the sequence's heads as rows of Dk (w.q's rows past H stay zero)
             for (int64_t h = 0; h < H; ++h)
               std::copy_n(reinterpret_cast<const uint16_t*>(q + b * q_stride_b + h * q_stride_h), Dk,
@@ -317,15 +317,8 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
             std::fill(w.acc.begin(), w.acc.begin() + H * Dv, 0.0f);
           for (int64_t c0 = start; c0 < stop; c0 += mla_amx::kKeys) {
             const int64_t n = std::min<int64_t>(mla_amx::kKeys, stop - c0), np = (n + 31) / 32 * 32;
-            for (int64_t i = 0; i < np; ++i) {
-              const int64_t pos = c0 + i;
-              if (i >= n) {
-                row_ptrs[i] = w.zero.data();
-                continue;
-              }
-              const int64_t page = std::clamp<int64_t>(pages[pos / s.page_size], 0, s.num_pages - 1);
-              row_ptrs[i] = reinterpret_cast<const uint16_t*>(cache + page * page_stride + (pos % s.page_size) * Dk);
-            }
+            for (int64_t i = 0; i < np; ++i)
+              row_ptrs[i] = i < n ? reinterpret_cast<const uint16_t*>(latent_row(b, c0 + i)) : w.zero.data();
             mla_amx::step(w, H, row_ptrs, n, np, scale, m.data(), l.data(), c0 == start);
           }
           float* po = part_out.data() + task * H * Dv;
@@ -335,7 +328,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
         }
         mla_amx::release_tiles();
       });
-      merge_task_parts(s.batch, H, Dv, parts, part_out, part_lse, out, lse);
+      merge_parts_of_tasks();
       return;
     }
   }
@@ -347,11 +340,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
     const bool pairwise = bf16_dot && cpu::has_bf16_dot<scalar_t>();
     std::vector<uint32_t> pairs(pairwise ? (kChunk + 1) / 2 * Dv : 0);  // mla_bf16::chunk's row pairs
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / parts, part = task % parts;
-      const int64_t span = (len[b] + parts - 1) / parts;
-      const int64_t start = part * span, stop = std::min(len[b], start + span);
-      const int32_t* pages = block_table + b * s.max_pages;
-
+      const auto [b, start, stop] = task_range(task);
       for (int64_t h = 0; h < H; ++h) {
         const scalar_t* qh = q + b * q_stride_b + h * q_stride_h;
         cpu::to_float(qh, qf.data() + h * Dk, Dk);
@@ -365,11 +354,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
 #if defined(KVCORE_CPU_BF16_DOT_FN)
         if (pairwise) {  // the rows as stored, multiplied in bf16 pairs (see mla_bf16)
           const uint16_t* row_ptrs[kChunk];
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t pos = c0 + i;
-            const int64_t page = std::clamp<int64_t>(pages[pos / s.page_size], 0, s.num_pages - 1);
-            row_ptrs[i] = reinterpret_cast<const uint16_t*>(cache + page * page_stride + (pos % s.page_size) * Dk);
-          }
+          for (int64_t i = 0; i < n; ++i) row_ptrs[i] = reinterpret_cast<const uint16_t*>(latent_row(b, c0 + i));
           mla_bf16::chunk(reinterpret_cast<const uint16_t*>(q + b * q_stride_b), q_stride_h, H, row_ptrs, n, Dk, Dv,
                           scale, logits.data(), m.data(), l.data(), acc.data(), pairs.data());
           continue;
@@ -379,9 +364,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
         // fp32 cache's rows in place, other types converted into `rows`.
         const float* row_at[kChunk];
         for (int64_t i = 0; i < n; ++i) {
-          const int64_t pos = c0 + i;
-          const int64_t page = std::clamp<int64_t>(pages[pos / s.page_size], 0, s.num_pages - 1);
-          const scalar_t* src = cache + page * page_stride + (pos % s.page_size) * Dk;
+          const scalar_t* src = latent_row(b, c0 + i);
           if constexpr (std::is_same_v<scalar_t, float>) {
             row_at[i] = src;
           } else {
@@ -409,7 +392,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
     }
   });
 
-  merge_task_parts(s.batch, H, Dv, parts, part_out, part_lse, out, lse);
+  merge_parts_of_tasks();
 }
 
 }  // namespace KVCORE_CPU_ISA_NS
