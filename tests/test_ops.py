@@ -1073,6 +1073,20 @@ def test_gqa_decode_with_8_warps_in_subprocess():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("ring", ["3", "2"])
+def test_gqa_decode_narrow_ring_in_subprocess(ring):
+    """KVCORE_DECODE_NARROW_RING=3 / 2 (read once per process): gqa_decode's 4-warp kernel at head_dim
+    128 (no score buffer) keeps a ring of that many tiles; `auto` takes 2 only on Hopper for a
+    one-wave grid of splits of at least 4096 keys, which few cases here reach, so each value runs
+    the suite's shapes on a kernel the default does not. This file's gqa_decode CUDA cases,
+    test_nan's decode cases, the graph-capture and determinism cases once more in a fresh process."""
+    if os.environ.get("KVCORE_DECODE_NARROW_RING") == ring:
+        pytest.skip("this process already runs it")
+    run_tests_with_env("KVCORE_DECODE_NARROW_RING", ring, *DECODE_KERNEL_RERUN)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.parametrize("kernel", ["page8", "page4", "page2"])
 def test_gqa_decode_page_major_in_subprocess(kernel):
     """KVCORE_DECODE_KERNEL=page8 / page4 / page2 (read once per process): gqa_decode at head_dim
@@ -1272,7 +1286,7 @@ def test_gqa_decode_table_page_order_in_subprocess():
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.parametrize("name, bad", [("KVCORE_DECODE_PAGE_GROUPS", "of"), ("KVCORE_DECODE_LOADER", "tmaa"),
                                        ("KVCORE_DECODE_WARPS", "16"), ("KVCORE_DECODE_KERNEL", "page16"),
-                                       ("KVCORE_DECODE_PAGE_ORDER", "sorted")])
+                                       ("KVCORE_DECODE_PAGE_ORDER", "sorted"), ("KVCORE_DECODE_NARROW_RING", "4")])
 def test_gqa_decode_misspelt_switch_is_an_error(name, bad):
     """A misspelt gqa_decode switch fails the call instead of silently timing the default."""
     assert_switch_value_rejected(

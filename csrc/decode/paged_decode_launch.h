@@ -306,6 +306,43 @@ bool use_page_order(const GqaDecodeParams& p, int64_t requested_splits, int64_t 
          int64_t(p.num_pages) <= kOrderMaxCachePages;
 }
 
+// KVCORE_DECODE_NARROW_RING: the ring depth of gqa_decode's 4-warp kernel at head_dim 128 where
+// no score buffer, TMA loader or block list is involved. `auto` (default): narrow_ring_depth_two's
+// rule; `3`: always the 3-stage ring (GqaDecodeConfig<128>, also the score and block-sparse
+// kernels' ring); `2`: always NarrowRingConfig. Read once per process.
+inline int narrow_ring_switch() {
+  static const int mode = env_choice("KVCORE_DECODE_NARROW_RING", {"auto", "3", "2"}, "gqa_decode (CUDA)");
+  return mode;
+}
+
+// The 4-warp kernel with a ring of 2 tiles (64 KB) instead of 3, launched with the 3-stage ring's
+// shared memory so that an SM still holds two CTAs, not three: the same tile, threads and CTAs
+// per SM, so the split plan made for GqaDecodeConfig<128> holds for it unchanged.
+using NarrowRingConfig = GqaDecodeConfig<128, 2, 4, GqaDecodeConfig<128>::SMEM_BYTES>;
+static_assert(NarrowRingConfig::TILE == GqaDecodeConfig<128>::TILE &&
+                  NarrowRingConfig::THREADS == GqaDecodeConfig<128>::THREADS &&
+                  NarrowRingConfig::launch_smem(NarrowRingConfig::smem_bytes(false, false, true)) ==
+                      GqaDecodeConfig<128>::SMEM_BYTES,
+              "the 2-stage ring runs the 3-stage ring's plan: same tile and threads, padded to its shared memory");
+// Tiles a split needs before the 2-stage ring is taken (auto).
+constexpr int64_t kNarrowRingMinTiles = 64;
+
+// Whether this launch of the 4-warp head_dim-128 kernel uses the 2-stage ring: under `auto`, on
+// Hopper, where the grid is one wave (ctas <= slots) and each split has at least
+// kNarrowRingMinTiles tiles. Measured (session 35, decode_trace with random tables and the page
+// sort, us, 3 / 2 stages, two reps each): one wave of long splits gained, on an H200 B32 Hq64
+// S8192 (128 tiles a CTA) 248.7-249.0 / 246.8-247.1 and B1 S131072 at 32 splits (64 tiles)
+// 130.0-130.1 / 129.1, on an H100 348.8-349.2 / 344.9-345.0 and 179.0-179.1 / 178.4-178.7; short
+// splits and several waves lost, on the H200 B1 S32768 at 32 splits (16 tiles) 38.4-38.5 / 38.9,
+// B64 S4096 (2 waves) 250.0-250.3 / 251.9-252.2 (H100 343.5-343.7 / 344.0-344.2), B128 S2048 (4
+// waves) 248.9 / 257.5-258.5.
+inline bool narrow_ring_depth_two(int64_t ctas, int64_t slots, int64_t split_tokens) {
+  const int mode = narrow_ring_switch();
+  if (mode != 0) return mode == 2;
+  return at::cuda::getCurrentDeviceProperties()->major == 9 && ctas <= slots &&
+         split_tokens >= kNarrowRingMinTiles * GqaDecodeConfig<128>::TILE;
+}
+
 // Picks the split, lays out the workspace and launches. kv_len: the most key positions one
 // (sequence, KV head) can have, from shapes only. SCORE: gqa_decode with an H2O score buffer
 // (`score` not null), which also needs workspace room for the score scratch (score_bytes) and a second
@@ -321,7 +358,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
     else
       return gqa_decode_kernel<T, Cfg, SPARSE, SCORE, SPP>;
   }();
-  const size_t smem = Cfg::smem_bytes(SPARSE, TMA);
+  const size_t smem = Cfg::launch_smem(Cfg::smem_bytes(SPARSE, TMA));
   [[maybe_unused]] GqaDecodeTmaMaps maps{};
   if constexpr (TMA) maps = kv_tensor_maps<T, Cfg>(op, p);
   const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS, smem, op);
@@ -343,16 +380,34 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
                                      kMergeBatch<Cfg::D>, hint);
   p.num_splits = plan.splits;
   p.split_tokens = plan.split_tokens;
-  // The ORDER kernel (instantiated for the two-slot and whole-tile page groups: pages of 16 to
-  // 64 tokens at D 128, up to 128 on the 8-warp kernel) where it serves the call and keeps the plain kernel's CTAs per SM, which
-  // the plan assumed.
-  void (*ordered)(GqaDecodeParams) = nullptr;
-  const size_t ordered_smem = Cfg::smem_bytes(false, false, true);
-  if constexpr (!SPARSE && !SCORE && !TMA && (SPP == 2 || SPP == Cfg::LOADS)) {
-    if (use_page_order<Cfg>(p, requested_splits, plan.split_tokens)) {
-      ordered = gqa_decode_kernel<T, Cfg, false, false, SPP, true>;
-      if (occupancy_per_sm(reinterpret_cast<const void*>(ordered), Cfg::THREADS, ordered_smem) != per_sm)
-        ordered = nullptr;
+  // What a non-TMA launch runs: the kernel of ring R (Cfg, or NarrowRingConfig below), or its
+  // ORDER instance (instantiated for the two-slot and whole-tile page groups: pages of 16 to 64
+  // tokens at D 128, up to 128 on the 8-warp kernel) where that serves the call and keeps the
+  // CTAs per SM the plan assumed (per_sm).
+  using Launchable = std::pair<void (*)(GqaDecodeParams), size_t>;
+  [[maybe_unused]] auto instance = [&](auto ring) -> Launchable {
+    using R = decltype(ring);
+    Launchable run{gqa_decode_kernel<T, R, SPARSE, SCORE, SPP>, R::launch_smem(R::smem_bytes(SPARSE))};
+    if constexpr (!SPARSE && !SCORE && (SPP == 2 || SPP == R::LOADS)) {
+      if (use_page_order<R>(p, requested_splits, plan.split_tokens)) {
+        const Launchable ordered{gqa_decode_kernel<T, R, false, false, SPP, true>,
+                                 R::launch_smem(R::smem_bytes(false, false, true))};
+        if (occupancy_per_sm(reinterpret_cast<const void*>(ordered.first), R::THREADS, ordered.second) == per_sm)
+          run = ordered;
+      }
+    }
+    return run;
+  };
+  Launchable run{nullptr, 0};
+  if constexpr (!TMA) {
+    run = instance(Cfg{});
+    if constexpr (std::is_same_v<Cfg, GqaDecodeConfig<128>> && !SPARSE && !SCORE) {
+      if (narrow_ring_depth_two(pairs * plan.splits, slots, plan.split_tokens)) {
+        const Launchable shallow = instance(NarrowRingConfig{});
+        if (occupancy_per_sm(reinterpret_cast<const void*>(shallow.first), NarrowRingConfig::THREADS, shallow.second) ==
+            per_sm)
+          run = shallow;
+      }
     }
   }
   // Fused when the grid is one wave (or no pair is split), the departure counters fit next to the
@@ -397,10 +452,8 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   } else {
     if constexpr (TMA)
       kernel<<<grid, Cfg::THREADS, smem, stream>>>(p, maps);
-    else if (ordered != nullptr)
-      ordered<<<grid, Cfg::THREADS, ordered_smem, stream>>>(p);
     else
-      kernel<<<grid, Cfg::THREADS, smem, stream>>>(p);
+      run.first<<<grid, Cfg::THREADS, run.second, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if constexpr (SCORE) {
@@ -562,8 +615,9 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
     auto go = [&](auto cfg) {
       using Cfg = decltype(cfg);
       if constexpr (!SPARSE) {
-        // read on every gqa_decode call, so a misspelt value fails also where no ORDER kernel serves
+        // read on every gqa_decode call, so a misspelt value fails also where no kernel it names serves
         (void)page_order_switch_on();
+        (void)narrow_ring_switch();
         if (score != nullptr) return with_groups(cfg, std::true_type{});
         if constexpr (Cfg::D == 128) {
           switch (page_major_heads<T>(p, s, requested_splits, hint)) {

@@ -147,7 +147,10 @@ constexpr int64_t kOrderMaxCachePages = int64_t(1) << (32 - kOrderIndexBits);
 
 // STAGES_ = 0 picks the ring depth from the head dim (the library's choice); experiments may
 // force another. WARPS_: 4, or 8 (paged_decode::use_wide_decode; D 128 with 2 or 3 stages only).
-template <int D_, int STAGES_ = 0, int WARPS_ = 4>
+// MIN_SMEM_: launch with at least this many bytes of dynamic shared memory (launch_smem; the
+// kernel's layout does not change), which caps the CTAs an SM holds: a shallower ring that keeps
+// the deeper ring's occupancy, and with it the launcher's split plan (paged_decode::NarrowRingConfig).
+template <int D_, int STAGES_ = 0, int WARPS_ = 4, size_t MIN_SMEM_ = 0>
 struct GqaDecodeConfig {
   static constexpr int D = D_;
   static constexpr int WARPS = WARPS_;
@@ -187,6 +190,8 @@ struct GqaDecodeConfig {
     return SMEM_BYTES + (sparse || order ? SMEM_VALID : 0) + (order ? SMEM_ORDER : 0) +
            (tma ? SMEM_TMA_ALIGN + STAGES * 8 : 0);
   }
+  // What a launch asks for: the layout's `used` bytes, at least MIN_SMEM_ (see above).
+  static constexpr size_t launch_smem(size_t used) { return used > MIN_SMEM_ ? used : MIN_SMEM_; }
 
   static_assert(D % 32 == 0 && D >= 64 && D <= 256, "head_dim must be 64, 128 or 256");
   static_assert((TILE * TD) % THREADS == 0, "tile copies must divide evenly");
