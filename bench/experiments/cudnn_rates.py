@@ -9,6 +9,9 @@ assumed. The per-CTA rate as the grid shrinks says how much a CTA can speed up o
 neighbours have finished: the headroom that absorbs a one-wave grid's uneven end.
 
     python bench/experiments/cudnn_rates.py [OUT.json]
+
+CUDNN_CASES (env) replaces the ladder with other shapes, "B,Hq,Hkv,S;B,Hq,Hkv,S;..." (session 35:
+the decode table's multi-wave points, to see cuDNN's grid where kvcore's 4-warp kernel runs).
 """
 from __future__ import annotations
 
@@ -37,7 +40,10 @@ def kernels_of(fn) -> list:
         events = json.load(f).get("traceEvents", [])
     os.unlink(path)
     return [{"name": ev.get("name", "")[:100], "grid": ev.get("args", {}).get("grid"),
-             "block": ev.get("args", {}).get("block"), "us": ev.get("dur")}
+             "block": ev.get("args", {}).get("block"), "us": ev.get("dur"),
+             "regs": ev.get("args", {}).get("registers per thread"),
+             "smem": ev.get("args", {}).get("shared memory"),
+             "blocks_per_sm": ev.get("args", {}).get("blocks per SM")}
             for ev in events if ev.get("cat") == "kernel"]
 
 
@@ -60,7 +66,10 @@ def main() -> None:
     torch.manual_seed(0)
     flush = torch.empty(64 << 20, dtype=torch.float32, device="cuda")  # 256 MB
     rows = []
-    for b, hq, hkv, s in LADDER:
+    cases = LADDER
+    if os.environ.get("CUDNN_CASES"):
+        cases = [tuple(int(x) for x in case.split(",")) for case in os.environ["CUDNN_CASES"].split(";")]
+    for b, hq, hkv, s in cases:
         q = torch.randn(b, hq, 1, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, hkv, s, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -82,7 +91,8 @@ def main() -> None:
         per_cta = kv_bytes / ctas / us * 1e-3 if main_kernel else float("nan")
         print(f"cuDNN B{b} Hq{hq} Hkv{hkv} S{s}: {us:.1f} us, {kv_bytes / us * 1e-3:.0f} GB/s, {ctas} CTAs "
               f"({per_cta:.1f} GB/s a CTA); kernels: "
-              + "; ".join(f"{r['name'][:60]} grid {r['grid']} block {r['block']} {r['us']} us" for r in kernels))
+              + "; ".join(f"{r['name'][:60]} grid {r['grid']} block {r['block']} regs {r['regs']} smem {r['smem']} "
+                          f"{r['us']} us" for r in kernels))
         rows.append({"batch": b, "hq": hq, "hkv": hkv, "seq_len": s, "us": us, "kv_bytes": kv_bytes,
                      "ctas": ctas, "kernels": kernels})
         del q, k, v

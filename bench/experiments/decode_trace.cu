@@ -360,13 +360,17 @@ int run(int argc, char** argv) {
   const bool order = std::getenv("ORDER") && std::atoi(std::getenv("ORDER")) != 0;
   auto plain = kvcore::gqa_decode_kernel<bf16, Cfg, false, false, SPP>;
   auto kernel = order ? kvcore::gqa_decode_kernel<bf16, Cfg, false, false, SPP, true> : plain;
-  const size_t smem = Cfg::smem_bytes(false, false, order);
+  // SMEM_PAD (env, bytes): launch with at least this much dynamic shared memory (the kernel uses
+  // what it always does), to cap CTAs per SM, e.g. a 2-stage ring held at the 3-stage ring's two.
+  const size_t smem_pad = std::getenv("SMEM_PAD") ? size_t(std::atol(std::getenv("SMEM_PAD"))) : 0;
+  const size_t smem = std::max(Cfg::smem_bytes(false, false, order), smem_pad);
   if (order && split_len / PAGE > kvcore::kOrderMaxPages) {
     std::printf("ORDER: %d pages a split, more than the kernel sorts (%d): not run\n", split_len / PAGE,
                 kvcore::kOrderMaxPages);
     return 0;
   }
-  CUDA_CHECK(cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
+  CUDA_CHECK(cudaFuncSetAttribute(plain, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   int(std::max(Cfg::SMEM_BYTES, smem_pad))));
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
   CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::THREADS, smem));
