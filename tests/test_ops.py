@@ -1133,7 +1133,8 @@ _PAGE_MAJOR_RULE_SCRIPT = textwrap.dedent(
 )
 
 # The switches `auto` steps aside for; the test below needs them at their defaults.
-_OTHER_DECODE_SWITCHES = ("KVCORE_DECODE_WARPS", "KVCORE_DECODE_LOADER", "KVCORE_DECODE_PAGE_GROUPS")
+_OTHER_DECODE_SWITCHES = ("KVCORE_DECODE_WARPS", "KVCORE_DECODE_NARROW_RING", "KVCORE_DECODE_LOADER",
+                          "KVCORE_DECODE_PAGE_GROUPS")
 
 
 @pytest.mark.cuda

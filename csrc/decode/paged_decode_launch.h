@@ -539,8 +539,8 @@ inline int decode_kernel_switch() {
 
 // The KV heads a page-major CTA serves for this gqa_decode call (no score buffer), or 0 for
 // gqa_decode_kernel: the switch asks for it (or, under `auto`, the hint's equal lengths fill one
-// wave of unsplit 8-head CTAs, and none of KVCORE_DECODE_WARPS, the TMA loader or
-// KVCORE_DECODE_PAGE_GROUPS=off is asked for), head_dim is 128, the page size a multiple of its
+// wave of unsplit 8-head CTAs, and none of KVCORE_DECODE_WARPS, KVCORE_DECODE_NARROW_RING, the
+// TMA loader or KVCORE_DECODE_PAGE_GROUPS=off is asked for), head_dim is 128, the page size a multiple of its
 // 16-token stages, no sliding window (whose start is not stage-aligned), an automatic split
 // count (a forced one keeps gqa_decode_kernel, whose bits the score path reproduces), the KV
 // heads divide into blocks, and the ring fits the GPU's shared memory.
@@ -559,7 +559,9 @@ int page_major_heads(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_
   if (smem > prop->sharedMemPerBlockOptin) return 0;
   if (mode != 0) return heads;
   // `auto` steps aside for the other A/B switches, so that each still times what it names.
-  if (hint.equal_keys <= 0 || decode_warps_switch() != 0 || tma_loader_requested() || !p.dedup_pages) return 0;
+  if (hint.equal_keys <= 0 || decode_warps_switch() != 0 || narrow_ring_switch() != 0 || tma_loader_requested() ||
+      !p.dedup_pages)
+    return 0;
   using Cfg = PageMajorConfig<8>;
   // (a speed choice: where the kernel would not fit, the head kernel runs rather than an error)
   const int per_sm =

@@ -550,7 +550,8 @@ def gqa_decode(
             once, runs instead of a CTA per KV head; only at head_dim 128, with no window and
             no ``score``, pages of a multiple of 16 tokens, on a GPU with 192 KB of shared memory
             per block (Hopper), and with ``KVCORE_DECODE_KERNEL``, ``KVCORE_DECODE_WARPS``,
-            ``KVCORE_DECODE_LOADER`` and ``KVCORE_DECODE_PAGE_GROUPS`` at their defaults
+            ``KVCORE_DECODE_NARROW_RING``, ``KVCORE_DECODE_LOADER`` and
+            ``KVCORE_DECODE_PAGE_GROUPS`` at their defaults
             (``KVCORE_DECODE_KERNEL=head`` turns it off). Its results are as deterministic, but
             not bitwise those of the call without the hint. Ignored with ``num_splits > 0`` and
             on CPU. A CUDA tensor is refused (reading it would synchronise with the GPU). Under
