@@ -1077,9 +1077,10 @@ def test_gqa_decode_with_8_warps_in_subprocess():
 def test_gqa_decode_narrow_ring_in_subprocess(ring):
     """KVCORE_DECODE_NARROW_RING=3 / 2 (read once per process): gqa_decode's 4-warp kernel at head_dim
     128 (no score buffer) keeps a ring of that many tiles; `auto` takes 2 only on Hopper for a
-    one-wave grid of splits of at least 4096 keys, which few cases here reach, so each value runs
-    the suite's shapes on a kernel the default does not. This file's gqa_decode CUDA cases,
-    test_nan's decode cases, the graph-capture and determinism cases once more in a fresh process."""
+    one-wave grid of splits of at least 4096 keys, which few cases here reach, so forcing each
+    depth runs all of the suite's shapes on that ring (2: a kernel the default rarely runs here; 3:
+    the ring other GPUs take). This file's gqa_decode CUDA cases, test_nan's decode cases, the
+    graph-capture and determinism cases once more in a fresh process."""
     if os.environ.get("KVCORE_DECODE_NARROW_RING") == ring:
         pytest.skip("this process already runs it")
     run_tests_with_env("KVCORE_DECODE_NARROW_RING", ring, *DECODE_KERNEL_RERUN)

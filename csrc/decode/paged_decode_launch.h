@@ -540,10 +540,10 @@ inline int decode_kernel_switch() {
 // The KV heads a page-major CTA serves for this gqa_decode call (no score buffer), or 0 for
 // gqa_decode_kernel: the switch asks for it (or, under `auto`, the hint's equal lengths fill one
 // wave of unsplit 8-head CTAs, and none of KVCORE_DECODE_WARPS, KVCORE_DECODE_NARROW_RING, the
-// TMA loader or KVCORE_DECODE_PAGE_GROUPS=off is asked for), head_dim is 128, the page size a multiple of its
-// 16-token stages, no sliding window (whose start is not stage-aligned), an automatic split
-// count (a forced one keeps gqa_decode_kernel, whose bits the score path reproduces), the KV
-// heads divide into blocks, and the ring fits the GPU's shared memory.
+// TMA loader or KVCORE_DECODE_PAGE_GROUPS=off is asked for), head_dim is 128, the page size a
+// multiple of its 16-token stages, no sliding window (whose start is not stage-aligned), an
+// automatic split count (a forced one keeps gqa_decode_kernel, whose bits the score path
+// reproduces), the KV heads divide into blocks, and the ring fits the GPU's shared memory.
 template <typename T>
 int page_major_heads(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_splits,
                      const SplitHint& hint) {
