@@ -11,49 +11,16 @@ torch.profiler and prints every kernel's name, launch shape and device time from
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 
 import torch
+from profiler_kernels import kernels_of
 
 from kvcore.bench import decode, peers
 
 # (B, Hq, Hkv, S): issue 2's grid points where cuDNN was ahead in session 28, and B128
 POINTS = [(16, 32, 8, 8192), (64, 32, 8, 4096), (32, 64, 8, 8192), (1, 32, 8, 131072), (128, 32, 8, 2048)]
 IMPLS = ["sdpa-cudnn", "flashinfer", "kvcore"]
-
-
-def kernels_of(fn, reps: int = 3) -> list:
-    """Kernel events (name, grid, block, registers, shared memory, us) of `reps` calls of fn."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        path = f.name
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        trace = json.load(f)
-    os.unlink(path)
-    rows = []
-    for ev in trace.get("traceEvents", []):
-        if ev.get("cat") != "kernel":
-            continue
-        a = ev.get("args", {})
-        rows.append({
-            "name": ev.get("name", "")[:160],
-            "grid": a.get("grid"),
-            "block": a.get("block"),
-            "registers": a.get("registers per thread"),
-            "smem": a.get("shared memory"),
-            "blocks_per_sm": a.get("blocks per SM"),
-            "occupancy": a.get("est. achieved occupancy %"),
-            "us": ev.get("dur"),
-        })
-    return rows
 
 
 def main() -> None:
