@@ -144,6 +144,50 @@ inline Scratch& thread_scratch(int64_t H, int64_t Dk, int64_t Dv) {
   return w;
 }
 
+// Tiles 0-3 hold a 2 x 2 block of fp32 accumulators: rows of a head block (tiles 0, 1) and of the
+// next one (tiles 2, 3; only when `two`, else the lone last head block), columns c and c + 16.
+// c: the block's first element, ld: its row stride in floats.
+KVCORE_CPU_AMX_FN inline void zero_block() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+KVCORE_CPU_AMX_FN inline void load_block(const float* c, int64_t ld, bool two) {
+  _tile_loadd(0, c, ld * 4);
+  _tile_loadd(1, c + 16, ld * 4);
+  if (two) {
+    _tile_loadd(2, c + 16 * ld, ld * 4);
+    _tile_loadd(3, c + 16 * ld + 16, ld * 4);
+  }
+}
+
+KVCORE_CPU_AMX_FN inline void store_block(float* c, int64_t ld, bool two) {
+  _tile_stored(0, c, ld * 4);
+  _tile_stored(1, c + 16, ld * 4);
+  if (two) {
+    _tile_stored(2, c + 16 * ld, ld * 4);
+    _tile_stored(3, c + 16 * ld + 16, ld * 4);
+  }
+}
+
+// One k step of the block: A (bf16, 16 rows of 32 at a, row stride lda bytes; the next head
+// block's 16 rows right after them) times the two B tiles b0 and b1 (row stride ldb bytes).
+KVCORE_CPU_AMX_FN inline void dp_block(const uint16_t* a, int64_t lda, const void* b0, const void* b1, int64_t ldb,
+                                       bool two) {
+  _tile_loadd(4, a, lda);
+  _tile_loadd(6, b0, ldb);
+  _tile_loadd(7, b1, ldb);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  if (two) {
+    _tile_loadd(5, a + 16 * (lda / 2), lda);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 // One step over n <= kKeys keys (row i at rows[i] for i < np = n rounded up to 32, the rows past
 // n pointing at w.zero) for the H heads of w.q: logits, online softmax (m, l and the first H rows
 // of w.acc), P V. first: the task's first step, whose accumulator starts at zero (w.acc is then
@@ -166,28 +210,11 @@ KVCORE_CPU_AMX_FN void step(Scratch& w, int64_t H, const uint16_t* const* rows, 
   for (int64_t hb = 0; hb < HB; hb += 2) {
     const bool two = hb + 1 < HB;
     for (int64_t kb = 0; kb < NB; kb += 2) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t ks = 0; ks < KS; ++ks) {
-        _tile_loadd(4, q + hb * 16 * Dk + ks * 32, Dk * 2);
-        _tile_loadd(6, w.kt.data() + (kb * KS + ks) * 256, 64);
-        _tile_loadd(7, w.kt.data() + ((kb + 1) * KS + ks) * 256, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (two) {
-          _tile_loadd(5, q + (hb + 1) * 16 * Dk + ks * 32, Dk * 2);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-      }
-      _tile_stored(0, lg + hb * 16 * kKeys + kb * 16, kKeys * 4);
-      _tile_stored(1, lg + hb * 16 * kKeys + kb * 16 + 16, kKeys * 4);
-      if (two) {
-        _tile_stored(2, lg + (hb + 1) * 16 * kKeys + kb * 16, kKeys * 4);
-        _tile_stored(3, lg + (hb + 1) * 16 * kKeys + kb * 16 + 16, kKeys * 4);
-      }
+      zero_block();
+      for (int64_t ks = 0; ks < KS; ++ks)
+        dp_block(q + hb * 16 * Dk + ks * 32, Dk * 2, w.kt.data() + (kb * KS + ks) * 256,
+                 w.kt.data() + ((kb + 1) * KS + ks) * 256, 64, two);
+      store_block(lg + hb * 16 * kKeys + kb * 16, kKeys, two);
     }
   }
 
@@ -209,39 +236,16 @@ KVCORE_CPU_AMX_FN void step(Scratch& w, int64_t H, const uint16_t* const* rows, 
   for (int64_t hb = 0; hb < HB; hb += 2) {
     const bool two = hb + 1 < HB;
     for (int64_t db = 0; db < DB; db += 2) {
-      float* c0 = acc + hb * 16 * Dv + db * 16;
-      float* c2 = c0 + 16 * Dv;
-      if (first) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-      } else {
-        _tile_loadd(0, c0, Dv * 4);
-        _tile_loadd(1, c0 + 16, Dv * 4);
-        if (two) {
-          _tile_loadd(2, c2, Dv * 4);
-          _tile_loadd(3, c2 + 16, Dv * 4);
-        }
-      }
+      float* c = acc + hb * 16 * Dv + db * 16;
+      if (first)
+        zero_block();
+      else
+        load_block(c, Dv, two);
       for (int64_t ks = 0; ks < np / 32; ++ks) {
-        _tile_loadd(4, pw + hb * 16 * kKeys + ks * 32, kKeys * 2);
-        _tile_loadd(6, w.vp.data() + ks * 16 * Dv + db * 16, Dv * 4);
-        _tile_loadd(7, w.vp.data() + ks * 16 * Dv + db * 16 + 16, Dv * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (two) {
-          _tile_loadd(5, pw + (hb + 1) * 16 * kKeys + ks * 32, kKeys * 2);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
+        const uint32_t* v = w.vp.data() + ks * 16 * Dv + db * 16;
+        dp_block(pw + hb * 16 * kKeys + ks * 32, kKeys * 2, v, v + 16, Dv * 4, two);
       }
-      _tile_stored(0, c0, Dv * 4);
-      _tile_stored(1, c0 + 16, Dv * 4);
-      if (two) {
-        _tile_stored(2, c2, Dv * 4);
-        _tile_stored(3, c2 + 16, Dv * 4);
-      }
+      store_block(c, Dv, two);
     }
   }
 }
