@@ -19,7 +19,8 @@
 // ORDER=1 times the kernel that visits each split's pages in cache order (gqa_decode_body's ORDER).
 // PAGE_MAJOR=H:N[,H:N...] (D 128, page 16) also times the page-major kernel
 // (kvcore/gqa_decode_page_major.cuh) with H KV heads a CTA (2, 4 or 8) and N splits, on the same
-// inputs, checked against that output.
+// inputs, checked against that output; with PM_ORDER=1 each entry in table order and then in
+// cache order (its ORDER instance, 3-stage entries only).
 #define KVCORE_DECODE_TRACE
 #include <cuda_runtime.h>
 
@@ -159,7 +160,7 @@ static double max_abs_diff(const std::vector<uint16_t>& a, const std::vector<uin
 // PAGE_MAJOR: the page-major kernel (kvcore/gqa_decode_page_major.cuh) for each "HEADS:SPLITS"
 // entry of `spec`, on the inputs of `p` (its table, lengths, q and caches), its output poisoned
 // before the checked call and compared with the one-split gqa_decode output `ref`.
-template <int HEADS, int STAGES = 3>
+template <int HEADS, int STAGES = 3, bool ORDER = false>
 static void page_major_case(const kvcore::GqaDecodeParams& p, int B, int S, int Hq, int splits, const bf16* ref,
                             const std::function<double(std::function<void()>, int)>& time_it, double bytes) {
   using Cfg = kvcore::PageMajorConfig<HEADS, STAGES>;
@@ -182,22 +183,28 @@ static void page_major_case(const kvcore::GqaDecodeParams& p, int B, int S, int 
   CUDA_CHECK(cudaMalloc(&q.partial_lse, blocks * ns * HEADS * group * 4));
   CUDA_CHECK(cudaMalloc(&q.counters, blocks * 4));
   CUDA_CHECK(cudaMemset(q.counters, 0, blocks * 4));
-  auto kernel = kvcore::gqa_decode_page_major_kernel<bf16, Cfg>;
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Cfg::SMEM_BYTES)));
+  if (ORDER && (p.page_size != Cfg::STAGE_TOKENS || split_len / Cfg::STAGE_TOKENS > kvcore::kOrderMaxPages)) {
+    std::printf("page-major H%d ORDER: pages of 16 tokens, at most %d a split: not run\n", HEADS, kvcore::kOrderMaxPages);
+    return;
+  }
+  auto kernel = kvcore::gqa_decode_page_major_kernel<bf16, Cfg, ORDER>;
+  const size_t smem = Cfg::smem_bytes(ORDER);
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   int per_sm = 0;
-  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::THREADS, Cfg::SMEM_BYTES));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Cfg::THREADS, smem));
   const dim3 grid(Hkv / HEADS, ns, B);
   CUDA_CHECK(cudaMemset(q.out, 0xff, size_t(B) * Hq * D * 2));  // poison: NaN in bf16
-  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(q);
+  kernel<<<grid, Cfg::THREADS, smem>>>(q);
   CUDA_CHECK(cudaDeviceSynchronize());
   const size_t n_out = size_t(B) * Hq * D;
   const double worst = max_abs_diff(to_host(static_cast<const bf16*>(q.out), n_out), to_host(ref, n_out));
-  const double us = time_it([&] { kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES>>>(q); }, 50);
+  const double us = time_it([&] { kernel<<<grid, Cfg::THREADS, smem>>>(q); }, 50);
   CUDA_CHECK(cudaGetLastError());
-  std::printf("check: page-major H%d %d stages max |out - one-split gqa_decode out| = %.3g%s\n", HEADS, STAGES, worst,
-              worst < 2e-2 ? "" : "  <-- MISMATCH");
-  std::printf("B%d S%d page-major H%d %d stages: %d splits x %d tokens, %d CTAs/SM, %zu CTAs, %.1f us, %.0f GB/s over K/V\n",
-              B, S, HEADS, STAGES, ns, split_len, per_sm, blocks * ns, us, bytes / us * 1e-3);
+  const char* order = ORDER ? " ORDER" : "";
+  std::printf("check: page-major%s H%d %d stages max |out - one-split gqa_decode out| = %.3g%s\n", order, HEADS, STAGES,
+              worst, worst < 2e-2 ? "" : "  <-- MISMATCH");
+  std::printf("B%d S%d page-major%s H%d %d stages: %d splits x %d tokens, %d CTAs/SM, %zu CTAs, %.1f us, %.0f GB/s over K/V\n",
+              B, S, order, HEADS, STAGES, ns, split_len, per_sm, blocks * ns, us, bytes / us * 1e-3);
   CUDA_CHECK(cudaFree(q.out));
   CUDA_CHECK(cudaFree(q.partial_out));
   CUDA_CHECK(cudaFree(q.partial_lse));
@@ -206,6 +213,7 @@ static void page_major_case(const kvcore::GqaDecodeParams& p, int B, int S, int 
 
 static void time_page_major(const char* spec, const kvcore::GqaDecodeParams& p, int B, int S, int Hq, const bf16* ref,
                             const std::function<double(std::function<void()>, int)>& time_it, double bytes) {
+  const bool pm_order = std::getenv("PM_ORDER") && std::atoi(std::getenv("PM_ORDER")) != 0;
   for (const char* c = spec; *c != '\0';) {
     // HEADS:SPLITS, or HEADS:SPLITS:STAGES for the one other ring depth built (4 heads, 6
     // stages: 192 KB, one CTA of 4 warps per SM, 160 KB in flight).
@@ -216,12 +224,16 @@ static void time_page_major(const char* spec, const kvcore::GqaDecodeParams& p, 
     }
     int more = 0;
     if (c[used] == ':' && std::sscanf(c + used, ":%d%n", &stages, &more) == 1) used += more;
-    if (stages == 3 && heads == 2)
+    if (stages == 3 && heads == 2) {
       page_major_case<2>(p, B, S, Hq, splits, ref, time_it, bytes);
-    else if (stages == 3 && heads == 4)
+      if (pm_order) page_major_case<2, 3, true>(p, B, S, Hq, splits, ref, time_it, bytes);
+    } else if (stages == 3 && heads == 4) {
       page_major_case<4>(p, B, S, Hq, splits, ref, time_it, bytes);
-    else if (stages == 3 && heads == 8)
+      if (pm_order) page_major_case<4, 3, true>(p, B, S, Hq, splits, ref, time_it, bytes);
+    } else if (stages == 3 && heads == 8) {
       page_major_case<8>(p, B, S, Hq, splits, ref, time_it, bytes);
+      if (pm_order) page_major_case<8, 3, true>(p, B, S, Hq, splits, ref, time_it, bytes);
+    }
     else if (stages == 6 && heads == 4)
       page_major_case<4, 6>(p, B, S, Hq, splits, ref, time_it, bytes);
     else

@@ -7,9 +7,10 @@
 // than in sequential order at B16 S8192, while a plain read that takes whole pages does not care
 // about the order. Here the CTA's threads copy a token's HEADS x 256 bytes as one contiguous run:
 // the whole page (all heads) at HEADS = Hkv. Selected by KVCORE_DECODE_KERNEL=page8 | page4 |
-// page2 (paged_decode::page_major_heads), and with 8 heads by the default `auto` where a hint of
-// equal lengths says its unsplit CTAs fill one wave (split_plan.h's page_major_fills_one_wave:
-// measured ~1% ahead there, and behind wherever it needs a split merge; bench/NOTES.md, session 28).
+// page2 (paged_decode::page_major_heads), and with 8 or 4 heads by the default `auto` where a
+// hint of equal lengths says its unsplit CTAs fill the SMs once (split_plan.h's
+// page_major_fills_one_wave: measured ~1% ahead there, and behind wherever it needs a split
+// merge; bench/NOTES.md, sessions 28 and 36).
 //
 // Everything else follows gqa_decode_kernel (gqa_decode.cuh), so that the access pattern is the
 // difference: a stage is 16 tokens (of one page: the page size is a multiple of 16) of each of the
@@ -21,6 +22,14 @@
 // is no merge across warps; and the split merge is per (sequence, head block): the last CTA of it
 // combines every query head of the block, with a thread's partials MERGE_ITEMS items x
 // MERGE_SPLITS splits in flight at once, the first batch issued before the lse round trip.
+//
+// ORDER (pages of exactly 16 tokens, so a stage is one page; at most kOrderMaxPages pages a split;
+// cache page numbers that fit the packed entries): the CTA visits its split's pages in ascending
+// cache order, as gqa_decode_kernel's ORDER instances do and for the same reason (gqa_decode.cuh:
+// CTAs that each sweep the cache upwards read it together; a random block table otherwise costs
+// ~1%, session 35's B128 354.8 us random against 351.2 in order with this kernel). The first
+// STAGES - 1 pages keep the table's order, their copies in flight while the rest are sorted; a
+// page's rows are then valid by its logical position, which its entry carries.
 //
 // Not served (the launcher keeps gqa_decode_kernel): other head dims, page sizes that are not
 // multiples of 16, sliding windows, the H2O score buffer, forced split counts, block-sparse lists.
@@ -44,11 +53,17 @@ struct PageMajorConfig {
   static constexpr int LOADS = STAGE_TOKENS * HEADS * TD / THREADS;
   static constexpr int ROW_STEP = THREADS / (HEADS * TD);
   static constexpr size_t SMEM_BYTES = size_t(STAGES) * STAGE_ELEMS * 2 * 2;  // K and V, 2-byte elements
+  // ORDER: the sorted page list after the ring (kOrderMaxPages packed entries); the sort's two
+  // scratch buffers live in the ring's last stage, which no copy fills before the sort ends.
+  static constexpr size_t SMEM_ORDER = size_t(kOrderMaxPages) * 4;
+  static constexpr size_t smem_bytes(bool order) { return SMEM_BYTES + (order ? SMEM_ORDER : 0); }
   // The split merge's batch: items (4 columns of one query head) x splits a thread has in flight.
   static constexpr int MERGE_ITEMS = 4, MERGE_SPLITS = 8;
   static_assert(HEADS == 2 || HEADS == 4 || HEADS == 8, "a CTA serves 2, 4 or 8 KV heads");
   static_assert(LOADS * THREADS == STAGE_TOKENS * HEADS * TD, "a stage's copies divide evenly");
   static_assert(THREADS % (D / 4) == 0, "a thread's merge items share their columns");
+  static_assert(kOrderMaxPages % THREADS == 0 && size_t(STAGE_ELEMS) * 2 >= 2 * SMEM_ORDER,
+                "ORDER: a thread's share of the list is whole, and the sort's scratch fits a stage of K");
 };
 
 // Element offset of chunk `chunk` of row `row` in one head's [16 rows][16 chunks] stage tile.
@@ -58,7 +73,9 @@ __device__ __forceinline__ int page_major_swz(int row, int chunk) { return (row 
 // workspace is indexed by (sequence, head block) instead of (sequence, KV head): counters [B,
 // Hkv / HEADS], partial_lse [B, Hkv / HEADS, num_splits, HEADS x group] (log2 domain),
 // partial_out [B, Hkv / HEADS, num_splits, HEADS x group, D]; split_tokens a multiple of 16.
-template <typename T, typename Cfg>
+// ORDER: page_size 16, split_tokens at most kOrderMaxPages pages, num_pages at most
+// kOrderMaxCachePages, Cfg::smem_bytes(true) of dynamic shared memory.
+template <typename T, typename Cfg, bool ORDER = false>
 __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(const GqaDecodeParams p) {
   constexpr int D = Cfg::D, TD = Cfg::TD, ROWS = Cfg::STAGE_TOKENS, STAGES = Cfg::STAGES, HEADS = Cfg::HEADS;
   constexpr int LOADS = Cfg::LOADS, THREADS = Cfg::THREADS, WARPS = Cfg::WARPS, ROW_STEP = Cfg::ROW_STEP;
@@ -92,11 +109,26 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
   const int64_t src_off = int64_t(row0) * row_stride + int64_t(hblk * HEADS + copy_head) * D + copy_chunk * 8;
   const T* const kc = static_cast<const T*>(p.k_cache);
   const T* const vc = static_cast<const T*>(p.v_cache);
-  // Stage t's page (the block table entry), read one stage before its copies are issued.
-  auto page_at = [&](int t) { return t < nstages ? __ldg(bt + page_of(start + t * ROWS)) : 0; };
-  auto issue_stage = [&](int t, int page) {
+  // ORDER: stage t >= STAGES - 1 reads list entry t - (STAGES - 1), which names the cache page
+  // (high bits) and its index from start (low bits; a stage is a page here).
+  [[maybe_unused]] uint32_t* const sOrder = reinterpret_cast<uint32_t*>(smem_raw + Cfg::SMEM_BYTES);
+  constexpr uint32_t kIndexMask = (1u << kOrderIndexBits) - 1;
+  auto listed = [&](int t) { return ORDER && t >= STAGES - 1; };
+  // The first token of stage t in the sequence, from its page entry.
+  auto stage_pos = [&](int t, uint32_t entry) {
+    return listed(t) ? start + int(entry & kIndexMask) * ROWS : start + t * ROWS;
+  };
+  // Stage t's page entry (the block table's, or ORDER's packed list entry), read one stage before
+  // its copies are issued.
+  auto page_at = [&](int t) -> uint32_t {
+    if (t >= nstages) return 0u;
+    if (listed(t)) return sOrder[t - (STAGES - 1)];
+    return uint32_t(__ldg(bt + page_of(start + t * ROWS)));
+  };
+  auto issue_stage = [&](int t, uint32_t entry) {
     const int stage = t % STAGES;
-    const int pos = start + t * ROWS;
+    const int pos = stage_pos(t, entry);
+    const int page = listed(t) ? int(entry >> kOrderIndexBits) : int(entry);
     const int64_t pg = min(max(page, 0), p.num_pages - 1);
     const int64_t row_off = int64_t(in_page(pos)) * row_stride + src_off;
     const T* ks = kc + pg * p.k_page_stride + row_off;
@@ -113,12 +145,24 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
     }
   };
 
-  int next_page = page_at(0);
+  // ORDER: the table entries of the pages after the first STAGES - 1, element i = s * THREADS +
+  // tid (slot s) holding page STAGES - 1 + i from start, clamped into the table; loaded first, so
+  // that they land while the first copies are issued.
+  constexpr int OE = kOrderMaxPages / THREADS;
+  [[maybe_unused]] int order_raw[ORDER ? OE : 1];
+  if constexpr (ORDER) {
+    const int p0 = page_of(start) + STAGES - 1;
+#pragma unroll
+    for (int sl = 0; sl < OE; ++sl)
+      order_raw[sl] = nstages > 0 ? __ldg(bt + min(p0 + sl * THREADS + tid, p.max_pages - 1)) : 0;
+  }
+
+  uint32_t next_page = page_at(0);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nstages) issue_stage(s, next_page);
     cp_async_commit();
-    next_page = page_at(s + 1);
+    if (!listed(s + 1)) next_page = page_at(s + 1);  // (ORDER's list is not written yet)
   }
 
   // The query fragments (A operand of m16n8k16: rows = the group's heads padded to 16), kept in
@@ -137,6 +181,25 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
     qa[k][3] = q_pair(r0 + 8, 16 * k + 8 + cpair);
   }
 
+  if constexpr (ORDER) {
+    // The split's pages after the first STAGES - 1, sorted by cache page (no ties: the index is in
+    // the entry), pads after them, while the first pages' copies are in flight.
+    uint32_t v[OE];
+#pragma unroll
+    for (int sl = 0; sl < OE; ++sl) {
+      const int j = STAGES - 1 + sl * THREADS + tid;
+      v[sl] = j < nstages ? uint32_t(min(max(order_raw[sl], 0), p.num_pages - 1)) << kOrderIndexBits | uint32_t(j)
+                          : 0xFFFFFFFFu;
+    }
+    int np = 32;
+    while (np < nstages - (STAGES - 1)) np <<= 1;
+    sort_page_entries<THREADS>(v, np, reinterpret_cast<uint32_t*>(sK + (STAGES - 1) * Cfg::STAGE_ELEMS));
+#pragma unroll
+    for (int sl = 0; sl < OE; ++sl) sOrder[sl * THREADS + tid] = v[sl];
+    __syncthreads();  // the list is whole, and the last stage free of the sort's scratch
+    next_page = page_at(STAGES - 1);
+  }
+
   const float s_scale = p.soft_cap > 0.f ? p.scale : p.scale * kLog2e;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float o[D / 8][4];
@@ -146,6 +209,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
   for (int t = 0; t < nstages; ++t) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage t landed for every thread; stage (t - 1) % STAGES is free again
+    const int spos = stage_pos(t, listed(t) ? sOrder[t - (STAGES - 1)] : 0u);  // the stage's first token
     if (t + STAGES - 1 < nstages) issue_stage(t + STAGES - 1, next_page);
     cp_async_commit();
     next_page = page_at(t + STAGES);
@@ -165,7 +229,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
       }
     }
     // Scale (or soft-cap) into the log2 domain, mask rows past the end, online-softmax update.
-    const int tok0 = start + t * ROWS + cpair;
+    const int tok0 = spos + cpair;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
