@@ -1100,11 +1100,13 @@ def test_gqa_decode_page_major_in_subprocess(kernel):
     run_tests_with_env("KVCORE_DECODE_KERNEL", kernel, *DECODE_KERNEL_RERUN)
 
 
-# Equal lengths with their host copy, one 8-KV-head block a sequence and a sequence per SM: one
-# wave of unsplit page-major CTAs, which gqa_decode's `auto` kernel choice runs (split_plan.h's
-# page_major_fills_one_wave); the same call without the hint, or with a hint of unequal lengths,
-# runs the head kernel. Two tables: lengths one key short of the table's width (an active hint of
-# fill 1) and lengths that fill it (the hint the split count ignores).
+# Equal lengths with their host copy and a block of KV heads a CTA per SM: one wave of unsplit
+# page-major CTAs, which gqa_decode's `auto` kernel choice runs (split_plan.h's
+# page_major_fills_one_wave): "h8", a sequence per SM (one 8-KV-head block each), and "h4", a
+# sequence per two SMs (two 4-KV-head blocks each, which 8-head blocks would not fill). The same
+# call without the hint, or with a hint of unequal lengths, runs the head kernel. Two tables each:
+# lengths one key short of the table's width (an active hint of fill 1) and lengths that fill it
+# (the hint the split count ignores).
 _PAGE_MAJOR_RULE_SCRIPT = textwrap.dedent(
     """
     import sys, torch, kvcore
@@ -1114,21 +1116,22 @@ _PAGE_MAJOR_RULE_SCRIPT = textwrap.dedent(
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator().manual_seed(4321)
     res = {}
-    for table, n in (("short", 2047), ("full", 2048)):
-        lens = [n] * sms
-        kv = make_paged_kv(lens, 16, 8, 128, gen=gen, dtype=torch.bfloat16, device="cuda", extra_table_cols=0)
-        assert kv.block_table.shape[1] * 16 == 2048
-        q = randn(sms, 32, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
-        # (a stale hint is allowed: it may only cost speed; this one says the lengths differ)
-        for name, hint in (("none", None), ("hint", lens), ("unequal", lens[:-1] + [n - 1])):
-            out = poison(torch.empty_like(q))
-            lse = poison(torch.empty(sms, 32, dtype=torch.float32, device="cuda"))
-            kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
-                              plan_seq_lens=hint)
-            res[table, name] = (out.cpu(), lse.cpu())
-        ref = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
-        res[table, "ref"] = tuple(t.cpu() for t in ref)
-        del kv, q
+    for blocks, batch in (("h8", sms), ("h4", sms // 2)):
+        for table, n in (("short", 2047), ("full", 2048)):
+            lens = [n] * batch
+            kv = make_paged_kv(lens, 16, 8, 128, gen=gen, dtype=torch.bfloat16, device="cuda", extra_table_cols=0)
+            assert kv.block_table.shape[1] * 16 == 2048
+            q = randn(batch, 32, 128, gen=gen, dtype=torch.bfloat16, device="cuda")
+            # (a stale hint is allowed: it may only cost speed; this one says the lengths differ)
+            for name, hint in (("none", None), ("hint", lens), ("unequal", lens[:-1] + [n - 1])):
+                out = poison(torch.empty_like(q))
+                lse = poison(torch.empty(batch, 32, dtype=torch.float32, device="cuda"))
+                kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse,
+                                  plan_seq_lens=hint)
+                res[blocks, table, name] = (out.cpu(), lse.cpu())
+            ref = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+            res[blocks, table, "ref"] = tuple(t.cpu() for t in ref)
+            del kv, q
     torch.save(res, sys.argv[1])
     """
 )
@@ -1141,33 +1144,41 @@ _OTHER_DECODE_SWITCHES = ("KVCORE_DECODE_WARPS", "KVCORE_DECODE_NARROW_RING", "K
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 def test_gqa_decode_equal_lengths_take_page_major_in_subprocess(tmp_path):
-    """KVCORE_DECODE_KERNEL unset (`auto`): a host copy of equal lengths whose 8-KV-head blocks fill
-    one wave runs the page-major kernel (bit for bit the page8 switch's output), whether or not the
-    lengths fill the block table; the same call without a hint, or with one of unequal lengths,
-    runs the head kernel (the `head` switch's output, which ignores the hint); all match the
-    reference."""
+    """KVCORE_DECODE_KERNEL unset (`auto`): a host copy of equal lengths whose unsplit 8-KV-head
+    blocks fill the SMs once runs the page-major kernel with 8 heads a CTA (bit for bit the page8
+    switch's output), and where only 4-head blocks do, with 4 (the page4 switch's), whether or not
+    the lengths fill the block table; the same call without a hint, or with one of unequal
+    lengths, runs the head kernel (the `head` switch's output for the same call; that switch
+    ignores a hint of equal lengths); all match the reference."""
     props = torch.cuda.get_device_properties(0)
     if getattr(props, "shared_memory_per_block_optin", 0) < 3 * 8 * 16 * 128 * 2 * 2:
         pytest.skip("the page-major kernel's 192 KB ring does not fit this GPU")
     if any(os.environ.get(name) for name in _OTHER_DECODE_SWITCHES):
         pytest.skip("another gqa_decode switch is set, which turns the `auto` rule off")
     runs = {v: run_script_with_env("KVCORE_DECODE_KERNEL", v, _PAGE_MAJOR_RULE_SCRIPT, tmp_path)
-            for v in (None, "page8", "head")}
+            for v in (None, "page8", "page4", "head")}
     same = lambda a, b: torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # noqa: E731
-    for table in ("short", "full"):
-        auto, page8, head = runs[None], runs["page8"], runs["head"]
-        assert same(auto[table, "hint"], page8[table, "none"]), f"{table}: the hint did not run the page-major kernel"
-        assert same(auto[table, "none"], head[table, "none"]), f"{table}: without the hint, not the head kernel"
-        assert same(auto[table, "unequal"], head[table, "none"]), f"{table}: unequal lengths took the page-major kernel"
-        assert same(head[table, "hint"], head[table, "none"]), f"{table}: KVCORE_DECODE_KERNEL=head took the hint"
-        # the kernels differ in bits, so the checks above can tell them apart
-        assert not torch.equal(auto[table, "hint"][0], auto[table, "none"][0])
-        for name in ("none", "hint", "unequal"):
-            _check_decode(*auto[table, name], *auto[table, "ref"], torch.bfloat16)
+    auto, head = runs[None], runs["head"]
+    for blocks, forced in (("h8", runs["page8"]), ("h4", runs["page4"])):
+        for table in ("short", "full"):
+            at = f"{blocks} {table}"
+            a = {name: auto[blocks, table, name] for name in ("none", "hint", "unequal", "ref")}
+            h = {name: head[blocks, table, name] for name in ("none", "hint", "unequal")}
+            assert same(a["hint"], forced[blocks, table, "none"]), f"{at}: not the page-major kernel"
+            assert same(a["none"], h["none"]), f"{at}: without the hint, not the head kernel"
+            # (the head switch's same call: at h4's two waves of pairs the unequal hint moves the split count)
+            assert same(a["unequal"], h["unequal"]), f"{at}: unequal lengths took the page-major kernel"
+            assert same(h["hint"], h["none"]), f"{at}: KVCORE_DECODE_KERNEL=head took the hint"
+            # the kernels differ in bits, so the checks above can tell them apart
+            assert not torch.equal(a["hint"][0], a["none"][0])
+            for name in ("none", "hint", "unequal"):
+                _check_decode(*a[name], *a["ref"], torch.bfloat16)
+    # 8- and 4-head blocks are told apart too: the h4 batch forced onto 8-head blocks gives other bits
+    assert not torch.equal(runs["page8"]["h4", "full", "none"][0], auto["h4", "full", "hint"][0])
 
 
-# The switches under which gqa_decode does not run the ORDER kernels (the table's order, the
-# page-major kernels, the TMA loader, page groups off); KVCORE_DECODE_WARPS=8 keeps them.
+# The switches under which gqa_decode may not run the head kernel's ORDER instances (the table's
+# order, the page-major kernels, the TMA loader, page groups off); KVCORE_DECODE_WARPS=8 keeps them.
 _PAGE_ORDER_OFF_SWITCHES = ("KVCORE_DECODE_PAGE_ORDER", "KVCORE_DECODE_KERNEL", "KVCORE_DECODE_LOADER",
                             "KVCORE_DECODE_PAGE_GROUPS")
 
@@ -1265,6 +1276,28 @@ def test_gqa_decode_page_order_switch_in_subprocess(tmp_path):
         pytest.skip("a gqa_decode switch that turns the ORDER kernels off is set in this process")
     runs = {v: run_script_with_env("KVCORE_DECODE_PAGE_ORDER", v, _PAGE_ORDER_SCRIPT, tmp_path)
             for v in (None, "table")}
+    auto, table = runs[None], runs["table"]
+    assert torch.equal(auto["in_order"][0], table["in_order"][0])
+    assert torch.equal(auto["in_order"][1], table["in_order"][1])
+    assert not torch.equal(auto["random"][0], table["random"][0]), "the random table's pages were not reordered"
+    for run in (auto, table):
+        for kind in ("in_order", "random"):
+            _check_decode(*run[kind], torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("kernel", ["page8", "page4", "page2"])
+def test_gqa_decode_page_major_page_order_switch_in_subprocess(kernel, tmp_path):
+    """The page-major kernel (KVCORE_DECODE_KERNEL set by the script before its first call) with
+    KVCORE_DECODE_PAGE_ORDER unset (`auto`: its ORDER instance at 16-token pages) and `table`:
+    bit for bit the same on an in-order page table, different bits on a random one (its pages
+    visited in cache order), all matching the reference."""
+    props = torch.cuda.get_device_properties(0)
+    if getattr(props, "shared_memory_per_block_optin", 0) < 3 * 8 * 16 * 128 * 2 * 2 + 2048:
+        pytest.skip("the page-major kernel's 192 KB ring and its page list do not fit this GPU")
+    script = f"import os\nos.environ['KVCORE_DECODE_KERNEL'] = {kernel!r}\n" + _PAGE_ORDER_SCRIPT
+    runs = {v: run_script_with_env("KVCORE_DECODE_PAGE_ORDER", v, script, tmp_path) for v in (None, "table")}
     auto, table = runs[None], runs["table"]
     assert torch.equal(auto["in_order"][0], table["in_order"][0])
     assert torch.equal(auto["in_order"][1], table["in_order"][1])

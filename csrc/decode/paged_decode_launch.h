@@ -527,7 +527,7 @@ bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requ
 }
 
 // KVCORE_DECODE_KERNEL: which kernel runs gqa_decode. `auto` (default): the page-major kernel
-// with 8 KV heads a CTA where page_major_fills_one_wave says so (a hint of equal lengths), else
+// with 8 or 4 KV heads a CTA where page_major_fills_one_wave says so (a hint of equal lengths), else
 // gqa_decode_kernel; `head`: always gqa_decode_kernel, a CTA per (sequence, split, KV head);
 // `page8`, `page4`, `page2`: the page-major kernel (gqa_decode_page_major.cuh) with a CTA per
 // (sequence, split, block of that many KV heads) wherever it serves the call. Read once per process.
@@ -538,49 +538,63 @@ inline int decode_kernel_switch() {
 }
 
 // The KV heads a page-major CTA serves for this gqa_decode call (no score buffer), or 0 for
-// gqa_decode_kernel: the switch asks for it (or, under `auto`, the hint's equal lengths fill one
-// wave of unsplit 8-head CTAs, and none of KVCORE_DECODE_WARPS, KVCORE_DECODE_NARROW_RING, the
-// TMA loader or KVCORE_DECODE_PAGE_GROUPS=off is asked for), head_dim is 128, the page size a
-// multiple of its 16-token stages, no sliding window (whose start is not stage-aligned), an
-// automatic split count (a forced one keeps gqa_decode_kernel, whose bits the score path
-// reproduces), the KV heads divide into blocks, and the ring fits the GPU's shared memory.
+// gqa_decode_kernel: the switch asks for it (or, under `auto`, the hint's equal lengths fill the
+// SMs once with unsplit CTAs of 8 KV heads, else of 4, and none of KVCORE_DECODE_WARPS,
+// KVCORE_DECODE_NARROW_RING, the TMA loader or KVCORE_DECODE_PAGE_GROUPS=off is asked for),
+// head_dim is 128, the page size a multiple of its 16-token stages, no sliding window (whose
+// start is not stage-aligned), an automatic split count (a forced one keeps gqa_decode_kernel,
+// whose bits the score path reproduces), the KV heads divide into blocks, and the ring fits the
+// GPU's shared memory.
 template <typename T>
 int page_major_heads(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_t requested_splits,
                      const SplitHint& hint) {
   const int mode = decode_kernel_switch();
   if (mode == 1) return 0;
-  const int heads = mode <= 2 ? 8 : mode == 3 ? 4 : 2;
-  if (s.head_dim != 128 || p.window_left >= 0 || requested_splits > 0 || p.page_size % 16 != 0 ||
-      s.num_kv_heads % heads != 0)
-    return 0;
-  const size_t smem = heads == 8 ? PageMajorConfig<8>::SMEM_BYTES
-                                 : heads == 4 ? PageMajorConfig<4>::SMEM_BYTES : PageMajorConfig<2>::SMEM_BYTES;
+  if (s.head_dim != 128 || p.window_left >= 0 || requested_splits > 0 || p.page_size % 16 != 0) return 0;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (smem > prop->sharedMemPerBlockOptin) return 0;
-  if (mode != 0) return heads;
+  auto serves = [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    return s.num_kv_heads % Cfg::HEADS == 0 && Cfg::SMEM_BYTES <= prop->sharedMemPerBlockOptin;
+  };
+  if (mode == 2) return serves(PageMajorConfig<8>{}) ? 8 : 0;
+  if (mode == 3) return serves(PageMajorConfig<4>{}) ? 4 : 0;
+  if (mode == 4) return serves(PageMajorConfig<2>{}) ? 2 : 0;
   // `auto` steps aside for the other A/B switches, so that each still times what it names.
   if (hint.equal_keys <= 0 || decode_warps_switch() != 0 || narrow_ring_switch() != 0 || tma_loader_requested() ||
       !p.dedup_pages)
     return 0;
-  using Cfg = PageMajorConfig<8>;
   // (a speed choice: where the kernel would not fit, the head kernel runs rather than an error)
-  const int per_sm =
-      occupancy_per_sm(reinterpret_cast<const void*>(gqa_decode_page_major_kernel<T, Cfg>), Cfg::THREADS, Cfg::SMEM_BYTES);
-  return per_sm > 0 && page_major_fills_one_wave(s.batch * (s.num_kv_heads / 8), hint, per_sm * prop->multiProcessorCount)
-             ? 8
-             : 0;
+  auto fills = [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    return serves(cfg) &&
+           occupancy_per_sm(reinterpret_cast<const void*>(gqa_decode_page_major_kernel<T, Cfg>), Cfg::THREADS,
+                            Cfg::SMEM_BYTES) > 0 &&
+           page_major_fills_one_wave(s.batch * (s.num_kv_heads / Cfg::HEADS), hint, prop->multiProcessorCount);
+  };
+  if (fills(PageMajorConfig<8>{})) return 8;
+  return fills(PageMajorConfig<4>{}) ? 4 : 0;
 }
 
 // Launches the page-major kernel: the split count fills the CTA slots with (sequence, head block)
 // units as choose_splits does with pairs; the workspace layout is plan_splits' with blocks for
 // pairs and HEADS x group rows (the same bytes as gqa_decode_kernel's at the same split count).
+// The slots are one CTA an SM at 8 and 4 heads (4 heads would fit two an SM): B64 S4096 Hq32
+// Hkv8 as 4-head CTAs ran 340.9 us unsplit (128 CTAs, which the hardware places one an SM)
+// against 346.1 as two splits (256 CTAs, two an SM; H100, session 36, decode_trace in cache order,
+// random tables). At 2 heads (2 warps a CTA) B32 Hq64 ran 360.3 us unsplit (128 CTAs) against
+// 350.4 as two splits (256), so the slots there stay the occupancy's.
+//
+// Its ORDER instance (pages visited in cache order) runs where KVCORE_DECODE_PAGE_ORDER allows it,
+// pages are 16 tokens (a stage each), a split has at most kOrderMaxPages of them, the cache's page
+// numbers fit the packed entries and its 2 KB list keeps the CTAs per SM the plan assumed.
 template <typename T, int HEADS>
 void launch_page_major(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
                        const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
   using Cfg = PageMajorConfig<HEADS>;
   constexpr auto kernel = gqa_decode_page_major_kernel<T, Cfg>;
+  constexpr auto ordered = gqa_decode_page_major_kernel<T, Cfg, true>;
   const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), Cfg::THREADS, Cfg::SMEM_BYTES, op);
-  const int slots = per_sm * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int slots = (HEADS >= 4 ? 1 : per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = s.batch * (s.num_kv_heads / HEADS);
   const int64_t have = workspace_bytes(workspace);
   const SplitPlan plan = plan_splits(op, "batch x num_kv_heads / heads per CTA", blocks, kv_len, slots,
@@ -591,7 +605,15 @@ void launch_page_major(const char* op, GqaDecodeParams& p, const PagedDecodeShap
   // Head blocks vary fastest: the CTAs of one (sequence, split) read the same pages at about the
   // same time.
   const dim3 grid(s.num_kv_heads / HEADS, plan.splits, s.batch);
-  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
+  const bool order = page_order_switch_on() && p.page_size == Cfg::STAGE_TOKENS &&
+                     plan.split_tokens / Cfg::STAGE_TOKENS <= kOrderMaxPages &&
+                     int64_t(p.num_pages) <= kOrderMaxCachePages &&
+                     occupancy_per_sm(reinterpret_cast<const void*>(ordered), Cfg::THREADS,
+                                      Cfg::smem_bytes(true)) == per_sm;
+  if (order)
+    ordered<<<grid, Cfg::THREADS, Cfg::smem_bytes(true), stream>>>(p);
+  else
+    kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

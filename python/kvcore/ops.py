@@ -544,10 +544,11 @@ def gqa_decode(
             sequence's keys still come from ``seq_lens`` on the device, so stale or wrong values
             give correct results, only a slower plan. Equal lengths that fill the table plan the
             same split count as without it. Equal lengths (filling the table or not) may also
-            pick the kernel: where blocks of 8 KV heads (``B x num_kv_heads / 8`` of them), a
-            CTA each and unsplit, make one nearly full wave (about one sequence per SM at Hkv8,
-            as B128 on an H100), the page-major kernel, which reads every head of a page at
-            once, runs instead of a CTA per KV head; only at head_dim 128, with no window and
+            pick the kernel: where blocks of 8 KV heads (``B x num_kv_heads / 8`` of them), or
+            else of 4, a CTA each and unsplit, fill 90-100% of the SMs once (about one sequence
+            per SM at Hkv8, as B128 on an H100, or one per two SMs, as B64), the page-major
+            kernel, which reads every head of its block in a page at once, runs instead of a CTA
+            per KV head; only at head_dim 128, with no window and
             no ``score``, pages of a multiple of 16 tokens, on a GPU with 192 KB of shared memory
             per block (Hopper), and with ``KVCORE_DECODE_KERNEL``, ``KVCORE_DECODE_WARPS``,
             ``KVCORE_DECODE_NARROW_RING``, ``KVCORE_DECODE_LOADER`` and
@@ -558,8 +559,9 @@ def gqa_decode(
             CUDA graph capture the plan, kernel included, is fixed at capture like the rest of
             the launch: capture with a hint like the batches replayed (equal placeholder
             lengths at B128 would replay ragged batches on the page-major kernel, one CTA per
-            sequence: correct, but up to ~2x slower), or none. Under ``torch.compile`` the hint
-            is not read (the graph would specialise on every batch's lengths). H100, session 27:
+            sequence, or at B64 one per half sequence: correct, but up to ~2x slower), or none.
+            Under ``torch.compile`` the hint is not read (the graph would specialise on every
+            batch's lengths). H100, session 27:
             the B16 batch above 49 us with it (104 without); the decode bench's ragged B64 S4096
             row 166 us (178). It costs ~0.5 us of host time per call over 16-128 lengths.
 

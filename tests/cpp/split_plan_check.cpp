@@ -80,25 +80,23 @@ int main() {
   expect(split_hint(2, 2048, 8192, 4096).equal_keys == 2048, "equal past the width", 2, 2048, 8192, 4096);
   expect(split_hint(3, 2048, 3, int64_t(1) << 62).equal_keys == 0, "overflowing max_keys", 3, 2048, 3, 0);
 
-  // The page-major kernel only for equal lengths whose unsplit 8-head blocks fill 90-100% of one
-  // wave (132 slots: one 8-warp page-major CTA per SM of an H100).
+  // The page-major kernel only for equal lengths whose unsplit blocks fill 90-100% of the SMs
+  // once (132 on an H100), one CTA an SM.
   for (int64_t blocks : {1, 16, 64, 118, 119, 128, 132, 133, 256})
     for (int64_t total_div : {1, 2}) {
       const auto h = split_hint(blocks, 2048, blocks * 2048 / total_div, 2048);  // Hkv 8: a block a sequence
       const bool want = total_div == 1 && blocks >= 119 && blocks <= 132;
       expect(page_major_fills_one_wave(blocks, h, 132) == want, "page-major rule", blocks, total_div, want, 0);
     }
-  // ... and such a grid plans one split (launch_page_major plans again from the shapes): the
-  // unsplit grid is what was measured; a split page-major grid lost (B16, B64, B32 Hq64).
+  // ... and such a grid plans one split (launch_page_major plans again from the shapes, with one
+  // CTA an SM for the slots at 8 and 4 heads): the unsplit grid is what was measured; a split
+  // page-major grid lost (B16, B64, B32 Hq64).
   for (int sms = 60; sms <= 200; ++sms)
-    for (int per_sm : {1, 2})
-      for (int64_t kv_len : {16, 256, 2048, 4096, 131072})
-        for (int64_t blocks = 1; blocks <= 2 * sms * per_sm; ++blocks) {
-          const int slots = sms * per_sm;
-          if (page_major_fills_one_wave(blocks, split_hint(blocks, kv_len, blocks * kv_len, kv_len), slots))
-            expect(choose_splits(blocks, kv_len, slots, 0, 8) == 1, "page-major rule's grid splits", blocks, kv_len,
-                   slots, 0);
-        }
+    for (int64_t kv_len : {16, 256, 2048, 4096, 131072})
+      for (int64_t blocks = 1; blocks <= 2 * sms; ++blocks) {
+        if (page_major_fills_one_wave(blocks, split_hint(blocks, kv_len, blocks * kv_len, kv_len), sms))
+          expect(choose_splits(blocks, kv_len, sms, 0, 8) == 1, "page-major rule's grid splits", blocks, kv_len, sms, 0);
+      }
 
   // Any hint: the count's bounds and the grid caps.
   for (int64_t batch : {1, 2, 5, 16, 64, 128, 1000})

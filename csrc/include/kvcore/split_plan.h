@@ -92,17 +92,20 @@ inline SplitHint split_hint(int64_t batch, int64_t kv_len, int64_t total_keys, i
 }
 
 // Whether an automatic gqa_decode of equal lengths (hint.equal_keys > 0) runs the page-major
-// kernel with 8 KV heads a CTA (gqa_decode_page_major.cuh) rather than a CTA per KV head: where
-// its `blocks` CTAs (sequences x KV heads / 8), unsplit, fill one wave of its `slots` nearly
-// whole, it reads each page's rows of all heads as one run and needs no split merge, while the
-// head kernel runs ~4 waves of 4-warp CTAs. Measured only there (B128 Hq32 Hkv8 S2048, 128 of
-// 132 slots): H100 354.1 us against 359.0 (session 26), H200 245.5 against 250.7 (session 22);
-// with fewer blocks it needs splits and lost (B64 360.0 / 359.3, B32 Hq64 363.2 / 359.8, B16
-// 185.9 / 183.2 on the H100), and with unequal lengths its longest sequence on one CTA lost
-// far more (B128 one long among short ones 165 / 72 us), hence equal lengths only.
+// kernel (gqa_decode_page_major.cuh) with a given number of KV heads a CTA rather than a CTA per
+// KV head: where its `blocks` CTAs (sequences x KV heads / heads a CTA), unsplit, fill the `sms`
+// SMs once nearly whole, one CTA an SM, it reads each page's rows of all its heads as one run and
+// needs no split merge, while the head kernel runs ~2-4 waves of 4-warp CTAs. gqa_decode asks at
+// 8 heads a CTA, then at 4. Measured there: 8 heads at B128 Hq32 Hkv8 S2048 (128 of 132 SMs):
+// H100 354.1 us against 359.0 (session 26), H200 245.5 against 250.7 (session 22), and in cache
+// order 340.7 against 345.2-346.8 (H100, session 36, decode_trace); 4 heads at B64 S4096 (128
+// CTAs) in cache order 340.9 against 344.5 (the same). With fewer blocks it needs splits and lost
+// (8 heads: B64 360.0 / 359.3, B32 Hq64 363.2 / 359.8, B16 185.9 / 183.2 on the H100), and with
+// unequal lengths its longest sequence on one CTA lost far more (B128 one long among short ones
+// 165 / 72 us), hence equal lengths only.
 constexpr double kPageMajorMinFill = 0.9;
-inline bool page_major_fills_one_wave(int64_t blocks, const SplitHint& hint, int slots) {
-  return hint.equal_keys > 0 && blocks <= slots && double(blocks) >= kPageMajorMinFill * double(slots);
+inline bool page_major_fills_one_wave(int64_t blocks, const SplitHint& hint, int sms) {
+  return hint.equal_keys > 0 && blocks <= sms && double(blocks) >= kPageMajorMinFill * double(sms);
 }
 
 // The pairs and keys a pair the plan sizes the grid for: with a hint, as many full-length pairs of
