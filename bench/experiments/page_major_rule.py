@@ -1,12 +1,13 @@
-"""Where does the page-major kernel (8 KV heads a CTA) beat gqa_decode_kernel on equal lengths?
+"""Where does the page-major kernel (8 or 4 KV heads a CTA) beat gqa_decode_kernel on equal lengths?
 
 gqa_decode's `auto` kernel choice (KVCORE_DECODE_KERNEL unset) runs the page-major kernel when a
-host copy of the lengths (plan_seq_lens) says they are equal and its unsplit 8-head CTAs fill one
-wave nearly whole (split_plan.h's page_major_fills_one_wave: B128 Hkv8 on 132 SMs, the one shape
-measured: ~1.4% ahead there). This times equal-length shapes around that one, each without the
-hint (the head kernel under `auto`) and with it (the rule's pick), so one process shows what the
-rule does; under KVCORE_DECODE_KERNEL=page8 both columns are the page-major kernel at its own
-split count, which shows what the rule leaves out:
+host copy of the lengths (plan_seq_lens) says they are equal and its unsplit CTAs, 8 KV heads
+each or else 4, fill the SMs once nearly whole (split_plan.h's page_major_fills_one_wave: B128
+Hkv8 at 8 heads, measured since session 26, and B64 Hkv8 at 4, since session 36). This times
+equal-length shapes around those, each without the hint (the head kernel under `auto`) and with
+it (the rule's pick), so one process shows what the rule does; under KVCORE_DECODE_KERNEL=page8
+(or page4) both columns are the page-major kernel at its own split count, which shows what the
+rule leaves out:
 
     python bench/experiments/page_major_rule.py [OUT.json]
     KVCORE_DECODE_KERNEL=page8 python bench/experiments/page_major_rule.py [OUT.json]
@@ -27,12 +28,14 @@ from kvcore import reference
 from kvcore.bench import decode, harness
 from ragged_decode import checked_time  # (this folder: the script's own directory is on sys.path)
 
-# (batch, Hq, Hkv, tokens a sequence), D 128, page 16: B128 S2048 is the decode table's row and
-# the rule's one measured shape; the rest probe its edges (length, fill of the wave, 2 waves,
-# 16 KV heads, and rows the rule leaves to the head kernel).
+# (batch, Hq, Hkv, tokens a sequence), D 128, page 16: B128 S2048 and B64 S4096 are the decode
+# table's rows the rule takes (8 and 4 heads a CTA); the rest probe its edges (length, fill of the
+# SMs, 2 waves, 16 and 4 KV heads, group 8, and rows the rule leaves to the head kernel).
 SHAPES = [(128, 32, 8, 2048), (128, 32, 8, 256), (128, 32, 8, 512), (128, 32, 8, 8192), (132, 32, 8, 2048),
           (120, 32, 8, 2048), (112, 32, 8, 2048), (100, 32, 8, 2048), (256, 32, 8, 1024), (64, 64, 16, 2048),
-          (64, 32, 8, 4096), (16, 32, 8, 8192), (32, 64, 8, 8192)]
+          (64, 32, 8, 4096), (64, 32, 8, 1024), (64, 32, 8, 16384), (66, 32, 8, 4096), (60, 32, 8, 4096),
+          (56, 32, 8, 4096), (64, 64, 8, 4096), (128, 32, 4, 2048), (128, 16, 4, 2048), (16, 32, 8, 8192),
+          (32, 64, 8, 8192)]
 
 
 def main(argv: list) -> int:
