@@ -1265,6 +1265,20 @@ _PAGE_ORDER_SCRIPT = textwrap.dedent(
 )
 
 
+def _check_page_order_runs(script: str, tmp_path) -> None:
+    """``script`` (_PAGE_ORDER_SCRIPT's form) with KVCORE_DECODE_PAGE_ORDER unset and ``table``:
+    on the in-order table both give the same bits, on the random one different bits (the pages
+    were read in another order), and every output matches the reference."""
+    runs = {v: run_script_with_env("KVCORE_DECODE_PAGE_ORDER", v, script, tmp_path) for v in (None, "table")}
+    auto, table = runs[None], runs["table"]
+    assert torch.equal(auto["in_order"][0], table["in_order"][0])
+    assert torch.equal(auto["in_order"][1], table["in_order"][1])
+    assert not torch.equal(auto["random"][0], table["random"][0]), "the random table's pages were not reordered"
+    for run in (auto, table):
+        for kind in ("in_order", "random"):
+            _check_decode(*run[kind], torch.bfloat16)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 def test_gqa_decode_page_order_switch_in_subprocess(tmp_path):
@@ -1274,15 +1288,7 @@ def test_gqa_decode_page_order_switch_in_subprocess(tmp_path):
     # (the subprocesses inherit this process's switches)
     if any(map(os.environ.get, _PAGE_ORDER_OFF_SWITCHES)):
         pytest.skip("a gqa_decode switch that turns the ORDER kernels off is set in this process")
-    runs = {v: run_script_with_env("KVCORE_DECODE_PAGE_ORDER", v, _PAGE_ORDER_SCRIPT, tmp_path)
-            for v in (None, "table")}
-    auto, table = runs[None], runs["table"]
-    assert torch.equal(auto["in_order"][0], table["in_order"][0])
-    assert torch.equal(auto["in_order"][1], table["in_order"][1])
-    assert not torch.equal(auto["random"][0], table["random"][0]), "the random table's pages were not reordered"
-    for run in (auto, table):
-        for kind in ("in_order", "random"):
-            _check_decode(*run[kind], torch.bfloat16)
+    _check_page_order_runs(_PAGE_ORDER_SCRIPT, tmp_path)
 
 
 @pytest.mark.cuda
@@ -1293,18 +1299,12 @@ def test_gqa_decode_page_major_page_order_switch_in_subprocess(kernel, tmp_path)
     KVCORE_DECODE_PAGE_ORDER unset (`auto`: its ORDER instance at 16-token pages) and `table`:
     bit for bit the same on an in-order page table, different bits on a random one (its pages
     visited in cache order), all matching the reference."""
+    heads = int(kernel[len("page"):])
     props = torch.cuda.get_device_properties(0)
-    if getattr(props, "shared_memory_per_block_optin", 0) < 3 * 8 * 16 * 128 * 2 * 2 + 2048:
-        pytest.skip("the page-major kernel's 192 KB ring and its page list do not fit this GPU")
+    if getattr(props, "shared_memory_per_block_optin", 0) < 3 * heads * 16 * 128 * 2 * 2 + 2048:
+        pytest.skip(f"the {heads}-head page-major kernel's ring and its page list do not fit this GPU")
     script = f"import os\nos.environ['KVCORE_DECODE_KERNEL'] = {kernel!r}\n" + _PAGE_ORDER_SCRIPT
-    runs = {v: run_script_with_env("KVCORE_DECODE_PAGE_ORDER", v, script, tmp_path) for v in (None, "table")}
-    auto, table = runs[None], runs["table"]
-    assert torch.equal(auto["in_order"][0], table["in_order"][0])
-    assert torch.equal(auto["in_order"][1], table["in_order"][1])
-    assert not torch.equal(auto["random"][0], table["random"][0]), "the random table's pages were not reordered"
-    for run in (auto, table):
-        for kind in ("in_order", "random"):
-            _check_decode(*run[kind], torch.bfloat16)
+    _check_page_order_runs(script, tmp_path)
 
 
 @pytest.mark.cuda
