@@ -37,7 +37,7 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
     parts = std::clamp<int64_t>((2 * threads + pairs - 1) / pairs, 1, std::max<int64_t>(1, longest / kMinPartTokens));
   }
   // Every task writes its whole part before the merge reads it: left uninitialised (as in
-  // mla_decode_tasks, where zero-filling them cost ~10% of a short call).
+  // mla_decode_tasks, where zero-filling them cost 10-25% of a short call).
   const std::unique_ptr<float[]> part_out(new float[pairs * parts * G * D]);
   const std::unique_ptr<float[]> part_lse(new float[pairs * parts * G]);
 

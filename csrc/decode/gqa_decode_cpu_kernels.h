@@ -26,7 +26,7 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
   const int64_t parts = std::clamp<int64_t>((2 * threads + p.batch - 1) / p.batch, 1,
                                             std::max<int64_t>(1, longest / kMinPartTokens));
   // Every task writes its whole part before the merge reads it: left uninitialised (as in
-  // mla_decode_tasks, where zero-filling them cost ~10% of a short call).
+  // mla_decode_tasks, where zero-filling them cost 10-25% of a short call).
   const std::unique_ptr<float[]> part_out(new float[p.batch * parts * Hq * D]);
   const std::unique_ptr<float[]> part_lse(new float[p.batch * parts * Hq]);
 

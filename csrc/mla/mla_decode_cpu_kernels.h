@@ -277,7 +277,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
   }
   // Every task writes its whole part before the merge reads it, so the scratch is left
   // uninitialised: as value-initialised vectors they were zero-filled every call (1 MB at B1 H128
-  // S256, 4 parts; 2 MB at B8), ~10-15% of such a call on a 2-core AMX host (bench/NOTES.md).
+  // S256, 4 parts; 2 MB at B8), 14-25% of such a call on a 2-core AMX host (bench/NOTES.md).
   const std::unique_ptr<float[]> part_out(new float[s.batch * parts * H * Dv]);
   const std::unique_ptr<float[]> part_lse(new float[s.batch * parts * H]);
   // Task t: part t % parts of sequence t / parts, the keys [start, stop) of it.
