@@ -294,16 +294,22 @@ inline bool page_order_switch_on() {
   return on;
 }
 
+// What every ORDER instance (the head kernel's and the page-major kernel's) needs: the switch
+// allows it, a split's pages fit the sorted list (at most kOrderMaxPages) and the cache's page
+// numbers fit the packed entries.
+inline bool page_order_fits(const GqaDecodeParams& p, int64_t split_tokens) {
+  return page_order_switch_on() && split_tokens / p.page_size <= kOrderMaxPages &&
+         int64_t(p.num_pages) <= kOrderMaxCachePages;
+}
+
 // Whether a gqa_decode launch (no score buffer, cp.async loader) runs the ORDER kernel: an
 // automatic split count (a forced one keeps the table's order, whose bits the score path
 // reproduces at the same count), no sliding window (its start is not page-aligned), a
-// power-of-two page of at most a tile, at most kOrderMaxPages pages a split and a cache whose
-// page numbers fit the packed entries.
+// power-of-two page of at most a tile, and page_order_fits.
 template <typename Cfg>
 bool use_page_order(const GqaDecodeParams& p, int64_t requested_splits, int64_t split_tokens) {
-  return page_order_switch_on() && requested_splits == 0 && p.window_left < 0 && p.page_shift >= 0 &&
-         p.page_size <= Cfg::TILE && split_tokens / p.page_size <= kOrderMaxPages &&
-         int64_t(p.num_pages) <= kOrderMaxCachePages;
+  return requested_splits == 0 && p.window_left < 0 && p.page_shift >= 0 && p.page_size <= Cfg::TILE &&
+         page_order_fits(p, split_tokens);
 }
 
 // KVCORE_DECODE_NARROW_RING: the ring depth of gqa_decode's 4-warp kernel at head_dim 128 where
@@ -584,9 +590,8 @@ int page_major_heads(const GqaDecodeParams& p, const PagedDecodeShape& s, int64_
 // random tables). At 2 heads (2 warps a CTA) B32 Hq64 ran 360.3 us unsplit (128 CTAs) against
 // 350.4 as two splits (256), so the slots there stay the occupancy's.
 //
-// Its ORDER instance (pages visited in cache order) runs where KVCORE_DECODE_PAGE_ORDER allows it,
-// pages are 16 tokens (a stage each), a split has at most kOrderMaxPages of them, the cache's page
-// numbers fit the packed entries and its 2 KB list keeps the CTAs per SM the plan assumed.
+// Its ORDER instance (pages visited in cache order) runs where pages are 16 tokens (a stage
+// each), page_order_fits, and its 2 KB list keeps the CTAs per SM the plan assumed.
 template <typename T, int HEADS>
 void launch_page_major(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64_t kv_len,
                        const c10::optional<at::Tensor>& workspace, cudaStream_t stream) {
@@ -605,9 +610,7 @@ void launch_page_major(const char* op, GqaDecodeParams& p, const PagedDecodeShap
   // Head blocks vary fastest: the CTAs of one (sequence, split) read the same pages at about the
   // same time.
   const dim3 grid(s.num_kv_heads / HEADS, plan.splits, s.batch);
-  const bool order = page_order_switch_on() && p.page_size == Cfg::STAGE_TOKENS &&
-                     plan.split_tokens / Cfg::STAGE_TOKENS <= kOrderMaxPages &&
-                     int64_t(p.num_pages) <= kOrderMaxCachePages &&
+  const bool order = p.page_size == Cfg::STAGE_TOKENS && page_order_fits(p, plan.split_tokens) &&
                      occupancy_per_sm(reinterpret_cast<const void*>(ordered), Cfg::THREADS,
                                       Cfg::smem_bytes(true)) == per_sm;
   if (order)
