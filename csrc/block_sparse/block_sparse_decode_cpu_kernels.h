@@ -36,10 +36,9 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
   } else {
     parts = std::clamp<int64_t>((2 * threads + pairs - 1) / pairs, 1, std::max<int64_t>(1, longest / kMinPartTokens));
   }
-  // Every task writes its whole part before the merge reads it: left uninitialised (as in
-  // mla_decode_tasks, where zero-filling them cost 10-25% of a short call).
-  const std::unique_ptr<float[]> part_out(new float[pairs * parts * G * D]);
-  const std::unique_ptr<float[]> part_lse(new float[pairs * parts * G]);
+  const cpu::TaskParts task_parts(pairs * parts, G, D);
+  float* const part_out = task_parts.out.get();
+  float* const part_lse = task_parts.lse.get();
 
   at::parallel_for(0, pairs * parts, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch, reused across the tasks of this range.
@@ -102,8 +101,8 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
 
       // This part's normalised output and log-sum-exp (zeros and -inf when it saw no key). A NaN
       // l (a NaN logit) is not empty: it gives NaN out and NaN lse, which the merge passes on.
-      float* po = part_out.get() + task * G * D;
-      float* pl = part_lse.get() + task * G;
+      float* po = part_out + task * G * D;
+      float* pl = part_lse + task * G;
       for (int64_t g = 0; g < G; ++g) cpu::finish_part(acc.data() + g * D, m[g], l[g], D, po + g * D, pl + g);
     }
   });
@@ -116,7 +115,7 @@ void block_sparse_decode_tasks(const BlockSparseParams& p, const scalar_t* q, co
       const int64_t first = (b * H + h) * parts;  // task index of part 0
       cpu::merge_parts(
           parts, [&](int64_t j) { return part_lse[(first + j) * G + g]; },
-          [&](int64_t j) { return part_out.get() + ((first + j) * G + g) * D; }, D, out + bq * D,
+          [&](int64_t j) { return part_out + ((first + j) * G + g) * D; }, D, out + bq * D,
           lse != nullptr ? lse + bq : nullptr, scratch.data());
     }
   });

@@ -766,6 +766,15 @@ void merge_parts(int64_t parts, LseOf part_lse, OutOf part_out, int64_t D, T* o,
   if (lse != nullptr) *lse = wsum > 0.0f ? mx + std::log(wsum) : kNegInf;
 }
 
+// A split decode's scratch: every task's normalised part ([tasks][rows][D]) and log-sum-exp
+// ([tasks][rows]). Each task writes its whole part (finish_part) before the merge reads it, so
+// both are left uninitialised: as value-initialised vectors they were zero-filled every call, 14-25%
+// of a short mla_decode call on a 2-core AMX host (B1 H128 S256: 1 MB; bench/NOTES.md, session 36).
+struct TaskParts {
+  std::unique_ptr<float[]> out, lse;
+  TaskParts(int64_t tasks, int64_t rows, int64_t D) : out(new float[tasks * rows * D]), lse(new float[tasks * rows]) {}
+};
+
 // Merges the rows bh in [begin, end) of a decode's [batch, heads] outputs from the `parts`
 // normalised parts its tasks wrote, in part order: for b = bh / heads, h = bh % heads, part j's
 // row at part_out + ((b * parts + j) * heads + h) * D and its log-sum-exp at part_lse[(b * parts

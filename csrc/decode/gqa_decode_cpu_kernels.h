@@ -25,10 +25,9 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
   const int64_t threads = at::get_num_threads();
   const int64_t parts = std::clamp<int64_t>((2 * threads + p.batch - 1) / p.batch, 1,
                                             std::max<int64_t>(1, longest / kMinPartTokens));
-  // Every task writes its whole part before the merge reads it: left uninitialised (as in
-  // mla_decode_tasks, where zero-filling them cost 10-25% of a short call).
-  const std::unique_ptr<float[]> part_out(new float[p.batch * parts * Hq * D]);
-  const std::unique_ptr<float[]> part_lse(new float[p.batch * parts * Hq]);
+  const cpu::TaskParts task_parts(p.batch * parts, Hq, D);
+  float* const part_out = task_parts.out.get();
+  float* const part_lse = task_parts.lse.get();
 
   at::parallel_for(0, p.batch * parts, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch, reused across the tasks of this range.
@@ -73,8 +72,8 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
 
       // This part's normalised output and log-sum-exp (-inf and zeros when it saw no key). A NaN
       // l (a NaN logit) is not empty: it gives NaN out and NaN lse, which the merge passes on.
-      float* po = part_out.get() + task * Hq * D;
-      float* pl = part_lse.get() + task * Hq;
+      float* po = part_out + task * Hq * D;
+      float* pl = part_lse + task * Hq;
       for (int64_t h = 0; h < Hq; ++h) cpu::finish_part(acc.data() + h * D, m[h], l[h], D, po + h * D, pl + h);
     }
   });
@@ -82,7 +81,7 @@ void gqa_decode_tasks(const DecodeParams& p, const scalar_t* q, const scalar_t* 
   // Merge the parts of each (sequence, query head) in part order.
   at::parallel_for(0, p.batch * Hq, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(D);
-    cpu::merge_task_parts(begin, end, Hq, D, parts, part_out.get(), part_lse.get(), out, lse, scratch.data());
+    cpu::merge_task_parts(begin, end, Hq, D, parts, part_out, part_lse, out, lse, scratch.data());
   });
 }
 

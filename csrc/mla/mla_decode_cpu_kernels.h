@@ -275,11 +275,9 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
     const int64_t min_part = std::max<int64_t>(kChunk, kMinPartMacs / std::max<int64_t>(1, H * (Dk + Dv)));
     parts = std::clamp<int64_t>((2 * threads + s.batch - 1) / s.batch, 1, std::max<int64_t>(1, longest / min_part));
   }
-  // Every task writes its whole part before the merge reads it, so the scratch is left
-  // uninitialised: as value-initialised vectors they were zero-filled every call (1 MB at B1 H128
-  // S256, 4 parts; 2 MB at B8), 14-25% of such a call on a 2-core AMX host (bench/NOTES.md).
-  const std::unique_ptr<float[]> part_out(new float[s.batch * parts * H * Dv]);
-  const std::unique_ptr<float[]> part_lse(new float[s.batch * parts * H]);
+  const cpu::TaskParts task_parts(s.batch * parts, H, Dv);
+  float* const part_out = task_parts.out.get();
+  float* const part_lse = task_parts.lse.get();
   // Task t: part t % parts of sequence t / parts, the keys [start, stop) of it.
   struct TaskRange {
     int64_t b, start, stop;
@@ -292,7 +290,7 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
   const auto merge_parts_of_tasks = [&] {
     at::parallel_for(0, s.batch * H, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(Dv);
-      cpu::merge_task_parts(begin, end, H, Dv, parts, part_out.get(), part_lse.get(), out, lse, scratch.data());
+      cpu::merge_task_parts(begin, end, H, Dv, parts, part_out, part_lse, out, lse, scratch.data());
     });
   };
   // Sequence b's latent row at position pos (its page index clamped into the cache).
@@ -329,8 +327,8 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
               row_ptrs[i] = i < n ? reinterpret_cast<const uint16_t*>(latent_row(b, c0 + i)) : w.zero.data();
             mla_amx::step(w, H, row_ptrs, n, np, scale, m.data(), l.data(), c0 == start);
           }
-          float* po = part_out.get() + task * H * Dv;
-          float* pl = part_lse.get() + task * H;
+          float* po = part_out + task * H * Dv;
+          float* pl = part_lse + task * H;
           for (int64_t h = 0; h < H; ++h)
             cpu::finish_part(w.acc.data() + h * Dv, m[h], l[h], Dv, po + h * Dv, pl + h);
         }
@@ -394,8 +392,8 @@ void mla_decode_tasks(const MlaDecodeShape& s, const scalar_t* q, int64_t q_stri
         }
       }
 
-      float* po = part_out.get() + task * H * Dv;
-      float* pl = part_lse.get() + task * H;
+      float* po = part_out + task * H * Dv;
+      float* pl = part_lse + task * H;
       for (int64_t h = 0; h < H; ++h) cpu::finish_part(acc.data() + h * Dv, m[h], l[h], Dv, po + h * Dv, pl + h);
     }
   });
