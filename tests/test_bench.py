@@ -900,6 +900,21 @@ def test_eviction_scores_torch_forms_match_reference():
     torch.testing.assert_close(with_lse, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_eviction_scores_tolerance_is_three_percent_of_the_largest_score():
+    """runner.check_result with score_tolerance allows 3% of max |ref| whether the scores are small
+    (the H100 run's 0.01, where scaling twice had failed a 0.2% error) or above 1."""
+    from kvcore.bench.runner import check_result
+
+    mod = importlib.import_module("kvcore.bench.eviction_scores")
+    gen = torch.Generator().manual_seed(3)
+    for size in (0.0026, 0.01, 1.0, 40.0):
+        ref = torch.rand(4, 300, generator=gen) * size
+        tol = mod.score_tolerance(ref)
+        top = float(ref.abs().max())
+        assert check_result(ref + 0.02 * top, ref, tol) is None, size
+        assert "max abs error" in check_result(ref + 0.04 * top, ref, tol), size
+
+
 @needs_kvcore
 def test_eviction_scores_group_cpu_rows():
     """The scoring module on CPU: every default implementation timed and checked on every quick

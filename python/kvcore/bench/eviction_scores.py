@@ -271,16 +271,25 @@ def peak_extra_bytes(prepared: peers.Prepared, device: torch.device) -> Optional
     return int(peak)
 
 
+def score_tolerance(ref: torch.Tensor) -> float:
+    """The ``tol`` for runner.check_result that allows 3% of the largest score at any scale.
+
+    Scores are probabilities summed over w * G rows; kvpress's bf16 logits move each by up to ~1%
+    of its size, so the bench allows 3% of the largest (kvcore is held to the reference far more
+    tightly by tests/test_eviction.py). check_result multiplies ``tol`` by min(1, max |ref|), so
+    the scale is divided back out here: passing 3% of max |ref| itself scaled twice, and on the
+    H100 run of session 37 (max |ref| 0.01 and 0.0026) failed torch-bf16 at 1e-4 of its size."""
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    return 3e-2 * max(1.0, scale)
+
+
 def run(case: ScoresCase, impl_names: Sequence[str], ctx: RunContext) -> list:
     """Time each implementation on one case; one row per implementation (skips and errors too),
     each timed row with its ``peak_extra_bytes``."""
     inputs = make_inputs(case, ctx.device, seed=ctx.seed)
     try:
         ref = torch_scores(inputs)
-        # Scores are probabilities summed over w * G rows; kvpress's bf16 logits move each by up to
-        # ~1% of its size, so the check allows 3% of the largest score (kvcore is held to the
-        # reference far more tightly by tests/test_eviction.py).
-        tol = 3e-2 * float(ref.abs().max())
+        tol = score_tolerance(ref)
         rows = runner.time_all(GROUP, case, impl_names, ctx, lambda name: runner.builder_for(BUILDERS, name, inputs),
                                ref, tol)
         del ref
