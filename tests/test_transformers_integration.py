@@ -242,6 +242,35 @@ def test_cla_layer_reads_producer_kv():
         torch.testing.assert_close(x, y)
 
 
+@pytest.mark.parametrize("layer_to_store", [None, [0, 0, 1, 1]], ids=["own", "cla"])
+def test_update_holds_a_layers_states_only_for_its_stores_later_layers(layer_to_store):
+    """A step keeps the states a layer passed to ``update`` only while a later layer of the same
+    store still has to read them: a prefill does not keep every layer's K/V alive at once."""
+    import weakref
+
+    config = _config("llama")
+    config.num_hidden_layers = 4
+    cache = kvt.KVCoreCache(config, max_cache_len=32, page_size=4, layer_to_store=layer_to_store)
+    shape = (2, config.num_key_value_heads, 5, config.hidden_size // config.num_attention_heads)
+    gen = torch.Generator().manual_seed(7)
+    alive = []
+    for layer in range(4):
+        k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        got_k, got_v = cache.update(k, v, layer)
+        produced = layer_to_store is None or layer in (0, 2)
+        want_v = v if produced else alive[-1]()
+        assert got_v is want_v  # a sharing layer gets its producer's states
+        alive.append(weakref.ref(v))
+        del k, v, got_k, got_v, want_v
+        if layer_to_store is None:
+            assert alive[-1]() is None, f"layer {layer}'s values outlived its update"
+        else:
+            # store 0 (layers 0, 1): layer 0's values live until layer 1 has read them
+            assert (alive[0]() is not None) == (layer == 0)
+            assert (alive[2]() is not None) == (layer == 2) if layer >= 2 else True
+    assert not cache._step_kv
+
+
 def test_unsupported_architectures_refused():
     deepseek = types.SimpleNamespace(config=transformers.DeepseekV3Config())
     with pytest.raises(ValueError, match="DeepseekV2Attention / DeepseekV3Attention"):  # MLA: no DeepSeek modules

@@ -332,6 +332,7 @@ class KVCoreCache(_LogicalPositions, Cache):
         self._prefill_held = False  # the last step ran with hold_eviction set
         self._held_q: dict[int, Tensor] = {}  # a held chunk's last queries per store (see _policy_step)
         self._graph: Optional[_GraphBuffers] = None  # set while a DecodeGraph runs or captures a step
+        self._store_last_layers: Optional[list[int]] = None  # see _last_layer_of_store
         self._reset_step()
         super().__init__(layers=[_LayerView(self, i) for i in range(self.num_layers)])
 
@@ -417,6 +418,15 @@ class KVCoreCache(_LogicalPositions, Cache):
             return 0
         return self.paged.held_bytes(self.seq_ids)
 
+    def _last_layer_of_store(self) -> list[int]:
+        """The last layer that reads each store (its producer alone without CLA / MLKV sharing)."""
+        if self._store_last_layers is None:
+            last = [0] * self.paged.num_stores
+            for layer, store in enumerate(self.paged.layer_to_store):
+                last[store] = layer
+            self._store_last_layers = last
+        return self._store_last_layers
+
     def _step_meta(self, layer_idx: int) -> tuple[Tensor, Tensor, int]:
         """``(block_table, seq_lens, past)`` of this step for ``layer_idx``'s store."""
         if self._tables is None:
@@ -493,7 +503,13 @@ class KVCoreCache(_LogicalPositions, Cache):
             v = value_states.transpose(1, 2).reshape(batch * new, heads, dim).contiguous()
             paged._append_reserved(layer_idx, k, v, self._slots if self._slots_s is None else self._slots_s[store])
             self._step_kv[store] = (key_states, value_states)
-        key_states, value_states = self._step_kv[store]
+        # Held only until the store's last layer has read it: kept for the whole step, a prefill
+        # kept every layer's [B, Hkv, T, D] states alive at once, a second copy of the K/V it
+        # writes (session 37: the e2e bench's B8 S32768 fill ran out of memory on an 80 GB H100).
+        if layer_idx == self._last_layer_of_store()[store]:
+            key_states, value_states = self._step_kv.pop(store)
+        else:
+            key_states, value_states = self._step_kv[store]
         _note.entry = (self, layer_idx, key_states)
         return key_states, value_states
 
