@@ -526,6 +526,48 @@ def test_gqa_decode_score_epilogue_kernel_in_subprocess():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_score_with_8_warps_in_subprocess():
+    """KVCORE_DECODE_WARPS=8 (read once per process) now also runs the score path on the 8-warp
+    kernel (head_dim 128; 200 KB launches whose fused epilogue stages past the merge area): this
+    file's CUDA tests, in a fresh process, including the forced splits' bitwise equality with
+    plain decode (which runs the same kernel under the switch)."""
+    run_tests_with_env("KVCORE_DECODE_WARPS", "8", ["tests/test_decode_score.py"],
+                       "not in_subprocess and not misspelt", 40, "-m", "cuda")
+
+
+@pytest.mark.parametrize("seq_len", [1000, 8192, 16384], ids=["fused", "fused-b16", "epilogue-kernel"])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
+def test_gqa_decode_score_one_pair_per_sm_cuda(device, seq_len, gen):
+    """About one (sequence, KV head) pair per SM with an automatic split count, where plain decode
+    and (since session 37) the score path take the 8-warp kernel on Hopper: out, lse and score
+    against the reference. Lengths: a short one and the bench's B16 S8192 (staged past the merge
+    area in the fused epilogue), and S16384, whose 208 KB of staging takes the epilogue kernel.
+    (Not bitwise plain decode's: plain decode visits a split's pages in cache order, the score
+    path in the table's; the KVCORE_DECODE_WARPS=8 run of this file checks forced splits bitwise.)"""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    hkv, group, d, ps = 8, 4, 128, 16
+    batch = max(1, sms // hkv)  # B16 on a 132-SM GPU: 128 pairs
+    lens = [seq_len] * batch
+    lens[1] = seq_len - 37  # not all equal: a partial last page
+    kv = make_paged_kv(lens, ps, hkv, d, gen=gen, dtype=torch.bfloat16, device=device)
+    q = randn(batch, hkv * group, d, gen=gen, dtype=torch.bfloat16, device=device)
+    score = _score_buffer(batch, hkv, kv.block_table.shape[1] * ps, gen, device)
+    before = score.clone()
+    out, lse = poison(torch.empty_like(q)), poison(torch.empty(batch, hkv * group, device=device))
+    kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens, out=out, lse=lse, score=score)
+    plain_out, plain_lse = kvcore.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens,
+                                             return_lse=True)
+    torch.testing.assert_close(out, plain_out, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(lse, plain_lse, **LSE_TOL)
+    ref_out, ref_lse = reference.gqa_decode(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+    torch.testing.assert_close(out.float(), ref_out.to(out.device), **OUT_TOL[torch.bfloat16])
+    torch.testing.assert_close(lse, ref_lse.to(lse.device), **LSE_TOL)
+    add = reference.gqa_decode_score(q, kv.k_cache, kv.block_table, kv.seq_lens, score_len=score.shape[2])
+    _check_step(before, score, lens, add)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 def test_gqa_decode_score_misspelt_epilogue_switch_is_an_error():
     """A misspelt KVCORE_SCORE_EPILOGUE fails a score call instead of silently timing the default."""
     assert_switch_value_rejected(

@@ -480,8 +480,8 @@ int page_groups(const GqaDecodeParams& p) {
   return p.page_size % (2 * step) == 0 ? 2 : 1;
 }
 
-// KVCORE_DECODE_WARPS: warps per gqa_decode CTA at head_dim 128 without a score buffer or the TMA
-// loader. `auto` (default): use_wide_decode's choice; `4`: always the 4-warp kernel (64-token
+// KVCORE_DECODE_WARPS: warps per gqa_decode CTA at head_dim 128 without the TMA loader (with or,
+// since session 37, without a score buffer). `auto` (default): use_wide_decode's choice; `4`: always the 4-warp kernel (64-token
 // tiles, two CTAs per SM); `8`: always the 8-warp one (128-token tiles, one CTA per SM). Read once
 // per process. (Where the 8-warp kernel's shared memory does not fit, the 4-warp one runs.)
 inline int decode_warps_switch() {
@@ -496,14 +496,20 @@ inline int decode_warps_switch() {
 // reads no faster (100.4 against 99.6 us of loop for 4 MiB).
 using WideDecodeConfig = GqaDecodeConfig<128, 2, 8>;
 
-// Whether gqa_decode at head_dim 128 (no score buffer, cp.async loader) runs the 8-warp kernel,
+// The 8-warp kernel with an H2O score buffer: the same ring, launched with 200 KB of shared
+// memory (one CTA an SM either way) so that the fused score epilogue can stage a CTA's keys past
+// the merge area: 128 KB, the P, bases and old scores of 10,000 keys at group 4 (B16 S8192 needs
+// 104 KB; WideDecodeConfig's ring leaves 58 KB). Longer pairs take the epilogue kernel.
+using WideScoreConfig = GqaDecodeConfig<128, 2, 8, 200 * 1024>;
+
+// Whether gqa_decode at head_dim 128 (cp.async loader; with a score buffer too) runs the 8-warp kernel,
 // one CTA per SM: when about one pair per SM fills the GPU as well as the 4-warp kernel's best
 // split does, one CTA a pair needs no split merge at all. Session 17 (decode_trace, H200): B16
 // Hq32 Hkv8 S8192 127.9 us with one 8-warp CTA per pair against 129.7 with two 4-warp splits a
 // pair; where the 8-warp kernel still needs splits or a second wave it was 0.3-2% slower (B1-B4,
 // B32 Hq64, B64, B128). From shapes only, like the split count, and only for an automatic split
-// count: a forced one keeps the 4-warp kernel, so that gqa_decode with and without a score
-// buffer (which always runs the 4-warp kernel) give the same bits at the same num_splits. With a
+// count: a forced one keeps the 4-warp kernel (with and without a score buffer, which take the
+// same kernel, so that they give the same bits at the same num_splits). With a
 // hint of unequal lengths, only where the 4-warp kernel would not split either (then pairs <= SMs
 // fill the GPU best one a CTA, as above): one CTA a pair leaves the longest pair's keys to one
 // CTA, and the 8-warp kernel's 132 slots plan coarser splits than the 4-warp kernel's 264
@@ -645,7 +651,19 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
         // read on every gqa_decode call, so a misspelt value fails also where no kernel it names serves
         (void)page_order_switch_on();
         (void)narrow_ring_switch();
-        if (score != nullptr) return with_groups(cfg, std::true_type{});
+        if (score != nullptr) {
+          // The score path runs the kernel the plain call would (the 8-warp one where
+          // use_wide_decode says so), so that H2O's overhead is the score's alone: on an H100 at
+          // B16 S8192 the 4-warp split kernel it always ran took 0.196 ms against plain decode's
+          // 0.178 on the 8-warp kernel (0.180 on the 4-warp one; session 37).
+          if constexpr (Cfg::D == 128) {
+            if (WideScoreConfig::launch_smem(WideScoreConfig::smem_bytes(false)) <=
+                    at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin &&
+                use_wide_decode<T>(op, s.batch * s.num_kv_heads, kv_len, requested_splits, hint))
+              return with_groups(WideScoreConfig{}, std::true_type{});
+          }
+          return with_groups(cfg, std::true_type{});
+        }
         if constexpr (Cfg::D == 128) {
           switch (page_major_heads<T>(p, s, requested_splits, hint)) {
             case 8: return launch_page_major<T, 8>(op, p, s, kv_len, workspace, stream);

@@ -173,9 +173,13 @@ struct GqaDecodeConfig {
   static constexpr int MERGE_STRIDE = D + 8;
   static constexpr size_t SMEM_MERGE = size_t(WARPS) * ROWS * (MERGE_STRIDE + 2) * sizeof(float);
   static constexpr size_t SMEM_BYTES = SMEM_Q + (SMEM_TILES > SMEM_MERGE ? SMEM_TILES : SMEM_MERGE);
-  // Fused score epilogue: the part of the tile ring past the merge area (free once the loop is
-  // done), where a CTA stages its keys' P, bases and old score values (score_stage_bytes).
-  static constexpr size_t SMEM_STAGE = SMEM_TILES > SMEM_MERGE ? SMEM_TILES - SMEM_MERGE : 0;
+  // Fused score epilogue: where a CTA stages its keys' P, bases and old score values
+  // (score_stage_bytes) once the loop is done: from the end of the merge area to the end of the
+  // ring, or of a launch of MIN_SMEM_ bytes if that is further (paged_decode::WideScoreConfig).
+  // (The score kernels keep nothing after SMEM_BYTES: they are not SPARSE, ORDER or TMA.)
+  static constexpr size_t SMEM_LAUNCH_ROOM = MIN_SMEM_ > SMEM_Q ? MIN_SMEM_ - SMEM_Q : 0;
+  static constexpr size_t SMEM_RING_ROOM = SMEM_TILES > SMEM_LAUNCH_ROOM ? SMEM_TILES : SMEM_LAUNCH_ROOM;
+  static constexpr size_t SMEM_STAGE = SMEM_RING_ROOM > SMEM_MERGE ? SMEM_RING_ROOM - SMEM_MERGE : 0;
   // Block-sparse kernels also keep a validity byte per tile row (a selected page may lie past
   // seq_len or be the partial last page, anywhere in the list).
   static constexpr size_t SMEM_VALID = size_t(STAGES) * TILE;
