@@ -297,9 +297,10 @@ def test_update_holds_a_layers_states_only_for_its_stores_later_layers(layer_to_
         if layer_to_store is None:
             assert alive[-1]() is None, f"layer {layer}'s values outlived its update"
         else:
-            # store 0 (layers 0, 1): layer 0's values live until layer 1 has read them
+            # each store's producer values (layers 0 and 2) live until its consumer (1, 3) has read them
             assert (alive[0]() is not None) == (layer == 0)
-            assert (alive[2]() is not None) == (layer == 2) if layer >= 2 else True
+            if layer >= 2:
+                assert (alive[2]() is not None) == (layer == 2)
     assert not cache._step_kv
 
 

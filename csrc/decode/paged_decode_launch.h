@@ -480,10 +480,11 @@ int page_groups(const GqaDecodeParams& p) {
   return p.page_size % (2 * step) == 0 ? 2 : 1;
 }
 
-// KVCORE_DECODE_WARPS: warps per gqa_decode CTA at head_dim 128 without the TMA loader (with or,
-// since session 37, without a score buffer). `auto` (default): use_wide_decode's choice; `4`: always the 4-warp kernel (64-token
-// tiles, two CTAs per SM); `8`: always the 8-warp one (128-token tiles, one CTA per SM). Read once
-// per process. (Where the 8-warp kernel's shared memory does not fit, the 4-warp one runs.)
+// KVCORE_DECODE_WARPS: warps per gqa_decode CTA at head_dim 128 without the TMA loader (and, since
+// session 37, with a score buffer too). `auto` (default): use_wide_decode's choice; `4`: always the
+// 4-warp kernel (64-token tiles, two CTAs per SM); `8`: always the 8-warp one (128-token tiles,
+// one CTA per SM). Read once per process. (Where the 8-warp kernel's shared memory does not fit,
+// the 4-warp one runs.)
 inline int decode_warps_switch() {
   static const int mode = env_choice("KVCORE_DECODE_WARPS", {"auto", "4", "8"}, "gqa_decode (CUDA)");
   return mode;
@@ -502,8 +503,8 @@ using WideDecodeConfig = GqaDecodeConfig<128, 2, 8>;
 // 104 KB; WideDecodeConfig's ring leaves 58 KB). Longer pairs take the epilogue kernel.
 using WideScoreConfig = GqaDecodeConfig<128, 2, 8, 200 * 1024>;
 
-// Whether gqa_decode at head_dim 128 (cp.async loader; with a score buffer too) runs the 8-warp kernel,
-// one CTA per SM: when about one pair per SM fills the GPU as well as the 4-warp kernel's best
+// Whether gqa_decode at head_dim 128 (cp.async loader; with or without a score buffer) runs the
+// 8-warp kernel, one CTA per SM: when about one pair per SM fills the GPU as well as the 4-warp kernel's best
 // split does, one CTA a pair needs no split merge at all. Session 17 (decode_trace, H200): B16
 // Hq32 Hkv8 S8192 127.9 us with one 8-warp CTA per pair against 129.7 with two 4-warp splits a
 // pair; where the 8-warp kernel still needs splits or a second wave it was 0.3-2% slower (B1-B4,
