@@ -179,20 +179,22 @@ def test_policy_keeps_budget(policy):
     assert model.kvcore_cache.cached_tokens() == budget + 3
 
 
-@pytest.mark.parametrize("policy, kept", [("snapkv", 4), ("pyramidkv", 4), ("corm", 4), ("tova", 1), ("h2o", PROMPT),
+@pytest.mark.parametrize("policy, kept", [("snapkv", 4), ("pyramidkv", 4), ("corm", 4), ("tova", 1), ("h2o", None),
                                           ("streaming_llm", None), ("knorm", None)])
 def test_prefill_keeps_only_the_queries_its_policy_reads(policy, kept):
     """While the prefill's last layer runs, the earlier layers' queries the cache holds for the
-    eviction are the trailing ones its policy reads (window 4 here; h2o all; none for
-    streaming_llm and knorm), as copies that do not keep the layers' full query tensors alive."""
+    eviction are the trailing ones its policy reads (window 4 here; none for streaming_llm and
+    knorm), as copies that do not keep the layers' full query tensors alive; h2o holds each
+    earlier layer's scores [B, Hkv, S] instead, taken at that layer."""
     model = _model("llama", layers=3)
     kvt.enable(model, policy=policy, budget=10, page_size=4, window=4)
-    seen = {}
+    seen, scores = {}, {}
 
     def look(_module, _args, kwargs):
         cache = model.kvcore_cache
         seen.update({store: (None if q is None else tuple(q.shape), None if q is None else q._base is None)
                      for store, q in cache._policy_q.items()})
+        scores.update({store: tuple(sc.shape) for store, sc in cache._policy_scores.items()})
 
     hook = model.model.layers[2].self_attn.register_forward_pre_hook(look, with_kwargs=True)
     try:
@@ -200,14 +202,18 @@ def test_prefill_keeps_only_the_queries_its_policy_reads(policy, kept):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
     finally:
         hook.remove()
-    assert sorted(seen) == [0, 1]
     config = model.config
+    if policy == "h2o":
+        assert not seen and sorted(scores) == [0, 1]
+        assert all(sc[:2] == (2, config.num_key_value_heads) and sc[2] >= PROMPT for sc in scores.values())
+    else:
+        assert sorted(seen) == [0, 1] and not scores
     for shape, owns_storage in seen.values():
         if kept is None:
             assert shape is None
         else:
             assert shape == (2, config.num_attention_heads, kept, config.hidden_size // config.num_attention_heads)
-            assert owns_storage or kept == PROMPT
+            assert owns_storage
     assert model.kvcore_cache.cached_tokens() < PROMPT  # the eviction ran on what was kept
 
 

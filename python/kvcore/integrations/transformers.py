@@ -351,6 +351,7 @@ class KVCoreCache(_LogicalPositions, Cache):
         self._past_s: Optional[list[int]] = None
         self._step_kv: dict[int, tuple[Tensor, Tensor]] = {}
         self._policy_q: dict[int, Tensor] = {}
+        self._policy_scores: dict[int, Tensor] = {}  # h2o: each store's scores, taken at its layer
         self._evict_now = False
 
     def _open_policy_step(self, new: int) -> None:
@@ -559,8 +560,17 @@ class KVCoreCache(_LogicalPositions, Cache):
             store = self.paged.store_of(layer_idx)
             if self._evict_now:
                 held = self._held_q.pop(store, None)
-                self._policy_q[store] = self._queries_for_eviction(
-                    query if held is None else torch.cat([held, query], dim=2))
+                q = query if held is None else torch.cat([held, query], dim=2)
+                if self.policy == "h2o":
+                    # Scored here rather than at the last layer: the same inputs (the store's keys
+                    # are written and nothing changes them before the eviction), and [B, Hkv, S]
+                    # fp32 scores stay alive instead of the whole prompt's [B, Hq, T, D] queries.
+                    k_cache, _ = self.paged.kv(layer_idx)
+                    block_table, step_lens, _ = self._step_meta(layer_idx)
+                    self._policy_scores[store] = eviction.h2o_scores(
+                        q.transpose(1, 2).contiguous(), k_cache, block_table, step_lens, scale=scaling)
+                else:
+                    self._policy_q[store] = self._queries_for_eviction(q)
             elif self.hold_eviction and self.policy in _WINDOW_POLICIES:
                 held = self._held_q.get(store)
                 q = query if held is None else torch.cat([held, query], dim=2)
@@ -569,12 +579,10 @@ class KVCoreCache(_LogicalPositions, Cache):
             self._evict(scaling)
 
     def _queries_for_eviction(self, query: Tensor) -> Optional[Tensor]:
-        """What ``_evict`` reads of a store's prefill queries ``[B, Hq, T, D]``: all of them for
-        ``h2o``, the last ``window`` for the window policies (a copy, so that the step's full query
-        tensor of every producer layer is not kept alive until the last layer: 268 MB a layer at
-        Llama-3-8B's shape, B1, a 32k prompt), nothing for ``streaming_llm`` and ``knorm``."""
-        if self.policy == "h2o":
-            return query
+        """What ``_evict`` reads of a store's prefill queries ``[B, Hq, T, D]``: the last ``window``
+        for the window policies (a copy, so that the step's full query tensor of every producer
+        layer is not kept alive until the last layer: 268 MB a layer at Llama-3-8B's shape, B1, a
+        32k prompt), nothing for ``streaming_llm`` and ``knorm`` (``h2o`` scores at the layer)."""
         if self.policy in _WINDOW_POLICIES:
             keep = 1 if self.policy == "tova" else int(self.policy_kwargs.get("window", 32))
             return query[:, :, -keep:, :].clone()
@@ -611,6 +619,7 @@ class KVCoreCache(_LogicalPositions, Cache):
         if len(queries) != self.num_layers:
             raise ValueError(f"queries must have one tensor per layer ({self.num_layers}), got {len(queries)}")
         self._policy_q.clear()
+        self._policy_scores.clear()
         for layer, q in enumerate(queries):
             if q is None or not self.paged.is_producer(layer):
                 continue
@@ -744,8 +753,10 @@ class KVCoreCache(_LogicalPositions, Cache):
                                          num_layers=self.num_layers, beta=kw.get("beta", 20), scale=scaling,
                                          kernel_size=kw.get("kernel_size", 5), pooling=kw.get("pooling", "avg"))
             elif self.policy == "h2o":
-                scores = eviction.h2o_scores(query.transpose(1, 2).contiguous(), k_cache, block_table,
-                                             seq_lens, scale=scaling)
+                scores = self._policy_scores.pop(store, None)  # taken at the layer (_policy_step)
+                if scores is None:  # apply_policy's queries
+                    scores = eviction.h2o_scores(query.transpose(1, 2).contiguous(), k_cache, block_table,
+                                                 seq_lens, scale=scaling)
                 sel = eviction.h2o(scores, seq_lens, budget, recent=kw.get("recent"))
             elif self.policy == "corm":
                 recent = min(kw.get("window", 32), budget, query.shape[2])
@@ -771,6 +782,7 @@ class KVCoreCache(_LogicalPositions, Cache):
             for seq_id in self.seq_ids:
                 paged.truncate(seq_id, kept_len)
         self._policy_q.clear()
+        self._policy_scores.clear()
         self._held_q.clear()
         self._evict_now = False
         self._evicted = True
