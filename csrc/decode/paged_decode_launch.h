@@ -504,22 +504,23 @@ using WideDecodeConfig = GqaDecodeConfig<128, 2, 8>;
 using WideScoreConfig = GqaDecodeConfig<128, 2, 8, 200 * 1024>;
 
 // Whether gqa_decode at head_dim 128 (cp.async loader; with or without a score buffer) runs the
-// 8-warp kernel, one CTA per SM: when about one pair per SM fills the GPU as well as the 4-warp kernel's best
-// split does, one CTA a pair needs no split merge at all. Session 17 (decode_trace, H200): B16
-// Hq32 Hkv8 S8192 127.9 us with one 8-warp CTA per pair against 129.7 with two 4-warp splits a
-// pair; where the 8-warp kernel still needs splits or a second wave it was 0.3-2% slower (B1-B4,
-// B32 Hq64, B64, B128). From shapes only, like the split count, and only for an automatic split
-// count: a forced one keeps the 4-warp kernel (with and without a score buffer, which take the
-// same kernel, so that they give the same bits at the same num_splits). With a
-// hint of unequal lengths, only where the 4-warp kernel would not split either (then pairs <= SMs
-// fill the GPU best one a CTA, as above): one CTA a pair leaves the longest pair's keys to one
-// CTA, and the 8-warp kernel's 132 slots plan coarser splits than the 4-warp kernel's 264
-// (session 27, H100, B16 one long sequence among short ones: 51.5 us as 4 wide splits against
-// 49.1 as 8 narrow ones; uniform lengths 101.3 as 2 wide against 98.3 as 4 narrow).
-template <typename T>
+// 8-warp kernel `Wide` (WideDecodeConfig, or WideScoreConfig with a score buffer; not where its
+// launch's shared memory does not fit), one CTA per SM: when about one pair per SM fills the GPU
+// as well as the 4-warp kernel's best split does, one CTA a pair needs no split merge at all.
+// Session 17 (decode_trace, H200): B16 Hq32 Hkv8 S8192 127.9 us with one 8-warp CTA per pair
+// against 129.7 with two 4-warp splits a pair; where the 8-warp kernel still needs splits or a
+// second wave it was 0.3-2% slower (B1-B4, B32 Hq64, B64, B128). From shapes only, like the split
+// count, and only for an automatic split count: a forced one keeps the 4-warp kernel (with and
+// without a score buffer, which take the same kernel, so that they give the same bits at the same
+// num_splits). With a hint of unequal lengths, only where the 4-warp kernel would not split either
+// (then pairs <= SMs fill the GPU best one a CTA, as above): one CTA a pair leaves the longest
+// pair's keys to one CTA, and the 8-warp kernel's 132 slots plan coarser splits than the 4-warp
+// kernel's 264 (session 27, H100, B16 one long sequence among short ones: 51.5 us as 4 wide
+// splits against 49.1 as 8 narrow ones; uniform lengths 101.3 as 2 wide against 98.3 as 4 narrow).
+template <typename T, typename Wide>
 bool use_wide_decode(const char* op, int64_t pairs, int64_t kv_len, int64_t requested_splits, const SplitHint& hint) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (WideDecodeConfig::smem_bytes(false) > prop->sharedMemPerBlockOptin) return false;
+  if (Wide::launch_smem(Wide::smem_bytes(false)) > prop->sharedMemPerBlockOptin) return false;
   const int mode = decode_warps_switch();
   if (mode != 0) return mode == 2;
   // The automatic choice only where it was measured, Hopper (an A100's 164 KB per CTA did not hold
@@ -658,9 +659,7 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
           // B16 S8192 the 4-warp split kernel it always ran took 0.196 ms against plain decode's
           // 0.178 on the 8-warp kernel (0.180 on the 4-warp one; session 37).
           if constexpr (Cfg::D == 128) {
-            if (WideScoreConfig::launch_smem(WideScoreConfig::smem_bytes(false)) <=
-                    at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin &&
-                use_wide_decode<T>(op, s.batch * s.num_kv_heads, kv_len, requested_splits, hint))
+            if (use_wide_decode<T, WideScoreConfig>(op, s.batch * s.num_kv_heads, kv_len, requested_splits, hint))
               return with_groups(WideScoreConfig{}, std::true_type{});
           }
           return with_groups(cfg, std::true_type{});
@@ -677,7 +676,7 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
           return launch<T, Cfg, false, false, 1, true>(op, p, s, kv_len, requested_splits, workspace, stream,
                                                        nullptr, hint);
         if constexpr (Cfg::D == 128) {
-          if (use_wide_decode<T>(op, s.batch * s.num_kv_heads, kv_len, requested_splits, hint))
+          if (use_wide_decode<T, WideDecodeConfig>(op, s.batch * s.num_kv_heads, kv_len, requested_splits, hint))
             return with_groups(WideDecodeConfig{}, std::false_type{});
         }
       }
