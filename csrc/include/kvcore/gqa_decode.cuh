@@ -337,6 +337,42 @@ __device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages /
   }
 }
 
+// The ORDER kernels' page list in two steps, so that the table entries land while a CTA issues
+// its first copies. load_order_entries: the block_table entries of the split's pages from p0
+// (element i = s * THREADS + tid, slot s, holds page p0 + i, clamped into the table; zeros where
+// `any` is false: an empty range or table). sort_split_pages: packs elements first .. count - 1 of
+// those pages (count: the split's pages, first: those it visits in the table's order, so element
+// sl * THREADS + tid holds split page first + sl * THREADS + tid) as cache page << kOrderIndexBits |
+// index from the split's start, pads (0xFFFFFFFF) after them, sorts them (sort_page_entries, with
+// `scratch` its two buffers) and stores the list, ending at a barrier: the list is whole and
+// `scratch` free again. Every thread must call both.
+template <int THREADS>
+__device__ __forceinline__ void load_order_entries(int (&raw)[kOrderMaxPages / THREADS], const int* bt, int p0,
+                                                   int max_pages, bool any) {
+#pragma unroll
+  for (int sl = 0; sl < kOrderMaxPages / THREADS; ++sl)
+    raw[sl] = any ? __ldg(bt + min(p0 + sl * THREADS + int(threadIdx.x), max_pages - 1)) : 0;
+}
+
+template <int THREADS>
+__device__ __forceinline__ void sort_split_pages(const int (&raw)[kOrderMaxPages / THREADS], int first, int count,
+                                                 int num_pages, uint32_t* scratch, uint32_t* list) {
+  constexpr int E = kOrderMaxPages / THREADS;
+  const int tid = threadIdx.x;
+  uint32_t v[E];
+#pragma unroll
+  for (int sl = 0; sl < E; ++sl) {
+    const int j = first + sl * THREADS + tid;
+    v[sl] = j < count ? uint32_t(min(max(raw[sl], 0), num_pages - 1)) << kOrderIndexBits | uint32_t(j) : 0xFFFFFFFFu;
+  }
+  int np = 32;
+  while (np < count - first) np <<= 1;
+  sort_page_entries<THREADS>(v, np, scratch);
+#pragma unroll
+  for (int sl = 0; sl < E; ++sl) list[sl * THREADS + tid] = v[sl];
+  __syncthreads();
+}
+
 // SPARSE = false: gqa_decode (a contiguous range of the sequence). SPARSE = true:
 // block_sparse_decode (the tokens of the pages listed for the pair, in list order).
 // SCORE = true (gqa_decode with an H2O score buffer; not with SPARSE): also stores every attended
@@ -601,10 +637,8 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   constexpr int OE = kOrderMaxPages / Cfg::THREADS;
   [[maybe_unused]] int order_raw[ORDER ? OE : 1];
   [[maybe_unused]] auto fetch_order = [&]() {
-    const int p0 = page_of(start) + order_first;
-#pragma unroll
-    for (int sl = 0; sl < OE; ++sl)
-      order_raw[sl] = capacity > 0 ? __ldg(bt + min(p0 + sl * Cfg::THREADS + tid, p.max_pages - 1)) : 0;
+    if constexpr (ORDER)
+      load_order_entries<Cfg::THREADS>(order_raw, bt, page_of(start) + order_first, p.max_pages, capacity > 0);
   };
   // The first pages (SPARSE: list entries, then pages) are fetched for the full-length start
   // before seq_len is known, except with a window, whose start depends on it (TMA has none).
@@ -682,19 +716,8 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     // in the entry), pads after them, while the first tiles' copies are in flight. The sort's
     // scratch is the ring's last stage, which the loop fills first.
     const int n = start < end ? (end - start + p.page_size - 1) >> p.page_shift : 0;
-    uint32_t v[OE];
-#pragma unroll
-    for (int sl = 0; sl < OE; ++sl) {
-      const int j = order_first + sl * Cfg::THREADS + tid;
-      v[sl] = j < n ? uint32_t(min(max(order_raw[sl], 0), p.num_pages - 1)) << kOrderIndexBits | uint32_t(j)
-                    : 0xFFFFFFFFu;
-    }
-    int np = 32;
-    while (np < n - order_first) np <<= 1;
-    sort_page_entries<Cfg::THREADS>(v, np, reinterpret_cast<uint32_t*>(sK + (STAGES - 1) * TILE * D));
-#pragma unroll
-    for (int sl = 0; sl < OE; ++sl) sOrder[sl * Cfg::THREADS + tid] = v[sl];
-    __syncthreads();  // the list is whole, and the last stage free of the sort's scratch
+    sort_split_pages<Cfg::THREADS>(order_raw, order_first, n, p.num_pages,
+                                   reinterpret_cast<uint32_t*>(sK + (STAGES - 1) * TILE * D), sOrder);
     fetch_pages(STAGES - 1, pages, /*listed=*/true);  // (the sorted list; ORDER is true here)
   }
   KVCORE_TRACE(p, 4);

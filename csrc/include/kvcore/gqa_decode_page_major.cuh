@@ -150,12 +150,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
   // that they land while the first copies are issued.
   constexpr int OE = kOrderMaxPages / THREADS;
   [[maybe_unused]] int order_raw[ORDER ? OE : 1];
-  if constexpr (ORDER) {
-    const int p0 = page_of(start) + STAGES - 1;
-#pragma unroll
-    for (int sl = 0; sl < OE; ++sl)
-      order_raw[sl] = nstages > 0 ? __ldg(bt + min(p0 + sl * THREADS + tid, p.max_pages - 1)) : 0;
-  }
+  if constexpr (ORDER) load_order_entries<THREADS>(order_raw, bt, page_of(start) + STAGES - 1, p.max_pages, nstages > 0);
 
   uint32_t next_page = page_at(0);
 #pragma unroll
@@ -184,19 +179,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
   if constexpr (ORDER) {
     // The split's pages after the first STAGES - 1, sorted by cache page (no ties: the index is in
     // the entry), pads after them, while the first pages' copies are in flight.
-    uint32_t v[OE];
-#pragma unroll
-    for (int sl = 0; sl < OE; ++sl) {
-      const int j = STAGES - 1 + sl * THREADS + tid;
-      v[sl] = j < nstages ? uint32_t(min(max(order_raw[sl], 0), p.num_pages - 1)) << kOrderIndexBits | uint32_t(j)
-                          : 0xFFFFFFFFu;
-    }
-    int np = 32;
-    while (np < nstages - (STAGES - 1)) np <<= 1;
-    sort_page_entries<THREADS>(v, np, reinterpret_cast<uint32_t*>(sK + (STAGES - 1) * Cfg::STAGE_ELEMS));
-#pragma unroll
-    for (int sl = 0; sl < OE; ++sl) sOrder[sl * THREADS + tid] = v[sl];
-    __syncthreads();  // the list is whole, and the last stage free of the sort's scratch
+    sort_split_pages<THREADS>(order_raw, STAGES - 1, nstages, p.num_pages,
+                              reinterpret_cast<uint32_t*>(sK + (STAGES - 1) * Cfg::STAGE_ELEMS), sOrder);
     next_page = page_at(STAGES - 1);
   }
 
