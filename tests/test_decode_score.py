@@ -16,7 +16,7 @@ import torch
 
 import kvcore
 from conftest import (HAS_CUDA, LSE_TOL, NO_CUDA_REASON, OUT_TOL, assert_switch_value_rejected, capture_graph,
-                      make_paged_kv, poison, ragged_lens, randn, run_tests_with_env)
+                      make_paged_kv, poison, ragged_lens, randn, run_script_with_env, run_tests_with_env)
 from kvcore import policies, reference
 
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]
@@ -533,6 +533,79 @@ def test_gqa_decode_score_with_8_warps_in_subprocess():
     plain decode (which runs the same kernel under the switch)."""
     run_tests_with_env("KVCORE_DECODE_WARPS", "8", ["tests/test_decode_score.py"],
                        "not in_subprocess and not misspelt", 40, "-m", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_score_p_scratch_in_subprocess():
+    """KVCORE_SCORE_P=scratch (read once per process): the fused epilogue's P and bases go through
+    the workspace scratch and are read back at the end, as before session 38, instead of staying
+    in the CTA's shared memory: this file's CUDA tests, in a fresh process."""
+    run_tests_with_env("KVCORE_SCORE_P", "scratch", ["tests/test_decode_score.py"],
+                       "not in_subprocess and not misspelt", 40, "-m", "cuda")
+
+
+_SCORE_P_SCRIPT = """
+import sys
+import torch
+import kvcore
+
+torch.manual_seed(5)
+sms = torch.cuda.get_device_properties("cuda").multi_processor_count
+results = {}
+# (batch, Hq, Hkv, D, seq_len): about one pair per SM unsplit (the 8-warp kernel on Hopper), one
+# long sequence in fused splits, a group of 8 at head_dim 64, and a window.
+for name, (batch, hq, hkv, d, n, window) in {
+    "pair-per-sm": (max(1, sms // 8), 32, 8, 128, 8192, -1),
+    "b1-splits": (1, 32, 8, 128, 32768, -1),
+    "group8-d64": (3, 16, 2, 64, 3000, -1),
+    "window": (4, 32, 8, 128, 5000, 999),
+}.items():
+    ps = 16
+    pages = (n + ps - 1) // ps
+    perm = torch.randperm(batch * pages, device="cuda", dtype=torch.int64).to(torch.int32)
+    block_table = perm.view(batch, pages)
+    k = torch.randn(batch * pages, ps, hkv, d, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device="cuda")
+    seq_lens = torch.full((batch,), n, dtype=torch.int32, device="cuda")
+    seq_lens[-1] = n - 21
+    score = torch.rand(batch, hkv, pages * ps, device="cuda")
+    out, lse = kvcore.gqa_decode(q, k, v, block_table, seq_lens, score=score, return_lse=True, window_left=window)
+    results[name] = (out.cpu(), lse.cpu(), score.cpu())
+torch.save(results, sys.argv[1])
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_score_p_local_matches_scratch_bitwise_in_subprocess(tmp_path):
+    """The fused score epilogue with P kept in shared memory (the default) gives the same bits as
+    with P through the scratch (KVCORE_SCORE_P=scratch): the same fp16 P and bases are summed in
+    the same order, only their place differs. Shapes: one unsplit pair per SM, a long sequence in
+    fused splits, group 8 at head_dim 64, a sliding window."""
+    local = run_script_with_env("KVCORE_SCORE_P", None, _SCORE_P_SCRIPT, tmp_path)
+    scratch = run_script_with_env("KVCORE_SCORE_P", "scratch", _SCORE_P_SCRIPT, tmp_path)
+    assert local.keys() == scratch.keys()
+    for name in local:
+        for a, b in zip(local[name], scratch[name]):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_score_misspelt_p_switch_is_an_error():
+    """A misspelt KVCORE_SCORE_P fails a score call instead of silently timing the default."""
+    assert_switch_value_rejected(
+        "KVCORE_SCORE_P", "locl",
+        """
+        q = torch.randn(1, 8, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        bt = torch.arange(4, dtype=torch.int32, device="cuda").view(1, 4)
+        sl = torch.tensor([40], dtype=torch.int32, device="cuda")
+        score = torch.zeros(1, 2, 64, device="cuda")
+        """,
+        "kvcore.gqa_decode(q, k, k, bt, sl, score=score)")
 
 
 @pytest.mark.parametrize("seq_len", [1000, 8192, 16384], ids=["fused", "fused-b16", "epilogue-kernel"])

@@ -194,6 +194,14 @@ inline int score_l2_priority() {
 // with 4 keys per thread, or 8 (16-byte P loads and float4 score accesses; session 10; timed in
 // session 11 no faster than narrow: bench/NOTES.md). Read once per process.
 enum class ScoreEpilogue { kFused = 0, kNarrow = 1, kWide = 2 };
+// (score_epilogue below.) KVCORE_SCORE_P: where a fused score launch keeps a CTA's P and bases.
+// `local` (default since session 38): in the CTA's own shared memory past the ring, where that
+// room keeps the CTAs per SM the plan assumed (GqaDecodeParams::score_p_local; see launch);
+// `scratch`: always the workspace scratch, read back at the end. Read once per process.
+inline bool score_p_local_allowed() {
+  static const bool local = env_choice("KVCORE_SCORE_P", {"local", "scratch"}, "gqa_decode (CUDA)") == 0;
+  return local;
+}
 inline ScoreEpilogue score_epilogue() {
   static const ScoreEpilogue mode = ScoreEpilogue(
       env_choice("KVCORE_SCORE_EPILOGUE", {"fused", "narrow", "wide"}, "gqa_decode (CUDA)"));
@@ -421,6 +429,26 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
   // split count past one wave, long single-split pairs, large groups) the epilogue kernel.
   const bool fused = want_fused && (plan.splits == 1 || (pairs * plan.splits <= slots && 2 * pairs * 4 <= kCounterBytes)) &&
                      score_stage_total_bytes(plan.split_tokens, int(s.group)) <= Cfg::SMEM_STAGE;
+  // Fused, a CTA adds only its own keys, so its P and bases can stay in its shared memory
+  // (score_p_local): the launch grows by them past the ring, if the CTAs per SM stay per_sm (the
+  // plan's, and a cooperative launch's) and the old values and lse2 fit the ring past the merge
+  // area. It saves each P's store to the scratch and the read back at the end (B16 S8192: 8 MB
+  // each way next to the 537 MB K/V stream).
+  size_t launch_bytes = TMA ? smem : run.second;
+  bool p_local = false;
+  if constexpr (SCORE && !TMA) {
+    const size_t keep = Cfg::SMEM_BYTES + score_stage_p_bytes(plan.split_tokens, int(s.group)) +
+                        score_stage_base_bytes(plan.split_tokens, int(s.group));
+    const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    if (fused && score_p_local_allowed() && keep <= optin && Cfg::SMEM_TILES >= Cfg::SMEM_MERGE &&
+        Cfg::SMEM_MERGE + size_t(plan.split_tokens) * 4 + 16 * 4 <= Cfg::SMEM_TILES) {
+      const size_t bytes = std::max(launch_bytes, keep);
+      if (occupancy_per_sm(reinterpret_cast<const void*>(run.first), Cfg::THREADS, bytes) == per_sm) {
+        p_local = true;
+        launch_bytes = bytes;
+      }
+    }
+  }
   use_split_workspace(p, plan, workspace);
   if constexpr (SCORE) {
     uint8_t* base = static_cast<uint8_t*>(workspace->data_ptr());
@@ -430,6 +458,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
     p.score_blocks = score_blocks(kv_len);
     p.score_l2 = score_l2_priority();
     p.score_fused = fused ? 1 : 0;
+    p.score_p_local = p_local ? 1 : 0;
     p.score = score->data_ptr<float>();
     p.score_len = score->size(2);
     p.departures = plan.splits > 1 ? p.counters + pairs : nullptr;
@@ -444,7 +473,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(Cfg::THREADS);
-    cfg.dynamicSmemBytes = smem;
+    cfg.dynamicSmemBytes = launch_bytes;
     cfg.stream = stream;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeCooperative;
@@ -459,7 +488,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
     if constexpr (TMA)
       kernel<<<grid, Cfg::THREADS, smem, stream>>>(p, maps);
     else
-      run.first<<<grid, Cfg::THREADS, run.second, stream>>>(p);
+      run.first<<<grid, Cfg::THREADS, launch_bytes, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if constexpr (SCORE) {

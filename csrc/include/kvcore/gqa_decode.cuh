@@ -94,6 +94,11 @@ struct GqaDecodeParams {
   // partial lse (all CTAs of the grid are resident: a cooperative launch), reading its P back
   // from the scratch through shared memory (GqaDecodeConfig::SMEM_STAGE).
   int score_fused;
+  // With score_fused: nonzero keeps the CTA's P and bases in its own shared memory past the ring
+  // (GqaDecodeConfig::SMEM_BYTES on, laid out as the staging area's first two regions) instead of
+  // the scratch: in the fused epilogue a CTA adds only its own keys, so P need not leave the SM.
+  // The launcher sets it where that room keeps the CTAs per SM (paged_decode::score_p_local_bytes).
+  int score_p_local;
   float* score;             // [B, Hkv, score_len] fp32
   int64_t score_len;
   unsigned* departures;     // [B, Hkv], zero between launches: CTAs past the wait (splits > 1)
@@ -418,6 +423,11 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   unsigned char* const sValid = smem + Cfg::SMEM_BYTES;                 // SPARSE, ORDER: [STAGES][TILE]
   // ORDER: the split's pages sorted, packed (cache page << kOrderIndexBits | index from start)
   [[maybe_unused]] uint32_t* const sOrder = reinterpret_cast<uint32_t*>(smem + Cfg::SMEM_BYTES + Cfg::SMEM_VALID);
+  // SCORE with p.score_p_local: the CTA's P, then its blocks' bases, past the ring (the layout of
+  // the staging area's first two regions, see stage_score).
+  [[maybe_unused]] unsigned char* const s_pkeep = smem + Cfg::SMEM_BYTES;
+  [[maybe_unused]] float* const s_pkeep_bases =
+      reinterpret_cast<float*>(s_pkeep + score_stage_p_bytes(p.split_tokens, p.group));
   // TMA: full[s] completes when stage s's boxes have landed (one arrival: warp 0's expect_tx).
   [[maybe_unused]] uint64_t* const full = reinterpret_cast<uint64_t*>(smem + Cfg::smem_bytes(SPARSE));
   // Element offset of chunk `chunk` of row `row` in a K or V tile (the two loaders' layouts).
@@ -809,7 +819,22 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       // Blocks wholly past the end are not stored (nothing reads keys >= seq_len); masked keys
       // inside a stored block hold P = 0.
       const int blk_pos = start + t * TILE + wrow;  // warp-uniform
-      if (blk_pos < end) {
+      if (blk_pos < end && p.score_p_local) {
+        // The CTA's block (blk_pos - start) / 16 in its own staging layout (see stage_score):
+        // lanes 4 r0 + q store words 8 r0 + q (+ 4), on distinct banks.
+        const int lrow0 = ((blk_pos - start) / Cfg::WARP_TOKENS) * group;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if (r == 1 && group <= 8) break;  // rows 8..15 are padding
+          const int row = r0 + 8 * r;
+          if (row < group) {
+            uint32_t* dst = reinterpret_cast<uint32_t*>(s_pkeep) + (lrow0 + row) * (Cfg::WARP_TOKENS / 2) + cpair / 2;
+            dst[0] = pack2(s[0][2 * r], s[0][2 * r + 1], __half{});
+            dst[4] = pack2(s[1][2 * r], s[1][2 * r + 1], __half{});
+            if (cpair == 0) s_pkeep_bases[lrow0 + row] = pbase[r];
+          }
+        }
+      } else if (blk_pos < end) {
         // evict_last (KVCORE_SCORE_L2=last) asks L2 to keep P until it is read back: the same
         // workspace lines are rewritten by the next layer's decode, so P need not reach DRAM
         // while the K/V stream, which is DRAM-bound at B16, passes through.
@@ -869,27 +894,36 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   // SCORE, fused epilogue: each query head's final log2-sum-exp, and the staging of this CTA's P,
   // bases and old score values into the free part of the ring (SMEM_STAGE). The scratch rows
   // were stored by this CTA's warps; the __threadfence and barrier before stage_score make them
-  // visible to the cp.async reads of other threads.
+  // visible to the cp.async reads of other threads. With p.score_p_local, P and the bases are
+  // already in shared memory (s_pkeep) and only the old score values are staged, at the start
+  // of the area, each head's lse2 after them.
   [[maybe_unused]] unsigned char* const s_stage = smem + Cfg::SMEM_Q + Cfg::SMEM_MERGE;
-  [[maybe_unused]] float* const s_lse2 =  // [group], after the staged rows (the launcher counts it)
-      reinterpret_cast<float*>(s_stage + score_stage_bytes(p.split_tokens, group));
+  [[maybe_unused]] const unsigned char* const s_probs = p.score_p_local ? s_pkeep : s_stage;
+  [[maybe_unused]] const float* const s_bases =
+      reinterpret_cast<const float*>(s_probs + score_stage_p_bytes(p.split_tokens, group));
+  [[maybe_unused]] float* const s_old =
+      p.score_p_local ? reinterpret_cast<float*>(s_stage)
+                      : reinterpret_cast<float*>(s_stage + score_stage_p_bytes(p.split_tokens, group) +
+                                                 score_stage_base_bytes(p.split_tokens, group));
+  [[maybe_unused]] float* const s_lse2 =  // [group], after the old values (the launcher counts it)
+      reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(s_old) + size_t(p.split_tokens) * 4);
   [[maybe_unused]] const int score_keys = max(end - start, 0);
   [[maybe_unused]] const int score_nblk = (score_keys + Cfg::WARP_TOKENS - 1) / Cfg::WARP_TOKENS;
   [[maybe_unused]] auto stage_score = [&]() {
     if constexpr (SCORE) {
-      const int64_t blk0 = (start - score_first) / Cfg::WARP_TOKENS;  // this CTA's first block
-      const int64_t row0 = (pair * p.score_blocks + blk0) * group;
-      const int rows = score_nblk * group;
-      const __half* gp = p.score_probs + row0 * Cfg::WARP_TOKENS;
-      const float* gb = p.score_bases + row0;
+      if (!p.score_p_local) {
+        const int64_t blk0 = (start - score_first) / Cfg::WARP_TOKENS;  // this CTA's first block
+        const int64_t row0 = (pair * p.score_blocks + blk0) * group;
+        const int rows = score_nblk * group;
+        const __half* gp = p.score_probs + row0 * Cfg::WARP_TOKENS;
+        const float* gb = p.score_bases + row0;
+        unsigned char* const sp = s_stage;
+        float* const sb = reinterpret_cast<float*>(s_stage + score_stage_p_bytes(p.split_tokens, group));
+        for (int i = tid; i < rows * 2; i += Cfg::THREADS) cp_async_16(sp + i * 16, gp + i * 8, true);
+        for (int i = tid; i < rows; i += Cfg::THREADS) cp_async_4(sb + i, gb + i);
+      }
       const float* gs = p.score + pair * p.score_len + start;
-      unsigned char* const sp = s_stage;
-      float* const sb = reinterpret_cast<float*>(s_stage + score_stage_p_bytes(p.split_tokens, group));
-      float* const ss = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(sb) +
-                                                 score_stage_base_bytes(p.split_tokens, group));
-      for (int i = tid; i < rows * 2; i += Cfg::THREADS) cp_async_16(sp + i * 16, gp + i * 8, true);
-      for (int i = tid; i < rows; i += Cfg::THREADS) cp_async_4(sb + i, gb + i);
-      for (int i = tid; i < score_keys; i += Cfg::THREADS) cp_async_4(ss + i, gs + i);
+      for (int i = tid; i < score_keys; i += Cfg::THREADS) cp_async_4(s_old + i, gs + i);
       cp_async_commit();
     }
   };
@@ -899,10 +933,9 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     if constexpr (SCORE) {
       cp_async_wait<0>();
       __syncthreads();  // the staged rows and s_lse2 are visible to every thread
-      const __half* sp = reinterpret_cast<const __half*>(s_stage);
-      const float* sb = reinterpret_cast<const float*>(s_stage + score_stage_p_bytes(p.split_tokens, group));
-      const float* ss = reinterpret_cast<const float*>(reinterpret_cast<const unsigned char*>(sb) +
-                                                       score_stage_base_bytes(p.split_tokens, group));
+      const __half* sp = reinterpret_cast<const __half*>(s_probs);
+      const float* sb = s_bases;
+      const float* ss = s_old;
       float* const gs = p.score + pair * p.score_len + start;
       for (int k = tid * 4; k < score_keys; k += Cfg::THREADS * 4) {
         const int blk = k / Cfg::WARP_TOKENS;
