@@ -859,37 +859,6 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   __syncthreads();  // the tile ring is reused below
   KVCORE_TRACE(p, 2);
 
-  // ---- merge the warps' states through shared memory -------------------------------------------
-  // sMerge: o [WARPS][ROWS][MERGE_STRIDE], then m and l [WARPS][ROWS]. Only the group's rows are
-  // stored (the rest are padding). Until session 16 all 16 rows went in at a stride of D floats:
-  // eight rows on the same banks, an 8-way conflict on every store (0.5-1 us of the epilogue in
-  // session 16's traces).
-  constexpr int MS = Cfg::MERGE_STRIDE;
-  float* const sm_m = sMerge + WARPS * ROWS * MS;
-  float* const sm_l = sm_m + WARPS * ROWS;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-  if (r0 < group) {
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<float2*>(sMerge + (warp * ROWS + r0) * MS + n * 8 + cpair) = make_float2(o[n][0], o[n][1]);
-  }
-  if (r0 + 8 < group) {
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<float2*>(sMerge + (warp * ROWS + r0 + 8) * MS + n * 8 + cpair) = make_float2(o[n][2], o[n][3]);
-  }
-  if ((lane & 3) == 0) {
-    sm_m[warp * ROWS + r0] = m[0];
-    sm_m[warp * ROWS + r0 + 8] = m[1];
-    sm_l[warp * ROWS + r0] = l[0];
-    sm_l[warp * ROWS + r0 + 8] = l[1];
-  }
-  __syncthreads();
-
   const int64_t pair = int64_t(b) * p.num_kv_heads + kvh;
   // SCORE, fused epilogue: each query head's final log2-sum-exp, and the staging of this CTA's P,
   // bases and old score values into the free part of the ring (SMEM_STAGE). The scratch rows
@@ -927,6 +896,44 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       cp_async_commit();
     }
   };
+  // Local P: the old score values start on their way now, past the merge area the warps fill
+  // next, so their round trip overlaps the merge (with the scratch, stage_score waits for every
+  // warp's P stores to be visible, after the merge).
+  if constexpr (SCORE) {
+    if (p.score_fused && p.score_p_local) stage_score();
+  }
+
+  // ---- merge the warps' states through shared memory -------------------------------------------
+  // sMerge: o [WARPS][ROWS][MERGE_STRIDE], then m and l [WARPS][ROWS]. Only the group's rows are
+  // stored (the rest are padding). Until session 16 all 16 rows went in at a stride of D floats:
+  // eight rows on the same banks, an 8-way conflict on every store (0.5-1 us of the epilogue in
+  // session 16's traces).
+  constexpr int MS = Cfg::MERGE_STRIDE;
+  float* const sm_m = sMerge + WARPS * ROWS * MS;
+  float* const sm_l = sm_m + WARPS * ROWS;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  if (r0 < group) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(sMerge + (warp * ROWS + r0) * MS + n * 8 + cpair) = make_float2(o[n][0], o[n][1]);
+  }
+  if (r0 + 8 < group) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(sMerge + (warp * ROWS + r0 + 8) * MS + n * 8 + cpair) = make_float2(o[n][2], o[n][3]);
+  }
+  if ((lane & 3) == 0) {
+    sm_m[warp * ROWS + r0] = m[0];
+    sm_m[warp * ROWS + r0 + 8] = m[1];
+    sm_l[warp * ROWS + r0] = l[0];
+    sm_l[warp * ROWS + r0 + 8] = l[1];
+  }
+  __syncthreads();
+
   // score[k] += sum over the group's heads g of P[k, g] exp2(base[block of k, g] - lse2[g]) for
   // this CTA's keys, once s_lse2 holds the final values; 4 keys of one block per thread.
   [[maybe_unused]] auto add_scores = [&]() {
@@ -1008,10 +1015,12 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   if (p.num_splits == 1) {
     if constexpr (SCORE) {
       if (fused) {
-        __threadfence();
-        __syncthreads();  // s_lse2 written; every warp's P stores visible to the staging reads
-        stage_score();
-        add_scores();
+        if (!p.score_p_local) {  // (local P: staged after the loop)
+          __threadfence();
+          __syncthreads();  // every warp's P stores visible to the staging reads
+          stage_score();
+        }
+        add_scores();  // (its barrier: s_lse2 written)
       }
     }
     KVCORE_TRACE(p, 3);
@@ -1028,7 +1037,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   if (!kAcqRel) __threadfence();
   __syncthreads();
   if constexpr (SCORE) {
-    if (fused) stage_score();  // in flight during the arrival and the wait below
+    if (fused && !p.score_p_local) stage_score();  // in flight during the arrival and the wait below
   }
   __shared__ bool is_last;
   [[maybe_unused]] unsigned departed = 0;  // SCORE, fused (thread 0): CTAs of the pair out before this one
