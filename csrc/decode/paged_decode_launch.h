@@ -529,7 +529,9 @@ using WideDecodeConfig = GqaDecodeConfig<128, 2, 8>;
 // The 8-warp kernel with an H2O score buffer: the same ring, launched with 200 KB of shared
 // memory (one CTA an SM either way) so that the fused score epilogue can stage a CTA's keys past
 // the merge area: 128 KB, the P, bases and old scores of 10,000 keys at group 4 (B16 S8192 needs
-// 104 KB; WideDecodeConfig's ring leaves 58 KB). Longer pairs take the epilogue kernel.
+// 104 KB; WideDecodeConfig's ring leaves 58 KB). Longer pairs take the epilogue kernel. (With P
+// kept local, GqaDecodeParams::score_p_local, only the old values are staged there, and the launch
+// grows past the ring by P and its bases where they fit: 204 KB at B16 S8192.)
 using WideScoreConfig = GqaDecodeConfig<128, 2, 8, 200 * 1024>;
 
 // Whether gqa_decode at head_dim 128 (cp.async loader; with or without a score buffer) runs the

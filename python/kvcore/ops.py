@@ -529,12 +529,13 @@ def gqa_decode(
             ``logit_soft_cap``, probabilities of the capped logits); other entries are unchanged.
             Definition: :func:`kvcore.reference.gqa_decode_score`. H2O keeps it across decode
             steps (:func:`kvcore.policies.h2o_scores` starts it at the end of prefill). On CUDA
-            the step's unnormalised probabilities pass through the workspace, which must hold
-            :func:`decode_score_workspace_bytes` (the default workspace grows to it); they are
-            normalised once each head's log-sum-exp is known: by the decode kernel itself when
-            its grid fits the GPU in one wave (its CTAs then wait for each other: a cooperative
-            launch), else by a second small kernel (``KVCORE_SCORE_EPILOGUE=narrow`` asks for
-            that one always). With ``num_splits=0`` the split count then keeps the grid to one
+            the step's unnormalised probabilities are normalised once each head's log-sum-exp
+            is known: by the decode kernel itself when its grid fits the GPU in one wave (its
+            CTAs then wait for each other: a cooperative launch), which keeps them in each
+            CTA's shared memory where they fit (``KVCORE_SCORE_P=scratch`` sends them through
+            the workspace), else by a second small kernel that reads them from the workspace
+            (``KVCORE_SCORE_EPILOGUE=narrow`` asks for that one always). The workspace must
+            hold :func:`decode_score_workspace_bytes` either way (the default one grows to it). With ``num_splits=0`` the split count then keeps the grid to one
             wave. A NaN in ``q[b, hq]`` makes that group's attended scores NaN.
         plan_seq_lens: optional host copy of ``seq_lens`` (a CPU tensor or a sequence of ints,
             ``B`` entries), as a serving engine's scheduler holds it, for an automatic split

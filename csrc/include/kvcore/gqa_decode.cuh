@@ -92,7 +92,8 @@ struct GqaDecodeParams {
   // epilogue kernel. Each CTA adds its own keys' probabilities into `score` once its heads' final
   // lse is known: at once with one split, else after every split of its pair has published its
   // partial lse (all CTAs of the grid are resident: a cooperative launch), reading its P back
-  // from the scratch through shared memory (GqaDecodeConfig::SMEM_STAGE).
+  // from the scratch through shared memory (GqaDecodeConfig::SMEM_STAGE), or, with
+  // score_p_local, from where it kept it in shared memory.
   int score_fused;
   // With score_fused: nonzero keeps the CTA's P and bases in its own shared memory past the ring
   // (GqaDecodeConfig::SMEM_BYTES on, laid out as the staging area's first two regions) instead of
