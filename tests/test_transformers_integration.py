@@ -87,8 +87,12 @@ def test_teacher_forced_logits(device):
         torch.testing.assert_close(logits.float(), full[:, PROMPT - 1 + step].float(), **tol)
 
 
-def test_chunked_prefill_matches_one_pass():
-    """Two forward calls on one KVCoreCache (the second runs SDPA over gathered cached tokens)."""
+@pytest.mark.parametrize("mask_elements", [None, 16], ids=["one-sdpa-call", "row-chunks"])
+def test_chunked_prefill_matches_one_pass(mask_elements, monkeypatch):
+    """Two forward calls on one KVCoreCache (the second runs SDPA over gathered cached tokens);
+    with a 16-entry mask budget the windowed SDPA of both calls runs in chunks of query rows."""
+    if mask_elements is not None:
+        monkeypatch.setattr(kvt, "_SDPA_MASK_ELEMENTS", mask_elements)
     model = _model("mistral")  # the sliding window must also hold across the chunk boundary
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
@@ -101,6 +105,44 @@ def test_chunked_prefill_matches_one_pass():
         want = eager(ids, use_cache=False).logits
     torch.testing.assert_close(torch.cat([first, second], dim=1), want, atol=1e-4, rtol=1e-4)
     assert cache.get_seq_length() == PROMPT and cache.cached_tokens() == PROMPT
+
+
+@pytest.mark.parametrize("past,window", [(0, 5), (9, None), (9, 4), (9, 30), (3, 1)])
+@pytest.mark.parametrize("mask_elements", [1, 40, 1 << 26])
+def test_prefill_sdpa_row_chunks_match_one_masked_softmax(past, window, mask_elements, monkeypatch):
+    """The adapter's prefill SDPA (``_sdpa``) over query rows in chunks, each against the keys its
+    rows can attend, equals one softmax over the whole causal (and windowed) mask: chunks of one
+    row, of a few rows, and a single call."""
+    monkeypatch.setattr(kvt, "_SDPA_MASK_ELEMENTS", mask_elements)
+    gen = torch.Generator().manual_seed(past * 31 + (window or 0))
+    batch, hq, hkv, new, d = 2, 4, 2, 13, 8
+    q = torch.randn(batch, hq, new, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, hkv, past + new, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, hkv, past + new, d + 3, generator=gen, dtype=torch.float64)  # (MLA: V's dim differs)
+    got = kvt._sdpa(q, k, v, past, 0.3, window)
+    q_pos = torch.arange(past, past + new).view(-1, 1)
+    k_pos = torch.arange(past + new).view(1, -1)
+    allowed = (k_pos <= q_pos) & ((k_pos > q_pos - window) if window is not None else True)
+    logits = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(hq // hkv, dim=1)) * 0.3
+    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    want = torch.einsum("bhts,bhsd->bthd", probs, v.repeat_interleave(hq // hkv, dim=1))
+    assert got.shape == (batch, new, hq, d + 3)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_prefill_sdpa_row_chunk_sizes():
+    """How many query rows a masked SDPA call of the adapter takes: the mask stays within
+    ``_SDPA_MASK_ELEMENTS`` entries (at least one row), so a 32k-token windowed prefill no longer
+    builds a [32k, 32k] mask."""
+    budget = kvt._SDPA_MASK_ELEMENTS
+    for past, new, window in [(0, 32768, 4096), (0, 32768, 1), (32768, 32768, None), (100, 50, None),
+                              (0, 10, 4), (10**9, 3, None)]:
+        rows = kvt._sdpa_chunk_rows(past, new, window)
+        assert 1 <= rows <= new
+        span = past + new if window is None else rows + window - 1
+        assert rows == 1 or rows * span <= budget, (past, new, window, rows)
+    assert kvt._sdpa_chunk_rows(0, 10, 4) == 10  # small prefills stay one call
+    assert kvt._sdpa_chunk_rows(0, 32768, 4096) < 32768
 
 
 def test_decode_steps_do_not_recheck_the_adapters_own_indices(monkeypatch):

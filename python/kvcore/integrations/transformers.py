@@ -55,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -913,24 +914,53 @@ class DecodeGraph:
         self._graph, self._logits = graph, logits
 
 
+# The most mask entries one masked SDPA call of _sdpa gets: a prefill past cached tokens or with a
+# sliding window runs its queries in chunks of rows, each against only the keys those rows can
+# attend, so that the boolean mask (and the additive bias SDPA's kernels make of it) stays small
+# instead of [T, past + T] (1 G entries at a 32k chunk).
+_SDPA_MASK_ELEMENTS = 1 << 26
+
+
+def _sdpa_chunk_rows(past: int, new: int, window: Optional[int]) -> int:
+    """Query rows per masked SDPA call of ``_sdpa``: at most ``_SDPA_MASK_ELEMENTS`` mask entries,
+    at least one row."""
+    budget = _SDPA_MASK_ELEMENTS
+    if window is None:  # a chunk's rows attend every key up to the last row's position
+        return max(1, min(new, budget // (past + new)))
+    # r rows attend at most r + window - 1 keys: the largest r with r * (r + window - 1) <= budget
+    w = window - 1
+    r = int((-w + math.isqrt(w * w + 4 * budget)) // 2)
+    return max(1, min(new, r))
+
+
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, past: int, scaling: float, window: Optional[int]) -> Tensor:
     """Causal SDPA of ``query [B, Hq, T, D]`` at positions ``past ..`` over ``key/value [B, Hkv, past + T, D]``;
-    returns ``[B, T, Hq, D]`` (transformers' attention-output layout)."""
+    returns ``[B, T, Hq, D]`` (transformers' attention-output layout). With cached tokens before
+    the queries or a sliding window, the queries go in chunks of rows, each against the keys it
+    can attend (``_sdpa_chunk_rows``)."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    new, total = query.shape[2], key.shape[2]
+    new = query.shape[2]
     if past == 0 and window is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
-    else:
-        q_pos = torch.arange(past, past + new, device=query.device).view(-1, 1)
-        k_pos = torch.arange(total, device=query.device).view(1, -1)
+        return out.transpose(1, 2).contiguous()
+    rows = _sdpa_chunk_rows(past, new, window)
+    out = query.new_empty(query.shape[0], new, query.shape[1], value.shape[3])  # (V's head dim: MLA's differs)
+    for q0 in range(0, new, rows):
+        q1 = min(new, q0 + rows)
+        lo = 0 if window is None else max(0, past + q0 - window + 1)  # the first key row q0 attends
+        hi = past + q1  # one past the last key row q1 - 1 attends
+        q_pos = torch.arange(past + q0, past + q1, device=query.device).view(-1, 1)
+        k_pos = torch.arange(lo, hi, device=query.device).view(1, -1)
         mask = k_pos <= q_pos
         if window is not None:
             mask &= k_pos > q_pos - window
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2).contiguous()
+        part = F.scaled_dot_product_attention(query[:, :, q0:q1], key[:, :, lo:hi], value[:, :, lo:hi],
+                                              attn_mask=mask, scale=scaling)
+        out[:, q0:q1] = part.transpose(1, 2)
+    return out
 
 
 def kvcore_attention(
