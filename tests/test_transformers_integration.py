@@ -130,6 +130,25 @@ def test_prefill_sdpa_row_chunks_match_one_masked_softmax(past, window, mask_ele
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("past,window", [(0, 100), (300, None), (300, 64)])
+def test_prefill_sdpa_row_chunks_cuda_bf16(past, window, monkeypatch):
+    """On CUDA in bf16 (SDPA's fused kernels, with the row chunks' key slices as strided views):
+    chunks of 64 x 64-ish mask entries against a single call of the whole mask."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    batch, hq, hkv, new, d = 2, 8, 2, 200, 64
+    q = torch.randn(batch, hq, new, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, hkv, past + new, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, hkv, past + new, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(kvt, "_SDPA_MASK_ELEMENTS", 1 << 30)
+    whole = kvt._sdpa(q, k, v, past, 0.125, window)
+    monkeypatch.setattr(kvt, "_SDPA_MASK_ELEMENTS", 4096)
+    assert kvt._sdpa_chunk_rows(past, new, window) < new
+    chunked = kvt._sdpa(q, k, v, past, 0.125, window)
+    torch.testing.assert_close(chunked.float(), whole.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_prefill_sdpa_row_chunk_sizes():
     """How many query rows a masked SDPA call of the adapter takes: the mask stays within
     ``_SDPA_MASK_ELEMENTS`` entries (at least one row), so a 32k-token windowed prefill no longer
