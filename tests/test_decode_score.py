@@ -592,22 +592,6 @@ def test_gqa_decode_score_p_local_matches_scratch_bitwise_in_subprocess(tmp_path
             assert torch.equal(a, b), name
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-def test_gqa_decode_score_misspelt_p_switch_is_an_error():
-    """A misspelt KVCORE_SCORE_P fails a score call instead of silently timing the default."""
-    assert_switch_value_rejected(
-        "KVCORE_SCORE_P", "locl",
-        """
-        q = torch.randn(1, 8, 64, dtype=torch.bfloat16, device="cuda")
-        k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
-        bt = torch.arange(4, dtype=torch.int32, device="cuda").view(1, 4)
-        sl = torch.tensor([40], dtype=torch.int32, device="cuda")
-        score = torch.zeros(1, 2, 64, device="cuda")
-        """,
-        "kvcore.gqa_decode(q, k, k, bt, sl, score=score)")
-
-
 @pytest.mark.parametrize("seq_len", [1000, 8192, 16384], ids=["fused", "fused-b16", "epilogue-kernel"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=cuda_only)])
 def test_gqa_decode_score_one_pair_per_sm_cuda(device, seq_len, gen):
@@ -641,10 +625,12 @@ def test_gqa_decode_score_one_pair_per_sm_cuda(device, seq_len, gen):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
-def test_gqa_decode_score_misspelt_epilogue_switch_is_an_error():
-    """A misspelt KVCORE_SCORE_EPILOGUE fails a score call instead of silently timing the default."""
+@pytest.mark.parametrize("switch,value", [("KVCORE_SCORE_EPILOGUE", "wid"), ("KVCORE_SCORE_P", "locl")])
+def test_gqa_decode_score_misspelt_switch_is_an_error(switch, value):
+    """A misspelt KVCORE_SCORE_EPILOGUE or KVCORE_SCORE_P fails a score call instead of silently
+    timing the default."""
     assert_switch_value_rejected(
-        "KVCORE_SCORE_EPILOGUE", "wid",
+        switch, value,
         """
         q = torch.randn(1, 8, 64, dtype=torch.bfloat16, device="cuda")
         k = torch.randn(4, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
