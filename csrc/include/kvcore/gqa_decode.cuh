@@ -98,7 +98,7 @@ struct GqaDecodeParams {
   // With score_fused: nonzero keeps the CTA's P and bases in its own shared memory past the ring
   // (GqaDecodeConfig::SMEM_BYTES on, laid out as the staging area's first two regions) instead of
   // the scratch: in the fused epilogue a CTA adds only its own keys, so P need not leave the SM.
-  // The launcher sets it where that room keeps the CTAs per SM (paged_decode::score_p_local_bytes).
+  // The launcher sets it where that room keeps the CTAs per SM (paged_decode::launch).
   int score_p_local;
   float* score;             // [B, Hkv, score_len] fp32
   int64_t score_len;
@@ -822,7 +822,8 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       const int blk_pos = start + t * TILE + wrow;  // warp-uniform
       if (blk_pos < end && p.score_p_local) {
         // The CTA's block (blk_pos - start) / 16 in its own staging layout (see stage_score):
-        // lanes 4 r0 + q store words 8 r0 + q (+ 4), on distinct banks.
+        // lane 4 r0 + q stores words 8 r0 + q and + 4 past the block's first row (at group 4,
+        // 16 distinct banks a store).
         const int lrow0 = ((blk_pos - start) / Cfg::WARP_TOKENS) * group;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
