@@ -135,7 +135,7 @@ def test_prefill_sdpa_row_chunks_match_one_masked_softmax(past, window, mask_ele
 @pytest.mark.parametrize("past,window", [(0, 100), (300, None), (300, 64)])
 def test_prefill_sdpa_row_chunks_cuda_bf16(past, window, monkeypatch):
     """On CUDA in bf16 (SDPA's fused kernels, with the row chunks' key slices as strided views):
-    chunks of 64 x 64-ish mask entries against a single call of the whole mask."""
+    chunks of rows within 4,096 mask entries against a single call of the whole mask."""
     gen = torch.Generator(device="cuda").manual_seed(7)
     batch, hq, hkv, new, d = 2, 8, 2, 200, 64
     q = torch.randn(batch, hq, new, d, generator=gen, device="cuda", dtype=torch.bfloat16)

@@ -535,8 +535,9 @@ def gqa_decode(
             CTA's shared memory where they fit (``KVCORE_SCORE_P=scratch`` sends them through
             the workspace), else by a second small kernel that reads them from the workspace
             (``KVCORE_SCORE_EPILOGUE=narrow`` asks for that one always). The workspace must
-            hold :func:`decode_score_workspace_bytes` either way (the default one grows to it). With ``num_splits=0`` the split count then keeps the grid to one
-            wave. A NaN in ``q[b, hq]`` makes that group's attended scores NaN.
+            hold :func:`decode_score_workspace_bytes` either way (the default one grows to it).
+            With ``num_splits=0`` the split count keeps the grid to one wave. A NaN in
+            ``q[b, hq]`` makes that group's attended scores NaN.
         plan_seq_lens: optional host copy of ``seq_lens`` (a CPU tensor or a sequence of ints,
             ``B`` entries), as a serving engine's scheduler holds it, for an automatic split
             count: it then sizes the grid for the keys the batch actually attends (the sum and
