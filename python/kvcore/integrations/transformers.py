@@ -95,6 +95,9 @@ RETRIEVAL_POLICIES = ("infllm",)
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
 # The policies that score with the prefill's last `window` queries (tova: its last one).
 _WINDOW_POLICIES = ("snapkv", "pyramidkv", "corm", "tova")
+# The query window of those policies when policy_kwargs gives none (tova itself scores with its
+# last query; a held prefill chunk keeps this many for every one of them).
+_DEFAULT_POLICY_WINDOW = 32
 
 # The attention function has no handle on the cache (transformers passes it only to the
 # attention module), so ``KVCoreCache.update`` leaves a note here for the attention call that
@@ -303,7 +306,8 @@ class KVCoreCache(_LogicalPositions, Cache):
             if int(config.num_hidden_layers) < 2:
                 raise ValueError("policy 'pyramidkv' needs a model with >= 2 layers (its budget schedule spans the layers)")
             eviction.pyramidkv_budget(0, int(config.num_hidden_layers), budget, budget,
-                                      min(kw.get("window", 32), budget - 1), beta=kw.get("beta", 20))
+                                      min(kw.get("window", _DEFAULT_POLICY_WINDOW), budget - 1),
+                                      beta=kw.get("beta", 20))
         self.config = config
         self.num_layers = int(config.num_hidden_layers)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
@@ -575,7 +579,8 @@ class KVCoreCache(_LogicalPositions, Cache):
             elif self.hold_eviction and self.policy in _WINDOW_POLICIES:
                 held = self._held_q.get(store)
                 q = query if held is None else torch.cat([held, query], dim=2)
-                self._held_q[store] = q[:, :, -int(self.policy_kwargs.get("window", 32)):, :].clone()
+                held_window = int(self.policy_kwargs.get("window", _DEFAULT_POLICY_WINDOW))
+                self._held_q[store] = q[:, :, -held_window:, :].clone()
         if self._evict_now and layer_idx == self.num_layers - 1:
             self._evict(scaling)
 
@@ -585,7 +590,7 @@ class KVCoreCache(_LogicalPositions, Cache):
         layer is not kept alive until the last layer: 268 MB a layer at Llama-3-8B's shape, B1, a
         32k prompt), nothing for ``streaming_llm`` and ``knorm`` (``h2o`` scores at the layer)."""
         if self.policy in _WINDOW_POLICIES:
-            keep = 1 if self.policy == "tova" else int(self.policy_kwargs.get("window", 32))
+            keep = 1 if self.policy == "tova" else int(self.policy_kwargs.get("window", _DEFAULT_POLICY_WINDOW))
             return query[:, :, -keep:, :].clone()
         return None
 
@@ -742,13 +747,13 @@ class KVCoreCache(_LogicalPositions, Cache):
             if self.policy == "streaming_llm":
                 sel = eviction.streaming_llm(seq_lens, self.num_kv_heads, budget, num_sinks=kw.get("num_sinks", 4))
             elif self.policy == "snapkv":
-                window = min(kw.get("window", 32), budget, query.shape[2])
+                window = min(kw.get("window", _DEFAULT_POLICY_WINDOW), budget, query.shape[2])
                 q_window = query[:, :, -window:, :].transpose(1, 2).contiguous()
                 sel = eviction.snapkv(q_window, k_cache, block_table, seq_lens, budget, scale=scaling,
                                       kernel_size=kw.get("kernel_size", 5), pooling=kw.get("pooling", "avg"))
             elif self.policy == "pyramidkv":
                 # The schedule needs budget > window (the constructor checked budget >= 2).
-                window = min(kw.get("window", 32), budget - 1, query.shape[2])
+                window = min(kw.get("window", _DEFAULT_POLICY_WINDOW), budget - 1, query.shape[2])
                 q_window = query[:, :, -window:, :].transpose(1, 2).contiguous()
                 sel = eviction.pyramidkv(q_window, k_cache, block_table, seq_lens, budget, layer=layer,
                                          num_layers=self.num_layers, beta=kw.get("beta", 20), scale=scaling,
@@ -760,7 +765,7 @@ class KVCoreCache(_LogicalPositions, Cache):
                                                  seq_lens, scale=scaling)
                 sel = eviction.h2o(scores, seq_lens, budget, recent=kw.get("recent"))
             elif self.policy == "corm":
-                recent = min(kw.get("window", 32), budget, query.shape[2])
+                recent = min(kw.get("window", _DEFAULT_POLICY_WINDOW), budget, query.shape[2])
                 q_recent = query[:, :, -recent:, :].transpose(1, 2).contiguous()
                 # fill: exactly the budget, as the other policies (one length per sequence here).
                 sel = eviction.corm(q_recent, k_cache, v_cache, block_table, seq_lens, budget=budget,
