@@ -441,7 +441,7 @@ void launch(const char* op, GqaDecodeParams& p, const PagedDecodeShape& s, int64
                         score_stage_base_bytes(plan.split_tokens, int(s.group));
     const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
     if (fused && score_p_local_allowed() && keep <= optin && Cfg::SMEM_TILES >= Cfg::SMEM_MERGE &&
-        Cfg::SMEM_MERGE + size_t(plan.split_tokens) * 4 + 16 * 4 <= Cfg::SMEM_TILES) {
+        Cfg::SMEM_MERGE + size_t(plan.split_tokens) * 4 + kScoreLse2Bytes <= Cfg::SMEM_TILES) {
       const size_t bytes = std::max(launch_bytes, keep);
       if (occupancy_per_sm(reinterpret_cast<const void*>(run.first), Cfg::THREADS, bytes) == per_sm) {
         p_local = true;

@@ -226,9 +226,10 @@ __host__ __device__ constexpr size_t score_stage_bytes(int64_t split_tokens, int
   return score_stage_p_bytes(split_tokens, group) + score_stage_base_bytes(split_tokens, group) +
          size_t(split_tokens) * 4;
 }
-// ... plus each head's final lse2 after them (16 floats).
+// ... plus each head's final lse2 after them (16 floats, the most heads a group has).
+constexpr size_t kScoreLse2Bytes = 16 * 4;
 __host__ __device__ constexpr size_t score_stage_total_bytes(int64_t split_tokens, int group) {
-  return score_stage_bytes(split_tokens, group) + 16 * 4;
+  return score_stage_bytes(split_tokens, group) + kScoreLse2Bytes;
 }
 
 // Splits whose partials (one float4 each) a thread of the last CTA has in flight at once during
