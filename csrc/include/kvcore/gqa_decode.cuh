@@ -821,39 +821,41 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
       // Blocks wholly past the end are not stored (nothing reads keys >= seq_len); masked keys
       // inside a stored block hold P = 0.
       const int blk_pos = start + t * TILE + wrow;  // warp-uniform
+      // Each stored head row (rows 8..15 are padding at group <= 8) as its two P words and base,
+      // handed to `put`; one call per destination below, so each keeps its own inlined loop.
+      auto each_p_row = [&](auto&& put) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          if (r == 1 && group <= 8) break;
+          const int row = r0 + 8 * r;
+          if (row < group)
+            put(row, pack2(s[0][2 * r], s[0][2 * r + 1], __half{}), pack2(s[1][2 * r], s[1][2 * r + 1], __half{}),
+                pbase[r]);
+        }
+      };
       if (blk_pos < end && p.score_p_local) {
         // The CTA's block (blk_pos - start) / 16 in its own staging layout (see stage_score):
         // lane 4 r0 + q stores words 8 r0 + q and + 4 past the block's first row (at group 4,
         // 16 distinct banks a store).
         const int lrow0 = ((blk_pos - start) / Cfg::WARP_TOKENS) * group;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          if (r == 1 && group <= 8) break;  // rows 8..15 are padding
-          const int row = r0 + 8 * r;
-          if (row < group) {
-            uint32_t* dst = reinterpret_cast<uint32_t*>(s_pkeep) + (lrow0 + row) * (Cfg::WARP_TOKENS / 2) + cpair / 2;
-            dst[0] = pack2(s[0][2 * r], s[0][2 * r + 1], __half{});
-            dst[4] = pack2(s[1][2 * r], s[1][2 * r + 1], __half{});
-            if (cpair == 0) s_pkeep_bases[lrow0 + row] = pbase[r];
-          }
-        }
+        each_p_row([&](int row, uint32_t w0, uint32_t w1, float base) {
+          uint32_t* dst = reinterpret_cast<uint32_t*>(s_pkeep) + (lrow0 + row) * (Cfg::WARP_TOKENS / 2) + cpair / 2;
+          dst[0] = w0;
+          dst[4] = w1;
+          if (cpair == 0) s_pkeep_bases[lrow0 + row] = base;
+        });
       } else if (blk_pos < end) {
         // evict_last (KVCORE_SCORE_L2=last) asks L2 to keep P until it is read back: the same
         // workspace lines are rewritten by the next layer's decode, so P need not reach DRAM
         // while the K/V stream, which is DRAM-bound at B16, passes through.
         const int64_t row0 =
             ((int64_t(b) * p.num_kv_heads + kvh) * p.score_blocks + (blk_pos - score_first) / Cfg::WARP_TOKENS) * group;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          if (r == 1 && group <= 8) break;  // rows 8..15 are padding
-          const int row = r0 + 8 * r;
-          if (row < group) {
-            uint32_t* dst = reinterpret_cast<uint32_t*>(p.score_probs + (row0 + row) * Cfg::WARP_TOKENS + cpair);
-            st_global_hint(dst, pack2(s[0][2 * r], s[0][2 * r + 1], __half{}), score_policy);
-            st_global_hint(dst + 4, pack2(s[1][2 * r], s[1][2 * r + 1], __half{}), score_policy);
-            if (cpair == 0) st_global_hint(p.score_bases + row0 + row, pbase[r], score_policy);
-          }
-        }
+        each_p_row([&](int row, uint32_t w0, uint32_t w1, float base) {
+          uint32_t* dst = reinterpret_cast<uint32_t*>(p.score_probs + (row0 + row) * Cfg::WARP_TOKENS + cpair);
+          st_global_hint(dst, w0, score_policy);
+          st_global_hint(dst + 4, w1, score_policy);
+          if (cpair == 0) st_global_hint(p.score_bases + row0 + row, base, score_policy);
+        });
       }
     }
     tile_pv_update<T, D>(o, s, alpha, vt, wrow, lane, tile_off);
