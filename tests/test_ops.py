@@ -1293,6 +1293,18 @@ def test_gqa_decode_page_order_switch_in_subprocess(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_gqa_decode_page_order_unsorted_in_subprocess(tmp_path):
+    """KVCORE_DECODE_PAGE_ORDER=unsorted (an A/B switch: the ORDER kernels without their sort,
+    the list in the table's order) still matches the reference on both table kinds."""
+    if any(map(os.environ.get, _PAGE_ORDER_OFF_SWITCHES)):
+        pytest.skip("a gqa_decode switch that turns the ORDER kernels off is set in this process")
+    run = run_script_with_env("KVCORE_DECODE_PAGE_ORDER", "unsorted", _PAGE_ORDER_SCRIPT, tmp_path)
+    for kind in ("in_order", "random"):
+        _check_decode(*run[kind], torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.parametrize("kernel", ["page8", "page4", "page2"])
 def test_gqa_decode_page_major_page_order_switch_in_subprocess(kernel, tmp_path):
     """The page-major kernel (KVCORE_DECODE_KERNEL set by the script before its first call) with

@@ -296,11 +296,15 @@ bool tma_fits(const GqaDecodeParams& p) {
 
 // KVCORE_DECODE_PAGE_ORDER: `auto` (default): where use_page_order says so, gqa_decode's CTAs
 // visit their split's pages in cache order (the ORDER kernels, gqa_decode_body); `table`: always
-// in the block table's order. Read once per process.
-inline bool page_order_switch_on() {
-  static const bool on = env_choice("KVCORE_DECODE_PAGE_ORDER", {"auto", "table"}, "gqa_decode (CUDA)") == 0;
-  return on;
+// in the block table's order; `unsorted` (an A/B switch): as auto, but the head kernel's ORDER
+// instances keep the table's order in their list (GqaDecodeParams::order_skip_sort). Read once
+// per process.
+inline int page_order_mode() {
+  static const int mode =
+      env_choice("KVCORE_DECODE_PAGE_ORDER", {"auto", "table", "unsorted"}, "gqa_decode (CUDA)");
+  return mode;
 }
+inline bool page_order_switch_on() { return page_order_mode() != 1; }
 
 // What every ORDER instance (the head kernel's and the page-major kernel's) needs: the switch
 // allows it, a split's pages fit the sorted list (at most kOrderMaxPages) and the cache's page
@@ -682,7 +686,7 @@ void dispatch(const char* op, const at::Tensor& q, GqaDecodeParams& p, const Pag
       using Cfg = decltype(cfg);
       if constexpr (!SPARSE) {
         // read on every gqa_decode call, so a misspelt value fails also where no kernel it names serves
-        (void)page_order_switch_on();
+        p.order_skip_sort = page_order_mode() == 2 ? 1 : 0;
         (void)narrow_ring_switch();
         if (score != nullptr) {
           // The score path runs the kernel the plain call would (the 8-warp one where

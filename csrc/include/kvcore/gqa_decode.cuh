@@ -103,6 +103,10 @@ struct GqaDecodeParams {
   float* score;             // [B, Hkv, score_len] fp32
   int64_t score_len;
   unsigned* departures;     // [B, Hkv], zero between launches: CTAs past the wait (splits > 1)
+  // The head kernel's ORDER instances: nonzero skips the sort, so the list keeps the table's
+  // order (an A/B switch, KVCORE_DECODE_PAGE_ORDER=unsorted: what the ORDER kernel costs apart
+  // from its sort, on a table already in cache order).
+  int order_skip_sort;
 };
 
 constexpr int kDecodeTraceFixed = 13;  // GqaDecodeParams::trace's slots before the tiles'
@@ -303,7 +307,10 @@ struct GqaDecodeTmaMaps {
 // kOrderMaxPages; the rest must already be the largest, as the 0xFFFFFFFF pads are): partners
 // less than 32 apart trade by shuffle, partners in another warp through `scratch` (two buffers of
 // kOrderMaxPages words, alternated, so each such step needs one barrier), partners THREADS or
-// more apart sit in the same thread. Every thread must call it.
+// more apart sit in the same thread. Only the slots holding the first np elements take part (a
+// split of 512 pages sorted all 1,024 slots until session 39, half of them pads; at B1 S32768's
+// 64-page splits seven eighths; no time measured saved at B16 / B32 Hq64, where what shows of the
+// sort is the wait for it, not its length). Every thread must call it.
 // np must not exceed kOrderMaxPages (the launcher's use_page_order keeps a split's pages within it).
 template <int THREADS>
 __device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages / THREADS], int np, uint32_t* scratch) {
@@ -311,6 +318,7 @@ __device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages /
   static_assert((THREADS & (THREADS - 1)) == 0 && (E & (E - 1)) == 0 && THREADS >= 32,
                 "the partner of element i is i ^ j: powers of two, at least a warp");
   const int tid = threadIdx.x;
+  const int slots = (np + THREADS - 1) / THREADS;  // (block-uniform)
   int parity = 0;
   for (int k = 2; k <= np; k <<= 1) {
     for (int j = k >> 1; j > 0; j >>= 1) {
@@ -320,22 +328,27 @@ __device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages /
         for (int c = 1; c < E; c <<= 1)  // (c constant per unrolled copy: no local-memory indexing)
           if (c * THREADS == j) {
 #pragma unroll
-            for (int sl = 0; sl < E; ++sl) w[sl] = v[sl ^ c];
+            for (int sl = 0; sl < E; ++sl)
+              if (sl < slots) w[sl] = v[sl ^ c];
           }
       } else if (j >= 32) {
         uint32_t* const buf = scratch + parity * kOrderMaxPages;
         parity ^= 1;
 #pragma unroll
-        for (int sl = 0; sl < E; ++sl) buf[sl * THREADS + tid] = v[sl];
+        for (int sl = 0; sl < E; ++sl)
+          if (sl < slots) buf[sl * THREADS + tid] = v[sl];
         __syncthreads();
 #pragma unroll
-        for (int sl = 0; sl < E; ++sl) w[sl] = buf[sl * THREADS + (tid ^ j)];
+        for (int sl = 0; sl < E; ++sl)
+          if (sl < slots) w[sl] = buf[sl * THREADS + (tid ^ j)];
       } else {
 #pragma unroll
-        for (int sl = 0; sl < E; ++sl) w[sl] = __shfl_xor_sync(0xffffffffu, v[sl], j);
+        for (int sl = 0; sl < E; ++sl)
+          if (sl < slots) w[sl] = __shfl_xor_sync(0xffffffffu, v[sl], j);
       }
 #pragma unroll
       for (int sl = 0; sl < E; ++sl) {
+        if (sl >= slots) break;
         const int i = sl * THREADS + tid;
         const bool up = (i & k) == 0, lower = (i & j) == 0;
         v[sl] = lower == up ? min(v[sl], w[sl]) : max(v[sl], w[sl]);
@@ -351,8 +364,8 @@ __device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages /
 // those pages (count: the split's pages, first: those it visits in the table's order, so element
 // sl * THREADS + tid holds split page first + sl * THREADS + tid) as cache page << kOrderIndexBits |
 // index from the split's start, pads (0xFFFFFFFF) after them, sorts them (sort_page_entries, with
-// `scratch` its two buffers) and stores the list, ending at a barrier: the list is whole and
-// `scratch` free again. Every thread must call both.
+// `scratch` its two buffers; unless `sort` is false, which keeps the table's order) and stores the
+// list, ending at a barrier: the list is whole and `scratch` free again. Every thread must call both.
 template <int THREADS>
 __device__ __forceinline__ void load_order_entries(int (&raw)[kOrderMaxPages / THREADS], const int* bt, int p0,
                                                    int max_pages, bool any) {
@@ -363,7 +376,8 @@ __device__ __forceinline__ void load_order_entries(int (&raw)[kOrderMaxPages / T
 
 template <int THREADS>
 __device__ __forceinline__ void sort_split_pages(const int (&raw)[kOrderMaxPages / THREADS], int first, int count,
-                                                 int num_pages, uint32_t* scratch, uint32_t* list) {
+                                                 int num_pages, uint32_t* scratch, uint32_t* list,
+                                                 bool sort = true) {
   constexpr int E = kOrderMaxPages / THREADS;
   const int tid = threadIdx.x;
   uint32_t v[E];
@@ -374,7 +388,7 @@ __device__ __forceinline__ void sort_split_pages(const int (&raw)[kOrderMaxPages
   }
   int np = 32;
   while (np < count - first) np <<= 1;
-  sort_page_entries<THREADS>(v, np, scratch);
+  if (sort) sort_page_entries<THREADS>(v, np, scratch);
 #pragma unroll
   for (int sl = 0; sl < E; ++sl) list[sl * THREADS + tid] = v[sl];
   __syncthreads();
@@ -729,7 +743,8 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
     // scratch is the ring's last stage, which the loop fills first.
     const int n = start < end ? (end - start + p.page_size - 1) >> p.page_shift : 0;
     sort_split_pages<Cfg::THREADS>(order_raw, order_first, n, p.num_pages,
-                                   reinterpret_cast<uint32_t*>(sK + (STAGES - 1) * TILE * D), sOrder);
+                                   reinterpret_cast<uint32_t*>(sK + (STAGES - 1) * TILE * D), sOrder,
+                                   p.order_skip_sort == 0);
     fetch_pages(STAGES - 1, pages, /*listed=*/true);  // (the sorted list; ORDER is true here)
   }
   KVCORE_TRACE(p, 4);
