@@ -16,7 +16,8 @@
 // GRAIN (tokens, default the tile; a divisor of it): a split's length is rounded up to a multiple of it. The
 // kernel is the library's page-group instance for the page size (SPP, as the launcher picks it).
 // The output is checked against a one-split call of the same kernel.
-// ORDER=1 times the kernel that visits each split's pages in cache order (gqa_decode_body's ORDER).
+// ORDER=1 times the kernel that visits each split's pages in cache order (gqa_decode_body's ORDER);
+// ORDER_SKIP_SORT=1 runs it without its sort.
 // PAGE_MAJOR=H:N[,H:N...] (D 128, page 16) also times the page-major kernel
 // (kvcore/gqa_decode_page_major.cuh) with H KV heads a CTA (2, 4 or 8) and N splits, on the same
 // inputs, checked against that output; with PM_ORDER=1 each entry in table order and then in
@@ -370,6 +371,9 @@ int run(int argc, char** argv) {
   // ORDER=1 (env): the kernel that visits each split's pages in cache order (the library's ORDER
   // instance; a split of at most kvcore::kOrderMaxPages pages); the reference stays the plain one.
   const bool order = std::getenv("ORDER") && std::atoi(std::getenv("ORDER")) != 0;
+  // ORDER_SKIP_SORT=1 (env): the ORDER kernel without its sort (its list in the table's order;
+  // the library's KVCORE_DECODE_PAGE_ORDER=unsorted).
+  p.order_skip_sort = std::getenv("ORDER_SKIP_SORT") && std::atoi(std::getenv("ORDER_SKIP_SORT")) != 0;
   auto plain = kvcore::gqa_decode_kernel<bf16, Cfg, false, false, SPP>;
   auto kernel = order ? kvcore::gqa_decode_kernel<bf16, Cfg, false, false, SPP, true> : plain;
   // SMEM_PAD (env, bytes): launch with at least this much dynamic shared memory (the kernel uses
