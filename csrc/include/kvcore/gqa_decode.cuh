@@ -302,76 +302,127 @@ struct GqaDecodeTmaMaps {
 };
 
 // ---- the ORDER kernels' page sort -------------------------------------------------------------
-// Sorts a CTA's kOrderMaxPages packed entries ascending in place: element i = s * THREADS + tid
-// is slot s of thread tid's v. Bitonic over the first np elements (np: a power of two, 32 ..
-// kOrderMaxPages; the rest must already be the largest, as the 0xFFFFFFFF pads are): partners
-// less than 32 apart trade by shuffle, partners in another warp through `scratch` (two buffers of
-// kOrderMaxPages words, alternated, so each such step needs one barrier), partners THREADS or
-// more apart sit in the same thread. Only the slots holding the first np elements take part (a
-// split of 512 pages sorted all 1,024 slots until session 39, half of them pads; at B1 S32768's
-// 64-page splits seven eighths; no time measured saved at B16 / B32 Hq64, where what shows of the
-// sort is the wait for it, not its length). Every thread must call it.
-// np must not exceed kOrderMaxPages (the launcher's use_page_order keeps a split's pages within it).
+// A CTA's kOrderMaxPages packed entries (cache page << kOrderIndexBits | index in the split) sit
+// blocked over its threads: element i = tid * E + s is slot s of thread tid's v (E =
+// kOrderMaxPages / THREADS), so that partners less than E apart are in one thread, less than 32 * E
+// apart in one warp (shuffles), and only the steps with partners further apart go through shared
+// memory. The sort is a bitonic network over the first N = 1 << LOGN elements, unrolled at compile
+// time (sort_page_entries picks LOGN from the split's pages at run time), so that every step is
+// straight-line code with its partner distance and direction known. Why so: session 40 traced the
+// earlier form (element i = s * THREADS + tid, run-time loops over the steps, 7-9 of its 45 steps
+// through shared memory) at 3.8 us a CTA at 8 warps and 6 us at 4 warps, longer than the first
+// tile's flight (~4 us), and the ORDER kernels' whole extra cost (B16 S8192 in order: 176.5-176.9
+// us traced against 173.9-175.6 without the sort).
+
+// How many of the network's steps before step (lk, lj) go through shared memory (partner distance
+// 1 << lj of at least 1 << lim): consecutive such steps alternate between the two buffers.
+__host__ __device__ constexpr int order_exchange_steps_before(int lk, int lj, int lim) {
+  int n = 0;
+  for (int a = 1; a <= lk; ++a)
+    for (int b = a - 1; b >= 0; --b) {
+      if (a == lk && b == lj) return n;
+      if (b >= lim) ++n;
+    }
+  return n;
+}
+
+__host__ __device__ constexpr int order_log2(int x) { return x <= 1 ? 0 : 1 + order_log2(x >> 1); }
+
+// One compare-exchange step of the network: sequences of 1 << LK elements, partners 1 << LJ apart;
+// element i keeps the smaller of the pair where its bit LJ equals its bit LK (ascending runs where
+// bit LK is clear), else the larger. `scratch`: two buffers of kOrderMaxPages words.
+template <int THREADS, int LK, int LJ>
+__device__ __forceinline__ void bitonic_order_step(uint32_t (&v)[kOrderMaxPages / THREADS], uint32_t* scratch) {
+  constexpr int E = kOrderMaxPages / THREADS, LOGE = order_log2(E), J = 1 << LJ;
+  const int tid = threadIdx.x;
+  if constexpr (LJ < LOGE) {  // the partner is another slot of this thread
+#pragma unroll
+    for (int sl = 0; sl < E; ++sl) {
+      if (sl & J) continue;
+      // bit LK of i = tid * E + sl: from the slot if LK < LOGE, else from tid
+      const bool up = LK < LOGE ? ((sl >> LK) & 1) == 0 : ((tid >> (LK - LOGE)) & 1) == 0;
+      const uint32_t a = v[sl], b = v[sl | J];
+      const uint32_t lo = min(a, b), hi = max(a, b);
+      v[sl] = up ? lo : hi;
+      v[sl | J] = up ? hi : lo;
+    }
+  } else {
+    constexpr int PARTNER = J / E;  // the partner's thread is tid ^ PARTNER, same slot
+    uint32_t w[E];
+    if constexpr (LJ < LOGE + 5) {
+#pragma unroll
+      for (int sl = 0; sl < E; ++sl) w[sl] = __shfl_xor_sync(0xffffffffu, v[sl], PARTNER);
+    } else {
+      constexpr int BUF = order_exchange_steps_before(LK, LJ, LOGE + 5) & 1;
+      uint32_t* const buf = scratch + BUF * kOrderMaxPages;
+#pragma unroll
+      for (int sl = 0; sl < E; ++sl) buf[tid * E + sl] = v[sl];
+      __syncthreads();
+#pragma unroll
+      for (int sl = 0; sl < E; ++sl) w[sl] = buf[(tid ^ PARTNER) * E + sl];
+    }
+    // bits LJ and LK of i both come from tid here (LK > LJ >= LOGE)
+    const bool take_min = ((tid >> (LJ - LOGE)) & 1) == ((tid >> (LK - LOGE)) & 1);
+#pragma unroll
+    for (int sl = 0; sl < E; ++sl) v[sl] = take_min ? min(v[sl], w[sl]) : max(v[sl], w[sl]);
+  }
+}
+
+// The network's steps from (LK, LJ) on, in order: LJ = LK - 1 .. 0 for each LK up to LOGN.
+template <int THREADS, int LOGN, int LK = 1, int LJ = 0>
+__device__ __forceinline__ void bitonic_order_steps(uint32_t (&v)[kOrderMaxPages / THREADS], uint32_t* scratch) {
+  bitonic_order_step<THREADS, LK, LJ>(v, scratch);
+  if constexpr (LJ > 0)
+    bitonic_order_steps<THREADS, LOGN, LK, LJ - 1>(v, scratch);
+  else if constexpr (LK < LOGN)
+    bitonic_order_steps<THREADS, LOGN, LK + 1, LK>(v, scratch);
+}
+
+// Sorts the first np elements ascending in place (np: a power of two, 32 .. kOrderMaxPages; the
+// elements from np on must all be pads, 0xFFFFFFFF: they then run the same steps unchanged, since
+// a partner i ^ j of i >= np is >= np too). Every thread must call it.
 template <int THREADS>
 __device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages / THREADS], int np, uint32_t* scratch) {
   constexpr int E = kOrderMaxPages / THREADS;
-  static_assert((THREADS & (THREADS - 1)) == 0 && (E & (E - 1)) == 0 && THREADS >= 32,
+  static_assert((THREADS & (THREADS - 1)) == 0 && (E & (E - 1)) == 0 && THREADS >= 32 && E >= 1,
                 "the partner of element i is i ^ j: powers of two, at least a warp");
+  static_assert(kOrderMaxPages == 512, "sort_page_entries dispatches np up to 512");
+  // Already ascending (a row of an in-order table, or one a host sorted): nothing to sort, for
+  // two barriers. Each thread's slots in order, and its last no greater than the next thread's
+  // first (read through `scratch`, which the network's first exchange overwrites only after the
+  // second barrier).
   const int tid = threadIdx.x;
-  const int slots = (np + THREADS - 1) / THREADS;  // (block-uniform)
-  int parity = 0;
-  for (int k = 2; k <= np; k <<= 1) {
-    for (int j = k >> 1; j > 0; j >>= 1) {
-      uint32_t w[E];
-      if (j >= THREADS) {
+  scratch[tid] = v[0];
+  __syncthreads();
+  bool ascending = tid + 1 == THREADS || v[E - 1] <= scratch[tid + 1];
 #pragma unroll
-        for (int c = 1; c < E; c <<= 1)  // (c constant per unrolled copy: no local-memory indexing)
-          if (c * THREADS == j) {
-#pragma unroll
-            for (int sl = 0; sl < E; ++sl)
-              if (sl < slots) w[sl] = v[sl ^ c];
-          }
-      } else if (j >= 32) {
-        uint32_t* const buf = scratch + parity * kOrderMaxPages;
-        parity ^= 1;
-#pragma unroll
-        for (int sl = 0; sl < E; ++sl)
-          if (sl < slots) buf[sl * THREADS + tid] = v[sl];
-        __syncthreads();
-#pragma unroll
-        for (int sl = 0; sl < E; ++sl)
-          if (sl < slots) w[sl] = buf[sl * THREADS + (tid ^ j)];
-      } else {
-#pragma unroll
-        for (int sl = 0; sl < E; ++sl)
-          if (sl < slots) w[sl] = __shfl_xor_sync(0xffffffffu, v[sl], j);
-      }
-#pragma unroll
-      for (int sl = 0; sl < E; ++sl) {
-        if (sl >= slots) break;
-        const int i = sl * THREADS + tid;
-        const bool up = (i & k) == 0, lower = (i & j) == 0;
-        v[sl] = lower == up ? min(v[sl], w[sl]) : max(v[sl], w[sl]);
-      }
-    }
+  for (int sl = 0; sl + 1 < E; ++sl) ascending &= v[sl] <= v[sl + 1];
+  if (__syncthreads_and(ascending)) return;
+  switch (np) {  // (block-uniform)
+    case 32: bitonic_order_steps<THREADS, 5>(v, scratch); break;
+    case 64: bitonic_order_steps<THREADS, 6>(v, scratch); break;
+    case 128: bitonic_order_steps<THREADS, 7>(v, scratch); break;
+    case 256: bitonic_order_steps<THREADS, 8>(v, scratch); break;
+    default: bitonic_order_steps<THREADS, 9>(v, scratch); break;
   }
 }
 
 // The ORDER kernels' page list in two steps, so that the table entries land while a CTA issues
 // its first copies. load_order_entries: the block_table entries of the split's pages from p0
-// (element i = s * THREADS + tid, slot s, holds page p0 + i, clamped into the table; zeros where
-// `any` is false: an empty range or table). sort_split_pages: packs elements first .. count - 1 of
+// (element i = tid * E + s, slot s, holds page p0 + i, clamped into the table; zeros where `any`
+// is false: an empty range or table). sort_split_pages: packs elements first .. count - 1 of
 // those pages (count: the split's pages, first: those it visits in the table's order, so element
-// sl * THREADS + tid holds split page first + sl * THREADS + tid) as cache page << kOrderIndexBits |
-// index from the split's start, pads (0xFFFFFFFF) after them, sorts them (sort_page_entries, with
-// `scratch` its two buffers; unless `sort` is false, which keeps the table's order) and stores the
-// list, ending at a barrier: the list is whole and `scratch` free again. Every thread must call both.
+// i holds split page first + i) as cache page << kOrderIndexBits | index from the split's start,
+// pads (0xFFFFFFFF) after them, sorts them (sort_page_entries, with `scratch` its two buffers;
+// unless `sort` is false, which keeps the table's order) and stores the list (entry i at list[i]),
+// ending at a barrier: the list is whole and `scratch` free again. Every thread must call both.
 template <int THREADS>
 __device__ __forceinline__ void load_order_entries(int (&raw)[kOrderMaxPages / THREADS], const int* bt, int p0,
                                                    int max_pages, bool any) {
+  constexpr int E = kOrderMaxPages / THREADS;
 #pragma unroll
-  for (int sl = 0; sl < kOrderMaxPages / THREADS; ++sl)
-    raw[sl] = any ? __ldg(bt + min(p0 + sl * THREADS + int(threadIdx.x), max_pages - 1)) : 0;
+  for (int sl = 0; sl < E; ++sl)
+    raw[sl] = any ? __ldg(bt + min(p0 + int(threadIdx.x) * E + sl, max_pages - 1)) : 0;
 }
 
 template <int THREADS>
@@ -379,18 +430,18 @@ __device__ __forceinline__ void sort_split_pages(const int (&raw)[kOrderMaxPages
                                                  int num_pages, uint32_t* scratch, uint32_t* list,
                                                  bool sort = true) {
   constexpr int E = kOrderMaxPages / THREADS;
-  const int tid = threadIdx.x;
+  const int i0 = int(threadIdx.x) * E;
   uint32_t v[E];
 #pragma unroll
   for (int sl = 0; sl < E; ++sl) {
-    const int j = first + sl * THREADS + tid;
+    const int j = first + i0 + sl;
     v[sl] = j < count ? uint32_t(min(max(raw[sl], 0), num_pages - 1)) << kOrderIndexBits | uint32_t(j) : 0xFFFFFFFFu;
   }
   int np = 32;
   while (np < count - first) np <<= 1;
   if (sort) sort_page_entries<THREADS>(v, np, scratch);
 #pragma unroll
-  for (int sl = 0; sl < E; ++sl) list[sl * THREADS + tid] = v[sl];
+  for (int sl = 0; sl < E; ++sl) list[i0 + sl] = v[sl];
   __syncthreads();
 }
 
@@ -659,7 +710,7 @@ __device__ __forceinline__ void gqa_decode_body(const GqaDecodeParams& p, [[mayb
   int pages[LOADS];
   // ORDER: the block_table entries of the split's pages after its first order_first (those of
   // the first STAGES - 1 tiles, visited in the table's order while the rest are sorted): element
-  // i = s * THREADS + tid (slot s) is page order_first + i from start, clamped into the table.
+  // i = tid * OE + s (slot s) is page order_first + i from start, clamped into the table.
   constexpr int OE = kOrderMaxPages / Cfg::THREADS;
   [[maybe_unused]] int order_raw[ORDER ? OE : 1];
   [[maybe_unused]] auto fetch_order = [&]() {

@@ -145,8 +145,8 @@ __global__ void __launch_bounds__(Cfg::THREADS, 1) gqa_decode_page_major_kernel(
     }
   };
 
-  // ORDER: the table entries of the pages after the first STAGES - 1, element i = s * THREADS +
-  // tid (slot s) holding page STAGES - 1 + i from start, clamped into the table; loaded first, so
+  // ORDER: the table entries of the pages after the first STAGES - 1, element i = tid * OE + s
+  // (slot s) holding page STAGES - 1 + i from start, clamped into the table; loaded first, so
   // that they land while the first copies are issued.
   constexpr int OE = kOrderMaxPages / THREADS;
   [[maybe_unused]] int order_raw[ORDER ? OE : 1];
