@@ -306,87 +306,34 @@ struct GqaDecodeTmaMaps {
 // blocked over its threads: element i = tid * E + s is slot s of thread tid's v (E =
 // kOrderMaxPages / THREADS), so that partners less than E apart are in one thread, less than 32 * E
 // apart in one warp (shuffles), and only the steps with partners further apart go through shared
-// memory. The sort is a bitonic network over the first N = 1 << LOGN elements, unrolled at compile
-// time (sort_page_entries picks LOGN from the split's pages at run time), so that every step is
-// straight-line code with its partner distance and direction known. Why so: session 40 traced the
-// earlier form (element i = s * THREADS + tid, run-time loops over the steps, 7-9 of its 45 steps
-// through shared memory) at 3.8 us a CTA at 8 warps and 6 us at 4 warps, longer than the first
-// tile's flight (~4 us), and the ORDER kernels' whole extra cost (B16 S8192 in order: 176.5-176.9
-// us traced against 173.9-175.6 without the sort).
-
-// How many of the network's steps before step (lk, lj) go through shared memory (partner distance
-// 1 << lj of at least 1 << lim): consecutive such steps alternate between the two buffers.
-__host__ __device__ constexpr int order_exchange_steps_before(int lk, int lj, int lim) {
-  int n = 0;
-  for (int a = 1; a <= lk; ++a)
-    for (int b = a - 1; b >= 0; --b) {
-      if (a == lk && b == lj) return n;
-      if (b >= lim) ++n;
-    }
-  return n;
-}
-
-__host__ __device__ constexpr int order_log2(int x) { return x <= 1 ? 0 : 1 + order_log2(x >> 1); }
-
-// One compare-exchange step of the network: sequences of 1 << LK elements, partners 1 << LJ apart;
-// element i keeps the smaller of the pair where its bit LJ equals its bit LK (ascending runs where
-// bit LK is clear), else the larger. `scratch`: two buffers of kOrderMaxPages words.
-template <int THREADS, int LK, int LJ>
-__device__ __forceinline__ void bitonic_order_step(uint32_t (&v)[kOrderMaxPages / THREADS], uint32_t* scratch) {
-  constexpr int E = kOrderMaxPages / THREADS, LOGE = order_log2(E), J = 1 << LJ;
-  const int tid = threadIdx.x;
-  if constexpr (LJ < LOGE) {  // the partner is another slot of this thread
-#pragma unroll
-    for (int sl = 0; sl < E; ++sl) {
-      if (sl & J) continue;
-      // bit LK of i = tid * E + sl: from the slot if LK < LOGE, else from tid
-      const bool up = LK < LOGE ? ((sl >> LK) & 1) == 0 : ((tid >> (LK - LOGE)) & 1) == 0;
-      const uint32_t a = v[sl], b = v[sl | J];
-      const uint32_t lo = min(a, b), hi = max(a, b);
-      v[sl] = up ? lo : hi;
-      v[sl | J] = up ? hi : lo;
-    }
-  } else {
-    constexpr int PARTNER = J / E;  // the partner's thread is tid ^ PARTNER, same slot
-    uint32_t w[E];
-    if constexpr (LJ < LOGE + 5) {
-#pragma unroll
-      for (int sl = 0; sl < E; ++sl) w[sl] = __shfl_xor_sync(0xffffffffu, v[sl], PARTNER);
-    } else {
-      constexpr int BUF = order_exchange_steps_before(LK, LJ, LOGE + 5) & 1;
-      uint32_t* const buf = scratch + BUF * kOrderMaxPages;
-#pragma unroll
-      for (int sl = 0; sl < E; ++sl) buf[tid * E + sl] = v[sl];
-      __syncthreads();
-#pragma unroll
-      for (int sl = 0; sl < E; ++sl) w[sl] = buf[(tid ^ PARTNER) * E + sl];
-    }
-    // bits LJ and LK of i both come from tid here (LK > LJ >= LOGE)
-    const bool take_min = ((tid >> (LJ - LOGE)) & 1) == ((tid >> (LK - LOGE)) & 1);
-#pragma unroll
-    for (int sl = 0; sl < E; ++sl) v[sl] = take_min ? min(v[sl], w[sl]) : max(v[sl], w[sl]);
-  }
-}
-
-// The network's steps from (LK, LJ) on, in order: LJ = LK - 1 .. 0 for each LK up to LOGN.
-template <int THREADS, int LOGN, int LK = 1, int LJ = 0>
-__device__ __forceinline__ void bitonic_order_steps(uint32_t (&v)[kOrderMaxPages / THREADS], uint32_t* scratch) {
-  bitonic_order_step<THREADS, LK, LJ>(v, scratch);
-  if constexpr (LJ > 0)
-    bitonic_order_steps<THREADS, LOGN, LK, LJ - 1>(v, scratch);
-  else if constexpr (LK < LOGN)
-    bitonic_order_steps<THREADS, LOGN, LK + 1, LK>(v, scratch);
-}
+// memory (3 of a 512-entry sort's 45 steps at 4 warps, 6 at 8). The sort is a bitonic network over
+// the first np elements as a run-time loop over its steps (only a thread's own slots unrolled, so
+// that they stay registers); each step's partner distance and direction are uniform over the CTA.
+// Why a loop: the kernel's code size shows in the bench's short rows, the sort's length much less.
+// Session 40 traced the earlier form (element i = s * THREADS + tid, 7-9 steps through shared
+// memory) at 3.8 us a CTA at 8 warps and 6 us at 4, longer than the first tile's flight (~4 us),
+// and replaced it with this layout unrolled at compile time for each np (32 .. 512). That doubled
+// the ORDER kernels' code (the bf16 4-warp one 59 -> 120 KB; registers, shared memory and CTAs per
+// SM unchanged) and the bench's short rows lost ~2.5 us a call (B1 S32768 52-53 -> 55 us, in
+// order too, where no sort runs), which decode_trace (the kernel alone, relaunched with nothing
+// between but its L2 flush) never showed: instruction fetch, cold after the bench's other
+// kernels, is the suspect. Session 41 (H100): this loop, kernel 61 KB, B1 S32768 52.1 us in the
+// bench again (B1 S4096 in a 131072-token table 14.9, was 17.2); its 512-entry sort takes 5,157
+// cycles a CTA at 8 warps against the unrolled form's 2,754 (decode_trace B16 random 174.4 against
+// 173.8 us). Unrolling the warp's steps inside the loop (bench/experiments/
+// order_warp_steps_unrolled.patch) measured slower still (6,523 cycles).
 
 // Sorts the first np elements ascending in place (np: a power of two, 32 .. kOrderMaxPages; the
 // elements from np on must all be pads, 0xFFFFFFFF: they then run the same steps unchanged, since
-// a partner i ^ j of i >= np is >= np too). Every thread must call it.
+// a partner i ^ j of i >= np is >= np too). `scratch`: two buffers of kOrderMaxPages words,
+// alternated by consecutive shared-memory steps so that each needs one barrier. Every thread must
+// call it.
 template <int THREADS>
 __device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages / THREADS], int np, uint32_t* scratch) {
   constexpr int E = kOrderMaxPages / THREADS;
-  static_assert((THREADS & (THREADS - 1)) == 0 && (E & (E - 1)) == 0 && THREADS >= 32 && E >= 1,
+  constexpr int LOGE = E == 1 ? 0 : E == 2 ? 1 : E == 4 ? 2 : E == 8 ? 3 : E == 16 ? 4 : -1;
+  static_assert((THREADS & (THREADS - 1)) == 0 && LOGE >= 0 && THREADS >= 32,
                 "the partner of element i is i ^ j: powers of two, at least a warp");
-  static_assert(kOrderMaxPages == 512, "sort_page_entries dispatches np up to 512");
   // Already ascending (a row of an in-order table, or one a host sorted): nothing to sort, for
   // two barriers. Each thread's slots in order, and its last no greater than the next thread's
   // first (read through `scratch`, which the network's first exchange overwrites only after the
@@ -398,12 +345,46 @@ __device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages /
 #pragma unroll
   for (int sl = 0; sl + 1 < E; ++sl) ascending &= v[sl] <= v[sl + 1];
   if (__syncthreads_and(ascending)) return;
-  switch (np) {  // (block-uniform)
-    case 32: bitonic_order_steps<THREADS, 5>(v, scratch); break;
-    case 64: bitonic_order_steps<THREADS, 6>(v, scratch); break;
-    case 128: bitonic_order_steps<THREADS, 7>(v, scratch); break;
-    case 256: bitonic_order_steps<THREADS, 8>(v, scratch); break;
-    default: bitonic_order_steps<THREADS, 9>(v, scratch); break;
+  const int logn = 31 - __clz(np);
+  const int i0 = tid * E;  // this thread's first element
+  int parity = 0;
+  // Sequences of 1 << lk elements, partners 1 << lj apart: element i keeps the smaller of its pair
+  // where its bit lj equals its bit lk (ascending runs where bit lk is clear), else the larger.
+  for (int lk = 1; lk <= logn; ++lk) {
+    // Partners in other threads (lk > lj >= LOGE: both bits come from tid), slot for slot.
+    for (int lj = lk - 1; lj >= LOGE; --lj) {
+      const int partner = 1 << (lj - LOGE);  // the partner's thread is tid ^ partner
+      uint32_t w[E];
+      if (lj < LOGE + 5) {
+#pragma unroll
+        for (int sl = 0; sl < E; ++sl) w[sl] = __shfl_xor_sync(0xffffffffu, v[sl], partner);
+      } else {
+        uint32_t* const buf = scratch + parity * kOrderMaxPages;
+        parity ^= 1;
+#pragma unroll
+        for (int sl = 0; sl < E; ++sl) buf[i0 + sl] = v[sl];
+        __syncthreads();
+#pragma unroll
+        for (int sl = 0; sl < E; ++sl) w[sl] = buf[(tid ^ partner) * E + sl];
+      }
+      const bool take_min = (((i0 >> lj) ^ (i0 >> lk)) & 1) == 0;
+#pragma unroll
+      for (int sl = 0; sl < E; ++sl) v[sl] = take_min ? min(v[sl], w[sl]) : max(v[sl], w[sl]);
+    }
+    // Partners in this thread (lj < LOGE), unrolled so that the slots stay registers.
+#pragma unroll
+    for (int lj = LOGE - 1; lj >= 0; --lj) {
+      if (lj >= lk) continue;
+#pragma unroll
+      for (int sl = 0; sl < E; ++sl) {
+        if (sl & (1 << lj)) continue;
+        const bool up = (((i0 + sl) >> lk) & 1) == 0;
+        const uint32_t a = v[sl], b = v[sl | (1 << lj)];
+        const uint32_t lo = min(a, b), hi = max(a, b);
+        v[sl] = up ? lo : hi;
+        v[sl | (1 << lj)] = up ? hi : lo;
+      }
+    }
   }
 }
 
