@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Session 41 call 1: session 40's prepared B1 trace (bench/calls/s40_b1_trace.sh) with a fourth
-# variant, `noin`, bench/experiments/order_noinline.patch against ce1d952 (the five networks in a __noinline__ function, entries stashed in shared memory
-# around the call, so that the main loop's code follows the prologue's; built with
-# decode_trace.cu's nvcc line and the patched header ahead of csrc/include). Carry .exp.
+# variant, `noin`: bench/experiments/order_noinline.patch against ce1d952 (the five networks in a
+# __noinline__ function, entries stashed in shared memory around the call, so that the main
+# loop's code follows the prologue's), built with decode_trace.cu's nvcc line and the patched
+# header ahead of csrc/include. Carry .exp.
 tar xzf .exp/bins.tgz -C .exp
 TRACE_ROWS="^B[0-9]|^ORDER B|first copies|first tile|exit|rror"
 . bench/calls/trace_run.sh
