@@ -209,8 +209,8 @@ struct GqaDecodeConfig {
 
   static_assert(D % 32 == 0 && D >= 64 && D <= 256, "head_dim must be 64, 128 or 256");
   static_assert((TILE * TD) % THREADS == 0, "tile copies must divide evenly");
-  static_assert(kOrderMaxPages % THREADS == 0 && size_t(TILE) * D * 2 >= 2 * SMEM_ORDER,
-                "the page sort's elements divide over the threads; its two buffers fit a stage's K tile");
+  static_assert(kOrderMaxPages % THREADS == 0 && size_t(TILE) * D * 2 >= SMEM_ORDER,
+                "the page sort's elements divide over the threads; its scratch fits a stage's K tile");
   static_assert(THREADS % COPY_THREADS == 0 && LOADS * STEP * (THREADS / COPY_THREADS) == TILE,
                 "each 128 threads' copy slots cover their 64 rows of the tile");
   static_assert(LOADS % 2 == 0 && TILE % (2 * STEP) == 0,
@@ -304,88 +304,113 @@ struct GqaDecodeTmaMaps {
 // ---- the ORDER kernels' page sort -------------------------------------------------------------
 // A CTA's kOrderMaxPages packed entries (cache page << kOrderIndexBits | index in the split) sit
 // blocked over its threads: element i = tid * E + s is slot s of thread tid's v (E =
-// kOrderMaxPages / THREADS), so that partners less than E apart are in one thread, less than 32 * E
-// apart in one warp (shuffles), and only the steps with partners further apart go through shared
-// memory (3 of a 512-entry sort's 45 steps at 4 warps, 6 at 8). The sort is a bitonic network over
-// the first np elements as a run-time loop over its steps (only a thread's own slots unrolled, so
-// that they stay registers); each step's partner distance and direction are uniform over the CTA.
-// Why a loop: the kernel's code size shows in the bench's short rows, the sort's length much less.
-// Session 40 traced the earlier form (element i = s * THREADS + tid, 7-9 steps through shared
-// memory) at 3.8 us a CTA at 8 warps and 6 us at 4, longer than the first tile's flight (~4 us),
-// and replaced it with this layout unrolled at compile time for each np (32 .. 512). That doubled
-// the ORDER kernels' code (the bf16 4-warp one 59 -> 120 KB; registers, shared memory and CTAs per
-// SM unchanged) and the bench's short rows lost ~2.5 us a call (B1 S32768 52-53 -> 55 us, in
-// order too, where no sort runs), which decode_trace (the kernel alone, relaunched with nothing
-// between but its L2 flush) never showed: instruction fetch, cold after the bench's other
-// kernels, is the suspect. Session 41 (H100): this loop, kernel 61 KB, B1 S32768 52.1 us in the
-// bench again (B1 S4096 in a 131072-token table 14.9, was 17.2); its 512-entry sort takes 5,157
-// cycles a CTA at 8 warps against the unrolled form's 2,754 (decode_trace B16 random 174.4 against
-// 173.8 us). Unrolling the warp's steps inside the loop (bench/experiments/
-// order_warp_steps_unrolled.patch) measured slower still (6,523 cycles).
+// kOrderMaxPages / THREADS), so that warp w holds the chunk of elements w * 32E .. (w + 1) * 32E - 1.
+// The sort runs in two phases:
+//  1. each warp sorts its own chunk in registers with a bitonic network, unrolled at compile time
+//     (21 steps at 8 warps, 28 at 4; partners less than E apart in one thread, the rest shuffles);
+//  2. the sorted chunks go to shared memory, one barrier, and each entry's place in the whole list
+//     is the number of entries smaller than it: its own place in its chunk plus a binary search in
+//     each other chunk (the entries are distinct, so these places are a permutation).
+// Why this shape: the time it takes sits between a CTA's first copies and the rest (B16 random,
+// 512-entry splits at 8 warps), and the kernel's code size shows in the bench's short rows.
+// Session 40 replaced a strided layout (7-9 shared-memory steps, 3.8 us a CTA at 8 warps) by the
+// blocked one with the whole 45-step network per size unrolled: 2,754 cycles for 512 entries at
+// 8 warps, but the bf16 4-warp ORDER kernel's code doubled (59 -> 120 KB) and the bench's B1
+// S32768 lost ~2.5 us a call (instruction fetch, cold after the bench's other kernels, is the
+// suspect; decode_trace never showed it). Session 41's run-time loop over the same network kept
+// the code small but took 5,157 cycles. Here one fixed 32E-entry network plus 7 (3) searches of
+// 7 (8) loads per entry, with one barrier instead of six (three). Session 42 (H100): 512 entries
+// 3,167 cycles a CTA at 8 warps, 3,145 at 4; 64 entries 1,470 / 1,486 (the loop 2,759 / 2,951).
+// The bf16 ORDER kernels' code: 4 warps 61 -> 78 KB, 8 warps 58 -> 66 KB.
 
-// Sorts the first np elements ascending in place (np: a power of two, 32 .. kOrderMaxPages; the
-// elements from np on must all be pads, 0xFFFFFFFF: they then run the same steps unchanged, since
-// a partner i ^ j of i >= np is >= np too). `scratch`: two buffers of kOrderMaxPages words,
-// alternated by consecutive shared-memory steps so that each needs one barrier. Every thread must
-// call it.
+// Sorts the first cnt entries of v (0 <= cnt <= kOrderMaxPages; the entries from cnt on must be
+// pads, 0xFFFFFFFF, and those before it distinct and smaller, as the packing makes them) and stores
+// them ascending at list[0 .. cnt - 1], pads at list[cnt ..]. `scratch`: kOrderMaxPages words of
+// shared memory (not list). Every thread must call it; the caller's barrier must follow before
+// list is read.
 template <int THREADS>
-__device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages / THREADS], int np, uint32_t* scratch) {
+__device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages / THREADS], int cnt, uint32_t* scratch,
+                                                  uint32_t* list) {
   constexpr int E = kOrderMaxPages / THREADS;
   constexpr int LOGE = E == 1 ? 0 : E == 2 ? 1 : E == 4 ? 2 : E == 8 ? 3 : E == 16 ? 4 : -1;
   static_assert((THREADS & (THREADS - 1)) == 0 && LOGE >= 0 && THREADS >= 32,
                 "the partner of element i is i ^ j: powers of two, at least a warp");
-  // Already ascending (a row of an in-order table, or one a host sorted): nothing to sort, for
-  // two barriers. Each thread's slots in order, and its last no greater than the next thread's
-  // first (read through `scratch`, which the network's first exchange overwrites only after the
-  // second barrier).
-  const int tid = threadIdx.x;
+  constexpr int CHUNK = 32 * E, LOGC = LOGE + 5, CHUNKS = THREADS / 32;
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int i0 = tid * E;              // this thread's first element
+  const int c0 = (tid & 31) * E;       // ... and its place in the warp's chunk
+  // Already ascending (a row of an in-order table, or one a host sorted): stored as it is, for two
+  // barriers. Each thread's slots in order, and its last no greater than the next thread's first
+  // (read through `scratch`, which phase 2 overwrites only after the second barrier).
   scratch[tid] = v[0];
   __syncthreads();
   bool ascending = tid + 1 == THREADS || v[E - 1] <= scratch[tid + 1];
 #pragma unroll
   for (int sl = 0; sl + 1 < E; ++sl) ascending &= v[sl] <= v[sl + 1];
-  if (__syncthreads_and(ascending)) return;
-  const int logn = 31 - __clz(np);
-  const int i0 = tid * E;  // this thread's first element
-  int parity = 0;
-  // Sequences of 1 << lk elements, partners 1 << lj apart: element i keeps the smaller of its pair
-  // where its bit lj equals its bit lk (ascending runs where bit lk is clear), else the larger.
-  for (int lk = 1; lk <= logn; ++lk) {
-    // Partners in other threads (lk > lj >= LOGE: both bits come from tid), slot for slot.
-    for (int lj = lk - 1; lj >= LOGE; --lj) {
-      const int partner = 1 << (lj - LOGE);  // the partner's thread is tid ^ partner
-      uint32_t w[E];
-      if (lj < LOGE + 5) {
+  if (__syncthreads_and(ascending)) {
 #pragma unroll
-        for (int sl = 0; sl < E; ++sl) w[sl] = __shfl_xor_sync(0xffffffffu, v[sl], partner);
-      } else {
-        uint32_t* const buf = scratch + parity * kOrderMaxPages;
-        parity ^= 1;
+    for (int sl = 0; sl < E; ++sl) list[i0 + sl] = v[sl];
+    return;
+  }
+  // Phase 1. Sequences of 1 << lk elements, partners 1 << lj apart: element i keeps the smaller of
+  // its pair where its bit lj equals its bit lk (ascending runs where bit lk is clear), else the
+  // larger. Only the sizes the chunk's entries need (logm: warp-uniform, so the shuffles' warp is
+  // whole); the pads after them are equal, whatever order they end in.
+  const int m = min(max(cnt - warp * CHUNK, 0), CHUNK);
+  const int logm = m <= 1 ? 0 : 32 - __clz(m - 1);
 #pragma unroll
-        for (int sl = 0; sl < E; ++sl) buf[i0 + sl] = v[sl];
-        __syncthreads();
+  for (int lk = 1; lk <= LOGC; ++lk) {
+    if (lk > logm) break;
 #pragma unroll
-        for (int sl = 0; sl < E; ++sl) w[sl] = buf[(tid ^ partner) * E + sl];
-      }
-      const bool take_min = (((i0 >> lj) ^ (i0 >> lk)) & 1) == 0;
+    for (int lj = lk - 1; lj >= 0; --lj) {
+      if (lj >= LOGE) {  // partner in lane ^ (1 << (lj - LOGE)), slot for slot
+        const bool take_min = (((c0 >> lj) ^ (c0 >> lk)) & 1) == 0;
 #pragma unroll
-      for (int sl = 0; sl < E; ++sl) v[sl] = take_min ? min(v[sl], w[sl]) : max(v[sl], w[sl]);
-    }
-    // Partners in this thread (lj < LOGE), unrolled so that the slots stay registers.
+        for (int sl = 0; sl < E; ++sl) {
+          const uint32_t w = __shfl_xor_sync(0xffffffffu, v[sl], 1 << (lj - LOGE));
+          v[sl] = take_min ? min(v[sl], w) : max(v[sl], w);
+        }
+      } else {  // partner in this thread
 #pragma unroll
-    for (int lj = LOGE - 1; lj >= 0; --lj) {
-      if (lj >= lk) continue;
-#pragma unroll
-      for (int sl = 0; sl < E; ++sl) {
-        if (sl & (1 << lj)) continue;
-        const bool up = (((i0 + sl) >> lk) & 1) == 0;
-        const uint32_t a = v[sl], b = v[sl | (1 << lj)];
-        const uint32_t lo = min(a, b), hi = max(a, b);
-        v[sl] = up ? lo : hi;
-        v[sl | (1 << lj)] = up ? hi : lo;
+        for (int sl = 0; sl < E; ++sl) {
+          if (sl & (1 << lj)) continue;
+          const bool up = (((c0 + sl) >> lk) & 1) == 0;
+          const uint32_t a = v[sl], b = v[sl | (1 << lj)];
+          v[sl] = up ? min(a, b) : max(a, b);
+          v[sl | (1 << lj)] = up ? max(a, b) : min(a, b);
+        }
       }
     }
   }
+  if (cnt <= CHUNK) {  // warp 0's chunk holds every entry (the other chunks are all pads)
+#pragma unroll
+    for (int sl = 0; sl < E; ++sl) list[i0 + sl] = v[sl];
+    return;
+  }
+  // Phase 2. An entry's place: its place in its chunk plus, in every other chunk, how many entries
+  // are smaller (lower bound: the greedy bit search finds min(count, CHUNK - 1), the last load
+  // settles CHUNK). Pads keep their places (>= cnt: a chunk's pads stay at its end).
+#pragma unroll
+  for (int sl = 0; sl < E; ++sl) scratch[i0 + sl] = v[sl];
+  __syncthreads();
+  int rank[E];
+#pragma unroll
+  for (int sl = 0; sl < E; ++sl) rank[sl] = c0 + sl;
+#pragma unroll
+  for (int c = 0; c + 1 < CHUNKS; ++c) {
+    const uint32_t* const a = scratch + (c < warp ? c : c + 1) * CHUNK;  // the other chunks
+    const uint32_t* q[E];
+#pragma unroll
+    for (int sl = 0; sl < E; ++sl) q[sl] = a;
+#pragma unroll
+    for (int step = CHUNK / 2; step >= 1; step >>= 1)
+#pragma unroll
+      for (int sl = 0; sl < E; ++sl) q[sl] += q[sl][step - 1] < v[sl] ? step : 0;
+#pragma unroll
+    for (int sl = 0; sl < E; ++sl) rank[sl] += int(q[sl] - a) + (q[sl][0] < v[sl] ? 1 : 0);
+  }
+#pragma unroll
+  for (int sl = 0; sl < E; ++sl) list[i0 + sl < cnt ? rank[sl] : i0 + sl] = v[sl];
 }
 
 // The ORDER kernels' page list in two steps, so that the table entries land while a CTA issues
@@ -394,8 +419,8 @@ __device__ __forceinline__ void sort_page_entries(uint32_t (&v)[kOrderMaxPages /
 // is false: an empty range or table). sort_split_pages: packs elements first .. count - 1 of
 // those pages (count: the split's pages, first: those it visits in the table's order, so element
 // i holds split page first + i) as cache page << kOrderIndexBits | index from the split's start,
-// pads (0xFFFFFFFF) after them, sorts them (sort_page_entries, with `scratch` its two buffers;
-// unless `sort` is false, which keeps the table's order) and stores the list (entry i at list[i]),
+// pads (0xFFFFFFFF) after them, sorts them into the list (sort_page_entries, with `scratch` its
+// buffer; unless `sort` is false, which stores the table's order; entry i at list[i]),
 // ending at a barrier: the list is whole and `scratch` free again. Every thread must call both.
 template <int THREADS>
 __device__ __forceinline__ void load_order_entries(int (&raw)[kOrderMaxPages / THREADS], const int* bt, int p0,
@@ -418,11 +443,12 @@ __device__ __forceinline__ void sort_split_pages(const int (&raw)[kOrderMaxPages
     const int j = first + i0 + sl;
     v[sl] = j < count ? uint32_t(min(max(raw[sl], 0), num_pages - 1)) << kOrderIndexBits | uint32_t(j) : 0xFFFFFFFFu;
   }
-  int np = 32;
-  while (np < count - first) np <<= 1;
-  if (sort) sort_page_entries<THREADS>(v, np, scratch);
+  if (sort) {
+    sort_page_entries<THREADS>(v, max(count - first, 0), scratch, list);
+  } else {
 #pragma unroll
-  for (int sl = 0; sl < E; ++sl) list[i0 + sl] = v[sl];
+    for (int sl = 0; sl < E; ++sl) list[i0 + sl] = v[sl];
+  }
   __syncthreads();
 }
 

@@ -53,8 +53,8 @@ struct PageMajorConfig {
   static constexpr int LOADS = STAGE_TOKENS * HEADS * TD / THREADS;
   static constexpr int ROW_STEP = THREADS / (HEADS * TD);
   static constexpr size_t SMEM_BYTES = size_t(STAGES) * STAGE_ELEMS * 2 * 2;  // K and V, 2-byte elements
-  // ORDER: the sorted page list after the ring (kOrderMaxPages packed entries); the sort's two
-  // scratch buffers live in the ring's last stage, which no copy fills before the sort ends.
+  // ORDER: the sorted page list after the ring (kOrderMaxPages packed entries); the sort's
+  // scratch buffer lives in the ring's last stage, which no copy fills before the sort ends.
   static constexpr size_t SMEM_ORDER = size_t(kOrderMaxPages) * 4;
   static constexpr size_t smem_bytes(bool order) { return SMEM_BYTES + (order ? SMEM_ORDER : 0); }
   // The split merge's batch: items (4 columns of one query head) x splits a thread has in flight.
@@ -62,7 +62,7 @@ struct PageMajorConfig {
   static_assert(HEADS == 2 || HEADS == 4 || HEADS == 8, "a CTA serves 2, 4 or 8 KV heads");
   static_assert(LOADS * THREADS == STAGE_TOKENS * HEADS * TD, "a stage's copies divide evenly");
   static_assert(THREADS % (D / 4) == 0, "a thread's merge items share their columns");
-  static_assert(kOrderMaxPages % THREADS == 0 && size_t(STAGE_ELEMS) * 2 >= 2 * SMEM_ORDER,
+  static_assert(kOrderMaxPages % THREADS == 0 && size_t(STAGE_ELEMS) * 2 >= SMEM_ORDER,
                 "ORDER: a thread's share of the list is whole, and the sort's scratch fits a stage of K");
 };
 
