@@ -9,24 +9,14 @@
 // the already-ascending exit), and the list must hold the split's pages after `first`, ascending by
 // cache page, pads after them. Prints the median and max cycles a CTA spent from its loads to the
 // list's last barrier.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <random>
 #include <vector>
 
+#include "cuda_check.h"
 #include "kvcore/gqa_decode.cuh"
-
-#define CHECK(x)                                                                        \
-  do {                                                                                  \
-    cudaError_t e_ = (x);                                                               \
-    if (e_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
 
 template <int THREADS>
 __global__ void __launch_bounds__(THREADS) sort_kernel(const int* table, int width, int first, int count,
@@ -60,23 +50,23 @@ bool run(int ctas, int count, bool in_order) {
   int* d_table;
   uint32_t* d_lists;
   long long* d_cycles;
-  CHECK(cudaMalloc(&d_table, table.size() * 4));
-  CHECK(cudaMalloc(&d_lists, size_t(ctas) * kvcore::kOrderMaxPages * 4));
-  CHECK(cudaMalloc(&d_cycles, ctas * 8));
-  CHECK(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
-  CHECK(cudaMemset(d_lists, 0x5a, size_t(ctas) * kvcore::kOrderMaxPages * 4));  // poisoned
+  CUDA_CHECK(cudaMalloc(&d_table, table.size() * 4));
+  CUDA_CHECK(cudaMalloc(&d_lists, size_t(ctas) * kvcore::kOrderMaxPages * 4));
+  CUDA_CHECK(cudaMalloc(&d_cycles, ctas * 8));
+  CUDA_CHECK(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemset(d_lists, 0x5a, size_t(ctas) * kvcore::kOrderMaxPages * 4));  // poisoned
   std::vector<long long> med;
   std::vector<long long> cycles(ctas);
   for (int rep = 0; rep < 5; ++rep) {
     sort_kernel<THREADS><<<ctas, THREADS>>>(d_table, width, first, count, num_pages, d_lists, d_cycles);
-    CHECK(cudaGetLastError());
-    CHECK(cudaDeviceSynchronize());
-    CHECK(cudaMemcpy(cycles.data(), d_cycles, ctas * 8, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaGetLastError());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaMemcpy(cycles.data(), d_cycles, ctas * 8, cudaMemcpyDeviceToHost));
     std::sort(cycles.begin(), cycles.end());
     med.push_back(cycles[ctas / 2]);
   }
   std::vector<uint32_t> lists(size_t(ctas) * kvcore::kOrderMaxPages);
-  CHECK(cudaMemcpy(lists.data(), d_lists, lists.size() * 4, cudaMemcpyDeviceToHost));
+  CUDA_CHECK(cudaMemcpy(lists.data(), d_lists, lists.size() * 4, cudaMemcpyDeviceToHost));
   int bad = 0;
   for (int c = 0; c < ctas; ++c) {
     std::vector<uint32_t> want;
@@ -90,9 +80,9 @@ bool run(int ctas, int count, bool in_order) {
   std::printf("THREADS %3d pages %3d %-8s: %s (%d of %d CTAs wrong); cycles a CTA: median %lld (median of 5 launches), max %lld\n",
               THREADS, count, in_order ? "in-order" : "random", bad ? "MISMATCH" : "sorted", bad, ctas, med[2],
               cycles.back());
-  CHECK(cudaFree(d_table));
-  CHECK(cudaFree(d_lists));
-  CHECK(cudaFree(d_cycles));
+  CUDA_CHECK(cudaFree(d_table));
+  CUDA_CHECK(cudaFree(d_lists));
+  CUDA_CHECK(cudaFree(d_cycles));
   return bad == 0;
 }
 
